@@ -1,0 +1,65 @@
+/** Building and converting host tensors. bf16 tensors hold raw bit patterns in a Uint16Array. */
+import { SparseMlaError } from './errors.js';
+import type { DType, DTypeArrays, Tensor } from './types.js';
+
+const ARRAY_CTORS = {
+  bf16: Uint16Array,
+  float32: Float32Array,
+  int32: Int32Array,
+  int64: BigInt64Array,
+  uint8: Uint8Array,
+} as const;
+
+export function numel(shape: readonly number[]): number {
+  let n = 1;
+  for (const d of shape) n *= d;
+  return n;
+}
+
+/** A tensor over `data` (not copied) or, without data, a zero-filled one. */
+export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: DTypeArrays[D]): Tensor<D> {
+  for (const d of shape) {
+    if (!Number.isSafeInteger(d) || d < 0) {
+      throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got [${shape.join(', ')}]`, 'shape');
+    }
+  }
+  const n = numel(shape);
+  const arr = data ?? (new ARRAY_CTORS[dtype](n) as DTypeArrays[D]);
+  if (!(arr instanceof ARRAY_CTORS[dtype])) {
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ARRAY_CTORS[dtype].name}, got ${arr?.constructor?.name}`, 'data');
+  }
+  if (arr.length !== n) {
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape [${shape.join(', ')}] needs ${n} elements, data has ${arr.length}`, 'data');
+  }
+  return { dtype, shape: [...shape], data: arr };
+}
+
+const f32 = new Float32Array(1);
+const u32 = new Uint32Array(f32.buffer);
+
+/** float32 -> bf16 bits, round to nearest even; NaN stays NaN. */
+export function float32ToBf16Bits(x: number): number {
+  f32[0] = x;
+  const u = u32[0]!;
+  if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff;
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+export function bf16BitsToFloat32(b: number): number {
+  u32[0] = (b & 0xffff) << 16;
+  return f32[0]!;
+}
+
+/** Round every element to bf16. */
+export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data: ArrayLike<number> }): Tensor<'bf16'> {
+  const out = new Uint16Array(src.data.length);
+  for (let i = 0; i < out.length; i++) out[i] = float32ToBf16Bits(src.data[i]!);
+  return tensor('bf16', src.shape, out);
+}
+
+/** Widen a bf16 tensor to float32 (exact). */
+export function bf16ToFloat32(src: Tensor<'bf16'>): Tensor<'float32'> {
+  const i32 = new Uint32Array(src.data.length);
+  for (let i = 0; i < i32.length; i++) i32[i] = src.data[i]! << 16;
+  return tensor('float32', src.shape, new Float32Array(i32.buffer));
+}

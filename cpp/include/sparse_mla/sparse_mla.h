@@ -85,6 +85,68 @@ SMLA_API int32_t smla_paged_sparse_attention(
     const int32_t* extra_indices, int32_t extra_topk, const int32_t* extra_topk_length,
     const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits);
 
+/* ===== planner (SPEC §6) ======================================================================
+ * The per-chunk scaffolding of the workspace path. A chunk is num_requests requests, each with
+ * seq_lens[r] (tokens after the chunk) and extend_lens[r] (its queries, flattened request by
+ * request; query i of r sits at pos = seq_len - extend_len + i). window = W (128), ratio = the
+ * compress ratio (0, 4 or 128). Workspace rows: the compressed entries of every request first
+ * (request r: floor(seq_len / ratio) rows; none when extend_len is 0), then the SWA gather of
+ * every request (positions [seq_len - g, seq_len), g = min(seq_len, extend_len + W - 1); 0 when
+ * extend_len is 0). Rows are int32 workspace row numbers padded with -1; all counts are int64. */
+
+/* Prefix sums, each int64 [num_requests + 1] (any may be NULL): query_offsets, swa_offsets (SWA
+ * gather rows), comp_offsets (compressed rows). totals int64 [4] or NULL: number of queries, SWA
+ * rows, compressed rows, the largest floor(seq_len / ratio) of any request with queries.
+ * SMLA_ERR_INVALID_ARGUMENT for extend_len > seq_len, negatives, a bad ratio, or a query count /
+ * workspace row count above INT32_MAX. */
+SMLA_API int32_t smla_plan_layout(int32_t num_requests, const int32_t* seq_lens,
+                                  const int32_t* extend_lens, int32_t window, int32_t ratio,
+                                  int64_t* query_offsets, int64_t* swa_offsets,
+                                  int64_t* comp_offsets, int64_t* totals);
+
+/* Compressed gather ids of a ratio (4 or 128): for each request, for every visible entry
+ * j < floor(seq_len / ratio): page_table[j / page_size] * page_size + j % page_size, request by
+ * request, into token_ids int64 [compressed rows]. Request r's page table is
+ * page_tables[page_table_offsets[r] .. page_table_offsets[r + 1]) (int64 offsets). A page table
+ * too short for its request returns SMLA_ERR_INVALID_ARGUMENT before anything is written. */
+SMLA_API int32_t smla_plan_compressed_token_ids(int32_t num_requests, const int32_t* seq_lens,
+                                                const int32_t* extend_lens, int32_t ratio,
+                                                const int32_t* page_tables,
+                                                const int64_t* page_table_offsets,
+                                                int32_t page_size, int64_t* token_ids);
+
+/* Combined rows of ratio 0 (window only) or 128 (every visible entry, then the window):
+ * rows int32 [num_queries, width], lens int32 [num_queries]. width must hold the longest row. */
+SMLA_API int32_t smla_plan_dense_rows(int32_t num_requests, const int32_t* seq_lens,
+                                      const int32_t* extend_lens, int32_t window, int32_t ratio,
+                                      int32_t width, int32_t* rows, int32_t* lens);
+
+/* Combined rows of a top-k layer (ratio 4): topk_indices int32 [num_queries, topk] holds
+ * request-local compressed positions, negative = padding. A row is the visible entries in the
+ * indexer's order (rebased), then the window, then -1 to width (>= topk + window). Entries
+ * j >= floor((pos + 1) / ratio) are dropped and counted: dropped int32 [num_queries] or NULL,
+ * dropped_total int64 [1] or NULL. */
+SMLA_API int32_t smla_plan_combine_topk(int32_t num_requests, const int32_t* seq_lens,
+                                        const int32_t* extend_lens, int32_t window, int32_t ratio,
+                                        const int32_t* topk_indices, int32_t topk, int32_t width,
+                                        int32_t* rows, int32_t* lens, int32_t* dropped,
+                                        int64_t* dropped_total);
+
+/* The paged form (SPEC §5) of combined rows, so both paths attend the same entries: workspace
+ * rows below comp_rows map through comp_token_ids to the extra set, the rest through
+ * swa_token_ids (row - comp_rows) to the main set; each set in row order, padded with -1.
+ * main_rows [num_queries, main_width] + main_lens, extra_rows [num_queries, extra_width] +
+ * extra_lens; either set may be NULL. A row entry outside the workspace is
+ * SMLA_ERR_INVALID_ARGUMENT (nothing written); a token id above INT32_MAX or a set wider than its
+ * width is SMLA_ERR_OUT_OF_RANGE. */
+SMLA_API int32_t smla_plan_paged_form(int32_t num_queries, const int32_t* rows, const int32_t* lens,
+                                      int32_t width, int32_t comp_rows, int32_t swa_rows,
+                                      const int64_t* comp_token_ids, const int64_t* swa_token_ids,
+                                      int32_t* main_rows, int32_t main_width, int32_t* main_lens,
+                                      int32_t* extra_rows, int32_t extra_width,
+                                      int32_t* extra_lens);
+/* ===== end planner ============================================================================ */
+
 #ifdef __cplusplus
 }
 #endif

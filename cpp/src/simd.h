@@ -1,0 +1,105 @@
+// A small float-vector abstraction for the CPU core: one set of kernels, compiled to WASM SIMD128,
+// AVX2+FMA, SSE2 or plain scalar code. W is the lane count; madd(a, b, c) = a * b + c (fused only
+// where the target has FMA; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
+#pragma once
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__wasm_simd128__)
+#include <wasm_simd128.h>
+#define SMLA_SIMD_WASM 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define SMLA_SIMD_AVX2 1
+#elif defined(__SSE2__) || defined(_M_X64)
+#include <emmintrin.h>
+#define SMLA_SIMD_SSE2 1
+#else
+#define SMLA_SIMD_SCALAR 1
+#endif
+
+namespace smla {
+namespace simd {
+
+#if defined(SMLA_SIMD_WASM)
+constexpr int W = 4;
+typedef v128_t vf;
+static inline vf zero() { return wasm_f32x4_splat(0.0f); }
+static inline vf set1(float x) { return wasm_f32x4_splat(x); }
+static inline vf load(const float* p) { return wasm_v128_load(p); }
+static inline void store(float* p, vf v) { wasm_v128_store(p, v); }
+static inline vf add(vf a, vf b) { return wasm_f32x4_add(a, b); }
+static inline vf mul(vf a, vf b) { return wasm_f32x4_mul(a, b); }
+static inline vf madd(vf a, vf b, vf c) { return wasm_f32x4_add(wasm_f32x4_mul(a, b), c); }
+static inline float hsum(vf v) {
+  const vf s = wasm_f32x4_add(v, wasm_i32x4_shuffle(v, v, 2, 3, 0, 1));
+  const vf t = wasm_f32x4_add(s, wasm_i32x4_shuffle(s, s, 1, 0, 3, 2));
+  return wasm_f32x4_extract_lane(t, 0);
+}
+// W bf16 values (bit patterns) -> W floats.
+static inline vf load_bf16(const uint16_t* p) {
+  return wasm_i32x4_shl(wasm_u32x4_load16x4(p), 16);
+}
+
+#elif defined(SMLA_SIMD_AVX2)
+constexpr int W = 8;
+typedef __m256 vf;
+static inline vf zero() { return _mm256_setzero_ps(); }
+static inline vf set1(float x) { return _mm256_set1_ps(x); }
+static inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
+static inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf madd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float hsum(vf v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+static inline vf load_bf16(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+#elif defined(SMLA_SIMD_SSE2)
+constexpr int W = 4;
+typedef __m128 vf;
+static inline vf zero() { return _mm_setzero_ps(); }
+static inline vf set1(float x) { return _mm_set1_ps(x); }
+static inline vf load(const float* p) { return _mm_loadu_ps(p); }
+static inline void store(float* p, vf v) { _mm_storeu_ps(p, v); }
+static inline vf add(vf a, vf b) { return _mm_add_ps(a, b); }
+static inline vf mul(vf a, vf b) { return _mm_mul_ps(a, b); }
+static inline vf madd(vf a, vf b, vf c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+static inline float hsum(vf v) {
+  __m128 s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+static inline vf load_bf16(const uint16_t* p) {
+  const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+}
+
+#else
+constexpr int W = 1;
+typedef float vf;
+static inline vf zero() { return 0.0f; }
+static inline vf set1(float x) { return x; }
+static inline vf load(const float* p) { return *p; }
+static inline void store(float* p, vf v) { *p = v; }
+static inline vf add(vf a, vf b) { return a + b; }
+static inline vf mul(vf a, vf b) { return a * b; }
+static inline vf madd(vf a, vf b, vf c) { return a * b + c; }
+static inline float hsum(vf v) { return v; }
+static inline vf load_bf16(const uint16_t* p) {
+  const uint32_t u = uint32_t(*p) << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+#endif
+
+}  // namespace simd
+}  // namespace smla

@@ -1,0 +1,200 @@
+// The CPU attention kernel shared by sparse prefill (§4) and paged FP8 attention (§5): one query,
+// all heads, against a list of gathered KV rows. It works like a small flash attention:
+// the valid rows are gathered in blocks of kBlock rows converted to float32 (each KV row is read
+// once per query, for all heads), S = Q·Kᵀ for all heads with register-blocked SIMD tiles, an online
+// softmax update per head, then O += P·V with register-blocked tiles. Accumulation is float32.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "simd.h"
+#include "sparse_mla/formats.h"
+#include "sparse_mla/online_softmax.h"
+
+namespace smla {
+namespace cpu {
+
+constexpr int kBlock = 16;  // KV rows per block
+
+// Scratch for one call (reused by every query of the call).
+struct AttentionScratch {
+  float* q = nullptr;      // [h_q, d_qk] the query in float32
+  float* acc = nullptr;    // [h_q, d_v] unnormalized output
+  float* k = nullptr;      // [kBlock, d_qk] gathered KV rows in float32 (V = first d_v dims)
+  float* s = nullptr;      // [h_q, kBlock] logits, then probabilities
+  SoftmaxRow* rows = nullptr;  // [h_q]
+
+  bool allocate(int64_t h_q, int64_t d_qk, int64_t d_v) {
+    q = static_cast<float*>(aligned(size_t(h_q * d_qk) * sizeof(float)));
+    acc = static_cast<float*>(aligned(size_t(h_q * d_v) * sizeof(float)));
+    k = static_cast<float*>(aligned(size_t(kBlock * d_qk) * sizeof(float)));
+    s = static_cast<float*>(aligned(size_t(h_q * kBlock) * sizeof(float)));
+    rows = static_cast<SoftmaxRow*>(aligned(size_t(h_q) * sizeof(SoftmaxRow)));
+    return q && acc && k && s && rows;
+  }
+  void release() {
+    free(q);
+    free(acc);
+    free(k);
+    free(s);
+    free(rows);
+    q = acc = k = s = nullptr;
+    rows = nullptr;
+  }
+
+ private:
+  static void* aligned(size_t bytes) {
+    void* p = nullptr;
+    if (bytes == 0) bytes = 64;
+    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
+    return p;
+  }
+};
+
+// s[h * kBlock + r] = <q[h], k[r]> for h in [h0, h0+HB), r in [r0, r0+RB). Vectors run along d.
+template <int HB, int RB>
+static inline void logits_tile(const float* q, const float* k, float* s, int d_qk, int h0, int r0) {
+  using namespace simd;
+  vf a[HB][RB];
+  for (int h = 0; h < HB; ++h)
+    for (int r = 0; r < RB; ++r) a[h][r] = zero();
+  const float* qp[HB];
+  const float* kp[RB];
+  for (int h = 0; h < HB; ++h) qp[h] = q + int64_t(h0 + h) * d_qk;
+  for (int r = 0; r < RB; ++r) kp[r] = k + int64_t(r0 + r) * d_qk;
+  for (int d = 0; d < d_qk; d += W) {
+    vf kv[RB];
+    for (int r = 0; r < RB; ++r) kv[r] = load(kp[r] + d);
+    for (int h = 0; h < HB; ++h) {
+      const vf qv = load(qp[h] + d);
+      for (int r = 0; r < RB; ++r) a[h][r] = madd(qv, kv[r], a[h][r]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int r = 0; r < RB; ++r) s[(h0 + h) * kBlock + r0 + r] = hsum(a[h][r]);
+}
+
+template <int HB, int RB>
+static inline void logits_rows(const float* q, const float* k, float* s, int d_qk, int h0, int nb) {
+  int r = 0;
+  for (; r + RB <= nb; r += RB) logits_tile<HB, RB>(q, k, s, d_qk, h0, r);
+  for (; r < nb; ++r) logits_tile<HB, 1>(q, k, s, d_qk, h0, r);
+}
+
+// S = Q·Kᵀ for all heads over nb rows.
+static inline void block_logits(const float* q, const float* k, float* s, int h_q, int d_qk, int nb) {
+  constexpr int HB = 4, RB = 2;
+  int h = 0;
+  for (; h + HB <= h_q; h += HB) logits_rows<HB, RB>(q, k, s, d_qk, h, nb);
+  for (; h < h_q; ++h) logits_rows<1, RB>(q, k, s, d_qk, h, nb);
+}
+
+// acc[h, d0 : d0 + DB*W] += Σ_r p[h, r] · v[r, ...] for h in [h0, h0+HB).
+template <int HB, int DB>
+static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0,
+                           int d0, int nb) {
+  using namespace simd;
+  vf a[HB][DB];
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < DB; ++c) a[h][c] = load(acc + int64_t(h0 + h) * d_v + d0 + c * W);
+  for (int r = 0; r < nb; ++r) {
+    const float* vr = v + int64_t(r) * d_qk + d0;
+    vf vv[DB];
+    for (int c = 0; c < DB; ++c) vv[c] = load(vr + c * W);
+    for (int h = 0; h < HB; ++h) {
+      const vf ph = set1(p[(h0 + h) * kBlock + r]);
+      for (int c = 0; c < DB; ++c) a[h][c] = madd(ph, vv[c], a[h][c]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int c = 0; c < DB; ++c) store(acc + int64_t(h0 + h) * d_v + d0 + c * W, a[h][c]);
+}
+
+template <int HB>
+static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0,
+                            int nb) {
+  constexpr int DB = 2;
+  int d = 0;
+  for (; d + DB * simd::W <= d_v; d += DB * simd::W) pv_tile<HB, DB>(p, v, acc, d_qk, d_v, h0, d, nb);
+  for (; d < d_v; d += simd::W) pv_tile<HB, 1>(p, v, acc, d_qk, d_v, h0, d, nb);
+}
+
+static inline void block_pv(const float* p, const float* v, float* acc, int h_q, int d_qk, int d_v,
+                            int nb) {
+  constexpr int HB = 4;
+  int h = 0;
+  for (; h + HB <= h_q; h += HB) pv_heads<HB>(p, v, acc, d_qk, d_v, h, nb);
+  for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h, nb);
+}
+
+// Online softmax update of every head for one block of nb logits (in place: logits -> exp terms);
+// rescales acc rows whose max moved.
+static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
+                                 float sm_scale) {
+  for (int h = 0; h < h_q; ++h) {
+    float* sh = s + h * kBlock;
+    float m_blk = -INFINITY;
+    for (int r = 0; r < nb; ++r) {
+      sh[r] *= sm_scale;
+      m_blk = nan_max(m_blk, sh[r]);
+    }
+    SoftmaxRow row = rows[h];
+    const float m_new = nan_max(row.m, m_blk);
+    const float alpha = softmax_rescale(row.m, m_new);
+    const float base = softmax_exp_base(m_new);
+    float sum = 0.0f;
+    for (int r = 0; r < nb; ++r) {
+      const float e = expf(sh[r] - base);
+      sh[r] = e;
+      sum += e;
+    }
+    row.l = row.l * alpha + sum;
+    row.m = m_new;
+    rows[h] = row;
+    if (alpha != 1.0f) {
+      float* ah = acc + int64_t(h) * d_v;
+      const simd::vf av = simd::set1(alpha);
+      for (int d = 0; d < d_v; d += simd::W) simd::store(ah + d, simd::mul(simd::load(ah + d), av));
+    }
+  }
+}
+
+// Runs one query. q_bf16: [h_q, d_qk]. fill(start, count, dst) writes `count` gathered rows
+// (entries start..start+count of this query's valid list) as float32 into dst [count, d_qk].
+// Writes out [h_q, d_v] bf16, lse [h_q], max_logits [h_q] (max_logits may be null).
+template <class Fill>
+static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int64_t n_valid,
+                         Fill&& fill, float sm_scale, const float* attn_sink, AttentionScratch& sc,
+                         uint16_t* out, float* lse, float* max_logits) {
+  const int64_t qn = int64_t(h_q) * d_qk;
+  for (int64_t j = 0; j < qn; j += simd::W) simd::store(sc.q + j, simd::load_bf16(q_bf16 + j));
+  const int64_t an = int64_t(h_q) * d_v;
+  for (int64_t j = 0; j < an; j += simd::W) simd::store(sc.acc + j, simd::zero());
+  for (int h = 0; h < h_q; ++h) sc.rows[h] = softmax_row_init();
+
+  for (int64_t start = 0; start < n_valid; start += kBlock) {
+    const int nb = int(n_valid - start < kBlock ? n_valid - start : kBlock);
+    fill(start, nb, sc.k);
+    block_logits(sc.q, sc.k, sc.s, h_q, d_qk, nb);
+    block_softmax(sc.s, sc.rows, sc.acc, h_q, d_v, nb, sm_scale);
+    block_pv(sc.s, sc.k, sc.acc, h_q, d_qk, d_v, nb);
+  }
+
+  for (int h = 0; h < h_q; ++h) {
+    const SoftmaxResult r = softmax_finalize(sc.rows[h], n_valid > 0, attn_sink != nullptr,
+                                             attn_sink ? attn_sink[h] : 0.0f);
+    lse[h] = r.lse;
+    if (max_logits) max_logits[h] = r.max_logit;
+    const float* ah = sc.acc + int64_t(h) * d_v;
+    uint16_t* oh = out + int64_t(h) * d_v;
+    if (n_valid == 0) {
+      for (int d = 0; d < d_v; ++d) oh[d] = 0;
+    } else {
+      for (int d = 0; d < d_v; ++d) oh[d] = float_to_bf16(ah[d] * r.out_scale);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace smla

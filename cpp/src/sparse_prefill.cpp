@@ -1,0 +1,56 @@
+// SPEC §4 sparse prefill forward on the CPU: every query against its own valid rows of kv.
+#include <stdlib.h>
+
+#include "simd.h"
+#include "sparse_attention_kernel.h"
+#include "sparse_mla/sparse_indices.h"
+#include "sparse_mla/sparse_mla.h"
+
+using namespace smla;
+
+extern "C" SMLA_API int32_t smla_sparse_prefill(const uint16_t* q, const uint16_t* kv,
+                                                const int32_t* indices, const int32_t* topk_length,
+                                                const float* attn_sink, int32_t s_q, int32_t h_q,
+                                                int32_t d_qk, int32_t d_v, int32_t s_kv,
+                                                int32_t topk, float sm_scale, uint16_t* out,
+                                                float* max_logits, float* lse) {
+  if (s_q < 0 || h_q < 0 || s_kv < 0 || topk < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  if (d_qk <= 0 || d_qk % 64 != 0 || d_v <= 0 || d_v % 64 != 0 || d_v > d_qk)
+    return SMLA_ERR_INVALID_ARGUMENT;
+  if (s_q == 0 || h_q == 0) return SMLA_OK;
+  if (!q || !out || !max_logits || !lse) return SMLA_ERR_INVALID_ARGUMENT;
+  if (topk > 0 && !indices) return SMLA_ERR_INVALID_ARGUMENT;
+  if (s_kv > 0 && !kv) return SMLA_ERR_INVALID_ARGUMENT;
+
+  cpu::AttentionScratch sc;
+  int32_t* rows = static_cast<int32_t*>(malloc(size_t(topk > 0 ? topk : 1) * sizeof(int32_t)));
+  if (!rows || !sc.allocate(h_q, d_qk, d_v)) {
+    free(rows);
+    sc.release();
+    return SMLA_ERR_OUT_OF_MEMORY;
+  }
+
+  for (int64_t i = 0; i < s_q; ++i) {
+    // Compact this query's valid entries (duplicates kept, order kept).
+    const int32_t limit = row_entry_limit(topk_length, i, topk);
+    const int32_t* idx = indices ? indices + i * topk : nullptr;
+    int64_t n_valid = 0;
+    for (int32_t k = 0; k < limit; ++k)
+      if (kv_index_valid(idx[k], s_kv)) rows[n_valid++] = idx[k];
+
+    auto fill = [&](int64_t start, int count, float* dst) {
+      for (int r = 0; r < count; ++r) {
+        const uint16_t* src = kv + int64_t(rows[start + r]) * d_qk;
+        float* d = dst + int64_t(r) * d_qk;
+        for (int j = 0; j < d_qk; j += simd::W) simd::store(d + j, simd::load_bf16(src + j));
+      }
+    };
+    const int64_t o = i * h_q;
+    cpu::attend_query(q + o * d_qk, h_q, d_qk, d_v, n_valid, fill, sm_scale, attn_sink, sc,
+                      out + o * d_v, lse + o, max_logits + o);
+  }
+
+  free(rows);
+  sc.release();
+  return SMLA_OK;
+}

@@ -1,0 +1,9 @@
+/**
+ * `sparse-mla/reference`: a float64 reference of SPEC §2–§5, written from the SPEC independently of
+ * the C++ core, plus the §4 tolerances and the comparison that judges outputs against it.
+ */
+export * from './formats.js';
+export * from './kv_cache.js';
+export * from './sparse_prefill.js';
+export * from './paged_sparse_attention.js';
+export * from './compare.js';

@@ -1,0 +1,111 @@
+/**
+ * Float64 reference of the paged FP8 sparse attention (SPEC §5): every valid entry of the main and
+ * the extra set is dequantized with the reference dequant (§3), then one softmax runs over the union
+ * exactly as in the sparse prefill reference (§4).
+ */
+import { SparseMlaError } from '../errors.js';
+import type { KvCache, PagedSparseAttentionArgs } from '../types.js';
+import { cacheRowDims, cacheTokenCount, checkCacheReference, dequantizeTokenReference } from './kv_cache.js';
+import {
+  attendQueryReference,
+  checkQueries,
+  checkSink,
+  indexSet,
+  widenBf16,
+  type IndexSet,
+  type ReferenceAttentionResult,
+  type ReferenceOptions,
+} from './sparse_prefill.js';
+
+/** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
+class DequantizedRows {
+  private readonly slot = new Map<number, number>();
+  rows: Float64Array;
+  private used = 0;
+
+  constructor(private readonly cache: KvCache, private readonly width: number) {
+    this.rows = new Float64Array(width * 64);
+  }
+
+  /** Offset of token `id`'s dequantized row in `rows`. */
+  offsetOf(id: number): number {
+    const have = this.slot.get(id);
+    if (have !== undefined) return have;
+    if (this.used + this.width > this.rows.length) {
+      const grown = new Float64Array(this.rows.length * 2);
+      grown.set(this.rows);
+      this.rows = grown;
+    }
+    const off = this.used;
+    dequantizeTokenReference(this.cache, id, this.rows, off);
+    this.used += this.width;
+    this.slot.set(id, off);
+    return off;
+  }
+}
+
+export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
+  const { q, kCache } = args;
+  if (q?.dtype !== 'bf16') throw new SparseMlaError('INVALID_DTYPE', `q: expected bf16, got ${String(q?.dtype)}`, 'q');
+  if (q.shape.length !== 3) throw new SparseMlaError('INVALID_SHAPE', `q: expected [n, hQ, dQK], got [${q.shape.join(', ')}]`, 'q');
+  const [n, hQ, dQK] = q.shape as [number, number, number];
+  checkCacheReference(kCache, 'kCache');
+  const width = cacheRowDims(kCache.format);
+  if (dQK !== width) throw new SparseMlaError('INVALID_SHAPE', `q: expected dQK = ${width} for a ${kCache.format} cache, got ${dQK}`, 'q');
+  const dV = args.dV ?? 512;
+  if (!Number.isInteger(dV) || dV < 1 || dV > dQK) throw new SparseMlaError('INVALID_VALUE', `dV: expected an integer in [1, ${dQK}], got ${dV}`, 'dV');
+  if (!Number.isFinite(args.smScale)) throw new SparseMlaError('INVALID_VALUE', `smScale: expected a finite number, got ${args.smScale}`, 'smScale');
+
+  interface Source { set: IndexSet; limitId: number; rows: DequantizedRows }
+  const sources: Source[] = [
+    {
+      set: indexSet(args.indices, args.topkLength, n, { indices: 'indices', topkLength: 'topkLength' }),
+      limitId: cacheTokenCount(kCache),
+      rows: new DequantizedRows(kCache, width),
+    },
+  ];
+  if (args.extraKCache !== undefined || args.extraIndices !== undefined) {
+    if (args.extraKCache === undefined || args.extraIndices === undefined) {
+      throw new SparseMlaError('INVALID_VALUE', 'extraKCache and extraIndices: expected both or neither', 'extraKCache');
+    }
+    checkCacheReference(args.extraKCache, 'extraKCache');
+    if (cacheRowDims(args.extraKCache.format) !== width) {
+      throw new SparseMlaError('INVALID_VALUE', `extraKCache.format: expected ${kCache.format}, got ${args.extraKCache.format}`, 'extraKCache');
+    }
+    sources.push({
+      set: indexSet(args.extraIndices, args.extraTopkLength, n, { indices: 'extraIndices', topkLength: 'extraTopkLength' }),
+      limitId: cacheTokenCount(args.extraKCache),
+      rows: new DequantizedRows(args.extraKCache, width),
+    });
+  }
+  const sink = checkSink(args.attnSink, hQ);
+  const qs = checkQueries(opts.queries, n);
+  const qf = widenBf16(q.data);
+  const nq = qs.length;
+  const res: ReferenceAttentionResult = {
+    out: new Float64Array(nq * hQ * dV),
+    lse: new Float64Array(nq * hQ),
+    maxLogits: new Float64Array(nq * hQ),
+  };
+  const maxEntries = sources.reduce((a, s) => a + s.set.topk, 0);
+  const gathered = new Float64Array(Math.max(1, maxEntries) * width);
+  const offsets = new Int32Array(Math.max(1, maxEntries));
+  const scratch = new Float64Array(Math.max(1, hQ * maxEntries));
+  for (let j = 0; j < nq; j++) {
+    const i = qs[j]!;
+    let cnt = 0;
+    for (const src of sources) {
+      const lim = src.set.limit(i);
+      for (let k = 0; k < lim; k++) {
+        const id = src.set.entry(i, k, src.limitId);
+        if (id < 0) continue;
+        const off = src.rows.offsetOf(id);
+        gathered.set(src.rows.rows.subarray(off, off + width), cnt * width);
+        offsets[cnt] = cnt * width;
+        cnt++;
+      }
+    }
+    attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, gathered, offsets, cnt, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+  }
+  return res;
+}

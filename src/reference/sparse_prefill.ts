@@ -1,0 +1,256 @@
+/**
+ * Float64 reference of the sparse prefill forward (SPEC §4), written from the SPEC, independent of
+ * the C++ core. Logits, softmax and the weighted sum are all float64; inputs are the bf16 values.
+ */
+import { SparseMlaError } from '../errors.js';
+import type { SparsePrefillArgs, Tensor } from '../types.js';
+
+export interface ReferenceOptions {
+  /** Compute only these query rows (in this order); default: every row. */
+  queries?: readonly number[];
+}
+
+export interface ReferenceAttentionResult {
+  /** [nq, hQ, dV] */
+  out: Float64Array;
+  /** [nq, hQ]; +inf where a query has no valid entry */
+  lse: Float64Array;
+  /** [nq, hQ]; -inf where a query has no valid entry */
+  maxLogits: Float64Array;
+}
+
+/** bf16 bits → float32 values (exact widening). */
+export function widenBf16(bits: Uint16Array): Float32Array {
+  const u = new Uint32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) u[i] = bits[i]! << 16;
+  return new Float32Array(u.buffer);
+}
+
+function bad(code: 'INVALID_SHAPE' | 'INVALID_DTYPE' | 'INVALID_VALUE', arg: string, expected: string, got: string): never {
+  throw new SparseMlaError(code, `${arg}: expected ${expected}, got ${got}`, arg);
+}
+
+const shapeStr = (s: readonly number[]): string => `[${s.join(', ')}]`;
+
+/** Index rows of a [n, topk] or [n, 1, topk] int32/int64 tensor, with their validity rule. */
+export interface IndexSet {
+  topk: number;
+  /** number of leading entries of row i that may be valid (min(topk, topkLength[i]), ≥ 0) */
+  limit(i: number): number;
+  /** entry k of row i if 0 ≤ value < bound, else -1 */
+  entry(i: number, k: number, bound: number): number;
+}
+
+export function indexSet(
+  indices: Tensor<'int32'> | Tensor<'int64'>,
+  topkLength: Tensor<'int32'> | undefined,
+  rows: number,
+  names: { indices: string; topkLength: string },
+): IndexSet {
+  if (indices.dtype !== 'int32' && indices.dtype !== 'int64') bad('INVALID_DTYPE', names.indices, 'int32 or int64', String((indices as Tensor).dtype));
+  const s = indices.shape;
+  const ok = (s.length === 2 && s[0] === rows) || (s.length === 3 && s[0] === rows && s[1] === 1);
+  if (!ok) bad('INVALID_SHAPE', names.indices, `[${rows}, topk] or [${rows}, 1, topk]`, shapeStr(s));
+  const topk = s[s.length - 1]!;
+  if (topkLength !== undefined) {
+    if (topkLength.dtype !== 'int32') bad('INVALID_DTYPE', names.topkLength, 'int32', String(topkLength.dtype));
+    if (topkLength.shape.length !== 1 || topkLength.shape[0] !== rows) bad('INVALID_SHAPE', names.topkLength, `[${rows}]`, shapeStr(topkLength.shape));
+  }
+  const lens = topkLength?.data as Int32Array | undefined;
+  const limit = (i: number): number => (lens ? Math.max(0, Math.min(topk, lens[i]!)) : topk);
+  if (indices.dtype === 'int32') {
+    const d = indices.data as Int32Array;
+    return { topk, limit, entry: (i, k, bound) => { const v = d[i * topk + k]!; return v >= 0 && v < bound ? v : -1; } };
+  }
+  const d = indices.data as BigInt64Array;
+  return {
+    topk,
+    limit,
+    entry: (i, k, bound) => {
+      const v = d[i * topk + k]!;
+      return v >= 0n && v < BigInt(bound) ? Number(v) : -1;
+    },
+  };
+}
+
+export function checkQueries(queries: readonly number[] | undefined, n: number): number[] {
+  if (queries === undefined) return Array.from({ length: n }, (_, i) => i);
+  for (const qi of queries) if (!Number.isInteger(qi) || qi < 0 || qi >= n) bad('INVALID_VALUE', 'queries', `integers in [0, ${n})`, String(qi));
+  return [...queries];
+}
+
+export function checkSink(attnSink: Tensor<'float32'> | undefined, hQ: number, name = 'attnSink'): Float32Array | null {
+  if (attnSink === undefined) return null;
+  if (attnSink.dtype !== 'float32') bad('INVALID_DTYPE', name, 'float32', String(attnSink.dtype));
+  if (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ) bad('INVALID_SHAPE', name, `[${hQ}]`, shapeStr(attnSink.shape));
+  return attnSink.data as Float32Array;
+}
+
+/** ln(exp(a) + exp(b)) without overflow; exact for the infinite cases of §4. */
+export function logAddExp(a: number, b: number): number {
+  if (Number.isNaN(a) || Number.isNaN(b)) return NaN;
+  if (a === -Infinity) return b;
+  if (b === -Infinity) return a;
+  if (a === Infinity || b === Infinity) return Infinity;
+  const hi = Math.max(a, b);
+  return hi + Math.log1p(Math.exp(Math.min(a, b) - hi));
+}
+
+/**
+ * Attend one query (all heads) over `n` gathered rows and write out/lse/maxLogits for it.
+ * q: [hQ, dQK] at qOff; rows[rowOffsets[k] .. + dQK) is entry k; the first dV dims are V.
+ * scratch must hold hQ·n float64.
+ */
+export function attendQueryReference(
+  q: Float32Array,
+  qOff: number,
+  hQ: number,
+  dQK: number,
+  dV: number,
+  rows: Float32Array | Float64Array,
+  rowOffsets: Int32Array | readonly number[],
+  n: number,
+  smScale: number,
+  sink: Float32Array | null,
+  out: Float64Array,
+  outOff: number,
+  lse: Float64Array,
+  maxLogits: Float64Array,
+  statOff: number,
+  scratch: Float64Array,
+): void {
+  if (n === 0) {
+    for (let h = 0; h < hQ; h++) {
+      lse[statOff + h] = Infinity;
+      maxLogits[statOff + h] = -Infinity;
+    }
+    out.fill(0, outOff, outOff + hQ * dV);
+    return;
+  }
+  // logits[h * n + k]; four heads per pass so each row value is loaded once per four dot products
+  for (let k = 0; k < n; k++) {
+    const r = rowOffsets[k]!;
+    let h = 0;
+    for (; h + 4 <= hQ; h += 4) {
+      const q0 = qOff + h * dQK, q1 = q0 + dQK, q2 = q1 + dQK, q3 = q2 + dQK;
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (let d = 0; d < dQK; d++) {
+        const x = rows[r + d]!;
+        s0 += q[q0 + d]! * x;
+        s1 += q[q1 + d]! * x;
+        s2 += q[q2 + d]! * x;
+        s3 += q[q3 + d]! * x;
+      }
+      scratch[h * n + k] = smScale * s0;
+      scratch[(h + 1) * n + k] = smScale * s1;
+      scratch[(h + 2) * n + k] = smScale * s2;
+      scratch[(h + 3) * n + k] = smScale * s3;
+    }
+    for (; h < hQ; h++) {
+      const q0 = qOff + h * dQK;
+      let s0 = 0;
+      for (let d = 0; d < dQK; d++) s0 += q[q0 + d]! * rows[r + d]!;
+      scratch[h * n + k] = smScale * s0;
+    }
+  }
+  for (let h = 0; h < hQ; h++) {
+    const lo = h * n;
+    let m = -Infinity;
+    for (let k = 0; k < n; k++) m = Math.max(m, scratch[lo + k]!); // NaN propagates
+    let l: number;
+    if (Number.isNaN(m) || m === Infinity) {
+      l = m;
+    } else {
+      let s = 0;
+      for (let k = 0; k < n; k++) s += Math.exp(scratch[lo + k]! - m);
+      l = m + Math.log(s);
+    }
+    maxLogits[statOff + h] = m;
+    lse[statOff + h] = l;
+    const lPrime = sink ? logAddExp(l, sink[h]!) : l;
+    const o = outOff + h * dV;
+    for (let d = 0; d < dV; d++) out[o + d] = 0;
+    for (let k = 0; k < n; k++) {
+      const w = Math.exp(scratch[lo + k]! - lPrime);
+      const r = rowOffsets[k]!;
+      for (let d = 0; d < dV; d++) out[o + d]! += w * rows[r + d]!;
+    }
+  }
+}
+
+/** The shapes of a sparse prefill call, checked. */
+export interface PrefillShapes {
+  sQ: number;
+  hQ: number;
+  dQK: number;
+  sKV: number;
+  dV: number;
+  topk: number;
+}
+
+export function checkSparsePrefillArgs(args: SparsePrefillArgs): PrefillShapes {
+  const { q, kv } = args;
+  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', String(q?.dtype));
+  if (kv?.dtype !== 'bf16') bad('INVALID_DTYPE', 'kv', 'bf16', String(kv?.dtype));
+  if (q.shape.length !== 3) bad('INVALID_SHAPE', 'q', '[sQ, hQ, dQK]', shapeStr(q.shape));
+  const [sQ, hQ, dQK] = q.shape as [number, number, number];
+  if (hQ < 1 || dQK < 1) bad('INVALID_SHAPE', 'q', 'hQ ≥ 1 and dQK ≥ 1', shapeStr(q.shape));
+  if (kv.shape.length !== 2 || kv.shape[1] !== dQK) bad('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeStr(kv.shape));
+  const sKV = kv.shape[0]!;
+  const dV = args.dV ?? 512;
+  if (!Number.isInteger(dV) || dV < 1 || dV > dQK) bad('INVALID_VALUE', 'dV', `an integer in [1, ${dQK}]`, String(dV));
+  if (typeof args.smScale !== 'number' || !Number.isFinite(args.smScale)) bad('INVALID_VALUE', 'smScale', 'a finite number', String(args.smScale));
+  const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
+  checkSink(args.attnSink, hQ);
+  return { sQ, hQ, dQK, sKV, dV, topk: set.topk };
+}
+
+/** A prepared sparse prefill: widened inputs, so chunks of queries can be computed one by one. */
+export interface PreparedSparsePrefill {
+  shapes: PrefillShapes;
+  /** compute the given query rows */
+  run(queries: readonly number[]): ReferenceAttentionResult;
+}
+
+export function prepareSparsePrefillReference(args: SparsePrefillArgs): PreparedSparsePrefill {
+  const shapes = checkSparsePrefillArgs(args);
+  const { sQ, hQ, dQK, sKV, dV, topk } = shapes;
+  const qf = widenBf16(args.q.data);
+  const kvf = widenBf16(args.kv.data);
+  const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
+  const sink = checkSink(args.attnSink, hQ);
+  const scratch = new Float64Array(Math.max(1, hQ * topk));
+  const offsets = new Int32Array(Math.max(1, topk));
+  return {
+    shapes,
+    run(queries) {
+      const qs = checkQueries(queries, sQ);
+      const nq = qs.length;
+      const res: ReferenceAttentionResult = {
+        out: new Float64Array(nq * hQ * dV),
+        lse: new Float64Array(nq * hQ),
+        maxLogits: new Float64Array(nq * hQ),
+      };
+      for (let j = 0; j < nq; j++) {
+        const i = qs[j]!;
+        let n = 0;
+        const lim = set.limit(i);
+        for (let k = 0; k < lim; k++) {
+          const idx = set.entry(i, k, sKV);
+          if (idx >= 0) offsets[n++] = idx * dQK;
+        }
+        attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+      }
+      return res;
+    },
+  };
+}
+
+/**
+ * sparsePrefill in float64 from the bf16 inputs. With `queries`, only those rows are computed and
+ * the result holds them in that order ([nq, hQ, dV] etc.).
+ */
+export function sparsePrefillReference(args: SparsePrefillArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
+  const prepared = prepareSparsePrefillReference(args);
+  return prepared.run(checkQueries(opts.queries, prepared.shapes.sQ));
+}

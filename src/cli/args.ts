@@ -1,0 +1,115 @@
+/**
+ * A small flag parser for the CLI (no dependency). Each command declares its options once; the
+ * same table parses argv, checks values and prints the options part of the usage text.
+ * Bad flags throw SparseMlaError('INVALID_VALUE'), which main.ts turns into a message and exit 2.
+ */
+import { SparseMlaError } from '../errors.js';
+
+export type OptionSpec =
+  | { type: 'boolean'; help: string; short?: string }
+  | { type: 'string'; help: string; default?: string; choices?: readonly string[]; metavar?: string; short?: string }
+  | { type: 'int'; help: string; default?: number; min?: number; max?: number; metavar?: string; short?: string }
+  | { type: 'number'; help: string; default?: number; min?: number; max?: number; metavar?: string; short?: string };
+
+export type OptionTable = Record<string, OptionSpec>;
+
+type ValueOf<S extends OptionSpec> = S extends { type: 'boolean' }
+  ? boolean
+  : S extends { type: 'string' }
+    ? S extends { default: string }
+      ? string
+      : string | undefined
+    : S extends { default: number }
+      ? number
+      : number | undefined;
+
+export type ParsedOptions<T extends OptionTable> = { [K in keyof T]: ValueOf<T[K]> };
+
+export interface ParseResult<T extends OptionTable> {
+  options: ParsedOptions<T>;
+  positionals: string[];
+}
+
+function bad(message: string): never {
+  throw new SparseMlaError('INVALID_VALUE', message, 'argv');
+}
+
+function convert(name: string, spec: OptionSpec, raw: string): string | number {
+  if (spec.type === 'string') {
+    if (spec.choices && !spec.choices.includes(raw)) {
+      bad(`--${name}: expected one of ${spec.choices.join('|')}, got '${raw}'`);
+    }
+    return raw;
+  }
+  if (spec.type === 'boolean') bad(`--${name} takes no value`);
+  const trimmed = raw.trim();
+  const value = trimmed === '' ? NaN : Number(trimmed);
+  if (spec.type === 'int' && !Number.isSafeInteger(value)) bad(`--${name}: expected an integer, got '${raw}'`);
+  if (!Number.isFinite(value)) bad(`--${name}: expected a number, got '${raw}'`);
+  if (spec.min !== undefined && value < spec.min) bad(`--${name}: expected ≥ ${spec.min}, got ${raw}`);
+  if (spec.max !== undefined && value > spec.max) bad(`--${name}: expected ≤ ${spec.max}, got ${raw}`);
+  return value;
+}
+
+/** Parse `--name value`, `--name=value`, `--flag`, `-x value` and `--` (rest is positional). */
+export function parseArgs<T extends OptionTable>(argv: readonly string[], table: T): ParseResult<T> {
+  const values: Record<string, unknown> = {};
+  for (const [name, spec] of Object.entries(table)) {
+    values[name] = spec.type === 'boolean' ? false : spec.default;
+  }
+  const byShort = new Map<string, string>();
+  for (const [name, spec] of Object.entries(table)) if (spec.short) byShort.set(spec.short, name);
+
+  const positionals: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    if (arg === '--') {
+      positionals.push(...argv.slice(i + 1));
+      break;
+    }
+    let name: string | undefined;
+    let inline: string | undefined;
+    if (arg.startsWith('--')) {
+      const eq = arg.indexOf('=');
+      name = eq < 0 ? arg.slice(2) : arg.slice(2, eq);
+      inline = eq < 0 ? undefined : arg.slice(eq + 1);
+    } else if (arg.length > 1 && arg.startsWith('-') && !/^-\d/.test(arg)) {
+      name = byShort.get(arg.slice(1));
+      if (name === undefined) bad(`unknown option '${arg}'`);
+    } else {
+      positionals.push(arg);
+      continue;
+    }
+    const spec = Object.prototype.hasOwnProperty.call(table, name) ? table[name] : undefined;
+    if (!spec) bad(`unknown option '--${name}'`);
+    if (spec.type === 'boolean') {
+      if (inline !== undefined) bad(`--${name} takes no value`);
+      values[name] = true;
+      continue;
+    }
+    let raw = inline;
+    if (raw === undefined) {
+      if (i + 1 >= argv.length) bad(`--${name} needs a value`);
+      raw = argv[++i]!;
+    }
+    values[name] = convert(name, spec, raw);
+  }
+  return { options: values as ParsedOptions<T>, positionals };
+}
+
+/** The options block of a usage text, one line per option with its default. */
+export function formatOptions(table: OptionTable): string {
+  const rows: [string, string][] = [];
+  for (const [name, spec] of Object.entries(table)) {
+    let left = (spec.short ? `-${spec.short}, ` : '    ') + `--${name}`;
+    if (spec.type !== 'boolean') {
+      const metavar = spec.type === 'string' && spec.choices ? spec.choices.join('|') : (spec.metavar ?? (spec.type === 'string' ? 'STR' : 'N'));
+      left += ` ${metavar}`;
+    }
+    let right = spec.help;
+    if (spec.type !== 'boolean' && spec.default !== undefined) right += ` (default ${spec.default})`;
+    rows.push([left, right]);
+  }
+  const width = Math.max(0, ...rows.map(([l]) => l.length));
+  return rows.map(([l, r]) => `  ${l.padEnd(width)}  ${r}`).join('\n');
+}

@@ -1,0 +1,668 @@
+// Native check of the C++ core (every op of the C ABI) against a float64 reference written here,
+// independently of the core: formats are decoded from their bit definitions, rounding is done on
+// the real line in double, attention is the textbook loop. Random inputs plus SPEC's edge cases.
+// Exit status 0 = all checks pass.
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sparse_mla/sparse_mla.h"
+
+namespace {
+
+int g_failures = 0;
+int g_checks = 0;
+
+void expect(bool ok, const std::string& what) {
+  ++g_checks;
+  if (!ok) {
+    ++g_failures;
+    fprintf(stderr, "FAIL: %s\n", what.c_str());
+  }
+}
+
+// ---------------------------------------------------------------- formats, from SPEC §2
+double bf16_value(uint16_t h) {
+  const int e = (h >> 7) & 0xff, m = h & 0x7f;
+  const double s = (h & 0x8000) ? -1.0 : 1.0;
+  if (e == 0xff) return m ? NAN : s * INFINITY;
+  if (e == 0) return s * ldexp(m, -133);
+  return s * ldexp(1.0 + m / 128.0, e - 127);
+}
+
+double e4m3_value(uint8_t b) {
+  const int e = (b >> 3) & 0xf, m = b & 7;
+  const double s = (b & 0x80) ? -1.0 : 1.0;
+  if (e == 15 && m == 7) return NAN;
+  if (e == 0) return s * ldexp(m, -9);
+  return s * ldexp(1.0 + m / 8.0, e - 7);
+}
+
+double ue8m0_value(uint8_t b) { return b == 0xff ? NAN : ldexp(1.0, int(b) - 127); }
+
+// Round x to a binary format with `mant` fraction bits and minimum normal exponent emin, ties to
+// even; no overflow handling (callers handle range).
+double round_to_grid(double x, int mant, int emin) {
+  if (x == 0 || !isfinite(x)) return x;
+  int ex;
+  frexp(x, &ex);  // |x| in [2^(ex-1), 2^ex)
+  int e = ex - 1;
+  if (e < emin) e = emin;
+  const double quantum = ldexp(1.0, e - mant);
+  return nearbyint(x / quantum) * quantum;  // default rounding mode: ties to even
+}
+
+double to_float32(double x) {
+  if (isnan(x)) return x;
+  const double r = round_to_grid(x, 23, -126);
+  return fabs(r) >= ldexp(1.0, 128) ? copysign(INFINITY, x) : r;
+}
+
+double to_bf16_value(double x) {  // x already a float32 value
+  if (isnan(x)) return x;
+  const double r = round_to_grid(x, 7, -126);
+  return fabs(r) >= ldexp(1.0, 128) ? copysign(INFINITY, x) : r;
+}
+
+uint16_t bf16_bits_of(double v) {  // v exactly on the bf16 grid (or inf / NaN)
+  if (isnan(v)) return 0x7fc0;
+  const uint16_t sign = signbit(v) ? 0x8000 : 0;
+  if (isinf(v)) return sign | 0x7f80;
+  const double a = fabs(v);
+  if (a == 0) return sign;
+  int ex;
+  frexp(a, &ex);
+  int e = ex - 1;
+  if (e < -126) return sign | uint16_t(a / ldexp(1.0, -133));  // subnormal
+  const int m = int((a / ldexp(1.0, e) - 1.0) * 128.0);
+  return sign | uint16_t((e + 127) << 7) | uint16_t(m);
+}
+
+uint8_t e4m3_encode(double x) {
+  const uint8_t sign = signbit(x) ? 0x80 : 0;
+  if (isnan(x)) return sign | 0x7f;
+  double a = fabs(x);
+  if (a > 448) a = 448;
+  const double r = round_to_grid(a, 3, -6);
+  for (int c = 0; c <= 0x7e; ++c)
+    if (e4m3_value(uint8_t(c)) == r) return sign | uint8_t(c);
+  fprintf(stderr, "e4m3_encode: no code for %g\n", r);
+  abort();
+}
+
+
+// ---------------------------------------------------------------- cache reference (SPEC §3)
+int tile_exponent(const double* x, int n) {
+  double amax = 0;
+  for (int i = 0; i < n; ++i)
+    if (!isnan(x[i]) && fabs(x[i]) > amax) amax = fabs(x[i]);
+  if (isinf(amax)) return 127;
+  const double m = amax > 1e-4 ? amax : 1e-4;
+  int e = -127;
+  while (e < 127 && 448.0 * ldexp(1.0, e) < m) ++e;
+  return e;
+}
+
+int64_t v4_page_bytes(int64_t P) { return (P * 584 + 575) / 576 * 576; }
+
+void ref_quantize_v4(uint8_t* cache, int64_t P, int64_t id, const double* x) {
+  uint8_t* data = cache + (id / P) * v4_page_bytes(P) + (id % P) * 576;
+  uint8_t* sc = cache + (id / P) * v4_page_bytes(P) + P * 576 + (id % P) * 8;
+  for (int t = 0; t < 7; ++t) {
+    const int e = tile_exponent(x + 64 * t, 64);
+    sc[t] = uint8_t(e + 127);
+    for (int i = 0; i < 64; ++i) data[64 * t + i] = e4m3_encode(x[64 * t + i] / ldexp(1.0, e));
+  }
+  sc[7] = 0;
+  for (int i = 0; i < 64; ++i) {
+    const uint16_t b = bf16_bits_of(to_bf16_value(x[448 + i]));
+    data[448 + 2 * i] = uint8_t(b & 0xff);
+    data[448 + 2 * i + 1] = uint8_t(b >> 8);
+  }
+}
+
+void ref_quantize_v32(uint8_t* cache, int64_t id, const double* x) {
+  uint8_t* tok = cache + id * 656;
+  for (int t = 0; t < 4; ++t) {
+    const int e = tile_exponent(x + 128 * t, 128);
+    const float scale = float(ldexp(1.0, e));
+    memcpy(tok + 512 + 4 * t, &scale, 4);
+    for (int i = 0; i < 128; ++i) tok[128 * t + i] = e4m3_encode(x[128 * t + i] / ldexp(1.0, e));
+  }
+  for (int i = 0; i < 64; ++i) {
+    const uint16_t b = bf16_bits_of(to_bf16_value(x[512 + i]));
+    tok[528 + 2 * i] = uint8_t(b & 0xff);
+    tok[528 + 2 * i + 1] = uint8_t(b >> 8);
+  }
+}
+
+// Dequantized values (bf16-rounded, as doubles) of one token.
+void ref_dequant_v4(const uint8_t* cache, int64_t P, int64_t id, double* out) {
+  const uint8_t* data = cache + (id / P) * v4_page_bytes(P) + (id % P) * 576;
+  const uint8_t* sc = cache + (id / P) * v4_page_bytes(P) + P * 576 + (id % P) * 8;
+  for (int i = 0; i < 448; ++i)
+    out[i] = to_bf16_value(to_float32(e4m3_value(data[i]) * ue8m0_value(sc[i / 64])));
+  for (int i = 0; i < 64; ++i) out[448 + i] = bf16_value(uint16_t(data[448 + 2 * i] | data[449 + 2 * i] << 8));
+}
+
+void ref_dequant_v32(const uint8_t* cache, int64_t id, double* out) {
+  const uint8_t* tok = cache + id * 656;
+  for (int i = 0; i < 512; ++i) {
+    float scale;
+    memcpy(&scale, tok + 512 + 4 * (i / 128), 4);
+    out[i] = to_bf16_value(to_float32(e4m3_value(tok[i]) * double(scale)));
+  }
+  for (int i = 0; i < 64; ++i) out[512 + i] = bf16_value(uint16_t(tok[528 + 2 * i] | tok[529 + 2 * i] << 8));
+}
+
+// ---------------------------------------------------------------- attention reference (SPEC §4)
+struct RefOut {
+  std::vector<double> out, max_logits, lse;
+};
+
+// rows_of(i) returns the list of valid KV rows (as pointers to double vectors of length d_qk).
+template <class RowsOf>
+RefOut ref_attention(const std::vector<double>& q, int64_t s_q, int h_q, int d_qk, int d_v,
+                     RowsOf rows_of, double scale, const float* sink) {
+  RefOut r;
+  r.out.assign(size_t(s_q * h_q * d_v), 0.0);
+  r.max_logits.assign(size_t(s_q * h_q), 0.0);
+  r.lse.assign(size_t(s_q * h_q), 0.0);
+  for (int64_t i = 0; i < s_q; ++i) {
+    const std::vector<const double*> rows = rows_of(i);
+    for (int h = 0; h < h_q; ++h) {
+      const double* qv = &q[size_t((i * h_q + h) * d_qk)];
+      const size_t o = size_t(i * h_q + h);
+      if (rows.empty()) {
+        r.max_logits[o] = -INFINITY;
+        r.lse[o] = INFINITY;
+        continue;  // out stays 0
+      }
+      std::vector<double> p(rows.size());
+      double mx = -INFINITY;
+      bool nan = false;
+      for (size_t k = 0; k < rows.size(); ++k) {
+        double dot = 0;
+        for (int d = 0; d < d_qk; ++d) dot += qv[d] * rows[k][d];
+        p[k] = scale * dot;
+        if (isnan(p[k])) nan = true;
+        if (p[k] > mx) mx = p[k];
+      }
+      if (nan) mx = NAN;
+      double sum = 0;
+      for (double pk : p) sum += exp(pk - mx);
+      const double lse = mx + log(sum);
+      double lse_all = lse;
+      if (sink) {
+        const double s = sink[h];
+        if (isinf(s) && s > 0) lse_all = INFINITY;
+        else if (!(isinf(s) && s < 0)) lse_all = fmax(lse, s) + log1p(exp(-fabs(lse - s)));
+        if (isnan(s)) lse_all = NAN;
+      }
+      r.max_logits[o] = mx;
+      r.lse[o] = lse;
+      for (int d = 0; d < d_v; ++d) {
+        double acc = 0;
+        for (size_t k = 0; k < rows.size(); ++k) acc += exp(p[k] - lse_all) * rows[k][d];
+        r.out[o * d_v + d] = acc;
+      }
+    }
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------- comparison (SPEC §4 table)
+struct Tol {
+  double abs, rel, cos;  // cos < 0: not checked
+};
+const Tol kOutTol{8e-4, 3.01 / 128, 7e-6};
+const Tol kLseTol{1e-6, 2.01 / 65536, -1};
+const Tol kPagedOutTol{1e-3, 2.01 / 128, 5e-6};
+
+template <class Get>
+void compare(const char* name, const std::string& ctx, size_t n, Get got, const std::vector<double>& ref,
+             const Tol& tol) {
+  size_t bad = 0, worst = 0;
+  double worst_err = 0, dot = 0, ng = 0, nr = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double g = got(i), r = ref[i];
+    bool ok;
+    if (isnan(r) || isnan(g)) ok = isnan(r) && isnan(g);
+    else if (isinf(r) || isinf(g)) ok = g == r;
+    else {
+      const double err = fabs(g - r);
+      ok = err <= tol.abs || err <= tol.rel * fabs(r);
+      if (err > worst_err) worst_err = err, worst = i;
+      dot += g * r, ng += g * g, nr += r * r;
+    }
+    if (!ok) {
+      if (bad < 3)
+        fprintf(stderr, "  %s %s [%zu]: got %.9g want %.9g\n", ctx.c_str(), name, i, g, r);
+      ++bad;
+    }
+  }
+  expect(bad == 0, ctx + " " + name + ": " + std::to_string(bad) + " elements outside tolerance");
+  if (tol.cos >= 0 && ng > 0 && nr > 0) {
+    const double gap = 1 - dot / sqrt(ng * nr);
+    expect(gap <= tol.cos, ctx + " " + name + ": 1-cos " + std::to_string(gap));
+  }
+  (void)worst;
+}
+
+// ---------------------------------------------------------------- inputs
+std::mt19937_64 rng(20261124);
+
+double uniform(double a, double b) { return std::uniform_real_distribution<double>(a, b)(rng); }
+double normal(double sd) { return std::normal_distribution<double>(0, sd)(rng); }
+int64_t randint(int64_t lo, int64_t hi) {  // [lo, hi]
+  return std::uniform_int_distribution<int64_t>(lo, hi)(rng);
+}
+
+std::vector<uint16_t> random_bf16(size_t n, double sd) {
+  std::vector<uint16_t> v(n);
+  for (auto& x : v) x = bf16_bits_of(to_bf16_value(to_float32(normal(sd))));
+  return v;
+}
+
+std::vector<double> values_of(const std::vector<uint16_t>& v) {
+  std::vector<double> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_value(v[i]);
+  return r;
+}
+
+const int32_t kFillers[] = {INT32_MIN, -123456, -1, 0 /* = s_kv, set at use */, INT32_MAX};
+
+struct IndexOpts {
+  double invalid_frac = 0.1;
+  double dup_frac = 0.05;
+  double all_invalid_row_frac = 0.1;
+};
+
+std::vector<int32_t> random_indices(int64_t s_q, int topk, int32_t n_rows, const IndexOpts& o) {
+  std::vector<int32_t> idx(static_cast<size_t>(s_q * topk));
+  for (int64_t i = 0; i < s_q; ++i) {
+    const bool all_invalid = uniform(0, 1) < o.all_invalid_row_frac;
+    for (int k = 0; k < topk; ++k) {
+      int32_t v;
+      if (all_invalid || uniform(0, 1) < o.invalid_frac || n_rows == 0) {
+        v = kFillers[randint(0, 4)];
+        if (v == 0) v = n_rows;
+      } else if (k > 0 && uniform(0, 1) < o.dup_frac) {
+        v = idx[size_t(i * topk + randint(0, k - 1))];
+      } else {
+        v = int32_t(randint(0, n_rows - 1));
+      }
+      idx[size_t(i * topk + k)] = v;
+    }
+  }
+  return idx;
+}
+
+std::vector<int32_t> random_lengths(int64_t s_q, int topk) {
+  std::vector<int32_t> len(static_cast<size_t>(s_q));
+  for (auto& l : len) {
+    const double u = uniform(0, 1);
+    l = u < 0.15 ? 0 : u < 0.4 ? topk : int32_t(randint(0, topk));
+  }
+  return len;
+}
+
+std::vector<float> random_sink(int h_q, bool with_inf) {
+  std::vector<float> s(static_cast<size_t>(h_q));
+  for (auto& x : s) x = float(normal(1.5));
+  if (with_inf && h_q >= 3) {
+    s[0] = INFINITY;
+    s[1] = -INFINITY;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------- sparse prefill checks
+struct PrefillCase {
+  int64_t s_q;
+  int h_q, d_qk, d_v;
+  int32_t s_kv;
+  int topk;
+  bool lengths, sink, sink_inf;
+  double q_sd, kv_sd;
+  IndexOpts idx;
+};
+
+void check_prefill(const PrefillCase& c) {
+  const std::string ctx = "prefill sQ=" + std::to_string(c.s_q) + " hQ=" + std::to_string(c.h_q) +
+                          " dQK=" + std::to_string(c.d_qk) + " dV=" + std::to_string(c.d_v) +
+                          " sKV=" + std::to_string(c.s_kv) + " topk=" + std::to_string(c.topk) +
+                          (c.lengths ? " len" : "") + (c.sink ? (c.sink_inf ? " sink±inf" : " sink") : "");
+  const auto q = random_bf16(size_t(c.s_q * c.h_q * c.d_qk), c.q_sd);
+  const auto kv = random_bf16(size_t(int64_t(c.s_kv) * c.d_qk), c.kv_sd);
+  const auto idx = random_indices(c.s_q, c.topk, c.s_kv, c.idx);
+  const auto len = random_lengths(c.s_q, c.topk);
+  const auto sink = random_sink(c.h_q, c.sink_inf);
+  const double scale = 1.0 / sqrt(double(c.d_qk));
+  const float scale_f = float(scale);
+
+  std::vector<uint16_t> out(static_cast<size_t>(c.s_q * c.h_q * c.d_v), 0xdead);
+  std::vector<float> ml(static_cast<size_t>(c.s_q * c.h_q), 123.f), lse(size_t(c.s_q * c.h_q), 123.f);
+  const int32_t st = smla_sparse_prefill(q.data(), kv.data(), idx.data(), c.lengths ? len.data() : nullptr,
+                                         c.sink ? sink.data() : nullptr, int32_t(c.s_q), c.h_q, c.d_qk,
+                                         c.d_v, c.s_kv, c.topk, scale_f, out.data(), ml.data(), lse.data());
+  expect(st == SMLA_OK, ctx + ": status " + std::to_string(st));
+
+  const auto qd = values_of(q), kvd = values_of(kv);
+  auto rows_of = [&](int64_t i) {
+    std::vector<const double*> rows;
+    const int lim = c.lengths ? std::min(std::max(len[size_t(i)], 0), c.topk) : c.topk;
+    for (int k = 0; k < lim; ++k) {
+      const int32_t j = idx[size_t(i * c.topk + k)];
+      if (j >= 0 && j < c.s_kv) rows.push_back(&kvd[size_t(int64_t(j) * c.d_qk)]);
+    }
+    return rows;
+  };
+  const RefOut ref = ref_attention(qd, c.s_q, c.h_q, c.d_qk, c.d_v, rows_of, double(scale_f),
+                                   c.sink ? sink.data() : nullptr);
+  compare("out", ctx, out.size(), [&](size_t i) { return bf16_value(out[i]); }, ref.out, kOutTol);
+  compare("maxLogits", ctx, ml.size(), [&](size_t i) { return double(ml[i]); }, ref.max_logits, kLseTol);
+  compare("lse", ctx, lse.size(), [&](size_t i) { return double(lse[i]); }, ref.lse, kLseTol);
+}
+
+// A NaN in q makes that (query, head) NaN and leaves the others alone; an empty call is fine.
+void check_prefill_special() {
+  const int h_q = 4, d = 64, s_kv = 8, topk = 4;
+  auto q = random_bf16(size_t(2 * h_q * d), 1.0);
+  const auto kv = random_bf16(size_t(s_kv * d), 1.0);
+  std::vector<int32_t> idx = {0, 1, 2, 3, 4, 5, 6, 7};
+  q[size_t((0 * h_q + 1) * d + 5)] = 0x7fc0;  // NaN
+  std::vector<uint16_t> out(static_cast<size_t>(2 * h_q * d));
+  std::vector<float> ml(2 * h_q), lse(2 * h_q);
+  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 2, h_q, d, d, s_kv, topk,
+                             0.125f, out.data(), ml.data(), lse.data()) == SMLA_OK,
+         "nan q: status");
+  expect(isnan(ml[1]) && isnan(lse[1]) && isnan(bf16_value(out[size_t(1 * d)])), "nan q: head 1 is NaN");
+  expect(!isnan(ml[0]) && !isnan(lse[2]) && !isnan(bf16_value(out[size_t(4 * d)])), "nan q: others finite");
+
+  // sQ = 0 and topk = 0 (all rows empty).
+  expect(smla_sparse_prefill(nullptr, nullptr, nullptr, nullptr, nullptr, 0, h_q, d, d, 0, 0, 1.f, nullptr,
+                             nullptr, nullptr) == SMLA_OK,
+         "sQ=0: status");
+  expect(smla_sparse_prefill(q.data(), kv.data(), nullptr, nullptr, nullptr, 2, h_q, d, d, s_kv, 0, 1.f,
+                             out.data(), ml.data(), lse.data()) == SMLA_OK,
+         "topk=0: status");
+  bool empty_ok = true;
+  for (int i = 0; i < 2 * h_q; ++i) empty_ok &= isinf(lse[i]) && lse[i] > 0 && isinf(ml[i]) && ml[i] < 0;
+  for (auto o : out) empty_ok &= o == 0;
+  expect(empty_ok, "topk=0: lse=+inf, maxLogits=-inf, out=0");
+
+  // Arguments that would read or write out of bounds.
+  auto call = [&](int32_t s_q, int32_t hq, int32_t dqk, int32_t dv, int32_t skv, int32_t tk) {
+    return smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, s_q, hq, dqk, dv, skv, tk,
+                               1.f, out.data(), ml.data(), lse.data());
+  };
+  expect(call(-1, h_q, d, d, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad sQ");
+  expect(call(1, -1, d, d, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad hQ");
+  expect(call(1, h_q, 96, 64, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "dQK not a multiple of 64");
+  expect(call(1, h_q, 64, 128, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "dV > dQK");
+  expect(call(1, h_q, 64, 0, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "dV = 0");
+  expect(call(1, h_q, d, d, -5, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad sKV");
+  expect(call(1, h_q, d, d, s_kv, -1) == SMLA_ERR_INVALID_ARGUMENT, "bad topk");
+  expect(smla_sparse_prefill(q.data(), nullptr, idx.data(), nullptr, nullptr, 1, h_q, d, d, s_kv, topk, 1.f,
+                             out.data(), ml.data(), lse.data()) == SMLA_ERR_INVALID_ARGUMENT,
+         "null kv");
+  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 1, h_q, d, d, s_kv, topk, 1.f,
+                             out.data(), nullptr, lse.data()) == SMLA_ERR_INVALID_ARGUMENT,
+         "null maxLogits");
+}
+
+// ---------------------------------------------------------------- cache checks
+std::vector<double> random_row(int dim, int kind) {
+  std::vector<double> x(static_cast<size_t>(dim));
+  const double sd = kind == 0 ? 1.0 : kind == 1 ? 1e-3 : kind == 2 ? 3000.0 : 1e-7;
+  for (auto& v : x) v = to_float32(normal(sd));
+  if (kind == 4) {  // special values in the nope part
+    x[3] = NAN;
+    x[70] = INFINITY;
+    x[200] = -0.0;
+    x[300] = 448.0;
+    x[301] = -464.0;  // ties/saturation
+  }
+  return x;
+}
+
+void check_cache(int format, int32_t page_size, int32_t num_pages, bool bf16_rows) {
+  const bool v4 = format == SMLA_CACHE_V4;
+  const int dim = v4 ? 512 : 576;
+  const int64_t bytes = v4 ? v4_page_bytes(page_size) * num_pages : int64_t(num_pages) * 656;
+  const int64_t cap = int64_t(page_size) * num_pages;
+  const std::string ctx = std::string(v4 ? "v4" : "v32") + " P=" + std::to_string(page_size) +
+                          (bf16_rows ? " bf16" : " f32");
+
+  std::vector<uint8_t> cache(static_cast<size_t>(bytes), 0x5a), ref_cache(size_t(bytes), 0x5a);
+  const int n = int(std::min<int64_t>(cap, 37));
+  std::vector<int64_t> ids(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) ids[size_t(i)] = randint(0, cap - 1);
+  if (n > 2) ids[1] = ids[0];  // duplicate id: the later row wins
+  std::vector<double> rows_d(static_cast<size_t>(n) * dim);
+  std::vector<float> rows_f(static_cast<size_t>(n) * dim);
+  std::vector<uint16_t> rows_b(static_cast<size_t>(n) * dim);
+  for (int i = 0; i < n; ++i) {
+    auto x = random_row(dim, i % 5);
+    for (int d = 0; d < dim; ++d) {
+      double v = x[size_t(d)];
+      if (bf16_rows) {
+        rows_b[size_t(i) * dim + d] = bf16_bits_of(to_bf16_value(v));
+        v = to_bf16_value(v);
+      }
+      rows_f[size_t(i) * dim + d] = float(v);
+      rows_d[size_t(i) * dim + d] = v;
+    }
+  }
+  const void* rows = bf16_rows ? static_cast<const void*>(rows_b.data()) : rows_f.data();
+  const int32_t dt = bf16_rows ? SMLA_ROWS_BF16 : SMLA_ROWS_F32;
+  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, ids.data(), n, rows, dt) == SMLA_OK,
+         ctx + " quantize status");
+  for (int i = 0; i < n; ++i) {
+    if (v4) ref_quantize_v4(ref_cache.data(), page_size, ids[size_t(i)], &rows_d[size_t(i) * dim]);
+    else ref_quantize_v32(ref_cache.data(), ids[size_t(i)], &rows_d[size_t(i) * dim]);
+  }
+  size_t diff = 0;
+  for (size_t b = 0; b < cache.size(); ++b) diff += cache[b] != ref_cache[b];
+  expect(diff == 0, ctx + " quantize bytes: " + std::to_string(diff) + " differ");
+
+  // Dequantize a gather (with repeats) and compare values bit for bit.
+  std::vector<int64_t> gather(50);
+  for (auto& g : gather) g = randint(0, cap - 1);
+  std::vector<uint16_t> out(gather.size() * dim, 0xdead);
+  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, gather.data(),
+                                  int32_t(gather.size()), out.data()) == SMLA_OK,
+         ctx + " dequant status");
+  std::vector<double> ref(static_cast<size_t>(dim));
+  size_t mism = 0;
+  for (size_t g = 0; g < gather.size(); ++g) {
+    if (v4) ref_dequant_v4(ref_cache.data(), page_size, gather[g], ref.data());
+    else ref_dequant_v32(ref_cache.data(), gather[g], ref.data());
+    for (int d = 0; d < dim; ++d) {
+      const double got = bf16_value(out[g * dim + d]), want = ref[size_t(d)];
+      if (!(got == want || (isnan(got) && isnan(want))) || (got == 0 && signbit(got) != signbit(want))) ++mism;
+    }
+  }
+  expect(mism == 0, ctx + " dequant values: " + std::to_string(mism) + " differ");
+
+  // Out-of-range ids: error before any write.
+  const std::vector<uint8_t> before = cache;
+  std::vector<int64_t> bad = {0, cap, 1};
+  std::vector<uint16_t> out3(3 * size_t(dim), 0x1234);
+  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, rows, dt) ==
+             SMLA_ERR_OUT_OF_RANGE,
+         ctx + " quantize id=cap rejected");
+  bad[1] = -1;
+  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, rows, dt) ==
+             SMLA_ERR_OUT_OF_RANGE,
+         ctx + " quantize id=-1 rejected");
+  bad[1] = int64_t(1) << 40;
+  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, out3.data()) ==
+             SMLA_ERR_OUT_OF_RANGE,
+         ctx + " dequant id=2^40 rejected");
+  expect(cache == before, ctx + " cache untouched by rejected calls");
+  bool out_untouched = true;
+  for (auto v : out3) out_untouched &= v == 0x1234;
+  expect(out_untouched, ctx + " dequant output untouched by rejected call");
+}
+
+void check_cache_args() {
+  std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(2) * 2));
+  int64_t id = 0;
+  float row[576] = {};
+  uint16_t out[576];
+  expect(smla_quantize_kv_cache(7, cache.data(), 2, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "bad format");
+  expect(smla_quantize_kv_cache(0, cache.data(), 0, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "page 0");
+  expect(smla_quantize_kv_cache(1, cache.data(), 2, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "v32 P=2");
+  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, &id, 1, row, 9) == SMLA_ERR_INVALID_ARGUMENT, "bad dtype");
+  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, nullptr, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "null ids");
+  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, &id, 1, nullptr, 0) == SMLA_ERR_INVALID_ARGUMENT, "null rows");
+  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, 1, nullptr) == SMLA_ERR_INVALID_ARGUMENT, "null out");
+  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, -1, out) == SMLA_ERR_INVALID_ARGUMENT, "n < 0");
+  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, 0, out) == SMLA_OK, "n = 0");
+}
+
+// ---------------------------------------------------------------- paged attention checks
+struct PagedCase {
+  int n, h_q;
+  int32_t P, pages, topk;
+  bool extra;
+  int32_t eP, epages, etopk;
+  bool lengths, sink;
+};
+
+std::vector<uint8_t> random_v4_cache(int32_t P, int32_t pages) {
+  const int64_t cap = int64_t(P) * pages;
+  std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(P) * pages), 0);
+  std::vector<float> rows(static_cast<size_t>(cap) * 512);
+  for (auto& v : rows) v = float(normal(1.0));
+  std::vector<int64_t> ids(static_cast<size_t>(cap));
+  for (int64_t i = 0; i < cap; ++i) ids[size_t(i)] = i;
+  if (smla_quantize_kv_cache(SMLA_CACHE_V4, cache.data(), P, pages, ids.data(), int32_t(cap), rows.data(),
+                             SMLA_ROWS_F32) != SMLA_OK)
+    expect(false, "paged: cache setup");
+  return cache;
+}
+
+void check_paged(const PagedCase& c) {
+  const std::string ctx = "paged n=" + std::to_string(c.n) + " hQ=" + std::to_string(c.h_q) + " P=" +
+                          std::to_string(c.P) + " topk=" + std::to_string(c.topk) +
+                          (c.extra ? " extra P=" + std::to_string(c.eP) + " topk=" + std::to_string(c.etopk) : "") +
+                          (c.lengths ? " len" : "") + (c.sink ? " sink" : "");
+  const int D = 512;
+  const auto cache = random_v4_cache(c.P, c.pages);
+  const auto ecache = c.extra ? random_v4_cache(c.eP, c.epages) : std::vector<uint8_t>();
+  const auto q = random_bf16(size_t(c.n) * c.h_q * D, 1.0);
+  IndexOpts io;
+  const auto idx = random_indices(c.n, c.topk, c.P * c.pages, io);
+  const auto eidx = random_indices(c.n, c.etopk, c.eP * c.epages, io);
+  const auto len = random_lengths(c.n, c.topk), elen = random_lengths(c.n, c.etopk);
+  const auto sink = random_sink(c.h_q, true);
+  const float scale = float(1.0 / sqrt(576.0));
+
+  std::vector<uint16_t> out(static_cast<size_t>(c.n) * c.h_q * D);
+  std::vector<float> lse(static_cast<size_t>(c.n) * c.h_q), ml(size_t(c.n) * c.h_q);
+  const int32_t st = smla_paged_sparse_attention(
+      q.data(), c.n, c.h_q, cache.data(), c.P, c.pages, idx.data(), c.topk, c.lengths ? len.data() : nullptr,
+      c.extra ? ecache.data() : nullptr, c.eP, c.epages, c.extra ? eidx.data() : nullptr, c.etopk,
+      c.lengths ? elen.data() : nullptr, c.sink ? sink.data() : nullptr, scale, out.data(), lse.data(), ml.data());
+  expect(st == SMLA_OK, ctx + ": status " + std::to_string(st));
+
+  // Reference: dequantize every token of both caches, then the §4 loop over the union.
+  std::vector<double> main_rows(static_cast<size_t>(c.P) * c.pages * D), extra_rows(size_t(c.eP) * c.epages * D);
+  for (int64_t t = 0; t < int64_t(c.P) * c.pages; ++t) ref_dequant_v4(cache.data(), c.P, t, &main_rows[size_t(t * D)]);
+  if (c.extra)
+    for (int64_t t = 0; t < int64_t(c.eP) * c.epages; ++t)
+      ref_dequant_v4(ecache.data(), c.eP, t, &extra_rows[size_t(t * D)]);
+  auto rows_of = [&](int64_t i) {
+    std::vector<const double*> rows;
+    const int lim = c.lengths ? std::min(std::max(len[size_t(i)], 0), c.topk) : c.topk;
+    for (int k = 0; k < lim; ++k) {
+      const int64_t id = idx[size_t(i * c.topk + k)];
+      if (id >= 0 && id < int64_t(c.P) * c.pages) rows.push_back(&main_rows[size_t(id * D)]);
+    }
+    if (c.extra) {
+      const int elim = c.lengths ? std::min(std::max(elen[size_t(i)], 0), c.etopk) : c.etopk;
+      for (int k = 0; k < elim; ++k) {
+        const int64_t id = eidx[size_t(i * c.etopk + k)];
+        if (id >= 0 && id < int64_t(c.eP) * c.epages) rows.push_back(&extra_rows[size_t(id * D)]);
+      }
+    }
+    return rows;
+  };
+  const auto qd = values_of(q);
+  const RefOut ref = ref_attention(qd, c.n, c.h_q, D, D, rows_of, double(scale), c.sink ? sink.data() : nullptr);
+  compare("out", ctx, out.size(), [&](size_t i) { return bf16_value(out[i]); }, ref.out, kPagedOutTol);
+  compare("lse", ctx, lse.size(), [&](size_t i) { return double(lse[i]); }, ref.lse, kLseTol);
+  compare("maxLogits", ctx, ml.size(), [&](size_t i) { return double(ml[i]); }, ref.max_logits, kLseTol);
+}
+
+void check_paged_args() {
+  std::vector<uint16_t> q(512), out(512);
+  std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(2)));
+  int32_t idx = 0;
+  float lse;
+  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 0, 1, &idx, 1, nullptr, nullptr, 0, 0, nullptr,
+                                     0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) == SMLA_ERR_INVALID_ARGUMENT,
+         "paged: page_size 0");
+  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, &idx, 1, nullptr, cache.data(), 0, 1,
+                                     &idx, 1, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) ==
+             SMLA_ERR_INVALID_ARGUMENT,
+         "paged: extra page_size 0");
+  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, nullptr, 1, nullptr, nullptr, 0, 0,
+                                     nullptr, 0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) ==
+             SMLA_ERR_INVALID_ARGUMENT,
+         "paged: null indices");
+  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, &idx, 1, nullptr, nullptr, 0, 0, nullptr,
+                                     0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) == SMLA_OK,
+         "paged: max_logits NULL allowed");
+}
+
+}  // namespace
+
+int main() {
+  check_cache_args();
+  for (int32_t P : {2, 64, 256}) {
+    check_cache(SMLA_CACHE_V4, P, P == 256 ? 2 : 5, false);
+    check_cache(SMLA_CACHE_V4, P, P == 256 ? 2 : 5, true);
+  }
+  check_cache(SMLA_CACHE_V32, 1, 300, false);
+  check_cache(SMLA_CACHE_V32, 1, 300, true);
+
+  check_prefill_special();
+  IndexOpts plain{0.1, 0.05, 0.1};
+  IndexOpts heavy{0.5, 0.3, 0.25};
+  const PrefillCase cases[] = {
+      // s_q, h_q, d_qk, d_v, s_kv, topk, lengths, sink, sink_inf, q_sd, kv_sd, idx
+      {1, 1, 512, 512, 128, 128, false, false, false, 1.0, 1.0, plain},
+      {62, 16, 576, 512, 592, 128, true, true, true, 1.0, 1.0, plain},
+      {13, 64, 512, 512, 1840, 256, true, true, false, 2.0, 1.0, plain},
+      {5, 128, 576, 512, 1521, 512, false, true, true, 1.0, 2.0, heavy},
+      {21, 16, 512, 512, 95, 128, true, false, false, 1.0, 1.0, heavy},
+      {9, 3, 576, 512, 114, 384, true, true, true, 3.0, 3.0, plain},
+      {7, 5, 128, 64, 40, 37, true, true, false, 1.0, 1.0, heavy},
+      {4, 64, 512, 512, 4096, 640, false, true, false, 1.0, 1.0, IndexOpts{0.0, 0.0, 0.0}},
+      {3, 2, 64, 64, 0, 16, false, true, true, 1.0, 1.0, plain},  // s_kv = 0: nothing valid
+      {6, 7, 192, 128, 300, 200, true, true, true, 8.0, 4.0, plain},  // sharp softmax
+  };
+  for (const auto& c : cases) check_prefill(c);
+
+  check_paged_args();
+  const PagedCase pcases[] = {
+      {5, 16, 64, 4, 128, false, 0, 0, 0, true, true},
+      {3, 64, 2, 100, 100, true, 256, 1, 50, true, true},
+      {4, 3, 256, 2, 70, true, 64, 3, 33, false, false},
+      {2, 8, 64, 2, 0, true, 2, 20, 19, true, true},
+  };
+  for (const auto& c : pcases) check_paged(c);
+
+  printf("core_check: %d checks, %d failures\n", g_checks, g_failures);
+  return g_failures == 0 ? 0 : 1;
+}

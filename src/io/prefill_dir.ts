@@ -1,0 +1,261 @@
+/**
+ * A sparse-prefill directory, as written by GPU engines for CPU-side verification:
+ *   inputs   q.npy (bf16 bits, <u2) [sQ, hQ, dQK], kv.npy (<u2) [sKV, dQK], indices.npy (<i4|<i8)
+ *            [sQ, topk] or [sQ, 1, topk], optional topk_length.npy (<i4|<i8) [sQ],
+ *            optional attn_sink.npy (<f4) [hQ], meta.json {"sm_scale": …, "d_v": 512}
+ *   outputs  out.npy (<u2 bf16 bits, or <f4) [sQ, hQ, dV], lse.npy (<f4) [sQ, hQ],
+ *            max_logits.npy (<f4) [sQ, hQ]
+ * Instead of .npy files the directory may hold one .safetensors file with the same names (real BF16
+ * there); sm_scale / d_v may then sit in its __metadata__ when there is no meta.json.
+ * Every problem is a SparseMlaError (INVALID_VALUE / INVALID_SHAPE / INVALID_DTYPE) naming the file.
+ */
+import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { SparseMlaError } from '../errors.js';
+import { tensor } from '../tensor.js';
+import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../types.js';
+import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
+import { parseSafetensors, writeSafetensorsFile } from './safetensors.js';
+
+export const PREFILL_INPUT_NAMES = ['q', 'kv', 'indices', 'topk_length', 'attn_sink'] as const;
+export const PREFILL_OUTPUT_NAMES = ['out', 'lse', 'max_logits'] as const;
+
+/** Where a tensor came from, for messages: `q.npy` or `dump.safetensors:q`. */
+export interface Located<T> {
+  value: T;
+  file: string;
+}
+
+/** A directory's tensors, .npy files first, then the one .safetensors file. */
+export class PrefillDir {
+  private constructor(
+    readonly dir: string,
+    private readonly entries: Set<string>,
+    private readonly st: { file: string; tensors: Map<string, Tensor>; metadata: Record<string, string> } | null,
+  ) {}
+
+  static async open(dir: string): Promise<PrefillDir> {
+    let names: string[];
+    try {
+      names = await readdir(dir);
+    } catch (e) {
+      throw new SparseMlaError('INVALID_VALUE', `${dir}: cannot read the directory (${(e as Error).message})`, dir);
+    }
+    const stFiles = names.filter((n) => n.endsWith('.safetensors')).sort();
+    if (stFiles.length > 1) {
+      throw new SparseMlaError('INVALID_VALUE', `${dir}: expected at most one .safetensors file, found ${stFiles.join(', ')}`, dir);
+    }
+    let st: PrefillDir['st'] = null;
+    if (stFiles.length === 1) {
+      const file = stFiles[0]!;
+      let bytes: Uint8Array;
+      try {
+        bytes = await readFile(join(dir, file));
+      } catch (e) {
+        throw new SparseMlaError('INVALID_VALUE', `${file}: cannot read (${(e as Error).message})`, file);
+      }
+      st = { file, ...parseSafetensors(bytes, file) };
+    }
+    return new PrefillDir(dir, new Set(names), st);
+  }
+
+  has(name: string): boolean {
+    return this.entries.has(`${name}.npy`) || (this.st?.tensors.has(name) ?? false);
+  }
+
+  /** The tensor `name` (from name.npy, else from the .safetensors file), or undefined. */
+  async get(name: string): Promise<Located<Tensor> | undefined> {
+    const npy = `${name}.npy`;
+    if (this.entries.has(npy)) return { value: npyToTensor(await readNpyFile(join(this.dir, npy), npy)), file: npy };
+    const t = this.st?.tensors.get(name);
+    return t ? { value: t, file: `${this.st!.file}:${name}` } : undefined;
+  }
+
+  async require(name: string): Promise<Located<Tensor>> {
+    const got = await this.get(name);
+    if (!got) {
+      const where = this.st ? `${name}.npy or '${name}' in ${this.st.file}` : `${name}.npy`;
+      throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing ${where}`, `${name}.npy`);
+    }
+    return got;
+  }
+
+  /** meta.json, else the .safetensors __metadata__. */
+  async meta(): Promise<Located<{ smScale: number; dV: number }>> {
+    let raw: Record<string, unknown>;
+    let file: string;
+    if (this.entries.has('meta.json')) {
+      file = 'meta.json';
+      let parsed: unknown;
+      try {
+        parsed = JSON.parse(await readFile(join(this.dir, file), 'utf-8'));
+      } catch (e) {
+        throw new SparseMlaError('INVALID_VALUE', `meta.json: not valid JSON (${(e as Error).message})`, file);
+      }
+      if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
+        throw new SparseMlaError('INVALID_VALUE', 'meta.json: expected a JSON object {"sm_scale": …, "d_v": 512}', file);
+      }
+      raw = parsed as Record<string, unknown>;
+    } else if (this.st && 'sm_scale' in this.st.metadata) {
+      file = `${this.st.file}:__metadata__`;
+      raw = Object.fromEntries(Object.entries(this.st.metadata).map(([k, v]) => [k, Number(v)]));
+    } else {
+      throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing meta.json ({"sm_scale": …, "d_v": 512})`, 'meta.json');
+    }
+    const smScale = raw.sm_scale;
+    if (typeof smScale !== 'number' || !Number.isFinite(smScale)) {
+      throw new SparseMlaError('INVALID_VALUE', `${file}: sm_scale: expected a finite number, got ${JSON.stringify(raw.sm_scale)}`, file);
+    }
+    const dV = raw.d_v ?? 512;
+    if (typeof dV !== 'number' || !Number.isSafeInteger(dV) || dV < 1) {
+      throw new SparseMlaError('INVALID_VALUE', `${file}: d_v: expected a positive integer, got ${JSON.stringify(raw.d_v)}`, file);
+    }
+    return { value: { smScale, dV }, file };
+  }
+}
+
+const shapeStr = (s: readonly number[]): string => `[${s.join(', ')}]`;
+
+/** Tensor<'a'> | Tensor<'b'> for D = 'a' | 'b'. */
+type TensorOf<D extends DType> = D extends DType ? Tensor<D> : never;
+
+function expectDtype<D extends DType>(t: Located<Tensor>, allowed: readonly D[], storedAs: string): TensorOf<D> {
+  if (!(allowed as readonly DType[]).includes(t.value.dtype)) {
+    throw new SparseMlaError('INVALID_DTYPE', `${t.file}: expected ${storedAs}, got ${t.value.dtype}`, t.file);
+  }
+  return t.value as TensorOf<D>;
+}
+
+function expectShape(t: Located<Tensor>, ok: boolean, expected: string): void {
+  if (!ok) throw new SparseMlaError('INVALID_SHAPE', `${t.file}: expected shape ${expected}, got ${shapeStr(t.value.shape)}`, t.file);
+}
+
+/** int64 → int32 for topk_length; values beyond int32 saturate (same meaning: k < len). */
+function toInt32(t: Tensor<'int32'> | Tensor<'int64'>): Tensor<'int32'> {
+  if (t.dtype === 'int32') return t as Tensor<'int32'>;
+  const src = t.data as BigInt64Array;
+  const out = new Int32Array(src.length);
+  for (let i = 0; i < src.length; i++) {
+    const v = src[i]!;
+    out[i] = v > 2147483647n ? 2147483647 : v < -2147483648n ? -2147483648 : Number(v);
+  }
+  return tensor('int32', t.shape, out);
+}
+
+export interface LoadedPrefillInputs {
+  args: SparsePrefillArgs & { dV: number };
+  /** file each input came from */
+  files: Record<string, string>;
+  shapes: { sQ: number; hQ: number; dQK: number; sKV: number; topk: number; dV: number };
+}
+
+/** Load and check the inputs of a prefill directory. */
+export async function loadPrefillInputs(dirOrHandle: string | PrefillDir): Promise<LoadedPrefillInputs> {
+  const dir = typeof dirOrHandle === 'string' ? await PrefillDir.open(dirOrHandle) : dirOrHandle;
+  const qL = await dir.require('q');
+  const q = expectDtype(qL, ['bf16'], 'bf16 (bits as <u2, or BF16 in safetensors)');
+  expectShape(qL, q.shape.length === 3 && q.shape[1]! >= 1 && q.shape[2]! >= 1, '[sQ, hQ, dQK]');
+  const [sQ, hQ, dQK] = q.shape as [number, number, number];
+
+  const kvL = await dir.require('kv');
+  const kv = expectDtype(kvL, ['bf16'], 'bf16 (bits as <u2, or BF16 in safetensors)');
+  expectShape(kvL, kv.shape.length === 2 && kv.shape[1] === dQK, `[sKV, ${dQK}]`);
+  const sKV = kv.shape[0]!;
+
+  const idxL = await dir.require('indices');
+  const indices = expectDtype(idxL, ['int32', 'int64'], 'int32 or int64 (<i4 / <i8)');
+  const s = indices.shape;
+  expectShape(idxL, (s.length === 2 && s[0] === sQ) || (s.length === 3 && s[0] === sQ && s[1] === 1), `[${sQ}, topk] or [${sQ}, 1, topk]`);
+  const topk = s[s.length - 1]!;
+
+  const files: Record<string, string> = { q: qL.file, kv: kvL.file, indices: idxL.file };
+  const args: LoadedPrefillInputs['args'] = { q, kv, indices, smScale: 0, dV: 512 };
+
+  const lenL = await dir.get('topk_length');
+  if (lenL) {
+    const len = expectDtype(lenL, ['int32', 'int64'], 'int32 or int64 (<i4 / <i8)');
+    expectShape(lenL, len.shape.length === 1 && len.shape[0] === sQ, `[${sQ}]`);
+    args.topkLength = toInt32(len);
+    files.topk_length = lenL.file;
+  }
+  const sinkL = await dir.get('attn_sink');
+  if (sinkL) {
+    const sink = expectDtype(sinkL, ['float32'], 'float32 (<f4 / F32)');
+    expectShape(sinkL, sink.shape.length === 1 && sink.shape[0] === hQ, `[${hQ}]`);
+    args.attnSink = sink;
+    files.attn_sink = sinkL.file;
+  }
+  const meta = await dir.meta();
+  if (meta.value.dV > dQK) {
+    throw new SparseMlaError('INVALID_VALUE', `${meta.file}: d_v: expected at most dQK = ${dQK}, got ${meta.value.dV}`, meta.file);
+  }
+  args.smScale = meta.value.smScale;
+  args.dV = meta.value.dV;
+  files.meta = meta.file;
+  return { args, files, shapes: { sQ, hQ, dQK, sKV, topk, dV: meta.value.dV } };
+}
+
+export interface LoadedPrefillOutputs {
+  out: Tensor<'bf16'> | Tensor<'float32'>;
+  lse: Tensor<'float32'>;
+  maxLogits: Tensor<'float32'>;
+  files: Record<string, string>;
+}
+
+/** Load and check the outputs of a prefill directory against the input shapes. */
+export async function loadPrefillOutputs(
+  dirOrHandle: string | PrefillDir,
+  shapes: { sQ: number; hQ: number; dV: number },
+): Promise<LoadedPrefillOutputs> {
+  const dir = typeof dirOrHandle === 'string' ? await PrefillDir.open(dirOrHandle) : dirOrHandle;
+  const { sQ, hQ, dV } = shapes;
+  const outL = await dir.require('out');
+  const out = expectDtype(outL, ['bf16', 'float32'], 'bf16 (bits as <u2, or BF16) or float32');
+  expectShape(outL, out.shape.length === 3 && out.shape[0] === sQ && out.shape[1] === hQ && out.shape[2] === dV, `[${sQ}, ${hQ}, ${dV}]`);
+  const stat = async (name: string): Promise<Located<Tensor<'float32'>>> => {
+    const l = await dir.require(name);
+    const t = expectDtype(l, ['float32'], 'float32 (<f4 / F32)');
+    expectShape(l, t.shape.length === 2 && t.shape[0] === sQ && t.shape[1] === hQ, `[${sQ}, ${hQ}]`);
+    return { value: t, file: l.file };
+  };
+  const lse = await stat('lse');
+  const ml = await stat('max_logits');
+  return { out, lse: lse.value, maxLogits: ml.value, files: { out: outL.file, lse: lse.file, max_logits: ml.file } };
+}
+
+export type DirFormat = 'npy' | 'safetensors';
+
+/** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors. */
+export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
+  await mkdir(dir, { recursive: true });
+  const named: Record<string, Tensor> = { out: res.out, lse: res.lse, max_logits: res.maxLogits };
+  if (format === 'safetensors') {
+    await writeSafetensorsFile(join(dir, 'outputs.safetensors'), named);
+    return ['outputs.safetensors'];
+  }
+  for (const [k, t] of Object.entries(named)) await writeNpyFile(join(dir, `${k}.npy`), t);
+  return Object.keys(named).map((k) => `${k}.npy`);
+}
+
+/**
+ * Write a prefill's inputs (and, optionally, its outputs) in the directory format: .npy files plus
+ * meta.json, or one prefill.safetensors with sm_scale / d_v in its __metadata__.
+ */
+export async function writePrefillDir(
+  dir: string,
+  args: SparsePrefillArgs,
+  opts: { format?: DirFormat; outputs?: SparsePrefillResult } = {},
+): Promise<void> {
+  await mkdir(dir, { recursive: true });
+  const named: Record<string, Tensor> = { q: args.q, kv: args.kv, indices: args.indices };
+  if (args.topkLength) named.topk_length = args.topkLength;
+  if (args.attnSink) named.attn_sink = args.attnSink;
+  if (opts.outputs) Object.assign(named, { out: opts.outputs.out, lse: opts.outputs.lse, max_logits: opts.outputs.maxLogits });
+  const meta = { sm_scale: args.smScale, d_v: args.dV ?? 512 };
+  if (opts.format === 'safetensors') {
+    await writeSafetensorsFile(join(dir, 'prefill.safetensors'), named, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
+    return;
+  }
+  for (const [k, t] of Object.entries(named)) await writeNpyFile(join(dir, `${k}.npy`), t);
+  await writeFile(join(dir, 'meta.json'), JSON.stringify(meta) + '\n');
+}

@@ -7,3 +7,4 @@ export * from './kv_cache.js';
 export * from './sparse_prefill.js';
 export * from './paged_sparse_attention.js';
 export * from './compare.js';
+export * from './planner.js';

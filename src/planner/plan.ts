@@ -1,0 +1,476 @@
+/**
+ * createPlan: validate a chunk, size its workspace against the budget, then build the
+ * chunk-invariant scaffolding of SPEC §6 once — the SWA gather ids, each ratio's compressed gather
+ * ids, lazily the c0/c128 combined rows and the paged form — for every layer of the chunk to reuse.
+ * Only the c4 combine runs per layer (plan.combineC4).
+ */
+import { SparseMlaError, fail } from '../errors.js';
+import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
+import { tensor } from '../tensor.js';
+import type { KvCache, Tensor } from '../types.js';
+import { combinedWidth, jsPlannerCore, requestVisible, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
+import type {
+  CombinedRows,
+  CompressRatio,
+  IdList,
+  PagedForm,
+  PlanCaches,
+  PlanChunk,
+  PlanOptions,
+  PlanRequestLayout,
+  PlanStats,
+  WorkspaceLayout,
+} from './types.js';
+import { loadWasmPlannerCore } from './wasm_core.js';
+
+export const DEFAULT_WINDOW = 128;
+export const DEFAULT_ALIGN = 128;
+/** Dims of a dequantized v4 row; the workspace holds bf16 rows of this width. */
+export const WORKSPACE_ROW_DIMS = 512;
+/**
+ * Default cap on one layer's workspace: 1 GiB of bf16 rows (1M rows). Far above a 32K-token chunk
+ * of long requests (~64K rows = 64 MiB) and well inside a 4 GiB WASM heap; raise it explicitly.
+ */
+export const DEFAULT_WORKSPACE_BUDGET_BYTES = 2 ** 30;
+
+const V4_TOKEN_BYTES = 584;
+const V4_DATA_BYTES = 576;
+
+function cacheTokens(cache: KvCache): number {
+  return cache.pageSize * cache.numPages;
+}
+
+function isIdList(v: unknown): v is IdList {
+  if (Array.isArray(v) || ArrayBuffer.isView(v)) return true;
+  return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
+}
+
+/** The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). */
+function readIds(list: unknown, argument: string): Float64Array {
+  if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
+  let src: ArrayLike<number | bigint>;
+  if (Array.isArray(list) || ArrayBuffer.isView(list)) {
+    src = list as ArrayLike<number | bigint>;
+  } else {
+    const t = checkTensor(list, argument, ['int32', 'int64']);
+    if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
+    src = t.data;
+  }
+  const out = new Float64Array(src.length);
+  for (let i = 0; i < src.length; i++) {
+    const v = src[i];
+    const x = typeof v === 'bigint' ? Number(v) : v;
+    if (typeof x !== 'number' || !Number.isSafeInteger(x) || x < 0 || (typeof v === 'bigint' && BigInt(x) !== v)) {
+      fail('OUT_OF_RANGE', `${argument}[${i}]`, 'a non-negative integer id', describe(v));
+    }
+    out[i] = x;
+  }
+  return out;
+}
+
+function checkInt(v: unknown, argument: string, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) {
+    fail('INVALID_VALUE', argument, `an integer in [${min}, ${max}]`, describe(v));
+  }
+  return v;
+}
+
+function checkV4Cache(cache: unknown, argument: string): KvCache {
+  const c = cache as KvCache;
+  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array)) {
+    fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(cache));
+  }
+  if (c.format !== 'v4') fail('INVALID_VALUE', `${argument}.format`, "'v4' (the planner's caches are DeepSeek V4 paged caches)", describe(c.format));
+  if (!Number.isSafeInteger(c.pageSize) || c.pageSize < 1 || !Number.isSafeInteger(c.numPages) || c.numPages < 0) {
+    fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
+  }
+  const pageBytes = Math.ceil((c.pageSize * V4_TOKEN_BYTES) / V4_DATA_BYTES) * V4_DATA_BYTES;
+  if (c.data.length !== pageBytes * c.numPages) {
+    fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.length} bytes`);
+  }
+  return c;
+}
+
+function choosePlannerCore(choice: PlanOptions['core']): PlannerCore {
+  if (choice === undefined || choice === 'auto') return loadWasmPlannerCore() ?? jsPlannerCore;
+  if (choice === 'js') return jsPlannerCore;
+  if (choice === 'wasm') {
+    const core = loadWasmPlannerCore();
+    if (!core) throw new SparseMlaError('BACKEND_UNAVAILABLE', 'options.core: the WASM module (wasm/sparse_mla.wasm) with the smla_plan_* exports could not be loaded; use core: "js" or rebuild it with `npm run build:wasm`', 'options.core');
+    return core;
+  }
+  return fail('INVALID_VALUE', 'options.core', "'auto', 'wasm' or 'js'", describe(choice));
+}
+
+function bytesStr(n: number): string {
+  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
+  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
+  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
+  return `${n} B`;
+}
+
+interface RatioState {
+  layout: WorkspaceLayout;
+  core: CoreLayout;
+  pageSize: number;
+  /** page tables flattened request by request, and their offsets */
+  tokenIds: Tensor<'int64'>;
+  /** largest page id the plan reads (−1 when none) */
+  maxPage: number;
+}
+
+/** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
+export function createPlan(chunk: PlanChunk, options: PlanOptions = {}): Plan {
+  return new Plan(chunk, options);
+}
+
+export class Plan {
+  readonly window: number;
+  readonly align: number;
+  readonly numRequests: number;
+  readonly numQueries: number;
+  /** which implementation built the rows: the C++ core in WASM or its TS port */
+  readonly core: 'wasm' | 'js';
+  readonly requests: readonly PlanRequestLayout[];
+  /** the compress ratios this plan serves: 0 always, 4 / 128 when their page size was given */
+  readonly ratios: readonly CompressRatio[];
+  /** int64 [swaRows]: SWA cache token ids of every request's gather, request by request */
+  readonly swaTokenIds: Tensor<'int64'>;
+  /** the largest workspace any one layer of this chunk needs (bytes); what the budget was checked against */
+  readonly workspaceBytes: number;
+  readonly workspaceBudgetBytes: number;
+  readonly stats: PlanStats = {
+    c0Builds: 0,
+    c128Builds: 0,
+    c4Combines: 0,
+    c4Dropped: 0,
+    pagedMainBuilds: 0,
+    pagedExtraBuilds: 0,
+    workspaceAllocations: 0,
+  };
+
+  readonly #impl: PlannerCore;
+  readonly #seqLens: Int32Array;
+  readonly #extendLens: Int32Array;
+  readonly #swaLayout: CoreLayout;
+  readonly #maxSwaId: number;
+  readonly #ratios = new Map<CompressRatio, RatioState>();
+  readonly #dense = new Map<0 | 128, CombinedRows>();
+  #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
+  readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
+  #workspace?: Uint16Array;
+
+  constructor(chunk: PlanChunk, options: PlanOptions) {
+    if (typeof chunk !== 'object' || chunk === null || !Array.isArray(chunk.requests)) {
+      fail('INVALID_VALUE', 'chunk', 'an object {requests: [...], c4PageSize?, c128PageSize?}', describe(chunk));
+    }
+    if (typeof options !== 'object' || options === null) fail('INVALID_VALUE', 'options', 'an options object', describe(options));
+    const window = (this.window = checkInt(options.window ?? DEFAULT_WINDOW, 'options.window', 1, 1 << 20));
+    this.align = checkInt(options.align ?? DEFAULT_ALIGN, 'options.align', 1, 1 << 20);
+    const budget = options.workspaceBudgetBytes ?? DEFAULT_WORKSPACE_BUDGET_BYTES;
+    if (typeof budget !== 'number' || !(budget >= 0)) fail('INVALID_VALUE', 'options.workspaceBudgetBytes', 'a non-negative number of bytes', describe(budget));
+    this.workspaceBudgetBytes = budget;
+    const impl = (this.#impl = choosePlannerCore(options.core));
+    this.core = impl.name;
+
+    const reqs = chunk.requests;
+    const n = (this.numRequests = reqs.length);
+    if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
+    const pageSizes = new Map<4 | 128, number>();
+    if (chunk.c4PageSize !== undefined) pageSizes.set(4, checkInt(chunk.c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));
+    if (chunk.c128PageSize !== undefined) pageSizes.set(128, checkInt(chunk.c128PageSize, 'chunk.c128PageSize', 1, INT32_MAX));
+
+    // Lengths first (cheap), so the layout and the budget check come before reading any ids.
+    const seqLens = (this.#seqLens = new Int32Array(n));
+    const extendLens = (this.#extendLens = new Int32Array(n));
+    for (let r = 0; r < n; r++) {
+      const q = reqs[r];
+      if (typeof q !== 'object' || q === null) fail('INVALID_VALUE', `chunk.requests[${r}]`, 'a request {seqLen, extendLen, swaTokenIds, ...}', describe(q));
+      seqLens[r] = checkInt(q.seqLen, `chunk.requests[${r}].seqLen`, 0, INT32_MAX);
+      extendLens[r] = checkInt(q.extendLen, `chunk.requests[${r}].extendLen`, 0, seqLens[r]!);
+      for (const [ratio, key] of [[4, 'c4PageTable'], [128, 'c128PageTable']] as const) {
+        if (q[key] !== undefined && !pageSizes.has(ratio)) {
+          fail('INVALID_VALUE', `chunk.${ratio === 4 ? 'c4PageSize' : 'c128PageSize'}`, `a page size, since chunk.requests[${r}].${key} is given`, 'undefined');
+        }
+      }
+    }
+    const swaLayout = (this.#swaLayout = impl.layout(seqLens, extendLens, window, 0));
+    this.numQueries = swaLayout.numQueries;
+    if (swaLayout.numQueries > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} queries in a chunk`, `${swaLayout.numQueries}`);
+
+    const ratios: CompressRatio[] = [0];
+    const layouts = new Map<CompressRatio, { layout: WorkspaceLayout; core: CoreLayout }>();
+    const mkLayout = (ratio: CompressRatio, core: CoreLayout): WorkspaceLayout => {
+      const rows = core.compRows + core.swaRows;
+      return { ratio, compressedRows: core.compRows, swaRows: core.swaRows, rows, bytes: rows * WORKSPACE_ROW_DIMS * 2, maxVisible: core.maxVisible };
+    };
+    layouts.set(0, { layout: mkLayout(0, swaLayout), core: swaLayout });
+    for (const ratio of [4, 128] as const) {
+      if (!pageSizes.has(ratio)) continue;
+      const core = impl.layout(seqLens, extendLens, window, ratio);
+      layouts.set(ratio, { layout: mkLayout(ratio, core), core });
+      ratios.push(ratio);
+    }
+    this.ratios = ratios;
+
+    // The budget and the 32-bit limits, before anything sized by them is allocated.
+    let worst = layouts.get(0)!.layout;
+    for (const { layout } of layouts.values()) if (layout.bytes > worst.bytes) worst = layout;
+    this.workspaceBytes = worst.bytes;
+    if (worst.bytes > budget) {
+      const parts = [...layouts.values()].map(({ layout: l }) => `c${l.ratio}: ${l.compressedRows} compressed + ${l.swaRows} SWA rows = ${bytesStr(l.bytes)}`);
+      throw new SparseMlaError(
+        'TOO_LARGE',
+        `workspace: this chunk needs ${worst.bytes} bytes (${bytesStr(worst.bytes)}) for its c${worst.ratio} layers, over the budget of ${budget} bytes (${bytesStr(budget)}); ${parts.join('; ')}. Split the chunk or raise options.workspaceBudgetBytes.`,
+        'options.workspaceBudgetBytes',
+      );
+    }
+    for (const { layout: l } of layouts.values()) {
+      if (l.rows > INT32_MAX) fail('TOO_LARGE', 'workspace', `at most ${INT32_MAX} rows (int32 row numbers)`, `${l.rows} rows for ratio ${l.ratio}`);
+      const width = l.ratio === 128 ? combinedWidth(128, 0, l.maxVisible, window, this.align) : 0;
+      if (swaLayout.numQueries * width > INT32_MAX) {
+        fail('TOO_LARGE', 'chunk', `c128 index rows of at most ${INT32_MAX} entries`, `${swaLayout.numQueries} queries × width ${width}`);
+      }
+    }
+
+    // The SWA gather ids, request by request, checked for count and range.
+    const caches = options.caches;
+    if (caches !== undefined && (typeof caches !== 'object' || caches === null)) fail('INVALID_VALUE', 'options.caches', 'an object {swa?, c4?, c128?}', describe(caches));
+    const swaCache = caches?.swa !== undefined ? checkV4Cache(caches.swa, 'options.caches.swa') : undefined;
+    const swaIds = new BigInt64Array(swaLayout.swaRows);
+    let maxSwaId = -1;
+    const requests: PlanRequestLayout[] = [];
+    for (let r = 0; r < n; r++) {
+      const s = seqLens[r]!, e = extendLens[r]!;
+      const g = swaGatherLength(s, e, window);
+      const ids = readIds(reqs[r]!.swaTokenIds, `chunk.requests[${r}].swaTokenIds`);
+      if (ids.length !== g) {
+        fail('INVALID_SHAPE', `chunk.requests[${r}].swaTokenIds`, `${g} ids (positions [${s - g}, ${s}) for seqLen ${s}, extendLen ${e}, window ${window})`, `${ids.length}`);
+      }
+      const off = swaLayout.swaOffsets[r]!;
+      for (let i = 0; i < g; i++) {
+        const id = ids[i]!;
+        if (swaCache && id >= cacheTokens(swaCache)) {
+          fail('OUT_OF_RANGE', `chunk.requests[${r}].swaTokenIds[${i}]`, `a token id below ${cacheTokens(swaCache)} (options.caches.swa)`, `${id}`);
+        }
+        if (id > maxSwaId) maxSwaId = id;
+        swaIds[off + i] = BigInt(id);
+      }
+      requests.push({
+        seqLen: s,
+        extendLen: e,
+        queryOffset: swaLayout.queryOffsets[r]!,
+        swaOffset: off,
+        swaRows: g,
+        swaStartPos: s - g,
+        c4Offset: layouts.get(4)?.core.compOffsets[r] ?? 0,
+        c4Rows: pageSizes.has(4) ? requestVisible(s, e, 4) : 0,
+        c128Offset: layouts.get(128)?.core.compOffsets[r] ?? 0,
+        c128Rows: pageSizes.has(128) ? requestVisible(s, e, 128) : 0,
+      });
+    }
+    this.#maxSwaId = maxSwaId;
+    this.swaTokenIds = tensor('int64', [swaIds.length], swaIds);
+    this.requests = requests;
+
+    // Each ratio's compressed gather ids through the page tables.
+    for (const ratio of [4, 128] as const) {
+      const entry = layouts.get(ratio);
+      if (!entry) continue;
+      const pageSize = pageSizes.get(ratio)!;
+      const key = ratio === 4 ? 'c4PageTable' : 'c128PageTable';
+      const cache = ratio === 4 ? caches?.c4 : caches?.c128;
+      const compCache = cache !== undefined ? checkV4Cache(cache, `options.caches.c${ratio}`) : undefined;
+      if (compCache && compCache.pageSize !== pageSize) {
+        fail('INVALID_VALUE', `options.caches.c${ratio}.pageSize`, `chunk.c${ratio}PageSize = ${pageSize}`, `${compCache.pageSize}`);
+      }
+      const offsets = new Float64Array(n + 1);
+      const tables: Float64Array[] = [];
+      let maxPage = -1;
+      for (let r = 0; r < n; r++) {
+        const v = requestVisible(seqLens[r]!, extendLens[r]!, ratio);
+        const need = Math.ceil(v / pageSize);
+        const raw = reqs[r]![key];
+        const table = raw === undefined ? new Float64Array(0) : readIds(raw, `chunk.requests[${r}].${key}`);
+        if (table.length < need) {
+          fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${table.length}`);
+        }
+        const used = table.subarray(0, need);
+        for (let p = 0; p < need; p++) {
+          const page = used[p]!;
+          if (page > INT32_MAX) fail('OUT_OF_RANGE', `chunk.requests[${r}].${key}[${p}]`, `a page id ≤ ${INT32_MAX}`, `${page}`);
+          if (compCache && page >= compCache.numPages) {
+            fail('OUT_OF_RANGE', `chunk.requests[${r}].${key}[${p}]`, `a page id below ${compCache.numPages} (options.caches.c${ratio})`, `${page}`);
+          }
+          if (page > maxPage) maxPage = page;
+        }
+        tables.push(used);
+        offsets[r + 1] = offsets[r]! + need;
+      }
+      const flat = new Int32Array(offsets[n]!);
+      for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
+      const ids = impl.compressedTokenIds(seqLens, extendLens, ratio, flat, offsets, pageSize);
+      this.#ratios.set(ratio, { ...entry, pageSize, tokenIds: tensor('int64', [ids.length], ids), maxPage });
+    }
+    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, tokenIds: tensor('int64', [0], new BigInt64Array(0)), maxPage: -1 });
+  }
+
+  /** The workspace layout of a ratio this plan serves. */
+  layout(ratio: CompressRatio): WorkspaceLayout {
+    return this.#state(ratio, 'ratio').layout;
+  }
+
+  /** Page size of a ratio's compressed cache. */
+  pageSize(ratio: 4 | 128): number {
+    return this.#state(ratio, 'ratio').pageSize;
+  }
+
+  /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio. */
+  compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
+    return this.#state(ratio, 'ratio').tokenIds;
+  }
+
+  /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */
+  combinedRows(ratio: 0 | 128): CombinedRows {
+    const have = this.#dense.get(ratio);
+    if (have) return have;
+    const st = this.#state(ratio, 'ratio');
+    if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
+    const width = combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
+    const { rows, lens } = this.#impl.denseRows(this.#seqLens, this.#extendLens, this.window, ratio, width);
+    const built: CombinedRows = {
+      ratio,
+      width,
+      indices: tensor('int32', [this.numQueries, width], rows),
+      lengths: tensor('int32', [this.numQueries], lens),
+      dropped: 0,
+    };
+    this.#dense.set(ratio, built);
+    if (ratio === 0) this.stats.c0Builds++;
+    else this.stats.c128Builds++;
+    return built;
+  }
+
+  /**
+   * One c4 layer's rows from its indexer's top-k (int32 [numQueries, topk] of request-local
+   * compressed positions, −1 padded). Entries not yet visible at the query's position are dropped
+   * and counted (result.dropped, plan.stats.c4Dropped), never attended.
+   */
+  combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
+    this.#state(4, 'compressRatio');
+    const t = checkTensor(topkIndices, 'topkIndices', ['int32']);
+    const shape = t.shape.length === 3 && t.shape[1] === 1 ? [t.shape[0]!, t.shape[2]!] : t.shape;
+    if (shape.length !== 2 || shape[0] !== this.numQueries) {
+      fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${this.numQueries}, topk]`, `[${t.shape.join(', ')}]`);
+    }
+    const topk = shape[1]!;
+    const width = combinedWidth(4, topk, 0, this.window, this.align);
+    if (this.numQueries * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${this.numQueries} × ${width}`);
+    const r = this.#impl.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, t.data, topk, width);
+    this.stats.c4Combines++;
+    this.stats.c4Dropped += r.droppedTotal;
+    return {
+      ratio: 4,
+      width,
+      indices: tensor('int32', [this.numQueries, width], r.rows),
+      lengths: tensor('int32', [this.numQueries], r.lens),
+      dropped: r.droppedTotal,
+      droppedPerQuery: r.dropped,
+      topk,
+    };
+  }
+
+  /**
+   * The paged form (SPEC §5) of combined rows: the SWA token ids of each query's window (main,
+   * built once per chunk) and the compressed token ids it attends (extra), derived from the same
+   * rows, so both paths attend exactly the same entries.
+   */
+  pagedForm(rows: CombinedRows): PagedForm {
+    const st = this.#state(rows.ratio, 'rows.ratio');
+    if (this.#maxSwaId > INT32_MAX || st.tokenIds.data.some((id) => id > BigInt(INT32_MAX))) {
+      fail('TOO_LARGE', 'plan', `token ids ≤ ${INT32_MAX} for the paged path's int32 indices`, 'larger ids; use the workspace path');
+    }
+    const mainWidth = roundUp(this.window, this.align);
+    const extraWidth =
+      rows.ratio === 0 ? 0 : rows.ratio === 128 ? roundUp(st.layout.maxVisible, this.align) : roundUp(rows.topk ?? 0, this.align);
+    const needMain = this.#pagedMain === undefined;
+    let extra = this.#pagedExtra.get(rows);
+    const needExtra = extra === undefined && extraWidth > 0;
+    if (needMain || needExtra) {
+      const r = this.#impl.pagedForm(
+        rows.indices.data,
+        rows.lengths.data,
+        rows.width,
+        st.layout.compressedRows,
+        st.layout.swaRows,
+        st.tokenIds.data,
+        this.swaTokenIds.data,
+        needMain ? mainWidth : 0,
+        needExtra ? extraWidth : 0,
+      );
+      if (needMain) {
+        this.#pagedMain = {
+          main: tensor('int32', [this.numQueries, mainWidth], r.main!.rows),
+          mainLengths: tensor('int32', [this.numQueries], r.main!.lens),
+        };
+        this.stats.pagedMainBuilds++;
+      }
+      if (needExtra) {
+        extra = { extra: tensor('int32', [this.numQueries, extraWidth], r.extra!.rows), extraLengths: tensor('int32', [this.numQueries], r.extra!.lens) };
+        this.#pagedExtra.set(rows, extra);
+        this.stats.pagedExtraBuilds++;
+      }
+    }
+    return { ...this.#pagedMain!, ...(extra ?? {}) };
+  }
+
+  /**
+   * Check a layer's caches against everything the plan reads from them (SPEC §9: ids outside a
+   * cache are an error, before any work). `ratio` selects the compressed cache.
+   */
+  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: KvCache; compressed?: KvCache } {
+    if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
+    if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
+    const swa = checkV4Cache(caches.swa, 'caches.swa');
+    if (this.#maxSwaId >= cacheTokens(swa)) {
+      fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${this.#maxSwaId} (the plan's largest SWA id)`, `${cacheTokens(swa)} tokens`);
+    }
+    if (ratio === 0) return { swa };
+    const st = this.#state(ratio, 'compressRatio');
+    const key = ratio === 4 ? 'c4' : 'c128';
+    const c = caches[key];
+    if (c === undefined) fail('INVALID_VALUE', `caches.${key}`, `the layer's c${ratio} compressed cache`, 'undefined');
+    const compressed = checkV4Cache(c, `caches.${key}`);
+    if (compressed.pageSize !== st.pageSize) fail('INVALID_VALUE', `caches.${key}.pageSize`, `the plan's c${ratio} page size ${st.pageSize}`, `${compressed.pageSize}`);
+    if (st.maxPage >= compressed.numPages) {
+      fail('OUT_OF_RANGE', `caches.${key}`, `a cache holding page ${st.maxPage} (the plan's largest c${ratio} page)`, `${compressed.numPages} pages`);
+    }
+    return { swa, compressed };
+  }
+
+  /**
+   * The workspace buffer (bf16 rows), allocated once at the size of the largest layout and reused
+   * by every layer. A caller holding it gets it back with releaseWorkspace; a concurrent layer gets
+   * a fresh one rather than sharing.
+   */
+  acquireWorkspace(): Uint16Array {
+    const ws = this.#workspace;
+    this.#workspace = undefined;
+    if (ws && ws.buffer.byteLength > 0) return ws; // a transferred (detached) buffer is dropped
+    this.stats.workspaceAllocations++;
+    return new Uint16Array(this.workspaceBytes / 2);
+  }
+
+  releaseWorkspace(ws: Uint16Array): void {
+    if (ws.buffer.byteLength > 0 && ws.length === this.workspaceBytes / 2) this.#workspace = ws;
+  }
+
+  #state(ratio: CompressRatio, argument: string): RatioState {
+    const st = this.#ratios.get(ratio);
+    if (!st) {
+      if (ratio === 4 || ratio === 128) fail('INVALID_VALUE', argument, `a ratio this plan serves (${this.ratios.join(', ')}); pass chunk.c${ratio}PageSize and page tables to createPlan`, `${ratio}`);
+      fail('INVALID_VALUE', argument, 'a compress ratio 0, 4 or 128', describe(ratio));
+    }
+    return st;
+  }
+}

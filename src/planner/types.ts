@@ -1,0 +1,178 @@
+/** Public types of the planner (SPEC §6), the layer API and the router (SPEC §7). */
+import type { KvCache, Tensor, TokenIds } from '../types.js';
+
+/** A DeepSeek V4 layer's compress ratio: 0 = window only, 4 = indexer top-k, 128 = every entry. */
+export type CompressRatio = 0 | 4 | 128;
+
+/** Token ids or page ids: a plain array, a typed array, or an int32/int64 tensor of shape [n]. */
+export type IdList = TokenIds | ArrayLike<number> | BigInt64Array;
+
+/** One request of a prefill chunk. */
+export interface ChunkRequest {
+  /** Tokens of the sequence after this chunk. */
+  seqLen: number;
+  /** New tokens of this request in the chunk (its queries); 0 ≤ extendLen ≤ seqLen. */
+  extendLen: number;
+  /**
+   * SWA cache token ids of positions [seqLen − g, seqLen), in position order, where
+   * g = swaGatherLength(seqLen, extendLen, window) = min(seqLen, extendLen + window − 1), or 0
+   * when extendLen is 0 (a request without queries needs nothing).
+   */
+  swaTokenIds: IdList;
+  /** Page ids of this request's c4 compressed cache; needs ≥ ceil(floor(seqLen / 4) / c4PageSize). */
+  c4PageTable?: IdList;
+  /** Page ids of this request's c128 compressed cache; needs ≥ ceil(floor(seqLen / 128) / c128PageSize). */
+  c128PageTable?: IdList;
+}
+
+/** A prefill chunk: its requests (queries flattened request by request) and the compressed caches' page sizes. */
+export interface PlanChunk {
+  requests: readonly ChunkRequest[];
+  /** Page size (entries per page) of the c4 cache; enables ratio 4. */
+  c4PageSize?: number;
+  /** Page size of the c128 cache; enables ratio 128. */
+  c128PageSize?: number;
+}
+
+export interface PlanCaches {
+  swa?: KvCache;
+  c4?: KvCache;
+  c128?: KvCache;
+}
+
+export interface PlanOptions {
+  /** Sliding window W (default 128). */
+  window?: number;
+  /** Index-row alignment (default 128): rows are padded with −1 to a multiple of it. */
+  align?: number;
+  /**
+   * Largest workspace (bytes of bf16 rows) the plan may need for any one layer; a larger plan is
+   * refused with TOO_LARGE before anything is allocated. Default DEFAULT_WORKSPACE_BUDGET_BYTES.
+   */
+  workspaceBudgetBytes?: number;
+  /** When given, every id the plan will read is checked against these caches now. */
+  caches?: PlanCaches;
+  /** Which implementation of the index math runs: the C++ core (WASM) or its TS port. Default 'auto'. */
+  core?: 'auto' | 'wasm' | 'js';
+}
+
+/** Where one request's rows sit. */
+export interface PlanRequestLayout {
+  readonly seqLen: number;
+  readonly extendLen: number;
+  /** first flat query of the request */
+  readonly queryOffset: number;
+  /** its SWA gather: workspace SWA-region offset, number of positions, first position */
+  readonly swaOffset: number;
+  readonly swaRows: number;
+  readonly swaStartPos: number;
+  /** its compressed rows per ratio: offset in the compressed region and count (floor(seqLen / r)) */
+  readonly c4Offset: number;
+  readonly c4Rows: number;
+  readonly c128Offset: number;
+  readonly c128Rows: number;
+}
+
+/** The workspace of one ratio: compressed rows of every request first, then every SWA gather. */
+export interface WorkspaceLayout {
+  readonly ratio: CompressRatio;
+  /** rows [0, compressedRows) */
+  readonly compressedRows: number;
+  /** rows [compressedRows, rows) */
+  readonly swaRows: number;
+  readonly rows: number;
+  /** rows × 512 dims × 2 bytes (bf16) */
+  readonly bytes: number;
+  /** largest number of visible compressed entries of any query (c128 row width) */
+  readonly maxVisible: number;
+}
+
+/** Each query's combined row rebased into the workspace: compressed entries, window rows, −1 padding. */
+export interface CombinedRows {
+  readonly ratio: CompressRatio;
+  readonly width: number;
+  /** int32 [numQueries, width] */
+  readonly indices: Tensor<'int32'>;
+  /** int32 [numQueries]: real entries per row */
+  readonly lengths: Tensor<'int32'>;
+  /** top-k entries dropped because they were not yet visible (ratio 4; 0 otherwise) */
+  readonly dropped: number;
+  /** the same per query (ratio 4 only) */
+  readonly droppedPerQuery?: Int32Array;
+  /** ratio 4: the indexer's top-k width */
+  readonly topk?: number;
+}
+
+/** The same entries in the form of SPEC §5: SWA token ids (main) and compressed token ids (extra). */
+export interface PagedForm {
+  /** int32 [numQueries, roundUp(W, align)] token ids in the SWA cache */
+  readonly main: Tensor<'int32'>;
+  readonly mainLengths: Tensor<'int32'>;
+  /** int32 [numQueries, extraWidth] token ids in the compressed cache; absent for ratio 0 or when nothing is visible */
+  readonly extra?: Tensor<'int32'>;
+  readonly extraLengths?: Tensor<'int32'>;
+}
+
+/** Counters of the work a plan has done, so callers and tests can see what was reused. */
+export interface PlanStats {
+  /** c0 combined rows built (once per chunk) */
+  c0Builds: number;
+  /** c128 combined rows built (once per chunk) */
+  c128Builds: number;
+  /** c4 combines run (once per c4 layer) */
+  c4Combines: number;
+  /** top-k entries dropped for causality, over all c4 combines */
+  c4Dropped: number;
+  /** paged-form main sets built (once per chunk) */
+  pagedMainBuilds: number;
+  /** paged-form extra sets built (c128: once per chunk; c4: once per combine) */
+  pagedExtraBuilds: number;
+  /** workspace buffers allocated (reused across the layers of the chunk) */
+  workspaceAllocations: number;
+}
+
+/** sparse = the workspace path (dequant + sparsePrefill); paged = attention straight over the FP8 pages. */
+export type PrefillPath = 'sparse' | 'paged';
+export type PrefillPathChoice = PrefillPath | 'auto';
+
+export interface RouteOptions {
+  /** Force a path; 'auto' (default) defers to SPARSE_MLA_PREFILL, then the threshold. */
+  path?: PrefillPathChoice;
+  /** Query count above which the workspace path is taken (default DEFAULT_SPARSE_PREFILL_THRESHOLD). */
+  threshold?: number;
+  /** Environment to read SPARSE_MLA_PREFILL from (default process.env). */
+  env?: Readonly<Record<string, string | undefined>>;
+}
+
+export interface RouteDecision {
+  path: PrefillPath;
+  /** Why, in words: e.g. "4096 queries > threshold 1024" or "forced by SPARSE_MLA_PREFILL=paged". */
+  reason: string;
+}
+
+export interface PrefillLayerArgs extends RouteOptions {
+  /** bf16 [numQueries, hQ, 512] */
+  q: Tensor<'bf16'>;
+  compressRatio: CompressRatio;
+  plan: import('./plan.js').Plan;
+  /** v4 caches of this layer: the SWA cache, and the compressed cache of its ratio */
+  caches: PlanCaches;
+  /** ratio 4: int32 [numQueries, topk] request-local compressed positions, −1 padded */
+  topkIndices?: Tensor<'int32'>;
+  /** float32 [hQ] */
+  attnSink?: Tensor<'float32'>;
+  smScale: number;
+}
+
+export interface PrefillLayerResult extends RouteDecision {
+  /** bf16 [numQueries, hQ, 512] */
+  out: Tensor<'bf16'>;
+  /** float32 [numQueries, hQ] */
+  lse: Tensor<'float32'>;
+  /** float32 [numQueries, hQ] */
+  maxLogits: Tensor<'float32'>;
+  /** bytes of workspace this layer filled (0 on the paged path) */
+  workspaceBytes: number;
+  /** top-k entries dropped for causality in this layer */
+  dropped: number;
+}

@@ -1,0 +1,196 @@
+/**
+ * Brute-force float64 reference of a prefill layer through the planner (SPEC §6 + §4/§5): each
+ * query's attention set is derived straight from §6's rules — its window positions, its visible
+ * compressed entries (all of them for r = 128, the indexer's visible ones for r = 4) — and mapped to
+ * cache token ids through a position-indexed SWA table and the page tables. Nothing here reads the
+ * planner's rows, layouts or offsets. Keys/values are the caches' dequantized values; the softmax
+ * with the sink is computed in float64.
+ */
+import { SparseMlaError } from '../errors.js';
+import type { KvCache, Tensor } from '../types.js';
+import { decodeBf16 } from './formats.js';
+import { dequantizeTokenReference } from './kv_cache.js';
+
+export interface PlanReferenceRequest {
+  seqLen: number;
+  extendLen: number;
+  /** SWA cache token id of every position the window can reach, indexed by position (length ≥ seqLen; entries the window never reaches may be anything). */
+  swaTokenIdByPosition: ArrayLike<number>;
+  /** page ids of the request's c4 / c128 compressed cache */
+  c4PageTable?: ArrayLike<number>;
+  c128PageTable?: ArrayLike<number>;
+}
+
+export interface PlanReferenceChunk {
+  requests: readonly PlanReferenceRequest[];
+  c4PageSize?: number;
+  c128PageSize?: number;
+  /** default 128 */
+  window?: number;
+}
+
+/** The entries one query attends, as cache token ids. */
+export interface AttentionSetReference {
+  /** token position of the query */
+  pos: number;
+  /** SWA token ids of positions max(0, pos − W + 1) … pos */
+  window: number[];
+  /** compressed-cache token ids (r = 128: every visible entry; r = 4: the indexer's visible entries in its order) */
+  compressed: number[];
+  /** indexer entries dropped as not yet visible (j ≥ floor((pos + 1) / r)) */
+  dropped: number;
+}
+
+function bad(arg: string, msg: string): never {
+  throw new SparseMlaError('INVALID_VALUE', `${arg}: ${msg}`, arg);
+}
+
+/** Which request, and which of its queries, flat query q is. */
+function locate(chunk: PlanReferenceChunk, q: number): { r: number; i: number } {
+  let left = q;
+  for (let r = 0; r < chunk.requests.length; r++) {
+    const e = chunk.requests[r]!.extendLen;
+    if (left < e) return { r, i: left };
+    left -= e;
+  }
+  return bad('query', `${q} is beyond the chunk's queries`);
+}
+
+/**
+ * The attention set of flat query q for a layer of compress ratio r, from §6: the window is
+ * positions [pos − min(pos + 1, W) + 1, pos]; compressed entry j is visible iff
+ * j < floor((pos + 1) / r); its token id is pageTable[floor(j / Pc)] · Pc + j mod Pc.
+ * `topkRow` (r = 4) holds request-local entries; negatives are padding.
+ */
+export function attentionSetReference(
+  chunk: PlanReferenceChunk,
+  ratio: 0 | 4 | 128,
+  q: number,
+  topkRow?: ArrayLike<number>,
+): AttentionSetReference {
+  const W = chunk.window ?? 128;
+  const { r, i } = locate(chunk, q);
+  const req = chunk.requests[r]!;
+  const pos = req.seqLen - req.extendLen + i;
+  const window: number[] = [];
+  for (let p = Math.max(0, pos - W + 1); p <= pos; p++) window.push(req.swaTokenIdByPosition[p]!);
+  const compressed: number[] = [];
+  let dropped = 0;
+  if (ratio !== 0) {
+    const table = ratio === 4 ? req.c4PageTable : req.c128PageTable;
+    const pc = ratio === 4 ? chunk.c4PageSize : chunk.c128PageSize;
+    if (!table || !pc) bad(`c${ratio}`, 'page table and page size are needed');
+    const idOf = (j: number): number => table[Math.floor(j / pc)]! * pc + (j % pc);
+    const visible = Math.floor((pos + 1) / ratio);
+    if (ratio === 128) {
+      for (let j = 0; j < visible; j++) compressed.push(idOf(j));
+    } else {
+      if (!topkRow) bad('topkIndices', 'needed for ratio 4');
+      for (let k = 0; k < topkRow.length; k++) {
+        const j = topkRow[k]!;
+        if (j < 0) continue;
+        if (j >= visible) dropped++;
+        else compressed.push(idOf(j));
+      }
+    }
+  }
+  return { pos, window, compressed, dropped };
+}
+
+export interface PrefillLayerReferenceArgs {
+  chunk: PlanReferenceChunk;
+  compressRatio: 0 | 4 | 128;
+  /** bf16 [numQueries, hQ, 512] */
+  q: Tensor<'bf16'>;
+  caches: { swa: KvCache; c4?: KvCache; c128?: KvCache };
+  /** r = 4: int32 [numQueries, topk] */
+  topkIndices?: Tensor<'int32'>;
+  /** float32 [hQ] */
+  attnSink?: Tensor<'float32'>;
+  smScale: number;
+}
+
+export interface PrefillLayerReferenceResult {
+  /** [nq, hQ, 512] */
+  out: Float64Array;
+  /** [nq, hQ]; +inf for a query with nothing to attend */
+  lse: Float64Array;
+  /** [nq, hQ]; −inf for a query with nothing to attend */
+  maxLogits: Float64Array;
+  /** total indexer entries dropped for causality */
+  dropped: number;
+}
+
+const D = 512;
+
+/** Attention of every query (or `opts.queries`) over its §6 set, in float64. */
+export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { queries?: readonly number[] } = {}): PrefillLayerReferenceResult {
+  const { chunk, compressRatio: ratio, q, caches, smScale } = args;
+  const total = chunk.requests.reduce((a, r) => a + r.extendLen, 0);
+  if (q.shape.length !== 3 || q.shape[0] !== total || q.shape[2] !== D) bad('q', `expected [${total}, hQ, ${D}], got [${q.shape.join(', ')}]`);
+  const hQ = q.shape[1]!;
+  const queries = opts.queries ?? Array.from({ length: total }, (_, i) => i);
+  const topk = args.topkIndices ? args.topkIndices.shape[args.topkIndices.shape.length - 1]! : 0;
+  const compCache = ratio === 4 ? caches.c4 : ratio === 128 ? caches.c128 : undefined;
+
+  const rowCache = new Map<string, Float64Array>();
+  const rowOf = (cache: KvCache, which: string, id: number): Float64Array => {
+    const key = `${which}:${id}`;
+    let row = rowCache.get(key);
+    if (!row) {
+      if (!(id >= 0 && id < cache.pageSize * cache.numPages)) bad(which, `token id ${id} outside the cache`);
+      row = new Float64Array(D);
+      dequantizeTokenReference(cache, id, row, 0);
+      rowCache.set(key, row);
+    }
+    return row;
+  };
+
+  const nq = queries.length;
+  const out = new Float64Array(nq * hQ * D);
+  const lse = new Float64Array(nq * hQ);
+  const maxLogits = new Float64Array(nq * hQ);
+  let dropped = 0;
+  const qv = new Float64Array(D);
+  for (let n = 0; n < nq; n++) {
+    const qi = queries[n]!;
+    const set = attentionSetReference(chunk, ratio, qi, args.topkIndices?.data.subarray(qi * topk, (qi + 1) * topk));
+    dropped += set.dropped;
+    const rows = [
+      ...set.compressed.map((id) => rowOf(compCache!, `c${ratio}`, id)),
+      ...set.window.map((id) => rowOf(caches.swa, 'swa', id)),
+    ];
+    for (let h = 0; h < hQ; h++) {
+      const o = (n * hQ + h) * D;
+      const qo = (qi * hQ + h) * D;
+      for (let d = 0; d < D; d++) qv[d] = decodeBf16(q.data[qo + d]!);
+      const logits = rows.map((k) => {
+        let s = 0;
+        for (let d = 0; d < D; d++) s += qv[d]! * k[d]!;
+        return s * smScale;
+      });
+      if (logits.length === 0) {
+        lse[n * hQ + h] = Infinity;
+        maxLogits[n * hQ + h] = -Infinity;
+        continue; // out stays 0
+      }
+      const m = Math.max(...logits);
+      let sum = 0;
+      for (const p of logits) sum += Math.exp(p - m);
+      const l = m + Math.log(sum);
+      lse[n * hQ + h] = l;
+      maxLogits[n * hQ + h] = m;
+      const sink = args.attnSink ? args.attnSink.data[h]! : -Infinity;
+      if (sink === Infinity) continue; // all weight on the sink: out = 0
+      // lse' = ln(exp(lse) + exp(sink)), computed around the larger of the two
+      const big = Math.max(l, sink);
+      const lseSink = sink === -Infinity ? l : big + Math.log(Math.exp(l - big) + Math.exp(sink - big));
+      for (let k = 0; k < rows.length; k++) {
+        const w = Math.exp(logits[k]! - lseSink);
+        const v = rows[k]!;
+        for (let d = 0; d < D; d++) out[o + d] += w * v[d]!;
+      }
+    }
+  }
+  return { out, lse, maxLogits, dropped };
+}

@@ -1,0 +1,132 @@
+/**
+ * The internal backend interface. The engine validates and normalizes every call once (src/ops/)
+ * and hands a backend a *job*: plain typed arrays plus explicit sizes, already checked against
+ * each other. A backend (wasm now; the CUDA / native-CPU addon later) only has to run it.
+ *
+ * Guarantees a backend can rely on:
+ * - all sizes are non-negative integers ≤ 2^31 − 1 and the arrays have exactly the stated lengths;
+ * - attention indices are int32; any value outside [0, bound) is an invalid entry to skip;
+ * - topkLength values lie in [0, topk]; attnSink has hQ entries; smScale is finite as float32;
+ * - cache token ids (quantize/dequantize) lie in [0, cache.numTokens);
+ * - input arrays must not be modified and may be backed by a SharedArrayBuffer.
+ * A backend adds only its own limits (e.g. the WASM heap) and must check them before any work.
+ */
+import type { BackendName, CacheFormat } from '../types.js';
+
+export interface CacheView {
+  format: CacheFormat;
+  pageSize: number;
+  numPages: number;
+  /** pageSize × numPages */
+  numTokens: number;
+  /** exact byte length of data */
+  bytes: number;
+  data: Uint8Array;
+}
+
+export interface QuantizeKCacheJob {
+  /** written in place; last write wins for duplicate ids */
+  cache: CacheView;
+  tokenIds: Int32Array;
+  /** [n, rowDim] row-major */
+  rows: Uint16Array | Float32Array;
+  rowsDtype: 'bf16' | 'float32';
+  n: number;
+  /** 512 (v4) or 576 (v32) */
+  rowDim: number;
+}
+
+export interface DequantizeKCacheJob {
+  cache: CacheView;
+  tokenIds: Int32Array;
+  n: number;
+  rowDim: number;
+}
+
+export interface SparsePrefillJob {
+  /** bf16 [sQ, hQ, dQK] */
+  q: Uint16Array;
+  /** bf16 [sKV, dQK] */
+  kv: Uint16Array;
+  /** int32 [sQ, topk]; valid iff 0 ≤ v < sKV */
+  indices: Int32Array;
+  /** int32 [sQ] in [0, topk], or null */
+  topkLength: Int32Array | null;
+  /** float32 [hQ], or null */
+  attnSink: Float32Array | null;
+  sQ: number;
+  hQ: number;
+  /** a multiple of 64, ≥ dV */
+  dQK: number;
+  /** a multiple of 64 */
+  dV: number;
+  sKV: number;
+  topk: number;
+  smScale: number;
+}
+
+export interface SparsePrefillOutput {
+  /** bf16 [sQ, hQ, dV] */
+  out: Uint16Array;
+  /** float32 [sQ, hQ] */
+  maxLogits: Float32Array;
+  /** float32 [sQ, hQ] */
+  lse: Float32Array;
+}
+
+/** One set of paged entries: token ids into a v4 cache. */
+export interface PagedIndexSet {
+  cache: CacheView;
+  /** int32 [n, topk]; valid iff 0 ≤ v < cache.numTokens */
+  indices: Int32Array;
+  topk: number;
+  topkLength: Int32Array | null;
+}
+
+export interface PagedSparseAttentionJob {
+  /** bf16 [n, hQ, 512] */
+  q: Uint16Array;
+  n: number;
+  hQ: number;
+  main: PagedIndexSet;
+  extra: PagedIndexSet | null;
+  attnSink: Float32Array | null;
+  smScale: number;
+}
+
+export type PagedSparseAttentionOutput = SparsePrefillOutput;
+
+export interface Backend {
+  readonly name: BackendName;
+  /** Worker threads the backend runs on (wasm), 0 when not applicable. */
+  readonly workers: number;
+  quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
+  /** bf16 [n, rowDim] */
+  dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array>;
+  sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput>;
+  pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput>;
+  /** Release threads/devices. Idempotent; calls after it reject with DISPOSED. */
+  dispose(): Promise<void>;
+}
+
+export interface BackendProbe {
+  available: boolean;
+  /** why it is not available (and how to get it), or a note when it is */
+  reason?: string;
+  details?: Record<string, string | number | boolean>;
+}
+
+export interface BackendCreateOptions {
+  /** worker-thread count for backends that use workers; validated by the engine */
+  workers?: number;
+}
+
+/** A registry entry: backends are data (name, priority, how to probe, how to create). */
+export interface BackendEntry {
+  name: BackendName;
+  /** lower runs first under `auto` */
+  priority: number;
+  /** Never throws; says whether create() can succeed on this machine. */
+  probe(): Promise<BackendProbe>;
+  create(options: BackendCreateOptions): Promise<Backend>;
+}

@@ -1,0 +1,250 @@
+/**
+ * A pool of worker_threads, each holding one instance of the WASM core, driven through comlink.
+ *
+ * How inputs reach the workers, and why
+ * -------------------------------------
+ * A WebAssembly instance can only read its own linear memory, and this toolchain builds no
+ * threads/shared-memory variant of the module (Emscripten 3.1.6 standalone, no MEMORY64), so one
+ * memory cannot be shared by several instances: every worker needs the bytes it works on inside
+ * its own heap, i.e. at least one copy per worker. What we avoid is every *other* copy:
+ * - the backend places each input array in a SharedArrayBuffer once per call (no copy at all when
+ *   the caller's array already lives in one), and sends only views of it: postMessage shares a
+ *   SharedArrayBuffer instead of cloning it, so sending the same kv to N workers costs nothing on
+ *   the main thread;
+ * - each worker then copies straight from the shared buffer into its heap: its own row range of
+ *   q / indices / topkLength (rows) and the whole of what every row may touch (kv, caches, sink);
+ * - outputs are copied out of the heap into fresh ArrayBuffers and *transferred* back (no clone);
+ *   the main thread only concatenates them when a call was split.
+ * The price is one copy of kv (or the caches) per worker per call — memcpy speed, small next to
+ * the attention itself — and a heap per worker that must hold it (checked before any work:
+ * TOO_LARGE). The cache ops avoid even that: the main thread gathers just the requested tokens
+ * into a compact cache, so a dequant never copies a whole cache.
+ *
+ * Scheduling: calls are split into tasks by the backend; tasks run first-come first-served on the
+ * first idle worker, so concurrent calls queue fairly and a split call spreads over the pool.
+ * A worker that exits (crash, terminate, trap) is replaced; the task it was running rejects with
+ * WORKER_DIED. Idle workers are unref'd so a forgotten engine does not keep the process alive;
+ * dispose() terminates them all and rejects whatever is queued or running with DISPOSED.
+ */
+import { Worker } from 'node:worker_threads';
+import * as Comlink from 'comlink/dist/esm/comlink.mjs';
+import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
+import { SparseMlaError } from '../../errors.js';
+import type { TaskResult, WorkerApi, WorkerInit } from './protocol.js';
+
+const WORKER_URL = new URL('./worker.js', import.meta.url);
+
+/** A worker whose heap grew past this is replaced after its task, to hand the memory back. */
+const RETIRE_HEAP_BYTES = 1 << 30;
+/** Consecutive workers that die before they are ready before the pool gives up. */
+const MAX_START_FAILURES = 3;
+
+export type TaskMethod = Exclude<keyof WorkerApi, 'ready'>;
+type TaskArg<M extends TaskMethod> = Parameters<WorkerApi[M]>[0];
+type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
+
+interface Task {
+  method: TaskMethod;
+  arg: unknown;
+  label: string;
+  resolve(value: unknown): void;
+  reject(error: Error): void;
+}
+
+interface Slot {
+  index: number;
+  worker: Worker;
+  remote: Comlink.Remote<WorkerApi>;
+  state: 'starting' | 'idle' | 'busy' | 'retiring' | 'dead';
+  task: Task | null;
+  started: Promise<void>;
+  lastError: Error | null;
+}
+
+export class WorkerPool {
+  readonly size: number;
+  private readonly init: WorkerInit;
+  private readonly slots: Slot[] = [];
+  private queue: Task[] = [];
+  private disposed = false;
+  private broken: SparseMlaError | null = null;
+  private startFailures = 0;
+  private readonly dispatchListeners = new Set<(workerIndex: number, label: string) => void>();
+
+  private constructor(size: number, init: WorkerInit) {
+    this.size = size;
+    this.init = init;
+  }
+
+  /** Starts `size` workers and waits until each has instantiated the core. */
+  static async create(size: number, init: WorkerInit): Promise<WorkerPool> {
+    const pool = new WorkerPool(size, init);
+    for (let i = 0; i < size; i++) pool.slots.push(pool.spawn(i));
+    try {
+      await Promise.all(pool.slots.map((s) => s.started));
+    } catch (e) {
+      await pool.dispose();
+      throw e;
+    }
+    return pool;
+  }
+
+  private spawn(index: number): Slot {
+    const worker = new Worker(WORKER_URL, { workerData: this.init });
+    const remote = Comlink.wrap<WorkerApi>(nodeEndpoint(worker));
+    let onStarted!: () => void;
+    let onFailed!: (e: Error) => void;
+    const started = new Promise<void>((res, rej) => {
+      onStarted = res;
+      onFailed = rej;
+    });
+    started.catch(() => {}); // observed by create(); later replacements only log through exit
+    const slot: Slot = { index, worker, remote, state: 'starting', task: null, started, lastError: null };
+    worker.on('error', (e: Error) => {
+      slot.lastError = e;
+    });
+    worker.on('exit', (code: number) => {
+      if (slot.state === 'starting') {
+        onFailed(new SparseMlaError('BACKEND_FAILURE', `wasm worker #${index} failed to start (exit code ${code})${slot.lastError ? `: ${slot.lastError.message}` : ''}`, 'backend'));
+      }
+      this.onExit(slot, code);
+    });
+    remote.ready().then(
+      () => {
+        if (slot.state !== 'starting') return;
+        slot.state = 'idle';
+        this.startFailures = 0;
+        worker.unref();
+        onStarted();
+        this.pump();
+      },
+      (e: Error) => {
+        slot.lastError = e;
+        void worker.terminate();
+      },
+    );
+    return slot;
+  }
+
+  private onExit(slot: Slot, code: number): void {
+    const previous = slot.state;
+    slot.state = 'dead';
+    const task = slot.task;
+    slot.task = null;
+    if (task) {
+      if (this.disposed) task.reject(disposedError());
+      else {
+        const why = slot.lastError ? ` (${slot.lastError.message})` : '';
+        task.reject(
+          new SparseMlaError(
+            'WORKER_DIED',
+            `wasm worker #${slot.index} exited with code ${code}${why} while running ${task.label}; the call was lost and the worker has been replaced`,
+            'worker',
+          ),
+        );
+      }
+    }
+    if (this.disposed || this.slots[slot.index] !== slot) return;
+    if (previous === 'starting' && ++this.startFailures >= MAX_START_FAILURES) {
+      this.broken = new SparseMlaError('BACKEND_FAILURE', `wasm: ${this.startFailures} workers in a row failed to start${slot.lastError ? ` (${slot.lastError.message})` : ''}; the pool is unusable`, 'backend');
+      for (const t of this.queue.splice(0)) t.reject(this.broken);
+      return;
+    }
+    this.slots[slot.index] = this.spawn(slot.index);
+  }
+
+  /** Queues one task; resolves with the worker's value or rejects with its typed error. */
+  run<M extends TaskMethod>(method: M, arg: TaskArg<M>, label: string = method): Promise<TaskValue<M>> {
+    if (this.disposed) return Promise.reject(disposedError());
+    if (this.broken) return Promise.reject(this.broken);
+    return new Promise<TaskValue<M>>((resolve, reject) => {
+      this.queue.push({ method, arg, label, resolve: resolve as (v: unknown) => void, reject });
+      this.pump();
+    });
+  }
+
+  private pump(): void {
+    while (this.queue.length > 0 && !this.disposed) {
+      const slot = this.slots.find((s) => s.state === 'idle');
+      if (!slot) return;
+      this.assign(slot, this.queue.shift()!);
+    }
+  }
+
+  private assign(slot: Slot, task: Task): void {
+    slot.state = 'busy';
+    slot.task = task;
+    slot.worker.ref(); // a call in flight keeps the process alive
+    for (const fn of this.dispatchListeners) fn(slot.index, task.label);
+    const call = slot.remote[task.method] as unknown as (arg: unknown) => Promise<TaskResult<unknown>>;
+    call(task.arg).then(
+      (result) => {
+        if (slot.task !== task) return; // the worker died first; the task is already settled
+        slot.task = null;
+        if (result.ok) task.resolve(result.value);
+        else task.reject(new SparseMlaError(result.error.code, result.error.message, result.error.argument));
+        const retire = (!result.ok && result.error.fatal) || (result.ok && result.heapBytes > RETIRE_HEAP_BYTES);
+        this.release(slot, retire);
+      },
+      (e: Error) => {
+        if (slot.task !== task) return;
+        slot.task = null;
+        task.reject(new SparseMlaError('BACKEND_FAILURE', `wasm worker #${slot.index}: ${task.label} failed: ${e?.message ?? String(e)}`, 'backend'));
+        this.release(slot, true);
+      },
+    );
+  }
+
+  private release(slot: Slot, retire: boolean): void {
+    if (slot.state !== 'busy') return;
+    if (retire && !this.disposed) {
+      slot.state = 'retiring'; // its exit spawns the replacement
+      void slot.worker.terminate();
+    } else {
+      slot.state = 'idle';
+      slot.worker.unref();
+    }
+    this.pump();
+  }
+
+  /** Terminates every worker; queued and running tasks reject with DISPOSED. Idempotent. */
+  async dispose(): Promise<void> {
+    if (this.disposed) return;
+    this.disposed = true;
+    for (const t of this.queue.splice(0)) t.reject(disposedError());
+    await Promise.all(
+      this.slots.map(async (s) => {
+        const task = s.task;
+        s.task = null;
+        task?.reject(disposedError());
+        s.state = 'dead';
+        await s.worker.terminate();
+      }),
+    );
+  }
+
+  get isDisposed(): boolean {
+    return this.disposed;
+  }
+
+  /**
+   * Test and diagnostics hooks: observe dispatches, and end a worker as a crash would (so the
+   * WORKER_DIED path can be exercised without a real crash).
+   */
+  readonly testing = {
+    onDispatch: (fn: (workerIndex: number, label: string) => void): (() => void) => {
+      this.dispatchListeners.add(fn);
+      return () => this.dispatchListeners.delete(fn);
+    },
+    terminateWorker: async (workerIndex: number): Promise<void> => {
+      await this.slots[workerIndex]?.worker.terminate();
+    },
+    threadIds: (): number[] => this.slots.map((s) => s.worker.threadId),
+    busyWorkers: (): number[] => this.slots.filter((s) => s.state === 'busy').map((s) => s.index),
+    queued: (): number => this.queue.length,
+  };
+}
+
+function disposedError(): SparseMlaError {
+  return new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+}

@@ -1,0 +1,80 @@
+/**
+ * What the pool sends its workers and what comes back. Input arrays are views of
+ * SharedArrayBuffers (see pool.ts for why); a task names the row range a worker computes.
+ */
+import type { ErrorCode } from '../../errors.js';
+import type { CacheFormat } from '../../types.js';
+import type { WasmModule } from './binding.js';
+import type { PagedSparseAttentionJob, SparsePrefillJob } from '../backend.js';
+
+export interface RowRange {
+  rowStart: number;
+  rowEnd: number;
+}
+
+/** A cache the worker receives whole (shared), with its geometry. */
+export interface SharedCache {
+  format: CacheFormat;
+  pageSize: number;
+  numPages: number;
+  data: Uint8Array;
+}
+
+export interface SparsePrefillTask extends RowRange {
+  job: SparsePrefillJob;
+}
+
+export interface PagedSparseAttentionTask extends RowRange {
+  job: Omit<PagedSparseAttentionJob, 'main' | 'extra'> & {
+    main: { cache: SharedCache; indices: Int32Array; topk: number; topkLength: Int32Array | null };
+    extra: { cache: SharedCache; indices: Int32Array; topk: number; topkLength: Int32Array | null } | null;
+  };
+}
+
+/** Dequantize every token of a compact cache (ids 0..numTokens-1). */
+export interface DequantizeTask {
+  cache: SharedCache;
+  numTokens: number;
+  rowDim: number;
+}
+
+/** Quantize rows [rowStart, rowEnd) into a fresh compact cache (ids 0..m-1) and return its bytes. */
+export interface QuantizeTask extends RowRange {
+  format: CacheFormat;
+  pageSize: number;
+  numPages: number;
+  cacheBytes: number;
+  rows: Uint16Array | Float32Array;
+  rowsDtype: 'bf16' | 'float32';
+  rowDim: number;
+}
+
+export interface AttentionOutput {
+  out: Uint16Array;
+  maxLogits: Float32Array;
+  lse: Float32Array;
+}
+
+export interface TaskError {
+  code: ErrorCode;
+  message: string;
+  argument?: string;
+  /** true when the error came from the instance itself (a trap), so the worker should be replaced */
+  fatal: boolean;
+}
+
+/** Workers answer with a value or a typed error (comlink would drop an Error's `code`). */
+export type TaskResult<T> = { ok: true; value: T; heapBytes: number } | { ok: false; error: TaskError };
+
+export interface WorkerApi {
+  ready(): { abiVersion: number; heapBytes: number };
+  sparsePrefill(task: SparsePrefillTask): TaskResult<AttentionOutput>;
+  pagedSparseAttention(task: PagedSparseAttentionTask): TaskResult<AttentionOutput>;
+  dequantizeKvCache(task: DequantizeTask): TaskResult<Uint16Array>;
+  quantizeKvCache(task: QuantizeTask): TaskResult<Uint8Array>;
+}
+
+export interface WorkerInit {
+  module: WasmModule;
+  maxMemoryBytes: number;
+}

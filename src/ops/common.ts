@@ -1,0 +1,153 @@
+/**
+ * Argument checks shared by every op's validation (SPEC §9). Each check throws a SparseMlaError via
+ * fail(code, argument, expected, got) so the message names the argument, the expectation and what
+ * came; nothing here does any of the op's work.
+ */
+import { fail } from '../errors.js';
+import type { DType, DTypeArrays, Tensor } from '../types.js';
+
+/** Largest value a 32-bit signed size or offset in the C ABI can hold. */
+export const INT32_MAX = 0x7fffffff;
+
+const ARRAY_CTORS: { readonly [D in DType]: abstract new (...args: never[]) => DTypeArrays[D] } = {
+  bf16: Uint16Array,
+  float32: Float32Array,
+  int32: Int32Array,
+  int64: BigInt64Array,
+  uint8: Uint8Array,
+};
+
+/** A short, bounded description of an arbitrary value for "got ..." in messages. */
+export function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (typeof value === 'number' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
+  if (typeof value === 'bigint') return `bigint ${value}n`;
+  if (typeof value === 'string') return `string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)}`;
+  if (typeof value === 'function') return 'a function';
+  if (ArrayBuffer.isView(value)) {
+    const len = (value as { length?: number }).length;
+    return `${value.constructor.name}(${len ?? value.byteLength})`;
+  }
+  if (Array.isArray(value)) return `an Array of length ${value.length}`;
+  const o = value as Record<string, unknown>;
+  if (typeof o.dtype === 'string' && Array.isArray(o.shape)) return `a ${o.dtype} tensor ${shapeStr(o.shape as unknown[])}`;
+  return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
+}
+
+export function shapeStr(shape: readonly unknown[]): string {
+  return `[${shape.map((d) => String(d)).join(', ')}]`;
+}
+
+function isObject(value: unknown): value is Record<string, unknown> {
+  return typeof value === 'object' && value !== null;
+}
+
+export function checkArgsObject(value: unknown, argument: string): asserts value is Record<string, unknown> {
+  if (!isObject(value) || Array.isArray(value)) fail('INVALID_VALUE', argument, 'an object of named arguments', describe(value));
+}
+
+/**
+ * `value` must be a dense tensor of one of `dtypes` whose data length matches its shape. The shape
+ * itself (rank, dims) is checked by the caller, which knows what it means.
+ */
+export function checkTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> {
+  const want = dtypes.join(' or ');
+  if (!isObject(value) || typeof value.dtype !== 'string' || !('shape' in value) || !('data' in value)) {
+    fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
+  }
+  if (!(dtypes as readonly string[]).includes(value.dtype)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(value.dtype)}`);
+  const dtype = value.dtype as D;
+  const shape = value.shape;
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
+  }
+  const ctor = ARRAY_CTORS[dtype];
+  if (!(value.data instanceof ctor)) fail('INVALID_DTYPE', `${argument}.data`, `a ${ctor.name} for dtype ${dtype}`, describe(value.data));
+  let n = 1;
+  for (const d of shape as number[]) n *= d;
+  const data = value.data as DTypeArrays[D];
+  if (data.length !== n) fail('INVALID_SHAPE', `${argument}.data`, `${n} elements for shape ${shapeStr(shape)}`, `${data.length} elements`);
+  return value as unknown as Tensor<D>;
+}
+
+/** Checks the rank; returns the shape. `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]". */
+export function checkRank(t: Tensor, argument: string, rank: number, expected: string): readonly number[] {
+  if (t.shape.length !== rank) fail('INVALID_SHAPE', argument, `rank ${rank} ${expected}`, `shape ${shapeStr(t.shape)}`);
+  return t.shape;
+}
+
+/** A dimension passed to the core as a 32-bit size. */
+export function checkInt32Size(value: number, argument: string, what: string): void {
+  if (value > INT32_MAX) fail('TOO_LARGE', argument, `${what} ≤ ${INT32_MAX} (32-bit sizes in the core ABI)`, String(value));
+}
+
+/** A finite number that stays finite as float32 (the core takes float32 scalars). */
+export function checkFiniteFloat32(value: unknown, argument: string): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || !Number.isFinite(Math.fround(value))) {
+    fail('INVALID_VALUE', argument, 'a finite number (representable as float32)', describe(value));
+  }
+  return value;
+}
+
+/**
+ * Index tensor [rows, topk] or [rows, 1, topk] (int32 or int64). Returns topk. The single-head
+ * form of FlashMLA's [s_q, h_kv=1, topk] is accepted because callers pass it straight through.
+ */
+export function checkIndexShape(t: Tensor, argument: string, rows: number, rowsName: string): number {
+  const s = t.shape;
+  if (s.length === 2 || (s.length === 3 && s[1] === 1)) {
+    if (s[0] !== rows) fail('INVALID_SHAPE', argument, `first dim = ${rowsName} = ${rows}`, `shape ${shapeStr(s)}`);
+    return s[s.length - 1]!;
+  }
+  fail('INVALID_SHAPE', argument, `shape [${rowsName}, topk] or [${rowsName}, 1, topk]`, `shape ${shapeStr(s)}`);
+}
+
+/**
+ * Attention indices as the core takes them: int32, anything outside [0, bound) is an invalid
+ * entry. int32 data passes through untouched (the core skips invalid values itself); int64 is
+ * narrowed with every out-of-range value, including ones ≥ 2^31 that would wrap into range,
+ * mapped to −1.
+ */
+export function normalizeIndices(t: Tensor<'int32' | 'int64'>, bound: number): Int32Array {
+  if (t.dtype === 'int32') return t.data as Int32Array;
+  const src = t.data as BigInt64Array;
+  // Read each int64 as (lo, hi) int32 halves (little-endian) instead of BigInt per element.
+  const halves = new Int32Array(src.buffer, src.byteOffset, src.length * 2);
+  const out = new Int32Array(src.length);
+  for (let i = 0; i < out.length; i++) {
+    const lo = halves[2 * i]!;
+    const hi = halves[2 * i + 1]!;
+    out[i] = hi === 0 && lo >= 0 && lo < bound ? lo : -1;
+  }
+  return out;
+}
+
+/**
+ * topkLength int32 [rows]: values must be ≥ 0; values above topk mean "all topk entries" and are
+ * clamped here so the core never sees a length beyond its row.
+ */
+export function normalizeTopkLength(value: unknown, argument: string, rows: number, rowsName: string, topk: number): Int32Array | null {
+  if (value === undefined || value === null) return null;
+  const t = checkTensor(value, argument, ['int32'] as const);
+  if (t.shape.length !== 1 || t.shape[0] !== rows) fail('INVALID_SHAPE', argument, `shape [${rowsName}] = [${rows}]`, `shape ${shapeStr(t.shape)}`);
+  const data = t.data;
+  let clamped: Int32Array | null = null;
+  for (let i = 0; i < data.length; i++) {
+    const v = data[i]!;
+    if (v < 0) fail('INVALID_VALUE', argument, 'lengths ≥ 0', `${v} at position ${i}`);
+    if (v > topk) {
+      clamped ??= data.slice();
+      clamped[i] = topk;
+    }
+  }
+  return clamped ?? data;
+}
+
+/** attnSink float32 [hQ], optional. Any value (±inf, NaN) is allowed; the math defines it. */
+export function checkAttnSink(value: unknown, argument: string, hQ: number): Float32Array | null {
+  if (value === undefined || value === null) return null;
+  const t = checkTensor(value, argument, ['float32'] as const);
+  if (t.shape.length !== 1 || t.shape[0] !== hQ) fail('INVALID_SHAPE', argument, `shape [hQ] = [${hQ}]`, `shape ${shapeStr(t.shape)}`);
+  return t.data;
+}

@@ -1,0 +1,170 @@
+/**
+ * kv_cache op: validation and normalization of quantizeKCache / dequantizeKCachePaged (SPEC §3,
+ * §9), plus the byte layout facts the facade needs (cache sizes, where a token's bytes live).
+ * Every backend receives the validated jobs below.
+ */
+import { fail } from '../errors.js';
+import type { CacheFormat, DequantizeKCacheArgs, KvCache, QuantizeKCacheArgs, TokenIds } from '../types.js';
+import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
+import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, shapeStr } from './common.js';
+
+/** v4: bytes of one token's e4m3 nope + bf16 rope data. */
+export const V4_TOKEN_DATA_BYTES = 576;
+/** v4: bytes of one token's scales (7 ue8m0 + 1 pad). */
+export const V4_TOKEN_SCALE_BYTES = 8;
+/** v4: bytes per token before page padding. */
+export const V4_TOKEN_BYTES = V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES;
+/** v32: contiguous bytes per token. */
+export const V32_TOKEN_BYTES = 656;
+
+/** Width of a dequantized row. */
+export function rowDimOf(format: CacheFormat): number {
+  return format === 'v4' ? 512 : 576;
+}
+
+/** v4 page size in bytes: roundUp(P · 584, 576). */
+export function v4PageBytes(pageSize: number): number {
+  return Math.ceil((pageSize * V4_TOKEN_BYTES) / 576) * 576;
+}
+
+export type KvCacheGeometry = { pageSize: number; numPages: number } | { numTokens: number; pageSize?: number };
+
+/** Resolved cache geometry; v32 is always pageSize 1, numPages = tokens. */
+export interface CacheShape {
+  format: CacheFormat;
+  pageSize: number;
+  numPages: number;
+  numTokens: number;
+  bytes: number;
+}
+
+/** The default v4 page size when only a token count is given. */
+export const DEFAULT_V4_PAGE_SIZE = 64;
+
+function checkCount(value: unknown, argument: string, min: number): number {
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min) {
+    fail('INVALID_VALUE', argument, `an integer ≥ ${min}`, describe(value));
+  }
+  if (value > INT32_MAX) fail('TOO_LARGE', argument, `≤ ${INT32_MAX} (32-bit sizes in the core ABI)`, String(value));
+  return value;
+}
+
+function checkFormat(format: unknown, argument: string): CacheFormat {
+  if (format !== 'v4' && format !== 'v32') fail('INVALID_VALUE', argument, `"v4" or "v32"`, describe(format));
+  return format;
+}
+
+function shapeFrom(format: CacheFormat, pageSize: number, numPages: number, argument: string): CacheShape {
+  const numTokens = pageSize * numPages;
+  if (numTokens > INT32_MAX) {
+    fail('TOO_LARGE', argument, `pageSize × numPages ≤ ${INT32_MAX} tokens (32-bit token ids)`, `${pageSize} × ${numPages} = ${numTokens}`);
+  }
+  const bytes = format === 'v4' ? v4PageBytes(pageSize) * numPages : V32_TOKEN_BYTES * numTokens;
+  return { format, pageSize, numPages, numTokens, bytes };
+}
+
+/** Resolve {pageSize, numPages} | {numTokens[, pageSize]} for a format (createKvCache, kvCacheBytes). */
+export function resolveCacheShape(format: unknown, geometry: unknown): CacheShape {
+  const fmt = checkFormat(format, 'format');
+  checkArgsObject(geometry, 'geometry');
+  if ('numTokens' in geometry && geometry.numTokens !== undefined) {
+    const numTokens = checkCount(geometry.numTokens, 'geometry.numTokens', 0);
+    if (fmt === 'v32') {
+      if (geometry.pageSize !== undefined && geometry.pageSize !== 1) fail('INVALID_VALUE', 'geometry.pageSize', '1 (v32 is contiguous)', describe(geometry.pageSize));
+      return shapeFrom(fmt, 1, numTokens, 'geometry');
+    }
+    const pageSize = geometry.pageSize === undefined ? DEFAULT_V4_PAGE_SIZE : checkCount(geometry.pageSize, 'geometry.pageSize', 1);
+    return shapeFrom(fmt, pageSize, Math.ceil(numTokens / pageSize), 'geometry');
+  }
+  const pageSize = checkCount(geometry.pageSize, 'geometry.pageSize', 1);
+  const numPages = checkCount(geometry.numPages, 'geometry.numPages', 0);
+  if (fmt === 'v32' && pageSize !== 1) fail('INVALID_VALUE', 'geometry.pageSize', '1 (v32 is contiguous; numPages counts tokens)', String(pageSize));
+  return shapeFrom(fmt, pageSize, numPages, 'geometry');
+}
+
+/** A cache argument of an op: checks format, geometry and that data holds exactly the right bytes. */
+export function checkCache(value: unknown, argument: string, formats: readonly CacheFormat[] = ['v4', 'v32']): CacheView {
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) {
+    fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(value));
+  }
+  const c = value as Partial<KvCache> & Record<string, unknown>;
+  const format = checkFormat(c.format, `${argument}.format`);
+  if (!formats.includes(format)) fail('INVALID_VALUE', `${argument}.format`, formats.map((f) => `"${f}"`).join(' or '), `"${format}"`);
+  const pageSize = checkCount(c.pageSize, `${argument}.pageSize`, 1);
+  const numPages = checkCount(c.numPages, `${argument}.numPages`, 0);
+  if (format === 'v32' && pageSize !== 1) fail('INVALID_VALUE', `${argument}.pageSize`, '1 for a v32 cache', String(pageSize));
+  const shape = shapeFrom(format, pageSize, numPages, argument);
+  if (!(c.data instanceof Uint8Array)) fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(c.data));
+  if (c.data.length !== shape.bytes) {
+    const how = format === 'v4' ? `${numPages} pages × ${v4PageBytes(pageSize)} B (pageSize ${pageSize})` : `${numPages} tokens × ${V32_TOKEN_BYTES} B`;
+    fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes = ${how}`, `${c.data.length} bytes`);
+  }
+  return { ...shape, data: c.data };
+}
+
+/**
+ * Token ids for the cache ops → Int32Array, each checked to lie in [0, numTokens). An id outside
+ * is an error (SPEC §3.3) naming the first bad position and its value.
+ */
+export function normalizeTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): Int32Array {
+  const n = cache.numTokens;
+  const expected = `token ids in [0, ${n}) for ${cacheArgument} (${cache.format}, pageSize ${cache.pageSize} × numPages ${cache.numPages})`;
+  if (Array.isArray(value)) {
+    const out = new Int32Array(value.length);
+    for (let i = 0; i < value.length; i++) {
+      const v: unknown = value[i];
+      if (typeof v !== 'number' || !Number.isInteger(v)) fail('INVALID_VALUE', argument, 'integer token ids', `${describe(v)} at position ${i}`);
+      if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);
+      out[i] = v;
+    }
+    return out;
+  }
+  const t = checkTensor(value, argument, ['int32', 'int64'] as const);
+  if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'shape [n]', `shape ${shapeStr(t.shape)}`);
+  if (t.dtype === 'int32') {
+    const d = t.data as Int32Array;
+    for (let i = 0; i < d.length; i++) {
+      const v = d[i]!;
+      if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);
+    }
+    return d;
+  }
+  const src = t.data as BigInt64Array;
+  const halves = new Int32Array(src.buffer, src.byteOffset, src.length * 2);
+  const out = new Int32Array(src.length);
+  for (let i = 0; i < out.length; i++) {
+    const lo = halves[2 * i]!;
+    if (halves[2 * i + 1] !== 0 || lo < 0 || lo >= n) fail('OUT_OF_RANGE', argument, expected, `${src[i]} at position ${i}`);
+    out[i] = lo;
+  }
+  return out;
+}
+
+/** Byte ranges of one token inside a cache: its data and (v4) its scales. */
+export function tokenByteRanges(cache: { format: CacheFormat; pageSize: number }, tokenId: number): { data: number; scales: number } {
+  if (cache.format === 'v32') return { data: tokenId * V32_TOKEN_BYTES, scales: -1 };
+  const page = Math.floor(tokenId / cache.pageSize);
+  const slot = tokenId - page * cache.pageSize;
+  const base = page * v4PageBytes(cache.pageSize);
+  return { data: base + slot * V4_TOKEN_DATA_BYTES, scales: base + cache.pageSize * V4_TOKEN_DATA_BYTES + slot * V4_TOKEN_SCALE_BYTES };
+}
+
+export function prepareQuantizeKCache(args: QuantizeKCacheArgs): QuantizeKCacheJob {
+  checkArgsObject(args, 'quantizeKCache arguments');
+  const cache = checkCache(args.cache, 'cache');
+  const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
+  const rows = checkTensor(args.rows, 'rows', ['bf16', 'float32'] as const);
+  const rowDim = rowDimOf(cache.format);
+  const [n, d] = checkRank(rows, 'rows', 2, `[n, ${rowDim}]`);
+  if (n !== tokenIds.length || d !== rowDim) {
+    fail('INVALID_SHAPE', 'rows', `shape [n, ${rowDim}] with n = tokenIds length ${tokenIds.length} (${cache.format} cache)`, `shape ${shapeStr(rows.shape)}`);
+  }
+  return { cache, tokenIds, rows: rows.data, rowsDtype: rows.dtype, n: tokenIds.length, rowDim };
+}
+
+export function prepareDequantizeKCache(args: DequantizeKCacheArgs): DequantizeKCacheJob {
+  checkArgsObject(args, 'dequantizeKCachePaged arguments');
+  const cache = checkCache(args.cache, 'cache');
+  const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
+  return { cache, tokenIds, n: tokenIds.length, rowDim: rowDimOf(cache.format) };
+}

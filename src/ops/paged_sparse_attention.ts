@@ -1,0 +1,64 @@
+/**
+ * paged_sparse_attention op: validation and normalization of pagedSparseAttention (SPEC §5, §9),
+ * shared by every backend. q is [n, hQ, 512] over v4 caches; an optional extra set of entries
+ * lives in its own cache. Ids outside their cache are skipped entries, not errors.
+ */
+import { fail } from '../errors.js';
+import type { PagedSparseAttentionArgs } from '../types.js';
+import type { PagedIndexSet, PagedSparseAttentionJob } from '../backends/backend.js';
+import {
+  checkArgsObject,
+  checkAttnSink,
+  checkFiniteFloat32,
+  checkIndexShape,
+  checkInt32Size,
+  checkRank,
+  checkTensor,
+  describe,
+  normalizeIndices,
+  normalizeTopkLength,
+  shapeStr,
+} from './common.js';
+import { checkCache } from './kv_cache.js';
+
+/** The paged path works on the v4 layout: 448 nope + 64 rope dims, V = all 512. */
+export const PAGED_D = 512;
+
+function indexSet(cacheValue: unknown, cacheArg: string, indicesValue: unknown, indicesArg: string, lengthValue: unknown, lengthArg: string, n: number): PagedIndexSet {
+  const cache = checkCache(cacheValue, cacheArg, ['v4']);
+  const indices = checkTensor(indicesValue, indicesArg, ['int32', 'int64'] as const);
+  const topk = checkIndexShape(indices, indicesArg, n, 'n');
+  checkInt32Size(topk, indicesArg, 'topk');
+  const topkLength = normalizeTopkLength(lengthValue, lengthArg, n, 'n', topk);
+  return { cache, indices: normalizeIndices(indices, cache.numTokens), topk, topkLength };
+}
+
+export function preparePagedSparseAttention(args: PagedSparseAttentionArgs): PagedSparseAttentionJob {
+  checkArgsObject(args, 'pagedSparseAttention arguments');
+  const q = checkTensor(args.q, 'q', ['bf16'] as const);
+  const [n, hQ, dQK] = checkRank(q, 'q', 3, `[n, hQ, ${PAGED_D}]`) as [number, number, number];
+  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
+  if (dQK !== PAGED_D) fail('INVALID_SHAPE', 'q', `shape [n, hQ, ${PAGED_D}] (the paged path attends v4 rows of ${PAGED_D} dims)`, `shape ${shapeStr(q.shape)}`);
+  if (args.dV !== undefined && args.dV !== PAGED_D) fail('INVALID_VALUE', 'dV', `${PAGED_D} (or omitted) on the paged path`, describe(args.dV));
+  checkInt32Size(n, 'q', 'n');
+  checkInt32Size(hQ, 'q', 'hQ');
+
+  const main = indexSet(args.kCache, 'kCache', args.indices, 'indices', args.topkLength, 'topkLength', n);
+
+  const hasExtraCache = args.extraKCache !== undefined && args.extraKCache !== null;
+  const hasExtraIndices = args.extraIndices !== undefined && args.extraIndices !== null;
+  if (hasExtraCache !== hasExtraIndices) {
+    if (hasExtraCache) fail('INVALID_VALUE', 'extraIndices', 'an int32 [n, topkExtra] tensor when extraKCache is given', describe(args.extraIndices));
+    fail('INVALID_VALUE', 'extraKCache', 'a v4 KvCache when extraIndices is given', describe(args.extraKCache));
+  }
+  if (!hasExtraIndices && args.extraTopkLength !== undefined && args.extraTopkLength !== null) {
+    fail('INVALID_VALUE', 'extraTopkLength', 'omitted when there is no extraIndices', describe(args.extraTopkLength));
+  }
+  const extra = hasExtraIndices
+    ? indexSet(args.extraKCache, 'extraKCache', args.extraIndices, 'extraIndices', args.extraTopkLength, 'extraTopkLength', n)
+    : null;
+
+  const smScale = checkFiniteFloat32(args.smScale, 'smScale');
+  const attnSink = checkAttnSink(args.attnSink, 'attnSink', hQ);
+  return { q: q.data, n, hQ, main, extra, attnSink, smScale };
+}

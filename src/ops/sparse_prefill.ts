@@ -1,0 +1,78 @@
+/**
+ * sparse_prefill op: validation and normalization of sparsePrefill (SPEC §4, §9), shared by every
+ * backend. Out-of-range attention indices are not errors (they are skipped entries); everything
+ * else that does not fit the contract is refused here, before any work.
+ */
+import { fail } from '../errors.js';
+import type { SparsePrefillArgs } from '../types.js';
+import type { SparsePrefillJob } from '../backends/backend.js';
+import {
+  checkArgsObject,
+  checkAttnSink,
+  checkFiniteFloat32,
+  checkIndexShape,
+  checkInt32Size,
+  checkRank,
+  checkTensor,
+  describe,
+  normalizeIndices,
+  normalizeTopkLength,
+  shapeStr,
+} from './common.js';
+
+/** dV when the caller gives none (DeepSeek MLA: V is the first 512 dims of each KV row). */
+export const DEFAULT_DV = 512;
+
+/** dV: a positive multiple of 64, at most dQK. */
+export function checkDV(value: unknown, dQK: number): number {
+  if (value === undefined) {
+    if (DEFAULT_DV > dQK) fail('INVALID_VALUE', 'dV', `a value ≤ dQK = ${dQK} (the default is ${DEFAULT_DV}; pass dV explicitly)`, 'undefined');
+    return DEFAULT_DV;
+  }
+  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value <= 0 || value % 64 !== 0) {
+    fail('INVALID_VALUE', 'dV', 'a positive multiple of 64', describe(value));
+  }
+  if (value > dQK) fail('INVALID_VALUE', 'dV', `≤ dQK = ${dQK} (V is the first dV dims of each kv row)`, String(value));
+  return value;
+}
+
+export function prepareSparsePrefill(args: SparsePrefillArgs): SparsePrefillJob {
+  checkArgsObject(args, 'sparsePrefill arguments');
+  const q = checkTensor(args.q, 'q', ['bf16'] as const);
+  const [sQ, hQ, dQK] = checkRank(q, 'q', 3, '[sQ, hQ, dQK]') as [number, number, number];
+  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
+  if (dQK < 64 || dQK % 64 !== 0) fail('INVALID_SHAPE', 'q', 'dQK = shape[2] a positive multiple of 64 (512 or 576 in DeepSeek models)', `shape ${shapeStr(q.shape)}`);
+  const dV = checkDV(args.dV, dQK);
+
+  const kv = checkTensor(args.kv, 'kv', ['bf16'] as const);
+  const [sKV, kvDim] = checkRank(kv, 'kv', 2, '[sKV, dQK]') as [number, number];
+  if (kvDim !== dQK) fail('INVALID_SHAPE', 'kv', `shape [sKV, dQK] with dQK = ${dQK} (from q)`, `shape ${shapeStr(kv.shape)}`);
+
+  const indices = checkTensor(args.indices, 'indices', ['int32', 'int64'] as const);
+  const topk = checkIndexShape(indices, 'indices', sQ, 'sQ');
+
+  const smScale = checkFiniteFloat32(args.smScale, 'smScale');
+  const attnSink = checkAttnSink(args.attnSink, 'attnSink', hQ);
+  const topkLength = normalizeTopkLength(args.topkLength, 'topkLength', sQ, 'sQ', topk);
+
+  checkInt32Size(sQ, 'q', 'sQ');
+  checkInt32Size(hQ, 'q', 'hQ');
+  checkInt32Size(dQK, 'q', 'dQK');
+  checkInt32Size(sKV, 'kv', 'sKV');
+  checkInt32Size(topk, 'indices', 'topk');
+
+  return {
+    q: q.data,
+    kv: kv.data,
+    indices: normalizeIndices(indices, sKV),
+    topkLength,
+    attnSink,
+    sQ,
+    hQ,
+    dQK,
+    dV,
+    sKV,
+    topk,
+    smScale,
+  };
+}

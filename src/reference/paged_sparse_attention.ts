@@ -20,11 +20,11 @@ import {
 /** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
 class DequantizedRows {
   private readonly slot = new Map<number, number>();
-  rows: Float64Array;
+  rows: Float32Array; // bf16 values, exact in float32
   private used = 0;
 
   constructor(private readonly cache: KvCache, private readonly width: number) {
-    this.rows = new Float64Array(width * 64);
+    this.rows = new Float32Array(width * 64);
   }
 
   /** Offset of token `id`'s dequantized row in `rows`. */
@@ -32,7 +32,7 @@ class DequantizedRows {
     const have = this.slot.get(id);
     if (have !== undefined) return have;
     if (this.used + this.width > this.rows.length) {
-      const grown = new Float64Array(this.rows.length * 2);
+      const grown = new Float32Array(this.rows.length * 2);
       grown.set(this.rows);
       this.rows = grown;
     }
@@ -88,7 +88,7 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
     maxLogits: new Float64Array(nq * hQ),
   };
   const maxEntries = sources.reduce((a, s) => a + s.set.topk, 0);
-  const gathered = new Float64Array(Math.max(1, maxEntries) * width);
+  const gathered = new Float32Array(Math.max(1, maxEntries) * width);
   const offsets = new Int32Array(Math.max(1, maxEntries));
   const scratch = new Float64Array(Math.max(1, hQ * maxEntries));
   for (let j = 0; j < nq; j++) {

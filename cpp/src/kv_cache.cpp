@@ -2,6 +2,7 @@
 #include <string.h>
 
 #include "kv_cache_rows.h"
+#include "simd.h"
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_indices.h"
 #include "sparse_mla/sparse_mla.h"
@@ -9,27 +10,126 @@
 namespace smla {
 namespace cpu {
 
-void dequant_v4_token_bf16(const uint8_t* data, const uint8_t* scales, uint16_t* out) {
-  for (int t = 0; t < v4::kNumTiles; ++t) {
-    const uint8_t sb = scales[t];
-    for (int i = 0; i < v4::kTile; ++i)
-      out[t * v4::kTile + i] = v4::dequantize_nope(data[t * v4::kTile + i], sb);
+namespace {
+
+// A tile of e4m3 bytes times its power-of-two scale, rounded to bf16 (SPEC §3.1), vectorized.
+// For each byte: the e4m3 value is built exactly in float32 (normal codes by placing exponent and
+// mantissa bits, subnormal codes as m * 2^-9, NaN codes as NaN), multiplied by the scale (the one
+// float32 rounding of the spec), then rounded to bf16 with the same rule as float_to_bf16. The
+// result is returned as float32 bits whose low half is zero, so it serves both output types.
+#if defined(SMLA_SIMD_WASM)
+inline v128_t dequant4(v128_t u, v128_t scale) {
+  const v128_t mag = wasm_v128_and(u, wasm_i32x4_splat(0x7f));
+  const v128_t sign = wasm_i32x4_shl(wasm_v128_and(u, wasm_i32x4_splat(0x80)), 24);
+  const v128_t normal = wasm_i32x4_add(wasm_i32x4_shl(mag, 20), wasm_i32x4_splat(0x3c000000));
+  const v128_t sub = wasm_f32x4_mul(wasm_f32x4_convert_i32x4(mag), wasm_f32x4_splat(0.001953125f));
+  v128_t v = wasm_v128_bitselect(sub, normal, wasm_i32x4_lt(mag, wasm_i32x4_splat(8)));
+  v = wasm_v128_bitselect(wasm_i32x4_splat(0x7fc00000), v, wasm_i32x4_eq(mag, wasm_i32x4_splat(0x7f)));
+  const v128_t r = wasm_f32x4_mul(wasm_v128_or(v, sign), scale);
+  const v128_t lsb = wasm_v128_and(wasm_u32x4_shr(r, 16), wasm_i32x4_splat(1));
+  const v128_t rounded = wasm_v128_and(wasm_i32x4_add(r, wasm_i32x4_add(lsb, wasm_i32x4_splat(0x7fff))),
+                                       wasm_i32x4_splat(int32_t(0xffff0000u)));
+  const v128_t nan = wasm_v128_and(wasm_v128_or(r, wasm_i32x4_splat(0x00400000)),
+                                   wasm_i32x4_splat(int32_t(0xffff0000u)));
+  return wasm_v128_bitselect(nan, rounded, wasm_f32x4_ne(r, r));
+}
+
+// 64 bytes -> 64 values. Out is bf16 bits or float32 (the bf16 value).
+template <bool kF32>
+inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  const v128_t scale = wasm_f32x4_splat(scale_f);
+  for (int j = 0; j < 64; j += 16) {
+    const v128_t b = wasm_v128_load(q + j);
+    const v128_t lo = wasm_u16x8_extend_low_u8x16(b), hi = wasm_u16x8_extend_high_u8x16(b);
+    const v128_t r0 = dequant4(wasm_u32x4_extend_low_u16x8(lo), scale);
+    const v128_t r1 = dequant4(wasm_u32x4_extend_high_u16x8(lo), scale);
+    const v128_t r2 = dequant4(wasm_u32x4_extend_low_u16x8(hi), scale);
+    const v128_t r3 = dequant4(wasm_u32x4_extend_high_u16x8(hi), scale);
+    if (kF32) {
+      float* o = static_cast<float*>(out) + j;
+      wasm_v128_store(o, r0);
+      wasm_v128_store(o + 4, r1);
+      wasm_v128_store(o + 8, r2);
+      wasm_v128_store(o + 12, r3);
+    } else {
+      uint16_t* o = static_cast<uint16_t*>(out) + j;
+      wasm_v128_store(o, wasm_u16x8_narrow_i32x4(wasm_u32x4_shr(r0, 16), wasm_u32x4_shr(r1, 16)));
+      wasm_v128_store(o + 8, wasm_u16x8_narrow_i32x4(wasm_u32x4_shr(r2, 16), wasm_u32x4_shr(r3, 16)));
+    }
   }
+}
+#elif defined(SMLA_SIMD_AVX2)
+inline __m256i dequant8(__m256i u, __m256 scale) {
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7f));
+  const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
+  const __m256i normal = _mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_set1_epi32(0x3c000000));
+  const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), _mm256_set1_ps(0.001953125f));
+  __m256 v = _mm256_blendv_ps(_mm256_castsi256_ps(normal), sub,
+                              _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), mag)));
+  v = _mm256_blendv_ps(v, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),
+                       _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f))));
+  const __m256 rf = _mm256_mul_ps(_mm256_or_ps(v, _mm256_castsi256_ps(sign)), scale);
+  const __m256i r = _mm256_castps_si256(rf);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(1));
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const __m256i rounded =
+      _mm256_and_si256(_mm256_add_epi32(r, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), hi_mask);
+  const __m256i nan = _mm256_and_si256(_mm256_or_si256(r, _mm256_set1_epi32(0x00400000)), hi_mask);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(rounded), _mm256_castsi256_ps(nan),
+                                              _mm256_cmp_ps(rf, rf, _CMP_UNORD_Q)));
+}
+
+template <bool kF32>
+inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  const __m256 scale = _mm256_set1_ps(scale_f);
+  for (int j = 0; j < 64; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
+    const __m256i r0 = dequant8(_mm256_cvtepu8_epi32(b), scale);
+    const __m256i r1 = dequant8(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), scale);
+    if (kF32) {
+      float* o = static_cast<float*>(out) + j;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), r0);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 8), r1);
+    } else {
+      // packus works per 128-bit lane: pack then restore the element order.
+      const __m256i p = _mm256_packus_epi32(_mm256_srli_epi32(r0, 16), _mm256_srli_epi32(r1, 16));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + j),
+                          _mm256_permute4x64_epi64(p, 0xd8));
+    }
+  }
+}
+#else
+template <bool kF32>
+inline void dequant_tile64(const uint8_t* q, float scale, void* out) {
+  for (int i = 0; i < 64; ++i) {
+    const uint16_t h = float_to_bf16(e4m3_to_float(q[i]) * scale);
+    if (kF32) static_cast<float*>(out)[i] = bf16_to_float(h);
+    else static_cast<uint16_t*>(out)[i] = h;
+  }
+}
+#endif
+
+}  // namespace
+
+void dequant_v4_token_bf16(const uint8_t* data, const uint8_t* scales, uint16_t* out) {
+  for (int t = 0; t < v4::kNumTiles; ++t)
+    dequant_tile64<false>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
   memcpy(out + v4::kNopeDim, data + v4::kNopeDim, v4::kRopeDim * 2);
 }
 
 void dequant_v4_token_f32(const uint8_t* data, const uint8_t* scales, float* out) {
-  uint16_t row[v4::kDim];
-  dequant_v4_token_bf16(data, scales, row);
-  for (int i = 0; i < v4::kDim; ++i) out[i] = bf16_to_float(row[i]);
+  for (int t = 0; t < v4::kNumTiles; ++t)
+    dequant_tile64<true>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
+  const uint16_t* rope = reinterpret_cast<const uint16_t*>(data + v4::kNopeDim);
+  for (int i = 0; i < v4::kRopeDim; i += simd::W) simd::store(out + v4::kNopeDim + i, simd::load_bf16(rope + i));
 }
 
 void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
   for (int t = 0; t < v32::kNumTiles; ++t) {
     float scale;
     memcpy(&scale, token + v32::kScalesAt + 4 * t, 4);
-    for (int i = 0; i < v32::kTile; ++i)
-      out[t * v32::kTile + i] = v32::dequantize_nope(token[t * v32::kTile + i], scale);
+    dequant_tile64<false>(token + t * v32::kTile, scale, out + t * v32::kTile);
+    dequant_tile64<false>(token + t * v32::kTile + 64, scale, out + t * v32::kTile + 64);
   }
   memcpy(out + v32::kNopeDim, token + v32::kRopeAt, v32::kRopeDim * 2);
 }

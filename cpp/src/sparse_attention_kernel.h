@@ -15,7 +15,23 @@
 namespace smla {
 namespace cpu {
 
-constexpr int kBlock = 16;  // KV rows per block
+// Tile shapes (register blocking), chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
+#ifndef SMLA_KBLOCK
+#define SMLA_KBLOCK 16
+#endif
+#ifndef SMLA_LOGIT_HB
+#define SMLA_LOGIT_HB 4
+#endif
+#ifndef SMLA_LOGIT_RB
+#define SMLA_LOGIT_RB 2
+#endif
+#ifndef SMLA_PV_HB
+#define SMLA_PV_HB 4
+#endif
+#ifndef SMLA_PV_DB
+#define SMLA_PV_DB 2
+#endif
+constexpr int kBlock = SMLA_KBLOCK;  // KV rows per block
 
 // Scratch for one call (reused by every query of the call).
 struct AttentionScratch {
@@ -84,7 +100,7 @@ static inline void logits_rows(const float* q, const float* k, float* s, int d_q
 
 // S = Q·Kᵀ for all heads over nb rows.
 static inline void block_logits(const float* q, const float* k, float* s, int h_q, int d_qk, int nb) {
-  constexpr int HB = 4, RB = 2;
+  constexpr int HB = SMLA_LOGIT_HB, RB = SMLA_LOGIT_RB;
   int h = 0;
   for (; h + HB <= h_q; h += HB) logits_rows<HB, RB>(q, k, s, d_qk, h, nb);
   for (; h < h_q; ++h) logits_rows<1, RB>(q, k, s, d_qk, h, nb);
@@ -114,7 +130,7 @@ static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk,
 template <int HB>
 static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0,
                             int nb) {
-  constexpr int DB = 2;
+  constexpr int DB = SMLA_PV_DB;
   int d = 0;
   for (; d + DB * simd::W <= d_v; d += DB * simd::W) pv_tile<HB, DB>(p, v, acc, d_qk, d_v, h0, d, nb);
   for (; d < d_v; d += simd::W) pv_tile<HB, 1>(p, v, acc, d_qk, d_v, h0, d, nb);
@@ -122,14 +138,15 @@ static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk
 
 static inline void block_pv(const float* p, const float* v, float* acc, int h_q, int d_qk, int d_v,
                             int nb) {
-  constexpr int HB = 4;
+  constexpr int HB = SMLA_PV_HB;
   int h = 0;
   for (; h + HB <= h_q; h += HB) pv_heads<HB>(p, v, acc, d_qk, d_v, h, nb);
   for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h, nb);
 }
 
 // Online softmax update of every head for one block of nb logits (in place: logits -> exp terms);
-// rescales acc rows whose max moved.
+// rescales acc rows whose max moved. (A SIMD exp was tried here: no measurable gain, the dot
+// products dominate.)
 static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
                                  float sm_scale) {
   for (int h = 0; h < h_q; ++h) {

@@ -513,6 +513,44 @@ void check_cache(int format, int32_t page_size, int32_t num_pages, bool bf16_row
   expect(out_untouched, ctx + " dequant output untouched by rejected call");
 }
 
+// Dequantize caches of raw random bytes: every e4m3 code and every scale byte, including 0
+// (2^-127, float32 subnormal products), 255 (NaN) and 254 (products that overflow to inf).
+void check_dequant_raw_bytes(int format, int32_t page_size, int32_t num_pages) {
+  const bool v4 = format == SMLA_CACHE_V4;
+  const int dim = v4 ? 512 : 576;
+  const int64_t cap = int64_t(page_size) * num_pages;
+  const int64_t bytes = v4 ? v4_page_bytes(page_size) * num_pages : cap * 656;
+  std::vector<uint8_t> cache(static_cast<size_t>(bytes));
+  for (auto& b : cache) b = uint8_t(randint(0, 255));
+  if (!v4) {  // v32 scales are float32: use powers of two over the whole range, plus NaN and inf
+    for (int64_t t = 0; t < cap; ++t)
+      for (int i = 0; i < 4; ++i) {
+        const int64_t k = randint(0, 20);
+        const float sc = k == 0 ? NAN : k == 1 ? INFINITY : k == 2 ? 0.0f : float(ldexp(1.0, int(randint(-149, 127))));
+        memcpy(&cache[size_t(t * 656 + 512 + 4 * i)], &sc, 4);
+      }
+  }
+  std::vector<int64_t> ids(static_cast<size_t>(cap));
+  for (int64_t t = 0; t < cap; ++t) ids[size_t(t)] = t;
+  std::vector<uint16_t> out(size_t(cap) * dim);
+  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, ids.data(), int32_t(cap),
+                                  out.data()) == SMLA_OK,
+         "raw dequant status");
+  std::vector<double> ref(static_cast<size_t>(dim));
+  size_t mism = 0;
+  for (int64_t t = 0; t < cap; ++t) {
+    if (v4) ref_dequant_v4(cache.data(), page_size, t, ref.data());
+    else ref_dequant_v32(cache.data(), t, ref.data());
+    for (int d = 0; d < dim; ++d) {
+      const double got = bf16_value(out[size_t(t * dim + d)]), want = ref[size_t(d)];
+      const bool same = (isnan(got) && isnan(want)) || (got == want && signbit(got) == signbit(want));
+      if (!same && mism++ < 3)
+        fprintf(stderr, "  raw dequant token %lld dim %d: got %g want %g\n", (long long)t, d, got, want);
+    }
+  }
+  expect(mism == 0, std::string(v4 ? "v4" : "v32") + " raw-byte dequant: " + std::to_string(mism) + " differ");
+}
+
 void check_cache_args() {
   std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(2) * 2));
   int64_t id = 0;
@@ -633,6 +671,9 @@ int main() {
     check_cache(SMLA_CACHE_V4, P, P == 256 ? 2 : 5, false);
     check_cache(SMLA_CACHE_V4, P, P == 256 ? 2 : 5, true);
   }
+  check_dequant_raw_bytes(SMLA_CACHE_V4, 64, 40);
+  check_dequant_raw_bytes(SMLA_CACHE_V4, 2, 7);
+  check_dequant_raw_bytes(SMLA_CACHE_V32, 1, 2000);
   check_cache(SMLA_CACHE_V32, 1, 300, false);
   check_cache(SMLA_CACHE_V32, 1, 300, true);
 

@@ -1,0 +1,84 @@
+// Single-thread benchmark of the WASM core, instantiated directly (no facade, no workers):
+// smla_sparse_prefill GFLOP/s on the `run` shape and smla_dequantize_kv_cache GB/s.
+//   node bench/wasm_kernel.mjs [--sq 32] [--skv 4096] [--hq 64] [--dqk 512] [--dv 512] [--topk 640]
+//                              [--runs 5] [--wasm wasm/sparse_mla.wasm]
+// FLOPs = 2 · Σ valid topk · hQ · (dQK + dV) (SPEC §4). Prints the median of the runs.
+import { readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+
+const args = Object.fromEntries(
+  process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
+);
+const num = (k, d) => (args[k] !== undefined ? Number(args[k]) : d);
+const sQ = num('sq', 32), sKV = num('skv', 4096), hQ = num('hq', 64), dQK = num('dqk', 512);
+const dV = num('dv', 512), topk = num('topk', 640), runs = num('runs', 5);
+const wasmPath = args.wasm ?? fileURLToPath(new URL('../wasm/sparse_mla.wasm', import.meta.url));
+
+const { instance } = await WebAssembly.instantiate(readFileSync(wasmPath), {});
+const e = instance.exports;
+
+let seed = 12345;
+const rand = () => ((seed = (seed * 1103515245 + 12345) >>> 0) / 4294967296);
+const f32 = new Float32Array(1), u32 = new Uint32Array(f32.buffer);
+const bf16 = (x) => { f32[0] = x; const u = u32[0]; return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff; };
+
+function alloc(bytes) {
+  const p = e.smla_malloc(bytes);
+  if (!p) throw new Error(`smla_malloc(${bytes}) failed`);
+  return p;
+}
+const heap = (Type, ptr, n) => new Type(e.memory.buffer, ptr, n);
+const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+
+// ---- sparse prefill
+const pq = alloc(sQ * hQ * dQK * 2), pkv = alloc(sKV * dQK * 2), pidx = alloc(sQ * topk * 4);
+const pout = alloc(sQ * hQ * dV * 2), pml = alloc(sQ * hQ * 4), plse = alloc(sQ * hQ * 4);
+const psink = alloc(hQ * 4);
+{
+  const q = heap(Uint16Array, pq, sQ * hQ * dQK);
+  for (let i = 0; i < q.length; i++) q[i] = bf16(rand() * 2 - 1);
+  const kv = heap(Uint16Array, pkv, sKV * dQK);
+  for (let i = 0; i < kv.length; i++) kv[i] = bf16(rand() * 2 - 1);
+  const idx = heap(Int32Array, pidx, sQ * topk);
+  for (let i = 0; i < idx.length; i++) idx[i] = Math.floor(rand() * sKV);
+  const sink = heap(Float32Array, psink, hQ);
+  for (let i = 0; i < hQ; i++) sink[i] = rand();
+}
+const flops = 2 * sQ * topk * hQ * (dQK + dV);
+const times = [];
+for (let r = 0; r < runs + 1; r++) {
+  const t0 = process.hrtime.bigint();
+  const st = e.smla_sparse_prefill(pq, pkv, pidx, 0, psink, sQ, hQ, dQK, dV, sKV, topk,
+    1 / Math.sqrt(dQK), pout, pml, plse);
+  const t = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (st !== 0) throw new Error(`smla_sparse_prefill returned ${st}`);
+  if (r > 0) times.push(t);  // first run warms up (tier-up, page faults)
+}
+const tMed = median(times);
+console.log(`sparse_prefill sQ=${sQ} hQ=${hQ} dQK=${dQK} dV=${dV} topk=${topk} sKV=${sKV}: ` +
+  `median ${(tMed * 1e3).toFixed(1)} ms, ${(flops / tMed / 1e9).toFixed(2)} GFLOP/s ` +
+  `(runs: ${times.map((t) => (flops / t / 1e9).toFixed(2)).join(' ')})`);
+
+// ---- dequant gather (v4, page size 64): bytes = n · (584 read + 1024 written)
+const P = 64, pages = Math.ceil(8192 / P), n = 8192;
+const pageBytes = Math.ceil((P * 584) / 576) * 576;
+const pcache = alloc(pageBytes * pages), pids = alloc(n * 8), pdq = alloc(n * 512 * 2);
+{
+  const c = heap(Uint8Array, pcache, pageBytes * pages);
+  for (let i = 0; i < c.length; i++) c[i] = (rand() * 256) & 0x7e;
+  for (let p = 0; p < pages; p++) for (let t = 0; t < P; t++) for (let s = 0; s < 8; s++)
+    c[p * pageBytes + P * 576 + t * 8 + s] = 120 + ((rand() * 8) | 0);
+  const ids = heap(BigInt64Array, pids, n);
+  for (let i = 0; i < n; i++) ids[i] = BigInt(Math.floor(rand() * P * pages));
+}
+const dqTimes = [];
+for (let r = 0; r < runs + 1; r++) {
+  const t0 = process.hrtime.bigint();
+  const st = e.smla_dequantize_kv_cache(0, pcache, P, pages, pids, n, pdq);
+  const t = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (st !== 0) throw new Error(`smla_dequantize_kv_cache returned ${st}`);
+  if (r > 0) dqTimes.push(t);
+}
+const dqMed = median(dqTimes);
+console.log(`dequantize v4 gather n=${n} P=${P}: median ${(dqMed * 1e3).toFixed(2)} ms, ` +
+  `${((n * (584 + 1024)) / dqMed / 1e9).toFixed(2)} GB/s (584 B read + 1024 B written per token)`);

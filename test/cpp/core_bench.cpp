@@ -1,0 +1,73 @@
+// Single-thread benchmark of the native core on the `run` shape (the WASM twin is
+// bench/wasm_kernel.mjs): sparse prefill GFLOP/s and v4 dequant gather GB/s, medians of runs.
+//   ./build/smla_core_bench [sQ=32] [sKV=4096] [runs=5]
+#include <math.h>
+#include <string.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <vector>
+
+#include "sparse_mla/sparse_mla.h"
+
+namespace {
+double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+uint16_t bf16(float x) {
+  uint32_t u;
+  memcpy(&u, &x, 4);
+  return uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int s_q = argc > 1 ? atoi(argv[1]) : 32, s_kv = argc > 2 ? atoi(argv[2]) : 4096;
+  const int runs = argc > 3 ? atoi(argv[3]) : 5;
+  const int h_q = 64, d_qk = 512, d_v = 512, topk = 640;
+  std::mt19937 rng(1);
+  std::uniform_real_distribution<float> u(-1, 1);
+  std::vector<uint16_t> q(size_t(s_q) * h_q * d_qk), kv(size_t(s_kv) * d_qk), out(size_t(s_q) * h_q * d_v);
+  for (auto& x : q) x = bf16(u(rng));
+  for (auto& x : kv) x = bf16(u(rng));
+  std::vector<int32_t> idx(size_t(s_q) * topk);
+  for (auto& x : idx) x = int32_t(rng() % uint32_t(s_kv));
+  std::vector<float> sink(h_q, 0.5f), ml(size_t(s_q) * h_q), lse(size_t(s_q) * h_q);
+  const double flops = 2.0 * s_q * topk * h_q * (d_qk + d_v);
+  std::vector<double> t;
+  for (int r = 0; r <= runs; ++r) {
+    const double t0 = now();
+    if (smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, sink.data(), s_q, h_q, d_qk, d_v, s_kv,
+                            topk, 1.0f / sqrtf(float(d_qk)), out.data(), ml.data(), lse.data()) != 0)
+      return 1;
+    if (r > 0) t.push_back(now() - t0);
+  }
+  printf("native sparse_prefill sQ=%d hQ=%d dQK=%d topk=%d sKV=%d: median %.1f ms, %.2f GFLOP/s\n", s_q, h_q,
+         d_qk, topk, s_kv, median(t) * 1e3, flops / median(t) / 1e9);
+
+  const int P = 64, pages = 128, n = 8192;
+  const int64_t page_bytes = (int64_t(P) * 584 + 575) / 576 * 576;
+  std::vector<uint8_t> cache(size_t(page_bytes * pages));
+  for (auto& b : cache) b = uint8_t(rng() & 0x7e);
+  for (int p = 0; p < pages; ++p)
+    for (int s = 0; s < P * 8; ++s) cache[size_t(p * page_bytes + P * 576 + s)] = uint8_t(120 + rng() % 8);
+  std::vector<int64_t> ids(n);
+  for (auto& x : ids) x = int64_t(rng() % uint32_t(P * pages));
+  std::vector<uint16_t> dq(size_t(n) * 512);
+  t.clear();
+  for (int r = 0; r <= runs; ++r) {
+    const double t0 = now();
+    if (smla_dequantize_kv_cache(0, cache.data(), P, pages, ids.data(), n, dq.data()) != 0) return 1;
+    if (r > 0) t.push_back(now() - t0);
+  }
+  printf("native dequantize v4 gather n=%d: median %.2f ms, %.2f GB/s\n", n, median(t) * 1e3,
+         n * (584.0 + 1024.0) / median(t) / 1e9);
+  return 0;
+}

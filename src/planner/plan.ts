@@ -450,19 +450,20 @@ export class Plan {
 
   /**
    * The workspace buffer (bf16 rows), allocated once at the size of the largest layout and reused
-   * by every layer. A caller holding it gets it back with releaseWorkspace; a concurrent layer gets
-   * a fresh one rather than sharing.
+   * by every layer. It lives in a SharedArrayBuffer, so the WASM backend hands it to its workers
+   * without a copy. A caller holding it gives it back with releaseWorkspace; a concurrent layer
+   * gets a fresh one rather than sharing.
    */
   acquireWorkspace(): Uint16Array {
     const ws = this.#workspace;
     this.#workspace = undefined;
-    if (ws && ws.buffer.byteLength > 0) return ws; // a transferred (detached) buffer is dropped
+    if (ws) return ws;
     this.stats.workspaceAllocations++;
-    return new Uint16Array(this.workspaceBytes / 2);
+    return new Uint16Array(new SharedArrayBuffer(this.workspaceBytes));
   }
 
   releaseWorkspace(ws: Uint16Array): void {
-    if (ws.buffer.byteLength > 0 && ws.length === this.workspaceBytes / 2) this.#workspace = ws;
+    if (ws.length === this.workspaceBytes / 2) this.#workspace = ws;
   }
 
   #state(ratio: CompressRatio, argument: string): RatioState {

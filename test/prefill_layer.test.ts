@@ -1,0 +1,296 @@
+/**
+ * prefillLayer on both paths (workspace + sparsePrefill, and paged FP8 attention) against the
+ * brute-force float64 reference, which derives each query's attention set from SPEC §6 and attends
+ * the caches' dequantized rows; random multi-request chunks and every ratio; a multi-layer chunk
+ * reusing one plan; bad input refused before any engine work.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createEngine, createKvCache, bf16ToFloat32, tensor, SparseMlaError } from '../dist/index.js';
+import { createPlan, prefillLayer, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
+import {
+  TOLERANCES,
+  compareToReference,
+  prefillLayerReference,
+  quantizeKCacheReference,
+  type PlanReferenceChunk,
+  type PrefillLayerReferenceResult,
+} from '../dist/reference/index.js';
+import type { Engine, KvCache, Tensor } from '../dist/types.js';
+import { randomBf16Bits, testRng, type Rng } from './helpers/random.js';
+
+const rng = testRng('prefill_layer.test');
+const HQ = 8;
+const D = 512;
+const SM_SCALE = 1 / Math.sqrt(D);
+const W = 128;
+
+let engine: Engine;
+beforeAll(async () => {
+  engine = await createEngine({ backend: 'wasm', workers: 2 });
+});
+afterAll(async () => {
+  await engine?.dispose();
+});
+
+function shuffle(rng: Rng, a: number[]): number[] {
+  for (let i = a.length - 1; i > 0; i--) {
+    const j = rng.int(0, i + 1);
+    [a[i], a[j]] = [a[j]!, a[i]!];
+  }
+  return a;
+}
+
+/** A v4 cache of `tokens` random rows (quantized by the reference). */
+function randomCache(rng: Rng, pageSize: number, numPages: number): KvCache {
+  const cache = createKvCache('v4', { pageSize, numPages });
+  const n = pageSize * numPages;
+  const rows = tensor('bf16', [n, D], randomBf16Bits(rng, n * D, 1));
+  quantizeKCacheReference(cache, Array.from({ length: n }, (_, i) => i), rows);
+  return cache;
+}
+
+interface Scenario {
+  chunk: PlanChunk;
+  ref: PlanReferenceChunk;
+  numQueries: number;
+  swaPages: number;
+  c4Pages: number;
+  c128Pages: number;
+  c4PageSize: number;
+  c128PageSize: number;
+}
+
+/** Requests with random lengths: fresh, mid-sequence, short of the window, below a ratio, empty. */
+function randomScenario(rng: Rng, seqLens: number[], extendLens: number[]): Scenario {
+  const swaPageSize = 64;
+  const c4PageSize = rng.pick([16, 64]);
+  const c128PageSize = rng.pick([1, 2]);
+  const totalSeq = seqLens.reduce((a, b) => a + b, 0);
+  const swaPages = Math.ceil(totalSeq / swaPageSize) + 1;
+  const c4Need = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 4) / c4PageSize), 0);
+  const c128Need = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 128) / c128PageSize), 0);
+  const c4Pages = c4Need + 2, c128Pages = c128Need + 2;
+  const swaSlots = shuffle(rng, Array.from({ length: swaPages * swaPageSize }, (_, i) => i));
+  const c4Free = shuffle(rng, Array.from({ length: c4Pages }, (_, i) => i));
+  const c128Free = shuffle(rng, Array.from({ length: c128Pages }, (_, i) => i));
+  const chunk: PlanChunk = { requests: [], c4PageSize, c128PageSize };
+  const ref: PlanReferenceChunk = { requests: [], c4PageSize, c128PageSize, window: W };
+  let slot = 0;
+  for (let r = 0; r < seqLens.length; r++) {
+    const s = seqLens[r]!, e = extendLens[r]!;
+    const byPos = swaSlots.slice(slot, slot + s);
+    slot += s;
+    const c4PageTable = c4Free.splice(0, Math.ceil(Math.floor(s / 4) / c4PageSize));
+    const c128PageTable = c128Free.splice(0, Math.ceil(Math.floor(s / 128) / c128PageSize));
+    const g = e > 0 ? Math.min(s, e + W - 1) : 0;
+    (chunk.requests as object[]).push({ seqLen: s, extendLen: e, swaTokenIds: byPos.slice(s - g), c4PageTable, c128PageTable });
+    ref.requests.push({ seqLen: s, extendLen: e, swaTokenIdByPosition: byPos, c4PageTable, c128PageTable });
+  }
+  return {
+    chunk,
+    ref,
+    numQueries: extendLens.reduce((a, b) => a + b, 0),
+    swaPages,
+    c4Pages,
+    c128Pages,
+    c4PageSize,
+    c128PageSize,
+  };
+}
+
+/** [nq, topk] request-local picks: mostly visible entries, some −1, a few not yet visible. */
+function randomTopk(rng: Rng, sc: Scenario, topk: number): Tensor<'int32'> {
+  const out = new Int32Array(sc.numQueries * topk);
+  let q = 0;
+  for (const r of sc.ref.requests) {
+    for (let i = 0; i < r.extendLen; i++, q++) {
+      const pos = r.seqLen - r.extendLen + i;
+      const visible = Math.floor((pos + 1) / 4);
+      const pick = shuffle(rng, Array.from({ length: visible }, (_, j) => j));
+      for (let k = 0; k < topk; k++) {
+        const u = rng.uniform();
+        out[q * topk + k] = u < 0.15 ? -1 : u < 0.2 ? visible + rng.int(0, 50) : k < pick.length ? pick[k]! : -1;
+      }
+    }
+  }
+  return tensor('int32', [sc.numQueries, topk], out);
+}
+
+function expectMatches(got: PrefillLayerResult, ref: PrefillLayerReferenceResult, path: PrefillPath, label: string): void {
+  expect(got.path, label).toBe(path);
+  const outTol = path === 'paged' ? TOLERANCES.pagedOut : TOLERANCES.out;
+  const out = compareToReference(bf16ToFloat32(got.out).data, ref.out, outTol);
+  expect(out.pass, `${label} out: ${JSON.stringify(out)}`).toBe(true);
+  const lse = compareToReference(got.lse.data, ref.lse, TOLERANCES.lse);
+  expect(lse.pass, `${label} lse: ${JSON.stringify(lse)}`).toBe(true);
+  const ml = compareToReference(got.maxLogits.data, ref.maxLogits, TOLERANCES.maxLogits);
+  expect(ml.pass, `${label} maxLogits: ${JSON.stringify(ml)}`).toBe(true);
+  expect(got.dropped, `${label} dropped`).toBe(ref.dropped);
+}
+
+describe('prefillLayer vs the brute-force reference', () => {
+  const PATHS: PrefillPath[] = ['sparse', 'paged'];
+
+  test.each([0, 4, 128] as const)('ratio %i, random multi-request chunk, both paths', async (ratio) => {
+    // fresh short request, long mid-sequence request, one short of the ratio, an empty one, a random one
+    const seqLens = [rng.int(5, 40), rng.int(300, 700), rng.int(100, 128), rng.int(10, 300), rng.int(130, 500)];
+    const extendLens = [seqLens[0]!, rng.int(10, 30), rng.int(1, 8), 0, rng.int(1, 20)];
+    const sc = randomScenario(rng, seqLens, extendLens);
+    const caches = {
+      swa: randomCache(rng, 64, sc.swaPages),
+      c4: randomCache(rng, sc.c4PageSize, sc.c4Pages),
+      c128: randomCache(rng, sc.c128PageSize, sc.c128Pages),
+    };
+    const plan = createPlan(sc.chunk, { caches });
+    const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+    const sinkVals = new Float32Array(HQ).map(() => rng.normal());
+    sinkVals[1] = -Infinity; // a head with no sink
+    const attnSink = tensor('float32', [HQ], sinkVals);
+    const topkIndices = ratio === 4 ? randomTopk(rng, sc, 96) : undefined;
+    const args = { q, compressRatio: ratio as CompressRatio, plan, caches, attnSink, smScale: SM_SCALE, ...(topkIndices ? { topkIndices } : {}) };
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(topkIndices ? { topkIndices } : {}) });
+    if (ratio === 4) expect(ref.dropped).toBeGreaterThan(0);
+    for (const path of PATHS) {
+      const got = await prefillLayer(engine, { ...args, path });
+      expectMatches(got, ref, path, `ratio ${ratio} ${path}`);
+      expect(got.reason).toBe(`forced by option path='${path}'`);
+      expect(got.workspaceBytes).toBe(path === 'sparse' ? plan.layout(ratio).bytes : 0);
+    }
+  }, 60_000);
+
+  test('a multi-layer chunk (ratios 0, 4, 128, 4) reuses one plan: c0/c128 rows are built once', async () => {
+    const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400)];
+    const extendLens = [rng.int(5, 20), seqLens[1]!, rng.int(1, 10)];
+    const sc = randomScenario(rng, seqLens, extendLens);
+    const plan = createPlan(sc.chunk);
+    const ratios: CompressRatio[] = [0, 4, 128, 4];
+    // every layer has its own caches and its own indexer output
+    const layers = ratios.map((ratio) => ({
+      ratio,
+      caches: {
+        swa: randomCache(rng, 64, sc.swaPages),
+        c4: ratio === 4 ? randomCache(rng, sc.c4PageSize, sc.c4Pages) : undefined,
+        c128: ratio === 128 ? randomCache(rng, sc.c128PageSize, sc.c128Pages) : undefined,
+      },
+      topkIndices: ratio === 4 ? randomTopk(rng, sc, 64) : undefined,
+      q: tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1)),
+      attnSink: tensor('float32', [HQ], new Float32Array(HQ).map(() => rng.normal())),
+    }));
+    const refs = layers.map((l) =>
+      prefillLayerReference({
+        chunk: sc.ref,
+        compressRatio: l.ratio,
+        q: l.q,
+        caches: { swa: l.caches.swa, ...(l.caches.c4 ? { c4: l.caches.c4 } : {}), ...(l.caches.c128 ? { c128: l.caches.c128 } : {}) },
+        attnSink: l.attnSink,
+        smScale: SM_SCALE,
+        ...(l.topkIndices ? { topkIndices: l.topkIndices } : {}),
+      }),
+    );
+    for (const path of ['sparse', 'paged'] as const) {
+      for (let i = 0; i < layers.length; i++) {
+        const l = layers[i]!;
+        const got = await prefillLayer(engine, {
+          q: l.q,
+          compressRatio: l.ratio,
+          plan,
+          caches: l.caches,
+          attnSink: l.attnSink,
+          smScale: SM_SCALE,
+          path,
+          ...(l.topkIndices ? { topkIndices: l.topkIndices } : {}),
+        });
+        expectMatches(got, refs[i]!, path, `layer ${i} (c${l.ratio}) ${path}`);
+      }
+    }
+    // two passes over 4 layers: the chunk-invariant rows once, a c4 combine per c4 layer per pass,
+    // one workspace buffer, one paged main set; extra sets: c128 once + one per c4 combine
+    expect(plan.stats).toEqual({
+      c0Builds: 1,
+      c128Builds: 1,
+      c4Combines: 4,
+      c4Dropped: plan.stats.c4Dropped,
+      pagedMainBuilds: 1,
+      pagedExtraBuilds: 1 + 2,
+      workspaceAllocations: 1,
+    });
+    expect(plan.stats.c4Dropped).toBe(2 * (refs[1]!.dropped + refs[3]!.dropped));
+  }, 60_000);
+
+  test('the router picks the path by query count, option or SPARSE_MLA_PREFILL', async () => {
+    const sc = randomScenario(rng, [40, 300], [40, 9]); // 49 queries
+    const caches = { swa: randomCache(rng, 64, sc.swaPages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
+    const plan = createPlan(sc.chunk);
+    const q = tensor('bf16', [49, HQ, D], randomBf16Bits(rng, 49 * HQ * D, 1));
+    const base = { q, compressRatio: 128 as const, plan, caches, smScale: SM_SCALE };
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 128, q, caches, smScale: SM_SCALE });
+    const above = await prefillLayer(engine, { ...base, threshold: 48, env: {} });
+    expect(above.reason).toBe('49 queries > threshold 48');
+    expectMatches(above, ref, 'sparse', 'threshold 48');
+    const below = await prefillLayer(engine, { ...base, threshold: 49, env: {} });
+    expect(below.reason).toBe('49 queries ≤ threshold 49');
+    expectMatches(below, ref, 'paged', 'threshold 49');
+    const saved = process.env.SPARSE_MLA_PREFILL;
+    try {
+      process.env.SPARSE_MLA_PREFILL = 'sparse';
+      const forced = await prefillLayer(engine, { ...base, threshold: 1000 });
+      expect(forced.reason).toBe('forced by SPARSE_MLA_PREFILL=sparse');
+      expectMatches(forced, ref, 'sparse', 'env sparse');
+    } finally {
+      if (saved === undefined) delete process.env.SPARSE_MLA_PREFILL;
+      else process.env.SPARSE_MLA_PREFILL = saved;
+    }
+  }, 60_000);
+});
+
+describe('prefillLayer bad input: a typed error before any engine work', () => {
+  /** An engine that fails the test if any op is reached. */
+  const untouchable = new Proxy({} as Engine, {
+    get(_t, prop) {
+      if (prop === 'then') return undefined;
+      return () => {
+        throw new Error(`engine.${String(prop)} must not be called`);
+      };
+    },
+  });
+  const sc = randomScenario(makeFixed(), [20, 200], [20, 3]);
+  const caches = { swa: createKvCache('v4', { pageSize: 64, numPages: sc.swaPages }), c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: sc.c4Pages }) };
+  const plan = createPlan(sc.chunk);
+  const q = tensor('bf16', [23, 2, D]);
+  const topkIndices = tensor('int32', [23, 8], new Int32Array(23 * 8).fill(-1));
+  const ok = { q, compressRatio: 4 as const, plan, caches, topkIndices, smScale: 0.1 };
+
+  async function expectCode(args: object, code: string, pattern: RegExp): Promise<void> {
+    const err = await prefillLayer(untouchable, args as never).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect((err as SparseMlaError).code).toBe(code);
+    expect((err as Error).message).toMatch(pattern);
+  }
+
+  test('ids outside the caches', async () => {
+    await expectCode({ ...ok, caches: { ...caches, swa: createKvCache('v4', { pageSize: 64, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.swa/);
+    await expectCode({ ...ok, caches: { ...caches, c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.c4/);
+    await expectCode({ ...ok, caches: { ...caches, c4: createKvCache('v4', { pageSize: 2 * sc.c4PageSize, numPages: sc.c4Pages }) } }, 'INVALID_VALUE', /pageSize/);
+  });
+  test('mismatched shapes and missing pieces', async () => {
+    await expectCode({ ...ok, q: tensor('bf16', [22, 2, D]) }, 'INVALID_SHAPE', /q: expected \[numQueries = 23/);
+    await expectCode({ ...ok, q: tensor('bf16', [23, 2, 576]) }, 'INVALID_SHAPE', /q/);
+    await expectCode({ ...ok, topkIndices: tensor('int32', [22, 8]) }, 'INVALID_SHAPE', /topkIndices/);
+    await expectCode({ ...ok, topkIndices: undefined }, 'INVALID_VALUE', /topkIndices/);
+    await expectCode({ ...ok, compressRatio: 128 }, 'INVALID_VALUE', /topkIndices/); // c128 layers have no indexer
+    await expectCode({ ...ok, attnSink: tensor('float32', [3]) }, 'INVALID_SHAPE', /attnSink/);
+    await expectCode({ ...ok, smScale: Number.NaN }, 'INVALID_VALUE', /smScale/);
+    await expectCode({ ...ok, plan: {} }, 'INVALID_VALUE', /plan/);
+    await expectCode({ ...ok, path: 'fastest' }, 'INVALID_VALUE', /path/);
+  });
+});
+
+/** A fixed-seed generator for inputs built at collection time (their values do not matter). */
+function makeFixed(): Rng {
+  let s = 12345;
+  const u = (): number => ((s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32);
+  return { seed: 12345, u32: () => Math.floor(u() * 2 ** 32), uniform: u, normal: () => u() - 0.5, int: (lo, hi) => lo + Math.floor(u() * (hi - lo)), pick: (a) => a[Math.floor(u() * a.length)]! };
+}

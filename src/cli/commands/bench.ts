@@ -1,0 +1,279 @@
+/**
+ * `sparse-mla bench` (what `npm run bench` runs): throughput of sparsePrefill (GFLOP/s) and of the
+ * KV-cache ops (GB/s, bytes read + written) on one backend, with a 1-worker and an N-worker engine
+ * (N = the cores by default), median of several timed runs after warm-up. Each sparsePrefill is
+ * one call over the whole chunk, so the N-worker figure is the pool splitting by query rows.
+ * CPU figures are noisy: read the 1 → N ratio, not the absolute numbers alone.
+ */
+import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { availableParallelism, cpus, totalmem } from 'node:os';
+import { fileURLToPath } from 'node:url';
+import { SparseMlaError } from '../../errors.js';
+import { createEngine, createKvCache } from '../../index.js';
+import { float32ToBf16Bits, tensor } from '../../tensor.js';
+import type { BackendChoice, Engine, Tensor } from '../../types.js';
+import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import type { CliCommand } from '../command.js';
+import { Progress } from '../progress.js';
+import { formatRate, formatSeconds, formatTable, median } from '../table.js';
+import { buildWorkload, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, V4_ROW, type Workload } from '../workload.js';
+import { RUN_OPTIONS } from './run.js';
+
+const OPTIONS = {
+  ...RUN_OPTIONS,
+  queries: { ...RUN_OPTIONS.queries, default: 512, help: 'query tokens per sparsePrefill call (the run shape, fewer queries)' },
+  workers: { type: 'int', min: 1, max: 256, help: 'N, the larger pool (default: the cores); 1 worker is always measured too' },
+  'dequant-tokens': { type: 'int', default: 32768, min: 1, help: 'tokens per quantize / dequantize call (a 32K-token chunk)' },
+  repeat: { type: 'int', default: 5, min: 1, max: 1000, help: 'timed runs per measurement (the median is reported)' },
+  warmup: { type: 'int', default: 1, min: 0, max: 100, help: 'untimed runs before the timed ones' },
+  json: { type: 'boolean', help: 'print the results as JSON on stdout (instead of the table)' },
+  out: { type: 'string', metavar: 'FILE', help: 'also write the JSON results to FILE' },
+  quiet: { type: 'boolean', short: 'q', help: 'no progress output on stderr' },
+} as const satisfies OptionTable;
+
+const USAGE = `Usage: sparse-mla bench [options]
+
+Measure sparsePrefill (GFLOP/s, FLOPs = 2·Σ topkLength·hQ·(dQK+dV)) and quantizeKCache /
+dequantizeKCachePaged (GB/s, bytes read + written) on one backend with a 1-worker and an N-worker
+engine; each figure is the median of --repeat timed runs after --warmup untimed ones. The prefill
+shape is the one of \`sparse-mla run\` (fewer queries by default).
+
+Options:
+${formatOptions(OPTIONS)}
+`;
+
+interface Measurement {
+  op: 'sparsePrefill' | 'dequantizeKCachePaged' | 'quantizeKCache';
+  workers: number;
+  runs_s: number[];
+  median_s: number;
+  min_s: number;
+  max_s: number;
+  /** work per call: FLOPs (prefill) or bytes (cache ops) */
+  work: number;
+  unit: 'GFLOP/s' | 'GB/s';
+  /** work / median time, in unit */
+  rate: number;
+}
+
+function gitCommit(): string | null {
+  try {
+    const root = fileURLToPath(new URL('../../../', import.meta.url));
+    const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: root, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
+    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: root, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
+    return dirty ? `${head}-dirty` : head;
+  } catch {
+    return null;
+  }
+}
+
+export function machineInfo(): Record<string, unknown> {
+  const cpuList = cpus();
+  return {
+    cpu: cpuList[0]?.model?.trim() ?? 'unknown',
+    cores: availableParallelism(),
+    memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    node: process.version,
+    platform: `${process.platform}-${process.arch}`,
+    date: new Date().toISOString(),
+    commit: gitCommit(),
+  };
+}
+
+/** Random bf16 rows and a shuffled page table for the cache-op benchmark. */
+function cacheInputs(tokens: number, pageSize: number, seed: number): { rows: Uint16Array; tokenIds: Int32Array; numPages: number } {
+  const rng = new Rng(seed ^ 0x0badcafe);
+  const numPages = Math.ceil(tokens / pageSize);
+  const pages = Array.from({ length: numPages }, (_, i) => i);
+  for (let i = numPages - 1; i > 0; i--) {
+    const j = rng.int(i + 1);
+    [pages[i], pages[j]] = [pages[j]!, pages[i]!];
+  }
+  const tokenIds = new Int32Array(tokens);
+  for (let t = 0; t < tokens; t++) tokenIds[t] = pages[Math.floor(t / pageSize)]! * pageSize + (t % pageSize);
+  const rows = new Uint16Array(tokens * V4_ROW);
+  for (let i = 0; i < rows.length; i++) rows[i] = float32ToBf16Bits(rng.uniform(-2, 2));
+  return { rows, tokenIds, numPages };
+}
+
+async function measure(
+  progress: Progress,
+  label: string,
+  warmup: number,
+  repeat: number,
+  fn: () => Promise<unknown>,
+): Promise<number[]> {
+  progress.start(label, warmup + repeat);
+  const runs: number[] = [];
+  for (let i = 0; i < warmup + repeat; i++) {
+    const t0 = performance.now();
+    await fn();
+    const seconds = (performance.now() - t0) / 1000;
+    if (i >= warmup) runs.push(seconds);
+    progress.update(i + 1);
+  }
+  progress.finish(`median ${formatSeconds(median(runs))}`);
+  return runs;
+}
+
+function summarize(op: Measurement['op'], workers: number, runs: number[], work: number, unit: Measurement['unit']): Measurement {
+  const med = median(runs);
+  return {
+    op,
+    workers,
+    runs_s: runs,
+    median_s: med,
+    min_s: Math.min(...runs),
+    max_s: Math.max(...runs),
+    work,
+    unit,
+    rate: work / med / 1e9,
+  };
+}
+
+async function benchEngine(
+  engine: Engine,
+  workers: number,
+  w: Workload,
+  kv: Tensor<'bf16'>,
+  cacheIn: ReturnType<typeof cacheInputs>,
+  o: { 'page-size': number; warmup: number; repeat: number },
+  progress: Progress,
+): Promise<Measurement[]> {
+  const tag = `${engine.backend}${engine.backend === 'wasm' ? ` x${workers}` : ''}`;
+  const tokens = cacheIn.tokenIds.length;
+  const cache = createKvCache('v4', { pageSize: o['page-size'], numPages: cacheIn.numPages });
+  const ids = tensor('int32', [tokens], cacheIn.tokenIds);
+  const rows = tensor('bf16', [tokens, V4_ROW], cacheIn.rows);
+  const results: Measurement[] = [];
+
+  const quantRuns = await measure(progress, `quantizeKCache (${tag})`, o.warmup, o.repeat, () => engine.quantizeKCache({ cache, tokenIds: ids, rows }));
+  results.push(summarize('quantizeKCache', workers, quantRuns, quantizeBytes(tokens), 'GB/s'));
+
+  const dequantRuns = await measure(progress, `dequantizeKCachePaged (${tag})`, o.warmup, o.repeat, () => engine.dequantizeKCachePaged({ cache, tokenIds: ids }));
+  results.push(summarize('dequantizeKCachePaged', workers, dequantRuns, dequantBytes(tokens), 'GB/s'));
+
+  const args = { q: w.q, kv, indices: w.indices, topkLength: w.topkLength, attnSink: w.attnSink, smScale: w.smScale, dV: DV };
+  const prefillRuns = await measure(progress, `sparsePrefill (${tag})`, o.warmup, o.repeat, () => engine.sparsePrefill(args));
+  results.push(summarize('sparsePrefill', workers, prefillRuns, prefillFlops(w.totalEntries, w.shape.heads), 'GFLOP/s'));
+  return results;
+}
+
+export async function benchCommand(argv: string[]): Promise<number> {
+  const { options: o, positionals } = parseArgs(argv, OPTIONS);
+  if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `bench: unexpected argument '${positionals[0]}'`, 'argv');
+  const progress = new Progress({ enabled: !o.quiet });
+  const shape = {
+    queries: o.queries,
+    heads: o.heads,
+    topk: o.topk,
+    window: o.window,
+    context: o.context,
+    pageSize: o['page-size'],
+    seed: o.seed,
+  };
+  const n = o.workers ?? availableParallelism();
+  const poolSizes = [...new Set([1, n])];
+
+  progress.start('generating inputs', 0);
+  const w = buildWorkload(shape);
+  const cacheIn = cacheInputs(o['dequant-tokens'], o['page-size'], o.seed);
+  progress.finish();
+
+  const measurements: Measurement[] = [];
+  let backend: string | undefined;
+  let kv: Tensor<'bf16'> | undefined;
+  for (const workers of poolSizes) {
+    const engine = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers });
+    try {
+      backend = engine.backend;
+      if (!kv) {
+        // the prefill's workspace: the run shape's gather, quantized and dequantized once
+        const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: w.numPages });
+        const ids = tensor('int32', [w.kvRows], w.tokenIds);
+        await engine.quantizeKCache({ cache, tokenIds: ids, rows: w.rows });
+        kv = await engine.dequantizeKCachePaged({ cache, tokenIds: ids });
+      }
+      const label = engine.backend === 'wasm' ? (engine.workers ?? workers) : 0;
+      const workspace: Tensor<'bf16'> = kv;
+      measurements.push(...(await benchEngine(engine, label, w, workspace, cacheIn, o, progress)));
+      if (engine.backend !== 'wasm') break; // worker counts mean nothing off WASM
+    } finally {
+      await engine.dispose();
+    }
+  }
+
+  const speedup: Record<string, number> = {};
+  if (poolSizes.length > 1 && backend === 'wasm') {
+    for (const op of ['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache'] as const) {
+      const one = measurements.find((m) => m.op === op && m.workers === 1);
+      const many = measurements.find((m) => m.op === op && m.workers === n);
+      if (one && many) speedup[op] = one.median_s / many.median_s;
+    }
+  }
+
+  const report = {
+    command: ['sparse-mla', 'bench', ...argv].join(' '),
+    machine: machineInfo(),
+    backend,
+    workers: poolSizes,
+    repeat: o.repeat,
+    warmup: o.warmup,
+    shape: {
+      ...shape,
+      dQK: DQK,
+      dV: DV,
+      indexWidth: w.width,
+      workspaceRows: w.kvRows,
+      entries: w.totalEntries,
+      gflopPerCall: prefillFlops(w.totalEntries, shape.heads) / 1e9,
+      cacheOpTokens: o['dequant-tokens'],
+    },
+    results: measurements,
+    speedup,
+  };
+  const json = `${JSON.stringify(report, null, 2)}\n`;
+  if (o.out) writeFileSync(o.out, json);
+  if (o.json) {
+    process.stdout.write(json);
+    return 0;
+  }
+
+  const m = report.machine;
+  const lines = [
+    `sparse-mla bench: ${backend} backend on ${m.cpu} (${m.cores} cores), Node ${m.node}, ${m.date}`,
+    `sparsePrefill: ${shape.queries} queries x ${shape.heads} heads, dQK ${DQK}, dV ${DV}, topk ${shape.topk} + window ${shape.window}, ` +
+      `${report.shape.gflopPerCall.toFixed(1)} GFLOP per call; cache ops: ${o['dequant-tokens']} tokens, page size ${shape.pageSize}`,
+    `median of ${o.repeat} runs after ${o.warmup} warm-up`,
+    '',
+    formatTable(
+      [
+        ['op', 'workers', 'median', 'min', 'max', 'throughput'],
+        ...measurements.map((r) => [
+          r.op,
+          r.workers ? String(r.workers) : '-',
+          formatSeconds(r.median_s),
+          formatSeconds(r.min_s),
+          formatSeconds(r.max_s),
+          formatRate(r.rate, r.unit),
+        ]),
+      ],
+      ['left', 'right', 'right', 'right', 'right', 'right'],
+    ),
+  ];
+  if (Object.keys(speedup).length > 0) {
+    lines.push('', `speedup 1 -> ${n} workers (median time ratio):`);
+    for (const [op, ratio] of Object.entries(speedup)) lines.push(`  ${op.padEnd(22)} ${ratio.toFixed(2)}x`);
+  }
+  if (o.out) lines.push('', `JSON written to ${o.out}`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+  return 0;
+}
+
+export const command: CliCommand = {
+  name: 'bench',
+  summary: 'measure sparsePrefill GFLOP/s and dequant GB/s with 1 and N workers (npm run bench)',
+  usage: USAGE,
+  run: benchCommand,
+};

@@ -1,0 +1,219 @@
+/**
+ * The `sparse-mla` CLI, run as a user runs it: `node dist/cli/main.js ...` (built by `npm test`).
+ * Sizes are tiny so the whole file takes a few seconds; the full-size `run` and `bench` are
+ * measured by hand (README), never timed here.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, test } from 'vitest';
+import { formatOptions, parseArgs } from '../dist/cli/args.js';
+import { Progress } from '../dist/cli/progress.js';
+
+const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
+
+function cli(args: string[], env: Record<string, string> = {}): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, [MAIN, ...args], {
+    encoding: 'utf8',
+    env: { ...process.env, SPARSE_MLA_BACKEND: 'auto', ...env },
+    timeout: 60_000,
+  });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+/** A small chunk: 24 queries x 4 heads, 16 compressed picks + a window of 8, context 96. */
+const TINY = ['--queries', '24', '--heads', '4', '--topk', '16', '--window', '8', '--context', '96', '--page-size', '16', '--workers', '2'];
+
+describe('dispatch', () => {
+  test('--help lists every command and exits 0', () => {
+    const r = cli(['--help']);
+    expect(r.code).toBe(0);
+    for (const name of ['info', 'run', 'prefill', 'verify', 'bench']) expect(r.stdout).toMatch(new RegExp(`^  ${name} `, 'm'));
+    expect(r.stdout).toContain('Usage: sparse-mla <command>');
+  });
+
+  test('no command prints the usage on stderr and exits 2', () => {
+    const r = cli([]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('Usage: sparse-mla <command>');
+  });
+
+  test('an unknown command prints the usage and exits 2', () => {
+    const r = cli(['frobnicate']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("unknown command 'frobnicate'");
+    expect(r.stderr).toContain('Commands:');
+  });
+
+  test('<command> --help prints that command\'s options and exits 0', () => {
+    const r = cli(['run', '--help']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toContain('Usage: sparse-mla run');
+    expect(r.stdout).toMatch(/--queries N\s+.*\(default 8192\)/);
+  });
+
+  test('bad flags are usage errors: message naming the flag, exit 2', () => {
+    let r = cli(['run', '--queries', 'many']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("--queries: expected an integer, got 'many'");
+    r = cli(['run', '--no-such-flag']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("unknown option '--no-such-flag'");
+    r = cli(['bench', '--backend', 'tpu']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('--backend: expected one of auto|cuda|cpu|wasm');
+  });
+});
+
+describe('info', () => {
+  test('reports the wasm backend, why the others are missing, and the machine', () => {
+    const r = cli(['info']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^wasm\s+available/m);
+    expect(r.stdout).toContain('auto picks:');
+    expect(r.stdout).toMatch(/WebAssembly SIMD128: yes/);
+    expect(r.stdout).toContain(`Node ${process.version}`);
+  });
+
+  test('--json: every backend has a status, a missing one has a reason', () => {
+    const r = cli(['info', '--json']);
+    expect(r.code).toBe(0);
+    const info = JSON.parse(r.stdout) as {
+      backends: { name: string; available: boolean; reason?: string }[];
+      auto: string | null;
+      machine: { cores: number; node: string; wasmSimd128: boolean };
+    };
+    const wasm = info.backends.find((b) => b.name === 'wasm');
+    expect(wasm?.available).toBe(true);
+    for (const b of info.backends) if (!b.available) expect(b.reason, b.name).toMatch(/\S/);
+    expect(info.auto).not.toBeNull();
+    expect(info.machine.cores).toBeGreaterThanOrEqual(1);
+    expect(info.machine.node).toBe(process.version);
+  });
+});
+
+describe('run', () => {
+  test('a tiny chunk on wasm passes every check and exits 0', () => {
+    const r = cli(['run', ...TINY, '--backend', 'wasm', '--check', '24']);
+    expect(r.stderr).not.toContain('internal error');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^sparsePrefill\s/m);
+    expect(r.stdout).toMatch(/^prefill out\s.*PASS$/m);
+    expect(r.stdout).toMatch(/^dequantize values\s.*PASS$/m);
+    expect(r.stdout.trimEnd().split('\n').at(-1)).toBe('PASS');
+    // progress goes to stderr (plain lines, not a TTY here), never into the table
+    expect(r.stderr).toContain('sparsePrefill:');
+    expect(r.stdout).not.toContain('\r');
+  });
+
+  test('--json: checks over the sampled queries, with the shape that ran', () => {
+    const r = cli(['run', ...TINY, '--block', '5', '--check', '6', '--seed', '7', '--json', '--quiet']);
+    expect(r.code).toBe(0);
+    expect(r.stderr).toBe('');
+    const out = JSON.parse(r.stdout) as {
+      pass: boolean;
+      shape: { queries: number; heads: number };
+      sampledQueries: number;
+      steps: { step: string; calls: number; seconds: number }[];
+      checks: { name: string; pass: boolean; count: number }[];
+    };
+    expect(out.pass).toBe(true);
+    expect(out.shape).toMatchObject({ queries: 24, heads: 4 });
+    expect(out.sampledQueries).toBe(6);
+    const prefill = out.steps.find((s) => s.step === 'sparsePrefill');
+    expect(prefill?.calls).toBe(5); // 24 queries in blocks of 5
+    const names = out.checks.map((c) => c.name);
+    expect(names).toEqual(expect.arrayContaining(['quantize bytes', 'dequantize values', 'prefill out', 'prefill lse', 'prefill maxLogits']));
+    const checkedOut = out.checks.find((c) => c.name === 'prefill out');
+    expect(checkedOut?.count).toBe(6 * 4 * 512);
+  });
+});
+
+describe('bench', () => {
+  test('--json with tiny sizes: machine, command, medians for 1 and 2 workers, speedup', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'smla-bench-'));
+    try {
+      const file = join(dir, 'bench.json');
+      const args = ['bench', ...TINY, '--backend', 'wasm', '--repeat', '3', '--warmup', '1', '--dequant-tokens', '256', '--json', '--quiet', '--out', file];
+      const r = cli(args);
+      expect(r.code).toBe(0);
+      const report = JSON.parse(r.stdout) as {
+        command: string;
+        machine: { cpu: string; cores: number; node: string; date: string; commit: string | null };
+        backend: string;
+        workers: number[];
+        results: { op: string; workers: number; runs_s: number[]; median_s: number; rate: number; unit: string }[];
+        speedup: Record<string, number>;
+      };
+      expect(JSON.parse(readFileSync(file, 'utf8'))).toEqual(report);
+      expect(report.command).toBe(['sparse-mla', ...args].join(' '));
+      expect(report.machine.cpu).toMatch(/\S/);
+      expect(report.machine.node).toBe(process.version);
+      expect(Number.isNaN(Date.parse(report.machine.date))).toBe(false);
+      expect(report.machine).toHaveProperty('commit');
+      expect(report.backend).toBe('wasm');
+      expect(report.workers).toEqual([1, 2]);
+      for (const op of ['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache']) {
+        for (const workers of [1, 2]) {
+          const m = report.results.find((x) => x.op === op && x.workers === workers);
+          expect(m, `${op} x${workers}`).toBeDefined();
+          expect(m!.runs_s).toHaveLength(3);
+          expect(m!.median_s).toBeGreaterThan(0);
+          expect(Number.isFinite(m!.rate) && m!.rate > 0).toBe(true);
+        }
+        expect(report.speedup[op]).toBeGreaterThan(0);
+      }
+      expect(report.results.find((x) => x.op === 'sparsePrefill')!.unit).toBe('GFLOP/s');
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe('args and progress', () => {
+  const table = {
+    n: { type: 'int', default: 3, min: 1, help: 'count', short: 'n' },
+    scale: { type: 'number', help: 'a scale' },
+    mode: { type: 'string', default: 'a', choices: ['a', 'b'], help: 'mode' },
+    json: { type: 'boolean', help: 'json' },
+  } as const;
+
+  test('parseArgs: forms, defaults, positionals, --', () => {
+    const r = parseArgs(['x', '--n=5', '--scale', '-0.5', '--json', '--mode', 'b', '--', '--n'], table);
+    expect(r.options).toEqual({ n: 5, scale: -0.5, mode: 'b', json: true });
+    expect(r.positionals).toEqual(['x', '--n']);
+    expect(parseArgs(['-n', '7'], table).options).toEqual({ n: 7, scale: undefined, mode: 'a', json: false });
+  });
+
+  test('parseArgs: errors name the flag and what came', () => {
+    expect(() => parseArgs(['--n', '0'], table)).toThrow('--n: expected ≥ 1, got 0');
+    expect(() => parseArgs(['--n', '1.5'], table)).toThrow("--n: expected an integer, got '1.5'");
+    expect(() => parseArgs(['--n'], table)).toThrow('--n needs a value');
+    expect(() => parseArgs(['--mode', 'c'], table)).toThrow("--mode: expected one of a|b, got 'c'");
+    expect(() => parseArgs(['--json=1'], table)).toThrow('--json takes no value');
+    expect(() => parseArgs(['--scale', 'NaN'], table)).toThrow("--scale: expected a number, got 'NaN'");
+    expect(() => parseArgs(['-z'], table)).toThrow("unknown option '-z'");
+    expect(formatOptions(table)).toMatch(/--mode a\|b\s+mode \(default a\)/);
+  });
+
+  test('Progress: plain lines off a TTY, in-place redraws on one', () => {
+    const plain: string[] = [];
+    const p = new Progress({ stream: { write: (s: string) => (plain.push(s), true) }, tty: false });
+    p.start('work', 100);
+    for (let i = 1; i <= 100; i++) p.update(i);
+    p.finish('ok');
+    expect(plain.join('')).not.toContain('\r');
+    expect(plain.length).toBeLessThanOrEqual(12); // one line per tenth, not per update
+    expect(plain[0]).toBe('work: 0/100 (0%)\n');
+    expect(plain.at(-1)).toMatch(/^work: done, ok \(\d/);
+
+    const tty: string[] = [];
+    const t = new Progress({ stream: { write: (s: string) => (tty.push(s), true), columns: 80 }, tty: true });
+    t.start('work', 4);
+    t.finish();
+    expect(tty[0]).toMatch(/^\r\x1b\[2Kwork \[-+\] 0\/4/);
+    expect(tty.at(-1)).toMatch(/^\r\x1b\[2Kwork: done/);
+  });
+});

@@ -43,7 +43,13 @@ export type TaskMethod = Exclude<keyof WorkerApi, 'ready'>;
 type TaskArg<M extends TaskMethod> = Parameters<WorkerApi[M]>[0];
 type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
 
+/** Tasks of one call: once one fails, its queued siblings are dropped instead of run. */
+export interface TaskGroup {
+  failed: boolean;
+}
+
 interface Task {
+  group: TaskGroup | null;
   method: TaskMethod;
   arg: unknown;
   label: string;
@@ -154,20 +160,41 @@ export class WorkerPool {
   }
 
   /** Queues one task; resolves with the worker's value or rejects with its typed error. */
-  run<M extends TaskMethod>(method: M, arg: TaskArg<M>, label: string = method): Promise<TaskValue<M>> {
+  run<M extends TaskMethod>(method: M, arg: TaskArg<M>, label: string = method, group: TaskGroup | null = null): Promise<TaskValue<M>> {
     if (this.disposed) return Promise.reject(disposedError());
     if (this.broken) return Promise.reject(this.broken);
     return new Promise<TaskValue<M>>((resolve, reject) => {
-      this.queue.push({ method, arg, label, resolve: resolve as (v: unknown) => void, reject });
+      this.queue.push({ group, method, arg, label, resolve: resolve as (v: unknown) => void, reject });
       this.pump();
     });
+  }
+
+  /**
+   * Runs the tasks of one call; rejects with the first failure, and the call's tasks still queued
+   * at that moment are dropped (running ones cannot be interrupted and finish unobserved).
+   */
+  runAll<M extends TaskMethod>(method: M, args: readonly { arg: TaskArg<M>; label: string }[]): Promise<TaskValue<M>[]> {
+    const group: TaskGroup = { failed: false };
+    return Promise.all(
+      args.map(({ arg, label }) =>
+        this.run(method, arg, label, group).catch((e: unknown) => {
+          group.failed = true;
+          throw e;
+        }),
+      ),
+    );
   }
 
   private pump(): void {
     while (this.queue.length > 0 && !this.disposed) {
       const slot = this.slots.find((s) => s.state === 'idle');
       if (!slot) return;
-      this.assign(slot, this.queue.shift()!);
+      const task = this.queue.shift()!;
+      if (task.group?.failed) {
+        task.reject(new SparseMlaError('BACKEND_FAILURE', `${task.label}: dropped because another part of the same call failed`, 'backend'));
+        continue;
+      }
+      this.assign(slot, task);
     }
   }
 

@@ -209,8 +209,9 @@ export class WasmBackend implements Backend {
       topkLength: sharedOrNull(job.topkLength),
       attnSink: sharedOrNull(job.attnSink),
     };
-    const parts = await Promise.all(
-      ranges.map(([rowStart, rowEnd]) => this.pool.run('sparsePrefill', { job: shared, rowStart, rowEnd }, `sparsePrefill rows ${rowStart}..${rowEnd - 1}`)),
+    const parts = await this.pool.runAll(
+      'sparsePrefill',
+      ranges.map(([rowStart, rowEnd]) => ({ arg: { job: shared, rowStart, rowEnd }, label: `sparsePrefill rows ${rowStart}..${rowEnd - 1}` })),
     );
     return concatAttention(parts, sQ * hQ * dV, sQ * hQ);
   }
@@ -238,10 +239,9 @@ export class WasmBackend implements Backend {
       topkLength: sharedOrNull(s.topkLength),
     });
     const shared = { q: toShared(job.q), n, hQ, main: shareSet(main), extra: extra ? shareSet(extra) : null, attnSink: sharedOrNull(job.attnSink), smScale: job.smScale };
-    const parts = await Promise.all(
-      ranges.map(([rowStart, rowEnd]) =>
-        this.pool.run('pagedSparseAttention', { job: shared, rowStart, rowEnd }, `pagedSparseAttention rows ${rowStart}..${rowEnd - 1}`),
-      ),
+    const parts = await this.pool.runAll(
+      'pagedSparseAttention',
+      ranges.map(([rowStart, rowEnd]) => ({ arg: { job: shared, rowStart, rowEnd }, label: `pagedSparseAttention rows ${rowStart}..${rowEnd - 1}` })),
     );
     return concatAttention(parts, n * hQ * 512, n * hQ);
   }
@@ -255,10 +255,9 @@ export class WasmBackend implements Backend {
       this.heapBytes,
     );
     if (ranges.length === 0) return new Uint16Array(0);
-    const parts = await Promise.all(
-      ranges.map(([a, b]) =>
-        this.pool.run('dequantizeKvCache', { cache: gatherTokens(cache, tokenIds, a, b), numTokens: b - a, rowDim }, `dequantizeKCachePaged tokens ${a}..${b - 1}`),
-      ),
+    const parts = await this.pool.runAll(
+      'dequantizeKvCache',
+      ranges.map(([a, b]) => ({ arg: { cache: gatherTokens(cache, tokenIds, a, b), numTokens: b - a, rowDim }, label: `dequantizeKCachePaged tokens ${a}..${b - 1}` })),
     );
     if (parts.length === 1) return parts[0]!;
     const out = new Uint16Array(n * rowDim);
@@ -280,14 +279,14 @@ export class WasmBackend implements Backend {
     );
     if (ranges.length === 0) return;
     const sharedRows = toShared(rows);
-    const parts = await Promise.all(
+    const parts = await this.pool.runAll(
+      'quantizeKvCache',
       ranges.map(([rowStart, rowEnd]) => {
         const g = compactGeometry(cache.format, rowEnd - rowStart);
-        return this.pool.run(
-          'quantizeKvCache',
-          { format: cache.format, pageSize: g.pageSize, numPages: g.numPages, cacheBytes: g.bytes, rows: sharedRows, rowsDtype, rowDim, rowStart, rowEnd },
-          `quantizeKCache rows ${rowStart}..${rowEnd - 1}`,
-        );
+        return {
+          arg: { format: cache.format, pageSize: g.pageSize, numPages: g.numPages, cacheBytes: g.bytes, rows: sharedRows, rowsDtype, rowDim, rowStart, rowEnd },
+          label: `quantizeKCache rows ${rowStart}..${rowEnd - 1}`,
+        };
       }),
     );
     // Written only once every task succeeded, in row order: the cache is never left half-written

@@ -1,0 +1,310 @@
+/**
+ * The WASM worker pool (SPEC §8, §9): calls split across workers by rows give the single-worker
+ * bits, tiny calls stay on one worker, concurrent calls equal sequential ones and are served in
+ * order, a worker killed mid-call rejects that call with WORKER_DIED and is replaced, dispose ends
+ * the workers (the process exits) and later calls reject with DISPOSED.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdtempSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, bf16BitsToFloat32, createEngine, createKvCache, tensor } from '../dist/index.js';
+import type { Engine, KvCache, SparsePrefillArgs, SparsePrefillResult } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import { randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
+
+const rng = testRng('worker_pool');
+let one: Engine;
+let two: Engine;
+
+beforeAll(async () => {
+  [one, two] = await Promise.all([createEngine({ backend: 'wasm', workers: 1 }), createEngine({ backend: 'wasm', workers: 2 })]);
+});
+afterAll(async () => {
+  await Promise.all([one?.dispose(), two?.dispose()]);
+});
+
+const poolOf = (e: Engine) => (engineBackend(e) as WasmBackend).pool;
+
+function prefillArgs(r: Rng, sQ: number, hQ: number, dQK: number, sKV: number, topk: number, withExtras = true): SparsePrefillArgs {
+  return {
+    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(r, sQ * hQ * dQK)),
+    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(r, sKV * dQK)),
+    indices: tensor('int32', [sQ, topk], randomIndices(r, sQ, topk, sKV, { invalidFraction: 0.1, duplicateFraction: 0.05 })),
+    smScale: 1 / Math.sqrt(dQK),
+    dV: 512,
+    ...(withExtras
+      ? {
+          attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => r.normal())),
+          topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => r.int(0, topk + 3))),
+        }
+      : {}),
+  };
+}
+
+const hex = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
+const resultBits = (r: { out: { data: Uint16Array }; lse: { data: Float32Array }; maxLogits: { data: Float32Array } }) =>
+  `${hex(r.out.data)}|${hex(r.lse.data)}|${hex(r.maxLogits.data)}`;
+
+/** Independent float64 sparse prefill for one query row (SPEC §4), used to check a few rows. */
+function rowReference(a: SparsePrefillArgs, i: number): { out: Float64Array; lse: Float64Array } {
+  const [, hQ, dQK] = a.q.shape as [number, number, number];
+  const sKV = a.kv.shape[0]!;
+  const topk = a.indices.shape[a.indices.shape.length - 1]!;
+  const dV = a.dV ?? 512;
+  const len = Math.min(topk, a.topkLength ? a.topkLength.data[i]! : topk);
+  const idx = a.indices.data as Int32Array;
+  const valid: number[] = [];
+  for (let k = 0; k < len; k++) {
+    const v = idx[i * topk + k]!;
+    if (v >= 0 && v < sKV) valid.push(v);
+  }
+  const out = new Float64Array(hQ * dV);
+  const lse = new Float64Array(hQ);
+  for (let h = 0; h < hQ; h++) {
+    const logits = valid.map((row) => {
+      let s = 0;
+      for (let d = 0; d < dQK; d++) s += bf16BitsToFloat32(a.q.data[(i * hQ + h) * dQK + d]!) * bf16BitsToFloat32(a.kv.data[row * dQK + d]!);
+      return s * a.smScale;
+    });
+    if (valid.length === 0) {
+      lse[h] = Infinity;
+      continue;
+    }
+    const m = Math.max(...logits);
+    const l = m + Math.log(logits.reduce((s, p) => s + Math.exp(p - m), 0));
+    lse[h] = l;
+    const sink = a.attnSink ? a.attnSink.data[h]! : -Infinity;
+    const lAll = sink === Infinity ? Infinity : Math.max(l, sink) + Math.log(Math.exp(l - Math.max(l, sink)) + Math.exp(sink - Math.max(l, sink)));
+    valid.forEach((row, k) => {
+      const w = Math.exp(logits[k]! - lAll);
+      for (let d = 0; d < dV; d++) out[h * dV + d] += w * bf16BitsToFloat32(a.kv.data[row * dQK + d]!);
+    });
+  }
+  return { out, lse };
+}
+
+function expectRowsMatchReference(a: SparsePrefillArgs, r: SparsePrefillResult, rows: number[]): void {
+  const [, hQ] = a.q.shape as [number, number];
+  const dV = a.dV ?? 512;
+  for (const i of rows) {
+    const ref = rowReference(a, i);
+    for (let h = 0; h < hQ; h++) {
+      const got = r.lse.data[i * hQ + h]!;
+      if (ref.lse[h] === Infinity) expect(got).toBe(Infinity);
+      else expect(Math.abs(got - ref.lse[h]!)).toBeLessThanOrEqual(Math.max(1e-6, (2.01 / 65536) * Math.abs(ref.lse[h]!)));
+    }
+    for (let j = 0; j < hQ * dV; j++) {
+      const got = bf16BitsToFloat32(r.out.data[i * hQ * dV + j]!);
+      const err = Math.abs(got - ref.out[j]!);
+      if (err > 8e-4) expect(err / Math.abs(ref.out[j]!), `row ${i} elem ${j}: ${got} vs ${ref.out[j]}`).toBeLessThanOrEqual(3.01 / 128);
+    }
+  }
+}
+
+/** Records which workers a pool dispatches to while fn runs. */
+async function dispatches<T>(e: Engine, fn: () => Promise<T>): Promise<{ value: T; workers: number[]; labels: string[] }> {
+  const workers: number[] = [];
+  const labels: string[] = [];
+  const off = poolOf(e).testing.onDispatch((w, label) => {
+    workers.push(w);
+    labels.push(label);
+  });
+  try {
+    return { value: await fn(), workers, labels };
+  } finally {
+    off();
+  }
+}
+
+describe('splitting', () => {
+  test('a large sparsePrefill is split by query rows over both workers and equals one worker bit for bit', async () => {
+    const a = prefillArgs(rng, 61, 16, 576, 700, 256);
+    const split = await dispatches(two, () => two.sparsePrefill(a));
+    expect(new Set(split.workers).size).toBe(2);
+    expect(split.labels.join(' ')).toMatch(/rows 0\.\.30 .*rows 31\.\.60/);
+    const single = await dispatches(one, () => one.sparsePrefill(a));
+    expect(single.workers).toHaveLength(1);
+    expect(resultBits(split.value)).toBe(resultBits(single.value));
+    // ...and is real math: rows on both sides of the split against an inline float64 reference.
+    expectRowsMatchReference(a, split.value, [0, 30, 31, 60]);
+  });
+
+  test('a tiny call stays on one worker', async () => {
+    const a = prefillArgs(rng, 2, 1, 64, 16, 8);
+    a.dV = 64;
+    const d = await dispatches(two, () => two.sparsePrefill(a));
+    expect(d.workers).toHaveLength(1);
+    expectRowsMatchReference(a, d.value, [0, 1]);
+  });
+
+  test('sQ = 0 returns empty outputs without dispatching', async () => {
+    const a = prefillArgs(rng, 0, 4, 512, 10, 16);
+    const d = await dispatches(two, () => two.sparsePrefill(a));
+    expect(d.workers).toHaveLength(0);
+    expect(d.value.out.shape).toEqual([0, 4, 512]);
+    expect(d.value.lse.data.length).toBe(0);
+  });
+
+  test('pagedSparseAttention split by rows equals one worker', async () => {
+    const main = randomCache(rng, 64, 6);
+    const extra = randomCache(rng, 2, 40);
+    const n = 40;
+    const hQ = 16;
+    const args = {
+      q: tensor('bf16', [n, hQ, 512], randomBf16Bits(rng, n * hQ * 512)),
+      kCache: main,
+      indices: tensor('int32', [n, 128], randomIndices(rng, n, 128, 64 * 6, { invalidFraction: 0.1 })),
+      extraKCache: extra,
+      extraIndices: tensor('int32', [n, 32], randomIndices(rng, n, 32, 80, { invalidFraction: 0.1 })),
+      attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
+      smScale: 0.04,
+    };
+    const split = await dispatches(two, () => two.pagedSparseAttention(args));
+    expect(new Set(split.workers).size).toBe(2);
+    const single = await one.pagedSparseAttention(args);
+    expect(resultBits(split.value)).toBe(resultBits(single));
+  });
+
+  test('dequantize and quantize split by token rows equal one worker, for v4 and v32', async () => {
+    for (const format of ['v4', 'v32'] as const) {
+      const rowDim = format === 'v4' ? 512 : 576;
+      const n = 12000;
+      const geometry = format === 'v4' ? { pageSize: 64, numPages: Math.ceil((n + 100) / 64) } : { numTokens: n + 100 };
+      const ids = Int32Array.from({ length: n }, () => rng.int(0, n + 100));
+      const rows = tensor('bf16', [n, rowDim], randomBf16Bits(rng, n * rowDim, 3));
+      const c1 = createKvCache(format, geometry);
+      const c2 = createKvCache(format, geometry);
+      const q2 = await dispatches(two, () => two.quantizeKCache({ cache: c2, tokenIds: tensor('int32', [n], ids), rows }));
+      expect(new Set(q2.workers).size).toBe(2);
+      await one.quantizeKCache({ cache: c1, tokenIds: tensor('int32', [n], ids), rows });
+      expect(Buffer.compare(c1.data, c2.data)).toBe(0);
+      expect(c2.data.some((b) => b !== 0)).toBe(true);
+      const d2 = await dispatches(two, () => two.dequantizeKCachePaged({ cache: c2, tokenIds: Array.from(ids) }));
+      expect(new Set(d2.workers).size).toBe(2);
+      const d1 = await one.dequantizeKCachePaged({ cache: c1, tokenIds: Array.from(ids) });
+      expect(hex(d2.value.data)).toBe(hex(d1.data));
+      // Rope dims (v4: the last 64) round-trip exactly as bf16; pick a token written once.
+      const lastWriter = new Map<number, number>();
+      ids.forEach((id, i) => lastWriter.set(id, i));
+      const probe = ids.findIndex((id, i) => lastWriter.get(id) === i);
+      const ropeStart = format === 'v4' ? 448 : 512;
+      for (let d = ropeStart; d < rowDim; d++) expect(d2.value.data[probe * rowDim + d]).toBe(rows.data[probe * rowDim + d]);
+    }
+  });
+});
+
+function randomCache(r: Rng, pageSize: number, numPages: number): KvCache {
+  const c = createKvCache('v4', { pageSize, numPages });
+  for (let i = 0; i < c.data.length; i++) c.data[i] = r.int(0, 256) & 0x77; // finite e4m3 / ue8m0 bytes
+  return c;
+}
+
+describe('concurrency', () => {
+  test('many concurrent calls give the same results as the same calls one after another', async () => {
+    const calls = Array.from({ length: 14 }, (_, i) => prefillArgs(rng, 1 + rng.int(0, 40), [1, 4, 16][i % 3]!, i % 2 ? 512 : 576, 64 + rng.int(0, 400), [16, 128, 200][i % 3]!));
+    const cache = randomCache(rng, 16, 8);
+    const deqIds = Array.from({ length: 300 }, () => rng.int(0, 128));
+    const sequential: string[] = [];
+    for (const a of calls) sequential.push(resultBits(await two.sparsePrefill(a)));
+    const seqDeq = hex((await two.dequantizeKCachePaged({ cache, tokenIds: deqIds })).data);
+    const [concurrent, conDeq] = await Promise.all([
+      Promise.all(calls.map(async (a) => resultBits(await two.sparsePrefill(a)))),
+      two.dequantizeKCachePaged({ cache, tokenIds: deqIds }).then((t) => hex(t.data)),
+    ]);
+    expect(concurrent).toEqual(sequential);
+    expect(conDeq).toBe(seqDeq);
+  });
+
+  test('calls queue first-come first-served', async () => {
+    const order: number[] = [];
+    const a = prefillArgs(rng, 8, 16, 512, 256, 128);
+    await Promise.all([0, 1, 2, 3, 4].map((k) => one.sparsePrefill(a).then(() => order.push(k))));
+    expect(order).toEqual([0, 1, 2, 3, 4]);
+  });
+});
+
+describe('a worker that dies', () => {
+  test('rejects its in-flight call with WORKER_DIED, is replaced, and the next call succeeds', async () => {
+    const engine = await createEngine({ backend: 'wasm', workers: 2 });
+    try {
+      const pool = poolOf(engine);
+      const threadsBefore = pool.testing.threadIds();
+      const big = prefillArgs(rng, 48, 64, 512, 2048, 512, false);
+      let killed = -1;
+      const off = pool.testing.onDispatch((w) => {
+        if (killed >= 0) return;
+        killed = w;
+        // Kill it while it computes (the call takes far longer than this delay).
+        setTimeout(() => void pool.testing.terminateWorker(w), 30);
+      });
+      const err = await engine.sparsePrefill(big).catch((e: unknown) => e);
+      off();
+      expect(err).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code).toBe('WORKER_DIED');
+      expect((err as SparseMlaError).message).toMatch(new RegExp(`worker #${killed} exited .*sparsePrefill rows .*replaced`));
+
+      const small = prefillArgs(rng, 12, 4, 512, 100, 64);
+      const [after, reference] = await Promise.all([engine.sparsePrefill(small), one.sparsePrefill(small)]);
+      expect(resultBits(after)).toBe(resultBits(reference));
+      const threadsAfter = pool.testing.threadIds();
+      expect(threadsAfter[killed]).not.toBe(threadsBefore[killed]);
+      expect(threadsAfter[killed]).toBeGreaterThan(0);
+      // Both workers serve again, once the survivor has finished its (now unobserved) share.
+      while (pool.testing.busyWorkers().length > 0) await new Promise((r) => setTimeout(r, 10));
+      const again = await dispatches(engine, () => engine.sparsePrefill(prefillArgs(rng, 40, 16, 512, 600, 256)));
+      expect(new Set(again.workers).size).toBe(2);
+    } finally {
+      await engine.dispose();
+    }
+  });
+});
+
+describe('dispose', () => {
+  test('rejects running and queued calls and every later call with DISPOSED; idempotent', async () => {
+    const engine = await createEngine({ backend: 'wasm', workers: 1 });
+    const a = prefillArgs(rng, 32, 64, 512, 1024, 512, false);
+    const running = engine.sparsePrefill(a).catch((e: unknown) => e);
+    const queued = engine.sparsePrefill(a).catch((e: unknown) => e);
+    await new Promise((r) => setTimeout(r, 20));
+    await engine.dispose();
+    await engine.dispose();
+    for (const e of [await running, await queued, await engine.sparsePrefill(a).catch((x: unknown) => x), await engine.dequantizeKCachePaged({ cache: createKvCache('v4', { pageSize: 2, numPages: 1 }), tokenIds: [0] }).catch((x: unknown) => x)]) {
+      expect(e).toBeInstanceOf(SparseMlaError);
+      expect((e as SparseMlaError).code).toBe('DISPOSED');
+    }
+  });
+
+  const distIndex = fileURLToPath(new URL('../dist/index.js', import.meta.url));
+  function runScript(body: string): { status: number | null; stdout: string; stderr: string; ms: number } {
+    const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-exit-'));
+    const file = join(dir, 'script.mjs');
+    writeFileSync(
+      file,
+      `import { createEngine, tensor } from ${JSON.stringify(distIndex)};\n` +
+        `const e = await createEngine({ backend: 'wasm', workers: 2 });\n` +
+        `const r = await e.sparsePrefill({ q: tensor('bf16', [4, 2, 512]), kv: tensor('bf16', [8, 512]), indices: tensor('int32', [4, 4], new Int32Array(16)), smScale: 0.1 });\n` +
+        `console.log('lse', r.lse.data[0]);\n${body}\n`,
+    );
+    const t0 = Date.now();
+    const p = spawnSync(process.execPath, [file], { timeout: 30_000, encoding: 'utf8' });
+    return { status: p.status, stdout: p.stdout, stderr: p.stderr, ms: Date.now() - t0 };
+  }
+
+  test('after dispose the process exits on its own', () => {
+    const r = runScript(`await e.dispose(); console.log('disposed');`);
+    expect(r.stderr).toBe('');
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain('disposed');
+    expect(r.stdout).toMatch(/lse [\d.]+/);
+  });
+
+  test('an engine that is never disposed does not keep the process alive either', () => {
+    const r = runScript(`console.log('done');`);
+    expect(r.status).toBe(0);
+    expect(r.stdout).toContain('done');
+  });
+});

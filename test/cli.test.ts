@@ -71,7 +71,7 @@ describe('info', () => {
   test('reports the wasm backend, why the others are missing, and the machine', () => {
     const r = cli(['info']);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^wasm\s+available/m);
+    expect(r.stdout).toMatch(/^  wasm\s+available/m);
     expect(r.stdout).toContain('auto picks:');
     expect(r.stdout).toMatch(/WebAssembly SIMD128: yes/);
     expect(r.stdout).toContain(`Node ${process.version}`);

@@ -7,7 +7,6 @@ import { SparseMlaError } from '../../errors.js';
 import { listBackends } from '../../index.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
-import { formatTable } from '../table.js';
 
 const OPTIONS = {
   json: { type: 'boolean', help: 'print the information as JSON' },
@@ -70,16 +69,13 @@ export async function infoCommand(argv: string[]): Promise<number> {
 
   const detailText = (d: Record<string, unknown> | undefined): string =>
     d ? Object.entries(d).map(([k, v]) => `${k}=${String(v)}`).join(', ') : '';
+  const nameWidth = Math.max(...byPriority.map((b) => b.name.length));
   const lines = [
     'Backends (auto tries them in this order):',
-    formatTable([
-      ['backend', 'status', 'details / why not'],
-      ...byPriority.map((b) => [
-        b.name,
-        b.available ? 'available' : 'missing',
-        [b.reason, detailText(b.details)].filter((s) => s).join('; ') || '-',
-      ]),
-    ]),
+    ...byPriority.map((b) => {
+      const why = [b.reason, detailText(b.details)].filter((t) => t).join('; ') || '-';
+      return `  ${b.name.padEnd(nameWidth)}  ${(b.available ? 'available' : 'missing').padEnd(9)}  ${why}`;
+    }),
     '',
     `auto picks: ${auto ?? 'none (no backend is available)'}`,
     `SPARSE_MLA_BACKEND: ${env === undefined ? '(unset)' : env}`,

@@ -56,51 +56,90 @@ export function cosineGap(a: ArrayLike<number>, b: ArrayLike<number>): number {
 }
 
 /**
+ * The comparison of §4 fed chunk by chunk (e.g. a few query rows at a time), so a tensor too large
+ * to hold in float64 at once can still be judged as a whole. `indexOf` maps a chunk position to
+ * the element's index in the whole tensor (for worstIndex).
+ */
+export class ComparisonAccumulator {
+  private count = 0;
+  private failures = 0;
+  private mismatch = 0;
+  private maxAbs = 0;
+  private maxRel = 0;
+  private worst = -1;
+  private worstScore = -Infinity;
+  private worstGot = NaN;
+  private worstRef = NaN;
+  private ab = 0;
+  private aa = 0;
+  private bb = 0;
+
+  constructor(readonly tol: Tolerance) {}
+
+  add(got: ArrayLike<number>, ref: ArrayLike<number>, indexOf: (i: number) => number = (i) => i): void {
+    if (got.length !== ref.length) {
+      throw new RangeError(`compareToReference: got has ${got.length} elements, ref has ${ref.length}`);
+    }
+    const { abs: absTol, rel: relTol } = this.tol;
+    for (let i = 0; i < ref.length; i++) {
+      const g = got[i]!, r = ref[i]!;
+      let score: number;
+      if (!Number.isFinite(r) || !Number.isFinite(g)) {
+        const same = Number.isNaN(r) ? Number.isNaN(g) : g === r;
+        if (same) {
+          score = -1;
+        } else {
+          this.mismatch++;
+          this.failures++;
+          score = Infinity;
+        }
+      } else {
+        this.ab += g * r;
+        this.aa += g * g;
+        this.bb += r * r;
+        const abs = Math.abs(g - r);
+        const rel = r === 0 ? (abs === 0 ? 0 : Infinity) : abs / Math.abs(r);
+        if (abs > this.maxAbs) this.maxAbs = abs;
+        if (rel > this.maxRel) this.maxRel = rel;
+        score = Math.min(abs / absTol, rel / relTol);
+        if (score > 1) this.failures++;
+      }
+      if (score > this.worstScore) {
+        this.worstScore = score;
+        this.worst = indexOf(i);
+        this.worstGot = g;
+        this.worstRef = r;
+      }
+    }
+    this.count += ref.length;
+  }
+
+  result(): Comparison {
+    const { ab, aa, bb } = this;
+    const gap = aa === 0 && bb === 0 ? 0 : aa === 0 || bb === 0 ? 1 : 1 - ab / (Math.sqrt(aa) * Math.sqrt(bb));
+    const cosOk = this.tol.cos === undefined || gap <= this.tol.cos;
+    return {
+      pass: this.failures === 0 && cosOk,
+      count: this.count,
+      failures: this.failures,
+      maxAbsErr: this.maxAbs,
+      maxRelErr: this.maxRel,
+      worstIndex: this.worst,
+      worstGot: this.worstGot,
+      worstRef: this.worstRef,
+      cosineGap: gap,
+      infNanMismatch: this.mismatch,
+    };
+  }
+}
+
+/**
  * Elementwise: an element passes if |got − ref| ≤ abs or |got − ref| / |ref| ≤ rel; ±inf and NaN
  * must sit in the same places (same sign for inf). With `tol.cos`, 1 − cos of the whole tensor
- * must also be ≤ cos.
+ * (over the positions where both are finite) must also be ≤ cos.
  */
 export function compareToReference(got: ArrayLike<number>, ref: ArrayLike<number>, tol: Tolerance): Comparison {
-  if (got.length !== ref.length) {
-    throw new RangeError(`compareToReference: got has ${got.length} elements, ref has ${ref.length}`);
-  }
-  let failures = 0, mismatch = 0, maxAbs = 0, maxRel = 0;
-  let worst = -1, worstScore = -Infinity;
-  for (let i = 0; i < ref.length; i++) {
-    const g = got[i]!, r = ref[i]!;
-    let score: number;
-    if (!Number.isFinite(r) || !Number.isFinite(g)) {
-      const same = Number.isNaN(r) ? Number.isNaN(g) : g === r;
-      if (same) continue;
-      mismatch++;
-      failures++;
-      score = Infinity;
-    } else {
-      const abs = Math.abs(g - r);
-      const rel = r === 0 ? (abs === 0 ? 0 : Infinity) : abs / Math.abs(r);
-      if (abs > maxAbs) maxAbs = abs;
-      if (rel > maxRel) maxRel = rel;
-      score = Math.min(abs / tol.abs, rel / tol.rel);
-      if (score > 1) failures++;
-    }
-    if (score > worstScore) {
-      worstScore = score;
-      worst = i;
-    }
-  }
-  if (worst < 0 && ref.length > 0) worst = 0;
-  const gap = cosineGap(got, ref);
-  const cosOk = tol.cos === undefined || gap <= tol.cos;
-  return {
-    pass: failures === 0 && cosOk,
-    count: ref.length,
-    failures,
-    maxAbsErr: maxAbs,
-    maxRelErr: maxRel,
-    worstIndex: worst,
-    worstGot: worst >= 0 ? got[worst]! : NaN,
-    worstRef: worst >= 0 ? ref[worst]! : NaN,
-    cosineGap: gap,
-    infNanMismatch: mismatch,
-  };
+  const acc = new ComparisonAccumulator(tol);
+  acc.add(got, ref);
+  return acc.result();
 }

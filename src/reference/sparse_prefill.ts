@@ -266,8 +266,11 @@ export interface PreparedSparsePrefill {
 export function prepareSparsePrefillReference(args: SparsePrefillArgs): PreparedSparsePrefill {
   const shapes = checkSparsePrefillArgs(args);
   const { sQ, hQ, dQK, sKV, dV, topk } = shapes;
-  const qf = widenBf16(args.q.data);
+  // kv is widened once; q one query at a time (a GPU-sized q would not fit twice in memory)
   const kvf = widenBf16(args.kv.data);
+  const qBits = args.q.data;
+  const qRow = new Float32Array(hQ * dQK);
+  const qRowBits = new Uint32Array(qRow.buffer);
   const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
   const sink = checkSink(args.attnSink, hQ);
   const scratch = new Float64Array(Math.max(1, hQ * topk));
@@ -284,13 +287,15 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
       };
       for (let j = 0; j < nq; j++) {
         const i = qs[j]!;
+        const base = i * hQ * dQK;
+        for (let e = 0; e < hQ * dQK; e++) qRowBits[e] = qBits[base + e]! << 16;
         let n = 0;
         const lim = set.limit(i);
         for (let k = 0; k < lim; k++) {
           const idx = set.entry(i, k, sKV);
           if (idx >= 0) offsets[n++] = idx * dQK;
         }
-        attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+        attendQueryReference(qRow, 0, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
       }
       return res;
     },

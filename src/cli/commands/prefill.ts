@@ -1,0 +1,83 @@
+/**
+ * `sparse-mla prefill <dir> --out <dir>`: run sparsePrefill on the inputs stored in a directory
+ * (.npy files or one .safetensors file; see verify) and write out / lse / max_logits the same way.
+ */
+import { SparseMlaError } from '../../errors.js';
+import { createEngine } from '../../engine.js';
+import { loadPrefillInputs, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
+import type { BackendChoice } from '../../types.js';
+import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import type { CliCommand } from '../command.js';
+import { Progress } from '../progress.js';
+import { formatRate, formatSeconds } from '../table.js';
+
+const OPTIONS = {
+  out: { type: 'string', short: 'o', metavar: 'DIR', help: 'directory for out / lse / max_logits (created if missing; required)' },
+  backend: { type: 'string', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
+  workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'WASM worker-pool size (default: the cores)' },
+  format: { type: 'string', choices: ['npy', 'safetensors'], default: 'npy', help: 'output files: out.npy/lse.npy/max_logits.npy, or outputs.safetensors' },
+  quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
+} satisfies OptionTable;
+
+const USAGE = `Usage: sparse-mla prefill <dir> --out <dir> [options]
+
+Run the sparse prefill forward (SPEC §4) on the inputs in <dir> and write the outputs to --out:
+out.npy (bf16 bits as <u2) [sQ, hQ, dV], lse.npy (<f4) [sQ, hQ], max_logits.npy (<f4) [sQ, hQ].
+
+<dir> holds q.npy (bf16 bits as <u2) [sQ, hQ, dQK], kv.npy (<u2) [sKV, dQK], indices.npy (<i4|<i8)
+[sQ, topk], optional topk_length.npy (<i4) [sQ] and attn_sink.npy (<f4) [hQ], and meta.json
+{"sm_scale": ..., "d_v": 512}; or one .safetensors file holding the same names (BF16 there).
+Check the result with: sparse-mla verify <dir-with-inputs-and-outputs>
+
+Options:
+${formatOptions(OPTIONS)}
+`;
+
+export const command: CliCommand = {
+  name: 'prefill',
+  summary: 'run sparsePrefill on .npy/.safetensors inputs in a directory and write the outputs',
+  usage: USAGE,
+  async run(argv) {
+    const { options, positionals } = parseArgs(argv, OPTIONS);
+    if (positionals.length !== 1) {
+      throw new SparseMlaError('INVALID_VALUE', `expected one input directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
+    }
+    if (options.out === undefined) throw new SparseMlaError('INVALID_VALUE', '--out: expected an output directory, got none', 'argv');
+    const progress = new Progress({ enabled: !options.quiet });
+
+    progress.start('load inputs', 0);
+    const inputs = await loadPrefillInputs(positionals[0]!);
+    const { sQ, hQ, dQK, sKV, topk, dV } = inputs.shapes;
+    progress.finish(`q [${sQ}, ${hQ}, ${dQK}], kv [${sKV}, ${dQK}], topk ${topk}`);
+
+    progress.start('start engine', 0);
+    const engine = await createEngine({
+      ...(options.backend !== undefined ? { backend: options.backend as BackendChoice } : {}),
+      ...(options.workers !== undefined ? { workers: options.workers } : {}),
+    });
+    try {
+      progress.finish(`${engine.backend}${engine.workers ? `, ${engine.workers} workers` : ''}`);
+      progress.start('sparse prefill', 0);
+      const t0 = performance.now();
+      const res = await engine.sparsePrefill(inputs.args);
+      const seconds = (performance.now() - t0) / 1000;
+      progress.finish();
+
+      // FLOPs as SPEC §4 counts them: 2 · Σ_i (topkLength[i] or topk) · hQ · (dQK + dV)
+      let entries = 0;
+      const lens = inputs.args.topkLength?.data;
+      for (let i = 0; i < sQ; i++) entries += lens ? Math.max(0, Math.min(topk, lens[i]!)) : topk;
+      const flops = 2 * entries * hQ * (dQK + dV);
+
+      const written = await writePrefillOutputs(options.out, res, options.format as DirFormat);
+      process.stdout.write(
+        `prefill: ${engine.backend} backend, sQ=${sQ} hQ=${hQ} dQK=${dQK} sKV=${sKV} topk=${topk} dV=${dV}: ` +
+          `${formatSeconds(seconds)}, ${formatRate(flops / seconds / 1e9, 'GFLOP/s')}\n` +
+          `wrote ${written.join(', ')} to ${options.out}\n`,
+      );
+      return 0;
+    } finally {
+      await engine.dispose();
+    }
+  },
+};

@@ -1,0 +1,224 @@
+/**
+ * `sparse-mla verify <dir>`: recompute the float64 reference of a sparse prefill from the inputs in
+ * a directory and judge the outputs there with SPEC §4's tolerances. Needs no backend: this is the
+ * CPU-only check of outputs dumped from a GPU engine. Exit 0 pass, 1 fail, 2 bad input.
+ *
+ * The reference runs over chunks of query rows on worker threads and is compared chunk by chunk,
+ * so a GPU-sized dump (sQ 4096, hQ 128, topk 2048) never needs its float64 reference in memory.
+ */
+import { availableParallelism } from 'node:os';
+import { SparseMlaError } from '../../errors.js';
+import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
+import { ComparisonAccumulator, TOLERANCES, type Comparison, type Tolerance } from '../../reference/compare.js';
+import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
+import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
+import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import type { CliCommand } from '../command.js';
+import { Progress } from '../progress.js';
+import { formatError, formatTable } from '../table.js';
+
+const OPTIONS = {
+  sample: { type: 'int', min: 1, metavar: 'N', help: 'judge only N query rows spread evenly over sQ (first and last included); default: all' },
+  workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'worker threads for the reference (default: the machine\'s cores)' },
+  json: { type: 'boolean', help: 'print the report as JSON on stdout' },
+  quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
+} satisfies OptionTable;
+
+const USAGE = `Usage: sparse-mla verify <dir> [options]
+
+Recompute the float64 reference of a sparse prefill from <dir> and judge the outputs there with the
+SPEC §4 tolerances (out: abs 8e-4 or rel 3.01/128, 1-cos <= 7e-6; lse and max_logits: abs 1e-6 or
+rel 2.01/65536; +-inf and NaN in the same places). No backend is needed.
+
+<dir> holds q.npy (bf16 bits as <u2) [sQ, hQ, dQK], kv.npy (<u2) [sKV, dQK], indices.npy (<i4|<i8)
+[sQ, topk], optional topk_length.npy (<i4) [sQ] and attn_sink.npy (<f4) [hQ], meta.json
+{"sm_scale": ..., "d_v": 512}, and the outputs out.npy (<u2 or <f4) [sQ, hQ, dV], lse.npy (<f4)
+[sQ, hQ], max_logits.npy (<f4) [sQ, hQ]; or one .safetensors file holding the same names.
+
+Exit status: 0 every tensor passes, 1 a tensor fails, 2 bad input (missing/garbled files, shapes).
+
+Options:
+${formatOptions(OPTIONS)}
+`;
+
+/** `count` query rows spread evenly over [0, n), first and last included. */
+export function evenlySpacedRows(n: number, count: number): number[] {
+  if (count >= n) return Array.from({ length: n }, (_, i) => i);
+  if (count === 1) return [0];
+  const rows = new Set<number>();
+  for (let j = 0; j < count; j++) rows.add(Math.round((j * (n - 1)) / (count - 1)));
+  return [...rows].sort((a, b) => a - b);
+}
+
+/** Flattened output values of the given query rows (bf16 bits widened exactly). */
+function gather(data: Uint16Array | Float32Array, bf16: boolean, rows: readonly number[], rowLen: number): Float32Array {
+  const out = new Float32Array(rows.length * rowLen);
+  if (bf16) {
+    const u = new Uint32Array(out.buffer);
+    for (let j = 0; j < rows.length; j++) {
+      const base = rows[j]! * rowLen;
+      for (let e = 0; e < rowLen; e++) u[j * rowLen + e] = data[base + e]! << 16;
+    }
+  } else {
+    for (let j = 0; j < rows.length; j++) out.set(data.subarray(rows[j]! * rowLen, (rows[j]! + 1) * rowLen), j * rowLen);
+  }
+  return out;
+}
+
+export interface TensorReport {
+  name: string;
+  file: string;
+  tolerance: Tolerance;
+  comparison: Comparison;
+  /** worstIndex as [i, h] or [i, h, d] */
+  worstAt: number[];
+}
+
+export interface VerifyReport {
+  dir: string;
+  pass: boolean;
+  shapes: { sQ: number; hQ: number; dQK: number; sKV: number; topk: number; dV: number };
+  queriesChecked: number;
+  seconds: number;
+  tensors: TensorReport[];
+}
+
+function unflatten(index: number, dims: readonly number[]): number[] {
+  if (index < 0) return [];
+  const at: number[] = [];
+  for (let k = dims.length - 1; k >= 0; k--) {
+    at.unshift(index % dims[k]!);
+    index = Math.floor(index / dims[k]!);
+  }
+  return at;
+}
+
+/** Verify a prefill directory; throws SparseMlaError on bad input. */
+export async function verifyDirectory(
+  dir: string,
+  opts: { sample?: number; workers?: number; progress?: Progress } = {},
+): Promise<VerifyReport> {
+  const started = performance.now();
+  const handle = await PrefillDir.open(dir);
+  const inputs = await loadPrefillInputs(handle);
+  const outputs = await loadPrefillOutputs(handle, inputs.shapes);
+  const { sQ, hQ, dQK, topk, dV } = inputs.shapes;
+  const queries = opts.sample !== undefined ? evenlySpacedRows(sQ, opts.sample) : evenlySpacedRows(sQ, sQ);
+
+  // chunks of roughly 1 GFLOP, enough to amortize a message, small enough for a lively progress bar
+  const flopsPerQuery = 2 * Math.max(1, topk) * hQ * (dQK + dV);
+  const chunkRows = Math.max(1, Math.min(256, Math.floor(1e9 / flopsPerQuery)));
+  const chunks: number[][] = [];
+  for (let s = 0; s < queries.length; s += chunkRows) chunks.push(queries.slice(s, s + chunkRows));
+
+  const wanted = opts.workers ?? availableParallelism();
+  const totalFlops = flopsPerQuery * queries.length;
+  // threads only pay off when there is real work; a small check runs right here
+  const workers = totalFlops < 4e9 ? 1 : Math.min(wanted, chunks.length);
+  let pool: ReferencePool | undefined;
+  let local: ReturnType<typeof prepareSparsePrefillReference> | undefined;
+  if (workers > 1) pool = await createReferencePool(inputs.args, workers);
+  else local = prepareSparsePrefillReference(inputs.args);
+
+  const acc = {
+    out: new ComparisonAccumulator(TOLERANCES.out),
+    lse: new ComparisonAccumulator(TOLERANCES.lse),
+    maxLogits: new ComparisonAccumulator(TOLERANCES.maxLogits),
+  };
+  const outBf16 = outputs.out.dtype === 'bf16';
+  const progress = opts.progress;
+  progress?.start(`reference (${queries.length} of ${sQ} queries, ${workers} thread${workers > 1 ? 's' : ''})`, queries.length);
+  let done = 0;
+  const absorb = (rows: number[], ref: ReferenceAttentionResult): void => {
+    const perOut = hQ * dV;
+    acc.out.add(gather(outputs.out.data, outBf16, rows, perOut), ref.out, (i) => rows[Math.floor(i / perOut)]! * perOut + (i % perOut));
+    const stat = (i: number): number => rows[Math.floor(i / hQ)]! * hQ + (i % hQ);
+    acc.lse.add(gather(outputs.lse.data, false, rows, hQ), ref.lse, stat);
+    acc.maxLogits.add(gather(outputs.maxLogits.data, false, rows, hQ), ref.maxLogits, stat);
+    done += rows.length;
+    progress?.update(done);
+  };
+  try {
+    if (pool) {
+      await Promise.all(chunks.map((rows) => pool.run(rows).then((ref) => absorb(rows, ref))));
+    } else {
+      for (const rows of chunks) {
+        absorb(rows, local!.run(rows));
+        // let the event loop breathe (progress output, signals) between chunks
+        await new Promise((r) => setImmediate(r));
+      }
+    }
+  } finally {
+    await pool?.close();
+  }
+  progress?.finish();
+
+  const tensors: TensorReport[] = [
+    { name: 'out', file: outputs.files.out!, tolerance: TOLERANCES.out, comparison: acc.out.result(), worstAt: [] },
+    { name: 'lse', file: outputs.files.lse!, tolerance: TOLERANCES.lse, comparison: acc.lse.result(), worstAt: [] },
+    { name: 'max_logits', file: outputs.files.max_logits!, tolerance: TOLERANCES.maxLogits, comparison: acc.maxLogits.result(), worstAt: [] },
+  ];
+  tensors[0]!.worstAt = unflatten(tensors[0]!.comparison.worstIndex, [sQ, hQ, dV]);
+  tensors[1]!.worstAt = unflatten(tensors[1]!.comparison.worstIndex, [sQ, hQ]);
+  tensors[2]!.worstAt = unflatten(tensors[2]!.comparison.worstIndex, [sQ, hQ]);
+  return {
+    dir,
+    pass: tensors.every((t) => t.comparison.pass),
+    shapes: inputs.shapes,
+    queriesChecked: queries.length,
+    seconds: (performance.now() - started) / 1000,
+    tensors,
+  };
+}
+
+function formatReport(r: VerifyReport): string {
+  const { sQ, hQ, dQK, sKV, topk, dV } = r.shapes;
+  const rows: string[][] = [['tensor', 'elements', 'max abs err', 'max rel err', 'worst at', 'got / ref', 'failures', '1-cos', 'tolerance', 'result']];
+  for (const t of r.tensors) {
+    const c = t.comparison;
+    const tol = `abs ${t.tolerance.abs.toExponential(0)} | rel ${formatError(t.tolerance.rel)}${t.tolerance.cos !== undefined ? ` | 1-cos ${t.tolerance.cos.toExponential(0)}` : ''}`;
+    rows.push([
+      t.name,
+      String(c.count),
+      formatError(c.maxAbsErr),
+      formatError(c.maxRelErr),
+      t.worstAt.length ? `[${t.worstAt.join(', ')}]` : '-',
+      c.count ? `${formatError(c.worstGot)} / ${formatError(c.worstRef)}` : '-',
+      c.infNanMismatch ? `${c.failures} (${c.infNanMismatch} inf/NaN)` : String(c.failures),
+      t.tolerance.cos !== undefined ? formatError(c.cosineGap) : '-',
+      tol,
+      c.pass ? 'pass' : 'FAIL',
+    ]);
+  }
+  return [
+    `verify ${r.dir}: sQ=${sQ} hQ=${hQ} dQK=${dQK} sKV=${sKV} topk=${topk} dV=${dV}; ${r.queriesChecked} of ${sQ} queries checked in ${r.seconds.toFixed(1)} s`,
+    '',
+    formatTable(rows, ['left', 'right', 'right', 'right', 'left', 'left', 'right', 'right', 'left', 'left']),
+    '',
+    r.pass ? 'PASS: every tensor is within the SPEC §4 tolerances' : `FAIL: ${r.tensors.filter((t) => !t.comparison.pass).map((t) => t.name).join(', ')} outside the SPEC §4 tolerances`,
+  ].join('\n');
+}
+
+export const command: CliCommand = {
+  name: 'verify',
+  summary: 'judge sparse-prefill outputs in a directory against the float64 reference (exit 0 pass, 1 fail, 2 bad input)',
+  usage: USAGE,
+  async run(argv) {
+    try {
+      const { options, positionals } = parseArgs(argv, OPTIONS);
+      if (positionals.length !== 1) {
+        throw new SparseMlaError('INVALID_VALUE', `expected one directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
+      }
+      const progress = new Progress({ enabled: !options.quiet });
+      const report = await verifyDirectory(positionals[0]!, { sample: options.sample, workers: options.workers, progress });
+      process.stdout.write(options.json ? `${JSON.stringify(report, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n` : `${formatReport(report)}\n`);
+      return report.pass ? 0 : 1;
+    } catch (e) {
+      if (e instanceof SparseMlaError && e.code !== 'WORKER_DIED' && e.code !== 'BACKEND_FAILURE') {
+        process.stderr.write(`sparse-mla verify: ${e.message} [${e.code}]\n`);
+        return 2;
+      }
+      throw e;
+    }
+  },
+};

@@ -128,9 +128,7 @@ SMLA_API int32_t smla_plan_dense_rows(int32_t num_requests, const int32_t* seq_l
   if (!fits) return SMLA_ERR_INVALID_ARGUMENT;
   for_each_query(num_requests, seq_lens, extend_lens, window, ratio,
                  [&](int64_t q, const plan::QueryContext& c, int32_t) {
-                   int32_t* row = rows + q * int64_t(width);
-                   for (int64_t k = 0; k < width; ++k) row[k] = plan::dense_entry(c, ratio, window, k);
-                   lens[q] = plan::dense_len(c, ratio, window);
+                   lens[q] = plan::dense_row(c, ratio, window, rows + q * int64_t(width), width);
                  });
   return SMLA_OK;
 }

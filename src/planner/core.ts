@@ -211,6 +211,9 @@ export const jsPlannerCore: PlannerCore = {
 
   pagedForm(rows, lens, width, compRows, _swaRows, compTokenIds, swaTokenIds, mainWidth, extraWidth) {
     const nq = lens.length;
+    // ids converted once (the plan has checked they fit int32), not once per entry
+    const comp = Int32Array.from(compTokenIds, Number);
+    const swa = Int32Array.from(swaTokenIds, Number);
     const main = mainWidth > 0 ? { rows: new Int32Array(nq * mainWidth).fill(-1), lens: new Int32Array(nq) } : undefined;
     const extra = extraWidth > 0 ? { rows: new Int32Array(nq * extraWidth).fill(-1), lens: new Int32Array(nq) } : undefined;
     for (let q = 0; q < nq; q++) {
@@ -219,10 +222,10 @@ export const jsPlannerCore: PlannerCore = {
         const r = rows[q * width + k]!;
         if (r < 0) continue;
         if (r < compRows) {
-          if (extra) extra.rows[q * extraWidth + ne] = Number(compTokenIds[r]!);
+          if (extra) extra.rows[q * extraWidth + ne] = comp[r]!;
           ne++;
         } else {
-          if (main) main.rows[q * mainWidth + nm] = Number(swaTokenIds[r - compRows]!);
+          if (main) main.rows[q * mainWidth + nm] = swa[r - compRows]!;
           nm++;
         }
       }

@@ -1,8 +1,8 @@
 // Per-chunk planner of SPEC §6: the per-request layout, the compressed gather ids, each query's
 // combined index row rebased into the workspace, the per-layer top-k combine, and the paged form.
 //
-// Everything here is SMLA_HD and works on one request, one query row or one entry, so the host
-// loops of planner.cpp and a CUDA kernel (one thread per entry or per row) share the same code.
+// Everything here is SMLA_HD and works on one request or one query row, so the host loops of
+// planner.cpp and a CUDA kernel (one thread per query row) share the same code.
 // Index arithmetic is 64-bit; rows are int32 (workspace row numbers, -1 for padding).
 #pragma once
 #include <stdint.h>
@@ -64,14 +64,19 @@ SMLA_HD int64_t window_row(const QueryContext& c, int64_t window, int64_t w) {
   return c.swa_base + (c.pos - window_len(c.pos, window) + 1 + w - c.swa_start_pos);
 }
 
-// Entry k of a dense row (r = 0: window only; r = 128: every visible entry, then the window).
-// Each entry is independent, so a kernel can give every entry its own thread.
-SMLA_HD int32_t dense_entry(const QueryContext& c, int64_t ratio, int64_t window, int64_t k) {
+// One query's dense row (r = 0: its window; r = 128: every visible entry, then its window),
+// padded with -1 to width. Returns the row's length. One thread per row in a kernel.
+SMLA_HD int32_t dense_row(const QueryContext& c, int64_t ratio, int64_t window, int32_t* row,
+                          int64_t width) {
   const int64_t nc = query_visible(c.pos, ratio);
-  if (k < nc) return int32_t(c.comp_base + k);
-  const int64_t w = k - nc;
-  if (w < window_len(c.pos, window)) return int32_t(window_row(c, window, w));
-  return -1;
+  const int64_t wl = window_len(c.pos, window);
+  int64_t n = 0;
+  for (int64_t k = 0; k < nc; ++k) row[n++] = int32_t(c.comp_base + k);
+  const int64_t first = window_row(c, window, 0);
+  for (int64_t w = 0; w < wl; ++w) row[n++] = int32_t(first + w);
+  const int32_t len = int32_t(n);
+  for (; n < width; ++n) row[n] = -1;
+  return len;
 }
 
 SMLA_HD int32_t dense_len(const QueryContext& c, int64_t ratio, int64_t window) {
@@ -98,7 +103,8 @@ SMLA_HD int32_t topk_row(const QueryContext& c, int64_t ratio, int64_t window,
     row[n++] = int32_t(c.comp_base + j);
   }
   const int64_t wl = window_len(c.pos, window);
-  for (int64_t w = 0; w < wl; ++w) row[n++] = int32_t(window_row(c, window, w));
+  const int64_t first = window_row(c, window, 0);
+  for (int64_t w = 0; w < wl; ++w) row[n++] = int32_t(first + w);
   const int32_t len = int32_t(n);
   for (; n < width; ++n) row[n] = -1;
   *dropped = bad;

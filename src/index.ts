@@ -5,3 +5,4 @@ export { tensor, numel, float32ToBf16Bits, bf16BitsToFloat32, toBf16, bf16ToFloa
 export { createEngine } from './engine.js';
 export { createKvCache, kvCacheBytes, type KvCacheGeometry } from './kv_cache.js';
 export { listBackends, type BackendInfo } from './backends/registry.js';
+export * from './planner/index.js';

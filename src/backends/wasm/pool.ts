@@ -17,8 +17,14 @@
  *   the main thread only concatenates them when a call was split.
  * The price is one copy of kv (or the caches) per worker per call — memcpy speed, small next to
  * the attention itself — and a heap per worker that must hold it (checked before any work:
- * TOO_LARGE). The cache ops avoid even that: the main thread gathers just the requested tokens
- * into a compact cache, so a dequant never copies a whole cache.
+ * TOO_LARGE; a call too big for one heap is cut into more row ranges than there are workers).
+ * The cache ops avoid even that: for a dequant the main thread gathers just the requested tokens
+ * (584 or 656 bytes each) into a compact cache, and a quantize fills a compact cache in the worker
+ * that the main thread scatters into the caller's cache once every part succeeded — so neither
+ * ever copies a whole cache, and a failed call leaves the cache untouched.
+ * Inputs are captured when the call is made (the shared copies are taken synchronously), so the
+ * caller may reuse its arrays at once — unless they already live in SharedArrayBuffers, which the
+ * workers then read while the call runs.
  *
  * Scheduling: calls are split into tasks by the backend; tasks run first-come first-served on the
  * first idle worker, so concurrent calls queue fairly and a split call spreads over the pool.

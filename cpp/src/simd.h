@@ -26,6 +26,7 @@ constexpr int W = 4;
 typedef v128_t vf;
 static inline vf zero() { return wasm_f32x4_splat(0.0f); }
 static inline vf set1(float x) { return wasm_f32x4_splat(x); }
+static inline vf load_splat(const float* p) { return wasm_v128_load32_splat(p); }
 static inline vf load(const float* p) { return wasm_v128_load(p); }
 static inline void store(float* p, vf v) { wasm_v128_store(p, v); }
 static inline vf add(vf a, vf b) { return wasm_f32x4_add(a, b); }
@@ -46,6 +47,7 @@ constexpr int W = 8;
 typedef __m256 vf;
 static inline vf zero() { return _mm256_setzero_ps(); }
 static inline vf set1(float x) { return _mm256_set1_ps(x); }
+static inline vf load_splat(const float* p) { return _mm256_broadcast_ss(p); }
 static inline vf load(const float* p) { return _mm256_loadu_ps(p); }
 static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
@@ -67,6 +69,7 @@ constexpr int W = 4;
 typedef __m128 vf;
 static inline vf zero() { return _mm_setzero_ps(); }
 static inline vf set1(float x) { return _mm_set1_ps(x); }
+static inline vf load_splat(const float* p) { return _mm_load1_ps(p); }
 static inline vf load(const float* p) { return _mm_loadu_ps(p); }
 static inline void store(float* p, vf v) { _mm_storeu_ps(p, v); }
 static inline vf add(vf a, vf b) { return _mm_add_ps(a, b); }
@@ -87,6 +90,7 @@ constexpr int W = 1;
 typedef float vf;
 static inline vf zero() { return 0.0f; }
 static inline vf set1(float x) { return x; }
+static inline vf load_splat(const float* p) { return *p; }
 static inline vf load(const float* p) { return *p; }
 static inline void store(float* p, vf v) { *p = v; }
 static inline vf add(vf a, vf b) { return a + b; }

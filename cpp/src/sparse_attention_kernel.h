@@ -119,7 +119,7 @@ static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk,
     vf vv[DB];
     for (int c = 0; c < DB; ++c) vv[c] = load(vr + c * W);
     for (int h = 0; h < HB; ++h) {
-      const vf ph = set1(p[(h0 + h) * kBlock + r]);
+      const vf ph = load_splat(p + (h0 + h) * kBlock + r);
       for (int c = 0; c < DB; ++c) a[h][c] = madd(ph, vv[c], a[h][c]);
     }
   }

@@ -4,7 +4,7 @@
  * against the float64 reference's §6 derivation; the router; bad input.
  */
 import { describe, expect, test } from 'vitest';
-import { createPlan, routePrefill, DEFAULT_SPARSE_PREFILL_THRESHOLD, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
+import { createPlan, routePrefill, swaTokenIdsFromTable, DEFAULT_SPARSE_PREFILL_THRESHOLD, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { SparseMlaError } from '../dist/errors.js';
 import { tensor } from '../dist/tensor.js';
@@ -282,6 +282,21 @@ describe('attention sets of random chunks match the §6 derivation', () => {
       const own = refChunk.requests.reduce((a, r) => a + (r.extendLen > 0 ? Math.floor(r.seqLen / 128) : 0), 0);
       expect(plan.layout(128).compressedRows).toBe(own);
     }
+  });
+});
+
+describe('swaTokenIdsFromTable', () => {
+  test('maps the needed positions through reqToToken and fullToSwa', () => {
+    // positions 0..9 live at full ids 20..29; full id f maps to SWA id 100 + f, evicted ones to −1
+    const reqToToken = range(20, 30);
+    const fullToSwa = range(0, 30).map((f) => (f < 24 ? -1 : 100 + f));
+    // seqLen 10, extendLen 2, window 4: g = 5, positions 5..9
+    expect(swaTokenIdsFromTable(reqToToken, fullToSwa, 10, 2, 4)).toEqual([125, 126, 127, 128, 129]);
+    expect(swaTokenIdsFromTable(reqToToken, fullToSwa, 10, 0, 4)).toEqual([]);
+    // window 8: g = 9 reaches position 1 → full id 21, evicted
+    expectError(() => swaTokenIdsFromTable(reqToToken, fullToSwa, 10, 2, 8), 'OUT_OF_RANGE', /fullToSwa\[21\]/);
+    expectError(() => swaTokenIdsFromTable(reqToToken, fullToSwa, 11, 2, 4), 'INVALID_SHAPE', /reqToToken/);
+    expectError(() => swaTokenIdsFromTable([25, 26, 99], fullToSwa, 3, 1, 4), 'OUT_OF_RANGE', /reqToToken\[2\]/);
   });
 });
 

@@ -109,6 +109,42 @@ function bytesStr(n: number): string {
   return `${n} B`;
 }
 
+/**
+ * A request's `swaTokenIds` from serving-engine tables: `reqToToken` holds the full-cache token id
+ * of each position of the request (length ≥ seqLen) and `fullToSwa` maps a full-cache token id to
+ * its SWA-cache token id (negative: not in the SWA cache). Returns the ids of the positions the
+ * chunk needs, [seqLen − g, seqLen) with g = swaGatherLength(seqLen, extendLen, window).
+ */
+export function swaTokenIdsFromTable(
+  reqToToken: ArrayLike<number>,
+  fullToSwa: ArrayLike<number>,
+  seqLen: number,
+  extendLen: number,
+  window: number = DEFAULT_WINDOW,
+): number[] {
+  checkInt(seqLen, 'seqLen', 0, INT32_MAX);
+  checkInt(extendLen, 'extendLen', 0, seqLen);
+  checkInt(window, 'window', 1, 1 << 20);
+  if (reqToToken?.length === undefined || reqToToken.length < seqLen) {
+    fail('INVALID_SHAPE', 'reqToToken', `at least seqLen = ${seqLen} positions`, describe(reqToToken));
+  }
+  if (fullToSwa?.length === undefined) fail('INVALID_VALUE', 'fullToSwa', 'an array mapping full-cache ids to SWA ids', describe(fullToSwa));
+  const g = swaGatherLength(seqLen, extendLen, window);
+  const out: number[] = [];
+  for (let p = seqLen - g; p < seqLen; p++) {
+    const full = reqToToken[p]!;
+    if (!Number.isSafeInteger(full) || full < 0 || full >= fullToSwa.length) {
+      fail('OUT_OF_RANGE', `reqToToken[${p}]`, `a full-cache token id in [0, ${fullToSwa.length})`, describe(full));
+    }
+    const swa = fullToSwa[full]!;
+    if (!Number.isSafeInteger(swa) || swa < 0) {
+      fail('OUT_OF_RANGE', `fullToSwa[${full}]`, `the SWA id of position ${p} (it is inside the window of a query)`, describe(swa));
+    }
+    out.push(swa);
+  }
+  return out;
+}
+
 interface RatioState {
   layout: WorkspaceLayout;
   core: CoreLayout;

@@ -65,6 +65,21 @@ describe('dispatch', () => {
     expect(r.code).toBe(2);
     expect(r.stderr).toContain('--backend: expected one of auto|cuda|cpu|wasm');
   });
+
+  // the test needs a backend this machine lacks (cuda on a CPU-only machine)
+  const missing = (JSON.parse(cli(['info', '--json']).stdout) as { backends: { name: string; available: boolean }[] }).backends.find((b) => !b.available)?.name;
+  test.skipIf(missing === undefined)('a missing backend is refused before any work: its reason, exit 2', () => {
+    const r = cli(['run', '--backend', missing!]);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toMatch(new RegExp(`backend "${missing}" is unavailable .*\\[BACKEND_UNAVAILABLE\\]`));
+    expect(r.stderr).not.toContain('generating inputs');
+  });
+
+  test('sizes too large for one q tensor are refused up front with TOO_LARGE', () => {
+    const r = cli(['run', '--queries', '100000', '--heads', '128']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('[TOO_LARGE]');
+  });
 });
 
 describe('info', () => {

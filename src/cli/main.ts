@@ -4,11 +4,14 @@
  * `command: CliCommand`; modules are loaded on demand so `--help` and `info` stay quick.
  *
  * Exit codes: what the command returns (0 ok, 1 a failed check), 2 for bad usage or bad input
- * (a SparseMlaError), 1 for an unexpected internal error.
+ * (a SparseMlaError), 1 for a failure while running (worker died, backend failure, internal error).
  */
 import { readFileSync } from 'node:fs';
-import { SparseMlaError } from '../errors.js';
+import { SparseMlaError, type ErrorCode } from '../errors.js';
 import type { CliCommand } from './command.js';
+
+/** Typed errors that say the work failed, not that the input was bad: exit 1, not 2. */
+const RUNTIME_FAILURES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED']);
 
 /** In the order the help lists them. */
 const COMMAND_NAMES = ['info', 'run', 'prefill', 'verify', 'bench'] as const;
@@ -108,7 +111,8 @@ export async function main(argv: readonly string[]): Promise<number> {
   } catch (err) {
     if (err instanceof SparseMlaError) {
       process.stderr.write(`sparse-mla ${first}: ${err.message} [${err.code}]\n`);
-      return 2;
+      // a failure while running (a worker died, the backend failed) is not the caller's input
+      return RUNTIME_FAILURES.has(err.code) ? 1 : 2;
     }
     process.stderr.write(`sparse-mla ${first}: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
     return 1;

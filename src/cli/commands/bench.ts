@@ -17,7 +17,7 @@ import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { formatRate, formatSeconds, formatTable, median } from '../table.js';
-import { buildWorkload, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, V4_ROW, type Workload } from '../workload.js';
+import { buildWorkload, checkShape, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, V4_ROW, type Workload } from '../workload.js';
 import { RUN_OPTIONS } from './run.js';
 
 const OPTIONS = {
@@ -176,16 +176,27 @@ export async function benchCommand(argv: string[]): Promise<number> {
   const n = o.workers ?? availableParallelism();
   const poolSizes = [...new Set([1, n])];
 
+  checkShape(shape);
+  // Refuse a missing backend before generating anything.
+  let engine: Engine | undefined = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers: poolSizes[0]! });
+
   progress.start('generating inputs', 0);
-  const w = buildWorkload(shape);
-  const cacheIn = cacheInputs(o['dequant-tokens'], o['page-size'], o.seed);
+  let w: Workload;
+  let cacheIn: ReturnType<typeof cacheInputs>;
+  try {
+    w = buildWorkload(shape);
+    cacheIn = cacheInputs(o['dequant-tokens'], o['page-size'], o.seed);
+  } catch (err) {
+    await engine.dispose();
+    throw err;
+  }
   progress.finish();
 
   const measurements: Measurement[] = [];
   let backend: string | undefined;
   let kv: Tensor<'bf16'> | undefined;
   for (const workers of poolSizes) {
-    const engine = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers });
+    engine ??= await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers });
     try {
       backend = engine.backend;
       if (!kv) {
@@ -201,6 +212,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
       if (engine.backend !== 'wasm') break; // worker counts mean nothing off WASM
     } finally {
       await engine.dispose();
+      engine = undefined;
     }
   }
 

@@ -25,6 +25,7 @@ import { Progress } from '../progress.js';
 import { formatError, formatRate, formatSeconds, formatTable } from '../table.js';
 import {
   buildWorkload,
+  checkShape,
   DQK,
   DV,
   dequantBytes,
@@ -178,13 +179,9 @@ export async function runCommand(argv: string[]): Promise<number> {
     seed: o.seed,
   };
 
-  progress.start('generating inputs', 0);
-  const [w, genSeconds] = await timed(async () => buildWorkload(shape));
-  progress.finish(`${w.kvRows} workspace rows, ${shape.queries} queries`);
-
+  checkShape(shape); // sizes, then the backend, are refused before any work
   const steps: StepRow[] = [];
   const checks: CheckRow[] = [];
-  steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: 'random rows, queries, indices (JS, untimed work)' });
 
   progress.start('starting engine', 0);
   const [engine, startSeconds] = await timed(() =>
@@ -193,6 +190,18 @@ export async function runCommand(argv: string[]): Promise<number> {
   const workers = engine.workers ?? 0;
   progress.finish(`${engine.backend}${engine.backend === 'wasm' ? `, ${workers} workers` : ''}`);
   steps.push({ step: 'engine start', seconds: startSeconds, calls: 1, note: `${engine.backend} backend${engine.backend === 'wasm' ? `, ${workers} workers` : ''}` });
+
+  let w: Workload;
+  try {
+    progress.start('generating inputs', 0);
+    const [built, genSeconds] = await timed(async () => buildWorkload(shape));
+    w = built;
+    progress.finish(`${w.kvRows} workspace rows, ${shape.queries} queries`);
+    steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: 'random rows, queries, indices (JS, untimed work)' });
+  } catch (err) {
+    await engine.dispose();
+    throw err;
+  }
 
   let sampledCount = 0;
   try {

@@ -1,0 +1,33 @@
+// Launcher for the dequant gather kernels (kv_cache.cuh).
+#include "kv_cache.cuh"
+#include "smla_cuda.h"
+
+using namespace smla::cuda;
+
+extern "C" int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* cache, int32_t page_size,
+                                                 int32_t num_pages, const int64_t* token_ids,
+                                                 int64_t num_tokens, uint16_t* out, int32_t* bad_id,
+                                                 cudaStream_t stream) {
+  if (num_tokens < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  if (num_tokens == 0) return SMLA_OK;
+  if (!cache || !token_ids || !out) return SMLA_ERR_INVALID_ARGUMENT;
+  int dev = 0, sms = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t warps_needed = num_tokens;
+  int64_t blocks = (warps_needed + 7) / 8;
+  const int64_t cap = int64_t(sms) * 8 * 4;  // enough resident warps; the kernels grid-stride
+  if (blocks > cap) blocks = cap;
+  if (format == SMLA_CACHE_V4) {
+    const V4Cache c{cache, page_size, int64_t(page_size) * num_pages};
+    dequant_v4_kernel<<<unsigned(blocks), 256, 0, stream>>>(c, token_ids, num_tokens, out, bad_id);
+  } else if (format == SMLA_CACHE_V32) {
+    if (page_size != 1) return SMLA_ERR_INVALID_ARGUMENT;
+    dequant_v32_kernel<<<unsigned(blocks), 256, 0, stream>>>(cache, int64_t(num_pages), token_ids,
+                                                             num_tokens, out, bad_id);
+  } else {
+    return SMLA_ERR_INVALID_ARGUMENT;
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}

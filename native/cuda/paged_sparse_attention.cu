@@ -1,0 +1,40 @@
+// Launcher for paged FP8 sparse attention (§5) over v4 caches.
+#include "paged_sparse_attention.cuh"
+#include "smla_cuda.h"
+
+using namespace smla::cuda;
+
+extern "C" int32_t smla_cuda_paged_sparse_attention(
+    const uint16_t* q, int32_t n, int32_t h_q, const uint8_t* k_cache, int32_t page_size,
+    int32_t num_pages, const int32_t* indices, int32_t topk, const int32_t* topk_length,
+    const uint8_t* extra_k_cache, int32_t extra_page_size, int32_t extra_num_pages,
+    const int32_t* extra_indices, int32_t extra_topk, const int32_t* extra_topk_length,
+    const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits,
+    cudaStream_t stream) {
+  if (n < 0 || h_q < 1 || topk < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  if (extra_k_cache && (extra_topk < 0 || extra_page_size < 1 || extra_num_pages < 0))
+    return SMLA_ERR_INVALID_ARGUMENT;
+  if (n == 0) return SMLA_OK;
+  if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
+  if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
+  PagedFp8Source src;
+  src.cache = V4Cache{k_cache, page_size, int64_t(page_size) * num_pages};
+  src.indices = indices;
+  src.topk = topk;
+  src.topk_length = topk_length;
+  src.extra = V4Cache{extra_k_cache, extra_k_cache ? extra_page_size : 1,
+                      extra_k_cache ? int64_t(extra_page_size) * extra_num_pages : 0};
+  src.extra_indices = extra_indices;
+  src.extra_topk = extra_k_cache ? extra_topk : 0;
+  src.extra_topk_length = extra_topk_length;
+  const AttnOutputs o{q, h_q, sm_scale, attn_sink, out, max_logits, lse};
+  auto kernel = sparse_attention_sm90_kernel<512, PagedFp8Source>;
+  constexpr int smem = AttnSmem<512>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) {
+    const dim3 grid(unsigned(n), unsigned((h_q + kHeadsPerCta - 1) / kHeadsPerCta));
+    kernel<<<grid, kAttnThreads, smem, stream>>>(o, src);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}

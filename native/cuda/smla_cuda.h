@@ -1,0 +1,42 @@
+/* Host entry points of the CUDA kernels (device pointers; work queued on `stream`).
+ * Return: an smla_status (>= 0), or -(cudaError_t) when a CUDA call failed. Validation of
+ * shapes and cache token ids is the caller's (the TS facade checks once for every backend);
+ * these re-check what they must to never read or write out of bounds. */
+#ifndef SMLA_CUDA_H_
+#define SMLA_CUDA_H_
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "sparse_mla/sparse_mla.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* §3.3: out bf16 [num_tokens, 512] (v4) or [num_tokens, 576] (v32). Ids outside the cache give
+ * zero rows and set *bad_id (device int32, or NULL) to 1; they are never read. */
+int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* cache, int32_t page_size,
+                                      int32_t num_pages, const int64_t* token_ids,
+                                      int64_t num_tokens, uint16_t* out, int32_t* bad_id,
+                                      cudaStream_t stream);
+
+/* §4 (same arguments as smla_sparse_prefill). max_logits / lse may be NULL. */
+int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* kv, const int32_t* indices,
+                                 const int32_t* topk_length, const float* attn_sink, int32_t s_q,
+                                 int32_t h_q, int32_t d_qk, int32_t d_v, int32_t s_kv, int32_t topk,
+                                 float sm_scale, uint16_t* out, float* max_logits, float* lse,
+                                 cudaStream_t stream);
+
+/* §5 (same arguments as smla_paged_sparse_attention). */
+int32_t smla_cuda_paged_sparse_attention(
+    const uint16_t* q, int32_t n, int32_t h_q, const uint8_t* k_cache, int32_t page_size,
+    int32_t num_pages, const int32_t* indices, int32_t topk, const int32_t* topk_length,
+    const uint8_t* extra_k_cache, int32_t extra_page_size, int32_t extra_num_pages,
+    const int32_t* extra_indices, int32_t extra_topk, const int32_t* extra_topk_length,
+    const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits,
+    cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,45 @@
+// Launcher for sparse prefill (§4): the sm_90a kernel for dQK in {512, 576} with dV = 512,
+// the fallback kernel for every other shape.
+#include "smla_cuda.h"
+#include "sparse_prefill.cuh"
+
+using namespace smla::cuda;
+
+namespace {
+
+template <int DQK>
+cudaError_t launch_fast(const AttnOutputs& o, const Bf16GatherSource& src, int32_t s_q, cudaStream_t stream) {
+  auto kernel = sparse_attention_sm90_kernel<DQK, Bf16GatherSource>;
+  constexpr int smem = AttnSmem<DQK>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(unsigned(s_q), unsigned((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta));
+  kernel<<<grid, kAttnThreads, smem, stream>>>(o, src);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* kv, const int32_t* indices,
+                                            const int32_t* topk_length, const float* attn_sink, int32_t s_q,
+                                            int32_t h_q, int32_t d_qk, int32_t d_v, int32_t s_kv, int32_t topk,
+                                            float sm_scale, uint16_t* out, float* max_logits, float* lse,
+                                            cudaStream_t stream) {
+  if (s_q < 0 || h_q < 1 || topk < 0 || s_kv < 0 || d_v < 1 || d_qk < d_v) return SMLA_ERR_INVALID_ARGUMENT;
+  if (s_q == 0) return SMLA_OK;
+  if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
+  cudaError_t err;
+  if (d_v == kDv && (d_qk == 512 || d_qk == 576)) {
+    const AttnOutputs o{q, h_q, sm_scale, attn_sink, out, max_logits, lse};
+    const Bf16GatherSource src{kv, s_kv, indices, topk, topk_length};
+    err = d_qk == 576 ? launch_fast<576>(o, src, s_q, stream) : launch_fast<512>(o, src, s_q, stream);
+  } else {
+    if (d_v > 1024 || h_q > 65535) return SMLA_ERR_UNSUPPORTED;
+    const dim3 grid{unsigned(s_q), unsigned(h_q)};
+    sparse_prefill_generic_kernel<8><<<grid, 128, 0, stream>>>(q, kv, indices, topk_length, attn_sink, h_q,
+                                                                d_qk, d_v, s_kv, topk, sm_scale, out,
+                                                                max_logits, lse);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}

@@ -1,0 +1,120 @@
+// SPEC §4 sparse prefill forward on sm_90a: the shared attention kernel fed by a bf16 row gather,
+// plus a plain fallback kernel for shapes outside the fast path (dQK not in {512, 576} or
+// dV != 512).
+#pragma once
+#include <math.h>
+#include <stdint.h>
+
+#include "sparse_attention_sm90.cuh"
+#include "sparse_mla/formats.h"
+
+namespace smla::cuda {
+
+// Number of leading entries of row i that can count: min(topk, max(topkLength[i], 0)).
+__device__ __forceinline__ int row_entry_limit(const int32_t* topk_length, int64_t i, int topk) {
+  if (!topk_length) return topk;
+  const int32_t n = topk_length[i];
+  return n < 0 ? 0 : (n < topk ? n : topk);
+}
+
+// Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async; invalid entries are
+// zero-filled with a 0-byte source (nothing is read).
+struct Bf16GatherSource {
+  static constexpr uint32_t kProducerRegs = 56;
+  static constexpr uint32_t kConsumerRegs = 224;
+  struct Entries {
+    int total;
+  };
+  const uint16_t* kv;
+  int64_t s_kv;
+  const int32_t* indices;  // [s_q, topk]
+  int32_t topk;
+  const int32_t* topk_length;  // [s_q] or nullptr
+
+  __device__ Entries begin(int64_t qi) const { return Entries{row_entry_limit(topk_length, qi, topk)}; }
+
+  template <int DQK>
+  __device__ __forceinline__ void fill(const Entries& e, int64_t qi, int k0, uint8_t* tile,
+                                       uint8_t* valid, int ptid) const {
+    constexpr int kPieces = DQK / 8;
+    const int warp = ptid >> 5, lane = ptid & 31;
+    // Lanes 0..15 each own one of this warp's 16 rows: read its index, decide validity.
+    const int my_row = warp * 16 + (lane & 15);
+    const int k = k0 + my_row;
+    int64_t my_idx = -1;
+    if (k < e.total) {
+      const int32_t v = indices[qi * int64_t(topk) + k];
+      if (v >= 0 && int64_t(v) < s_kv) my_idx = v;
+    }
+    if (lane < 16) valid[my_row] = my_idx >= 0 ? 1 : 0;
+#pragma unroll 4
+    for (int j = 0; j < 16; ++j) {
+      const int64_t idx = __shfl_sync(0xffffffffu, my_idx, j);
+      const int r = warp * 16 + j;
+      const uint16_t* row = kv + (idx >= 0 ? idx : 0) * int64_t(DQK);
+      const uint32_t bytes = idx >= 0 ? 16u : 0u;
+#pragma unroll
+      for (int pc = lane; pc < kPieces; pc += 32) cp_async_16(tile + swz_offset(r, pc * 8), row + pc * 8, bytes);
+    }
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_proxy_async();
+  }
+};
+
+// Fallback for any dQK / dV (dV <= 1024): one CTA of 128 threads per (query, head), float32
+// throughout. Slow, for shapes the fast kernel does not cover.
+template <int kMaxDvPerThread>
+__global__ void __launch_bounds__(128) sparse_prefill_generic_kernel(
+    const uint16_t* q, const uint16_t* kv, const int32_t* indices, const int32_t* topk_length,
+    const float* attn_sink, int32_t h_q, int32_t d_qk, int32_t d_v, int64_t s_kv, int32_t topk,
+    float sm_scale, uint16_t* out, float* max_logits, float* lse) {
+  const int64_t qi = blockIdx.x;
+  const int h = blockIdx.y;
+  const int tid = threadIdx.x;
+  __shared__ float red[4];
+  const uint16_t* qrow = q + (qi * h_q + h) * int64_t(d_qk);
+  const int n = row_entry_limit(topk_length, qi, topk);
+  float acc[kMaxDvPerThread];
+#pragma unroll
+  for (int i = 0; i < kMaxDvPerThread; ++i) acc[i] = 0.0f;
+  SoftmaxRow row = softmax_row_init();
+  bool any = false;
+  for (int k = 0; k < n; ++k) {
+    const int32_t v = indices[qi * int64_t(topk) + k];
+    if (v < 0 || int64_t(v) >= s_kv) continue;
+    const uint16_t* krow = kv + int64_t(v) * d_qk;
+    float dot = 0.0f;
+    for (int d = tid; d < d_qk; d += 128) dot += bf16_to_float(qrow[d]) * bf16_to_float(krow[d]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+    __syncthreads();
+    if ((tid & 31) == 0) red[tid >> 5] = dot;
+    __syncthreads();
+    const float logit = (red[0] + red[1] + red[2] + red[3]) * sm_scale;
+    any = true;
+    const float m_new = nan_max(row.m, logit);
+    const float alpha = softmax_rescale(row.m, m_new);
+    const float pk = expf(logit - softmax_exp_base(m_new));
+    row.m = m_new;
+    row.l = row.l * alpha + pk;
+#pragma unroll
+    for (int i = 0; i < kMaxDvPerThread; ++i) {
+      const int d = tid + 128 * i;
+      if (d < d_v) acc[i] = acc[i] * alpha + pk * bf16_to_float(krow[d]);
+    }
+  }
+  const SoftmaxResult fin = softmax_finalize(row, any, attn_sink != nullptr, attn_sink ? attn_sink[h] : 0.0f);
+  const int64_t orow = qi * h_q + h;
+#pragma unroll
+  for (int i = 0; i < kMaxDvPerThread; ++i) {
+    const int d = tid + 128 * i;
+    if (d < d_v) out[orow * d_v + d] = float_to_bf16(acc[i] * fin.out_scale);
+  }
+  if (tid == 0) {
+    if (lse) lse[orow] = fin.lse;
+    if (max_logits) max_logits[orow] = fin.max_logit;
+  }
+}
+
+}  // namespace smla::cuda

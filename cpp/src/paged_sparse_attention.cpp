@@ -53,8 +53,8 @@ extern "C" SMLA_API int32_t smla_paged_sparse_attention(
   const int32_t etopk = has_extra ? extra_topk : 0;
 
   cpu::AttentionScratch sc;
-  TokenRef* list = static_cast<TokenRef*>(
-      malloc(size_t(int64_t(topk) + etopk > 0 ? int64_t(topk) + etopk : 1) * sizeof(TokenRef)));
+  TokenRef* list =
+      static_cast<TokenRef*>(cpu::scratch_alloc(int64_t(topk) + etopk, sizeof(TokenRef)));
   if (!list || !sc.allocate(h_q, kD, kD)) {
     free(list);
     sc.release();

@@ -5,6 +5,7 @@
 // softmax update per head, then O += P·V with register-blocked tiles. Accumulation is float32.
 #pragma once
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -14,6 +15,17 @@
 
 namespace smla {
 namespace cpu {
+
+// malloc of count * elem bytes (64-byte aligned), or null when the size does not fit size_t
+// (wasm32: 4 GiB) or the allocation fails. Never allocates less than asked for.
+static inline void* scratch_alloc(int64_t count, int64_t elem) {
+  if (count < 0 || elem <= 0) return nullptr;
+  if (count == 0) count = 1;
+  if (uint64_t(count) > uint64_t(SIZE_MAX) / uint64_t(elem)) return nullptr;
+  void* p = nullptr;
+  if (posix_memalign(&p, 64, size_t(count) * size_t(elem)) != 0) return nullptr;
+  return p;
+}
 
 // Tile shapes (register blocking), chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
 #ifndef SMLA_KBLOCK
@@ -42,11 +54,11 @@ struct AttentionScratch {
   SoftmaxRow* rows = nullptr;  // [h_q]
 
   bool allocate(int64_t h_q, int64_t d_qk, int64_t d_v) {
-    q = static_cast<float*>(aligned(size_t(h_q * d_qk) * sizeof(float)));
-    acc = static_cast<float*>(aligned(size_t(h_q * d_v) * sizeof(float)));
-    k = static_cast<float*>(aligned(size_t(kBlock * d_qk) * sizeof(float)));
-    s = static_cast<float*>(aligned(size_t(h_q * kBlock) * sizeof(float)));
-    rows = static_cast<SoftmaxRow*>(aligned(size_t(h_q) * sizeof(SoftmaxRow)));
+    q = static_cast<float*>(scratch_alloc(h_q * d_qk, sizeof(float)));
+    acc = static_cast<float*>(scratch_alloc(h_q * d_v, sizeof(float)));
+    k = static_cast<float*>(scratch_alloc(kBlock * d_qk, sizeof(float)));
+    s = static_cast<float*>(scratch_alloc(h_q * kBlock, sizeof(float)));
+    rows = static_cast<SoftmaxRow*>(scratch_alloc(h_q, sizeof(SoftmaxRow)));
     return q && acc && k && s && rows;
   }
   void release() {
@@ -59,13 +71,6 @@ struct AttentionScratch {
     rows = nullptr;
   }
 
- private:
-  static void* aligned(size_t bytes) {
-    void* p = nullptr;
-    if (bytes == 0) bytes = 64;
-    if (posix_memalign(&p, 64, bytes) != 0) return nullptr;
-    return p;
-  }
 };
 
 // s[h * kBlock + r] = <q[h], k[r]> for h in [h0, h0+HB), r in [r0, r0+RB). Vectors run along d.
@@ -88,7 +93,7 @@ static inline void logits_tile(const float* q, const float* k, float* s, int d_q
     }
   }
   for (int h = 0; h < HB; ++h)
-    for (int r = 0; r < RB; ++r) s[(h0 + h) * kBlock + r0 + r] = hsum(a[h][r]);
+    for (int r = 0; r < RB; ++r) s[int64_t(h0 + h) * kBlock + r0 + r] = hsum(a[h][r]);
 }
 
 template <int HB, int RB>
@@ -119,7 +124,7 @@ static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk,
     vf vv[DB];
     for (int c = 0; c < DB; ++c) vv[c] = load(vr + c * W);
     for (int h = 0; h < HB; ++h) {
-      const vf ph = load_splat(p + (h0 + h) * kBlock + r);
+      const vf ph = load_splat(p + int64_t(h0 + h) * kBlock + r);
       for (int c = 0; c < DB; ++c) a[h][c] = madd(ph, vv[c], a[h][c]);
     }
   }
@@ -150,7 +155,7 @@ static inline void block_pv(const float* p, const float* v, float* acc, int h_q,
 static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
                                  float sm_scale) {
   for (int h = 0; h < h_q; ++h) {
-    float* sh = s + h * kBlock;
+    float* sh = s + int64_t(h) * kBlock;
     float m_blk = -INFINITY;
     for (int r = 0; r < nb; ++r) {
       sh[r] *= sm_scale;

@@ -23,7 +23,7 @@ extern "C" SMLA_API int32_t smla_sparse_prefill(const uint16_t* q, const uint16_
   if (s_kv > 0 && !kv) return SMLA_ERR_INVALID_ARGUMENT;
 
   cpu::AttentionScratch sc;
-  int32_t* rows = static_cast<int32_t*>(malloc(size_t(topk > 0 ? topk : 1) * sizeof(int32_t)));
+  int32_t* rows = static_cast<int32_t*>(cpu::scratch_alloc(topk, sizeof(int32_t)));
   if (!rows || !sc.allocate(h_q, d_qk, d_v)) {
     free(rows);
     sc.release();

@@ -416,6 +416,12 @@ void check_prefill_special() {
   expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 1, h_q, d, d, s_kv, topk, 1.f,
                              out.data(), nullptr, lse.data()) == SMLA_ERR_INVALID_ARGUMENT,
          "null maxLogits");
+#if defined(__EMSCRIPTEN__)
+  // Scratch of h_q * d_qk floats beyond the 32-bit address space: refused before any read.
+  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 1, 1 << 30, 1024, 64, s_kv, topk,
+                             1.f, out.data(), ml.data(), lse.data()) == SMLA_ERR_OUT_OF_MEMORY,
+         "scratch beyond 4 GiB -> out of memory");
+#endif
 }
 
 // ---------------------------------------------------------------- cache checks

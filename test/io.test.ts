@@ -3,8 +3,8 @@ import { mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
-import { tensor } from '../dist/tensor.js';
-import type { SparsePrefillArgs, Tensor } from '../dist/types.js';
+import { tensor } from '../dist/index.js';
+import type { SparsePrefillArgs, Tensor } from '../dist/index.js';
 import {
   encodeNpy,
   encodeSafetensors,

@@ -3,9 +3,9 @@
  * codec values, and properties that hold for any input.
  */
 import { describe, expect, test } from 'vitest';
-import { float32ToBf16Bits, tensor } from '../dist/tensor.js';
+import { float32ToBf16Bits, tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
-import type { KvCache, SparsePrefillArgs, Tensor } from '../dist/types.js';
+import type { KvCache, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
 const rng = testRng('reference.test');

@@ -19,7 +19,7 @@ import { formatError, formatTable } from '../table.js';
 
 const OPTIONS = {
   sample: { type: 'int', min: 1, metavar: 'N', help: 'judge only N query rows spread evenly over sQ (first and last included); default: all' },
-  workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'worker threads for the reference (default: the machine\'s cores)' },
+  workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'worker threads for the reference (default: the cores, or 1 for a small check)' },
   json: { type: 'boolean', help: 'print the report as JSON on stdout' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
 } satisfies OptionTable;
@@ -111,10 +111,10 @@ export async function verifyDirectory(
   const chunks: number[][] = [];
   for (let s = 0; s < queries.length; s += chunkRows) chunks.push(queries.slice(s, s + chunkRows));
 
-  const wanted = opts.workers ?? availableParallelism();
+  // threads only pay off when there is real work: by default a small check runs right here
   const totalFlops = flopsPerQuery * queries.length;
-  // threads only pay off when there is real work; a small check runs right here
-  const workers = totalFlops < 4e9 ? 1 : Math.min(wanted, chunks.length);
+  const wanted = opts.workers ?? (totalFlops < 4e9 ? 1 : availableParallelism());
+  const workers = Math.max(1, Math.min(wanted, chunks.length));
   let pool: ReferencePool | undefined;
   let local: ReturnType<typeof prepareSparsePrefillReference> | undefined;
   if (workers > 1) pool = await createReferencePool(inputs.args, workers);

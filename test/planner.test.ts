@@ -4,7 +4,7 @@
  * against the float64 reference's §6 derivation; the router; bad input.
  */
 import { describe, expect, test } from 'vitest';
-import { createPlan, routePrefill, swaTokenIdsFromTable, DEFAULT_SPARSE_PREFILL_THRESHOLD, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
+import { createPlan, routePrefill, swaTokenIdsFromTable, DEFAULT_SPARSE_PREFILL_THRESHOLD, SPARSE_PREFILL_THRESHOLDS, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { SparseMlaError } from '../dist/errors.js';
 import { tensor } from '../dist/tensor.js';
@@ -309,6 +309,10 @@ describe('router', () => {
     });
     expect(routePrefill(DEFAULT_SPARSE_PREFILL_THRESHOLD, { env }).path).toBe('paged');
     expect(routePrefill(10, { threshold: 9, env }).path).toBe('sparse');
+    const w = SPARSE_PREFILL_THRESHOLDS.wasm;
+    expect(routePrefill(w + 1, { backend: 'wasm', env })).toEqual({ path: 'sparse', reason: `${w + 1} queries > threshold ${w} (wasm default)` });
+    expect(routePrefill(w, { backend: 'wasm', env }).path).toBe('paged');
+    expect(routePrefill(w + 1, { backend: 'wasm', threshold: w + 1, env }).reason).toBe(`${w + 1} queries ≤ threshold ${w + 1}`);
     expect(routePrefill(10, { threshold: 10, env }).path).toBe('paged');
     expect(routePrefill(1, { env: { SPARSE_MLA_PREFILL: 'sparse' } })).toEqual({ path: 'sparse', reason: 'forced by SPARSE_MLA_PREFILL=sparse' });
     expect(routePrefill(1e6, { env: { SPARSE_MLA_PREFILL: 'paged' } }).path).toBe('paged');

@@ -6,7 +6,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, createKvCache, bf16ToFloat32, tensor, SparseMlaError } from '../dist/index.js';
-import { createPlan, prefillLayer, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
+import { createPlan, prefillLayer, SPARSE_PREFILL_THRESHOLDS, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
 import {
   TOLERANCES,
   compareToReference,
@@ -230,6 +230,10 @@ describe('prefillLayer vs the brute-force reference', () => {
     const below = await prefillLayer(engine, { ...base, threshold: 49, env: {} });
     expect(below.reason).toBe('49 queries ≤ threshold 49');
     expectMatches(below, ref, 'paged', 'threshold 49');
+    const dflt = await prefillLayer(engine, { ...base, env: {} });
+    const t = SPARSE_PREFILL_THRESHOLDS.wasm;
+    expect(dflt.reason).toBe(`49 queries ${49 > t ? '>' : '≤'} threshold ${t} (wasm default)`);
+    expectMatches(dflt, ref, 49 > t ? 'sparse' : 'paged', 'wasm default threshold');
     const saved = process.env.SPARSE_MLA_PREFILL;
     try {
       process.env.SPARSE_MLA_PREFILL = 'sparse';

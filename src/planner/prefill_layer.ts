@@ -40,7 +40,7 @@ export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Prom
     fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(args.topkIndices));
   }
   const caches = plan.checkCaches(args.caches, ratio);
-  const route = routePrefill(nq, args);
+  const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend });
 
   // Index rows: chunk-invariant for ratios 0 / 128 (built once by the plan), per layer for c4.
   const rows: CombinedRows =

@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 #include "sparse_mla/formats.h"
@@ -38,10 +39,18 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 #define SMLA_LOGIT_RB 2
 #endif
 #ifndef SMLA_PV_HB
+#if defined(SMLA_SIMD_WASM)
+#define SMLA_PV_HB 2
+#else
 #define SMLA_PV_HB 4
 #endif
+#endif
 #ifndef SMLA_PV_DB
+#if defined(SMLA_SIMD_WASM)
+#define SMLA_PV_DB 4
+#else
 #define SMLA_PV_DB 2
+#endif
 #endif
 constexpr int kBlock = SMLA_KBLOCK;  // KV rows per block
 
@@ -114,12 +123,12 @@ static inline void block_logits(const float* q, const float* k, float* s, int h_
 // acc[h, d0 : d0 + DB*W] += Σ_r p[h, r] · v[r, ...] for h in [h0, h0+HB).
 template <int HB, int DB>
 static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0,
-                           int d0, int nb) {
+                           int d0) {
   using namespace simd;
   vf a[HB][DB];
   for (int h = 0; h < HB; ++h)
     for (int c = 0; c < DB; ++c) a[h][c] = load(acc + int64_t(h0 + h) * d_v + d0 + c * W);
-  for (int r = 0; r < nb; ++r) {
+  for (int r = 0; r < kBlock; ++r) {  // whole blocks: a fixed trip count the compiler unrolls
     const float* vr = v + int64_t(r) * d_qk + d0;
     vf vv[DB];
     for (int c = 0; c < DB; ++c) vv[c] = load(vr + c * W);
@@ -133,20 +142,19 @@ static inline void pv_tile(const float* p, const float* v, float* acc, int d_qk,
 }
 
 template <int HB>
-static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0,
-                            int nb) {
+static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk, int d_v, int h0) {
   constexpr int DB = SMLA_PV_DB;
   int d = 0;
-  for (; d + DB * simd::W <= d_v; d += DB * simd::W) pv_tile<HB, DB>(p, v, acc, d_qk, d_v, h0, d, nb);
-  for (; d < d_v; d += simd::W) pv_tile<HB, 1>(p, v, acc, d_qk, d_v, h0, d, nb);
+  for (; d + DB * simd::W <= d_v; d += DB * simd::W) pv_tile<HB, DB>(p, v, acc, d_qk, d_v, h0, d);
+  for (; d < d_v; d += simd::W) pv_tile<HB, 1>(p, v, acc, d_qk, d_v, h0, d);
 }
 
-static inline void block_pv(const float* p, const float* v, float* acc, int h_q, int d_qk, int d_v,
-                            int nb) {
+// O += P·V over a whole block; rows past the block's count have p = 0 and zeroed V rows.
+static inline void block_pv(const float* p, const float* v, float* acc, int h_q, int d_qk, int d_v) {
   constexpr int HB = SMLA_PV_HB;
   int h = 0;
-  for (; h + HB <= h_q; h += HB) pv_heads<HB>(p, v, acc, d_qk, d_v, h, nb);
-  for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h, nb);
+  for (; h + HB <= h_q; h += HB) pv_heads<HB>(p, v, acc, d_qk, d_v, h);
+  for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h);
 }
 
 // Online softmax update of every head for one block of nb logits (in place: logits -> exp terms);
@@ -171,6 +179,7 @@ static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q
       sh[r] = e;
       sum += e;
     }
+    for (int r = nb; r < kBlock; ++r) sh[r] = 0.0f;
     row.l = row.l * alpha + sum;
     row.m = m_new;
     rows[h] = row;
@@ -198,9 +207,11 @@ static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int
   for (int64_t start = 0; start < n_valid; start += kBlock) {
     const int nb = int(n_valid - start < kBlock ? n_valid - start : kBlock);
     fill(start, nb, sc.k);
+    // A short last block: zero the unused rows so that P·V can run the whole block (0 · 0).
+    if (nb < kBlock) memset(sc.k + int64_t(nb) * d_qk, 0, size_t(kBlock - nb) * size_t(d_qk) * sizeof(float));
     block_logits(sc.q, sc.k, sc.s, h_q, d_qk, nb);
     block_softmax(sc.s, sc.rows, sc.acc, h_q, d_v, nb, sm_scale);
-    block_pv(sc.s, sc.k, sc.acc, h_q, d_qk, d_v, nb);
+    block_pv(sc.s, sc.k, sc.acc, h_q, d_qk, d_v);
   }
 
   for (int h = 0; h < h_q; ++h) {

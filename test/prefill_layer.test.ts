@@ -274,6 +274,11 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     expect((err as Error).message).toMatch(pattern);
   }
 
+  test('a chunk without queries returns empty outputs without touching the engine', async () => {
+    const empty = createPlan({ requests: [{ seqLen: 50, extendLen: 0, swaTokenIds: [] }] });
+    const r = await prefillLayer(untouchable, { q: tensor('bf16', [0, 2, D]), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1, env: {} });
+    expect([r.out.shape, r.lse.shape, r.maxLogits.shape, r.workspaceBytes]).toEqual([[0, 2, D], [0, 2], [0, 2], 0]);
+  });
   test('ids outside the caches', async () => {
     await expectCode({ ...ok, caches: { ...caches, swa: createKvCache('v4', { pageSize: 64, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.swa/);
     await expectCode({ ...ok, caches: { ...caches, c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.c4/);

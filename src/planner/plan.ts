@@ -263,9 +263,10 @@ export class Plan {
     }
     for (const { layout: l } of layouts.values()) {
       if (l.rows > INT32_MAX) fail('TOO_LARGE', 'workspace', `at most ${INT32_MAX} rows (int32 row numbers)`, `${l.rows} rows for ratio ${l.ratio}`);
-      const width = l.ratio === 128 ? combinedWidth(128, 0, l.maxVisible, window, this.align) : 0;
+      if (l.ratio === 4) continue; // its width depends on top-k: checked by combineC4
+      const width = combinedWidth(l.ratio, 0, l.maxVisible, window, this.align);
       if (swaLayout.numQueries * width > INT32_MAX) {
-        fail('TOO_LARGE', 'chunk', `c128 index rows of at most ${INT32_MAX} entries`, `${swaLayout.numQueries} queries × width ${width}`);
+        fail('TOO_LARGE', 'chunk', `c${l.ratio} index rows of at most ${INT32_MAX} entries`, `${swaLayout.numQueries} queries × width ${width}`);
       }
     }
 

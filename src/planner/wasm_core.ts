@@ -73,15 +73,28 @@ function instantiate(): PlannerCore | null {
       throw new Error(`sparse-mla planner: unexpected call to ${imp.module}.${imp.name}`);
     };
   }
-  const ex = new WA.Instance(module, imports).exports as unknown as PlanExports;
-  if (!(ex.memory?.buffer instanceof ArrayBuffer)) return null;
-  for (const name of REQUIRED) if (typeof ex[name] !== 'function') return null;
-  return makeCore(ex);
+  const make = (): PlanExports => new WA.Instance(module, imports).exports as unknown as PlanExports;
+  let current: PlanExports | undefined = make();
+  if (!(current.memory?.buffer instanceof ArrayBuffer)) return null;
+  for (const name of REQUIRED) if (typeof current[name] !== 'function') return null;
+  return makeCore(
+    () => (current ??= make()),
+    // a one-off huge plan must not pin its heap for the life of the process: drop the instance
+    // (the compiled module stays) and start a fresh one on the next call
+    () => {
+      if (current && current.memory.buffer.byteLength > KEEP_HEAP_BYTES) current = undefined;
+    },
+  );
 }
+
+/** Heap size above which the private instance is dropped after a call. */
+const KEEP_HEAP_BYTES = 256 * 2 ** 20;
 
 const STATUS_NAMES = ['OK', 'INVALID_ARGUMENT', 'OUT_OF_RANGE', 'OUT_OF_MEMORY', 'UNSUPPORTED'];
 
-function makeCore(ex: PlanExports): PlannerCore {
+function makeCore(acquire: () => PlanExports, release: () => void): PlannerCore {
+  // the instance of the call in progress (calls are synchronous, never nested)
+  let ex: PlanExports;
   /** Scratch allocations of one call, freed together. */
   class Frame {
     ptrs: number[] = [];
@@ -114,11 +127,13 @@ function makeCore(ex: PlanExports): PlannerCore {
   const readI32 = (p: number, n: number): Int32Array => new Int32Array(ex.memory.buffer, p, n).slice();
   const readI64 = (p: number, n: number): BigInt64Array => new BigInt64Array(ex.memory.buffer, p, n).slice();
   const run = <T>(f: (fr: Frame) => T): T => {
+    ex = acquire();
     const fr = new Frame();
     try {
       return f(fr);
     } finally {
       fr.free();
+      release();
     }
   };
   const sum = (a: Int32Array): number => a.reduce((x, y) => x + y, 0);

@@ -90,3 +90,22 @@ for (let r = 0; r < runs + 1; r++) {
 const dqMed = median(dqTimes);
 console.log(`dequantize v4 gather n=${n} P=${P}: median ${(dqMed * 1e3).toFixed(2)} ms, ` +
   `${((n * (584 + 1024)) / dqMed / 1e9).toFixed(2)} GB/s (584 B read + 1024 B written per token)`);
+
+// ---- paged FP8 attention (SPEC §5) on the same cache: topk token ids per query, dQK = dV = 512
+if (dQK === 512 && dV === 512) {
+  const pidxPaged = alloc(sQ * topk * 4);
+  const ids = heap(Int32Array, pidxPaged, sQ * topk);
+  for (let i = 0; i < ids.length; i++) ids[i] = Math.floor(rand() * P * pages);
+  const pTimes = [];
+  for (let r = 0; r < runs + 1; r++) {
+    const t0 = process.hrtime.bigint();
+    const st = e.smla_paged_sparse_attention(pq, sQ, hQ, pcache, P, pages, pidxPaged, topk, 0,
+      0, 0, 0, 0, 0, 0, psink, 1 / Math.sqrt(576), pout, plse, pml);
+    const t = Number(process.hrtime.bigint() - t0) / 1e9;
+    if (st !== 0) throw new Error(`smla_paged_sparse_attention returned ${st}`);
+    if (r > 0) pTimes.push(t);
+  }
+  const pMed = median(pTimes);
+  console.log(`paged_sparse_attention n=${sQ} hQ=${hQ} topk=${topk} P=${P}: median ${(pMed * 1e3).toFixed(1)} ms, ` +
+    `${(2 * sQ * topk * hQ * 1024 / pMed / 1e9).toFixed(2)} GFLOP/s (dequant inside)`);
+}

@@ -17,7 +17,12 @@ namespace {
 // mantissa bits, subnormal codes as m * 2^-9, NaN codes as NaN), multiplied by the scale (the one
 // float32 rounding of the spec), then rounded to bf16 with the same rule as float_to_bf16. The
 // result is returned as float32 bits whose low half is zero, so it serves both output types.
+//
+// kExact: the scale is a power of two that keeps every e4m3 value inside the normal float range
+// (see scale_keeps_exact); then the product is exact, already a bf16 value (4 significant bits),
+// NaN codes give 0x7fc00000 | sign, and the rounding step is the identity, so it is skipped.
 #if defined(SMLA_SIMD_WASM)
+template <bool kExact>
 inline v128_t dequant4(v128_t u, v128_t scale) {
   const v128_t mag = wasm_v128_and(u, wasm_i32x4_splat(0x7f));
   const v128_t sign = wasm_i32x4_shl(wasm_v128_and(u, wasm_i32x4_splat(0x80)), 24);
@@ -26,6 +31,7 @@ inline v128_t dequant4(v128_t u, v128_t scale) {
   v128_t v = wasm_v128_bitselect(sub, normal, wasm_i32x4_lt(mag, wasm_i32x4_splat(8)));
   v = wasm_v128_bitselect(wasm_i32x4_splat(0x7fc00000), v, wasm_i32x4_eq(mag, wasm_i32x4_splat(0x7f)));
   const v128_t r = wasm_f32x4_mul(wasm_v128_or(v, sign), scale);
+  if (kExact) return r;
   const v128_t lsb = wasm_v128_and(wasm_u32x4_shr(r, 16), wasm_i32x4_splat(1));
   const v128_t rounded = wasm_v128_and(wasm_i32x4_add(r, wasm_i32x4_add(lsb, wasm_i32x4_splat(0x7fff))),
                                        wasm_i32x4_splat(int32_t(0xffff0000u)));
@@ -35,16 +41,16 @@ inline v128_t dequant4(v128_t u, v128_t scale) {
 }
 
 // 64 bytes -> 64 values. Out is bf16 bits or float32 (the bf16 value).
-template <bool kF32>
+template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   const v128_t scale = wasm_f32x4_splat(scale_f);
   for (int j = 0; j < 64; j += 16) {
     const v128_t b = wasm_v128_load(q + j);
     const v128_t lo = wasm_u16x8_extend_low_u8x16(b), hi = wasm_u16x8_extend_high_u8x16(b);
-    const v128_t r0 = dequant4(wasm_u32x4_extend_low_u16x8(lo), scale);
-    const v128_t r1 = dequant4(wasm_u32x4_extend_high_u16x8(lo), scale);
-    const v128_t r2 = dequant4(wasm_u32x4_extend_low_u16x8(hi), scale);
-    const v128_t r3 = dequant4(wasm_u32x4_extend_high_u16x8(hi), scale);
+    const v128_t r0 = dequant4<kExact>(wasm_u32x4_extend_low_u16x8(lo), scale);
+    const v128_t r1 = dequant4<kExact>(wasm_u32x4_extend_high_u16x8(lo), scale);
+    const v128_t r2 = dequant4<kExact>(wasm_u32x4_extend_low_u16x8(hi), scale);
+    const v128_t r3 = dequant4<kExact>(wasm_u32x4_extend_high_u16x8(hi), scale);
     if (kF32) {
       float* o = static_cast<float*>(out) + j;
       wasm_v128_store(o, r0);
@@ -59,6 +65,7 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   }
 }
 #elif defined(SMLA_SIMD_AVX2)
+template <bool kExact>
 inline __m256i dequant8(__m256i u, __m256 scale) {
   const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7f));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
@@ -70,6 +77,7 @@ inline __m256i dequant8(__m256i u, __m256 scale) {
                        _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f))));
   const __m256 rf = _mm256_mul_ps(_mm256_or_ps(v, _mm256_castsi256_ps(sign)), scale);
   const __m256i r = _mm256_castps_si256(rf);
+  if (kExact) return r;
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(1));
   const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
   const __m256i rounded =
@@ -79,13 +87,13 @@ inline __m256i dequant8(__m256i u, __m256 scale) {
                                               _mm256_cmp_ps(rf, rf, _CMP_UNORD_Q)));
 }
 
-template <bool kF32>
+template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   const __m256 scale = _mm256_set1_ps(scale_f);
   for (int j = 0; j < 64; j += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
-    const __m256i r0 = dequant8(_mm256_cvtepu8_epi32(b), scale);
-    const __m256i r1 = dequant8(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), scale);
+    const __m256i r0 = dequant8<kExact>(_mm256_cvtepu8_epi32(b), scale);
+    const __m256i r1 = dequant8<kExact>(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), scale);
     if (kF32) {
       float* o = static_cast<float*>(out) + j;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), r0);
@@ -99,7 +107,7 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   }
 }
 #else
-template <bool kF32>
+template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale, void* out) {
   for (int i = 0; i < 64; ++i) {
     const uint16_t h = float_to_bf16(e4m3_to_float(q[i]) * scale);
@@ -109,17 +117,31 @@ inline void dequant_tile64(const uint8_t* q, float scale, void* out) {
 }
 #endif
 
+// A power-of-two scale 2^e with -117 <= e <= 119: every e4m3 value (2^-9 .. 448) times it is a
+// normal float32, so the product is exact.
+inline bool scale_keeps_exact(float scale) {
+  const uint32_t u = float_bits(scale);
+  const uint32_t e = u >> 23;
+  return (u & 0x807fffffu) == 0 && e >= 10 && e <= 246;
+}
+
+template <bool kF32>
+inline void dequant_tile(const uint8_t* q, float scale, void* out) {
+  if (scale_keeps_exact(scale)) dequant_tile64<kF32, true>(q, scale, out);
+  else dequant_tile64<kF32, false>(q, scale, out);
+}
+
 }  // namespace
 
 void dequant_v4_token_bf16(const uint8_t* data, const uint8_t* scales, uint16_t* out) {
   for (int t = 0; t < v4::kNumTiles; ++t)
-    dequant_tile64<false>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
+    dequant_tile<false>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
   memcpy(out + v4::kNopeDim, data + v4::kNopeDim, v4::kRopeDim * 2);
 }
 
 void dequant_v4_token_f32(const uint8_t* data, const uint8_t* scales, float* out) {
   for (int t = 0; t < v4::kNumTiles; ++t)
-    dequant_tile64<true>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
+    dequant_tile<true>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
   const uint16_t* rope = reinterpret_cast<const uint16_t*>(data + v4::kNopeDim);
   for (int i = 0; i < v4::kRopeDim; i += simd::W) simd::store(out + v4::kNopeDim + i, simd::load_bf16(rope + i));
 }
@@ -128,8 +150,8 @@ void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
   for (int t = 0; t < v32::kNumTiles; ++t) {
     float scale;
     memcpy(&scale, token + v32::kScalesAt + 4 * t, 4);
-    dequant_tile64<false>(token + t * v32::kTile, scale, out + t * v32::kTile);
-    dequant_tile64<false>(token + t * v32::kTile + 64, scale, out + t * v32::kTile + 64);
+    dequant_tile<false>(token + t * v32::kTile, scale, out + t * v32::kTile);
+    dequant_tile<false>(token + t * v32::kTile + 64, scale, out + t * v32::kTile + 64);
   }
   memcpy(out + v32::kNopeDim, token + v32::kRopeAt, v32::kRopeDim * 2);
 }

@@ -198,11 +198,20 @@ extern "C" SMLA_API int32_t smla_quantize_kv_cache(int32_t format, uint8_t* cach
       for (int d = 0; d < dim; ++d) x[d] = bf16_to_float(r[d]);
     }
     const int64_t id = token_ids[i];
+    uint8_t* rope_dst;
     if (format == SMLA_CACHE_V4) {
       v4::quantize_token(x, cache + v4::data_offset(id, page_size),
                          cache + v4::scale_offset(id, page_size));
+      rope_dst = cache + v4::data_offset(id, page_size) + v4::kNopeDim;
     } else {
       v32::quantize_token(x, cache + v32::token_offset(id));
+      rope_dst = cache + v32::token_offset(id) + v32::kRopeAt;
+    }
+    // bf16 rope dims are stored unchanged: copy the bits, so a NaN payload survives
+    // (a round trip through float would set the quiet bit).
+    if (rows_dtype == SMLA_ROWS_BF16) {
+      const int nope = format == SMLA_CACHE_V4 ? v4::kNopeDim : v32::kNopeDim;
+      memcpy(rope_dst, static_cast<const uint16_t*>(rows) + base + nope, 64 * sizeof(uint16_t));
     }
   }
   return SMLA_OK;

@@ -42,31 +42,60 @@ struct PagedFp8Source {
     const int warp = ptid >> 5, lane = ptid & 31;
     const int my_row = warp * 16 + (lane & 15);
     const int k = k0 + my_row;
-    // Resolve this lane's entry to (cache, token id); invalid -> set = -1.
-    int64_t tok = -1;
-    int set = -1;
-    if (k < e.main) {
-      const int32_t v = indices[qi * int64_t(topk) + k];
-      if (cache.contains(v)) tok = v, set = 0;
-    } else if (k < e.total) {
-      const int32_t v = extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
-      if (extra.contains(v)) tok = v, set = 1;
-    }
-    if (lane < 16) valid[my_row] = set >= 0 ? 1 : 0;
-#pragma unroll 2
-    for (int j = 0; j < 16; ++j) {
-      const int64_t t = __shfl_sync(0xffffffffu, tok, j);
-      const int s = __shfl_sync(0xffffffffu, set, j);
-      const int r = warp * 16 + j;
-      uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
-      if (s >= 0) {
-        const V4Cache& c = s == 0 ? cache : extra;
-        dequant_v4_lane(c, t, lane, lo, hi);
+    // Resolve this lane's entry to the token's data / scale records (nullptr: invalid entry).
+    const uint8_t* my_data = nullptr;
+    const uint8_t* my_scales = nullptr;
+    if (k < e.total) {
+      const bool in_main = k < e.main;
+      const int32_t v = in_main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
+      const uint8_t* base = in_main ? cache.data : extra.data;
+      const int64_t page_size = in_main ? cache.page_size : extra.page_size;
+      const int64_t num_tokens = in_main ? cache.num_tokens : extra.num_tokens;
+      if (v >= 0 && int64_t(v) < num_tokens) {
+        my_data = base + v4::data_offset(v, page_size);
+        my_scales = base + v4::scale_offset(v, page_size);
       }
-      // Lane l < 28 holds dims [16l, 16l+16); lanes 28..31 hold rope dims [448 + 16u, +16).
-      const int d0 = lane * 16;
-      *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = lo;
-      *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = hi;
+    }
+    if (lane < 16) valid[my_row] = my_data ? 1 : 0;
+    // Rows in batches of kBatch: all loads of a batch are in flight before the first convert.
+    constexpr int kBatch = 2;
+#pragma unroll 1
+    for (int j0 = 0; j0 < 16; j0 += kBatch) {
+      uint4 raw[kBatch], raw2[kBatch];
+      uint32_t sb[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const uint8_t* data = reinterpret_cast<const uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), j0 + u));
+        const uint8_t* scales = reinterpret_cast<const uint8_t*>(
+            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_scales), j0 + u));
+        raw[u] = raw2[u] = make_uint4(0, 0, 0, 0);
+        sb[u] = 127;
+        if (data) {
+          if (lane < 28) {
+            sb[u] = __ldg(scales + (lane >> 2));
+            raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
+          } else {
+            const uint4* rope = reinterpret_cast<const uint4*>(data + v4::kNopeDim + (lane - 28) * 32);
+            raw[u] = __ldg(rope);
+            raw2[u] = __ldg(rope + 1);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int r = warp * 16 + j0 + u;
+        uint4 lo = raw[u], hi = raw2[u];
+        if (lane < 28) {  // nope: e4m3 * 2^(byte-127) (zeros stay zeros for invalid rows)
+          const float scale = ue8m0_to_float(uint8_t(sb[u]));
+          lo = dequant8(raw[u].x, raw[u].y, scale);
+          hi = dequant8(raw[u].z, raw[u].w, scale);
+        }
+        // Lane l < 28 holds dims [16l, 16l+16); lanes 28..31 hold rope dims [448 + 16u, +16).
+        const int d0 = lane * 16;
+        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = lo;
+        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = hi;
+      }
     }
     fence_proxy_async();
   }

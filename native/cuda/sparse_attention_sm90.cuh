@@ -93,19 +93,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       mbar_init(&empty[s], 256);
     }
   }
-  // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op).
-  {
+  // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
+  // math warpgroups and awaited just before the first S = QKᵀ, so it overlaps the first gather.
+  if (tid < 256) {
     constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
-    for (int t = tid; t < kHeadsPerCta * kPieces; t += kAttnThreads) {
+    const uint64_t once = l2_policy_evict_first();
+    for (int t = tid; t < kHeadsPerCta * kPieces; t += 256) {
       const int r = t / kPieces, pc = t % kPieces;
       const int h = h0 + r;
       const bool ok = h < p.h_q;
       const uint16_t* g = ok ? p.q + ((qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
-      cp_async_16(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u);
+      cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
     }
     cp_async_commit();
-    cp_async_wait_all();
-    fence_proxy_async();
   }
   __syncthreads();
 
@@ -139,6 +139,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   for (int i = 0; i < 128; ++i) o[i] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
   float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
+
+  cp_async_wait_all();
+  fence_proxy_async();
+  named_barrier_sync(1, 256);  // the whole Q tile has landed
 
   const uint32_t q_base = smem_u32(sQ);
   const uint32_t p_base = smem_u32(sP);
@@ -268,7 +272,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     for (int j = 0; j < 32; ++j) {
       const __nv_bfloat162 v = __floats2bfloat162_rn(o[4 * j + 2 * half] * fin.out_scale,
                                                      o[4 * j + 2 * half + 1] * fin.out_scale);
-      *reinterpret_cast<__nv_bfloat162*>(dst + 8 * j) = v;
+      __stcs(reinterpret_cast<unsigned int*>(dst + 8 * j), *reinterpret_cast<const unsigned int*>(&v));
     }
     if (wg == 0 && quad == 0) {
       if (p.lse) p.lse[orow] = fin.lse;

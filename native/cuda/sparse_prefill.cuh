@@ -47,6 +47,7 @@ struct Bf16GatherSource {
       if (v >= 0 && int64_t(v) < s_kv) my_idx = v;
     }
     if (lane < 16) valid[my_row] = my_idx >= 0 ? 1 : 0;
+    const uint64_t keep = l2_policy_evict_last();
 #pragma unroll 4
     for (int j = 0; j < 16; ++j) {
       const int64_t idx = __shfl_sync(0xffffffffu, my_idx, j);
@@ -54,7 +55,8 @@ struct Bf16GatherSource {
       const uint16_t* row = kv + (idx >= 0 ? idx : 0) * int64_t(DQK);
       const uint32_t bytes = idx >= 0 ? 16u : 0u;
 #pragma unroll
-      for (int pc = lane; pc < kPieces; pc += 32) cp_async_16(tile + swz_offset(r, pc * 8), row + pc * 8, bytes);
+      for (int pc = lane; pc < kPieces; pc += 32)
+        cp_async_16_hint(tile + swz_offset(r, pc * 8), row + pc * 8, bytes, keep);
     }
     cp_async_commit();
     cp_async_wait_all();

@@ -690,6 +690,11 @@ struct Timer {
   }
 };
 
+static bool bench_selected(const char* name) {
+  const char* f = getenv("SMLA_BENCH_FILTER");
+  return !f || strstr(name, f) != nullptr || !strcmp(name, "d2d copy 1 GiB");
+}
+
 struct BenchRow {
   std::string name, unit;
   double ms, value, extra;
@@ -735,6 +740,7 @@ static void run_bench(const char* json_path, int reps) {
   }
   // dequant gathers
   for (int f = 0; f < 2; ++f) {
+    if (!bench_selected(f == 0 ? "dequant v4" : "dequant v32")) continue;
     Rng r(7 + f);
     const bool v4 = f == 0;
     const int P = v4 ? 64 : 1;
@@ -775,6 +781,7 @@ static void run_bench(const char* json_path, int reps) {
                       {"prefill V4 sQ4096 h64 d512 topk512", 4096, 64, 512, 512, 32768},
                       {"prefill V4 sQ4096 h128 d512 topk1024", 4096, 128, 512, 1024, 32768}};
   for (const Cfg& c : cfgs) {
+    if (!bench_selected(c.name)) continue;
     Rng r(99);
     std::vector<uint16_t> hq(size_t(c.s_q) * c.h_q * c.d_qk), hkv(size_t(c.s_kv) * c.d_qk);
     for (auto& v : hq) v = to_bf16(r.normal());
@@ -805,6 +812,7 @@ static void run_bench(const char* json_path, int reps) {
   const PCfg pcfgs[] = {{"paged V4 n4096 h64 swa128+c512", 4096, 64, 128, 512},
                         {"paged V4 n4096 h128 swa128+c1024", 4096, 128, 128, 1024}};
   for (const PCfg& c : pcfgs) {
+    if (!bench_selected(c.name)) continue;
     Rng r(5);
     V4Host main = make_v4_cache(r, 64, 32768 / 64);
     V4Host extra = make_v4_cache(r, 64, 8192 / 64);

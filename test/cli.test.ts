@@ -168,6 +168,7 @@ describe('bench', () => {
       expect(report.machine.node).toBe(process.version);
       expect(Number.isNaN(Date.parse(report.machine.date))).toBe(false);
       expect(report.machine).toHaveProperty('commit');
+      expect(report.machine).toHaveProperty('loadAverage1m');
       expect(report.backend).toBe('wasm');
       expect(report.workers).toEqual([1, 2]);
       for (const op of ['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache']) {

@@ -7,7 +7,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
-import { availableParallelism, cpus, totalmem } from 'node:os';
+import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
@@ -68,7 +68,19 @@ function gitCommit(): string | null {
   }
 }
 
-export function machineInfo(): Record<string, unknown> {
+export interface MachineInfo {
+  cpu: string;
+  cores: number;
+  memoryGiB: number;
+  node: string;
+  platform: string;
+  date: string;
+  commit: string | null;
+  /** 1-minute load average when the bench started: other work on the machine skews 1 → N ratios */
+  loadAverage1m: number;
+}
+
+export function machineInfo(): MachineInfo {
   const cpuList = cpus();
   return {
     cpu: cpuList[0]?.model?.trim() ?? 'unknown',
@@ -78,6 +90,7 @@ export function machineInfo(): Record<string, unknown> {
     platform: `${process.platform}-${process.arch}`,
     date: new Date().toISOString(),
     commit: gitCommit(),
+    loadAverage1m: Math.round(loadavg()[0]! * 100) / 100,
   };
 }
 
@@ -174,6 +187,10 @@ export async function benchCommand(argv: string[]): Promise<number> {
     seed: o.seed,
   };
   const n = o.workers ?? availableParallelism();
+  const machine = machineInfo(); // before the bench loads the machine itself
+  if (!o.json && machine.loadAverage1m > 0.5) {
+    progress.log(`note: load average ${machine.loadAverage1m} before starting; other work on the machine skews the figures`);
+  }
   const poolSizes = [...new Set([1, n])];
 
   checkShape(shape);
@@ -227,7 +244,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
 
   const report = {
     command: ['sparse-mla', 'bench', ...argv].join(' '),
-    machine: machineInfo(),
+    machine,
     backend,
     workers: poolSizes,
     repeat: o.repeat,
@@ -257,7 +274,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     `sparse-mla bench: ${backend} backend on ${m.cpu} (${m.cores} cores), Node ${m.node}, ${m.date}`,
     `sparsePrefill: ${shape.queries} queries x ${shape.heads} heads, dQK ${DQK}, dV ${DV}, topk ${shape.topk} + window ${shape.window}, ` +
       `${report.shape.gflopPerCall.toFixed(1)} GFLOP per call; cache ops: ${o['dequant-tokens']} tokens, page size ${shape.pageSize}`,
-    `median of ${o.repeat} runs after ${o.warmup} warm-up`,
+    `median of ${o.repeat} runs after ${o.warmup} warm-up; 1-min load average ${m.loadAverage1m} at start`,
     '',
     formatTable(
       [

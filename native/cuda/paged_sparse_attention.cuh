@@ -35,16 +35,13 @@ struct PagedFp8Source {
     return Entries{nm + ne, nm};
   }
 
-  template <int DQK>
-  __device__ __forceinline__ void fill(const Entries& e, int64_t qi, int k0, uint8_t* tile,
-                                       uint8_t* valid, int ptid) const {
-    static_assert(DQK == 512, "v4 rows are 512 wide");
-    const int warp = ptid >> 5, lane = ptid & 31;
-    const int my_row = warp * 16 + (lane & 15);
-    const int k = k0 + my_row;
-    // Resolve this lane's entry to the token's data / scale records (nullptr: invalid entry).
-    const uint8_t* my_data = nullptr;
-    const uint8_t* my_scales = nullptr;
+  // Entry: the token's data and scale records, or data == nullptr when invalid.
+  struct Entry {
+    const uint8_t* data;
+    const uint8_t* scales;
+  };
+  __device__ __forceinline__ Entry load_entry(const Entries& e, int64_t qi, int k) const {
+    Entry r{nullptr, nullptr};
     if (k < e.total) {
       const bool in_main = k < e.main;
       const int32_t v = in_main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
@@ -52,11 +49,20 @@ struct PagedFp8Source {
       const int64_t page_size = in_main ? cache.page_size : extra.page_size;
       const int64_t num_tokens = in_main ? cache.num_tokens : extra.num_tokens;
       if (v >= 0 && int64_t(v) < num_tokens) {
-        my_data = base + v4::data_offset(v, page_size);
-        my_scales = base + v4::scale_offset(v, page_size);
+        r.data = base + v4::data_offset(v, page_size);
+        r.scales = base + v4::scale_offset(v, page_size);
       }
     }
-    if (lane < 16) valid[my_row] = my_data ? 1 : 0;
+    return r;
+  }
+
+  template <int DQK>
+  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, int ptid) const {
+    static_assert(DQK == 512, "v4 rows are 512 wide");
+    const int warp = ptid >> 5, lane = ptid & 31;
+    const uint8_t* my_data = mine.data;
+    const uint8_t* my_scales = mine.scales;
+    if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
     // Rows in batches of kBatch: all loads of a batch are in flight before the first convert.
     constexpr int kBatch = 2;
 #pragma unroll 1

@@ -66,8 +66,11 @@ struct AttnOutputs {
   float* lse;              // [s_q, h_q] or nullptr
 };
 
-// Producer: all 128 producer threads call fill() for every stage; it must issue its copies /
-// stores, make them visible (wait + fence.proxy.async), and return. The kernel then arrives.
+// Source policy: begin(qi) -> Entries (the query's entry count); load_entry(entries, qi, k) ->
+// Entry (entry k resolved, or invalid past the end; must not read past the row); fill(entry,
+// tile, valid, ptid) is called by all 128 producer threads per stage, each passing the entry of
+// its own row (warp w, lane l < 16 owns row 16w + l); it must issue its copies / stores, make
+// them visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
 template <int DQK, class Source>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     sparse_attention_sm90_kernel(const AttnOutputs p, const Source src) {
@@ -116,12 +119,17 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   if (wg == 2) {
     setmaxnreg_dec<Source::kProducerRegs>();
     const int ptid = tid - 256;
+    // Each producer lane owns one row of its warp's 16 per stage. The entry (index) of the next
+    // block is loaded before this block's gather, so its latency hides behind the gather.
+    const int my_row = (ptid >> 5) * 16 + (ptid & 15);
+    typename Source::Entry cur = src.load_entry(entries, qi, my_row);
     for (int b = 0; b < n_blocks; ++b) {
       const int st = b % kStages;
       if (b >= kStages) mbar_wait(&empty[st], ((b / kStages) - 1) & 1);
-      src.template fill<DQK>(entries, qi, b * kRowsPerStage, sK + st * L::kTileBytes,
-                             sValid + st * kRowsPerStage, ptid);
+      const typename Source::Entry nxt = src.load_entry(entries, qi, (b + 1) * kRowsPerStage + my_row);
+      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kRowsPerStage, ptid);
       mbar_arrive(&full[st]);
+      cur = nxt;
     }
     return;
   }
@@ -147,23 +155,34 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   const uint32_t q_base = smem_u32(sQ);
   const uint32_t p_base = smem_u32(sP);
 
-  for (int b = 0; b < n_blocks; ++b) {
-    const int st = b % kStages;
-    mbar_wait(&full[st], (b / kStages) & 1);
-    const uint32_t k_base = smem_u32(sK + st * L::kTileBytes);
-
-    float s[16];
+  // S(b) = Q·K_wᵀ for the stage holding block b (m64n32, K = dQK).
+  float s[16];
+  auto issue_s = [&](int stage) {
+    const uint32_t kb = smem_u32(sK + stage * L::kTileBytes);
     wgmma_fence();
 #pragma unroll
     for (int c = 0; c < L::kChunks; ++c) {
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) {
         const uint64_t da = gmma_desc_sw128(q_base + c * 8192 + kk * 32, 16, 1024);
-        const uint64_t db = gmma_desc_sw128(k_base + c * 8192 + wg * 4096 + kk * 32, 16, 1024);
+        const uint64_t db = gmma_desc_sw128(kb + c * 8192 + wg * 4096 + kk * 32, 16, 1024);
         wgmma_m64n32k16_ss(s, da, db, (c | kk) != 0);
       }
     }
     wgmma_commit();
+  };
+  // S(b+1) is issued right behind PV(b) when block b+1 has already landed (the tensor cores go
+  // from one to the other without a gap); otherwise stage b is released first and S(b+1) waits
+  // at the top (always waiting for b+1 before releasing b was measured slower: the gather chain
+  // is then held up).
+  bool s_issued = false;
+  for (int b = 0; b < n_blocks; ++b) {
+    const int st = b % kStages;
+    const uint32_t k_base = smem_u32(sK + st * L::kTileBytes);
+    if (!s_issued) {
+      mbar_wait(&full[st], (b / kStages) & 1);
+      issue_s(st);
+    }
     wgmma_wait<0>();
 
     // Mask and scale; block row max.
@@ -219,12 +238,14 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     l_a = l_a * alpha_a + sum_a;
     l_b = l_b * alpha_b + sum_b;
+    if (__any_sync(0xffffffffu, !(alpha_a == 1.0f && alpha_b == 1.0f))) {  // max unchanged: skip
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j] *= alpha_a;
-      o[4 * j + 1] *= alpha_a;
-      o[4 * j + 2] *= alpha_b;
-      o[4 * j + 3] *= alpha_b;
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j] *= alpha_a;
+        o[4 * j + 1] *= alpha_a;
+        o[4 * j + 2] *= alpha_b;
+        o[4 * j + 3] *= alpha_b;
+      }
     }
     fence_proxy_async();
     named_barrier_sync(2, 256);
@@ -236,10 +257,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       // V: MN-major, 64-dim chunks 8192 B apart (LBO), 8-key groups 1024 B apart (SBO).
       const uint64_t db = gmma_desc_sw128(k_base + wg * 4 * 8192 + kk * 2048, 8192, 1024);
       wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(phi_base + kk * 32, 16, 1024), db, 1);
+#ifndef SMLA_EXP_NOPLO  // experiment switch: measure the cost of the P_lo term
       wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(p_base + kk * 32, 16, 1024), db, 1);
+#endif
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    const int nst = (b + 1) % kStages;
+    s_issued = b + 1 < n_blocks && mbar_test(&full[nst], ((b + 1) / kStages) & 1);
+    if (s_issued) {
+      issue_s(nst);
+      wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
+    } else {
+      wgmma_wait<0>();
+    }
     mbar_arrive(&empty[st]);
   }
 
@@ -253,31 +283,47 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     sL[wg * 64 + row_b] = l_b;
   }
   named_barrier_sync(1, 256);
+  // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
+  // every wgmma finished before the barrier above), then 16-byte coalesced stores.
   const float ln2 = 0.6931471805599453f;
+  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged row, padded against bank conflicts
+  static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
+  float scale[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = half ? row_b : row_a;
     const int h = h0 + row;
-    if (h >= p.h_q) continue;
     const float m2 = half ? m_b : m_a;
     SoftmaxRow r;
     r.m = m2 * ln2;
     r.l = sL[row] + sL[64 + row];
     const bool any_valid = !(m2 == -INFINITY);
-    const bool has_sink = p.attn_sink != nullptr;
+    const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
     const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
-    const int64_t orow = qi * p.h_q + h;
-    uint16_t* dst = p.out + orow * kDv + wg * 256 + 2 * quad;
-#pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      const __nv_bfloat162 v = __floats2bfloat162_rn(o[4 * j + 2 * half] * fin.out_scale,
-                                                     o[4 * j + 2 * half + 1] * fin.out_scale);
-      __stcs(reinterpret_cast<unsigned int*>(dst + 8 * j), *reinterpret_cast<const unsigned int*>(&v));
-    }
-    if (wg == 0 && quad == 0) {
+    scale[half] = fin.out_scale;
+    if (wg == 0 && quad == 0 && h < p.h_q) {
+      const int64_t orow = qi * p.h_q + h;
       if (p.lse) p.lse[orow] = fin.lse;
       if (p.max_logits) p.max_logits[orow] = fin.max_logit;
     }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
+          __floats2bfloat162_rn(o[4 * j + 2 * half] * scale[half], o[4 * j + 2 * half + 1] * scale[half]);
+  }
+  named_barrier_sync(3 + wg, 128);
+  // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
+#pragma unroll 4
+  for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
+    const int r = t >> 5, pc = t & 31;
+    const int h = h0 + r;
+    if (h >= p.h_q) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
+    __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
   }
 }
 

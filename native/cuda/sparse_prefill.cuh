@@ -33,30 +33,31 @@ struct Bf16GatherSource {
 
   __device__ Entries begin(int64_t qi) const { return Entries{row_entry_limit(topk_length, qi, topk)}; }
 
+  // The kv row index of entry k, or -1 when the entry is invalid (never read past the row).
+  using Entry = int32_t;
+  __device__ __forceinline__ Entry load_entry(const Entries& e, int64_t qi, int k) const {
+    if (k >= e.total) return -1;
+    const int32_t v = indices[qi * int64_t(topk) + k];
+    return (v >= 0 && int64_t(v) < s_kv) ? v : -1;
+  }
+
   template <int DQK>
-  __device__ __forceinline__ void fill(const Entries& e, int64_t qi, int k0, uint8_t* tile,
-                                       uint8_t* valid, int ptid) const {
+  __device__ __forceinline__ void fill(Entry my_idx, uint8_t* tile, uint8_t* valid, int ptid) const {
     constexpr int kPieces = DQK / 8;
     const int warp = ptid >> 5, lane = ptid & 31;
-    // Lanes 0..15 each own one of this warp's 16 rows: read its index, decide validity.
-    const int my_row = warp * 16 + (lane & 15);
-    const int k = k0 + my_row;
-    int64_t my_idx = -1;
-    if (k < e.total) {
-      const int32_t v = indices[qi * int64_t(topk) + k];
-      if (v >= 0 && int64_t(v) < s_kv) my_idx = v;
-    }
-    if (lane < 16) valid[my_row] = my_idx >= 0 ? 1 : 0;
+    if (lane < 16) valid[warp * 16 + lane] = my_idx >= 0 ? 1 : 0;
     const uint64_t keep = l2_policy_evict_last();
 #pragma unroll 4
     for (int j = 0; j < 16; ++j) {
-      const int64_t idx = __shfl_sync(0xffffffffu, my_idx, j);
+      const int32_t idx = __shfl_sync(0xffffffffu, my_idx, j);
       const int r = warp * 16 + j;
-      const uint16_t* row = kv + (idx >= 0 ? idx : 0) * int64_t(DQK);
+      const uint16_t* row = kv + (idx >= 0 ? int64_t(idx) : 0) * int64_t(DQK);
       const uint32_t bytes = idx >= 0 ? 16u : 0u;
 #pragma unroll
+#ifndef SMLA_EXP_NOGATHER  // experiment switch: measure the math alone
       for (int pc = lane; pc < kPieces; pc += 32)
         cp_async_16_hint(tile + swz_offset(r, pc * 8), row + pc * 8, bytes, keep);
+#endif
     }
     cp_async_commit();
     cp_async_wait_all();

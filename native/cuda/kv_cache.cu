@@ -11,6 +11,10 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* 
   if (num_tokens < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (num_tokens == 0) return SMLA_OK;
   if (!cache || !token_ids || !out) return SMLA_ERR_INVALID_ARGUMENT;
+  // 16-byte loads and stores: cache and out must be 16-byte aligned (cudaMalloc'd), ids 8-byte.
+  if (((reinterpret_cast<uintptr_t>(cache) | reinterpret_cast<uintptr_t>(out)) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(token_ids) & 7) != 0)
+    return SMLA_ERR_INVALID_ARGUMENT;
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);

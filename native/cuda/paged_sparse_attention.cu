@@ -15,6 +15,10 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(
   if (extra_k_cache && (extra_topk < 0 || extra_page_size < 1 || extra_num_pages < 0))
     return SMLA_ERR_INVALID_ARGUMENT;
   if (n == 0) return SMLA_OK;
+  // 16-byte pieces throughout: q, out and the caches must be 16-byte aligned (cudaMalloc'd).
+  if (((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(k_cache) |
+        reinterpret_cast<uintptr_t>(extra_k_cache)) & 15) != 0)
+    return SMLA_ERR_INVALID_ARGUMENT;
   if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
   if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   PagedFp8Source src;

@@ -14,8 +14,10 @@
 namespace smla::cuda {
 
 struct PagedFp8Source {
-  static constexpr uint32_t kProducerRegs = 56;
-  static constexpr uint32_t kConsumerRegs = 224;
+  // The producer dequantizes in registers (a batch of rows in flight): it needs more of them
+  // than the cp.async gather. ptxas confines the code after setmaxnreg to these counts.
+  static constexpr uint32_t kProducerRegs = 112;
+  static constexpr uint32_t kConsumerRegs = 184;
   struct Entries {
     int total;
     int main;
@@ -64,7 +66,7 @@ struct PagedFp8Source {
     const uint8_t* my_scales = mine.scales;
     if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
     // Rows in batches of kBatch: all loads of a batch are in flight before the first convert.
-    constexpr int kBatch = 2;
+    constexpr int kBatch = 8;
 #pragma unroll 1
     for (int j0 = 0; j0 < 16; j0 += kBatch) {
       uint4 raw[kBatch], raw2[kBatch];

@@ -29,7 +29,11 @@ extern "C" int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* k
   if (s_q == 0) return SMLA_OK;
   if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
   cudaError_t err;
-  if (d_v == kDv && (d_qk == 512 || d_qk == 576)) {
+  // The fast kernel moves 16-byte pieces: q, kv and out must be 16-byte aligned (they are when
+  // they come from cudaMalloc); anything else takes the fallback kernel.
+  const bool aligned = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(kv) |
+                         reinterpret_cast<uintptr_t>(out)) & 15) == 0;
+  if (aligned && d_v == kDv && (d_qk == 512 || d_qk == 576)) {
     const AttnOutputs o{q, h_q, sm_scale, attn_sink, out, max_logits, lse};
     const Bf16GatherSource src{kv, s_kv, indices, topk, topk_length};
     err = d_qk == 576 ? launch_fast<576>(o, src, s_q, stream) : launch_fast<512>(o, src, s_q, stream);

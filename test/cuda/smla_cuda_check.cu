@@ -240,6 +240,7 @@ struct PrefillCase {
   int samples;  // sampled queries (all if >= s_q)
   double q_scale;
   int empty_rows;  // leading queries whose entries are all invalid
+  bool misaligned = false;  // q and kv 2 bytes off 16-byte alignment (takes the fallback kernel)
 };
 
 static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
@@ -265,18 +266,19 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   }
   const double sm_scale = 1.0 / sqrt(double(c.d_qk));
 
-  DBuf<uint16_t> dq(nq), dkv(nkv), dout(size_t(c.s_q) * c.h_q * c.d_v);
+  const size_t shift = c.misaligned ? 1 : 0;
+  DBuf<uint16_t> dq(nq + 8), dkv(nkv + 8), dout(size_t(c.s_q) * c.h_q * c.d_v);
   DBuf<int32_t> didx(idx.size()), dlen(len.size());
   DBuf<float> dsink(sink.size()), dlse(size_t(c.s_q) * c.h_q), dmax(size_t(c.s_q) * c.h_q);
-  dq.up(hq);
-  dkv.up(hkv);
+  CK(cudaMemcpy(dq.p + shift, hq.data(), nq * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(dkv.p + shift, hkv.data(), nkv * 2, cudaMemcpyHostToDevice));
   didx.up(idx);
   if (c.lengths) dlen.up(len);
   if (c.sink) dsink.up(sink);
   CK(cudaMemset(dout.p, 0xff, dout.n * 2));  // poison: every element must be written
   CK(cudaMemset(dlse.p, 0xff, dlse.n * 4));
   CK(cudaMemset(dmax.p, 0xff, dmax.n * 4));
-  check_status(smla_cuda_sparse_prefill(dq.p, dkv.p, didx.p, c.lengths ? dlen.p : nullptr, c.sink ? dsink.p : nullptr,
+  check_status(smla_cuda_sparse_prefill(dq.p + shift, dkv.p + shift, didx.p, c.lengths ? dlen.p : nullptr, c.sink ? dsink.p : nullptr,
                                         int32_t(c.s_q), c.h_q, c.d_qk, c.d_v, int32_t(c.s_kv), c.topk, float(sm_scale),
                                         dout.p, dmax.p, dlse.p, 0),
                "smla_cuda_sparse_prefill");
@@ -576,6 +578,7 @@ static void run_checks() {
       {"h128 d576 topk2048 valid", 3, 128, 576, 512, 32768, 2048, kAllValid, false, false, false, 3, 1.0, 0},
       {"fallback h8 d128 dV64", 5, 8, 128, 64, 300, 100, kMixed, true, true, true, 5, 1.0, 0},
       {"fallback h3 d576 dV576", 3, 3, 576, 576, 300, 70, kMixed, false, true, false, 3, 1.0, 0},
+      {"misaligned q/kv -> fallback h64 d576", 3, 64, 576, 512, 300, 100, kMixed, true, true, false, 3, 1.0, 0, true},
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail

@@ -1,6 +1,6 @@
 /**
- * The planner (SPEC §6): hand-worked chunks with exact expected rows, run on both implementations
- * of the index math (the C++ core in WASM and its TS port); the attention sets of random chunks
+ * The planner (SPEC §6): hand-worked chunks with exact expected rows, run on the one
+ * implementation of the index math (the C++ core, in WASM); the attention sets of random chunks
  * against the float64 reference's §6 derivation; the router; bad input.
  */
 import { describe, expect, test } from 'vitest';
@@ -12,7 +12,6 @@ import type { KvCache } from '../dist/types.js';
 import { testRng } from './helpers/random.js';
 
 const rng = testRng('planner.test');
-const CORES = ['wasm', 'js'] as const;
 
 const range = (a: number, b: number): number[] => Array.from({ length: b - a }, (_, i) => a + i);
 
@@ -46,8 +45,8 @@ function v4Cache(pageSize: number, numPages: number): KvCache {
   return { format: 'v4', pageSize, numPages, data: new Uint8Array(pageBytes * numPages) };
 }
 
-describe.each(CORES)('hand-worked plans (%s core)', (core) => {
-  const small: PlanOptions = { window: 4, align: 8, core };
+describe('hand-worked plans', () => {
+  const small: PlanOptions = { window: 4, align: 8 };
 
   test('ratio 0: several requests, mid-sequence, before the window fills, an empty request', () => {
     const plan = createPlan(
@@ -61,7 +60,7 @@ describe.each(CORES)('hand-worked plans (%s core)', (core) => {
       },
       small,
     );
-    expect(plan.core).toBe(core);
+    expect(plan.core).toBe('wasm');
     expect(plan.numQueries).toBe(10);
     expect(plan.ratios).toEqual([0]);
     expect(plan.layout(0)).toEqual({ ratio: 0, compressedRows: 0, swaRows: 13, rows: 13, bytes: 13 * 1024, maxVisible: 0 });
@@ -195,8 +194,9 @@ describe.each(CORES)('hand-worked plans (%s core)', (core) => {
           { seqLen: 3, extendLen: 3, swaTokenIds: [0, 1, 2] },
         ],
       },
-      { core },
+      { core: 'wasm' },
     );
+    expect(plan.core).toBe('wasm');
     const c0 = plan.combinedRows(0);
     expect(c0.width).toBe(128);
     expect(realRows(c0)).toEqual([range(0, 128), range(1, 129), [129], [129, 130], [129, 130, 131]]);
@@ -220,8 +220,8 @@ describe.each(CORES)('hand-worked plans (%s core)', (core) => {
 });
 
 describe('attention sets of random chunks match the §6 derivation', () => {
-  test.each(CORES)('%s core, ratios 0, 4, 128', (core) => {
-    for (let trial = 0; trial < 6; trial++) {
+  test('ratios 0, 4, 128', () => {
+    for (let trial = 0; trial < 12; trial++) {
       const W = rng.pick([4, 16, 128]);
       const align = rng.pick([8, 64, 128]);
       const c4PageSize = rng.pick([1, 3, 64]);
@@ -241,7 +241,7 @@ describe('attention sets of random chunks match the §6 derivation', () => {
         refChunk.requests.push({ seqLen, extendLen, swaTokenIdByPosition: byPos, c4PageTable, c128PageTable });
         (chunk.requests as object[]).push({ seqLen, extendLen, swaTokenIds: byPos.slice(seqLen - g), c4PageTable, c128PageTable });
       }
-      const plan = createPlan(chunk, { window: W, align, core });
+      const plan = createPlan(chunk, { window: W, align });
       const nq = plan.numQueries;
       const topk = rng.pick([0, 5, 40]);
       const topkData = new Int32Array(nq * topk).map(() => (rng.uniform() < 0.2 ? -1 : rng.int(0, 200)));
@@ -382,6 +382,7 @@ describe('bad input is refused before any work', () => {
     expectError(() => plan.combinedRows(128), 'INVALID_VALUE', /c128PageSize/);
     expectError(() => createPlan(base(), { ...opts, window: 0 }), 'INVALID_VALUE', /options\.window/);
     expectError(() => createPlan(base(), { ...opts, core: 'gpu' as never }), 'INVALID_VALUE', /options\.core/);
+    expectError(() => createPlan(base(), { ...opts, core: 'js' as never }), 'INVALID_VALUE', /options\.core/); // the TS port is gone
     expectError(() => createPlan({ requests: [{ seqLen: 2, extendLen: 1, swaTokenIds: [0, 1], c4PageTable: [0] }] }, opts), 'INVALID_VALUE', /c4PageSize/);
   });
 });

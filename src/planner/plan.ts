@@ -8,7 +8,7 @@ import { SparseMlaError, fail } from '../errors.js';
 import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
 import { tensor } from '../tensor.js';
 import type { KvCache, Tensor } from '../types.js';
-import { combinedWidth, jsPlannerCore, requestVisible, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
+import { combinedWidth, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
 import type {
   CombinedRows,
   CompressRatio,
@@ -91,15 +91,10 @@ function checkV4Cache(cache: unknown, argument: string): KvCache {
   return c;
 }
 
+/** The implementation of the index math: the C++ core, in WASM (a CUDA planner would be chosen here too). */
 function choosePlannerCore(choice: PlanOptions['core']): PlannerCore {
-  if (choice === undefined || choice === 'auto') return loadWasmPlannerCore() ?? jsPlannerCore;
-  if (choice === 'js') return jsPlannerCore;
-  if (choice === 'wasm') {
-    const core = loadWasmPlannerCore();
-    if (!core) throw new SparseMlaError('BACKEND_UNAVAILABLE', 'options.core: the WASM module (wasm/sparse_mla.wasm) with the smla_plan_* exports could not be loaded; use core: "js" or rebuild it with `npm run build:wasm`', 'options.core');
-    return core;
-  }
-  return fail('INVALID_VALUE', 'options.core', "'auto', 'wasm' or 'js'", describe(choice));
+  if (choice !== undefined && choice !== 'auto' && choice !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(choice));
+  return loadWasmPlannerCore();
 }
 
 function bytesStr(n: number): string {
@@ -165,8 +160,8 @@ export class Plan {
   readonly align: number;
   readonly numRequests: number;
   readonly numQueries: number;
-  /** which implementation built the rows: the C++ core in WASM or its TS port */
-  readonly core: 'wasm' | 'js';
+  /** which implementation of the C++ planner core built the rows */
+  readonly core: PlannerCore['name'];
   readonly requests: readonly PlanRequestLayout[];
   /** the compress ratios this plan serves: 0 always, 4 / 128 when their page size was given */
   readonly ratios: readonly CompressRatio[];
@@ -277,6 +272,12 @@ export class Plan {
     const swaIds = new BigInt64Array(swaLayout.swaRows);
     let maxSwaId = -1;
     const requests: PlanRequestLayout[] = [];
+    // per-request compressed rows come from the core's layout (prefix sums), not re-derived here
+    const compOffsets = (ratio: 4 | 128): Float64Array | undefined => layouts.get(ratio)?.core.compOffsets;
+    const compRowsOf = (ratio: 4 | 128, r: number): number => {
+      const off = compOffsets(ratio);
+      return off ? off[r + 1]! - off[r]! : 0;
+    };
     for (let r = 0; r < n; r++) {
       const s = seqLens[r]!, e = extendLens[r]!;
       const g = swaGatherLength(s, e, window);
@@ -300,10 +301,10 @@ export class Plan {
         swaOffset: off,
         swaRows: g,
         swaStartPos: s - g,
-        c4Offset: layouts.get(4)?.core.compOffsets[r] ?? 0,
-        c4Rows: pageSizes.has(4) ? requestVisible(s, e, 4) : 0,
-        c128Offset: layouts.get(128)?.core.compOffsets[r] ?? 0,
-        c128Rows: pageSizes.has(128) ? requestVisible(s, e, 128) : 0,
+        c4Offset: compOffsets(4)?.[r] ?? 0,
+        c4Rows: compRowsOf(4, r),
+        c128Offset: compOffsets(128)?.[r] ?? 0,
+        c128Rows: compRowsOf(128, r),
       });
     }
     this.#maxSwaId = maxSwaId;
@@ -325,7 +326,7 @@ export class Plan {
       const tables: Float64Array[] = [];
       let maxPage = -1;
       for (let r = 0; r < n; r++) {
-        const v = requestVisible(seqLens[r]!, extendLens[r]!, ratio);
+        const v = compRowsOf(ratio, r);
         const need = Math.ceil(v / pageSize);
         const raw = reqs[r]![key];
         const table = raw === undefined ? new Float64Array(0) : readIds(raw, `chunk.requests[${r}].${key}`);
@@ -346,7 +347,7 @@ export class Plan {
       }
       const flat = new Int32Array(offsets[n]!);
       for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
-      const ids = impl.compressedTokenIds(seqLens, extendLens, ratio, flat, offsets, pageSize);
+      const ids = impl.compressedTokenIds(seqLens, extendLens, ratio, flat, offsets, pageSize, entry.core.compRows);
       this.#ratios.set(ratio, { ...entry, pageSize, tokenIds: tensor('int64', [ids.length], ids), maxPage });
     }
     this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, tokenIds: tensor('int64', [0], new BigInt64Array(0)), maxPage: -1 });

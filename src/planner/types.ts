@@ -52,8 +52,11 @@ export interface PlanOptions {
   workspaceBudgetBytes?: number;
   /** When given, every id the plan will read is checked against these caches now. */
   caches?: PlanCaches;
-  /** Which implementation of the index math runs: the C++ core (WASM) or its TS port. Default 'auto'. */
-  core?: 'auto' | 'wasm' | 'js';
+  /**
+   * Which implementation of the C++ planner core runs the index math: 'wasm' (the only one today;
+   * 'auto' picks the best available, leaving room for a CUDA planner). Default 'auto'.
+   */
+  core?: 'auto' | 'wasm';
 }
 
 /** Where one request's rows sit. */

@@ -1,13 +1,15 @@
 /**
  * The typed binding of wasm/sparse_mla.wasm — the only file that knows the module's export names
- * and signatures (cpp/include/sparse_mla/sparse_mla.h). It compiles the module (main thread) and
- * wraps one instance (one per worker): allocate, copy inputs into the heap, call, check the
- * status, copy outputs out, free.
+ * and signatures (cpp/include/sparse_mla/sparse_mla.h). It compiles the module, asynchronously for
+ * the worker pool (main thread) or synchronously for the planner, and wraps one instance: allocate,
+ * copy inputs into the heap, call, check the status, copy outputs out, free. Both paths share the
+ * export check, the import stubs and the ABI version check.
  *
- * Memory growth: any smla_malloc or op call may grow the memory, which detaches every typed-array
- * view of the old buffer, so views are re-created from `memory.buffer` after each such call and
- * never kept across one.
+ * Memory growth: any smla_malloc or core call may grow the memory, which detaches every
+ * typed-array view of the old buffer, so views are re-created from `memory.buffer` after each such
+ * call and never kept across one.
  */
+import { readFileSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { SparseMlaError } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
@@ -28,10 +30,18 @@ interface WasmDescriptor {
   kind: string;
 }
 type WasmImports = Record<string, Record<string, unknown>>;
+interface WasmInstance {
+  exports: Record<string, unknown>;
+}
 interface WasmApi {
   compile(bytes: Uint8Array): Promise<WasmModule>;
-  instantiate(module: WasmModule, imports: WasmImports): Promise<{ exports: Record<string, unknown> }>;
-  Module: { exports(m: WasmModule): Omit<WasmDescriptor, 'module'>[]; imports(m: WasmModule): WasmDescriptor[] };
+  instantiate(module: WasmModule, imports: WasmImports): Promise<WasmInstance>;
+  Module: {
+    new (bytes: Uint8Array): WasmModule;
+    exports(m: WasmModule): Omit<WasmDescriptor, 'module'>[];
+    imports(m: WasmModule): WasmDescriptor[];
+  };
+  Instance: new (module: WasmModule, imports: WasmImports) => WasmInstance;
 }
 const WA = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
 
@@ -50,6 +60,11 @@ const REQUIRED_EXPORTS = [
   'smla_dequantize_kv_cache',
   'smla_sparse_prefill',
   'smla_paged_sparse_attention',
+  'smla_plan_layout',
+  'smla_plan_compressed_token_ids',
+  'smla_plan_dense_rows',
+  'smla_plan_combine_topk',
+  'smla_plan_paged_form',
 ] as const;
 
 type Ptr = number;
@@ -72,6 +87,17 @@ interface CoreExports {
     extraIndices: Ptr, extraTopk: number, extraTopkLength: Ptr,
     attnSink: Ptr, smScale: number, out: Ptr, lse: Ptr, maxLogits: Ptr,
   ): number;
+  smla_plan_layout(n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, queryOffsets: Ptr, swaOffsets: Ptr, compOffsets: Ptr, totals: Ptr): number;
+  smla_plan_compressed_token_ids(n: number, seqLens: Ptr, extendLens: Ptr, ratio: number, pageTables: Ptr, pageTableOffsets: Ptr, pageSize: number, tokenIds: Ptr): number;
+  smla_plan_dense_rows(n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, width: number, rows: Ptr, lens: Ptr): number;
+  smla_plan_combine_topk(
+    n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, topkIndices: Ptr, topk: number, width: number,
+    rows: Ptr, lens: Ptr, dropped: Ptr, droppedTotal: Ptr,
+  ): number;
+  smla_plan_paged_form(
+    nq: number, rows: Ptr, lens: Ptr, width: number, compRows: number, swaRows: number, compTokenIds: Ptr, swaTokenIds: Ptr,
+    mainRows: Ptr, mainWidth: number, mainLens: Ptr, extraRows: Ptr, extraWidth: number, extraLens: Ptr,
+  ): number;
 }
 
 const STATUS_NAMES: Record<number, string> = {
@@ -86,26 +112,46 @@ const ROWS_DTYPE = { float32: 0, bf16: 1 } as const;
 /** Largest linear memory a wasm32 module can have. */
 const WASM32_MAX_BYTES = 2 ** 32;
 
-/** Reads and compiles the module; throws BACKEND_UNAVAILABLE when it is missing or unusable. */
-export async function compileCoreModule(): Promise<{ module: WasmModule; bytes: number; maxMemoryBytes: number }> {
-  let bytes: Uint8Array;
-  try {
-    bytes = await readFile(WASM_URL);
-  } catch (e) {
-    throw new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: cannot read ${WASM_URL.pathname} (${(e as Error).message}); reinstall the package or rebuild it with \`npm run build:wasm\``, 'backend');
-  }
-  let module: WasmModule;
-  try {
-    module = await WA.compile(bytes);
-  } catch (e) {
-    throw new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: ${WASM_URL.pathname} does not compile on this Node (${(e as Error).message}); it needs WebAssembly SIMD128 (Node ≥ 16.4)`, 'backend');
-  }
+/** A compiled module, with its size and the most memory an instance of it can grow to. */
+export interface CompiledCore {
+  module: WasmModule;
+  bytes: number;
+  maxMemoryBytes: number;
+}
+
+const unavailable = (message: string): SparseMlaError => new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: ${message}`, 'backend');
+const unreadable = (e: unknown): SparseMlaError =>
+  unavailable(`cannot read ${WASM_URL.pathname} (${(e as Error).message}); reinstall the package or rebuild it with \`npm run build:wasm\``);
+const uncompilable = (e: unknown): SparseMlaError =>
+  unavailable(`${WASM_URL.pathname} does not compile on this Node (${(e as Error).message}); it needs WebAssembly SIMD128 (Node ≥ 16.4)`);
+
+/** The export check shared by both ways of compiling. */
+function compiled(module: WasmModule, bytes: Uint8Array): CompiledCore {
   const names = new Set(WA.Module.exports(module).map((e) => e.name));
   const missing = REQUIRED_EXPORTS.filter((n) => !names.has(n));
-  if (missing.length > 0) {
-    throw new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: ${WASM_URL.pathname} lacks exports ${missing.join(', ')}; rebuild it with \`npm run build:wasm\``, 'backend');
-  }
+  if (missing.length > 0) throw unavailable(`${WASM_URL.pathname} lacks exports ${missing.join(', ')}; rebuild it with \`npm run build:wasm\``);
   return { module, bytes: bytes.length, maxMemoryBytes: declaredMaxMemory(bytes) };
+}
+
+/** Reads and compiles the module (the worker pool's way); throws BACKEND_UNAVAILABLE when it is missing or unusable. */
+export async function compileCoreModule(): Promise<CompiledCore> {
+  const bytes = await readFile(WASM_URL).catch((e: unknown) => Promise.reject(unreadable(e)));
+  const module = await WA.compile(bytes).catch((e: unknown) => Promise.reject(uncompilable(e)));
+  return compiled(module, bytes);
+}
+
+/** compileCoreModule, synchronously (the planner's way: it runs on the calling thread, outside any promise). */
+export function compileCoreModuleSync(): CompiledCore {
+  const orThrow = <T>(f: () => T, error: (e: unknown) => SparseMlaError): T => {
+    try {
+      return f();
+    } catch (e) {
+      throw error(e);
+    }
+  };
+  const bytes = orThrow(() => readFileSync(WASM_URL), unreadable);
+  const module = orThrow(() => new WA.Module(bytes), uncompilable);
+  return compiled(module, bytes);
 }
 
 function readLeb(bytes: Uint8Array, at: { pos: number }): number {
@@ -158,24 +204,34 @@ function importStubs(module: WasmModule): WasmImports {
   return imports;
 }
 
-type Typed = Uint8Array | Uint16Array | Int32Array | Float32Array;
+type Typed = Uint8Array | Uint16Array | Int32Array | Float32Array | BigInt64Array;
 
-/** One instance of the core. Not thread-safe (one per worker). */
+/** Index rows and their lengths, as the smla_plan_* calls write them. */
+export interface PlanRows {
+  rows: Int32Array;
+  lens: Int32Array;
+}
+
+/** One instance of the core. Not thread-safe (one per worker; the planner keeps its own). */
 export class WasmCore {
   private readonly x: CoreExports;
   readonly maxMemoryBytes: number;
 
-  private constructor(exports: CoreExports, maxMemoryBytes: number) {
-    this.x = exports;
+  private constructor(instance: WasmInstance, maxMemoryBytes: number) {
+    this.x = instance.exports as unknown as CoreExports;
     this.maxMemoryBytes = maxMemoryBytes;
+    const v = this.x.smla_abi_version();
+    if (v !== ABI_VERSION) throw new SparseMlaError('BACKEND_FAILURE', `wasm: module ABI version ${v}, this facade expects ${ABI_VERSION}; rebuild with \`npm run build:wasm\``, 'backend');
   }
 
+  /** An instance for a worker of the pool. */
   static async instantiate(module: WasmModule, maxMemoryBytes = WASM32_MAX_BYTES): Promise<WasmCore> {
-    const instance = await WA.instantiate(module, importStubs(module));
-    const core = new WasmCore(instance.exports as unknown as CoreExports, maxMemoryBytes);
-    const v = core.x.smla_abi_version();
-    if (v !== ABI_VERSION) throw new SparseMlaError('BACKEND_FAILURE', `wasm: module ABI version ${v}, this facade expects ${ABI_VERSION}; rebuild with \`npm run build:wasm\``, 'backend');
-    return core;
+    return new WasmCore(await WA.instantiate(module, importStubs(module)), maxMemoryBytes);
+  }
+
+  /** An instance on the calling thread, synchronously (the planner's). */
+  static instantiateSync(module: WasmModule, maxMemoryBytes = WASM32_MAX_BYTES): WasmCore {
+    return new WasmCore(new WA.Instance(module, importStubs(module)), maxMemoryBytes);
   }
 
   get abiVersion(): number {
@@ -318,6 +374,108 @@ export class WasmCore {
         'pagedSparseAttention',
       );
       return { out: new Uint16Array(this.take(out!, outBytes)), maxLogits: new Float32Array(this.take(ml!, statBytes)), lse: new Float32Array(this.take(lse!, statBytes)) };
+    });
+  }
+
+  // ---- planner (SPEC §6): small integer work; sizes come from the caller, which validated them ----
+
+  /** Prefix sums (int64 [n + 1] each) and totals [queries, SWA rows, compressed rows, max visible] of one ratio. */
+  planLayout(seqLens: Int32Array, extendLens: Int32Array, window: number, ratio: number): {
+    queryOffsets: BigInt64Array; swaOffsets: BigInt64Array; compOffsets: BigInt64Array; totals: BigInt64Array;
+  } {
+    const n = seqLens.length;
+    const offBytes = (n + 1) * 8;
+    return this.withHeap([seqLens.byteLength, extendLens.byteLength, offBytes, offBytes, offBytes, 4 * 8], ([seq, ext, qo, so, co, tot]) => {
+      this.put(seq!, seqLens);
+      this.put(ext!, extendLens);
+      this.check(this.x.smla_plan_layout(n, seq!, ext!, window, ratio, qo!, so!, co!, tot!), 'planLayout');
+      return {
+        queryOffsets: new BigInt64Array(this.take(qo!, offBytes)),
+        swaOffsets: new BigInt64Array(this.take(so!, offBytes)),
+        compOffsets: new BigInt64Array(this.take(co!, offBytes)),
+        totals: new BigInt64Array(this.take(tot!, 4 * 8)),
+      };
+    });
+  }
+
+  /** int64 [compRows] compressed gather ids through the page tables (request r's: pageTables[offsets[r] .. offsets[r + 1])). */
+  planCompressedTokenIds(a: {
+    seqLens: Int32Array; extendLens: Int32Array; ratio: number; pageTables: Int32Array; pageTableOffsets: BigInt64Array; pageSize: number; compRows: number;
+  }): BigInt64Array {
+    const outBytes = a.compRows * 8;
+    const sizes = [a.seqLens.byteLength, a.extendLens.byteLength, a.pageTables.byteLength, a.pageTableOffsets.byteLength, outBytes];
+    return this.withHeap(sizes, ([seq, ext, tab, off, out]) => {
+      this.put(seq!, a.seqLens);
+      this.put(ext!, a.extendLens);
+      this.put(tab!, a.pageTables);
+      this.put(off!, a.pageTableOffsets);
+      this.check(this.x.smla_plan_compressed_token_ids(a.seqLens.length, seq!, ext!, a.ratio, tab!, off!, a.pageSize, out!), 'planCompressedTokenIds');
+      return new BigInt64Array(this.take(out!, outBytes));
+    });
+  }
+
+  /** Combined rows of ratio 0 or 128: int32 [numQueries, width] (−1 padded) and their lengths. */
+  planDenseRows(a: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; width: number; numQueries: number }): PlanRows {
+    const rowBytes = a.numQueries * a.width * 4;
+    const lenBytes = a.numQueries * 4;
+    return this.withHeap([a.seqLens.byteLength, a.extendLens.byteLength, rowBytes, lenBytes], ([seq, ext, rows, lens]) => {
+      this.put(seq!, a.seqLens);
+      this.put(ext!, a.extendLens);
+      this.check(this.x.smla_plan_dense_rows(a.seqLens.length, seq!, ext!, a.window, a.ratio, a.width, rows!, lens!), 'planDenseRows');
+      return { rows: new Int32Array(this.take(rows!, rowBytes)), lens: new Int32Array(this.take(lens!, lenBytes)) };
+    });
+  }
+
+  /** Combined rows of a top-k layer, with the not-yet-visible entries dropped and counted. */
+  planCombineTopk(a: {
+    seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array; topk: number; width: number; numQueries: number;
+  }): PlanRows & { dropped: Int32Array; droppedTotal: number } {
+    const rowBytes = a.numQueries * a.width * 4;
+    const lenBytes = a.numQueries * 4;
+    const sizes = [a.seqLens.byteLength, a.extendLens.byteLength, a.topkIndices.byteLength, rowBytes, lenBytes, lenBytes, 8];
+    return this.withHeap(sizes, ([seq, ext, k, rows, lens, dropped, total]) => {
+      this.put(seq!, a.seqLens);
+      this.put(ext!, a.extendLens);
+      this.put(k!, a.topkIndices);
+      this.check(
+        this.x.smla_plan_combine_topk(a.seqLens.length, seq!, ext!, a.window, a.ratio, k!, a.topk, a.width, rows!, lens!, dropped!, total!),
+        'planCombineTopk',
+      );
+      return {
+        rows: new Int32Array(this.take(rows!, rowBytes)),
+        lens: new Int32Array(this.take(lens!, lenBytes)),
+        dropped: new Int32Array(this.take(dropped!, lenBytes)),
+        droppedTotal: Number(new BigInt64Array(this.take(total!, 8))[0]),
+      };
+    });
+  }
+
+  /** The paged form of combined rows: the main (SWA) and extra (compressed) token-id sets; a width of 0 leaves that set out. */
+  planPagedForm(a: {
+    rows: Int32Array; lens: Int32Array; width: number; compRows: number; swaRows: number;
+    compTokenIds: BigInt64Array; swaTokenIds: BigInt64Array; mainWidth: number; extraWidth: number;
+  }): { main?: PlanRows; extra?: PlanRows } {
+    const nq = a.lens.length;
+    const mainBytes = a.mainWidth > 0 ? nq * a.mainWidth * 4 : 0, mainLenBytes = a.mainWidth > 0 ? nq * 4 : 0;
+    const extraBytes = a.extraWidth > 0 ? nq * a.extraWidth * 4 : 0, extraLenBytes = a.extraWidth > 0 ? nq * 4 : 0;
+    const sizes = [a.rows.byteLength, a.lens.byteLength, a.compTokenIds.byteLength, a.swaTokenIds.byteLength, mainBytes, mainLenBytes, extraBytes, extraLenBytes];
+    return this.withHeap(sizes, ([rows, lens, comp, swa, main, mainLens, extra, extraLens]) => {
+      this.put(rows!, a.rows);
+      this.put(lens!, a.lens);
+      this.put(comp!, a.compTokenIds);
+      this.put(swa!, a.swaTokenIds);
+      const withMain = a.mainWidth > 0, withExtra = a.extraWidth > 0;
+      this.check(
+        this.x.smla_plan_paged_form(
+          nq, rows!, lens!, a.width, a.compRows, a.swaRows, comp!, swa!,
+          withMain ? main! : 0, a.mainWidth, withMain ? mainLens! : 0, withExtra ? extra! : 0, a.extraWidth, withExtra ? extraLens! : 0,
+        ),
+        'planPagedForm',
+      );
+      return {
+        main: withMain ? { rows: new Int32Array(this.take(main!, mainBytes)), lens: new Int32Array(this.take(mainLens!, mainLenBytes)) } : undefined,
+        extra: withExtra ? { rows: new Int32Array(this.take(extra!, extraBytes)), lens: new Int32Array(this.take(extraLens!, extraLenBytes)) } : undefined,
+      };
     });
   }
 }

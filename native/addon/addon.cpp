@@ -1,0 +1,174 @@
+// Module entry of sparse_mla_native.node: the op tables, build facts, and the row-parallel worker
+// every CPU op runs on. The TS side (src/backends/native/binding.ts) types this surface.
+#include "addon.h"
+
+#include <algorithm>
+#include <exception>
+#include <new>
+#include <thread>
+
+#include "sparse_mla/sparse_mla.h"
+
+namespace smla_addon {
+
+const char* StatusName(int32_t status) {
+  switch (status) {
+    case SMLA_OK: return "SMLA_OK";
+    case SMLA_ERR_INVALID_ARGUMENT: return "SMLA_ERR_INVALID_ARGUMENT";
+    case SMLA_ERR_OUT_OF_RANGE: return "SMLA_ERR_OUT_OF_RANGE";
+    case SMLA_ERR_OUT_OF_MEMORY: return "SMLA_ERR_OUT_OF_MEMORY";
+    case SMLA_ERR_UNSUPPORTED: return "SMLA_ERR_UNSUPPORTED";
+    default: return "SMLA_ERR_UNKNOWN";
+  }
+}
+
+void ThrowArgument(Napi::Env env, const std::string& op, const std::string& message) {
+  Napi::Error e = Napi::TypeError::New(env, "sparse_mla_native." + op + ": " + message);
+  e.Set("code", Napi::String::New(env, "SMLA_ADDON_ARGUMENT"));
+  throw e;
+}
+
+// ---- argument reading ---------------------------------------------------------------------------
+
+int32_t Args::Int(size_t i, const char* name, int64_t lo, int64_t hi) const {
+  if (i >= info_.Length() || !info_[i].IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
+  double v = info_[i].As<Napi::Number>().DoubleValue();
+  if (!(v >= double(lo) && v <= double(hi)) || v != double(int64_t(v)))
+    ThrowArgument(Env(), op_, std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
+                                  std::to_string(hi) + "], got " + std::to_string(v));
+  return int32_t(v);
+}
+
+float Args::Float(size_t i, const char* name) const {
+  if (i >= info_.Length() || !info_[i].IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
+  return info_[i].As<Napi::Number>().FloatValue();
+}
+
+static const char* TypeName(napi_typedarray_type t) {
+  switch (t) {
+    case napi_uint8_array: return "Uint8Array";
+    case napi_uint16_array: return "Uint16Array";
+    case napi_int32_array: return "Int32Array";
+    case napi_float32_array: return "Float32Array";
+    default: return "another typed array";
+  }
+}
+
+void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable) {
+  if (IsNull(i)) {
+    if (nullable) return nullptr;
+    ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type) + ", got null");
+  }
+  if (!info_[i].IsTypedArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type));
+  Napi::TypedArray a = info_[i].As<Napi::TypedArray>();
+  if (a.TypedArrayType() != type)
+    ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type) + ", got a " + TypeName(a.TypedArrayType()));
+  if (uint64_t(a.ElementLength()) != length)
+    ThrowArgument(Env(), op_, std::string(name) + ": expected " + std::to_string(length) + " elements, got " +
+                                  std::to_string(a.ElementLength()));
+  pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
+  if (length == 0) return nullptr;
+  // ArrayBuffer::Data() is the start of the (possibly shared) buffer; add the view's offset.
+  return static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
+}
+
+// ---- the row-parallel worker --------------------------------------------------------------------
+
+namespace {
+
+int32_t Guarded(const std::function<int32_t()>& f) {
+  try {
+    return f();
+  } catch (const std::bad_alloc&) {
+    return SMLA_ERR_OUT_OF_MEMORY;
+  } catch (...) {
+    return SMLA_ERR_INVALID_ARGUMENT;
+  }
+}
+
+class RowJobWorker final : public Napi::AsyncWorker {
+ public:
+  RowJobWorker(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins)
+      : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), pins_(std::move(pins)), deferred_(env) {}
+
+  Napi::Promise Promise() { return deferred_.Promise(); }
+
+ protected:
+  void Execute() override {
+    int64_t rows = job_.rows;
+    if (job_.prepare) status_ = Guarded([&] { return job_.prepare(rows); });
+    if (status_ == SMLA_OK && rows > 0) status_ = RunSplit(rows);
+    if (status_ != SMLA_OK) SetError(StatusName(status_));
+  }
+
+  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+
+  void OnError(const Napi::Error&) override {
+    Napi::Env env = Env();
+    Napi::Error e = Napi::Error::New(env, std::string(op_) + ": the core returned " + StatusName(status_));
+    e.Set("code", Napi::String::New(env, "SMLA_CORE_STATUS"));
+    e.Set("status", Napi::String::New(env, StatusName(status_)));
+    deferred_.Reject(e.Value());
+  }
+
+ private:
+  int32_t RunSplit(int64_t rows) {
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(job_.threads, rows));
+    std::vector<int32_t> status(size_t(parts), SMLA_OK);
+    auto range = [&](int64_t p) {
+      const int64_t begin = rows * p / parts, end = rows * (p + 1) / parts;
+      status[size_t(p)] = Guarded([&] { return job_.run(begin, end); });
+    };
+    std::vector<std::thread> threads;
+    threads.reserve(size_t(parts - 1));
+    for (int64_t p = 1; p < parts; ++p) {
+      try {
+        threads.emplace_back(range, p);
+      } catch (...) {  // no thread to be had: do that range here
+        range(p);
+      }
+    }
+    range(0);
+    for (auto& t : threads) t.join();
+    for (int32_t s : status)
+      if (s != SMLA_OK) return s;
+    return SMLA_OK;
+  }
+
+  const char* op_;
+  RowJob job_;
+  std::vector<Napi::ObjectReference> pins_;
+  Napi::Promise::Deferred deferred_;
+  int32_t status_ = SMLA_OK;
+};
+
+}  // namespace
+
+Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins) {
+  auto* w = new RowJobWorker(env, op, std::move(job), std::move(pins));
+  Napi::Promise p = w->Promise();
+  w->Queue();  // deletes itself after OnOK/OnError, on the main thread (releasing the pins)
+  return p;
+}
+
+// ---- module -------------------------------------------------------------------------------------
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("abiVersion", Napi::Number::New(env, smla_abi_version()));
+  Napi::Object build = Napi::Object::New(env);
+  build.Set("cpuArch", Napi::String::New(env, SMLA_CPU_ARCH));
+  build.Set("simd", Napi::String::New(env, CoreSimdPath()));
+  build.Set("hardwareThreads", Napi::Number::New(env, std::thread::hardware_concurrency()));
+  exports.Set("build", build);
+
+  Napi::Object cpu = Napi::Object::New(env);
+  for (size_t i = 0; i < kCpuOpCount; ++i) cpu.Set(kCpuOps[i].name, Napi::Function::New(env, kCpuOps[i].fn, kCpuOps[i].name));
+  exports.Set("cpu", cpu);
+  exports.Set("cuda", CudaInfo(env));
+  return exports;
+}
+
+}  // namespace smla_addon
+
+static Napi::Object InitModule(Napi::Env env, Napi::Object exports) { return smla_addon::Init(env, exports); }
+NODE_API_MODULE(sparse_mla_native, InitModule)

@@ -1,0 +1,15 @@
+// Which SIMD path the core was compiled with: this file gets the core's -march flags and reads the
+// same header (cpp/src/simd.h) the core's kernels pick their path from.
+#include "simd.h"
+
+namespace smla_addon {
+const char* CoreSimdPath() {
+#if defined(SMLA_SIMD_AVX2)
+  return "AVX2+FMA";
+#elif defined(SMLA_SIMD_SSE2)
+  return "SSE2";
+#else
+  return "scalar";
+#endif
+}
+}  // namespace smla_addon

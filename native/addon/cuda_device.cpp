@@ -1,0 +1,78 @@
+// CUDA device queries for the loader's probe and `sparse-mla info`. With cudart linked statically,
+// a machine without a driver or GPU gets an error code from cudaGetDeviceCount, never a crash.
+// The runtime is only touched when devices() is called, not when the addon loads.
+#include "addon.h"
+
+#if defined(SMLA_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace smla_addon {
+
+#if defined(SMLA_WITH_CUDA)
+namespace {
+
+// devices() → { count, error: string | null, runtimeVersion, driverVersion, devices: [...] }
+Napi::Value Devices(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object r = Napi::Object::New(env);
+  int runtime = 0, driver = 0;
+  cudaRuntimeGetVersion(&runtime);
+  cudaDriverGetVersion(&driver);  // 0 when no driver is installed
+  r.Set("runtimeVersion", runtime);
+  r.Set("driverVersion", driver);
+  int count = 0;
+  cudaError_t err = cudaGetDeviceCount(&count);
+  Napi::Array list = Napi::Array::New(env);
+  if (err != cudaSuccess) {
+    count = 0;
+    r.Set("error", Napi::String::New(env, std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err)));
+    cudaGetLastError();  // clear the sticky-free error so later calls start clean
+  } else {
+    r.Set("error", env.Null());
+    for (int d = 0; d < count; ++d) {
+      cudaDeviceProp p{};
+      if (cudaGetDeviceProperties(&p, d) != cudaSuccess) continue;
+      Napi::Object o = Napi::Object::New(env);
+      o.Set("index", d);
+      o.Set("name", Napi::String::New(env, p.name));
+      o.Set("computeCapability", Napi::String::New(env, std::to_string(p.major) + "." + std::to_string(p.minor)));
+      o.Set("multiProcessors", p.multiProcessorCount);
+      o.Set("memoryBytes", double(p.totalGlobalMem));
+      o.Set("l2Bytes", p.l2CacheSize);
+      list.Set(list.Length(), o);
+    }
+  }
+  r.Set("count", count);
+  r.Set("devices", list);
+  return r;
+}
+
+}  // namespace
+
+Napi::Object CudaInfo(Napi::Env env) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("built", true);
+  o.Set("compilerVersion", Napi::String::New(env, SMLA_CUDA_VERSION));
+  o.Set("arch", Napi::String::New(env, "sm_90a"));
+#if defined(SMLA_WITH_CUDA_KERNELS)
+  o.Set("kernels", true);
+#else
+  o.Set("kernels", false);
+#endif
+  o.Set("devices", Napi::Function::New(env, Devices, "devices"));
+  // Op launchers join here, one table like kCpuOps (see native/addon/README.md).
+  return o;
+}
+
+#else
+
+Napi::Object CudaInfo(Napi::Env env) {
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("built", false);
+  return o;
+}
+
+#endif
+
+}  // namespace smla_addon

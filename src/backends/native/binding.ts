@@ -1,0 +1,160 @@
+/**
+ * The typed binding of the native addon (build/addon/Release/sparse_mla_native.node, built by
+ * native/install.mjs from native/addon/) — the only file that knows the addon's export names and
+ * argument orders (mirrored from native/addon/cpu_ops.cpp), and the one place that loads it.
+ *
+ * Loading never throws: loadNativeAddon() returns the addon or why it is not there, once per
+ * process. SPARSE_MLA_NATIVE_ADDON=<path> loads another file (tests; a build kept elsewhere).
+ */
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+/** The built addon at the package root: ../../../ from dist/backends/native/ (and src/…). */
+export const ADDON_PATH = fileURLToPath(new URL('../../../build/addon/Release/sparse_mla_native.node', import.meta.url));
+export const ADDON_PATH_ENV = 'SPARSE_MLA_NATIVE_ADDON';
+
+/** The ABI version this binding is written against (SMLA_ABI_VERSION). */
+export const ABI_VERSION = 1;
+
+/** How to get the addon, for every "not built" message. */
+export const HOW_TO_BUILD = 'run `npm rebuild sparse-mla` with CMake and a C++ compiler (nvcc too for the cuda backend)';
+
+/**
+ * The CPU ops: each runs the core on `threads` threads split by rows, off the event loop, and
+ * resolves when the outputs (the arrays passed in, exact lengths) are written. Inputs must stay
+ * attached until it settles. Rejections carry `code` 'SMLA_CORE_STATUS' and `status` (the core's
+ * status name); arguments that do not match throw (or reject) with code 'SMLA_ADDON_ARGUMENT'.
+ */
+export interface NativeCpuOps {
+  sparsePrefill(
+    threads: number,
+    q: Uint16Array,
+    kv: Uint16Array,
+    indices: Int32Array,
+    topkLength: Int32Array | null,
+    attnSink: Float32Array | null,
+    sQ: number,
+    hQ: number,
+    dQK: number,
+    dV: number,
+    sKV: number,
+    topk: number,
+    smScale: number,
+    out: Uint16Array,
+    maxLogits: Float32Array,
+    lse: Float32Array,
+  ): Promise<void>;
+  pagedSparseAttention(
+    threads: number,
+    q: Uint16Array,
+    n: number,
+    hQ: number,
+    kCache: Uint8Array,
+    pageSize: number,
+    numPages: number,
+    indices: Int32Array,
+    topk: number,
+    topkLength: Int32Array | null,
+    extraKCache: Uint8Array | null,
+    extraPageSize: number,
+    extraNumPages: number,
+    extraIndices: Int32Array | null,
+    extraTopk: number,
+    extraTopkLength: Int32Array | null,
+    attnSink: Float32Array | null,
+    smScale: number,
+    out: Uint16Array,
+    lse: Float32Array,
+    maxLogits: Float32Array,
+  ): Promise<void>;
+  /** format: 0 = v4, 1 = v32 (smla_cache_format) */
+  dequantizeKvCache(threads: number, format: 0 | 1, cache: Uint8Array, pageSize: number, numPages: number, tokenIds: Int32Array, n: number, out: Uint16Array): Promise<void>;
+  /** rowsDtype: 0 = float32, 1 = bf16 (smla_row_dtype); duplicate ids: the last row wins */
+  quantizeKvCache(
+    threads: number,
+    format: 0 | 1,
+    cache: Uint8Array,
+    pageSize: number,
+    numPages: number,
+    tokenIds: Int32Array,
+    n: number,
+    rows: Float32Array | Uint16Array,
+    rowsDtype: 0 | 1,
+  ): Promise<void>;
+}
+
+export interface CudaDeviceInfo {
+  index: number;
+  name: string;
+  computeCapability: string;
+  multiProcessors: number;
+  memoryBytes: number;
+  l2Bytes: number;
+}
+
+export interface CudaDeviceQuery {
+  count: number;
+  /** "cudaErrorX: message" when cudaGetDeviceCount failed (no driver, no device) */
+  error: string | null;
+  runtimeVersion: number;
+  /** 0 when no driver is installed */
+  driverVersion: number;
+  devices: CudaDeviceInfo[];
+}
+
+export type NativeCudaInfo =
+  | { built: false }
+  | {
+      built: true;
+      compilerVersion: string;
+      arch: string;
+      /** the native/cuda kernels are linked in */
+      kernels: boolean;
+      devices(): CudaDeviceQuery;
+    };
+
+export interface NativeAddon {
+  abiVersion: number;
+  build: { cpuArch: string; simd: string; hardwareThreads: number };
+  cpu: NativeCpuOps;
+  cuda: NativeCudaInfo;
+}
+
+export type AddonLoad = { ok: true; addon: NativeAddon; path: string } | { ok: false; reason: string; path: string };
+
+const CPU_OPS: readonly (keyof NativeCpuOps)[] = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', 'quantizeKvCache'];
+
+function load(path: string): AddonLoad {
+  if (!existsSync(path)) return { ok: false, path, reason: `addon not built (${path} is missing): ${HOW_TO_BUILD}` };
+  let addon: NativeAddon;
+  try {
+    addon = createRequire(import.meta.url)(path) as NativeAddon;
+  } catch (e) {
+    return { ok: false, path, reason: `addon failed to load (${(e as Error).message.split('\n')[0]}): ${HOW_TO_BUILD}` };
+  }
+  if (addon?.abiVersion !== ABI_VERSION) return { ok: false, path, reason: `addon ABI version ${String(addon?.abiVersion)} != ${ABI_VERSION} (a stale build): ${HOW_TO_BUILD}` };
+  const missing = CPU_OPS.filter((op) => typeof addon.cpu?.[op] !== 'function');
+  if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, path, reason: `addon lacks ${missing.join(', ') || 'cuda'} (a stale build): ${HOW_TO_BUILD}` };
+  return { ok: true, addon, path };
+}
+
+let loaded: AddonLoad | null = null;
+
+/** The addon, loaded once per process (a dlopen cannot be undone, so neither is a failure). */
+export function loadNativeAddon(): AddonLoad {
+  loaded ??= load(process.env[ADDON_PATH_ENV] || ADDON_PATH);
+  return loaded;
+}
+
+let cudaQuery: CudaDeviceQuery | null = null;
+
+/** The CUDA device query, once per process (the runtime's first call is slow on GPU hosts). */
+export function queryCudaDevices(addon: NativeAddon): CudaDeviceQuery | null {
+  if (!addon.cuda.built) return null;
+  cudaQuery ??= addon.cuda.devices();
+  return cudaQuery;
+}
+
+export const CACHE_FORMAT_CODE = { v4: 0, v32: 1 } as const;
+export const ROWS_DTYPE_CODE = { float32: 0, bf16: 1 } as const;

@@ -1,0 +1,167 @@
+/**
+ * The `cpu` backend: the C++ core built natively for this machine (AVX2+FMA where it has them),
+ * run by the addon on its own threads split by query rows (token rows for the cache ops), never on
+ * the event loop. Inputs are passed as they are (the addon pins them for the call; no copies);
+ * outputs are allocated here, so they are ordinary JS-owned typed arrays.
+ */
+import { SparseMlaError } from '../../errors.js';
+import type {
+  Backend,
+  BackendEntry,
+  BackendProbe,
+  DequantizeKCacheJob,
+  PagedSparseAttentionJob,
+  PagedSparseAttentionOutput,
+  QuantizeKCacheJob,
+  SparsePrefillJob,
+  SparsePrefillOutput,
+} from '../backend.js';
+import { defaultWorkerCount } from '../wasm/wasm_backend.js';
+import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
+
+/**
+ * Smallest work (flop-equivalents) worth a thread of its own: starting and joining a thread costs
+ * tens of microseconds, about what a core does with this much work.
+ */
+const MIN_THREAD_WORK = 4e6;
+
+/** Threads for a call: the backend's count, no more than the rows or than the work justifies. */
+export function threadsFor(workers: number, rows: number, workPerRow: number): number {
+  return Math.max(1, Math.min(workers, rows, Math.floor((rows * workPerRow) / MIN_THREAD_WORK)));
+}
+
+/** Allocates an output, refusing (TOO_LARGE) what this process cannot hold. */
+function alloc<T>(ctor: new (n: number) => T, n: number, argument: string): T {
+  try {
+    return new ctor(n);
+  } catch (e) {
+    throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
+  }
+}
+
+/** Addon errors → SparseMlaError BACKEND_FAILURE naming the op and the core status. */
+function backendFailure(op: string, e: unknown): SparseMlaError {
+  if (e instanceof SparseMlaError) return e;
+  const x = e as { code?: string; status?: string; message?: string };
+  const what = x.code === 'SMLA_CORE_STATUS' ? `the core returned ${x.status}` : (x.message ?? String(e));
+  return new SparseMlaError('BACKEND_FAILURE', `cpu backend: ${op} failed: ${what}`, op);
+}
+
+export class CpuBackend implements Backend {
+  readonly name = 'cpu' as const;
+  readonly workers: number;
+  private readonly addon: NativeAddon;
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private disposed = false;
+
+  constructor(addon: NativeAddon, workers: number) {
+    this.addon = addon;
+    this.workers = workers;
+  }
+
+  /** Runs one addon call, tracked so dispose() can wait for it; errors become typed. */
+  private async call(op: string, run: () => Promise<void>): Promise<void> {
+    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    let p: Promise<void>;
+    try {
+      p = run();
+    } catch (e) {
+      throw backendFailure(op, e);
+    }
+    this.inFlight.add(p);
+    try {
+      await p;
+    } catch (e) {
+      throw backendFailure(op, e);
+    } finally {
+      this.inFlight.delete(p);
+    }
+  }
+
+  async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
+    const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    const out = alloc(Uint16Array, sQ * hQ * dV, 'out');
+    const maxLogits = alloc(Float32Array, sQ * hQ, 'maxLogits');
+    const lse = alloc(Float32Array, sQ * hQ, 'lse');
+    const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
+    await this.call('sparsePrefill', () =>
+      this.addon.cpu.sparsePrefill(threads, job.q, job.kv, job.indices, job.topkLength, job.attnSink, sQ, hQ, dQK, dV, sKV, topk, job.smScale, out, maxLogits, lse),
+    );
+    return { out, maxLogits, lse };
+  }
+
+  async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
+    const { n, hQ, main, extra } = job;
+    const out = alloc(Uint16Array, n * hQ * 512, 'out');
+    const lse = alloc(Float32Array, n * hQ, 'lse');
+    const maxLogits = alloc(Float32Array, n * hQ, 'maxLogits');
+    const entries = main.topk + (extra?.topk ?? 0);
+    const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
+    await this.call('pagedSparseAttention', () =>
+      this.addon.cpu.pagedSparseAttention(
+        threads,
+        job.q,
+        n,
+        hQ,
+        main.cache.data,
+        main.cache.pageSize,
+        main.cache.numPages,
+        main.indices,
+        main.topk,
+        main.topkLength,
+        extra ? extra.cache.data : null,
+        extra ? extra.cache.pageSize : 0,
+        extra ? extra.cache.numPages : 0,
+        extra ? extra.indices : null,
+        extra ? extra.topk : 0,
+        extra ? extra.topkLength : null,
+        job.attnSink,
+        job.smScale,
+        out,
+        lse,
+        maxLogits,
+      ),
+    );
+    return { out, lse, maxLogits };
+  }
+
+  async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
+    const { cache, tokenIds, n, rowDim } = job;
+    const out = alloc(Uint16Array, n * rowDim, 'out');
+    const threads = threadsFor(this.workers, n, rowDim * 8);
+    await this.call('dequantizeKCachePaged', () =>
+      this.addon.cpu.dequantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, out),
+    );
+    return out;
+  }
+
+  async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
+    const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
+    const threads = threadsFor(this.workers, n, rowDim * 32);
+    await this.call('quantizeKCache', () =>
+      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, rows, ROWS_DTYPE_CODE[rowsDtype]),
+    );
+  }
+
+  /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
+  async dispose(): Promise<void> {
+    this.disposed = true;
+    await Promise.allSettled([...this.inFlight]);
+  }
+}
+
+export const cpuBackendEntry: BackendEntry = {
+  name: 'cpu',
+  priority: 20,
+  async probe(): Promise<BackendProbe> {
+    const l = loadNativeAddon();
+    if (!l.ok) return { available: false, reason: l.reason, details: { addon: l.path } };
+    const b = l.addon.build;
+    return { available: true, details: { addon: l.path, simd: b.simd, cpuArch: b.cpuArch, defaultWorkers: defaultWorkerCount() } };
+  },
+  async create(options) {
+    const l = loadNativeAddon();
+    if (!l.ok) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cpu" is unavailable — ${l.reason}`, 'backend');
+    return new CpuBackend(l.addon, options.workers ?? defaultWorkerCount());
+  },
+};

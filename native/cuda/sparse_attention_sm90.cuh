@@ -50,7 +50,8 @@ struct AttnSmem {
   static constexpr int kPhi = kP + 8192;                // P_hi when !kPhiInTile
   static constexpr int kMax = kPhi + (kPhiInTile ? 0 : 8192);  // float [2][64]: block row maxima
   static constexpr int kL = kMax + 512;            // float [2][64]: each WG's row sums at the end
-  static constexpr int kValid = kL + 512;          // uint8 [kStages][64]
+  static constexpr int kAny = kL + 512;            // int [2]: each WG saw a valid entry
+  static constexpr int kValid = kAny + 16;         // uint8 [kStages][64]
   static constexpr int kBar = kValid + kStages * 64;  // uint64 full[kStages], empty[kStages]
   static constexpr int kTotal = kBar + 2 * kStages * 8;
   static constexpr int kAlloc = kTotal + 1024;     // slack to align the base to 1024 B
@@ -82,6 +83,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint8_t* sP = smem + L::kP;
   float* sMax = reinterpret_cast<float*>(smem + L::kMax);
   float* sL = reinterpret_cast<float*>(smem + L::kL);
+  int* sAny = reinterpret_cast<int*>(smem + L::kAny);
   uint8_t* sValid = smem + L::kValid;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
   uint64_t* empty = full + kStages;
@@ -147,6 +149,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   for (int i = 0; i < 128; ++i) o[i] = 0.0f;
   float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
   float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
+  bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
 
   cp_async_wait_all();
   fence_proxy_async();
@@ -193,6 +196,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const bool ok = valid[8 * j + 2 * quad + e] != 0;
+        seen_valid |= ok;
         s[4 * j + e] = ok ? s[4 * j + e] * c2 : -INFINITY;
         s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * c2 : -INFINITY;
         bm_a = max_nan(bm_a, s[4 * j + e]);
@@ -282,7 +286,14 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     sL[wg * 64 + row_a] = l_a;
     sL[wg * 64 + row_b] = l_b;
   }
+  // Whether the query had any valid entry (the same for every head). Logits that are all −inf
+  // still count as entries: lse = −inf then, not the +inf of an empty row (as in the core).
+  const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
+  if (ctid == 0) sAny[wg] = 0;
+  named_barrier_sync(3 + wg, 128);
+  if (lane == 0 && warp_seen) sAny[wg] = 1;
   named_barrier_sync(1, 256);
+  const bool any_valid = (sAny[0] | sAny[1]) != 0;
   // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
   // every wgmma finished before the barrier above), then 16-byte coalesced stores.
   const float ln2 = 0.6931471805599453f;
@@ -297,7 +308,6 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     SoftmaxRow r;
     r.m = m2 * ln2;
     r.l = sL[row] + sL[64 + row];
-    const bool any_valid = !(m2 == -INFINITY);
     const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
     const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
     scale[half] = fin.out_scale;

@@ -163,10 +163,14 @@ static void ref_attend(const double* q /*[hQ, dQK]*/, int hQ, int dQK, int dV, c
       maxl[h] = -INFINITY;
       continue;
     }
-    double l = 0;
-    for (size_t k = 0; k < n; ++k) l += exp(P[k] - m);
-    lse[h] = m + log(l);
     maxl[h] = m;
+    if (m == -INFINITY) {
+      lse[h] = -INFINITY;  // valid entries whose logits are all −inf: ln 0
+    } else {
+      double l = 0;
+      for (size_t k = 0; k < n; ++k) l += exp(P[k] - m);
+      lse[h] = m + log(l);
+    }
     double denom_log = lse[h];
     if (sink) {
       const double s = sink[h];
@@ -241,6 +245,7 @@ struct PrefillCase {
   double q_scale;
   int empty_rows;  // leading queries whose entries are all invalid
   bool misaligned = false;  // q and kv 2 bytes off 16-byte alignment (takes the fallback kernel)
+  int inf_rows = 0;  // kv rows [0, inf_rows) get dim 0 = −inf, q >= 0, query 0 attends only those
 };
 
 static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
@@ -252,6 +257,11 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   std::vector<int32_t> idx = make_indices(r, c.s_q, c.topk, c.s_kv, c.mode);
   for (int64_t i = 0; i < std::min<int64_t>(c.empty_rows, c.s_q); ++i)
     for (int t = 0; t < c.topk; ++t) idx[i * c.topk + t] = (t & 1) ? -1 : int32_t(c.s_kv);
+  if (c.inf_rows > 0) {
+    for (auto& v : hq) v &= 0x7fff;  // q >= 0: dim 0 of an inf row gives a −inf logit
+    for (int64_t r0 = 0; r0 < c.inf_rows; ++r0) hkv[size_t(r0) * c.d_qk] = 0xff80;
+    for (int t = 0; t < c.topk; ++t) idx[t] = int32_t(r.range(0, c.inf_rows));
+  }
   std::vector<int32_t> len;
   if (c.lengths) {
     len.resize(c.s_q);
@@ -579,6 +589,9 @@ static void run_checks() {
       {"fallback h8 d128 dV64", 5, 8, 128, 64, 300, 100, kMixed, true, true, true, 5, 1.0, 0},
       {"fallback h3 d576 dV576", 3, 3, 576, 576, 300, 70, kMixed, false, true, false, 3, 1.0, 0},
       {"misaligned q/kv -> fallback h64 d576", 3, 64, 576, 512, 300, 100, kMixed, true, true, false, 3, 1.0, 0, true},
+      {"-inf logits (lse -inf, NaN by the math) h64 d576", 3, 64, 576, 512, 200, 70, kMixed, false, false, false, 3, 1.0, 0, false, 20},
+      {"-inf logits + sink h128 d512", 3, 128, 512, 512, 200, 70, kMixed, false, true, false, 3, 1.0, 0, false, 20},
+      {"-inf logits fallback h4 d128 dV64", 3, 4, 128, 64, 200, 70, kMixed, false, true, false, 3, 1.0, 0, false, 20},
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail

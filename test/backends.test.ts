@@ -12,6 +12,7 @@ import { afterEach, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, listBackends } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import { nativeAddonBuilt } from './helpers/backends.js';
 
 const ENV = 'SPARSE_MLA_BACKEND';
 const savedEnv = process.env[ENV];
@@ -38,9 +39,16 @@ describe('listBackends', () => {
     const list = await listBackends();
     expect(list.map((b) => b.name)).toEqual(['cuda', 'cpu', 'wasm']);
     expect(list.map((b) => b.priority)).toEqual([...list.map((b) => b.priority)].sort((a, b) => a - b));
-    for (const b of list.slice(0, 2)) {
-      expect(b.available).toBe(false);
-      expect(b.reason).toMatch(/not built: the native addon .* not part of this release/);
+    const [cuda, cpu] = list;
+    // No GPU here: cuda says which part is missing (the addon, CUDA in it, a device, ...).
+    expect(cuda!.available).toBe(false);
+    expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(addon built without CUDA \(nvcc not found at install\)|no CUDA device: .+)/ : /^addon not built .*npm rebuild sparse-mla/);
+    if (nativeAddonBuilt()) {
+      expect(cpu!.available).toBe(true);
+      expect(cpu!.details?.simd).toMatch(/AVX2\+FMA|SSE2|scalar/);
+    } else {
+      expect(cpu!.available).toBe(false);
+      expect(cpu!.reason).toMatch(/^addon not built .*npm rebuild sparse-mla` with CMake and a C\+\+ compiler/);
     }
     const wasm = list[2]!;
     expect(wasm.available).toBe(true);
@@ -50,24 +58,25 @@ describe('listBackends', () => {
 });
 
 describe('selection', () => {
-  test.each(['cuda', 'cpu'] as const)('asking for %s gives BACKEND_UNAVAILABLE naming what is missing and how to get it', async (name) => {
+  // (cpu without the addon is covered by test/native_backend.test.ts in a process without it.)
+  test.each(nativeAddonBuilt() ? (['cuda'] as const) : (['cuda', 'cpu'] as const))('asking for %s gives BACKEND_UNAVAILABLE naming what is missing and how to get it', async (name) => {
     delete process.env[ENV];
     const e = await expectError(createEngine({ backend: name }), 'BACKEND_UNAVAILABLE');
-    expect(e.message).toContain(`backend "${name}" is unavailable`);
-    expect(e.message).toMatch(/native addon/);
-    expect(e.message).toMatch(/wasm/);
+    expect(e.message).toContain(`backend "${name}" is unavailable — `);
+    expect(e.message).toMatch(/addon not built .*npm rebuild sparse-mla|addon built without CUDA \(nvcc not found|no CUDA device: /);
   });
 
-  test('auto (default, option or env) picks wasm here', async () => {
+  test('auto (default, option or env) picks cpu when the addon is built, else wasm (no GPU here)', async () => {
     delete process.env[ENV];
+    const expected = nativeAddonBuilt() ? 'cpu' : 'wasm';
     for (const options of [{}, { backend: 'auto' as const }]) {
       const e = await createEngine({ ...options, workers: 1 });
-      expect(e.backend).toBe('wasm');
+      expect(e.backend).toBe(expected);
       await e.dispose();
     }
     process.env[ENV] = 'auto';
     const e = await createEngine({ workers: 1 });
-    expect(e.backend).toBe('wasm');
+    expect(e.backend).toBe(expected);
     await e.dispose();
   });
 
@@ -75,7 +84,11 @@ describe('selection', () => {
     process.env[ENV] = 'cuda';
     await expectError(createEngine({ workers: 1 }), 'BACKEND_UNAVAILABLE');
     process.env[ENV] = 'CPU';
-    await expectError(createEngine({ workers: 1 }), 'BACKEND_UNAVAILABLE');
+    if (nativeAddonBuilt()) {
+      const c = await createEngine({ workers: 1 });
+      expect(c.backend).toBe('cpu');
+      await c.dispose();
+    } else await expectError(createEngine({ workers: 1 }), 'BACKEND_UNAVAILABLE');
     process.env[ENV] = ' Wasm ';
     const e = await createEngine({ workers: 1 });
     expect(e.backend).toBe('wasm');
@@ -88,7 +101,7 @@ describe('selection', () => {
     expect(e.backend).toBe('wasm');
     await e.dispose();
     process.env[ENV] = 'wasm';
-    await expectError(createEngine({ backend: 'cpu' }), 'BACKEND_UNAVAILABLE');
+    await expectError(createEngine({ backend: 'cuda' }), 'BACKEND_UNAVAILABLE');
   });
 
   test('an unknown SPARSE_MLA_BACKEND is INVALID_VALUE naming the variable', async () => {

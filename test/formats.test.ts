@@ -8,12 +8,13 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, createKvCache, float32ToBf16Bits, tensor } from '../dist/index.js';
 import type { Engine, KvCache } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
+import { backendUnderTest } from './helpers/backends.js';
 import { randomFloat32Bits, testRng, type Rng } from './helpers/random.js';
 
 const rng = testRng('formats.test');
 let engine: Engine;
 beforeAll(async () => {
-  engine = await createEngine();
+  engine = await createEngine({ backend: backendUnderTest() });
 }, 60_000);
 afterAll(async () => {
   await engine?.dispose();

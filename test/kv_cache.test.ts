@@ -7,12 +7,13 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, createKvCache, kvCacheBytes, tensor } from '../dist/index.js';
 import type { Engine, KvCache } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
+import { backendUnderTest } from './helpers/backends.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 
 const rng = testRng('kv_cache.test');
 let engine: Engine;
 beforeAll(async () => {
-  engine = await createEngine();
+  engine = await createEngine({ backend: backendUnderTest() });
 }, 60_000);
 afterAll(async () => {
   await engine?.dispose();

@@ -9,12 +9,13 @@ import { createEngine, createKvCache, tensor } from '../dist/index.js';
 import type { Engine, KvCache, PagedSparseAttentionArgs, Tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithin, rowsOf } from './helpers/judge.js';
+import { backendUnderTest } from './helpers/backends.js';
 import { randomBf16Bits, sampleRows, testRng, type Rng } from './helpers/random.js';
 
 const rng = testRng('paged_sparse_attention.test');
 let engine: Engine;
 beforeAll(async () => {
-  engine = await createEngine();
+  engine = await createEngine({ backend: backendUnderTest() });
 }, 60_000);
 afterAll(async () => {
   await engine?.dispose();

@@ -8,12 +8,13 @@ import { createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithin, rowsOf } from './helpers/judge.js';
+import { backendUnderTest } from './helpers/backends.js';
 import { invalidFillers, randomBf16Bits, randomIndices, sampleRows, testRng, type Rng } from './helpers/random.js';
 
 const rng = testRng('sparse_prefill.test');
 let engine: Engine;
 beforeAll(async () => {
-  engine = await createEngine();
+  engine = await createEngine({ backend: backendUnderTest() });
 }, 60_000);
 afterAll(async () => {
   await engine?.dispose();

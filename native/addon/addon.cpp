@@ -66,10 +66,13 @@ void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uin
   if (uint64_t(a.ElementLength()) != length)
     ThrowArgument(Env(), op_, std::string(name) + ": expected " + std::to_string(length) + " elements, got " +
                                   std::to_string(a.ElementLength()));
+  // The raw call: it gives the view's data pointer (offset applied) for ArrayBuffer and
+  // SharedArrayBuffer backing alike (Napi::ArrayBuffer refuses a SharedArrayBuffer).
+  void* data = nullptr;
+  if (napi_get_typedarray_info(Env(), a, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok)
+    ThrowArgument(Env(), op_, std::string(name) + ": cannot read the typed array's memory");
   pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
-  if (length == 0) return nullptr;
-  // ArrayBuffer::Data() is the start of the (possibly shared) buffer; add the view's offset.
-  return static_cast<uint8_t*>(a.ArrayBuffer().Data()) + a.ByteOffset();
+  return length == 0 ? nullptr : data;
 }
 
 // ---- the row-parallel worker --------------------------------------------------------------------

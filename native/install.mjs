@@ -49,34 +49,50 @@ function main() {
   }
 
   const timeoutS = Number(env.SPARSE_MLA_NATIVE_TIMEOUT_S ?? 1200);
-  const args = [cmakeJs, 'build', '--directory', root, '--out', outDir, '--target', 'sparse_mla_native', '--parallel', String(os.availableParallelism?.() ?? os.cpus().length), '--log-level', 'warn'];
-  if (env.SPARSE_MLA_WITH_CUDA) args.push(`--CDSMLA_WITH_CUDA=${env.SPARSE_MLA_WITH_CUDA}`);
-  if (env.SPARSE_MLA_CPU_ARCH !== undefined) args.push(`--CDSMLA_CPU_ARCH=${env.SPARSE_MLA_CPU_ARCH}`);
+  const common = ['--directory', root, '--out', outDir, '--log-level', 'warn'];
+  // Configure every time with explicit options (a cached SMLA_WITH_CUDA=OFF must not stick), then
+  // build only the addon target (incremental).
+  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${env.SPARSE_MLA_WITH_CUDA || 'AUTO'}`, `--CDSMLA_CPU_ARCH=${env.SPARSE_MLA_CPU_ARCH ?? 'native'}`];
+  const build = [cmakeJs, 'build', ...common, '--target', 'sparse_mla_native', '--parallel', String(os.availableParallelism?.() ?? os.cpus().length)];
   const verbose = env.SPARSE_MLA_NATIVE_VERBOSE === '1';
   mkdirSync(outDir, { recursive: true });
   const log = verbose ? null : createWriteStream(logPath);
+  const where = verbose ? 'output above' : `log: ${rel(logPath)}`;
   const started = Date.now();
-  const child = spawn(process.execPath, args, { cwd: root, stdio: verbose ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
-  child.stdout?.pipe(log, { end: false });
-  child.stderr?.pipe(log, { end: false });
-  let timedOut = false;
-  const timer = setTimeout(() => {
-    timedOut = true;
-    child.kill('SIGTERM');
-  }, timeoutS * 1000);
-  child.on('error', (e) => {
-    clearTimeout(timer);
-    say(`native addon not built: could not run cmake-js (${e.message}); using the wasm backend`);
-  });
-  child.on('close', (code) => {
-    clearTimeout(timer);
+  const deadline = started + timeoutS * 1000;
+
+  const step = (args) =>
+    new Promise((resolve) => {
+      // Its own process group, so a timeout stops the compilers under cmake-js too.
+      const child = spawn(process.execPath, args, { cwd: root, detached: process.platform !== 'win32', stdio: verbose ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
+      child.stdout?.pipe(log, { end: false });
+      child.stderr?.pipe(log, { end: false });
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        try {
+          process.kill(process.platform === 'win32' ? child.pid : -child.pid, 'SIGTERM');
+        } catch {
+          child.kill('SIGTERM');
+        }
+      }, Math.max(0, deadline - Date.now()));
+      child.on('error', (e) => {
+        clearTimeout(timer);
+        resolve(`could not run cmake-js (${e.message})`);
+      });
+      child.on('close', (code) => {
+        clearTimeout(timer);
+        resolve(timedOut ? `stopped after ${timeoutS} s` : code === 0 ? null : `${args[1]} failed`);
+      });
+    });
+
+  (async () => {
+    const problem = (await step(configure)) ?? (await step(build));
     log?.end();
     const secs = ((Date.now() - started) / 1000).toFixed(0);
-    const where = verbose ? 'output above' : `log: ${rel(logPath)}`;
-    if (timedOut) say(`native addon build stopped after ${timeoutS} s (${where}); using the wasm backend`);
-    else if (code !== 0) say(`native addon build failed (${where}); using the wasm backend`);
+    if (problem) say(`native addon build ${problem} (${where}); using the wasm backend`);
     else say(`built the native addon in ${secs} s → ${rel(join(outDir, 'Release', 'sparse_mla_native.node'))} (${where})`);
-  });
+  })();
 }
 
 main();

@@ -36,7 +36,7 @@ const USAGE = `Usage: sparse-mla bench [options]
 
 Measure sparsePrefill (GFLOP/s, FLOPs = 2·Σ topkLength·hQ·(dQK+dV)) and quantizeKCache /
 dequantizeKCachePaged (GB/s, bytes read + written) on one backend with a 1-worker and an N-worker
-engine; each figure is the median of --repeat timed runs after --warmup untimed ones. The prefill
+engine (WASM workers or native CPU threads); each figure is the median of --repeat timed runs after --warmup untimed ones. The prefill
 shape is the one of \`sparse-mla run\` (fewer queries by default).
 
 Options:
@@ -154,7 +154,7 @@ async function benchEngine(
   o: { 'page-size': number; warmup: number; repeat: number },
   progress: Progress,
 ): Promise<Measurement[]> {
-  const tag = `${engine.backend}${engine.backend === 'wasm' ? ` x${workers}` : ''}`;
+  const tag = `${engine.backend}${workers > 0 ? ` x${workers}` : ''}`;
   const tokens = cacheIn.tokenIds.length;
   const cache = createKvCache('v4', { pageSize: o['page-size'], numPages: cacheIn.numPages });
   const ids = tensor('int32', [tokens], cacheIn.tokenIds);
@@ -223,10 +223,10 @@ export async function benchCommand(argv: string[]): Promise<number> {
         await engine.quantizeKCache({ cache, tokenIds: ids, rows: w.rows });
         kv = await engine.dequantizeKCachePaged({ cache, tokenIds: ids });
       }
-      const label = engine.backend === 'wasm' ? (engine.workers ?? workers) : 0;
+      const label = engine.workers ?? 0; // 0: a backend without host threads (cuda)
       const workspace: Tensor<'bf16'> = kv;
       measurements.push(...(await benchEngine(engine, label, w, workspace, cacheIn, o, progress)));
-      if (engine.backend !== 'wasm') break; // worker counts mean nothing off WASM
+      if (!engine.workers) break; // worker counts mean nothing to a device backend
     } finally {
       await engine.dispose();
       engine = undefined;
@@ -234,7 +234,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   }
 
   const speedup: Record<string, number> = {};
-  if (poolSizes.length > 1 && backend === 'wasm') {
+  if (poolSizes.length > 1) {
     for (const op of ['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache'] as const) {
       const one = measurements.find((m) => m.op === op && m.workers === 1);
       const many = measurements.find((m) => m.op === op && m.workers === n);

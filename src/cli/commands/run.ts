@@ -47,7 +47,7 @@ export const RUN_OPTIONS = {
   context: { type: 'int', default: 8192, min: 0, help: 'tokens before the chunk (sets how many compressed entries exist: (context + queries) / 4)' },
   'page-size': { type: 'int', default: 64, min: 1, max: 4096, help: 'v4 cache page size' },
   backend: { type: 'string', choices: BACKENDS, help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
-  workers: { type: 'int', min: 1, max: 256, help: 'WASM worker-pool size (default: the cores)' },
+  workers: { type: 'int', min: 1, max: 256, help: 'worker threads: the WASM pool or the native CPU threads (default: the cores)' },
   seed: { type: 'int', default: 1, min: 0, max: 2 ** 32 - 1, help: 'seed of the random inputs' },
 } as const satisfies OptionTable;
 
@@ -188,8 +188,8 @@ export async function runCommand(argv: string[]): Promise<number> {
     createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), ...(o.workers !== undefined ? { workers: o.workers } : {}) }),
   );
   const workers = engine.workers ?? 0;
-  progress.finish(`${engine.backend}${engine.backend === 'wasm' ? `, ${workers} workers` : ''}`);
-  steps.push({ step: 'engine start', seconds: startSeconds, calls: 1, note: `${engine.backend} backend${engine.backend === 'wasm' ? `, ${workers} workers` : ''}` });
+  progress.finish(`${engine.backend}${workers > 0 ? `, ${workers} workers` : ''}`);
+  steps.push({ step: 'engine start', seconds: startSeconds, calls: 1, note: `${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}` });
 
   let w: Workload;
   try {
@@ -368,7 +368,7 @@ function jsonNumbers(_key: string, value: unknown): unknown {
 function printReport(engine: Engine, workers: number, w: Workload, steps: StepRow[], checks: CheckRow[], sampled: number, pass: boolean): void {
   const s = w.shape;
   const header =
-    `sparse-mla run: ${engine.backend} backend${engine.backend === 'wasm' ? `, ${workers} workers` : ''}; ` +
+    `sparse-mla run: ${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}; ` +
     `${s.queries} queries x ${s.heads} heads, dQK ${DQK}, dV ${DV}, topk ${s.topk} + window ${s.window} (index rows of ${w.width}), ` +
     `workspace ${w.kvRows} rows, v4 page size ${s.pageSize}, seed ${s.seed}`;
   const stepTable = formatTable(

@@ -11,14 +11,14 @@
 
 namespace smla_addon {
 
-const char* StatusName(int32_t status) {
+std::string StatusName(int32_t status) {
   switch (status) {
     case SMLA_OK: return "SMLA_OK";
     case SMLA_ERR_INVALID_ARGUMENT: return "SMLA_ERR_INVALID_ARGUMENT";
     case SMLA_ERR_OUT_OF_RANGE: return "SMLA_ERR_OUT_OF_RANGE";
     case SMLA_ERR_OUT_OF_MEMORY: return "SMLA_ERR_OUT_OF_MEMORY";
     case SMLA_ERR_UNSUPPORTED: return "SMLA_ERR_UNSUPPORTED";
-    default: return "SMLA_ERR_UNKNOWN";
+    default: return status < 0 ? CudaErrorText(-status) : "SMLA_ERR_UNKNOWN(" + std::to_string(status) + ")";
   }
 }
 
@@ -101,15 +101,16 @@ class RowJobWorker final : public Napi::AsyncWorker {
     int64_t rows = job_.rows;
     if (job_.prepare) status_ = Guarded([&] { return job_.prepare(rows); });
     if (status_ == SMLA_OK && rows > 0) status_ = RunSplit(rows);
-    if (status_ != SMLA_OK) SetError(StatusName(status_));
+    if (status_ != SMLA_OK) SetError(StatusName(status_));  // OnError builds the JS error
   }
 
   void OnOK() override { deferred_.Resolve(Env().Undefined()); }
 
   void OnError(const Napi::Error&) override {
     Napi::Env env = Env();
-    Napi::Error e = Napi::Error::New(env, std::string(op_) + ": the core returned " + StatusName(status_));
-    e.Set("code", Napi::String::New(env, "SMLA_CORE_STATUS"));
+    const bool cuda = status_ < 0;
+    Napi::Error e = Napi::Error::New(env, std::string(op_) + (cuda ? ": CUDA failed: " : ": the core returned ") + StatusName(status_));
+    e.Set("code", Napi::String::New(env, cuda ? "SMLA_CUDA_ERROR" : "SMLA_CORE_STATUS"));
     e.Set("status", Napi::String::New(env, StatusName(status_)));
     deferred_.Reject(e.Value());
   }
@@ -167,7 +168,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   Napi::Object cpu = Napi::Object::New(env);
   for (size_t i = 0; i < kCpuOpCount; ++i) cpu.Set(kCpuOps[i].name, Napi::Function::New(env, kCpuOps[i].fn, kCpuOps[i].name));
   exports.Set("cpu", cpu);
-  exports.Set("cuda", CudaInfo(env));
+  exports.Set("cuda", CudaInfo(env));  // cuda_device.cpp (+ the cuda_ops.cpp table when built)
   return exports;
 }
 

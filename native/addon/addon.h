@@ -57,7 +57,8 @@ struct RowJob {
 
 // Queues a RowJob on the libuv pool; its Execute fans out to `threads` std::threads (itself one of
 // them). The promise resolves with undefined (outputs are the JS arrays passed in) or rejects with
-// an Error whose `status` is the core status name (e.g. "SMLA_ERR_OUT_OF_MEMORY").
+// an Error whose `status` is StatusName (e.g. "SMLA_ERR_OUT_OF_MEMORY"). A CUDA op is a RowJob of
+// one row on one thread whose run() copies, launches and synchronizes its stream.
 Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins);
 
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
@@ -68,8 +69,15 @@ struct OpEntry {
 };
 extern const OpEntry kCpuOps[];
 extern const size_t kCpuOpCount;
+#if defined(SMLA_WITH_CUDA_OPS)
+extern const OpEntry kCudaOps[];  // native/addon/cuda_ops.cpp
+extern const size_t kCudaOpCount;
+#endif
 
-const char* StatusName(int32_t status);
+// The name of an op's status: the core's smla_status names for >= 0, and for < 0 (a CUDA launcher
+// returning -(cudaError_t)) "cudaErrorX: <message>".
+std::string StatusName(int32_t status);
+std::string CudaErrorText(int32_t cuda_error);
 const char* CoreSimdPath();
 
 // CUDA device queries ({built: false} when the addon was built without CUDA).

@@ -1,6 +1,7 @@
 // CUDA device queries for the loader's probe and `sparse-mla info`. With cudart linked statically,
 // a machine without a driver or GPU gets an error code from cudaGetDeviceCount, never a crash.
-// The runtime is only touched when devices() is called, not when the addon loads.
+// The runtime is only touched when devices() is called, not when the addon loads. When
+// native/addon/cuda_ops.cpp exists its op table is exported as `cuda.ops` (see README.md there).
 #include "addon.h"
 
 #if defined(SMLA_WITH_CUDA)
@@ -61,8 +62,17 @@ Napi::Object CudaInfo(Napi::Env env) {
   o.Set("kernels", false);
 #endif
   o.Set("devices", Napi::Function::New(env, Devices, "devices"));
-  // Op launchers join here, one table like kCpuOps (see native/addon/README.md).
+#if defined(SMLA_WITH_CUDA_OPS)
+  Napi::Object ops = Napi::Object::New(env);
+  for (size_t i = 0; i < kCudaOpCount; ++i) ops.Set(kCudaOps[i].name, Napi::Function::New(env, kCudaOps[i].fn, kCudaOps[i].name));
+  o.Set("ops", ops);
+#endif
   return o;
+}
+
+std::string CudaErrorText(int32_t cuda_error) {
+  const cudaError_t e = static_cast<cudaError_t>(cuda_error);
+  return std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
 }
 
 #else
@@ -72,6 +82,8 @@ Napi::Object CudaInfo(Napi::Env env) {
   o.Set("built", false);
   return o;
 }
+
+std::string CudaErrorText(int32_t cuda_error) { return "CUDA error " + std::to_string(cuda_error); }
 
 #endif
 

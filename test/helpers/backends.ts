@@ -1,12 +1,13 @@
 /**
  * Which backend a suite runs on. vitest.config.ts runs the op suites once per backend under test
- * (project "wasm", and project "cpu" when the native addon is built), telling each run its backend
- * through SPARSE_MLA_TEST_BACKEND; a suite creates its engine with `{ backend: backendUnderTest() }`.
+ * (project "wasm"; project "cpu" when the native addon is built; project "cuda" on a GPU host when
+ * SPARSE_MLA_TEST_CUDA=1), telling each run its backend through SPARSE_MLA_TEST_BACKEND; a suite
+ * creates its engine with `{ backend: backendUnderTest() }`.
  */
 import { existsSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 
-export type TestBackend = 'wasm' | 'cpu';
+export type TestBackend = 'wasm' | 'cpu' | 'cuda';
 export const TEST_BACKEND_ENV = 'SPARSE_MLA_TEST_BACKEND';
 
 /** The built addon, where the loader looks for it (src/backends/native/binding.ts). */
@@ -16,15 +17,10 @@ export function nativeAddonBuilt(): boolean {
   return existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON);
 }
 
-/** The backends the op suites run against on this machine. */
-export function backendsUnderTest(): TestBackend[] {
-  return nativeAddonBuilt() ? ['wasm', 'cpu'] : ['wasm'];
-}
-
 /** This run's backend (default wasm). */
 export function backendUnderTest(): TestBackend {
   const v = process.env[TEST_BACKEND_ENV];
   if (v === undefined || v === '') return 'wasm';
-  if (v !== 'wasm' && v !== 'cpu') throw new Error(`${TEST_BACKEND_ENV}: expected wasm | cpu, got ${JSON.stringify(v)}`);
+  if (v !== 'wasm' && v !== 'cpu' && v !== 'cuda') throw new Error(`${TEST_BACKEND_ENV}: expected wasm | cpu | cuda, got ${JSON.stringify(v)}`);
   return v;
 }

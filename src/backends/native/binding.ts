@@ -9,6 +9,7 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
+import { SparseMlaError } from '../../errors.js';
 
 /** The built addon at the package root: ../../../ from dist/backends/native/ (and src/…). */
 export const ADDON_PATH = fileURLToPath(new URL('../../../build/addon/Release/sparse_mla_native.node', import.meta.url));
@@ -23,8 +24,9 @@ export const HOW_TO_BUILD = 'run `npm rebuild sparse-mla` with CMake and a C++ c
 /**
  * The CPU ops: each runs the core on `threads` threads split by rows, off the event loop, and
  * resolves when the outputs (the arrays passed in, exact lengths) are written. Inputs must stay
- * attached until it settles. Rejections carry `code` 'SMLA_CORE_STATUS' and `status` (the core's
- * status name); arguments that do not match throw (or reject) with code 'SMLA_ADDON_ARGUMENT'.
+ * attached until it settles. Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from
+ * a CUDA op) and `status` (the core's status name / "cudaErrorX: message"); arguments that do not
+ * match throw with code 'SMLA_ADDON_ARGUMENT'. addonFailure() turns all of these into typed errors.
  */
 export interface NativeCpuOps {
   sparsePrefill(
@@ -158,3 +160,12 @@ export function queryCudaDevices(addon: NativeAddon): CudaDeviceQuery | null {
 
 export const CACHE_FORMAT_CODE = { v4: 0, v32: 1 } as const;
 export const ROWS_DTYPE_CODE = { float32: 0, bf16: 1 } as const;
+
+/** An addon error → SparseMlaError BACKEND_FAILURE naming the backend, the op and the status. */
+export function addonFailure(backend: 'cpu' | 'cuda', op: string, e: unknown): SparseMlaError {
+  if (e instanceof SparseMlaError) return e;
+  const x = e as { code?: string; status?: string; message?: string };
+  const what =
+    x.code === 'SMLA_CORE_STATUS' ? `the core returned ${x.status}` : x.code === 'SMLA_CUDA_ERROR' ? `CUDA error ${x.status}` : (x.message ?? String(e));
+  return new SparseMlaError('BACKEND_FAILURE', `${backend} backend: ${op} failed: ${what}`, op);
+}

@@ -17,7 +17,7 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
-import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
+import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, addonFailure, loadNativeAddon, type NativeAddon } from './binding.js';
 
 /**
  * Smallest work (flop-equivalents) worth a thread of its own: starting and joining a thread costs
@@ -39,14 +39,6 @@ function alloc<T>(ctor: new (n: number) => T, n: number, argument: string): T {
   }
 }
 
-/** Addon errors → SparseMlaError BACKEND_FAILURE naming the op and the core status. */
-function backendFailure(op: string, e: unknown): SparseMlaError {
-  if (e instanceof SparseMlaError) return e;
-  const x = e as { code?: string; status?: string; message?: string };
-  const what = x.code === 'SMLA_CORE_STATUS' ? `the core returned ${x.status}` : (x.message ?? String(e));
-  return new SparseMlaError('BACKEND_FAILURE', `cpu backend: ${op} failed: ${what}`, op);
-}
-
 export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
   readonly workers: number;
@@ -66,13 +58,13 @@ export class CpuBackend implements Backend {
     try {
       p = run();
     } catch (e) {
-      throw backendFailure(op, e);
+      throw addonFailure('cpu', op, e);
     }
     this.inFlight.add(p);
     try {
       await p;
     } catch (e) {
-      throw backendFailure(op, e);
+      throw addonFailure('cpu', op, e);
     } finally {
       this.inFlight.delete(p);
     }

@@ -5,10 +5,21 @@
  */
 import { SparseMlaError, fail } from './errors.js';
 import { tensor } from './tensor.js';
+import { BYTES_PER_ELEMENT, isDeviceBuffer } from './device.js';
 import type {
   BackendName,
+  DType,
+  DTypeArrays,
   DequantizeKCacheArgs,
+  DeviceBuffer,
+  DeviceKvCache,
+  DeviceTensor,
   Engine,
+  KvCache,
+  OnDevice,
+  OutputOptions,
+  Placement,
+  PlacedTensor,
   EngineOptions,
   PagedSparseAttentionArgs,
   PagedSparseAttentionResult,
@@ -17,10 +28,10 @@ import type {
   SparsePrefillResult,
   Tensor,
 } from './types.js';
-import type { Backend } from './backends/backend.js';
+import type { Backend, DeviceOps, PlacedAttentionOutput } from './backends/backend.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
-import { describe } from './ops/common.js';
-import { prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
+import { checkArgsObject, checkTensor, describe } from './ops/common.js';
+import { checkCache, prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
 import { preparePagedSparseAttention } from './ops/paged_sparse_attention.js';
 import { prepareSparsePrefill } from './ops/sparse_prefill.js';
 
@@ -48,32 +59,82 @@ class SparseMlaEngine implements Engine {
     await this.impl.quantizeKCache(prepareQuantizeKCache(args));
   }
 
-  async dequantizeKCachePaged(args: DequantizeKCacheArgs): Promise<Tensor<'bf16'>> {
+  get hasDevice(): boolean {
+    return this.impl.device !== undefined;
+  }
+
+  private deviceOps(what: string): DeviceOps {
+    if (!this.impl.device) {
+      throw new SparseMlaError('BACKEND_UNAVAILABLE', `${what} needs device memory, which the ${this.backend} backend has not; create the engine with { backend: 'cuda' }`, 'backend');
+    }
+    return this.impl.device;
+  }
+
+  /** The device ops when the call involves device memory (device inputs or device outputs), else null. */
+  private route(job: object, output: Placement, op: string): DeviceOps | null {
+    return output === 'device' || usesDevice(job) ? this.deviceOps(`${op} with device tensors`) : null;
+  }
+
+  async dequantizeKCachePaged<P extends Placement = 'host'>(args: OnDevice<DequantizeKCacheArgs>, options?: OutputOptions<P>): Promise<PlacedTensor<'bf16', P>> {
     this.alive();
+    const output = checkOutput(options);
     const job = prepareDequantizeKCache(args);
-    return tensor('bf16', [job.n, job.rowDim], await this.impl.dequantizeKCache(job));
+    const dev = this.route(job, output, 'dequantizeKCachePaged');
+    const out = dev ? await dev.dequantizeKCache(job, output) : await this.impl.dequantizeKCache(job as typeof job & { cache: { data: Uint8Array } });
+    return placed('bf16', [job.n, job.rowDim], out) as PlacedTensor<'bf16', P>;
   }
 
-  async sparsePrefill(args: SparsePrefillArgs): Promise<SparsePrefillResult> {
+  async sparsePrefill<P extends Placement = 'host'>(args: OnDevice<SparsePrefillArgs>, options?: OutputOptions<P>): Promise<SparsePrefillResult<P>> {
     this.alive();
+    const output = checkOutput(options);
     const job = prepareSparsePrefill(args);
-    const r = await this.impl.sparsePrefill(job);
+    const dev = this.route(job, output, 'sparsePrefill');
+    const r: PlacedAttentionOutput = dev ? await dev.sparsePrefill(job, output) : await this.impl.sparsePrefill(job as Parameters<Backend['sparsePrefill']>[0]);
     return {
-      out: tensor('bf16', [job.sQ, job.hQ, job.dV], r.out),
-      maxLogits: tensor('float32', [job.sQ, job.hQ], r.maxLogits),
-      lse: tensor('float32', [job.sQ, job.hQ], r.lse),
-    };
+      out: placed('bf16', [job.sQ, job.hQ, job.dV], r.out),
+      maxLogits: placed('float32', [job.sQ, job.hQ], r.maxLogits),
+      lse: placed('float32', [job.sQ, job.hQ], r.lse),
+    } as SparsePrefillResult<P>;
   }
 
-  async pagedSparseAttention(args: PagedSparseAttentionArgs): Promise<PagedSparseAttentionResult> {
+  async pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>> {
     this.alive();
+    const output = checkOutput(options);
     const job = preparePagedSparseAttention(args);
-    const r = await this.impl.pagedSparseAttention(job);
+    const dev = this.route(job, output, 'pagedSparseAttention');
+    const r: PlacedAttentionOutput = dev ? await dev.pagedSparseAttention(job, output) : await this.impl.pagedSparseAttention(job as Parameters<Backend['pagedSparseAttention']>[0]);
     return {
-      out: tensor('bf16', [job.n, job.hQ, 512], r.out),
-      lse: tensor('float32', [job.n, job.hQ], r.lse),
-      maxLogits: tensor('float32', [job.n, job.hQ], r.maxLogits),
-    };
+      out: placed('bf16', [job.n, job.hQ, 512], r.out),
+      lse: placed('float32', [job.n, job.hQ], r.lse),
+      maxLogits: placed('float32', [job.n, job.hQ], r.maxLogits),
+    } as PagedSparseAttentionResult<P>;
+  }
+
+  async upload<D extends DType>(t: Tensor<D>): Promise<DeviceTensor<D>> {
+    this.alive();
+    const dev = this.deviceOps('upload');
+    const host = checkTensor(t as unknown, 'tensor', ['bf16', 'float32', 'int32', 'int64', 'uint8'] as const) as unknown as Tensor<D>;
+    return deviceTensor(host.dtype, host.shape, await dev.upload(host.data as ArrayBufferView));
+  }
+
+  async uploadKvCache(cache: KvCache): Promise<DeviceKvCache> {
+    this.alive();
+    const dev = this.deviceOps('uploadKvCache');
+    const c = checkCache(cache, 'cache');
+    return Object.freeze({ format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: await dev.upload(c.data) });
+  }
+
+  async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
+    this.alive();
+    const dev = this.deviceOps('download');
+    checkArgsObject(t, 'tensor');
+    if (!isDeviceBuffer(t.data)) fail('INVALID_VALUE', 'tensor', 'a device tensor (from upload or an op with { output: "device" })', describe(t));
+    if (t.data.freed) fail('INVALID_VALUE', 'tensor.data', 'a live device buffer', 'a freed one');
+    const n = t.shape.reduce((a, b) => a * b, 1);
+    if (n * BYTES_PER_ELEMENT[t.dtype] !== t.data.byteLength) fail('INVALID_SHAPE', 'tensor', `${t.data.byteLength} bytes for its shape`, `${n} ${t.dtype} elements`);
+    const data = new HOST_ARRAYS[t.dtype](n) as DTypeArrays[D];
+    await dev.download(t.data, data as ArrayBufferView);
+    return tensor(t.dtype, [...t.shape], data);
   }
 
   async dispose(): Promise<void> {
@@ -81,6 +142,39 @@ class SparseMlaEngine implements Engine {
     this.disposed = true;
     await this.impl.dispose();
   }
+}
+
+const HOST_ARRAYS: { readonly [D in DType]: new (n: number) => DTypeArrays[D] } = {
+  bf16: Uint16Array,
+  float32: Float32Array,
+  int32: Int32Array,
+  int64: BigInt64Array,
+  uint8: Uint8Array,
+};
+
+function checkOutput(options: unknown): Placement {
+  if (options === undefined) return 'host';
+  checkArgsObject(options, 'options');
+  const o = (options as OutputOptions).output;
+  if (o === undefined || o === 'host' || o === 'device') return o ?? 'host';
+  fail('INVALID_VALUE', 'options.output', '"host" or "device"', describe(o));
+}
+
+/** Whether a job holds a device buffer anywhere (its arrays, caches, index sets). */
+function usesDevice(job: object): boolean {
+  for (const v of Object.values(job)) {
+    if (isDeviceBuffer(v)) return true;
+    if (typeof v === 'object' && v !== null && !ArrayBuffer.isView(v) && usesDevice(v as object)) return true;
+  }
+  return false;
+}
+
+function deviceTensor<D extends DType>(dtype: D, shape: readonly number[], data: DeviceBuffer): DeviceTensor<D> {
+  return Object.freeze({ dtype, shape: Object.freeze([...shape]), data });
+}
+
+function placed<D extends DType>(dtype: D, shape: number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
+  return isDeviceBuffer(data) ? deviceTensor(dtype, shape, data) : tensor(dtype, shape, data);
 }
 
 const internals = new WeakMap<Engine, Backend>();

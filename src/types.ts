@@ -17,6 +17,36 @@ export interface Tensor<D extends DType = DType> {
   readonly data: DTypeArrays[D];
 }
 
+/**
+ * Memory on the GPU owned by a cuda engine (engine.upload / alloc, or an op with
+ * `{ output: 'device' }`). free() releases it now (ops already queued still finish with it); an
+ * unreachable buffer is freed by the garbage collector too. Host↔device copies happen only in
+ * engine.upload / engine.download (and inside an op given host tensors).
+ */
+export interface DeviceBuffer {
+  readonly device: 'cuda';
+  readonly byteLength: number;
+  readonly freed: boolean;
+  free(): void;
+}
+
+/** A dense row-major tensor in device memory. */
+export interface DeviceTensor<D extends DType = DType> {
+  readonly dtype: D;
+  readonly shape: readonly number[];
+  readonly data: DeviceBuffer;
+}
+
+/** Where an op's outputs go: host typed arrays (default) or device tensors (cuda only). */
+export type Placement = 'host' | 'device';
+
+export interface OutputOptions<P extends Placement = Placement> {
+  output?: P;
+}
+
+/** A host tensor for 'host', a device tensor for 'device'. */
+export type PlacedTensor<D extends DType, P extends Placement> = P extends 'device' ? DeviceTensor<D> : Tensor<D>;
+
 export type CacheFormat = 'v4' | 'v32';
 
 /**
@@ -30,6 +60,22 @@ export interface KvCache {
   readonly numPages: number;
   readonly data: Uint8Array;
 }
+
+/** A KV cache whose bytes live in device memory (engine.uploadKvCache). */
+export interface DeviceKvCache {
+  readonly format: CacheFormat;
+  readonly pageSize: number;
+  readonly numPages: number;
+  readonly data: DeviceBuffer;
+}
+
+/**
+ * An op's arguments with any tensor or cache allowed on the device (cuda engines). Device
+ * indices must be int32; device topkLength values are clamped to [0, topk] instead of checked.
+ */
+export type OnDevice<A> = { [K in keyof A]: MaybeOnDevice<A[K]> };
+/** A host tensor or cache type widened to also accept its device form (distributes over unions). */
+export type MaybeOnDevice<T> = T extends Tensor<infer D> ? Tensor<D> | DeviceTensor<D> : T extends KvCache ? KvCache | DeviceKvCache : T;
 
 /** Token ids for the cache ops: int32 or int64 tensors of shape [n], or a plain array. */
 export type TokenIds = Tensor<'int32'> | Tensor<'int64'> | readonly number[];
@@ -62,13 +108,13 @@ export interface SparsePrefillArgs {
   topkLength?: Tensor<'int32'>;
 }
 
-export interface SparsePrefillResult {
+export interface SparsePrefillResult<P extends Placement = 'host'> {
   /** bf16 [sQ, hQ, dV] */
-  out: Tensor<'bf16'>;
+  out: PlacedTensor<'bf16', P>;
   /** float32 [sQ, hQ] */
-  maxLogits: Tensor<'float32'>;
+  maxLogits: PlacedTensor<'float32', P>;
   /** float32 [sQ, hQ] */
-  lse: Tensor<'float32'>;
+  lse: PlacedTensor<'float32', P>;
 }
 
 export interface PagedSparseAttentionArgs {
@@ -88,10 +134,10 @@ export interface PagedSparseAttentionArgs {
   dV?: number;
 }
 
-export interface PagedSparseAttentionResult {
-  out: Tensor<'bf16'>;
-  lse: Tensor<'float32'>;
-  maxLogits: Tensor<'float32'>;
+export interface PagedSparseAttentionResult<P extends Placement = 'host'> {
+  out: PlacedTensor<'bf16', P>;
+  lse: PlacedTensor<'float32', P>;
+  maxLogits: PlacedTensor<'float32', P>;
 }
 
 export type BackendName = 'cuda' | 'cpu' | 'wasm';
@@ -110,9 +156,18 @@ export interface Engine {
   /** Number of WASM workers (wasm backend), else 0/undefined. */
   readonly workers?: number;
   quantizeKCache(args: QuantizeKCacheArgs): Promise<void>;
-  dequantizeKCachePaged(args: DequantizeKCacheArgs): Promise<Tensor<'bf16'>>;
-  sparsePrefill(args: SparsePrefillArgs): Promise<SparsePrefillResult>;
-  pagedSparseAttention(args: PagedSparseAttentionArgs): Promise<PagedSparseAttentionResult>;
+  /** Device tensors and caches are accepted on a cuda engine; `{ output: 'device' }` keeps the result there. */
+  dequantizeKCachePaged<P extends Placement = 'host'>(args: OnDevice<DequantizeKCacheArgs>, options?: OutputOptions<P>): Promise<PlacedTensor<'bf16', P>>;
+  sparsePrefill<P extends Placement = 'host'>(args: OnDevice<SparsePrefillArgs>, options?: OutputOptions<P>): Promise<SparsePrefillResult<P>>;
+  pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>>;
+  /** True when the engine has device memory (cuda): upload/download/uploadKvCache work. */
+  readonly hasDevice: boolean;
+  /** Copies a host tensor to the device (cuda engines; otherwise BACKEND_UNAVAILABLE). */
+  upload<D extends DType>(t: Tensor<D>): Promise<DeviceTensor<D>>;
+  /** Copies a host KV cache to the device (a snapshot: later host writes are not seen). */
+  uploadKvCache(cache: KvCache): Promise<DeviceKvCache>;
+  /** Copies a device tensor back into a new host tensor. */
+  download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>>;
   /** End the workers / free device state so the process can exit. Idempotent. */
   dispose(): Promise<void>;
 }

@@ -11,9 +11,13 @@
  * - input arrays must not be modified and may be backed by a SharedArrayBuffer.
  * A backend adds only its own limits (e.g. the WASM heap) and must check them before any work.
  */
-import type { BackendName, CacheFormat } from '../types.js';
+import type { BackendName, CacheFormat, DeviceBuffer, Placement } from '../types.js';
 
-export interface CacheView {
+/**
+ * Jobs are generic in B, the device-buffer type a backend accepts in place of a host array
+ * (never, the default: host arrays only; the cuda backend takes DeviceBuffer too).
+ */
+export interface CacheView<B = never> {
   format: CacheFormat;
   pageSize: number;
   numPages: number;
@@ -21,7 +25,7 @@ export interface CacheView {
   numTokens: number;
   /** exact byte length of data */
   bytes: number;
-  data: Uint8Array;
+  data: Uint8Array | B;
 }
 
 export interface QuantizeKCacheJob {
@@ -36,24 +40,24 @@ export interface QuantizeKCacheJob {
   rowDim: number;
 }
 
-export interface DequantizeKCacheJob {
-  cache: CacheView;
+export interface DequantizeKCacheJob<B = never> {
+  cache: CacheView<B>;
   tokenIds: Int32Array;
   n: number;
   rowDim: number;
 }
 
-export interface SparsePrefillJob {
+export interface SparsePrefillJob<B = never> {
   /** bf16 [sQ, hQ, dQK] */
-  q: Uint16Array;
+  q: Uint16Array | B;
   /** bf16 [sKV, dQK] */
-  kv: Uint16Array;
+  kv: Uint16Array | B;
   /** int32 [sQ, topk]; valid iff 0 ≤ v < sKV */
-  indices: Int32Array;
-  /** int32 [sQ] in [0, topk], or null */
-  topkLength: Int32Array | null;
+  indices: Int32Array | B;
+  /** int32 [sQ] in [0, topk] (device: any value, clamped to [0, topk] by the kernel), or null */
+  topkLength: Int32Array | B | null;
   /** float32 [hQ], or null */
-  attnSink: Float32Array | null;
+  attnSink: Float32Array | B | null;
   sQ: number;
   hQ: number;
   /** a multiple of 64, ≥ dV */
@@ -75,31 +79,57 @@ export interface SparsePrefillOutput {
 }
 
 /** One set of paged entries: token ids into a v4 cache. */
-export interface PagedIndexSet {
-  cache: CacheView;
+export interface PagedIndexSet<B = never> {
+  cache: CacheView<B>;
   /** int32 [n, topk]; valid iff 0 ≤ v < cache.numTokens */
-  indices: Int32Array;
+  indices: Int32Array | B;
   topk: number;
-  topkLength: Int32Array | null;
+  topkLength: Int32Array | B | null;
 }
 
-export interface PagedSparseAttentionJob {
+export interface PagedSparseAttentionJob<B = never> {
   /** bf16 [n, hQ, 512] */
-  q: Uint16Array;
+  q: Uint16Array | B;
   n: number;
   hQ: number;
-  main: PagedIndexSet;
-  extra: PagedIndexSet | null;
-  attnSink: Float32Array | null;
+  main: PagedIndexSet<B>;
+  extra: PagedIndexSet<B> | null;
+  attnSink: Float32Array | B | null;
   smScale: number;
 }
 
 export type PagedSparseAttentionOutput = SparsePrefillOutput;
 
+/** Outputs where the caller asked for them: host arrays or device buffers. */
+export interface PlacedAttentionOutput {
+  out: Uint16Array | DeviceBuffer;
+  maxLogits: Float32Array | DeviceBuffer;
+  lse: Float32Array | DeviceBuffer;
+}
+
+/**
+ * What a backend with device memory adds (cuda): explicit copies, and ops whose operands may be
+ * device buffers and whose outputs go where `output` says. Jobs come from the same validation
+ * (src/ops/) as host jobs.
+ */
+export interface DeviceOps {
+  /** an uninitialized device buffer of `bytes` bytes */
+  alloc(bytes: number): DeviceBuffer;
+  /** a new device buffer holding a copy of `data` */
+  upload(data: ArrayBufferView): Promise<DeviceBuffer>;
+  /** copies the whole buffer into `into` (exactly buffer.byteLength bytes) */
+  download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void>;
+  dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, output: Placement): Promise<Uint16Array | DeviceBuffer>;
+  sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, output: Placement): Promise<PlacedAttentionOutput>;
+  pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, output: Placement): Promise<PlacedAttentionOutput>;
+}
+
 export interface Backend {
   readonly name: BackendName;
   /** Worker threads the backend runs on (wasm), 0 when not applicable. */
   readonly workers: number;
+  /** present when the backend has device memory (cuda) */
+  readonly device?: DeviceOps;
   quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
   /** bf16 [n, rowDim] */
   dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array>;

@@ -14,7 +14,7 @@ import type { CliCommand } from './command.js';
 const RUNTIME_FAILURES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED']);
 
 /** In the order the help lists them. */
-const COMMAND_NAMES = ['info', 'run', 'prefill', 'verify', 'bench'] as const;
+const COMMAND_NAMES = ['info', 'run', 'prefill', 'verify', 'bench', 'check'] as const;
 
 interface Loaded {
   name: string;

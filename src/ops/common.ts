@@ -4,7 +4,8 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import type { DType, DTypeArrays, Tensor } from '../types.js';
+import { BYTES_PER_ELEMENT, isDeviceBuffer } from '../device.js';
+import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, Tensor } from '../types.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
@@ -63,6 +64,7 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
     fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
   }
   const ctor = ARRAY_CTORS[dtype];
+  if (isDeviceBuffer(value.data)) fail('INVALID_VALUE', argument, `a host ${want} tensor (this argument cannot be in device memory)`, 'a device tensor');
   if (!(value.data instanceof ctor)) fail('INVALID_DTYPE', `${argument}.data`, `a ${ctor.name} for dtype ${dtype}`, describe(value.data));
   let n = 1;
   for (const d of shape as number[]) n *= d;
@@ -71,8 +73,34 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
   return value as unknown as Tensor<D>;
 }
 
+/**
+ * Like checkTensor, but a device tensor (data: a DeviceBuffer) is accepted too: same dtype and
+ * shape checks, its byte size checked against the shape, its contents never read.
+ */
+export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> | DeviceTensor<D> {
+  if (!isObject(value) || !isDeviceBuffer(value.data)) return checkTensor(value, argument, dtypes);
+  const want = dtypes.join(' or ');
+  if (!(dtypes as readonly string[]).includes(value.dtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(value.dtype)}`);
+  const dtype = value.dtype as D;
+  const shape = value.shape;
+  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
+  }
+  const buffer = value.data;
+  if (buffer.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
+  let n = 1;
+  for (const d of shape as number[]) n *= d;
+  const bytes = n * BYTES_PER_ELEMENT[dtype];
+  if (buffer.byteLength !== bytes) fail('INVALID_SHAPE', `${argument}.data`, `${bytes} bytes for ${dtype} ${shapeStr(shape)}`, `a device buffer of ${buffer.byteLength} bytes`);
+  return value as unknown as DeviceTensor<D>;
+}
+
+export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>): t is DeviceTensor<D> {
+  return isDeviceBuffer(t.data);
+}
+
 /** Checks the rank; returns the shape. `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]". */
-export function checkRank(t: Tensor, argument: string, rank: number, expected: string): readonly number[] {
+export function checkRank(t: { readonly shape: readonly number[] }, argument: string, rank: number, expected: string): readonly number[] {
   if (t.shape.length !== rank) fail('INVALID_SHAPE', argument, `rank ${rank} ${expected}`, `shape ${shapeStr(t.shape)}`);
   return t.shape;
 }
@@ -94,7 +122,7 @@ export function checkFiniteFloat32(value: unknown, argument: string): number {
  * Index tensor [rows, topk] or [rows, 1, topk] (int32 or int64). Returns topk. The single-head
  * form of FlashMLA's [s_q, h_kv=1, topk] is accepted because callers pass it straight through.
  */
-export function checkIndexShape(t: Tensor, argument: string, rows: number, rowsName: string): number {
+export function checkIndexShape(t: { readonly shape: readonly number[] }, argument: string, rows: number, rowsName: string): number {
   const s = t.shape;
   if (s.length === 2 || (s.length === 3 && s[1] === 1)) {
     if (s[0] !== rows) fail('INVALID_SHAPE', argument, `first dim = ${rowsName} = ${rows}`, `shape ${shapeStr(s)}`);
@@ -109,7 +137,14 @@ export function checkIndexShape(t: Tensor, argument: string, rows: number, rowsN
  * narrowed with every out-of-range value, including ones ≥ 2^31 that would wrap into range,
  * mapped to −1.
  */
-export function normalizeIndices(t: Tensor<'int32' | 'int64'>, bound: number): Int32Array {
+export function normalizeIndices(t: Tensor<'int32' | 'int64'>, bound: number): Int32Array;
+export function normalizeIndices(t: Tensor<'int32' | 'int64'> | DeviceTensor<'int32' | 'int64'>, bound: number, argument?: string): Int32Array | DeviceBuffer;
+export function normalizeIndices(t: Tensor<'int32' | 'int64'> | DeviceTensor<'int32' | 'int64'>, bound: number, argument = 'indices'): Int32Array | DeviceBuffer {
+  if (isDeviceBuffer(t.data)) {
+    // Device indices go to the kernel as they are; only int32 can (int64 would need narrowing here).
+    if (t.dtype !== 'int32') fail('INVALID_DTYPE', argument, 'dtype int32 for indices in device memory (int64 is accepted on the host)', `dtype ${t.dtype}`);
+    return t.data;
+  }
   if (t.dtype === 'int32') return t.data as Int32Array;
   const src = t.data as BigInt64Array;
   // Read each int64 as (lo, hi) int32 halves (little-endian) instead of BigInt per element.
@@ -127,11 +162,12 @@ export function normalizeIndices(t: Tensor<'int32' | 'int64'>, bound: number): I
  * topkLength int32 [rows]: values must be ≥ 0; values above topk mean "all topk entries" and are
  * clamped here so the core never sees a length beyond its row.
  */
-export function normalizeTopkLength(value: unknown, argument: string, rows: number, rowsName: string, topk: number): Int32Array | null {
+export function normalizeTopkLength(value: unknown, argument: string, rows: number, rowsName: string, topk: number): Int32Array | DeviceBuffer | null {
   if (value === undefined || value === null) return null;
-  const t = checkTensor(value, argument, ['int32'] as const);
-  if (t.shape.length !== 1 || t.shape[0] !== rows) fail('INVALID_SHAPE', argument, `shape [${rowsName}] = [${rows}]`, `shape ${shapeStr(t.shape)}`);
-  const data = t.data;
+  const p = checkPlacedTensor(value, argument, ['int32'] as const);
+  if (p.shape.length !== 1 || p.shape[0] !== rows) fail('INVALID_SHAPE', argument, `shape [${rowsName}] = [${rows}]`, `shape ${shapeStr(p.shape)}`);
+  if (isDeviceTensor(p)) return p.data; // values unread: the kernels clamp each length to [0, topk]
+  const data = p.data;
   let clamped: Int32Array | null = null;
   for (let i = 0; i < data.length; i++) {
     const v = data[i]!;
@@ -145,9 +181,9 @@ export function normalizeTopkLength(value: unknown, argument: string, rows: numb
 }
 
 /** attnSink float32 [hQ], optional. Any value (±inf, NaN) is allowed; the math defines it. */
-export function checkAttnSink(value: unknown, argument: string, hQ: number): Float32Array | null {
+export function checkAttnSink(value: unknown, argument: string, hQ: number): Float32Array | DeviceBuffer | null {
   if (value === undefined || value === null) return null;
-  const t = checkTensor(value, argument, ['float32'] as const);
+  const t = checkPlacedTensor(value, argument, ['float32'] as const);
   if (t.shape.length !== 1 || t.shape[0] !== hQ) fail('INVALID_SHAPE', argument, `shape [hQ] = [${hQ}]`, `shape ${shapeStr(t.shape)}`);
   return t.data;
 }

@@ -4,7 +4,8 @@
  * Every backend receives the validated jobs below.
  */
 import { fail } from '../errors.js';
-import type { CacheFormat, DequantizeKCacheArgs, KvCache, QuantizeKCacheArgs, TokenIds } from '../types.js';
+import { isDeviceBuffer } from '../device.js';
+import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
 import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
 import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, shapeStr } from './common.js';
 
@@ -83,7 +84,10 @@ export function resolveCacheShape(format: unknown, geometry: unknown): CacheShap
 }
 
 /** A cache argument of an op: checks format, geometry and that data holds exactly the right bytes. */
-export function checkCache(value: unknown, argument: string, formats: readonly CacheFormat[] = ['v4', 'v32']): CacheView {
+export function checkCache(value: unknown, argument: string, formats?: readonly CacheFormat[]): CacheView;
+export function checkCache(value: unknown, argument: string, formats: readonly CacheFormat[] | undefined, allowDevice: true): CacheView<DeviceBuffer>;
+/** allowDevice: the cache's bytes may be a DeviceBuffer (cuda ops that only read the cache). */
+export function checkCache(value: unknown, argument: string, formats: readonly CacheFormat[] = ['v4', 'v32'], allowDevice = false): CacheView<DeviceBuffer> {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(value));
   }
@@ -94,6 +98,12 @@ export function checkCache(value: unknown, argument: string, formats: readonly C
   const numPages = checkCount(c.numPages, `${argument}.numPages`, 0);
   if (format === 'v32' && pageSize !== 1) fail('INVALID_VALUE', `${argument}.pageSize`, '1 for a v32 cache', String(pageSize));
   const shape = shapeFrom(format, pageSize, numPages, argument);
+  if (isDeviceBuffer(c.data)) {
+    if (!allowDevice) fail('INVALID_VALUE', `${argument}.data`, 'host bytes (this op writes the cache on the host)', 'a device buffer');
+    if (c.data.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
+    if (c.data.byteLength !== shape.bytes) fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes`, `a device buffer of ${c.data.byteLength} bytes`);
+    return { ...shape, data: c.data };
+  }
   if (!(c.data instanceof Uint8Array)) fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(c.data));
   if (c.data.length !== shape.bytes) {
     const how = format === 'v4' ? `${numPages} pages × ${v4PageBytes(pageSize)} B (pageSize ${pageSize})` : `${numPages} tokens × ${V32_TOKEN_BYTES} B`;
@@ -162,9 +172,9 @@ export function prepareQuantizeKCache(args: QuantizeKCacheArgs): QuantizeKCacheJ
   return { cache, tokenIds, rows: rows.data, rowsDtype: rows.dtype, n: tokenIds.length, rowDim };
 }
 
-export function prepareDequantizeKCache(args: DequantizeKCacheArgs): DequantizeKCacheJob {
+export function prepareDequantizeKCache(args: OnDevice<DequantizeKCacheArgs>): DequantizeKCacheJob<DeviceBuffer> {
   checkArgsObject(args, 'dequantizeKCachePaged arguments');
-  const cache = checkCache(args.cache, 'cache');
+  const cache = checkCache(args.cache, 'cache', undefined, true);
   const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
   return { cache, tokenIds, n: tokenIds.length, rowDim: rowDimOf(cache.format) };
 }

@@ -4,7 +4,7 @@
  * lives in its own cache. Ids outside their cache are skipped entries, not errors.
  */
 import { fail } from '../errors.js';
-import type { PagedSparseAttentionArgs } from '../types.js';
+import type { DeviceBuffer, OnDevice, PagedSparseAttentionArgs } from '../types.js';
 import type { PagedIndexSet, PagedSparseAttentionJob } from '../backends/backend.js';
 import {
   checkArgsObject,
@@ -12,8 +12,8 @@ import {
   checkFiniteFloat32,
   checkIndexShape,
   checkInt32Size,
+  checkPlacedTensor,
   checkRank,
-  checkTensor,
   describe,
   normalizeIndices,
   normalizeTopkLength,
@@ -24,18 +24,18 @@ import { checkCache } from './kv_cache.js';
 /** The paged path works on the v4 layout: 448 nope + 64 rope dims, V = all 512. */
 export const PAGED_D = 512;
 
-function indexSet(cacheValue: unknown, cacheArg: string, indicesValue: unknown, indicesArg: string, lengthValue: unknown, lengthArg: string, n: number): PagedIndexSet {
-  const cache = checkCache(cacheValue, cacheArg, ['v4']);
-  const indices = checkTensor(indicesValue, indicesArg, ['int32', 'int64'] as const);
+function indexSet(cacheValue: unknown, cacheArg: string, indicesValue: unknown, indicesArg: string, lengthValue: unknown, lengthArg: string, n: number): PagedIndexSet<DeviceBuffer> {
+  const cache = checkCache(cacheValue, cacheArg, ['v4'], true);
+  const indices = checkPlacedTensor(indicesValue, indicesArg, ['int32', 'int64'] as const);
   const topk = checkIndexShape(indices, indicesArg, n, 'n');
   checkInt32Size(topk, indicesArg, 'topk');
   const topkLength = normalizeTopkLength(lengthValue, lengthArg, n, 'n', topk);
-  return { cache, indices: normalizeIndices(indices, cache.numTokens), topk, topkLength };
+  return { cache, indices: normalizeIndices(indices, cache.numTokens, indicesArg), topk, topkLength };
 }
 
-export function preparePagedSparseAttention(args: PagedSparseAttentionArgs): PagedSparseAttentionJob {
+export function preparePagedSparseAttention(args: OnDevice<PagedSparseAttentionArgs>): PagedSparseAttentionJob<DeviceBuffer> {
   checkArgsObject(args, 'pagedSparseAttention arguments');
-  const q = checkTensor(args.q, 'q', ['bf16'] as const);
+  const q = checkPlacedTensor(args.q, 'q', ['bf16'] as const);
   const [n, hQ, dQK] = checkRank(q, 'q', 3, `[n, hQ, ${PAGED_D}]`) as [number, number, number];
   if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
   if (dQK !== PAGED_D) fail('INVALID_SHAPE', 'q', `shape [n, hQ, ${PAGED_D}] (the paged path attends v4 rows of ${PAGED_D} dims)`, `shape ${shapeStr(q.shape)}`);

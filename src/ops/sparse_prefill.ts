@@ -4,7 +4,7 @@
  * else that does not fit the contract is refused here, before any work.
  */
 import { fail } from '../errors.js';
-import type { SparsePrefillArgs } from '../types.js';
+import type { DeviceBuffer, OnDevice, SparsePrefillArgs } from '../types.js';
 import type { SparsePrefillJob } from '../backends/backend.js';
 import {
   checkArgsObject,
@@ -12,8 +12,8 @@ import {
   checkFiniteFloat32,
   checkIndexShape,
   checkInt32Size,
+  checkPlacedTensor,
   checkRank,
-  checkTensor,
   describe,
   normalizeIndices,
   normalizeTopkLength,
@@ -36,19 +36,20 @@ export function checkDV(value: unknown, dQK: number): number {
   return value;
 }
 
-export function prepareSparsePrefill(args: SparsePrefillArgs): SparsePrefillJob {
+/** Host tensors give a host job; device tensors (cuda) stay device buffers in the job. */
+export function prepareSparsePrefill(args: OnDevice<SparsePrefillArgs>): SparsePrefillJob<DeviceBuffer> {
   checkArgsObject(args, 'sparsePrefill arguments');
-  const q = checkTensor(args.q, 'q', ['bf16'] as const);
+  const q = checkPlacedTensor(args.q, 'q', ['bf16'] as const);
   const [sQ, hQ, dQK] = checkRank(q, 'q', 3, '[sQ, hQ, dQK]') as [number, number, number];
   if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
   if (dQK < 64 || dQK % 64 !== 0) fail('INVALID_SHAPE', 'q', 'dQK = shape[2] a positive multiple of 64 (512 or 576 in DeepSeek models)', `shape ${shapeStr(q.shape)}`);
   const dV = checkDV(args.dV, dQK);
 
-  const kv = checkTensor(args.kv, 'kv', ['bf16'] as const);
+  const kv = checkPlacedTensor(args.kv, 'kv', ['bf16'] as const);
   const [sKV, kvDim] = checkRank(kv, 'kv', 2, '[sKV, dQK]') as [number, number];
   if (kvDim !== dQK) fail('INVALID_SHAPE', 'kv', `shape [sKV, dQK] with dQK = ${dQK} (from q)`, `shape ${shapeStr(kv.shape)}`);
 
-  const indices = checkTensor(args.indices, 'indices', ['int32', 'int64'] as const);
+  const indices = checkPlacedTensor(args.indices, 'indices', ['int32', 'int64'] as const);
   const topk = checkIndexShape(indices, 'indices', sQ, 'sQ');
 
   const smScale = checkFiniteFloat32(args.smScale, 'smScale');
@@ -64,7 +65,7 @@ export function prepareSparsePrefill(args: SparsePrefillArgs): SparsePrefillJob 
   return {
     q: q.data,
     kv: kv.data,
-    indices: normalizeIndices(indices, sKV),
+    indices: normalizeIndices(indices, sKV, 'indices'),
     topkLength,
     attnSink,
     sQ,

@@ -86,6 +86,80 @@ export interface NativeCpuOps {
   ): Promise<void>;
 }
 
+/**
+ * A device allocation of the addon (native/addon/cuda_ops.cpp DeviceBuffer): stream-ordered
+ * cudaMallocAsync on the backend's stream; free() drops this handle (the memory goes back once no
+ * queued op uses it), and the JS object's finalizer does the same when it is collected.
+ */
+export interface NativeDeviceBuffer {
+  readonly byteLength: number;
+  readonly freed: boolean;
+  free(): void;
+}
+
+/** A host typed array or a device buffer of exactly the same byte length. */
+export type Operand<T> = T | NativeDeviceBuffer;
+
+/**
+ * The CUDA ops (native/addon/cuda_ops.cpp): one stream on device 0; each call stages host operands
+ * on the device, launches, copies host outputs back and resolves when the stream has finished.
+ * Rejections carry code 'SMLA_CUDA_ERROR' (status "cudaErrorX: message") or 'SMLA_CORE_STATUS'.
+ */
+export interface NativeCudaOps {
+  sparsePrefill(
+    q: Operand<Uint16Array>,
+    kv: Operand<Uint16Array>,
+    indices: Operand<Int32Array>,
+    topkLength: Operand<Int32Array> | null,
+    attnSink: Operand<Float32Array> | null,
+    sQ: number,
+    hQ: number,
+    dQK: number,
+    dV: number,
+    sKV: number,
+    topk: number,
+    smScale: number,
+    out: Operand<Uint16Array>,
+    maxLogits: Operand<Float32Array>,
+    lse: Operand<Float32Array>,
+  ): Promise<void>;
+  pagedSparseAttention(
+    q: Operand<Uint16Array>,
+    n: number,
+    hQ: number,
+    kCache: Operand<Uint8Array>,
+    pageSize: number,
+    numPages: number,
+    indices: Operand<Int32Array>,
+    topk: number,
+    topkLength: Operand<Int32Array> | null,
+    extraKCache: Operand<Uint8Array> | null,
+    extraPageSize: number,
+    extraNumPages: number,
+    extraIndices: Operand<Int32Array> | null,
+    extraTopk: number,
+    extraTopkLength: Operand<Int32Array> | null,
+    attnSink: Operand<Float32Array> | null,
+    smScale: number,
+    out: Operand<Uint16Array>,
+    lse: Operand<Float32Array>,
+    maxLogits: Operand<Float32Array>,
+  ): Promise<void>;
+  /** tokenIds: host int32 (checked by the caller; the kernel re-checks and never reads outside) */
+  dequantizeKvCache(format: 0 | 1, cache: Operand<Uint8Array>, pageSize: number, numPages: number, tokenIds: Int32Array, n: number, out: Operand<Uint16Array>): Promise<void>;
+  /** host → device; data must have exactly buffer.byteLength bytes */
+  upload(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
+  /** device → host; data must have exactly buffer.byteLength bytes */
+  download(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
+  /** device → device, equal sizes */
+  copyDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer): Promise<void>;
+  /** one real kernel launch (a known one-token dequant), checked */
+  probeLaunch(): Promise<void>;
+  memInfo(): { free: number; total: number; error?: string };
+  /** the DeviceBuffer class: `new (deviceBufferClass())(bytes)` allocates (throws SMLA_CUDA_ERROR) */
+  deviceBufferClass(): new (bytes: number) => NativeDeviceBuffer;
+}
+
 export interface CudaDeviceInfo {
   index: number;
   name: string;
@@ -114,6 +188,8 @@ export type NativeCudaInfo =
       /** the native/cuda kernels are linked in */
       kernels: boolean;
       devices(): CudaDeviceQuery;
+      /** the op launchers (absent in an addon built before they existed) */
+      ops?: NativeCudaOps;
     };
 
 export interface NativeAddon {

@@ -1,16 +1,97 @@
 /**
- * The `cuda` backend's registry entry. Available iff the addon loads, was built with CUDA, a
- * device answers, and the addon carries the CUDA ops; otherwise the reason says which of these is
- * missing. The op launchers (native/cuda kernels behind the addon's `cuda` table) plug in here;
- * until they do, a machine with a GPU reports the device and that the ops are not wired yet.
+ * The `cuda` backend: the sm_90a kernels (native/cuda) behind the addon's `cuda.ops` table
+ * (native/addon/cuda_ops.cpp). Available iff the addon loads, was built with CUDA, a Hopper device
+ * answers and a real kernel launch (probeLaunch: a known one-token dequant) succeeds; otherwise the
+ * reason says which of these is missing.
+ *
+ * Every op runs on the addon's one CUDA stream off the event loop and resolves when the stream is
+ * done. Operands may be host arrays (staged on the device by the op, outputs copied back) or
+ * device buffers (used in place); outputs go to the host or stay on the device (DeviceOps). CUDA
+ * errors reject as SparseMlaError BACKEND_FAILURE carrying the CUDA message; the addon frees the
+ * call's temporaries and clears the error, so the next call runs normally.
+ * quantizeKCache writes a host cache, so it runs on the native CPU core (the same code as the
+ * `cpu` backend), not on the GPU.
  */
+import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
-import type { BackendEntry, BackendProbe } from '../backend.js';
-import { HOW_TO_BUILD, loadNativeAddon, queryCudaDevices } from './binding.js';
+import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../device.js';
+import type { DeviceBuffer, Placement } from '../../types.js';
+import type {
+  Backend,
+  BackendEntry,
+  BackendProbe,
+  DequantizeKCacheJob,
+  DeviceOps,
+  PagedSparseAttentionJob,
+  PagedSparseAttentionOutput,
+  PlacedAttentionOutput,
+  QuantizeKCacheJob,
+  SparsePrefillJob,
+  SparsePrefillOutput,
+} from '../backend.js';
+import { threadsFor } from './cpu_backend.js';
+import {
+  CACHE_FORMAT_CODE,
+  HOW_TO_BUILD,
+  ROWS_DTYPE_CODE,
+  addonFailure,
+  loadNativeAddon,
+  queryCudaDevices,
+  type NativeAddon,
+  type NativeCudaOps,
+  type NativeDeviceBuffer,
+  type Operand,
+} from './binding.js';
 
 const GiB = 2 ** 30;
 
-async function probeCuda(): Promise<BackendProbe> {
+/** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
+export class CudaDeviceBuffer implements DeviceBuffer {
+  readonly device = 'cuda' as const;
+  readonly [DEVICE_BUFFER_BRAND] = true;
+  readonly byteLength: number;
+  /** @internal the addon's buffer */
+  readonly native: NativeDeviceBuffer;
+
+  constructor(native: NativeDeviceBuffer) {
+    this.native = native;
+    this.byteLength = native.byteLength;
+  }
+
+  get freed(): boolean {
+    return this.native.freed;
+  }
+
+  free(): void {
+    this.native.free();
+  }
+}
+
+function nativeOf(b: DeviceBuffer): NativeDeviceBuffer {
+  if (!(b instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'a device buffer from another backend or process cannot be used here', 'tensor');
+  return b.native;
+}
+
+/** A job operand as the addon takes it: the host array itself or the addon's device buffer. */
+function operand<T>(x: T | DeviceBuffer): Operand<T> {
+  return isDeviceBuffer(x) ? nativeOf(x) : x;
+}
+function optional<T>(x: T | DeviceBuffer | null): Operand<T> | null {
+  return x === null ? null : operand(x);
+}
+
+let launchProbe: Promise<string | null> | null = null;
+
+/** null when the probe kernel ran and gave the expected row, else the reason. Once per process. */
+function probeLaunch(ops: NativeCudaOps): Promise<string | null> {
+  launchProbe ??= ops.probeLaunch().then(
+    () => null,
+    (e: unknown) => `the launch probe failed: ${(e as { status?: string; message?: string }).status ?? (e as Error).message}`,
+  );
+  return launchProbe;
+}
+
+async function probeCuda(): Promise<BackendProbe & { addon?: NativeAddon }> {
   const l = loadNativeAddon();
   if (!l.ok) return { available: false, reason: l.reason, details: { addon: l.path } };
   const cuda = l.addon.cuda;
@@ -26,18 +107,189 @@ async function probeCuda(): Promise<BackendProbe> {
   };
   if (q.count === 0) return { available: false, reason: `no CUDA device: ${q.error ?? 'cudaGetDeviceCount found 0 devices'}`, details };
   const d = q.devices[0]!;
-  Object.assign(details, { device: d.name, computeCapability: d.computeCapability, sms: d.multiProcessors, memoryGiB: Math.round((d.memoryBytes / GiB) * 10) / 10 });
+  Object.assign(details, { device: d.name, computeCapability: d.computeCapability, sms: d.multiProcessors, memoryGiB: Math.round((d.memoryBytes / GiB) * 10) / 10, l2MiB: Math.round((d.l2Bytes / 2 ** 20) * 10) / 10 });
   if (d.computeCapability !== '9.0') return { available: false, reason: `device 0 (${d.name}) is compute capability ${d.computeCapability}; the kernels are built for sm_90a (Hopper) only`, details };
-  // The launch probe (a tiny kernel on the device) comes with the op launchers.
-  return { available: false, reason: `${d.name} found, but this addon has no CUDA op launchers yet (the kernels are not wired into the backend)`, details };
+  if (!cuda.kernels || !cuda.ops) return { available: false, reason: `${d.name} found, but this addon has no CUDA op launchers (a stale build): ${HOW_TO_BUILD}`, details };
+  const failed = await probeLaunch(cuda.ops);
+  if (failed) return { available: false, reason: `${d.name} found, but ${failed}`, details };
+  details.launchProbe = 'ok';
+  return { available: true, details, addon: l.addon };
+}
+
+export class CudaBackend implements Backend, DeviceOps {
+  readonly name = 'cuda' as const;
+  /** host threads for quantizeKCache (the CPU core); the GPU ops use none */
+  readonly workers: number;
+  readonly device: DeviceOps = this;
+  private readonly addon: NativeAddon;
+  private readonly ops: NativeCudaOps;
+  private readonly BufferClass: new (bytes: number) => NativeDeviceBuffer;
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private disposed = false;
+
+  constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number) {
+    this.addon = addon;
+    this.ops = ops;
+    this.workers = workers;
+    this.BufferClass = ops.deviceBufferClass();
+  }
+
+  private async call(op: string, run: () => Promise<void>): Promise<void> {
+    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    let p: Promise<void>;
+    try {
+      p = run();
+    } catch (e) {
+      throw addonFailure('cuda', op, e);
+    }
+    this.inFlight.add(p);
+    try {
+      await p;
+    } catch (e) {
+      throw addonFailure('cuda', op, e);
+    } finally {
+      this.inFlight.delete(p);
+    }
+  }
+
+  alloc(bytes: number): DeviceBuffer {
+    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    try {
+      return new CudaDeviceBuffer(new this.BufferClass(bytes));
+    } catch (e) {
+      const x = e as { status?: string };
+      if (x.status?.startsWith('cudaErrorMemoryAllocation')) throw new SparseMlaError('TOO_LARGE', `a device buffer of ${bytes} bytes cannot be allocated (${x.status})`, 'alloc');
+      throw addonFailure('cuda', 'alloc', e);
+    }
+  }
+
+  /** An output: a host array, or a device buffer of the same byte size. */
+  private output<T extends ArrayBufferView>(placement: Placement, ctor: new (n: number) => T, bytesPer: number, n: number, argument: string): T | DeviceBuffer {
+    if (placement === 'device') return this.alloc(n * bytesPer);
+    try {
+      return new ctor(n);
+    } catch (e) {
+      throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
+    }
+  }
+
+  async upload(data: ArrayBufferView): Promise<DeviceBuffer> {
+    const b = this.alloc(data.byteLength);
+    try {
+      await this.call('upload', () => this.ops.upload(nativeOf(b), data));
+    } catch (e) {
+      b.free();
+      throw e;
+    }
+    return b;
+  }
+
+  async download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void> {
+    await this.call('download', () => this.ops.download(nativeOf(buffer), into));
+  }
+
+  /** Device-to-device copy of equal-sized buffers (the bandwidth ceiling in benchmarks). */
+  async copyDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
+    await this.call('copyDevice', () => this.ops.copyDevice(nativeOf(dst), nativeOf(src)));
+  }
+
+  memInfo(): { free: number; total: number } {
+    return this.ops.memInfo();
+  }
+
+  async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
+    const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    const out = this.output(placement, Uint16Array, 2, sQ * hQ * dV, 'out');
+    const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
+    const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
+    try {
+      await this.call('sparsePrefill', () =>
+        this.ops.sparsePrefill(operand(job.q), operand(job.kv), operand(job.indices), optional(job.topkLength), optional(job.attnSink), sQ, hQ, dQK, dV, sKV, topk, job.smScale, operand(out), operand(maxLogits), operand(lse)),
+      );
+    } catch (e) {
+      for (const b of [out, maxLogits, lse]) if (isDeviceBuffer(b)) b.free();
+      throw e;
+    }
+    return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
+  }
+
+  async pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, placement: Placement = 'host'): Promise<PagedSparseAttentionOutput & PlacedAttentionOutput> {
+    const { n, hQ, main, extra } = job;
+    const out = this.output(placement, Uint16Array, 2, n * hQ * 512, 'out');
+    const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
+    const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
+    try {
+      await this.call('pagedSparseAttention', () =>
+        this.ops.pagedSparseAttention(
+          operand(job.q),
+          n,
+          hQ,
+          operand(main.cache.data),
+          main.cache.pageSize,
+          main.cache.numPages,
+          operand(main.indices),
+          main.topk,
+          optional(main.topkLength),
+          extra ? operand(extra.cache.data) : null,
+          extra ? extra.cache.pageSize : 0,
+          extra ? extra.cache.numPages : 0,
+          extra ? operand(extra.indices) : null,
+          extra ? extra.topk : 0,
+          extra ? optional(extra.topkLength) : null,
+          optional(job.attnSink),
+          job.smScale,
+          operand(out),
+          operand(lse),
+          operand(maxLogits),
+        ),
+      );
+    } catch (e) {
+      for (const b of [out, lse, maxLogits]) if (isDeviceBuffer(b)) b.free();
+      throw e;
+    }
+    return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
+  }
+
+  async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {
+    const { cache, tokenIds, n, rowDim } = job;
+    const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
+    try {
+      await this.call('dequantizeKCachePaged', () =>
+        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, operand(out)),
+      );
+    } catch (e) {
+      if (isDeviceBuffer(out)) out.free();
+      throw e;
+    }
+    return out as Uint16Array; // a DeviceBuffer when placement is 'device' (DeviceOps' contract)
+  }
+
+  /** A host-side write: the native CPU core on host threads (the cache lives in host memory). */
+  async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
+    const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
+    const threads = threadsFor(this.workers, n, rowDim * 32);
+    await this.call('quantizeKCache', () =>
+      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, rows, ROWS_DTYPE_CODE[rowsDtype]),
+    );
+  }
+
+  async dispose(): Promise<void> {
+    this.disposed = true;
+    await Promise.allSettled([...this.inFlight]);
+  }
 }
 
 export const cudaBackendEntry: BackendEntry = {
   name: 'cuda',
   priority: 10,
-  probe: probeCuda,
-  async create() {
+  async probe(): Promise<BackendProbe> {
+    const { addon: _addon, ...p } = await probeCuda();
+    return p;
+  },
+  async create(options) {
     const p = await probeCuda();
-    throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cuda" is unavailable — ${p.reason}`, 'backend');
+    if (!p.available || !p.addon) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cuda" is unavailable — ${p.reason}`, 'backend');
+    const cuda = p.addon.cuda as Extract<NativeAddon['cuda'], { built: true }>;
+    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism());
   },
 };

@@ -1,0 +1,191 @@
+/**
+ * The correctness grid a backend is checked on, shippable so a GPU host with only Node and the
+ * built package can run it (`sparse-mla check --backend cuda`). The same shapes as the CPU test
+ * suites (test/sparse_prefill.test.ts, test/paged_sparse_attention.test.ts,
+ * test/kv_cache.test.ts): FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf, topkLength with
+ * 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64 indices, sQ = 0;
+ * paged main + extra sets; dequant v4 / v32. Fresh random inputs from a logged seed.
+ */
+import { tensor } from '../tensor.js';
+import type { SparsePrefillArgs, Tensor } from '../types.js';
+
+export interface Rng {
+  readonly seed: number;
+  u32(): number;
+  uniform(): number;
+  normal(): number;
+  int(lo: number, hi: number): number;
+  pick<T>(items: readonly T[]): T;
+}
+
+/** mulberry32 */
+export function makeRng(seed: number): Rng {
+  let a = seed >>> 0;
+  const u32 = (): number => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return (t ^ (t >>> 14)) >>> 0;
+  };
+  const uniform = (): number => u32() / 4294967296;
+  return {
+    seed,
+    u32,
+    uniform,
+    normal: () => Math.sqrt(-2 * Math.log(1 - uniform())) * Math.cos(2 * Math.PI * uniform()),
+    int: (lo, hi) => lo + Math.floor(uniform() * (hi - lo)),
+    pick: (items) => items[Math.floor(uniform() * items.length)]!,
+  };
+}
+
+function bf16Bits(x: number): number {
+  const u = new Uint32Array(new Float32Array([x]).buffer)[0]!;
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+export function randomBf16(rng: Rng, shape: number[], std = 1): Tensor<'bf16'> {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const d = new Uint16Array(n);
+  for (let i = 0; i < n; i++) d[i] = bf16Bits(rng.normal() * std);
+  return tensor('bf16', shape, d);
+}
+
+export function invalidFillers(sKV: number): number[] {
+  return [-(2 ** 31), -123456, -1, sKV, 2 ** 31 - 1];
+}
+
+/** [rows, topk] int32 indices: distinct valid rows with invalid fillers and duplicates mixed in. */
+export function randomIndices(rng: Rng, rows: number, topk: number, bound: number, invalidFraction = 0, duplicateFraction = 0, allInvalidRows: readonly number[] = []): Int32Array {
+  const fillers = invalidFillers(bound);
+  const out = new Int32Array(rows * topk);
+  const allInvalid = new Set(allInvalidRows);
+  for (let i = 0; i < rows; i++) {
+    const row = out.subarray(i * topk, (i + 1) * topk);
+    const pool = Array.from({ length: bound }, (_, j) => j);
+    for (let k = 0; k < topk; k++) {
+      if (k < bound) {
+        const j = k + rng.int(0, bound - k);
+        [pool[k], pool[j]] = [pool[j]!, pool[k]!];
+        row[k] = pool[k]!;
+      } else {
+        row[k] = bound > 0 ? rng.int(0, bound) : -1;
+      }
+      if (k > 0 && rng.uniform() < duplicateFraction) row[k] = row[rng.int(0, k)]!;
+      if (allInvalid.has(i) || rng.uniform() < invalidFraction) row[k] = rng.pick(fillers);
+    }
+  }
+  return out;
+}
+
+export function sampleRows(rng: Rng, n: number, count: number): number[] {
+  if (count >= n) return Array.from({ length: n }, (_, i) => i);
+  const set = new Set<number>([0, n - 1]);
+  while (set.size < count) set.add(rng.int(0, n));
+  return [...set].sort((a, b) => a - b);
+}
+
+// ---- sparse prefill -----------------------------------------------------------------------------
+
+export const PREFILL_PAIRS: readonly [number, number][] = [[128, 128], [592, 128], [1840, 256], [1521, 512], [95, 128], [114, 384]];
+export const PREFILL_HEADS = [1, 16, 64, 128] as const;
+export const PREFILL_DQKS = [512, 576] as const;
+export const PREFILL_SQS = [1, 62, 213] as const;
+
+export interface PrefillCase {
+  name: string;
+  sKV: number;
+  topk: number;
+  hQ: number;
+  dQK: number;
+  sQ: number;
+  sink: 'none' | 'finite' | 'with-inf';
+  lengths: 'none' | 'random' | 'with-zero-and-over';
+  int64: boolean;
+  threeD: boolean;
+  allInvalidRow: boolean;
+}
+
+/** Every (sKV, topk) × hQ × dQK; sQ and the features rotate; sQ capped by `flopCap` per case. */
+export function prefillCases(flopCap = 1.2e10): PrefillCase[] {
+  const cases: PrefillCase[] = [];
+  let c = 0;
+  for (const [sKV, topk] of PREFILL_PAIRS) {
+    for (const hQ of PREFILL_HEADS) for (const dQK of PREFILL_DQKS) {
+      let s = (c * 2 + 1 + Math.floor(c / 3)) % PREFILL_SQS.length;
+      while (s > 0 && 2 * PREFILL_SQS[s]! * topk * hQ * (dQK + 512) > flopCap) s--;
+      const sQ = PREFILL_SQS[s]!;
+      const sink = (['none', 'finite', 'with-inf'] as const)[c % 3]!;
+      const lengths = (['none', 'random', 'with-zero-and-over', 'none'] as const)[c % 4]!;
+      const int64 = c % 5 === 4, threeD = c % 6 === 5, allInvalidRow = c % 2 === 0 && sQ > 1;
+      const tags = [sink !== 'none' ? `sink:${sink}` : '', lengths !== 'none' ? `topkLength:${lengths}` : '', int64 ? 'int64' : '', threeD ? '[sQ,1,topk]' : '', allInvalidRow ? 'all-invalid row' : ''].filter(Boolean).join(' ');
+      cases.push({ name: `prefill sKV=${sKV} topk=${topk} hQ=${hQ} dQK=${dQK} sQ=${sQ} ${tags}`.trim(), sKV, topk, hQ, dQK, sQ, sink, lengths, int64, threeD, allInvalidRow });
+      c++;
+    }
+  }
+  return cases;
+}
+
+/** Inputs of a case and the query rows the float64 reference checks (sampled to `refFlopCap`). */
+export function buildPrefillCase(g: PrefillCase, r: Rng, refFlopCap = 4e8): { args: SparsePrefillArgs; queries: number[] } {
+  const { sKV, topk, hQ, dQK, sQ } = g;
+  const allInvalidRows = g.allInvalidRow ? [r.int(0, sQ)] : [];
+  const idx32 = randomIndices(r, sQ, topk, sKV, 0.15, 0.05, allInvalidRows);
+  const shape = g.threeD ? [sQ, 1, topk] : [sQ, topk];
+  let indices: Tensor<'int32'> | Tensor<'int64'>;
+  if (g.int64) {
+    const wide = [2n ** 31n, 2n ** 32n, 2n ** 32n + 5n, -(2n ** 32n) + 3n, 2n ** 40n, -(2n ** 63n), 2n ** 63n - 1n];
+    const d = BigInt64Array.from(idx32, (v) => BigInt(v));
+    for (let i = 0; i < d.length; i++) if (r.uniform() < 0.1) d[i] = r.pick(wide);
+    indices = tensor('int64', shape, d);
+  } else {
+    indices = tensor('int32', shape, idx32);
+  }
+  const args: SparsePrefillArgs = { q: randomBf16(r, [sQ, hQ, dQK]), kv: randomBf16(r, [sKV, dQK]), indices, smScale: 1 / Math.sqrt(dQK) };
+  if (g.sink !== 'none') {
+    const s = Float32Array.from({ length: hQ }, () => r.normal() * 2);
+    if (g.sink === 'with-inf') {
+      s[0] = r.uniform() < 0.5 || hQ === 1 ? Infinity : -Infinity;
+      if (hQ > 1) s[hQ - 1] = -s[0]!;
+    }
+    args.attnSink = tensor('float32', [hQ], s);
+  }
+  if (g.lengths !== 'none') {
+    const l = Int32Array.from({ length: sQ }, () => r.int(0, topk + 1));
+    if (g.lengths === 'with-zero-and-over') {
+      l[0] = 0;
+      if (sQ > 1) l[sQ - 1] = topk + 1000;
+    }
+    args.topkLength = tensor('int32', [sQ], l);
+  }
+  const perQuery = 2 * topk * hQ * (dQK + 512);
+  const nRef = Math.max(2, Math.min(sQ, Math.floor(refFlopCap / perQuery)));
+  const queries = new Set(sampleRows(r, sQ, nRef));
+  for (const q of allInvalidRows) queries.add(q);
+  return { args, queries: [...queries].sort((a, b) => a - b) };
+}
+
+// ---- paged ----------------------------------------------------------------------------------------
+
+export interface PagedCase {
+  name: string;
+  n: number;
+  hQ: number;
+  pageSize: number;
+  numPages: number;
+  topk: number;
+  /** extra set (compressed entries) in its own cache, or null */
+  extra: { pageSize: number; numPages: number; topk: number } | null;
+  sink: boolean;
+  lengths: boolean;
+}
+
+export function pagedCases(): PagedCase[] {
+  return [
+    { name: 'paged main only hQ=64 P=64 topk=128', n: 24, hQ: 64, pageSize: 64, numPages: 6, topk: 128, extra: null, sink: false, lengths: false },
+    { name: 'paged main+extra hQ=64 P=64/2 topk=128+512 sink lengths', n: 17, hQ: 64, pageSize: 64, numPages: 4, topk: 128, extra: { pageSize: 2, numPages: 400, topk: 512 }, sink: true, lengths: true },
+    { name: 'paged main+extra hQ=128 P=256/64 topk=128+1024 sink', n: 9, hQ: 128, pageSize: 256, numPages: 2, topk: 128, extra: { pageSize: 64, numPages: 20, topk: 1024 }, sink: true, lengths: false },
+    { name: 'paged main+extra hQ=16 P=2/64 topk=64+100 lengths', n: 31, hQ: 16, pageSize: 2, numPages: 90, topk: 64, extra: { pageSize: 64, numPages: 3, topk: 100 }, sink: false, lengths: true },
+    { name: 'paged hQ=1 P=64 topk=200 sink', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
+  ];
+}

@@ -1,0 +1,289 @@
+/**
+ * `sparse-mla check --backend cuda`: the correctness grid (src/check/grid.ts, the CPU test suites'
+ * shapes and edge cases) run on one backend, each result compared with the float64 reference AND
+ * with the WASM backend's result on the same inputs; prints one line per case and
+ * `N passed, N failed`. Needs only Node and the built package (dist/, the addon, comlink), so it
+ * runs on a GPU host where the test runner is not installed. Exit 0 all passed, 1 any failed.
+ */
+import { randomInt } from 'node:crypto';
+import { SparseMlaError } from '../../errors.js';
+import { createEngine, createKvCache } from '../../index.js';
+import { engineBackend } from '../../engine.js';
+import { tensor } from '../../tensor.js';
+import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
+import * as R from '../../reference/index.js';
+import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, sampleRows, type Rng } from '../../check/grid.js';
+import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import type { CliCommand } from '../command.js';
+
+const OPTIONS = {
+  backend: { type: 'string', default: 'cuda', choices: ['cuda', 'cpu', 'wasm', 'auto'], help: 'the backend to check (default cuda)' },
+  seed: { type: 'int', min: 0, max: 2 ** 32 - 1, help: 'random seed (default: a fresh one, printed)' },
+  only: { type: 'string', metavar: 'TEXT', help: 'run only the cases whose name contains TEXT' },
+  quiet: { type: 'boolean', short: 'q', help: 'print failures and the summary only' },
+} as const satisfies OptionTable;
+
+const USAGE = `Usage: sparse-mla check [options]
+
+Run the correctness grid (sparse prefill over FlashMLA's shapes with sinks, topkLength, invalid
+and duplicate indices; paged main + extra sets; dequant v4/v32 bit-exact; device tensors on cuda)
+on one backend, comparing every result with the float64 reference and with the WASM backend.
+Prints \`N passed, N failed\`; exit 0 when all passed, 1 otherwise.
+
+Options:
+${formatOptions(OPTIONS)}
+`;
+
+type Values = Tensor<'bf16'> | Tensor<'float32'>;
+
+function values(t: Values, rows?: readonly number[]): Float64Array {
+  const rowLen = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  const pick = rows ?? Array.from({ length: t.shape[0] ?? 0 }, (_, i) => i);
+  const out = new Float64Array(pick.length * rowLen);
+  for (let j = 0; j < pick.length; j++) {
+    for (let e = 0; e < rowLen; e++) {
+      const v = t.data[pick[j]! * rowLen + e]!;
+      out[j * rowLen + e] = t.dtype === 'bf16' ? R.decodeBf16(v) : v;
+    }
+  }
+  return out;
+}
+
+/** Throws with a description when got is not within tol of ref. */
+function within(label: string, got: ArrayLike<number>, ref: ArrayLike<number>, tol: R.Tolerance): void {
+  const c = R.compareToReference(got, ref, tol);
+  if (!c.pass) {
+    throw new Error(`${label}: ${c.failures}/${c.count} elements off, infNanMismatch ${c.infNanMismatch}, maxAbs ${c.maxAbsErr.toExponential(2)}, maxRel ${c.maxRelErr.toExponential(2)}, 1-cos ${c.cosineGap.toExponential(2)}, worst #${c.worstIndex}`);
+  }
+}
+
+function sameBits(label: string, a: ArrayLike<number>, b: ArrayLike<number>): void {
+  if (a.length !== b.length) throw new Error(`${label}: lengths ${a.length} vs ${b.length}`);
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) throw new Error(`${label}: element ${i} differs (${a[i]} vs ${b[i]})`);
+}
+
+interface AttentionResult {
+  out: Tensor<'bf16'>;
+  lse: Tensor<'float32'>;
+  maxLogits: Tensor<'float32'>;
+}
+
+/** Engine result vs reference (on `queries`) and vs the wasm result (every row). */
+function judgeAttention(got: AttentionResult, wasm: AttentionResult, ref: R.ReferenceAttentionResult, queries: number[], outTol: R.Tolerance): void {
+  within('out vs reference', values(got.out, queries), ref.out, outTol);
+  within('lse vs reference', values(got.lse, queries), ref.lse, R.TOLERANCES.lse);
+  within('maxLogits vs reference', values(got.maxLogits, queries), ref.maxLogits, R.TOLERANCES.maxLogits);
+  within('out vs wasm', values(got.out), values(wasm.out), outTol);
+  within('lse vs wasm', values(got.lse), values(wasm.lse), R.TOLERANCES.lse);
+  within('maxLogits vs wasm', values(got.maxLogits), values(wasm.maxLogits), R.TOLERANCES.maxLogits);
+}
+
+function expectEmptyRows(r: AttentionResult, label: string): void {
+  if (!Array.from(r.lse.data).every((v) => v === Infinity)) throw new Error(`${label}: lse not all +inf`);
+  if (!Array.from(r.maxLogits.data).every((v) => v === -Infinity)) throw new Error(`${label}: maxLogits not all -inf`);
+  if (!Array.from(r.out.data).every((b) => (b & 0x7fff) === 0)) throw new Error(`${label}: out not all 0`);
+}
+
+async function filledCache(wasm: Engine, rng: Rng, format: 'v4' | 'v32', geometry: { pageSize: number; numPages: number } | { numTokens: number }, spread = false): Promise<KvCache> {
+  const cache = createKvCache(format, geometry);
+  const n = cache.pageSize * cache.numPages;
+  const dim = format === 'v4' ? 512 : 576;
+  const rows = randomBf16(rng, [n, dim]);
+  // spread: every 7th token scaled by 2^±16 so the scales span many exponents (cache-op checks)
+  if (spread) for (let t = 0; t < n; t += 7) for (let e = 0; e < dim; e++) rows.data[t * dim + e] = (rows.data[t * dim + e]! + (t % 3 === 0 ? 0x0800 : -0x0800)) & 0xffff;
+  await wasm.quantizeKCache({ cache, tokenIds: Array.from({ length: n }, (_, i) => i), rows });
+  return cache;
+}
+
+export async function checkCommand(argv: string[]): Promise<number> {
+  const { options: o, positionals } = parseArgs(argv, OPTIONS);
+  if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `check: unexpected argument '${positionals[0]}'`, 'argv');
+  const seed = o.seed ?? randomInt(0, 2 ** 32 - 1);
+  const rng = makeRng(seed);
+  const engine = await createEngine({ backend: o.backend as BackendChoice });
+  const wasm = await createEngine({ backend: 'wasm' });
+  console.log(`sparse-mla check: backend ${engine.backend}, seed ${seed} (replay with --seed ${seed})`);
+  let passed = 0, failed = 0;
+  const run = async (name: string, fn: () => Promise<void>): Promise<void> => {
+    if (o.only && !name.includes(o.only)) return;
+    const t0 = performance.now();
+    try {
+      await fn();
+      passed++;
+      if (!o.quiet) console.log(`ok    ${name} (${((performance.now() - t0) / 1000).toFixed(2)} s)`);
+    } catch (e) {
+      failed++;
+      console.log(`FAIL  ${name}: ${e instanceof Error ? e.message : String(e)}`);
+    }
+  };
+
+  try {
+    // ---- sparse prefill grid
+    for (const g of prefillCases()) {
+      await run(g.name, async () => {
+        const { args, queries } = buildPrefillCase(g, rng);
+        const [got, w] = [await engine.sparsePrefill(args), await wasm.sparsePrefill(args)];
+        judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, R.TOLERANCES.out);
+      });
+    }
+
+    // ---- prefill edge cases
+    const hQ = 8, dQK = 576, sKV = 300;
+    await run('prefill sQ=0 gives empty outputs', async () => {
+      const r = await engine.sparsePrefill({ q: randomBf16(rng, [0, hQ, dQK]), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int32', [0, 64]), smScale: 0.05 });
+      if (r.out.data.length !== 0 || r.out.shape.join() !== `0,${hQ},512` || r.lse.shape.join() !== `0,${hQ}`) throw new Error(`shapes ${r.out.shape} / ${r.lse.shape}`);
+    });
+    await run('prefill empty rows (topk=0, every filler, int64 wide fillers, topkLength 0, sKV=0): lse +inf, maxLogits -inf, out 0 whatever the sink', async () => {
+      const sQ = 7;
+      const fillers = invalidFillers(sKV);
+      const rows = Int32Array.from({ length: sQ * fillers.length }, (_, i) => fillers[i % fillers.length]!);
+      const sink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, (_, h) => [0, 3, Infinity, -Infinity][h % 4]!));
+      const q = (): Tensor<'bf16'> => randomBf16(rng, [sQ, hQ, dQK]);
+      const variants: SparsePrefillArgs[] = [
+        { q: q(), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int32', [sQ, 0]), smScale: 0.05 },
+        { q: q(), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int32', [sQ, fillers.length], rows), smScale: 0.05, attnSink: sink },
+        { q: q(), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int64', [sQ, 4], BigInt64Array.from({ length: sQ * 4 }, (_, i) => [2n ** 32n, 2n ** 32n + 1n, -(2n ** 63n), BigInt(sKV)][i % 4]!)), smScale: 0.05, attnSink: sink },
+        { q: q(), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int32', [sQ, 64], randomIndices(rng, sQ, 64, sKV)), smScale: 0.05, topkLength: tensor('int32', [sQ]), attnSink: sink },
+        { q: q(), kv: randomBf16(rng, [0, dQK]), indices: tensor('int32', [sQ, 3], new Int32Array(sQ * 3)), smScale: 0.05 },
+      ];
+      for (const [i, args] of variants.entries()) expectEmptyRows(await engine.sparsePrefill(args), `variant ${i}`);
+    });
+    await run('prefill sink -inf changes nothing, +inf gives out 0, sinks never change lse/maxLogits', async () => {
+      const sQ = 9, topk = 64;
+      const base: SparsePrefillArgs = { q: randomBf16(rng, [sQ, hQ, dQK]), kv: randomBf16(rng, [sKV, dQK]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.2)), smScale: 0.05 };
+      const plain = await engine.sparsePrefill(base);
+      const neg = await engine.sparsePrefill({ ...base, attnSink: tensor('float32', [hQ], new Float32Array(hQ).fill(-Infinity)) });
+      const pos = await engine.sparsePrefill({ ...base, attnSink: tensor('float32', [hQ], new Float32Array(hQ).fill(Infinity)) });
+      sameBits('sink -inf out', neg.out.data, plain.out.data);
+      if (!Array.from(pos.out.data).every((b) => (b & 0x7fff) === 0)) throw new Error('sink +inf: out not 0');
+      for (const r of [neg, pos]) {
+        sameBits('lse', r.lse.data, plain.lse.data);
+        sameBits('maxLogits', r.maxLogits.data, plain.maxLogits.data);
+      }
+    });
+    await run('prefill sQ=70000 rows beyond 65535 (hQ=1, topk=16)', async () => {
+      const sQ = 70000, topk = 16, d = 512, n = 64;
+      const args: SparsePrefillArgs = { q: randomBf16(rng, [sQ, 1, d]), kv: randomBf16(rng, [n, d]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, n, 0.1)), smScale: 0.04 };
+      const queries = [0, 1, 65534, 65535, 65536, 69999];
+      const got = await engine.sparsePrefill(args);
+      const w = await wasm.sparsePrefill(args);
+      judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, R.TOLERANCES.out);
+    });
+
+    // ---- paged FP8 attention (main + extra)
+    for (const pc of pagedCases()) {
+      await run(pc.name, async () => {
+        const kCache = await filledCache(wasm, rng, 'v4', { pageSize: pc.pageSize, numPages: pc.numPages });
+        const mainTokens = pc.pageSize * pc.numPages;
+        const args: PagedSparseAttentionArgs = {
+          q: randomBf16(rng, [pc.n, pc.hQ, 512]),
+          kCache,
+          indices: tensor('int32', [pc.n, pc.topk], randomIndices(rng, pc.n, pc.topk, mainTokens, 0.1, 0.05, pc.n > 2 ? [1] : [])),
+          smScale: 1 / Math.sqrt(512),
+        };
+        if (pc.extra) {
+          const e = pc.extra;
+          args.extraKCache = await filledCache(wasm, rng, 'v4', { pageSize: e.pageSize, numPages: e.numPages });
+          args.extraIndices = tensor('int32', [pc.n, e.topk], randomIndices(rng, pc.n, e.topk, e.pageSize * e.numPages, 0.1, 0.05));
+          if (pc.lengths) args.extraTopkLength = tensor('int32', [pc.n], Int32Array.from({ length: pc.n }, (_, i) => (i === 0 ? 0 : rng.int(0, e.topk + 1))));
+        }
+        if (pc.lengths) args.topkLength = tensor('int32', [pc.n], Int32Array.from({ length: pc.n }, (_, i) => (i === pc.n - 1 ? pc.topk + 7 : rng.int(0, pc.topk + 1))));
+        if (pc.sink) {
+          const s = Float32Array.from({ length: pc.hQ }, () => rng.normal() * 2);
+          s[0] = Infinity;
+          if (pc.hQ > 1) s[pc.hQ - 1] = -Infinity;
+          args.attnSink = tensor('float32', [pc.hQ], s);
+        }
+        const queries = sampleRows(rng, pc.n, Math.min(pc.n, 8));
+        const [got, w] = [await engine.pagedSparseAttention(args), await wasm.pagedSparseAttention(args)];
+        judgeAttention(got, w, R.pagedSparseAttentionReference(args, { queries }), queries, R.TOLERANCES.pagedOut);
+      });
+    }
+
+    // ---- dequant, bit-exact against wasm and the reference
+    for (const [format, geometry] of [['v4', { pageSize: 64, numPages: 9 }], ['v4', { pageSize: 2, numPages: 300 }], ['v32', { numTokens: 700 }]] as const) {
+      await run(`dequant ${format} ${JSON.stringify(geometry)} bit-exact (duplicates, n=1000)`, async () => {
+        const cache = await filledCache(wasm, rng, format, geometry, true);
+        const tokens = cache.pageSize * cache.numPages;
+        const ids = tensor('int32', [1000], Int32Array.from({ length: 1000 }, (_, i) => (i % 10 === 9 ? 0 : rng.int(0, tokens))));
+        const got = await engine.dequantizeKCachePaged({ cache, tokenIds: ids });
+        const w = await wasm.dequantizeKCachePaged({ cache, tokenIds: ids });
+        sameBits('vs wasm', got.data, w.data);
+        const ref = R.dequantizeKCacheReference(cache, ids);
+        for (let i = 0; i < ref.length; i++) {
+          const v = R.decodeBf16(got.data[i]!);
+          if (!(v === ref[i] || (Number.isNaN(v) && Number.isNaN(ref[i]!)))) throw new Error(`vs reference: element ${i}: ${v} vs ${ref[i]}`);
+        }
+      });
+    }
+    await run('dequant: an id outside the cache is refused before any work', async () => {
+      const cache = createKvCache('v4', { pageSize: 4, numPages: 2 });
+      try {
+        await engine.dequantizeKCachePaged({ cache, tokenIds: [0, 8] });
+      } catch (e) {
+        if (e instanceof SparseMlaError && e.code === 'OUT_OF_RANGE') return;
+        throw e;
+      }
+      throw new Error('no error');
+    });
+
+    // ---- device tensors (cuda)
+    if (engine.hasDevice) {
+      await run('device: upload → prefill (device in, device out) → download equals the host path bit for bit; dequant workspace stays on the device', async () => {
+        const cache = await filledCache(wasm, rng, 'v4', { pageSize: 64, numPages: 8 });
+        const sQ = 100, hQ2 = 64, topk = 128, n = 400;
+        const ids = Int32Array.from({ length: n }, () => rng.int(0, 512));
+        const dCache = await engine.uploadKvCache(cache);
+        const kvDev = await engine.dequantizeKCachePaged({ cache: dCache, tokenIds: tensor('int32', [n], ids) }, { output: 'device' });
+        const kvHost = await engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [n], ids) });
+        sameBits('workspace', (await engine.download(kvDev)).data, kvHost.data);
+        const q = randomBf16(rng, [sQ, hQ2, 512]);
+        const indices = tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, n, 0.1, 0.05));
+        const sink = tensor('float32', [hQ2], Float32Array.from({ length: hQ2 }, () => rng.normal()));
+        const lens = tensor('int32', [sQ], Int32Array.from({ length: sQ }, (_, i) => (i === 0 ? -5 : i === 1 ? topk + 9 : rng.int(0, topk + 1))));
+        const hostLens = tensor('int32', [sQ], lens.data.map((v) => Math.min(Math.max(v, 0), topk)));
+        const host = await engine.sparsePrefill({ q, kv: kvHost, indices, attnSink: sink, topkLength: hostLens, smScale: 0.05 });
+        const [qd, idxd, sinkd, lensd] = await Promise.all([engine.upload(q), engine.upload(indices), engine.upload(sink), engine.upload(lens)]);
+        const dev = await engine.sparsePrefill({ q: qd, kv: kvDev, indices: idxd, attnSink: sinkd, topkLength: lensd, smScale: 0.05 }, { output: 'device' });
+        if (dev.out.data.device !== 'cuda') throw new Error('output not on the device');
+        sameBits('out', (await engine.download(dev.out)).data, host.out.data);
+        sameBits('lse', (await engine.download(dev.lse)).data, host.lse.data);
+        sameBits('maxLogits', (await engine.download(dev.maxLogits)).data, host.maxLogits.data);
+        const mixed = await engine.sparsePrefill({ q, kv: kvDev, indices, attnSink: sink, topkLength: hostLens, smScale: 0.05 });
+        sameBits('mixed host/device inputs, host out', mixed.out.data, host.out.data);
+        for (const t of [qd, idxd, sinkd, lensd, kvDev, dev.out, dev.lse, dev.maxLogits]) t.data.free();
+        dCache.data.free();
+        try {
+          await engine.download(qd);
+          throw new Error('download of a freed buffer did not throw');
+        } catch (e) {
+          if (!(e instanceof SparseMlaError && e.code === 'INVALID_VALUE')) throw e;
+        }
+      });
+      await run('device: a failed allocation is a typed error and the device stays usable', async () => {
+        const dev = engineBackend(engine)!.device!;
+        try {
+          dev.alloc(2 ** 52);
+          throw new Error('no error for a 4 PiB allocation');
+        } catch (e) {
+          if (!(e instanceof SparseMlaError)) throw e;
+        }
+        const args: SparsePrefillArgs = { q: randomBf16(rng, [5, 16, 512]), kv: randomBf16(rng, [50, 512]), indices: tensor('int32', [5, 32], randomIndices(rng, 5, 32, 50)), smScale: 0.05 };
+        const [got, w] = [await engine.sparsePrefill(args), await wasm.sparsePrefill(args)];
+        judgeAttention(got, w, R.sparsePrefillReference(args), [0, 1, 2, 3, 4], R.TOLERANCES.out);
+      });
+    }
+  } finally {
+    await engine.dispose();
+    await wasm.dispose();
+  }
+  console.log(`${passed} passed, ${failed} failed`);
+  return failed === 0 ? 0 : 1;
+}
+
+export const command: CliCommand = {
+  name: 'check',
+  summary: 'run the correctness grid on a backend (e.g. cuda) against the float64 reference and WASM',
+  usage: USAGE,
+  run: checkCommand,
+};

@@ -13,6 +13,8 @@
 // The argument order is mirrored by src/backends/native/binding.ts (NativeCudaOps).
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstring>
 #include <memory>
@@ -196,6 +198,28 @@ int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status)
   return status;
 }
 
+// Device time of the last launch (CUDA events around the launch only, not the staging copies),
+// read by benchmarks through lastKernelMs(); meaningful when calls do not overlap.
+std::atomic<double> g_last_kernel_ms{-1.0};
+
+// Events around launch(stream) on s; records its device time when both events completed.
+template <class Launch>
+int32_t Timed(cudaStream_t s, Launch launch, cudaEvent_t ev[2]) {
+  const bool timed = cudaEventCreate(&ev[0]) == cudaSuccess && cudaEventCreate(&ev[1]) == cudaSuccess;
+  if (timed) cudaEventRecord(ev[0], s);
+  int32_t status = launch(s);
+  if (timed) cudaEventRecord(ev[1], s);
+  return status;
+}
+
+void ReadTimer(cudaEvent_t ev[2], int32_t status) {
+  float ms = -1.0f;
+  if (ev[0] && ev[1] && status == SMLA_OK && cudaEventElapsedTime(&ms, ev[0], ev[1]) == cudaSuccess) g_last_kernel_ms = double(ms);
+  for (int i = 0; i < 2; ++i)
+    if (ev[i]) cudaEventDestroy(ev[i]);
+  cudaGetLastError();
+}
+
 // Runs one op: stream, staging, launch(stream) → smla status, outputs back, sync.
 template <class Launch>
 int32_t RunOnStream(std::vector<Operand*> const& ops, Launch launch) {
@@ -203,8 +227,11 @@ int32_t RunOnStream(std::vector<Operand*> const& ops, Launch launch) {
   cudaError_t err = GetStream(&s);
   if (err != cudaSuccess) return -int32_t(err);
   err = Stage(ops, s);
-  int32_t status = err != cudaSuccess ? -int32_t(err) : launch(s);
-  return Finish(ops, s, status);
+  cudaEvent_t ev[2] = {nullptr, nullptr};
+  int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(s, launch, ev);
+  status = Finish(ops, s, status);
+  ReadTimer(ev, status);
+  return status;
 }
 
 Napi::Promise Queue(Args& a, std::vector<Napi::ObjectReference> pins, std::function<int32_t()> body) {
@@ -391,15 +418,42 @@ Napi::Value CopyDevice(const Napi::CallbackInfo& info) {
   if (bufs[0]->bytes != bufs[1]->bytes) ThrowArgument(a.Env(), a.Op(), "buffers differ in size");
   auto dst = bufs[0], src = bufs[1];
   return Queue(a, std::move(pins), [dst, src]() -> int32_t {
-    cudaStream_t s;
-    cudaError_t err = GetStream(&s);
-    if (err == cudaSuccess && dst->bytes > 0) err = cudaMemcpyAsync(dst->ptr, src->ptr, dst->bytes, cudaMemcpyDeviceToDevice, s);
-    cudaError_t sync = cudaStreamSynchronize(s);
-    if (err == cudaSuccess) err = sync;
-    if (err != cudaSuccess) cudaGetLastError();
-    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+    std::vector<Operand*> none;
+    return RunOnStream(none, [&](cudaStream_t s) -> int32_t {
+      cudaError_t err = dst->bytes > 0 ? cudaMemcpyAsync(dst->ptr, src->ptr, dst->bytes, cudaMemcpyDeviceToDevice, s) : cudaSuccess;
+      return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+    });
   });
 }
+
+// fillDevice(dst, src): dst filled with repeats of src (benchmark inputs far larger than the
+// host can build quickly, from a random block).
+Napi::Value FillDevice(const Napi::CallbackInfo& info) {
+  Args a(info, "fillDevice");
+  std::vector<Napi::ObjectReference> pins;
+  std::shared_ptr<Allocation> bufs[2];
+  for (int i = 0; i < 2; ++i) {
+    if (!info[i].IsObject() || !info[i].As<Napi::Object>().CheckTypeTag(&kDeviceBufferTag)) ThrowArgument(a.Env(), a.Op(), "expected two DeviceBuffers");
+    bufs[i] = DeviceBuffer::Unwrap(info[i].As<Napi::Object>())->Get();
+    if (!bufs[i]) ThrowArgument(a.Env(), a.Op(), "a device buffer was freed");
+    pins.push_back(Napi::Persistent(info[i].As<Napi::Object>()));
+  }
+  if (bufs[1]->bytes == 0 && bufs[0]->bytes > 0) ThrowArgument(a.Env(), a.Op(), "empty source");
+  auto dst = bufs[0], src = bufs[1];
+  return Queue(a, std::move(pins), [dst, src]() -> int32_t {
+    std::vector<Operand*> none;
+    return RunOnStream(none, [&](cudaStream_t s) -> int32_t {
+      for (uint64_t off = 0; off < dst->bytes; off += src->bytes) {
+        const uint64_t n = std::min<uint64_t>(src->bytes, dst->bytes - off);
+        cudaError_t err = cudaMemcpyAsync(static_cast<uint8_t*>(dst->ptr) + off, src->ptr, n, cudaMemcpyDeviceToDevice, s);
+        if (err != cudaSuccess) return -int32_t(err);
+      }
+      return int32_t(SMLA_OK);
+    });
+  });
+}
+
+Napi::Value LastKernelMs(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), g_last_kernel_ms.load()); }
 
 // probeLaunch(): one real sm_90a kernel (a one-token v4 dequant of a known record) on the stream;
 // resolves when it ran and produced the expected row, rejects with the CUDA error otherwise.
@@ -466,6 +520,8 @@ const OpEntry kCudaOps[] = {
     {"upload", Upload},
     {"download", Download},
     {"copyDevice", CopyDevice},
+    {"fillDevice", FillDevice},
+    {"lastKernelMs", LastKernelMs},
     {"probeLaunch", ProbeLaunch},
     {"memInfo", MemInfo},
     {"deviceBufferClass", NewDeviceBufferClass},

@@ -153,6 +153,10 @@ export interface NativeCudaOps {
   download(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
   /** device → device, equal sizes */
   copyDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer): Promise<void>;
+  /** dst filled with repeats of src */
+  fillDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer): Promise<void>;
+  /** device milliseconds of the last op's launch (CUDA events around it; staging copies excluded), −1 if none */
+  lastKernelMs(): number;
   /** one real kernel launch (a known one-token dequant), checked */
   probeLaunch(): Promise<void>;
   memInfo(): { free: number; total: number; error?: string };

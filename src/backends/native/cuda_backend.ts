@@ -193,6 +193,16 @@ export class CudaBackend implements Backend, DeviceOps {
     await this.call('copyDevice', () => this.ops.copyDevice(nativeOf(dst), nativeOf(src)));
   }
 
+  /** dst filled with repeats of src (benchmark inputs) */
+  async fillDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
+    await this.call('fillDevice', () => this.ops.fillDevice(nativeOf(dst), nativeOf(src)));
+  }
+
+  /** Device milliseconds of the last op's kernel(s), timed with CUDA events (−1 if none). */
+  lastKernelMs(): number {
+    return this.ops.lastKernelMs();
+  }
+
   memInfo(): { free: number; total: number } {
     return this.ops.memInfo();
   }

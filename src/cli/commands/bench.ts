@@ -176,6 +176,13 @@ async function benchEngine(
 export async function benchCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `bench: unexpected argument '${positionals[0]}'`, 'argv');
+  if (o.backend === 'cuda') {
+    // The GPU benchmark (src/cli/gpu_bench.ts): FlashMLA's configurations, dequant vs copy, paths.
+    const { gpuBench } = await import('../gpu_bench.js');
+    const { listBackends } = await import('../../index.js');
+    const cuda = (await listBackends()).find((b) => b.name === 'cuda');
+    return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, machine: { ...cuda?.details, ...machineInfo() } });
+  }
   const progress = new Progress({ enabled: !o.quiet });
   const shape = {
     queries: o.queries,

@@ -35,6 +35,15 @@ export function formatError(x: number): string {
   return Math.abs(x) >= 1e-2 && Math.abs(x) < 1e4 ? x.toPrecision(3) : x.toExponential(2);
 }
 
+/** Bytes in binary units: 512 B, 1.50 KiB, 2.25 MiB, 1.00 GiB. */
+export function formatBytes(n: number): string {
+  if (!Number.isFinite(n)) return '-';
+  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
+  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
+  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
+  return `${n} B`;
+}
+
 export function formatRate(value: number, unit: string): string {
   if (!Number.isFinite(value)) return '-';
   return `${value >= 100 ? value.toFixed(0) : value >= 10 ? value.toFixed(1) : value.toFixed(2)} ${unit}`;

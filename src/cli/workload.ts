@@ -142,7 +142,7 @@ export function checkShape(shape: WorkloadShape): void {
 }
 
 /** Random bf16 values uniform in [-a, a), rounded to nearest even (bulk form of float32ToBf16Bits). */
-function fillBf16(out: Uint16Array, rng: Rng, a: number): void {
+export function fillBf16(out: Uint16Array, rng: Rng, a: number): void {
   const chunk = new Float32Array(4096); // even, so the pairs never straddle chunks
   const bits = new Uint32Array(chunk.buffer);
   for (let start = 0; start < out.length; start += chunk.length) {
@@ -158,6 +158,19 @@ function fillBf16(out: Uint16Array, rng: Rng, a: number): void {
       const u = bits[i]!; // finite by construction, so no NaN case
       out[start + i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
     }
+  }
+}
+
+/** Random bf16 v4 rows [n, 512]: nope tiles of varied magnitude (so the per-tile ue8m0 scales differ), rope in [-1, 1). */
+export function fillV4Rows(rows: Uint16Array, rng: Rng): void {
+  const n = Math.floor(rows.length / V4_ROW);
+  for (let r = 0; r < n; r++) {
+    const base = r * V4_ROW;
+    for (let tile = 0; tile < 7; tile++) {
+      const mag = 2 ** (rng.int(5) - 3);
+      for (let d = 0; d < 64; d++) rows[base + tile * 64 + d] = float32ToBf16Bits(rng.uniform(-mag, mag));
+    }
+    for (let d = 448; d < V4_ROW; d++) rows[base + d] = float32ToBf16Bits(rng.uniform(-1, 1));
   }
 }
 
@@ -186,16 +199,8 @@ export function buildWorkload(shape: WorkloadShape): Workload {
   const tokenIds = new Int32Array(kvRows);
   for (let r = 0; r < kvRows; r++) tokenIds[r] = pages[Math.floor(r / pageSize)]! * pageSize + (r % pageSize);
 
-  // KV rows: nope tiles of varied magnitude (so the per-tile ue8m0 scales differ), rope in [-1, 1).
   const rows = new Uint16Array(kvRows * V4_ROW);
-  for (let r = 0; r < kvRows; r++) {
-    const base = r * V4_ROW;
-    for (let tile = 0; tile < 7; tile++) {
-      const mag = 2 ** (rng.int(5) - 3);
-      for (let d = 0; d < 64; d++) rows[base + tile * 64 + d] = float32ToBf16Bits(rng.uniform(-mag, mag));
-    }
-    for (let d = 448; d < V4_ROW; d++) rows[base + d] = float32ToBf16Bits(rng.uniform(-1, 1));
-  }
+  fillV4Rows(rows, rng);
 
   // Queries: wide enough that the softmax is neither flat nor one-hot (logit std ≈ 1).
   const q = new Uint16Array(queries * heads * DQK);

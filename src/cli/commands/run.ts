@@ -1,11 +1,17 @@
 /**
- * `sparse-mla run` (what `npm start` runs): one DeepSeek-V4-shaped prefill chunk end to end on the
- * best backend — quantize random rows into a v4 paged cache, dequantize the chunk's gather into a
- * bf16 workspace, run the sparse prefill with a sink — then check the results against the float64
- * reference and print a table. Exit 0 when every check passes, 1 when one fails.
+ * `sparse-mla run` (what `npm start` runs), in two sections on the best backend:
  *
- * The prefill runs as several calls of `--block` queries each, so the progress bar moves; the
- * times reported are sums of the engine calls alone (input generation and checks are separate).
+ * 1. One big c4 prefill chunk end to end: quantize random rows into a v4 paged cache, dequantize
+ *    the chunk's gather into a bf16 workspace, run the sparse prefill with a sink, and check the
+ *    results against the float64 reference. The prefill runs as several calls of `--block` queries
+ *    each, so the progress bar moves; times are sums of the engine calls alone.
+ * 2. A small DeepSeek-V4-shaped model chunk (src/cli/layers.ts): several requests, layers of
+ *    compress ratio 0 / 4 / 128 with their own caches, one plan reused by every layer, each layer
+ *    through prefillLayer down the path the router picks; per layer the path and why, the
+ *    workspace, the time, the dropped entries and the check against prefillLayerReference; then
+ *    the plan's counters, which prove the chunk-invariant rows were built once.
+ *
+ * Exit 0 when every check passes, 1 when one fails, 2 on bad flags.
  */
 import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
@@ -19,10 +25,12 @@ import {
 } from '../../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../../tensor.js';
 import type { BackendChoice, Engine, KvCache, Tensor } from '../../types.js';
+import type { PrefillPathChoice } from '../../planner/index.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { formatError, formatRate, formatSeconds, formatTable } from '../table.js';
+import { formatBytes, formatError, formatRate, formatSeconds, formatTable } from '../table.js';
+import { LAYER_PATHS, parseLayers, runLayerChunk, type ErrorSummary, type LayerChunkShape, type LayerReport } from '../layers.js';
 import {
   buildWorkload,
   checkShape,
@@ -35,12 +43,13 @@ import {
   sliceQueries,
   V4_ROW,
   type Workload,
+  type WorkloadShape,
 } from '../workload.js';
 
 const BACKENDS = ['auto', 'cuda', 'cpu', 'wasm'] as const;
 
 export const RUN_OPTIONS = {
-  queries: { type: 'int', default: 8192, min: 1, help: 'query tokens in the chunk (sQ)', short: 'n' },
+  queries: { type: 'int', default: 4096, min: 1, help: 'query tokens in the chunk (sQ)', short: 'n' },
   heads: { type: 'int', default: 64, min: 1, max: 1024, help: 'query heads (hQ)' },
   topk: { type: 'int', default: 512, min: 0, help: 'compressed entries per query chosen by the indexer' },
   window: { type: 'int', default: 128, min: 1, max: 4096, help: 'sliding-window length W' },
@@ -51,20 +60,42 @@ export const RUN_OPTIONS = {
   seed: { type: 'int', default: 1, min: 0, max: 2 ** 32 - 1, help: 'seed of the random inputs' },
 } as const satisfies OptionTable;
 
+const SECTIONS = ['all', 'prefill', 'layers'] as const;
+
+/** The layer section's defaults: a few requests, two layers of each ratio (so reuse shows in the counters). */
+export const DEFAULT_LAYERS = '0,0,4,128,4,128';
+const C4_PAGE_SIZE = 16;
+const C128_PAGE_SIZE = 2;
+
 const OPTIONS = {
   ...RUN_OPTIONS,
   block: { type: 'int', min: 1, help: 'queries per sparsePrefill call (default: queries / 16)' },
   check: { type: 'int', default: 32, min: 0, help: 'queries checked against the float64 reference' },
+  section: { type: 'string', default: 'all', choices: SECTIONS, help: "what to run: the big prefill chunk, the model's layers, or both" },
+  layers: { type: 'string', default: DEFAULT_LAYERS, metavar: 'R,R,..', help: 'layer section: compress ratio (0, 4, 128) of each layer' },
+  requests: { type: 'int', default: 4, min: 1, max: 256, help: 'layer section: requests in the chunk (kinds cycle: mid-sequence long, fresh, mid-sequence, short)' },
+  'chunk-tokens': { type: 'int', default: 2048, min: 1, help: 'layer section: new tokens of the chunk over all requests (its queries)' },
+  'max-context': { type: 'int', default: 4096, min: 0, help: 'layer section: tokens before the chunk of the longest request' },
+  path: { type: 'string', choices: LAYER_PATHS, help: 'layer section: force the workspace (sparse) or paged path; auto: the router (default: SPARSE_MLA_PREFILL, else auto)' },
+  threshold: { type: 'int', min: 0, help: "layer section: router threshold in queries (default: the backend's)" },
+  'layer-check': { type: 'int', default: 8, min: 1, help: 'layer section: sampled queries per layer checked against prefillLayerReference' },
   json: { type: 'boolean', help: 'print the results as JSON on stdout instead of a table' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress output on stderr' },
 } as const satisfies OptionTable;
 
 const USAGE = `Usage: sparse-mla run [options]
 
-Run a DeepSeek-V4-shaped prefill chunk (one c4 layer: topk compressed entries + a causal sliding
-window per query, dQK = dV = 512, a sink per head) on the best backend: quantize a random v4 paged
-cache, dequantize the chunk's gather into a bf16 workspace, run sparsePrefill, and check sampled
-queries against the float64 reference (SPEC §4 tolerances). Exit 0 when all checks pass, 1 if not.
+Runs on the best backend, in two sections, and checks everything against the float64 reference
+(SPEC §4 tolerances). Exit 0 when all checks pass, 1 if not.
+
+1. prefill: one big c4 prefill chunk (topk compressed entries + a causal sliding window per query,
+   dQK = dV = 512, a sink per head): quantize a random v4 paged cache, dequantize the chunk's
+   gather into a bf16 workspace, run sparsePrefill, check sampled queries.
+2. layers: a small DeepSeek-V4-shaped model chunk — several requests (some mid-sequence), layers
+   of compress ratio 0 / 4 / 128 with their own caches (c4 layers: an indexer top-k with −1 padding
+   and a few not-yet-visible entries that must be dropped), one plan reused by every layer, each
+   layer through prefillLayer down the path the router picks; per layer the path and why, the
+   workspace, the time, the dropped entries and the check against prefillLayerReference.
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -163,13 +194,170 @@ function checkDequantize(w: Workload, cache: KvCache, kv: Tensor<'bf16'>): Check
   };
 }
 
+interface PrefillSection {
+  shape: WorkloadShape;
+  w: Workload;
+  sampled: number;
+}
+
+/** Section 1: the big c4 prefill chunk (issue 2): quantize, dequantize, sparsePrefill, checks. */
+async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: number, block_: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
+  progress.start('generating inputs', 0);
+  const [w, genSeconds] = await timed(async () => buildWorkload(shape));
+  progress.finish(`${w.kvRows} workspace rows, ${shape.queries} queries`);
+  steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: 'random rows, queries, indices (JS, untimed work)' });
+
+  // 1. quantize the rows into a v4 paged cache at their (shuffled) token ids
+  const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: w.numPages });
+  progress.start('quantizeKCache', 0);
+  const [, quantSeconds] = await timed(() => engine.quantizeKCache({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds), rows: w.rows }));
+  progress.finish(formatSeconds(quantSeconds));
+  steps.push({
+    step: 'quantizeKCache',
+    seconds: quantSeconds,
+    calls: 1,
+    rate: { value: quantizeBytes(w.kvRows) / quantSeconds / 1e9, unit: 'GB/s' },
+    note: `${w.kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${w.numPages} pages)`,
+  });
+
+  // 2. dequantize the chunk's gather into the bf16 workspace
+  progress.start('dequantizeKCachePaged', 0);
+  const [kv, dequantSeconds] = await timed(() => engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds) }));
+  progress.finish(formatSeconds(dequantSeconds));
+  steps.push({
+    step: 'dequantizeKCachePaged',
+    seconds: dequantSeconds,
+    calls: 1,
+    rate: { value: dequantBytes(w.kvRows) / dequantSeconds / 1e9, unit: 'GB/s' },
+    note: `gather of ${w.compressedRows} compressed + ${w.windowRows} window rows -> bf16 [${w.kvRows}, 512]`,
+  });
+
+  // 3. the sparse prefill, in blocks of queries; keep the outputs of the sampled queries only
+  const sample = sampleQueries(shape.queries, check, shape.seed);
+  
+  const { heads } = shape;
+  const gotOut = new Float32Array(sample.length * heads * DV);
+  const gotLse = new Float32Array(sample.length * heads);
+  const gotMax = new Float32Array(sample.length * heads);
+  const block = block_ ?? Math.max(1, Math.ceil(shape.queries / 16));
+  const calls = Math.ceil(shape.queries / block);
+  let prefillSeconds = 0;
+  let nonFinite = 0;
+  let next = 0; // next sampled query to collect
+  progress.start('sparsePrefill', shape.queries);
+  for (let start = 0; start < shape.queries; start += block) {
+    const end = Math.min(shape.queries, start + block);
+    const part = sliceQueries(w, start, end);
+    const [res, seconds] = await timed(() =>
+      engine.sparsePrefill({ ...part, kv, smScale: w.smScale, dV: DV, attnSink: w.attnSink }),
+    );
+    prefillSeconds += seconds;
+    const out = res.out.data;
+    for (let i = 0; i < out.length; i++) if ((out[i]! & 0x7f80) === 0x7f80) nonFinite++;
+    while (next < sample.length && sample[next]! < end) {
+      const local = sample[next]! - start;
+      for (let k = 0; k < heads * DV; k++) gotOut[next * heads * DV + k] = bf16BitsToFloat32(out[local * heads * DV + k]!);
+      gotLse.set(res.lse.data.subarray(local * heads, (local + 1) * heads), next * heads);
+      gotMax.set(res.maxLogits.data.subarray(local * heads, (local + 1) * heads), next * heads);
+      next++;
+    }
+    progress.update(end);
+  }
+  const flops = prefillFlops(w.totalEntries, heads);
+  progress.finish(`${formatSeconds(prefillSeconds)}, ${formatRate(flops / prefillSeconds / 1e9, 'GFLOP/s')}`);
+  steps.push({
+    step: 'sparsePrefill',
+    seconds: prefillSeconds,
+    calls,
+    rate: { value: flops / prefillSeconds / 1e9, unit: 'GFLOP/s' },
+    note: `${shape.queries} q x ${heads} heads, dQK ${DQK}, dV ${DV}, ${shape.topk}+${shape.window} entries/q, ${(flops / 1e9).toFixed(1)} GFLOP`,
+  });
+  checks.push({
+    name: 'out finite',
+    pass: nonFinite === 0,
+    count: shape.queries * heads * DV,
+    failures: nonFinite,
+    maxAbsErr: NaN,
+    maxRelErr: NaN,
+    tolerance: { abs: 0, rel: 0 },
+    exact: true,
+    note: `all ${shape.queries} queries: ${nonFinite} non-finite outputs (every row has valid entries)`,
+  });
+
+  // 4. checks against the float64 reference
+  progress.start('checking quantize + dequantize', 0);
+  const tokenSample = sampleQueries(w.kvRows, Math.min(w.kvRows, 256), shape.seed + 1);
+  checks.push(checkQuantize(w, cache, tokenSample));
+  checks.push(checkDequantize(w, cache, kv));
+  progress.finish();
+
+  if (sample.length > 0) {
+    const refOut = new Float64Array(sample.length * heads * DV);
+    const refLse = new Float64Array(sample.length * heads);
+    const refMax = new Float64Array(sample.length * heads);
+    // The reference sees only the sampled queries (their q rows, index rows and lengths), so it
+    // widens a few MB instead of the whole q.
+    const { heads: h } = shape;
+    const sq = new Uint16Array(sample.length * h * DQK);
+    const si = new Int32Array(sample.length * w.width);
+    const sl = new Int32Array(sample.length);
+    sample.forEach((i, k) => {
+      sq.set(w.q.data.subarray(i * h * DQK, (i + 1) * h * DQK), k * h * DQK);
+      si.set(w.indices.data.subarray(i * w.width, (i + 1) * w.width), k * w.width);
+      sl[k] = w.topkLength.data[i]!;
+    });
+    const prepared = prepareSparsePrefillReference({
+      q: tensor('bf16', [sample.length, h, DQK], sq),
+      kv,
+      indices: tensor('int32', [sample.length, w.width], si),
+      topkLength: tensor('int32', [sample.length], sl),
+      attnSink: w.attnSink,
+      smScale: w.smScale,
+      dV: DV,
+    });
+    progress.start('float64 reference', sample.length);
+    const [, refSeconds] = await timed(async () => {
+      for (let k = 0; k < sample.length; k++) {
+        const ref = prepared.run([k]);
+        refOut.set(ref.out, k * heads * DV);
+        refLse.set(ref.lse, k * heads);
+        refMax.set(ref.maxLogits, k * heads);
+        progress.update(k + 1);
+        await new Promise((resolve) => setImmediate(resolve)); // let the bar redraw
+      }
+    });
+    progress.finish();
+    steps.push({ step: 'float64 reference', seconds: refSeconds, calls: sample.length, note: `${sample.length} sampled queries (JS, for the checks)` });
+    const compare = (name: string, got: Float32Array, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): CheckRow => {
+      const c = compareToReference(got, ref, tol);
+      return {
+        name,
+        pass: c.pass,
+        count: c.count,
+        failures: c.failures,
+        maxAbsErr: c.maxAbsErr,
+        maxRelErr: c.maxRelErr,
+        ...(tol.cos !== undefined ? { cosineGap: c.cosineGap } : {}),
+        tolerance: tol,
+        ...(c.infNanMismatch ? { note: `${c.infNanMismatch} inf/NaN placement mismatches` } : {}),
+      };
+    };
+    checks.push(compare('prefill out', gotOut, refOut, TOLERANCES.out));
+    checks.push(compare('prefill lse', gotLse, refLse, TOLERANCES.lse));
+    checks.push(compare('prefill maxLogits', gotMax, refMax, TOLERANCES.maxLogits));
+  }
+  return { shape, w, sampled: sample.length };
+}
+
 export async function runCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   if (positionals.length > 0) {
     throw new SparseMlaError('INVALID_VALUE', `run: unexpected argument '${positionals[0]}'`, 'argv');
   }
   const progress = new Progress({ enabled: !o.quiet });
-  const shape = {
+  const runPrefill = o.section !== 'layers';
+  const runLayers = o.section !== 'prefill';
+  const shape: WorkloadShape = {
     queries: o.queries,
     heads: o.heads,
     topk: o.topk,
@@ -178,8 +366,24 @@ export async function runCommand(argv: string[]): Promise<number> {
     pageSize: o['page-size'],
     seed: o.seed,
   };
+  const layerShape: LayerChunkShape = {
+    layers: parseLayers(o.layers),
+    requests: o.requests,
+    chunkTokens: o['chunk-tokens'],
+    maxContext: o['max-context'],
+    heads: o.heads,
+    topk: o.topk,
+    window: o.window,
+    pageSize: o['page-size'],
+    c4PageSize: C4_PAGE_SIZE,
+    c128PageSize: C128_PAGE_SIZE,
+    path: (o.path ?? 'auto') as PrefillPathChoice,
+    ...(o.threshold !== undefined ? { threshold: o.threshold } : {}),
+    check: o['layer-check'],
+    seed: o.seed,
+  };
 
-  checkShape(shape); // sizes, then the backend, are refused before any work
+  if (runPrefill) checkShape(shape); // sizes, then the backend, are refused before any work
   const steps: StepRow[] = [];
   const checks: CheckRow[] = [];
 
@@ -191,171 +395,31 @@ export async function runCommand(argv: string[]): Promise<number> {
   progress.finish(`${engine.backend}${workers > 0 ? `, ${workers} workers` : ''}`);
   steps.push({ step: 'engine start', seconds: startSeconds, calls: 1, note: `${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}` });
 
-  let w: Workload;
+  let prefill: PrefillSection | undefined;
+  let layers: LayerReport | undefined;
   try {
-    progress.start('generating inputs', 0);
-    const [built, genSeconds] = await timed(async () => buildWorkload(shape));
-    w = built;
-    progress.finish(`${w.kvRows} workspace rows, ${shape.queries} queries`);
-    steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: 'random rows, queries, indices (JS, untimed work)' });
-  } catch (err) {
-    await engine.dispose();
-    throw err;
-  }
-
-  let sampledCount = 0;
-  try {
-    // 1. quantize the rows into a v4 paged cache at their (shuffled) token ids
-    const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: w.numPages });
-    progress.start('quantizeKCache', 0);
-    const [, quantSeconds] = await timed(() => engine.quantizeKCache({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds), rows: w.rows }));
-    progress.finish(formatSeconds(quantSeconds));
-    steps.push({
-      step: 'quantizeKCache',
-      seconds: quantSeconds,
-      calls: 1,
-      rate: { value: quantizeBytes(w.kvRows) / quantSeconds / 1e9, unit: 'GB/s' },
-      note: `${w.kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${w.numPages} pages)`,
-    });
-
-    // 2. dequantize the chunk's gather into the bf16 workspace
-    progress.start('dequantizeKCachePaged', 0);
-    const [kv, dequantSeconds] = await timed(() => engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds) }));
-    progress.finish(formatSeconds(dequantSeconds));
-    steps.push({
-      step: 'dequantizeKCachePaged',
-      seconds: dequantSeconds,
-      calls: 1,
-      rate: { value: dequantBytes(w.kvRows) / dequantSeconds / 1e9, unit: 'GB/s' },
-      note: `gather of ${w.compressedRows} compressed + ${w.windowRows} window rows -> bf16 [${w.kvRows}, 512]`,
-    });
-
-    // 3. the sparse prefill, in blocks of queries; keep the outputs of the sampled queries only
-    const sample = sampleQueries(shape.queries, o.check, shape.seed);
-    sampledCount = sample.length;
-    const { heads } = shape;
-    const gotOut = new Float32Array(sample.length * heads * DV);
-    const gotLse = new Float32Array(sample.length * heads);
-    const gotMax = new Float32Array(sample.length * heads);
-    const block = o.block ?? Math.max(1, Math.ceil(shape.queries / 16));
-    const calls = Math.ceil(shape.queries / block);
-    let prefillSeconds = 0;
-    let nonFinite = 0;
-    let next = 0; // next sampled query to collect
-    progress.start('sparsePrefill', shape.queries);
-    for (let start = 0; start < shape.queries; start += block) {
-      const end = Math.min(shape.queries, start + block);
-      const part = sliceQueries(w, start, end);
-      const [res, seconds] = await timed(() =>
-        engine.sparsePrefill({ ...part, kv, smScale: w.smScale, dV: DV, attnSink: w.attnSink }),
-      );
-      prefillSeconds += seconds;
-      const out = res.out.data;
-      for (let i = 0; i < out.length; i++) if ((out[i]! & 0x7f80) === 0x7f80) nonFinite++;
-      while (next < sample.length && sample[next]! < end) {
-        const local = sample[next]! - start;
-        for (let k = 0; k < heads * DV; k++) gotOut[next * heads * DV + k] = bf16BitsToFloat32(out[local * heads * DV + k]!);
-        gotLse.set(res.lse.data.subarray(local * heads, (local + 1) * heads), next * heads);
-        gotMax.set(res.maxLogits.data.subarray(local * heads, (local + 1) * heads), next * heads);
-        next++;
-      }
-      progress.update(end);
-    }
-    const flops = prefillFlops(w.totalEntries, heads);
-    progress.finish(`${formatSeconds(prefillSeconds)}, ${formatRate(flops / prefillSeconds / 1e9, 'GFLOP/s')}`);
-    steps.push({
-      step: 'sparsePrefill',
-      seconds: prefillSeconds,
-      calls,
-      rate: { value: flops / prefillSeconds / 1e9, unit: 'GFLOP/s' },
-      note: `${shape.queries} q x ${heads} heads, dQK ${DQK}, dV ${DV}, ${shape.topk}+${shape.window} entries/q, ${(flops / 1e9).toFixed(1)} GFLOP`,
-    });
-    checks.push({
-      name: 'out finite',
-      pass: nonFinite === 0,
-      count: shape.queries * heads * DV,
-      failures: nonFinite,
-      maxAbsErr: NaN,
-      maxRelErr: NaN,
-      tolerance: { abs: 0, rel: 0 },
-      exact: true,
-      note: `all ${shape.queries} queries: ${nonFinite} non-finite outputs (every row has valid entries)`,
-    });
-
-    // 4. checks against the float64 reference
-    progress.start('checking quantize + dequantize', 0);
-    const tokenSample = sampleQueries(w.kvRows, Math.min(w.kvRows, 256), shape.seed + 1);
-    checks.push(checkQuantize(w, cache, tokenSample));
-    checks.push(checkDequantize(w, cache, kv));
-    progress.finish();
-
-    if (sample.length > 0) {
-      const refOut = new Float64Array(sample.length * heads * DV);
-      const refLse = new Float64Array(sample.length * heads);
-      const refMax = new Float64Array(sample.length * heads);
-      // The reference sees only the sampled queries (their q rows, index rows and lengths), so it
-      // widens a few MB instead of the whole q.
-      const { heads: h } = shape;
-      const sq = new Uint16Array(sample.length * h * DQK);
-      const si = new Int32Array(sample.length * w.width);
-      const sl = new Int32Array(sample.length);
-      sample.forEach((i, k) => {
-        sq.set(w.q.data.subarray(i * h * DQK, (i + 1) * h * DQK), k * h * DQK);
-        si.set(w.indices.data.subarray(i * w.width, (i + 1) * w.width), k * w.width);
-        sl[k] = w.topkLength.data[i]!;
-      });
-      const prepared = prepareSparsePrefillReference({
-        q: tensor('bf16', [sample.length, h, DQK], sq),
-        kv,
-        indices: tensor('int32', [sample.length, w.width], si),
-        topkLength: tensor('int32', [sample.length], sl),
-        attnSink: w.attnSink,
-        smScale: w.smScale,
-        dV: DV,
-      });
-      progress.start('float64 reference', sample.length);
-      const [, refSeconds] = await timed(async () => {
-        for (let k = 0; k < sample.length; k++) {
-          const ref = prepared.run([k]);
-          refOut.set(ref.out, k * heads * DV);
-          refLse.set(ref.lse, k * heads);
-          refMax.set(ref.maxLogits, k * heads);
-          progress.update(k + 1);
-          await new Promise((resolve) => setImmediate(resolve)); // let the bar redraw
-        }
-      });
-      progress.finish();
-      steps.push({ step: 'float64 reference', seconds: refSeconds, calls: sample.length, note: `${sample.length} sampled queries (JS, for the checks)` });
-      const compare = (name: string, got: Float32Array, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): CheckRow => {
-        const c = compareToReference(got, ref, tol);
-        return {
-          name,
-          pass: c.pass,
-          count: c.count,
-          failures: c.failures,
-          maxAbsErr: c.maxAbsErr,
-          maxRelErr: c.maxRelErr,
-          ...(tol.cos !== undefined ? { cosineGap: c.cosineGap } : {}),
-          tolerance: tol,
-          ...(c.infNanMismatch ? { note: `${c.infNanMismatch} inf/NaN placement mismatches` } : {}),
-        };
-      };
-      checks.push(compare('prefill out', gotOut, refOut, TOLERANCES.out));
-      checks.push(compare('prefill lse', gotLse, refLse, TOLERANCES.lse));
-      checks.push(compare('prefill maxLogits', gotMax, refMax, TOLERANCES.maxLogits));
-    }
+    if (runPrefill) prefill = await runPrefillSection(engine, shape, o.check, o.block, progress, steps, checks);
+    if (runLayers) layers = await runLayerChunk(engine, layerShape, progress);
   } finally {
     await engine.dispose();
   }
 
-  const pass = checks.every((c) => c.pass);
+  const pass = checks.every((c) => c.pass) && (layers?.pass ?? true);
   if (o.json) {
-    process.stdout.write(
-      `${JSON.stringify({ command: 'run', backend: engine.backend, workers, shape, workspaceRows: w.kvRows, indexWidth: w.width, sampledQueries: sampledCount, steps, checks, pass }, jsonNumbers, 2)}\n`,
-    );
+    const first = prefill
+      ? { shape, workspaceRows: prefill.w.kvRows, indexWidth: prefill.w.width, sampledQueries: prefill.sampled, steps, checks }
+      : { steps };
+    process.stdout.write(`${JSON.stringify({ command: 'run', backend: engine.backend, workers, ...first, ...(layers ? { layerChunk: layers } : {}), pass }, jsonNumbers, 2)}\n`);
     return pass ? 0 : 1;
   }
-  printReport(engine, workers, w, steps, checks, sampledCount, pass);
+  const lines = [
+    `sparse-mla run: ${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}, seed ${o.seed}`,
+    '',
+    ...(prefill ? prefillReport(prefill, steps, checks) : []),
+    ...(layers ? layerReport(layers, engine.backend) : []),
+    pass ? 'PASS' : 'FAIL',
+  ];
+  process.stdout.write(`${lines.join('\n')}\n`);
   return pass ? 0 : 1;
 }
 
@@ -365,12 +429,13 @@ function jsonNumbers(_key: string, value: unknown): unknown {
   return value;
 }
 
-function printReport(engine: Engine, workers: number, w: Workload, steps: StepRow[], checks: CheckRow[], sampled: number, pass: boolean): void {
+/** Section 1's lines: the shape, the steps with their rates, the checks. */
+function prefillReport({ w, sampled }: PrefillSection, steps: StepRow[], checks: CheckRow[]): string[] {
   const s = w.shape;
   const header =
-    `sparse-mla run: ${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}; ` +
+    `1. Prefill chunk (one c4 layer, no planner): ` +
     `${s.queries} queries x ${s.heads} heads, dQK ${DQK}, dV ${DV}, topk ${s.topk} + window ${s.window} (index rows of ${w.width}), ` +
-    `workspace ${w.kvRows} rows, v4 page size ${s.pageSize}, seed ${s.seed}`;
+    `workspace ${w.kvRows} rows, v4 page size ${s.pageSize}`;
   const stepTable = formatTable(
     [
       ['step', 'time', 'calls', 'throughput', 'what'],
@@ -396,7 +461,7 @@ function printReport(engine: Engine, workers: number, w: Workload, steps: StepRo
     ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
   const notes = checks.filter((c) => c.note).map((c) => `  ${c.name}: ${c.note}`);
-  const lines = [
+  return [
     header,
     '',
     stepTable,
@@ -405,9 +470,69 @@ function printReport(engine: Engine, workers: number, w: Workload, steps: StepRo
     checkTable,
     ...notes,
     '',
-    pass ? 'PASS' : 'FAIL',
   ];
-  process.stdout.write(`${lines.join('\n')}\n`);
+}
+
+/** "3/32768" failing elements, or the inf/NaN mismatches when there are any. */
+function failing(e: ErrorSummary): string {
+  return `${e.failures}/${e.count}${e.infNanMismatch ? ` (${e.infNanMismatch} inf/NaN)` : ''}`;
+}
+
+/** Section 2's lines: the requests, the router's choice, a row per layer, the plan's counters. */
+function layerReport(r: LayerReport, backend: string): string[] {
+  const s = r.shape;
+  const reqs = r.requests.map((q, i) => `  request ${i}: ${q.kind.padEnd(18)} seqLen ${String(q.seqLen).padStart(6)}, extendLen ${String(q.extendLen).padStart(5)} (queries at positions ${q.seqLen - q.extendLen}..${q.seqLen - 1})`);
+  const layouts = r.plan.layouts.map((l) => `c${l.ratio} ${l.compressedRows}+${l.swaRows} rows = ${formatBytes(l.bytes)}`).join('; ');
+  const layerTable = formatTable(
+    [
+      ['layer', 'ratio', 'path', 'why (router)', 'workspace', 'row', 'time', 'GFLOP/s', 'dropped', 'out failing', '1 - cos', 'lse failing', 'maxLogits failing', 'result'],
+      ...r.layers.map((l) => [
+        String(l.layer),
+        `c${l.ratio}`,
+        l.path === 'sparse' ? 'sparse (workspace)' : 'paged (FP8 pages)',
+        l.reason,
+        l.path === 'sparse' ? formatBytes(l.workspaceBytes) : '- (none)',
+        String(l.indexWidth),
+        formatSeconds(l.seconds),
+        formatRate(l.gflops, '').trimEnd(),
+        l.ratio === 4 ? `${l.dropped} of ${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
+        failing(l.check.out),
+        l.check.out.cosineGap !== undefined ? formatError(l.check.out.cosineGap) : '-',
+        failing(l.check.lse),
+        failing(l.check.maxLogits),
+        l.check.pass ? 'PASS' : 'FAIL',
+      ]),
+    ],
+    ['right', 'left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
+  );
+  const planTable = formatTable(
+    [
+      ['plan counter', 'count', 'expected', 'what', 'result'],
+      ...r.planChecks.map((c) => [c.name, String(c.got), String(c.want), c.note, c.pass ? 'PASS' : 'FAIL']),
+    ],
+    ['left', 'right', 'right', 'left', 'left'],
+  );
+  const tol = (t: { abs: number; rel: number; cos?: number }): string => `abs ${formatError(t.abs)} or rel ${formatError(t.rel)}${t.cos !== undefined ? `, 1 - cos ${formatError(t.cos)}` : ''}`;
+  const checked = r.layers[0]?.check.sampledQueries.length ?? 0;
+  const threshold = s.threshold !== undefined ? `threshold ${s.threshold}` : `${backend} default threshold`;
+  return [
+    `2. Model chunk through the planner and the router: ${r.requests.length} requests, ${r.numQueries} queries x ${s.heads} heads, ` +
+      `${s.layers.length} layers (ratios ${s.layers.join(', ')}), c4 top-k ${s.topk}, window ${s.window}`,
+    ...reqs,
+    `  one plan for every layer: built in ${formatSeconds(r.plan.planSeconds)} (planner core: ${r.plan.core}); workspace per ratio: ${layouts}`,
+    `  router (--path ${s.path}, ${threshold}): ${r.route.path} — ${r.route.reason}`,
+    `  layer inputs: own v4 SWA cache + c4/c128 cache (pages of ${s.pageSize}/${s.c4PageSize}/${s.c128PageSize}), q, sink, c4 top-k; ${formatSeconds(r.setupSeconds)}`,
+    '',
+    layerTable,
+    `  time: the prefillLayer call (c4 combine, dequant into the workspace on the sparse path, attention); GFLOP/s over the attended entries.`,
+    `  dropped: top-k entries not yet visible at the query (planted by the generator), dropped and counted by the planner, never attended.`,
+    `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6);`,
+    `  out ${tol(TOLERANCES.out)} (paged path: ${tol(TOLERANCES.pagedOut)}); lse and maxLogits ${tol(TOLERANCES.lse)}; reference ${formatSeconds(r.referenceSeconds)}.`,
+    '',
+    'The plan after every layer (its counters prove what was built once per chunk):',
+    planTable,
+    '',
+  ];
 }
 
 export const command: CliCommand = {

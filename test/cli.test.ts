@@ -25,6 +25,8 @@ function cli(args: string[], env: Record<string, string> = {}): { code: number |
 
 /** A small chunk: 24 queries x 4 heads, 16 compressed picks + a window of 8, context 96. */
 const TINY = ['--queries', '24', '--heads', '4', '--topk', '16', '--window', '8', '--context', '96', '--page-size', '16', '--workers', '2'];
+/** The layer section, tiny: 3 requests (one mid-sequence long, one fresh, one mid-sequence), 40 queries, layers 0/4/128/4. */
+const TINY_LAYERS = ['--layers', '0,4,128,4', '--requests', '3', '--chunk-tokens', '40', '--max-context', '300', '--layer-check', '5'];
 
 describe('dispatch', () => {
   test('--help lists every command and exits 0', () => {
@@ -51,7 +53,9 @@ describe('dispatch', () => {
     const r = cli(['run', '--help']);
     expect(r.code).toBe(0);
     expect(r.stdout).toContain('Usage: sparse-mla run');
-    expect(r.stdout).toMatch(/--queries N\s+.*\(default 8192\)/);
+    expect(r.stdout).toMatch(/--queries N\s+.*\(default 4096\)/);
+    expect(r.stdout).toMatch(/--path auto\|sparse\|paged\s/);
+    expect(r.stdout).toMatch(/--layers R,R,\.\.\s+.*\(default 0,0,4,128,4,128\)/);
   });
 
   test('bad flags are usage errors: message naming the flag, exit 2', () => {
@@ -61,6 +65,12 @@ describe('dispatch', () => {
     r = cli(['run', '--no-such-flag']);
     expect(r.code).toBe(2);
     expect(r.stderr).toContain("unknown option '--no-such-flag'");
+    r = cli(['run', '--layers', '0,5']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain("--layers: expected a comma-separated list of compress ratios 0, 4, 128, got '0,5'");
+    r = cli(['run', '--path', 'fastest']);
+    expect(r.code).toBe(2);
+    expect(r.stderr).toContain('--path: expected one of auto|sparse|paged');
     r = cli(['bench', '--backend', 'tpu']);
     expect(r.code).toBe(2);
     expect(r.stderr).toContain('--backend: expected one of auto|cuda|cpu|wasm');
@@ -109,22 +119,56 @@ describe('info', () => {
   });
 });
 
+interface LayerJson {
+  layer: number;
+  ratio: number;
+  path: string;
+  reason: string;
+  workspaceBytes: number;
+  seconds: number;
+  dropped: number;
+  expectedDropped: number;
+  check: { pass: boolean; sampledQueries: number[]; out: { pass: boolean; count: number }; lse: { pass: boolean }; maxLogits: { pass: boolean }; droppedPass: boolean };
+}
+interface LayerChunkJson {
+  numQueries: number;
+  requests: { seqLen: number; extendLen: number }[];
+  route: { path: string; reason: string };
+  plan: { workspaceBytes: number; stats: Record<string, number> };
+  layers: LayerJson[];
+  planChecks: { name: string; pass: boolean; got: number; want: number }[];
+  pass: boolean;
+}
+
 describe('run', () => {
-  test('a tiny chunk on wasm passes every check and exits 0', () => {
-    const r = cli(['run', ...TINY, '--backend', 'wasm', '--check', '24']);
+  test('a tiny run on wasm: both sections, every check and every layer PASS, exit 0', () => {
+    const r = cli(['run', ...TINY, ...TINY_LAYERS, '--backend', 'wasm', '--check', '24']);
     expect(r.stderr).not.toContain('internal error');
     expect(r.code).toBe(0);
+    // section 1: the big prefill chunk
     expect(r.stdout).toMatch(/^sparsePrefill\s/m);
     expect(r.stdout).toMatch(/^prefill out\s.*PASS$/m);
     expect(r.stdout).toMatch(/^dequantize values\s.*PASS$/m);
+    // section 2: one row per layer, each naming its ratio, the path taken and why, and PASS
+    expect(r.stdout).toContain('2. Model chunk through the planner and the router: 3 requests, 40 queries');
+    const rows = r.stdout.split('\n').filter((l) => /^\s+\d+\s+c(0|4|128)\s/.test(l));
+    expect(rows.map((l) => l.trim().split(/\s+/)[1])).toEqual(['c0', 'c4', 'c128', 'c4']);
+    for (const row of rows) {
+      expect(row).toMatch(/\s(sparse \(workspace\)|paged \(FP8 pages\))\s+40 queries (>|≤) threshold \d+ \(wasm default\)\s/);
+      expect(row).toMatch(/PASS$/);
+    }
+    expect(r.stdout).toMatch(/^c0 rows built\s+1\s+1\s.*PASS$/m);
+    expect(r.stdout).toMatch(/^c128 rows built\s+1\s+1\s.*PASS$/m);
+    expect(r.stdout).toMatch(/^c4 combines\s+2\s+2\s.*PASS$/m);
     expect(r.stdout.trimEnd().split('\n').at(-1)).toBe('PASS');
     // progress goes to stderr (plain lines, not a TTY here), never into the table
     expect(r.stderr).toContain('sparsePrefill:');
+    expect(r.stderr).toContain('layer 3 (c4) prefillLayer:');
     expect(r.stdout).not.toContain('\r');
   });
 
-  test('--json: checks over the sampled queries, with the shape that ran', () => {
-    const r = cli(['run', ...TINY, '--block', '5', '--check', '6', '--seed', '7', '--json', '--quiet']);
+  test('--json: checks over the sampled queries, with the shape that ran, and the layer chunk', () => {
+    const r = cli(['run', ...TINY, ...TINY_LAYERS, '--block', '5', '--check', '6', '--seed', '7', '--json', '--quiet']);
     expect(r.code).toBe(0);
     expect(r.stderr).toBe('');
     const out = JSON.parse(r.stdout) as {
@@ -133,6 +177,7 @@ describe('run', () => {
       sampledQueries: number;
       steps: { step: string; calls: number; seconds: number }[];
       checks: { name: string; pass: boolean; count: number }[];
+      layerChunk: LayerChunkJson;
     };
     expect(out.pass).toBe(true);
     expect(out.shape).toMatchObject({ queries: 24, heads: 4 });
@@ -143,6 +188,61 @@ describe('run', () => {
     expect(names).toEqual(expect.arrayContaining(['quantize bytes', 'dequantize values', 'prefill out', 'prefill lse', 'prefill maxLogits']));
     const checkedOut = out.checks.find((c) => c.name === 'prefill out');
     expect(checkedOut?.count).toBe(6 * 4 * 512);
+
+    const lc = out.layerChunk;
+    expect(lc.pass).toBe(true);
+    expect(lc.numQueries).toBe(40);
+    expect(lc.requests).toHaveLength(3);
+    expect(lc.requests.reduce((a, q) => a + q.extendLen, 0)).toBe(40);
+    expect(lc.requests.some((q) => q.seqLen > q.extendLen)).toBe(true); // some start mid-sequence
+    expect(lc.layers.map((l) => l.ratio)).toEqual([0, 4, 128, 4]);
+    for (const l of lc.layers) {
+      expect(l.path).toBe(lc.route.path); // one chunk, one routing decision
+      expect(l.reason).toBe(lc.route.reason);
+      expect(l.reason).toMatch(/^40 queries (>|≤) threshold \d+ \(\w+ default\)$/);
+      if (l.path === 'sparse') expect(l.workspaceBytes).toBeGreaterThan(0);
+      else expect(l.workspaceBytes).toBe(0);
+      expect(l.check.pass).toBe(true);
+      expect(l.check.sampledQueries).toHaveLength(5);
+      expect(l.check.out.count).toBe(5 * 4 * 512);
+      expect(l.dropped).toBe(l.expectedDropped);
+    }
+    // the generator plants not-yet-visible entries in the c4 top-k; the planner drops all of them
+    expect(lc.layers.filter((l) => l.ratio === 4).every((l) => l.expectedDropped > 0)).toBe(true);
+    expect(lc.layers.filter((l) => l.ratio !== 4).every((l) => l.dropped === 0)).toBe(true);
+    expect(lc.plan.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 2 });
+    expect(lc.planChecks.every((c) => c.pass && c.got === c.want)).toBe(true);
+  });
+
+  test.each(['sparse', 'paged'] as const)('--path %s: every layer takes that path, forced, and passes', (path) => {
+    const r = cli(['run', ...TINY, ...TINY_LAYERS, '--section', 'layers', '--path', path, '--json', '--quiet']);
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout) as { pass: boolean; checks?: unknown; layerChunk: LayerChunkJson };
+    expect(out.pass).toBe(true);
+    expect(out.checks).toBeUndefined(); // the prefill section did not run
+    const lc = out.layerChunk;
+    for (const l of lc.layers) {
+      expect(l.path).toBe(path);
+      expect(l.reason).toBe(`forced by option path='${path}'`);
+      expect(l.check.pass).toBe(true);
+      if (path === 'sparse') expect(l.workspaceBytes).toBeGreaterThan(l.ratio === 4 ? lc.layers[0]!.workspaceBytes : 0);
+      else expect(l.workspaceBytes).toBe(0);
+    }
+    // workspace path: one buffer for every layer; paged path: one main set, c128 extra once + one per c4 layer
+    if (path === 'sparse') expect(lc.plan.stats).toMatchObject({ workspaceAllocations: 1, pagedMainBuilds: 0 });
+    else expect(lc.plan.stats).toMatchObject({ workspaceAllocations: 0, pagedMainBuilds: 1, pagedExtraBuilds: 3 });
+  });
+
+  test('--threshold steers the router: below it paged, above it sparse, with the reason', () => {
+    for (const [threshold, path, reason] of [
+      [39, 'sparse', '40 queries > threshold 39'],
+      [40, 'paged', '40 queries ≤ threshold 40'],
+    ] as const) {
+      const r = cli(['run', ...TINY, ...TINY_LAYERS, '--section', 'layers', '--threshold', String(threshold), '--json', '--quiet'], { SPARSE_MLA_PREFILL: '' });
+      expect(r.code).toBe(0);
+      const lc = (JSON.parse(r.stdout) as { layerChunk: LayerChunkJson }).layerChunk;
+      expect(lc.layers.map((l) => [l.path, l.reason])).toEqual(lc.layers.map(() => [path, reason]));
+    }
   });
 });
 

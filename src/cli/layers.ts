@@ -224,6 +224,14 @@ async function randomCache(engine: Engine, rng: Rng, pageSize: number, numPages:
   return cache;
 }
 
+interface LayerInputs {
+  ratio: CompressRatio;
+  caches: { swa: KvCache; c4?: KvCache; c128?: KvCache };
+  q: Tensor<'bf16'>;
+  attnSink: Tensor<'float32'>;
+  topk?: TopK;
+}
+
 interface TopK {
   indices: Tensor<'int32'>;
   /** not-yet-visible entries planted (the planner must drop exactly these) */
@@ -348,37 +356,36 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
   const [plan, planSeconds] = await timedAsync(async () => createPlan(geo.chunk, { window: shape.window }));
   const route = routePrefill(numQueries, { path: shape.path, backend: engine.backend, ...(shape.threshold !== undefined ? { threshold: shape.threshold } : {}) });
 
-  // Every layer's own caches, queries, sink and (c4) indexer output.
-  progress.start('layer inputs (random caches, queries, top-k)', shape.layers.length);
-  const t0 = performance.now();
-  const layerInputs: { ratio: CompressRatio; caches: { swa: KvCache; c4?: KvCache; c128?: KvCache }; q: Tensor<'bf16'>; attnSink: Tensor<'float32'>; topk?: TopK }[] = [];
-  for (const ratio of shape.layers) {
+  // Every layer's own caches, queries, sink and (c4) indexer output, made just before the layer
+  // runs (one layer's q at a time in memory); untimed.
+  const makeLayerInputs = async (ratio: CompressRatio): Promise<LayerInputs> => {
     const swa = await randomCache(engine, rng, shape.pageSize, geo.swaPages, geo.swaIds);
-    const caches: { swa: KvCache; c4?: KvCache; c128?: KvCache } = { swa };
+    const caches: LayerInputs['caches'] = { swa };
     if (ratio === 4) caches.c4 = await randomCache(engine, rng, shape.c4PageSize, geo.c4Pages, geo.c4Ids);
     if (ratio === 128) caches.c128 = await randomCache(engine, rng, shape.c128PageSize, geo.c128Pages, geo.c128Ids);
     const q = new Uint16Array(qElements);
     fillBf16(q, rng, 3);
     const sink = new Float32Array(shape.heads);
     for (let h = 0; h < shape.heads; h++) sink[h] = rng.uniform(2, 8);
-    layerInputs.push({
+    return {
       ratio,
       caches,
       q: tensor('bf16', [numQueries, shape.heads, DQK], q),
       attnSink: tensor('float32', [shape.heads], sink),
       ...(ratio === 4 ? { topk: randomTopk(rng, reqs, numQueries, shape.topk) } : {}),
-    });
-    progress.tick();
-  }
-  const setupSeconds = (performance.now() - t0) / 1000;
-  progress.finish(`${shape.layers.length} layers, ${reqs.length} requests, ${numQueries} queries`);
+    };
+  };
 
   const smScale = 1 / Math.sqrt(DQK);
   const layers: LayerRow[] = [];
   let referenceSeconds = 0;
-  for (let l = 0; l < layerInputs.length; l++) {
-    const li = layerInputs[l]!;
-    const { ratio } = li;
+  let setupSeconds = 0;
+  for (let l = 0; l < shape.layers.length; l++) {
+    const ratio = shape.layers[l]!;
+    progress.start(`layer ${l} (c${ratio}) inputs`, 0);
+    const [li, inputSeconds] = await timedAsync(() => makeLayerInputs(ratio));
+    setupSeconds += inputSeconds;
+    progress.finish();
     progress.start(`layer ${l} (c${ratio}) prefillLayer`, 0);
     const [res, seconds] = await timedAsync<PrefillLayerResult>(() =>
       prefillLayer(engine, {

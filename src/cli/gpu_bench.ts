@@ -26,7 +26,8 @@ export interface GpuBenchOptions {
   out?: string;
   commit?: string;
   command: string;
-  machine: Record<string, unknown>;
+  device: Record<string, unknown>;
+  host: object;
 }
 
 interface Row {
@@ -34,7 +35,7 @@ interface Row {
   median_ms: number;
   runs_ms: number[];
   value: number;
-  unit: 'TFLOPS' | 'GB/s' | 'ms';
+  unit: 'TFLOPS' | 'GB/s' | 'ms' | 'x';
   note?: string;
 }
 
@@ -190,7 +191,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       say({ name: `V4 chunk ${N / 1024}K: paged path (pagedSparseAttention)`, median_ms: pagedMs, runs_ms: pagedRuns, value: flops / pagedMs / 1e9, unit: 'TFLOPS' });
       say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${nComp + N} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: ((nComp + N) * (584 + 8 + 1024)) / dqMs / 1e6, unit: 'GB/s' });
       say({ name: `V4 chunk ${N / 1024}K: workspace sparsePrefill (width ${width})`, median_ms: pfMs, runs_ms: prefillRuns, value: flops / pfMs / 1e9, unit: 'TFLOPS' });
-      say({ name: `V4 chunk ${N / 1024}K: workspace path total (dequant + prefill)`, median_ms: dqMs + pfMs, runs_ms: [], value: pagedMs / (dqMs + pfMs), unit: 'ms', note: `workspace ${(pagedMs / (dqMs + pfMs)).toFixed(2)}x the paged path's speed` });
+      say({ name: `V4 chunk ${N / 1024}K: workspace path total (dequant + prefill)`, median_ms: dqMs + pfMs, runs_ms: [], value: pagedMs / (dqMs + pfMs), unit: 'x', note: `workspace ${(pagedMs / (dqMs + pfMs)).toFixed(2)}x the paged path's speed` });
       say({ name: `V4 chunk ${N / 1024}K: whole layer wall clock (JS → dequant → prefill)`, median_ms: median(wall), runs_ms: wall, value: median(wall), unit: 'ms', note: `${entries} index slots` });
       ws = ws as DeviceTensor<'bf16'> | null;
       (ws as DeviceTensor<'bf16'> | null)?.data.free();
@@ -202,7 +203,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     flushB.free();
     await engine.dispose();
   }
-  const report = { device: o.machine, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows };
+  const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows };
   if (o.out) writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
   return 0;
 }

@@ -181,7 +181,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     const { gpuBench } = await import('../gpu_bench.js');
     const { listBackends } = await import('../../index.js');
     const cuda = (await listBackends()).find((b) => b.name === 'cuda');
-    return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, machine: { ...cuda?.details, ...machineInfo() } });
+    return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, device: cuda?.details ?? {}, host: machineInfo() });
   }
   const progress = new Progress({ enabled: !o.quiet });
   const shape = {

@@ -25,8 +25,8 @@ function cli(args: string[], env: Record<string, string> = {}): { code: number |
 
 /** A small chunk: 24 queries x 4 heads, 16 compressed picks + a window of 8, context 96. */
 const TINY = ['--queries', '24', '--heads', '4', '--topk', '16', '--window', '8', '--context', '96', '--page-size', '16', '--workers', '2'];
-/** The layer section, tiny: 3 requests (one mid-sequence long, one fresh, one mid-sequence), 40 queries, layers 0/4/128/4. */
-const TINY_LAYERS = ['--layers', '0,4,128,4', '--requests', '3', '--chunk-tokens', '40', '--max-context', '300', '--layer-check', '5'];
+/** The layer section, tiny: 4 requests (mid-sequence long, fresh, mid-sequence, shorter than the window), 40 queries, layers 0/4/128/4. */
+const TINY_LAYERS = ['--layers', '0,4,128,4', '--requests', '4', '--chunk-tokens', '40', '--max-context', '300', '--layer-check', '5'];
 
 describe('dispatch', () => {
   test('--help lists every command and exits 0', () => {
@@ -150,7 +150,7 @@ describe('run', () => {
     expect(r.stdout).toMatch(/^prefill out\s.*PASS$/m);
     expect(r.stdout).toMatch(/^dequantize values\s.*PASS$/m);
     // section 2: one row per layer, each naming its ratio, the path taken and why, and PASS
-    expect(r.stdout).toContain('2. Model chunk through the planner and the router: 3 requests, 40 queries');
+    expect(r.stdout).toContain('2. Model chunk through the planner and the router: 4 requests, 40 queries');
     const rows = r.stdout.split('\n').filter((l) => /^\s+\d+\s+c(0|4|128)\s/.test(l));
     expect(rows.map((l) => l.trim().split(/\s+/)[1])).toEqual(['c0', 'c4', 'c128', 'c4']);
     for (const row of rows) {
@@ -192,7 +192,10 @@ describe('run', () => {
     const lc = out.layerChunk;
     expect(lc.pass).toBe(true);
     expect(lc.numQueries).toBe(40);
-    expect(lc.requests).toHaveLength(3);
+    expect(lc.requests).toHaveLength(4);
+    expect(lc.requests[0]!.seqLen).toBe(300 + lc.requests[0]!.extendLen); // mid-sequence, --max-context before it
+    expect(lc.requests[1]!.seqLen).toBe(lc.requests[1]!.extendLen); // a fresh prompt
+    expect(lc.requests[3]!.seqLen).toBeLessThan(8); // shorter than the window
     expect(lc.requests.reduce((a, q) => a + q.extendLen, 0)).toBe(40);
     expect(lc.requests.some((q) => q.seqLen > q.extendLen)).toBe(true); // some start mid-sequence
     expect(lc.layers.map((l) => l.ratio)).toEqual([0, 4, 128, 4]);

@@ -135,17 +135,34 @@ export function chunkRequests(shape: LayerChunkShape, rng: Rng): RequestInfo[] {
     { kind: 'short (< window)', weight: 1 },
   ];
   const picked = Array.from({ length: shape.requests }, (_, r) => kinds[r % kinds.length]!);
+  const isShort = (r: number): boolean => picked[r]!.kind.startsWith('short');
   const total = picked.reduce((a, k) => a + k.weight, 0);
-  const out: RequestInfo[] = [];
+  const ext = new Array<number>(picked.length).fill(0);
   let left = shape.chunkTokens;
+  // short requests first, capped so that the whole sequence stays shorter than the window
+  const shortCap = Math.max(1, Math.floor(shape.window / 2));
   picked.forEach((k, r) => {
-    const extendLen = r === picked.length - 1 ? Math.max(0, left) : Math.max(1, Math.min(left, Math.round((shape.chunkTokens * k.weight) / total)));
-    left -= extendLen;
+    if (!isShort(r)) return;
+    ext[r] = Math.min(left, shortCap, Math.max(1, Math.round((shape.chunkTokens * k.weight) / total)));
+    left -= ext[r]!;
+  });
+  // the rest by weight; the last of them takes what rounding left over
+  const others = picked.map((_, r) => r).filter((r) => !isShort(r));
+  const otherWeight = others.reduce((a, r) => a + picked[r]!.weight, 0);
+  const pool = left;
+  others.forEach((r, i) => {
+    ext[r] = i === others.length - 1 ? left : Math.min(left, Math.max(1, Math.round((pool * picked[r]!.weight) / otherWeight)));
+    left -= ext[r]!;
+  });
+  if (others.length === 0 && left > 0) ext[ext.length - 1]! += left;
+  const out: RequestInfo[] = [];
+  picked.forEach((k, r) => {
+    const extendLen = ext[r]!;
     let context: number;
     if (k.kind === 'fresh prompt') context = 0;
     else if (k.kind === 'mid-sequence, long') context = shape.maxContext;
     else if (k.kind === 'mid-sequence') context = Math.floor(shape.maxContext / 4) + rng.int(Math.floor(shape.maxContext / 4) + 1);
-    else context = rng.int(Math.max(1, Math.floor(shape.window / 2)));
+    else context = rng.int(Math.max(1, shape.window - extendLen));
     out.push({ kind: k.kind, seqLen: context + extendLen, extendLen });
   });
   return out;

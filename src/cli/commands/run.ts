@@ -485,7 +485,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
   const layouts = r.plan.layouts.map((l) => `c${l.ratio} ${l.compressedRows}+${l.swaRows} rows = ${formatBytes(l.bytes)}`).join('; ');
   const layerTable = formatTable(
     [
-      ['layer', 'ratio', 'path', 'why (router)', 'workspace', 'row', 'time', 'GFLOP/s', 'dropped', 'out failing', '1 - cos', 'lse failing', 'maxLogits failing', 'result'],
+      ['layer', 'ratio', 'path', 'why (router)', 'workspace', 'row width', 'time', 'GFLOP/s', 'dropped', 'out failing', '1 - cos', 'lse failing', 'maxLogits failing', 'result'],
       ...r.layers.map((l) => [
         String(l.layer),
         `c${l.ratio}`,

@@ -367,6 +367,35 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   });
 }
 
+// planRows(seqLens (host Int32Array), extendLens (host), numRequests, window, ratio,
+//          topkIndices|null, topk, width, numQueries, rows, lens, dropped|null)
+// The planner's per-row index building on the device (native/cuda/planner.cu): ratio 4 with the
+// indexer's top-k (topkIndices, host or device), ratio 0 / 128 dense rows without.
+Napi::Value PlanRows(const Napi::CallbackInfo& info) {
+  Args a(info, "planRows");
+  std::vector<Napi::ObjectReference> pins;
+  const int64_t nr = a.Int(2, "numRequests", 0, kI32Max);
+  const int32_t* seq = a.Array<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
+  const int32_t* ext = a.Array<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
+  const int32_t window = a.Int(3, "window", 1, kI32Max), ratio = a.Int(4, "ratio", 0, 128);
+  const int64_t topk = a.Int(6, "topk", 0, kI32Max), width = a.Int(7, "width", 0, kI32Max), nq = a.Int(8, "numQueries", 0, kI32Max);
+  const bool top = !a.IsNull(5);
+  auto idx = std::make_shared<Operand>();
+  if (top) *idx = ReadOperand(a, info, pins, 5, "topkIndices", napi_int32_array, 4, uint64_t(nq) * uint64_t(topk), false);
+  auto rows = std::make_shared<Operand>(ReadOperand(a, info, pins, 9, "rows", napi_int32_array, 4, uint64_t(nq) * uint64_t(width), true));
+  auto lens = std::make_shared<Operand>(ReadOperand(a, info, pins, 10, "lens", napi_int32_array, 4, uint64_t(nq), true));
+  auto dropped = std::make_shared<Operand>(ReadOperand(a, info, pins, 11, "dropped", napi_int32_array, 4, uint64_t(nq), true, true));
+  const bool hasDropped = !a.IsNull(11);
+  return Queue(a, std::move(pins), [=]() -> int32_t {
+    std::vector<Operand*> ops{idx.get(), rows.get(), lens.get(), dropped.get()};
+    return RunOnStream(ops, [&](cudaStream_t s) {
+      return smla_cuda_plan_rows(int32_t(nr), seq, ext, window, ratio, top ? static_cast<const int32_t*>(idx->Ptr()) : nullptr,
+                                 int32_t(topk), int32_t(width), nq, static_cast<int32_t*>(rows->Ptr()),
+                                 static_cast<int32_t*>(lens->Ptr()), hasDropped ? static_cast<int32_t*>(dropped->Ptr()) : nullptr, s);
+    });
+  });
+}
+
 // upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes) / download(src, dst)
 Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
   Args a(info, toDevice ? "upload" : "download");
@@ -517,6 +546,7 @@ const OpEntry kCudaOps[] = {
     {"sparsePrefill", SparsePrefill},
     {"pagedSparseAttention", PagedSparseAttention},
     {"dequantizeKvCache", DequantizeKvCache},
+    {"planRows", PlanRows},
     {"upload", Upload},
     {"download", Download},
     {"copyDevice", CopyDevice},

@@ -36,6 +36,18 @@ int32_t smla_cuda_paged_sparse_attention(
     const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits,
     cudaStream_t stream);
 
+/* §6: a chunk's combined rows on the device, one thread per query, by the host planner's per-row
+ * functions. topk_indices (device int32 [num_queries, topk], request-local compressed positions,
+ * negative = padding) given: ratio 4 rows (topk_row; dropped[q] = causality-dropped entries);
+ * NULL: ratio 0 / 128 dense rows (dense_row; dropped[q] = 0). seq_lens / extend_lens are HOST
+ * arrays (the per-request layout is walked on the host); rows int32 [num_queries, width], lens and
+ * dropped int32 [num_queries] are device memory (dropped may be NULL). num_queries must equal
+ * Σ extend_lens. */
+int32_t smla_cuda_plan_rows(int32_t num_requests, const int32_t* seq_lens, const int32_t* extend_lens,
+                            int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
+                            int32_t width, int64_t num_queries, int32_t* rows, int32_t* lens,
+                            int32_t* dropped, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -135,6 +135,24 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       for (const t of [q, kv, indices, sink]) t.data.free();
     }
 
+    // ---- the planner's per-layer c4 rows on the GPU (32K-query chunk, device top-k in and rows out)
+    {
+      const N = 32768, topk = 512, width = 640;
+      const topkIdx = new Int32Array(N * topk);
+      for (let i = 0; i < N; i++) {
+        const visible = Math.floor((i + 1) / 4);
+        for (let k = 0; k < topk; k++) topkIdx[i * topk + k] = k < visible ? rng.int(0, visible) : -1;
+      }
+      const idx = await engine.upload(tensor('int32', [N, topk], topkIdx));
+      const runs = await time(async () => {
+        const r = await be.planRows({ seqLens: Int32Array.of(N), extendLens: Int32Array.of(N), window: 128, ratio: 4, topkIndices: idx.data, topk, width }, 'device');
+        for (const b of [r.rows, r.lens, r.dropped]) (b as DeviceBuffer).free();
+      });
+      const ms = median(runs);
+      say({ name: 'planner c4 rows on the GPU, 32K queries, topk 512, width 640', median_ms: ms, runs_ms: runs, value: (N * topk * 4 + N * width * 4 + N * 8) / ms / 1e6, unit: 'GB/s', note: 'index bytes read + rows written' });
+      idx.data.free();
+    }
+
     // ---- workspace path vs paged path on V4 c4 prefill chunks
     for (const N of [4096, 16384, 32768]) {
       const hQ = 64, W = 128, TOPK = 512, width = 640, nComp = N / 4;

@@ -147,6 +147,25 @@ export interface NativeCudaOps {
   ): Promise<void>;
   /** tokenIds: host int32 (checked by the caller; the kernel re-checks and never reads outside) */
   dequantizeKvCache(format: 0 | 1, cache: Operand<Uint8Array>, pageSize: number, numPages: number, tokenIds: Int32Array, n: number, out: Operand<Uint16Array>): Promise<void>;
+  /**
+   * The planner's combined rows on the device (native/cuda/planner.cu): ratio 4 with topkIndices
+   * [numQueries, topk] (host or device), ratio 0 / 128 dense rows with null. seqLens/extendLens
+   * are host arrays; rows [numQueries, width], lens and dropped [numQueries] host or device.
+   */
+  planRows(
+    seqLens: Int32Array,
+    extendLens: Int32Array,
+    numRequests: number,
+    window: number,
+    ratio: number,
+    topkIndices: Operand<Int32Array> | null,
+    topk: number,
+    width: number,
+    numQueries: number,
+    rows: Operand<Int32Array>,
+    lens: Operand<Int32Array>,
+    dropped: Operand<Int32Array> | null,
+  ): Promise<void>;
   /** host → device; data must have exactly buffer.byteLength bytes */
   upload(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
   /** device → host; data must have exactly buffer.byteLength bytes */

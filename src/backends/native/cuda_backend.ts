@@ -274,6 +274,31 @@ export class CudaBackend implements Backend, DeviceOps {
     return out as Uint16Array; // a DeviceBuffer when placement is 'device' (DeviceOps' contract)
   }
 
+  /**
+   * The planner's per-row index building on the GPU (SPEC §6; planner.h's topk_row / dense_row in
+   * a kernel): ratio 4 rows from the indexer's top-k (host or device), ratio 0 / 128 dense rows
+   * when topkIndices is null. Outputs where `placement` says. Inputs are the plan's, already
+   * validated and sized (width ≥ the widest row).
+   */
+  async planRows(
+    args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
+    placement: Placement = 'host',
+  ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }> {
+    const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
+    const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
+    const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
+    const dropped = this.output(placement, Int32Array, 4, numQueries, 'dropped');
+    try {
+      await this.call('planRows', () =>
+        this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : operand(args.topkIndices), args.topk, args.width, numQueries, operand(rows), operand(lens), operand(dropped)),
+      );
+    } catch (e) {
+      for (const b of [rows, lens, dropped]) if (isDeviceBuffer(b)) b.free();
+      throw e;
+    }
+    return { rows, lens, dropped };
+  }
+
   /** A host-side write: the native CPU core on host threads (the cache lives in host memory). */
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;

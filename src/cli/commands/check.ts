@@ -10,6 +10,8 @@ import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { engineBackend } from '../../engine.js';
 import { tensor } from '../../tensor.js';
+import { loadWasmPlannerCore } from '../../planner/wasm_core.js';
+import type { CudaBackend } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
 import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, sampleRows, type Rng } from '../../check/grid.js';
@@ -258,6 +260,43 @@ export async function checkCommand(argv: string[]): Promise<number> {
           throw new Error('download of a freed buffer did not throw');
         } catch (e) {
           if (!(e instanceof SparseMlaError && e.code === 'INVALID_VALUE')) throw e;
+        }
+      });
+      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs', async () => {
+        const be = engineBackend(engine) as unknown as CudaBackend;
+        const host = loadWasmPlannerCore();
+        const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
+        const extendLens = Int32Array.from([300, 129, 1, 0, 777, 77]);
+        const nq = extendLens.reduce((x, y) => x + y, 0);
+        const window = 128, topk = 512, width = 640;
+        const topkIdx = new Int32Array(nq * topk);
+        for (let r = 0, q = 0; r < seqLens.length; r++) {
+          for (let i = 0; i < extendLens[r]!; i++, q++) {
+            const pos = seqLens[r]! - extendLens[r]! + i;
+            const visible = Math.floor((pos + 1) / 4);
+            for (let k = 0; k < topk; k++) topkIdx[q * topk + k] = rng.uniform() < 0.2 ? -1 : rng.int(0, visible + 6); // a few beyond: dropped
+          }
+        }
+        const want = host.combineTopk(seqLens, extendLens, window, 4, topkIdx, topk, width);
+        for (const placement of ['host', 'device'] as const) {
+          const idx = placement === 'device' ? (await engine.upload(tensor('int32', [nq, topk], topkIdx))).data : topkIdx;
+          const got = await be.planRows({ seqLens, extendLens, window, ratio: 4, topkIndices: idx, topk, width }, placement);
+          const dl = async (x: Int32Array | import('../../types.js').DeviceBuffer, n: number): Promise<Int32Array> => {
+            if (x instanceof Int32Array) return x;
+            const t = await engine.download({ dtype: 'int32', shape: [n], data: x });
+            x.free();
+            return t.data;
+          };
+          sameBits(`c4 rows (${placement})`, await dl(got.rows, nq * width), want.rows);
+          sameBits(`c4 lens (${placement})`, await dl(got.lens, nq), want.lens);
+          sameBits(`c4 dropped (${placement})`, await dl(got.dropped, nq), want.dropped);
+          if (typeof idx !== 'object' || !(idx instanceof Int32Array)) idx.free();
+        }
+        for (const [ratio, w] of [[0, 128], [128, Math.ceil((Math.floor(5000 / 128) + 128) / 128) * 128]] as const) {
+          const d = host.denseRows(seqLens, extendLens, window, ratio, w);
+          const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w });
+          sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
+          sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
         }
       });
       await run('device: a failed allocation is a typed error and the device stays usable', async () => {

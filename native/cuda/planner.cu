@@ -1,0 +1,105 @@
+// The planner's per-row index building on the GPU (SPEC §6): the same per-row functions as the
+// host planner (cpp/include/sparse_mla/planner.h: topk_row, dense_row), one thread per query row,
+// so a chunk's per-layer c4 rows are built where the indexer's top-k and the attention live.
+// The per-request layout (a walk over the requests) is computed on the host and uploaded with the
+// launch; the per-query work runs on the device.
+#include <climits>
+#include <vector>
+
+#include "smla_cuda.h"
+#include "sparse_mla/planner.h"
+
+namespace {
+
+using smla::plan::QueryContext;
+
+struct RequestContext {
+  int64_t query_offset;
+  int64_t comp_base;
+  int64_t swa_base;
+  int64_t swa_start_pos;
+  int64_t first_pos;  // seq_len - extend_len
+};
+
+// Request of query q by binary search over the requests' query offsets.
+__device__ __forceinline__ int32_t request_of(const RequestContext* reqs, int32_t n, int64_t q) {
+  int32_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int32_t mid = (lo + hi + 1) / 2;
+    if (reqs[mid].query_offset <= q) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+__global__ void plan_rows_kernel(const RequestContext* reqs, int32_t num_requests, int64_t num_queries,
+                                 int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
+                                 int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped) {
+  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < num_queries; q += int64_t(gridDim.x) * blockDim.x) {
+    const RequestContext& r = reqs[request_of(reqs, num_requests, q)];
+    const QueryContext c{r.first_pos + (q - r.query_offset), r.comp_base, r.swa_base, r.swa_start_pos};
+    int32_t* row = rows + q * int64_t(width);
+    if (topk_indices) {
+      int32_t bad = 0;
+      lens[q] = smla::plan::topk_row(c, ratio, window, topk_indices + q * int64_t(topk), topk, row, width, &bad);
+      if (dropped) dropped[q] = bad;
+    } else {
+      lens[q] = smla::plan::dense_row(c, ratio, window, row, width);
+      if (dropped) dropped[q] = 0;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int32_t smla_cuda_plan_rows(int32_t num_requests, const int32_t* seq_lens, const int32_t* extend_lens,
+                                       int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
+                                       int32_t width, int64_t num_queries, int32_t* rows, int32_t* lens,
+                                       int32_t* dropped, cudaStream_t stream) {
+  if (num_requests < 0 || window < 1 || width < 0 || topk < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  const bool top = topk_indices != nullptr;
+  if (top ? ratio != 4 : (ratio != 0 && ratio != 128)) return SMLA_ERR_INVALID_ARGUMENT;
+  if (top && int64_t(width) < int64_t(topk) + window) return SMLA_ERR_INVALID_ARGUMENT;
+  // The host walk: each request's bases (as the host planner's for_each_query), the widest row.
+  std::vector<RequestContext> reqs(size_t(num_requests > 0 ? num_requests : 1));
+  int64_t nq = 0, swa = 0, comp = 0, comp_total = 0, widest = 0;
+  for (int32_t r = 0; r < num_requests; ++r) {
+    if (seq_lens[r] < 0 || extend_lens[r] < 0 || extend_lens[r] > seq_lens[r]) return SMLA_ERR_INVALID_ARGUMENT;
+    comp_total += smla::plan::request_visible(seq_lens[r], extend_lens[r], ratio);
+  }
+  for (int32_t r = 0; r < num_requests; ++r) {
+    const int64_t s = seq_lens[r], e = extend_lens[r];
+    const int64_t g = smla::plan::swa_gather_len(s, e, window);
+    reqs[size_t(r)] = RequestContext{nq, comp, comp_total + swa, s - g, s - e};
+    if (e > 0 && !top) {
+      const int64_t last = s - 1;  // rows grow with pos: the last query's is the widest
+      const int64_t len = smla::plan::query_visible(last, ratio) + smla::plan::window_len(last, window);
+      if (len > widest) widest = len;
+    }
+    nq += e;
+    swa += g;
+    comp += smla::plan::request_visible(s, e, ratio);
+  }
+  if (nq != num_queries || nq > INT32_MAX || swa + comp > INT32_MAX) return SMLA_ERR_INVALID_ARGUMENT;
+  if (widest > width) return SMLA_ERR_INVALID_ARGUMENT;
+  if (nq == 0) return SMLA_OK;
+  if (!rows || !lens || (top && topk > 0 && !topk_indices)) return SMLA_ERR_INVALID_ARGUMENT;
+
+  RequestContext* dev = nullptr;
+  const size_t bytes = reqs.size() * sizeof(RequestContext);
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&dev), bytes, stream);
+  if (err != cudaSuccess) return -int32_t(err);
+  // From pageable memory the copy has taken the data when it returns, so reqs may go after it.
+  err = cudaMemcpyAsync(dev, reqs.data(), bytes, cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess) {
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int64_t blocks = (nq + 127) / 128;
+    if (blocks > int64_t(sms) * 16) blocks = int64_t(sms) * 16;
+    plan_rows_kernel<<<unsigned(blocks), 128, 0, stream>>>(dev, num_requests, nq, window, ratio, top ? topk_indices : nullptr,
+                                                           topk, width, rows, lens, dropped);
+    err = cudaGetLastError();
+  }
+  cudaFreeAsync(dev, stream);
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}

@@ -1,4 +1,6 @@
 // Launcher for the dequant gather kernels (kv_cache.cuh).
+#include <stdlib.h>
+
 #include "kv_cache.cuh"
 #include "smla_cuda.h"
 
@@ -18,17 +20,28 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* 
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int64_t warps_needed = num_tokens;
+  // Tokens per warp iteration: 2 by default; SMLA_DEQUANT_TOKENS_PER_WARP=1 selects the previous
+  // one-token loop (kept so the GPU bench can time both in one run).
+  const char* tpw_env = getenv("SMLA_DEQUANT_TOKENS_PER_WARP");
+  const int tpw = (tpw_env && tpw_env[0] == '1' && tpw_env[1] == 0) ? 1 : 2;
+  const int64_t warps_needed = (num_tokens + tpw - 1) / tpw;
   int64_t blocks = (warps_needed + 7) / 8;
   const int64_t cap = int64_t(sms) * 8 * 4;  // enough resident warps; the kernels grid-stride
   if (blocks > cap) blocks = cap;
   if (format == SMLA_CACHE_V4) {
     const V4Cache c{cache, page_size, int64_t(page_size) * num_pages};
-    dequant_v4_kernel<<<unsigned(blocks), 256, 0, stream>>>(c, token_ids, num_tokens, out, bad_id);
+    if (tpw == 1)
+      dequant_v4_kernel<1><<<unsigned(blocks), 256, 0, stream>>>(c, token_ids, num_tokens, out, bad_id);
+    else
+      dequant_v4_kernel<2><<<unsigned(blocks), 256, 0, stream>>>(c, token_ids, num_tokens, out, bad_id);
   } else if (format == SMLA_CACHE_V32) {
     if (page_size != 1) return SMLA_ERR_INVALID_ARGUMENT;
-    dequant_v32_kernel<<<unsigned(blocks), 256, 0, stream>>>(cache, int64_t(num_pages), token_ids,
-                                                             num_tokens, out, bad_id);
+    if (tpw == 1)
+      dequant_v32_kernel<1><<<unsigned(blocks), 256, 0, stream>>>(cache, int64_t(num_pages), token_ids,
+                                                                  num_tokens, out, bad_id);
+    else
+      dequant_v32_kernel<2><<<unsigned(blocks), 256, 0, stream>>>(cache, int64_t(num_pages), token_ids,
+                                                                  num_tokens, out, bad_id);
   } else {
     return SMLA_ERR_INVALID_ARGUMENT;
   }

@@ -50,50 +50,84 @@ __device__ __forceinline__ void dequant_v4_lane(const V4Cache& c, int64_t t, int
   }
 }
 
+// Tokens per warp per loop iteration. 1 = one token at a time: the id load and the record load form
+// one dependent chain per token. 2 = two tokens' ids, then both records, in flight together: twice
+// the bytes in flight per thread and half the dependent round trips (the v32 fix, bench/cuda/ADDON.md).
+template <int kTokens>
 static __global__ void __launch_bounds__(256) dequant_v4_kernel(V4Cache c, const int64_t* __restrict__ ids,
                                                          int64_t n, uint16_t* __restrict__ out,
                                                          int32_t* bad_id) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i < n; i += warps) {
-    const int64_t t = ids[i];
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0);
-    if (c.contains(t)) {
-      dequant_v4_lane(c, t, lane, lo, hi);
-    } else if (lane == 0 && bad_id) {
-      *bad_id = 1;
+  for (int64_t i0 = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i0 < n; i0 += warps * kTokens) {
+    int64_t t[kTokens];
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) t[u] = i0 + u * warps < n ? ids[i0 + u * warps] : -1;
+    uint4 lo[kTokens], hi[kTokens];
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) {
+      lo[u] = make_uint4(0, 0, 0, 0);
+      hi[u] = make_uint4(0, 0, 0, 0);
+      if (c.contains(t[u])) {
+        dequant_v4_lane(c, t[u], lane, lo[u], hi[u]);
+      } else if (lane == 0 && bad_id && i0 + u * warps < n) {
+        *bad_id = 1;
+      }
     }
-    uint4* dst = reinterpret_cast<uint4*>(out + i * v4::kDim + lane * 16);
-    dst[0] = lo;
-    dst[1] = hi;
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) {
+      const int64_t i = i0 + u * warps;
+      if (i < n) {
+        uint4* dst = reinterpret_cast<uint4*>(out + i * v4::kDim + lane * 16);
+        dst[0] = lo[u];
+        dst[1] = hi[u];
+      }
+    }
   }
 }
 
 // v32: lane l produces nope dims [16l, 16l+16); lanes 0..7 also copy rope dims [512 + 8l, +8).
+template <int kTokens>
 static __global__ void __launch_bounds__(256) dequant_v32_kernel(const uint8_t* __restrict__ cache,
                                                           int64_t num_tokens,
                                                           const int64_t* __restrict__ ids, int64_t n,
                                                           uint16_t* __restrict__ out, int32_t* bad_id) {
   const int lane = threadIdx.x & 31;
   const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t i = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i < n; i += warps) {
-    const int64_t t = ids[i];
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = make_uint4(0, 0, 0, 0), rope = make_uint4(0, 0, 0, 0);
-    if (t >= 0 && t < num_tokens) {
-      const uint8_t* tok = cache + v32::token_offset(t);
-      const float scale = __ldg(reinterpret_cast<const float*>(tok + v32::kScalesAt) + (lane >> 3));
-      const uint4 raw = __ldg(reinterpret_cast<const uint4*>(tok + lane * 16));
-      if (lane < 8) rope = __ldg(reinterpret_cast<const uint4*>(tok + v32::kRopeAt) + lane);
-      lo = dequant8(raw.x, raw.y, scale);
-      hi = dequant8(raw.z, raw.w, scale);
-    } else if (lane == 0 && bad_id) {
-      *bad_id = 1;
+  for (int64_t i0 = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i0 < n; i0 += warps * kTokens) {
+    int64_t t[kTokens];
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) t[u] = i0 + u * warps < n ? ids[i0 + u * warps] : -1;
+    uint4 raw[kTokens], rope[kTokens];
+    float scale[kTokens];
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) {
+      raw[u] = make_uint4(0, 0, 0, 0);
+      rope[u] = make_uint4(0, 0, 0, 0);
+      scale[u] = 0.f;
+      if (t[u] >= 0 && t[u] < num_tokens) {
+        const uint8_t* tok = cache + v32::token_offset(t[u]);
+        scale[u] = __ldg(reinterpret_cast<const float*>(tok + v32::kScalesAt) + (lane >> 3));
+        raw[u] = __ldg(reinterpret_cast<const uint4*>(tok + lane * 16));
+        if (lane < 8) rope[u] = __ldg(reinterpret_cast<const uint4*>(tok + v32::kRopeAt) + lane);
+      } else if (lane == 0 && bad_id && i0 + u * warps < n) {
+        *bad_id = 1;
+      }
     }
-    uint16_t* row = out + i * v32::kDim;
-    uint4* dst = reinterpret_cast<uint4*>(row + lane * 16);
-    dst[0] = lo;
-    dst[1] = hi;
-    if (lane < 8) reinterpret_cast<uint4*>(row + v32::kNopeDim)[lane] = rope;
+#pragma unroll
+    for (int u = 0; u < kTokens; ++u) {
+      const int64_t i = i0 + u * warps;
+      if (i < n) {
+        // an invalid id leaves raw = 0 and scale = 0: the row is written as +0
+        const uint4 lo = dequant8(raw[u].x, raw[u].y, scale[u]);
+        const uint4 hi = dequant8(raw[u].z, raw[u].w, scale[u]);
+        uint16_t* row = out + i * v32::kDim;
+        uint4* dst = reinterpret_cast<uint4*>(row + lane * 16);
+        dst[0] = lo;
+        dst[1] = hi;
+        if (lane < 8) reinterpret_cast<uint4*>(row + v32::kNopeDim)[lane] = rope[u];
+      }
+    }
   }
 }
 

@@ -46,6 +46,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   const be = engineBackend(engine) as unknown as CudaBackend;
   const rng = makeRng(0x5eed);
   const rows: Row[] = [];
+  let sweep: RouterSweep | null = null;
   const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
   const say = (r: Row): void => {
     rows.push(r);
@@ -90,29 +91,55 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     const info = be.memInfo();
     console.log(`device memory: ${(info.free / 2 ** 30).toFixed(1)} GiB free of ${(info.total / 2 ** 30).toFixed(1)} GiB`);
 
-    // ---- copy ceiling
+    // ---- copy ceiling and dequant: ROUNDS interleaved rounds (copy, then each format with the
+    // one-token and the two-token warp loop), so drift of the card shows in every figure alike
+    const ROUNDS = 3;
     const ga = be.alloc(2 ** 30), gb = be.alloc(2 ** 30);
-    const copyRuns = await time(() => be.copyDevice(ga, gb));
-    const copyMs = median(copyRuns);
-    say({ name: 'device-to-device copy 1 GiB (read + write)', median_ms: copyMs, runs_ms: copyRuns, value: (2 * 2 ** 30) / copyMs / 1e6, unit: 'GB/s' });
-    ga.free();
-    gb.free();
-    const copyGBs = (2 * 2 ** 30) / copyMs / 1e6;
-
-    // ---- dequant
-    for (const format of ['v4', 'v32'] as const) {
-      const n = 262144;
-      const cache = await deviceCache(format, 4096);
-      const ids = tensor('int32', [n], randomIds(rng, n, 262144));
-      const runs = await time(async () => {
-        const out = await engine.dequantizeKCachePaged({ cache, tokenIds: ids }, { output: 'device' });
-        out.data.free();
-      });
-      const bytes = n * (format === 'v4' ? 584 + 8 + 1024 : 656 + 8 + 1152);
-      const ms = median(runs);
-      const gbs = bytes / ms / 1e6;
-      say({ name: `dequant ${format} 256K random tokens`, median_ms: ms, runs_ms: runs, value: gbs, unit: 'GB/s', note: `${((gbs / copyGBs) * 100).toFixed(0)}% of copy` });
-      cache.data.free();
+    const n = 262144;
+    const dqCaches = { v4: await deviceCache('v4', 4096), v32: await deviceCache('v32', 4096) };
+    const dqIds = tensor('int32', [n], randomIds(rng, n, 262144));
+    const copyGBsRounds: number[] = [];
+    const dqGBs: Record<string, number[]> = {};
+    const ENV_TPW = 'SMLA_DEQUANT_TOKENS_PER_WARP';
+    const savedTpw = process.env[ENV_TPW];
+    let copyGBs = 0;
+    try {
+      for (let round = 0; round < ROUNDS; round++) {
+        const copyRuns = await time(() => be.copyDevice(ga, gb));
+        const copyMs = median(copyRuns);
+        const roundCopy = (2 * 2 ** 30) / copyMs / 1e6;
+        copyGBsRounds.push(roundCopy);
+        say({ name: `round ${round + 1}: device-to-device copy 1 GiB (read + write)`, median_ms: copyMs, runs_ms: copyRuns, value: roundCopy, unit: 'GB/s' });
+        for (const format of ['v4', 'v32'] as const) {
+          for (const tpw of ['1', '2']) {
+            process.env[ENV_TPW] = tpw;
+            const cache = dqCaches[format];
+            const runs = await time(async () => {
+              const out = await engine.dequantizeKCachePaged({ cache, tokenIds: dqIds }, { output: 'device' });
+              out.data.free();
+            });
+            const bytes = n * (format === 'v4' ? 584 + 8 + 1024 : 656 + 8 + 1152);
+            const ms = median(runs);
+            const gbs = bytes / ms / 1e6;
+            (dqGBs[`${format}/${tpw}`] ??= []).push(gbs);
+            say({ name: `round ${round + 1}: dequant ${format} 256K random tokens, ${tpw} token(s)/warp/iteration`, median_ms: ms, runs_ms: runs, value: gbs, unit: 'GB/s', note: `${((gbs / roundCopy) * 100).toFixed(1)}% of this round's copy` });
+          }
+        }
+      }
+    } finally {
+      if (savedTpw === undefined) delete process.env[ENV_TPW];
+      else process.env[ENV_TPW] = savedTpw;
+      ga.free();
+      gb.free();
+      dqCaches.v4.data.free();
+      dqCaches.v32.data.free();
+    }
+    copyGBs = median(copyGBsRounds);
+    say({ name: 'device-to-device copy 1 GiB: median of round medians', median_ms: (2 * 2 ** 30) / copyGBs / 1e6, runs_ms: [], value: copyGBs, unit: 'GB/s' });
+    for (const [key, v] of Object.entries(dqGBs)) {
+      const [format, tpw] = key.split('/');
+      const gbs = median(v);
+      say({ name: `dequant ${format} 256K random tokens, ${tpw} token(s)/warp: median of round medians`, median_ms: 0, runs_ms: [], value: gbs, unit: 'GB/s', note: `${((gbs / copyGBs) * 100).toFixed(1)}% of copy; rounds ${v.map((x, r) => ((x / copyGBsRounds[r]!) * 100).toFixed(1)).join('/')}%` });
     }
 
     // ---- sparse prefill at FlashMLA's configurations
@@ -216,14 +243,156 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       for (const t of [q, sink, mainD, extraD, combD]) t.data.free();
       cache.data.free();
     }
+
+    // ---- router threshold (SPEC §7): workspace path vs paged path over query counts
+    sweep = await routerSweep(engine, be, rng, time, say, deviceCache, randomDevice);
   } finally {
     flushA.free();
     flushB.free();
     await engine.dispose();
   }
-  const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows };
+  const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows, routerSweep: sweep };
   if (o.out) writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
   return 0;
+}
+
+/** One chunk shape of the router sweep: a layer kind at one context length. */
+interface SweepCase {
+  ratio: 0 | 4 | 128;
+  hQ: number;
+  topk: number;
+  /** tokens of the request before the chunk */
+  prefix: number;
+}
+interface SweepPoint {
+  queries: number;
+  paged_ms: number;
+  dequant_ms: number;
+  prefill_ms: number;
+  workspace_ms: number;
+  /** paged / workspace: > 1 means the workspace path is faster */
+  speedup: number;
+  workspace_rows: number;
+  width: number;
+}
+interface RouterSweep {
+  queryCounts: number[];
+  cases: Array<SweepCase & { name: string; points: SweepPoint[]; crossover: number | null; lastPagedWin: number | null }>;
+  method: string;
+}
+
+const SWEEP_QUERIES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+const SWEEP_CASES: SweepCase[] = [];
+for (const prefix of [0, 32768]) {
+  SWEEP_CASES.push(
+    { ratio: 4, hQ: 64, topk: 512, prefix },
+    { ratio: 4, hQ: 128, topk: 1024, prefix },
+    { ratio: 128, hQ: 64, topk: 0, prefix },
+    { ratio: 128, hQ: 128, topk: 0, prefix },
+    { ratio: 0, hQ: 64, topk: 0, prefix },
+    { ratio: 0, hQ: 128, topk: 0, prefix },
+  );
+}
+
+/**
+ * One request whose chunk holds the last `queries` tokens of seqLen = prefix + queries (the shape of
+ * SPEC §6 with W = 128): the paged path attends main = the window's SWA ids and extra = the
+ * compressed ids (c4: min(topk, visible) random visible entries; c128: every visible entry); the
+ * workspace path dequantizes the request's floor(seqLen / r) compressed rows and its SWA gather
+ * g = min(seqLen, queries + 127) into one workspace (one dequant launch) and runs sparsePrefill over
+ * the combined rows (compressed then window, −1 padded to a multiple of 128). One v4 cache (P 64)
+ * holds the compressed entries then the gathered SWA tokens, so workspace row = cache id.
+ */
+async function routerSweep(
+  engine: Engine,
+  be: CudaBackend,
+  rng: Rng,
+  time: (fn: () => Promise<void>) => Promise<number[]>,
+  say: (r: Row) => void,
+  deviceCache: (format: 'v4' | 'v32', pages: number) => Promise<DeviceKvCache>,
+  randomDevice: (shape: number[]) => Promise<DeviceTensor<'bf16'>>,
+): Promise<RouterSweep> {
+  const W = 128;
+  const result: RouterSweep = { queryCounts: SWEEP_QUERIES, cases: [], method: 'device ms (CUDA events) per launch, median of repeat after warmup, L2 flushed before each; workspace = dequant + sparsePrefill' };
+  for (const c of SWEEP_CASES) {
+    const name = `c${c.ratio} hQ${c.hQ}${c.ratio === 4 ? ` topk${c.topk}` : ''} prefix ${c.prefix / 1024}K`;
+    const points: SweepPoint[] = [];
+    const sink = await engine.upload(tensor('float32', [c.hQ], Float32Array.from({ length: c.hQ }, () => rng.normal())));
+    try {
+      for (const nq of SWEEP_QUERIES) {
+        const seqLen = c.prefix + nq;
+        const g = Math.min(seqLen, nq + W - 1);
+        const swaStart = seqLen - g;
+        const nComp = c.ratio > 0 ? Math.floor(seqLen / c.ratio) : 0;
+        const compWidth = c.ratio === 4 ? c.topk : c.ratio === 128 ? Math.max(1, nComp) : 0;
+        const width = Math.ceil((compWidth + W) / 128) * 128;
+        const mainIds = new Int32Array(nq * W).fill(-1);
+        const extraIds = compWidth > 0 ? new Int32Array(nq * compWidth).fill(-1) : null;
+        const combined = new Int32Array(nq * width).fill(-1);
+        for (let i = 0; i < nq; i++) {
+          const pos = c.prefix + i;
+          const visible = c.ratio > 0 ? Math.floor((pos + 1) / c.ratio) : 0;
+          const k = c.ratio === 4 ? Math.min(c.topk, visible) : visible;
+          for (let e = 0; e < k; e++) {
+            const j = c.ratio === 4 ? rng.int(0, visible) : e;
+            extraIds![i * compWidth + e] = j;
+            combined[i * width + e] = j;
+          }
+          const swa = Math.min(pos + 1, W);
+          for (let w = 0; w < swa; w++) {
+            const id = nComp + (pos - swa + 1 + w - swaStart);
+            mainIds[i * W + w] = id;
+            combined[i * width + k + w] = id;
+          }
+        }
+        const rowsTotal = nComp + g;
+        const cache = await deviceCache('v4', Math.ceil(rowsTotal / 64));
+        const q = await randomDevice([nq, c.hQ, 512]);
+        const gather = tensor('int32', [rowsTotal], Int32Array.from({ length: rowsTotal }, (_, t) => t));
+        const mainD = await engine.upload(tensor('int32', [nq, W], mainIds));
+        const extraD = extraIds ? await engine.upload(tensor('int32', [nq, compWidth], extraIds)) : null;
+        const combD = await engine.upload(tensor('int32', [nq, width], combined));
+        const smScale = 1 / Math.sqrt(512);
+        let ws: DeviceTensor<'bf16'> | null = null;
+        try {
+          const pagedRuns = await time(async () => {
+            const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, ...(extraD ? { extraKCache: cache, extraIndices: extraD } : {}), attnSink: sink, smScale }, { output: 'device' });
+            for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+          });
+          const dequantRuns = await time(async () => {
+            ws?.data.free();
+            ws = await engine.dequantizeKCachePaged({ cache, tokenIds: gather }, { output: 'device' });
+          });
+          const prefillRuns = await time(async () => {
+            const r = await engine.sparsePrefill({ q, kv: ws!, indices: combD, attnSink: sink, smScale }, { output: 'device' });
+            for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+          });
+          const paged_ms = median(pagedRuns), dequant_ms = median(dequantRuns), prefill_ms = median(prefillRuns);
+          const workspace_ms = dequant_ms + prefill_ms;
+          points.push({ queries: nq, paged_ms, dequant_ms, prefill_ms, workspace_ms, speedup: paged_ms / workspace_ms, workspace_rows: rowsTotal, width });
+          say({ name: `router ${name}: ${nq} queries, paged / workspace (${rowsTotal} rows, width ${width})`, median_ms: workspace_ms, runs_ms: [paged_ms, dequant_ms, prefill_ms], value: paged_ms / workspace_ms, unit: 'x', note: `paged ${paged_ms.toFixed(4)} ms, dequant ${dequant_ms.toFixed(4)} + prefill ${prefill_ms.toFixed(4)} ms` });
+        } finally {
+          (ws as DeviceTensor<'bf16'> | null)?.data.free();
+          for (const t of [q, mainD, extraD, combD]) t?.data.free();
+          cache.data.free();
+        }
+      }
+    } finally {
+      sink.data.free();
+    }
+    // crossover: the smallest query count from which the workspace path wins at every larger count
+    let crossover: number | null = null;
+    for (let k = points.length - 1; k >= 0 && points[k]!.speedup > 1; k--) crossover = points[k]!.queries;
+    const losing = points.filter((p) => p.speedup <= 1);
+    const lastPagedWin = losing.length > 0 ? losing[losing.length - 1]!.queries : null;
+    result.cases.push({ ...c, name, points, crossover, lastPagedWin });
+  }
+  console.log('\nrouter sweep: paged / workspace device time (> 1: workspace faster)');
+  console.log(`${'case'.padEnd(34)}${SWEEP_QUERIES.map((n) => String(n).padStart(7)).join('')}   workspace wins from`);
+  for (const c of result.cases) {
+    console.log(`${c.name.padEnd(34)}${c.points.map((p) => p.speedup.toFixed(2).padStart(7)).join('')}   ${c.crossover ?? 'never'}`);
+  }
+  return result;
 }
 
 export type { Engine };

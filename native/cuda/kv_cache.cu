@@ -20,10 +20,12 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* 
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  // Tokens per warp iteration: 2 by default; SMLA_DEQUANT_TOKENS_PER_WARP=1 selects the previous
-  // one-token loop (kept so the GPU bench can time both in one run).
+  // Tokens per warp iteration, per format from the H100 run of 2026-11-24 (bench/cuda/ADDON.md,
+  // median of 3 rounds): v4 2 tokens 82.5% of copy vs 1 token 79.6%; v32 1 token 80.0% vs 2 tokens
+  // 78.3%. SMLA_DEQUANT_TOKENS_PER_WARP=1|2 forces one loop (so the GPU bench can time both).
   const char* tpw_env = getenv("SMLA_DEQUANT_TOKENS_PER_WARP");
-  const int tpw = (tpw_env && tpw_env[0] == '1' && tpw_env[1] == 0) ? 1 : 2;
+  const int forced = (tpw_env && (tpw_env[0] == '1' || tpw_env[0] == '2') && tpw_env[1] == 0) ? tpw_env[0] - '0' : 0;
+  const int tpw = forced ? forced : (format == SMLA_CACHE_V4 ? 2 : 1);
   const int64_t warps_needed = (num_tokens + tpw - 1) / tpw;
   int64_t blocks = (warps_needed + 7) / 8;
   const int64_t cap = int64_t(sms) * 8 * 4;  // enough resident warps; the kernels grid-stride

@@ -41,7 +41,20 @@ interface Row {
 
 const MiB = 2 ** 20;
 
+/**
+ * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, planner, chunks, router) runs
+ * only those; SPARSE_MLA_SWEEP_PREFIXES=comma list of prefixes (default 0,32768) and
+ * SPARSE_MLA_SWEEP_RATIOS (default 4,128,0) narrow the router sweep.
+ */
+function sections(): (name: string) => boolean {
+  const only = process.env.SPARSE_MLA_GPU_BENCH_ONLY;
+  if (!only) return () => true;
+  const set = new Set(only.split(',').map((x) => x.trim()));
+  return (name) => set.has(name);
+}
+
 export async function gpuBench(o: GpuBenchOptions): Promise<number> {
+  const want = sections();
   const engine = await createEngine({ backend: 'cuda' });
   const be = engineBackend(engine) as unknown as CudaBackend;
   const rng = makeRng(0x5eed);
@@ -94,6 +107,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     // ---- copy ceiling and dequant: ROUNDS interleaved rounds (copy, then each format with the
     // one-token and the two-token warp loop), so drift of the card shows in every figure alike
     const ROUNDS = 3;
+    if (want('dequant')) {
     const ga = be.alloc(2 ** 30), gb = be.alloc(2 ** 30);
     const n = 262144;
     const dqCaches = { v4: await deviceCache('v4', 4096), v32: await deviceCache('v32', 4096) };
@@ -141,6 +155,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const gbs = median(v);
       say({ name: `dequant ${format} 256K random tokens, ${tpw} token(s)/warp: median of round medians`, median_ms: 0, runs_ms: [], value: gbs, unit: 'GB/s', note: `${((gbs / copyGBs) * 100).toFixed(1)}% of copy; rounds ${v.map((x, r) => ((x / copyGBsRounds[r]!) * 100).toFixed(1)).join('/')}%` });
     }
+    }
 
     // ---- sparse prefill at FlashMLA's configurations
     const configs = [
@@ -148,7 +163,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       { name: 'V4 sQ4096 hQ64 dQK512 topk512 sKV32768', sQ: 4096, hQ: 64, dQK: 512, topk: 512, sKV: 32768 },
       { name: 'V4 sQ4096 hQ128 dQK512 topk1024 sKV32768', sQ: 4096, hQ: 128, dQK: 512, topk: 1024, sKV: 32768 },
     ];
-    for (const c of configs) {
+    for (const c of want('prefill') ? configs : []) {
       const q = await randomDevice([c.sQ, c.hQ, c.dQK]);
       const kv = await randomDevice([c.sKV, c.dQK]);
       const indices = await engine.upload(tensor('int32', [c.sQ, c.topk], randomIds(rng, c.sQ * c.topk, c.sKV)));
@@ -163,7 +178,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     }
 
     // ---- the planner's per-layer c4 rows on the GPU (32K-query chunk, device top-k in and rows out)
-    {
+    if (want('planner')) {
       const N = 32768, topk = 512, width = 640;
       const topkIdx = new Int32Array(N * topk);
       for (let i = 0; i < N; i++) {
@@ -181,7 +196,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     }
 
     // ---- workspace path vs paged path on V4 c4 prefill chunks
-    for (const N of [4096, 16384, 32768]) {
+    for (const N of want('chunks') ? [4096, 16384, 32768] : []) {
       const hQ = 64, W = 128, TOPK = 512, width = 640, nComp = N / 4;
       // one v4 cache holding the compressed entries (ids [0, nComp)) then the SWA tokens (ids nComp + pos)
       const cache = await deviceCache('v4', (nComp + N) / 64);
@@ -245,7 +260,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     }
 
     // ---- router threshold (SPEC §7): workspace path vs paged path over query counts
-    sweep = await routerSweep(engine, be, rng, time, say, deviceCache, randomDevice);
+    if (want('router')) sweep = await routerSweep(engine, be, rng, time, say, deviceCache, randomDevice);
   } finally {
     flushA.free();
     flushB.free();
@@ -314,7 +329,10 @@ async function routerSweep(
 ): Promise<RouterSweep> {
   const W = 128;
   const result: RouterSweep = { queryCounts: SWEEP_QUERIES, cases: [], method: 'device ms (CUDA events) per launch, median of repeat after warmup, L2 flushed before each; workspace = dequant + sparsePrefill' };
-  for (const c of SWEEP_CASES) {
+  const envList = (name: string): number[] | null => (process.env[name] ? process.env[name]!.split(',').map(Number) : null);
+  const prefixes = envList('SPARSE_MLA_SWEEP_PREFIXES'), ratios = envList('SPARSE_MLA_SWEEP_RATIOS');
+  for (const c of SWEEP_CASES.filter((k) => (!prefixes || prefixes.includes(k.prefix)) && (!ratios || ratios.includes(k.ratio)))) {
+    const t0 = performance.now();
     const name = `c${c.ratio} hQ${c.hQ}${c.ratio === 4 ? ` topk${c.topk}` : ''} prefix ${c.prefix / 1024}K`;
     const points: SweepPoint[] = [];
     const sink = await engine.upload(tensor('float32', [c.hQ], Float32Array.from({ length: c.hQ }, () => rng.normal())));
@@ -386,6 +404,7 @@ async function routerSweep(
     const losing = points.filter((p) => p.speedup <= 1);
     const lastPagedWin = losing.length > 0 ? losing[losing.length - 1]!.queries : null;
     result.cases.push({ ...c, name, points, crossover, lastPagedWin });
+    console.log(`  (${name}: ${((performance.now() - t0) / 1000).toFixed(1)} s)`);
   }
   console.log('\nrouter sweep: paged / workspace device time (> 1: workspace faster)');
   console.log(`${'case'.padEnd(34)}${SWEEP_QUERIES.map((n) => String(n).padStart(7)).join('')}   workspace wins from`);

@@ -4,21 +4,15 @@
  * (encoders); every result is compared with the float64 reference codecs, and those with the
  * tensor helpers' float32 → bf16.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createEngine, createKvCache, float32ToBf16Bits, tensor } from '../dist/index.js';
-import type { Engine, KvCache } from '../dist/index.js';
+import { describe, expect, test } from 'vitest';
+import { createKvCache, float32ToBf16Bits, tensor } from '../dist/index.js';
+import type { KvCache } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
-import { backendUnderTest } from './helpers/backends.js';
-import { randomFloat32Bits, testRng, type Rng } from './helpers/random.js';
+import { randomFloat32Bits, type Rng } from './helpers/random.js';
+import { opSuite } from './helpers/suite.js';
 
-const rng = testRng('formats.test');
-let engine: Engine;
-beforeAll(async () => {
-  engine = await createEngine({ backend: backendUnderTest() });
-}, 60_000);
-afterAll(async () => {
-  await engine?.dispose();
-});
+const suite = opSuite('formats.test');
+const rng = suite.rng;
 
 const ids = (n: number): number[] => Array.from({ length: n }, (_, i) => i);
 
@@ -46,7 +40,7 @@ describe('decoders through dequantize', () => {
       const dv = new DataView(cache.data.buffer);
       for (let j = 0; j < 64; j++) dv.setUint16(at.rope + 2 * j, (s * 64 + j) & 0xffff, true); // every bf16 pattern over the tokens
     }
-    const got = await engine.dequantizeKCachePaged({ cache, tokenIds: ids(256) });
+    const got = await suite.engine.dequantizeKCachePaged({ cache, tokenIds: ids(256) });
     expect(got.shape).toEqual([256, 512]);
     const want = R.dequantizeKCacheReference(cache, ids(256));
     const gotValues = Array.from(got.data, bf16Value);
@@ -79,7 +73,7 @@ describe('decoders through dequantize', () => {
       }
       for (let j = 0; j < 64; j++) dv.setUint16(at.rope + 2 * j, rng.u32() & 0xffff, true);
     }
-    const got = await engine.dequantizeKCachePaged({ cache, tokenIds: ids(n) });
+    const got = await suite.engine.dequantizeKCachePaged({ cache, tokenIds: ids(n) });
     expect(got.shape).toEqual([n, 576]);
     const want = R.dequantizeKCacheReference(cache, ids(n));
     const gotValues = Array.from(got.data, bf16Value);
@@ -93,7 +87,7 @@ async function quantizeBoth(cache: KvCache, tokenIds: number[], rows: Float32Arr
   const width = cache.format === 'v4' ? 512 : 576;
   const ref: KvCache = { ...cache, data: cache.data.slice() };
   const t = tensor('float32', [tokenIds.length, width], rows);
-  await engine.quantizeKCache({ cache, tokenIds, rows: t });
+  await suite.engine.quantizeKCache({ cache, tokenIds, rows: t });
   R.quantizeKCacheReference(ref, tokenIds, t);
   return { got: cache.data, want: ref.data };
 }
@@ -224,7 +218,7 @@ describe('encoders through quantize', () => {
     for (let i = 0; i < bits.length; i++) bits[i] = rng.u32() & 0xffff; // every class incl. NaN payloads
     const ref: KvCache = { ...cache, data: cache.data.slice() };
     const rows = tensor('bf16', [tokens, 512], bits);
-    await engine.quantizeKCache({ cache, tokenIds: ids(tokens), rows });
+    await suite.engine.quantizeKCache({ cache, tokenIds: ids(tokens), rows });
     R.quantizeKCacheReference(ref, ids(tokens), rows);
     expect(describeCacheDiff(cache, cache.data, ref.data, tokens)).toBeNull();
     const dv = new DataView(cache.data.buffer);

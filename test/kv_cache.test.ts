@@ -3,21 +3,15 @@
  * quantize == reference quantize byte for byte, dequantize == reference exactly, the
  * quantize → dequantize round trip within the formats' error, out-of-range ids rejected up front.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createEngine, createKvCache, kvCacheBytes, tensor } from '../dist/index.js';
-import type { Engine, KvCache } from '../dist/index.js';
+import { describe, expect, test } from 'vitest';
+import { createKvCache, kvCacheBytes, tensor } from '../dist/index.js';
+import type { KvCache } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
-import { backendUnderTest } from './helpers/backends.js';
-import { randomBf16Bits, testRng } from './helpers/random.js';
+import { randomBf16Bits } from './helpers/random.js';
+import { opSuite } from './helpers/suite.js';
 
-const rng = testRng('kv_cache.test');
-let engine: Engine;
-beforeAll(async () => {
-  engine = await createEngine({ backend: backendUnderTest() });
-}, 60_000);
-afterAll(async () => {
-  await engine?.dispose();
-});
+const suite = opSuite('kv_cache.test');
+const rng = suite.rng;
 
 const code = (c: string) => expect.objectContaining({ code: c });
 const bf16Value = (b: number): number => R.decodeBf16(b);
@@ -55,7 +49,7 @@ describe('layout', () => {
       for (const id of [0, P - 1, P, 2 * P + Math.floor(P / 2), numPages * P - 1]) {
         cache.data.fill(0xa5);
         const row = new Float32Array(512).fill(1); // nope: 0x78 at scale byte 119; rope: bf16 1.0 = 0x3f80
-        await engine.quantizeKCache({ cache, tokenIds: [id], rows: tensor('float32', [1, 512], row) });
+        await suite.engine.quantizeKCache({ cache, tokenIds: [id], rows: tensor('float32', [1, 512], row) });
         const page = Math.floor(id / P), slot = id % P;
         const data = page * pageBytes + slot * 576;
         const scales = page * pageBytes + P * 576 + slot * 8;
@@ -78,7 +72,7 @@ describe('layout', () => {
     expect(kvCacheBytes('v32', { numTokens: 5 })).toBe(5 * 656);
     cache.data.fill(0xa5);
     const row = new Float32Array(576).fill(-2); // amax 2 → e = -7 → -256 → 0xf8; scale 2^-7; rope bf16 -2 = 0xc000
-    await engine.quantizeKCache({ cache, tokenIds: [3], rows: tensor('float32', [1, 576], row) });
+    await suite.engine.quantizeKCache({ cache, tokenIds: [3], rows: tensor('float32', [1, 576], row) });
     const expected = new Uint8Array(cache.data.length).fill(0xa5);
     const base = 3 * 656;
     expected.fill(0xf8, base, base + 512);
@@ -114,14 +108,14 @@ describe('engine vs reference', () => {
         const ref: KvCache = { ...cache, data: cache.data.slice() };
         // int64 token ids for the bf16 pass
         const tokenIds = dtype === 'bf16' ? tensor('int64', [n], BigInt64Array.from(ids, (v) => BigInt(v))) : ids;
-        await engine.quantizeKCache({ cache, tokenIds, rows });
+        await suite.engine.quantizeKCache({ cache, tokenIds, rows });
         R.quantizeKCacheReference(ref, ids, rows);
         const diff = cache.data.findIndex((b, i) => b !== ref.data[i]);
         expect(diff === -1 ? 'identical' : `byte ${diff}: got ${cache.data[diff]}, want ${ref.data[diff]}`).toBe('identical');
 
         // dequantize a gather (with repeats, in a random order) == reference, exactly
         const gather = [...ids.slice(0, 40), ids[0]!, ids[0]!, ...randomIds(tokens, 20)];
-        const got = await engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [gather.length], Int32Array.from(gather)) });
+        const got = await suite.engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [gather.length], Int32Array.from(gather)) });
         expect(got.dtype).toBe('bf16');
         expect(got.shape).toEqual([gather.length, width]);
         const want = R.dequantizeKCacheReference(ref, gather);
@@ -130,7 +124,7 @@ describe('engine vs reference', () => {
         expect(bad === -1 ? 'equal' : { index: bad, got: gotValues[bad], want: want[bad] }).toBe('equal');
 
         // round trip: each quantized dim within half an e4m3 step of its tile's scale (plus bf16 rounding)
-        const back = await engine.dequantizeKCachePaged({ cache, tokenIds: ids });
+        const back = await suite.engine.dequantizeKCachePaged({ cache, tokenIds: ids });
         for (let r = 0; r < n; r++) {
           for (let t = 0; t < quantDims / tile; t++) {
             let amax = 0;
@@ -170,13 +164,13 @@ describe('bad token ids', () => {
       tensor('int64', [3], BigInt64Array.from([0n, 1n, -1n])),
     ];
     for (const tokenIds of badIds) {
-      await expect(engine.quantizeKCache({ cache, tokenIds: tokenIds as number[], rows })).rejects.toThrow(code('OUT_OF_RANGE'));
-      await expect(engine.dequantizeKCachePaged({ cache, tokenIds: tokenIds as number[] })).rejects.toThrow(code('OUT_OF_RANGE'));
+      await expect(suite.engine.quantizeKCache({ cache, tokenIds: tokenIds as number[], rows })).rejects.toThrow(code('OUT_OF_RANGE'));
+      await expect(suite.engine.dequantizeKCachePaged({ cache, tokenIds: tokenIds as number[] })).rejects.toThrow(code('OUT_OF_RANGE'));
       expect(() => R.dequantizeKCacheReference(cache, tokenIds as number[])).toThrow(code('OUT_OF_RANGE'));
     }
     expect(Buffer.from(cache.data).equals(Buffer.from(before))).toBe(true);
     const v32 = createKvCache('v32', { numTokens: 4 });
-    await expect(engine.dequantizeKCachePaged({ cache: v32, tokenIds: [4] })).rejects.toThrow(code('OUT_OF_RANGE'));
-    await expect(engine.dequantizeKCachePaged({ cache: v32, tokenIds: [3] })).resolves.toBeDefined();
+    await expect(suite.engine.dequantizeKCachePaged({ cache: v32, tokenIds: [4] })).rejects.toThrow(code('OUT_OF_RANGE'));
+    await expect(suite.engine.dequantizeKCachePaged({ cache: v32, tokenIds: [3] })).resolves.toBeDefined();
   });
 });

@@ -4,29 +4,23 @@
  * chooses between must agree within §4's tolerances). Main + extra caches of different page sizes,
  * out-of-range ids skipped.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createEngine, createKvCache, tensor } from '../dist/index.js';
-import type { Engine, KvCache, PagedSparseAttentionArgs, Tensor } from '../dist/index.js';
+import { describe, expect, test } from 'vitest';
+import { createKvCache, tensor } from '../dist/index.js';
+import type { KvCache, PagedSparseAttentionArgs, Tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithin, rowsOf } from './helpers/judge.js';
-import { backendUnderTest } from './helpers/backends.js';
-import { randomBf16Bits, sampleRows, testRng, type Rng } from './helpers/random.js';
+import { randomBf16Bits, sampleRows, type Rng } from './helpers/random.js';
+import { opSuite } from './helpers/suite.js';
 
-const rng = testRng('paged_sparse_attention.test');
-let engine: Engine;
-beforeAll(async () => {
-  engine = await createEngine({ backend: backendUnderTest() });
-}, 60_000);
-afterAll(async () => {
-  await engine?.dispose();
-});
+const suite = opSuite('paged_sparse_attention.test');
+const rng = suite.rng;
 
 /** A v4 cache filled through the engine with random rows (per-token magnitudes vary). */
 async function filledCache(pageSize: number, numPages: number, std: number): Promise<KvCache> {
   const cache = createKvCache('v4', { pageSize, numPages });
   const n = pageSize * numPages;
   const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512, std));
-  await engine.quantizeKCache({ cache, tokenIds: Array.from({ length: n }, (_, i) => i), rows });
+  await suite.engine.quantizeKCache({ cache, tokenIds: Array.from({ length: n }, (_, i) => i), rows });
   return cache;
 }
 
@@ -66,7 +60,7 @@ async function asWorkspace(args: PagedSparseAttentionArgs): Promise<{ kv: Tensor
     }
     offset += gathers[s]!.length;
   }
-  const parts = await Promise.all(sets.map((s, j) => engine.dequantizeKCachePaged({ cache: s.cache, tokenIds: gathers[j]! })));
+  const parts = await Promise.all(sets.map((s, j) => suite.engine.dequantizeKCachePaged({ cache: s.cache, tokenIds: gathers[j]! })));
   const kv = new Uint16Array(offset * 512);
   parts.forEach((p, j) => kv.set(p.data, bases[j]! * 512));
   const indices = new Int32Array(n * Math.max(1, width)).fill(-1);
@@ -111,7 +105,7 @@ describe('paged vs reference and vs sparse prefill on the dequantized entries', 
       if (c.lengths) args.topkLength = tensor('int32', [c.n], Int32Array.from({ length: c.n }, (_, i) => (i === 0 ? 0 : rng.int(0, c.topk + 1))));
       if (c.sink) args.attnSink = tensor('float32', [c.hQ], Float32Array.from({ length: c.hQ }, (_, h) => (h === 0 ? Infinity : h === 1 ? -Infinity : rng.normal())));
 
-      const paged = await engine.pagedSparseAttention(args);
+      const paged = await suite.engine.pagedSparseAttention(args);
       expect(paged.out.shape).toEqual([c.n, c.hQ, 512]);
       expect(paged.lse.shape).toEqual([c.n, c.hQ]);
 
@@ -125,7 +119,7 @@ describe('paged vs reference and vs sparse prefill on the dequantized entries', 
 
       // 2. against sparsePrefill over a workspace of the same entries, every query
       const ws = await asWorkspace(args);
-      const sp = await engine.sparsePrefill({ q: args.q, kv: ws.kv, indices: ws.indices, smScale: args.smScale, attnSink: args.attnSink });
+      const sp = await suite.engine.sparsePrefill({ q: args.q, kv: ws.kv, indices: ws.indices, smScale: args.smScale, attnSink: args.attnSink });
       const all = Array.from({ length: c.n }, (_, i) => i);
       expectWithin(`${c.name} out: paged vs workspace`, rowsOf(paged.out, all), rowsOf(sp.out, all), R.TOLERANCES.pagedOut);
       expectWithin(`${c.name} lse: paged vs workspace`, rowsOf(paged.lse, all), rowsOf(sp.lse, all), R.TOLERANCES.lse);
@@ -151,7 +145,7 @@ describe('paged vs reference and vs sparse prefill on the dequantized entries', 
       attnSink: tensor('float32', [hQ], new Float32Array(hQ).fill(1)),
       smScale: 0.05,
     };
-    const res = await engine.pagedSparseAttention(args);
+    const res = await suite.engine.pagedSparseAttention(args);
     // query 0: main all invalid, extra all invalid; query 2: both invalid
     for (const i of [0, 2]) {
       for (let h = 0; h < hQ; h++) {

@@ -1,24 +1,29 @@
 /**
  * The correctness grid a backend is checked on, shippable so a GPU host with only Node and the
- * built package can run it (`sparse-mla check --backend cuda`). The same shapes as the CPU test
- * suites (test/sparse_prefill.test.ts, test/paged_sparse_attention.test.ts,
- * test/kv_cache.test.ts): FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf, topkLength with
- * 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64 indices, sQ = 0;
- * paged main + extra sets; dequant v4 / v32. Fresh random inputs from a logged seed.
+ * built package can run it (`sparse-mla check --backend cuda`). The CPU test suites import it too
+ * (test/sparse_prefill.test.ts builds its grid from prefillCases/buildPrefillCase; test/helpers/
+ * random.ts re-exports the RNG and input generators), so CPU tests and `check` run the same cases
+ * and the same random streams for a seed: FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf,
+ * topkLength with 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64
+ * indices, sQ = 0; paged main + extra sets; dequant v4 / v32. Fresh random inputs from a logged seed.
  */
 import { tensor } from '../tensor.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
 
 export interface Rng {
   readonly seed: number;
+  /** uniform uint32 */
   u32(): number;
+  /** uniform in [0, 1) */
   uniform(): number;
+  /** standard normal */
   normal(): number;
+  /** integer in [lo, hi) */
   int(lo: number, hi: number): number;
   pick<T>(items: readonly T[]): T;
 }
 
-/** mulberry32 */
+/** mulberry32: small, fast, good enough for test data; the same stream for a seed everywhere. */
 export function makeRng(seed: number): Rng {
   let a = seed >>> 0;
   const u32 = (): number => {
@@ -39,23 +44,37 @@ export function makeRng(seed: number): Rng {
   };
 }
 
+/** float32 → bf16 bits, round to nearest even (NaN stays NaN); written here, not taken from the library under test. */
+const f32 = new Float32Array(1);
+const f32Bits = new Uint32Array(f32.buffer);
+
 function bf16Bits(x: number): number {
-  const u = new Uint32Array(new Float32Array([x]).buffer)[0]!;
+  f32[0] = x;
+  const u = f32Bits[0]!;
+  if ((u & 0x7fffffff) > 0x7f800000) return (u >>> 16) | 0x40;
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
 }
 
-export function randomBf16(rng: Rng, shape: number[], std = 1): Tensor<'bf16'> {
-  const n = shape.reduce((a, b) => a * b, 1);
+/** bf16 bits of n normal(0, std) samples. */
+export function randomBf16Bits(rng: Rng, n: number, std = 1): Uint16Array {
   const d = new Uint16Array(n);
   for (let i = 0; i < n; i++) d[i] = bf16Bits(rng.normal() * std);
-  return tensor('bf16', shape, d);
+  return d;
 }
 
+export function randomBf16(rng: Rng, shape: number[], std = 1): Tensor<'bf16'> {
+  return tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1), std));
+}
+
+/** The invalid index fillers of SPEC §4's test grid for a KV length sKV. */
 export function invalidFillers(sKV: number): number[] {
   return [-(2 ** 31), -123456, -1, sKV, 2 ** 31 - 1];
 }
 
-/** [rows, topk] int32 indices: distinct valid rows with invalid fillers and duplicates mixed in. */
+/**
+ * [rows, topk] int32 indices: distinct valid rows (a partial shuffle while k < bound) with invalid
+ * fillers and duplicates mixed in; `allInvalidRows` get only fillers.
+ */
 export function randomIndices(rng: Rng, rows: number, topk: number, bound: number, invalidFraction = 0, duplicateFraction = 0, allInvalidRows: readonly number[] = []): Int32Array {
   const fillers = invalidFillers(bound);
   const out = new Int32Array(rows * topk);
@@ -78,6 +97,7 @@ export function randomIndices(rng: Rng, rows: number, topk: number, bound: numbe
   return out;
 }
 
+/** Spread `count` query rows over [0, n), always including the first and last. */
 export function sampleRows(rng: Rng, n: number, count: number): number[] {
   if (count >= n) return Array.from({ length: n }, (_, i) => i);
   const set = new Set<number>([0, n - 1]);

@@ -105,6 +105,17 @@ export function checkRank(t: { readonly shape: readonly number[] }, argument: st
   return t.shape;
 }
 
+/**
+ * The query tensor of an attention op: bf16 of rank 3 with at least one head. Returns the tensor
+ * and its [rows, hQ, dQK]; `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]".
+ */
+export function checkQuery(value: unknown, expected: string): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
+  const q = checkPlacedTensor(value, 'q', ['bf16'] as const);
+  const [rows, hQ, dQK] = checkRank(q, 'q', 3, expected) as [number, number, number];
+  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
+  return { q, rows, hQ, dQK };
+}
+
 /** A dimension passed to the core as a 32-bit size. */
 export function checkInt32Size(value: number, argument: string, what: string): void {
   if (value > INT32_MAX) fail('TOO_LARGE', argument, `${what} ≤ ${INT32_MAX} (32-bit sizes in the core ABI)`, String(value));

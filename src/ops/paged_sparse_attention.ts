@@ -13,7 +13,7 @@ import {
   checkIndexShape,
   checkInt32Size,
   checkPlacedTensor,
-  checkRank,
+  checkQuery,
   describe,
   normalizeIndices,
   normalizeTopkLength,
@@ -35,9 +35,7 @@ function indexSet(cacheValue: unknown, cacheArg: string, indicesValue: unknown, 
 
 export function preparePagedSparseAttention(args: OnDevice<PagedSparseAttentionArgs>): PagedSparseAttentionJob<DeviceBuffer> {
   checkArgsObject(args, 'pagedSparseAttention arguments');
-  const q = checkPlacedTensor(args.q, 'q', ['bf16'] as const);
-  const [n, hQ, dQK] = checkRank(q, 'q', 3, `[n, hQ, ${PAGED_D}]`) as [number, number, number];
-  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
+  const { q, rows: n, hQ, dQK } = checkQuery(args.q, `[n, hQ, ${PAGED_D}]`);
   if (dQK !== PAGED_D) fail('INVALID_SHAPE', 'q', `shape [n, hQ, ${PAGED_D}] (the paged path attends v4 rows of ${PAGED_D} dims)`, `shape ${shapeStr(q.shape)}`);
   if (args.dV !== undefined && args.dV !== PAGED_D) fail('INVALID_VALUE', 'dV', `${PAGED_D} (or omitted) on the paged path`, describe(args.dV));
   checkInt32Size(n, 'q', 'n');

@@ -13,6 +13,7 @@ import {
   checkIndexShape,
   checkInt32Size,
   checkPlacedTensor,
+  checkQuery,
   checkRank,
   describe,
   normalizeIndices,
@@ -39,9 +40,7 @@ export function checkDV(value: unknown, dQK: number): number {
 /** Host tensors give a host job; device tensors (cuda) stay device buffers in the job. */
 export function prepareSparsePrefill(args: OnDevice<SparsePrefillArgs>): SparsePrefillJob<DeviceBuffer> {
   checkArgsObject(args, 'sparsePrefill arguments');
-  const q = checkPlacedTensor(args.q, 'q', ['bf16'] as const);
-  const [sQ, hQ, dQK] = checkRank(q, 'q', 3, '[sQ, hQ, dQK]') as [number, number, number];
-  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
+  const { q, rows: sQ, hQ, dQK } = checkQuery(args.q, '[sQ, hQ, dQK]');
   if (dQK < 64 || dQK % 64 !== 0) fail('INVALID_SHAPE', 'q', 'dQK = shape[2] a positive multiple of 64 (512 or 576 in DeepSeek models)', `shape ${shapeStr(q.shape)}`);
   const dV = checkDV(args.dV, dQK);
 

@@ -339,7 +339,8 @@ export function sampleLayerQueries(reqs: RequestInfo[], count: number, rng: Rng)
   return [...chosen].sort((a, b) => a - b);
 }
 
-function summarize(got: ArrayLike<number>, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): ErrorSummary {
+/** compareToReference's verdict as a report row. */
+export function summarize(got: ArrayLike<number>, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): ErrorSummary {
   const c = compareToReference(got, ref, tol);
   return {
     pass: c.pass,

@@ -33,6 +33,11 @@ export interface WorkloadShape {
   seed: number;
 }
 
+/** The shape from the workload options `run` and `bench` share (RUN_OPTIONS), as parsed. */
+export function shapeFromOptions(o: { queries: number; heads: number; topk: number; window: number; context: number; 'page-size': number; seed: number }): WorkloadShape {
+  return { queries: o.queries, heads: o.heads, topk: o.topk, window: o.window, context: o.context, pageSize: o['page-size'], seed: o.seed };
+}
+
 export const DQK = 512;
 export const DV = 512;
 

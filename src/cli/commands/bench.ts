@@ -17,7 +17,7 @@ import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { formatRate, formatSeconds, formatTable, median } from '../table.js';
-import { buildWorkload, checkShape, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, V4_ROW, type Workload } from '../workload.js';
+import { buildWorkload, checkShape, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, shapeFromOptions, V4_ROW, type Workload } from '../workload.js';
 import { RUN_OPTIONS } from './run.js';
 
 const OPTIONS = {
@@ -184,15 +184,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, device: cuda?.details ?? {}, host: machineInfo() });
   }
   const progress = new Progress({ enabled: !o.quiet });
-  const shape = {
-    queries: o.queries,
-    heads: o.heads,
-    topk: o.topk,
-    window: o.window,
-    context: o.context,
-    pageSize: o['page-size'],
-    seed: o.seed,
-  };
+  const shape = shapeFromOptions(o);
   const n = o.workers ?? availableParallelism();
   const machine = machineInfo(); // before the bench loads the machine itself
   if (!o.json && machine.loadAverage1m > 0.5) {

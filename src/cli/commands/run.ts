@@ -17,7 +17,6 @@ import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import {
-  compareToReference,
   dequantizeKCacheReference,
   quantizeKCacheReference,
   prepareSparsePrefillReference,
@@ -30,7 +29,7 @@ import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { formatBytes, formatError, formatRate, formatSeconds, formatTable } from '../table.js';
-import { LAYER_PATHS, parseLayers, runLayerChunk, type ErrorSummary, type LayerChunkShape, type LayerReport } from '../layers.js';
+import { LAYER_PATHS, parseLayers, runLayerChunk, summarize, type ErrorSummary, type LayerChunkShape, type LayerReport } from '../layers.js';
 import {
   buildWorkload,
   checkShape,
@@ -40,6 +39,7 @@ import {
   prefillFlops,
   quantizeBytes,
   sampleQueries,
+  shapeFromOptions,
   sliceQueries,
   V4_ROW,
   type Workload,
@@ -101,15 +101,9 @@ Options:
 ${formatOptions(OPTIONS)}
 `;
 
-interface CheckRow {
+/** A row of the check table: the layers' error summary (without its inf/NaN count), named. */
+interface CheckRow extends Omit<ErrorSummary, 'infNanMismatch'> {
   name: string;
-  pass: boolean;
-  count: number;
-  failures: number;
-  maxAbsErr: number;
-  maxRelErr: number;
-  cosineGap?: number;
-  tolerance: { abs: number; rel: number; cos?: number };
   /** a bit-exact check (no tolerance) */
   exact?: boolean;
   note?: string;
@@ -329,18 +323,8 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
     progress.finish();
     steps.push({ step: 'float64 reference', seconds: refSeconds, calls: sample.length, note: `${sample.length} sampled queries (JS, for the checks)` });
     const compare = (name: string, got: Float32Array, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): CheckRow => {
-      const c = compareToReference(got, ref, tol);
-      return {
-        name,
-        pass: c.pass,
-        count: c.count,
-        failures: c.failures,
-        maxAbsErr: c.maxAbsErr,
-        maxRelErr: c.maxRelErr,
-        ...(tol.cos !== undefined ? { cosineGap: c.cosineGap } : {}),
-        tolerance: tol,
-        ...(c.infNanMismatch ? { note: `${c.infNanMismatch} inf/NaN placement mismatches` } : {}),
-      };
+      const { infNanMismatch, ...summary } = summarize(got, ref, tol);
+      return { name, ...summary, ...(infNanMismatch ? { note: `${infNanMismatch} inf/NaN placement mismatches` } : {}) };
     };
     checks.push(compare('prefill out', gotOut, refOut, TOLERANCES.out));
     checks.push(compare('prefill lse', gotLse, refLse, TOLERANCES.lse));
@@ -357,15 +341,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   const progress = new Progress({ enabled: !o.quiet });
   const runPrefill = o.section !== 'layers';
   const runLayers = o.section !== 'prefill';
-  const shape: WorkloadShape = {
-    queries: o.queries,
-    heads: o.heads,
-    topk: o.topk,
-    window: o.window,
-    context: o.context,
-    pageSize: o['page-size'],
-    seed: o.seed,
-  };
+  const shape = shapeFromOptions(o);
   const layerShape: LayerChunkShape = {
     layers: parseLayers(o.layers),
     requests: o.requests,

@@ -13,22 +13,34 @@ import type { PrefillPath, PrefillPathChoice, RouteDecision, RouteOptions } from
 export const SPARSE_PREFILL_ENV = 'SPARSE_MLA_PREFILL';
 
 /**
- * Query count of a chunk above which the workspace path is taken by default on the GPU.
- *
- * Provisional. The workspace path pays a fixed cost per layer (dequantizing every gathered row
- * once) and then reads bf16 rows; the paged path dequantizes each entry once per query that
- * attends it. So the workspace path wins once enough queries share the gathered rows. The value
- * belongs to the target GPU and will be set from H100 measurements of both paths (the CUDA issue);
- * until then it is a round number, not a measurement. Override per call with `threshold`.
+ * Query count of a chunk above which the workspace path is taken by default: the CUDA backend's
+ * measured crossover (below), also used when no backend is named, since the router exists for the
+ * GPU. The workspace path pays a fixed cost per layer (dequantizing every gathered row once, about
+ * 0.02–0.04 ms on the H100 for these chunks) and then runs the tensor-core prefill over bf16 rows;
+ * the paged path dequantizes each entry once per query that attends it. Override per call with
+ * `threshold`.
  */
-export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 1024;
+export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
 
 /**
- * Default thresholds per backend (data, not code paths). wasm: measured on the 2-core dev machine
- * (hQ 64, top-k 512 + window 128, seqLen 8192, one c4 layer): paged/workspace time 0.55 at 8
- * queries, 0.95 at 32, 0.99 at 128, 1.06 at 512, so the crossover lies between 32 and 128 and
- * the two paths are within a few percent beyond it. cpu runs the same core natively (not measured
- * separately). cuda: DEFAULT_SPARSE_PREFILL_THRESHOLD until measured.
+ * Default thresholds per backend (data, not code paths).
+ *
+ * cuda: measured on the H100 (nvidia-h100-x1, NVIDIA H100 80GB HBM3, 132 SMs), 2026-11-24, commits
+ * dd1d6ce / c61f437, `sparse-mla bench --backend cuda` router sweep (src/cli/gpu_bench.ts;
+ * bench/cuda/addon_bench_router_32k.json, addon_bench_router_c0.json, addon_bench_run3_partial.log;
+ * summary in bench/cuda/ADDON.md): device time of the paged path over the workspace path (dequant +
+ * sparsePrefill) for one request whose chunk is the last N tokens, N = 16 … 4096, prefix 0 and 32K,
+ * hQ 64 and 128. c4 (top-k 512 / 1024 + window 128), the costliest layers: the workspace path wins
+ * from N = 256–512 at hQ 64 (256: 0.97x at prefix 0, 1.11x at 32K; 512: 1.22x / 1.22x) and from
+ * N ≤ 128 at hQ 128 (512: 1.29x / 1.41x). c128 and c0 (cheap layers): the paged path wins up to 256
+ * (down to 0.5x), they cross between 512 and 1024 (0.77–1.21x at 512). One threshold per chunk:
+ * above 256 queries every c4 layer gains and the c0 / c128 layers lose at most about 10% from 512
+ * up; at 256 and below the paged path wins or ties on every layer kind except c4 at hQ 128.
+ *
+ * wasm: measured on the 2-core dev machine (hQ 64, top-k 512 + window 128, seqLen 8192, one c4
+ * layer): paged/workspace time 0.55 at 8 queries, 0.95 at 32, 0.99 at 128, 1.06 at 512, so the
+ * crossover lies between 32 and 128 and the two paths are within a few percent beyond it. cpu runs
+ * the same core natively (not measured separately).
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, number>> = {
   cuda: DEFAULT_SPARSE_PREFILL_THRESHOLD,

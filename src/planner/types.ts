@@ -149,7 +149,7 @@ export interface RouteOptions {
 
 export interface RouteDecision {
   path: PrefillPath;
-  /** Why, in words: e.g. "4096 queries > threshold 1024" or "forced by SPARSE_MLA_PREFILL=paged". */
+  /** Why, in words: e.g. "4096 queries > threshold 256" or "forced by SPARSE_MLA_PREFILL=paged". */
   reason: string;
 }
 

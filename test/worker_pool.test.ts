@@ -253,8 +253,9 @@ describe('a worker that dies', () => {
       const threadsAfter = pool.testing.threadIds();
       expect(threadsAfter[killed]).not.toBe(threadsBefore[killed]);
       expect(threadsAfter[killed]).toBeGreaterThan(0);
-      // Both workers serve again, once the survivor has finished its (now unobserved) share.
-      while (pool.testing.busyWorkers().length > 0) await new Promise((r) => setTimeout(r, 10));
+      // Both workers serve again, once the survivor has finished its (now unobserved) share and the
+      // replacement has finished starting (a part queued before then goes to the idle survivor).
+      while (pool.testing.idleWorkers().length < 2) await new Promise((r) => setTimeout(r, 10));
       const again = await dispatches(engine, () => engine.sparsePrefill(prefillArgs(rng, 40, 16, 512, 600, 256)));
       expect(new Set(again.workers).size).toBe(2);
     } finally {

@@ -274,6 +274,7 @@ export class WorkerPool {
     },
     threadIds: (): number[] => this.slots.map((s) => s.worker.threadId),
     busyWorkers: (): number[] => this.slots.filter((s) => s.state === 'busy').map((s) => s.index),
+    idleWorkers: (): number[] => this.slots.filter((s) => s.state === 'idle').map((s) => s.index),
     queued: (): number => this.queue.length,
   };
 }

@@ -333,7 +333,7 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   });
 }
 
-// dequantizeKvCache(format, cache, pageSize, numPages, tokenIds (host Int32Array), n, out)
+// dequantizeKvCache(format, cache, pageSize, numPages, tokenIds (host Int32Array), n, out[, outRowOffset])
 // Token ids are checked by the caller (TS) and again by the kernel (bad_id: zero rows and an
 // SMLA_ERR_OUT_OF_RANGE status), never read out of the cache.
 Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
@@ -344,7 +344,29 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   const int64_t n = a.Int(5, "n", 0, kI32Max), dim = format == SMLA_CACHE_V32 ? 576 : 512;
   auto cache = std::make_shared<Operand>(ReadOperand(a, info, pins, 1, "cache", napi_uint8_array, 1, CacheBytes(format, ps, np), false));
   const int32_t* ids32 = a.Array<int32_t>(4, "tokenIds", napi_int32_array, uint64_t(n));
-  auto out = std::make_shared<Operand>(ReadOperand(a, info, pins, 6, "out", napi_uint16_array, 2, uint64_t(n) * uint64_t(dim), true));
+  // Optional outRowOffset (argument 7): out is then a DeviceBuffer of at least
+  // (outRowOffset + n) rows and the rows land at that row (a plan's device workspace region).
+  const bool into = info.Length() > 7 && !info[7].IsUndefined() && !info[7].IsNull();
+  std::shared_ptr<Operand> out;
+  uint64_t out_offset = 0;
+  if (into) {
+    const int64_t row0 = a.Int(7, "outRowOffset", 0, kI32Max);
+    if (!info[6].IsObject() || info[6].IsTypedArray() || !info[6].As<Napi::Object>().CheckTypeTag(&kDeviceBufferTag))
+      ThrowArgument(a.Env(), a.Op(), "out: expected a DeviceBuffer when outRowOffset is given");
+    Napi::Object bo = info[6].As<Napi::Object>();
+    out = std::make_shared<Operand>();
+    out->output = true;
+    out->device = DeviceBuffer::Unwrap(bo)->Get();
+    if (!out->device) ThrowArgument(a.Env(), a.Op(), "out: the device buffer was freed");
+    out_offset = uint64_t(row0) * uint64_t(dim) * 2;
+    out->bytes = uint64_t(n) * uint64_t(dim) * 2;
+    if (out_offset + out->bytes > out->device->bytes)
+      ThrowArgument(a.Env(), a.Op(), "out: rows [" + std::to_string(row0) + ", " + std::to_string(row0 + n) + ") do not fit a buffer of " +
+                                         std::to_string(out->device->bytes) + " bytes");
+    pins.push_back(Napi::Persistent(bo));
+  } else {
+    out = std::make_shared<Operand>(ReadOperand(a, info, pins, 6, "out", napi_uint16_array, 2, uint64_t(n) * uint64_t(dim), true));
+  }
   return Queue(a, std::move(pins), [=]() -> int32_t {
     std::vector<int64_t> wide(ids32, ids32 + n);
     wide.push_back(0);  // one spare slot: the kernel's bad-id flag (int32) lives after the ids
@@ -356,7 +378,8 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     int32_t status = RunOnStream(ops, [&](cudaStream_t s) -> int32_t {
       int32_t* bad_dev = reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids.Ptr()) + n);
       int32_t st = smla_cuda_dequantize_kv_cache(format, static_cast<const uint8_t*>(cache->Ptr()), int32_t(ps), int32_t(np),
-                                                 static_cast<const int64_t*>(ids.Ptr()), n, static_cast<uint16_t*>(out->Ptr()),
+                                                 static_cast<const int64_t*>(ids.Ptr()), n,
+                                                 reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(out->Ptr()) + out_offset),
                                                  n > 0 ? bad_dev : nullptr, s);
       if (st != SMLA_OK || n == 0) return st;
       cudaError_t err = cudaMemcpyAsync(&bad, bad_dev, sizeof bad, cudaMemcpyDeviceToHost, s);

@@ -209,3 +209,82 @@ export function pagedCases(): PagedCase[] {
     { name: 'paged hQ=1 P=64 topk=200 sink', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
   ];
 }
+
+/** A multi-request chunk for prefillLayer: the plan's chunk and the same chunk as the reference reads it. */
+export interface LayerScenario {
+  chunk: {
+    requests: { seqLen: number; extendLen: number; swaTokenIds: number[]; c4PageTable: number[]; c128PageTable: number[] }[];
+    c4PageSize: number;
+    c128PageSize: number;
+  };
+  ref: {
+    requests: { seqLen: number; extendLen: number; swaTokenIdByPosition: number[]; c4PageTable: number[]; c128PageTable: number[] }[];
+    c4PageSize: number;
+    c128PageSize: number;
+    window: number;
+  };
+  numQueries: number;
+  swaPageSize: number;
+  swaPages: number;
+  c4Pages: number;
+  c128Pages: number;
+}
+
+function shuffled(rng: Rng, n: number): number[] {
+  const a = Array.from({ length: n }, (_, i) => i);
+  for (let i = n - 1; i > 0; i--) {
+    const j = rng.int(0, i + 1);
+    [a[i], a[j]] = [a[j]!, a[i]!];
+  }
+  return a;
+}
+
+/** Requests of the given lengths with shuffled SWA slots and compressed pages (window 128). */
+export function layerScenario(rng: Rng, seqLens: readonly number[], extendLens: readonly number[]): LayerScenario {
+  const window = 128, swaPageSize = 64, c4PageSize = 16, c128PageSize = 2;
+  const totalSeq = seqLens.reduce((a, b) => a + b, 0);
+  const swaPages = Math.ceil(totalSeq / swaPageSize) + 1;
+  const c4Pages = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 4) / c4PageSize), 0) + 2;
+  const c128Pages = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 128) / c128PageSize), 0) + 2;
+  const slots = shuffled(rng, swaPages * swaPageSize);
+  const c4Free = shuffled(rng, c4Pages);
+  const c128Free = shuffled(rng, c128Pages);
+  const sc: LayerScenario = {
+    chunk: { requests: [], c4PageSize, c128PageSize },
+    ref: { requests: [], c4PageSize, c128PageSize, window },
+    numQueries: extendLens.reduce((a, b) => a + b, 0),
+    swaPageSize,
+    swaPages,
+    c4Pages,
+    c128Pages,
+  };
+  let slot = 0;
+  for (let r = 0; r < seqLens.length; r++) {
+    const s = seqLens[r]!, e = extendLens[r]!;
+    const byPos = slots.slice(slot, slot + s);
+    slot += s;
+    const c4PageTable = c4Free.splice(0, Math.ceil(Math.floor(s / 4) / c4PageSize));
+    const c128PageTable = c128Free.splice(0, Math.ceil(Math.floor(s / 128) / c128PageSize));
+    const g = e > 0 ? Math.min(s, e + window - 1) : 0;
+    sc.chunk.requests.push({ seqLen: s, extendLen: e, swaTokenIds: byPos.slice(s - g), c4PageTable, c128PageTable });
+    sc.ref.requests.push({ seqLen: s, extendLen: e, swaTokenIdByPosition: byPos, c4PageTable, c128PageTable });
+  }
+  return sc;
+}
+
+/** [numQueries, topk] request-local c4 picks: mostly visible entries, some −1, a few not yet visible (dropped). */
+export function layerTopk(rng: Rng, sc: LayerScenario, topk: number): Tensor<'int32'> {
+  const out = new Int32Array(sc.numQueries * topk);
+  let q = 0;
+  for (const r of sc.ref.requests) {
+    for (let i = 0; i < r.extendLen; i++, q++) {
+      const visible = Math.floor((r.seqLen - r.extendLen + i + 1) / 4);
+      const pick = shuffled(rng, visible);
+      for (let k = 0; k < topk; k++) {
+        const u = rng.uniform();
+        out[q * topk + k] = u < 0.15 ? -1 : u < 0.2 ? visible + rng.int(0, 50) : k < pick.length ? pick[k]! : -1;
+      }
+    }
+  }
+  return tensor('int32', [sc.numQueries, topk], out);
+}

@@ -19,6 +19,7 @@ import type { DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '.
 import type { CudaBackend } from '../backends/native/cuda_backend.js';
 import { makeRng, randomBf16, type Rng } from '../check/grid.js';
 import { median } from './table.js';
+import { createPlan, prefillLayer } from '../planner/index.js';
 
 export interface GpuBenchOptions {
   repeat: number;
@@ -42,7 +43,7 @@ interface Row {
 const MiB = 2 ** 20;
 
 /**
- * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, planner, chunks, router) runs
+ * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, planner, chunks, layer, router) runs
  * only those; SPARSE_MLA_SWEEP_PREFIXES=comma list of prefixes (default 0,32768) and
  * SPARSE_MLA_SWEEP_RATIOS (default 4,128,0) narrow the router sweep.
  */
@@ -257,6 +258,54 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       (ws as DeviceTensor<'bf16'> | null)?.data.free();
       for (const t of [q, sink, mainD, extraD, combD]) t.data.free();
       cache.data.free();
+    }
+
+    // ---- a whole c4 layer through prefillLayer, device-resident: GPU planner rows from a device
+    // top-k → dequant into the plan's device workspace → sparsePrefill, device q / caches / out
+    for (const N of want('layer') ? [4096, 16384, 32768] : []) {
+      const hQ = 64, TOPK = 512, c4PageSize = 64, nComp = N / 4;
+      const plan = createPlan({
+        requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / c4PageSize }, (_, i) => i) }],
+        c4PageSize,
+      });
+      const swa = await deviceCache('v4', N / 64);
+      const c4 = await deviceCache('v4', nComp / 64);
+      const q = await randomDevice([N, hQ, 512]);
+      const sink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+      const topkIdx = new Int32Array(N * TOPK).fill(-1);
+      for (let i = 0; i < N; i++) {
+        const visible = Math.floor((i + 1) / 4);
+        for (let k = 0; k < Math.min(TOPK, visible); k++) topkIdx[i * TOPK + k] = rng.int(0, visible);
+      }
+      const topk = await engine.upload(tensor('int32', [N, TOPK], topkIdx));
+      const layer = async (): Promise<void> => {
+        const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, attnSink: sink, smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
+        for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+      };
+      const t0 = performance.now();
+      await layer(); // first layer of the chunk: allocates the plan's device workspace
+      const firstMs = performance.now() - t0;
+      const wall: number[] = [];
+      for (let i = 0; i < o.warmup + o.repeat; i++) {
+        await be.copyDevice(flushA, flushB);
+        const t1 = performance.now();
+        await layer();
+        if (i >= o.warmup) wall.push(performance.now() - t1);
+      }
+      let realEntries = 0;
+      for (let i = 0; i < N; i++) realEntries += Math.min(i + 1, 128) + Math.min(TOPK, Math.floor((i + 1) / 4));
+      const ms = median(wall);
+      say({
+        name: `prefillLayer c4 ${N / 1024}K queries, hQ 64, topk 512 (planner → dequant → prefill, device)`,
+        median_ms: ms,
+        runs_ms: wall,
+        value: (2 * realEntries * hQ * 1024) / ms / 1e9,
+        unit: 'TFLOPS',
+        note: `wall clock per layer, JS included; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+      });
+      for (const t of [q, topk]) t.data.free();
+      swa.data.free();
+      c4.data.free();
     }
 
     // ---- router threshold (SPEC §7): workspace path vs paged path over query counts

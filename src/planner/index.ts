@@ -13,6 +13,7 @@ export type {
   PlanChunk,
   PlanOptions,
   PlanRequestLayout,
+  PlanDeviceStats,
   PlanStats,
   PrefillLayerArgs,
   PrefillLayerResult,

@@ -7,7 +7,8 @@
 import { SparseMlaError, fail } from '../errors.js';
 import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
 import { tensor } from '../tensor.js';
-import type { KvCache, Tensor } from '../types.js';
+import { isDeviceBuffer } from '../device.js';
+import type { DeviceKvCache, KvCache, Tensor } from '../types.js';
 import { combinedWidth, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
 import type {
   CombinedRows,
@@ -16,6 +17,7 @@ import type {
   PagedForm,
   PlanCaches,
   PlanChunk,
+  PlanDeviceStats,
   PlanOptions,
   PlanRequestLayout,
   PlanStats,
@@ -36,7 +38,7 @@ export const DEFAULT_WORKSPACE_BUDGET_BYTES = 2 ** 30;
 const V4_TOKEN_BYTES = 584;
 const V4_DATA_BYTES = 576;
 
-function cacheTokens(cache: KvCache): number {
+function cacheTokens(cache: KvCache | DeviceKvCache): number {
   return cache.pageSize * cache.numPages;
 }
 
@@ -75,9 +77,10 @@ function checkInt(v: unknown, argument: string, min: number, max: number): numbe
   return v;
 }
 
-function checkV4Cache(cache: unknown, argument: string): KvCache {
-  const c = cache as KvCache;
-  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array)) {
+/** A host cache or a device one (engine.uploadKvCache): its size is checked, its bytes never read. */
+function checkV4Cache(cache: unknown, argument: string): KvCache | DeviceKvCache {
+  const c = cache as KvCache | DeviceKvCache;
+  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array || (isDeviceBuffer(c.data) && !c.data.freed))) {
     fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(cache));
   }
   if (c.format !== 'v4') fail('INVALID_VALUE', `${argument}.format`, "'v4' (the planner's caches are DeepSeek V4 paged caches)", describe(c.format));
@@ -85,8 +88,8 @@ function checkV4Cache(cache: unknown, argument: string): KvCache {
     fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
   }
   const pageBytes = Math.ceil((c.pageSize * V4_TOKEN_BYTES) / V4_DATA_BYTES) * V4_DATA_BYTES;
-  if (c.data.length !== pageBytes * c.numPages) {
-    fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.length} bytes`);
+  if (c.data.byteLength !== pageBytes * c.numPages) {
+    fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
   }
   return c;
 }
@@ -179,6 +182,10 @@ export class Plan {
     pagedExtraBuilds: 0,
     workspaceAllocations: 0,
   };
+  /** What prefillLayer kept on a device (cuda engines): uploads, GPU c4 combines, device workspaces. */
+  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
+  /** Per-engine device resources (uploaded rows, the device workspace), freed with the engine's buffers. */
+  readonly #device = new WeakMap<object, Map<string, unknown>>();
 
   readonly #impl: PlannerCore;
   readonly #seqLens: Int32Array;
@@ -466,7 +473,7 @@ export class Plan {
    * Check a layer's caches against everything the plan reads from them (SPEC §9: ids outside a
    * cache are an error, before any work). `ratio` selects the compressed cache.
    */
-  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: KvCache; compressed?: KvCache } {
+  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache } {
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
     if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
     const swa = checkV4Cache(caches.swa, 'caches.swa');
@@ -502,6 +509,18 @@ export class Plan {
 
   releaseWorkspace(ws: Uint16Array): void {
     if (ws.length === this.workspaceBytes / 2) this.#workspace = ws;
+  }
+
+  /** @internal the chunk's per-request lengths, for the device planner (not to be modified) */
+  chunkLengths(): { seqLens: Int32Array; extendLens: Int32Array } {
+    return { seqLens: this.#seqLens, extendLens: this.#extendLens };
+  }
+
+  /** @internal prefillLayer's device resources of one engine (keyed by the engine object) */
+  deviceResources(key: object): Map<string, unknown> {
+    let m = this.#device.get(key);
+    if (!m) this.#device.set(key, (m = new Map()));
+    return m;
   }
 
   #state(ratio: CompressRatio, argument: string): RatioState {

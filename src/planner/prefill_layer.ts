@@ -4,16 +4,51 @@
  * workspace (the buffer and the index rows are reused across layers; the dequant runs per layer
  * because every layer has its own caches), then sparsePrefill over the combined rows. Paged path:
  * pagedSparseAttention straight over the layer's caches with the plan's paged form of the same rows.
+ *
+ * With a cuda engine the workspace path stays on the GPU: the chunk-invariant c0 / c128 rows are
+ * uploaded once per plan and engine, a c4 layer's rows are combined on the GPU (planRows, from a
+ * host or device top-k), the workspace is one device buffer per plan and engine that dequant writes
+ * into and sparsePrefill reads, and q, caches and (with { output: 'device' }) the results may be
+ * device tensors — nothing comes back to the host between layers.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkRank, checkTensor, describe } from '../ops/common.js';
+import { checkArgsObject, checkPlacedTensor, checkRank, checkTensor, describe, INT32_MAX, isDeviceTensor } from '../ops/common.js';
+import { prepareDequantizeKCache } from '../ops/kv_cache.js';
 import { tensor } from '../tensor.js';
-import type { Engine, Tensor } from '../types.js';
+import { engineBackend } from '../engine.js';
+import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, Tensor } from '../types.js';
+import type { DequantizeKCacheJob } from '../backends/backend.js';
+import { combinedWidth } from './core.js';
 import { Plan, WORKSPACE_ROW_DIMS } from './plan.js';
 import { routePrefill } from './router.js';
 import type { CombinedRows, PrefillLayerArgs, PrefillLayerResult } from './types.js';
 
-export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Promise<PrefillLayerResult> {
+/** The cuda backend's device planner ops (src/backends/native/cuda_backend.ts), found by shape. */
+interface DevicePlannerOps {
+  alloc(bytes: number): DeviceBuffer;
+  dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void>;
+  planRows(
+    args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
+    placement: Placement,
+    droppedPlacement: Placement,
+  ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }>;
+}
+
+function devicePlanner(engine: Engine): DevicePlannerOps | null {
+  if (engine.backend !== 'cuda' || !engine.hasDevice) return null;
+  const b = engineBackend(engine) as Partial<DevicePlannerOps> | undefined;
+  return b && typeof b.planRows === 'function' && typeof b.dequantizeKCacheInto === 'function' && typeof b.alloc === 'function' ? (b as DevicePlannerOps) : null;
+}
+
+function checkOutputOption(options: unknown): Placement {
+  if (options === undefined) return 'host';
+  checkArgsObject(options, 'options');
+  const o = (options as OutputOptions).output;
+  if (o === undefined || o === 'host' || o === 'device') return o ?? 'host';
+  fail('INVALID_VALUE', 'options.output', '"host" or "device"', describe(o));
+}
+
+export async function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
   if (typeof engine !== 'object' || engine === null || typeof engine.sparsePrefill !== 'function') {
     fail('INVALID_VALUE', 'engine', 'an Engine from createEngine()', describe(engine));
   }
@@ -24,7 +59,10 @@ export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Prom
   if (!plan.ratios.includes(ratio)) {
     fail('INVALID_VALUE', 'compressRatio', `a ratio the plan serves (${plan.ratios.join(', ')})`, `${ratio}; pass chunk.c${ratio}PageSize and page tables to createPlan`);
   }
-  const q = checkTensor(args.q, 'q', ['bf16']);
+  const output = checkOutputOption(options);
+  const dev = devicePlanner(engine);
+  if (!dev && output === 'device') fail('BACKEND_UNAVAILABLE', 'options.output', "a cuda engine for { output: 'device' }", `the ${engine.backend} backend`);
+  const q = dev ? checkPlacedTensor(args.q, 'q', ['bf16']) : checkTensor(args.q, 'q', ['bf16']);
   const [nq, hQ, dQK] = checkRank(q, 'q', 3, '[numQueries, hQ, 512]');
   if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) {
     fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
@@ -42,19 +80,22 @@ export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Prom
   const caches = plan.checkCaches(args.caches, ratio);
   const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend });
 
+  if (dev && route.path === 'sparse' && nq > 0) {
+    return (await devicePrefillLayer(engine, dev, plan, ratio, q, caches, args, attnSink, smScale, output, route)) as PrefillLayerResult<P>;
+  }
+  // The paged path on a cuda engine with a device top-k: the plan's host combine needs the values.
+  const topkHost =
+    ratio === 4 && isDeviceTensor(checkPlacedTensor(args.topkIndices, 'topkIndices', ['int32'])) ? await engine.download(args.topkIndices as DeviceTensor<'int32'>) : args.topkIndices;
   // Index rows: chunk-invariant for ratios 0 / 128 (built once by the plan), per layer for c4.
   const rows: CombinedRows =
-    ratio === 4 ? plan.combineC4(args.topkIndices as Tensor<'int32'>) : plan.combinedRows(ratio);
+    ratio === 4 ? plan.combineC4(topkHost as Tensor<'int32'>) : plan.combinedRows(ratio);
 
   if (nq === 0) {
-    return {
-      ...route,
-      out: tensor('bf16', [0, hQ, WORKSPACE_ROW_DIMS]),
-      lse: tensor('float32', [0, hQ]),
-      maxLogits: tensor('float32', [0, hQ]),
-      workspaceBytes: 0,
-      dropped: rows.dropped,
-    };
+    const empty = { out: tensor('bf16', [0, hQ, WORKSPACE_ROW_DIMS]), lse: tensor('float32', [0, hQ]), maxLogits: tensor('float32', [0, hQ]) };
+    if (output === 'device') {
+      return { ...route, out: await engine.upload(empty.out), lse: await engine.upload(empty.lse), maxLogits: await engine.upload(empty.maxLogits), workspaceBytes: 0, dropped: rows.dropped } as PrefillLayerResult<P>;
+    }
+    return { ...route, ...empty, workspaceBytes: 0, dropped: rows.dropped } as PrefillLayerResult<P>;
   }
 
   if (route.path === 'paged') {
@@ -68,8 +109,8 @@ export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Prom
       ...(extra ? { extraKCache: caches.compressed!, extraIndices: paged.extra!, extraTopkLength: paged.extraLengths! } : {}),
       ...(attnSink ? { attnSink } : {}),
       smScale,
-    });
-    return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: rows.dropped };
+    }, { output });
+    return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: rows.dropped } as PrefillLayerResult<P>;
   }
 
   const layout = plan.layout(ratio);
@@ -93,8 +134,105 @@ export async function prefillLayer(engine: Engine, args: PrefillLayerArgs): Prom
       ...(attnSink ? { attnSink } : {}),
       smScale,
     });
-    return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: layout.bytes, dropped: rows.dropped };
+    return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: layout.bytes, dropped: rows.dropped } as PrefillLayerResult<P>;
   } finally {
     plan.releaseWorkspace(ws);
+  }
+}
+
+interface DeviceRows {
+  indices: DeviceTensor<'int32'>;
+  lengths: DeviceTensor<'int32'>;
+}
+
+/**
+ * The workspace path on the GPU (see the file comment). Rows are the same as the host path's:
+ * c0 / c128 are the plan's host-built rows, uploaded once; c4 rows come from the same per-row
+ * code (planner.h) in a kernel.
+ */
+async function devicePrefillLayer(
+  engine: Engine,
+  dev: DevicePlannerOps,
+  plan: Plan,
+  ratio: 0 | 4 | 128,
+  q: Tensor<'bf16'> | DeviceTensor<'bf16'>,
+  caches: { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache },
+  args: PrefillLayerArgs,
+  attnSink: Tensor<'float32'> | undefined,
+  smScale: number,
+  output: Placement,
+  route: { path: 'sparse' | 'paged'; reason: string },
+): Promise<PrefillLayerResult<Placement>> {
+  const res = plan.deviceResources(engine);
+  const nq = plan.numQueries;
+  let rows: DeviceRows;
+  let dropped = 0;
+  const temps: DeviceBuffer[] = [];
+  if (ratio === 4) {
+    const t = checkPlacedTensor(args.topkIndices, 'topkIndices', ['int32']);
+    const shape = t.shape.length === 3 && t.shape[1] === 1 ? [t.shape[0]!, t.shape[2]!] : t.shape;
+    if (shape.length !== 2 || shape[0] !== nq) fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${nq}, topk]`, `[${t.shape.join(', ')}]`);
+    const topk = shape[1]!;
+    const width = combinedWidth(4, topk, 0, plan.window, plan.align);
+    if (nq * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${nq} × ${width}`);
+    const { seqLens, extendLens } = plan.chunkLengths();
+    const r = await dev.planRows({ seqLens, extendLens, window: plan.window, ratio: 4, topkIndices: t.data as Int32Array | DeviceBuffer, topk, width }, 'device', 'host');
+    const perQuery = r.dropped as Int32Array;
+    for (let i = 0; i < perQuery.length; i++) dropped += perQuery[i]!;
+    plan.stats.c4Combines++;
+    plan.stats.c4Dropped += dropped;
+    plan.deviceStats.deviceC4Combines++;
+    rows = {
+      indices: { dtype: 'int32', shape: [nq, width], data: r.rows as DeviceBuffer },
+      lengths: { dtype: 'int32', shape: [nq], data: r.lens as DeviceBuffer },
+    };
+    temps.push(r.rows as DeviceBuffer, r.lens as DeviceBuffer);
+  } else {
+    const key = `rows${ratio}`;
+    let have = res.get(key) as DeviceRows | undefined;
+    if (!have || have.indices.data.freed || have.lengths.data.freed) {
+      const host = plan.combinedRows(ratio);
+      have = { indices: await engine.upload(host.indices), lengths: await engine.upload(host.lengths) };
+      plan.deviceStats.deviceUploads += 2;
+      res.set(key, have);
+    }
+    rows = have;
+  }
+
+  // The device workspace: one per plan and engine at the plan's largest layout; a concurrent layer
+  // takes a fresh one rather than sharing.
+  let ws = res.get('workspace') as DeviceBuffer | undefined;
+  res.delete('workspace');
+  if (!ws || ws.freed) {
+    ws = dev.alloc(plan.workspaceBytes);
+    plan.deviceStats.deviceWorkspaceAllocations++;
+  }
+  const layout = plan.layout(ratio);
+  try {
+    if (layout.compressedRows > 0) {
+      const job = prepareDequantizeKCache({ cache: caches.compressed!, tokenIds: plan.compressedTokenIds(ratio as 4 | 128) });
+      await dev.dequantizeKCacheInto(job, ws, 0);
+    }
+    if (layout.swaRows > 0) {
+      const job = prepareDequantizeKCache({ cache: caches.swa, tokenIds: plan.swaTokenIds });
+      await dev.dequantizeKCacheInto(job, ws, layout.compressedRows);
+    }
+    // kv is the whole buffer; the rows index only [0, layout.rows), the rest is never read.
+    const r = await engine.sparsePrefill(
+      {
+        q,
+        kv: { dtype: 'bf16', shape: [plan.workspaceBytes / (2 * WORKSPACE_ROW_DIMS), WORKSPACE_ROW_DIMS], data: ws },
+        indices: rows.indices,
+        topkLength: rows.lengths,
+        ...(attnSink ? { attnSink } : {}),
+        smScale,
+      },
+      { output },
+    );
+    return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: layout.bytes, dropped };
+  } finally {
+    if (!res.has('workspace')) res.set('workspace', ws);
+    else ws.free();
+    for (const b of temps) b.free();
   }
 }

@@ -1,5 +1,5 @@
 /** Public types of the planner (SPEC §6), the layer API and the router (SPEC §7). */
-import type { KvCache, Tensor, TokenIds } from '../types.js';
+import type { DeviceKvCache, DeviceTensor, KvCache, Placement, PlacedTensor, Tensor, TokenIds } from '../types.js';
 
 /** A DeepSeek V4 layer's compress ratio: 0 = window only, 4 = indexer top-k, 128 = every entry. */
 export type CompressRatio = 0 | 4 | 128;
@@ -34,10 +34,11 @@ export interface PlanChunk {
   c128PageSize?: number;
 }
 
+/** Host caches, or device caches (engine.uploadKvCache) for a cuda engine's prefillLayer. */
 export interface PlanCaches {
-  swa?: KvCache;
-  c4?: KvCache;
-  c128?: KvCache;
+  swa?: KvCache | DeviceKvCache;
+  c4?: KvCache | DeviceKvCache;
+  c128?: KvCache | DeviceKvCache;
 }
 
 export interface PlanOptions {
@@ -134,6 +135,16 @@ export interface PlanStats {
   workspaceAllocations: number;
 }
 
+/** Counters of what prefillLayer kept on a device (cuda engines). */
+export interface PlanDeviceStats {
+  /** host → device uploads of chunk-invariant index rows (c0 / c128 rows and lengths: once per plan and engine) */
+  deviceUploads: number;
+  /** c4 combines run on the GPU (planRows), one per c4 layer; also counted in stats.c4Combines */
+  deviceC4Combines: number;
+  /** device workspace buffers allocated (one per plan and engine, reused by every layer) */
+  deviceWorkspaceAllocations: number;
+}
+
 /** sparse = the workspace path (dequant + sparsePrefill); paged = attention straight over the FP8 pages. */
 export type PrefillPath = 'sparse' | 'paged';
 export type PrefillPathChoice = PrefillPath | 'auto';
@@ -154,26 +165,26 @@ export interface RouteDecision {
 }
 
 export interface PrefillLayerArgs extends RouteOptions {
-  /** bf16 [numQueries, hQ, 512] */
-  q: Tensor<'bf16'>;
+  /** bf16 [numQueries, hQ, 512]; a device tensor with a cuda engine */
+  q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
   compressRatio: CompressRatio;
   plan: import('./plan.js').Plan;
   /** v4 caches of this layer: the SWA cache, and the compressed cache of its ratio */
   caches: PlanCaches;
-  /** ratio 4: int32 [numQueries, topk] request-local compressed positions, −1 padded */
-  topkIndices?: Tensor<'int32'>;
+  /** ratio 4: int32 [numQueries, topk] request-local compressed positions, −1 padded (device with a cuda engine) */
+  topkIndices?: Tensor<'int32'> | DeviceTensor<'int32'>;
   /** float32 [hQ] */
   attnSink?: Tensor<'float32'>;
   smScale: number;
 }
 
-export interface PrefillLayerResult extends RouteDecision {
-  /** bf16 [numQueries, hQ, 512] */
-  out: Tensor<'bf16'>;
+export interface PrefillLayerResult<P extends Placement = 'host'> extends RouteDecision {
+  /** bf16 [numQueries, hQ, 512] (a device tensor with { output: 'device' }) */
+  out: PlacedTensor<'bf16', P>;
   /** float32 [numQueries, hQ] */
-  lse: Tensor<'float32'>;
+  lse: PlacedTensor<'float32', P>;
   /** float32 [numQueries, hQ] */
-  maxLogits: Tensor<'float32'>;
+  maxLogits: PlacedTensor<'float32', P>;
   /** bytes of workspace this layer filled (0 on the paged path) */
   workspaceBytes: number;
   /** top-k entries dropped for causality in this layer */

@@ -275,6 +275,17 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /**
+   * Dequantizes job's rows into rows [rowOffset, rowOffset + n) of an existing device buffer (a
+   * plan's device workspace, reused across layers), nothing allocated or copied back.
+   */
+  async dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void> {
+    const { cache, tokenIds, n } = job;
+    await this.call('dequantizeKCachePaged', () =>
+      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, nativeOf(out), rowOffset),
+    );
+  }
+
+  /**
    * The planner's per-row index building on the GPU (SPEC §6; planner.h's topk_row / dense_row in
    * a kernel): ratio 4 rows from the indexer's top-k (host or device), ratio 0 / 128 dense rows
    * when topkIndices is null. Outputs where `placement` says. Inputs are the plan's, already
@@ -283,11 +294,12 @@ export class CudaBackend implements Backend, DeviceOps {
   async planRows(
     args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
     placement: Placement = 'host',
+    droppedPlacement: Placement = placement,
   ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
     const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
     const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
-    const dropped = this.output(placement, Int32Array, 4, numQueries, 'dropped');
+    const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
       await this.call('planRows', () =>
         this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : operand(args.topkIndices), args.topk, args.width, numQueries, operand(rows), operand(lens), operand(dropped)),

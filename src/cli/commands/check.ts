@@ -14,7 +14,8 @@ import { loadWasmPlannerCore } from '../../planner/wasm_core.js';
 import type { CudaBackend } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
-import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, sampleRows, type Rng } from '../../check/grid.js';
+import { createPlan, prefillLayer } from '../../planner/index.js';
+import { buildPrefillCase, invalidFillers, layerScenario, layerTopk, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, sampleRows, type Rng } from '../../check/grid.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 
@@ -297,6 +298,53 @@ export async function checkCommand(argv: string[]): Promise<number> {
           const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w });
           sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
           sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
+        }
+      });
+      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4 (device q, caches, top-k; device out) equals the WASM host path and the float64 reference', async () => {
+        const sc = layerScenario(rng, [700, 129, 1300, 0, 2000, 77], [300, 129, 1, 0, 400, 77]);
+        const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
+        const planDev = createPlan(sc.chunk);
+        const planHost = createPlan(sc.chunk);
+        const queries = sampleRows(rng, sc.numQueries, 24);
+        const attnSink = tensor('float32', [hQ2], Float32Array.from({ length: hQ2 }, () => rng.normal()));
+        for (const [layer, ratio] of ([0, 4, 128, 4] as const).entries()) {
+          const label = `layer ${layer} (c${ratio})`;
+          const swa = await filledCache(wasm, rng, 'v4', { pageSize: sc.swaPageSize, numPages: sc.swaPages });
+          const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.chunk.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.chunk.c128PageSize, numPages: sc.c128Pages });
+          const key = ratio === 4 ? 'c4' : 'c128';
+          const caches = { swa, ...(comp ? { [key]: comp } : {}) };
+          const q = randomBf16(rng, [sc.numQueries, hQ2, 512]);
+          const topkIndices = ratio === 4 ? layerTopk(rng, sc, topk) : undefined;
+          const [qd, swad, compd, topkd] = await Promise.all([
+            engine.upload(q),
+            engine.uploadKvCache(swa),
+            comp ? engine.uploadKvCache(comp) : undefined,
+            topkIndices ? engine.upload(topkIndices) : undefined,
+          ]);
+          const dev = await prefillLayer(
+            engine,
+            { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink, smScale, path: 'sparse' },
+            { output: 'device' },
+          );
+          if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
+          const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
+          const host = await prefillLayer(wasm, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
+          if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
+          const ref = R.prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale }, { queries });
+          if (ref.dropped > dev.dropped) throw new Error(`${label}: dropped ${dev.dropped} < reference ${ref.dropped} on a sample`);
+          try {
+            judgeAttention(got, host, ref, queries, R.TOLERANCES.out);
+          } catch (e) {
+            throw new Error(`${label}: ${(e as Error).message}`);
+          }
+          for (const t of [qd, topkd, dev.out, dev.lse, dev.maxLogits]) t?.data.free();
+          swad.data.free();
+          compd?.data.free();
+        }
+        const d = planDev.deviceStats;
+        if (d.deviceUploads !== 4 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) throw new Error(`deviceStats ${JSON.stringify(d)}: expected 4 uploads (c0, c128 rows + lengths), 2 GPU c4 combines, 1 workspace`);
+        if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 1 || planDev.stats.c128Builds !== 1 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
+          throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);
         }
       });
       await run('device: a failed allocation is a typed error and the device stays usable', async () => {

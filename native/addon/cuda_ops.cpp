@@ -333,9 +333,11 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   });
 }
 
-// dequantizeKvCache(format, cache, pageSize, numPages, tokenIds (host Int32Array), n, out[, outRowOffset])
-// Token ids are checked by the caller (TS) and again by the kernel (bad_id: zero rows and an
-// SMLA_ERR_OUT_OF_RANGE status), never read out of the cache.
+// dequantizeKvCache(format, cache, pageSize, numPages, tokenIds, n, out[, outRowOffset])
+// tokenIds: a host Int32Array (widened and staged per call), or a DeviceBuffer of n int64 ids
+// (a plan's ids, uploaded once and range-checked then by the caller, reused by every layer: no
+// host→device id copy per call). Ids are checked by the caller (TS) and again by the kernel
+// (bad_id: zero rows and an SMLA_ERR_OUT_OF_RANGE status), never read out of the cache.
 Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   Args a(info, "dequantizeKvCache");
   std::vector<Napi::ObjectReference> pins;
@@ -343,7 +345,14 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   const int64_t ps = a.Int(2, "pageSize", 1, format == SMLA_CACHE_V32 ? 1 : kI32Max), np = a.Int(3, "numPages", 0, kI32Max);
   const int64_t n = a.Int(5, "n", 0, kI32Max), dim = format == SMLA_CACHE_V32 ? 576 : 512;
   auto cache = std::make_shared<Operand>(ReadOperand(a, info, pins, 1, "cache", napi_uint8_array, 1, CacheBytes(format, ps, np), false));
-  const int32_t* ids32 = a.Array<int32_t>(4, "tokenIds", napi_int32_array, uint64_t(n));
+  const bool devIds = info.Length() > 4 && info[4].IsObject() && !info[4].IsTypedArray();
+  const int32_t* ids32 = nullptr;
+  std::shared_ptr<Operand> idsDev;
+  if (devIds) {
+    idsDev = std::make_shared<Operand>(ReadOperand(a, info, pins, 4, "tokenIds", napi_bigint64_array, 8, uint64_t(n), false));
+  } else {
+    ids32 = a.Array<int32_t>(4, "tokenIds", napi_int32_array, uint64_t(n));
+  }
   // Optional outRowOffset (argument 7): out is then a DeviceBuffer of at least
   // (outRowOffset + n) rows and the rows land at that row (a plan's device workspace region).
   const bool into = info.Length() > 7 && !info[7].IsUndefined() && !info[7].IsNull();
@@ -368,23 +377,47 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     out = std::make_shared<Operand>(ReadOperand(a, info, pins, 6, "out", napi_uint16_array, 2, uint64_t(n) * uint64_t(dim), true));
   }
   return Queue(a, std::move(pins), [=]() -> int32_t {
-    std::vector<int64_t> wide(ids32, ids32 + n);
-    wide.push_back(0);  // one spare slot: the kernel's bad-id flag (int32) lives after the ids
+    // Host ids: widened with one spare slot after them for the kernel's bad-id flag (int32).
+    // Device ids: the flag gets a stream-ordered 8-byte temporary, zeroed on the stream.
+    std::vector<int64_t> wide;
     Operand ids;
-    ids.host = wide.data();
-    ids.bytes = uint64_t(wide.size()) * 8;
+    void* flag = nullptr;
+    if (!devIds) {
+      wide.assign(ids32, ids32 + n);
+      wide.push_back(0);
+      ids.host = wide.data();
+      ids.bytes = uint64_t(wide.size()) * 8;
+    }
     int32_t bad = 0;
-    std::vector<Operand*> ops{cache.get(), &ids, out.get()};
+    std::vector<Operand*> ops{cache.get(), out.get()};
+    if (devIds) ops.push_back(idsDev.get());
+    else ops.push_back(&ids);
     int32_t status = RunOnStream(ops, [&](cudaStream_t s) -> int32_t {
-      int32_t* bad_dev = reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids.Ptr()) + n);
-      int32_t st = smla_cuda_dequantize_kv_cache(format, static_cast<const uint8_t*>(cache->Ptr()), int32_t(ps), int32_t(np),
-                                                 static_cast<const int64_t*>(ids.Ptr()), n,
-                                                 reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(out->Ptr()) + out_offset),
-                                                 n > 0 ? bad_dev : nullptr, s);
+      const int64_t* idp = devIds ? static_cast<const int64_t*>(idsDev->Ptr()) : static_cast<const int64_t*>(ids.Ptr());
+      int32_t* bad_dev = nullptr;
+      if (n > 0) {
+        if (devIds) {
+          cudaError_t err = cudaMallocAsync(&flag, 8, s);
+          if (err != cudaSuccess) {
+            flag = nullptr;
+            return -int32_t(err);
+          }
+          if ((err = cudaMemsetAsync(flag, 0, 8, s)) != cudaSuccess) return -int32_t(err);
+          bad_dev = static_cast<int32_t*>(flag);
+        } else {
+          bad_dev = reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids.Ptr()) + n);
+        }
+      }
+      int32_t st = smla_cuda_dequantize_kv_cache(format, static_cast<const uint8_t*>(cache->Ptr()), int32_t(ps), int32_t(np), idp, n,
+                                                 reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(out->Ptr()) + out_offset), bad_dev, s);
       if (st != SMLA_OK || n == 0) return st;
       cudaError_t err = cudaMemcpyAsync(&bad, bad_dev, sizeof bad, cudaMemcpyDeviceToHost, s);
       return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
     });
+    if (flag) {
+      cudaStream_t s;
+      if (GetStream(&s) == cudaSuccess && cudaFreeAsync(flag, s) != cudaSuccess) cudaGetLastError();
+    }
     if (status == SMLA_OK && bad != 0) return SMLA_ERR_OUT_OF_RANGE;
     return status;
   });

@@ -183,7 +183,7 @@ export class Plan {
     workspaceAllocations: 0,
   };
   /** What prefillLayer kept on a device (cuda engines): uploads, GPU c4 combines, device workspaces. */
-  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
+  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
   /** Per-engine device resources (uploaded rows, the device workspace), freed with the engine's buffers. */
   readonly #device = new WeakMap<object, Map<string, unknown>>();
 
@@ -373,6 +373,12 @@ export class Plan {
   /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio. */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
     return this.#state(ratio, 'ratio').tokenIds;
+  }
+
+  /** Width of the ratio-0 / 128 combined rows (the widest row, aligned), without building them. */
+  denseWidth(ratio: 0 | 128): number {
+    const st = this.#state(ratio, 'ratio');
+    return combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
   }
 
   /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */

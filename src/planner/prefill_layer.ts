@@ -6,7 +6,9 @@
  * pagedSparseAttention straight over the layer's caches with the plan's paged form of the same rows.
  *
  * With a cuda engine the workspace path stays on the GPU: the chunk-invariant c0 / c128 rows are
- * uploaded once per plan and engine, a c4 layer's rows are combined on the GPU (planRows, from a
+ * built on the GPU (planRows, dense_row) once per plan and engine, the dequant token ids (SWA
+ * gather ids, compressed flat ids) are uploaded and range-checked once per plan and engine, a c4
+ * layer's rows are combined on the GPU (planRows, from a
  * host or device top-k), the workspace is one device buffer per plan and engine that dequant writes
  * into and sparsePrefill reads, and q, caches and (with { output: 'device' }) the results may be
  * device tensors — nothing comes back to the host between layers.
@@ -26,7 +28,8 @@ import type { CombinedRows, PrefillLayerArgs, PrefillLayerResult } from './types
 /** The cuda backend's device planner ops (src/backends/native/cuda_backend.ts), found by shape. */
 interface DevicePlannerOps {
   alloc(bytes: number): DeviceBuffer;
-  dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void>;
+  upload(data: ArrayBufferView): Promise<DeviceBuffer>;
+  dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void>;
   planRows(
     args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
     placement: Placement,
@@ -37,7 +40,7 @@ interface DevicePlannerOps {
 function devicePlanner(engine: Engine): DevicePlannerOps | null {
   if (engine.backend !== 'cuda' || !engine.hasDevice) return null;
   const b = engineBackend(engine) as Partial<DevicePlannerOps> | undefined;
-  return b && typeof b.planRows === 'function' && typeof b.dequantizeKCacheInto === 'function' && typeof b.alloc === 'function' ? (b as DevicePlannerOps) : null;
+  return b && typeof b.planRows === 'function' && typeof b.dequantizeKCacheIdsInto === 'function' && typeof b.alloc === 'function' && typeof b.upload === 'function' ? (b as DevicePlannerOps) : null;
 }
 
 function checkOutputOption(options: unknown): Placement {
@@ -146,9 +149,9 @@ interface DeviceRows {
 }
 
 /**
- * The workspace path on the GPU (see the file comment). Rows are the same as the host path's:
- * c0 / c128 are the plan's host-built rows, uploaded once; c4 rows come from the same per-row
- * code (planner.h) in a kernel.
+ * The workspace path on the GPU (see the file comment). Rows are the same as the host path's: all
+ * come from the same per-row code (planner.h: dense_row for c0 / c128, built once and cached;
+ * topk_row for c4, per layer) in a kernel.
  */
 async function devicePrefillLayer(
   engine: Engine,
@@ -191,9 +194,15 @@ async function devicePrefillLayer(
     const key = `rows${ratio}`;
     let have = res.get(key) as DeviceRows | undefined;
     if (!have || have.indices.data.freed || have.lengths.data.freed) {
-      const host = plan.combinedRows(ratio);
-      have = { indices: await engine.upload(host.indices), lengths: await engine.upload(host.lengths) };
-      plan.deviceStats.deviceUploads += 2;
+      const width = plan.denseWidth(ratio);
+      const { seqLens, extendLens } = plan.chunkLengths();
+      const r = await dev.planRows({ seqLens, extendLens, window: plan.window, ratio, topkIndices: null, topk: 0, width }, 'device', 'host');
+      have = {
+        indices: { dtype: 'int32', shape: [nq, width], data: r.rows as DeviceBuffer },
+        lengths: { dtype: 'int32', shape: [nq], data: r.lens as DeviceBuffer },
+      };
+      if (ratio === 0) plan.deviceStats.deviceC0Builds++;
+      else plan.deviceStats.deviceC128Builds++;
       res.set(key, have);
     }
     rows = have;
@@ -210,12 +219,12 @@ async function devicePrefillLayer(
   const layout = plan.layout(ratio);
   try {
     if (layout.compressedRows > 0) {
-      const job = prepareDequantizeKCache({ cache: caches.compressed!, tokenIds: plan.compressedTokenIds(ratio as 4 | 128) });
-      await dev.dequantizeKCacheInto(job, ws, 0);
+      const ids = await deviceTokenIds(dev, plan, res, `ids${ratio}`, plan.compressedTokenIds(ratio as 4 | 128), caches.compressed!);
+      await dev.dequantizeKCacheIdsInto(caches.compressed!, ids, layout.compressedRows, ws, 0);
     }
     if (layout.swaRows > 0) {
-      const job = prepareDequantizeKCache({ cache: caches.swa, tokenIds: plan.swaTokenIds });
-      await dev.dequantizeKCacheInto(job, ws, layout.compressedRows);
+      const ids = await deviceTokenIds(dev, plan, res, 'idsSwa', plan.swaTokenIds, caches.swa);
+      await dev.dequantizeKCacheIdsInto(caches.swa, ids, layout.swaRows, ws, layout.compressedRows);
     }
     // kv is the whole buffer; the rows index only [0, layout.rows), the rest is never read.
     const r = await engine.sparsePrefill(
@@ -235,4 +244,29 @@ async function devicePrefillLayer(
     else ws.free();
     for (const b of temps) b.free();
   }
+}
+
+/**
+ * A plan's dequant token ids (int64) on the device, uploaded once per plan and engine. They are
+ * range-checked here, once, against the cache of the layer that uploads them (the shared
+ * validation, prepareDequantizeKCache); later layers' caches are checked by plan.checkCaches
+ * against the plan's largest ids (O(1) per layer). The kernel checks every id again and never
+ * reads outside the cache.
+ */
+async function deviceTokenIds(
+  dev: DevicePlannerOps,
+  plan: Plan,
+  res: Map<string, unknown>,
+  key: string,
+  ids: Tensor<'int64'>,
+  cache: KvCache | DeviceKvCache,
+): Promise<DeviceBuffer> {
+  const have = res.get(key) as DeviceBuffer | undefined;
+  if (have && !have.freed) return have;
+  prepareDequantizeKCache({ cache, tokenIds: ids });
+  const data = ids.data as BigInt64Array;
+  const buf = await dev.upload(data);
+  plan.deviceStats.deviceUploads++;
+  res.set(key, buf);
+  return buf;
 }

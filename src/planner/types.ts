@@ -137,8 +137,16 @@ export interface PlanStats {
 
 /** Counters of what prefillLayer kept on a device (cuda engines). */
 export interface PlanDeviceStats {
-  /** host → device uploads of chunk-invariant index rows (c0 / c128 rows and lengths: once per plan and engine) */
+  /**
+   * host → device uploads of chunk-invariant plan data: the dequant token ids (SWA gather ids, each
+   * compressed ratio's flat ids), once per plan and engine, range-checked at upload; no layer
+   * copies ids or index rows from the host
+   */
   deviceUploads: number;
+  /** c0 rows built on the GPU (planRows dense_row), once per plan and engine, reused by every c0 layer */
+  deviceC0Builds: number;
+  /** c128 rows built on the GPU (planRows dense_row), once per plan and engine */
+  deviceC128Builds: number;
   /** c4 combines run on the GPU (planRows), one per c4 layer; also counted in stats.c4Combines */
   deviceC4Combines: number;
   /** device workspace buffers allocated (one per plan and engine, reused by every layer) */

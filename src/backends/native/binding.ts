@@ -148,9 +148,10 @@ export interface NativeCudaOps {
   /** tokenIds: host int32 (checked by the caller; the kernel re-checks and never reads outside) */
   /**
    * With outRowOffset, out must be a device buffer of at least (outRowOffset + n) rows and the
-   * rows are written from that row on (a plan's device workspace).
+   * rows are written from that row on (a plan's device workspace). tokenIds is a host Int32Array
+   * or a device buffer of n int64 ids (a plan's ids, uploaded once and range-checked by the caller).
    */
-  dequantizeKvCache(format: 0 | 1, cache: Operand<Uint8Array>, pageSize: number, numPages: number, tokenIds: Int32Array, n: number, out: Operand<Uint16Array>, outRowOffset?: number): Promise<void>;
+  dequantizeKvCache(format: 0 | 1, cache: Operand<Uint8Array>, pageSize: number, numPages: number, tokenIds: Int32Array | NativeDeviceBuffer, n: number, out: Operand<Uint16Array>, outRowOffset?: number): Promise<void>;
   /**
    * The planner's combined rows on the device (native/cuda/planner.cu): ratio 4 with topkIndices
    * [numQueries, topk] (host or device), ratio 0 / 128 dense rows with null. seqLens/extendLens

@@ -67,6 +67,10 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   }
 }
 
+function cacheTokenCount(cache: { format: string; pageSize: number; numPages: number }): number {
+  return cache.format === 'v32' ? cache.numPages : cache.pageSize * cache.numPages;
+}
+
 function nativeOf(b: DeviceBuffer): NativeDeviceBuffer {
   if (!(b instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'a device buffer from another backend or process cannot be used here', 'tensor');
   return b.native;
@@ -283,6 +287,26 @@ export class CudaBackend implements Backend, DeviceOps {
     await this.call('dequantizeKCachePaged', () =>
       this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, nativeOf(out), rowOffset),
     );
+  }
+
+  /**
+   * Like dequantizeKCacheInto with the token ids already on the device (int64 [n], a plan's ids
+   * uploaded once and range-checked then against the cache geometry): no host→device id copy.
+   * The kernel still range-checks every id (zero rows + a typed OUT_OF_RANGE error).
+   */
+  async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
+    if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
+    try {
+      await this.call('dequantizeKCachePaged', () =>
+        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, nativeOf(tokenIds), n, nativeOf(out), rowOffset),
+      );
+    } catch (e) {
+      // the kernel's bad-id flag: ids the caller did not check against this cache (rows zeroed)
+      if (e instanceof SparseMlaError && e.message.includes('SMLA_ERR_OUT_OF_RANGE')) {
+        throw new SparseMlaError('OUT_OF_RANGE', `tokenIds: a device token id outside the cache (${cacheTokenCount(cache)} tokens); its rows were zeroed`, 'tokenIds');
+      }
+      throw e;
+    }
   }
 
   /**

@@ -300,6 +300,30 @@ export async function checkCommand(argv: string[]): Promise<number> {
           sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
         }
       });
+      await run('dequantize with device token ids (int64, uploaded once) into a workspace region equals the host-id path bit for bit; an id outside the cache is a typed OUT_OF_RANGE error and the device stays usable', async () => {
+        const be = engineBackend(engine) as unknown as CudaBackend;
+        const cache = await filledCache(wasm, rng, 'v4', { pageSize: 64, numPages: 8 });
+        const n = 300, off = 7;
+        const ids = Int32Array.from({ length: n }, () => rng.int(0, 512));
+        const dCache = await engine.uploadKvCache(cache);
+        const idsDev = await be.upload(BigInt64Array.from(ids, (v) => BigInt(v)));
+        const ws = be.alloc((n + off) * 512 * 2);
+        await be.dequantizeKCacheIdsInto(dCache, idsDev, n, ws, off);
+        const got = new Uint16Array((n + off) * 512);
+        await engine.download({ dtype: 'bf16', shape: [n + off, 512], data: ws }).then((t) => got.set(t.data));
+        const want = await engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [n], ids) });
+        sameBits('device-id rows', got.subarray(off * 512), want.data);
+        const bad = await be.upload(BigInt64Array.from([3n, 512n, 1n]));
+        try {
+          await be.dequantizeKCacheIdsInto(dCache, bad, 3, ws, 0);
+          throw new Error('no error for id 512 in a 512-token cache');
+        } catch (e) {
+          if (!(e instanceof SparseMlaError) || e.code !== 'OUT_OF_RANGE') throw e;
+        }
+        await be.dequantizeKCacheIdsInto(dCache, idsDev, n, ws, off);
+        await engine.download({ dtype: 'bf16', shape: [n + off, 512], data: ws }).then((t) => sameBits('after the error', t.data.subarray(off * 512), want.data));
+        for (const b of [idsDev, ws, bad, dCache.data]) b.free();
+      });
       await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4 (device q, caches, top-k; device out) equals the WASM host path and the float64 reference', async () => {
         const sc = layerScenario(rng, [700, 129, 1300, 0, 2000, 77], [300, 129, 1, 0, 400, 77]);
         const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
@@ -342,8 +366,12 @@ export async function checkCommand(argv: string[]): Promise<number> {
           compd?.data.free();
         }
         const d = planDev.deviceStats;
-        if (d.deviceUploads !== 4 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) throw new Error(`deviceStats ${JSON.stringify(d)}: expected 4 uploads (c0, c128 rows + lengths), 2 GPU c4 combines, 1 workspace`);
-        if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 1 || planDev.stats.c128Builds !== 1 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
+        // c0 / c128 rows built on the GPU once each (no host build, no row upload); the dequant ids
+        // (SWA, c4, c128) uploaded once each across the four layers; c4 combined per layer.
+        if (d.deviceUploads !== 3 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) {
+          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 3 id uploads (SWA, c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace`);
+        }
+        if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);
         }
       });

@@ -452,6 +452,33 @@ Napi::Value PlanRows(const Napi::CallbackInfo& info) {
   });
 }
 
+// planCompressedTokenIds(seqLens (host Int32Array), extendLens (host), numRequests, ratio,
+//                        pageTables (int32, host or device), pageTableOffsets (host BigInt64Array,
+//                        numRequests + 1), pageSize, total, tokenIds (int64 [total], host or device))
+// A ratio's compressed flat token ids on the device (native/cuda/planner.cu).
+Napi::Value PlanCompressedTokenIds(const Napi::CallbackInfo& info) {
+  Args a(info, "planCompressedTokenIds");
+  std::vector<Napi::ObjectReference> pins;
+  const int64_t nr = a.Int(2, "numRequests", 0, kI32Max);
+  const int32_t* seq = a.Array<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
+  const int32_t* ext = a.Array<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
+  const int32_t ratio = a.Int(3, "ratio", 4, 128);
+  const int64_t* offs = a.Array<int64_t>(5, "pageTableOffsets", napi_bigint64_array, uint64_t(nr) + 1);
+  const int64_t tableLen = offs[nr];
+  if (tableLen < 0) ThrowArgument(a.Env(), a.Op(), "pageTableOffsets: expected non-negative offsets");
+  const int32_t ps = a.Int(6, "pageSize", 1, kI32Max);
+  const int64_t total = a.Int(7, "total", 0, kI32Max);
+  auto tables = std::make_shared<Operand>(ReadOperand(a, info, pins, 4, "pageTables", napi_int32_array, 4, uint64_t(tableLen), false));
+  auto ids = std::make_shared<Operand>(ReadOperand(a, info, pins, 8, "tokenIds", napi_bigint64_array, 8, uint64_t(total), true));
+  return Queue(a, std::move(pins), [=]() -> int32_t {
+    std::vector<Operand*> ops{tables.get(), ids.get()};
+    return RunOnStream(ops, [&](cudaStream_t s) {
+      return smla_cuda_plan_compressed_token_ids(int32_t(nr), seq, ext, ratio, static_cast<const int32_t*>(tables->Ptr()), offs, ps, total,
+                                                 static_cast<int64_t*>(ids->Ptr()), s);
+    });
+  });
+}
+
 // upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes) / download(src, dst)
 Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
   Args a(info, toDevice ? "upload" : "download");
@@ -603,6 +630,7 @@ const OpEntry kCudaOps[] = {
     {"pagedSparseAttention", PagedSparseAttention},
     {"dequantizeKvCache", DequantizeKvCache},
     {"planRows", PlanRows},
+    {"planCompressedTokenIds", PlanCompressedTokenIds},
     {"upload", Upload},
     {"download", Download},
     {"copyDevice", CopyDevice},

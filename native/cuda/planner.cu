@@ -49,7 +49,69 @@ __global__ void plan_rows_kernel(const RequestContext* reqs, int32_t num_request
   }
 }
 
+// One request's compressed id region: entries [out_offset, out_offset + visible) of the flat ids
+// come from its page table (table_offset into the flattened page tables).
+struct CompressedRequest {
+  int64_t out_offset;
+  int64_t table_offset;
+};
+
+__global__ void plan_compressed_ids_kernel(const CompressedRequest* reqs, int32_t num_requests, int64_t total,
+                                           const int32_t* page_tables, int32_t page_size, int64_t* token_ids) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    // The request holding entry i: the last with out_offset <= i (empty requests share an offset
+    // with the next, so the last such is the one with entries).
+    int32_t lo = 0, hi = num_requests - 1;
+    while (lo < hi) {
+      const int32_t mid = (lo + hi + 1) / 2;
+      if (reqs[mid].out_offset <= i) lo = mid; else hi = mid - 1;
+    }
+    const CompressedRequest& r = reqs[lo];
+    token_ids[i] = smla::plan::compressed_token_id(page_tables + r.table_offset, i - r.out_offset, page_size);
+  }
+}
+
 }  // namespace
+
+extern "C" int32_t smla_cuda_plan_compressed_token_ids(int32_t num_requests, const int32_t* seq_lens,
+                                                       const int32_t* extend_lens, int32_t ratio,
+                                                       const int32_t* page_tables, const int64_t* page_table_offsets,
+                                                       int32_t page_size, int64_t total, int64_t* token_ids,
+                                                       cudaStream_t stream) {
+  if (num_requests < 0 || (ratio != 4 && ratio != 128) || page_size < 1 || total < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  if (num_requests > 0 && (!seq_lens || !extend_lens || !page_table_offsets)) return SMLA_ERR_INVALID_ARGUMENT;
+  // The host walk (as smla_plan_compressed_token_ids): every page table checked before anything runs.
+  std::vector<CompressedRequest> reqs(size_t(num_requests > 0 ? num_requests : 1));
+  int64_t out = 0;
+  for (int32_t r = 0; r < num_requests; ++r) {
+    if (seq_lens[r] < 0 || extend_lens[r] < 0 || extend_lens[r] > seq_lens[r]) return SMLA_ERR_INVALID_ARGUMENT;
+    const int64_t v = smla::plan::request_visible(seq_lens[r], extend_lens[r], ratio);
+    const int64_t have = page_table_offsets[r + 1] - page_table_offsets[r];
+    if (page_table_offsets[r] < 0 || have < 0 || have < (v + page_size - 1) / page_size) return SMLA_ERR_INVALID_ARGUMENT;
+    reqs[size_t(r)] = CompressedRequest{out, page_table_offsets[r]};
+    out += v;
+  }
+  if (out != total) return SMLA_ERR_INVALID_ARGUMENT;
+  if (total == 0) return SMLA_OK;
+  if (!page_tables || !token_ids) return SMLA_ERR_INVALID_ARGUMENT;
+
+  CompressedRequest* dev = nullptr;
+  const size_t bytes = reqs.size() * sizeof(CompressedRequest);
+  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&dev), bytes, stream);
+  if (err != cudaSuccess) return -int32_t(err);
+  err = cudaMemcpyAsync(dev, reqs.data(), bytes, cudaMemcpyHostToDevice, stream);
+  if (err == cudaSuccess) {
+    int device = 0, sms = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int64_t blocks = (total + 255) / 256;
+    if (blocks > int64_t(sms) * 16) blocks = int64_t(sms) * 16;
+    plan_compressed_ids_kernel<<<unsigned(blocks), 256, 0, stream>>>(dev, num_requests, total, page_tables, page_size, token_ids);
+    err = cudaGetLastError();
+  }
+  cudaFreeAsync(dev, stream);
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}
 
 extern "C" int32_t smla_cuda_plan_rows(int32_t num_requests, const int32_t* seq_lens, const int32_t* extend_lens,
                                        int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,

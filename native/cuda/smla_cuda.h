@@ -48,6 +48,17 @@ int32_t smla_cuda_plan_rows(int32_t num_requests, const int32_t* seq_lens, const
                             int32_t width, int64_t num_queries, int32_t* rows, int32_t* lens,
                             int32_t* dropped, cudaStream_t stream);
 
+/* §6: a ratio's compressed flat token ids on the device, by the host planner's per-entry function
+ * (compressed_token_id): request r's entries j < request_visible(seq_lens[r], extend_lens[r], ratio)
+ * are page_tables[page_table_offsets[r] + j / page_size] * page_size + j % page_size, written
+ * request by request. seq_lens / extend_lens / page_table_offsets (num_requests + 1) are HOST
+ * arrays; page_tables (int32, flattened) and token_ids (int64 [total]) are device memory. total
+ * must equal the sum of the visible counts. Page ids are not range-checked here (the caller checks
+ * the page tables against the cache). */
+int32_t smla_cuda_plan_compressed_token_ids(int32_t num_requests, const int32_t* seq_lens, const int32_t* extend_lens,
+                                            int32_t ratio, const int32_t* page_tables, const int64_t* page_table_offsets,
+                                            int32_t page_size, int64_t total, int64_t* token_ids, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

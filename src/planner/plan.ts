@@ -149,6 +149,9 @@ interface RatioState {
   pageSize: number;
   /** page tables flattened request by request, and their offsets */
   tokenIds: Tensor<'int64'>;
+  /** the page tables the ids come from (each request's used pages, flattened) and their offsets */
+  pageTables: Int32Array;
+  pageTableOffsets: Float64Array;
   /** largest page id the plan reads (−1 when none) */
   maxPage: number;
 }
@@ -183,7 +186,7 @@ export class Plan {
     workspaceAllocations: 0,
   };
   /** What prefillLayer kept on a device (cuda engines): uploads, GPU c4 combines, device workspaces. */
-  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
+  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
   /** Per-engine device resources (uploaded rows, the device workspace), freed with the engine's buffers. */
   readonly #device = new WeakMap<object, Map<string, unknown>>();
 
@@ -355,9 +358,9 @@ export class Plan {
       const flat = new Int32Array(offsets[n]!);
       for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
       const ids = impl.compressedTokenIds(seqLens, extendLens, ratio, flat, offsets, pageSize, entry.core.compRows);
-      this.#ratios.set(ratio, { ...entry, pageSize, tokenIds: tensor('int64', [ids.length], ids), maxPage });
+      this.#ratios.set(ratio, { ...entry, pageSize, tokenIds: tensor('int64', [ids.length], ids), pageTables: flat, pageTableOffsets: offsets, maxPage });
     }
-    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, tokenIds: tensor('int64', [0], new BigInt64Array(0)), maxPage: -1 });
+    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, tokenIds: tensor('int64', [0], new BigInt64Array(0)), pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 });
   }
 
   /** The workspace layout of a ratio this plan serves. */
@@ -373,6 +376,16 @@ export class Plan {
   /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio. */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
     return this.#state(ratio, 'ratio').tokenIds;
+  }
+
+  /**
+   * The page tables a ratio's compressed token ids come from: each request's used pages (already
+   * checked against the plan's caches by checkCaches via maxPage), flattened, with offsets
+   * [numRequests + 1]. compressedTokenIds(ratio) is compressed_token_id over them.
+   */
+  compressedPageTables(ratio: 4 | 128): { pageTables: Int32Array; pageTableOffsets: Float64Array; pageSize: number } {
+    const st = this.#state(ratio, 'ratio');
+    return { pageTables: st.pageTables, pageTableOffsets: st.pageTableOffsets, pageSize: st.pageSize };
   }
 
   /** Width of the ratio-0 / 128 combined rows (the widest row, aligned), without building them. */

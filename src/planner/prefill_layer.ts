@@ -6,8 +6,11 @@
  * pagedSparseAttention straight over the layer's caches with the plan's paged form of the same rows.
  *
  * With a cuda engine the workspace path stays on the GPU: the chunk-invariant c0 / c128 rows are
- * built on the GPU (planRows, dense_row) once per plan and engine, the dequant token ids (SWA
- * gather ids, compressed flat ids) are uploaded and range-checked once per plan and engine, a c4
+ * built on the GPU (planRows, dense_row) once per plan and engine, the compressed flat token ids
+ * of each ratio are built on the GPU from the page tables (planCompressedTokenIds,
+ * compressed_token_id) once per plan and engine — the page tables are range-checked against the
+ * caches by plan.checkCaches — the SWA gather ids are uploaded and range-checked once per plan
+ * and engine, a c4
  * layer's rows are combined on the GPU (planRows, from a
  * host or device top-k), the workspace is one device buffer per plan and engine that dequant writes
  * into and sparsePrefill reads, and q, caches and (with { output: 'device' }) the results may be
@@ -30,6 +33,10 @@ interface DevicePlannerOps {
   alloc(bytes: number): DeviceBuffer;
   upload(data: ArrayBufferView): Promise<DeviceBuffer>;
   dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void>;
+  planCompressedTokenIds(
+    args: { seqLens: Int32Array; extendLens: Int32Array; ratio: 4 | 128; pageTables: Int32Array | DeviceBuffer; pageTableOffsets: ArrayLike<number>; pageSize: number },
+    placement: Placement,
+  ): Promise<BigInt64Array | DeviceBuffer>;
   planRows(
     args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
     placement: Placement,
@@ -40,7 +47,7 @@ interface DevicePlannerOps {
 function devicePlanner(engine: Engine): DevicePlannerOps | null {
   if (engine.backend !== 'cuda' || !engine.hasDevice) return null;
   const b = engineBackend(engine) as Partial<DevicePlannerOps> | undefined;
-  return b && typeof b.planRows === 'function' && typeof b.dequantizeKCacheIdsInto === 'function' && typeof b.alloc === 'function' && typeof b.upload === 'function' ? (b as DevicePlannerOps) : null;
+  return b && typeof b.planRows === 'function' && typeof b.planCompressedTokenIds === 'function' && typeof b.dequantizeKCacheIdsInto === 'function' && typeof b.alloc === 'function' && typeof b.upload === 'function' ? (b as DevicePlannerOps) : null;
 }
 
 function checkOutputOption(options: unknown): Placement {
@@ -219,7 +226,7 @@ async function devicePrefillLayer(
   const layout = plan.layout(ratio);
   try {
     if (layout.compressedRows > 0) {
-      const ids = await deviceTokenIds(dev, plan, res, `ids${ratio}`, plan.compressedTokenIds(ratio as 4 | 128), caches.compressed!);
+      const ids = await deviceCompressedIds(dev, plan, res, ratio as 4 | 128);
       await dev.dequantizeKCacheIdsInto(caches.compressed!, ids, layout.compressedRows, ws, 0);
     }
     if (layout.swaRows > 0) {
@@ -244,6 +251,25 @@ async function devicePrefillLayer(
     else ws.free();
     for (const b of temps) b.free();
   }
+}
+
+/**
+ * A ratio's compressed flat token ids (int64) built on the device from the plan's page tables
+ * (planCompressedTokenIds: the host planner's compressed_token_id per entry), once per plan and
+ * engine. No host-built ids are uploaded; the page tables were checked against this layer's cache
+ * by plan.checkCaches (every page id ≤ the plan's largest, below the cache's page count), so every
+ * id is in range, and the dequant kernel checks every id again.
+ */
+async function deviceCompressedIds(dev: DevicePlannerOps, plan: Plan, res: Map<string, unknown>, ratio: 4 | 128): Promise<DeviceBuffer> {
+  const key = `ids${ratio}`;
+  const have = res.get(key) as DeviceBuffer | undefined;
+  if (have && !have.freed) return have;
+  const { seqLens, extendLens } = plan.chunkLengths();
+  const t = plan.compressedPageTables(ratio);
+  const buf = (await dev.planCompressedTokenIds({ seqLens, extendLens, ratio, pageTables: t.pageTables, pageTableOffsets: t.pageTableOffsets, pageSize: t.pageSize }, 'device')) as DeviceBuffer;
+  plan.deviceStats.deviceCompressedIdBuilds++;
+  res.set(key, buf);
+  return buf;
 }
 
 /**

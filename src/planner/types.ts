@@ -138,11 +138,15 @@ export interface PlanStats {
 /** Counters of what prefillLayer kept on a device (cuda engines). */
 export interface PlanDeviceStats {
   /**
-   * host → device uploads of chunk-invariant plan data: the dequant token ids (SWA gather ids, each
-   * compressed ratio's flat ids), once per plan and engine, range-checked at upload; no layer
-   * copies ids or index rows from the host
+   * host → device uploads of chunk-invariant plan data: the SWA gather ids, once per plan and
+   * engine, range-checked at upload; no layer copies ids or index rows from the host
    */
   deviceUploads: number;
+  /**
+   * compressed flat token ids built on the GPU from the page tables (planCompressedTokenIds), once
+   * per ratio, plan and engine (the page tables are checked against the caches by checkCaches)
+   */
+  deviceCompressedIdBuilds: number;
   /** c0 rows built on the GPU (planRows dense_row), once per plan and engine, reused by every c0 layer */
   deviceC0Builds: number;
   /** c128 rows built on the GPU (planRows dense_row), once per plan and engine */

@@ -171,6 +171,22 @@ export interface NativeCudaOps {
     lens: Operand<Int32Array>,
     dropped: Operand<Int32Array> | null,
   ): Promise<void>;
+  /**
+   * A ratio's compressed flat token ids on the device (native/cuda/planner.cu, the host planner's
+   * compressed_token_id per entry). seqLens/extendLens/pageTableOffsets (numRequests + 1) are host
+   * arrays; pageTables (int32, flattened) and tokenIds (int64 [total]) host or device.
+   */
+  planCompressedTokenIds(
+    seqLens: Int32Array,
+    extendLens: Int32Array,
+    numRequests: number,
+    ratio: number,
+    pageTables: Operand<Int32Array>,
+    pageTableOffsets: BigInt64Array,
+    pageSize: number,
+    total: number,
+    tokenIds: Operand<BigInt64Array>,
+  ): Promise<void>;
   /** host → device; data must have exactly buffer.byteLength bytes */
   upload(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
   /** device → host; data must have exactly buffer.byteLength bytes */

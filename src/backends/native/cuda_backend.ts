@@ -335,6 +335,33 @@ export class CudaBackend implements Backend, DeviceOps {
     return { rows, lens, dropped };
   }
 
+  /**
+   * A ratio's compressed flat token ids (int64 [Σ visible]) built on the device from the page tables
+   * (host Int32Array or device buffer, flattened request by request at pageTableOffsets): the same
+   * per-entry function as the host planner. Page ids are not range-checked here (the caller checks
+   * the page tables against the cache); the dequant kernel checks every id again.
+   */
+  async planCompressedTokenIds(
+    args: { seqLens: Int32Array; extendLens: Int32Array; ratio: 4 | 128; pageTables: Int32Array | DeviceBuffer; pageTableOffsets: ArrayLike<number>; pageSize: number },
+    placement: Placement = 'host',
+  ): Promise<BigInt64Array | DeviceBuffer> {
+    const n = args.seqLens.length;
+    let total = 0;
+    for (let r = 0; r < n; r++) total += args.extendLens[r]! > 0 ? Math.floor(args.seqLens[r]! / args.ratio) : 0;
+    const offsets = new BigInt64Array(n + 1);
+    for (let r = 0; r <= n; r++) offsets[r] = BigInt(args.pageTableOffsets[r] ?? 0);
+    const ids = this.output(placement, BigInt64Array, 8, total, 'tokenIds');
+    try {
+      await this.call('planCompressedTokenIds', () =>
+        this.ops.planCompressedTokenIds(args.seqLens, args.extendLens, n, args.ratio, operand(args.pageTables), offsets, args.pageSize, total, operand(ids)),
+      );
+    } catch (e) {
+      if (isDeviceBuffer(ids)) ids.free();
+      throw e;
+    }
+    return ids;
+  }
+
   /** A host-side write: the native CPU core on host threads (the cache lives in host memory). */
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;

@@ -263,7 +263,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           if (!(e instanceof SparseMlaError && e.code === 'INVALID_VALUE')) throw e;
         }
       });
-      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs', async () => {
+      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
         const be = engineBackend(engine) as unknown as CudaBackend;
         const host = loadWasmPlannerCore();
         const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
@@ -298,6 +298,41 @@ export async function checkCommand(argv: string[]): Promise<number> {
           const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w });
           sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
           sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
+        }
+        // Compressed flat token ids (planCompressedTokenIds, compressed_token_id per entry) against
+        // the host planner's: several requests incl. an empty one and seqLen < ratio, page tables
+        // host and device, outputs host and device.
+        const cSeq = Int32Array.from([700, 0, 3, 5000, 77, 2000, 129]);
+        const cExt = Int32Array.from([300, 0, 3, 1, 77, 777, 0]);
+        for (const [ratio, pageSize] of [[4, 64], [128, 2]] as const) {
+          const offsets = new Float64Array(cSeq.length + 1);
+          const tables: number[] = [];
+          let total = 0;
+          for (let r = 0; r < cSeq.length; r++) {
+            const v = cExt[r]! > 0 ? Math.floor(cSeq[r]! / ratio) : 0;
+            total += v;
+            const need = Math.ceil(v / pageSize) + (r % 2); // a spare page now and then: only the used ones are read
+            for (let p = 0; p < need; p++) tables.push(rng.int(0, 100000));
+            offsets[r + 1] = offsets[r]! + need;
+          }
+          const flat = Int32Array.from(tables);
+          const want = host.compressedTokenIds(cSeq, cExt, ratio, flat, offsets, pageSize, total);
+          if (want.length !== total) throw new Error(`c${ratio} host ids: ${want.length} entries, expected ${total}`);
+          for (const placement of ['host', 'device'] as const) {
+            const pt = placement === 'device' ? (await engine.upload(tensor('int32', [flat.length], flat))).data : flat;
+            const got = await be.planCompressedTokenIds({ seqLens: cSeq, extendLens: cExt, ratio, pageTables: pt, pageTableOffsets: offsets, pageSize }, placement);
+            let ids: BigInt64Array;
+            if (got instanceof BigInt64Array) ids = got;
+            else {
+              ids = (await engine.download({ dtype: 'int64', shape: [total], data: got })).data as BigInt64Array;
+              got.free();
+            }
+            if (!(pt instanceof Int32Array)) pt.free();
+            if (ids.length !== want.length) throw new Error(`c${ratio} ids (${placement}): lengths ${ids.length} vs ${want.length}`);
+            for (let i = 0; i < ids.length; i++) {
+              if (ids[i] !== want[i]) throw new Error(`c${ratio} ids (${placement}): element ${i} differs (${ids[i]} vs ${want[i]})`);
+            }
+          }
         }
       });
       await run('dequantize with device token ids (int64, uploaded once) into a workspace region equals the host-id path bit for bit; an id outside the cache is a typed OUT_OF_RANGE error and the device stays usable', async () => {
@@ -366,10 +401,11 @@ export async function checkCommand(argv: string[]): Promise<number> {
           compd?.data.free();
         }
         const d = planDev.deviceStats;
-        // c0 / c128 rows built on the GPU once each (no host build, no row upload); the dequant ids
-        // (SWA, c4, c128) uploaded once each across the four layers; c4 combined per layer.
-        if (d.deviceUploads !== 3 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) {
-          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 3 id uploads (SWA, c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace`);
+        // c0 / c128 rows built on the GPU once each (no host build, no row upload); the compressed
+        // ids (c4, c128) built on the GPU once each, the SWA ids uploaded once, across the four
+        // layers; c4 combined per layer.
+        if (d.deviceUploads !== 1 || d.deviceCompressedIdBuilds !== 2 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) {
+          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 1 id upload (SWA), 2 GPU compressed id builds (c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace`);
         }
         if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);

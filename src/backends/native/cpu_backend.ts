@@ -4,6 +4,7 @@
  * the event loop. Inputs are passed as they are (the addon pins them for the call; no copies);
  * outputs are allocated here, so they are ordinary JS-owned typed arrays.
  */
+import { AddonCalls } from './addon_calls.js';
 import { SparseMlaError } from '../../errors.js';
 import type {
   Backend,
@@ -17,7 +18,7 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
-import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, addonFailure, loadNativeAddon, type NativeAddon } from './binding.js';
+import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 
 /**
  * Smallest work (flop-equivalents) worth a thread of its own: starting and joining a thread costs
@@ -43,31 +44,11 @@ export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
   readonly workers: number;
   private readonly addon: NativeAddon;
-  private readonly inFlight = new Set<Promise<unknown>>();
-  private disposed = false;
+  private readonly calls = new AddonCalls('cpu');
 
   constructor(addon: NativeAddon, workers: number) {
     this.addon = addon;
     this.workers = workers;
-  }
-
-  /** Runs one addon call, tracked so dispose() can wait for it; errors become typed. */
-  private async call(op: string, run: () => Promise<void>): Promise<void> {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
-    let p: Promise<void>;
-    try {
-      p = run();
-    } catch (e) {
-      throw addonFailure('cpu', op, e);
-    }
-    this.inFlight.add(p);
-    try {
-      await p;
-    } catch (e) {
-      throw addonFailure('cpu', op, e);
-    } finally {
-      this.inFlight.delete(p);
-    }
   }
 
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
@@ -76,7 +57,7 @@ export class CpuBackend implements Backend {
     const maxLogits = alloc(Float32Array, sQ * hQ, 'maxLogits');
     const lse = alloc(Float32Array, sQ * hQ, 'lse');
     const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
-    await this.call('sparsePrefill', () =>
+    await this.calls.run('sparsePrefill', () =>
       this.addon.cpu.sparsePrefill(threads, job.q, job.kv, job.indices, job.topkLength, job.attnSink, sQ, hQ, dQK, dV, sKV, topk, job.smScale, out, maxLogits, lse),
     );
     return { out, maxLogits, lse };
@@ -89,7 +70,7 @@ export class CpuBackend implements Backend {
     const maxLogits = alloc(Float32Array, n * hQ, 'maxLogits');
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
-    await this.call('pagedSparseAttention', () =>
+    await this.calls.run('pagedSparseAttention', () =>
       this.addon.cpu.pagedSparseAttention(
         threads,
         job.q,
@@ -121,7 +102,7 @@ export class CpuBackend implements Backend {
     const { cache, tokenIds, n, rowDim } = job;
     const out = alloc(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
-    await this.call('dequantizeKCachePaged', () =>
+    await this.calls.run('dequantizeKCachePaged', () =>
       this.addon.cpu.dequantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, out),
     );
     return out;
@@ -130,15 +111,14 @@ export class CpuBackend implements Backend {
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
     const threads = threadsFor(this.workers, n, rowDim * 32);
-    await this.call('quantizeKCache', () =>
+    await this.calls.run('quantizeKCache', () =>
       this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, rows, ROWS_DTYPE_CODE[rowsDtype]),
     );
   }
 
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
-  async dispose(): Promise<void> {
-    this.disposed = true;
-    await Promise.allSettled([...this.inFlight]);
+  dispose(): Promise<void> {
+    return this.calls.dispose();
   }
 }
 

@@ -29,11 +29,11 @@ import type {
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
-import { threadsFor } from './cpu_backend.js';
+import { CpuBackend } from './cpu_backend.js';
+import { AddonCalls } from './addon_calls.js';
 import {
   CACHE_FORMAT_CODE,
   HOW_TO_BUILD,
-  ROWS_DTYPE_CODE,
   addonFailure,
   loadNativeAddon,
   queryCudaDevices,
@@ -125,39 +125,21 @@ export class CudaBackend implements Backend, DeviceOps {
   /** host threads for quantizeKCache (the CPU core); the GPU ops use none */
   readonly workers: number;
   readonly device: DeviceOps = this;
-  private readonly addon: NativeAddon;
   private readonly ops: NativeCudaOps;
   private readonly BufferClass: new (bytes: number) => NativeDeviceBuffer;
-  private readonly inFlight = new Set<Promise<unknown>>();
-  private disposed = false;
+  private readonly calls = new AddonCalls('cuda');
+  /** Host-side work (quantizeKCache writes a host cache) runs on the native CPU core. */
+  private readonly host: CpuBackend;
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number) {
-    this.addon = addon;
     this.ops = ops;
     this.workers = workers;
     this.BufferClass = ops.deviceBufferClass();
-  }
-
-  private async call(op: string, run: () => Promise<void>): Promise<void> {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
-    let p: Promise<void>;
-    try {
-      p = run();
-    } catch (e) {
-      throw addonFailure('cuda', op, e);
-    }
-    this.inFlight.add(p);
-    try {
-      await p;
-    } catch (e) {
-      throw addonFailure('cuda', op, e);
-    } finally {
-      this.inFlight.delete(p);
-    }
+    this.host = new CpuBackend(addon, workers);
   }
 
   alloc(bytes: number): DeviceBuffer {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    this.calls.assertAlive();
     try {
       return new CudaDeviceBuffer(new this.BufferClass(bytes));
     } catch (e) {
@@ -180,7 +162,7 @@ export class CudaBackend implements Backend, DeviceOps {
   async upload(data: ArrayBufferView): Promise<DeviceBuffer> {
     const b = this.alloc(data.byteLength);
     try {
-      await this.call('upload', () => this.ops.upload(nativeOf(b), data));
+      await this.calls.run('upload', () => this.ops.upload(nativeOf(b), data));
     } catch (e) {
       b.free();
       throw e;
@@ -189,17 +171,17 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   async download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void> {
-    await this.call('download', () => this.ops.download(nativeOf(buffer), into));
+    await this.calls.run('download', () => this.ops.download(nativeOf(buffer), into));
   }
 
   /** Device-to-device copy of equal-sized buffers (the bandwidth ceiling in benchmarks). */
   async copyDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
-    await this.call('copyDevice', () => this.ops.copyDevice(nativeOf(dst), nativeOf(src)));
+    await this.calls.run('copyDevice', () => this.ops.copyDevice(nativeOf(dst), nativeOf(src)));
   }
 
   /** dst filled with repeats of src (benchmark inputs) */
   async fillDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
-    await this.call('fillDevice', () => this.ops.fillDevice(nativeOf(dst), nativeOf(src)));
+    await this.calls.run('fillDevice', () => this.ops.fillDevice(nativeOf(dst), nativeOf(src)));
   }
 
   /** Device milliseconds of the last op's kernel(s), timed with CUDA events (−1 if none). */
@@ -217,7 +199,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
     const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
     try {
-      await this.call('sparsePrefill', () =>
+      await this.calls.run('sparsePrefill', () =>
         this.ops.sparsePrefill(operand(job.q), operand(job.kv), operand(job.indices), optional(job.topkLength), optional(job.attnSink), sQ, hQ, dQK, dV, sKV, topk, job.smScale, operand(out), operand(maxLogits), operand(lse)),
       );
     } catch (e) {
@@ -233,7 +215,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
     const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
     try {
-      await this.call('pagedSparseAttention', () =>
+      await this.calls.run('pagedSparseAttention', () =>
         this.ops.pagedSparseAttention(
           operand(job.q),
           n,
@@ -268,7 +250,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const { cache, tokenIds, n, rowDim } = job;
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     try {
-      await this.call('dequantizeKCachePaged', () =>
+      await this.calls.run('dequantizeKCachePaged', () =>
         this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, operand(out)),
       );
     } catch (e) {
@@ -284,7 +266,7 @@ export class CudaBackend implements Backend, DeviceOps {
    */
   async dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void> {
     const { cache, tokenIds, n } = job;
-    await this.call('dequantizeKCachePaged', () =>
+    await this.calls.run('dequantizeKCachePaged', () =>
       this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, nativeOf(out), rowOffset),
     );
   }
@@ -297,7 +279,7 @@ export class CudaBackend implements Backend, DeviceOps {
   async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
     try {
-      await this.call('dequantizeKCachePaged', () =>
+      await this.calls.run('dequantizeKCachePaged', () =>
         this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, nativeOf(tokenIds), n, nativeOf(out), rowOffset),
       );
     } catch (e) {
@@ -325,7 +307,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
     const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
-      await this.call('planRows', () =>
+      await this.calls.run('planRows', () =>
         this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : operand(args.topkIndices), args.topk, args.width, numQueries, operand(rows), operand(lens), operand(dropped)),
       );
     } catch (e) {
@@ -352,7 +334,7 @@ export class CudaBackend implements Backend, DeviceOps {
     for (let r = 0; r <= n; r++) offsets[r] = BigInt(args.pageTableOffsets[r] ?? 0);
     const ids = this.output(placement, BigInt64Array, 8, total, 'tokenIds');
     try {
-      await this.call('planCompressedTokenIds', () =>
+      await this.calls.run('planCompressedTokenIds', () =>
         this.ops.planCompressedTokenIds(args.seqLens, args.extendLens, n, args.ratio, operand(args.pageTables), offsets, args.pageSize, total, operand(ids)),
       );
     } catch (e) {
@@ -363,17 +345,13 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /** A host-side write: the native CPU core on host threads (the cache lives in host memory). */
-  async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
-    const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
-    const threads = threadsFor(this.workers, n, rowDim * 32);
-    await this.call('quantizeKCache', () =>
-      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, rows, ROWS_DTYPE_CODE[rowsDtype]),
-    );
+  quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
+    this.calls.assertAlive();
+    return this.host.quantizeKCache(job);
   }
 
   async dispose(): Promise<void> {
-    this.disposed = true;
-    await Promise.allSettled([...this.inFlight]);
+    await Promise.all([this.calls.dispose(), this.host.dispose()]);
   }
 }
 

@@ -1,0 +1,44 @@
+/**
+ * The call discipline shared by the native backends (cpu, cuda): every addon call is tracked so
+ * dispose() can wait for the calls in flight, calls after dispose() reject with DISPOSED, and any
+ * addon error (thrown synchronously or from the promise) becomes a typed SparseMlaError.
+ */
+import { SparseMlaError } from '../../errors.js';
+import type { BackendName } from '../../types.js';
+import { addonFailure } from './binding.js';
+
+export class AddonCalls {
+  private readonly inFlight = new Set<Promise<unknown>>();
+  private disposed = false;
+
+  constructor(private readonly backend: Exclude<BackendName, 'wasm'>) {}
+
+  /** Throws DISPOSED once dispose() has been called. */
+  assertAlive(): void {
+    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+  }
+
+  async run(op: string, start: () => Promise<void>): Promise<void> {
+    this.assertAlive();
+    let p: Promise<void>;
+    try {
+      p = start();
+    } catch (e) {
+      throw addonFailure(this.backend, op, e);
+    }
+    this.inFlight.add(p);
+    try {
+      await p;
+    } catch (e) {
+      throw addonFailure(this.backend, op, e);
+    } finally {
+      this.inFlight.delete(p);
+    }
+  }
+
+  /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
+  async dispose(): Promise<void> {
+    this.disposed = true;
+    await Promise.allSettled([...this.inFlight]);
+  }
+}

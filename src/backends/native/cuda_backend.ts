@@ -345,9 +345,9 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /** A host-side write: the native CPU core on host threads (the cache lives in host memory). */
-  quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
+  async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
     this.calls.assertAlive();
-    return this.host.quantizeKCache(job);
+    await this.host.quantizeKCache(job);
   }
 
   async dispose(): Promise<void> {

@@ -1,0 +1,92 @@
+/**
+ * The cuda backend's TypeScript half, run without a GPU: the real addon's CPU core plus a stand-in
+ * for the CUDA op table. Checks what the class itself decides — host-side quantize on the CPU core,
+ * typed errors from the CUDA ops, dispose waiting for calls in flight and refusing later ones —
+ * so a change to it is caught here, not first on a GPU host.
+ */
+import { describe, expect, test } from 'vitest';
+import { SparseMlaError, createKvCache } from '../dist/index.js';
+import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
+import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
+import { loadNativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
+import type { QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
+import { nativeAddonBuilt } from './helpers/backends.js';
+import { randomBf16Bits, testRng } from './helpers/random.js';
+
+const rng = testRng('cuda_backend_host');
+
+/** A CUDA op table whose ops are the given functions; anything else is never called. */
+function fakeOps(ops: Partial<Record<keyof NativeCudaOps, unknown>>): NativeCudaOps {
+  class FakeBuffer {
+    constructor(readonly bytes: number) {}
+    free(): void {}
+  }
+  return new Proxy({ deviceBufferClass: () => FakeBuffer, ...ops } as object, {
+    get: (target, name) => (target as Record<string | symbol, unknown>)[name] ?? (() => { throw new Error(`unexpected CUDA op ${String(name)}`); }),
+  }) as NativeCudaOps;
+}
+
+function prefillJob(): SparsePrefillJob {
+  const sQ = 2, hQ = 4, d = 64, sKV = 8, topk = 4;
+  return {
+    q: randomBf16Bits(rng, sQ * hQ * d), kv: randomBf16Bits(rng, sKV * d), indices: new Int32Array(sQ * topk),
+    topkLength: null, attnSink: null, sQ, hQ, dQK: d, dV: d, sKV, topk, smScale: 0.1,
+  } as SparsePrefillJob;
+}
+
+describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
+  const load = loadNativeAddon();
+  const addon = load.ok ? load.addon : (undefined as never);
+
+  test('quantizeKCache runs on the CPU core: bytes equal the cpu backend', async () => {
+    const rows = randomBf16Bits(rng, 6 * 512);
+    const ids = Int32Array.from([5, 0, 63, 17, 17, 2]);
+    const jobFor = (data: Uint8Array): QuantizeKCacheJob => ({
+      cache: { format: 'v4', pageSize: 64, numPages: 1, data } as QuantizeKCacheJob['cache'],
+      tokenIds: ids, rows, rowsDtype: 'bf16', n: 6, rowDim: 512,
+    });
+    const a = createKvCache('v4', { pageSize: 64, numPages: 1 }).data;
+    const b = createKvCache('v4', { pageSize: 64, numPages: 1 }).data;
+    const cuda = new CudaBackend(addon, fakeOps({}), 2);
+    const cpu = new CpuBackend(addon, 2);
+    await cuda.quantizeKCache(jobFor(a));
+    await cpu.quantizeKCache(jobFor(b));
+    expect(a.some((x) => x !== 0)).toBe(true);
+    expect(Buffer.compare(a, b)).toBe(0);
+    await Promise.all([cuda.dispose(), cpu.dispose()]);
+  });
+
+  test('a CUDA op failure (thrown or rejected) is a typed BACKEND_FAILURE naming the op', async () => {
+    const failure = Object.assign(new Error('boom'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorIllegalAddress: an illegal memory access' });
+    for (const sparsePrefill of [() => { throw failure; }, () => Promise.reject(failure)]) {
+      const cuda = new CudaBackend(addon, fakeOps({ sparsePrefill }), 1);
+      const err = await cuda.sparsePrefill(prefillJob()).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code).toBe('BACKEND_FAILURE');
+      expect((err as SparseMlaError).message).toMatch(/sparsePrefill/);
+      expect((err as SparseMlaError).message).toMatch(/cudaErrorIllegalAddress/);
+      await cuda.dispose();
+    }
+  });
+
+  test('dispose waits for the call in flight; later calls and allocations reject with DISPOSED', async () => {
+    let finish!: () => void;
+    let settled = false;
+    const cuda = new CudaBackend(addon, fakeOps({ sparsePrefill: () => new Promise<void>((r) => { finish = r; }) }), 1);
+    const running = cuda.sparsePrefill(prefillJob()).then(() => { settled = true; });
+    let disposed = false;
+    const disposing = cuda.dispose().then(() => { disposed = true; });
+    await new Promise((r) => setTimeout(r, 20));
+    expect(disposed).toBe(false); // still waiting for the op
+    finish();
+    await Promise.all([running, disposing]);
+    expect(settled && disposed).toBe(true);
+    await expect(cuda.sparsePrefill(prefillJob())).rejects.toMatchObject({ code: 'DISPOSED' });
+    expect(() => cuda.alloc(16)).toThrow(expect.objectContaining({ code: 'DISPOSED' }) as unknown as Error);
+    const job: QuantizeKCacheJob = {
+      cache: { format: 'v4', pageSize: 2, numPages: 1, data: createKvCache('v4', { pageSize: 2, numPages: 1 }).data } as QuantizeKCacheJob['cache'],
+      tokenIds: Int32Array.from([0]), rows: randomBf16Bits(rng, 512), rowsDtype: 'bf16', n: 1, rowDim: 512,
+    };
+    await expect(cuda.quantizeKCache(job)).rejects.toMatchObject({ code: 'DISPOSED' });
+  });
+});

@@ -21,7 +21,7 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(
     return SMLA_ERR_INVALID_ARGUMENT;
   if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
   if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
-  PagedFp8Source src;
+  PagedFp8Rows src;
   src.cache = V4Cache{k_cache, page_size, int64_t(page_size) * num_pages};
   src.indices = indices;
   src.topk = topk;
@@ -31,9 +31,9 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(
   src.extra_indices = extra_indices;
   src.extra_topk = extra_k_cache ? extra_topk : 0;
   src.extra_topk_length = extra_topk_length;
-  const AttnOutputs o{q, h_q, sm_scale, attn_sink, out, max_logits, lse};
-  auto kernel = sparse_attention_sm90_kernel<512, PagedFp8Source>;
-  constexpr int smem = AttnSmem<512>::kAlloc;
+  const AttnOutputs o{q, n, h_q, sm_scale, attn_sink, out, max_logits, lse};
+  auto kernel = paged_attention_sm90_kernel<512, PagedFp8Rows>;
+  constexpr int smem = PagedSmem<512>::kAlloc;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err == cudaSuccess) {
     const dim3 grid(unsigned(n), unsigned((h_q + kHeadsPerCta - 1) / kHeadsPerCta));

@@ -1,10 +1,17 @@
-// SPEC §5 paged FP8 sparse attention on sm_90a: the shared attention kernel (dQK = dV = 512) fed
-// by a producer that reads v4 tokens straight from the paged FP8 cache(s) and dequantizes them
-// into the bf16 tile in registers. The main and extra sets form one list per query: the main
-// set's first min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
+// SPEC §5 paged FP8 sparse attention on sm_90a (dQK = dV = 512): a kernel of its own whose
+// producer reads v4 tokens straight from the paged FP8 cache(s) and dequantizes them into the
+// bf16 tile in registers. The main and extra sets form one list per query: the main set's first
+// min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
+//
+// One CTA = one query x 64 heads; warpgroup 2 dequantizes 64 tokens per stage into a two-stage
+// ring; warpgroups 0/1 each compute S for 32 of the 64 rows (m64n32), exchange row maxima
+// through shared memory, write P (bf16) to shared memory, then each multiplies P into its half
+// of dV (m64n256). The dequantizing producer needs registers (8 rows of loads in flight per
+// warp) that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot spare.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <math.h>
 #include <stdint.h>
 
 #include "kv_cache.cuh"
@@ -13,11 +20,290 @@
 
 namespace smla::cuda {
 
-struct PagedFp8Source {
+constexpr int kPagedRowsPerStage = 64;
+constexpr int kPagedStages = 2;
+
+template <int DQK>
+struct PagedSmem {
+  static_assert(DQK % 64 == 0 && DQK >= kDv, "dQK: a multiple of 64, at least dV");
+  static constexpr int kChunks = DQK / 64;
+  static constexpr int kTileBytes = kChunks * 8192;
+  static constexpr int kQ = 0;
+  static constexpr int kK = kQ + kTileBytes;
+  static constexpr int kP = kK + kPagedStages * kTileBytes;  // P: a 64x64 bf16 K-major tile
+  static constexpr int kMax = kP + 8192;                // float [2][64]: block row maxima
+  static constexpr int kL = kMax + 512;            // float [2][64]: each WG's row sums at the end
+  static constexpr int kAny = kL + 512;            // int [2]: each WG saw a valid entry
+  static constexpr int kValid = kAny + 16;         // uint8 [kPagedStages][64]
+  static constexpr int kBar = kValid + kPagedStages * 64;  // uint64 full[kPagedStages], empty[kPagedStages]
+  static constexpr int kTotal = kBar + 2 * kPagedStages * 8;
+  static constexpr int kAlloc = kTotal + 1024;     // slack to align the base to 1024 B
+};
+
+
+// Source policy: begin(qi) -> Entries (the query's entry count); load_entry(entries, qi, k) ->
+// Entry (entry k resolved, or invalid past the end; must not read past the row); fill(entry,
+// tile, valid, ptid) is called by all 128 producer threads per stage, each passing the entry of
+// its own row (warp w, lane l < 16 owns row 16w + l); it must issue its copies / stores, make
+// them visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+template <int DQK, class Source>
+__global__ void __launch_bounds__(kAttnThreads, 1)
+    paged_attention_sm90_kernel(const AttnOutputs p, const Source src) {
+  using L = PagedSmem<DQK>;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+  uint8_t* sQ = smem + L::kQ;
+  uint8_t* sK = smem + L::kK;
+  uint8_t* sP = smem + L::kP;
+  float* sMax = reinterpret_cast<float*>(smem + L::kMax);
+  float* sL = reinterpret_cast<float*>(smem + L::kL);
+  int* sAny = reinterpret_cast<int*>(smem + L::kAny);
+  uint8_t* sValid = smem + L::kValid;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
+  uint64_t* empty = full + kPagedStages;
+
+  const int64_t qi = blockIdx.x;
+  const int h0 = blockIdx.y * kHeadsPerCta;
+  const int tid = threadIdx.x;
+
+  if (tid == 0) {
+    for (int s = 0; s < kPagedStages; ++s) {
+      mbar_init(&full[s], 128);
+      mbar_init(&empty[s], 256);
+    }
+  }
+  // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
+  // math warpgroups and awaited just before the first S = QKᵀ, so it overlaps the first gather.
+  if (tid < 256) {
+    constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
+    const uint64_t once = l2_policy_evict_first();
+    for (int t = tid; t < kHeadsPerCta * kPieces; t += 256) {
+      const int r = t / kPieces, pc = t % kPieces;
+      const int h = h0 + r;
+      const bool ok = h < p.h_q;
+      const uint16_t* g = ok ? p.q + ((qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
+      cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
+    }
+    cp_async_commit();
+  }
+  __syncthreads();
+
+  const typename Source::Entries entries = src.begin(qi);
+  const int n_blocks = (entries.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
+  const int wg = tid / 128;
+
+  if (wg == 2) {
+    setmaxnreg_dec<Source::kProducerRegs>();
+    const int ptid = tid - 256;
+    // Each producer lane owns one row of its warp's 16 per stage. The entry (index) of the next
+    // block is loaded before this block's gather, so its latency hides behind the gather.
+    const int my_row = (ptid >> 5) * 16 + (ptid & 15);
+    typename Source::Entry cur = src.load_entry(entries, qi, my_row);
+    for (int b = 0; b < n_blocks; ++b) {
+      const int st = b % kPagedStages;
+      if (b >= kPagedStages) mbar_wait(&empty[st], ((b / kPagedStages) - 1) & 1);
+      const typename Source::Entry nxt = src.load_entry(entries, qi, (b + 1) * kPagedRowsPerStage + my_row);
+      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid);
+      mbar_arrive(&full[st]);
+      cur = nxt;
+    }
+    return;
+  }
+
+  setmaxnreg_inc<Source::kConsumerRegs>();
+  const int ctid = tid & 127;
+  const int lane = tid & 31;
+  const int quad = lane & 3;
+  const int row_a = (ctid >> 5) * 16 + (lane >> 2);  // this thread's two rows (heads) of the tile
+  const int row_b = row_a + 8;
+  const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+  float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
+  float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
+  bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
+
+  cp_async_wait_all();
+  fence_proxy_async();
+  named_barrier_sync(1, 256);  // the whole Q tile has landed
+
+  const uint32_t q_base = smem_u32(sQ);
+  const uint32_t p_base = smem_u32(sP);
+
+  // S(b) = Q·K_wᵀ for the stage holding block b (m64n32, K = dQK).
+  float s[16];
+  auto issue_s = [&](int stage) {
+    const uint32_t kb = smem_u32(sK + stage * L::kTileBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int c = 0; c < L::kChunks; ++c) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t da = gmma_desc_sw128(q_base + c * 8192 + kk * 32, 16, 1024);
+        const uint64_t db = gmma_desc_sw128(kb + c * 8192 + wg * 4096 + kk * 32, 16, 1024);
+        wgmma_m64n32k16_ss(s, da, db, (c | kk) != 0);
+      }
+    }
+    wgmma_commit();
+  };
+  // S(b+1) is issued right behind PV(b) when block b+1 has already landed (the tensor cores go
+  // from one to the other without a gap); otherwise stage b is released first and S(b+1) waits
+  // at the top (always waiting for b+1 before releasing b was measured slower: the gather chain
+  // is then held up).
+  bool s_issued = false;
+  for (int b = 0; b < n_blocks; ++b) {
+    const int st = b % kPagedStages;
+    const uint32_t k_base = smem_u32(sK + st * L::kTileBytes);
+    if (!s_issued) {
+      mbar_wait(&full[st], (b / kPagedStages) & 1);
+      issue_s(st);
+    }
+    wgmma_wait<0>();
+
+    // Mask and scale; block row max.
+    const uint8_t* valid = sValid + st * kPagedRowsPerStage + wg * 32;
+    float bm_a = -INFINITY, bm_b = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const bool ok = valid[8 * j + 2 * quad + e] != 0;
+        seen_valid |= ok;
+        s[4 * j + e] = ok ? s[4 * j + e] * c2 : -INFINITY;
+        s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * c2 : -INFINITY;
+        bm_a = max_nan(bm_a, s[4 * j + e]);
+        bm_b = max_nan(bm_b, s[4 * j + 2 + e]);
+      }
+    }
+    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 1));
+    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 2));
+    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 1));
+    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 2));
+    if (quad == 0) {
+      sMax[wg * 64 + row_a] = bm_a;
+      sMax[wg * 64 + row_b] = bm_b;
+    }
+    named_barrier_sync(1, 256);
+    const float nm_a = max_nan(m_a, max_nan(bm_a, sMax[(wg ^ 1) * 64 + row_a]));
+    const float nm_b = max_nan(m_b, max_nan(bm_b, sMax[(wg ^ 1) * 64 + row_b]));
+    const float base_a = nm_a == -INFINITY ? 0.0f : nm_a;
+    const float base_b = nm_b == -INFINITY ? 0.0f : nm_b;
+    const float alpha_a = exp2f(m_a - base_a);
+    const float alpha_b = exp2f(m_b - base_b);
+    m_a = nm_a;
+    m_b = nm_b;
+
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = exp2f(s[4 * j] - base_a), p1 = exp2f(s[4 * j + 1] - base_a);
+      const float p2 = exp2f(s[4 * j + 2] - base_b), p3 = exp2f(s[4 * j + 3] - base_b);
+      sum_a += p0 + p1;
+      sum_b += p2 + p3;
+      const int col = wg * 32 + 8 * j + 2 * quad;
+      *reinterpret_cast<__nv_bfloat162*>(sP + swz_offset(row_a, col)) = __floats2bfloat162_rn(p0, p1);
+      *reinterpret_cast<__nv_bfloat162*>(sP + swz_offset(row_b, col)) = __floats2bfloat162_rn(p2, p3);
+    }
+    l_a = l_a * alpha_a + sum_a;
+    l_b = l_b * alpha_b + sum_b;
+    if (__any_sync(0xffffffffu, !(alpha_a == 1.0f && alpha_b == 1.0f))) {  // max unchanged: skip
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        o[4 * j] *= alpha_a;
+        o[4 * j + 1] *= alpha_a;
+        o[4 * j + 2] *= alpha_b;
+        o[4 * j + 3] *= alpha_b;
+      }
+    }
+    fence_proxy_async();
+    named_barrier_sync(2, 256);
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      // V: MN-major, 64-dim chunks 8192 B apart (LBO), 8-key groups 1024 B apart (SBO).
+      const uint64_t db = gmma_desc_sw128(k_base + wg * 4 * 8192 + kk * 2048, 8192, 1024);
+      wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(p_base + kk * 32, 16, 1024), db, 1);
+    }
+    wgmma_commit();
+    const int nst = (b + 1) % kPagedStages;
+    s_issued = b + 1 < n_blocks && mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1);
+    if (s_issued) {
+      issue_s(nst);
+      wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
+    } else {
+      wgmma_wait<0>();
+    }
+    mbar_arrive(&empty[st]);
+  }
+
+  // Row sums: this thread's columns -> quad -> both warpgroups.
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  if (quad == 0) {
+    sL[wg * 64 + row_a] = l_a;
+    sL[wg * 64 + row_b] = l_b;
+  }
+  // Whether the query had any valid entry (the same for every head). Logits that are all −inf
+  // still count as entries: lse = −inf then, not the +inf of an empty row (as in the core).
+  const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
+  if (ctid == 0) sAny[wg] = 0;
+  named_barrier_sync(3 + wg, 128);
+  if (lane == 0 && warp_seen) sAny[wg] = 1;
+  named_barrier_sync(1, 256);
+  const bool any_valid = (sAny[0] | sAny[1]) != 0;
+  // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
+  // every wgmma finished before the barrier above), then 16-byte coalesced stores.
+  const float ln2 = 0.6931471805599453f;
+  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged row, padded against bank conflicts
+  static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
+  float scale[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int row = half ? row_b : row_a;
+    const int h = h0 + row;
+    const float m2 = half ? m_b : m_a;
+    SoftmaxRow r;
+    r.m = m2 * ln2;
+    r.l = sL[row] + sL[64 + row];
+    const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
+    const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
+    scale[half] = fin.out_scale;
+    if (wg == 0 && quad == 0 && h < p.h_q) {
+      const int64_t orow = qi * p.h_q + h;
+      if (p.lse) p.lse[orow] = fin.lse;
+      if (p.max_logits) p.max_logits[orow] = fin.max_logit;
+    }
+  }
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+      *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
+          __floats2bfloat162_rn(o[4 * j + 2 * half] * scale[half], o[4 * j + 2 * half + 1] * scale[half]);
+  }
+  named_barrier_sync(3 + wg, 128);
+  // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
+#pragma unroll 4
+  for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
+    const int r = t >> 5, pc = t & 31;
+    const int h = h0 + r;
+    if (h >= p.h_q) continue;
+    const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
+    __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
+  }
+}
+
+struct PagedFp8Rows {
   // The producer dequantizes in registers (a batch of rows in flight): it needs more of them
   // than the cp.async gather. ptxas confines the code after setmaxnreg to these counts.
   static constexpr uint32_t kProducerRegs = 112;
-  static constexpr uint32_t kConsumerRegs = 184;
+  static constexpr uint32_t kConsumerRegs = 184;  // O (128) + S (16) + softmax state
   struct Entries {
     int total;
     int main;

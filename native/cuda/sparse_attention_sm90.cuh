@@ -1,17 +1,26 @@
 // The sm_90a attention kernel shared by sparse prefill (§4) and paged FP8 attention (§5).
 //
-// One CTA = one query x a block of 64 heads (one wgmma M tile). All heads of a query attend the
-// same KV rows, so the CTA streams the query's entries in blocks of 64 rows through a two-stage
-// shared-memory ring and every row is gathered once for 64 heads.
+// A tile = one query x a block of 64 heads (one wgmma M tile). All heads of a query attend the
+// same KV rows, so every row is gathered once for 64 heads. The grid is persistent (one CTA per
+// SM, tiles taken round-robin), so one tile's epilogue overlaps the next tile's loads. A tile's
+// entries are streamed in blocks of 64 rows through two block buffers (K0 holds the even
+// blocks, K1 the odd ones); each buffer is split into a left half (dims 0-255) and a right half
+// (dims 256-dQK) with their own full/empty barriers, so a half is refilled as soon as its last
+// reader is done with it.
 //
-//   warpgroup 2 (producer): fills a stage with 64 KV rows (a Source policy: bf16 rows gathered
-//     by index with cp.async, or FP8 v4 tokens dequantized in registers), zero-filling invalid
-//     entries without reading them, and records each entry's validity.
-//   warpgroups 0, 1 (math): WG w computes S_w = Q · K[32w, 32w+32)ᵀ (m64n32, K = dQK), masks,
-//     exchanges row maxima with the other WG, writes P to shared memory as two bf16 terms
-//     P_hi + P_lo (a single bf16 P costs 2^-9 relative per weight, which breaks SPEC §4's
-//     elementwise tolerance on unit-scale data), then
-//     O_w += P_hi·V + P_lo·V over V[:, 256w, 256w+256) (m64n256, V MN-major from the K tile).
+//   warpgroup 2, producer: loads each tile's Q, then fills K0.left, K1.right, K0.right, K1.left
+//     per pair of blocks (the order in which the math warpgroups need them), through a Source
+//     policy: bf16 rows gathered by index, or FP8 v4 tokens dequantized in shared memory.
+//     Invalid entries are zero-filled and never read.
+//   warpgroups 0 and 1, math, in a "seesaw" over each pair of blocks (b, b+1):
+//     WG0 computes S0 = Q·K_bᵀ, WG1 S1 = Q·K_{b+1}ᵀ (each m64n64, K = dQK). WG0 owns O[:, 0:256],
+//     WG1 O[:, 256:512]. The running row max is chained through shared memory: WG0 takes the max
+//     over block b, WG1 then over block b+1. Each WG multiplies its own P (bf16, in registers)
+//     into its own half of O right away (RS wgmma) and hands P to the other WG through shared
+//     memory (SS wgmma); WG0's P is rescaled to WG1's newer max before it is handed over. Per pair
+//     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
+//     WG does its softmax. Row sums are combined once, in the epilogue, which also folds in the
+//     sink and stores O straight from registers (shared memory is already refilled by then).
 //
 // Tiles are rows of 128-byte swizzled chunks of 64 dims: element (r, d) of a 64-row tile sits at
 // (d/64)*8192 + r*128 + (((d%64)/8) ^ (r%8))*16 + (d%8)*2, which is wgmma's canonical 128B-swizzle
@@ -27,10 +36,10 @@
 namespace smla::cuda {
 
 constexpr int kHeadsPerCta = 64;
-constexpr int kRowsPerStage = 64;
-constexpr int kStages = 2;
+constexpr int kBlockRows = 64;
 constexpr int kDv = 512;
 constexpr int kAttnThreads = 384;
+constexpr int kLeftChunks = 4;  // dims [0, 256): V's left half
 
 __device__ __forceinline__ uint32_t swz_offset(int r, int d) {
   return uint32_t((d >> 6) * 8192 + r * 128 + ((((d & 63) >> 3) ^ (r & 7)) << 4) + (d & 7) * 2);
@@ -38,27 +47,33 @@ __device__ __forceinline__ uint32_t swz_offset(int r, int d) {
 
 template <int DQK>
 struct AttnSmem {
-  static_assert(DQK % 64 == 0 && DQK >= kDv, "dQK: a multiple of 64, at least dV");
+  static_assert(DQK % 64 == 0 && DQK >= kDv && DQK <= 576, "dQK: a multiple of 64 in [512, 576]");
   static constexpr int kChunks = DQK / 64;
   static constexpr int kTileBytes = kChunks * 8192;
   static constexpr int kQ = 0;
-  static constexpr int kK = kQ + kTileBytes;
-  // P = P_hi + P_lo, each a 64x64 bf16 K-major tile. When dQK > dV the last chunk of the K
-  // tile (dims past dV, read only by S = QKᵀ) is free once S is done and holds P_hi.
-  static constexpr bool kPhiInTile = DQK > kDv;
-  static constexpr int kP = kK + kStages * kTileBytes;  // P_lo
-  static constexpr int kPhi = kP + 8192;                // P_hi when !kPhiInTile
-  static constexpr int kMax = kPhi + (kPhiInTile ? 0 : 8192);  // float [2][64]: block row maxima
-  static constexpr int kL = kMax + 512;            // float [2][64]: each WG's row sums at the end
-  static constexpr int kAny = kL + 512;            // int [2]: each WG saw a valid entry
-  static constexpr int kValid = kAny + 16;         // uint8 [kStages][64]
-  static constexpr int kBar = kValid + kStages * 64;  // uint64 full[kStages], empty[kStages]
-  static constexpr int kTotal = kBar + 2 * kStages * 8;
-  static constexpr int kAlloc = kTotal + 1024;     // slack to align the base to 1024 B
+  static constexpr int kK0 = kTileBytes;
+  static constexpr int kK1 = 2 * kTileBytes;
+  // P handed between the warpgroups: 64x64 bf16 K-major tiles. WG1's always has its own space;
+  // WG0's sits in K0's last chunk when dQK > dV (dims past dV are read only by QKᵀ, which is
+  // done with that chunk before WG0 writes its P, and refilled only after WG1 has read it).
+  static constexpr int kP1 = 3 * kTileBytes;
+  static constexpr int kP0 = DQK > kDv ? kK0 + (kChunks - 1) * 8192 : kP1 + 8192;
+  static constexpr int kValid = kP1 + (DQK > kDv ? 8192 : 16384);  // uint8 [2][64]
+  static constexpr int kMax = kValid + 128;  // float [64]: the running max handed between WGs
+  // Epilogue exchange, double-buffered by tile parity (the next tile's epilogue may start while
+  // the other WG still reads this one's): float [2][2][64] row sums per WG, int [2][8] per math
+  // warp whether it saw a valid entry.
+  static constexpr int kL = kMax + 256;
+  static constexpr int kSeen = kL + 1024;
+  static constexpr int kBar = kSeen + 64;  // uint64 full[4], empty[4] ([buffer*2 + half]), q_full, q_empty
+  static constexpr int kTotal = kBar + 80;
+  static constexpr int kAlloc = kTotal + 1024;  // slack to align the base to 1024 B
+  static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
 
 struct AttnOutputs {
   const uint16_t* q;    // [s_q, h_q, DQK] bf16
+  int64_t s_q;
   int32_t h_q;
   float sm_scale;
   const float* attn_sink;  // [h_q] or nullptr
@@ -67,72 +82,298 @@ struct AttnOutputs {
   float* lse;              // [s_q, h_q] or nullptr
 };
 
-// Source policy: begin(qi) -> Entries (the query's entry count); load_entry(entries, qi, k) ->
-// Entry (entry k resolved, or invalid past the end; must not read past the row); fill(entry,
-// tile, valid, ptid) is called by all 128 producer threads per stage, each passing the entry of
-// its own row (warp w, lane l < 16 owns row 16w + l); it must issue its copies / stores, make
-// them visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+// Producer threads: 16 groups of 8. Group g serves rows g + 16r (r = 0..3) of every block; the
+// 8 threads of a group move one 128-byte chunk row together (coalesced), thread `piece` its
+// 16-byte piece (or its 32 dims).
+constexpr int kRowsPerProducerThread = 4;
+
+// Source policy (the producer side):
+//   kProducerRegs / kConsumerRegs: the setmaxnreg split between producer and math warpgroups.
+//   Entries begin(qi): the query's entry count (.total).
+//   Rows load_rows(entries, qi, block, group): entries block*64 + group + 16r, resolved; an entry
+//     past .total is invalid and its index is never read.
+//   bool valid(rows, r).
+//   begin_half<DQK, C0, C1>(rows, tile, group, piece, full): start filling dims [64*C0, 64*C1) of
+//     the four rows (invalid rows zero-filled without reading).
+//   end_half<DQK, C0, C1>(flags, tile, group, piece, full): finish that half and arrive on `full`
+//     once it is visible to wgmma (flags: the buffer's validity flags, still those of this block).
+//     The kernel calls it one half later (so two halves' loads are in flight), after committing
+//     an empty cp.async group when nothing else follows.
+namespace detail {
+
+// Matrix descriptors are built once per operand base; a step within the operand adds its byte
+// offset / 16 to the address field (bits 0-13), which never carries: shared addresses are < 256 KB.
+__device__ __forceinline__ uint64_t kmajor_desc(uint32_t base) { return gmma_desc_sw128(base, 16, 1024); }
+// V as wgmma's B operand: MN-major, 64-dim chunks 8192 B apart (LBO), 8-key groups 1024 B apart
+// (SBO); k step kk (keys [16kk, 16kk + 16)) is 2048 B further.
+__device__ __forceinline__ uint64_t v_desc(uint32_t half_base) { return gmma_desc_sw128(half_base, 8192, 1024); }
+
+// S (+)= Q · K[:, chunks C0..C1)ᵀ, m64n64, both operands K-major (chunk c at +8192 B, k step at +32 B).
+template <int C0, int C1>
+__device__ __forceinline__ void qk_chunks(float (&s)[32], uint64_t dq, uint64_t dk, bool zero_first) {
+#pragma unroll
+  for (int c = C0; c < C1; ++c) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t step = (c * 8192 + kk * 32) >> 4;
+      wgmma_m64n64k16_ss(s, dq + step, dk + step, (zero_first && c == C0 && kk == 0) ? 0 : 1);
+    }
+  }
+}
+
+// O += P · V_half with P in registers (this WG's own block).
+__device__ __forceinline__ void pv_local(float (&o)[128], const uint32_t (&pa)[16], uint64_t dv) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t a[4] = {pa[4 * kk], pa[4 * kk + 1], pa[4 * kk + 2], pa[4 * kk + 3]};
+    wgmma_m64n256k16_rs_tb(o, a, dv + (kk * 2048 >> 4));
+  }
+}
+
+// O += P · V_half with P from shared memory (the other WG's block).
+__device__ __forceinline__ void pv_remote(float (&o)[128], uint64_t dp, uint64_t dv) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) wgmma_m64n256k16_ss_tb(o, dp + (kk * 32 >> 4), dv + (kk * 2048 >> 4), 1);
+}
+
+// 4x4 transpose of 32-bit words across the 4 lanes of a quad: lane q holds row q of M on entry
+// and column q on return (two exchange stages, distance 1 then 2).
+__device__ __forceinline__ void quad_transpose(uint32_t (&a)[4], int quad) {
+  {
+    const bool odd = quad & 1;
+    const uint32_t x0 = __shfl_xor_sync(0xffffffffu, odd ? a[0] : a[1], 1);
+    const uint32_t x1 = __shfl_xor_sync(0xffffffffu, odd ? a[2] : a[3], 1);
+    if (odd) a[0] = x0, a[2] = x1;
+    else a[1] = x0, a[3] = x1;
+  }
+  {
+    const bool hi = quad & 2;
+    const uint32_t x0 = __shfl_xor_sync(0xffffffffu, hi ? a[0] : a[2], 2);
+    const uint32_t x1 = __shfl_xor_sync(0xffffffffu, hi ? a[1] : a[3], 2);
+    if (hi) a[0] = x0, a[1] = x1;
+    else a[2] = x0, a[3] = x1;
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 b = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&b);
+}
+
+// The S accumulator (m64n64: s[4j + e] is row a, column 8j + 2*quad + e; s[4j + 2 + e] is row
+// a + 8) as bf16 A-operand registers of the P·V product (k step kk = columns [16kk, 16kk + 16)).
+__device__ __forceinline__ void p_to_regs(const float (&s)[32], uint32_t (&pa)[16]) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) pa[j] = pack_bf16(s[2 * j], s[2 * j + 1]);
+}
+
+// The same registers as a K-major 128B-swizzled 64x64 tile in shared memory.
+__device__ __forceinline__ void p_to_smem(const uint32_t (&pa)[16], uint8_t* tile, int row_a, int quad) {
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int col = 8 * j + 2 * quad;
+    *reinterpret_cast<uint32_t*>(tile + swz_offset(row_a, col)) = pa[2 * j];
+    *reinterpret_cast<uint32_t*>(tile + swz_offset(row_a + 8, col)) = pa[2 * j + 1];
+  }
+}
+
+__device__ __forceinline__ void scale_rows(float (&o)[128], float fa, float fb) {
+  if (__any_sync(0xffffffffu, !(fa == 1.0f && fb == 1.0f))) {
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j] *= fa;
+      o[4 * j + 1] *= fa;
+      o[4 * j + 2] *= fb;
+      o[4 * j + 3] *= fb;
+    }
+  }
+}
+
+// Masks S with the block's validity flags and scales it to log2 units; returns the row maxima
+// (NaN-propagating: a NaN logit poisons its row, as in the CPU core) and whether any column of
+// this thread was valid.
+__device__ __forceinline__ bool mask_and_max(float (&s)[32], const uint8_t* valid, int quad, float c2, float& bm_a,
+                                             float& bm_b) {
+  bm_a = -INFINITY;
+  bm_b = -INFINITY;
+  uint32_t seen = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * j + 2 * quad);
+    seen |= v2;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const bool ok = ((v2 >> (8 * e)) & 0xffu) != 0;
+      s[4 * j + e] = ok ? s[4 * j + e] * c2 : -INFINITY;
+      s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * c2 : -INFINITY;
+      bm_a = max_nan(bm_a, s[4 * j + e]);
+      bm_b = max_nan(bm_b, s[4 * j + 2 + e]);
+    }
+  }
+  bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 1));
+  bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 2));
+  bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 1));
+  bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 2));
+  return seen != 0;
+}
+
+// exp2 base for a running max: rows that have seen only -inf use 0 (P = 0 there).
+__device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.0f : m; }
+// Factor that moves values kept relative to max `from` to max `to` (to >= from); 0 when nothing
+// was accumulated yet (from = -inf), which also keeps 0 · inf out of the math.
+__device__ __forceinline__ float rebase(float from, float to) {
+  return from == -INFINITY ? 0.0f : exp2_approx(from - exp_base(to));
+}
+
+// P = exp2(S - base) in place; returns this thread's share of the row sums.
+__device__ __forceinline__ void exponentiate(float (&s)[32], float base_a, float base_b, float& sum_a, float& sum_b) {
+  sum_a = 0.0f;
+  sum_b = 0.0f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      s[4 * j + e] = exp2_approx(s[4 * j + e] - base_a);
+      s[4 * j + 2 + e] = exp2_approx(s[4 * j + 2 + e] - base_b);
+      sum_a += s[4 * j + e];
+      sum_b += s[4 * j + 2 + e];
+    }
+  }
+}
+
+enum NamedBarrier : uint32_t {
+  kMathSync = 1,   // both math WGs (256)
+  kMax0Ready = 2,  // WG0 -> WG1: WG0's max for this pair is in sMax
+  kMax1Ready = 3,  // WG1 -> WG0: WG1's (newer) max is in sMax
+  kP0Ready = 4,    // WG0 -> WG1: P0 (rescaled) is in shared memory
+  kP1Ready = 5,    // WG1 -> WG0: P1 is in shared memory
+};
+
+// Tiles: (query, head block) pairs, query-major.
+struct TileOf {
+  int64_t qi;
+  int h0;
+};
+__device__ __forceinline__ TileOf tile_of(int64_t t, int head_blocks) {
+  return TileOf{t / head_blocks, int(t % head_blocks) * kHeadsPerCta};
+}
+
+}  // namespace detail
+
 template <int DQK, class Source>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     sparse_attention_sm90_kernel(const AttnOutputs p, const Source src) {
   using L = AttnSmem<DQK>;
-  extern __shared__ uint8_t smem_raw[];
-  uint8_t* smem = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~uintptr_t(1023));
+  using namespace detail;
+  constexpr int C = L::kChunks;
+  extern __shared__ __align__(1024) uint8_t smem_raw[];
+  // Aligned by an offset (not a cast through an integer), so the compiler keeps shared loads
+  // and stores (LDS/STS) instead of generic ones.
+  uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint8_t* sQ = smem + L::kQ;
-  uint8_t* sK = smem + L::kK;
-  uint8_t* sP = smem + L::kP;
+  uint8_t* sK[2] = {smem + L::kK0, smem + L::kK1};
+  uint8_t* sValid = smem + L::kValid;
   float* sMax = reinterpret_cast<float*>(smem + L::kMax);
   float* sL = reinterpret_cast<float*>(smem + L::kL);
-  int* sAny = reinterpret_cast<int*>(smem + L::kAny);
-  uint8_t* sValid = smem + L::kValid;
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
-  uint64_t* empty = full + kStages;
+  int* sSeen = reinterpret_cast<int*>(smem + L::kSeen);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);  // [buffer * 2 + half]
+  uint64_t* empty = full + 4;
+  uint64_t* q_full = full + 8;
+  uint64_t* q_empty = full + 9;
 
-  const int64_t qi = blockIdx.x;
-  const int h0 = blockIdx.y * kHeadsPerCta;
+  const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
+  const int64_t n_tiles = p.s_q * head_blocks;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], 128);
-      mbar_init(&empty[s], 256);
-    }
-  }
-  // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
-  // math warpgroups and awaited just before the first S = QKᵀ, so it overlaps the first gather.
-  if (tid < 256) {
-    constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
-    const uint64_t once = l2_policy_evict_first();
-    for (int t = tid; t < kHeadsPerCta * kPieces; t += 256) {
-      const int r = t / kPieces, pc = t % kPieces;
-      const int h = h0 + r;
-      const bool ok = h < p.h_q;
-      const uint16_t* g = ok ? p.q + ((qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
-      cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
-    }
-    cp_async_commit();
+    // The first half filled of each buffer (K0.left, K1.right) also carries the buffer's
+    // validity flags: 16 more arrivals, from the threads that wrote them.
+    mbar_init(&full[0], 128 + 16);
+    mbar_init(&full[1], 128);
+    mbar_init(&full[2], 128);
+    mbar_init(&full[3], 128 + 16);
+    for (int i = 0; i < 4; ++i) mbar_init(&empty[i], 128);
+    mbar_init(q_full, 128);
+    mbar_init(q_empty, 256);
   }
   __syncthreads();
 
-  const typename Source::Entries entries = src.begin(qi);
-  const int n_blocks = (entries.total + kRowsPerStage - 1) / kRowsPerStage;
-  const int wg = tid / 128;
+  // Warp-uniform by construction (a broadcast), so the compiler knows each warpgroup's branch is
+  // not divergent and keeps its wgmma asynchronous.
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   if (wg == 2) {
     setmaxnreg_dec<Source::kProducerRegs>();
     const int ptid = tid - 256;
-    // Each producer lane owns one row of its warp's 16 per stage. The entry (index) of the next
-    // block is loaded before this block's gather, so its latency hides behind the gather.
-    const int my_row = (ptid >> 5) * 16 + (ptid & 15);
-    typename Source::Entry cur = src.load_entry(entries, qi, my_row);
-    for (int b = 0; b < n_blocks; ++b) {
-      const int st = b % kStages;
-      if (b >= kStages) mbar_wait(&empty[st], ((b / kStages) - 1) & 1);
-      const typename Source::Entry nxt = src.load_entry(entries, qi, (b + 1) * kRowsPerStage + my_row);
-      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kRowsPerStage, ptid);
-      mbar_arrive(&full[st]);
-      cur = nxt;
+    const int group = ptid >> 3, piece = ptid & 7;
+    // A buffer's validity flags (written before the arrival that publishes them).
+    auto write_flags = [&](const typename Source::Rows& rows, uint8_t* flags, uint64_t* bar) {
+      if (piece == 0) {
+#pragma unroll
+        for (int r = 0; r < kRowsPerProducerThread; ++r) flags[group + 16 * r] = src.valid(rows, r);
+        mbar_arrive(bar);
+      }
+    };
+    uint32_t pairs_done = 0, q_loads = 0;
+    bool pending = false;  // K1.left of the last pair still to be finished
+    auto finish_pending = [&] {
+      if (pending) {
+        cp_async_commit();  // an empty group: the wait inside end_half then covers everything
+        src.template end_half<DQK, 0, kLeftChunks>(sValid + 64, sK[1], group, piece, &full[2]);
+        pending = false;
+      }
+    };
+    for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+      const TileOf tile = tile_of(t, head_blocks);
+      const typename Source::Entries entries = src.begin(tile.qi);
+      const int n_pairs = (((entries.total + kBlockRows - 1) / kBlockRows) + 1) / 2;
+      if (n_pairs == 0) continue;
+      // Q: 64 heads x DQK, heads past h_q zero-filled (padding inside the op), once the math WGs
+      // are done with the last tile's Q.
+      finish_pending();
+      if (q_loads > 0) mbar_wait(q_empty, (q_loads - 1) & 1);
+      {
+        constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
+        const uint64_t once = l2_policy_evict_first();
+        for (int i = ptid; i < kHeadsPerCta * kPieces; i += 128) {
+          const int r = i / kPieces, pc = i % kPieces;
+          const int h = tile.h0 + r;
+          const bool ok = h < p.h_q;
+          const uint16_t* g = ok ? p.q + ((tile.qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
+          cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
+        }
+        cp_async_arrive_noinc(q_full);
+        ++q_loads;
+      }
+      typename Source::Rows r0 = src.load_rows(entries, tile.qi, 0, group);
+      typename Source::Rows r1 = src.load_rows(entries, tile.qi, 1, group);
+      for (int i = 0; i < n_pairs; ++i) {
+        const uint32_t free_parity = ((pairs_done + i) & 1) ^ 1;  // the first wait on an empty barrier passes
+        // The next pair's entries are resolved now, behind this pair's copies.
+        const typename Source::Rows n0 = src.load_rows(entries, tile.qi, 2 * i + 2, group);
+        const typename Source::Rows n1 = src.load_rows(entries, tile.qi, 2 * i + 3, group);
+        mbar_wait(&empty[0], free_parity);  // K0.left (block 2i), with buffer 0's flags
+        write_flags(r0, sValid, &full[0]);
+        src.template begin_half<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
+        if (pending) src.template end_half<DQK, 0, kLeftChunks>(sValid + 64, sK[1], group, piece, &full[2]);
+        mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
+        write_flags(r1, sValid + 64, &full[3]);
+        src.template begin_half<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+        src.template end_half<DQK, 0, kLeftChunks>(sValid, sK[0], group, piece, &full[0]);
+        mbar_wait(&empty[1], free_parity);  // K0.right
+        src.template begin_half<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+        src.template end_half<DQK, kLeftChunks, C>(sValid + 64, sK[1], group, piece, &full[3]);
+        mbar_wait(&empty[2], free_parity);  // K1.left
+        src.template begin_half<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+        src.template end_half<DQK, kLeftChunks, C>(sValid, sK[0], group, piece, &full[1]);
+        pending = true;
+        r0 = n0;
+        r1 = n1;
+      }
+      pairs_done += n_pairs;
     }
+    finish_pending();
+    cp_async_wait_all();
     return;
   }
 
@@ -143,198 +384,233 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   const int row_a = (ctid >> 5) * 16 + (lane >> 2);  // this thread's two rows (heads) of the tile
   const int row_b = row_a + 8;
   const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+  const uint64_t dq = kmajor_desc(smem_u32(sQ));
+  const uint64_t dk0 = kmajor_desc(smem_u32(sK[0])), dk1 = kmajor_desc(smem_u32(sK[1]));
+  const uint64_t dv0l = v_desc(smem_u32(sK[0])), dv0r = v_desc(smem_u32(sK[0]) + kLeftChunks * 8192);
+  const uint64_t dv1l = v_desc(smem_u32(sK[1])), dv1r = v_desc(smem_u32(sK[1]) + kLeftChunks * 8192);
+  uint8_t* const sP0 = smem + L::kP0;
+  uint8_t* const sP1 = smem + L::kP1;
+  const uint64_t dp0 = kmajor_desc(smem_u32(sP0)), dp1 = kmajor_desc(smem_u32(sP1));
 
   float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-  float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
-  float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
-  bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
+  float s[32];
+  uint32_t pa[16];
+  uint32_t pairs_done = 0, q_loads = 0, tiles_done = 0;
 
-  cp_async_wait_all();
-  fence_proxy_async();
-  named_barrier_sync(1, 256);  // the whole Q tile has landed
-
-  const uint32_t q_base = smem_u32(sQ);
-  const uint32_t p_base = smem_u32(sP);
-
-  // S(b) = Q·K_wᵀ for the stage holding block b (m64n32, K = dQK).
-  float s[16];
-  auto issue_s = [&](int stage) {
-    const uint32_t kb = smem_u32(sK + stage * L::kTileBytes);
-    wgmma_fence();
+  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x, ++tiles_done) {
+    const TileOf tile = tile_of(t, head_blocks);
+    float* const sLt = sL + (tiles_done & 1) * 128;
+    int* const sSeenT = sSeen + (tiles_done & 1) * 8;
+    const int n_pairs = (((src.begin(tile.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;
 #pragma unroll
-    for (int c = 0; c < L::kChunks; ++c) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t da = gmma_desc_sw128(q_base + c * 8192 + kk * 32, 16, 1024);
-        const uint64_t db = gmma_desc_sw128(kb + c * 8192 + wg * 4096 + kk * 32, 16, 1024);
-        wgmma_m64n32k16_ss(s, da, db, (c | kk) != 0);
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    float m_a = -INFINITY, m_b = -INFINITY;  // running max (log2 units), shared by both WGs
+    float l_a = 0.0f, l_b = 0.0f;            // this thread's share of its WG's row sums
+    bool seen = false;                       // a valid entry among this thread's columns
+    if (n_pairs > 0) {
+      mbar_wait(q_full, q_loads & 1);
+      ++q_loads;
+    }
+    if (wg == 0) {
+      if (n_pairs > 0) {
+        const uint32_t ph = pairs_done & 1;
+        mbar_wait(&full[0], ph);
+        wgmma_fence();
+        qk_chunks<0, kLeftChunks>(s, dq, dk0, true);
+        mbar_wait(&full[1], ph);
+        qk_chunks<kLeftChunks, C>(s, dq, dk0, false);
+        wgmma_commit();
+        wgmma_wait<0>();
+        if (n_pairs == 1) mbar_arrive(q_empty);
       }
-    }
-    wgmma_commit();
-  };
-  // S(b+1) is issued right behind PV(b) when block b+1 has already landed (the tensor cores go
-  // from one to the other without a gap); otherwise stage b is released first and S(b+1) waits
-  // at the top (always waiting for b+1 before releasing b was measured slower: the gather chain
-  // is then held up).
-  bool s_issued = false;
-  for (int b = 0; b < n_blocks; ++b) {
-    const int st = b % kStages;
-    const uint32_t k_base = smem_u32(sK + st * L::kTileBytes);
-    if (!s_issued) {
-      mbar_wait(&full[st], (b / kStages) & 1);
-      issue_s(st);
-    }
-    wgmma_wait<0>();
-
-    // Mask and scale; block row max.
-    const uint8_t* valid = sValid + st * kRowsPerStage + wg * 32;
-    float bm_a = -INFINITY, bm_b = -INFINITY;
+      for (int i = 0; i < n_pairs; ++i) {
+        // Softmax over block 2i against the running max; hand the new max to WG1.
+        float bm_a, bm_b;
+        seen |= mask_and_max(s, sValid, quad, c2, bm_a, bm_b);
+        const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
+        if (quad == 0) {
+          sMax[row_a] = nm_a;
+          sMax[row_b] = nm_b;
+        }
+        named_barrier_arrive(kMax0Ready, 256);
+        const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
+        float sum_a, sum_b;
+        exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
+        l_a = l_a * alpha_a + sum_a;
+        l_b = l_b * alpha_b + sum_b;
+        scale_rows(o, alpha_a, alpha_b);
+        m_a = nm_a;
+        m_b = nm_b;
+        // O[:, 0:256] += P0 · V0.left; then K0.left is free.
+        p_to_regs(s, pa);
+        wgmma_fence();
+        pv_local(o, pa, dv0l);
+        wgmma_commit();
+        wgmma_wait<0>();
+        mbar_arrive(&empty[0]);
+        // WG1's max over block 2i+1: move P0, O and l to it, hand P0 over.
+        named_barrier_sync(kMax1Ready, 256);
+        const float m1_a = sMax[row_a], m1_b = sMax[row_b];
+        const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool ok = valid[8 * j + 2 * quad + e] != 0;
-        seen_valid |= ok;
-        s[4 * j + e] = ok ? s[4 * j + e] * c2 : -INFINITY;
-        s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * c2 : -INFINITY;
-        bm_a = max_nan(bm_a, s[4 * j + e]);
-        bm_b = max_nan(bm_b, s[4 * j + 2 + e]);
+        for (int j = 0; j < 8; ++j) {
+          s[4 * j] *= f_a;
+          s[4 * j + 1] *= f_a;
+          s[4 * j + 2] *= f_b;
+          s[4 * j + 3] *= f_b;
+        }
+        p_to_regs(s, pa);
+        p_to_smem(pa, sP0, row_a, quad);
+        fence_proxy_async();
+        named_barrier_arrive(kP0Ready, 256);
+        l_a *= f_a;
+        l_b *= f_b;
+        scale_rows(o, f_a, f_b);
+        m_a = m1_a;
+        m_b = m1_b;
+        // O[:, 0:256] += P1 · V1.left.
+        named_barrier_sync(kP1Ready, 256);
+        wgmma_fence();
+        pv_remote(o, dp1, dv1l);
+        wgmma_commit();
+        if (i + 1 < n_pairs) {
+          // S for block 2i+2 behind it; K1.left is free once the P·V above is done.
+          const uint32_t ph = (pairs_done + i + 1) & 1;
+          mbar_wait(&full[0], ph);
+          wgmma_fence();
+          qk_chunks<0, kLeftChunks>(s, dq, dk0, true);
+          wgmma_commit();
+          wgmma_wait<1>();
+          mbar_arrive(&empty[2]);
+          mbar_wait(&full[1], ph);
+          wgmma_fence();
+          qk_chunks<kLeftChunks, C>(s, dq, dk0, false);
+          wgmma_commit();
+          wgmma_wait<0>();
+          if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
+        } else {
+          wgmma_wait<0>();
+          mbar_arrive(&empty[2]);
+        }
       }
-    }
-    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 1));
-    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 2));
-    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 1));
-    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 2));
-    if (quad == 0) {
-      sMax[wg * 64 + row_a] = bm_a;
-      sMax[wg * 64 + row_b] = bm_b;
-    }
-    named_barrier_sync(1, 256);
-    const float nm_a = max_nan(m_a, max_nan(bm_a, sMax[(wg ^ 1) * 64 + row_a]));
-    const float nm_b = max_nan(m_b, max_nan(bm_b, sMax[(wg ^ 1) * 64 + row_b]));
-    const float base_a = nm_a == -INFINITY ? 0.0f : nm_a;
-    const float base_b = nm_b == -INFINITY ? 0.0f : nm_b;
-    const float alpha_a = exp2f(m_a - base_a);
-    const float alpha_b = exp2f(m_b - base_b);
-    m_a = nm_a;
-    m_b = nm_b;
-
-    uint8_t* sPhi = L::kPhiInTile ? sK + st * L::kTileBytes + (L::kChunks - 1) * 8192 : smem + L::kPhi;
-    float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float p0 = exp2f(s[4 * j] - base_a), p1 = exp2f(s[4 * j + 1] - base_a);
-      const float p2 = exp2f(s[4 * j + 2] - base_b), p3 = exp2f(s[4 * j + 3] - base_b);
-      sum_a += p0 + p1;
-      sum_b += p2 + p3;
-      const __nv_bfloat162 ha = __floats2bfloat162_rn(p0, p1), hb = __floats2bfloat162_rn(p2, p3);
-      const float2 fa = __bfloat1622float2(ha), fb = __bfloat1622float2(hb);
-      const __nv_bfloat162 la = __floats2bfloat162_rn(p0 - fa.x, p1 - fa.y);
-      const __nv_bfloat162 lb = __floats2bfloat162_rn(p2 - fb.x, p3 - fb.y);
-      const int col = wg * 32 + 8 * j + 2 * quad;
-      const uint32_t oa = swz_offset(row_a, col), ob = swz_offset(row_b, col);
-      *reinterpret_cast<__nv_bfloat162*>(sPhi + oa) = ha;
-      *reinterpret_cast<__nv_bfloat162*>(sPhi + ob) = hb;
-      *reinterpret_cast<__nv_bfloat162*>(sP + oa) = la;
-      *reinterpret_cast<__nv_bfloat162*>(sP + ob) = lb;
-    }
-    l_a = l_a * alpha_a + sum_a;
-    l_b = l_b * alpha_b + sum_b;
-    if (__any_sync(0xffffffffu, !(alpha_a == 1.0f && alpha_b == 1.0f))) {  // max unchanged: skip
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j] *= alpha_a;
-        o[4 * j + 1] *= alpha_a;
-        o[4 * j + 2] *= alpha_b;
-        o[4 * j + 3] *= alpha_b;
-      }
-    }
-    fence_proxy_async();
-    named_barrier_sync(2, 256);
-
-    wgmma_fence();
-    const uint32_t phi_base = smem_u32(sPhi);
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      // V: MN-major, 64-dim chunks 8192 B apart (LBO), 8-key groups 1024 B apart (SBO).
-      const uint64_t db = gmma_desc_sw128(k_base + wg * 4 * 8192 + kk * 2048, 8192, 1024);
-      wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(phi_base + kk * 32, 16, 1024), db, 1);
-#ifndef SMLA_EXP_NOPLO  // experiment switch: measure the cost of the P_lo term
-      wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(p_base + kk * 32, 16, 1024), db, 1);
-#endif
-    }
-    wgmma_commit();
-    const int nst = (b + 1) % kStages;
-    s_issued = b + 1 < n_blocks && mbar_test(&full[nst], ((b + 1) / kStages) & 1);
-    if (s_issued) {
-      issue_s(nst);
-      wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
     } else {
-      wgmma_wait<0>();
+      for (int i = 0; i < n_pairs; ++i) {
+        const uint32_t ph = (pairs_done + i) & 1;
+        mbar_wait(&full[3], ph);
+        wgmma_fence();
+        qk_chunks<kLeftChunks, C>(s, dq, dk1, true);
+        mbar_wait(&full[2], ph);
+        qk_chunks<0, kLeftChunks>(s, dq, dk1, false);
+        wgmma_commit();
+        wgmma_wait<0>();
+        if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done
+        float bm_a, bm_b;
+        seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
+        // The max over block 2i+1 on top of WG0's max over block 2i.
+        named_barrier_sync(kMax0Ready, 256);
+        const float nm_a = max_nan(m_a, max_nan(sMax[row_a], bm_a));
+        const float nm_b = max_nan(m_b, max_nan(sMax[row_b], bm_b));
+        __syncwarp();
+        if (quad == 0) {
+          sMax[row_a] = nm_a;
+          sMax[row_b] = nm_b;
+        }
+        named_barrier_arrive(kMax1Ready, 256);
+        const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
+        float sum_a, sum_b;
+        exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
+        l_a = l_a * alpha_a + sum_a;
+        l_b = l_b * alpha_b + sum_b;
+        scale_rows(o, alpha_a, alpha_b);
+        m_a = nm_a;
+        m_b = nm_b;
+        // O[:, 256:512] += P1 · V1.right; hand P1 to WG0.
+        p_to_regs(s, pa);
+        wgmma_fence();
+        pv_local(o, pa, dv1r);
+        wgmma_commit();
+        p_to_smem(pa, sP1, row_a, quad);
+        fence_proxy_async();
+        named_barrier_arrive(kP1Ready, 256);
+        // K1.right is free once this WG's own P·V is done (before waiting for P0).
+        wgmma_wait<0>();
+        mbar_arrive(&empty[3]);
+        // O[:, 256:512] += P0 · V0.right (P0 already on this max).
+        named_barrier_sync(kP0Ready, 256);
+        pv_remote(o, dp0, dv0r);
+        wgmma_commit();
+        wgmma_wait<0>();
+        mbar_arrive(&empty[1]);
+      }
     }
-    mbar_arrive(&empty[st]);
-  }
+    pairs_done += n_pairs;
 
-  // Row sums: this thread's columns -> quad -> both warpgroups.
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
-  if (quad == 0) {
-    sL[wg * 64 + row_a] = l_a;
-    sL[wg * 64 + row_b] = l_b;
-  }
-  // Whether the query had any valid entry (the same for every head). Logits that are all −inf
-  // still count as entries: lse = −inf then, not the +inf of an empty row (as in the core).
-  const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
-  if (ctid == 0) sAny[wg] = 0;
-  named_barrier_sync(3 + wg, 128);
-  if (lane == 0 && warp_seen) sAny[wg] = 1;
-  named_barrier_sync(1, 256);
-  const bool any_valid = (sAny[0] | sAny[1]) != 0;
-  // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
-  // every wgmma finished before the barrier above), then 16-byte coalesced stores.
-  const float ln2 = 0.6931471805599453f;
-  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged row, padded against bank conflicts
-  static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
-  float scale[2];
+    // Epilogue. Row sums: this thread's columns -> quad -> both warpgroups; whether the query had
+    // any valid entry (the same for every head; logits that are all −inf still count: lse = −inf
+    // then, not the +inf of an empty row, as in the core).
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    const bool warp_seen = __any_sync(0xffffffffu, seen);
+    if (quad == 0) {
+      sLt[wg * 64 + row_a] = l_a;
+      sLt[wg * 64 + row_b] = l_b;
+    }
+    if (lane == 0) sSeenT[tid >> 5] = warp_seen;
+    named_barrier_sync(kMathSync, 256);
+    bool any_valid = false;
 #pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = half ? row_b : row_a;
-    const int h = h0 + row;
-    const float m2 = half ? m_b : m_a;
-    SoftmaxRow r;
-    r.m = m2 * ln2;
-    r.l = sL[row] + sL[64 + row];
-    const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
-    const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
-    scale[half] = fin.out_scale;
-    if (wg == 0 && quad == 0 && h < p.h_q) {
-      const int64_t orow = qi * p.h_q + h;
-      if (p.lse) p.lse[orow] = fin.lse;
-      if (p.max_logits) p.max_logits[orow] = fin.max_logit;
+    for (int w = 0; w < 8; ++w) any_valid |= sSeenT[w] != 0;
+    const float ln2 = 0.6931471805599453f;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = half ? row_b : row_a;
+      const int h = tile.h0 + row;
+      SoftmaxRow r;
+      r.m = (half ? m_b : m_a) * ln2;
+      r.l = sLt[row] + sLt[64 + row];
+      const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
+      const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
+      if (h < p.h_q) {
+        const int64_t orow = tile.qi * p.h_q + h;
+        if (wg == 0 && quad == 0) {
+          if (p.lse) p.lse[orow] = fin.lse;
+          if (p.max_logits) p.max_logits[orow] = fin.max_logit;
+        }
+      }
+      // Normalized O, straight from registers (shared memory already holds the next tile): a
+      // quad's words of 4 column groups are transposed so each lane stores one group's 16 bytes.
+      uint4* dst = reinterpret_cast<uint4*>(p.out + (tile.qi * p.h_q + h) * kDv + wg * 256) + quad;
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        uint32_t w[4];
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const int j = 4 * jj + k;
+          w[k] = pack_bf16(o[4 * j + 2 * half] * fin.out_scale, o[4 * j + 2 * half + 1] * fin.out_scale);
+        }
+        quad_transpose(w, quad);
+        if (h < p.h_q) __stcs(dst + 4 * jj, make_uint4(w[0], w[1], w[2], w[3]));
+      }
     }
   }
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
-          __floats2bfloat162_rn(o[4 * j + 2 * half] * scale[half], o[4 * j + 2 * half + 1] * scale[half]);
-  }
-  named_barrier_sync(3 + wg, 128);
-  // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
-#pragma unroll 4
-  for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
-    const int r = t >> 5, pc = t & 31;
-    const int h = h0 + r;
-    if (h >= p.h_q) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
-    __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
-  }
+}
+
+// Launches the persistent kernel: one CTA per SM (fewer when there are fewer tiles).
+template <int DQK, class Source>
+cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
+  auto kernel = sparse_attention_sm90_kernel<DQK, Source>;
+  constexpr int smem = AttnSmem<DQK>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
+  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
+  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src);
+  return cudaGetLastError();
 }
 
 }  // namespace smla::cuda

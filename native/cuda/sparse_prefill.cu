@@ -5,20 +5,6 @@
 
 using namespace smla::cuda;
 
-namespace {
-
-template <int DQK>
-cudaError_t launch_fast(const AttnOutputs& o, const Bf16GatherSource& src, int32_t s_q, cudaStream_t stream) {
-  auto kernel = sparse_attention_sm90_kernel<DQK, Bf16GatherSource>;
-  constexpr int smem = AttnSmem<DQK>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(unsigned(s_q), unsigned((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta));
-  kernel<<<grid, kAttnThreads, smem, stream>>>(o, src);
-  return cudaGetLastError();
-}
-
-}  // namespace
 
 extern "C" int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* kv, const int32_t* indices,
                                             const int32_t* topk_length, const float* attn_sink, int32_t s_q,
@@ -34,9 +20,9 @@ extern "C" int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* k
   const bool aligned = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(kv) |
                          reinterpret_cast<uintptr_t>(out)) & 15) == 0;
   if (aligned && d_v == kDv && (d_qk == 512 || d_qk == 576)) {
-    const AttnOutputs o{q, h_q, sm_scale, attn_sink, out, max_logits, lse};
+    const AttnOutputs o{q, s_q, h_q, sm_scale, attn_sink, out, max_logits, lse};
     const Bf16GatherSource src{kv, s_kv, indices, topk, topk_length};
-    err = d_qk == 576 ? launch_fast<576>(o, src, s_q, stream) : launch_fast<512>(o, src, s_q, stream);
+    err = d_qk == 576 ? launch_sparse_attention<576>(o, src, stream) : launch_sparse_attention<512>(o, src, stream);
   } else {
     if (d_v > 1024 || h_q > 65535) return SMLA_ERR_UNSUPPORTED;
     const dim3 grid{unsigned(s_q), unsigned(h_q)};

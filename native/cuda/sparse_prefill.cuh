@@ -17,13 +17,18 @@ __device__ __forceinline__ int row_entry_limit(const int32_t* topk_length, int64
   return n < 0 ? 0 : (n < topk ? n : topk);
 }
 
-// Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async; invalid entries are
-// zero-filled with a 0-byte source (nothing is read).
+// Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async (L2 256-byte prefetch,
+// kept in L2: many queries read the same rows); invalid entries are zero-filled with a 0-byte
+// source (nothing is read). The copies arrive on the half's barrier when they land, so the
+// producer goes straight on to the next half (end_half has nothing left to do).
 struct Bf16GatherSource {
-  static constexpr uint32_t kProducerRegs = 56;
-  static constexpr uint32_t kConsumerRegs = 224;
+  static constexpr uint32_t kProducerRegs = 72;
+  static constexpr uint32_t kConsumerRegs = 216;
   struct Entries {
     int total;
+  };
+  struct Rows {
+    int32_t idx[kRowsPerProducerThread];  // kv row, or -1 when the entry is invalid
   };
   const uint16_t* kv;
   int64_t s_kv;
@@ -33,36 +38,37 @@ struct Bf16GatherSource {
 
   __device__ Entries begin(int64_t qi) const { return Entries{row_entry_limit(topk_length, qi, topk)}; }
 
-  // The kv row index of entry k, or -1 when the entry is invalid (never read past the row).
-  using Entry = int32_t;
-  __device__ __forceinline__ Entry load_entry(const Entries& e, int64_t qi, int k) const {
-    if (k >= e.total) return -1;
-    const int32_t v = indices[qi * int64_t(topk) + k];
-    return (v >= 0 && int64_t(v) < s_kv) ? v : -1;
-  }
-
-  template <int DQK>
-  __device__ __forceinline__ void fill(Entry my_idx, uint8_t* tile, uint8_t* valid, int ptid) const {
-    constexpr int kPieces = DQK / 8;
-    const int warp = ptid >> 5, lane = ptid & 31;
-    if (lane < 16) valid[warp * 16 + lane] = my_idx >= 0 ? 1 : 0;
-    const uint64_t keep = l2_policy_evict_last();
-#pragma unroll 4
-    for (int j = 0; j < 16; ++j) {
-      const int32_t idx = __shfl_sync(0xffffffffu, my_idx, j);
-      const int r = warp * 16 + j;
-      const uint16_t* row = kv + (idx >= 0 ? int64_t(idx) : 0) * int64_t(DQK);
-      const uint32_t bytes = idx >= 0 ? 16u : 0u;
+  __device__ __forceinline__ Rows load_rows(const Entries& e, int64_t qi, int block, int group) const {
+    Rows rows;
 #pragma unroll
-#ifndef SMLA_EXP_NOGATHER  // experiment switch: measure the math alone
-      for (int pc = lane; pc < kPieces; pc += 32)
-        cp_async_16_hint(tile + swz_offset(r, pc * 8), row + pc * 8, bytes, keep);
+    for (int r = 0; r < kRowsPerProducerThread; ++r) {
+      const int k = block * kBlockRows + group + 16 * r;
+      const int32_t v = k < e.total ? __ldg(indices + qi * int64_t(topk) + k) : -1;
+      rows.idx[r] = (v >= 0 && int64_t(v) < s_kv) ? v : -1;
+    }
+    return rows;
+  }
+  __device__ __forceinline__ bool valid(const Rows& rows, int r) const { return rows.idx[r] >= 0; }
+
+  template <int DQK, int C0, int C1>
+  __device__ __forceinline__ void begin_half(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* full) const {
+    const uint64_t keep = l2_policy_evict_last();
+    // rows group + 16r all have (row % 8) = group % 8: one swizzled piece position per thread
+    uint8_t* dst = tile + group * 128 + ((piece ^ (group & 7)) << 4);
+#pragma unroll
+    for (int r = 0; r < kRowsPerProducerThread; ++r) {
+      const int32_t idx = rows.idx[r];
+      const uint16_t* src = kv + (idx >= 0 ? int64_t(idx) : 0) * DQK + piece * 8;
+      const uint32_t bytes = idx >= 0 ? 16u : 0u;
+#ifndef SMLA_EXP_NOGATHER  // experiment switch: the math alone
+#pragma unroll
+      for (int c = C0; c < C1; ++c) cp_async_16_hint(dst + c * 8192 + r * 16 * 128, src + c * 64, bytes, keep);
 #endif
     }
-    cp_async_commit();
-    cp_async_wait_all();
-    fence_proxy_async();
+    cp_async_arrive_noinc(full);  // the barrier completes when the copies have landed
   }
+  template <int DQK, int C0, int C1>
+  __device__ __forceinline__ void end_half(const uint8_t*, uint8_t*, int, int, uint64_t*) const {}
 };
 
 // Fallback for any dQK / dV (dV <= 1024): one CTA of 128 threads per (query, head), float32

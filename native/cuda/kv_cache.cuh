@@ -15,11 +15,41 @@
 
 namespace smla::cuda {
 
+// A v4 cache as the kernels read it. Token id -> (page, slot) by a multiply-high division when
+// every id fits 31 bits (page sizes and id counts seen in practice), by a 64-bit division otherwise.
 struct V4Cache {
-  const uint8_t* data;
+  const uint8_t* data;  // nullptr when absent
   int64_t page_size;
   int64_t num_tokens;  // page_size * num_pages
+  int64_t page_bytes;
+  uint32_t div_mul, div_shift;  // valid when num_tokens <= 2^31
+
+  static V4Cache make(const uint8_t* data, int64_t page_size, int64_t num_pages) {
+    uint32_t l = 0;
+    while ((uint64_t(1) << l) < uint64_t(page_size)) ++l;
+    const uint64_t m = l >= 32 ? 0 : ((uint64_t(1) << 32) * ((uint64_t(1) << l) - uint64_t(page_size))) / uint64_t(page_size) + 1;
+    return V4Cache{data, page_size, page_size * num_pages, v4::page_bytes(page_size), uint32_t(m), l};
+  }
+  // Field-wise choice between two caches: a struct chosen at run time would move both (kernel
+  // parameters) to local memory.
+  __device__ __forceinline__ static V4Cache pick(bool second, const V4Cache& a, const V4Cache& b) {
+    return V4Cache{second ? b.data : a.data,           second ? b.page_size : a.page_size,
+                   second ? b.num_tokens : a.num_tokens, second ? b.page_bytes : a.page_bytes,
+                   second ? b.div_mul : a.div_mul,     second ? b.div_shift : a.div_shift};
+  }
   __device__ __forceinline__ bool contains(int64_t id) const { return id >= 0 && id < num_tokens; }
+  // The token's page start and slot (id must be contained).
+  __device__ __forceinline__ const uint8_t* page_of(int64_t id, int64_t& slot) const {
+    int64_t page;
+    if (num_tokens <= (int64_t(1) << 31)) {
+      const uint32_t t = uint32_t(id);
+      page = (__umulhi(t, div_mul) + t) >> div_shift;
+    } else {
+      page = id / page_size;
+    }
+    slot = id - page * page_size;
+    return data + page * page_bytes;
+  }
 };
 
 // 8 e4m3 bytes (two words) times a power-of-two scale -> 8 bf16 (one 16-byte word).
@@ -34,100 +64,118 @@ __device__ __forceinline__ uint4 dequant8(uint32_t w0, uint32_t w1, float scale)
                     dequant_pair(w1 & 0xffffu, scale), dequant_pair(w1 >> 16, scale));
 }
 
-// Lane l of a warp produces dims [16l, 16l+16) of token t's 512-dim row as two 16-byte words.
-__device__ __forceinline__ void dequant_v4_lane(const V4Cache& c, int64_t t, int lane, uint4& lo, uint4& hi) {
-  const uint8_t* data = c.data + v4::data_offset(t, c.page_size);
-  if (lane < 28) {
-    const uint8_t* sc = c.data + v4::scale_offset(t, c.page_size);
-    const float scale = ue8m0_to_float(__ldg(sc + (lane >> 2)));
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
-    lo = dequant8(raw.x, raw.y, scale);
-    hi = dequant8(raw.z, raw.w, scale);
-  } else {
-    const uint4* rope = reinterpret_cast<const uint4*>(data + v4::kNopeDim + (lane - 28) * 32);
-    lo = __ldg(rope);
-    hi = __ldg(rope + 1);
-  }
+// Gather kernels: a warp takes kTokens consecutive output rows per iteration (the ids of the next
+// iteration are loaded a step ahead, so an id load and its record load never form one chain),
+// all records' loads in flight before the first convert. Lane l produces the row's 16-byte
+// output pieces l and l + 32 (and v32's rope piece 64 + l), so every store of the warp writes
+// 512 contiguous bytes and every load reads contiguous bytes.
+constexpr int kDequantTokensV4 = 4;
+constexpr int kDequantTokensV32 = 4;
+
+template <int kTokens>
+__device__ __forceinline__ void load_ids(const int64_t* __restrict__ ids, int64_t i0, int64_t n, int64_t (&t)[kTokens]) {
+#pragma unroll
+  for (int u = 0; u < kTokens; ++u) t[u] = i0 + u < n ? __ldg(ids + i0 + u) : -1;
 }
 
-// Tokens per warp per loop iteration. 1 = one token at a time: the id load and the record load form
-// one dependent chain per token. 2 = two tokens' ids, then both records, in flight together: twice
-// the bytes in flight per thread and half the dependent round trips (the v32 fix, bench/cuda/ADDON.md).
-template <int kTokens>
-static __global__ void __launch_bounds__(256) dequant_v4_kernel(V4Cache c, const int64_t* __restrict__ ids,
-                                                         int64_t n, uint16_t* __restrict__ out,
-                                                         int32_t* bad_id) {
+// v4: piece l is nope dims [8l, 8l+8) (tile l/8); piece 32 + l is nope dims [256 + 8l, +8)
+// (tile 4 + l/8) for l < 24 and rope dims [448 + 8(l-24), +8) after.
+static __global__ void __launch_bounds__(256) dequant_v4_kernel(V4Cache c, const int64_t* __restrict__ ids, int64_t n,
+                                                                 uint16_t* __restrict__ out, int32_t* bad_id) {
+  constexpr int K = kDequantTokensV4;
   const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t i0 = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i0 < n; i0 += warps * kTokens) {
-    int64_t t[kTokens];
+  const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 5) * K;
+  int64_t i0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
+  int64_t t[K];
+  load_ids<K>(ids, i0, n, t);
+  for (; i0 < n; i0 += stride) {
+    int64_t next[K];
+    load_ids<K>(ids, i0 + stride, n, next);
+    uint2 lo[K], scales[K];
+    uint4 hi[K];
 #pragma unroll
-    for (int u = 0; u < kTokens; ++u) t[u] = i0 + u * warps < n ? ids[i0 + u * warps] : -1;
-    uint4 lo[kTokens], hi[kTokens];
-#pragma unroll
-    for (int u = 0; u < kTokens; ++u) {
-      lo[u] = make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < K; ++u) {
+      lo[u] = make_uint2(0, 0);
       hi[u] = make_uint4(0, 0, 0, 0);
+      scales[u] = make_uint2(0, 0);  // scale bytes 0: an invalid id gives +0 rows
       if (c.contains(t[u])) {
-        dequant_v4_lane(c, t[u], lane, lo[u], hi[u]);
-      } else if (lane == 0 && bad_id && i0 + u * warps < n) {
+        int64_t slot;
+        const uint8_t* page = c.page_of(t[u], slot);
+        const uint8_t* data = page + slot * v4::kDataBytes;
+        scales[u] = __ldg(reinterpret_cast<const uint2*>(page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes));
+        lo[u] = __ldg(reinterpret_cast<const uint2*>(data + 8 * lane));
+        if (lane < 24) {
+          const uint2 h = __ldg(reinterpret_cast<const uint2*>(data + 256 + 8 * lane));
+          hi[u] = make_uint4(h.x, h.y, 0, 0);
+        } else {
+          hi[u] = __ldg(reinterpret_cast<const uint4*>(data + v4::kNopeDim) + (lane - 24));
+        }
+      } else if (lane == 0 && bad_id && i0 + u < n) {
         *bad_id = 1;
       }
     }
 #pragma unroll
-    for (int u = 0; u < kTokens; ++u) {
-      const int64_t i = i0 + u * warps;
-      if (i < n) {
-        uint4* dst = reinterpret_cast<uint4*>(out + i * v4::kDim + lane * 16);
-        dst[0] = lo[u];
-        dst[1] = hi[u];
-      }
+    for (int u = 0; u < K; ++u) {
+      const int64_t i = i0 + u;
+      if (i >= n) break;
+      auto scale_of = [&](int tile) {
+        const uint32_t w = tile < 4 ? scales[u].x : scales[u].y;
+        return ue8m0_to_float(uint8_t(w >> (8 * (tile & 3))));
+      };
+      const bool valid = c.contains(t[u]);
+      uint4* row = reinterpret_cast<uint4*>(out + i * v4::kDim);
+      row[lane] = (valid ? dequant8(lo[u].x, lo[u].y, scale_of(lane >> 3)) : make_uint4(0, 0, 0, 0));
+      row[32 + lane] = (lane < 24 ? (valid ? dequant8(hi[u].x, hi[u].y, scale_of(4 + (lane >> 3))) : make_uint4(0, 0, 0, 0))
+                                 : hi[u]);
     }
+#pragma unroll
+    for (int u = 0; u < K; ++u) t[u] = next[u];
   }
 }
 
-// v32: lane l produces nope dims [16l, 16l+16); lanes 0..7 also copy rope dims [512 + 8l, +8).
-template <int kTokens>
-static __global__ void __launch_bounds__(256) dequant_v32_kernel(const uint8_t* __restrict__ cache,
-                                                          int64_t num_tokens,
-                                                          const int64_t* __restrict__ ids, int64_t n,
-                                                          uint16_t* __restrict__ out, int32_t* bad_id) {
+// v32: pieces l and 32 + l are nope dims [8l, +8) and [256 + 8l, +8) (tiles l/16 and 2 + l/16);
+// lanes 0..7 also copy rope piece 64 + l.
+static __global__ void __launch_bounds__(256) dequant_v32_kernel(const uint8_t* __restrict__ cache, int64_t num_tokens,
+                                                                  const int64_t* __restrict__ ids, int64_t n,
+                                                                  uint16_t* __restrict__ out, int32_t* bad_id) {
+  constexpr int K = kDequantTokensV32;
   const int lane = threadIdx.x & 31;
-  const int64_t warps = int64_t(gridDim.x) * (blockDim.x >> 5);
-  for (int64_t i0 = int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5); i0 < n; i0 += warps * kTokens) {
-    int64_t t[kTokens];
+  const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 5) * K;
+  int64_t i0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
+  int64_t t[K];
+  load_ids<K>(ids, i0, n, t);
+  for (; i0 < n; i0 += stride) {
+    int64_t next[K];
+    load_ids<K>(ids, i0 + stride, n, next);
+    uint2 lo[K], hi[K];
+    uint4 rope[K];
+    float4 scales[K];
 #pragma unroll
-    for (int u = 0; u < kTokens; ++u) t[u] = i0 + u * warps < n ? ids[i0 + u * warps] : -1;
-    uint4 raw[kTokens], rope[kTokens];
-    float scale[kTokens];
-#pragma unroll
-    for (int u = 0; u < kTokens; ++u) {
-      raw[u] = make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < K; ++u) {
+      lo[u] = hi[u] = make_uint2(0, 0);
       rope[u] = make_uint4(0, 0, 0, 0);
-      scale[u] = 0.f;
+      scales[u] = make_float4(0.f, 0.f, 0.f, 0.f);  // an invalid id gives +0 rows
       if (t[u] >= 0 && t[u] < num_tokens) {
         const uint8_t* tok = cache + v32::token_offset(t[u]);
-        scale[u] = __ldg(reinterpret_cast<const float*>(tok + v32::kScalesAt) + (lane >> 3));
-        raw[u] = __ldg(reinterpret_cast<const uint4*>(tok + lane * 16));
+        scales[u] = __ldg(reinterpret_cast<const float4*>(tok + v32::kScalesAt));
+        lo[u] = __ldg(reinterpret_cast<const uint2*>(tok + 8 * lane));
+        hi[u] = __ldg(reinterpret_cast<const uint2*>(tok + 256 + 8 * lane));
         if (lane < 8) rope[u] = __ldg(reinterpret_cast<const uint4*>(tok + v32::kRopeAt) + lane);
-      } else if (lane == 0 && bad_id && i0 + u * warps < n) {
+      } else if (lane == 0 && bad_id && i0 + u < n) {
         *bad_id = 1;
       }
     }
 #pragma unroll
-    for (int u = 0; u < kTokens; ++u) {
-      const int64_t i = i0 + u * warps;
-      if (i < n) {
-        // an invalid id leaves raw = 0 and scale = 0: the row is written as +0
-        const uint4 lo = dequant8(raw[u].x, raw[u].y, scale[u]);
-        const uint4 hi = dequant8(raw[u].z, raw[u].w, scale[u]);
-        uint16_t* row = out + i * v32::kDim;
-        uint4* dst = reinterpret_cast<uint4*>(row + lane * 16);
-        dst[0] = lo;
-        dst[1] = hi;
-        if (lane < 8) reinterpret_cast<uint4*>(row + v32::kNopeDim)[lane] = rope[u];
-      }
+    for (int u = 0; u < K; ++u) {
+      const int64_t i = i0 + u;
+      if (i >= n) break;
+      uint4* row = reinterpret_cast<uint4*>(out + i * v32::kDim);
+      row[lane] = (dequant8(lo[u].x, lo[u].y, lane < 16 ? scales[u].x : scales[u].y));
+      row[32 + lane] = (dequant8(hi[u].x, hi[u].y, lane < 16 ? scales[u].z : scales[u].w));
+      if (lane < 8) row[64 + lane] = (rope[u]);
     }
+#pragma unroll
+    for (int u = 0; u < K; ++u) t[u] = next[u];
   }
 }
 

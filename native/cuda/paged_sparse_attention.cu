@@ -22,12 +22,11 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(
   if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
   if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   PagedFp8Rows src;
-  src.cache = V4Cache{k_cache, page_size, int64_t(page_size) * num_pages};
+  src.cache = V4Cache::make(k_cache, page_size, num_pages);
   src.indices = indices;
   src.topk = topk;
   src.topk_length = topk_length;
-  src.extra = V4Cache{extra_k_cache, extra_k_cache ? extra_page_size : 1,
-                      extra_k_cache ? int64_t(extra_page_size) * extra_num_pages : 0};
+  src.extra = extra_k_cache ? V4Cache::make(extra_k_cache, extra_page_size, extra_num_pages) : V4Cache::make(nullptr, 1, 0);
   src.extra_indices = extra_indices;
   src.extra_topk = extra_k_cache ? extra_topk : 0;
   src.extra_topk_length = extra_topk_length;

@@ -333,12 +333,12 @@ struct PagedFp8Rows {
     if (k < e.total) {
       const bool in_main = k < e.main;
       const int32_t v = in_main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
-      const uint8_t* base = in_main ? cache.data : extra.data;
-      const int64_t page_size = in_main ? cache.page_size : extra.page_size;
-      const int64_t num_tokens = in_main ? cache.num_tokens : extra.num_tokens;
-      if (v >= 0 && int64_t(v) < num_tokens) {
-        r.data = base + v4::data_offset(v, page_size);
-        r.scales = base + v4::scale_offset(v, page_size);
+      const V4Cache c = V4Cache::pick(!in_main, cache, extra);
+      if (c.contains(v)) {
+        int64_t slot;
+        const uint8_t* page = c.page_of(v, slot);
+        r.data = page + slot * v4::kDataBytes;
+        r.scales = page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes;
       }
     }
     return r;

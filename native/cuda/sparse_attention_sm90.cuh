@@ -65,8 +65,9 @@ struct AttnSmem {
   // warp whether it saw a valid entry.
   static constexpr int kL = kMax + 256;
   static constexpr int kSeen = kL + 1024;
-  static constexpr int kBar = kSeen + 64;  // uint64 full[4], empty[4] ([buffer*2 + half]), q_full, q_empty
-  static constexpr int kTotal = kBar + 80;
+  // uint64 full[4], empty[4] ([buffer*2 + half]), q_full, q_empty, max_ready[2] (WG0 -> WG1, WG1 -> WG0)
+  static constexpr int kBar = kSeen + 64;
+  static constexpr int kTotal = kBar + 96;
   static constexpr int kAlloc = kTotal + 1024;  // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
@@ -242,11 +243,9 @@ __device__ __forceinline__ void exponentiate(float (&s)[32], float base_a, float
 }
 
 enum NamedBarrier : uint32_t {
-  kMathSync = 1,   // both math WGs (256)
-  kMax0Ready = 2,  // WG0 -> WG1: WG0's max for this pair is in sMax
-  kMax1Ready = 3,  // WG1 -> WG0: WG1's (newer) max is in sMax
-  kP0Ready = 4,    // WG0 -> WG1: P0 (rescaled) is in shared memory
-  kP1Ready = 5,    // WG1 -> WG0: P1 is in shared memory
+  kMathSync = 1,  // both math WGs (256)
+  kP0Ready = 2,   // WG0 -> WG1: P0 (rescaled) is in shared memory
+  kP1Ready = 3,   // WG1 -> WG0: P1 is in shared memory
 };
 
 // Tiles: (query, head block) pairs, query-major.
@@ -280,6 +279,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* empty = full + 4;
   uint64_t* q_full = full + 8;
   uint64_t* q_empty = full + 9;
+  // The running max handed between the WGs once per pair (mbarriers: the handoff is a release /
+  // acquire pair that memory checkers follow).
+  uint64_t* max0_ready = full + 10;  // WG0's max over block 2i is in sMax
+  uint64_t* max1_ready = full + 11;  // WG1's (newer) max over block 2i+1 is in sMax
 
   const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
   const int64_t n_tiles = p.s_q * head_blocks;
@@ -295,6 +298,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     for (int i = 0; i < 4; ++i) mbar_init(&empty[i], 128);
     mbar_init(q_full, 128);
     mbar_init(q_empty, 256);
+    mbar_init(max0_ready, 128);
+    mbar_init(max1_ready, 128);
   }
   __syncthreads();
 
@@ -432,7 +437,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           sMax[row_a] = nm_a;
           sMax[row_b] = nm_b;
         }
-        named_barrier_arrive(kMax0Ready, 256);
+        mbar_arrive(max0_ready);
         const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
         float sum_a, sum_b;
         exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
@@ -449,7 +454,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         wgmma_wait<0>();
         mbar_arrive(&empty[0]);
         // WG1's max over block 2i+1: move P0, O and l to it, hand P0 over.
-        named_barrier_sync(kMax1Ready, 256);
+        mbar_wait(max1_ready, (pairs_done + i) & 1);
         const float m1_a = sMax[row_a], m1_b = sMax[row_b];
         const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
 #pragma unroll
@@ -507,7 +512,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         float bm_a, bm_b;
         seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
         // The max over block 2i+1 on top of WG0's max over block 2i.
-        named_barrier_sync(kMax0Ready, 256);
+        mbar_wait(max0_ready, (pairs_done + i) & 1);
         const float nm_a = max_nan(m_a, max_nan(sMax[row_a], bm_a));
         const float nm_b = max_nan(m_b, max_nan(sMax[row_b], bm_b));
         __syncwarp();
@@ -515,7 +520,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           sMax[row_a] = nm_a;
           sMax[row_b] = nm_b;
         }
-        named_barrier_arrive(kMax1Ready, 256);
+        mbar_arrive(max1_ready);
         const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
         float sum_a, sum_b;
         exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);

@@ -783,7 +783,7 @@ static void run_bench(const char* json_path, int reps) {
     copy_gbs = 2.0 * bytes / ms / 1e6;
     rows.push_back({"d2d copy 1 GiB", "GB/s", ms, copy_gbs, 1.0});
   }
-  // dequant gathers
+  // dequant gathers: 256K random tokens (the headline), and 4K-64K where launch latency counts
   for (int f = 0; f < 2; ++f) {
     if (!bench_selected(f == 0 ? "dequant v4" : "dequant v32")) continue;
     Rng r(7 + f);
@@ -797,25 +797,26 @@ static void run_bench(const char* json_path, int reps) {
       const uint64_t v = r.next() & 0x3f3f3f3f3f3f3f3full;  // finite e4m3 / small scales
       memcpy(&cache[i], &v, std::min<size_t>(8, bytes - i));
     }
-    const int64_t n = 1 << 18;
-    std::vector<int64_t> ids(n);
-    for (auto& v : ids) v = r.range(0, tokens);
     DBuf<uint8_t> dc(bytes);
-    DBuf<int64_t> di(n);
-    DBuf<uint16_t> dout(size_t(n) * (v4 ? 512 : 576));
     dc.up(cache);
-    di.up(ids);
-    const double ms = timer.median_ms(
-        [&] {
-          check_status(smla_cuda_dequantize_kv_cache(v4 ? SMLA_CACHE_V4 : SMLA_CACHE_V32, dc.p, P, pages, di.p, n,
-                                                     dout.p, nullptr, 0),
-                       "dequant");
-        },
-        reps);
-    const double moved = double(n) * (v4 ? (584 + 8 + 1024) : (656 + 8 + 1152));
-    const double gbs = moved / ms / 1e6;
-    rows.push_back({std::string("dequant ") + (v4 ? "v4" : "v32") + " 256K random tokens", "GB/s", ms, gbs,
-                    gbs / copy_gbs});
+    for (int64_t n : {int64_t(1) << 18, int64_t(1) << 16, int64_t(1) << 14, int64_t(1) << 12}) {
+      std::vector<int64_t> ids(n);
+      for (auto& v : ids) v = r.range(0, tokens);
+      DBuf<int64_t> di(n);
+      DBuf<uint16_t> dout(size_t(n) * (v4 ? 512 : 576));
+      di.up(ids);
+      const double ms = timer.median_ms(
+          [&] {
+            check_status(smla_cuda_dequantize_kv_cache(v4 ? SMLA_CACHE_V4 : SMLA_CACHE_V32, dc.p, P, pages, di.p, n,
+                                                       dout.p, nullptr, 0),
+                         "dequant");
+          },
+          reps);
+      const double moved = double(n) * (v4 ? (584 + 8 + 1024) : (656 + 8 + 1152));
+      const double gbs = moved / ms / 1e6;
+      rows.push_back({std::string("dequant ") + (v4 ? "v4 " : "v32 ") + std::to_string(n >> 10) + "K random tokens",
+                      "GB/s", ms, gbs, gbs / copy_gbs});
+    }
   }
   // sparse prefill: FlashMLA's benchmark configurations (sKV 32768; 65536 for sQ 32768)
   struct Cfg {

@@ -36,14 +36,14 @@ interface Row {
   median_ms: number;
   runs_ms: number[];
   value: number;
-  unit: 'TFLOPS' | 'GB/s' | 'ms' | 'x';
+  unit: 'TFLOPS' | 'GB/s' | 'ms' | 'x' | '%';
   note?: string;
 }
 
 const MiB = 2 ** 20;
 
 /**
- * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, planner, chunks, layer, router) runs
+ * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, paged, planner, chunks, layer, router) runs
  * only those; SPARSE_MLA_SWEEP_PREFIXES=comma list of prefixes (default 0,32768) and
  * SPARSE_MLA_SWEEP_RATIOS (default 4,128,0) narrow the router sweep.
  */
@@ -105,64 +105,63 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     const info = be.memInfo();
     console.log(`device memory: ${(info.free / 2 ** 30).toFixed(1)} GiB free of ${(info.total / 2 ** 30).toFixed(1)} GiB`);
 
-    // ---- copy ceiling and dequant: ROUNDS interleaved rounds (copy, then each format with the
-    // one-token and the two-token warp loop), so drift of the card shows in every figure alike
+    // ---- copy ceiling and dequant: ROUNDS interleaved rounds (copy, then each format at each
+    // size), so drift of the card shows in every figure alike. 256K random tokens is the headline;
+    // 4K-64K show where launch latency counts.
     const ROUNDS = 3;
+    const DQ_SIZES = [262144, 65536, 16384, 4096];
     if (want('dequant')) {
-    const ga = be.alloc(2 ** 30), gb = be.alloc(2 ** 30);
-    const n = 262144;
-    const dqCaches = { v4: await deviceCache('v4', 4096), v32: await deviceCache('v32', 4096) };
-    const dqIds = tensor('int32', [n], randomIds(rng, n, 262144));
-    const copyGBsRounds: number[] = [];
-    const dqGBs: Record<string, number[]> = {};
-    const ENV_TPW = 'SMLA_DEQUANT_TOKENS_PER_WARP';
-    const savedTpw = process.env[ENV_TPW];
-    let copyGBs = 0;
-    try {
-      for (let round = 0; round < ROUNDS; round++) {
-        const copyRuns = await time(() => be.copyDevice(ga, gb));
-        const copyMs = median(copyRuns);
-        const roundCopy = (2 * 2 ** 30) / copyMs / 1e6;
-        copyGBsRounds.push(roundCopy);
-        say({ name: `round ${round + 1}: device-to-device copy 1 GiB (read + write)`, median_ms: copyMs, runs_ms: copyRuns, value: roundCopy, unit: 'GB/s' });
-        for (const format of ['v4', 'v32'] as const) {
-          for (const tpw of ['1', '2']) {
-            process.env[ENV_TPW] = tpw;
-            const cache = dqCaches[format];
-            const runs = await time(async () => {
-              const out = await engine.dequantizeKCachePaged({ cache, tokenIds: dqIds }, { output: 'device' });
-              out.data.free();
-            });
-            const bytes = n * (format === 'v4' ? 584 + 8 + 1024 : 656 + 8 + 1152);
-            const ms = median(runs);
-            const gbs = bytes / ms / 1e6;
-            (dqGBs[`${format}/${tpw}`] ??= []).push(gbs);
-            say({ name: `round ${round + 1}: dequant ${format} 256K random tokens, ${tpw} token(s)/warp/iteration`, median_ms: ms, runs_ms: runs, value: gbs, unit: 'GB/s', note: `${((gbs / roundCopy) * 100).toFixed(1)}% of this round's copy` });
+      const ga = be.alloc(2 ** 30), gb = be.alloc(2 ** 30);
+      const dqCaches = { v4: await deviceCache('v4', 4096), v32: await deviceCache('v32', 4096) };
+      const dqIds = new Map(DQ_SIZES.map((n) => [n, tensor('int32', [n], randomIds(rng, n, 262144))]));
+      const copyGBsRounds: number[] = [];
+      const dqFraction: Record<string, number[]> = {};
+      try {
+        for (let round = 0; round < ROUNDS; round++) {
+          const copyRuns = await time(() => be.copyDevice(ga, gb));
+          const copyMs = median(copyRuns);
+          const roundCopy = (2 * 2 ** 30) / copyMs / 1e6;
+          copyGBsRounds.push(roundCopy);
+          say({ name: `round ${round + 1}: device-to-device copy 1 GiB (read + write)`, median_ms: copyMs, runs_ms: copyRuns, value: roundCopy, unit: 'GB/s' });
+          for (const format of ['v4', 'v32'] as const) {
+            for (const n of DQ_SIZES) {
+              const cache = dqCaches[format];
+              const runs = await time(async () => {
+                const out = await engine.dequantizeKCachePaged({ cache, tokenIds: dqIds.get(n)! }, { output: 'device' });
+                out.data.free();
+              });
+              const bytes = n * (format === 'v4' ? 584 + 8 + 1024 : 656 + 8 + 1152);
+              const ms = median(runs);
+              const gbs = bytes / ms / 1e6;
+              (dqFraction[`${format}/${n}`] ??= []).push(gbs / roundCopy);
+              say({ name: `round ${round + 1}: dequant ${format} ${n / 1024}K random tokens`, median_ms: ms, runs_ms: runs, value: gbs, unit: 'GB/s', note: `${((gbs / roundCopy) * 100).toFixed(1)}% of this round's copy` });
+            }
           }
         }
+      } finally {
+        ga.free();
+        gb.free();
+        dqCaches.v4.data.free();
+        dqCaches.v32.data.free();
       }
-    } finally {
-      if (savedTpw === undefined) delete process.env[ENV_TPW];
-      else process.env[ENV_TPW] = savedTpw;
-      ga.free();
-      gb.free();
-      dqCaches.v4.data.free();
-      dqCaches.v32.data.free();
-    }
-    copyGBs = median(copyGBsRounds);
-    say({ name: 'device-to-device copy 1 GiB: median of round medians', median_ms: (2 * 2 ** 30) / copyGBs / 1e6, runs_ms: [], value: copyGBs, unit: 'GB/s' });
-    for (const [key, v] of Object.entries(dqGBs)) {
-      const [format, tpw] = key.split('/');
-      const gbs = median(v);
-      say({ name: `dequant ${format} 256K random tokens, ${tpw} token(s)/warp: median of round medians`, median_ms: 0, runs_ms: [], value: gbs, unit: 'GB/s', note: `${((gbs / copyGBs) * 100).toFixed(1)}% of copy; rounds ${v.map((x, r) => ((x / copyGBsRounds[r]!) * 100).toFixed(1)).join('/')}%` });
-    }
+      const copyGBs = median(copyGBsRounds);
+      say({ name: 'device-to-device copy 1 GiB: median of round medians', median_ms: (2 * 2 ** 30) / copyGBs / 1e6, runs_ms: [], value: copyGBs, unit: 'GB/s' });
+      for (const [key, v] of Object.entries(dqFraction)) {
+        const [format, n] = key.split('/');
+        const f = median(v);
+        say({ name: `dequant ${format} ${Number(n) / 1024}K random tokens: % of copy, median of rounds`, median_ms: 0, runs_ms: [], value: f * 100, unit: '%', note: `rounds ${v.map((x) => (x * 100).toFixed(1)).join('/')}%` });
+      }
     }
 
     // ---- sparse prefill at FlashMLA's configurations
+    // (FlashMLA 9241ae3 on an H200, same method: 647 / 479 / 510 / 583 / 462 / 481 TFLOPS)
     const configs = [
       { name: 'V3.2 sQ4096 hQ128 dQK576 topk2048 sKV32768', sQ: 4096, hQ: 128, dQK: 576, topk: 2048, sKV: 32768 },
       { name: 'V4 sQ4096 hQ64 dQK512 topk512 sKV32768', sQ: 4096, hQ: 64, dQK: 512, topk: 512, sKV: 32768 },
+      { name: 'V4 sQ4096 hQ64 dQK512 topk640 sKV32768', sQ: 4096, hQ: 64, dQK: 512, topk: 640, sKV: 32768 },
       { name: 'V4 sQ4096 hQ128 dQK512 topk1024 sKV32768', sQ: 4096, hQ: 128, dQK: 512, topk: 1024, sKV: 32768 },
+      { name: 'V4 sQ32768 hQ64 dQK512 topk512 sKV65536', sQ: 32768, hQ: 64, dQK: 512, topk: 512, sKV: 65536 },
+      { name: 'V4 sQ32768 hQ64 dQK512 topk640 sKV65536', sQ: 32768, hQ: 64, dQK: 512, topk: 640, sKV: 65536 },
     ];
     for (const c of want('prefill') ? configs : []) {
       const q = await randomDevice([c.sQ, c.hQ, c.dQK]);
@@ -176,6 +175,31 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const ms = median(runs);
       say({ name: `sparsePrefill ${c.name}`, median_ms: ms, runs_ms: runs, value: (2 * c.sQ * c.topk * c.hQ * (c.dQK + 512)) / ms / 1e9, unit: 'TFLOPS' });
       for (const t of [q, kv, indices, sink]) t.data.free();
+    }
+
+    // ---- paged FP8 attention on FlashMLA's sparse decode workload (flash_mla_with_kvcache, V4
+    // cache, P = 64): N queries with their own random token ids of one v4 cache, main 128 + extra
+    // 512 (hQ 64) or 128 + 1024 (hQ 128). (FlashMLA 9241ae3 on an H200: 333 / 337 / 345 / 349
+    // TFLOPS at hQ 64 for N = 2048 / 4096 / 8192 / 11264, 422-424 at hQ 128; it cannot run
+    // N >= 16384.)
+    for (const [hQ, extraTopk] of want('paged') ? ([[64, 512], [128, 1024]] as const) : []) {
+      const cache = await deviceCache('v4', 1024);
+      const tokens = 1024 * 64;
+      const sink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
+      for (const N of [2048, 4096, 8192, 11264, 16384, 32768]) {
+        const q = await randomDevice([N, hQ, 512]);
+        const main = await engine.upload(tensor('int32', [N, 128], randomIds(rng, N * 128, tokens)));
+        const extra = await engine.upload(tensor('int32', [N, extraTopk], randomIds(rng, N * extraTopk, tokens)));
+        const runs = await time(async () => {
+          const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: main, extraKCache: cache, extraIndices: extra, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
+          for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+        });
+        const ms = median(runs);
+        say({ name: `pagedSparseAttention N ${N} hQ ${hQ}, main 128 + extra ${extraTopk} (P 64)`, median_ms: ms, runs_ms: runs, value: (2 * N * (128 + extraTopk) * hQ * 1024) / ms / 1e9, unit: 'TFLOPS' });
+        for (const t of [q, main, extra]) t.data.free();
+      }
+      sink.data.free();
+      cache.data.free();
     }
 
     // ---- the planner's per-layer c4 rows on the GPU (32K-query chunk, device top-k in and rows out)

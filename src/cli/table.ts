@@ -18,9 +18,10 @@ export function reportWidth(): number {
 
 /**
  * `text` broken at spaces into lines of at most `columns` (spacing inside a line is kept); later
- * lines start with `indent` spaces. A word longer than a line is cut.
+ * lines start with `indent` spaces. A word too long for any line (a path) stays whole on the line
+ * it starts, past the width, so it can still be copied; with `cut` it is cut instead (table cells).
  */
-export function wrapText(text: string, columns = width, indent = 0): string[] {
+export function wrapText(text: string, columns = width, indent = 0, cut = false): string[] {
   if (text.length <= columns) return [text];
   const lead = /^ */.exec(text)![0];
   const tokens = text.slice(lead.length).split(/( +)/); // words at even positions, gaps at odd
@@ -32,7 +33,7 @@ export function wrapText(text: string, columns = width, indent = 0): string[] {
     let word = tokens[i]!;
     const gap = i > 0 ? tokens[i - 1]! : '';
     if (word === '') continue;
-    if (!fresh && line.length + gap.length + word.length <= columns) {
+    if (!fresh && (line.length + gap.length + word.length <= columns || (!cut && pad.length + word.length > columns))) {
       line += gap + word;
       continue;
     }
@@ -40,7 +41,7 @@ export function wrapText(text: string, columns = width, indent = 0): string[] {
       lines.push(line);
       line = pad;
     }
-    while (line.length + word.length > columns) {
+    while (cut && line.length + word.length > columns) {
       const cut = Math.max(1, columns - line.length);
       lines.push(line + word.slice(0, cut));
       line = pad;
@@ -93,7 +94,7 @@ export function formatTable(rows: readonly (readonly string[])[], align: readonl
     widths[pick]!--;
   }
   const line = (r: readonly string[]): string[] => {
-    const cells = widths.map((w, c) => (wrappable.includes(c) ? wrapText(cell(r, c), w, 0) : [cell(r, c)]));
+    const cells = widths.map((w, c) => (wrappable.includes(c) ? wrapText(cell(r, c), w, 0, true) : [cell(r, c)]));
     const height = Math.max(...cells.map((x) => x.length));
     const out: string[] = [];
     for (let k = 0; k < height; k++) {

@@ -93,7 +93,7 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
   const dir = join(prebuilds, key);
   const manifest = readJson(join(dir, MANIFEST_NAME));
   if (!manifest || !Array.isArray(manifest.addons)) {
-    if (!existsSync(prebuilds)) return { ok: false, why: 'this copy of the package carries no prebuilt addons (a source checkout)' };
+    if (!existsSync(prebuilds)) return { ok: false, why: 'this copy of the package carries no prebuilt addons' };
     let carried = [];
     try {
       carried = readdirSync(prebuilds);

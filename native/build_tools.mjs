@@ -20,8 +20,10 @@ function runs(cmd, args = ['--version']) {
 export function findBuildTools(root, env = process.env) {
   const cmake = env.CMAKE || 'cmake';
   if (!runs(cmake)) return { ok: false, why: `CMake not found (\`${cmake} --version\` did not run; PATH=${env.PATH ?? ''})` };
-  const cxx = [env.CXX, 'c++', 'g++', 'clang++'].filter(Boolean).find((c) => runs(c));
-  if (!cxx) return { ok: false, why: 'no C++ compiler found (tried $CXX, c++, g++, clang++)' };
+  // cmake-js takes g++ or clang++ from PATH, or the compilers it is given (CC and CXX both set)
+  const given = env.CXX && env.CC && runs(env.CXX) ? { cc: env.CC, cxx: env.CXX } : null;
+  const cxx = given?.cxx ?? ['g++', 'clang++'].find((c) => runs(c));
+  if (!cxx) return { ok: false, why: 'no C++ compiler found (g++ or clang++ on PATH, or CC and CXX set)' };
   const req = createRequire(join(root, 'package.json'));
   const missing = ['cmake-js/package.json', 'node-addon-api/package.json'].filter((m) => {
     try {
@@ -35,7 +37,7 @@ export function findBuildTools(root, env = process.env) {
     const names = missing.map((m) => m.split('/')[0]);
     return { ok: false, why: `the package${names.length > 1 ? 's' : ''} ${names.join(' and ')} ${names.length > 1 ? 'are' : 'is'} not installed (\`npm install ${names.join(' ')}\`)` };
   }
-  return { ok: true, cmakeJs: join(dirname(req.resolve('cmake-js/package.json')), 'bin', 'cmake-js'), cxx };
+  return { ok: true, cmakeJs: join(dirname(req.resolve('cmake-js/package.json')), 'bin', 'cmake-js'), cxx, compilers: given };
 }
 
 /** Up to `max` lines of a build log that say what failed, each cut to 240 characters. */
@@ -56,9 +58,9 @@ export function logExcerpt(logPath, max = 4) {
  * Configure + build sparse_mla_native into outDir/Release. Resolves { ok, problem, seconds }:
  * problem is null on success, else 'configure failed' / 'build failed' / 'stopped after N s' / ...
  */
-export async function buildAddon({ root, cmakeJs, outDir, cpuArch, withCuda = 'AUTO', portable = false, logPath, verbose = false, timeoutS = 1200, parallel }) {
+export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuArch, withCuda = 'AUTO', portable = false, logPath, verbose = false, timeoutS = 1200, parallel }) {
   const jobs = String(parallel ?? os.availableParallelism?.() ?? os.cpus().length);
-  const common = ['--directory', root, '--out', outDir, '--log-level', 'warn'];
+  const common = ['--directory', root, '--out', outDir, '--log-level', 'warn', ...(compilers ? ['--cc', compilers.cc, '--cxx', compilers.cxx] : [])];
   const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${withCuda}`, `--CDSMLA_CPU_ARCH=${cpuArch}`, `--CDSMLA_PORTABLE_RUNTIME=${portable ? 'ON' : 'OFF'}`];
   const build = [cmakeJs, 'build', ...common, '--target', 'sparse_mla_native', '--parallel', jobs];
   mkdirSync(outDir, { recursive: true });

@@ -121,7 +121,7 @@ async function main() {
   const timeoutS = Number(env.SPARSE_MLA_NATIVE_TIMEOUT_S ?? 1200);
   const log = verbose ? null : SOURCE_BUILD_LOG;
   say(`building the native addon from source (${whyBuild}; -march=${cpuArch}, CUDA ${withCuda})${log ? `, log: ${log}` : ''}`);
-  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, outDir: SOURCE_BUILD_DIR, cpuArch, withCuda, logPath: SOURCE_BUILD_LOG, verbose, timeoutS });
+  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers: tools.compilers, outDir: SOURCE_BUILD_DIR, cpuArch, withCuda, logPath: SOURCE_BUILD_LOG, verbose, timeoutS });
   const build = { ran: true, why: whyBuild, cpuArch, withCuda, seconds: Math.round(r.seconds), log, addon: r.addon };
   if (!r.ok) {
     const excerpt = log ? logExcerpt(log) : [];

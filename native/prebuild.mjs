@@ -64,7 +64,7 @@ for (const level of PREBUILT_LEVELS) {
   const buildDir = join(PACKAGE_ROOT, 'build', `prebuild-${level}`);
   const logPath = join(buildDir, 'build.log');
   say(`building ${level} (CUDA ${cudaMode})${env.SPARSE_MLA_NATIVE_VERBOSE === '1' ? '' : `, log: ${logPath}`}`);
-  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, outDir: buildDir, cpuArch: level, withCuda: cudaMode, portable: true, logPath, verbose: env.SPARSE_MLA_NATIVE_VERBOSE === '1' });
+  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers: tools.compilers, outDir: buildDir, cpuArch: level, withCuda: cudaMode, portable: true, logPath, verbose: env.SPARSE_MLA_NATIVE_VERBOSE === '1' });
   if (!r.ok) die(`${level}: ${r.problem} (log: ${logPath})\n${logExcerpt(logPath).map((l) => `  ${l}`).join('\n')}`);
   const probe = probeAddon(r.addon);
   if (!probe.ok) die(`${level}: the built addon does not load: ${probe.why}`);

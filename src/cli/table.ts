@@ -119,7 +119,7 @@ function formatRecords(rows: readonly (readonly string[])[]): string {
   const [header, ...body] = rows;
   return body
     .map((r) => {
-      const [first, ...rest] = r.map((v, c) => `${header![c] ?? ''} ${v}`.trim());
+      const [first, ...rest] = r.map((v, c) => `${(header![c] ?? '').trim()} ${v.trim()}`.trim());
       return wrapText(`${first}: ${rest.join(', ')}`, width, 4).join('\n');
     })
     .join('\n');

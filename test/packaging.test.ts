@@ -223,3 +223,20 @@ describe('runtime without an install record (scripts not run: pnpm, --ignore-scr
     expect(cli(root, ['info']).stdout).toContain('  install  the install script did not run (no ');
   });
 });
+
+describe('CommonJS', () => {
+  const node = (args: string[]) => spawnSync(process.execPath, args, { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
+
+  test("require('sparse-mla') and require('sparse-mla/reference') give the ES modules' exports", () => {
+    const r = node(['-e', "const m = require('sparse-mla'), r = require('sparse-mla/reference'); console.log(typeof m.createEngine, typeof m.createPlan, typeof r.sparsePrefillReference)"]);
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe('function function function');
+  });
+
+  test('without require(esm) the error says why and how to load the package instead', () => {
+    const r = node(['--no-experimental-require-module', '-e', "require('sparse-mla')"]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('sparse-mla is an ES module: require() of it needs Node >= 20.19 with require(esm) on');
+    expect(r.stderr).toContain("const m = await import('sparse-mla')");
+  });
+});

@@ -87,9 +87,10 @@ export function addonReport(): AddonReport {
 function installSummary(s: InstallStatus): string {
   const when = s.time.replace('T', ' ').replace(/:\d\d\.\d+Z$/, ' UTC');
   const b = s.build;
-  const build = !b ? '' : b.ran ? `source build ${b.result === 'ok' ? `done in ${b.seconds} s` : `failed (${b.problem})`} because ${b.why}` : `no source build: ${b.why}`;
-  const what = s.addon === 'prebuilt' ? `chose the prebuilt addon (${s.cpuArch})` : s.addon === 'built' ? 'built the addon here' : `set up no addon: ${s.reason ?? 'no reason recorded'}`;
-  return `${when}: ${what}${build && s.addon !== 'built' ? `; ${build}` : s.addon === 'built' && b ? ` in ${b.seconds} s (${b.why}; -march=${b.cpuArch}, CUDA ${b.withCuda})` : ''}`;
+  if (s.addon === 'built') return `${when}: built here in ${b?.seconds} s (${b?.why}; -march=${b?.cpuArch}, CUDA ${b?.withCuda})`;
+  const what = s.addon === 'prebuilt' ? `chose the prebuilt addon (${s.cpuArch})` : 'set up no addon';
+  const build = !b ? '' : b.ran ? `; the source build failed (${b.problem}), tried because ${b.why}` : `; no source build: ${b.why}`;
+  return `${when}: ${what}${build}`;
 }
 
 function addonLines(a: AddonReport): string[] {

@@ -2,9 +2,10 @@
 # The package as an npm user gets it: pack it (prepack builds the prebuilt addons), install the
 # tarball into an empty project whose PATH holds node, npm and sh only (no CMake, no compiler, no
 # nvcc), and there require: `sparse-mla info --json` reports the prebuilt addon with `cpu`
-# available (and CUDA built when nvcc was here to pack it); every ```js block of the README and
-# every file in examples/ runs; require('sparse-mla') works. Then a source build from the package
-# (SPARSE_MLA_BUILD_FROM_SOURCE=1, with the toolchain) must build and load.
+# available (and CUDA built when nvcc was here to pack it); the check grid passes on both prebuilt
+# CPU levels; every ```js block of the README and every file in examples/ runs; require('sparse-mla')
+# works. Then a source build from the package (SPARSE_MLA_BUILD_FROM_SOURCE=1, with the
+# toolchain) must build and load.
 # Run from the repository root after `npm ci`.
 set -euo pipefail
 root=$(pwd)
@@ -73,6 +74,13 @@ bare node -e '
   if (problems.length) { console.error(problems.join("\n")); process.exit(1); }
   console.log(`info --json: cpu available (${cpu.details.simd}, ${cpu.details.cpuArch}), cuda ${info.addon.cuda.built ? "built" : "not built"}, addon ${info.addon.path}`);
 ' "$pack_cuda" || fail "info --json in the empty project"
+
+# both prebuilt CPU levels compute correctly (this CPU runs either): the check grid on each
+for level in x86-64-v3 x86-64-v2; do
+  addon="$app/node_modules/sparse-mla/prebuilds/linux-x64/sparse_mla_native.$level.node"
+  echo; echo "\$ SPARSE_MLA_NATIVE_ADDON=<the $level addon> sparse-mla check --backend cpu --quiet"
+  bare SPARSE_MLA_NATIVE_ADDON="$addon" ./node_modules/.bin/sparse-mla check --backend cpu --quiet || fail "the check grid on the prebuilt $level addon"
+done
 
 # every ```js block of the README, as written
 bare node -e '

@@ -1,98 +1,146 @@
 #!/usr/bin/env node
-// `npm install` hook: builds the native addon (build/addon/Release/sparse_mla_native.node) with
-// cmake-js when CMake and a C++ compiler exist. It never fails the install: a skip or a failed build
-// prints one line and the library runs on its WASM backend.
-//   SPARSE_MLA_SKIP_NATIVE=1            skip the build
-//   SPARSE_MLA_NATIVE_TIMEOUT_S=<s>     give up after s seconds (default 1200; the CUDA kernels take minutes)
-//   SPARSE_MLA_NATIVE_VERBOSE=1         stream the build output instead of logging it
-//   SPARSE_MLA_WITH_CUDA=ON|OFF|AUTO    build the CUDA kernels (default AUTO: when nvcc is found)
-//   SPARSE_MLA_CPU_ARCH=<march>         the core's -march (default native: this machine)
-import { spawn, spawnSync } from 'node:child_process';
-import { createWriteStream, mkdirSync } from 'node:fs';
-import { createRequire } from 'node:module';
-import os from 'node:os';
-import { dirname, join, relative } from 'node:path';
-import { fileURLToPath } from 'node:url';
+// `npm install` hook: makes a native addon available and records what happened, and why, in
+// build/install-status.json (read by `sparse-mla info` and by every BACKEND_UNAVAILABLE message).
+// It never fails the install: without an addon the library runs on its WASM backend.
+//   1. The package's prebuilt addon for this platform and CPU (prebuilds/, x86-64-v3 or -v2 with
+//      the sm_90a kernels), when one fits and loads. Nothing is compiled.
+//   2. Otherwise, or when asked, a source build with cmake-js into build/addon/ (CMake, a C++
+//      compiler and the packages cmake-js + node-addon-api; nvcc for the CUDA kernels).
+// Environment:
+//   SPARSE_MLA_BUILD_FROM_SOURCE=1    build here even when a prebuilt addon fits (-march=native)
+//   SPARSE_MLA_SKIP_NATIVE=1          never build here (a fitting prebuilt addon is still used)
+//   SPARSE_MLA_NATIVE_TIMEOUT_S=<s>   give up a source build after s seconds (default 1200)
+//   SPARSE_MLA_NATIVE_VERBOSE=1       stream the build output instead of logging it
+//   SPARSE_MLA_WITH_CUDA=ON|OFF|AUTO  source build: the CUDA kernels (default AUTO: when nvcc is found)
+//   SPARSE_MLA_CPU_ARCH=<march>       source build: the core's -march (default native: this machine)
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
+import {
+  BUILD_FROM_SOURCE_ENV,
+  INSTALL_STATUS_FILE,
+  PACKAGE_ROOT,
+  SOURCE_BUILD_DIR,
+  SOURCE_BUILD_LOG,
+  howToBuild,
+  isCheckout,
+  isTruthyEnv,
+  platformKey,
+  selectPrebuilt,
+} from './addon_locate.mjs';
+import { buildAddon, findBuildTools, logExcerpt, probeAddon } from './build_tools.mjs';
 
-const root = join(dirname(fileURLToPath(import.meta.url)), '..');
-const outDir = join(root, 'build', 'addon');
-const logPath = join(outDir, 'build.log');
 const env = process.env;
 const say = (line) => console.log(`sparse-mla: ${line}`);
-const rel = (p) => relative(process.cwd(), p) || '.';
 
-function has(cmd, args = ['--version']) {
-  const r = spawnSync(cmd, args, { stdio: 'ignore', timeout: 30_000 });
-  return r.status === 0;
-}
-
-function main() {
-  if (['1', 'true', 'yes'].includes((env.SPARSE_MLA_SKIP_NATIVE ?? '').toLowerCase())) {
-    say('native addon skipped (SPARSE_MLA_SKIP_NATIVE is set); using the wasm backend');
-    return;
-  }
-  if (!has(env.CMAKE ?? 'cmake')) {
-    say('native addon not built: cmake not found (install CMake and a C++ compiler, then `npm rebuild sparse-mla`); using the wasm backend');
-    return;
-  }
-  const cxx = [env.CXX, 'c++', 'g++', 'clang++'].filter(Boolean).find((c) => has(c));
-  if (!cxx) {
-    say('native addon not built: no C++ compiler found (install g++ or clang++, then `npm rebuild sparse-mla`); using the wasm backend');
-    return;
-  }
-  let cmakeJs;
+function packageVersion() {
   try {
-    cmakeJs = createRequire(join(root, 'package.json')).resolve('cmake-js/bin/cmake-js');
+    return JSON.parse(readFileSync(`${PACKAGE_ROOT}/package.json`, 'utf8')).version ?? null;
   } catch {
-    say('native addon not built: the cmake-js package is missing (reinstall sparse-mla); using the wasm backend');
+    return null;
+  }
+}
+
+function writeStatus(status) {
+  try {
+    mkdirSync(dirname(INSTALL_STATUS_FILE), { recursive: true });
+    writeFileSync(INSTALL_STATUS_FILE, `${JSON.stringify(status, null, 2)}\n`);
+  } catch (e) {
+    say(`could not write ${INSTALL_STATUS_FILE} (${e.message})`);
+  }
+}
+
+/** The CUDA part of an addon's description: built, or why not. */
+function cudaOf(info, whyNot) {
+  return info.cuda?.built ? { built: true, arch: info.cuda.arch, nvcc: info.cuda.compilerVersion } : { built: false, why: whyNot };
+}
+
+/** Why a source build has no CUDA kernels, from its settings and its log. */
+function sourceCudaWhy(withCuda) {
+  if (withCuda === 'OFF') return 'the source build had CUDA turned off (SPARSE_MLA_WITH_CUDA=OFF)';
+  let log = '';
+  try {
+    log = readFileSync(SOURCE_BUILD_LOG, 'utf8');
+  } catch {
+    /* streamed build (SPARSE_MLA_NATIVE_VERBOSE): no log */
+  }
+  if (/nvcc not found/.test(log)) return 'no CUDA compiler was found when it was built (nvcc not on PATH and CUDACXX unset)';
+  return `the source build did not enable CUDA (see ${SOURCE_BUILD_LOG})`;
+}
+
+async function main() {
+  const base = { schema: 1, package: packageVersion(), time: new Date().toISOString(), platform: platformKey(), node: process.version, root: PACKAGE_ROOT };
+  const fromSource = isTruthyEnv(env[BUILD_FROM_SOURCE_ENV]) || isCheckout();
+  const skipBuild = isTruthyEnv(env.SPARSE_MLA_SKIP_NATIVE);
+
+  // 1. the prebuilt addon
+  const pre = selectPrebuilt();
+  let prebuilt = pre.ok ? { ok: true, path: pre.path, level: pre.level } : { ok: false, why: pre.why };
+  let preInfo = null;
+  if (pre.ok) {
+    const probe = probeAddon(pre.path);
+    if (probe.ok) preInfo = probe.info;
+    else prebuilt = { ok: false, path: pre.path, level: pre.level, why: `the prebuilt addon ${pre.path} did not load: ${probe.why}` };
+  }
+  const usePrebuilt = () => {
+    const cuda = cudaOf(preInfo, pre.manifest?.cuda?.why ?? 'the prebuilt addon was packed without CUDA');
+    return { addon: 'prebuilt', path: pre.path, cpuArch: preInfo.build?.cpuArch, simd: preInfo.build?.simd, cuda };
+  };
+
+  if (prebuilt.ok && !fromSource) {
+    const chosen = usePrebuilt();
+    writeStatus({ ...base, ...chosen, prebuilt, build: { ran: false, why: `not needed (set ${BUILD_FROM_SOURCE_ENV}=1 for a build for this machine)` } });
+    say(`using the prebuilt ${base.platform} addon (${chosen.cpuArch}, ${chosen.simd}${chosen.cuda.built ? `, CUDA ${chosen.cuda.arch}` : ', no CUDA'}): ${pre.path}`);
     return;
   }
 
-  const timeoutS = Number(env.SPARSE_MLA_NATIVE_TIMEOUT_S ?? 1200);
-  const common = ['--directory', root, '--out', outDir, '--log-level', 'warn'];
-  // Configure every time with explicit options (a cached SMLA_WITH_CUDA=OFF must not stick), then
-  // build only the addon target (incremental).
-  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${env.SPARSE_MLA_WITH_CUDA || 'AUTO'}`, `--CDSMLA_CPU_ARCH=${env.SPARSE_MLA_CPU_ARCH ?? 'native'}`];
-  const build = [cmakeJs, 'build', ...common, '--target', 'sparse_mla_native', '--parallel', String(os.availableParallelism?.() ?? os.cpus().length)];
+  // 2. a source build
+  const whyBuild = isTruthyEnv(env[BUILD_FROM_SOURCE_ENV]) ? `${BUILD_FROM_SOURCE_ENV} is set` : isCheckout() ? 'a source checkout builds its own addon' : prebuilt.why;
+  const fallback = (build, problem) => {
+    if (prebuilt.ok) {
+      const chosen = usePrebuilt();
+      writeStatus({ ...base, ...chosen, prebuilt, build });
+      say(`${problem}; using the prebuilt ${base.platform} addon instead: ${pre.path}`);
+    } else {
+      writeStatus({ ...base, addon: 'none', path: null, reason: `${prebuilt.why}; ${problem}`, prebuilt, build });
+      say(`no native addon (${prebuilt.why}; ${problem}); using the wasm backend. To get one: ${howToBuild()}`);
+    }
+  };
+  if (skipBuild) {
+    fallback({ ran: false, why: 'SPARSE_MLA_SKIP_NATIVE is set' }, 'the source build was skipped (SPARSE_MLA_SKIP_NATIVE is set)');
+    return;
+  }
+  const tools = findBuildTools(PACKAGE_ROOT, env);
+  if (!tools.ok) {
+    fallback({ ran: false, why: `a source build was wanted (${whyBuild}) but cannot run: ${tools.why}` }, `cannot build from source: ${tools.why}`);
+    return;
+  }
+
+  const withCuda = (env.SPARSE_MLA_WITH_CUDA || 'AUTO').toUpperCase();
+  const cpuArch = env.SPARSE_MLA_CPU_ARCH ?? 'native';
   const verbose = env.SPARSE_MLA_NATIVE_VERBOSE === '1';
-  mkdirSync(outDir, { recursive: true });
-  const log = verbose ? null : createWriteStream(logPath);
-  const where = verbose ? 'output above' : `log: ${rel(logPath)}`;
-  const started = Date.now();
-  const deadline = started + timeoutS * 1000;
-
-  const step = (args) =>
-    new Promise((resolve) => {
-      // Its own process group, so a timeout stops the compilers under cmake-js too.
-      const child = spawn(process.execPath, args, { cwd: root, detached: process.platform !== 'win32', stdio: verbose ? 'inherit' : ['ignore', 'pipe', 'pipe'] });
-      child.stdout?.pipe(log, { end: false });
-      child.stderr?.pipe(log, { end: false });
-      let timedOut = false;
-      const timer = setTimeout(() => {
-        timedOut = true;
-        try {
-          process.kill(process.platform === 'win32' ? child.pid : -child.pid, 'SIGTERM');
-        } catch {
-          child.kill('SIGTERM');
-        }
-      }, Math.max(0, deadline - Date.now()));
-      child.on('error', (e) => {
-        clearTimeout(timer);
-        resolve(`could not run cmake-js (${e.message})`);
-      });
-      child.on('close', (code) => {
-        clearTimeout(timer);
-        resolve(timedOut ? `stopped after ${timeoutS} s` : code === 0 ? null : `${args[1]} failed`);
-      });
-    });
-
-  (async () => {
-    const problem = (await step(configure)) ?? (await step(build));
-    log?.end();
-    const secs = ((Date.now() - started) / 1000).toFixed(0);
-    if (problem) say(`native addon build ${problem} (${where}); using the wasm backend`);
-    else say(`built the native addon in ${secs} s → ${rel(join(outDir, 'Release', 'sparse_mla_native.node'))} (${where})`);
-  })();
+  const timeoutS = Number(env.SPARSE_MLA_NATIVE_TIMEOUT_S ?? 1200);
+  const log = verbose ? null : SOURCE_BUILD_LOG;
+  say(`building the native addon from source (${whyBuild}; -march=${cpuArch}, CUDA ${withCuda})${log ? `, log: ${log}` : ''}`);
+  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers: tools.compilers, outDir: SOURCE_BUILD_DIR, cpuArch, withCuda, logPath: SOURCE_BUILD_LOG, verbose, timeoutS });
+  const build = { ran: true, why: whyBuild, cpuArch, withCuda, seconds: Math.round(r.seconds), log, addon: r.addon };
+  if (!r.ok) {
+    const excerpt = log ? logExcerpt(log) : [];
+    fallback({ ...build, result: 'failed', problem: r.problem, excerpt }, `the source build ${r.problem}${log ? ` (log: ${log})` : ''}`);
+    return;
+  }
+  const probe = probeAddon(r.addon);
+  if (!probe.ok) {
+    fallback({ ...build, result: 'failed', problem: `the built addon did not load: ${probe.why}` }, `the addon built here did not load: ${probe.why}`);
+    return;
+  }
+  const cuda = cudaOf(probe.info, sourceCudaWhy(withCuda));
+  writeStatus({ ...base, addon: 'built', path: r.addon, cpuArch: probe.info.build?.cpuArch, simd: probe.info.build?.simd, cuda, prebuilt, build: { ...build, result: 'ok' } });
+  say(`built the native addon in ${build.seconds} s (${probe.info.build?.simd}${cuda.built ? `, CUDA ${cuda.arch}` : `, no CUDA: ${cuda.why}`}): ${r.addon}`);
 }
 
-main();
+main().catch((e) => {
+  // never fail the install
+  const reason = `the install script failed unexpectedly: ${e?.message ?? e}`;
+  writeStatus({ schema: 1, time: new Date().toISOString(), platform: platformKey(), node: process.version, root: PACKAGE_ROOT, addon: 'none', path: null, reason });
+  say(`${reason}; using the wasm backend`);
+});

@@ -42,13 +42,13 @@ describe('listBackends', () => {
     const [cuda, cpu] = list;
     // No GPU here: cuda says which part is missing (the addon, CUDA in it, a device, ...).
     expect(cuda!.available).toBe(false);
-    expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(addon built without CUDA \(nvcc not found at install\)|no CUDA device: .+)/ : /^addon not built .*npm rebuild sparse-mla/);
+    expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(the addon has no CUDA kernels: .+|no CUDA device: .+)/ : /^addon not available .*npm run build:native/);
     if (nativeAddonBuilt()) {
       expect(cpu!.available).toBe(true);
       expect(cpu!.details?.simd).toMatch(/AVX2\+FMA|SSE2|scalar/);
     } else {
       expect(cpu!.available).toBe(false);
-      expect(cpu!.reason).toMatch(/^addon not built .*npm rebuild sparse-mla` with CMake and a C\+\+ compiler/);
+      expect(cpu!.reason).toMatch(/^addon not available .*`npm run build:native` \(CMake and a C\+\+ compiler/);
     }
     const wasm = list[2]!;
     expect(wasm.available).toBe(true);
@@ -63,7 +63,7 @@ describe('selection', () => {
     delete process.env[ENV];
     const e = await expectError(createEngine({ backend: name }), 'BACKEND_UNAVAILABLE');
     expect(e.message).toContain(`backend "${name}" is unavailable — `);
-    expect(e.message).toMatch(/addon not built .*npm rebuild sparse-mla|addon built without CUDA \(nvcc not found|no CUDA device: /);
+    expect(e.message).toMatch(/addon not available .*npm run build:native|the addon has no CUDA kernels: |no CUDA device: /);
   });
 
   test('auto (default, option or env) picks cpu when the addon is built, else wasm (no GPU here)', async () => {
@@ -127,10 +127,12 @@ describe('selection', () => {
 describe('a package whose WASM module is missing or broken', () => {
   const root = fileURLToPath(new URL('..', import.meta.url));
 
-  /** A copy of the built package (dist + package.json) in a temp dir, with the given wasm/ contents. */
+  /** A copy of the built package (dist, the addon locator, package.json) in a temp dir, with the given wasm/ contents. */
   function packageCopy(wasm: Buffer | null): string {
     const dir = mkdtempSync(join(os.tmpdir(), 'sparse-mla-pkg-'));
     cpSync(join(root, 'dist'), join(dir, 'dist'), { recursive: true });
+    mkdirSync(join(dir, 'native'));
+    cpSync(join(root, 'native', 'addon_locate.mjs'), join(dir, 'native', 'addon_locate.mjs'));
     cpSync(join(root, 'package.json'), join(dir, 'package.json'));
     symlinkSync(join(root, 'node_modules'), join(dir, 'node_modules'));
     if (wasm) {

@@ -10,7 +10,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, test } from 'vitest';
 import { formatOptions, parseArgs } from '../dist/cli/args.js';
+import { tensor } from '../dist/index.js';
+import { writePrefillDir } from '../dist/io/index.js';
 import { Progress } from '../dist/cli/progress.js';
+import { fitLines, formatTable, wrapText } from '../dist/cli/table.js';
 
 const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
 
@@ -55,7 +58,8 @@ describe('dispatch', () => {
     expect(r.stdout).toContain('Usage: sparse-mla run');
     expect(r.stdout).toMatch(/--queries N\s+.*\(default 4096\)/);
     expect(r.stdout).toMatch(/--path auto\|sparse\|paged\s/);
-    expect(r.stdout).toMatch(/--layers R,R,\.\.\s+.*\(default 0,0,4,128,4,128\)/);
+    expect(r.stdout).toMatch(/--layers R,R,\.\.\s+[^]*?\(default 0,0,4,128,4,128\)/);
+    for (const line of r.stdout.split('\n')) expect([...line].length, line).toBeLessThanOrEqual(100);
   });
 
   test('bad flags are usage errors: message naming the flag, exit 2', () => {
@@ -92,11 +96,87 @@ describe('dispatch', () => {
   });
 });
 
+describe('output contract: --json everywhere (errors too), 100 columns, did you mean', () => {
+  const widest = (text: string): number => Math.max(...text.split('\n').map((l) => [...l].length));
+
+  test('a mistyped command gets a suggestion; with --json the error is JSON on stdout', () => {
+    for (const [typed, meant] of [['verfy', 'verify'], ['chek', 'check'], ['inf', 'info'], ['bnech', 'bench'], ['prefil', 'prefill']]) {
+      const r = cli([typed!]);
+      expect(r.code).toBe(2);
+      expect(r.stderr).toContain(`unknown command '${typed}' (did you mean '${meant}'?)`);
+    }
+    expect(cli(['xyzzy']).stderr).toContain("unknown command 'xyzzy'\n");
+    const j = cli(['verfy', '--json']);
+    expect(j.code).toBe(2);
+    expect(JSON.parse(j.stdout)).toEqual({ command: 'verfy', ok: false, exitCode: 2, error: { code: 'UNKNOWN_COMMAND', message: "unknown command 'verfy' (did you mean 'verify'?)", suggestion: 'verify' } });
+  });
+
+  test.each([
+    ['run', ['--queries', 'many']],
+    ['bench', ['--backend', 'tpu']],
+    ['check', ['--seed', '-1']],
+    ['prefill', []],
+    ['verify', ['/no/such/dir']],
+    ['info', ['extra']],
+  ])('%s: a usage or input error with --json is a JSON error object (exit 2)', (name, args) => {
+    const r = cli([name, ...args, '--json']);
+    expect(r.code).toBe(2);
+    const out = JSON.parse(r.stdout) as { command: string; ok: boolean; exitCode: number; error: { code: string; message: string } };
+    expect(out).toMatchObject({ command: name, ok: false, exitCode: 2 });
+    expect(out.error.code).toMatch(/^INVALID_/);
+    expect(r.stderr).toContain(out.error.message);
+  });
+
+  test('check defaults to auto (its help states the default once) and answers --json', () => {
+    const help = cli(['check', '--help']).stdout;
+    expect(help.match(/default auto/g)).toHaveLength(1);
+    expect(help).toMatch(/--backend auto\|cuda\|cpu\|wasm\s/);
+    const r = cli(['check', '--only', 'dequant v32', '--seed', '7', '--json']);
+    expect(r.code).toBe(0);
+    const out = JSON.parse(r.stdout) as { command: string; ok: boolean; backend: string; seed: number; passed: number; failed: number; cases: { name: string; pass: boolean }[] };
+    const auto = (JSON.parse(cli(['info', '--json']).stdout) as { auto: string }).auto;
+    expect(out).toMatchObject({ command: 'check', ok: true, backend: auto, seed: 7, passed: 1, failed: 0 });
+    expect(out.cases.map((c) => c.name)).toEqual(['dequant v32 {"numTokens":700} bit-exact (duplicates, n=1000)']);
+  });
+
+  test('prefill --json: what ran and the files it wrote', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'smla-cli-prefill-'));
+    try {
+      const sQ = 3, hQ = 2, dQK = 512, sKV = 10, topk = 4;
+      const bits = (n: number) => Uint16Array.from({ length: n }, (_, i) => 0x3c00 + (i % 97)); // bf16 values in [0.0078, 0.015)
+      await writePrefillDir(join(dir, 'in'), {
+        q: tensor('bf16', [sQ, hQ, dQK], bits(sQ * hQ * dQK)),
+        kv: tensor('bf16', [sKV, dQK], bits(sKV * dQK)),
+        indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, (_, i) => i % sKV)),
+        smScale: 0.05,
+      });
+      const r = cli(['prefill', join(dir, 'in'), '--out', join(dir, 'out'), '--backend', 'wasm', '--workers', '1', '--json', '-q']);
+      expect(r.code).toBe(0);
+      const out = JSON.parse(r.stdout) as { command: string; ok: boolean; backend: string; shapes: Record<string, number>; written: string[]; outDir: string };
+      expect(out).toMatchObject({ command: 'prefill', ok: true, backend: 'wasm', shapes: { sQ, hQ, dQK, sKV, topk, dV: 512 }, outDir: join(dir, 'out') });
+      expect(out.written).toEqual(['out.npy', 'lse.npy', 'max_logits.npy']);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test('help, info and the check grid fit 100 columns; --wide lifts the limit', () => {
+    for (const args of [['--help'], ['run', '--help'], ['bench', '--help'], ['check', '--help'], ['verify', '--help'], ['prefill', '--help'], ['info']]) {
+      expect(widest(cli(args).stdout), args.join(' ')).toBeLessThanOrEqual(100);
+    }
+    const grid = cli(['check', '--only', 'prefill empty rows', '--backend', 'wasm', '--seed', '1']).stdout;
+    expect(widest(grid)).toBeLessThanOrEqual(100);
+    const wide = cli(['check', '--only', 'prefill empty rows', '--backend', 'wasm', '--seed', '1', '--wide']).stdout;
+    expect(widest(wide)).toBeGreaterThan(100);
+    expect(wide.split('\n').length).toBeLessThan(grid.split('\n').length);
+  });
+});
+
 describe('info', () => {
   test('reports the wasm backend, why the others are missing, and the machine', () => {
     const r = cli(['info']);
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^  wasm\s+available/m);
+    expect(r.stdout).toMatch(/^wasm\s+available\s/m);
     expect(r.stdout).toContain('auto picks:');
     expect(r.stdout).toMatch(/WebAssembly SIMD128: yes/);
     expect(r.stdout).toContain(`Node ${process.version}`);
@@ -153,10 +233,13 @@ describe('run', () => {
     expect(r.stdout).toContain('2. Model chunk through the planner and the router: 4 requests, 40 queries');
     const rows = r.stdout.split('\n').filter((l) => /^\s+\d+\s+c(0|4|128)\s/.test(l));
     expect(rows.map((l) => l.trim().split(/\s+/)[1])).toEqual(['c0', 'c4', 'c128', 'c4']);
+    // the router decides once per chunk: its reason is printed once, each row names the path
+    expect(r.stdout).toMatch(/^  router \(--path auto, wasm default threshold\): (sparse|paged) — 40 queries (>|≤) threshold \d+ \(wasm default\)$/m);
     for (const row of rows) {
-      expect(row).toMatch(/\s(sparse \(workspace\)|paged \(FP8 pages\))\s+40 queries (>|≤) threshold \d+ \(wasm default\)\s/);
+      expect(row).toMatch(/^\s+\d+\s+c\d+\s+(sparse|paged)\s/);
       expect(row).toMatch(/PASS$/);
     }
+    for (const line of r.stdout.split('\n')) expect([...line].length, line).toBeLessThanOrEqual(100);
     expect(r.stdout).toMatch(/^c0 rows built\s+1\s+1\s.*PASS$/m);
     expect(r.stdout).toMatch(/^c128 rows built\s+1\s+1\s.*PASS$/m);
     expect(r.stdout).toMatch(/^c4 combines\s+2\s+2\s.*PASS$/m);
@@ -288,6 +371,37 @@ describe('bench', () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+});
+
+describe('report layout (src/cli/table.ts)', () => {
+  const words = (n: number) => Array.from({ length: n }, (_, i) => `word${i}`).join(' ');
+
+  test('wrapText: lines within the width, words in order, a hanging indent; a path too long for any line stays whole', () => {
+    const lines = wrapText(`  label  ${words(60)}`, 40, 9);
+    for (const l of lines) expect(l.length).toBeLessThanOrEqual(40);
+    expect(lines.slice(1).every((l) => l.startsWith(' '.repeat(9)) && l[9] !== ' ')).toBe(true);
+    expect(lines.join(' ').split(/ +/).filter(Boolean)).toEqual(['label', ...words(60).split(' ')]);
+    const path = `/${'x'.repeat(80)}/addon.node`;
+    expect(wrapText(`  file     ${path}`, 40, 11)).toEqual([`  file     ${path}`]);
+    expect(wrapText('short', 40)).toEqual(['short']);
+    expect(fitLines([`  file     ${words(30)}`]).every((l, i) => i === 0 || l.startsWith(' '.repeat(11)))).toBe(true);
+  });
+
+  test('formatTable: a text column wraps to fit 100 columns; a table that cannot fit becomes one record per row', () => {
+    const rows = [['name', 'n', 'what'], ['a', '1', words(40)], ['b', '22', 'short']];
+    const t = formatTable(rows, ['left', 'right', 'left']);
+    const lines = t.split('\n');
+    for (const l of lines) expect(l.length).toBeLessThanOrEqual(100);
+    expect(lines[0]).toMatch(/^name\s+n\s+what$/);
+    expect(lines.filter((l) => l.startsWith('a '))).toHaveLength(1);
+    expect(t.replace(/\s+/g, ' ')).toContain(words(40));
+    // 12 numeric columns of 10 characters: 142 wide with nothing to wrap
+    const header = Array.from({ length: 12 }, (_, c) => `column ${c}`.padStart(10));
+    const wide = [header, header.map((_, c) => String(c * 1e9).padStart(10))];
+    const rec = formatTable(wide, header.map(() => 'right' as const));
+    expect(rec.split('\n')[0]).toBe(`column 0 0: column 1 1000000000, column 2 2000000000, column 3 3000000000, column 4 4000000000,`);
+    for (const l of rec.split('\n')) expect(l.length).toBeLessThanOrEqual(100);
   });
 });
 

@@ -259,7 +259,7 @@ describe('a process without the addon', () => {
     expect(p.stderr).toBe('');
     expect(p.status).toBe(0);
     const out = JSON.parse(p.stdout) as { backends: Array<{ name: string; available: boolean; reason?: string }>; cpu: { code: string; message: string }; auto: string };
-    const how = /addon not built \(.*sparse_mla_native\.node is missing\): run `npm rebuild sparse-mla` with CMake and a C\+\+ compiler/;
+    const how = /addon not built \(.*sparse_mla_native\.node is missing; SPARSE_MLA_NATIVE_ADDON points there\): build it with `npm run build:native` \(CMake and a C\+\+ compiler/;
     for (const name of ['cuda', 'cpu']) {
       const b = out.backends.find((x) => x.name === name)!;
       expect(b.available).toBe(false);

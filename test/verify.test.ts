@@ -15,6 +15,7 @@ import * as R from '../dist/reference/index.js';
 import { createReferencePool } from '../dist/reference/parallel.js';
 import { writeNpyFile, writePrefillDir, writePrefillOutputs } from '../dist/io/index.js';
 import { command as verify, verifyDirectory } from '../dist/cli/commands/verify.js';
+import { runCliCommand } from '../dist/cli/command.js';
 import { command as prefill } from '../dist/cli/commands/prefill.js';
 import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
@@ -54,13 +55,13 @@ afterAll(async () => {
   for (const d of dirs) await rm(d, { recursive: true, force: true });
 });
 
-/** Run a CLI command in-process, capturing stdout and stderr. */
+/** Run a CLI command in-process as main.ts runs it (errors become exit codes), capturing stdout and stderr. */
 async function runCommand(cmd: typeof verify, argv: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
   let stdout = '', stderr = '';
   const o = vi.spyOn(process.stdout, 'write').mockImplementation((s: string | Uint8Array) => ((stdout += String(s)), true));
   const e = vi.spyOn(process.stderr, 'write').mockImplementation((s: string | Uint8Array) => ((stderr += String(s)), true));
   try {
-    return { code: await cmd.run(argv), stdout, stderr };
+    return { code: await runCliCommand(cmd.name, cmd, argv), stdout, stderr };
   } finally {
     o.mockRestore();
     e.mockRestore();
@@ -96,9 +97,9 @@ describe('verify', () => {
     const r = await runCommand(verify, [dir, '-q']);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
-    expect(r.stdout).toMatch(/^out\s+196608\s/m);
-    expect(r.stdout).toMatch(/^lse\s+384\s/m);
-    expect(r.stdout).toMatch(/^max_logits\s+384\s/m);
+    expect(r.stdout).toMatch(/^out\s.*\s0\/196608\s/m);
+    expect(r.stdout).toMatch(/^lse\s.*\s0\/384\s/m);
+    expect(r.stdout).toMatch(/^max_logits\s.*\s0\/384\s/m);
     expect(r.stdout).toMatch(/PASS/);
   });
 
@@ -128,7 +129,7 @@ describe('verify', () => {
     await writePrefillDir(dir, args, { outputs: outWith([[at, want + 0.01 + 0.05 * Math.abs(want)]]) });
     const r = await runCommand(verify, [dir, '-q']);
     expect(r.code).toBe(1);
-    expect(r.stdout).toMatch(/^out\s.*\[5, 7, 300\].*\s1\s.*FAIL$/m);
+    expect(r.stdout).toMatch(/^out\s.*\s1\/196608\s+\[5, 7, 300\].*FAIL$/m);
     expect(r.stdout).toMatch(/^lse\s.*pass$/m);
   });
 
@@ -236,8 +237,8 @@ describe('prefill command', () => {
     const dir = await tempDir();
     await writePrefillDir(dir, args);
     await rm(join(dir, 'q.npy'));
-    await expect(runCommand(prefill, [dir, '--out', dir, '-q'])).rejects.toThrow(expect.objectContaining({ code: 'INVALID_VALUE' }));
-    await expect(runCommand(prefill, [dir, '-q'])).rejects.toThrow(/--out/);
+    await expect(prefill.run([dir, '--out', dir, '-q'])).rejects.toThrow(expect.objectContaining({ code: 'INVALID_VALUE' }));
+    await expect(prefill.run([dir, '-q'])).rejects.toThrow(/--out/);
     const r = spawnSync(process.execPath, [MAIN, 'prefill', dir, '--out', dir, '--quiet'], { encoding: 'utf8' });
     expect(r.status).toBe(2);
     expect(r.stderr).toMatch(/q\.npy/);

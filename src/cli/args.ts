@@ -4,6 +4,7 @@
  * Bad flags throw SparseMlaError('INVALID_VALUE'), which main.ts turns into a message and exit 2.
  */
 import { SparseMlaError } from '../errors.js';
+import { REPORT_WIDTH, wrapText } from './table.js';
 
 export type OptionSpec =
   | { type: 'boolean'; help: string; short?: string }
@@ -99,17 +100,26 @@ export function parseArgs<T extends OptionTable>(argv: readonly string[], table:
 
 /** The options block of a usage text, one line per option with its default. */
 export function formatOptions(table: OptionTable): string {
-  const rows: [string, string][] = [];
+  const rows: [string, string, string][] = [];
   for (const [name, spec] of Object.entries(table)) {
     let left = (spec.short ? `-${spec.short}, ` : '    ') + `--${name}`;
     if (spec.type !== 'boolean') {
       const metavar = spec.type === 'string' && spec.choices ? spec.choices.join('|') : (spec.metavar ?? (spec.type === 'string' ? 'STR' : 'N'));
       left += ` ${metavar}`;
     }
-    let right = spec.help;
-    if (spec.type !== 'boolean' && spec.default !== undefined) right += ` (default ${spec.default})`;
-    rows.push([left, right]);
+    rows.push([left, spec.help, spec.type !== 'boolean' && spec.default !== undefined ? `(default ${spec.default})` : '']);
   }
   const width = Math.max(0, ...rows.map(([l]) => l.length));
-  return rows.map(([l, r]) => `  ${l.padEnd(width)}  ${r}`).join('\n');
+  // Help always fits REPORT_WIDTH: a long description continues under itself, and "(default X)"
+  // is never split.
+  return rows
+    .flatMap(([l, help, dflt]) => {
+      const lines = wrapText(`  ${l.padEnd(width)}  ${help}`, REPORT_WIDTH, width + 4);
+      if (!dflt) return lines;
+      const last = lines.length - 1;
+      if (lines[last]!.length + 1 + dflt.length <= REPORT_WIDTH) lines[last] += ` ${dflt}`;
+      else lines.push(`${' '.repeat(width + 4)}${dflt}`);
+      return lines;
+    })
+    .join('\n');
 }

@@ -1,7 +1,50 @@
+/** One CLI subcommand, and how a command runs: its exit code, its errors as text or JSON. */
+import { SparseMlaError, type ErrorCode } from '../errors.js';
+
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface CliCommand {
   name: string;
   summary: string;
   usage: string;
   run(argv: string[]): Promise<number>;
+}
+
+/** Typed errors that say the work failed, not that the input was bad: exit 1, not 2. */
+const RUNTIME_FAILURES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED']);
+
+/** `--json` among the options (before a `--`). */
+export function wantsJson(argv: readonly string[]): boolean {
+  for (const arg of argv) {
+    if (arg === '--') return false;
+    if (arg === '--json') return true;
+  }
+  return false;
+}
+
+/** An error as the JSON a `--json` caller parses (stdout), besides the message on stderr. */
+export function jsonError(command: string, exitCode: number, code: string, message: string, extra: Record<string, unknown> = {}): void {
+  process.stdout.write(`${JSON.stringify({ command, ok: false, exitCode, error: { code, message, ...extra } }, null, 2)}\n`);
+}
+
+/**
+ * Runs a command and turns what it throws into an exit code: 2 for bad usage or bad input (a
+ * SparseMlaError), 1 for a failure while running (worker died, backend failure, internal error).
+ * The message goes to stderr; with `--json` the error also goes to stdout as JSON.
+ */
+export async function runCliCommand(name: string, command: CliCommand, argv: string[]): Promise<number> {
+  const json = wantsJson(argv);
+  try {
+    return await command.run(argv);
+  } catch (err) {
+    if (err instanceof SparseMlaError) {
+      // a failure while running (a worker died, the backend failed) is not the caller's input
+      const exitCode = RUNTIME_FAILURES.has(err.code) ? 1 : 2;
+      if (json) jsonError(name, exitCode, err.code, err.message, err.argument !== undefined ? { argument: err.argument } : {});
+      process.stderr.write(`sparse-mla ${name}: ${err.message} [${err.code}]\n`);
+      return exitCode;
+    }
+    if (json) jsonError(name, 1, 'INTERNAL_ERROR', err instanceof Error ? err.message : String(err));
+    process.stderr.write(`sparse-mla ${name}: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
+    return 1;
+  }
 }

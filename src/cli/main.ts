@@ -5,13 +5,11 @@
  *
  * Exit codes: what the command returns (0 ok, 1 a failed check), 2 for bad usage or bad input
  * (a SparseMlaError), 1 for a failure while running (worker died, backend failure, internal error).
+ * With `--json`, an error is also written to stdout as {"command", "ok": false, "exitCode", "error"}.
  */
 import { readFileSync } from 'node:fs';
-import { SparseMlaError, type ErrorCode } from '../errors.js';
-import type { CliCommand } from './command.js';
-
-/** Typed errors that say the work failed, not that the input was bad: exit 1, not 2. */
-const RUNTIME_FAILURES: ReadonlySet<ErrorCode> = new Set<ErrorCode>(['BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED']);
+import { jsonError, runCliCommand, wantsJson, type CliCommand } from './command.js';
+import { REPORT_WIDTH, wrapText } from './table.js';
 
 /** In the order the help lists them. */
 const COMMAND_NAMES = ['info', 'run', 'prefill', 'verify', 'bench', 'check'] as const;
@@ -46,8 +44,8 @@ function packageVersion(): string {
 async function usage(): Promise<string> {
   const loaded = await Promise.all(COMMAND_NAMES.map(loadCommand));
   const width = Math.max(...COMMAND_NAMES.map((n) => n.length));
-  const lines = loaded.map(({ name, command, error }) =>
-    `  ${name.padEnd(width)}  ${command ? command.summary : `(unavailable: ${error})`}`,
+  const lines = loaded.flatMap(({ name, command, error }) =>
+    wrapText(`  ${name.padEnd(width)}  ${command ? command.summary : `(unavailable: ${error})`}`, REPORT_WIDTH, width + 4),
   );
   return [
     'Usage: sparse-mla <command> [options]',
@@ -58,9 +56,31 @@ async function usage(): Promise<string> {
     'Commands:',
     ...lines,
     '',
-    'Run `sparse-mla <command> --help` for the options of one command.',
+    'Run `sparse-mla <command> --help` for the options of one command. Every command takes --json',
+    '(results, and errors, as JSON on stdout); reports fit 100 columns unless --wide is given.',
     'Backend selection: --backend, or SPARSE_MLA_BACKEND=auto|cuda|cpu|wasm.',
   ].join('\n');
+}
+
+/** Edit distance (insert, delete, substitute, swap two neighbours) between short words. */
+function distance(a: string, b: string): number {
+  const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
+  for (let i = 1; i <= a.length; i++) {
+    for (let j = 1; j <= b.length; j++) {
+      d[i]![j] = Math.min(d[i - 1]![j]! + 1, d[i]![j - 1]! + 1, d[i - 1]![j - 1]! + (a[i - 1] === b[j - 1] ? 0 : 1));
+      if (i > 1 && j > 1 && a[i - 1] === b[j - 2] && a[i - 2] === b[j - 1]) d[i]![j] = Math.min(d[i]![j]!, d[i - 2]![j - 2]! + 1);
+    }
+  }
+  return d[a.length]![b.length]!;
+}
+
+/** The command a mistyped name most likely meant: a prefix of one, or at most 2 edits away. */
+function suggestCommand(name: string): string | undefined {
+  const lower = name.toLowerCase();
+  const prefixed = COMMAND_NAMES.filter((c) => lower.length >= 2 && c.startsWith(lower));
+  if (prefixed.length === 1) return prefixed[0];
+  const ranked = COMMAND_NAMES.map((c) => ({ c, d: distance(lower, c) })).sort((x, y) => x.d - y.d);
+  return ranked[0]!.d <= Math.min(2, Math.ceil(lower.length / 2)) ? ranked[0]!.c : undefined;
 }
 
 function wantsHelp(argv: readonly string[]): boolean {
@@ -93,12 +113,17 @@ export async function main(argv: readonly string[]): Promise<number> {
     }
     return main([topic, '--help']);
   }
+  const json = wantsJson(rest);
   if (!(COMMAND_NAMES as readonly string[]).includes(first)) {
-    process.stderr.write(`sparse-mla: unknown command '${first}'\n\n${await usage()}\n`);
+    const guess = suggestCommand(first);
+    const message = `unknown command '${first}'${guess ? ` (did you mean '${guess}'?)` : ''}`;
+    if (json) jsonError(first, 2, 'UNKNOWN_COMMAND', message, guess ? { suggestion: guess } : {});
+    process.stderr.write(`sparse-mla: ${message}\n\n${await usage()}\n`);
     return 2;
   }
   const { command, error } = await loadCommand(first);
   if (!command) {
+    if (json) jsonError(first, 1, 'COMMAND_UNAVAILABLE', `this command is not available (${error})`);
     process.stderr.write(`sparse-mla ${first}: this command is not available (${error})\n`);
     return 1;
   }
@@ -106,17 +131,7 @@ export async function main(argv: readonly string[]): Promise<number> {
     process.stdout.write(`${command.usage.trimEnd()}\n`);
     return 0;
   }
-  try {
-    return await command.run(rest);
-  } catch (err) {
-    if (err instanceof SparseMlaError) {
-      process.stderr.write(`sparse-mla ${first}: ${err.message} [${err.code}]\n`);
-      // a failure while running (a worker died, the backend failed) is not the caller's input
-      return RUNTIME_FAILURES.has(err.code) ? 1 : 2;
-    }
-    process.stderr.write(`sparse-mla ${first}: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);
-    return 1;
-  }
+  return runCliCommand(first, command, rest);
 }
 
 const code = await main(process.argv.slice(2));

@@ -1,25 +1,39 @@
 /**
- * The typed binding of the native addon (build/addon/Release/sparse_mla_native.node, built by
- * native/install.mjs from native/addon/) — the only file that knows the addon's export names and
- * argument orders (mirrored from native/addon/cpu_ops.cpp), and the one place that loads it.
+ * The typed binding of the native addon (native/addon/) — the only file that knows the addon's
+ * export names and argument orders (mirrored from native/addon/cpu_ops.cpp), and the one place
+ * that loads it. Which file is loaded follows native/addon_locate.mjs: the package's prebuilt addon
+ * for this platform and CPU, or the one built here by native/install.mjs, in the order the install
+ * chose; SPARSE_MLA_NATIVE_ADDON=<path> loads that file only (tests; a build kept elsewhere).
  *
- * Loading never throws: loadNativeAddon() returns the addon or why it is not there, once per
- * process. SPARSE_MLA_NATIVE_ADDON=<path> loads another file (tests; a build kept elsewhere).
+ * Loading never throws: loadNativeAddon() returns the addon or why it is not there (including what
+ * the install recorded: a failed build with its log's absolute path), once per process.
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
 import { SparseMlaError } from '../../errors.js';
+import {
+  ADDON_PATH_ENV,
+  SOURCE_BUILD_ADDON,
+  addonCandidates,
+  howToBuild,
+  readInstallStatus,
+  selectPrebuilt,
+  type AddonCandidate,
+  type InstallStatus,
+  type PrebuiltChoice,
+} from '../../../native/addon_locate.mjs';
 
-/** The built addon at the package root: ../../../ from dist/backends/native/ (and src/…). */
-export const ADDON_PATH = fileURLToPath(new URL('../../../build/addon/Release/sparse_mla_native.node', import.meta.url));
-export const ADDON_PATH_ENV = 'SPARSE_MLA_NATIVE_ADDON';
+export { ADDON_PATH_ENV };
+export type { InstallStatus };
+
+/** Where a source build puts the addon (the package's build/addon/Release/). */
+export const ADDON_PATH = SOURCE_BUILD_ADDON;
 
 /** The ABI version this binding is written against (SMLA_ABI_VERSION). */
 export const ABI_VERSION = 1;
 
-/** How to get the addon, for every "not built" message. */
-export const HOW_TO_BUILD = 'run `npm rebuild sparse-mla` with CMake and a C++ compiler (nvcc too for the cuda backend)';
+/** How to get an addon here, for every "not available" message. */
+export const HOW_TO_BUILD = howToBuild();
 
 /**
  * The CPU ops: each runs the core on `threads` threads split by rows, off the event loop, and
@@ -243,29 +257,94 @@ export interface NativeAddon {
   cuda: NativeCudaInfo;
 }
 
-export type AddonLoad = { ok: true; addon: NativeAddon; path: string } | { ok: false; reason: string; path: string };
+/** Where the loaded addon came from. */
+export type AddonOrigin = AddonCandidate['origin'];
+
+export type AddonLoad =
+  | {
+      ok: true;
+      addon: NativeAddon;
+      path: string;
+      origin: AddonOrigin;
+      /** the prebuilt CPU level (x86-64-v3 / x86-64-v2) */
+      level?: string;
+      /** why this addon has no CUDA kernels (when it has none), from its manifest or the install */
+      cudaWhyNot: string;
+      install: InstallStatus | null;
+    }
+  | { ok: false; reason: string; path: string; install: InstallStatus | null };
 
 const CPU_OPS: readonly (keyof NativeCpuOps)[] = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', 'quantizeKvCache'];
 
-function load(path: string): AddonLoad {
-  if (!existsSync(path)) return { ok: false, path, reason: `addon not built (${path} is missing): ${HOW_TO_BUILD}` };
+/** The addon at path, or why it cannot be used. */
+function tryLoad(path: string): { ok: true; addon: NativeAddon } | { ok: false; why: string } {
+  if (!existsSync(path)) return { ok: false, why: `${path} is missing` };
   let addon: NativeAddon;
   try {
     addon = createRequire(import.meta.url)(path) as NativeAddon;
   } catch (e) {
-    return { ok: false, path, reason: `addon failed to load (${(e as Error).message.split('\n')[0]}): ${HOW_TO_BUILD}` };
+    return { ok: false, why: `${path} failed to load (${(e as Error).message.split('\n')[0]})` };
   }
-  if (addon?.abiVersion !== ABI_VERSION) return { ok: false, path, reason: `addon ABI version ${String(addon?.abiVersion)} != ${ABI_VERSION} (a stale build): ${HOW_TO_BUILD}` };
+  if (addon?.abiVersion !== ABI_VERSION) return { ok: false, why: `${path} has ABI version ${String(addon?.abiVersion)}, not ${ABI_VERSION} (a stale build)` };
   const missing = CPU_OPS.filter((op) => typeof addon.cpu?.[op] !== 'function');
-  if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, path, reason: `addon lacks ${missing.join(', ') || 'cuda'} (a stale build): ${HOW_TO_BUILD}` };
-  return { ok: true, addon, path };
+  if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, why: `${path} lacks ${missing.join(', ') || 'cuda'} (a stale build)` };
+  return { ok: true, addon };
+}
+
+/** What the install recorded about a failed or skipped source build, for messages. */
+function installNote(install: InstallStatus | null): string | null {
+  if (!install) return null;
+  const b = install.build;
+  if (b?.ran && b.result === 'failed') {
+    const first = b.excerpt?.[0];
+    return `the source build at install failed (${b.problem}${b.log ? `; log: ${b.log}` : ''}${first ? `; ${first.trim()}` : ''})`;
+  }
+  if (b && !b.ran && install.addon !== 'prebuilt') return `no source build at install: ${b.why}`;
+  if (install.addon === 'none' && install.reason) return `install: ${install.reason}`;
+  return null;
+}
+
+/** Why there is no addon: each candidate's problem, what the install recorded, how to get one. */
+function noAddonReason(candidates: AddonCandidate[], failures: string[], prebuilt: PrebuiltChoice, install: InstallStatus | null): string {
+  if (candidates.length === 1 && candidates[0]!.origin === 'env') return `addon not built (${failures[0]}; ${ADDON_PATH_ENV} points there): ${HOW_TO_BUILD}`;
+  const parts: string[] = [];
+  if (!prebuilt.ok) parts.push(`no prebuilt addon: ${prebuilt.why}`);
+  parts.push(...failures.filter((f) => !(f.endsWith(' is missing') && f.startsWith(SOURCE_BUILD_ADDON))));
+  const note = installNote(install);
+  if (note) parts.push(note);
+  else if (!install) parts.push('the install script did not run (npm --ignore-scripts, or pnpm without approving its build script)');
+  if (!existsSync(SOURCE_BUILD_ADDON) && !note) parts.push(`not built here (${SOURCE_BUILD_ADDON} is missing)`);
+  return `addon not available (${parts.join('; ')}): ${HOW_TO_BUILD}`;
+}
+
+/** Why the loaded addon has no CUDA kernels: its manifest, or what its build recorded. */
+function cudaWhyNot(candidate: AddonCandidate, prebuilt: PrebuiltChoice, install: InstallStatus | null): string {
+  if (candidate.origin === 'prebuilt' && prebuilt.ok) {
+    const c = prebuilt.manifest.cuda;
+    return c && !c.built && c.why ? c.why : 'the prebuilt addon was packed without CUDA';
+  }
+  if (candidate.origin === 'source build' && install?.addon === 'built' && install.cuda && !install.cuda.built && install.cuda.why) return install.cuda.why;
+  return `the addon at ${candidate.path} was built without CUDA`;
+}
+
+function load(env: NodeJS.ProcessEnv): AddonLoad {
+  const install = env[ADDON_PATH_ENV] ? null : readInstallStatus();
+  const prebuilt = env[ADDON_PATH_ENV] ? ({ ok: false, why: `${ADDON_PATH_ENV} is set` } as const) : selectPrebuilt();
+  const candidates = addonCandidates({ env, status: install, prebuilt });
+  const failures: string[] = [];
+  for (const c of candidates) {
+    const r = tryLoad(c.path);
+    if (r.ok) return { ok: true, addon: r.addon, path: c.path, origin: c.origin, ...(c.level ? { level: c.level } : {}), cudaWhyNot: cudaWhyNot(c, prebuilt, install), install };
+    failures.push(r.why);
+  }
+  return { ok: false, path: candidates[0]?.path ?? SOURCE_BUILD_ADDON, reason: noAddonReason(candidates, failures, prebuilt, install), install };
 }
 
 let loaded: AddonLoad | null = null;
 
 /** The addon, loaded once per process (a dlopen cannot be undone, so neither is a failure). */
 export function loadNativeAddon(): AddonLoad {
-  loaded ??= load(process.env[ADDON_PATH_ENV] || ADDON_PATH);
+  loaded ??= load(process.env);
   return loaded;
 }
 

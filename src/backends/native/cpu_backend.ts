@@ -129,7 +129,7 @@ export const cpuBackendEntry: BackendEntry = {
     const l = loadNativeAddon();
     if (!l.ok) return { available: false, reason: l.reason, details: { addon: l.path } };
     const b = l.addon.build;
-    return { available: true, details: { addon: l.path, simd: b.simd, cpuArch: b.cpuArch, defaultWorkers: defaultWorkerCount() } };
+    return { available: true, details: { addon: l.path, addonOrigin: l.origin, simd: b.simd, cpuArch: b.cpuArch, defaultWorkers: defaultWorkerCount() } };
   },
   async create(options) {
     const l = loadNativeAddon();

@@ -99,10 +99,11 @@ async function probeCuda(): Promise<BackendProbe & { addon?: NativeAddon }> {
   const l = loadNativeAddon();
   if (!l.ok) return { available: false, reason: l.reason, details: { addon: l.path } };
   const cuda = l.addon.cuda;
-  if (!cuda.built) return { available: false, reason: `addon built without CUDA (nvcc not found at install): ${HOW_TO_BUILD}`, details: { addon: l.path } };
+  if (!cuda.built) return { available: false, reason: `the addon has no CUDA kernels: ${l.cudaWhyNot}; for them, ${HOW_TO_BUILD}`, details: { addon: l.path, addonOrigin: l.origin } };
   const q = queryCudaDevices(l.addon)!;
   const details: Record<string, string | number | boolean> = {
     addon: l.path,
+    addonOrigin: l.origin,
     arch: cuda.arch,
     nvcc: cuda.compilerVersion,
     cudaRuntime: q.runtimeVersion,

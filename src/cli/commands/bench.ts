@@ -16,7 +16,7 @@ import type { BackendChoice, Engine, Tensor } from '../../types.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { formatRate, formatSeconds, formatTable, median } from '../table.js';
+import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
 import { buildWorkload, checkShape, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, shapeFromOptions, V4_ROW, type Workload } from '../workload.js';
 import { RUN_OPTIONS } from './run.js';
 
@@ -28,6 +28,7 @@ const OPTIONS = {
   repeat: { type: 'int', default: 5, min: 1, max: 1000, help: 'timed runs per measurement (the median is reported)' },
   warmup: { type: 'int', default: 1, min: 0, max: 100, help: 'untimed runs before the timed ones' },
   json: { type: 'boolean', help: 'print the results as JSON on stdout (instead of the table)' },
+  wide: { type: 'boolean', help: 'do not fit the report to 100 columns' },
   out: { type: 'string', metavar: 'FILE', help: 'also write the JSON results to FILE' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress output on stderr' },
 } as const satisfies OptionTable;
@@ -36,8 +37,9 @@ const USAGE = `Usage: sparse-mla bench [options]
 
 Measure sparsePrefill (GFLOP/s, FLOPs = 2·Σ topkLength·hQ·(dQK+dV)) and quantizeKCache /
 dequantizeKCachePaged (GB/s, bytes read + written) on one backend with a 1-worker and an N-worker
-engine (WASM workers or native CPU threads); each figure is the median of --repeat timed runs after --warmup untimed ones. The prefill
-shape is the one of \`sparse-mla run\` (fewer queries by default).
+engine (WASM workers or native CPU threads); each figure is the median of --repeat timed runs
+after --warmup untimed ones. The prefill shape is the one of \`sparse-mla run\` (fewer queries by
+default).
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -183,6 +185,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     const cuda = (await listBackends()).find((b) => b.name === 'cuda');
     return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, device: cuda?.details ?? {}, host: machineInfo() });
   }
+  if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
   const shape = shapeFromOptions(o);
   const n = o.workers ?? availableParallelism();
@@ -295,7 +298,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     for (const [op, ratio] of Object.entries(speedup)) lines.push(`  ${op.padEnd(22)} ${ratio.toFixed(2)}x`);
   }
   if (o.out) lines.push('', `JSON written to ${o.out}`);
-  process.stdout.write(`${lines.join('\n')}\n`);
+  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
   return 0;
 }
 

@@ -1,5 +1,5 @@
 /**
- * `sparse-mla check --backend cuda`: the correctness grid (src/check/grid.ts, the CPU test suites'
+ * `sparse-mla check [--backend cuda]`: the correctness grid (src/check/grid.ts, the CPU test suites'
  * shapes and edge cases) run on one backend, each result compared with the float64 reference AND
  * with the WASM backend's result on the same inputs; prints one line per case and
  * `N passed, N failed`. Needs only Node and the built package (dist/, the addon, comlink), so it
@@ -18,12 +18,15 @@ import { createPlan, prefillLayer } from '../../planner/index.js';
 import { buildPrefillCase, invalidFillers, layerScenario, layerTopk, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, sampleRows, type Rng } from '../../check/grid.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
+import { fitLines, setReportWidth } from '../table.js';
 
 const OPTIONS = {
-  backend: { type: 'string', default: 'cuda', choices: ['cuda', 'cpu', 'wasm', 'auto'], help: 'the backend to check (default cuda)' },
+  backend: { type: 'string', default: 'auto', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: "the backend to check ('auto': the one createEngine picks)" },
   seed: { type: 'int', min: 0, max: 2 ** 32 - 1, help: 'random seed (default: a fresh one, printed)' },
   only: { type: 'string', metavar: 'TEXT', help: 'run only the cases whose name contains TEXT' },
   quiet: { type: 'boolean', short: 'q', help: 'print failures and the summary only' },
+  json: { type: 'boolean', help: 'print the results as JSON on stdout (one entry per case)' },
+  wide: { type: 'boolean', help: 'do not fit the report to 100 columns' },
 } as const satisfies OptionTable;
 
 const USAGE = `Usage: sparse-mla check [options]
@@ -31,7 +34,8 @@ const USAGE = `Usage: sparse-mla check [options]
 Run the correctness grid (sparse prefill over FlashMLA's shapes with sinks, topkLength, invalid
 and duplicate indices; paged main + extra sets; dequant v4/v32 bit-exact; device tensors on cuda)
 on one backend, comparing every result with the float64 reference and with the WASM backend.
-Prints \`N passed, N failed\`; exit 0 when all passed, 1 otherwise.
+Prints \`N passed, N failed\`; exit 0 when all passed, 1 otherwise. On a GPU host:
+\`sparse-mla check --backend cuda\`.
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -103,20 +107,29 @@ export async function checkCommand(argv: string[]): Promise<number> {
   if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `check: unexpected argument '${positionals[0]}'`, 'argv');
   const seed = o.seed ?? randomInt(0, 2 ** 32 - 1);
   const rng = makeRng(seed);
+  if (o.wide) setReportWidth(Infinity);
   const engine = await createEngine({ backend: o.backend as BackendChoice });
   const wasm = await createEngine({ backend: 'wasm' });
-  console.log(`sparse-mla check: backend ${engine.backend}, seed ${seed} (replay with --seed ${seed})`);
+  const say = (line: string): void => {
+    if (!o.json) console.log(fitLines([line]).join('\n'));
+  };
+  say(`sparse-mla check: backend ${engine.backend}, seed ${seed} (replay with --seed ${seed})`);
   let passed = 0, failed = 0;
+  const cases: { name: string; pass: boolean; seconds: number; error?: string }[] = [];
   const run = async (name: string, fn: () => Promise<void>): Promise<void> => {
     if (o.only && !name.includes(o.only)) return;
     const t0 = performance.now();
     try {
       await fn();
       passed++;
-      if (!o.quiet) console.log(`ok    ${name} (${((performance.now() - t0) / 1000).toFixed(2)} s)`);
+      const seconds = (performance.now() - t0) / 1000;
+      cases.push({ name, pass: true, seconds });
+      if (!o.quiet) say(`ok    ${name} (${seconds.toFixed(2)}\u00a0s)`);
     } catch (e) {
       failed++;
-      console.log(`FAIL  ${name}: ${e instanceof Error ? e.message : String(e)}`);
+      const error = e instanceof Error ? e.message : String(e);
+      cases.push({ name, pass: false, seconds: (performance.now() - t0) / 1000, error });
+      say(`FAIL  ${name}: ${error}`);
     }
   };
 
@@ -428,13 +441,14 @@ export async function checkCommand(argv: string[]): Promise<number> {
     await engine.dispose();
     await wasm.dispose();
   }
-  console.log(`${passed} passed, ${failed} failed`);
+  if (o.json) process.stdout.write(`${JSON.stringify({ command: 'check', ok: failed === 0, backend: engine.backend, seed, passed, failed, cases }, null, 2)}\n`);
+  else console.log(`${passed} passed, ${failed} failed`);
   return failed === 0 ? 0 : 1;
 }
 
 export const command: CliCommand = {
   name: 'check',
-  summary: 'run the correctness grid on a backend (e.g. cuda) against the float64 reference and WASM',
+  summary: 'run the correctness grid on a backend against the float64 reference and WASM',
   usage: USAGE,
   run: checkCommand,
 };

@@ -2,20 +2,26 @@
  * `sparse-mla info`: which backends this machine can run and, for each missing one, why (and how
  * to get it); the WASM pool's details; the machine (Node, cores, CPU).
  */
+import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { listBackends } from '../../index.js';
+import { loadNativeAddon, type AddonOrigin, type InstallStatus } from '../../backends/native/binding.js';
+import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
+import { fitLines, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
   json: { type: 'boolean', help: 'print the information as JSON' },
+  wide: { type: 'boolean', help: 'do not fit the report to 100 columns' },
 } as const satisfies OptionTable;
 
 const USAGE = `Usage: sparse-mla info [options]
 
 Show which backends are available on this machine (and why the others are not), the backend
-'auto' picks, WASM details (workers, SIMD) and the machine.
+'auto' picks, the native addon (the package's prebuilt one or one built here, or why there is
+none, with the install's record and log), WASM details and the machine.
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -43,14 +49,82 @@ interface BackendRow {
   details?: Record<string, unknown>;
 }
 
+/** The native addon as info reports it: what loaded (or why nothing did) and what the install did. */
+export interface AddonReport {
+  loaded: boolean;
+  path: string;
+  origin: AddonOrigin | null;
+  level: string | null;
+  cpuArch: string | null;
+  simd: string | null;
+  cuda: { built: boolean; arch?: string; nvcc?: string; why?: string };
+  /** why no addon loaded */
+  reason: string | null;
+  installStatusFile: string;
+  /** build/install-status.json as the install script wrote it; null when it did not run */
+  install: InstallStatus | null;
+}
+
+export function addonReport(): AddonReport {
+  const l = loadNativeAddon();
+  const base = { installStatusFile: INSTALL_STATUS_FILE, install: l.install };
+  if (!l.ok) return { loaded: false, path: l.path, origin: null, level: null, cpuArch: null, simd: null, cuda: { built: false }, reason: l.reason, ...base };
+  const c = l.addon.cuda;
+  return {
+    loaded: true,
+    path: l.path,
+    origin: l.origin,
+    level: l.level ?? null,
+    cpuArch: l.addon.build.cpuArch,
+    simd: l.addon.build.simd,
+    cuda: c.built ? { built: true, arch: c.arch, nvcc: c.compilerVersion } : { built: false, why: l.cudaWhyNot },
+    reason: null,
+    ...base,
+  };
+}
+
+/** One line on what the install did. */
+function installSummary(s: InstallStatus): string {
+  const when = s.time.replace('T', ' ').replace(/:\d\d\.\d+Z$/, ' UTC');
+  const b = s.build;
+  if (s.addon === 'built') return `${when}: built here in ${b?.seconds} s (${b?.why}; -march=${b?.cpuArch}, CUDA ${b?.withCuda})`;
+  const what = s.addon === 'prebuilt' ? `chose the prebuilt addon (${s.cpuArch})` : 'set up no addon';
+  const build = !b ? '' : b.ran ? `; the source build failed (${b.problem}), tried because ${b.why}` : `; no source build: ${b.why}`;
+  return `${when}: ${what}${build}`;
+}
+
+function addonLines(a: AddonReport): string[] {
+  const lines: string[] = [];
+  if (a.loaded) {
+    const from = a.origin === 'prebuilt' ? `the package's prebuilt ${process.platform}-${process.arch} addon` : a.origin === 'env' ? 'the file SPARSE_MLA_NATIVE_ADDON names' : 'built here from source';
+    const cuda = a.cuda.built ? `CUDA ${a.cuda.arch} (nvcc ${a.cuda.nvcc})` : `no CUDA (${a.cuda.why})`;
+    lines.push(`Native addon: ${from}; ${a.simd} core (-march=${a.cpuArch}), ${cuda}`, `  file     ${a.path}`);
+  } else {
+    lines.push(`Native addon: none loaded; the cpu and cuda backends are unavailable`, `  why      ${a.reason}`);
+  }
+  const s = a.install;
+  if (s) {
+    lines.push(`  install  ${installSummary(s)}`);
+    const b = s.build;
+    if (b?.log) lines.push(`  log      ${b.log}`);
+    if (b?.result === 'failed') for (const e of b.excerpt ?? []) lines.push(`           ${e.trim()}`);
+    lines.push(`  status   ${a.installStatusFile}`);
+  } else if (!process.env.SPARSE_MLA_NATIVE_ADDON) {
+    lines.push(`  install  the install script did not run (no ${a.installStatusFile})`);
+  }
+  return lines;
+}
+
 export async function infoCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `info: unexpected argument '${positionals[0]}'`, 'argv');
+  if (o.wide) setReportWidth(Infinity);
 
   const backends = ((await listBackends()) as readonly BackendRow[]).map((b) => ({ ...b }));
   const env = process.env.SPARSE_MLA_BACKEND;
   const byPriority = [...backends].sort((a, b) => (a.priority ?? 0) - (b.priority ?? 0));
   const auto = byPriority.find((b) => b.available)?.name ?? null;
+  const addon = addonReport();
   const machine = {
     node: process.version,
     v8: process.versions.v8,
@@ -63,30 +137,44 @@ export async function infoCommand(argv: string[]): Promise<number> {
   };
 
   if (o.json) {
-    process.stdout.write(`${JSON.stringify({ backends, auto, env: env ?? null, machine }, null, 2)}\n`);
+    process.stdout.write(`${JSON.stringify({ command: 'info', ok: true, version: packageVersion(), backends, auto, env: env ?? null, addon, machine }, null, 2)}\n`);
     return 0;
   }
 
+  // the addon's path and origin have their own section
   const detailText = (d: Record<string, unknown> | undefined): string =>
-    d ? Object.entries(d).map(([k, v]) => `${k}=${String(v)}`).join(', ') : '';
-  const nameWidth = Math.max(...byPriority.map((b) => b.name.length));
+    d ? Object.entries(d).filter(([k]) => k !== 'addon' && k !== 'addonOrigin').map(([k, v]) => `${k} ${String(v)}`).join(', ') : '';
+  const table = formatTable(
+    [
+      ['backend', 'status', 'why / details'],
+      ...byPriority.map((b) => [b.name, b.available ? 'available' : 'missing', [b.reason, detailText(b.details)].filter((t) => t).join('; ') || '-']),
+    ],
+    ['left', 'left', 'left'],
+    { wrap: [2] },
+  );
   const lines = [
-    'Backends (auto tries them in this order):',
-    ...byPriority.map((b) => {
-      const why = [b.reason, detailText(b.details)].filter((t) => t).join('; ') || '-';
-      return `  ${b.name.padEnd(nameWidth)}  ${(b.available ? 'available' : 'missing').padEnd(9)}  ${why}`;
-    }),
+    `sparse-mla ${packageVersion()} on ${machine.platform}; auto picks: ${auto ?? 'nothing (no backend is available)'} (SPARSE_MLA_BACKEND ${env === undefined ? 'unset' : `= ${env}`})`,
     '',
-    `auto picks: ${auto ?? 'none (no backend is available)'}`,
-    `SPARSE_MLA_BACKEND: ${env === undefined ? '(unset)' : env}`,
+    'Backends, in the order auto tries them:',
+    table,
+    '',
+    ...addonLines(addon),
     '',
     'Machine:',
     `  Node ${machine.node} (V8 ${machine.v8}), ${machine.platform}`,
     `  CPU ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB`,
     `  WebAssembly SIMD128: ${machine.wasmSimd128 ? 'yes' : 'no'}; WASM pool default: ${machine.defaultWasmWorkers} workers`,
   ];
-  process.stdout.write(`${lines.join('\n')}\n`);
+  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
   return 0;
+}
+
+function packageVersion(): string {
+  try {
+    return (JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version?: string }).version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
 }
 
 export const command: CliCommand = {

@@ -9,13 +9,14 @@ import type { BackendChoice } from '../../types.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { formatRate, formatSeconds } from '../table.js';
+import { fitLines, formatRate, formatSeconds } from '../table.js';
 
 const OPTIONS = {
   out: { type: 'string', short: 'o', metavar: 'DIR', help: 'directory for out / lse / max_logits (created if missing; required)' },
   backend: { type: 'string', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
   workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'WASM worker-pool size (default: the cores)' },
   format: { type: 'string', choices: ['npy', 'safetensors'], default: 'npy', help: 'output files: out.npy/lse.npy/max_logits.npy, or outputs.safetensors' },
+  json: { type: 'boolean', help: 'print what ran and what was written as JSON on stdout' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
 } satisfies OptionTable;
 
@@ -70,11 +71,17 @@ export const command: CliCommand = {
       const flops = 2 * entries * hQ * (dQK + dV);
 
       const written = await writePrefillOutputs(options.out, res, options.format as DirFormat);
-      process.stdout.write(
+      if (options.json) {
+        const report = { command: 'prefill', ok: true, backend: engine.backend, workers: engine.workers ?? 0, shapes: inputs.shapes, seconds, gflops: flops / 1e9, outDir: options.out, written };
+        process.stdout.write(`${JSON.stringify(report, null, 2)}\n`);
+        return 0;
+      }
+      const lines = [
         `prefill: ${engine.backend} backend, sQ=${sQ} hQ=${hQ} dQK=${dQK} sKV=${sKV} topk=${topk} dV=${dV}: ` +
-          `${formatSeconds(seconds)}, ${formatRate(flops / seconds / 1e9, 'GFLOP/s')}\n` +
-          `wrote ${written.join(', ')} to ${options.out}\n`,
-      );
+          `${formatSeconds(seconds)}, ${formatRate(flops / seconds / 1e9, 'GFLOP/s')}`,
+        `wrote ${written.join(', ')} to ${options.out}`,
+      ];
+      process.stdout.write(`${fitLines(lines).join('\n')}\n`);
       return 0;
     } finally {
       await engine.dispose();

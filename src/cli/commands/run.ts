@@ -28,7 +28,7 @@ import type { PrefillPathChoice } from '../../planner/index.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { formatBytes, formatError, formatRate, formatSeconds, formatTable } from '../table.js';
+import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
 import { LAYER_PATHS, parseLayers, runLayerChunk, summarize, type ErrorSummary, type LayerChunkShape, type LayerReport } from '../layers.js';
 import {
   buildWorkload,
@@ -80,6 +80,7 @@ const OPTIONS = {
   threshold: { type: 'int', min: 0, help: "layer section: router threshold in queries (default: the backend's)" },
   'layer-check': { type: 'int', default: 8, min: 1, help: 'layer section: sampled queries per layer checked against prefillLayerReference' },
   json: { type: 'boolean', help: 'print the results as JSON on stdout instead of a table' },
+  wide: { type: 'boolean', help: 'do not fit the report to 100 columns' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress output on stderr' },
 } as const satisfies OptionTable;
 
@@ -338,6 +339,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   if (positionals.length > 0) {
     throw new SparseMlaError('INVALID_VALUE', `run: unexpected argument '${positionals[0]}'`, 'argv');
   }
+  if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
   const runPrefill = o.section !== 'layers';
   const runLayers = o.section !== 'prefill';
@@ -395,7 +397,8 @@ export async function runCommand(argv: string[]): Promise<number> {
     ...(layers ? layerReport(layers, engine.backend) : []),
     pass ? 'PASS' : 'FAIL',
   ];
-  process.stdout.write(`${lines.join('\n')}\n`);
+  // tables are fitted by formatTable; prose lines are wrapped here
+  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
   return pass ? 0 : 1;
 }
 
@@ -459,27 +462,27 @@ function layerReport(r: LayerReport, backend: string): string[] {
   const s = r.shape;
   const reqs = r.requests.map((q, i) => `  request ${i}: ${q.kind.padEnd(18)} seqLen ${String(q.seqLen).padStart(6)}, extendLen ${String(q.extendLen).padStart(5)} (queries at positions ${q.seqLen - q.extendLen}..${q.seqLen - 1})`);
   const layouts = r.plan.layouts.map((l) => `c${l.ratio} ${l.compressedRows}+${l.swaRows} rows = ${formatBytes(l.bytes)}`).join('; ');
+  // The router decides per chunk: one reason for every layer unless a layer was forced otherwise.
+  const sameReason = r.layers.every((l) => l.reason === r.layers[0]?.reason);
   const layerTable = formatTable(
     [
-      ['layer', 'ratio', 'path', 'why (router)', 'workspace', 'row width', 'time', 'GFLOP/s', 'dropped', 'out failing', '1 - cos', 'lse failing', 'maxLogits failing', 'result'],
+      ['layer', 'ratio', 'path', ...(sameReason ? [] : ['why (router)']), 'workspace', 'width', 'time', 'GFLOP/s', 'dropped', '1 - cos', 'failing o/l/m', 'result'],
       ...r.layers.map((l) => [
         String(l.layer),
         `c${l.ratio}`,
-        l.path === 'sparse' ? 'sparse (workspace)' : 'paged (FP8 pages)',
-        l.reason,
-        l.path === 'sparse' ? formatBytes(l.workspaceBytes) : '- (none)',
+        l.path,
+        ...(sameReason ? [] : [l.reason]),
+        l.path === 'sparse' ? formatBytes(l.workspaceBytes) : '-',
         String(l.indexWidth),
         formatSeconds(l.seconds),
         formatRate(l.gflops, '').trimEnd(),
-        l.ratio === 4 ? `${l.dropped} of ${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
-        failing(l.check.out),
+        l.ratio === 4 ? `${l.dropped}/${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
         l.check.out.cosineGap !== undefined ? formatError(l.check.out.cosineGap) : '-',
-        failing(l.check.lse),
-        failing(l.check.maxLogits),
+        [l.check.out, l.check.lse, l.check.maxLogits].map((e) => `${e.failures}${e.infNanMismatch ? '*' : ''}`).join(', '),
         l.check.pass ? 'PASS' : 'FAIL',
       ]),
     ],
-    ['right', 'left', 'left', 'left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['right', 'left', 'left', ...(sameReason ? [] : ['left' as const]), 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
   );
   const planTable = formatTable(
     [
@@ -500,10 +503,12 @@ function layerReport(r: LayerReport, backend: string): string[] {
     `  layer inputs: own v4 SWA cache + c4/c128 cache (pages of ${s.pageSize}/${s.c4PageSize}/${s.c128PageSize}), q, sink, c4 top-k; ${formatSeconds(r.setupSeconds)}`,
     '',
     layerTable,
+    `  path: sparse = dequantize into a bf16 workspace (its size shown), then sparsePrefill; paged = attention straight over the FP8 pages. width: index row width.`,
     `  time: the prefillLayer call (c4 combine, dequant into the workspace on the sparse path, attention); GFLOP/s over the attended entries.`,
-    `  dropped: top-k entries not yet visible at the query (planted by the generator), dropped and counted by the planner, never attended.`,
-    `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6);`,
-    `  out ${tol(TOLERANCES.out)} (paged path: ${tol(TOLERANCES.pagedOut)}); lse and maxLogits ${tol(TOLERANCES.lse)}; reference ${formatSeconds(r.referenceSeconds)}.`,
+    `  dropped: top-k entries not yet visible at the query (planted by the generator), dropped and counted by the planner, never attended (got/expected).`,
+    `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6); ` +
+      `failing o/l/m: elements outside the tolerance in out (of ${r.layers[0]?.check.out.count ?? 0}), lse and maxLogits (of ${r.layers[0]?.check.lse.count ?? 0} each), * = inf/NaN placement mismatches; ` +
+      `out ${tol(TOLERANCES.out)} (paged path: ${tol(TOLERANCES.pagedOut)}); lse and maxLogits ${tol(TOLERANCES.lse)}; reference ${formatSeconds(r.referenceSeconds)}.`,
     '',
     'The plan after every layer (its counters prove what was built once per chunk):',
     planTable,

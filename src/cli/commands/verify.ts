@@ -15,12 +15,13 @@ import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '..
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { formatError, formatTable } from '../table.js';
+import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
   sample: { type: 'int', min: 1, metavar: 'N', help: 'judge only N query rows spread evenly over sQ (first and last included); default: all' },
   workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'worker threads for the reference (default: the cores, or 1 for a small check)' },
   json: { type: 'boolean', help: 'print the report as JSON on stdout' },
+  wide: { type: 'boolean', help: 'do not fit the report to 100 columns' },
   quiet: { type: 'boolean', short: 'q', help: 'no progress on stderr' },
 } satisfies OptionTable;
 
@@ -173,52 +174,48 @@ export async function verifyDirectory(
 
 function formatReport(r: VerifyReport): string {
   const { sQ, hQ, dQK, sKV, topk, dV } = r.shapes;
-  const rows: string[][] = [['tensor', 'elements', 'max abs err', 'max rel err', 'worst at', 'got / ref', 'failures', '1-cos', 'tolerance', 'result']];
+  const rows: string[][] = [['tensor', 'max abs err', 'max rel err', '1-cos', 'failing', 'worst at', 'got / ref', 'result']];
+  const tolerances: string[] = [];
   for (const t of r.tensors) {
     const c = t.comparison;
-    const tol = `abs ${t.tolerance.abs.toExponential(0)} | rel ${formatError(t.tolerance.rel)}${t.tolerance.cos !== undefined ? ` | 1-cos ${t.tolerance.cos.toExponential(0)}` : ''}`;
+    tolerances.push(`${t.name} abs ${t.tolerance.abs.toExponential(0)} or rel ${formatError(t.tolerance.rel)}${t.tolerance.cos !== undefined ? `, 1-cos ${t.tolerance.cos.toExponential(0)}` : ''}`);
     rows.push([
       t.name,
-      String(c.count),
       formatError(c.maxAbsErr),
       formatError(c.maxRelErr),
+      t.tolerance.cos !== undefined ? formatError(c.cosineGap) : '-',
+      `${c.failures}/${c.count}${c.infNanMismatch ? ` (${c.infNanMismatch} inf/NaN)` : ''}`,
       t.worstAt.length ? `[${t.worstAt.join(', ')}]` : '-',
       c.count ? `${formatError(c.worstGot)} / ${formatError(c.worstRef)}` : '-',
-      c.infNanMismatch ? `${c.failures} (${c.infNanMismatch} inf/NaN)` : String(c.failures),
-      t.tolerance.cos !== undefined ? formatError(c.cosineGap) : '-',
-      tol,
       c.pass ? 'pass' : 'FAIL',
     ]);
   }
-  return [
+  return fitLines([
     `verify ${r.dir}: sQ=${sQ} hQ=${hQ} dQK=${dQK} sKV=${sKV} topk=${topk} dV=${dV}; ${r.queriesChecked} of ${sQ} queries checked in ${r.seconds.toFixed(1)} s`,
     '',
-    formatTable(rows, ['left', 'right', 'right', 'right', 'left', 'left', 'right', 'right', 'left', 'left']),
+    ...formatTable(rows, ['left', 'right', 'right', 'right', 'right', 'left', 'left', 'left']).split('\n'),
+    `tolerances (an element passes within abs OR rel; ±inf and NaN must match): ${tolerances.join('; ')}`,
     '',
     r.pass ? 'PASS: every tensor is within the SPEC §4 tolerances' : `FAIL: ${r.tensors.filter((t) => !t.comparison.pass).map((t) => t.name).join(', ')} outside the SPEC §4 tolerances`,
-  ].join('\n');
+  ]).join('\n');
 }
 
 export const command: CliCommand = {
   name: 'verify',
-  summary: 'judge sparse-prefill outputs in a directory against the float64 reference (exit 0 pass, 1 fail, 2 bad input)',
+  summary: 'judge sparse-prefill outputs in a directory against the float64 reference',
   usage: USAGE,
+  // Bad input (a SparseMlaError other than a runtime failure) reaches main.ts: exit 2, and with
+  // --json an error object on stdout.
   async run(argv) {
-    try {
-      const { options, positionals } = parseArgs(argv, OPTIONS);
-      if (positionals.length !== 1) {
-        throw new SparseMlaError('INVALID_VALUE', `expected one directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
-      }
-      const progress = new Progress({ enabled: !options.quiet });
-      const report = await verifyDirectory(positionals[0]!, { sample: options.sample, workers: options.workers, progress });
-      process.stdout.write(options.json ? `${JSON.stringify(report, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n` : `${formatReport(report)}\n`);
-      return report.pass ? 0 : 1;
-    } catch (e) {
-      if (e instanceof SparseMlaError && e.code !== 'WORKER_DIED' && e.code !== 'BACKEND_FAILURE') {
-        process.stderr.write(`sparse-mla verify: ${e.message} [${e.code}]\n`);
-        return 2;
-      }
-      throw e;
+    const { options, positionals } = parseArgs(argv, OPTIONS);
+    if (positionals.length !== 1) {
+      throw new SparseMlaError('INVALID_VALUE', `expected one directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
     }
+    if (options.wide) setReportWidth(Infinity);
+    const progress = new Progress({ enabled: !options.quiet });
+    const report = await verifyDirectory(positionals[0]!, { sample: options.sample, workers: options.workers, progress });
+    const json = { command: 'verify', ok: report.pass, ...report };
+    process.stdout.write(options.json ? `${JSON.stringify(json, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n` : `${formatReport(report)}\n`);
+    return report.pass ? 0 : 1;
   },
 };

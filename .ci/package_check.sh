@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The package as an npm user gets it: pack it (prepack builds the prebuilt addons), install the
+# tarball into an empty project whose PATH holds node, npm and sh only (no CMake, no compiler, no
+# nvcc), and there require: `sparse-mla info --json` reports the prebuilt addon with `cpu`
+# available (and CUDA built when nvcc was here to pack it); the check grid passes on both prebuilt
+# CPU levels; every ```js block of the README and every file in examples/ runs; require('sparse-mla')
+# works. Then a source build from the package (SPARSE_MLA_BUILD_FROM_SOURCE=1, with the
+# toolchain) must build and load.
+# Run from the repository root after `npm ci`.
+set -euo pipefail
+root=$(pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail() { echo "package check: $*" >&2; exit 1; }
+
+have_nvcc=$(command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
+pack_cuda=$([ "$have_nvcc" = 1 ] && echo ON || echo OFF)
+[ "$pack_cuda" = ON ] || echo "package check: no nvcc here, so the package is packed without the CUDA kernels (a release needs nvcc)"
+
+# ---- pack
+SPARSE_MLA_PACK_CUDA=$pack_cuda npm pack --pack-destination "$work" > "$work/pack.log" 2>&1 || { cat "$work/pack.log"; fail "npm pack failed"; }
+tarball=$(ls "$work"/sparse-mla-*.tgz)
+grep -E "prebuild|package size|unpacked size|total files" "$work/pack.log" || true
+tar tzf "$tarball" | sort > "$work/files.txt"
+grep -qx 'package/prebuilds/linux-x64/manifest.json' "$work/files.txt" || fail "the tarball has no prebuilt addon"
+grep -q '^package/test/' "$work/files.txt" && fail "the tarball carries test/"
+mkdir -p "$work/unpacked"
+tar xzf "$tarball" -C "$work/unpacked"
+node -e '
+  const fs = require("fs"), path = require("path");
+  const root = process.argv[1];
+  const maps = fs.readdirSync(root, { recursive: true }).filter((f) => f.endsWith(".js.map"));
+  const bad = [];
+  for (const m of maps) for (const s of JSON.parse(fs.readFileSync(path.join(root, m), "utf8")).sources) {
+    if (!fs.existsSync(path.resolve(root, path.dirname(m), s))) bad.push(`${m} -> ${s}`);
+  }
+  if (bad.length) { console.error(`source maps pointing at files not in the tarball:\n${bad.join("\n")}`); process.exit(1); }
+' "$work/unpacked/package" || fail "stale source maps"
+echo "tarball: $(basename "$tarball"), $(du -k "$tarball" | cut -f1) KiB, $(wc -l < "$work/files.txt") files, source maps resolve"
+
+# `bin` must survive publishing (npm drops or rewrites fields it has to correct)
+npm publish --dry-run --ignore-scripts > "$work/publish.log" 2>&1 || { cat "$work/publish.log"; fail "npm publish --dry-run failed"; }
+if grep -qi "auto-corrected" "$work/publish.log"; then cat "$work/publish.log"; fail "npm publish corrects package.json"; fi
+
+# ---- install into an empty project, with node, npm and sh only on PATH
+bin="$work/bin"
+mkdir -p "$bin"
+ln -s "$(command -v node)" "$bin/node"
+ln -s "$(readlink -f "$(command -v npm)")" "$bin/npm"
+ln -s "$(command -v sh)" "$bin/sh"
+for tool in cmake c++ g++ gcc cc clang++ nvcc make ninja; do
+  if PATH=$bin command -v "$tool" >/dev/null 2>&1; then fail "$tool is on the restricted PATH"; fi
+done
+bare() { env -u CXX -u CC -u CMAKE -u CUDACXX PATH="$bin" "$@"; }
+
+app="$work/app"
+mkdir -p "$app"
+cd "$app"
+echo '{ "name": "app", "private": true, "type": "module" }' > package.json
+bare npm install --no-audit --no-fund --foreground-scripts "$tarball"
+
+echo; echo '$ npx sparse-mla info'
+bare ./node_modules/.bin/sparse-mla info
+bare ./node_modules/.bin/sparse-mla info --json > info.json
+bare node -e '
+  const info = JSON.parse(require("fs").readFileSync("info.json", "utf8"));
+  const wantCuda = process.argv[1] === "ON";
+  const cpu = info.backends.find((b) => b.name === "cpu");
+  const problems = [];
+  if (!cpu.available) problems.push(`cpu unavailable: ${cpu.reason}`);
+  if (info.addon.origin !== "prebuilt") problems.push(`the addon loaded is not the prebuilt one: ${JSON.stringify(info.addon)}`);
+  if (info.addon.install?.addon !== "prebuilt") problems.push(`the install did not choose the prebuilt addon: ${JSON.stringify(info.addon.install)}`);
+  if (info.addon.cuda.built !== wantCuda) problems.push(`cuda built ${info.addon.cuda.built}, expected ${wantCuda}`);
+  if (problems.length) { console.error(problems.join("\n")); process.exit(1); }
+  console.log(`info --json: cpu available (${cpu.details.simd}, ${cpu.details.cpuArch}), cuda ${info.addon.cuda.built ? "built" : "not built"}, addon ${info.addon.path}`);
+' "$pack_cuda" || fail "info --json in the empty project"
+
+# both prebuilt CPU levels compute correctly (this CPU runs either): the check grid on each
+for level in x86-64-v3 x86-64-v2; do
+  addon="$app/node_modules/sparse-mla/prebuilds/linux-x64/sparse_mla_native.$level.node"
+  echo; echo "\$ SPARSE_MLA_NATIVE_ADDON=<the $level addon> sparse-mla check --backend cpu --quiet"
+  bare SPARSE_MLA_NATIVE_ADDON="$addon" ./node_modules/.bin/sparse-mla check --backend cpu --quiet || fail "the check grid on the prebuilt $level addon"
+done
+
+# every ```js block of the README, as written
+bare node -e '
+  const fs = require("fs");
+  const text = fs.readFileSync("node_modules/sparse-mla/README.md", "utf8");
+  const blocks = [...text.matchAll(/^```js\n([\s\S]*?)^```$/gm)].map((m) => m[1]);
+  if (blocks.length === 0) { console.error("no js blocks in the README"); process.exit(1); }
+  blocks.forEach((b, i) => fs.writeFileSync(`readme_${i + 1}.mjs`, b));
+  console.log(`${blocks.length} README js blocks`);
+'
+for f in readme_*.mjs node_modules/sparse-mla/examples/*.mjs; do
+  echo; echo "\$ node $f"
+  timeout 600 env -u CXX -u CC -u CMAKE -u CUDACXX PATH="$bin" node "$f" || fail "$f failed"
+done
+
+echo; echo "\$ node -e \"require('sparse-mla')\""
+bare node -e '
+  const m = require("sparse-mla");
+  const r = require("sparse-mla/reference");
+  if (typeof m.createEngine !== "function" || typeof r.sparsePrefillReference !== "function") throw new Error("require gave no createEngine / sparsePrefillReference");
+  console.log(`require: ${Object.keys(m).length} exports, reference ${Object.keys(r).length}`);
+' || fail "require('sparse-mla')"
+
+# ---- the source build from the package (CMake must not need test/, which is not packed)
+src_app="$work/src-app"
+mkdir -p "$src_app"
+cd "$src_app"
+echo '{ "name": "src-app", "private": true, "type": "module" }' > package.json
+SPARSE_MLA_BUILD_FROM_SOURCE=1 npm install --no-audit --no-fund --foreground-scripts "$tarball" cmake-js node-addon-api
+node -e '
+  const s = JSON.parse(require("fs").readFileSync("node_modules/sparse-mla/build/install-status.json", "utf8"));
+  if (s.addon !== "built") { console.error(JSON.stringify(s, null, 2)); process.exit(1); }
+  console.log(`source build from the package: ${s.simd}, -march=${s.cpuArch}, cuda ${s.cuda.built ? "built" : `not built (${s.cuda.why})`}, ${s.build.seconds} s`);
+' || fail "the source build from the package"
+./node_modules/.bin/sparse-mla info --json | node -e '
+  let t = ""; process.stdin.on("data", (d) => (t += d)).on("end", () => {
+    const info = JSON.parse(t);
+    if (info.addon.origin !== "source build" || !info.backends.find((b) => b.name === "cpu").available) { console.error(JSON.stringify(info.addon, null, 2)); process.exit(1); }
+  });
+' || fail "info after the source build"
+cd "$root"
+echo "package check: OK"

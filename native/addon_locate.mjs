@@ -1,0 +1,134 @@
+// Where the native addon can come from and which one a process should load. Shared by the install
+// script (native/install.mjs), the packing step (native/prebuild.mjs) and the runtime loader
+// (src/backends/native/binding.ts), so the three agree on every path and rule.
+//
+// Two sources:
+//   prebuilt      prebuilds/<platform>-<arch>/ in the npm package (built by native/prebuild.mjs at
+//                 `npm pack`): one addon per x86-64 level, described by manifest.json
+//   source build  build/addon/Release/sparse_mla_native.node, built by native/install.mjs (a
+//                 checkout, a platform without a prebuilt addon, or SPARSE_MLA_BUILD_FROM_SOURCE=1)
+// What the install chose, and why, is in build/install-status.json (INSTALL_STATUS_FILE).
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const PACKAGE_ROOT = join(dirname(fileURLToPath(import.meta.url)), '..');
+export const ADDON_NAME = 'sparse_mla_native';
+export const SOURCE_BUILD_DIR = join(PACKAGE_ROOT, 'build', 'addon');
+export const SOURCE_BUILD_ADDON = join(SOURCE_BUILD_DIR, 'Release', `${ADDON_NAME}.node`);
+export const SOURCE_BUILD_LOG = join(SOURCE_BUILD_DIR, 'build.log');
+export const INSTALL_STATUS_FILE = join(PACKAGE_ROOT, 'build', 'install-status.json');
+export const PREBUILDS_DIR = join(PACKAGE_ROOT, 'prebuilds');
+export const MANIFEST_NAME = 'manifest.json';
+export const ADDON_PATH_ENV = 'SPARSE_MLA_NATIVE_ADDON';
+export const BUILD_FROM_SOURCE_ENV = 'SPARSE_MLA_BUILD_FROM_SOURCE';
+
+/** The prebuilt CPU levels, best first; each is a -march value. */
+export const PREBUILT_LEVELS = ['x86-64-v3', 'x86-64-v2'];
+
+const V2_FLAGS = ['cx16', 'lahf_lm', 'popcnt', 'sse4_1', 'sse4_2', 'ssse3'];
+/** The x86-64 psABI levels as Linux /proc/cpuinfo flag names (abm is how Linux names LZCNT). */
+export const LEVEL_FLAGS = {
+  'x86-64-v2': V2_FLAGS,
+  'x86-64-v3': [...V2_FLAGS, 'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'abm', 'movbe', 'xsave'],
+};
+
+export const platformKey = (platform = process.platform, arch = process.arch) => `${platform}-${arch}`;
+
+export function isTruthyEnv(value) {
+  return ['1', 'true', 'yes', 'on'].includes(String(value ?? '').trim().toLowerCase());
+}
+
+/** A checkout of the repository (not an installed package): the developer builds from source. */
+export function isCheckout(root = PACKAGE_ROOT) {
+  return existsSync(join(root, '.git'));
+}
+
+/** The command that builds the addon here, for messages. */
+export function howToBuild(root = PACKAGE_ROOT) {
+  return isCheckout(root)
+    ? 'build it with `npm run build:native` (CMake and a C++ compiler; nvcc too for the cuda backend)'
+    : 'build it from source with `SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla` (needs CMake, a C++ compiler and the packages cmake-js and node-addon-api; nvcc too for the cuda backend)';
+}
+
+/** The /proc/cpuinfo flags of the first CPU, or null where there is no such file. */
+export function readCpuFlags(cpuinfo) {
+  let text = cpuinfo;
+  if (text === undefined) {
+    try {
+      text = readFileSync('/proc/cpuinfo', 'utf8');
+    } catch {
+      return null;
+    }
+  }
+  const line = text.split('\n').find((l) => /^flags\s*:/.test(l));
+  return line ? new Set(line.replace(/^flags\s*:/, '').trim().split(/\s+/)) : null;
+}
+
+/** The flags of `level` that `flags` lacks. */
+export function missingFlags(level, flags) {
+  return LEVEL_FLAGS[level].filter((f) => !flags.has(f));
+}
+
+export function readJson(path) {
+  try {
+    return JSON.parse(readFileSync(path, 'utf8'));
+  } catch {
+    return null;
+  }
+}
+
+/** What the install script recorded, or null when it did not run (pnpm, --ignore-scripts). */
+export function readInstallStatus(path = INSTALL_STATUS_FILE) {
+  return readJson(path);
+}
+
+/**
+ * The prebuilt addon this machine should load: { ok: true, path, level, manifest, entry }, or
+ * { ok: false, why } saying why none fits.
+ */
+export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platform, arch = process.arch, cpuinfo } = {}) {
+  const prebuilds = join(root, 'prebuilds');
+  const key = platformKey(platform, arch);
+  const dir = join(prebuilds, key);
+  const manifest = readJson(join(dir, MANIFEST_NAME));
+  if (!manifest || !Array.isArray(manifest.addons)) {
+    if (!existsSync(prebuilds)) return { ok: false, why: 'this copy of the package carries no prebuilt addons' };
+    let carried = [];
+    try {
+      carried = readdirSync(prebuilds);
+    } catch {
+      /* unreadable: no list */
+    }
+    return { ok: false, why: `no prebuilt addon for ${key} (the package carries ${carried.length ? carried.join(', ') : 'none'})` };
+  }
+  const entries = manifest.addons.filter((a) => a && typeof a.file === 'string' && typeof a.cpuArch === 'string');
+  if (arch === 'x64') {
+    const flags = readCpuFlags(cpuinfo);
+    for (const level of PREBUILT_LEVELS) {
+      const entry = entries.find((a) => a.cpuArch === level);
+      if (!entry) continue;
+      // Without /proc/cpuinfo the CPU cannot be checked: only the baseline-safe level is taken.
+      if (flags ? missingFlags(level, flags).length === 0 : level === PREBUILT_LEVELS[PREBUILT_LEVELS.length - 1]) {
+        return { ok: true, path: join(dir, entry.file), level, manifest, entry };
+      }
+    }
+    const lowest = PREBUILT_LEVELS[PREBUILT_LEVELS.length - 1];
+    const lacking = flags ? missingFlags(lowest, flags) : [];
+    return { ok: false, why: flags ? `this CPU lacks ${lacking.join(', ')}, which the prebuilt addons need (${lowest} at least)` : 'the CPU could not be checked (no /proc/cpuinfo)' };
+  }
+  const entry = entries[0];
+  return entry ? { ok: true, path: join(dir, entry.file), level: entry.cpuArch, manifest, entry } : { ok: false, why: `the ${key} manifest lists no addon` };
+}
+
+/**
+ * The addons to try, in order: SPARSE_MLA_NATIVE_ADDON alone when set; else the one the install
+ * chose first (a source build it made, or the prebuilt), then the other.
+ */
+export function addonCandidates({ env = process.env, root = PACKAGE_ROOT, status = readInstallStatus(join(root, 'build', 'install-status.json')), prebuilt = selectPrebuilt({ root }) } = {}) {
+  if (env[ADDON_PATH_ENV]) return [{ path: env[ADDON_PATH_ENV], origin: 'env' }];
+  const source = { path: join(root, 'build', 'addon', 'Release', `${ADDON_NAME}.node`), origin: 'source build' };
+  const pre = prebuilt.ok ? { path: prebuilt.path, origin: 'prebuilt', level: prebuilt.level } : null;
+  const order = status?.addon === 'built' ? [source, pre] : [pre, source];
+  return order.filter(Boolean);
+}

@@ -1,0 +1,242 @@
+/**
+ * What an installed package does about its native addon, on copies of the package in temp dirs:
+ * which prebuilt addon the CPU's flags select (native/addon_locate.mjs), what the install script
+ * records and why (native/install.mjs, run with PATHs that lack CMake or hold a failing stand-in),
+ * and what `sparse-mla info` and BACKEND_UNAVAILABLE then say (the recorded reason, the build log's
+ * absolute path and its failing line). The end-to-end check of the real tarball in an empty project
+ * is .ci/package_check.sh.
+ */
+import { spawnSync } from 'node:child_process';
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, test } from 'vitest';
+import { LEVEL_FLAGS, PREBUILT_LEVELS, addonCandidates, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
+import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const V2 = LEVEL_FLAGS['x86-64-v2']!;
+const V3 = LEVEL_FLAGS['x86-64-v3']!;
+const cpuinfo = (flags: readonly string[]): string => `processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 ${flags.join(' ')}\n\nprocessor\t: 1\n`;
+
+/** A package root with prebuilds/linux-x64/manifest.json listing the given levels (files optional). */
+function prebuiltRoot(levels: readonly string[], extra: Record<string, unknown> = {}): string {
+  const root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-prebuilt-'));
+  const dir = join(root, 'prebuilds', 'linux-x64');
+  mkdirSync(dir, { recursive: true });
+  const addons = levels.map((level) => ({ file: `sparse_mla_native.${level}.node`, cpuArch: level, simd: level === 'x86-64-v3' ? 'AVX2+FMA' : 'SSE2', bytes: 0, sha256: '' }));
+  writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: true, arch: 'sm_90a' }, addons, ...extra }));
+  return root;
+}
+
+describe('prebuilt addon selection', () => {
+  test('the x86-64 levels as /proc/cpuinfo flags: v3 holds v2, and a v3 CPU gets the v3 addon', () => {
+    for (const f of V2) expect(V3).toContain(f);
+    expect(V3).toEqual(expect.arrayContaining(['avx2', 'fma', 'bmi2', 'movbe', 'abm']));
+    const root = prebuiltRoot(PREBUILT_LEVELS);
+    const pick = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
+    expect(pick).toMatchObject({ ok: true, level: 'x86-64-v3', path: join(root, 'prebuilds', 'linux-x64', 'sparse_mla_native.x86-64-v3.node') });
+  });
+
+  test('a CPU without one v3 flag gets the v2 addon; one without v2 flags gets none and is told which flags it lacks', () => {
+    const root = prebuiltRoot(PREBUILT_LEVELS);
+    for (const missing of ['avx2', 'fma', 'movbe', 'abm']) {
+      const pick = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3.filter((f) => f !== missing)) });
+      expect(pick, missing).toMatchObject({ ok: true, level: 'x86-64-v2' });
+    }
+    const old = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V2.filter((f) => f !== 'sse4_2' && f !== 'popcnt')) });
+    expect(old.ok).toBe(false);
+    if (!old.ok) expect(old.why).toBe('this CPU lacks popcnt, sse4_2, which the prebuilt addons need (x86-64-v2 at least)');
+    // a package that carries only the v3 addon has nothing for a v2 CPU
+    const v3only = selectPrebuilt({ root: prebuiltRoot(['x86-64-v3']), platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V2) });
+    expect(v3only.ok).toBe(false);
+  });
+
+  test('flags only count from the flags line; without one only the v2 addon is taken', () => {
+    expect(readCpuFlags('')).toBeNull();
+    expect([...readCpuFlags(cpuinfo(['avx2']))!]).toEqual(['fpu', 'sse', 'sse2', 'avx2']);
+    const pick = selectPrebuilt({ root: prebuiltRoot(PREBUILT_LEVELS), platform: 'linux', arch: 'x64', cpuinfo: 'model name\t: avx2 fma bmi2\n' });
+    expect(pick).toMatchObject({ ok: true, level: 'x86-64-v2' });
+  });
+
+  test('another platform, or a package without prebuilds, has none, and says so', () => {
+    const arm = selectPrebuilt({ root: prebuiltRoot(PREBUILT_LEVELS), platform: 'linux', arch: 'arm64', cpuinfo: '' });
+    expect(arm).toEqual({ ok: false, why: 'no prebuilt addon for linux-arm64 (the package carries linux-x64)' });
+    const bare = selectPrebuilt({ root: mkdtempSync(join(os.tmpdir(), 'sparse-mla-bare-')), platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
+    expect(bare).toEqual({ ok: false, why: 'this copy of the package carries no prebuilt addons' });
+  });
+
+  test('load order: SPARSE_MLA_NATIVE_ADDON alone; a source build first only when the install made one', () => {
+    const root = prebuiltRoot(PREBUILT_LEVELS);
+    const prebuilt = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
+    const source = join(root, 'build', 'addon', 'Release', 'sparse_mla_native.node');
+    const order = (status: Partial<InstallStatus> | null, env: NodeJS.ProcessEnv = {}) => addonCandidates({ env, root, status: status as InstallStatus, prebuilt }).map((c) => c.origin);
+    expect(order(null)).toEqual(['prebuilt', 'source build']);
+    expect(order({ addon: 'prebuilt' })).toEqual(['prebuilt', 'source build']);
+    expect(order({ addon: 'built' })).toEqual(['source build', 'prebuilt']);
+    expect(addonCandidates({ env: { SPARSE_MLA_NATIVE_ADDON: '/x.node' }, root, status: null, prebuilt })).toEqual([{ path: '/x.node', origin: 'env' }]);
+    expect(addonCandidates({ env: {}, root, status: null, prebuilt: { ok: false, why: 'none' } })).toEqual([{ path: source, origin: 'source build' }]);
+  });
+});
+
+/**
+ * A copy of the package as npm installs it (dist, native/*.mjs, package.json, CMakeLists.txt, no
+ * .git), its node_modules linked to this checkout's.
+ */
+function packageCopy(options: { dist?: boolean } = {}): string {
+  const root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-pkg-'));
+  mkdirSync(join(root, 'native'));
+  for (const f of ['install.mjs', 'addon_locate.mjs', 'build_tools.mjs']) copyFileSync(join(ROOT, 'native', f), join(root, 'native', f));
+  copyFileSync(join(ROOT, 'package.json'), join(root, 'package.json'));
+  writeFileSync(join(root, 'CMakeLists.txt'), '# configure never gets this far in these tests\n');
+  symlinkSync(join(ROOT, 'node_modules'), join(root, 'node_modules'));
+  if (options.dist) cpSync(join(ROOT, 'dist'), join(root, 'dist'), { recursive: true });
+  return root;
+}
+
+/** A PATH directory holding node and the given stand-in tools (shell scripts). */
+function toolPath(tools: Record<string, string> = {}): string {
+  const dir = mkdtempSync(join(os.tmpdir(), 'sparse-mla-path-'));
+  symlinkSync(process.execPath, join(dir, 'node'));
+  for (const [name, script] of Object.entries(tools)) {
+    writeFileSync(join(dir, name), `#!/bin/sh\n${script}\n`);
+    chmodSync(join(dir, name), 0o755);
+  }
+  return dir;
+}
+
+const FAILING_CMAKE = {
+  cmake: 'if [ "$1" = "--version" ]; then echo "cmake version 3.25.1"; exit 0; fi\necho "CMake Error at CMakeLists.txt:1: a stand-in cmake that fails on purpose" >&2\nexit 1',
+  'g++': 'echo "g++ (stand-in) 12.2.0"',
+};
+
+function install(root: string, path: string, env: Record<string, string> = {}): { stdout: string; status: InstallStatus } {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(CXX|CC|CMAKE|CUDACXX|SPARSE_MLA_.*)$/.test(k)));
+  const r = spawnSync(process.execPath, [join(root, 'native', 'install.mjs')], { cwd: root, encoding: 'utf8', timeout: 120_000, env: { ...clean, PATH: path, ...env } });
+  expect(r.status, r.stderr).toBe(0); // never fails the install
+  return { stdout: r.stdout, status: JSON.parse(readFileSync(join(root, 'build', 'install-status.json'), 'utf8')) as InstallStatus };
+}
+
+function cli(root: string, args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SPARSE_MLA_')));
+  const r = spawnSync(process.execPath, [join(root, 'dist', 'cli', 'main.js'), ...args], { cwd: root, encoding: 'utf8', timeout: 60_000, env: clean });
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+}
+
+interface InfoJson {
+  backends: { name: string; available: boolean; reason?: string }[];
+  addon: { loaded: boolean; origin: string | null; level: string | null; reason: string | null; cuda: { built: boolean; why?: string }; install: InstallStatus | null };
+}
+
+describe('install script', () => {
+  test('no prebuilt addon and no CMake: no addon, and the status says both, with what to do', () => {
+    const root = packageCopy();
+    const { stdout, status } = install(root, toolPath());
+    expect(status.addon).toBe('none');
+    expect(status.path).toBeNull();
+    expect(status.root).toBe(root);
+    expect(status.reason).toMatch(/^this copy of the package carries no prebuilt addons; cannot build from source: CMake not found/);
+    expect(status.build).toMatchObject({ ran: false });
+    expect(stdout).toContain('SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla');
+    // skipping the build is recorded as such
+    expect(install(root, toolPath(), { SPARSE_MLA_SKIP_NATIVE: '1' }).status.reason).toMatch(/SPARSE_MLA_SKIP_NATIVE is set/);
+  });
+
+  test('a failed source build: the status holds the absolute log path and the failing line; info and BACKEND_UNAVAILABLE show them', () => {
+    const root = packageCopy({ dist: true });
+    const { status } = install(root, toolPath(FAILING_CMAKE));
+    const log = join(root, 'build', 'addon', 'build.log');
+    expect(status.addon).toBe('none');
+    expect(status.build).toMatchObject({ ran: true, result: 'failed', problem: 'configure failed', log });
+    expect(existsSync(log)).toBe(true);
+    expect(status.build!.excerpt!.join('\n')).toContain('CMake Error at CMakeLists.txt:1: a stand-in cmake that fails on purpose');
+
+    const info = JSON.parse(cli(root, ['info', '--json']).stdout) as InfoJson;
+    const cpu = info.backends.find((b) => b.name === 'cpu')!;
+    expect(cpu.available).toBe(false);
+    expect(cpu.reason).toContain(`the source build at install failed (configure failed; log: ${log}; CMake Error at CMakeLists.txt:1: a stand-in cmake`);
+    expect(cpu.reason).toContain('no prebuilt addon: this copy of the package carries no prebuilt addons');
+    expect(info.addon).toMatchObject({ loaded: false, origin: null });
+    const text = cli(root, ['info']).stdout;
+    expect(text).toContain(`  log      ${log}`);
+    expect(text).toMatch(/^ {11}CMake Error at CMakeLists\.txt:1: a stand-in cmake that fails on purpose$/m);
+    const run = cli(root, ['run', '--backend', 'cpu', '--json']);
+    expect(run.code).toBe(2);
+    const err = JSON.parse(run.stdout) as { ok: boolean; error: { code: string; message: string } };
+    expect(err.ok).toBe(false);
+    expect(err.error.code).toBe('BACKEND_UNAVAILABLE');
+    expect(err.error.message).toContain(`log: ${log}`);
+  }, 60_000);
+
+  describe.skipIf(!nativeAddonBuilt())('with a prebuilt addon (this checkout\'s build, copied in as both levels)', () => {
+    const withPrebuilt = (options: { dist?: boolean } = {}): string => {
+      const root = packageCopy(options);
+      const dir = join(root, 'prebuilds', 'linux-x64');
+      mkdirSync(dir, { recursive: true });
+      for (const level of PREBUILT_LEVELS) copyFileSync(process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON, join(dir, `sparse_mla_native.${level}.node`));
+      const addons = PREBUILT_LEVELS.map((level) => ({ file: `sparse_mla_native.${level}.node`, cpuArch: level, simd: '?', bytes: 0, sha256: '' }));
+      writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: false, why: 'a test package' }, addons }));
+      return root;
+    };
+    const expectedLevel = selectPrebuilt({ root: prebuiltRoot(PREBUILT_LEVELS), platform: 'linux', arch: 'x64' });
+
+    test.skipIf(process.platform !== 'linux' || process.arch !== 'x64' || !expectedLevel.ok)('chosen without any toolchain, at the level this CPU runs; info shows it', () => {
+      const root = withPrebuilt({ dist: true });
+      const { stdout, status } = install(root, toolPath());
+      const level = expectedLevel.ok ? expectedLevel.level : '';
+      expect(status).toMatchObject({ addon: 'prebuilt', path: join(root, 'prebuilds', 'linux-x64', `sparse_mla_native.${level}.node`), prebuilt: { ok: true, level }, build: { ran: false } });
+      expect(stdout).toContain(`using the prebuilt linux-x64 addon (`);
+      const info = JSON.parse(cli(root, ['info', '--json']).stdout) as InfoJson;
+      expect(info.addon).toMatchObject({ loaded: true, origin: 'prebuilt', level });
+      expect(info.backends.find((b) => b.name === 'cpu')!.available).toBe(true);
+      expect(cli(root, ['info']).stdout).toContain("Native addon: the package's prebuilt linux-x64 addon;");
+    }, 60_000);
+
+    test('a source build asked for but impossible falls back to the prebuilt addon and records why', () => {
+      const root = withPrebuilt();
+      const { status } = install(root, toolPath(), { SPARSE_MLA_BUILD_FROM_SOURCE: '1' });
+      expect(status.addon).toBe('prebuilt');
+      expect(status.build).toMatchObject({ ran: false });
+      expect(status.build!.why).toMatch(/^a source build was wanted \(SPARSE_MLA_BUILD_FROM_SOURCE is set\) but cannot run: CMake not found/);
+    });
+  });
+});
+
+describe('runtime without an install record (scripts not run: pnpm, --ignore-scripts)', () => {
+  /** A stand-in prebuilt addon without CUDA: the JS surface the loader checks, no kernels. */
+  const STAND_IN = `module.exports = { abiVersion: 1, build: { cpuArch: 'x86-64-v2', simd: 'SSE2', hardwareThreads: 1 },
+    cpu: { sparsePrefill() {}, pagedSparseAttention() {}, dequantizeKvCache() {}, quantizeKvCache() {} }, cuda: { built: false } };\n`;
+
+  test('the prebuilt addon still loads; cuda says the package was packed without CUDA; info says the script did not run', () => {
+    const root = packageCopy({ dist: true });
+    const dir = join(root, 'prebuilds', `${process.platform}-${process.arch}`);
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, 'stand_in.cjs'), STAND_IN);
+    const why = 'the package was packed without the CUDA kernels (SPARSE_MLA_PACK_CUDA=OFF, no nvcc where it was packed)';
+    writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform: 'any', cuda: { built: false, why }, addons: [{ file: 'stand_in.cjs', cpuArch: 'x86-64-v2', simd: 'SSE2', bytes: 0, sha256: '' }] }));
+    const info = JSON.parse(cli(root, ['info', '--json']).stdout) as InfoJson;
+    expect(info.addon).toMatchObject({ loaded: true, origin: 'prebuilt', install: null, cuda: { built: false, why } });
+    const cuda = info.backends.find((b) => b.name === 'cuda')!;
+    expect(cuda.available).toBe(false);
+    expect(cuda.reason).toContain(`the addon has no CUDA kernels: ${why}; for them, build it from source with \`SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla\``);
+    expect(cli(root, ['info']).stdout).toContain('  install  the install script did not run (no ');
+  });
+});
+
+describe('CommonJS', () => {
+  const node = (args: string[]) => spawnSync(process.execPath, args, { cwd: ROOT, encoding: 'utf8', timeout: 60_000 });
+
+  test("require('sparse-mla') and require('sparse-mla/reference') give the ES modules' exports", () => {
+    const r = node(['-e', "const m = require('sparse-mla'), r = require('sparse-mla/reference'); console.log(typeof m.createEngine, typeof m.createPlan, typeof r.sparsePrefillReference)"]);
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe('function function function');
+  });
+
+  test('without require(esm) the error says why and how to load the package instead', () => {
+    const r = node(['--no-experimental-require-module', '-e', "require('sparse-mla')"]);
+    expect(r.status).not.toBe(0);
+    expect(r.stderr).toContain('sparse-mla is an ES module: require() of it needs Node >= 20.19 with require(esm) on');
+    expect(r.stderr).toContain("const m = await import('sparse-mla')");
+  });
+});

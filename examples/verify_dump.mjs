@@ -55,7 +55,7 @@ let r = verify();
 console.log(`\n$ sparse-mla verify ${dir}   (exit ${r.status})\n${r.stdout}${r.stderr}`);
 const good = r.status === 0;
 
-// One output element moved by 0.05, far outside its tolerance: verify must fail.
+// One output element moved by 0.05, far outside its bound: verify must fail.
 const bad = res.out.data.slice();
 bad[1234] = float32ToBf16Bits(bf16BitsToFloat32(bad[1234]) + 0.05);
 writeNpy(join(dir, 'out.npy'), '<u2', res.out.shape, bad);

@@ -271,6 +271,13 @@ describe('run', () => {
     expect(names).toEqual(expect.arrayContaining(['quantize bytes', 'dequantize values', 'prefill out', 'prefill lse', 'prefill maxLogits']));
     const checkedOut = out.checks.find((c) => c.name === 'prefill out');
     expect(checkedOut?.count).toBe(6 * 4 * 512);
+    // the bounded checks carry SPEC §4's figures: worst error/bound ratio and where, 1 − cos
+    const outVerdict = (checkedOut as unknown as { comparison: { worstRatio: number; overBound: number; worst: { at: { query: number; head: number; col: number } }; cosineGap: number } }).comparison;
+    expect(outVerdict.worstRatio).toBeGreaterThan(0);
+    expect(outVerdict.worstRatio).toBeLessThanOrEqual(1);
+    expect(outVerdict.overBound).toBe(0);
+    expect(outVerdict.worst.at.head).toBeLessThan(4);
+    expect(outVerdict.cosineGap).toBeGreaterThan(0);
 
     const lc = out.layerChunk;
     expect(lc.pass).toBe(true);
@@ -291,6 +298,7 @@ describe('run', () => {
       expect(l.check.pass).toBe(true);
       expect(l.check.sampledQueries).toHaveLength(5);
       expect(l.check.out.count).toBe(5 * 4 * 512);
+      expect((l.check.out as unknown as { worstRatio: number }).worstRatio).toBeLessThanOrEqual(1);
       expect(l.dropped).toBe(l.expectedDropped);
     }
     // the generator plants not-yet-visible entries in the c4 top-k; the planner drops all of them
@@ -330,6 +338,35 @@ describe('run', () => {
       expect(lc.layers.map((l) => [l.path, l.reason])).toEqual(lc.layers.map(() => [path, reason]));
     }
   });
+});
+
+describe('check', () => {
+  test('--json: every attention case carries its worst error/bound ratios and where; families per data regime', () => {
+    // the hQ=1 cases: prefill over every (sKV, topk) pair and dQK (the regimes rotate), one paged
+    const r = cli(['check', '--backend', 'wasm', '--seed', '11', '--only', 'hQ=1 ', '--json']);
+    expect(r.code).toBe(0);
+    const report = JSON.parse(r.stdout) as {
+      pass: boolean;
+      passed: number;
+      failed: number;
+      cases: { name: string; family: string; pass: boolean; verdict?: Record<'out' | 'lse' | 'maxLogits', { worstRatio: number; overBound: number; worst: { at: { query: number; head: number } } | null; cosineGap?: number }> }[];
+      families: { family: string; cases: number; out: number; lse: number; maxLogits: number }[];
+    };
+    expect(report.pass).toBe(true);
+    expect(report.failed).toBe(0);
+    expect(report.passed).toBe(report.cases.length);
+    const judged = report.cases.filter((c) => c.verdict);
+    expect(judged.length).toBe(13);
+    for (const c of judged) {
+      for (const t of ['out', 'lse', 'maxLogits'] as const) {
+        expect(c.verdict![t].worstRatio, `${c.name} ${t}`).toBeLessThanOrEqual(1);
+        expect(c.verdict![t].overBound).toBe(0);
+      }
+    }
+    const families = report.families.map((f) => f.family);
+    expect(families.sort()).toEqual(['paged unit', 'prefill cancel', 'prefill flashmla', 'prefill unit']);
+    expect(r.stderr).toContain('seed 11');
+  }, 120_000);
 });
 
 describe('bench', () => {

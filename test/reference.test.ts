@@ -222,6 +222,26 @@ describe('sparse prefill reference: hand-worked cases', () => {
     expect(r.lse[0]).toBeCloseTo(Math.log(z), 15);
     expect(r.out[0]).toBeCloseTo((Math.exp(2) * 2) / z, 15);
     expect(r.out[1]).toBeCloseTo(5 / z, 15);
+    // every V value ≥ 0 here, so mag = out
+    expect(r.mag[0]).toBeCloseTo((Math.exp(2) * 2) / z, 15);
+    expect(r.mag[1]).toBeCloseTo(5 / z, 15);
+  });
+
+  test('mag = Σ w_k·|v_k| with the weights of out (sink included): opposite signs cancel in out, not in mag', () => {
+    // logits <[1,0],[1,-2]> = 1 and <[1,0],[0,3]> = 0; a sink of 0 adds one unit of mass
+    const kvSigned = bf16([2, 2], [1, -2, 0, 3]);
+    const r = R.sparsePrefillReference(base({ kv: kvSigned, attnSink: f32([1], [0]) }));
+    const z = Math.E + 2, w0 = Math.E / z, w1 = 1 / z;
+    expect(r.out[0]).toBeCloseTo(w0, 15);
+    expect(r.out[1]).toBeCloseTo(-2 * w0 + 3 * w1, 15);
+    expect(r.mag[0]).toBeCloseTo(w0, 15);
+    expect(r.mag[1]).toBeCloseTo(2 * w0 + 3 * w1, 15);
+    // all weight on a +inf sink, or no valid entry: out = mag = 0
+    for (const over of [{ kv: kvSigned, attnSink: f32([1], [Infinity]) }, { kv: kvSigned, indices: i32([1, 2], [-1, 7]) }]) {
+      const e = R.sparsePrefillReference(base(over));
+      expect(Array.from(e.mag)).toEqual([0, 0]);
+      expect(Array.from(e.out)).toEqual([0, 0]);
+    }
   });
 
   test('smScale multiplies the logits; the sink does not get it', () => {
@@ -393,7 +413,17 @@ describe('sparse prefill reference: properties on random inputs', () => {
     for (const d of [0, 17, 511]) {
       const want = logits.reduce((a, l, k) => a + (Math.exp(l) / z) * kvv(rows[k]!, d), 0);
       expect(r.out[h * 512 + d]).toBeCloseTo(want, 12);
+      const wantMag = logits.reduce((a, l, k) => a + (Math.exp(l) / z) * Math.abs(kvv(rows[k]!, d)), 0);
+      expect(r.mag[h * 512 + d]).toBeCloseTo(wantMag, 12);
     }
+  });
+
+  test('mag ≥ |out| everywhere, and mag = |out| where every attended V value has one sign', () => {
+    const r = R.sparsePrefillReference(args, { queries: [0, 1, 2] });
+    for (let e = 0; e < r.out.length; e++) expect(r.mag[e]!).toBeGreaterThanOrEqual(Math.abs(r.out[e]!) * (1 - 1e-15));
+    const absKv = tensor('bf16', kvT.shape, kvT.data.map((b) => b & 0x7fff));
+    const a = R.sparsePrefillReference({ ...args, kv: absKv }, { queries: [1] });
+    for (let e = 0; e < a.out.length; e++) expect(a.mag[e]!).toBeCloseTo(a.out[e]!, 12);
   });
 });
 
@@ -419,30 +449,117 @@ describe('paged reference equals sparse prefill reference over the dequantized r
     const wsIdx = i32([n, 6], [0, 9, -1, -1, 73, -1, 3, 3, -1, -1, 10, 15, 7, 1, 8, 6, -1, 40]);
     const sp = R.sparsePrefillReference({ q, kv: kvT, indices: wsIdx, smScale: 0.04, attnSink: f32([hQ], [0, 1, -Infinity, 2]) });
     expect(Array.from(paged.out)).toEqual(Array.from(sp.out));
+    expect(Array.from(paged.mag)).toEqual(Array.from(sp.mag));
     expect(Array.from(paged.lse)).toEqual(Array.from(sp.lse));
     expect(Array.from(paged.maxLogits)).toEqual(Array.from(sp.maxLogits));
   });
 });
 
-describe('compareToReference', () => {
-  test('abs OR rel, inf/NaN placement, cosine', () => {
-    const tol = { abs: 1e-3, rel: 1e-2 };
-    const ref = Float64Array.from([0, 1, 100, Infinity, NaN, -Infinity]);
-    const ok = R.compareToReference([0.0009, 1.0011, 100.9, Infinity, NaN, -Infinity], ref, tol);
-    expect(ok.pass).toBe(true);
-    expect(ok.failures).toBe(0);
-    const bad = R.compareToReference([0.0011, 1.02, 100.9, -Infinity, 0, -Infinity], ref, tol);
-    expect(bad.pass).toBe(false);
-    expect(bad.failures).toBe(4);
-    expect(bad.infNanMismatch).toBe(2);
-    expect(bad.worstIndex === 3 || bad.worstIndex === 4).toBe(true);
-    const cos = R.compareToReference([1, 0], Float64Array.from([1, 0.001]), { abs: 1, rel: 1, cos: 1e-7 });
-    expect(cos.cosineGap).toBeCloseTo(1 - 1 / Math.sqrt(1 + 1e-6), 12);
-    expect(cos.pass).toBe(false);
-    expect(R.compareToReference([0, 0], Float64Array.from([0, 0]), R.TOLERANCES.out).pass).toBe(true);
+describe('accuracy bounds (SPEC §4)', () => {
+  test('the bound formulas', () => {
+    expect(R.outBound(0)).toBe(1e-6);
+    expect(R.outBound(0.5)).toBe(0.5 / 128 + 1e-6);
+    expect(R.maxLogitsBound(-3)).toBe(1e-6 + 3 / 32768);
+    // lse cancels to about 0 while maxLogits is several units: the bound follows the larger one
+    expect(R.lseBound(0.01, -5.5)).toBe(1e-6 + 5.5 / 32768);
+    expect(R.lseBound(-7, 2)).toBe(1e-6 + 7 / 32768);
+    expect(R.OUT_COSINE_GAP_BOUND).toBe(7e-6);
+  });
+
+  test('1 − cos as SPEC defines it (2<a,b> / (|a|² + |b|²)): sees a scale error, unlike the usual cosine', () => {
+    const a = Float64Array.from({ length: 1000 }, () => rng.normal());
+    expect(R.cosineGap(a, a)).toBe(0);
+    expect(R.cosineGap(a, a.map((x) => 1.01 * x))).toBeCloseTo(1e-4 / 2.0201, 10);
+    expect(R.cosineGap([0, 0], [0, 0])).toBe(0);
     expect(R.cosineGap([0, 0], [0, 1])).toBe(1);
-    expect(R.TOLERANCES.out).toEqual({ abs: 8e-4, rel: 3.01 / 128, cos: 7e-6 });
-    expect(R.TOLERANCES.lse).toEqual({ abs: 1e-6, rel: 2.01 / 65536 });
-    expect(R.TOLERANCES.pagedOut).toEqual({ abs: 1e-3, rel: 2.01 / 128, cos: 5e-6 });
+    expect(R.cosineGap([1, NaN, 2], [1, 5, 2])).toBe(0); // non-finite positions are left out
+  });
+
+  // 3 rows (queries 4, 7, 9) × 2 heads × dV 2
+  const heads = 2, dV = 2, queries = [4, 7, 9];
+  const reference = (): R.BoundsReference & { out: Float64Array; mag: Float64Array; lse: Float64Array; maxLogits: Float64Array } => ({
+    out: Float64Array.from([0.5, -0.25, 1, 2, 0, 0, 0.125, -1, 3, 0.75, -2, 0.5]),
+    mag: Float64Array.from([1, 0.5, 1.5, 2.5, 0, 0, 0.5, 1, 3, 1, 2, 1]),
+    lse: Float64Array.from([0.01, 3, Infinity, 1.5, -0.2, NaN]),
+    maxLogits: Float64Array.from([-5.5, 2, -Infinity, 1, -4, NaN]),
+  });
+  const copy = (r: R.AttentionValues): { out: Float64Array; lse: Float64Array; maxLogits: Float64Array } => ({
+    out: Float64Array.from(r.out), lse: Float64Array.from(r.lse), maxLogits: Float64Array.from(r.maxLogits),
+  });
+
+  test('the reference itself passes with ratio 0; ±inf and NaN in place', () => {
+    const ref = reference();
+    const c = R.compareAttention(copy(ref), ref, { heads, dV, queries });
+    expect(c.pass).toBe(true);
+    for (const t of R.ATTENTION_TENSORS) {
+      expect(c[t].worstRatio).toBe(0);
+      expect(c[t].overBound).toBe(0);
+    }
+    expect(c.out.count).toBe(12);
+    expect(c.lse.count).toBe(6);
+  });
+
+  test('elementwise: error/bound ratio, elements over, where (query, head, col and flat index)', () => {
+    const ref = reference();
+    const got = copy(ref);
+    got.out[9] = ref.out[9]! + 0.99 * R.outBound(ref.mag[9]!); // row 2 (query 9), head 0, col 1: inside
+    got.out[10] = ref.out[10]! - 1.5 * R.outBound(ref.mag[10]!); // query 9, head 1, col 0: over
+    got.lse[0] = ref.lse[0]! + 0.5 * R.lseBound(0.01, -5.5); // a cancelled lse: inside, though 1.4e-2 of |lse|
+    got.maxLogits[3] = ref.maxLogits[3]! + 2 * R.maxLogitsBound(1); // query 7, head 1: over
+    const c = R.compareAttention(got, ref, { heads, dV, queries });
+    expect(c.pass).toBe(false);
+    expect(c.out.overBound).toBe(1);
+    expect(c.out.worstRatio).toBeCloseTo(1.5, 12);
+    expect(c.out.worst!.at).toEqual({ query: 9, head: 1, col: 0 });
+    expect(c.out.worst!.index).toBe((9 * heads + 1) * dV + 0);
+    expect(c.out.worst!.bound).toBe(R.outBound(2));
+    expect(c.lse.pass).toBe(true);
+    expect(c.lse.worstRatio).toBeCloseTo(0.5, 10);
+    expect(c.lse.worst!.at).toEqual({ query: 4, head: 0 });
+    expect(c.maxLogits.overBound).toBe(1);
+    expect(c.maxLogits.worst!.at).toEqual({ query: 7, head: 1 });
+    expect(c.maxLogits.worst!.index).toBe(7 * heads + 1);
+  });
+
+  test('±inf / NaN misplaced: over the bound with ratio inf', () => {
+    for (const [tensor, at, value] of [['lse', 2, 5], ['lse', 5, 0], ['maxLogits', 2, Infinity], ['out', 0, NaN]] as const) {
+      const ref = reference();
+      const got = copy(ref);
+      got[tensor][at] = value;
+      const c = R.compareAttention(got, ref, { heads, dV, queries });
+      expect(c[tensor].infNanMismatch, `${tensor}[${at}] = ${value}`).toBe(1);
+      expect(c[tensor].worstRatio).toBe(Infinity);
+      expect(c.pass).toBe(false);
+    }
+  });
+
+  test('the whole-tensor cosine bound fails a 1% scale error that every element passes', () => {
+    const n = 4096, out = Float64Array.from({ length: n }, () => rng.normal());
+    const ref = { out, mag: out.map((x) => 4 * Math.abs(x)), lse: new Float64Array(n / 2), maxLogits: new Float64Array(n / 2) };
+    const got = { out: out.map((x) => 1.01 * x), lse: ref.lse, maxLogits: ref.maxLogits };
+    const c = R.compareAttention(got, ref, { heads: 2, dV: 2 });
+    expect(c.out.overBound).toBe(0);
+    expect(c.out.worstRatio).toBeLessThan(1);
+    expect(c.out.cosineGap).toBeGreaterThan(R.OUT_COSINE_GAP_BOUND);
+    expect(c.out.pass).toBe(false);
+  });
+
+  test('chunks fed one by one equal one call; a number as mag bounds every element alike; sizes are checked', () => {
+    const ref = reference();
+    const got = copy(ref);
+    for (let e = 0; e < 12; e++) got.out[e] = ref.out[e]! + (e % 3 - 1) * 1e-3;
+    const whole = R.compareAttention(got, ref, { heads, dV, queries });
+    const acc = new R.AttentionComparator({ heads, dV });
+    const part = (v: R.AttentionValues & { mag?: Float64Array }, a: number, b: number) => ({
+      out: (v.out as Float64Array).subarray(a * 4, b * 4), lse: (v.lse as Float64Array).subarray(a * 2, b * 2),
+      maxLogits: (v.maxLogits as Float64Array).subarray(a * 2, b * 2), mag: v.mag?.subarray(a * 4, b * 4) ?? 0,
+    });
+    acc.add(part(got, 0, 1), part(ref, 0, 1), [4]);
+    acc.add(part(got, 1, 3), part(ref, 1, 3), [7, 9]);
+    expect(acc.result()).toEqual(whole);
+    const flat = R.compareAttention(got, { ...ref, mag: 3 }, { heads, dV, queries });
+    expect(flat.out.worst!.bound).toBe(R.outBound(3));
+    expect(() => R.compareAttention({ ...got, lse: got.lse.subarray(1) }, ref, { heads, dV })).toThrow(RangeError);
+    expect(() => R.compareAttention(got, ref, { heads, dV, queries: [1] })).toThrow(RangeError);
   });
 });

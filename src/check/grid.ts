@@ -5,7 +5,8 @@
  * random.ts re-exports the RNG and input generators), so CPU tests and `check` run the same cases
  * and the same random streams for a seed: FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf,
  * topkLength with 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64
- * indices, sQ = 0; paged main + extra sets; dequant v4 / v32. Fresh random inputs from a logged seed.
+ * indices, sQ = 0; paged main + extra sets; dequant v4 / v32; three data regimes (DATA_REGIMES).
+ * Fresh random inputs from a logged seed.
  */
 import { tensor } from '../tensor.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
@@ -55,15 +56,53 @@ function bf16Bits(x: number): number {
   return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
 }
 
-/** bf16 bits of n normal(0, std) samples. */
-export function randomBf16Bits(rng: Rng, n: number, std = 1): Uint16Array {
+/** bf16 bits of n normal(mean, std) samples. */
+export function randomBf16Bits(rng: Rng, n: number, std = 1, mean = 0): Uint16Array {
   const d = new Uint16Array(n);
-  for (let i = 0; i < n; i++) d[i] = bf16Bits(rng.normal() * std);
+  for (let i = 0; i < n; i++) d[i] = bf16Bits(rng.normal() * std + mean);
   return d;
 }
 
-export function randomBf16(rng: Rng, shape: number[], std = 1): Tensor<'bf16'> {
-  return tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1), std));
+export function randomBf16(rng: Rng, shape: number[], std = 1, mean = 0): Tensor<'bf16'> {
+  return tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1), std, mean));
+}
+
+// ---- data regimes ---------------------------------------------------------------------------------
+
+/**
+ * The value regimes the accuracy bounds are checked in (SPEC §4):
+ * - `unit`: q and kv normal(0, 1), smScale 1/√dQK: logits of order 1, a peaked softmax;
+ * - `flashmla`: FlashMLA's own test data, normal(0, 0.1) plus one small common offset in
+ *   [−0.05, 0.05] on q and kv: near-uniform weights, each out element a mean of many values;
+ * - `cancel`: q = 0.5 + normal(0, 0.1), kv = c + normal(0, 0.1), with c putting every logit near
+ *   −ln(entries), so lse = maxLogits + ln Σ cancels to about 0 while |maxLogits| is several units.
+ */
+export const DATA_REGIMES = ['unit', 'flashmla', 'cancel'] as const;
+export type DataRegime = (typeof DATA_REGIMES)[number];
+
+/** Normal parameters of q and kv (or cache rows) and the softmax scale of a regime. */
+export interface RegimeValues {
+  regime: DataRegime;
+  std: number;
+  qMean: number;
+  kvMean: number;
+  smScale: number;
+}
+
+/**
+ * A regime's values for head dim dQK and about `entries` attended entries per query (the cancel
+ * regime aims the logits at −ln(entries)). `unit` draws nothing from rng.
+ */
+export function regimeValues(rng: Rng, regime: DataRegime, dQK: number, entries: number): RegimeValues {
+  const smScale = 1 / Math.sqrt(dQK);
+  if (regime === 'unit') return { regime, std: 1, qMean: 0, kvMean: 0, smScale };
+  if (regime === 'flashmla') {
+    const offset = (rng.uniform() - 0.5) / 10;
+    return { regime, std: 0.1, qMean: offset, kvMean: offset, smScale };
+  }
+  // logit ≈ smScale · dQK · qMean · kvMean = −ln(entries)
+  const qMean = 0.5;
+  return { regime, std: 0.1, qMean, kvMean: -Math.log(Math.max(1, entries)) / (smScale * dQK * qMean), smScale };
 }
 
 /** The invalid index fillers of SPEC §4's test grid for a KV length sKV. */
@@ -114,6 +153,7 @@ export const PREFILL_SQS = [1, 62, 213] as const;
 
 export interface PrefillCase {
   name: string;
+  regime: DataRegime;
   sKV: number;
   topk: number;
   hQ: number;
@@ -126,7 +166,10 @@ export interface PrefillCase {
   allInvalidRow: boolean;
 }
 
-/** Every (sKV, topk) × hQ × dQK; sQ and the features rotate; sQ capped by `flopCap` per case. */
+/**
+ * Every (sKV, topk) × hQ × dQK; sQ, the data regime and the features rotate (each regime meets
+ * every pair, hQ, dQK and sink kind); sQ capped by `flopCap` per case.
+ */
 export function prefillCases(flopCap = 1.2e10): PrefillCase[] {
   const cases: PrefillCase[] = [];
   let c = 0;
@@ -138,8 +181,9 @@ export function prefillCases(flopCap = 1.2e10): PrefillCase[] {
       const sink = (['none', 'finite', 'with-inf'] as const)[c % 3]!;
       const lengths = (['none', 'random', 'with-zero-and-over', 'none'] as const)[c % 4]!;
       const int64 = c % 5 === 4, threeD = c % 6 === 5, allInvalidRow = c % 2 === 0 && sQ > 1;
+      const regime = DATA_REGIMES[Math.floor(c / 2) % DATA_REGIMES.length]!;
       const tags = [sink !== 'none' ? `sink:${sink}` : '', lengths !== 'none' ? `topkLength:${lengths}` : '', int64 ? 'int64' : '', threeD ? '[sQ,1,topk]' : '', allInvalidRow ? 'all-invalid row' : ''].filter(Boolean).join(' ');
-      cases.push({ name: `prefill sKV=${sKV} topk=${topk} hQ=${hQ} dQK=${dQK} sQ=${sQ} ${tags}`.trim(), sKV, topk, hQ, dQK, sQ, sink, lengths, int64, threeD, allInvalidRow });
+      cases.push({ name: `prefill ${regime} sKV=${sKV} topk=${topk} hQ=${hQ} dQK=${dQK} sQ=${sQ} ${tags}`.trim(), regime, sKV, topk, hQ, dQK, sQ, sink, lengths, int64, threeD, allInvalidRow });
       c++;
     }
   }
@@ -161,7 +205,8 @@ export function buildPrefillCase(g: PrefillCase, r: Rng, refFlopCap = 4e8): { ar
   } else {
     indices = tensor('int32', shape, idx32);
   }
-  const args: SparsePrefillArgs = { q: randomBf16(r, [sQ, hQ, dQK]), kv: randomBf16(r, [sKV, dQK]), indices, smScale: 1 / Math.sqrt(dQK) };
+  const v = regimeValues(r, g.regime, dQK, Math.min(topk, sKV));
+  const args: SparsePrefillArgs = { q: randomBf16(r, [sQ, hQ, dQK], v.std, v.qMean), kv: randomBf16(r, [sKV, dQK], v.std, v.kvMean), indices, smScale: v.smScale };
   if (g.sink !== 'none') {
     const s = Float32Array.from({ length: hQ }, () => r.normal() * 2);
     if (g.sink === 'with-inf') {
@@ -189,6 +234,7 @@ export function buildPrefillCase(g: PrefillCase, r: Rng, refFlopCap = 4e8): { ar
 
 export interface PagedCase {
   name: string;
+  regime: DataRegime;
   n: number;
   hQ: number;
   pageSize: number;
@@ -202,11 +248,11 @@ export interface PagedCase {
 
 export function pagedCases(): PagedCase[] {
   return [
-    { name: 'paged main only hQ=64 P=64 topk=128', n: 24, hQ: 64, pageSize: 64, numPages: 6, topk: 128, extra: null, sink: false, lengths: false },
-    { name: 'paged main+extra hQ=64 P=64/2 topk=128+512 sink lengths', n: 17, hQ: 64, pageSize: 64, numPages: 4, topk: 128, extra: { pageSize: 2, numPages: 400, topk: 512 }, sink: true, lengths: true },
-    { name: 'paged main+extra hQ=128 P=256/64 topk=128+1024 sink', n: 9, hQ: 128, pageSize: 256, numPages: 2, topk: 128, extra: { pageSize: 64, numPages: 20, topk: 1024 }, sink: true, lengths: false },
-    { name: 'paged main+extra hQ=16 P=2/64 topk=64+100 lengths', n: 31, hQ: 16, pageSize: 2, numPages: 90, topk: 64, extra: { pageSize: 64, numPages: 3, topk: 100 }, sink: false, lengths: true },
-    { name: 'paged hQ=1 P=64 topk=200 sink', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
+    { name: 'paged unit main only hQ=64 P=64 topk=128', regime: 'unit', n: 24, hQ: 64, pageSize: 64, numPages: 6, topk: 128, extra: null, sink: false, lengths: false },
+    { name: 'paged flashmla main+extra hQ=64 P=64/2 topk=128+512 sink lengths', regime: 'flashmla', n: 17, hQ: 64, pageSize: 64, numPages: 4, topk: 128, extra: { pageSize: 2, numPages: 400, topk: 512 }, sink: true, lengths: true },
+    { name: 'paged cancel main+extra hQ=128 P=256/64 topk=128+1024 sink', regime: 'cancel', n: 9, hQ: 128, pageSize: 256, numPages: 2, topk: 128, extra: { pageSize: 64, numPages: 20, topk: 1024 }, sink: true, lengths: false },
+    { name: 'paged cancel main+extra hQ=16 P=2/64 topk=64+100 lengths', regime: 'cancel', n: 31, hQ: 16, pageSize: 2, numPages: 90, topk: 64, extra: { pageSize: 64, numPages: 3, topk: 100 }, sink: false, lengths: true },
+    { name: 'paged unit hQ=1 P=64 topk=200 sink', regime: 'unit', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
   ];
 }
 

@@ -10,7 +10,7 @@
 import { SparseMlaError } from '../errors.js';
 import { createKvCache } from '../index.js';
 import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, type PlanChunk, type PlanStats, type PrefillLayerResult, type PrefillPath, type PrefillPathChoice } from '../planner/index.js';
-import { compareToReference, prefillLayerReference, TOLERANCES, type PlanReferenceChunk } from '../reference/index.js';
+import { compareAttention, prefillLayerReference, type PlanReferenceChunk, type TensorComparison } from '../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../tensor.js';
 import type { Engine, KvCache, Tensor } from '../types.js';
 import type { Progress } from './progress.js';
@@ -48,23 +48,13 @@ export interface RequestInfo {
   extendLen: number;
 }
 
-export interface ErrorSummary {
-  pass: boolean;
-  count: number;
-  failures: number;
-  maxAbsErr: number;
-  maxRelErr: number;
-  cosineGap?: number;
-  infNanMismatch: number;
-  tolerance: { abs: number; rel: number; cos?: number };
-}
-
 export interface LayerCheck {
   pass: boolean;
   sampledQueries: number[];
-  out: ErrorSummary;
-  lse: ErrorSummary;
-  maxLogits: ErrorSummary;
+  /** SPEC §4's bounds on both paths: worst error/bound ratio and where, elements over, 1 − cos */
+  out: TensorComparison;
+  lse: TensorComparison;
+  maxLogits: TensorComparison;
   /** the dropped count equals the number of not-yet-visible entries the generator planted */
   droppedPass: boolean;
 }
@@ -339,21 +329,6 @@ export function sampleLayerQueries(reqs: RequestInfo[], count: number, rng: Rng)
   return [...chosen].sort((a, b) => a - b);
 }
 
-/** compareToReference's verdict as a report row. */
-export function summarize(got: ArrayLike<number>, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): ErrorSummary {
-  const c = compareToReference(got, ref, tol);
-  return {
-    pass: c.pass,
-    count: c.count,
-    failures: c.failures,
-    maxAbsErr: c.maxAbsErr,
-    maxRelErr: c.maxRelErr,
-    ...(tol.cos !== undefined ? { cosineGap: c.cosineGap } : {}),
-    infNanMismatch: c.infNanMismatch,
-    tolerance: tol,
-  };
-}
-
 function timedAsync<T>(fn: () => Promise<T>): Promise<[T, number]> {
   const t0 = performance.now();
   return fn().then((v) => [v, (performance.now() - t0) / 1000]);
@@ -450,9 +425,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
       gotLse.set(res.lse.data.subarray(qi * h, (qi + 1) * h), k * h);
       gotMax.set(res.maxLogits.data.subarray(qi * h, (qi + 1) * h), k * h);
     });
-    const out = summarize(gotOut, ref.out, res.path === 'paged' ? TOLERANCES.pagedOut : TOLERANCES.out);
-    const lse = summarize(gotLse, ref.lse, TOLERANCES.lse);
-    const maxLogits = summarize(gotMax, ref.maxLogits, TOLERANCES.maxLogits);
+    const { out, lse, maxLogits } = compareAttention({ out: gotOut, lse: gotLse, maxLogits: gotMax }, ref, { heads: h, dV: DV, queries: sample });
     const expectedDropped = li.topk?.planted ?? 0;
     const droppedPass = res.dropped === expectedDropped;
     const layout = plan.layout(ratio);

@@ -2,7 +2,7 @@
  * The prefill router (SPEC §7): a chunk goes down the workspace path ('sparse': dequant the needed
  * rows once, then sparsePrefill) when it has more queries than a threshold, or when forced; else
  * down the paged path (attention straight over the FP8 pages). Both give the same result within
- * SPEC §4's tolerances; the choice and its reason are returned to the caller.
+ * SPEC §4's accuracy bounds; the choice and its reason are returned to the caller.
  */
 import { fail } from '../errors.js';
 import { describe } from '../ops/common.js';

@@ -84,6 +84,7 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
   const nq = qs.length;
   const res: ReferenceAttentionResult = {
     out: new Float64Array(nq * hQ * dV),
+    mag: new Float64Array(nq * hQ * dV),
     lse: new Float64Array(nq * hQ),
     maxLogits: new Float64Array(nq * hQ),
   };
@@ -105,7 +106,7 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
         cnt++;
       }
     }
-    attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, gathered, offsets, cnt, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+    attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, gathered, offsets, cnt, args.smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
   }
   return res;
 }

@@ -8,7 +8,7 @@ const prepared = prepareSparsePrefillReference((workerData as { args: SparsePref
 port.on('message', (msg: { queries: number[] }) => {
   try {
     const result = prepared.run(msg.queries);
-    port.postMessage({ result }, [result.out.buffer as ArrayBuffer, result.lse.buffer as ArrayBuffer, result.maxLogits.buffer as ArrayBuffer]);
+    port.postMessage({ result }, [result.out.buffer as ArrayBuffer, result.mag.buffer as ArrayBuffer, result.lse.buffer as ArrayBuffer, result.maxLogits.buffer as ArrayBuffer]);
   } catch (e) {
     port.postMessage({ error: e instanceof Error ? e.message : String(e) });
   }

@@ -113,6 +113,8 @@ export interface PrefillLayerReferenceArgs {
 export interface PrefillLayerReferenceResult {
   /** [nq, hQ, 512] */
   out: Float64Array;
+  /** [nq, hQ, 512]: Σ_k w_k·|v_k| with out's weights (the scale of the out bound, SPEC §4) */
+  mag: Float64Array;
   /** [nq, hQ]; +inf for a query with nothing to attend */
   lse: Float64Array;
   /** [nq, hQ]; −inf for a query with nothing to attend */
@@ -148,6 +150,7 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
 
   const nq = queries.length;
   const out = new Float64Array(nq * hQ * D);
+  const mag = new Float64Array(nq * hQ * D);
   const lse = new Float64Array(nq * hQ);
   const maxLogits = new Float64Array(nq * hQ);
   let dropped = 0;
@@ -188,9 +191,12 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
       for (let k = 0; k < rows.length; k++) {
         const w = Math.exp(logits[k]! - lseSink);
         const v = rows[k]!;
-        for (let d = 0; d < D; d++) out[o + d] += w * v[d]!;
+        for (let d = 0; d < D; d++) {
+          out[o + d] += w * v[d]!;
+          mag[o + d] += w * Math.abs(v[d]!);
+        }
       }
     }
   }
-  return { out, lse, maxLogits, dropped };
+  return { out, mag, lse, maxLogits, dropped };
 }

@@ -13,6 +13,11 @@ export interface ReferenceOptions {
 export interface ReferenceAttentionResult {
   /** [nq, hQ, dV] */
   out: Float64Array;
+  /**
+   * [nq, hQ, dV]: Σ_k w_k·|v_k| with out's own weights w_k = exp(P_k − lse′), the scale of an out
+   * element's rounding error in a bf16 kernel (≥ |out|; 0 where out is 0 by the sink or no entry)
+   */
+  mag: Float64Array;
   /** [nq, hQ]; +inf where a query has no valid entry */
   lse: Float64Array;
   /** [nq, hQ]; -inf where a query has no valid entry */
@@ -97,9 +102,9 @@ export function logAddExp(a: number, b: number): number {
 }
 
 /**
- * Attend one query (all heads) over `n` gathered rows and write out/lse/maxLogits for it.
+ * Attend one query (all heads) over `n` gathered rows and write out/mag/lse/maxLogits for it.
  * q: [hQ, dQK] at qOff; rows[rowOffsets[k] .. + dQK) is entry k; the first dV dims are V.
- * scratch must hold hQ·n float64.
+ * out and mag share outOff. scratch must hold hQ·n float64.
  */
 export function attendQueryReference(
   q: Float32Array,
@@ -113,6 +118,7 @@ export function attendQueryReference(
   smScale: number,
   sink: Float32Array | null,
   out: Float64Array,
+  mag: Float64Array,
   outOff: number,
   lse: Float64Array,
   maxLogits: Float64Array,
@@ -125,6 +131,7 @@ export function attendQueryReference(
       maxLogits[statOff + h] = -Infinity;
     }
     out.fill(0, outOff, outOff + hQ * dV);
+    mag.fill(0, outOff, outOff + hQ * dV);
     return;
   }
   // logits[h * n + k] = smScale · <q_h, row_k>, float64. Blocked as 2 rows × 4 heads so each loaded
@@ -187,8 +194,10 @@ export function attendQueryReference(
     for (let j = 0; j < n; j++) scratch[lo + j] = Math.exp(scratch[lo + j]! - lPrime);
   }
 
-  // out[h, :] = Σ_k w[h, k] · row_k[:dV], blocked as 4 heads × 4 rows
+  // out[h, :] = Σ_k w[h, k] · row_k[:dV] and mag[h, :] = Σ_k w[h, k] · |row_k[:dV]|, blocked as
+  // 4 heads × 4 rows
   out.fill(0, outOff, outOff + hQ * dV);
+  mag.fill(0, outOff, outOff + hQ * dV);
   let h = 0;
   for (; h + 4 <= hQ; h += 4) {
     const o0 = outOff + h * dV, o1 = o0 + dV, o2 = o1 + dV, o3 = o2 + dV;
@@ -202,21 +211,30 @@ export function attendQueryReference(
       const r0 = rowOffsets[j]!, r1 = rowOffsets[j + 1]!, r2 = rowOffsets[j + 2]!, r3 = rowOffsets[j + 3]!;
       for (let d = 0; d < dV; d++) {
         const x0 = rows[r0 + d]!, x1 = rows[r1 + d]!, x2 = rows[r2 + d]!, x3 = rows[r3 + d]!;
+        const a0 = Math.abs(x0), a1 = Math.abs(x1), a2 = Math.abs(x2), a3 = Math.abs(x3);
         out[o0 + d]! += w0 * x0 + w1 * x1 + w2 * x2 + w3 * x3;
         out[o1 + d]! += v0 * x0 + v1 * x1 + v2 * x2 + v3 * x3;
         out[o2 + d]! += s0 * x0 + s1 * x1 + s2 * x2 + s3 * x3;
         out[o3 + d]! += t0 * x0 + t1 * x1 + t2 * x2 + t3 * x3;
+        mag[o0 + d]! += w0 * a0 + w1 * a1 + w2 * a2 + w3 * a3;
+        mag[o1 + d]! += v0 * a0 + v1 * a1 + v2 * a2 + v3 * a3;
+        mag[o2 + d]! += s0 * a0 + s1 * a1 + s2 * a2 + s3 * a3;
+        mag[o3 + d]! += t0 * a0 + t1 * a1 + t2 * a2 + t3 * a3;
       }
     }
     for (; j < n; j++) {
       const w0 = scratch[h * n + j]!, w1 = scratch[(h + 1) * n + j]!, w2 = scratch[(h + 2) * n + j]!, w3 = scratch[(h + 3) * n + j]!;
       const r0 = rowOffsets[j]!;
       for (let d = 0; d < dV; d++) {
-        const x = rows[r0 + d]!;
+        const x = rows[r0 + d]!, a = Math.abs(x);
         out[o0 + d]! += w0 * x;
         out[o1 + d]! += w1 * x;
         out[o2 + d]! += w2 * x;
         out[o3 + d]! += w3 * x;
+        mag[o0 + d]! += w0 * a;
+        mag[o1 + d]! += w1 * a;
+        mag[o2 + d]! += w2 * a;
+        mag[o3 + d]! += w3 * a;
       }
     }
   }
@@ -224,7 +242,11 @@ export function attendQueryReference(
     const o0 = outOff + h * dV;
     for (let j = 0; j < n; j++) {
       const w = scratch[h * n + j]!, r0 = rowOffsets[j]!;
-      for (let d = 0; d < dV; d++) out[o0 + d]! += w * rows[r0 + d]!;
+      for (let d = 0; d < dV; d++) {
+        const x = rows[r0 + d]!;
+        out[o0 + d]! += w * x;
+        mag[o0 + d]! += w * Math.abs(x);
+      }
     }
   }
 }
@@ -282,6 +304,7 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
       const nq = qs.length;
       const res: ReferenceAttentionResult = {
         out: new Float64Array(nq * hQ * dV),
+        mag: new Float64Array(nq * hQ * dV),
         lse: new Float64Array(nq * hQ),
         maxLogits: new Float64Array(nq * hQ),
       };
@@ -295,7 +318,7 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
           const idx = set.entry(i, k, sKV);
           if (idx >= 0) offsets[n++] = idx * dQK;
         }
-        attendQueryReference(qRow, 0, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+        attendQueryReference(qRow, 0, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
       }
       return res;
     },

@@ -1,7 +1,10 @@
-/** Judging engine outputs against the float64 reference, with failure messages that say where. */
+/**
+ * Judging engine outputs against the float64 reference with SPEC §4's bounds (the one bounds
+ * module, src/reference/compare.ts), with failure messages that say how far over and where.
+ */
 import { expect } from 'vitest';
 import type { Tensor } from '../../dist/index.js';
-import { compareToReference, decodeBf16, type Comparison, type Tolerance } from '../../dist/reference/index.js';
+import { compareAttention, decodeBf16, formatAttentionComparison, type AttentionComparison, type AttentionValues, type BoundsReference } from '../../dist/reference/index.js';
 
 /** The values of a bf16 or float32 tensor restricted to the given leading-dim rows. */
 export function rowsOf(t: Tensor<'bf16'> | Tensor<'float32'>, rows: readonly number[]): Float64Array {
@@ -17,23 +20,25 @@ export function rowsOf(t: Tensor<'bf16'> | Tensor<'float32'>, rows: readonly num
   return out;
 }
 
-export function summarize(c: Comparison): Record<string, unknown> {
-  return {
-    pass: c.pass,
-    failures: c.failures,
-    infNanMismatch: c.infNanMismatch,
-    maxAbsErr: c.maxAbsErr,
-    maxRelErr: c.maxRelErr,
-    cosineGap: c.cosineGap,
-    worstIndex: c.worstIndex,
-    worstGot: c.worstGot,
-    worstRef: c.worstRef,
-  };
+interface AttentionTensors {
+  out: Tensor<'bf16'>;
+  lse: Tensor<'float32'>;
+  maxLogits: Tensor<'float32'>;
 }
 
-/** Assert got is within tol of ref; on failure the message carries the label and the comparison. */
-export function expectWithin(label: string, got: ArrayLike<number>, ref: ArrayLike<number>, tol: Tolerance): Comparison {
-  const c = compareToReference(got, ref, tol);
-  if (!c.pass) expect({ label, ...summarize(c) }).toEqual({ label, pass: true });
+/** An engine result's out/lse/maxLogits on the given query rows, as values. */
+export function attentionRows(r: AttentionTensors, rows: readonly number[]): AttentionValues {
+  return { out: rowsOf(r.out, rows), lse: rowsOf(r.lse, rows), maxLogits: rowsOf(r.maxLogits, rows) };
+}
+
+/**
+ * Assert an engine result is within SPEC §4's bounds of the reference on `queries` (the rows the
+ * reference holds, in order); on failure the message carries the label and every tensor's worst
+ * ratio and where.
+ */
+export function expectWithinBounds(label: string, got: AttentionTensors, ref: BoundsReference, queries: readonly number[]): AttentionComparison {
+  const heads = got.lse.shape[1]!, dV = got.out.shape[2]!;
+  const c = compareAttention(attentionRows(got, queries), ref, { heads, dV, queries });
+  expect(c.pass, `${label}: ${formatAttentionComparison(c)}`).toBe(true);
   return c;
 }

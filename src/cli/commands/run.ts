@@ -20,7 +20,10 @@ import {
   dequantizeKCacheReference,
   quantizeKCacheReference,
   prepareSparsePrefillReference,
-  TOLERANCES,
+  compareAttention,
+  describeBounds,
+  formatPosition,
+  type TensorComparison,
 } from '../../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../../tensor.js';
 import type { BackendChoice, Engine, KvCache, Tensor } from '../../types.js';
@@ -29,7 +32,7 @@ import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
-import { LAYER_PATHS, parseLayers, runLayerChunk, summarize, type ErrorSummary, type LayerChunkShape, type LayerReport } from '../layers.js';
+import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
 import {
   buildWorkload,
   checkShape,
@@ -87,7 +90,8 @@ const OPTIONS = {
 const USAGE = `Usage: sparse-mla run [options]
 
 Runs on the best backend, in two sections, and checks everything against the float64 reference
-(SPEC §4 tolerances). Exit 0 when all checks pass, 1 if not.
+(SPEC §4 accuracy bounds, docs/SPEC.md: per tensor the worst error/bound ratio, pass <= 1, and where).
+Exit 0 when all checks pass, 1 if not.
 
 1. prefill: one big c4 prefill chunk (topk compressed entries + a causal sliding window per query,
    dQK = dV = 512, a sink per head): quantize a random v4 paged cache, dequantize the chunk's
@@ -102,11 +106,17 @@ Options:
 ${formatOptions(OPTIONS)}
 `;
 
-/** A row of the check table: the layers' error summary (without its inf/NaN count), named. */
-interface CheckRow extends Omit<ErrorSummary, 'infNanMismatch'> {
+/** A row of the check table: a bit-exact check, or one tensor judged with SPEC §4's bounds. */
+interface CheckRow {
   name: string;
-  /** a bit-exact check (no tolerance) */
+  pass: boolean;
+  count: number;
+  /** elements that differ (exact) or are over their bound */
+  failures: number;
+  /** a bit-exact check (no bound) */
   exact?: boolean;
+  /** the bounded checks: worst error/bound ratio and where, elements over, 1 − cos (out) */
+  comparison?: TensorComparison;
   note?: string;
 }
 
@@ -156,9 +166,6 @@ function checkQuantize(w: Workload, cache: KvCache, sample: number[]): CheckRow 
     pass: failures === 0,
     count: ids.length,
     failures,
-    maxAbsErr: NaN,
-    maxRelErr: NaN,
-    tolerance: { abs: 0, rel: 0 },
     exact: true,
     note: `${ids.length - failures}/${ids.length} sampled tokens bit-identical to the reference`,
   };
@@ -168,22 +175,17 @@ function checkQuantize(w: Workload, cache: KvCache, sample: number[]): CheckRow 
 function checkDequantize(w: Workload, cache: KvCache, kv: Tensor<'bf16'>): CheckRow {
   const ref = dequantizeKCacheReference(cache, Array.from(w.tokenIds));
   let failures = 0;
-  let maxAbsErr = 0;
   for (let i = 0; i < ref.length; i++) {
     const got = bf16BitsToFloat32(kv.data[i]!);
     const want = ref[i]!;
     if (got === want || (Number.isNaN(got) && Number.isNaN(want))) continue;
     failures++;
-    maxAbsErr = Math.max(maxAbsErr, Math.abs(got - want));
   }
   return {
     name: 'dequantize values',
     pass: failures === 0 && ref.length === kv.data.length,
     count: ref.length,
     failures,
-    maxAbsErr,
-    maxRelErr: NaN,
-    tolerance: { abs: 0, rel: 0 },
     exact: true,
     note: `${ref.length - failures}/${ref.length} values equal to the reference`,
   };
@@ -272,9 +274,6 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
     pass: nonFinite === 0,
     count: shape.queries * heads * DV,
     failures: nonFinite,
-    maxAbsErr: NaN,
-    maxRelErr: NaN,
-    tolerance: { abs: 0, rel: 0 },
     exact: true,
     note: `all ${shape.queries} queries: ${nonFinite} non-finite outputs (every row has valid entries)`,
   });
@@ -288,6 +287,7 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
 
   if (sample.length > 0) {
     const refOut = new Float64Array(sample.length * heads * DV);
+    const refMag = new Float64Array(sample.length * heads * DV);
     const refLse = new Float64Array(sample.length * heads);
     const refMax = new Float64Array(sample.length * heads);
     // The reference sees only the sampled queries (their q rows, index rows and lengths), so it
@@ -315,6 +315,7 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
       for (let k = 0; k < sample.length; k++) {
         const ref = prepared.run([k]);
         refOut.set(ref.out, k * heads * DV);
+        refMag.set(ref.mag, k * heads * DV);
         refLse.set(ref.lse, k * heads);
         refMax.set(ref.maxLogits, k * heads);
         progress.update(k + 1);
@@ -323,13 +324,22 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
     });
     progress.finish();
     steps.push({ step: 'float64 reference', seconds: refSeconds, calls: sample.length, note: `${sample.length} sampled queries (JS, for the checks)` });
-    const compare = (name: string, got: Float32Array, ref: Float64Array, tol: { abs: number; rel: number; cos?: number }): CheckRow => {
-      const { infNanMismatch, ...summary } = summarize(got, ref, tol);
-      return { name, ...summary, ...(infNanMismatch ? { note: `${infNanMismatch} inf/NaN placement mismatches` } : {}) };
-    };
-    checks.push(compare('prefill out', gotOut, refOut, TOLERANCES.out));
-    checks.push(compare('prefill lse', gotLse, refLse, TOLERANCES.lse));
-    checks.push(compare('prefill maxLogits', gotMax, refMax, TOLERANCES.maxLogits));
+    const verdict = compareAttention(
+      { out: gotOut, lse: gotLse, maxLogits: gotMax },
+      { out: refOut, mag: refMag, lse: refLse, maxLogits: refMax },
+      { heads, dV: DV, queries: sample },
+    );
+    for (const t of ['out', 'lse', 'maxLogits'] as const) {
+      const c = verdict[t];
+      checks.push({
+        name: `prefill ${t}`,
+        pass: c.pass,
+        count: c.count,
+        failures: c.overBound,
+        comparison: c,
+        ...(c.infNanMismatch ? { note: `${c.infNanMismatch} inf/NaN placement mismatches` } : {}),
+      });
+    }
   }
   return { shape, w, sampled: sample.length };
 }
@@ -424,20 +434,17 @@ function prefillReport({ w, sampled }: PrefillSection, steps: StepRow[], checks:
   );
   const checkTable = formatTable(
     [
-      ['check', 'max abs err', 'tol', 'max rel err', 'tol', '1 - cos', 'tol', 'failing', 'result'],
+      ['check', 'worst err/bound', 'worst at', '1 - cos (bound)', 'failing', 'result'],
       ...checks.map((c) => [
         c.name,
-        Number.isNaN(c.maxAbsErr) ? '-' : formatError(c.maxAbsErr),
-        c.exact ? 'exact' : formatError(c.tolerance.abs),
-        Number.isNaN(c.maxRelErr) ? '-' : formatError(c.maxRelErr),
-        c.exact ? 'exact' : formatError(c.tolerance.rel),
-        c.cosineGap !== undefined ? formatError(c.cosineGap) : '-',
-        c.tolerance.cos !== undefined ? formatError(c.tolerance.cos) : '-',
+        c.comparison ? formatError(c.comparison.worstRatio) : 'exact',
+        c.comparison ? formatPosition(c.comparison.worst?.at) : '-',
+        c.comparison?.cosineGap !== undefined ? `${formatError(c.comparison.cosineGap)} (${formatError(c.comparison.cosineGapBound!)})` : '-',
         `${c.failures}/${c.count}`,
         c.pass ? 'PASS' : 'FAIL',
       ]),
     ],
-    ['left', 'right', 'right', 'right', 'right', 'right', 'right', 'right', 'left'],
+    ['left', 'right', 'left', 'right', 'right', 'left'],
   );
   const notes = checks.filter((c) => c.note).map((c) => `  ${c.name}: ${c.note}`);
   return [
@@ -445,16 +452,16 @@ function prefillReport({ w, sampled }: PrefillSection, steps: StepRow[], checks:
     '',
     stepTable,
     '',
-    `Checks (prefill: ${sampled} sampled queries vs the float64 reference; elementwise pass if abs <= tol OR rel <= tol):`,
+    `Checks (prefill: ${sampled} sampled queries vs the float64 reference, SPEC §4 bounds: pass if worst err/bound <= 1):`,
     checkTable,
     ...notes,
     '',
   ];
 }
 
-/** "3/32768" failing elements, or the inf/NaN mismatches when there are any. */
-function failing(e: ErrorSummary): string {
-  return `${e.failures}/${e.count}${e.infNanMismatch ? ` (${e.infNanMismatch} inf/NaN)` : ''}`;
+/** The worst error/bound ratio, and the elements over the bound when there are any (* = inf/NaN misplaced). */
+function worst(c: TensorComparison): string {
+  return `${formatError(c.worstRatio)}${c.overBound ? ` (${c.overBound} over${c.infNanMismatch ? '*' : ''})` : ''}`;
 }
 
 /** Section 2's lines: the requests, the router's choice, a row per layer, the plan's counters. */
@@ -466,7 +473,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
   const sameReason = r.layers.every((l) => l.reason === r.layers[0]?.reason);
   const layerTable = formatTable(
     [
-      ['layer', 'ratio', 'path', ...(sameReason ? [] : ['why (router)']), 'workspace', 'width', 'time', 'GFLOP/s', 'dropped', '1 - cos', 'failing o/l/m', 'result'],
+      ['layer', 'ratio', 'path', ...(sameReason ? [] : ['why (router)']), 'workspace', 'width', 'time', 'GFLOP/s', 'dropped', '1 - cos', 'err/bound o/l/m', 'result'],
       ...r.layers.map((l) => [
         String(l.layer),
         `c${l.ratio}`,
@@ -478,7 +485,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
         formatRate(l.gflops, '').trimEnd(),
         l.ratio === 4 ? `${l.dropped}/${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
         l.check.out.cosineGap !== undefined ? formatError(l.check.out.cosineGap) : '-',
-        [l.check.out, l.check.lse, l.check.maxLogits].map((e) => `${e.failures}${e.infNanMismatch ? '*' : ''}`).join(', '),
+        [l.check.out, l.check.lse, l.check.maxLogits].map(worst).join(', '),
         l.check.pass ? 'PASS' : 'FAIL',
       ]),
     ],
@@ -491,7 +498,6 @@ function layerReport(r: LayerReport, backend: string): string[] {
     ],
     ['left', 'right', 'right', 'left', 'left'],
   );
-  const tol = (t: { abs: number; rel: number; cos?: number }): string => `abs ${formatError(t.abs)} or rel ${formatError(t.rel)}${t.cos !== undefined ? `, 1 - cos ${formatError(t.cos)}` : ''}`;
   const checked = r.layers[0]?.check.sampledQueries.length ?? 0;
   const threshold = s.threshold !== undefined ? `threshold ${s.threshold}` : `${backend} default threshold`;
   return [
@@ -506,9 +512,10 @@ function layerReport(r: LayerReport, backend: string): string[] {
     `  path: sparse = dequantize into a bf16 workspace (its size shown), then sparsePrefill; paged = attention straight over the FP8 pages. width: index row width.`,
     `  time: the prefillLayer call (c4 combine, dequant into the workspace on the sparse path, attention); GFLOP/s over the attended entries.`,
     `  dropped: top-k entries not yet visible at the query (planted by the generator), dropped and counted by the planner, never attended (got/expected).`,
-    `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6); ` +
-      `failing o/l/m: elements outside the tolerance in out (of ${r.layers[0]?.check.out.count ?? 0}), lse and maxLogits (of ${r.layers[0]?.check.lse.count ?? 0} each), * = inf/NaN placement mismatches; ` +
-      `out ${tol(TOLERANCES.out)} (paged path: ${tol(TOLERANCES.pagedOut)}); lse and maxLogits ${tol(TOLERANCES.lse)}; reference ${formatSeconds(r.referenceSeconds)}.`,
+    `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6), ` +
+      `both paths with SPEC §4's bounds; err/bound o/l/m: the worst error/bound ratio (pass <= 1) of out, lse and maxLogits, with the elements over the bound ` +
+      `(of ${r.layers[0]?.check.out.count ?? 0} and ${r.layers[0]?.check.lse.count ?? 0}) when any, * = inf/NaN misplaced; reference ${formatSeconds(r.referenceSeconds)}.`,
+    ...describeBounds().map((l) => `    ${l}`),
     '',
     'The plan after every layer (its counters prove what was built once per chunk):',
     planTable,

@@ -90,7 +90,7 @@ const OPTIONS = {
 const USAGE = `Usage: sparse-mla run [options]
 
 Runs on the best backend, in two sections, and checks everything against the float64 reference
-(SPEC §4 accuracy bounds, docs/SPEC.md: per tensor the worst error/bound ratio, pass <= 1, and where).
+(SPEC §4 accuracy bounds, docs/SPEC.md: per tensor the worst error/bound ratio, pass <= 1).
 Exit 0 when all checks pass, 1 if not.
 
 1. prefill: one big c4 prefill chunk (topk compressed entries + a causal sliding window per query,
@@ -459,9 +459,11 @@ function prefillReport({ w, sampled }: PrefillSection, steps: StepRow[], checks:
   ];
 }
 
-/** The worst error/bound ratio, and the elements over the bound when there are any (* = inf/NaN misplaced). */
+/** The worst error/bound ratio in two digits, and the elements over the bound when there are any (* = inf/NaN misplaced). */
 function worst(c: TensorComparison): string {
-  return `${formatError(c.worstRatio)}${c.overBound ? ` (${c.overBound} over${c.infNanMismatch ? '*' : ''})` : ''}`;
+  const r = c.worstRatio;
+  const ratio = !Number.isFinite(r) ? 'inf' : r === 0 ? '0' : r >= 0.01 ? r.toPrecision(2) : r.toExponential(0);
+  return `${ratio}${c.overBound ? `(${c.overBound}${c.infNanMismatch ? '*' : ''})` : ''}`;
 }
 
 /** Section 2's lines: the requests, the router's choice, a row per layer, the plan's counters. */
@@ -485,7 +487,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
         formatRate(l.gflops, '').trimEnd(),
         l.ratio === 4 ? `${l.dropped}/${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
         l.check.out.cosineGap !== undefined ? formatError(l.check.out.cosineGap) : '-',
-        [l.check.out, l.check.lse, l.check.maxLogits].map(worst).join(', '),
+        [l.check.out, l.check.lse, l.check.maxLogits].map(worst).join(' '),
         l.check.pass ? 'PASS' : 'FAIL',
       ]),
     ],
@@ -513,8 +515,8 @@ function layerReport(r: LayerReport, backend: string): string[] {
     `  time: the prefillLayer call (c4 combine, dequant into the workspace on the sparse path, attention); GFLOP/s over the attended entries.`,
     `  dropped: top-k entries not yet visible at the query (planted by the generator), dropped and counted by the planner, never attended (got/expected).`,
     `  checks: ${checked} sampled queries per layer (first/last of each request + random) vs prefillLayerReference (float64, attention sets from SPEC §6), ` +
-      `both paths with SPEC §4's bounds; err/bound o/l/m: the worst error/bound ratio (pass <= 1) of out, lse and maxLogits, with the elements over the bound ` +
-      `(of ${r.layers[0]?.check.out.count ?? 0} and ${r.layers[0]?.check.lse.count ?? 0}) when any, * = inf/NaN misplaced; reference ${formatSeconds(r.referenceSeconds)}.`,
+      `both paths with SPEC §4's bounds; err/bound o/l/m: the worst error/bound ratio (pass <= 1) of out, lse and maxLogits, then in parentheses ` +
+      `the elements over the bound (of ${r.layers[0]?.check.out.count ?? 0} and ${r.layers[0]?.check.lse.count ?? 0}) when any, * = inf/NaN misplaced; reference ${formatSeconds(r.referenceSeconds)}.`,
     ...describeBounds().map((l) => `    ${l}`),
     '',
     'The plan after every layer (its counters prove what was built once per chunk):',

@@ -94,12 +94,9 @@ constexpr int kRowsPerProducerThread = 4;
 //   Rows load_rows(entries, qi, block, group): entries block*64 + group + 16r, resolved; an entry
 //     past .total is invalid and its index is never read.
 //   bool valid(rows, r).
-//   begin_half<DQK, C0, C1>(rows, tile, group, piece, full): start filling dims [64*C0, 64*C1) of
-//     the four rows (invalid rows zero-filled without reading).
-//   end_half<DQK, C0, C1>(flags, tile, group, piece, full): finish that half and arrive on `full`
-//     once it is visible to wgmma (flags: the buffer's validity flags, still those of this block).
-//     The kernel calls it one half later (so two halves' loads are in flight), after committing
-//     an empty cp.async group when nothing else follows.
+//   fill<DQK, C0, C1>(rows, tile, group, piece, full): fill dims [64*C0, 64*C1) of the four rows
+//     (invalid rows zero-filled without reading) and arrive on `full` once they are visible to
+//     wgmma (an arrival that may complete later, when asynchronous copies land).
 namespace detail {
 
 // Matrix descriptors are built once per operand base; a step within the operand adds its byte
@@ -319,23 +316,36 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_arrive(bar);
       }
     };
-    uint32_t pairs_done = 0, q_loads = 0;
-    bool pending = false;  // K1.left of the last pair still to be finished
-    auto finish_pending = [&] {
-      if (pending) {
-        cp_async_commit();  // an empty group: the wait inside end_half then covers everything
-        src.template end_half<DQK, 0, kLeftChunks>(sValid + 64, sK[1], group, piece, &full[2]);
-        pending = false;
-      }
+    // The tiles this CTA runs, skipping those without entries (their outputs are the math WGs'
+    // alone); the producer resolves the first rows of the next one during the current one's last
+    // pair, so a tile starts without an index round trip.
+    auto pairs_of = [&](const typename Source::Entries& e) { return (((e.total + kBlockRows - 1) / kBlockRows) + 1) / 2; };
+    struct Next {
+      int64_t t;
+      typename Source::Entries entries;
     };
-    for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
-      const TileOf tile = tile_of(t, head_blocks);
-      const typename Source::Entries entries = src.begin(tile.qi);
-      const int n_pairs = (((entries.total + kBlockRows - 1) / kBlockRows) + 1) / 2;
-      if (n_pairs == 0) continue;
+    auto next_tile = [&](int64_t t) {
+      Next n;
+      for (n.t = t; n.t < n_tiles; n.t += gridDim.x) {
+        n.entries = src.begin(tile_of(n.t, head_blocks).qi);
+        if (pairs_of(n.entries) > 0) break;
+      }
+      return n;
+    };
+    uint32_t pairs_done = 0, q_loads = 0;
+    Next cur = next_tile(blockIdx.x);
+    typename Source::Rows r0{}, r1{};
+    if (cur.t < n_tiles) {
+      const int64_t qi = tile_of(cur.t, head_blocks).qi;
+      r0 = src.load_rows(cur.entries, qi, 0, group);
+      r1 = src.load_rows(cur.entries, qi, 1, group);
+    }
+    while (cur.t < n_tiles) {
+      const TileOf tile = tile_of(cur.t, head_blocks);
+      const int n_pairs = pairs_of(cur.entries);
+      const Next nxt = next_tile(cur.t + gridDim.x);
       // Q: 64 heads x DQK, heads past h_q zero-filled (padding inside the op), once the math WGs
       // are done with the last tile's Q.
-      finish_pending();
       if (q_loads > 0) mbar_wait(q_empty, (q_loads - 1) & 1);
       {
         constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
@@ -350,34 +360,36 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         cp_async_arrive_noinc(q_full);
         ++q_loads;
       }
-      typename Source::Rows r0 = src.load_rows(entries, tile.qi, 0, group);
-      typename Source::Rows r1 = src.load_rows(entries, tile.qi, 1, group);
       for (int i = 0; i < n_pairs; ++i) {
         const uint32_t free_parity = ((pairs_done + i) & 1) ^ 1;  // the first wait on an empty barrier passes
-        // The next pair's entries are resolved now, behind this pair's copies.
-        const typename Source::Rows n0 = src.load_rows(entries, tile.qi, 2 * i + 2, group);
-        const typename Source::Rows n1 = src.load_rows(entries, tile.qi, 2 * i + 3, group);
+        // The next pair's entries (or the next tile's first pair) are resolved now, behind this
+        // pair's copies.
+        const bool last = i + 1 == n_pairs;
+        const bool more = !last || nxt.t < n_tiles;
+        const typename Source::Entries& ne = last ? nxt.entries : cur.entries;
+        const int64_t nq = last ? (more ? tile_of(nxt.t, head_blocks).qi : 0) : tile.qi;
+        const int nb = last ? 0 : 2 * i + 2;
+        typename Source::Rows n0{}, n1{};
+        if (more) {
+          n0 = src.load_rows(ne, nq, nb, group);
+          n1 = src.load_rows(ne, nq, nb + 1, group);
+        }
         mbar_wait(&empty[0], free_parity);  // K0.left (block 2i), with buffer 0's flags
         write_flags(r0, sValid, &full[0]);
-        src.template begin_half<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
-        if (pending) src.template end_half<DQK, 0, kLeftChunks>(sValid + 64, sK[1], group, piece, &full[2]);
+        src.template fill<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
         mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
         write_flags(r1, sValid + 64, &full[3]);
-        src.template begin_half<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
-        src.template end_half<DQK, 0, kLeftChunks>(sValid, sK[0], group, piece, &full[0]);
+        src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
         mbar_wait(&empty[1], free_parity);  // K0.right
-        src.template begin_half<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
-        src.template end_half<DQK, kLeftChunks, C>(sValid + 64, sK[1], group, piece, &full[3]);
+        src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
         mbar_wait(&empty[2], free_parity);  // K1.left
-        src.template begin_half<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
-        src.template end_half<DQK, kLeftChunks, C>(sValid, sK[0], group, piece, &full[1]);
-        pending = true;
+        src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
         r0 = n0;
         r1 = n1;
       }
       pairs_done += n_pairs;
+      cur = nxt;
     }
-    finish_pending();
     cp_async_wait_all();
     return;
   }

@@ -20,7 +20,7 @@ __device__ __forceinline__ int row_entry_limit(const int32_t* topk_length, int64
 // Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async (L2 256-byte prefetch,
 // kept in L2: many queries read the same rows); invalid entries are zero-filled with a 0-byte
 // source (nothing is read). The copies arrive on the half's barrier when they land, so the
-// producer goes straight on to the next half (end_half has nothing left to do).
+// producer goes straight on to the next half.
 struct Bf16GatherSource {
   static constexpr uint32_t kProducerRegs = 72;
   static constexpr uint32_t kConsumerRegs = 216;
@@ -51,7 +51,7 @@ struct Bf16GatherSource {
   __device__ __forceinline__ bool valid(const Rows& rows, int r) const { return rows.idx[r] >= 0; }
 
   template <int DQK, int C0, int C1>
-  __device__ __forceinline__ void begin_half(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* full) const {
+  __device__ __forceinline__ void fill(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* full) const {
     const uint64_t keep = l2_policy_evict_last();
     // rows group + 16r all have (row % 8) = group % 8: one swizzled piece position per thread
     uint8_t* dst = tile + group * 128 + ((piece ^ (group & 7)) << 4);
@@ -67,8 +67,6 @@ struct Bf16GatherSource {
     }
     cp_async_arrive_noinc(full);  // the barrier completes when the copies have landed
   }
-  template <int DQK, int C0, int C1>
-  __device__ __forceinline__ void end_half(const uint8_t*, uint8_t*, int, int, uint64_t*) const {}
 };
 
 // Fallback for any dQK / dV (dV <= 1024): one CTA of 128 threads per (query, head), float32

@@ -14,7 +14,7 @@ if (!cuda.available) {
 
   const cache = createKvCache('v4', { pageSize: 64, numPages: 8 });
   const ids = Int32Array.from({ length: 512 }, (_, i) => i);
-  await gpu.quantizeKCache({ cache, tokenIds: ids, rows: toBf16({ shape: [512, 512], data: random(512 * 512) }) });
+  await gpu.quantizeKCache({ cache, tokenIds: tensor('int32', [512], ids), rows: toBf16({ shape: [512, 512], data: random(512 * 512) }) });
 
   const sQ = 64, hQ = 64, topk = 128, n = 400;
   const gather = tensor('int32', [n], Int32Array.from({ length: n }, () => Math.floor(Math.random() * 512)));

@@ -88,7 +88,7 @@ export async function prefillLayer<P extends Placement = 'host'>(engine: Engine,
     fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(args.topkIndices));
   }
   const caches = plan.checkCaches(args.caches, ratio);
-  const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend });
+  const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend, compressRatio: args.compressRatio });
 
   if (dev && route.path === 'sparse' && nq > 0) {
     return (await devicePrefillLayer(engine, dev, plan, ratio, q, caches, args, attnSink, smScale, output, route)) as PrefillLayerResult<P>;

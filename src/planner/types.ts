@@ -164,7 +164,7 @@ export type PrefillPathChoice = PrefillPath | 'auto';
 export interface RouteOptions {
   /** Force a path; 'auto' (default) defers to SPARSE_MLA_PREFILL, then the threshold. */
   path?: PrefillPathChoice;
-  /** Query count above which the workspace path is taken (default: the backend's entry of SPARSE_PREFILL_THRESHOLDS, else DEFAULT_SPARSE_PREFILL_THRESHOLD). */
+  /** Query count above which the workspace path is taken (default: the backend's entry of SPARSE_PREFILL_THRESHOLDS for the layer's compress ratio, else DEFAULT_SPARSE_PREFILL_THRESHOLD). */
   threshold?: number;
   /** Environment to read SPARSE_MLA_PREFILL from (default process.env). */
   env?: Readonly<Record<string, string | undefined>>;

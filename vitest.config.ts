@@ -4,7 +4,7 @@ import { defineConfig } from 'vitest/config';
 // The op suites run once per backend under test: on wasm always, on the native `cpu` backend when
 // the addon is built, and on `cuda` when asked (SPARSE_MLA_TEST_CUDA=1, on a GPU host:
 // `SPARSE_MLA_TEST_CUDA=1 npx vitest run --project cuda`). See test/helpers/backends.ts.
-const OP_SUITES = ['test/sparse_prefill.test.ts', 'test/paged_sparse_attention.test.ts', 'test/kv_cache.test.ts', 'test/formats.test.ts'];
+const OP_SUITES = ['test/sparse_prefill.test.ts', 'test/paged_sparse_attention.test.ts', 'test/kv_cache.test.ts', 'test/formats.test.ts', 'test/sharded_layer.test.ts'];
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
 
 export default defineConfig({

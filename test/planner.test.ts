@@ -310,12 +310,12 @@ describe('router', () => {
     expect(routePrefill(DEFAULT_SPARSE_PREFILL_THRESHOLD, { env }).path).toBe('paged');
     expect(routePrefill(10, { threshold: 9, env }).path).toBe('sparse');
     const w = SPARSE_PREFILL_THRESHOLDS.wasm[4];
-    expect(routePrefill(w + 1, { backend: 'wasm', env })).toEqual({ path: 'sparse', reason: `${w + 1} queries > threshold ${w} (wasm default for c4)` });
+    expect(routePrefill(w + 1, { backend: 'wasm', env })).toEqual({ path: 'sparse', reason: `${w + 1} queries > threshold ${w} (wasm default)` });
     // per compress ratio: the cuda table's c4 and c0 entries differ
     const cuda = SPARSE_PREFILL_THRESHOLDS.cuda;
     expect(cuda[4]).toBeLessThan(cuda[0]);
     expect(routePrefill(cuda[4] + 1, { backend: 'cuda', compressRatio: 4, env }).path).toBe('sparse');
-    expect(routePrefill(cuda[4] + 1, { backend: 'cuda', compressRatio: 0, env })).toEqual({ path: 'paged', reason: `${cuda[4] + 1} queries ≤ threshold ${cuda[0]} (cuda default for c0)` });
+    expect(routePrefill(cuda[4] + 1, { backend: 'cuda', compressRatio: 0, env })).toEqual({ path: 'paged', reason: `${cuda[4] + 1} queries ≤ threshold ${cuda[0]} (cuda default)` });
     expect(routePrefill(w, { backend: 'wasm', env }).path).toBe('paged');
     expect(routePrefill(w + 1, { backend: 'wasm', threshold: w + 1, env }).reason).toBe(`${w + 1} queries ≤ threshold ${w + 1}`);
     expect(routePrefill(10, { threshold: 10, env }).path).toBe('paged');

@@ -48,7 +48,7 @@ function isIdList(v: unknown): v is IdList {
 }
 
 /** The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). */
-function readIds(list: unknown, argument: string): Float64Array {
+export function readIds(list: unknown, argument: string): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
   let src: ArrayLike<number | bigint>;
   if (Array.isArray(list) || ArrayBuffer.isView(list)) {

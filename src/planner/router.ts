@@ -61,7 +61,7 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
     if (!CHOICES.includes(v as PrefillPathChoice)) fail('INVALID_VALUE', SPARSE_PREFILL_ENV, "'sparse', 'paged' or 'auto'", describe(raw));
     if (v !== 'auto') return { path: v as PrefillPath, reason: `forced by ${SPARSE_PREFILL_ENV}=${v}` };
   }
-  const which = fromBackend ? ` (${options.backend} default for c${compressRatio})` : '';
+  const which = fromBackend ? ` (${options.backend} default)` : '';
   return numQueries > threshold
     ? { path: 'sparse', reason: `${numQueries} queries > threshold ${threshold}${which}` }
     : { path: 'paged', reason: `${numQueries} queries ≤ threshold ${threshold}${which}` };

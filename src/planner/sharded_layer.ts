@@ -1,0 +1,197 @@
+/**
+ * A prefill chunk split across several engines (SPEC §10), the way serving engines split attention:
+ *
+ * - by heads (tensor parallel): every engine attends every query over every KV row, for its own
+ *   contiguous range of the heads; one plan serves all shards;
+ * - by queries (prefill context parallel): every engine owns a contiguous range of the chunk's
+ *   queries and only the rows those queries read. A query range of a request is itself a valid
+ *   chunk request (seqLen cut back to the range's last query, the SWA ids sliced to its gather), so
+ *   each shard gets its own plan, built once with the sharded plan and reused by every layer.
+ *
+ * The shards run concurrently; each shard is an ordinary prefillLayer on its engine, so a shard
+ * computes exactly what one engine computes for those heads or queries (the same entries in the
+ * same order): N engines give the same bits as one.
+ */
+import { fail } from '../errors.js';
+import { checkArgsObject, checkRank, checkTensor, describe } from '../ops/common.js';
+import { tensor } from '../tensor.js';
+import type { Engine, Placement, Tensor } from '../types.js';
+import { swaGatherLength } from './core.js';
+import { createPlan, DEFAULT_WINDOW, Plan, readIds, WORKSPACE_ROW_DIMS } from './plan.js';
+import { prefillLayer } from './prefill_layer.js';
+import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions, PrefillLayerArgs, PrefillLayerResult } from './types.js';
+
+export type ShardSplit = 'heads' | 'queries';
+
+export interface ShardedPlanOptions extends PlanOptions {
+  /** number of shards: one per engine */
+  shards: number;
+  split: ShardSplit;
+}
+
+/** One engine's part: its plan and the flat query range it owns (the whole chunk for 'heads'). */
+export interface Shard {
+  readonly plan: Plan;
+  readonly queryOffset: number;
+  readonly numQueries: number;
+}
+
+export class ShardedPlan {
+  constructor(
+    readonly split: ShardSplit,
+    readonly shards: readonly Shard[],
+    readonly numQueries: number,
+  ) {}
+}
+
+/** Contiguous ranges [start, end) of `total` items over `parts`, sizes differing by at most one. */
+export function evenRanges(total: number, parts: number): Array<[number, number]> {
+  const out: Array<[number, number]> = [];
+  for (let p = 0, start = 0; p < parts; p++) {
+    const size = Math.floor(total / parts) + (p < total % parts ? 1 : 0);
+    out.push([start, start + size]);
+    start += size;
+  }
+  return out;
+}
+
+/** The requests of flat queries [a, b) of `chunk`: each overlapping request cut to its part. */
+function subChunk(chunk: PlanChunk, a: number, b: number, window: number): PlanChunk {
+  const requests: ChunkRequest[] = [];
+  let offset = 0;
+  chunk.requests.forEach((req, r) => {
+    const lo = Math.max(a, offset) - offset, hi = Math.min(b, offset + req.extendLen) - offset;
+    offset += req.extendLen;
+    if (hi <= lo) return;
+    // queries [lo, hi) of the request: positions seqLen − extendLen + lo … + hi − 1
+    const seqLen = req.seqLen - req.extendLen + hi, extendLen = hi - lo;
+    const ids = readIds(req.swaTokenIds, `chunk.requests[${r}].swaTokenIds`);
+    const g = swaGatherLength(req.seqLen, req.extendLen, window), g2 = swaGatherLength(seqLen, extendLen, window);
+    const from = seqLen - g2 - (req.seqLen - g);
+    requests.push({
+      seqLen,
+      extendLen,
+      swaTokenIds: ids.subarray(from, from + g2),
+      ...(req.c4PageTable !== undefined ? { c4PageTable: req.c4PageTable } : {}),
+      ...(req.c128PageTable !== undefined ? { c128PageTable: req.c128PageTable } : {}),
+    });
+  });
+  return { requests, ...(chunk.c4PageSize !== undefined ? { c4PageSize: chunk.c4PageSize } : {}), ...(chunk.c128PageSize !== undefined ? { c128PageSize: chunk.c128PageSize } : {}) };
+}
+
+/** A chunk's plan split into `options.shards` parts (SPEC §10): one plan per query range, or one for all heads. */
+export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions): ShardedPlan {
+  checkArgsObject(options, 'options');
+  const { shards: n, split, ...planOptions } = options;
+  if (!Number.isSafeInteger(n) || n < 1) fail('INVALID_VALUE', 'options.shards', 'a positive integer', describe(n));
+  if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
+  const whole = createPlan(chunk, planOptions);
+  if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
+  const window = planOptions.window ?? DEFAULT_WINDOW;
+  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(chunk, a, b, window), planOptions), queryOffset: a, numQueries: b - a }));
+  return new ShardedPlan(split, shards, whole.numQueries);
+}
+
+export interface ShardedLayerArgs extends Omit<PrefillLayerArgs, 'plan' | 'q' | 'caches' | 'topkIndices' | 'attnSink'> {
+  plan: ShardedPlan;
+  /** bf16 [numQueries, hQ, 512] on the host; each shard gets its rows or heads */
+  q: Tensor<'bf16'>;
+  /** the layer's caches for every engine, or one set per engine (device caches live on one device) */
+  caches: PlanCaches | readonly PlanCaches[];
+  /** ratio 4: int32 [numQueries, topk] on the host */
+  topkIndices?: Tensor<'int32'>;
+  /** float32 [hQ] */
+  attnSink?: Tensor<'float32'>;
+}
+
+export interface ShardResult<P extends Placement> extends PrefillLayerResult<P> {
+  readonly queryOffset: number;
+  readonly numQueries: number;
+  readonly headOffset: number;
+  readonly heads: number;
+}
+
+export interface ShardedLayerResult<P extends Placement = 'host'> {
+  /** gathered on the host (output 'host'); absent with output 'device' */
+  out?: Tensor<'bf16'>;
+  lse?: Tensor<'float32'>;
+  maxLogits?: Tensor<'float32'>;
+  /** top-k entries dropped as not yet visible, over the chunk */
+  dropped: number;
+  /** each engine's part, its outputs where `output` says */
+  shards: ShardResult<P>[];
+}
+
+function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number, hQ: number, width: number, h0: number, h1: number): T {
+  const hs = h1 - h0;
+  const out = new (data.constructor as new (n: number) => T)(rows * hs * width);
+  for (let i = 0; i < rows; i++) out.set(data.subarray((i * hQ + h0) * width, (i * hQ + h1) * width), i * hs * width);
+  return out;
+}
+
+/** One attention layer of a sharded chunk: each engine runs its shard, all at once. */
+export async function prefillLayerSharded<P extends Placement = 'host'>(engines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
+  checkArgsObject(args, 'args');
+  const { plan, compressRatio } = args;
+  if (!(plan instanceof ShardedPlan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan()', describe(plan));
+  if (!Array.isArray(engines) || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(engines));
+  const output = (options?.output ?? 'host') as Placement;
+  const q = checkTensor(args.q, 'q', ['bf16']);
+  const [nq, hQ] = checkRank(q, 'q', 3, '[numQueries, hQ, 512]');
+  if (nq !== plan.numQueries || q.shape[2] !== WORKSPACE_ROW_DIMS) fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
+  const caches = Array.isArray(args.caches) ? (args.caches as readonly PlanCaches[]) : null;
+  if (caches && caches.length !== engines.length) fail('INVALID_VALUE', 'caches', `one set per engine (${engines.length})`, `${caches.length} sets`);
+  const topk = args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
+  const sink = args.attnSink === undefined ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']);
+  const heads = plan.split === 'heads' ? evenRanges(hQ, engines.length) : engines.map((): [number, number] => [0, hQ]);
+  if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
+
+  const { plan: _plan, q: _q, caches: _caches, topkIndices: _topk, attnSink: _sink, ...rest } = args;
+  const results = await Promise.all(
+    plan.shards.map(async (shard, s) => {
+      const [h0, h1] = heads[s]!;
+      const a = shard.queryOffset, n = shard.numQueries;
+      let shardQ: Tensor<'bf16'>, shardTopk: Tensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
+      if (plan.split === 'heads') {
+        shardQ = tensor('bf16', [n, h1 - h0, WORKSPACE_ROW_DIMS], sliceHeads(q.data, n, hQ, WORKSPACE_ROW_DIMS, h0, h1));
+        shardTopk = topk;
+        shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
+      } else {
+        shardQ = tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
+        shardTopk = topk && tensor('int32', [n, topk.shape[1]!], topk.data.subarray(a * topk.shape[1]!, (a + n) * topk.shape[1]!));
+        shardSink = sink;
+      }
+      const r = await prefillLayer(engines[s]!, {
+        ...rest,
+        compressRatio,
+        plan: shard.plan,
+        q: shardQ,
+        caches: caches ? caches[s]! : (args.caches as PlanCaches),
+        ...(shardTopk ? { topkIndices: shardTopk } : {}),
+        ...(shardSink ? { attnSink: shardSink } : {}),
+      }, { output });
+      return { ...r, queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } as ShardResult<P>;
+    }),
+  );
+  const dropped = plan.split === 'heads' ? results[0]!.dropped : results.reduce((t, r) => t + r.dropped, 0);
+  if (output === 'device') return { dropped, shards: results };
+
+  // gather on the host: rows by query range, or heads within every row
+  const out = new Uint16Array(nq * hQ * WORKSPACE_ROW_DIMS), lse = new Float32Array(nq * hQ), maxLogits = new Float32Array(nq * hQ);
+  for (const r of results) {
+    const o = (r.out as Tensor<'bf16'>).data, l = (r.lse as Tensor<'float32'>).data, m = (r.maxLogits as Tensor<'float32'>).data;
+    for (let i = 0; i < r.numQueries; i++) {
+      const row = (r.queryOffset + i) * hQ + r.headOffset;
+      out.set(o.subarray(i * r.heads * WORKSPACE_ROW_DIMS, (i + 1) * r.heads * WORKSPACE_ROW_DIMS), row * WORKSPACE_ROW_DIMS);
+      lse.set(l.subarray(i * r.heads, (i + 1) * r.heads), row);
+      maxLogits.set(m.subarray(i * r.heads, (i + 1) * r.heads), row);
+    }
+  }
+  return {
+    out: tensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], out),
+    lse: tensor('float32', [nq, hQ], lse),
+    maxLogits: tensor('float32', [nq, hQ], maxLogits),
+    dropped,
+    shards: results,
+  };
+}

@@ -1,0 +1,89 @@
+/**
+ * A chunk split across engines (SPEC §10): by heads and by queries, N = 2 and 3 engines of the
+ * backend under test against one engine running the whole chunk — the same bits (out, lse,
+ * maxLogits) and the same dropped count, on both paths and every ratio; the split itself
+ * (ranges, sub-chunks) and bad input.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createEngine, tensor, SparseMlaError } from '../dist/index.js';
+import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type PrefillPath, type ShardSplit } from '../dist/planner/index.js';
+import { evenRanges } from '../dist/planner/sharded_layer.js';
+import type { Engine } from '../dist/types.js';
+import { backendUnderTest } from './helpers/backends.js';
+import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
+import { randomBf16Bits, testRng } from './helpers/random.js';
+
+const rng = testRng('sharded_layer.test');
+const HQ = 6;
+const D = 512;
+const SM_SCALE = 1 / Math.sqrt(D);
+
+let engines: Engine[] = [];
+beforeAll(async () => {
+  engines = await Promise.all([0, 1, 2].map(() => createEngine({ backend: backendUnderTest(), workers: 1 })));
+});
+afterAll(async () => {
+  await Promise.all(engines.map((e) => e.dispose()));
+});
+
+test('evenRanges: contiguous, covering, sizes differing by at most one', () => {
+  expect(evenRanges(10, 3)).toEqual([[0, 4], [4, 7], [7, 10]]);
+  expect(evenRanges(2, 3)).toEqual([[0, 1], [1, 2], [2, 2]]);
+  for (let i = 0; i < 20; i++) {
+    const total = rng.int(0, 500), parts = rng.int(1, 9);
+    const r = evenRanges(total, parts);
+    expect(r.length).toBe(parts);
+    expect(r[0]![0]).toBe(0);
+    expect(r[parts - 1]![1]).toBe(total);
+    for (let p = 1; p < parts; p++) expect(r[p]![0]).toBe(r[p - 1]![1]);
+    const sizes = r.map(([a, b]) => b - a);
+    expect(Math.max(...sizes) - Math.min(...sizes)).toBeLessThanOrEqual(1);
+  }
+});
+
+describe('N engines give the bits of one', () => {
+  const cases: Array<[0 | 4 | 128, ShardSplit, number, PrefillPath]> = [];
+  for (const ratio of [0, 4, 128] as const) for (const split of ['heads', 'queries'] as const) for (const n of [2, 3]) cases.push([ratio, split, n, n === 2 ? 'sparse' : 'paged']);
+  test.each(cases)('ratio %i, split by %s over %i engines, %s path', async (ratio, split, n, path) => {
+    // a fresh request, a long mid-sequence one, one short of the ratio, an empty one, a random one
+    const seqLens = [rng.int(5, 40), rng.int(300, 700), rng.int(100, 128), rng.int(10, 300), rng.int(130, 500)];
+    const extendLens = [seqLens[0]!, rng.int(10, 30), rng.int(1, 8), 0, rng.int(1, 20)];
+    const sc = randomScenario(rng, seqLens, extendLens);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
+    const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+    const sinkVals = new Float32Array(HQ).map(() => rng.normal());
+    sinkVals[1] = -Infinity;
+    const attnSink = tensor('float32', [HQ], sinkVals);
+    const topkIndices = ratio === 4 ? randomTopk(rng, sc, 24) : undefined;
+    const args = { compressRatio: ratio, q, caches, smScale: SM_SCALE, attnSink, path, ...(topkIndices ? { topkIndices } : {}) };
+
+    const one = await prefillLayer(engines[0]!, { ...args, plan: createPlan(sc.chunk, { caches }) });
+    const sharded = createShardedPlan(sc.chunk, { shards: n, split, caches });
+    expect(sharded.shards.length).toBe(n);
+    if (split === 'queries') {
+      expect(sharded.shards.map((s) => s.numQueries).reduce((a, b) => a + b, 0)).toBe(sc.numQueries);
+      sharded.shards.forEach((s) => expect(s.plan.numQueries).toBe(s.numQueries));
+    }
+    const got = await prefillLayerSharded(engines.slice(0, n), { ...args, plan: sharded });
+    expect(got.shards.every((s) => s.path === path)).toBe(true);
+    expect(got.out!.data).toEqual(one.out.data);
+    expect(got.lse!.data).toEqual(one.lse.data);
+    expect(got.maxLogits!.data).toEqual(one.maxLogits.data);
+    expect(got.dropped).toBe(one.dropped);
+  });
+});
+
+test('bad input: engine count, split, shard count', async () => {
+  const sc = randomScenario(rng, [200], [20]);
+  const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+  const plan = createShardedPlan(sc.chunk, { shards: 2, split: 'queries' });
+  const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+  const call = prefillLayerSharded(engines.slice(0, 3), { plan, compressRatio: 0, q, caches, smScale: SM_SCALE });
+  await expect(call).rejects.toThrow(SparseMlaError);
+  await expect(call).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'engines' });
+  expect(() => createShardedPlan(sc.chunk, { shards: 0, split: 'heads' })).toThrow(/options\.shards/);
+  expect(() => createShardedPlan(sc.chunk, { shards: 2, split: 'rows' as never })).toThrow(/options\.split/);
+  const byHeads = createShardedPlan(sc.chunk, { shards: 3, split: 'heads' });
+  const q2 = tensor('bf16', [sc.numQueries, 2, D], randomBf16Bits(rng, sc.numQueries * 2 * D, 1));
+  await expect(prefillLayerSharded(engines, { plan: byHeads, compressRatio: 0, q: q2, caches, smScale: SM_SCALE })).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'engines' });
+});

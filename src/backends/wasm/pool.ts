@@ -29,8 +29,13 @@
  * Scheduling: calls are split into tasks by the backend; tasks run first-come first-served on the
  * first idle worker, so concurrent calls queue fairly and a split call spreads over the pool.
  * A worker that exits (crash, terminate, trap) is replaced; the task it was running rejects with
- * WORKER_DIED. Idle workers are unref'd so a forgotten engine does not keep the process alive;
- * dispose() terminates them all and rejects whatever is queued or running with DISPOSED.
+ * WORKER_DIED. A replacement that fails to start is retried with exponential backoff (at once, then
+ * after 0.1 s doubling up to 10 s). Calls keep running on the healthy workers meanwhile; only when
+ * no worker is running and MAX_START_FAILURES starts in a row have failed are calls refused
+ * (BACKEND_FAILURE, saying so) — and the retries go on, so the pool serves calls again as soon as
+ * a worker starts. Idle workers and retry timers are unref'd so a forgotten engine does not keep
+ * the process alive; dispose() terminates the workers and rejects whatever is queued or running
+ * with DISPOSED.
  */
 import { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
@@ -42,12 +47,21 @@ const WORKER_URL = new URL('./worker.js', import.meta.url);
 
 /** A worker whose heap grew past this is replaced after its task, to hand the memory back. */
 const RETIRE_HEAP_BYTES = 1 << 30;
-/** Consecutive workers that die before they are ready before the pool gives up. */
+/** Consecutive start failures, with no worker running, after which calls are refused (retries go on). */
 const MAX_START_FAILURES = 3;
+/** Delay before retrying a start after the second failure in a row; doubles per further failure. */
+const START_RETRY_BASE_MS = 100;
+const START_RETRY_MAX_MS = 10_000;
+
+/** How long to wait before the next start after `failures` consecutive start failures. */
+export function startRetryDelayMs(failures: number): number {
+  if (failures <= 1) return 0;
+  return Math.min(START_RETRY_MAX_MS, START_RETRY_BASE_MS * 2 ** (failures - 2));
+}
 
 export type TaskMethod = Exclude<keyof WorkerApi, 'ready'>;
 type TaskArg<M extends TaskMethod> = Parameters<WorkerApi[M]>[0];
-type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
+export type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
 
 /** Tasks of one call: once one fails, its queued siblings are dropped instead of run. */
 export interface TaskGroup {
@@ -81,6 +95,7 @@ export class WorkerPool {
   private disposed = false;
   private broken: SparseMlaError | null = null;
   private startFailures = 0;
+  private readonly retryTimers = new Set<NodeJS.Timeout>();
   private readonly dispatchListeners = new Set<(workerIndex: number, label: string) => void>();
 
   private constructor(size: number, init: WorkerInit) {
@@ -126,6 +141,7 @@ export class WorkerPool {
         if (slot.state !== 'starting') return;
         slot.state = 'idle';
         this.startFailures = 0;
+        this.broken = null;
         worker.unref();
         onStarted();
         this.pump();
@@ -157,12 +173,36 @@ export class WorkerPool {
       }
     }
     if (this.disposed || this.slots[slot.index] !== slot) return;
-    if (previous === 'starting' && ++this.startFailures >= MAX_START_FAILURES) {
-      this.broken = new SparseMlaError('BACKEND_FAILURE', `wasm: ${this.startFailures} workers in a row failed to start${slot.lastError ? ` (${slot.lastError.message})` : ''}; the pool is unusable`, 'backend');
-      for (const t of this.queue.splice(0)) t.reject(this.broken);
+    if (previous !== 'starting') {
+      this.slots[slot.index] = this.spawn(slot.index);
       return;
     }
-    this.slots[slot.index] = this.spawn(slot.index);
+    const failures = ++this.startFailures;
+    const delay = startRetryDelayMs(failures);
+    const healthy = this.slots.some((s) => s.state === 'idle' || s.state === 'busy');
+    if (!healthy && failures >= MAX_START_FAILURES) {
+      this.broken = new SparseMlaError(
+        'BACKEND_FAILURE',
+        `wasm: no worker is running: ${failures} worker starts in a row failed${slot.lastError ? ` (${slot.lastError.message})` : ''}; retrying in ${delay / 1000} s`,
+        'backend',
+      );
+      for (const t of this.queue.splice(0)) t.reject(this.broken);
+    }
+    this.respawnLater(slot, delay);
+  }
+
+  /** Replaces a slot whose worker failed to start, after `delay` ms (a timer that does not hold the process). */
+  private respawnLater(slot: Slot, delay: number): void {
+    if (delay === 0) {
+      this.slots[slot.index] = this.spawn(slot.index);
+      return;
+    }
+    const timer = setTimeout(() => {
+      this.retryTimers.delete(timer);
+      if (!this.disposed && this.slots[slot.index] === slot) this.slots[slot.index] = this.spawn(slot.index);
+    }, delay);
+    timer.unref();
+    this.retryTimers.add(timer);
   }
 
   /** Queues one task; resolves with the worker's value or rejects with its typed error. */
@@ -244,6 +284,8 @@ export class WorkerPool {
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
+    for (const t of this.retryTimers) clearTimeout(t);
+    this.retryTimers.clear();
     for (const t of this.queue.splice(0)) t.reject(disposedError());
     await Promise.all(
       this.slots.map(async (s) => {
@@ -275,6 +317,7 @@ export class WorkerPool {
     threadIds: (): number[] => this.slots.map((s) => s.worker.threadId),
     busyWorkers: (): number[] => this.slots.filter((s) => s.state === 'busy').map((s) => s.index),
     idleWorkers: (): number[] => this.slots.filter((s) => s.state === 'idle').map((s) => s.index),
+    states: (): Slot['state'][] => this.slots.map((s) => s.state),
     queued: (): number => this.queue.length,
   };
 }

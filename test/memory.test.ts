@@ -23,6 +23,11 @@ const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as 
 const child = (name: string) => fileURLToPath(new URL(`./children/${name}`, import.meta.url));
 const MiB = 2 ** 20;
 
+/** A call's outcome in a form that prints small: the error's code and argument, or 'resolved'. */
+function outcome(x: unknown): unknown {
+  return x instanceof SparseMlaError ? { code: x.code, argument: x.argument } : x instanceof Error ? `${x.name}: ${x.message}` : 'resolved';
+}
+
 function runChild(args: string[], timeout = 240_000): Record<string, number | boolean> {
   const p = spawnSync(process.execPath, args, { encoding: 'utf8', timeout });
   expect({ signal: p.signal, status: p.status, stderr: p.stderr }).toEqual({ signal: null, status: 0, stderr: '' });
@@ -55,8 +60,7 @@ describe.each(BACKENDS)('%s', (backend) => {
       const over = 80 * 1024; // 80 MiB of bf16 rows
       const t0 = performance.now();
       const err = await engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [over], new Int32Array(over)) }).catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(SparseMlaError);
-      expect(err).toMatchObject({ code: 'TOO_LARGE', argument: 'tokenIds' });
+      expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'tokenIds' });
       expect((err as Error).message).toMatch(/memory budget of 67108864 bytes/);
       expect(performance.now() - t0).toBeLessThan(2000);
       const ids = Int32Array.from({ length: 4096 }, () => rng.int(0, 256));
@@ -70,8 +74,7 @@ describe.each(BACKENDS)('%s', (backend) => {
       const q = tensor('bf16', [2, 2, 512], randomBf16Bits(rng, 2 * 2 * 512));
       const indices = tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV));
       const err = await engine.sparsePrefill({ q, kv: tensor('bf16', [sKV, 512], kvBits), indices, smScale: 0.05 }).catch((e: unknown) => e);
-      expect(err).toBeInstanceOf(SparseMlaError);
-      expect(err).toMatchObject({ code: 'TOO_LARGE', argument: 'q' });
+      expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
       expect((err as Error).message).toMatch(/staging of the inputs/);
       const shared = new Uint16Array(new SharedArrayBuffer(kvBits.byteLength));
       shared.set(randomBf16Bits(rng, 4096 * 512));
@@ -127,7 +130,7 @@ describe('the default budget', () => {
       try {
         const t0 = performance.now();
         const err = await engine.dequantizeKCachePaged({ cache, tokenIds }).catch((e: unknown) => e);
-        expect(err).toMatchObject({ code: 'TOO_LARGE' });
+        expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'tokenIds' });
         expect(performance.now() - t0).toBeLessThan(5000);
       } finally {
         await engine.dispose();

@@ -112,8 +112,7 @@ describe.each(BACKENDS)('%s: what is validated is what is computed', (backend) =
     liar.set(args.kv.data.subarray(0, real));
     liar.claimed = 64 * 512;
     const err = await engine.sparsePrefill({ ...args, kv: { dtype: 'bf16', shape: [64, 512], data: liar } as Tensor<'bf16'> }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(SparseMlaError);
-    expect(err).toMatchObject({ code: 'INVALID_SHAPE', argument: 'kv.data' });
+    expect(err instanceof SparseMlaError ? { code: err.code, argument: err.argument } : 'resolved').toEqual({ code: 'INVALID_SHAPE', argument: 'kv.data' });
   });
 
   test('inputs in SharedArrayBuffers are read in place and give the reference results', async () => {

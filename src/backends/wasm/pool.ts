@@ -7,10 +7,11 @@
  * threads/shared-memory variant of the module (Emscripten 3.1.6 standalone, no MEMORY64), so one
  * memory cannot be shared by several instances: every worker needs the bytes it works on inside
  * its own heap, i.e. at least one copy per worker. What we avoid is every *other* copy:
- * - the backend places each input array in a SharedArrayBuffer once per call (no copy at all when
- *   the caller's array already lives in one), and sends only views of it: postMessage shares a
- *   SharedArrayBuffer instead of cloning it, so sending the same kv to N workers costs nothing on
- *   the main thread;
+ * - the backend places each input array once per call in its staging, SharedArrayBuffer slabs
+ *   reused from call to call (../staging.ts; no copy at all when the caller's array already lives
+ *   in shared memory), and sends only views of it: postMessage shares a SharedArrayBuffer instead
+ *   of cloning it, so sending the same kv to N workers costs nothing on the main thread, and the
+ *   slabs being reused, the references an idle worker keeps do not pile up memory;
  * - each worker then copies straight from the shared buffer into its heap: its own row range of
  *   q / indices / topkLength (rows) and the whole of what every row may touch (kv, caches, sink);
  * - outputs are copied out of the heap into fresh ArrayBuffers and *transferred* back (no clone);
@@ -19,10 +20,10 @@
  * the attention itself — and a heap per worker that must hold it (checked before any work:
  * TOO_LARGE; a call too big for one heap is cut into more row ranges than there are workers).
  * The cache ops avoid even that: for a dequant the main thread gathers just the requested tokens
- * (584 or 656 bytes each) into a compact cache, and a quantize fills a compact cache in the worker
- * that the main thread scatters into the caller's cache once every part succeeded — so neither
- * ever copies a whole cache, and a failed call leaves the cache untouched.
- * Inputs are captured when the call is made (the shared copies are taken synchronously), so the
+ * (584 or 656 bytes each), part by part, into a compact cache, and a quantize fills a compact cache
+ * in the worker that the main thread scatters into the caller's cache once every part succeeded —
+ * so neither ever copies a whole cache, and a failed call leaves the cache untouched.
+ * Inputs are captured when the call is made (the staged copies are taken synchronously), so the
  * caller may reuse its arrays at once — unless they already live in SharedArrayBuffers, which the
  * workers then read while the call runs.
  *

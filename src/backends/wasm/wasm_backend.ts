@@ -225,11 +225,16 @@ export class WasmBackend implements Backend {
     const { rows, outPerRow, statPerRow } = layout;
     let result: SparsePrefillOutput | null = null;
     if (ranges.length > 1) {
-      result = {
-        out: allocOutput(Uint16Array, rows * outPerRow, 'out'),
-        maxLogits: allocOutput(Float32Array, rows * statPerRow, 'maxLogits'),
-        lse: allocOutput(Float32Array, rows * statPerRow, 'lse'),
-      };
+      try {
+        result = {
+          out: allocOutput(Uint16Array, rows * outPerRow, 'out'),
+          maxLogits: allocOutput(Float32Array, rows * statPerRow, 'maxLogits'),
+          lse: allocOutput(Float32Array, rows * statPerRow, 'lse'),
+        };
+      } catch (e) {
+        release();
+        throw e;
+      }
     }
     const tasks = ranges.map(([rowStart, rowEnd]) => ({ arg: arg(rowStart, rowEnd), label: `${method} rows ${rowStart}..${rowEnd - 1}` }));
     await this.runTasks(method, tasks, (i, part) => {

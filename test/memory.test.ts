@@ -16,6 +16,7 @@ import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import type { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
 const rng = testRng('memory');
@@ -81,7 +82,7 @@ describe.each(BACKENDS)('%s', (backend) => {
       const args = { q, kv: tensor('bf16', [sKV, 512], shared), indices: tensor('int32', [2, 16], randomIndices(rng, 2, 16, 4096)), smScale: 0.05 };
       const res = await engine.sparsePrefill(args);
       const ref = R.sparsePrefillReference(args);
-      expect(R.compareToReference(Array.from(res.lse.data), ref.lse, R.TOLERANCES.lse).pass).toBe(true);
+      expectWithinBounds('shared kv', res, ref, [0, 1]);
     });
 
     test('memoryBudgetBytes must be an integer ≥ 1 MiB', async () => {

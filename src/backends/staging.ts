@@ -10,7 +10,7 @@
  * Why reuse: a SharedArrayBuffer posted to a worker stays alive until that worker's garbage
  * collector runs, and an idle worker's collector hardly ever runs — its own heap barely grows, the
  * memory it holds lies outside that heap. One fresh SharedArrayBuffer per call per input therefore
- * grew the process by the size of every call's inputs (a 151 MB kv called in a loop reached 13.7 GB).
+ * grew the process by the size of every call's inputs, call after call.
  * The arena keeps a few slabs and hands them out again, so whatever stale references the workers
  * keep point at memory that is reused, not piled up; and a reused slab costs no page faults.
  *

@@ -37,6 +37,8 @@ import { prepareSparsePrefill } from './ops/sparse_prefill.js';
 
 /** Upper bound on the worker option (far above any core count; guards typos like 1e6). */
 export const MAX_WORKERS = 1024;
+/** Smallest memoryBudgetBytes accepted (a budget below the smallest staging slab is a typo). */
+export const MIN_MEMORY_BUDGET_BYTES = 2 ** 20;
 
 class SparseMlaEngine implements Engine {
   readonly backend: BackendName;
@@ -195,7 +197,11 @@ export async function createEngine(options: EngineOptions = {}): Promise<Engine>
   if (workers !== undefined && (typeof workers !== 'number' || !Number.isSafeInteger(workers) || workers < 1 || workers > MAX_WORKERS)) {
     fail('INVALID_VALUE', 'workers', `an integer in [1, ${MAX_WORKERS}]`, describe(workers));
   }
-  const impl = await createBackend(choice, workers === undefined ? {} : { workers });
+  const budget = options.memoryBudgetBytes;
+  if (budget !== undefined && (typeof budget !== 'number' || !Number.isSafeInteger(budget) || budget < MIN_MEMORY_BUDGET_BYTES)) {
+    fail('INVALID_VALUE', 'memoryBudgetBytes', `an integer number of bytes ≥ ${MIN_MEMORY_BUDGET_BYTES}`, describe(budget));
+  }
+  const impl = await createBackend(choice, { ...(workers === undefined ? {} : { workers }), ...(budget === undefined ? {} : { memoryBudgetBytes: budget }) });
   const engine = new SparseMlaEngine(impl);
   internals.set(engine, impl);
   return engine;

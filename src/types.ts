@@ -148,6 +148,13 @@ export interface EngineOptions {
   backend?: BackendChoice;
   /** WASM worker-pool size; defaults to the machine's cores. */
   workers?: number;
+  /**
+   * Host memory one call may use beyond the caller's arrays — copies or staging of its inputs and
+   * its outputs — in bytes; a call needing more is refused with TOO_LARGE before any work.
+   * Default: half the machine's memory. On wasm it also caps the shared staging the engine keeps
+   * and reuses for its calls' inputs.
+   */
+  memoryBudgetBytes?: number;
 }
 
 export interface Engine {

@@ -69,6 +69,15 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     }
   });
 
+  test('a call whose host copies and outputs exceed the memory budget is TOO_LARGE before any CUDA op', async () => {
+    const cuda = new CudaBackend(addon, fakeOps({}), 1, 2 ** 20);
+    const job = { ...prefillJob(), sQ: 1024, hQ: 4, q: randomBf16Bits(rng, 1024 * 4 * 64), indices: new Int32Array(1024 * 4) } as SparsePrefillJob;
+    const err = await cuda.sparsePrefill(job).catch((e: unknown) => e);
+    expect(err instanceof SparseMlaError ? { code: err.code, argument: err.argument } : 'resolved').toEqual({ code: 'TOO_LARGE', argument: 'q' });
+    expect((err as Error).message).toMatch(/copies of the host inputs .*host outputs .*memory budget of 1048576 bytes/);
+    await cuda.dispose();
+  });
+
   test('dispose waits for the call in flight; later calls and allocations reject with DISPOSED', async () => {
     let finish!: () => void;
     let settled = false;

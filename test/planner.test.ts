@@ -377,6 +377,16 @@ describe('bad input is refused before any work', () => {
     expectError(() => plan.checkCaches({ swa: v4Cache(2, 7), c128: v4Cache(1, 4) }, 128), 'OUT_OF_RANGE', /caches\.c128/);
     expectError(() => plan.checkCaches({ swa: v4Cache(2, 7) }, 4), 'INVALID_VALUE', /caches\.c4/);
   });
+  test('chunk totals past int32 are TOO_LARGE, each request on its own being fine', () => {
+    const big = (extendLen: number, seqLen = extendLen) => ({ seqLen, extendLen, swaTokenIds: [] as number[] });
+    // two requests of 2^30 queries: 2^31 queries in the chunk
+    expectError(() => createPlan({ requests: [big(2 ** 30), big(2 ** 30)] }, opts), 'TOO_LARGE', /at most 2147483647 queries in a chunk .*got 2147483648/);
+    // SWA rows 2^30 + 127 + 2^30 − 1 + 127 > 2^31 − 1 with fewer than 2^31 queries
+    expectError(() => createPlan({ requests: [big(2 ** 30, 2 ** 31 - 1), big(2 ** 30 - 1, 2 ** 31 - 1)] }, opts), 'TOO_LARGE', /workspace rows .*SWA rows for ratio 0/);
+    // c4: 300 requests each seeing (2^31 − 1) / 4 compressed entries
+    const many = Array.from({ length: 300 }, () => big(1, 2 ** 31 - 1));
+    expectError(() => createPlan({ requests: many, c4PageSize: 1 }, opts), 'TOO_LARGE', /workspace rows .*compressed .*for ratio 4/);
+  });
   test('over-budget workspace: TOO_LARGE stating the size', () => {
     // c4: 2 + 75 compressed + 5 + 4 SWA rows = 86 rows of 1 KiB; c128 needs 2 + 9 = 11
     expect(createPlan(base(), { ...opts, workspaceBudgetBytes: 86 * 1024 }).workspaceBytes).toBe(86 * 1024);

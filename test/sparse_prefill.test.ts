@@ -113,6 +113,21 @@ describe('edge cases', () => {
     judge('mixed sink', { ...base, attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, (_, h) => (h % 2 ? 1.5 : -2))) }, mixed, all);
   });
 
+  test('smScale at ±2^16 (the largest accepted) stays finite and matches the reference', async () => {
+    const sQ = 5;
+    for (const smScale of [2 ** 16, -(2 ** 16)]) {
+      const args: SparsePrefillArgs = {
+        q: bf16Tensor([sQ, hQ, dQK]), kv: bf16Tensor([sKV, dQK]),
+        indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
+        smScale,
+      };
+      const res = await suite.engine.sparsePrefill(args);
+      expect(Array.from(res.lse.data).every(Number.isFinite)).toBe(true);
+      expect(Array.from(res.out.data).every((b) => (b & 0x7f80) !== 0x7f80)).toBe(true); // no inf / NaN
+      judge(`smScale ${smScale}`, args, res, Array.from({ length: sQ }, (_, i) => i));
+    }
+  });
+
   test('duplicates count: a row of one repeated index gives out = that V row, lse = logit + ln(count)', async () => {
     const sQ = 4, reps = 37;
     const args: SparsePrefillArgs = {

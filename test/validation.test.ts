@@ -110,6 +110,9 @@ const prefillCases: Case[] = [
   ['smScale beyond float32', (a) => (a.smScale = 1e300), 'INVALID_VALUE', 'smScale'],
   ['smScale missing', (a) => delete a.smScale, 'INVALID_VALUE', 'smScale'],
   ['smScale a string', (a) => (a.smScale = '0.1'), 'INVALID_VALUE', 'smScale'],
+  // finite as float32 but past the range where the float32 logits smScale · q·k stay finite
+  ['smScale 3.4e38', (a) => (a.smScale = 3.4e38), 'INVALID_VALUE', 'smScale'],
+  ['smScale -(2^16 + 1)', (a) => (a.smScale = -(2 ** 16 + 1)), 'INVALID_VALUE', 'smScale'],
   ['attnSink bf16', (a) => (a.attnSink = tensor('bf16', [HQ])), 'INVALID_DTYPE', 'attnSink'],
   ['attnSink of the wrong length', (a) => (a.attnSink = tensor('float32', [HQ + 1])), 'INVALID_SHAPE', 'attnSink'],
   ['attnSink [1, hQ]', (a) => (a.attnSink = tensor('float32', [1, HQ])), 'INVALID_SHAPE', 'attnSink'],
@@ -211,6 +214,7 @@ const pagedCases: Case[] = [
   ['extraTopkLength negative', (a) => (a.extraTopkLength = tensor('int32', [N], new Int32Array([-1, 0]))), 'INVALID_VALUE', 'extraTopkLength'],
   ['attnSink wrong length', (a) => (a.attnSink = tensor('float32', [1])), 'INVALID_SHAPE', 'attnSink'],
   ['smScale -inf', (a) => (a.smScale = -Infinity), 'INVALID_VALUE', 'smScale'],
+  ['smScale 3.4e38', (a) => (a.smScale = 3.4e38), 'INVALID_VALUE', 'smScale'],
 ];
 
 describe('pagedSparseAttention refuses bad input', () => {

@@ -1,7 +1,8 @@
 /**
  * The WASM worker pool (SPEC §8, §9): calls split across workers by rows give the single-worker
  * bits, tiny calls stay on one worker, concurrent calls equal sequential ones and are served in
- * order, a worker killed mid-call rejects that call with WORKER_DIED and is replaced, dispose ends
+ * order, a worker killed mid-call rejects that call with WORKER_DIED and is replaced, a worker that
+ * fails to start is retried with backoff without stopping the healthy ones, dispose ends
  * the workers (the process exits) and later calls reject with DISPOSED.
  */
 import { spawnSync } from 'node:child_process';
@@ -15,6 +16,7 @@ import * as R from '../dist/reference/index.js';
 import type { Engine, KvCache, SparsePrefillArgs, SparsePrefillResult } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import { startRetryDelayMs } from '../dist/backends/wasm/pool.js';
 import { randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
 import { expectWithinBounds } from './helpers/judge.js';
 
@@ -212,6 +214,68 @@ describe('a worker that dies', () => {
     } finally {
       await engine.dispose();
     }
+  });
+});
+
+/** Polls `cond` every 5 ms until it holds; throws after `ms`. */
+async function until(cond: () => boolean, ms = 20_000, what = 'the condition'): Promise<void> {
+  const t0 = Date.now();
+  while (!cond()) {
+    if (Date.now() - t0 > ms) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** Ends worker `index` (idle), then its replacements while they start, `times` times. */
+async function failStarts(e: Engine, index: number, times: number): Promise<void> {
+  const pool = poolOf(e);
+  await until(() => pool.testing.states()[index] === 'idle', 20_000, `worker #${index} idle`);
+  await pool.testing.terminateWorker(index);
+  for (let k = 0; k < times; k++) {
+    await until(() => pool.testing.states()[index] === 'starting', 20_000, `a replacement of worker #${index} starting`);
+    await pool.testing.terminateWorker(index);
+  }
+}
+
+describe('workers that fail to start', () => {
+  test('a replacement ended while it starts, three times: calls run on the healthy worker and the slot is retried until it starts', async () => {
+    const engine = await createEngine({ backend: 'wasm', workers: 2 });
+    try {
+      await failStarts(engine, 0, 3);
+      const a = prefillArgs(rng, 3, 2, 512, 50, 16);
+      expectRowsMatchReference(a, await engine.sparsePrefill(a), [0, 1, 2]);
+      await until(() => poolOf(engine).testing.states()[0] === 'idle', 20_000, 'worker #0 restarted');
+      const b = prefillArgs(rng, 40, 16, 512, 600, 256);
+      const again = await dispatches(engine, () => engine.sparsePrefill(b));
+      expect(new Set(again.workers).size).toBe(2);
+      expectRowsMatchReference(b, again.value, [0, 39]);
+    } finally {
+      await engine.dispose();
+    }
+  });
+
+  test('with no worker running, calls are refused with BACKEND_FAILURE while starts fail, and served again once one starts', async () => {
+    const engine = await createEngine({ backend: 'wasm', workers: 1 });
+    try {
+      await failStarts(engine, 0, 3);
+      const a = prefillArgs(rng, 3, 2, 512, 50, 16);
+      const err = await engine.sparsePrefill(a).catch((e: unknown) => e);
+      // refused at once unless the retry has already brought a worker up
+      if (err instanceof SparseMlaError) {
+        expect(err.code).toBe('BACKEND_FAILURE');
+        expect(err.message).toMatch(/no worker is running: 3 worker starts in a row failed.*retrying in/);
+      } else {
+        expectRowsMatchReference(a, err as SparsePrefillResult, [0, 1, 2]);
+      }
+      await until(() => poolOf(engine).testing.states()[0] === 'idle', 20_000, 'worker #0 restarted');
+      expectRowsMatchReference(a, await engine.sparsePrefill(a), [0, 1, 2]);
+    } finally {
+      await engine.dispose();
+    }
+  });
+
+  test('the retry delay: at once after one failure, then 0.1 s doubling up to 10 s', () => {
+    expect([1, 2, 3, 4, 8, 9, 20].map(startRetryDelayMs)).toEqual([0, 100, 200, 400, 6400, 10_000, 10_000]);
   });
 });
 

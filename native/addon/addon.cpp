@@ -3,6 +3,8 @@
 #include "addon.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <exception>
 #include <new>
 #include <thread>
@@ -54,7 +56,33 @@ static const char* TypeName(napi_typedarray_type t) {
   }
 }
 
-void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable) {
+uint8_t* Args::Own(uint64_t bytes) {
+  uint8_t* p = bytes <= SIZE_MAX ? new (std::nothrow) uint8_t[size_t(bytes ? bytes : 1)] : nullptr;
+  if (!p) {
+    Napi::Error e = Napi::Error::New(Env(), "sparse_mla_native." + std::string(op_) + ": cannot allocate " + std::to_string(bytes) + " bytes");
+    e.Set("code", Napi::String::New(Env(), "SMLA_OUT_OF_MEMORY"));
+    throw e;
+  }
+  holds_.copies.emplace_back(p);
+  return p;
+}
+
+const void* Args::InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy_unshared, bool* shared) {
+  holds_.pins.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
+  napi_value buffer = nullptr;
+  bool plain = true;  // an ArrayBuffer (detachable, maybe resizable), not a SharedArrayBuffer
+  if (napi_get_typedarray_info(Env(), a, nullptr, nullptr, nullptr, &buffer, nullptr) != napi_ok ||
+      napi_is_arraybuffer(Env(), buffer, &plain) != napi_ok)
+    ThrowArgument(Env(), op_, "cannot read a typed array's buffer");
+  if (shared) *shared = !plain;
+  if (bytes == 0) return nullptr;
+  if (!plain || !copy_unshared) return data;
+  uint8_t* copy = Own(bytes);
+  std::memcpy(copy, data, size_t(bytes));
+  return copy;
+}
+
+void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared) {
   if (IsNull(i)) {
     if (nullable) return nullptr;
     ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type) + ", got null");
@@ -71,8 +99,25 @@ void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uin
   void* data = nullptr;
   if (napi_get_typedarray_info(Env(), a, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok)
     ThrowArgument(Env(), op_, std::string(name) + ": cannot read the typed array's memory");
-  pins_.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
-  return length == 0 ? nullptr : data;
+  if (use == Use::kOutput) {
+    holds_.pins.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
+    return length == 0 ? nullptr : data;
+  }
+  return const_cast<void*>(InPlaceOrCopy(a, data, uint64_t(a.ByteLength()), use == Use::kInput, shared));
+}
+
+const void* Args::Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
+  return ArrayData(i, name, type, length, false, Use::kBorrow, shared);
+}
+
+const void* Args::InputBytes(size_t i, const char* name, uint64_t* bytes) {
+  if (i >= info_.Length() || !info_[i].IsTypedArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a typed array");
+  Napi::TypedArray a = info_[i].As<Napi::TypedArray>();
+  void* data = nullptr;
+  if (napi_get_typedarray_info(Env(), a, nullptr, nullptr, &data, nullptr, nullptr) != napi_ok)
+    ThrowArgument(Env(), op_, std::string(name) + ": cannot read the typed array's memory");
+  *bytes = uint64_t(a.ByteLength());
+  return InPlaceOrCopy(a, data, *bytes, true, nullptr);
 }
 
 // ---- the row-parallel worker --------------------------------------------------------------------
@@ -91,8 +136,8 @@ int32_t Guarded(const std::function<int32_t()>& f) {
 
 class RowJobWorker final : public Napi::AsyncWorker {
  public:
-  RowJobWorker(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins)
-      : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), pins_(std::move(pins)), deferred_(env) {}
+  RowJobWorker(Napi::Env env, const char* op, RowJob job, Holds holds)
+      : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), holds_(std::move(holds)), deferred_(env) {}
 
   Napi::Promise Promise() { return deferred_.Promise(); }
 
@@ -104,7 +149,17 @@ class RowJobWorker final : public Napi::AsyncWorker {
     if (status_ != SMLA_OK) SetError(StatusName(status_));  // OnError builds the JS error
   }
 
-  void OnOK() override { deferred_.Resolve(Env().Undefined()); }
+  void OnOK() override {
+    Napi::Env env = Env();
+    const std::string why = job_.commit ? job_.commit(env) : std::string();
+    if (why.empty()) {
+      deferred_.Resolve(env.Undefined());
+      return;
+    }
+    Napi::Error e = Napi::Error::New(env, std::string(op_) + ": " + why);
+    e.Set("code", Napi::String::New(env, "SMLA_DETACHED"));
+    deferred_.Reject(e.Value());
+  }
 
   void OnError(const Napi::Error&) override {
     Napi::Env env = Env();
@@ -141,17 +196,17 @@ class RowJobWorker final : public Napi::AsyncWorker {
 
   const char* op_;
   RowJob job_;
-  std::vector<Napi::ObjectReference> pins_;
+  Holds holds_;
   Napi::Promise::Deferred deferred_;
   int32_t status_ = SMLA_OK;
 };
 
 }  // namespace
 
-Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins) {
-  auto* w = new RowJobWorker(env, op, std::move(job), std::move(pins));
+Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds) {
+  auto* w = new RowJobWorker(env, op, std::move(job), std::move(holds));
   Napi::Promise p = w->Promise();
-  w->Queue();  // deletes itself after OnOK/OnError, on the main thread (releasing the pins)
+  w->Queue();  // deletes itself after OnOK/OnError, on the main thread (releasing pins and copies)
   return p;
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,51 +16,81 @@ namespace smla_addon {
 // that keeps a mismatched call from reading or writing outside its buffers.
 [[noreturn]] void ThrowArgument(Napi::Env env, const std::string& op, const std::string& message);
 
-// Reads the positional arguments of one op call, checking types and exact lengths, and pins every
-// typed array it hands out (a reference held until the call settles, so none is collected while
-// a worker thread uses its memory; callers must not detach/transfer them during the call).
+// What a queued call keeps until it settles: references to the JS objects it uses (so none is
+// collected while a worker thread runs) and the owned copies of its inputs.
+struct Holds {
+  std::vector<Napi::ObjectReference> pins;
+  std::vector<std::unique_ptr<uint8_t[]>> copies;
+};
+
+// Reads the positional arguments of one op call, checking types and exact lengths.
+//
+// Who owns the memory a worker thread touches: a reference to a typed array does not stop its
+// ArrayBuffer from being detached or transferred (structuredClone(buf, { transfer })) or a
+// resizable one from shrinking, and any of those frees or unmaps the memory under a raw pointer.
+// So an input (read while the call runs) is used in place only when it lives in a
+// SharedArrayBuffer, which can be neither detached nor shrunk; any other input is copied here, on
+// the calling thread, into memory the call owns. An output is written in place: it must be an
+// array that only the caller (the TS backend, which allocated it) can reach until the call settles.
 class Args {
  public:
   Args(const Napi::CallbackInfo& info, const char* op) : info_(info), op_(op) {}
 
   int32_t Int(size_t i, const char* name, int64_t lo, int64_t hi) const;
   float Float(size_t i, const char* name) const;
-  // A typed array of `type` with exactly `length` elements; nullptr when nullable and null.
+  // An input typed array of `type` with exactly `length` elements (shared memory or an owned
+  // copy, see above); nullptr when nullable and null, or when empty.
   template <class T>
-  T* Array(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false);
+  const T* Input(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+    return static_cast<const T*>(ArrayData(i, name, type, length, nullable, Use::kInput));
+  }
+  // An output typed array (written in place, pinned until the call settles).
+  template <class T>
+  T* Output(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+    return static_cast<T*>(ArrayData(i, name, type, length, nullable, Use::kOutput));
+  }
+  // A typed array of any type as bytes, read as an input (Input's rules); sets *bytes.
+  const void* InputBytes(size_t i, const char* name, uint64_t* bytes);
+  // An input's memory without a copy, pinned: *shared tells whether it lives in a SharedArrayBuffer.
+  // Unless it does, the pointer may be used only before the op function returns to JS (to copy
+  // the part of it the call needs).
+  const void* Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared);
+  // `bytes` of uninitialized memory the call owns; throws (code SMLA_OUT_OF_MEMORY) when there is none.
+  uint8_t* Own(uint64_t bytes);
   bool IsNull(size_t i) const { return i >= info_.Length() || info_[i].IsNull() || info_[i].IsUndefined(); }
 
   Napi::Env Env() const { return info_.Env(); }
   const char* Op() const { return op_; }
-  std::vector<Napi::ObjectReference> TakePins() { return std::move(pins_); }
+  Holds TakeHolds() { return std::move(holds_); }
 
  private:
-  void* ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable);
+  enum class Use { kInput, kOutput, kBorrow };
+  void* ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared = nullptr);
+  const void* InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy, bool* shared);
   const Napi::CallbackInfo& info_;
   const char* op_;
-  std::vector<Napi::ObjectReference> pins_;
+  Holds holds_;
 };
-
-template <class T>
-T* Args::Array(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable) {
-  return static_cast<T*>(ArrayData(i, name, type, length, nullable));
-}
 
 // One op, split by rows: prepare (optional) runs once on a worker thread before the split and may
 // change the row count; run(begin, end) computes rows [begin, end) and must touch only their
-// outputs. Both return an smla_status (0 = ok).
+// outputs. Both return an smla_status (0 = ok). commit (optional) runs on the JS thread once every
+// row succeeded, before the promise resolves: where a result goes into memory the caller can
+// reach (a cache written in place), it is written there, and only there, at that moment. It
+// returns an empty string or why nothing was written (the promise then rejects, code SMLA_DETACHED).
 struct RowJob {
   int64_t rows = 0;
   int threads = 1;
   std::function<int32_t(int64_t& rows)> prepare;
   std::function<int32_t(int64_t begin, int64_t end)> run;
+  std::function<std::string(Napi::Env env)> commit;
 };
 
 // Queues a RowJob on the libuv pool; its Execute fans out to `threads` std::threads (itself one of
 // them). The promise resolves with undefined (outputs are the JS arrays passed in) or rejects with
 // an Error whose `status` is StatusName (e.g. "SMLA_ERR_OUT_OF_MEMORY"). A CUDA op is a RowJob of
 // one row on one thread whose run() copies, launches and synchronizes its stream.
-Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, std::vector<Napi::ObjectReference> pins);
+Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds);
 
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
 using OpFunction = Napi::Value (*)(const Napi::CallbackInfo&);

@@ -159,7 +159,9 @@ Operand ReadOperand(Args& a, const Napi::CallbackInfo& info, std::vector<Napi::O
     pins.push_back(Napi::Persistent(obj));
     return o;
   }
-  o.host = a.Array<uint8_t>(i, name, type, count, nullable);
+  // A host input is a copy the call owns or shared memory (addon.h, Args): H2D reads it later.
+  o.host = output ? static_cast<void*>(a.Output<uint8_t>(i, name, type, count, nullable))
+                  : const_cast<uint8_t*>(a.Input<uint8_t>(i, name, type, count, nullable));
   if (!o.host) o.bytes = 0;
   return o;
 }
@@ -239,8 +241,8 @@ Napi::Promise Queue(Args& a, std::vector<Napi::ObjectReference> pins, std::funct
   job.rows = 1;
   job.threads = 1;
   job.run = [body = std::move(body)](int64_t, int64_t) { return body(); };
-  std::vector<Napi::ObjectReference> all = a.TakePins();
-  for (auto& p : pins) all.push_back(std::move(p));
+  Holds all = a.TakeHolds();
+  for (auto& p : pins) all.pins.push_back(std::move(p));
   return QueueRowJob(a.Env(), a.Op(), std::move(job), std::move(all));
 }
 
@@ -351,7 +353,7 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   if (devIds) {
     idsDev = std::make_shared<Operand>(ReadOperand(a, info, pins, 4, "tokenIds", napi_bigint64_array, 8, uint64_t(n), false));
   } else {
-    ids32 = a.Array<int32_t>(4, "tokenIds", napi_int32_array, uint64_t(n));
+    ids32 = a.Input<int32_t>(4, "tokenIds", napi_int32_array, uint64_t(n));
   }
   // Optional outRowOffset (argument 7): out is then a DeviceBuffer of at least
   // (outRowOffset + n) rows and the rows land at that row (a plan's device workspace region).
@@ -431,8 +433,8 @@ Napi::Value PlanRows(const Napi::CallbackInfo& info) {
   Args a(info, "planRows");
   std::vector<Napi::ObjectReference> pins;
   const int64_t nr = a.Int(2, "numRequests", 0, kI32Max);
-  const int32_t* seq = a.Array<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
-  const int32_t* ext = a.Array<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
+  const int32_t* seq = a.Input<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
+  const int32_t* ext = a.Input<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
   const int32_t window = a.Int(3, "window", 1, kI32Max), ratio = a.Int(4, "ratio", 0, 128);
   const int64_t topk = a.Int(6, "topk", 0, kI32Max), width = a.Int(7, "width", 0, kI32Max), nq = a.Int(8, "numQueries", 0, kI32Max);
   const bool top = !a.IsNull(5);
@@ -460,10 +462,10 @@ Napi::Value PlanCompressedTokenIds(const Napi::CallbackInfo& info) {
   Args a(info, "planCompressedTokenIds");
   std::vector<Napi::ObjectReference> pins;
   const int64_t nr = a.Int(2, "numRequests", 0, kI32Max);
-  const int32_t* seq = a.Array<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
-  const int32_t* ext = a.Array<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
+  const int32_t* seq = a.Input<int32_t>(0, "seqLens", napi_int32_array, uint64_t(nr));
+  const int32_t* ext = a.Input<int32_t>(1, "extendLens", napi_int32_array, uint64_t(nr));
   const int32_t ratio = a.Int(3, "ratio", 4, 128);
-  const int64_t* offs = a.Array<int64_t>(5, "pageTableOffsets", napi_bigint64_array, uint64_t(nr) + 1);
+  const int64_t* offs = a.Input<int64_t>(5, "pageTableOffsets", napi_bigint64_array, uint64_t(nr) + 1);
   const int64_t tableLen = offs[nr];
   if (tableLen < 0) ThrowArgument(a.Env(), a.Op(), "pageTableOffsets: expected non-negative offsets");
   const int32_t ps = a.Int(6, "pageSize", 1, kI32Max);
@@ -500,7 +502,12 @@ Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
   byteLength = t.ByteLength();
   if (uint64_t(byteLength) != dev->bytes)
     ThrowArgument(a.Env(), a.Op(), "data: expected " + std::to_string(dev->bytes) + " bytes, got " + std::to_string(byteLength));
-  pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));
+  if (toDevice) {
+    uint64_t bytes = 0;
+    data = const_cast<void*>(a.InputBytes(1, "data", &bytes));  // an owned copy or shared memory
+  } else {
+    pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
+  }
   return Queue(a, std::move(pins), [dev, data, toDevice]() -> int32_t {
     cudaStream_t s;
     cudaError_t err = GetStream(&s);

@@ -149,6 +149,8 @@ export interface BackendProbe {
 export interface BackendCreateOptions {
   /** worker-thread count for backends that use workers; validated by the engine */
   workers?: number;
+  /** host memory one call may use beyond its inputs (src/backends/memory.ts); validated by the engine */
+  memoryBudgetBytes?: number;
 }
 
 /** A registry entry: backends are data (name, priority, how to probe, how to create). */

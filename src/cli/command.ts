@@ -26,9 +26,15 @@ export function jsonError(command: string, exitCode: number, code: string, messa
   process.stdout.write(`${JSON.stringify({ command, ok: false, exitCode, error: { code, message, ...extra } }, null, 2)}\n`);
 }
 
+/** An error from a system call (ENOENT, EACCES, ENOTDIR, ...), as Node's fs raises them. */
+function isSystemError(err: unknown): err is Error & { code: string; syscall: string } {
+  return err instanceof Error && typeof (err as { code?: unknown }).code === 'string' && typeof (err as { syscall?: unknown }).syscall === 'string';
+}
+
 /**
  * Runs a command and turns what it throws into an exit code: 2 for bad usage or bad input (a
- * SparseMlaError), 1 for a failure while running (worker died, backend failure, internal error).
+ * SparseMlaError, or a file system error on a path the user gave), 1 for a failure while running
+ * (worker died, backend failure, internal error).
  * The message goes to stderr; with `--json` the error also goes to stdout as JSON.
  */
 export async function runCliCommand(name: string, command: CliCommand, argv: string[]): Promise<number> {
@@ -42,6 +48,12 @@ export async function runCliCommand(name: string, command: CliCommand, argv: str
       if (json) jsonError(name, exitCode, err.code, err.message, err.argument !== undefined ? { argument: err.argument } : {});
       process.stderr.write(`sparse-mla ${name}: ${err.message} [${err.code}]\n`);
       return exitCode;
+    }
+    if (isSystemError(err)) {
+      // a file or path the command was given (missing, unwritable, not a directory, ...)
+      if (json) jsonError(name, 2, err.code, err.message);
+      process.stderr.write(`sparse-mla ${name}: ${err.message} [${err.code}]\n`);
+      return 2;
     }
     if (json) jsonError(name, 1, 'INTERNAL_ERROR', err instanceof Error ? err.message : String(err));
     process.stderr.write(`sparse-mla ${name}: internal error: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}\n`);

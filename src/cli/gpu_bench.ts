@@ -11,7 +11,7 @@
  * path (dequant + sparsePrefill) against the paged path on V4 c4 prefill chunks of 4K/16K/32K query
  * tokens (window 128 + 512 compressed entries per query, hQ 64; both paths attend the same entries).
  */
-import { writeFileSync } from 'node:fs';
+import { writeFileNoFollow } from '../io/files.js';
 import { createEngine, createKvCache } from '../index.js';
 import { engineBackend } from '../engine.js';
 import { tensor } from '../tensor.js';
@@ -340,7 +340,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     await engine.dispose();
   }
   const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows, routerSweep: sweep };
-  if (o.out) writeFileSync(o.out, `${JSON.stringify(report, null, 2)}\n`);
+  if (o.out) await writeFileNoFollow(o.out, `${JSON.stringify(report, null, 2)}\n`, '--out');
   return 0;
 }
 

@@ -4,7 +4,8 @@
  * `command: CliCommand`; modules are loaded on demand so `--help` and `info` stay quick.
  *
  * Exit codes: what the command returns (0 ok, 1 a failed check), 2 for bad usage or bad input
- * (a SparseMlaError), 1 for a failure while running (worker died, backend failure, internal error).
+ * (a SparseMlaError, or a file system error on a path the user gave), 1 for a failure while
+ * running (worker died, backend failure, internal error).
  * With `--json`, an error is also written to stdout as {"command", "ok": false, "exitCode", "error"}.
  */
 import { readFileSync } from 'node:fs';

@@ -1,11 +1,18 @@
 /**
  * NumPy `.npy` files (format version 1.0 written; 1.0–3.0 read), C order, little-endian.
  * bf16 tensors travel as their raw bits in `<u2` arrays (NumPy has no bf16).
+ *
+ * Reading a file (readNpyFile) treats it as hostile: only a regular file is opened (files.ts), the
+ * header is capped as NumPy caps it (10000 bytes) and parsed in one linear pass, and the file's
+ * size must equal what the header declares before any data is read.
  */
-import { readFile, writeFile } from 'node:fs/promises';
 import { SparseMlaError } from '../errors.js';
 import { numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
+import { clip, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+
+/** NumPy's own cap on a header (numpy.lib.format, max_header_size): a longer one is refused unread. */
+export const NPY_MAX_HEADER_BYTES = 10000;
 
 /** The element types this library reads and writes. */
 export type NpyDescr = '<u2' | '<f4' | '<i4' | '<i8' | '|u1';
@@ -33,8 +40,88 @@ function garbled(name: string, what: string): never {
   throw new SparseMlaError('INVALID_VALUE', `${name}: not a valid .npy file (${what})`, name);
 }
 
-/** Parse the bytes of a .npy file. `name` (the file) appears in every error. */
-export function parseNpy(bytes: Uint8Array, name = 'array.npy'): NpyArray {
+interface NpyHeader {
+  descr: NpyDescr;
+  shape: number[];
+  /** bytes before the data */
+  dataStart: number;
+  /** bytes of data the header declares */
+  dataBytes: number;
+}
+
+/**
+ * Parses the header dict NumPy writes, e.g. {'descr': '<u2', 'fortran_order': False, 'shape': (3, 4), }:
+ * string keys; string, True/False or int-tuple values. One pass over the text (no backtracking).
+ */
+function parseHeaderDict(text: string, name: string): Map<string, string | boolean | number[]> {
+  let i = 0;
+  const bad = (what: string): never => garbled(name, `header ${JSON.stringify(clip(text.trim(), 80))}: ${what}`);
+  const ws = (): void => {
+    while (i < text.length && /\s/.test(text[i]!)) i++;
+  };
+  const expect = (c: string): void => {
+    ws();
+    if (text[i] !== c) bad(`expected '${c}' at position ${i}`);
+    i++;
+  };
+  const str = (): string => {
+    ws();
+    const q = text[i];
+    if (q !== "'" && q !== '"') bad(`expected a quoted string at position ${i}`);
+    const end = text.indexOf(q!, i + 1);
+    if (end < 0) bad('unterminated string');
+    const v = text.slice(i + 1, end);
+    i = end + 1;
+    return v;
+  };
+  const value = (): string | boolean | number[] => {
+    ws();
+    const c = text[i];
+    if (c === "'" || c === '"') return str();
+    if (text.startsWith('True', i)) return (i += 4), true;
+    if (text.startsWith('False', i)) return (i += 5), false;
+    if (c === '(') {
+      i++;
+      const dims: number[] = [];
+      for (;;) {
+        ws();
+        if (text[i] === ')') {
+          i++;
+          return dims;
+        }
+        const m = /^\d+/.exec(text.slice(i, i + 32));
+        if (!m) bad(`bad shape entry at position ${i}`);
+        i += m![0].length;
+        if (text[i] === 'L') i++;
+        const d = Number(m![0]);
+        if (!Number.isSafeInteger(d)) bad(`shape entry ${clip(m![0], 24)} is too large`);
+        dims.push(d);
+        ws();
+        if (text[i] === ',') i++;
+        else if (text[i] !== ')') bad(`expected ',' or ')' in the shape at position ${i}`);
+      }
+    }
+    if (c === '[') throw new SparseMlaError('INVALID_DTYPE', `${name}: expected dtype <u2 (bf16 bits), <f4, <i4, <i8 or |u1, got a structured dtype`, name);
+    return bad(`unexpected value at position ${i}`);
+  };
+  const out = new Map<string, string | boolean | number[]>();
+  expect('{');
+  for (;;) {
+    ws();
+    if (text[i] === '}') break;
+    const key = str();
+    if (out.has(key)) bad(`key '${clip(key, 24)}' given twice`);
+    expect(':');
+    out.set(key, value());
+    ws();
+    if (text[i] === ',') i++;
+    else if (text[i] !== '}') bad(`expected ',' or '}' at position ${i}`);
+  }
+  return out;
+}
+
+/** Where the header ends (= the data starts), from the magic, the version and the length field, all checked. */
+function npyHeaderExtent(bytes: Uint8Array, name: string): { headerStart: number; headerLen: number; major: number } {
   if (bytes.length < 10 || MAGIC.some((m, i) => bytes[i] !== m)) garbled(name, 'missing the \\x93NUMPY magic');
   const major = bytes[6]!;
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
@@ -49,36 +136,47 @@ export function parseNpy(bytes: Uint8Array, name = 'array.npy'): NpyArray {
   } else {
     garbled(name, `unknown format version ${major}.${bytes[7]}`);
   }
+  if (headerLen > NPY_MAX_HEADER_BYTES) garbled(name, `a header of ${headerLen} bytes, over NumPy's cap of ${NPY_MAX_HEADER_BYTES}`);
+  return { headerStart, headerLen, major };
+}
+
+/** Magic, version, header: everything before the data, checked against its own limits. */
+function parseNpyHeader(bytes: Uint8Array, name: string): NpyHeader {
+  const { headerStart, headerLen, major } = npyHeaderExtent(bytes, name);
   if (headerStart + headerLen > bytes.length) garbled(name, 'truncated header');
   const header = new TextDecoder(major === 3 ? 'utf-8' : 'latin1').decode(bytes.subarray(headerStart, headerStart + headerLen));
-
-  const descrM = /['"]descr['"]\s*:\s*['"]([^'"]*)['"]/.exec(header);
-  const fortranM = /['"]fortran_order['"]\s*:\s*(True|False)/.exec(header);
-  const shapeM = /['"]shape['"]\s*:\s*\(([^)]*)\)/.exec(header);
-  if (!descrM || !fortranM || !shapeM) garbled(name, `header ${JSON.stringify(header.trim())} lacks descr, fortran_order or shape`);
-  const descr = descrM[1]!;
+  const dict = parseHeaderDict(header, name);
+  const descr = dict.get('descr');
+  const fortran = dict.get('fortran_order');
+  const shape = dict.get('shape');
+  if (typeof descr !== 'string' || typeof fortran !== 'boolean' || !Array.isArray(shape)) {
+    garbled(name, `header ${JSON.stringify(clip(header.trim(), 80))} lacks descr, fortran_order or shape`);
+  }
   if (!(descr in DESCRS)) {
-    throw new SparseMlaError('INVALID_DTYPE', `${name}: expected dtype <u2 (bf16 bits), <f4, <i4, <i8 or |u1, got '${descr}'`, name);
+    throw new SparseMlaError('INVALID_DTYPE', `${name}: expected dtype <u2 (bf16 bits), <f4, <i4, <i8 or |u1, got '${clip(descr, 24)}'`, name);
   }
-  if (fortranM[1] === 'True') {
-    throw new SparseMlaError('INVALID_VALUE', `${name}: expected C order (fortran_order False), got fortran_order True`, name);
-  }
-  const shape = shapeM[1]!
-    .split(',')
-    .map((s) => s.trim().replace(/L$/, ''))
-    .filter((s) => s !== '')
-    .map((s) => (/^\d+$/.test(s) ? Number(s) : garbled(name, `bad shape entry '${s}'`)));
-  const { bytes: item, make } = DESCRS[descr as NpyDescr];
+  if (fortran) throw new SparseMlaError('INVALID_VALUE', `${name}: expected C order (fortran_order False), got fortran_order True`, name);
   const count = numel(shape);
-  const dataStart = headerStart + headerLen;
-  const have = bytes.length - dataStart;
-  if (!Number.isSafeInteger(count * item) || have !== count * item) {
-    throw new SparseMlaError('INVALID_SHAPE', `${name}: shape (${shape.join(', ')}) of ${descr} needs ${count * item} data bytes, file has ${have}`, name);
+  const dataBytes = count * DESCRS[descr as NpyDescr].bytes;
+  if (!Number.isSafeInteger(dataBytes)) {
+    throw new SparseMlaError('INVALID_SHAPE', `${name}: shape (${clip(shape.join(', '), 80)}) is too large to hold`, name);
   }
+  return { descr: descr as NpyDescr, shape, dataStart: headerStart + headerLen, dataBytes };
+}
+
+function sizeMismatch(name: string, h: NpyHeader, have: number): never {
+  throw new SparseMlaError('INVALID_SHAPE', `${name}: shape (${clip(h.shape.join(', '), 80)}) of ${h.descr} needs ${h.dataBytes} data bytes, file has ${have}`, name);
+}
+
+/** Parse the bytes of a .npy file. `name` (the file) appears in every error. */
+export function parseNpy(bytes: Uint8Array, name = 'array.npy'): NpyArray {
+  const h = parseNpyHeader(bytes, name);
+  const have = bytes.length - h.dataStart;
+  if (have !== h.dataBytes) sizeMismatch(name, h, have);
   // copy (the data offset need not be aligned for the typed array); not .slice(): a Buffer's slice is a view
-  const copy = new Uint8Array(count * item);
-  copy.set(bytes.subarray(dataStart, dataStart + count * item));
-  return { descr: descr as NpyDescr, shape, data: make(copy.buffer) };
+  const copy = new Uint8Array(h.dataBytes);
+  copy.set(bytes.subarray(h.dataStart, h.dataStart + h.dataBytes));
+  return { descr: h.descr, shape: h.shape, data: DESCRS[h.descr].make(copy.buffer) };
 }
 
 function headerText(descr: NpyDescr, shape: readonly number[]): string {
@@ -117,16 +215,25 @@ export function npyToTensor(arr: NpyArray): Tensor {
   return tensor(dtype, arr.shape, arr.data as DTypeArrays[typeof dtype]);
 }
 
+/**
+ * Reads a .npy file: a regular file only, its header first (capped, parsed), then — when the
+ * file's size is exactly what the header declares — its data.
+ */
 export async function readNpyFile(path: string, name = path): Promise<NpyArray> {
-  let bytes: Uint8Array;
+  const file = await openRegularFile(path, name);
   try {
-    bytes = await readFile(path);
-  } catch (e) {
-    throw new SparseMlaError('INVALID_VALUE', `${name}: cannot read (${(e as Error).message})`, name);
+    const { headerStart, headerLen } = npyHeaderExtent(await readExactly(file, 0, Math.min(file.size, 12), name), name);
+    const head = await readExactly(file, 0, Math.min(file.size, headerStart + headerLen), name);
+    const h = parseNpyHeader(head, name);
+    const have = file.size - h.dataStart;
+    if (have !== h.dataBytes) sizeMismatch(name, h, have);
+    const data = await readExactly(file, h.dataStart, h.dataBytes, name);
+    return { descr: h.descr, shape: h.shape, data: DESCRS[h.descr].make(data.buffer as ArrayBuffer) };
+  } finally {
+    await file.handle.close().catch(() => {});
   }
-  return parseNpy(bytes, name);
 }
 
 export async function writeNpyFile(path: string, t: Tensor): Promise<void> {
-  await writeFile(path, encodeNpy(tensorToNpy(t)));
+  await writeFileNoFollow(path, encodeNpy(tensorToNpy(t)));
 }

@@ -8,14 +8,20 @@
  * Instead of .npy files the directory may hold one .safetensors file with the same names (real BF16
  * there); sm_scale / d_v may then sit in its __metadata__ when there is no meta.json.
  * Every problem is a SparseMlaError (INVALID_VALUE / INVALID_SHAPE / INVALID_DTYPE) naming the file.
+ * Files are read and written through files.ts (regular files only, sizes checked before reading,
+ * outputs never written through a symlink).
  */
-import { mkdir, readdir, readFile, writeFile } from 'node:fs/promises';
+import { readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SparseMlaError } from '../errors.js';
 import { tensor } from '../tensor.js';
 import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../types.js';
+import { clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
 import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
-import { parseSafetensors, writeSafetensorsFile } from './safetensors.js';
+import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
+
+/** meta.json holds two numbers; anything near this size is not one. */
+const META_MAX_BYTES = 1 << 20;
 
 export const PREFILL_INPUT_NAMES = ['q', 'kv', 'indices', 'topk_length', 'attn_sink'] as const;
 export const PREFILL_OUTPUT_NAMES = ['out', 'lse', 'max_logits'] as const;
@@ -39,22 +45,16 @@ export class PrefillDir {
     try {
       names = await readdir(dir);
     } catch (e) {
-      throw new SparseMlaError('INVALID_VALUE', `${dir}: cannot read the directory (${(e as Error).message})`, dir);
+      throw new SparseMlaError('INVALID_VALUE', `${dir}: cannot read the directory (${clip((e as Error).message, 300)})`, dir);
     }
     const stFiles = names.filter((n) => n.endsWith('.safetensors')).sort();
     if (stFiles.length > 1) {
-      throw new SparseMlaError('INVALID_VALUE', `${dir}: expected at most one .safetensors file, found ${stFiles.join(', ')}`, dir);
+      throw new SparseMlaError('INVALID_VALUE', `${dir}: expected at most one .safetensors file, found ${clip(stFiles.join(', '), 200)}`, dir);
     }
     let st: PrefillDir['st'] = null;
     if (stFiles.length === 1) {
       const file = stFiles[0]!;
-      let bytes: Uint8Array;
-      try {
-        bytes = await readFile(join(dir, file));
-      } catch (e) {
-        throw new SparseMlaError('INVALID_VALUE', `${file}: cannot read (${(e as Error).message})`, file);
-      }
-      st = { file, ...parseSafetensors(bytes, file) };
+      st = { file, ...(await readSafetensorsFile(join(dir, file), file)) };
     }
     return new PrefillDir(dir, new Set(names), st);
   }
@@ -86,11 +86,12 @@ export class PrefillDir {
     let file: string;
     if (this.entries.has('meta.json')) {
       file = 'meta.json';
+      const bytes = await readSmallFile(join(this.dir, file), file, META_MAX_BYTES);
       let parsed: unknown;
       try {
-        parsed = JSON.parse(await readFile(join(this.dir, file), 'utf-8'));
+        parsed = JSON.parse(new TextDecoder().decode(bytes));
       } catch (e) {
-        throw new SparseMlaError('INVALID_VALUE', `meta.json: not valid JSON (${(e as Error).message})`, file);
+        throw new SparseMlaError('INVALID_VALUE', `meta.json: not valid JSON (${clip((e as Error).message, 120)})`, file);
       }
       if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) {
         throw new SparseMlaError('INVALID_VALUE', 'meta.json: expected a JSON object {"sm_scale": …, "d_v": 512}', file);
@@ -104,11 +105,11 @@ export class PrefillDir {
     }
     const smScale = raw.sm_scale;
     if (typeof smScale !== 'number' || !Number.isFinite(smScale)) {
-      throw new SparseMlaError('INVALID_VALUE', `${file}: sm_scale: expected a finite number, got ${JSON.stringify(raw.sm_scale)}`, file);
+      throw new SparseMlaError('INVALID_VALUE', `${file}: sm_scale: expected a finite number, got ${clip(JSON.stringify(raw.sm_scale) ?? String(raw.sm_scale), 60)}`, file);
     }
     const dV = raw.d_v ?? 512;
     if (typeof dV !== 'number' || !Number.isSafeInteger(dV) || dV < 1) {
-      throw new SparseMlaError('INVALID_VALUE', `${file}: d_v: expected a positive integer, got ${JSON.stringify(raw.d_v)}`, file);
+      throw new SparseMlaError('INVALID_VALUE', `${file}: d_v: expected a positive integer, got ${clip(JSON.stringify(raw.d_v) ?? String(raw.d_v), 60)}`, file);
     }
     return { value: { smScale, dV }, file };
   }
@@ -227,7 +228,7 @@ export type DirFormat = 'npy' | 'safetensors';
 
 /** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors. */
 export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
-  await mkdir(dir, { recursive: true });
+  await prepareOutputDir(dir);
   const named: Record<string, Tensor> = { out: res.out, lse: res.lse, max_logits: res.maxLogits };
   if (format === 'safetensors') {
     await writeSafetensorsFile(join(dir, 'outputs.safetensors'), named);
@@ -246,7 +247,7 @@ export async function writePrefillDir(
   args: SparsePrefillArgs,
   opts: { format?: DirFormat; outputs?: SparsePrefillResult } = {},
 ): Promise<void> {
-  await mkdir(dir, { recursive: true });
+  await prepareOutputDir(dir);
   const named: Record<string, Tensor> = { q: args.q, kv: args.kv, indices: args.indices };
   if (args.topkLength) named.topk_length = args.topkLength;
   if (args.attnSink) named.attn_sink = args.attnSink;
@@ -257,5 +258,5 @@ export async function writePrefillDir(
     return;
   }
   for (const [k, t] of Object.entries(named)) await writeNpyFile(join(dir, `${k}.npy`), t);
-  await writeFile(join(dir, 'meta.json'), JSON.stringify(meta) + '\n');
+  await writeFileNoFollow(join(dir, 'meta.json'), JSON.stringify(meta) + '\n');
 }

@@ -2,11 +2,19 @@
  * `.safetensors` files: an 8-byte little-endian header length, a JSON header
  * ({name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {string: string}}), then the
  * data. Read and written here: BF16, F32, I32, I64 (and U8).
+ *
+ * Reading checks what the format requires before any tensor is read: a header no longer than the
+ * format's own cap, offsets inside the data that do not overlap, each span the size its shape
+ * needs, and a file exactly as long as the header says. readSafetensorsFile opens only a regular
+ * file (files.ts) and reads the header, then each tensor, never the whole file at once.
  */
-import { readFile, writeFile } from 'node:fs/promises';
 import { SparseMlaError } from '../errors.js';
 import { numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
+import { clip, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+
+/** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
+export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
 
 export type SafetensorsDtype = 'BF16' | 'F32' | 'I32' | 'I64' | 'U8';
 
@@ -24,63 +32,111 @@ function garbled(name: string, what: string): never {
   throw new SparseMlaError('INVALID_VALUE', `${name}: not a valid .safetensors file (${what})`, name);
 }
 
-/** Parse the bytes of a .safetensors file; `name` (the file) appears in every error. */
-export function parseSafetensors(bytes: Uint8Array, name = 'tensors.safetensors'): SafetensorsFile {
-  if (bytes.length < 8) garbled(name, 'shorter than its 8-byte header length');
-  const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const headerLen = dv.getBigUint64(0, true);
-  if (headerLen > BigInt(bytes.length - 8)) garbled(name, `header length ${headerLen} exceeds the file`);
-  const dataStart = 8 + Number(headerLen);
+interface Entry {
+  key: string;
+  dtype: DType;
+  shape: number[];
+  begin: number;
+  end: number;
+}
+
+interface Header {
+  dataStart: number;
+  /** the data section's length the header implies (the largest end offset) */
+  dataBytes: number;
+  entries: Entry[];
+  metadata: Record<string, string>;
+}
+
+/** The 8-byte length field, checked against the cap and the file size. */
+function headerLength(first8: Uint8Array, fileSize: number, name: string): number {
+  if (fileSize < 8 || first8.length < 8) garbled(name, 'shorter than its 8-byte header length');
+  const len = new DataView(first8.buffer, first8.byteOffset, 8).getBigUint64(0, true);
+  if (len > BigInt(SAFETENSORS_MAX_HEADER_BYTES)) garbled(name, `a header of ${len} bytes, over the format's cap of ${SAFETENSORS_MAX_HEADER_BYTES}`);
+  if (len > BigInt(fileSize - 8)) garbled(name, `header length ${len} exceeds the file`);
+  return Number(len);
+}
+
+/** Parses and checks the JSON header; every entry's span, no overlaps. */
+function parseHeader(json: Uint8Array, name: string, dataStart: number, dataLen: number): Header {
   let header: unknown;
   try {
-    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(8, dataStart)));
+    header = JSON.parse(new TextDecoder('utf-8', { fatal: true }).decode(json));
   } catch (e) {
-    garbled(name, `header is not JSON: ${(e as Error).message}`);
+    garbled(name, `header is not JSON: ${clip((e as Error).message, 120)}`);
   }
   if (typeof header !== 'object' || header === null || Array.isArray(header)) garbled(name, 'header is not a JSON object');
-  const dataLen = bytes.length - dataStart;
-  const tensors = new Map<string, Tensor>();
+  const entries: Entry[] = [];
   let metadata: Record<string, string> = {};
   for (const [key, entry] of Object.entries(header as Record<string, unknown>)) {
+    const k = clip(key, 60);
     if (key === '__metadata__') {
       if (typeof entry !== 'object' || entry === null) garbled(name, '__metadata__ is not an object');
-      metadata = Object.fromEntries(Object.entries(entry as Record<string, unknown>).map(([k, v]) => [k, String(v)]));
+      metadata = Object.fromEntries(Object.entries(entry as Record<string, unknown>).map(([mk, v]) => [mk, String(v)]));
       continue;
     }
     const e = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
-    if (typeof e !== 'object' || e === null) garbled(name, `entry '${key}' is not an object`);
+    if (typeof e !== 'object' || e === null) garbled(name, `entry '${k}' is not an object`);
     if (typeof e.dtype !== 'string' || !(e.dtype in TO_DTYPE)) {
-      throw new SparseMlaError('INVALID_DTYPE', `${name}: tensor '${key}': expected dtype BF16, F32, I32, I64 or U8, got ${JSON.stringify(e.dtype)}`, name);
+      throw new SparseMlaError('INVALID_DTYPE', `${name}: tensor '${k}': expected dtype BF16, F32, I32, I64 or U8, got ${clip(JSON.stringify(e.dtype) ?? String(e.dtype), 40)}`, name);
     }
     const shape = e.shape;
     if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
-      throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${key}': shape must be a list of non-negative integers, got ${JSON.stringify(shape)}`, name);
+      throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${k}': shape must be a list of non-negative integers, got ${clip(JSON.stringify(shape) ?? String(shape), 80)}`, name);
     }
     const offs = e.data_offsets;
     if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((o) => Number.isSafeInteger(o) && o >= 0) || offs[0] > offs[1] || offs[1] > dataLen) {
-      garbled(name, `tensor '${key}': data_offsets ${JSON.stringify(offs)} outside the ${dataLen} data bytes`);
+      garbled(name, `tensor '${k}': data_offsets ${clip(JSON.stringify(offs) ?? String(offs), 60)} outside the ${dataLen} data bytes`);
     }
     const dtype = TO_DTYPE[e.dtype as SafetensorsDtype];
     const need = numel(shape as number[]) * ITEM_BYTES[dtype];
     if (offs[1] - offs[0] !== need) {
-      throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${key}': shape [${shape.join(', ')}] of ${e.dtype} needs ${need} bytes, data_offsets span ${offs[1] - offs[0]}`, name);
+      throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${k}': shape [${clip((shape as number[]).join(', '), 80)}] of ${e.dtype} needs ${need} bytes, data_offsets span ${offs[1] - offs[0]}`, name);
     }
-    // a copy, aligned for the typed array (not .slice(): a Buffer's slice is a view)
-    const copy = new Uint8Array(need);
-    copy.set(bytes.subarray(dataStart + offs[0], dataStart + offs[1]));
-    tensors.set(key, tensor(dtype, shape as number[], new CTORS[dtype](copy.buffer) as DTypeArrays[typeof dtype]));
+    entries.push({ key, dtype, shape: shape as number[], begin: offs[0], end: offs[1] });
   }
-  return { tensors, metadata };
+  const sorted = [...entries].sort((a, b) => a.begin - b.begin || a.end - b.end);
+  for (let i = 1; i < sorted.length; i++) {
+    const p = sorted[i - 1]!, c = sorted[i]!;
+    if (c.begin < p.end) garbled(name, `tensors '${clip(p.key, 40)}' [${p.begin}, ${p.end}) and '${clip(c.key, 40)}' [${c.begin}, ${c.end}) overlap`);
+  }
+  const dataBytes = sorted.reduce((m, x) => Math.max(m, x.end), 0);
+  return { dataStart, dataBytes, entries, metadata };
 }
 
-/** Encode tensors (in the given order, each 8-byte aligned) and optional string metadata. */
+/** The file must end where the last tensor's data ends (offsets beyond it were refused already). */
+function checkDataLength(h: Header, have: number, name: string): void {
+  if (have > h.dataBytes) garbled(name, `${have - h.dataBytes} bytes after the last tensor's data`);
+}
+
+function tensorOf(e: Entry, bytes: Uint8Array): Tensor {
+  // the bytes are a fresh, aligned copy the tensor owns
+  return tensor(e.dtype, e.shape, new CTORS[e.dtype](bytes.buffer as ArrayBuffer, bytes.byteOffset, bytes.byteLength / ITEM_BYTES[e.dtype]) as DTypeArrays[typeof e.dtype]);
+}
+
+/** Parse the bytes of a .safetensors file; `name` (the file) appears in every error. */
+export function parseSafetensors(bytes: Uint8Array, name = 'tensors.safetensors'): SafetensorsFile {
+  const len = headerLength(bytes.subarray(0, 8), bytes.length, name);
+  const h = parseHeader(bytes.subarray(8, 8 + len), name, 8 + len, bytes.length - 8 - len);
+  checkDataLength(h, bytes.length - h.dataStart, name);
+  const tensors = new Map<string, Tensor>();
+  for (const e of h.entries) {
+    // a copy, aligned for the typed array (not .slice(): a Buffer's slice is a view)
+    const copy = new Uint8Array(e.end - e.begin);
+    copy.set(bytes.subarray(h.dataStart + e.begin, h.dataStart + e.end));
+    tensors.set(e.key, tensorOf(e, copy));
+  }
+  return { tensors, metadata: h.metadata };
+}
+
+/** Encode tensors (in the given order, their data back to back) and optional string metadata. */
 export function encodeSafetensors(tensors: Record<string, Tensor>, metadata?: Record<string, string>): Uint8Array {
   const header: Record<string, unknown> = {};
   if (metadata) header.__metadata__ = metadata;
   let offset = 0;
   const parts: [number, Tensor][] = [];
+  // back to back: the format allows no gaps between tensors' data
   for (const [key, t] of Object.entries(tensors)) {
-    offset = Math.ceil(offset / 8) * 8;
     const n = t.data.length * ITEM_BYTES[t.dtype];
     header[key] = { dtype: FROM_DTYPE[t.dtype], shape: [...t.shape], data_offsets: [offset, offset + n] };
     parts.push([offset, t]);
@@ -97,16 +153,21 @@ export function encodeSafetensors(tensors: Record<string, Tensor>, metadata?: Re
   return out;
 }
 
+/** Reads a .safetensors file: a regular file, its header first, then each tensor once the file's size is what the header says. */
 export async function readSafetensorsFile(path: string, name = path): Promise<SafetensorsFile> {
-  let bytes: Uint8Array;
+  const file = await openRegularFile(path, name);
   try {
-    bytes = await readFile(path);
-  } catch (e) {
-    throw new SparseMlaError('INVALID_VALUE', `${name}: cannot read (${(e as Error).message})`, name);
+    const len = headerLength(await readExactly(file, 0, Math.min(file.size, 8), name), file.size, name);
+    const h = parseHeader(await readExactly(file, 8, len, name), name, 8 + len, file.size - 8 - len);
+    checkDataLength(h, file.size - h.dataStart, name);
+    const tensors = new Map<string, Tensor>();
+    for (const e of h.entries) tensors.set(e.key, tensorOf(e, await readExactly(file, h.dataStart + e.begin, e.end - e.begin, name)));
+    return { tensors, metadata: h.metadata };
+  } finally {
+    await file.handle.close().catch(() => {});
   }
-  return parseSafetensors(bytes, name);
 }
 
 export async function writeSafetensorsFile(path: string, tensors: Record<string, Tensor>, metadata?: Record<string, string>): Promise<void> {
-  await writeFile(path, encodeSafetensors(tensors, metadata));
+  await writeFileNoFollow(path, encodeSafetensors(tensors, metadata));
 }

@@ -48,29 +48,69 @@ export function checkArgsObject(value: unknown, argument: string): asserts value
   if (!isObject(value) || Array.isArray(value)) fail('INVALID_VALUE', argument, 'an object of named arguments', describe(value));
 }
 
+// The typed-array intrinsics: what an array really is and where its memory lies, whatever a
+// subclass or a Proxy claims through its own properties.
+const TYPED_ARRAY_PROTOTYPE = Object.getPrototypeOf(Uint8Array.prototype) as object;
+const intrinsicGetter = (key: PropertyKey): ((this: unknown) => unknown) =>
+  Object.getOwnPropertyDescriptor(TYPED_ARRAY_PROTOTYPE, key)!.get as (this: unknown) => unknown;
+const TYPED_ARRAY_KIND = intrinsicGetter(Symbol.toStringTag);
+const TYPED_ARRAY_BUFFER = intrinsicGetter('buffer');
+const TYPED_ARRAY_OFFSET = intrinsicGetter('byteOffset');
+const TYPED_ARRAY_LENGTH = intrinsicGetter('length');
+
+type HostArrayCtor = new (buffer: ArrayBufferLike, byteOffset: number, length: number) => ArrayBufferView;
+
+/**
+ * `value` as a plain typed array of class `ctor` over the same memory, its buffer, offset and
+ * length read once through the intrinsic getters, so that what was validated is what the backend
+ * gets (a subclass overriding `length`, or a view that a resizable buffer later shrinks, cannot
+ * change it). null when `value` is not a `ctor`; throws INVALID_VALUE when its buffer is detached.
+ */
+export function ownView<T extends ArrayBufferView>(value: unknown, ctor: abstract new (...args: never[]) => T, argument: string): T | null {
+  if (TYPED_ARRAY_KIND.call(value) !== ctor.name) return null;
+  const buffer = TYPED_ARRAY_BUFFER.call(value) as ArrayBufferLike;
+  try {
+    return new (ctor as unknown as HostArrayCtor)(buffer, TYPED_ARRAY_OFFSET.call(value) as number, TYPED_ARRAY_LENGTH.call(value) as number) as T;
+  } catch {
+    fail('INVALID_VALUE', argument, `a ${ctor.name} with attached memory`, 'one whose buffer was detached or transferred');
+  }
+}
+
+/** A tensor's fields, each read once (a getter is not asked twice); shape copied and checked. */
+function readTensorFields(value: unknown, argument: string, want: string): { dtype: unknown; shape: number[]; data: unknown } {
+  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+    fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
+  }
+  const dtype = value.dtype;
+  const rawShape = value.shape;
+  const data = value.data;
+  if (typeof dtype !== 'string') fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
+  const shape = Array.isArray(rawShape) ? Array.from(rawShape as unknown[]) : null;
+  if (!shape || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', shape ? shapeStr(shape) : describe(rawShape));
+  }
+  return { dtype, shape: shape as number[], data };
+}
+
 /**
  * `value` must be a dense tensor of one of `dtypes` whose data length matches its shape. The shape
- * itself (rank, dims) is checked by the caller, which knows what it means.
+ * itself (rank, dims) is checked by the caller, which knows what it means. Returns a snapshot:
+ * every field read once, the data a plain view of the same memory (ownView), so nothing the
+ * caller's object does later changes what was validated.
  */
 export function checkTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> {
   const want = dtypes.join(' or ');
-  if (!isObject(value) || typeof value.dtype !== 'string' || !('shape' in value) || !('data' in value)) {
-    fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
-  }
-  if (!(dtypes as readonly string[]).includes(value.dtype)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(value.dtype)}`);
-  const dtype = value.dtype as D;
-  const shape = value.shape;
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
-  }
+  const { dtype: rawDtype, shape, data: rawData } = readTensorFields(value, argument, want);
+  if (!(dtypes as readonly string[]).includes(rawDtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(rawDtype)}`);
+  const dtype = rawDtype as D;
   const ctor = ARRAY_CTORS[dtype];
-  if (isDeviceBuffer(value.data)) fail('INVALID_VALUE', argument, `a host ${want} tensor (this argument cannot be in device memory)`, 'a device tensor');
-  if (!(value.data instanceof ctor)) fail('INVALID_DTYPE', `${argument}.data`, `a ${ctor.name} for dtype ${dtype}`, describe(value.data));
+  if (isDeviceBuffer(rawData)) fail('INVALID_VALUE', argument, `a host ${want} tensor (this argument cannot be in device memory)`, 'a device tensor');
+  const data = ownView(rawData, ctor, `${argument}.data`);
+  if (!data) fail('INVALID_DTYPE', `${argument}.data`, `a ${ctor.name} for dtype ${dtype}`, describe(rawData));
   let n = 1;
-  for (const d of shape as number[]) n *= d;
-  const data = value.data as DTypeArrays[D];
+  for (const d of shape) n *= d;
   if (data.length !== n) fail('INVALID_SHAPE', `${argument}.data`, `${n} elements for shape ${shapeStr(shape)}`, `${data.length} elements`);
-  return value as unknown as Tensor<D>;
+  return { dtype, shape, data } as unknown as Tensor<D>;
 }
 
 /**
@@ -78,21 +118,18 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
  * shape checks, its byte size checked against the shape, its contents never read.
  */
 export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> | DeviceTensor<D> {
-  if (!isObject(value) || !isDeviceBuffer(value.data)) return checkTensor(value, argument, dtypes);
   const want = dtypes.join(' or ');
-  if (!(dtypes as readonly string[]).includes(value.dtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(value.dtype)}`);
-  const dtype = value.dtype as D;
-  const shape = value.shape;
-  if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
-  }
-  const buffer = value.data;
+  const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, want);
+  if (!isDeviceBuffer(data)) return checkTensor({ dtype: rawDtype, shape, data }, argument, dtypes);
+  if (!(dtypes as readonly string[]).includes(rawDtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(rawDtype)}`);
+  const dtype = rawDtype as D;
+  const buffer = data;
   if (buffer.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
   let n = 1;
-  for (const d of shape as number[]) n *= d;
+  for (const d of shape) n *= d;
   const bytes = n * BYTES_PER_ELEMENT[dtype];
   if (buffer.byteLength !== bytes) fail('INVALID_SHAPE', `${argument}.data`, `${bytes} bytes for ${dtype} ${shapeStr(shape)}`, `a device buffer of ${buffer.byteLength} bytes`);
-  return value as unknown as DeviceTensor<D>;
+  return { dtype, shape, data: buffer } as unknown as DeviceTensor<D>;
 }
 
 export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>): t is DeviceTensor<D> {
@@ -121,10 +158,18 @@ export function checkInt32Size(value: number, argument: string, what: string): v
   if (value > INT32_MAX) fail('TOO_LARGE', argument, `${what} ≤ ${INT32_MAX} (32-bit sizes in the core ABI)`, String(value));
 }
 
-/** A finite number that stays finite as float32 (the core takes float32 scalars). */
-export function checkFiniteFloat32(value: unknown, argument: string): number {
-  if (typeof value !== 'number' || !Number.isFinite(value) || !Number.isFinite(Math.fround(value))) {
-    fail('INVALID_VALUE', argument, 'a finite number (representable as float32)', describe(value));
+/**
+ * Largest |smScale| accepted. The kernels form the logits smScale · ⟨q, k⟩ in float32; with
+ * |smScale| ≤ 2^16 they stay finite for every |⟨q, k⟩| ≤ 5e33 (q and kv elements up to ~1e15),
+ * while a scale near float32's maximum turns every logit above 1 into +inf (and the output into
+ * NaN) where the float64 math is finite. Models use 1/√dQK ≈ 0.04.
+ */
+export const MAX_SM_SCALE = 2 ** 16;
+
+/** smScale: a finite number with |smScale| ≤ MAX_SM_SCALE (so it is finite as float32 too). */
+export function checkSmScale(value: unknown, argument = 'smScale'): number {
+  if (typeof value !== 'number' || !Number.isFinite(value) || Math.abs(value) > MAX_SM_SCALE) {
+    fail('INVALID_VALUE', argument, `a finite number with |${argument}| ≤ ${MAX_SM_SCALE} (logits smScale · q·k must stay finite in float32)`, describe(value));
   }
   return value;
 }

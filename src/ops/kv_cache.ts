@@ -7,7 +7,7 @@ import { fail } from '../errors.js';
 import { isDeviceBuffer } from '../device.js';
 import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
 import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
-import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, shapeStr } from './common.js';
+import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, ownView, shapeStr } from './common.js';
 
 /** v4: bytes of one token's e4m3 nope + bf16 rope data. */
 export const V4_TOKEN_DATA_BYTES = 576;
@@ -91,25 +91,31 @@ export function checkCache(value: unknown, argument: string, formats: readonly C
   if (typeof value !== 'object' || value === null || Array.isArray(value)) {
     fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(value));
   }
+  // Each field read once: what is checked here is what the backend gets.
   const c = value as Partial<KvCache> & Record<string, unknown>;
-  const format = checkFormat(c.format, `${argument}.format`);
+  const rawFormat = c.format;
+  const rawPageSize = c.pageSize;
+  const rawNumPages = c.numPages;
+  const rawData: unknown = c.data;
+  const format = checkFormat(rawFormat, `${argument}.format`);
   if (!formats.includes(format)) fail('INVALID_VALUE', `${argument}.format`, formats.map((f) => `"${f}"`).join(' or '), `"${format}"`);
-  const pageSize = checkCount(c.pageSize, `${argument}.pageSize`, 1);
-  const numPages = checkCount(c.numPages, `${argument}.numPages`, 0);
+  const pageSize = checkCount(rawPageSize, `${argument}.pageSize`, 1);
+  const numPages = checkCount(rawNumPages, `${argument}.numPages`, 0);
   if (format === 'v32' && pageSize !== 1) fail('INVALID_VALUE', `${argument}.pageSize`, '1 for a v32 cache', String(pageSize));
   const shape = shapeFrom(format, pageSize, numPages, argument);
-  if (isDeviceBuffer(c.data)) {
+  if (isDeviceBuffer(rawData)) {
     if (!allowDevice) fail('INVALID_VALUE', `${argument}.data`, 'host bytes (this op writes the cache on the host)', 'a device buffer');
-    if (c.data.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
-    if (c.data.byteLength !== shape.bytes) fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes`, `a device buffer of ${c.data.byteLength} bytes`);
-    return { ...shape, data: c.data };
+    if (rawData.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
+    if (rawData.byteLength !== shape.bytes) fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes`, `a device buffer of ${rawData.byteLength} bytes`);
+    return { ...shape, data: rawData };
   }
-  if (!(c.data instanceof Uint8Array)) fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(c.data));
-  if (c.data.length !== shape.bytes) {
+  const data = ownView(rawData, Uint8Array, `${argument}.data`);
+  if (!data) fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(rawData));
+  if (data.length !== shape.bytes) {
     const how = format === 'v4' ? `${numPages} pages × ${v4PageBytes(pageSize)} B (pageSize ${pageSize})` : `${numPages} tokens × ${V32_TOKEN_BYTES} B`;
-    fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes = ${how}`, `${c.data.length} bytes`);
+    fail('INVALID_SHAPE', `${argument}.data`, `${shape.bytes} bytes = ${how}`, `${data.length} bytes`);
   }
-  return { ...shape, data: c.data };
+  return { ...shape, data };
 }
 
 /**

@@ -9,7 +9,7 @@ import type { PagedIndexSet, PagedSparseAttentionJob } from '../backends/backend
 import {
   checkArgsObject,
   checkAttnSink,
-  checkFiniteFloat32,
+  checkSmScale,
   checkIndexShape,
   checkInt32Size,
   checkPlacedTensor,
@@ -56,7 +56,7 @@ export function preparePagedSparseAttention(args: OnDevice<PagedSparseAttentionA
     ? indexSet(args.extraKCache, 'extraKCache', args.extraIndices, 'extraIndices', args.extraTopkLength, 'extraTopkLength', n)
     : null;
 
-  const smScale = checkFiniteFloat32(args.smScale, 'smScale');
+  const smScale = checkSmScale(args.smScale);
   const attnSink = checkAttnSink(args.attnSink, 'attnSink', hQ);
   return { q: q.data, n, hQ, main, extra, attnSink, smScale };
 }

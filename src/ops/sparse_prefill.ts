@@ -9,7 +9,7 @@ import type { SparsePrefillJob } from '../backends/backend.js';
 import {
   checkArgsObject,
   checkAttnSink,
-  checkFiniteFloat32,
+  checkSmScale,
   checkIndexShape,
   checkInt32Size,
   checkPlacedTensor,
@@ -51,7 +51,7 @@ export function prepareSparsePrefill(args: OnDevice<SparsePrefillArgs>): SparseP
   const indices = checkPlacedTensor(args.indices, 'indices', ['int32', 'int64'] as const);
   const topk = checkIndexShape(indices, 'indices', sQ, 'sQ');
 
-  const smScale = checkFiniteFloat32(args.smScale, 'smScale');
+  const smScale = checkSmScale(args.smScale);
   const attnSink = checkAttnSink(args.attnSink, 'attnSink', hQ);
   const topkLength = normalizeTopkLength(args.topkLength, 'topkLength', sQ, 'sQ', topk);
 

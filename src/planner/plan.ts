@@ -9,7 +9,7 @@ import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
 import { tensor } from '../tensor.js';
 import { isDeviceBuffer } from '../device.js';
 import type { DeviceKvCache, KvCache, Tensor } from '../types.js';
-import { combinedWidth, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
+import { combinedWidth, requestVisible, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
 import type {
   CombinedRows,
   CompressRatio,
@@ -235,9 +235,24 @@ export class Plan {
         }
       }
     }
+    // The chunk's totals, summed here in float64 (exact far beyond int32) before the core sums
+    // them: the query count and each ratio's workspace rows must fit int32.
+    let totalQueries = 0;
+    let totalSwa = 0;
+    const totalComp = new Map<4 | 128, number>();
+    for (let r = 0; r < n; r++) {
+      totalQueries += extendLens[r]!;
+      totalSwa += swaGatherLength(seqLens[r]!, extendLens[r]!, window);
+      for (const ratio of pageSizes.keys()) totalComp.set(ratio, (totalComp.get(ratio) ?? 0) + requestVisible(seqLens[r]!, extendLens[r]!, ratio));
+    }
+    if (totalQueries > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} queries in a chunk (the sum of extendLen)`, `${totalQueries}`);
+    for (const [ratio, rows] of [[0, 0] as const, ...totalComp]) {
+      if (totalSwa + rows > INT32_MAX) {
+        fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} workspace rows (int32 row numbers)`, `${rows} compressed + ${totalSwa} SWA rows for ratio ${ratio}`);
+      }
+    }
     const swaLayout = (this.#swaLayout = impl.layout(seqLens, extendLens, window, 0));
     this.numQueries = swaLayout.numQueries;
-    if (swaLayout.numQueries > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} queries in a chunk`, `${swaLayout.numQueries}`);
 
     const ratios: CompressRatio[] = [0];
     const layouts = new Map<CompressRatio, { layout: WorkspaceLayout; core: CoreLayout }>();

@@ -37,10 +37,15 @@ export const HOW_TO_BUILD = howToBuild();
 
 /**
  * The CPU ops: each runs the core on `threads` threads split by rows, off the event loop, and
- * resolves when the outputs (the arrays passed in, exact lengths) are written. Inputs must stay
- * attached until it settles. Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from
- * a CUDA op) and `status` (the core's status name / "cudaErrorX: message"); arguments that do not
- * match throw with code 'SMLA_ADDON_ARGUMENT'. addonFailure() turns all of these into typed errors.
+ * resolves when the outputs (the arrays passed in, exact lengths) are written. Inputs may be
+ * detached by the caller at any time: the addon reads a SharedArrayBuffer in place and copies
+ * anything else when the call is made (native/addon/addon.h). Outputs must be fresh arrays that
+ * nobody else can reach until the call settles. quantizeKvCache writes the cache only when it
+ * settles, on this thread (a cache detached meanwhile: 'SMLA_DETACHED', nothing written).
+ * Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from a CUDA op) and `status`
+ * (the core's status name / "cudaErrorX: message"); arguments that do not match throw with code
+ * 'SMLA_ADDON_ARGUMENT', an input copy that cannot be allocated with 'SMLA_OUT_OF_MEMORY'.
+ * addonFailure() turns all of these into typed errors.
  */
 export interface NativeCpuOps {
   sparsePrefill(
@@ -360,10 +365,16 @@ export function queryCudaDevices(addon: NativeAddon): CudaDeviceQuery | null {
 export const CACHE_FORMAT_CODE = { v4: 0, v32: 1 } as const;
 export const ROWS_DTYPE_CODE = { float32: 0, bf16: 1 } as const;
 
-/** An addon error → SparseMlaError BACKEND_FAILURE naming the backend, the op and the status. */
+/**
+ * An addon error → SparseMlaError naming the backend, the op and the status: BACKEND_FAILURE, or
+ * TOO_LARGE (no memory for the call's input copies) or INVALID_VALUE (the caller detached a
+ * buffer the op writes while it ran).
+ */
 export function addonFailure(backend: 'cpu' | 'cuda', op: string, e: unknown): SparseMlaError {
   if (e instanceof SparseMlaError) return e;
   const x = e as { code?: string; status?: string; message?: string };
+  if (x.code === 'SMLA_OUT_OF_MEMORY') return new SparseMlaError('TOO_LARGE', `${backend} backend: ${op}: ${x.message}`, op);
+  if (x.code === 'SMLA_DETACHED') return new SparseMlaError('INVALID_VALUE', `${backend} backend: ${x.message}`, op === 'quantizeKCache' ? 'cache.data' : op);
   const what =
     x.code === 'SMLA_CORE_STATUS' ? `the core returned ${x.status}` : x.code === 'SMLA_CUDA_ERROR' ? `CUDA error ${x.status}` : (x.message ?? String(e));
   return new SparseMlaError('BACKEND_FAILURE', `${backend} backend: ${op} failed: ${what}`, op);

@@ -1,8 +1,12 @@
 /**
  * The `cpu` backend: the C++ core built natively for this machine (AVX2+FMA where it has them),
  * run by the addon on its own threads split by query rows (token rows for the cache ops), never on
- * the event loop. Inputs are passed as they are (the addon pins them for the call; no copies);
- * outputs are allocated here, so they are ordinary JS-owned typed arrays.
+ * the event loop. Inputs reach the addon in shared memory: the caller's own when it is shared,
+ * else a copy in the engine's reused staging (../staging.ts), made when the call is made, so a
+ * caller that detaches or transfers an array mid-call cannot pull memory from under the threads.
+ * A cache is not staged whole: the addon copies the tokens a dequant reads, and a quantize writes
+ * the cache only when it settles (native/addon/cpu_ops.cpp). Outputs are allocated here and reach
+ * the caller only when the call has settled.
  */
 import { AddonCalls } from './addon_calls.js';
 import { SparseMlaError } from '../../errors.js';
@@ -17,6 +21,8 @@ import type {
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 
@@ -40,55 +46,116 @@ function alloc<T>(ctor: new (n: number) => T, n: number, argument: string): T {
   }
 }
 
+/** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
+const COMPACT_TOKEN_BYTES = { v4: 584, v32: 656 } as const;
+
 export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
   readonly workers: number;
+  /** host memory one call may use for input copies and outputs (SPEC §9) */
+  readonly memoryBudgetBytes: number;
+  /** reused shared memory for the inputs (its capacity is the budget) */
+  readonly staging: StagingArena;
   private readonly addon: NativeAddon;
   private readonly calls = new AddonCalls('cpu');
 
-  constructor(addon: NativeAddon, workers: number) {
+  constructor(addon: NativeAddon, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
     this.addon = addon;
     this.workers = workers;
+    this.memoryBudgetBytes = memoryBudgetBytes;
+    this.staging = new StagingArena(memoryBudgetBytes);
+  }
+
+  /** Refuses (TOO_LARGE) a call whose staging, scratch and outputs exceed the budget. */
+  private budget(op: string, argument: string, inputs: readonly (StageableArray | null)[], outputBytes: number, scratchBytes = 0): void {
+    checkCallMemory(
+      op,
+      argument,
+      [
+        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+        { what: 'scratch', bytes: scratchBytes },
+        { what: 'outputs', bytes: outputBytes },
+      ],
+      this.memoryBudgetBytes,
+    );
+  }
+
+  /**
+   * Stages the inputs and starts the addon call on them before returning to the caller (so what a
+   * caller detaches afterwards is no longer read), then gives the staging back once it settled.
+   * When the staging is all in use the call waits; a cache it reads in place (`cache`) detached
+   * meanwhile is then an error.
+   */
+  private run<T extends readonly (StageableArray | null)[]>(
+    op: string,
+    inputs: T,
+    names: readonly string[],
+    start: (views: T) => Promise<void>,
+    cache?: { data: Uint8Array; bytes: number },
+  ): Promise<void> {
+    const launch = async (staged: StagedInputs<T>): Promise<void> => {
+      try {
+        await this.calls.run(op, () => start(staged.views));
+      } finally {
+        staged.release();
+      }
+    };
+    const now = tryStageInputs(this.staging, inputs, names);
+    if (now) return launch(now);
+    return stageInputs(this.staging, inputs, names).then((staged) => {
+      if (cache && cache.data.byteLength !== cache.bytes) {
+        staged.release();
+        detached('cache.data', 'while the call waited for staging');
+      }
+      return launch(staged);
+    });
   }
 
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
+    this.calls.assertAlive();
     const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
+    this.budget('sparsePrefill', 'q', inputs, sQ * hQ * (dV * 2 + 8));
     const out = alloc(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = alloc(Float32Array, sQ * hQ, 'maxLogits');
     const lse = alloc(Float32Array, sQ * hQ, 'lse');
     const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
-    await this.calls.run('sparsePrefill', () =>
-      this.addon.cpu.sparsePrefill(threads, job.q, job.kv, job.indices, job.topkLength, job.attnSink, sQ, hQ, dQK, dV, sKV, topk, job.smScale, out, maxLogits, lse),
+    await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
+      this.addon.cpu.sparsePrefill(threads, q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, job.smScale, out, maxLogits, lse),
     );
     return { out, maxLogits, lse };
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
+    this.calls.assertAlive();
     const { n, hQ, main, extra } = job;
+    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
+    this.budget('pagedSparseAttention', 'q', inputs, n * hQ * (512 * 2 + 8));
     const out = alloc(Uint16Array, n * hQ * 512, 'out');
     const lse = alloc(Float32Array, n * hQ, 'lse');
     const maxLogits = alloc(Float32Array, n * hQ, 'maxLogits');
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
-    await this.calls.run('pagedSparseAttention', () =>
+    const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];
+    await this.run('pagedSparseAttention', inputs, names, ([q, kc, indices, topkLength, ekc, eIndices, eTopkLength, attnSink]) =>
       this.addon.cpu.pagedSparseAttention(
         threads,
-        job.q,
+        q,
         n,
         hQ,
-        main.cache.data,
+        kc,
         main.cache.pageSize,
         main.cache.numPages,
-        main.indices,
+        indices,
         main.topk,
-        main.topkLength,
-        extra ? extra.cache.data : null,
+        topkLength,
+        extra ? ekc : null,
         extra ? extra.cache.pageSize : 0,
         extra ? extra.cache.numPages : 0,
-        extra ? extra.indices : null,
+        extra ? eIndices : null,
         extra ? extra.topk : 0,
-        extra ? extra.topkLength : null,
-        job.attnSink,
+        extra ? eTopkLength : null,
+        attnSink,
         job.smScale,
         out,
         lse,
@@ -99,26 +166,36 @@ export class CpuBackend implements Backend {
   }
 
   async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
+    this.calls.assertAlive();
     const { cache, tokenIds, n, rowDim } = job;
+    // the addon copies the requested tokens of a cache that is not shared (n tokens, not the cache)
+    const gathered = copyBytes(cache.data) > 0 ? n * COMPACT_TOKEN_BYTES[cache.format] : 0;
+    this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
     const out = alloc(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
-    await this.calls.run('dequantizeKCachePaged', () =>
-      this.addon.cpu.dequantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, out),
+    await this.run('dequantizeKCachePaged', [tokenIds] as const, ['tokenIds'], ([ids]) =>
+      this.addon.cpu.dequantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, ids, n, out),
+      cache,
     );
     return out;
   }
 
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
+    this.calls.assertAlive();
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
+    // the addon quantizes into a compact scratch cache and writes the cache when it settles
+    this.budget('quantizeKCache', 'rows', [tokenIds, rows], 0, n * COMPACT_TOKEN_BYTES[cache.format]);
     const threads = threadsFor(this.workers, n, rowDim * 32);
-    await this.calls.run('quantizeKCache', () =>
-      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, tokenIds, n, rows, ROWS_DTYPE_CODE[rowsDtype]),
+    await this.run('quantizeKCache', [tokenIds, rows] as const, ['tokenIds', 'rows.data'], ([ids, staged]) =>
+      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, ids, n, staged, ROWS_DTYPE_CODE[rowsDtype]),
+      cache,
     );
   }
 
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
-  dispose(): Promise<void> {
-    return this.calls.dispose();
+  async dispose(): Promise<void> {
+    await this.calls.dispose();
+    this.staging.close(new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine'));
   }
 }
 
@@ -134,6 +211,6 @@ export const cpuBackendEntry: BackendEntry = {
   async create(options) {
     const l = loadNativeAddon();
     if (!l.ok) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cpu" is unavailable — ${l.reason}`, 'backend');
-    return new CpuBackend(l.addon, options.workers ?? defaultWorkerCount());
+    return new CpuBackend(l.addon, options.workers ?? defaultWorkerCount(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes());
   },
 };

@@ -30,6 +30,7 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { AddonCalls } from './addon_calls.js';
 import {
   CACHE_FORMAT_CODE,
@@ -132,11 +133,24 @@ export class CudaBackend implements Backend, DeviceOps {
   /** Host-side work (quantizeKCache writes a host cache) runs on the native CPU core. */
   private readonly host: CpuBackend;
 
-  constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number) {
+  /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
+  readonly memoryBudgetBytes: number;
+
+  constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
     this.ops = ops;
     this.workers = workers;
+    this.memoryBudgetBytes = memoryBudgetBytes;
     this.BufferClass = ops.deviceBufferClass();
-    this.host = new CpuBackend(addon, workers);
+    this.host = new CpuBackend(addon, workers, memoryBudgetBytes);
+  }
+
+  /**
+   * Refuses (TOO_LARGE) a call whose host memory exceeds the budget: the addon's copies of its host
+   * inputs that are not shared (it stages host inputs through them) and its host outputs.
+   */
+  private hostBudget(op: string, argument: string, inputs: readonly (ArrayBufferView | DeviceBuffer | null)[], placement: Placement, outputBytes: number): void {
+    const copies = inputs.reduce((sum, a) => sum + (a && !isDeviceBuffer(a) ? copyBytes(a) : 0), 0);
+    checkCallMemory(op, argument, [{ what: 'copies of the host inputs', bytes: copies }, { what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 }], this.memoryBudgetBytes);
   }
 
   alloc(bytes: number): DeviceBuffer {
@@ -196,6 +210,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
     const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, sQ * hQ * (dV * 2 + 8));
     const out = this.output(placement, Uint16Array, 2, sQ * hQ * dV, 'out');
     const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
     const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
@@ -212,6 +227,8 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, placement: Placement = 'host'): Promise<PagedSparseAttentionOutput & PlacedAttentionOutput> {
     const { n, hQ, main, extra } = job;
+    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink];
+    this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
     const out = this.output(placement, Uint16Array, 2, n * hQ * 512, 'out');
     const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
     const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
@@ -249,6 +266,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {
     const { cache, tokenIds, n, rowDim } = job;
+    this.hostBudget('dequantizeKCachePaged', 'tokenIds', [cache.data, tokenIds], placement, n * rowDim * 2);
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     try {
       await this.calls.run('dequantizeKCachePaged', () =>
@@ -367,6 +385,6 @@ export const cudaBackendEntry: BackendEntry = {
     const p = await probeCuda();
     if (!p.available || !p.addon) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cuda" is unavailable — ${p.reason}`, 'backend');
     const cuda = p.addon.cuda as Extract<NativeAddon['cuda'], { built: true }>;
-    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism());
+    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes());
   },
 };

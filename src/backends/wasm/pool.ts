@@ -7,10 +7,11 @@
  * threads/shared-memory variant of the module (Emscripten 3.1.6 standalone, no MEMORY64), so one
  * memory cannot be shared by several instances: every worker needs the bytes it works on inside
  * its own heap, i.e. at least one copy per worker. What we avoid is every *other* copy:
- * - the backend places each input array in a SharedArrayBuffer once per call (no copy at all when
- *   the caller's array already lives in one), and sends only views of it: postMessage shares a
- *   SharedArrayBuffer instead of cloning it, so sending the same kv to N workers costs nothing on
- *   the main thread;
+ * - the backend places each input array once per call in its staging, SharedArrayBuffer slabs
+ *   reused from call to call (../staging.ts; no copy at all when the caller's array already lives
+ *   in shared memory), and sends only views of it: postMessage shares a SharedArrayBuffer instead
+ *   of cloning it, so sending the same kv to N workers costs nothing on the main thread, and the
+ *   slabs being reused, the references an idle worker keeps do not pile up memory;
  * - each worker then copies straight from the shared buffer into its heap: its own row range of
  *   q / indices / topkLength (rows) and the whole of what every row may touch (kv, caches, sink);
  * - outputs are copied out of the heap into fresh ArrayBuffers and *transferred* back (no clone);
@@ -19,18 +20,23 @@
  * the attention itself — and a heap per worker that must hold it (checked before any work:
  * TOO_LARGE; a call too big for one heap is cut into more row ranges than there are workers).
  * The cache ops avoid even that: for a dequant the main thread gathers just the requested tokens
- * (584 or 656 bytes each) into a compact cache, and a quantize fills a compact cache in the worker
- * that the main thread scatters into the caller's cache once every part succeeded — so neither
- * ever copies a whole cache, and a failed call leaves the cache untouched.
- * Inputs are captured when the call is made (the shared copies are taken synchronously), so the
+ * (584 or 656 bytes each), part by part, into a compact cache, and a quantize fills a compact cache
+ * in the worker that the main thread scatters into the caller's cache once every part succeeded —
+ * so neither ever copies a whole cache, and a failed call leaves the cache untouched.
+ * Inputs are captured when the call is made (the staged copies are taken synchronously), so the
  * caller may reuse its arrays at once — unless they already live in SharedArrayBuffers, which the
  * workers then read while the call runs.
  *
  * Scheduling: calls are split into tasks by the backend; tasks run first-come first-served on the
  * first idle worker, so concurrent calls queue fairly and a split call spreads over the pool.
  * A worker that exits (crash, terminate, trap) is replaced; the task it was running rejects with
- * WORKER_DIED. Idle workers are unref'd so a forgotten engine does not keep the process alive;
- * dispose() terminates them all and rejects whatever is queued or running with DISPOSED.
+ * WORKER_DIED. A replacement that fails to start is retried with exponential backoff (at once, then
+ * after 0.1 s doubling up to 10 s). Calls keep running on the healthy workers meanwhile; only when
+ * no worker is running and MAX_START_FAILURES starts in a row have failed are calls refused
+ * (BACKEND_FAILURE, saying so) — and the retries go on, so the pool serves calls again as soon as
+ * a worker starts. Idle workers and retry timers are unref'd so a forgotten engine does not keep
+ * the process alive; dispose() terminates the workers and rejects whatever is queued or running
+ * with DISPOSED.
  */
 import { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
@@ -42,12 +48,21 @@ const WORKER_URL = new URL('./worker.js', import.meta.url);
 
 /** A worker whose heap grew past this is replaced after its task, to hand the memory back. */
 const RETIRE_HEAP_BYTES = 1 << 30;
-/** Consecutive workers that die before they are ready before the pool gives up. */
+/** Consecutive start failures, with no worker running, after which calls are refused (retries go on). */
 const MAX_START_FAILURES = 3;
+/** Delay before retrying a start after the second failure in a row; doubles per further failure. */
+const START_RETRY_BASE_MS = 100;
+const START_RETRY_MAX_MS = 10_000;
+
+/** How long to wait before the next start after `failures` consecutive start failures. */
+export function startRetryDelayMs(failures: number): number {
+  if (failures <= 1) return 0;
+  return Math.min(START_RETRY_MAX_MS, START_RETRY_BASE_MS * 2 ** (failures - 2));
+}
 
 export type TaskMethod = Exclude<keyof WorkerApi, 'ready'>;
 type TaskArg<M extends TaskMethod> = Parameters<WorkerApi[M]>[0];
-type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
+export type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
 
 /** Tasks of one call: once one fails, its queued siblings are dropped instead of run. */
 export interface TaskGroup {
@@ -81,6 +96,7 @@ export class WorkerPool {
   private disposed = false;
   private broken: SparseMlaError | null = null;
   private startFailures = 0;
+  private readonly retryTimers = new Set<NodeJS.Timeout>();
   private readonly dispatchListeners = new Set<(workerIndex: number, label: string) => void>();
 
   private constructor(size: number, init: WorkerInit) {
@@ -126,6 +142,7 @@ export class WorkerPool {
         if (slot.state !== 'starting') return;
         slot.state = 'idle';
         this.startFailures = 0;
+        this.broken = null;
         worker.unref();
         onStarted();
         this.pump();
@@ -157,12 +174,36 @@ export class WorkerPool {
       }
     }
     if (this.disposed || this.slots[slot.index] !== slot) return;
-    if (previous === 'starting' && ++this.startFailures >= MAX_START_FAILURES) {
-      this.broken = new SparseMlaError('BACKEND_FAILURE', `wasm: ${this.startFailures} workers in a row failed to start${slot.lastError ? ` (${slot.lastError.message})` : ''}; the pool is unusable`, 'backend');
-      for (const t of this.queue.splice(0)) t.reject(this.broken);
+    if (previous !== 'starting') {
+      this.slots[slot.index] = this.spawn(slot.index);
       return;
     }
-    this.slots[slot.index] = this.spawn(slot.index);
+    const failures = ++this.startFailures;
+    const delay = startRetryDelayMs(failures);
+    const healthy = this.slots.some((s) => s.state === 'idle' || s.state === 'busy');
+    if (!healthy && failures >= MAX_START_FAILURES) {
+      this.broken = new SparseMlaError(
+        'BACKEND_FAILURE',
+        `wasm: no worker is running: ${failures} worker starts in a row failed${slot.lastError ? ` (${slot.lastError.message})` : ''}; retrying in ${delay / 1000} s`,
+        'backend',
+      );
+      for (const t of this.queue.splice(0)) t.reject(this.broken);
+    }
+    this.respawnLater(slot, delay);
+  }
+
+  /** Replaces a slot whose worker failed to start, after `delay` ms (a timer that does not hold the process). */
+  private respawnLater(slot: Slot, delay: number): void {
+    if (delay === 0) {
+      this.slots[slot.index] = this.spawn(slot.index);
+      return;
+    }
+    const timer = setTimeout(() => {
+      this.retryTimers.delete(timer);
+      if (!this.disposed && this.slots[slot.index] === slot) this.slots[slot.index] = this.spawn(slot.index);
+    }, delay);
+    timer.unref();
+    this.retryTimers.add(timer);
   }
 
   /** Queues one task; resolves with the worker's value or rejects with its typed error. */
@@ -244,6 +285,8 @@ export class WorkerPool {
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
+    for (const t of this.retryTimers) clearTimeout(t);
+    this.retryTimers.clear();
     for (const t of this.queue.splice(0)) t.reject(disposedError());
     await Promise.all(
       this.slots.map(async (s) => {
@@ -275,6 +318,7 @@ export class WorkerPool {
     threadIds: (): number[] => this.slots.map((s) => s.worker.threadId),
     busyWorkers: (): number[] => this.slots.filter((s) => s.state === 'busy').map((s) => s.index),
     idleWorkers: (): number[] => this.slots.filter((s) => s.state === 'idle').map((s) => s.index),
+    states: (): Slot['state'][] => this.slots.map((s) => s.state),
     queued: (): number => this.queue.length,
   };
 }

@@ -1,8 +1,9 @@
 /**
  * The WASM backend: runs validated jobs on the worker pool. It splits a call into row ranges
  * (query rows for attention, token rows for the cache ops), checks that each task fits a worker's
- * heap before any work, shares the inputs (see pool.ts) and stitches the outputs. The main thread
- * only copies bytes; all math runs in the workers.
+ * heap and that the call fits the engine's memory budget before any work, places the inputs where
+ * the workers can read them (a reused staging slab, see staging.ts and pool.ts) and stitches the
+ * outputs. The main thread only copies bytes; all math runs in the workers.
  */
 import os from 'node:os';
 import { SparseMlaError, fail } from '../../errors.js';
@@ -20,9 +21,11 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../ops/kv_cache.js';
+import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, compileCoreModule, type WasmModule } from './binding.js';
-import { WorkerPool } from './pool.js';
+import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
+import { StagingArena, alignStaging, detached, stageInputs, stagingBytes, type StageableArray } from '../staging.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch. */
 const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
@@ -36,19 +39,18 @@ const COPY_WORK_PER_BYTE = 2;
 /** v4 page size of the compact caches the cache ops use: 72 · 584 = 73 · 576, no padding. */
 const COMPACT_V4_PAGE_SIZE = 72;
 
-type Typed = Uint8Array | Uint16Array | Int32Array | Float32Array;
-
-/** The same array backed by a SharedArrayBuffer (itself when it already is). */
-function toShared<T extends Typed>(a: T): T {
-  if (a.buffer instanceof SharedArrayBuffer) return a;
-  const ctor = a.constructor as new (buffer: SharedArrayBuffer) => T;
-  const out = new ctor(new SharedArrayBuffer(a.byteLength));
-  (out as Uint8Array).set(a as Uint8Array);
-  return out;
-}
-
-function sharedOrNull<T extends Typed>(a: T | null): T | null {
-  return a ? toShared(a) : null;
+/**
+ * Tokens per part of a dequant: its gathered tokens and its output rows stay around 16 MiB, so the
+ * staging, the worker heaps and the outputs in flight are bounded whatever the call's size.
+ */
+const DEQUANT_PART_BYTES = 16 * 2 ** 20;
+/** Allocates an output, refusing (TOO_LARGE) what this process cannot hold. */
+function allocOutput<T>(ctor: new (n: number) => T, n: number, argument: string): T {
+  try {
+    return new ctor(n);
+  } catch (e) {
+    throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
+  }
 }
 
 export interface RowSplit {
@@ -66,9 +68,10 @@ export interface RowSplit {
 /**
  * Balanced [start, end) row ranges: as many as the workers, no more than the work justifies
  * (replicated bytes count as work, since each extra task copies them again), and enough that every
- * range fits a worker heap. Throws TOO_LARGE when a single row cannot fit.
+ * range fits a worker heap and holds at most maxRowsPerTask rows. Throws TOO_LARGE when a single
+ * row cannot fit.
  */
-export function splitRows(s: RowSplit, workers: number, heapBytes: number): Array<[number, number]> {
+export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRowsPerTask = Infinity): Array<[number, number]> {
   if (s.rows === 0) return [];
   const usable = heapBytes - HEAP_RESERVE_BYTES - s.fixedBytes;
   if (usable < s.bytesPerRow) {
@@ -82,7 +85,7 @@ export function splitRows(s: RowSplit, workers: number, heapBytes: number): Arra
   const maxRows = Math.max(1, Math.floor(usable / s.bytesPerRow));
   const minWork = Math.max(MIN_TASK_WORK, s.fixedBytes * COPY_WORK_PER_BYTE);
   let count = Math.min(workers, s.rows, Math.max(1, Math.floor((s.rows * s.workPerRow) / minWork)));
-  count = Math.max(count, Math.ceil(s.rows / maxRows));
+  count = Math.max(count, Math.ceil(s.rows / Math.min(maxRows, maxRowsPerTask)));
   const base = Math.floor(s.rows / count);
   const extra = s.rows % count;
   const out: Array<[number, number]> = [];
@@ -105,11 +108,11 @@ function compactTokenBytes(format: CacheFormat): number {
   return format === 'v32' ? V32_TOKEN_BYTES : V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES;
 }
 
-/** Copies tokens ids[start..end) of `cache` into a compact shared cache (ids 0..m-1). */
-function gatherTokens(cache: CacheView, ids: Int32Array, start: number, end: number): SharedCache {
+/** Copies tokens ids[start..end) of `cache` into `into` as a compact cache (ids 0..m-1). */
+function gatherTokens(cache: CacheView, ids: Int32Array, start: number, end: number, into: Uint8Array): SharedCache {
   const m = end - start;
   const g = compactGeometry(cache.format, m);
-  const data = new Uint8Array(new SharedArrayBuffer(g.bytes));
+  const data = into.subarray(0, g.bytes);
   const compact = { format: cache.format, pageSize: g.pageSize };
   for (let j = 0; j < m; j++) {
     const src = tokenByteRanges(cache, ids[start + j]!);
@@ -139,43 +142,39 @@ function scatterTokens(compactData: Uint8Array, cache: CacheView, ids: Int32Arra
   }
 }
 
-/** Concatenates per-task outputs (rows in order); a single task's arrays are used as they are. */
-function concatAttention(parts: AttentionOutput[], outLen: number, statLen: number): SparsePrefillOutput {
-  if (parts.length === 1) return parts[0]!;
-  const out = new Uint16Array(outLen);
-  const maxLogits = new Float32Array(statLen);
-  const lse = new Float32Array(statLen);
-  let o = 0;
-  let s = 0;
-  for (const p of parts) {
-    out.set(p.out, o);
-    maxLogits.set(p.maxLogits, s);
-    lse.set(p.lse, s);
-    o += p.out.length;
-    s += p.lse.length;
-  }
-  return { out, maxLogits, lse };
-}
-
 /** Rough scratch the core allocates per call (row lists, per-head accumulators), with slack. */
 function scratchBytes(hQ: number, dQK: number, dV: number, entries: number): number {
   return entries * 16 + hQ * (dQK + dV) * 8 + 65536;
+}
+
+/** Where the rows of one attention task go in the call's outputs. */
+interface AttentionLayout {
+  rows: number;
+  /** out elements per row */
+  outPerRow: number;
+  /** maxLogits / lse elements per row */
+  statPerRow: number;
 }
 
 export class WasmBackend implements Backend {
   readonly name = 'wasm' as const;
   readonly pool: WorkerPool;
   readonly heapBytes: number;
+  /** host memory one call may use for staging and outputs (SPEC §9); also the staging's capacity */
+  readonly memoryBudgetBytes: number;
+  readonly staging: StagingArena;
 
-  private constructor(pool: WorkerPool, heapBytes: number) {
+  private constructor(pool: WorkerPool, heapBytes: number, memoryBudgetBytes: number) {
     this.pool = pool;
     this.heapBytes = heapBytes;
+    this.memoryBudgetBytes = memoryBudgetBytes;
+    this.staging = new StagingArena(memoryBudgetBytes);
   }
 
-  static async create(workers: number, compiled?: { module: WasmModule; maxMemoryBytes: number }): Promise<WasmBackend> {
+  static async create(workers: number, compiled?: { module: WasmModule; maxMemoryBytes: number }, memoryBudgetBytes = defaultMemoryBudgetBytes()): Promise<WasmBackend> {
     const { module, maxMemoryBytes } = compiled ?? (await compileCoreModule());
     const pool = await WorkerPool.create(workers, { module, maxMemoryBytes });
-    return new WasmBackend(pool, maxMemoryBytes);
+    return new WasmBackend(pool, maxMemoryBytes, memoryBudgetBytes);
   }
 
   get workers(): number {
@@ -183,7 +182,74 @@ export class WasmBackend implements Backend {
   }
 
   private alive(): void {
-    if (this.pool.isDisposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    if (this.pool.isDisposed) throw disposedError();
+  }
+
+  private stage<T extends readonly (StageableArray | null)[]>(inputs: T, names: readonly string[]) {
+    return stageInputs(this.staging, inputs, names);
+  }
+
+  /**
+   * Runs the tasks of one call, handing each value to place() as it arrives. Rejects with the
+   * first failure (the call's tasks still queued are dropped); release() runs once every task has
+   * settled, so staging is never reused while a worker may still read it.
+   */
+  private async runTasks<M extends TaskMethod>(
+    method: M,
+    tasks: readonly { arg: Parameters<WorkerPool['run']>[1] & object; label: string }[],
+    place: (index: number, value: TaskValue<M>) => void,
+    release: () => void,
+  ): Promise<void> {
+    const group: TaskGroup = { failed: false };
+    const runs = tasks.map((t, i) =>
+      this.pool.run(method, t.arg as never, t.label, group).then(
+        (v) => place(i, v as TaskValue<M>),
+        (e: unknown) => {
+          group.failed = true;
+          throw e;
+        },
+      ),
+    );
+    void Promise.allSettled(runs).then(release);
+    await Promise.all(runs);
+  }
+
+  /** Runs attention tasks over row ranges and assembles out / maxLogits / lse. */
+  private async attention<M extends 'sparsePrefill' | 'pagedSparseAttention'>(
+    method: M,
+    ranges: Array<[number, number]>,
+    arg: (rowStart: number, rowEnd: number) => Parameters<WorkerPool['run']>[1] & object,
+    layout: AttentionLayout,
+    release: () => void,
+  ): Promise<SparsePrefillOutput> {
+    const { rows, outPerRow, statPerRow } = layout;
+    let result: SparsePrefillOutput | null = null;
+    if (ranges.length > 1) {
+      try {
+        result = {
+          out: allocOutput(Uint16Array, rows * outPerRow, 'out'),
+          maxLogits: allocOutput(Float32Array, rows * statPerRow, 'maxLogits'),
+          lse: allocOutput(Float32Array, rows * statPerRow, 'lse'),
+        };
+      } catch (e) {
+        release();
+        throw e;
+      }
+    }
+    const tasks = ranges.map(([rowStart, rowEnd]) => ({ arg: arg(rowStart, rowEnd), label: `${method} rows ${rowStart}..${rowEnd - 1}` }));
+    await this.runTasks(method, tasks, (i, part) => {
+      const p = part as AttentionOutput;
+      if (!result) {
+        result = p;
+        return;
+      }
+      // Each part is copied into place as it arrives, so parts do not pile up until the end.
+      const row0 = ranges[i]![0];
+      result.out.set(p.out, row0 * outPerRow);
+      result.maxLogits.set(p.maxLogits, row0 * statPerRow);
+      result.lse.set(p.lse, row0 * statPerRow);
+    }, release);
+    return result!;
   }
 
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
@@ -200,20 +266,21 @@ export class WasmBackend implements Backend {
       this.workers,
       this.heapBytes,
     );
-    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
-    const shared: SparsePrefillJob = {
-      ...job,
-      q: toShared(job.q),
-      kv: toShared(job.kv),
-      indices: toShared(job.indices),
-      topkLength: sharedOrNull(job.topkLength),
-      attnSink: sharedOrNull(job.attnSink),
-    };
-    const parts = await this.pool.runAll(
+    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
+    checkCallMemory(
       'sparsePrefill',
-      ranges.map(([rowStart, rowEnd]) => ({ arg: { job: shared, rowStart, rowEnd }, label: `sparsePrefill rows ${rowStart}..${rowEnd - 1}` })),
+      'q',
+      [
+        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+        { what: 'outputs', bytes: sQ * hQ * (dV * 2 + 8) },
+      ],
+      this.memoryBudgetBytes,
     );
-    return concatAttention(parts, sQ * hQ * dV, sQ * hQ);
+    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
+    const [q, kv, indices, topkLength, attnSink] = staged.views;
+    const shared: SparsePrefillJob = { ...job, q, kv, indices, topkLength, attnSink };
+    return this.attention('sparsePrefill', ranges, (rowStart, rowEnd) => ({ job: shared, rowStart, rowEnd }), { rows: sQ, outPerRow: hQ * dV, statPerRow: hQ }, staged.release);
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
@@ -231,41 +298,98 @@ export class WasmBackend implements Backend {
       this.workers,
       this.heapBytes,
     );
-    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
-    const shareSet = (s: NonNullable<PagedSparseAttentionJob['extra']>) => ({
-      cache: { format: s.cache.format, pageSize: s.cache.pageSize, numPages: s.cache.numPages, data: toShared(s.cache.data) },
-      indices: toShared(s.indices),
-      topk: s.topk,
-      topkLength: sharedOrNull(s.topkLength),
-    });
-    const shared = { q: toShared(job.q), n, hQ, main: shareSet(main), extra: extra ? shareSet(extra) : null, attnSink: sharedOrNull(job.attnSink), smScale: job.smScale };
-    const parts = await this.pool.runAll(
+    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
+    checkCallMemory(
       'pagedSparseAttention',
-      ranges.map(([rowStart, rowEnd]) => ({ arg: { job: shared, rowStart, rowEnd }, label: `pagedSparseAttention rows ${rowStart}..${rowEnd - 1}` })),
+      'q',
+      [
+        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+        { what: 'outputs', bytes: n * hQ * (512 * 2 + 8) },
+      ],
+      this.memoryBudgetBytes,
     );
-    return concatAttention(parts, n * hQ * 512, n * hQ);
+    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    const staged = await this.stage(inputs, [
+      'q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data',
+    ]);
+    const [q, mainCache, mainIndices, mainLength, extraCache, extraIndices, extraLength, attnSink] = staged.views;
+    const set = (s: NonNullable<PagedSparseAttentionJob['extra']>, data: Uint8Array, indices: Int32Array, topkLength: Int32Array | null) => ({
+      cache: { format: s.cache.format, pageSize: s.cache.pageSize, numPages: s.cache.numPages, data },
+      indices,
+      topk: s.topk,
+      topkLength,
+    });
+    const shared = {
+      q,
+      n,
+      hQ,
+      main: set(main, mainCache, mainIndices, mainLength),
+      extra: extra ? set(extra, extraCache!, extraIndices!, extraLength) : null,
+      attnSink,
+      smScale: job.smScale,
+    };
+    return this.attention('pagedSparseAttention', ranges, (rowStart, rowEnd) => ({ job: shared, rowStart, rowEnd }), { rows: n, outPerRow: hQ * 512, statPerRow: hQ }, staged.release);
   }
 
+  /**
+   * Dequantizes in parts of bounded size: each part's tokens are gathered from the cache into a
+   * staging region just before its task runs and its rows are copied into the output as soon as
+   * they come back, so besides the output the call holds about one part per worker. The token ids
+   * are copied at the call; the cache is read part by part while the call runs (a cache detached
+   * meanwhile is an error; write to it only once the call has settled).
+   */
   async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
     this.alive();
-    const { cache, tokenIds, n, rowDim } = job;
+    const { cache, n, rowDim } = job;
+    const tokenBytes = compactTokenBytes(cache.format);
+    const perToken = 2 * tokenBytes + 8 + rowDim * 2;
+    const partLimit = Math.max(1, Math.floor(DEQUANT_PART_BYTES / (tokenBytes + rowDim * 2)));
     const ranges = splitRows(
-      { rows: n, workPerRow: rowDim * 8, fixedBytes: 0, bytesPerRow: 2 * compactTokenBytes(cache.format) + 8 + rowDim * 2, argument: 'tokenIds' },
+      { rows: n, workPerRow: rowDim * 8, fixedBytes: 0, bytesPerRow: perToken, argument: 'tokenIds' },
       this.workers,
       this.heapBytes,
+      partLimit,
+    );
+    const partTokens = ranges.reduce((m, [a, b]) => Math.max(m, b - a), 0);
+    const lanes = Math.min(this.workers, ranges.length);
+    const regionBytes = alignStaging(compactGeometry(cache.format, partTokens).bytes);
+    checkCallMemory(
+      'dequantizeKCachePaged',
+      'tokenIds',
+      [
+        { what: 'output', bytes: n * rowDim * 2 },
+        { what: 'a copy of the token ids', bytes: n * 4 },
+        { what: 'staging of the gathered tokens', bytes: lanes * regionBytes },
+      ],
+      this.memoryBudgetBytes,
     );
     if (ranges.length === 0) return new Uint16Array(0);
-    const parts = await this.pool.runAll(
-      'dequantizeKvCache',
-      ranges.map(([a, b]) => ({ arg: { cache: gatherTokens(cache, tokenIds, a, b), numTokens: b - a, rowDim }, label: `dequantizeKCachePaged tokens ${a}..${b - 1}` })),
-    );
-    if (parts.length === 1) return parts[0]!;
-    const out = new Uint16Array(n * rowDim);
-    let o = 0;
-    for (const p of parts) {
-      out.set(p, o);
-      o += p.length;
-    }
+    const out = allocOutput(Uint16Array, n * rowDim, 'tokenIds');
+    const ids = job.tokenIds.slice();
+    const slabBytes = lanes * regionBytes;
+    const slab = this.staging.tryAcquire(slabBytes) ?? (await this.staging.acquire(slabBytes));
+    const group: TaskGroup = { failed: false };
+    let next = 0;
+    // One lane per worker, each with its own staging region: gather a part, run it, place its rows.
+    const lane = async (k: number): Promise<void> => {
+      const region = new Uint8Array(slab, k * regionBytes, regionBytes);
+      try {
+        while (next < ranges.length && !group.failed) {
+          const [a, b] = ranges[next++]!;
+          if (cache.data.byteLength !== cache.bytes) detached('cache.data', 'while the call ran');
+          const compact = gatherTokens(cache, ids, a, b, region);
+          const rowsOut = await this.pool.run('dequantizeKvCache', { cache: compact, numTokens: b - a, rowDim }, `dequantizeKCachePaged tokens ${a}..${b - 1}`, group);
+          out.set(rowsOut, a * rowDim);
+        }
+      } catch (e) {
+        group.failed = true;
+        throw e;
+      }
+    };
+    const settled = await Promise.allSettled(Array.from({ length: lanes }, (_, k) => lane(k)));
+    this.staging.release(slab);
+    const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failure) throw failure.reason;
     return out;
   }
 
@@ -277,26 +401,44 @@ export class WasmBackend implements Backend {
       this.workers,
       this.heapBytes,
     );
-    if (ranges.length === 0) return;
-    const sharedRows = toShared(rows);
-    const parts = await this.pool.runAll(
-      'quantizeKvCache',
-      ranges.map(([rowStart, rowEnd]) => {
-        const g = compactGeometry(cache.format, rowEnd - rowStart);
-        return {
-          arg: { format: cache.format, pageSize: g.pageSize, numPages: g.numPages, cacheBytes: g.bytes, rows: sharedRows, rowsDtype, rowDim, rowStart, rowEnd },
-          label: `quantizeKCache rows ${rowStart}..${rowEnd - 1}`,
-        };
-      }),
+    const compactBytes = ranges.reduce((sum, [a, b]) => sum + compactGeometry(cache.format, b - a).bytes, 0);
+    checkCallMemory(
+      'quantizeKCache',
+      'rows',
+      [
+        { what: 'staging of the rows', bytes: stagingBytes([rows]) },
+        { what: 'a copy of the token ids', bytes: n * 4 },
+        { what: 'the quantized tokens', bytes: compactBytes },
+      ],
+      this.memoryBudgetBytes,
     );
+    if (ranges.length === 0) return;
+    const ids = tokenIds.slice();
+    const staged = await this.stage([rows], ['rows.data']);
+    const [sharedRows] = staged.views;
+    const parts: Uint8Array[] = [];
+    const tasks = ranges.map(([rowStart, rowEnd]) => {
+      const g = compactGeometry(cache.format, rowEnd - rowStart);
+      return {
+        arg: { format: cache.format, pageSize: g.pageSize, numPages: g.numPages, cacheBytes: g.bytes, rows: sharedRows, rowsDtype, rowDim, rowStart, rowEnd },
+        label: `quantizeKCache rows ${rowStart}..${rowEnd - 1}`,
+      };
+    });
+    await this.runTasks('quantizeKvCache', tasks, (i, v) => (parts[i] = v), staged.release);
     // Written only once every task succeeded, in row order: the cache is never left half-written
     // and the last of duplicate ids wins, as in a sequential loop.
-    ranges.forEach(([a, b], i) => scatterTokens(parts[i]!, cache, tokenIds, a, b - a));
+    if (cache.data.byteLength !== cache.bytes) detached('cache.data', 'while the call ran; nothing was written');
+    ranges.forEach(([a, b], i) => scatterTokens(parts[i]!, cache, ids, a, b - a));
   }
 
   async dispose(): Promise<void> {
+    this.staging.close(disposedError());
     await this.pool.dispose();
   }
+}
+
+function disposedError(): SparseMlaError {
+  return new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
 }
 
 /** Default pool size: the machine's cores. */
@@ -329,6 +471,6 @@ export const wasmBackendEntry: BackendEntry = {
     }
   },
   async create(options) {
-    return WasmBackend.create(options.workers ?? defaultWorkerCount(), await compiledOnce());
+    return WasmBackend.create(options.workers ?? defaultWorkerCount(), await compiledOnce(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes());
   },
 };

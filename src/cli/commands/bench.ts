@@ -6,9 +6,9 @@
  * CPU figures are noisy: read the 1 → N ratio, not the absolute numbers alone.
  */
 import { execFileSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
 import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
 import { fileURLToPath } from 'node:url';
+import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { float32ToBf16Bits, tensor } from '../../tensor.js';
@@ -178,6 +178,7 @@ async function benchEngine(
 export async function benchCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `bench: unexpected argument '${positionals[0]}'`, 'argv');
+  if (o.out) await prepareOutputFile(o.out, '--out'); // checked before the measurements, written after
   if (o.backend === 'cuda') {
     // The GPU benchmark (src/cli/gpu_bench.ts): FlashMLA's configurations, dequant vs copy, paths.
     const { gpuBench } = await import('../gpu_bench.js');
@@ -265,7 +266,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     speedup,
   };
   const json = `${JSON.stringify(report, null, 2)}\n`;
-  if (o.out) writeFileSync(o.out, json);
+  if (o.out) await writeFileNoFollow(o.out, json, '--out');
   if (o.json) {
     process.stdout.write(json);
     return 0;

@@ -4,6 +4,7 @@
  */
 import { SparseMlaError } from '../../errors.js';
 import { createEngine } from '../../engine.js';
+import { prepareOutputDir } from '../../io/files.js';
 import { loadPrefillInputs, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
 import type { BackendChoice } from '../../types.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
@@ -44,6 +45,8 @@ export const command: CliCommand = {
       throw new SparseMlaError('INVALID_VALUE', `expected one input directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
     }
     if (options.out === undefined) throw new SparseMlaError('INVALID_VALUE', '--out: expected an output directory, got none', 'argv');
+    // made and checked before any work, so a bad --out fails in milliseconds
+    await prepareOutputDir(options.out, '--out');
     const progress = new Progress({ enabled: !options.quiet });
 
     progress.start('load inputs', 0);

@@ -9,6 +9,7 @@
 import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
+import { prepareSparsePrefill } from '../../ops/sparse_prefill.js';
 import { AttentionComparator, describeBounds, formatPosition, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
 import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
@@ -100,6 +101,8 @@ export async function verifyDirectory(
   const started = performance.now();
   const handle = await PrefillDir.open(dir);
   const inputs = await loadPrefillInputs(handle);
+  // The engine's own validation, so verify refuses (exit 2) exactly what prefill refuses.
+  prepareSparsePrefill(inputs.args);
   const outputs = await loadPrefillOutputs(handle, inputs.shapes);
   const { sQ, hQ, dQK, topk, dV } = inputs.shapes;
   const queries = opts.queries !== undefined ? checkedQueries(opts.queries, sQ) : evenlySpacedRows(sQ, opts.sample ?? sQ);

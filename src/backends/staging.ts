@@ -1,0 +1,214 @@
+/**
+ * Staging: the memory through which a call's inputs reach the threads that compute it, reused from
+ * call to call (the wasm workers, the cpu addon's threads).
+ *
+ * What it is for: the library owns what it reads during a call (SPEC §9). An input already in a
+ * SharedArrayBuffer cannot be detached or shrunk, so it is read in place; any other input is
+ * copied into a staging slab, a SharedArrayBuffer that only the library references, when the call
+ * is made — after that the caller may detach, transfer or reuse its arrays.
+ *
+ * Why reuse: a SharedArrayBuffer posted to a worker stays alive until that worker's garbage
+ * collector runs, and an idle worker's collector hardly ever runs — its own heap barely grows, the
+ * memory it holds lies outside that heap. One fresh SharedArrayBuffer per call per input therefore
+ * grew the process by the size of every call's inputs, call after call.
+ * The arena keeps a few slabs and hands them out again, so whatever stale references the workers
+ * keep point at memory that is reused, not piled up; and a reused slab costs no page faults.
+ *
+ * Bounds: the slabs together never exceed `capacityBytes`. A request is served by the smallest
+ * free slab that holds it, else by a new slab; when the capacity is taken by other calls' slabs the
+ * request waits (first come, first served) until one is released. A free slab is dropped only to
+ * make room for a larger one, so the arena settles on the sizes its calls need.
+ */
+import { SparseMlaError, fail } from '../errors.js';
+import { copyBytes } from './memory.js';
+
+/** Slabs are rounded up to 1/8 of the next power of two (at least 64 KiB) so nearby sizes share one. */
+function slabSize(bytes: number, capacity: number): number {
+  const min = 2 ** 16;
+  if (bytes <= min) return Math.min(min, capacity);
+  const step = 2 ** Math.max(16, Math.ceil(Math.log2(bytes)) - 3);
+  const rounded = Math.ceil(bytes / step) * step;
+  return rounded <= capacity ? rounded : bytes;
+}
+
+interface Waiter {
+  bytes: number;
+  resolve(slab: SharedArrayBuffer): void;
+  reject(error: Error): void;
+}
+
+export class StagingArena {
+  private readonly free: SharedArrayBuffer[] = [];
+  private busyBytes = 0;
+  private freeBytes = 0;
+  private readonly waiting: Waiter[] = [];
+  private closedWith: Error | null = null;
+  /** slabs allocated so far (a steady workload stops adding to it) */
+  allocations = 0;
+
+  constructor(readonly capacityBytes: number) {}
+
+  /** Bytes of slabs held now, handed out or free. */
+  get heldBytes(): number {
+    return this.busyBytes + this.freeBytes;
+  }
+
+  /** A slab of at least `bytes` now, or null when the request has to wait. */
+  tryAcquire(bytes: number): SharedArrayBuffer | null {
+    if (this.closedWith) throw this.closedWith;
+    if (bytes > this.capacityBytes) {
+      throw new SparseMlaError('TOO_LARGE', `a call needs ${bytes} bytes of staging, more than the engine's ${this.capacityBytes}`, 'memoryBudgetBytes');
+    }
+    if (this.waiting.length > 0) return null;
+    return this.take(bytes);
+  }
+
+  /** A slab of at least `bytes` (≤ capacityBytes, checked by the caller), when one is free. */
+  acquire(bytes: number): Promise<SharedArrayBuffer> {
+    try {
+      const slab = this.tryAcquire(bytes);
+      if (slab) return Promise.resolve(slab);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return new Promise((resolve, reject) => this.waiting.push({ bytes, resolve, reject }));
+  }
+
+  release(slab: SharedArrayBuffer): void {
+    this.busyBytes -= slab.byteLength;
+    if (this.closedWith) return;
+    this.free.push(slab);
+    this.freeBytes += slab.byteLength;
+    this.serve();
+  }
+
+  /** Drops every free slab and fails the waiting requests; later requests fail with `error`. */
+  close(error: Error): void {
+    this.closedWith = error;
+    this.free.length = 0;
+    this.freeBytes = 0;
+    for (const w of this.waiting.splice(0)) w.reject(error);
+  }
+
+  private serve(): void {
+    while (this.waiting.length > 0) {
+      const w = this.waiting[0]!;
+      let slab: SharedArrayBuffer | null;
+      try {
+        slab = this.take(w.bytes);
+      } catch (e) {
+        this.waiting.shift();
+        w.reject(e as Error);
+        continue;
+      }
+      if (!slab) return;
+      this.waiting.shift();
+      w.resolve(slab);
+    }
+  }
+
+  private take(bytes: number): SharedArrayBuffer | null {
+    let best = -1;
+    for (let i = 0; i < this.free.length; i++) {
+      const b = this.free[i]!.byteLength;
+      if (b >= bytes && (best < 0 || b < this.free[best]!.byteLength)) best = i;
+    }
+    if (best >= 0) {
+      const slab = this.free.splice(best, 1)[0]!;
+      this.freeBytes -= slab.byteLength;
+      this.busyBytes += slab.byteLength;
+      return slab;
+    }
+    const size = slabSize(bytes, this.capacityBytes);
+    if (this.busyBytes + size > this.capacityBytes) return null;
+    this.free.sort((a, b) => a.byteLength - b.byteLength);
+    while (this.busyBytes + this.freeBytes + size > this.capacityBytes) this.freeBytes -= this.free.shift()!.byteLength;
+    let slab: SharedArrayBuffer;
+    try {
+      slab = new SharedArrayBuffer(size);
+    } catch (e) {
+      throw new SparseMlaError('TOO_LARGE', `cannot allocate ${size} bytes of shared staging for a call's inputs (${(e as Error).message})`, 'memoryBudgetBytes');
+    }
+    this.allocations++;
+    this.busyBytes += size;
+    return slab;
+  }
+}
+
+/** Offsets of the arrays placed in a staging slab. */
+const STAGING_ALIGN = 64;
+
+export type StageableArray = Uint8Array | Uint16Array | Int32Array | Float32Array;
+
+export const alignStaging = (n: number): number => Math.ceil(n / STAGING_ALIGN) * STAGING_ALIGN;
+
+/** Staging bytes of a call's inputs: the ones that are not already shared. */
+export function stagingBytes(inputs: readonly (StageableArray | null)[]): number {
+  return inputs.reduce((sum, a) => sum + alignStaging(copyBytes(a)), 0);
+}
+
+/** The error for an input whose buffer went away before the library could read it. */
+export function detached(argument: string, when: string): never {
+  fail('INVALID_VALUE', argument, 'memory that stays attached while the call runs', `a buffer that was detached, transferred or resized ${when}`);
+}
+
+export interface StagedInputs<T> {
+  /** the inputs, each shared: as given when it already was, else its copy in the slab */
+  views: T;
+  /** gives the slab back; call once nothing reads the views any more */
+  release(): void;
+}
+
+/** Copies the unshared inputs into `slab` (null when none needs it); `sizes` as measured at the call. */
+function place<T extends readonly (StageableArray | null)[]>(arena: StagingArena, inputs: T, sizes: readonly number[], names: readonly string[], slab: SharedArrayBuffer | null): StagedInputs<T> {
+  const views: (StageableArray | null)[] = [];
+  let offset = 0;
+  try {
+    inputs.forEach((a, i) => {
+      if (!a || sizes[i] === 0) {
+        views.push(a);
+        return;
+      }
+      if (a.byteLength !== sizes[i]) detached(names[i]!, 'while the call waited for staging');
+      const ctor = a.constructor as new (buffer: SharedArrayBuffer, byteOffset: number, length: number) => StageableArray;
+      const view = new ctor(slab!, offset, a.length);
+      view.set(a as never);
+      views.push(view);
+      offset += alignStaging(sizes[i]!);
+    });
+  } catch (e) {
+    if (slab) arena.release(slab);
+    throw e;
+  }
+  let released = false;
+  return {
+    views: views as unknown as T,
+    release: () => {
+      if (slab && !released) arena.release(slab);
+      released = true;
+    },
+  };
+}
+
+/**
+ * Places a call's inputs in shared memory: an array already in a SharedArrayBuffer as it is, every
+ * other one copied into one staging slab. Synchronous: null when the arena is all in use by other
+ * calls (then use stageInputs, which waits). Done at the call, it captures the inputs as they were.
+ */
+export function tryStageInputs<T extends readonly (StageableArray | null)[]>(arena: StagingArena, inputs: T, names: readonly string[]): StagedInputs<T> | null {
+  const bytes = stagingBytes(inputs);
+  const slab = bytes > 0 ? arena.tryAcquire(bytes) : null;
+  if (bytes > 0 && slab === null) return null;
+  return place(arena, inputs, inputs.map(copyBytes), names, slab);
+}
+
+/**
+ * tryStageInputs, else waits for a slab: the inputs are then copied once one is released, and an
+ * input detached meanwhile is an INVALID_VALUE naming it.
+ */
+export async function stageInputs<T extends readonly (StageableArray | null)[]>(arena: StagingArena, inputs: T, names: readonly string[]): Promise<StagedInputs<T>> {
+  const sizes = inputs.map(copyBytes);
+  const now = tryStageInputs(arena, inputs, names);
+  if (now) return now;
+  return place(arena, inputs, sizes, names, await arena.acquire(stagingBytes(inputs)));
+}

@@ -1,0 +1,170 @@
+/**
+ * Files the CLI reads and writes, treated as hostile (SPEC §9):
+ * - reads open the path without blocking (a FIFO cannot hang the open) and go on only when fstat
+ *   says it is a regular file (not a FIFO, a device such as /dev/zero, a directory); the caller
+ *   checks the size against the file's own header before reading its data, and reads exactly that;
+ * - writes go to a fresh file created beside the target (O_CREAT | O_EXCL | O_NOFOLLOW) that is
+ *   then renamed over it: a symlink already at the target is replaced, never written through, and
+ *   no reader sees a half-written file;
+ * - an output directory is created component by component and checked (a directory we can create
+ *   files in) before any work;
+ * - every failure is a SparseMlaError (INVALID_VALUE) naming the path, with the system's reason.
+ * Text from a file that goes into a message is clipped (clip()).
+ */
+import { constants } from 'node:fs';
+import { type FileHandle, lstat, mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { randomBytes } from 'node:crypto';
+import { basename, dirname, join, resolve, sep } from 'node:path';
+import { SparseMlaError } from '../errors.js';
+
+/** At most `max` characters of `text`, saying how much was cut. */
+export function clip(text: string, max = 120): string {
+  return text.length <= max ? text : `${text.slice(0, max)}… (${text.length - max} more characters)`;
+}
+
+function reason(e: unknown): string {
+  const x = e as { code?: unknown; message?: unknown };
+  return clip(typeof x?.message === 'string' ? x.message : String(e), 300);
+}
+
+function fsError(name: string, what: string, e: unknown): SparseMlaError {
+  return new SparseMlaError('INVALID_VALUE', `${name}: cannot ${what} (${reason(e)})`, name);
+}
+
+function kindOf(s: { isFile(): boolean; isDirectory(): boolean; isFIFO(): boolean; isCharacterDevice(): boolean; isBlockDevice(): boolean; isSocket(): boolean; isSymbolicLink(): boolean }): string {
+  if (s.isDirectory()) return 'a directory';
+  if (s.isFIFO()) return 'a FIFO';
+  if (s.isCharacterDevice()) return 'a character device';
+  if (s.isBlockDevice()) return 'a block device';
+  if (s.isSocket()) return 'a socket';
+  if (s.isSymbolicLink()) return 'a symbolic link';
+  return 'a regular file';
+}
+
+export interface OpenedFile {
+  handle: FileHandle;
+  /** bytes, from fstat */
+  size: number;
+}
+
+/** Opens `path` for reading if it is a regular file (symlinks to one are followed). */
+export async function openRegularFile(path: string, name = path): Promise<OpenedFile> {
+  let handle: FileHandle;
+  try {
+    // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.
+    handle = await open(path, constants.O_RDONLY | constants.O_NONBLOCK | constants.O_NOCTTY);
+  } catch (e) {
+    throw fsError(name, 'open it', e);
+  }
+  try {
+    const s = await handle.stat();
+    if (!s.isFile()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a regular file, got ${kindOf(s)}`, name);
+    return { handle, size: s.size };
+  } catch (e) {
+    await handle.close().catch(() => {});
+    throw e instanceof SparseMlaError ? e : fsError(name, 'stat it', e);
+  }
+}
+
+/** Reads exactly `length` bytes at `position` into a fresh (aligned) buffer; a short file is an error. */
+export async function readExactly(file: OpenedFile, position: number, length: number, name: string): Promise<Uint8Array> {
+  let out: Uint8Array;
+  try {
+    out = new Uint8Array(length);
+  } catch (e) {
+    throw new SparseMlaError('TOO_LARGE', `${name}: cannot allocate ${length} bytes to read it (${reason(e)})`, name);
+  }
+  let done = 0;
+  while (done < length) {
+    let n: number;
+    try {
+      ({ bytesRead: n } = await file.handle.read(out, done, Math.min(length - done, 2 ** 30), position + done));
+    } catch (e) {
+      throw fsError(name, 'read it', e);
+    }
+    if (n === 0) throw new SparseMlaError('INVALID_VALUE', `${name}: the file ended after ${position + done} bytes, expected ${position + length}`, name);
+    done += n;
+  }
+  return out;
+}
+
+/** A whole regular file of at most `maxBytes` bytes (small files: meta.json). */
+export async function readSmallFile(path: string, name: string, maxBytes: number): Promise<Uint8Array> {
+  const f = await openRegularFile(path, name);
+  try {
+    if (f.size > maxBytes) throw new SparseMlaError('INVALID_VALUE', `${name}: expected at most ${maxBytes} bytes, the file has ${f.size}`, name);
+    return await readExactly(f, 0, f.size, name);
+  } finally {
+    await f.handle.close().catch(() => {});
+  }
+}
+
+/**
+ * Creates `dir` and its missing parents one component at a time (each one must end up a
+ * directory; `create` false: must already be one), then checks that a file can be created in it.
+ * Throws INVALID_VALUE naming what failed. (Not mkdir's recursive mode: on a path under /proc it
+ * never returns.)
+ */
+export async function prepareOutputDir(dir: string, name = dir, create = true): Promise<void> {
+  const full = resolve(dir);
+  const parts = full.split(sep).filter((p) => p !== '');
+  let at: string = sep;
+  for (const part of parts) {
+    at = join(at, part);
+    if (create) {
+      try {
+        await mkdir(at);
+      } catch (e) {
+        if ((e as { code?: string }).code !== 'EEXIST') throw fsError(name, `create the directory ${at}`, e);
+      }
+    }
+    let s;
+    try {
+      s = await stat(at);
+    } catch (e) {
+      throw fsError(name, `use ${at}`, e);
+    }
+    if (!s.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a directory, but ${at} is ${kindOf(s)}`, name);
+  }
+  const probe = join(full, `.sparse-mla-probe-${process.pid}-${randomBytes(6).toString('hex')}`);
+  try {
+    const h = await open(probe, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o600);
+    await h.close();
+  } catch (e) {
+    throw fsError(name, 'create files in it', e);
+  }
+  await unlink(probe).catch(() => {});
+}
+
+/** For an output file given by path: its directory must exist and take new files, and the path must not be a directory. */
+export async function prepareOutputFile(path: string, name = path): Promise<void> {
+  await prepareOutputDir(dirname(resolve(path)), name, false);
+  const s = await lstat(path).catch(() => null);
+  if (s?.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);
+}
+
+/**
+ * Writes `data` to `path` through a fresh file in the same directory renamed over the target: a
+ * pre-existing symlink at `path` is replaced, never followed.
+ */
+export async function writeFileNoFollow(path: string, data: Uint8Array | string, name = path): Promise<void> {
+  const target = resolve(path);
+  const tmp = join(dirname(target), `.${basename(target)}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`);
+  let h: FileHandle;
+  try {
+    h = await open(tmp, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW, 0o644);
+  } catch (e) {
+    throw fsError(name, 'create it', e);
+  }
+  try {
+    try {
+      await h.writeFile(data);
+    } finally {
+      await h.close();
+    }
+    await rename(tmp, target);
+  } catch (e) {
+    await unlink(tmp).catch(() => {});
+    throw fsError(name, 'write it', e);
+  }
+}

@@ -139,6 +139,24 @@ class SparseMlaEngine implements Engine {
     return tensor(t.dtype, [...t.shape], data);
   }
 
+  get device(): number | undefined {
+    return this.impl.device?.deviceIndex;
+  }
+
+  async copyFrom<D extends DType>(t: DeviceTensor<D>): Promise<DeviceTensor<D>> {
+    this.alive();
+    const dev = this.deviceOps('copyFrom');
+    checkArgsObject(t, 'tensor');
+    if (!isDeviceBuffer(t.data)) fail('INVALID_VALUE', 'tensor', 'a device tensor of a cuda engine', describe(t));
+    if (t.data.freed) fail('INVALID_VALUE', 'tensor.data', 'a live device buffer', 'a freed one');
+    return deviceTensor(t.dtype, t.shape, await dev.copyFrom(t.data));
+  }
+
+  async synchronize(): Promise<void> {
+    this.alive();
+    await this.impl.device?.synchronize();
+  }
+
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
@@ -201,7 +219,15 @@ export async function createEngine(options: EngineOptions = {}): Promise<Engine>
   if (budget !== undefined && (typeof budget !== 'number' || !Number.isSafeInteger(budget) || budget < MIN_MEMORY_BUDGET_BYTES)) {
     fail('INVALID_VALUE', 'memoryBudgetBytes', `an integer number of bytes ≥ ${MIN_MEMORY_BUDGET_BYTES}`, describe(budget));
   }
-  const impl = await createBackend(choice, { ...(workers === undefined ? {} : { workers }), ...(budget === undefined ? {} : { memoryBudgetBytes: budget }) });
+  const device = options.device;
+  if (device !== undefined && (typeof device !== 'number' || !Number.isSafeInteger(device) || device < 0)) {
+    fail('INVALID_VALUE', 'device', 'a CUDA device index (an integer ≥ 0)', describe(device));
+  }
+  const impl = await createBackend(choice, {
+    ...(workers === undefined ? {} : { workers }),
+    ...(budget === undefined ? {} : { memoryBudgetBytes: budget }),
+    ...(device === undefined ? {} : { device }),
+  });
   const engine = new SparseMlaEngine(impl);
   internals.set(engine, impl);
   return engine;

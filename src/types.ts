@@ -25,6 +25,8 @@ export interface Tensor<D extends DType = DType> {
  */
 export interface DeviceBuffer {
   readonly device: 'cuda';
+  /** the CUDA device it lives on (an engine's `device`) */
+  readonly deviceIndex: number;
   readonly byteLength: number;
   readonly freed: boolean;
   free(): void;
@@ -155,6 +157,11 @@ export interface EngineOptions {
    * and reuses for its calls' inputs.
    */
   memoryBudgetBytes?: number;
+  /**
+   * The CUDA device of a cuda engine (default SPARSE_MLA_DEVICE, else 0); its ops, buffers and
+   * stream live there, and an op refuses another device's tensors. Ignored by the other backends.
+   */
+  device?: number;
 }
 
 export interface Engine {
@@ -169,6 +176,19 @@ export interface Engine {
   pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>>;
   /** True when the engine has device memory (cuda): upload/download/uploadKvCache work. */
   readonly hasDevice: boolean;
+  /** The CUDA device index of a cuda engine, else undefined. */
+  readonly device?: number;
+  /**
+   * Device tensors of another cuda engine (any device) copied onto this engine's device, after the
+   * work queued on theirs: peer to peer where the GPUs allow it, through the host otherwise.
+   */
+  copyFrom<D extends DType>(t: DeviceTensor<D>): Promise<DeviceTensor<D>>;
+  /**
+   * Resolves once every op this engine queued has finished. A cuda op whose operands all stay on
+   * the device resolves as soon as it is queued (its stream orders it before later ops and
+   * downloads); await this to wait for the device (e.g. to time it). Other backends: at once.
+   */
+  synchronize(): Promise<void>;
   /** Copies a host tensor to the device (cuda engines; otherwise BACKEND_UNAVAILABLE). */
   upload<D extends DType>(t: Tensor<D>): Promise<DeviceTensor<D>>;
   /** Copies a host KV cache to the device (a snapshot: later host writes are not seen). */

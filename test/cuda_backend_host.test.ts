@@ -6,7 +6,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createKvCache } from '../dist/index.js';
-import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
+import { CudaBackend, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import { loadNativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
 import type { QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
@@ -17,11 +17,25 @@ const rng = testRng('cuda_backend_host');
 
 /** A CUDA op table whose ops are the given functions; anything else is never called. */
 function fakeOps(ops: Partial<Record<keyof NativeCudaOps, unknown>>): NativeCudaOps {
-  class FakeBuffer {
-    constructor(readonly bytes: number) {}
-    free(): void {}
+  class FakeStream {
+    constructor(readonly device: number) {}
+    synchronize(): Promise<void> {
+      return Promise.resolve();
+    }
   }
-  return new Proxy({ deviceBufferClass: () => FakeBuffer, ...ops } as object, {
+  class FakeBuffer {
+    readonly device: number;
+    readonly byteLength: number;
+    freed = false;
+    constructor(bytes: number, stream: FakeStream) {
+      this.byteLength = bytes;
+      this.device = stream.device;
+    }
+    free(): void {
+      this.freed = true;
+    }
+  }
+  return new Proxy({ deviceBufferClass: () => FakeBuffer, streamClass: () => FakeStream, ...ops } as object, {
     get: (target, name) => (target as Record<string | symbol, unknown>)[name] ?? (() => { throw new Error(`unexpected CUDA op ${String(name)}`); }),
   }) as NativeCudaOps;
 }
@@ -98,4 +112,29 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     };
     await expect(cuda.quantizeKCache(job)).rejects.toMatchObject({ code: 'DISPOSED' });
   });
+
+  test("an engine on one device refuses another device's buffers (INVALID_VALUE naming both); copyFrom goes peer to peer", async () => {
+    const calls: unknown[][] = [];
+    const ops = fakeOps({ sparsePrefill: () => Promise.resolve(), copyPeer: (...a: unknown[]) => (calls.push(a), Promise.resolve()) });
+    const d0 = new CudaBackend(addon, ops, 1, undefined, 0);
+    const d1 = new CudaBackend(addon, ops, 1, undefined, 1);
+    expect([d0.deviceIndex, d1.deviceIndex]).toEqual([0, 1]);
+    const onOne = d1.alloc(2 * 4 * 64 * 2);
+    expect(onOne.deviceIndex).toBe(1);
+    const err = await d0.sparsePrefill({ ...prefillJob(), q: onOne } as SparsePrefillJob).catch((e: unknown) => e);
+    expect(err instanceof SparseMlaError ? { code: err.code, argument: err.argument } : 'resolved').toEqual({ code: 'INVALID_VALUE', argument: 'q' });
+    expect((err as Error).message).toMatch(/device 0.*device 1/);
+    const copy = await d0.copyFrom(onOne);
+    expect(copy.deviceIndex).toBe(0);
+    expect(calls.length).toBe(1);
+    expect((calls[0]![1] as { device: number }).device).toBe(0);
+    expect((calls[0]![3] as { device: number }).device).toBe(1);
+    await Promise.all([d0.dispose(), d1.dispose()]);
+  });
+});
+
+test('SPARSE_MLA_DEVICE picks the default device; anything but an index is refused', () => {
+  expect(defaultCudaDevice({})).toBe(0);
+  expect(defaultCudaDevice({ SPARSE_MLA_DEVICE: ' 3 ' })).toBe(3);
+  for (const bad of ['-1', 'one', '1.5']) expect(() => defaultCudaDevice({ SPARSE_MLA_DEVICE: bad })).toThrow(/SPARSE_MLA_DEVICE/);
 });

@@ -134,6 +134,25 @@ int32_t Guarded(const std::function<int32_t()>& f) {
   }
 }
 
+}  // namespace
+
+Napi::Error StatusError(Napi::Env env, const char* op, int32_t status) {
+  const bool cuda = status < 0;
+  Napi::Error e = Napi::Error::New(env, std::string(op) + (cuda ? ": CUDA failed: " : ": the core returned ") + StatusName(status));
+  e.Set("code", Napi::String::New(env, cuda ? "SMLA_CUDA_ERROR" : "SMLA_CORE_STATUS"));
+  e.Set("status", Napi::String::New(env, StatusName(status)));
+  return e;
+}
+
+Napi::Promise SettledPromise(Napi::Env env, const char* op, int32_t status) {
+  Napi::Promise::Deferred d(env);
+  if (status == SMLA_OK) d.Resolve(env.Undefined());
+  else d.Reject(StatusError(env, op, status).Value());
+  return d.Promise();
+}
+
+namespace {
+
 class RowJobWorker final : public Napi::AsyncWorker {
  public:
   RowJobWorker(Napi::Env env, const char* op, RowJob job, Holds holds)
@@ -161,14 +180,7 @@ class RowJobWorker final : public Napi::AsyncWorker {
     deferred_.Reject(e.Value());
   }
 
-  void OnError(const Napi::Error&) override {
-    Napi::Env env = Env();
-    const bool cuda = status_ < 0;
-    Napi::Error e = Napi::Error::New(env, std::string(op_) + (cuda ? ": CUDA failed: " : ": the core returned ") + StatusName(status_));
-    e.Set("code", Napi::String::New(env, cuda ? "SMLA_CUDA_ERROR" : "SMLA_CORE_STATUS"));
-    e.Set("status", Napi::String::New(env, StatusName(status_)));
-    deferred_.Reject(e.Value());
-  }
+  void OnError(const Napi::Error&) override { deferred_.Reject(StatusError(Env(), op_, status_).Value()); }
 
  private:
   int32_t RunSplit(int64_t rows) {

@@ -92,6 +92,11 @@ struct RowJob {
 // one row on one thread whose run() copies, launches and synchronizes its stream.
 Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds);
 
+// The JS error of a failed status (code SMLA_CUDA_ERROR or SMLA_CORE_STATUS, and `status`), and a
+// promise already settled with `status` (ops that finish on the calling thread).
+Napi::Error StatusError(Napi::Env env, const char* op, int32_t status);
+Napi::Promise SettledPromise(Napi::Env env, const char* op, int32_t status);
+
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
 using OpFunction = Napi::Value (*)(const Napi::CallbackInfo&);
 struct OpEntry {

@@ -41,8 +41,17 @@ Napi::Value Devices(const Napi::CallbackInfo& info) {
       o.Set("multiProcessors", p.multiProcessorCount);
       o.Set("memoryBytes", double(p.totalGlobalMem));
       o.Set("l2Bytes", p.l2CacheSize);
+      // peerAccess[j]: this device can read and write device j's memory directly
+      Napi::Array peers = Napi::Array::New(env);
+      for (int j = 0; j < count; ++j) {
+        int can = 0;
+        if (j != d && cudaDeviceCanAccessPeer(&can, d, j) != cudaSuccess) can = 0;
+        peers.Set(uint32_t(j), Napi::Boolean::New(env, j == d || can != 0));
+      }
+      o.Set("peerAccess", peers);
       list.Set(list.Length(), o);
     }
+    cudaGetLastError();
   }
   r.Set("count", count);
   r.Set("devices", list);

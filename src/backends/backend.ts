@@ -113,8 +113,14 @@ export interface PlacedAttentionOutput {
  * (src/ops/) as host jobs.
  */
 export interface DeviceOps {
+  /** the CUDA device the engine runs on */
+  readonly deviceIndex: number;
   /** an uninitialized device buffer of `bytes` bytes */
   alloc(bytes: number): DeviceBuffer;
+  /** a new buffer on this device holding a copy of another engine's buffer (any device) */
+  copyFrom(src: DeviceBuffer): Promise<DeviceBuffer>;
+  /** resolves once every op queued so far has finished */
+  synchronize(): Promise<void>;
   /** a new device buffer holding a copy of `data` */
   upload(data: ArrayBufferView): Promise<DeviceBuffer>;
   /** copies the whole buffer into `into` (exactly buffer.byteLength bytes) */
@@ -151,6 +157,8 @@ export interface BackendCreateOptions {
   workers?: number;
   /** host memory one call may use beyond its inputs (src/backends/memory.ts); validated by the engine */
   memoryBudgetBytes?: number;
+  /** the CUDA device (cuda backend); validated by the engine */
+  device?: number;
 }
 
 /** A registry entry: backends are data (name, priority, how to probe, how to create). */
@@ -158,7 +166,7 @@ export interface BackendEntry {
   name: BackendName;
   /** lower runs first under `auto` */
   priority: number;
-  /** Never throws; says whether create() can succeed on this machine. */
-  probe(): Promise<BackendProbe>;
+  /** Never throws; says whether create() can succeed on this machine (on that CUDA device, for cuda). */
+  probe(options?: { device?: number }): Promise<BackendProbe>;
   create(options: BackendCreateOptions): Promise<Backend>;
 }

@@ -51,13 +51,13 @@ export function resolveBackendChoice(option: unknown, env: NodeJS.ProcessEnv = p
 export async function createBackend(choice: BackendChoice, options: BackendCreateOptions): Promise<Backend> {
   if (choice !== 'auto') {
     const entry = BACKENDS.find((b) => b.name === choice)!;
-    const p = await entry.probe();
+    const p = await entry.probe({ ...(options.device === undefined ? {} : { device: options.device }) });
     if (!p.available) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "${choice}" is unavailable — ${p.reason ?? 'no reason given'}`, 'backend');
     return entry.create(options);
   }
   const reasons: string[] = [];
   for (const entry of BACKENDS) {
-    const p = await entry.probe();
+    const p = await entry.probe({ ...(options.device === undefined ? {} : { device: options.device }) });
     if (!p.available) {
       reasons.push(`${entry.name}: ${p.reason ?? 'unavailable'}`);
       continue;

@@ -19,7 +19,8 @@ import type { DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '.
 import type { CudaBackend } from '../backends/native/cuda_backend.js';
 import { makeRng, randomBf16, type Rng } from '../check/grid.js';
 import { median } from './table.js';
-import { createPlan, prefillLayer } from '../planner/index.js';
+import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type ShardSplit } from '../planner/index.js';
+import { evenRanges } from '../planner/sharded_layer.js';
 
 export interface GpuBenchOptions {
   repeat: number;
@@ -43,7 +44,7 @@ interface Row {
 const MiB = 2 ** 20;
 
 /**
- * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, paged, planner, chunks, layer, router) runs
+ * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, paged, planner, chunks, layer, router, multi) runs
  * only those; SPARSE_MLA_SWEEP_PREFIXES=comma list of prefixes (default 0,32768) and
  * SPARSE_MLA_SWEEP_RATIOS (default 4,128,0) narrow the router sweep.
  */
@@ -61,19 +62,41 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   const rng = makeRng(0x5eed);
   const rows: Row[] = [];
   let sweep: RouterSweep | null = null;
+  let multi: MultiDevice | null = null;
+  be.setTiming(true);
   const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
   const say = (r: Row): void => {
     rows.push(r);
     console.log(`${r.name.padEnd(64)} ${r.median_ms.toFixed(3).padStart(9)} ms  ${r.value.toFixed(1).padStart(8)} ${r.unit}${r.note ? `  (${r.note})` : ''}`);
   };
 
-  /** Median device ms of fn's last op, L2 flushed before each run. */
+  /** Device ms of fn's launches (summed), per run, L2 flushed before each run. */
   const time = async (fn: () => Promise<void>): Promise<number[]> => {
     const runs: number[] = [];
     for (let i = 0; i < o.warmup + o.repeat; i++) {
       await be.copyDevice(flushA, flushB);
+      be.takeKernelMs(); // the flush
       await fn();
-      if (i >= o.warmup) runs.push(be.lastKernelMs());
+      const ms = be.takeKernelMs().reduce((a, b) => a + b, 0);
+      if (i >= o.warmup) runs.push(ms);
+    }
+    return runs;
+  };
+  /** Wall clock ms of fn until the device is done with it, per run, L2 flushed before each run (no events). */
+  const wallClock = async (fn: () => Promise<void>): Promise<number[]> => {
+    be.setTiming(false);
+    const runs: number[] = [];
+    try {
+      for (let i = 0; i < o.warmup + o.repeat; i++) {
+        await be.copyDevice(flushA, flushB);
+        await engine.synchronize();
+        const t0 = performance.now();
+        await fn();
+        await engine.synchronize();
+        if (i >= o.warmup) runs.push(performance.now() - t0);
+      }
+    } finally {
+      be.setTiming(true);
     }
     return runs;
   };
@@ -259,15 +282,11 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       // the same layer end to end (wall clock, JS included: dequant then prefill, device in/out)
-      const wall: number[] = [];
-      for (let i = 0; i < o.warmup + o.repeat; i++) {
-        await be.copyDevice(flushA, flushB);
-        const t0 = performance.now();
+      const wall = await wallClock(async () => {
         const w = await engine.dequantizeKCachePaged({ cache, tokenIds: gather }, { output: 'device' });
         const r = await engine.sparsePrefill({ q, kv: w, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
-        if (i >= o.warmup) wall.push(performance.now() - t0);
         for (const t of [w, r.out, r.lse, r.maxLogits]) t.data.free();
-      }
+      });
       const entries = N * W + N * TOPK; // upper bound; real: Σ (swa + min(512, visible))
       let realEntries = 0;
       for (let i = 0; i < N; i++) realEntries += Math.min(i + 1, W) + Math.min(TOPK, Math.floor((i + 1) / 4));
@@ -307,25 +326,23 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       };
       const t0 = performance.now();
-      await layer(); // first layer of the chunk: allocates the plan's device workspace
+      await layer(); // first layer of the chunk: allocates the plan's device workspace, builds its ids
+      await engine.synchronize();
       const firstMs = performance.now() - t0;
-      const wall: number[] = [];
-      for (let i = 0; i < o.warmup + o.repeat; i++) {
-        await be.copyDevice(flushA, flushB);
-        const t1 = performance.now();
-        await layer();
-        if (i >= o.warmup) wall.push(performance.now() - t1);
-      }
+      // device time of the layer's launches (c4 combine, the two dequants, prefill), then its wall
+      // clock with no events, from the call until the device is done
+      const kernelRuns = await time(layer);
+      const wall = await wallClock(layer);
       let realEntries = 0;
       for (let i = 0; i < N; i++) realEntries += Math.min(i + 1, 128) + Math.min(TOPK, Math.floor((i + 1) / 4));
-      const ms = median(wall);
+      const ms = median(wall), kernelMs = median(kernelRuns);
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, hQ 64, topk 512 (planner → dequant → prefill, device)`,
         median_ms: ms,
         runs_ms: wall,
-        value: (2 * realEntries * hQ * 1024) / ms / 1e9,
-        unit: 'TFLOPS',
-        note: `wall clock per layer, JS included; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        value: ms / kernelMs,
+        unit: 'x',
+        note: `wall clock per layer (JS included) over the sum of its kernels' device time, ${kernelMs.toFixed(3)} ms (${((2 * realEntries * hQ * 1024) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       for (const t of [q, topk]) t.data.free();
       swa.data.free();
@@ -334,12 +351,13 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
 
     // ---- router threshold (SPEC §7): workspace path vs paged path over query counts
     if (want('router')) sweep = await routerSweep(engine, be, rng, time, say, deviceCache, randomDevice);
+    if (want('multi')) multi = await multiDevice(engine, rng, o, say);
   } finally {
     flushA.free();
     flushB.free();
     await engine.dispose();
   }
-  const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows, routerSweep: sweep };
+  const report = { device: o.device, host: o.host, date: new Date().toISOString(), commit: o.commit ?? null, command: o.command, method: 'CUDA events around each launch, median of repeat runs after warmup, L2 flushed before each run', repeat: o.repeat, warmup: o.warmup, results: rows, routerSweep: sweep, multiDevice: multi };
   if (o.out) await writeFileNoFollow(o.out, `${JSON.stringify(report, null, 2)}\n`, '--out');
   return 0;
 }
@@ -483,6 +501,162 @@ async function routerSweep(
   console.log(`${'case'.padEnd(34)}${SWEEP_QUERIES.map((n) => String(n).padStart(7)).join('')}   workspace wins from`);
   for (const c of result.cases) {
     console.log(`${c.name.padEnd(34)}${c.points.map((p) => p.speedup.toFixed(2).padStart(7)).join('')}   ${c.crossover ?? 'never'}`);
+  }
+  return result;
+}
+
+/** Several GPUs (SPEC §10): concurrent engines and a sharded 32K c4 layer, against one device. */
+interface MultiDevice {
+  devices: number;
+  concurrency: Array<{ hQ: number; aloneMs: number[]; togetherMs: number[]; keep: number[] }>;
+  sharded: Array<{ hQ: number; split: ShardSplit; singleMs: number; shardedMs: number; speedup: number; shardKernelMs: number[]; singleKernelMs: number }>;
+  correctness: Array<{ hQ: number; split: ShardSplit; queries: number; identical: boolean; maxAbsDiff: number }>;
+}
+
+async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r: Row) => void): Promise<MultiDevice | null> {
+  const engines: Engine[] = [first];
+  for (let d = 1; ; d++) {
+    try {
+      engines.push(await createEngine({ backend: 'cuda', device: d }));
+    } catch {
+      break;
+    }
+  }
+  if (engines.length < 2) {
+    console.log('multi: one CUDA device here; skipped');
+    return null;
+  }
+  const n = engines.length;
+  const bes = engines.map((e) => engineBackend(e) as unknown as CudaBackend);
+  const result: MultiDevice = { devices: n, concurrency: [], sharded: [], correctness: [] };
+  const W = 128, TOPK = 512, P = 64;
+  /** A c4 chunk of one request: its plan input, host caches (one quantized random page tiled) and the indexer's top-k. */
+  const chunkOf = async (N: number) => {
+    const nComp = N / 4;
+    const chunk = { requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / P }, (_, i) => i) }], c4PageSize: P };
+    const unit = createKvCache('v4', { pageSize: P, numPages: 1 });
+    await first.quantizeKCache({ cache: unit, tokenIds: tensor('int32', [P], Int32Array.from({ length: P }, (_, i) => i)), rows: randomBf16(rng, [P, 512]) });
+    const tiled = (pages: number) => {
+      const c = createKvCache('v4', { pageSize: P, numPages: pages });
+      for (let p = 0; p < pages; p++) c.data.set(unit.data, p * unit.data.length);
+      return c;
+    };
+    const swa = tiled(N / P), c4 = tiled(nComp / P);
+    const topk = new Int32Array(N * TOPK).fill(-1);
+    for (let i = 0; i < N; i++) {
+      const visible = Math.floor((i + 1) / 4);
+      for (let k = 0; k < Math.min(TOPK, visible); k++) topk[i * TOPK + k] = rng.int(0, visible);
+    }
+    return { chunk, swa, c4, topk: tensor('int32', [N, TOPK], topk) };
+  };
+  const sinkOf = (hQ: number) => tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+  const smScale = 1 / Math.sqrt(512);
+  const wall = async (fn: () => Promise<void>): Promise<number[]> => {
+    for (const b of bes) b.setTiming(false);
+    const runs: number[] = [];
+    for (let i = 0; i < o.warmup + o.repeat; i++) {
+      await Promise.all(engines.map((e) => e.synchronize()));
+      const t0 = performance.now();
+      await fn();
+      await Promise.all(engines.map((e) => e.synchronize()));
+      if (i >= o.warmup) runs.push(performance.now() - t0);
+    }
+    for (const b of bes) b.setTiming(true);
+    return runs;
+  };
+  try {
+    // ---- correctness: a 2K chunk on one device against the same chunk sharded over all (host in/out)
+    {
+      const N = 2048;
+      const c = await chunkOf(N);
+      for (const hQ of [64, 128]) {
+        const q = randomBf16(rng, [N, hQ, 512]);
+        const sink = sinkOf(hQ);
+        const args = { compressRatio: 4 as const, q, caches: { swa: c.swa, c4: c.c4 }, topkIndices: c.topk, attnSink: sink, smScale, path: 'sparse' as const };
+        const one = await prefillLayer(first, { ...args, plan: createPlan(c.chunk) });
+        for (const split of ['heads', 'queries'] as const) {
+          const sh = await prefillLayerSharded(engines, { ...args, plan: createShardedPlan(c.chunk, { shards: n, split }) });
+          let maxAbsDiff = 0, identical = true;
+          for (const [a, b] of [[sh.out!.data, one.out.data], [sh.lse!.data, one.lse.data], [sh.maxLogits!.data, one.maxLogits.data]] as const) {
+            for (let i = 0; i < a.length; i++) {
+              if (a[i] !== b[i] && !(Number.isNaN(a[i]) && Number.isNaN(b[i]))) identical = false;
+            }
+          }
+          const ao = sh.out!.data, bo = one.out.data, f = new Float32Array(1), u = new Uint32Array(f.buffer);
+          const val = (x: number): number => ((u[0] = x << 16), f[0]!);
+          for (let i = 0; i < ao.length; i++) maxAbsDiff = Math.max(maxAbsDiff, Math.abs(val(ao[i]!) - val(bo[i]!)));
+          result.correctness.push({ hQ, split, queries: N, identical, maxAbsDiff });
+          say({ name: `multi: 2K c4 layer hQ ${hQ} split by ${split} over ${n} devices vs one device`, median_ms: 0, runs_ms: [], value: identical ? 1 : 0, unit: 'x', note: identical ? 'bit-identical' : `max |out diff| ${maxAbsDiff}` });
+        }
+      }
+    }
+    // ---- timing: the 32K c4 layer, device-resident inputs and outputs on every device
+    const N = 32768;
+    const c = await chunkOf(N);
+    for (const hQ of [64, 128]) {
+      const sink = sinkOf(hQ);
+      const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(c.swa), c4: await e.uploadKvCache(c.c4) })));
+      const topks = await Promise.all(engines.map((e) => e.upload(c.topk)));
+      const randomOn = async (e: Engine, shape: number[]) => {
+        const b = engineBackend(e) as unknown as CudaBackend;
+        const count = shape.reduce((x, y) => x * y, 1);
+        const block = await e.upload(randomBf16(rng, [Math.min(count, 8 * MiB)]));
+        const buf = b.alloc(count * 2);
+        await b.fillDevice(buf, block.data);
+        block.data.free();
+        return { dtype: 'bf16' as const, shape, data: buf };
+      };
+      const qs = await Promise.all(engines.map((e) => randomOn(e, [N, hQ, 512])));
+      const plan = createPlan(c.chunk);
+      const layerOn = (d: number) => async () => {
+        const r = await prefillLayer(engines[d]!, { plan, compressRatio: 4, q: qs[d]!, caches: caches[d]!, topkIndices: topks[d]!, attnSink: sink, smScale, path: 'sparse' }, { output: 'device' });
+        for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+      };
+      // both GPUs busy at once: each engine's layer loop alone, then all together
+      const LOOP = 8;
+      const loop = (d: number) => async () => {
+        for (let l = 0; l < LOOP; l++) await layerOn(d)();
+      };
+      const alone: number[] = [];
+      for (let d = 0; d < n; d++) alone.push(median(await wall(loop(d))) / LOOP);
+      const together = await wall(() => Promise.all(engines.map((_, d) => loop(d)())).then(() => undefined));
+      const togetherMs = median(together) / LOOP;
+      const keep = alone.map((a) => a / togetherMs);
+      result.concurrency.push({ hQ, aloneMs: alone, togetherMs: engines.map(() => togetherMs), keep });
+      say({ name: `multi: 32K c4 layer hQ ${hQ}, ${n} engines on ${n} devices at once`, median_ms: togetherMs, runs_ms: together, value: Math.min(...keep), unit: 'x', note: `each keeps ${keep.map((k) => (k * 100).toFixed(1)).join(' / ')}% of its alone throughput (alone ${alone.map((a) => a.toFixed(3)).join(' / ')} ms per layer)` });
+      // one device, the whole layer
+      for (const b of bes) b.takeKernelMs();
+      const singleRuns = await wall(layerOn(0));
+      await layerOn(0)();
+      await engines[0]!.synchronize();
+      const singleKernelMs = bes[0]!.takeKernelMs().reduce((x, y) => x + y, 0);
+      // sharded: each device its heads or queries, inputs split ahead of time on each device
+      for (const split of ['heads', 'queries'] as const) {
+        const sp = createShardedPlan(c.chunk, { shards: n, split });
+        const ranges = split === 'heads' ? evenRanges(hQ, n) : sp.shards.map((x): [number, number] => [x.queryOffset, x.queryOffset + x.numQueries]);
+        const shardQ = await Promise.all(engines.map((e, d) => randomOn(e, split === 'heads' ? [N, ranges[d]![1] - ranges[d]![0], 512] : [sp.shards[d]!.numQueries, hQ, 512])));
+        const shardTopk = await Promise.all(
+          engines.map((e, d) => (split === 'heads' ? Promise.resolve(topks[d]!) : e.upload(tensor('int32', [sp.shards[d]!.numQueries, TOPK], c.topk.data.subarray(ranges[d]![0] * TOPK, ranges[d]![1] * TOPK))))),
+        );
+        const sharded = async () => {
+          const r = await prefillLayerSharded(engines, { plan: sp, compressRatio: 4, q: shardQ, caches, topkIndices: shardTopk, attnSink: sink, smScale, path: 'sparse' }, { output: 'device' });
+          for (const x of r.shards) for (const t of [x.out, x.lse, x.maxLogits]) t.data.free();
+        };
+        const runs = await wall(sharded);
+        await sharded();
+        await Promise.all(engines.map((e) => e.synchronize()));
+        const shardKernelMs = bes.map((b) => b.takeKernelMs().reduce((x, y) => x + y, 0));
+        const singleMs = median(singleRuns), shardedMs = median(runs);
+        result.sharded.push({ hQ, split, singleMs, shardedMs, speedup: singleMs / shardedMs, shardKernelMs, singleKernelMs });
+        say({ name: `multi: 32K c4 layer hQ ${hQ} split by ${split} over ${n} devices`, median_ms: shardedMs, runs_ms: runs, value: singleMs / shardedMs, unit: 'x', note: `one device ${singleMs.toFixed(3)} ms (kernels ${singleKernelMs.toFixed(3)}); shards' kernels ${shardKernelMs.map((k) => k.toFixed(3)).join(' / ')} ms` });
+        for (const t of shardQ) t.data.free();
+        if (split === 'queries') for (const t of shardTopk) t.data.free();
+      }
+      for (const t of [...qs, ...topks]) t.data.free();
+      for (const cs of caches) (cs.swa.data.free(), cs.c4.data.free());
+    }
+  } finally {
+    await Promise.all(engines.slice(1).map((e) => e.dispose()));
   }
   return result;
 }

@@ -14,7 +14,11 @@
  * layer's rows are combined on the GPU (planRows, from a
  * host or device top-k), the workspace is one device buffer per plan and engine that dequant writes
  * into and sparsePrefill reads, and q, caches and (with { output: 'device' }) the results may be
- * device tensors — nothing comes back to the host between layers.
+ * device tensors — nothing comes back to the host between layers. With device inputs and outputs
+ * the layer's launches are queued back to back on the engine's stream with no host round trip;
+ * only a c4 layer's dropped counts come back, read while the rest of the layer runs, and the call
+ * resolves once they are in (device outputs are then queued, not necessarily finished: a download
+ * or engine.synchronize() waits for them).
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkPlacedTensor, checkRank, checkTensor, describe, INT32_MAX, isDeviceTensor } from '../ops/common.js';
@@ -32,6 +36,7 @@ import type { CombinedRows, PrefillLayerArgs, PrefillLayerResult } from './types
 interface DevicePlannerOps {
   alloc(bytes: number): DeviceBuffer;
   upload(data: ArrayBufferView): Promise<DeviceBuffer>;
+  download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void>;
   dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void>;
   planCompressedTokenIds(
     args: { seqLens: Int32Array; extendLens: Int32Array; ratio: 4 | 128; pageTables: Int32Array | DeviceBuffer; pageTableOffsets: ArrayLike<number>; pageSize: number },
@@ -47,7 +52,7 @@ interface DevicePlannerOps {
 function devicePlanner(engine: Engine): DevicePlannerOps | null {
   if (engine.backend !== 'cuda' || !engine.hasDevice) return null;
   const b = engineBackend(engine) as Partial<DevicePlannerOps> | undefined;
-  return b && typeof b.planRows === 'function' && typeof b.planCompressedTokenIds === 'function' && typeof b.dequantizeKCacheIdsInto === 'function' && typeof b.alloc === 'function' && typeof b.upload === 'function' ? (b as DevicePlannerOps) : null;
+  return b && typeof b.planRows === 'function' && typeof b.planCompressedTokenIds === 'function' && typeof b.dequantizeKCacheIdsInto === 'function' && typeof b.alloc === 'function' && typeof b.upload === 'function' && typeof b.download === 'function' ? (b as DevicePlannerOps) : null;
 }
 
 function checkOutputOption(options: unknown): Placement {
@@ -177,6 +182,7 @@ async function devicePrefillLayer(
   const nq = plan.numQueries;
   let rows: DeviceRows;
   let dropped = 0;
+  let droppedRead: Promise<void> = Promise.resolve();
   const temps: DeviceBuffer[] = [];
   if (ratio === 4) {
     const t = checkPlacedTensor(args.topkIndices, 'topkIndices', ['int32']);
@@ -186,11 +192,22 @@ async function devicePrefillLayer(
     const width = combinedWidth(4, topk, 0, plan.window, plan.align);
     if (nq * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${nq} × ${width}`);
     const { seqLens, extendLens } = plan.chunkLengths();
-    const r = await dev.planRows({ seqLens, extendLens, window: plan.window, ratio: 4, topkIndices: t.data as Int32Array | DeviceBuffer, topk, width }, 'device', 'host');
-    const perQuery = r.dropped as Int32Array;
-    for (let i = 0; i < perQuery.length; i++) dropped += perQuery[i]!;
+    const r = await dev.planRows({ seqLens, extendLens, window: plan.window, ratio: 4, topkIndices: t.data as Int32Array | DeviceBuffer, topk, width }, 'device', 'device');
+    // The dropped counts come back while the rest of the layer is queued behind the combine.
+    const perQuery = new Int32Array(nq);
+    const droppedBuf = r.dropped as DeviceBuffer;
+    droppedRead = dev.download(droppedBuf, perQuery).then(
+      () => {
+        droppedBuf.free();
+        for (let i = 0; i < nq; i++) dropped += perQuery[i]!;
+        plan.stats.c4Dropped += dropped;
+      },
+      (e: unknown) => {
+        droppedBuf.free();
+        throw e;
+      },
+    );
     plan.stats.c4Combines++;
-    plan.stats.c4Dropped += dropped;
     plan.deviceStats.deviceC4Combines++;
     rows = {
       indices: { dtype: 'int32', shape: [nq, width], data: r.rows as DeviceBuffer },
@@ -245,7 +262,11 @@ async function devicePrefillLayer(
       },
       { output },
     );
+    await droppedRead;
     return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: layout.bytes, dropped };
+  } catch (e) {
+    await droppedRead.catch(() => undefined);
+    throw e;
   } finally {
     if (!res.has('workspace')) res.set('workspace', ws);
     else ws.free();

@@ -15,7 +15,7 @@
 import { fail } from '../errors.js';
 import { checkArgsObject, checkRank, checkTensor, describe } from '../ops/common.js';
 import { tensor } from '../tensor.js';
-import type { Engine, Placement, Tensor } from '../types.js';
+import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { swaGatherLength } from './core.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, WORKSPACE_ROW_DIMS } from './plan.js';
 import { prefillLayer } from './prefill_layer.js';
@@ -94,12 +94,15 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
 
 export interface ShardedLayerArgs extends Omit<PrefillLayerArgs, 'plan' | 'q' | 'caches' | 'topkIndices' | 'attnSink'> {
   plan: ShardedPlan;
-  /** bf16 [numQueries, hQ, 512] on the host; each shard gets its rows or heads */
-  q: Tensor<'bf16'>;
+  /**
+   * bf16 [numQueries, hQ, 512] on the host, split here (each shard its rows or heads); or one
+   * tensor per shard already split (e.g. on each engine's device): [shard queries, shard heads, 512].
+   */
+  q: Tensor<'bf16'> | readonly (Tensor<'bf16'> | DeviceTensor<'bf16'>)[];
   /** the layer's caches for every engine, or one set per engine (device caches live on one device) */
   caches: PlanCaches | readonly PlanCaches[];
-  /** ratio 4: int32 [numQueries, topk] on the host */
-  topkIndices?: Tensor<'int32'>;
+  /** ratio 4: int32 [numQueries, topk] on the host, or one per shard already split (its queries' rows) */
+  topkIndices?: Tensor<'int32'> | readonly (Tensor<'int32'> | DeviceTensor<'int32'>)[];
   /** float32 [hQ] */
   attnSink?: Tensor<'float32'>;
 }
@@ -136,14 +139,34 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   if (!(plan instanceof ShardedPlan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan()', describe(plan));
   if (!Array.isArray(engines) || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(engines));
   const output = (options?.output ?? 'host') as Placement;
-  const q = checkTensor(args.q, 'q', ['bf16']);
-  const [nq, hQ] = checkRank(q, 'q', 3, '[numQueries, hQ, 512]');
-  if (nq !== plan.numQueries || q.shape[2] !== WORKSPACE_ROW_DIMS) fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
-  const caches = Array.isArray(args.caches) ? (args.caches as readonly PlanCaches[]) : null;
-  if (caches && caches.length !== engines.length) fail('INVALID_VALUE', 'caches', `one set per engine (${engines.length})`, `${caches.length} sets`);
-  const topk = args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
+  const perShard = <T>(v: T | readonly T[] | undefined, argument: string): readonly T[] | null => {
+    if (!Array.isArray(v)) return null;
+    if (v.length !== engines.length) fail('INVALID_VALUE', argument, `one per engine (${engines.length})`, `${v.length}`);
+    return v as readonly T[];
+  };
+  const qs = perShard(args.q, 'q'), topks = perShard(args.topkIndices, 'topkIndices');
+  const caches = perShard(args.caches, 'caches');
+  // the chunk's head count: from the host q, or summed over a split by heads
+  let hQ: number;
+  let q: Tensor<'bf16'> | null = null;
+  if (qs) {
+    const heads = qs.map((t, s) => (t.shape.length === 3 ? t.shape[1]! : fail('INVALID_SHAPE', `q[${s}]`, '[shard queries, shard heads, 512]', `[${t.shape.join(', ')}]`)));
+    hQ = plan.split === 'heads' ? heads.reduce((a, b) => a + b, 0) : heads[0]!;
+  } else {
+    q = checkTensor(args.q, 'q', ['bf16']);
+    const [nq] = checkRank(q, 'q', 3, '[numQueries, hQ, 512]');
+    hQ = q.shape[1]!;
+    if (nq !== plan.numQueries || q.shape[2] !== WORKSPACE_ROW_DIMS) fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
+  }
+  const nq = plan.numQueries;
+  const topk = topks || args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
   const sink = args.attnSink === undefined ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']);
-  const heads = plan.split === 'heads' ? evenRanges(hQ, engines.length) : engines.map((): [number, number] => [0, hQ]);
+  const heads =
+    plan.split === 'heads'
+      ? qs
+        ? qs.reduce<Array<[number, number]>>((r, t) => [...r, [r.length ? r[r.length - 1]![1] : 0, (r.length ? r[r.length - 1]![1] : 0) + t.shape[1]!]], [])
+        : evenRanges(hQ, engines.length)
+      : engines.map((): [number, number] => [0, hQ]);
   if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
 
   const { plan: _plan, q: _q, caches: _caches, topkIndices: _topk, attnSink: _sink, ...rest } = args;
@@ -151,14 +174,14 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
     plan.shards.map(async (shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
-      let shardQ: Tensor<'bf16'>, shardTopk: Tensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
+      let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
       if (plan.split === 'heads') {
-        shardQ = tensor('bf16', [n, h1 - h0, WORKSPACE_ROW_DIMS], sliceHeads(q.data, n, hQ, WORKSPACE_ROW_DIMS, h0, h1));
-        shardTopk = topk;
+        shardQ = qs ? qs[s]! : tensor('bf16', [n, h1 - h0, WORKSPACE_ROW_DIMS], sliceHeads(q!.data, n, hQ, WORKSPACE_ROW_DIMS, h0, h1));
+        shardTopk = topks ? topks[s] : topk;
         shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
       } else {
-        shardQ = tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
-        shardTopk = topk && tensor('int32', [n, topk.shape[1]!], topk.data.subarray(a * topk.shape[1]!, (a + n) * topk.shape[1]!));
+        shardQ = qs ? qs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
+        shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topk.shape[1]!], topk.data.subarray(a * topk.shape[1]!, (a + n) * topk.shape[1]!));
         shardSink = sink;
       }
       const r = await prefillLayer(engines[s]!, {

@@ -112,17 +112,28 @@ export interface NativeCpuOps {
  */
 export interface NativeDeviceBuffer {
   readonly byteLength: number;
+  /** the CUDA device it lives on */
+  readonly device: number;
   readonly freed: boolean;
   free(): void;
+}
+
+/** An engine's CUDA stream on one device: every op and allocation names it (cuda_ops.cpp). */
+export interface NativeStream {
+  readonly device: number;
+  /** resolves once everything queued on the stream has finished */
+  synchronize(): Promise<void>;
 }
 
 /** A host typed array or a device buffer of exactly the same byte length. */
 export type Operand<T> = T | NativeDeviceBuffer;
 
 /**
- * The CUDA ops (native/addon/cuda_ops.cpp): one stream on device 0; each call stages host operands
- * on the device, launches, copies host outputs back and resolves when the stream has finished.
- * Rejections carry code 'SMLA_CUDA_ERROR' (status "cudaErrorX: message") or 'SMLA_CORE_STATUS'.
+ * The CUDA ops (native/addon/cuda_ops.cpp). Every op's last argument is the engine's stream. An op
+ * whose operands are all device buffers of that stream is enqueued at once and settles at once
+ * (stream-ordered); one with a host operand stages it, launches, copies host outputs back and
+ * resolves when the stream has finished. Rejections carry code 'SMLA_CUDA_ERROR' (status
+ * "cudaErrorX: message") or 'SMLA_CORE_STATUS'.
  */
 export interface NativeCudaOps {
   sparsePrefill(
@@ -141,6 +152,7 @@ export interface NativeCudaOps {
     out: Operand<Uint16Array>,
     maxLogits: Operand<Float32Array>,
     lse: Operand<Float32Array>,
+    stream: NativeStream,
   ): Promise<void>;
   pagedSparseAttention(
     q: Operand<Uint16Array>,
@@ -163,6 +175,7 @@ export interface NativeCudaOps {
     out: Operand<Uint16Array>,
     lse: Operand<Float32Array>,
     maxLogits: Operand<Float32Array>,
+    stream: NativeStream,
   ): Promise<void>;
   /** tokenIds: host int32 (checked by the caller; the kernel re-checks and never reads outside) */
   /**
@@ -170,7 +183,17 @@ export interface NativeCudaOps {
    * rows are written from that row on (a plan's device workspace). tokenIds is a host Int32Array
    * or a device buffer of n int64 ids (a plan's ids, uploaded once and range-checked by the caller).
    */
-  dequantizeKvCache(format: 0 | 1, cache: Operand<Uint8Array>, pageSize: number, numPages: number, tokenIds: Int32Array | NativeDeviceBuffer, n: number, out: Operand<Uint16Array>, outRowOffset?: number): Promise<void>;
+  dequantizeKvCache(
+    format: 0 | 1,
+    cache: Operand<Uint8Array>,
+    pageSize: number,
+    numPages: number,
+    tokenIds: Int32Array | NativeDeviceBuffer,
+    n: number,
+    out: Operand<Uint16Array>,
+    outRowOffset: number | null,
+    stream: NativeStream,
+  ): Promise<void>;
   /**
    * The planner's combined rows on the device (native/cuda/planner.cu): ratio 4 with topkIndices
    * [numQueries, topk] (host or device), ratio 0 / 128 dense rows with null. seqLens/extendLens
@@ -189,6 +212,7 @@ export interface NativeCudaOps {
     rows: Operand<Int32Array>,
     lens: Operand<Int32Array>,
     dropped: Operand<Int32Array> | null,
+    stream: NativeStream,
   ): Promise<void>;
   /**
    * A ratio's compressed flat token ids on the device (native/cuda/planner.cu, the host planner's
@@ -205,22 +229,29 @@ export interface NativeCudaOps {
     pageSize: number,
     total: number,
     tokenIds: Operand<BigInt64Array>,
+    stream: NativeStream,
   ): Promise<void>;
-  /** host → device; data must have exactly buffer.byteLength bytes */
-  upload(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
-  /** device → host; data must have exactly buffer.byteLength bytes */
-  download(buffer: NativeDeviceBuffer, data: ArrayBufferView): Promise<void>;
-  /** device → device, equal sizes */
-  copyDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer): Promise<void>;
-  /** dst filled with repeats of src */
-  fillDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer): Promise<void>;
-  /** device milliseconds of the last op's launch (CUDA events around it; staging copies excluded), −1 if none */
-  lastKernelMs(): number;
-  /** one real kernel launch (a known one-token dequant), checked */
-  probeLaunch(): Promise<void>;
-  memInfo(): { free: number; total: number; error?: string };
-  /** the DeviceBuffer class: `new (deviceBufferClass())(bytes)` allocates (throws SMLA_CUDA_ERROR) */
-  deviceBufferClass(): new (bytes: number) => NativeDeviceBuffer;
+  /** host → device; data must have exactly buffer.byteLength bytes; resolves when done */
+  upload(buffer: NativeDeviceBuffer, data: ArrayBufferView, stream: NativeStream): Promise<void>;
+  /** device → host; data must have exactly buffer.byteLength bytes; resolves when done */
+  download(buffer: NativeDeviceBuffer, data: ArrayBufferView, stream: NativeStream): Promise<void>;
+  /** device → device on the stream's device, equal sizes (stream-ordered) */
+  copyDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer, stream: NativeStream): Promise<void>;
+  /** dst (dstStream's device) ← src (srcStream's device, after its queued work); resolves when done */
+  copyPeer(dst: NativeDeviceBuffer, dstStream: NativeStream, src: NativeDeviceBuffer, srcStream: NativeStream): Promise<void>;
+  /** dst filled with repeats of src (stream-ordered) */
+  fillDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer, stream: NativeStream): Promise<void>;
+  /** CUDA events around every launch from now on (benchmarks), or none */
+  setTiming(on: boolean): void;
+  /** device milliseconds of each timed launch on the stream since the last call, in order (waits for them; staging copies excluded) */
+  takeKernelMs(stream: NativeStream): number[];
+  /** one real kernel launch on the stream's device (a known one-token dequant), checked */
+  probeLaunch(stream: NativeStream): Promise<void>;
+  memInfo(stream: NativeStream): { free: number; total: number; error?: string };
+  /** the DeviceBuffer class: `new (deviceBufferClass())(bytes, stream)` allocates (throws SMLA_CUDA_ERROR) */
+  deviceBufferClass(): new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
+  /** the Stream class: `new (streamClass())(device)` (throws SMLA_CUDA_ERROR for a missing device) */
+  streamClass(): new (device: number) => NativeStream;
 }
 
 export interface CudaDeviceInfo {
@@ -230,6 +261,8 @@ export interface CudaDeviceInfo {
   multiProcessors: number;
   memoryBytes: number;
   l2Bytes: number;
+  /** peerAccess[j]: this device reads and writes device j's memory directly */
+  peerAccess: boolean[];
 }
 
 export interface CudaDeviceQuery {

@@ -41,6 +41,7 @@ import {
   type NativeAddon,
   type NativeCudaOps,
   type NativeDeviceBuffer,
+  type NativeStream,
   type Operand,
 } from './binding.js';
 
@@ -51,12 +52,17 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   readonly device = 'cuda' as const;
   readonly [DEVICE_BUFFER_BRAND] = true;
   readonly byteLength: number;
+  readonly deviceIndex: number;
   /** @internal the addon's buffer */
   readonly native: NativeDeviceBuffer;
+  /** @internal the stream of the engine that allocated it (work on it is ordered there) */
+  readonly stream: NativeStream;
 
-  constructor(native: NativeDeviceBuffer) {
+  constructor(native: NativeDeviceBuffer, stream: NativeStream) {
     this.native = native;
+    this.stream = stream;
     this.byteLength = native.byteLength;
+    this.deviceIndex = native.device;
   }
 
   get freed(): boolean {
@@ -68,35 +74,27 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   }
 }
 
-function cacheTokenCount(cache: { format: string; pageSize: number; numPages: number }): number {
-  return cache.format === 'v32' ? cache.numPages : cache.pageSize * cache.numPages;
+const launchProbes = new Map<number, Promise<string | null>>();
+
+/** null when the probe kernel ran on `device` and gave the expected row, else the reason. Once per device and process. */
+function probeLaunch(ops: NativeCudaOps, device: number): Promise<string | null> {
+  let p = launchProbes.get(device);
+  if (!p) {
+    p = (async () => {
+      try {
+        await ops.probeLaunch(new (ops.streamClass())(device));
+        return null;
+      } catch (e) {
+        return `the launch probe failed: ${(e as { status?: string; message?: string }).status ?? (e as Error).message}`;
+      }
+    })();
+    launchProbes.set(device, p);
+  }
+  return p;
 }
 
-function nativeOf(b: DeviceBuffer): NativeDeviceBuffer {
-  if (!(b instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'a device buffer from another backend or process cannot be used here', 'tensor');
-  return b.native;
-}
-
-/** A job operand as the addon takes it: the host array itself or the addon's device buffer. */
-function operand<T>(x: T | DeviceBuffer): Operand<T> {
-  return isDeviceBuffer(x) ? nativeOf(x) : x;
-}
-function optional<T>(x: T | DeviceBuffer | null): Operand<T> | null {
-  return x === null ? null : operand(x);
-}
-
-let launchProbe: Promise<string | null> | null = null;
-
-/** null when the probe kernel ran and gave the expected row, else the reason. Once per process. */
-function probeLaunch(ops: NativeCudaOps): Promise<string | null> {
-  launchProbe ??= ops.probeLaunch().then(
-    () => null,
-    (e: unknown) => `the launch probe failed: ${(e as { status?: string; message?: string }).status ?? (e as Error).message}`,
-  );
-  return launchProbe;
-}
-
-async function probeCuda(): Promise<BackendProbe & { addon?: NativeAddon }> {
+/** Whether the cuda backend can run on `device` (default 0), and the device's details. */
+async function probeCuda(device = 0): Promise<BackendProbe & { addon?: NativeAddon }> {
   const l = loadNativeAddon();
   if (!l.ok) return { available: false, reason: l.reason, details: { addon: l.path } };
   const cuda = l.addon.cuda;
@@ -112,12 +110,13 @@ async function probeCuda(): Promise<BackendProbe & { addon?: NativeAddon }> {
     devices: q.count,
   };
   if (q.count === 0) return { available: false, reason: `no CUDA device: ${q.error ?? 'cudaGetDeviceCount found 0 devices'}`, details };
-  const d = q.devices[0]!;
-  Object.assign(details, { device: d.name, computeCapability: d.computeCapability, sms: d.multiProcessors, memoryGiB: Math.round((d.memoryBytes / GiB) * 10) / 10, l2MiB: Math.round((d.l2Bytes / 2 ** 20) * 10) / 10 });
-  if (d.computeCapability !== '9.0') return { available: false, reason: `device 0 (${d.name}) is compute capability ${d.computeCapability}; the kernels are built for sm_90a (Hopper) only`, details };
+  const d = q.devices[device];
+  if (!d) return { available: false, reason: `no CUDA device ${device}: this machine has ${q.count} (0-${q.count - 1})`, details };
+  Object.assign(details, { deviceIndex: device, device: d.name, computeCapability: d.computeCapability, sms: d.multiProcessors, memoryGiB: Math.round((d.memoryBytes / GiB) * 10) / 10, l2MiB: Math.round((d.l2Bytes / 2 ** 20) * 10) / 10 });
+  if (d.computeCapability !== '9.0') return { available: false, reason: `device ${device} (${d.name}) is compute capability ${d.computeCapability}; the kernels are built for sm_90a (Hopper) only`, details };
   if (!cuda.kernels || !cuda.ops) return { available: false, reason: `${d.name} found, but this addon has no CUDA op launchers (a stale build): ${HOW_TO_BUILD}`, details };
-  const failed = await probeLaunch(cuda.ops);
-  if (failed) return { available: false, reason: `${d.name} found, but ${failed}`, details };
+  const failed = await probeLaunch(cuda.ops, device);
+  if (failed) return { available: false, reason: `${d.name} (device ${device}) found, but ${failed}`, details };
   details.launchProbe = 'ok';
   return { available: true, details, addon: l.addon };
 }
@@ -127,8 +126,11 @@ export class CudaBackend implements Backend, DeviceOps {
   /** host threads for quantizeKCache (the CPU core); the GPU ops use none */
   readonly workers: number;
   readonly device: DeviceOps = this;
+  readonly deviceIndex: number;
   private readonly ops: NativeCudaOps;
-  private readonly BufferClass: new (bytes: number) => NativeDeviceBuffer;
+  /** this engine's stream on its device: every op and allocation is ordered on it */
+  private readonly stream: NativeStream;
+  private readonly BufferClass: new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
   private readonly calls = new AddonCalls('cuda');
   /** Host-side work (quantizeKCache writes a host cache) runs on the native CPU core. */
   private readonly host: CpuBackend;
@@ -136,12 +138,31 @@ export class CudaBackend implements Backend, DeviceOps {
   /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
   readonly memoryBudgetBytes: number;
 
-  constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
+  constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {
     this.ops = ops;
     this.workers = workers;
     this.memoryBudgetBytes = memoryBudgetBytes;
+    this.deviceIndex = deviceIndex;
+    this.stream = new (ops.streamClass())(deviceIndex);
     this.BufferClass = ops.deviceBufferClass();
     this.host = new CpuBackend(addon, workers, memoryBudgetBytes);
+  }
+
+  /** The addon's buffer behind a device buffer of this engine's device (else a typed error naming both). */
+  private own(b: DeviceBuffer, argument = 'tensor'): NativeDeviceBuffer {
+    if (!(b instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer from another backend or process cannot be used here`, argument);
+    if (b.deviceIndex !== this.deviceIndex) {
+      throw new SparseMlaError('INVALID_VALUE', `${argument}: expected a tensor on this engine's CUDA device ${this.deviceIndex}, got one on device ${b.deviceIndex} (engine.copyFrom moves it)`, argument);
+    }
+    return b.native;
+  }
+
+  /** A job operand as the addon takes it: the host array itself or the addon's device buffer. */
+  private operand<T>(x: T | DeviceBuffer, argument: string): Operand<T> {
+    return isDeviceBuffer(x) ? this.own(x, argument) : x;
+  }
+  private optional<T>(x: T | DeviceBuffer | null, argument: string): Operand<T> | null {
+    return x === null ? null : this.operand(x, argument);
   }
 
   /**
@@ -156,7 +177,7 @@ export class CudaBackend implements Backend, DeviceOps {
   alloc(bytes: number): DeviceBuffer {
     this.calls.assertAlive();
     try {
-      return new CudaDeviceBuffer(new this.BufferClass(bytes));
+      return new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream), this.stream);
     } catch (e) {
       const x = e as { status?: string };
       if (x.status?.startsWith('cudaErrorMemoryAllocation')) throw new SparseMlaError('TOO_LARGE', `a device buffer of ${bytes} bytes cannot be allocated (${x.status})`, 'alloc');
@@ -177,7 +198,7 @@ export class CudaBackend implements Backend, DeviceOps {
   async upload(data: ArrayBufferView): Promise<DeviceBuffer> {
     const b = this.alloc(data.byteLength);
     try {
-      await this.calls.run('upload', () => this.ops.upload(nativeOf(b), data));
+      await this.calls.run('upload', () => this.ops.upload(this.own(b), data, this.stream));
     } catch (e) {
       b.free();
       throw e;
@@ -186,26 +207,50 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   async download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void> {
-    await this.calls.run('download', () => this.ops.download(nativeOf(buffer), into));
+    await this.calls.run('download', () => this.ops.download(this.own(buffer), into, this.stream));
+  }
+
+  async copyFrom(src: DeviceBuffer): Promise<DeviceBuffer> {
+    if (!(src instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'tensor.data: a device buffer from another backend or process cannot be copied here', 'tensor.data');
+    const dst = this.alloc(src.byteLength);
+    try {
+      await this.calls.run('copyFrom', () => this.ops.copyPeer(this.own(dst), this.stream, src.native, src.stream));
+    } catch (e) {
+      dst.free();
+      throw e;
+    }
+    return dst;
+  }
+
+  async synchronize(): Promise<void> {
+    await this.calls.run('synchronize', () => this.stream.synchronize());
   }
 
   /** Device-to-device copy of equal-sized buffers (the bandwidth ceiling in benchmarks). */
   async copyDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
-    await this.calls.run('copyDevice', () => this.ops.copyDevice(nativeOf(dst), nativeOf(src)));
+    await this.calls.run('copyDevice', () => this.ops.copyDevice(this.own(dst, 'dst'), this.own(src, 'src'), this.stream));
   }
 
   /** dst filled with repeats of src (benchmark inputs) */
   async fillDevice(dst: DeviceBuffer, src: DeviceBuffer): Promise<void> {
-    await this.calls.run('fillDevice', () => this.ops.fillDevice(nativeOf(dst), nativeOf(src)));
+    await this.calls.run('fillDevice', () => this.ops.fillDevice(this.own(dst, 'dst'), this.own(src, 'src'), this.stream));
   }
 
-  /** Device milliseconds of the last op's kernel(s), timed with CUDA events (−1 if none). */
-  lastKernelMs(): number {
-    return this.ops.lastKernelMs();
+  /** CUDA events around every launch from now on (benchmarks; process-wide), or none (the default). */
+  setTiming(on: boolean): void {
+    this.ops.setTiming(on);
+  }
+
+  /**
+   * Device milliseconds of each launch this engine made since the last call, in order (waits for
+   * them; −1 for one that could not be timed); setTiming(true) first.
+   */
+  takeKernelMs(): number[] {
+    return this.ops.takeKernelMs(this.stream);
   }
 
   memInfo(): { free: number; total: number } {
-    return this.ops.memInfo();
+    return this.ops.memInfo(this.stream);
   }
 
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
@@ -216,7 +261,24 @@ export class CudaBackend implements Backend, DeviceOps {
     const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
     try {
       await this.calls.run('sparsePrefill', () =>
-        this.ops.sparsePrefill(operand(job.q), operand(job.kv), operand(job.indices), optional(job.topkLength), optional(job.attnSink), sQ, hQ, dQK, dV, sKV, topk, job.smScale, operand(out), operand(maxLogits), operand(lse)),
+        this.ops.sparsePrefill(
+          this.operand(job.q, 'q'),
+          this.operand(job.kv, 'kv'),
+          this.operand(job.indices, 'indices'),
+          this.optional(job.topkLength, 'topkLength'),
+          this.optional(job.attnSink, 'attnSink'),
+          sQ,
+          hQ,
+          dQK,
+          dV,
+          sKV,
+          topk,
+          job.smScale,
+          this.operand(out, 'out'),
+          this.operand(maxLogits, 'maxLogits'),
+          this.operand(lse, 'lse'),
+          this.stream,
+        ),
       );
     } catch (e) {
       for (const b of [out, maxLogits, lse]) if (isDeviceBuffer(b)) b.free();
@@ -235,26 +297,27 @@ export class CudaBackend implements Backend, DeviceOps {
     try {
       await this.calls.run('pagedSparseAttention', () =>
         this.ops.pagedSparseAttention(
-          operand(job.q),
+          this.operand(job.q, 'q'),
           n,
           hQ,
-          operand(main.cache.data),
+          this.operand(main.cache.data, 'kCache'),
           main.cache.pageSize,
           main.cache.numPages,
-          operand(main.indices),
+          this.operand(main.indices, 'indices'),
           main.topk,
-          optional(main.topkLength),
-          extra ? operand(extra.cache.data) : null,
+          this.optional(main.topkLength, 'topkLength'),
+          extra ? this.operand(extra.cache.data, 'extraKCache') : null,
           extra ? extra.cache.pageSize : 0,
           extra ? extra.cache.numPages : 0,
-          extra ? operand(extra.indices) : null,
+          extra ? this.operand(extra.indices, 'extraIndices') : null,
           extra ? extra.topk : 0,
-          extra ? optional(extra.topkLength) : null,
-          optional(job.attnSink),
+          extra ? this.optional(extra.topkLength, 'extraTopkLength') : null,
+          this.optional(job.attnSink, 'attnSink'),
           job.smScale,
-          operand(out),
-          operand(lse),
-          operand(maxLogits),
+          this.operand(out, 'out'),
+          this.operand(lse, 'lse'),
+          this.operand(maxLogits, 'maxLogits'),
+          this.stream,
         ),
       );
     } catch (e) {
@@ -270,7 +333,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     try {
       await this.calls.run('dequantizeKCachePaged', () =>
-        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, operand(out)),
+        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, tokenIds, n, this.operand(out, 'out'), null, this.stream),
       );
     } catch (e) {
       if (isDeviceBuffer(out)) out.free();
@@ -286,28 +349,21 @@ export class CudaBackend implements Backend, DeviceOps {
   async dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void> {
     const { cache, tokenIds, n } = job;
     await this.calls.run('dequantizeKCachePaged', () =>
-      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, tokenIds, n, nativeOf(out), rowOffset),
+      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, tokenIds, n, this.own(out, 'out'), rowOffset, this.stream),
     );
   }
 
   /**
    * Like dequantizeKCacheInto with the token ids already on the device (int64 [n], a plan's ids
-   * uploaded once and range-checked then against the cache geometry): no host→device id copy.
-   * The kernel still range-checks every id (zero rows + a typed OUT_OF_RANGE error).
+   * uploaded once and range-checked then against the cache geometry): no host→device id copy, and
+   * with a device cache nothing waits for the GPU (stream-ordered). The kernel still checks every
+   * id and zero-fills a row whose id is outside the cache, never reading it.
    */
   async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
-    try {
-      await this.calls.run('dequantizeKCachePaged', () =>
-        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], operand(cache.data), cache.pageSize, cache.numPages, nativeOf(tokenIds), n, nativeOf(out), rowOffset),
-      );
-    } catch (e) {
-      // the kernel's bad-id flag: ids the caller did not check against this cache (rows zeroed)
-      if (e instanceof SparseMlaError && e.message.includes('SMLA_ERR_OUT_OF_RANGE')) {
-        throw new SparseMlaError('OUT_OF_RANGE', `tokenIds: a device token id outside the cache (${cacheTokenCount(cache)} tokens); its rows were zeroed`, 'tokenIds');
-      }
-      throw e;
-    }
+    await this.calls.run('dequantizeKCachePaged', () =>
+      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, this.own(tokenIds, 'tokenIds'), n, this.own(out, 'out'), rowOffset, this.stream),
+    );
   }
 
   /**
@@ -327,7 +383,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
       await this.calls.run('planRows', () =>
-        this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : operand(args.topkIndices), args.topk, args.width, numQueries, operand(rows), operand(lens), operand(dropped)),
+        this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), args.topk, args.width, numQueries, this.operand(rows, 'rows'), this.operand(lens, 'lens'), this.operand(dropped, 'dropped'), this.stream),
       );
     } catch (e) {
       for (const b of [rows, lens, dropped]) if (isDeviceBuffer(b)) b.free();
@@ -354,7 +410,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const ids = this.output(placement, BigInt64Array, 8, total, 'tokenIds');
     try {
       await this.calls.run('planCompressedTokenIds', () =>
-        this.ops.planCompressedTokenIds(args.seqLens, args.extendLens, n, args.ratio, operand(args.pageTables), offsets, args.pageSize, total, operand(ids)),
+        this.ops.planCompressedTokenIds(args.seqLens, args.extendLens, n, args.ratio, this.operand(args.pageTables, 'pageTables'), offsets, args.pageSize, total, this.operand(ids, 'tokenIds'), this.stream),
       );
     } catch (e) {
       if (isDeviceBuffer(ids)) ids.free();
@@ -377,14 +433,33 @@ export class CudaBackend implements Backend, DeviceOps {
 export const cudaBackendEntry: BackendEntry = {
   name: 'cuda',
   priority: 10,
-  async probe(): Promise<BackendProbe> {
-    const { addon: _addon, ...p } = await probeCuda();
+  async probe(options: { device?: number } = {}): Promise<BackendProbe> {
+    let device: number;
+    try {
+      device = options.device ?? defaultCudaDevice();
+    } catch (e) {
+      return { available: false, reason: (e as Error).message };
+    }
+    const { addon: _addon, ...p } = await probeCuda(device);
     return p;
   },
   async create(options) {
-    const p = await probeCuda();
+    const device = options.device ?? defaultCudaDevice();
+    const p = await probeCuda(device);
     if (!p.available || !p.addon) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cuda" is unavailable — ${p.reason}`, 'backend');
     const cuda = p.addon.cuda as Extract<NativeAddon['cuda'], { built: true }>;
-    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes());
+    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes(), device);
   },
 };
+
+/** The environment variable that picks a cuda engine's device when createEngine names none. */
+export const CUDA_DEVICE_ENV = 'SPARSE_MLA_DEVICE';
+
+/** SPARSE_MLA_DEVICE, else 0; a value that is not a device index is refused (INVALID_VALUE). */
+export function defaultCudaDevice(env: Readonly<Record<string, string | undefined>> = process.env): number {
+  const raw = env[CUDA_DEVICE_ENV];
+  if (raw === undefined || raw.trim() === '') return 0;
+  const v = Number(raw.trim());
+  if (!Number.isSafeInteger(v) || v < 0) throw new SparseMlaError('INVALID_VALUE', `${CUDA_DEVICE_ENV}: expected a CUDA device index (0, 1, …), got ${JSON.stringify(raw)}`, CUDA_DEVICE_ENV);
+  return v;
+}

@@ -22,6 +22,7 @@ import { fitLines, formatError, formatTable, setReportWidth } from '../table.js'
 
 const OPTIONS = {
   backend: { type: 'string', default: 'auto', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: "the backend to check ('auto': the one createEngine picks)" },
+  device: { type: 'int', min: 0, max: 1023, help: 'the CUDA device of a cuda engine (default SPARSE_MLA_DEVICE, else 0)' },
   seed: { type: 'int', min: 0, max: 2 ** 32 - 1, help: 'random seed (default: a fresh one, printed)' },
   only: { type: 'string', metavar: 'TEXT', help: 'run only the cases whose name contains TEXT' },
   quiet: { type: 'boolean', short: 'q', help: 'print failures and the summary only' },
@@ -190,7 +191,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
   const seed = o.seed ?? randomInt(0, 2 ** 32 - 1);
   const rng = makeRng(seed);
   if (o.wide) setReportWidth(Infinity);
-  const engine = await createEngine({ backend: o.backend as BackendChoice });
+  const engine = await createEngine({ backend: o.backend as BackendChoice, ...(o.device !== undefined ? { device: o.device } : {}) });
   const wasm = await createEngine({ backend: 'wasm' });
   const say = (line: string): void => {
     if (!o.json) console.log(fitLines([line]).join('\n'));

@@ -6,7 +6,7 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { listBackends } from '../../index.js';
-import { loadNativeAddon, type AddonOrigin, type InstallStatus } from '../../backends/native/binding.js';
+import { loadNativeAddon, queryCudaDevices, type AddonOrigin, type CudaDeviceInfo, type InstallStatus } from '../../backends/native/binding.js';
 import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
@@ -115,6 +115,32 @@ function addonLines(a: AddonReport): string[] {
   return lines;
 }
 
+/** Every CUDA device the addon sees (index, name, SMs, memory, peer access to each other device). */
+export function cudaDevices(): { devices: CudaDeviceInfo[]; error: string | null } {
+  const l = loadNativeAddon();
+  if (!l.ok || !l.addon.cuda.built) return { devices: [], error: null };
+  const q = queryCudaDevices(l.addon)!;
+  return { devices: q.devices, error: q.error };
+}
+
+function deviceLines(d: { devices: CudaDeviceInfo[]; error: string | null }): string[] {
+  if (d.devices.length === 0) return [];
+  const peers = (x: CudaDeviceInfo): string => {
+    const others = x.peerAccess.map((can, j) => ({ can, j })).filter(({ j }) => j !== x.index);
+    if (others.length === 0) return '-';
+    const direct = others.filter((o) => o.can).map((o) => o.j);
+    return direct.length === others.length ? 'all' : direct.length === 0 ? 'none (copies go through the host)' : direct.join(', ');
+  };
+  return [
+    'CUDA devices (createEngine({ backend: "cuda", device }) or SPARSE_MLA_DEVICE):',
+    formatTable(
+      [['device', 'name', 'cc', 'SMs', 'memory', 'L2', 'peer access'], ...d.devices.map((x) => [String(x.index), x.name, x.computeCapability, String(x.multiProcessors), `${(x.memoryBytes / 2 ** 30).toFixed(1)} GiB`, `${(x.l2Bytes / 2 ** 20).toFixed(0)} MiB`, peers(x)])],
+      ['right', 'left', 'left', 'right', 'right', 'right', 'left'],
+    ),
+    '',
+  ];
+}
+
 export async function infoCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `info: unexpected argument '${positionals[0]}'`, 'argv');
@@ -125,6 +151,7 @@ export async function infoCommand(argv: string[]): Promise<number> {
   const byPriority = [...backends].sort((a, b) => (a.priority ?? 0) - (b.priority ?? 0));
   const auto = byPriority.find((b) => b.available)?.name ?? null;
   const addon = addonReport();
+  const cuda = cudaDevices();
   const machine = {
     node: process.version,
     v8: process.versions.v8,
@@ -137,7 +164,7 @@ export async function infoCommand(argv: string[]): Promise<number> {
   };
 
   if (o.json) {
-    process.stdout.write(`${JSON.stringify({ command: 'info', ok: true, version: packageVersion(), backends, auto, env: env ?? null, addon, machine }, null, 2)}\n`);
+    process.stdout.write(`${JSON.stringify({ command: 'info', ok: true, version: packageVersion(), backends, auto, env: env ?? null, addon, cudaDevices: cuda.devices, machine }, null, 2)}\n`);
     return 0;
   }
 
@@ -160,6 +187,7 @@ export async function infoCommand(argv: string[]): Promise<number> {
     '',
     ...addonLines(addon),
     '',
+    ...deviceLines(cuda),
     'Machine:',
     `  Node ${machine.node} (V8 ${machine.v8}), ${machine.platform}`,
     `  CPU ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB`,

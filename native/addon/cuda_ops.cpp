@@ -321,8 +321,11 @@ cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, cons
 // here and now, settled at once (a buffer freed later is freed in this stream's order, after the
 // op). Otherwise on a pool thread that holds the operands until the stream is done: staging, the
 // owners' streams awaited, launch, host outputs back, sync.
+// `after` (pool path only) runs once the launch succeeded, outside its timing events: e.g. a flag
+// read back.
 template <class Launch>
-Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch) {
+Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch,
+                       std::function<int32_t(cudaStream_t)> after = nullptr) {
   const bool direct = std::none_of(ops.begin(), ops.end(), [&](const std::shared_ptr<Operand>& o) {
     return o->OnHost() || (o->device && o->device->stream != s);
   });
@@ -332,7 +335,7 @@ Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamR
     if (status != SMLA_OK) cudaGetLastError();
     return SettledPromise(a.Env(), a.Op(), status);  // `pins` go: the allocations are held by the queued work's owners
   }
-  return Queue(a, std::move(pins), [s, ops = std::move(ops), launch]() -> int32_t {
+  return Queue(a, std::move(pins), [s, ops = std::move(ops), launch, after]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err != cudaSuccess) return -int32_t(err);
     std::vector<Operand*> raw;
@@ -340,6 +343,7 @@ Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamR
     err = Stage(raw, s->stream);
     if (err == cudaSuccess) err = WaitForOwners(ops, *s);
     int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(*s, launch);
+    if (status == SMLA_OK && after) status = after(s->stream);
     return Finish(raw, s->stream, status);
   });
 }
@@ -488,18 +492,25 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     out = std::make_shared<Operand>(ReadOperand(a, info, pins, *st, 6, "out", napi_uint16_array, 2, uint64_t(n) * uint64_t(dim), true));
   }
   auto bad = std::make_shared<int32_t>(0);
-  return Dispatch(a, std::move(pins), st, {cache, ids, out}, [=](cudaStream_t s) -> int32_t {
-    const int64_t* idp = static_cast<const int64_t*>(ids->Ptr());
-    int32_t* bad_dev = !devIds && n > 0 ? reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids->Ptr()) + n) : nullptr;
-    int32_t status = smla_cuda_dequantize_kv_cache(format, static_cast<const uint8_t*>(cache->Ptr()), int32_t(ps), int32_t(np), idp, n,
-                                                   reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(out->Ptr()) + out_offset), bad_dev, s);
-    if (status != SMLA_OK || !bad_dev) return status;
-    // host ids: the flag comes back with the outputs (this op runs on a pool thread, which syncs)
-    cudaError_t err = cudaMemcpyAsync(bad.get(), bad_dev, sizeof(int32_t), cudaMemcpyDeviceToHost, s);
-    if (err == cudaSuccess) err = cudaStreamSynchronize(s);
-    if (err != cudaSuccess) return -int32_t(err);
-    return *bad != 0 ? int32_t(SMLA_ERR_OUT_OF_RANGE) : int32_t(SMLA_OK);
-  });
+  auto flag = [=]() { return !devIds && n > 0 ? reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids->Ptr()) + n) : nullptr; };
+  std::function<int32_t(cudaStream_t)> readFlag = nullptr;
+  if (!devIds && n > 0) {
+    // host ids (a pool thread, which syncs): the kernel's bad-id flag comes back
+    readFlag = [=](cudaStream_t s) -> int32_t {
+      cudaError_t err = cudaMemcpyAsync(bad.get(), flag(), sizeof(int32_t), cudaMemcpyDeviceToHost, s);
+      if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+      if (err != cudaSuccess) return -int32_t(err);
+      return *bad != 0 ? int32_t(SMLA_ERR_OUT_OF_RANGE) : int32_t(SMLA_OK);
+    };
+  }
+  return Dispatch(
+      a, std::move(pins), st, {cache, ids, out},
+      [=](cudaStream_t s) -> int32_t {
+        return smla_cuda_dequantize_kv_cache(format, static_cast<const uint8_t*>(cache->Ptr()), int32_t(ps), int32_t(np),
+                                             static_cast<const int64_t*>(ids->Ptr()), n,
+                                             reinterpret_cast<uint16_t*>(static_cast<uint8_t*>(out->Ptr()) + out_offset), flag(), s);
+      },
+      readFlag);
 }
 
 // planRows(seqLens (host Int32Array), extendLens (host), numRequests, window, ratio,

@@ -210,6 +210,7 @@ std::shared_ptr<Allocation> BufferArg(Args& a, const Napi::CallbackInfo& info, s
 
 struct Operand {
   void* host = nullptr;                // host data (an owned copy, shared memory or an output array), or null
+  std::shared_ptr<void> keep;          // owns `host` when the op built it (lives as long as the operand)
   std::shared_ptr<Allocation> device;  // or a device buffer
   uint64_t bytes = 0;
   bool output = false;
@@ -473,6 +474,7 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     wide->push_back(0);
     ids->host = wide->data();
     ids->bytes = uint64_t(wide->size()) * 8;
+    ids->keep = wide;
   }
   const bool into = !a.IsNull(7);
   std::shared_ptr<Operand> out;

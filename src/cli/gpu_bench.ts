@@ -529,7 +529,7 @@ async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r:
   const n = engines.length;
   const bes = engines.map((e) => engineBackend(e) as unknown as CudaBackend);
   const result: MultiDevice = { devices: n, concurrency: [], sharded: [], correctness: [] };
-  const W = 128, TOPK = 512, P = 64;
+  const TOPK = 512, P = 64;
   /** A c4 chunk of one request: its plan input, host caches (one quantized random page tiled) and the indexer's top-k. */
   const chunkOf = async (N: number) => {
     const nComp = N / 4;

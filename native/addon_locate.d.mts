@@ -20,6 +20,9 @@ export declare function howToBuild(root?: string): string;
 export declare function readCpuFlags(cpuinfo?: string): Set<string> | null;
 export declare function missingFlags(level: string, flags: Set<string>): string[];
 export declare function readJson(path: string): unknown;
+export declare const ADDON_SOURCE_DIRS: readonly string[];
+/** A hash of the sources compiled into the addon, or null where there are none. */
+export declare function addonSourceFingerprint(root?: string): string | null;
 
 /** CUDA in an addon: built, or why not. */
 export type CudaBuild = { built: true; arch?: string; nvcc?: string; runtime?: string } | { built: false; why?: string };

@@ -8,6 +8,9 @@
 //   source build  build/addon/Release/sparse_mla_native.node, built by native/install.mjs (a
 //                 checkout, a platform without a prebuilt addon, or SPARSE_MLA_BUILD_FROM_SOURCE=1)
 // What the install chose, and why, is in build/install-status.json (INSTALL_STATUS_FILE).
+// A source build records the fingerprint of the sources it was built from (build.sources), and
+// the loader refuses one whose sources have changed since (addonSourceFingerprint).
+import { createHash } from 'node:crypto';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -49,6 +52,39 @@ export function howToBuild(root = PACKAGE_ROOT) {
   return isCheckout(root)
     ? 'build it with `npm run build:native` (CMake and a C++ compiler; nvcc too for the cuda backend)'
     : 'build it from source with `SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla` (needs CMake, a C++ compiler and the packages cmake-js and node-addon-api; nvcc too for the cuda backend)';
+}
+
+/** The folders holding the sources compiled into the addon, and which of their files count. */
+export const ADDON_SOURCE_DIRS = ['cpp/include', 'cpp/src', 'native/addon', 'native/cuda'];
+const ADDON_SOURCE_FILE = /\.(c|cc|cpp|h|hpp|cu|cuh|inc)$/;
+const ADDON_BUILD_FILES = ['CMakeLists.txt', 'native/CMakeLists.txt'];
+
+/**
+ * A hash of the sources the addon is compiled from (paths and bytes), or null where this copy of
+ * the package has none. native/build_tools.mjs compiles it into the addon (build.sources); a
+ * source build whose recorded hash differs from its sources' was built from other sources (a pull
+ * or merge since, without a rebuild) and is not loaded: what its JS surface promises may have
+ * changed under the same names, e.g. which memory an op writes and when.
+ */
+export function addonSourceFingerprint(root = PACKAGE_ROOT) {
+  if (!existsSync(join(root, 'native', 'addon'))) return null;
+  const files = ADDON_BUILD_FILES.filter((f) => existsSync(join(root, f)));
+  const walk = (dir) => {
+    for (const e of readdirSync(join(root, dir), { withFileTypes: true })) {
+      const rel = `${dir}/${e.name}`;
+      if (e.isDirectory()) walk(rel);
+      else if (ADDON_SOURCE_FILE.test(e.name) && !e.name.startsWith('.')) files.push(rel);
+    }
+  };
+  try {
+    for (const dir of ADDON_SOURCE_DIRS) if (existsSync(join(root, dir))) walk(dir);
+    files.sort();
+    const hash = createHash('sha256');
+    for (const f of files) hash.update(`${f}\0`).update(readFileSync(join(root, f))).update('\0');
+    return hash.digest('hex').slice(0, 16);
+  } catch {
+    return null;
+  }
 }
 
 /** The /proc/cpuinfo flags of the first CPU, or null where there is no such file. */

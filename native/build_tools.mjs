@@ -6,6 +6,7 @@ import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
+import { addonSourceFingerprint } from './addon_locate.mjs';
 
 function runs(cmd, args = ['--version']) {
   const r = spawnSync(cmd, args, { stdio: 'ignore', timeout: 30_000 });
@@ -61,7 +62,7 @@ export function logExcerpt(logPath, max = 4) {
 export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuArch, withCuda = 'AUTO', portable = false, logPath, verbose = false, timeoutS = 1200, parallel }) {
   const jobs = String(parallel ?? os.availableParallelism?.() ?? os.cpus().length);
   const common = ['--directory', root, '--out', outDir, '--log-level', 'warn', ...(compilers ? ['--cc', compilers.cc, '--cxx', compilers.cxx] : [])];
-  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${withCuda}`, `--CDSMLA_CPU_ARCH=${cpuArch}`, `--CDSMLA_PORTABLE_RUNTIME=${portable ? 'ON' : 'OFF'}`];
+  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${withCuda}`, `--CDSMLA_CPU_ARCH=${cpuArch}`, `--CDSMLA_PORTABLE_RUNTIME=${portable ? 'ON' : 'OFF'}`, `--CDSMLA_SOURCE_FINGERPRINT=${addonSourceFingerprint(root) ?? ''}`];
   const build = [cmakeJs, 'build', ...common, '--target', 'sparse_mla_native', '--parallel', jobs];
   mkdirSync(outDir, { recursive: true });
   const log = verbose ? null : createWriteStream(logPath);

@@ -10,6 +10,9 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import type { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -53,6 +56,48 @@ describe.each(BACKENDS)('%s: buffers detached or transferred while a call runs',
     // have written a byte into it.
     expect(report.quantizeKCache).toMatchObject({ ok: false, typed: true, code: 'INVALID_VALUE', movedUntouched: true });
   }, 300_000);
+});
+
+describe.each(BACKENDS)('%s: a cache transferred while its quantize waits for staging', (backend) => {
+  // The staging is all held here, so the call cannot reach the threads until it is released: the
+  // transfer lands between the call and its start, whatever the machine's load.
+  test('the call fails typed and writes nothing; left alone, the same call writes the reference bytes', async () => {
+    const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: 8 << 20 });
+    const staging = (engineBackend(engine) as WasmBackend | CpuBackend).staging;
+    const quantizeWhileHeld = async (transfer: boolean) => {
+      const cache = createKvCache('v4', { pageSize: 64, numPages: 8 });
+      cache.data.fill(0x5a);
+      const before = cache.data.slice();
+      const n = 300;
+      const ids = Int32Array.from({ length: n }, () => rng.int(0, 512));
+      const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
+      const held = await staging.acquire(staging.capacityBytes);
+      let settled = false;
+      const p = engine.quantizeKCache({ cache, tokenIds: tensor('int32', [n], ids), rows }).finally(() => (settled = true));
+      const moved = transfer ? new Uint8Array(structuredClone(cache.data.buffer, { transfer: [cache.data.buffer] })) : null;
+      await new Promise((r) => setTimeout(r, 20));
+      const waited = !settled;
+      staging.release(held);
+      const err = await p.then(() => null, (e: unknown) => e);
+      const ref = { format: cache.format, pageSize: cache.pageSize, numPages: cache.numPages, data: before };
+      R.quantizeKCacheReference(ref, Array.from(ids), rows);
+      return { waited, err, moved, cache, ref };
+    };
+
+    try {
+      const r = await quantizeWhileHeld(true);
+      expect(r.waited).toBe(true);
+      expect(r.err instanceof SparseMlaError ? { code: r.err.code, argument: r.err.argument } : r.err).toEqual({ code: 'INVALID_VALUE', argument: 'cache.data' });
+      expect((r.err as Error).message).toMatch(/detached, transferred or resized while the call (waited for staging|ran)/);
+      expect(r.moved!.every((b) => b === 0x5a)).toBe(true);
+
+      const control = await quantizeWhileHeld(false);
+      expect({ waited: control.waited, err: control.err }).toEqual({ waited: true, err: null });
+      expect(Buffer.from(control.cache.data).equals(Buffer.from(control.ref.data))).toBe(true);
+    } finally {
+      await engine.dispose();
+    }
+  });
 });
 
 function prefillArgs(sQ: number, hQ: number, dQK: number, sKV: number, topk: number): SparsePrefillArgs {

@@ -12,7 +12,7 @@ import os from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, test } from 'vitest';
-import { LEVEL_FLAGS, PREBUILT_LEVELS, addonCandidates, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
+import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_LEVELS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -201,6 +201,44 @@ describe('install script', () => {
       expect(status.build!.why).toMatch(/^a source build was wanted \(SPARSE_MLA_BUILD_FROM_SOURCE is set\) but cannot run: CMake not found/);
     });
   });
+});
+
+// A source build left over from before a pull or merge has the same ABI and op names as a fresh
+// one, yet may keep an older contract: an addon from before quantize committed on the JS thread
+// wrote a cache transferred mid-call (test/ownership.test.ts saw { ok: true, movedUntouched: false }).
+describe.skipIf(!nativeAddonBuilt() || Boolean(process.env.SPARSE_MLA_NATIVE_ADDON))('a source build and the sources it was built from', () => {
+  /** A package copy holding the addon's sources and this checkout's source build of them. */
+  const withSourceBuild = (): string => {
+    const root = packageCopy({ dist: true });
+    for (const f of [...ADDON_SOURCE_DIRS, 'CMakeLists.txt', 'native/CMakeLists.txt']) cpSync(join(ROOT, f), join(root, f), { recursive: true });
+    mkdirSync(join(root, 'build', 'addon', 'Release'), { recursive: true });
+    copyFileSync(NATIVE_ADDON, join(root, 'build', 'addon', 'Release', 'sparse_mla_native.node'));
+    return root;
+  };
+  const cpuState = (root: string) => {
+    const info = JSON.parse(cli(root, ['info', '--json']).stdout) as InfoJson;
+    const cpu = info.backends.find((b) => b.name === 'cpu')!;
+    return { available: cpu.available, reason: cpu.reason ?? null, origin: info.addon.origin };
+  };
+
+  test('loaded while its sources are unchanged; refused as stale, saying how to rebuild, once one changes; docs do not count', () => {
+    const root = withSourceBuild();
+    expect(addonSourceFingerprint(root)).toBe(addonSourceFingerprint(ROOT));
+    expect(cpuState(root)).toEqual({ available: true, reason: null, origin: 'source build' });
+
+    const file = join(root, 'native', 'addon', 'cpu_ops.cpp');
+    const original = readFileSync(file);
+    writeFileSync(file, Buffer.concat([original, Buffer.from('// a change pulled in after the build\n')]));
+    const stale = cpuState(root);
+    expect(stale).toMatchObject({ available: false, origin: null });
+    const addon = join(root, 'build', 'addon', 'Release', 'sparse_mla_native.node');
+    expect(stale.reason).toContain(`${addon} was not built from the native sources here (it has sources ${addonSourceFingerprint(ROOT)}, these are ${addonSourceFingerprint(root)}): a stale build`);
+    expect(stale.reason).toContain('SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla');
+
+    writeFileSync(file, original);
+    writeFileSync(join(root, 'native', 'addon', 'README.md'), 'notes only\n');
+    expect(cpuState(root)).toEqual({ available: true, reason: null, origin: 'source build' });
+  }, 60_000);
 });
 
 describe('runtime without an install record (scripts not run: pnpm, --ignore-scripts)', () => {

@@ -11,6 +11,11 @@
 
 #include "sparse_mla/sparse_mla.h"
 
+// The fingerprint of the sources this addon was built from (native/CMakeLists.txt).
+#ifndef SMLA_SOURCE_FINGERPRINT
+#define SMLA_SOURCE_FINGERPRINT ""
+#endif
+
 namespace smla_addon {
 
 std::string StatusName(int32_t status) {
@@ -230,6 +235,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   build.Set("cpuArch", Napi::String::New(env, SMLA_CPU_ARCH));
   build.Set("simd", Napi::String::New(env, CoreSimdPath()));
   build.Set("hardwareThreads", Napi::Number::New(env, std::thread::hardware_concurrency()));
+  build.Set("sources", Napi::String::New(env, SMLA_SOURCE_FINGERPRINT));
   exports.Set("build", build);
 
   Napi::Object cpu = Napi::Object::New(env);

@@ -15,6 +15,7 @@ import {
   ADDON_PATH_ENV,
   SOURCE_BUILD_ADDON,
   addonCandidates,
+  addonSourceFingerprint,
   howToBuild,
   readInstallStatus,
   selectPrebuilt,
@@ -290,7 +291,8 @@ export type NativeCudaInfo =
 
 export interface NativeAddon {
   abiVersion: number;
-  build: { cpuArch: string; simd: string; hardwareThreads: number };
+  /** sources: the fingerprint of the sources it was built from ('' or absent: not recorded) */
+  build: { cpuArch: string; simd: string; hardwareThreads: number; sources?: string };
   cpu: NativeCpuOps;
   cuda: NativeCudaInfo;
 }
@@ -314,8 +316,11 @@ export type AddonLoad =
 
 const CPU_OPS: readonly (keyof NativeCpuOps)[] = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', 'quantizeKvCache'];
 
-/** The addon at path, or why it cannot be used. */
-function tryLoad(path: string): { ok: true; addon: NativeAddon } | { ok: false; why: string } {
+/**
+ * The addon at path, or why it cannot be used. `sources` (a source build): the fingerprint of the
+ * sources here, which the addon must have been built from.
+ */
+function tryLoad(path: string, sources: string | null): { ok: true; addon: NativeAddon } | { ok: false; why: string } {
   if (!existsSync(path)) return { ok: false, why: `${path} is missing` };
   let addon: NativeAddon;
   try {
@@ -326,6 +331,12 @@ function tryLoad(path: string): { ok: true; addon: NativeAddon } | { ok: false; 
   if (addon?.abiVersion !== ABI_VERSION) return { ok: false, why: `${path} has ABI version ${String(addon?.abiVersion)}, not ${ABI_VERSION} (a stale build)` };
   const missing = CPU_OPS.filter((op) => typeof addon.cpu?.[op] !== 'function');
   if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, why: `${path} lacks ${missing.join(', ') || 'cuda'} (a stale build)` };
+  // Same ABI and op names do not make the same contract (an op's arguments, which memory it
+  // writes and when): a build that predates the sources here is not used.
+  if (sources !== null && addon.build?.sources !== sources) {
+    const built = addon.build?.sources ? `sources ${addon.build.sources}` : 'no record of its sources';
+    return { ok: false, why: `${path} was not built from the native sources here (it has ${built}, these are ${sources}): a stale build from before a change to cpp/ or native/` };
+  }
   return { ok: true, addon };
 }
 
@@ -371,7 +382,7 @@ function load(env: NodeJS.ProcessEnv): AddonLoad {
   const candidates = addonCandidates({ env, status: install, prebuilt });
   const failures: string[] = [];
   for (const c of candidates) {
-    const r = tryLoad(c.path);
+    const r = tryLoad(c.path, c.origin === 'source build' ? addonSourceFingerprint() : null);
     if (r.ok) return { ok: true, addon: r.addon, path: c.path, origin: c.origin, ...(c.level ? { level: c.level } : {}), cudaWhyNot: cudaWhyNot(c, prebuilt, install), install };
     failures.push(r.why);
   }

@@ -1,7 +1,7 @@
 /**
  * The internal backend interface. The engine validates and normalizes every call once (src/ops/)
  * and hands a backend a *job*: plain typed arrays plus explicit sizes, already checked against
- * each other. A backend (wasm now; the CUDA / native-CPU addon later) only has to run it.
+ * each other. A backend (wasm, cpu, cuda) only has to run it.
  *
  * Guarantees a backend can rely on:
  * - all sizes are non-negative integers ≤ 2^31 − 1 and the arrays have exactly the stated lengths;

@@ -1,5 +1,5 @@
 /**
- * `sparse-mla bench --backend cuda`: the issue-4 GPU benchmark through the addon (the same calls a
+ * `sparse-mla bench --backend cuda`: the GPU benchmark through the addon (the same calls a
  * user makes, with device-resident inputs and outputs so no host copy is timed). Each figure is
  * the median over --repeat runs after --warmup runs of the op's device time, measured with CUDA
  * events around its launch (lastKernelMs), with L2 flushed before every run by a 2 × 256 MiB
@@ -177,7 +177,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     }
 
     // ---- sparse prefill at FlashMLA's configurations
-    // (FlashMLA 9241ae3 on an H200, same method: 647 / 479 / 510 / 583 / 462 / 481 TFLOPS)
+    // (FlashMLA's own figures for these rows: bench/RESULTS.md)
     const configs = [
       { name: 'V3.2 sQ4096 hQ128 dQK576 topk2048 sKV32768', sQ: 4096, hQ: 128, dQK: 576, topk: 2048, sKV: 32768 },
       { name: 'V4 sQ4096 hQ64 dQK512 topk512 sKV32768', sQ: 4096, hQ: 64, dQK: 512, topk: 512, sKV: 32768 },
@@ -202,9 +202,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
 
     // ---- paged FP8 attention on FlashMLA's sparse decode workload (flash_mla_with_kvcache, V4
     // cache, P = 64): N queries with their own random token ids of one v4 cache, main 128 + extra
-    // 512 (hQ 64) or 128 + 1024 (hQ 128). (FlashMLA 9241ae3 on an H200: 333 / 337 / 345 / 349
-    // TFLOPS at hQ 64 for N = 2048 / 4096 / 8192 / 11264, 422-424 at hQ 128; it cannot run
-    // N >= 16384.)
+    // 512 (hQ 64) or 128 + 1024 (hQ 128). (FlashMLA's own figures: bench/RESULTS.md.)
     for (const [hQ, extraTopk] of want('paged') ? ([[64, 512], [128, 1024]] as const) : []) {
       const cache = await deviceCache('v4', 1024);
       const tokens = 1024 * 64;

@@ -1,7 +1,8 @@
 /**
  * The planner's index math behind one interface. Its one implementation is the C++ core
- * (cpp/src/planner.cpp, cpp/include/sparse_mla/planner.h) — through the WASM module today
- * (wasm_core.ts), through the CUDA addon later — so the rows are derived in exactly one place.
+ * (cpp/src/planner.cpp, cpp/include/sparse_mla/planner.h), here through the WASM module
+ * (wasm_core.ts); the CUDA planner kernels call the same per-row functions, so the rows are
+ * derived in exactly one place.
  * Implementations take inputs the plan has already validated and sized. This file also holds the
  * few pure size rules the plan's validation and layout need before calling the core.
  */

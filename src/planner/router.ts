@@ -23,17 +23,11 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  * Default thresholds per backend and compress ratio (data, not code paths): a chunk of a layer of
  * ratio r goes down the workspace path when it has more queries than `[backend][r]`.
  *
- * cuda: the H200 router sweep (`sparse-mla bench --backend cuda`, section router; figures and
- * crossovers in bench/cuda/RESULTS.md): device time of the paged path over the workspace path
- * (dequant + sparsePrefill) for one request whose chunk is the last N tokens, N = 16 … 4096,
- * prefix 0 and 32K, hQ 64 and 128. c4 layers: the workspace path wins from 128 queries at hQ 64
- * with no prefix and from 16 everywhere else, so above 64. c128 and c0 layers: it wins from 128–512
- * queries, from 256 on the common hQ 64 / no-prefix shapes, so above 256.
- *
- * wasm: measured on the 2-core dev machine (hQ 64, top-k 512 + window 128, seqLen 8192, one c4
- * layer): paged/workspace time 0.55 at 8 queries, 0.95 at 32, 0.99 at 128, 1.06 at 512, so the
- * crossover lies between 32 and 128 and the two paths are within a few percent beyond it. cpu runs
- * the same core natively (not measured separately).
+ * Each figure is where the workspace path starts to win in the measurements of bench/RESULTS.md
+ * (device time of the paged path over dequant + sparsePrefill, one request whose chunk is the last
+ * N tokens, N = 16 … 4096). cuda: c4 layers gain from the workspace path at nearly every size, c0
+ * and c128 layers from a few hundred queries. wasm: the paths cross between 32 and 128 queries and
+ * stay within a few percent beyond; cpu runs the same core natively and takes the same figure.
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Record<CompressRatio, number>>>> = {
   cuda: { 0: 256, 4: 64, 128: 256 },

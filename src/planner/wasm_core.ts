@@ -1,11 +1,11 @@
 /**
  * The planner's index math run by the C++ core (cpp/src/planner.cpp) in the WASM module, through
- * the binding's smla_plan_* calls. The planner is small integer work done once per chunk (plus one
- * top-k combine per c4 layer), so it runs synchronously on the calling thread in a private
- * instance of the module rather than through the worker pool: a round trip to a worker would cost
- * more than the work. This file only adapts the binding to PlannerCore and owns that instance.
+ * the smla_plan_* calls of backends/wasm/ops.ts. The planner is small integer work done once per
+ * chunk (plus one top-k combine per c4 layer), so it runs synchronously on the calling thread in a
+ * private instance of the module rather than through the worker pool: a round trip to a worker
+ * would cost more than the work. This file only adapts those calls to PlannerCore and owns that instance.
  */
-import { compileCoreModuleSync, WasmCore, type CompiledCore } from '../backends/wasm/binding.js';
+import { compileCoreModuleSync, WasmCore, type CompiledCore } from '../backends/wasm/ops.js';
 import type { PlannerCore } from './core.js';
 
 /** Heap size above which the private instance is dropped after a call. */

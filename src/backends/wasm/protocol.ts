@@ -4,7 +4,7 @@
  */
 import type { ErrorCode } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
-import type { WasmModule } from './binding.js';
+import type { WasmModule } from './loader.js';
 import type { PagedSparseAttentionJob, SparsePrefillJob } from '../backend.js';
 
 export interface RowRange {

@@ -22,7 +22,8 @@ import type {
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../ops/kv_cache.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
-import { WASM_URL, compileCoreModule, type WasmModule } from './binding.js';
+import { WASM_URL, type WasmModule } from './loader.js';
+import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
 import { StagingArena, alignStaging, detached, stageInputs, stagingBytes, type StageableArray } from '../staging.js';

@@ -6,7 +6,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
 import { SparseMlaError } from '../../errors.js';
-import { WasmCore } from './binding.js';
+import { WasmCore } from './ops.js';
 import type { AttentionOutput, TaskResult, WorkerApi, WorkerInit } from './protocol.js';
 
 if (!parentPort) throw new Error('sparse-mla: worker.js must run as a worker thread');

@@ -197,7 +197,7 @@ interface PrefillSection {
   sampled: number;
 }
 
-/** Section 1: the big c4 prefill chunk (issue 2): quantize, dequantize, sparsePrefill, checks. */
+/** Section 1: the big c4 prefill chunk: quantize, dequantize, sparsePrefill, checks. */
 async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: number, block_: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
   progress.start('generating inputs', 0);
   const [w, genSeconds] = await timed(async () => buildWorkload(shape));

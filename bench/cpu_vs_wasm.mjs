@@ -1,9 +1,9 @@
 #!/usr/bin/env node
 // cpu (native addon) vs wasm backends on the same thread count, at the run shape
 // (hQ=64, dQK=512, dV=512, 640 entries per query), runs interleaved so machine noise hits both.
-// Usage: node native/bench/cpu_vs_wasm.mjs [threads=cores] [queries=256] [rounds=7]
+// Usage: node bench/cpu_vs_wasm.mjs [threads=cores] [queries=256] [rounds=7]
 import os from 'node:os';
-import { createEngine, tensor } from '../../dist/index.js';
+import { createEngine, tensor } from '../dist/index.js';
 
 const threads = Number(process.argv[2] ?? os.availableParallelism());
 const sQ = Number(process.argv[3] ?? 256);

@@ -1,53 +1,24 @@
 /**
- * The typed binding of wasm/sparse_mla.wasm — the only file that knows the module's export names
- * and signatures (cpp/include/sparse_mla/sparse_mla.h). It compiles the module, asynchronously for
- * the worker pool (main thread) or synchronously for the planner, and wraps one instance: allocate,
- * copy inputs into the heap, call, check the status, copy outputs out, free. Both paths share the
- * export check, the import stubs and the ABI version check.
+ * The ops of wasm/sparse_mla.wasm — the only file that knows the module's export names and
+ * signatures (cpp/include/sparse_mla/sparse_mla.h). WasmCore wraps one instance: allocate, copy
+ * inputs into the heap, call, check the status, copy outputs out, free. Loading is loader.ts's.
  *
  * Memory growth: any smla_malloc or core call may grow the memory, which detaches every
  * typed-array view of the old buffer, so views are re-created from `memory.buffer` after each such
  * call and never kept across one.
  */
-import { readFileSync } from 'node:fs';
-import { setFlagsFromString } from 'node:v8';
-import { readFile } from 'node:fs/promises';
 import { SparseMlaError } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
-
-/**
- * The slice of the WebAssembly JS API used here. TypeScript declares WebAssembly only in its DOM
- * lib, which this Node package does not load, so the binding types what it touches itself.
- */
-export interface WasmModule {
-  readonly [Symbol.toStringTag]: string;
-}
-interface WasmMemory {
-  readonly buffer: ArrayBuffer;
-}
-interface WasmDescriptor {
-  module: string;
-  name: string;
-  kind: string;
-}
-type WasmImports = Record<string, Record<string, unknown>>;
-interface WasmInstance {
-  exports: Record<string, unknown>;
-}
-interface WasmApi {
-  compile(bytes: Uint8Array): Promise<WasmModule>;
-  instantiate(module: WasmModule, imports: WasmImports): Promise<WasmInstance>;
-  Module: {
-    new (bytes: Uint8Array): WasmModule;
-    exports(m: WasmModule): Omit<WasmDescriptor, 'module'>[];
-    imports(m: WasmModule): WasmDescriptor[];
-  };
-  Instance: new (module: WasmModule, imports: WasmImports) => WasmInstance;
-}
-const WA = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
-
-/** wasm/sparse_mla.wasm at the package root: ../../../ from dist/backends/wasm/ (and src/…). */
-export const WASM_URL = new URL('../../../wasm/sparse_mla.wasm', import.meta.url);
+import {
+  WASM32_MAX_BYTES,
+  compileModule,
+  compileModuleSync,
+  instantiateModule,
+  instantiateModuleSync,
+  type CompiledCore,
+  type WasmMemory,
+  type WasmModule,
+} from './loader.js';
 
 /** The ABI version this binding is written against (SMLA_ABI_VERSION). */
 export const ABI_VERSION = 1;
@@ -110,125 +81,13 @@ const STATUS_NAMES: Record<number, string> = {
 const CACHE_FORMAT: Record<CacheFormat, number> = { v4: 0, v32: 1 };
 const ROWS_DTYPE = { float32: 0, bf16: 1 } as const;
 
-/** Largest linear memory a wasm32 module can have. */
-const WASM32_MAX_BYTES = 2 ** 32;
+/** Compiles the module and checks it has every export WasmCore calls (the worker pool's way). */
+export const compileCoreModule = (): Promise<CompiledCore> => compileModule(REQUIRED_EXPORTS);
 
-/** A compiled module, with its size and the most memory an instance of it can grow to. */
-export interface CompiledCore {
-  module: WasmModule;
-  bytes: number;
-  maxMemoryBytes: number;
-}
+/** compileCoreModule, synchronously (the planner's way). */
+export const compileCoreModuleSync = (): CompiledCore => compileModuleSync(REQUIRED_EXPORTS);
 
-const unavailable = (message: string): SparseMlaError => new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: ${message}`, 'backend');
-const unreadable = (e: unknown): SparseMlaError =>
-  unavailable(`cannot read ${WASM_URL.pathname} (${(e as Error).message}); reinstall the package or rebuild it with \`npm run build:wasm\``);
-const uncompilable = (e: unknown): SparseMlaError =>
-  unavailable(`${WASM_URL.pathname} does not compile on this Node (${(e as Error).message}); it needs WebAssembly SIMD128 (Node ≥ 16.4)`);
-
-/** The export check shared by both ways of compiling. */
-function compiled(module: WasmModule, bytes: Uint8Array): CompiledCore {
-  const names = new Set(WA.Module.exports(module).map((e) => e.name));
-  const missing = REQUIRED_EXPORTS.filter((n) => !names.has(n));
-  if (missing.length > 0) throw unavailable(`${WASM_URL.pathname} lacks exports ${missing.join(', ')}; rebuild it with \`npm run build:wasm\``);
-  return { module, bytes: bytes.length, maxMemoryBytes: declaredMaxMemory(bytes) };
-}
-
-/** Reads and compiles the module (the worker pool's way); throws BACKEND_UNAVAILABLE when it is missing or unusable. */
-/**
- * V8 compiles WebAssembly lazily in its baseline tier and moves a function to the optimizing tier
- * only on a later call, so one long core call on a fresh worker ran entirely in baseline code
- * (measured ~3.5x slower: 334 ms vs 88 ms for a 32-query prefill). The core is small (~55 KB), so
- * it is compiled eagerly with the optimizing tier; V8's defaults are restored right after, so the
- * application's other modules are not affected.
- */
-function enterEagerOptimizedCompile(): void {
-  setFlagsFromString('--no-wasm-lazy-compilation');
-  setFlagsFromString('--no-wasm-dynamic-tiering');
-}
-function leaveEagerOptimizedCompile(): void {
-  setFlagsFromString('--wasm-lazy-compilation');
-  setFlagsFromString('--wasm-dynamic-tiering');
-}
-
-export async function compileCoreModule(): Promise<CompiledCore> {
-  const bytes = await readFile(WASM_URL).catch((e: unknown) => Promise.reject(unreadable(e)));
-  enterEagerOptimizedCompile();
-  const module = await WA.compile(bytes)
-    .catch((e: unknown) => Promise.reject(uncompilable(e)))
-    .finally(leaveEagerOptimizedCompile);
-  return compiled(module, bytes);
-}
-
-/** compileCoreModule, synchronously (the planner's way: it runs on the calling thread, outside any promise). */
-export function compileCoreModuleSync(): CompiledCore {
-  const orThrow = <T>(f: () => T, error: (e: unknown) => SparseMlaError): T => {
-    try {
-      return f();
-    } catch (e) {
-      throw error(e);
-    }
-  };
-  const bytes = orThrow(() => readFileSync(WASM_URL), unreadable);
-  enterEagerOptimizedCompile();
-  let module: WasmModule;
-  try {
-    module = orThrow(() => new WA.Module(bytes), uncompilable);
-  } finally {
-    leaveEagerOptimizedCompile();
-  }
-  return compiled(module, bytes);
-}
-
-function readLeb(bytes: Uint8Array, at: { pos: number }): number {
-  let result = 0;
-  let mul = 1;
-  for (;;) {
-    const b = bytes[at.pos++]!;
-    result += (b & 0x7f) * mul;
-    if ((b & 0x80) === 0) return result;
-    mul *= 128;
-  }
-}
-
-/** The maximum of the module's own memory (memory section, id 5); wasm32's 4 GiB when unbounded. */
-export function declaredMaxMemory(bytes: Uint8Array): number {
-  const at = { pos: 8 };
-  while (at.pos < bytes.length) {
-    const id = bytes[at.pos++]!;
-    const size = readLeb(bytes, at);
-    const end = at.pos + size;
-    if (id === 5) {
-      const count = readLeb(bytes, at);
-      if (count < 1) break;
-      const flags = bytes[at.pos++]!;
-      readLeb(bytes, at); // initial pages
-      if (flags & 1) return Math.min(readLeb(bytes, at) * 65536, WASM32_MAX_BYTES);
-      break;
-    }
-    at.pos = end;
-  }
-  return WASM32_MAX_BYTES;
-}
-
-/**
- * Host functions for whatever the module imports. The reference build imports nothing; a build
- * with WASI or Emscripten hooks still instantiates, and a call that cannot be honoured fails.
- */
-function importStubs(module: WasmModule): WasmImports {
-  const imports: WasmImports = {};
-  for (const imp of WA.Module.imports(module)) {
-    const ns = (imports[imp.module] ??= {});
-    if (imp.kind !== 'function') {
-      throw new SparseMlaError('BACKEND_FAILURE', `wasm: the module imports ${imp.kind} ${imp.module}.${imp.name}, which this host does not provide`, 'backend');
-    }
-    if (imp.name === 'emscripten_notify_memory_growth') ns[imp.name] = () => {}; // views are refreshed per call
-    else if (imp.name === 'proc_exit') ns[imp.name] = (code: number) => { throw new Error(`wasm: the core called proc_exit(${code})`); };
-    else if (imp.module === 'wasi_snapshot_preview1') ns[imp.name] = () => 52; // ENOSYS
-    else ns[imp.name] = () => { throw new Error(`wasm: the core called unsupported import ${imp.module}.${imp.name}`); };
-  }
-  return imports;
-}
+export type { CompiledCore, WasmModule };
 
 type Typed = Uint8Array | Uint16Array | Int32Array | Float32Array | BigInt64Array;
 
@@ -243,8 +102,8 @@ export class WasmCore {
   private readonly x: CoreExports;
   readonly maxMemoryBytes: number;
 
-  private constructor(instance: WasmInstance, maxMemoryBytes: number) {
-    this.x = instance.exports as unknown as CoreExports;
+  private constructor(exports: Record<string, unknown>, maxMemoryBytes: number) {
+    this.x = exports as unknown as CoreExports;
     this.maxMemoryBytes = maxMemoryBytes;
     const v = this.x.smla_abi_version();
     if (v !== ABI_VERSION) throw new SparseMlaError('BACKEND_FAILURE', `wasm: module ABI version ${v}, this facade expects ${ABI_VERSION}; rebuild with \`npm run build:wasm\``, 'backend');
@@ -252,12 +111,12 @@ export class WasmCore {
 
   /** An instance for a worker of the pool. */
   static async instantiate(module: WasmModule, maxMemoryBytes = WASM32_MAX_BYTES): Promise<WasmCore> {
-    return new WasmCore(await WA.instantiate(module, importStubs(module)), maxMemoryBytes);
+    return new WasmCore(await instantiateModule(module), maxMemoryBytes);
   }
 
   /** An instance on the calling thread, synchronously (the planner's). */
   static instantiateSync(module: WasmModule, maxMemoryBytes = WASM32_MAX_BYTES): WasmCore {
-    return new WasmCore(new WA.Instance(module, importStubs(module)), maxMemoryBytes);
+    return new WasmCore(instantiateModuleSync(module), maxMemoryBytes);
   }
 
   get abiVersion(): number {

@@ -9,7 +9,7 @@ import { createEngine, createKvCache, tensor, SparseMlaError } from '../dist/ind
 import { createPlan, prefillLayer, SPARSE_PREFILL_THRESHOLDS, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
 import { prefillLayerReference, type PrefillLayerReferenceResult } from '../dist/reference/index.js';
 import type { Engine } from '../dist/types.js';
-import { randomBf16Bits, testRng } from './helpers/random.js';
+import { makeRng, randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
 
@@ -161,7 +161,7 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
       };
     },
   });
-  const sc = randomScenario(makeFixed(), [20, 200], [20, 3]);
+  const sc = randomScenario(makeRng(12345), [20, 200], [20, 3]); // fixed: built at collection time, its values do not matter
   const caches = { swa: createKvCache('v4', { pageSize: 64, numPages: sc.swaPages }), c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: sc.c4Pages }) };
   const plan = createPlan(sc.chunk);
   const q = tensor('bf16', [23, 2, D]);
@@ -200,10 +200,3 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     await expectCode({ ...ok, path: 'fastest' }, 'INVALID_VALUE', /path/);
   });
 });
-
-/** A fixed-seed generator for inputs built at collection time (their values do not matter). */
-function makeFixed(): Rng {
-  let s = 12345;
-  const u = (): number => ((s = (s * 1103515245 + 12345) >>> 0) / 2 ** 32);
-  return { seed: 12345, u32: () => Math.floor(u() * 2 ** 32), uniform: u, normal: () => u() - 0.5, int: (lo, hi) => lo + Math.floor(u() * (hi - lo)), pick: (a) => a[Math.floor(u() * a.length)]! };
-}

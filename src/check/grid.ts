@@ -6,7 +6,8 @@
  * and the same random streams for a seed: FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf,
  * topkLength with 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64
  * indices, sQ = 0; paged main + extra sets; dequant v4 / v32; three data regimes (DATA_REGIMES).
- * Fresh random inputs from a logged seed.
+ * Fresh random inputs from a logged seed. It holds the one RNG every generator draws from; the
+ * chunks of the planner and layer cases are chunks.ts's.
  */
 import { tensor } from '../tensor.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
@@ -65,6 +66,45 @@ export function randomBf16Bits(rng: Rng, n: number, std = 1, mean = 0): Uint16Ar
 
 export function randomBf16(rng: Rng, shape: number[], std = 1, mean = 0): Tensor<'bf16'> {
   return tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1), std, mean));
+}
+
+/**
+ * bf16 bits of n values uniform in [−a, a): the bulk generator for inputs of millions of elements
+ * (two 16-bit uniforms per draw, plenty for an 8-bit mantissa; no NaN by construction).
+ */
+export function uniformBf16Bits(rng: Rng, n: number, a: number): Uint16Array {
+  const out = new Uint16Array(n);
+  const chunk = new Float32Array(4096); // even, so the pairs never straddle chunks
+  const bits = new Uint32Array(chunk.buffer);
+  const scale = (2 * a) / 65536;
+  for (let start = 0; start < n; start += chunk.length) {
+    const m = Math.min(chunk.length, n - start);
+    for (let i = 0; i < m; i += 2) {
+      const u = rng.u32();
+      chunk[i] = (u & 0xffff) * scale - a;
+      chunk[i + 1] = (u >>> 16) * scale - a;
+    }
+    for (let i = 0; i < m; i++) {
+      const u = bits[i]!;
+      out[start + i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
+    }
+  }
+  return out;
+}
+
+/**
+ * bf16 bits of n v4 cache rows [n, 512]: each 64-dim nope tile of its own magnitude 2^−3 … 2^1
+ * (so the tiles' ue8m0 scales differ), the 64 rope dims in [−1, 1).
+ */
+export function randomV4Rows(rng: Rng, n: number): Uint16Array {
+  const rows = new Uint16Array(n * 512);
+  for (let r = 0; r < n; r++) {
+    for (let tile = 0; tile < 8; tile++) {
+      const mag = tile < 7 ? 2 ** (rng.int(0, 5) - 3) : 1;
+      for (let d = 0; d < 64; d++) rows[r * 512 + tile * 64 + d] = bf16Bits((2 * rng.uniform() - 1) * mag);
+    }
+  }
+  return rows;
 }
 
 // ---- data regimes ---------------------------------------------------------------------------------
@@ -254,83 +294,4 @@ export function pagedCases(): PagedCase[] {
     { name: 'paged cancel main+extra hQ=16 P=2/64 topk=64+100 lengths', regime: 'cancel', n: 31, hQ: 16, pageSize: 2, numPages: 90, topk: 64, extra: { pageSize: 64, numPages: 3, topk: 100 }, sink: false, lengths: true },
     { name: 'paged unit hQ=1 P=64 topk=200 sink', regime: 'unit', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
   ];
-}
-
-/** A multi-request chunk for prefillLayer: the plan's chunk and the same chunk as the reference reads it. */
-export interface LayerScenario {
-  chunk: {
-    requests: { seqLen: number; extendLen: number; swaTokenIds: number[]; c4PageTable: number[]; c128PageTable: number[] }[];
-    c4PageSize: number;
-    c128PageSize: number;
-  };
-  ref: {
-    requests: { seqLen: number; extendLen: number; swaTokenIdByPosition: number[]; c4PageTable: number[]; c128PageTable: number[] }[];
-    c4PageSize: number;
-    c128PageSize: number;
-    window: number;
-  };
-  numQueries: number;
-  swaPageSize: number;
-  swaPages: number;
-  c4Pages: number;
-  c128Pages: number;
-}
-
-function shuffled(rng: Rng, n: number): number[] {
-  const a = Array.from({ length: n }, (_, i) => i);
-  for (let i = n - 1; i > 0; i--) {
-    const j = rng.int(0, i + 1);
-    [a[i], a[j]] = [a[j]!, a[i]!];
-  }
-  return a;
-}
-
-/** Requests of the given lengths with shuffled SWA slots and compressed pages (window 128). */
-export function layerScenario(rng: Rng, seqLens: readonly number[], extendLens: readonly number[]): LayerScenario {
-  const window = 128, swaPageSize = 64, c4PageSize = 16, c128PageSize = 2;
-  const totalSeq = seqLens.reduce((a, b) => a + b, 0);
-  const swaPages = Math.ceil(totalSeq / swaPageSize) + 1;
-  const c4Pages = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 4) / c4PageSize), 0) + 2;
-  const c128Pages = seqLens.reduce((a, s) => a + Math.ceil(Math.floor(s / 128) / c128PageSize), 0) + 2;
-  const slots = shuffled(rng, swaPages * swaPageSize);
-  const c4Free = shuffled(rng, c4Pages);
-  const c128Free = shuffled(rng, c128Pages);
-  const sc: LayerScenario = {
-    chunk: { requests: [], c4PageSize, c128PageSize },
-    ref: { requests: [], c4PageSize, c128PageSize, window },
-    numQueries: extendLens.reduce((a, b) => a + b, 0),
-    swaPageSize,
-    swaPages,
-    c4Pages,
-    c128Pages,
-  };
-  let slot = 0;
-  for (let r = 0; r < seqLens.length; r++) {
-    const s = seqLens[r]!, e = extendLens[r]!;
-    const byPos = slots.slice(slot, slot + s);
-    slot += s;
-    const c4PageTable = c4Free.splice(0, Math.ceil(Math.floor(s / 4) / c4PageSize));
-    const c128PageTable = c128Free.splice(0, Math.ceil(Math.floor(s / 128) / c128PageSize));
-    const g = e > 0 ? Math.min(s, e + window - 1) : 0;
-    sc.chunk.requests.push({ seqLen: s, extendLen: e, swaTokenIds: byPos.slice(s - g), c4PageTable, c128PageTable });
-    sc.ref.requests.push({ seqLen: s, extendLen: e, swaTokenIdByPosition: byPos, c4PageTable, c128PageTable });
-  }
-  return sc;
-}
-
-/** [numQueries, topk] request-local c4 picks: mostly visible entries, some −1, a few not yet visible (dropped). */
-export function layerTopk(rng: Rng, sc: LayerScenario, topk: number): Tensor<'int32'> {
-  const out = new Int32Array(sc.numQueries * topk);
-  let q = 0;
-  for (const r of sc.ref.requests) {
-    for (let i = 0; i < r.extendLen; i++, q++) {
-      const visible = Math.floor((r.seqLen - r.extendLen + i + 1) / 4);
-      const pick = shuffled(rng, visible);
-      for (let k = 0; k < topk; k++) {
-        const u = rng.uniform();
-        out[q * topk + k] = u < 0.15 ? -1 : u < 0.2 ? visible + rng.int(0, 50) : k < pick.length ? pick[k]! : -1;
-      }
-    }
-  }
-  return tensor('int32', [sc.numQueries, topk], out);
 }

@@ -9,12 +9,16 @@
  */
 import { SparseMlaError } from '../errors.js';
 import { createKvCache } from '../index.js';
-import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, type PlanChunk, type PlanStats, type PrefillLayerResult, type PrefillPath, type PrefillPathChoice } from '../planner/index.js';
-import { compareAttention, prefillLayerReference, type PlanReferenceChunk, type TensorComparison } from '../reference/index.js';
+import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, type PlanStats, type PrefillLayerResult, type PrefillPath, type PrefillPathChoice } from '../planner/index.js';
+import { compareAttention, prefillLayerReference, type TensorComparison } from '../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../tensor.js';
 import type { Engine, KvCache, Tensor } from '../types.js';
+import { chunkScenario, indexerTopk, mixedRequests, prefillFlops, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
+import { makeRng, randomV4Rows, uniformBf16Bits, type Rng } from '../check/grid.js';
 import type { Progress } from './progress.js';
-import { DQK, DV, fillBf16, fillV4Rows, prefillFlops, Rng, V4_ROW } from './workload.js';
+
+/** Head dims of the model's layers (dQK = dV = 512, the v4 row). */
+const D = 512;
 
 export const LAYER_PATHS = ['auto', 'sparse', 'paged'] as const;
 
@@ -42,11 +46,7 @@ export interface LayerChunkShape {
   seed: number;
 }
 
-export interface RequestInfo {
-  kind: string;
-  seqLen: number;
-  extendLen: number;
-}
+export type RequestInfo = MixedRequest;
 
 export interface LayerCheck {
   pass: boolean;
@@ -112,122 +112,12 @@ export function parseLayers(text: string): CompressRatio[] {
   return out;
 }
 
-/**
- * The chunk's requests. Kinds cycle: a long request continuing mid-sequence, a fresh prompt that
- * lies wholly in this chunk, a request in the middle of its prompt, and a short one whose sequence
- * is shorter than the window (no c128 entry yet, window not full). New tokens are split by weight.
- */
-export function chunkRequests(shape: LayerChunkShape, rng: Rng): RequestInfo[] {
-  const kinds = [
-    { kind: 'mid-sequence, long', weight: 3 },
-    { kind: 'fresh prompt', weight: 4 },
-    { kind: 'mid-sequence', weight: 2 },
-    { kind: 'short (< window)', weight: 1 },
-  ];
-  const picked = Array.from({ length: shape.requests }, (_, r) => kinds[r % kinds.length]!);
-  const isShort = (r: number): boolean => picked[r]!.kind.startsWith('short');
-  const total = picked.reduce((a, k) => a + k.weight, 0);
-  const ext = new Array<number>(picked.length).fill(0);
-  let left = shape.chunkTokens;
-  // short requests first, capped so that the whole sequence stays shorter than the window
-  const shortCap = Math.max(1, Math.floor(shape.window / 2));
-  picked.forEach((k, r) => {
-    if (!isShort(r)) return;
-    ext[r] = Math.min(left, shortCap, Math.max(1, Math.round((shape.chunkTokens * k.weight) / total)));
-    left -= ext[r]!;
-  });
-  // the rest by weight; the last of them takes what rounding left over
-  const others = picked.map((_, r) => r).filter((r) => !isShort(r));
-  const otherWeight = others.reduce((a, r) => a + picked[r]!.weight, 0);
-  const pool = left;
-  others.forEach((r, i) => {
-    ext[r] = i === others.length - 1 ? left : Math.min(left, Math.max(1, Math.round((pool * picked[r]!.weight) / otherWeight)));
-    left -= ext[r]!;
-  });
-  if (others.length === 0 && left > 0) ext[ext.length - 1]! += left;
-  const out: RequestInfo[] = [];
-  picked.forEach((k, r) => {
-    const extendLen = ext[r]!;
-    let context: number;
-    if (k.kind === 'fresh prompt') context = 0;
-    else if (k.kind === 'mid-sequence, long') context = shape.maxContext;
-    else if (k.kind === 'mid-sequence') context = Math.floor(shape.maxContext / 4) + rng.int(Math.floor(shape.maxContext / 4) + 1);
-    else context = rng.int(Math.max(1, shape.window - extendLen));
-    out.push({ kind: k.kind, seqLen: context + extendLen, extendLen });
-  });
-  return out;
-}
-
-function shuffled(rng: Rng, n: number): Int32Array {
-  const a = new Int32Array(n);
-  for (let i = 0; i < n; i++) a[i] = i;
-  for (let i = n - 1; i > 0; i--) {
-    const j = rng.int(i + 1);
-    const t = a[i]!;
-    a[i] = a[j]!;
-    a[j] = t;
-  }
-  return a;
-}
-
-/** Entries of request-local compressed position j through a page table. */
-function compressedId(table: ArrayLike<number>, pageSize: number, j: number): number {
-  return table[Math.floor(j / pageSize)]! * pageSize + (j % pageSize);
-}
-
-interface Geometry {
-  chunk: PlanChunk;
-  ref: PlanReferenceChunk;
-  swaPages: number;
-  c4Pages: number;
-  c128Pages: number;
-  /** token ids every layer's caches must hold: SWA slots, c4 entries, c128 entries */
-  swaIds: Int32Array;
-  c4Ids: Int32Array;
-  c128Ids: Int32Array;
-}
-
-/** Where each request's tokens live: shuffled SWA slots and shuffled compressed pages (shared by all layers, as in a serving engine). */
-function chunkGeometry(shape: LayerChunkShape, reqs: RequestInfo[], rng: Rng): Geometry {
-  const W = shape.window;
-  const gathers = reqs.map((r) => (r.extendLen > 0 ? Math.min(r.seqLen, r.extendLen + W - 1) : 0));
-  const swaTokens = gathers.reduce((a, b) => a + b, 0);
-  const swaPages = Math.max(1, Math.ceil((swaTokens * 5) / 4 / shape.pageSize));
-  const swaSlots = shuffled(rng, swaPages * shape.pageSize);
-  const pagesOf = (ratio: 4 | 128, pc: number): number[] => reqs.map((r) => Math.ceil(Math.floor(r.seqLen / ratio) / pc));
-  const c4Need = pagesOf(4, shape.c4PageSize);
-  const c128Need = pagesOf(128, shape.c128PageSize);
-  const c4Pages = Math.max(1, c4Need.reduce((a, b) => a + b, 0) + 2);
-  const c128Pages = Math.max(1, c128Need.reduce((a, b) => a + b, 0) + 2);
-  const c4Free = Array.from(shuffled(rng, c4Pages));
-  const c128Free = Array.from(shuffled(rng, c128Pages));
-  const chunk: PlanChunk = { requests: [], c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize };
-  const ref: PlanReferenceChunk = { requests: [], c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize, window: W };
-  const swaIds: number[] = [], c4Ids: number[] = [], c128Ids: number[] = [];
-  let slot = 0;
-  reqs.forEach((r, i) => {
-    const g = gathers[i]!;
-    const byPosition = new Int32Array(r.seqLen); // positions outside the gather are never reached
-    for (let p = r.seqLen - g; p < r.seqLen; p++) byPosition[p] = swaSlots[slot++]!;
-    const swaTokenIds = byPosition.slice(r.seqLen - g);
-    swaIds.push(...swaTokenIds);
-    const c4PageTable = c4Free.splice(0, c4Need[i]!);
-    const c128PageTable = c128Free.splice(0, c128Need[i]!);
-    for (let j = 0; j < Math.floor(r.seqLen / 4); j++) c4Ids.push(compressedId(c4PageTable, shape.c4PageSize, j));
-    for (let j = 0; j < Math.floor(r.seqLen / 128); j++) c128Ids.push(compressedId(c128PageTable, shape.c128PageSize, j));
-    (chunk.requests as object[]).push({ seqLen: r.seqLen, extendLen: r.extendLen, swaTokenIds, c4PageTable, c128PageTable });
-    (ref.requests as PlanReferenceChunk["requests"][number][]).push({ seqLen: r.seqLen, extendLen: r.extendLen, swaTokenIdByPosition: byPosition, c4PageTable, c128PageTable });
-  });
-  return { chunk, ref, swaPages, c4Pages, c128Pages, swaIds: Int32Array.from(swaIds), c4Ids: Int32Array.from(c4Ids), c128Ids: Int32Array.from(c128Ids) };
-}
-
-/** A v4 cache with random rows quantized (by the engine) at `ids`; other slots stay zero and are never read. */
-async function randomCache(engine: Engine, rng: Rng, pageSize: number, numPages: number, ids: Int32Array): Promise<KvCache> {
+/** A v4 cache of `pageSize × numPages` random rows, quantized by the engine. */
+async function randomCache(engine: Engine, rng: Rng, pageSize: number, numPages: number): Promise<KvCache> {
   const cache = createKvCache('v4', { pageSize, numPages });
-  if (ids.length === 0) return cache;
-  const rows = new Uint16Array(ids.length * V4_ROW);
-  fillV4Rows(rows, rng);
-  await engine.quantizeKCache({ cache, tokenIds: tensor('int32', [ids.length], ids), rows: tensor('bf16', [ids.length, V4_ROW], rows) });
+  const n = pageSize * numPages;
+  const ids = tensor('int32', [n], Int32Array.from({ length: n }, (_, i) => i));
+  await engine.quantizeKCache({ cache, tokenIds: ids, rows: tensor('bf16', [n, D], randomV4Rows(rng, n)) });
   return cache;
 }
 
@@ -236,86 +126,11 @@ interface LayerInputs {
   caches: { swa: KvCache; c4?: KvCache; c128?: KvCache };
   q: Tensor<'bf16'>;
   attnSink: Tensor<'float32'>;
-  topk?: TopK;
-}
-
-interface TopK {
-  indices: Tensor<'int32'>;
-  /** not-yet-visible entries planted (the planner must drop exactly these) */
-  planted: number;
-  /** visible (attended) compressed entries over all queries */
-  visibleEntries: number;
-}
-
-/**
- * An indexer's output for one c4 layer: per query up to topk distinct visible entries in random
- * order, −1 padding (where fewer are visible, and a few scattered holes), and in about one query
- * of 8 one to three entries that are not yet visible — a caller's causality error.
- */
-function randomTopk(rng: Rng, reqs: RequestInfo[], numQueries: number, topk: number): TopK {
-  const data = new Int32Array(numQueries * topk).fill(-1);
-  let planted = 0, visibleEntries = 0, q = 0;
-  let stamp = new Int32Array(0);
-  for (const r of reqs) {
-    const visibleAtEnd = Math.floor(r.seqLen / 4);
-    if (stamp.length < visibleAtEnd) stamp = new Int32Array(visibleAtEnd);
-    stamp.fill(0);
-    for (let i = 0; i < r.extendLen; i++, q++) {
-      const pos = r.seqLen - r.extendLen + i;
-      const visible = Math.floor((pos + 1) / 4);
-      const row = q * topk;
-      const want = Math.min(topk, visible);
-      let n = 0;
-      if (want * 2 >= visible) {
-        const all = shuffled(rng, visible);
-        for (; n < want; n++) data[row + n] = all[n]!;
-      } else {
-        while (n < want) {
-          const j = rng.int(visible);
-          if (stamp[j] === q + 1) continue;
-          stamp[j] = q + 1;
-          data[row + n++] = j;
-        }
-      }
-      // holes: the indexer pads with −1 anywhere, not only at the end
-      for (let k = 0; k < Math.floor(topk / 32); k++) data[row + rng.int(topk)] = -1;
-      if (rng.int(8) === 0) {
-        const bad = 1 + rng.int(3);
-        for (let k = 0; k < bad; k++) data[row + rng.int(topk)] = visible + rng.int(64); // j ≥ visible: not yet visible
-      }
-      // shuffle the row so padding, picks and bad entries are interleaved
-      for (let k = topk - 1; k > 0; k--) {
-        const j = rng.int(k + 1);
-        const t = data[row + k]!;
-        data[row + k] = data[row + j]!;
-        data[row + j] = t;
-      }
-      for (let k = 0; k < topk; k++) {
-        const j = data[row + k]!;
-        if (j >= visible) planted++;
-        else if (j >= 0) visibleEntries++;
-      }
-    }
-  }
-  return { indices: tensor('int32', [numQueries, topk], data), planted, visibleEntries };
-}
-
-/** Attended entries of a ratio-0 or ratio-128 layer, counted from §6 (window + every visible entry). */
-function denseEntries(reqs: RequestInfo[], ratio: 0 | 128, window: number): number {
-  let n = 0;
-  for (const r of reqs) {
-    for (let pos = r.seqLen - r.extendLen; pos < r.seqLen; pos++) n += Math.min(pos + 1, window) + (ratio === 128 ? Math.floor((pos + 1) / 128) : 0);
-  }
-  return n;
-}
-
-/** Window entries only, over every query. */
-function windowEntries(reqs: RequestInfo[], window: number): number {
-  return denseEntries(reqs, 0, window);
+  topk?: IndexerTopk;
 }
 
 /** The first and last query of every request, then random ones, sorted. */
-export function sampleLayerQueries(reqs: RequestInfo[], count: number, rng: Rng): number[] {
+export function sampleLayerQueries(reqs: readonly RequestInfo[], count: number, rng: Rng): number[] {
   const total = reqs.reduce((a, r) => a + r.extendLen, 0);
   if (count >= total) return Array.from({ length: total }, (_, i) => i);
   const chosen = new Set<number>();
@@ -325,7 +140,7 @@ export function sampleLayerQueries(reqs: RequestInfo[], count: number, rng: Rng)
     if (r.extendLen > 1 && chosen.size < count) chosen.add(off + r.extendLen - 1);
     off += r.extendLen;
   }
-  while (chosen.size < count) chosen.add(rng.int(total));
+  while (chosen.size < count) chosen.add(rng.int(0, total));
   return [...chosen].sort((a, b) => a - b);
 }
 
@@ -336,40 +151,38 @@ function timedAsync<T>(fn: () => Promise<T>): Promise<[T, number]> {
 
 /** Run the model chunk: plan once, every layer through prefillLayer, checks against the reference. */
 export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, progress: Progress): Promise<LayerReport> {
-  const rng = new Rng((shape.seed ^ 0x2545f491) >>> 0);
-  const reqs = chunkRequests(shape, rng);
+  const rng = makeRng((shape.seed ^ 0x2545f491) >>> 0);
+  const reqs = mixedRequests(rng, shape);
   const numQueries = reqs.reduce((a, r) => a + r.extendLen, 0);
-  const qElements = numQueries * shape.heads * DQK;
+  const qElements = numQueries * shape.heads * D;
   if (qElements > 2 ** 31 - 1) {
-    throw new SparseMlaError('TOO_LARGE', `chunk tokens × heads × ${DQK} = ${qElements} elements is more than one q tensor can hold; use fewer --chunk-tokens or --heads`, 'chunk-tokens');
+    throw new SparseMlaError('TOO_LARGE', `chunk tokens × heads × ${D} = ${qElements} elements is more than one q tensor can hold; use fewer --chunk-tokens or --heads`, 'chunk-tokens');
   }
-  const geo = chunkGeometry(shape, reqs, rng);
+  const sc = chunkScenario(rng, reqs, { window: shape.window, swaPageSize: shape.pageSize, c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize });
 
   // One plan for the chunk, before any layer (its workspace size is known here, before allocation).
-  const [plan, planSeconds] = await timedAsync(async () => createPlan(geo.chunk, { window: shape.window }));
+  const [plan, planSeconds] = await timedAsync(async () => createPlan(sc.chunk, { window: shape.window }));
+  // The same chunk's rows once more, from a plan of their own, to count each layer's attended
+  // entries and give its row width (the first plan's counters stay what the layers did).
+  const rowsOf = createPlan(sc.chunk, { window: shape.window });
   const route = routePrefill(numQueries, { path: shape.path, backend: engine.backend, ...(shape.threshold !== undefined ? { threshold: shape.threshold } : {}) });
 
   // Every layer's own caches, queries, sink and (c4) indexer output, made just before the layer
   // runs (one layer's q at a time in memory); untimed.
   const makeLayerInputs = async (ratio: CompressRatio): Promise<LayerInputs> => {
-    const swa = await randomCache(engine, rng, shape.pageSize, geo.swaPages, geo.swaIds);
-    const caches: LayerInputs['caches'] = { swa };
-    if (ratio === 4) caches.c4 = await randomCache(engine, rng, shape.c4PageSize, geo.c4Pages, geo.c4Ids);
-    if (ratio === 128) caches.c128 = await randomCache(engine, rng, shape.c128PageSize, geo.c128Pages, geo.c128Ids);
-    const q = new Uint16Array(qElements);
-    fillBf16(q, rng, 3);
-    const sink = new Float32Array(shape.heads);
-    for (let h = 0; h < shape.heads; h++) sink[h] = rng.uniform(2, 8);
+    const caches: LayerInputs['caches'] = { swa: await randomCache(engine, rng, sc.swaPageSize, sc.swaPages) };
+    if (ratio === 4) caches.c4 = await randomCache(engine, rng, sc.c4PageSize, sc.c4Pages);
+    if (ratio === 128) caches.c128 = await randomCache(engine, rng, sc.c128PageSize, sc.c128Pages);
     return {
       ratio,
       caches,
-      q: tensor('bf16', [numQueries, shape.heads, DQK], q),
-      attnSink: tensor('float32', [shape.heads], sink),
-      ...(ratio === 4 ? { topk: randomTopk(rng, reqs, numQueries, shape.topk) } : {}),
+      q: tensor('bf16', [numQueries, shape.heads, D], uniformBf16Bits(rng, qElements, 3)),
+      attnSink: tensor('float32', [shape.heads], Float32Array.from({ length: shape.heads }, () => 2 + 6 * rng.uniform())),
+      ...(ratio === 4 ? { topk: indexerTopk(rng, reqs, shape.topk) } : {}),
     };
   };
 
-  const smScale = 1 / Math.sqrt(DQK);
+  const smScale = 1 / Math.sqrt(D);
   const layers: LayerRow[] = [];
   let referenceSeconds = 0;
   let setupSeconds = 0;
@@ -393,7 +206,8 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
         ...(li.topk ? { topkIndices: li.topk.indices } : {}),
       }),
     );
-    const entries = ratio === 4 ? windowEntries(reqs, shape.window) + li.topk!.visibleEntries : denseEntries(reqs, ratio, shape.window);
+    const rows = ratio === 4 ? rowsOf.combineC4(li.topk!.indices) : rowsOf.combinedRows(ratio);
+    const entries = rows.lengths.data.reduce((a, b) => a + b, 0);
     const gflops = prefillFlops(entries, shape.heads) / seconds / 1e9;
     progress.finish(`${res.path}, ${(seconds * 1e3).toFixed(1)} ms`);
 
@@ -403,7 +217,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
     const [ref, refSeconds] = await timedAsync(async () =>
       prefillLayerReference(
         {
-          chunk: geo.ref,
+          chunk: sc.ref,
           compressRatio: ratio,
           q: li.q,
           caches: li.caches,
@@ -417,25 +231,24 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
     referenceSeconds += refSeconds;
     progress.finish(`${sample.length} queries`);
     const h = shape.heads;
-    const gotOut = new Float32Array(sample.length * h * DV);
+    const gotOut = new Float32Array(sample.length * h * D);
     const gotLse = new Float32Array(sample.length * h);
     const gotMax = new Float32Array(sample.length * h);
     sample.forEach((qi, k) => {
-      for (let e = 0; e < h * DV; e++) gotOut[k * h * DV + e] = bf16BitsToFloat32(res.out.data[qi * h * DV + e]!);
+      for (let e = 0; e < h * D; e++) gotOut[k * h * D + e] = bf16BitsToFloat32(res.out.data[qi * h * D + e]!);
       gotLse.set(res.lse.data.subarray(qi * h, (qi + 1) * h), k * h);
       gotMax.set(res.maxLogits.data.subarray(qi * h, (qi + 1) * h), k * h);
     });
-    const { out, lse, maxLogits } = compareAttention({ out: gotOut, lse: gotLse, maxLogits: gotMax }, ref, { heads: h, dV: DV, queries: sample });
+    const { out, lse, maxLogits } = compareAttention({ out: gotOut, lse: gotLse, maxLogits: gotMax }, ref, { heads: h, dV: D, queries: sample });
     const expectedDropped = li.topk?.planted ?? 0;
     const droppedPass = res.dropped === expectedDropped;
-    const layout = plan.layout(ratio);
     layers.push({
       layer: l,
       ratio,
       path: res.path,
       reason: res.reason,
       workspaceBytes: res.workspaceBytes,
-      indexWidth: ratio === 4 ? Math.ceil((shape.topk + shape.window) / 128) * 128 : ratio === 0 ? Math.ceil(shape.window / 128) * 128 : Math.ceil((layout.maxVisible + shape.window) / 128) * 128,
+      indexWidth: rows.width,
       seconds,
       entries,
       gflops,

@@ -15,17 +15,28 @@ export const V4_TOKEN_DATA_BYTES = 576;
 export const V4_TOKEN_SCALE_BYTES = 8;
 /** v4: bytes per token before page padding. */
 export const V4_TOKEN_BYTES = V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES;
+/** v4: dims of a dequantized row (448 nope + 64 rope). */
+export const V4_ROW_DIMS = 512;
 /** v32: contiguous bytes per token. */
 export const V32_TOKEN_BYTES = 656;
+/** v32: dims of a dequantized row (512 + 64 rope). */
+export const V32_ROW_DIMS = 576;
+/** v4 page size of a compact cache (ids 0..m−1) that holds only the tokens a call reads: 72 · 584 = 73 · 576, no padding. */
+export const V4_COMPACT_PAGE_SIZE = 72;
 
 /** Width of a dequantized row. */
 export function rowDimOf(format: CacheFormat): number {
-  return format === 'v4' ? 512 : 576;
+  return format === 'v4' ? V4_ROW_DIMS : V32_ROW_DIMS;
 }
 
 /** v4 page size in bytes: roundUp(P · 584, 576). */
 export function v4PageBytes(pageSize: number): number {
-  return Math.ceil((pageSize * V4_TOKEN_BYTES) / 576) * 576;
+  return Math.ceil((pageSize * V4_TOKEN_BYTES) / V4_TOKEN_DATA_BYTES) * V4_TOKEN_DATA_BYTES;
+}
+
+/** Bytes a quantize or dequant of n tokens reads and writes: their records and their bf16 rows. */
+export function cacheOpBytes(format: CacheFormat, n: number): number {
+  return n * ((format === 'v4' ? V4_TOKEN_BYTES : V32_TOKEN_BYTES) + 2 * rowDimOf(format));
 }
 
 export type KvCacheGeometry = { pageSize: number; numPages: number } | { numTokens: number; pageSize?: number };

@@ -20,7 +20,7 @@ import type {
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
-import { V32_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../ops/kv_cache.js';
+import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../ops/kv_cache.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
@@ -37,8 +37,6 @@ const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
 const MIN_TASK_WORK = 2e7;
 /** Work-equivalent of copying one replicated byte (kv, caches) into another worker's heap. */
 const COPY_WORK_PER_BYTE = 2;
-/** v4 page size of the compact caches the cache ops use: 72 · 584 = 73 · 576, no padding. */
-const COMPACT_V4_PAGE_SIZE = 72;
 
 /**
  * Tokens per part of a dequant: its gathered tokens and its output rows stay around 16 MiB, so the
@@ -101,8 +99,8 @@ export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRo
 
 function compactGeometry(format: CacheFormat, numTokens: number): { pageSize: number; numPages: number; bytes: number } {
   if (format === 'v32') return { pageSize: 1, numPages: numTokens, bytes: numTokens * V32_TOKEN_BYTES };
-  const numPages = Math.ceil(numTokens / COMPACT_V4_PAGE_SIZE);
-  return { pageSize: COMPACT_V4_PAGE_SIZE, numPages, bytes: numPages * v4PageBytes(COMPACT_V4_PAGE_SIZE) };
+  const numPages = Math.ceil(numTokens / V4_COMPACT_PAGE_SIZE);
+  return { pageSize: V4_COMPACT_PAGE_SIZE, numPages, bytes: numPages * v4PageBytes(V4_COMPACT_PAGE_SIZE) };
 }
 
 function compactTokenBytes(format: CacheFormat): number {

@@ -11,14 +11,19 @@ import { fileURLToPath } from 'node:url';
 import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
-import { float32ToBf16Bits, tensor } from '../../tensor.js';
+import { tensor } from '../../tensor.js';
 import type { BackendChoice, Engine, Tensor } from '../../types.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
-import { buildWorkload, checkShape, DQK, DV, dequantBytes, prefillFlops, quantizeBytes, Rng, shapeFromOptions, V4_ROW, type Workload } from '../workload.js';
-import { RUN_OPTIONS } from './run.js';
+import { c4ChunkInputs, placeC4Chunk, prefillFlops, shuffled, type C4ChunkInputs } from '../../check/chunks.js';
+import { makeRng, uniformBf16Bits } from '../../check/grid.js';
+import { cacheOpBytes, rowDimOf } from '../../ops/kv_cache.js';
+import { checkChunkShape, chunkShapeFromOptions, RUN_OPTIONS } from './run.js';
+
+/** Head dims of the chunk (dQK = dV = 512, the v4 row). */
+const D = rowDimOf('v4');
 
 const OPTIONS = {
   ...RUN_OPTIONS,
@@ -98,18 +103,12 @@ export function machineInfo(): MachineInfo {
 
 /** Random bf16 rows and a shuffled page table for the cache-op benchmark. */
 function cacheInputs(tokens: number, pageSize: number, seed: number): { rows: Uint16Array; tokenIds: Int32Array; numPages: number } {
-  const rng = new Rng(seed ^ 0x0badcafe);
+  const rng = makeRng(seed ^ 0x0badcafe);
   const numPages = Math.ceil(tokens / pageSize);
-  const pages = Array.from({ length: numPages }, (_, i) => i);
-  for (let i = numPages - 1; i > 0; i--) {
-    const j = rng.int(i + 1);
-    [pages[i], pages[j]] = [pages[j]!, pages[i]!];
-  }
+  const pages = shuffled(rng, numPages);
   const tokenIds = new Int32Array(tokens);
   for (let t = 0; t < tokens; t++) tokenIds[t] = pages[Math.floor(t / pageSize)]! * pageSize + (t % pageSize);
-  const rows = new Uint16Array(tokens * V4_ROW);
-  for (let i = 0; i < rows.length; i++) rows[i] = float32ToBf16Bits(rng.uniform(-2, 2));
-  return { rows, tokenIds, numPages };
+  return { rows: uniformBf16Bits(rng, tokens * D, 2), tokenIds, numPages };
 }
 
 async function measure(
@@ -150,7 +149,7 @@ function summarize(op: Measurement['op'], workers: number, runs: number[], work:
 async function benchEngine(
   engine: Engine,
   workers: number,
-  w: Workload,
+  w: C4ChunkInputs,
   kv: Tensor<'bf16'>,
   cacheIn: ReturnType<typeof cacheInputs>,
   o: { 'page-size': number; warmup: number; repeat: number },
@@ -160,18 +159,18 @@ async function benchEngine(
   const tokens = cacheIn.tokenIds.length;
   const cache = createKvCache('v4', { pageSize: o['page-size'], numPages: cacheIn.numPages });
   const ids = tensor('int32', [tokens], cacheIn.tokenIds);
-  const rows = tensor('bf16', [tokens, V4_ROW], cacheIn.rows);
+  const rows = tensor('bf16', [tokens, D], cacheIn.rows);
   const results: Measurement[] = [];
 
   const quantRuns = await measure(progress, `quantizeKCache (${tag})`, o.warmup, o.repeat, () => engine.quantizeKCache({ cache, tokenIds: ids, rows }));
-  results.push(summarize('quantizeKCache', workers, quantRuns, quantizeBytes(tokens), 'GB/s'));
+  results.push(summarize('quantizeKCache', workers, quantRuns, cacheOpBytes('v4', tokens), 'GB/s'));
 
   const dequantRuns = await measure(progress, `dequantizeKCachePaged (${tag})`, o.warmup, o.repeat, () => engine.dequantizeKCachePaged({ cache, tokenIds: ids }));
-  results.push(summarize('dequantizeKCachePaged', workers, dequantRuns, dequantBytes(tokens), 'GB/s'));
+  results.push(summarize('dequantizeKCachePaged', workers, dequantRuns, cacheOpBytes('v4', tokens), 'GB/s'));
 
-  const args = { q: w.q, kv, indices: w.indices, topkLength: w.topkLength, attnSink: w.attnSink, smScale: w.smScale, dV: DV };
+  const args = { q: w.q, kv, indices: w.indices, topkLength: w.topkLength, attnSink: w.attnSink, smScale: w.smScale, dV: D };
   const prefillRuns = await measure(progress, `sparsePrefill (${tag})`, o.warmup, o.repeat, () => engine.sparsePrefill(args));
-  results.push(summarize('sparsePrefill', workers, prefillRuns, prefillFlops(w.totalEntries, w.shape.heads), 'GFLOP/s'));
+  results.push(summarize('sparsePrefill', workers, prefillRuns, prefillFlops(w.entries, w.q.shape[1]!), 'GFLOP/s'));
   return results;
 }
 
@@ -188,7 +187,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   }
   if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
-  const shape = shapeFromOptions(o);
+  const shape = chunkShapeFromOptions(o);
   const n = o.workers ?? availableParallelism();
   const machine = machineInfo(); // before the bench loads the machine itself
   if (!o.json && machine.loadAverage1m > 0.5) {
@@ -196,15 +195,16 @@ export async function benchCommand(argv: string[]): Promise<number> {
   }
   const poolSizes = [...new Set([1, n])];
 
-  checkShape(shape);
+  checkChunkShape(shape);
+  const placement = placeC4Chunk(shape, makeRng(shape.seed));
   // Refuse a missing backend before generating anything.
   let engine: Engine | undefined = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers: poolSizes[0]! });
 
   progress.start('generating inputs', 0);
-  let w: Workload;
+  let w: C4ChunkInputs;
   let cacheIn: ReturnType<typeof cacheInputs>;
   try {
-    w = buildWorkload(shape);
+    w = c4ChunkInputs(placement, makeRng(shape.seed ^ 0x1b873593));
     cacheIn = cacheInputs(o['dequant-tokens'], o['page-size'], o.seed);
   } catch (err) {
     await engine.dispose();
@@ -221,8 +221,8 @@ export async function benchCommand(argv: string[]): Promise<number> {
       backend = engine.backend;
       if (!kv) {
         // the prefill's workspace: the run shape's gather, quantized and dequantized once
-        const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: w.numPages });
-        const ids = tensor('int32', [w.kvRows], w.tokenIds);
+        const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: placement.numPages });
+        const ids = tensor('int32', [placement.gatherIds.length], placement.gatherIds);
         await engine.quantizeKCache({ cache, tokenIds: ids, rows: w.rows });
         kv = await engine.dequantizeKCachePaged({ cache, tokenIds: ids });
       }
@@ -254,12 +254,12 @@ export async function benchCommand(argv: string[]): Promise<number> {
     warmup: o.warmup,
     shape: {
       ...shape,
-      dQK: DQK,
-      dV: DV,
-      indexWidth: w.width,
-      workspaceRows: w.kvRows,
-      entries: w.totalEntries,
-      gflopPerCall: prefillFlops(w.totalEntries, shape.heads) / 1e9,
+      dQK: D,
+      dV: D,
+      indexWidth: w.indices.shape[1]!,
+      workspaceRows: placement.gatherIds.length,
+      entries: w.entries,
+      gflopPerCall: prefillFlops(w.entries, shape.heads) / 1e9,
       cacheOpTokens: o['dequant-tokens'],
     },
     results: measurements,
@@ -275,7 +275,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   const m = report.machine;
   const lines = [
     `sparse-mla bench: ${backend} backend on ${m.cpu} (${m.cores} cores), Node ${m.node}, ${m.date}`,
-    `sparsePrefill: ${shape.queries} queries x ${shape.heads} heads, dQK ${DQK}, dV ${DV}, topk ${shape.topk} + window ${shape.window}, ` +
+    `sparsePrefill: ${shape.queries} queries x ${shape.heads} heads, dQK ${D}, dV ${D}, topk ${shape.topk} + window ${shape.window}, ` +
       `${report.shape.gflopPerCall.toFixed(1)} GFLOP per call; cache ops: ${o['dequant-tokens']} tokens, page size ${shape.pageSize}`,
     `median of ${o.repeat} runs after ${o.warmup} warm-up; 1-min load average ${m.loadAverage1m} at start`,
     '',

@@ -11,11 +11,13 @@ import { createEngine, createKvCache } from '../../index.js';
 import { engineBackend } from '../../engine.js';
 import { tensor } from '../../tensor.js';
 import { loadWasmPlannerCore } from '../../planner/wasm_core.js';
-import type { CudaBackend } from '../../backends/native/cuda_backend.js';
+import { CudaBackend } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
-import { createPlan, prefillLayer } from '../../planner/index.js';
-import { buildPrefillCase, invalidFillers, layerScenario, layerTopk, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
+import { combinedWidth, createPlan, prefillLayer, requestVisible } from '../../planner/index.js';
+import { rowDimOf } from '../../ops/kv_cache.js';
+import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
+import { chunkScenario, indexerTopk } from '../../check/chunks.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
@@ -108,6 +110,13 @@ function judgeAttention(got: AttentionResult, wasm: AttentionResult, ref: R.Refe
   return vsRef;
 }
 
+/** The cuda backend behind an engine, for the checks of its device-only steps. */
+function cudaBackendOf(engine: Engine): CudaBackend {
+  const be = engineBackend(engine);
+  if (!(be instanceof CudaBackend)) throw new Error(`the ${engine.backend} backend has no device steps to check`);
+  return be;
+}
+
 function expectEmptyRows(r: AttentionResult, label: string): void {
   if (!Array.from(r.lse.data).every((v) => v === Infinity)) throw new Error(`${label}: lse not all +inf`);
   if (!Array.from(r.maxLogits.data).every((v) => v === -Infinity)) throw new Error(`${label}: maxLogits not all -inf`);
@@ -117,7 +126,7 @@ function expectEmptyRows(r: AttentionResult, label: string): void {
 async function filledCache(wasm: Engine, rng: Rng, format: 'v4' | 'v32', geometry: { pageSize: number; numPages: number } | { numTokens: number }, spread = false, values: { std: number; mean: number } = { std: 1, mean: 0 }): Promise<KvCache> {
   const cache = createKvCache(format, geometry);
   const n = cache.pageSize * cache.numPages;
-  const dim = format === 'v4' ? 512 : 576;
+  const dim = rowDimOf(format);
   const rows = randomBf16(rng, [n, dim], values.std, values.mean);
   // spread: every 7th token scaled by 2^±16 so the scales span many exponents (cache-op checks)
   if (spread) for (let t = 0; t < n; t += 7) for (let e = 0; e < dim; e++) rows.data[t * dim + e] = (rows.data[t * dim + e]! + (t % 3 === 0 ? 0x0800 : -0x0800)) & 0xffff;
@@ -368,20 +377,14 @@ export async function checkCommand(argv: string[]): Promise<number> {
         }
       });
       await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
-        const be = engineBackend(engine) as unknown as CudaBackend;
+        const be = cudaBackendOf(engine);
         const host = loadWasmPlannerCore();
         const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
         const extendLens = Int32Array.from([300, 129, 1, 0, 777, 77]);
         const nq = extendLens.reduce((x, y) => x + y, 0);
         const window = 128, topk = 512, width = 640;
-        const topkIdx = new Int32Array(nq * topk);
-        for (let r = 0, q = 0; r < seqLens.length; r++) {
-          for (let i = 0; i < extendLens[r]!; i++, q++) {
-            const pos = seqLens[r]! - extendLens[r]! + i;
-            const visible = Math.floor((pos + 1) / 4);
-            for (let k = 0; k < topk; k++) topkIdx[q * topk + k] = rng.uniform() < 0.2 ? -1 : rng.int(0, visible + 6); // a few beyond: dropped
-          }
-        }
+        const requests = Array.from(seqLens, (seqLen, r) => ({ seqLen, extendLen: extendLens[r]! }));
+        const topkIdx = indexerTopk(rng, requests, topk, { holes: 0.2, late: 1, duplicates: 0.05 }).indices.data;
         const want = host.combineTopk(seqLens, extendLens, window, 4, topkIdx, topk, width);
         for (const placement of ['host', 'device'] as const) {
           const idx = placement === 'device' ? (await engine.upload(tensor('int32', [nq, topk], topkIdx))).data : topkIdx;
@@ -397,7 +400,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           sameBits(`c4 dropped (${placement})`, await dl(got.dropped, nq), want.dropped);
           if (typeof idx !== 'object' || !(idx instanceof Int32Array)) idx.free();
         }
-        for (const [ratio, w] of [[0, 128], [128, Math.ceil((Math.floor(5000 / 128) + 128) / 128) * 128]] as const) {
+        for (const [ratio, w] of [[0, combinedWidth(0, 0, 0, window, 128)], [128, combinedWidth(128, 0, Math.floor(5000 / 128), window, 128)]] as const) {
           const d = host.denseRows(seqLens, extendLens, window, ratio, w);
           const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w });
           sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
@@ -413,7 +416,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           const tables: number[] = [];
           let total = 0;
           for (let r = 0; r < cSeq.length; r++) {
-            const v = cExt[r]! > 0 ? Math.floor(cSeq[r]! / ratio) : 0;
+            const v = requestVisible(cSeq[r]!, cExt[r]!, ratio);
             total += v;
             const need = Math.ceil(v / pageSize) + (r % 2); // a spare page now and then: only the used ones are read
             for (let p = 0; p < need; p++) tables.push(rng.int(0, 100000));
@@ -440,7 +443,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
         }
       });
       await run('dequantize with device token ids (int64, uploaded once) into a workspace region equals the host-id path bit for bit; an id outside the cache gives a zero row (never read) and the device stays usable', async () => {
-        const be = engineBackend(engine) as unknown as CudaBackend;
+        const be = cudaBackendOf(engine);
         const cache = await filledCache(wasm, rng, 'v4', { pageSize: 64, numPages: 8 });
         const n = 300, off = 7;
         const ids = Int32Array.from({ length: n }, () => rng.int(0, 512));
@@ -466,7 +469,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
         for (const b of [idsDev, ws, bad, dCache.data]) b.free();
       });
       await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4 (device q, caches, top-k; device out) equals the WASM host path and the float64 reference', async () => {
-        const sc = layerScenario(rng, [700, 129, 1300, 0, 2000, 77], [300, 129, 1, 0, 400, 77]);
+        const sc = chunkScenario(rng, [[700, 300], [129, 129], [1300, 1], [0, 0], [2000, 400], [77, 77]].map(([seqLen, extendLen]) => ({ seqLen: seqLen!, extendLen: extendLen! })));
         const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
         const planDev = createPlan(sc.chunk);
         const planHost = createPlan(sc.chunk);
@@ -476,11 +479,11 @@ export async function checkCommand(argv: string[]): Promise<number> {
         for (const [layer, ratio] of ([0, 4, 128, 4] as const).entries()) {
           const label = `layer ${layer} (c${ratio})`;
           const swa = await filledCache(wasm, rng, 'v4', { pageSize: sc.swaPageSize, numPages: sc.swaPages });
-          const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.chunk.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.chunk.c128PageSize, numPages: sc.c128Pages });
+          const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.c128PageSize, numPages: sc.c128Pages });
           const key = ratio === 4 ? 'c4' : 'c128';
           const caches = { swa, ...(comp ? { [key]: comp } : {}) };
           const q = randomBf16(rng, [sc.numQueries, hQ2, 512]);
-          const topkIndices = ratio === 4 ? layerTopk(rng, sc, topk) : undefined;
+          const topkIndices = ratio === 4 ? indexerTopk(rng, sc.requests, topk).indices : undefined;
           const [qd, swad, compd, topkd] = await Promise.all([
             engine.upload(q),
             engine.uploadKvCache(swa),

@@ -33,21 +33,30 @@ import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
 import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
-import {
-  buildWorkload,
-  checkShape,
-  DQK,
-  DV,
-  dequantBytes,
-  prefillFlops,
-  quantizeBytes,
-  sampleQueries,
-  shapeFromOptions,
-  sliceQueries,
-  V4_ROW,
-  type Workload,
-  type WorkloadShape,
-} from '../workload.js';
+import { c4ChunkInputs, placeC4Chunk, prefillFlops, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
+import { makeRng, sampleRows } from '../../check/grid.js';
+import { cacheOpBytes, rowDimOf, tokenByteRanges, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../../ops/kv_cache.js';
+
+/** Head dims of the chunk (dQK = dV = 512, the v4 row). */
+const D = rowDimOf('v4');
+
+/** The chunk's shape from the options `run` and `bench` share (RUN_OPTIONS), as parsed. */
+export function chunkShapeFromOptions(o: { queries: number; heads: number; topk: number; window: number; context: number; 'page-size': number; seed: number }): C4ChunkShape {
+  return { queries: o.queries, heads: o.heads, topk: o.topk, window: o.window, context: o.context, pageSize: o['page-size'], seed: o.seed };
+}
+
+/** Refuses up front (TOO_LARGE) a q larger than one tensor holds; the plan refuses a workspace over its budget. */
+export function checkChunkShape(shape: C4ChunkShape): void {
+  const qElements = shape.queries * shape.heads * D;
+  if (qElements > 2 ** 31 - 1) {
+    throw new SparseMlaError('TOO_LARGE', `queries × heads × ${D} = ${qElements} elements is more than one q tensor can hold (2^31 − 1); use fewer --queries or --heads`, 'queries');
+  }
+}
+
+/** `count` distinct query indices spread over [0, queries): first, last and random ones, sorted. */
+function sampleQueries(queries: number, count: number, seed: number): number[] {
+  return sampleRows(makeRng(seed ^ 0x5bd1e995), queries, count);
+}
 
 const BACKENDS = ['auto', 'cuda', 'cpu', 'wasm'] as const;
 
@@ -128,15 +137,12 @@ interface StepRow {
   note: string;
 }
 
-/** v4 byte ranges of one token: its 576 data bytes and its 8 scale bytes. */
+/** v4 byte ranges of one token: its data bytes and its scale bytes. */
 function tokenBytes(cache: KvCache, token: number): [number, number][] {
-  const pageBytes = Math.ceil((cache.pageSize * 584) / 576) * 576;
-  const page = Math.floor(token / cache.pageSize);
-  const slot = token % cache.pageSize;
-  const base = page * pageBytes;
+  const at = tokenByteRanges(cache, token);
   return [
-    [base + slot * 576, 576],
-    [base + cache.pageSize * 576 + slot * 8, 8],
+    [at.data, V4_TOKEN_DATA_BYTES],
+    [at.scales, V4_TOKEN_SCALE_BYTES],
   ];
 }
 
@@ -147,12 +153,12 @@ async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
 }
 
 /** Quantize: the engine's bytes against the reference's, token by token, on a sample. */
-function checkQuantize(w: Workload, cache: KvCache, sample: number[]): CheckRow {
-  const ref = createKvCache('v4', { pageSize: w.shape.pageSize, numPages: w.numPages });
-  const rows = new Uint16Array(sample.length * V4_ROW);
-  sample.forEach((r, k) => rows.set(w.rows.data.subarray(r * V4_ROW, (r + 1) * V4_ROW), k * V4_ROW));
-  const ids = sample.map((r) => w.tokenIds[r]!);
-  quantizeKCacheReference(ref, ids, tensor('bf16', [sample.length, V4_ROW], rows));
+function checkQuantize(p: C4ChunkPlacement, x: C4ChunkInputs, cache: KvCache, sample: number[]): CheckRow {
+  const ref = createKvCache('v4', { pageSize: p.shape.pageSize, numPages: p.numPages });
+  const rows = new Uint16Array(sample.length * D);
+  sample.forEach((r, k) => rows.set(x.rows.data.subarray(r * D, (r + 1) * D), k * D));
+  const ids = sample.map((r) => p.gatherIds[r]!);
+  quantizeKCacheReference(ref, ids, tensor('bf16', [sample.length, D], rows));
   let failures = 0;
   for (const id of ids) {
     let same = true;
@@ -172,8 +178,8 @@ function checkQuantize(w: Workload, cache: KvCache, sample: number[]): CheckRow 
 }
 
 /** Dequantize: every gathered value must equal the reference value exactly (NaN matches NaN). */
-function checkDequantize(w: Workload, cache: KvCache, kv: Tensor<'bf16'>): CheckRow {
-  const ref = dequantizeKCacheReference(cache, Array.from(w.tokenIds));
+function checkDequantize(p: C4ChunkPlacement, cache: KvCache, kv: Tensor<'bf16'>): CheckRow {
+  const ref = dequantizeKCacheReference(cache, Array.from(p.gatherIds));
   let failures = 0;
   for (let i = 0; i < ref.length; i++) {
     const got = bf16BitsToFloat32(kv.data[i]!);
@@ -192,48 +198,54 @@ function checkDequantize(w: Workload, cache: KvCache, kv: Tensor<'bf16'>): Check
 }
 
 interface PrefillSection {
-  shape: WorkloadShape;
-  w: Workload;
+  shape: C4ChunkShape;
+  placement: C4ChunkPlacement;
+  /** index row width (the plan's c4 rows) */
+  width: number;
   sampled: number;
 }
 
 /** Section 1: the big c4 prefill chunk: quantize, dequantize, sparsePrefill, checks. */
-async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: number, block_: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
+async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, check: number, block_: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
+  const { shape } = placement;
+  const layout = placement.plan.layout(4);
+  const kvRows = layout.rows;
   progress.start('generating inputs', 0);
-  const [w, genSeconds] = await timed(async () => buildWorkload(shape));
-  progress.finish(`${w.kvRows} workspace rows, ${shape.queries} queries`);
-  steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: 'random rows, queries, indices (JS, untimed work)' });
+  const [w, genSeconds] = await timed(async () => c4ChunkInputs(placement, makeRng(shape.seed ^ 0x1b873593)));
+  progress.finish(`${kvRows} workspace rows, ${shape.queries} queries`);
+  steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: "random rows, queries, top-k; the plan's c4 rows (JS, untimed work)" });
+  const gather = tensor('int32', [kvRows], placement.gatherIds);
 
   // 1. quantize the rows into a v4 paged cache at their (shuffled) token ids
-  const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: w.numPages });
+  const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: placement.numPages });
   progress.start('quantizeKCache', 0);
-  const [, quantSeconds] = await timed(() => engine.quantizeKCache({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds), rows: w.rows }));
+  const [, quantSeconds] = await timed(() => engine.quantizeKCache({ cache, tokenIds: gather, rows: w.rows }));
   progress.finish(formatSeconds(quantSeconds));
   steps.push({
     step: 'quantizeKCache',
     seconds: quantSeconds,
     calls: 1,
-    rate: { value: quantizeBytes(w.kvRows) / quantSeconds / 1e9, unit: 'GB/s' },
-    note: `${w.kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${w.numPages} pages)`,
+    rate: { value: cacheOpBytes('v4', kvRows) / quantSeconds / 1e9, unit: 'GB/s' },
+    note: `${kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${placement.numPages} pages)`,
   });
 
   // 2. dequantize the chunk's gather into the bf16 workspace
   progress.start('dequantizeKCachePaged', 0);
-  const [kv, dequantSeconds] = await timed(() => engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [w.kvRows], w.tokenIds) }));
+  const [kv, dequantSeconds] = await timed(() => engine.dequantizeKCachePaged({ cache, tokenIds: gather }));
   progress.finish(formatSeconds(dequantSeconds));
   steps.push({
     step: 'dequantizeKCachePaged',
     seconds: dequantSeconds,
     calls: 1,
-    rate: { value: dequantBytes(w.kvRows) / dequantSeconds / 1e9, unit: 'GB/s' },
-    note: `gather of ${w.compressedRows} compressed + ${w.windowRows} window rows -> bf16 [${w.kvRows}, 512]`,
+    rate: { value: cacheOpBytes('v4', kvRows) / dequantSeconds / 1e9, unit: 'GB/s' },
+    note: `gather of ${layout.compressedRows} compressed + ${layout.swaRows} window rows -> bf16 [${kvRows}, ${D}]`,
   });
 
   // 3. the sparse prefill, in blocks of queries; keep the outputs of the sampled queries only
   const sample = sampleQueries(shape.queries, check, shape.seed);
   
   const { heads } = shape;
-  const gotOut = new Float32Array(sample.length * heads * DV);
+  const gotOut = new Float32Array(sample.length * heads * D);
   const gotLse = new Float32Array(sample.length * heads);
   const gotMax = new Float32Array(sample.length * heads);
   const block = block_ ?? Math.max(1, Math.ceil(shape.queries / 16));
@@ -246,33 +258,33 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
     const end = Math.min(shape.queries, start + block);
     const part = sliceQueries(w, start, end);
     const [res, seconds] = await timed(() =>
-      engine.sparsePrefill({ ...part, kv, smScale: w.smScale, dV: DV, attnSink: w.attnSink }),
+      engine.sparsePrefill({ ...part, kv, smScale: w.smScale, dV: D, attnSink: w.attnSink }),
     );
     prefillSeconds += seconds;
     const out = res.out.data;
     for (let i = 0; i < out.length; i++) if ((out[i]! & 0x7f80) === 0x7f80) nonFinite++;
     while (next < sample.length && sample[next]! < end) {
       const local = sample[next]! - start;
-      for (let k = 0; k < heads * DV; k++) gotOut[next * heads * DV + k] = bf16BitsToFloat32(out[local * heads * DV + k]!);
+      for (let k = 0; k < heads * D; k++) gotOut[next * heads * D + k] = bf16BitsToFloat32(out[local * heads * D + k]!);
       gotLse.set(res.lse.data.subarray(local * heads, (local + 1) * heads), next * heads);
       gotMax.set(res.maxLogits.data.subarray(local * heads, (local + 1) * heads), next * heads);
       next++;
     }
     progress.update(end);
   }
-  const flops = prefillFlops(w.totalEntries, heads);
+  const flops = prefillFlops(w.entries, heads);
   progress.finish(`${formatSeconds(prefillSeconds)}, ${formatRate(flops / prefillSeconds / 1e9, 'GFLOP/s')}`);
   steps.push({
     step: 'sparsePrefill',
     seconds: prefillSeconds,
     calls,
     rate: { value: flops / prefillSeconds / 1e9, unit: 'GFLOP/s' },
-    note: `${shape.queries} q x ${heads} heads, dQK ${DQK}, dV ${DV}, ${shape.topk}+${shape.window} entries/q, ${(flops / 1e9).toFixed(1)} GFLOP`,
+    note: `${shape.queries} q x ${heads} heads, dQK ${D}, dV ${D}, ${shape.topk}+${shape.window} entries/q, ${(flops / 1e9).toFixed(1)} GFLOP`,
   });
   checks.push({
     name: 'out finite',
     pass: nonFinite === 0,
-    count: shape.queries * heads * DV,
+    count: shape.queries * heads * D,
     failures: nonFinite,
     exact: true,
     note: `all ${shape.queries} queries: ${nonFinite} non-finite outputs (every row has valid entries)`,
@@ -280,42 +292,43 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
 
   // 4. checks against the float64 reference
   progress.start('checking quantize + dequantize', 0);
-  const tokenSample = sampleQueries(w.kvRows, Math.min(w.kvRows, 256), shape.seed + 1);
-  checks.push(checkQuantize(w, cache, tokenSample));
-  checks.push(checkDequantize(w, cache, kv));
+  const tokenSample = sampleQueries(kvRows, Math.min(kvRows, 256), shape.seed + 1);
+  checks.push(checkQuantize(placement, w, cache, tokenSample));
+  checks.push(checkDequantize(placement, cache, kv));
   progress.finish();
 
   if (sample.length > 0) {
-    const refOut = new Float64Array(sample.length * heads * DV);
-    const refMag = new Float64Array(sample.length * heads * DV);
+    const refOut = new Float64Array(sample.length * heads * D);
+    const refMag = new Float64Array(sample.length * heads * D);
     const refLse = new Float64Array(sample.length * heads);
     const refMax = new Float64Array(sample.length * heads);
     // The reference sees only the sampled queries (their q rows, index rows and lengths), so it
     // widens a few MB instead of the whole q.
     const { heads: h } = shape;
-    const sq = new Uint16Array(sample.length * h * DQK);
-    const si = new Int32Array(sample.length * w.width);
+    const width = w.indices.shape[1]!;
+    const sq = new Uint16Array(sample.length * h * D);
+    const si = new Int32Array(sample.length * width);
     const sl = new Int32Array(sample.length);
     sample.forEach((i, k) => {
-      sq.set(w.q.data.subarray(i * h * DQK, (i + 1) * h * DQK), k * h * DQK);
-      si.set(w.indices.data.subarray(i * w.width, (i + 1) * w.width), k * w.width);
+      sq.set(w.q.data.subarray(i * h * D, (i + 1) * h * D), k * h * D);
+      si.set(w.indices.data.subarray(i * width, (i + 1) * width), k * width);
       sl[k] = w.topkLength.data[i]!;
     });
     const prepared = prepareSparsePrefillReference({
-      q: tensor('bf16', [sample.length, h, DQK], sq),
+      q: tensor('bf16', [sample.length, h, D], sq),
       kv,
-      indices: tensor('int32', [sample.length, w.width], si),
+      indices: tensor('int32', [sample.length, width], si),
       topkLength: tensor('int32', [sample.length], sl),
       attnSink: w.attnSink,
       smScale: w.smScale,
-      dV: DV,
+      dV: D,
     });
     progress.start('float64 reference', sample.length);
     const [, refSeconds] = await timed(async () => {
       for (let k = 0; k < sample.length; k++) {
         const ref = prepared.run([k]);
-        refOut.set(ref.out, k * heads * DV);
-        refMag.set(ref.mag, k * heads * DV);
+        refOut.set(ref.out, k * heads * D);
+        refMag.set(ref.mag, k * heads * D);
         refLse.set(ref.lse, k * heads);
         refMax.set(ref.maxLogits, k * heads);
         progress.update(k + 1);
@@ -327,7 +340,7 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
     const verdict = compareAttention(
       { out: gotOut, lse: gotLse, maxLogits: gotMax },
       { out: refOut, mag: refMag, lse: refLse, maxLogits: refMax },
-      { heads, dV: DV, queries: sample },
+      { heads, dV: D, queries: sample },
     );
     for (const t of ['out', 'lse', 'maxLogits'] as const) {
       const c = verdict[t];
@@ -341,7 +354,7 @@ async function runPrefillSection(engine: Engine, shape: WorkloadShape, check: nu
       });
     }
   }
-  return { shape, w, sampled: sample.length };
+  return { shape, placement, width: w.indices.shape[1]!, sampled: sample.length };
 }
 
 export async function runCommand(argv: string[]): Promise<number> {
@@ -353,7 +366,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   const progress = new Progress({ enabled: !o.quiet });
   const runPrefill = o.section !== 'layers';
   const runLayers = o.section !== 'prefill';
-  const shape = shapeFromOptions(o);
+  const shape = chunkShapeFromOptions(o);
   const layerShape: LayerChunkShape = {
     layers: parseLayers(o.layers),
     requests: o.requests,
@@ -371,7 +384,9 @@ export async function runCommand(argv: string[]): Promise<number> {
     seed: o.seed,
   };
 
-  if (runPrefill) checkShape(shape); // sizes, then the backend, are refused before any work
+  // sizes, then the backend, are refused before any work
+  if (runPrefill) checkChunkShape(shape);
+  const placement = runPrefill ? placeC4Chunk(shape, makeRng(shape.seed)) : undefined;
   const steps: StepRow[] = [];
   const checks: CheckRow[] = [];
 
@@ -386,7 +401,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   let prefill: PrefillSection | undefined;
   let layers: LayerReport | undefined;
   try {
-    if (runPrefill) prefill = await runPrefillSection(engine, shape, o.check, o.block, progress, steps, checks);
+    if (placement) prefill = await runPrefillSection(engine, placement, o.check, o.block, progress, steps, checks);
     if (runLayers) layers = await runLayerChunk(engine, layerShape, progress);
   } finally {
     await engine.dispose();
@@ -395,7 +410,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   const pass = checks.every((c) => c.pass) && (layers?.pass ?? true);
   if (o.json) {
     const first = prefill
-      ? { shape, workspaceRows: prefill.w.kvRows, indexWidth: prefill.w.width, sampledQueries: prefill.sampled, steps, checks }
+      ? { shape, workspaceRows: prefill.placement.plan.layout(4).rows, indexWidth: prefill.width, sampledQueries: prefill.sampled, steps, checks }
       : { steps };
     process.stdout.write(`${JSON.stringify({ command: 'run', backend: engine.backend, workers, ...first, ...(layers ? { layerChunk: layers } : {}), pass }, jsonNumbers, 2)}\n`);
     return pass ? 0 : 1;
@@ -419,12 +434,11 @@ function jsonNumbers(_key: string, value: unknown): unknown {
 }
 
 /** Section 1's lines: the shape, the steps with their rates, the checks. */
-function prefillReport({ w, sampled }: PrefillSection, steps: StepRow[], checks: CheckRow[]): string[] {
-  const s = w.shape;
+function prefillReport({ shape: s, placement, width, sampled }: PrefillSection, steps: StepRow[], checks: CheckRow[]): string[] {
   const header =
-    `1. Prefill chunk (one c4 layer, no planner): ` +
-    `${s.queries} queries x ${s.heads} heads, dQK ${DQK}, dV ${DV}, topk ${s.topk} + window ${s.window} (index rows of ${w.width}), ` +
-    `workspace ${w.kvRows} rows, v4 page size ${s.pageSize}`;
+    `1. Prefill chunk (one c4 layer, the plan's rows, no prefillLayer): ` +
+    `${s.queries} queries x ${s.heads} heads, dQK ${D}, dV ${D}, topk ${s.topk} + window ${s.window} (index rows of ${width}), ` +
+    `workspace ${placement.plan.layout(4).rows} rows, v4 page size ${s.pageSize}`;
   const stepTable = formatTable(
     [
       ['step', 'time', 'calls', 'throughput', 'what'],

@@ -3,8 +3,11 @@
 //   node bench/wasm_kernel.mjs [--sq 32] [--skv 4096] [--hq 64] [--dqk 512] [--dv 512] [--topk 640]
 //                              [--runs 5] [--wasm wasm/sparse_mla.wasm]
 // FLOPs = 2 · Σ valid topk · hQ · (dQK + dV) (SPEC §4). Prints the median of the runs.
+// The ops' params structs and the cache layout come from the built package (npm run build).
 import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { cFunctionName, fieldsOf } from '../dist/backends/abi.js';
+import { V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, v4PageBytes } from '../dist/kv_cache_layout.js';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -28,6 +31,20 @@ function alloc(bytes) {
   return p;
 }
 const heap = (Type, ptr, n) => new Type(e.memory.buffer, ptr, n);
+
+/** Calls an op with its params struct (wasm32: 4 bytes a field; arrays are heap addresses, absent fields 0). */
+function call(op, values) {
+  const fields = fieldsOf(op);
+  const p = alloc(fields.length * 4);
+  const view = new DataView(e.memory.buffer);
+  fields.forEach(([name, kind], i) => {
+    if (kind === 'f32') view.setFloat32(p + 4 * i, values[name] ?? 0, true);
+    else view.setInt32(p + 4 * i, values[name] ?? 0, true);
+  });
+  const st = e[cFunctionName(op)](p);
+  e.smla_free(p);
+  if (st !== 0) throw new Error(`${cFunctionName(op)} returned ${st}`);
+}
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 // ---- sparse prefill
@@ -51,11 +68,9 @@ const times = [], cpuTimes = [];
 for (let r = 0; r < runs + 1; r++) {
   const c0 = process.cpuUsage();
   const t0 = process.hrtime.bigint();
-  const st = e.smla_sparse_prefill(pq, pkv, pidx, 0, psink, sQ, hQ, dQK, dV, sKV, topk,
-    1 / Math.sqrt(dQK), pout, pml, plse);
+  call('sparsePrefill', { q: pq, kv: pkv, indices: pidx, attnSink: psink, sQ, hQ, dQK, dV, sKV, topk, smScale: 1 / Math.sqrt(dQK), out: pout, maxLogits: pml, lse: plse });
   const t = Number(process.hrtime.bigint() - t0) / 1e9;
   const c = process.cpuUsage(c0);
-  if (st !== 0) throw new Error(`smla_sparse_prefill returned ${st}`);
   if (r > 0) {  // the first run warms up (tier-up, page faults)
     times.push(t);
     cpuTimes.push((c.user + c.system) / 1e6);
@@ -67,29 +82,28 @@ console.log(`sparse_prefill sQ=${sQ} hQ=${hQ} dQK=${dQK} dV=${dV} topk=${topk} s
   `${(flops / cMed / 1e9).toFixed(2)} GFLOP/s cpu-time ` +
   `(wall runs: ${times.map((t) => (flops / t / 1e9).toFixed(2)).join(' ')})`);
 
-// ---- dequant gather (v4, page size 64): bytes = n · (584 read + 1024 written)
+// ---- dequant gather (v4, page size 64): bytes = n · (record read + bf16 row written)
 const P = 64, pages = Math.ceil(8192 / P), n = 8192;
-const pageBytes = Math.ceil((P * 584) / 576) * 576;
+const pageBytes = v4PageBytes(P);
 const pcache = alloc(pageBytes * pages), pids = alloc(n * 8), pdq = alloc(n * 512 * 2);
 {
   const c = heap(Uint8Array, pcache, pageBytes * pages);
   for (let i = 0; i < c.length; i++) c[i] = (rand() * 256) & 0x7e;
-  for (let p = 0; p < pages; p++) for (let t = 0; t < P; t++) for (let s = 0; s < 8; s++)
-    c[p * pageBytes + P * 576 + t * 8 + s] = 120 + ((rand() * 8) | 0);
+  for (let p = 0; p < pages; p++) for (let t = 0; t < P; t++) for (let s = 0; s < V4_TOKEN_SCALE_BYTES; s++)
+    c[p * pageBytes + P * V4_TOKEN_DATA_BYTES + t * V4_TOKEN_SCALE_BYTES + s] = 120 + ((rand() * 8) | 0);
   const ids = heap(BigInt64Array, pids, n);
   for (let i = 0; i < n; i++) ids[i] = BigInt(Math.floor(rand() * P * pages));
 }
 const dqTimes = [];
 for (let r = 0; r < runs + 1; r++) {
   const t0 = process.hrtime.bigint();
-  const st = e.smla_dequantize_kv_cache(0, pcache, P, pages, pids, n, pdq);
+  call('dequantizeKvCache', { format: 0, cache: pcache, pageSize: P, numPages: pages, tokenIds: pids, numTokens: n, out: pdq });
   const t = Number(process.hrtime.bigint() - t0) / 1e9;
-  if (st !== 0) throw new Error(`smla_dequantize_kv_cache returned ${st}`);
   if (r > 0) dqTimes.push(t);
 }
 const dqMed = median(dqTimes);
 console.log(`dequantize v4 gather n=${n} P=${P}: median ${(dqMed * 1e3).toFixed(2)} ms, ` +
-  `${((n * (584 + 1024)) / dqMed / 1e9).toFixed(2)} GB/s (584 B read + 1024 B written per token)`);
+  `${((n * (V4_TOKEN_BYTES + 1024)) / dqMed / 1e9).toFixed(2)} GB/s (${V4_TOKEN_BYTES} B read + 1024 B written per token)`);
 
 // ---- paged FP8 attention (SPEC §5) on the same cache: topk token ids per query, dQK = dV = 512
 if (dQK === 512 && dV === 512) {
@@ -99,10 +113,8 @@ if (dQK === 512 && dV === 512) {
   const pTimes = [];
   for (let r = 0; r < runs + 1; r++) {
     const t0 = process.hrtime.bigint();
-    const st = e.smla_paged_sparse_attention(pq, sQ, hQ, pcache, P, pages, pidxPaged, topk, 0,
-      0, 0, 0, 0, 0, 0, psink, 1 / Math.sqrt(576), pout, plse, pml);
+    call('pagedSparseAttention', { q: pq, n: sQ, hQ, kCache: pcache, pageSize: P, numPages: pages, indices: pidxPaged, topk, attnSink: psink, smScale: 1 / Math.sqrt(576), out: pout, lse: plse, maxLogits: pml });
     const t = Number(process.hrtime.bigint() - t0) / 1e9;
-    if (st !== 0) throw new Error(`smla_paged_sparse_attention returned ${st}`);
     if (r > 0) pTimes.push(t);
   }
   const pMed = median(pTimes);

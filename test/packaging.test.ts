@@ -243,7 +243,7 @@ describe.skipIf(!nativeAddonBuilt() || Boolean(process.env.SPARSE_MLA_NATIVE_ADD
 
 describe('runtime without an install record (scripts not run: pnpm, --ignore-scripts)', () => {
   /** A stand-in prebuilt addon without CUDA: the JS surface the loader checks, no kernels. */
-  const STAND_IN = `module.exports = { abiVersion: 1, build: { cpuArch: 'x86-64-v2', simd: 'SSE2', hardwareThreads: 1 },
+  const STAND_IN = `module.exports = { abiVersion: 2, build: { cpuArch: 'x86-64-v2', simd: 'SSE2', hardwareThreads: 1 },
     cpu: { sparsePrefill() {}, pagedSparseAttention() {}, dequantizeKvCache() {}, quantizeKvCache() {} }, cuda: { built: false } };\n`;
 
   test('the prebuilt addon still loads; cuda says the package was packed without CUDA; info says the script did not run', () => {

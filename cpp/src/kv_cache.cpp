@@ -178,13 +178,16 @@ smla_status check_cache_args(int32_t format, const void* cache, int32_t page_siz
 
 using namespace smla;
 
-extern "C" SMLA_API int32_t smla_quantize_kv_cache(int32_t format, uint8_t* cache,
-                                                   int32_t page_size, int32_t num_pages,
-                                                   const int64_t* token_ids, int32_t num_tokens,
-                                                   const void* rows, int32_t rows_dtype) {
+extern "C" SMLA_API int32_t smla_quantize_kv_cache(const smla_quantize_kv_cache_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t format = p->format, page_size = p->page_size, num_tokens = p->num_tokens;
+  const int32_t rows_dtype = p->rows_dtype;
+  uint8_t* const cache = p->cache;
+  const int64_t* const token_ids = p->token_ids;
+  const void* const rows = p->rows;
   if (rows_dtype != SMLA_ROWS_F32 && rows_dtype != SMLA_ROWS_BF16) return SMLA_ERR_INVALID_ARGUMENT;
   const smla_status st =
-      cpu::check_cache_args(format, cache, page_size, num_pages, token_ids, num_tokens);
+      cpu::check_cache_args(format, cache, page_size, p->num_pages, token_ids, num_tokens);
   if (st != SMLA_OK || num_tokens == 0) return st;
   if (!rows) return SMLA_ERR_INVALID_ARGUMENT;
   const int dim = format == SMLA_CACHE_V4 ? v4::kDim : v32::kDim;
@@ -217,12 +220,14 @@ extern "C" SMLA_API int32_t smla_quantize_kv_cache(int32_t format, uint8_t* cach
   return SMLA_OK;
 }
 
-extern "C" SMLA_API int32_t smla_dequantize_kv_cache(int32_t format, const uint8_t* cache,
-                                                     int32_t page_size, int32_t num_pages,
-                                                     const int64_t* token_ids, int32_t num_tokens,
-                                                     uint16_t* out) {
+extern "C" SMLA_API int32_t smla_dequantize_kv_cache(const smla_dequantize_kv_cache_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t format = p->format, page_size = p->page_size, num_tokens = p->num_tokens;
+  const uint8_t* const cache = p->cache;
+  const int64_t* const token_ids = p->token_ids;
+  uint16_t* const out = p->out;
   const smla_status st =
-      cpu::check_cache_args(format, cache, page_size, num_pages, token_ids, num_tokens);
+      cpu::check_cache_args(format, cache, page_size, p->num_pages, token_ids, num_tokens);
   if (st != SMLA_OK || num_tokens == 0) return st;
   if (!out) return SMLA_ERR_INVALID_ARGUMENT;
   for (int32_t i = 0; i < num_tokens; ++i) {

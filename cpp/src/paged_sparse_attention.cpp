@@ -33,13 +33,17 @@ int64_t collect_tokens(const uint8_t* cache, int32_t page_size, int32_t num_page
 
 }  // namespace
 
-extern "C" SMLA_API int32_t smla_paged_sparse_attention(
-    const uint16_t* q, int32_t n, int32_t h_q, const uint8_t* k_cache, int32_t page_size,
-    int32_t num_pages, const int32_t* indices, int32_t topk, const int32_t* topk_length,
-    const uint8_t* extra_k_cache, int32_t extra_page_size, int32_t extra_num_pages,
-    const int32_t* extra_indices, int32_t extra_topk, const int32_t* extra_topk_length,
-    const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits) {
+extern "C" SMLA_API int32_t smla_paged_sparse_attention(const smla_paged_sparse_attention_params* p) {
   constexpr int kD = v4::kDim;
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const uint16_t* q = p->q;
+  const int32_t n = p->n, h_q = p->h_q, page_size = p->page_size, num_pages = p->num_pages, topk = p->topk;
+  const int32_t *indices = p->indices, *extra_indices = p->extra_indices;
+  const uint8_t *k_cache = p->k_cache, *extra_k_cache = p->extra_k_cache;
+  const int32_t extra_page_size = p->extra_page_size, extra_num_pages = p->extra_num_pages;
+  const int32_t extra_topk = p->extra_topk;
+  uint16_t* out = p->out;
+  float *lse = p->lse, *max_logits = p->max_logits;
   if (n < 0 || h_q < 0 || topk < 0 || page_size <= 0 || num_pages < 0)
     return SMLA_ERR_INVALID_ARGUMENT;
   const bool has_extra = extra_k_cache != nullptr;
@@ -65,10 +69,10 @@ extern "C" SMLA_API int32_t smla_paged_sparse_attention(
     int64_t cnt = 0;
     if (topk > 0)
       cnt = collect_tokens(k_cache, page_size, num_pages, indices + i * topk,
-                           row_entry_limit(topk_length, i, topk), list, cnt);
+                           row_entry_limit(p->topk_length, i, topk), list, cnt);
     if (etopk > 0)
       cnt = collect_tokens(extra_k_cache, extra_page_size, extra_num_pages,
-                           extra_indices + i * etopk, row_entry_limit(extra_topk_length, i, etopk),
+                           extra_indices + i * etopk, row_entry_limit(p->extra_topk_length, i, etopk),
                            list, cnt);
     auto fill = [&](int64_t start, int count, float* dst) {
       for (int r = 0; r < count; ++r)
@@ -76,7 +80,7 @@ extern "C" SMLA_API int32_t smla_paged_sparse_attention(
                                   dst + int64_t(r) * kD);
     };
     const int64_t o = i * h_q;
-    cpu::attend_query(q + o * kD, h_q, kD, kD, cnt, fill, sm_scale, attn_sink, sc, out + o * kD,
+    cpu::attend_query(q + o * kD, h_q, kD, kD, cnt, fill, p->sm_scale, p->attn_sink, sc, out + o * kD,
                       lse + o, max_logits ? max_logits + o : nullptr);
   }
 

@@ -74,23 +74,22 @@ void for_each_query(int32_t n, const int32_t* seq_lens, const int32_t* extend_le
 
 extern "C" {
 
-SMLA_API int32_t smla_plan_layout(int32_t num_requests, const int32_t* seq_lens,
-                                  const int32_t* extend_lens, int32_t window, int32_t ratio,
-                                  int64_t* query_offsets, int64_t* swa_offsets,
-                                  int64_t* comp_offsets, int64_t* totals) {
-  if (!lens_ok(num_requests, seq_lens, extend_lens) || window < 1 || !ratio_ok(ratio))
+SMLA_API int32_t smla_plan_layout(const smla_plan_layout_params* p) {
+  if (!p || !lens_ok(p->num_requests, p->seq_lens, p->extend_lens) || p->window < 1 ||
+      !ratio_ok(p->ratio))
     return SMLA_ERR_INVALID_ARGUMENT;
-  if (!layout(num_requests, seq_lens, extend_lens, window, ratio, query_offsets, swa_offsets,
-              comp_offsets, totals))
+  if (!layout(p->num_requests, p->seq_lens, p->extend_lens, p->window, p->ratio, p->query_offsets,
+              p->swa_offsets, p->comp_offsets, p->totals))
     return SMLA_ERR_INVALID_ARGUMENT;
   return SMLA_OK;
 }
 
-SMLA_API int32_t smla_plan_compressed_token_ids(int32_t num_requests, const int32_t* seq_lens,
-                                                const int32_t* extend_lens, int32_t ratio,
-                                                const int32_t* page_tables,
-                                                const int64_t* page_table_offsets,
-                                                int32_t page_size, int64_t* token_ids) {
+SMLA_API int32_t smla_plan_compressed_token_ids(const smla_plan_compressed_token_ids_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_requests = p->num_requests, ratio = p->ratio, page_size = p->page_size;
+  const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *page_tables = p->page_tables;
+  const int64_t* page_table_offsets = p->page_table_offsets;
+  int64_t* token_ids = p->token_ids;
   if (!lens_ok(num_requests, seq_lens, extend_lens) || ratio <= 0 || !ratio_ok(ratio) ||
       page_size < 1 || !page_table_offsets)
     return SMLA_ERR_INVALID_ARGUMENT;
@@ -110,9 +109,11 @@ SMLA_API int32_t smla_plan_compressed_token_ids(int32_t num_requests, const int3
   return SMLA_OK;
 }
 
-SMLA_API int32_t smla_plan_dense_rows(int32_t num_requests, const int32_t* seq_lens,
-                                      const int32_t* extend_lens, int32_t window, int32_t ratio,
-                                      int32_t width, int32_t* rows, int32_t* lens) {
+SMLA_API int32_t smla_plan_dense_rows(const smla_plan_dense_rows_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_requests = p->num_requests, window = p->window, ratio = p->ratio, width = p->width;
+  const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens;
+  int32_t *rows = p->rows, *lens = p->lens;
   if (!lens_ok(num_requests, seq_lens, extend_lens) || window < 1 || ratio == 4 ||
       !ratio_ok(ratio) || width < 0)
     return SMLA_ERR_INVALID_ARGUMENT;
@@ -133,11 +134,12 @@ SMLA_API int32_t smla_plan_dense_rows(int32_t num_requests, const int32_t* seq_l
   return SMLA_OK;
 }
 
-SMLA_API int32_t smla_plan_combine_topk(int32_t num_requests, const int32_t* seq_lens,
-                                        const int32_t* extend_lens, int32_t window, int32_t ratio,
-                                        const int32_t* topk_indices, int32_t topk, int32_t width,
-                                        int32_t* rows, int32_t* lens, int32_t* dropped,
-                                        int64_t* dropped_total) {
+SMLA_API int32_t smla_plan_combine_topk(const smla_plan_combine_topk_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_requests = p->num_requests, window = p->window, ratio = p->ratio;
+  const int32_t topk = p->topk, width = p->width;
+  const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *topk_indices = p->topk_indices;
+  int32_t *rows = p->rows, *lens = p->lens, *dropped = p->dropped;
   if (!lens_ok(num_requests, seq_lens, extend_lens) || window < 1 || ratio <= 0 ||
       !ratio_ok(ratio) || topk < 0 || int64_t(width) < int64_t(topk) + window)
     return SMLA_ERR_INVALID_ARGUMENT;
@@ -155,16 +157,18 @@ SMLA_API int32_t smla_plan_combine_topk(int32_t num_requests, const int32_t* seq
                    if (dropped) dropped[q] = bad;
                    bad_total += bad;
                  });
-  if (dropped_total) *dropped_total = bad_total;
+  if (p->dropped_total) *p->dropped_total = bad_total;
   return SMLA_OK;
 }
 
-SMLA_API int32_t smla_plan_paged_form(int32_t num_queries, const int32_t* rows, const int32_t* lens,
-                                      int32_t width, int32_t comp_rows, int32_t swa_rows,
-                                      const int64_t* comp_token_ids, const int64_t* swa_token_ids,
-                                      int32_t* main_rows, int32_t main_width, int32_t* main_lens,
-                                      int32_t* extra_rows, int32_t extra_width,
-                                      int32_t* extra_lens) {
+SMLA_API int32_t smla_plan_paged_form(const smla_plan_paged_form_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_queries = p->num_queries, width = p->width, comp_rows = p->comp_rows;
+  const int32_t swa_rows = p->swa_rows, main_width = p->main_width, extra_width = p->extra_width;
+  const int32_t *rows = p->rows, *lens = p->lens;
+  const int64_t *comp_token_ids = p->comp_token_ids, *swa_token_ids = p->swa_token_ids;
+  int32_t *main_rows = p->main_rows, *main_lens = p->main_lens;
+  int32_t *extra_rows = p->extra_rows, *extra_lens = p->extra_lens;
   if (num_queries < 0 || width < 0 || comp_rows < 0 || swa_rows < 0 || main_width < 0 ||
       extra_width < 0)
     return SMLA_ERR_INVALID_ARGUMENT;

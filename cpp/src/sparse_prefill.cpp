@@ -8,12 +8,13 @@
 
 using namespace smla;
 
-extern "C" SMLA_API int32_t smla_sparse_prefill(const uint16_t* q, const uint16_t* kv,
-                                                const int32_t* indices, const int32_t* topk_length,
-                                                const float* attn_sink, int32_t s_q, int32_t h_q,
-                                                int32_t d_qk, int32_t d_v, int32_t s_kv,
-                                                int32_t topk, float sm_scale, uint16_t* out,
-                                                float* max_logits, float* lse) {
+extern "C" SMLA_API int32_t smla_sparse_prefill(const smla_sparse_prefill_params* p) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const uint16_t *q = p->q, *kv = p->kv;
+  const int32_t *indices = p->indices, *topk_length = p->topk_length;
+  const int32_t s_q = p->s_q, h_q = p->h_q, d_qk = p->d_qk, d_v = p->d_v, s_kv = p->s_kv, topk = p->topk;
+  uint16_t* out = p->out;
+  float *max_logits = p->max_logits, *lse = p->lse;
   if (s_q < 0 || h_q < 0 || s_kv < 0 || topk < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (d_qk <= 0 || d_qk % 64 != 0 || d_v <= 0 || d_v % 64 != 0 || d_v > d_qk)
     return SMLA_ERR_INVALID_ARGUMENT;
@@ -46,7 +47,7 @@ extern "C" SMLA_API int32_t smla_sparse_prefill(const uint16_t* q, const uint16_
       }
     };
     const int64_t o = i * h_q;
-    cpu::attend_query(q + o * d_qk, h_q, d_qk, d_v, n_valid, fill, sm_scale, attn_sink, sc,
+    cpu::attend_query(q + o * d_qk, h_q, d_qk, d_v, n_valid, fill, p->sm_scale, p->attn_sink, sc,
                       out + o * d_v, lse + o, max_logits + o);
   }
 

@@ -37,18 +37,24 @@ void ThrowArgument(Napi::Env env, const std::string& op, const std::string& mess
 
 // ---- argument reading ---------------------------------------------------------------------------
 
-int32_t Args::Int(size_t i, const char* name, int64_t lo, int64_t hi) const {
-  if (i >= info_.Length() || !info_[i].IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
-  double v = info_[i].As<Napi::Number>().DoubleValue();
+int32_t Args::IntOf(Napi::Value value, const char* name, int64_t lo, int64_t hi) const {
+  if (!value.IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
+  double v = value.As<Napi::Number>().DoubleValue();
   if (!(v >= double(lo) && v <= double(hi)) || v != double(int64_t(v)))
     ThrowArgument(Env(), op_, std::string(name) + ": expected an integer in [" + std::to_string(lo) + ", " +
                                   std::to_string(hi) + "], got " + std::to_string(v));
   return int32_t(v);
 }
 
-float Args::Float(size_t i, const char* name) const {
-  if (i >= info_.Length() || !info_[i].IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
-  return info_[i].As<Napi::Number>().FloatValue();
+float Args::FloatOf(Napi::Value value, const char* name) const {
+  if (!value.IsNumber()) ThrowArgument(Env(), op_, std::string(name) + ": expected a number");
+  return value.As<Napi::Number>().FloatValue();
+}
+
+Args::Fields Args::Object(size_t i, const char* name) {
+  const Napi::Value v = At(i);
+  if (!v.IsObject() || v.IsTypedArray() || v.IsArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a params object");
+  return Fields(*this, v.As<Napi::Object>());
 }
 
 static const char* TypeName(napi_typedarray_type t) {
@@ -87,13 +93,13 @@ const void* Args::InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, 
   return copy;
 }
 
-void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared) {
-  if (IsNull(i)) {
+void* Args::ArrayData(Napi::Value value, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared) {
+  if (Absent(value)) {
     if (nullable) return nullptr;
     ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type) + ", got null");
   }
-  if (!info_[i].IsTypedArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type));
-  Napi::TypedArray a = info_[i].As<Napi::TypedArray>();
+  if (!value.IsTypedArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type));
+  Napi::TypedArray a = value.As<Napi::TypedArray>();
   if (a.TypedArrayType() != type)
     ThrowArgument(Env(), op_, std::string(name) + ": expected a " + TypeName(type) + ", got a " + TypeName(a.TypedArrayType()));
   if (uint64_t(a.ElementLength()) != length)
@@ -109,10 +115,6 @@ void* Args::ArrayData(size_t i, const char* name, napi_typedarray_type type, uin
     return length == 0 ? nullptr : data;
   }
   return const_cast<void*>(InPlaceOrCopy(a, data, uint64_t(a.ByteLength()), use == Use::kInput, shared));
-}
-
-const void* Args::Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
-  return ArrayData(i, name, type, length, false, Use::kBorrow, shared);
 }
 
 const void* Args::InputBytes(size_t i, const char* name, uint64_t* bytes) {

@@ -23,7 +23,8 @@ struct Holds {
   std::vector<std::unique_ptr<uint8_t[]>> copies;
 };
 
-// Reads the positional arguments of one op call, checking types and exact lengths.
+// Reads the arguments of one op call, positional or the named fields of a params object (an op's
+// smla_*_params struct, filled by its binding file), checking types and exact lengths.
 //
 // Who owns the memory a worker thread touches: a reference to a typed array does not stop its
 // ArrayBuffer from being detached or transferred (structuredClone(buf, { transfer })) or a
@@ -36,28 +37,58 @@ class Args {
  public:
   Args(const Napi::CallbackInfo& info, const char* op) : info_(info), op_(op) {}
 
-  int32_t Int(size_t i, const char* name, int64_t lo, int64_t hi) const;
-  float Float(size_t i, const char* name) const;
+  int32_t Int(size_t i, const char* name, int64_t lo, int64_t hi) const { return IntOf(At(i), name, lo, hi); }
+  float Float(size_t i, const char* name) const { return FloatOf(At(i), name); }
   // An input typed array of `type` with exactly `length` elements (shared memory or an owned
   // copy, see above); nullptr when nullable and null, or when empty.
   template <class T>
   const T* Input(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-    return static_cast<const T*>(ArrayData(i, name, type, length, nullable, Use::kInput));
+    return static_cast<const T*>(ArrayData(At(i), name, type, length, nullable, Use::kInput));
   }
   // An output typed array (written in place, pinned until the call settles).
   template <class T>
   T* Output(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-    return static_cast<T*>(ArrayData(i, name, type, length, nullable, Use::kOutput));
+    return static_cast<T*>(ArrayData(At(i), name, type, length, nullable, Use::kOutput));
   }
   // A typed array of any type as bytes, read as an input (Input's rules); sets *bytes.
   const void* InputBytes(size_t i, const char* name, uint64_t* bytes);
   // An input's memory without a copy, pinned: *shared tells whether it lives in a SharedArrayBuffer.
   // Unless it does, the pointer may be used only before the op function returns to JS (to copy
   // the part of it the call needs).
-  const void* Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared);
+  const void* Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
+    return ArrayData(At(i), name, type, length, false, Use::kBorrow, shared);
+  }
   // `bytes` of uninitialized memory the call owns; throws (code SMLA_OUT_OF_MEMORY) when there is none.
   uint8_t* Own(uint64_t bytes);
-  bool IsNull(size_t i) const { return i >= info_.Length() || info_[i].IsNull() || info_[i].IsUndefined(); }
+  bool IsNull(size_t i) const { return Absent(At(i)); }
+
+  // The named fields of a params object, read with the same rules as positional arguments.
+  class Fields {
+   public:
+    Fields(Args& args, Napi::Object object) : a_(args), o_(object) {}
+    int32_t Int(const char* name, int64_t lo, int64_t hi) const { return a_.IntOf(Get(name), name, lo, hi); }
+    float Float(const char* name) const { return a_.FloatOf(Get(name), name); }
+    template <class T>
+    const T* Input(const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+      return static_cast<const T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kInput));
+    }
+    template <class T>
+    T* Output(const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+      return static_cast<T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kOutput));
+    }
+    const void* Borrow(const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
+      return a_.ArrayData(Get(name), name, type, length, false, Use::kBorrow, shared);
+    }
+    bool IsNull(const char* name) const { return Absent(Get(name)); }
+    Napi::Value Get(const char* name) const { return o_.Get(name); }
+    Args& args() const { return a_; }
+
+   private:
+    Args& a_;
+    Napi::Object o_;
+  };
+  // Argument i as a params object.
+  Fields Object(size_t i, const char* name);
 
   Napi::Env Env() const { return info_.Env(); }
   const char* Op() const { return op_; }
@@ -65,7 +96,11 @@ class Args {
 
  private:
   enum class Use { kInput, kOutput, kBorrow };
-  void* ArrayData(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared = nullptr);
+  Napi::Value At(size_t i) const { return i < info_.Length() ? info_[i] : Env().Undefined(); }
+  static bool Absent(Napi::Value v) { return v.IsNull() || v.IsUndefined(); }
+  int32_t IntOf(Napi::Value v, const char* name, int64_t lo, int64_t hi) const;
+  float FloatOf(Napi::Value v, const char* name) const;
+  void* ArrayData(Napi::Value v, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared = nullptr);
   const void* InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy, bool* shared);
   const Napi::CallbackInfo& info_;
   const char* op_;

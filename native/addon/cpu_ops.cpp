@@ -1,9 +1,9 @@
 // The `cpu` backend's ops: the C core (cpp/src, built for this machine) called on row ranges from
-// worker threads. Each op reads and checks its positional arguments (exact lengths derived from the
-// scalars, so a mismatched call is refused instead of reading out of bounds), then queues a RowJob.
-// Inputs are owned by the call or shared (addon.h, Args); a cache written in place is written only
-// at the end, on the JS thread (quantize's commit). The argument order is mirrored by
-// src/backends/native/binding.ts.
+// worker threads. Each op is (threads, params): its binding file reads the params object into the
+// op's smla_*_params struct (exact lengths derived from the scalars, so a mismatched call is
+// refused instead of reading out of bounds); the op then queues a RowJob that calls the core on
+// copies of that struct narrowed to row ranges. Inputs are owned by the call or shared (addon.h,
+// Args); a cache written in place is written only at the end, on the JS thread (quantize's commit).
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -12,53 +12,40 @@
 #include <vector>
 
 #include "addon.h"
+#include "kv_cache.h"
+#include "paged_sparse_attention.h"
+#include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_mla.h"
+#include "sparse_prefill.h"
 
 namespace smla_addon {
 namespace {
 
-constexpr int64_t kI32Max = INT32_MAX;
 constexpr int kMaxThreads = 1024;
 
-// Bytes of a cache in the C ABI's geometry (SPEC §3).
-uint64_t CacheBytes(int32_t format, int64_t page_size, int64_t num_pages) {
-  if (format == SMLA_CACHE_V32) return uint64_t(num_pages) * 656;
-  const uint64_t page = (uint64_t(page_size) * 584 + 575) / 576 * 576;
-  return page * uint64_t(num_pages);
-}
-
-int64_t RowDim(int32_t format) { return format == SMLA_CACHE_V32 ? 576 : 512; }
-
-// A compact cache of m tokens with ids 0..m-1: v4 pages of 72 tokens (72 · 584 = 73 · 576 bytes,
-// no padding), v32 contiguous. It holds just the tokens a call reads or writes.
-constexpr int64_t kCompactV4PageSize = 72;
+// A compact cache of m tokens with ids 0..m-1: v4 pages without padding, v32 contiguous. It holds
+// just the tokens a call reads or writes.
 struct Geometry {
   int64_t page_size, num_pages;
   uint64_t bytes;
 };
 Geometry CompactGeometry(int32_t format, int64_t m) {
-  if (format == SMLA_CACHE_V32) return {1, m, uint64_t(m) * 656};
-  const int64_t pages = (m + kCompactV4PageSize - 1) / kCompactV4PageSize;
-  return {kCompactV4PageSize, pages, CacheBytes(format, kCompactV4PageSize, pages)};
+  if (format == SMLA_CACHE_V32) return {1, m, CacheBytes(format, 1, m)};
+  constexpr int64_t ps = smla::v4::kCompactPageSize;
+  const int64_t pages = (m + ps - 1) / ps;
+  return {ps, pages, CacheBytes(format, ps, pages)};
 }
 
 // Copies token `from` of cache `src` (page size src_ps) to token `to` of `dst` (page size dst_ps):
-// v32 its 656 bytes, v4 its 576 data bytes and its 8 scale bytes (SPEC §3.1).
+// v32 its record, v4 its data bytes and its scale bytes (SPEC §3.1).
 void CopyToken(int32_t format, const uint8_t* src, int64_t src_ps, int64_t from, uint8_t* dst, int64_t dst_ps, int64_t to) {
+  using namespace smla;
   if (format == SMLA_CACHE_V32) {
-    std::memcpy(dst + uint64_t(to) * 656, src + uint64_t(from) * 656, 656);
+    std::memcpy(dst + v32::token_offset(to), src + v32::token_offset(from), v32::kTokenBytes);
     return;
   }
-  auto at = [](int64_t ps, int64_t t, uint64_t* data, uint64_t* scales) {
-    const uint64_t page_bytes = CacheBytes(SMLA_CACHE_V4, ps, 1), page = uint64_t(t / ps), slot = uint64_t(t % ps);
-    *data = page * page_bytes + slot * 576;
-    *scales = page * page_bytes + uint64_t(ps) * 576 + slot * 8;
-  };
-  uint64_t sd, ss, dd, ds;
-  at(src_ps, from, &sd, &ss);
-  at(dst_ps, to, &dd, &ds);
-  std::memcpy(dst + dd, src + sd, 576);
-  std::memcpy(dst + ds, src + ss, 8);
+  std::memcpy(dst + v4::data_offset(to, dst_ps), src + v4::data_offset(from, src_ps), v4::kDataBytes);
+  std::memcpy(dst + v4::scale_offset(to, dst_ps), src + v4::scale_offset(from, src_ps), v4::kScaleBytes);
 }
 
 // Cache token ids are int32 on the JS side and int64 in the C ABI.
@@ -68,97 +55,79 @@ int32_t CheckIds(const int32_t* ids, int64_t n, int64_t num_tokens) {
   return SMLA_OK;
 }
 
-// sparsePrefill(threads, q, kv, indices, topkLength|null, attnSink|null, sQ, hQ, dQK, dV, sKV, topk,
-//               smScale, out, maxLogits, lse)
+// sparsePrefill(threads, params)
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args a(info, "sparsePrefill");
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
-  const int64_t sQ = a.Int(6, "sQ", 0, kI32Max), hQ = a.Int(7, "hQ", 1, kI32Max), dQK = a.Int(8, "dQK", 1, kI32Max),
-                dV = a.Int(9, "dV", 1, kI32Max), sKV = a.Int(10, "sKV", 0, kI32Max), topk = a.Int(11, "topk", 0, kI32Max);
-  const float scale = a.Float(12, "smScale");
-  const uint16_t* q = a.Input<uint16_t>(1, "q", napi_uint16_array, uint64_t(sQ * hQ) * uint64_t(dQK));
-  const uint16_t* kv = a.Input<uint16_t>(2, "kv", napi_uint16_array, uint64_t(sKV) * uint64_t(dQK));
-  const int32_t* idx = a.Input<int32_t>(3, "indices", napi_int32_array, uint64_t(sQ) * uint64_t(topk));
-  const int32_t* lens = a.Input<int32_t>(4, "topkLength", napi_int32_array, uint64_t(sQ), true);
-  const float* sink = a.Input<float>(5, "attnSink", napi_float32_array, uint64_t(hQ), true);
-  uint16_t* out = a.Output<uint16_t>(13, "out", napi_uint16_array, uint64_t(sQ * hQ) * uint64_t(dV));
-  float* ml = a.Output<float>(14, "maxLogits", napi_float32_array, uint64_t(sQ * hQ));
-  float* lse = a.Output<float>(15, "lse", napi_float32_array, uint64_t(sQ * hQ));
-
+  Args::Fields f = a.Object(1, "params");
+  const smla_sparse_prefill_params p = ReadSparsePrefill(f);
   RowJob job;
-  job.rows = sQ;
+  job.rows = p.s_q;
   job.threads = threads;
-  job.run = [=](int64_t b, int64_t e) {
-    return smla_sparse_prefill(q + b * hQ * dQK, kv, idx + b * topk, lens ? lens + b : nullptr, sink, int32_t(e - b),
-                               int32_t(hQ), int32_t(dQK), int32_t(dV), int32_t(sKV), int32_t(topk), scale,
-                               out + b * hQ * dV, ml + b * hQ, lse + b * hQ);
+  job.run = [p](int64_t b, int64_t e) {
+    const int64_t h = p.h_q;
+    smla_sparse_prefill_params r = p;
+    r.s_q = int32_t(e - b);
+    r.q = p.q + b * h * p.d_qk;
+    r.indices = p.indices ? p.indices + b * p.topk : nullptr;
+    r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
+    r.out = p.out + b * h * p.d_v;
+    r.max_logits = p.max_logits + b * h;
+    r.lse = p.lse + b * h;
+    return smla_sparse_prefill(&r);
   };
   return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
 }
 
-// pagedSparseAttention(threads, q, n, hQ, kCache, pageSize, numPages, indices, topk, topkLength|null,
-//                      extraKCache|null, extraPageSize, extraNumPages, extraIndices|null, extraTopk,
-//                      extraTopkLength|null, attnSink|null, smScale, out, lse, maxLogits)
+// pagedSparseAttention(threads, params)
 Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args a(info, "pagedSparseAttention");
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
-  const int64_t n = a.Int(2, "n", 0, kI32Max), hQ = a.Int(3, "hQ", 1, kI32Max);
-  const int64_t ps = a.Int(5, "pageSize", 1, kI32Max), np = a.Int(6, "numPages", 0, kI32Max);
-  const int64_t topk = a.Int(8, "topk", 0, kI32Max);
-  const bool hasExtra = !a.IsNull(10);
-  const int64_t eps = a.Int(11, "extraPageSize", hasExtra ? 1 : 0, kI32Max), enp = a.Int(12, "extraNumPages", 0, kI32Max);
-  const int64_t etopk = a.Int(14, "extraTopk", 0, hasExtra ? kI32Max : 0);
-  const float scale = a.Float(17, "smScale");
-  const uint16_t* q = a.Input<uint16_t>(1, "q", napi_uint16_array, uint64_t(n * hQ) * 512);
-  const uint8_t* kc = a.Input<uint8_t>(4, "kCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, ps, np));
-  const int32_t* idx = a.Input<int32_t>(7, "indices", napi_int32_array, uint64_t(n) * uint64_t(topk));
-  const int32_t* lens = a.Input<int32_t>(9, "topkLength", napi_int32_array, uint64_t(n), true);
-  const uint8_t* ekc = hasExtra ? a.Input<uint8_t>(10, "extraKCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, eps, enp)) : nullptr;
-  const int32_t* eidx = hasExtra ? a.Input<int32_t>(13, "extraIndices", napi_int32_array, uint64_t(n) * uint64_t(etopk)) : nullptr;
-  const int32_t* elens = hasExtra ? a.Input<int32_t>(15, "extraTopkLength", napi_int32_array, uint64_t(n), true) : nullptr;
-  const float* sink = a.Input<float>(16, "attnSink", napi_float32_array, uint64_t(hQ), true);
-  uint16_t* out = a.Output<uint16_t>(18, "out", napi_uint16_array, uint64_t(n * hQ) * 512);
-  float* lse = a.Output<float>(19, "lse", napi_float32_array, uint64_t(n * hQ));
-  float* ml = a.Output<float>(20, "maxLogits", napi_float32_array, uint64_t(n * hQ));
-
+  Args::Fields f = a.Object(1, "params");
+  const smla_paged_sparse_attention_params p = ReadPagedSparseAttention(f);
   RowJob job;
-  job.rows = n;
+  job.rows = p.n;
   job.threads = threads;
-  job.run = [=](int64_t b, int64_t e) {
-    return smla_paged_sparse_attention(
-        q + b * hQ * 512, int32_t(e - b), int32_t(hQ), kc, int32_t(ps), int32_t(np), idx + b * topk, int32_t(topk),
-        lens ? lens + b : nullptr, ekc, int32_t(eps), int32_t(enp), eidx ? eidx + b * etopk : nullptr, int32_t(etopk),
-        elens ? elens + b : nullptr, sink, scale, out + b * hQ * 512, lse + b * hQ, ml + b * hQ);
+  job.run = [p](int64_t b, int64_t e) {
+    const int64_t h = p.h_q, d = smla::v4::kDim;
+    smla_paged_sparse_attention_params r = p;
+    r.n = int32_t(e - b);
+    r.q = p.q + b * h * d;
+    r.indices = p.indices ? p.indices + b * p.topk : nullptr;
+    r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
+    r.extra_indices = p.extra_indices ? p.extra_indices + b * p.extra_topk : nullptr;
+    r.extra_topk_length = p.extra_topk_length ? p.extra_topk_length + b : nullptr;
+    r.out = p.out + b * h * d;
+    r.lse = p.lse + b * h;
+    r.max_logits = p.max_logits + b * h;
+    return smla_paged_sparse_attention(&r);
   };
   return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
 }
 
-// dequantizeKvCache(threads, format, cache, pageSize, numPages, tokenIds, n, out)
+// dequantizeKvCache(threads, params)
 Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   Args a(info, "dequantizeKvCache");
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
-  const int32_t format = a.Int(1, "format", SMLA_CACHE_V4, SMLA_CACHE_V32);
-  const int64_t ps = a.Int(3, "pageSize", 1, format == SMLA_CACHE_V32 ? 1 : kI32Max), np = a.Int(4, "numPages", 0, kI32Max);
-  const int64_t n = a.Int(6, "n", 0, kI32Max), dim = RowDim(format);
+  Args::Fields f = a.Object(1, "params");
+  const int32_t* ids = nullptr;
   bool shared = false;
-  const uint8_t* whole = static_cast<const uint8_t*>(a.Borrow(2, "cache", napi_uint8_array, CacheBytes(format, ps, np), &shared));
-  const int32_t* ids = a.Input<int32_t>(5, "tokenIds", napi_int32_array, uint64_t(n));
-  uint16_t* out = a.Output<uint16_t>(7, "out", napi_uint16_array, uint64_t(n) * uint64_t(dim));
+  const smla_dequantize_kv_cache_params p = ReadDequantizeKvCache(f, &ids, &shared);
+  const int64_t n = p.num_tokens, dim = RowDim(p.format);
 
   // A shared cache is read in place; of any other, only the tokens asked for are copied here (n
   // tokens, not the whole cache) into a compact cache the call owns, read as ids 0..n-1.
-  const int32_t ids_ok = CheckIds(ids, n, ps * np);
-  const uint8_t* cache = whole;
-  int64_t cps = ps, cnp = np;
+  const int32_t ids_ok = CheckIds(ids, n, int64_t(p.page_size) * p.num_pages);
+  smla_dequantize_kv_cache_params whole = p;
   if (!shared && ids_ok == SMLA_OK && n > 0) {
-    const Geometry g = CompactGeometry(format, n);
+    const Geometry g = CompactGeometry(p.format, n);
     uint8_t* compact = a.Own(g.bytes);
-    for (int64_t i = 0; i < n; ++i) CopyToken(format, whole, ps, ids[i], compact, g.page_size, i);
-    cache = compact;
-    cps = g.page_size;
-    cnp = g.num_pages;
+    for (int64_t i = 0; i < n; ++i) CopyToken(p.format, p.cache, p.page_size, ids[i], compact, g.page_size, i);
+    whole.cache = compact;
+    whole.page_size = int32_t(g.page_size);
+    whole.num_pages = int32_t(g.num_pages);
   }
-  const bool compact = cache != whole;
+  const bool compact = whole.cache != p.cache;
 
   RowJob job;
   job.rows = n;
@@ -167,34 +136,34 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   job.run = [=](int64_t b, int64_t e) {
     std::vector<int64_t> wide(size_t(e - b));
     for (int64_t i = b; i < e; ++i) wide[size_t(i - b)] = compact ? i : ids[i];
-    return smla_dequantize_kv_cache(format, cache, int32_t(cps), int32_t(cnp), wide.data(), int32_t(e - b), out + b * dim);
+    smla_dequantize_kv_cache_params r = whole;
+    r.token_ids = wide.data();
+    r.num_tokens = int32_t(e - b);
+    r.out = p.out + b * dim;
+    return smla_dequantize_kv_cache(&r);
   };
   return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
 }
 
-// quantizeKvCache(threads, format, cache, pageSize, numPages, tokenIds, n, rows, rowsDtype)
-// rowsDtype: 0 = float32 rows (Float32Array), 1 = bf16 rows (Uint16Array).
-// Atomic: the tokens are quantized into a compact scratch cache the call owns, and written into
-// `cache` only by the commit on the JS thread, once every row succeeded and only if the cache's
-// memory is still the one that was passed (not detached or resized meanwhile); otherwise the call
-// rejects and the cache is untouched.
+// quantizeKvCache(threads, params): rowsDtype 0 = float32 rows (Float32Array), 1 = bf16 rows
+// (Uint16Array). Atomic: the tokens are quantized into a compact scratch cache the call owns, and
+// written into `cache` only by the commit on the JS thread, once every row succeeded and only if
+// the cache's memory is still the one that was passed (not detached or resized meanwhile);
+// otherwise the call rejects and the cache is untouched.
 Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   Args a(info, "quantizeKvCache");
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
-  const int32_t format = a.Int(1, "format", SMLA_CACHE_V4, SMLA_CACHE_V32);
-  const int64_t ps = a.Int(3, "pageSize", 1, format == SMLA_CACHE_V32 ? 1 : kI32Max), np = a.Int(4, "numPages", 0, kI32Max);
-  const int64_t n = a.Int(6, "n", 0, kI32Max), dim = RowDim(format);
-  const int32_t dtype = a.Int(8, "rowsDtype", SMLA_ROWS_F32, SMLA_ROWS_BF16);
+  Args::Fields f = a.Object(1, "params");
+  const int32_t* ids = nullptr;
+  const smla_quantize_kv_cache_params p = ReadQuantizeKvCache(f, &ids);  // the cache: checked and pinned, written by the commit only
+  auto cache_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(f.Get("cache").As<Napi::Object>()));
+  const int32_t format = p.format, dtype = p.rows_dtype;
+  const int64_t n = p.num_tokens, dim = RowDim(format), ps = p.page_size, np = p.num_pages;
   const uint64_t cache_bytes = CacheBytes(format, ps, np);
-  a.Output<uint8_t>(2, "cache", napi_uint8_array, cache_bytes);  // checked and pinned; written by the commit only
-  auto cache_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(info[2].As<Napi::Object>()));
-  const int32_t* ids = a.Input<int32_t>(5, "tokenIds", napi_int32_array, uint64_t(n));
   const size_t elem = dtype == SMLA_ROWS_F32 ? 4 : 2;
-  const uint8_t* rows = dtype == SMLA_ROWS_F32
-                            ? reinterpret_cast<const uint8_t*>(a.Input<float>(7, "rows", napi_float32_array, uint64_t(n * dim)))
-                            : reinterpret_cast<const uint8_t*>(a.Input<uint16_t>(7, "rows", napi_uint16_array, uint64_t(n * dim)));
+  const uint8_t* rows = static_cast<const uint8_t*>(p.rows);
 
-  // Duplicate ids: the last row wins (as in a sequential loop), so only last occurrences are
+// Duplicate ids: the last row wins (as in a sequential loop), so only last occurrences are
   // quantized; kept token k goes to compact slot k.
   struct Kept {
     std::vector<int64_t> ids;      // cache ids of the tokens to write
@@ -232,9 +201,14 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
     while (i < e) {
       int64_t j = i + 1;
       while (j < e && kept->rows[size_t(j)] == kept->rows[size_t(j - 1)] + 1) ++j;
-      int32_t s = smla_quantize_kv_cache(format, kept->scratch.data(), int32_t(g.page_size), int32_t(g.num_pages),
-                                         kept->compact.data() + i, int32_t(j - i),
-                                         rows + size_t(kept->rows[size_t(i)]) * size_t(dim) * elem, dtype);
+      smla_quantize_kv_cache_params r = p;
+      r.cache = kept->scratch.data();
+      r.page_size = int32_t(g.page_size);
+      r.num_pages = int32_t(g.num_pages);
+      r.token_ids = kept->compact.data() + i;
+      r.num_tokens = int32_t(j - i);
+      r.rows = rows + size_t(kept->rows[size_t(i)]) * size_t(dim) * elem;
+      int32_t s = smla_quantize_kv_cache(&r);
       if (s != SMLA_OK) return s;
       i = j;
     }

@@ -11,6 +11,8 @@
 #include <random>
 #include <vector>
 
+#include "core_calls.h"
+#include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_mla.h"
 
 namespace {
@@ -44,8 +46,11 @@ int main(int argc, char** argv) {
   std::vector<double> t;
   for (int r = 0; r <= runs; ++r) {
     const double t0 = now();
-    if (smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, sink.data(), s_q, h_q, d_qk, d_v, s_kv,
-                            topk, 1.0f / sqrtf(float(d_qk)), out.data(), ml.data(), lse.data()) != 0)
+    if (core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(),
+                                        .attn_sink = sink.data(), .s_q = s_q, .h_q = h_q, .d_qk = d_qk,
+                                        .d_v = d_v, .s_kv = s_kv, .topk = topk,
+                                        .sm_scale = 1.0f / sqrtf(float(d_qk)), .out = out.data(),
+                                        .max_logits = ml.data(), .lse = lse.data()}) != 0)
       return 1;
     if (r > 0) t.push_back(now() - t0);
   }
@@ -53,21 +58,24 @@ int main(int argc, char** argv) {
          d_qk, topk, s_kv, median(t) * 1e3, flops / median(t) / 1e9);
 
   const int P = 64, pages = 128, n = 8192;
-  const int64_t page_bytes = (int64_t(P) * 584 + 575) / 576 * 576;
+  const int64_t page_bytes = smla::v4::page_bytes(P);
   std::vector<uint8_t> cache(size_t(page_bytes * pages));
   for (auto& b : cache) b = uint8_t(rng() & 0x7e);
   for (int p = 0; p < pages; ++p)
-    for (int s = 0; s < P * 8; ++s) cache[size_t(p * page_bytes + P * 576 + s)] = uint8_t(120 + rng() % 8);
+    for (int s = 0; s < P * smla::v4::kScaleBytes; ++s)
+      cache[size_t(p * page_bytes + P * smla::v4::kDataBytes + s)] = uint8_t(120 + rng() % 8);
   std::vector<int64_t> ids(n);
   for (auto& x : ids) x = int64_t(rng() % uint32_t(P * pages));
   std::vector<uint16_t> dq(size_t(n) * 512);
   t.clear();
   for (int r = 0; r <= runs; ++r) {
     const double t0 = now();
-    if (smla_dequantize_kv_cache(0, cache.data(), P, pages, ids.data(), n, dq.data()) != 0) return 1;
+    if (core(smla_dequantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = P,
+                                             .num_pages = pages, .token_ids = ids.data(), .num_tokens = n,
+                                             .out = dq.data()}) != 0) return 1;
     if (r > 0) t.push_back(now() - t0);
   }
   printf("native dequantize v4 gather n=%d: median %.2f ms, %.2f GB/s\n", n, median(t) * 1e3,
-         n * (584.0 + 1024.0) / median(t) / 1e9);
+         n * double(smla::v4::kTokenBytes + 2 * smla::v4::kDim) / median(t) / 1e9);
   return 0;
 }

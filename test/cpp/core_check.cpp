@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "core_calls.h"
 #include "sparse_mla/sparse_mla.h"
 
 namespace {
@@ -336,9 +337,13 @@ void check_prefill(const PrefillCase& c) {
 
   std::vector<uint16_t> out(static_cast<size_t>(c.s_q * c.h_q * c.d_v), 0xdead);
   std::vector<float> ml(static_cast<size_t>(c.s_q * c.h_q), 123.f), lse(size_t(c.s_q * c.h_q), 123.f);
-  const int32_t st = smla_sparse_prefill(q.data(), kv.data(), idx.data(), c.lengths ? len.data() : nullptr,
-                                         c.sink ? sink.data() : nullptr, int32_t(c.s_q), c.h_q, c.d_qk,
-                                         c.d_v, c.s_kv, c.topk, scale_f, out.data(), ml.data(), lse.data());
+  const int32_t st = core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(),
+                                                     .topk_length = c.lengths ? len.data() : nullptr,
+                                                     .attn_sink = c.sink ? sink.data() : nullptr,
+                                                     .s_q = int32_t(c.s_q), .h_q = c.h_q, .d_qk = c.d_qk,
+                                                     .d_v = c.d_v, .s_kv = c.s_kv, .topk = c.topk,
+                                                     .sm_scale = scale_f, .out = out.data(),
+                                                     .max_logits = ml.data(), .lse = lse.data()});
   expect(st == SMLA_OK, ctx + ": status " + std::to_string(st));
 
   const auto qd = values_of(q), kvd = values_of(kv);
@@ -362,8 +367,11 @@ void check_prefill(const PrefillCase& c) {
     o.assign(out.size(), 0xdead);
     m.assign(ml.size(), 123.f);
     l.assign(lse.size(), 123.f);
-    expect(smla_sparse_prefill(q.data(), kv.data(), ix.data(), lens, sk, int32_t(c.s_q), c.h_q, c.d_qk, c.d_v,
-                               c.s_kv, tk, scale_f, o.data(), m.data(), l.data()) == SMLA_OK,
+    expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = ix.data(),
+                                           .topk_length = lens, .attn_sink = sk, .s_q = int32_t(c.s_q),
+                                           .h_q = c.h_q, .d_qk = c.d_qk, .d_v = c.d_v, .s_kv = c.s_kv,
+                                           .topk = tk, .sm_scale = scale_f, .out = o.data(),
+                                           .max_logits = m.data(), .lse = l.data()}) == SMLA_OK,
            ctx + ": status (consistency call)");
   };
   std::vector<uint16_t> out2;
@@ -417,8 +425,11 @@ void check_prefill_single_entry() {
   }
   std::vector<uint16_t> out(size_t(s_q * h_q * d_v));
   std::vector<float> ml(size_t(s_q * h_q)), lse(size_t(s_q * h_q));
-  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), len.data(), nullptr, s_q, h_q, d_qk, d_v, s_kv, topk,
-                             0.09f, out.data(), ml.data(), lse.data()) == SMLA_OK,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(),
+                                         .topk_length = len.data(), .s_q = s_q, .h_q = h_q, .d_qk = d_qk,
+                                         .d_v = d_v, .s_kv = s_kv, .topk = topk, .sm_scale = 0.09f,
+                                         .out = out.data(), .max_logits = ml.data(),
+                                         .lse = lse.data()}) == SMLA_OK,
          "single entry: status");
   size_t bad_out = 0, bad_stat = 0;
   for (int i = 0; i < s_q; ++i)
@@ -440,18 +451,22 @@ void check_prefill_special() {
   q[size_t((0 * h_q + 1) * d + 5)] = 0x7fc0;  // NaN
   std::vector<uint16_t> out(static_cast<size_t>(2 * h_q * d));
   std::vector<float> ml(2 * h_q), lse(2 * h_q);
-  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 2, h_q, d, d, s_kv, topk,
-                             0.125f, out.data(), ml.data(), lse.data()) == SMLA_OK,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(), .s_q = 2,
+                                         .h_q = h_q, .d_qk = d, .d_v = d, .s_kv = s_kv, .topk = topk,
+                                         .sm_scale = 0.125f, .out = out.data(), .max_logits = ml.data(),
+                                         .lse = lse.data()}) == SMLA_OK,
          "nan q: status");
   expect(isnan(ml[1]) && isnan(lse[1]) && isnan(bf16_value(out[size_t(1 * d)])), "nan q: head 1 is NaN");
   expect(!isnan(ml[0]) && !isnan(lse[2]) && !isnan(bf16_value(out[size_t(4 * d)])), "nan q: others finite");
 
   // sQ = 0 and topk = 0 (all rows empty).
-  expect(smla_sparse_prefill(nullptr, nullptr, nullptr, nullptr, nullptr, 0, h_q, d, d, 0, 0, 1.f, nullptr,
-                             nullptr, nullptr) == SMLA_OK,
+  expect(core(smla_sparse_prefill_params{.s_q = 0, .h_q = h_q, .d_qk = d, .d_v = d, .s_kv = 0, .topk = 0,
+                                         .sm_scale = 1.f}) == SMLA_OK,
          "sQ=0: status");
-  expect(smla_sparse_prefill(q.data(), kv.data(), nullptr, nullptr, nullptr, 2, h_q, d, d, s_kv, 0, 1.f,
-                             out.data(), ml.data(), lse.data()) == SMLA_OK,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .s_q = 2, .h_q = h_q, .d_qk = d,
+                                         .d_v = d, .s_kv = s_kv, .topk = 0, .sm_scale = 1.f,
+                                         .out = out.data(), .max_logits = ml.data(),
+                                         .lse = lse.data()}) == SMLA_OK,
          "topk=0: status");
   bool empty_ok = true;
   for (int i = 0; i < 2 * h_q; ++i) empty_ok &= isinf(lse[i]) && lse[i] > 0 && isinf(ml[i]) && ml[i] < 0;
@@ -460,8 +475,10 @@ void check_prefill_special() {
 
   // Arguments that would read or write out of bounds.
   auto call = [&](int32_t s_q, int32_t hq, int32_t dqk, int32_t dv, int32_t skv, int32_t tk) {
-    return smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, s_q, hq, dqk, dv, skv, tk,
-                               1.f, out.data(), ml.data(), lse.data());
+    return core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(), .s_q = s_q,
+                                           .h_q = hq, .d_qk = dqk, .d_v = dv, .s_kv = skv, .topk = tk,
+                                           .sm_scale = 1.f, .out = out.data(), .max_logits = ml.data(),
+                                           .lse = lse.data()});
   };
   expect(call(-1, h_q, d, d, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad sQ");
   expect(call(1, -1, d, d, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad hQ");
@@ -470,16 +487,22 @@ void check_prefill_special() {
   expect(call(1, h_q, 64, 0, s_kv, topk) == SMLA_ERR_INVALID_ARGUMENT, "dV = 0");
   expect(call(1, h_q, d, d, -5, topk) == SMLA_ERR_INVALID_ARGUMENT, "bad sKV");
   expect(call(1, h_q, d, d, s_kv, -1) == SMLA_ERR_INVALID_ARGUMENT, "bad topk");
-  expect(smla_sparse_prefill(q.data(), nullptr, idx.data(), nullptr, nullptr, 1, h_q, d, d, s_kv, topk, 1.f,
-                             out.data(), ml.data(), lse.data()) == SMLA_ERR_INVALID_ARGUMENT,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .indices = idx.data(), .s_q = 1, .h_q = h_q,
+                                         .d_qk = d, .d_v = d, .s_kv = s_kv, .topk = topk, .sm_scale = 1.f,
+                                         .out = out.data(), .max_logits = ml.data(),
+                                         .lse = lse.data()}) == SMLA_ERR_INVALID_ARGUMENT,
          "null kv");
-  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 1, h_q, d, d, s_kv, topk, 1.f,
-                             out.data(), nullptr, lse.data()) == SMLA_ERR_INVALID_ARGUMENT,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(), .s_q = 1,
+                                         .h_q = h_q, .d_qk = d, .d_v = d, .s_kv = s_kv, .topk = topk,
+                                         .sm_scale = 1.f, .out = out.data(),
+                                         .lse = lse.data()}) == SMLA_ERR_INVALID_ARGUMENT,
          "null maxLogits");
 #if defined(__EMSCRIPTEN__)
   // Scratch of h_q * d_qk floats beyond the 32-bit address space: refused before any read.
-  expect(smla_sparse_prefill(q.data(), kv.data(), idx.data(), nullptr, nullptr, 1, 1 << 30, 1024, 64, s_kv, topk,
-                             1.f, out.data(), ml.data(), lse.data()) == SMLA_ERR_OUT_OF_MEMORY,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(), .s_q = 1,
+                                         .h_q = 1 << 30, .d_qk = 1024, .d_v = 64, .s_kv = s_kv, .topk = topk,
+                                         .sm_scale = 1.f, .out = out.data(), .max_logits = ml.data(),
+                                         .lse = lse.data()}) == SMLA_ERR_OUT_OF_MEMORY,
          "scratch beyond 4 GiB -> out of memory");
 #endif
 }
@@ -529,7 +552,9 @@ void check_cache(int format, int32_t page_size, int32_t num_pages, bool bf16_row
   }
   const void* rows = bf16_rows ? static_cast<const void*>(rows_b.data()) : rows_f.data();
   const int32_t dt = bf16_rows ? SMLA_ROWS_BF16 : SMLA_ROWS_F32;
-  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, ids.data(), n, rows, dt) == SMLA_OK,
+  expect(core(smla_quantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                            .num_pages = num_pages, .token_ids = ids.data(), .num_tokens = n,
+                                            .rows = rows, .rows_dtype = dt}) == SMLA_OK,
          ctx + " quantize status");
   for (int i = 0; i < n; ++i) {
     if (v4) ref_quantize_v4(ref_cache.data(), page_size, ids[size_t(i)], &rows_d[size_t(i) * dim]);
@@ -543,8 +568,10 @@ void check_cache(int format, int32_t page_size, int32_t num_pages, bool bf16_row
   std::vector<int64_t> gather(50);
   for (auto& g : gather) g = randint(0, cap - 1);
   std::vector<uint16_t> out(gather.size() * dim, 0xdead);
-  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, gather.data(),
-                                  int32_t(gather.size()), out.data()) == SMLA_OK,
+  expect(core(smla_dequantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                              .num_pages = num_pages, .token_ids = gather.data(),
+                                              .num_tokens = int32_t(gather.size()),
+                                              .out = out.data()}) == SMLA_OK,
          ctx + " dequant status");
   std::vector<double> ref(static_cast<size_t>(dim));
   size_t mism = 0;
@@ -562,15 +589,21 @@ void check_cache(int format, int32_t page_size, int32_t num_pages, bool bf16_row
   const std::vector<uint8_t> before = cache;
   std::vector<int64_t> bad = {0, cap, 1};
   std::vector<uint16_t> out3(3 * size_t(dim), 0x1234);
-  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, rows, dt) ==
+  expect(core(smla_quantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                            .num_pages = num_pages, .token_ids = bad.data(), .num_tokens = 3,
+                                            .rows = rows, .rows_dtype = dt}) ==
              SMLA_ERR_OUT_OF_RANGE,
          ctx + " quantize id=cap rejected");
   bad[1] = -1;
-  expect(smla_quantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, rows, dt) ==
+  expect(core(smla_quantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                            .num_pages = num_pages, .token_ids = bad.data(), .num_tokens = 3,
+                                            .rows = rows, .rows_dtype = dt}) ==
              SMLA_ERR_OUT_OF_RANGE,
          ctx + " quantize id=-1 rejected");
   bad[1] = int64_t(1) << 40;
-  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, bad.data(), 3, out3.data()) ==
+  expect(core(smla_dequantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                              .num_pages = num_pages, .token_ids = bad.data(),
+                                              .num_tokens = 3, .out = out3.data()}) ==
              SMLA_ERR_OUT_OF_RANGE,
          ctx + " dequant id=2^40 rejected");
   expect(cache == before, ctx + " cache untouched by rejected calls");
@@ -599,8 +632,9 @@ void check_dequant_raw_bytes(int format, int32_t page_size, int32_t num_pages) {
   std::vector<int64_t> ids(static_cast<size_t>(cap));
   for (int64_t t = 0; t < cap; ++t) ids[size_t(t)] = t;
   std::vector<uint16_t> out(size_t(cap) * dim);
-  expect(smla_dequantize_kv_cache(format, cache.data(), page_size, num_pages, ids.data(), int32_t(cap),
-                                  out.data()) == SMLA_OK,
+  expect(core(smla_dequantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                              .num_pages = num_pages, .token_ids = ids.data(),
+                                              .num_tokens = int32_t(cap), .out = out.data()}) == SMLA_OK,
          "raw dequant status");
   std::vector<double> ref(static_cast<size_t>(dim));
   size_t mism = 0;
@@ -622,15 +656,33 @@ void check_cache_args() {
   int64_t id = 0;
   float row[576] = {};
   uint16_t out[576];
-  expect(smla_quantize_kv_cache(7, cache.data(), 2, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "bad format");
-  expect(smla_quantize_kv_cache(0, cache.data(), 0, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "page 0");
-  expect(smla_quantize_kv_cache(1, cache.data(), 2, 2, &id, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "v32 P=2");
-  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, &id, 1, row, 9) == SMLA_ERR_INVALID_ARGUMENT, "bad dtype");
-  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, nullptr, 1, row, 0) == SMLA_ERR_INVALID_ARGUMENT, "null ids");
-  expect(smla_quantize_kv_cache(0, cache.data(), 2, 2, &id, 1, nullptr, 0) == SMLA_ERR_INVALID_ARGUMENT, "null rows");
-  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, 1, nullptr) == SMLA_ERR_INVALID_ARGUMENT, "null out");
-  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, -1, out) == SMLA_ERR_INVALID_ARGUMENT, "n < 0");
-  expect(smla_dequantize_kv_cache(0, cache.data(), 2, 2, &id, 0, out) == SMLA_OK, "n = 0");
+  expect(core(smla_quantize_kv_cache_params{.format = 7, .cache = cache.data(), .page_size = 2,
+                                            .num_pages = 2, .token_ids = &id, .num_tokens = 1, .rows = row,
+                                            .rows_dtype = 0}) == SMLA_ERR_INVALID_ARGUMENT, "bad format");
+  expect(core(smla_quantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 0,
+                                            .num_pages = 2, .token_ids = &id, .num_tokens = 1, .rows = row,
+                                            .rows_dtype = 0}) == SMLA_ERR_INVALID_ARGUMENT, "page 0");
+  expect(core(smla_quantize_kv_cache_params{.format = 1, .cache = cache.data(), .page_size = 2,
+                                            .num_pages = 2, .token_ids = &id, .num_tokens = 1, .rows = row,
+                                            .rows_dtype = 0}) == SMLA_ERR_INVALID_ARGUMENT, "v32 P=2");
+  expect(core(smla_quantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                            .num_pages = 2, .token_ids = &id, .num_tokens = 1, .rows = row,
+                                            .rows_dtype = 9}) == SMLA_ERR_INVALID_ARGUMENT, "bad dtype");
+  expect(core(smla_quantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                            .num_pages = 2, .num_tokens = 1, .rows = row,
+                                            .rows_dtype = 0}) == SMLA_ERR_INVALID_ARGUMENT, "null ids");
+  expect(core(smla_quantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                            .num_pages = 2, .token_ids = &id, .num_tokens = 1,
+                                            .rows_dtype = 0}) == SMLA_ERR_INVALID_ARGUMENT, "null rows");
+  expect(core(smla_dequantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                              .num_pages = 2, .token_ids = &id,
+                                              .num_tokens = 1}) == SMLA_ERR_INVALID_ARGUMENT, "null out");
+  expect(core(smla_dequantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                              .num_pages = 2, .token_ids = &id, .num_tokens = -1,
+                                              .out = out}) == SMLA_ERR_INVALID_ARGUMENT, "n < 0");
+  expect(core(smla_dequantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = 2,
+                                              .num_pages = 2, .token_ids = &id, .num_tokens = 0,
+                                              .out = out}) == SMLA_OK, "n = 0");
 }
 
 // ---------------------------------------------------------------- paged attention checks
@@ -649,8 +701,10 @@ std::vector<uint8_t> random_v4_cache(int32_t P, int32_t pages) {
   for (auto& v : rows) v = float(normal(1.0));
   std::vector<int64_t> ids(static_cast<size_t>(cap));
   for (int64_t i = 0; i < cap; ++i) ids[size_t(i)] = i;
-  if (smla_quantize_kv_cache(SMLA_CACHE_V4, cache.data(), P, pages, ids.data(), int32_t(cap), rows.data(),
-                             SMLA_ROWS_F32) != SMLA_OK)
+  if (core(smla_quantize_kv_cache_params{.format = SMLA_CACHE_V4, .cache = cache.data(), .page_size = P,
+                                         .num_pages = pages, .token_ids = ids.data(),
+                                         .num_tokens = int32_t(cap), .rows = rows.data(),
+                                         .rows_dtype = SMLA_ROWS_F32}) != SMLA_OK)
     expect(false, "paged: cache setup");
   return cache;
 }
@@ -673,10 +727,20 @@ void check_paged(const PagedCase& c) {
 
   std::vector<uint16_t> out(static_cast<size_t>(c.n) * c.h_q * D);
   std::vector<float> lse(static_cast<size_t>(c.n) * c.h_q), ml(size_t(c.n) * c.h_q);
-  const int32_t st = smla_paged_sparse_attention(
-      q.data(), c.n, c.h_q, cache.data(), c.P, c.pages, idx.data(), c.topk, c.lengths ? len.data() : nullptr,
-      c.extra ? ecache.data() : nullptr, c.eP, c.epages, c.extra ? eidx.data() : nullptr, c.etopk,
-      c.lengths ? elen.data() : nullptr, c.sink ? sink.data() : nullptr, scale, out.data(), lse.data(), ml.data());
+  const int32_t st = core(smla_paged_sparse_attention_params{.q = q.data(), .n = c.n, .h_q = c.h_q,
+                                                             .k_cache = cache.data(), .page_size = c.P,
+                                                             .num_pages = c.pages, .indices = idx.data(),
+                                                             .topk = c.topk,
+                                                             .topk_length = c.lengths ? len.data() : nullptr,
+                                                             .extra_k_cache = c.extra ? ecache.data() : nullptr,
+                                                             .extra_page_size = c.eP,
+                                                             .extra_num_pages = c.epages,
+                                                             .extra_indices = c.extra ? eidx.data() : nullptr,
+                                                             .extra_topk = c.etopk,
+                                                             .extra_topk_length = c.lengths ? elen.data() : nullptr,
+                                                             .attn_sink = c.sink ? sink.data() : nullptr,
+                                                             .sm_scale = scale, .out = out.data(),
+                                                             .lse = lse.data(), .max_logits = ml.data()});
   expect(st == SMLA_OK, ctx + ": status " + std::to_string(st));
 
   // Reference: dequantize every token of both caches, then the §4 loop over the union.
@@ -729,12 +793,18 @@ void check_paged(const PagedCase& c) {
     for (int64_t i = 0; i < c.n; ++i) gather(eidx, elen, c.etopk, int64_t(c.eP) * c.epages, extra_ids, n_main, i);
   std::vector<uint16_t> ws((main_ids.size() + extra_ids.size()) * D + 1);
   if (!main_ids.empty())
-    expect(smla_dequantize_kv_cache(SMLA_CACHE_V4, cache.data(), c.P, c.pages, main_ids.data(), int32_t(main_ids.size()),
-                                    ws.data()) == SMLA_OK,
+    expect(core(smla_dequantize_kv_cache_params{.format = SMLA_CACHE_V4, .cache = cache.data(),
+                                                .page_size = c.P, .num_pages = c.pages,
+                                                .token_ids = main_ids.data(),
+                                                .num_tokens = int32_t(main_ids.size()),
+                                                .out = ws.data()}) == SMLA_OK,
            ctx + ": workspace dequant (main)");
   if (!extra_ids.empty())
-    expect(smla_dequantize_kv_cache(SMLA_CACHE_V4, ecache.data(), c.eP, c.epages, extra_ids.data(),
-                                    int32_t(extra_ids.size()), ws.data() + size_t(n_main) * D) == SMLA_OK,
+    expect(core(smla_dequantize_kv_cache_params{.format = SMLA_CACHE_V4, .cache = ecache.data(),
+                                                .page_size = c.eP, .num_pages = c.epages,
+                                                .token_ids = extra_ids.data(),
+                                                .num_tokens = int32_t(extra_ids.size()),
+                                                .out = ws.data() + size_t(n_main) * D}) == SMLA_OK,
            ctx + ": workspace dequant (extra)");
   const int width = std::max(1, c.topk + (c.extra ? c.etopk : 0));
   std::vector<int32_t> ws_idx(size_t(c.n) * width, -1);
@@ -742,9 +812,12 @@ void check_paged(const PagedCase& c) {
     std::copy(rows_ws[size_t(i)].begin(), rows_ws[size_t(i)].end(), ws_idx.begin() + i * width);
   std::vector<uint16_t> out2(out.size());
   std::vector<float> ml2(ml.size()), lse2(lse.size());
-  expect(smla_sparse_prefill(q.data(), ws.data(), ws_idx.data(), nullptr, c.sink ? sink.data() : nullptr, c.n, c.h_q,
-                             D, D, int32_t(main_ids.size() + extra_ids.size()), width, scale, out2.data(), ml2.data(),
-                             lse2.data()) == SMLA_OK,
+  expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = ws.data(), .indices = ws_idx.data(),
+                                         .attn_sink = c.sink ? sink.data() : nullptr, .s_q = c.n,
+                                         .h_q = c.h_q, .d_qk = D, .d_v = D,
+                                         .s_kv = int32_t(main_ids.size() + extra_ids.size()), .topk = width,
+                                         .sm_scale = scale, .out = out2.data(), .max_logits = ml2.data(),
+                                         .lse = lse2.data()}) == SMLA_OK,
          ctx + ": workspace prefill status");
   expect_same_bits(ctx + " paged vs workspace prefill: out", out2, out);
   expect_same_bits(ctx + " paged vs workspace prefill: lse", lse2, lse);
@@ -756,19 +829,29 @@ void check_paged_args() {
   std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(2)));
   int32_t idx = 0;
   float lse;
-  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 0, 1, &idx, 1, nullptr, nullptr, 0, 0, nullptr,
-                                     0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) == SMLA_ERR_INVALID_ARGUMENT,
+  expect(core(smla_paged_sparse_attention_params{.q = q.data(), .n = 1, .h_q = 1, .k_cache = cache.data(),
+                                                 .page_size = 0, .num_pages = 1, .indices = &idx, .topk = 1,
+                                                 .extra_page_size = 0, .extra_num_pages = 0, .extra_topk = 0,
+                                                 .sm_scale = 1.f, .out = out.data(),
+                                                 .lse = &lse}) == SMLA_ERR_INVALID_ARGUMENT,
          "paged: page_size 0");
-  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, &idx, 1, nullptr, cache.data(), 0, 1,
-                                     &idx, 1, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) ==
+  expect(core(smla_paged_sparse_attention_params{.q = q.data(), .n = 1, .h_q = 1, .k_cache = cache.data(),
+                                                 .page_size = 2, .num_pages = 1, .indices = &idx, .topk = 1,
+                                                 .extra_k_cache = cache.data(), .extra_page_size = 0,
+                                                 .extra_num_pages = 1, .extra_indices = &idx, .extra_topk = 1,
+                                                 .sm_scale = 1.f, .out = out.data(), .lse = &lse}) ==
              SMLA_ERR_INVALID_ARGUMENT,
          "paged: extra page_size 0");
-  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, nullptr, 1, nullptr, nullptr, 0, 0,
-                                     nullptr, 0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) ==
+  expect(core(smla_paged_sparse_attention_params{.q = q.data(), .n = 1, .h_q = 1, .k_cache = cache.data(),
+                                                 .page_size = 2, .num_pages = 1, .topk = 1,
+                                                 .extra_page_size = 0, .extra_num_pages = 0, .extra_topk = 0,
+                                                 .sm_scale = 1.f, .out = out.data(), .lse = &lse}) ==
              SMLA_ERR_INVALID_ARGUMENT,
          "paged: null indices");
-  expect(smla_paged_sparse_attention(q.data(), 1, 1, cache.data(), 2, 1, &idx, 1, nullptr, nullptr, 0, 0, nullptr,
-                                     0, nullptr, nullptr, 1.f, out.data(), &lse, nullptr) == SMLA_OK,
+  expect(core(smla_paged_sparse_attention_params{.q = q.data(), .n = 1, .h_q = 1, .k_cache = cache.data(),
+                                                 .page_size = 2, .num_pages = 1, .indices = &idx, .topk = 1,
+                                                 .extra_page_size = 0, .extra_num_pages = 0, .extra_topk = 0,
+                                                 .sm_scale = 1.f, .out = out.data(), .lse = &lse}) == SMLA_OK,
          "paged: max_logits NULL allowed");
 }
 

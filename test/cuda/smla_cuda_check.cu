@@ -622,7 +622,7 @@ static void run_fuzz() {
     ++launches;
     std::vector<int64_t> ids = {0, -1, INT64_MIN, c.tokens(), INT64_MAX, c.tokens() - 1, (int64_t)1 << 40};
     DBuf<int64_t> dids(ids.size());
-    DBuf<uint16_t> ddq(ids.size() * 576);
+    DBuf<uint16_t> ddq(ids.size() * smla::v32::kDim);
     DBuf<int32_t> bad(1);
     dids.up(ids);
     check_status(smla_cuda_dequantize_kv_cache(SMLA_CACHE_V4, dc.p, P, pages, dids.p, int64_t(ids.size()), ddq.p,
@@ -750,7 +750,7 @@ static void run_bench(const char* json_path, int reps) {
       std::vector<int64_t> ids(n);
       for (auto& v : ids) v = r.range(0, tokens);
       DBuf<int64_t> di(n);
-      DBuf<uint16_t> dout(size_t(n) * (v4 ? 512 : 576));
+      DBuf<uint16_t> dout(size_t(n) * (v4 ? smla::v4::kDim : smla::v32::kDim));
       di.up(ids);
       const double ms = timer.median_ms(
           [&] {

@@ -46,6 +46,10 @@ constexpr int kNumTiles = 7;
 constexpr int kDataBytes = 576;     // 448 e4m3 + 64 bf16
 constexpr int kScaleBytes = 8;      // 7 ue8m0 + 1 pad
 constexpr int kTokenBytes = 584;
+// Page size of a compact cache holding only the tokens one call reads or writes (ids 0..m-1):
+// 72 tokens of 584 bytes fill 73 rows of 576 exactly, so its pages carry no padding.
+constexpr int kCompactPageSize = 72;
+static_assert(kCompactPageSize * kTokenBytes % kDataBytes == 0, "compact v4 pages are unpadded");
 
 SMLA_HD int64_t page_bytes(int64_t page_size) {
   return (page_size * kTokenBytes + kDataBytes - 1) / kDataBytes * kDataBytes;

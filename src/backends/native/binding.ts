@@ -1,7 +1,7 @@
 /**
  * The typed binding of the native addon (native/addon/) — the only file that knows the addon's
- * export names and argument orders (mirrored from native/addon/cpu_ops.cpp), and the one place
- * that loads it. Which file is loaded follows native/addon_locate.mjs: the package's prebuilt addon
+ * export names and argument types (the cpu ops' from ../abi.ts; the cuda ops' argument orders
+ * mirrored from native/addon/cuda_ops.cpp), and the one place that loads it. Which file is loaded follows native/addon_locate.mjs: the package's prebuilt addon
  * for this platform and CPU, or the one built here by native/install.mjs, in the order the install
  * chose; SPARSE_MLA_NATIVE_ADDON=<path> loads that file only (tests; a build kept elsewhere).
  *
@@ -11,6 +11,7 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { SparseMlaError } from '../../errors.js';
+import type { OpName, OpParams } from '../abi.js';
 import {
   ADDON_PATH_ENV,
   SOURCE_BUILD_ADDON,
@@ -31,80 +32,31 @@ export type { InstallStatus };
 export const ADDON_PATH = SOURCE_BUILD_ADDON;
 
 /** The ABI version this binding is written against (SMLA_ABI_VERSION). */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
+
+/** The ops of the addon's `cpu` table (native/addon/cpu_ops.cpp), each one op of the C ABI. */
+const CPU_OPS = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', 'quantizeKvCache'] as const satisfies readonly OpName[];
 
 /** How to get an addon here, for every "not available" message. */
 export const HOW_TO_BUILD = howToBuild();
 
 /**
- * The CPU ops: each runs the core on `threads` threads split by rows, off the event loop, and
- * resolves when the outputs (the arrays passed in, exact lengths) are written. Inputs may be
- * detached by the caller at any time: the addon reads a SharedArrayBuffer in place and copies
- * anything else when the call is made (native/addon/addon.h). Outputs must be fresh arrays that
- * nobody else can reach until the call settles. quantizeKvCache writes the cache only when it
- * settles, on this thread (a cache detached meanwhile: 'SMLA_DETACHED', nothing written).
+ * The CPU ops: each takes the thread count and the op's params object (../abi.ts: the C ABI's
+ * params struct as an object, read into it by the op's binding file in native/addon/), runs the
+ * core on `threads` threads split by rows, off the event loop, and resolves when the outputs (the
+ * arrays passed in, exact lengths) are written. Inputs may be detached by the caller at any time:
+ * the addon reads a SharedArrayBuffer in place and copies anything else when the call is made
+ * (native/addon/addon.h). Outputs must be fresh arrays that nobody else can reach until the call
+ * settles. quantizeKvCache writes the cache only when it settles, on this thread (a cache detached
+ * meanwhile: 'SMLA_DETACHED', nothing written); duplicate ids: the last row wins.
  * Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from a CUDA op) and `status`
  * (the core's status name / "cudaErrorX: message"); arguments that do not match throw with code
  * 'SMLA_ADDON_ARGUMENT', an input copy that cannot be allocated with 'SMLA_OUT_OF_MEMORY'.
  * addonFailure() turns all of these into typed errors.
  */
-export interface NativeCpuOps {
-  sparsePrefill(
-    threads: number,
-    q: Uint16Array,
-    kv: Uint16Array,
-    indices: Int32Array,
-    topkLength: Int32Array | null,
-    attnSink: Float32Array | null,
-    sQ: number,
-    hQ: number,
-    dQK: number,
-    dV: number,
-    sKV: number,
-    topk: number,
-    smScale: number,
-    out: Uint16Array,
-    maxLogits: Float32Array,
-    lse: Float32Array,
-  ): Promise<void>;
-  pagedSparseAttention(
-    threads: number,
-    q: Uint16Array,
-    n: number,
-    hQ: number,
-    kCache: Uint8Array,
-    pageSize: number,
-    numPages: number,
-    indices: Int32Array,
-    topk: number,
-    topkLength: Int32Array | null,
-    extraKCache: Uint8Array | null,
-    extraPageSize: number,
-    extraNumPages: number,
-    extraIndices: Int32Array | null,
-    extraTopk: number,
-    extraTopkLength: Int32Array | null,
-    attnSink: Float32Array | null,
-    smScale: number,
-    out: Uint16Array,
-    lse: Float32Array,
-    maxLogits: Float32Array,
-  ): Promise<void>;
-  /** format: 0 = v4, 1 = v32 (smla_cache_format) */
-  dequantizeKvCache(threads: number, format: 0 | 1, cache: Uint8Array, pageSize: number, numPages: number, tokenIds: Int32Array, n: number, out: Uint16Array): Promise<void>;
-  /** rowsDtype: 0 = float32, 1 = bf16 (smla_row_dtype); duplicate ids: the last row wins */
-  quantizeKvCache(
-    threads: number,
-    format: 0 | 1,
-    cache: Uint8Array,
-    pageSize: number,
-    numPages: number,
-    tokenIds: Int32Array,
-    n: number,
-    rows: Float32Array | Uint16Array,
-    rowsDtype: 0 | 1,
-  ): Promise<void>;
-}
+export type NativeCpuOps = {
+  [Op in (typeof CPU_OPS)[number]]: (threads: number, params: OpParams<Op>) => Promise<void>;
+};
 
 /**
  * A device allocation of the addon (native/addon/cuda_ops.cpp DeviceBuffer): stream-ordered
@@ -314,7 +266,6 @@ export type AddonLoad =
     }
   | { ok: false; reason: string; path: string; install: InstallStatus | null };
 
-const CPU_OPS: readonly (keyof NativeCpuOps)[] = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', 'quantizeKvCache'];
 
 /**
  * The addon at path, or why it cannot be used. `sources` (a source build): the fingerprint of the

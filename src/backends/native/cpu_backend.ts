@@ -25,6 +25,7 @@ import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
+import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
 
 /**
  * Smallest work (flop-equivalents) worth a thread of its own: starting and joining a thread costs
@@ -47,7 +48,7 @@ function alloc<T>(ctor: new (n: number) => T, n: number, argument: string): T {
 }
 
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
-const COMPACT_TOKEN_BYTES = { v4: 584, v32: 656 } as const;
+const COMPACT_TOKEN_BYTES = { v4: V4_TOKEN_BYTES, v32: V32_TOKEN_BYTES } as const;
 
 export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
@@ -121,7 +122,7 @@ export class CpuBackend implements Backend {
     const lse = alloc(Float32Array, sQ * hQ, 'lse');
     const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
-      this.addon.cpu.sparsePrefill(threads, q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, job.smScale, out, maxLogits, lse),
+      this.addon.cpu.sparsePrefill(threads, { q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, smScale: job.smScale, out, maxLogits, lse }),
     );
     return { out, maxLogits, lse };
   }
@@ -138,29 +139,28 @@ export class CpuBackend implements Backend {
     const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];
     await this.run('pagedSparseAttention', inputs, names, ([q, kc, indices, topkLength, ekc, eIndices, eTopkLength, attnSink]) =>
-      this.addon.cpu.pagedSparseAttention(
-        threads,
+      this.addon.cpu.pagedSparseAttention(threads, {
         q,
         n,
         hQ,
-        kc,
-        main.cache.pageSize,
-        main.cache.numPages,
+        kCache: kc,
+        pageSize: main.cache.pageSize,
+        numPages: main.cache.numPages,
         indices,
-        main.topk,
+        topk: main.topk,
         topkLength,
-        extra ? ekc : null,
-        extra ? extra.cache.pageSize : 0,
-        extra ? extra.cache.numPages : 0,
-        extra ? eIndices : null,
-        extra ? extra.topk : 0,
-        extra ? eTopkLength : null,
+        extraKCache: extra ? ekc : null,
+        extraPageSize: extra ? extra.cache.pageSize : 0,
+        extraNumPages: extra ? extra.cache.numPages : 0,
+        extraIndices: extra ? eIndices : null,
+        extraTopk: extra ? extra.topk : 0,
+        extraTopkLength: extra ? eTopkLength : null,
         attnSink,
-        job.smScale,
+        smScale: job.smScale,
         out,
         lse,
         maxLogits,
-      ),
+      }),
     );
     return { out, lse, maxLogits };
   }
@@ -174,7 +174,7 @@ export class CpuBackend implements Backend {
     const out = alloc(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run('dequantizeKCachePaged', [tokenIds] as const, ['tokenIds'], ([ids]) =>
-      this.addon.cpu.dequantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, ids, n, out),
+      this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, out }),
       cache,
     );
     return out;
@@ -187,7 +187,7 @@ export class CpuBackend implements Backend {
     this.budget('quantizeKCache', 'rows', [tokenIds, rows], 0, n * COMPACT_TOKEN_BYTES[cache.format]);
     const threads = threadsFor(this.workers, n, rowDim * 32);
     await this.run('quantizeKCache', [tokenIds, rows] as const, ['tokenIds', 'rows.data'], ([ids, staged]) =>
-      this.addon.cpu.quantizeKvCache(threads, CACHE_FORMAT_CODE[cache.format], cache.data, cache.pageSize, cache.numPages, ids, n, staged, ROWS_DTYPE_CODE[rowsDtype]),
+      this.addon.cpu.quantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, rows: staged, rowsDtype: ROWS_DTYPE_CODE[rowsDtype] }),
       cache,
     );
   }

@@ -1,7 +1,8 @@
 /**
- * The ops of wasm/sparse_mla.wasm — the only file that knows the module's export names and
- * signatures (cpp/include/sparse_mla/sparse_mla.h). WasmCore wraps one instance: allocate, copy
- * inputs into the heap, call, check the status, copy outputs out, free. Loading is loader.ts's.
+ * The ops of wasm/sparse_mla.wasm. Every op of the C ABI takes one params struct, described field
+ * by field in ../abi.ts; call() writes that struct and the arrays it points to into the module's
+ * heap, calls the op, checks its status and copies the outputs out. WasmCore wraps one instance
+ * and gives each op the shape its callers (the worker, the planner) use. Loading is loader.ts's.
  *
  * Memory growth: any smla_malloc or core call may grow the memory, which detaches every
  * typed-array view of the old buffer, so views are re-created from `memory.buffer` after each such
@@ -9,6 +10,7 @@
  */
 import { SparseMlaError } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
+import { OP_PARAMS, cFunctionName, fieldsOf, type FieldKind, type OpName, type OpParams } from '../abi.js';
 import {
   WASM32_MAX_BYTES,
   compileModule,
@@ -21,23 +23,17 @@ import {
 } from './loader.js';
 
 /** The ABI version this binding is written against (SMLA_ABI_VERSION). */
-export const ABI_VERSION = 1;
+export const ABI_VERSION = 2;
 
-const REQUIRED_EXPORTS = [
-  'memory',
-  'smla_abi_version',
-  'smla_malloc',
-  'smla_free',
-  'smla_quantize_kv_cache',
-  'smla_dequantize_kv_cache',
-  'smla_sparse_prefill',
-  'smla_paged_sparse_attention',
-  'smla_plan_layout',
-  'smla_plan_compressed_token_ids',
-  'smla_plan_dense_rows',
-  'smla_plan_combine_topk',
-  'smla_plan_paged_form',
-] as const;
+const REQUIRED_EXPORTS = ['memory', 'smla_abi_version', 'smla_malloc', 'smla_free', ...(Object.keys(OP_PARAMS) as OpName[]).map(cFunctionName)];
+
+/** Compiles the module and checks it has every export WasmCore calls (the worker pool's way). */
+export const compileCoreModule = (): Promise<CompiledCore> => compileModule(REQUIRED_EXPORTS);
+
+/** compileCoreModule, synchronously (the planner's way). */
+export const compileCoreModuleSync = (): CompiledCore => compileModuleSync(REQUIRED_EXPORTS);
+
+export type { CompiledCore, WasmModule };
 
 type Ptr = number;
 interface CoreExports {
@@ -45,31 +41,7 @@ interface CoreExports {
   smla_abi_version(): number;
   smla_malloc(bytes: number): Ptr;
   smla_free(ptr: Ptr): void;
-  smla_quantize_kv_cache(format: number, cache: Ptr, pageSize: number, numPages: number, tokenIds: Ptr, numTokens: number, rows: Ptr, rowsDtype: number): number;
-  smla_dequantize_kv_cache(format: number, cache: Ptr, pageSize: number, numPages: number, tokenIds: Ptr, numTokens: number, out: Ptr): number;
-  smla_sparse_prefill(
-    q: Ptr, kv: Ptr, indices: Ptr, topkLength: Ptr, attnSink: Ptr,
-    sQ: number, hQ: number, dQK: number, dV: number, sKV: number, topk: number, smScale: number,
-    out: Ptr, maxLogits: Ptr, lse: Ptr,
-  ): number;
-  smla_paged_sparse_attention(
-    q: Ptr, n: number, hQ: number, kCache: Ptr, pageSize: number, numPages: number,
-    indices: Ptr, topk: number, topkLength: Ptr,
-    extraKCache: Ptr, extraPageSize: number, extraNumPages: number,
-    extraIndices: Ptr, extraTopk: number, extraTopkLength: Ptr,
-    attnSink: Ptr, smScale: number, out: Ptr, lse: Ptr, maxLogits: Ptr,
-  ): number;
-  smla_plan_layout(n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, queryOffsets: Ptr, swaOffsets: Ptr, compOffsets: Ptr, totals: Ptr): number;
-  smla_plan_compressed_token_ids(n: number, seqLens: Ptr, extendLens: Ptr, ratio: number, pageTables: Ptr, pageTableOffsets: Ptr, pageSize: number, tokenIds: Ptr): number;
-  smla_plan_dense_rows(n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, width: number, rows: Ptr, lens: Ptr): number;
-  smla_plan_combine_topk(
-    n: number, seqLens: Ptr, extendLens: Ptr, window: number, ratio: number, topkIndices: Ptr, topk: number, width: number,
-    rows: Ptr, lens: Ptr, dropped: Ptr, droppedTotal: Ptr,
-  ): number;
-  smla_plan_paged_form(
-    nq: number, rows: Ptr, lens: Ptr, width: number, compRows: number, swaRows: number, compTokenIds: Ptr, swaTokenIds: Ptr,
-    mainRows: Ptr, mainWidth: number, mainLens: Ptr, extraRows: Ptr, extraWidth: number, extraLens: Ptr,
-  ): number;
+  [op: string]: unknown;
 }
 
 const STATUS_NAMES: Record<number, string> = {
@@ -81,15 +53,14 @@ const STATUS_NAMES: Record<number, string> = {
 const CACHE_FORMAT: Record<CacheFormat, number> = { v4: 0, v32: 1 };
 const ROWS_DTYPE = { float32: 0, bf16: 1 } as const;
 
-/** Compiles the module and checks it has every export WasmCore calls (the worker pool's way). */
-export const compileCoreModule = (): Promise<CompiledCore> => compileModule(REQUIRED_EXPORTS);
+/** In wasm32 every field of a params struct (a pointer, an int32 or a float) takes 4 bytes. */
+const FIELD_BYTES = 4;
 
-/** compileCoreModule, synchronously (the planner's way). */
-export const compileCoreModuleSync = (): CompiledCore => compileModuleSync(REQUIRED_EXPORTS);
-
-export type { CompiledCore, WasmModule };
-
-type Typed = Uint8Array | Uint16Array | Int32Array | Float32Array | BigInt64Array;
+type HeapArray = Uint8Array | Uint16Array | Int32Array | Float32Array | BigInt64Array;
+const isScalar = (kind: FieldKind): boolean => kind === 'i32' || kind === 'f32';
+/** Fields whose contents go into the heap before the call, and those copied out after it. */
+const copiedIn = (kind: FieldKind): boolean => kind === 'ids' || kind === 'rows' || kind.startsWith('in');
+const copiedOut = (kind: FieldKind): boolean => kind.startsWith('out') || kind.startsWith('inout');
 
 /** Index rows and their lengths, as the smla_plan_* calls write them. */
 export interface PlanRows {
@@ -128,10 +99,6 @@ export class WasmCore {
     return this.x.memory.buffer.byteLength;
   }
 
-  private u8(): Uint8Array {
-    return new Uint8Array(this.x.memory.buffer);
-  }
-
   /** Allocates every size (≥ 1 byte each) or none; frees them after fn, whatever happens. */
   private withHeap<T>(sizes: readonly number[], fn: (ptrs: Ptr[]) => T): T {
     const ptrs: Ptr[] = [];
@@ -150,24 +117,6 @@ export class WasmCore {
     }
   }
 
-  private put(ptr: Ptr, src: Typed | null): void {
-    if (src && src.byteLength > 0) this.u8().set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength), ptr);
-  }
-
-  /** Writes int32 ids as the int64 array the ABI takes. */
-  private putIdsAsInt64(ptr: Ptr, ids: Int32Array): void {
-    const h = new Int32Array(this.x.memory.buffer, ptr, ids.length * 2);
-    for (let i = 0; i < ids.length; i++) {
-      const v = ids[i]!;
-      h[2 * i] = v;
-      h[2 * i + 1] = v >> 31;
-    }
-  }
-
-  private take(ptr: Ptr, bytes: number): ArrayBuffer {
-    return this.u8().slice(ptr, ptr + bytes).buffer;
-  }
-
   private check(status: number, op: string): void {
     if (status === 0) return;
     const name = STATUS_NAMES[status] ?? `status ${status}`;
@@ -175,53 +124,72 @@ export class WasmCore {
     throw new SparseMlaError('BACKEND_FAILURE', `wasm ${op}: the core returned ${name} for arguments the facade had validated (a bug: please report it)`, 'backend');
   }
 
+  /**
+   * Runs one op of the C ABI: its params struct and every array it points to in the heap (token
+   * ids widened to int64), the call, the status, the outputs copied into the arrays given.
+   * `label` names the op in errors.
+   */
+  private call<Op extends OpName>(op: Op, params: OpParams<Op>, label: string): void {
+    const fields = fieldsOf(op);
+    const values = params as unknown as Record<string, number | HeapArray | null>;
+    const arrays = fields.map(([name, kind]) => (isScalar(kind) ? null : (values[name] as HeapArray | null)));
+    const bytes = arrays.map((a, i) => (a === null ? 0 : fields[i]![1] === 'ids' ? a.length * 8 : a.byteLength));
+    this.withHeap([fields.length * FIELD_BYTES, ...bytes], ([struct, ...ptrs]) => {
+      arrays.forEach((a, i) => {
+        if (a === null || !copiedIn(fields[i]![1])) return;
+        if (fields[i]![1] === 'ids') {
+          const halves = new Int32Array(this.x.memory.buffer, ptrs[i]!, a.length * 2); // little-endian int64
+          for (let k = 0; k < a.length; k++) {
+            const v = a[k] as number;
+            halves[2 * k] = v;
+            halves[2 * k + 1] = v >> 31;
+          }
+        } else {
+          new Uint8Array(this.x.memory.buffer).set(new Uint8Array(a.buffer, a.byteOffset, a.byteLength), ptrs[i]!);
+        }
+      });
+      const view = new DataView(this.x.memory.buffer);
+      fields.forEach(([name, kind], i) => {
+        const at = struct! + i * FIELD_BYTES;
+        if (kind === 'i32') view.setInt32(at, values[name] as number, true);
+        else if (kind === 'f32') view.setFloat32(at, values[name] as number, true);
+        else view.setUint32(at, arrays[i] === null ? 0 : ptrs[i]!, true);
+      });
+      this.check((this.x[cFunctionName(op)] as (p: Ptr) => number)(struct!), label);
+      const heap = new Uint8Array(this.x.memory.buffer);
+      arrays.forEach((a, i) => {
+        if (a !== null && copiedOut(fields[i]![1])) new Uint8Array(a.buffer, a.byteOffset, a.byteLength).set(heap.subarray(ptrs[i]!, ptrs[i]! + a.byteLength));
+      });
+    });
+  }
+
   /** Quantizes rows into `cache` (a copy of it; null = zero-filled) and returns the cache bytes. */
   quantizeKvCache(a: {
     format: CacheFormat; pageSize: number; numPages: number; cacheBytes: number; cache: Uint8Array | null;
     tokenIds: Int32Array; rows: Uint16Array | Float32Array; rowsDtype: 'bf16' | 'float32';
   }): Uint8Array {
-    const n = a.tokenIds.length;
-    return this.withHeap([a.cacheBytes, n * 8, a.rows.byteLength], ([cache, ids, rows]) => {
-      if (a.cache) this.put(cache!, a.cache);
-      else this.u8().fill(0, cache!, cache! + a.cacheBytes);
-      this.putIdsAsInt64(ids!, a.tokenIds);
-      this.put(rows!, a.rows);
-      this.check(this.x.smla_quantize_kv_cache(CACHE_FORMAT[a.format], cache!, a.pageSize, a.numPages, ids!, n, rows!, ROWS_DTYPE[a.rowsDtype]), 'quantizeKCache');
-      return new Uint8Array(this.take(cache!, a.cacheBytes));
-    });
+    const cache = a.cache ? a.cache.slice() : new Uint8Array(a.cacheBytes);
+    const { format, pageSize, numPages, tokenIds, rows, rowsDtype } = a;
+    this.call('quantizeKvCache', { format: CACHE_FORMAT[format], cache, pageSize, numPages, tokenIds, numTokens: tokenIds.length, rows, rowsDtype: ROWS_DTYPE[rowsDtype] }, 'quantizeKCache');
+    return cache;
   }
 
   /** bf16 [n, rowDim] rows of the given token ids. */
   dequantizeKvCache(a: { format: CacheFormat; pageSize: number; numPages: number; cache: Uint8Array; tokenIds: Int32Array; rowDim: number }): Uint16Array {
-    const n = a.tokenIds.length;
-    const outBytes = n * a.rowDim * 2;
-    return this.withHeap([a.cache.byteLength, n * 8, outBytes], ([cache, ids, out]) => {
-      this.put(cache!, a.cache);
-      this.putIdsAsInt64(ids!, a.tokenIds);
-      this.check(this.x.smla_dequantize_kv_cache(CACHE_FORMAT[a.format], cache!, a.pageSize, a.numPages, ids!, n, out!), 'dequantizeKCachePaged');
-      return new Uint16Array(this.take(out!, outBytes));
-    });
+    const out = new Uint16Array(a.tokenIds.length * a.rowDim);
+    const { pageSize, numPages, cache, tokenIds } = a;
+    this.call('dequantizeKvCache', { format: CACHE_FORMAT[a.format], cache, pageSize, numPages, tokenIds, numTokens: tokenIds.length, out }, 'dequantizeKCachePaged');
+    return out;
   }
 
   sparsePrefill(a: {
     q: Uint16Array; kv: Uint16Array; indices: Int32Array; topkLength: Int32Array | null; attnSink: Float32Array | null;
     sQ: number; hQ: number; dQK: number; dV: number; sKV: number; topk: number; smScale: number;
   }): { out: Uint16Array; maxLogits: Float32Array; lse: Float32Array } {
-    const outBytes = a.sQ * a.hQ * a.dV * 2;
-    const statBytes = a.sQ * a.hQ * 4;
-    const sizes = [a.q.byteLength, a.kv.byteLength, a.indices.byteLength, a.topkLength?.byteLength ?? 0, a.attnSink?.byteLength ?? 0, outBytes, statBytes, statBytes];
-    return this.withHeap(sizes, ([q, kv, idx, tl, sink, out, ml, lse]) => {
-      this.put(q!, a.q);
-      this.put(kv!, a.kv);
-      this.put(idx!, a.indices);
-      this.put(tl!, a.topkLength);
-      this.put(sink!, a.attnSink);
-      this.check(
-        this.x.smla_sparse_prefill(q!, kv!, idx!, a.topkLength ? tl! : 0, a.attnSink ? sink! : 0, a.sQ, a.hQ, a.dQK, a.dV, a.sKV, a.topk, a.smScale, out!, ml!, lse!),
-        'sparsePrefill',
-      );
-      return { out: new Uint16Array(this.take(out!, outBytes)), maxLogits: new Float32Array(this.take(ml!, statBytes)), lse: new Float32Array(this.take(lse!, statBytes)) };
-    });
+    const r = { out: new Uint16Array(a.sQ * a.hQ * a.dV), maxLogits: new Float32Array(a.sQ * a.hQ), lse: new Float32Array(a.sQ * a.hQ) };
+    const { q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, smScale } = a;
+    this.call('sparsePrefill', { q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, smScale, ...r }, 'sparsePrefill');
+    return r;
   }
 
   pagedSparseAttention(a: {
@@ -231,35 +199,20 @@ export class WasmCore {
     attnSink: Float32Array | null; smScale: number;
   }): { out: Uint16Array; maxLogits: Float32Array; lse: Float32Array } {
     const D = 512;
-    const outBytes = a.n * a.hQ * D * 2;
-    const statBytes = a.n * a.hQ * 4;
-    const e = a.extra;
-    const sizes = [
-      a.q.byteLength, a.main.cache.byteLength, a.main.indices.byteLength, a.main.topkLength?.byteLength ?? 0,
-      e?.cache.byteLength ?? 0, e?.indices.byteLength ?? 0, e?.topkLength?.byteLength ?? 0,
-      a.attnSink?.byteLength ?? 0, outBytes, statBytes, statBytes,
-    ];
-    return this.withHeap(sizes, ([q, kc, idx, tl, ekc, eidx, etl, sink, out, lse, ml]) => {
-      this.put(q!, a.q);
-      this.put(kc!, a.main.cache);
-      this.put(idx!, a.main.indices);
-      this.put(tl!, a.main.topkLength);
-      if (e) {
-        this.put(ekc!, e.cache);
-        this.put(eidx!, e.indices);
-        this.put(etl!, e.topkLength);
-      }
-      this.put(sink!, a.attnSink);
-      this.check(
-        this.x.smla_paged_sparse_attention(
-          q!, a.n, a.hQ, kc!, a.main.pageSize, a.main.numPages, idx!, a.main.topk, a.main.topkLength ? tl! : 0,
-          e ? ekc! : 0, e?.pageSize ?? 0, e?.numPages ?? 0, e ? eidx! : 0, e?.topk ?? 0, e?.topkLength ? etl! : 0,
-          a.attnSink ? sink! : 0, a.smScale, out!, lse!, ml!,
-        ),
-        'pagedSparseAttention',
-      );
-      return { out: new Uint16Array(this.take(out!, outBytes)), maxLogits: new Float32Array(this.take(ml!, statBytes)), lse: new Float32Array(this.take(lse!, statBytes)) };
-    });
+    const r = { out: new Uint16Array(a.n * a.hQ * D), maxLogits: new Float32Array(a.n * a.hQ), lse: new Float32Array(a.n * a.hQ) };
+    const { main: m, extra: e } = a;
+    this.call(
+      'pagedSparseAttention',
+      {
+        q: a.q, n: a.n, hQ: a.hQ,
+        kCache: m.cache, pageSize: m.pageSize, numPages: m.numPages, indices: m.indices, topk: m.topk, topkLength: m.topkLength,
+        extraKCache: e?.cache ?? null, extraPageSize: e?.pageSize ?? 0, extraNumPages: e?.numPages ?? 0,
+        extraIndices: e?.indices ?? null, extraTopk: e?.topk ?? 0, extraTopkLength: e?.topkLength ?? null,
+        attnSink: a.attnSink, smScale: a.smScale, ...r,
+      },
+      'pagedSparseAttention',
+    );
+    return r;
   }
 
   // ---- planner (SPEC §6): small integer work; sizes come from the caller, which validated them ----
@@ -269,70 +222,38 @@ export class WasmCore {
     queryOffsets: BigInt64Array; swaOffsets: BigInt64Array; compOffsets: BigInt64Array; totals: BigInt64Array;
   } {
     const n = seqLens.length;
-    const offBytes = (n + 1) * 8;
-    return this.withHeap([seqLens.byteLength, extendLens.byteLength, offBytes, offBytes, offBytes, 4 * 8], ([seq, ext, qo, so, co, tot]) => {
-      this.put(seq!, seqLens);
-      this.put(ext!, extendLens);
-      this.check(this.x.smla_plan_layout(n, seq!, ext!, window, ratio, qo!, so!, co!, tot!), 'planLayout');
-      return {
-        queryOffsets: new BigInt64Array(this.take(qo!, offBytes)),
-        swaOffsets: new BigInt64Array(this.take(so!, offBytes)),
-        compOffsets: new BigInt64Array(this.take(co!, offBytes)),
-        totals: new BigInt64Array(this.take(tot!, 4 * 8)),
-      };
-    });
+    const r = { queryOffsets: new BigInt64Array(n + 1), swaOffsets: new BigInt64Array(n + 1), compOffsets: new BigInt64Array(n + 1), totals: new BigInt64Array(4) };
+    this.call('planLayout', { numRequests: n, seqLens, extendLens, window, ratio, ...r }, 'planLayout');
+    return r;
   }
 
   /** int64 [compRows] compressed gather ids through the page tables (request r's: pageTables[offsets[r] .. offsets[r + 1])). */
   planCompressedTokenIds(a: {
     seqLens: Int32Array; extendLens: Int32Array; ratio: number; pageTables: Int32Array; pageTableOffsets: BigInt64Array; pageSize: number; compRows: number;
   }): BigInt64Array {
-    const outBytes = a.compRows * 8;
-    const sizes = [a.seqLens.byteLength, a.extendLens.byteLength, a.pageTables.byteLength, a.pageTableOffsets.byteLength, outBytes];
-    return this.withHeap(sizes, ([seq, ext, tab, off, out]) => {
-      this.put(seq!, a.seqLens);
-      this.put(ext!, a.extendLens);
-      this.put(tab!, a.pageTables);
-      this.put(off!, a.pageTableOffsets);
-      this.check(this.x.smla_plan_compressed_token_ids(a.seqLens.length, seq!, ext!, a.ratio, tab!, off!, a.pageSize, out!), 'planCompressedTokenIds');
-      return new BigInt64Array(this.take(out!, outBytes));
-    });
+    const tokenIds = new BigInt64Array(a.compRows);
+    const { seqLens, extendLens, ratio, pageTables, pageTableOffsets, pageSize } = a;
+    this.call('planCompressedTokenIds', { numRequests: seqLens.length, seqLens, extendLens, ratio, pageTables, pageTableOffsets, pageSize, tokenIds }, 'planCompressedTokenIds');
+    return tokenIds;
   }
 
   /** Combined rows of ratio 0 or 128: int32 [numQueries, width] (−1 padded) and their lengths. */
   planDenseRows(a: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; width: number; numQueries: number }): PlanRows {
-    const rowBytes = a.numQueries * a.width * 4;
-    const lenBytes = a.numQueries * 4;
-    return this.withHeap([a.seqLens.byteLength, a.extendLens.byteLength, rowBytes, lenBytes], ([seq, ext, rows, lens]) => {
-      this.put(seq!, a.seqLens);
-      this.put(ext!, a.extendLens);
-      this.check(this.x.smla_plan_dense_rows(a.seqLens.length, seq!, ext!, a.window, a.ratio, a.width, rows!, lens!), 'planDenseRows');
-      return { rows: new Int32Array(this.take(rows!, rowBytes)), lens: new Int32Array(this.take(lens!, lenBytes)) };
-    });
+    const r = { rows: new Int32Array(a.numQueries * a.width), lens: new Int32Array(a.numQueries) };
+    const { seqLens, extendLens, window, ratio, width } = a;
+    this.call('planDenseRows', { numRequests: seqLens.length, seqLens, extendLens, window, ratio, width, ...r }, 'planDenseRows');
+    return r;
   }
 
   /** Combined rows of a top-k layer, with the not-yet-visible entries dropped and counted. */
   planCombineTopk(a: {
     seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array; topk: number; width: number; numQueries: number;
   }): PlanRows & { dropped: Int32Array; droppedTotal: number } {
-    const rowBytes = a.numQueries * a.width * 4;
-    const lenBytes = a.numQueries * 4;
-    const sizes = [a.seqLens.byteLength, a.extendLens.byteLength, a.topkIndices.byteLength, rowBytes, lenBytes, lenBytes, 8];
-    return this.withHeap(sizes, ([seq, ext, k, rows, lens, dropped, total]) => {
-      this.put(seq!, a.seqLens);
-      this.put(ext!, a.extendLens);
-      this.put(k!, a.topkIndices);
-      this.check(
-        this.x.smla_plan_combine_topk(a.seqLens.length, seq!, ext!, a.window, a.ratio, k!, a.topk, a.width, rows!, lens!, dropped!, total!),
-        'planCombineTopk',
-      );
-      return {
-        rows: new Int32Array(this.take(rows!, rowBytes)),
-        lens: new Int32Array(this.take(lens!, lenBytes)),
-        dropped: new Int32Array(this.take(dropped!, lenBytes)),
-        droppedTotal: Number(new BigInt64Array(this.take(total!, 8))[0]),
-      };
-    });
+    const r = { rows: new Int32Array(a.numQueries * a.width), lens: new Int32Array(a.numQueries), dropped: new Int32Array(a.numQueries) };
+    const droppedTotal = new BigInt64Array(1);
+    const { seqLens, extendLens, window, ratio, topkIndices, topk, width } = a;
+    this.call('planCombineTopk', { numRequests: seqLens.length, seqLens, extendLens, window, ratio, topkIndices, topk, width, ...r, droppedTotal }, 'planCombineTopk');
+    return { ...r, droppedTotal: Number(droppedTotal[0]) };
   }
 
   /** The paged form of combined rows: the main (SWA) and extra (compressed) token-id sets; a width of 0 leaves that set out. */
@@ -341,26 +262,17 @@ export class WasmCore {
     compTokenIds: BigInt64Array; swaTokenIds: BigInt64Array; mainWidth: number; extraWidth: number;
   }): { main?: PlanRows; extra?: PlanRows } {
     const nq = a.lens.length;
-    const mainBytes = a.mainWidth > 0 ? nq * a.mainWidth * 4 : 0, mainLenBytes = a.mainWidth > 0 ? nq * 4 : 0;
-    const extraBytes = a.extraWidth > 0 ? nq * a.extraWidth * 4 : 0, extraLenBytes = a.extraWidth > 0 ? nq * 4 : 0;
-    const sizes = [a.rows.byteLength, a.lens.byteLength, a.compTokenIds.byteLength, a.swaTokenIds.byteLength, mainBytes, mainLenBytes, extraBytes, extraLenBytes];
-    return this.withHeap(sizes, ([rows, lens, comp, swa, main, mainLens, extra, extraLens]) => {
-      this.put(rows!, a.rows);
-      this.put(lens!, a.lens);
-      this.put(comp!, a.compTokenIds);
-      this.put(swa!, a.swaTokenIds);
-      const withMain = a.mainWidth > 0, withExtra = a.extraWidth > 0;
-      this.check(
-        this.x.smla_plan_paged_form(
-          nq, rows!, lens!, a.width, a.compRows, a.swaRows, comp!, swa!,
-          withMain ? main! : 0, a.mainWidth, withMain ? mainLens! : 0, withExtra ? extra! : 0, a.extraWidth, withExtra ? extraLens! : 0,
-        ),
-        'planPagedForm',
-      );
-      return {
-        main: withMain ? { rows: new Int32Array(this.take(main!, mainBytes)), lens: new Int32Array(this.take(mainLens!, mainLenBytes)) } : undefined,
-        extra: withExtra ? { rows: new Int32Array(this.take(extra!, extraBytes)), lens: new Int32Array(this.take(extraLens!, extraLenBytes)) } : undefined,
-      };
-    });
+    const set = (width: number): PlanRows | undefined => (width > 0 ? { rows: new Int32Array(nq * width), lens: new Int32Array(nq) } : undefined);
+    const main = set(a.mainWidth), extra = set(a.extraWidth);
+    const { rows, lens, width, compRows, swaRows, compTokenIds, swaTokenIds, mainWidth, extraWidth } = a;
+    this.call(
+      'planPagedForm',
+      {
+        numQueries: nq, rows, lens, width, compRows, swaRows, compTokenIds, swaTokenIds,
+        mainRows: main?.rows ?? null, mainWidth, mainLens: main?.lens ?? null, extraRows: extra?.rows ?? null, extraWidth, extraLens: extra?.lens ?? null,
+      },
+      'planPagedForm',
+    );
+    return { main, extra };
   }
 }

@@ -20,7 +20,7 @@ import type {
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
-import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../ops/kv_cache.js';
+import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';

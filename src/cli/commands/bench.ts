@@ -17,9 +17,9 @@ import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
-import { c4ChunkInputs, placeC4Chunk, prefillFlops, shuffled, type C4ChunkInputs } from '../../check/chunks.js';
+import { c4ChunkInputs, placeC4Chunk, prefillFlops, shuffled, type C4ChunkInputs, type C4ChunkPlacement } from '../../check/chunks.js';
 import { makeRng, uniformBf16Bits } from '../../check/grid.js';
-import { cacheOpBytes, rowDimOf } from '../../ops/kv_cache.js';
+import { cacheOpBytes, rowDimOf } from '../../kv_cache_layout.js';
 import { checkChunkShape, chunkShapeFromOptions, RUN_OPTIONS } from './run.js';
 
 /** Head dims of the chunk (dQK = dV = 512, the v4 row). */
@@ -196,14 +196,15 @@ export async function benchCommand(argv: string[]): Promise<number> {
   const poolSizes = [...new Set([1, n])];
 
   checkChunkShape(shape);
-  const placement = placeC4Chunk(shape, makeRng(shape.seed));
   // Refuse a missing backend before generating anything.
   let engine: Engine | undefined = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers: poolSizes[0]! });
 
   progress.start('generating inputs', 0);
+  let placement: C4ChunkPlacement;
   let w: C4ChunkInputs;
   let cacheIn: ReturnType<typeof cacheInputs>;
   try {
+    placement = placeC4Chunk(shape, makeRng(shape.seed));
     w = c4ChunkInputs(placement, makeRng(shape.seed ^ 0x1b873593));
     cacheIn = cacheInputs(o['dequant-tokens'], o['page-size'], o.seed);
   } catch (err) {

@@ -15,7 +15,7 @@ import { CudaBackend } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
 import { combinedWidth, createPlan, prefillLayer, requestVisible } from '../../planner/index.js';
-import { rowDimOf } from '../../ops/kv_cache.js';
+import { rowDimOf } from '../../kv_cache_layout.js';
 import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
 import { chunkScenario, indexerTopk } from '../../check/chunks.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';

@@ -35,7 +35,7 @@ import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTa
 import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
 import { c4ChunkInputs, placeC4Chunk, prefillFlops, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
 import { makeRng, sampleRows } from '../../check/grid.js';
-import { cacheOpBytes, rowDimOf, tokenByteRanges, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../../ops/kv_cache.js';
+import { cacheOpBytes, rowDimOf, tokenByteRanges, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../../kv_cache_layout.js';
 
 /** Head dims of the chunk (dQK = dV = 512, the v4 row). */
 const D = rowDimOf('v4');
@@ -384,9 +384,7 @@ export async function runCommand(argv: string[]): Promise<number> {
     seed: o.seed,
   };
 
-  // sizes, then the backend, are refused before any work
-  if (runPrefill) checkChunkShape(shape);
-  const placement = runPrefill ? placeC4Chunk(shape, makeRng(shape.seed)) : undefined;
+  if (runPrefill) checkChunkShape(shape); // sizes, then the backend, are refused before any work
   const steps: StepRow[] = [];
   const checks: CheckRow[] = [];
 
@@ -401,7 +399,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   let prefill: PrefillSection | undefined;
   let layers: LayerReport | undefined;
   try {
-    if (placement) prefill = await runPrefillSection(engine, placement, o.check, o.block, progress, steps, checks);
+    if (runPrefill) prefill = await runPrefillSection(engine, placeC4Chunk(shape, makeRng(shape.seed)), o.check, o.block, progress, steps, checks);
     if (runLayers) layers = await runLayerChunk(engine, layerShape, progress);
   } finally {
     await engine.dispose();

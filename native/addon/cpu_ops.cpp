@@ -55,16 +55,22 @@ int32_t CheckIds(const int32_t* ids, int64_t n, int64_t num_tokens) {
   return SMLA_OK;
 }
 
-// sparsePrefill(threads, params)
+// Queues an op over `rows` rows on the call's threads (argument 0); run(b, e) calls the core on
+// rows [b, e) and must touch only their outputs.
+Napi::Value QueueRows(Args& a, int64_t rows, std::function<int32_t(int64_t, int64_t)> run) {
+  RowJob job;
+  job.rows = rows;
+  job.threads = a.Int(0, "threads", 1, kMaxThreads);
+  job.run = std::move(run);
+  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+}
+
+// sparsePrefill(threads, params): split by query rows.
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args a(info, "sparsePrefill");
-  const int threads = a.Int(0, "threads", 1, kMaxThreads);
   Args::Fields f = a.Object(1, "params");
   const smla_sparse_prefill_params p = ReadSparsePrefill(f);
-  RowJob job;
-  job.rows = p.s_q;
-  job.threads = threads;
-  job.run = [p](int64_t b, int64_t e) {
+  return QueueRows(a, p.s_q, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q;
     smla_sparse_prefill_params r = p;
     r.s_q = int32_t(e - b);
@@ -75,20 +81,15 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
     r.max_logits = p.max_logits + b * h;
     r.lse = p.lse + b * h;
     return smla_sparse_prefill(&r);
-  };
-  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+  });
 }
 
-// pagedSparseAttention(threads, params)
+// pagedSparseAttention(threads, params): split by query rows.
 Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args a(info, "pagedSparseAttention");
-  const int threads = a.Int(0, "threads", 1, kMaxThreads);
   Args::Fields f = a.Object(1, "params");
   const smla_paged_sparse_attention_params p = ReadPagedSparseAttention(f);
-  RowJob job;
-  job.rows = p.n;
-  job.threads = threads;
-  job.run = [p](int64_t b, int64_t e) {
+  return QueueRows(a, p.n, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q, d = smla::v4::kDim;
     smla_paged_sparse_attention_params r = p;
     r.n = int32_t(e - b);
@@ -101,8 +102,7 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
     r.lse = p.lse + b * h;
     r.max_logits = p.max_logits + b * h;
     return smla_paged_sparse_attention(&r);
-  };
-  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+  });
 }
 
 // dequantizeKvCache(threads, params)

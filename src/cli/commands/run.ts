@@ -216,30 +216,25 @@ async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, ch
   steps.push({ step: 'inputs', seconds: genSeconds, calls: 0, note: "random rows, queries, top-k; the plan's c4 rows (JS, untimed work)" });
   const gather = tensor('int32', [kvRows], placement.gatherIds);
 
+  // A cache op over every workspace row, timed, with its rate (bytes read + written).
+  const cacheStep = async <T>(step: string, note: string, fn: () => Promise<T>): Promise<T> => {
+    progress.start(step, 0);
+    const [value, seconds] = await timed(fn);
+    progress.finish(formatSeconds(seconds));
+    steps.push({ step, seconds, calls: 1, rate: { value: cacheOpBytes('v4', kvRows) / seconds / 1e9, unit: 'GB/s' }, note });
+    return value;
+  };
+
   // 1. quantize the rows into a v4 paged cache at their (shuffled) token ids
   const cache = createKvCache('v4', { pageSize: shape.pageSize, numPages: placement.numPages });
-  progress.start('quantizeKCache', 0);
-  const [, quantSeconds] = await timed(() => engine.quantizeKCache({ cache, tokenIds: gather, rows: w.rows }));
-  progress.finish(formatSeconds(quantSeconds));
-  steps.push({
-    step: 'quantizeKCache',
-    seconds: quantSeconds,
-    calls: 1,
-    rate: { value: cacheOpBytes('v4', kvRows) / quantSeconds / 1e9, unit: 'GB/s' },
-    note: `${kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${placement.numPages} pages)`,
-  });
+  await cacheStep('quantizeKCache', `${kvRows} bf16 rows -> v4 pages of ${shape.pageSize} (${placement.numPages} pages)`, () =>
+    engine.quantizeKCache({ cache, tokenIds: gather, rows: w.rows }),
+  );
 
   // 2. dequantize the chunk's gather into the bf16 workspace
-  progress.start('dequantizeKCachePaged', 0);
-  const [kv, dequantSeconds] = await timed(() => engine.dequantizeKCachePaged({ cache, tokenIds: gather }));
-  progress.finish(formatSeconds(dequantSeconds));
-  steps.push({
-    step: 'dequantizeKCachePaged',
-    seconds: dequantSeconds,
-    calls: 1,
-    rate: { value: cacheOpBytes('v4', kvRows) / dequantSeconds / 1e9, unit: 'GB/s' },
-    note: `gather of ${layout.compressedRows} compressed + ${layout.swaRows} window rows -> bf16 [${kvRows}, ${D}]`,
-  });
+  const kv = await cacheStep('dequantizeKCachePaged', `gather of ${layout.compressedRows} compressed + ${layout.swaRows} window rows -> bf16 [${kvRows}, ${D}]`, () =>
+    engine.dequantizeKCachePaged({ cache, tokenIds: gather }),
+  );
 
   // 3. the sparse prefill, in blocks of queries; keep the outputs of the sampled queries only
   const sample = sampleQueries(shape.queries, check, shape.seed);

@@ -6,22 +6,39 @@
  */
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createKvCache } from '../dist/index.js';
-import { CudaBackend, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
+import { CudaBackend, CudaDeviceBuffer, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import { loadNativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
-import type { QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
+import { CUDA_OP_PARAMS, type CudaOpName } from '../dist/backends/abi.js';
+import { v4PageBytes } from '../dist/kv_cache_layout.js';
+import type { CacheView, DequantizeKCacheJob, PagedSparseAttentionJob, QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 
 const rng = testRng('cuda_backend_host');
 
-/** A CUDA op table whose ops are the given functions; anything else is never called. */
-function fakeOps(ops: Partial<Record<keyof NativeCudaOps, unknown>>): NativeCudaOps {
-  class FakeStream {
-    constructor(readonly device: number) {}
-    synchronize(): Promise<void> {
-      return Promise.resolve();
-    }
+class FakeStream {
+  constructor(readonly device: number) {}
+  synchronize(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+/**
+ * A CUDA op table whose ops are the given functions; anything else is never called. A kernel op
+ * is called as the addon's is: one params object with exactly the op's fields (CUDA_OP_PARAMS, the
+ * names the addon's binding files read), then a stream.
+ */
+function fakeOps(given: Partial<Record<keyof NativeCudaOps, unknown>>): NativeCudaOps {
+  const ops: Record<string, unknown> = { ...given };
+  for (const [name, fn] of Object.entries(given)) {
+    if (!(name in CUDA_OP_PARAMS)) continue;
+    ops[name] = (params: object, stream: unknown, ...rest: unknown[]) => {
+      expect(rest, name).toEqual([]);
+      expect(Object.keys(params).sort(), name).toEqual(Object.keys(CUDA_OP_PARAMS[name as CudaOpName]).sort());
+      expect(stream, name).toBeInstanceOf(FakeStream);
+      return (fn as (p: object, s: unknown) => unknown)(params, stream);
+    };
   }
   class FakeBuffer {
     readonly device: number;
@@ -38,6 +55,20 @@ function fakeOps(ops: Partial<Record<keyof NativeCudaOps, unknown>>): NativeCuda
   return new Proxy({ deviceBufferClass: () => FakeBuffer, streamClass: () => FakeStream, ...ops } as object, {
     get: (target, name) => (target as Record<string | symbol, unknown>)[name] ?? (() => { throw new Error(`unexpected CUDA op ${String(name)}`); }),
   }) as NativeCudaOps;
+}
+
+/** Records each kernel op's params object, in call order. */
+function recordingOps(): { ops: NativeCudaOps; calls: { op: string; params: Record<string, unknown> }[] } {
+  const calls: { op: string; params: Record<string, unknown> }[] = [];
+  const record = Object.fromEntries(
+    Object.keys(CUDA_OP_PARAMS).map((op) => [op, (params: Record<string, unknown>) => (calls.push({ op, params }), Promise.resolve())]),
+  );
+  return { ops: fakeOps(record), calls };
+}
+
+function v4View<B>(pageSize: number, numPages: number, data: Uint8Array | B): CacheView<B> {
+  const bytes = v4PageBytes(pageSize) * numPages;
+  return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };
 }
 
 function prefillJob(): SparsePrefillJob {
@@ -130,6 +161,78 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     expect((calls[0]![1] as { device: number }).device).toBe(0);
     expect((calls[0]![3] as { device: number }).device).toBe(1);
     await Promise.all([d0.dispose(), d1.dispose()]);
+  });
+});
+
+describe.skipIf(!nativeAddonBuilt())('the cuda backend calls each kernel op with one params object of its fields', () => {
+  const load = loadNativeAddon();
+  const addon = load.ok ? load.addon : (undefined as never);
+
+  test('sparsePrefill: the job, host outputs of its shape', async () => {
+    const { ops, calls } = recordingOps();
+    const cuda = new CudaBackend(addon, ops, 1);
+    const job = { ...prefillJob(), topkLength: Int32Array.from([1, 4]), attnSink: new Float32Array(4) } as SparsePrefillJob;
+    await cuda.sparsePrefill(job);
+    expect(calls.map((c) => c.op)).toEqual(['sparsePrefill']);
+    const p = calls[0]!.params;
+    expect(p).toMatchObject({ q: job.q, kv: job.kv, indices: job.indices, topkLength: job.topkLength, attnSink: job.attnSink, sQ: 2, hQ: 4, dQK: 64, dV: 64, sKV: 8, topk: 4, smScale: 0.1 });
+    expect([(p.out as Uint16Array).length, (p.maxLogits as Float32Array).length, (p.lse as Float32Array).length]).toEqual([2 * 4 * 64, 8, 8]);
+    await cuda.dispose();
+  });
+
+  test('pagedSparseAttention: main and extra sets; without an extra set its fields are null and 0', async () => {
+    const { ops, calls } = recordingOps();
+    const cuda = new CudaBackend(addon, ops, 1);
+    const n = 2, hQ = 3;
+    const main = { cache: v4View(64, 2, new Uint8Array(v4View(64, 2, null).bytes)), indices: new Int32Array(n * 5), topk: 5, topkLength: null };
+    const extra = { cache: v4View(4, 3, new Uint8Array(v4View(4, 3, null).bytes)), indices: new Int32Array(n * 7), topk: 7, topkLength: new Int32Array(n) };
+    const job: PagedSparseAttentionJob = { q: randomBf16Bits(rng, n * hQ * 512), n, hQ, main, extra, attnSink: null, smScale: 0.5 };
+    await cuda.pagedSparseAttention(job);
+    await cuda.pagedSparseAttention({ ...job, extra: null });
+    expect(calls[0]!.params).toMatchObject({
+      q: job.q, n, hQ, kCache: main.cache.data, pageSize: 64, numPages: 2, indices: main.indices, topk: 5, topkLength: null,
+      extraKCache: extra.cache.data, extraPageSize: 4, extraNumPages: 3, extraIndices: extra.indices, extraTopk: 7, extraTopkLength: extra.topkLength,
+      attnSink: null, smScale: 0.5,
+    });
+    expect((calls[0]!.params.out as Uint16Array).length).toBe(n * hQ * 512);
+    expect(calls[1]!.params).toMatchObject({ extraKCache: null, extraPageSize: 0, extraNumPages: 0, extraIndices: null, extraTopk: 0, extraTopkLength: null });
+    await cuda.dispose();
+  });
+
+  test('dequantizeKvCache: host ids into a new output, host ids into a device workspace row, device ids', async () => {
+    const { ops, calls } = recordingOps();
+    const cuda = new CudaBackend(addon, ops, 1);
+    const cache = v4View(64, 2, new Uint8Array(v4View(64, 2, null).bytes));
+    const job: DequantizeKCacheJob = { cache, tokenIds: Int32Array.from([3, 70, 0]), n: 3, rowDim: 512 };
+    await cuda.dequantizeKCache(job);
+    const ws = cuda.alloc(10 * 512 * 2);
+    await cuda.dequantizeKCacheInto(job, ws, 5);
+    const ids = cuda.alloc(3 * 8);
+    await cuda.dequantizeKCacheIdsInto(cache, ids, 3, ws, 7);
+    expect(calls.map((c) => c.op)).toEqual(['dequantizeKvCache', 'dequantizeKvCache', 'dequantizeKvCache']);
+    expect(calls[0]!.params).toMatchObject({ format: 0, cache: cache.data, pageSize: 64, numPages: 2, tokenIds: job.tokenIds, numTokens: 3, outRowOffset: null });
+    expect((calls[0]!.params.out as Uint16Array).length).toBe(3 * 512);
+    expect(calls[1]!.params).toMatchObject({ tokenIds: job.tokenIds, numTokens: 3, out: (ws as CudaDeviceBuffer).native, outRowOffset: 5 });
+    expect(calls[2]!.params).toMatchObject({ tokenIds: (ids as CudaDeviceBuffer).native, numTokens: 3, out: (ws as CudaDeviceBuffer).native, outRowOffset: 7 });
+    await cuda.dispose();
+  });
+
+  test('planRows and planCompressedTokenIds: the requests, their output lengths, host page table offsets', async () => {
+    const { ops, calls } = recordingOps();
+    const cuda = new CudaBackend(addon, ops, 1);
+    const seqLens = Int32Array.from([300, 9, 40]), extendLens = Int32Array.from([100, 0, 40]);
+    const topkIndices = new Int32Array(140 * 16);
+    const r4 = await cuda.planRows({ seqLens, extendLens, window: 128, ratio: 4, topkIndices, topk: 16, width: 144 });
+    await cuda.planRows({ seqLens, extendLens, window: 128, ratio: 128, topkIndices: null, topk: 0, width: 131 });
+    expect(calls[0]!.params).toMatchObject({ numRequests: 3, seqLens, extendLens, window: 128, ratio: 4, topkIndices, topk: 16, width: 144, numQueries: 140 });
+    expect([(r4.rows as Int32Array).length, (r4.lens as Int32Array).length, (r4.dropped as Int32Array).length]).toEqual([140 * 144, 140, 140]);
+    expect(calls[1]!.params).toMatchObject({ ratio: 128, topkIndices: null, topk: 0, width: 131, numQueries: 140 });
+    const pageTables = Int32Array.from([5, 6, 7, 8]);
+    const ids = await cuda.planCompressedTokenIds({ seqLens, extendLens, ratio: 4, pageTables, pageTableOffsets: [0, 2, 3, 4], pageSize: 64 });
+    // request 1 has no queries: no entries; 300 / 4 = 75 and 40 / 4 = 10 visible
+    expect(calls[2]!.params).toMatchObject({ numRequests: 3, seqLens, extendLens, ratio: 4, pageTables, pageTableOffsets: BigInt64Array.from([0n, 2n, 3n, 4n]), pageSize: 64, total: 85 });
+    expect((ids as BigInt64Array).length).toBe(85);
+    await cuda.dispose();
   });
 });
 

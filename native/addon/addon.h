@@ -23,8 +23,9 @@ struct Holds {
   std::vector<std::unique_ptr<uint8_t[]>> copies;
 };
 
-// Reads the arguments of one op call, positional or the named fields of a params object (an op's
-// smla_*_params struct, filled by its binding file), checking types and exact lengths.
+// Reads the arguments of one op call: a few positional ones (thread count, raw copies) and the
+// named fields of a params object (an op's smla_*_params struct, filled by its binding file),
+// checking types and exact lengths.
 //
 // Who owns the memory a worker thread touches: a reference to a typed array does not stop its
 // ArrayBuffer from being detached or transferred (structuredClone(buf, { transfer })) or a
@@ -38,55 +39,46 @@ class Args {
   Args(const Napi::CallbackInfo& info, const char* op) : info_(info), op_(op) {}
 
   int32_t Int(size_t i, const char* name, int64_t lo, int64_t hi) const { return IntOf(At(i), name, lo, hi); }
-  float Float(size_t i, const char* name) const { return FloatOf(At(i), name); }
-  // An input typed array of `type` with exactly `length` elements (shared memory or an owned
-  // copy, see above); nullptr when nullable and null, or when empty.
-  template <class T>
-  const T* Input(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-    return static_cast<const T*>(ArrayData(At(i), name, type, length, nullable, Use::kInput));
-  }
-  // An output typed array (written in place, pinned until the call settles).
-  template <class T>
-  T* Output(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-    return static_cast<T*>(ArrayData(At(i), name, type, length, nullable, Use::kOutput));
-  }
-  // A typed array of any type as bytes, read as an input (Input's rules); sets *bytes.
+  // A typed array of any type as bytes, read as an input (Fields::Input's rules); sets *bytes.
   const void* InputBytes(size_t i, const char* name, uint64_t* bytes);
-  // An input's memory without a copy, pinned: *shared tells whether it lives in a SharedArrayBuffer.
-  // Unless it does, the pointer may be used only before the op function returns to JS (to copy
-  // the part of it the call needs).
-  const void* Borrow(size_t i, const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
-    return ArrayData(At(i), name, type, length, false, Use::kBorrow, shared);
-  }
   // `bytes` of uninitialized memory the call owns; throws (code SMLA_OUT_OF_MEMORY) when there is none.
   uint8_t* Own(uint64_t bytes);
-  bool IsNull(size_t i) const { return Absent(At(i)); }
 
-  // The named fields of a params object, read with the same rules as positional arguments.
+  // The named fields of a params object, read by the op's binding file.
   class Fields {
    public:
     Fields(Args& args, Napi::Object object) : a_(args), o_(object) {}
     int32_t Int(const char* name, int64_t lo, int64_t hi) const { return a_.IntOf(Get(name), name, lo, hi); }
     float Float(const char* name) const { return a_.FloatOf(Get(name), name); }
+    // Sets `field` (an array field of the op's params struct) to an input typed array of `type`
+    // with exactly `length` elements (shared memory or an owned copy, see above); nullptr when
+    // nullable and null, or when empty.
     template <class T>
-    const T* Input(const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-      return static_cast<const T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kInput));
+    void Input(const T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+      field = static_cast<const T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kInput));
     }
+    // An output typed array (written in place, pinned until the call settles).
     template <class T>
-    T* Output(const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
-      return static_cast<T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kOutput));
+    void Output(T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+      field = static_cast<T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kOutput));
     }
+    // An input's memory without a copy, pinned: *shared tells whether it lives in a
+    // SharedArrayBuffer. Unless it does, the pointer may be used only before the op function
+    // returns to JS (to copy the part of it the call needs).
     const void* Borrow(const char* name, napi_typedarray_type type, uint64_t length, bool* shared) {
       return a_.ArrayData(Get(name), name, type, length, false, Use::kBorrow, shared);
     }
     bool IsNull(const char* name) const { return Absent(Get(name)); }
     Napi::Value Get(const char* name) const { return o_.Get(name); }
+    // An argument error of the op (fields that do not match each other).
+    [[noreturn]] void Refuse(const std::string& message) const { ThrowArgument(a_.Env(), a_.Op(), message); }
     Args& args() const { return a_; }
 
    private:
     Args& a_;
     Napi::Object o_;
   };
+
   // Argument i as a params object.
   Fields Object(size_t i, const char* name);
 

@@ -69,7 +69,8 @@ Napi::Value QueueRows(Args& a, int64_t rows, std::function<int32_t(int64_t, int6
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args a(info, "sparsePrefill");
   Args::Fields f = a.Object(1, "params");
-  const smla_sparse_prefill_params p = ReadSparsePrefill(f);
+  smla_sparse_prefill_params p{};
+  ReadSparsePrefill(f, p);
   return QueueRows(a, p.s_q, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q;
     smla_sparse_prefill_params r = p;
@@ -88,7 +89,8 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
 Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args a(info, "pagedSparseAttention");
   Args::Fields f = a.Object(1, "params");
-  const smla_paged_sparse_attention_params p = ReadPagedSparseAttention(f);
+  smla_paged_sparse_attention_params p{};
+  ReadPagedSparseAttention(f, p);
   return QueueRows(a, p.n, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q, d = smla::v4::kDim;
     smla_paged_sparse_attention_params r = p;
@@ -112,7 +114,8 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   Args::Fields f = a.Object(1, "params");
   const int32_t* ids = nullptr;
   bool shared = false;
-  const smla_dequantize_kv_cache_params p = ReadDequantizeKvCache(f, &ids, &shared);
+  smla_dequantize_kv_cache_params p{};
+  ReadDequantizeKvCache(f, p, &ids, &shared);
   const int64_t n = p.num_tokens, dim = RowDim(p.format);
 
   // A shared cache is read in place; of any other, only the tokens asked for are copied here (n
@@ -155,7 +158,8 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
   Args::Fields f = a.Object(1, "params");
   const int32_t* ids = nullptr;
-  const smla_quantize_kv_cache_params p = ReadQuantizeKvCache(f, &ids);  // the cache: checked and pinned, written by the commit only
+  smla_quantize_kv_cache_params p{};
+  ReadQuantizeKvCache(f, p, &ids);  // the cache: checked and pinned, written by the commit only
   auto cache_ref = std::make_shared<Napi::ObjectReference>(Napi::Persistent(f.Get("cache").As<Napi::Object>()));
   const int32_t format = p.format, dtype = p.rows_dtype;
   const int64_t n = p.num_tokens, dim = RowDim(format), ps = p.page_size, np = p.num_pages;

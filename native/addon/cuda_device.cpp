@@ -1,7 +1,7 @@
 // CUDA device queries for the loader's probe and `sparse-mla info`. With cudart linked statically,
 // a machine without a driver or GPU gets an error code from cudaGetDeviceCount, never a crash.
-// The runtime is only touched when devices() is called, not when the addon loads. When
-// native/addon/cuda_ops.cpp exists its op table is exported as `cuda.ops` (see README.md there).
+// The runtime is only touched when devices() is called, not when the addon loads. With the
+// kernels built, the op table of native/addon/cuda_ops.cpp is exported as `cuda.ops` (README.md).
 #include "addon.h"
 
 #if defined(SMLA_WITH_CUDA)

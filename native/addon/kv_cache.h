@@ -1,7 +1,8 @@
 // The cache ops' params objects (src/backends/abi.ts) read into smla_quantize_kv_cache_params /
-// smla_dequantize_kv_cache_params, and the cache geometry both need (kv_cache_layout.h). Token ids
-// are int32 on the JS side and int64 in the C ABI: the reader returns them as they came, and the
-// op widens them where it runs.
+// smla_dequantize_kv_cache_params, and the cache geometry every cache op needs (kv_cache_layout.h).
+// Token ids are int32 on the JS side and int64 in the C ABI: the reader returns them as they came,
+// and the op widens them where it runs. The cuda dequant reads the geometry here and its arrays
+// itself (cuda_ops.cpp: its ids may be a device buffer, its output a workspace region).
 #pragma once
 #include <climits>
 
@@ -31,28 +32,31 @@ void ReadCacheGeometry(Fields& f, Params& p) {
 // The cache is borrowed (*shared: whether it lives in shared memory; see Args::Borrow), not copied:
 // the op copies just the tokens it reads.
 template <class Fields>
-smla_dequantize_kv_cache_params ReadDequantizeKvCache(Fields& f, const int32_t** token_ids, bool* shared) {
-  smla_dequantize_kv_cache_params p{};
+void ReadDequantizeKvCache(Fields& f, smla_dequantize_kv_cache_params& p, const int32_t** token_ids, bool* shared) {
   ReadCacheGeometry(f, p);
   p.cache = static_cast<const uint8_t*>(f.Borrow("cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages), shared));
-  *token_ids = f.template Input<int32_t>("tokenIds", napi_int32_array, uint64_t(p.num_tokens));
-  p.out = f.template Output<uint16_t>("out", napi_uint16_array, uint64_t(p.num_tokens) * uint64_t(RowDim(p.format)));
-  return p;
+  f.Input(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
+  f.Output(p.out, "out", napi_uint16_array, uint64_t(p.num_tokens) * uint64_t(RowDim(p.format)));
 }
 
 // The cache is checked and pinned as an output, written only by the op's commit; rows are
 // float32 (rowsDtype 0) or bf16 (1).
 template <class Fields>
-smla_quantize_kv_cache_params ReadQuantizeKvCache(Fields& f, const int32_t** token_ids) {
-  smla_quantize_kv_cache_params p{};
+void ReadQuantizeKvCache(Fields& f, smla_quantize_kv_cache_params& p, const int32_t** token_ids) {
   ReadCacheGeometry(f, p);
   p.rows_dtype = f.Int("rowsDtype", SMLA_ROWS_F32, SMLA_ROWS_BF16);
-  p.cache = f.template Output<uint8_t>("cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages));
-  *token_ids = f.template Input<int32_t>("tokenIds", napi_int32_array, uint64_t(p.num_tokens));
+  f.Output(p.cache, "cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages));
+  f.Input(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
   const uint64_t values = uint64_t(p.num_tokens) * uint64_t(RowDim(p.format));
-  p.rows = p.rows_dtype == SMLA_ROWS_F32 ? static_cast<const void*>(f.template Input<float>("rows", napi_float32_array, values))
-                                         : static_cast<const void*>(f.template Input<uint16_t>("rows", napi_uint16_array, values));
-  return p;
+  if (p.rows_dtype == SMLA_ROWS_F32) {
+    const float* rows = nullptr;
+    f.Input(rows, "rows", napi_float32_array, values);
+    p.rows = rows;
+  } else {
+    const uint16_t* rows = nullptr;
+    f.Input(rows, "rows", napi_uint16_array, values);
+    p.rows = rows;
+  }
 }
 
 }  // namespace smla_addon

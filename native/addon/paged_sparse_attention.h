@@ -1,6 +1,7 @@
 // pagedSparseAttention's params object (src/backends/abi.ts) read into
 // smla_paged_sparse_attention_params: scalars in their ranges, then every array of exactly the
-// length the scalars give it; caches of exactly their v4 geometry's bytes.
+// length the scalars give it; caches of exactly their v4 geometry's bytes. Fields: Args::Fields
+// (the cpu op) or CudaFields (the cuda op; cuda_stream.h).
 #pragma once
 #include <climits>
 
@@ -12,9 +13,8 @@
 namespace smla_addon {
 
 template <class Fields>
-smla_paged_sparse_attention_params ReadPagedSparseAttention(Fields& f) {
+void ReadPagedSparseAttention(Fields& f, smla_paged_sparse_attention_params& p) {
   constexpr uint64_t kD = smla::v4::kDim;
-  smla_paged_sparse_attention_params p{};
   p.n = f.Int("n", 0, INT32_MAX);
   p.h_q = f.Int("hQ", 1, INT32_MAX);
   p.page_size = f.Int("pageSize", 1, INT32_MAX);
@@ -26,20 +26,19 @@ smla_paged_sparse_attention_params ReadPagedSparseAttention(Fields& f) {
   p.extra_topk = f.Int("extraTopk", 0, extra ? INT32_MAX : 0);
   p.sm_scale = f.Float("smScale");
   const uint64_t rows = uint64_t(p.n) * uint64_t(p.h_q);
-  p.q = f.template Input<uint16_t>("q", napi_uint16_array, rows * kD);
-  p.k_cache = f.template Input<uint8_t>("kCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, p.page_size, p.num_pages));
-  p.indices = f.template Input<int32_t>("indices", napi_int32_array, uint64_t(p.n) * uint64_t(p.topk));
-  p.topk_length = f.template Input<int32_t>("topkLength", napi_int32_array, uint64_t(p.n), true);
+  f.Input(p.q, "q", napi_uint16_array, rows * kD);
+  f.Input(p.k_cache, "kCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, p.page_size, p.num_pages));
+  f.Input(p.indices, "indices", napi_int32_array, uint64_t(p.n) * uint64_t(p.topk));
+  f.Input(p.topk_length, "topkLength", napi_int32_array, uint64_t(p.n), true);
   if (extra) {
-    p.extra_k_cache = f.template Input<uint8_t>("extraKCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, p.extra_page_size, p.extra_num_pages));
-    p.extra_indices = f.template Input<int32_t>("extraIndices", napi_int32_array, uint64_t(p.n) * uint64_t(p.extra_topk));
-    p.extra_topk_length = f.template Input<int32_t>("extraTopkLength", napi_int32_array, uint64_t(p.n), true);
+    f.Input(p.extra_k_cache, "extraKCache", napi_uint8_array, CacheBytes(SMLA_CACHE_V4, p.extra_page_size, p.extra_num_pages));
+    f.Input(p.extra_indices, "extraIndices", napi_int32_array, uint64_t(p.n) * uint64_t(p.extra_topk));
+    f.Input(p.extra_topk_length, "extraTopkLength", napi_int32_array, uint64_t(p.n), true);
   }
-  p.attn_sink = f.template Input<float>("attnSink", napi_float32_array, uint64_t(p.h_q), true);
-  p.out = f.template Output<uint16_t>("out", napi_uint16_array, rows * kD);
-  p.lse = f.template Output<float>("lse", napi_float32_array, rows);
-  p.max_logits = f.template Output<float>("maxLogits", napi_float32_array, rows);
-  return p;
+  f.Input(p.attn_sink, "attnSink", napi_float32_array, uint64_t(p.h_q), true);
+  f.Output(p.out, "out", napi_uint16_array, rows * kD);
+  f.Output(p.lse, "lse", napi_float32_array, rows);
+  f.Output(p.max_logits, "maxLogits", napi_float32_array, rows);
 }
 
 }  // namespace smla_addon

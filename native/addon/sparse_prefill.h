@@ -1,5 +1,6 @@
 // sparsePrefill's params object (src/backends/abi.ts) read into smla_sparse_prefill_params:
-// scalars in their ranges, then every array of exactly the length the scalars give it.
+// scalars in their ranges, then every array of exactly the length the scalars give it. Fields:
+// Args::Fields (the cpu op) or CudaFields (the cuda op; cuda_stream.h).
 #pragma once
 #include <climits>
 
@@ -9,8 +10,7 @@
 namespace smla_addon {
 
 template <class Fields>
-smla_sparse_prefill_params ReadSparsePrefill(Fields& f) {
-  smla_sparse_prefill_params p{};
+void ReadSparsePrefill(Fields& f, smla_sparse_prefill_params& p) {
   p.s_q = f.Int("sQ", 0, INT32_MAX);
   p.h_q = f.Int("hQ", 1, INT32_MAX);
   p.d_qk = f.Int("dQK", 1, INT32_MAX);
@@ -19,15 +19,14 @@ smla_sparse_prefill_params ReadSparsePrefill(Fields& f) {
   p.topk = f.Int("topk", 0, INT32_MAX);
   p.sm_scale = f.Float("smScale");
   const uint64_t rows = uint64_t(p.s_q) * uint64_t(p.h_q);
-  p.q = f.template Input<uint16_t>("q", napi_uint16_array, rows * uint64_t(p.d_qk));
-  p.kv = f.template Input<uint16_t>("kv", napi_uint16_array, uint64_t(p.s_kv) * uint64_t(p.d_qk));
-  p.indices = f.template Input<int32_t>("indices", napi_int32_array, uint64_t(p.s_q) * uint64_t(p.topk));
-  p.topk_length = f.template Input<int32_t>("topkLength", napi_int32_array, uint64_t(p.s_q), true);
-  p.attn_sink = f.template Input<float>("attnSink", napi_float32_array, uint64_t(p.h_q), true);
-  p.out = f.template Output<uint16_t>("out", napi_uint16_array, rows * uint64_t(p.d_v));
-  p.max_logits = f.template Output<float>("maxLogits", napi_float32_array, rows);
-  p.lse = f.template Output<float>("lse", napi_float32_array, rows);
-  return p;
+  f.Input(p.q, "q", napi_uint16_array, rows * uint64_t(p.d_qk));
+  f.Input(p.kv, "kv", napi_uint16_array, uint64_t(p.s_kv) * uint64_t(p.d_qk));
+  f.Input(p.indices, "indices", napi_int32_array, uint64_t(p.s_q) * uint64_t(p.topk));
+  f.Input(p.topk_length, "topkLength", napi_int32_array, uint64_t(p.s_q), true);
+  f.Input(p.attn_sink, "attnSink", napi_float32_array, uint64_t(p.h_q), true);
+  f.Output(p.out, "out", napi_uint16_array, rows * uint64_t(p.d_v));
+  f.Output(p.max_logits, "maxLogits", napi_float32_array, rows);
+  f.Output(p.lse, "lse", napi_float32_array, rows);
 }
 
 }  // namespace smla_addon

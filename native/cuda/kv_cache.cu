@@ -5,10 +5,14 @@
 using namespace smla::cuda;
 
 
-extern "C" int32_t smla_cuda_dequantize_kv_cache(int32_t format, const uint8_t* cache, int32_t page_size,
-                                                 int32_t num_pages, const int64_t* token_ids,
-                                                 int64_t num_tokens, uint16_t* out, int32_t* bad_id,
+extern "C" int32_t smla_cuda_dequantize_kv_cache(const smla_dequantize_kv_cache_params* p, int32_t* bad_id,
                                                  cudaStream_t stream) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t format = p->format, page_size = p->page_size, num_pages = p->num_pages;
+  const uint8_t* cache = p->cache;
+  const int64_t* token_ids = p->token_ids;
+  const int64_t num_tokens = p->num_tokens;
+  uint16_t* out = p->out;
   if (num_tokens < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (num_tokens == 0) return SMLA_OK;
   if (!cache || !token_ids || !out) return SMLA_ERR_INVALID_ARGUMENT;

@@ -4,13 +4,18 @@
 
 using namespace smla::cuda;
 
-extern "C" int32_t smla_cuda_paged_sparse_attention(
-    const uint16_t* q, int32_t n, int32_t h_q, const uint8_t* k_cache, int32_t page_size,
-    int32_t num_pages, const int32_t* indices, int32_t topk, const int32_t* topk_length,
-    const uint8_t* extra_k_cache, int32_t extra_page_size, int32_t extra_num_pages,
-    const int32_t* extra_indices, int32_t extra_topk, const int32_t* extra_topk_length,
-    const float* attn_sink, float sm_scale, uint16_t* out, float* lse, float* max_logits,
-    cudaStream_t stream) {
+extern "C" int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_attention_params* p, cudaStream_t stream) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const uint16_t* q = p->q;
+  const int32_t n = p->n, h_q = p->h_q, page_size = p->page_size, num_pages = p->num_pages, topk = p->topk;
+  const uint8_t *k_cache = p->k_cache, *extra_k_cache = p->extra_k_cache;
+  const int32_t *indices = p->indices, *topk_length = p->topk_length;
+  const int32_t extra_page_size = p->extra_page_size, extra_num_pages = p->extra_num_pages, extra_topk = p->extra_topk;
+  const int32_t *extra_indices = p->extra_indices, *extra_topk_length = p->extra_topk_length;
+  const float* attn_sink = p->attn_sink;
+  const float sm_scale = p->sm_scale;
+  uint16_t* out = p->out;
+  float *lse = p->lse, *max_logits = p->max_logits;
   if (n < 0 || h_q < 1 || topk < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (extra_k_cache && (extra_topk < 0 || extra_page_size < 1 || extra_num_pages < 0))
     return SMLA_ERR_INVALID_ARGUMENT;

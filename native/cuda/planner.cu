@@ -73,11 +73,13 @@ __global__ void plan_compressed_ids_kernel(const CompressedRequest* reqs, int32_
 
 }  // namespace
 
-extern "C" int32_t smla_cuda_plan_compressed_token_ids(int32_t num_requests, const int32_t* seq_lens,
-                                                       const int32_t* extend_lens, int32_t ratio,
-                                                       const int32_t* page_tables, const int64_t* page_table_offsets,
-                                                       int32_t page_size, int64_t total, int64_t* token_ids,
+extern "C" int32_t smla_cuda_plan_compressed_token_ids(const smla_plan_compressed_token_ids_params* p, int64_t total,
                                                        cudaStream_t stream) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_requests = p->num_requests, ratio = p->ratio, page_size = p->page_size;
+  const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *page_tables = p->page_tables;
+  const int64_t* page_table_offsets = p->page_table_offsets;
+  int64_t* token_ids = p->token_ids;
   if (num_requests < 0 || (ratio != 4 && ratio != 128) || page_size < 1 || total < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (num_requests > 0 && (!seq_lens || !extend_lens || !page_table_offsets)) return SMLA_ERR_INVALID_ARGUMENT;
   // The host walk (as smla_plan_compressed_token_ids): every page table checked before anything runs.
@@ -113,10 +115,11 @@ extern "C" int32_t smla_cuda_plan_compressed_token_ids(int32_t num_requests, con
   return err == cudaSuccess ? SMLA_OK : -int32_t(err);
 }
 
-extern "C" int32_t smla_cuda_plan_rows(int32_t num_requests, const int32_t* seq_lens, const int32_t* extend_lens,
-                                       int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
-                                       int32_t width, int64_t num_queries, int32_t* rows, int32_t* lens,
-                                       int32_t* dropped, cudaStream_t stream) {
+extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream) {
+  if (!p || p->dropped_total) return SMLA_ERR_INVALID_ARGUMENT;
+  const int32_t num_requests = p->num_requests, window = p->window, ratio = p->ratio, topk = p->topk, width = p->width;
+  const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *topk_indices = p->topk_indices;
+  int32_t *rows = p->rows, *lens = p->lens, *dropped = p->dropped;
   if (num_requests < 0 || window < 1 || width < 0 || topk < 0) return SMLA_ERR_INVALID_ARGUMENT;
   const bool top = topk_indices != nullptr;
   if (top ? ratio != 4 : (ratio != 0 && ratio != 128)) return SMLA_ERR_INVALID_ARGUMENT;

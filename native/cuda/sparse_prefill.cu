@@ -6,11 +6,15 @@
 using namespace smla::cuda;
 
 
-extern "C" int32_t smla_cuda_sparse_prefill(const uint16_t* q, const uint16_t* kv, const int32_t* indices,
-                                            const int32_t* topk_length, const float* attn_sink, int32_t s_q,
-                                            int32_t h_q, int32_t d_qk, int32_t d_v, int32_t s_kv, int32_t topk,
-                                            float sm_scale, uint16_t* out, float* max_logits, float* lse,
-                                            cudaStream_t stream) {
+extern "C" int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, cudaStream_t stream) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  const uint16_t *q = p->q, *kv = p->kv;
+  const int32_t *indices = p->indices, *topk_length = p->topk_length;
+  const float* attn_sink = p->attn_sink;
+  const int32_t s_q = p->s_q, h_q = p->h_q, d_qk = p->d_qk, d_v = p->d_v, s_kv = p->s_kv, topk = p->topk;
+  const float sm_scale = p->sm_scale;
+  uint16_t* out = p->out;
+  float *max_logits = p->max_logits, *lse = p->lse;
   if (s_q < 0 || h_q < 1 || topk < 0 || s_kv < 0 || d_v < 1 || d_qk < d_v) return SMLA_ERR_INVALID_ARGUMENT;
   if (s_q == 0) return SMLA_OK;
   if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;

@@ -3,7 +3,8 @@
  * params struct, field by field in struct order, with what a field holds. It is the one
  * description of the ops' arguments on this side: the WASM ops write these structs into the
  * module's memory (backends/wasm/ops.ts) and the native addon's cpu ops take params objects of
- * these types (backends/native/binding.ts). test/abi.test.ts holds it against the header.
+ * these types (backends/native/binding.ts); CUDA_OP_PARAMS below describes the addon's cuda ops,
+ * whose launchers take the same structs. test/abi.test.ts holds both against the headers.
  *
  * Field kinds: `i32` / `f32` scalars; `in T` an input array, `in? T` one that may be null,
  * `out T` an output array, `out? T` one that may be null, `inout T` read and written; `ids` token
@@ -90,3 +91,57 @@ export function snakeCase(name: string): string {
 export function fieldsOf(op: OpName): readonly (readonly [string, FieldKind])[] {
   return Object.entries(OP_PARAMS[op]) as [string, FieldKind][];
 }
+
+/**
+ * The addon's cuda kernel ops (native/addon/cuda_ops.cpp), each one launcher of
+ * native/cuda/smla_cuda.h that takes the params struct of CUDA_OP_STRUCT[op] plus what only the
+ * launch needs. Their params objects hold the struct's fields, where an array may also be a device
+ * buffer (of int64 ids for `ids`), except `host` arrays, which the launcher walks on the host; then
+ * the fields that are no part of the struct: planRows' numQueries and planCompressedTokenIds'
+ * total (the length of their outputs, checked against the requests), dequantizeKvCache's
+ * outRowOffset (`i32?`: a number or null; its rows land from that row of a device buffer on).
+ * planRows is planCombineTopk's struct without droppedTotal, its topkIndices null for the dense
+ * rows of ratio 0 / 128.
+ */
+export const CUDA_OP_PARAMS = {
+  sparsePrefill: OP_PARAMS.sparsePrefill,
+  pagedSparseAttention: OP_PARAMS.pagedSparseAttention,
+  dequantizeKvCache: { ...OP_PARAMS.dequantizeKvCache, outRowOffset: 'i32?' },
+  planRows: {
+    numRequests: 'i32', seqLens: 'host i32', extendLens: 'host i32', window: 'i32', ratio: 'i32',
+    topkIndices: 'in? i32', topk: 'i32', width: 'i32', rows: 'out i32', lens: 'out i32', dropped: 'out? i32', numQueries: 'i32',
+  },
+  planCompressedTokenIds: {
+    numRequests: 'i32', seqLens: 'host i32', extendLens: 'host i32', ratio: 'i32',
+    pageTables: 'in i32', pageTableOffsets: 'host i64', pageSize: 'i32', tokenIds: 'out i64', total: 'i32',
+  },
+} as const;
+
+export type CudaOpName = keyof typeof CUDA_OP_PARAMS;
+
+/** The C ABI op whose params struct each cuda op's launcher takes. */
+export const CUDA_OP_STRUCT: { readonly [Op in CudaOpName]: OpName } = {
+  sparsePrefill: 'sparsePrefill',
+  pagedSparseAttention: 'pagedSparseAttention',
+  dequantizeKvCache: 'dequantizeKvCache',
+  planRows: 'planCombineTopk',
+  planCompressedTokenIds: 'planCompressedTokenIds',
+};
+
+/** The JS value a cuda op's field of a kind holds, B being the addon's device buffer. */
+export type DeviceValueOf<K, B> = K extends `host ${infer T extends ElementType}`
+  ? ArrayOf[T]
+  : K extends 'i32?'
+    ? number | null
+    : K extends 'ids'
+      ? Int32Array | B
+      : K extends `${'in' | 'out' | 'inout'} ${infer T extends ElementType}`
+        ? ArrayOf[T] | B
+        : K extends `${'in?' | 'out?'} ${infer T extends ElementType}`
+          ? ArrayOf[T] | B | null
+          : ValueOf<K>;
+
+/** A cuda op's params, as an object of its fields. */
+export type CudaOpParams<Op extends CudaOpName, B> = {
+  -readonly [F in keyof (typeof CUDA_OP_PARAMS)[Op]]: DeviceValueOf<(typeof CUDA_OP_PARAMS)[Op][F], B>;
+};

@@ -9,6 +9,7 @@ import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
 import { tensor } from '../tensor.js';
 import { isDeviceBuffer } from '../device.js';
 import type { DeviceKvCache, KvCache, Tensor } from '../types.js';
+import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import { combinedWidth, requestVisible, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
 import type {
   CombinedRows,
@@ -28,15 +29,12 @@ import { loadWasmPlannerCore } from './wasm_core.js';
 export const DEFAULT_WINDOW = 128;
 export const DEFAULT_ALIGN = 128;
 /** Dims of a dequantized v4 row; the workspace holds bf16 rows of this width. */
-export const WORKSPACE_ROW_DIMS = 512;
+export const WORKSPACE_ROW_DIMS = V4_ROW_DIMS;
 /**
  * Default cap on one layer's workspace: 1 GiB of bf16 rows (1M rows). Far above a 32K-token chunk
  * of long requests (~64K rows = 64 MiB) and well inside a 4 GiB WASM heap; raise it explicitly.
  */
 export const DEFAULT_WORKSPACE_BUDGET_BYTES = 2 ** 30;
-
-const V4_TOKEN_BYTES = 584;
-const V4_DATA_BYTES = 576;
 
 function cacheTokens(cache: KvCache | DeviceKvCache): number {
   return cache.pageSize * cache.numPages;
@@ -87,7 +85,7 @@ function checkV4Cache(cache: unknown, argument: string): KvCache | DeviceKvCache
   if (!Number.isSafeInteger(c.pageSize) || c.pageSize < 1 || !Number.isSafeInteger(c.numPages) || c.numPages < 0) {
     fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
   }
-  const pageBytes = Math.ceil((c.pageSize * V4_TOKEN_BYTES) / V4_DATA_BYTES) * V4_DATA_BYTES;
+  const pageBytes = v4PageBytes(c.pageSize);
   if (c.data.byteLength !== pageBytes * c.numPages) {
     fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
   }

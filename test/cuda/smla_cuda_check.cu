@@ -255,9 +255,11 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   const int32_t* lp = c.lengths ? dlen.p : nullptr;
   const float* sp = c.sink ? dsink.p : nullptr;
   Attn fast(rows, c.d_v), fb(rows, c.d_v);
-  check_status(smla_cuda_sparse_prefill(dq.p + shift, dkv.p + shift, didx.p, lp, sp, int32_t(c.s_q), c.h_q, c.d_qk, c.d_v,
-                                        int32_t(c.s_kv), c.topk, sm_scale, fast.out.p, fast.max.p, fast.lse.p, 0),
-               "smla_cuda_sparse_prefill");
+  const smla_sparse_prefill_params p{.q = dq.p + shift, .kv = dkv.p + shift, .indices = didx.p, .topk_length = lp,
+                                     .attn_sink = sp, .s_q = int32_t(c.s_q), .h_q = c.h_q, .d_qk = c.d_qk, .d_v = c.d_v,
+                                     .s_kv = int32_t(c.s_kv), .topk = c.topk, .sm_scale = sm_scale, .out = fast.out.p,
+                                     .max_logits = fast.max.p, .lse = fast.lse.p};
+  check_status(smla_cuda_sparse_prefill(&p, 0), "smla_cuda_sparse_prefill");
   CK(cudaDeviceSynchronize());
   launch_fallback(dq.p + shift, dkv.p + shift, didx.p, lp, sp, c.s_q, c.h_q, c.d_qk, c.d_v, c.s_kv, c.topk, sm_scale, fb);
   report_consistency("prefill " + c.name, compare(HostAttn(fast), HostAttn(fb), c.inf_rows == 0));
@@ -306,9 +308,10 @@ static void dequant_all(const DBuf<uint8_t>& cache, const V4Host& c, DBuf<uint16
   for (int64_t t = 0; t < n; ++t) ids[t] = t;
   DBuf<int64_t> dids(n);
   dids.up(ids);
-  check_status(smla_cuda_dequantize_kv_cache(SMLA_CACHE_V4, cache.p, c.page_size, c.num_pages, dids.p, n,
-                                             kv.p + at * 512, nullptr, 0),
-               "smla_cuda_dequantize_kv_cache");
+  const smla_dequantize_kv_cache_params p{.format = SMLA_CACHE_V4, .cache = cache.p, .page_size = c.page_size,
+                                          .num_pages = c.num_pages, .token_ids = dids.p, .num_tokens = int32_t(n),
+                                          .out = kv.p + at * smla::v4::kDim};
+  check_status(smla_cuda_dequantize_kv_cache(&p, nullptr, 0), "smla_cuda_dequantize_kv_cache");
   CK(cudaDeviceSynchronize());
 }
 
@@ -354,12 +357,16 @@ static void run_paged_case(const PagedCase& c, uint64_t seed) {
   if (c.sink) dsink.up(sink);
   const size_t rows = size_t(c.n) * c.h_q;
   Attn paged(rows, 512), fb(rows, 512);
-  check_status(smla_cuda_paged_sparse_attention(
-                   dq.p, c.n, c.h_q, dmain.p, c.page_size, c.num_pages, didx.p, c.topk, c.lengths ? dlen.p : nullptr,
-                   c.extra ? dextra.p : nullptr, c.extra_page_size, c.extra_num_pages, c.extra ? deidx.p : nullptr,
-                   c.extra_topk, (c.extra && c.lengths) ? delen.p : nullptr, c.sink ? dsink.p : nullptr, sm_scale,
-                   paged.out.p, paged.lse.p, paged.max.p, 0),
-               "smla_cuda_paged_sparse_attention");
+  const smla_paged_sparse_attention_params p{.q = dq.p, .n = c.n, .h_q = c.h_q, .k_cache = dmain.p,
+                                             .page_size = c.page_size, .num_pages = c.num_pages, .indices = didx.p,
+                                             .topk = c.topk, .topk_length = c.lengths ? dlen.p : nullptr,
+                                             .extra_k_cache = c.extra ? dextra.p : nullptr,
+                                             .extra_page_size = c.extra_page_size, .extra_num_pages = c.extra_num_pages,
+                                             .extra_indices = c.extra ? deidx.p : nullptr, .extra_topk = c.extra_topk,
+                                             .extra_topk_length = (c.extra && c.lengths) ? delen.p : nullptr,
+                                             .attn_sink = c.sink ? dsink.p : nullptr, .sm_scale = sm_scale,
+                                             .out = paged.out.p, .lse = paged.lse.p, .max_logits = paged.max.p};
+  check_status(smla_cuda_paged_sparse_attention(&p, 0), "smla_cuda_paged_sparse_attention");
   CK(cudaDeviceSynchronize());
 
   const int64_t tm = main.tokens(), te = extra.tokens();
@@ -417,8 +424,9 @@ static void run_dequant_case(const char* name, int format, int page_size, int nu
   di.up(ids);
   CK(cudaMemset(dout.p, 0xff, dout.n * 2));
   CK(cudaMemset(dbad.p, 0, 4));
-  check_status(smla_cuda_dequantize_kv_cache(format, dc.p, page_size, num_pages, di.p, n, dout.p, dbad.p, 0),
-               "smla_cuda_dequantize_kv_cache");
+  const smla_dequantize_kv_cache_params p{.format = format, .cache = dc.p, .page_size = page_size, .num_pages = num_pages,
+                                          .token_ids = di.p, .num_tokens = int32_t(n), .out = dout.p};
+  check_status(smla_cuda_dequantize_kv_cache(&p, dbad.p, 0), "smla_cuda_dequantize_kv_cache");
   CK(cudaDeviceSynchronize());
   const auto out = dout.down();
   const int32_t bad = dbad.down()[0];
@@ -476,9 +484,11 @@ static void run_planner_case(uint64_t seed) {
   for (int ratio : {4, 0, 128}) {
     CK(cudaMemset(drows.p, 0x7f, drows.n * 4));
     CK(cudaMemset(dlens.p, 0x7f, dlens.n * 4));
-    check_status(smla_cuda_plan_rows(nr, seq.data(), ext.data(), window, ratio, ratio == 4 ? dtk.p : nullptr,
-                                     ratio == 4 ? topk : 0, width, nq, drows.p, dlens.p, ddrop.p, 0),
-                 "smla_cuda_plan_rows");
+    const smla_plan_combine_topk_params p{.num_requests = nr, .seq_lens = seq.data(), .extend_lens = ext.data(),
+                                          .window = window, .ratio = ratio,
+                                          .topk_indices = ratio == 4 ? dtk.p : nullptr, .topk = ratio == 4 ? topk : 0,
+                                          .width = width, .rows = drows.p, .lens = dlens.p, .dropped = ddrop.p};
+    check_status(smla_cuda_plan_rows(&p, nq, 0), "smla_cuda_plan_rows");
     CK(cudaDeviceSynchronize());
     const auto rows = drows.down();
     const auto lens = dlens.down();
@@ -505,9 +515,10 @@ static void run_planner_case(uint64_t seed) {
   DBuf<int64_t> dids(total);
   dtab.up(tables);
   CK(cudaMemset(dids.p, 0xff, dids.n * 8));
-  check_status(smla_cuda_plan_compressed_token_ids(nr, seq.data(), ext.data(), 4, dtab.p, offsets.data(), page_size,
-                                                   total, dids.p, 0),
-               "smla_cuda_plan_compressed_token_ids");
+  const smla_plan_compressed_token_ids_params p{.num_requests = nr, .seq_lens = seq.data(), .extend_lens = ext.data(),
+                                                .ratio = 4, .page_tables = dtab.p, .page_table_offsets = offsets.data(),
+                                                .page_size = page_size, .token_ids = dids.p};
+  check_status(smla_cuda_plan_compressed_token_ids(&p, total, 0), "smla_cuda_plan_compressed_token_ids");
   CK(cudaDeviceSynchronize());
   for (int64_t id : dids.down()) bad += id < 0 || id >= int64_t(pages) * page_size;
   report(bad == 0, "planner rows c4/c0/c128 and c4 compressed ids", std::to_string(bad) + " malformed entries");
@@ -555,8 +566,8 @@ static void run_checks() {
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail
-    const int32_t st = smla_cuda_sparse_prefill(nullptr, nullptr, nullptr, nullptr, nullptr, 0, 64, 576, 512, 10, 64,
-                                                0.1f, nullptr, nullptr, nullptr, 0);
+    const smla_sparse_prefill_params p{.s_q = 0, .h_q = 64, .d_qk = 576, .d_v = 512, .s_kv = 10, .topk = 64, .sm_scale = 0.1f};
+    const int32_t st = smla_cuda_sparse_prefill(&p, 0);
     const cudaError_t e = cudaDeviceSynchronize();
     report(st == 0 && e == cudaSuccess, "prefill sQ=0 no-op", "status " + std::to_string(st));
   }
@@ -593,9 +604,11 @@ static void run_fuzz() {
     didx.up(idx);
     dlen.up(len);
     for (int use_len = 0; use_len < 2; ++use_len) {
-      check_status(smla_cuda_sparse_prefill(dq.p, dkv.p, didx.p, use_len ? dlen.p : nullptr, nullptr, int32_t(s_q), h_q,
-                                            d_qk, 512, int32_t(s_kv), topk, 0.05f, dout.p, dm.p, dl.p, 0),
-                   "prefill");
+      const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p,
+                                         .topk_length = use_len ? dlen.p : nullptr, .s_q = int32_t(s_q), .h_q = h_q,
+                                         .d_qk = d_qk, .d_v = 512, .s_kv = int32_t(s_kv), .topk = topk, .sm_scale = 0.05f,
+                                         .out = dout.p, .max_logits = dm.p, .lse = dl.p};
+      check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
       ++launches;
     }
     CK(cudaDeviceSynchronize());
@@ -616,21 +629,25 @@ static void run_fuzz() {
     dc.up(c.bytes);
     di.up(idx);
     dq.up(hq);
-    check_status(smla_cuda_paged_sparse_attention(dq.p, 3, h_q, dc.p, P, pages, di.p, 90, nullptr, dc.p, P, pages, di.p,
-                                                  90, nullptr, nullptr, 0.04f, dout.p, dl.p, dm.p, 0),
-                 "paged");
+    const smla_paged_sparse_attention_params pp{.q = dq.p, .n = 3, .h_q = h_q, .k_cache = dc.p, .page_size = P,
+                                                .num_pages = pages, .indices = di.p, .topk = 90, .extra_k_cache = dc.p,
+                                                .extra_page_size = P, .extra_num_pages = pages, .extra_indices = di.p,
+                                                .extra_topk = 90, .sm_scale = 0.04f, .out = dout.p, .lse = dl.p,
+                                                .max_logits = dm.p};
+    check_status(smla_cuda_paged_sparse_attention(&pp, 0), "paged");
     ++launches;
     std::vector<int64_t> ids = {0, -1, INT64_MIN, c.tokens(), INT64_MAX, c.tokens() - 1, (int64_t)1 << 40};
     DBuf<int64_t> dids(ids.size());
     DBuf<uint16_t> ddq(ids.size() * smla::v32::kDim);
     DBuf<int32_t> bad(1);
     dids.up(ids);
-    check_status(smla_cuda_dequantize_kv_cache(SMLA_CACHE_V4, dc.p, P, pages, dids.p, int64_t(ids.size()), ddq.p,
-                                               bad.p, 0),
-                 "dequant v4");
-    check_status(smla_cuda_dequantize_kv_cache(SMLA_CACHE_V32, dc.p, 1, int32_t(c.bytes.size() / smla::v32::kTokenBytes), dids.p,
-                                               int64_t(ids.size()), ddq.p, bad.p, 0),
-                 "dequant v32");
+    const smla_dequantize_kv_cache_params v4{.format = SMLA_CACHE_V4, .cache = dc.p, .page_size = P, .num_pages = pages,
+                                             .token_ids = dids.p, .num_tokens = int32_t(ids.size()), .out = ddq.p};
+    check_status(smla_cuda_dequantize_kv_cache(&v4, bad.p, 0), "dequant v4");
+    const smla_dequantize_kv_cache_params v32{.format = SMLA_CACHE_V32, .cache = dc.p, .page_size = 1,
+                                              .num_pages = int32_t(c.bytes.size() / smla::v32::kTokenBytes),
+                                              .token_ids = dids.p, .num_tokens = int32_t(ids.size()), .out = ddq.p};
+    check_status(smla_cuda_dequantize_kv_cache(&v32, bad.p, 0), "dequant v32");
     launches += 3;
     CK(cudaDeviceSynchronize());
   }
@@ -707,10 +724,10 @@ static void run_profile(int which, int runs) {
   dq.up(hq);
   dkv.up(hkv);
   didx.up(idx);
-  for (int i = 0; i < runs; ++i)
-    check_status(smla_cuda_sparse_prefill(dq.p, dkv.p, didx.p, nullptr, nullptr, c[0], c[1], c[2], 512, c[4], c[3],
-                                          0.04f, dout.p, dm.p, dl.p, 0),
-                 "prefill");
+  const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = c[0], .h_q = c[1], .d_qk = c[2],
+                                     .d_v = 512, .s_kv = c[4], .topk = c[3], .sm_scale = 0.04f, .out = dout.p,
+                                     .max_logits = dm.p, .lse = dl.p};
+  for (int i = 0; i < runs; ++i) check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
   CK(cudaDeviceSynchronize());
   printf("profile config %d: %d runs done\n", which, runs);
 }
@@ -752,13 +769,11 @@ static void run_bench(const char* json_path, int reps) {
       DBuf<int64_t> di(n);
       DBuf<uint16_t> dout(size_t(n) * (v4 ? smla::v4::kDim : smla::v32::kDim));
       di.up(ids);
-      const double ms = timer.median_ms(
-          [&] {
-            check_status(smla_cuda_dequantize_kv_cache(v4 ? SMLA_CACHE_V4 : SMLA_CACHE_V32, dc.p, P, pages, di.p, n,
-                                                       dout.p, nullptr, 0),
-                         "dequant");
-          },
-          reps);
+      const smla_dequantize_kv_cache_params p{.format = v4 ? SMLA_CACHE_V4 : SMLA_CACHE_V32, .cache = dc.p, .page_size = P,
+                                              .num_pages = pages, .token_ids = di.p, .num_tokens = int32_t(n),
+                                              .out = dout.p};
+      const double ms =
+          timer.median_ms([&] { check_status(smla_cuda_dequantize_kv_cache(&p, nullptr, 0), "dequant"); }, reps);
       // record + int64 id read, bf16 row written
       const double moved = double(n) * (v4 ? (smla::v4::kTokenBytes + 8 + 2 * smla::v4::kDim) : (smla::v32::kTokenBytes + 8 + 2 * smla::v32::kDim));
       const double gbs = moved / ms / 1e6;
@@ -789,13 +804,10 @@ static void run_bench(const char* json_path, int reps) {
     DBuf<float> dl(size_t(c.s_q) * c.h_q), dm(size_t(c.s_q) * c.h_q);
     didx.up(idx);
     const float sm = float(1.0 / sqrt(double(c.d_qk)));
-    const double ms = timer.median_ms(
-        [&] {
-          check_status(smla_cuda_sparse_prefill(dq.p, dkv.p, didx.p, nullptr, nullptr, c.s_q, c.h_q, c.d_qk, 512,
-                                                c.s_kv, c.topk, sm, dout.p, dm.p, dl.p, 0),
-                       "prefill");
-        },
-        reps);
+    const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = c.s_q, .h_q = c.h_q,
+                                       .d_qk = c.d_qk, .d_v = 512, .s_kv = c.s_kv, .topk = c.topk, .sm_scale = sm,
+                                       .out = dout.p, .max_logits = dm.p, .lse = dl.p};
+    const double ms = timer.median_ms([&] { check_status(smla_cuda_sparse_prefill(&p, 0), "prefill"); }, reps);
     const double flops = 2.0 * c.s_q * double(c.topk) * c.h_q * (c.d_qk + 512);
     rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});
   }
@@ -824,14 +836,13 @@ static void run_bench(const char* json_path, int reps) {
     dextra.up(extra.bytes);
     di.up(idx);
     dei.up(eidx);
-    const double ms = timer.median_ms(
-        [&] {
-          check_status(smla_cuda_paged_sparse_attention(dq.p, c.n, c.h_q, dmain.p, 64, main.num_pages, di.p, c.topk,
-                                                        nullptr, dextra.p, 64, extra.num_pages, dei.p, c.extra_topk,
-                                                        nullptr, nullptr, 0.044f, dout.p, dl.p, dm.p, 0),
-                       "paged");
-        },
-        reps);
+    const smla_paged_sparse_attention_params p{.q = dq.p, .n = c.n, .h_q = c.h_q, .k_cache = dmain.p, .page_size = 64,
+                                               .num_pages = main.num_pages, .indices = di.p, .topk = c.topk,
+                                               .extra_k_cache = dextra.p, .extra_page_size = 64,
+                                               .extra_num_pages = extra.num_pages, .extra_indices = dei.p,
+                                               .extra_topk = c.extra_topk, .sm_scale = 0.044f, .out = dout.p,
+                                               .lse = dl.p, .max_logits = dm.p};
+    const double ms = timer.median_ms([&] { check_status(smla_cuda_paged_sparse_attention(&p, 0), "paged"); }, reps);
     const double flops = 2.0 * c.n * double(c.topk + c.extra_topk) * c.h_q * 1024;
     rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});
   }

@@ -1,9 +1,10 @@
 /**
  * The typed binding of the native addon (native/addon/) — the only file that knows the addon's
- * export names and argument types (the cpu ops' from ../abi.ts; the cuda ops' argument orders
- * mirrored from native/addon/cuda_ops.cpp), and the one place that loads it. Which file is loaded follows native/addon_locate.mjs: the package's prebuilt addon
- * for this platform and CPU, or the one built here by native/install.mjs, in the order the install
- * chose; SPARSE_MLA_NATIVE_ADDON=<path> loads that file only (tests; a build kept elsewhere).
+ * export names and argument types (the cpu and cuda kernel ops' params from ../abi.ts), and the
+ * one place that loads it. Which file is loaded follows native/addon_locate.mjs: the package's
+ * prebuilt addon for this platform and CPU, or the one built here by native/install.mjs, in the
+ * order the install chose; SPARSE_MLA_NATIVE_ADDON=<path> loads that file only (tests; a build
+ * kept elsewhere).
  *
  * Loading never throws: loadNativeAddon() returns the addon or why it is not there (including what
  * the install recorded: a failed build with its log's absolute path), once per process.
@@ -11,7 +12,7 @@
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { SparseMlaError } from '../../errors.js';
-import type { OpName, OpParams } from '../abi.js';
+import type { CudaOpName, CudaOpParams, OpName, OpParams } from '../abi.js';
 import {
   ADDON_PATH_ENV,
   SOURCE_BUILD_ADDON,
@@ -59,7 +60,7 @@ export type NativeCpuOps = {
 };
 
 /**
- * A device allocation of the addon (native/addon/cuda_ops.cpp DeviceBuffer): stream-ordered
+ * A device allocation of the addon (native/addon/cuda_stream.cpp DeviceBuffer): stream-ordered
  * cudaMallocAsync on the backend's stream; free() drops this handle (the memory goes back once no
  * queued op uses it), and the JS object's finalizer does the same when it is collected.
  */
@@ -71,7 +72,7 @@ export interface NativeDeviceBuffer {
   free(): void;
 }
 
-/** An engine's CUDA stream on one device: every op and allocation names it (cuda_ops.cpp). */
+/** An engine's CUDA stream on one device: every op and allocation names it (cuda_stream.cpp). */
 export interface NativeStream {
   readonly device: number;
   /** resolves once everything queued on the stream has finished */
@@ -82,108 +83,25 @@ export interface NativeStream {
 export type Operand<T> = T | NativeDeviceBuffer;
 
 /**
- * The CUDA ops (native/addon/cuda_ops.cpp). Every op's last argument is the engine's stream. An op
- * whose operands are all device buffers of that stream is enqueued at once and settles at once
- * (stream-ordered); one with a host operand stages it, launches, copies host outputs back and
- * resolves when the stream has finished. Rejections carry code 'SMLA_CUDA_ERROR' (status
- * "cudaErrorX: message") or 'SMLA_CORE_STATUS'.
+ * The CUDA kernel ops (native/addon/cuda_ops.cpp): each takes the op's params object (../abi.ts,
+ * CUDA_OP_PARAMS: the fields of the C ABI struct its launcher takes, read into it by the op's
+ * binding file in native/addon/; an array a host typed array or a device buffer of exactly its
+ * bytes) and the engine's stream. An op whose operands are all device buffers of that stream is
+ * enqueued at once and settles at once (stream-ordered); one with a host operand stages it,
+ * launches, copies host outputs back and resolves when the stream has finished. dequantizeKvCache:
+ * host tokenIds are checked by the caller (the kernel re-checks; one outside the cache rejects
+ * with SMLA_ERR_OUT_OF_RANGE), device ones (int64, a plan's, range-checked when uploaded) give a
+ * zero row, never read; with outRowOffset, out is a device buffer of at least outRowOffset +
+ * numTokens rows (a plan's device workspace). planRows / planCompressedTokenIds
+ * (native/cuda/planner.cu): the planner's rows and compressed ids built on the device.
+ * Rejections carry code 'SMLA_CUDA_ERROR' (status "cudaErrorX: message") or 'SMLA_CORE_STATUS'.
  */
-export interface NativeCudaOps {
-  sparsePrefill(
-    q: Operand<Uint16Array>,
-    kv: Operand<Uint16Array>,
-    indices: Operand<Int32Array>,
-    topkLength: Operand<Int32Array> | null,
-    attnSink: Operand<Float32Array> | null,
-    sQ: number,
-    hQ: number,
-    dQK: number,
-    dV: number,
-    sKV: number,
-    topk: number,
-    smScale: number,
-    out: Operand<Uint16Array>,
-    maxLogits: Operand<Float32Array>,
-    lse: Operand<Float32Array>,
-    stream: NativeStream,
-  ): Promise<void>;
-  pagedSparseAttention(
-    q: Operand<Uint16Array>,
-    n: number,
-    hQ: number,
-    kCache: Operand<Uint8Array>,
-    pageSize: number,
-    numPages: number,
-    indices: Operand<Int32Array>,
-    topk: number,
-    topkLength: Operand<Int32Array> | null,
-    extraKCache: Operand<Uint8Array> | null,
-    extraPageSize: number,
-    extraNumPages: number,
-    extraIndices: Operand<Int32Array> | null,
-    extraTopk: number,
-    extraTopkLength: Operand<Int32Array> | null,
-    attnSink: Operand<Float32Array> | null,
-    smScale: number,
-    out: Operand<Uint16Array>,
-    lse: Operand<Float32Array>,
-    maxLogits: Operand<Float32Array>,
-    stream: NativeStream,
-  ): Promise<void>;
-  /** tokenIds: host int32 (checked by the caller; the kernel re-checks and never reads outside) */
-  /**
-   * With outRowOffset, out must be a device buffer of at least (outRowOffset + n) rows and the
-   * rows are written from that row on (a plan's device workspace). tokenIds is a host Int32Array
-   * or a device buffer of n int64 ids (a plan's ids, uploaded once and range-checked by the caller).
-   */
-  dequantizeKvCache(
-    format: 0 | 1,
-    cache: Operand<Uint8Array>,
-    pageSize: number,
-    numPages: number,
-    tokenIds: Int32Array | NativeDeviceBuffer,
-    n: number,
-    out: Operand<Uint16Array>,
-    outRowOffset: number | null,
-    stream: NativeStream,
-  ): Promise<void>;
-  /**
-   * The planner's combined rows on the device (native/cuda/planner.cu): ratio 4 with topkIndices
-   * [numQueries, topk] (host or device), ratio 0 / 128 dense rows with null. seqLens/extendLens
-   * are host arrays; rows [numQueries, width], lens and dropped [numQueries] host or device.
-   */
-  planRows(
-    seqLens: Int32Array,
-    extendLens: Int32Array,
-    numRequests: number,
-    window: number,
-    ratio: number,
-    topkIndices: Operand<Int32Array> | null,
-    topk: number,
-    width: number,
-    numQueries: number,
-    rows: Operand<Int32Array>,
-    lens: Operand<Int32Array>,
-    dropped: Operand<Int32Array> | null,
-    stream: NativeStream,
-  ): Promise<void>;
-  /**
-   * A ratio's compressed flat token ids on the device (native/cuda/planner.cu, the host planner's
-   * compressed_token_id per entry). seqLens/extendLens/pageTableOffsets (numRequests + 1) are host
-   * arrays; pageTables (int32, flattened) and tokenIds (int64 [total]) host or device.
-   */
-  planCompressedTokenIds(
-    seqLens: Int32Array,
-    extendLens: Int32Array,
-    numRequests: number,
-    ratio: number,
-    pageTables: Operand<Int32Array>,
-    pageTableOffsets: BigInt64Array,
-    pageSize: number,
-    total: number,
-    tokenIds: Operand<BigInt64Array>,
-    stream: NativeStream,
-  ): Promise<void>;
+export type NativeCudaKernelOps = {
+  [Op in CudaOpName]: (params: CudaOpParams<Op, NativeDeviceBuffer>, stream: NativeStream) => Promise<void>;
+};
+
+/** The addon's `cuda.ops` table: the kernel ops, memory ops, timing and the two classes (native/addon/cuda_stream.cpp). */
+export interface NativeCudaOps extends NativeCudaKernelOps {
   /** host → device; data must have exactly buffer.byteLength bytes; resolves when done */
   upload(buffer: NativeDeviceBuffer, data: ArrayBufferView, stream: NativeStream): Promise<void>;
   /** device → host; data must have exactly buffer.byteLength bytes; resolves when done */

@@ -262,21 +262,23 @@ export class CudaBackend implements Backend, DeviceOps {
     try {
       await this.calls.run('sparsePrefill', () =>
         this.ops.sparsePrefill(
-          this.operand(job.q, 'q'),
-          this.operand(job.kv, 'kv'),
-          this.operand(job.indices, 'indices'),
-          this.optional(job.topkLength, 'topkLength'),
-          this.optional(job.attnSink, 'attnSink'),
-          sQ,
-          hQ,
-          dQK,
-          dV,
-          sKV,
-          topk,
-          job.smScale,
-          this.operand(out, 'out'),
-          this.operand(maxLogits, 'maxLogits'),
-          this.operand(lse, 'lse'),
+          {
+            q: this.operand(job.q, 'q'),
+            kv: this.operand(job.kv, 'kv'),
+            indices: this.operand(job.indices, 'indices'),
+            topkLength: this.optional(job.topkLength, 'topkLength'),
+            attnSink: this.optional(job.attnSink, 'attnSink'),
+            sQ,
+            hQ,
+            dQK,
+            dV,
+            sKV,
+            topk,
+            smScale: job.smScale,
+            out: this.operand(out, 'out'),
+            maxLogits: this.operand(maxLogits, 'maxLogits'),
+            lse: this.operand(lse, 'lse'),
+          },
           this.stream,
         ),
       );
@@ -297,26 +299,28 @@ export class CudaBackend implements Backend, DeviceOps {
     try {
       await this.calls.run('pagedSparseAttention', () =>
         this.ops.pagedSparseAttention(
-          this.operand(job.q, 'q'),
-          n,
-          hQ,
-          this.operand(main.cache.data, 'kCache'),
-          main.cache.pageSize,
-          main.cache.numPages,
-          this.operand(main.indices, 'indices'),
-          main.topk,
-          this.optional(main.topkLength, 'topkLength'),
-          extra ? this.operand(extra.cache.data, 'extraKCache') : null,
-          extra ? extra.cache.pageSize : 0,
-          extra ? extra.cache.numPages : 0,
-          extra ? this.operand(extra.indices, 'extraIndices') : null,
-          extra ? extra.topk : 0,
-          extra ? this.optional(extra.topkLength, 'extraTopkLength') : null,
-          this.optional(job.attnSink, 'attnSink'),
-          job.smScale,
-          this.operand(out, 'out'),
-          this.operand(lse, 'lse'),
-          this.operand(maxLogits, 'maxLogits'),
+          {
+            q: this.operand(job.q, 'q'),
+            n,
+            hQ,
+            kCache: this.operand(main.cache.data, 'kCache'),
+            pageSize: main.cache.pageSize,
+            numPages: main.cache.numPages,
+            indices: this.operand(main.indices, 'indices'),
+            topk: main.topk,
+            topkLength: this.optional(main.topkLength, 'topkLength'),
+            extraKCache: extra ? this.operand(extra.cache.data, 'extraKCache') : null,
+            extraPageSize: extra ? extra.cache.pageSize : 0,
+            extraNumPages: extra ? extra.cache.numPages : 0,
+            extraIndices: extra ? this.operand(extra.indices, 'extraIndices') : null,
+            extraTopk: extra ? extra.topk : 0,
+            extraTopkLength: extra ? this.optional(extra.topkLength, 'extraTopkLength') : null,
+            attnSink: this.optional(job.attnSink, 'attnSink'),
+            smScale: job.smScale,
+            out: this.operand(out, 'out'),
+            lse: this.operand(lse, 'lse'),
+            maxLogits: this.operand(maxLogits, 'maxLogits'),
+          },
           this.stream,
         ),
       );
@@ -333,7 +337,10 @@ export class CudaBackend implements Backend, DeviceOps {
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     try {
       await this.calls.run('dequantizeKCachePaged', () =>
-        this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, tokenIds, n, this.operand(out, 'out'), null, this.stream),
+        this.ops.dequantizeKvCache(
+          { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out: this.operand(out, 'out'), outRowOffset: null },
+          this.stream,
+        ),
       );
     } catch (e) {
       if (isDeviceBuffer(out)) out.free();
@@ -349,7 +356,10 @@ export class CudaBackend implements Backend, DeviceOps {
   async dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void> {
     const { cache, tokenIds, n } = job;
     await this.calls.run('dequantizeKCachePaged', () =>
-      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, tokenIds, n, this.own(out, 'out'), rowOffset, this.stream),
+      this.ops.dequantizeKvCache(
+        { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out: this.own(out, 'out'), outRowOffset: rowOffset },
+        this.stream,
+      ),
     );
   }
 
@@ -362,7 +372,10 @@ export class CudaBackend implements Backend, DeviceOps {
   async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
     await this.calls.run('dequantizeKCachePaged', () =>
-      this.ops.dequantizeKvCache(CACHE_FORMAT_CODE[cache.format], this.operand(cache.data, 'cache'), cache.pageSize, cache.numPages, this.own(tokenIds, 'tokenIds'), n, this.own(out, 'out'), rowOffset, this.stream),
+      this.ops.dequantizeKvCache(
+        { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: this.own(tokenIds, 'tokenIds'), numTokens: n, out: this.own(out, 'out'), outRowOffset: rowOffset },
+        this.stream,
+      ),
     );
   }
 
@@ -383,7 +396,14 @@ export class CudaBackend implements Backend, DeviceOps {
     const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
       await this.calls.run('planRows', () =>
-        this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), args.topk, args.width, numQueries, this.operand(rows, 'rows'), this.operand(lens, 'lens'), this.operand(dropped, 'dropped'), this.stream),
+        this.ops.planRows(
+          {
+            numRequests: args.seqLens.length, seqLens: args.seqLens, extendLens: args.extendLens, window: args.window, ratio: args.ratio,
+            topkIndices: args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), topk: args.topk, width: args.width,
+            rows: this.operand(rows, 'rows'), lens: this.operand(lens, 'lens'), dropped: this.operand(dropped, 'dropped'), numQueries,
+          },
+          this.stream,
+        ),
       );
     } catch (e) {
       for (const b of [rows, lens, dropped]) if (isDeviceBuffer(b)) b.free();
@@ -410,7 +430,10 @@ export class CudaBackend implements Backend, DeviceOps {
     const ids = this.output(placement, BigInt64Array, 8, total, 'tokenIds');
     try {
       await this.calls.run('planCompressedTokenIds', () =>
-        this.ops.planCompressedTokenIds(args.seqLens, args.extendLens, n, args.ratio, this.operand(args.pageTables, 'pageTables'), offsets, args.pageSize, total, this.operand(ids, 'tokenIds'), this.stream),
+        this.ops.planCompressedTokenIds(
+          { numRequests: n, seqLens: args.seqLens, extendLens: args.extendLens, ratio: args.ratio, pageTables: this.operand(args.pageTables, 'pageTables'), pageTableOffsets: offsets, pageSize: args.pageSize, tokenIds: this.operand(ids, 'tokenIds'), total },
+          this.stream,
+        ),
       );
     } catch (e) {
       if (isDeviceBuffer(ids)) ids.free();

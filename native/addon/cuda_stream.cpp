@@ -1,0 +1,433 @@
+// The `cuda` backend's streams, device buffers, operands and staging, and the ops that move memory
+// (upload, download, copyDevice, copyPeer, fillDevice), timing and memInfo. See cuda_stream.h.
+#include "cuda_stream.h"
+
+#include <atomic>
+#include <climits>
+
+namespace smla_addon {
+namespace {
+
+std::atomic<bool> g_timing{false};
+
+// A device's default memory pool keeps freed blocks cached (release threshold: unlimited), so
+// per-call temporaries do not go back to the driver every time. Once per device.
+void KeepPoolCached(int device) {
+  static std::mutex m;
+  static std::vector<bool> done;
+  std::lock_guard<std::mutex> lock(m);
+  if (size_t(device) < done.size() && done[size_t(device)]) return;
+  if (done.size() <= size_t(device)) done.resize(size_t(device) + 1, false);
+  cudaMemPool_t pool;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+    uint64_t threshold = UINT64_MAX;
+    cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold);
+  }
+  cudaGetLastError();
+  done[size_t(device)] = true;
+}
+
+const napi_type_tag kStreamTag = {0x3b7e1c55a9d24f60ULL, 0x91ac4e0f7d2b6c38ULL};
+
+class Stream : public Napi::ObjectWrap<Stream> {
+ public:
+  static Napi::Function Class(Napi::Env env) {
+    return DefineClass(env, "Stream", {InstanceAccessor<&Stream::Device>("device"), InstanceMethod<&Stream::Synchronize>("synchronize")});
+  }
+
+  // new Stream(device): a non-blocking stream on that device.
+  explicit Stream(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Stream>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsNumber()) ThrowArgument(env, "stream", "device: expected a device index");
+    const int device = info[0].As<Napi::Number>().Int32Value();
+    int count = 0;
+    cudaError_t err = cudaGetDeviceCount(&count);
+    if (err == cudaSuccess && (device < 0 || device >= count)) err = cudaErrorInvalidDevice;
+    auto s = std::make_shared<StreamState>();
+    s->device = device;
+    if (err == cudaSuccess) err = cudaSetDevice(device);
+    if (err == cudaSuccess) err = cudaStreamCreateWithFlags(&s->stream, cudaStreamNonBlocking);
+    if (err != cudaSuccess) {
+      s->stream = nullptr;
+      cudaGetLastError();
+      Napi::Error e = Napi::Error::New(env, "stream: CUDA failed on device " + std::to_string(device) + ": " + CudaErrorText(err));
+      e.Set("code", Napi::String::New(env, "SMLA_CUDA_ERROR"));
+      e.Set("status", Napi::String::New(env, CudaErrorText(err)));
+      throw e;
+    }
+    KeepPoolCached(device);
+    state_ = std::move(s);
+    info.This().As<Napi::Object>().TypeTag(&kStreamTag);
+  }
+
+  StreamRef Get() const { return state_; }
+
+ private:
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), state_->device); }
+  // synchronize(): resolves once every op queued on the stream has finished (a pool thread waits).
+  Napi::Value Synchronize(const Napi::CallbackInfo& info);
+
+  StreamRef state_;
+};
+
+Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
+  Args a(info, "synchronize");
+  StreamRef s = state_;
+  return Queue(a, {}, [s]() -> int32_t {
+    cudaError_t err = cudaSetDevice(s->device);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(s->stream);
+    if (err != cudaSuccess) cudaGetLastError();
+    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
+const napi_type_tag kDeviceBufferTag = {0x5a1f0c3e9b2d4e71ULL, 0x8c6a3f1d2e4b5a90ULL};
+
+class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
+ public:
+  static Napi::Function Class(Napi::Env env) {
+    return DefineClass(env, "DeviceBuffer",
+                       {InstanceAccessor<&DeviceBuffer::ByteLength>("byteLength"), InstanceAccessor<&DeviceBuffer::Device>("device"),
+                        InstanceAccessor<&DeviceBuffer::Freed>("freed"), InstanceMethod<&DeviceBuffer::Free>("free")});
+  }
+
+  // new DeviceBuffer(bytes, stream): cudaMallocAsync on the stream (usable by every later call on it).
+  explicit DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
+    Napi::Env env = info.Env();
+    if (info.Length() < 1 || !info[0].IsNumber()) ThrowArgument(env, "alloc", "bytes: expected a number");
+    const double b = info[0].As<Napi::Number>().DoubleValue();
+    if (!(b >= 0 && b <= 9007199254740991.0) || b != double(int64_t(b))) ThrowArgument(env, "alloc", "bytes: expected a non-negative integer");
+    auto a = std::make_shared<Allocation>();
+    a->bytes = uint64_t(b);
+    a->stream = StreamArg(info, 1, "alloc");
+    cudaError_t err = cudaSetDevice(a->stream->device);
+    if (err == cudaSuccess && a->bytes > 0) err = cudaMallocAsync(&a->ptr, a->bytes, a->stream->stream);
+    if (err != cudaSuccess) {
+      a->ptr = nullptr;
+      cudaGetLastError();
+      Napi::Error e = Napi::Error::New(env, "alloc: CUDA failed: " + CudaErrorText(err) + " (" + std::to_string(a->bytes) + " bytes)");
+      e.Set("code", Napi::String::New(env, "SMLA_CUDA_ERROR"));
+      e.Set("status", Napi::String::New(env, CudaErrorText(err)));
+      throw e;
+    }
+    alloc_ = std::move(a);
+    device_ = alloc_->stream->device;
+    info.This().As<Napi::Object>().TypeTag(&kDeviceBufferTag);
+  }
+
+  std::shared_ptr<Allocation> Get() const { return alloc_; }
+
+ private:
+  Napi::Value ByteLength(const Napi::CallbackInfo& info) {
+    return Napi::Number::New(info.Env(), double(alloc_ ? alloc_->bytes : 0));
+  }
+  Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), device_); }
+  Napi::Value Freed(const Napi::CallbackInfo& info) { return Napi::Boolean::New(info.Env(), !alloc_); }
+  // Drops this handle's ownership; the memory goes back once no queued op uses it.
+  Napi::Value Free(const Napi::CallbackInfo& info) {
+    alloc_.reset();
+    return info.Env().Undefined();
+  }
+
+  std::shared_ptr<Allocation> alloc_;
+  int device_ = 0;
+};
+
+// The allocation of argument i (a DeviceBuffer of this stream's device), or a thrown argument error.
+std::shared_ptr<Allocation> BufferArg(Args& a, const Napi::CallbackInfo& info, size_t i, const char* name, const StreamState& s) {
+  return BufferOf(a, i < info.Length() ? info[i] : a.Env().Undefined(), name, s);
+}
+
+}  // namespace
+
+StreamState::~StreamState() {
+  if (cudaSetDevice(device) != cudaSuccess) return;
+  for (auto& t : timed) cudaEventDestroy(t.first), cudaEventDestroy(t.second);
+  if (stream && cudaStreamDestroy(stream) != cudaSuccess) cudaGetLastError();
+}
+
+StreamRef StreamArg(const Napi::CallbackInfo& info, size_t i, const char* op) {
+  if (i >= info.Length() || !info[i].IsObject() || !info[i].As<Napi::Object>().CheckTypeTag(&kStreamTag))
+    ThrowArgument(info.Env(), op, "stream: expected a Stream (the engine's)");
+  return Stream::Unwrap(info[i].As<Napi::Object>())->Get();
+}
+
+Allocation::~Allocation() {
+  if (ptr && cudaSetDevice(stream->device) == cudaSuccess) {
+    if (cudaFreeAsync(ptr, stream->stream) != cudaSuccess) cudaGetLastError();  // e.g. at process exit
+  }
+}
+
+std::shared_ptr<Allocation> BufferOf(Args& a, Napi::Value value, const std::string& name, const StreamState& s) {
+  if (!value.IsObject() || value.IsTypedArray() || !value.As<Napi::Object>().CheckTypeTag(&kDeviceBufferTag))
+    ThrowArgument(a.Env(), a.Op(), name + ": expected a DeviceBuffer");
+  std::shared_ptr<Allocation> b = DeviceBuffer::Unwrap(value.As<Napi::Object>())->Get();
+  if (!b) ThrowArgument(a.Env(), a.Op(), name + ": the device buffer was freed");
+  if (b->stream->device != s.device)
+    ThrowArgument(a.Env(), a.Op(), name + ": a buffer on device " + std::to_string(b->stream->device) + ", this engine runs on device " + std::to_string(s.device));
+  return b;
+}
+
+// ---- operands -------------------------------------------------------------------------------------
+
+bool CudaFields::OnDevice(const char* name) const {
+  const Napi::Value v = f_.Get(name);
+  return v.IsObject() && !v.IsTypedArray();
+}
+
+// A DeviceBuffer of exactly elem * count bytes (on the stream's device), or a typed array of `type`
+// with exactly `count` elements.
+std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type type, uint64_t elem, uint64_t count, bool output,
+                                          bool nullable) {
+  auto o = std::make_shared<Operand>();
+  o->output = output;
+  o->bytes = elem * count;
+  const Napi::Value v = f_.Get(name);
+  if (!v.IsNull() && v.IsObject() && !v.IsTypedArray()) {
+    o->device = BufferOf(a_, v, name, s_);
+    if (o->device->bytes != o->bytes)
+      ThrowArgument(a_.Env(), a_.Op(), std::string(name) + ": expected a device buffer of " + std::to_string(o->bytes) + " bytes, got " +
+                                           std::to_string(o->device->bytes));
+    pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+  } else {
+    // A host input is a copy the call owns or shared memory (addon.h, Args): H2D reads it later.
+    if (output) {
+      uint8_t* data = nullptr;
+      f_.Output(data, name, type, count, nullable);
+      o->host = data;
+    } else {
+      const uint8_t* data = nullptr;
+      f_.Input(data, name, type, count, nullable);
+      o->host = const_cast<uint8_t*>(data);
+    }
+    if (!o->host) o->bytes = 0;
+  }
+  operands_.push_back(o);
+  return o;
+}
+
+std::shared_ptr<Allocation> CudaFields::Buffer(const char* name) {
+  const Napi::Value v = f_.Get(name);
+  std::shared_ptr<Allocation> b = BufferOf(a_, v, name, s_);
+  pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+  return b;
+}
+
+// ---- running an op on its stream -----------------------------------------------------------------
+
+cudaError_t Stage(std::vector<Operand*> const& ops, cudaStream_t s) {
+  for (Operand* o : ops) {
+    if (!o->OnHost()) continue;
+    cudaError_t err = cudaMallocAsync(&o->temp, o->bytes, s);
+    if (err != cudaSuccess) {
+      o->temp = nullptr;
+      return err;
+    }
+    if (!o->output && (err = cudaMemcpyAsync(o->temp, o->host, o->bytes, cudaMemcpyHostToDevice, s)) != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status) {
+  for (Operand* o : ops) {
+    if (status == SMLA_OK && o->output && o->temp) {
+      cudaError_t err = cudaMemcpyAsync(o->host, o->temp, o->bytes, cudaMemcpyDeviceToHost, s);
+      if (err != cudaSuccess) status = -int32_t(err);
+    }
+  }
+  for (Operand* o : ops)
+    if (o->temp) {
+      cudaFreeAsync(o->temp, s);
+      o->temp = nullptr;
+    }
+  cudaError_t err = cudaStreamSynchronize(s);
+  if (status == SMLA_OK && err != cudaSuccess) status = -int32_t(err);
+  if (status != SMLA_OK) cudaGetLastError();
+  return status;
+}
+
+bool TimingOn() { return g_timing.load(); }
+
+Napi::Promise Queue(Args& a, std::vector<Napi::ObjectReference> pins, std::function<int32_t()> body) {
+  RowJob job;
+  job.rows = 1;
+  job.threads = 1;
+  job.run = [body = std::move(body)](int64_t, int64_t) { return body(); };
+  Holds all = a.TakeHolds();
+  for (auto& p : pins) all.pins.push_back(std::move(p));
+  return QueueRowJob(a.Env(), a.Op(), std::move(job), std::move(all));
+}
+
+cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, const StreamState& s) {
+  for (auto& o : ops) {
+    if (!o->device || o->device->stream.get() == &s) continue;
+    cudaEvent_t ready;
+    cudaError_t err = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    if (err == cudaSuccess) err = cudaEventRecord(ready, o->device->stream->stream);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(s.stream, ready, 0);
+    cudaEventDestroy(ready);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+// ---- memory ops ---------------------------------------------------------------------------------
+
+namespace {
+
+// upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes, stream) /
+// download(src, dst, stream): on a pool thread, resolved when the copy is done.
+Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
+  Args a(info, toDevice ? "upload" : "download");
+  std::vector<Napi::ObjectReference> pins;
+  StreamRef st = StreamArg(info, 2, a.Op());
+  std::shared_ptr<Allocation> dev = BufferArg(a, info, 0, "buffer", *st);
+  pins.push_back(Napi::Persistent(info[0].As<Napi::Object>()));
+  if (info.Length() < 2 || !info[1].IsTypedArray()) ThrowArgument(a.Env(), a.Op(), "data: expected a typed array");
+  Napi::TypedArray t = info[1].As<Napi::TypedArray>();
+  if (uint64_t(t.ByteLength()) != dev->bytes)
+    ThrowArgument(a.Env(), a.Op(), "data: expected " + std::to_string(dev->bytes) + " bytes, got " + std::to_string(t.ByteLength()));
+  void* data = nullptr;
+  if (toDevice) {
+    uint64_t bytes = 0;
+    data = const_cast<void*>(a.InputBytes(1, "data", &bytes));  // an owned copy or shared memory
+  } else {
+    napi_typedarray_type type;
+    size_t length = 0;
+    if (napi_get_typedarray_info(a.Env(), t, &type, &length, &data, nullptr, nullptr) != napi_ok)
+      ThrowArgument(a.Env(), a.Op(), "data: cannot read the typed array's memory");
+    pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
+  }
+  return Queue(a, std::move(pins), [st, dev, data, toDevice]() -> int32_t {
+    cudaError_t err = cudaSetDevice(st->device);
+    if (err == cudaSuccess && dev->bytes > 0)
+      err = toDevice ? cudaMemcpyAsync(dev->ptr, data, dev->bytes, cudaMemcpyHostToDevice, st->stream)
+                     : cudaMemcpyAsync(data, dev->ptr, dev->bytes, cudaMemcpyDeviceToHost, st->stream);
+    cudaError_t sync = cudaStreamSynchronize(st->stream);
+    if (err == cudaSuccess) err = sync;
+    if (err != cudaSuccess) cudaGetLastError();
+    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
+}  // namespace
+
+Napi::Value Upload(const Napi::CallbackInfo& info) { return Copy(info, true); }
+Napi::Value Download(const Napi::CallbackInfo& info) { return Copy(info, false); }
+
+// copyDevice(dst, src, stream): a device-to-device copy of equal-sized buffers of this stream's
+// device (benchmarks' copy ceiling); stream-ordered.
+Napi::Value CopyDevice(const Napi::CallbackInfo& info) {
+  Args a(info, "copyDevice");
+  StreamRef st = StreamArg(info, 2, a.Op());
+  std::shared_ptr<Allocation> dst = BufferArg(a, info, 0, "dst", *st), src = BufferArg(a, info, 1, "src", *st);
+  if (dst->bytes != src->bytes) ThrowArgument(a.Env(), a.Op(), "buffers differ in size");
+  return Dispatch(a, {}, st, {}, [=](cudaStream_t s) -> int32_t {
+    cudaError_t err = dst->bytes > 0 ? cudaMemcpyAsync(dst->ptr, src->ptr, dst->bytes, cudaMemcpyDeviceToDevice, s) : cudaSuccess;
+    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
+// copyPeer(dst, dstStream, src, srcStream): dst (on dstStream's device) gets src (on srcStream's,
+// maybe another device) after every op queued on srcStream so far; peer-to-peer where the devices
+// allow it, through the host otherwise (cudaMemcpyPeerAsync decides). Resolves when done.
+Napi::Value CopyPeer(const Napi::CallbackInfo& info) {
+  Args a(info, "copyPeer");
+  std::vector<Napi::ObjectReference> pins;
+  StreamRef ds = StreamArg(info, 1, a.Op()), ss = StreamArg(info, 3, a.Op());
+  std::shared_ptr<Allocation> dst = BufferArg(a, info, 0, "dst", *ds), src = BufferArg(a, info, 2, "src", *ss);
+  if (dst->bytes != src->bytes) ThrowArgument(a.Env(), a.Op(), "buffers differ in size");
+  pins.push_back(Napi::Persistent(info[0].As<Napi::Object>()));
+  pins.push_back(Napi::Persistent(info[2].As<Napi::Object>()));
+  return Queue(a, std::move(pins), [=]() -> int32_t {
+    cudaError_t err = cudaSetDevice(ss->device);
+    cudaEvent_t ready = nullptr;
+    if (err == cudaSuccess) err = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+    if (err == cudaSuccess) err = cudaEventRecord(ready, ss->stream);
+    if (err == cudaSuccess) err = cudaSetDevice(ds->device);
+    if (err == cudaSuccess && ds->device != ss->device) {
+      int can = 0;
+      if (cudaDeviceCanAccessPeer(&can, ds->device, ss->device) == cudaSuccess && can) {
+        const cudaError_t e = cudaDeviceEnablePeerAccess(ss->device, 0);
+        if (e != cudaSuccess && e != cudaErrorPeerAccessAlreadyEnabled) err = e;
+        cudaGetLastError();
+      }
+    }
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(ds->stream, ready, 0);
+    if (err == cudaSuccess && dst->bytes > 0) err = cudaMemcpyPeerAsync(dst->ptr, ds->device, src->ptr, ss->device, dst->bytes, ds->stream);
+    const cudaError_t sync = cudaStreamSynchronize(ds->stream);
+    if (err == cudaSuccess) err = sync;
+    if (ready) {
+      cudaSetDevice(ss->device);
+      cudaEventDestroy(ready);
+    }
+    if (err != cudaSuccess) cudaGetLastError();
+    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
+// fillDevice(dst, src, stream): dst filled with repeats of src (benchmark inputs far larger than the
+// host can build quickly, from a random block); stream-ordered.
+Napi::Value FillDevice(const Napi::CallbackInfo& info) {
+  Args a(info, "fillDevice");
+  StreamRef st = StreamArg(info, 2, a.Op());
+  std::shared_ptr<Allocation> dst = BufferArg(a, info, 0, "dst", *st), src = BufferArg(a, info, 1, "src", *st);
+  if (src->bytes == 0 && dst->bytes > 0) ThrowArgument(a.Env(), a.Op(), "empty source");
+  return Dispatch(a, {}, st, {}, [=](cudaStream_t s) -> int32_t {
+    for (uint64_t off = 0; off < dst->bytes; off += src->bytes) {
+      const uint64_t n = std::min<uint64_t>(src->bytes, dst->bytes - off);
+      cudaError_t err = cudaMemcpyAsync(static_cast<uint8_t*>(dst->ptr) + off, src->ptr, n, cudaMemcpyDeviceToDevice, s);
+      if (err != cudaSuccess) return -int32_t(err);
+    }
+    return int32_t(SMLA_OK);
+  });
+}
+
+// setTiming(on): CUDA events around every launch from now on (benchmarks) or none.
+Napi::Value SetTiming(const Napi::CallbackInfo& info) {
+  g_timing = info.Length() > 0 && info[0].ToBoolean().Value();
+  return info.Env().Undefined();
+}
+
+// takeKernelMs(stream): device ms of each timed launch on the stream since the last call, in
+// order (waits for them; -1 for one that could not be timed), and forgets them.
+Napi::Value TakeKernelMs(const Napi::CallbackInfo& info) {
+  StreamRef st = StreamArg(info, 0, "takeKernelMs");
+  std::lock_guard<std::mutex> lock(st->mutex);
+  Napi::Array out = Napi::Array::New(info.Env(), st->timed.size());
+  cudaSetDevice(st->device);
+  for (size_t i = 0; i < st->timed.size(); ++i) {
+    float ms = -1.0f;
+    if (cudaEventSynchronize(st->timed[i].second) != cudaSuccess || cudaEventElapsedTime(&ms, st->timed[i].first, st->timed[i].second) != cudaSuccess)
+      ms = -1.0f;
+    cudaEventDestroy(st->timed[i].first);
+    cudaEventDestroy(st->timed[i].second);
+    out.Set(uint32_t(i), Napi::Number::New(info.Env(), double(ms)));
+  }
+  st->timed.clear();
+  cudaGetLastError();
+  return out;
+}
+
+// memInfo(stream) → { free, total } bytes on the stream's device (synchronous, cheap).
+Napi::Value MemInfo(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  StreamRef st = StreamArg(info, 0, "memInfo");
+  size_t freeB = 0, total = 0;
+  cudaError_t err = cudaSetDevice(st->device);
+  if (err == cudaSuccess) err = cudaMemGetInfo(&freeB, &total);
+  Napi::Object o = Napi::Object::New(env);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    o.Set("error", Napi::String::New(env, CudaErrorText(err)));
+  }
+  o.Set("free", double(freeB));
+  o.Set("total", double(total));
+  return o;
+}
+
+// The classes are exported as constructors: `new ops.Stream(device)`, `new ops.DeviceBuffer(n, stream)`.
+Napi::Value NewDeviceBufferClass(const Napi::CallbackInfo& info) { return DeviceBuffer::Class(info.Env()); }
+Napi::Value NewStreamClass(const Napi::CallbackInfo& info) { return Stream::Class(info.Env()); }
+
+}  // namespace smla_addon

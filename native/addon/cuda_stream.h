@@ -1,0 +1,268 @@
+// The `cuda` backend's streams, device buffers and operands, and how an op runs on its stream
+// (the per-op bindings are in cuda_ops.cpp).
+//
+// Streams: each engine owns a Stream bound to one device (`new ops.Stream(device)`); every op and
+// every device buffer names its stream, so engines on different devices run at the same time and
+// never share a stream or a lock. Every CUDA call is preceded by cudaSetDevice(stream's device) on
+// the thread that makes it.
+//
+// When an op's operands all live on the device it is enqueued on its stream right away, on the
+// calling (JS) thread, and its promise is settled at once: device work is stream-ordered, nothing
+// waits for the GPU, and a later download (or stream.synchronize()) sees its results. An op with a
+// host operand runs on a libuv pool thread instead: it stages host inputs on the device, launches,
+// copies host outputs back, frees the temporaries and synchronizes, so its promise resolves when
+// the host outputs are in place and the event loop never waits.
+//
+// Timing: with setTiming(true) (benchmarks), CUDA events bracket each launch (not the staging
+// copies) and takeKernelMs(stream) waits for them and returns their device times; otherwise no
+// events are created.
+//
+// Errors: a failing CUDA call returns -(cudaError_t) (the promise rejects with code SMLA_CUDA_ERROR
+// and "cudaErrorX: message"); temporaries are freed and the non-sticky error cleared, so the next
+// call starts clean. A sticky error (a kernel fault) would poison the context; the kernels are
+// written never to fault on any index value (SPEC §5), and shapes are checked here.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "addon.h"
+#include "sparse_mla/sparse_mla.h"
+
+namespace smla_addon {
+
+// ---- streams ------------------------------------------------------------------------------------
+
+struct StreamState {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  // events around each launch since the last takeKernelMs (setTiming(true)); guarded by `mutex`
+  std::mutex mutex;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed;
+
+  ~StreamState();
+};
+using StreamRef = std::shared_ptr<StreamState>;
+
+// Argument i as a Stream (the engine's), or a thrown argument error.
+StreamRef StreamArg(const Napi::CallbackInfo& info, size_t i, const char* op);
+
+// ---- device buffers -------------------------------------------------------------------------------
+
+// One stream-ordered allocation on its stream's device; freed (stream-ordered, so after every op
+// queued before) when the last owner lets go: the DeviceBuffer (free() or its finalizer) or an op
+// still using it.
+struct Allocation {
+  void* ptr = nullptr;
+  uint64_t bytes = 0;
+  StreamRef stream;
+  ~Allocation();
+};
+
+// The allocation of a DeviceBuffer value on stream s's device, or a thrown argument error.
+std::shared_ptr<Allocation> BufferOf(Args& a, Napi::Value value, const std::string& name, const StreamState& s);
+
+// ---- operands: a host typed array or a DeviceBuffer ---------------------------------------------
+
+struct Operand {
+  void* host = nullptr;                // host data (an owned copy, shared memory or an output array), or null
+  std::shared_ptr<void> keep;          // owns `host` when the op built it (lives as long as the operand)
+  std::shared_ptr<Allocation> device;  // or a device buffer
+  uint64_t bytes = 0;
+  bool output = false;
+  void* temp = nullptr;  // staged copy of host data on the device
+  void* Ptr() const { return device ? device->ptr : temp; }
+  bool OnHost() const { return !device && host && bytes > 0; }
+};
+
+// The array fields of a device op's params struct, each bound to its operand: at launch a field
+// gets the operand's device pointer (the buffer's own, or the staged copy of a host array) plus a
+// byte offset. Also keeps the host arrays a launcher walks on the host as long as the launch.
+class DeviceBindings {
+ public:
+  template <class T>
+  void Bind(T*& field, std::shared_ptr<Operand> operand, uint64_t byte_offset = 0) {
+    field = nullptr;
+    set_.push_back([&field, operand, byte_offset] {
+      field = static_cast<T*>(static_cast<void*>(static_cast<uint8_t*>(operand->Ptr()) + byte_offset));
+    });
+  }
+  void Keep(std::shared_ptr<void> data) { keep_.push_back(std::move(data)); }
+  void Apply() const {
+    for (auto& set : set_) set();
+  }
+
+ private:
+  std::vector<std::function<void()>> set_;
+  std::vector<std::shared_ptr<void>> keep_;
+};
+
+// What a device op's launch holds: its params struct (sparse_mla.h) and the struct's bindings.
+// Held by a shared_ptr and never moved: the bindings point into `params`.
+template <class Params>
+struct DeviceCall {
+  Params params{};
+  DeviceBindings bindings;
+  // The struct with every array field pointing at its operand's device memory (after staging).
+  const Params* Bound() {
+    bindings.Apply();
+    return &params;
+  }
+};
+
+// A device op's params object (argument i), read by the op's binding file as Args::Fields is for
+// the cpu ops: scalars alike; an array field is a host typed array (staged by the op) or a
+// DeviceBuffer of this stream's device of exactly the bytes its scalars give, and is bound to its
+// struct field (DeviceBindings); HostInput is a host array the launcher walks on the host, copied
+// here on the calling thread. Reading collects the op's operands (in field order) and the pins of
+// its DeviceBuffers, for Dispatch.
+class CudaFields {
+ public:
+  CudaFields(Args& a, size_t i, const StreamState& s, DeviceBindings& bindings)
+      : a_(a), f_(a.Object(i, "params")), s_(s), bindings_(bindings) {}
+
+  int32_t Int(const char* name, int64_t lo, int64_t hi) const { return f_.Int(name, lo, hi); }
+  float Float(const char* name) const { return f_.Float(name); }
+  bool IsNull(const char* name) const { return f_.IsNull(name); }
+  // Whether the field holds a DeviceBuffer (any object that is not a typed array).
+  bool OnDevice(const char* name) const;
+  [[noreturn]] void Refuse(const std::string& message) const { f_.Refuse(message); }
+
+  template <class T>
+  void Input(const T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+    bindings_.Bind(field, Read(name, type, sizeof(T), length, false, nullable));
+  }
+  template <class T>
+  void Output(T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
+    bindings_.Bind(field, Read(name, type, sizeof(T), length, true, nullable));
+  }
+  template <class T>
+  void HostInput(const T*& field, const char* name, napi_typedarray_type type, uint64_t length) {
+    const T* data = HostArray<T>(name, type, length);
+    auto copy = std::make_shared<std::vector<T>>(data, data + length);
+    bindings_.Keep(copy);
+    field = copy->data();
+  }
+  // A host typed array's data (Args' rules: an owned copy or shared memory).
+  template <class T>
+  const T* HostArray(const char* name, napi_typedarray_type type, uint64_t length) {
+    const T* data = nullptr;
+    f_.Input(data, name, type, length);
+    return data;
+  }
+
+  // Field `name` as an operand of `count` elements of `elem` bytes, added to the op's operands.
+  std::shared_ptr<Operand> Read(const char* name, napi_typedarray_type type, uint64_t elem, uint64_t count, bool output,
+                                bool nullable = false);
+  // Field `name` as a DeviceBuffer of this stream's device (any size), pinned.
+  std::shared_ptr<Allocation> Buffer(const char* name);
+  // An operand the op built itself, added to its operands.
+  void Add(std::shared_ptr<Operand> operand) { operands_.push_back(std::move(operand)); }
+
+  Args& args() const { return a_; }
+  std::vector<Napi::ObjectReference> TakePins() { return std::move(pins_); }
+  std::vector<std::shared_ptr<Operand>> TakeOperands() { return std::move(operands_); }
+
+ private:
+  Args& a_;
+  Args::Fields f_;
+  const StreamState& s_;
+  DeviceBindings& bindings_;
+  std::vector<Napi::ObjectReference> pins_;
+  std::vector<std::shared_ptr<Operand>> operands_;
+};
+
+// ---- running an op on its stream -----------------------------------------------------------------
+
+// Stages every host operand on the device (inputs copied H2D); returns a cudaError_t.
+cudaError_t Stage(std::vector<Operand*> const& ops, cudaStream_t s);
+
+// Copies host outputs back (when the launch succeeded), frees the temporaries, synchronizes; the
+// first error wins and a non-sticky one is cleared for the next call.
+int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status);
+
+// setTiming's state: CUDA events around every launch (benchmarks).
+bool TimingOn();
+
+// launch(stream) between two fresh events when timing is on (benchmarks), kept for takeKernelMs.
+template <class Launch>
+int32_t Timed(StreamState& s, Launch launch) {
+  if (!TimingOn()) return launch(s.stream);
+  std::lock_guard<std::mutex> lock(s.mutex);
+  cudaEvent_t b = nullptr, e = nullptr;
+  if (cudaEventCreate(&b) != cudaSuccess || cudaEventCreate(&e) != cudaSuccess) {
+    if (b) cudaEventDestroy(b);
+    cudaGetLastError();
+    return launch(s.stream);
+  }
+  cudaEventRecord(b, s.stream);
+  const int32_t status = launch(s.stream);
+  cudaEventRecord(e, s.stream);
+  s.timed.emplace_back(b, e);
+  return status;
+}
+
+// body() on a libuv pool thread; the promise settles with its status. Holds the call's pins and
+// input copies until then.
+Napi::Promise Queue(Args& a, std::vector<Napi::ObjectReference> pins, std::function<int32_t()> body);
+
+// Makes `s` wait for the work queued so far on the stream of every device operand allocated by
+// another engine's stream (same device).
+cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, const StreamState& s);
+
+// Runs one op on its stream. Every operand on the device and allocated on this stream: enqueued
+// here and now, settled at once (a buffer freed later is freed in this stream's order, after the
+// op). Otherwise on a pool thread that holds the operands until the stream is done: staging, the
+// owners' streams awaited, launch, host outputs back, sync.
+// `after` (pool path only) runs once the launch succeeded, outside its timing events: e.g. a flag
+// read back.
+template <class Launch>
+Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch,
+                       std::function<int32_t(cudaStream_t)> after = nullptr) {
+  const bool direct = std::none_of(ops.begin(), ops.end(), [&](const std::shared_ptr<Operand>& o) {
+    return o->OnHost() || (o->device && o->device->stream != s);
+  });
+  if (direct) {
+    cudaError_t err = cudaSetDevice(s->device);
+    int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(*s, launch);
+    if (status != SMLA_OK) cudaGetLastError();
+    return SettledPromise(a.Env(), a.Op(), status);  // `pins` go: the allocations are held by the queued work's owners
+  }
+  return Queue(a, std::move(pins), [s, ops = std::move(ops), launch, after]() -> int32_t {
+    cudaError_t err = cudaSetDevice(s->device);
+    if (err != cudaSuccess) return -int32_t(err);
+    std::vector<Operand*> raw;
+    for (auto& o : ops) raw.push_back(o.get());
+    err = Stage(raw, s->stream);
+    if (err == cudaSuccess) err = WaitForOwners(ops, *s);
+    int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(*s, launch);
+    if (status == SMLA_OK && after) status = after(s->stream);
+    return Finish(raw, s->stream, status);
+  });
+}
+
+// A device op whose params object was read through `f`: its operands and pins.
+template <class Launch>
+Napi::Promise Dispatch(CudaFields& f, StreamRef s, Launch launch, std::function<int32_t(cudaStream_t)> after = nullptr) {
+  return Dispatch(f.args(), f.TakePins(), std::move(s), f.TakeOperands(), std::move(launch), std::move(after));
+}
+
+// ---- the stream and buffer entries of the op table (cuda_stream.cpp) ----------------------------
+
+Napi::Value Upload(const Napi::CallbackInfo& info);
+Napi::Value Download(const Napi::CallbackInfo& info);
+Napi::Value CopyDevice(const Napi::CallbackInfo& info);
+Napi::Value CopyPeer(const Napi::CallbackInfo& info);
+Napi::Value FillDevice(const Napi::CallbackInfo& info);
+Napi::Value SetTiming(const Napi::CallbackInfo& info);
+Napi::Value TakeKernelMs(const Napi::CallbackInfo& info);
+Napi::Value MemInfo(const Napi::CallbackInfo& info);
+Napi::Value NewDeviceBufferClass(const Napi::CallbackInfo& info);
+Napi::Value NewStreamClass(const Napi::CallbackInfo& info);
+
+}  // namespace smla_addon

@@ -9,6 +9,7 @@ import { createEngine, createKvCache, tensor, SparseMlaError } from '../dist/ind
 import { createPlan, prefillLayer, SPARSE_PREFILL_THRESHOLDS, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
 import { prefillLayerReference, type PrefillLayerReferenceResult } from '../dist/reference/index.js';
 import type { Engine } from '../dist/types.js';
+import { engineBackend } from '../dist/engine.js';
 import { makeRng, randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -152,14 +153,20 @@ describe('prefillLayer vs the brute-force reference', () => {
 });
 
 describe('prefillLayer bad input: a typed error before any engine work', () => {
-  /** An engine that fails the test if any op is reached. */
-  const untouchable = new Proxy({} as Engine, {
-    get(_t, prop) {
-      if (prop === 'then') return undefined;
-      return () => {
-        throw new Error(`engine.${String(prop)} must not be called`);
-      };
-    },
+  /** A real engine whose backend fails the test if any op or layer step is reached. */
+  let untouchable: Engine;
+  beforeAll(async () => {
+    untouchable = await createEngine({ backend: 'wasm', workers: 1 });
+    const backend = engineBackend(untouchable)!;
+    const trap = (name: string) => () => {
+      throw new Error(`${name} must not be called`);
+    };
+    for (const m of ['sparsePrefill', 'pagedSparseAttention', 'quantizeKCache', 'dequantizeKCache'] as const) (backend as unknown as Record<string, unknown>)[m] = trap(`backend.${m}`);
+    const steps = backend.layer as unknown as Record<string, unknown>;
+    for (const m of Object.keys(steps)) if (typeof steps[m] === 'function') steps[m] = trap(`layer.${m}`);
+  });
+  afterAll(async () => {
+    await untouchable?.dispose();
   });
   const sc = randomScenario(makeRng(12345), [20, 200], [20, 3]); // fixed: built at collection time, its values do not matter
   const caches = { swa: createKvCache('v4', { pageSize: 64, numPages: sc.swaPages }), c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: sc.c4Pages }) };
@@ -178,6 +185,15 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     expect((err as Error).message).toMatch(pattern);
   }
 
+  test('an engine that createEngine did not make is refused', async () => {
+    const fake = { backend: 'wasm', sparsePrefill: () => Promise.resolve() } as unknown as Engine;
+    const err = await prefillLayer(fake, ok).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect(err).toMatchObject({ code: 'INVALID_VALUE', argument: 'engine' });
+  });
   test('a chunk without queries returns empty outputs without touching the engine', async () => {
     const empty = createPlan({ requests: [{ seqLen: 50, extendLen: 0, swaTokenIds: [] }] });
     const r = await prefillLayer(untouchable, { q: tensor('bf16', [0, 2, D]), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1, env: {} });

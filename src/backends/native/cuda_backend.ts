@@ -22,15 +22,18 @@ import type {
   BackendProbe,
   DequantizeKCacheJob,
   DeviceOps,
+  LayerSteps,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   PlacedAttentionOutput,
+  PlanRowsJob,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
   CACHE_FORMAT_CODE,
@@ -46,6 +49,12 @@ import {
 } from './binding.js';
 
 const GiB = 2 ** 30;
+
+/** A layer step's operand that only a device buffer can be (the steps place everything on the device). */
+function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
+  if (!isDeviceBuffer(x)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer of this engine, got host memory`, argument);
+  return x;
+}
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
 export class CudaDeviceBuffer implements DeviceBuffer {
@@ -137,6 +146,33 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
   readonly memoryBudgetBytes: number;
+
+  /**
+   * The layer steps on this engine's device: rows, ids and the workspace are device buffers and
+   * every step is queued on the engine's stream, so a layer whose inputs are on the device makes
+   * no host round trip (only readCounts waits for the device). Dense rows keep their unused
+   * dropped counts on the host (no device allocation for them).
+   */
+  readonly layer: LayerSteps<DeviceBuffer> = {
+    memory: 'device',
+    planRows: (job) => this.planRows(job, 'device', job.topkIndices === null ? 'host' : 'device'),
+    planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
+    placeIds: (ids) => this.upload(ids),
+    allocWorkspace: (bytes) => this.alloc(bytes),
+    dequantizeKCacheInto: (job) => this.dequantizeKCacheIdsInto(job.cache, onDevice(job.tokenIds, 'tokenIds'), job.n, onDevice(job.workspace, 'workspace'), job.rowOffset),
+    // kv is the whole workspace; the rows index only [0, job.rows), the rest is never read
+    prefill: (job, output) =>
+      this.sparsePrefill(
+        { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: job.workspace.byteLength / (2 * V4_ROW_DIMS), topk: job.width, smScale: job.smScale },
+        output,
+      ),
+    readCounts: async (counts, n) => {
+      if (!isDeviceBuffer(counts)) return counts;
+      const into = new Int32Array(n);
+      await this.download(counts, into);
+      return into;
+    },
+  };
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {
     this.ops = ops;
@@ -373,7 +409,7 @@ export class CudaBackend implements Backend, DeviceOps {
    * validated and sized (width ≥ the widest row).
    */
   async planRows(
-    args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
+    args: PlanRowsJob<DeviceBuffer>,
     placement: Placement = 'host',
     droppedPlacement: Placement = placement,
   ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }> {

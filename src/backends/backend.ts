@@ -174,8 +174,8 @@ export interface PlannedRows<B = never> {
   rows: Int32Array | B;
   /** int32 [numQueries]: real entries per row */
   lens: Int32Array | B;
-  /** int32 [numQueries]: top-k entries dropped as not yet visible (0 for dense rows) */
-  dropped: Int32Array | B;
+  /** int32 [numQueries]: top-k entries dropped as not yet visible; null for dense rows (nothing to drop) */
+  dropped: Int32Array | B | null;
 }
 
 export interface CompressedTokenIdsJob<B = never> {

@@ -23,8 +23,7 @@ export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'spar
       const planner = loadHostPlanner();
       const { seqLens, extendLens, window, ratio, topkIndices, topk, width } = job;
       if (topkIndices !== null) return planner.combineTopk(seqLens, extendLens, window, ratio, topkIndices, topk, width);
-      const r = planner.denseRows(seqLens, extendLens, window, ratio, width);
-      return { ...r, dropped: new Int32Array(r.lens.length) };
+      return { ...planner.denseRows(seqLens, extendLens, window, ratio, width), dropped: null };
     },
     async planCompressedTokenIds(job) {
       return loadHostPlanner().compressedTokenIds(job.seqLens, job.extendLens, job.ratio, job.pageTables, job.pageTableOffsets, job.pageSize, job.total);

@@ -243,19 +243,24 @@ export class LayerResources<B = never> {
     const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width });
     p.stats.c4Combines++;
     if (this.memory === 'device') p.deviceStats.deviceC4Combines++;
-    const dropped = steps.readCounts(r.dropped, p.numQueries).then(
+    return { width: topk.width, rows: r.rows, lens: r.lens, dropped: r.dropped === null ? Promise.resolve(0) : this.#countDropped(steps, r.dropped) };
+  }
+
+  /** Reads a combine's per-query dropped counts (freeing them), adds them up and counts them in plan.stats. */
+  #countDropped(steps: LayerSteps<B>, counts: Int32Array | B): Promise<number> {
+    const p = this.#plan;
+    return steps.readCounts(counts, p.numQueries).then(
       (perQuery) => {
-        releaseDevice(r.dropped);
+        releaseDevice(counts);
         const total = perQuery.reduce((a, b) => a + b, 0);
         p.stats.c4Dropped += total;
         return total;
       },
       (e: unknown) => {
-        releaseDevice(r.dropped);
+        releaseDevice(counts);
         throw e;
       },
     );
-    return { width: topk.width, rows: r.rows, lens: r.lens, dropped };
   }
 
   /**

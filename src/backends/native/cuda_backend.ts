@@ -27,6 +27,7 @@ import type {
   PagedSparseAttentionOutput,
   PlacedAttentionOutput,
   PlanRowsJob,
+  PlannedRows,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
@@ -150,12 +151,12 @@ export class CudaBackend implements Backend, DeviceOps {
   /**
    * The layer steps on this engine's device: rows, ids and the workspace are device buffers and
    * every step is queued on the engine's stream, so a layer whose inputs are on the device makes
-   * no host round trip (only readCounts waits for the device). Dense rows keep their unused
-   * dropped counts on the host (no device allocation for them).
+   * no host round trip (only readCounts waits for the device). Dense rows drop nothing: they get
+   * no dropped counts.
    */
   readonly layer: LayerSteps<DeviceBuffer> = {
     memory: 'device',
-    planRows: (job) => this.planRows(job, 'device', job.topkIndices === null ? 'host' : 'device'),
+    planRows: (job) => this.planRows(job, 'device', job.topkIndices === null ? null : 'device'),
     planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
     placeIds: (ids) => this.upload(ids),
     allocWorkspace: (bytes) => this.alloc(bytes),
@@ -405,18 +406,17 @@ export class CudaBackend implements Backend, DeviceOps {
   /**
    * The planner's per-row index building on the GPU (SPEC §6; planner.h's topk_row / dense_row in
    * a kernel): ratio 4 rows from the indexer's top-k (host or device), ratio 0 / 128 dense rows
-   * when topkIndices is null. Outputs where `placement` says. Inputs are the plan's, already
-   * validated and sized (width ≥ the widest row).
+   * when topkIndices is null. Outputs where `placement` says; the dropped counts where
+   * `droppedPlacement` says, or not at all (null). Inputs are the plan's, already validated and
+   * sized (width ≥ the widest row).
    */
-  async planRows(
-    args: PlanRowsJob<DeviceBuffer>,
-    placement: Placement = 'host',
-    droppedPlacement: Placement = placement,
-  ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }> {
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement?: Placement, droppedPlacement?: Placement): Promise<PlannedRows<DeviceBuffer> & { dropped: Int32Array | DeviceBuffer }>;
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement, droppedPlacement: Placement | null): Promise<PlannedRows<DeviceBuffer>>;
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement): Promise<PlannedRows<DeviceBuffer>> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
     const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
     const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
-    const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
+    const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
       await this.calls.run('planRows', () =>
         this.ops.planRows(args.seqLens, args.extendLens, args.seqLens.length, args.window, args.ratio, args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), args.topk, args.width, numQueries, this.operand(rows, 'rows'), this.operand(lens, 'lens'), this.operand(dropped, 'dropped'), this.stream),

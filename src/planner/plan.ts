@@ -12,7 +12,6 @@ import { isDeviceBuffer, releaseDevice } from '../device.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import type { CacheView, LayerSteps } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
-import { combinedWidth, requestVisible, roundUp, swaGatherLength } from './core.js';
 import type {
   CombinedRows,
   CompressRatio,
@@ -105,6 +104,28 @@ function bytesStr(n: number): string {
   if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
   if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
   return `${n} B`;
+}
+
+// ---- size rules (SPEC §6) a plan checks its inputs against before the planner's index math runs ----
+
+/** SWA positions the queries of a request need: g = min(seqLen, extendLen + W − 1); 0 without queries. */
+export function swaGatherLength(seqLen: number, extendLen: number, window: number): number {
+  return extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0;
+}
+
+/** Compressed entries the request's last query can see: floor(seqLen / r); 0 for r = 0 or no queries. */
+export function requestVisible(seqLen: number, extendLen: number, ratio: number): number {
+  return ratio > 0 && extendLen > 0 ? Math.floor(seqLen / ratio) : 0;
+}
+
+export function roundUp(x: number, m: number): number {
+  return m > 0 ? Math.ceil(x / m) * m : x;
+}
+
+/** Width of a ratio's combined rows (SPEC §6): roundUp((0 | topk | maxVisible) + W, align). */
+export function combinedWidth(ratio: number, topk: number, maxVisible: number, window: number, align: number): number {
+  const compressed = ratio === 0 ? 0 : ratio === 4 ? topk : maxVisible;
+  return roundUp(compressed + window, align);
 }
 
 /**

@@ -22,7 +22,7 @@ import type {
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
-import { hostLayerSteps } from '../host_layer.js';
+import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';

@@ -1,12 +1,15 @@
 /**
  * The planner's index math (SPEC §6) on the host: the C++ core (cpp/src/planner.cpp, the per-row
  * functions of planner.h that the CUDA planner kernels call too) through the smla_plan_* calls of
- * ops.ts. It lays out a plan, builds its rows and ids for the host backends' layer steps
- * (../host_layer.ts) and the paged form for every backend. The work is small integer work done
- * once per chunk (plus one top-k combine per c4 layer), so it runs synchronously on the calling
- * thread in a private instance of the module rather than through the worker pool: a round trip to
- * a worker would cost more than the work. Inputs are a plan's, already validated and sized.
+ * ops.ts. It lays out a plan, builds its paged form for every backend, and builds the rows and ids
+ * of the host backends' layer steps (hostLayerSteps, below: the cpu and wasm backends'). The work
+ * is small integer work done once per chunk (plus one top-k combine per c4 layer), so it runs
+ * synchronously on the calling thread in a private instance of the module rather than through the
+ * worker pool: a round trip to a worker would cost more than the work. Inputs are a plan's,
+ * already validated and sized.
  */
+import { V4_ROW_DIMS, rowDimOf } from '../../kv_cache_layout.js';
+import type { Backend, LayerSteps } from '../backend.js';
 import { compileCoreModuleSync, WasmCore, type CompiledCore } from './ops.js';
 
 /** Totals of a chunk's layout for one compress ratio. */
@@ -105,4 +108,52 @@ export function loadHostPlanner(): HostPlanner {
   compiled ??= compileCoreModuleSync();
   instance ??= WasmCore.instantiateSync(compiled.module, compiled.maxMemoryBytes); // surfaces an ABI mismatch here
   return hostPlanner;
+}
+
+/** The token ids the host ops take (int32): a plan's ids lie inside its caches, so each fits. */
+function int32Ids(ids: BigInt64Array): Int32Array {
+  const halves = new Int32Array(ids.buffer, ids.byteOffset, ids.length * 2);
+  const out = new Int32Array(ids.length);
+  for (let i = 0; i < out.length; i++) out[i] = halves[2 * i]!;
+  return out;
+}
+
+/**
+ * The layer steps of a host backend (cpu, wasm): rows and ids from the host planner, the workspace
+ * a shared-memory array (workers read it in place), and `backend`'s own dequantize and
+ * sparsePrefill over it (its methods looked up at each call). Everything stays in host memory, so
+ * placing and reading are no-ops.
+ */
+export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'sparsePrefill'>): LayerSteps {
+  return {
+    memory: 'host',
+    async planRows(job) {
+      const planner = loadHostPlanner();
+      const { seqLens, extendLens, window, ratio, topkIndices, topk, width } = job;
+      if (topkIndices !== null) return planner.combineTopk(seqLens, extendLens, window, ratio, topkIndices, topk, width);
+      return { ...planner.denseRows(seqLens, extendLens, window, ratio, width), dropped: null };
+    },
+    async planCompressedTokenIds(job) {
+      return loadHostPlanner().compressedTokenIds(job.seqLens, job.extendLens, job.ratio, job.pageTables, job.pageTableOffsets, job.pageSize, job.total);
+    },
+    async placeIds(ids) {
+      return ids;
+    },
+    allocWorkspace(bytes) {
+      return new Uint16Array(new SharedArrayBuffer(bytes));
+    },
+    async dequantizeKCacheInto({ cache, tokenIds, n, workspace, rowOffset }) {
+      const rowDim = rowDimOf(cache.format);
+      const rows = await backend.dequantizeKCache({ cache, tokenIds: int32Ids(tokenIds), n, rowDim });
+      workspace.set(rows, rowOffset * rowDim);
+    },
+    async prefill(job) {
+      const { q, workspace, rows, indices, lengths, attnSink, numQueries, hQ, width, smScale } = job;
+      const kv = workspace.subarray(0, rows * V4_ROW_DIMS);
+      return backend.sparsePrefill({ q, kv, indices, topkLength: lengths, attnSink, sQ: numQueries, hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: rows, topk: width, smScale });
+    },
+    async readCounts(counts) {
+      return counts;
+    },
+  };
 }

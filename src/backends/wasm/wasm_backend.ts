@@ -22,7 +22,7 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
-import { hostLayerSteps } from '../host_layer.js';
+import { hostLayerSteps } from './planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';

@@ -212,6 +212,16 @@ export interface CheckedTopk<B = never> {
 /** Kept on the host, or on a device and not freed. */
 const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
 
+/** The build in flight under `key`, else a new one: concurrent layers (sharded by heads, say) build once. */
+function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Promise<V>): Promise<V> {
+  let p = inFlight.get(key);
+  if (!p) {
+    p = build().finally(() => inFlight.delete(key));
+    inFlight.set(key, p);
+  }
+  return p;
+}
+
 /**
  * What a plan keeps in one memory for the layers of its chunk, built by that memory's layer steps
  * when first needed: the c0 / c128 rows, each ratio's compressed gather ids, the SWA gather ids and
@@ -226,6 +236,8 @@ export class LayerResources<B = never> {
   readonly #compressedIds = new Map<4 | 128, BigInt64Array | B>();
   #swaIds?: BigInt64Array | B;
   #workspace?: Uint16Array | B;
+  readonly #denseInFlight = new Map<0 | 128, Promise<LayerRows<B>>>();
+  readonly #idsInFlight = new Map<4 | 128 | 'swa', Promise<BigInt64Array | B>>();
 
   constructor(plan: PlanParts, memory: Placement) {
     this.#plan = plan;
@@ -234,12 +246,15 @@ export class LayerResources<B = never> {
 
   /** The rows of a c0 / c128 layer: built once, then reused by every layer of the ratio. */
   async denseRows(steps: LayerSteps<B>, ratio: 0 | 128): Promise<LayerRows<B>> {
-    const have = this.keptDenseRows(ratio);
-    if (have) return have;
-    const p = this.#plan;
-    const width = p.denseWidth(ratio);
-    const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio, topkIndices: null, topk: 0, width });
-    return this.keepDenseRows(ratio, { width, rows: r.rows, lens: r.lens });
+    return (
+      this.keptDenseRows(ratio) ??
+      buildOnce(this.#denseInFlight, ratio, async () => {
+        const p = this.#plan;
+        const width = p.denseWidth(ratio);
+        const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio, topkIndices: null, topk: 0, width });
+        return this.keepDenseRows(ratio, { width, rows: r.rows, lens: r.lens });
+      })
+    );
   }
 
   keptDenseRows(ratio: 0 | 128): LayerRows<B> | undefined {
@@ -247,7 +262,14 @@ export class LayerResources<B = never> {
     return have && usable(have.rows) && usable(have.lens) ? have : undefined;
   }
 
+  /** Keeps rows built for a ratio and counts the build; rows kept meanwhile (the plan's own build) win. */
   keepDenseRows(ratio: 0 | 128, rows: LayerRows<B>): LayerRows<B> {
+    const have = this.keptDenseRows(ratio);
+    if (have) {
+      releaseDevice(rows.rows);
+      releaseDevice(rows.lens);
+      return have;
+    }
     this.#dense.set(ratio, rows);
     const { stats, deviceStats } = this.#plan;
     if (this.memory === 'host') stats[ratio === 0 ? 'c0Builds' : 'c128Builds']++;
@@ -289,12 +311,15 @@ export class LayerResources<B = never> {
    * checked against every cache they are used with (Plan.checkCaches), so every id is in range.
    */
   async compressedIds(steps: LayerSteps<B>, ratio: 4 | 128): Promise<BigInt64Array | B> {
-    const have = this.keptCompressedIds(ratio);
-    if (have !== undefined) return have;
-    const p = this.#plan;
-    const t = p.compressed(ratio);
-    const ids = await steps.planCompressedTokenIds({ seqLens: p.seqLens, extendLens: p.extendLens, ratio, pageTables: t.pageTables, pageTableOffsets: t.pageTableOffsets, pageSize: t.pageSize, total: t.rows });
-    return this.keepCompressedIds(ratio, ids);
+    return (
+      this.keptCompressedIds(ratio) ??
+      buildOnce(this.#idsInFlight, ratio, async () => {
+        const p = this.#plan;
+        const t = p.compressed(ratio);
+        const ids = await steps.planCompressedTokenIds({ seqLens: p.seqLens, extendLens: p.extendLens, ratio, pageTables: t.pageTables, pageTableOffsets: t.pageTableOffsets, pageSize: t.pageSize, total: t.rows });
+        return this.keepCompressedIds(ratio, ids);
+      })
+    );
   }
 
   keptCompressedIds(ratio: 4 | 128): BigInt64Array | B | undefined {
@@ -302,7 +327,13 @@ export class LayerResources<B = never> {
     return have !== undefined && usable(have) ? have : undefined;
   }
 
+  /** Keeps ids built for a ratio and counts the build; ids kept meanwhile (the plan's own build) win. */
   keepCompressedIds(ratio: 4 | 128, ids: BigInt64Array | B): BigInt64Array | B {
+    const have = this.keptCompressedIds(ratio);
+    if (have !== undefined) {
+      releaseDevice(ids);
+      return have;
+    }
     this.#compressedIds.set(ratio, ids);
     if (this.memory === 'device') this.#plan.deviceStats.deviceCompressedIdBuilds++;
     return ids;
@@ -312,9 +343,11 @@ export class LayerResources<B = never> {
   async swaIds(steps: LayerSteps<B>): Promise<BigInt64Array | B> {
     const have = this.#swaIds;
     if (have !== undefined && usable(have)) return have;
-    const ids = await steps.placeIds(this.#plan.swaTokenIds);
-    if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
-    return (this.#swaIds = ids);
+    return buildOnce(this.#idsInFlight, 'swa', async () => {
+      const ids = await steps.placeIds(this.#plan.swaTokenIds);
+      if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
+      return (this.#swaIds = ids);
+    });
   }
 
   /**

@@ -98,6 +98,9 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
     fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(args.topkIndices));
   }
   const caches = plan.checkCaches(args.caches, ratio);
+  if (!engine.hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) {
+    fail('BACKEND_UNAVAILABLE', 'caches', `host caches (the ${engine.backend} backend has no device memory; device caches need { backend: 'cuda' })`, 'a device cache');
+  }
   const layerCaches = { swa: args.caches.swa!, ...(ratio !== 0 ? { compressed: args.caches[ratio === 4 ? 'c4' : 'c128']! } : {}) };
   const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend, compressRatio: ratio });
   const topk = ratio === 4 ? plan.checkTopk(args.topkIndices, engine.hasDevice) : undefined;

@@ -12,3 +12,8 @@ export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
 }
 
 export const BYTES_PER_ELEMENT: { readonly [D in DType]: number } = { bf16: 2, float32: 4, int32: 4, int64: 8, uint8: 1 };
+
+/** Frees a device buffer now (ops already queued still finish with it); host memory is left to the GC. */
+export function releaseDevice(value: unknown): void {
+  if (isDeviceBuffer(value)) value.free();
+}

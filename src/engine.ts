@@ -4,7 +4,7 @@
  * never does the math.
  */
 import { SparseMlaError, fail } from './errors.js';
-import { tensor } from './tensor.js';
+import { deviceTensor, placedTensor as placed, tensor } from './tensor.js';
 import { BYTES_PER_ELEMENT, isDeviceBuffer } from './device.js';
 import type {
   BackendName,
@@ -28,9 +28,9 @@ import type {
   SparsePrefillResult,
   Tensor,
 } from './types.js';
-import type { Backend, DeviceOps, PlacedAttentionOutput } from './backends/backend.js';
+import type { Backend, DeviceOps, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
-import { checkArgsObject, checkTensor, describe } from './ops/common.js';
+import { checkArgsObject, checkOutputOption as checkOutput, checkTensor, describe } from './ops/common.js';
 import { checkCache, prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
 import { preparePagedSparseAttention } from './ops/paged_sparse_attention.js';
 import { prepareSparsePrefill } from './ops/sparse_prefill.js';
@@ -40,7 +40,11 @@ export const MAX_WORKERS = 1024;
 /** Smallest memoryBudgetBytes accepted (a budget below the smallest staging slab is a typo). */
 export const MIN_MEMORY_BUDGET_BYTES = 2 ** 20;
 
-class SparseMlaEngine implements Engine {
+/**
+ * The engine behind createEngine(). Exported for the library's own layer API (prefillLayer narrows
+ * an engine to it to run the backend's layer steps) and tests; not part of the public API.
+ */
+export class SparseMlaEngine implements Engine {
   readonly backend: BackendName;
   readonly workers: number;
   private readonly impl: Backend;
@@ -59,6 +63,12 @@ class SparseMlaEngine implements Engine {
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
     this.alive();
     await this.impl.quantizeKCache(prepareQuantizeKCache(args));
+  }
+
+  /** @internal the backend's layer steps (prefillLayer's workspace path); DISPOSED after dispose() */
+  layerSteps(): LayerSteps<DeviceBuffer> {
+    this.alive();
+    return this.impl.layer;
   }
 
   get hasDevice(): boolean {
@@ -172,14 +182,6 @@ const HOST_ARRAYS: { readonly [D in DType]: new (n: number) => DTypeArrays[D] } 
   uint8: Uint8Array,
 };
 
-function checkOutput(options: unknown): Placement {
-  if (options === undefined) return 'host';
-  checkArgsObject(options, 'options');
-  const o = (options as OutputOptions).output;
-  if (o === undefined || o === 'host' || o === 'device') return o ?? 'host';
-  fail('INVALID_VALUE', 'options.output', '"host" or "device"', describe(o));
-}
-
 /** Whether a job holds a device buffer anywhere (its arrays, caches, index sets). */
 function usesDevice(job: object): boolean {
   for (const v of Object.values(job)) {
@@ -189,22 +191,18 @@ function usesDevice(job: object): boolean {
   return false;
 }
 
-function deviceTensor<D extends DType>(dtype: D, shape: readonly number[], data: DeviceBuffer): DeviceTensor<D> {
-  return Object.freeze({ dtype, shape: Object.freeze([...shape]), data });
-}
-
-function placed<D extends DType>(dtype: D, shape: number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
-  return isDeviceBuffer(data) ? deviceTensor(dtype, shape, data) : tensor(dtype, shape, data);
-}
-
 const internals = new WeakMap<Engine, Backend>();
 
 /**
  * The backend object behind an engine — for tests and diagnostics (e.g. the wasm backend's pool
- * and its testing hooks). Not part of the public API.
+ * and its testing hooks, the cuda backend's timing). With a backend class, only a backend of that
+ * class (else undefined), typed as such. Not part of the public API.
  */
-export function engineBackend(engine: Engine): Backend | undefined {
-  return internals.get(engine);
+export function engineBackend(engine: Engine): Backend | undefined;
+export function engineBackend<T extends Backend>(engine: Engine, kind: abstract new (...args: never[]) => T): T | undefined;
+export function engineBackend(engine: Engine, kind?: abstract new (...args: never[]) => Backend): Backend | undefined {
+  const b = internals.get(engine);
+  return kind === undefined || b instanceof kind ? b : undefined;
 }
 
 /** Creates an engine on the requested backend (option, else SPARSE_MLA_BACKEND, else auto). */

@@ -1,6 +1,7 @@
 /** Building and converting host tensors. bf16 tensors hold raw bit patterns in a Uint16Array. */
 import { SparseMlaError } from './errors.js';
-import type { DType, DTypeArrays, Tensor } from './types.js';
+import { isDeviceBuffer } from './device.js';
+import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, Tensor } from './types.js';
 
 const ARRAY_CTORS = {
   bf16: Uint16Array,
@@ -32,6 +33,16 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape [${shape.join(', ')}] needs ${n} elements, data has ${arr.length}`, 'data');
   }
   return { dtype, shape: [...shape], data: arr };
+}
+
+/** A device tensor over `data` (frozen). */
+export function deviceTensor<D extends DType>(dtype: D, shape: readonly number[], data: DeviceBuffer): DeviceTensor<D> {
+  return Object.freeze({ dtype, shape: Object.freeze([...shape]), data });
+}
+
+/** An output where it was placed: a host tensor over a host array, a device tensor over a device buffer. */
+export function placedTensor<D extends DType>(dtype: D, shape: readonly number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
+  return isDeviceBuffer(data) ? deviceTensor(dtype, shape, data) : tensor(dtype, shape, data);
 }
 
 const f32 = new Float32Array(1);

@@ -1,18 +1,29 @@
 /**
  * The cuda backend's TypeScript half, run without a GPU: the real addon's CPU core plus a stand-in
  * for the CUDA op table. Checks what the class itself decides — host-side quantize on the CPU core,
- * typed errors from the CUDA ops, dispose waiting for calls in flight and refusing later ones —
- * so a change to it is caught here, not first on a GPU host.
+ * typed errors from the CUDA ops, dispose waiting for calls in flight and refusing later ones, and
+ * the layer flow over its layer steps (prefillLayer with device inputs and outputs on a stand-in
+ * device whose ops run the CPU core and the host planner: the same bits as the cpu backend, the
+ * chunk-invariant rows and ids built once, no host round trip in a layer but the c4 dropped
+ * counts, read while the rest is queued) — so a change to it is caught here, not first on a GPU
+ * host.
  */
-import { describe, expect, test } from 'vitest';
-import { SparseMlaError, createKvCache } from '../dist/index.js';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
 import { CudaBackend, CudaDeviceBuffer, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
-import { loadNativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
+import { loadNativeAddon, type NativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
 import { CUDA_OP_PARAMS, type CudaOpName } from '../dist/backends/abi.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
+import { loadHostPlanner } from '../dist/backends/wasm/planner.js';
+import { SparseMlaEngine } from '../dist/engine.js';
+import { createPlan, prefillLayer, type CompressRatio } from '../dist/planner/index.js';
+import { prefillLayerReference } from '../dist/reference/index.js';
 import type { CacheView, DequantizeKCacheJob, PagedSparseAttentionJob, QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
+import type { Engine } from '../dist/types.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
+import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 
 const rng = testRng('cuda_backend_host');
@@ -199,21 +210,19 @@ describe.skipIf(!nativeAddonBuilt())('the cuda backend calls each kernel op with
     await cuda.dispose();
   });
 
-  test('dequantizeKvCache: host ids into a new output, host ids into a device workspace row, device ids', async () => {
+  test('dequantizeKvCache: host ids into a new output, device ids into a device workspace row', async () => {
     const { ops, calls } = recordingOps();
     const cuda = new CudaBackend(addon, ops, 1);
     const cache = v4View(64, 2, new Uint8Array(v4View(64, 2, null).bytes));
     const job: DequantizeKCacheJob = { cache, tokenIds: Int32Array.from([3, 70, 0]), n: 3, rowDim: 512 };
     await cuda.dequantizeKCache(job);
     const ws = cuda.alloc(10 * 512 * 2);
-    await cuda.dequantizeKCacheInto(job, ws, 5);
     const ids = cuda.alloc(3 * 8);
     await cuda.dequantizeKCacheIdsInto(cache, ids, 3, ws, 7);
-    expect(calls.map((c) => c.op)).toEqual(['dequantizeKvCache', 'dequantizeKvCache', 'dequantizeKvCache']);
+    expect(calls.map((c) => c.op)).toEqual(['dequantizeKvCache', 'dequantizeKvCache']);
     expect(calls[0]!.params).toMatchObject({ format: 0, cache: cache.data, pageSize: 64, numPages: 2, tokenIds: job.tokenIds, numTokens: 3, outRowOffset: null });
     expect((calls[0]!.params.out as Uint16Array).length).toBe(3 * 512);
-    expect(calls[1]!.params).toMatchObject({ tokenIds: job.tokenIds, numTokens: 3, out: (ws as CudaDeviceBuffer).native, outRowOffset: 5 });
-    expect(calls[2]!.params).toMatchObject({ tokenIds: (ids as CudaDeviceBuffer).native, numTokens: 3, out: (ws as CudaDeviceBuffer).native, outRowOffset: 7 });
+    expect(calls[1]!.params).toMatchObject({ tokenIds: (ids as CudaDeviceBuffer).native, numTokens: 3, out: (ws as CudaDeviceBuffer).native, outRowOffset: 7 });
     await cuda.dispose();
   });
 
@@ -240,4 +249,199 @@ test('SPARSE_MLA_DEVICE picks the default device; anything but an index is refus
   expect(defaultCudaDevice({})).toBe(0);
   expect(defaultCudaDevice({ SPARSE_MLA_DEVICE: ' 3 ' })).toBe(3);
   for (const bad of ['-1', 'one', '1.5']) expect(() => defaultCudaDevice({ SPARSE_MLA_DEVICE: bad })).toThrow(/SPARSE_MLA_DEVICE/);
+});
+
+/** A stand-in device buffer: host memory behind the addon buffer's surface. */
+class StandInBuffer {
+  readonly mem: ArrayBuffer;
+  readonly device: number;
+  readonly byteLength: number;
+  freed = false;
+  constructor(bytes: number, stream: { device: number }) {
+    this.mem = new ArrayBuffer(bytes);
+    this.byteLength = bytes;
+    this.device = stream.device;
+  }
+  free(): void {
+    this.freed = true;
+  }
+}
+
+type Ctor<T> = new (buffer: ArrayBuffer) => T;
+/** An operand's elements: a stand-in buffer's memory, or the host array itself. */
+function view<T extends ArrayBufferView>(x: unknown, ctor: Ctor<T>): T {
+  return x instanceof StandInBuffer ? new ctor(x.mem) : (x as T);
+}
+function write(dst: unknown, src: ArrayBufferView, byteOffset = 0): void {
+  const to = dst instanceof StandInBuffer ? new Uint8Array(dst.mem, byteOffset) : new Uint8Array((dst as ArrayBufferView).buffer, (dst as ArrayBufferView).byteOffset + byteOffset);
+  to.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
+}
+
+/** One op call as the stand-in saw it: its name and which of its array operands were host memory. */
+interface OpCall {
+  op: string;
+  hostOperands: string[];
+}
+
+/**
+ * The device ops the layer flow uses, each over one params object named as the binding's
+ * arguments: the CPU core (dequant, sparsePrefill) and the host planner (rows, compressed ids) on
+ * host memory. `held` delays a download until the layer's sparsePrefill has been queued.
+ */
+function standInOps(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitForPrefill: boolean }) {
+  const planner = loadHostPlanner();
+  let prefillQueued: () => void = () => undefined;
+  let prefillSeen = Promise.resolve();
+  const note = (op: string, p: Record<string, unknown>, arrays: string[]): void => {
+    calls.push({ op, hostOperands: arrays.filter((k) => p[k] !== null && p[k] !== undefined && !(p[k] instanceof StandInBuffer)) });
+  };
+  return {
+    upload(p: { buffer: StandInBuffer; data: ArrayBufferView }) {
+      note('upload', p, ['buffer']);
+      write(p.buffer, p.data);
+      return Promise.resolve();
+    },
+    async download(p: { buffer: StandInBuffer; data: ArrayBufferView }) {
+      note('download', p, ['buffer']);
+      if (held.downloadsWaitForPrefill) await prefillSeen;
+      write(p.data, new Uint8Array(p.buffer.mem));
+    },
+    async dequantizeKvCache(p: { format: 0 | 1; cache: unknown; pageSize: number; numPages: number; tokenIds: unknown; numTokens: number; out: unknown; outRowOffset: number | null }) {
+      note('dequantizeKvCache', p, ['cache', 'tokenIds', 'out']);
+      const ids = p.tokenIds instanceof StandInBuffer ? Int32Array.from(new BigInt64Array(p.tokenIds.mem), Number) : (p.tokenIds as Int32Array);
+      const rowDim = p.format === 0 ? 512 : 576;
+      const out = new Uint16Array(p.numTokens * rowDim);
+      await addon.cpu.dequantizeKvCache(1, { format: p.format, cache: view(p.cache, Uint8Array), pageSize: p.pageSize, numPages: p.numPages, tokenIds: ids, numTokens: p.numTokens, out });
+      write(p.out, out, (p.outRowOffset ?? 0) * rowDim * 2);
+    },
+    planRows(p: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: unknown; topk: number; width: number; rows: unknown; lens: unknown; dropped: unknown }) {
+      note('planRows', p, ['topkIndices', 'rows', 'lens', 'dropped']);
+      const r =
+        p.topkIndices === null
+          ? { ...planner.denseRows(p.seqLens, p.extendLens, p.window, p.ratio, p.width), dropped: new Int32Array(p.extendLens.reduce((a, b) => a + b, 0)) }
+          : planner.combineTopk(p.seqLens, p.extendLens, p.window, p.ratio, view(p.topkIndices, Int32Array), p.topk, p.width);
+      write(p.rows, r.rows);
+      write(p.lens, r.lens);
+      if (p.dropped !== null) write(p.dropped, r.dropped);
+      return Promise.resolve();
+    },
+    planCompressedTokenIds(p: { seqLens: Int32Array; extendLens: Int32Array; ratio: number; pageTables: unknown; pageTableOffsets: BigInt64Array; pageSize: number; total: number; tokenIds: unknown }) {
+      note('planCompressedTokenIds', p, ['pageTables', 'tokenIds']);
+      const ids = planner.compressedTokenIds(p.seqLens, p.extendLens, p.ratio, view(p.pageTables, Int32Array), Float64Array.from(p.pageTableOffsets, Number), p.pageSize, p.total);
+      write(p.tokenIds, ids);
+      return Promise.resolve();
+    },
+    async sparsePrefill(p: { q: unknown; kv: unknown; indices: unknown; topkLength: unknown; attnSink: unknown; sQ: number; hQ: number; dQK: number; dV: number; sKV: number; topk: number; smScale: number; out: unknown; maxLogits: unknown; lse: unknown }) {
+      note('sparsePrefill', p, ['q', 'kv', 'indices', 'topkLength', 'out', 'maxLogits', 'lse']);
+      prefillQueued();
+      prefillSeen = new Promise((r) => (prefillQueued = r));
+      const out = new Uint16Array(p.sQ * p.hQ * p.dV), maxLogits = new Float32Array(p.sQ * p.hQ), lse = new Float32Array(p.sQ * p.hQ);
+      await addon.cpu.sparsePrefill(2, {
+        q: view(p.q, Uint16Array), kv: view(p.kv, Uint16Array), indices: view(p.indices, Int32Array),
+        topkLength: p.topkLength === null ? null : view(p.topkLength, Int32Array), attnSink: p.attnSink === null ? null : view(p.attnSink, Float32Array),
+        sQ: p.sQ, hQ: p.hQ, dQK: p.dQK, dV: p.dV, sKV: p.sKV, topk: p.topk, smScale: p.smScale, out, maxLogits, lse,
+      });
+      write(p.out, out);
+      write(p.maxLogits, maxLogits);
+      write(p.lse, lse);
+    },
+  };
+}
+
+/**
+ * The stand-in as the binding's op table: the kernel ops take (params, stream) with the fields of
+ * CUDA_OP_PARAMS (src/backends/abi.ts); upload and download take (buffer, data, stream).
+ */
+function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitForPrefill: boolean }): NativeCudaOps {
+  const ops = standInOps(addon, calls, held);
+  const named = {
+    upload: (buffer: StandInBuffer, data: ArrayBufferView) => ops.upload({ buffer, data }),
+    download: (buffer: StandInBuffer, data: ArrayBufferView) => ops.download({ buffer, data }),
+    dequantizeKvCache: (p: Parameters<typeof ops.dequantizeKvCache>[0]) => ops.dequantizeKvCache(p),
+    planRows: (p: Parameters<typeof ops.planRows>[0]) => ops.planRows(p),
+    planCompressedTokenIds: (p: Parameters<typeof ops.planCompressedTokenIds>[0]) => ops.planCompressedTokenIds(p),
+    sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
+  };
+  class Stream {
+    constructor(readonly device: number) {}
+    synchronize(): Promise<void> {
+      return Promise.resolve();
+    }
+  }
+  return new Proxy({ deviceBufferClass: () => StandInBuffer, streamClass: () => Stream, ...named } as object, {
+    get: (target, name) => (target as Record<string | symbol, unknown>)[name] ?? (() => { throw new Error(`unexpected CUDA op ${String(name)}`); }),
+  }) as NativeCudaOps;
+}
+
+describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device', () => {
+  const load = loadNativeAddon();
+  const addon = load.ok ? load.addon : (undefined as never);
+  const calls: OpCall[] = [];
+  const held = { downloadsWaitForPrefill: false };
+  let cuda: Engine;
+  let cpu: Engine;
+  beforeAll(async () => {
+    cuda = new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, calls, held), 2));
+    cpu = await createEngine({ backend: 'cpu', workers: 2 });
+  });
+  afterAll(async () => {
+    await Promise.all([cuda?.dispose(), cpu?.dispose()]);
+  });
+
+  test('layers c0, c4, c128, c4 with device q, caches, top-k and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped counts come back, while the rest is queued', async () => {
+    const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
+    const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
+    const sc = randomScenario(rng, seqLens, extendLens);
+    const planDev = createPlan(sc.chunk);
+    const planHost = createPlan(sc.chunk);
+    const hQ = 4, smScale = 1 / Math.sqrt(512);
+    const ratios: CompressRatio[] = [0, 4, 128, 4];
+    for (const [layer, ratio] of ratios.entries()) {
+      const label = `layer ${layer} (c${ratio})`;
+      const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+      const comp = ratio === 4 ? randomCache(rng, sc.c4PageSize, sc.c4Pages) : ratio === 128 ? randomCache(rng, sc.c128PageSize, sc.c128Pages) : undefined;
+      const key = ratio === 4 ? 'c4' : 'c128';
+      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
+      const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+      const topkIndices = ratio === 4 ? randomTopk(rng, sc, 48) : undefined;
+      const caches = { swa, ...(comp ? { [key]: comp } : {}) };
+      const want = await prefillLayer(cpu, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
+      // the cpu result, and so the device's equal to it, against the float64 reference (the two share the layer flow)
+      const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale, ...(topkIndices ? { topkIndices } : {}) });
+      expectWithinBounds(label, want, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+      expect(want.dropped, label).toBe(ref.dropped);
+
+      const [qd, swad, compd, topkd] = await Promise.all([cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, topkIndices ? cuda.upload(topkIndices) : undefined]);
+      calls.length = 0;
+      held.downloadsWaitForPrefill = true; // a layer that waited for its dropped counts before queueing the rest would hang here
+      const got = await prefillLayer(
+        cuda,
+        { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink, smScale, path: 'sparse' },
+        { output: 'device' },
+      );
+      held.downloadsWaitForPrefill = false;
+      const layerCalls = calls.splice(0);
+      expect(got.out.data.device, label).toBe('cuda');
+      expect([got.path, got.workspaceBytes, got.dropped], label).toEqual([want.path, want.workspaceBytes, want.dropped]);
+      for (const [name, t, w] of [['out', got.out, want.out], ['lse', got.lse, want.lse], ['maxLogits', got.maxLogits, want.maxLogits]] as const) {
+        const host = (await cuda.download(t)).data;
+        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `${label} ${name}`).toBe(0);
+      }
+      // stream order: every array operand on the device but the plan's page tables, staged once
+      // per plan and engine by the compressed-id build (the plan's lengths and page offsets and the
+      // sink are host arguments too, staged by the op); the one download the c4 dropped counts
+      const first = ratios.indexOf(ratio) === layer;
+      const ops = layerCalls.map((c) => c.op);
+      const build = ratio === 4 ? ['planRows', 'download'] : first ? ['planRows'] : [];
+      const ids = ratio === 0 ? [] : first ? ['planCompressedTokenIds', 'dequantizeKvCache'] : ['dequantizeKvCache'];
+      expect(ops, label).toEqual([...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
+      for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(c.op === 'planCompressedTokenIds' ? ['pageTables'] : []);
+      for (const t of [qd, topkd, got.out, got.lse, got.maxLogits]) t?.data.free();
+      swad.data.free();
+      compd?.data.free();
+    }
+    expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 2, deviceWorkspaceAllocations: 1 });
+    expect(planDev.stats).toEqual({ ...planHost.stats, c0Builds: 0, c128Builds: 0, workspaceAllocations: 0 });
+    expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 2, workspaceAllocations: 1 });
+  }, 20_000);
 });

@@ -9,6 +9,7 @@ import { createEngine, createKvCache, tensor, SparseMlaError } from '../dist/ind
 import { createPlan, prefillLayer, SPARSE_PREFILL_THRESHOLDS, type CompressRatio, type PlanChunk, type PrefillLayerResult, type PrefillPath } from '../dist/planner/index.js';
 import { prefillLayerReference, type PrefillLayerReferenceResult } from '../dist/reference/index.js';
 import type { Engine } from '../dist/types.js';
+import { engineBackend } from '../dist/engine.js';
 import { makeRng, randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -121,6 +122,33 @@ describe('prefillLayer vs the brute-force reference', () => {
     expect(plan.stats.c4Dropped).toBe(2 * (refs[1]!.dropped + refs[3]!.dropped));
   }, 60_000);
 
+  test('layers running at once on one plan (a chunk sharded by heads) build its rows and ids once, each with its own workspace', async () => {
+    const sc = randomScenario(rng, [rng.int(300, 700), rng.int(20, 60)], [rng.int(5, 30), 20]);
+    const plan = createPlan(sc.chunk);
+    const layer = (ratio: 0 | 128) => {
+      const caches = { swa: randomCache(rng, 64, sc.swaPages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
+      const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+      const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, smScale: SM_SCALE });
+      return { run: () => prefillLayer(engine, { q, compressRatio: ratio, plan, caches, smScale: SM_SCALE, path: 'sparse' }), ref };
+    };
+    const layers = [layer(128), layer(128), layer(0), layer(0)];
+    const steps = engineBackend(engine)!.layer;
+    const planRows = steps.planRows.bind(steps);
+    const built: number[] = [];
+    steps.planRows = (job) => (built.push(job.ratio), planRows(job));
+    let got: PrefillLayerResult[];
+    try {
+      got = await Promise.all(layers.map((l) => l.run()));
+    } finally {
+      steps.planRows = planRows;
+    }
+    got.forEach((g, i) => expectMatches(g, layers[i]!.ref, 'sparse', `concurrent layer ${i}`));
+    expect(built.sort()).toEqual([0, 128]);
+    expect(plan.stats).toMatchObject({ c0Builds: 1, c128Builds: 1 });
+    expect(plan.stats.workspaceAllocations).toBeGreaterThan(1);
+    expect(plan.compressedTokenIds(128).data).toBe(plan.compressedTokenIds(128).data); // the layers' ids, kept
+  }, 60_000);
+
   test('the router picks the path by query count, option or SPARSE_MLA_PREFILL', async () => {
     const sc = randomScenario(rng, [40, 300], [40, 9]); // 49 queries
     const caches = { swa: randomCache(rng, 64, sc.swaPages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
@@ -152,14 +180,20 @@ describe('prefillLayer vs the brute-force reference', () => {
 });
 
 describe('prefillLayer bad input: a typed error before any engine work', () => {
-  /** An engine that fails the test if any op is reached. */
-  const untouchable = new Proxy({} as Engine, {
-    get(_t, prop) {
-      if (prop === 'then') return undefined;
-      return () => {
-        throw new Error(`engine.${String(prop)} must not be called`);
-      };
-    },
+  /** A real engine whose backend fails the test if any op or layer step is reached. */
+  let untouchable: Engine;
+  beforeAll(async () => {
+    untouchable = await createEngine({ backend: 'wasm', workers: 1 });
+    const backend = engineBackend(untouchable)!;
+    const trap = (name: string) => () => {
+      throw new Error(`${name} must not be called`);
+    };
+    for (const m of ['sparsePrefill', 'pagedSparseAttention', 'quantizeKCache', 'dequantizeKCache'] as const) (backend as unknown as Record<string, unknown>)[m] = trap(`backend.${m}`);
+    const steps = backend.layer as unknown as Record<string, unknown>;
+    for (const m of Object.keys(steps)) if (typeof steps[m] === 'function') steps[m] = trap(`layer.${m}`);
+  });
+  afterAll(async () => {
+    await untouchable?.dispose();
   });
   const sc = randomScenario(makeRng(12345), [20, 200], [20, 3]); // fixed: built at collection time, its values do not matter
   const caches = { swa: createKvCache('v4', { pageSize: 64, numPages: sc.swaPages }), c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: sc.c4Pages }) };
@@ -178,6 +212,15 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     expect((err as Error).message).toMatch(pattern);
   }
 
+  test('an engine that createEngine did not make is refused', async () => {
+    const fake = { backend: 'wasm', sparsePrefill: () => Promise.resolve() } as unknown as Engine;
+    const err = await prefillLayer(fake, ok).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect(err).toMatchObject({ code: 'INVALID_VALUE', argument: 'engine' });
+  });
   test('a chunk without queries returns empty outputs without touching the engine', async () => {
     const empty = createPlan({ requests: [{ seqLen: 50, extendLen: 0, swaTokenIds: [] }] });
     const r = await prefillLayer(untouchable, { q: tensor('bf16', [0, 2, D]), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1, env: {} });
@@ -196,6 +239,15 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     await expectCode({ ...ok, compressRatio: 128 }, 'INVALID_VALUE', /topkIndices/); // c128 layers have no indexer
     await expectCode({ ...ok, attnSink: tensor('float32', [3]) }, 'INVALID_SHAPE', /attnSink/);
     await expectCode({ ...ok, smScale: Number.NaN }, 'INVALID_VALUE', /smScale/);
+    await expectCode({ ...ok, smScale: 1e6 }, 'INVALID_VALUE', /smScale/); // finite, but not in float32 logits
+    await expectCode({ ...ok, q: tensor('bf16', [23, 0, D]) }, 'INVALID_SHAPE', /q: expected hQ = shape\[1\] ≥ 1/);
+    // device tensors on an engine without device memory (a branded stand-in: never read)
+    const onDevice = (dtype: string, shape: number[], bytes: number) => ({ dtype, shape, data: { device: 'cuda', deviceIndex: 0, byteLength: bytes, freed: false, free() {}, [Symbol.for('sparse-mla.DeviceBuffer')]: true } });
+    await expectCode({ ...ok, q: onDevice('bf16', [23, 2, D], 23 * 2 * D * 2) }, 'INVALID_VALUE', /q: expected a host bf16 tensor/);
+    await expectCode({ ...ok, topkIndices: onDevice('int32', [23, 8], 23 * 8 * 4) }, 'INVALID_VALUE', /topkIndices: expected a host int32 tensor/);
+    for (const path of ['sparse', 'paged']) {
+      await expectCode({ ...ok, path, caches: { ...caches, swa: { ...caches.swa, data: onDevice('uint8', [], caches.swa.data.byteLength).data } } }, 'BACKEND_UNAVAILABLE', /caches: expected host caches/);
+    }
     await expectCode({ ...ok, plan: {} }, 'INVALID_VALUE', /plan/);
     await expectCode({ ...ok, path: 'fastest' }, 'INVALID_VALUE', /path/);
   });

@@ -130,12 +130,100 @@ export interface DeviceOps {
   pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, output: Placement): Promise<PlacedAttentionOutput>;
 }
 
+/**
+ * The steps of one attention layer down the workspace path (SPEC §6, §7), declared by every
+ * backend over its own memory: host arrays on the host backends (B = never), device buffers queued
+ * on the engine's stream on cuda. prefillLayer (src/planner/prefill_layer.ts) is one flow over
+ * them; the plan keeps what they build that does not change within a chunk. Inputs are a plan's,
+ * already validated and sized.
+ */
+export interface LayerSteps<B = never> {
+  /** where the steps' arrays live: 'host' (typed arrays) or 'device' (the engine's buffers) */
+  readonly memory: Placement;
+  /** Index rows (SPEC §6): a c4 combine of the indexer's top-k, or the dense rows of ratio 0 / 128 (topkIndices null). */
+  planRows(job: PlanRowsJob<B>): Promise<PlannedRows<B>>;
+  /** A ratio's compressed flat token ids (int64 [total]) from its page tables. */
+  planCompressedTokenIds(job: CompressedTokenIdsJob<B>): Promise<BigInt64Array | B>;
+  /** Chunk-invariant ids (the SWA gather) in the steps' memory: the array itself on the host, a copy on a device. */
+  placeIds(ids: BigInt64Array): Promise<BigInt64Array | B>;
+  /** A workspace of `bytes` bytes of bf16 rows (on the host in shared memory, so workers read it in place). */
+  allocWorkspace(bytes: number): Uint16Array | B;
+  /** Dequantizes a cache's rows at tokenIds into workspace rows [rowOffset, rowOffset + n). */
+  dequantizeKCacheInto(job: WorkspaceDequantizeJob<B>): Promise<void>;
+  /** sparsePrefill of the layer's queries over the workspace rows; outputs where `output` says. */
+  prefill(job: WorkspacePrefillJob<B>, output: Placement): Promise<PlacedAttentionOutput>;
+  /** Per-query counts (a c4 combine's dropped entries) read on the host. */
+  readCounts(counts: Int32Array | B, n: number): Promise<Int32Array>;
+}
+
+/** The rows of one ratio for a chunk: the planner's per-request lengths and the row geometry. */
+export interface PlanRowsJob<B = never> {
+  seqLens: Int32Array;
+  extendLens: Int32Array;
+  window: number;
+  ratio: 0 | 4 | 128;
+  /** ratio 4: int32 [numQueries, topk] request-local compressed positions; null: the dense rows */
+  topkIndices: Int32Array | B | null;
+  topk: number;
+  /** row width: at least the widest row */
+  width: number;
+}
+
+export interface PlannedRows<B = never> {
+  /** int32 [numQueries, width]: workspace rows, −1 padded */
+  rows: Int32Array | B;
+  /** int32 [numQueries]: real entries per row */
+  lens: Int32Array | B;
+  /** int32 [numQueries]: top-k entries dropped as not yet visible; null for dense rows (nothing to drop) */
+  dropped: Int32Array | B | null;
+}
+
+export interface CompressedTokenIdsJob<B = never> {
+  seqLens: Int32Array;
+  extendLens: Int32Array;
+  ratio: 4 | 128;
+  /** each request's used pages, flattened request by request at pageTableOffsets (numRequests + 1) */
+  pageTables: Int32Array | B;
+  pageTableOffsets: Float64Array;
+  pageSize: number;
+  /** ids in all: the ratio's compressed workspace rows */
+  total: number;
+}
+
+export interface WorkspaceDequantizeJob<B = never> {
+  cache: CacheView<B>;
+  /** int64 [n], every id inside the cache (the plan checked them) */
+  tokenIds: BigInt64Array | B;
+  n: number;
+  workspace: Uint16Array | B;
+  rowOffset: number;
+}
+
+export interface WorkspacePrefillJob<B = never> {
+  /** bf16 [numQueries, hQ, 512] */
+  q: Uint16Array | B;
+  workspace: Uint16Array | B;
+  /** workspace rows the index rows read: [0, rows) */
+  rows: number;
+  /** int32 [numQueries, width] */
+  indices: Int32Array | B;
+  /** int32 [numQueries] */
+  lengths: Int32Array | B;
+  attnSink: Float32Array | null;
+  numQueries: number;
+  hQ: number;
+  width: number;
+  smScale: number;
+}
+
 export interface Backend {
   readonly name: BackendName;
   /** Worker threads the backend runs on (wasm), 0 when not applicable. */
   readonly workers: number;
   /** present when the backend has device memory (cuda) */
   readonly device?: DeviceOps;
+  /** the layer steps over the backend's memory (host backends: host arrays; cuda: device buffers) */
+  readonly layer: LayerSteps<DeviceBuffer>;
   quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
   /** bf16 [n, rowDim] */
   dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array>;

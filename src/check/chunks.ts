@@ -290,11 +290,6 @@ export interface C4ChunkInputs {
   entries: number;
 }
 
-/** FLOPs of sparsePrefill over `entries` attended entries (SPEC §4): 2 · entries · hQ · (dQK + dV). */
-export function prefillFlops(entries: number, heads: number, dQK = 512, dV = 512): number {
-  return 2 * entries * heads * (dQK + dV);
-}
-
 export function c4ChunkInputs(p: C4ChunkPlacement, rng: Rng): C4ChunkInputs {
   const { queries, heads, topk } = p.shape;
   const seqLen = p.shape.context + queries;

@@ -15,11 +15,13 @@ import { writeFileNoFollow } from '../io/files.js';
 import { createEngine, createKvCache } from '../index.js';
 import { engineBackend } from '../engine.js';
 import { tensor } from '../tensor.js';
-import type { DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '../types.js';
-import type { CudaBackend } from '../backends/native/cuda_backend.js';
+import type { CacheFormat, DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '../types.js';
+import { CudaBackend } from '../backends/native/cuda_backend.js';
+import { cacheOpBytes } from '../kv_cache_layout.js';
+import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomBf16, type Rng } from '../check/grid.js';
 import { median } from './table.js';
-import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type ShardSplit } from '../planner/index.js';
+import { combinedWidth, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, requestVisible, swaGatherLength, type ShardSplit } from '../planner/index.js';
 import { evenRanges } from '../planner/sharded_layer.js';
 
 export interface GpuBenchOptions {
@@ -43,6 +45,16 @@ interface Row {
 
 const MiB = 2 ** 20;
 
+/** The cuda backend of a cuda engine: the timing, device copies and device planner the benchmark drives. */
+function cudaBackendOf(engine: Engine): CudaBackend {
+  const be = engineBackend(engine, CudaBackend);
+  if (!be) throw new Error(`the GPU benchmark needs a cuda engine, not ${engine.backend}`);
+  return be;
+}
+
+/** Bytes a dequant of n tokens moves: its records and rows (cacheOpBytes) and the int64 ids the kernel reads. */
+const dequantBytes = (format: CacheFormat, n: number): number => cacheOpBytes(format, n) + n * BigInt64Array.BYTES_PER_ELEMENT;
+
 /**
  * SPARSE_MLA_GPU_BENCH_ONLY=comma list of sections (dequant, prefill, paged, planner, chunks, layer, router, multi) runs
  * only those; SPARSE_MLA_SWEEP_PREFIXES=comma list of prefixes (default 0,32768) and
@@ -58,7 +70,7 @@ function sections(): (name: string) => boolean {
 export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   const want = sections();
   const engine = await createEngine({ backend: 'cuda' });
-  const be = engineBackend(engine) as unknown as CudaBackend;
+  const be = cudaBackendOf(engine);
   const rng = makeRng(0x5eed);
   const rows: Row[] = [];
   let sweep: RouterSweep | null = null;
@@ -153,7 +165,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
                 const out = await engine.dequantizeKCachePaged({ cache, tokenIds: dqIds.get(n)! }, { output: 'device' });
                 out.data.free();
               });
-              const bytes = n * (format === 'v4' ? 584 + 8 + 1024 : 656 + 8 + 1152);
+              const bytes = dequantBytes(format, n);
               const ms = median(runs);
               const gbs = bytes / ms / 1e6;
               (dqFraction[`${format}/${n}`] ??= []).push(gbs / roundCopy);
@@ -196,7 +208,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       const ms = median(runs);
-      say({ name: `sparsePrefill ${c.name}`, median_ms: ms, runs_ms: runs, value: (2 * c.sQ * c.topk * c.hQ * (c.dQK + 512)) / ms / 1e9, unit: 'TFLOPS' });
+      say({ name: `sparsePrefill ${c.name}`, median_ms: ms, runs_ms: runs, value: prefillFlops(c.sQ * c.topk, c.hQ, c.dQK) / ms / 1e9, unit: 'TFLOPS' });
       for (const t of [q, kv, indices, sink]) t.data.free();
     }
 
@@ -216,7 +228,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
           for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
         });
         const ms = median(runs);
-        say({ name: `pagedSparseAttention N ${N} hQ ${hQ}, main 128 + extra ${extraTopk} (P 64)`, median_ms: ms, runs_ms: runs, value: (2 * N * (128 + extraTopk) * hQ * 1024) / ms / 1e9, unit: 'TFLOPS' });
+        say({ name: `pagedSparseAttention N ${N} hQ ${hQ}, main 128 + extra ${extraTopk} (P 64)`, median_ms: ms, runs_ms: runs, value: prefillFlops(N * (128 + extraTopk), hQ) / ms / 1e9, unit: 'TFLOPS' });
         for (const t of [q, main, extra]) t.data.free();
       }
       sink.data.free();
@@ -225,7 +237,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
 
     // ---- the planner's per-layer c4 rows on the GPU (32K-query chunk, device top-k in and rows out)
     if (want('planner')) {
-      const N = 32768, topk = 512, width = 640;
+      const N = 32768, topk = 512, width = combinedWidth(4, topk, 0, 128, 128);
       const topkIdx = new Int32Array(N * topk);
       for (let i = 0; i < N; i++) {
         const visible = Math.floor((i + 1) / 4);
@@ -243,29 +255,26 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
 
     // ---- workspace path vs paged path on V4 c4 prefill chunks
     for (const N of want('chunks') ? [4096, 16384, 32768] : []) {
-      const hQ = 64, W = 128, TOPK = 512, width = 640, nComp = N / 4;
-      // one v4 cache holding the compressed entries (ids [0, nComp)) then the SWA tokens (ids nComp + pos)
+      const hQ = 64, W = 128, TOPK = 512, nComp = N / 4;
+      // one v4 cache holding the compressed entries (ids [0, nComp), page table 0, 1, …) then the
+      // SWA tokens (ids nComp + pos): workspace row = cache id; rows and paged form from the planner
       const cache = await deviceCache('v4', (nComp + N) / 64);
       const q = await randomDevice([N, hQ, 512]);
       const sink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
-      const mainIds = new Int32Array(N * W).fill(-1), extraIds = new Int32Array(N * TOPK).fill(-1), combined = new Int32Array(N * width).fill(-1);
+      const plan = createPlan({
+        requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => nComp + i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
+        c4PageSize: 64,
+      }, { window: W });
+      const topk = new Int32Array(N * TOPK).fill(-1);
       for (let i = 0; i < N; i++) {
         const visible = Math.floor((i + 1) / 4);
-        const k = Math.min(TOPK, visible);
-        for (let e = 0; e < k; e++) {
-          const j = rng.int(0, visible);
-          extraIds[i * TOPK + e] = j;
-          combined[i * width + e] = j;
-        }
-        const swa = Math.min(i + 1, W);
-        for (let w = 0; w < swa; w++) {
-          const pos = i - swa + 1 + w;
-          mainIds[i * W + w] = nComp + pos;
-          combined[i * width + k + w] = nComp + pos; // workspace row = its cache id here (compressed first, then SWA)
-        }
+        for (let e = 0; e < Math.min(TOPK, visible); e++) topk[i * TOPK + e] = rng.int(0, visible);
       }
-      const gather = tensor('int32', [nComp + N], Int32Array.from({ length: nComp + N }, (_, t) => t));
-      const [mainD, extraD, combD] = await Promise.all([engine.upload(tensor('int32', [N, W], mainIds)), engine.upload(tensor('int32', [N, TOPK], extraIds)), engine.upload(tensor('int32', [N, width], combined))]);
+      const rows = plan.combineC4(tensor('int32', [N, TOPK], topk));
+      const paged = plan.pagedForm(rows);
+      const width = rows.width;
+      const gather = tensor('int32', [nComp + N], Int32Array.from([...plan.compressedTokenIds(4).data, ...plan.swaTokenIds.data], Number));
+      const [mainD, extraD, combD] = await Promise.all([engine.upload(paged.main), engine.upload(paged.extra!), engine.upload(rows.indices)]);
       const pagedRuns = await time(async () => {
         const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, extraKCache: cache, extraIndices: extraD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
@@ -285,13 +294,11 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         const r = await engine.sparsePrefill({ q, kv: w, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [w, r.out, r.lse, r.maxLogits]) t.data.free();
       });
-      const entries = N * W + N * TOPK; // upper bound; real: Σ (swa + min(512, visible))
-      let realEntries = 0;
-      for (let i = 0; i < N; i++) realEntries += Math.min(i + 1, W) + Math.min(TOPK, Math.floor((i + 1) / 4));
-      const flops = 2 * realEntries * hQ * 1024;
+      const entries = N * (paged.main.shape[1]! + paged.extra!.shape[1]!); // index slots; attended: Σ the rows' lengths
+      const flops = prefillFlops(rows.lengths.data.reduce((a, b) => a + b, 0), hQ);
       const pagedMs = median(pagedRuns), dqMs = median(dequantRuns), pfMs = median(prefillRuns);
       say({ name: `V4 chunk ${N / 1024}K: paged path (pagedSparseAttention)`, median_ms: pagedMs, runs_ms: pagedRuns, value: flops / pagedMs / 1e9, unit: 'TFLOPS' });
-      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${nComp + N} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: ((nComp + N) * (584 + 8 + 1024)) / dqMs / 1e6, unit: 'GB/s' });
+      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${nComp + N} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: dequantBytes('v4', nComp + N) / dqMs / 1e6, unit: 'GB/s' });
       say({ name: `V4 chunk ${N / 1024}K: workspace sparsePrefill (width ${width})`, median_ms: pfMs, runs_ms: prefillRuns, value: flops / pfMs / 1e9, unit: 'TFLOPS' });
       say({ name: `V4 chunk ${N / 1024}K: workspace path total (dequant + prefill)`, median_ms: dqMs + pfMs, runs_ms: [], value: pagedMs / (dqMs + pfMs), unit: 'x', note: `workspace ${(pagedMs / (dqMs + pfMs)).toFixed(2)}x the paged path's speed` });
       say({ name: `V4 chunk ${N / 1024}K: whole layer wall clock (JS → dequant → prefill)`, median_ms: median(wall), runs_ms: wall, value: median(wall), unit: 'ms', note: `${entries} index slots` });
@@ -331,8 +338,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // clock with no events, from the call until the device is done
       const kernelRuns = await time(layer);
       const wall = await wallClock(layer);
-      let realEntries = 0;
-      for (let i = 0; i < N; i++) realEntries += Math.min(i + 1, 128) + Math.min(TOPK, Math.floor((i + 1) / 4));
+      // attended entries: the planner's rows of the same top-k (a host combine, after the timing)
+      const realEntries = plan.combineC4(tensor('int32', [N, TOPK], topkIdx)).lengths.data.reduce((a, b) => a + b, 0);
       const ms = median(wall), kernelMs = median(kernelRuns);
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, hQ 64, topk 512 (planner → dequant → prefill, device)`,
@@ -340,7 +347,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: wall,
         value: ms / kernelMs,
         unit: 'x',
-        note: `wall clock per layer (JS included) over the sum of its kernels' device time, ${kernelMs.toFixed(3)} ms (${((2 * realEntries * hQ * 1024) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `wall clock per layer (JS included) over the sum of its kernels' device time, ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       for (const t of [q, topk]) t.data.free();
       swa.data.free();
@@ -428,11 +435,12 @@ async function routerSweep(
     try {
       for (const nq of SWEEP_QUERIES) {
         const seqLen = c.prefix + nq;
-        const g = Math.min(seqLen, nq + W - 1);
+        const g = swaGatherLength(seqLen, nq, W);
         const swaStart = seqLen - g;
-        const nComp = c.ratio > 0 ? Math.floor(seqLen / c.ratio) : 0;
+        const nComp = requestVisible(seqLen, nq, c.ratio);
+        // the paged path's extra set: topk (c4) or every visible entry (c128, at least one column)
         const compWidth = c.ratio === 4 ? c.topk : c.ratio === 128 ? Math.max(1, nComp) : 0;
-        const width = Math.ceil((compWidth + W) / 128) * 128;
+        const width = combinedWidth(c.ratio, c.topk, compWidth, W, 128);
         const mainIds = new Int32Array(nq * W).fill(-1);
         const extraIds = compWidth > 0 ? new Int32Array(nq * compWidth).fill(-1) : null;
         const combined = new Int32Array(nq * width).fill(-1);
@@ -525,7 +533,7 @@ async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r:
     return null;
   }
   const n = engines.length;
-  const bes = engines.map((e) => engineBackend(e) as unknown as CudaBackend);
+  const bes = engines.map(cudaBackendOf);
   const result: MultiDevice = { devices: n, concurrency: [], sharded: [], correctness: [] };
   const TOPK = 512, P = 64;
   /** A c4 chunk of one request: its plan input, host caches (one quantized random page tiled) and the indexer's top-k. */
@@ -596,7 +604,7 @@ async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r:
       const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(c.swa), c4: await e.uploadKvCache(c.c4) })));
       const topks = await Promise.all(engines.map((e) => e.upload(c.topk)));
       const randomOn = async (e: Engine, shape: number[]) => {
-        const b = engineBackend(e) as unknown as CudaBackend;
+        const b = cudaBackendOf(e);
         const count = shape.reduce((x, y) => x * y, 1);
         const block = await e.upload(randomBf16(rng, [Math.min(count, 8 * MiB)]));
         const buf = b.alloc(count * 2);

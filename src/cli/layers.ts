@@ -13,7 +13,8 @@ import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, 
 import { compareAttention, prefillLayerReference, type TensorComparison } from '../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../tensor.js';
 import type { Engine, KvCache, Tensor } from '../types.js';
-import { chunkScenario, indexerTopk, mixedRequests, prefillFlops, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
+import { chunkScenario, indexerTopk, mixedRequests, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
+import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomV4Rows, uniformBf16Bits, type Rng } from '../check/grid.js';
 import type { Progress } from './progress.js';
 

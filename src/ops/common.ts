@@ -5,7 +5,7 @@
  */
 import { fail } from '../errors.js';
 import { BYTES_PER_ELEMENT, isDeviceBuffer } from '../device.js';
-import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, Tensor } from '../types.js';
+import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
@@ -145,9 +145,10 @@ export function checkRank(t: { readonly shape: readonly number[] }, argument: st
 /**
  * The query tensor of an attention op: bf16 of rank 3 with at least one head. Returns the tensor
  * and its [rows, hQ, dQK]; `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]".
+ * allowDevice false: only a host tensor (an engine without device memory).
  */
-export function checkQuery(value: unknown, expected: string): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
-  const q = checkPlacedTensor(value, 'q', ['bf16'] as const);
+export function checkQuery(value: unknown, expected: string, allowDevice = true): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
+  const q = allowDevice ? checkPlacedTensor(value, 'q', ['bf16'] as const) : checkTensor(value, 'q', ['bf16'] as const);
   const [rows, hQ, dQK] = checkRank(q, 'q', 3, expected) as [number, number, number];
   if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
   return { q, rows, hQ, dQK };
@@ -242,4 +243,13 @@ export function checkAttnSink(value: unknown, argument: string, hQ: number): Flo
   const t = checkPlacedTensor(value, argument, ['float32'] as const);
   if (t.shape.length !== 1 || t.shape[0] !== hQ) fail('INVALID_SHAPE', argument, `shape [hQ] = [${hQ}]`, `shape ${shapeStr(t.shape)}`);
   return t.data;
+}
+
+/** An op's `options`: where its outputs go (default 'host'). */
+export function checkOutputOption(options: unknown): Placement {
+  if (options === undefined) return 'host';
+  checkArgsObject(options, 'options');
+  const o = (options as OutputOptions).output;
+  if (o === undefined || o === 'host' || o === 'device') return o ?? 'host';
+  fail('INVALID_VALUE', 'options.output', '"host" or "device"', describe(o));
 }

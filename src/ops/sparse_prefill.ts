@@ -37,6 +37,11 @@ export function checkDV(value: unknown, dQK: number): number {
   return value;
 }
 
+/** FLOPs of sparsePrefill over `entries` attended entries (SPEC §4): 2 · entries · hQ · (dQK + dV). */
+export function prefillFlops(entries: number, heads: number, dQK = DEFAULT_DV, dV = DEFAULT_DV): number {
+  return 2 * entries * heads * (dQK + dV);
+}
+
 /** Host tensors give a host job; device tensors (cuda) stay device buffers in the job. */
 export function prepareSparsePrefill(args: OnDevice<SparsePrefillArgs>): SparsePrefillJob<DeviceBuffer> {
   checkArgsObject(args, 'sparsePrefill arguments');

@@ -1,16 +1,18 @@
 /**
- * createPlan: validate a chunk, size its workspace against the budget, then build the
- * chunk-invariant scaffolding of SPEC §6 once — the SWA gather ids, each ratio's compressed gather
- * ids, lazily the c0/c128 combined rows and the paged form — for every layer of the chunk to reuse.
- * Only the c4 combine runs per layer (plan.combineC4).
+ * createPlan: validate a chunk and size its workspace against the budget, then keep what does not
+ * change within the chunk (SPEC §6) for every layer to reuse: the SWA gather ids and each ratio's
+ * page tables now; the c0/c128 combined rows, the compressed gather ids, the workspace and the paged
+ * form when first used, once per memory they live in (LayerResources: the host's, or one cuda
+ * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkTensor, describe, INT32_MAX } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '../ops/common.js';
 import { tensor } from '../tensor.js';
-import { isDeviceBuffer } from '../device.js';
-import type { DeviceKvCache, KvCache, Tensor } from '../types.js';
+import { isDeviceBuffer, releaseDevice } from '../device.js';
+import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import { combinedWidth, requestVisible, roundUp, swaGatherLength, type CoreLayout, type PlannerCore } from './core.js';
+import type { CacheView, LayerSteps } from '../backends/backend.js';
+import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
   CompressRatio,
@@ -24,7 +26,6 @@ import type {
   PlanStats,
   WorkspaceLayout,
 } from './types.js';
-import { loadWasmPlannerCore } from './wasm_core.js';
 
 export const DEFAULT_WINDOW = 128;
 export const DEFAULT_ALIGN = 128;
@@ -36,7 +37,7 @@ export const WORKSPACE_ROW_DIMS = V4_ROW_DIMS;
  */
 export const DEFAULT_WORKSPACE_BUDGET_BYTES = 2 ** 30;
 
-function cacheTokens(cache: KvCache | DeviceKvCache): number {
+function cacheTokens(cache: { pageSize: number; numPages: number }): number {
   return cache.pageSize * cache.numPages;
 }
 
@@ -75,9 +76,12 @@ function checkInt(v: unknown, argument: string, min: number, max: number): numbe
   return v;
 }
 
-/** A host cache or a device one (engine.uploadKvCache): its size is checked, its bytes never read. */
-function checkV4Cache(cache: unknown, argument: string): KvCache | DeviceKvCache {
-  const c = cache as KvCache | DeviceKvCache;
+/**
+ * A host cache or a device one (engine.uploadKvCache): its size is checked, its bytes never read.
+ * Returns the view the layer steps read (host bytes as a plain view of the same memory).
+ */
+function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer> {
+  const c = cache as { format: unknown; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer };
   if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array || (isDeviceBuffer(c.data) && !c.data.freed))) {
     fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(cache));
   }
@@ -89,13 +93,8 @@ function checkV4Cache(cache: unknown, argument: string): KvCache | DeviceKvCache
   if (c.data.byteLength !== pageBytes * c.numPages) {
     fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
   }
-  return c;
-}
-
-/** The implementation of the index math: the C++ core, in WASM (a CUDA planner would be chosen here too). */
-function choosePlannerCore(choice: PlanOptions['core']): PlannerCore {
-  if (choice !== undefined && choice !== 'auto' && choice !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(choice));
-  return loadWasmPlannerCore();
+  const data = isDeviceBuffer(c.data) ? c.data : (ownView(c.data, Uint8Array, `${argument}.data`) ?? fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(c.data)));
+  return { format: 'v4', pageSize: c.pageSize, numPages: c.numPages, numTokens: cacheTokens(c), bytes: data.byteLength, data };
 }
 
 function bytesStr(n: number): string {
@@ -103,6 +102,28 @@ function bytesStr(n: number): string {
   if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
   if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
   return `${n} B`;
+}
+
+// ---- size rules (SPEC §6) a plan checks its inputs against before the planner's index math runs ----
+
+/** SWA positions the queries of a request need: g = min(seqLen, extendLen + W − 1); 0 without queries. */
+export function swaGatherLength(seqLen: number, extendLen: number, window: number): number {
+  return extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0;
+}
+
+/** Compressed entries the request's last query can see: floor(seqLen / r); 0 for r = 0 or no queries. */
+export function requestVisible(seqLen: number, extendLen: number, ratio: number): number {
+  return ratio > 0 && extendLen > 0 ? Math.floor(seqLen / ratio) : 0;
+}
+
+export function roundUp(x: number, m: number): number {
+  return m > 0 ? Math.ceil(x / m) * m : x;
+}
+
+/** Width of a ratio's combined rows (SPEC §6): roundUp((0 | topk | maxVisible) + W, align). */
+export function combinedWidth(ratio: number, topk: number, maxVisible: number, window: number, align: number): number {
+  const compressed = ratio === 0 ? 0 : ratio === 4 ? topk : maxVisible;
+  return roundUp(compressed + window, align);
 }
 
 /**
@@ -143,15 +164,207 @@ export function swaTokenIdsFromTable(
 
 interface RatioState {
   layout: WorkspaceLayout;
-  core: CoreLayout;
+  core: PlanLayoutTotals;
   pageSize: number;
-  /** page tables flattened request by request, and their offsets */
-  tokenIds: Tensor<'int64'>;
-  /** the page tables the ids come from (each request's used pages, flattened) and their offsets */
+  /** the page tables the compressed ids come from (each request's used pages, flattened) and their offsets */
   pageTables: Int32Array;
   pageTableOffsets: Float64Array;
   /** largest page id the plan reads (−1 when none) */
   maxPage: number;
+}
+
+/** What a plan's LayerResources read of it (the plan's own arrays, never modified). */
+interface PlanParts {
+  readonly seqLens: Int32Array;
+  readonly extendLens: Int32Array;
+  readonly window: number;
+  readonly numQueries: number;
+  readonly workspaceBytes: number;
+  readonly swaTokenIds: BigInt64Array;
+  readonly stats: PlanStats;
+  readonly deviceStats: PlanDeviceStats;
+  denseWidth(ratio: 0 | 128): number;
+  compressed(ratio: 4 | 128): { pageTables: Int32Array; pageTableOffsets: Float64Array; pageSize: number; rows: number };
+}
+
+/** One ratio's index rows in some memory: int32 [numQueries, width] rows and [numQueries] lengths. */
+export interface LayerRows<B = never> {
+  readonly width: number;
+  readonly rows: Int32Array | B;
+  readonly lens: Int32Array | B;
+}
+
+/** A c4 layer's rows, and its dropped entries once read (they come back while the layer runs). */
+export interface C4LayerRows<B = never> extends LayerRows<B> {
+  readonly dropped: Promise<number>;
+}
+
+/** A c4 layer's top-k checked against its plan (Plan.checkTopk): its data, [numQueries, topk] and its rows' width. */
+export interface CheckedTopk<B = never> {
+  readonly data: Int32Array | B;
+  readonly shape: readonly [number, number];
+  readonly topk: number;
+  readonly width: number;
+}
+
+/** Kept on the host, or on a device and not freed. */
+const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
+
+/** The build in flight under `key`, else a new one: concurrent layers (sharded by heads, say) build once. */
+function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Promise<V>): Promise<V> {
+  let p = inFlight.get(key);
+  if (!p) {
+    p = build().finally(() => inFlight.delete(key));
+    inFlight.set(key, p);
+  }
+  return p;
+}
+
+/**
+ * What a plan keeps in one memory for the layers of its chunk, built by that memory's layer steps
+ * when first needed: the c0 / c128 rows, each ratio's compressed gather ids, the SWA gather ids and
+ * the workspace. The host's is shared by every host engine (and by the plan's own combinedRows and
+ * compressedTokenIds); a cuda engine has its own (Plan.resources). Builds are counted in
+ * plan.stats (host) or plan.deviceStats (device).
+ */
+export class LayerResources<B = never> {
+  readonly memory: Placement;
+  readonly #plan: PlanParts;
+  readonly #dense = new Map<0 | 128, LayerRows<B>>();
+  readonly #compressedIds = new Map<4 | 128, BigInt64Array | B>();
+  #swaIds?: BigInt64Array | B;
+  #workspace?: Uint16Array | B;
+  readonly #denseInFlight = new Map<0 | 128, Promise<LayerRows<B>>>();
+  readonly #idsInFlight = new Map<4 | 128 | 'swa', Promise<BigInt64Array | B>>();
+
+  constructor(plan: PlanParts, memory: Placement) {
+    this.#plan = plan;
+    this.memory = memory;
+  }
+
+  /** The rows of a c0 / c128 layer: built once, then reused by every layer of the ratio. */
+  async denseRows(steps: LayerSteps<B>, ratio: 0 | 128): Promise<LayerRows<B>> {
+    return (
+      this.keptDenseRows(ratio) ??
+      buildOnce(this.#denseInFlight, ratio, async () => {
+        const p = this.#plan;
+        const width = p.denseWidth(ratio);
+        const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio, topkIndices: null, topk: 0, width });
+        return this.keepDenseRows(ratio, { width, rows: r.rows, lens: r.lens });
+      })
+    );
+  }
+
+  keptDenseRows(ratio: 0 | 128): LayerRows<B> | undefined {
+    const have = this.#dense.get(ratio);
+    return have && usable(have.rows) && usable(have.lens) ? have : undefined;
+  }
+
+  /** Keeps rows built for a ratio and counts the build; rows kept meanwhile (the plan's own build) win. */
+  keepDenseRows(ratio: 0 | 128, rows: LayerRows<B>): LayerRows<B> {
+    const have = this.keptDenseRows(ratio);
+    if (have) {
+      releaseDevice(rows.rows);
+      releaseDevice(rows.lens);
+      return have;
+    }
+    this.#dense.set(ratio, rows);
+    const { stats, deviceStats } = this.#plan;
+    if (this.memory === 'host') stats[ratio === 0 ? 'c0Builds' : 'c128Builds']++;
+    else deviceStats[ratio === 0 ? 'deviceC0Builds' : 'deviceC128Builds']++;
+    return rows;
+  }
+
+  /**
+   * A c4 layer's rows from its indexer's top-k (checked by Plan.checkTopk), built per layer. The
+   * dropped counts are read back without holding up what the caller queues next.
+   */
+  async combineC4(steps: LayerSteps<B>, topk: CheckedTopk<B>): Promise<C4LayerRows<B>> {
+    const p = this.#plan;
+    const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width });
+    p.stats.c4Combines++;
+    if (this.memory === 'device') p.deviceStats.deviceC4Combines++;
+    return { width: topk.width, rows: r.rows, lens: r.lens, dropped: r.dropped === null ? Promise.resolve(0) : this.#countDropped(steps, r.dropped) };
+  }
+
+  /** Reads a combine's per-query dropped counts (freeing them), adds them up and counts them in plan.stats. */
+  #countDropped(steps: LayerSteps<B>, counts: Int32Array | B): Promise<number> {
+    const p = this.#plan;
+    return steps.readCounts(counts, p.numQueries).then(
+      (perQuery) => {
+        releaseDevice(counts);
+        const total = perQuery.reduce((a, b) => a + b, 0);
+        p.stats.c4Dropped += total;
+        return total;
+      },
+      (e: unknown) => {
+        releaseDevice(counts);
+        throw e;
+      },
+    );
+  }
+
+  /**
+   * A ratio's compressed gather ids (int64), built from the page tables once. The page tables were
+   * checked against every cache they are used with (Plan.checkCaches), so every id is in range.
+   */
+  async compressedIds(steps: LayerSteps<B>, ratio: 4 | 128): Promise<BigInt64Array | B> {
+    return (
+      this.keptCompressedIds(ratio) ??
+      buildOnce(this.#idsInFlight, ratio, async () => {
+        const p = this.#plan;
+        const t = p.compressed(ratio);
+        const ids = await steps.planCompressedTokenIds({ seqLens: p.seqLens, extendLens: p.extendLens, ratio, pageTables: t.pageTables, pageTableOffsets: t.pageTableOffsets, pageSize: t.pageSize, total: t.rows });
+        return this.keepCompressedIds(ratio, ids);
+      })
+    );
+  }
+
+  keptCompressedIds(ratio: 4 | 128): BigInt64Array | B | undefined {
+    const have = this.#compressedIds.get(ratio);
+    return have !== undefined && usable(have) ? have : undefined;
+  }
+
+  /** Keeps ids built for a ratio and counts the build; ids kept meanwhile (the plan's own build) win. */
+  keepCompressedIds(ratio: 4 | 128, ids: BigInt64Array | B): BigInt64Array | B {
+    const have = this.keptCompressedIds(ratio);
+    if (have !== undefined) {
+      releaseDevice(ids);
+      return have;
+    }
+    this.#compressedIds.set(ratio, ids);
+    if (this.memory === 'device') this.#plan.deviceStats.deviceCompressedIdBuilds++;
+    return ids;
+  }
+
+  /** The SWA gather ids (checked against every cache by Plan.checkCaches), placed once. */
+  async swaIds(steps: LayerSteps<B>): Promise<BigInt64Array | B> {
+    const have = this.#swaIds;
+    if (have !== undefined && usable(have)) return have;
+    return buildOnce(this.#idsInFlight, 'swa', async () => {
+      const ids = await steps.placeIds(this.#plan.swaTokenIds);
+      if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
+      return (this.#swaIds = ids);
+    });
+  }
+
+  /**
+   * The workspace: allocated once at the plan's largest layout and reused by every layer; a
+   * concurrent layer gets a fresh one rather than sharing. Give it back with giveBackWorkspace.
+   */
+  takeWorkspace(steps: LayerSteps<B>): Uint16Array | B {
+    const have = this.#workspace;
+    this.#workspace = undefined;
+    if (have !== undefined && usable(have)) return have;
+    if (this.memory === 'host') this.#plan.stats.workspaceAllocations++;
+    else this.#plan.deviceStats.deviceWorkspaceAllocations++;
+    return steps.allocWorkspace(this.#plan.workspaceBytes);
+  }
+
+  giveBackWorkspace(ws: Uint16Array | B): void {
+    if (this.#workspace === undefined) this.#workspace = ws;
+    else releaseDevice(ws);
+  }
 }
 
 /** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
@@ -164,8 +377,8 @@ export class Plan {
   readonly align: number;
   readonly numRequests: number;
   readonly numQueries: number;
-  /** which implementation of the C++ planner core built the rows */
-  readonly core: PlannerCore['name'];
+  /** which implementation of the C++ planner core builds the host rows */
+  readonly core: 'wasm' = 'wasm';
   readonly requests: readonly PlanRequestLayout[];
   /** the compress ratios this plan serves: 0 always, 4 / 128 when their page size was given */
   readonly ratios: readonly CompressRatio[];
@@ -183,21 +396,22 @@ export class Plan {
     pagedExtraBuilds: 0,
     workspaceAllocations: 0,
   };
-  /** What prefillLayer kept on a device (cuda engines): uploads, GPU c4 combines, device workspaces. */
+  /** What prefillLayer kept on a device (cuda engines): uploads, GPU builds and c4 combines, device workspaces. */
   readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
-  /** Per-engine device resources (uploaded rows, the device workspace), freed with the engine's buffers. */
-  readonly #device = new WeakMap<object, Map<string, unknown>>();
 
-  readonly #impl: PlannerCore;
+  readonly #planner: HostPlanner;
   readonly #seqLens: Int32Array;
   readonly #extendLens: Int32Array;
-  readonly #swaLayout: CoreLayout;
   readonly #maxSwaId: number;
   readonly #ratios = new Map<CompressRatio, RatioState>();
-  readonly #dense = new Map<0 | 128, CombinedRows>();
+  /** what the plan keeps on the host: shared by every host engine and by the methods below */
+  readonly #host: LayerResources;
+  /** what it keeps on each cuda engine, keyed by the engine's layer steps (freed with the engine's buffers) */
+  readonly #device = new WeakMap<LayerSteps<DeviceBuffer>, LayerResources<DeviceBuffer>>();
+  readonly #parts: PlanParts;
+  readonly #combined = new Map<0 | 128, CombinedRows>();
   #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
   readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
-  #workspace?: Uint16Array;
 
   constructor(chunk: PlanChunk, options: PlanOptions) {
     if (typeof chunk !== 'object' || chunk === null || !Array.isArray(chunk.requests)) {
@@ -209,9 +423,8 @@ export class Plan {
     const budget = options.workspaceBudgetBytes ?? DEFAULT_WORKSPACE_BUDGET_BYTES;
     if (typeof budget !== 'number' || !(budget >= 0)) fail('INVALID_VALUE', 'options.workspaceBudgetBytes', 'a non-negative number of bytes', describe(budget));
     this.workspaceBudgetBytes = budget;
-    const impl = (this.#impl = choosePlannerCore(options.core));
-    this.core = impl.name;
-
+    if (options.core !== undefined && options.core !== 'auto' && options.core !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(options.core));
+    const planner = (this.#planner = loadHostPlanner());
     const reqs = chunk.requests;
     const n = (this.numRequests = reqs.length);
     if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
@@ -249,19 +462,19 @@ export class Plan {
         fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} workspace rows (int32 row numbers)`, `${rows} compressed + ${totalSwa} SWA rows for ratio ${ratio}`);
       }
     }
-    const swaLayout = (this.#swaLayout = impl.layout(seqLens, extendLens, window, 0));
+    const swaLayout = planner.layout(seqLens, extendLens, window, 0);
     this.numQueries = swaLayout.numQueries;
 
     const ratios: CompressRatio[] = [0];
-    const layouts = new Map<CompressRatio, { layout: WorkspaceLayout; core: CoreLayout }>();
-    const mkLayout = (ratio: CompressRatio, core: CoreLayout): WorkspaceLayout => {
+    const layouts = new Map<CompressRatio, { layout: WorkspaceLayout; core: PlanLayoutTotals }>();
+    const mkLayout = (ratio: CompressRatio, core: PlanLayoutTotals): WorkspaceLayout => {
       const rows = core.compRows + core.swaRows;
       return { ratio, compressedRows: core.compRows, swaRows: core.swaRows, rows, bytes: rows * WORKSPACE_ROW_DIMS * 2, maxVisible: core.maxVisible };
     };
     layouts.set(0, { layout: mkLayout(0, swaLayout), core: swaLayout });
     for (const ratio of [4, 128] as const) {
       if (!pageSizes.has(ratio)) continue;
-      const core = impl.layout(seqLens, extendLens, window, ratio);
+      const core = planner.layout(seqLens, extendLens, window, ratio);
       layouts.set(ratio, { layout: mkLayout(ratio, core), core });
       ratios.push(ratio);
     }
@@ -334,7 +547,7 @@ export class Plan {
     this.swaTokenIds = tensor('int64', [swaIds.length], swaIds);
     this.requests = requests;
 
-    // Each ratio's compressed gather ids through the page tables.
+    // Each ratio's page tables (the compressed gather ids are built from them where they are used).
     for (const ratio of [4, 128] as const) {
       const entry = layouts.get(ratio);
       if (!entry) continue;
@@ -370,11 +583,28 @@ export class Plan {
       }
       const flat = new Int32Array(offsets[n]!);
       for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
-      const ids = impl.compressedTokenIds(seqLens, extendLens, ratio, flat, offsets, pageSize, entry.core.compRows);
-      this.#ratios.set(ratio, { ...entry, pageSize, tokenIds: tensor('int64', [ids.length], ids), pageTables: flat, pageTableOffsets: offsets, maxPage });
+      this.#ratios.set(ratio, { ...entry, pageSize, pageTables: flat, pageTableOffsets: offsets, maxPage });
     }
-    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, tokenIds: tensor('int64', [0], new BigInt64Array(0)), pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 });
+    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 });
+    const stats = this.stats, deviceStats = this.deviceStats;
+    this.#parts = {
+      seqLens,
+      extendLens,
+      window,
+      numQueries: this.numQueries,
+      workspaceBytes: this.workspaceBytes,
+      swaTokenIds: swaIds,
+      stats,
+      deviceStats,
+      denseWidth: (ratio) => this.#denseWidth(ratio),
+      compressed: (ratio) => {
+        const st = this.#state(ratio, 'ratio');
+        return { pageTables: st.pageTables, pageTableOffsets: st.pageTableOffsets, pageSize: st.pageSize, rows: st.layout.compressedRows };
+      },
+    };
+    this.#host = new LayerResources(this.#parts, 'host');
   }
+
 
   /** The workspace layout of a ratio this plan serves. */
   layout(ratio: CompressRatio): WorkspaceLayout {
@@ -386,45 +616,30 @@ export class Plan {
     return this.#state(ratio, 'ratio').pageSize;
   }
 
-  /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio. */
+  /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio (built on first use). */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
-    return this.#state(ratio, 'ratio').tokenIds;
-  }
-
-  /**
-   * The page tables a ratio's compressed token ids come from: each request's used pages (already
-   * checked against the plan's caches by checkCaches via maxPage), flattened, with offsets
-   * [numRequests + 1]. compressedTokenIds(ratio) is compressed_token_id over them.
-   */
-  compressedPageTables(ratio: 4 | 128): { pageTables: Int32Array; pageTableOffsets: Float64Array; pageSize: number } {
     const st = this.#state(ratio, 'ratio');
-    return { pageTables: st.pageTables, pageTableOffsets: st.pageTableOffsets, pageSize: st.pageSize };
-  }
-
-  /** Width of the ratio-0 / 128 combined rows (the widest row, aligned), without building them. */
-  denseWidth(ratio: 0 | 128): number {
-    const st = this.#state(ratio, 'ratio');
-    return combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
+    const ids =
+      this.#host.keptCompressedIds(ratio) ??
+      this.#host.keepCompressedIds(ratio, this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows));
+    return tensor('int64', [ids.length], ids);
   }
 
   /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */
   combinedRows(ratio: 0 | 128): CombinedRows {
-    const have = this.#dense.get(ratio);
+    const have = this.#combined.get(ratio);
     if (have) return have;
-    const st = this.#state(ratio, 'ratio');
+    this.#state(ratio, 'ratio');
     if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
-    const width = combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
-    const { rows, lens } = this.#impl.denseRows(this.#seqLens, this.#extendLens, this.window, ratio, width);
+    const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, this.#buildDenseRows(ratio));
     const built: CombinedRows = {
       ratio,
-      width,
-      indices: tensor('int32', [this.numQueries, width], rows),
-      lengths: tensor('int32', [this.numQueries], lens),
+      width: r.width,
+      indices: tensor('int32', [this.numQueries, r.width], r.rows),
+      lengths: tensor('int32', [this.numQueries], r.lens),
       dropped: 0,
     };
-    this.#dense.set(ratio, built);
-    if (ratio === 0) this.stats.c0Builds++;
-    else this.stats.c128Builds++;
+    this.#combined.set(ratio, built);
     return built;
   }
 
@@ -434,16 +649,8 @@ export class Plan {
    * and counted (result.dropped, plan.stats.c4Dropped), never attended.
    */
   combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
-    this.#state(4, 'compressRatio');
-    const t = checkTensor(topkIndices, 'topkIndices', ['int32']);
-    const shape = t.shape.length === 3 && t.shape[1] === 1 ? [t.shape[0]!, t.shape[2]!] : t.shape;
-    if (shape.length !== 2 || shape[0] !== this.numQueries) {
-      fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${this.numQueries}, topk]`, `[${t.shape.join(', ')}]`);
-    }
-    const topk = shape[1]!;
-    const width = combinedWidth(4, topk, 0, this.window, this.align);
-    if (this.numQueries * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${this.numQueries} × ${width}`);
-    const r = this.#impl.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, t.data, topk, width);
+    const { data, topk, width } = this.checkTopk(topkIndices, false);
+    const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width);
     this.stats.c4Combines++;
     this.stats.c4Dropped += r.droppedTotal;
     return {
@@ -458,13 +665,33 @@ export class Plan {
   }
 
   /**
+   * A c4 layer's top-k indices checked against the plan: int32 [numQueries, topk] (or
+   * [numQueries, 1, topk]), on the host or (allowDevice) on a device; its rows' width fits int32.
+   */
+  checkTopk(topkIndices: unknown, allowDevice: false): CheckedTopk<never>;
+  checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer>;
+  checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer> {
+    this.#state(4, 'compressRatio');
+    const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', ['int32']) : checkTensor(topkIndices, 'topkIndices', ['int32']);
+    const shape = t.shape.length === 3 && t.shape[1] === 1 ? [t.shape[0]!, t.shape[2]!] : t.shape;
+    if (shape.length !== 2 || shape[0] !== this.numQueries) {
+      fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${this.numQueries}, topk]`, `[${t.shape.join(', ')}]`);
+    }
+    const topk = shape[1]!;
+    const width = combinedWidth(4, topk, 0, this.window, this.align);
+    if (this.numQueries * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${this.numQueries} × ${width}`);
+    return { data: t.data, shape: [this.numQueries, topk], topk, width };
+  }
+
+  /**
    * The paged form (SPEC §5) of combined rows: the SWA token ids of each query's window (main,
    * built once per chunk) and the compressed token ids it attends (extra), derived from the same
    * rows, so both paths attend exactly the same entries.
    */
   pagedForm(rows: CombinedRows): PagedForm {
     const st = this.#state(rows.ratio, 'rows.ratio');
-    if (this.#maxSwaId > INT32_MAX || st.tokenIds.data.some((id) => id > BigInt(INT32_MAX))) {
+    const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.compressedTokenIds(rows.ratio).data;
+    if (this.#maxSwaId > INT32_MAX || compIds.some((id) => id > BigInt(INT32_MAX))) {
       fail('TOO_LARGE', 'plan', `token ids ≤ ${INT32_MAX} for the paged path's int32 indices`, 'larger ids; use the workspace path');
     }
     const mainWidth = roundUp(this.window, this.align);
@@ -474,13 +701,13 @@ export class Plan {
     let extra = this.#pagedExtra.get(rows);
     const needExtra = extra === undefined && extraWidth > 0;
     if (needMain || needExtra) {
-      const r = this.#impl.pagedForm(
+      const r = this.#planner.pagedForm(
         rows.indices.data,
         rows.lengths.data,
         rows.width,
         st.layout.compressedRows,
         st.layout.swaRows,
-        st.tokenIds.data,
+        compIds,
         this.swaTokenIds.data,
         needMain ? mainWidth : 0,
         needExtra ? extraWidth : 0,
@@ -505,12 +732,12 @@ export class Plan {
    * Check a layer's caches against everything the plan reads from them (SPEC §9: ids outside a
    * cache are an error, before any work). `ratio` selects the compressed cache.
    */
-  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache } {
+  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
     if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
     const swa = checkV4Cache(caches.swa, 'caches.swa');
-    if (this.#maxSwaId >= cacheTokens(swa)) {
-      fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${this.#maxSwaId} (the plan's largest SWA id)`, `${cacheTokens(swa)} tokens`);
+    if (this.#maxSwaId >= swa.numTokens) {
+      fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${this.#maxSwaId} (the plan's largest SWA id)`, `${swa.numTokens} tokens`);
     }
     if (ratio === 0) return { swa };
     const st = this.#state(ratio, 'compressRatio');
@@ -526,33 +753,26 @@ export class Plan {
   }
 
   /**
-   * The workspace buffer (bf16 rows), allocated once at the size of the largest layout and reused
-   * by every layer. It lives in a SharedArrayBuffer, so the WASM backend hands it to its workers
-   * without a copy. A caller holding it gives it back with releaseWorkspace; a concurrent layer
-   * gets a fresh one rather than sharing.
+   * @internal What the plan keeps in the memory of a layer's steps: the host's for host steps
+   * (every host engine shares it), else one per cuda engine.
    */
-  acquireWorkspace(): Uint16Array {
-    const ws = this.#workspace;
-    this.#workspace = undefined;
-    if (ws) return ws;
-    this.stats.workspaceAllocations++;
-    return new Uint16Array(new SharedArrayBuffer(this.workspaceBytes));
+  resources(steps: LayerSteps<DeviceBuffer>): LayerResources<DeviceBuffer> {
+    if (steps.memory === 'host') return this.#host;
+    let r = this.#device.get(steps);
+    if (!r) this.#device.set(steps, (r = new LayerResources<DeviceBuffer>(this.#parts, 'device')));
+    return r;
   }
 
-  releaseWorkspace(ws: Uint16Array): void {
-    if (ws.length === this.workspaceBytes / 2) this.#workspace = ws;
+  /** Width of the ratio-0 / 128 combined rows: the widest row, aligned. */
+  #denseWidth(ratio: 0 | 128): number {
+    const st = this.#state(ratio, 'ratio');
+    return combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
   }
 
-  /** @internal the chunk's per-request lengths, for the device planner (not to be modified) */
-  chunkLengths(): { seqLens: Int32Array; extendLens: Int32Array } {
-    return { seqLens: this.#seqLens, extendLens: this.#extendLens };
-  }
-
-  /** @internal prefillLayer's device resources of one engine (keyed by the engine object) */
-  deviceResources(key: object): Map<string, unknown> {
-    let m = this.#device.get(key);
-    if (!m) this.#device.set(key, (m = new Map()));
-    return m;
+  #buildDenseRows(ratio: 0 | 128): LayerRows {
+    const width = this.#denseWidth(ratio);
+    const { rows, lens } = this.#planner.denseRows(this.#seqLens, this.#extendLens, this.window, ratio, width);
+    return { width, rows, lens };
   }
 
   #state(ratio: CompressRatio, argument: string): RatioState {

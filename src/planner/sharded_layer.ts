@@ -16,10 +16,9 @@ import { fail } from '../errors.js';
 import { checkArgsObject, checkRank, checkTensor, describe } from '../ops/common.js';
 import { tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
-import { swaGatherLength } from './core.js';
-import { createPlan, DEFAULT_WINDOW, Plan, readIds, WORKSPACE_ROW_DIMS } from './plan.js';
-import { prefillLayer } from './prefill_layer.js';
-import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions, PrefillLayerArgs, PrefillLayerResult } from './types.js';
+import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
+import { prefillLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
+import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
 
 export type ShardSplit = 'heads' | 'queries';
 

@@ -1,5 +1,5 @@
-/** Public types of the planner (SPEC §6), the layer API and the router (SPEC §7). */
-import type { DeviceKvCache, DeviceTensor, KvCache, Placement, PlacedTensor, Tensor, TokenIds } from '../types.js';
+/** Public types of the planner (SPEC §6) and the router (SPEC §7); the layer API's are prefill_layer.ts's. */
+import type { DeviceKvCache, KvCache, Tensor, TokenIds } from '../types.js';
 
 /** A DeepSeek V4 layer's compress ratio: 0 = window only, 4 = indexer top-k, 128 = every entry. */
 export type CompressRatio = 0 | 4 | 128;
@@ -54,8 +54,9 @@ export interface PlanOptions {
   /** When given, every id the plan will read is checked against these caches now. */
   caches?: PlanCaches;
   /**
-   * Which implementation of the C++ planner core runs the index math: 'wasm' (the only one today;
-   * 'auto' picks the best available, leaving room for a CUDA planner). Default 'auto'.
+   * Which implementation of the C++ planner core builds the plan's host rows: 'wasm' (the only
+   * one; 'auto' picks it). A cuda engine's prefillLayer builds its rows on the GPU regardless.
+   * Default 'auto'.
    */
   core?: 'auto' | 'wasm';
 }
@@ -174,31 +175,4 @@ export interface RouteDecision {
   path: PrefillPath;
   /** Why, in words: e.g. "4096 queries > threshold 256" or "forced by SPARSE_MLA_PREFILL=paged". */
   reason: string;
-}
-
-export interface PrefillLayerArgs extends RouteOptions {
-  /** bf16 [numQueries, hQ, 512]; a device tensor with a cuda engine */
-  q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
-  compressRatio: CompressRatio;
-  plan: import('./plan.js').Plan;
-  /** v4 caches of this layer: the SWA cache, and the compressed cache of its ratio */
-  caches: PlanCaches;
-  /** ratio 4: int32 [numQueries, topk] request-local compressed positions, −1 padded (device with a cuda engine) */
-  topkIndices?: Tensor<'int32'> | DeviceTensor<'int32'>;
-  /** float32 [hQ] */
-  attnSink?: Tensor<'float32'>;
-  smScale: number;
-}
-
-export interface PrefillLayerResult<P extends Placement = 'host'> extends RouteDecision {
-  /** bf16 [numQueries, hQ, 512] (a device tensor with { output: 'device' }) */
-  out: PlacedTensor<'bf16', P>;
-  /** float32 [numQueries, hQ] */
-  lse: PlacedTensor<'float32', P>;
-  /** float32 [numQueries, hQ] */
-  maxLogits: PlacedTensor<'float32', P>;
-  /** bytes of workspace this layer filled (0 on the paged path) */
-  workspaceBytes: number;
-  /** top-k entries dropped for causality in this layer */
-  dropped: number;
 }

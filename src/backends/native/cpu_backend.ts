@@ -15,12 +15,14 @@ import type {
   BackendEntry,
   BackendProbe,
   DequantizeKCacheJob,
+  LayerSteps,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
+import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
@@ -57,6 +59,8 @@ export class CpuBackend implements Backend {
   readonly memoryBudgetBytes: number;
   /** reused shared memory for the inputs (its capacity is the budget) */
   readonly staging: StagingArena;
+  /** the layer steps: the host planner and this backend's ops over a host workspace */
+  readonly layer: LayerSteps = hostLayerSteps(this);
   private readonly addon: NativeAddon;
   private readonly calls = new AddonCalls('cpu');
 

@@ -22,15 +22,19 @@ import type {
   BackendProbe,
   DequantizeKCacheJob,
   DeviceOps,
+  LayerSteps,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   PlacedAttentionOutput,
+  PlanRowsJob,
+  PlannedRows,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
   CACHE_FORMAT_CODE,
@@ -46,6 +50,12 @@ import {
 } from './binding.js';
 
 const GiB = 2 ** 30;
+
+/** A layer step's operand that only a device buffer can be (the steps place everything on the device). */
+function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
+  if (!isDeviceBuffer(x)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer of this engine, got host memory`, argument);
+  return x;
+}
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
 export class CudaDeviceBuffer implements DeviceBuffer {
@@ -137,6 +147,33 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
   readonly memoryBudgetBytes: number;
+
+  /**
+   * The layer steps on this engine's device: rows, ids and the workspace are device buffers and
+   * every step is queued on the engine's stream, so a layer whose inputs are on the device makes
+   * no host round trip (only readCounts waits for the device). Dense rows drop nothing: they get
+   * no dropped counts.
+   */
+  readonly layer: LayerSteps<DeviceBuffer> = {
+    memory: 'device',
+    planRows: (job) => this.planRows(job, 'device', job.topkIndices === null ? null : 'device'),
+    planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
+    placeIds: (ids) => this.upload(ids),
+    allocWorkspace: (bytes) => this.alloc(bytes),
+    dequantizeKCacheInto: (job) => this.dequantizeKCacheIdsInto(job.cache, onDevice(job.tokenIds, 'tokenIds'), job.n, onDevice(job.workspace, 'workspace'), job.rowOffset),
+    // kv is the whole workspace; the rows index only [0, job.rows), the rest is never read
+    prefill: (job, output) =>
+      this.sparsePrefill(
+        { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: job.workspace.byteLength / (2 * V4_ROW_DIMS), topk: job.width, smScale: job.smScale },
+        output,
+      ),
+    readCounts: async (counts, n) => {
+      if (!isDeviceBuffer(counts)) return counts;
+      const into = new Int32Array(n);
+      await this.download(counts, into);
+      return into;
+    },
+  };
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {
     this.ops = ops;
@@ -350,24 +387,12 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /**
-   * Dequantizes job's rows into rows [rowOffset, rowOffset + n) of an existing device buffer (a
-   * plan's device workspace, reused across layers), nothing allocated or copied back.
-   */
-  async dequantizeKCacheInto(job: DequantizeKCacheJob<DeviceBuffer>, out: DeviceBuffer, rowOffset: number): Promise<void> {
-    const { cache, tokenIds, n } = job;
-    await this.calls.run('dequantizeKCachePaged', () =>
-      this.ops.dequantizeKvCache(
-        { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out: this.own(out, 'out'), outRowOffset: rowOffset },
-        this.stream,
-      ),
-    );
-  }
-
-  /**
-   * Like dequantizeKCacheInto with the token ids already on the device (int64 [n], a plan's ids
-   * uploaded once and range-checked then against the cache geometry): no host→device id copy, and
-   * with a device cache nothing waits for the GPU (stream-ordered). The kernel still checks every
-   * id and zero-fills a row whose id is outside the cache, never reading it.
+   * Dequantizes into rows [rowOffset, rowOffset + n) of an existing device buffer (a plan's device
+   * workspace, reused across layers), nothing allocated or copied back, with the token ids already
+   * on the device (int64 [n], a plan's ids uploaded once and range-checked then against the cache
+   * geometry): no host→device id copy, and with a device cache nothing waits for the GPU
+   * (stream-ordered). The kernel still checks every id and zero-fills a row whose id is outside the
+   * cache, never reading it.
    */
   async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
@@ -382,18 +407,17 @@ export class CudaBackend implements Backend, DeviceOps {
   /**
    * The planner's per-row index building on the GPU (SPEC §6; planner.h's topk_row / dense_row in
    * a kernel): ratio 4 rows from the indexer's top-k (host or device), ratio 0 / 128 dense rows
-   * when topkIndices is null. Outputs where `placement` says. Inputs are the plan's, already
-   * validated and sized (width ≥ the widest row).
+   * when topkIndices is null. Outputs where `placement` says; the dropped counts where
+   * `droppedPlacement` says, or not at all (null). Inputs are the plan's, already validated and
+   * sized (width ≥ the widest row).
    */
-  async planRows(
-    args: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: Int32Array | DeviceBuffer | null; topk: number; width: number },
-    placement: Placement = 'host',
-    droppedPlacement: Placement = placement,
-  ): Promise<{ rows: Int32Array | DeviceBuffer; lens: Int32Array | DeviceBuffer; dropped: Int32Array | DeviceBuffer }> {
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement?: Placement, droppedPlacement?: Placement): Promise<PlannedRows<DeviceBuffer> & { dropped: Int32Array | DeviceBuffer }>;
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement, droppedPlacement: Placement | null): Promise<PlannedRows<DeviceBuffer>>;
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement): Promise<PlannedRows<DeviceBuffer>> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
     const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
     const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
-    const dropped = this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
+    const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     try {
       await this.calls.run('planRows', () =>
         this.ops.planRows(

@@ -14,6 +14,7 @@ import type {
   BackendProbe,
   CacheView,
   DequantizeKCacheJob,
+  LayerSteps,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   QuantizeKCacheJob,
@@ -21,6 +22,7 @@ import type {
   SparsePrefillOutput,
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
+import { hostLayerSteps } from './planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
@@ -162,6 +164,8 @@ export class WasmBackend implements Backend {
   /** host memory one call may use for staging and outputs (SPEC §9); also the staging's capacity */
   readonly memoryBudgetBytes: number;
   readonly staging: StagingArena;
+  /** the layer steps: the host planner and this backend's ops over a host workspace */
+  readonly layer: LayerSteps = hostLayerSteps(this);
 
   private constructor(pool: WorkerPool, heapBytes: number, memoryBudgetBytes: number) {
     this.pool = pool;

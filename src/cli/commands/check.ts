@@ -10,7 +10,7 @@ import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { engineBackend } from '../../engine.js';
 import { tensor } from '../../tensor.js';
-import { loadWasmPlannerCore } from '../../planner/wasm_core.js';
+import { loadHostPlanner } from '../../backends/wasm/planner.js';
 import { CudaBackend } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
@@ -112,8 +112,8 @@ function judgeAttention(got: AttentionResult, wasm: AttentionResult, ref: R.Refe
 
 /** The cuda backend behind an engine, for the checks of its device-only steps. */
 function cudaBackendOf(engine: Engine): CudaBackend {
-  const be = engineBackend(engine);
-  if (!(be instanceof CudaBackend)) throw new Error(`the ${engine.backend} backend has no device steps to check`);
+  const be = engineBackend(engine, CudaBackend);
+  if (!be) throw new Error(`the ${engine.backend} backend has no device steps to check`);
   return be;
 }
 
@@ -378,7 +378,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
       });
       await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
         const be = cudaBackendOf(engine);
-        const host = loadWasmPlannerCore();
+        const host = loadHostPlanner();
         const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
         const extendLens = Int32Array.from([300, 129, 1, 0, 777, 77]);
         const nq = extendLens.reduce((x, y) => x + y, 0);
@@ -524,7 +524,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
         return verdicts;
       }, 'layer');
       await run('device: a failed allocation is a typed error and the device stays usable', async () => {
-        const dev = engineBackend(engine)!.device!;
+        const dev = cudaBackendOf(engine);
         try {
           dev.alloc(2 ** 52);
           throw new Error('no error for a 4 PiB allocation');

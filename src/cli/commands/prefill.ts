@@ -6,6 +6,7 @@ import { SparseMlaError } from '../../errors.js';
 import { createEngine } from '../../engine.js';
 import { prepareOutputDir } from '../../io/files.js';
 import { loadPrefillInputs, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
+import { prefillFlops } from '../../ops/sparse_prefill.js';
 import type { BackendChoice } from '../../types.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
@@ -71,7 +72,7 @@ export const command: CliCommand = {
       let entries = 0;
       const lens = inputs.args.topkLength?.data;
       for (let i = 0; i < sQ; i++) entries += lens ? Math.max(0, Math.min(topk, lens[i]!)) : topk;
-      const flops = 2 * entries * hQ * (dQK + dV);
+      const flops = prefillFlops(entries, hQ, dQK, dV);
 
       const written = await writePrefillOutputs(options.out, res, options.format as DirFormat);
       if (options.json) {

@@ -33,7 +33,8 @@ import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
 import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
-import { c4ChunkInputs, placeC4Chunk, prefillFlops, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
+import { c4ChunkInputs, placeC4Chunk, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
+import { prefillFlops } from '../../ops/sparse_prefill.js';
 import { makeRng, sampleRows } from '../../check/grid.js';
 import { cacheOpBytes, rowDimOf, tokenByteRanges, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../../kv_cache_layout.js';
 

@@ -9,7 +9,7 @@
 import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
-import { prepareSparsePrefill } from '../../ops/sparse_prefill.js';
+import { prefillFlops, prepareSparsePrefill } from '../../ops/sparse_prefill.js';
 import { AttentionComparator, describeBounds, formatPosition, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
 import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
@@ -108,7 +108,7 @@ export async function verifyDirectory(
   const queries = opts.queries !== undefined ? checkedQueries(opts.queries, sQ) : evenlySpacedRows(sQ, opts.sample ?? sQ);
 
   // chunks of roughly 1 GFLOP, enough to amortize a message, small enough for a lively progress bar
-  const flopsPerQuery = 2 * Math.max(1, topk) * hQ * (dQK + dV);
+  const flopsPerQuery = prefillFlops(Math.max(1, topk), hQ, dQK, dV);
   const chunkRows = Math.max(1, Math.min(256, Math.floor(1e9 / flopsPerQuery)));
   const chunks: number[][] = [];
   for (let s = 0; s < queries.length; s += chunkRows) chunks.push(queries.slice(s, s + chunkRows));

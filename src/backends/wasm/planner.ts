@@ -1,0 +1,159 @@
+/**
+ * The planner's index math (SPEC §6) on the host: the C++ core (cpp/src/planner.cpp, the per-row
+ * functions of planner.h that the CUDA planner kernels call too) through the smla_plan_* calls of
+ * ops.ts. It lays out a plan, builds its paged form for every backend, and builds the rows and ids
+ * of the host backends' layer steps (hostLayerSteps, below: the cpu and wasm backends'). The work
+ * is small integer work done once per chunk (plus one top-k combine per c4 layer), so it runs
+ * synchronously on the calling thread in a private instance of the module rather than through the
+ * worker pool: a round trip to a worker would cost more than the work. Inputs are a plan's,
+ * already validated and sized.
+ */
+import { V4_ROW_DIMS, rowDimOf } from '../../kv_cache_layout.js';
+import type { Backend, LayerSteps } from '../backend.js';
+import { compileCoreModuleSync, WasmCore, type CompiledCore } from './ops.js';
+
+/** Totals of a chunk's layout for one compress ratio. */
+export interface PlanLayoutTotals {
+  /** prefix sums, numRequests + 1 entries each */
+  queryOffsets: Float64Array;
+  swaOffsets: Float64Array;
+  compOffsets: Float64Array;
+  numQueries: number;
+  swaRows: number;
+  compRows: number;
+  /** largest floor(seqLen / ratio) of any request with queries */
+  maxVisible: number;
+}
+
+export interface HostRows {
+  rows: Int32Array;
+  lens: Int32Array;
+}
+
+export interface HostTopkRows extends HostRows {
+  dropped: Int32Array;
+  droppedTotal: number;
+}
+
+/** Heap size above which the private instance is dropped after a call. */
+const KEEP_HEAP_BYTES = 256 * 2 ** 20;
+
+let compiled: CompiledCore | undefined;
+let instance: WasmCore | undefined;
+
+/**
+ * Runs f on the private instance. A one-off huge plan must not pin its heap for the life of the
+ * process: after a call that grew it past KEEP_HEAP_BYTES the instance is dropped (the compiled
+ * module stays) and the next call starts a fresh one. Calls are synchronous, never nested.
+ */
+function withCore<T>(f: (core: WasmCore) => T): T {
+  const core = (instance ??= WasmCore.instantiateSync(compiled!.module, compiled!.maxMemoryBytes));
+  try {
+    return f(core);
+  } finally {
+    if (core.heapBytes > KEEP_HEAP_BYTES) instance = undefined;
+  }
+}
+
+const numQueries = (extendLens: Int32Array): number => extendLens.reduce((a, b) => a + b, 0);
+
+export const hostPlanner = {
+  layout(seqLens: Int32Array, extendLens: Int32Array, window: number, ratio: number): PlanLayoutTotals {
+    const r = withCore((c) => c.planLayout(seqLens, extendLens, window, ratio));
+    const f64 = (a: BigInt64Array): Float64Array => Float64Array.from(a, Number);
+    return {
+      queryOffsets: f64(r.queryOffsets),
+      swaOffsets: f64(r.swaOffsets),
+      compOffsets: f64(r.compOffsets),
+      numQueries: Number(r.totals[0]),
+      swaRows: Number(r.totals[1]),
+      compRows: Number(r.totals[2]),
+      maxVisible: Number(r.totals[3]),
+    };
+  },
+  /** compRows: the ratio's layout total, the length of the result */
+  compressedTokenIds(seqLens: Int32Array, extendLens: Int32Array, ratio: number, pageTables: Int32Array, pageTableOffsets: Float64Array, pageSize: number, compRows: number): BigInt64Array {
+    const offsets = BigInt64Array.from(pageTableOffsets, (x) => BigInt(x));
+    return withCore((c) => c.planCompressedTokenIds({ seqLens, extendLens, ratio, pageTables, pageTableOffsets: offsets, pageSize, compRows }));
+  },
+  denseRows(seqLens: Int32Array, extendLens: Int32Array, window: number, ratio: number, width: number): HostRows {
+    return withCore((c) => c.planDenseRows({ seqLens, extendLens, window, ratio, width, numQueries: numQueries(extendLens) }));
+  },
+  combineTopk(seqLens: Int32Array, extendLens: Int32Array, window: number, ratio: number, topkIndices: Int32Array, topk: number, width: number): HostTopkRows {
+    return withCore((c) => c.planCombineTopk({ seqLens, extendLens, window, ratio, topkIndices, topk, width, numQueries: numQueries(extendLens) }));
+  },
+  /** mainWidth / extraWidth 0 leaves that set out. */
+  pagedForm(
+    rows: Int32Array,
+    lens: Int32Array,
+    width: number,
+    compRows: number,
+    swaRows: number,
+    compTokenIds: BigInt64Array,
+    swaTokenIds: BigInt64Array,
+    mainWidth: number,
+    extraWidth: number,
+  ): { main?: HostRows; extra?: HostRows } {
+    return withCore((c) => c.planPagedForm({ rows, lens, width, compRows, swaRows, compTokenIds, swaTokenIds, mainWidth, extraWidth }));
+  },
+};
+
+export type HostPlanner = typeof hostPlanner;
+
+/**
+ * The host planner. Compiles the module on first use; throws BACKEND_UNAVAILABLE when it is
+ * missing or unusable (not cached, so a fixed install can retry).
+ */
+export function loadHostPlanner(): HostPlanner {
+  compiled ??= compileCoreModuleSync();
+  instance ??= WasmCore.instantiateSync(compiled.module, compiled.maxMemoryBytes); // surfaces an ABI mismatch here
+  return hostPlanner;
+}
+
+/** The token ids the host ops take (int32): a plan's ids lie inside its caches, so each fits. */
+function int32Ids(ids: BigInt64Array): Int32Array {
+  const halves = new Int32Array(ids.buffer, ids.byteOffset, ids.length * 2);
+  const out = new Int32Array(ids.length);
+  for (let i = 0; i < out.length; i++) out[i] = halves[2 * i]!;
+  return out;
+}
+
+/**
+ * The layer steps of a host backend (cpu, wasm): rows and ids from the host planner, the workspace
+ * a shared-memory array (workers read it in place), and `backend`'s own dequantize and
+ * sparsePrefill over it (its methods looked up at each call). Everything stays in host memory, so
+ * placing and reading are no-ops.
+ */
+export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'sparsePrefill'>): LayerSteps {
+  return {
+    memory: 'host',
+    async planRows(job) {
+      const planner = loadHostPlanner();
+      const { seqLens, extendLens, window, ratio, topkIndices, topk, width } = job;
+      if (topkIndices !== null) return planner.combineTopk(seqLens, extendLens, window, ratio, topkIndices, topk, width);
+      return { ...planner.denseRows(seqLens, extendLens, window, ratio, width), dropped: null };
+    },
+    async planCompressedTokenIds(job) {
+      return loadHostPlanner().compressedTokenIds(job.seqLens, job.extendLens, job.ratio, job.pageTables, job.pageTableOffsets, job.pageSize, job.total);
+    },
+    async placeIds(ids) {
+      return ids;
+    },
+    allocWorkspace(bytes) {
+      return new Uint16Array(new SharedArrayBuffer(bytes));
+    },
+    async dequantizeKCacheInto({ cache, tokenIds, n, workspace, rowOffset }) {
+      const rowDim = rowDimOf(cache.format);
+      const rows = await backend.dequantizeKCache({ cache, tokenIds: int32Ids(tokenIds), n, rowDim });
+      workspace.set(rows, rowOffset * rowDim);
+    },
+    async prefill(job) {
+      const { q, workspace, rows, indices, lengths, attnSink, numQueries, hQ, width, smScale } = job;
+      const kv = workspace.subarray(0, rows * V4_ROW_DIMS);
+      return backend.sparsePrefill({ q, kv, indices, topkLength: lengths, attnSink, sQ: numQueries, hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: rows, topk: width, smScale });
+    },
+    async readCounts(counts) {
+      return counts;
+    },
+  };
+}

@@ -10,6 +10,7 @@ import {
   attendQueryReference,
   checkQueries,
   checkSink,
+  emptyAttentionResult,
   indexSet,
   widenBf16,
   type IndexSet,
@@ -82,12 +83,7 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
   const qs = checkQueries(opts.queries, n);
   const qf = widenBf16(q.data);
   const nq = qs.length;
-  const res: ReferenceAttentionResult = {
-    out: new Float64Array(nq * hQ * dV),
-    mag: new Float64Array(nq * hQ * dV),
-    lse: new Float64Array(nq * hQ),
-    maxLogits: new Float64Array(nq * hQ),
-  };
+  const res = emptyAttentionResult(nq, hQ, dV);
   const maxEntries = sources.reduce((a, s) => a + s.set.topk, 0);
   const gathered = new Float32Array(Math.max(1, maxEntries) * width);
   const offsets = new Int32Array(Math.max(1, maxEntries));

@@ -24,6 +24,11 @@ export interface ReferenceAttentionResult {
   maxLogits: Float64Array;
 }
 
+/** Zeroed float64 outputs for nq queries × hQ heads × dV columns (mag beside out). */
+export function emptyAttentionResult(nq: number, hQ: number, dV: number): ReferenceAttentionResult {
+  return { out: new Float64Array(nq * hQ * dV), mag: new Float64Array(nq * hQ * dV), lse: new Float64Array(nq * hQ), maxLogits: new Float64Array(nq * hQ) };
+}
+
 /** bf16 bits → float32 values (exact widening). */
 export function widenBf16(bits: Uint16Array): Float32Array {
   const u = new Uint32Array(bits.length);
@@ -302,12 +307,7 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
     run(queries) {
       const qs = checkQueries(queries, sQ);
       const nq = qs.length;
-      const res: ReferenceAttentionResult = {
-        out: new Float64Array(nq * hQ * dV),
-        mag: new Float64Array(nq * hQ * dV),
-        lse: new Float64Array(nq * hQ),
-        maxLogits: new Float64Array(nq * hQ),
-      };
+      const res = emptyAttentionResult(nq, hQ, dV);
       for (let j = 0; j < nq; j++) {
         const i = qs[j]!;
         const base = i * hQ * dQK;

@@ -229,7 +229,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     wgmma_commit();
     const int nst = (b + 1) % kPagedStages;
-    s_issued = b + 1 < n_blocks && mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1);
+    // One answer for the whole warpgroup (its four warps may probe on either side of the arrival),
+    // broadcast so the compiler sees it warp-uniform and keeps the wgmma asynchronous.
+    s_issued = b + 1 < n_blocks &&
+               __shfl_sync(0xffffffffu, int(named_barrier_all(3 + wg, 128, mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1))), 0);
     if (s_issued) {
       issue_s(nst);
       wgmma_wait<1>();  // PV(b) done; S(b+1) may still run

@@ -201,6 +201,7 @@ const OpEntry kCudaOps[] = {
     {"fillDevice", FillDevice},
     {"setTiming", SetTiming},
     {"takeKernelMs", TakeKernelMs},
+    {"takeKernelSpans", TakeKernelSpans},
     {"probeLaunch", ProbeLaunch},
     {"memInfo", MemInfo},
     {"deviceBufferClass", NewDeviceBufferClass},

@@ -409,6 +409,29 @@ Napi::Value TakeKernelMs(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// takeKernelSpans(stream): like takeKernelMs, but each timed launch as [start, end] device ms
+// measured from the first one's start (flattened: start0, end0, start1, end1, ...), so the gaps
+// between launches (untimed device work, or the device waiting for the host) show; forgets them.
+Napi::Value TakeKernelSpans(const Napi::CallbackInfo& info) {
+  StreamRef st = StreamArg(info, 0, "takeKernelSpans");
+  std::lock_guard<std::mutex> lock(st->mutex);
+  Napi::Array out = Napi::Array::New(info.Env(), 2 * st->timed.size());
+  cudaSetDevice(st->device);
+  const cudaEvent_t origin = st->timed.empty() ? nullptr : st->timed.front().first;
+  for (size_t i = 0; i < st->timed.size(); ++i) {
+    float start = -1.0f, end = -1.0f;
+    if (cudaEventSynchronize(st->timed[i].second) != cudaSuccess || cudaEventElapsedTime(&start, origin, st->timed[i].first) != cudaSuccess ||
+        cudaEventElapsedTime(&end, origin, st->timed[i].second) != cudaSuccess)
+      start = end = -1.0f;
+    out.Set(uint32_t(2 * i), Napi::Number::New(info.Env(), double(start)));
+    out.Set(uint32_t(2 * i + 1), Napi::Number::New(info.Env(), double(end)));
+  }
+  for (auto& t : st->timed) cudaEventDestroy(t.first), cudaEventDestroy(t.second);
+  st->timed.clear();
+  cudaGetLastError();
+  return out;
+}
+
 // memInfo(stream) → { free, total } bytes on the stream's device (synchronous, cheap).
 Napi::Value MemInfo(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -261,6 +261,7 @@ Napi::Value CopyPeer(const Napi::CallbackInfo& info);
 Napi::Value FillDevice(const Napi::CallbackInfo& info);
 Napi::Value SetTiming(const Napi::CallbackInfo& info);
 Napi::Value TakeKernelMs(const Napi::CallbackInfo& info);
+Napi::Value TakeKernelSpans(const Napi::CallbackInfo& info);
 Napi::Value MemInfo(const Napi::CallbackInfo& info);
 Napi::Value NewDeviceBufferClass(const Napi::CallbackInfo& info);
 Napi::Value NewStreamClass(const Napi::CallbackInfo& info);

@@ -332,7 +332,7 @@ function standInOps(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitFo
       return Promise.resolve();
     },
     async sparsePrefill(p: { q: unknown; kv: unknown; indices: unknown; topkLength: unknown; attnSink: unknown; sQ: number; hQ: number; dQK: number; dV: number; sKV: number; topk: number; smScale: number; out: unknown; maxLogits: unknown; lse: unknown }) {
-      note('sparsePrefill', p, ['q', 'kv', 'indices', 'topkLength', 'out', 'maxLogits', 'lse']);
+      note('sparsePrefill', p, ['q', 'kv', 'indices', 'topkLength', 'attnSink', 'out', 'maxLogits', 'lse']);
       prefillQueued();
       prefillSeen = new Promise((r) => (prefillQueued = r));
       const out = new Uint16Array(p.sQ * p.hQ * p.dV), maxLogits = new Float32Array(p.sQ * p.hQ), lse = new Float32Array(p.sQ * p.hQ);
@@ -388,7 +388,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     await Promise.all([cuda?.dispose(), cpu?.dispose()]);
   });
 
-  test('layers c0, c4, c128, c4 with device q, caches, top-k and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped counts come back, while the rest is queued', async () => {
+  test('layers c0, c4, c128, c4 with device q, caches, top-k, sink (c4 and c128) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped counts come back, while the rest is queued', async () => {
     const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
     const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
     const sc = randomScenario(rng, seqLens, extendLens);
@@ -411,12 +411,16 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       expectWithinBounds(label, want, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
       expect(want.dropped, label).toBe(ref.dropped);
 
-      const [qd, swad, compd, topkd] = await Promise.all([cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, topkIndices ? cuda.upload(topkIndices) : undefined]);
+      // layers 1 (c4) and 2 (c128) take the sink on the device, the others from the host
+      const deviceSink = layer === 1 || layer === 2;
+      const [qd, swad, compd, topkd, sinkd] = await Promise.all([
+        cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, topkIndices ? cuda.upload(topkIndices) : undefined, deviceSink ? cuda.upload(attnSink) : undefined,
+      ]);
       calls.length = 0;
       held.downloadsWaitForPrefill = true; // a layer that waited for its dropped counts before queueing the rest would hang here
       const got = await prefillLayer(
         cuda,
-        { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink, smScale, path: 'sparse' },
+        { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: sinkd ?? attnSink, smScale, path: 'sparse' },
         { output: 'device' },
       );
       held.downloadsWaitForPrefill = false;
@@ -428,15 +432,16 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
         expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `${label} ${name}`).toBe(0);
       }
       // stream order: every array operand on the device but the plan's page tables, staged once
-      // per plan and engine by the compressed-id build (the plan's lengths and page offsets and the
-      // sink are host arguments too, staged by the op); the one download the c4 dropped counts
+      // per plan and engine by the compressed-id build (the plan's lengths and page offsets are host
+      // arguments too, read by the launcher), and a host sink; the one download the c4 dropped counts
       const first = ratios.indexOf(ratio) === layer;
       const ops = layerCalls.map((c) => c.op);
       const build = ratio === 4 ? ['planRows', 'download'] : first ? ['planRows'] : [];
       const ids = ratio === 0 ? [] : first ? ['planCompressedTokenIds', 'dequantizeKvCache'] : ['dequantizeKvCache'];
       expect(ops, label).toEqual([...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
-      for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(c.op === 'planCompressedTokenIds' ? ['pageTables'] : []);
-      for (const t of [qd, topkd, got.out, got.lse, got.maxLogits]) t?.data.free();
+      const hostOperands = (op: string): string[] => (op === 'planCompressedTokenIds' ? ['pageTables'] : op === 'sparsePrefill' && !deviceSink ? ['attnSink'] : []);
+      for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(hostOperands(c.op));
+      for (const t of [qd, topkd, sinkd, got.out, got.lse, got.maxLogits]) t?.data.free();
       swad.data.free();
       compd?.data.free();
     }

@@ -245,6 +245,7 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     const onDevice = (dtype: string, shape: number[], bytes: number) => ({ dtype, shape, data: { device: 'cuda', deviceIndex: 0, byteLength: bytes, freed: false, free() {}, [Symbol.for('sparse-mla.DeviceBuffer')]: true } });
     await expectCode({ ...ok, q: onDevice('bf16', [23, 2, D], 23 * 2 * D * 2) }, 'INVALID_VALUE', /q: expected a host bf16 tensor/);
     await expectCode({ ...ok, topkIndices: onDevice('int32', [23, 8], 23 * 8 * 4) }, 'INVALID_VALUE', /topkIndices: expected a host int32 tensor/);
+    await expectCode({ ...ok, attnSink: onDevice('float32', [2], 2 * 4) }, 'INVALID_VALUE', /attnSink: expected a host float32 tensor/);
     for (const path of ['sparse', 'paged']) {
       await expectCode({ ...ok, path, caches: { ...caches, swa: { ...caches.swa, data: onDevice('uint8', [], caches.swa.data.byteLength).data } } }, 'BACKEND_UNAVAILABLE', /caches: expected host caches/);
     }

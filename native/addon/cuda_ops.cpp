@@ -110,7 +110,7 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     // host ids (a pool thread, which syncs): the kernel's bad-id flag comes back
     readFlag = [=](cudaStream_t s) -> int32_t {
       cudaError_t err = cudaMemcpyAsync(bad.get(), flag(), sizeof(int32_t), cudaMemcpyDeviceToHost, s);
-      if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+      if (err == cudaSuccess) err = WaitForQueued(s);
       if (err != cudaSuccess) return -int32_t(err);
       return *bad != 0 ? int32_t(SMLA_ERR_OUT_OF_RANGE) : int32_t(SMLA_OK);
     };
@@ -201,6 +201,7 @@ const OpEntry kCudaOps[] = {
     {"fillDevice", FillDevice},
     {"setTiming", SetTiming},
     {"takeKernelMs", TakeKernelMs},
+    {"takeKernelSpans", TakeKernelSpans},
     {"probeLaunch", ProbeLaunch},
     {"memInfo", MemInfo},
     {"deviceBufferClass", NewDeviceBufferClass},

@@ -228,6 +228,15 @@ cudaError_t Stage(std::vector<Operand*> const& ops, cudaStream_t s) {
   return cudaSuccess;
 }
 
+cudaError_t WaitForQueued(cudaStream_t s) {
+  cudaEvent_t done = nullptr;
+  cudaError_t err = cudaEventCreateWithFlags(&done, cudaEventDisableTiming);
+  if (err == cudaSuccess) err = cudaEventRecord(done, s);
+  if (err == cudaSuccess) err = cudaEventSynchronize(done);
+  if (done) cudaEventDestroy(done);
+  return err;
+}
+
 int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status) {
   for (Operand* o : ops) {
     if (status == SMLA_OK && o->output && o->temp) {
@@ -240,7 +249,7 @@ int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status)
       cudaFreeAsync(o->temp, s);
       o->temp = nullptr;
     }
-  cudaError_t err = cudaStreamSynchronize(s);
+  cudaError_t err = WaitForQueued(s);
   if (status == SMLA_OK && err != cudaSuccess) status = -int32_t(err);
   if (status != SMLA_OK) cudaGetLastError();
   return status;
@@ -276,7 +285,8 @@ cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, cons
 namespace {
 
 // upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes, stream) /
-// download(src, dst, stream): on a pool thread, resolved when the copy is done.
+// download(src, dst, stream): on a pool thread, resolved when the copy is done (not waiting for
+// work queued on the stream after it).
 Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
   Args a(info, toDevice ? "upload" : "download");
   std::vector<Napi::ObjectReference> pins;
@@ -303,7 +313,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
     if (err == cudaSuccess && dev->bytes > 0)
       err = toDevice ? cudaMemcpyAsync(dev->ptr, data, dev->bytes, cudaMemcpyHostToDevice, st->stream)
                      : cudaMemcpyAsync(data, dev->ptr, dev->bytes, cudaMemcpyDeviceToHost, st->stream);
-    cudaError_t sync = cudaStreamSynchronize(st->stream);
+    cudaError_t sync = WaitForQueued(st->stream);
     if (err == cudaSuccess) err = sync;
     if (err != cudaSuccess) cudaGetLastError();
     return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
@@ -355,7 +365,7 @@ Napi::Value CopyPeer(const Napi::CallbackInfo& info) {
     }
     if (err == cudaSuccess) err = cudaStreamWaitEvent(ds->stream, ready, 0);
     if (err == cudaSuccess && dst->bytes > 0) err = cudaMemcpyPeerAsync(dst->ptr, ds->device, src->ptr, ss->device, dst->bytes, ds->stream);
-    const cudaError_t sync = cudaStreamSynchronize(ds->stream);
+    const cudaError_t sync = WaitForQueued(ds->stream);
     if (err == cudaSuccess) err = sync;
     if (ready) {
       cudaSetDevice(ss->device);
@@ -404,6 +414,29 @@ Napi::Value TakeKernelMs(const Napi::CallbackInfo& info) {
     cudaEventDestroy(st->timed[i].second);
     out.Set(uint32_t(i), Napi::Number::New(info.Env(), double(ms)));
   }
+  st->timed.clear();
+  cudaGetLastError();
+  return out;
+}
+
+// takeKernelSpans(stream): like takeKernelMs, but each timed launch as [start, end] device ms
+// measured from the first one's start (flattened: start0, end0, start1, end1, ...), so the gaps
+// between launches (untimed device work, or the device waiting for the host) show; forgets them.
+Napi::Value TakeKernelSpans(const Napi::CallbackInfo& info) {
+  StreamRef st = StreamArg(info, 0, "takeKernelSpans");
+  std::lock_guard<std::mutex> lock(st->mutex);
+  Napi::Array out = Napi::Array::New(info.Env(), 2 * st->timed.size());
+  cudaSetDevice(st->device);
+  const cudaEvent_t origin = st->timed.empty() ? nullptr : st->timed.front().first;
+  for (size_t i = 0; i < st->timed.size(); ++i) {
+    float start = -1.0f, end = -1.0f;
+    if (cudaEventSynchronize(st->timed[i].second) != cudaSuccess || cudaEventElapsedTime(&start, origin, st->timed[i].first) != cudaSuccess ||
+        cudaEventElapsedTime(&end, origin, st->timed[i].second) != cudaSuccess)
+      start = end = -1.0f;
+    out.Set(uint32_t(2 * i), Napi::Number::New(info.Env(), double(start)));
+    out.Set(uint32_t(2 * i + 1), Napi::Number::New(info.Env(), double(end)));
+  }
+  for (auto& t : st->timed) cudaEventDestroy(t.first), cudaEventDestroy(t.second);
   st->timed.clear();
   cudaGetLastError();
   return out;

@@ -10,8 +10,9 @@
 // calling (JS) thread, and its promise is settled at once: device work is stream-ordered, nothing
 // waits for the GPU, and a later download (or stream.synchronize()) sees its results. An op with a
 // host operand runs on a libuv pool thread instead: it stages host inputs on the device, launches,
-// copies host outputs back, frees the temporaries and synchronizes, so its promise resolves when
-// the host outputs are in place and the event loop never waits.
+// copies host outputs back, frees the temporaries and waits for that work (not for work queued
+// after it), so its promise resolves when the host outputs are in place and the event loop never
+// waits.
 //
 // Timing: with setTiming(true) (benchmarks), CUDA events bracket each launch (not the staging
 // copies) and takeKernelMs(stream) waits for them and returns their device times; otherwise no
@@ -182,8 +183,12 @@ class CudaFields {
 // Stages every host operand on the device (inputs copied H2D); returns a cudaError_t.
 cudaError_t Stage(std::vector<Operand*> const& ops, cudaStream_t s);
 
-// Copies host outputs back (when the launch succeeded), frees the temporaries, synchronizes; the
-// first error wins and a non-sticky one is cleared for the next call.
+// Waits until the work queued on `s` so far is done (an event: work queued later, e.g. by the JS
+// thread meanwhile, is not waited for).
+cudaError_t WaitForQueued(cudaStream_t s);
+
+// Copies host outputs back (when the launch succeeded), frees the temporaries, waits for them
+// (WaitForQueued); the first error wins and a non-sticky one is cleared for the next call.
 int32_t Finish(std::vector<Operand*> const& ops, cudaStream_t s, int32_t status);
 
 // setTiming's state: CUDA events around every launch (benchmarks).
@@ -261,6 +266,7 @@ Napi::Value CopyPeer(const Napi::CallbackInfo& info);
 Napi::Value FillDevice(const Napi::CallbackInfo& info);
 Napi::Value SetTiming(const Napi::CallbackInfo& info);
 Napi::Value TakeKernelMs(const Napi::CallbackInfo& info);
+Napi::Value TakeKernelSpans(const Napi::CallbackInfo& info);
 Napi::Value MemInfo(const Napi::CallbackInfo& info);
 Napi::Value NewDeviceBufferClass(const Napi::CallbackInfo& info);
 Napi::Value NewStreamClass(const Napi::CallbackInfo& info);

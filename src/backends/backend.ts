@@ -209,7 +209,8 @@ export interface WorkspacePrefillJob<B = never> {
   indices: Int32Array | B;
   /** int32 [numQueries] */
   lengths: Int32Array | B;
-  attnSink: Float32Array | null;
+  /** float32 [hQ], or null */
+  attnSink: Float32Array | B | null;
   numQueries: number;
   hQ: number;
   width: number;

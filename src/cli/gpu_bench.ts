@@ -319,7 +319,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const swa = await deviceCache('v4', N / 64);
       const c4 = await deviceCache('v4', nComp / 64);
       const q = await randomDevice([N, hQ, 512]);
-      const sink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+      // the sink on the device like a weight: a host one would make the prefill wait for its own work
+      const sink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
       const topkIdx = new Int32Array(N * TOPK).fill(-1);
       for (let i = 0; i < N; i++) {
         const visible = Math.floor((i + 1) / 4);
@@ -349,7 +350,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         unit: 'x',
         note: `wall clock per layer (JS included) over the sum of its kernels' device time, ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
-      for (const t of [q, topk]) t.data.free();
+      for (const t of [q, topk, sink]) t.data.free();
       swa.data.free();
       c4.data.free();
     }

@@ -10,15 +10,16 @@
  *
  * On a host engine (cpu, wasm) the steps work in host memory. On a cuda engine they work on the
  * GPU: rows and ids are built there from the plan's lengths and page tables, the SWA ids are
- * uploaded once, and with device q, caches and (with { output: 'device' }) outputs the layer's
- * launches are queued back to back on the engine's stream with no host round trip; only a c4
+ * uploaded once, and with device q, caches, sink and (with { output: 'device' }) outputs the
+ * layer's launches are queued back to back on the engine's stream with no host round trip (a host
+ * sink is a host operand: the prefill then waits for its own work, README "Stream order"); only a c4
  * layer's dropped counts come back, read while the rest of the layer is queued, and the call
  * resolves once they are in (device outputs are then queued, not necessarily finished: a download
  * or engine.synchronize() waits for them). Every id was checked against the caches by the plan
  * (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkOutputOption, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
+import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
 import { placedTensor, tensor } from '../tensor.js';
 import { isDeviceBuffer, releaseDevice } from '../device.js';
 import { SparseMlaEngine } from '../engine.js';
@@ -37,8 +38,8 @@ export interface PrefillLayerArgs extends RouteOptions {
   caches: PlanCaches;
   /** ratio 4: int32 [numQueries, topk] request-local compressed positions, −1 padded (device with a cuda engine) */
   topkIndices?: Tensor<'int32'> | DeviceTensor<'int32'>;
-  /** float32 [hQ] */
-  attnSink?: Tensor<'float32'>;
+  /** float32 [hQ]; a device tensor with a cuda engine keeps the layer's launches free of host operands */
+  attnSink?: Tensor<'float32'> | DeviceTensor<'float32'>;
   smScale: number;
 }
 
@@ -61,7 +62,7 @@ interface LayerCall {
   ratio: CompressRatio;
   q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
   hQ: number;
-  attnSink: Tensor<'float32'> | undefined;
+  attnSink: Tensor<'float32'> | DeviceTensor<'float32'> | undefined;
   smScale: number;
   /** the checked views the layer steps read */
   caches: { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
@@ -88,7 +89,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
     fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
   }
   const smScale = checkSmScale(args.smScale);
-  const attnSink = args.attnSink === undefined ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']);
+  const attnSink = args.attnSink === undefined ? undefined : engine.hasDevice ? checkPlacedTensor(args.attnSink, 'attnSink', ['float32']) : checkTensor(args.attnSink, 'attnSink', ['float32']);
   if (attnSink && (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ)) {
     fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
   }

@@ -116,6 +116,8 @@ export interface NativeCudaOps extends NativeCudaKernelOps {
   setTiming(on: boolean): void;
   /** device milliseconds of each timed launch on the stream since the last call, in order (waits for them; staging copies excluded) */
   takeKernelMs(stream: NativeStream): number[];
+  /** the same launches as [start, end] pairs (flattened) in device ms from the first one's start */
+  takeKernelSpans(stream: NativeStream): number[];
   /** one real kernel launch on the stream's device (a known one-token dequant), checked */
   probeLaunch(stream: NativeStream): Promise<void>;
   memInfo(stream: NativeStream): { free: number; total: number; error?: string };

@@ -286,6 +286,17 @@ export class CudaBackend implements Backend, DeviceOps {
     return this.ops.takeKernelMs(this.stream);
   }
 
+  /**
+   * The same launches as takeKernelMs, each as [start, end] device milliseconds from the first
+   * one's start (gaps between them: untimed device work or the device waiting for the host).
+   */
+  takeKernelSpans(): [number, number][] {
+    const flat = this.ops.takeKernelSpans(this.stream);
+    const spans: [number, number][] = [];
+    for (let i = 0; i + 1 < flat.length; i += 2) spans.push([flat[i]!, flat[i + 1]!]);
+    return spans;
+  }
+
   memInfo(): { free: number; total: number } {
     return this.ops.memInfo(this.stream);
   }

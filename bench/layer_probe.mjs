@@ -1,0 +1,269 @@
+// Where a device c4 layer's wall clock goes beyond its kernels' time (GPU only; `npm run build`
+// first). For N = 4096 and 32768 queries (hQ 64, top-k 512, one fresh request: the layer section
+// of `sparse-mla bench --backend cuda`) it prints, medians of REPEAT runs after WARMUP, L2 flushed
+// before each run:
+//   kernels  each timed launch's device ms and its start from the first launch (gaps = untimed
+//            device work or the device waiting for the host), their sum and the span;
+//   wall     from the call until engine.synchronize() resolves (and until the call itself resolves);
+//   queued   the layer behind ~1 ms of device copies, so the host is ahead: its device time
+//            including untimed work, with host latency hidden (wall of blocker + layer − blocker);
+//   trace    one run's native calls: when JS made each (µs from the call), when it returned, when
+//            its promise settled;
+// for the layer as the bench runs it (host sink), with a device sink and without a sink, and for
+// its pieces alone (the planner rows, the dropped-count read, the two dequants, the prefill, a
+// synchronize of an idle stream, allocating the outputs). A variant that throws prints its error
+// and the probe goes on.
+//   node bench/layer_probe.mjs            (PROBE_N=4096,16384 to choose the sizes)
+import { performance } from 'node:perf_hooks';
+import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
+import { makeRng, randomBf16 } from '../dist/check/grid.js';
+
+const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
+const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);
+const med = (xs) => (xs.length ? [...xs].sort((a, b) => a - b)[xs.length >> 1] : NaN);
+const ms = (x) => (Number.isFinite(x) ? x.toFixed(3) : String(x));
+const us = (x) => (Number.isFinite(x) ? String(Math.round(x * 1000)).padStart(6) : '     -');
+
+const engine = await createEngine({ backend: 'cuda' });
+const be = engineBackend(engine, CudaBackend);
+if (!be) throw new Error('needs a cuda engine');
+const rng = makeRng(0x5eed);
+const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
+const spansOf = () => (typeof be.takeKernelSpans === 'function' ? be.takeKernelSpans() : be.takeKernelMs().map((d) => [NaN, d]));
+
+/** Runs fn, printing its error instead of stopping the probe. */
+async function variant(name, fn) {
+  try {
+    await fn();
+  } catch (e) {
+    console.log(`  ${name}: FAILED ${e?.code ?? ''} ${e?.message ?? e}`);
+    try {
+      await engine.synchronize();
+    } catch {}
+  }
+}
+
+async function flush() {
+  await be.copyDevice(flushA, flushB);
+  await engine.synchronize();
+}
+
+/** Device time of fn's launches: per launch (duration, start from the first), sum and span. */
+async function kernels(name, fn) {
+  be.setTiming(true);
+  const runs = [];
+  try {
+    for (let i = 0; i < WARMUP + REPEAT; i++) {
+      await flush();
+      spansOf();
+      await fn();
+      const s = spansOf();
+      if (i >= WARMUP) runs.push(s);
+    }
+  } finally {
+    be.setTiming(false);
+  }
+  const n = runs[0].length;
+  if (n === 0) return void console.log(`  ${name} kernels: none timed`);
+  const dur = Array.from({ length: n }, (_, k) => med(runs.map((r) => r[k][1] - r[k][0])));
+  const start = Array.from({ length: n }, (_, k) => med(runs.map((r) => r[k][0])));
+  const sum = med(runs.map((r) => r.reduce((a, [b, e]) => a + e - b, 0)));
+  const span = med(runs.map((r) => r[n - 1][1] - r[0][0]));
+  console.log(`  ${name} kernels: sum ${ms(sum)} ms, span ${ms(span)} ms; launches (ms @ start): ${dur.map((d, k) => `${ms(d)} @ ${ms(start[k])}`).join(', ')}`);
+  return sum;
+}
+
+/** Wall clock of fn until the device is done (and until fn resolved), no events. */
+async function wall(name, fn, kernelSum) {
+  const total = [], call = [];
+  for (let i = 0; i < WARMUP + REPEAT; i++) {
+    await flush();
+    const t0 = performance.now();
+    await fn();
+    const t1 = performance.now();
+    await engine.synchronize();
+    const t2 = performance.now();
+    if (i >= WARMUP) total.push(t2 - t0), call.push(t1 - t0);
+  }
+  const w = med(total);
+  console.log(`  ${name} wall: ${ms(w)} ms (call resolved at ${ms(med(call))} ms)${kernelSum ? `; ${(w / kernelSum).toFixed(3)}x the kernels, gap ${ms(w - kernelSum)} ms` : ''}`);
+}
+
+/** fn behind ~1 ms of device copies (the host gets ahead): the device time of fn with host latency hidden. */
+async function queued(name, fn) {
+  const blocker = () => Promise.all(Array.from({ length: 8 }, () => be.copyDevice(flushA, flushB)));
+  const alone = [], both = [], enq = [];
+  for (let i = 0; i < WARMUP + REPEAT; i++) {
+    await flush();
+    let t0 = performance.now();
+    await blocker();
+    await engine.synchronize();
+    if (i >= WARMUP) alone.push(performance.now() - t0);
+    await flush();
+    t0 = performance.now();
+    await blocker();
+    await fn();
+    const t1 = performance.now();
+    await engine.synchronize();
+    if (i >= WARMUP) both.push(performance.now() - t0), enq.push(t1 - t0);
+  }
+  console.log(`  ${name} queued: device ${ms(med(both) - med(alone))} ms (blocker ${ms(med(alone))} ms, blocker + call resolved at ${ms(med(enq))} ms)`);
+}
+
+/** One run of fn with every native call logged: when JS made it, returned, settled (µs from the call). */
+async function trace(name, fn) {
+  const orig = be.ops, log = [];
+  const wrapped = {};
+  for (const op of ['planRows', 'planCompressedTokenIds', 'dequantizeKvCache', 'sparsePrefill', 'upload', 'download', 'copyDevice']) {
+    wrapped[op] = (...args) => {
+      const e = { op, call: performance.now(), ret: NaN, settle: NaN };
+      log.push(e);
+      const p = orig[op](...args);
+      e.ret = performance.now();
+      p.then(() => (e.settle = performance.now()), () => (e.settle = performance.now()));
+      return p;
+    };
+  }
+  await flush();
+  be.ops = new Proxy(orig, { get: (t, k) => wrapped[k] ?? t[k] });
+  let t0, t1, t2;
+  try {
+    t0 = performance.now();
+    await fn();
+    t1 = performance.now();
+    await engine.synchronize();
+    t2 = performance.now();
+  } finally {
+    be.ops = orig;
+  }
+  console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(t1 - t0)}, synchronized ${us(t2 - t0)}`);
+  for (const e of log) console.log(`    ${e.op.padEnd(24)} ${us(e.call - t0)} ${us(e.ret - t0)} ${us(e.settle - t0)}`);
+}
+
+/** A device tensor of random bf16 values (a 16 MiB random block tiled). */
+async function randomDevice(shape) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  const block = await engine.upload(randomBf16(rng, [Math.min(n, 8 * MiB)]));
+  const buf = be.alloc(n * 2);
+  await be.fillDevice(buf, block.data);
+  block.data.free();
+  return { dtype: 'bf16', shape, data: buf };
+}
+/** A device v4 cache of `pages` pages of 64 tokens: one quantized random page tiled. */
+async function deviceCache(pages) {
+  const unit = createKvCache('v4', { pageSize: 64, numPages: 1 });
+  await engine.quantizeKCache({ cache: unit, tokenIds: Array.from({ length: 64 }, (_, i) => i), rows: randomBf16(rng, [64, 512]) });
+  const block = await engine.uploadKvCache(unit);
+  const buf = be.alloc(unit.data.byteLength * pages);
+  await be.fillDevice(buf, block.data);
+  block.data.free();
+  return { format: 'v4', pageSize: 64, numPages: pages, data: buf };
+}
+
+for (const N of SIZES) {
+  const t = performance.now();
+  const nComp = N / 4;
+  const plan = createPlan({
+    requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
+    c4PageSize: 64,
+  });
+  const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
+  const q = await randomDevice([N, HQ, 512]);
+  const sinkValues = Float32Array.from({ length: HQ }, () => rng.normal());
+  const hostSink = tensor('float32', [HQ], sinkValues);
+  const deviceSink = await engine.upload(hostSink);
+  const topkIdx = new Int32Array(N * TOPK).fill(-1);
+  for (let i = 0; i < N; i++) {
+    const visible = Math.floor((i + 1) / 4);
+    for (let k = 0; k < Math.min(TOPK, visible); k++) topkIdx[i * TOPK + k] = rng.int(0, visible);
+  }
+  const topk = await engine.upload(tensor('int32', [N, TOPK], topkIdx));
+  const layerWith = (attnSink) => async () => {
+    const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, ...(attnSink ? { attnSink } : {}), smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
+    for (const x of [r.out, r.lse, r.maxLogits]) x.data.free();
+  };
+  console.log(`\nN = ${N} queries, hQ ${HQ}, top-k ${TOPK} (setup ${ms(performance.now() - t)} ms)`);
+  await variant('first layer', async () => {
+    const t0 = performance.now();
+    await layerWith(hostSink)();
+    await engine.synchronize();
+    console.log(`  first layer (builds the plan's device ids and workspace): ${ms(performance.now() - t0)} ms`);
+  });
+
+  for (const [name, sink] of [['host sink (the bench)', hostSink], ['device sink', deviceSink], ['no sink', undefined]]) {
+    await variant(name, async () => {
+      const fn = layerWith(sink);
+      const sum = await kernels(name, fn);
+      await wall(name, fn, sum);
+      await queued(name, fn);
+      await trace(name, fn);
+    });
+  }
+
+  // the layer's pieces alone, from the plan's device resources (built by the first layer)
+  await variant('pieces', async () => {
+    const steps = engine.layerSteps();
+    const res = plan.resources(steps);
+    const layout = plan.layout(4);
+    const compIds = await res.compressedIds(steps, 4), swaIds = await res.swaIds(steps);
+    const ws = res.takeWorkspace(steps);
+    const { width } = plan.checkTopk(topk, true);
+    const rowsJob = { seqLens: Int32Array.of(N), extendLens: Int32Array.of(N), window: plan.window, ratio: 4, topkIndices: topk.data, topk: TOPK, width };
+    const rows = await be.planRows(rowsJob, 'device', 'device');
+    try {
+      const idle = [];
+      for (let i = 0; i < 20; i++) {
+        const t0 = performance.now();
+        await engine.synchronize();
+        idle.push(performance.now() - t0);
+      }
+      console.log(`  synchronize of an idle stream: ${ms(med(idle))} ms`);
+      await variant('alloc', async () => {
+        const a = [];
+        for (let i = 0; i < 20; i++) {
+          const t0 = performance.now();
+          const bufs = [be.alloc(N * HQ * 512 * 2), be.alloc(N * HQ * 4), be.alloc(N * HQ * 4), be.alloc(N * width * 4), be.alloc(N * 4), be.alloc(N * 4)];
+          a.push(performance.now() - t0);
+          for (const b of bufs) b.free();
+        }
+        console.log(`  allocating a layer's outputs and rows (6 buffers, ${ms((N * HQ * 1032 + N * width * 4) / MiB)} MiB): ${ms(med(a))} ms host`);
+      });
+      const planRows = async () => {
+        const r = await be.planRows(rowsJob, 'device', 'device');
+        for (const b of [r.rows, r.lens, r.dropped]) b.free();
+      };
+      const dequants = async () => {
+        await be.dequantizeKCacheIdsInto(c4, compIds, layout.compressedRows, ws, 0);
+        await be.dequantizeKCacheIdsInto(swa, swaIds, layout.swaRows, ws, layout.compressedRows);
+      };
+      const prefill = (attnSink) => async () => {
+        const r = await be.sparsePrefill({ q: q.data, kv: ws, indices: rows.rows, topkLength: rows.lens, attnSink, sQ: N, hQ: HQ, dQK: 512, dV: 512, sKV: ws.byteLength / 1024, topk: width, smScale: 1 / Math.sqrt(512) }, 'device');
+        for (const b of [r.out, r.lse, r.maxLogits]) b.free();
+      };
+      const readDropped = () => be.download(rows.dropped, new Int32Array(N));
+      for (const [name, fn] of [
+        ['planRows (c4 combine)', planRows],
+        ['dropped-count read (download)', readDropped],
+        ['both dequants', dequants],
+        ['prefill, host sink', prefill(sinkValues)],
+        ['prefill, device sink', prefill(deviceSink.data)],
+        ['prefill, no sink', prefill(null)],
+      ]) {
+        await variant(name, async () => {
+          const sum = await kernels(name, fn);
+          await wall(name, fn, sum);
+          await queued(name, fn);
+        });
+      }
+    } finally {
+      for (const b of [rows.rows, rows.lens, rows.dropped]) b.free();
+      res.giveBackWorkspace(ws);
+    }
+  });
+  for (const x of [q, topk, deviceSink, swa, c4]) x.data.free();
+}
+flushA.free();
+flushB.free();
+await engine.dispose();

@@ -4,8 +4,7 @@
  * never does the math.
  */
 import { SparseMlaError, fail } from './errors.js';
-import { deviceTensor, placedTensor as placed, tensor } from './tensor.js';
-import { BYTES_PER_ELEMENT, isDeviceBuffer } from './device.js';
+import { BYTES_PER_ELEMENT, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
 import type {
   BackendName,
   DType,

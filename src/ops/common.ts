@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, isDeviceBuffer } from '../device.js';
+import { BYTES_PER_ELEMENT, isDeviceBuffer } from '../tensor.js';
 import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */

@@ -1,10 +1,10 @@
 /**
  * kv_cache op: validation and normalization of quantizeKCache / dequantizeKCachePaged (SPEC §3,
- * §9) and cache geometry. Every backend receives the validated jobs below; the byte layout is
+ * §9), cache geometry and allocating caches in the layouts of SPEC §3. Every backend receives the validated jobs below; the byte layout is
  * ../kv_cache_layout.ts's.
  */
 import { fail } from '../errors.js';
-import { isDeviceBuffer } from '../device.js';
+import { isDeviceBuffer } from '../tensor.js';
 import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
 import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
 import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, ownView, shapeStr } from './common.js';
@@ -156,4 +156,19 @@ export function prepareDequantizeKCache(args: OnDevice<DequantizeKCacheArgs>): D
   const cache = checkCache(args.cache, 'cache', undefined, true);
   const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
   return { cache, tokenIds, n: tokenIds.length, rowDim: rowDimOf(cache.format) };
+}
+
+/**
+ * Bytes of a cache: v4 `numPages · roundUp(pageSize · 584, 576)`, v32 `numTokens · 656`.
+ * Geometry: {pageSize, numPages}, or {numTokens} (v32; v4 rounds up to whole pages of
+ * `pageSize`, default 64).
+ */
+export function kvCacheBytes(format: CacheFormat, geometry: KvCacheGeometry): number {
+  return resolveCacheShape(format, geometry).bytes;
+}
+
+/** A zero-filled cache of the given format and geometry. */
+export function createKvCache(format: CacheFormat, geometry: KvCacheGeometry): KvCache {
+  const s = resolveCacheShape(format, geometry);
+  return { format: s.format, pageSize: s.pageSize, numPages: s.numPages, data: new Uint8Array(s.bytes) };
 }

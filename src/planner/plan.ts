@@ -7,8 +7,7 @@
  */
 import { SparseMlaError, fail } from '../errors.js';
 import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '../ops/common.js';
-import { tensor } from '../tensor.js';
-import { isDeviceBuffer, releaseDevice } from '../device.js';
+import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, LayerSteps } from '../backends/backend.js';

@@ -20,8 +20,7 @@
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
-import { placedTensor, tensor } from '../tensor.js';
-import { isDeviceBuffer, releaseDevice } from '../device.js';
+import { isDeviceBuffer, placedTensor, releaseDevice, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps } from '../backends/backend.js';

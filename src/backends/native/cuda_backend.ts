@@ -14,7 +14,7 @@
  */
 import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
-import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../device.js';
+import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
 import type { DeviceBuffer, Placement } from '../../types.js';
 import type {
   Backend,

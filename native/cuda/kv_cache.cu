@@ -23,18 +23,18 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache(const smla_dequantize_kv_cache_
   int dev = 0, sms = 0;
   cudaGetDevice(&dev);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  const int tokens_per_warp = format == SMLA_CACHE_V4 ? kDequantTokensV4 : kDequantTokensV32;
+  const int tokens_per_warp = format == SMLA_CACHE_V4 ? V4Format::kTokens : V32Format::kTokens;
   const int64_t warps_needed = (num_tokens + tokens_per_warp - 1) / tokens_per_warp;
   int64_t blocks = (warps_needed + 7) / 8;
-  const int64_t cap = int64_t(sms) * 128;  // blocks queued per SM (more than resident); the kernels grid-stride
+  const int64_t cap = int64_t(sms) * 128;  // blocks queued per SM (more than resident); the kernel grid-strides
   if (blocks > cap) blocks = cap;
   if (format == SMLA_CACHE_V4) {
-    dequant_v4_kernel<<<unsigned(blocks), 256, 0, stream>>>(V4Cache::make(cache, page_size, num_pages), token_ids,
-                                                            num_tokens, out, bad_id);
+    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(V4Format{V4Cache::make(cache, page_size, num_pages)}, token_ids,
+                                                                num_tokens, out, bad_id);
   } else if (format == SMLA_CACHE_V32) {
     if (page_size != 1) return SMLA_ERR_INVALID_ARGUMENT;
-    dequant_v32_kernel<<<unsigned(blocks), 256, 0, stream>>>(cache, int64_t(num_pages), token_ids, num_tokens, out,
-                                                             bad_id);
+    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(V32Format{cache, int64_t(num_pages)}, token_ids, num_tokens, out,
+                                                                bad_id);
   } else {
     return SMLA_ERR_INVALID_ARGUMENT;
   }

@@ -64,25 +64,22 @@ __device__ __forceinline__ uint4 dequant8(uint32_t w0, uint32_t w1, float scale)
                     dequant_pair(w1 & 0xffffu, scale), dequant_pair(w1 >> 16, scale));
 }
 
-// Gather kernels: a warp takes kTokens consecutive output rows per iteration (the ids of the next
-// iteration are loaded a step ahead, so an id load and its record load never form one chain),
-// all records' loads in flight before the first convert. Lane l produces the row's 16-byte
-// output pieces l and l + 32 (and v32's rope piece 64 + l), so every store of the warp writes
-// 512 contiguous bytes and every load reads contiguous bytes.
-constexpr int kDequantTokensV4 = 4;
-constexpr int kDequantTokensV32 = 4;
-
+// The gather kernel: a warp takes kTokens consecutive output rows per iteration (the ids of the
+// next iteration are loaded a step ahead, so an id load and its record load never form one chain),
+// all records' loads in flight before the first convert. Lane l produces the row's 16-byte output
+// pieces l and l + 32 (and v32's rope piece 64 + l), so every store of the warp writes 512
+// contiguous bytes and every load reads contiguous bytes. A Format reads one token's record
+// (`load`: this lane's words, zeros for an id outside the cache) and writes its row (`store`).
 template <int kTokens>
 __device__ __forceinline__ void load_ids(const int64_t* __restrict__ ids, int64_t i0, int64_t n, int64_t (&t)[kTokens]) {
 #pragma unroll
   for (int u = 0; u < kTokens; ++u) t[u] = i0 + u < n ? __ldg(ids + i0 + u) : -1;
 }
 
-// v4: piece l is nope dims [8l, 8l+8) (tile l/8); piece 32 + l is nope dims [256 + 8l, +8)
-// (tile 4 + l/8) for l < 24 and rope dims [448 + 8(l-24), +8) after.
-static __global__ void __launch_bounds__(256) dequant_v4_kernel(V4Cache c, const int64_t* __restrict__ ids, int64_t n,
-                                                                 uint16_t* __restrict__ out, int32_t* bad_id) {
-  constexpr int K = kDequantTokensV4;
+template <class Format>
+static __global__ void __launch_bounds__(256) dequant_gather_kernel(const Format f, const int64_t* __restrict__ ids, int64_t n,
+                                                                    uint16_t* __restrict__ out, int32_t* bad_id) {
+  constexpr int K = Format::kTokens;
   const int lane = threadIdx.x & 31;
   const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 5) * K;
   int64_t i0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
@@ -91,92 +88,91 @@ static __global__ void __launch_bounds__(256) dequant_v4_kernel(V4Cache c, const
   for (; i0 < n; i0 += stride) {
     int64_t next[K];
     load_ids<K>(ids, i0 + stride, n, next);
-    uint2 lo[K], scales[K];
-    uint4 hi[K];
+    typename Format::Record rec[K];
 #pragma unroll
     for (int u = 0; u < K; ++u) {
-      lo[u] = make_uint2(0, 0);
-      hi[u] = make_uint4(0, 0, 0, 0);
-      scales[u] = make_uint2(0, 0);  // scale bytes 0: an invalid id gives +0 rows
-      if (c.contains(t[u])) {
-        int64_t slot;
-        const uint8_t* page = c.page_of(t[u], slot);
-        const uint8_t* data = page + slot * v4::kDataBytes;
-        scales[u] = __ldg(reinterpret_cast<const uint2*>(page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes));
-        lo[u] = __ldg(reinterpret_cast<const uint2*>(data + 8 * lane));
-        if (lane < 24) {
-          const uint2 h = __ldg(reinterpret_cast<const uint2*>(data + 256 + 8 * lane));
-          hi[u] = make_uint4(h.x, h.y, 0, 0);
-        } else {
-          hi[u] = __ldg(reinterpret_cast<const uint4*>(data + v4::kNopeDim) + (lane - 24));
-        }
-      } else if (lane == 0 && bad_id && i0 + u < n) {
-        *bad_id = 1;
+      if (f.contains(t[u])) {
+        rec[u] = f.load(t[u], lane);
+      } else {
+        rec[u] = typename Format::Record{};
+        if (lane == 0 && bad_id && i0 + u < n) *bad_id = 1;
       }
     }
 #pragma unroll
     for (int u = 0; u < K; ++u) {
       const int64_t i = i0 + u;
       if (i >= n) break;
-      auto scale_of = [&](int tile) {
-        const uint32_t w = tile < 4 ? scales[u].x : scales[u].y;
-        return ue8m0_to_float(uint8_t(w >> (8 * (tile & 3))));
-      };
-      const bool valid = c.contains(t[u]);
-      uint4* row = reinterpret_cast<uint4*>(out + i * v4::kDim);
-      row[lane] = (valid ? dequant8(lo[u].x, lo[u].y, scale_of(lane >> 3)) : make_uint4(0, 0, 0, 0));
-      row[32 + lane] = (lane < 24 ? (valid ? dequant8(hi[u].x, hi[u].y, scale_of(4 + (lane >> 3))) : make_uint4(0, 0, 0, 0))
-                                 : hi[u]);
+      f.store(reinterpret_cast<uint4*>(out + i * Format::kDim), rec[u], f.contains(t[u]), lane);
     }
 #pragma unroll
     for (int u = 0; u < K; ++u) t[u] = next[u];
   }
 }
 
+// v4: piece l is nope dims [8l, 8l+8) (tile l/8); piece 32 + l is nope dims [256 + 8l, +8)
+// (tile 4 + l/8) for l < 24 and rope dims [448 + 8(l-24), +8) after.
+struct V4Format {
+  static constexpr int kTokens = 4;
+  static constexpr int kDim = v4::kDim;
+  struct Record {
+    uint2 lo, scales;  // scale bytes of tiles 0-3 and 4-7
+    uint4 hi;          // nope bytes (lanes < 24) or rope bf16 (lanes >= 24)
+  };
+  V4Cache c;
+  __device__ __forceinline__ bool contains(int64_t id) const { return c.contains(id); }
+  __device__ __forceinline__ Record load(int64_t id, int lane) const {
+    int64_t slot;
+    const uint8_t* page = c.page_of(id, slot);
+    const uint8_t* data = page + slot * v4::kDataBytes;
+    Record r;
+    r.scales = __ldg(reinterpret_cast<const uint2*>(page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes));
+    r.lo = __ldg(reinterpret_cast<const uint2*>(data + 8 * lane));
+    if (lane < 24) {
+      const uint2 h = __ldg(reinterpret_cast<const uint2*>(data + 256 + 8 * lane));
+      r.hi = make_uint4(h.x, h.y, 0, 0);
+    } else {
+      r.hi = __ldg(reinterpret_cast<const uint4*>(data + v4::kNopeDim) + (lane - 24));
+    }
+    return r;
+  }
+  // An id outside the cache gives +0 rows (its zero record's rope is +0 too).
+  __device__ __forceinline__ void store(uint4* row, const Record& r, bool valid, int lane) const {
+    auto scale_of = [&](int tile) {
+      const uint32_t w = tile < 4 ? r.scales.x : r.scales.y;
+      return ue8m0_to_float(uint8_t(w >> (8 * (tile & 3))));
+    };
+    row[lane] = valid ? dequant8(r.lo.x, r.lo.y, scale_of(lane >> 3)) : make_uint4(0, 0, 0, 0);
+    row[32 + lane] = lane < 24 ? (valid ? dequant8(r.hi.x, r.hi.y, scale_of(4 + (lane >> 3))) : make_uint4(0, 0, 0, 0)) : r.hi;
+  }
+};
+
 // v32: pieces l and 32 + l are nope dims [8l, +8) and [256 + 8l, +8) (tiles l/16 and 2 + l/16);
 // lanes 0..7 also copy rope piece 64 + l.
-static __global__ void __launch_bounds__(256) dequant_v32_kernel(const uint8_t* __restrict__ cache, int64_t num_tokens,
-                                                                  const int64_t* __restrict__ ids, int64_t n,
-                                                                  uint16_t* __restrict__ out, int32_t* bad_id) {
-  constexpr int K = kDequantTokensV32;
-  const int lane = threadIdx.x & 31;
-  const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 5) * K;
-  int64_t i0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
-  int64_t t[K];
-  load_ids<K>(ids, i0, n, t);
-  for (; i0 < n; i0 += stride) {
-    int64_t next[K];
-    load_ids<K>(ids, i0 + stride, n, next);
-    uint2 lo[K], hi[K];
-    uint4 rope[K];
-    float4 scales[K];
-#pragma unroll
-    for (int u = 0; u < K; ++u) {
-      lo[u] = hi[u] = make_uint2(0, 0);
-      rope[u] = make_uint4(0, 0, 0, 0);
-      scales[u] = make_float4(0.f, 0.f, 0.f, 0.f);  // an invalid id gives +0 rows
-      if (t[u] >= 0 && t[u] < num_tokens) {
-        const uint8_t* tok = cache + v32::token_offset(t[u]);
-        scales[u] = __ldg(reinterpret_cast<const float4*>(tok + v32::kScalesAt));
-        lo[u] = __ldg(reinterpret_cast<const uint2*>(tok + 8 * lane));
-        hi[u] = __ldg(reinterpret_cast<const uint2*>(tok + 256 + 8 * lane));
-        if (lane < 8) rope[u] = __ldg(reinterpret_cast<const uint4*>(tok + v32::kRopeAt) + lane);
-      } else if (lane == 0 && bad_id && i0 + u < n) {
-        *bad_id = 1;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < K; ++u) {
-      const int64_t i = i0 + u;
-      if (i >= n) break;
-      uint4* row = reinterpret_cast<uint4*>(out + i * v32::kDim);
-      row[lane] = (dequant8(lo[u].x, lo[u].y, lane < 16 ? scales[u].x : scales[u].y));
-      row[32 + lane] = (dequant8(hi[u].x, hi[u].y, lane < 16 ? scales[u].z : scales[u].w));
-      if (lane < 8) row[64 + lane] = (rope[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < K; ++u) t[u] = next[u];
+struct V32Format {
+  static constexpr int kTokens = 4;
+  static constexpr int kDim = v32::kDim;
+  struct Record {
+    uint2 lo, hi;
+    uint4 rope;
+    float4 scales;  // zero for an id outside the cache: +0 rows
+  };
+  const uint8_t* cache;
+  int64_t num_tokens;
+  __device__ __forceinline__ bool contains(int64_t id) const { return id >= 0 && id < num_tokens; }
+  __device__ __forceinline__ Record load(int64_t id, int lane) const {
+    const uint8_t* tok = cache + v32::token_offset(id);
+    Record r;
+    r.scales = __ldg(reinterpret_cast<const float4*>(tok + v32::kScalesAt));
+    r.lo = __ldg(reinterpret_cast<const uint2*>(tok + 8 * lane));
+    r.hi = __ldg(reinterpret_cast<const uint2*>(tok + 256 + 8 * lane));
+    r.rope = lane < 8 ? __ldg(reinterpret_cast<const uint4*>(tok + v32::kRopeAt) + lane) : make_uint4(0, 0, 0, 0);
+    return r;
   }
-}
+  __device__ __forceinline__ void store(uint4* row, const Record& r, bool, int lane) const {
+    row[lane] = dequant8(r.lo.x, r.lo.y, lane < 16 ? r.scales.x : r.scales.y);
+    row[32 + lane] = dequant8(r.hi.x, r.hi.y, lane < 16 ? r.scales.z : r.scales.w);
+    if (lane < 8) row[64 + lane] = r.rope;
+  }
+};
 
 }  // namespace smla::cuda

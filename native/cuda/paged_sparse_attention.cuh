@@ -111,11 +111,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 
   setmaxnreg_inc<Source::kConsumerRegs>();
-  const int ctid = tid & 127;
-  const int lane = tid & 31;
-  const int quad = lane & 3;
-  const int row_a = (ctid >> 5) * 16 + (lane >> 2);  // this thread's two rows (heads) of the tile
-  const int row_b = row_a + 8;
+  const detail::MathThread mt = detail::math_thread(tid);
+  const int ctid = mt.ctid, lane = mt.lane, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
   const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
 
   float o[128];
@@ -164,23 +161,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 
     // Mask and scale; block row max.
     const uint8_t* valid = sValid + st * kPagedRowsPerStage + wg * 32;
-    float bm_a = -INFINITY, bm_b = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const bool ok = valid[8 * j + 2 * quad + e] != 0;
-        seen_valid |= ok;
-        s[4 * j + e] = ok ? s[4 * j + e] * c2 : -INFINITY;
-        s[4 * j + 2 + e] = ok ? s[4 * j + 2 + e] * c2 : -INFINITY;
-        bm_a = max_nan(bm_a, s[4 * j + e]);
-        bm_b = max_nan(bm_b, s[4 * j + 2 + e]);
-      }
-    }
-    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 1));
-    bm_a = max_nan(bm_a, __shfl_xor_sync(0xffffffffu, bm_a, 2));
-    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 1));
-    bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 2));
+    float bm_a, bm_b;
+    seen_valid |= detail::mask_and_max(s, valid, quad, c2, bm_a, bm_b);
     if (quad == 0) {
       sMax[wg * 64 + row_a] = bm_a;
       sMax[wg * 64 + row_b] = bm_b;
@@ -208,15 +190,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     l_a = l_a * alpha_a + sum_a;
     l_b = l_b * alpha_b + sum_b;
-    if (__any_sync(0xffffffffu, !(alpha_a == 1.0f && alpha_b == 1.0f))) {  // max unchanged: skip
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        o[4 * j] *= alpha_a;
-        o[4 * j + 1] *= alpha_a;
-        o[4 * j + 2] *= alpha_b;
-        o[4 * j + 3] *= alpha_b;
-      }
-    }
+    detail::scale_rows(o, alpha_a, alpha_b);
     fence_proxy_async();
     named_barrier_sync(2, 256);
 
@@ -243,10 +217,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 
   // Row sums: this thread's columns -> quad -> both warpgroups.
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-  l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-  l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+  l_a = detail::quad_sum(l_a);
+  l_b = detail::quad_sum(l_b);
   if (quad == 0) {
     sL[wg * 64 + row_a] = l_a;
     sL[wg * 64 + row_b] = l_b;
@@ -261,26 +233,14 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   const bool any_valid = (sAny[0] | sAny[1]) != 0;
   // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
   // every wgmma finished before the barrier above), then 16-byte coalesced stores.
-  const float ln2 = 0.6931471805599453f;
   constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged row, padded against bank conflicts
   static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
   float scale[2];
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     const int row = half ? row_b : row_a;
-    const int h = h0 + row;
-    const float m2 = half ? m_b : m_a;
-    SoftmaxRow r;
-    r.m = m2 * ln2;
-    r.l = sL[row] + sL[64 + row];
-    const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
-    const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
-    scale[half] = fin.out_scale;
-    if (wg == 0 && quad == 0 && h < p.h_q) {
-      const int64_t orow = qi * p.h_q + h;
-      if (p.lse) p.lse[orow] = fin.lse;
-      if (p.max_logits) p.max_logits[orow] = fin.max_logit;
-    }
+    scale[half] =
+        detail::finalize_row(p, qi, h0 + row, half ? m_b : m_a, sL[row] + sL[64 + row], any_valid, wg == 0 && quad == 0);
   }
 #pragma unroll
   for (int half = 0; half < 2; ++half) {

@@ -175,28 +175,70 @@ __device__ __forceinline__ void p_to_smem(const uint32_t (&pa)[16], uint8_t* til
   }
 }
 
-__device__ __forceinline__ void scale_rows(float (&o)[128], float fa, float fb) {
-  if (__any_sync(0xffffffffu, !(fa == 1.0f && fb == 1.0f))) {
+// Scales an accumulator's row a values by fa and row b values by fb (C layout: x[4j], x[4j + 1] in
+// row a, x[4j + 2], x[4j + 3] in row b).
+template <int N>
+__device__ __forceinline__ void scale_pairs(float (&x)[N], float fa, float fb) {
 #pragma unroll
-    for (int j = 0; j < 32; ++j) {
-      o[4 * j] *= fa;
-      o[4 * j + 1] *= fa;
-      o[4 * j + 2] *= fb;
-      o[4 * j + 3] *= fb;
-    }
+  for (int j = 0; j < N / 4; ++j) {
+    x[4 * j] *= fa;
+    x[4 * j + 1] *= fa;
+    x[4 * j + 2] *= fb;
+    x[4 * j + 3] *= fb;
   }
 }
 
-// Masks S with the block's validity flags and scales it to log2 units; returns the row maxima
+// O moved to a new running max; skipped when no row max of the warp moved.
+__device__ __forceinline__ void scale_rows(float (&o)[128], float fa, float fb) {
+  if (__any_sync(0xffffffffu, !(fa == 1.0f && fb == 1.0f))) scale_pairs(o, fa, fb);
+}
+
+// A math thread's place in its warpgroup's m64 tiles: its lane, its quad position and its two
+// rows (heads) of the tile.
+struct MathThread {
+  int ctid, lane, quad, row_a, row_b;
+};
+__device__ __forceinline__ MathThread math_thread(int tid) {
+  const int ctid = tid & 127, lane = tid & 31;
+  const int row_a = (ctid >> 5) * 16 + (lane >> 2);
+  return MathThread{ctid, lane, lane & 3, row_a, row_a + 8};
+}
+
+// A value summed over the four threads of a quad (the columns of one row).
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// The end of one row (head h of query qi): the softmax with the sink; lse and max_logits written
+// by `writer` (one thread per row); returns the factor that normalizes the row of O.
+__device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, int h, float m_log2, float l,
+                                              bool any_valid, bool writer) {
+  SoftmaxRow r;
+  r.m = m_log2 * 0.6931471805599453f;
+  r.l = l;
+  const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
+  const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
+  if (writer && h < p.h_q) {
+    const int64_t orow = qi * p.h_q + h;
+    if (p.lse) p.lse[orow] = fin.lse;
+    if (p.max_logits) p.max_logits[orow] = fin.max_logit;
+  }
+  return fin.out_scale;
+}
+
+// Masks S (an m64nN accumulator: s[4j + e] is row a, column 8j + 2*quad + e; s[4j + 2 + e] row
+// a + 8) with the block's validity flags and scales it to log2 units; returns the row maxima
 // (NaN-propagating: a NaN logit poisons its row, as in the CPU core) and whether any column of
 // this thread was valid.
-__device__ __forceinline__ bool mask_and_max(float (&s)[32], const uint8_t* valid, int quad, float c2, float& bm_a,
+template <int N>
+__device__ __forceinline__ bool mask_and_max(float (&s)[N], const uint8_t* valid, int quad, float c2, float& bm_a,
                                              float& bm_b) {
   bm_a = -INFINITY;
   bm_b = -INFINITY;
   uint32_t seen = 0;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
+  for (int j = 0; j < N / 4; ++j) {
     const uint32_t v2 = *reinterpret_cast<const uint16_t*>(valid + 8 * j + 2 * quad);
     seen |= v2;
 #pragma unroll
@@ -237,6 +279,35 @@ __device__ __forceinline__ void exponentiate(float (&s)[32], float base_a, float
       sum_b += s[4 * j + 2 + e];
     }
   }
+}
+
+// Hands this warpgroup's new running max to the other one (the barrier's arrival releases sMax).
+__device__ __forceinline__ void publish_max(float* sMax, int row_a, int row_b, int quad, float nm_a, float nm_b,
+                                            uint64_t* ready) {
+  if (quad == 0) {
+    sMax[row_a] = nm_a;
+    sMax[row_b] = nm_b;
+  }
+  mbar_arrive(ready);
+}
+
+// Moves the row sums and O to the new max (nm), turns S into P = exp2(S - max) in place, and
+// issues O += P · V_half with P from registers (committed, not waited for).
+__device__ __forceinline__ void softmax_and_pv_local(float (&s)[32], float (&o)[128], uint32_t (&pa)[16],
+                                                     float& m_a, float& m_b, float& l_a, float& l_b, float nm_a,
+                                                     float nm_b, uint64_t dv) {
+  const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
+  float sum_a, sum_b;
+  exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
+  l_a = l_a * alpha_a + sum_a;
+  l_b = l_b * alpha_b + sum_b;
+  scale_rows(o, alpha_a, alpha_b);
+  m_a = nm_a;
+  m_b = nm_b;
+  p_to_regs(s, pa);
+  wgmma_fence();
+  pv_local(o, pa, dv);
+  wgmma_commit();
 }
 
 enum NamedBarrier : uint32_t {
@@ -395,11 +466,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 
   setmaxnreg_inc<Source::kConsumerRegs>();
-  const int ctid = tid & 127;
-  const int lane = tid & 31;
-  const int quad = lane & 3;
-  const int row_a = (ctid >> 5) * 16 + (lane >> 2);  // this thread's two rows (heads) of the tile
-  const int row_b = row_a + 8;
+  const MathThread mt = math_thread(tid);
+  const int lane = mt.lane, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
   const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
   const uint64_t dq = kmajor_desc(smem_u32(sQ));
   const uint64_t dk0 = kmajor_desc(smem_u32(sK[0])), dk1 = kmajor_desc(smem_u32(sK[1]));
@@ -445,37 +513,16 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         float bm_a, bm_b;
         seen |= mask_and_max(s, sValid, quad, c2, bm_a, bm_b);
         const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
-        if (quad == 0) {
-          sMax[row_a] = nm_a;
-          sMax[row_b] = nm_b;
-        }
-        mbar_arrive(max0_ready);
-        const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
-        float sum_a, sum_b;
-        exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
-        l_a = l_a * alpha_a + sum_a;
-        l_b = l_b * alpha_b + sum_b;
-        scale_rows(o, alpha_a, alpha_b);
-        m_a = nm_a;
-        m_b = nm_b;
+        publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max0_ready);
         // O[:, 0:256] += P0 · V0.left; then K0.left is free.
-        p_to_regs(s, pa);
-        wgmma_fence();
-        pv_local(o, pa, dv0l);
-        wgmma_commit();
+        softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv0l);
         wgmma_wait<0>();
         mbar_arrive(&empty[0]);
         // WG1's max over block 2i+1: move P0, O and l to it, hand P0 over.
         mbar_wait(max1_ready, (pairs_done + i) & 1);
         const float m1_a = sMax[row_a], m1_b = sMax[row_b];
         const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          s[4 * j] *= f_a;
-          s[4 * j + 1] *= f_a;
-          s[4 * j + 2] *= f_b;
-          s[4 * j + 3] *= f_b;
-        }
+        scale_pairs(s, f_a, f_b);
         p_to_regs(s, pa);
         p_to_smem(pa, sP0, row_a, quad);
         fence_proxy_async();
@@ -528,24 +575,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         const float nm_a = max_nan(m_a, max_nan(sMax[row_a], bm_a));
         const float nm_b = max_nan(m_b, max_nan(sMax[row_b], bm_b));
         __syncwarp();
-        if (quad == 0) {
-          sMax[row_a] = nm_a;
-          sMax[row_b] = nm_b;
-        }
-        mbar_arrive(max1_ready);
-        const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
-        float sum_a, sum_b;
-        exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
-        l_a = l_a * alpha_a + sum_a;
-        l_b = l_b * alpha_b + sum_b;
-        scale_rows(o, alpha_a, alpha_b);
-        m_a = nm_a;
-        m_b = nm_b;
+        publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max1_ready);
         // O[:, 256:512] += P1 · V1.right; hand P1 to WG0.
-        p_to_regs(s, pa);
-        wgmma_fence();
-        pv_local(o, pa, dv1r);
-        wgmma_commit();
+        softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv1r);
         p_to_smem(pa, sP1, row_a, quad);
         fence_proxy_async();
         named_barrier_arrive(kP1Ready, 256);
@@ -565,10 +597,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // Epilogue. Row sums: this thread's columns -> quad -> both warpgroups; whether the query had
     // any valid entry (the same for every head; logits that are all −inf still count: lse = −inf
     // then, not the +inf of an empty row, as in the core).
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 1);
-    l_a += __shfl_xor_sync(0xffffffffu, l_a, 2);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 1);
-    l_b += __shfl_xor_sync(0xffffffffu, l_b, 2);
+    l_a = quad_sum(l_a);
+    l_b = quad_sum(l_b);
     const bool warp_seen = __any_sync(0xffffffffu, seen);
     if (quad == 0) {
       sLt[wg * 64 + row_a] = l_a;
@@ -579,23 +609,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     bool any_valid = false;
 #pragma unroll
     for (int w = 0; w < 8; ++w) any_valid |= sSeenT[w] != 0;
-    const float ln2 = 0.6931471805599453f;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = half ? row_b : row_a;
       const int h = tile.h0 + row;
-      SoftmaxRow r;
-      r.m = (half ? m_b : m_a) * ln2;
-      r.l = sLt[row] + sLt[64 + row];
-      const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
-      const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
-      if (h < p.h_q) {
-        const int64_t orow = tile.qi * p.h_q + h;
-        if (wg == 0 && quad == 0) {
-          if (p.lse) p.lse[orow] = fin.lse;
-          if (p.max_logits) p.max_logits[orow] = fin.max_logit;
-        }
-      }
+      const float out_scale =
+          finalize_row(p, tile.qi, h, half ? m_b : m_a, sLt[row] + sLt[64 + row], any_valid, wg == 0 && quad == 0);
       // Normalized O, straight from registers (shared memory already holds the next tile): a
       // quad's words of 4 column groups are transposed so each lane stores one group's 16 bytes.
       uint4* dst = reinterpret_cast<uint4*>(p.out + (tile.qi * p.h_q + h) * kDv + wg * 256) + quad;
@@ -605,7 +624,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 #pragma unroll
         for (int k = 0; k < 4; ++k) {
           const int j = 4 * jj + k;
-          w[k] = pack_bf16(o[4 * j + 2 * half] * fin.out_scale, o[4 * j + 2 * half + 1] * fin.out_scale);
+          w[k] = pack_bf16(o[4 * j + 2 * half] * out_scale, o[4 * j + 2 * half + 1] * out_scale);
         }
         quad_transpose(w, quad);
         if (h < p.h_q) __stcs(dst + 4 * jj, make_uint4(w[0], w[1], w[2], w[3]));

@@ -10,7 +10,7 @@
 //   trace    one run's native calls: when JS made each (µs from the call), when it returned, when
 //            its promise settled;
 // for the layer as the bench runs it (host sink), with a device sink and without a sink, and for
-// its pieces alone (the planner rows, the dropped-count read, the two dequants, the prefill, a
+// its pieces alone (the planner rows, the dropped-total read, the two dequants, the prefill, a
 // synchronize of an idle stream, allocating the outputs). A variant that throws prints its error
 // and the probe goes on.
 //   node bench/layer_probe.mjs            (PROBE_N=4096,16384 to choose the sizes)
@@ -211,7 +211,8 @@ for (const N of SIZES) {
     const ws = res.takeWorkspace(steps);
     const { width } = plan.checkTopk(topk, true);
     const rowsJob = { seqLens: Int32Array.of(N), extendLens: Int32Array.of(N), window: plan.window, ratio: 4, topkIndices: topk.data, topk: TOPK, width };
-    const rows = await be.planRows(rowsJob, 'device', 'device');
+    // as the layer builds them: no per-query counts, their total summed on the device
+    const rows = await be.planRows(rowsJob, 'device', null, 'device');
     try {
       const idle = [];
       for (let i = 0; i < 20; i++) {
@@ -231,8 +232,8 @@ for (const N of SIZES) {
         console.log(`  allocating a layer's outputs and rows (6 buffers, ${ms((N * HQ * 1032 + N * width * 4) / MiB)} MiB): ${ms(med(a))} ms host`);
       });
       const planRows = async () => {
-        const r = await be.planRows(rowsJob, 'device', 'device');
-        for (const b of [r.rows, r.lens, r.dropped]) b.free();
+        const r = await be.planRows(rowsJob, 'device', null, 'device');
+        for (const b of [r.rows, r.lens, r.droppedTotal]) b.free();
       };
       const dequants = async () => {
         await be.dequantizeKCacheIdsInto(c4, compIds, layout.compressedRows, ws, 0);
@@ -242,10 +243,10 @@ for (const N of SIZES) {
         const r = await be.sparsePrefill({ q: q.data, kv: ws, indices: rows.rows, topkLength: rows.lens, attnSink, sQ: N, hQ: HQ, dQK: 512, dV: 512, sKV: ws.byteLength / 1024, topk: width, smScale: 1 / Math.sqrt(512) }, 'device');
         for (const b of [r.out, r.lse, r.maxLogits]) b.free();
       };
-      const readDropped = () => be.download(rows.dropped, new Int32Array(N));
+      const readDropped = () => be.download(rows.droppedTotal, new BigInt64Array(1));
       for (const [name, fn] of [
         ['planRows (c4 combine)', planRows],
-        ['dropped-count read (download)', readDropped],
+        ['dropped-total read (8-byte download)', readDropped],
         ['both dequants', dequants],
         ['prefill, host sink', prefill(sinkValues)],
         ['prefill, device sink', prefill(deviceSink.data)],
@@ -258,7 +259,7 @@ for (const N of SIZES) {
         });
       }
     } finally {
-      for (const b of [rows.rows, rows.lens, rows.dropped]) b.free();
+      for (const b of [rows.rows, rows.lens, rows.droppedTotal]) b.free();
       res.giveBackWorkspace(ws);
     }
   });

@@ -5,7 +5,7 @@
  * the layer flow over its layer steps (prefillLayer with device inputs and outputs on a stand-in
  * device whose ops run the CPU core and the host planner: the same bits as the cpu backend, the
  * chunk-invariant rows and ids built once, no host round trip in a layer but the c4 dropped
- * counts, read while the rest is queued) — so a change to it is caught here, not first on a GPU
+ * total, read while the rest is queued) — so a change to it is caught here, not first on a GPU
  * host.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -234,7 +234,11 @@ describe.skipIf(!nativeAddonBuilt())('the cuda backend calls each kernel op with
     const r4 = await cuda.planRows({ seqLens, extendLens, window: 128, ratio: 4, topkIndices, topk: 16, width: 144 });
     await cuda.planRows({ seqLens, extendLens, window: 128, ratio: 128, topkIndices: null, topk: 0, width: 131 });
     expect(calls[0]!.params).toMatchObject({ numRequests: 3, seqLens, extendLens, window: 128, ratio: 4, topkIndices, topk: 16, width: 144, numQueries: 140 });
-    expect([(r4.rows as Int32Array).length, (r4.lens as Int32Array).length, (r4.dropped as Int32Array).length]).toEqual([140 * 144, 140, 140]);
+    expect([(r4.rows as Int32Array).length, (r4.lens as Int32Array).length, (r4.dropped as Int32Array).length, r4.droppedTotal]).toEqual([140 * 144, 140, 140, null]);
+    const t4 = await cuda.planRows({ seqLens, extendLens, window: 128, ratio: 4, topkIndices, topk: 16, width: 144 }, 'device', null, 'device');
+    expect([t4.dropped, (t4.droppedTotal as CudaDeviceBuffer).byteLength]).toEqual([null, 8]);
+    expect(calls[2]!.params).toMatchObject({ ratio: 4, dropped: null, droppedTotal: (t4.droppedTotal as CudaDeviceBuffer).native });
+    calls.splice(2, 1);
     expect(calls[1]!.params).toMatchObject({ ratio: 128, topkIndices: null, topk: 0, width: 131, numQueries: 140 });
     const pageTables = Int32Array.from([5, 6, 7, 8]);
     const ids = await cuda.planCompressedTokenIds({ seqLens, extendLens, ratio: 4, pageTables, pageTableOffsets: [0, 2, 3, 4], pageSize: 64 });
@@ -277,10 +281,11 @@ function write(dst: unknown, src: ArrayBufferView, byteOffset = 0): void {
   to.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
 }
 
-/** One op call as the stand-in saw it: its name and which of its array operands were host memory. */
+/** One op call as the stand-in saw it: its name, which of its array operands were host memory, the bytes a download read. */
 interface OpCall {
   op: string;
   hostOperands: string[];
+  bytes?: number;
 }
 
 /**
@@ -303,6 +308,7 @@ function standInOps(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitFo
     },
     async download(p: { buffer: StandInBuffer; data: ArrayBufferView }) {
       note('download', p, ['buffer']);
+      calls.at(-1)!.bytes = p.buffer.byteLength;
       if (held.downloadsWaitForPrefill) await prefillSeen;
       write(p.data, new Uint8Array(p.buffer.mem));
     },
@@ -314,15 +320,16 @@ function standInOps(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitFo
       await addon.cpu.dequantizeKvCache(1, { format: p.format, cache: view(p.cache, Uint8Array), pageSize: p.pageSize, numPages: p.numPages, tokenIds: ids, numTokens: p.numTokens, out });
       write(p.out, out, (p.outRowOffset ?? 0) * rowDim * 2);
     },
-    planRows(p: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: unknown; topk: number; width: number; rows: unknown; lens: unknown; dropped: unknown }) {
-      note('planRows', p, ['topkIndices', 'rows', 'lens', 'dropped']);
+    planRows(p: { seqLens: Int32Array; extendLens: Int32Array; window: number; ratio: number; topkIndices: unknown; topk: number; width: number; rows: unknown; lens: unknown; dropped: unknown; droppedTotal: unknown }) {
+      note('planRows', p, ['topkIndices', 'rows', 'lens', 'dropped', 'droppedTotal']);
       const r =
         p.topkIndices === null
-          ? { ...planner.denseRows(p.seqLens, p.extendLens, p.window, p.ratio, p.width), dropped: new Int32Array(p.extendLens.reduce((a, b) => a + b, 0)) }
+          ? { ...planner.denseRows(p.seqLens, p.extendLens, p.window, p.ratio, p.width), dropped: new Int32Array(p.extendLens.reduce((a, b) => a + b, 0)), droppedTotal: 0 }
           : planner.combineTopk(p.seqLens, p.extendLens, p.window, p.ratio, view(p.topkIndices, Int32Array), p.topk, p.width);
       write(p.rows, r.rows);
       write(p.lens, r.lens);
       if (p.dropped !== null) write(p.dropped, r.dropped);
+      if (p.droppedTotal !== null) write(p.droppedTotal, BigInt64Array.of(BigInt(r.droppedTotal)));
       return Promise.resolve();
     },
     planCompressedTokenIds(p: { seqLens: Int32Array; extendLens: Int32Array; ratio: number; pageTables: unknown; pageTableOffsets: BigInt64Array; pageSize: number; total: number; tokenIds: unknown }) {
@@ -388,7 +395,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     await Promise.all([cuda?.dispose(), cpu?.dispose()]);
   });
 
-  test('layers c0, c4, c128, c4 with device q, caches, top-k, sink (c4 and c128) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped counts come back, while the rest is queued', async () => {
+  test('layers c0, c4, c128, c4 with device q, caches, top-k, sink (c4 and c128) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped total (8 bytes) comes back, while the rest is queued', async () => {
     const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
     const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
     const sc = randomScenario(rng, seqLens, extendLens);
@@ -433,7 +440,8 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       }
       // stream order: every array operand on the device but the plan's page tables, staged once
       // per plan and engine by the compressed-id build (the plan's lengths and page offsets are host
-      // arguments too, read by the launcher), and a host sink; the one download the c4 dropped counts
+      // arguments too, read by the launcher), and a host sink; the one download the c4 dropped total
+      // (8 bytes, summed on the device: nothing per query comes back)
       const first = ratios.indexOf(ratio) === layer;
       const ops = layerCalls.map((c) => c.op);
       const build = ratio === 4 ? ['planRows', 'download'] : first ? ['planRows'] : [];
@@ -441,6 +449,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       expect(ops, label).toEqual([...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
       const hostOperands = (op: string): string[] => (op === 'planCompressedTokenIds' ? ['pageTables'] : op === 'sparsePrefill' && !deviceSink ? ['attnSink'] : []);
       for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(hostOperands(c.op));
+      expect(layerCalls.filter((c) => c.op === 'download').map((c) => c.bytes), label).toEqual(ratio === 4 ? [8] : []);
       for (const t of [qd, topkd, sinkd, got.out, got.lse, got.maxLogits]) t?.data.free();
       swad.data.free();
       compd?.data.free();

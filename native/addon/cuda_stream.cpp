@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <climits>
+#include <cstring>
 
 namespace smla_addon {
 namespace {
@@ -140,9 +141,35 @@ std::shared_ptr<Allocation> BufferArg(Args& a, const Napi::CallbackInfo& info, s
 
 }  // namespace
 
+cudaError_t StreamState::TakeReadSlot(ReadSlot* slot) {
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    if (!free_slots_.empty()) {
+      *slot = free_slots_.back();
+      free_slots_.pop_back();
+      return cudaSuccess;
+    }
+  }
+  ReadSlot made;
+  cudaError_t err = cudaMallocHost(&made.host, kSmallReadBytes);
+  if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.landed, cudaEventDisableTiming);
+  if (err != cudaSuccess) {
+    if (made.host) cudaFreeHost(made.host);
+    return err;
+  }
+  *slot = made;
+  return cudaSuccess;
+}
+
+void StreamState::GiveBackReadSlot(ReadSlot slot) {
+  std::lock_guard<std::mutex> lock(slots_mutex_);
+  free_slots_.push_back(slot);
+}
+
 StreamState::~StreamState() {
   if (cudaSetDevice(device) != cudaSuccess) return;
   for (auto& t : timed) cudaEventDestroy(t.first), cudaEventDestroy(t.second);
+  for (auto& slot : free_slots_) cudaFreeHost(slot.host), cudaEventDestroy(slot.landed);
   if (stream && cudaStreamDestroy(stream) != cudaSuccess) cudaGetLastError();
 }
 
@@ -284,9 +311,37 @@ cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, cons
 
 namespace {
 
+// A download of at most kSmallReadBytes: the copy is queued here, on the calling thread, into a
+// pinned read slot, so it sits in the stream exactly where the caller asked (after the ops queued
+// before it, before those queued after) as one small DMA rather than a staged pageable copy; a
+// pool thread only waits for the slot's event and copies the bytes out.
+Napi::Value SmallRead(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef st, std::shared_ptr<Allocation> dev, void* data) {
+  ReadSlot slot;
+  cudaError_t err = cudaSetDevice(st->device);
+  if (err == cudaSuccess) err = st->TakeReadSlot(&slot);
+  if (err == cudaSuccess) {
+    err = cudaMemcpyAsync(slot.host, dev->ptr, dev->bytes, cudaMemcpyDeviceToHost, st->stream);
+    if (err == cudaSuccess) err = cudaEventRecord(slot.landed, st->stream);
+    if (err != cudaSuccess) st->GiveBackReadSlot(slot);
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return SettledPromise(a.Env(), a.Op(), -int32_t(err));
+  }
+  return Queue(a, std::move(pins), [st, dev, data, slot]() -> int32_t {
+    cudaError_t err = cudaSetDevice(st->device);
+    if (err == cudaSuccess) err = cudaEventSynchronize(slot.landed);
+    if (err == cudaSuccess) std::memcpy(data, slot.host, dev->bytes);
+    st->GiveBackReadSlot(slot);
+    if (err != cudaSuccess) cudaGetLastError();
+    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
 // upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes, stream) /
 // download(src, dst, stream): on a pool thread, resolved when the copy is done (not waiting for
-// work queued on the stream after it).
+// work queued on the stream after it); a small download is queued on the calling thread
+// (SmallRead).
 Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
   Args a(info, toDevice ? "upload" : "download");
   std::vector<Napi::ObjectReference> pins;
@@ -307,6 +362,7 @@ Napi::Value Copy(const Napi::CallbackInfo& info, bool toDevice) {
     if (napi_get_typedarray_info(a.Env(), t, &type, &length, &data, nullptr, nullptr) != napi_ok)
       ThrowArgument(a.Env(), a.Op(), "data: cannot read the typed array's memory");
     pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
+    if (dev->bytes > 0 && dev->bytes <= kSmallReadBytes) return SmallRead(a, std::move(pins), st, dev, data);
   }
   return Queue(a, std::move(pins), [st, dev, data, toDevice]() -> int32_t {
     cudaError_t err = cudaSetDevice(st->device);

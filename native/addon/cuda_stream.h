@@ -12,7 +12,8 @@
 // host operand runs on a libuv pool thread instead: it stages host inputs on the device, launches,
 // copies host outputs back, frees the temporaries and waits for that work (not for work queued
 // after it), so its promise resolves when the host outputs are in place and the event loop never
-// waits.
+// waits. A download of at most kSmallReadBytes is queued on the calling thread into a pinned read
+// slot (exactly where the caller asked in stream order), and a pool thread waits for its event.
 //
 // Timing: with setTiming(true) (benchmarks), CUDA events bracket each launch (not the staging
 // copies) and takeKernelMs(stream) waits for them and returns their device times; otherwise no
@@ -39,6 +40,14 @@ namespace smla_addon {
 
 // ---- streams ------------------------------------------------------------------------------------
 
+// A pinned host buffer of kSmallReadBytes and an event: where a small device-to-host read lands
+// (download of at most kSmallReadBytes, e.g. a c4 layer's dropped total) and when it has.
+struct ReadSlot {
+  void* host = nullptr;
+  cudaEvent_t landed = nullptr;
+};
+constexpr uint64_t kSmallReadBytes = 256;
+
 struct StreamState {
   int device = 0;
   cudaStream_t stream = nullptr;
@@ -46,7 +55,16 @@ struct StreamState {
   std::mutex mutex;
   std::vector<std::pair<cudaEvent_t, cudaEvent_t>> timed;
 
+  // Read slots not in use, made on first need: each read in flight holds its own, so reads queued
+  // back to back (two layers in flight) never share one.
+  cudaError_t TakeReadSlot(ReadSlot* slot);
+  void GiveBackReadSlot(ReadSlot slot);
+
   ~StreamState();
+
+ private:
+  std::mutex slots_mutex_;
+  std::vector<ReadSlot> free_slots_;
 };
 using StreamRef = std::shared_ptr<StreamState>;
 

@@ -12,8 +12,8 @@
 
 namespace smla_addon {
 
-// planRows: smla_plan_combine_topk's struct, its topkIndices null for ratio 0 / 128 dense rows
-// (no droppedTotal); *num_queries: the rows of its outputs.
+// planRows: smla_plan_combine_topk's struct, its topkIndices null for ratio 0 / 128 dense rows;
+// *num_queries: the rows of its outputs.
 template <class Fields>
 void ReadPlanRows(Fields& f, smla_plan_combine_topk_params& p, int64_t* num_queries) {
   p.num_requests = f.Int("numRequests", 0, INT32_MAX);
@@ -29,6 +29,7 @@ void ReadPlanRows(Fields& f, smla_plan_combine_topk_params& p, int64_t* num_quer
   f.Output(p.rows, "rows", napi_int32_array, nq * uint64_t(p.width));
   f.Output(p.lens, "lens", napi_int32_array, nq);
   f.Output(p.dropped, "dropped", napi_int32_array, nq, true);
+  f.Output(p.dropped_total, "droppedTotal", napi_bigint64_array, 1, true);
 }
 
 // planCompressedTokenIds: *total: the ids tokenIds holds.

@@ -31,9 +31,27 @@ __device__ __forceinline__ int32_t request_of(const RequestContext* reqs, int32_
   return lo;
 }
 
-__global__ void plan_rows_kernel(const RequestContext* reqs, int32_t num_requests, int64_t num_queries,
+constexpr int kPlanRowsThreads = 128;
+
+// Adds each thread's `count` into *total: a block sum (warp shuffles, then one warp over the warps'
+// sums), then one atomic per block.
+__device__ __forceinline__ void add_block_total(int64_t count, unsigned long long* total) {
+  __shared__ int64_t warp_sums[kPlanRowsThreads / 32];
+  for (int off = 16; off > 0; off /= 2) count += __shfl_down_sync(0xffffffffu, count, off);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = count;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    count = threadIdx.x < kPlanRowsThreads / 32 ? warp_sums[threadIdx.x] : 0;
+    for (int off = 16; off > 0; off /= 2) count += __shfl_down_sync(0xffffffffu, count, off);
+    if (threadIdx.x == 0 && count != 0) atomicAdd(total, static_cast<unsigned long long>(count));
+  }
+}
+
+__global__ void __launch_bounds__(kPlanRowsThreads) plan_rows_kernel(const RequestContext* reqs, int32_t num_requests, int64_t num_queries,
                                  int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
-                                 int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped) {
+                                 int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped,
+                                 unsigned long long* dropped_total) {
+  int64_t dropped_here = 0;
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < num_queries; q += int64_t(gridDim.x) * blockDim.x) {
     const RequestContext& r = reqs[request_of(reqs, num_requests, q)];
     const QueryContext c{r.first_pos + (q - r.query_offset), r.comp_base, r.swa_base, r.swa_start_pos};
@@ -42,11 +60,14 @@ __global__ void plan_rows_kernel(const RequestContext* reqs, int32_t num_request
       int32_t bad = 0;
       lens[q] = smla::plan::topk_row(c, ratio, window, topk_indices + q * int64_t(topk), topk, row, width, &bad);
       if (dropped) dropped[q] = bad;
+      dropped_here += bad;
     } else {
       lens[q] = smla::plan::dense_row(c, ratio, window, row, width);
       if (dropped) dropped[q] = 0;
     }
   }
+  // block-uniform: every thread of the block reaches the reduction
+  if (dropped_total && topk_indices) add_block_total(dropped_here, dropped_total);
 }
 
 // One request's compressed id region: entries [out_offset, out_offset + visible) of the flat ids
@@ -116,10 +137,11 @@ extern "C" int32_t smla_cuda_plan_compressed_token_ids(const smla_plan_compresse
 }
 
 extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream) {
-  if (!p || p->dropped_total) return SMLA_ERR_INVALID_ARGUMENT;
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const int32_t num_requests = p->num_requests, window = p->window, ratio = p->ratio, topk = p->topk, width = p->width;
   const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *topk_indices = p->topk_indices;
   int32_t *rows = p->rows, *lens = p->lens, *dropped = p->dropped;
+  auto* dropped_total = reinterpret_cast<unsigned long long*>(p->dropped_total);
   if (num_requests < 0 || window < 1 || width < 0 || topk < 0) return SMLA_ERR_INVALID_ARGUMENT;
   const bool top = topk_indices != nullptr;
   if (top ? ratio != 4 : (ratio != 0 && ratio != 128)) return SMLA_ERR_INVALID_ARGUMENT;
@@ -146,8 +168,13 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
   }
   if (nq != num_queries || nq > INT32_MAX || swa + comp > INT32_MAX) return SMLA_ERR_INVALID_ARGUMENT;
   if (widest > width) return SMLA_ERR_INVALID_ARGUMENT;
+  if (nq > 0 && (!rows || !lens || (top && topk > 0 && !topk_indices))) return SMLA_ERR_INVALID_ARGUMENT;
+  // The total starts at 0 in stream order; the kernel's blocks add to it (dense rows drop nothing).
+  if (dropped_total) {
+    const cudaError_t err = cudaMemsetAsync(dropped_total, 0, sizeof(*dropped_total), stream);
+    if (err != cudaSuccess) return -int32_t(err);
+  }
   if (nq == 0) return SMLA_OK;
-  if (!rows || !lens || (top && topk > 0 && !topk_indices)) return SMLA_ERR_INVALID_ARGUMENT;
 
   RequestContext* dev = nullptr;
   const size_t bytes = reqs.size() * sizeof(RequestContext);
@@ -159,10 +186,10 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
     int device = 0, sms = 0;
     cudaGetDevice(&device);
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    int64_t blocks = (nq + 127) / 128;
+    int64_t blocks = (nq + kPlanRowsThreads - 1) / kPlanRowsThreads;
     if (blocks > int64_t(sms) * 16) blocks = int64_t(sms) * 16;
-    plan_rows_kernel<<<unsigned(blocks), 128, 0, stream>>>(dev, num_requests, nq, window, ratio, top ? topk_indices : nullptr,
-                                                           topk, width, rows, lens, dropped);
+    plan_rows_kernel<<<unsigned(blocks), kPlanRowsThreads, 0, stream>>>(dev, num_requests, nq, window, ratio, top ? topk_indices : nullptr,
+                                                           topk, width, rows, lens, dropped, dropped_total);
     err = cudaGetLastError();
   }
   cudaFreeAsync(dev, stream);

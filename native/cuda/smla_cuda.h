@@ -31,8 +31,10 @@ int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_attention_param
  * dropped[q] = causality-dropped entries); NULL: ratio 0 / 128 dense rows (dense_row, as
  * smla_plan_dense_rows; dropped[q] = 0). seq_lens / extend_lens are HOST arrays (the per-request
  * layout is walked on the host); rows int32 [num_queries, width], lens and dropped int32
- * [num_queries] are device memory (dropped may be NULL); dropped_total is not computed here and
- * must be NULL. num_queries, the rows the outputs hold, must equal Σ extend_lens. */
+ * [num_queries] are device memory (dropped may be NULL), and so is dropped_total (int64 [1], or
+ * NULL): set to 0 first in stream order, then the sum of the dropped counts (0 for dense rows), so
+ * a layer reads back 8 bytes rather than a count per query. num_queries, the rows the outputs
+ * hold, must equal Σ extend_lens. */
 int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream);
 
 /* §6: a ratio's compressed flat token ids on the device, by the host planner's per-entry function

@@ -100,8 +100,8 @@ export function fieldsOf(op: OpName): readonly (readonly [string, FieldKind])[] 
  * the fields that are no part of the struct: planRows' numQueries and planCompressedTokenIds'
  * total (the length of their outputs, checked against the requests), dequantizeKvCache's
  * outRowOffset (`i32?`: a number or null; its rows land from that row of a device buffer on).
- * planRows is planCombineTopk's struct without droppedTotal, its topkIndices null for the dense
- * rows of ratio 0 / 128.
+ * planRows is planCombineTopk's struct, its topkIndices null for the dense rows of ratio 0 / 128
+ * (droppedTotal: a device int64 the kernel sums the dropped counts into, 0 for dense rows).
  */
 export const CUDA_OP_PARAMS = {
   sparsePrefill: OP_PARAMS.sparsePrefill,
@@ -109,7 +109,7 @@ export const CUDA_OP_PARAMS = {
   dequantizeKvCache: { ...OP_PARAMS.dequantizeKvCache, outRowOffset: 'i32?' },
   planRows: {
     numRequests: 'i32', seqLens: 'host i32', extendLens: 'host i32', window: 'i32', ratio: 'i32',
-    topkIndices: 'in? i32', topk: 'i32', width: 'i32', rows: 'out i32', lens: 'out i32', dropped: 'out? i32', numQueries: 'i32',
+    topkIndices: 'in? i32', topk: 'i32', width: 'i32', rows: 'out i32', lens: 'out i32', dropped: 'out? i32', droppedTotal: 'out? i64', numQueries: 'i32',
   },
   planCompressedTokenIds: {
     numRequests: 'i32', seqLens: 'host i32', extendLens: 'host i32', ratio: 'i32',

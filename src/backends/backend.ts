@@ -152,8 +152,11 @@ export interface LayerSteps<B = never> {
   dequantizeKCacheInto(job: WorkspaceDequantizeJob<B>): Promise<void>;
   /** sparsePrefill of the layer's queries over the workspace rows; outputs where `output` says. */
   prefill(job: WorkspacePrefillJob<B>, output: Placement): Promise<PlacedAttentionOutput>;
-  /** Per-query counts (a c4 combine's dropped entries) read on the host. */
-  readCounts(counts: Int32Array | B, n: number): Promise<Int32Array>;
+  /**
+   * A c4 combine's dropped total (PlannedRows.droppedTotal) as a number: itself on the host; on a
+   * device an 8-byte read queued behind the combine, resolving once it has landed.
+   */
+  readDroppedTotal(total: number | B): Promise<number>;
 }
 
 /** The rows of one ratio for a chunk: the planner's per-request lengths and the row geometry. */
@@ -174,8 +177,11 @@ export interface PlannedRows<B = never> {
   rows: Int32Array | B;
   /** int32 [numQueries]: real entries per row */
   lens: Int32Array | B;
-  /** int32 [numQueries]: top-k entries dropped as not yet visible; null for dense rows (nothing to drop) */
-  dropped: Int32Array | B | null;
+  /**
+   * top-k entries dropped as not yet visible, summed over the queries: a number on the host, an
+   * int64 [1] buffer on a device (readDroppedTotal reads either); null for dense rows (nothing to drop)
+   */
+  droppedTotal: number | B | null;
 }
 
 export interface CompressedTokenIdsJob<B = never> {

@@ -283,21 +283,20 @@ export class LayerResources<B = never> {
     const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width });
     p.stats.c4Combines++;
     if (this.memory === 'device') p.deviceStats.deviceC4Combines++;
-    return { width: topk.width, rows: r.rows, lens: r.lens, dropped: r.dropped === null ? Promise.resolve(0) : this.#countDropped(steps, r.dropped) };
+    return { width: topk.width, rows: r.rows, lens: r.lens, dropped: r.droppedTotal === null ? Promise.resolve(0) : this.#countDropped(steps, r.droppedTotal) };
   }
 
-  /** Reads a combine's per-query dropped counts (freeing them), adds them up and counts them in plan.stats. */
-  #countDropped(steps: LayerSteps<B>, counts: Int32Array | B): Promise<number> {
+  /** Reads a combine's dropped total (freeing a device one) and counts it in plan.stats. */
+  #countDropped(steps: LayerSteps<B>, droppedTotal: number | B): Promise<number> {
     const p = this.#plan;
-    return steps.readCounts(counts, p.numQueries).then(
-      (perQuery) => {
-        releaseDevice(counts);
-        const total = perQuery.reduce((a, b) => a + b, 0);
+    return steps.readDroppedTotal(droppedTotal).then(
+      (total) => {
+        releaseDevice(droppedTotal);
         p.stats.c4Dropped += total;
         return total;
       },
       (e: unknown) => {
-        releaseDevice(counts);
+        releaseDevice(droppedTotal);
         throw e;
       },
     );

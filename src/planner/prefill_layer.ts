@@ -13,9 +13,9 @@
  * uploaded once, and with device q, caches, sink and (with { output: 'device' }) outputs the
  * layer's launches are queued back to back on the engine's stream with no host round trip (a host
  * sink is a host operand: the prefill then waits for its own work, README "Stream order"); only a c4
- * layer's dropped counts come back, read while the rest of the layer is queued, and the call
- * resolves once they are in (device outputs are then queued, not necessarily finished: a download
- * or engine.synchronize() waits for them). Every id was checked against the caches by the plan
+ * layer's dropped total (8 bytes, summed on the device) comes back, read while the rest of the
+ * layer is queued, and the call resolves once it is in (device outputs are then queued, not
+ * necessarily finished: a download or engine.synchronize() waits for them). Every id was checked against the caches by the plan
  * (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';

@@ -479,19 +479,27 @@ static void run_planner_case(uint64_t seed) {
   std::vector<int32_t> tk(size_t(nq) * topk);
   for (auto& v : tk) v = r.uniform() < 0.2 ? -1 : int32_t(r.range(0, 1300));  // some beyond visibility: dropped
   DBuf<int32_t> dtk(tk.size()), drows(size_t(nq) * width), dlens(nq), ddrop(nq);
+  DBuf<int64_t> dtotal(1);
   dtk.up(tk);
-  int64_t bad = 0;
+  int64_t bad = 0, total_off = 0;
   for (int ratio : {4, 0, 128}) {
     CK(cudaMemset(drows.p, 0x7f, drows.n * 4));
     CK(cudaMemset(dlens.p, 0x7f, dlens.n * 4));
+    CK(cudaMemset(dtotal.p, 0x7f, 8));
     const smla_plan_combine_topk_params p{.num_requests = nr, .seq_lens = seq.data(), .extend_lens = ext.data(),
                                           .window = window, .ratio = ratio,
                                           .topk_indices = ratio == 4 ? dtk.p : nullptr, .topk = ratio == 4 ? topk : 0,
-                                          .width = width, .rows = drows.p, .lens = dlens.p, .dropped = ddrop.p};
+                                          .width = width, .rows = drows.p, .lens = dlens.p, .dropped = ddrop.p,
+                                          .dropped_total = dtotal.p};
     check_status(smla_cuda_plan_rows(&p, nq, 0), "smla_cuda_plan_rows");
     CK(cudaDeviceSynchronize());
     const auto rows = drows.down();
     const auto lens = dlens.down();
+    // the device total is the sum of the per-query counts (dense rows: 0), and this case drops some
+    int64_t dropped_sum = 0;
+    for (int32_t d : ddrop.down()) dropped_sum += d;
+    const int64_t total = dtotal.down()[0];
+    total_off += total != dropped_sum || (ratio == 4) != (dropped_sum > 0);
     const int64_t ws = (ratio == 4 ? comp4 : ratio == 128 ? comp128 : 0) + swa_rows;  // workspace rows
     for (int64_t q = 0; q < nq; ++q) {
       bad += lens[q] < 0 || lens[q] > width;
@@ -521,7 +529,8 @@ static void run_planner_case(uint64_t seed) {
   check_status(smla_cuda_plan_compressed_token_ids(&p, total, 0), "smla_cuda_plan_compressed_token_ids");
   CK(cudaDeviceSynchronize());
   for (int64_t id : dids.down()) bad += id < 0 || id >= int64_t(pages) * page_size;
-  report(bad == 0, "planner rows c4/c0/c128 and c4 compressed ids", std::to_string(bad) + " malformed entries");
+  report(bad == 0 && total_off == 0, "planner rows c4/c0/c128 (and their dropped totals) and c4 compressed ids",
+         std::to_string(bad) + " malformed entries, " + std::to_string(total_off) + " dropped totals off");
 }
 
 static void run_checks() {

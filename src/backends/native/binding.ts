@@ -104,7 +104,11 @@ export type NativeCudaKernelOps = {
 export interface NativeCudaOps extends NativeCudaKernelOps {
   /** host → device; data must have exactly buffer.byteLength bytes; resolves when done */
   upload(buffer: NativeDeviceBuffer, data: ArrayBufferView, stream: NativeStream): Promise<void>;
-  /** device → host; data must have exactly buffer.byteLength bytes; resolves when done */
+  /**
+   * device → host; data must have exactly buffer.byteLength bytes; resolves when done. A read of at
+   * most 256 bytes is queued on the stream by the call itself (into pinned memory), so it reads what
+   * the ops queued before it wrote and nothing queued after.
+   */
   download(buffer: NativeDeviceBuffer, data: ArrayBufferView, stream: NativeStream): Promise<void>;
   /** device → device on the stream's device, equal sizes (stream-ordered) */
   copyDevice(dst: NativeDeviceBuffer, src: NativeDeviceBuffer, stream: NativeStream): Promise<void>;

@@ -27,7 +27,6 @@ import type {
   PagedSparseAttentionOutput,
   PlacedAttentionOutput,
   PlanRowsJob,
-  PlannedRows,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
@@ -131,6 +130,18 @@ async function probeCuda(device = 0): Promise<BackendProbe & { addon?: NativeAdd
   return { available: true, details, addon: l.addon };
 }
 
+/** What CudaBackend.planRows builds, each where it was asked for (null: not built). */
+export interface DevicePlannedRows {
+  /** int32 [numQueries, width]: workspace rows, −1 padded */
+  rows: Int32Array | DeviceBuffer;
+  /** int32 [numQueries] */
+  lens: Int32Array | DeviceBuffer;
+  /** int32 [numQueries]: top-k entries dropped per query (0 for dense rows) */
+  dropped: Int32Array | DeviceBuffer | null;
+  /** int64 [1]: their sum */
+  droppedTotal: BigInt64Array | DeviceBuffer | null;
+}
+
 export class CudaBackend implements Backend, DeviceOps {
   readonly name = 'cuda' as const;
   /** host threads for quantizeKCache (the CPU core); the GPU ops use none */
@@ -151,12 +162,16 @@ export class CudaBackend implements Backend, DeviceOps {
   /**
    * The layer steps on this engine's device: rows, ids and the workspace are device buffers and
    * every step is queued on the engine's stream, so a layer whose inputs are on the device makes
-   * no host round trip (only readCounts waits for the device). Dense rows drop nothing: they get
-   * no dropped counts.
+   * no host round trip. A c4 combine sums its dropped counts on the device; readDroppedTotal
+   * queues the read of those 8 bytes on the stream right behind it and only its promise waits.
+   * Dense rows drop nothing: they get no total.
    */
   readonly layer: LayerSteps<DeviceBuffer> = {
     memory: 'device',
-    planRows: (job) => this.planRows(job, 'device', job.topkIndices === null ? null : 'device'),
+    planRows: async (job) => {
+      const r = await this.planRows(job, 'device', null, job.topkIndices === null ? null : 'device');
+      return { rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal as DeviceBuffer | null };
+    },
     planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
     placeIds: (ids) => this.upload(ids),
     allocWorkspace: (bytes) => this.alloc(bytes),
@@ -167,11 +182,11 @@ export class CudaBackend implements Backend, DeviceOps {
         { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: job.workspace.byteLength / (2 * V4_ROW_DIMS), topk: job.width, smScale: job.smScale },
         output,
       ),
-    readCounts: async (counts, n) => {
-      if (!isDeviceBuffer(counts)) return counts;
-      const into = new Int32Array(n);
-      await this.download(counts, into);
-      return into;
+    readDroppedTotal: async (total) => {
+      if (!isDeviceBuffer(total)) return total;
+      const into = new BigInt64Array(1);
+      await this.download(total, into);
+      return Number(into[0]);
     },
   };
 
@@ -418,33 +433,34 @@ export class CudaBackend implements Backend, DeviceOps {
   /**
    * The planner's per-row index building on the GPU (SPEC §6; planner.h's topk_row / dense_row in
    * a kernel): ratio 4 rows from the indexer's top-k (host or device), ratio 0 / 128 dense rows
-   * when topkIndices is null. Outputs where `placement` says; the dropped counts where
-   * `droppedPlacement` says, or not at all (null). Inputs are the plan's, already validated and
+   * when topkIndices is null. Outputs where `placement` says; the dropped counts per query where
+   * `droppedPlacement` says and their total (int64 [1], summed on the device) where
+   * `totalPlacement` says, each or not at all (null). Inputs are the plan's, already validated and
    * sized (width ≥ the widest row).
    */
-  async planRows(args: PlanRowsJob<DeviceBuffer>, placement?: Placement, droppedPlacement?: Placement): Promise<PlannedRows<DeviceBuffer> & { dropped: Int32Array | DeviceBuffer }>;
-  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement, droppedPlacement: Placement | null): Promise<PlannedRows<DeviceBuffer>>;
-  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement): Promise<PlannedRows<DeviceBuffer>> {
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement, totalPlacement: Placement | null = null): Promise<DevicePlannedRows> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
     const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
     const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
     const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
+    const droppedTotal = totalPlacement === null ? null : this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal');
     try {
       await this.calls.run('planRows', () =>
         this.ops.planRows(
           {
             numRequests: args.seqLens.length, seqLens: args.seqLens, extendLens: args.extendLens, window: args.window, ratio: args.ratio,
             topkIndices: args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), topk: args.topk, width: args.width,
-            rows: this.operand(rows, 'rows'), lens: this.operand(lens, 'lens'), dropped: this.operand(dropped, 'dropped'), numQueries,
+            rows: this.operand(rows, 'rows'), lens: this.operand(lens, 'lens'), dropped: this.optional(dropped, 'dropped'),
+            droppedTotal: this.optional(droppedTotal, 'droppedTotal'), numQueries,
           },
           this.stream,
         ),
       );
     } catch (e) {
-      for (const b of [rows, lens, dropped]) if (isDeviceBuffer(b)) b.free();
+      for (const b of [rows, lens, dropped, droppedTotal]) if (isDeviceBuffer(b)) b.free();
       throw e;
     }
-    return { rows, lens, dropped };
+    return { rows, lens, dropped, droppedTotal };
   }
 
   /**

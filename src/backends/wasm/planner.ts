@@ -130,8 +130,11 @@ export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'spar
     async planRows(job) {
       const planner = loadHostPlanner();
       const { seqLens, extendLens, window, ratio, topkIndices, topk, width } = job;
-      if (topkIndices !== null) return planner.combineTopk(seqLens, extendLens, window, ratio, topkIndices, topk, width);
-      return { ...planner.denseRows(seqLens, extendLens, window, ratio, width), dropped: null };
+      if (topkIndices !== null) {
+        const r = planner.combineTopk(seqLens, extendLens, window, ratio, topkIndices, topk, width);
+        return { rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal };
+      }
+      return { ...planner.denseRows(seqLens, extendLens, window, ratio, width), droppedTotal: null };
     },
     async planCompressedTokenIds(job) {
       return loadHostPlanner().compressedTokenIds(job.seqLens, job.extendLens, job.ratio, job.pageTables, job.pageTableOffsets, job.pageSize, job.total);
@@ -152,8 +155,8 @@ export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'spar
       const kv = workspace.subarray(0, rows * V4_ROW_DIMS);
       return backend.sparsePrefill({ q, kv, indices, topkLength: lengths, attnSink, sQ: numQueries, hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: rows, topk: width, smScale });
     },
-    async readCounts(counts) {
-      return counts;
+    async readDroppedTotal(total) {
+      return total;
     },
   };
 }

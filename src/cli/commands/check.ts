@@ -376,7 +376,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           if (!(e instanceof SparseMlaError && e.code === 'INVALID_VALUE')) throw e;
         }
       });
-      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
+      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding; the dropped counts per query and their device sum), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
         const be = cudaBackendOf(engine);
         const host = loadHostPlanner();
         const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
@@ -386,10 +386,19 @@ export async function checkCommand(argv: string[]): Promise<number> {
         const requests = Array.from(seqLens, (seqLen, r) => ({ seqLen, extendLen: extendLens[r]! }));
         const topkIdx = indexerTopk(rng, requests, topk, { holes: 0.2, late: 1, duplicates: 0.05 }).indices.data;
         const want = host.combineTopk(seqLens, extendLens, window, 4, topkIdx, topk, width);
+        const readTotal = async (x: BigInt64Array | import('../../types.js').DeviceBuffer | null): Promise<BigInt64Array> => {
+          if (x === null) throw new Error('the dropped total asked for was not built');
+          if (x instanceof BigInt64Array) return x;
+          const t = new BigInt64Array(1);
+          await be.download(x, t);
+          x.free();
+          return t;
+        };
         for (const placement of ['host', 'device'] as const) {
           const idx = placement === 'device' ? (await engine.upload(tensor('int32', [nq, topk], topkIdx))).data : topkIdx;
-          const got = await be.planRows({ seqLens, extendLens, window, ratio: 4, topkIndices: idx, topk, width }, placement);
-          const dl = async (x: Int32Array | import('../../types.js').DeviceBuffer, n: number): Promise<Int32Array> => {
+          const got = await be.planRows({ seqLens, extendLens, window, ratio: 4, topkIndices: idx, topk, width }, placement, placement, placement);
+          const dl = async (x: Int32Array | import('../../types.js').DeviceBuffer | null, n: number): Promise<Int32Array> => {
+            if (x === null) throw new Error('an output asked for was not built');
             if (x instanceof Int32Array) return x;
             const t = await engine.download({ dtype: 'int32', shape: [n], data: x });
             x.free();
@@ -398,13 +407,17 @@ export async function checkCommand(argv: string[]): Promise<number> {
           sameBits(`c4 rows (${placement})`, await dl(got.rows, nq * width), want.rows);
           sameBits(`c4 lens (${placement})`, await dl(got.lens, nq), want.lens);
           sameBits(`c4 dropped (${placement})`, await dl(got.dropped, nq), want.dropped);
+          const total = await readTotal(got.droppedTotal);
+          if (want.droppedTotal === 0 || Number(total[0]) !== want.droppedTotal) throw new Error(`c4 dropped total (${placement}): ${total[0]} vs host ${want.droppedTotal} (the case must drop some)`);
           if (typeof idx !== 'object' || !(idx instanceof Int32Array)) idx.free();
         }
         for (const [ratio, w] of [[0, combinedWidth(0, 0, 0, window, 128)], [128, combinedWidth(128, 0, Math.floor(5000 / 128), window, 128)]] as const) {
           const d = host.denseRows(seqLens, extendLens, window, ratio, w);
-          const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w });
+          const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w }, 'host', 'host', 'device');
           sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
           sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
+          const total = await readTotal(got.droppedTotal);
+          if (total[0] !== 0n || (got.dropped as Int32Array).some((x) => x !== 0)) throw new Error(`c${ratio}: dense rows dropped something`);
         }
         // Compressed flat token ids (planCompressedTokenIds, compressed_token_id per entry) against
         // the host planner's: several requests incl. an empty one and seqLen < ratio, page tables

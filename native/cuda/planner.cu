@@ -1,8 +1,9 @@
 // The planner's per-row index building on the GPU (SPEC §6): the same per-row functions as the
 // host planner (cpp/include/sparse_mla/planner.h: topk_row, dense_row), one thread per query row,
 // so a chunk's per-layer c4 rows are built where the indexer's top-k and the attention live.
-// The per-request layout (a walk over the requests) is computed on the host and uploaded with the
-// launch; the per-query work runs on the device.
+// The per-request layout (a walk over the requests) is computed on the host and passed with the
+// launch (in the kernel's parameters when it is small); the per-query work runs on the device.
+#include <algorithm>
 #include <climits>
 #include <vector>
 
@@ -13,25 +14,87 @@ namespace {
 
 using smla::plan::QueryContext;
 
+// A launch's per-request table. Up to kInlineRequests requests travel by value in the kernel's
+// parameters (a __grid_constant__ parameter, read in place): no allocation, copy or free in the
+// stream. More are uploaded for the launch and read through `uploaded`. Each request starts with
+// `start`, the first item (query or id) it holds.
+constexpr int32_t kInlineRequests = 64;
+template <class Request>
+struct RequestTable {
+  Request inline_requests[kInlineRequests];
+  const Request* uploaded;
+  int32_t count;
+
+  __device__ __forceinline__ const Request& operator[](int32_t i) const { return uploaded ? uploaded[i] : inline_requests[i]; }
+
+  // The request holding item i: the last whose start is at or before i (a request without items
+  // shares its start with the next, so the last such is the one holding it).
+  __device__ __forceinline__ const Request& holding(int64_t i) const {
+    int32_t lo = 0, hi = count - 1;
+    while (lo < hi) {
+      const int32_t mid = (lo + hi + 1) / 2;
+      if ((*this)[mid].start <= i) lo = mid; else hi = mid - 1;
+    }
+    return (*this)[lo];
+  }
+};
+
 struct RequestContext {
-  int64_t query_offset;
+  int64_t start;  // its first query
   int64_t comp_base;
   int64_t swa_base;
   int64_t swa_start_pos;
   int64_t first_pos;  // seq_len - extend_len
 };
 
-// Request of query q by binary search over the requests' query offsets.
-__device__ __forceinline__ int32_t request_of(const RequestContext* reqs, int32_t n, int64_t q) {
-  int32_t lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int32_t mid = (lo + hi + 1) / 2;
-    if (reqs[mid].query_offset <= q) lo = mid; else hi = mid - 1;
+// One request's compressed id region: entries [start, start + visible) of the flat ids come from
+// its page table (table_offset into the flattened page tables).
+struct CompressedRequest {
+  int64_t start;
+  int64_t table_offset;
+};
+
+// Kernel parameters may take 4 KB (the portable limit): the table plus the rest of the arguments.
+static_assert(sizeof(RequestTable<RequestContext>) + 256 <= 4096, "the inline request table must fit the kernel parameters");
+
+// Blocks for `work` items at `threads` a block, at most 16 per SM (the kernels loop grid-stride).
+unsigned grid_blocks(int64_t work, int threads) {
+  int device = 0, sms = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t blocks = std::min<int64_t>((work + threads - 1) / threads, int64_t(std::max(sms, 1)) * 16);
+  return unsigned(blocks);
+}
+
+// launch(table, blocks) over the requests `reqs` (at least one) and `work` items at `threads` a
+// block: the table inline when it fits, else uploaded for the launch (stream-ordered, freed after
+// it). Returns an smla status or -(cudaError_t).
+template <class Request, class Launch>
+int32_t launch_with_requests(const std::vector<Request>& reqs, int64_t work, int threads, cudaStream_t stream, Launch launch) {
+  RequestTable<Request> table{};
+  table.count = int32_t(reqs.size());
+  Request* uploaded = nullptr;
+  cudaError_t err = cudaSuccess;
+  if (reqs.size() <= size_t(kInlineRequests)) {
+    std::copy(reqs.begin(), reqs.end(), table.inline_requests);
+  } else {
+    const size_t bytes = reqs.size() * sizeof(Request);
+    err = cudaMallocAsync(reinterpret_cast<void**>(&uploaded), bytes, stream);
+    if (err != cudaSuccess) return -int32_t(err);
+    // From pageable memory the copy has taken the data when it returns, so reqs may go after it.
+    err = cudaMemcpyAsync(uploaded, reqs.data(), bytes, cudaMemcpyHostToDevice, stream);
+    table.uploaded = uploaded;
   }
-  return lo;
+  if (err == cudaSuccess) {
+    launch(table, grid_blocks(work, threads));  // the parameters are copied at the launch: `table` may go
+    err = cudaGetLastError();
+  }
+  if (uploaded) cudaFreeAsync(uploaded, stream);
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
 }
 
 constexpr int kPlanRowsThreads = 128;
+constexpr int kCompressedIdThreads = 256;
 
 // Adds each thread's `count` into *total: a block sum (warp shuffles, then one warp over the warps'
 // sums), then one atomic per block.
@@ -47,14 +110,14 @@ __device__ __forceinline__ void add_block_total(int64_t count, unsigned long lon
   }
 }
 
-__global__ void __launch_bounds__(kPlanRowsThreads) plan_rows_kernel(const RequestContext* reqs, int32_t num_requests, int64_t num_queries,
-                                 int32_t window, int32_t ratio, const int32_t* topk_indices, int32_t topk,
-                                 int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped,
-                                 unsigned long long* dropped_total) {
+__global__ void __launch_bounds__(kPlanRowsThreads)
+    plan_rows_kernel(const __grid_constant__ RequestTable<RequestContext> reqs, int64_t num_queries, int32_t window, int32_t ratio,
+                     const int32_t* topk_indices, int32_t topk, int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped,
+                     unsigned long long* dropped_total) {
   int64_t dropped_here = 0;
   for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < num_queries; q += int64_t(gridDim.x) * blockDim.x) {
-    const RequestContext& r = reqs[request_of(reqs, num_requests, q)];
-    const QueryContext c{r.first_pos + (q - r.query_offset), r.comp_base, r.swa_base, r.swa_start_pos};
+    const RequestContext& r = reqs.holding(q);
+    const QueryContext c{r.first_pos + (q - r.start), r.comp_base, r.swa_base, r.swa_start_pos};
     int32_t* row = rows + q * int64_t(width);
     if (topk_indices) {
       int32_t bad = 0;
@@ -70,25 +133,12 @@ __global__ void __launch_bounds__(kPlanRowsThreads) plan_rows_kernel(const Reque
   if (dropped_total && topk_indices) add_block_total(dropped_here, dropped_total);
 }
 
-// One request's compressed id region: entries [out_offset, out_offset + visible) of the flat ids
-// come from its page table (table_offset into the flattened page tables).
-struct CompressedRequest {
-  int64_t out_offset;
-  int64_t table_offset;
-};
-
-__global__ void plan_compressed_ids_kernel(const CompressedRequest* reqs, int32_t num_requests, int64_t total,
-                                           const int32_t* page_tables, int32_t page_size, int64_t* token_ids) {
+__global__ void __launch_bounds__(kCompressedIdThreads)
+    plan_compressed_ids_kernel(const __grid_constant__ RequestTable<CompressedRequest> reqs, int64_t total, const int32_t* page_tables,
+                               int32_t page_size, int64_t* token_ids) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
-    // The request holding entry i: the last with out_offset <= i (empty requests share an offset
-    // with the next, so the last such is the one with entries).
-    int32_t lo = 0, hi = num_requests - 1;
-    while (lo < hi) {
-      const int32_t mid = (lo + hi + 1) / 2;
-      if (reqs[mid].out_offset <= i) lo = mid; else hi = mid - 1;
-    }
-    const CompressedRequest& r = reqs[lo];
-    token_ids[i] = smla::plan::compressed_token_id(page_tables + r.table_offset, i - r.out_offset, page_size);
+    const CompressedRequest& r = reqs.holding(i);
+    token_ids[i] = smla::plan::compressed_token_id(page_tables + r.table_offset, i - r.start, page_size);
   }
 }
 
@@ -104,7 +154,7 @@ extern "C" int32_t smla_cuda_plan_compressed_token_ids(const smla_plan_compresse
   if (num_requests < 0 || (ratio != 4 && ratio != 128) || page_size < 1 || total < 0) return SMLA_ERR_INVALID_ARGUMENT;
   if (num_requests > 0 && (!seq_lens || !extend_lens || !page_table_offsets)) return SMLA_ERR_INVALID_ARGUMENT;
   // The host walk (as smla_plan_compressed_token_ids): every page table checked before anything runs.
-  std::vector<CompressedRequest> reqs(size_t(num_requests > 0 ? num_requests : 1));
+  std::vector<CompressedRequest> reqs(static_cast<size_t>(num_requests));
   int64_t out = 0;
   for (int32_t r = 0; r < num_requests; ++r) {
     if (seq_lens[r] < 0 || extend_lens[r] < 0 || extend_lens[r] > seq_lens[r]) return SMLA_ERR_INVALID_ARGUMENT;
@@ -118,22 +168,9 @@ extern "C" int32_t smla_cuda_plan_compressed_token_ids(const smla_plan_compresse
   if (total == 0) return SMLA_OK;
   if (!page_tables || !token_ids) return SMLA_ERR_INVALID_ARGUMENT;
 
-  CompressedRequest* dev = nullptr;
-  const size_t bytes = reqs.size() * sizeof(CompressedRequest);
-  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&dev), bytes, stream);
-  if (err != cudaSuccess) return -int32_t(err);
-  err = cudaMemcpyAsync(dev, reqs.data(), bytes, cudaMemcpyHostToDevice, stream);
-  if (err == cudaSuccess) {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    int64_t blocks = (total + 255) / 256;
-    if (blocks > int64_t(sms) * 16) blocks = int64_t(sms) * 16;
-    plan_compressed_ids_kernel<<<unsigned(blocks), 256, 0, stream>>>(dev, num_requests, total, page_tables, page_size, token_ids);
-    err = cudaGetLastError();
-  }
-  cudaFreeAsync(dev, stream);
-  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+  return launch_with_requests(reqs, total, kCompressedIdThreads, stream, [&](const RequestTable<CompressedRequest>& table, unsigned blocks) {
+    plan_compressed_ids_kernel<<<blocks, kCompressedIdThreads, 0, stream>>>(table, total, page_tables, page_size, token_ids);
+  });
 }
 
 extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream) {
@@ -147,7 +184,7 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
   if (top ? ratio != 4 : (ratio != 0 && ratio != 128)) return SMLA_ERR_INVALID_ARGUMENT;
   if (top && int64_t(width) < int64_t(topk) + window) return SMLA_ERR_INVALID_ARGUMENT;
   // The host walk: each request's bases (as the host planner's for_each_query), the widest row.
-  std::vector<RequestContext> reqs(size_t(num_requests > 0 ? num_requests : 1));
+  std::vector<RequestContext> reqs(static_cast<size_t>(num_requests));
   int64_t nq = 0, swa = 0, comp = 0, comp_total = 0, widest = 0;
   for (int32_t r = 0; r < num_requests; ++r) {
     if (seq_lens[r] < 0 || extend_lens[r] < 0 || extend_lens[r] > seq_lens[r]) return SMLA_ERR_INVALID_ARGUMENT;
@@ -176,22 +213,8 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
   }
   if (nq == 0) return SMLA_OK;
 
-  RequestContext* dev = nullptr;
-  const size_t bytes = reqs.size() * sizeof(RequestContext);
-  cudaError_t err = cudaMallocAsync(reinterpret_cast<void**>(&dev), bytes, stream);
-  if (err != cudaSuccess) return -int32_t(err);
-  // From pageable memory the copy has taken the data when it returns, so reqs may go after it.
-  err = cudaMemcpyAsync(dev, reqs.data(), bytes, cudaMemcpyHostToDevice, stream);
-  if (err == cudaSuccess) {
-    int device = 0, sms = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    int64_t blocks = (nq + kPlanRowsThreads - 1) / kPlanRowsThreads;
-    if (blocks > int64_t(sms) * 16) blocks = int64_t(sms) * 16;
-    plan_rows_kernel<<<unsigned(blocks), kPlanRowsThreads, 0, stream>>>(dev, num_requests, nq, window, ratio, top ? topk_indices : nullptr,
-                                                           topk, width, rows, lens, dropped, dropped_total);
-    err = cudaGetLastError();
-  }
-  cudaFreeAsync(dev, stream);
-  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+  return launch_with_requests(reqs, nq, kPlanRowsThreads, stream, [&](const RequestTable<RequestContext>& table, unsigned blocks) {
+    plan_rows_kernel<<<blocks, kPlanRowsThreads, 0, stream>>>(table, nq, window, ratio, top ? topk_indices : nullptr, topk, width, rows,
+                                                            lens, dropped, dropped_total);
+  });
 }

@@ -464,11 +464,10 @@ static void run_dequant_case(const char* name, int format, int page_size, int nu
 // ---------------------------------------------------------------- planner kernels: well-formed rows
 // Every row element written, entries inside the workspace, −1 exactly after the row's length;
 // compressed ids inside the pages of their table. (Bit-for-bit equality with the host planner is
-// `check --backend cuda`'s.)
-static void run_planner_case(uint64_t seed) {
+// `check --backend cuda`'s.) Up to 64 requests travel in the kernels' parameters, more are uploaded.
+static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, const std::vector<int32_t>& ext, int width, const std::string& name) {
   Rng r(seed);
-  const std::vector<int32_t> seq = {700, 129, 5000, 0, 2000, 77}, ext = {300, 129, 1, 0, 777, 77};
-  const int nr = int(seq.size()), window = 128, topk = 512, width = 640;
+  const int nr = int(seq.size()), window = 128, topk = 512;
   int64_t nq = 0, comp4 = 0, comp128 = 0, swa_rows = 0;
   for (int i = 0; i < nr; ++i) {
     nq += ext[i];
@@ -529,7 +528,7 @@ static void run_planner_case(uint64_t seed) {
   check_status(smla_cuda_plan_compressed_token_ids(&p, total, 0), "smla_cuda_plan_compressed_token_ids");
   CK(cudaDeviceSynchronize());
   for (int64_t id : dids.down()) bad += id < 0 || id >= int64_t(pages) * page_size;
-  report(bad == 0 && total_off == 0, "planner rows c4/c0/c128 (and their dropped totals) and c4 compressed ids",
+  report(bad == 0 && total_off == 0, "planner rows c4/c0/c128 (and their dropped totals) and c4 compressed ids, " + name,
          std::to_string(bad) + " malformed entries, " + std::to_string(total_off) + " dropped totals off");
 }
 
@@ -588,7 +587,16 @@ static void run_checks() {
       {"h64 P64 topk0 + extra topk40", 3, 64, 64, 3, 0, true, 64, 3, 40, kMixed, false, true},
   };
   for (const auto& c : gcs) run_paged_case(c, seed + k++);
-  run_planner_case(seed + k++);
+  run_planner_case(seed + k++, {700, 129, 5000, 0, 2000, 77}, {300, 129, 1, 0, 777, 77}, 640, "6 requests");
+  {  // 80 requests (an uploaded table), some empty, some shorter than a ratio; an odd width
+    Rng lr(seed + k);
+    std::vector<int32_t> seq(80), ext(80);
+    for (int i = 0; i < 80; ++i) {
+      seq[i] = i % 13 == 5 ? 0 : i % 7 == 3 ? int32_t(lr.range(1, 4)) : int32_t(lr.range(1, 3000));
+      ext[i] = i % 11 == 2 ? 0 : std::min<int32_t>(seq[i], int32_t(lr.range(1, 120)));
+    }
+    run_planner_case(seed + k++, seq, ext, 643, "80 requests, width 643");
+  }
 }
 
 // ---------------------------------------------------------------- fuzz (for compute-sanitizer)

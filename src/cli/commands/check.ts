@@ -376,16 +376,10 @@ export async function checkCommand(argv: string[]): Promise<number> {
           if (!(e instanceof SparseMlaError && e.code === 'INVALID_VALUE')) throw e;
         }
       });
-      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding; the dropped counts per query and their device sum), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (an empty request, seqLen < ratio, host and device page tables)', async () => {
+      await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding; the dropped counts per query and their device sum), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (empty requests, seqLen < ratio, host and device page tables); 6 requests (the kernels\' inline request table) and 80 (uploaded), widths 640 and 643', async () => {
         const be = cudaBackendOf(engine);
         const host = loadHostPlanner();
-        const seqLens = Int32Array.from([700, 129, 5000, 0, 2000, 77]);
-        const extendLens = Int32Array.from([300, 129, 1, 0, 777, 77]);
-        const nq = extendLens.reduce((x, y) => x + y, 0);
-        const window = 128, topk = 512, width = 640;
-        const requests = Array.from(seqLens, (seqLen, r) => ({ seqLen, extendLen: extendLens[r]! }));
-        const topkIdx = indexerTopk(rng, requests, topk, { holes: 0.2, late: 1, duplicates: 0.05 }).indices.data;
-        const want = host.combineTopk(seqLens, extendLens, window, 4, topkIdx, topk, width);
+        const window = 128, topk = 512;
         const readTotal = async (x: BigInt64Array | import('../../types.js').DeviceBuffer | null): Promise<BigInt64Array> => {
           if (x === null) throw new Error('the dropped total asked for was not built');
           if (x instanceof BigInt64Array) return x;
@@ -394,66 +388,80 @@ export async function checkCommand(argv: string[]): Promise<number> {
           x.free();
           return t;
         };
-        for (const placement of ['host', 'device'] as const) {
-          const idx = placement === 'device' ? (await engine.upload(tensor('int32', [nq, topk], topkIdx))).data : topkIdx;
-          const got = await be.planRows({ seqLens, extendLens, window, ratio: 4, topkIndices: idx, topk, width }, placement, placement, placement);
-          const dl = async (x: Int32Array | import('../../types.js').DeviceBuffer | null, n: number): Promise<Int32Array> => {
-            if (x === null) throw new Error('an output asked for was not built');
-            if (x instanceof Int32Array) return x;
-            const t = await engine.download({ dtype: 'int32', shape: [n], data: x });
-            x.free();
-            return t.data;
-          };
-          sameBits(`c4 rows (${placement})`, await dl(got.rows, nq * width), want.rows);
-          sameBits(`c4 lens (${placement})`, await dl(got.lens, nq), want.lens);
-          sameBits(`c4 dropped (${placement})`, await dl(got.dropped, nq), want.dropped);
-          const total = await readTotal(got.droppedTotal);
-          if (want.droppedTotal === 0 || Number(total[0]) !== want.droppedTotal) throw new Error(`c4 dropped total (${placement}): ${total[0]} vs host ${want.droppedTotal} (the case must drop some)`);
-          if (typeof idx !== 'object' || !(idx instanceof Int32Array)) idx.free();
-        }
-        for (const [ratio, w] of [[0, combinedWidth(0, 0, 0, window, 128)], [128, combinedWidth(128, 0, Math.floor(5000 / 128), window, 128)]] as const) {
-          const d = host.denseRows(seqLens, extendLens, window, ratio, w);
-          const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w }, 'host', 'host', 'device');
-          sameBits(`c${ratio} rows`, got.rows as Int32Array, d.rows);
-          sameBits(`c${ratio} lens`, got.lens as Int32Array, d.lens);
-          const total = await readTotal(got.droppedTotal);
-          if (total[0] !== 0n || (got.dropped as Int32Array).some((x) => x !== 0)) throw new Error(`c${ratio}: dense rows dropped something`);
-        }
-        // Compressed flat token ids (planCompressedTokenIds, compressed_token_id per entry) against
-        // the host planner's: several requests incl. an empty one and seqLen < ratio, page tables
-        // host and device, outputs host and device.
-        const cSeq = Int32Array.from([700, 0, 3, 5000, 77, 2000, 129]);
-        const cExt = Int32Array.from([300, 0, 3, 1, 77, 777, 0]);
-        for (const [ratio, pageSize] of [[4, 64], [128, 2]] as const) {
-          const offsets = new Float64Array(cSeq.length + 1);
-          const tables: number[] = [];
-          let total = 0;
-          for (let r = 0; r < cSeq.length; r++) {
-            const v = requestVisible(cSeq[r]!, cExt[r]!, ratio);
-            total += v;
-            const need = Math.ceil(v / pageSize) + (r % 2); // a spare page now and then: only the used ones are read
-            for (let p = 0; p < need; p++) tables.push(rng.int(0, 100000));
-            offsets[r + 1] = offsets[r]! + need;
-          }
-          const flat = Int32Array.from(tables);
-          const want = host.compressedTokenIds(cSeq, cExt, ratio, flat, offsets, pageSize, total);
-          if (want.length !== total) throw new Error(`c${ratio} host ids: ${want.length} entries, expected ${total}`);
+        const dl = async (x: Int32Array | import('../../types.js').DeviceBuffer | null, n: number): Promise<Int32Array> => {
+          if (x === null) throw new Error('an output asked for was not built');
+          if (x instanceof Int32Array) return x;
+          const t = await engine.download({ dtype: 'int32', shape: [n], data: x });
+          x.free();
+          return t.data;
+        };
+        const rowsOf = async (label: string, seqLens: Int32Array, extendLens: Int32Array, width: number): Promise<void> => {
+          const nq = extendLens.reduce((x, y) => x + y, 0);
+          const requests = Array.from(seqLens, (seqLen, r) => ({ seqLen, extendLen: extendLens[r]! }));
+          const topkIdx = indexerTopk(rng, requests, topk, { holes: 0.2, late: 1, duplicates: 0.05 }).indices.data;
+          const want = host.combineTopk(seqLens, extendLens, window, 4, topkIdx, topk, width);
           for (const placement of ['host', 'device'] as const) {
-            const pt = placement === 'device' ? (await engine.upload(tensor('int32', [flat.length], flat))).data : flat;
-            const got = await be.planCompressedTokenIds({ seqLens: cSeq, extendLens: cExt, ratio, pageTables: pt, pageTableOffsets: offsets, pageSize }, placement);
-            let ids: BigInt64Array;
-            if (got instanceof BigInt64Array) ids = got;
-            else {
-              ids = (await engine.download({ dtype: 'int64', shape: [total], data: got })).data as BigInt64Array;
-              got.free();
+            const idx = placement === 'device' ? (await engine.upload(tensor('int32', [nq, topk], topkIdx))).data : topkIdx;
+            const got = await be.planRows({ seqLens, extendLens, window, ratio: 4, topkIndices: idx, topk, width }, placement, placement, placement);
+            sameBits(`${label}: c4 rows (${placement})`, await dl(got.rows, nq * width), want.rows);
+            sameBits(`${label}: c4 lens (${placement})`, await dl(got.lens, nq), want.lens);
+            sameBits(`${label}: c4 dropped (${placement})`, await dl(got.dropped, nq), want.dropped);
+            const total = await readTotal(got.droppedTotal);
+            if (want.droppedTotal === 0 || Number(total[0]) !== want.droppedTotal) throw new Error(`${label}: c4 dropped total (${placement}): ${total[0]} vs host ${want.droppedTotal} (the case must drop some)`);
+            if (!(idx instanceof Int32Array)) idx.free();
+          }
+          const longest = Math.max(...Array.from(seqLens, (s, r) => (extendLens[r]! > 0 ? s : 0)));
+          for (const [ratio, w] of [[0, combinedWidth(0, 0, 0, window, 128)], [128, combinedWidth(128, 0, Math.floor(longest / 128), window, 128)]] as const) {
+            const d = host.denseRows(seqLens, extendLens, window, ratio, w);
+            const got = await be.planRows({ seqLens, extendLens, window, ratio, topkIndices: null, topk: 0, width: w }, 'host', 'host', 'device');
+            sameBits(`${label}: c${ratio} rows`, got.rows as Int32Array, d.rows);
+            sameBits(`${label}: c${ratio} lens`, got.lens as Int32Array, d.lens);
+            const total = await readTotal(got.droppedTotal);
+            if (total[0] !== 0n || (got.dropped as Int32Array).some((x) => x !== 0)) throw new Error(`${label}: c${ratio}: dense rows dropped something`);
+          }
+        };
+        // Compressed flat token ids (planCompressedTokenIds, compressed_token_id per entry) against
+        // the host planner's: page tables host and device, outputs host and device.
+        const idsOf = async (label: string, cSeq: Int32Array, cExt: Int32Array): Promise<void> => {
+          for (const [ratio, pageSize] of [[4, 64], [128, 2]] as const) {
+            const offsets = new Float64Array(cSeq.length + 1);
+            const tables: number[] = [];
+            let total = 0;
+            for (let r = 0; r < cSeq.length; r++) {
+              const v = requestVisible(cSeq[r]!, cExt[r]!, ratio);
+              total += v;
+              const need = Math.ceil(v / pageSize) + (r % 2); // a spare page now and then: only the used ones are read
+              for (let p = 0; p < need; p++) tables.push(rng.int(0, 100000));
+              offsets[r + 1] = offsets[r]! + need;
             }
-            if (!(pt instanceof Int32Array)) pt.free();
-            if (ids.length !== want.length) throw new Error(`c${ratio} ids (${placement}): lengths ${ids.length} vs ${want.length}`);
-            for (let i = 0; i < ids.length; i++) {
-              if (ids[i] !== want[i]) throw new Error(`c${ratio} ids (${placement}): element ${i} differs (${ids[i]} vs ${want[i]})`);
+            const flat = Int32Array.from(tables);
+            const want = host.compressedTokenIds(cSeq, cExt, ratio, flat, offsets, pageSize, total);
+            if (want.length !== total) throw new Error(`${label}: c${ratio} host ids: ${want.length} entries, expected ${total}`);
+            for (const placement of ['host', 'device'] as const) {
+              const pt = placement === 'device' ? (await engine.upload(tensor('int32', [flat.length], flat))).data : flat;
+              const got = await be.planCompressedTokenIds({ seqLens: cSeq, extendLens: cExt, ratio, pageTables: pt, pageTableOffsets: offsets, pageSize }, placement);
+              let ids: BigInt64Array;
+              if (got instanceof BigInt64Array) ids = got;
+              else {
+                ids = (await engine.download({ dtype: 'int64', shape: [total], data: got })).data as BigInt64Array;
+                got.free();
+              }
+              if (!(pt instanceof Int32Array)) pt.free();
+              if (ids.length !== want.length) throw new Error(`${label}: c${ratio} ids (${placement}): lengths ${ids.length} vs ${want.length}`);
+              for (let i = 0; i < ids.length; i++) {
+                if (ids[i] !== want[i]) throw new Error(`${label}: c${ratio} ids (${placement}): element ${i} differs (${ids[i]} vs ${want[i]})`);
+              }
             }
           }
-        }
+        };
+        await rowsOf('6 requests', Int32Array.from([700, 129, 5000, 0, 2000, 77]), Int32Array.from([300, 129, 1, 0, 777, 77]), 640);
+        await idsOf('7 requests', Int32Array.from([700, 0, 3, 5000, 77, 2000, 129]), Int32Array.from([300, 0, 3, 1, 77, 777, 0]));
+        // more requests than the kernels take in their parameters: the table is uploaded; empty
+        // requests, seqLen < ratio and an odd row width among them
+        const manySeq = Int32Array.from({ length: 80 }, (_, r) => (r % 13 === 5 ? 0 : r % 7 === 3 ? rng.int(1, 4) : rng.int(1, 3000)));
+        const manyExt = Int32Array.from(manySeq, (s, r) => (r % 11 === 2 ? 0 : Math.min(s, rng.int(1, 120))));
+        await rowsOf('80 requests', manySeq, manyExt, topk + window + 3);
+        await idsOf('80 requests', manySeq, manyExt);
       });
       await run('dequantize with device token ids (int64, uploaded once) into a workspace region equals the host-id path bit for bit; an id outside the cache gives a zero row (never read) and the device stays usable', async () => {
         const be = cudaBackendOf(engine);

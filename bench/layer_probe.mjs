@@ -7,8 +7,9 @@
 //   wall     from the call until engine.synchronize() resolves (and until the call itself resolves);
 //   queued   the layer behind ~1 ms of device copies, so the host is ahead: its device time
 //            including untimed work, with host latency hidden (wall of blocker + layer − blocker);
-//   trace    one run's native calls: when JS made each (µs from the call), when it returned, when
-//            its promise settled;
+//   trace    the native calls: when JS made each (µs from the call), when it returned, when its
+//            promise settled (medians);
+//   host costs  what each native call costs the JS thread alone (median of 200 calls);
 // for the layer as the bench runs it (host sink), with a device sink and without a sink, and for
 // its pieces alone (the planner rows, the dropped-total read, the two dequants, the prefill, a
 // synchronize of an idle stream, allocating the outputs). A variant that throws prints its error
@@ -19,6 +20,8 @@ import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '.
 import { engineBackend } from '../dist/engine.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { makeRng, randomBf16 } from '../dist/check/grid.js';
+import { checkPlacedTensor, checkQuery } from '../dist/ops/common.js';
+import { routePrefill } from '../dist/planner/router.js';
 
 const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);
@@ -112,9 +115,10 @@ async function queued(name, fn) {
   console.log(`  ${name} queued: device ${ms(med(both) - med(alone))} ms (blocker ${ms(med(alone))} ms, blocker + call resolved at ${ms(med(enq))} ms)`);
 }
 
-/** One run of fn with every native call logged: when JS made it, returned, settled (µs from the call). */
+/** fn's native calls, medians over REPEAT runs after WARMUP: when JS made each (µs from the call), when it returned, when its promise settled. */
 async function trace(name, fn) {
-  const orig = be.ops, log = [];
+  const orig = be.ops;
+  let log = [];
   const wrapped = {};
   for (const op of ['planRows', 'planCompressedTokenIds', 'dequantizeKvCache', 'sparsePrefill', 'upload', 'download', 'copyDevice']) {
     wrapped[op] = (...args) => {
@@ -126,20 +130,25 @@ async function trace(name, fn) {
       return p;
     };
   }
-  await flush();
-  be.ops = new Proxy(orig, { get: (t, k) => wrapped[k] ?? t[k] });
-  let t0, t1, t2;
+  const runs = [];
+  be.ops = Object.assign(Object.create(orig), wrapped);
   try {
-    t0 = performance.now();
-    await fn();
-    t1 = performance.now();
-    await engine.synchronize();
-    t2 = performance.now();
+    for (let i = 0; i < WARMUP + REPEAT; i++) {
+      await flush();
+      log = [];
+      const t0 = performance.now();
+      await fn();
+      const t1 = performance.now();
+      await engine.synchronize();
+      const t2 = performance.now();
+      if (i >= WARMUP) runs.push({ t0, resolved: t1 - t0, synced: t2 - t0, log });
+    }
   } finally {
     be.ops = orig;
   }
-  console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(t1 - t0)}, synchronized ${us(t2 - t0)}`);
-  for (const e of log) console.log(`    ${e.op.padEnd(24)} ${us(e.call - t0)} ${us(e.ret - t0)} ${us(e.settle - t0)}`);
+  const at = (k, f) => med(runs.map((r) => r.log[k][f] - r.t0));
+  console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(med(runs.map((r) => r.resolved)))}, synchronized ${us(med(runs.map((r) => r.synced)))}`);
+  runs[0].log.forEach((e, k) => console.log(`    ${e.op.padEnd(24)} ${us(at(k, 'call'))} ${us(at(k, 'ret'))} ${us(at(k, 'settle'))}`));
 }
 
 /** A device tensor of random bf16 values (a 16 MiB random block tiled). */
@@ -244,6 +253,42 @@ for (const N of SIZES) {
         for (const b of [r.out, r.lse, r.maxLogits]) b.free();
       };
       const readDropped = () => be.download(rows.droppedTotal, new BigInt64Array(1));
+      // what each native call costs the JS thread (no events, device operands: each is queued and
+      // settled at once), median of 200 calls; the device work piles up behind and is waited for after
+      const hostCost = async (name, fn) => {
+        const t = [];
+        for (let i = 0; i < 200; i++) {
+          const t0 = performance.now();
+          await fn();
+          t.push(performance.now() - t0);
+        }
+        await engine.synchronize();
+        console.log(`  host cost of ${name}: ${us(med(t))} µs a call`);
+      };
+      await variant('host costs', async () => {
+        const rowsBytes = N * width * 4;
+        await hostCost('alloc + free of rows, lens, total', async () => {
+          for (const b of [be.alloc(rowsBytes), be.alloc(N * 4), be.alloc(8)]) b.free();
+        });
+        const pre = { rows: be.alloc(rowsBytes), lens: be.alloc(N * 4), total: be.alloc(8) };
+        const op = (b) => b.native;
+        await hostCost('ops.planRows (preallocated outputs)', () =>
+          be.ops.planRows({ numRequests: 1, seqLens: Int32Array.of(N), extendLens: Int32Array.of(N), window: plan.window, ratio: 4, topkIndices: op(topk.data), topk: TOPK, width, rows: op(pre.rows), lens: op(pre.lens), dropped: null, droppedTotal: op(pre.total), numQueries: N }, be.stream));
+        await hostCost('be.planRows (allocates)', planRows);
+        await hostCost('8-byte download (call to return)', () => { be.download(pre.total, new BigInt64Array(1)); });
+        await hostCost('dequantizeKCacheIdsInto (c4)', () => be.dequantizeKCacheIdsInto(c4, compIds, layout.compressedRows, ws, 0));
+        await hostCost('sparsePrefill, device sink (allocates outputs)', prefill(deviceSink.data));
+        await hostCost('synchronize of an idle stream', () => engine.synchronize());
+        // the layer's checks before its first native call, each alone (JS only)
+        await hostCost('check q + sink + caches + top-k + route (JS)', () => {
+          checkQuery(q, '[numQueries, hQ, 512]', true);
+          checkPlacedTensor(deviceSink, 'attnSink', ['float32']);
+          plan.checkCaches({ swa, c4 }, 4);
+          plan.checkTopk(topk, true);
+          routePrefill(N, { path: 'sparse', backend: 'cuda', compressRatio: 4 });
+        });
+        for (const b of Object.values(pre)) b.free();
+      });
       for (const [name, fn] of [
         ['planRows (c4 combine)', planRows],
         ['dropped-total read (8-byte download)', readDropped],

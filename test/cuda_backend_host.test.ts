@@ -454,7 +454,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       swad.data.free();
       compd?.data.free();
     }
-    expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 2, deviceWorkspaceAllocations: 1 });
+    expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 2, deviceWorkspaceAllocations: 1, deviceC4RowAllocations: 1 });
     expect(planDev.stats).toEqual({ ...planHost.stats, c0Builds: 0, c128Builds: 0, workspaceAllocations: 0 });
     expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 2, workspaceAllocations: 1 });
   }, 20_000);

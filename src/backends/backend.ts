@@ -170,6 +170,11 @@ export interface PlanRowsJob<B = never> {
   topk: number;
   /** row width: at least the widest row */
   width: number;
+  /**
+   * Device steps build the rows into these (a c4 layer's buffers kept by its plan, sized for this
+   * job) instead of allocating; host steps return new arrays.
+   */
+  into?: PlannedRows<B>;
 }
 
 export interface PlannedRows<B = never> {

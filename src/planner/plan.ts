@@ -10,7 +10,7 @@ import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '..
 import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import type { CacheView, LayerSteps } from '../backends/backend.js';
+import type { CacheView, LayerSteps, PlannedRows } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
@@ -196,6 +196,8 @@ export interface LayerRows<B = never> {
 /** A c4 layer's rows, and its dropped entries once read (they come back while the layer runs). */
 export interface C4LayerRows<B = never> extends LayerRows<B> {
   readonly dropped: Promise<number>;
+  /** where the dropped total was summed (a device buffer on a device): given back with the rows */
+  readonly droppedTotal: number | B | null;
 }
 
 /** A c4 layer's top-k checked against its plan (Plan.checkTopk): its data, [numQueries, topk] and its rows' width. */
@@ -233,6 +235,7 @@ export class LayerResources<B = never> {
   readonly #compressedIds = new Map<4 | 128, BigInt64Array | B>();
   #swaIds?: BigInt64Array | B;
   #workspace?: Uint16Array | B;
+  #c4Rows?: C4LayerRows<B>;
   readonly #denseInFlight = new Map<0 | 128, Promise<LayerRows<B>>>();
   readonly #idsInFlight = new Map<4 | 128 | 'swa', Promise<BigInt64Array | B>>();
 
@@ -275,31 +278,63 @@ export class LayerResources<B = never> {
   }
 
   /**
-   * A c4 layer's rows from its indexer's top-k (checked by Plan.checkTopk), built per layer. The
-   * dropped counts are read back without holding up what the caller queues next.
+   * A c4 layer's rows from its indexer's top-k (checked by Plan.checkTopk), built per layer: on a
+   * device into the buffers an earlier c4 layer of the same width gave back (giveBackC4Rows), so a
+   * layer allocates nothing before its first launch. The dropped counts are read back without
+   * holding up what the caller queues next.
    */
   async combineC4(steps: LayerSteps<B>, topk: CheckedTopk<B>): Promise<C4LayerRows<B>> {
     const p = this.#plan;
-    const r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width });
+    const into = this.#takeC4Rows(topk.width);
+    let r;
+    try {
+      r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, ...(into ? { into } : {}) });
+    } catch (e) {
+      if (into) this.#releaseC4Rows(into);
+      throw e;
+    }
     p.stats.c4Combines++;
-    if (this.memory === 'device') p.deviceStats.deviceC4Combines++;
-    return { width: topk.width, rows: r.rows, lens: r.lens, dropped: r.droppedTotal === null ? Promise.resolve(0) : this.#countDropped(steps, r.droppedTotal) };
+    if (this.memory === 'device') {
+      p.deviceStats.deviceC4Combines++;
+      if (!into) p.deviceStats.deviceC4RowAllocations++;
+    }
+    const dropped = r.droppedTotal === null ? Promise.resolve(0) : this.#countDropped(steps, r.droppedTotal);
+    return { width: topk.width, rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal, dropped };
   }
 
-  /** Reads a combine's dropped total (freeing a device one) and counts it in plan.stats. */
+  /**
+   * Takes back a c4 layer's rows once the layer has queued everything that reads them and its
+   * dropped total has been read: a device keeps one set for the next c4 layer (stream order puts
+   * that layer's combine after this one's readers); a concurrent layer finds none and allocates.
+   */
+  giveBackC4Rows(rows: C4LayerRows<B>): void {
+    if (this.memory !== 'device') return;
+    if (this.#c4Rows === undefined) this.#c4Rows = rows;
+    else this.#releaseC4Rows(rows);
+  }
+
+  #takeC4Rows(width: number): C4LayerRows<B> | undefined {
+    const have = this.#c4Rows;
+    this.#c4Rows = undefined;
+    if (have === undefined) return undefined;
+    if (have.width === width && usable(have.rows) && usable(have.lens) && usable(have.droppedTotal)) return have;
+    this.#releaseC4Rows(have);
+    return undefined;
+  }
+
+  #releaseC4Rows(rows: PlannedRows<B>): void {
+    releaseDevice(rows.rows);
+    releaseDevice(rows.lens);
+    releaseDevice(rows.droppedTotal);
+  }
+
+  /** Reads a combine's dropped total and counts it in plan.stats. */
   #countDropped(steps: LayerSteps<B>, droppedTotal: number | B): Promise<number> {
     const p = this.#plan;
-    return steps.readDroppedTotal(droppedTotal).then(
-      (total) => {
-        releaseDevice(droppedTotal);
-        p.stats.c4Dropped += total;
-        return total;
-      },
-      (e: unknown) => {
-        releaseDevice(droppedTotal);
-        throw e;
-      },
-    );
+    return steps.readDroppedTotal(droppedTotal).then((total) => {
+      p.stats.c4Dropped += total;
+      return total;
+    });
   }
 
   /**
@@ -395,7 +430,7 @@ export class Plan {
     workspaceAllocations: 0,
   };
   /** What prefillLayer kept on a device (cuda engines): uploads, GPU builds and c4 combines, device workspaces. */
-  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0 };
+  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0, deviceC4RowAllocations: 0 };
 
   readonly #planner: HostPlanner;
   readonly #seqLens: Int32Array;

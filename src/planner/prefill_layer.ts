@@ -5,7 +5,7 @@
  * run sparsePrefill over the combined rows. What does not change within the chunk — the c0 / c128
  * rows, the compressed and SWA gather ids, the workspace — is built once per plan and memory and
  * kept by the plan (LayerResources); only the dequant (every layer has its own caches) and a c4
- * layer's combine run per layer. Paged path: pagedSparseAttention straight over the layer's caches
+ * layer's combine run per layer (on a device into row buffers the plan keeps between c4 layers). Paged path: pagedSparseAttention straight over the layer's caches
  * with the plan's paged form of the same rows.
  *
  * On a host engine (cpu, wasm) the steps work in host memory. On a cuda engine they work on the
@@ -20,11 +20,11 @@
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
-import { isDeviceBuffer, placedTensor, releaseDevice, tensor } from '../tensor.js';
+import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions } from './types.js';
 
@@ -157,10 +157,9 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
   const layout = plan.layout(ratio);
   let rows: LayerRows<DeviceBuffer>;
   let dropped: Promise<number> = Promise.resolve(0);
-  const temps: unknown[] = [];
+  let c4: C4LayerRows<DeviceBuffer> | undefined;
   if (ratio === 4) {
-    const c4 = await res.combineC4(steps, topk!);
-    temps.push(c4.rows, c4.lens);
+    c4 = await res.combineC4(steps, topk!);
     rows = c4;
     dropped = c4.dropped;
   } else {
@@ -194,6 +193,6 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
     throw e;
   } finally {
     if (ws !== undefined) res.giveBackWorkspace(ws);
-    for (const b of temps) releaseDevice(b);
+    if (c4) res.giveBackC4Rows(c4);
   }
 }

@@ -156,6 +156,8 @@ export interface PlanDeviceStats {
   deviceC4Combines: number;
   /** device workspace buffers allocated (one per plan and engine, reused by every layer) */
   deviceWorkspaceAllocations: number;
+  /** c4 row buffers (rows, lengths, dropped total) allocated on the GPU: one set per plan, engine and row width, built into by every c4 layer */
+  deviceC4RowAllocations: number;
 }
 
 /** sparse = the workspace path (dequant + sparsePrefill); paged = attention straight over the FP8 pages. */

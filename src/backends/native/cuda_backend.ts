@@ -26,6 +26,7 @@ import type {
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   PlacedAttentionOutput,
+  PlannedRows,
   PlanRowsJob,
   QuantizeKCacheJob,
   SparsePrefillJob,
@@ -169,7 +170,7 @@ export class CudaBackend implements Backend, DeviceOps {
   readonly layer: LayerSteps<DeviceBuffer> = {
     memory: 'device',
     planRows: async (job) => {
-      const r = await this.planRows(job, 'device', null, job.topkIndices === null ? null : 'device');
+      const r = await this.planRows(job, 'device', null, job.topkIndices === null ? null : 'device', job.into);
       return { rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal as DeviceBuffer | null };
     },
     planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
@@ -436,14 +437,22 @@ export class CudaBackend implements Backend, DeviceOps {
    * when topkIndices is null. Outputs where `placement` says; the dropped counts per query where
    * `droppedPlacement` says and their total (int64 [1], summed on the device) where
    * `totalPlacement` says, each or not at all (null). Inputs are the plan's, already validated and
-   * sized (width ≥ the widest row).
+   * sized (width ≥ the widest row). `into`: device buffers of exactly these sizes to build the rows,
+   * lengths and total into (placement and totalPlacement 'device') instead of allocating them.
    */
-  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement, totalPlacement: Placement | null = null): Promise<DevicePlannedRows> {
+  async planRows(
+    args: PlanRowsJob<DeviceBuffer>,
+    placement: Placement = 'host',
+    droppedPlacement: Placement | null = placement,
+    totalPlacement: Placement | null = null,
+    into?: PlannedRows<DeviceBuffer>,
+  ): Promise<DevicePlannedRows> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
-    const rows = this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
-    const lens = this.output(placement, Int32Array, 4, numQueries, 'lens');
+    const given = (b: unknown, placed: Placement | null): DeviceBuffer | undefined => (placed === 'device' && isDeviceBuffer(b) ? b : undefined);
+    const rows = given(into?.rows, placement) ?? this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
+    const lens = given(into?.lens, placement) ?? this.output(placement, Int32Array, 4, numQueries, 'lens');
     const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
-    const droppedTotal = totalPlacement === null ? null : this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal');
+    const droppedTotal = totalPlacement === null ? null : (given(into?.droppedTotal, totalPlacement) ?? this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal'));
     try {
       await this.calls.run('planRows', () =>
         this.ops.planRows(
@@ -457,7 +466,8 @@ export class CudaBackend implements Backend, DeviceOps {
         ),
       );
     } catch (e) {
-      for (const b of [rows, lens, dropped, droppedTotal]) if (isDeviceBuffer(b)) b.free();
+      // the caller's buffers stay the caller's
+      for (const b of [rows, lens, dropped, droppedTotal]) if (isDeviceBuffer(b) && b !== into?.rows && b !== into?.lens && b !== into?.droppedTotal) b.free();
       throw e;
     }
     return { rows, lens, dropped, droppedTotal };

@@ -535,9 +535,9 @@ export async function checkCommand(argv: string[]): Promise<number> {
         const d = planDev.deviceStats;
         // c0 / c128 rows built on the GPU once each (no host build, no row upload); the compressed
         // ids (c4, c128) built on the GPU once each, the SWA ids uploaded once, across the four
-        // layers; c4 combined per layer.
-        if (d.deviceUploads !== 1 || d.deviceCompressedIdBuilds !== 2 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1) {
-          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 1 id upload (SWA), 2 GPU compressed id builds (c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace`);
+        // layers; c4 combined per layer into one set of row buffers.
+        if (d.deviceUploads !== 1 || d.deviceCompressedIdBuilds !== 2 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1 || d.deviceC4RowAllocations !== 1) {
+          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 1 id upload (SWA), 2 GPU compressed id builds (c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace, 1 set of c4 row buffers`);
         }
         if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);

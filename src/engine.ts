@@ -3,7 +3,7 @@
  * arguments once (src/ops/, before any work) and hands the job to the backend. The main thread
  * never does the math.
  */
-import { SparseMlaError, fail } from './errors.js';
+import { SparseMlaError, disposedError, fail } from './errors.js';
 import { BYTES_PER_ELEMENT, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
 import type {
   BackendName,
@@ -56,7 +56,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   private alive(): void {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    if (this.disposed) throw disposedError();
   }
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {

@@ -3,7 +3,7 @@
  * arguments once (src/ops/, before any work) and hands the job to the backend. The main thread
  * never does the math.
  */
-import { SparseMlaError, fail } from './errors.js';
+import { SparseMlaError, disposedError, fail } from './errors.js';
 import { BYTES_PER_ELEMENT, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
 import type {
   BackendName,
@@ -56,7 +56,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   private alive(): void {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    if (this.disposed) throw disposedError();
   }
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
@@ -101,11 +101,7 @@ export class SparseMlaEngine implements Engine {
     const job = prepareSparsePrefill(args);
     const dev = this.route(job, output, 'sparsePrefill');
     const r: PlacedAttentionOutput = dev ? await dev.sparsePrefill(job, output) : await this.impl.sparsePrefill(job as Parameters<Backend['sparsePrefill']>[0]);
-    return {
-      out: placed('bf16', [job.sQ, job.hQ, job.dV], r.out),
-      maxLogits: placed('float32', [job.sQ, job.hQ], r.maxLogits),
-      lse: placed('float32', [job.sQ, job.hQ], r.lse),
-    } as SparsePrefillResult<P>;
+    return attentionTensors(r, job.sQ, job.hQ, job.dV) as SparsePrefillResult<P>;
   }
 
   async pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>> {
@@ -114,11 +110,7 @@ export class SparseMlaEngine implements Engine {
     const job = preparePagedSparseAttention(args);
     const dev = this.route(job, output, 'pagedSparseAttention');
     const r: PlacedAttentionOutput = dev ? await dev.pagedSparseAttention(job, output) : await this.impl.pagedSparseAttention(job as Parameters<Backend['pagedSparseAttention']>[0]);
-    return {
-      out: placed('bf16', [job.n, job.hQ, 512], r.out),
-      lse: placed('float32', [job.n, job.hQ], r.lse),
-      maxLogits: placed('float32', [job.n, job.hQ], r.maxLogits),
-    } as PagedSparseAttentionResult<P>;
+    return attentionTensors(r, job.n, job.hQ, 512) as PagedSparseAttentionResult<P>;
   }
 
   async upload<D extends DType>(t: Tensor<D>): Promise<DeviceTensor<D>> {
@@ -180,6 +172,15 @@ const HOST_ARRAYS: { readonly [D in DType]: new (n: number) => DTypeArrays[D] } 
   int64: BigInt64Array,
   uint8: Uint8Array,
 };
+
+/** An attention call's outputs as tensors where they lie: out [rows, hQ, dV], maxLogits and lse [rows, hQ]. */
+function attentionTensors(r: PlacedAttentionOutput, rows: number, hQ: number, dV: number) {
+  return {
+    out: placed('bf16', [rows, hQ, dV], r.out),
+    maxLogits: placed('float32', [rows, hQ], r.maxLogits),
+    lse: placed('float32', [rows, hQ], r.lse),
+  };
+}
 
 /** Whether a job holds a device buffer anywhere (its arrays, caches, index sets). */
 function usesDevice(job: object): boolean {

@@ -27,3 +27,8 @@ export class SparseMlaError extends Error {
 export function fail(code: ErrorCode, argument: string, expected: string, got: string): never {
   throw new SparseMlaError(code, `${argument}: expected ${expected}, got ${got}`, argument);
 }
+
+/** What every call on a disposed engine rejects with. */
+export function disposedError(): SparseMlaError {
+  return new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+}

@@ -100,6 +100,42 @@ export interface PagedSparseAttentionJob<B = never> {
 
 export type PagedSparseAttentionOutput = SparsePrefillOutput;
 
+/** An index set as pagedSparseAttentionFields reads it, whatever arrays (host, staged, device) it holds. */
+interface PagedSetOf<C, I, L> {
+  cache: { pageSize: number; numPages: number; data: C };
+  indices: I;
+  topk: number;
+  topkLength: L;
+}
+
+/**
+ * A paged attention job's inputs as the fields of the C ABI's params struct (abi.ts
+ * OP_PARAMS.pagedSparseAttention, less the outputs): each index set flattened, no extra set as
+ * nulls and zeros. Every backend hands its ops these fields; the arrays are the job's own.
+ */
+export function pagedSparseAttentionFields<Q, C, I, L, S>(job: { q: Q; n: number; hQ: number; main: PagedSetOf<C, I, L>; extra: PagedSetOf<C, I, L> | null; attnSink: S; smScale: number }) {
+  const { main, extra } = job;
+  return {
+    q: job.q,
+    n: job.n,
+    hQ: job.hQ,
+    kCache: main.cache.data,
+    pageSize: main.cache.pageSize,
+    numPages: main.cache.numPages,
+    indices: main.indices,
+    topk: main.topk,
+    topkLength: main.topkLength,
+    extraKCache: extra ? extra.cache.data : null,
+    extraPageSize: extra ? extra.cache.pageSize : 0,
+    extraNumPages: extra ? extra.cache.numPages : 0,
+    extraIndices: extra ? extra.indices : null,
+    extraTopk: extra ? extra.topk : 0,
+    extraTopkLength: extra ? extra.topkLength : null,
+    attnSink: job.attnSink,
+    smScale: job.smScale,
+  };
+}
+
 /** Outputs where the caller asked for them: host arrays or device buffers. */
 export interface PlacedAttentionOutput {
   out: Uint16Array | DeviceBuffer;

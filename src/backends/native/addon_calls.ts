@@ -3,7 +3,7 @@
  * dispose() can wait for the calls in flight, calls after dispose() reject with DISPOSED, and any
  * addon error (thrown synchronously or from the promise) becomes a typed SparseMlaError.
  */
-import { SparseMlaError } from '../../errors.js';
+import { disposedError } from '../../errors.js';
 import type { BackendName } from '../../types.js';
 import { addonFailure } from './binding.js';
 
@@ -15,7 +15,7 @@ export class AddonCalls {
 
   /** Throws DISPOSED once dispose() has been called. */
   assertAlive(): void {
-    if (this.disposed) throw new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
+    if (this.disposed) throw disposedError();
   }
 
   async run(op: string, start: () => Promise<void>): Promise<void> {

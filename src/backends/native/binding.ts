@@ -79,9 +79,6 @@ export interface NativeStream {
   synchronize(): Promise<void>;
 }
 
-/** A host typed array or a device buffer of exactly the same byte length. */
-export type Operand<T> = T | NativeDeviceBuffer;
-
 /**
  * The CUDA kernel ops (native/addon/cuda_ops.cpp): each takes the op's params object (../abi.ts,
  * CUDA_OP_PARAMS: the fields of the C ABI struct its launcher takes, read into it by the op's

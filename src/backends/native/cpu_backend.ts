@@ -9,21 +9,22 @@
  * the caller only when the call has settled.
  */
 import { AddonCalls } from './addon_calls.js';
-import { SparseMlaError } from '../../errors.js';
-import type {
-  Backend,
-  BackendEntry,
-  BackendProbe,
-  DequantizeKCacheJob,
-  LayerSteps,
-  PagedSparseAttentionJob,
-  PagedSparseAttentionOutput,
-  QuantizeKCacheJob,
-  SparsePrefillJob,
-  SparsePrefillOutput,
+import { SparseMlaError, disposedError } from '../../errors.js';
+import {
+  pagedSparseAttentionFields,
+  type Backend,
+  type BackendEntry,
+  type BackendProbe,
+  type DequantizeKCacheJob,
+  type LayerSteps,
+  type PagedSparseAttentionJob,
+  type PagedSparseAttentionOutput,
+  type QuantizeKCacheJob,
+  type SparsePrefillJob,
+  type SparsePrefillOutput,
 } from '../backend.js';
 import { hostLayerSteps } from '../wasm/planner.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { allocOutput, checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -38,15 +39,6 @@ const MIN_THREAD_WORK = 4e6;
 /** Threads for a call: the backend's count, no more than the rows or than the work justifies. */
 export function threadsFor(workers: number, rows: number, workPerRow: number): number {
   return Math.max(1, Math.min(workers, rows, Math.floor((rows * workPerRow) / MIN_THREAD_WORK)));
-}
-
-/** Allocates an output, refusing (TOO_LARGE) what this process cannot hold. */
-function alloc<T>(ctor: new (n: number) => T, n: number, argument: string): T {
-  try {
-    return new ctor(n);
-  } catch (e) {
-    throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
-  }
 }
 
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
@@ -118,15 +110,15 @@ export class CpuBackend implements Backend {
 
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
     this.calls.assertAlive();
-    const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    const { sQ, hQ, dQK, dV, topk } = job;
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
     this.budget('sparsePrefill', 'q', inputs, sQ * hQ * (dV * 2 + 8));
-    const out = alloc(Uint16Array, sQ * hQ * dV, 'out');
-    const maxLogits = alloc(Float32Array, sQ * hQ, 'maxLogits');
-    const lse = alloc(Float32Array, sQ * hQ, 'lse');
+    const out = allocOutput(Uint16Array, sQ * hQ * dV, 'out');
+    const maxLogits = allocOutput(Float32Array, sQ * hQ, 'maxLogits');
+    const lse = allocOutput(Float32Array, sQ * hQ, 'lse');
     const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
-      this.addon.cpu.sparsePrefill(threads, { q, kv, indices, topkLength, attnSink, sQ, hQ, dQK, dV, sKV, topk, smScale: job.smScale, out, maxLogits, lse }),
+      this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
     );
     return { out, maxLogits, lse };
   }
@@ -134,37 +126,17 @@ export class CpuBackend implements Backend {
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
     this.calls.assertAlive();
     const { n, hQ, main, extra } = job;
-    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
+    const fields = pagedSparseAttentionFields(job);
+    const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     this.budget('pagedSparseAttention', 'q', inputs, n * hQ * (512 * 2 + 8));
-    const out = alloc(Uint16Array, n * hQ * 512, 'out');
-    const lse = alloc(Float32Array, n * hQ, 'lse');
-    const maxLogits = alloc(Float32Array, n * hQ, 'maxLogits');
+    const out = allocOutput(Uint16Array, n * hQ * 512, 'out');
+    const lse = allocOutput(Float32Array, n * hQ, 'lse');
+    const maxLogits = allocOutput(Float32Array, n * hQ, 'maxLogits');
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];
-    await this.run('pagedSparseAttention', inputs, names, ([q, kc, indices, topkLength, ekc, eIndices, eTopkLength, attnSink]) =>
-      this.addon.cpu.pagedSparseAttention(threads, {
-        q,
-        n,
-        hQ,
-        kCache: kc,
-        pageSize: main.cache.pageSize,
-        numPages: main.cache.numPages,
-        indices,
-        topk: main.topk,
-        topkLength,
-        extraKCache: extra ? ekc : null,
-        extraPageSize: extra ? extra.cache.pageSize : 0,
-        extraNumPages: extra ? extra.cache.numPages : 0,
-        extraIndices: extra ? eIndices : null,
-        extraTopk: extra ? extra.topk : 0,
-        extraTopkLength: extra ? eTopkLength : null,
-        attnSink,
-        smScale: job.smScale,
-        out,
-        lse,
-        maxLogits,
-      }),
+    await this.run('pagedSparseAttention', inputs, names, ([q, kCache, indices, topkLength, extraKCache, extraIndices, extraTopkLength, attnSink]) =>
+      this.addon.cpu.pagedSparseAttention(threads, { ...fields, q, kCache, indices, topkLength, extraKCache, extraIndices, extraTopkLength, attnSink, out, lse, maxLogits }),
     );
     return { out, lse, maxLogits };
   }
@@ -175,7 +147,7 @@ export class CpuBackend implements Backend {
     // the addon copies the requested tokens of a cache that is not shared (n tokens, not the cache)
     const gathered = copyBytes(cache.data) > 0 ? n * COMPACT_TOKEN_BYTES[cache.format] : 0;
     this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
-    const out = alloc(Uint16Array, n * rowDim, 'out');
+    const out = allocOutput(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run('dequantizeKCachePaged', [tokenIds] as const, ['tokenIds'], ([ids]) =>
       this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, out }),
@@ -199,7 +171,7 @@ export class CpuBackend implements Backend {
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
   async dispose(): Promise<void> {
     await this.calls.dispose();
-    this.staging.close(new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine'));
+    this.staging.close(disposedError());
   }
 }
 

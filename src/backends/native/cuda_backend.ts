@@ -16,24 +16,25 @@ import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
 import type { DeviceBuffer, Placement } from '../../types.js';
-import type {
-  Backend,
-  BackendEntry,
-  BackendProbe,
-  DequantizeKCacheJob,
-  DeviceOps,
-  LayerSteps,
-  PagedSparseAttentionJob,
-  PagedSparseAttentionOutput,
-  PlacedAttentionOutput,
-  PlannedRows,
-  PlanRowsJob,
-  QuantizeKCacheJob,
-  SparsePrefillJob,
-  SparsePrefillOutput,
+import {
+  pagedSparseAttentionFields,
+  type Backend,
+  type BackendEntry,
+  type BackendProbe,
+  type DequantizeKCacheJob,
+  type DeviceOps,
+  type LayerSteps,
+  type PagedSparseAttentionJob,
+  type PagedSparseAttentionOutput,
+  type PlacedAttentionOutput,
+  type PlannedRows,
+  type PlanRowsJob,
+  type QuantizeKCacheJob,
+  type SparsePrefillJob,
+  type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { allocOutput, checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
@@ -46,10 +47,12 @@ import {
   type NativeCudaOps,
   type NativeDeviceBuffer,
   type NativeStream,
-  type Operand,
 } from './binding.js';
 
 const GiB = 2 ** 30;
+
+/** A params object as the addon takes it: each device buffer among its fields is the addon's buffer. */
+type AddonParams<P> = { [K in keyof P]: P[K] extends infer V ? (V extends DeviceBuffer ? NativeDeviceBuffer : V) : never };
 
 /** A layer step's operand that only a device buffer can be (the steps place everything on the device). */
 function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
@@ -210,12 +213,25 @@ export class CudaBackend implements Backend, DeviceOps {
     return b.native;
   }
 
-  /** A job operand as the addon takes it: the host array itself or the addon's device buffer. */
-  private operand<T>(x: T | DeviceBuffer, argument: string): Operand<T> {
-    return isDeviceBuffer(x) ? this.own(x, argument) : x;
+  /**
+   * An op's params as the addon takes them: host arrays and numbers as they are, each device
+   * buffer the addon's buffer behind it (one of this engine's device, else a typed error naming
+   * the field).
+   */
+  private operands<P extends object>(params: P): AddonParams<P> {
+    const out: Record<string, unknown> = {};
+    for (const [field, value] of Object.entries(params)) out[field] = isDeviceBuffer(value) ? this.own(value, field) : value;
+    return out as AddonParams<P>;
   }
-  private optional<T>(x: T | DeviceBuffer | null, argument: string): Operand<T> | null {
-    return x === null ? null : this.operand(x, argument);
+
+  /** Runs an addon call on the stream; the outputs it was given are freed if it fails (device buffers only). */
+  private async launch(op: string, outputs: readonly unknown[], start: () => Promise<void>): Promise<void> {
+    try {
+      await this.calls.run(op, start);
+    } catch (e) {
+      for (const b of outputs) if (isDeviceBuffer(b)) b.free();
+      throw e;
+    }
   }
 
   /**
@@ -240,22 +256,12 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** An output: a host array, or a device buffer of the same byte size. */
   private output<T extends ArrayBufferView>(placement: Placement, ctor: new (n: number) => T, bytesPer: number, n: number, argument: string): T | DeviceBuffer {
-    if (placement === 'device') return this.alloc(n * bytesPer);
-    try {
-      return new ctor(n);
-    } catch (e) {
-      throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
-    }
+    return placement === 'device' ? this.alloc(n * bytesPer) : allocOutput(ctor, n, argument);
   }
 
   async upload(data: ArrayBufferView): Promise<DeviceBuffer> {
     const b = this.alloc(data.byteLength);
-    try {
-      await this.calls.run('upload', () => this.ops.upload(this.own(b), data, this.stream));
-    } catch (e) {
-      b.free();
-      throw e;
-    }
+    await this.launch('upload', [b], () => this.ops.upload(this.own(b), data, this.stream));
     return b;
   }
 
@@ -266,12 +272,7 @@ export class CudaBackend implements Backend, DeviceOps {
   async copyFrom(src: DeviceBuffer): Promise<DeviceBuffer> {
     if (!(src instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'tensor.data: a device buffer from another backend or process cannot be copied here', 'tensor.data');
     const dst = this.alloc(src.byteLength);
-    try {
-      await this.calls.run('copyFrom', () => this.ops.copyPeer(this.own(dst), this.stream, src.native, src.stream));
-    } catch (e) {
-      dst.free();
-      throw e;
-    }
+    await this.launch('copyFrom', [dst], () => this.ops.copyPeer(this.own(dst), this.stream, src.native, src.stream));
     return dst;
   }
 
@@ -318,80 +319,24 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
-    const { sQ, hQ, dQK, dV, sKV, topk } = job;
+    const { sQ, hQ, dV } = job;
     this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, sQ * hQ * (dV * 2 + 8));
     const out = this.output(placement, Uint16Array, 2, sQ * hQ * dV, 'out');
     const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
     const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
-    try {
-      await this.calls.run('sparsePrefill', () =>
-        this.ops.sparsePrefill(
-          {
-            q: this.operand(job.q, 'q'),
-            kv: this.operand(job.kv, 'kv'),
-            indices: this.operand(job.indices, 'indices'),
-            topkLength: this.optional(job.topkLength, 'topkLength'),
-            attnSink: this.optional(job.attnSink, 'attnSink'),
-            sQ,
-            hQ,
-            dQK,
-            dV,
-            sKV,
-            topk,
-            smScale: job.smScale,
-            out: this.operand(out, 'out'),
-            maxLogits: this.operand(maxLogits, 'maxLogits'),
-            lse: this.operand(lse, 'lse'),
-          },
-          this.stream,
-        ),
-      );
-    } catch (e) {
-      for (const b of [out, maxLogits, lse]) if (isDeviceBuffer(b)) b.free();
-      throw e;
-    }
+    await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands({ ...job, out, maxLogits, lse }), this.stream));
     return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, placement: Placement = 'host'): Promise<PagedSparseAttentionOutput & PlacedAttentionOutput> {
-    const { n, hQ, main, extra } = job;
-    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink];
+    const { n, hQ } = job;
+    const fields = pagedSparseAttentionFields(job);
+    const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
     this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
     const out = this.output(placement, Uint16Array, 2, n * hQ * 512, 'out');
     const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
     const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
-    try {
-      await this.calls.run('pagedSparseAttention', () =>
-        this.ops.pagedSparseAttention(
-          {
-            q: this.operand(job.q, 'q'),
-            n,
-            hQ,
-            kCache: this.operand(main.cache.data, 'kCache'),
-            pageSize: main.cache.pageSize,
-            numPages: main.cache.numPages,
-            indices: this.operand(main.indices, 'indices'),
-            topk: main.topk,
-            topkLength: this.optional(main.topkLength, 'topkLength'),
-            extraKCache: extra ? this.operand(extra.cache.data, 'extraKCache') : null,
-            extraPageSize: extra ? extra.cache.pageSize : 0,
-            extraNumPages: extra ? extra.cache.numPages : 0,
-            extraIndices: extra ? this.operand(extra.indices, 'extraIndices') : null,
-            extraTopk: extra ? extra.topk : 0,
-            extraTopkLength: extra ? this.optional(extra.topkLength, 'extraTopkLength') : null,
-            attnSink: this.optional(job.attnSink, 'attnSink'),
-            smScale: job.smScale,
-            out: this.operand(out, 'out'),
-            lse: this.operand(lse, 'lse'),
-            maxLogits: this.operand(maxLogits, 'maxLogits'),
-          },
-          this.stream,
-        ),
-      );
-    } catch (e) {
-      for (const b of [out, lse, maxLogits]) if (isDeviceBuffer(b)) b.free();
-      throw e;
-    }
+    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands({ ...fields, out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
   }
 
@@ -399,17 +344,12 @@ export class CudaBackend implements Backend, DeviceOps {
     const { cache, tokenIds, n, rowDim } = job;
     this.hostBudget('dequantizeKCachePaged', 'tokenIds', [cache.data, tokenIds], placement, n * rowDim * 2);
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
-    try {
-      await this.calls.run('dequantizeKCachePaged', () =>
-        this.ops.dequantizeKvCache(
-          { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out: this.operand(out, 'out'), outRowOffset: null },
-          this.stream,
-        ),
-      );
-    } catch (e) {
-      if (isDeviceBuffer(out)) out.free();
-      throw e;
-    }
+    await this.launch('dequantizeKCachePaged', [out], () =>
+      this.ops.dequantizeKvCache(
+        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out, outRowOffset: null }),
+        this.stream,
+      ),
+    );
     return out as Uint16Array; // a DeviceBuffer when placement is 'device' (DeviceOps' contract)
   }
 
@@ -425,7 +365,7 @@ export class CudaBackend implements Backend, DeviceOps {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
     await this.calls.run('dequantizeKCachePaged', () =>
       this.ops.dequantizeKvCache(
-        { format: CACHE_FORMAT_CODE[cache.format], cache: this.operand(cache.data, 'cache'), pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: this.own(tokenIds, 'tokenIds'), numTokens: n, out: this.own(out, 'out'), outRowOffset: rowOffset },
+        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out, outRowOffset: rowOffset }),
         this.stream,
       ),
     );
@@ -453,23 +393,17 @@ export class CudaBackend implements Backend, DeviceOps {
     const lens = given(into?.lens, placement) ?? this.output(placement, Int32Array, 4, numQueries, 'lens');
     const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     const droppedTotal = totalPlacement === null ? null : (given(into?.droppedTotal, totalPlacement) ?? this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal'));
-    try {
-      await this.calls.run('planRows', () =>
-        this.ops.planRows(
-          {
-            numRequests: args.seqLens.length, seqLens: args.seqLens, extendLens: args.extendLens, window: args.window, ratio: args.ratio,
-            topkIndices: args.topkIndices === null ? null : this.operand(args.topkIndices, 'topkIndices'), topk: args.topk, width: args.width,
-            rows: this.operand(rows, 'rows'), lens: this.operand(lens, 'lens'), dropped: this.optional(dropped, 'dropped'),
-            droppedTotal: this.optional(droppedTotal, 'droppedTotal'), numQueries,
-          },
-          this.stream,
-        ),
-      );
-    } catch (e) {
-      // the caller's buffers stay the caller's
-      for (const b of [rows, lens, dropped, droppedTotal]) if (isDeviceBuffer(b) && b !== into?.rows && b !== into?.lens && b !== into?.droppedTotal) b.free();
-      throw e;
-    }
+    // on failure only what was allocated here is freed: the caller's buffers stay the caller's
+    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => b !== into?.rows && b !== into?.lens && b !== into?.droppedTotal);
+    await this.launch('planRows', allocated, () =>
+      this.ops.planRows(
+        this.operands({
+          numRequests: args.seqLens.length, seqLens: args.seqLens, extendLens: args.extendLens, window: args.window, ratio: args.ratio,
+          topkIndices: args.topkIndices, topk: args.topk, width: args.width, rows, lens, dropped, droppedTotal, numQueries,
+        }),
+        this.stream,
+      ),
+    );
     return { rows, lens, dropped, droppedTotal };
   }
 
@@ -489,17 +423,12 @@ export class CudaBackend implements Backend, DeviceOps {
     const offsets = new BigInt64Array(n + 1);
     for (let r = 0; r <= n; r++) offsets[r] = BigInt(args.pageTableOffsets[r] ?? 0);
     const ids = this.output(placement, BigInt64Array, 8, total, 'tokenIds');
-    try {
-      await this.calls.run('planCompressedTokenIds', () =>
-        this.ops.planCompressedTokenIds(
-          { numRequests: n, seqLens: args.seqLens, extendLens: args.extendLens, ratio: args.ratio, pageTables: this.operand(args.pageTables, 'pageTables'), pageTableOffsets: offsets, pageSize: args.pageSize, tokenIds: this.operand(ids, 'tokenIds'), total },
-          this.stream,
-        ),
-      );
-    } catch (e) {
-      if (isDeviceBuffer(ids)) ids.free();
-      throw e;
-    }
+    await this.launch('planCompressedTokenIds', [ids], () =>
+      this.ops.planCompressedTokenIds(
+        this.operands({ numRequests: n, seqLens: args.seqLens, extendLens: args.extendLens, ratio: args.ratio, pageTables: args.pageTables, pageTableOffsets: offsets, pageSize: args.pageSize, tokenIds: ids, total }),
+        this.stream,
+      ),
+    );
     return ids;
   }
 

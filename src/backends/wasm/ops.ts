@@ -11,6 +11,7 @@
 import { SparseMlaError } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
 import { OP_PARAMS, cFunctionName, fieldsOf, type FieldKind, type OpName, type OpParams } from '../abi.js';
+import { pagedSparseAttentionFields } from '../backend.js';
 import {
   WASM32_MAX_BYTES,
   compileModule,
@@ -36,6 +37,14 @@ export const compileCoreModuleSync = (): CompiledCore => compileModuleSync(REQUI
 export type { CompiledCore, WasmModule };
 
 type Ptr = number;
+
+/** One index set of a paged attention call, in this instance's heap's terms (host arrays). */
+interface PagedHostSet {
+  cache: { data: Uint8Array; pageSize: number; numPages: number };
+  indices: Int32Array;
+  topk: number;
+  topkLength: Int32Array | null;
+}
 interface CoreExports {
   memory: WasmMemory;
   smla_abi_version(): number;
@@ -194,24 +203,13 @@ export class WasmCore {
 
   pagedSparseAttention(a: {
     q: Uint16Array; n: number; hQ: number;
-    main: { cache: Uint8Array; pageSize: number; numPages: number; indices: Int32Array; topk: number; topkLength: Int32Array | null };
-    extra: { cache: Uint8Array; pageSize: number; numPages: number; indices: Int32Array; topk: number; topkLength: Int32Array | null } | null;
+    main: PagedHostSet;
+    extra: PagedHostSet | null;
     attnSink: Float32Array | null; smScale: number;
   }): { out: Uint16Array; maxLogits: Float32Array; lse: Float32Array } {
     const D = 512;
     const r = { out: new Uint16Array(a.n * a.hQ * D), maxLogits: new Float32Array(a.n * a.hQ), lse: new Float32Array(a.n * a.hQ) };
-    const { main: m, extra: e } = a;
-    this.call(
-      'pagedSparseAttention',
-      {
-        q: a.q, n: a.n, hQ: a.hQ,
-        kCache: m.cache, pageSize: m.pageSize, numPages: m.numPages, indices: m.indices, topk: m.topk, topkLength: m.topkLength,
-        extraKCache: e?.cache ?? null, extraPageSize: e?.pageSize ?? 0, extraNumPages: e?.numPages ?? 0,
-        extraIndices: e?.indices ?? null, extraTopk: e?.topk ?? 0, extraTopkLength: e?.topkLength ?? null,
-        attnSink: a.attnSink, smScale: a.smScale, ...r,
-      },
-      'pagedSparseAttention',
-    );
+    this.call('pagedSparseAttention', { ...pagedSparseAttentionFields(a), ...r }, 'pagedSparseAttention');
     return r;
   }
 

@@ -41,7 +41,7 @@
 import { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
-import { SparseMlaError } from '../../errors.js';
+import { SparseMlaError, disposedError } from '../../errors.js';
 import type { TaskResult, WorkerApi, WorkerInit } from './protocol.js';
 
 const WORKER_URL = new URL('./worker.js', import.meta.url);
@@ -323,6 +323,3 @@ export class WorkerPool {
   };
 }
 
-function disposedError(): SparseMlaError {
-  return new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
-}

@@ -6,7 +6,7 @@
  * outputs. The main thread only copies bytes; all math runs in the workers.
  */
 import os from 'node:os';
-import { SparseMlaError, fail } from '../../errors.js';
+import { disposedError, fail } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
 import type {
   Backend,
@@ -23,7 +23,7 @@ import type {
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
-import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
+import { allocOutput, checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { WASM_URL, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
@@ -45,14 +45,6 @@ const COPY_WORK_PER_BYTE = 2;
  * staging, the worker heaps and the outputs in flight are bounded whatever the call's size.
  */
 const DEQUANT_PART_BYTES = 16 * 2 ** 20;
-/** Allocates an output, refusing (TOO_LARGE) what this process cannot hold. */
-function allocOutput<T>(ctor: new (n: number) => T, n: number, argument: string): T {
-  try {
-    return new ctor(n);
-  } catch (e) {
-    throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
-  }
-}
 
 export interface RowSplit {
   rows: number;
@@ -438,10 +430,6 @@ export class WasmBackend implements Backend {
     this.staging.close(disposedError());
     await this.pool.dispose();
   }
-}
-
-function disposedError(): SparseMlaError {
-  return new SparseMlaError('DISPOSED', 'the engine was disposed; create a new one with createEngine()', 'engine');
 }
 
 /** Default pool size: the machine's cores. */

@@ -44,12 +44,9 @@ const api: WorkerApi = {
   pagedSparseAttention: ({ job, rowStart, rowEnd }) =>
     run(() => {
       const qRow = job.hQ * 512;
-      const set = <S extends { indices: Int32Array; topk: number; topkLength: Int32Array | null; cache: { data: Uint8Array; pageSize: number; numPages: number } }>(s: S) => ({
-        cache: s.cache.data,
-        pageSize: s.cache.pageSize,
-        numPages: s.cache.numPages,
+      const set = <S extends { indices: Int32Array; topk: number; topkLength: Int32Array | null }>(s: S): S => ({
+        ...s,
         indices: s.indices.subarray(rowStart * s.topk, rowEnd * s.topk),
-        topk: s.topk,
         topkLength: s.topkLength?.subarray(rowStart, rowEnd) ?? null,
       });
       return core.pagedSparseAttention({

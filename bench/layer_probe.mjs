@@ -22,6 +22,7 @@ import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { makeRng, randomBf16 } from '../dist/check/grid.js';
 import { checkPlacedTensor, checkQuery } from '../dist/ops/common.js';
 import { routePrefill } from '../dist/planner/router.js';
+import { LayerResources, Plan } from '../dist/planner/plan.js';
 
 const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);
@@ -130,6 +131,25 @@ async function trace(name, fn) {
       return p;
     };
   }
+  // JS steps before the native calls, stamped on entry
+  const steps = [
+    [Plan.prototype, 'checkCaches'],
+    [Plan.prototype, 'checkTopk'],
+    [Plan.prototype, 'resources'],
+    [LayerResources.prototype, 'combineC4'],
+    [be.layer, 'planRows'],
+    [CudaBackend.prototype, 'planRows'],
+    [LayerResources.prototype, 'takeWorkspace'],
+    [be.layer, 'prefill'],
+  ];
+  const saved = steps.map(([o, m]) => o[m]);
+  steps.forEach(([o, m], k) => {
+    const f = saved[k];
+    o[m] = function (...args) {
+      log.push({ op: `(js) ${m}`, call: performance.now(), ret: NaN, settle: NaN });
+      return f.apply(this, args);
+    };
+  });
   const runs = [];
   be.ops = Object.assign(Object.create(orig), wrapped);
   try {
@@ -145,6 +165,7 @@ async function trace(name, fn) {
     }
   } finally {
     be.ops = orig;
+    steps.forEach(([o, m], k) => (o[m] = saved[k]));
   }
   const at = (k, f) => med(runs.map((r) => r.log[k][f] - r.t0));
   console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(med(runs.map((r) => r.resolved)))}, synchronized ${us(med(runs.map((r) => r.synced)))}`);

@@ -80,10 +80,12 @@ async function kernels(name, fn) {
 }
 
 /** Wall clock of fn until the device is done (and until fn resolved), no events. */
-async function wall(name, fn, kernelSum) {
+async function wall(name, fn, kernelSum, spinMs = 0) {
   const total = [], call = [];
   for (let i = 0; i < WARMUP + REPEAT; i++) {
     await flush();
+    // spinMs: the JS thread kept busy that long before the call (a thread that just woke from a wait vs one already running)
+    for (const until = performance.now() + spinMs; performance.now() < until; );
     const t0 = performance.now();
     await fn();
     const t1 = performance.now();
@@ -227,6 +229,7 @@ for (const N of SIZES) {
       const fn = layerWith(sink);
       const sum = await kernels(name, fn);
       await wall(name, fn, sum);
+      await wall(`${name} (JS thread busy 0.3 ms before the call)`, fn, sum, 0.3);
       await queued(name, fn);
       await trace(name, fn);
     });

@@ -4,10 +4,11 @@
 // min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
 //
 // One CTA = one query x 64 heads; warpgroup 2 dequantizes 64 tokens per stage into a two-stage
-// ring; warpgroups 0/1 each compute S for 32 of the 64 rows (m64n32), exchange row maxima
-// through shared memory, write P (bf16) to shared memory, then each multiplies P into its half
-// of dV (m64n256). The dequantizing producer needs registers (8 rows of loads in flight per
-// warp) that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot spare.
+// ring (each warp's 16 rows of FP8 loaded into registers at once, before the stage is free; the
+// RoPE dims copied into the tile by cp.async); warpgroups 0/1 each compute S for 32 of the 64
+// rows (m64n32), exchange row maxima through shared memory, write P (bf16) to shared memory, then
+// each multiplies P into its half of dV (m64n256). The dequantizing producer needs registers
+// that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot spare.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -43,9 +44,10 @@ struct PagedSmem {
 
 // Source policy: begin(qi) -> Entries (the query's entry count); load_entry(entries, qi, k) ->
 // Entry (entry k resolved, or invalid past the end; must not read past the row); fill(entry,
-// tile, valid, ptid) is called by all 128 producer threads per stage, each passing the entry of
-// its own row (warp w, lane l < 16 owns row 16w + l); it must issue its copies / stores, make
-// them visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+// tile, valid, ptid, stage_free) is called by all 128 producer threads per stage, each passing
+// the entry of its own row (warp w, lane l < 16 owns row 16w + l); it may load from global memory
+// at once but must call stage_free() before it writes the tile or the valid flags; it must make
+// its stores visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
 template <int DQK, class Source>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     paged_attention_sm90_kernel(const AttnOutputs p, const Source src) {
@@ -101,9 +103,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     typename Source::Entry cur = src.load_entry(entries, qi, my_row);
     for (int b = 0; b < n_blocks; ++b) {
       const int st = b % kPagedStages;
-      if (b >= kPagedStages) mbar_wait(&empty[st], ((b / kPagedStages) - 1) & 1);
       const typename Source::Entry nxt = src.load_entry(entries, qi, (b + 1) * kPagedRowsPerStage + my_row);
-      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid);
+      // fill may start its global loads before the stage is free; it calls this before touching it
+      const auto stage_free = [&] {
+        if (b >= kPagedStages) mbar_wait(&empty[st], ((b / kPagedStages) - 1) & 1);
+      };
+      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid, stage_free);
       mbar_arrive(&full[st]);
       cur = nxt;
     }
@@ -263,9 +268,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 }
 
 struct PagedFp8Rows {
-  // The producer dequantizes in registers (a batch of rows in flight): it needs more of them
-  // than the cp.async gather. ptxas confines the code after setmaxnreg to these counts.
-  static constexpr uint32_t kProducerRegs = 112;
+  // The producer holds a warp's 16 rows of FP8 in registers (all their loads in flight at once):
+  // it needs more of them than the cp.async gather. ptxas confines the code after setmaxnreg to
+  // these counts. The launch gives 168 a thread (384 threads); the producer's 32 fewer (x 128
+  // threads) are exactly what the consumers' 16 more (x 256) take: a larger producer would leave
+  // the consumers' setmaxnreg waiting forever.
+  static constexpr uint32_t kProducerRegs = 136;
   static constexpr uint32_t kConsumerRegs = 184;  // O (128) + S (16) + softmax state
   struct Entries {
     int total;
@@ -307,53 +315,56 @@ struct PagedFp8Rows {
     return r;
   }
 
-  template <int DQK>
-  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, int ptid) const {
+  template <int DQK, class StageFree>
+  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, int ptid, StageFree stage_free) const {
     static_assert(DQK == 512, "v4 rows are 512 wide");
     const int warp = ptid >> 5, lane = ptid & 31;
     const uint8_t* my_data = mine.data;
     const uint8_t* my_scales = mine.scales;
-    if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
-    // Rows in batches of kBatch: all loads of a batch are in flight before the first convert.
-    constexpr int kBatch = 8;
-#pragma unroll 1
-    for (int j0 = 0; j0 < 16; j0 += kBatch) {
-      uint4 raw[kBatch], raw2[kBatch];
-      uint32_t sb[kBatch];
+    constexpr int kRows = 16;  // the warp's rows of the stage
+    // All 16 rows' FP8 nope bytes and scales in flight at once, into registers: lane l < 28 holds
+    // dims [16l, 16l+16) of each row. Issued before the stage is free (they do not touch it).
+    uint4 raw[kRows];
+    uint32_t sb[kRows];
 #pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const uint8_t* data = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), j0 + u));
-        const uint8_t* scales = reinterpret_cast<const uint8_t*>(
-            __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_scales), j0 + u));
-        raw[u] = raw2[u] = make_uint4(0, 0, 0, 0);
-        sb[u] = 127;
-        if (data) {
-          if (lane < 28) {
-            sb[u] = __ldg(scales + (lane >> 2));
-            raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
-          } else {
-            const uint4* rope = reinterpret_cast<const uint4*>(data + v4::kNopeDim + (lane - 28) * 32);
-            raw[u] = __ldg(rope);
-            raw2[u] = __ldg(rope + 1);
-          }
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const int r = warp * 16 + j0 + u;
-        uint4 lo = raw[u], hi = raw2[u];
-        if (lane < 28) {  // nope: e4m3 * 2^(byte-127) (zeros stay zeros for invalid rows)
-          const float scale = ue8m0_to_float(uint8_t(sb[u]));
-          lo = dequant8(raw[u].x, raw[u].y, scale);
-          hi = dequant8(raw[u].z, raw[u].w, scale);
-        }
-        // Lane l < 28 holds dims [16l, 16l+16); lanes 28..31 hold rope dims [448 + 16u, +16).
-        const int d0 = lane * 16;
-        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = lo;
-        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = hi;
+    for (int u = 0; u < kRows; ++u) {
+      const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), u));
+      const uint8_t* scales = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_scales), u));
+      raw[u] = make_uint4(0, 0, 0, 0);
+      sb[u] = 127;
+      if (data && lane < 28) {
+        sb[u] = __ldg(scales + (lane >> 2));
+        raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
       }
     }
+    stage_free();
+    if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
+    // RoPE dims (bf16 as stored) straight into the tile: 16 rows x 8 pieces of 16 bytes, 4 a lane;
+    // an invalid row's pieces are zeros.
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int c = lane + 32 * k, u = c >> 3, piece = c & 7;
+      const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), u));
+      uint8_t* dst = tile + swz_offset(warp * 16 + u, v4::kNopeDim + piece * 8);
+      if (data) {
+        cp_async_16(dst, data + v4::kNopeDim + piece * 16, 16u);
+      } else {
+        *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    cp_async_commit();
+    // nope: e4m3 * 2^(byte-127) (zeros stay zeros for invalid rows)
+    if (lane < 28) {
+#pragma unroll
+      for (int u = 0; u < kRows; ++u) {
+        const int r = warp * 16 + u;
+        const float scale = ue8m0_to_float(uint8_t(sb[u]));
+        const int d0 = lane * 16;
+        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = dequant8(raw[u].x, raw[u].y, scale);
+        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = dequant8(raw[u].z, raw[u].w, scale);
+      }
+    }
+    cp_async_wait_all();
     fence_proxy_async();
   }
 };

@@ -458,4 +458,42 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     expect(planDev.stats).toEqual({ ...planHost.stats, c0Builds: 0, c128Builds: 0, workspaceAllocations: 0 });
     expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 2, workspaceAllocations: 1 });
   }, 20_000);
+
+  test('c4 layers in flight at once on one plan build into row buffers of their own, equal the cpu backend bit for bit, and a later c4 layer reuses a kept set', async () => {
+    const seqLens = [rng.int(300, 700), rng.int(20, 60)];
+    const extendLens = [rng.int(5, 40), seqLens[1]!];
+    const sc = randomScenario(rng, seqLens, extendLens);
+    const planDev = createPlan(sc.chunk);
+    const planHost = createPlan(sc.chunk);
+    const hQ = 4, smScale = 1 / Math.sqrt(512);
+    const layerInputs = () => {
+      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
+      const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages) };
+      return { q, caches, topkIndices: randomTopk(rng, sc, 40) };
+    };
+    const onDevice = async (x: ReturnType<typeof layerInputs>) => ({
+      q: await cuda.upload(x.q),
+      caches: { swa: await cuda.uploadKvCache(x.caches.swa), c4: await cuda.uploadKvCache(x.caches.c4) },
+      topkIndices: await cuda.upload(x.topkIndices),
+    });
+    const inputs = [layerInputs(), layerInputs(), layerInputs()];
+    const wants = [];
+    for (const x of inputs) wants.push(await prefillLayer(cpu, { plan: planHost, compressRatio: 4, ...x, smScale, path: 'sparse' }));
+    const devs = await Promise.all(inputs.map(onDevice));
+    const run = (k: number) => prefillLayer(cuda, { plan: planDev, compressRatio: 4, ...devs[k]!, smScale, path: 'sparse' }, { output: 'device' });
+    const same = async (k: number, got: Awaited<ReturnType<typeof run>>): Promise<void> => {
+      for (const [name, t, w] of [['out', got.out, wants[k]!.out], ['lse', got.lse, wants[k]!.lse], ['maxLogits', got.maxLogits, wants[k]!.maxLogits]] as const) {
+        const host = (await cuda.download(t)).data;
+        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `layer ${k} ${name}`).toBe(0);
+      }
+      expect(got.dropped, `layer ${k} dropped`).toBe(wants[k]!.dropped);
+    };
+    const [a, b] = await Promise.all([run(0), run(1)]);
+    await same(0, a);
+    await same(1, b);
+    expect(planDev.deviceStats.deviceC4RowAllocations).toBe(2);
+    await same(2, await run(2));
+    expect(planDev.deviceStats).toMatchObject({ deviceC4Combines: 3, deviceC4RowAllocations: 2 });
+    for (const d of devs) for (const t of [d.q, d.caches.swa, d.caches.c4, d.topkIndices]) t.data.free();
+  }, 20_000);
 });

@@ -1,7 +1,7 @@
 /**
  * kv_cache op: validation and normalization of quantizeKCache / dequantizeKCachePaged (SPEC §3,
- * §9), cache geometry and allocating caches in the layouts of SPEC §3. Every backend receives the validated jobs below; the byte layout is
- * ../kv_cache_layout.ts's.
+ * §9), cache geometry and allocating caches in the layouts of SPEC §3. Every backend receives the
+ * validated jobs below; the byte layout is ../kv_cache_layout.ts's.
  */
 import { fail } from '../errors.js';
 import { isDeviceBuffer } from '../tensor.js';

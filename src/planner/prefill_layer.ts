@@ -5,18 +5,19 @@
  * run sparsePrefill over the combined rows. What does not change within the chunk — the c0 / c128
  * rows, the compressed and SWA gather ids, the workspace — is built once per plan and memory and
  * kept by the plan (LayerResources); only the dequant (every layer has its own caches) and a c4
- * layer's combine run per layer (on a device into row buffers the plan keeps between c4 layers). Paged path: pagedSparseAttention straight over the layer's caches
- * with the plan's paged form of the same rows.
+ * layer's combine run per layer (on a device into row buffers the plan keeps between c4 layers).
+ * Paged path: pagedSparseAttention straight over the layer's caches with the plan's paged form of
+ * the same rows.
  *
  * On a host engine (cpu, wasm) the steps work in host memory. On a cuda engine they work on the
  * GPU: rows and ids are built there from the plan's lengths and page tables, the SWA ids are
  * uploaded once, and with device q, caches, sink and (with { output: 'device' }) outputs the
  * layer's launches are queued back to back on the engine's stream with no host round trip (a host
- * sink is a host operand: the prefill then waits for its own work, README "Stream order"); only a c4
- * layer's dropped total (8 bytes, summed on the device) comes back, read while the rest of the
+ * sink is a host operand: the prefill then waits for its own work, README "Stream order"); only a
+ * c4 layer's dropped total (8 bytes, summed on the device) comes back, read while the rest of the
  * layer is queued, and the call resolves once it is in (device outputs are then queued, not
- * necessarily finished: a download or engine.synchronize() waits for them). Every id was checked against the caches by the plan
- * (checkCaches), and the dequant kernel checks each again.
+ * necessarily finished: a download or engine.synchronize() waits for them). Every id was checked
+ * against the caches by the plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';

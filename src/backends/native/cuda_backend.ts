@@ -377,8 +377,8 @@ export class CudaBackend implements Backend, DeviceOps {
    * when topkIndices is null. Outputs where `placement` says; the dropped counts per query where
    * `droppedPlacement` says and their total (int64 [1], summed on the device) where
    * `totalPlacement` says, each or not at all (null). Inputs are the plan's, already validated and
-   * sized (width ≥ the widest row). `into`: device buffers of exactly these sizes to build the rows,
-   * lengths and total into (placement and totalPlacement 'device') instead of allocating them.
+   * sized (width ≥ the widest row). `into`: the caller's device buffers of exactly these sizes to
+   * build the rows, lengths and total (when one is asked for) into instead of allocating them.
    */
   async planRows(
     args: PlanRowsJob<DeviceBuffer>,
@@ -388,13 +388,13 @@ export class CudaBackend implements Backend, DeviceOps {
     into?: PlannedRows<DeviceBuffer>,
   ): Promise<DevicePlannedRows> {
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
-    const given = (b: unknown, placed: Placement | null): DeviceBuffer | undefined => (placed === 'device' && isDeviceBuffer(b) ? b : undefined);
-    const rows = given(into?.rows, placement) ?? this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
-    const lens = given(into?.lens, placement) ?? this.output(placement, Int32Array, 4, numQueries, 'lens');
+    const rows = into?.rows ?? this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
+    const lens = into?.lens ?? this.output(placement, Int32Array, 4, numQueries, 'lens');
     const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
-    const droppedTotal = totalPlacement === null ? null : (given(into?.droppedTotal, totalPlacement) ?? this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal'));
+    const droppedTotal = totalPlacement === null ? null : isDeviceBuffer(into?.droppedTotal) ? into.droppedTotal : this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal');
     // on failure only what was allocated here is freed: the caller's buffers stay the caller's
-    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => b !== into?.rows && b !== into?.lens && b !== into?.droppedTotal);
+    const given = new Set<unknown>(into ? Object.values(into) : []);
+    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => !given.has(b));
     await this.launch('planRows', allocated, () =>
       this.ops.planRows(
         this.operands({

@@ -5,10 +5,12 @@
 //
 // One CTA = one query x 64 heads; warpgroup 2 dequantizes 64 tokens per stage into a two-stage
 // ring (each warp's 16 rows of FP8 loaded into registers at once, before the stage is free; the
-// RoPE dims copied into the tile by cp.async); warpgroups 0/1 each compute S for 32 of the 64
-// rows (m64n32), exchange row maxima through shared memory, write P (bf16) to shared memory, then
-// each multiplies P into its half of dV (m64n256). The dequantizing producer needs registers
-// that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot spare.
+// RoPE dims copied into the tile by cp.async). Warpgroup 0 computes S = QKᵀ for the whole block
+// (m64n64, so Q is read once per block), the softmax and O[:, 0:256] += P·V with P in registers;
+// it hands P (bf16) and each row's rescale factor to warpgroup 1 through shared memory (double-
+// buffered by block parity), which computes O[:, 256:512] += P·V. The dequantizing producer needs
+// registers that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot
+// spare; here warpgroup 1 holds only its half of O and gives the producer what it needs.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -31,14 +33,16 @@ struct PagedSmem {
   static constexpr int kTileBytes = kChunks * 8192;
   static constexpr int kQ = 0;
   static constexpr int kK = kQ + kTileBytes;
-  static constexpr int kP = kK + kPagedStages * kTileBytes;  // P: a 64x64 bf16 K-major tile
-  static constexpr int kMax = kP + 8192;                // float [2][64]: block row maxima
-  static constexpr int kL = kMax + 512;            // float [2][64]: each WG's row sums at the end
-  static constexpr int kAny = kL + 512;            // int [2]: each WG saw a valid entry
-  static constexpr int kValid = kAny + 16;         // uint8 [kPagedStages][64]
-  static constexpr int kBar = kValid + kPagedStages * 64;  // uint64 full[kPagedStages], empty[kPagedStages]
-  static constexpr int kTotal = kBar + 2 * kPagedStages * 8;
-  static constexpr int kAlloc = kTotal + 1024;     // slack to align the base to 1024 B
+  static constexpr int kP = kK + kPagedStages * kTileBytes;  // P: two 64x64 bf16 K-major tiles (by block parity)
+  static constexpr int kScale = kP + 2 * 8192;       // float [2][64]: each block's rescale factor of O
+  static constexpr int kOutScale = kScale + 512;     // float [64]: the rows' final normalization
+  static constexpr int kAny = kOutScale + 256;       // int [4]: each WG0 warp saw a valid entry
+  static constexpr int kValid = kAny + 16;           // uint8 [kPagedStages][64]
+  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2]
+  static constexpr int kBar = kValid + kPagedStages * 64;
+  static constexpr int kTotal = kBar + (2 * kPagedStages + 4) * 8;
+  static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
+  static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
 
 
@@ -52,17 +56,20 @@ template <int DQK, class Source>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     paged_attention_sm90_kernel(const AttnOutputs p, const Source src) {
   using L = PagedSmem<DQK>;
+  using namespace detail;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
   uint8_t* sQ = smem + L::kQ;
   uint8_t* sK = smem + L::kK;
   uint8_t* sP = smem + L::kP;
-  float* sMax = reinterpret_cast<float*>(smem + L::kMax);
-  float* sL = reinterpret_cast<float*>(smem + L::kL);
+  float* sScale = reinterpret_cast<float*>(smem + L::kScale);
+  float* sOutScale = reinterpret_cast<float*>(smem + L::kOutScale);
   int* sAny = reinterpret_cast<int*>(smem + L::kAny);
   uint8_t* sValid = smem + L::kValid;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);
   uint64_t* empty = full + kPagedStages;
+  uint64_t* p_ready = empty + kPagedStages;  // [block parity]: P and the rescale factors are in shared memory
+  uint64_t* p_free = p_ready + 2;            // [block parity]: WG1 is done with them
 
   const int64_t qi = blockIdx.x;
   const int h0 = blockIdx.y * kHeadsPerCta;
@@ -72,6 +79,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     for (int s = 0; s < kPagedStages; ++s) {
       mbar_init(&full[s], 128);
       mbar_init(&empty[s], 256);
+    }
+    for (int i = 0; i < 2; ++i) {
+      mbar_init(&p_ready[i], 128);
+      mbar_init(&p_free[i], 128);
     }
   }
   // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
@@ -92,7 +103,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 
   const typename Source::Entries entries = src.begin(qi);
   const int n_blocks = (entries.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
-  const int wg = tid / 128;
+  const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   if (wg == 2) {
     setmaxnreg_dec<Source::kProducerRegs>();
@@ -115,145 +126,133 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     return;
   }
 
-  setmaxnreg_inc<Source::kConsumerRegs>();
-  const detail::MathThread mt = detail::math_thread(tid);
+  const MathThread mt = math_thread(tid);
   const int ctid = mt.ctid, lane = mt.lane, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
-  const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+  const uint32_t k_base0 = smem_u32(sK);
 
   float o[128];
 #pragma unroll
   for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-  float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
-  float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
-  bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
 
   cp_async_wait_all();
   fence_proxy_async();
   named_barrier_sync(1, 256);  // the whole Q tile has landed
 
-  const uint32_t q_base = smem_u32(sQ);
-  const uint32_t p_base = smem_u32(sP);
-
-  // S(b) = Q·K_wᵀ for the stage holding block b (m64n32, K = dQK).
-  float s[16];
-  auto issue_s = [&](int stage) {
-    const uint32_t kb = smem_u32(sK + stage * L::kTileBytes);
-    wgmma_fence();
-#pragma unroll
-    for (int c = 0; c < L::kChunks; ++c) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint64_t da = gmma_desc_sw128(q_base + c * 8192 + kk * 32, 16, 1024);
-        const uint64_t db = gmma_desc_sw128(kb + c * 8192 + wg * 4096 + kk * 32, 16, 1024);
-        wgmma_m64n32k16_ss(s, da, db, (c | kk) != 0);
-      }
-    }
-    wgmma_commit();
-  };
-  // S(b+1) is issued right behind PV(b) when block b+1 has already landed (the tensor cores go
-  // from one to the other without a gap); otherwise stage b is released first and S(b+1) waits
-  // at the top (always waiting for b+1 before releasing b was measured slower: the gather chain
-  // is then held up).
-  bool s_issued = false;
-  for (int b = 0; b < n_blocks; ++b) {
-    const int st = b % kPagedStages;
-    const uint32_t k_base = smem_u32(sK + st * L::kTileBytes);
-    if (!s_issued) {
-      mbar_wait(&full[st], (b / kPagedStages) & 1);
-      issue_s(st);
-    }
-    wgmma_wait<0>();
-
-    // Mask and scale; block row max.
-    const uint8_t* valid = sValid + st * kPagedRowsPerStage + wg * 32;
-    float bm_a, bm_b;
-    seen_valid |= detail::mask_and_max(s, valid, quad, c2, bm_a, bm_b);
-    if (quad == 0) {
-      sMax[wg * 64 + row_a] = bm_a;
-      sMax[wg * 64 + row_b] = bm_b;
-    }
-    named_barrier_sync(1, 256);
-    const float nm_a = max_nan(m_a, max_nan(bm_a, sMax[(wg ^ 1) * 64 + row_a]));
-    const float nm_b = max_nan(m_b, max_nan(bm_b, sMax[(wg ^ 1) * 64 + row_b]));
-    const float base_a = nm_a == -INFINITY ? 0.0f : nm_a;
-    const float base_b = nm_b == -INFINITY ? 0.0f : nm_b;
-    const float alpha_a = exp2f(m_a - base_a);
-    const float alpha_b = exp2f(m_b - base_b);
-    m_a = nm_a;
-    m_b = nm_b;
-
-    float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float p0 = exp2f(s[4 * j] - base_a), p1 = exp2f(s[4 * j + 1] - base_a);
-      const float p2 = exp2f(s[4 * j + 2] - base_b), p3 = exp2f(s[4 * j + 3] - base_b);
-      sum_a += p0 + p1;
-      sum_b += p2 + p3;
-      const int col = wg * 32 + 8 * j + 2 * quad;
-      *reinterpret_cast<__nv_bfloat162*>(sP + swz_offset(row_a, col)) = __floats2bfloat162_rn(p0, p1);
-      *reinterpret_cast<__nv_bfloat162*>(sP + swz_offset(row_b, col)) = __floats2bfloat162_rn(p2, p3);
-    }
-    l_a = l_a * alpha_a + sum_a;
-    l_b = l_b * alpha_b + sum_b;
-    detail::scale_rows(o, alpha_a, alpha_b);
-    fence_proxy_async();
-    named_barrier_sync(2, 256);
-
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      // V: MN-major, 64-dim chunks 8192 B apart (LBO), 8-key groups 1024 B apart (SBO).
-      const uint64_t db = gmma_desc_sw128(k_base + wg * 4 * 8192 + kk * 2048, 8192, 1024);
-      wgmma_m64n256k16_ss_tb(o, gmma_desc_sw128(p_base + kk * 32, 16, 1024), db, 1);
-    }
-    wgmma_commit();
-    const int nst = (b + 1) % kPagedStages;
-    // One answer for the whole warpgroup (its four warps may probe on either side of the arrival),
-    // broadcast so the compiler sees it warp-uniform and keeps the wgmma asynchronous.
-    s_issued = b + 1 < n_blocks &&
-               __shfl_sync(0xffffffffu, int(named_barrier_all(3 + wg, 128, mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1))), 0);
-    if (s_issued) {
-      issue_s(nst);
-      wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
-    } else {
-      wgmma_wait<0>();
-    }
-    mbar_arrive(&empty[st]);
-  }
-
-  // Row sums: this thread's columns -> quad -> both warpgroups.
-  l_a = detail::quad_sum(l_a);
-  l_b = detail::quad_sum(l_b);
-  if (quad == 0) {
-    sL[wg * 64 + row_a] = l_a;
-    sL[wg * 64 + row_b] = l_b;
-  }
-  // Whether the query had any valid entry (the same for every head). Logits that are all −inf
-  // still count as entries: lse = −inf then, not the +inf of an empty row (as in the core).
-  const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
-  if (ctid == 0) sAny[wg] = 0;
-  named_barrier_sync(3 + wg, 128);
-  if (lane == 0 && warp_seen) sAny[wg] = 1;
-  named_barrier_sync(1, 256);
-  const bool any_valid = (sAny[0] | sAny[1]) != 0;
-  // Epilogue: normalize, stage the bf16 tile in shared memory (all operand buffers are free now:
-  // every wgmma finished before the barrier above), then 16-byte coalesced stores.
-  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged row, padded against bank conflicts
+  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged output row, padded against bank conflicts
   static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
-  float scale[2];
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const int row = half ? row_b : row_a;
-    scale[half] =
-        detail::finalize_row(p, qi, h0 + row, half ? m_b : m_a, sL[row] + sL[64 + row], any_valid, wg == 0 && quad == 0);
+  float sc_a, sc_b;  // the rows' final normalization
+
+  if (wg == 0) {
+    // WG0: S = Q·Kᵀ for the whole block (m64n64), the softmax, O[:, 0:256] += P·V (P in
+    // registers); P and the factor that moves O to the new max go to WG1 through shared memory.
+    setmaxnreg_inc<Source::kScoreRegs>();
+    const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+    const uint64_t dq = kmajor_desc(smem_u32(sQ));
+    float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
+    float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
+    bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
+    float s[32];
+    uint32_t pa[16];
+    auto issue_s = [&](int stage) {
+      wgmma_fence();
+      qk_chunks<0, L::kChunks>(s, dq, kmajor_desc(k_base0 + stage * L::kTileBytes), true);
+      wgmma_commit();
+    };
+    // S(b+1) is issued right behind PV(b) when block b+1 has already landed; otherwise stage b
+    // is released first and S(b+1) waits at the top.
+    bool s_issued = false;
+    for (int b = 0; b < n_blocks; ++b) {
+      const int st = b % kPagedStages, pb = b & 1;
+      if (!s_issued) {
+        mbar_wait(&full[st], (b / kPagedStages) & 1);
+        issue_s(st);
+      }
+      wgmma_wait<0>();
+      float bm_a, bm_b;
+      seen_valid |= mask_and_max(s, sValid + st * kPagedRowsPerStage, quad, c2, bm_a, bm_b);
+      const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
+      const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
+      float sum_a, sum_b;
+      exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
+      l_a = l_a * alpha_a + sum_a;
+      l_b = l_b * alpha_b + sum_b;
+      m_a = nm_a;
+      m_b = nm_b;
+      p_to_regs(s, pa);
+      // Hand P and the factors to WG1 once it is done with those of block b-2.
+      if (b >= 2) mbar_wait(&p_free[pb], ((b >> 1) - 1) & 1);
+      p_to_smem(pa, sP + pb * 8192, row_a, quad);
+      if (quad == 0) {
+        sScale[pb * 64 + row_a] = alpha_a;
+        sScale[pb * 64 + row_b] = alpha_b;
+      }
+      fence_proxy_async();
+      mbar_arrive(&p_ready[pb]);
+      scale_rows(o, alpha_a, alpha_b);
+      wgmma_fence();
+      pv_local(o, pa, v_desc(k_base0 + st * L::kTileBytes));
+      wgmma_commit();
+      const int nst = (b + 1) % kPagedStages;
+      // One answer for the whole warpgroup, broadcast so it is warp-uniform and the wgmma stays
+      // asynchronous.
+      s_issued = b + 1 < n_blocks &&
+                 __shfl_sync(0xffffffffu, int(named_barrier_all(3, 128, mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1))), 0);
+      if (s_issued) {
+        issue_s(nst);
+        wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
+      } else {
+        wgmma_wait<0>();
+      }
+      mbar_arrive(&empty[st]);
+    }
+    // Row sums: this thread's columns -> quad. Whether the query had any valid entry (the same
+    // for every head; logits that are all −inf still count: lse = −inf then, not the +inf of an
+    // empty row, as in the core).
+    l_a = quad_sum(l_a);
+    l_b = quad_sum(l_b);
+    const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
+    if (lane == 0) sAny[ctid >> 5] = warp_seen;
+    named_barrier_sync(3, 128);
+    const bool any_valid = (sAny[0] | sAny[1] | sAny[2] | sAny[3]) != 0;
+    sc_a = finalize_row(p, qi, h0 + row_a, m_a, l_a, any_valid, quad == 0);
+    sc_b = finalize_row(p, qi, h0 + row_b, m_b, l_b, any_valid, quad == 0);
+    if (quad == 0) {
+      sOutScale[row_a] = sc_a;
+      sOutScale[row_b] = sc_b;
+    }
+  } else {
+    // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
+    setmaxnreg_dec<Source::kRemoteRegs>();
+    const uint32_t p_base = smem_u32(sP);
+    for (int b = 0; b < n_blocks; ++b) {
+      const int st = b % kPagedStages, pb = b & 1;
+      mbar_wait(&p_ready[pb], (b >> 1) & 1);
+      const float alpha_a = sScale[pb * 64 + row_a], alpha_b = sScale[pb * 64 + row_b];
+      scale_rows(o, alpha_a, alpha_b);
+      wgmma_fence();
+      pv_remote(o, kmajor_desc(p_base + pb * 8192), v_desc(k_base0 + st * L::kTileBytes + kLeftChunks * 8192));
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(&p_free[pb]);
+      mbar_arrive(&empty[st]);
+    }
   }
+  // One barrier instruction for both warpgroups (bar.sync is aligned): every wgmma of both is
+  // done, so shared memory is free, and WG0's normalization factors are in.
+  named_barrier_sync(1, 256);
+  if (wg == 1) {
+    sc_a = sOutScale[row_a];
+    sc_b = sOutScale[row_b];
+  }
+  // Epilogue: the normalized bf16 tile staged in shared memory, then 16-byte coalesced stores.
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
+    const float sc = half ? sc_b : sc_a;
     uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
 #pragma unroll
     for (int j = 0; j < 32; ++j)
       *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
-          __floats2bfloat162_rn(o[4 * j + 2 * half] * scale[half], o[4 * j + 2 * half + 1] * scale[half]);
+          __floats2bfloat162_rn(o[4 * j + 2 * half] * sc, o[4 * j + 2 * half + 1] * sc);
   }
   named_barrier_sync(3 + wg, 128);
   // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
@@ -270,11 +269,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 struct PagedFp8Rows {
   // The producer holds a warp's 16 rows of FP8 in registers (all their loads in flight at once):
   // it needs more of them than the cp.async gather. ptxas confines the code after setmaxnreg to
-  // these counts. The launch gives 168 a thread (384 threads); the producer's 32 fewer (x 128
-  // threads) are exactly what the consumers' 16 more (x 256) take: a larger producer would leave
-  // the consumers' setmaxnreg waiting forever.
+  // these counts. The launch gives 168 a thread (384 threads); what WG0 takes above it must be
+  // given back by WG1 and the producer, or WG0's setmaxnreg waits forever.
+  static constexpr uint32_t kScoreRegs = 208;   // WG0: O half (128) + S (32) + P (16) + softmax state
+  static constexpr uint32_t kRemoteRegs = 160;  // WG1: O half (128)
   static constexpr uint32_t kProducerRegs = 136;
-  static constexpr uint32_t kConsumerRegs = 184;  // O (128) + S (16) + softmax state
+  static_assert(kScoreRegs + kRemoteRegs + kProducerRegs <= 3 * 168, "the launch's 168 a thread");
   struct Entries {
     int total;
     int main;

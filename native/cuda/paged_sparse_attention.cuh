@@ -38,9 +38,9 @@ struct PagedSmem {
   static constexpr int kOutScale = kScale + 512;     // float [64]: the rows' final normalization
   static constexpr int kAny = kOutScale + 256;       // int [4]: each WG0 warp saw a valid entry
   static constexpr int kValid = kAny + 16;           // uint8 [kPagedStages][64]
-  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2]
+  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready
   static constexpr int kBar = kValid + kPagedStages * 64;
-  static constexpr int kTotal = kBar + (2 * kPagedStages + 4) * 8;
+  static constexpr int kTotal = kBar + (2 * kPagedStages + 5) * 8;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* empty = full + kPagedStages;
   uint64_t* p_ready = empty + kPagedStages;  // [block parity]: P and the rescale factors are in shared memory
   uint64_t* p_free = p_ready + 2;            // [block parity]: WG1 is done with them
+  uint64_t* out_ready = p_free + 2;          // WG0 is done: its wgmma reads and the rows' factors
 
   const int64_t qi = blockIdx.x;
   const int h0 = blockIdx.y * kHeadsPerCta;
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       mbar_init(&p_ready[i], 128);
       mbar_init(&p_free[i], 128);
     }
+    mbar_init(out_ready, 128);
   }
   // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
   // math warpgroups and awaited just before the first S = QKᵀ, so it overlaps the first gather.
@@ -138,9 +140,31 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   fence_proxy_async();
   named_barrier_sync(1, 256);  // the whole Q tile has landed
 
+  // Epilogue, in each warpgroup's own code (O's registers are never merged across the two
+  // paths): the normalized bf16 tile staged in shared memory, then 16-byte coalesced stores.
   constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged output row, padded against bank conflicts
-  static_assert(kHeadsPerCta * kStageRow <= L::kP, "staging fits in the Q + K region");
-  float sc_a, sc_b;  // the rows' final normalization
+  static_assert(kHeadsPerCta * kStageRow <= L::kQ + L::kTileBytes + 8192, "staging fits on Q and V's first 64 dims of stage 0");
+  auto store_half = [&](float sc_a, float sc_b) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const float sc = half ? sc_b : sc_a;
+      uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
+#pragma unroll
+      for (int j = 0; j < 32; ++j)
+        *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
+            __floats2bfloat162_rn(o[4 * j + 2 * half] * sc, o[4 * j + 2 * half + 1] * sc);
+    }
+    named_barrier_sync(3 + wg, 128);
+    // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
+#pragma unroll 4
+    for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
+      const int r = t >> 5, pc = t & 31;
+      const int h = h0 + r;
+      if (h >= p.h_q) continue;
+      const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
+      __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
+    }
+  };
 
   if (wg == 0) {
     // WG0: S = Q·Kᵀ for the whole block (m64n64), the softmax, O[:, 0:256] += P·V (P in
@@ -214,12 +238,16 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     if (lane == 0) sAny[ctid >> 5] = warp_seen;
     named_barrier_sync(3, 128);
     const bool any_valid = (sAny[0] | sAny[1] | sAny[2] | sAny[3]) != 0;
-    sc_a = finalize_row(p, qi, h0 + row_a, m_a, l_a, any_valid, quad == 0);
-    sc_b = finalize_row(p, qi, h0 + row_b, m_b, l_b, any_valid, quad == 0);
+    const float sc_a = finalize_row(p, qi, h0 + row_a, m_a, l_a, any_valid, quad == 0);
+    const float sc_b = finalize_row(p, qi, h0 + row_b, m_b, l_b, any_valid, quad == 0);
     if (quad == 0) {
       sOutScale[row_a] = sc_a;
       sOutScale[row_b] = sc_b;
     }
+    // Every wgmma of WG0 is done: WG1 may read the factors and write its staged half over Q.
+    // WG0's own staged half lands only on Q and on V's left half, which WG1 never reads.
+    mbar_arrive(out_ready);
+    store_half(sc_a, sc_b);
   } else {
     // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
     setmaxnreg_dec<Source::kRemoteRegs>();
@@ -236,33 +264,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       mbar_arrive(&p_free[pb]);
       mbar_arrive(&empty[st]);
     }
-  }
-  // One barrier instruction for both warpgroups (bar.sync is aligned): every wgmma of both is
-  // done, so shared memory is free, and WG0's normalization factors are in.
-  named_barrier_sync(1, 256);
-  if (wg == 1) {
-    sc_a = sOutScale[row_a];
-    sc_b = sOutScale[row_b];
-  }
-  // Epilogue: the normalized bf16 tile staged in shared memory, then 16-byte coalesced stores.
-#pragma unroll
-  for (int half = 0; half < 2; ++half) {
-    const float sc = half ? sc_b : sc_a;
-    uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
-#pragma unroll
-    for (int j = 0; j < 32; ++j)
-      *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
-          __floats2bfloat162_rn(o[4 * j + 2 * half] * sc, o[4 * j + 2 * half + 1] * sc);
-  }
-  named_barrier_sync(3 + wg, 128);
-  // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
-#pragma unroll 4
-  for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
-    const int r = t >> 5, pc = t & 31;
-    const int h = h0 + r;
-    if (h >= p.h_q) continue;
-    const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
-    __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
+    mbar_wait(out_ready, 0);
+    store_half(sOutScale[row_a], sOutScale[row_b]);
   }
 }
 

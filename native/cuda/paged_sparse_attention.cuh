@@ -323,19 +323,22 @@ struct PagedFp8Rows {
     static_assert(DQK == 512, "v4 rows are 512 wide");
     const int warp = ptid >> 5, lane = ptid & 31;
     const uint8_t* my_data = mine.data;
+    const uint8_t* my_scales = mine.scales;
     constexpr int kRows = 16;  // the warp's rows of the stage
-    // All 16 rows' FP8 nope bytes in flight at once, into registers: lane l < 28 holds dims
-    // [16l, 16l+16) of each row. Issued before the stage is free (they do not touch it). The
-    // scales take one load a warp: lane l < 16 holds the 8 scale bytes of its own row, and a row's
-    // converting lanes take theirs by shuffles (load instructions are what the producer waits on).
+    // All 16 rows' FP8 nope bytes and scales in flight at once, into registers: lane l < 28 holds
+    // dims [16l, 16l+16) of each row. Issued before the stage is free (they do not touch it).
     uint4 raw[kRows];
-    uint2 my_sb = make_uint2(0x7f7f7f7fu, 0x7f7f7f7fu);
-    if (my_data && lane < 16) my_sb = __ldg(reinterpret_cast<const uint2*>(mine.scales));
+    uint32_t sb[kRows];
 #pragma unroll
     for (int u = 0; u < kRows; ++u) {
       const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), u));
+      const uint8_t* scales = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_scales), u));
       raw[u] = make_uint4(0, 0, 0, 0);
-      if (data && lane < 28) raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
+      sb[u] = 127;
+      if (data && lane < 28) {
+        sb[u] = __ldg(scales + (lane >> 2));
+        raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
+      }
     }
     stage_free();
     if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
@@ -358,8 +361,7 @@ struct PagedFp8Rows {
 #pragma unroll
       for (int u = 0; u < kRows; ++u) {
         const int r = warp * 16 + u;
-        const uint32_t s_lo = __shfl_sync(0x0fffffffu, my_sb.x, u), s_hi = __shfl_sync(0x0fffffffu, my_sb.y, u);
-        const float scale = ue8m0_to_float(uint8_t((lane < 16 ? s_lo : s_hi) >> (8 * ((lane >> 2) & 3))));
+        const float scale = ue8m0_to_float(uint8_t(sb[u]));
         const int d0 = lane * 16;
         *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = dequant8(raw[u].x, raw[u].y, scale);
         *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = dequant8(raw[u].z, raw[u].w, scale);

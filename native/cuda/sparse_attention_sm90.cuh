@@ -1,4 +1,5 @@
-// The sm_90a attention kernel shared by sparse prefill (§4) and paged FP8 attention (§5).
+// The sm_90a sparse-prefill attention kernel (§4), and the math helpers (detail::) the paged FP8
+// attention kernel (§5, paged_sparse_attention.cuh) shares with it.
 //
 // A tile = one query x a block of 64 heads (one wgmma M tile). All heads of a query attend the
 // same KV rows, so every row is gathered once for 64 heads. The grid is persistent (one CTA per

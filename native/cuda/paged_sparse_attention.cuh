@@ -87,18 +87,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     mbar_init(out_ready, 128);
   }
-  // Q tile: 64 heads x DQK, heads past h_q zero-filled (padding inside the op). Issued by the
-  // math warpgroups and awaited just before the first S = QKᵀ, so it overlaps the first gather.
+  // The Q tile, issued by the math warpgroups and awaited just before the first S = QKᵀ, so it
+  // overlaps the first gather.
   if (tid < 256) {
-    constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
-    const uint64_t once = l2_policy_evict_first();
-    for (int t = tid; t < kHeadsPerCta * kPieces; t += 256) {
-      const int r = t / kPieces, pc = t % kPieces;
-      const int h = h0 + r;
-      const bool ok = h < p.h_q;
-      const uint16_t* g = ok ? p.q + ((qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
-      cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
-    }
+    detail::load_q_tile<DQK>(sQ, p, qi, h0, tid, 256);
     cp_async_commit();
   }
   __syncthreads();

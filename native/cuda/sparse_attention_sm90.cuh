@@ -258,6 +258,22 @@ __device__ __forceinline__ bool mask_and_max(float (&s)[N], const uint8_t* valid
   return seen != 0;
 }
 
+// The Q tile of (query qi, heads h0..h0+63) into shared memory by cp.async, threads `first`,
+// `first + stride`, ... each issuing their 16-byte pieces; heads past h_q are zero-filled without
+// reading (padding inside the op). Q is read once: evict-first.
+template <int DQK>
+__device__ __forceinline__ void load_q_tile(uint8_t* sQ, const AttnOutputs& p, int64_t qi, int h0, int first, int stride) {
+  constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
+  const uint64_t once = l2_policy_evict_first();
+  for (int i = first; i < kHeadsPerCta * kPieces; i += stride) {
+    const int r = i / kPieces, pc = i % kPieces;
+    const int h = h0 + r;
+    const bool ok = h < p.h_q;
+    const uint16_t* g = ok ? p.q + ((qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
+    cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
+  }
+}
+
 // exp2 base for a running max: rows that have seen only -inf use 0 (P = 0 there).
 __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.0f : m; }
 // Factor that moves values kept relative to max `from` to max `to` (to >= from); 0 when nothing
@@ -416,22 +432,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       const TileOf tile = tile_of(cur.t, head_blocks);
       const int n_pairs = pairs_of(cur.entries);
       const Next nxt = next_tile(cur.t + gridDim.x);
-      // Q: 64 heads x DQK, heads past h_q zero-filled (padding inside the op), once the math WGs
-      // are done with the last tile's Q.
+      // Q, once the math WGs are done with the last tile's.
       if (q_loads > 0) mbar_wait(q_empty, (q_loads - 1) & 1);
-      {
-        constexpr int kPieces = DQK / 8;  // 16-byte pieces per row
-        const uint64_t once = l2_policy_evict_first();
-        for (int i = ptid; i < kHeadsPerCta * kPieces; i += 128) {
-          const int r = i / kPieces, pc = i % kPieces;
-          const int h = tile.h0 + r;
-          const bool ok = h < p.h_q;
-          const uint16_t* g = ok ? p.q + ((tile.qi * p.h_q + h) * int64_t(DQK) + pc * 8) : p.q;
-          cp_async_16_hint(sQ + swz_offset(r, pc * 8), g, ok ? 16u : 0u, once);
-        }
-        cp_async_arrive_noinc(q_full);
-        ++q_loads;
-      }
+      load_q_tile<DQK>(sQ, p, tile.qi, tile.h0, ptid, 128);
+      cp_async_arrive_noinc(q_full);
+      ++q_loads;
       for (int i = 0; i < n_pairs; ++i) {
         const uint32_t free_parity = ((pairs_done + i) & 1) ^ 1;  // the first wait on an empty barrier passes
         // The next pair's entries (or the next tile's first pair) are resolved now, behind this

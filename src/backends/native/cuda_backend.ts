@@ -27,7 +27,6 @@ import {
   type PagedSparseAttentionJob,
   type PagedSparseAttentionOutput,
   type PlacedAttentionOutput,
-  type PlannedRows,
   type PlanRowsJob,
   type QuantizeKCacheJob,
   type SparsePrefillJob,
@@ -173,7 +172,7 @@ export class CudaBackend implements Backend, DeviceOps {
   readonly layer: LayerSteps<DeviceBuffer> = {
     memory: 'device',
     planRows: async (job) => {
-      const r = await this.planRows(job, 'device', null, job.topkIndices === null ? null : 'device', job.into);
+      const r = await this.planRows(job, 'device', null, job.topkIndices === null ? null : 'device');
       return { rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal as DeviceBuffer | null };
     },
     planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
@@ -377,16 +376,11 @@ export class CudaBackend implements Backend, DeviceOps {
    * when topkIndices is null. Outputs where `placement` says; the dropped counts per query where
    * `droppedPlacement` says and their total (int64 [1], summed on the device) where
    * `totalPlacement` says, each or not at all (null). Inputs are the plan's, already validated and
-   * sized (width ≥ the widest row). `into`: the caller's device buffers of exactly these sizes to
-   * build the rows, lengths and total (when one is asked for) into instead of allocating them.
+   * sized (width ≥ the widest row). `args.into`: the caller's device buffers of exactly these sizes
+   * to build the rows, lengths and total (when one is asked for) into instead of allocating them.
    */
-  async planRows(
-    args: PlanRowsJob<DeviceBuffer>,
-    placement: Placement = 'host',
-    droppedPlacement: Placement | null = placement,
-    totalPlacement: Placement | null = null,
-    into?: PlannedRows<DeviceBuffer>,
-  ): Promise<DevicePlannedRows> {
+  async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement, totalPlacement: Placement | null = null): Promise<DevicePlannedRows> {
+    const { into } = args;
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
     const rows = into?.rows ?? this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
     const lens = into?.lens ?? this.output(placement, Int32Array, 4, numQueries, 'lens');

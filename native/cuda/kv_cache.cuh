@@ -64,6 +64,30 @@ __device__ __forceinline__ uint4 dequant8(uint32_t w0, uint32_t w1, float scale)
                     dequant_pair(w1 & 0xffffu, scale), dequant_pair(w1 >> 16, scale));
 }
 
+// A ue8m0 scale byte as the bf16 2^(byte-127), in both halves (exact: bf16 spans float's exponents;
+// 0 is the subnormal 2^-127, 0xFF NaN).
+__device__ __forceinline__ uint32_t ue8m0_to_bf16x2(uint32_t byte) {
+  uint32_t e = byte << 7;
+  e = byte == 0 ? 0x0040u : e;
+  e = byte == 0xffu ? 0x7fc0u : e;
+  return e * 0x00010001u;
+}
+// 8 e4m3 bytes (two words) times a bf16x2 power-of-two scale -> 8 bf16. Each e4m3 is exact in
+// bf16, so the one bf16 multiply rounds the exact product once, as the float product's rounding
+// to bf16 does (subnormals and NaN included); one multiply per pair instead of two float ones.
+__device__ __forceinline__ uint32_t dequant_pair_bf16(uint32_t two_bytes, uint32_t scale2) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes), __NV_E4M3);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+  uint32_t r;
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(*reinterpret_cast<const uint32_t*>(&b)), "r"(scale2));
+  return r;
+}
+__device__ __forceinline__ uint4 dequant8_bf16(uint32_t w0, uint32_t w1, uint32_t scale2) {
+  return make_uint4(dequant_pair_bf16(w0 & 0xffffu, scale2), dequant_pair_bf16(w0 >> 16, scale2),
+                    dequant_pair_bf16(w1 & 0xffffu, scale2), dequant_pair_bf16(w1 >> 16, scale2));
+}
+
 // The gather kernel: a warp takes kTokens consecutive output rows per iteration (the ids of the
 // next iteration are loaded a step ahead, so an id load and its record load never form one chain),
 // all records' loads in flight before the first convert. Lane l produces the row's 16-byte output

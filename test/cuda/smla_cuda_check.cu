@@ -27,6 +27,7 @@
 #include "sparse_mla/formats.h"
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/planner.h"
+#include "kv_cache.cuh"
 #include "sparse_prefill.cuh"
 
 #define CK(x)                                                                                   \
@@ -532,11 +533,43 @@ static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, con
          std::to_string(bad) + " malformed entries, " + std::to_string(total_off) + " dropped totals off");
 }
 
+// The paged producer's e4m3 -> bf16 path (bf16 multiply by a bf16 scale) against the float one
+// of formats.h: every byte in every lane position, every scale byte (NaN for NaN).
+static __global__ void dequant_bf16_kernel(uint16_t* out) {
+  const uint32_t sbyte = blockIdx.x, t = threadIdx.x;  // 256 threads: bytes t, t+1, .. t+7 (mod 256)
+  uint32_t w[2];
+  for (int i = 0; i < 2; ++i)
+    w[i] = ((t + 4 * i) & 255) | (((t + 4 * i + 1) & 255) << 8) | (((t + 4 * i + 2) & 255) << 16) | (((t + 4 * i + 3) & 255) << 24);
+  const uint4 v = smla::cuda::dequant8_bf16(w[0], w[1], smla::cuda::ue8m0_to_bf16x2(sbyte));
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+  for (int i = 0; i < 4; ++i) {
+    out[(size_t(sbyte) * 256 + t) * 8 + 2 * i] = uint16_t(words[i] & 0xffffu);
+    out[(size_t(sbyte) * 256 + t) * 8 + 2 * i + 1] = uint16_t(words[i] >> 16);
+  }
+}
+static void run_dequant_bf16_check() {
+  DBuf<uint16_t> dout(size_t(256) * 256 * 8);
+  dequant_bf16_kernel<<<256, 256>>>(dout.p);
+  check_status(cudaDeviceSynchronize() == cudaSuccess ? 0 : -1, "dequant_bf16 kernel");
+  const std::vector<uint16_t> out = dout.down();
+  long long wrong = 0;
+  for (uint32_t sb = 0; sb < 256; ++sb)
+    for (uint32_t t = 0; t < 256; ++t)
+      for (int j = 0; j < 8; ++j) {
+        const uint16_t want = smla::float_to_bf16(smla::e4m3_to_float(uint8_t((t + j) & 255)) * smla::ue8m0_to_float(uint8_t(sb)));
+        const uint16_t got = out[(size_t(sb) * 256 + t) * 8 + j];
+        const bool nan_both = isnan(smla::bf16_to_float(got)) && isnan(smla::bf16_to_float(want));
+        wrong += !(got == want || nan_both);
+      }
+  report(wrong == 0, "e4m3 -> bf16 by a bf16 scale (every byte, every scale)", "wrong values " + std::to_string(wrong));
+}
+
 static void run_checks() {
   uint64_t seed = uint64_t(time(nullptr));
   if (const char* s = getenv("SMLA_SEED")) seed = strtoull(s, nullptr, 10);
   printf("seed %llu\n", (unsigned long long)seed);
   int k = 0;
+  run_dequant_bf16_check();
   // dequant
   run_dequant_case("v4 P=64", SMLA_CACHE_V4, 64, 40, 3000, false, seed + k++);
   run_dequant_case("v4 P=256 bad ids", SMLA_CACHE_V4, 256, 9, 2001, true, seed + k++);
@@ -585,6 +618,11 @@ static void run_checks() {
       {"h128 P256 topk200 + extra P64 topk100 mixed", 5, 128, 256, 4, 200, true, 64, 10, 100, kMixed, true, true},
       {"h16 P2 topk64 + extra P256 adversarial", 5, 16, 2, 300, 64, true, 256, 2, 70, kAdversarial, true, true},
       {"h64 P64 topk0 + extra topk40", 3, 64, 64, 3, 0, true, 64, 3, 40, kMixed, false, true},
+      // pairs of head groups of one query (heads 0-63 / 64-127), one of them padded; an odd number of
+      // head groups; long lists (many blocks through both stages)
+      {"h100 P64 topk300 + extra P32 topk129 adversarial", 6, 100, 64, 40, 300, true, 32, 50, 129, kAdversarial, true, true},
+      {"h192 P128 topk130 mixed (three head groups)", 4, 192, 128, 8, 130, false, 1, 0, 0, kMixed, true, false},
+      {"h256 P64 topk640 + extra P64 topk1024", 3, 256, 64, 60, 640, true, 64, 40, 1024, kAllValid, false, true},
   };
   for (const auto& c : gcs) run_paged_case(c, seed + k++);
   run_planner_case(seed + k++, {700, 129, 5000, 0, 2000, 77}, {300, 129, 1, 0, 777, 77}, 640, "6 requests");
@@ -631,7 +669,7 @@ static void run_fuzz() {
     CK(cudaDeviceSynchronize());
   }
   for (int it = 0; it < 4; ++it) {
-    const int P = (int[]){64, 2, 256, 1}[it], pages = (int[]){3, 5, 1, 7}[it], h_q = (int[]){64, 128, 9, 64}[it];
+    const int P = (int[]){64, 2, 256, 1}[it], pages = (int[]){3, 5, 1, 7}[it], h_q = (int[]){64, 128, 9, 100}[it];
     V4Host c = make_v4_cache(r, P, pages);
     std::vector<int32_t> idx = make_indices(r, 3, 90, c.tokens(), kAdversarial);
     idx[0] = INT32_MAX;

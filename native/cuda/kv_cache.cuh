@@ -52,10 +52,15 @@ struct V4Cache {
   }
 };
 
+// Two e4m3 bytes (the low half of a word) as floats, exactly (e4m3 -> f16 -> f32).
+__device__ __forceinline__ float2 e4m3x2_to_float2(uint32_t two_bytes) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes), __NV_E4M3);
+  return __half22float2(*reinterpret_cast<const __half2*>(&h));
+}
+
 // 8 e4m3 bytes (two words) times a power-of-two scale -> 8 bf16 (one 16-byte word).
 __device__ __forceinline__ uint32_t dequant_pair(uint32_t two_bytes, float scale) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes), __NV_E4M3);
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  const float2 f = e4m3x2_to_float2(two_bytes);
   const __nv_bfloat162 b = __floats2bfloat162_rn(f.x * scale, f.y * scale);
   return *reinterpret_cast<const uint32_t*>(&b);
 }
@@ -64,20 +69,20 @@ __device__ __forceinline__ uint4 dequant8(uint32_t w0, uint32_t w1, float scale)
                     dequant_pair(w1 & 0xffffu, scale), dequant_pair(w1 >> 16, scale));
 }
 
-// A ue8m0 scale byte as the bf16 2^(byte-127), in both halves (exact: bf16 spans float's exponents;
-// 0 is the subnormal 2^-127, 0xFF NaN).
+// A ue8m0 byte's 2^(byte-127) as a bf16, in both halves: exact (bf16 has float's exponent range),
+// the top half of formats.h's ue8m0_to_float (0 the subnormal 2^-127, 0xFF NaN), written as
+// selects because deriving it from that float costs the paged producer instructions.
 __device__ __forceinline__ uint32_t ue8m0_to_bf16x2(uint32_t byte) {
   uint32_t e = byte << 7;
   e = byte == 0 ? 0x0040u : e;
   e = byte == 0xffu ? 0x7fc0u : e;
   return e * 0x00010001u;
 }
-// 8 e4m3 bytes (two words) times a bf16x2 power-of-two scale -> 8 bf16. Each e4m3 is exact in
-// bf16, so the one bf16 multiply rounds the exact product once, as the float product's rounding
-// to bf16 does (subnormals and NaN included); one multiply per pair instead of two float ones.
+// dequant_pair with the scale as a bf16 pair: each e4m3 is exact in bf16, so the one bf16 multiply
+// rounds the exact product once, as the float product's rounding to bf16 does (subnormals and NaN
+// included); one multiply per pair instead of two float ones.
 __device__ __forceinline__ uint32_t dequant_pair_bf16(uint32_t two_bytes, uint32_t scale2) {
-  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two_bytes), __NV_E4M3);
-  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  const float2 f = e4m3x2_to_float2(two_bytes);
   const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
   uint32_t r;
   asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(*reinterpret_cast<const uint32_t*>(&b)), "r"(scale2));

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   // The Q tile, issued by the math warpgroups and awaited just before the first S = QKᵀ, so it
   // overlaps the first gather.
   if (tid < 256) {
-    detail::load_q_tile<DQK>(sQ, p, qi, h0, tid, 256);
+    load_q_tile<DQK>(sQ, p, qi, h0, tid, 256);
     cp_async_commit();
   }
   __syncthreads();

@@ -24,7 +24,8 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_atte
   if (((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(k_cache) |
         reinterpret_cast<uintptr_t>(extra_k_cache)) & 15) != 0)
     return SMLA_ERR_INVALID_ARGUMENT;
-  if (h_q > 65535 * kHeadsPerCta) return SMLA_ERR_UNSUPPORTED;
+  // the kernel counts tiles (query, 64-head group) in 32 bits; more would not fit in memory anyway
+  if (int64_t(n) * ((h_q + kHeadsPerCta - 1) / kHeadsPerCta) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   PagedFp8Rows src;
   src.cache = V4Cache::make(k_cache, page_size, num_pages);
@@ -36,13 +37,6 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_atte
   src.extra_topk = extra_k_cache ? extra_topk : 0;
   src.extra_topk_length = extra_topk_length;
   const AttnOutputs o{q, n, h_q, sm_scale, attn_sink, out, max_logits, lse};
-  auto kernel = paged_attention_sm90_kernel<512, PagedFp8Rows>;
-  constexpr int smem = PagedSmem<512>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) {
-    const dim3 grid(unsigned(n), unsigned((h_q + kHeadsPerCta - 1) / kHeadsPerCta));
-    kernel<<<grid, kAttnThreads, smem, stream>>>(o, src);
-    err = cudaGetLastError();
-  }
+  const cudaError_t err = launch_paged_attention<512>(o, src, stream);
   return err == cudaSuccess ? SMLA_OK : -int32_t(err);
 }

@@ -3,9 +3,9 @@
 // bf16 tile in registers. The main and extra sets form one list per query: the main set's first
 // min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
 //
-// One CTA = one query x 64 heads; warpgroup 2 dequantizes 64 tokens per stage into a two-stage
-// ring (each warp's 16 rows of FP8 loaded into registers at once, before the stage is free; the
-// RoPE dims copied into the tile by cp.async). Warpgroup 0 computes S = QKᵀ for the whole block
+// A tile = one query x 64 heads, on a persistent grid (below); warpgroup 2 dequantizes 64 tokens
+// per stage into a two-stage ring (each warp's 16 rows of FP8 loaded into registers at once,
+// before the stage is free; the RoPE dims copied into the tile by cp.async). Warpgroup 0 computes S = QKᵀ for the whole block
 // (m64n64, so Q is read once per block), the softmax and O[:, 0:256] += P·V with P in registers;
 // it hands P (bf16) and each row's rescale factor to warpgroup 1 through shared memory (double-
 // buffered by block parity), which computes O[:, 256:512] += P·V. The dequantizing producer needs
@@ -35,23 +35,30 @@ struct PagedSmem {
   static constexpr int kK = kQ + kTileBytes;
   static constexpr int kP = kK + kPagedStages * kTileBytes;  // P: two 64x64 bf16 K-major tiles (by block parity)
   static constexpr int kScale = kP + 2 * 8192;       // float [2][64]: each block's rescale factor of O
-  static constexpr int kOutScale = kScale + 512;     // float [64]: the rows' final normalization
-  static constexpr int kAny = kOutScale + 256;       // int [4]: each WG0 warp saw a valid entry
-  static constexpr int kValid = kAny + 16;           // uint8 [kPagedStages][64]
-  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready
+  static constexpr int kOutScale = kScale + 512;     // float [2][64]: the rows' final normalization (by tile parity)
+  static constexpr int kAny = kOutScale + 512;       // int [2][4]: each WG0 warp saw a valid entry (by tile parity)
+  static constexpr int kValid = kAny + 32;           // uint8 [kPagedStages][64]
+  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready[2], out_free[2]
   static constexpr int kBar = kValid + kPagedStages * 64;
-  static constexpr int kTotal = kBar + (2 * kPagedStages + 5) * 8;
+  static constexpr int kTotal = kBar + (2 * kPagedStages + 8) * 8;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
 
-
-// Source policy: begin(qi) -> Entries (the query's entry count); load_entry(entries, qi, k) ->
-// Entry (entry k resolved, or invalid past the end; must not read past the row); fill(entry,
+// Source policy: begin(qi) -> Entries (the query's entry count); load_id(entries, qi, k) -> the
+// entry's id (-1 past the end, where the row is never read); resolve(entries, k, id) -> Entry (its
+// records, or invalid); fill(entry,
 // tile, valid, ptid, stage_free) is called by all 128 producer threads per stage, each passing
 // the entry of its own row (warp w, lane l < 16 owns row 16w + l); it may load from global memory
 // at once but must call stage_free() before it writes the tile or the valid flags; it must make
 // its stores visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+//
+// The grid is persistent (one CTA per SM, tiles = (query, 64-head group) pairs taken round-robin,
+// query-major so a query's head groups run side by side): the producer streams blocks across
+// tiles, so the next tile's first blocks are dequantized while the math warpgroups finish this
+// one, and warpgroup 0 loads the next tile's Q as soon as its last QKᵀ is done. Every stage,
+// handoff and epilogue barrier keeps counting across tiles (g: the CTA's block count; tile parity
+// for the epilogue's exchange).
 template <int DQK, class Source>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     paged_attention_sm90_kernel(const AttnOutputs p, const Source src) {
@@ -70,10 +77,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* empty = full + kPagedStages;
   uint64_t* p_ready = empty + kPagedStages;  // [block parity]: P and the rescale factors are in shared memory
   uint64_t* p_free = p_ready + 2;            // [block parity]: WG1 is done with them
-  uint64_t* out_ready = p_free + 2;          // WG0 is done: its wgmma reads and the rows' factors
+  uint64_t* out_ready = p_free + 2;          // [tile parity]: WG0's rows' final factors are in sOutScale
+  uint64_t* out_free = out_ready + 2;        // [tile parity]: WG1 has read them
 
-  const int64_t qi = blockIdx.x;
-  const int h0 = blockIdx.y * kHeadsPerCta;
+  const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
+  const int64_t n_tiles = p.s_q * head_blocks;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -84,79 +92,62 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     for (int i = 0; i < 2; ++i) {
       mbar_init(&p_ready[i], 128);
       mbar_init(&p_free[i], 128);
+      mbar_init(&out_ready[i], 128);
+      mbar_init(&out_free[i], 128);
     }
-    mbar_init(out_ready, 128);
-  }
-  // The Q tile, issued by the math warpgroups and awaited just before the first S = QKᵀ, so it
-  // overlaps the first gather.
-  if (tid < 256) {
-    load_q_tile<DQK>(sQ, p, qi, h0, tid, 256);
-    cp_async_commit();
   }
   __syncthreads();
 
-  const typename Source::Entries entries = src.begin(qi);
-  const int n_blocks = (entries.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
+  auto blocks_of = [](const typename Source::Entries& e) { return (e.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage; };
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   if (wg == 2) {
     setmaxnreg_dec<Source::kProducerRegs>();
     const int ptid = tid - 256;
-    // Each producer lane owns one row of its warp's 16 per stage. The entry (index) of the next
-    // block is loaded before this block's gather, so its latency hides behind the gather.
+    // Each producer lane owns one row of its warp's 16 per stage. The entry of the next block (the
+    // next tile's first block after a tile's last) is loaded before this block's gather, so its
+    // latency hides behind the gather.
     const int my_row = (ptid >> 5) * 16 + (ptid & 15);
-    typename Source::Entry cur = src.load_entry(entries, qi, my_row);
-    for (int b = 0; b < n_blocks; ++b) {
-      const int st = b % kPagedStages;
-      const typename Source::Entry nxt = src.load_entry(entries, qi, (b + 1) * kPagedRowsPerStage + my_row);
-      // fill may start its global loads before the stage is free; it calls this before touching it
-      const auto stage_free = [&] {
-        if (b >= kPagedStages) mbar_wait(&empty[st], ((b / kPagedStages) - 1) & 1);
-      };
-      src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid, stage_free);
-      mbar_arrive(&full[st]);
-      cur = nxt;
+    const uint32_t n_tiles32 = uint32_t(n_tiles);  // the launcher keeps the tile count below 2^31
+    uint32_t t = blockIdx.x;
+    int32_t qi = 0;
+    typename Source::Entries e{0, 0};
+    if (t < n_tiles32) {
+      qi = int32_t(t / uint32_t(head_blocks));
+      e = src.begin(qi);
+    }
+    typename Source::Entry cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
+    uint32_t g = 0;
+    for (; t < n_tiles32; t += gridDim.x) {
+      const uint32_t g_end = g + blocks_of(e);
+      for (int k = my_row + kPagedRowsPerStage; g < g_end; ++g, k += kPagedRowsPerStage) {
+        const int st = g % kPagedStages;
+        // The next block's id, resolved after the gather (only the id is held during it); after the
+        // tile's last block, the next tile's first entry is found after the gather.
+        const int32_t nxt_id = src.load_id(e, qi, k);
+        // fill may start its global loads before the stage is free; it calls this before touching it
+        const auto stage_free = [&] {
+          if (g >= kPagedStages) mbar_wait(&empty[st], ((g / kPagedStages) - 1) & 1);
+        };
+        src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid, stage_free);
+        mbar_arrive(&full[st]);
+        cur = src.resolve(e, k, nxt_id);
+      }
+      const uint32_t t2 = t + gridDim.x;
+      if (t2 < n_tiles32) {
+        qi = int32_t(t2 / uint32_t(head_blocks));
+        e = src.begin(qi);
+        cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
+      }
     }
     return;
   }
 
   const MathThread mt = math_thread(tid);
-  const int ctid = mt.ctid, lane = mt.lane, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
+  const int ctid = mt.ctid, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
   const uint32_t k_base0 = smem_u32(sK);
 
   float o[128];
-#pragma unroll
-  for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-
-  cp_async_wait_all();
-  fence_proxy_async();
-  named_barrier_sync(1, 256);  // the whole Q tile has landed
-
-  // Epilogue, in each warpgroup's own code (O's registers are never merged across the two
-  // paths): the normalized bf16 tile staged in shared memory, then 16-byte coalesced stores.
-  constexpr int kStageRow = kDv * 2 + 16;  // bytes per staged output row, padded against bank conflicts
-  static_assert(kHeadsPerCta * kStageRow <= L::kQ + L::kTileBytes + 8192, "staging fits on Q and V's first 64 dims of stage 0");
-  auto store_half = [&](float sc_a, float sc_b) {
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const float sc = half ? sc_b : sc_a;
-      uint8_t* srow = smem + (half ? row_b : row_a) * kStageRow + (wg * 256 + 2 * quad) * 2;
-#pragma unroll
-      for (int j = 0; j < 32; ++j)
-        *reinterpret_cast<__nv_bfloat162*>(srow + 16 * j) =
-            __floats2bfloat162_rn(o[4 * j + 2 * half] * sc, o[4 * j + 2 * half + 1] * sc);
-    }
-    named_barrier_sync(3 + wg, 128);
-    // This warpgroup's half rows: 64 rows x 32 pieces of 16 bytes.
-#pragma unroll 4
-    for (int t = ctid; t < kHeadsPerCta * 32; t += 128) {
-      const int r = t >> 5, pc = t & 31;
-      const int h = h0 + r;
-      if (h >= p.h_q) continue;
-      const uint4 v = *reinterpret_cast<const uint4*>(smem + r * kStageRow + wg * 512 + pc * 16);
-      __stcs(reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256 + pc * 8), v);
-    }
-  };
 
   if (wg == 0) {
     // WG0: S = Q·Kᵀ for the whole block (m64n64), the softmax, O[:, 0:256] += P·V (P in
@@ -164,9 +155,6 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     setmaxnreg_inc<Source::kScoreRegs>();
     const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
     const uint64_t dq = kmajor_desc(smem_u32(sQ));
-    float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
-    float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
-    bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
     float s[32];
     uint32_t pa[16];
     auto issue_s = [&](int stage) {
@@ -174,91 +162,150 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       qk_chunks<0, L::kChunks>(s, dq, kmajor_desc(k_base0 + stage * L::kTileBytes), true);
       wgmma_commit();
     };
-    // S(b+1) is issued right behind PV(b) when block b+1 has already landed; otherwise stage b
-    // is released first and S(b+1) waits at the top.
-    bool s_issued = false;
-    for (int b = 0; b < n_blocks; ++b) {
-      const int st = b % kPagedStages, pb = b & 1;
-      if (!s_issued) {
-        mbar_wait(&full[st], (b / kPagedStages) & 1);
-        issue_s(st);
+    // Q of a tile is loaded by WG0 alone (the only reader), as soon as the previous tile's last
+    // QKᵀ is done; `q_issued`: the current tile's Q is on its way.
+    bool q_issued = false;
+    uint32_t g = 0, tiles_done = 0;
+    for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x, ++tiles_done) {
+      const TileOf tile = tile_of(t, head_blocks);
+      const int n_blocks = blocks_of(src.begin(tile.qi));
+      if (n_blocks == 0 && q_issued) cp_async_wait_all();  // a Q loaded for nothing: landed before the next one is
+      if (n_blocks > 0) {
+        if (!q_issued) {
+          load_q_tile<DQK>(sQ, p, tile.qi, tile.h0, ctid, 128);
+          cp_async_commit();
+        }
+        cp_async_wait_all();
+        fence_proxy_async();
+        named_barrier_sync(3, 128);  // the whole Q tile has landed
       }
-      wgmma_wait<0>();
-      float bm_a, bm_b;
-      seen_valid |= mask_and_max(s, sValid + st * kPagedRowsPerStage, quad, c2, bm_a, bm_b);
-      const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
-      const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
-      float sum_a, sum_b;
-      exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
-      l_a = l_a * alpha_a + sum_a;
-      l_b = l_b * alpha_b + sum_b;
-      m_a = nm_a;
-      m_b = nm_b;
-      p_to_regs(s, pa);
-      // Hand P and the factors to WG1 once it is done with those of block b-2.
-      if (b >= 2) mbar_wait(&p_free[pb], ((b >> 1) - 1) & 1);
-      p_to_smem(pa, sP + pb * 8192, row_a, quad);
-      if (quad == 0) {
-        sScale[pb * 64 + row_a] = alpha_a;
-        sScale[pb * 64 + row_b] = alpha_b;
-      }
-      fence_proxy_async();
-      mbar_arrive(&p_ready[pb]);
-      scale_rows(o, alpha_a, alpha_b);
-      wgmma_fence();
-      pv_local(o, pa, v_desc(k_base0 + st * L::kTileBytes));
-      wgmma_commit();
-      const int nst = (b + 1) % kPagedStages;
-      // One answer for the whole warpgroup, broadcast so it is warp-uniform and the wgmma stays
-      // asynchronous.
-      s_issued = b + 1 < n_blocks &&
-                 __shfl_sync(0xffffffffu, int(named_barrier_all(3, 128, mbar_test(&full[nst], ((b + 1) / kPagedStages) & 1))), 0);
-      if (s_issued) {
-        issue_s(nst);
-        wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
-      } else {
+      q_issued = false;
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+      float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
+      float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
+      bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
+      // S(b+1) is issued right behind PV(b) when block b+1 has already landed; otherwise stage b
+      // is released first and S(b+1) waits at the top.
+      bool s_issued = false;
+      for (int b = 0; b < n_blocks; ++b, ++g) {
+        const int st = g % kPagedStages, pb = g & 1;
+        if (!s_issued) {
+          mbar_wait(&full[st], (g / kPagedStages) & 1);
+          issue_s(st);
+        }
         wgmma_wait<0>();
+        if (b + 1 == n_blocks && t + gridDim.x < n_tiles) {  // the tile's last QKᵀ is done: Q is free
+          const TileOf next = tile_of(t + gridDim.x, head_blocks);
+          load_q_tile<DQK>(sQ, p, next.qi, next.h0, ctid, 128);
+          cp_async_commit();
+          q_issued = true;
+        }
+        float bm_a, bm_b;
+        seen_valid |= mask_and_max(s, sValid + st * kPagedRowsPerStage, quad, c2, bm_a, bm_b);
+        const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
+        const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
+        float sum_a, sum_b;
+        exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
+        l_a = l_a * alpha_a + sum_a;
+        l_b = l_b * alpha_b + sum_b;
+        m_a = nm_a;
+        m_b = nm_b;
+        p_to_regs(s, pa);
+        // Hand P and the factors to WG1 once it is done with those of block g-2.
+        if (g >= 2) mbar_wait(&p_free[pb], ((g >> 1) - 1) & 1);
+        p_to_smem(pa, sP + pb * 8192, row_a, quad);
+        if (quad == 0) {
+          sScale[pb * 64 + row_a] = alpha_a;
+          sScale[pb * 64 + row_b] = alpha_b;
+        }
+        fence_proxy_async();
+        mbar_arrive(&p_ready[pb]);
+        scale_rows(o, alpha_a, alpha_b);
+        wgmma_fence();
+        pv_local(o, pa, v_desc(k_base0 + st * L::kTileBytes));
+        wgmma_commit();
+        const int nst = (g + 1) % kPagedStages;
+        // One answer for the whole warpgroup, broadcast so it is warp-uniform and the wgmma stays
+        // asynchronous.
+        s_issued = b + 1 < n_blocks &&
+                   __shfl_sync(0xffffffffu, int(named_barrier_all(3, 128, mbar_test(&full[nst], ((g + 1) / kPagedStages) & 1))), 0);
+        if (s_issued) {
+          issue_s(nst);
+          wgmma_wait<1>();  // PV(b) done; S(b+1) may still run
+        } else {
+          wgmma_wait<0>();
+        }
+        mbar_arrive(&empty[st]);
       }
-      mbar_arrive(&empty[st]);
+      // Row sums: this thread's columns -> quad. Whether the query had any valid entry (the same
+      // for every head; logits that are all −inf still count: lse = −inf then, not the +inf of an
+      // empty row, as in the core).
+      const int tp = tiles_done & 1;
+      l_a = quad_sum(l_a);
+      l_b = quad_sum(l_b);
+      const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
+      if (mt.lane == 0) sAny[tp * 4 + (ctid >> 5)] = warp_seen;
+      named_barrier_sync(3, 128);
+      const bool any_valid = (sAny[tp * 4] | sAny[tp * 4 + 1] | sAny[tp * 4 + 2] | sAny[tp * 4 + 3]) != 0;
+      const float sc_a = finalize_row(p, tile.qi, tile.h0 + row_a, m_a, l_a, any_valid, quad == 0);
+      const float sc_b = finalize_row(p, tile.qi, tile.h0 + row_b, m_b, l_b, any_valid, quad == 0);
+      // The factors to WG1, once it has read those of the tile before last.
+      if (tiles_done >= 2) mbar_wait(&out_free[tp], ((tiles_done >> 1) - 1) & 1);
+      if (quad == 0) {
+        sOutScale[tp * 64 + row_a] = sc_a;
+        sOutScale[tp * 64 + row_b] = sc_b;
+      }
+      mbar_arrive(&out_ready[tp]);
+      store_o_row(p, tile.qi, tile.h0 + row_a, 0, quad, 0, o, sc_a);
+      store_o_row(p, tile.qi, tile.h0 + row_b, 0, quad, 1, o, sc_b);
     }
-    // Row sums: this thread's columns -> quad. Whether the query had any valid entry (the same
-    // for every head; logits that are all −inf still count: lse = −inf then, not the +inf of an
-    // empty row, as in the core).
-    l_a = quad_sum(l_a);
-    l_b = quad_sum(l_b);
-    const bool warp_seen = __any_sync(0xffffffffu, seen_valid);
-    if (lane == 0) sAny[ctid >> 5] = warp_seen;
-    named_barrier_sync(3, 128);
-    const bool any_valid = (sAny[0] | sAny[1] | sAny[2] | sAny[3]) != 0;
-    const float sc_a = finalize_row(p, qi, h0 + row_a, m_a, l_a, any_valid, quad == 0);
-    const float sc_b = finalize_row(p, qi, h0 + row_b, m_b, l_b, any_valid, quad == 0);
-    if (quad == 0) {
-      sOutScale[row_a] = sc_a;
-      sOutScale[row_b] = sc_b;
-    }
-    // Every wgmma of WG0 is done: WG1 may read the factors and write its staged half over Q.
-    // WG0's own staged half lands only on Q and on V's left half, which WG1 never reads.
-    mbar_arrive(out_ready);
-    store_half(sc_a, sc_b);
   } else {
     // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
     setmaxnreg_dec<Source::kRemoteRegs>();
     const uint32_t p_base = smem_u32(sP);
-    for (int b = 0; b < n_blocks; ++b) {
-      const int st = b % kPagedStages, pb = b & 1;
-      mbar_wait(&p_ready[pb], (b >> 1) & 1);
-      const float alpha_a = sScale[pb * 64 + row_a], alpha_b = sScale[pb * 64 + row_b];
-      scale_rows(o, alpha_a, alpha_b);
-      wgmma_fence();
-      pv_remote(o, kmajor_desc(p_base + pb * 8192), v_desc(k_base0 + st * L::kTileBytes + kLeftChunks * 8192));
-      wgmma_commit();
-      wgmma_wait<0>();
-      mbar_arrive(&p_free[pb]);
-      mbar_arrive(&empty[st]);
+    uint32_t g = 0, tiles_done = 0;
+    for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x, ++tiles_done) {
+      const TileOf tile = tile_of(t, head_blocks);
+      const int n_blocks = blocks_of(src.begin(tile.qi));
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+      for (int b = 0; b < n_blocks; ++b, ++g) {
+        const int st = g % kPagedStages, pb = g & 1;
+        mbar_wait(&p_ready[pb], (g >> 1) & 1);
+        const float alpha_a = sScale[pb * 64 + row_a], alpha_b = sScale[pb * 64 + row_b];
+        scale_rows(o, alpha_a, alpha_b);
+        wgmma_fence();
+        pv_remote(o, kmajor_desc(p_base + pb * 8192), v_desc(k_base0 + st * L::kTileBytes + kLeftChunks * 8192));
+        wgmma_commit();
+        wgmma_wait<0>();
+        mbar_arrive(&p_free[pb]);
+        mbar_arrive(&empty[st]);
+      }
+      const int tp = tiles_done & 1;
+      mbar_wait(&out_ready[tp], (tiles_done >> 1) & 1);
+      const float sc_a = sOutScale[tp * 64 + row_a], sc_b = sOutScale[tp * 64 + row_b];
+      mbar_arrive(&out_free[tp]);
+      store_o_row(p, tile.qi, tile.h0 + row_a, 1, quad, 0, o, sc_a);
+      store_o_row(p, tile.qi, tile.h0 + row_b, 1, quad, 1, o, sc_b);
     }
-    mbar_wait(out_ready, 0);
-    store_half(sOutScale[row_a], sOutScale[row_b]);
   }
+}
+
+// Launches the persistent kernel: one CTA per SM (fewer when there are fewer tiles).
+template <int DQK, class Source>
+cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
+  auto kernel = paged_attention_sm90_kernel<DQK, Source>;
+  constexpr int smem = PagedSmem<DQK>::kAlloc;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  int device = 0, sms = 0;
+  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
+  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
+  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
+  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src);
+  return cudaGetLastError();
 }
 
 struct PagedFp8Rows {
@@ -294,18 +341,20 @@ struct PagedFp8Rows {
     const uint8_t* data;
     const uint8_t* scales;
   };
-  __device__ __forceinline__ Entry load_entry(const Entries& e, int64_t qi, int k) const {
+  // Entry k's token id; -1 past the end (the index arrays are never read there).
+  __device__ __forceinline__ int32_t load_id(const Entries& e, int64_t qi, int k) const {
+    if (k >= e.total) return -1;
+    return k < e.main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
+  }
+  // Entry k's records from its id (k picks the cache), or an invalid entry.
+  __device__ __forceinline__ Entry resolve(const Entries& e, int k, int32_t id) const {
     Entry r{nullptr, nullptr};
-    if (k < e.total) {
-      const bool in_main = k < e.main;
-      const int32_t v = in_main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
-      const V4Cache c = V4Cache::pick(!in_main, cache, extra);
-      if (c.contains(v)) {
-        int64_t slot;
-        const uint8_t* page = c.page_of(v, slot);
-        r.data = page + slot * v4::kDataBytes;
-        r.scales = page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes;
-      }
+    const V4Cache c = V4Cache::pick(k >= e.main, cache, extra);
+    if (k < e.total && c.contains(id)) {
+      int64_t slot;
+      const uint8_t* page = c.page_of(id, slot);
+      r.data = page + slot * v4::kDataBytes;
+      r.scales = page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes;
     }
     return r;
   }

@@ -327,6 +327,25 @@ __device__ __forceinline__ void softmax_and_pv_local(float (&s)[32], float (&o)[
   wgmma_commit();
 }
 
+// One row (head h, this thread's row a or b: `half`) of this warpgroup's half of O, normalized by
+// `scale`, stored straight from the accumulator: a quad's words of 4 column groups are transposed so
+// each lane stores one group's 16 bytes. Padded heads (h >= h_q) are not stored.
+__device__ __forceinline__ void store_o_row(const AttnOutputs& p, int64_t qi, int h, int wg, int quad, int half,
+                                            const float (&o)[128], float scale) {
+  uint4* dst = reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv + wg * 256) + quad;
+#pragma unroll
+  for (int jj = 0; jj < 8; ++jj) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int j = 4 * jj + k;
+      w[k] = pack_bf16(o[4 * j + 2 * half] * scale, o[4 * j + 2 * half + 1] * scale);
+    }
+    quad_transpose(w, quad);
+    if (h < p.h_q) __stcs(dst + 4 * jj, make_uint4(w[0], w[1], w[2], w[3]));
+  }
+}
+
 enum NamedBarrier : uint32_t {
   kMathSync = 1,  // both math WGs (256)
   kP0Ready = 2,   // WG0 -> WG1: P0 (rescaled) is in shared memory
@@ -621,20 +640,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       const int h = tile.h0 + row;
       const float out_scale =
           finalize_row(p, tile.qi, h, half ? m_b : m_a, sLt[row] + sLt[64 + row], any_valid, wg == 0 && quad == 0);
-      // Normalized O, straight from registers (shared memory already holds the next tile): a
-      // quad's words of 4 column groups are transposed so each lane stores one group's 16 bytes.
-      uint4* dst = reinterpret_cast<uint4*>(p.out + (tile.qi * p.h_q + h) * kDv + wg * 256) + quad;
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        uint32_t w[4];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const int j = 4 * jj + k;
-          w[k] = pack_bf16(o[4 * j + 2 * half] * out_scale, o[4 * j + 2 * half + 1] * out_scale);
-        }
-        quad_transpose(w, quad);
-        if (h < p.h_q) __stcs(dst + 4 * jj, make_uint4(w[0], w[1], w[2], w[3]));
-      }
+      // Normalized O, straight from registers (shared memory already holds the next tile).
+      store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale);
     }
   }
 }

@@ -623,6 +623,9 @@ static void run_checks() {
       {"h100 P64 topk300 + extra P32 topk129 adversarial", 6, 100, 64, 40, 300, true, 32, 50, 129, kAdversarial, true, true},
       {"h192 P128 topk130 mixed (three head groups)", 4, 192, 128, 8, 130, false, 1, 0, 0, kMixed, true, false},
       {"h256 P64 topk640 + extra P64 topk1024", 3, 256, 64, 60, 640, true, 64, 40, 1024, kAllValid, false, true},
+      // more tiles than SMs: each CTA of the persistent grid runs several, some of them empty
+      {"h64 P64 topk200 + extra P64 topk70, 300 queries mixed", 300, 64, 64, 30, 200, true, 64, 20, 70, kMixed, true, true},
+      {"h128 P32 topk96 + extra P64 topk160, 170 queries adversarial", 170, 128, 32, 40, 96, true, 64, 20, 160, kAdversarial, true, false},
   };
   for (const auto& c : gcs) run_paged_case(c, seed + k++);
   run_planner_case(seed + k++, {700, 129, 5000, 0, 2000, 77}, {300, 129, 1, 0, 777, 77}, 640, "6 requests");
@@ -668,23 +671,25 @@ static void run_fuzz() {
     }
     CK(cudaDeviceSynchronize());
   }
-  for (int it = 0; it < 4; ++it) {
-    const int P = (int[]){64, 2, 256, 1}[it], pages = (int[]){3, 5, 1, 7}[it], h_q = (int[]){64, 128, 9, 100}[it];
+  // the last: more tiles than SMs, so each CTA of the persistent paged grid runs several
+  for (int it = 0; it < 5; ++it) {
+    const int P = (int[]){64, 2, 256, 1, 16}[it], pages = (int[]){3, 5, 1, 7, 9}[it], h_q = (int[]){64, 128, 9, 100, 128}[it];
+    const int n = it == 4 ? 150 : 3;
     V4Host c = make_v4_cache(r, P, pages);
-    std::vector<int32_t> idx = make_indices(r, 3, 90, c.tokens(), kAdversarial);
+    std::vector<int32_t> idx = make_indices(r, n, 90, c.tokens(), kAdversarial);
     idx[0] = INT32_MAX;
     idx[1] = INT32_MIN;
     idx[2] = int32_t(c.tokens());
-    std::vector<uint16_t> hq(size_t(3) * h_q * 512);
+    std::vector<uint16_t> hq(size_t(n) * h_q * 512);
     for (auto& v : hq) v = to_bf16(r.normal());
     DBuf<uint8_t> dc(c.bytes.size());
     DBuf<int32_t> di(idx.size());
     DBuf<uint16_t> dq(hq.size()), dout(hq.size());
-    DBuf<float> dl(3 * h_q), dm(3 * h_q);
+    DBuf<float> dl(size_t(n) * h_q), dm(size_t(n) * h_q);
     dc.up(c.bytes);
     di.up(idx);
     dq.up(hq);
-    const smla_paged_sparse_attention_params pp{.q = dq.p, .n = 3, .h_q = h_q, .k_cache = dc.p, .page_size = P,
+    const smla_paged_sparse_attention_params pp{.q = dq.p, .n = n, .h_q = h_q, .k_cache = dc.p, .page_size = P,
                                                 .num_pages = pages, .indices = di.p, .topk = 90, .extra_k_cache = dc.p,
                                                 .extra_page_size = P, .extra_num_pages = pages, .extra_indices = di.p,
                                                 .extra_topk = 90, .sm_scale = 0.04f, .out = dout.p, .lse = dl.p,

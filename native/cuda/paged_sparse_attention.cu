@@ -1,4 +1,5 @@
 // Launcher for paged FP8 sparse attention (§5) over v4 caches.
+#include "launch_cache.cuh"
 #include "paged_sparse_attention.cuh"
 #include "smla_cuda.h"
 
@@ -38,7 +39,10 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_atte
   const AttnOutputs o{q, n, h_q, sm_scale, attn_sink, out, max_logits, lse};
   auto kernel = paged_attention_sm90_kernel<512, PagedFp8Rows>;
   constexpr int smem = PagedSmem<512>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  static PerDeviceValue<int> smem_set;  // the kernel's attribute, per device
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = max_dynamic_smem_once(smem_set, kernel, smem, device);
   if (err == cudaSuccess) {
     const dim3 grid(unsigned(n), unsigned((h_q + kHeadsPerCta - 1) / kHeadsPerCta));
     kernel<<<grid, kAttnThreads, smem, stream>>>(o, src);

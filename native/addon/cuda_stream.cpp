@@ -215,7 +215,7 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
     if (o->device->bytes != o->bytes)
       ThrowArgument(a_.Env(), a_.Op(), std::string(name) + ": expected a device buffer of " + std::to_string(o->bytes) + " bytes, got " +
                                            std::to_string(o->device->bytes));
-    pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+    buffers_.push_back(v.As<Napi::Object>());
   } else {
     // A host input is a copy the call owns or shared memory (addon.h, Args): H2D reads it later.
     if (output) {
@@ -236,7 +236,7 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
 std::shared_ptr<Allocation> CudaFields::Buffer(const char* name) {
   const Napi::Value v = f_.Get(name);
   std::shared_ptr<Allocation> b = BufferOf(a_, v, name, s_);
-  pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+  buffers_.push_back(v.As<Napi::Object>());
   return b;
 }
 

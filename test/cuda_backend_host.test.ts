@@ -125,6 +125,26 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     }
   });
 
+  test('planRows that fails frees the buffers it allocated and leaves the caller\'s (into) alone', async () => {
+    let seen: Record<string, { freed: boolean } | null> = {};
+    const planRows = (p: Record<string, unknown>) => {
+      seen = { rows: p.rows, lens: p.lens, dropped: p.dropped, droppedTotal: p.droppedTotal } as typeof seen;
+      return Promise.reject(Object.assign(new Error('boom'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: x' }));
+    };
+    const cuda = new CudaBackend(addon, fakeOps({ planRows }), 1);
+    const nq = 3, width = 144;
+    const into = { rows: cuda.alloc(nq * width * 4), lens: cuda.alloc(nq * 4), droppedTotal: cuda.alloc(8) };
+    const job = { seqLens: Int32Array.of(nq), extendLens: Int32Array.of(nq), window: 128, ratio: 4 as const, topkIndices: cuda.alloc(nq * 16 * 4), topk: 16, width, into };
+    await expect(cuda.planRows(job, 'device', 'device', 'device')).rejects.toMatchObject({ code: 'BACKEND_FAILURE' });
+    expect(Object.fromEntries(Object.entries(seen).map(([k, b]) => [k, b?.freed]))).toEqual({ rows: false, lens: false, dropped: true, droppedTotal: false });
+    expect([into.rows.freed, into.lens.freed, into.droppedTotal.freed]).toEqual([false, false, false]);
+    // without `into` every output was allocated here: all freed
+    const { into: _given, ...fresh } = job;
+    await expect(cuda.planRows(fresh, 'device', 'device', 'device')).rejects.toMatchObject({ code: 'BACKEND_FAILURE' });
+    expect(Object.values(seen).map((b) => b?.freed)).toEqual([true, true, true, true]);
+    await cuda.dispose();
+  });
+
   test('a call whose host copies and outputs exceed the memory budget is TOO_LARGE before any CUDA op', async () => {
     const cuda = new CudaBackend(addon, fakeOps({}), 1, 2 ** 20);
     const job = { ...prefillJob(), sQ: 1024, hQ: 4, q: randomBf16Bits(rng, 1024 * 4 * 64), indices: new Int32Array(1024 * 4) } as SparsePrefillJob;

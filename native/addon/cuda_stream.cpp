@@ -65,7 +65,8 @@ class Stream : public Napi::ObjectWrap<Stream> {
 
  private:
   Napi::Value Device(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), state_->device); }
-  // synchronize(): resolves once every op queued on the stream has finished (a pool thread waits).
+  // synchronize(): resolves once every op queued on the stream has finished (at once when the
+  // stream is idle, else a pool thread waits).
   Napi::Value Synchronize(const Napi::CallbackInfo& info);
 
   StreamRef state_;
@@ -74,6 +75,15 @@ class Stream : public Napi::ObjectWrap<Stream> {
 Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
   Args a(info, "synchronize");
   StreamRef s = state_;
+  // A stream with nothing left to run settles here: no pool thread to wake and come back from.
+  cudaError_t idle = cudaSetDevice(s->device);
+  if (idle == cudaSuccess) idle = cudaStreamQuery(s->stream);
+  if (idle != cudaErrorNotReady) {
+    if (idle != cudaSuccess) cudaGetLastError();
+    return SettledPromise(a.Env(), a.Op(), idle == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(idle));
+  }
+  // "not ready" is a state, not an error: it must not reach the next launch's cudaGetLastError
+  if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
   return Queue(a, {}, [s]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err == cudaSuccess) err = cudaStreamSynchronize(s->stream);
@@ -215,7 +225,7 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
     if (o->device->bytes != o->bytes)
       ThrowArgument(a_.Env(), a_.Op(), std::string(name) + ": expected a device buffer of " + std::to_string(o->bytes) + " bytes, got " +
                                            std::to_string(o->device->bytes));
-    pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+    buffers_.push_back(v.As<Napi::Object>());
   } else {
     // A host input is a copy the call owns or shared memory (addon.h, Args): H2D reads it later.
     if (output) {
@@ -236,7 +246,7 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
 std::shared_ptr<Allocation> CudaFields::Buffer(const char* name) {
   const Napi::Value v = f_.Get(name);
   std::shared_ptr<Allocation> b = BufferOf(a_, v, name, s_);
-  pins_.push_back(Napi::Persistent(v.As<Napi::Object>()));
+  buffers_.push_back(v.As<Napi::Object>());
   return b;
 }
 

@@ -184,7 +184,15 @@ class CudaFields {
   void Add(std::shared_ptr<Operand> operand) { operands_.push_back(std::move(operand)); }
 
   Args& args() const { return a_; }
-  std::vector<Napi::ObjectReference> TakePins() { return std::move(pins_); }
+  // References that keep its DeviceBuffers' JS objects alive while a pool thread runs the op; made
+  // only for that path (an op enqueued at once needs none, and making them costs host time).
+  std::vector<Napi::ObjectReference> TakePins() {
+    std::vector<Napi::ObjectReference> pins;
+    pins.reserve(buffers_.size());
+    for (const Napi::Object& b : buffers_) pins.push_back(Napi::Persistent(b));
+    buffers_.clear();
+    return pins;
+  }
   std::vector<std::shared_ptr<Operand>> TakeOperands() { return std::move(operands_); }
 
  private:
@@ -192,7 +200,7 @@ class CudaFields {
   Args::Fields f_;
   const StreamState& s_;
   DeviceBindings& bindings_;
-  std::vector<Napi::ObjectReference> pins_;
+  std::vector<Napi::Object> buffers_;  // the DeviceBuffer fields' objects (handles of this call)
   std::vector<std::shared_ptr<Operand>> operands_;
 };
 
@@ -244,18 +252,26 @@ cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, cons
 // owners' streams awaited, launch, host outputs back, sync.
 // `after` (pool path only) runs once the launch succeeded, outside its timing events: e.g. a flag
 // read back.
+// Whether an op with these operands is enqueued on the calling thread (all on the device, all
+// allocated on stream s).
+inline bool RunsHere(std::vector<std::shared_ptr<Operand>> const& ops, const StreamRef& s) {
+  return std::none_of(ops.begin(), ops.end(), [&](const std::shared_ptr<Operand>& o) { return o->OnHost() || (o->device && o->device->stream != s); });
+}
+
+// The launch enqueued here and now; its promise settled at once. No pins: the allocations are
+// held by the queued work's owners.
+template <class Launch>
+Napi::Promise LaunchHere(Args& a, StreamState& s, Launch& launch) {
+  cudaError_t err = cudaSetDevice(s.device);
+  int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(s, launch);
+  if (status != SMLA_OK) cudaGetLastError();
+  return SettledPromise(a.Env(), a.Op(), status);
+}
+
 template <class Launch>
 Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch,
                        std::function<int32_t(cudaStream_t)> after = nullptr) {
-  const bool direct = std::none_of(ops.begin(), ops.end(), [&](const std::shared_ptr<Operand>& o) {
-    return o->OnHost() || (o->device && o->device->stream != s);
-  });
-  if (direct) {
-    cudaError_t err = cudaSetDevice(s->device);
-    int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(*s, launch);
-    if (status != SMLA_OK) cudaGetLastError();
-    return SettledPromise(a.Env(), a.Op(), status);  // `pins` go: the allocations are held by the queued work's owners
-  }
+  if (RunsHere(ops, s)) return LaunchHere(a, *s, launch);
   return Queue(a, std::move(pins), [s, ops = std::move(ops), launch, after]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err != cudaSuccess) return -int32_t(err);
@@ -269,10 +285,13 @@ Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamR
   });
 }
 
-// A device op whose params object was read through `f`: its operands and pins.
+// A device op whose params object was read through `f`: enqueued here, or on a pool thread with
+// its operands and pins.
 template <class Launch>
 Napi::Promise Dispatch(CudaFields& f, StreamRef s, Launch launch, std::function<int32_t(cudaStream_t)> after = nullptr) {
-  return Dispatch(f.args(), f.TakePins(), std::move(s), f.TakeOperands(), std::move(launch), std::move(after));
+  std::vector<std::shared_ptr<Operand>> ops = f.TakeOperands();
+  if (RunsHere(ops, s)) return LaunchHere(f.args(), *s, launch);
+  return Dispatch(f.args(), f.TakePins(), std::move(s), std::move(ops), std::move(launch), std::move(after));
 }
 
 // ---- the stream and buffer entries of the op table (cuda_stream.cpp) ----------------------------

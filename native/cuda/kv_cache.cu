@@ -1,5 +1,6 @@
 // Launcher for the dequant gather kernels (kv_cache.cuh).
 #include "kv_cache.cuh"
+#include "launch_cache.cuh"
 #include "smla_cuda.h"
 
 using namespace smla::cuda;
@@ -21,8 +22,7 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache(const smla_dequantize_kv_cache_
       (reinterpret_cast<uintptr_t>(token_ids) & 7) != 0)
     return SMLA_ERR_INVALID_ARGUMENT;
   int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (const cudaError_t err = current_device_sms(&dev, &sms); err != cudaSuccess) return -int32_t(err);
   const int tokens_per_warp = format == SMLA_CACHE_V4 ? V4Format::kTokens : V32Format::kTokens;
   const int64_t warps_needed = (num_tokens + tokens_per_warp - 1) / tokens_per_warp;
   int64_t blocks = (warps_needed + 7) / 8;

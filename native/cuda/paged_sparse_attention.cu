@@ -1,4 +1,5 @@
 // Launcher for paged FP8 sparse attention (§5) over v4 caches.
+#include "launch_cache.cuh"
 #include "paged_sparse_attention.cuh"
 #include "smla_cuda.h"
 

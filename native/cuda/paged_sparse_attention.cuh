@@ -119,6 +119,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     typename Source::Entry cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
     uint32_t g = 0;
     for (; t < n_tiles32; t += gridDim.x) {
+#ifndef SMLA_NO_TILE_PREFETCH
+      // The next tile's first ids are read right after this tile's last gather, with nothing to
+      // hide behind: pulled into L2 now.
+      if (t + gridDim.x < n_tiles32) src.prefetch_first(int32_t((t + gridDim.x) / uint32_t(head_blocks)), my_row);
+#endif
       const uint32_t g_end = g + blocks_of(e);
       for (int k = my_row + kPagedRowsPerStage; g < g_end; ++g, k += kPagedRowsPerStage) {
         const int st = g % kPagedStages;
@@ -292,20 +297,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 }
 
-// Launches the persistent kernel: one CTA per SM (fewer when there are fewer tiles).
 template <int DQK, class Source>
 cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
-  auto kernel = paged_attention_sm90_kernel<DQK, Source>;
-  constexpr int smem = PagedSmem<DQK>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
-  int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
-  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
-  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
-  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src);
-  return cudaGetLastError();
+  static PerDeviceValue<int> smem_set;
+  return launch_persistent(paged_attention_sm90_kernel<DQK, Source>, PagedSmem<DQK>::kAlloc, smem_set, o, src, stream);
 }
 
 struct PagedFp8Rows {
@@ -345,6 +340,13 @@ struct PagedFp8Rows {
   __device__ __forceinline__ int32_t load_id(const Entries& e, int64_t qi, int k) const {
     if (k >= e.total) return -1;
     return k < e.main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
+  }
+  // Pulls query qi's entry count and its entry k's id in either set into L2 (k < 64: its first block).
+  __device__ __forceinline__ void prefetch_first(int32_t qi, int k) const {
+    if (topk_length) prefetch_l2(topk_length + qi);
+    if (extra.data && extra_topk_length) prefetch_l2(extra_topk_length + qi);
+    if (k < topk) prefetch_l2(indices + int64_t(qi) * topk + k);
+    if (extra.data && k < extra_topk) prefetch_l2(extra_indices + int64_t(qi) * extra_topk + k);
   }
   // Entry k's records from its id (k picks the cache), or an invalid entry.
   __device__ __forceinline__ Entry resolve(const Entries& e, int k, int32_t id) const {

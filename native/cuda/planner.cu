@@ -7,6 +7,7 @@
 #include <climits>
 #include <vector>
 
+#include "launch_cache.cuh"
 #include "smla_cuda.h"
 #include "sparse_mla/planner.h"
 
@@ -60,8 +61,7 @@ static_assert(sizeof(RequestTable<RequestContext>) + 256 <= 4096, "the inline re
 // Blocks for `work` items at `threads` a block, at most 16 per SM (the kernels loop grid-stride).
 unsigned grid_blocks(int64_t work, int threads) {
   int device = 0, sms = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (smla::cuda::current_device_sms(&device, &sms) != cudaSuccess) sms = 1;  // the launch reports the error
   const int64_t blocks = std::min<int64_t>((work + threads - 1) / threads, int64_t(std::max(sms, 1)) * 16);
   return unsigned(blocks);
 }

@@ -31,6 +31,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "launch_cache.cuh"
 #include "sm90_ptx.cuh"
 #include "sparse_mla/online_softmax.h"
 
@@ -646,20 +647,25 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 }
 
-// Launches the persistent kernel: one CTA per SM (fewer when there are fewer tiles).
-template <int DQK, class Source>
-cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
-  auto kernel = sparse_attention_sm90_kernel<DQK, Source>;
-  constexpr int smem = AttnSmem<DQK>::kAlloc;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err != cudaSuccess) return err;
+// Launches a persistent attention kernel: one CTA per SM (fewer when there are fewer tiles).
+// `smem_set`: the kernel instantiation's own record of its shared memory attribute.
+template <class Kernel, class Source>
+cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, const AttnOutputs& o,
+                              const Source& src, cudaStream_t stream) {
   int device = 0, sms = 0;
-  if ((err = cudaGetDevice(&device)) != cudaSuccess) return err;
-  if ((err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device)) != cudaSuccess) return err;
+  cudaError_t err = current_device_sms(&device, &sms);
+  if (err != cudaSuccess) return err;
+  if ((err = max_dynamic_smem_once(smem_set, kernel, smem, device)) != cudaSuccess) return err;
   const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
   const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
   kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src);
   return cudaGetLastError();
+}
+
+template <int DQK, class Source>
+cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
+  static PerDeviceValue<int> smem_set;
+  return launch_persistent(sparse_attention_sm90_kernel<DQK, Source>, AttnSmem<DQK>::kAlloc, smem_set, o, src, stream);
 }
 
 }  // namespace smla::cuda

@@ -372,13 +372,16 @@ export class LayerResources<B = never> {
 
   /** The SWA gather ids (checked against every cache by Plan.checkCaches), placed once. */
   async swaIds(steps: LayerSteps<B>): Promise<BigInt64Array | B> {
-    const have = this.#swaIds;
-    if (have !== undefined && usable(have)) return have;
-    return buildOnce(this.#idsInFlight, 'swa', async () => {
+    return this.keptSwaIds() ?? buildOnce(this.#idsInFlight, 'swa', async () => {
       const ids = await steps.placeIds(this.#plan.swaTokenIds);
       if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
       return (this.#swaIds = ids);
     });
+  }
+
+  keptSwaIds(): BigInt64Array | B | undefined {
+    const have = this.#swaIds;
+    return have !== undefined && usable(have) ? have : undefined;
   }
 
   /**

@@ -170,11 +170,12 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
   try {
     ws = res.takeWorkspace(steps);
     if (layout.compressedRows > 0) {
-      const tokenIds = await res.compressedIds(steps, ratio as 4 | 128);
+      // kept ids are taken as they are: an await of them would only add event-loop turns before the launch
+      const tokenIds = res.keptCompressedIds(ratio as 4 | 128) ?? (await res.compressedIds(steps, ratio as 4 | 128));
       await steps.dequantizeKCacheInto({ cache: caches.compressed!, tokenIds, n: layout.compressedRows, workspace: ws, rowOffset: 0 });
     }
     if (layout.swaRows > 0) {
-      const tokenIds = await res.swaIds(steps);
+      const tokenIds = res.keptSwaIds() ?? (await res.swaIds(steps));
       await steps.dequantizeKCacheInto({ cache: caches.swa, tokenIds, n: layout.swaRows, workspace: ws, rowOffset: layout.compressedRows });
     }
     const r = await steps.prefill(

@@ -564,11 +564,32 @@ static void run_dequant_bf16_check() {
   report(wrong == 0, "e4m3 -> bf16 by a bf16 scale (every byte, every scale)", "wrong values " + std::to_string(wrong));
 }
 
+// The launchers' per-device cache (launch_cache.cuh) against the runtime: every device's SM count
+// as cudaDeviceGetAttribute gives it, asked on that device, and again from the cache.
+static void run_launch_cache_check() {
+  int count = 0;
+  CK(cudaGetDeviceCount(&count));
+  bool ok = true;
+  std::string detail;
+  for (int pass = 0; pass < 2; ++pass)
+    for (int d = 0; d < count; ++d) {
+      CK(cudaSetDevice(d));
+      int want = 0, device = -1, sms = -1;
+      CK(cudaDeviceGetAttribute(&want, cudaDevAttrMultiProcessorCount, d));
+      CK(smla::cuda::current_device_sms(&device, &sms));
+      ok = ok && device == d && sms == want;
+      if (pass == 0) detail += "device " + std::to_string(d) + ": " + std::to_string(sms) + " SMs (runtime " + std::to_string(want) + ") ";
+    }
+  CK(cudaSetDevice(0));
+  report(ok, "launch cache: SM count per device", detail);
+}
+
 static void run_checks() {
   uint64_t seed = uint64_t(time(nullptr));
   if (const char* s = getenv("SMLA_SEED")) seed = strtoull(s, nullptr, 10);
   printf("seed %llu\n", (unsigned long long)seed);
   int k = 0;
+  run_launch_cache_check();
   run_dequant_bf16_check();
   // dequant
   run_dequant_case("v4 P=64", SMLA_CACHE_V4, 64, 40, 3000, false, seed + k++);

@@ -217,10 +217,17 @@ export class CudaBackend implements Backend, DeviceOps {
    * buffer the addon's buffer behind it (one of this engine's device, else a typed error naming
    * the field).
    */
-  private operands<P extends object>(params: P): AddonParams<P> {
+  private operands<P extends object, O extends object = object>(params: P, outputs?: O): AddonParams<P & O> {
+    // keys and plain loops: an op's call builds this one object and no per-field entry arrays
     const out: Record<string, unknown> = {};
-    for (const [field, value] of Object.entries(params)) out[field] = isDeviceBuffer(value) ? this.own(value, field) : value;
-    return out as AddonParams<P>;
+    for (const part of outputs === undefined ? [params] : [params, outputs]) {
+      const fields = part as Record<string, unknown>;
+      for (const field of Object.keys(fields)) {
+        const value = fields[field];
+        out[field] = isDeviceBuffer(value) ? this.own(value, field) : value;
+      }
+    }
+    return out as AddonParams<P & O>;
   }
 
   /** Runs an addon call on the stream; the outputs it was given are freed if it fails (device buffers only). */
@@ -238,7 +245,9 @@ export class CudaBackend implements Backend, DeviceOps {
    * inputs that are not shared (it stages host inputs through them) and its host outputs.
    */
   private hostBudget(op: string, argument: string, inputs: readonly (ArrayBufferView | DeviceBuffer | null)[], placement: Placement, outputBytes: number): void {
-    const copies = inputs.reduce((sum, a) => sum + (a && !isDeviceBuffer(a) ? copyBytes(a) : 0), 0);
+    let copies = 0;
+    for (const a of inputs) if (a && !isDeviceBuffer(a)) copies += copyBytes(a);
+    if (copies === 0 && placement === 'device') return; // a device call takes no host memory
     checkCallMemory(op, argument, [{ what: 'copies of the host inputs', bytes: copies }, { what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 }], this.memoryBudgetBytes);
   }
 
@@ -323,7 +332,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const out = this.output(placement, Uint16Array, 2, sQ * hQ * dV, 'out');
     const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
     const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
-    await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands({ ...job, out, maxLogits, lse }), this.stream));
+    await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands(job, { out, maxLogits, lse }), this.stream));
     return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
   }
 
@@ -335,7 +344,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const out = this.output(placement, Uint16Array, 2, n * hQ * 512, 'out');
     const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
     const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
-    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands({ ...fields, out, lse, maxLogits }), this.stream));
+    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
   }
 
@@ -387,8 +396,8 @@ export class CudaBackend implements Backend, DeviceOps {
     const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
     const droppedTotal = totalPlacement === null ? null : isDeviceBuffer(into?.droppedTotal) ? into.droppedTotal : this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal');
     // on failure only what was allocated here is freed: the caller's buffers stay the caller's
-    const given = new Set<unknown>(into ? Object.values(into) : []);
-    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => !given.has(b));
+    const given = (b: unknown): boolean => into !== undefined && (b === into.rows || b === into.lens || b === into.droppedTotal);
+    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => !given(b));
     await this.launch('planRows', allocated, () =>
       this.ops.planRows(
         this.operands({

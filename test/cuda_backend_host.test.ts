@@ -12,7 +12,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
 import { CudaBackend, CudaDeviceBuffer, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
-import { loadNativeAddon, type NativeAddon, type NativeCudaOps } from '../dist/backends/native/binding.js';
+import { loadNativeAddon, type NativeAddon, type NativeCudaOps, type NativeDeviceBuffer, type NativeStream } from '../dist/backends/native/binding.js';
 import { CUDA_OP_PARAMS, type CudaOpName } from '../dist/backends/abi.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
 import { loadHostPlanner } from '../dist/backends/wasm/planner.js';
@@ -516,4 +516,93 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     expect(planDev.deviceStats).toMatchObject({ deviceC4Combines: 3, deviceC4RowAllocations: 2 });
     for (const d of devs) for (const t of [d.q, d.caches.swa, d.caches.c4, d.topkIndices]) t.data.free();
   }, 20_000);
+});
+
+describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
+  /** The addon's buffer with counted accessors: every read of byteLength, device or freed is a native call on a GPU host. */
+  class CountedBuffer {
+    static reads = 0;
+    readonly #bytes: number;
+    readonly #device: number;
+    #freed = false;
+    frees = 0;
+    constructor(bytes: number, stream: { device: number }) {
+      this.#bytes = bytes;
+      this.#device = stream.device;
+    }
+    get byteLength(): number {
+      CountedBuffer.reads++;
+      return this.#freed ? 0 : this.#bytes;
+    }
+    get device(): number {
+      CountedBuffer.reads++;
+      return this.#device;
+    }
+    get freed(): boolean {
+      CountedBuffer.reads++;
+      return this.#freed;
+    }
+    free(): void {
+      this.frees++;
+      this.#freed = true;
+    }
+  }
+  const settled = (): Promise<void> => Promise.resolve();
+  const ops = {
+    streamClass: () => FakeStream,
+    deviceBufferClass: () => CountedBuffer,
+    sparsePrefill: settled,
+    dequantizeKvCache: settled,
+    planRows: settled,
+    planCompressedTokenIds: settled,
+    upload: settled,
+    download: settled,
+  } as unknown as NativeCudaOps;
+
+  test('alloc keeps its size and device; freed follows free() (once freed, freed for good) without asking the addon', () => {
+    const backend = new CudaBackend({} as NativeAddon, ops, 1, undefined, 0);
+    CountedBuffer.reads = 0;
+    const b = backend.alloc(96) as CudaDeviceBuffer;
+    expect([b.byteLength, b.deviceIndex, b.device, b.freed]).toEqual([96, 0, 'cuda', false]);
+    b.free();
+    expect(b.freed).toBe(true);
+    expect((b.native as unknown as CountedBuffer).frees).toBe(1);
+    expect(CountedBuffer.reads).toBe(0);
+    // a buffer made from an addon buffer without known facts reads them once, at construction
+    const native = new CountedBuffer(40, { device: 3 });
+    const c = new CudaDeviceBuffer(native as unknown as NativeDeviceBuffer, new FakeStream(3) as unknown as NativeStream);
+    expect([c.byteLength, c.deviceIndex, c.freed]).toEqual([40, 3, false]);
+    expect(CountedBuffer.reads).toBe(2);
+  });
+
+  test('a device c4 layer (device q, caches, top-k, sink and outputs) reads no addon buffer accessor; a freed operand is still refused', async () => {
+    const backend = new CudaBackend({} as NativeAddon, ops, 1, undefined, 0);
+    const engine = new SparseMlaEngine(backend);
+    const N = 256, hQ = 4, topk = 64, pageSize = 64;
+    const plan = createPlan({
+      requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: N / 4 / pageSize }, (_, i) => i) }],
+      c4PageSize: pageSize,
+    });
+    const dev = <D extends string>(dtype: D, shape: number[], bytes: number) => ({ dtype, shape, data: backend.alloc(bytes) });
+    const cache = (pages: number) => ({ format: 'v4' as const, pageSize, numPages: pages, data: backend.alloc(v4PageBytes(pageSize) * pages) });
+    const args = {
+      plan, compressRatio: 4 as const,
+      q: dev('bf16', [N, hQ, 512], N * hQ * 1024),
+      caches: { swa: cache(N / pageSize), c4: cache(N / 4 / pageSize) },
+      topkIndices: dev('int32', [N, topk], N * topk * 4),
+      attnSink: dev('float32', [hQ], hQ * 4),
+      smScale: 1 / Math.sqrt(512), path: 'sparse' as const,
+    };
+    for (let layer = 0; layer < 3; layer++) {
+      CountedBuffer.reads = 0;
+      const r = await prefillLayer(engine as unknown as Engine, args as never, { output: 'device' });
+      expect(CountedBuffer.reads, `layer ${layer}`).toBe(0);
+      expect(r.out.data.byteLength).toBe(N * hQ * 1024);
+      for (const x of [r.out, r.lse, r.maxLogits]) x.data.free();
+    }
+    args.attnSink.data.free();
+    await expect(prefillLayer(engine as unknown as Engine, args as never, { output: 'device' })).rejects.toMatchObject({ code: 'INVALID_VALUE' });
+    args.caches.c4.data.free();
+    await expect(prefillLayer(engine as unknown as Engine, { ...args, attnSink: undefined } as never, { output: 'device' })).rejects.toMatchObject({ code: 'INVALID_VALUE' });
+  });
 });

@@ -70,18 +70,30 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   /** @internal the stream of the engine that allocated it (work on it is ordered there) */
   readonly stream: NativeStream;
 
-  constructor(native: NativeDeviceBuffer, stream: NativeStream) {
+  /**
+   * `known`: the size and device the caller just allocated it with (CudaBackend.alloc), so they
+   * are not read back through the addon's accessors (two native calls per buffer).
+   */
+  constructor(native: NativeDeviceBuffer, stream: NativeStream, known?: { byteLength: number; deviceIndex: number }) {
     this.native = native;
     this.stream = stream;
-    this.byteLength = native.byteLength;
-    this.deviceIndex = native.device;
+    this.byteLength = known ? known.byteLength : native.byteLength;
+    this.deviceIndex = known ? known.deviceIndex : native.device;
   }
 
+  /**
+   * Kept here, not asked of the addon: only free() frees the addon's buffer, and a layer reads
+   * `freed` of its operands and kept buffers many times before its first launch (each read of the
+   * addon's accessor is a native call).
+   */
+  #freed = false;
+
   get freed(): boolean {
-    return this.native.freed;
+    return this.#freed;
   }
 
   free(): void {
+    this.#freed = true;
     this.native.free();
   }
 }
@@ -254,7 +266,8 @@ export class CudaBackend implements Backend, DeviceOps {
   alloc(bytes: number): DeviceBuffer {
     this.calls.assertAlive();
     try {
-      return new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream), this.stream);
+      // the addon allocates exactly `bytes` on the stream's device (this engine's)
+      return new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex });
     } catch (e) {
       const x = e as { status?: string };
       if (x.status?.startsWith('cudaErrorMemoryAllocation')) throw new SparseMlaError('TOO_LARGE', `a device buffer of ${bytes} bytes cannot be allocated (${x.status})`, 'alloc');

@@ -169,7 +169,8 @@ async function trace(name, fn) {
     be.ops = orig;
     steps.forEach(([o, m], k) => (o[m] = saved[k]));
   }
-  const at = (k, f) => med(runs.map((r) => r.log[k][f] - r.t0));
+  // runs may log different numbers of steps (a kept buffer, a settled download): each step's median over the runs that have it
+  const at = (k, f) => med(runs.filter((r) => r.log[k]?.op === runs[0].log[k].op).map((r) => r.log[k][f] - r.t0).filter(Number.isFinite));
   console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(med(runs.map((r) => r.resolved)))}, synchronized ${us(med(runs.map((r) => r.synced)))}`);
   runs[0].log.forEach((e, k) => console.log(`    ${e.op.padEnd(24)} ${us(at(k, 'call'))} ${us(at(k, 'ret'))} ${us(at(k, 'settle'))}`));
 }

@@ -246,12 +246,6 @@ Napi::Promise Queue(Args& a, std::vector<Napi::ObjectReference> pins, std::funct
 // another engine's stream (same device).
 cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, const StreamState& s);
 
-// Runs one op on its stream. Every operand on the device and allocated on this stream: enqueued
-// here and now, settled at once (a buffer freed later is freed in this stream's order, after the
-// op). Otherwise on a pool thread that holds the operands until the stream is done: staging, the
-// owners' streams awaited, launch, host outputs back, sync.
-// `after` (pool path only) runs once the launch succeeded, outside its timing events: e.g. a flag
-// read back.
 // Whether an op with these operands is enqueued on the calling thread (all on the device, all
 // allocated on stream s).
 inline bool RunsHere(std::vector<std::shared_ptr<Operand>> const& ops, const StreamRef& s) {
@@ -268,10 +262,11 @@ Napi::Promise LaunchHere(Args& a, StreamState& s, Launch& launch) {
   return SettledPromise(a.Env(), a.Op(), status);
 }
 
+// The launch on a pool thread that holds the operands until the stream is done: staging, the
+// owners' streams awaited, launch, `after`, host outputs back, sync.
 template <class Launch>
-Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch,
-                       std::function<int32_t(cudaStream_t)> after = nullptr) {
-  if (RunsHere(ops, s)) return LaunchHere(a, *s, launch);
+Napi::Promise LaunchOnPool(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops,
+                           Launch launch, std::function<int32_t(cudaStream_t)> after) {
   return Queue(a, std::move(pins), [s, ops = std::move(ops), launch, after]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err != cudaSuccess) return -int32_t(err);
@@ -285,13 +280,25 @@ Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamR
   });
 }
 
-// A device op whose params object was read through `f`: enqueued here, or on a pool thread with
-// its operands and pins.
+// Runs one op on its stream. Every operand on the device and allocated on this stream: enqueued
+// here and now, settled at once (a buffer freed later is freed in this stream's order, after the
+// op). Otherwise on a pool thread (LaunchOnPool).
+// `after` (pool path only) runs once the launch succeeded, outside its timing events: e.g. a flag
+// read back.
+template <class Launch>
+Napi::Promise Dispatch(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops, Launch launch,
+                       std::function<int32_t(cudaStream_t)> after = nullptr) {
+  if (RunsHere(ops, s)) return LaunchHere(a, *s, launch);
+  return LaunchOnPool(a, std::move(pins), std::move(s), std::move(ops), std::move(launch), std::move(after));
+}
+
+// A device op whose params object was read through `f`, as Dispatch; its buffers' pins are made
+// only for the pool path.
 template <class Launch>
 Napi::Promise Dispatch(CudaFields& f, StreamRef s, Launch launch, std::function<int32_t(cudaStream_t)> after = nullptr) {
   std::vector<std::shared_ptr<Operand>> ops = f.TakeOperands();
   if (RunsHere(ops, s)) return LaunchHere(f.args(), *s, launch);
-  return Dispatch(f.args(), f.TakePins(), std::move(s), std::move(ops), std::move(launch), std::move(after));
+  return LaunchOnPool(f.args(), f.TakePins(), std::move(s), std::move(ops), std::move(launch), std::move(after));
 }
 
 // ---- the stream and buffer entries of the op table (cuda_stream.cpp) ----------------------------

@@ -5,8 +5,9 @@
 //
 // A tile = one query x 64 heads, on a persistent grid (below); warpgroup 2 dequantizes 64 tokens
 // per stage into a two-stage ring (each warp's 16 rows of FP8 loaded into registers at once,
-// before the stage is free; the RoPE dims copied into the tile by cp.async). Warpgroup 0 computes S = QKᵀ for the whole block
-// (m64n64, so Q is read once per block), the softmax and O[:, 0:256] += P·V with P in registers;
+// before the stage is free; the RoPE dims copied into the tile by cp.async). Warpgroup 0 computes
+// S = QKᵀ for the whole block (m64n64, so Q is read once per block), the softmax and
+// O[:, 0:256] += P·V with P in registers;
 // it hands P (bf16) and each row's rescale factor to warpgroup 1 through shared memory (double-
 // buffered by block parity), which computes O[:, 256:512] += P·V. The dequantizing producer needs
 // registers that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot
@@ -47,9 +48,9 @@ struct PagedSmem {
 
 // Source policy: begin(qi) -> Entries (the query's entry count); load_id(entries, qi, k) -> the
 // entry's id (-1 past the end, where the row is never read); resolve(entries, k, id) -> Entry (its
-// records, or invalid); fill(entry,
-// tile, valid, ptid, stage_free) is called by all 128 producer threads per stage, each passing
-// the entry of its own row (warp w, lane l < 16 owns row 16w + l); it may load from global memory
+// records, or invalid); prefetch_first(qi, k) pulls a query's first ids into L2; fill(entry, tile,
+// valid, ptid, stage_free) is called by all 128 producer threads per stage, each passing the entry
+// of its own row (warp w, lane l < 16 owns row 16w + l); it may load from global memory
 // at once but must call stage_free() before it writes the tile or the valid flags; it must make
 // its stores visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
 //
@@ -108,22 +109,22 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // next tile's first block after a tile's last) is loaded before this block's gather, so its
     // latency hides behind the gather.
     const int my_row = (ptid >> 5) * 16 + (ptid & 15);
-    const uint32_t n_tiles32 = uint32_t(n_tiles);  // the launcher keeps the tile count below 2^31
+    // Tiles in 32 bits (the launcher keeps their count below 2^31): the producer's registers are few.
+    const uint32_t n_tiles32 = uint32_t(n_tiles);
+    auto query_of = [&](uint32_t tile) { return int32_t(tile / uint32_t(head_blocks)); };
     uint32_t t = blockIdx.x;
     int32_t qi = 0;
     typename Source::Entries e{0, 0};
     if (t < n_tiles32) {
-      qi = int32_t(t / uint32_t(head_blocks));
+      qi = query_of(t);
       e = src.begin(qi);
     }
     typename Source::Entry cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
     uint32_t g = 0;
     for (; t < n_tiles32; t += gridDim.x) {
-#ifndef SMLA_NO_TILE_PREFETCH
       // The next tile's first ids are read right after this tile's last gather, with nothing to
       // hide behind: pulled into L2 now.
-      if (t + gridDim.x < n_tiles32) src.prefetch_first(int32_t((t + gridDim.x) / uint32_t(head_blocks)), my_row);
-#endif
+      if (t + gridDim.x < n_tiles32) src.prefetch_first(query_of(t + gridDim.x), my_row);
       const uint32_t g_end = g + blocks_of(e);
       for (int k = my_row + kPagedRowsPerStage; g < g_end; ++g, k += kPagedRowsPerStage) {
         const int st = g % kPagedStages;
@@ -140,7 +141,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       }
       const uint32_t t2 = t + gridDim.x;
       if (t2 < n_tiles32) {
-        qi = int32_t(t2 / uint32_t(head_blocks));
+        qi = query_of(t2);
         e = src.begin(qi);
         cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
       }

@@ -1,6 +1,6 @@
-// The planner's per-row index building on the GPU (SPEC §6): the same per-row functions as the
-// host planner (cpp/include/sparse_mla/planner.h: topk_row, dense_row), one thread per query row,
-// so a chunk's per-layer c4 rows are built where the indexer's top-k and the attention live.
+// The planner's per-row index building on the GPU (SPEC §6): the rows of the host planner's per-row
+// functions (cpp/include/sparse_mla/planner.h: topk_row, dense_row), one warp per query row, so a
+// chunk's per-layer c4 rows are built where the indexer's top-k and the attention live.
 // The per-request layout (a walk over the requests) is computed on the host and passed with the
 // launch (in the kernel's parameters when it is small); the per-query work runs on the device.
 #include <algorithm>
@@ -110,23 +110,50 @@ __device__ __forceinline__ void add_block_total(int64_t count, unsigned long lon
   }
 }
 
+// One warp per query row: the row's entries are read and written by the warp's lanes together
+// (coalesced), the top-k entries kept in the indexer's order by a ballot and a prefix count. The
+// rows are exactly topk_row's and dense_row's (planner.h), which the host planner runs one row at a
+// time; a thread per row left most of the GPU idle and each thread's reads and writes strided.
 __global__ void __launch_bounds__(kPlanRowsThreads)
     plan_rows_kernel(const __grid_constant__ RequestTable<RequestContext> reqs, int64_t num_queries, int32_t window, int32_t ratio,
                      const int32_t* topk_indices, int32_t topk, int32_t width, int32_t* rows, int32_t* lens, int32_t* dropped,
                      unsigned long long* dropped_total) {
-  int64_t dropped_here = 0;
-  for (int64_t q = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; q < num_queries; q += int64_t(gridDim.x) * blockDim.x) {
+  constexpr int kWarps = kPlanRowsThreads / 32;
+  const int lane = threadIdx.x & 31;
+  const uint32_t below = (1u << lane) - 1u;  // the lanes before this one
+  int64_t dropped_here = 0;                  // lane 0's rows only: each row counted once
+  for (int64_t q = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; q < num_queries; q += int64_t(gridDim.x) * kWarps) {
     const RequestContext& r = reqs.holding(q);
-    const QueryContext c{r.first_pos + (q - r.start), r.comp_base, r.swa_base, r.swa_start_pos};
+    const smla::plan::QueryContext c{r.first_pos + (q - r.start), r.comp_base, r.swa_base, r.swa_start_pos};
     int32_t* row = rows + q * int64_t(width);
+    const int64_t nc = smla::plan::query_visible(c.pos, ratio);
+    int64_t n = 0;
+    int32_t bad = 0;
     if (topk_indices) {
-      int32_t bad = 0;
-      lens[q] = smla::plan::topk_row(c, ratio, window, topk_indices + q * int64_t(topk), topk, row, width, &bad);
+      // visible entries in order; padding (negative) skipped; entries past the causal limit dropped and counted
+      const int32_t* tk = topk_indices + q * int64_t(topk);
+      for (int64_t k0 = 0; k0 < topk; k0 += 32) {
+        const int64_t j = k0 + lane < topk ? int64_t(tk[k0 + lane]) : -1;
+        const bool keep = j >= 0 && j < nc;
+        bad += j >= nc;
+        const uint32_t kept = __ballot_sync(0xffffffffu, keep);
+        if (keep) row[n + __popc(kept & below)] = int32_t(c.comp_base + j);
+        n += __popc(kept);
+      }
+      for (int off = 16; off > 0; off /= 2) bad += __shfl_xor_sync(0xffffffffu, bad, off);
+    } else {
+      for (int64_t k = lane; k < nc; k += 32) row[k] = int32_t(c.comp_base + k);
+      n = nc;
+    }
+    const int64_t wl = smla::plan::window_len(c.pos, window);
+    const int64_t first = smla::plan::window_row(c, window, 0);
+    for (int64_t w = lane; w < wl; w += 32) row[n + w] = int32_t(first + w);
+    n += wl;
+    for (int64_t k = n + lane; k < width; k += 32) row[k] = -1;
+    if (lane == 0) {
+      lens[q] = int32_t(n);
       if (dropped) dropped[q] = bad;
       dropped_here += bad;
-    } else {
-      lens[q] = smla::plan::dense_row(c, ratio, window, row, width);
-      if (dropped) dropped[q] = 0;
     }
   }
   // block-uniform: every thread of the block reaches the reduction
@@ -213,7 +240,7 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
   }
   if (nq == 0) return SMLA_OK;
 
-  return launch_with_requests(reqs, nq, kPlanRowsThreads, stream, [&](const RequestTable<RequestContext>& table, unsigned blocks) {
+  return launch_with_requests(reqs, nq * 32, kPlanRowsThreads, stream, [&](const RequestTable<RequestContext>& table, unsigned blocks) {
     plan_rows_kernel<<<blocks, kPlanRowsThreads, 0, stream>>>(table, nq, window, ratio, top ? topk_indices : nullptr, topk, width, rows,
                                                             lens, dropped, dropped_total);
   });

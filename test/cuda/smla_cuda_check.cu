@@ -508,6 +508,26 @@ static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, con
         bad += k < lens[q] ? (v < 0 || v >= ws) : v != -1;
       }
     }
+    // every row and count exactly the host planner's (planner.h's per-row functions, the same walk)
+    const int64_t comp_total = ratio == 4 ? comp4 : ratio == 128 ? comp128 : 0;
+    const auto drops = ddrop.down();
+    std::vector<int32_t> host_row(static_cast<size_t>(width));
+    int64_t q0 = 0, comp = 0, swa = 0;
+    for (int i = 0; i < nr; ++i) {
+      const int64_t s = seq[i], e = ext[i], g = smla::plan::swa_gather_len(s, e, window);
+      for (int64_t qq = 0; qq < e; ++qq) {
+        const int64_t q = q0 + qq;
+        const smla::plan::QueryContext c{s - e + qq, comp, comp_total + swa, s - g};
+        int32_t hd = 0;
+        const int32_t hl = ratio == 4 ? smla::plan::topk_row(c, 4, window, tk.data() + q * topk, topk, host_row.data(), width, &hd)
+                                      : smla::plan::dense_row(c, ratio, window, host_row.data(), width);
+        bad += lens[q] != hl || drops[q] != hd;
+        for (int k = 0; k < width; ++k) bad += rows[size_t(q) * width + k] != host_row[size_t(k)];
+      }
+      q0 += e;
+      swa += g;
+      comp += smla::plan::request_visible(s, e, ratio);
+    }
   }
   std::vector<int32_t> tables;
   std::vector<int64_t> offsets = {0};

@@ -1,7 +1,7 @@
 // Where a device c4 layer's wall clock goes beyond its kernels' time (GPU only; `npm run build`
 // first). For N = 4096 and 32768 queries (hQ 64, top-k 512, one fresh request: the layer section
-// of `sparse-mla bench --backend cuda`) it prints, medians of REPEAT runs after WARMUP, L2 flushed
-// before each run:
+// of `sparse-mla bench --backend cuda`) it prints, after JIT_WARMUP untimed layers of each variant
+// (V8's steady state), medians of REPEAT runs after WARMUP, L2 flushed before each run:
 //   kernels  each timed launch's device ms and its start from the first launch (gaps = untimed
 //            device work or the device waiting for the host), their sum and the span;
 //   wall     from the call until engine.synchronize() resolves (and until the call itself resolves);
@@ -10,11 +10,12 @@
 //   trace    the native calls: when JS made each (µs from the call), when it returned, when its
 //            promise settled (medians);
 //   host costs  what each native call costs the JS thread alone (median of 200 calls);
-// for the layer as the bench runs it (host sink), with a device sink and without a sink, and for
+// for the layer as the bench runs it (device sink), with a host sink and without a sink, and for
 // its pieces alone (the planner rows, the dropped-total read, the two dequants, the prefill, a
 // synchronize of an idle stream, allocating the outputs). A variant that throws prints its error
 // and the probe goes on.
-//   node bench/layer_probe.mjs            (PROBE_N=4096,16384 to choose the sizes)
+//   node bench/layer_probe.mjs            (PROBE_N=4096,16384 to choose the sizes; PROBE_JIT_WARMUP=0
+//                                          to measure before V8 has optimized the layer's JS)
 import { performance } from 'node:perf_hooks';
 import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
@@ -26,6 +27,7 @@ import { LayerResources, Plan } from '../dist/planner/plan.js';
 
 const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);
+const JIT_WARMUP = Number(process.env.PROBE_JIT_WARMUP ?? 300);
 const med = (xs) => (xs.length ? [...xs].sort((a, b) => a - b)[xs.length >> 1] : NaN);
 const ms = (x) => (Number.isFinite(x) ? x.toFixed(3) : String(x));
 const us = (x) => (Number.isFinite(x) ? String(Math.round(x * 1000)).padStart(6) : '     -');
@@ -225,7 +227,18 @@ for (const N of SIZES) {
     console.log(`  first layer (builds the plan's device ids and workspace): ${ms(performance.now() - t0)} ms`);
   });
 
-  for (const [name, sink] of [['host sink (the bench)', hostSink], ['device sink', deviceSink], ['no sink', undefined]]) {
+  // V8 optimizes the layer's JS only after some hundreds of calls (an engine makes thousands):
+  // measured in that steady state unless PROBE_JIT_WARMUP=0
+  await variant('JIT warm-up', async () => {
+    for (const sink of [hostSink, deviceSink, undefined]) {
+      for (let i = 0; i < JIT_WARMUP; i++) {
+        await layerWith(sink)();
+        await engine.synchronize();
+      }
+    }
+  });
+
+  for (const [name, sink] of [['host sink', hostSink], ['device sink (the bench)', deviceSink], ['no sink', undefined]]) {
     await variant(name, async () => {
       const fn = layerWith(sink);
       const sum = await kernels(name, fn);

@@ -463,9 +463,10 @@ static void run_dequant_case(const char* name, int format, int page_size, int nu
 }
 
 // ---------------------------------------------------------------- planner kernels: well-formed rows
-// Every row element written, entries inside the workspace, −1 exactly after the row's length;
-// compressed ids inside the pages of their table. (Bit-for-bit equality with the host planner is
-// `check --backend cuda`'s.) Up to 64 requests travel in the kernels' parameters, more are uploaded.
+// Every row element written, entries inside the workspace, −1 exactly after the row's length, and
+// every row, length and dropped count exactly the host planner's; compressed ids inside the pages of
+// their table. Up to 64 requests travel in the kernels' parameters, more are uploaded. Top-k entries:
+// padding (−1), visible ones, ones beyond visibility (dropped) and the int32 extremes.
 static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, const std::vector<int32_t>& ext, int width, const std::string& name) {
   Rng r(seed);
   const int nr = int(seq.size()), window = 128, topk = 512;
@@ -477,7 +478,10 @@ static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, con
     swa_rows += smla::plan::swa_gather_len(seq[i], ext[i], window);
   }
   std::vector<int32_t> tk(size_t(nq) * topk);
-  for (auto& v : tk) v = r.uniform() < 0.2 ? -1 : int32_t(r.range(0, 1300));  // some beyond visibility: dropped
+  for (auto& v : tk) {
+    const double u = r.uniform();
+    v = u < 0.2 ? -1 : u < 0.21 ? INT32_MAX : u < 0.22 ? INT32_MIN : int32_t(r.range(0, 1300));  // some beyond visibility: dropped
+  }
   DBuf<int32_t> dtk(tk.size()), drows(size_t(nq) * width), dlens(nq), ddrop(nq);
   DBuf<int64_t> dtotal(1);
   dtk.up(tk);
@@ -752,6 +756,15 @@ static void run_fuzz() {
     launches += 3;
     CK(cudaDeviceSynchronize());
   }
+  // the planner kernels (c4 / c0 / c128 rows and the compressed ids, 4 launches a case): requests
+  // in the parameters and uploaded, empty requests, the int32 extremes among the top-k entries
+  run_planner_case(4242, {300, 5, 0, 1000}, {300, 5, 0, 129}, 640, "fuzz, 4 requests");
+  {
+    std::vector<int32_t> seq(70), ext(70);
+    for (int i = 0; i < 70; ++i) seq[i] = 1 + 37 * i, ext[i] = i % 9 == 4 ? 0 : std::min(seq[i], 1 + i);
+    run_planner_case(4243, seq, ext, 641, "fuzz, 70 requests (uploaded table)");
+  }
+  launches += 8;
   printf("fuzz: %d launches completed\n", launches);
 }
 

@@ -301,7 +301,16 @@ for (const N of SIZES) {
           t.push(performance.now() - t0);
         }
         await engine.synchronize();
-        console.log(`  host cost of ${name}: ${us(med(t))} µs a call`);
+        // the same call right after the thread has waited for the device (as a layer's first call is)
+        const w = [];
+        for (let i = 0; i < 50; i++) {
+          await flush();
+          const t0 = performance.now();
+          await fn();
+          w.push(performance.now() - t0);
+        }
+        await engine.synchronize();
+        console.log(`  host cost of ${name}: ${us(med(t))} µs a call (${us(med(w))} µs right after a wait for the device)`);
       };
       await variant('host costs', async () => {
         const rowsBytes = N * width * 4;

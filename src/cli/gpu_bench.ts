@@ -356,15 +356,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // 2-27 of the process, as in every earlier run); then again after LAYER_JIT_WARMUP more
       // layers, once V8 has optimized the layer's JS (an engine runs thousands)
       const { kernelRuns, wallRuns: wall } = await kernelsAndWall(layer);
-      be.setTiming(false);
-      try {
-        for (let i = 0; i < LAYER_JIT_WARMUP; i++) {
-          await layer();
-          await engine.synchronize();
-        }
-      } finally {
-        be.setTiming(true);
-      }
+      await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
       const warm = await kernelsAndWall(layer);
       // attended entries: the planner's rows of the same top-k (a host combine, after the timing)
       const realEntries = plan.combineC4(tensor('int32', [N, TOPK], topkIdx)).lengths.data.reduce((a, b) => a + b, 0);

@@ -145,6 +145,8 @@ async function trace(name, fn) {
     [CudaBackend.prototype, 'planRows'],
     [LayerResources.prototype, 'takeWorkspace'],
     [be.layer, 'prefill'],
+    [CudaBackend.prototype, 'queueLayer'],
+    [CudaBackend.prototype, 'alloc'],
   ];
   const saved = steps.map(([o, m]) => o[m]);
   steps.forEach(([o, m], k) => {
@@ -154,6 +156,22 @@ async function trace(name, fn) {
       return f.apply(this, args);
     };
   });
+  // the plan's layer programs' run (a queued layer's one native call), traced like the ops
+  const programs = [...(be.programs.get(currentPlan.resources(engine.layerSteps()))?.values() ?? [])];
+  for (const program of programs) {
+    const run = program.run;
+    Object.defineProperty(program, 'run', {
+      configurable: true,
+      value: (...a) => {
+        const e = { op: 'program.run', call: performance.now(), ret: NaN, settle: NaN };
+        log.push(e);
+        const p = run.apply(program, a);
+        e.ret = performance.now();
+        p.then(() => (e.settle = performance.now()), () => (e.settle = performance.now()));
+        return p;
+      },
+    });
+  }
   const runs = [];
   be.ops = Object.assign(Object.create(orig), wrapped);
   try {
@@ -170,6 +188,7 @@ async function trace(name, fn) {
   } finally {
     be.ops = orig;
     steps.forEach(([o, m], k) => (o[m] = saved[k]));
+    for (const program of programs) delete program.run;
   }
   // runs may log different numbers of steps (a kept buffer, a settled download): each step's median over the runs that have it
   const at = (k, f) => med(runs.filter((r) => r.log[k]?.op === runs[0].log[k].op).map((r) => r.log[k][f] - r.t0).filter(Number.isFinite));
@@ -197,6 +216,7 @@ async function deviceCache(pages) {
   return { format: 'v4', pageSize: 64, numPages: pages, data: buf };
 }
 
+let currentPlan;
 for (const N of SIZES) {
   const t = performance.now();
   const nComp = N / 4;
@@ -204,6 +224,7 @@ for (const N of SIZES) {
     requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
     c4PageSize: 64,
   });
+  currentPlan = plan;
   const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
   const q = await randomDevice([N, HQ, 512]);
   const sinkValues = Float32Array.from({ length: HQ }, () => rng.normal());

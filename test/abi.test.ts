@@ -104,7 +104,8 @@ describe('the cuda ops: launchers taking the C ABI structs', () => {
 });
 
 describe("the addon's binding files read the tables' fields", () => {
-  const files = ['native/addon/sparse_prefill.h', 'native/addon/paged_sparse_attention.h', 'native/addon/kv_cache.h', 'native/addon/planner.h'].map(source);
+  // the binding files, and the cuda op table (whose dequant reader is shared with queueLayer)
+  const files = ['native/addon/sparse_prefill.h', 'native/addon/paged_sparse_attention.h', 'native/addon/kv_cache.h', 'native/addon/planner.h', 'native/addon/cuda_ops.cpp'].map(source);
 
   /** The body of the function `name` (its definition's braces) in `text`, or undefined. */
   function body(text: string, name: string): string | undefined {

@@ -10,7 +10,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
-import { CudaBackend, CudaDeviceBuffer, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
+import { CudaBackend, CudaDeviceBuffer, SYNC_POLL_MS, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import { loadNativeAddon, type NativeAddon, type NativeCudaOps, type NativeDeviceBuffer, type NativeStream } from '../dist/backends/native/binding.js';
 import { CUDA_OP_PARAMS, type CudaOpName } from '../dist/backends/abi.js';
@@ -32,6 +32,9 @@ class FakeStream {
   constructor(readonly device: number) {}
   synchronize(): Promise<void> {
     return Promise.resolve();
+  }
+  query(): boolean {
+    return true;
   }
 }
 
@@ -110,6 +113,44 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     expect(a.some((x) => x !== 0)).toBe(true);
     expect(Buffer.compare(a, b)).toBe(0);
     await Promise.all([cuda.dispose(), cpu.dispose()]);
+  });
+
+  test('synchronize polls the stream from the event loop for a short wait, hands a long one to the stream (a pool thread), and a failed stream is a typed BACKEND_FAILURE', async () => {
+    const seen = { queries: 0, poolWaits: 0, turns: 0 };
+    let busyFor = 0; // queries answering "not yet"
+    let failure: Error | null = null;
+    class PollStream {
+      constructor(readonly device: number) {}
+      query(): boolean {
+        seen.queries++;
+        if (failure) throw failure;
+        return busyFor-- <= 0;
+      }
+      synchronize(): Promise<void> {
+        seen.poolWaits++;
+        busyFor = 0;
+        return Promise.resolve();
+      }
+    }
+    const cuda = new CudaBackend(addon, fakeOps({ streamClass: () => PollStream }), 1);
+    // other event-loop work goes on while it polls
+    const ticker = setInterval(() => seen.turns++, 0);
+    busyFor = 5;
+    await cuda.synchronize();
+    expect(seen).toMatchObject({ queries: 6, poolWaits: 0 });
+    busyFor = Infinity; // never done within SYNC_POLL_MS
+    const t0 = performance.now();
+    await cuda.synchronize();
+    clearInterval(ticker);
+    expect(performance.now() - t0).toBeGreaterThanOrEqual(SYNC_POLL_MS - 1);
+    expect(seen.poolWaits).toBe(1);
+    expect(seen.turns).toBeGreaterThan(0);
+    failure = Object.assign(new Error('boom'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorIllegalAddress: an illegal memory access' });
+    const err = await cuda.synchronize().catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect((err as SparseMlaError).code).toBe('BACKEND_FAILURE');
+    expect((err as SparseMlaError).message).toMatch(/synchronize.*cudaErrorIllegalAddress/);
+    await cuda.dispose();
   });
 
   test('a CUDA op failure (thrown or rejected) is a typed BACKEND_FAILURE naming the op', async () => {
@@ -388,11 +429,56 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
     planRows: (p: Parameters<typeof ops.planRows>[0]) => ops.planRows(p),
     planCompressedTokenIds: (p: Parameters<typeof ops.planCompressedTokenIds>[0]) => ops.planCompressedTokenIds(p),
     sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
+    // a layer program: read once (each part with its own op's fields, every array a device buffer),
+    // then run over buffers of the same sizes in its slots' order (noted as its own call, then its parts)
+    layerProgramClass: () =>
+      class {
+        readonly slots: string[] = [];
+        readonly sizes: number[] = [];
+        constructor(readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> }) {
+          expect(Object.keys(params).sort()).toEqual(['dequants', 'planRows', 'prefill']);
+          const parts: [string, Record<string, unknown>, string][] = [
+            ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, string]] : []),
+            ...params.dequants.map((d, i) => [`dequants.${i}`, d, 'dequantizeKvCache'] as [string, Record<string, unknown>, string]),
+            ['prefill', params.prefill, 'sparsePrefill'],
+          ];
+          for (const [name, part, op] of parts) {
+            expect(Object.keys(part).sort(), name).toEqual(Object.keys(CUDA_OP_PARAMS[op as CudaOpName]).sort());
+            for (const [field, v] of Object.entries(part)) {
+              if (v instanceof StandInBuffer) this.slots.push(`${name}.${field}`), this.sizes.push(v.byteLength);
+              else if (ArrayBuffer.isView(v) && !['seqLens', 'extendLens'].includes(field)) throw new Error(`${name}.${field}: host memory in a layer program`);
+            }
+          }
+        }
+        async run(smScale: number, droppedInto: BigInt64Array | null, ...buffers: StandInBuffer[]): Promise<void> {
+          expect(buffers.length).toBe(this.slots.length);
+          const p = structuredClone({ planRows: this.params.planRows === null ? null : { ...this.params.planRows, seqLens: null, extendLens: null }, dequants: this.params.dequants.map((d) => ({ ...d, cache: null, tokenIds: null, out: null })), prefill: {} }) as never as typeof this.params;
+          p.prefill = { ...this.params.prefill };
+          if (p.planRows) Object.assign(p.planRows, { seqLens: this.params.planRows!.seqLens, extendLens: this.params.planRows!.extendLens });
+          this.slots.forEach((slot, k) => {
+            expect(buffers[k]!.byteLength, slot).toBe(this.sizes[k]);
+            const path = slot.split('.');
+            const obj = path[0] === 'dequants' ? p.dequants[Number(path[1])]! : (p[path[0] as 'planRows' | 'prefill'] as Record<string, unknown>);
+            obj[path.at(-1)!] = buffers[k];
+          });
+          p.prefill.smScale = smScale;
+          calls.push({ op: 'layerProgram.run', hostOperands: [] });
+          if (p.planRows !== null) {
+            await ops.planRows(p.planRows as never);
+            if (droppedInto !== null) droppedInto.set(new BigInt64Array((p.planRows.droppedTotal as StandInBuffer).mem));
+          }
+          for (const d of p.dequants) await ops.dequantizeKvCache(d as never);
+          await ops.sparsePrefill(p.prefill as never);
+        }
+      },
   };
   class Stream {
     constructor(readonly device: number) {}
     synchronize(): Promise<void> {
       return Promise.resolve();
+    }
+    query(): boolean {
+      return true;
     }
   }
   return new Proxy({ deviceBufferClass: () => StandInBuffer, streamClass: () => Stream, ...named } as object, {
@@ -415,14 +501,14 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     await Promise.all([cuda?.dispose(), cpu?.dispose()]);
   });
 
-  test('layers c0, c4, c128, c4 with device q, caches, top-k, sink (c4 and c128) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped total (8 bytes) comes back, while the rest is queued', async () => {
+  test('layers c0, c4, c128, c4, then c0, c128, c4, c4 again, with device q, caches, top-k, sink (all but layers 0 and 3) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped total (8 bytes) comes back, while the rest is queued; once the plan keeps a layer\'s rows and ids, the layer is queued by one call', async () => {
     const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
     const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
     const sc = randomScenario(rng, seqLens, extendLens);
     const planDev = createPlan(sc.chunk);
     const planHost = createPlan(sc.chunk);
     const hQ = 4, smScale = 1 / Math.sqrt(512);
-    const ratios: CompressRatio[] = [0, 4, 128, 4];
+    const ratios: CompressRatio[] = [0, 4, 128, 4, 0, 128, 4, 4];
     for (const [layer, ratio] of ratios.entries()) {
       const label = `layer ${layer} (c${ratio})`;
       const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
@@ -438,8 +524,8 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       expectWithinBounds(label, want, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
       expect(want.dropped, label).toBe(ref.dropped);
 
-      // layers 1 (c4) and 2 (c128) take the sink on the device, the others from the host
-      const deviceSink = layer === 1 || layer === 2;
+      // layers 0 and 3 take the sink from the host, the others on the device
+      const deviceSink = layer !== 0 && layer !== 3;
       const [qd, swad, compd, topkd, sinkd] = await Promise.all([
         cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, topkIndices ? cuda.upload(topkIndices) : undefined, deviceSink ? cuda.upload(attnSink) : undefined,
       ]);
@@ -462,21 +548,24 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       // per plan and engine by the compressed-id build (the plan's lengths and page offsets are host
       // arguments too, read by the launcher), and a host sink; the one download the c4 dropped total
       // (8 bytes, summed on the device: nothing per query comes back)
+      // queued by one call: a layer whose rows (c4: rows an earlier c4 layer gave back) and ids
+      // the plan keeps, with every operand on the device (layers 4-7; layer 7 runs layer 6's program)
       const first = ratios.indexOf(ratio) === layer;
+      const queued = layer >= 4;
       const ops = layerCalls.map((c) => c.op);
-      const build = ratio === 4 ? ['planRows', 'download'] : first ? ['planRows'] : [];
+      const build = ratio === 4 ? (queued ? ['planRows'] : ['planRows', 'download']) : first ? ['planRows'] : [];
       const ids = ratio === 0 ? [] : first ? ['planCompressedTokenIds', 'dequantizeKvCache'] : ['dequantizeKvCache'];
-      expect(ops, label).toEqual([...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
+      expect(ops, label).toEqual([...(queued ? ['layerProgram.run'] : []), ...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
       const hostOperands = (op: string): string[] => (op === 'planCompressedTokenIds' ? ['pageTables'] : op === 'sparsePrefill' && !deviceSink ? ['attnSink'] : []);
       for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(hostOperands(c.op));
-      expect(layerCalls.filter((c) => c.op === 'download').map((c) => c.bytes), label).toEqual(ratio === 4 ? [8] : []);
+      expect(layerCalls.filter((c) => c.op === 'download').map((c) => c.bytes), label).toEqual(ratio === 4 && !queued ? [8] : []);
       for (const t of [qd, topkd, sinkd, got.out, got.lse, got.maxLogits]) t?.data.free();
       swad.data.free();
       compd?.data.free();
     }
-    expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 2, deviceWorkspaceAllocations: 1, deviceC4RowAllocations: 1 });
+    expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 4, deviceWorkspaceAllocations: 1, deviceC4RowAllocations: 1, deviceQueuedLayers: 4 });
     expect(planDev.stats).toEqual({ ...planHost.stats, c0Builds: 0, c128Builds: 0, workspaceAllocations: 0 });
-    expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 2, workspaceAllocations: 1 });
+    expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 4, workspaceAllocations: 1 });
   }, 20_000);
 
   test('c4 layers in flight at once on one plan build into row buffers of their own, equal the cpu backend bit for bit, and a later c4 layer reuses a kept set', async () => {
@@ -555,6 +644,7 @@ describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
     dequantizeKvCache: settled,
     planRows: settled,
     planCompressedTokenIds: settled,
+    layerProgramClass: () => class { readonly slots = []; run = settled; },
     upload: settled,
     download: settled,
   } as unknown as NativeCudaOps;

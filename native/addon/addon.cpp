@@ -51,8 +51,7 @@ float Args::FloatOf(Napi::Value value, const char* name) const {
   return value.As<Napi::Number>().FloatValue();
 }
 
-Args::Fields Args::Object(size_t i, const char* name) {
-  const Napi::Value v = At(i);
+Args::Fields Args::ObjectOf(Napi::Value v, const char* name) {
   if (!v.IsObject() || v.IsTypedArray() || v.IsArray()) ThrowArgument(Env(), op_, std::string(name) + ": expected a params object");
   return Fields(*this, v.As<Napi::Object>());
 }

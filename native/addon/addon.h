@@ -70,6 +70,8 @@ class Args {
     }
     bool IsNull(const char* name) const { return Absent(Get(name)); }
     Napi::Value Get(const char* name) const { return o_.Get(name); }
+    // Field `name` as a nested params object (an op made of several ops' params).
+    Fields Object(const char* name) const { return a_.ObjectOf(Get(name), name); }
     // An argument error of the op (fields that do not match each other).
     [[noreturn]] void Refuse(const std::string& message) const { ThrowArgument(a_.Env(), a_.Op(), message); }
     Args& args() const { return a_; }
@@ -80,7 +82,9 @@ class Args {
   };
 
   // Argument i as a params object.
-  Fields Object(size_t i, const char* name);
+  Fields Object(size_t i, const char* name) { return ObjectOf(At(i), name); }
+  // A value as a params object, or an argument error naming it.
+  Fields ObjectOf(Napi::Value v, const char* name);
 
   Napi::Env Env() const { return info_.Env(); }
   const char* Op() const { return op_; }

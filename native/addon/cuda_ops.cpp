@@ -63,14 +63,21 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
 // the caller, reused by every layer; the kernel zero-fills any bad id without reading it and
 // nothing is read back). With outRowOffset, out is a DeviceBuffer of at least
 // (outRowOffset + numTokens) rows and the rows land there (a plan's device workspace region).
-Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
-  KernelCall<smla_dequantize_kv_cache_params> k(info, "dequantizeKvCache");
-  CudaFields& f = k.fields;
-  smla_dequantize_kv_cache_params& p = k.call->params;
+struct DequantLaunch {
+  std::function<int32_t(cudaStream_t)> launch;
+  std::function<int32_t(cudaStream_t)> read_flag;  // host ids only: the bad-id flag read back (pool path)
+  bool device_ids = false;
+  bool into_rows = false;  // outRowOffset given
+};
+
+DequantLaunch ReadDequantize(CudaFields& f, const std::shared_ptr<DeviceCall<smla_dequantize_kv_cache_params>>& call) {
+  smla_dequantize_kv_cache_params& p = call->params;
   ReadCacheGeometry(f, p);
   const int64_t n = p.num_tokens, dim = RowDim(p.format);
   f.Input(p.cache, "cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages));
-  const bool devIds = f.OnDevice("tokenIds");
+  DequantLaunch d;
+  d.device_ids = f.OnDevice("tokenIds");
+  const bool devIds = d.device_ids;
   std::shared_ptr<Operand> ids;
   if (devIds) {
     ids = f.Read("tokenIds", napi_bigint64_array, 8, uint64_t(n), false);
@@ -85,13 +92,15 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     ids->keep = wide;
     f.Add(ids);
   }
-  k.call->bindings.Bind(p.token_ids, ids);
+  call->bindings.Bind(p.token_ids, ids);
   std::shared_ptr<Operand> out;
   uint64_t out_offset = 0;
   if (!f.IsNull("outRowOffset")) {
+    d.into_rows = true;
     const int64_t row0 = f.Int("outRowOffset", 0, INT32_MAX);
     out = std::make_shared<Operand>();
     out->output = true;
+    out->name = "out";
     out->device = f.Buffer("out");
     out_offset = uint64_t(row0) * uint64_t(dim) * 2;
     out->bytes = uint64_t(n) * uint64_t(dim) * 2;
@@ -102,22 +111,26 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   } else {
     out = f.Read("out", napi_uint16_array, 2, uint64_t(n) * uint64_t(dim), true);
   }
-  k.call->bindings.Bind(p.out, out, out_offset);
+  call->bindings.Bind(p.out, out, out_offset);
   auto bad = std::make_shared<int32_t>(0);
   auto flag = [=]() { return !devIds && n > 0 ? reinterpret_cast<int32_t*>(static_cast<int64_t*>(ids->Ptr()) + n) : nullptr; };
-  std::function<int32_t(cudaStream_t)> readFlag = nullptr;
   if (!devIds && n > 0) {
     // host ids (a pool thread, which syncs): the kernel's bad-id flag comes back
-    readFlag = [=](cudaStream_t s) -> int32_t {
+    d.read_flag = [=](cudaStream_t s) -> int32_t {
       cudaError_t err = cudaMemcpyAsync(bad.get(), flag(), sizeof(int32_t), cudaMemcpyDeviceToHost, s);
       if (err == cudaSuccess) err = WaitForQueued(s);
       if (err != cudaSuccess) return -int32_t(err);
       return *bad != 0 ? int32_t(SMLA_ERR_OUT_OF_RANGE) : int32_t(SMLA_OK);
     };
   }
-  return Dispatch(
-      f, k.stream, [call = k.call, flag](cudaStream_t s) -> int32_t { return smla_cuda_dequantize_kv_cache(call->Bound(), flag(), s); },
-      readFlag);
+  d.launch = [call, flag](cudaStream_t s) -> int32_t { return smla_cuda_dequantize_kv_cache(call->Bound(), flag(), s); };
+  return d;
+}
+
+Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
+  KernelCall<smla_dequantize_kv_cache_params> k(info, "dequantizeKvCache");
+  DequantLaunch d = ReadDequantize(k.fields, k.call);
+  return Dispatch(k.fields, k.stream, std::move(d.launch), std::move(d.read_flag));
 }
 
 // planRows(params, stream): the planner's per-row index building on the device
@@ -138,6 +151,159 @@ Napi::Value PlanCompressedTokenIds(const Napi::CallbackInfo& info) {
   ReadPlanCompressedTokenIds(k.fields, k.call->params, &total);
   return Dispatch(k.fields, k.stream, [call = k.call, total](cudaStream_t s) { return smla_cuda_plan_compressed_token_ids(call->Bound(), total, s); });
 }
+
+// ---- a workspace layer as one program: read once, run per layer ---------------------------------
+
+// layerProgramClass(): the LayerProgram class. `new LayerProgram(params, stream)` reads a workspace
+// layer's launches from params = { planRows: planRows' params (a c4 combine into rows the plan
+// keeps) or null, dequants: dequantizeKvCache's params (device ids, outRowOffset) in launch order,
+// prefill: sparsePrefill's params }, every array a device buffer of the stream, read and checked as
+// the ops read them. `slots` names each buffer in reading order ("planRows.rows", "dequants.0.cache",
+// "prefill.q", ...). `run(smScale, droppedInto, ...buffers)` queues the same launches over one buffer
+// per slot, each of this stream and exactly the size of the one it stands for, with the prefill's
+// smScale, and the combine's dropped total read right behind it into droppedInto (a BigInt64Array(1),
+// or null): a layer's whole host side in one call, its arguments checked before the first launch,
+// nothing read by name. Settles once queued, or with droppedInto once the total has landed (the
+// prefill may still be running). The program keeps no buffer between runs.
+class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
+ public:
+  static Napi::Function Class(Napi::Env env) {
+    return DefineClass(env, "LayerProgram", {InstanceAccessor<&LayerProgram::Slots>("slots"), InstanceMethod<&LayerProgram::Run>("run")});
+  }
+
+  explicit LayerProgram(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LayerProgram>(info) {
+    Args args(info, "layerProgram");
+    Args::Fields top = args.Object(0, "params");
+    stream_ = StreamArg(info, 1, args.Op());
+    std::vector<std::pair<std::string, std::shared_ptr<Operand>>> operands;
+    auto collect = [&](CudaFields& f, const std::string& part) {
+      for (auto& o : f.TakeOperands()) operands.emplace_back(part + "." + (o->name ? o->name : "?"), std::move(o));
+    };
+    if (!top.IsNull("planRows")) {
+      auto call = std::make_shared<DeviceCall<smla_plan_combine_topk_params>>();
+      CudaFields f(args, top.Object("planRows"), *stream_, call->bindings);
+      int64_t num_queries = 0;
+      ReadPlanRows(f, call->params, &num_queries);
+      if (f.IsNull("droppedTotal")) f.Refuse("planRows.droppedTotal: a combine in a layer program sums its dropped count on the device");
+      collect(f, "planRows");
+      launches_.push_back([call, num_queries](cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, s); });
+      dropped_total_ = [call]() -> const void* { return call->Bound()->dropped_total; };
+    }
+    const Napi::Value dequants = top.Get("dequants");
+    if (!dequants.IsArray()) top.Refuse("dequants: expected an array of dequantizeKvCache params");
+    const Napi::Array list = dequants.As<Napi::Array>();
+    for (uint32_t i = 0; i < list.Length(); ++i) {
+      const std::string part = "dequants." + std::to_string(i);
+      auto call = std::make_shared<DeviceCall<smla_dequantize_kv_cache_params>>();
+      CudaFields f(args, args.ObjectOf(list.Get(i), part.c_str()), *stream_, call->bindings);
+      DequantLaunch d = ReadDequantize(f, call);
+      if (!d.device_ids || !d.into_rows) f.Refuse(part + ": expected device tokenIds and an outRowOffset");
+      collect(f, part);
+      launches_.push_back(std::move(d.launch));
+    }
+    prefill_ = std::make_shared<DeviceCall<smla_sparse_prefill_params>>();
+    {
+      CudaFields f(args, top.Object("prefill"), *stream_, prefill_->bindings);
+      ReadSparsePrefill(f, prefill_->params);
+      collect(f, "prefill");
+      launches_.push_back([call = prefill_](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
+    }
+    for (auto& [name, o] : operands) {
+      if (!o->device) {
+        if (o->bytes == 0) continue;  // an absent optional array (a null sink, say): stays absent
+        top.Refuse(name + ": expected a device buffer (a layer program queues device work only)");
+      }
+      if (o->device->stream != stream_) top.Refuse(name + ": a buffer of another engine's stream");
+      slots_.push_back({name, o, o->device->bytes});
+      o->device.reset();  // each run binds its own
+    }
+  }
+
+ private:
+  struct Slot {
+    std::string name;
+    std::shared_ptr<Operand> operand;
+    uint64_t bytes;
+  };
+
+  Napi::Value Slots(const Napi::CallbackInfo& info) {
+    Napi::Array names = Napi::Array::New(info.Env(), slots_.size());
+    for (uint32_t i = 0; i < slots_.size(); ++i) names.Set(i, Napi::String::New(info.Env(), slots_[i].name));
+    return names;
+  }
+
+  Napi::Value Run(const Napi::CallbackInfo& info) {
+    Args a(info, "layerProgram.run");
+    const size_t n = slots_.size();
+    if (info.Length() != n + 2) ThrowArgument(a.Env(), a.Op(), "expected smScale, droppedInto and " + std::to_string(n) + " buffers");
+    if (!info[0].IsNumber()) ThrowArgument(a.Env(), a.Op(), "smScale: expected a number");
+    const float sm_scale = info[0].As<Napi::Number>().FloatValue();
+    void* dropped_into = nullptr;
+    std::vector<Napi::ObjectReference> pins;
+    if (!info[1].IsNull() && !info[1].IsUndefined()) {
+      if (!dropped_total_) ThrowArgument(a.Env(), a.Op(), "droppedInto: this program has no combine");
+      if (!info[1].IsTypedArray() || info[1].As<Napi::TypedArray>().TypedArrayType() != napi_bigint64_array || info[1].As<Napi::TypedArray>().ElementLength() != 1)
+        ThrowArgument(a.Env(), a.Op(), "droppedInto: expected a BigInt64Array of 1 element");
+      Napi::TypedArray t = info[1].As<Napi::TypedArray>();
+      if (napi_get_typedarray_info(a.Env(), t, nullptr, nullptr, &dropped_into, nullptr, nullptr) != napi_ok)
+        ThrowArgument(a.Env(), a.Op(), "droppedInto: cannot read the typed array's memory");
+      pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
+    }
+    // every slot bound for this run only, and let go however the run ends
+    struct Unbind {
+      std::vector<Slot>& slots;
+      ~Unbind() {
+        for (Slot& s : slots) s.operand->device.reset();
+      }
+    } unbind{slots_};
+    for (size_t i = 0; i < n; ++i) {
+      std::shared_ptr<Allocation> b = BufferOf(a, info[i + 2], slots_[i].name, *stream_);
+      if (b->stream != stream_) ThrowArgument(a.Env(), a.Op(), slots_[i].name + ": a buffer of another engine's stream");
+      if (b->bytes != slots_[i].bytes)
+        ThrowArgument(a.Env(), a.Op(), slots_[i].name + ": expected a device buffer of " + std::to_string(slots_[i].bytes) + " bytes, got " + std::to_string(b->bytes));
+      slots_[i].operand->device = std::move(b);
+    }
+    prefill_->params.sm_scale = sm_scale;
+
+    StreamState& st = *stream_;
+    cudaError_t err = cudaSetDevice(st.device);
+    int32_t status = err != cudaSuccess ? -int32_t(err) : int32_t(SMLA_OK);
+    ReadSlot slot;
+    bool reading = false;
+    for (size_t i = 0; i < launches_.size() && status == SMLA_OK; ++i) {
+      status = Timed(st, launches_[i]);
+      if (i == 0 && status == SMLA_OK && dropped_into) {
+        // the 8-byte total into a pinned slot, right behind the combine (ahead of the dequants and the prefill)
+        err = st.TakeReadSlot(&slot);
+        if (err == cudaSuccess) {
+          reading = true;
+          err = cudaMemcpyAsync(slot.host, dropped_total_(), 8, cudaMemcpyDeviceToHost, st.stream);
+          if (err == cudaSuccess) err = cudaEventRecord(slot.landed, st.stream);
+        }
+        if (err != cudaSuccess) status = -int32_t(err);
+      }
+    }
+    if (status != SMLA_OK) cudaGetLastError();
+    if (!reading) return SettledPromise(a.Env(), a.Op(), status);
+    StreamRef s = stream_;
+    return Queue(a, std::move(pins), [s, slot, status, dropped_into]() -> int32_t {
+      cudaError_t e = cudaSetDevice(s->device);
+      if (e == cudaSuccess) e = cudaEventSynchronize(slot.landed);
+      if (e == cudaSuccess && status == SMLA_OK) std::memcpy(dropped_into, slot.host, 8);
+      s->GiveBackReadSlot(slot);
+      if (e != cudaSuccess) cudaGetLastError();
+      return status != SMLA_OK ? status : e == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(e);
+    });
+  }
+
+  StreamRef stream_;
+  std::vector<std::function<int32_t(cudaStream_t)>> launches_;
+  std::vector<Slot> slots_;
+  std::function<const void*()> dropped_total_;
+  std::shared_ptr<DeviceCall<smla_sparse_prefill_params>> prefill_;
+};
+
+Napi::Value NewLayerProgramClass(const Napi::CallbackInfo& info) { return LayerProgram::Class(info.Env()); }
 
 // probeLaunch(stream): one real sm_90a kernel (a one-token v4 dequant of a known record) on the
 // stream; resolves when it ran and produced the expected row, rejects with the CUDA error otherwise.
@@ -194,6 +360,7 @@ const OpEntry kCudaOps[] = {
     {"dequantizeKvCache", DequantizeKvCache},
     {"planRows", PlanRows},
     {"planCompressedTokenIds", PlanCompressedTokenIds},
+    {"layerProgramClass", NewLayerProgramClass},
     {"upload", Upload},
     {"download", Download},
     {"copyDevice", CopyDevice},

@@ -33,7 +33,8 @@ const napi_type_tag kStreamTag = {0x3b7e1c55a9d24f60ULL, 0x91ac4e0f7d2b6c38ULL};
 class Stream : public Napi::ObjectWrap<Stream> {
  public:
   static Napi::Function Class(Napi::Env env) {
-    return DefineClass(env, "Stream", {InstanceAccessor<&Stream::Device>("device"), InstanceMethod<&Stream::Synchronize>("synchronize")});
+    return DefineClass(env, "Stream", {InstanceAccessor<&Stream::Device>("device"), InstanceMethod<&Stream::Synchronize>("synchronize"),
+                                       InstanceMethod<&Stream::Query>("query")});
   }
 
   // new Stream(device): a non-blocking stream on that device.
@@ -68,6 +69,9 @@ class Stream : public Napi::ObjectWrap<Stream> {
   // synchronize(): resolves once every op queued on the stream has finished (at once when the
   // stream is idle, else a pool thread waits).
   Napi::Value Synchronize(const Napi::CallbackInfo& info);
+  // query(): whether everything queued on the stream has finished (cudaStreamQuery), without
+  // waiting; a failed stream throws (code SMLA_CUDA_ERROR).
+  Napi::Value Query(const Napi::CallbackInfo& info);
 
   StreamRef state_;
 };
@@ -90,6 +94,22 @@ Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
     if (err != cudaSuccess) cudaGetLastError();
     return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
   });
+}
+
+Napi::Value Stream::Query(const Napi::CallbackInfo& info) {
+  StreamRef s = state_;
+  cudaError_t err = cudaSetDevice(s->device);
+  if (err == cudaSuccess) err = cudaStreamQuery(s->stream);
+  if (err == cudaErrorNotReady) {
+    // a state, not an error: it must not reach the next launch's cudaGetLastError
+    if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+    return Napi::Boolean::New(info.Env(), false);
+  }
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw StatusError(info.Env(), "synchronize", -int32_t(err));
+  }
+  return Napi::Boolean::New(info.Env(), true);
 }
 
 const napi_type_tag kDeviceBufferTag = {0x5a1f0c3e9b2d4e71ULL, 0x8c6a3f1d2e4b5a90ULL};
@@ -218,6 +238,7 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
                                           bool nullable) {
   auto o = std::make_shared<Operand>();
   o->output = output;
+  o->name = name;
   o->bytes = elem * count;
   const Napi::Value v = f_.Get(name);
   if (!v.IsNull() && v.IsObject() && !v.IsTypedArray()) {

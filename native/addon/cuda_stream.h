@@ -94,7 +94,8 @@ struct Operand {
   std::shared_ptr<Allocation> device;  // or a device buffer
   uint64_t bytes = 0;
   bool output = false;
-  void* temp = nullptr;  // staged copy of host data on the device
+  const char* name = nullptr;  // the params field it was read from
+  void* temp = nullptr;        // staged copy of host data on the device
   void* Ptr() const { return device ? device->ptr : temp; }
   bool OnHost() const { return !device && host && bytes > 0; }
 };
@@ -142,8 +143,9 @@ struct DeviceCall {
 // its DeviceBuffers, for Dispatch.
 class CudaFields {
  public:
-  CudaFields(Args& a, size_t i, const StreamState& s, DeviceBindings& bindings)
-      : a_(a), f_(a.Object(i, "params")), s_(s), bindings_(bindings) {}
+  CudaFields(Args& a, size_t i, const StreamState& s, DeviceBindings& bindings) : CudaFields(a, a.Object(i, "params"), s, bindings) {}
+  // A nested params object (one part of an op made of several ops' params).
+  CudaFields(Args& a, Args::Fields fields, const StreamState& s, DeviceBindings& bindings) : a_(a), f_(fields), s_(s), bindings_(bindings) {}
 
   int32_t Int(const char* name, int64_t lo, int64_t hi) const { return f_.Int(name, lo, hi); }
   float Float(const char* name) const { return f_.Float(name); }

@@ -193,6 +193,33 @@ export interface LayerSteps<B = never> {
    * device an 8-byte read queued behind the combine, resolving once it has landed.
    */
   readDroppedTotal(total: number | B): Promise<number>;
+  /**
+   * Device steps only: a layer's planRows (a c4 combine into rows the plan keeps, or none), its
+   * dequants and its prefill queued on the stream by one host call, every operand on the device and
+   * the outputs left there. Everything is checked before the first launch. Resolves once queued,
+   * with the combine's dropped total once that has come back (read right behind the combine, so
+   * the prefill may still be running); undefined, before any work, when the steps cannot queue
+   * these operands together (another engine's memory): the caller then runs the steps one by one.
+   */
+  queueLayer?(job: QueuedLayerJob<B>): Promise<QueuedLayerOutput<B> | undefined>;
+}
+
+/** What LayerSteps.queueLayer queues: the steps' own jobs, in launch order. */
+export interface QueuedLayerJob<B = never> {
+  /** what the steps may keep per-layer state for (the plan's resources): kept as long as it lives */
+  owner: object;
+  /** a c4 combine into kept rows (`into` with a droppedTotal), or null when the rows are built already */
+  planRows: (PlanRowsJob<B> & { into: PlannedRows<B> }) | null;
+  dequants: WorkspaceDequantizeJob<B>[];
+  prefill: WorkspacePrefillJob<B>;
+}
+
+export interface QueuedLayerOutput<B = never> {
+  out: B;
+  lse: B;
+  maxLogits: B;
+  /** the combine's dropped total (0 without a combine) */
+  dropped: number;
 }
 
 /** The rows of one ratio for a chunk: the planner's per-request lengths and the row geometry. */

@@ -10,7 +10,7 @@ import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '..
 import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import type { CacheView, LayerSteps, PlannedRows } from '../backends/backend.js';
+import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
@@ -303,6 +303,29 @@ export class LayerResources<B = never> {
   }
 
   /**
+   * A c4 combine queued with the rest of its layer (LayerSteps.queueLayer): the planner's job over
+   * the rows an earlier c4 layer of the same width gave back, or undefined when none are kept (the
+   * layer then combines step by step and gives its rows back for the next). Give the rows back with
+   * giveBackC4Rows and count the layer with countQueuedLayer once its dropped total is in.
+   */
+  queuedC4(topk: CheckedTopk<B>): { rows: C4LayerRows<B>; job: PlanRowsJob<B> & { into: PlannedRows<B> } } | undefined {
+    const into = this.#takeC4Rows(topk.width);
+    if (into === undefined) return undefined;
+    const p = this.#plan;
+    return { rows: into, job: { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into } };
+  }
+
+  /** Counts a layer queued by one host call, and its c4 combine (queuedC4) with its dropped total as combineC4 counts its own. */
+  countQueuedLayer(c4Dropped: number | null): void {
+    const p = this.#plan;
+    p.deviceStats.deviceQueuedLayers++;
+    if (c4Dropped === null) return;
+    p.stats.c4Combines++;
+    p.stats.c4Dropped += c4Dropped;
+    p.deviceStats.deviceC4Combines++;
+  }
+
+  /**
    * Takes back a c4 layer's rows once the layer has queued everything that reads them and its
    * dropped total has been read: a device keeps one set for the next c4 layer (stream order puts
    * that layer's combine after this one's readers); a concurrent layer finds none and allocates.
@@ -433,7 +456,7 @@ export class Plan {
     workspaceAllocations: 0,
   };
   /** What prefillLayer kept on a device (cuda engines): uploads, GPU builds and c4 combines, device workspaces. */
-  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0, deviceC4RowAllocations: 0 };
+  readonly deviceStats: PlanDeviceStats = { deviceUploads: 0, deviceCompressedIdBuilds: 0, deviceC0Builds: 0, deviceC128Builds: 0, deviceC4Combines: 0, deviceWorkspaceAllocations: 0, deviceC4RowAllocations: 0, deviceQueuedLayers: 0 };
 
   readonly #planner: HostPlanner;
   readonly #seqLens: Int32Array;

@@ -16,8 +16,11 @@
  * sink is a host operand: the prefill then waits for its own work, README "Stream order"); only a
  * c4 layer's dropped total (8 bytes, summed on the device) comes back, read while the rest of the
  * layer is queued, and the call resolves once it is in (device outputs are then queued, not
- * necessarily finished: a download or engine.synchronize() waits for them). Every id was checked
- * against the caches by the plan (checkCaches), and the dequant kernel checks each again.
+ * necessarily finished: a download or engine.synchronize() waits for them). Once the plan keeps
+ * what a layer reads (its rows, or c4 rows to combine into, and its ids) and every operand is on
+ * the device, device steps queue the whole layer by one host call (LayerSteps.queueLayer), which
+ * takes most of the host time out of a short layer. Every id was checked against the caches by the
+ * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
@@ -25,7 +28,7 @@ import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions } from './types.js';
 
@@ -154,6 +157,10 @@ async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, l
 async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
   const { plan, ratio, q, hQ, attnSink, smScale, caches, topk, output, route } = call;
   const res = plan.resources(steps);
+  if (steps.queueLayer !== undefined && output === 'device') {
+    const queued = await queuedWorkspaceLayer(steps, res, call);
+    if (queued !== undefined) return queued;
+  }
   const nq = plan.numQueries;
   const layout = plan.layout(ratio);
   let rows: LayerRows<DeviceBuffer>;
@@ -196,5 +203,59 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
   } finally {
     if (ws !== undefined) res.giveBackWorkspace(ws);
     if (c4) res.giveBackC4Rows(c4);
+  }
+}
+
+/**
+ * The workspace path as one queued host call (LayerSteps.queueLayer: device steps, every operand
+ * and output on the device) once the plan keeps what the layer reads: its dense rows (or, for c4,
+ * rows an earlier c4 layer gave back to combine into) and its gather ids. Undefined when it does not
+ * (a plan's first layers, host operands): the steps above then run one by one and keep them.
+ */
+async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement> | undefined> {
+  const { plan, ratio, q, hQ, attnSink, smScale, caches, topk, route } = call;
+  if (!isDeviceBuffer(q.data) || (attnSink !== undefined && !isDeviceBuffer(attnSink.data))) return undefined;
+  if (!isDeviceBuffer(caches.swa.data) || (caches.compressed !== undefined && !isDeviceBuffer(caches.compressed.data))) return undefined;
+  const layout = plan.layout(ratio);
+  const compressedIds = layout.compressedRows > 0 ? res.keptCompressedIds(ratio as 4 | 128) : null;
+  const swaIds = layout.swaRows > 0 ? res.keptSwaIds() : null;
+  if (compressedIds === undefined || swaIds === undefined) return undefined;
+  let rows: LayerRows<DeviceBuffer>;
+  let c4: ReturnType<LayerResources<DeviceBuffer>['queuedC4']>;
+  if (ratio === 4) {
+    if (!isDeviceBuffer(topk!.data)) return undefined;
+    c4 = res.queuedC4(topk!);
+    if (c4 === undefined) return undefined;
+    rows = c4.rows;
+  } else {
+    const dense = res.keptDenseRows(ratio);
+    if (dense === undefined) return undefined;
+    rows = dense;
+  }
+  const ws = res.takeWorkspace(steps);
+  try {
+    const dequants = [];
+    if (compressedIds !== null) dequants.push({ cache: caches.compressed!, tokenIds: compressedIds, n: layout.compressedRows, workspace: ws, rowOffset: 0 });
+    if (swaIds !== null) dequants.push({ cache: caches.swa, tokenIds: swaIds, n: layout.swaRows, workspace: ws, rowOffset: layout.compressedRows });
+    const nq = plan.numQueries;
+    const r = await steps.queueLayer!({
+      owner: res,
+      planRows: c4 === undefined ? null : c4.job,
+      dequants,
+      prefill: { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
+    });
+    if (r === undefined) return undefined;
+    res.countQueuedLayer(c4 === undefined ? null : r.dropped);
+    return {
+      ...route,
+      out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
+      lse: placedTensor('float32', [nq, hQ], r.lse),
+      maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
+      workspaceBytes: layout.bytes,
+      dropped: r.dropped,
+    };
+  } finally {
+    res.giveBackWorkspace(ws);
+    if (c4 !== undefined) res.giveBackC4Rows(c4.rows);
   }
 }

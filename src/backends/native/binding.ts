@@ -75,8 +75,10 @@ export interface NativeDeviceBuffer {
 /** An engine's CUDA stream on one device: every op and allocation names it (cuda_stream.cpp). */
 export interface NativeStream {
   readonly device: number;
-  /** resolves once everything queued on the stream has finished */
+  /** resolves once everything queued on the stream has finished (a pool thread waits) */
   synchronize(): Promise<void>;
+  /** whether everything queued on the stream has finished, without waiting (throws for a failed stream) */
+  query(): boolean;
 }
 
 /**
@@ -126,6 +128,33 @@ export interface NativeCudaOps extends NativeCudaKernelOps {
   deviceBufferClass(): new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
   /** the Stream class: `new (streamClass())(device)` (throws SMLA_CUDA_ERROR for a missing device) */
   streamClass(): new (device: number) => NativeStream;
+  /**
+   * The LayerProgram class (cuda_ops.cpp): `new (layerProgramClass())(params, stream)` reads a
+   * workspace layer's launches once (the ops' params objects, every array a device buffer of the
+   * stream; throws SMLA_ADDON_ARGUMENT like the ops).
+   */
+  layerProgramClass(): new (params: LayerProgramParams, stream: NativeStream) => NativeLayerProgram;
+}
+
+/** A workspace layer as the addon's LayerProgram reads it: the ops' params objects, in launch order. */
+export interface LayerProgramParams {
+  /** a c4 combine into rows the plan keeps (its droppedTotal a device buffer), or null */
+  planRows: CudaOpParams<'planRows', NativeDeviceBuffer> | null;
+  /** device ids and an outRowOffset each */
+  dequants: CudaOpParams<'dequantizeKvCache', NativeDeviceBuffer>[];
+  prefill: CudaOpParams<'sparsePrefill', NativeDeviceBuffer>;
+}
+
+/** A layer program: the buffers it takes per run, named by the params field each stands for. */
+export interface NativeLayerProgram {
+  /** "planRows.rows", "dequants.0.cache", "prefill.q", …: run's buffers in this order */
+  readonly slots: string[];
+  /**
+   * Queues the layer over one buffer per slot (each exactly the size of the one it stands for) with
+   * the prefill's smScale; the combine's dropped total lands in droppedInto (or is not read). Resolves
+   * once queued, or with droppedInto once the total is in.
+   */
+  run(smScale: number, droppedInto: BigInt64Array | null, ...buffers: NativeDeviceBuffer[]): Promise<void>;
 }
 
 export interface CudaDeviceInfo {

@@ -13,6 +13,7 @@
  * `cpu` backend), not on the GPU.
  */
 import { availableParallelism } from 'node:os';
+import { performance } from 'node:perf_hooks';
 import { SparseMlaError } from '../../errors.js';
 import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
 import type { DeviceBuffer, Placement } from '../../types.js';
@@ -29,7 +30,10 @@ import {
   type PlacedAttentionOutput,
   type PlanRowsJob,
   type QuantizeKCacheJob,
+  type QueuedLayerJob,
+  type QueuedLayerOutput,
   type SparsePrefillJob,
+  type WorkspacePrefillJob,
   type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
@@ -45,10 +49,14 @@ import {
   type NativeAddon,
   type NativeCudaOps,
   type NativeDeviceBuffer,
+  type LayerProgramParams,
+  type NativeLayerProgram,
   type NativeStream,
 } from './binding.js';
 
 const GiB = 2 ** 30;
+/** How long synchronize() polls the stream from the event loop before a pool thread takes the wait. */
+export const SYNC_POLL_MS = 20;
 
 /** A params object as the addon takes it: each device buffer among its fields is the addon's buffer. */
 type AddonParams<P> = { [K in keyof P]: P[K] extends infer V ? (V extends DeviceBuffer ? NativeDeviceBuffer : V) : never };
@@ -57,6 +65,58 @@ type AddonParams<P> = { [K in keyof P]: P[K] extends infer V ? (V extends Device
 function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
   if (!isDeviceBuffer(x)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer of this engine, got host memory`, argument);
   return x;
+}
+
+/** A layer's prefill over its workspace: kv is the whole workspace; the rows index only [0, job.rows), the rest is never read. */
+function workspacePrefill(job: WorkspacePrefillJob<DeviceBuffer>): SparsePrefillJob<DeviceBuffer> {
+  const sKV = job.workspace.byteLength / (2 * V4_ROW_DIMS);
+  return { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV, topk: job.width, smScale: job.smScale };
+}
+
+type LayerOutput = 'out' | 'maxLogits' | 'lse';
+/** A layer program as the backend keeps it: how to take each input slot's buffer from a job, then which output fills each output slot. */
+type KeptLayerProgram = NativeLayerProgram & { inputs: ((job: QueuedLayerJob<DeviceBuffer>) => unknown)[]; outputs: LayerOutput[] };
+const LAYER_OUTPUT_SLOTS = new Map<string, LayerOutput>([['prefill.out', 'out'], ['prefill.maxLogits', 'maxLogits'], ['prefill.lse', 'lse']]);
+
+/** Where a layer program's input slot ("planRows.rows", "dequants.1.cache", "prefill.q") takes its buffer from in a job. */
+function layerInputOf(slot: string): (job: QueuedLayerJob<DeviceBuffer>) => unknown {
+  const [part, a, b] = slot.split('.');
+  if (part === 'dequants') {
+    const i = Number(a), field = b as 'cache' | 'tokenIds' | 'out';
+    if (field === 'cache') return (job) => job.dequants[i]!.cache.data;
+    if (field === 'tokenIds') return (job) => job.dequants[i]!.tokenIds;
+    if (field === 'out') return (job) => job.dequants[i]!.workspace;
+  } else if (part === 'planRows') {
+    if (a === 'topkIndices') return (job) => job.planRows!.topkIndices;
+    if (a === 'rows' || a === 'lens' || a === 'droppedTotal') return (job) => job.planRows!.into[a];
+  } else if (part === 'prefill') {
+    const from = { q: 'q', kv: 'workspace', indices: 'indices', topkLength: 'lengths', attnSink: 'attnSink' } as const;
+    const field = from[a as keyof typeof from];
+    if (field !== undefined) return (job) => job.prefill[field];
+  }
+  throw new Error(`layer program slot ${slot}: not a layer input`);
+}
+
+/** Every buffer a job hands a new layer program (its ownership is checked before the program is made). */
+function layerInputs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
+  const { planRows: r, dequants, prefill: p } = job;
+  return [
+    ...(r === null ? [] : [r.topkIndices, r.into.rows, r.into.lens, r.into.droppedTotal]),
+    ...dequants.flatMap((d) => [d.cache.data, d.tokenIds, d.workspace]),
+    p.q, p.workspace, p.indices, p.lengths, ...(p.attnSink === null ? [] : [p.attnSink]),
+  ];
+}
+
+/**
+ * What a layer program read besides its buffers, as a key: the combine's and each dequant's
+ * geometry, the prefill's shape and which optional arrays it has. The owner (a plan) fixes the
+ * requests and window; every buffer size follows from these (the addon checks them per run).
+ */
+function layerProgramKey(job: QueuedLayerJob<DeviceBuffer>): string {
+  const { planRows: r, dequants, prefill: p } = job;
+  let key = r === null ? '-' : `${r.ratio}:${r.topk}:${r.width}`;
+  for (const d of dequants) key += `|${d.cache.format}:${d.cache.pageSize}:${d.cache.numPages}:${d.n}:${d.rowOffset}`;
+  return `${key}|${p.numQueries}:${p.hQ}:${p.rows}:${p.width}:${(p.workspace as DeviceBuffer).byteLength}:${p.attnSink === null ? 0 : 1}`;
 }
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
@@ -167,6 +227,7 @@ export class CudaBackend implements Backend, DeviceOps {
   /** this engine's stream on its device: every op and allocation is ordered on it */
   private readonly stream: NativeStream;
   private readonly BufferClass: new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
+  #LayerProgramClass?: new (params: LayerProgramParams, stream: NativeStream) => NativeLayerProgram;
   private readonly calls = new AddonCalls('cuda');
   /** Host-side work (quantizeKCache writes a host cache) runs on the native CPU core. */
   private readonly host: CpuBackend;
@@ -191,18 +252,14 @@ export class CudaBackend implements Backend, DeviceOps {
     placeIds: (ids) => this.upload(ids),
     allocWorkspace: (bytes) => this.alloc(bytes),
     dequantizeKCacheInto: (job) => this.dequantizeKCacheIdsInto(job.cache, onDevice(job.tokenIds, 'tokenIds'), job.n, onDevice(job.workspace, 'workspace'), job.rowOffset),
-    // kv is the whole workspace; the rows index only [0, job.rows), the rest is never read
-    prefill: (job, output) =>
-      this.sparsePrefill(
-        { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV: job.workspace.byteLength / (2 * V4_ROW_DIMS), topk: job.width, smScale: job.smScale },
-        output,
-      ),
+    prefill: (job, output) => this.sparsePrefill(workspacePrefill(job), output),
     readDroppedTotal: async (total) => {
       if (!isDeviceBuffer(total)) return total;
       const into = new BigInt64Array(1);
       await this.download(total, into);
       return Number(into[0]);
     },
+    queueLayer: (job) => this.queueLayer(job),
   };
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {
@@ -297,7 +354,27 @@ export class CudaBackend implements Backend, DeviceOps {
     return dst;
   }
 
+  /**
+   * Waits for everything queued on the stream. A short wait is polled from the event loop (one
+   * cudaStreamQuery per turn, other callbacks running in between), so the JS thread sees the device
+   * finish at once instead of through a pool thread's wake-up of the loop (tens of µs, about a tenth
+   * of a 4K-query layer); after SYNC_POLL_MS a pool thread waits instead (the CUDA runtime's own
+   * spin-then-block policy, one level up).
+   */
   async synchronize(): Promise<void> {
+    this.calls.assertAlive();
+    const until = performance.now() + SYNC_POLL_MS;
+    for (;;) {
+      let done: boolean;
+      try {
+        done = this.stream.query();
+      } catch (e) {
+        throw addonFailure('cuda', 'synchronize', e);
+      }
+      if (done) return;
+      if (performance.now() >= until) break;
+      await new Promise<void>((resolve) => setImmediate(resolve));
+    }
     await this.calls.run('synchronize', () => this.stream.synchronize());
   }
 
@@ -421,6 +498,69 @@ export class CudaBackend implements Backend, DeviceOps {
       ),
     );
     return { rows, lens, dropped, droppedTotal };
+  }
+
+  /**
+   * A workspace layer queued by one addon call (LayerSteps.queueLayer). The first layer of a
+   * geometry reads the params objects the stepwise ops (planRows, dequantizeKCacheIdsInto,
+   * sparsePrefill) take into a layer program, kept per job owner (a plan's resources) and geometry;
+   * every layer then runs it over its own buffers, taken straight from the job in the program's slot
+   * order (nothing read by name on the native side). The prefill's outputs are allocated here on the
+   * device (freed if the call fails). The combine's dropped total, when there is one, is read right
+   * behind it and the call resolves once it is in. Undefined, before any work, when a buffer is not
+   * this engine's own (another engine's stream needs the stepwise ops, which order the two).
+   */
+  async queueLayer(job: QueuedLayerJob<DeviceBuffer>): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
+    const key = layerProgramKey(job);
+    let kept = this.programs.get(job.owner);
+    if (kept === undefined) this.programs.set(job.owner, (kept = new Map()));
+    const program = kept.get(key);
+    const inputs = program === undefined ? layerInputs(job) : program.inputs.map((take) => take(job));
+    if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
+    const { numQueries: sQ, hQ } = job.prefill;
+    const alloc = (bytes: number) => this.alloc(bytes) as CudaDeviceBuffer;
+    const out = alloc(sQ * hQ * V4_ROW_DIMS * 2), maxLogits = alloc(sQ * hQ * 4), lse = alloc(sQ * hQ * 4);
+    const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
+    await this.launch('queueLayer', [out, maxLogits, lse], () => {
+      const p = program ?? this.makeLayerProgram(job, { out, maxLogits, lse }, kept, key);
+      const buffers = p.inputs.map((take) => (take(job) as CudaDeviceBuffer).native);
+      buffers.push(...p.outputs.map((k) => ({ out, maxLogits, lse })[k].native));
+      return p.run(job.prefill.smScale, droppedInto, ...buffers);
+    });
+    return { out, lse, maxLogits, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
+  }
+
+  /** Layer programs by their owner (a plan's resources on this engine) and geometry (layerProgramKey). */
+  private readonly programs = new WeakMap<object, Map<string, KeptLayerProgram>>();
+
+  /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: Record<LayerOutput, CudaDeviceBuffer>, kept: Map<string, KeptLayerProgram>, key: string): KeptLayerProgram {
+    const { planRows: rows, dequants } = job;
+    const params: LayerProgramParams = {
+      planRows:
+        rows === null
+          ? null
+          : this.operands({
+              numRequests: rows.seqLens.length, seqLens: rows.seqLens, extendLens: rows.extendLens, window: rows.window, ratio: rows.ratio,
+              topkIndices: rows.topkIndices, topk: rows.topk, width: rows.width, rows: rows.into.rows, lens: rows.into.lens, dropped: null,
+              droppedTotal: rows.into.droppedTotal as DeviceBuffer | null, numQueries: rows.extendLens.reduce((a, b) => a + b, 0),
+            }),
+      dequants: dequants.map(({ cache, tokenIds, n, workspace, rowOffset }) =>
+        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: onDevice(tokenIds, 'tokenIds'), numTokens: n, out: onDevice(workspace, 'workspace'), outRowOffset: rowOffset }),
+      ),
+      prefill: this.operands(workspacePrefill(job.prefill), outputs),
+    };
+    const made = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
+    const slots = made.slots;
+    const outputSlots = slots.filter((s) => LAYER_OUTPUT_SLOTS.has(s));
+    // the addon reads the outputs last (sparsePrefill's last fields): the inputs come first in its slot order
+    if (slots.slice(slots.length - outputSlots.length).join() !== outputSlots.join()) throw new Error(`layer program slots out of order: ${slots.join(', ')}`);
+    const program: KeptLayerProgram = Object.assign(made, {
+      inputs: slots.slice(0, slots.length - outputSlots.length).map(layerInputOf),
+      outputs: outputSlots.map((s) => LAYER_OUTPUT_SLOTS.get(s)!),
+    });
+    kept.set(key, program);
+    return program;
   }
 
   /**

@@ -489,7 +489,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
         await engine.download({ dtype: 'bf16', shape: [n + off, 512], data: ws }).then((t) => sameBits('after the error', t.data.subarray(off * 512), want.data));
         for (const b of [idsDev, ws, bad, dCache.data]) b.free();
       });
-      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4 (device q, caches, top-k; device out) equals the WASM host path and the float64 reference', async () => {
+      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4, c0, c128, c4 (device q, caches, top-k; a host sink in layers 0-2, a device sink after; device out; layers 3-6 queued by one call) equals the WASM host path and the float64 reference', async () => {
         const sc = chunkScenario(rng, [[700, 300], [129, 129], [1300, 1], [0, 0], [2000, 400], [77, 77]].map(([seqLen, extendLen]) => ({ seqLen: seqLen!, extendLen: extendLen! })));
         const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
         const planDev = createPlan(sc.chunk);
@@ -497,7 +497,8 @@ export async function checkCommand(argv: string[]): Promise<number> {
         const queries = sampleRows(rng, sc.numQueries, 24);
         const attnSink = tensor('float32', [hQ2], Float32Array.from({ length: hQ2 }, () => rng.normal()));
         const verdicts: R.AttentionComparison[] = [];
-        for (const [layer, ratio] of ([0, 4, 128, 4] as const).entries()) {
+        const sinkDev = await engine.upload(attnSink);
+        for (const [layer, ratio] of ([0, 4, 128, 4, 0, 128, 4] as const).entries()) {
           const label = `layer ${layer} (c${ratio})`;
           const swa = await filledCache(wasm, rng, 'v4', { pageSize: sc.swaPageSize, numPages: sc.swaPages });
           const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.c128PageSize, numPages: sc.c128Pages });
@@ -513,10 +514,11 @@ export async function checkCommand(argv: string[]): Promise<number> {
           ]);
           const dev = await prefillLayer(
             engine,
-            { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink, smScale, path: 'sparse' },
+            { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: layer < 3 ? attnSink : sinkDev, smScale, path: 'sparse' },
             { output: 'device' },
           );
           if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
+          if (planDev.deviceStats.deviceQueuedLayers !== Math.max(0, layer - 2)) throw new Error(`${label}: ${planDev.deviceStats.deviceQueuedLayers} layers queued by one call so far, expected ${Math.max(0, layer - 2)}`);
           const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
           const host = await prefillLayer(wasm, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
           if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
@@ -532,14 +534,15 @@ export async function checkCommand(argv: string[]): Promise<number> {
           swad.data.free();
           compd?.data.free();
         }
+        sinkDev.data.free();
         const d = planDev.deviceStats;
         // c0 / c128 rows built on the GPU once each (no host build, no row upload); the compressed
-        // ids (c4, c128) built on the GPU once each, the SWA ids uploaded once, across the four
+        // ids (c4, c128) built on the GPU once each, the SWA ids uploaded once, across the seven
         // layers; c4 combined per layer into one set of row buffers.
-        if (d.deviceUploads !== 1 || d.deviceCompressedIdBuilds !== 2 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 2 || d.deviceWorkspaceAllocations !== 1 || d.deviceC4RowAllocations !== 1) {
-          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 1 id upload (SWA), 2 GPU compressed id builds (c4, c128), 1 GPU c0 build, 1 GPU c128 build, 2 GPU c4 combines, 1 workspace, 1 set of c4 row buffers`);
+        if (d.deviceUploads !== 1 || d.deviceCompressedIdBuilds !== 2 || d.deviceC0Builds !== 1 || d.deviceC128Builds !== 1 || d.deviceC4Combines !== 3 || d.deviceWorkspaceAllocations !== 1 || d.deviceC4RowAllocations !== 1) {
+          throw new Error(`deviceStats ${JSON.stringify(d)}: expected 1 id upload (SWA), 2 GPU compressed id builds (c4, c128), 1 GPU c0 build, 1 GPU c128 build, 3 GPU c4 combines, 1 workspace, 1 set of c4 row buffers`);
         }
-        if (planDev.stats.c4Combines !== 2 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
+        if (planDev.stats.c4Combines !== 3 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);
         }
         return verdicts;

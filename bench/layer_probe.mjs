@@ -7,8 +7,8 @@
 //   wall     from the call until engine.synchronize() resolves (and until the call itself resolves);
 //   queued   the layer behind ~1 ms of device copies, so the host is ahead: its device time
 //            including untimed work, with host latency hidden (wall of blocker + layer − blocker);
-//   trace    the native calls: when JS made each (µs from the call), when it returned, when its
-//            promise settled (medians);
+//   trace    the native calls (a queued layer's one call shows as program.run): when JS made each
+//            (µs from the call), when it returned, when its promise settled (medians);
 //   host costs  what each native call costs the JS thread alone (median of 200 calls);
 // for the layer as the bench runs it (device sink), with a host sink and without a sink, and for
 // its pieces alone (the planner rows, the dropped-total read, the two dequants, the prefill, a

@@ -123,6 +123,9 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
   }
 
   // new DeviceBuffer(bytes, stream): cudaMallocAsync on the stream (usable by every later call on it).
+  // new DeviceBuffer(bytes, stream, base, byteOffset): a view of `bytes` at byteOffset (a multiple of
+  // 256) inside base, a DeviceBuffer of the same stream: no CUDA call; the memory goes back once the
+  // base and every view of it have let go (one allocation for several outputs of one call).
   explicit DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
     Napi::Env env = info.Env();
     if (info.Length() < 1 || !info[0].IsNumber()) ThrowArgument(env, "alloc", "bytes: expected a number");
@@ -131,6 +134,22 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
     auto a = std::make_shared<Allocation>();
     a->bytes = uint64_t(b);
     a->stream = StreamArg(info, 1, "alloc");
+    if (info.Length() > 2) {
+      Args args(info, "alloc");
+      std::shared_ptr<Allocation> base = BufferOf(args, info[2], "base", *a->stream);
+      if (base->stream != a->stream) ThrowArgument(env, "alloc", "base: a buffer of another stream");
+      const double off = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : -1;
+      if (!(off >= 0 && off <= 9007199254740991.0) || off != double(int64_t(off)) || int64_t(off) % 256 != 0)
+        ThrowArgument(env, "alloc", "byteOffset: expected a non-negative multiple of 256");
+      if (uint64_t(off) + a->bytes > base->bytes)
+        ThrowArgument(env, "alloc", "a view of " + std::to_string(a->bytes) + " bytes at " + std::to_string(uint64_t(off)) + " does not fit a buffer of " + std::to_string(base->bytes) + " bytes");
+      a->ptr = a->bytes > 0 ? static_cast<uint8_t*>(base->ptr) + uint64_t(off) : nullptr;
+      a->base = base->base ? base->base : base;
+      alloc_ = std::move(a);
+      device_ = alloc_->stream->device;
+      info.This().As<Napi::Object>().TypeTag(&kDeviceBufferTag);
+      return;
+    }
     cudaError_t err = cudaSetDevice(a->stream->device);
     if (err == cudaSuccess && a->bytes > 0) err = cudaMallocAsync(&a->ptr, a->bytes, a->stream->stream);
     if (err != cudaSuccess) {
@@ -210,7 +229,7 @@ StreamRef StreamArg(const Napi::CallbackInfo& info, size_t i, const char* op) {
 }
 
 Allocation::~Allocation() {
-  if (ptr && cudaSetDevice(stream->device) == cudaSuccess) {
+  if (ptr && !base && cudaSetDevice(stream->device) == cudaSuccess) {
     if (cudaFreeAsync(ptr, stream->stream) != cudaSuccess) cudaGetLastError();  // e.g. at process exit
   }
 }

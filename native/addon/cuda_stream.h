@@ -80,6 +80,9 @@ struct Allocation {
   void* ptr = nullptr;
   uint64_t bytes = 0;
   StreamRef stream;
+  // set for a view (several outputs of one call in one allocation): ptr lies inside base's memory,
+  // which base frees once it and every view of it have let go
+  std::shared_ptr<Allocation> base;
   ~Allocation();
 };
 

@@ -124,8 +124,12 @@ export interface NativeCudaOps extends NativeCudaKernelOps {
   /** one real kernel launch on the stream's device (a known one-token dequant), checked */
   probeLaunch(stream: NativeStream): Promise<void>;
   memInfo(stream: NativeStream): { free: number; total: number; error?: string };
-  /** the DeviceBuffer class: `new (deviceBufferClass())(bytes, stream)` allocates (throws SMLA_CUDA_ERROR) */
-  deviceBufferClass(): new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
+  /**
+   * the DeviceBuffer class: `new (deviceBufferClass())(bytes, stream)` allocates (throws
+   * SMLA_CUDA_ERROR); `new …(bytes, stream, base, byteOffset)` is a view inside base (byteOffset a
+   * multiple of 256; no CUDA call), the memory going back once base and every view have let go
+   */
+  deviceBufferClass(): new (bytes: number, stream: NativeStream, base?: NativeDeviceBuffer, byteOffset?: number) => NativeDeviceBuffer;
   /** the Stream class: `new (streamClass())(device)` (throws SMLA_CUDA_ERROR for a missing device) */
   streamClass(): new (device: number) => NativeStream;
   /**

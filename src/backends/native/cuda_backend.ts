@@ -226,7 +226,7 @@ export class CudaBackend implements Backend, DeviceOps {
   private readonly ops: NativeCudaOps;
   /** this engine's stream on its device: every op and allocation is ordered on it */
   private readonly stream: NativeStream;
-  private readonly BufferClass: new (bytes: number, stream: NativeStream) => NativeDeviceBuffer;
+  private readonly BufferClass: new (bytes: number, stream: NativeStream, base?: NativeDeviceBuffer, byteOffset?: number) => NativeDeviceBuffer;
   #LayerProgramClass?: new (params: LayerProgramParams, stream: NativeStream) => NativeLayerProgram;
   private readonly calls = new AddonCalls('cuda');
   /** Host-side work (quantizeKCache writes a host cache) runs on the native CPU core. */
@@ -332,6 +332,36 @@ export class CudaBackend implements Backend, DeviceOps {
     }
   }
 
+  /**
+   * Device buffers of these sizes in one allocation (one cudaMallocAsync: a call's outputs), each a
+   * view at a 256-byte boundary; the memory goes back once every one of them is freed.
+   */
+  allocTogether(sizes: readonly number[]): CudaDeviceBuffer[] {
+    const offsets: number[] = [];
+    let total = 0;
+    for (const bytes of sizes) {
+      offsets.push(total);
+      total += Math.ceil(bytes / 256) * 256;
+    }
+    const base = this.alloc(total) as CudaDeviceBuffer;
+    try {
+      return sizes.map((bytes, i) => new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream, base.native, offsets[i]), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex }));
+    } catch (e) {
+      throw addonFailure('cuda', 'alloc', e);
+    } finally {
+      base.free(); // the views hold the memory
+    }
+  }
+
+  /** An attention op's outputs for `rows` query-head rows: host arrays, or device buffers in one allocation. */
+  private attentionOutputs(placement: Placement, rows: number, dV: number): { out: Uint16Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer; lse: Float32Array | DeviceBuffer } {
+    if (placement === 'device') {
+      const [out, maxLogits, lse] = this.allocTogether([rows * dV * 2, rows * 4, rows * 4]);
+      return { out: out!, maxLogits: maxLogits!, lse: lse! };
+    }
+    return { out: allocOutput(Uint16Array, rows * dV, 'out'), maxLogits: allocOutput(Float32Array, rows, 'maxLogits'), lse: allocOutput(Float32Array, rows, 'lse') };
+  }
+
   /** An output: a host array, or a device buffer of the same byte size. */
   private output<T extends ArrayBufferView>(placement: Placement, ctor: new (n: number) => T, bytesPer: number, n: number, argument: string): T | DeviceBuffer {
     return placement === 'device' ? this.alloc(n * bytesPer) : allocOutput(ctor, n, argument);
@@ -419,9 +449,7 @@ export class CudaBackend implements Backend, DeviceOps {
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
     const { sQ, hQ, dV } = job;
     this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, sQ * hQ * (dV * 2 + 8));
-    const out = this.output(placement, Uint16Array, 2, sQ * hQ * dV, 'out');
-    const maxLogits = this.output(placement, Float32Array, 4, sQ * hQ, 'maxLogits');
-    const lse = this.output(placement, Float32Array, 4, sQ * hQ, 'lse');
+    const { out, maxLogits, lse } = this.attentionOutputs(placement, sQ * hQ, dV);
     await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands(job, { out, maxLogits, lse }), this.stream));
     return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
   }
@@ -431,9 +459,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const fields = pagedSparseAttentionFields(job);
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
     this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
-    const out = this.output(placement, Uint16Array, 2, n * hQ * 512, 'out');
-    const lse = this.output(placement, Float32Array, 4, n * hQ, 'lse');
-    const maxLogits = this.output(placement, Float32Array, 4, n * hQ, 'maxLogits');
+    const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
     await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
   }
@@ -518,8 +544,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const inputs = program === undefined ? layerInputs(job) : program.inputs.map((take) => take(job));
     if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
     const { numQueries: sQ, hQ } = job.prefill;
-    const alloc = (bytes: number) => this.alloc(bytes) as CudaDeviceBuffer;
-    const out = alloc(sQ * hQ * V4_ROW_DIMS * 2), maxLogits = alloc(sQ * hQ * 4), lse = alloc(sQ * hQ * 4);
+    const [out, maxLogits, lse] = this.allocTogether([sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4]) as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
     await this.launch('queueLayer', [out, maxLogits, lse], () => {
       const p = program ?? this.makeLayerProgram(job, { out, maxLogits, lse }, kept, key);

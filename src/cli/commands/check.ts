@@ -345,7 +345,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
 
     // ---- device tensors (cuda)
     if (engine.hasDevice) {
-      await run('device: upload → prefill (device in, device out) → download equals the host path bit for bit; dequant workspace stays on the device', async () => {
+      await run('device: upload → prefill (device in, device out) → download equals the host path bit for bit, each output whole while another is freed; dequant workspace stays on the device', async () => {
         const cache = await filledCache(wasm, rng, 'v4', { pageSize: 64, numPages: 8 });
         const sQ = 100, hQ2 = 64, topk = 128, n = 400;
         const ids = Int32Array.from({ length: n }, () => rng.int(0, 512));
@@ -362,12 +362,18 @@ export async function checkCommand(argv: string[]): Promise<number> {
         const [qd, idxd, sinkd, lensd] = await Promise.all([engine.upload(q), engine.upload(indices), engine.upload(sink), engine.upload(lens)]);
         const dev = await engine.sparsePrefill({ q: qd, kv: kvDev, indices: idxd, attnSink: sinkd, topkLength: lensd, smScale: 0.05 }, { output: 'device' });
         if (dev.out.data.device !== 'cuda') throw new Error('output not on the device');
+        // the three outputs share one allocation: each stays whole while another is freed, and a
+        // later call gets outputs of its own
         sameBits('out', (await engine.download(dev.out)).data, host.out.data);
-        sameBits('lse', (await engine.download(dev.lse)).data, host.lse.data);
-        sameBits('maxLogits', (await engine.download(dev.maxLogits)).data, host.maxLogits.data);
+        dev.out.data.free();
+        const again = await engine.sparsePrefill({ q: qd, kv: kvDev, indices: idxd, attnSink: sinkd, topkLength: lensd, smScale: 0.05 }, { output: 'device' });
+        sameBits('lse (out freed)', (await engine.download(dev.lse)).data, host.lse.data);
+        sameBits('maxLogits (out freed)', (await engine.download(dev.maxLogits)).data, host.maxLogits.data);
+        sameBits('out of a second call', (await engine.download(again.out)).data, host.out.data);
+        for (const t of [again.out, again.lse, again.maxLogits]) t.data.free();
         const mixed = await engine.sparsePrefill({ q, kv: kvDev, indices, attnSink: sink, topkLength: hostLens, smScale: 0.05 });
         sameBits('mixed host/device inputs, host out', mixed.out.data, host.out.data);
-        for (const t of [qd, idxd, sinkd, lensd, kvDev, dev.out, dev.lse, dev.maxLogits]) t.data.free();
+        for (const t of [qd, idxd, sinkd, lensd, kvDev, dev.lse, dev.maxLogits]) t.data.free();
         dCache.data.free();
         try {
           await engine.download(qd);

@@ -430,45 +430,67 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
     planCompressedTokenIds: (p: Parameters<typeof ops.planCompressedTokenIds>[0]) => ops.planCompressedTokenIds(p),
     sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
     // a layer program: read once (each part with its own op's fields, every array a device buffer),
-    // then run over buffers of the same sizes in its slots' order (noted as its own call, then its parts)
+    // then run over buffers of the same sizes in its slots' order (noted as its own call, then its
+    // parts: the dequants, the combine; finish: the prefill)
     layerProgramClass: () =>
       class {
         readonly slots: string[] = [];
         readonly sizes: number[] = [];
+        #bound: Record<string, StandInBuffer> | null = null;
         constructor(readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> }) {
           expect(Object.keys(params).sort()).toEqual(['dequants', 'planRows', 'prefill']);
-          const parts: [string, Record<string, unknown>, string][] = [
-            ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, string]] : []),
-            ...params.dequants.map((d, i) => [`dequants.${i}`, d, 'dequantizeKvCache'] as [string, Record<string, unknown>, string]),
+          const parts: [string, Record<string, unknown>, CudaOpName][] = [
+            ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, CudaOpName]] : []),
+            ...params.dequants.map((d, i) => [`dequants.${i}`, d, 'dequantizeKvCache'] as [string, Record<string, unknown>, CudaOpName]),
             ['prefill', params.prefill, 'sparsePrefill'],
           ];
           for (const [name, part, op] of parts) {
-            expect(Object.keys(part).sort(), name).toEqual(Object.keys(CUDA_OP_PARAMS[op as CudaOpName]).sort());
+            expect(Object.keys(part).sort(), name).toEqual(Object.keys(CUDA_OP_PARAMS[op]).sort());
             for (const [field, v] of Object.entries(part)) {
               if (v instanceof StandInBuffer) this.slots.push(`${name}.${field}`), this.sizes.push(v.byteLength);
               else if (ArrayBuffer.isView(v) && !['seqLens', 'extendLens'].includes(field)) throw new Error(`${name}.${field}: host memory in a layer program`);
             }
           }
+          expect(this.slots.slice(-3)).toEqual(['prefill.out', 'prefill.maxLogits', 'prefill.lse']);
         }
-        async run(smScale: number, droppedInto: BigInt64Array | null, ...buffers: StandInBuffer[]): Promise<void> {
-          expect(buffers.length).toBe(this.slots.length);
-          const p = structuredClone({ planRows: this.params.planRows === null ? null : { ...this.params.planRows, seqLens: null, extendLens: null }, dequants: this.params.dequants.map((d) => ({ ...d, cache: null, tokenIds: null, out: null })), prefill: {} }) as never as typeof this.params;
-          p.prefill = { ...this.params.prefill };
-          if (p.planRows) Object.assign(p.planRows, { seqLens: this.params.planRows!.seqLens, extendLens: this.params.planRows!.extendLens });
-          this.slots.forEach((slot, k) => {
-            expect(buffers[k]!.byteLength, slot).toBe(this.sizes[k]);
-            const path = slot.split('.');
-            const obj = path[0] === 'dequants' ? p.dequants[Number(path[1])]! : (p[path[0] as 'planRows' | 'prefill'] as Record<string, unknown>);
-            obj[path.at(-1)!] = buffers[k];
+        #bind(from: number, buffers: StandInBuffer[]): void {
+          buffers.forEach((b, k) => {
+            expect(b.byteLength, this.slots[from + k]).toBe(this.sizes[from + k]);
+            this.#bound![this.slots[from + k]!] = b;
           });
-          p.prefill.smScale = smScale;
+        }
+        /** a part's params with this layer's buffers */
+        #part(name: string, part: Record<string, unknown>): Record<string, unknown> {
+          const p = { ...part };
+          for (const [slot, b] of Object.entries(this.#bound!)) if (slot.startsWith(`${name}.`)) p[slot.slice(name.length + 1)] = b;
+          return p;
+        }
+        // stream order: finish's prefill runs after run's launches, as the device would order them
+        #ran: Promise<void> = Promise.resolve();
+        run(droppedInto: BigInt64Array | null, ...inputs: StandInBuffer[]): Promise<void> {
+          expect(inputs.length).toBe(this.slots.length - 3);
+          this.#bound = {};
+          this.#bind(0, inputs);
           calls.push({ op: 'layerProgram.run', hostOperands: [] });
-          if (p.planRows !== null) {
-            await ops.planRows(p.planRows as never);
-            if (droppedInto !== null) droppedInto.set(new BigInt64Array((p.planRows.droppedTotal as StandInBuffer).mem));
-          }
-          for (const d of p.dequants) await ops.dequantizeKvCache(d as never);
-          await ops.sparsePrefill(p.prefill as never);
+          const dequants = this.params.dequants.map((d, i) => this.#part(`dequants.${i}`, d));
+          const rows = this.params.planRows === null ? null : this.#part('planRows', this.params.planRows);
+          return (this.#ran = (async () => {
+            for (const d of dequants) await ops.dequantizeKvCache(d as never);
+            if (rows !== null) {
+              await ops.planRows(rows as never);
+              if (droppedInto !== null) droppedInto.set(new BigInt64Array((rows.droppedTotal as StandInBuffer).mem));
+            }
+          })());
+        }
+        finish(smScale: number, ...outputs: StandInBuffer[]): Promise<void> {
+          expect(this.#bound).not.toBeNull();
+          this.#bind(this.slots.length - 3, outputs);
+          const prefill = { ...this.#part('prefill', this.params.prefill), smScale };
+          this.#bound = null;
+          return this.#ran.then(() => ops.sparsePrefill(prefill as never));
+        }
+        abandon(): void {
+          this.#bound = null;
         }
       },
   };
@@ -553,9 +575,13 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       const first = ratios.indexOf(ratio) === layer;
       const queued = layer >= 4;
       const ops = layerCalls.map((c) => c.op);
-      const build = ratio === 4 ? (queued ? ['planRows'] : ['planRows', 'download']) : first ? ['planRows'] : [];
+      const build = ratio === 4 ? ['planRows', 'download'] : first ? ['planRows'] : [];
       const ids = ratio === 0 ? [] : first ? ['planCompressedTokenIds', 'dequantizeKvCache'] : ['dequantizeKvCache'];
-      expect(ops, label).toEqual([...(queued ? ['layerProgram.run'] : []), ...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill']);
+      // a program queues the dequants first (they need nothing the combine builds), then the combine and its read
+      const wantOps = queued
+        ? ['layerProgram.run', ...(ratio === 0 ? [] : ['dequantizeKvCache']), 'dequantizeKvCache', ...(ratio === 4 ? ['planRows'] : []), 'sparsePrefill']
+        : [...build, ...ids, ...(layer === 0 ? ['upload'] : []), 'dequantizeKvCache', 'sparsePrefill'];
+      expect(ops, label).toEqual(wantOps);
       const hostOperands = (op: string): string[] => (op === 'planCompressedTokenIds' ? ['pageTables'] : op === 'sparsePrefill' && !deviceSink ? ['attnSink'] : []);
       for (const c of layerCalls) if (c.op !== 'download') expect(c.hostOperands, `${label}: ${c.op}`).toEqual(hostOperands(c.op));
       expect(layerCalls.filter((c) => c.op === 'download').map((c) => c.bytes), label).toEqual(ratio === 4 && !queued ? [8] : []);
@@ -644,7 +670,12 @@ describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
     dequantizeKvCache: settled,
     planRows: settled,
     planCompressedTokenIds: settled,
-    layerProgramClass: () => class { readonly slots = []; run = settled; },
+    layerProgramClass: () =>
+      class {
+        readonly slots = ['prefill.out', 'prefill.maxLogits', 'prefill.lse'];
+        run = settled;
+        finish = settled;
+      },
     upload: settled,
     download: settled,
   } as unknown as NativeCudaOps;

@@ -149,16 +149,23 @@ export interface LayerProgramParams {
   prefill: CudaOpParams<'sparsePrefill', NativeDeviceBuffer>;
 }
 
-/** A layer program: the buffers it takes per run, named by the params field each stands for. */
+/**
+ * A layer program: a layer is run(droppedInto, ...inputs) then finish(smScale, out, maxLogits,
+ * lse), so the outputs can be allocated while the first launches already run.
+ */
 export interface NativeLayerProgram {
-  /** "planRows.rows", "dequants.0.cache", "prefill.q", …: run's buffers in this order */
+  /** "planRows.rows", "dequants.0.cache", "prefill.q", …, then "prefill.out", "prefill.maxLogits", "prefill.lse": the buffers of run, then of finish, in this order */
   readonly slots: string[];
   /**
-   * Queues the layer over one buffer per slot (each exactly the size of the one it stands for) with
-   * the prefill's smScale; the combine's dropped total lands in droppedInto (or is not read). Resolves
-   * once queued, or with droppedInto once the total is in.
+   * Queues the dequants, the combine and the read of its dropped total into droppedInto (or none)
+   * over one buffer per input slot (each exactly the size of the one it stands for; all checked
+   * first). Resolves once queued, or with droppedInto once the total is in.
    */
-  run(smScale: number, droppedInto: BigInt64Array | null, ...buffers: NativeDeviceBuffer[]): Promise<void>;
+  run(droppedInto: BigInt64Array | null, ...inputs: NativeDeviceBuffer[]): Promise<void>;
+  /** Queues the prefill over run's inputs into these outputs; rejects with run's failure if run's launches failed. */
+  finish(smScale: number, out: NativeDeviceBuffer, maxLogits: NativeDeviceBuffer, lse: NativeDeviceBuffer): Promise<void>;
+  /** Lets go of run's inputs without a prefill (an error between run and finish). */
+  abandon(): void;
 }
 
 export interface CudaDeviceInfo {

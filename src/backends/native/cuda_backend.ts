@@ -73,10 +73,8 @@ function workspacePrefill(job: WorkspacePrefillJob<DeviceBuffer>): SparsePrefill
   return { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV, topk: job.width, smScale: job.smScale };
 }
 
-type LayerOutput = 'out' | 'maxLogits' | 'lse';
-/** A layer program as the backend keeps it: how to take each input slot's buffer from a job, then which output fills each output slot. */
-type KeptLayerProgram = NativeLayerProgram & { inputs: ((job: QueuedLayerJob<DeviceBuffer>) => unknown)[]; outputs: LayerOutput[] };
-const LAYER_OUTPUT_SLOTS = new Map<string, LayerOutput>([['prefill.out', 'out'], ['prefill.maxLogits', 'maxLogits'], ['prefill.lse', 'lse']]);
+/** A layer program as the backend keeps it: how to take each of run's buffers from a job. */
+type KeptLayerProgram = NativeLayerProgram & { inputs: ((job: QueuedLayerJob<DeviceBuffer>) => unknown)[] };
 
 /** Where a layer program's input slot ("planRows.rows", "dequants.1.cache", "prefill.q") takes its buffer from in a job. */
 function layerInputOf(slot: string): (job: QueuedLayerJob<DeviceBuffer>) => unknown {
@@ -527,31 +525,52 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /**
-   * A workspace layer queued by one addon call (LayerSteps.queueLayer). The first layer of a
+   * A workspace layer queued by two addon calls (LayerSteps.queueLayer). The first layer of a
    * geometry reads the params objects the stepwise ops (planRows, dequantizeKCacheIdsInto,
    * sparsePrefill) take into a layer program, kept per job owner (a plan's resources) and geometry;
    * every layer then runs it over its own buffers, taken straight from the job in the program's slot
-   * order (nothing read by name on the native side). The prefill's outputs are allocated here on the
-   * device (freed if the call fails). The combine's dropped total, when there is one, is read right
-   * behind it and the call resolves once it is in. Undefined, before any work, when a buffer is not
-   * this engine's own (another engine's stream needs the stepwise ops, which order the two).
+   * order (nothing read by name on the native side): run queues the dequants and the combine, the
+   * prefill's outputs are allocated (one allocation) while they already execute, finish queues the
+   * prefill; the outputs are freed if anything fails. The combine's dropped total, when there is
+   * one, is read right behind it and the call resolves once it is in. Undefined, before any work,
+   * when a buffer is not this engine's own (another engine's stream needs the stepwise ops, which
+   * order the two).
    */
   async queueLayer(job: QueuedLayerJob<DeviceBuffer>): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
     const key = layerProgramKey(job);
     let kept = this.programs.get(job.owner);
     if (kept === undefined) this.programs.set(job.owner, (kept = new Map()));
-    const program = kept.get(key);
+    let program = kept.get(key);
     const inputs = program === undefined ? layerInputs(job) : program.inputs.map((take) => take(job));
     if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
-    const { numQueries: sQ, hQ } = job.prefill;
-    const [out, maxLogits, lse] = this.allocTogether([sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4]) as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
+    const { numQueries: sQ, hQ, smScale } = job.prefill;
+    const outputBytes = [sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4];
     const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
-    await this.launch('queueLayer', [out, maxLogits, lse], () => {
-      const p = program ?? this.makeLayerProgram(job, { out, maxLogits, lse }, kept, key);
-      const buffers = p.inputs.map((take) => (take(job) as CudaDeviceBuffer).native);
-      buffers.push(...p.outputs.map((k) => ({ out, maxLogits, lse })[k].native));
-      return p.run(job.prefill.smScale, droppedInto, ...buffers);
-    });
+    let outputs: CudaDeviceBuffer[] | undefined;
+    try {
+      await this.calls.run('queueLayer', () => {
+        if (program === undefined) {
+          outputs = this.allocTogether(outputBytes);
+          program = this.makeLayerProgram(job, outputs, kept, key);
+        }
+        const p = program;
+        // the first launches are queued before the outputs are allocated (when they were not already)
+        const head = p.run(droppedInto, ...p.inputs.map((take) => (take(job) as CudaDeviceBuffer).native));
+        try {
+          outputs ??= this.allocTogether(outputBytes);
+        } catch (e) {
+          p.abandon();
+          head.catch(() => undefined);
+          throw e;
+        }
+        const tail = p.finish(smScale, outputs[0]!.native, outputs[1]!.native, outputs[2]!.native);
+        return Promise.all([head, tail]).then(() => undefined);
+      });
+    } catch (e) {
+      for (const b of outputs ?? []) b.free();
+      throw e;
+    }
+    const [out, maxLogits, lse] = outputs! as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     return { out, lse, maxLogits, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
   }
 
@@ -559,8 +578,9 @@ export class CudaBackend implements Backend, DeviceOps {
   private readonly programs = new WeakMap<object, Map<string, KeptLayerProgram>>();
 
   /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
-  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: Record<LayerOutput, CudaDeviceBuffer>, kept: Map<string, KeptLayerProgram>, key: string): KeptLayerProgram {
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: Map<string, KeptLayerProgram>, key: string): KeptLayerProgram {
     const { planRows: rows, dequants } = job;
+    const [out, maxLogits, lse] = outputs as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     const params: LayerProgramParams = {
       planRows:
         rows === null
@@ -573,17 +593,13 @@ export class CudaBackend implements Backend, DeviceOps {
       dequants: dequants.map(({ cache, tokenIds, n, workspace, rowOffset }) =>
         this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: onDevice(tokenIds, 'tokenIds'), numTokens: n, out: onDevice(workspace, 'workspace'), outRowOffset: rowOffset }),
       ),
-      prefill: this.operands(workspacePrefill(job.prefill), outputs),
+      prefill: this.operands(workspacePrefill(job.prefill), { out, maxLogits, lse }),
     };
     const made = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
     const slots = made.slots;
-    const outputSlots = slots.filter((s) => LAYER_OUTPUT_SLOTS.has(s));
-    // the addon reads the outputs last (sparsePrefill's last fields): the inputs come first in its slot order
-    if (slots.slice(slots.length - outputSlots.length).join() !== outputSlots.join()) throw new Error(`layer program slots out of order: ${slots.join(', ')}`);
-    const program: KeptLayerProgram = Object.assign(made, {
-      inputs: slots.slice(0, slots.length - outputSlots.length).map(layerInputOf),
-      outputs: outputSlots.map((s) => LAYER_OUTPUT_SLOTS.get(s)!),
-    });
+    // run's buffers, then finish's: the prefill's outputs, last in the addon's slot order
+    if (slots.slice(-3).join() !== 'prefill.out,prefill.maxLogits,prefill.lse') throw new Error(`layer program slots out of order: ${slots.join(', ')}`);
+    const program: KeptLayerProgram = Object.assign(made, { inputs: slots.slice(0, -3).map(layerInputOf) });
     kept.set(key, program);
     return program;
   }

@@ -541,6 +541,8 @@ export class CudaBackend implements Backend, DeviceOps {
     let kept = this.programs.get(job.owner);
     if (kept === undefined) this.programs.set(job.owner, (kept = new Map()));
     let program = kept.get(key);
+    // a kept program's buffers in its slot order; a new program's, to check them before it is made
+    const inSlotOrder = program !== undefined;
     const inputs = program === undefined ? layerInputs(job) : program.inputs.map((take) => take(job));
     if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
     const { numQueries: sQ, hQ, smScale } = job.prefill;
@@ -555,7 +557,7 @@ export class CudaBackend implements Backend, DeviceOps {
         }
         const p = program;
         // the first launches are queued before the outputs are allocated (when they were not already)
-        const head = p.run(droppedInto, ...p.inputs.map((take) => (take(job) as CudaDeviceBuffer).native));
+        const head = p.run(droppedInto, ...(inSlotOrder ? inputs : p.inputs.map((take) => take(job))).map((b) => (b as CudaDeviceBuffer).native));
         try {
           outputs ??= this.allocTogether(outputBytes);
         } catch (e) {

@@ -576,6 +576,11 @@ export class CudaBackend implements Backend, DeviceOps {
     return { out, lse, maxLogits, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
   }
 
+  /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */
+  layerProgramsOf(owner: object): NativeLayerProgram[] {
+    return [...(this.programs.get(owner)?.values() ?? [])];
+  }
+
   /** Layer programs by their owner (a plan's resources on this engine) and geometry (layerProgramKey). */
   private readonly programs = new WeakMap<object, Map<string, KeptLayerProgram>>();
 

@@ -8,10 +8,10 @@
 import { randomInt } from 'node:crypto';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
-import { engineBackend } from '../../engine.js';
+import { engineBackend, SparseMlaEngine } from '../../engine.js';
 import { tensor } from '../../tensor.js';
 import { loadHostPlanner } from '../../backends/wasm/planner.js';
-import { CudaBackend } from '../../backends/native/cuda_backend.js';
+import { CudaBackend, type CudaDeviceBuffer } from '../../backends/native/cuda_backend.js';
 import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
 import { combinedWidth, createPlan, prefillLayer, requestVisible } from '../../planner/index.js';
@@ -115,6 +115,36 @@ function cudaBackendOf(engine: Engine): CudaBackend {
   const be = engineBackend(engine, CudaBackend);
   if (!be) throw new Error(`the ${engine.backend} backend has no device steps to check`);
   return be;
+}
+
+/**
+ * The addon's LayerProgram (kept by the cuda backend for a plan that has queued a layer) against
+ * arguments the TS side never passes: too few buffers, a buffer of another size, a freed one, a
+ * finish without a run. Each throws SMLA_ADDON_ARGUMENT before any launch.
+ */
+function layerProgramRefusals(engine: Engine, plan: ReturnType<typeof createPlan>): void {
+  const be = cudaBackendOf(engine);
+  const programs = be.layerProgramsOf(plan.resources((engine as SparseMlaEngine).layerSteps()));
+  if (programs.length === 0) throw new Error('no layer program kept for the plan');
+  const program = programs[0]!;
+  const inputs = program.slots.length - 3;
+  const tiny = be.alloc(16) as CudaDeviceBuffer;
+  const freed = be.alloc(16) as CudaDeviceBuffer;
+  freed.free();
+  const refused = (what: string, call: () => unknown): void => {
+    try {
+      call();
+    } catch (e) {
+      if ((e as { code?: string }).code === 'SMLA_ADDON_ARGUMENT') return;
+      throw new Error(`layer program, ${what}: expected SMLA_ADDON_ARGUMENT, got ${(e as Error).message}`);
+    }
+    throw new Error(`layer program, ${what}: not refused`);
+  };
+  refused('too few buffers', () => program.run(null, tiny.native));
+  refused('a buffer of another size', () => program.run(null, ...Array.from({ length: inputs }, () => tiny.native)));
+  refused('a freed buffer', () => program.run(null, ...Array.from({ length: inputs }, () => freed.native)));
+  refused('finish without a run', () => program.finish(0.1, tiny.native, tiny.native, tiny.native));
+  tiny.free();
 }
 
 function expectEmptyRows(r: AttentionResult, label: string): void {
@@ -495,7 +525,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
         await engine.download({ dtype: 'bf16', shape: [n + off, 512], data: ws }).then((t) => sameBits('after the error', t.data.subarray(off * 512), want.data));
         for (const b of [idsDev, ws, bad, dCache.data]) b.free();
       });
-      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4, c0, c128, c4 (device q, caches, top-k; a host sink in layers 0-2, a device sink after; device out; layers 3-6 queued by one call) equals the WASM host path and the float64 reference', async () => {
+      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4, c0, c128, c4 (device q, caches, top-k; a host sink in layers 0-2, a device sink after; device out; layers 3-6 queued by a layer program, which refuses bad buffers before any launch) equals the WASM host path and the float64 reference', async () => {
         const sc = chunkScenario(rng, [[700, 300], [129, 129], [1300, 1], [0, 0], [2000, 400], [77, 77]].map(([seqLen, extendLen]) => ({ seqLen: seqLen!, extendLen: extendLen! })));
         const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
         const planDev = createPlan(sc.chunk);
@@ -525,6 +555,9 @@ export async function checkCommand(argv: string[]): Promise<number> {
           );
           if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
           if (planDev.deviceStats.deviceQueuedLayers !== Math.max(0, layer - 2)) throw new Error(`${label}: ${planDev.deviceStats.deviceQueuedLayers} layers queued by one call so far, expected ${Math.max(0, layer - 2)}`);
+          // the addon's layer program refuses, before any launch, what the TS side never passes; the
+          // layers after this one show the engine and the program still work
+          if (layer === 3) layerProgramRefusals(engine, planDev);
           const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
           const host = await prefillLayer(wasm, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
           if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);

@@ -189,14 +189,7 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
       { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
       output,
     );
-    return {
-      ...route,
-      out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
-      lse: placedTensor('float32', [nq, hQ], r.lse),
-      maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
-      workspaceBytes: layout.bytes,
-      dropped: await dropped,
-    };
+    return workspaceResult(call, r, await dropped);
   } catch (e) {
     await dropped.catch(() => undefined);
     throw e;
@@ -206,11 +199,25 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
   }
 }
 
+/** A workspace layer's result: its outputs as tensors of the layer's shape, where they were made. */
+function workspaceResult({ plan, ratio, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, dropped: number): PrefillLayerResult<Placement> {
+  const nq = plan.numQueries;
+  return {
+    ...route,
+    out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
+    lse: placedTensor('float32', [nq, hQ], r.lse),
+    maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
+    workspaceBytes: plan.layout(ratio).bytes,
+    dropped,
+  };
+}
+
 /**
- * The workspace path as one queued host call (LayerSteps.queueLayer: device steps, every operand
- * and output on the device) once the plan keeps what the layer reads: its dense rows (or, for c4,
- * rows an earlier c4 layer gave back to combine into) and its gather ids. Undefined when it does not
- * (a plan's first layers, host operands): the steps above then run one by one and keep them.
+ * The workspace path queued whole by the steps (LayerSteps.queueLayer: the cuda engine's layer
+ * program, every operand and output on the device) once the plan keeps what the layer reads: its
+ * dense rows (or, for c4, rows an earlier c4 layer gave back to combine into) and its gather ids.
+ * Undefined when it does not (a plan's first layers, host operands, another engine's buffers): the
+ * steps above then run one by one and keep them.
  */
 async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement> | undefined> {
   const { plan, ratio, q, hQ, attnSink, smScale, caches, topk, route } = call;
@@ -246,14 +253,7 @@ async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerR
     });
     if (r === undefined) return undefined;
     res.countQueuedLayer(c4 === undefined ? null : r.dropped);
-    return {
-      ...route,
-      out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
-      lse: placedTensor('float32', [nq, hQ], r.lse),
-      maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
-      workspaceBytes: layout.bytes,
-      dropped: r.dropped,
-    };
+    return workspaceResult(call, r, r.dropped);
   } finally {
     res.giveBackWorkspace(ws);
     if (c4 !== undefined) res.giveBackC4Rows(c4.rows);

@@ -104,8 +104,8 @@ describe('the cuda ops: launchers taking the C ABI structs', () => {
 });
 
 describe("the addon's binding files read the tables' fields", () => {
-  // the binding files, and the cuda op table (whose dequant reader is shared with queueLayer)
-  const files = ['native/addon/sparse_prefill.h', 'native/addon/paged_sparse_attention.h', 'native/addon/kv_cache.h', 'native/addon/planner.h', 'native/addon/cuda_ops.cpp'].map(source);
+  // the binding files, and the cuda ops' shared dequant reader (cuda_ops.h, read by the layer program too)
+  const files = ['native/addon/sparse_prefill.h', 'native/addon/paged_sparse_attention.h', 'native/addon/kv_cache.h', 'native/addon/planner.h', 'native/addon/cuda_ops.h'].map(source);
 
   /** The body of the function `name` (its definition's braces) in `text`, or undefined. */
   function body(text: string, name: string): string | undefined {

@@ -133,7 +133,7 @@ export interface NativeCudaOps extends NativeCudaKernelOps {
   /** the Stream class: `new (streamClass())(device)` (throws SMLA_CUDA_ERROR for a missing device) */
   streamClass(): new (device: number) => NativeStream;
   /**
-   * The LayerProgram class (cuda_ops.cpp): `new (layerProgramClass())(params, stream)` reads a
+   * The LayerProgram class (native/addon/layer_program.cpp): `new (layerProgramClass())(params, stream)` reads a
    * workspace layer's launches once (the ops' params objects, every array a device buffer of the
    * stream; throws SMLA_ADDON_ARGUMENT like the ops).
    */

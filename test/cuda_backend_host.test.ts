@@ -153,6 +153,53 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     await cuda.dispose();
   });
 
+  test('queueLayer: a layer program the addon refuses, or whose run fails, is a typed BACKEND_FAILURE that frees the outputs it allocated', async () => {
+    const made: { freed: boolean }[] = [];
+    class TrackedBuffer {
+      readonly device: number;
+      freed = false;
+      constructor(readonly byteLength: number, stream: { device: number }) {
+        this.device = stream.device;
+        made.push(this);
+      }
+      free(): void {
+        this.freed = true;
+      }
+    }
+    const failure = Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' });
+    const programs = {
+      refusing: class {
+        constructor() {
+          throw failure;
+        }
+      },
+      failing: class {
+        readonly slots = ['dequants.0.cache', 'dequants.0.tokenIds', 'dequants.0.out', 'prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength', 'prefill.out', 'prefill.maxLogits', 'prefill.lse'];
+        run = () => Promise.reject(Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' }));
+        finish = () => Promise.reject(Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' }));
+        abandon = () => undefined;
+      },
+    };
+    for (const [name, Program] of Object.entries(programs)) {
+      const cuda = new CudaBackend(addon, fakeOps({ deviceBufferClass: () => TrackedBuffer, layerProgramClass: () => Program }), 1);
+      const ws = cuda.alloc(4 * 1024);
+      const job = {
+        owner: {},
+        planRows: null,
+        dequants: [{ cache: { format: 'v4' as const, pageSize: 64, numPages: 1, numTokens: 64, bytes: v4PageBytes(64), data: cuda.alloc(v4PageBytes(64)) }, tokenIds: cuda.alloc(16), n: 2, workspace: ws, rowOffset: 0 }],
+        prefill: { q: cuda.alloc(2 * 4 * 1024), workspace: ws, rows: 2, indices: cuda.alloc(2 * 8 * 4), lengths: cuda.alloc(2 * 4), attnSink: null, numQueries: 2, hQ: 4, width: 8, smScale: 0.1 },
+      };
+      const before = made.length;
+      const err = await cuda.queueLayer(job).catch((e: unknown) => e);
+      expect(err, name).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code, name).toBe('BACKEND_FAILURE');
+      const outputs = made.slice(before);
+      expect(outputs.length, name).toBe(4); // the base and its three views
+      expect(outputs.every((b) => b.freed), name).toBe(true);
+      await cuda.dispose();
+    }
+  });
+
   test('a CUDA op failure (thrown or rejected) is a typed BACKEND_FAILURE naming the op', async () => {
     const failure = Object.assign(new Error('boom'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorIllegalAddress: an illegal memory access' });
     for (const sparsePrefill of [() => { throw failure; }, () => Promise.reject(failure)]) {
@@ -592,6 +639,37 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     expect(planDev.deviceStats).toEqual({ deviceUploads: 1, deviceCompressedIdBuilds: 2, deviceC0Builds: 1, deviceC128Builds: 1, deviceC4Combines: 4, deviceWorkspaceAllocations: 1, deviceC4RowAllocations: 1, deviceQueuedLayers: 4 });
     expect(planDev.stats).toEqual({ ...planHost.stats, c0Builds: 0, c128Builds: 0, workspaceAllocations: 0 });
     expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 4, workspaceAllocations: 1 });
+  }, 20_000);
+
+  test("a layer whose q is another engine's buffer (same device) takes the stepwise ops, not the layer program, and still equals the cpu backend bit for bit", async () => {
+    const other = new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, calls, held), 2));
+    const seqLens = [rng.int(100, 300), rng.int(20, 60)];
+    const sc = randomScenario(rng, seqLens, [rng.int(5, 30), seqLens[1]!]);
+    const planDev = createPlan(sc.chunk);
+    const planHost = createPlan(sc.chunk);
+    const hQ = 4, smScale = 1 / Math.sqrt(512);
+    const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+    const sinkd = await cuda.upload(attnSink);
+    for (const [layer, from] of [[0, cuda], [1, cuda], [2, other]] as const) {
+      const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
+      const want = await prefillLayer(cpu, { plan: planHost, compressRatio: 0, q, caches: { swa }, attnSink, smScale, path: 'sparse' });
+      const [qd, swad] = await Promise.all([from.upload(q), cuda.uploadKvCache(swa)]);
+      calls.length = 0;
+      const got = await prefillLayer(cuda, { plan: planDev, compressRatio: 0, q: qd, caches: { swa: swad }, attnSink: sinkd, smScale, path: 'sparse' }, { output: 'device' });
+      const ops = calls.splice(0).map((c) => c.op);
+      // layer 0 builds the rows and ids; layer 1 is queued; layer 2's q belongs to the other engine
+      expect(ops.includes('layerProgram.run'), `layer ${layer}`).toBe(layer === 1);
+      expect(planDev.deviceStats.deviceQueuedLayers, `layer ${layer}`).toBe(layer === 0 ? 0 : 1);
+      for (const [name, t, w] of [['out', got.out, want.out], ['lse', got.lse, want.lse], ['maxLogits', got.maxLogits, want.maxLogits]] as const) {
+        const host = (await cuda.download(t)).data;
+        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `layer ${layer} ${name}`).toBe(0);
+      }
+      for (const t of [qd, got.out, got.lse, got.maxLogits]) t.data.free();
+      swad.data.free();
+    }
+    sinkd.data.free();
+    await other.dispose();
   }, 20_000);
 
   test('c4 layers in flight at once on one plan build into row buffers of their own, equal the cpu backend bit for bit, and a later c4 layer reuses a kept set', async () => {

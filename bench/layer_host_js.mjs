@@ -5,7 +5,8 @@
 // operand marshalling — and none of the addon's or the driver's time (those need a GPU:
 // bench/layer_probe.mjs). Shapes as the layer section of `sparse-mla bench --backend cuda`: one
 // fresh request, hQ 64, top-k 512. Prints medians of REPEAT layers after WARMUP:
-//   first op   µs from the call to the layer's first op call (planRows)
+//   first op   µs from the call to the layer's first op call (planRows; from the second layer of a
+//              plan on, the layer program's run)
 //   resolved   µs from the call until its promise resolved
 //   ops        the op calls a layer made
 //   node bench/layer_host_js.mjs            (LAYER_N=4096,32768  REPEAT=2000  IDLE_MS=1  LAYER_DIST=/abs/dist)
@@ -49,9 +50,25 @@ const settled = () => {
   if (opCalls++ === 0) firstOpAt = performance.now();
   return Promise.resolve();
 };
+/** The addon's layer program without a device: its slots as the addon names them, runs that settle at once. */
+class StubProgram {
+  constructor(params) {
+    this.slots = [];
+    const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
+    for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
+  }
+  run() {
+    return settled();
+  }
+  finish() {
+    return settled();
+  }
+  abandon() {}
+}
 const ops = {
   streamClass: () => StubStream,
   deviceBufferClass: () => StubBuffer,
+  layerProgramClass: () => StubProgram,
   sparsePrefill: settled,
   pagedSparseAttention: settled,
   dequantizeKvCache: settled,

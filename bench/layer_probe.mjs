@@ -157,7 +157,7 @@ async function trace(name, fn) {
     };
   });
   // the plan's layer programs' run (a queued layer's one native call), traced like the ops
-  const programs = [...(be.programs.get(currentPlan.resources(engine.layerSteps()))?.values() ?? [])];
+  const programs = be.layerProgramsOf(currentPlan.resources(engine.layerSteps()));
   for (const program of programs) {
     const run = program.run;
     Object.defineProperty(program, 'run', {

@@ -748,9 +748,14 @@ describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
     dequantizeKvCache: settled,
     planRows: settled,
     planCompressedTokenIds: settled,
+    // the addon's slot names: each params part's device buffers, in field order
     layerProgramClass: () =>
       class {
-        readonly slots = ['prefill.out', 'prefill.maxLogits', 'prefill.lse'];
+        readonly slots: string[] = [];
+        constructor(params: { planRows: object | null; dequants: object[]; prefill: object }) {
+          const parts: [string, object][] = [...(params.planRows ? [['planRows', params.planRows] as [string, object]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d] as [string, object]), ['prefill', params.prefill]];
+          for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof CountedBuffer) this.slots.push(`${name}.${field}`);
+        }
         run = settled;
         finish = settled;
       },

@@ -288,16 +288,13 @@ export class LayerResources<B = never> {
     const into = this.#takeC4Rows(topk.width);
     let r;
     try {
-      r = await steps.planRows({ seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, ...(into ? { into } : {}) });
+      r = await steps.planRows({ ...this.#c4Job(topk), ...(into ? { into } : {}) });
     } catch (e) {
       if (into) this.#releaseC4Rows(into);
       throw e;
     }
-    p.stats.c4Combines++;
-    if (this.memory === 'device') {
-      p.deviceStats.deviceC4Combines++;
-      if (!into) p.deviceStats.deviceC4RowAllocations++;
-    }
+    this.#countC4Combine();
+    if (this.memory === 'device' && !into) p.deviceStats.deviceC4RowAllocations++;
     const dropped = r.droppedTotal === null ? Promise.resolve(0) : this.#countDropped(steps, r.droppedTotal);
     return { width: topk.width, rows: r.rows, lens: r.lens, droppedTotal: r.droppedTotal, dropped };
   }
@@ -311,18 +308,28 @@ export class LayerResources<B = never> {
   queuedC4(topk: CheckedTopk<B>): { rows: C4LayerRows<B>; job: PlanRowsJob<B> & { into: PlannedRows<B> } } | undefined {
     const into = this.#takeC4Rows(topk.width);
     if (into === undefined) return undefined;
-    const p = this.#plan;
-    return { rows: into, job: { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into } };
+    return { rows: into, job: { ...this.#c4Job(topk), into } };
   }
 
-  /** Counts a layer queued by one host call, and its c4 combine (queuedC4) with its dropped total as combineC4 counts its own. */
+  /** Counts a layer the steps queued whole, and its c4 combine (queuedC4) with its dropped total as combineC4 counts its own. */
   countQueuedLayer(c4Dropped: number | null): void {
     const p = this.#plan;
     p.deviceStats.deviceQueuedLayers++;
     if (c4Dropped === null) return;
-    p.stats.c4Combines++;
+    this.#countC4Combine();
     p.stats.c4Dropped += c4Dropped;
-    p.deviceStats.deviceC4Combines++;
+  }
+
+  /** A c4 combine's planner job over this plan's requests. */
+  #c4Job(topk: CheckedTopk<B>): PlanRowsJob<B> {
+    const p = this.#plan;
+    return { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width };
+  }
+
+  #countC4Combine(): void {
+    const p = this.#plan;
+    p.stats.c4Combines++;
+    if (this.memory === 'device') p.deviceStats.deviceC4Combines++;
   }
 
   /**

@@ -18,8 +18,8 @@
  * layer is queued, and the call resolves once it is in (device outputs are then queued, not
  * necessarily finished: a download or engine.synchronize() waits for them). Once the plan keeps
  * what a layer reads (its rows, or c4 rows to combine into, and its ids) and every operand is on
- * the device, device steps queue the whole layer by one host call (LayerSteps.queueLayer), which
- * takes most of the host time out of a short layer. Every id was checked against the caches by the
+ * the device, device steps queue the whole layer at once (LayerSteps.queueLayer: the cuda engine's
+ * layer program, two addon calls), which takes most of the host time out of a short layer. Every id was checked against the caches by the
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
@@ -27,7 +27,7 @@ import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, chec
 import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, LayerSteps } from '../backends/backend.js';
+import type { CacheView, LayerSteps, WorkspaceDequantizeJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions } from './types.js';
@@ -176,15 +176,10 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
   let ws: Uint16Array | DeviceBuffer | undefined;
   try {
     ws = res.takeWorkspace(steps);
-    if (layout.compressedRows > 0) {
-      // kept ids are taken as they are: an await of them would only add event-loop turns before the launch
-      const tokenIds = res.keptCompressedIds(ratio as 4 | 128) ?? (await res.compressedIds(steps, ratio as 4 | 128));
-      await steps.dequantizeKCacheInto({ cache: caches.compressed!, tokenIds, n: layout.compressedRows, workspace: ws, rowOffset: 0 });
-    }
-    if (layout.swaRows > 0) {
-      const tokenIds = res.keptSwaIds() ?? (await res.swaIds(steps));
-      await steps.dequantizeKCacheInto({ cache: caches.swa, tokenIds, n: layout.swaRows, workspace: ws, rowOffset: layout.compressedRows });
-    }
+    // kept ids are taken as they are: an await of them would only add event-loop turns before the launch
+    const compressedIds = layout.compressedRows > 0 ? (res.keptCompressedIds(ratio as 4 | 128) ?? (await res.compressedIds(steps, ratio as 4 | 128))) : null;
+    const swaIds = layout.swaRows > 0 ? (res.keptSwaIds() ?? (await res.swaIds(steps))) : null;
+    for (const job of dequantJobs(call, ws, compressedIds, swaIds)) await steps.dequantizeKCacheInto(job);
     const r = await steps.prefill(
       { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
       output,
@@ -197,6 +192,15 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
     if (ws !== undefined) res.giveBackWorkspace(ws);
     if (c4) res.giveBackC4Rows(c4);
   }
+}
+
+/** A layer's dequants into its workspace: the compressed rows first, then the SWA rows (null ids: none of that kind). */
+function dequantJobs<B>({ plan, ratio, caches }: LayerCall, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, swaIds: BigInt64Array | B | null): WorkspaceDequantizeJob<B>[] {
+  const layout = plan.layout(ratio);
+  const jobs: WorkspaceDequantizeJob<B>[] = [];
+  if (compressedIds !== null) jobs.push({ cache: caches.compressed! as CacheView<B>, tokenIds: compressedIds, n: layout.compressedRows, workspace, rowOffset: 0 });
+  if (swaIds !== null) jobs.push({ cache: caches.swa as CacheView<B>, tokenIds: swaIds, n: layout.swaRows, workspace, rowOffset: layout.compressedRows });
+  return jobs;
 }
 
 /** A workspace layer's result: its outputs as tensors of the layer's shape, where they were made. */
@@ -241,14 +245,11 @@ async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerR
   }
   const ws = res.takeWorkspace(steps);
   try {
-    const dequants = [];
-    if (compressedIds !== null) dequants.push({ cache: caches.compressed!, tokenIds: compressedIds, n: layout.compressedRows, workspace: ws, rowOffset: 0 });
-    if (swaIds !== null) dequants.push({ cache: caches.swa, tokenIds: swaIds, n: layout.swaRows, workspace: ws, rowOffset: layout.compressedRows });
     const nq = plan.numQueries;
     const r = await steps.queueLayer!({
       owner: res,
       planRows: c4 === undefined ? null : c4.job,
-      dequants,
+      dequants: dequantJobs(call, ws, compressedIds, swaIds),
       prefill: { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
     });
     if (r === undefined) return undefined;

@@ -159,8 +159,8 @@ export interface PlanDeviceStats {
   /** c4 row buffers (rows, lengths, dropped total) allocated on the GPU: one set per plan, engine and row width, built into by every c4 layer */
   deviceC4RowAllocations: number;
   /**
-   * workspace layers queued by one host call (combine, dequants and prefill together), as every
-   * layer is once the plan keeps its rows and ids and its q, sink, caches and outputs are on the device
+   * workspace layers queued whole by a layer program (dequants, combine and prefill together), as
+   * every layer is once the plan keeps its rows and ids and its q, sink, caches and outputs are on the device
    */
   deviceQueuedLayers: number;
 }

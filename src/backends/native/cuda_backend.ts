@@ -73,36 +73,35 @@ function workspacePrefill(job: WorkspacePrefillJob<DeviceBuffer>): SparsePrefill
   return { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV, topk: job.width, smScale: job.smScale };
 }
 
-/** A layer program as the backend keeps it: how to take each of run's buffers from a job. */
-type KeptLayerProgram = NativeLayerProgram & { inputs: ((job: QueuedLayerJob<DeviceBuffer>) => unknown)[] };
-
-/** Where a layer program's input slot ("planRows.rows", "dequants.1.cache", "prefill.q") takes its buffer from in a job. */
-function layerInputOf(slot: string): (job: QueuedLayerJob<DeviceBuffer>) => unknown {
-  const [part, a, b] = slot.split('.');
-  if (part === 'dequants') {
-    const i = Number(a), field = b as 'cache' | 'tokenIds' | 'out';
-    if (field === 'cache') return (job) => job.dequants[i]!.cache.data;
-    if (field === 'tokenIds') return (job) => job.dequants[i]!.tokenIds;
-    if (field === 'out') return (job) => job.dequants[i]!.workspace;
-  } else if (part === 'planRows') {
-    if (a === 'topkIndices') return (job) => job.planRows!.topkIndices;
-    if (a === 'rows' || a === 'lens' || a === 'droppedTotal') return (job) => job.planRows!.into[a];
-  } else if (part === 'prefill') {
-    const from = { q: 'q', kv: 'workspace', indices: 'indices', topkLength: 'lengths', attnSink: 'attnSink' } as const;
-    const field = from[a as keyof typeof from];
-    if (field !== undefined) return (job) => job.prefill[field];
-  }
-  throw new Error(`layer program slot ${slot}: not a layer input`);
-}
-
-/** Every buffer a job hands a new layer program (its ownership is checked before the program is made). */
-function layerInputs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
+/**
+ * The buffers of a layer program's run, in the addon's slot order (the order its readers read the
+ * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot);
+ * `names`, when given, gets each slot's name, which a new program's `slots` must equal.
+ */
+function layerInputs(job: QueuedLayerJob<DeviceBuffer>, names?: string[]): unknown[] {
+  const buffers: unknown[] = [];
+  const add = (name: string, b: unknown): void => {
+    buffers.push(b);
+    names?.push(name);
+  };
   const { planRows: r, dequants, prefill: p } = job;
-  return [
-    ...(r === null ? [] : [r.topkIndices, r.into.rows, r.into.lens, r.into.droppedTotal]),
-    ...dequants.flatMap((d) => [d.cache.data, d.tokenIds, d.workspace]),
-    p.q, p.workspace, p.indices, p.lengths, ...(p.attnSink === null ? [] : [p.attnSink]),
-  ];
+  if (r !== null) {
+    add('planRows.topkIndices', r.topkIndices);
+    add('planRows.rows', r.into.rows);
+    add('planRows.lens', r.into.lens);
+    add('planRows.droppedTotal', r.into.droppedTotal);
+  }
+  dequants.forEach((d, i) => {
+    add(`dequants.${i}.cache`, d.cache.data);
+    add(`dequants.${i}.tokenIds`, d.tokenIds);
+    add(`dequants.${i}.out`, d.workspace);
+  });
+  add('prefill.q', p.q);
+  add('prefill.kv', p.workspace);
+  add('prefill.indices', p.indices);
+  add('prefill.topkLength', p.lengths);
+  if (p.attnSink !== null) add('prefill.attnSink', p.attnSink);
+  return buffers;
 }
 
 /**
@@ -541,9 +540,7 @@ export class CudaBackend implements Backend, DeviceOps {
     let kept = this.programs.get(job.owner);
     if (kept === undefined) this.programs.set(job.owner, (kept = new Map()));
     let program = kept.get(key);
-    // a kept program's buffers in its slot order; a new program's, to check them before it is made
-    const inSlotOrder = program !== undefined;
-    const inputs = program === undefined ? layerInputs(job) : program.inputs.map((take) => take(job));
+    const inputs = layerInputs(job);
     if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
     const { numQueries: sQ, hQ, smScale } = job.prefill;
     const outputBytes = [sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4];
@@ -557,7 +554,7 @@ export class CudaBackend implements Backend, DeviceOps {
         }
         const p = program;
         // the first launches are queued before the outputs are allocated (when they were not already)
-        const head = p.run(droppedInto, ...(inSlotOrder ? inputs : p.inputs.map((take) => take(job))).map((b) => (b as CudaDeviceBuffer).native));
+        const head = p.run(droppedInto, ...inputs.map((b) => (b as CudaDeviceBuffer).native));
         try {
           outputs ??= this.allocTogether(outputBytes);
         } catch (e) {
@@ -582,10 +579,10 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /** Layer programs by their owner (a plan's resources on this engine) and geometry (layerProgramKey). */
-  private readonly programs = new WeakMap<object, Map<string, KeptLayerProgram>>();
+  private readonly programs = new WeakMap<object, Map<string, NativeLayerProgram>>();
 
   /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
-  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: Map<string, KeptLayerProgram>, key: string): KeptLayerProgram {
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: Map<string, NativeLayerProgram>, key: string): NativeLayerProgram {
     const { planRows: rows, dequants } = job;
     const [out, maxLogits, lse] = outputs as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     const params: LayerProgramParams = {
@@ -602,11 +599,12 @@ export class CudaBackend implements Backend, DeviceOps {
       ),
       prefill: this.operands(workspacePrefill(job.prefill), { out, maxLogits, lse }),
     };
-    const made = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
-    const slots = made.slots;
-    // run's buffers, then finish's: the prefill's outputs, last in the addon's slot order
-    if (slots.slice(-3).join() !== 'prefill.out,prefill.maxLogits,prefill.lse') throw new Error(`layer program slots out of order: ${slots.join(', ')}`);
-    const program: KeptLayerProgram = Object.assign(made, { inputs: slots.slice(0, -3).map(layerInputOf) });
+    const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
+    // run's buffers as layerInputs orders them, then finish's: the prefill's outputs
+    const names: string[] = [];
+    layerInputs(job, names);
+    names.push('prefill.out', 'prefill.maxLogits', 'prefill.lse');
+    if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
     kept.set(key, program);
     return program;
   }

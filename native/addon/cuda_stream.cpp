@@ -80,14 +80,8 @@ Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
   Args a(info, "synchronize");
   StreamRef s = state_;
   // A stream with nothing left to run settles here: no pool thread to wake and come back from.
-  cudaError_t idle = cudaSetDevice(s->device);
-  if (idle == cudaSuccess) idle = cudaStreamQuery(s->stream);
-  if (idle != cudaErrorNotReady) {
-    if (idle != cudaSuccess) cudaGetLastError();
-    return SettledPromise(a.Env(), a.Op(), idle == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(idle));
-  }
-  // "not ready" is a state, not an error: it must not reach the next launch's cudaGetLastError
-  if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+  const cudaError_t idle = QueryIdle(*s);
+  if (idle != cudaErrorNotReady) return SettledPromise(a.Env(), a.Op(), idle == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(idle));
   return Queue(a, {}, [s]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err == cudaSuccess) err = cudaStreamSynchronize(s->stream);
@@ -97,19 +91,9 @@ Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value Stream::Query(const Napi::CallbackInfo& info) {
-  StreamRef s = state_;
-  cudaError_t err = cudaSetDevice(s->device);
-  if (err == cudaSuccess) err = cudaStreamQuery(s->stream);
-  if (err == cudaErrorNotReady) {
-    // a state, not an error: it must not reach the next launch's cudaGetLastError
-    if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
-    return Napi::Boolean::New(info.Env(), false);
-  }
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    throw StatusError(info.Env(), "synchronize", -int32_t(err));
-  }
-  return Napi::Boolean::New(info.Env(), true);
+  const cudaError_t err = QueryIdle(*state_);
+  if (err != cudaSuccess && err != cudaErrorNotReady) throw StatusError(info.Env(), "synchronize", -int32_t(err));
+  return Napi::Boolean::New(info.Env(), err == cudaSuccess);
 }
 
 const napi_type_tag kDeviceBufferTag = {0x5a1f0c3e9b2d4e71ULL, 0x8c6a3f1d2e4b5a90ULL};
@@ -213,6 +197,47 @@ cudaError_t StreamState::TakeReadSlot(ReadSlot* slot) {
 void StreamState::GiveBackReadSlot(ReadSlot slot) {
   std::lock_guard<std::mutex> lock(slots_mutex_);
   free_slots_.push_back(slot);
+}
+
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read) {
+  cudaError_t err = cudaSetDevice(s.device);
+  if (err == cudaSuccess) err = s.TakeReadSlot(&read->slot);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return err;
+  }
+  read->bytes = bytes;
+  err = cudaMemcpyAsync(read->slot.host, src, bytes, cudaMemcpyDeviceToHost, s.stream);
+  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, s.stream);
+  if (err != cudaSuccess) {
+    s.GiveBackReadSlot(read->slot);
+    cudaGetLastError();
+  }
+  return err;
+}
+
+Napi::Promise AwaitSmallRead(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, SmallReadSlot read, void* data, int32_t status,
+                             std::shared_ptr<void> keep) {
+  return Queue(a, std::move(pins), [s, read, data, status, keep]() -> int32_t {
+    cudaError_t err = cudaSetDevice(s->device);
+    if (err == cudaSuccess) err = cudaEventSynchronize(read.slot.landed);
+    if (err == cudaSuccess && status == SMLA_OK) std::memcpy(data, read.slot.host, read.bytes);
+    s->GiveBackReadSlot(read.slot);
+    if (err != cudaSuccess) cudaGetLastError();
+    return status != SMLA_OK ? status : err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
+  });
+}
+
+cudaError_t QueryIdle(const StreamState& s) {
+  cudaError_t err = cudaSetDevice(s.device);
+  if (err == cudaSuccess) err = cudaStreamQuery(s.stream);
+  if (err == cudaErrorNotReady) {
+    // a state, not an error: it must not reach the next launch's cudaGetLastError
+    if (cudaPeekAtLastError() == cudaErrorNotReady) cudaGetLastError();
+  } else if (err != cudaSuccess) {
+    cudaGetLastError();
+  }
+  return err;
 }
 
 StreamState::~StreamState() {
@@ -362,30 +387,15 @@ cudaError_t WaitForOwners(std::vector<std::shared_ptr<Operand>> const& ops, cons
 namespace {
 
 // A download of at most kSmallReadBytes: the copy is queued here, on the calling thread, into a
-// pinned read slot, so it sits in the stream exactly where the caller asked (after the ops queued
-// before it, before those queued after) as one small DMA rather than a staged pageable copy; a
-// pool thread only waits for the slot's event and copies the bytes out.
+// pinned read slot (QueueSmallRead), so it sits in the stream exactly where the caller asked (after
+// the ops queued before it, before those queued after) as one small DMA rather than a staged
+// pageable copy; a pool thread only waits for the slot's event and copies the bytes out.
 Napi::Value SmallRead(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef st, std::shared_ptr<Allocation> dev, void* data) {
-  ReadSlot slot;
-  cudaError_t err = cudaSetDevice(st->device);
-  if (err == cudaSuccess) err = st->TakeReadSlot(&slot);
-  if (err == cudaSuccess) {
-    err = cudaMemcpyAsync(slot.host, dev->ptr, dev->bytes, cudaMemcpyDeviceToHost, st->stream);
-    if (err == cudaSuccess) err = cudaEventRecord(slot.landed, st->stream);
-    if (err != cudaSuccess) st->GiveBackReadSlot(slot);
-  }
-  if (err != cudaSuccess) {
-    cudaGetLastError();
-    return SettledPromise(a.Env(), a.Op(), -int32_t(err));
-  }
-  return Queue(a, std::move(pins), [st, dev, data, slot]() -> int32_t {
-    cudaError_t err = cudaSetDevice(st->device);
-    if (err == cudaSuccess) err = cudaEventSynchronize(slot.landed);
-    if (err == cudaSuccess) std::memcpy(data, slot.host, dev->bytes);
-    st->GiveBackReadSlot(slot);
-    if (err != cudaSuccess) cudaGetLastError();
-    return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
-  });
+  SmallReadSlot read;
+  const cudaError_t err = QueueSmallRead(*st, dev->ptr, dev->bytes, &read);
+  if (err != cudaSuccess) return SettledPromise(a.Env(), a.Op(), -int32_t(err));
+  // `dev` rides along: the read's source stays allocated until the read has landed
+  return AwaitSmallRead(a, std::move(pins), st, read, data, int32_t(SMLA_OK), dev);
 }
 
 // upload(dst: DeviceBuffer, src: typed array of exactly dst.byteLength bytes, stream) /

@@ -68,6 +68,27 @@ struct StreamState {
 };
 using StreamRef = std::shared_ptr<StreamState>;
 
+// A small device-to-host read in flight: its pinned slot and how many bytes it reads.
+struct SmallReadSlot {
+  ReadSlot slot;
+  uint64_t bytes = 0;
+};
+
+// Queues a read of `bytes` (at most kSmallReadBytes) from device memory `src` into a pinned slot of
+// `s`, on the calling thread, so it sits in the stream exactly where it is queued; a cudaError_t
+// (the slot already given back, the error cleared, when it fails).
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read);
+
+// The promise of a queued small read: a pool thread waits for it to land, copies its bytes to
+// `data` and gives the slot back. `status`: a failure of the work queued with the read (it then
+// settles with that, `data` untouched); `keep`: whatever must live until then.
+Napi::Promise AwaitSmallRead(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, SmallReadSlot read, void* data, int32_t status,
+                             std::shared_ptr<void> keep = nullptr);
+
+// cudaStreamQuery of `s` on its device: cudaSuccess when idle, cudaErrorNotReady (cleared, not an
+// error) while work runs, or the stream's error (cleared for the next call).
+cudaError_t QueryIdle(const StreamState& s);
+
 // Argument i as a Stream (the engine's), or a thrown argument error.
 StreamRef StreamArg(const Napi::CallbackInfo& info, size_t i, const char* op);
 

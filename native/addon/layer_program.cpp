@@ -1,7 +1,6 @@
 // The `cuda` backend's layer program: a workspace layer's launches (its dequants, c4 combine and
 // prefill) read once from the ops' params objects and queued per layer over that layer's buffers.
 // The TS side: CudaBackend.queueLayer (src/backends/native/cuda_backend.ts), LayerSteps.queueLayer.
-#include <cstring>
 #include <functional>
 #include <memory>
 #include <string>
@@ -151,19 +150,11 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     StreamState& st = *stream_;
     cudaError_t err = cudaSetDevice(st.device);
     int32_t status = err != cudaSuccess ? -int32_t(err) : int32_t(SMLA_OK);
-    ReadSlot slot;
-    bool reading = false;
     for (size_t i = 0; i < head_.size() && status == SMLA_OK; ++i) status = Timed(st, head_[i]);
-    if (status == SMLA_OK && dropped_into) {
-      // the 8-byte total into a pinned slot, right behind the combine (ahead of the prefill)
-      err = st.TakeReadSlot(&slot);
-      if (err == cudaSuccess) {
-        reading = true;
-        err = cudaMemcpyAsync(slot.host, dropped_total_(), 8, cudaMemcpyDeviceToHost, st.stream);
-        if (err == cudaSuccess) err = cudaEventRecord(slot.landed, st.stream);
-      }
-      if (err != cudaSuccess) status = -int32_t(err);
-    }
+    // the 8-byte total right behind the combine (ahead of the prefill), as a small download reads
+    SmallReadSlot read;
+    const bool reading = status == SMLA_OK && dropped_into;
+    if (reading && (err = QueueSmallRead(st, dropped_total_(), 8, &read)) != cudaSuccess) status = -int32_t(err);
     if (status != SMLA_OK) {
       cudaGetLastError();
       Unbind();
@@ -172,16 +163,8 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     } else {
       state_ = State::kRan;
     }
-    if (!reading) return SettledPromise(a.Env(), a.Op(), status);
-    StreamRef s = stream_;
-    return Queue(a, std::move(pins), [s, slot, status, dropped_into]() -> int32_t {
-      cudaError_t e = cudaSetDevice(s->device);
-      if (e == cudaSuccess) e = cudaEventSynchronize(slot.landed);
-      if (e == cudaSuccess && status == SMLA_OK) std::memcpy(dropped_into, slot.host, 8);
-      s->GiveBackReadSlot(slot);
-      if (e != cudaSuccess) cudaGetLastError();
-      return status != SMLA_OK ? status : e == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(e);
-    });
+    if (!reading || err != cudaSuccess) return SettledPromise(a.Env(), a.Op(), status);
+    return AwaitSmallRead(a, std::move(pins), stream_, read, dropped_into, status);
   }
 
   Napi::Value Finish(const Napi::CallbackInfo& info) {

@@ -367,6 +367,20 @@ describe('check', () => {
     expect(families.sort()).toEqual(['paged unit', 'prefill cancel', 'prefill flashmla', 'prefill unit']);
     expect(r.stderr).toBe('');
   }, 120_000);
+
+  test('the paged case with NaN and large-scale cache bytes passes on wasm for several seeds (its builder throws unless the reference has NaN rows, finite rows and large outputs)', () => {
+    for (const seed of [1, 2, 3]) {
+      const r = cli(['check', '--backend', 'wasm', '--seed', String(seed), '--only', 'NaN/large-scale', '--json']);
+      expect(r.code, r.stdout).toBe(0);
+      const report = JSON.parse(r.stdout) as { passed: number; failed: number; cases: { name: string; pass: boolean; verdict?: Record<'out' | 'lse' | 'maxLogits', { worstRatio: number; infNanMismatch: number }> }[] };
+      expect(report.cases.map((c) => c.name)).toEqual(['paged unit NaN/large-scale cache bytes main+extra hQ=64 P=64/2 topk=128+64 lengths']);
+      expect(report.passed).toBe(1);
+      for (const t of ['out', 'lse', 'maxLogits'] as const) {
+        expect(report.cases[0]!.verdict![t].worstRatio).toBeLessThanOrEqual(1);
+        expect(report.cases[0]!.verdict![t].infNanMismatch).toBe(0);
+      }
+    }
+  }, 60_000);
 });
 
 describe('bench', () => {

@@ -5,12 +5,14 @@
  * random.ts re-exports the RNG and input generators), so CPU tests and `check` run the same cases
  * and the same random streams for a seed: FlashMLA's (sKV, topk) pairs × hQ × dQK, sinks with ±inf,
  * topkLength with 0 and over-long values, invalid fillers, duplicates, all-invalid rows, int64
- * indices, sQ = 0; paged main + extra sets; dequant v4 / v32; three data regimes (DATA_REGIMES).
+ * indices, sQ = 0; paged main + extra sets (one with NaN and large-scale cache bytes); dequant
+ * v4 / v32; three data regimes (DATA_REGIMES).
  * Fresh random inputs from a logged seed. It holds the one RNG every generator draws from; the
  * chunks of the planner and layer cases are chunks.ts's.
  */
 import { tensor } from '../tensor.js';
-import type { SparsePrefillArgs, Tensor } from '../types.js';
+import type { KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../types.js';
+import { tokenLayoutReference } from '../reference/kv_cache.js';
 
 export interface Rng {
   readonly seed: number;
@@ -284,6 +286,8 @@ export interface PagedCase {
   extra: { pageSize: number; numPages: number; topk: number } | null;
   sink: boolean;
   lengths: boolean;
+  /** a few tokens of the built caches get NaN and large-scale bytes (pokeNonFiniteTokens) */
+  nonFinite?: boolean;
 }
 
 export function pagedCases(): PagedCase[] {
@@ -293,5 +297,175 @@ export function pagedCases(): PagedCase[] {
     { name: 'paged cancel main+extra hQ=128 P=256/64 topk=128+1024 sink', regime: 'cancel', n: 9, hQ: 128, pageSize: 256, numPages: 2, topk: 128, extra: { pageSize: 64, numPages: 20, topk: 1024 }, sink: true, lengths: false },
     { name: 'paged cancel main+extra hQ=16 P=2/64 topk=64+100 lengths', regime: 'cancel', n: 31, hQ: 16, pageSize: 2, numPages: 90, topk: 64, extra: { pageSize: 64, numPages: 3, topk: 100 }, sink: false, lengths: true },
     { name: 'paged unit hQ=1 P=64 topk=200 sink', regime: 'unit', n: 40, hQ: 1, pageSize: 64, numPages: 5, topk: 200, extra: null, sink: true, lengths: true },
+    { name: 'paged unit NaN/large-scale cache bytes main+extra hQ=64 P=64/2 topk=128+64 lengths', regime: 'unit', n: 16, hQ: 64, pageSize: 64, numPages: 4, topk: 128, extra: { pageSize: 2, numPages: 64, topk: 64 }, sink: false, lengths: true, nonFinite: true },
   ];
+}
+
+/** What pokeNonFiniteTokens did to a paged case, and what the reference must show for it. */
+export interface NonFinitePlan {
+  /** rows that attend a NaN token: out, lse and maxLogits NaN on every head */
+  nanRows: number[];
+  /** every other row: no NaN anywhere */
+  finiteRows: number[];
+  /** finite rows that attend a large-scale token (whose 2^73 tile puts |out| > 2^60 where its weight is 1) */
+  largeRows: number[];
+  /** finite rows with a NaN token beyond their topkLength (never read) */
+  beyondRows: number[];
+  /** the poked tokens, for a failure message */
+  tokens: string[];
+}
+
+/**
+ * SPEC §2 / §9: NaN in a cache propagates by the math; ue8m0 bytes up to 254 are finite scales.
+ * Pokes bytes into a few tokens of the paged case's caches, after they were quantized and before
+ * anyone reads them (the backend, WASM and the reference all see the poked bytes):
+ * - NaN tokens: token 0 of both caches (a kernel that reads an invalid entry as token 0 and masks
+ *   it by a zero weight gets 0 · NaN) and one more token each; between them an e4m3 NaN byte 0x7F
+ *   and 0xFF in the nope data and a ue8m0 scale byte 0xFF (a NaN tile scale);
+ * - large-scale tokens, one per cache: tile scale bytes 135, 142, 143 and 200 (2^8 … 2^73, finite;
+ *   products beyond fp16's range from 135 on, the scale itself from 143 on). The 2^73 tile holds
+ *   one spike (e4m3 256 … 448) among subnormal codes, so on every head the token's logit is that
+ *   one exact product q·spike (~1e23) plus terms many orders smaller: no cancellation, so a float32
+ *   dot product stays within lse's relative bound (a tile of 64 random products at 2^73 can cancel
+ *   to 1e-3 of its terms, and a correct float32 kernel then misses the bound), and the weight is 0
+ *   or 1 far beyond rounding. Where it is 1, out is that token's V, every tile at its own scale.
+ * Then the index rows: every entry naming a poked token is made −1, and the poked tokens are placed
+ * again by row (i mod 4): 3 → one NaN token inside the row's lengths (a NaN row); 0 → one
+ * large-scale token (alternating main / extra); 2 → a NaN token beyond the row's topkLength, never
+ * read; 1 → untouched. A length of 0 where a token must go
+ * inside becomes the full topk. Draws the token ids and positions from rng.
+ */
+export function pokeNonFiniteTokens(args: PagedSparseAttentionArgs, rng: Rng): NonFinitePlan {
+  const n = args.q.shape[0]!;
+  interface PokedSet {
+    name: string;
+    cache: KvCache;
+    idx: Int32Array;
+    topk: number;
+    len: Int32Array | null;
+    nan: number[];
+    large: number;
+  }
+  const sets: PokedSet[] = [];
+  const tokens: string[] = [];
+  const add = (name: string, cache: KvCache, indices: Tensor<'int32'>, lengths: Tensor<'int32'> | undefined): PokedSet => {
+    const count = cache.pageSize * cache.numPages;
+    if (count < 4) throw new RangeError(`pokeNonFiniteTokens: ${name} holds ${count} tokens, need 4`);
+    const ids = new Set<number>([0]);
+    while (ids.size < 3) ids.add(rng.int(1, count));
+    const [, other, large] = [...ids] as [number, number, number];
+    const set: PokedSet = { name, cache, idx: indices.data, topk: indices.shape[indices.shape.length - 1]!, len: lengths?.data ?? null, nan: [0, other], large };
+    sets.push(set);
+    return set;
+  };
+  const data = (set: PokedSet, id: number, dim: number, byte: number): void => {
+    set.cache.data[tokenLayoutReference(set.cache, id).nope + dim] = byte;
+    tokens.push(`${set.name} token ${id} nope dim ${dim} = 0x${byte.toString(16)}`);
+  };
+  const scales = (set: PokedSet, id: number, bytes: Record<number, number>): void => {
+    const at = tokenLayoutReference(set.cache, id).scales;
+    for (const [tile, byte] of Object.entries(bytes)) set.cache.data[at + Number(tile)] = byte;
+    tokens.push(`${set.name} token ${id} scale bytes ${JSON.stringify(bytes)}`);
+  };
+  /** the large-scale token: the given tile scales, and its 2^73 tile one spike among tiny values */
+  const large = (set: PokedSet, bytes: Record<number, number>, spikeTile: number): void => {
+    scales(set, set.large, bytes);
+    const at = tokenLayoutReference(set.cache, set.large).nope + spikeTile * 64;
+    const spike = rng.int(0, 64);
+    for (let d = 0; d < 64; d++) {
+      const sign = rng.uniform() < 0.5 ? 0x80 : 0;
+      // spike: 256 … 448 (e4m3 codes 0x70 … 0x7e); the rest subnormal 2^-9 … 7·2^-9
+      set.cache.data[at + d] = sign | (d === spike ? rng.int(0x70, 0x7f) : rng.int(1, 8));
+    }
+    tokens.push(`${set.name} token ${set.large} spike at nope dim ${spikeTile * 64 + spike}`);
+  };
+
+  const main = add('main', args.kCache, args.indices, args.topkLength);
+  data(main, 0, rng.int(0, 64), 0x7f);
+  scales(main, main.nan[1]!, { [rng.int(0, 7)]: 0xff });
+  large(main, { 0: 135, 1: 142, 2: 143, 5: 200 }, 5);
+  if (args.extraKCache && args.extraIndices) {
+    const extra = add('extra', args.extraKCache, args.extraIndices, args.extraTopkLength);
+    scales(extra, 0, { [rng.int(0, 7)]: 0xff });
+    data(extra, extra.nan[1]!, 448 - 64 + rng.int(0, 64), 0xff);
+    large(extra, { 1: 200, 3: 135, 4: 143, 6: 142 }, 1);
+  } else {
+    // one cache: its second NaN token carries the 0xFF data byte as well
+    data(main, main.nan[1]!, rng.int(0, 448), 0xff);
+  }
+
+  // no poked token anywhere but where it is placed below
+  for (const s of sets) {
+    const poked = new Set([...s.nan, s.large]);
+    for (let e = 0; e < s.idx.length; e++) if (poked.has(s.idx[e]!)) s.idx[e] = -1;
+  }
+  const limit = (s: PokedSet, i: number): number => (s.len ? Math.min(Math.max(s.len[i]!, 0), s.topk) : s.topk);
+  /** an entry of row i inside its lengths (a length of 0 becomes topk); -1 when topk is 0 */
+  const inside = (s: PokedSet, i: number): number => {
+    if (s.topk === 0) return -1;
+    if (limit(s, i) === 0) s.len![i] = s.topk;
+    return rng.int(0, limit(s, i));
+  };
+  const nanTokens = sets.flatMap((s) => s.nan.map((id) => ({ s, id })));
+  const plan: NonFinitePlan = { nanRows: [], finiteRows: [], largeRows: [], beyondRows: [], tokens };
+  let nanCount = 0, largeCount = 0;
+  for (let i = 0; i < n; i++) {
+    const role = i % 4;
+    let nan = false;
+    if (role === 3) {
+      const { s, id } = nanTokens[nanCount++ % nanTokens.length]!;
+      const k = inside(s, i);
+      if (k >= 0) {
+        s.idx[i * s.topk + k] = id;
+        nan = true;
+      }
+    } else if (role === 0) {
+      const s = sets[largeCount++ % sets.length]!;
+      const k = inside(s, i);
+      if (k >= 0) {
+        s.idx[i * s.topk + k] = s.large;
+        plan.largeRows.push(i);
+      }
+    } else if (role === 2) {
+      let placed = false;
+      for (const s of sets) {
+        const lim = limit(s, i);
+        if (lim < s.topk) {
+          s.idx[i * s.topk + rng.int(lim, s.topk)] = s.nan[(i >> 2) % 2]!;
+          placed = true;
+        }
+      }
+      if (placed) plan.beyondRows.push(i);
+    }
+    (nan ? plan.nanRows : plan.finiteRows).push(i);
+  }
+  return plan;
+}
+
+/**
+ * Throws unless the reference outputs (rows `queries`, hQ heads, dV columns) show the plan: every
+ * head of a NaN row NaN in out, lse and maxLogits; no NaN in a finite row; some |out| > 2^60 in
+ * the large-scale rows; and both kinds present, so the case can become neither all-finite nor all-NaN.
+ */
+export function expectNonFinitePlan(plan: NonFinitePlan, ref: { out: ArrayLike<number>; lse: ArrayLike<number>; maxLogits: ArrayLike<number> }, queries: readonly number[], hQ: number, dV: number): void {
+  const fail = (what: string): never => {
+    throw new Error(`non-finite case: ${what} (poked: ${plan.tokens.join('; ')})`);
+  };
+  const nanRows = new Set(plan.nanRows);
+  const large = new Set(plan.largeRows);
+  let nanSeen = 0, finiteSeen = 0, largeOut = 0;
+  queries.forEach((i, j) => {
+    const stats = [ref.lse, ref.maxLogits].flatMap((t) => Array.from({ length: hQ }, (_, h) => t[j * hQ + h]!));
+    const out = Array.from({ length: hQ * dV }, (_, e) => ref.out[j * hQ * dV + e]!);
+    if (nanRows.has(i)) {
+      if (!stats.every(Number.isNaN) || !out.every(Number.isNaN)) fail(`row ${i} attends a NaN token, but the reference is not NaN on every head`);
+      nanSeen++;
+    } else {
+      if (stats.some(Number.isNaN) || out.some(Number.isNaN)) fail(`row ${i} attends no NaN token, but the reference has NaN`);
+      finiteSeen++;
+      if (large.has(i)) largeOut = Math.max(largeOut, ...out.map(Math.abs));
+    }
+  });
+  if (nanSeen === 0 || finiteSeen === 0) fail(`checked ${nanSeen} NaN rows and ${finiteSeen} finite rows; need both`);
+  if (plan.largeRows.some((i) => queries.includes(i)) && !(largeOut > 2 ** 60)) fail(`largest |out| of the large-scale rows is ${largeOut}, not > 2^60`);
 }

@@ -16,7 +16,7 @@ import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePr
 import * as R from '../../reference/index.js';
 import { combinedWidth, createPlan, prefillLayer, requestVisible } from '../../planner/index.js';
 import { rowDimOf } from '../../kv_cache_layout.js';
-import { buildPrefillCase, invalidFillers, makeRng, pagedCases, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
+import { buildPrefillCase, expectNonFinitePlan, invalidFillers, makeRng, pagedCases, pokeNonFiniteTokens, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
 import { chunkScenario, indexerTopk } from '../../check/chunks.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
@@ -339,10 +339,14 @@ export async function checkCommand(argv: string[]): Promise<number> {
           }
           args.attnSink = tensor('float32', [pc.hQ], s);
         }
-        const queries = sampleRows(rng, pc.n, Math.min(pc.n, 8));
+        // the non-finite case: NaN and large-scale bytes poked into the built caches, every row judged
+        const plan = pc.nonFinite ? pokeNonFiniteTokens(args, rng) : null;
+        const queries = plan ? Array.from({ length: pc.n }, (_, i) => i) : sampleRows(rng, pc.n, Math.min(pc.n, 8));
+        const ref = R.pagedSparseAttentionReference(args, { queries });
+        if (plan) expectNonFinitePlan(plan, ref, queries, pc.hQ, 512);
         const [got, w] = [await engine.pagedSparseAttention(args), await wasm.pagedSparseAttention(args)];
         const caches = args.extraKCache ? [kCache, args.extraKCache] : [kCache];
-        return judgeAttention(got, w, R.pagedSparseAttentionReference(args, { queries }), queries, cachesMaxAbsV(caches));
+        return judgeAttention(got, w, ref, queries, cachesMaxAbsV(caches));
       }, `paged ${pc.regime}`);
     }
 

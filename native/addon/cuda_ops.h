@@ -27,8 +27,7 @@ inline DequantLaunch ReadDequantize(CudaFields& f, const std::shared_ptr<DeviceC
   const int64_t n = p.num_tokens, dim = RowDim(p.format);
   f.Input(p.cache, "cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages));
   DequantLaunch d;
-  d.device_ids = f.OnDevice("tokenIds");
-  const bool devIds = d.device_ids;
+  const bool devIds = d.device_ids = f.OnDevice("tokenIds");
   std::shared_ptr<Operand> ids;
   if (devIds) {
     ids = f.Read("tokenIds", napi_bigint64_array, 8, uint64_t(n), false);
@@ -77,7 +76,6 @@ inline DequantLaunch ReadDequantize(CudaFields& f, const std::shared_ptr<DeviceC
   d.launch = [call, flag](cudaStream_t s) -> int32_t { return smla_cuda_dequantize_kv_cache(call->Bound(), flag(), s); };
   return d;
 }
-
 
 // layerProgramClass(): the LayerProgram class (layer_program.cpp).
 Napi::Value NewLayerProgramClass(const Napi::CallbackInfo& info);

@@ -163,7 +163,7 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     } else {
       state_ = State::kRan;
     }
-    if (!reading || err != cudaSuccess) return SettledPromise(a.Env(), a.Op(), status);
+    if (!reading || status != SMLA_OK) return SettledPromise(a.Env(), a.Op(), status);
     return AwaitSmallRead(a, std::move(pins), stream_, read, dropped_into, status);
   }
 
@@ -201,7 +201,6 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
   State state_ = State::kIdle;
   int32_t failure_ = SMLA_OK;
 };
-
 
 }  // namespace
 

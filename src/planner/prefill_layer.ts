@@ -27,7 +27,7 @@ import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, chec
 import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, LayerSteps, WorkspaceDequantizeJob } from '../backends/backend.js';
+import type { CacheView, LayerSteps, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions } from './types.js';
@@ -155,13 +155,12 @@ async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, l
 
 /** The workspace path over the engine's layer steps (see the file comment). */
 async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
-  const { plan, ratio, q, hQ, attnSink, smScale, caches, topk, output, route } = call;
+  const { plan, ratio, topk, output } = call;
   const res = plan.resources(steps);
   if (steps.queueLayer !== undefined && output === 'device') {
     const queued = await queuedWorkspaceLayer(steps, res, call);
     if (queued !== undefined) return queued;
   }
-  const nq = plan.numQueries;
   const layout = plan.layout(ratio);
   let rows: LayerRows<DeviceBuffer>;
   let dropped: Promise<number> = Promise.resolve(0);
@@ -180,10 +179,7 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
     const compressedIds = layout.compressedRows > 0 ? (res.keptCompressedIds(ratio as 4 | 128) ?? (await res.compressedIds(steps, ratio as 4 | 128))) : null;
     const swaIds = layout.swaRows > 0 ? (res.keptSwaIds() ?? (await res.swaIds(steps))) : null;
     for (const job of dequantJobs(call, ws, compressedIds, swaIds)) await steps.dequantizeKCacheInto(job);
-    const r = await steps.prefill(
-      { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
-      output,
-    );
+    const r = await steps.prefill(prefillJob(call, ws, rows), output);
     return workspaceResult(call, r, await dropped);
   } catch (e) {
     await dropped.catch(() => undefined);
@@ -201,6 +197,11 @@ function dequantJobs<B>({ plan, ratio, caches }: LayerCall, workspace: Uint16Arr
   if (compressedIds !== null) jobs.push({ cache: caches.compressed! as CacheView<B>, tokenIds: compressedIds, n: layout.compressedRows, workspace, rowOffset: 0 });
   if (swaIds !== null) jobs.push({ cache: caches.swa as CacheView<B>, tokenIds: swaIds, n: layout.swaRows, workspace, rowOffset: layout.compressedRows });
   return jobs;
+}
+
+/** A layer's sparsePrefill over its workspace rows. */
+function prefillJob({ plan, ratio, q, hQ, attnSink, smScale }: LayerCall, workspace: Uint16Array | DeviceBuffer, rows: LayerRows<DeviceBuffer>): WorkspacePrefillJob<DeviceBuffer> {
+  return { q: q.data, workspace, rows: plan.layout(ratio).rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: plan.numQueries, hQ, width: rows.width, smScale };
 }
 
 /** A workspace layer's result: its outputs as tensors of the layer's shape, where they were made. */
@@ -224,7 +225,7 @@ function workspaceResult({ plan, ratio, hQ, route }: LayerCall, r: { out: Uint16
  * steps above then run one by one and keep them.
  */
 async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement> | undefined> {
-  const { plan, ratio, q, hQ, attnSink, smScale, caches, topk, route } = call;
+  const { plan, ratio, q, attnSink, caches, topk } = call;
   if (!isDeviceBuffer(q.data) || (attnSink !== undefined && !isDeviceBuffer(attnSink.data))) return undefined;
   if (!isDeviceBuffer(caches.swa.data) || (caches.compressed !== undefined && !isDeviceBuffer(caches.compressed.data))) return undefined;
   const layout = plan.layout(ratio);
@@ -245,12 +246,11 @@ async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerR
   }
   const ws = res.takeWorkspace(steps);
   try {
-    const nq = plan.numQueries;
     const r = await steps.queueLayer!({
       owner: res,
       planRows: c4 === undefined ? null : c4.job,
       dequants: dequantJobs(call, ws, compressedIds, swaIds),
-      prefill: { q: q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: nq, hQ, width: rows.width, smScale },
+      prefill: prefillJob(call, ws, rows),
     });
     if (r === undefined) return undefined;
     res.countQueuedLayer(c4 === undefined ? null : r.dropped);

@@ -73,6 +73,16 @@ function workspacePrefill(job: WorkspacePrefillJob<DeviceBuffer>): SparsePrefill
   return { q: job.q, kv: job.workspace, indices: job.indices, topkLength: job.lengths, attnSink: job.attnSink, sQ: job.numQueries, hQ: job.hQ, dQK: V4_ROW_DIMS, dV: V4_ROW_DIMS, sKV, topk: job.width, smScale: job.smScale };
 }
 
+/** dequantizeKvCache's params (rowOffset null: out holds exactly the n rows). */
+function dequantFields(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: Int32Array | DeviceBuffer, n: number, out: Uint16Array | DeviceBuffer, rowOffset: number | null) {
+  return { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out, outRowOffset: rowOffset };
+}
+
+/** planRows' params for a job's requests and the arrays it builds into. */
+function planRowsFields(job: PlanRowsJob<DeviceBuffer>, rows: Int32Array | DeviceBuffer, lens: Int32Array | DeviceBuffer, dropped: Int32Array | DeviceBuffer | null, droppedTotal: BigInt64Array | DeviceBuffer | null, numQueries: number) {
+  return { numRequests: job.seqLens.length, seqLens: job.seqLens, extendLens: job.extendLens, window: job.window, ratio: job.ratio, topkIndices: job.topkIndices, topk: job.topk, width: job.width, rows, lens, dropped, droppedTotal, numQueries };
+}
+
 /**
  * The buffers of a layer program's run, in the addon's slot order (the order its readers read the
  * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot);
@@ -467,7 +477,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     await this.launch('dequantizeKCachePaged', [out], () =>
       this.ops.dequantizeKvCache(
-        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out, outRowOffset: null }),
+        this.operands(dequantFields(cache, tokenIds, n, out, null)),
         this.stream,
       ),
     );
@@ -486,7 +496,7 @@ export class CudaBackend implements Backend, DeviceOps {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
     await this.calls.run('dequantizeKCachePaged', () =>
       this.ops.dequantizeKvCache(
-        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds, numTokens: n, out, outRowOffset: rowOffset }),
+        this.operands(dequantFields(cache, tokenIds, n, out, rowOffset)),
         this.stream,
       ),
     );
@@ -513,10 +523,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const allocated = [rows, lens, dropped, droppedTotal].filter((b) => !given(b));
     await this.launch('planRows', allocated, () =>
       this.ops.planRows(
-        this.operands({
-          numRequests: args.seqLens.length, seqLens: args.seqLens, extendLens: args.extendLens, window: args.window, ratio: args.ratio,
-          topkIndices: args.topkIndices, topk: args.topk, width: args.width, rows, lens, dropped, droppedTotal, numQueries,
-        }),
+        this.operands(planRowsFields(args, rows, lens, dropped, droppedTotal, numQueries)),
         this.stream,
       ),
     );
@@ -589,13 +596,9 @@ export class CudaBackend implements Backend, DeviceOps {
       planRows:
         rows === null
           ? null
-          : this.operands({
-              numRequests: rows.seqLens.length, seqLens: rows.seqLens, extendLens: rows.extendLens, window: rows.window, ratio: rows.ratio,
-              topkIndices: rows.topkIndices, topk: rows.topk, width: rows.width, rows: rows.into.rows, lens: rows.into.lens, dropped: null,
-              droppedTotal: rows.into.droppedTotal as DeviceBuffer | null, numQueries: rows.extendLens.reduce((a, b) => a + b, 0),
-            }),
+          : this.operands(planRowsFields(rows, rows.into.rows, rows.into.lens, null, rows.into.droppedTotal as DeviceBuffer | null, rows.extendLens.reduce((a, b) => a + b, 0))),
       dequants: dequants.map(({ cache, tokenIds, n, workspace, rowOffset }) =>
-        this.operands({ format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: onDevice(tokenIds, 'tokenIds'), numTokens: n, out: onDevice(workspace, 'workspace'), outRowOffset: rowOffset }),
+        this.operands(dequantFields(cache, onDevice(tokenIds, 'tokenIds'), n, onDevice(workspace, 'workspace'), rowOffset)),
       ),
       prefill: this.operands(workspacePrefill(job.prefill), { out, maxLogits, lse }),
     };

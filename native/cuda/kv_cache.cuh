@@ -78,19 +78,13 @@ __device__ __forceinline__ uint32_t ue8m0_to_bf16x2(uint32_t byte) {
   e = byte == 0xffu ? 0x7fc0u : e;
   return e * 0x00010001u;
 }
-// dequant_pair with the scale as a bf16 pair: each e4m3 is exact in bf16, so the one bf16 multiply
-// rounds the exact product once, as the float product's rounding to bf16 does (subnormals and NaN
-// included); one multiply per pair instead of two float ones.
-__device__ __forceinline__ uint32_t dequant_pair_bf16(uint32_t two_bytes, uint32_t scale2) {
-  const float2 f = e4m3x2_to_float2(two_bytes);
-  const __nv_bfloat162 b = __floats2bfloat162_rn(f.x, f.y);
+// a * b for bf16 pairs, rounded once. With a an e4m3 value (exact in bf16) and b a ue8m0 scale
+// from ue8m0_to_bf16x2, the one rounding of the exact product is the float path's rounding to
+// bf16 (subnormals and NaN included).
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
   uint32_t r;
-  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(*reinterpret_cast<const uint32_t*>(&b)), "r"(scale2));
+  asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
   return r;
-}
-__device__ __forceinline__ uint4 dequant8_bf16(uint32_t w0, uint32_t w1, uint32_t scale2) {
-  return make_uint4(dequant_pair_bf16(w0 & 0xffffu, scale2), dequant_pair_bf16(w0 >> 16, scale2),
-                    dequant_pair_bf16(w1 & 0xffffu, scale2), dequant_pair_bf16(w1 >> 16, scale2));
 }
 
 // The gather kernel: a warp takes kTokens consecutive output rows per iteration (the ids of the

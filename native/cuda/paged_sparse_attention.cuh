@@ -1,6 +1,6 @@
 // SPEC §5 paged FP8 sparse attention on sm_90a (dQK = dV = 512): a kernel of its own whose
-// producer reads v4 tokens straight from the paged FP8 cache(s) and dequantizes them into the
-// bf16 tile in registers. The main and extra sets form one list per query: the main set's first
+// producer reads v4 tokens straight from the paged FP8 cache(s) into registers and dequantizes
+// them into the bf16 tile on the tensor cores (e4m3_tensor_dequant.cuh). The main and extra sets form one list per query: the main set's first
 // min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
 //
 // A tile = one query x 64 heads, on a persistent grid (below); warpgroup 2 dequantizes 64 tokens
@@ -18,6 +18,7 @@
 #include <math.h>
 #include <stdint.h>
 
+#include "e4m3_tensor_dequant.cuh"
 #include "kv_cache.cuh"
 #include "sparse_attention_sm90.cuh"
 #include "sparse_prefill.cuh"
@@ -25,6 +26,7 @@
 namespace smla::cuda {
 
 constexpr int kPagedRowsPerStage = 64;
+constexpr uint32_t kProducerSync = 6;  // named barrier of the producer warpgroup (128)
 constexpr int kPagedStages = 2;
 
 template <int DQK>
@@ -41,7 +43,9 @@ struct PagedSmem {
   static constexpr int kValid = kAny + 32;           // uint8 [kPagedStages][64]
   // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready[2], out_free[2]
   static constexpr int kBar = kValid + kPagedStages * 64;
-  static constexpr int kTotal = kBar + (2 * kPagedStages + 8) * 8;
+  // the producer's e4m3 identity (a 128B-swizzled operand: 1024-aligned)
+  static constexpr int kIdentity = (kBar + (2 * kPagedStages + 8) * 8 + 1023) / 1024 * 1024;
+  static constexpr int kTotal = kIdentity + kE4m3IdentityBytes;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
@@ -109,6 +113,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // next tile's first block after a tile's last) is loaded before this block's gather, so its
     // latency hides behind the gather.
     const int my_row = (ptid >> 5) * 16 + (ptid & 15);
+    write_e4m3_identity(smem + L::kIdentity, ptid, 128);
+    fence_proxy_async();
+    named_barrier_sync(kProducerSync, 128);
     // Tiles in 32 bits (the launcher keeps their count below 2^31): the producer's registers are few.
     const uint32_t n_tiles32 = uint32_t(n_tiles);
     auto query_of = [&](uint32_t tile) { return int32_t(tile / uint32_t(head_blocks)); };
@@ -135,7 +142,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         const auto stage_free = [&] {
           if (g >= kPagedStages) mbar_wait(&empty[st], ((g / kPagedStages) - 1) & 1);
         };
-        src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, ptid, stage_free);
+        src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, smem + L::kIdentity, ptid,
+                               stage_free);
         mbar_arrive(&full[st]);
         cur = src.resolve(e, k, nxt_id);
       }
@@ -363,26 +371,23 @@ struct PagedFp8Rows {
   }
 
   template <int DQK, class StageFree>
-  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, int ptid, StageFree stage_free) const {
+  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, const uint8_t* identity, int ptid,
+                                       StageFree stage_free) const {
     static_assert(DQK == 512, "v4 rows are 512 wide");
     const int warp = ptid >> 5, lane = ptid & 31;
     const uint8_t* my_data = mine.data;
-    const uint8_t* my_scales = mine.scales;
     constexpr int kRows = 16;  // the warp's rows of the stage
-    // All 16 rows' FP8 nope bytes and scales in flight at once, into registers: lane l < 28 holds
-    // dims [16l, 16l+16) of each row. Issued before the stage is free (they do not touch it).
+    // All 16 rows' FP8 nope bytes in flight at once, into registers: lane l < 28 holds dims
+    // [16l, 16l+16) of each row; lanes < 16 also their own row's 8 scale bytes (an invalid row:
+    // zeros and scale 1). Issued before the stage is free (they do not touch it).
     uint4 raw[kRows];
-    uint32_t sb[kRows];
+    uint2 scales = make_uint2(0x7f7f7f7fu, 0x7f7f7f7fu);
+    if (lane < 16 && my_data) scales = __ldg(reinterpret_cast<const uint2*>(mine.scales));
 #pragma unroll
     for (int u = 0; u < kRows; ++u) {
       const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), u));
-      const uint8_t* scales = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_scales), u));
       raw[u] = make_uint4(0, 0, 0, 0);
-      sb[u] = 127;
-      if (data && lane < 28) {
-        sb[u] = __ldg(scales + (lane >> 2));
-        raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
-      }
+      if (data && lane < 28) raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
     }
     stage_free();
     if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
@@ -400,17 +405,44 @@ struct PagedFp8Rows {
       }
     }
     cp_async_commit();
-    // nope: e4m3 * 2^(byte-127) in bf16 (zeros stay zeros for invalid rows); the producer is bound by
-    // its instruction count, and a bf16 multiply per pair is half the float multiplies
+    // nope: the bytes through the tensor cores (e4m3_tensor_dequant.cuh), staged as e4m3 operands
+    // where the output of their last reader goes: dims [128s, 128s + 128) in chunk 2s + 1 (s < 3),
+    // dims 384-447 in chunk 6. Tile t (dims [64t, 64t + 64)) is written to chunk t once its MMAs
+    // are done, while tile t + 1's run (they never read chunk t). A warp's MMA rows and stores are
+    // its own 16 rows.
     if (lane < 28) {
+      const int slice = lane >> 3;
+      uint8_t* operand = tile + (slice < 3 ? 2 * slice + 1 : 6) * 8192;
 #pragma unroll
-      for (int u = 0; u < kRows; ++u) {
-        const int r = warp * 16 + u;
-        const uint32_t scale2 = ue8m0_to_bf16x2(sb[u]);
-        const int d0 = lane * 16;
-        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0)) = dequant8_bf16(raw[u].x, raw[u].y, scale2);
-        *reinterpret_cast<uint4*>(tile + swz_offset(r, d0 + 8)) = dequant8_bf16(raw[u].z, raw[u].w, scale2);
+      for (int u = 0; u < kRows; ++u) *reinterpret_cast<uint4*>(operand + e4m3_operand_offset(warp * 16 + u, lane & 7)) = raw[u];
+    }
+    fence_proxy_async();
+    named_barrier_sync(kProducerSync, 128);
+    // the scale bytes of this thread's accumulator rows a = lane / 4 and b = a + 8 of the warp's 16
+    const uint32_t sa0 = __shfl_sync(0xffffffffu, scales.x, lane >> 2), sa1 = __shfl_sync(0xffffffffu, scales.y, lane >> 2);
+    const uint32_t sb0 = __shfl_sync(0xffffffffu, scales.x, (lane >> 2) + 8), sb1 = __shfl_sync(0xffffffffu, scales.y, (lane >> 2) + 8);
+    const uint64_t d_ident = detail::kmajor_desc(smem_u32(identity));
+    const uint32_t tile_addr = smem_u32(tile);
+    auto issue = [&](int t, float* acc) {
+      wgmma_fence();
+      e4m3_tile_mma(acc, tile_addr + (t < 6 ? (t | 1) : 6) * 8192, 64 * (t & 1), d_ident);
+      wgmma_commit();
+    };
+    constexpr int kTiles = v4::kNopeDim / 64;
+    float acc[2][32];
+    issue(0, acc[0]);
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      if (t + 1 < kTiles) {
+        issue(t + 1, acc[(t + 1) & 1]);
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
       }
+      fence_regs(acc[t & 1]);
+      const int shift = 8 * (t & 3);
+      store_scaled_tile(tile_addr, 64 * t, acc[t & 1], ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
+                        ue8m0_to_bf16x2(((t < 4 ? sb0 : sb1) >> shift) & 0xffu), warp, lane);
     }
     cp_async_wait_all();
     fence_proxy_async();

@@ -161,6 +161,15 @@ __device__ __forceinline__ void fence_regs(float (&d)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
 
+// Four 8x8 b16 matrices from a warp's fragments (accumulator layout: lane l holds row l / 4,
+// columns 2 (l % 4) and 2 (l % 4) + 1 of each) into shared memory; lane i names the address of row
+// i % 8 of matrix i / 8.
+__device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1), "r"(r2),
+               "r"(r3)
+               : "memory");
+}
+
 #include "sm90_wgmma_ops.inc"
 
 }  // namespace smla::cuda

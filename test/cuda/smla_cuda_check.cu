@@ -27,6 +27,7 @@
 #include "sparse_mla/formats.h"
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/planner.h"
+#include "e4m3_tensor_dequant.cuh"
 #include "kv_cache.cuh"
 #include "sparse_prefill.cuh"
 
@@ -299,12 +300,11 @@ struct PagedCase {
   int extra_page_size, extra_num_pages, extra_topk;
   IndexMode mode;
   bool lengths, sink;
-  bool special = false;  // NaN bytes and scale bytes above the producer's fast range in a few tokens
+  bool special = false;  // NaN bytes and large scale bytes in a few tokens
 };
 
 // A few tokens of a v4 cache made special: one nope byte a NaN (0x7F / 0xFF) in nan_tokens tokens,
-// one scale byte in 135..255 (255 a NaN scale) in big_scale_tokens others. The paged producer sends
-// a stage holding any of them through its two-conversion route.
+// one scale byte in 135..255 (255 a NaN scale) in big_scale_tokens others.
 static void poke_special(V4Host& c, Rng& r, int nan_tokens, int big_scale_tokens) {
   const int64_t n = c.tokens();
   if (n == 0) return;
@@ -579,35 +579,64 @@ static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, con
          std::to_string(bad) + " malformed entries, " + std::to_string(total_off) + " dropped totals off");
 }
 
-// The paged producer's e4m3 -> bf16 path (bf16 multiply by a bf16 scale) against the float one
-// of formats.h: every byte in every lane position, every scale byte (NaN for NaN).
-static __global__ void dequant_bf16_kernel(uint16_t* out) {
-  const uint32_t sbyte = blockIdx.x, t = threadIdx.x;  // 256 threads: bytes t, t+1, .. t+7 (mod 256)
-  uint32_t w[2];
-  for (int i = 0; i < 2; ++i)
-    w[i] = ((t + 4 * i) & 255) | (((t + 4 * i + 1) & 255) << 8) | (((t + 4 * i + 2) & 255) << 16) | (((t + 4 * i + 3) & 255) << 24);
-  const uint4 v = smla::cuda::dequant8_bf16(w[0], w[1], smla::cuda::ue8m0_to_bf16x2(sbyte));
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-  for (int i = 0; i < 4; ++i) {
-    out[(size_t(sbyte) * 256 + t) * 8 + 2 * i] = uint16_t(words[i] & 0xffffu);
-    out[(size_t(sbyte) * 256 + t) * 8 + 2 * i + 1] = uint16_t(words[i] >> 16);
+// The paged producer's e4m3 -> bf16 route (e4m3_tensor_dequant.cuh: the identity MMA, a bf16
+// multiply by the scale as a bf16, stmatrix) against formats.h's float path, for every scale byte:
+// rows 0-3 of the 64-dim tile hold every finite byte, row 4 the NaN bytes, the other rows bytes
+// spread over the tile. Expected: a row's 32-dim half with a NaN byte is all NaN (its logit is NaN
+// anyway), every other value equal to the float path's (the byte -0 gives +0: the MMA's sum).
+static __host__ __device__ uint8_t tensor_check_byte(int r, int d) {
+  if (r < 4) {
+    const int p = r * 64 + d;  // the 254 finite bytes in order, then two more finite ones
+    return p >= 254 ? uint8_t(p - 254) : uint8_t(p < 127 ? p : p + 1);
   }
+  if (r == 4) return d == 5 ? 0x7f : d == 40 ? 0xff : uint8_t(d);
+  const uint8_t b = uint8_t((r * 64 + d) * 37 + 11);
+  return (b & 0x7f) == 0x7f ? uint8_t(b ^ 1) : b;
 }
-static void run_dequant_bf16_check() {
-  DBuf<uint16_t> dout(size_t(256) * 256 * 8);
-  dequant_bf16_kernel<<<256, 256>>>(dout.p);
-  check_status(cudaDeviceSynchronize() == cudaSuccess ? 0 : -1, "dequant_bf16 kernel");
+static __global__ void __launch_bounds__(128) tensor_dequant_kernel(uint16_t* out) {
+  __shared__ __align__(1024) uint8_t operand[8192];
+  __shared__ __align__(1024) uint8_t identity[smla::cuda::kE4m3IdentityBytes];
+  __shared__ __align__(1024) uint8_t bf[8192];
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  for (int i = tid; i < 64 * 64; i += 128) {
+    const int r = i >> 6, d = i & 63;
+    operand[smla::cuda::e4m3_operand_offset(r, d >> 4) + (d & 15)] = tensor_check_byte(r, d);
+  }
+  smla::cuda::write_e4m3_identity(identity, tid, 128);
+  smla::cuda::fence_proxy_async();
+  __syncthreads();
+  float acc[32];
+  smla::cuda::wgmma_fence();
+  smla::cuda::e4m3_tile_mma(acc, smla::cuda::smem_u32(operand), 0, smla::cuda::detail::kmajor_desc(smla::cuda::smem_u32(identity)));
+  smla::cuda::wgmma_commit();
+  smla::cuda::wgmma_wait<0>();
+  smla::cuda::fence_regs(acc);
+  const uint32_t scale = smla::cuda::ue8m0_to_bf16x2(blockIdx.x);
+  smla::cuda::store_scaled_tile(smla::cuda::smem_u32(bf), 0, acc, scale, scale, warp, lane);
+  __syncthreads();
+  for (int i = tid; i < 64 * 64; i += 128)
+    out[size_t(blockIdx.x) * 4096 + i] = *reinterpret_cast<const uint16_t*>(bf + smla::cuda::swz_offset(i >> 6, i & 63));
+}
+static void run_tensor_dequant_check() {
+  DBuf<uint16_t> dout(size_t(256) * 4096);
+  tensor_dequant_kernel<<<256, 128>>>(dout.p);
+  check_status(cudaDeviceSynchronize() == cudaSuccess ? 0 : -1, "tensor_dequant kernel");
   const std::vector<uint16_t> out = dout.down();
   long long wrong = 0;
   for (uint32_t sb = 0; sb < 256; ++sb)
-    for (uint32_t t = 0; t < 256; ++t)
-      for (int j = 0; j < 8; ++j) {
-        const uint16_t want = smla::float_to_bf16(smla::e4m3_to_float(uint8_t((t + j) & 255)) * smla::ue8m0_to_float(uint8_t(sb)));
-        const uint16_t got = out[(size_t(sb) * 256 + t) * 8 + j];
-        const bool nan_both = isnan(smla::bf16_to_float(got)) && isnan(smla::bf16_to_float(want));
-        wrong += !(got == want || nan_both);
+    for (int r = 0; r < 64; ++r)
+      for (int d = 0; d < 64; ++d) {
+        bool nan_half = false;
+        for (int k = d & ~31; k < (d & ~31) + 32; ++k) nan_half |= (tensor_check_byte(r, k) & 0x7f) == 0x7f;
+        const float want = nan_half ? NAN : smla::bf16_to_float(smla::float_to_bf16(smla::e4m3_to_float(tensor_check_byte(r, d)) *
+                                                                                   smla::ue8m0_to_float(uint8_t(sb))));
+        const uint16_t got_bits = out[size_t(sb) * 4096 + r * 64 + d];
+        const float got = smla::bf16_to_float(got_bits);
+        const bool same = (isnan(got) && isnan(want)) ||
+                          (got == want && (got != 0.0f || got_bits == smla::float_to_bf16(want) || tensor_check_byte(r, d) == 0x80));
+        wrong += !same;
       }
-  report(wrong == 0, "e4m3 -> bf16 by a bf16 scale (every byte, every scale)", "wrong values " + std::to_string(wrong));
+  report(wrong == 0, "e4m3 -> bf16 on the tensor cores (every byte, every scale)", "wrong values " + std::to_string(wrong));
 }
 
 // The launchers' per-device cache (launch_cache.cuh) against the runtime: every device's SM count
@@ -636,7 +665,7 @@ static void run_checks() {
   printf("seed %llu\n", (unsigned long long)seed);
   int k = 0;
   run_launch_cache_check();
-  run_dequant_bf16_check();
+  run_tensor_dequant_check();
   // dequant
   run_dequant_case("v4 P=64", SMLA_CACHE_V4, 64, 40, 3000, false, seed + k++);
   run_dequant_case("v4 P=256 bad ids", SMLA_CACHE_V4, 256, 9, 2001, true, seed + k++);
@@ -693,7 +722,7 @@ static void run_checks() {
       // more tiles than SMs: each CTA of the persistent grid runs several, some of them empty
       {"h64 P64 topk200 + extra P64 topk70, 300 queries mixed", 300, 64, 64, 30, 200, true, 64, 20, 70, kMixed, true, true},
       {"h128 P32 topk96 + extra P64 topk160, 170 queries adversarial", 170, 128, 32, 40, 96, true, 64, 20, 160, kAdversarial, true, false},
-      // NaN bytes and large scale bytes in a few tokens (the producer's two-conversion route)
+      // NaN bytes and large scale bytes in a few tokens
       {"h64 P64 topk128 special bytes, 40 queries", 40, 64, 64, 40, 128, false, 1, 0, 0, kMixed, false, true, true},
       {"h128 P64 topk128 + extra P64 topk512 special bytes, 20 queries", 20, 128, 64, 30, 128, true, 64, 40, 512, kAllValid, true, true, true},
   };

@@ -29,8 +29,9 @@ __device__ __forceinline__ void write_e4m3_identity(uint8_t* ident, int tid, int
   }
 }
 
-// Where byte piece `piece` (16 bytes) of row r goes in a 64-row operand tile of 128-byte rows.
-__device__ __forceinline__ uint32_t e4m3_operand_offset(int r, int piece) { return uint32_t(r * 128 + ((piece ^ (r & 7)) << 4)); }
+// Where byte piece `piece` (16 bytes, piece < 8) of row r goes in a 64-row operand tile of 128-byte
+// rows: the bf16 tiles' swizzle, a piece sitting where bf16 dims [8 piece, 8 piece + 8) would.
+__device__ __forceinline__ uint32_t e4m3_operand_offset(int r, int piece) { return swz_offset(r, 8 * piece); }
 
 // Issues (does not commit) the MMAs of one 64-dim tile: bytes [byte0, byte0 + 64) of every row of
 // the operand at `operand` (shared address) into acc (m64n32 layout twice: acc[16c + i], c = the

@@ -196,7 +196,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       q_issued = false;
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-      float m_a = -INFINITY, m_b = -INFINITY;  // running max, log2 units
+      float m_a = -INFINITY, m_b = -INFINITY;  // running (lazy) max, log2 units
+      float mt_a = -INFINITY, mt_b = -INFINITY;  // the true running max, for max_logits
       float l_a = 0.0f, l_b = 0.0f;            // this thread's share of the running sums
       bool seen_valid = false;                 // a valid entry among this thread's columns (any head)
       // S(b+1) is issued right behind PV(b) when block b+1 has already landed; otherwise stage b
@@ -217,7 +218,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
         float bm_a, bm_b;
         seen_valid |= mask_and_max(s, sValid + st * kPagedRowsPerStage, quad, c2, bm_a, bm_b);
-        const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
+        const float nm_a = lazy_max(m_a, bm_a), nm_b = lazy_max(m_b, bm_b);
+        mt_a = max_nan(mt_a, bm_a);
+        mt_b = max_nan(mt_b, bm_b);
         const float alpha_a = rebase(m_a, nm_a), alpha_b = rebase(m_b, nm_b);
         float sum_a, sum_b;
         exponentiate(s, exp_base(nm_a), exp_base(nm_b), sum_a, sum_b);
@@ -262,8 +265,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       if (mt.lane == 0) sAny[tp * 4 + (ctid >> 5)] = warp_seen;
       named_barrier_sync(3, 128);
       const bool any_valid = (sAny[tp * 4] | sAny[tp * 4 + 1] | sAny[tp * 4 + 2] | sAny[tp * 4 + 3]) != 0;
-      const float sc_a = finalize_row(p, tile.qi, tile.h0 + row_a, m_a, l_a, any_valid, quad == 0);
-      const float sc_b = finalize_row(p, tile.qi, tile.h0 + row_b, m_b, l_b, any_valid, quad == 0);
+      const float sc_a = finalize_row(p, tile.qi, tile.h0 + row_a, m_a, mt_a, l_a, any_valid, quad == 0);
+      const float sc_b = finalize_row(p, tile.qi, tile.h0 + row_b, m_b, mt_b, l_b, any_valid, quad == 0);
       // The factors to WG1, once it has read those of the tile before last.
       if (tiles_done >= 2) mbar_wait(&out_free[tp], ((tiles_done >> 1) - 1) & 1);
       if (quad == 0) {

@@ -16,7 +16,8 @@
 //   warpgroups 0 and 1, math, in a "seesaw" over each pair of blocks (b, b+1):
 //     WG0 computes S0 = Q·K_bᵀ, WG1 S1 = Q·K_{b+1}ᵀ (each m64n64, K = dQK). WG0 owns O[:, 0:256],
 //     WG1 O[:, 256:512]. The running row max is chained through shared memory: WG0 takes the max
-//     over block b, WG1 then over block b+1. Each WG multiplies its own P (bf16, in registers)
+//     over block b, WG1 then over block b+1; it moves only when a block passes it by more than 8
+//     (log2 units: lazy_max), so O is rarely rescaled, and the true max travels beside it. Each WG multiplies its own P (bf16, in registers)
 //     into its own half of O right away (RS wgmma) and hands P to the other WG through shared
 //     memory (SS wgmma); WG0's P is rescaled to WG1's newer max before it is handed over. Per pair
 //     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
@@ -69,7 +70,8 @@ struct AttnSmem {
   static constexpr int kSeen = kL + 1024;
   // uint64 full[4], empty[4] ([buffer*2 + half]), q_full, q_empty, max_ready[2] (WG0 -> WG1, WG1 -> WG0)
   static constexpr int kBar = kSeen + 64;
-  static constexpr int kTotal = kBar + 96;
+  static constexpr int kMaxTrue = kBar + 96;  // float [64]: the true running max handed with sMax
+  static constexpr int kTotal = kMaxTrue + 256;
   static constexpr int kAlloc = kTotal + 1024;  // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
@@ -214,13 +216,15 @@ __device__ __forceinline__ float quad_sum(float v) {
 
 // The end of one row (head h of query qi): the softmax with the sink; lse and max_logits written
 // by `writer` (one thread per row); returns the factor that normalizes the row of O.
-__device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, int h, float m_log2, float l,
-                                              bool any_valid, bool writer) {
+// m_log2: the (lazy) max the row's P and l are relative to; true_max_log2: the row's largest logit.
+__device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, int h, float m_log2, float true_max_log2,
+                                              float l, bool any_valid, bool writer) {
   SoftmaxRow r;
   r.m = m_log2 * 0.6931471805599453f;
   r.l = l;
   const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
-  const SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
+  SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
+  if (any_valid) fin.max_logit = true_max_log2 * 0.6931471805599453f;
   if (writer && h < p.h_q) {
     const int64_t orow = qi * p.h_q + h;
     if (p.lse) p.lse[orow] = fin.lse;
@@ -276,6 +280,11 @@ __device__ __forceinline__ void load_q_tile(uint8_t* sQ, const AttnOutputs& p, i
 }
 
 // exp2 base for a running max: rows that have seen only -inf use 0 (P = 0 there).
+// The running max a row's P, l and O are kept relative to moves only when a block's max passes it
+// by more than 8 (log2 units), so P stays below 2^8 and O is rarely rescaled (both kernels' math
+// warpgroups skip a rescale by 1). NaN and +inf move it, as max_nan does.
+constexpr float kLazyMaxSlack = 8.0f;
+__device__ __forceinline__ float lazy_max(float m, float b) { return b <= m + kLazyMaxSlack ? m : max_nan(m, b); }
 __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.0f : m; }
 // Factor that moves values kept relative to max `from` to max `to` (to >= from); 0 when nothing
 // was accumulated yet (from = -inf), which also keeps 0 · inf out of the math.
@@ -378,6 +387,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint8_t* sK[2] = {smem + L::kK0, smem + L::kK1};
   uint8_t* sValid = smem + L::kValid;
   float* sMax = reinterpret_cast<float*>(smem + L::kMax);
+  float* sMaxTrue = reinterpret_cast<float*>(smem + L::kMaxTrue);
   float* sL = reinterpret_cast<float*>(smem + L::kL);
   int* sSeen = reinterpret_cast<int*>(smem + L::kSeen);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);  // [buffer * 2 + half]
@@ -515,7 +525,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     const int n_pairs = (((src.begin(tile.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY;  // running max (log2 units), shared by both WGs
+    float m_a = -INFINITY, m_b = -INFINITY;  // running (lazy) max, log2 units, shared by both WGs
+    float mt_a = -INFINITY, mt_b = -INFINITY;  // WG0: the true running max, for max_logits
     float l_a = 0.0f, l_b = 0.0f;            // this thread's share of its WG's row sums
     bool seen = false;                       // a valid entry among this thread's columns
     if (n_pairs > 0) {
@@ -538,7 +549,11 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         // Softmax over block 2i against the running max; hand the new max to WG1.
         float bm_a, bm_b;
         seen |= mask_and_max(s, sValid, quad, c2, bm_a, bm_b);
-        const float nm_a = max_nan(m_a, bm_a), nm_b = max_nan(m_b, bm_b);
+        const float nm_a = lazy_max(m_a, bm_a), nm_b = lazy_max(m_b, bm_b);
+        if (quad == 0) {
+          sMaxTrue[row_a] = max_nan(mt_a, bm_a);
+          sMaxTrue[row_b] = max_nan(mt_b, bm_b);
+        }
         publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max0_ready);
         // O[:, 0:256] += P0 · V0.left; then K0.left is free.
         softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv0l);
@@ -548,8 +563,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_wait(max1_ready, (pairs_done + i) & 1);
         const float m1_a = sMax[row_a], m1_b = sMax[row_b];
         const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
-        scale_pairs(s, f_a, f_b);
-        p_to_regs(s, pa);
+        mt_a = sMaxTrue[row_a];
+        mt_b = sMaxTrue[row_b];
+        if (__any_sync(0xffffffffu, !(f_a == 1.0f && f_b == 1.0f))) {  // pa already holds P0 on this max
+          scale_pairs(s, f_a, f_b);
+          p_to_regs(s, pa);
+        }
         p_to_smem(pa, sP0, row_a, quad);
         fence_proxy_async();
         named_barrier_arrive(kP0Ready, 256);
@@ -598,9 +617,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
         // The max over block 2i+1 on top of WG0's max over block 2i.
         mbar_wait(max0_ready, (pairs_done + i) & 1);
-        const float nm_a = max_nan(m_a, max_nan(sMax[row_a], bm_a));
-        const float nm_b = max_nan(m_b, max_nan(sMax[row_b], bm_b));
+        const float nm_a = lazy_max(sMax[row_a], bm_a), nm_b = lazy_max(sMax[row_b], bm_b);
+        const float t_a = max_nan(sMaxTrue[row_a], bm_a), t_b = max_nan(sMaxTrue[row_b], bm_b);
         __syncwarp();
+        if (quad == 0) {
+          sMaxTrue[row_a] = t_a;
+          sMaxTrue[row_b] = t_b;
+        }
         publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max1_ready);
         // O[:, 256:512] += P1 · V1.right; hand P1 to WG0.
         softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv1r);
@@ -640,7 +663,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       const int row = half ? row_b : row_a;
       const int h = tile.h0 + row;
       const float out_scale =
-          finalize_row(p, tile.qi, h, half ? m_b : m_a, sLt[row] + sLt[64 + row], any_valid, wg == 0 && quad == 0);
+          finalize_row(p, tile.qi, h, half ? m_b : m_a, half ? mt_b : mt_a, sLt[row] + sLt[64 + row], any_valid,
+                       wg == 0 && quad == 0);
       // Normalized O, straight from registers (shared memory already holds the next tile).
       store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale);
     }

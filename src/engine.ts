@@ -153,9 +153,10 @@ export class SparseMlaEngine implements Engine {
     return deviceTensor(t.dtype, t.shape, await dev.copyFrom(t.data));
   }
 
-  async synchronize(): Promise<void> {
-    this.alive();
-    await this.impl.device?.synchronize();
+  /** Not an async function (it waits in the backend's): one promise a call, the backend's. */
+  synchronize(): Promise<void> {
+    if (this.disposed) return Promise.reject(disposedError());
+    return this.impl.device?.synchronize() ?? Promise.resolve();
   }
 
   async dispose(): Promise<void> {

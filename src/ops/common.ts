@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, isDeviceBuffer } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../tensor.js';
 import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
@@ -76,18 +76,56 @@ export function ownView<T extends ArrayBufferView>(value: unknown, ctor: abstrac
   }
 }
 
-/** A tensor's fields, each read once (a getter is not asked twice); shape copied and checked. */
-function readTensorFields(value: unknown, argument: string, want: string): { dtype: unknown; shape: number[]; data: unknown } {
-  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
-    fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
-  }
+// The checks below run on every op and layer call, mostly before V8 has optimized them; V8 gives a
+// function its inline caches only after it has run about eight times its own bytecode, so their
+// messages are built in the small functions here, called only to throw, not inline.
+
+/** Throws: `value` is not a tensor object of `dtypes`. */
+function notATensor(value: unknown, argument: string, dtypes: readonly string[]): never {
+  fail('INVALID_VALUE', argument, `a ${dtypes.join(' or ')} tensor {dtype, shape, data}`, describe(value));
+}
+
+/** Throws: `shape` (the caller's, or its copy) is not an array of non-negative integers. */
+function badShapeArray(argument: string, shape: unknown): never {
+  fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
+}
+
+/** Throws: a tensor of another dtype. */
+function badDtype(argument: string, dtypes: readonly string[], dtype: unknown): never {
+  fail('INVALID_DTYPE', argument, `dtype ${dtypes.join(' or ')}`, `dtype ${JSON.stringify(dtype)}`);
+}
+
+/** Throws: a host tensor's data is not its dtype's array. */
+function badHostArray(argument: string, dtype: DType, data: unknown): never {
+  fail('INVALID_DTYPE', `${argument}.data`, `a ${ARRAY_CTORS[dtype].name} for dtype ${dtype}`, describe(data));
+}
+
+/** Throws: a host tensor's data is not as long as its shape says. */
+function badHostLength(argument: string, shape: readonly number[], n: number, length: number): never {
+  fail('INVALID_SHAPE', `${argument}.data`, `${n} elements for shape ${shapeStr(shape)}`, `${length} elements`);
+}
+
+/** Throws: a device tensor's buffer is freed, or not the size of its shape. */
+function badDeviceData(argument: string, dtype: DType, shape: readonly number[], buffer: DeviceBuffer, bytes: number): never {
+  if (buffer.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
+  fail('INVALID_SHAPE', `${argument}.data`, `${bytes} bytes for ${dtype} ${shapeStr(shape)}`, `a device buffer of ${buffer.byteLength} bytes`);
+}
+
+/**
+ * A tensor's fields, each read once (a getter is not asked twice); shape copied and checked.
+ * `dtypes` spells what was wanted in a message.
+ */
+function readTensorFields(value: unknown, argument: string, dtypes: readonly string[]): { dtype: unknown; shape: number[]; data: unknown } {
+  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) notATensor(value, argument, dtypes);
   const dtype = value.dtype;
   const rawShape = value.shape;
   const data = value.data;
-  if (typeof dtype !== 'string') fail('INVALID_VALUE', argument, `a ${want} tensor {dtype, shape, data}`, describe(value));
-  const shape = Array.isArray(rawShape) ? Array.from(rawShape as unknown[]) : null;
-  if (!shape || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-    fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', shape ? shapeStr(shape) : describe(rawShape));
+  if (typeof dtype !== 'string') notATensor(value, argument, dtypes);
+  if (!Array.isArray(rawShape)) badShapeArray(argument, rawShape);
+  const shape = Array.from(rawShape as unknown[]);
+  for (let i = 0; i < shape.length; i++) {
+    const d = shape[i];
+    if (!Number.isSafeInteger(d) || (d as number) < 0) badShapeArray(argument, shape);
   }
   return { dtype, shape: shape as number[], data };
 }
@@ -99,17 +137,15 @@ function readTensorFields(value: unknown, argument: string, want: string): { dty
  * caller's object does later changes what was validated.
  */
 export function checkTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> {
-  const want = dtypes.join(' or ');
-  const { dtype: rawDtype, shape, data: rawData } = readTensorFields(value, argument, want);
-  if (!(dtypes as readonly string[]).includes(rawDtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(rawDtype)}`);
+  const { dtype: rawDtype, shape, data: rawData } = readTensorFields(value, argument, dtypes);
+  if (!(dtypes as readonly string[]).includes(rawDtype as string)) badDtype(argument, dtypes, rawDtype);
   const dtype = rawDtype as D;
-  const ctor = ARRAY_CTORS[dtype];
-  if (isDeviceBuffer(rawData)) fail('INVALID_VALUE', argument, `a host ${want} tensor (this argument cannot be in device memory)`, 'a device tensor');
-  const data = ownView(rawData, ctor, `${argument}.data`);
-  if (!data) fail('INVALID_DTYPE', `${argument}.data`, `a ${ctor.name} for dtype ${dtype}`, describe(rawData));
+  if (isDeviceBuffer(rawData)) fail('INVALID_VALUE', argument, `a host ${dtypes.join(' or ')} tensor (this argument cannot be in device memory)`, 'a device tensor');
+  const data = ownView(rawData, ARRAY_CTORS[dtype], `${argument}.data`);
+  if (!data) badHostArray(argument, dtype, rawData);
   let n = 1;
-  for (const d of shape) n *= d;
-  if (data.length !== n) fail('INVALID_SHAPE', `${argument}.data`, `${n} elements for shape ${shapeStr(shape)}`, `${data.length} elements`);
+  for (let i = 0; i < shape.length; i++) n *= shape[i]!;
+  if (data.length !== n) badHostLength(argument, shape, n, data.length);
   return { dtype, shape, data } as unknown as Tensor<D>;
 }
 
@@ -118,18 +154,41 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
  * shape checks, its byte size checked against the shape, its contents never read.
  */
 export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> | DeviceTensor<D> {
-  const want = dtypes.join(' or ');
-  const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, want);
+  const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, dtypes);
   if (!isDeviceBuffer(data)) return checkTensor({ dtype: rawDtype, shape, data }, argument, dtypes);
-  if (!(dtypes as readonly string[]).includes(rawDtype as string)) fail('INVALID_DTYPE', argument, `dtype ${want}`, `dtype ${JSON.stringify(rawDtype)}`);
+  if (!(dtypes as readonly string[]).includes(rawDtype as string)) badDtype(argument, dtypes, rawDtype);
   const dtype = rawDtype as D;
-  const buffer = data;
-  if (buffer.freed) fail('INVALID_VALUE', `${argument}.data`, 'a live device buffer', 'a freed one');
   let n = 1;
-  for (const d of shape) n *= d;
+  for (let i = 0; i < shape.length; i++) n *= shape[i]!;
   const bytes = n * BYTES_PER_ELEMENT[dtype];
-  if (buffer.byteLength !== bytes) fail('INVALID_SHAPE', `${argument}.data`, `${bytes} bytes for ${dtype} ${shapeStr(shape)}`, `a device buffer of ${buffer.byteLength} bytes`);
-  return { dtype, shape, data: buffer } as unknown as DeviceTensor<D>;
+  if (data.freed || data.byteLength !== bytes) badDeviceData(argument, dtype, shape, data, bytes);
+  return { dtype, shape, data } as unknown as DeviceTensor<D>;
+}
+
+/**
+ * checkPlacedTensor(value, argument, [dtype]) for a device tensor, without a message: the tensor
+ * (its fields read once, in the same order, its shape copied) where that check accepts a device
+ * tensor, else undefined (a host tensor, or anything it refuses: call it for the error). One
+ * function with no calls but the intrinsics, for the checks every layer runs.
+ */
+export function liveDeviceTensor<D extends DType>(value: unknown, dtype: D): DeviceTensor<D> | undefined {
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+  const v = value as { dtype: unknown; shape: unknown; data: unknown };
+  const rawDtype = v.dtype;
+  const rawShape = v.shape;
+  const data = v.data;
+  if (rawDtype !== dtype || !Array.isArray(rawShape)) return undefined;
+  const shape = Array.from(rawShape as unknown[]);
+  let n = 1;
+  for (let i = 0; i < shape.length; i++) {
+    const d = shape[i];
+    if (!Number.isSafeInteger(d) || (d as number) < 0) return undefined;
+    n *= d as number;
+  }
+  if (typeof data !== 'object' || data === null || (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] !== true) return undefined;
+  const buffer = data as DeviceBuffer;
+  if (buffer.freed || buffer.byteLength !== n * BYTES_PER_ELEMENT[dtype]) return undefined;
+  return { dtype, shape: shape as number[], data: buffer } as DeviceTensor<D>;
 }
 
 export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>): t is DeviceTensor<D> {
@@ -138,8 +197,12 @@ export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>):
 
 /** Checks the rank; returns the shape. `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]". */
 export function checkRank(t: { readonly shape: readonly number[] }, argument: string, rank: number, expected: string): readonly number[] {
-  if (t.shape.length !== rank) fail('INVALID_SHAPE', argument, `rank ${rank} ${expected}`, `shape ${shapeStr(t.shape)}`);
+  if (t.shape.length !== rank) badRank(t.shape, argument, rank, expected);
   return t.shape;
+}
+
+function badRank(shape: readonly number[], argument: string, rank: number, expected: string): never {
+  fail('INVALID_SHAPE', argument, `rank ${rank} ${expected}`, `shape ${shapeStr(shape)}`);
 }
 
 /**
@@ -149,9 +212,15 @@ export function checkRank(t: { readonly shape: readonly number[] }, argument: st
  */
 export function checkQuery(value: unknown, expected: string, allowDevice = true): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
   const q = allowDevice ? checkPlacedTensor(value, 'q', ['bf16'] as const) : checkTensor(value, 'q', ['bf16'] as const);
-  const [rows, hQ, dQK] = checkRank(q, 'q', 3, expected) as [number, number, number];
-  if (hQ < 1) fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(q.shape)}`);
-  return { q, rows, hQ, dQK };
+  const shape = checkRank(q, 'q', 3, expected);
+  // indexed, not destructured (an array pattern runs the iterator protocol)
+  const hQ = shape[1]!;
+  if (hQ < 1) noHeads(shape);
+  return { q, rows: shape[0]!, hQ, dQK: shape[2]! };
+}
+
+function noHeads(shape: readonly number[]): never {
+  fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(shape)}`);
 }
 
 /** A dimension passed to the core as a 32-bit size. */
@@ -169,10 +238,12 @@ export const MAX_SM_SCALE = 2 ** 16;
 
 /** smScale: a finite number with |smScale| ≤ MAX_SM_SCALE (so it is finite as float32 too). */
 export function checkSmScale(value: unknown, argument = 'smScale'): number {
-  if (typeof value !== 'number' || !Number.isFinite(value) || Math.abs(value) > MAX_SM_SCALE) {
-    fail('INVALID_VALUE', argument, `a finite number with |${argument}| ≤ ${MAX_SM_SCALE} (logits smScale · q·k must stay finite in float32)`, describe(value));
-  }
+  if (typeof value !== 'number' || !Number.isFinite(value) || Math.abs(value) > MAX_SM_SCALE) badSmScale(value, argument);
   return value;
+}
+
+function badSmScale(value: unknown, argument: string): never {
+  fail('INVALID_VALUE', argument, `a finite number with |${argument}| ≤ ${MAX_SM_SCALE} (logits smScale · q·k must stay finite in float32)`, describe(value));
 }
 
 /**

@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, INT32_MAX, liveDeviceTensor, ownView } from '../ops/common.js';
 import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -81,20 +81,70 @@ function checkInt(v: unknown, argument: string, min: number, max: number): numbe
  */
 function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer> {
   const c = cache as { format: unknown; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer };
-  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array || (isDeviceBuffer(c.data) && !c.data.freed))) {
-    fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(cache));
-  }
-  if (c.format !== 'v4') fail('INVALID_VALUE', `${argument}.format`, "'v4' (the planner's caches are DeepSeek V4 paged caches)", describe(c.format));
-  if (!Number.isSafeInteger(c.pageSize) || c.pageSize < 1 || !Number.isSafeInteger(c.numPages) || c.numPages < 0) {
-    fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
-  }
+  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array || (isDeviceBuffer(c.data) && !c.data.freed))) notACache(cache, argument);
+  if (c.format !== 'v4') notV4(c.format, argument);
+  if (!Number.isSafeInteger(c.pageSize) || c.pageSize < 1 || !Number.isSafeInteger(c.numPages) || c.numPages < 0) badCacheGeometry(c, argument);
   const pageBytes = v4PageBytes(c.pageSize);
-  if (c.data.byteLength !== pageBytes * c.numPages) {
-    fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
-  }
-  const data = isDeviceBuffer(c.data) ? c.data : (ownView(c.data, Uint8Array, `${argument}.data`) ?? fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(c.data)));
+  if (c.data.byteLength !== pageBytes * c.numPages) badCacheBytes(c, pageBytes, argument);
+  const data = isDeviceBuffer(c.data) ? c.data : (ownView(c.data, Uint8Array, `${argument}.data`) ?? notBytes(c.data, argument));
   return { format: 'v4', pageSize: c.pageSize, numPages: c.numPages, numTokens: cacheTokens(c), bytes: data.byteLength, data };
 }
+
+/**
+ * checkV4Cache for a cache in device memory, without a message: its view where checkV4Cache
+ * accepts it and its data is a live device buffer, else undefined (a host cache, or anything
+ * checkV4Cache refuses: call it for the error). Every field is read once.
+ */
+function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
+  if (typeof cache !== 'object' || cache === null) return undefined;
+  const c = cache as { format: unknown; pageSize: number; numPages: number; data: unknown };
+  const data = c.data;
+  if (!isDeviceBuffer(data) || data.freed || c.format !== 'v4') return undefined;
+  const pageSize = c.pageSize, numPages = c.numPages;
+  if (!Number.isSafeInteger(pageSize) || pageSize < 1 || !Number.isSafeInteger(numPages) || numPages < 0) return undefined;
+  const bytes = data.byteLength;
+  if (bytes !== v4PageBytes(pageSize) * numPages) return undefined;
+  return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };
+}
+
+// The messages of the checks a layer runs (checkV4Cache, Plan.checkCaches, Plan.checkTopk), built
+// only to throw: those run on every layer, mostly before V8 has optimized them, and V8 gives a
+// function its inline caches once it has run about eight times its own bytecode.
+function notACache(cache: unknown, argument: string): never {
+  fail('INVALID_VALUE', argument, 'a KvCache {format, pageSize, numPages, data}', describe(cache));
+}
+function notV4(format: unknown, argument: string): never {
+  fail('INVALID_VALUE', `${argument}.format`, "'v4' (the planner's caches are DeepSeek V4 paged caches)", describe(format));
+}
+function badCacheGeometry(c: { pageSize: number; numPages: number }, argument: string): never {
+  fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
+}
+function badCacheBytes(c: { pageSize: number; numPages: number; data: { byteLength: number } }, pageBytes: number, argument: string): never {
+  fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
+}
+function notBytes(data: unknown, argument: string): never {
+  fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(data));
+}
+function swaCacheTooSmall(maxSwaId: number, numTokens: number): never {
+  fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${maxSwaId} (the plan's largest SWA id)`, `${numTokens} tokens`);
+}
+function badCompressedCache(ratio: 4 | 128, st: { pageSize: number; maxPage: number }, compressed: { pageSize: number; numPages: number }): never {
+  const key = ratio === 4 ? 'c4' : 'c128';
+  if (compressed.pageSize !== st.pageSize) fail('INVALID_VALUE', `caches.${key}.pageSize`, `the plan's c${ratio} page size ${st.pageSize}`, `${compressed.pageSize}`);
+  fail('OUT_OF_RANGE', `caches.${key}`, `a cache holding page ${st.maxPage} (the plan's largest c${ratio} page)`, `${compressed.numPages} pages`);
+}
+function badTopkShape(numQueries: number, shape: readonly number[]): never {
+  fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${numQueries}, topk]`, `[${shape.join(', ')}]`);
+}
+function topkTooLarge(numQueries: number, width: number): never {
+  fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${numQueries} × ${width}`);
+}
+function ratioNotServed(ratio: unknown, argument: string, ratios: readonly CompressRatio[]): never {
+  if (ratio === 4 || ratio === 128) fail('INVALID_VALUE', argument, `a ratio this plan serves (${ratios.join(', ')}); pass chunk.c${ratio}PageSize and page tables to createPlan`, `${ratio}`);
+  fail('INVALID_VALUE', argument, 'a compress ratio 0, 4 or 128', describe(ratio));
+}
+
+const INT32_DTYPE = ['int32'] as const;
 
 function bytesStr(n: number): string {
   if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
@@ -288,7 +338,7 @@ export class LayerResources<B = never> {
     const into = this.#takeC4Rows(topk.width);
     let r;
     try {
-      r = await steps.planRows({ ...this.#c4Job(topk), ...(into ? { into } : {}) });
+      r = await steps.planRows(this.#c4Job(topk, into));
     } catch (e) {
       if (into) this.#releaseC4Rows(into);
       throw e;
@@ -308,7 +358,7 @@ export class LayerResources<B = never> {
   queuedC4(topk: CheckedTopk<B>): { rows: C4LayerRows<B>; job: PlanRowsJob<B> & { into: PlannedRows<B> } } | undefined {
     const into = this.#takeC4Rows(topk.width);
     if (into === undefined) return undefined;
-    return { rows: into, job: { ...this.#c4Job(topk), into } };
+    return { rows: into, job: this.#c4Job(topk, into) as PlanRowsJob<B> & { into: PlannedRows<B> } };
   }
 
   /** Counts a layer the steps queued whole, and its c4 combine (queuedC4) with its dropped total as combineC4 counts its own. */
@@ -320,10 +370,12 @@ export class LayerResources<B = never> {
     p.stats.c4Dropped += c4Dropped;
   }
 
-  /** A c4 combine's planner job over this plan's requests. */
-  #c4Job(topk: CheckedTopk<B>): PlanRowsJob<B> {
+  /** A c4 combine's planner job over this plan's requests (into the rows `into`, when given). */
+  #c4Job(topk: CheckedTopk<B>, into: PlannedRows<B> | undefined): PlanRowsJob<B> {
     const p = this.#plan;
-    return { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width };
+    const job: PlanRowsJob<B> = { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width };
+    if (into !== undefined) job.into = into;
+    return job;
   }
 
   #countC4Combine(): void {
@@ -738,15 +790,34 @@ export class Plan {
   checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer>;
   checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer> {
     this.#state(4, 'compressRatio');
-    const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', ['int32']) : checkTensor(topkIndices, 'topkIndices', ['int32']);
-    const shape = t.shape.length === 3 && t.shape[1] === 1 ? [t.shape[0]!, t.shape[2]!] : t.shape;
-    if (shape.length !== 2 || shape[0] !== this.numQueries) {
-      fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${this.numQueries}, topk]`, `[${t.shape.join(', ')}]`);
-    }
-    const topk = shape[1]!;
+    const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', INT32_DTYPE) : checkTensor(topkIndices, 'topkIndices', INT32_DTYPE);
+    const checked = this.#topkRows(t.data, t.shape);
+    if (checked !== undefined) return checked;
+    const s = t.shape;
+    if (s.length !== 2 && !(s.length === 3 && s[1] === 1)) badTopkShape(this.numQueries, s);
+    if (s[0] !== this.numQueries) badTopkShape(this.numQueries, s);
+    topkTooLarge(this.numQueries, combinedWidth(4, s[s.length - 1]!, 0, this.window, this.align));
+  }
+
+  /**
+   * @internal checkTopk(topkIndices, true) for a top-k in device memory, without a message: the
+   * checked top-k where checkTopk accepts it, else undefined (a host top-k, a plan without c4, or
+   * anything checkTopk refuses: call it for the error).
+   */
+  deviceTopk(topkIndices: unknown): CheckedTopk<DeviceBuffer> | undefined {
+    if (!this.#ratios.has(4)) return undefined;
+    const t = liveDeviceTensor(topkIndices, 'int32');
+    return t === undefined ? undefined : this.#topkRows(t.data, t.shape);
+  }
+
+  /** A checked top-k of shape [numQueries, topk] or [numQueries, 1, topk] whose rows' width fits int32, else undefined. */
+  #topkRows(data: Int32Array | DeviceBuffer, s: readonly number[]): CheckedTopk<DeviceBuffer> | undefined {
+    const rank3 = s.length === 3 && s[1] === 1;
+    if ((s.length !== 2 && !rank3) || s[0] !== this.numQueries) return undefined;
+    const topk = s[rank3 ? 2 : 1]!;
     const width = combinedWidth(4, topk, 0, this.window, this.align);
-    if (this.numQueries * width > INT32_MAX) fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${this.numQueries} × ${width}`);
-    return { data: t.data, shape: [this.numQueries, topk], topk, width };
+    if (this.numQueries * width > INT32_MAX) return undefined;
+    return { data, shape: [this.numQueries, topk], topk, width };
   }
 
   /**
@@ -802,19 +873,32 @@ export class Plan {
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
     if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
     const swa = checkV4Cache(caches.swa, 'caches.swa');
-    if (this.#maxSwaId >= swa.numTokens) {
-      fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${this.#maxSwaId} (the plan's largest SWA id)`, `${swa.numTokens} tokens`);
-    }
+    if (this.#maxSwaId >= swa.numTokens) swaCacheTooSmall(this.#maxSwaId, swa.numTokens);
     if (ratio === 0) return { swa };
     const st = this.#state(ratio, 'compressRatio');
     const key = ratio === 4 ? 'c4' : 'c128';
     const c = caches[key];
-    if (c === undefined) fail('INVALID_VALUE', `caches.${key}`, `the layer's c${ratio} compressed cache`, 'undefined');
-    const compressed = checkV4Cache(c, `caches.${key}`);
-    if (compressed.pageSize !== st.pageSize) fail('INVALID_VALUE', `caches.${key}.pageSize`, `the plan's c${ratio} page size ${st.pageSize}`, `${compressed.pageSize}`);
-    if (st.maxPage >= compressed.numPages) {
-      fail('OUT_OF_RANGE', `caches.${key}`, `a cache holding page ${st.maxPage} (the plan's largest c${ratio} page)`, `${compressed.numPages} pages`);
-    }
+    if (c === undefined) fail('INVALID_VALUE', ratio === 4 ? 'caches.c4' : 'caches.c128', ratio === 4 ? "the layer's c4 compressed cache" : "the layer's c128 compressed cache", 'undefined');
+    const compressed = checkV4Cache(c, ratio === 4 ? 'caches.c4' : 'caches.c128');
+    if (compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) badCompressedCache(ratio, st, compressed);
+    return { swa, compressed };
+  }
+
+  /**
+   * @internal checkCaches(caches, ratio) for caches in device memory, without a message: the views
+   * where checkCaches accepts them and their data are live device buffers, else undefined (host
+   * caches, or anything checkCaches refuses: call it for the error). Every field is read once.
+   */
+  deviceCaches(caches: unknown, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
+    if (typeof caches !== 'object' || caches === null) return undefined;
+    const given = caches as PlanCaches;
+    const swa = deviceCacheView(given.swa);
+    if (swa === undefined || this.#maxSwaId >= swa.numTokens) return undefined;
+    if (ratio === 0) return { swa };
+    const st = this.#ratios.get(ratio);
+    if (st === undefined) return undefined;
+    const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128);
+    if (compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) return undefined;
     return { swa, compressed };
   }
 
@@ -843,10 +927,7 @@ export class Plan {
 
   #state(ratio: CompressRatio, argument: string): RatioState {
     const st = this.#ratios.get(ratio);
-    if (!st) {
-      if (ratio === 4 || ratio === 128) fail('INVALID_VALUE', argument, `a ratio this plan serves (${this.ratios.join(', ')}); pass chunk.c${ratio}PageSize and page tables to createPlan`, `${ratio}`);
-      fail('INVALID_VALUE', argument, 'a compress ratio 0, 4 or 128', describe(ratio));
-    }
+    if (!st) ratioNotServed(ratio, argument, this.ratios);
     return st;
   }
 }

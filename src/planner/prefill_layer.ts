@@ -23,14 +23,14 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
+import { MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, liveDeviceTensor } from '../ops/common.js';
 import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, LayerSteps, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
+import type { CacheView, LayerSteps, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { routePrefill } from './router.js';
-import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions } from './types.js';
+import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
 export interface PrefillLayerArgs extends RouteOptions {
   /** bf16 [numQueries, hQ, 512]; a device tensor with a cuda engine */
@@ -63,6 +63,8 @@ export interface PrefillLayerResult<P extends Placement = 'host'> extends RouteD
 interface LayerCall {
   plan: Plan;
   ratio: CompressRatio;
+  /** the plan's workspace layout of this ratio */
+  layout: WorkspaceLayout;
   q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
   hQ: number;
   attnSink: Tensor<'float32'> | DeviceTensor<'float32'> | undefined;
@@ -77,45 +79,141 @@ interface LayerCall {
   route: RouteDecision;
 }
 
+/**
+ * Every check of a layer call, each argument read once, in the order the errors are reported.
+ * This runs on every layer, mostly before V8 has optimized it (a process's first layers): no
+ * spreads or per-call closures here.
+ */
 function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall {
   checkArgsObject(args, 'args');
-  const { plan, compressRatio: ratio } = args;
+  const plan = args.plan, ratio = args.compressRatio;
   if (!(plan instanceof Plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
   if (ratio !== 0 && ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(ratio));
-  if (!plan.ratios.includes(ratio)) {
-    fail('INVALID_VALUE', 'compressRatio', `a ratio the plan serves (${plan.ratios.join(', ')})`, `${ratio}; pass chunk.c${ratio}PageSize and page tables to createPlan`);
-  }
+  if (!plan.ratios.includes(ratio)) ratioNotServed(plan, ratio);
   const output = checkOutputOption(options);
-  if (!engine.hasDevice && output === 'device') fail('BACKEND_UNAVAILABLE', 'options.output', "a cuda engine for { output: 'device' }", `the ${engine.backend} backend`);
-  const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', engine.hasDevice);
-  if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) {
-    fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
-  }
+  const hasDevice = engine.hasDevice;
+  if (!hasDevice && output === 'device') noDevice(engine, 'options.output');
+  const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', hasDevice);
+  if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) badQueryShape(plan, q);
   const smScale = checkSmScale(args.smScale);
-  const attnSink = args.attnSink === undefined ? undefined : engine.hasDevice ? checkPlacedTensor(args.attnSink, 'attnSink', ['float32']) : checkTensor(args.attnSink, 'attnSink', ['float32']);
-  if (attnSink && (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ)) {
-    fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
-  }
+  const sink = args.attnSink;
+  const attnSink = sink === undefined ? undefined : hasDevice ? checkPlacedTensor(sink, 'attnSink', FLOAT32_DTYPE) : checkTensor(sink, 'attnSink', FLOAT32_DTYPE);
+  if (attnSink && (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ)) badSinkShape(hQ, attnSink);
+  const topkIndices = args.topkIndices;
   if (ratio === 4) {
-    if (args.topkIndices === undefined) fail('INVALID_VALUE', 'topkIndices', 'the indexer top-k int32 [numQueries, topk] of a c4 layer', 'undefined');
-  } else if (args.topkIndices !== undefined) {
-    fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(args.topkIndices));
+    if (topkIndices === undefined) fail('INVALID_VALUE', 'topkIndices', 'the indexer top-k int32 [numQueries, topk] of a c4 layer', 'undefined');
+  } else if (topkIndices !== undefined) {
+    noIndexer(ratio, topkIndices);
   }
-  const caches = plan.checkCaches(args.caches, ratio);
-  if (!engine.hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) {
-    fail('BACKEND_UNAVAILABLE', 'caches', `host caches (the ${engine.backend} backend has no device memory; device caches need { backend: 'cuda' })`, 'a device cache');
+  const given = args.caches;
+  const caches = plan.checkCaches(given, ratio);
+  if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
+  const layerCaches = ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
+  // an env that is not given (or falsy) leaves the router to read process.env
+  const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
+  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
+}
+
+/**
+ * prepareLayer for the call a cuda engine's layer loop makes (every tensor and cache in device
+ * memory), in one function without messages: the same checks, each field read once, and the same
+ * LayerCall where they pass; undefined where anything differs (a host operand, another engine kind,
+ * bad input), and prepareLayer then checks the call again and throws its typed error. It exists
+ * for a process's first layers, which V8 runs in its interpreter: one function warms up and is
+ * compiled in one piece where prepareLayer's checks are a dozen.
+ */
+function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
+  if (typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
+  const plan = args.plan, ratio = args.compressRatio;
+  if (!(plan instanceof Plan) || (ratio !== 0 && ratio !== 4 && ratio !== 128) || !plan.ratios.includes(ratio)) return undefined;
+  // checkOutputOption
+  let output: Placement = 'host';
+  if (options !== undefined) {
+    if (typeof options !== 'object' || options === null || Array.isArray(options)) return undefined;
+    const o = (options as OutputOptions).output;
+    if (o === 'device') output = 'device';
+    else if (o !== undefined && o !== 'host') return undefined;
   }
-  const layerCaches = { swa: args.caches.swa!, ...(ratio !== 0 ? { compressed: args.caches[ratio === 4 ? 'c4' : 'c128']! } : {}) };
-  const route = routePrefill(nq, { ...(args.path !== undefined ? { path: args.path } : {}), ...(args.threshold !== undefined ? { threshold: args.threshold } : {}), ...(args.env ? { env: args.env } : {}), backend: engine.backend, compressRatio: ratio });
-  const topk = ratio === 4 ? plan.checkTopk(args.topkIndices, engine.hasDevice) : undefined;
-  return { plan, ratio, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
+  if (!engine.hasDevice) return undefined;
+  // checkQuery: bf16 [numQueries, hQ ≥ 1, 512]
+  const q = liveDeviceTensor(args.q, 'bf16');
+  if (q === undefined) return undefined;
+  const qs = q.shape;
+  if (qs.length !== 3 || qs[1]! < 1 || qs[0] !== plan.numQueries || qs[2] !== WORKSPACE_ROW_DIMS) return undefined;
+  const hQ = qs[1]!;
+  // checkSmScale
+  const smScale = args.smScale;
+  if (typeof smScale !== 'number' || !Number.isFinite(smScale) || Math.abs(smScale) > MAX_SM_SCALE) return undefined;
+  const sink = args.attnSink;
+  let attnSink: DeviceTensor<'float32'> | undefined;
+  if (sink !== undefined) {
+    attnSink = liveDeviceTensor(sink, 'float32');
+    if (attnSink === undefined || attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ) return undefined;
+  }
+  const topkIndices = args.topkIndices;
+  if ((ratio === 4) !== (topkIndices !== undefined)) return undefined;
+  const given = args.caches;
+  const caches = plan.deviceCaches(given, ratio);
+  if (caches === undefined) return undefined;
+  const layerCaches = ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
+  const route = routePrefill(qs[0]!, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  let topk: CheckedTopk<DeviceBuffer> | undefined;
+  if (ratio === 4) {
+    topk = plan.deviceTopk(topkIndices);
+    if (topk === undefined) return undefined;
+  }
+  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
+}
+
+// prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
+// optimized it, and V8 gives a function its inline caches once it has run about eight times its own
+// bytecode (a message built inline would only make the function bigger)
+const FLOAT32_DTYPE = ['float32'] as const;
+
+function ratioNotServed(plan: Plan, ratio: CompressRatio): never {
+  fail('INVALID_VALUE', 'compressRatio', `a ratio the plan serves (${plan.ratios.join(', ')})`, `${ratio}; pass chunk.c${ratio}PageSize and page tables to createPlan`);
+}
+function noDevice(engine: SparseMlaEngine, argument: 'options.output' | 'caches'): never {
+  if (argument === 'options.output') fail('BACKEND_UNAVAILABLE', 'options.output', "a cuda engine for { output: 'device' }", `the ${engine.backend} backend`);
+  fail('BACKEND_UNAVAILABLE', 'caches', `host caches (the ${engine.backend} backend has no device memory; device caches need { backend: 'cuda' })`, 'a device cache');
+}
+function badQueryShape(plan: Plan, q: { shape: readonly number[] }): never {
+  fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
+}
+function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never {
+  fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
+}
+function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
+  fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));
 }
 
 export async function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
   if (!(engine instanceof SparseMlaEngine)) fail('INVALID_VALUE', 'engine', 'an Engine from createEngine()', describe(engine));
-  const call = prepareLayer(engine, args, options);
-  const result = call.plan.numQueries === 0 ? await emptyLayer(engine, call) : call.route.path === 'paged' ? await pagedLayer(engine, call) : await workspaceLayer(engine.layerSteps(), call);
-  return result as PrefillLayerResult<P>;
+  const call = prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
+  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<P>;
+  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<P>;
+  const steps = engine.layerSteps();
+  const res = call.plan.resources(steps);
+  if (steps.queueLayer !== undefined && call.output === 'device') {
+    // the whole layer queued by the steps (see queuedLayerJob): one await, nothing between the
+    // call's checks and the launches but taking what the plan keeps
+    const job = queuedLayerJob(steps, res, call);
+    if (job !== undefined) {
+      let r: QueuedLayerOutput<DeviceBuffer> | undefined;
+      try {
+        r = await steps.queueLayer(job);
+      } finally {
+        res.giveBackWorkspace(job.prefill.workspace);
+        if (job.planRows !== null) res.giveBackC4Rows(job.planRows.into as C4LayerRows<DeviceBuffer>);
+      }
+      if (r !== undefined) {
+        res.countQueuedLayer(job.planRows === null ? null : r.dropped);
+        return workspaceResult(call, r, r.dropped) as PrefillLayerResult<P>;
+      }
+    }
+  }
+  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<P>;
 }
 
 /** A chunk without queries: empty outputs where they were asked for, no work. */
@@ -153,15 +251,9 @@ async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, l
   return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: rows.dropped };
 }
 
-/** The workspace path over the engine's layer steps (see the file comment). */
-async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
-  const { plan, ratio, topk, output } = call;
-  const res = plan.resources(steps);
-  if (steps.queueLayer !== undefined && output === 'device') {
-    const queued = await queuedWorkspaceLayer(steps, res, call);
-    if (queued !== undefined) return queued;
-  }
-  const layout = plan.layout(ratio);
+/** The workspace path step by step over the engine's layer steps (see the file comment). */
+async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
+  const { ratio, layout, topk, output } = call;
   let rows: LayerRows<DeviceBuffer>;
   let dropped: Promise<number> = Promise.resolve(0);
   let c4: C4LayerRows<DeviceBuffer> | undefined;
@@ -191,72 +283,63 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, call: LayerCall):
 }
 
 /** A layer's dequants into its workspace: the compressed rows first, then the SWA rows (null ids: none of that kind). */
-function dequantJobs<B>({ plan, ratio, caches }: LayerCall, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, swaIds: BigInt64Array | B | null): WorkspaceDequantizeJob<B>[] {
-  const layout = plan.layout(ratio);
-  const jobs: WorkspaceDequantizeJob<B>[] = [];
-  if (compressedIds !== null) jobs.push({ cache: caches.compressed! as CacheView<B>, tokenIds: compressedIds, n: layout.compressedRows, workspace, rowOffset: 0 });
-  if (swaIds !== null) jobs.push({ cache: caches.swa as CacheView<B>, tokenIds: swaIds, n: layout.swaRows, workspace, rowOffset: layout.compressedRows });
-  return jobs;
+function dequantJobs<B>({ layout, caches }: LayerCall, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, swaIds: BigInt64Array | B | null): WorkspaceDequantizeJob<B>[] {
+  const swa = swaIds === null ? null : { cache: caches.swa as CacheView<B>, tokenIds: swaIds, n: layout.swaRows, workspace, rowOffset: layout.compressedRows };
+  if (compressedIds === null) return swa === null ? [] : [swa];
+  const compressed = { cache: caches.compressed! as CacheView<B>, tokenIds: compressedIds, n: layout.compressedRows, workspace, rowOffset: 0 };
+  return swa === null ? [compressed] : [compressed, swa];
 }
 
 /** A layer's sparsePrefill over its workspace rows. */
-function prefillJob({ plan, ratio, q, hQ, attnSink, smScale }: LayerCall, workspace: Uint16Array | DeviceBuffer, rows: LayerRows<DeviceBuffer>): WorkspacePrefillJob<DeviceBuffer> {
-  return { q: q.data, workspace, rows: plan.layout(ratio).rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink?.data ?? null, numQueries: plan.numQueries, hQ, width: rows.width, smScale };
+function prefillJob({ plan, layout, q, hQ, attnSink, smScale }: LayerCall, workspace: Uint16Array | DeviceBuffer, rows: LayerRows<DeviceBuffer>): WorkspacePrefillJob<DeviceBuffer> {
+  return { q: q.data, workspace, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink === undefined ? null : attnSink.data, numQueries: plan.numQueries, hQ, width: rows.width, smScale };
 }
 
 /** A workspace layer's result: its outputs as tensors of the layer's shape, where they were made. */
-function workspaceResult({ plan, ratio, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, dropped: number): PrefillLayerResult<Placement> {
+function workspaceResult({ plan, layout, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, dropped: number): PrefillLayerResult<Placement> {
   const nq = plan.numQueries;
   return {
-    ...route,
+    path: route.path,
+    reason: route.reason,
     out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
     lse: placedTensor('float32', [nq, hQ], r.lse),
     maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
-    workspaceBytes: plan.layout(ratio).bytes,
+    workspaceBytes: layout.bytes,
     dropped,
   };
 }
 
 /**
- * The workspace path queued whole by the steps (LayerSteps.queueLayer: the cuda engine's layer
- * program, every operand and output on the device) once the plan keeps what the layer reads: its
- * dense rows (or, for c4, rows an earlier c4 layer gave back to combine into) and its gather ids.
- * Undefined when it does not (a plan's first layers, host operands, another engine's buffers): the
- * steps above then run one by one and keep them.
+ * The job of a workspace layer the steps queue whole (LayerSteps.queueLayer: the cuda engine's
+ * layer program, every operand and output on the device), with the plan's workspace (and, for c4,
+ * the rows an earlier c4 layer gave back to combine into) taken for it: give them back once the
+ * queue call has settled. Undefined, with nothing taken, when the plan does not keep what the layer
+ * reads yet (a plan's first layers) or an operand is on the host: the steps then run one by one and
+ * keep it.
  */
-async function queuedWorkspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement> | undefined> {
-  const { plan, ratio, q, attnSink, caches, topk } = call;
+function queuedLayerJob(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): QueuedLayerJob<DeviceBuffer> | undefined {
+  const { ratio, layout, q, attnSink, caches, topk } = call;
   if (!isDeviceBuffer(q.data) || (attnSink !== undefined && !isDeviceBuffer(attnSink.data))) return undefined;
   if (!isDeviceBuffer(caches.swa.data) || (caches.compressed !== undefined && !isDeviceBuffer(caches.compressed.data))) return undefined;
-  const layout = plan.layout(ratio);
   const compressedIds = layout.compressedRows > 0 ? res.keptCompressedIds(ratio as 4 | 128) : null;
   const swaIds = layout.swaRows > 0 ? res.keptSwaIds() : null;
   if (compressedIds === undefined || swaIds === undefined) return undefined;
   let rows: LayerRows<DeviceBuffer>;
-  let c4: ReturnType<LayerResources<DeviceBuffer>['queuedC4']>;
+  let planRows: QueuedLayerJob<DeviceBuffer>['planRows'] = null;
   if (ratio === 4) {
     if (!isDeviceBuffer(topk!.data)) return undefined;
-    c4 = res.queuedC4(topk!);
+    const c4 = res.queuedC4(topk!);
     if (c4 === undefined) return undefined;
     rows = c4.rows;
+    planRows = c4.job;
   } else {
     const dense = res.keptDenseRows(ratio);
     if (dense === undefined) return undefined;
     rows = dense;
   }
   const ws = res.takeWorkspace(steps);
-  try {
-    const r = await steps.queueLayer!({
-      owner: res,
-      planRows: c4 === undefined ? null : c4.job,
-      dequants: dequantJobs(call, ws, compressedIds, swaIds),
-      prefill: prefillJob(call, ws, rows),
-    });
-    if (r === undefined) return undefined;
-    res.countQueuedLayer(c4 === undefined ? null : r.dropped);
-    return workspaceResult(call, r, r.dropped);
-  } finally {
-    res.giveBackWorkspace(ws);
-    if (c4 !== undefined) res.giveBackC4Rows(c4.rows);
-  }
+  return { owner: res, planRows, dequants: dequantJobs(call, ws, compressedIds, swaIds), prefill: prefillJob(call, ws, rows) };
 }
+
+/** @internal prepareLayer and prepareDeviceLayer, for the tests that hold the second to the first. */
+export const layerChecks = { prepareLayer, prepareDeviceLayer };

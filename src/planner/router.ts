@@ -40,6 +40,21 @@ export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Re
 
 const CHOICES: readonly PrefillPathChoice[] = ['sparse', 'paged', 'auto'];
 
+/** The reasons of a path forced by option (every layer of a forced path gives one). */
+const FORCED_BY_OPTION: Readonly<Record<PrefillPath, string>> = { sparse: "forced by option path='sparse'", paged: "forced by option path='paged'" };
+
+/** The last threshold reason built, kept: a chunk's layers ask for the same one (no string built a layer). */
+let lastThresholdReason = { numQueries: -1, threshold: -1, above: false, backend: undefined as string | undefined, reason: '' };
+
+/** Why a threshold picked the path; `backend`: the backend whose default the threshold is, if it is one. */
+function thresholdReason(numQueries: number, threshold: number, above: boolean, backend: string | undefined): string {
+  const last = lastThresholdReason;
+  if (last.numQueries === numQueries && last.threshold === threshold && last.above === above && last.backend === backend) return last.reason;
+  const reason = `${numQueries} queries ${above ? '>' : '≤'} threshold ${threshold}${backend !== undefined ? ` (${backend} default)` : ''}`;
+  lastThresholdReason = { numQueries, threshold, above, backend, reason };
+  return reason;
+}
+
 /**
  * Pick the path for a chunk of `numQueries` queries of a layer of `compressRatio` (default 4); see
  * RouteOptions for the precedence.
@@ -50,7 +65,7 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
   const threshold = options.threshold ?? (options.backend ? SPARSE_PREFILL_THRESHOLDS[options.backend]?.[compressRatio] : undefined) ?? DEFAULT_SPARSE_PREFILL_THRESHOLD;
   if (!CHOICES.includes(path)) fail('INVALID_VALUE', 'path', "'sparse', 'paged' or 'auto'", describe(path));
   if (typeof threshold !== 'number' || !(threshold >= 0)) fail('INVALID_VALUE', 'threshold', 'a non-negative query count', describe(threshold));
-  if (path !== 'auto') return { path, reason: `forced by option path='${path}'` };
+  if (path !== 'auto') return { path, reason: FORCED_BY_OPTION[path] };
   const env = options.env ?? process.env;
   const raw = env[SPARSE_PREFILL_ENV];
   if (raw !== undefined && raw !== '') {
@@ -58,8 +73,6 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
     if (!CHOICES.includes(v as PrefillPathChoice)) fail('INVALID_VALUE', SPARSE_PREFILL_ENV, "'sparse', 'paged' or 'auto'", describe(raw));
     if (v !== 'auto') return { path: v as PrefillPath, reason: `forced by ${SPARSE_PREFILL_ENV}=${v}` };
   }
-  const which = fromBackend ? ` (${options.backend} default)` : '';
-  return numQueries > threshold
-    ? { path: 'sparse', reason: `${numQueries} queries > threshold ${threshold}${which}` }
-    : { path: 'paged', reason: `${numQueries} queries ≤ threshold ${threshold}${which}` };
+  const above = numQueries > threshold;
+  return { path: above ? 'sparse' : 'paged', reason: thresholdReason(numQueries, threshold, above, fromBackend ? options.backend : undefined) };
 }

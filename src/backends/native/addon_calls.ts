@@ -36,6 +36,18 @@ export class AddonCalls {
     }
   }
 
+  /**
+   * For a caller that makes an addon call itself (after assertAlive) and maps its errors with
+   * addonFailure as run does: dispose() waits for `p` from begin(p) until end(p).
+   */
+  begin(p: Promise<unknown>): void {
+    this.inFlight.add(p);
+  }
+
+  end(p: Promise<unknown>): void {
+    this.inFlight.delete(p);
+  }
+
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
   async dispose(): Promise<void> {
     this.disposed = true;

@@ -86,45 +86,67 @@ function planRowsFields(job: PlanRowsJob<DeviceBuffer>, rows: Int32Array | Devic
 /**
  * The buffers of a layer program's run, in the addon's slot order (the order its readers read the
  * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot);
- * `names`, when given, gets each slot's name, which a new program's `slots` must equal.
+ * `names`, when given, gets each slot's name, which a new program's `slots` must equal. Every
+ * queued layer builds this list: plain pushes and an indexed loop (no closures, no iterators).
  */
 function layerInputs(job: QueuedLayerJob<DeviceBuffer>, names?: string[]): unknown[] {
-  const buffers: unknown[] = [];
-  const add = (name: string, b: unknown): void => {
-    buffers.push(b);
-    names?.push(name);
-  };
   const { planRows: r, dequants, prefill: p } = job;
+  const buffers: unknown[] = [];
   if (r !== null) {
-    add('planRows.topkIndices', r.topkIndices);
-    add('planRows.rows', r.into.rows);
-    add('planRows.lens', r.into.lens);
-    add('planRows.droppedTotal', r.into.droppedTotal);
+    buffers.push(r.topkIndices, r.into.rows, r.into.lens, r.into.droppedTotal);
+    names?.push('planRows.topkIndices', 'planRows.rows', 'planRows.lens', 'planRows.droppedTotal');
   }
-  dequants.forEach((d, i) => {
-    add(`dequants.${i}.cache`, d.cache.data);
-    add(`dequants.${i}.tokenIds`, d.tokenIds);
-    add(`dequants.${i}.out`, d.workspace);
-  });
-  add('prefill.q', p.q);
-  add('prefill.kv', p.workspace);
-  add('prefill.indices', p.indices);
-  add('prefill.topkLength', p.lengths);
-  if (p.attnSink !== null) add('prefill.attnSink', p.attnSink);
+  for (let i = 0; i < dequants.length; i++) {
+    const d = dequants[i]!;
+    buffers.push(d.cache.data, d.tokenIds, d.workspace);
+    names?.push(`dequants.${i}.cache`, `dequants.${i}.tokenIds`, `dequants.${i}.out`);
+  }
+  buffers.push(p.q, p.workspace, p.indices, p.lengths);
+  names?.push('prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength');
+  if (p.attnSink !== null) {
+    buffers.push(p.attnSink);
+    names?.push('prefill.attnSink');
+  }
   return buffers;
 }
 
 /**
- * What a layer program read besides its buffers, as a key: the combine's and each dequant's
- * geometry, the prefill's shape and which optional arrays it has. The owner (a plan) fixes the
- * requests and window; every buffer size follows from these (the addon checks them per run).
+ * What a layer program read besides its buffers, as numbers: the combine's geometry (−1 without
+ * one), each dequant's, the prefill's shape and whether it has a sink. The owner (a plan) fixes the
+ * requests and window; every buffer size follows from these (the addon checks them per run). The
+ * list's length gives the number of dequants, so two layers read the same program iff their lists
+ * are equal. (Numbers, not a string key: every queued layer computes it.)
  */
-function layerProgramKey(job: QueuedLayerJob<DeviceBuffer>): string {
+function layerGeometry(job: QueuedLayerJob<DeviceBuffer>): number[] {
   const { planRows: r, dequants, prefill: p } = job;
-  let key = r === null ? '-' : `${r.ratio}:${r.topk}:${r.width}`;
-  for (const d of dequants) key += `|${d.cache.format}:${d.cache.pageSize}:${d.cache.numPages}:${d.n}:${d.rowOffset}`;
-  return `${key}|${p.numQueries}:${p.hQ}:${p.rows}:${p.width}:${(p.workspace as DeviceBuffer).byteLength}:${p.attnSink === null ? 0 : 1}`;
+  const g = r === null ? [-1, 0, 0] : [r.ratio, r.topk, r.width];
+  for (let i = 0; i < dequants.length; i++) {
+    const d = dequants[i]!;
+    g.push(CACHE_FORMAT_CODE[d.cache.format], d.cache.pageSize, d.cache.numPages, d.n, d.rowOffset);
+  }
+  g.push(p.numQueries, p.hQ, p.rows, p.width, (p.workspace as DeviceBuffer).byteLength, p.attnSink === null ? 0 : 1);
+  return g;
 }
+
+/** A layer program kept for an owner, with the geometry (layerGeometry) it was read for. */
+interface KeptLayerProgram {
+  readonly geometry: readonly number[];
+  readonly program: NativeLayerProgram;
+}
+
+/** The kept program read for `geometry`, if any. */
+function keptProgram(kept: readonly KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram | undefined {
+  for (let k = 0; k < kept.length; k++) {
+    const g = kept[k]!.geometry;
+    if (g.length !== geometry.length) continue;
+    let i = 0;
+    while (i < g.length && g[i] === geometry[i]) i++;
+    if (i === g.length) return kept[k]!.program;
+  }
+  return undefined;
+}
+
+const ignore = (): void => undefined;
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
 export class CudaDeviceBuffer implements DeviceBuffer {
@@ -346,13 +368,18 @@ export class CudaBackend implements Backend, DeviceOps {
   allocTogether(sizes: readonly number[]): CudaDeviceBuffer[] {
     const offsets: number[] = [];
     let total = 0;
-    for (const bytes of sizes) {
+    for (let i = 0; i < sizes.length; i++) {
       offsets.push(total);
-      total += Math.ceil(bytes / 256) * 256;
+      total += Math.ceil(sizes[i]! / 256) * 256;
     }
     const base = this.alloc(total) as CudaDeviceBuffer;
     try {
-      return sizes.map((bytes, i) => new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream, base.native, offsets[i]), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex }));
+      const views: CudaDeviceBuffer[] = [];
+      for (let i = 0; i < sizes.length; i++) {
+        const bytes = sizes[i]!;
+        views.push(new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream, base.native, offsets[i]), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex }));
+      }
+      return views;
     } catch (e) {
       throw addonFailure('cuda', 'alloc', e);
     } finally {
@@ -400,7 +427,8 @@ export class CudaBackend implements Backend, DeviceOps {
    */
   async synchronize(): Promise<void> {
     this.calls.assertAlive();
-    const until = performance.now() + SYNC_POLL_MS;
+    // the poll's SYNC_POLL_MS run from its first "not yet" (a stream that is done costs one query)
+    let until = -1;
     for (;;) {
       let done: boolean;
       try {
@@ -409,7 +437,9 @@ export class CudaBackend implements Backend, DeviceOps {
         throw addonFailure('cuda', 'synchronize', e);
       }
       if (done) return;
-      if (performance.now() >= until) break;
+      const now = performance.now();
+      if (until < 0) until = now + SYNC_POLL_MS;
+      else if (now >= until) break;
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
     await this.calls.run('synchronize', () => this.stream.synchronize());
@@ -543,53 +573,77 @@ export class CudaBackend implements Backend, DeviceOps {
    * order the two).
    */
   async queueLayer(job: QueuedLayerJob<DeviceBuffer>): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
-    const key = layerProgramKey(job);
-    let kept = this.programs.get(job.owner);
-    if (kept === undefined) this.programs.set(job.owner, (kept = new Map()));
-    let program = kept.get(key);
+    // run's arguments after droppedInto: the addon's buffers, each of this engine's stream
     const inputs = layerInputs(job);
-    if (!inputs.every((b) => b instanceof CudaDeviceBuffer && b.stream === this.stream)) return undefined;
+    for (let i = 0; i < inputs.length; i++) {
+      const b = inputs[i];
+      if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return undefined;
+      inputs[i] = b.native;
+    }
+    let kept = this.programs.get(job.owner);
+    if (kept === undefined) this.programs.set(job.owner, (kept = []));
+    const geometry = layerGeometry(job);
+    let program = keptProgram(kept, geometry);
     const { numQueries: sQ, hQ, smScale } = job.prefill;
     const outputBytes = [sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4];
     const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
+    // the addon call, tracked as AddonCalls.run tracks one (inlined here: one async frame a layer)
+    this.calls.assertAlive();
     let outputs: CudaDeviceBuffer[] | undefined;
+    let head: Promise<void> | undefined, tail: Promise<void>;
     try {
-      await this.calls.run('queueLayer', () => {
-        if (program === undefined) {
-          outputs = this.allocTogether(outputBytes);
-          program = this.makeLayerProgram(job, outputs, kept, key);
-        }
-        const p = program;
-        // the first launches are queued before the outputs are allocated (when they were not already)
-        const head = p.run(droppedInto, ...inputs.map((b) => (b as CudaDeviceBuffer).native));
-        try {
-          outputs ??= this.allocTogether(outputBytes);
-        } catch (e) {
-          p.abandon();
-          head.catch(() => undefined);
-          throw e;
-        }
-        const tail = p.finish(smScale, outputs[0]!.native, outputs[1]!.native, outputs[2]!.native);
-        return Promise.all([head, tail]).then(() => undefined);
-      });
+      if (program === undefined) {
+        outputs = this.allocTogether(outputBytes);
+        program = this.makeLayerProgram(job, outputs, kept, geometry);
+      }
+      const p = program;
+      // the first launches are queued before the outputs are allocated (when they were not already)
+      head = p.run(droppedInto, ...(inputs as NativeDeviceBuffer[]));
+      try {
+        outputs ??= this.allocTogether(outputBytes);
+      } catch (e) {
+        p.abandon();
+        head.catch(ignore);
+        throw e;
+      }
+      tail = p.finish(smScale, outputs[0]!.native, outputs[1]!.native, outputs[2]!.native);
     } catch (e) {
+      head?.catch(ignore); // finish refused its outputs: run's outcome no longer matters
       for (const b of outputs ?? []) b.free();
-      throw e;
+      throw addonFailure('cuda', 'queueLayer', e);
     }
-    const [out, maxLogits, lse] = outputs! as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
-    return { out, lse, maxLogits, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
+    this.calls.begin(head);
+    this.calls.begin(tail);
+    try {
+      // finish settles at once (with run's failure when run's launches failed); run once the
+      // dropped total is in. Waiting for finish first leaves no rejection of either unhandled.
+      try {
+        await tail;
+      } catch (e) {
+        head.catch(ignore);
+        throw e;
+      }
+      await head;
+    } catch (e) {
+      for (const b of outputs) b.free();
+      throw addonFailure('cuda', 'queueLayer', e);
+    } finally {
+      this.calls.end(head);
+      this.calls.end(tail);
+    }
+    return { out: outputs[0]!, lse: outputs[2]!, maxLogits: outputs[1]!, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
   }
 
   /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */
   layerProgramsOf(owner: object): NativeLayerProgram[] {
-    return [...(this.programs.get(owner)?.values() ?? [])];
+    return (this.programs.get(owner) ?? []).map((k) => k.program);
   }
 
-  /** Layer programs by their owner (a plan's resources on this engine) and geometry (layerProgramKey). */
-  private readonly programs = new WeakMap<object, Map<string, NativeLayerProgram>>();
+  /** Layer programs by their owner (a plan's resources on this engine), each with its geometry (layerGeometry). */
+  private readonly programs = new WeakMap<object, KeptLayerProgram[]>();
 
   /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
-  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: Map<string, NativeLayerProgram>, key: string): NativeLayerProgram {
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram {
     const { planRows: rows, dequants } = job;
     const [out, maxLogits, lse] = outputs as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     const params: LayerProgramParams = {
@@ -608,7 +662,7 @@ export class CudaBackend implements Backend, DeviceOps {
     layerInputs(job, names);
     names.push('prefill.out', 'prefill.maxLogits', 'prefill.lse');
     if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
-    kept.set(key, program);
+    kept.push({ geometry, program });
     return program;
   }
 

@@ -1,0 +1,182 @@
+// The JS host cost of a device c4 layer in a FRESH process, call by call: what a process's first
+// layers pay while V8 still runs the layer's JS in its interpreter and baseline tiers (and later,
+// once it has optimized it). Like bench/layer_host_js.mjs, the CudaBackend runs over a stub of the
+// addon's cuda op table whose ops do nothing and settle at once, so only the library's own JS is
+// timed (argument checks, plan lookups, the layer steps, operand marshalling, promise machinery).
+// Shapes as the layer section of `sparse-mla bench --backend cuda` (N 4096, hQ 64, top-k 512, one
+// fresh request, device q / caches / top-k / sink, { output: 'device' }, path 'sparse'). Each call
+// is timed from prefillLayer's call until the outputs are freed and engine.synchronize() resolved
+// (the bench's wall clock); before each, untimed, a device copy and a synchronize (the bench's L2
+// flush).
+//
+//   node bench/layer_host_cold.mjs                 one fresh process: per-call µs of calls 1-30 and
+//                                                  300-330, the median of calls 2-27 ("cold") and of
+//                                                  300-330 ("warm"), as JSON on the last line
+//   node bench/layer_host_cold.mjs --vs /abs/distA /abs/distB [--runs 20]
+//                                                  alternates fresh processes over two builds' dist/
+//                                                  (A B A B …) and prints, per build, the median over
+//                                                  runs of each run's cold and warm medians, and A/B
+//                                                  pair by pair (median of the pairs' ratios)
+//   LAYER_DIST=/abs/dist   the build a single run times (default this checkout's dist/)
+//   NODE_FLAGS="…"         extra node flags for the children of --vs
+import { performance } from 'node:perf_hooks';
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+
+const med = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+
+if (process.argv[2] === '--vs') await driver(process.argv.slice(3));
+else await child();
+
+async function driver(argv) {
+  const [distA, distB] = argv;
+  const runsAt = argv.indexOf('--runs');
+  const runs = runsAt >= 0 ? Number(argv[runsAt + 1]) : 20;
+  if (!distA || !distB) throw new Error('usage: --vs /abs/distA /abs/distB [--runs N]');
+  const self = fileURLToPath(import.meta.url);
+  const flags = (process.env.NODE_FLAGS ?? '').split(/\s+/).filter(Boolean);
+  const one = (dist) => {
+    const r = spawnSync(process.execPath, [...flags, self], { env: { ...process.env, LAYER_DIST: dist }, encoding: 'utf8' });
+    if (r.status !== 0) throw new Error(`child failed (${dist}): ${r.stderr}`);
+    const lines = r.stdout.trim().split('\n');
+    return JSON.parse(lines[lines.length - 1]);
+  };
+  const res = { A: [], B: [] };
+  for (let i = 0; i < runs; i++) {
+    res.A.push(one(distA));
+    res.B.push(one(distB));
+  }
+  const f = (x) => x.toFixed(1).padStart(7);
+  for (const k of ['A', 'B']) {
+    const cold = res[k].map((r) => r.coldMedianUs), warm = res[k].map((r) => r.warmMedianUs), first = res[k].map((r) => r.firstUs);
+    const coldL = res[k].map((r) => r.coldFirstLaunchUs), warmL = res[k].map((r) => r.warmFirstLaunchUs);
+    console.log(`${k} ${k === 'A' ? distA : distB}`);
+    console.log(`   cold (calls 2-27) median µs over ${runs} runs: ${f(med(cold))}  [min ${f(Math.min(...cold))}, max ${f(Math.max(...cold))}]`);
+    console.log(`   warm (calls 300-330) median µs:             ${f(med(warm))}  [min ${f(Math.min(...warm))}, max ${f(Math.max(...warm))}]`);
+    console.log(`   call -> first launch, cold / warm µs:       ${f(med(coldL))} / ${f(med(warmL))}`);
+    console.log(`   first call µs:                              ${f(med(first))}`);
+  }
+  const ratio = (key) => med(res.A.map((a, i) => a[key] / res.B[i][key]));
+  console.log(`A/B, median of the ${runs} pairs' ratios: cold ${ratio('coldMedianUs').toFixed(3)}, warm ${ratio('warmMedianUs').toFixed(3)}, first ${ratio('firstUs').toFixed(3)}; call -> first launch cold ${ratio('coldFirstLaunchUs').toFixed(3)}, warm ${ratio('warmFirstLaunchUs').toFixed(3)}`);
+}
+
+async function child() {
+  const dist = process.env.LAYER_DIST ?? fileURLToPath(new URL('../dist', import.meta.url));
+  const { createPlan, prefillLayer } = await import(`${dist}/index.js`);
+  const { SparseMlaEngine } = await import(`${dist}/engine.js`);
+  const { CudaBackend } = await import(`${dist}/backends/native/cuda_backend.js`);
+  const { v4PageBytes } = await import(`${dist}/kv_cache_layout.js`);
+  const N = 4096, HQ = 64, TOPK = 512, LAST = 330;
+
+  /** The addon's buffer and stream classes without a device: sizes only. */
+  class StubBuffer {
+    constructor(bytes, stream) {
+      this.byteLength = bytes;
+      this.device = stream.device;
+      this.freed = false;
+    }
+    free() {
+      this.freed = true;
+    }
+  }
+  class StubStream {
+    constructor(device) {
+      this.device = device;
+    }
+    query() {
+      return true;
+    }
+    synchronize() {
+      return Promise.resolve();
+    }
+  }
+  // when the layer's first and last launches were queued (the layer program's run and finish, or on
+  // a plan's first layer its first and last op calls), µs from the call
+  let t0 = 0, firstOp = NaN, lastOp = NaN;
+  const settled = () => {
+    const t = performance.now();
+    if (Number.isNaN(firstOp)) firstOp = t;
+    lastOp = t;
+    return Promise.resolve();
+  };
+  /** The addon's layer program without a device: its slots as the addon names them, runs that settle at once. */
+  class StubProgram {
+    constructor(params) {
+      this.slots = [];
+      const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
+      for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
+    }
+    run() {
+      return settled();
+    }
+    finish() {
+      return settled();
+    }
+    abandon() {}
+  }
+  const ops = {
+    streamClass: () => StubStream,
+    deviceBufferClass: () => StubBuffer,
+    layerProgramClass: () => StubProgram,
+    sparsePrefill: settled,
+    pagedSparseAttention: settled,
+    dequantizeKvCache: settled,
+    planRows: settled,
+    planCompressedTokenIds: settled,
+    upload: settled,
+    download: settled,
+    copyDevice: settled,
+    setTiming() {},
+  };
+  const backend = new CudaBackend(/* addon: only the host CPU core reads it (quantizeKCache) */ {}, ops, 1);
+  const engine = new SparseMlaEngine(backend);
+  const deviceTensor = (dtype, shape, bytes) => ({ dtype, shape, data: backend.alloc(bytes) });
+  const deviceCache = (pages) => ({ format: 'v4', pageSize: 64, numPages: pages, data: backend.alloc(v4PageBytes(64) * pages) });
+  const nComp = N / 4;
+  const plan = createPlan({
+    requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
+    c4PageSize: 64,
+  });
+  const swa = deviceCache(N / 64), c4 = deviceCache(nComp / 64);
+  const q = deviceTensor('bf16', [N, HQ, 512], N * HQ * 512 * 2);
+  const topk = deviceTensor('int32', [N, TOPK], N * TOPK * 4);
+  const sink = deviceTensor('float32', [HQ], HQ * 4);
+  const flushA = backend.alloc(256), flushB = backend.alloc(256);
+  // the bench's layer() as it calls it (a fresh args object per call)
+  const layer = async () => {
+    const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, attnSink: sink, smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
+    for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+  };
+  const us = [], firstUs = [], lastUs = [];
+  for (let i = 1; i <= LAST; i++) {
+    await backend.copyDevice(flushA, flushB);
+    await engine.synchronize();
+    firstOp = lastOp = NaN;
+    t0 = performance.now();
+    await layer();
+    await engine.synchronize();
+    us.push((performance.now() - t0) * 1000);
+    firstUs.push((firstOp - t0) * 1000);
+    lastUs.push((lastOp - t0) * 1000);
+  }
+  const calls = (a, b, xs = us) => xs.slice(a - 1, b);
+  const out = {
+    dist,
+    calls1to30: calls(1, 30).map((x) => Math.round(x * 10) / 10),
+    calls300to330: calls(300, 330).map((x) => Math.round(x * 10) / 10),
+    firstUs: us[0],
+    coldMedianUs: med(calls(2, 27)),
+    warmMedianUs: med(calls(300, 330)),
+    // µs from the call to its first launch (the host time the device waits for) and to its last
+    coldFirstLaunchUs: med(calls(2, 27, firstUs)),
+    warmFirstLaunchUs: med(calls(300, 330, firstUs)),
+    coldLastLaunchUs: med(calls(2, 27, lastUs)),
+    warmLastLaunchUs: med(calls(300, 330, lastUs)),
+    deviceStats: plan.deviceStats,
+  };
+  console.log(`calls 1-30 µs: ${out.calls1to30.join(' ')}`);
+  console.log(`calls 300-330 µs: ${out.calls300to330.join(' ')}`);
+  console.log(`cold median (calls 2-27) ${out.coldMedianUs.toFixed(1)} µs, warm median (300-330) ${out.warmMedianUs.toFixed(1)} µs; deviceStats ${JSON.stringify(out.deviceStats)}`);
+  console.log(`call -> first launch: cold ${out.coldFirstLaunchUs.toFixed(1)} µs, warm ${out.warmFirstLaunchUs.toFixed(1)} µs; call -> last launch: cold ${out.coldLastLaunchUs.toFixed(1)} µs, warm ${out.warmLastLaunchUs.toFixed(1)} µs`);
+  console.log(JSON.stringify(out));
+}

@@ -612,6 +612,8 @@ export class CudaBackend implements Backend, DeviceOps {
       for (const b of outputs ?? []) b.free();
       throw addonFailure('cuda', 'queueLayer', e);
     }
+    // handled from here on, whatever the addon's settling order: awaited below for its outcome
+    head.catch(ignore);
     this.calls.begin(head);
     this.calls.begin(tail);
     try {

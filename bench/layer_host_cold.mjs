@@ -22,6 +22,7 @@
 import { performance } from 'node:perf_hooks';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
+import { stubCudaEngine } from './stub_cuda_engine.mjs';
 
 const med = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
@@ -62,85 +63,16 @@ async function driver(argv) {
 
 async function child() {
   const dist = process.env.LAYER_DIST ?? fileURLToPath(new URL('../dist', import.meta.url));
-  const { createPlan, prefillLayer } = await import(`${dist}/index.js`);
-  const { SparseMlaEngine } = await import(`${dist}/engine.js`);
-  const { CudaBackend } = await import(`${dist}/backends/native/cuda_backend.js`);
-  const { v4PageBytes } = await import(`${dist}/kv_cache_layout.js`);
   const N = 4096, HQ = 64, TOPK = 512, LAST = 330;
-
-  /** The addon's buffer and stream classes without a device: sizes only. */
-  class StubBuffer {
-    constructor(bytes, stream) {
-      this.byteLength = bytes;
-      this.device = stream.device;
-      this.freed = false;
-    }
-    free() {
-      this.freed = true;
-    }
-  }
-  class StubStream {
-    constructor(device) {
-      this.device = device;
-    }
-    query() {
-      return true;
-    }
-    synchronize() {
-      return Promise.resolve();
-    }
-  }
   // when the layer's first and last launches were queued (the layer program's run and finish, or on
-  // a plan's first layer its first and last op calls), µs from the call
+  // a plan's first layer its first and last op calls)
   let t0 = 0, firstOp = NaN, lastOp = NaN;
-  const settled = () => {
-    const t = performance.now();
+  const { engine, backend, prefillLayer, c4Layer } = await stubCudaEngine(dist, (t) => {
     if (Number.isNaN(firstOp)) firstOp = t;
     lastOp = t;
-    return Promise.resolve();
-  };
-  /** The addon's layer program without a device: its slots as the addon names them, runs that settle at once. */
-  class StubProgram {
-    constructor(params) {
-      this.slots = [];
-      const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
-      for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
-    }
-    run() {
-      return settled();
-    }
-    finish() {
-      return settled();
-    }
-    abandon() {}
-  }
-  const ops = {
-    streamClass: () => StubStream,
-    deviceBufferClass: () => StubBuffer,
-    layerProgramClass: () => StubProgram,
-    sparsePrefill: settled,
-    pagedSparseAttention: settled,
-    dequantizeKvCache: settled,
-    planRows: settled,
-    planCompressedTokenIds: settled,
-    upload: settled,
-    download: settled,
-    copyDevice: settled,
-    setTiming() {},
-  };
-  const backend = new CudaBackend(/* addon: only the host CPU core reads it (quantizeKCache) */ {}, ops, 1);
-  const engine = new SparseMlaEngine(backend);
-  const deviceTensor = (dtype, shape, bytes) => ({ dtype, shape, data: backend.alloc(bytes) });
-  const deviceCache = (pages) => ({ format: 'v4', pageSize: 64, numPages: pages, data: backend.alloc(v4PageBytes(64) * pages) });
-  const nComp = N / 4;
-  const plan = createPlan({
-    requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
-    c4PageSize: 64,
   });
-  const swa = deviceCache(N / 64), c4 = deviceCache(nComp / 64);
-  const q = deviceTensor('bf16', [N, HQ, 512], N * HQ * 512 * 2);
-  const topk = deviceTensor('int32', [N, TOPK], N * TOPK * 4);
-  const sink = deviceTensor('float32', [HQ], HQ * 4);
+  const { plan, q, caches, topkIndices: topk, attnSink: sink } = c4Layer(N, HQ, TOPK);
+  const { swa, c4 } = caches;
   const flushA = backend.alloc(256), flushB = backend.alloc(256);
   // the bench's layer() as it calls it (a fresh args object per call)
   const layer = async () => {

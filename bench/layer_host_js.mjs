@@ -11,13 +11,9 @@
 //   ops        the op calls a layer made
 //   node bench/layer_host_js.mjs            (LAYER_N=4096,32768  REPEAT=2000  IDLE_MS=1  LAYER_DIST=/abs/dist)
 import { performance } from 'node:perf_hooks';
+import { stubCudaEngine } from './stub_cuda_engine.mjs';
 // LAYER_DIST: another build's dist/ to time (an absolute path; default this checkout's)
 const dist = process.env.LAYER_DIST ?? new URL('../dist', import.meta.url).pathname;
-const { createPlan, prefillLayer } = await import(`${dist}/index.js`);
-const { SparseMlaEngine } = await import(`${dist}/engine.js`);
-const { CudaBackend } = await import(`${dist}/backends/native/cuda_backend.js`);
-const { v4PageBytes } = await import(`${dist}/kv_cache_layout.js`);
-
 const SIZES = (process.env.LAYER_N ?? '4096').split(',').map(Number);
 const REPEAT = Number(process.env.REPEAT ?? 2000), WARMUP = Math.min(500, REPEAT);
 const HQ = 64, TOPK = 512;
@@ -25,81 +21,14 @@ const HQ = 64, TOPK = 512;
 const IDLE_MS = Number(process.env.IDLE_MS ?? 0);
 const med = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
-/** The addon's buffer and stream classes without a device: sizes only. */
-class StubBuffer {
-  constructor(bytes, stream) {
-    this.byteLength = bytes;
-    this.device = stream.device;
-    this.freed = false;
-  }
-  free() {
-    this.freed = true;
-  }
-}
-class StubStream {
-  constructor(device) {
-    this.device = device;
-  }
-  synchronize() {
-    return Promise.resolve();
-  }
-}
-
 let opCalls = 0, firstOpAt = NaN;
-const settled = () => {
-  if (opCalls++ === 0) firstOpAt = performance.now();
-  return Promise.resolve();
-};
-/** The addon's layer program without a device: its slots as the addon names them, runs that settle at once. */
-class StubProgram {
-  constructor(params) {
-    this.slots = [];
-    const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
-    for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
-  }
-  run() {
-    return settled();
-  }
-  finish() {
-    return settled();
-  }
-  abandon() {}
-}
-const ops = {
-  streamClass: () => StubStream,
-  deviceBufferClass: () => StubBuffer,
-  layerProgramClass: () => StubProgram,
-  sparsePrefill: settled,
-  pagedSparseAttention: settled,
-  dequantizeKvCache: settled,
-  planRows: settled,
-  planCompressedTokenIds: settled,
-  upload: settled,
-  download: settled,
-  copyDevice: settled,
-  setTiming() {},
-};
-const backend = new CudaBackend(/* addon: only the host CPU core reads it (quantizeKCache) */ {}, ops, 1);
-const engine = new SparseMlaEngine(backend);
-const deviceTensor = (dtype, shape, bytes) => ({ dtype, shape, data: backend.alloc(bytes) });
-const deviceCache = (pages) => ({ format: 'v4', pageSize: 64, numPages: pages, data: backend.alloc(v4PageBytes(64) * pages) });
+const { engine, prefillLayer, c4Layer } = await stubCudaEngine(dist, (t) => {
+  if (opCalls++ === 0) firstOpAt = t;
+});
 
 for (const N of SIZES) {
-  const nComp = N / 4;
-  const plan = createPlan({
-    requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
-    c4PageSize: 64,
-  });
-  const args = {
-    plan,
-    compressRatio: 4,
-    q: deviceTensor('bf16', [N, HQ, 512], N * HQ * 512 * 2),
-    caches: { swa: deviceCache(N / 64), c4: deviceCache(nComp / 64) },
-    topkIndices: deviceTensor('int32', [N, TOPK], N * TOPK * 4),
-    attnSink: deviceTensor('float32', [HQ], HQ * 4),
-    smScale: 1 / Math.sqrt(512),
-    path: 'sparse',
-  };
+  const { plan, q, caches, topkIndices, attnSink } = c4Layer(N, HQ, TOPK);
+  const args = { plan, compressRatio: 4, q, caches, topkIndices, attnSink, smScale: 1 / Math.sqrt(512), path: 'sparse' };
   const first = [], resolved = [];
   let opsPerLayer = 0;
   for (let i = 0; i < WARMUP + REPEAT; i++) {

@@ -1,0 +1,88 @@
+// A cuda engine over a stub of the addon's cuda op table, for the host-JS layer benchmarks
+// (layer_host_js.mjs, layer_host_cold.mjs): buffers and streams without a device (sizes only),
+// layer programs that name their slots as the addon does, and ops that do nothing and settle at
+// once (as the addon's ops with device operands do), so only the library's own JS is timed.
+//   stubCudaEngine(dist, onOp): dist = a build's dist/ (absolute path); onOp(t) is called with
+//   performance.now() at every op call. Returns { engine, backend, prefillLayer, c4Layer(N, hQ, topk) },
+//   c4Layer giving the layer bench's operands: one fresh request, device q / caches / top-k / sink.
+import { performance } from 'node:perf_hooks';
+
+export async function stubCudaEngine(dist, onOp = () => {}) {
+  const { createPlan, prefillLayer } = await import(`${dist}/index.js`);
+  const { SparseMlaEngine } = await import(`${dist}/engine.js`);
+  const { CudaBackend } = await import(`${dist}/backends/native/cuda_backend.js`);
+  const { v4PageBytes } = await import(`${dist}/kv_cache_layout.js`);
+
+  class StubBuffer {
+    constructor(bytes, stream) {
+      this.byteLength = bytes;
+      this.device = stream.device;
+      this.freed = false;
+    }
+    free() {
+      this.freed = true;
+    }
+  }
+  class StubStream {
+    constructor(device) {
+      this.device = device;
+    }
+    query() {
+      return true;
+    }
+    synchronize() {
+      return Promise.resolve();
+    }
+  }
+  const settled = () => {
+    onOp(performance.now());
+    return Promise.resolve();
+  };
+  class StubProgram {
+    constructor(params) {
+      this.slots = [];
+      const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
+      for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
+    }
+    run() {
+      return settled();
+    }
+    finish() {
+      return settled();
+    }
+    abandon() {}
+  }
+  const ops = {
+    streamClass: () => StubStream,
+    deviceBufferClass: () => StubBuffer,
+    layerProgramClass: () => StubProgram,
+    sparsePrefill: settled,
+    pagedSparseAttention: settled,
+    dequantizeKvCache: settled,
+    planRows: settled,
+    planCompressedTokenIds: settled,
+    upload: settled,
+    download: settled,
+    copyDevice: settled,
+    setTiming() {},
+  };
+  const backend = new CudaBackend(/* addon: only the host CPU core reads it (quantizeKCache) */ {}, ops, 1);
+  const engine = new SparseMlaEngine(backend);
+  const deviceTensor = (dtype, shape, bytes) => ({ dtype, shape, data: backend.alloc(bytes) });
+  const deviceCache = (pages) => ({ format: 'v4', pageSize: 64, numPages: pages, data: backend.alloc(v4PageBytes(64) * pages) });
+  const c4Layer = (N, hQ, topk) => {
+    const nComp = N / 4;
+    const plan = createPlan({
+      requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
+      c4PageSize: 64,
+    });
+    return {
+      plan,
+      q: deviceTensor('bf16', [N, hQ, 512], N * hQ * 512 * 2),
+      caches: { swa: deviceCache(N / 64), c4: deviceCache(nComp / 64) },
+      topkIndices: deviceTensor('int32', [N, topk], N * topk * 4),
+      attnSink: deviceTensor('float32', [hQ], hQ * 4),
+    };
+  };
+  return { engine, backend, prefillLayer, c4Layer };
+}

@@ -1,7 +1,8 @@
 // SPEC §5 paged FP8 sparse attention on sm_90a (dQK = dV = 512): a kernel of its own whose
 // producer reads v4 tokens straight from the paged FP8 cache(s) into registers and dequantizes
-// them into the bf16 tile on the tensor cores (e4m3_tensor_dequant.cuh). The main and extra sets form one list per query: the main set's first
-// min(topk, topkLength) entries, then the extra set's; one softmax over all of it.
+// them into the bf16 tile on the tensor cores (e4m3_tensor_dequant.cuh). The main and extra sets
+// form one list per query: the main set's first min(topk, topkLength) entries, then the extra
+// set's; one softmax over all of it.
 //
 // A tile = one query x 64 heads, on a persistent grid (below); warpgroup 2 dequantizes 64 tokens
 // per stage into a two-stage ring (each warp's 16 rows of FP8 loaded into registers at once,

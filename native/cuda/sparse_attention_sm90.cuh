@@ -17,9 +17,10 @@
 //     WG0 computes S0 = Q·K_bᵀ, WG1 S1 = Q·K_{b+1}ᵀ (each m64n64, K = dQK). WG0 owns O[:, 0:256],
 //     WG1 O[:, 256:512]. The running row max is chained through shared memory: WG0 takes the max
 //     over block b, WG1 then over block b+1; it moves only when a block passes it by more than 8
-//     (log2 units: lazy_max), so O is rarely rescaled, and the true max travels beside it. Each WG multiplies its own P (bf16, in registers)
-//     into its own half of O right away (RS wgmma) and hands P to the other WG through shared
-//     memory (SS wgmma); WG0's P is rescaled to WG1's newer max before it is handed over. Per pair
+//     (log2 units: lazy_max), so O is rarely rescaled, and the true max travels beside it. Each WG
+//     multiplies its own P (bf16, in registers) into its own half of O right away (RS wgmma) and
+//     hands P to the other WG through shared memory (SS wgmma); WG0's P is rescaled to WG1's newer
+//     max before it is handed over. Per pair
 //     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
 //     WG does its softmax. Row sums are combined once, in the epilogue, which also folds in the
 //     sink and stores O straight from registers (shared memory is already refilled by then).
@@ -279,12 +280,12 @@ __device__ __forceinline__ void load_q_tile(uint8_t* sQ, const AttnOutputs& p, i
   }
 }
 
-// exp2 base for a running max: rows that have seen only -inf use 0 (P = 0 there).
 // The running max a row's P, l and O are kept relative to moves only when a block's max passes it
 // by more than 8 (log2 units), so P stays below 2^8 and O is rarely rescaled (both kernels' math
 // warpgroups skip a rescale by 1). NaN and +inf move it, as max_nan does.
 constexpr float kLazyMaxSlack = 8.0f;
 __device__ __forceinline__ float lazy_max(float m, float b) { return b <= m + kLazyMaxSlack ? m : max_nan(m, b); }
+// exp2 base for a running max: rows that have seen only -inf use 0 (P = 0 there).
 __device__ __forceinline__ float exp_base(float m) { return m == -INFINITY ? 0.0f : m; }
 // Factor that moves values kept relative to max `from` to max `to` (to >= from); 0 when nothing
 // was accumulated yet (from = -inf), which also keeps 0 · inf out of the math.

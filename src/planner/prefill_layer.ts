@@ -124,7 +124,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
  * compiled in one piece where prepareLayer's checks are a dozen.
  */
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
-  if (typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
+  if (!engine.hasDevice || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
   const plan = args.plan, ratio = args.compressRatio;
   if (!(plan instanceof Plan) || (ratio !== 0 && ratio !== 4 && ratio !== 128) || !plan.ratios.includes(ratio)) return undefined;
   // checkOutputOption
@@ -135,7 +135,6 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     if (o === 'device') output = 'device';
     else if (o !== undefined && o !== 'host') return undefined;
   }
-  if (!engine.hasDevice) return undefined;
   // checkQuery: bf16 [numQueries, hQ ≥ 1, 512]
   const q = liveDeviceTensor(args.q, 'bf16');
   if (q === undefined) return undefined;

@@ -10,7 +10,8 @@
 // reader is done with it.
 //
 //   warpgroup 2, producer: loads each tile's Q, then fills K0.left, K1.right, K0.right, K1.left
-//     per pair of blocks (the order in which the math warpgroups need them), through a Source
+//     per pair of blocks (the order in which the math warpgroups need them; with dQK 576 the last
+//     two in the order they are freed), through a Source
 //     policy: bf16 rows gathered by index, or FP8 v4 tokens dequantized in shared memory.
 //     Invalid entries are zero-filled and never read.
 //   warpgroups 0 and 1, math, in a "seesaw" over each pair of blocks (b, b+1):
@@ -488,10 +489,33 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
         write_flags(r1, sValid + 64, &full[3]);
         src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
-        mbar_wait(&empty[1], free_parity);  // K0.right
-        src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
-        mbar_wait(&empty[2], free_parity);  // K1.left
-        src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+        if constexpr (DQK > kDv) {
+          // K0.right and K1.left in the order they are freed (each thread polls both and fills its
+          // own pieces of the first one free): with dQK 576, K0.right also holds P0 (its last
+          // chunk), which warpgroup 1 reads last
+          bool right_first = true;
+          for (;;) {
+            if (mbar_test(&empty[1], free_parity)) break;
+            if (mbar_test(&empty[2], free_parity)) {
+              right_first = false;
+              break;
+            }
+          }
+          if (right_first) {
+            src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+            mbar_wait(&empty[2], free_parity);
+            src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+          } else {
+            src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+            mbar_wait(&empty[1], free_parity);
+            src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+          }
+        } else {
+          mbar_wait(&empty[1], free_parity);  // K0.right
+          src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+          mbar_wait(&empty[2], free_parity);  // K1.left
+          src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+        }
         r0 = n0;
         r1 = n1;
       }

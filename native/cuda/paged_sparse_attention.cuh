@@ -87,11 +87,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* out_free = out_ready + 2;        // [tile parity]: WG1 has read them
 
   const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
-  const int64_t n_tiles = p.s_q * head_blocks;
   // Tiles in 32 bits throughout (the launcher keeps their count below 2^31): registers are short in
   // every warpgroup.
-  const uint32_t n_tiles32 = uint32_t(n_tiles);
-  const auto tile32 = [&](uint32_t t) { return TileOf{int64_t(t / uint32_t(head_blocks)), int(t % uint32_t(head_blocks)) * kHeadsPerCta}; };
+  const uint32_t n_tiles32 = uint32_t(p.s_q * head_blocks);
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -121,7 +119,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     write_e4m3_identity(smem + L::kIdentity, ptid, 128);
     fence_proxy_async();
     named_barrier_sync(kProducerSync, 128);
-    auto query_of = [&](uint32_t tile) { return int32_t(tile / uint32_t(head_blocks)); };
+    auto query_of = [&](uint32_t tile) { return int32_t(tile_of(tile, head_blocks).qi); };
     uint32_t t = blockIdx.x;
     int32_t qi = 0;
     typename Source::Entries e{0, 0};
@@ -184,7 +182,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     bool q_issued = false;
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
-      const TileOf tile = tile32(t);
+      const TileOf tile = tile_of(t, head_blocks);
       const int n_blocks = blocks_of(src.begin(tile.qi));
       if (n_blocks == 0 && q_issued) cp_async_wait_all();  // a Q loaded for nothing: landed before the next one is
       if (n_blocks > 0) {
@@ -214,7 +212,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
         wgmma_wait<0>();
         if (b + 1 == n_blocks && t + gridDim.x < n_tiles32) {  // the tile's last QKᵀ is done: Q is free
-          const TileOf next = tile32(t + gridDim.x);
+          const TileOf next = tile_of(t + gridDim.x, head_blocks);
           load_q_tile<DQK>(sQ, p, next.qi, next.h0, ctid, 128);
           cp_async_commit();
           q_issued = true;
@@ -286,7 +284,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     const uint32_t p_base = smem_u32(sP);
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
-      const TileOf tile = tile32(t);
+      const TileOf tile = tile_of(t, head_blocks);
       const int n_blocks = blocks_of(src.begin(tile.qi));
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.0f;

@@ -372,6 +372,11 @@ struct TileOf {
 __device__ __forceinline__ TileOf tile_of(int64_t t, int head_blocks) {
   return TileOf{t / head_blocks, int(t % head_blocks) * kHeadsPerCta};
 }
+// The same for tiles counted in 32 bits (the paged kernel's launcher keeps their count below 2^31;
+// its warpgroups are short of registers).
+__device__ __forceinline__ TileOf tile_of(uint32_t t, int head_blocks) {
+  return TileOf{int64_t(t / uint32_t(head_blocks)), int(t % uint32_t(head_blocks)) * kHeadsPerCta};
+}
 
 }  // namespace detail
 
@@ -489,6 +494,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
         write_flags(r1, sValid + 64, &full[3]);
         src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+        const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]); };
+        const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]); };
         if constexpr (DQK > kDv) {
           // K0.right and K1.left in the order they are freed (each thread polls both and fills its
           // own pieces of the first one free): with dQK 576, K0.right also holds P0 (its last
@@ -502,19 +509,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
             }
           }
           if (right_first) {
-            src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+            fill_k0_right();
             mbar_wait(&empty[2], free_parity);
-            src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+            fill_k1_left();
           } else {
-            src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+            fill_k1_left();
             mbar_wait(&empty[1], free_parity);
-            src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+            fill_k0_right();
           }
         } else {
           mbar_wait(&empty[1], free_parity);  // K0.right
-          src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]);
+          fill_k0_right();
           mbar_wait(&empty[2], free_parity);  // K1.left
-          src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]);
+          fill_k1_left();
         }
         r0 = n0;
         r1 = n1;

@@ -24,12 +24,14 @@
 //     max before it is handed over. Per pair
 //     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
 //     WG does its softmax. Row sums are combined once, in the epilogue, which also folds in the
-//     sink and stores O straight from registers (shared memory is already refilled by then).
+//     sink and stores O: with dQK 512 through the K1 halves and TMA stores (kTmaStore, below),
+//     otherwise straight from registers (shared memory is already refilled by then).
 //
 // Tiles are rows of 128-byte swizzled chunks of 64 dims: element (r, d) of a 64-row tile sits at
 // (d/64)*8192 + r*128 + (((d%64)/8) ^ (r%8))*16 + (d%8)*2, which is wgmma's canonical 128B-swizzle
 // layout both as a K-major operand (Q, K, P) and as an MN-major operand (V).
 #pragma once
+#include <cuda.h>
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
@@ -380,9 +382,15 @@ __device__ __forceinline__ TileOf tile_of(uint32_t t, int head_blocks) {
 
 }  // namespace detail
 
-template <int DQK, class Source>
+// kTmaStore (dQK 512 with h_q a multiple of 64): a tile's normalized O leaves through shared memory
+// and TMA stores (`out_map`: out as a [s_q * h_q, 512] bf16 tensor of 64 x 64 boxes, 128B swizzle)
+// instead of each math thread's own stores, which stall the math warpgroups while every CTA's O
+// drains at once. It is staged in the K1 half each math warpgroup read last (warpgroup 0: K1.left,
+// warpgroup 1: K1.right); the producer fills a tile's first pair K0 first and refills those halves
+// once the stores have read them. Tiles without entries store directly (K1 may hold the next tile).
+template <int DQK, class Source, bool kTmaStore>
 __global__ void __launch_bounds__(kAttnThreads, 1)
-    sparse_attention_sm90_kernel(const AttnOutputs p, const Source src) {
+    sparse_attention_sm90_kernel(const AttnOutputs p, const Source src, const __grid_constant__ CUtensorMap out_map) {
   using L = AttnSmem<DQK>;
   using namespace detail;
   constexpr int C = L::kChunks;
@@ -491,11 +499,25 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_wait(&empty[0], free_parity);  // K0.left (block 2i), with buffer 0's flags
         write_flags(r0, sValid, &full[0]);
         src.template fill<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
+        const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]); };
+        const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]); };
+        if (kTmaStore && i == 0) {
+          // A tile's first pair: K1 holds the last tile's O staging until its stores have read it,
+          // so K0 is filled whole first.
+          mbar_wait(&empty[1], free_parity);
+          fill_k0_right();
+          mbar_wait(&empty[3], free_parity);
+          write_flags(r1, sValid + 64, &full[3]);
+          src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+          mbar_wait(&empty[2], free_parity);
+          fill_k1_left();
+          r0 = n0;
+          r1 = n1;
+          continue;
+        }
         mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
         write_flags(r1, sValid + 64, &full[3]);
         src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
-        const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]); };
-        const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]); };
         if constexpr (DQK > kDv) {
           // K0.right and K1.left in the order they are freed (each thread polls both and fills its
           // own pieces of the first one free): with dQK 576, K0.right also holds P0 (its last
@@ -631,7 +653,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
         } else {
           wgmma_wait<0>();
-          mbar_arrive(&empty[2]);
+          if (!kTmaStore) mbar_arrive(&empty[2]);  // with TMA stores: once O staged there is stored
         }
       }
     } else {
@@ -662,9 +684,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         p_to_smem(pa, sP1, row_a, quad);
         fence_proxy_async();
         named_barrier_arrive(kP1Ready, 256);
-        // K1.right is free once this WG's own P·V is done (before waiting for P0).
+        // K1.right is free once this WG's own P·V is done (before waiting for P0); with TMA stores
+        // the tile's last one holds O's staging first.
         wgmma_wait<0>();
-        mbar_arrive(&empty[3]);
+        if (!kTmaStore || i + 1 < n_pairs) mbar_arrive(&empty[3]);
         // O[:, 256:512] += P0 · V0.right (P0 already on this max).
         named_barrier_sync(kP0Ready, 256);
         pv_remote(o, dp0, dv0r);
@@ -690,17 +713,43 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     bool any_valid = false;
 #pragma unroll
     for (int w = 0; w < 8; ++w) any_valid |= sSeenT[w] != 0;
+    float out_scale[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       const int row = half ? row_b : row_a;
       const int h = tile.h0 + row;
-      const float out_scale =
+      out_scale[half] =
           finalize_row(p, tile.qi, h, half ? m_b : m_a, half ? mt_b : mt_a, sLt[row] + sLt[64 + row], any_valid,
                        wg == 0 && quad == 0);
       // Normalized O, straight from registers (shared memory already holds the next tile).
-      store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale);
+      if (!kTmaStore || n_pairs == 0) store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale[half]);
+    }
+    if (kTmaStore && n_pairs > 0) {
+      // O's half into this warpgroup's K1 half (the swz_offset layout the map's 128B swizzle
+      // expects), then four 64 x 64 TMA stores; the half is released to the producer once they
+      // have read it.
+      uint8_t* const stage = sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192);
+#pragma unroll
+      for (int j = 0; j < 32; ++j) {
+        const int col = 8 * j + 2 * quad;
+        *reinterpret_cast<uint32_t*>(stage + swz_offset(row_a, col)) =
+            pack_bf16(o[4 * j] * out_scale[0], o[4 * j + 1] * out_scale[0]);
+        *reinterpret_cast<uint32_t*>(stage + swz_offset(row_b, col)) =
+            pack_bf16(o[4 * j + 2] * out_scale[1], o[4 * j + 3] * out_scale[1]);
+      }
+      fence_proxy_async();
+      named_barrier_sync(4 + wg, 128);
+      if (mt.ctid == 0) {
+        const int32_t y = int32_t(tile.qi * p.h_q + tile.h0);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tma_store_2d(&out_map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, y);
+        bulk_commit_group();
+        bulk_wait_group_read0();
+        mbar_arrive_count(&empty[wg == 0 ? 2 : 3], 128);
+      }
     }
   }
+  if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
 }
 
 // Launches a persistent attention kernel: one CTA per SM (fewer when there are fewer tiles).
@@ -718,10 +767,55 @@ cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem
   return cudaGetLastError();
 }
 
+// cuTensorMapEncodeTiled, from the driver through the runtime (the addon links no libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                   const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                   CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+inline EncodeTiledFn encode_tiled_fn() {
+  static EncodeTiledFn fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
 template <int DQK, class Source>
 cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
-  static PerDeviceValue<int> smem_set;
-  return launch_persistent(sparse_attention_sm90_kernel<DQK, Source>, AttnSmem<DQK>::kAlloc, smem_set, o, src, stream);
+  static PerDeviceValue<int> smem_set, smem_set_tma;
+  int device = 0, sms = 0;
+  cudaError_t err = current_device_sms(&device, &sms);
+  if (err != cudaSuccess) return err;
+  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
+  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
+  CUtensorMap map{};
+  // TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when no head is padded
+  // and the rows fit the map's 32-bit coordinates; otherwise (or without the driver's encoder) the
+  // threads' own stores.
+  const int64_t rows = o.s_q * int64_t(o.h_q);
+  EncodeTiledFn encode =
+      DQK == kDv && o.h_q % kHeadsPerCta == 0 && rows < (int64_t(1) << 31) ? encode_tiled_fn() : nullptr;
+  if (encode) {
+    const cuuint64_t dims[2] = {cuuint64_t(kDv), cuuint64_t(rows)};
+    const cuuint64_t strides[1] = {cuuint64_t(kDv) * 2};
+    const cuuint32_t box[2] = {64, 64}, estr[2] = {1, 1};
+    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
+               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+      encode = nullptr;
+  }
+  if (encode) {
+    auto kernel = sparse_attention_sm90_kernel<DQK, Source, true>;
+    if ((err = max_dynamic_smem_once(smem_set_tma, kernel, AttnSmem<DQK>::kAlloc, device)) != cudaSuccess) return err;
+    kernel<<<ctas, kAttnThreads, AttnSmem<DQK>::kAlloc, stream>>>(o, src, map);
+  } else {
+    auto kernel = sparse_attention_sm90_kernel<DQK, Source, false>;
+    if ((err = max_dynamic_smem_once(smem_set, kernel, AttnSmem<DQK>::kAlloc, device)) != cudaSuccess) return err;
+    kernel<<<ctas, kAttnThreads, AttnSmem<DQK>::kAlloc, stream>>>(o, src, map);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace smla::cuda

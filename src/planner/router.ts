@@ -27,12 +27,13 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  * (device time of the paged path over dequant + sparsePrefill, one request whose chunk is the last
  * N tokens, N = 16 … 4096), each the figure whose worst loss over hQ 64 / 128 and prefixes 0 /
  * 32K is smallest. cuda: c4 layers gain from the workspace path from about a hundred queries, c128
- * and c0 layers (short gathers, where the paged kernel is at its best) from about a thousand.
+ * layers from about five hundred and c0 layers (short gathers, where the paged kernel is at its
+ * best) from about a thousand.
  * wasm: the paths cross between 32 and 128 queries and stay within a few percent beyond; cpu runs
  * the same core natively and takes the same figure.
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Record<CompressRatio, number>>>> = {
-  cuda: { 0: 1024, 4: 128, 128: 1024 },
+  cuda: { 0: 1024, 4: 128, 128: 512 },
   cpu: { 0: 64, 4: 64, 128: 64 },
   wasm: { 0: 64, 4: 64, 128: 64 },
 };

@@ -360,6 +360,33 @@ __device__ __forceinline__ void store_o_row(const AttnOutputs& p, int64_t qi, in
   }
 }
 
+// One math warpgroup's half of a tile's O (rows row0 .. row0 + 63 of out, this warpgroup's 256
+// columns), normalized by each row's scale, out through shared memory: written into the 32 KB at
+// `stage` in the swz_offset layout (the tensor map's 128B swizzle), then sent as four 64 x 64 boxes
+// of `map` by the warpgroup's first thread, which then arrives `release_count` times on `release`
+// once the stores have read the stage. `barrier_id`: a named barrier for the warpgroup's 128 threads.
+__device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t* stage, const float (&o)[128],
+                                                 float scale_a, float scale_b, const MathThread& mt, int wg,
+                                                 int64_t row0, uint32_t barrier_id, uint64_t* release,
+                                                 uint32_t release_count) {
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const int col = 8 * j + 2 * mt.quad;
+    *reinterpret_cast<uint32_t*>(stage + swz_offset(mt.row_a, col)) = pack_bf16(o[4 * j] * scale_a, o[4 * j + 1] * scale_a);
+    *reinterpret_cast<uint32_t*>(stage + swz_offset(mt.row_b, col)) =
+        pack_bf16(o[4 * j + 2] * scale_b, o[4 * j + 3] * scale_b);
+  }
+  fence_proxy_async();
+  named_barrier_sync(barrier_id, 128);
+  if (mt.ctid == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) tma_store_2d(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0));
+    bulk_commit_group();
+    bulk_wait_group_read0();
+    mbar_arrive_count(release, release_count);
+  }
+}
+
 enum NamedBarrier : uint32_t {
   kMathSync = 1,  // both math WGs (256)
   kP0Ready = 2,   // WG0 -> WG1: P0 (rescaled) is in shared memory
@@ -725,28 +752,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       if (!kTmaStore || n_pairs == 0) store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale[half]);
     }
     if (kTmaStore && n_pairs > 0) {
-      // O's half into this warpgroup's K1 half (the swz_offset layout the map's 128B swizzle
-      // expects), then four 64 x 64 TMA stores; the half is released to the producer once they
-      // have read it.
-      uint8_t* const stage = sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192);
-#pragma unroll
-      for (int j = 0; j < 32; ++j) {
-        const int col = 8 * j + 2 * quad;
-        *reinterpret_cast<uint32_t*>(stage + swz_offset(row_a, col)) =
-            pack_bf16(o[4 * j] * out_scale[0], o[4 * j + 1] * out_scale[0]);
-        *reinterpret_cast<uint32_t*>(stage + swz_offset(row_b, col)) =
-            pack_bf16(o[4 * j + 2] * out_scale[1], o[4 * j + 3] * out_scale[1]);
-      }
-      fence_proxy_async();
-      named_barrier_sync(4 + wg, 128);
-      if (mt.ctid == 0) {
-        const int32_t y = int32_t(tile.qi * p.h_q + tile.h0);
-#pragma unroll
-        for (int c = 0; c < 4; ++c) tma_store_2d(&out_map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, y);
-        bulk_commit_group();
-        bulk_wait_group_read0();
-        mbar_arrive_count(&empty[wg == 0 ? 2 : 3], 128);
-      }
+      // O's half through this warpgroup's K1 half, released to the producer once stored.
+      store_o_half_tma(&out_map, sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192), o, out_scale[0], out_scale[1], mt, wg,
+                       tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3], 128);
     }
   }
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
@@ -783,6 +791,24 @@ inline EncodeTiledFn encode_tiled_fn() {
   return fn;
 }
 
+// The tensor map for O's TMA stores (out as [s_q * h_q, 512] bf16, 64 x 64 boxes, 128B swizzle):
+// false when the threads must store O themselves (a padded head group, rows past the map's 32-bit
+// coordinates, no encoder in the driver).
+inline bool make_out_map(CUtensorMap* map, const AttnOutputs& o) {
+  const int64_t rows = o.s_q * int64_t(o.h_q);
+  if (o.h_q % kHeadsPerCta != 0 || rows >= (int64_t(1) << 31)) return false;
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return false;
+  const cuuint64_t dims[2] = {cuuint64_t(kDv), cuuint64_t(rows)};
+  const cuuint64_t strides[1] = {cuuint64_t(kDv) * 2};
+  const cuuint32_t box[2] = {64, 64}, element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// O through TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when
+// make_out_map allows, otherwise the threads' own stores.
 template <int DQK, class Source>
 cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
   static PerDeviceValue<int> smem_set, smem_set_tma;
@@ -792,21 +818,7 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cud
   const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
   const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
   CUtensorMap map{};
-  // TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when no head is padded
-  // and the rows fit the map's 32-bit coordinates; otherwise (or without the driver's encoder) the
-  // threads' own stores.
-  const int64_t rows = o.s_q * int64_t(o.h_q);
-  EncodeTiledFn encode =
-      DQK == kDv && o.h_q % kHeadsPerCta == 0 && rows < (int64_t(1) << 31) ? encode_tiled_fn() : nullptr;
-  if (encode) {
-    const cuuint64_t dims[2] = {cuuint64_t(kDv), cuuint64_t(rows)};
-    const cuuint64_t strides[1] = {cuuint64_t(kDv) * 2};
-    const cuuint32_t box[2] = {64, 64}, estr[2] = {1, 1};
-    if (encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, dims, strides, box, estr, CU_TENSOR_MAP_INTERLEAVE_NONE,
-               CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-      encode = nullptr;
-  }
-  if (encode) {
+  if (DQK == kDv && make_out_map(&map, o)) {
     auto kernel = sparse_attention_sm90_kernel<DQK, Source, true>;
     if ((err = max_dynamic_smem_once(smem_set_tma, kernel, AttnSmem<DQK>::kAlloc, device)) != cudaSuccess) return err;
     kernel<<<ctas, kAttnThreads, AttnSmem<DQK>::kAlloc, stream>>>(o, src, map);

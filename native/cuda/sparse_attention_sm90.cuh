@@ -528,23 +528,26 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         src.template fill<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
         const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]); };
         const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]); };
+        // K1.right (block 2i+1), with buffer 1's flags
+        const auto fill_k1_right = [&] {
+          write_flags(r1, sValid + 64, &full[3]);
+          src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+        };
         if (kTmaStore && i == 0) {
           // A tile's first pair: K1 holds the last tile's O staging until its stores have read it,
           // so K0 is filled whole first.
           mbar_wait(&empty[1], free_parity);
           fill_k0_right();
           mbar_wait(&empty[3], free_parity);
-          write_flags(r1, sValid + 64, &full[3]);
-          src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+          fill_k1_right();
           mbar_wait(&empty[2], free_parity);
           fill_k1_left();
           r0 = n0;
           r1 = n1;
           continue;
         }
-        mbar_wait(&empty[3], free_parity);  // K1.right (block 2i+1), with buffer 1's flags
-        write_flags(r1, sValid + 64, &full[3]);
-        src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+        mbar_wait(&empty[3], free_parity);
+        fill_k1_right();
         if constexpr (DQK > kDv) {
           // K0.right and K1.left in the order they are freed (each thread polls both and fills its
           // own pieces of the first one free): with dQK 576, K0.right also holds P0 (its last
@@ -760,18 +763,18 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
 }
 
-// Launches a persistent attention kernel: one CTA per SM (fewer when there are fewer tiles).
-// `smem_set`: the kernel instantiation's own record of its shared memory attribute.
-template <class Kernel, class Source>
+// Launches a persistent attention kernel, kernel(o, src, extra...): one CTA per SM (fewer when there
+// are fewer tiles). `smem_set`: the kernel instantiation's own record of its shared memory attribute.
+template <class Kernel, class Source, class... Extra>
 cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, const AttnOutputs& o,
-                              const Source& src, cudaStream_t stream) {
+                              const Source& src, cudaStream_t stream, const Extra&... extra) {
   int device = 0, sms = 0;
   cudaError_t err = current_device_sms(&device, &sms);
   if (err != cudaSuccess) return err;
   if ((err = max_dynamic_smem_once(smem_set, kernel, smem, device)) != cudaSuccess) return err;
   const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
   const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
-  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src);
+  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src, extra...);
   return cudaGetLastError();
 }
 
@@ -812,22 +815,12 @@ inline bool make_out_map(CUtensorMap* map, const AttnOutputs& o) {
 template <int DQK, class Source>
 cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
   static PerDeviceValue<int> smem_set, smem_set_tma;
-  int device = 0, sms = 0;
-  cudaError_t err = current_device_sms(&device, &sms);
-  if (err != cudaSuccess) return err;
-  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
-  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
   CUtensorMap map{};
-  if (DQK == kDv && make_out_map(&map, o)) {
-    auto kernel = sparse_attention_sm90_kernel<DQK, Source, true>;
-    if ((err = max_dynamic_smem_once(smem_set_tma, kernel, AttnSmem<DQK>::kAlloc, device)) != cudaSuccess) return err;
-    kernel<<<ctas, kAttnThreads, AttnSmem<DQK>::kAlloc, stream>>>(o, src, map);
-  } else {
-    auto kernel = sparse_attention_sm90_kernel<DQK, Source, false>;
-    if ((err = max_dynamic_smem_once(smem_set, kernel, AttnSmem<DQK>::kAlloc, device)) != cudaSuccess) return err;
-    kernel<<<ctas, kAttnThreads, AttnSmem<DQK>::kAlloc, stream>>>(o, src, map);
-  }
-  return cudaGetLastError();
+  if (DQK == kDv && make_out_map(&map, o))
+    return launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, o, src,
+                             stream, map);
+  return launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, o, src, stream,
+                           map);
 }
 
 }  // namespace smla::cuda

@@ -603,12 +603,11 @@ export class CudaBackend implements Backend, DeviceOps {
         outputs ??= this.allocTogether(outputBytes);
       } catch (e) {
         p.abandon();
-        head.catch(ignore);
         throw e;
       }
       tail = p.finish(smScale, outputs[0]!.native, outputs[1]!.native, outputs[2]!.native);
     } catch (e) {
-      head?.catch(ignore); // finish refused its outputs: run's outcome no longer matters
+      head?.catch(ignore); // the outputs or finish refused: run's outcome no longer matters
       for (const b of outputs ?? []) b.free();
       throw addonFailure('cuda', 'queueLayer', e);
     }
@@ -618,13 +617,8 @@ export class CudaBackend implements Backend, DeviceOps {
     this.calls.begin(tail);
     try {
       // finish settles at once (with run's failure when run's launches failed); run once the
-      // dropped total is in. Waiting for finish first leaves no rejection of either unhandled.
-      try {
-        await tail;
-      } catch (e) {
-        head.catch(ignore);
-        throw e;
-      }
+      // dropped total is in (its rejection is already handled above).
+      await tail;
       await head;
     } catch (e) {
       for (const b of outputs) b.free();

@@ -515,7 +515,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         // pair's copies.
         const bool last = i + 1 == n_pairs;
         const bool more = !last || nxt.t < n_tiles;
-        const typename Source::Entries& ne = last ? nxt.entries : cur.entries;
+        const typename Source::Entries ne = last ? nxt.entries : cur.entries;  // a copy: a reference would put both in local memory
         const int64_t nq = last ? (more ? tile_of(nxt.t, head_blocks).qi : 0) : tile.qi;
         const int nb = last ? 0 : 2 * i + 2;
         typename Source::Rows n0{}, n1{};

@@ -1048,6 +1048,20 @@ int main(int argc, char** argv) {
   cudaDeviceProp prop;
   CK(cudaGetDeviceProperties(&prop, 0));
   printf("device: %s, %d SMs, cc %d.%d\n", prop.name, prop.multiProcessorCount, prop.major, prop.minor);
+  {
+    // as the addon does: stream-ordered temporaries (the prefill's tail-split workspace) stay cached
+    cudaMemPool_t pool;
+    uint64_t threshold = UINT64_MAX;
+    CK(cudaDeviceGetDefaultMemPool(&pool, 0));
+    CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  }
+  if (const char* g = getenv("SMLA_L2_FETCH_GRANULARITY")) {
+    // experiment: the L2's fetch granularity in bytes (cudaLimitMaxL2FetchGranularity, 0-128)
+    CK(cudaDeviceSetLimit(cudaLimitMaxL2FetchGranularity, size_t(atoi(g))));
+    size_t v = 0;
+    CK(cudaDeviceGetLimit(&v, cudaLimitMaxL2FetchGranularity));
+    printf("L2 fetch granularity: %zu bytes\n", v);
+  }
   if (mode == "fuzz") {
     run_fuzz();
     return 0;

@@ -181,10 +181,6 @@ __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bul
 // This thread's bulk copies have read their shared-memory source / have completed.
 __device__ __forceinline__ void bulk_wait_group_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }
 __device__ __forceinline__ void bulk_wait_group0() { asm volatile("cp.async.bulk.wait_group 0;" ::: "memory"); }
-// `count` arrivals at once.
-__device__ __forceinline__ void mbar_arrive_count(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-}
 
 #include "sm90_wgmma_ops.inc"
 

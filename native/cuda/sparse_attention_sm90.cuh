@@ -363,12 +363,12 @@ __device__ __forceinline__ void store_o_row(const AttnOutputs& p, int64_t qi, in
 // One math warpgroup's half of a tile's O (rows row0 .. row0 + 63 of out, this warpgroup's 256
 // columns), normalized by each row's scale, out through shared memory: written into the 32 KB at
 // `stage` in the swz_offset layout (the tensor map's 128B swizzle), then sent as four 64 x 64 boxes
-// of `map` by the warpgroup's first thread, which then arrives `release_count` times on `release`
-// once the stores have read the stage. `barrier_id`: a named barrier for the warpgroup's 128 threads.
+// of `map` by the warpgroup's first thread; once the stores have read the stage, every thread of
+// the warpgroup arrives on `release` (each its own arrival after its own writes: the ordering a
+// memory checker follows). `barrier_id`: a named barrier for the warpgroup's 128 threads.
 __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t* stage, const float (&o)[128],
                                                  float scale_a, float scale_b, const MathThread& mt, int wg,
-                                                 int64_t row0, uint32_t barrier_id, uint64_t* release,
-                                                 uint32_t release_count) {
+                                                 int64_t row0, uint32_t barrier_id, uint64_t* release) {
 #pragma unroll
   for (int j = 0; j < 32; ++j) {
     const int col = 8 * j + 2 * mt.quad;
@@ -383,8 +383,9 @@ __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t
     for (int c = 0; c < 4; ++c) tma_store_2d(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0));
     bulk_commit_group();
     bulk_wait_group_read0();
-    mbar_arrive_count(release, release_count);
   }
+  named_barrier_sync(barrier_id, 128);
+  mbar_arrive(release);
 }
 
 enum NamedBarrier : uint32_t {
@@ -452,7 +453,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     mbar_init(&full[1], 128);
     mbar_init(&full[2], 128);
     mbar_init(&full[3], 128 + 16);
-    for (int i = 0; i < 4; ++i) mbar_init(&empty[i], 128);
+    // K0.right also holds P0 when dQK > dV: warpgroup 0 releases it too, once it has written P0
+    for (int i = 0; i < 4; ++i) mbar_init(&empty[i], i == 1 && DQK > kDv ? 256 : 128);
     mbar_init(q_full, 128);
     mbar_init(q_empty, 256);
     mbar_init(max0_ready, 128);
@@ -656,6 +658,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         p_to_smem(pa, sP0, row_a, quad);
         fence_proxy_async();
         named_barrier_arrive(kP0Ready, 256);
+        // with dQK > dV, P0 sits in K0.right: this warpgroup's part of its release (its own
+        // arrival after its own writes, the ordering a memory checker follows)
+        if constexpr (DQK > kDv) mbar_arrive(&empty[1]);
         l_a *= f_a;
         l_b *= f_b;
         scale_rows(o, f_a, f_b);
@@ -757,7 +762,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     if (kTmaStore && n_pairs > 0) {
       // O's half through this warpgroup's K1 half, released to the producer once stored.
       store_o_half_tma(&out_map, sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192), o, out_scale[0], out_scale[1], mt, wg,
-                       tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3], 128);
+                       tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3]);
     }
   }
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves

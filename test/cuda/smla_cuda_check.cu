@@ -700,6 +700,9 @@ static void run_checks() {
       {"h64 d512 topk192 negative scale", 4, 64, 512, 512, 1000, 192, kMixed, true, true, false, 1.0, 0, false, 0, -1.0},
       {"h64 d576 topk130 zero scale", 3, 64, 576, 512, 1000, 130, kMixed, true, true, false, 1.0, 0, false, 0, 0.0},
       {"h192 d576 topk333 peaked", 3, 192, 576, 512, 3000, 333, kMixed, true, true, true, 6.0, 0},
+      // more tiles than SMs (each CTA of the persistent grid runs several), queries without entries
+      {"h64 d576 topk300, 300 queries mixed+len+sink", 300, 64, 576, 512, 3000, 300, kMixed, true, true, true, 1.0, 5},
+      {"h128 d512 topk200, 150 queries adversarial+len", 150, 128, 512, 512, 2000, 200, kAdversarial, true, true, false, 1.0, 3},
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail
@@ -768,6 +771,32 @@ static void run_fuzz() {
       check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
       ++launches;
     }
+    CK(cudaDeviceSynchronize());
+  }
+  // sparse prefill with more tiles than SMs and several pairs a tile (each CTA runs several tiles:
+  // the next tile's loads behind the last one's O staging, P0 refilled over with dQK 576), some
+  // queries without entries
+  for (int it = 0; it < 2; ++it) {
+    const int h_q = it ? 128 : 64, d_qk = it ? 512 : 576, topk = 150;
+    const int64_t s_q = 300, s_kv = 500;
+    std::vector<uint16_t> hq(size_t(s_q) * h_q * d_qk), hkv(size_t(s_kv) * d_qk);
+    for (auto& v : hq) v = to_bf16(r.normal());
+    for (auto& v : hkv) v = to_bf16(r.normal());
+    auto idx = make_indices(r, s_q, topk, s_kv, kAdversarial);
+    std::vector<int32_t> len(s_q);
+    for (auto& v : len) v = int32_t(r.range(-2, topk + 3));
+    DBuf<uint16_t> dq(hq.size()), dkv(hkv.size()), dout(size_t(s_q) * h_q * 512);
+    DBuf<int32_t> didx(idx.size()), dlen(len.size());
+    DBuf<float> dl(s_q * h_q), dm(s_q * h_q);
+    dq.up(hq);
+    dkv.up(hkv);
+    didx.up(idx);
+    dlen.up(len);
+    const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p, .topk_length = dlen.p,
+                                       .s_q = int32_t(s_q), .h_q = h_q, .d_qk = d_qk, .d_v = 512, .s_kv = int32_t(s_kv),
+                                       .topk = topk, .sm_scale = 0.05f, .out = dout.p, .max_logits = dm.p, .lse = dl.p};
+    check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
+    ++launches;
     CK(cudaDeviceSynchronize());
   }
   // the last: more tiles than SMs, so each CTA of the persistent paged grid runs several

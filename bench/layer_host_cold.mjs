@@ -64,8 +64,9 @@ async function driver(argv) {
 async function child() {
   const dist = process.env.LAYER_DIST ?? fileURLToPath(new URL('../dist', import.meta.url));
   const N = 4096, HQ = 64, TOPK = 512, LAST = 330;
-  // when the layer's first and last launches were queued (the layer program's run and finish, or on
-  // a plan's first layer its first and last op calls)
+  // when the layer's first and last launches were queued (the layer program's run, or its run and
+  // finish in a build before one call per layer, or on a plan's first layer its first and last op
+  // calls)
   let t0 = 0, firstOp = NaN, lastOp = NaN;
   const { engine, backend, prefillLayer, c4Layer } = await stubCudaEngine(dist, (t) => {
     if (Number.isNaN(firstOp)) firstOp = t;

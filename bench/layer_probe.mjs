@@ -165,10 +165,10 @@ async function trace(name, fn) {
       value: (...a) => {
         const e = { op: 'program.run', call: performance.now(), ret: NaN, settle: NaN };
         log.push(e);
-        const p = run.apply(program, a);
+        const r = run.apply(program, a);
         e.ret = performance.now();
-        p.then(() => (e.settle = performance.now()), () => (e.settle = performance.now()));
-        return p;
+        r.done.then(() => (e.settle = performance.now()), () => (e.settle = performance.now()));
+        return r;
       },
     });
   }

@@ -1,7 +1,8 @@
 // A cuda engine over a stub of the addon's cuda op table, for the host-JS layer benchmarks
 // (layer_host_js.mjs, layer_host_cold.mjs): buffers and streams without a device (sizes only),
-// layer programs that name their slots as the addon does, and ops that do nothing and settle at
-// once (as the addon's ops with device operands do), so only the library's own JS is timed.
+// layer programs that name their slots and hand back their outputs as the addon does, and ops that
+// do nothing and settle at once (as the addon's ops with device operands do), so only the library's
+// own JS is timed.
 //   stubCudaEngine(dist, onOp): dist = a build's dist/ (absolute path); onOp(t) is called with
 //   performance.now() at every op call. Returns { engine, backend, prefillLayer, c4Layer(N, hQ, topk) },
 //   c4Layer giving the layer bench's operands: one fresh request, device q / caches / top-k / sink.
@@ -39,13 +40,19 @@ export async function stubCudaEngine(dist, onOp = () => {}) {
     return Promise.resolve();
   };
   class StubProgram {
-    constructor(params) {
+    constructor(params, stream) {
       this.slots = [];
       const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
       for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
+      this.stream = stream;
+      this.rows = params.prefill.sQ * params.prefill.hQ;
     }
+    // run queues the whole layer and hands back its outputs; being a promise too, and with finish
+    // and abandon, it also serves a build before one call per layer (LAYER_DIST, --vs), whose
+    // program reads its outputs as slots
     run() {
-      return settled();
+      const done = settled();
+      return Object.assign(done, { done, out: new StubBuffer(this.rows * 1024, this.stream), maxLogits: new StubBuffer(this.rows * 4, this.stream), lse: new StubBuffer(this.rows * 4, this.stream) });
     }
     finish() {
       return settled();

@@ -153,7 +153,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     await cuda.dispose();
   });
 
-  test('queueLayer: a layer program the addon refuses, or whose run fails, is a typed BACKEND_FAILURE that frees the outputs it allocated', async () => {
+  test('queueLayer: a layer program the addon refuses, a run whose launches or outputs fail, or whose queued work fails later is a typed error, and the outputs the run handed back are freed', async () => {
     const made: { freed: boolean }[] = [];
     class TrackedBuffer {
       readonly device: number;
@@ -166,21 +166,22 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
         this.freed = true;
       }
     }
-    const failure = Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' });
-    const programs = {
-      refusing: class {
-        constructor() {
-          throw failure;
-        }
-      },
-      failing: class {
-        readonly slots = ['dequants.0.cache', 'dequants.0.tokenIds', 'dequants.0.out', 'prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength', 'prefill.out', 'prefill.maxLogits', 'prefill.lse'];
-        run = () => Promise.reject(Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' }));
-        finish = () => Promise.reject(Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' }));
-        abandon = () => undefined;
-      },
-    };
-    for (const [name, Program] of Object.entries(programs)) {
+    const launchFailure = () => Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' });
+    const noMemory = () => Object.assign(new Error("layerProgram.run: the prefill's outputs (10240 bytes): CUDA failed: cudaErrorMemoryAllocation: out of memory"), { code: 'SMLA_OUT_OF_MEMORY', status: 'cudaErrorMemoryAllocation: out of memory' });
+    const nothing = { out: null, maxLogits: null, lse: null };
+    // a program whose run returns what `queued` gives (as the addon's: the outputs once all of the layer was queued, else null)
+    const program = (queued: () => object) =>
+      class {
+        readonly slots = ['dequants.0.cache', 'dequants.0.tokenIds', 'dequants.0.out', 'prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength'];
+        run = queued;
+      };
+    const cases: [string, unknown, string, number][] = [
+      ['refused', class { constructor() { throw Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' }); } }, 'BACKEND_FAILURE', 0],
+      ['a launch failed', program(() => ({ done: Promise.reject(launchFailure()), ...nothing })), 'BACKEND_FAILURE', 0],
+      ['the outputs found no memory', program(() => ({ done: Promise.reject(noMemory()), ...nothing })), 'TOO_LARGE', 0],
+      ['all queued, then the dropped read failed', program(() => ({ done: Promise.reject(launchFailure()), out: new TrackedBuffer(8192, { device: 0 }), maxLogits: new TrackedBuffer(32, { device: 0 }), lse: new TrackedBuffer(32, { device: 0 }) })), 'BACKEND_FAILURE', 3],
+    ];
+    for (const [name, Program, code, handedBack] of cases) {
       const cuda = new CudaBackend(addon, fakeOps({ deviceBufferClass: () => TrackedBuffer, layerProgramClass: () => Program }), 1);
       const ws = cuda.alloc(4 * 1024);
       const job = {
@@ -192,9 +193,9 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
       const before = made.length;
       const err = await cuda.queueLayer(job).catch((e: unknown) => e);
       expect(err, name).toBeInstanceOf(SparseMlaError);
-      expect((err as SparseMlaError).code, name).toBe('BACKEND_FAILURE');
+      expect((err as SparseMlaError).code, name).toBe(code);
       const outputs = made.slice(before);
-      expect(outputs.length, name).toBe(4); // the base and its three views
+      expect(outputs.length, name).toBe(handedBack); // nothing allocated on the JS side
       expect(outputs.every((b) => b.freed), name).toBe(true);
       await cuda.dispose();
     }
@@ -476,15 +477,18 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
     planRows: (p: Parameters<typeof ops.planRows>[0]) => ops.planRows(p),
     planCompressedTokenIds: (p: Parameters<typeof ops.planCompressedTokenIds>[0]) => ops.planCompressedTokenIds(p),
     sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
-    // a layer program: read once (each part with its own op's fields, every array a device buffer),
-    // then run over buffers of the same sizes in its slots' order (noted as its own call, then its
-    // parts: the dequants, the combine; finish: the prefill)
+    // a layer program: read once (each part with its own op's fields, every array a device buffer
+    // but the prefill's outputs, null), then run over buffers of the same sizes in its slots' order
+    // (noted as its own call, then its parts: the dequants, the combine, the prefill into outputs
+    // it allocates)
     layerProgramClass: () =>
       class {
         readonly slots: string[] = [];
         readonly sizes: number[] = [];
-        #bound: Record<string, StandInBuffer> | null = null;
-        constructor(readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> }) {
+        constructor(
+          readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> },
+          readonly stream: { device: number },
+        ) {
           expect(Object.keys(params).sort()).toEqual(['dequants', 'planRows', 'prefill']);
           const parts: [string, Record<string, unknown>, CudaOpName][] = [
             ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, CudaOpName]] : []),
@@ -498,46 +502,37 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
               else if (ArrayBuffer.isView(v) && !['seqLens', 'extendLens'].includes(field)) throw new Error(`${name}.${field}: host memory in a layer program`);
             }
           }
-          expect(this.slots.slice(-3)).toEqual(['prefill.out', 'prefill.maxLogits', 'prefill.lse']);
-        }
-        #bind(from: number, buffers: StandInBuffer[]): void {
-          buffers.forEach((b, k) => {
-            expect(b.byteLength, this.slots[from + k]).toBe(this.sizes[from + k]);
-            this.#bound![this.slots[from + k]!] = b;
-          });
+          expect([params.prefill.out, params.prefill.maxLogits, params.prefill.lse]).toEqual([null, null, null]);
         }
         /** a part's params with this layer's buffers */
-        #part(name: string, part: Record<string, unknown>): Record<string, unknown> {
+        #part(bound: Record<string, StandInBuffer>, name: string, part: Record<string, unknown>): Record<string, unknown> {
           const p = { ...part };
-          for (const [slot, b] of Object.entries(this.#bound!)) if (slot.startsWith(`${name}.`)) p[slot.slice(name.length + 1)] = b;
+          for (const [slot, b] of Object.entries(bound)) if (slot.startsWith(`${name}.`)) p[slot.slice(name.length + 1)] = b;
           return p;
         }
-        // stream order: finish's prefill runs after run's launches, as the device would order them
-        #ran: Promise<void> = Promise.resolve();
-        run(droppedInto: BigInt64Array | null, ...inputs: StandInBuffer[]): Promise<void> {
-          expect(inputs.length).toBe(this.slots.length - 3);
-          this.#bound = {};
-          this.#bind(0, inputs);
+        run(droppedInto: BigInt64Array | null, smScale: number, ...inputs: StandInBuffer[]): { done: Promise<void>; out: StandInBuffer; maxLogits: StandInBuffer; lse: StandInBuffer } {
+          expect(inputs.length).toBe(this.slots.length);
+          const bound: Record<string, StandInBuffer> = {};
+          inputs.forEach((b, k) => {
+            expect(b.byteLength, this.slots[k]).toBe(this.sizes[k]);
+            bound[this.slots[k]!] = b;
+          });
           calls.push({ op: 'layerProgram.run', hostOperands: [] });
-          const dequants = this.params.dequants.map((d, i) => this.#part(`dequants.${i}`, d));
-          const rows = this.params.planRows === null ? null : this.#part('planRows', this.params.planRows);
-          return (this.#ran = (async () => {
+          const dequants = this.params.dequants.map((d, i) => this.#part(bound, `dequants.${i}`, d));
+          const rows = this.params.planRows === null ? null : this.#part(bound, 'planRows', this.params.planRows);
+          const { sQ, hQ, dV } = this.params.prefill as { sQ: number; hQ: number; dV: number };
+          const out = new StandInBuffer(sQ * hQ * dV * 2, this.stream), maxLogits = new StandInBuffer(sQ * hQ * 4, this.stream), lse = new StandInBuffer(sQ * hQ * 4, this.stream);
+          const prefill = { ...this.#part(bound, 'prefill', this.params.prefill), smScale, out, maxLogits, lse };
+          // in stream order; settled once the prefill has run too (the stand-in's downloads are not ordered behind it)
+          const done = (async () => {
             for (const d of dequants) await ops.dequantizeKvCache(d as never);
             if (rows !== null) {
               await ops.planRows(rows as never);
               if (droppedInto !== null) droppedInto.set(new BigInt64Array((rows.droppedTotal as StandInBuffer).mem));
             }
-          })());
-        }
-        finish(smScale: number, ...outputs: StandInBuffer[]): Promise<void> {
-          expect(this.#bound).not.toBeNull();
-          this.#bind(this.slots.length - 3, outputs);
-          const prefill = { ...this.#part('prefill', this.params.prefill), smScale };
-          this.#bound = null;
-          return this.#ran.then(() => ops.sparsePrefill(prefill as never));
-        }
-        abandon(): void {
-          this.#bound = null;
+            await ops.sparsePrefill(prefill as never);
+          })();
+          return { done, out, maxLogits, lse };
         }
       },
   };
@@ -748,16 +743,20 @@ describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
     dequantizeKvCache: settled,
     planRows: settled,
     planCompressedTokenIds: settled,
-    // the addon's slot names: each params part's device buffers, in field order
+    // the addon's slot names: each params part's device buffers, in field order; run allocates the outputs
     layerProgramClass: () =>
       class {
         readonly slots: string[] = [];
-        constructor(params: { planRows: object | null; dequants: object[]; prefill: object }) {
+        readonly rows: number;
+        constructor(params: { planRows: object | null; dequants: object[]; prefill: { sQ: number; hQ: number } }) {
           const parts: [string, object][] = [...(params.planRows ? [['planRows', params.planRows] as [string, object]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d] as [string, object]), ['prefill', params.prefill]];
           for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof CountedBuffer) this.slots.push(`${name}.${field}`);
+          this.rows = params.prefill.sQ * params.prefill.hQ;
         }
-        run = settled;
-        finish = settled;
+        run(): object {
+          const on = { device: 0 };
+          return { done: settled(), out: new CountedBuffer(this.rows * 1024, on), maxLogits: new CountedBuffer(this.rows * 4, on), lse: new CountedBuffer(this.rows * 4, on) };
+        }
       },
     upload: settled,
     download: settled,

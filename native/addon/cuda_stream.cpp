@@ -97,56 +97,60 @@ Napi::Value Stream::Query(const Napi::CallbackInfo& info) {
 }
 
 const napi_type_tag kDeviceBufferTag = {0x5a1f0c3e9b2d4e71ULL, 0x8c6a3f1d2e4b5a90ULL};
+// The allocation NewDeviceBuffer hands the constructor it calls on this thread (null otherwise).
+thread_local std::shared_ptr<Allocation>* t_handed = nullptr;
 
 class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
  public:
+  // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it).
   static Napi::Function Class(Napi::Env env) {
-    return DefineClass(env, "DeviceBuffer",
-                       {InstanceAccessor<&DeviceBuffer::ByteLength>("byteLength"), InstanceAccessor<&DeviceBuffer::Device>("device"),
-                        InstanceAccessor<&DeviceBuffer::Freed>("freed"), InstanceMethod<&DeviceBuffer::Free>("free")});
+    if (auto* made = env.GetInstanceData<Napi::FunctionReference>()) return made->Value();
+    Napi::Function cls = DefineClass(env, "DeviceBuffer",
+                                     {InstanceAccessor<&DeviceBuffer::ByteLength>("byteLength"), InstanceAccessor<&DeviceBuffer::Device>("device"),
+                                      InstanceAccessor<&DeviceBuffer::Freed>("freed"), InstanceMethod<&DeviceBuffer::Free>("free")});
+    env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(cls)));
+    return cls;
   }
 
   // new DeviceBuffer(bytes, stream): cudaMallocAsync on the stream (usable by every later call on it).
   // new DeviceBuffer(bytes, stream, base, byteOffset): a view of `bytes` at byteOffset (a multiple of
   // 256) inside base, a DeviceBuffer of the same stream: no CUDA call; the memory goes back once the
   // base and every view of it have let go (one allocation for several outputs of one call).
+  // (Called by NewDeviceBuffer: the allocation it hands over, adopted as it is.)
   explicit DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
     Napi::Env env = info.Env();
+    if (t_handed != nullptr) {
+      std::shared_ptr<Allocation>* handed = t_handed;
+      t_handed = nullptr;
+      Adopt(info, std::move(*handed));
+      return;
+    }
     if (info.Length() < 1 || !info[0].IsNumber()) ThrowArgument(env, "alloc", "bytes: expected a number");
     const double b = info[0].As<Napi::Number>().DoubleValue();
     if (!(b >= 0 && b <= 9007199254740991.0) || b != double(int64_t(b))) ThrowArgument(env, "alloc", "bytes: expected a non-negative integer");
-    auto a = std::make_shared<Allocation>();
-    a->bytes = uint64_t(b);
-    a->stream = StreamArg(info, 1, "alloc");
+    const uint64_t bytes = uint64_t(b);
+    StreamRef stream = StreamArg(info, 1, "alloc");
     if (info.Length() > 2) {
       Args args(info, "alloc");
-      std::shared_ptr<Allocation> base = BufferOf(args, info[2], "base", *a->stream);
-      if (base->stream != a->stream) ThrowArgument(env, "alloc", "base: a buffer of another stream");
+      std::shared_ptr<Allocation> base = BufferOf(args, info[2], "base", *stream);
+      if (base->stream != stream) ThrowArgument(env, "alloc", "base: a buffer of another stream");
       const double off = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().DoubleValue() : -1;
       if (!(off >= 0 && off <= 9007199254740991.0) || off != double(int64_t(off)) || int64_t(off) % 256 != 0)
         ThrowArgument(env, "alloc", "byteOffset: expected a non-negative multiple of 256");
-      if (uint64_t(off) + a->bytes > base->bytes)
-        ThrowArgument(env, "alloc", "a view of " + std::to_string(a->bytes) + " bytes at " + std::to_string(uint64_t(off)) + " does not fit a buffer of " + std::to_string(base->bytes) + " bytes");
-      a->ptr = a->bytes > 0 ? static_cast<uint8_t*>(base->ptr) + uint64_t(off) : nullptr;
-      a->base = base->base ? base->base : base;
-      alloc_ = std::move(a);
-      device_ = alloc_->stream->device;
-      info.This().As<Napi::Object>().TypeTag(&kDeviceBufferTag);
+      if (uint64_t(off) + bytes > base->bytes)
+        ThrowArgument(env, "alloc", "a view of " + std::to_string(bytes) + " bytes at " + std::to_string(uint64_t(off)) + " does not fit a buffer of " + std::to_string(base->bytes) + " bytes");
+      Adopt(info, ViewOf(base, uint64_t(off), bytes));
       return;
     }
-    cudaError_t err = cudaSetDevice(a->stream->device);
-    if (err == cudaSuccess && a->bytes > 0) err = cudaMallocAsync(&a->ptr, a->bytes, a->stream->stream);
+    std::shared_ptr<Allocation> a;
+    const cudaError_t err = Allocate(stream, bytes, &a);
     if (err != cudaSuccess) {
-      a->ptr = nullptr;
-      cudaGetLastError();
-      Napi::Error e = Napi::Error::New(env, "alloc: CUDA failed: " + CudaErrorText(err) + " (" + std::to_string(a->bytes) + " bytes)");
+      Napi::Error e = Napi::Error::New(env, "alloc: CUDA failed: " + CudaErrorText(err) + " (" + std::to_string(bytes) + " bytes)");
       e.Set("code", Napi::String::New(env, "SMLA_CUDA_ERROR"));
       e.Set("status", Napi::String::New(env, CudaErrorText(err)));
       throw e;
     }
-    alloc_ = std::move(a);
-    device_ = alloc_->stream->device;
-    info.This().As<Napi::Object>().TypeTag(&kDeviceBufferTag);
+    Adopt(info, std::move(a));
   }
 
   std::shared_ptr<Allocation> Get() const { return alloc_; }
@@ -161,6 +165,12 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
   Napi::Value Free(const Napi::CallbackInfo& info) {
     alloc_.reset();
     return info.Env().Undefined();
+  }
+
+  void Adopt(const Napi::CallbackInfo& info, std::shared_ptr<Allocation> a) {
+    alloc_ = std::move(a);
+    device_ = alloc_->stream->device;
+    info.This().As<Napi::Object>().TypeTag(&kDeviceBufferTag);
   }
 
   std::shared_ptr<Allocation> alloc_;
@@ -259,6 +269,44 @@ Allocation::~Allocation() {
   }
 }
 
+cudaError_t Allocate(const StreamRef& s, uint64_t bytes, std::shared_ptr<Allocation>* out) {
+  auto a = std::make_shared<Allocation>();
+  a->bytes = bytes;
+  a->stream = s;
+  cudaError_t err = cudaSetDevice(s->device);
+  if (err == cudaSuccess && bytes > 0) err = cudaMallocAsync(&a->ptr, bytes, s->stream);
+  if (err != cudaSuccess) {
+    a->ptr = nullptr;
+    cudaGetLastError();
+    return err;
+  }
+  *out = std::move(a);
+  return cudaSuccess;
+}
+
+std::shared_ptr<Allocation> ViewOf(const std::shared_ptr<Allocation>& base, uint64_t byte_offset, uint64_t bytes) {
+  auto v = std::make_shared<Allocation>();
+  v->bytes = bytes;
+  v->stream = base->stream;
+  v->ptr = bytes > 0 ? static_cast<uint8_t*>(base->ptr) + byte_offset : nullptr;
+  v->base = base->base ? base->base : base;
+  return v;
+}
+
+Napi::Object NewDeviceBuffer(Napi::Env env, std::shared_ptr<Allocation> a) {
+  Napi::Function cls = DeviceBuffer::Class(env);
+  // napi_new_instance runs the constructor at once, with no other JS in between
+  t_handed = &a;
+  try {
+    Napi::Object b = cls.New({});
+    t_handed = nullptr;
+    return b;
+  } catch (...) {
+    t_handed = nullptr;
+    throw;
+  }
+}
+
 std::shared_ptr<Allocation> BufferOf(Args& a, Napi::Value value, const std::string& name, const StreamState& s) {
   if (!value.IsObject() || value.IsTypedArray() || !value.As<Napi::Object>().CheckTypeTag(&kDeviceBufferTag))
     ThrowArgument(a.Env(), a.Op(), name + ": expected a DeviceBuffer");
@@ -285,7 +333,9 @@ std::shared_ptr<Operand> CudaFields::Read(const char* name, napi_typedarray_type
   o->name = name;
   o->bytes = elem * count;
   const Napi::Value v = f_.Get(name);
-  if (!v.IsNull() && v.IsObject() && !v.IsTypedArray()) {
+  if (output && outputs_later_) {
+    if (!v.IsNull() && !v.IsUndefined()) ThrowArgument(a_.Env(), a_.Op(), std::string(name) + ": expected null (bound per call)");
+  } else if (!v.IsNull() && v.IsObject() && !v.IsTypedArray()) {
     o->device = BufferOf(a_, v, name, s_);
     if (o->device->bytes != o->bytes)
       ThrowArgument(a_.Env(), a_.Op(), std::string(name) + ": expected a device buffer of " + std::to_string(o->bytes) + " bytes, got " +

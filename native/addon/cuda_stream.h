@@ -110,6 +110,18 @@ struct Allocation {
 // The allocation of a DeviceBuffer value on stream s's device, or a thrown argument error.
 std::shared_ptr<Allocation> BufferOf(Args& a, Napi::Value value, const std::string& name, const StreamState& s);
 
+// `bytes` of s's device memory, stream-ordered (cudaMallocAsync on s from the device's default
+// pool): what `new DeviceBuffer(bytes, stream)` allocates, and a layer program its outputs. The
+// cudaError_t (cleared) when it fails.
+cudaError_t Allocate(const StreamRef& s, uint64_t bytes, std::shared_ptr<Allocation>* out);
+
+// `bytes` at byte_offset inside base (which the caller checked it fits): no CUDA call; the view
+// holds base's memory.
+std::shared_ptr<Allocation> ViewOf(const std::shared_ptr<Allocation>& base, uint64_t byte_offset, uint64_t bytes);
+
+// A DeviceBuffer (the JS object) owning `a`: how an op hands memory it allocated to the caller.
+Napi::Object NewDeviceBuffer(Napi::Env env, std::shared_ptr<Allocation> a);
+
 // ---- operands: a host typed array or a DeviceBuffer ---------------------------------------------
 
 struct Operand {
@@ -209,6 +221,10 @@ class CudaFields {
   // An operand the op built itself, added to its operands.
   void Add(std::shared_ptr<Operand> operand) { operands_.push_back(std::move(operand)); }
 
+  // Output fields bound by the caller per call instead (a layer program's prefill outputs, which
+  // each run allocates): each must be null here and becomes an operand of its size, no memory yet.
+  void OutputsBoundLater() { outputs_later_ = true; }
+
   Args& args() const { return a_; }
   // References that keep its DeviceBuffers' JS objects alive while a pool thread runs the op; made
   // only for that path (an op enqueued at once needs none, and making them costs host time).
@@ -228,6 +244,7 @@ class CudaFields {
   DeviceBindings& bindings_;
   std::vector<Napi::Object> buffers_;  // the DeviceBuffer fields' objects (handles of this call)
   std::vector<std::shared_ptr<Operand>> operands_;
+  bool outputs_later_ = false;
 };
 
 // ---- running an op on its stream -----------------------------------------------------------------

@@ -1,6 +1,7 @@
 // The `cuda` backend's layer program: a workspace layer's launches (its dequants, c4 combine and
-// prefill) read once from the ops' params objects and queued per layer over that layer's buffers.
-// The TS side: CudaBackend.queueLayer (src/backends/native/cuda_backend.ts), LayerSteps.queueLayer.
+// prefill) read once from the ops' params objects and queued per layer, by one call, over that
+// layer's buffers. The TS side: CudaBackend.queueLayer (src/backends/native/cuda_backend.ts),
+// LayerSteps.queueLayer.
 #include <functional>
 #include <memory>
 #include <string>
@@ -15,27 +16,38 @@
 namespace smla_addon {
 namespace {
 
+// The outputs' allocation failed: out of memory rejects with code SMLA_OUT_OF_MEMORY (TOO_LARGE on
+// the TS side, as a failed alloc() is), anything else as a launch's failure does.
+Napi::Promise OutputsFailed(Napi::Env env, const char* op, cudaError_t err, uint64_t bytes) {
+  Napi::Error e = Napi::Error::New(env, std::string(op) + ": the prefill's outputs (" + std::to_string(bytes) + " bytes): CUDA failed: " + CudaErrorText(err));
+  e.Set("code", Napi::String::New(env, err == cudaErrorMemoryAllocation ? "SMLA_OUT_OF_MEMORY" : "SMLA_CUDA_ERROR"));
+  e.Set("status", Napi::String::New(env, CudaErrorText(err)));
+  Napi::Promise::Deferred d(env);
+  d.Reject(e.Value());
+  return d.Promise();
+}
+
 // layerProgramClass(): the LayerProgram class. `new LayerProgram(params, stream)` reads a workspace
 // layer's launches from params = { planRows: planRows' params (a c4 combine into rows the plan
 // keeps) or null, dequants: dequantizeKvCache's params (device ids, outRowOffset), prefill:
-// sparsePrefill's params }, every array a device buffer of the stream, read and checked as the ops
-// read them. `slots` names each buffer in reading order ("planRows.rows", "dequants.0.cache", ...,
-// "prefill.q", ..., then the prefill's outputs "prefill.out", "prefill.maxLogits", "prefill.lse").
-// A layer is then two calls, nothing read by name:
-//   run(droppedInto, ...inputs): one buffer per input slot, each of this stream and exactly the size
-//     of the one it stands for, all checked first; queues the dequants, the combine and the read of
-//     its dropped total into droppedInto (a BigInt64Array(1), or null). Settles once queued, or with
-//     droppedInto once the total has landed (the rest may still be running).
-//   finish(smScale, out, maxLogits, lse): the outputs, checked the same way, then queues the prefill
-//     over run's inputs; settled at once (with run's failure when run's launches failed).
-// so the caller can allocate the outputs while the device already runs the first launches.
-// abandon() lets go of run's inputs without a prefill. Between layers the program keeps no buffer.
+// sparsePrefill's params with out, maxLogits and lse null }, every array a device buffer of the
+// stream, read and checked as the ops read them. `slots` names each buffer in reading order
+// ("planRows.rows", "dequants.0.cache", ..., "prefill.q", ...). A layer is then one call, nothing
+// read by name:
+//   run(droppedInto, smScale, ...buffers): one buffer per slot, each of this stream and exactly the
+//     size of the one it stands for, all checked before any launch; queues the dequants and the
+//     combine, allocates the prefill's outputs (one stream-ordered allocation, as a DeviceBuffer
+//     makes one, split at 256-byte boundaries), queues the read of the combine's dropped total into
+//     droppedInto (a BigInt64Array(1), or null) and the prefill, all before it returns: between
+//     the layer's launches the host makes only their CUDA calls. Returns { done, out, maxLogits,
+//     lse }: the outputs (DeviceBuffers, views of the one allocation) once everything was queued,
+//     else null (nothing kept); done settles once queued, or once the total has landed (the prefill
+//     may still be running), and rejects with the first failure, when the caller frees the outputs.
+// Between layers the program keeps no buffer.
 class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
  public:
   static Napi::Function Class(Napi::Env env) {
-    return DefineClass(env, "LayerProgram",
-                       {InstanceAccessor<&LayerProgram::Slots>("slots"), InstanceMethod<&LayerProgram::Run>("run"),
-                        InstanceMethod<&LayerProgram::Finish>("finish"), InstanceMethod<&LayerProgram::Abandon>("abandon")});
+    return DefineClass(env, "LayerProgram", {InstanceAccessor<&LayerProgram::Slots>("slots"), InstanceMethod<&LayerProgram::Run>("run")});
   }
 
   explicit LayerProgram(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LayerProgram>(info) {
@@ -74,17 +86,23 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     prefill_ = std::make_shared<DeviceCall<smla_sparse_prefill_params>>();
     {
       CudaFields f(args, top.Object("prefill"), *stream_, prefill_->bindings);
+      f.OutputsBoundLater();  // each run allocates them
       ReadSparsePrefill(f, prefill_->params);
       collect(f, "prefill");
     }
     for (auto& [name, o] : operands) {
+      if (o->output && name.rfind("prefill.", 0) == 0) {
+        // out, maxLogits, lse in reading order, each at a 256-byte boundary of the one allocation
+        outputs_.push_back({name, o, o->bytes, output_bytes_});
+        output_bytes_ += (o->bytes + 255) / 256 * 256;
+        continue;
+      }
       if (!o->device) {
         if (o->bytes == 0) continue;  // an absent optional array (a null sink, say): stays absent
         top.Refuse(name + ": expected a device buffer (a layer program queues device work only)");
       }
       if (o->device->stream != stream_) top.Refuse(name + ": a buffer of another engine's stream");
-      const bool output = o->output && name.rfind("prefill.", 0) == 0;
-      (output ? outputs_ : inputs_).push_back({name, o, o->device->bytes});
+      inputs_.push_back({name, o, o->device->bytes, 0});
       o->device.reset();  // each layer binds its own
     }
   }
@@ -94,36 +112,32 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     std::string name;
     std::shared_ptr<Operand> operand;
     uint64_t bytes;
+    uint64_t offset;  // an output's, in the outputs' allocation
   };
-  enum class State { kIdle, kRan, kFailed };
 
   Napi::Value Slots(const Napi::CallbackInfo& info) {
-    Napi::Array names = Napi::Array::New(info.Env(), inputs_.size() + outputs_.size());
-    uint32_t i = 0;
-    for (const Slot& s : inputs_) names.Set(i++, Napi::String::New(info.Env(), s.name));
-    for (const Slot& s : outputs_) names.Set(i++, Napi::String::New(info.Env(), s.name));
+    Napi::Array names = Napi::Array::New(info.Env(), inputs_.size());
+    for (uint32_t i = 0; i < inputs_.size(); ++i) names.Set(i, Napi::String::New(info.Env(), inputs_[i].name));
     return names;
   }
 
   void Unbind() {
     for (Slot& s : inputs_) s.operand->device.reset();
     for (Slot& s : outputs_) s.operand->device.reset();
-    state_ = State::kIdle;
   }
 
-  // Binds slots[i] to info[first + i], each checked; unbinds everything on a bad one.
-  void Bind(Args& a, const Napi::CallbackInfo& info, size_t first, std::vector<Slot>& slots) {
-    if (info.Length() != first + slots.size()) {
-      Unbind();
-      ThrowArgument(a.Env(), a.Op(), "expected " + std::to_string(first + slots.size()) + " arguments, got " + std::to_string(info.Length()));
-    }
+  // Binds each input slot to info[first + i], each checked; unbinds everything on a bad one.
+  void Bind(Args& a, const Napi::CallbackInfo& info, size_t first) {
+    if (info.Length() != first + inputs_.size())
+      ThrowArgument(a.Env(), a.Op(), "expected " + std::to_string(first + inputs_.size()) + " arguments, got " + std::to_string(info.Length()));
     try {
-      for (size_t i = 0; i < slots.size(); ++i) {
-        std::shared_ptr<Allocation> b = BufferOf(a, info[first + i], slots[i].name, *stream_);
-        if (b->stream != stream_) ThrowArgument(a.Env(), a.Op(), slots[i].name + ": a buffer of another engine's stream");
-        if (b->bytes != slots[i].bytes)
-          ThrowArgument(a.Env(), a.Op(), slots[i].name + ": expected a device buffer of " + std::to_string(slots[i].bytes) + " bytes, got " + std::to_string(b->bytes));
-        slots[i].operand->device = std::move(b);
+      for (size_t i = 0; i < inputs_.size(); ++i) {
+        Slot& slot = inputs_[i];
+        std::shared_ptr<Allocation> b = BufferOf(a, info[first + i], slot.name, *stream_);
+        if (b->stream != stream_) ThrowArgument(a.Env(), a.Op(), slot.name + ": a buffer of another engine's stream");
+        if (b->bytes != slot.bytes)
+          ThrowArgument(a.Env(), a.Op(), slot.name + ": expected a device buffer of " + std::to_string(slot.bytes) + " bytes, got " + std::to_string(b->bytes));
+        slot.operand->device = std::move(b);
       }
     } catch (...) {
       Unbind();
@@ -133,73 +147,63 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
 
   Napi::Value Run(const Napi::CallbackInfo& info) {
     Args a(info, "layerProgram.run");
-    Unbind();  // a run that never finished (abandoned by an error in between) lets go here
+    Napi::Env env = a.Env();
     void* dropped_into = nullptr;
     std::vector<Napi::ObjectReference> pins;
     if (info.Length() > 0 && !info[0].IsNull() && !info[0].IsUndefined()) {
-      if (!dropped_total_) ThrowArgument(a.Env(), a.Op(), "droppedInto: this program has no combine");
+      if (!dropped_total_) ThrowArgument(env, a.Op(), "droppedInto: this program has no combine");
       if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_bigint64_array || info[0].As<Napi::TypedArray>().ElementLength() != 1)
-        ThrowArgument(a.Env(), a.Op(), "droppedInto: expected a BigInt64Array of 1 element");
+        ThrowArgument(env, a.Op(), "droppedInto: expected a BigInt64Array of 1 element");
       Napi::TypedArray t = info[0].As<Napi::TypedArray>();
-      if (napi_get_typedarray_info(a.Env(), t, nullptr, nullptr, &dropped_into, nullptr, nullptr) != napi_ok)
-        ThrowArgument(a.Env(), a.Op(), "droppedInto: cannot read the typed array's memory");
+      if (napi_get_typedarray_info(env, t, nullptr, nullptr, &dropped_into, nullptr, nullptr) != napi_ok)
+        ThrowArgument(env, a.Op(), "droppedInto: cannot read the typed array's memory");
       pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
     }
-    Bind(a, info, 1, inputs_);
+    if (info.Length() < 2 || !info[1].IsNumber()) ThrowArgument(env, a.Op(), "smScale: expected a number");
+    prefill_->params.sm_scale = info[1].As<Napi::Number>().FloatValue();
+    Bind(a, info, 2);
 
     StreamState& st = *stream_;
     cudaError_t err = cudaSetDevice(st.device);
     int32_t status = err != cudaSuccess ? -int32_t(err) : int32_t(SMLA_OK);
     for (size_t i = 0; i < head_.size() && status == SMLA_OK; ++i) status = Timed(st, head_[i]);
-    // the 8-byte total right behind the combine (ahead of the prefill), as a small download reads
+    // the outputs allocated while the dequants and the combine run, before the read (so a failed
+    // allocation leaves no read in flight)
+    std::shared_ptr<Allocation> whole;
+    cudaError_t alloc_err = cudaSuccess;
+    if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_, &whole)) != cudaSuccess) status = -int32_t(alloc_err);
+    if (status == SMLA_OK)
+      for (Slot& s : outputs_) s.operand->device = ViewOf(whole, s.offset, s.bytes);
+    // the 8-byte total right behind the combine (ahead of the prefill), as a small download reads it
     SmallReadSlot read;
-    const bool reading = status == SMLA_OK && dropped_into;
-    if (reading && (err = QueueSmallRead(st, dropped_total_(), 8, &read)) != cudaSuccess) status = -int32_t(err);
-    if (status != SMLA_OK) {
-      cudaGetLastError();
-      Unbind();
-      state_ = State::kFailed;
-      failure_ = status;
-    } else {
-      state_ = State::kRan;
+    bool reading = false;
+    if (status == SMLA_OK && dropped_into) {
+      if ((err = QueueSmallRead(st, dropped_total_(), 8, &read)) != cudaSuccess) status = -int32_t(err);
+      reading = err == cudaSuccess;
     }
-    if (!reading || status != SMLA_OK) return SettledPromise(a.Env(), a.Op(), status);
-    return AwaitSmallRead(a, std::move(pins), stream_, read, dropped_into, status);
-  }
-
-  Napi::Value Finish(const Napi::CallbackInfo& info) {
-    Args a(info, "layerProgram.finish");
-    if (state_ == State::kFailed) {
-      state_ = State::kIdle;
-      return SettledPromise(a.Env(), a.Op(), failure_);
-    }
-    if (state_ != State::kRan) ThrowArgument(a.Env(), a.Op(), "finish without a run before it");
-    if (info.Length() < 1 || !info[0].IsNumber()) {
-      Unbind();
-      ThrowArgument(a.Env(), a.Op(), "smScale: expected a number");
-    }
-    prefill_->params.sm_scale = info[0].As<Napi::Number>().FloatValue();
-    Bind(a, info, 1, outputs_);
-    StreamState& st = *stream_;
-    cudaError_t err = cudaSetDevice(st.device);
-    int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(st, [call = prefill_](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
+    if (status == SMLA_OK) status = Timed(st, [call = prefill_](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
     if (status != SMLA_OK) cudaGetLastError();
+    std::vector<std::shared_ptr<Allocation>> outputs;
+    if (status == SMLA_OK)
+      for (Slot& s : outputs_) outputs.push_back(s.operand->device);
     Unbind();
-    return SettledPromise(a.Env(), a.Op(), status);
-  }
+    whole.reset();  // the views hold it; after a failure, freed behind what was queued
 
-  Napi::Value Abandon(const Napi::CallbackInfo& info) {
-    Unbind();
-    return info.Env().Undefined();
+    Napi::Object result = Napi::Object::New(env);
+    result.Set("done", alloc_err != cudaSuccess ? OutputsFailed(env, a.Op(), alloc_err, output_bytes_)
+                       : reading                ? AwaitSmallRead(a, std::move(pins), stream_, read, dropped_into, status)
+                                                : SettledPromise(env, a.Op(), status));
+    for (size_t i = 0; i < outputs_.size(); ++i)
+      result.Set(outputs_[i].operand->name, outputs.empty() ? env.Null() : Napi::Value(NewDeviceBuffer(env, std::move(outputs[i]))));
+    return result;
   }
 
   StreamRef stream_;
   std::vector<std::function<int32_t(cudaStream_t)>> head_;  // the dequants, then the combine
   std::vector<Slot> inputs_, outputs_;
+  uint64_t output_bytes_ = 0;  // the outputs' allocation
   std::function<const void*()> dropped_total_;
   std::shared_ptr<DeviceCall<smla_sparse_prefill_params>> prefill_;
-  State state_ = State::kIdle;
-  int32_t failure_ = SMLA_OK;
 };
 
 }  // namespace

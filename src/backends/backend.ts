@@ -195,7 +195,7 @@ export interface LayerSteps<B = never> {
   readDroppedTotal(total: number | B): Promise<number>;
   /**
    * Device steps only: a layer's planRows (a c4 combine into rows the plan keeps, or none), its
-   * dequants and its prefill queued on the stream at once (a layer program: two addon calls, not one
+   * dequants and its prefill queued on the stream at once (a layer program: one addon call, not one
    * a step), every operand on the device and the outputs left there. Everything is checked before the first launch. Resolves once queued,
    * with the combine's dropped total once that has come back (read right behind the combine, so
    * the prefill may still be running); undefined, before any work, when the steps cannot queue

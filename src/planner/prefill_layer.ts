@@ -19,7 +19,7 @@
  * necessarily finished: a download or engine.synchronize() waits for them). Once the plan keeps
  * what a layer reads (its rows, or c4 rows to combine into, and its ids) and every operand is on
  * the device, device steps queue the whole layer at once (LayerSteps.queueLayer: the cuda engine's
- * layer program, two addon calls), which takes most of the host time out of a short layer. Every id was checked against the caches by the
+ * layer program, one addon call), which takes most of the host time out of a short layer. Every id was checked against the caches by the
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';

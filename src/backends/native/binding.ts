@@ -52,7 +52,8 @@ export const HOW_TO_BUILD = howToBuild();
  * meanwhile: 'SMLA_DETACHED', nothing written); duplicate ids: the last row wins.
  * Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from a CUDA op) and `status`
  * (the core's status name / "cudaErrorX: message"); arguments that do not match throw with code
- * 'SMLA_ADDON_ARGUMENT', an input copy that cannot be allocated with 'SMLA_OUT_OF_MEMORY'.
+ * 'SMLA_ADDON_ARGUMENT', an input copy that cannot be allocated with 'SMLA_OUT_OF_MEMORY' (so do
+ * the device outputs of a layer program's run).
  * addonFailure() turns all of these into typed errors.
  */
 export type NativeCpuOps = {
@@ -146,26 +147,34 @@ export interface LayerProgramParams {
   planRows: CudaOpParams<'planRows', NativeDeviceBuffer> | null;
   /** device ids and an outRowOffset each */
   dequants: CudaOpParams<'dequantizeKvCache', NativeDeviceBuffer>[];
-  prefill: CudaOpParams<'sparsePrefill', NativeDeviceBuffer>;
+  /** its outputs null: each run allocates them */
+  prefill: Omit<CudaOpParams<'sparsePrefill', NativeDeviceBuffer>, 'out' | 'maxLogits' | 'lse'> & { out: null; maxLogits: null; lse: null };
 }
 
-/**
- * A layer program: a layer is run(droppedInto, ...inputs) then finish(smScale, out, maxLogits,
- * lse), so the outputs can be allocated while the first launches already run.
- */
+/** A layer program: a layer is one run(droppedInto, smScale, ...inputs), which queues all of it. */
 export interface NativeLayerProgram {
-  /** "planRows.rows", "dequants.0.cache", "prefill.q", …, then "prefill.out", "prefill.maxLogits", "prefill.lse": the buffers of run, then of finish, in this order */
+  /** "planRows.topkIndices", "dequants.0.cache", "prefill.q", …: run's buffers, in this order */
   readonly slots: string[];
   /**
-   * Queues the dequants, the combine and the read of its dropped total into droppedInto (or none)
-   * over one buffer per input slot (each exactly the size of the one it stands for; all checked
-   * first). Resolves once queued, or with droppedInto once the total is in.
+   * Over one buffer per slot (each exactly the size of the one it stands for; all checked first,
+   * throwing SMLA_ADDON_ARGUMENT before any launch), queues the dequants and the combine, allocates
+   * the prefill's outputs (one stream-ordered allocation), queues the read of the combine's dropped
+   * total into droppedInto (or none) and the prefill, all before it returns.
    */
-  run(droppedInto: BigInt64Array | null, ...inputs: NativeDeviceBuffer[]): Promise<void>;
-  /** Queues the prefill over run's inputs into these outputs; rejects with run's failure if run's launches failed. */
-  finish(smScale: number, out: NativeDeviceBuffer, maxLogits: NativeDeviceBuffer, lse: NativeDeviceBuffer): Promise<void>;
-  /** Lets go of run's inputs without a prefill (an error between run and finish). */
-  abandon(): void;
+  run(droppedInto: BigInt64Array | null, smScale: number, ...inputs: NativeDeviceBuffer[]): NativeLayerRun;
+}
+
+/** What a layer program's run queued. */
+export interface NativeLayerRun {
+  /**
+   * Resolves once queued, or once the dropped total is in droppedInto (the prefill may still be
+   * running); rejects with the first failure, when the caller frees the outputs.
+   */
+  done: Promise<void>;
+  /** the prefill's outputs, views of one allocation at 256-byte boundaries; all null when run did not queue the whole layer (done then rejects) */
+  out: NativeDeviceBuffer | null;
+  maxLogits: NativeDeviceBuffer | null;
+  lse: NativeDeviceBuffer | null;
 }
 
 export interface CudaDeviceInfo {

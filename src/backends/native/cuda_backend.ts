@@ -51,6 +51,7 @@ import {
   type NativeDeviceBuffer,
   type LayerProgramParams,
   type NativeLayerProgram,
+  type NativeLayerRun,
   type NativeStream,
 } from './binding.js';
 
@@ -145,8 +146,6 @@ function keptProgram(kept: readonly KeptLayerProgram[], geometry: readonly numbe
   }
   return undefined;
 }
-
-const ignore = (): void => undefined;
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
 export class CudaDeviceBuffer implements DeviceBuffer {
@@ -561,19 +560,19 @@ export class CudaBackend implements Backend, DeviceOps {
   }
 
   /**
-   * A workspace layer queued by two addon calls (LayerSteps.queueLayer). The first layer of a
+   * A workspace layer queued by one addon call (LayerSteps.queueLayer). The first layer of a
    * geometry reads the params objects the stepwise ops (planRows, dequantizeKCacheIdsInto,
    * sparsePrefill) take into a layer program, kept per job owner (a plan's resources) and geometry;
    * every layer then runs it over its own buffers, taken straight from the job in the program's slot
-   * order (nothing read by name on the native side): run queues the dequants and the combine, the
-   * prefill's outputs are allocated (one allocation) while they already execute, finish queues the
-   * prefill; the outputs are freed if anything fails. The combine's dropped total, when there is
-   * one, is read right behind it and the call resolves once it is in. Undefined, before any work,
-   * when a buffer is not this engine's own (another engine's stream needs the stepwise ops, which
-   * order the two).
+   * order (nothing read by name on the native side). The run queues the whole layer before it
+   * returns — dequants, combine, the prefill into outputs it allocates (one allocation) — so no JS
+   * runs between the combine's launch and the prefill's; the outputs' handles are made here after
+   * that, and freed if anything fails. The combine's dropped total, when there is one, is read right
+   * behind it and the call resolves once it is in. Undefined, before any work, when a buffer is not
+   * this engine's own (another engine's stream needs the stepwise ops, which order the two).
    */
   async queueLayer(job: QueuedLayerJob<DeviceBuffer>): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
-    // run's arguments after droppedInto: the addon's buffers, each of this engine's stream
+    // run's arguments after droppedInto and smScale: the addon's buffers, each of this engine's stream
     const inputs = layerInputs(job);
     for (let i = 0; i < inputs.length; i++) {
       const b = inputs[i];
@@ -584,50 +583,40 @@ export class CudaBackend implements Backend, DeviceOps {
     if (kept === undefined) this.programs.set(job.owner, (kept = []));
     const geometry = layerGeometry(job);
     let program = keptProgram(kept, geometry);
-    const { numQueries: sQ, hQ, smScale } = job.prefill;
-    const outputBytes = [sQ * hQ * V4_ROW_DIMS * 2, sQ * hQ * 4, sQ * hQ * 4];
     const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
     // the addon call, tracked as AddonCalls.run tracks one (inlined here: one async frame a layer)
     this.calls.assertAlive();
-    let outputs: CudaDeviceBuffer[] | undefined;
-    let head: Promise<void> | undefined, tail: Promise<void>;
+    let run: NativeLayerRun;
     try {
-      if (program === undefined) {
-        outputs = this.allocTogether(outputBytes);
-        program = this.makeLayerProgram(job, outputs, kept, geometry);
-      }
-      const p = program;
-      // the first launches are queued before the outputs are allocated (when they were not already)
-      head = p.run(droppedInto, ...(inputs as NativeDeviceBuffer[]));
-      try {
-        outputs ??= this.allocTogether(outputBytes);
-      } catch (e) {
-        p.abandon();
-        throw e;
-      }
-      tail = p.finish(smScale, outputs[0]!.native, outputs[1]!.native, outputs[2]!.native);
+      program ??= this.makeLayerProgram(job, kept, geometry);
+      run = program.run(droppedInto, job.prefill.smScale, ...(inputs as NativeDeviceBuffer[]));
     } catch (e) {
-      head?.catch(ignore); // the outputs or finish refused: run's outcome no longer matters
-      for (const b of outputs ?? []) b.free();
       throw addonFailure('cuda', 'queueLayer', e);
     }
-    // handled from here on, whatever the addon's settling order: awaited below for its outcome
-    head.catch(ignore);
-    this.calls.begin(head);
-    this.calls.begin(tail);
+    const done = run.done;
+    this.calls.begin(done);
+    // the layer is queued: its outputs' handles are made while the device runs it
+    const rows = job.prefill.numQueries * job.prefill.hQ;
+    const out = run.out === null ? null : this.adopt(run.out, rows * V4_ROW_DIMS * 2);
+    const maxLogits = run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4);
+    const lse = run.lse === null ? null : this.adopt(run.lse, rows * 4);
     try {
-      // finish settles at once (with run's failure when run's launches failed); run once the
-      // dropped total is in (its rejection is already handled above).
-      await tail;
-      await head;
+      await done; // once the dropped total is in, when there is one
     } catch (e) {
-      for (const b of outputs) b.free();
+      out?.free();
+      maxLogits?.free();
+      lse?.free();
       throw addonFailure('cuda', 'queueLayer', e);
     } finally {
-      this.calls.end(head);
-      this.calls.end(tail);
+      this.calls.end(done);
     }
-    return { out: outputs[0]!, lse: outputs[2]!, maxLogits: outputs[1]!, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
+    // (null only when done rejected)
+    return { out: out!, lse: lse!, maxLogits: maxLogits!, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
+  }
+
+  /** A device buffer of this engine's that the addon allocated, of a size the caller knows. */
+  private adopt(native: NativeDeviceBuffer, byteLength: number): CudaDeviceBuffer {
+    return new CudaDeviceBuffer(native, this.stream, { byteLength, deviceIndex: this.deviceIndex });
   }
 
   /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */
@@ -639,9 +628,8 @@ export class CudaBackend implements Backend, DeviceOps {
   private readonly programs = new WeakMap<object, KeptLayerProgram[]>();
 
   /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
-  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, outputs: readonly CudaDeviceBuffer[], kept: KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram {
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, kept: KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram {
     const { planRows: rows, dequants } = job;
-    const [out, maxLogits, lse] = outputs as [CudaDeviceBuffer, CudaDeviceBuffer, CudaDeviceBuffer];
     const params: LayerProgramParams = {
       planRows:
         rows === null
@@ -650,13 +638,13 @@ export class CudaBackend implements Backend, DeviceOps {
       dequants: dequants.map(({ cache, tokenIds, n, workspace, rowOffset }) =>
         this.operands(dequantFields(cache, onDevice(tokenIds, 'tokenIds'), n, onDevice(workspace, 'workspace'), rowOffset)),
       ),
-      prefill: this.operands(workspacePrefill(job.prefill), { out, maxLogits, lse }),
+      // each run allocates the outputs
+      prefill: this.operands(workspacePrefill(job.prefill), { out: null, maxLogits: null, lse: null }),
     };
     const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
-    // run's buffers as layerInputs orders them, then finish's: the prefill's outputs
+    // run's buffers as layerInputs orders them
     const names: string[] = [];
     layerInputs(job, names);
-    names.push('prefill.out', 'prefill.maxLogits', 'prefill.lse');
     if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
     kept.push({ geometry, program });
     return program;

@@ -119,15 +119,15 @@ function cudaBackendOf(engine: Engine): CudaBackend {
 
 /**
  * The addon's LayerProgram (kept by the cuda backend for a plan that has queued a layer) against
- * arguments the TS side never passes: too few buffers, a buffer of another size, a freed one, a
- * finish without a run. Each throws SMLA_ADDON_ARGUMENT before any launch.
+ * arguments the TS side never passes: too few buffers, a buffer of another size, a freed one, no
+ * smScale. Each throws SMLA_ADDON_ARGUMENT before any launch or allocation.
  */
 function layerProgramRefusals(engine: Engine, plan: ReturnType<typeof createPlan>): void {
   const be = cudaBackendOf(engine);
   const programs = be.layerProgramsOf(plan.resources((engine as SparseMlaEngine).layerSteps()));
   if (programs.length === 0) throw new Error('no layer program kept for the plan');
   const program = programs[0]!;
-  const inputs = program.slots.length - 3;
+  const inputs = program.slots.length;
   const tiny = be.alloc(16) as CudaDeviceBuffer;
   const freed = be.alloc(16) as CudaDeviceBuffer;
   freed.free();
@@ -140,10 +140,10 @@ function layerProgramRefusals(engine: Engine, plan: ReturnType<typeof createPlan
     }
     throw new Error(`layer program, ${what}: not refused`);
   };
-  refused('too few buffers', () => program.run(null, tiny.native));
-  refused('a buffer of another size', () => program.run(null, ...Array.from({ length: inputs }, () => tiny.native)));
-  refused('a freed buffer', () => program.run(null, ...Array.from({ length: inputs }, () => freed.native)));
-  refused('finish without a run', () => program.finish(0.1, tiny.native, tiny.native, tiny.native));
+  refused('too few buffers', () => program.run(null, 0.1, tiny.native));
+  refused('a buffer of another size', () => program.run(null, 0.1, ...Array.from({ length: inputs }, () => tiny.native)));
+  refused('a freed buffer', () => program.run(null, 0.1, ...Array.from({ length: inputs }, () => freed.native)));
+  refused('no smScale', () => (program.run as (...a: unknown[]) => unknown)(null, tiny.native, ...Array.from({ length: inputs - 1 }, () => tiny.native)));
   tiny.free();
 }
 

@@ -10,9 +10,10 @@
 // S = QKᵀ for the whole block (m64n64, so Q is read once per block), the softmax and
 // O[:, 0:256] += P·V with P in registers;
 // it hands P (bf16) and each row's rescale factor to warpgroup 1 through shared memory (double-
-// buffered by block parity), which computes O[:, 256:512] += P·V. The dequantizing producer needs
-// registers that the math warpgroups of the prefill kernel (sparse_attention_sm90.cuh) cannot
-// spare; here warpgroup 1 holds only its half of O and gives the producer what it needs.
+// buffered by block parity), which computes O[:, 256:512] += P·V and, while it waits for the next
+// P, dequantizes two of the next block's seven nope tiles in registers (dequant_wg1_tiles). The
+// dequantizing producer needs registers that the math warpgroups of the prefill kernel
+// (sparse_attention_sm90.cuh) cannot spare; here warpgroup 1 holds only its half of O.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,6 +31,43 @@ constexpr int kPagedRowsPerStage = 64;
 constexpr uint32_t kProducerSync = 6;  // named barrier of the producer warpgroup (128)
 constexpr int kPagedStages = 2;
 
+// 8 e4m3 bytes (two words) times a ue8m0 scale (bf16 pair) -> 8 bf16: each value rounded to bf16
+// (exact) and multiplied once, the rounding of the tensor-core route's store_scaled_tile.
+__device__ __forceinline__ uint4 e4m3x8_scaled(uint32_t w0, uint32_t w1, uint32_t scale) {
+  const auto pair = [&](uint32_t two) {
+    const float2 f = e4m3x2_to_float2(two);
+    return bf16x2_mul(detail::pack_bf16(f.x, f.y), scale);
+  };
+  return make_uint4(pair(w0 & 0xffffu), pair(w0 >> 16), pair(w1 & 0xffffu), pair(w1 >> 16));
+}
+
+// Warpgroup 1's share of a stage's dequantization: nope tiles 5 and 6 (dims 320-447), converted in
+// registers from the e4m3 bytes the producer staged for its tensor cores (tile 5's in chunk 5
+// pieces 4-7, beside tile 4's, which the producer's MMAs have read by then; tile 6's in chunk 6
+// pieces 0-3) and written in place as bf16. Thread ctid takes row ctid / 2, tile 5 + ctid % 2, two
+// pieces a round in an order that reads every piece before its place is written: tile 5 from the
+// low pieces up, tile 6 from the high pieces down.
+__device__ __forceinline__ void dequant_wg1_tiles(uint8_t* stage, const uint32_t* tile_scale, int ctid) {
+  const int r = ctid >> 1, h = ctid & 1;
+  uint8_t* chunk = stage + (5 + h) * 8192;
+  const uint32_t scale = ue8m0_to_bf16x2((tile_scale[r] >> (8 * (1 + h))) & 0xffu);
+#pragma unroll
+  for (int k = 0; k < 2; ++k) {
+    uint4 raw[2];
+    int q[2];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      q[j] = h ? 3 - 2 * k - j : 2 * k + j;
+      raw[j] = *reinterpret_cast<const uint4*>(chunk + swz_offset(r, 8 * (h ? q[j] : q[j] + 4)));
+    }
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j])) = e4m3x8_scaled(raw[j].x, raw[j].y, scale);
+      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j] + 8)) = e4m3x8_scaled(raw[j].z, raw[j].w, scale);
+    }
+  }
+}
+
 template <int DQK>
 struct PagedSmem {
   static_assert(DQK % 64 == 0 && DQK >= kDv, "dQK: a multiple of 64, at least dV");
@@ -42,10 +80,12 @@ struct PagedSmem {
   static constexpr int kOutScale = kScale + 512;     // float [2][64]: the rows' final normalization (by tile parity)
   static constexpr int kAny = kOutScale + 512;       // int [2][4]: each WG0 warp saw a valid entry (by tile parity)
   static constexpr int kValid = kAny + 32;           // uint8 [kPagedStages][64]
-  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready[2], out_free[2]
-  static constexpr int kBar = kValid + kPagedStages * 64;
+  static constexpr int kTileScale = kValid + kPagedStages * 64;  // uint32 [kPagedStages][64]: scale bytes 4-7
+  // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready[2], out_free[2],
+  // raw_ready[kPagedStages]
+  static constexpr int kBar = kTileScale + kPagedStages * 256;
   // the producer's e4m3 identity (a 128B-swizzled operand: 1024-aligned)
-  static constexpr int kIdentity = (kBar + (2 * kPagedStages + 8) * 8 + 1023) / 1024 * 1024;
+  static constexpr int kIdentity = (kBar + (3 * kPagedStages + 8) * 8 + 1023) / 1024 * 1024;
   static constexpr int kTotal = kIdentity + kE4m3IdentityBytes;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
@@ -85,6 +125,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* p_free = p_ready + 2;            // [block parity]: WG1 is done with them
   uint64_t* out_ready = p_free + 2;          // [tile parity]: WG0's rows' final factors are in sOutScale
   uint64_t* out_free = out_ready + 2;        // [tile parity]: WG1 has read them
+  uint64_t* raw_ready = out_free + 2;        // [stage]: WG1's tiles' e4m3 bytes are staged, tile 4's read
+  uint32_t* sTileScale = reinterpret_cast<uint32_t*>(smem + L::kTileScale);
 
   const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
   // Tiles in 32 bits throughout (the launcher keeps their count below 2^31): registers are short in
@@ -94,8 +136,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 
   if (tid == 0) {
     for (int s = 0; s < kPagedStages; ++s) {
-      mbar_init(&full[s], 128);
+      mbar_init(&full[s], 256);  // the producer's threads and WG1's
       mbar_init(&empty[s], 256);
+      mbar_init(&raw_ready[s], 128);
     }
     for (int i = 0; i < 2; ++i) {
       mbar_init(&p_ready[i], 128);
@@ -144,7 +187,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           if (g >= kPagedStages) mbar_wait(&empty[st], ((g / kPagedStages) - 1) & 1);
         };
         src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, smem + L::kIdentity, ptid,
-                               stage_free);
+                               stage_free, sTileScale + st * kPagedRowsPerStage, &raw_ready[st]);
         mbar_arrive(&full[st]);
         cur = src.resolve(e, k, nxt_id);
       }
@@ -280,8 +323,26 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
   } else {
     // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
-    setmaxnreg_dec<Source::kRemoteRegs>();
+    setmaxnreg_inc<Source::kRemoteRegs>();  // above the launch's 168: what the producer gives up
     const uint32_t p_base = smem_u32(sP);
+    // WG1's tiles of the CTA's block c (counted across tiles, as g) are dequantized while it waits
+    // for P of block c - 1: `conv` blocks done so far, `known` blocks in the CTA's tiles before t_ahead.
+    uint32_t conv = 0, known = 0, t_ahead = blockIdx.x;
+    const auto convert_through = [&](uint32_t last) {
+      for (; conv <= last; ++conv) {
+        while (known <= conv && t_ahead < n_tiles32) {
+          known += uint32_t(blocks_of(src.begin(tile_of(t_ahead, head_blocks).qi)));
+          t_ahead += gridDim.x;
+        }
+        if (known <= conv) return;  // the CTA has no block `conv`
+        const int cs = conv % kPagedStages;
+        mbar_wait(&raw_ready[cs], (conv / kPagedStages) & 1);
+        dequant_wg1_tiles(sK + cs * L::kTileBytes, sTileScale + cs * kPagedRowsPerStage, ctid);
+        fence_proxy_async();
+        mbar_arrive(&full[cs]);
+      }
+    };
+    convert_through(0);
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
       const TileOf tile = tile_of(t, head_blocks);
@@ -290,6 +351,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       for (int i = 0; i < 128; ++i) o[i] = 0.0f;
       for (int b = 0; b < n_blocks; ++b, ++g) {
         const int st = g % kPagedStages, pb = g & 1;
+        convert_through(g + 1);
         mbar_wait(&p_ready[pb], (g >> 1) & 1);
         const float alpha_a = sScale[pb * 64 + row_a], alpha_b = sScale[pb * 64 + row_b];
         scale_rows(o, alpha_a, alpha_b);
@@ -322,8 +384,8 @@ struct PagedFp8Rows {
   // these counts. The launch gives 168 a thread (384 threads); what WG0 takes above it must be
   // given back by WG1 and the producer, or WG0's setmaxnreg waits forever.
   static constexpr uint32_t kScoreRegs = 208;   // WG0: O half (128) + S (32) + P (16) + softmax state
-  static constexpr uint32_t kRemoteRegs = 160;  // WG1: O half (128)
-  static constexpr uint32_t kProducerRegs = 136;
+  static constexpr uint32_t kRemoteRegs = 184;  // WG1: O half (128) + its two tiles' dequantization
+  static constexpr uint32_t kProducerRegs = 112;
   static_assert(kScoreRegs + kRemoteRegs + kProducerRegs <= 3 * 168, "the launch's 168 a thread");
   struct Entries {
     int total;
@@ -376,7 +438,7 @@ struct PagedFp8Rows {
 
   template <int DQK, class StageFree>
   __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, const uint8_t* identity, int ptid,
-                                       StageFree stage_free) const {
+                                       StageFree stage_free, uint32_t* tile_scale, uint64_t* raw_ready) const {
     static_assert(DQK == 512, "v4 rows are 512 wide");
     const int warp = ptid >> 5, lane = ptid & 31;
     const uint8_t* my_data = mine.data;
@@ -394,7 +456,10 @@ struct PagedFp8Rows {
       if (data && lane < 28) raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
     }
     stage_free();
-    if (lane < 16) valid[warp * 16 + lane] = my_data ? 1 : 0;
+    if (lane < 16) {
+      valid[warp * 16 + lane] = my_data ? 1 : 0;
+      tile_scale[warp * 16 + lane] = scales.y;
+    }
     // RoPE dims (bf16 as stored) straight into the tile: 16 rows x 8 pieces of 16 bytes, 4 a lane;
     // an invalid row's pieces are zeros.
 #pragma unroll
@@ -409,11 +474,11 @@ struct PagedFp8Rows {
       }
     }
     cp_async_commit();
-    // nope: the bytes through the tensor cores (e4m3_tensor_dequant.cuh), staged as e4m3 operands
-    // where the output of their last reader goes: dims [128s, 128s + 128) in chunk 2s + 1 (s < 3),
-    // dims 384-447 in chunk 6. Tile t (dims [64t, 64t + 64)) is written to chunk t once its MMAs
-    // are done, while tile t + 1's run (they never read chunk t). A warp's MMA rows and stores are
-    // its own 16 rows.
+    // nope: tiles 0-4 through the tensor cores (e4m3_tensor_dequant.cuh), 5 and 6 by WG1
+    // (dequant_wg1_tiles), all staged as e4m3 operands where the output of their last reader goes:
+    // dims [128s, 128s + 128) in chunk 2s + 1 (s < 3), dims 384-447 in chunk 6. Tile t (dims
+    // [64t, 64t + 64)) is written to chunk t once its MMAs are done, while the next tile's run (they
+    // never read chunk t). A warp's MMA rows and stores are its own 16 rows.
     if (lane < 28) {
       const int slice = lane >> 3;
       uint8_t* operand = tile + (slice < 3 ? 2 * slice + 1 : 6) * 8192;
@@ -429,23 +494,28 @@ struct PagedFp8Rows {
     const uint32_t tile_addr = smem_u32(tile);
     auto issue = [&](int t, float* acc) {
       wgmma_fence();
-      e4m3_tile_mma(acc, tile_addr + (t < 6 ? (t | 1) : 6) * 8192, 64 * (t & 1), d_ident);
+      e4m3_tile_mma(acc, tile_addr + (t | 1) * 8192, 64 * (t & 1), d_ident);
       wgmma_commit();
     };
-    constexpr int kTiles = v4::kNopeDim / 64;
+    // The producer's tiles 0-4, tile 4 first: once its MMAs are done WG1 may overwrite its bytes
+    // (chunk 5's low pieces) with tile 5's values.
+    constexpr int kTiles = 5;
+    constexpr auto tile_at = [](int i) { return i == 0 ? 4 : i - 1; };
     float acc[2][32];
-    issue(0, acc[0]);
+    issue(tile_at(0), acc[0]);
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      if (t + 1 < kTiles) {
-        issue(t + 1, acc[(t + 1) & 1]);
+    for (int i = 0; i < kTiles; ++i) {
+      const int t = tile_at(i);
+      if (i + 1 < kTiles) {
+        issue(tile_at(i + 1), acc[(i + 1) & 1]);
         wgmma_wait<1>();
       } else {
         wgmma_wait<0>();
       }
-      fence_regs(acc[t & 1]);
+      if (i == 0) mbar_arrive(raw_ready);
+      fence_regs(acc[i & 1]);
       const int shift = 8 * (t & 3);
-      store_scaled_tile(tile_addr, 64 * t, acc[t & 1], ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
+      store_scaled_tile(tile_addr, 64 * t, acc[i & 1], ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
                         ue8m0_to_bf16x2(((t < 4 ? sb0 : sb1) >> shift) & 0xffu), warp, lane);
     }
     cp_async_wait_all();

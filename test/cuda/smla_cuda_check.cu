@@ -990,18 +990,23 @@ static void run_bench(const char* json_path, int reps) {
     const double flops = 2.0 * c.s_q * double(c.topk) * c.h_q * (c.d_qk + 512);
     rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});
   }
-  // paged FP8 attention at V4-like shapes: SWA window 128 (main) + compressed topk (extra)
+  // paged FP8 attention at V4-like shapes: SWA window 128 (main) + compressed topk (extra), from
+  // two caches; and FlashMLA's sparse decode workload as the addon's bench runs it (`fm`: both sets
+  // random ids of one 65,536-token cache, a sink)
   struct PCfg {
     const char* name;
     int n, h_q, topk, extra_topk;
+    bool one_cache;
   };
-  const PCfg pcfgs[] = {{"paged V4 n4096 h64 swa128+c512", 4096, 64, 128, 512},
-                        {"paged V4 n4096 h128 swa128+c1024", 4096, 128, 128, 1024}};
+  const PCfg pcfgs[] = {{"paged V4 n4096 h64 swa128+c512", 4096, 64, 128, 512, false},
+                        {"paged V4 n4096 h128 swa128+c1024", 4096, 128, 128, 1024, false},
+                        {"paged V4 n4096 h64 fm128+512", 4096, 64, 128, 512, true},
+                        {"paged V4 n4096 h128 fm128+1024", 4096, 128, 128, 1024, true}};
   for (const PCfg& c : pcfgs) {
     if (!bench_selected(c.name)) continue;
     Rng r(5);
-    V4Host main = make_v4_cache(r, 64, 32768 / 64);
-    V4Host extra = make_v4_cache(r, 64, 8192 / 64);
+    V4Host main = make_v4_cache(r, 64, (c.one_cache ? 65536 : 32768) / 64);
+    V4Host extra = c.one_cache ? main : make_v4_cache(r, 64, 8192 / 64);
     std::vector<uint16_t> hq(size_t(c.n) * c.h_q * 512);
     for (auto& v : hq) v = to_bf16(r.normal());
     auto idx = make_indices(r, c.n, c.topk, main.tokens(), kAllValid);
@@ -1009,7 +1014,10 @@ static void run_bench(const char* json_path, int reps) {
     DBuf<uint16_t> dq(hq.size()), dout(hq.size());
     DBuf<uint8_t> dmain(main.bytes.size()), dextra(extra.bytes.size());
     DBuf<int32_t> di(idx.size()), dei(eidx.size());
-    DBuf<float> dl(size_t(c.n) * c.h_q), dm(size_t(c.n) * c.h_q);
+    DBuf<float> dl(size_t(c.n) * c.h_q), dm(size_t(c.n) * c.h_q), dsink(size_t(c.h_q));
+    std::vector<float> hsink(size_t(c.h_q));
+    for (auto& v : hsink) v = float(r.normal());
+    dsink.up(hsink);
     dq.up(hq);
     dmain.up(main.bytes);
     dextra.up(extra.bytes);
@@ -1019,8 +1027,9 @@ static void run_bench(const char* json_path, int reps) {
                                                .num_pages = main.num_pages, .indices = di.p, .topk = c.topk,
                                                .extra_k_cache = dextra.p, .extra_page_size = 64,
                                                .extra_num_pages = extra.num_pages, .extra_indices = dei.p,
-                                               .extra_topk = c.extra_topk, .sm_scale = 0.044f, .out = dout.p,
-                                               .lse = dl.p, .max_logits = dm.p};
+                                               .extra_topk = c.extra_topk,
+                                               .attn_sink = c.one_cache ? dsink.p : nullptr, .sm_scale = 0.044f,
+                                               .out = dout.p, .lse = dl.p, .max_logits = dm.p};
     const double ms = timer.median_ms([&] { check_status(smla_cuda_paged_sparse_attention(&p, 0), "paged"); }, reps);
     const double flops = 2.0 * c.n * double(c.topk + c.extra_topk) * c.h_q * 1024;
     rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});

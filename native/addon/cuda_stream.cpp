@@ -102,7 +102,8 @@ thread_local std::shared_ptr<Allocation>* t_handed = nullptr;
 
 class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
  public:
-  // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it).
+  // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it). It holds the
+  // env's one instance-data slot: a second per-env value would need a struct there.
   static Napi::Function Class(Napi::Env env) {
     if (auto* made = env.GetInstanceData<Napi::FunctionReference>()) return made->Value();
     Napi::Function cls = DefineClass(env, "DeviceBuffer",

@@ -94,10 +94,12 @@ struct PagedSmem {
 // Source policy: begin(qi) -> Entries (the query's entry count); load_id(entries, qi, k) -> the
 // entry's id (-1 past the end, where the row is never read); resolve(entries, k, id) -> Entry (its
 // records, or invalid); prefetch_first(qi, k) pulls a query's first ids into L2; fill(entry, tile,
-// valid, ptid, stage_free) is called by all 128 producer threads per stage, each passing the entry
-// of its own row (warp w, lane l < 16 owns row 16w + l); it may load from global memory
-// at once but must call stage_free() before it writes the tile or the valid flags; it must make
-// its stores visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+// valid, ptid, stage_free, tile_scale, raw_ready) is called by all 128 producer threads per stage,
+// each passing the entry of its own row (warp w, lane l < 16 owns row 16w + l); it may load from
+// global memory at once but must call stage_free() before it writes the tile, the valid flags or
+// the rows' scale bytes 4-7 (tile_scale); it leaves nope tiles 5 and 6 staged as e4m3 bytes and
+// arrives on raw_ready once WG1 may convert them (dequant_wg1_tiles); it must make its stores
+// visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
 //
 // The grid is persistent (one CTA per SM, tiles = (query, 64-head group) pairs taken round-robin,
 // query-major so a query's head groups run side by side): the producer streams blocks across

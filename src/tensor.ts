@@ -57,9 +57,13 @@ export function deviceTensor<D extends DType>(dtype: D, shape: readonly number[]
   return Object.freeze({ dtype, shape: Object.freeze([...shape]), data });
 }
 
-/** An output where it was placed: a host tensor over a host array, a device tensor over a device buffer. */
-export function placedTensor<D extends DType>(dtype: D, shape: readonly number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
-  return isDeviceBuffer(data) ? deviceTensor(dtype, shape, data) : tensor(dtype, shape, data);
+/**
+ * An output where it was placed: a host tensor over a host array, a device tensor over a device
+ * buffer. `shape` is a new array the caller hands over: a device tensor freezes it instead of
+ * copying it (a queued layer makes three of these).
+ */
+export function placedTensor<D extends DType>(dtype: D, shape: number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
+  return isDeviceBuffer(data) ? (Object.freeze({ dtype, shape: Object.freeze(shape), data }) as DeviceTensor<D>) : tensor(dtype, shape, data);
 }
 
 const f32 = new Float32Array(1);

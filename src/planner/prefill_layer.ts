@@ -29,7 +29,7 @@ import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
-import { routePrefill } from './router.js';
+import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
 export interface PrefillLayerArgs extends RouteOptions {
@@ -71,8 +71,8 @@ interface LayerCall {
   smScale: number;
   /** the checked views the layer steps read */
   caches: { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
-  /** the caller's caches, for the paged path's op (it takes caches as the caller gives them) */
-  layerCaches: { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache };
+  /** the caller's caches, for the paged path's op (it takes caches as the caller gives them); only on that path */
+  layerCaches: { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache } | undefined;
   /** ratio 4: the indexer's top-k and the width of its rows */
   topk: CheckedTopk<DeviceBuffer> | undefined;
   output: Placement;
@@ -108,9 +108,9 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const given = args.caches;
   const caches = plan.checkCaches(given, ratio);
   if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
-  const layerCaches = ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
   // an env that is not given (or falsy) leaves the router to read process.env
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
   return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
 }
@@ -155,8 +155,10 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   const given = args.caches;
   const caches = plan.deviceCaches(given, ratio);
   if (caches === undefined) return undefined;
-  const layerCaches = ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
-  const route = routePrefill(qs[0]!, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  // a forced path (the layer loop's usual call) without the router's options object and decision
+  const path = args.path, threshold = args.threshold;
+  const route = forcedRoute(path, threshold) ?? routePrefill(qs[0]!, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   let topk: CheckedTopk<DeviceBuffer> | undefined;
   if (ratio === 4) {
     topk = plan.deviceTopk(topkIndices);
@@ -182,6 +184,10 @@ function badQueryShape(plan: Plan, q: { shape: readonly number[] }): never {
 }
 function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never {
   fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
+}
+/** The caller's caches as the paged path's op takes them (checked by then: Plan.checkCaches). */
+function pagedCaches(given: PlanCaches, ratio: CompressRatio): LayerCall['layerCaches'] {
+  return ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
 }
 function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
   fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));
@@ -223,7 +229,8 @@ async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Pro
 }
 
 /** The paged path: the plan's host rows in their paged form, one pagedSparseAttention. */
-async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, layerCaches: caches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+  const caches = layerCaches!; // (a paged route's call has them)
   let rows;
   if (ratio === 4) {
     const t = topk!;

@@ -43,6 +43,21 @@ const CHOICES: readonly PrefillPathChoice[] = ['sparse', 'paged', 'auto'];
 /** The reasons of a path forced by option (every layer of a forced path gives one). */
 const FORCED_BY_OPTION: Readonly<Record<PrefillPath, string>> = { sparse: "forced by option path='sparse'", paged: "forced by option path='paged'" };
 
+/**
+ * What routePrefill decides for a path forced by option when no threshold is given (it then reads
+ * neither the threshold table nor the environment), one object per path and shared: for callers
+ * that copy its fields and hand it to no one (prefillLayer's device calls, whose every layer would
+ * otherwise build an options object and a decision). Undefined for any other options.
+ */
+const FORCED_ROUTES: Readonly<Record<PrefillPath, RouteDecision>> = {
+  sparse: Object.freeze({ path: 'sparse', reason: FORCED_BY_OPTION.sparse }),
+  paged: Object.freeze({ path: 'paged', reason: FORCED_BY_OPTION.paged }),
+};
+export function forcedRoute(path: unknown, threshold: unknown): RouteDecision | undefined {
+  if (threshold !== undefined) return undefined;
+  return path === 'sparse' ? FORCED_ROUTES.sparse : path === 'paged' ? FORCED_ROUTES.paged : undefined;
+}
+
 /** The last threshold reason built, kept: a chunk's layers ask for the same one (no string built a layer). */
 let lastThresholdReason = { numQueries: -1, threshold: -1, above: false, backend: undefined as string | undefined, reason: '' };
 

@@ -8,7 +8,11 @@ import type { BackendName } from '../../types.js';
 import { addonFailure } from './binding.js';
 
 export class AddonCalls {
-  private readonly inFlight = new Set<Promise<unknown>>();
+  /**
+   * A list, not a Set: a Set that empties after each call rebuilds its table (an allocation per
+   * call, a queued layer's included); a call takes its promise out by a swap with the last.
+   */
+  private readonly inFlight: Promise<unknown>[] = [];
   private disposed = false;
 
   constructor(private readonly backend: Exclude<BackendName, 'wasm'>) {}
@@ -26,13 +30,13 @@ export class AddonCalls {
     } catch (e) {
       throw addonFailure(this.backend, op, e);
     }
-    this.inFlight.add(p);
+    this.inFlight.push(p);
     try {
       await p;
     } catch (e) {
       throw addonFailure(this.backend, op, e);
     } finally {
-      this.inFlight.delete(p);
+      this.end(p);
     }
   }
 
@@ -41,11 +45,15 @@ export class AddonCalls {
    * addonFailure as run does: dispose() waits for `p` from begin(p) until end(p).
    */
   begin(p: Promise<unknown>): void {
-    this.inFlight.add(p);
+    this.inFlight.push(p);
   }
 
   end(p: Promise<unknown>): void {
-    this.inFlight.delete(p);
+    const list = this.inFlight;
+    const i = list.indexOf(p);
+    if (i < 0) return;
+    list[i] = list[list.length - 1]!;
+    list.pop();
   }
 
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */

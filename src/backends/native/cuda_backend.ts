@@ -116,7 +116,7 @@ function layerInputs(job: QueuedLayerJob<DeviceBuffer>, names?: string[]): unkno
  * one), each dequant's, the prefill's shape and whether it has a sink. The owner (a plan) fixes the
  * requests and window; every buffer size follows from these (the addon checks them per run). The
  * list's length gives the number of dequants, so two layers read the same program iff their lists
- * are equal. (Numbers, not a string key: every queued layer computes it.)
+ * are equal. Built once per program; a layer looks its program up with sameGeometry.
  */
 function layerGeometry(job: QueuedLayerJob<DeviceBuffer>): number[] {
   const { planRows: r, dequants, prefill: p } = job;
@@ -135,15 +135,26 @@ interface KeptLayerProgram {
   readonly program: NativeLayerProgram;
 }
 
-/** The kept program read for `geometry`, if any. */
-function keptProgram(kept: readonly KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram | undefined {
-  for (let k = 0; k < kept.length; k++) {
-    const g = kept[k]!.geometry;
-    if (g.length !== geometry.length) continue;
-    let i = 0;
-    while (i < g.length && g[i] === geometry[i]) i++;
-    if (i === g.length) return kept[k]!.program;
+/**
+ * Whether `g` is the job's layerGeometry, read straight from the job (every queued layer asks, and
+ * most find their program: no list built for it). makeLayerProgram holds the two to one order.
+ */
+function sameGeometry(g: readonly number[], job: QueuedLayerJob<DeviceBuffer>): boolean {
+  const { planRows: r, dequants, prefill: p } = job;
+  if (g.length !== 9 + 5 * dequants.length) return false;
+  if (r === null ? g[0] !== -1 || g[1] !== 0 || g[2] !== 0 : g[0] !== r.ratio || g[1] !== r.topk || g[2] !== r.width) return false;
+  let i = 3;
+  for (let k = 0; k < dequants.length; k++, i += 5) {
+    const d = dequants[k]!;
+    const c = d.cache;
+    if (g[i] !== CACHE_FORMAT_CODE[c.format] || g[i + 1] !== c.pageSize || g[i + 2] !== c.numPages || g[i + 3] !== d.n || g[i + 4] !== d.rowOffset) return false;
   }
+  return g[i] === p.numQueries && g[i + 1] === p.hQ && g[i + 2] === p.rows && g[i + 3] === p.width && g[i + 4] === (p.workspace as DeviceBuffer).byteLength && g[i + 5] === (p.attnSink === null ? 0 : 1);
+}
+
+/** The kept program read for the job's geometry, if any. */
+function keptProgram(kept: readonly KeptLayerProgram[], job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram | undefined {
+  for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
   return undefined;
 }
 
@@ -159,14 +170,15 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   readonly stream: NativeStream;
 
   /**
-   * `known`: the size and device the caller just allocated it with (CudaBackend.alloc), so they
-   * are not read back through the addon's accessors (two native calls per buffer).
+   * `byteLength` and `deviceIndex`: the size and device the caller just allocated it with
+   * (CudaBackend.alloc), so they are not read back through the addon's accessors (two native calls
+   * per buffer); as numbers, not an object (a queued layer makes three of these).
    */
-  constructor(native: NativeDeviceBuffer, stream: NativeStream, known?: { byteLength: number; deviceIndex: number }) {
+  constructor(native: NativeDeviceBuffer, stream: NativeStream, byteLength?: number, deviceIndex?: number) {
     this.native = native;
     this.stream = stream;
-    this.byteLength = known ? known.byteLength : native.byteLength;
-    this.deviceIndex = known ? known.deviceIndex : native.device;
+    this.byteLength = byteLength ?? native.byteLength;
+    this.deviceIndex = deviceIndex ?? native.device;
   }
 
   /**
@@ -352,7 +364,7 @@ export class CudaBackend implements Backend, DeviceOps {
     this.calls.assertAlive();
     try {
       // the addon allocates exactly `bytes` on the stream's device (this engine's)
-      return new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex });
+      return new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream), this.stream, bytes, this.deviceIndex);
     } catch (e) {
       const x = e as { status?: string };
       if (x.status?.startsWith('cudaErrorMemoryAllocation')) throw new SparseMlaError('TOO_LARGE', `a device buffer of ${bytes} bytes cannot be allocated (${x.status})`, 'alloc');
@@ -376,7 +388,7 @@ export class CudaBackend implements Backend, DeviceOps {
       const views: CudaDeviceBuffer[] = [];
       for (let i = 0; i < sizes.length; i++) {
         const bytes = sizes[i]!;
-        views.push(new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream, base.native, offsets[i]), this.stream, { byteLength: bytes, deviceIndex: this.deviceIndex }));
+        views.push(new CudaDeviceBuffer(new this.BufferClass(bytes, this.stream, base.native, offsets[i]), this.stream, bytes, this.deviceIndex));
       }
       return views;
     } catch (e) {
@@ -581,14 +593,18 @@ export class CudaBackend implements Backend, DeviceOps {
     }
     let kept = this.programs.get(job.owner);
     if (kept === undefined) this.programs.set(job.owner, (kept = []));
-    const geometry = layerGeometry(job);
-    let program = keptProgram(kept, geometry);
-    const droppedInto = job.planRows === null ? null : new BigInt64Array(1);
+    let program = keptProgram(kept, job);
+    // the combine's dropped total lands here: the backend's one slot when no other layer holds it
+    let droppedInto: BigInt64Array | null = null;
+    if (job.planRows !== null) {
+      droppedInto = this.#droppedSlot ?? new BigInt64Array(1);
+      this.#droppedSlot = undefined;
+    }
     // the addon call, tracked as AddonCalls.run tracks one (inlined here: one async frame a layer)
     this.calls.assertAlive();
     let run: NativeLayerRun;
     try {
-      program ??= this.makeLayerProgram(job, kept, geometry);
+      program ??= this.makeLayerProgram(job, kept);
       run = program.run(droppedInto, job.prefill.smScale, ...(inputs as NativeDeviceBuffer[]));
     } catch (e) {
       throw addonFailure('cuda', 'queueLayer', e);
@@ -610,13 +626,21 @@ export class CudaBackend implements Backend, DeviceOps {
     } finally {
       this.calls.end(done);
     }
+    let dropped = 0;
+    if (droppedInto !== null) {
+      dropped = Number(droppedInto[0]);
+      this.#droppedSlot = droppedInto; // read: the next layer may write into it
+    }
     // (null only when done rejected)
-    return { out: out!, lse: lse!, maxLogits: maxLogits!, dropped: droppedInto === null ? 0 : Number(droppedInto[0]) };
+    return { out: out!, lse: lse!, maxLogits: maxLogits!, dropped };
   }
+
+  /** A queued layer's 8-byte landing place for its dropped total, kept between layers (one allocation less a c4 layer). */
+  #droppedSlot: BigInt64Array | undefined;
 
   /** A device buffer of this engine's that the addon allocated, of a size the caller knows. */
   private adopt(native: NativeDeviceBuffer, byteLength: number): CudaDeviceBuffer {
-    return new CudaDeviceBuffer(native, this.stream, { byteLength, deviceIndex: this.deviceIndex });
+    return new CudaDeviceBuffer(native, this.stream, byteLength, this.deviceIndex);
   }
 
   /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */
@@ -628,7 +652,7 @@ export class CudaBackend implements Backend, DeviceOps {
   private readonly programs = new WeakMap<object, KeptLayerProgram[]>();
 
   /** Reads a layer's params objects into a program (the addon checks them as the ops do) and keeps it. */
-  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, kept: KeptLayerProgram[], geometry: readonly number[]): NativeLayerProgram {
+  private makeLayerProgram(job: QueuedLayerJob<DeviceBuffer>, kept: KeptLayerProgram[]): NativeLayerProgram {
     const { planRows: rows, dequants } = job;
     const params: LayerProgramParams = {
       planRows:
@@ -646,6 +670,8 @@ export class CudaBackend implements Backend, DeviceOps {
     const names: string[] = [];
     layerInputs(job, names);
     if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
+    const geometry = layerGeometry(job);
+    if (!sameGeometry(geometry, job)) throw new Error(`layer geometry ${geometry.join(', ')}: sameGeometry reads another order`);
     kept.push({ geometry, program });
     return program;
   }

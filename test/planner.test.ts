@@ -6,6 +6,7 @@
 import { describe, expect, test } from 'vitest';
 import { createPlan, routePrefill, swaTokenIdsFromTable, DEFAULT_SPARSE_PREFILL_THRESHOLD, SPARSE_PREFILL_THRESHOLDS, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
+import { forcedRoute } from '../dist/planner/router.js';
 import { SparseMlaError } from '../dist/errors.js';
 import { tensor } from '../dist/tensor.js';
 import type { KvCache } from '../dist/types.js';
@@ -301,6 +302,16 @@ describe('swaTokenIdsFromTable', () => {
 });
 
 describe('router', () => {
+  test('forcedRoute is the decision routePrefill makes for a path forced without a threshold', () => {
+    const env = { SPARSE_MLA_PREFILL: 'paged' }; // an option's path wins over the environment
+    for (const path of ['sparse', 'paged'] as const)
+      for (const backend of [undefined, 'cuda', 'wasm'] as const)
+        for (const compressRatio of [0, 4, 128] as const) expect(forcedRoute(path, undefined)).toEqual(routePrefill(5, { path, backend, compressRatio, env }));
+    expect(forcedRoute('auto', undefined)).toBeUndefined();
+    expect(forcedRoute(undefined, undefined)).toBeUndefined();
+    expect(forcedRoute('sparse', 10)).toBeUndefined();
+  });
+
   test('threshold, forced by option, forced by environment', () => {
     const env = {};
     expect(routePrefill(DEFAULT_SPARSE_PREFILL_THRESHOLD + 1, { env })).toEqual({

@@ -31,16 +31,6 @@ constexpr int kPagedRowsPerStage = 64;
 constexpr uint32_t kProducerSync = 6;  // named barrier of the producer warpgroup (128)
 constexpr int kPagedStages = 2;
 
-// 8 e4m3 bytes (two words) times a ue8m0 scale (bf16 pair) -> 8 bf16: each value rounded to bf16
-// (exact) and multiplied once, the rounding of the tensor-core route's store_scaled_tile.
-__device__ __forceinline__ uint4 e4m3x8_scaled(uint32_t w0, uint32_t w1, uint32_t scale) {
-  const auto pair = [&](uint32_t two) {
-    const float2 f = e4m3x2_to_float2(two);
-    return bf16x2_mul(detail::pack_bf16(f.x, f.y), scale);
-  };
-  return make_uint4(pair(w0 & 0xffffu), pair(w0 >> 16), pair(w1 & 0xffffu), pair(w1 >> 16));
-}
-
 // Warpgroup 1's share of a stage's dequantization: nope tiles 5 and 6 (dims 320-447), converted in
 // registers from the e4m3 bytes the producer staged for its tensor cores (tile 5's in chunk 5
 // pieces 4-7, beside tile 4's, which the producer's MMAs have read by then; tile 6's in chunk 6
@@ -62,8 +52,8 @@ __device__ __forceinline__ void dequant_wg1_tiles(uint8_t* stage, const uint32_t
     }
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j])) = e4m3x8_scaled(raw[j].x, raw[j].y, scale);
-      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j] + 8)) = e4m3x8_scaled(raw[j].z, raw[j].w, scale);
+      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j])) = dequant8_bf16_scale(raw[j].x, raw[j].y, scale);
+      *reinterpret_cast<uint4*>(chunk + swz_offset(r, 16 * q[j] + 8)) = dequant8_bf16_scale(raw[j].z, raw[j].w, scale);
     }
   }
 }

@@ -17,7 +17,7 @@ __device__ __forceinline__ int row_entry_limit(const int32_t* topk_length, int64
   return n < 0 ? 0 : (n < topk ? n : topk);
 }
 
-// Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async (L2 256-byte prefetch,
+// Gathers bf16 kv rows [s_kv, DQK] by int32 index with 16-byte cp.async (L2 128-byte prefetch,
 // kept in L2: many queries read the same rows); invalid entries are zero-filled with a 0-byte
 // source (nothing is read). The copies arrive on the half's barrier when they land, so the
 // producer goes straight on to the next half.

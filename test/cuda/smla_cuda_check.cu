@@ -19,9 +19,15 @@
 #include <string.h>
 #include <time.h>
 
+#include <dlfcn.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <map>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "smla_cuda.h"
@@ -835,20 +841,139 @@ static void run_fuzz() {
 }
 
 // ---------------------------------------------------------------- benchmarks
+// SMLA_BENCH_CLOCKS=1: a host thread samples the SM clock, power and clock-event reasons through
+// NVML (loaded at run time; nothing links it) every millisecond, and each timed row reports them
+// over its timed runs: whether a row's figure moved with the clocks or with something else.
+struct ClockSampler {
+  struct Sample {
+    double t;
+    unsigned sm_mhz, mw;
+    unsigned long long reasons;
+    unsigned mem_c;  // HBM temperature (NVML field 82), 0 when unread
+  };
+  struct FieldValue {  // nvmlFieldValue_t
+    unsigned field_id, scope_id;
+    long long timestamp, latency_us;
+    int value_type, ret;
+    union {
+      double d;
+      unsigned ui;
+      unsigned long long ull;
+    } value;
+  };
+  using FieldsFn = int (*)(void*, int, FieldValue*);
+  FieldsFn fields_fn = nullptr;
+  using InitFn = int (*)();
+  using HandleFn = int (*)(unsigned, void**);
+  using ClockFn = int (*)(void*, int, unsigned*);
+  using PowerFn = int (*)(void*, unsigned*);
+  using ReasonsFn = int (*)(void*, unsigned long long*);
+  ClockFn clock_fn = nullptr;
+  PowerFn power_fn = nullptr;
+  ReasonsFn reasons_fn = nullptr;
+  void* dev = nullptr;
+  std::vector<Sample> samples;
+  std::mutex mu;
+  std::atomic<bool> stop{false};
+  std::thread th;
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  bool start() {
+    void* lib = dlopen("libnvidia-ml.so.1", RTLD_NOW);
+    if (!lib) return false;
+    auto init = reinterpret_cast<InitFn>(dlsym(lib, "nvmlInit_v2"));
+    auto handle = reinterpret_cast<HandleFn>(dlsym(lib, "nvmlDeviceGetHandleByIndex_v2"));
+    clock_fn = reinterpret_cast<ClockFn>(dlsym(lib, "nvmlDeviceGetClockInfo"));
+    power_fn = reinterpret_cast<PowerFn>(dlsym(lib, "nvmlDeviceGetPowerUsage"));
+    reasons_fn = reinterpret_cast<ReasonsFn>(dlsym(lib, "nvmlDeviceGetCurrentClocksEventReasons"));
+    if (!reasons_fn) reasons_fn = reinterpret_cast<ReasonsFn>(dlsym(lib, "nvmlDeviceGetCurrentClocksThrottleReasons"));
+    fields_fn = reinterpret_cast<FieldsFn>(dlsym(lib, "nvmlDeviceGetFieldValues"));
+    if (!init || !handle || !clock_fn || init() != 0 || handle(0, &dev) != 0) return false;
+    th = std::thread([this] {
+      while (!stop.load()) {
+        Sample s{now(), 0, 0, 0, 0};
+        clock_fn(dev, 1 /* NVML_CLOCK_SM */, &s.sm_mhz);
+        if (power_fn) power_fn(dev, &s.mw);
+        if (reasons_fn) reasons_fn(dev, &s.reasons);
+        if (fields_fn) {
+          FieldValue fv{};
+          fv.field_id = 82;  // NVML_FI_DEV_MEMORY_TEMP
+          if (fields_fn(dev, 1, &fv) == 0 && fv.ret == 0) s.mem_c = fv.value_type == 0 ? unsigned(fv.value.d) : fv.value.ui;
+        }
+        {
+          std::lock_guard<std::mutex> g(mu);
+          samples.push_back(s);
+        }
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      }
+    });
+    return true;
+  }
+  // "sm MHz min/median/max, W median, reasons OR" over [t0, t1]
+  std::string summary(double t0, double t1) {
+    std::vector<unsigned> c, w, m;
+    unsigned long long r = 0;
+    {
+      std::lock_guard<std::mutex> g(mu);
+      for (const auto& s : samples)
+        if (s.t >= t0 && s.t <= t1) c.push_back(s.sm_mhz), w.push_back(s.mw), m.push_back(s.mem_c), r |= s.reasons;
+    }
+    if (c.empty()) return "no samples";
+    std::sort(c.begin(), c.end());
+    std::sort(w.begin(), w.end());
+    char buf[160];
+    std::sort(m.begin(), m.end());
+    snprintf(buf, sizeof buf, "sm %u/%u/%u MHz, hbm %u-%u C, %.0f W, reasons 0x%llx, %zu samples", c.front(), c[c.size() / 2],
+             c.back(), m.front(), m.back(), w[w.size() / 2] / 1000.0, r, c.size());
+    return buf;
+  }
+  ~ClockSampler() {
+    stop = true;
+    if (th.joinable()) th.join();
+  }
+};
+static ClockSampler* g_clocks = nullptr;
+
+
+// Experiment (SMLA_BENCH_FLUSH=read): L2 emptied of the timed kernel's data by reading 256 MiB
+// instead of writing it, so the lines left behind are clean (no write-back during the timed run).
+__global__ void read_flush_kernel(const uint4* p, size_t n, uint32_t* sink) {
+  uint32_t acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 struct Timer {
   cudaEvent_t a, b;
   DBuf<uint8_t> flush{size_t(256) << 20};
+  DBuf<uint32_t> sink{1};
+  const char* mode = getenv("SMLA_BENCH_FLUSH");  // memset (default) | read | none
   Timer() {
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
+    CK(cudaMemset(flush.p, 1, flush.n));
+  }
+  void evict(int i) {
+    if (mode && !strcmp(mode, "none")) return;
+    if (mode && !strcmp(mode, "read")) {
+      read_flush_kernel<<<132 * 8, 256>>>(reinterpret_cast<const uint4*>(flush.p), flush.n / 16, sink.p);
+      CK(cudaGetLastError());
+      return;
+    }
+    CK(cudaMemsetAsync(flush.p, i & 0xff, flush.n));
   }
   template <class F>
   double median_ms(F f, int reps) {
     for (int i = 0; i < 3; ++i) f();  // warm-up
     CK(cudaDeviceSynchronize());
+    last_t0 = ClockSampler::now();
     std::vector<double> t;
     for (int i = 0; i < reps; ++i) {
-      CK(cudaMemsetAsync(flush.p, i & 0xff, flush.n));  // evict L2 between runs
+      evict(i);  // evict L2 between runs
       CK(cudaEventRecord(a));
       f();
       CK(cudaEventRecord(b));
@@ -857,9 +982,12 @@ struct Timer {
       CK(cudaEventElapsedTime(&ms, a, b));
       t.push_back(ms);
     }
+    last_t1 = ClockSampler::now();
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
   }
+  double last_t0 = 0, last_t1 = 0;
+  std::string clocks() const { return g_clocks ? g_clocks->summary(last_t0, last_t1) : ""; }
 };
 
 // Random bf16 normal(0, 1) values made on the device (hash of the element index, Box-Muller), so
@@ -887,6 +1015,7 @@ static bool bench_selected(const char* name) {
 struct BenchRow {
   std::string name, unit;
   double ms, value, extra;
+  std::string clocks;  // SMLA_BENCH_CLOCKS
 };
 
 // One prefill configuration, run `runs` times (for ncu / quick timing).
@@ -958,7 +1087,7 @@ static void run_bench(const char* json_path, int reps) {
       const double moved = double(n) * (v4 ? (smla::v4::kTokenBytes + 8 + 2 * smla::v4::kDim) : (smla::v32::kTokenBytes + 8 + 2 * smla::v32::kDim));
       const double gbs = moved / ms / 1e6;
       rows.push_back({std::string("dequant ") + (v4 ? "v4 " : "v32 ") + std::to_string(n >> 10) + "K random tokens",
-                      "GB/s", ms, gbs, gbs / copy_gbs});
+                      "GB/s", ms, gbs, gbs / copy_gbs, timer.clocks()});
     }
   }
   // sparse prefill: FlashMLA's benchmark configurations (sKV 32768; 65536 for sQ 32768)
@@ -972,24 +1101,37 @@ static void run_bench(const char* json_path, int reps) {
                       {"prefill V4 sQ4096 h128 d512 topk1024", 4096, 128, 512, 1024, 32768},
                       {"prefill V4 sQ32768 h64 d512 topk512", 32768, 64, 512, 512, 65536},
                       {"prefill V4 sQ32768 h64 d512 topk640", 32768, 64, 512, 640, 65536}};
+  // SMLA_BENCH_ROUNDS=n runs the prefill rows n times in this process, round k behind a spacer
+  // allocation of k * SMLA_BENCH_SPACER_MB MiB (other physical pages for the same data).
+  const int rounds = getenv("SMLA_BENCH_ROUNDS") ? std::max(1, atoi(getenv("SMLA_BENCH_ROUNDS"))) : 1;
+  const size_t spacer_mb = getenv("SMLA_BENCH_SPACER_MB") ? size_t(atoll(getenv("SMLA_BENCH_SPACER_MB"))) : 0;
+  for (int round = 0; round < rounds; ++round)
   for (const Cfg& c : cfgs) {
     if (!bench_selected(c.name)) continue;
+    DBuf<uint8_t> spacer(spacer_mb * round << 20);
     Rng r(99);
-    DBuf<uint16_t> dq(size_t(c.s_q) * c.h_q * c.d_qk), dkv(size_t(c.s_kv) * c.d_qk), dout(size_t(c.s_q) * c.h_q * 512);
+    // SMLA_BENCH_KV_ARENA=1: kv at the start of one 256 MiB allocation made once per process (the
+    // same physical pages for every row and round; the spacer then moves only q, out and indices).
+    static DBuf<uint8_t>* kv_arena = getenv("SMLA_BENCH_KV_ARENA") ? new DBuf<uint8_t>(size_t(256) << 20) : nullptr;
+    const size_t kv_elems = size_t(c.s_kv) * c.d_qk;
+    DBuf<uint16_t> dq(size_t(c.s_q) * c.h_q * c.d_qk), dkv(kv_arena ? 1 : kv_elems), dout(size_t(c.s_q) * c.h_q * 512);
     device_normal(dq, 1);
-    device_normal(dkv, 2);
+    uint16_t* const kv_ptr = kv_arena ? reinterpret_cast<uint16_t*>(kv_arena->p) : dkv.p;
+    fill_normal_bf16<<<1024, 256>>>(kv_ptr, kv_elems, 2);
+    CK(cudaGetLastError());
     std::vector<int32_t> idx(size_t(c.s_q) * c.topk);
     for (auto& v : idx) v = int32_t(r.range(0, c.s_kv));
     DBuf<int32_t> didx(idx.size());
     DBuf<float> dl(size_t(c.s_q) * c.h_q), dm(size_t(c.s_q) * c.h_q);
     didx.up(idx);
     const float sm = float(1.0 / sqrt(double(c.d_qk)));
-    const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = c.s_q, .h_q = c.h_q,
+    const smla_sparse_prefill_params p{.q = dq.p, .kv = kv_ptr, .indices = didx.p, .s_q = c.s_q, .h_q = c.h_q,
                                        .d_qk = c.d_qk, .d_v = 512, .s_kv = c.s_kv, .topk = c.topk, .sm_scale = sm,
                                        .out = dout.p, .max_logits = dm.p, .lse = dl.p};
-    const double ms = timer.median_ms([&] { check_status(smla_cuda_sparse_prefill(&p, 0), "prefill"); }, reps);
     const double flops = 2.0 * c.s_q * double(c.topk) * c.h_q * (c.d_qk + 512);
-    rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});
+    const double ms = timer.median_ms([&] { check_status(smla_cuda_sparse_prefill(&p, 0), "prefill"); }, reps);
+    rows.push_back({rounds > 1 ? std::string(c.name) + " r" + std::to_string(round + 1) : std::string(c.name), "TFLOPS", ms,
+                    flops / ms / 1e9, 0, timer.clocks()});
   }
   // paged FP8 attention at V4-like shapes: SWA window 128 (main) + compressed topk (extra), from
   // two caches; and FlashMLA's sparse decode workload as the addon's bench runs it (`fm`: both sets
@@ -1042,13 +1184,14 @@ static void run_bench(const char* json_path, int reps) {
                                                .out = dout.p, .lse = dl.p, .max_logits = dm.p};
     const double ms = timer.median_ms([&] { check_status(smla_cuda_paged_sparse_attention(&p, 0), "paged"); }, reps);
     const double flops = 2.0 * c.n * double(c.topk + c.extra_topk) * c.h_q * 1024;
-    rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0});
+    rows.push_back({c.name, "TFLOPS", ms, flops / ms / 1e9, 0, timer.clocks()});
   }
   printf("\n%-48s %10s %12s %s\n", "benchmark", "median ms", "value", "");
   for (auto& b : rows)
-    printf("%-48s %10.4f %9.1f %-6s%s\n", b.name.c_str(), b.ms, b.value, b.unit.c_str(),
+    printf("%-48s %10.4f %9.1f %-6s%s%s%s\n", b.name.c_str(), b.ms, b.value, b.unit.c_str(),
            b.unit == "GB/s" && b.extra != 1.0 ? (" (" + std::to_string(int(b.extra * 100 + 0.5)) + "% of copy)").c_str()
-                                              : "");
+                                              : "",
+           b.clocks.empty() ? "" : "  ", b.clocks.c_str());
   if (json_path) {
     FILE* f = fopen(json_path, "w");
     if (!f) return;
@@ -1100,6 +1243,11 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (mode == "bench") {
+    static ClockSampler sampler;
+    if (getenv("SMLA_BENCH_CLOCKS")) {
+      if (sampler.start()) g_clocks = &sampler;
+      else printf("SMLA_BENCH_CLOCKS: NVML not available\n");
+    }
     const char* json = nullptr;
     int reps = 10;
     for (int i = 2; i < argc; ++i) {

@@ -61,6 +61,12 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   return p;
 }
 // The L2 prefetch hint is 128 bytes: 256 measured slower on the prefill's gathers (bench/RESULTS.md).
+// Nanoseconds of the global timer (the same clock on every SM).
+__device__ __forceinline__ uint64_t global_timer_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __forceinline__ void cp_async_16_hint(void* dst, const void* src, uint32_t src_bytes, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)),
                "l"(src), "r"(src_bytes), "l"(policy)
@@ -176,6 +182,12 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
 __device__ __forceinline__ void tma_store_2d(const void* tmap, uint32_t smem_src, int32_t x, int32_t y) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(tmap), "r"(smem_src),
                "r"(x), "r"(y)
+               : "memory");
+}
+// The same with an L2 cache policy for the lines written.
+__device__ __forceinline__ void tma_store_2d_hint(const void* tmap, uint32_t smem_src, int32_t x, int32_t y, uint64_t policy) {
+  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3}], [%1], %4;" ::"l"(tmap),
+               "r"(smem_src), "r"(x), "r"(y), "l"(policy)
                : "memory");
 }
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }

@@ -365,7 +365,8 @@ __device__ __forceinline__ void store_o_row(const AttnOutputs& p, int64_t qi, in
 // `stage` in the swz_offset layout (the tensor map's 128B swizzle), then sent as four 64 x 64 boxes
 // of `map` by the warpgroup's first thread; once the stores have read the stage, every thread of
 // the warpgroup arrives on `release` (each its own arrival after its own writes: the ordering a
-// memory checker follows). `barrier_id`: a named barrier for the warpgroup's 128 threads.
+// memory checker follows). `barrier_id`: a named barrier for the warpgroup's 128 threads. O is
+// written once and not read by this kernel: its lines leave L2 first, before the gathered rows.
 __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t* stage, const float (&o)[128],
                                                  float scale_a, float scale_b, const MathThread& mt, int wg,
                                                  int64_t row0, uint32_t barrier_id, uint64_t* release) {
@@ -379,8 +380,9 @@ __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t
   fence_proxy_async();
   named_barrier_sync(barrier_id, 128);
   if (mt.ctid == 0) {
+    const uint64_t once = l2_policy_evict_first();
 #pragma unroll
-    for (int c = 0; c < 4; ++c) tma_store_2d(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0));
+    for (int c = 0; c < 4; ++c) tma_store_2d_hint(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0), once);
     bulk_commit_group();
     bulk_wait_group_read0();
   }
@@ -406,6 +408,22 @@ __device__ __forceinline__ TileOf tile_of(int64_t t, int head_blocks) {
 // its warpgroups are short of registers).
 __device__ __forceinline__ TileOf tile_of(uint32_t t, int head_blocks) {
   return TileOf{int64_t(t / uint32_t(head_blocks)), int(t % uint32_t(head_blocks)) * kHeadsPerCta};
+}
+
+// A launch of many tiles a CTA (kStaggerTiles or more) starts its CTAs in 16 phases, each CTA
+// without one of the last round's tiles up to about one tile's time late (`entries` of its first
+// tile, kStaggerNsPerEntry each: about an H200's pace at dQK 512). Started together, CTAs with
+// identical tiles can run them in lockstep, their Q loads and O stores reaching memory at once: the
+// sQ 32K rows ran at either of two speeds from run to run on the same buffers, and with the starts
+// staggered mostly at the faster one (bench/RESULTS.md). CTAs with a last-round tile start at
+// once, so the launch ends no later.
+constexpr int64_t kStaggerTiles = 64;
+constexpr uint64_t kStaggerNsPerEntry = 30;
+__device__ __forceinline__ void stagger_start(int entries, int64_t n_tiles) {
+  if (entries <= 0 || n_tiles < kStaggerTiles * gridDim.x || blockIdx.x < n_tiles % gridDim.x) return;
+  const uint64_t delay = uint64_t(blockIdx.x % 16) * uint64_t(entries) * kStaggerNsPerEntry / 16;
+  const uint64_t t0 = global_timer_ns();
+  while (global_timer_ns() - t0 < delay) __nanosleep(256);
 }
 
 }  // namespace detail
@@ -496,6 +514,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     };
     uint32_t pairs_done = 0, q_loads = 0;
     Next cur = next_tile(blockIdx.x);
+    stagger_start(cur.t < n_tiles ? cur.entries.total : 0, n_tiles);
     typename Source::Rows r0{}, r1{};
     if (cur.t < n_tiles) {
       const int64_t qi = tile_of(cur.t, head_blocks).qi;

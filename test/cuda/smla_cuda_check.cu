@@ -223,10 +223,14 @@ struct PrefillCase {
   double q_offset = 0.0;    // FlashMLA's test data: randn/10 + a small common offset
 };
 
+__global__ void fill_normal_bf16(uint16_t* p, size_t n, uint64_t seed);
+
 static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   Rng r(seed);
   const size_t nq = size_t(c.s_q) * c.h_q * c.d_qk, nkv = size_t(c.s_kv) * c.d_qk;
-  std::vector<uint16_t> hq(nq), hkv(nkv);
+  // a q of more than 2^26 plain normal values is made on the device (seconds on the host)
+  const bool device_q = nq > (size_t(1) << 26) && c.q_scale == 1.0 && c.q_offset == 0.0 && c.inf_rows == 0 && !c.misaligned;
+  std::vector<uint16_t> hq(device_q ? 0 : nq), hkv(nkv);
   for (auto& v : hq) v = to_bf16(r.normal() * c.q_scale + c.q_offset);
   for (auto& v : hkv) v = to_bf16(r.normal() * (c.q_offset != 0 ? 0.1 : 1.0) + c.q_offset);
   std::vector<int32_t> idx = make_indices(r, c.s_q, c.topk, c.s_kv, c.mode);
@@ -256,7 +260,12 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   DBuf<uint16_t> dq(nq + 8), dkv(nkv + 8);
   DBuf<int32_t> didx(idx.size()), dlen(len.size());
   DBuf<float> dsink(sink.size());
-  CK(cudaMemcpy(dq.p + shift, hq.data(), nq * 2, cudaMemcpyHostToDevice));
+  if (device_q) {
+    fill_normal_bf16<<<1024, 256>>>(dq.p, nq, r.next());
+    CK(cudaGetLastError());
+  } else {
+    CK(cudaMemcpy(dq.p + shift, hq.data(), nq * 2, cudaMemcpyHostToDevice));
+  }
   CK(cudaMemcpy(dkv.p + shift, hkv.data(), nkv * 2, cudaMemcpyHostToDevice));
   didx.up(idx);
   if (c.lengths) dlen.up(len);
@@ -710,6 +719,8 @@ static void run_checks() {
       // more tiles than SMs (each CTA of the persistent grid runs several), queries without entries
       {"h64 d576 topk300, 300 queries mixed+len+sink", 300, 64, 576, 512, 3000, 300, kMixed, true, true, true, 1.0, 5},
       {"h128 d512 topk200, 150 queries adversarial+len", 150, 128, 512, 512, 2000, 200, kAdversarial, true, true, false, 1.0, 3},
+      // 64 or more tiles a CTA: the staggered start, with the TMA-store epilogue
+      {"h64 d512 topk40, 9000 queries mixed+len+sink (staggered start)", 9000, 64, 512, 512, 3000, 40, kMixed, true, true, false, 1.0, 7},
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail

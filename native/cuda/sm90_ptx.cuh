@@ -60,13 +60,13 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
-// The L2 prefetch hint is 128 bytes: 256 measured slower on the prefill's gathers (bench/RESULTS.md).
 // Nanoseconds of the global timer (the same clock on every SM).
 __device__ __forceinline__ uint64_t global_timer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
 }
+// The L2 prefetch hint is 128 bytes: 256 measured slower on the prefill's gathers (bench/RESULTS.md).
 __device__ __forceinline__ void cp_async_16_hint(void* dst, const void* src, uint32_t src_bytes, uint64_t policy) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint.L2::128B [%0], [%1], 16, %2, %3;" ::"r"(smem_u32(dst)),
                "l"(src), "r"(src_bytes), "l"(policy)

@@ -178,14 +178,9 @@ __device__ __forceinline__ void stmatrix_x4(uint32_t addr, uint32_t r0, uint32_t
 }
 
 // ---- TMA stores (the prefill epilogue) ----
-// A 2D box of a tensor map from shared memory to global memory (bulk async-group).
-__device__ __forceinline__ void tma_store_2d(const void* tmap, uint32_t smem_src, int32_t x, int32_t y) {
-  asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group [%0, {%2, %3}], [%1];" ::"l"(tmap), "r"(smem_src),
-               "r"(x), "r"(y)
-               : "memory");
-}
-// The same with an L2 cache policy for the lines written.
-__device__ __forceinline__ void tma_store_2d_hint(const void* tmap, uint32_t smem_src, int32_t x, int32_t y, uint64_t policy) {
+// A 2D box of a tensor map from shared memory to global memory (bulk async-group), its lines
+// under an L2 cache policy.
+__device__ __forceinline__ void tma_store_2d(const void* tmap, uint32_t smem_src, int32_t x, int32_t y, uint64_t policy) {
   asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3}], [%1], %4;" ::"l"(tmap),
                "r"(smem_src), "r"(x), "r"(y), "l"(policy)
                : "memory");

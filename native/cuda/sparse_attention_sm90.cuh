@@ -382,7 +382,7 @@ __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t
   if (mt.ctid == 0) {
     const uint64_t once = l2_policy_evict_first();
 #pragma unroll
-    for (int c = 0; c < 4; ++c) tma_store_2d_hint(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0), once);
+    for (int c = 0; c < 4; ++c) tma_store_2d(map, smem_u32(stage + c * 8192), wg * 256 + 64 * c, int32_t(row0), once);
     bulk_commit_group();
     bulk_wait_group_read0();
   }

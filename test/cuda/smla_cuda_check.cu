@@ -971,7 +971,7 @@ struct Timer {
   void evict(int i) {
     if (mode && !strcmp(mode, "none")) return;
     if (mode && !strcmp(mode, "read")) {
-      read_flush_kernel<<<132 * 8, 256>>>(reinterpret_cast<const uint4*>(flush.p), flush.n / 16, sink.p);
+      read_flush_kernel<<<1024, 256>>>(reinterpret_cast<const uint4*>(flush.p), flush.n / 16, sink.p);
       CK(cudaGetLastError());
       return;
     }

@@ -10,8 +10,7 @@
 // reader is done with it.
 //
 //   warpgroup 2, producer: loads each tile's Q, then fills K0.left, K1.right, K0.right, K1.left
-//     per pair of blocks (the order in which the math warpgroups need them; with dQK 576 the last
-//     two in the order they are freed), through a Source
+//     per pair of blocks (the order in which the math warpgroups need them), through a Source
 //     policy: bf16 rows gathered by index, or FP8 v4 tokens dequantized in shared memory.
 //     Invalid entries are zero-filled and never read.
 //   warpgroups 0 and 1, math, in a "seesaw" over each pair of blocks (b, b+1):
@@ -569,33 +568,12 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
         mbar_wait(&empty[3], free_parity);
         fill_k1_right();
-        if constexpr (DQK > kDv) {
-          // K0.right and K1.left in the order they are freed (each thread polls both and fills its
-          // own pieces of the first one free): with dQK 576, K0.right also holds P0 (its last
-          // chunk), which warpgroup 1 reads last
-          bool right_first = true;
-          for (;;) {
-            if (mbar_test(&empty[1], free_parity)) break;
-            if (mbar_test(&empty[2], free_parity)) {
-              right_first = false;
-              break;
-            }
-          }
-          if (right_first) {
-            fill_k0_right();
-            mbar_wait(&empty[2], free_parity);
-            fill_k1_left();
-          } else {
-            fill_k1_left();
-            mbar_wait(&empty[1], free_parity);
-            fill_k0_right();
-          }
-        } else {
-          mbar_wait(&empty[1], free_parity);  // K0.right
-          fill_k0_right();
-          mbar_wait(&empty[2], free_parity);  // K1.left
-          fill_k1_left();
-        }
+        // K0.right before K1.left (dQK 576 included, where K0.right also holds P0): warpgroup 0's
+        // next QKᵀ needs it right behind K0.left
+        mbar_wait(&empty[1], free_parity);
+        fill_k0_right();
+        mbar_wait(&empty[2], free_parity);
+        fill_k1_left();
         r0 = n0;
         r1 = n1;
       }

@@ -12,6 +12,7 @@
 
 #include "sparse_mla/formats.h"
 #include "sparse_mla/kv_cache_layout.h"
+#include "sm90_ptx.cuh"
 
 namespace smla::cuda {
 
@@ -160,7 +161,10 @@ struct V4Format {
     const uint8_t* page = c.page_of(id, slot);
     const uint8_t* data = page + slot * v4::kDataBytes;
     Record r;
-    r.scales = __ldg(reinterpret_cast<const uint2*>(page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes));
+    // A page's scales (8 bytes a token, four tokens a sector) are read again by the page's other
+    // tokens: kept in L2 while the records stream past.
+    r.scales = ldg_nc_policy(reinterpret_cast<const uint2*>(page + c.page_size * v4::kDataBytes + slot * v4::kScaleBytes),
+                             l2_policy_evict_last());
     r.lo = __ldg(reinterpret_cast<const uint2*>(data + 8 * lane));
     if (lane < 24) {
       const uint2 h = __ldg(reinterpret_cast<const uint2*>(data + 256 + 8 * lane));

@@ -60,17 +60,11 @@ __device__ __forceinline__ uint64_t l2_policy_evict_first() {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
   return p;
 }
-// Read-only global loads under an L2 cache policy (the dequant's records and scales).
+// A read-only global load under an L2 cache policy (the dequant's scale groups). Volatile, so it
+// stays behind the caller's bounds check.
 __device__ __forceinline__ uint2 ldg_nc_policy(const uint2* a, uint64_t policy) {
   uint2 v;
-  asm("ld.global.nc.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;" : "=r"(v.x), "=r"(v.y) : "l"(a), "l"(policy));
-  return v;
-}
-__device__ __forceinline__ uint4 ldg_nc_policy(const uint4* a, uint64_t policy) {
-  uint4 v;
-  asm("ld.global.nc.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(a), "l"(policy));
+  asm volatile("ld.global.nc.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;" : "=r"(v.x), "=r"(v.y) : "l"(a), "l"(policy));
   return v;
 }
 // Nanoseconds of the global timer (the same clock on every SM).

@@ -223,7 +223,22 @@ struct PrefillCase {
   double q_offset = 0.0;    // FlashMLA's test data: randn/10 + a small common offset
 };
 
-__global__ void fill_normal_bf16(uint16_t* p, size_t n, uint64_t seed);
+// Random bf16 normal(0, 1) values made on the device (hash of the element index, Box-Muller), so
+// the multi-GB inputs (benchmarks, the largest smoke cases) cost no host time.
+__global__ void fill_normal_bf16(uint16_t* p, size_t n, uint64_t seed) {
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
+    uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = (float(uint32_t(z)) + 1.0f) * 2.3283064e-10f, v = float(uint32_t(z >> 32)) * 2.3283064e-10f;
+    p[i] = smla::float_to_bf16(sqrtf(-2.0f * logf(u)) * cospif(2.0f * v));
+  }
+}
+static void device_normal(uint16_t* p, size_t n, uint64_t seed) {
+  fill_normal_bf16<<<1024, 256>>>(p, n, seed);
+  CK(cudaGetLastError());
+}
 
 static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   Rng r(seed);
@@ -261,8 +276,7 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
   DBuf<int32_t> didx(idx.size()), dlen(len.size());
   DBuf<float> dsink(sink.size());
   if (device_q) {
-    fill_normal_bf16<<<1024, 256>>>(dq.p, nq, r.next());
-    CK(cudaGetLastError());
+    device_normal(dq.p, nq, r.next());
   } else {
     CK(cudaMemcpy(dq.p + shift, hq.data(), nq * 2, cudaMemcpyHostToDevice));
   }
@@ -921,7 +935,7 @@ struct ClockSampler {
     });
     return true;
   }
-  // "sm MHz min/median/max, W median, reasons OR" over [t0, t1]
+  // "sm MHz min/median/max, HBM °C range, W median, reasons OR" over [t0, t1]
   std::string summary(double t0, double t1) {
     std::vector<unsigned> c, w, m;
     unsigned long long r = 0;
@@ -1000,23 +1014,6 @@ struct Timer {
   double last_t0 = 0, last_t1 = 0;
   std::string clocks() const { return g_clocks ? g_clocks->summary(last_t0, last_t1) : ""; }
 };
-
-// Random bf16 normal(0, 1) values made on the device (hash of the element index, Box-Muller), so
-// the multi-GB benchmark inputs cost no host time.
-__global__ void fill_normal_bf16(uint16_t* p, size_t n, uint64_t seed) {
-  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n; i += size_t(gridDim.x) * blockDim.x) {
-    uint64_t z = (i + 1) * 0x9E3779B97F4A7C15ull ^ seed;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    const float u = (float(uint32_t(z)) + 1.0f) * 2.3283064e-10f, v = float(uint32_t(z >> 32)) * 2.3283064e-10f;
-    p[i] = smla::float_to_bf16(sqrtf(-2.0f * logf(u)) * cospif(2.0f * v));
-  }
-}
-static void device_normal(DBuf<uint16_t>& b, uint64_t seed) {
-  fill_normal_bf16<<<1024, 256>>>(b.p, b.n, seed);
-  CK(cudaGetLastError());
-}
 
 static bool bench_selected(const char* name) {
   const char* f = getenv("SMLA_BENCH_FILTER");
@@ -1126,10 +1123,9 @@ static void run_bench(const char* json_path, int reps) {
     static DBuf<uint8_t>* kv_arena = getenv("SMLA_BENCH_KV_ARENA") ? new DBuf<uint8_t>(size_t(256) << 20) : nullptr;
     const size_t kv_elems = size_t(c.s_kv) * c.d_qk;
     DBuf<uint16_t> dq(size_t(c.s_q) * c.h_q * c.d_qk), dkv(kv_arena ? 1 : kv_elems), dout(size_t(c.s_q) * c.h_q * 512);
-    device_normal(dq, 1);
+    device_normal(dq.p, dq.n, 1);
     uint16_t* const kv_ptr = kv_arena ? reinterpret_cast<uint16_t*>(kv_arena->p) : dkv.p;
-    fill_normal_bf16<<<1024, 256>>>(kv_ptr, kv_elems, 2);
-    CK(cudaGetLastError());
+    device_normal(kv_ptr, kv_elems, 2);
     std::vector<int32_t> idx(size_t(c.s_q) * c.topk);
     for (auto& v : idx) v = int32_t(r.range(0, c.s_kv));
     DBuf<int32_t> didx(idx.size());

@@ -6,8 +6,9 @@
 // SM, tiles taken round-robin), so one tile's epilogue overlaps the next tile's loads. A tile's
 // entries are streamed in blocks of 64 rows through two block buffers (K0 holds the even
 // blocks, K1 the odd ones); each buffer is split into a left half (dims 0-255) and a right half
-// (dims 256-dQK) with their own full/empty barriers, so a half is refilled as soon as its last
-// reader is done with it.
+// (dims 256-dQK) with their own empty barriers, so a half is refilled as soon as its last reader
+// is done with it; a half lands in groups of two 64-dim chunks, each on its own full barrier, so
+// a QKᵀ starts on a half's first chunks while the rest are still in flight.
 //
 //   warpgroup 2, producer: loads each tile's Q, then fills K0.left, K1.right, K0.right, K1.left
 //     per pair of blocks (the order in which the math warpgroups need them), through a Source
@@ -71,9 +72,12 @@ struct AttnSmem {
   // warp whether it saw a valid entry.
   static constexpr int kL = kMax + 256;
   static constexpr int kSeen = kL + 1024;
-  // uint64 full[4], empty[4] ([buffer*2 + half]), q_full, q_empty, max_ready[2] (WG0 -> WG1, WG1 -> WG0)
+  // uint64 full[2][kChunks] (by chunk: a landing group's on its first chunk, detail::
+  // kChunksPerLanding), empty[4] ([buffer*2 + half]), q_full, q_empty, max_ready[2] (WG0 -> WG1,
+  // WG1 -> WG0)
+  static constexpr int kBarriers = 2 * kChunks + 8;
   static constexpr int kBar = kSeen + 64;
-  static constexpr int kMaxTrue = kBar + 96;  // float [64]: the true running max handed with sMax
+  static constexpr int kMaxTrue = kBar + kBarriers * 8;  // float [64]: the true running max handed with sMax
   static constexpr int kTotal = kMaxTrue + 256;
   static constexpr int kAlloc = kTotal + 1024;  // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
@@ -101,8 +105,9 @@ constexpr int kRowsPerProducerThread = 4;
 //   Rows load_rows(entries, qi, block, group): entries block*64 + group + 16r, resolved; an entry
 //     past .total is invalid and its index is never read.
 //   bool valid(rows, r).
-//   fill<DQK, C0, C1>(rows, tile, group, piece, full): fill dims [64*C0, 64*C1) of the four rows
-//     (invalid rows zero-filled without reading) and arrive on `full` once they are visible to
+//   fill<DQK, C0, C1>(rows, tile, group, piece, landed): fill dims [64*C0, 64*C1) of the four rows
+//     (invalid rows zero-filled without reading) and arrive, for each landing group of chunks
+//     (detail::starts_landing_group), on landed[its first chunk] once that group is visible to
 //     wgmma (an arrival that may complete later, when asynchronous copies land).
 namespace detail {
 
@@ -118,6 +123,34 @@ template <int C0, int C1>
 __device__ __forceinline__ void qk_chunks(float (&s)[32], uint64_t dq, uint64_t dk, bool zero_first) {
 #pragma unroll
   for (int c = C0; c < C1; ++c) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t step = (c * 8192 + kk * 32) >> 4;
+      wgmma_m64n64k16_ss(s, dq + step, dk + step, (zero_first && c == C0 && kk == 0) ? 0 : 1);
+    }
+  }
+}
+
+// A buffer half lands in groups of kChunksPerLanding chunks, each group on the full barrier of
+// its first chunk (landed[c]), so QKᵀ starts on a half's first chunks while its last ones are in
+// flight. Groups start at the half's first chunk; the producer's fill and the math warpgroups'
+// waits below share this rule.
+constexpr int kChunksPerLanding = 2;
+__device__ __forceinline__ constexpr int landing_group_first(int c, int half_first) {
+  return c - (c - half_first) % kChunksPerLanding;
+}
+__device__ __forceinline__ constexpr bool starts_landing_group(int c, int half_first) {
+  return landing_group_first(c, half_first) == c;
+}
+
+// qk_chunks with each group's products issued once that group has landed (`landed`: the buffer's
+// full barriers by chunk, waited on with `parity`); the caller fences wgmma before.
+template <int C0, int C1>
+__device__ __forceinline__ void qk_chunks_landed(float (&s)[32], uint64_t dq, uint64_t dk, bool zero_first, uint64_t* landed,
+                                                 uint32_t parity) {
+#pragma unroll
+  for (int c = C0; c < C1; ++c) {
+    if (starts_landing_group(c, C0)) mbar_wait(&landed[c], parity);
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk) {
       const uint32_t step = (c * 8192 + kk * 32) >> 4;
@@ -450,26 +483,27 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   float* sMaxTrue = reinterpret_cast<float*>(smem + L::kMaxTrue);
   float* sL = reinterpret_cast<float*>(smem + L::kL);
   int* sSeen = reinterpret_cast<int*>(smem + L::kSeen);
-  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);  // [buffer * 2 + half]
-  uint64_t* empty = full + 4;
-  uint64_t* q_full = full + 8;
-  uint64_t* q_empty = full + 9;
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);  // [buffer * C + chunk]
+  uint64_t* const full0 = full, * const full1 = full + C;
+  uint64_t* empty = full + 2 * C;  // [buffer * 2 + half]
+  uint64_t* q_full = empty + 4;
+  uint64_t* q_empty = empty + 5;
   // The running max handed between the WGs once per pair (mbarriers: the handoff is a release /
   // acquire pair that memory checkers follow).
-  uint64_t* max0_ready = full + 10;  // WG0's max over block 2i is in sMax
-  uint64_t* max1_ready = full + 11;  // WG1's (newer) max over block 2i+1 is in sMax
+  uint64_t* max0_ready = empty + 6;  // WG0's max over block 2i is in sMax
+  uint64_t* max1_ready = empty + 7;  // WG1's (newer) max over block 2i+1 is in sMax
 
   const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
   const int64_t n_tiles = p.s_q * head_blocks;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
-    // The first half filled of each buffer (K0.left, K1.right) also carries the buffer's
-    // validity flags: 16 more arrivals, from the threads that wrote them.
-    mbar_init(&full[0], 128 + 16);
-    mbar_init(&full[1], 128);
-    mbar_init(&full[2], 128);
-    mbar_init(&full[3], 128 + 16);
+    // The first chunk filled of each buffer (K0's chunk 0, K1's chunk kLeftChunks) also carries
+    // the buffer's validity flags: 16 more arrivals, from the threads that wrote them.
+    for (int c = 0; c < C; ++c) {
+      mbar_init(&full0[c], c == 0 ? 128 + 16 : 128);
+      mbar_init(&full1[c], c == kLeftChunks ? 128 + 16 : 128);
+    }
     // K0.right also holds P0 when dQK > dV: warpgroup 0 releases it too, once it has written P0
     for (int i = 0; i < 4; ++i) mbar_init(&empty[i], i == 1 && DQK > kDv ? 256 : 128);
     mbar_init(q_full, 128);
@@ -544,14 +578,14 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           n1 = src.load_rows(ne, nq, nb + 1, group);
         }
         mbar_wait(&empty[0], free_parity);  // K0.left (block 2i), with buffer 0's flags
-        write_flags(r0, sValid, &full[0]);
-        src.template fill<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, &full[0]);
-        const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, &full[1]); };
-        const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, &full[2]); };
+        write_flags(r0, sValid, &full0[0]);
+        src.template fill<DQK, 0, kLeftChunks>(r0, sK[0], group, piece, full0);
+        const auto fill_k0_right = [&] { src.template fill<DQK, kLeftChunks, C>(r0, sK[0], group, piece, full0); };
+        const auto fill_k1_left = [&] { src.template fill<DQK, 0, kLeftChunks>(r1, sK[1], group, piece, full1); };
         // K1.right (block 2i+1), with buffer 1's flags
         const auto fill_k1_right = [&] {
-          write_flags(r1, sValid + 64, &full[3]);
-          src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, &full[3]);
+          write_flags(r1, sValid + 64, &full1[kLeftChunks]);
+          src.template fill<DQK, kLeftChunks, C>(r1, sK[1], group, piece, full1);
         };
         if (kTmaStore && i == 0) {
           // A tile's first pair: K1 holds the last tile's O staging until its stores have read it,
@@ -619,11 +653,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     if (wg == 0) {
       if (n_pairs > 0) {
         const uint32_t ph = pairs_done & 1;
-        mbar_wait(&full[0], ph);
+        mbar_wait(&full0[0], ph);
         wgmma_fence();
-        qk_chunks<0, kLeftChunks>(s, dq, dk0, true);
-        mbar_wait(&full[1], ph);
-        qk_chunks<kLeftChunks, C>(s, dq, dk0, false);
+        qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
+        qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
         wgmma_commit();
         wgmma_wait<0>();
         if (n_pairs == 1) mbar_arrive(q_empty);
@@ -671,15 +704,15 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         if (i + 1 < n_pairs) {
           // S for block 2i+2 behind it; K1.left is free once the P·V above is done.
           const uint32_t ph = (pairs_done + i + 1) & 1;
-          mbar_wait(&full[0], ph);
+          mbar_wait(&full0[0], ph);
           wgmma_fence();
-          qk_chunks<0, kLeftChunks>(s, dq, dk0, true);
+          qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
           wgmma_commit();
           wgmma_wait<1>();
           mbar_arrive(&empty[2]);
-          mbar_wait(&full[1], ph);
+          mbar_wait(&full0[kLeftChunks], ph);
           wgmma_fence();
-          qk_chunks<kLeftChunks, C>(s, dq, dk0, false);
+          qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
           wgmma_commit();
           wgmma_wait<0>();
           if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
@@ -691,11 +724,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     } else {
       for (int i = 0; i < n_pairs; ++i) {
         const uint32_t ph = (pairs_done + i) & 1;
-        mbar_wait(&full[3], ph);
+        mbar_wait(&full1[kLeftChunks], ph);
         wgmma_fence();
-        qk_chunks<kLeftChunks, C>(s, dq, dk1, true);
-        mbar_wait(&full[2], ph);
-        qk_chunks<0, kLeftChunks>(s, dq, dk1, false);
+        qk_chunks_landed<kLeftChunks, C>(s, dq, dk1, true, full1, ph);
+        qk_chunks_landed<0, kLeftChunks>(s, dq, dk1, false, full1, ph);
         wgmma_commit();
         wgmma_wait<0>();
         if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done

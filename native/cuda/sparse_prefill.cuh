@@ -51,21 +51,29 @@ struct Bf16GatherSource {
   __device__ __forceinline__ bool valid(const Rows& rows, int r) const { return rows.idx[r] >= 0; }
 
   template <int DQK, int C0, int C1>
-  __device__ __forceinline__ void fill(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* full) const {
+  __device__ __forceinline__ void fill(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* landed) const {
     const uint64_t keep = l2_policy_evict_last();
     // rows group + 16r all have (row % 8) = group % 8: one swizzled piece position per thread
     uint8_t* dst = tile + group * 128 + ((piece ^ (group & 7)) << 4);
+    const uint16_t* src[kRowsPerProducerThread];
+    uint32_t bytes[kRowsPerProducerThread];
 #pragma unroll
     for (int r = 0; r < kRowsPerProducerThread; ++r) {
       const int32_t idx = rows.idx[r];
-      const uint16_t* src = kv + (idx >= 0 ? int64_t(idx) : 0) * DQK + piece * 8;
-      const uint32_t bytes = idx >= 0 ? 16u : 0u;
+      src[r] = kv + (idx >= 0 ? int64_t(idx) : 0) * DQK + piece * 8;
+      bytes[r] = idx >= 0 ? 16u : 0u;
+    }
+    // chunk by chunk; a landing group's arrival follows its last chunk's copies (it completes once
+    // this thread's copies so far have landed)
+#pragma unroll
+    for (int c = C0; c < C1; ++c) {
 #ifndef SMLA_EXP_NOGATHER  // experiment switch: the math alone
 #pragma unroll
-      for (int c = C0; c < C1; ++c) cp_async_16_hint(dst + c * 8192 + r * 16 * 128, src + c * 64, bytes, keep);
+      for (int r = 0; r < kRowsPerProducerThread; ++r) cp_async_16_hint(dst + c * 8192 + r * 16 * 128, src[r] + c * 64, bytes[r], keep);
 #endif
+      if (c + 1 == C1 || detail::starts_landing_group(c + 1, C0))
+        cp_async_arrive_noinc(&landed[detail::landing_group_first(c, C0)]);
     }
-    cp_async_arrive_noinc(full);  // the barrier completes when the copies have landed
   }
 };
 

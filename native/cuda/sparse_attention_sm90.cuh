@@ -118,17 +118,21 @@ __device__ __forceinline__ uint64_t kmajor_desc(uint32_t base) { return gmma_des
 // (SBO); k step kk (keys [16kk, 16kk + 16)) is 2048 B further.
 __device__ __forceinline__ uint64_t v_desc(uint32_t half_base) { return gmma_desc_sw128(half_base, 8192, 1024); }
 
-// S (+)= Q · K[:, chunks C0..C1)ᵀ, m64n64, both operands K-major (chunk c at +8192 B, k step at +32 B).
+// S (+)= Q · K[:, chunk c]ᵀ, m64n64, both operands K-major (chunk c at +8192 B, k step at +32 B);
+// `zero_first`: the chunk's first product overwrites S instead of adding to it.
+__device__ __forceinline__ void qk_chunk(float (&s)[32], uint64_t dq, uint64_t dk, int c, bool zero_first) {
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const uint32_t step = (c * 8192 + kk * 32) >> 4;
+    wgmma_m64n64k16_ss(s, dq + step, dk + step, (zero_first && kk == 0) ? 0 : 1);
+  }
+}
+
+// S (+)= Q · K[:, chunks C0..C1)ᵀ.
 template <int C0, int C1>
 __device__ __forceinline__ void qk_chunks(float (&s)[32], uint64_t dq, uint64_t dk, bool zero_first) {
 #pragma unroll
-  for (int c = C0; c < C1; ++c) {
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t step = (c * 8192 + kk * 32) >> 4;
-      wgmma_m64n64k16_ss(s, dq + step, dk + step, (zero_first && c == C0 && kk == 0) ? 0 : 1);
-    }
-  }
+  for (int c = C0; c < C1; ++c) qk_chunk(s, dq, dk, c, zero_first && c == C0);
 }
 
 // A buffer half lands in groups of kChunksPerLanding chunks, each group on the full barrier of
@@ -142,6 +146,10 @@ __device__ __forceinline__ constexpr int landing_group_first(int c, int half_fir
 __device__ __forceinline__ constexpr bool starts_landing_group(int c, int half_first) {
   return landing_group_first(c, half_first) == c;
 }
+// Chunk c is its group's last in the half [half_first, half_end).
+__device__ __forceinline__ constexpr bool ends_landing_group(int c, int half_first, int half_end) {
+  return c + 1 == half_end || starts_landing_group(c + 1, half_first);
+}
 
 // qk_chunks with each group's products issued once that group has landed (`landed`: the buffer's
 // full barriers by chunk, waited on with `parity`); the caller fences wgmma before.
@@ -151,11 +159,7 @@ __device__ __forceinline__ void qk_chunks_landed(float (&s)[32], uint64_t dq, ui
 #pragma unroll
   for (int c = C0; c < C1; ++c) {
     if (starts_landing_group(c, C0)) mbar_wait(&landed[c], parity);
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const uint32_t step = (c * 8192 + kk * 32) >> 4;
-      wgmma_m64n64k16_ss(s, dq + step, dk + step, (zero_first && c == C0 && kk == 0) ? 0 : 1);
-    }
+    qk_chunk(s, dq, dk, c, zero_first && c == C0);
   }
 }
 

@@ -71,8 +71,7 @@ struct Bf16GatherSource {
 #pragma unroll
       for (int r = 0; r < kRowsPerProducerThread; ++r) cp_async_16_hint(dst + c * 8192 + r * 16 * 128, src[r] + c * 64, bytes[r], keep);
 #endif
-      if (c + 1 == C1 || detail::starts_landing_group(c + 1, C0))
-        cp_async_arrive_noinc(&landed[detail::landing_group_first(c, C0)]);
+      if (detail::ends_landing_group(c, C0, C1)) cp_async_arrive_noinc(&landed[detail::landing_group_first(c, C0)]);
     }
   }
 };

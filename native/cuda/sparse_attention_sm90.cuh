@@ -25,7 +25,9 @@
 //     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
 //     WG does its softmax. Row sums are combined once, in the epilogue, which also folds in the
 //     sink and stores O: with dQK 512 through the K1 halves and TMA stores (kTmaStore, below),
-//     otherwise straight from registers (shared memory is already refilled by then).
+//     otherwise straight from registers (shared memory is already refilled by then). The rare rows
+//     whose largest logit lies near 0 get their max and lse redone on the CUDA cores there
+//     (max_logit_needs_exact).
 //
 // Tiles are rows of 128-byte swizzled chunks of 64 dims: element (r, d) of a 64-row tile sits at
 // (d/64)*8192 + r*128 + (((d%64)/8) ^ (r%8))*16 + (d%8)*2, which is wgmma's canonical 128B-swizzle
@@ -301,6 +303,54 @@ __device__ __forceinline__ bool mask_and_max(float (&s)[N], const uint8_t* valid
   bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 1));
   bm_b = max_nan(bm_b, __shfl_xor_sync(0xffffffffu, bm_b, 2));
   return seen != 0;
+}
+
+// acc + the dot product of two rows of 8 bf16 (16 bytes each), in float32.
+__device__ __forceinline__ float dot8_bf16(uint4 a, uint4 b, float acc) {
+  const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc = fmaf(__uint_as_float(x[i] << 16), __uint_as_float(y[i] << 16), acc);
+    acc = fmaf(__uint_as_float(x[i] & 0xffff0000u), __uint_as_float(y[i] & 0xffff0000u), acc);
+  }
+  return acc;
+}
+
+// The scale of a row's logits, from a block's P = exp2(S - base) (log2 units, masked entries 0):
+// max(|true max|, |smallest logit|), the smallest from the smallest P > 0 (so at most about 126
+// below the base); `true_max` alone when this block has no P > 0.
+__device__ __forceinline__ void block_logit_scale(const float (&s)[32], float base_a, float base_b, float true_a,
+                                                  float true_b, float& ra, float& rb) {
+  float pa = INFINITY, pb = INFINITY;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      pa = fminf(pa, s[4 * j + e] > 0.0f ? s[4 * j + e] : INFINITY);
+      pb = fminf(pb, s[4 * j + 2 + e] > 0.0f ? s[4 * j + 2 + e] : INFINITY);
+    }
+  }
+  pa = fminf(pa, __shfl_xor_sync(0xffffffffu, pa, 1));
+  pa = fminf(pa, __shfl_xor_sync(0xffffffffu, pa, 2));
+  pb = fminf(pb, __shfl_xor_sync(0xffffffffu, pb, 1));
+  pb = fminf(pb, __shfl_xor_sync(0xffffffffu, pb, 2));
+  ra = fabsf(true_a);
+  rb = fabsf(true_b);
+  if (pa != INFINITY) ra = fmaxf(ra, fabsf(base_a + __log2f(pa)));
+  if (pb != INFINITY) rb = fmaxf(rb, fabsf(base_b + __log2f(pb)));
+}
+
+// §4 bounds maxLogits by 1e-6 + 2^-15·|ref| (and lse by the same relative to max(|lse|, |maxLogits|)).
+// The tensor cores accumulate a QKᵀ product in float32 with an error of some ulps of its partial
+// sums, whose scale the row's largest |logit| gives (`scale`, log2 units; block_logit_scale); near
+// a zero max that error can pass the bound. Such rows, and short rows (cheap to redo) whose max is
+// near zero, get their max and lse recomputed on the CUDA cores. A NaN or infinite max is exact
+// already. Arguments in log2 units.
+constexpr float kLog2e = 1.4426950408889634f;
+__device__ __forceinline__ bool max_logit_needs_exact(float max_log2, float scale, int entries) {
+  const float am = fabsf(max_log2);
+  const bool short_row = entries <= kBlockRows;
+  return (am < scale * (1.0f / 16) && (short_row || scale > 0.25f * kLog2e)) || (short_row && am < 0.25f * kLog2e);
 }
 
 // The Q tile of (query qi, heads h0..h0+63) into shared memory by cp.async, threads `first`,
@@ -648,6 +698,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m_a = -INFINITY, m_b = -INFINITY;  // running (lazy) max, log2 units, shared by both WGs
     float mt_a = -INFINITY, mt_b = -INFINITY;  // WG0: the true running max, for max_logits
+    float scale_a = 0.0f, scale_b = 0.0f;      // WG0: the scale of the rows' logits (block_logit_scale)
     float l_a = 0.0f, l_b = 0.0f;            // this thread's share of its WG's row sums
     bool seen = false;                       // a valid entry among this thread's columns
     if (n_pairs > 0) {
@@ -721,6 +772,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           wgmma_wait<0>();
           if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
         } else {
+          // while the tensor cores finish the tile: the scale of the row's logits, for the epilogue
+          if (p.max_logits || p.lse) block_logit_scale(s, exp_base(m_a), exp_base(m_b), mt_a, mt_b, scale_a, scale_b);
           wgmma_wait<0>();
           if (!kTmaStore) mbar_arrive(&empty[2]);  // with TMA stores: once O staged there is stored
         }
@@ -796,6 +849,25 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       // O's half through this warpgroup's K1 half, released to the producer once stored.
       store_o_half_tma(&out_map, sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192), o, out_scale[0], out_scale[1], mt, wg,
                        tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3]);
+    }
+    if (wg == 0 && (p.max_logits || p.lse) && any_valid) {
+      // The rows whose max and lse need it, one at a time over the warp (rare: near-zero maxima).
+      const int entries = src.begin(tile.qi).total;
+      const bool redo_a = quad == 0 && tile.h0 + row_a < p.h_q && max_logit_needs_exact(mt_a, scale_a, entries);
+      const bool redo_b = quad == 0 && tile.h0 + row_b < p.h_q && max_logit_needs_exact(mt_b, scale_b, entries);
+      __syncwarp();  // finalize_row's stores of these rows come before lane 0's below
+      // bit 4q: row a of quad q (lane 4q decided it), bit 4q + 1: its row b
+      for (uint32_t rows = __ballot_sync(0xffffffffu, redo_a) | __ballot_sync(0xffffffffu, redo_b) << 1; rows != 0;) {
+        const int bit = __ffs(rows) - 1;
+        rows &= rows - 1;
+        const int row = (tid >> 5) * 16 + (bit >> 2) + (bit & 1) * 8;
+        const int64_t orow = tile.qi * p.h_q + tile.h0 + row;
+        const float2 exact = src.template exact_logit_stats<DQK>(p.q + orow * DQK, tile.qi, p.sm_scale, lane);
+        if (lane == 0) {
+          if (p.max_logits) p.max_logits[orow] = exact.x;
+          if (p.lse) p.lse[orow] = exact.y;
+        }
+      }
     }
   }
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves

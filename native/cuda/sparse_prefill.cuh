@@ -50,6 +50,41 @@ struct Bf16GatherSource {
   }
   __device__ __forceinline__ bool valid(const Rows& rows, int r) const { return rows.idx[r] >= 0; }
 
+  // A row's largest valid logit and its lse (query qi, its head's q row), on the CUDA cores in
+  // float32, returned to every lane of the warp: each lane takes every 32nd entry and its whole
+  // product, the lanes' (max, sum) are combined at the end. For the rare rows whose tensor-core
+  // logits are not accurate enough (detail::max_logit_needs_exact); not inlined, so the attention
+  // kernel's registers stay as they are.
+  template <int DQK>
+  __device__ __noinline__ float2 exact_logit_stats(const uint16_t* q_row, int64_t qi, float sm_scale, int lane) const {
+    const int total = row_entry_limit(topk_length, qi, topk);
+    const uint4* q16 = reinterpret_cast<const uint4*>(q_row);
+    float m = -INFINITY, l = 0.0f;
+    for (int k = lane; k < total; k += 32) {
+      const int32_t v = __ldg(indices + qi * int64_t(topk) + k);
+      if (v < 0 || int64_t(v) >= s_kv) continue;
+      const uint4* k16 = reinterpret_cast<const uint4*>(kv + int64_t(v) * DQK);
+      float dot = 0.0f;
+#pragma unroll 8
+      for (int c = 0; c < DQK / 8; ++c) dot = detail::dot8_bf16(__ldg(q16 + c), __ldg(k16 + c), dot);
+      const float x = dot * sm_scale;
+      if (x > m) {
+        l = l * expf(m - x) + 1.0f;
+        m = x;
+      } else {
+        l += expf(x - m);
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
+      const float mm = fmaxf(m, m2);
+      if (mm != -INFINITY) l = (m == -INFINITY ? 0.0f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : l2 * expf(m2 - mm));
+      m = mm;
+    }
+    return make_float2(m, m + logf(l));
+  }
+
   template <int DQK, int C0, int C1>
   __device__ __forceinline__ void fill(const Rows& rows, uint8_t* tile, int group, int piece, uint64_t* landed) const {
     const uint64_t keep = l2_policy_evict_last();

@@ -309,6 +309,22 @@ export async function checkCommand(argv: string[]): Promise<number> {
       const w = await wasm.sparsePrefill(args);
       return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, d));
     }, 'prefill unit');
+    for (const d of [576, 512]) {
+      // Short rows of unit data: many rows' largest logit (and, with one entry, their lse) lies near
+      // 0, where §4's bounds (1e-6 + 2^-15·|ref|) come close to the float32 error of a tensor-core
+      // product of d terms (seed 331931022 once failed a row like these).
+      await run(`prefill maxLogits and lse near 0: short rows of unit data (dQK=${d}, topkLength 1..4, hQ=64)`, async () => {
+        const sQ = 512, hQ = 64, topk = 4, sKV = 300;
+        const args: SparsePrefillArgs = {
+          q: randomBf16(rng, [sQ, hQ, d]), kv: randomBf16(rng, [sKV, d]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV)),
+          smScale: 1 / Math.sqrt(d), topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => rng.int(1, topk + 1))),
+        };
+        const queries = Array.from({ length: sQ }, (_, i) => i);
+        const got = await engine.sparsePrefill(args);
+        const w = await wasm.sparsePrefill(args);
+        return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, d));
+      }, 'prefill unit');
+    }
 
     // ---- paged FP8 attention (main + extra)
     for (const pc of pagedCases()) {

@@ -22,4 +22,11 @@ objs+=("$out/obj/smla_cuda_check.o")
 "$NVCC" -std=c++20 "${flags[@]}" "$@" -c "$root/test/cuda/smla_cuda_check.cu" -o "${objs[-1]}" 2>> "$log" || { cat "$log"; exit 1; }
 "$NVCC" -gencode=arch=compute_90a,code=sm_90a -cudart=static "${objs[@]}" -o "$out/smla_cuda_check" -lgomp 2>> "$log" || { cat "$log"; exit 1; }
 grep -E "error|warning|spill|Used [0-9]+ registers" "$log" | grep -v "0 bytes spill" | sed 's/ptxas info    : //' || true
+# ptxas serializes a kernel's wgmma pipeline when other instructions touch its accumulators
+# mid-flight (C7514): correct code that runs up to 20% slower, so it fails the build.
+if grep -q "C7514" "$log"; then
+  grep "C7514" "$log" | sed 's/ptxas info    : //' >&2
+  echo "wgmma serialized (C7514): see $log" >&2
+  exit 1
+fi
 echo "built $out/smla_cuda_check"

@@ -40,6 +40,7 @@
 
 #include "launch_cache.cuh"
 #include "sm90_ptx.cuh"
+#include "sparse_mla/formats.h"
 #include "sparse_mla/online_softmax.h"
 
 namespace smla::cuda {
@@ -310,8 +311,8 @@ __device__ __forceinline__ float dot8_bf16(uint4 a, uint4 b, float acc) {
   const uint32_t x[4] = {a.x, a.y, a.z, a.w}, y[4] = {b.x, b.y, b.z, b.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    acc = fmaf(__uint_as_float(x[i] << 16), __uint_as_float(y[i] << 16), acc);
-    acc = fmaf(__uint_as_float(x[i] & 0xffff0000u), __uint_as_float(y[i] & 0xffff0000u), acc);
+    acc = fmaf(bf16_to_float(uint16_t(x[i])), bf16_to_float(uint16_t(y[i])), acc);
+    acc = fmaf(bf16_to_float(uint16_t(x[i] >> 16)), bf16_to_float(uint16_t(y[i] >> 16)), acc);
   }
   return acc;
 }
@@ -675,7 +676,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   setmaxnreg_inc<Source::kConsumerRegs>();
   const MathThread mt = math_thread(tid);
   const int lane = mt.lane, quad = mt.quad, row_a = mt.row_a, row_b = mt.row_b;
-  const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+  const float c2 = p.sm_scale * kLog2e;  // logits in log2 units
   const uint64_t dq = kmajor_desc(smem_u32(sQ));
   const uint64_t dk0 = kmajor_desc(smem_u32(sK[0])), dk1 = kmajor_desc(smem_u32(sK[1]));
   const uint64_t dv0l = v_desc(smem_u32(sK[0])), dv0r = v_desc(smem_u32(sK[0]) + kLeftChunks * 8192);

@@ -257,13 +257,18 @@ export async function checkCommand(argv: string[]): Promise<number> {
     }
   };
 
+  // One sparsePrefill call on the engine and on WASM, judged on `queries` (judgeAttention).
+  const judgePrefill = async (args: SparsePrefillArgs, queries: number[]): Promise<R.AttentionComparison> => {
+    const [got, w] = [await engine.sparsePrefill(args), await wasm.sparsePrefill(args)];
+    return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, args.kv.shape[args.kv.shape.length - 1]!));
+  };
+
   try {
     // ---- sparse prefill grid
     for (const g of prefillCases()) {
       await run(g.name, async () => {
         const { args, queries } = buildPrefillCase(g, rng);
-        const [got, w] = [await engine.sparsePrefill(args), await wasm.sparsePrefill(args)];
-        return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, g.dQK));
+        return judgePrefill(args, queries);
       }, `prefill ${g.regime}`);
     }
 
@@ -304,10 +309,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
     await run('prefill sQ=70000 rows beyond 65535 (hQ=1, topk=16)', async () => {
       const sQ = 70000, topk = 16, d = 512, n = 64;
       const args: SparsePrefillArgs = { q: randomBf16(rng, [sQ, 1, d]), kv: randomBf16(rng, [n, d]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, n, 0.1)), smScale: 0.04 };
-      const queries = [0, 1, 65534, 65535, 65536, 69999];
-      const got = await engine.sparsePrefill(args);
-      const w = await wasm.sparsePrefill(args);
-      return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, d));
+      return judgePrefill(args, [0, 1, 65534, 65535, 65536, 69999]);
     }, 'prefill unit');
     for (const d of [576, 512]) {
       // Short rows of unit data: many rows' largest logit (and, with one entry, their lse) lies near
@@ -319,10 +321,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           q: randomBf16(rng, [sQ, hQ, d]), kv: randomBf16(rng, [sKV, d]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV)),
           smScale: 1 / Math.sqrt(d), topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => rng.int(1, topk + 1))),
         };
-        const queries = Array.from({ length: sQ }, (_, i) => i);
-        const got = await engine.sparsePrefill(args);
-        const w = await wasm.sparsePrefill(args);
-        return judgeAttention(got, w, R.sparsePrefillReference(args, { queries }), queries, maxAbsV(args.kv.data, d));
+        return judgePrefill(args, Array.from({ length: sQ }, (_, i) => i));
       }, 'prefill unit');
     }
 
@@ -615,8 +614,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
           if (!(e instanceof SparseMlaError)) throw e;
         }
         const args: SparsePrefillArgs = { q: randomBf16(rng, [5, 16, 512]), kv: randomBf16(rng, [50, 512]), indices: tensor('int32', [5, 32], randomIndices(rng, 5, 32, 50)), smScale: 0.05 };
-        const [got, w] = [await engine.sparsePrefill(args), await wasm.sparsePrefill(args)];
-        return judgeAttention(got, w, R.sparsePrefillReference(args), [0, 1, 2, 3, 4], maxAbsV(args.kv.data, 512));
+        return judgePrefill(args, [0, 1, 2, 3, 4]);
       }, 'prefill unit');
     }
   } finally {

@@ -59,7 +59,7 @@ struct Bf16GatherSource {
   __device__ __noinline__ float2 exact_logit_stats(const uint16_t* q_row, int64_t qi, float sm_scale, int lane) const {
     const int total = row_entry_limit(topk_length, qi, topk);
     const uint4* q16 = reinterpret_cast<const uint4*>(q_row);
-    float m = -INFINITY, l = 0.0f;
+    SoftmaxRow row = softmax_row_init();
     for (int k = lane; k < total; k += 32) {
       const int32_t v = __ldg(indices + qi * int64_t(topk) + k);
       if (v < 0 || int64_t(v) >= s_kv) continue;
@@ -67,22 +67,22 @@ struct Bf16GatherSource {
       float dot = 0.0f;
 #pragma unroll 8
       for (int c = 0; c < DQK / 8; ++c) dot = detail::dot8_bf16(__ldg(q16 + c), __ldg(k16 + c), dot);
-      const float x = dot * sm_scale;
-      if (x > m) {
-        l = l * expf(m - x) + 1.0f;
-        m = x;
-      } else {
-        l += expf(x - m);
-      }
+      const float logit = dot * sm_scale;
+      const float m_new = nan_max(row.m, logit);
+      row.l = row.l * softmax_rescale(row.m, m_new) + expf(logit - softmax_exp_base(m_new));
+      row.m = m_new;
     }
+    // the lanes' rows merged: both sums moved to the larger max
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, off), l2 = __shfl_xor_sync(0xffffffffu, l, off);
-      const float mm = fmaxf(m, m2);
-      if (mm != -INFINITY) l = (m == -INFINITY ? 0.0f : l * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : l2 * expf(m2 - mm));
-      m = mm;
+      const float m2 = __shfl_xor_sync(0xffffffffu, row.m, off), l2 = __shfl_xor_sync(0xffffffffu, row.l, off);
+      const float m_new = nan_max(row.m, m2);
+      row.l = row.l * softmax_rescale(row.m, m_new) + l2 * softmax_rescale(m2, m_new);
+      row.m = m_new;
     }
-    return make_float2(m, m + logf(l));
+    // the caller redoes only rows of a query with a valid entry
+    const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);
+    return make_float2(fin.max_logit, fin.lse);
   }
 
   template <int DQK, int C0, int C1>

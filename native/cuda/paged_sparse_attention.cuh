@@ -203,7 +203,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // WG0: S = Q·Kᵀ for the whole block (m64n64), the softmax, O[:, 0:256] += P·V (P in
     // registers); P and the factor that moves O to the new max go to WG1 through shared memory.
     setmaxnreg_inc<Source::kScoreRegs>();
-    const float c2 = p.sm_scale * 1.4426950408889634f;  // logits in log2 units
+    const float c2 = p.sm_scale * kLog2e;  // logits in log2 units
     const uint64_t dq = kmajor_desc(smem_u32(sQ));
     float s[32];
     uint32_t pa[16];

@@ -50,6 +50,9 @@ constexpr int kBlockRows = 64;
 constexpr int kDv = 512;
 constexpr int kAttnThreads = 384;
 constexpr int kLeftChunks = 4;  // dims [0, 256): V's left half
+// The kernels keep logits in log2 units (exp2 with the scale folded in): x·kLog2e, and back ·kLn2.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 __device__ __forceinline__ uint32_t swz_offset(int r, int d) {
   return uint32_t((d >> 6) * 8192 + r * 128 + ((((d & 63) >> 3) ^ (r & 7)) << 4) + (d & 7) * 2);
@@ -263,11 +266,11 @@ __device__ __forceinline__ float quad_sum(float v) {
 __device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, int h, float m_log2, float true_max_log2,
                                               float l, bool any_valid, bool writer) {
   SoftmaxRow r;
-  r.m = m_log2 * 0.6931471805599453f;
+  r.m = m_log2 * kLn2;
   r.l = l;
   const bool has_sink = p.attn_sink != nullptr && h < p.h_q;
   SoftmaxResult fin = softmax_finalize(r, any_valid, has_sink, has_sink ? p.attn_sink[h] : 0.0f);
-  if (any_valid) fin.max_logit = true_max_log2 * 0.6931471805599453f;
+  if (any_valid) fin.max_logit = true_max_log2 * kLn2;
   if (writer && h < p.h_q) {
     const int64_t orow = qi * p.h_q + h;
     if (p.lse) p.lse[orow] = fin.lse;
@@ -347,7 +350,6 @@ __device__ __forceinline__ void block_logit_scale(const float (&s)[32], float ba
 // a zero max that error can pass the bound. Such rows, and short rows (cheap to redo) whose max is
 // near zero, get their max and lse recomputed on the CUDA cores. A NaN or infinite max is exact
 // already. Arguments in log2 units.
-constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ bool max_logit_needs_exact(float max_log2, float scale, int entries) {
   const float am = fabsf(max_log2);
   const bool short_row = entries <= kBlockRows;

@@ -84,7 +84,9 @@ struct AttnSmem {
   static constexpr int kBarriers = 2 * kChunks + 8;
   static constexpr int kBar = kSeen + 64;
   static constexpr int kMaxTrue = kBar + kBarriers * 8;  // float [64]: the true running max handed with sMax
-  static constexpr int kTotal = kMaxTrue + 256;
+  // uint32 [2]: the tile handed to the math WGs with its Q, and the producer's last claim
+  static constexpr int kTileIds = kMaxTrue + 256;
+  static constexpr int kTotal = kTileIds + 8;
   static constexpr int kAlloc = kTotal + 1024;  // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
@@ -98,6 +100,9 @@ struct AttnOutputs {
   uint16_t* out;           // [s_q, h_q, 512] bf16
   float* max_logits;       // [s_q, h_q] or nullptr
   float* lse;              // [s_q, h_q] or nullptr
+  // Zero before the launch: the persistent CTAs claim their tiles after the first by counting it up
+  // (a CTA that finishes early takes the next tile). nullptr: tiles round-robin by CTA.
+  unsigned int* tile_claims = nullptr;
 };
 
 // Producer threads: 16 groups of 8. Group g serves rows g + 16r (r = 0..3) of every block; the
@@ -277,6 +282,17 @@ __device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, 
     if (p.max_logits) p.max_logits[orow] = fin.max_logit;
   }
   return fin.out_scale;
+}
+
+// The outputs of a tile whose query has no entries (out 0, lse +inf, maxLogits −inf, as
+// finalize_row gives them), by a warpgroup: thread `ctid` writes half of row ctid / 2.
+__device__ __forceinline__ void store_empty_tile(const AttnOutputs& p, int64_t qi, int h0, int ctid) {
+  const int h = h0 + (ctid >> 1), half = ctid & 1;
+  if (h >= p.h_q) return;
+  if (half == 0) finalize_row(p, qi, h, -INFINITY, -INFINITY, 0.0f, false, true);
+  uint4* dst = reinterpret_cast<uint4*>(p.out + (qi * p.h_q + h) * kDv) + half * (kDv / 16);
+#pragma unroll 4
+  for (int k = 0; k < kDv / 16; ++k) dst[k] = make_uint4(0, 0, 0, 0);
 }
 
 // Masks S (an m64nN accumulator: s[4j + e] is row a, column 8j + 2*quad + e; s[4j + 2 + e] row
@@ -481,6 +497,7 @@ __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t
 
 enum NamedBarrier : uint32_t {
   kMathSync = 1,  // both math WGs (256)
+  kClaimSync = 6,  // the producer WG (128): a claimed tile id
   kP0Ready = 2,   // WG0 -> WG1: P0 (rescaled) is in shared memory
   kP1Ready = 3,   // WG1 -> WG0: P1 is in shared memory
 };
@@ -497,6 +514,17 @@ __device__ __forceinline__ TileOf tile_of(int64_t t, int head_blocks) {
 // its warpgroups are short of registers).
 __device__ __forceinline__ TileOf tile_of(uint32_t t, int head_blocks) {
   return TileOf{int64_t(t / uint32_t(head_blocks)), int(t % uint32_t(head_blocks)) * kHeadsPerCta};
+}
+
+// Where a launch's tiles stop going round-robin and are claimed from its counter (with one): the
+// last kClaimedRounds rounds or a sixteenth of them, whichever is more, and never the first, which
+// every CTA takes at blockIdx.x. Without a counter: past the end.
+constexpr uint32_t kClaimedRounds = 2;
+__device__ __forceinline__ uint32_t claimed_tiles_from(uint32_t n_tiles, bool counter) {
+  const uint32_t grid = gridDim.x, rounds = n_tiles / grid;
+  if (!counter) return n_tiles + grid;
+  const uint32_t claimed = rounds / 16 > kClaimedRounds ? rounds / 16 : kClaimedRounds;
+  return (rounds > claimed + 1 ? rounds - claimed : 1) * grid;
 }
 
 // A launch of many tiles a CTA (kStaggerTiles or more) starts its CTAs in 16 phases, each CTA
@@ -522,7 +550,7 @@ __device__ __forceinline__ void stagger_start(int entries, int64_t n_tiles) {
 // instead of each math thread's own stores, which stall the math warpgroups while every CTA's O
 // drains at once. It is staged in the K1 half each math warpgroup read last (warpgroup 0: K1.left,
 // warpgroup 1: K1.right); the producer fills a tile's first pair K0 first and refills those halves
-// once the stores have read them. Tiles without entries store directly (K1 may hold the next tile).
+// once the stores have read them. (Tiles without entries never reach the math warpgroups.)
 template <int DQK, class Source, bool kTmaStore>
 __global__ void __launch_bounds__(kAttnThreads, 1)
     sparse_attention_sm90_kernel(const AttnOutputs p, const Source src, const __grid_constant__ CUtensorMap out_map) {
@@ -540,6 +568,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   float* sMaxTrue = reinterpret_cast<float*>(smem + L::kMaxTrue);
   float* sL = reinterpret_cast<float*>(smem + L::kL);
   int* sSeen = reinterpret_cast<int*>(smem + L::kSeen);
+  uint32_t* sTileIds = reinterpret_cast<uint32_t*>(smem + L::kTileIds);
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L::kBar);  // [buffer * C + chunk]
   uint64_t* const full0 = full, * const full1 = full + C;
   uint64_t* empty = full + 2 * C;  // [buffer * 2 + half]
@@ -551,7 +580,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* max1_ready = empty + 7;  // WG1's (newer) max over block 2i+1 is in sMax
 
   const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
-  const int64_t n_tiles = p.s_q * head_blocks;
+  // Tiles in 32 bits (the launcher keeps their count below 2^31): the producer is short of registers.
+  const uint32_t n_tiles = uint32_t(p.s_q * head_blocks);
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -563,7 +593,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     // K0.right also holds P0 when dQK > dV: warpgroup 0 releases it too, once it has written P0
     for (int i = 0; i < 4; ++i) mbar_init(&empty[i], i == 1 && DQK > kDv ? 256 : 128);
-    mbar_init(q_full, 128);
+    mbar_init(q_full, 128 + 1);  // Q's copies by the producer's threads, and the tile id
     mbar_init(q_empty, 256);
     mbar_init(max0_ready, 128);
     mbar_init(max1_ready, 128);
@@ -586,19 +616,43 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_arrive(bar);
       }
     };
-    // The tiles this CTA runs, skipping those without entries (their outputs are the math WGs'
-    // alone); the producer resolves the first rows of the next one during the current one's last
+    // The producer resolves the first rows of the CTA's next tile during the current one's last
     // pair, so a tile starts without an index round trip.
     auto pairs_of = [&](const typename Source::Entries& e) { return (((e.total + kBlockRows - 1) / kBlockRows) + 1) / 2; };
     struct Next {
-      int64_t t;
+      uint32_t t;
       typename Source::Entries entries;
     };
-    auto next_tile = [&](int64_t t) {
+    // The CTA's tiles: round-robin (blockIdx.x, then every gridDim.x-th) up to `claims_from`, then
+    // claimed from the launch's counter, so the SMs that run faster take more of the last rounds'
+    // tiles (round-robin throughout without a counter). The producer finds each next tile a tile
+    // ahead and hands it with its Q to the math WGs; a tile without entries it finishes itself (its
+    // outputs are constants).
+    const uint32_t claims_from = claimed_tiles_from(n_tiles, p.tile_claims != nullptr);
+    // the tile after t: round-robin, or claimed by producer thread 0 (`issue_claim`) and read by
+    // every producer thread (`next_after`)
+    const auto claimed = [&](uint32_t t) { return t + gridDim.x >= claims_from; };
+    auto issue_claim = [&](uint32_t t) {
+      if (claimed(t) && ptid == 0) sTileIds[1] = claims_from + atomicAdd(p.tile_claims, 1u);
+    };
+    auto next_after = [&](uint32_t t) -> uint32_t {
+      if (!claimed(t)) return t + gridDim.x;
+      named_barrier_sync(kClaimSync, 128);
+      const uint32_t next = __reduce_max_sync(0xffffffffu, sTileIds[1]);  // (see the math WGs' read)
+      named_barrier_sync(kClaimSync, 128);  // read by all before the next claim writes it
+      return next;
+    };
+    auto claim = [&](uint32_t t) {
+      issue_claim(t);
+      return next_after(t);
+    };
+    auto next_tile = [&](uint32_t first) {
       Next n;
-      for (n.t = t; n.t < n_tiles; n.t += gridDim.x) {
-        n.entries = src.begin(tile_of(n.t, head_blocks).qi);
+      for (n.t = first; n.t < n_tiles; n.t = claim(n.t)) {
+        const TileOf tile = tile_of(n.t, head_blocks);
+        n.entries = src.begin(tile.qi);
         if (pairs_of(n.entries) > 0) break;
+        store_empty_tile(p, tile.qi, tile.h0, ptid);
       }
       return n;
     };
@@ -614,17 +668,23 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     while (cur.t < n_tiles) {
       const TileOf tile = tile_of(cur.t, head_blocks);
       const int n_pairs = pairs_of(cur.entries);
-      const Next nxt = next_tile(cur.t + gridDim.x);
-      // Q, once the math WGs are done with the last tile's.
+      Next nxt{n_tiles, {}};  // known from the tile's last pair on, where its first rows are resolved
+      // Q, once the math WGs are done with the last tile's, and the tile's id beside it.
       if (q_loads > 0) mbar_wait(q_empty, (q_loads - 1) & 1);
+      if (ptid == 0) {
+        *sTileIds = cur.t;
+        mbar_arrive(q_full);
+      }
       load_q_tile<DQK>(sQ, p, tile.qi, tile.h0, ptid, 128);
       cp_async_arrive_noinc(q_full);
       ++q_loads;
+      issue_claim(cur.t);  // behind Q's copies; read at the last pair
       for (int i = 0; i < n_pairs; ++i) {
         const uint32_t free_parity = ((pairs_done + i) & 1) ^ 1;  // the first wait on an empty barrier passes
         // The next pair's entries (or the next tile's first pair) are resolved now, behind this
         // pair's copies.
         const bool last = i + 1 == n_pairs;
+        if (last) nxt = next_tile(next_after(cur.t));
         const bool more = !last || nxt.t < n_tiles;
         const typename Source::Entries ne = last ? nxt.entries : cur.entries;  // a copy: a reference would put both in local memory
         const int64_t nq = last ? (more ? tile_of(nxt.t, head_blocks).qi : 0) : tile.qi;
@@ -671,6 +731,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       pairs_done += n_pairs;
       cur = nxt;
     }
+    // no more tiles: an id past the end, with no Q
+    if (q_loads > 0) mbar_wait(q_empty, (q_loads - 1) & 1);
+    if (ptid == 0) {
+      *sTileIds = n_tiles;
+      mbar_arrive(q_full);
+    }
+    mbar_arrive(q_full);
     cp_async_wait_all();
     return;
   }
@@ -692,11 +759,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint32_t pa[16];
   uint32_t pairs_done = 0, q_loads = 0, tiles_done = 0;
 
-  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x, ++tiles_done) {
+  for (;; ++tiles_done) {
+    // the next tile (with entries) and its Q, from the producer
+    mbar_wait(q_full, q_loads & 1);
+    ++q_loads;
+    // through a warp reduction, which ptxas knows to be uniform: read plainly (or by a shuffle),
+    // a tile id from shared memory moved the math loops' descriptors and barrier addresses out of
+    // the uniform registers (an R2UR before every wgmma group: 17% more instructions)
+    const uint32_t t = __reduce_max_sync(0xffffffffu, *reinterpret_cast<volatile uint32_t*>(sTileIds));
+    if (t >= n_tiles) break;
     const TileOf tile = tile_of(t, head_blocks);
     float* const sLt = sL + (tiles_done & 1) * 128;
     int* const sSeenT = sSeen + (tiles_done & 1) * 8;
-    const int n_pairs = (((src.begin(tile.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;
+    const int n_pairs = (((src.begin(tile.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;  // at least 1
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.0f;
     float m_a = -INFINITY, m_b = -INFINITY;  // running (lazy) max, log2 units, shared by both WGs
@@ -704,12 +779,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     float scale_a = 0.0f, scale_b = 0.0f;      // WG0: the scale of the rows' logits (block_logit_scale)
     float l_a = 0.0f, l_b = 0.0f;            // this thread's share of its WG's row sums
     bool seen = false;                       // a valid entry among this thread's columns
-    if (n_pairs > 0) {
-      mbar_wait(q_full, q_loads & 1);
-      ++q_loads;
-    }
     if (wg == 0) {
-      if (n_pairs > 0) {
+      if (n_pairs > 0) {  // always (the producer finishes empty tiles), but without the test ptxas
+                          // moves the loops' shared-memory addresses out of the uniform registers
         const uint32_t ph = pairs_done & 1;
         mbar_wait(&full0[0], ph);
         wgmma_fence();
@@ -846,9 +918,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           finalize_row(p, tile.qi, h, half ? m_b : m_a, half ? mt_b : mt_a, sLt[row] + sLt[64 + row], any_valid,
                        wg == 0 && quad == 0);
       // Normalized O, straight from registers (shared memory already holds the next tile).
-      if (!kTmaStore || n_pairs == 0) store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale[half]);
+      if (!kTmaStore) store_o_row(p, tile.qi, h, wg, quad, half, o, out_scale[half]);
     }
-    if (kTmaStore && n_pairs > 0) {
+    if (kTmaStore) {
       // O's half through this warpgroup's K1 half, released to the producer once stored.
       store_o_half_tma(&out_map, sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192), o, out_scale[0], out_scale[1], mt, wg,
                        tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3]);
@@ -926,14 +998,37 @@ inline bool make_out_map(CUtensorMap* map, const AttnOutputs& o) {
 // O through TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when
 // make_out_map allows, otherwise the threads' own stores.
 template <int DQK, class Source>
-cudaError_t launch_sparse_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
+cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, cudaStream_t stream) {
   static PerDeviceValue<int> smem_set, smem_set_tma;
+  int device = 0, sms = 0;
+  cudaError_t err = current_device_sms(&device, &sms);
+  if (err != cudaSuccess) return err;
+  AttnOutputs o = o_in;
+  // More tiles than CTAs: the CTAs claim them from a zeroed counter of the launch's own (stream-
+  // ordered, from the device's memory pool), so the SMs that run faster take more of them.
+  // Without a pool (cudaMallocAsync unsupported, or out of memory) the tiles go round-robin.
+  if (o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta) > sms) {
+    if (cudaMallocAsync(reinterpret_cast<void**>(&o.tile_claims), sizeof(*o.tile_claims), stream) == cudaSuccess) {
+      err = cudaMemsetAsync(o.tile_claims, 0, sizeof(*o.tile_claims), stream);
+    } else {
+      (void)cudaGetLastError();  // not sticky: clear it, run without the counter
+      o.tile_claims = nullptr;
+    }
+  }
   CUtensorMap map{};
-  if (DQK == kDv && make_out_map(&map, o))
-    return launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, o, src,
-                             stream, map);
-  return launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, o, src, stream,
-                           map);
+  if (err == cudaSuccess) {
+    if (DQK == kDv && make_out_map(&map, o))
+      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, o, src,
+                              stream, map);
+    else
+      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, o, src,
+                              stream, map);
+  }
+  if (o.tile_claims) {
+    const cudaError_t freed = cudaFreeAsync(o.tile_claims, stream);
+    if (err == cudaSuccess) err = freed;
+  }
+  return err;
 }
 
 }  // namespace smla::cuda

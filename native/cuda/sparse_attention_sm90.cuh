@@ -496,10 +496,11 @@ __device__ __forceinline__ void store_o_half_tma(const CUtensorMap* map, uint8_t
 }
 
 enum NamedBarrier : uint32_t {
-  kMathSync = 1,  // both math WGs (256)
+  kMathSync = 1,   // both math WGs (256)
+  kP0Ready = 2,    // WG0 -> WG1: P0 (rescaled) is in shared memory
+  kP1Ready = 3,    // WG1 -> WG0: P1 is in shared memory
+  kOStore0 = 4,    // math WG w's own O staging (128) is kOStore0 + w
   kClaimSync = 6,  // the producer WG (128): a claimed tile id
-  kP0Ready = 2,   // WG0 -> WG1: P0 (rescaled) is in shared memory
-  kP1Ready = 3,   // WG1 -> WG0: P1 is in shared memory
 };
 
 // Tiles: (query, head block) pairs, query-major.
@@ -923,7 +924,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     if (kTmaStore) {
       // O's half through this warpgroup's K1 half, released to the producer once stored.
       store_o_half_tma(&out_map, sK[1] + (wg == 0 ? 0 : kLeftChunks * 8192), o, out_scale[0], out_scale[1], mt, wg,
-                       tile.qi * p.h_q + tile.h0, 4 + wg, &empty[wg == 0 ? 2 : 3]);
+                       tile.qi * p.h_q + tile.h0, kOStore0 + wg, &empty[wg == 0 ? 2 : 3]);
     }
     if (wg == 0 && (p.max_logits || p.lse) && any_valid) {
       // The rows whose max and lse need it, one at a time over the warp (rare: near-zero maxima).

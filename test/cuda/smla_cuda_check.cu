@@ -221,6 +221,8 @@ struct PrefillCase {
   int inf_rows = 0;  // kv rows [0, inf_rows) get dim 0 = −inf, q >= 0, query 0 attends only those
   double scale_mult = 1.0;  // times 1/sqrt(dQK): negative and zero scales are valid input
   double q_offset = 0.0;    // FlashMLA's test data: randn/10 + a small common offset
+  int entries_every = 0;    // with lengths: only every entries_every-th query keeps its entries, the
+                            // rest get topkLength 0 (long runs of tiles without entries)
 };
 
 // Random bf16 normal(0, 1) values made on the device (hash of the element index, Box-Muller), so
@@ -261,6 +263,9 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
     len.resize(c.s_q);
     for (auto& v : len) v = int32_t(r.range(-3, c.topk + 4));
     if (c.s_q > 1) len[1] = 0;
+    if (c.entries_every > 0)
+      for (int64_t i = 0; i < c.s_q; ++i)
+        if (i % c.entries_every != c.entries_every - 1) len[size_t(i)] = 0;
   }
   std::vector<float> sink;
   if (c.sink) {
@@ -735,6 +740,12 @@ static void run_checks() {
       {"h128 d512 topk200, 150 queries adversarial+len", 150, 128, 512, 512, 2000, 200, kAdversarial, true, true, false, 1.0, 3},
       // 64 or more tiles a CTA: the staggered start, with the TMA-store epilogue
       {"h64 d512 topk40, 9000 queries mixed+len+sink (staggered start)", 9000, 64, 512, 512, 3000, 40, kMixed, true, true, false, 1.0, 7},
+      // the last rounds' tiles are claimed at run time: runs of tiles without entries there (the
+      // producer finishes them and claims on), and a launch with no tile for the math warpgroups
+      {"h64 d512 topk64, 3000 queries, every 97th with entries", 3000, 64, 512, 512, 500, 64, kMixed, true, true, false, 1.0, 0,
+       false, 0, 1.0, 0.0, 97},
+      {"h128 d576 topk64, 400 queries, none with entries", 400, 128, 576, 512, 500, 64, kMixed, true, false, false, 1.0, 0, false,
+       0, 1.0, 0.0, 401},
   };
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail

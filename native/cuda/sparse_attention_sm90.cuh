@@ -284,8 +284,9 @@ __device__ __forceinline__ float finalize_row(const AttnOutputs& p, int64_t qi, 
   return fin.out_scale;
 }
 
-// The outputs of a tile whose query has no entries (out 0, lse +inf, maxLogits −inf, as
-// finalize_row gives them), by a warpgroup: thread `ctid` writes half of row ctid / 2.
+// The outputs of a tile whose query has no entries (out 0; lse and maxLogits as finalize_row gives
+// a row without valid entries, the sink included), by a warpgroup: thread `ctid` writes half of row
+// ctid / 2.
 __device__ __forceinline__ void store_empty_tile(const AttnOutputs& p, int64_t qi, int h0, int ctid) {
   const int h = h0 + (ctid >> 1), half = ctid & 1;
   if (h >= p.h_q) return;

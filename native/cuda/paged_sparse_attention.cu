@@ -26,7 +26,7 @@ extern "C" int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_atte
         reinterpret_cast<uintptr_t>(extra_k_cache)) & 15) != 0)
     return SMLA_ERR_INVALID_ARGUMENT;
   // the kernel counts tiles (query, 64-head group) in 32 bits; more would not fit in memory anyway
-  if (int64_t(n) * ((h_q + kHeadsPerCta - 1) / kHeadsPerCta) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
+  if (attention_tiles(n, h_q) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   if (int64_t(topk) + (extra_k_cache ? int64_t(extra_topk) : 0) > INT32_MAX) return SMLA_ERR_UNSUPPORTED;
   PagedFp8Rows src;
   src.cache = V4Cache::make(k_cache, page_size, num_pages);

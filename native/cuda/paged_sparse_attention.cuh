@@ -120,10 +120,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* raw_ready = out_free + 2;        // [stage]: WG1's tiles' e4m3 bytes are staged, tile 4's read
   uint32_t* sTileScale = reinterpret_cast<uint32_t*>(smem + L::kTileScale);
 
-  const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
-  // Tiles in 32 bits throughout (the launcher keeps their count below 2^31): registers are short in
-  // every warpgroup.
-  const uint32_t n_tiles32 = uint32_t(p.s_q * head_blocks);
+  const int head_blocks = head_blocks_of(p.h_q);
+  const uint32_t n_tiles32 = uint32_t(attention_tiles(p.s_q, p.h_q));
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -367,7 +365,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 template <int DQK, class Source>
 cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
   static PerDeviceValue<int> smem_set;
-  return launch_persistent(paged_attention_sm90_kernel<DQK, Source>, PagedSmem<DQK>::kAlloc, smem_set, o, src, stream);
+  int device = 0, sms = 0;
+  if (const cudaError_t err = current_device_sms(&device, &sms); err != cudaSuccess) return err;
+  return launch_persistent(paged_attention_sm90_kernel<DQK, Source>, PagedSmem<DQK>::kAlloc, smem_set, device, sms, o, src,
+                           stream);
 }
 
 struct PagedFp8Rows {

@@ -46,6 +46,9 @@
 namespace smla::cuda {
 
 constexpr int kHeadsPerCta = 64;
+// A launch's tiles: (query, group of kHeadsPerCta heads) pairs.
+__host__ __device__ inline int head_blocks_of(int h_q) { return (h_q + kHeadsPerCta - 1) / kHeadsPerCta; }
+__host__ __device__ inline int64_t attention_tiles(int64_t s_q, int h_q) { return s_q * head_blocks_of(h_q); }
 constexpr int kBlockRows = 64;
 constexpr int kDv = 512;
 constexpr int kAttnThreads = 384;
@@ -504,16 +507,12 @@ enum NamedBarrier : uint32_t {
   kClaimSync = 6,  // the producer WG (128): a claimed tile id
 };
 
-// Tiles: (query, head block) pairs, query-major.
+// A tile's query and first head, tiles query-major and counted in 32 bits (both launchers keep
+// attention_tiles below 2^31: the kernels' warpgroups are short of registers).
 struct TileOf {
   int64_t qi;
   int h0;
 };
-__device__ __forceinline__ TileOf tile_of(int64_t t, int head_blocks) {
-  return TileOf{t / head_blocks, int(t % head_blocks) * kHeadsPerCta};
-}
-// The same for tiles counted in 32 bits (the paged kernel's launcher keeps their count below 2^31;
-// its warpgroups are short of registers).
 __device__ __forceinline__ TileOf tile_of(uint32_t t, int head_blocks) {
   return TileOf{int64_t(t / uint32_t(head_blocks)), int(t % uint32_t(head_blocks)) * kHeadsPerCta};
 }
@@ -581,9 +580,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* max0_ready = empty + 6;  // WG0's max over block 2i is in sMax
   uint64_t* max1_ready = empty + 7;  // WG1's (newer) max over block 2i+1 is in sMax
 
-  const int head_blocks = (p.h_q + kHeadsPerCta - 1) / kHeadsPerCta;
-  // Tiles in 32 bits (the launcher keeps their count below 2^31): the producer is short of registers.
-  const uint32_t n_tiles = uint32_t(p.s_q * head_blocks);
+  const int head_blocks = head_blocks_of(p.h_q);
+  const uint32_t n_tiles = uint32_t(p.s_q * head_blocks);  // attention_tiles, in 32 bits
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -950,16 +948,14 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
 }
 
-// Launches a persistent attention kernel, kernel(o, src, extra...): one CTA per SM (fewer when there
-// are fewer tiles). `smem_set`: the kernel instantiation's own record of its shared memory attribute.
+// Launches a persistent attention kernel, kernel(o, src, extra...), on the current `device` with its
+// `sms`: one CTA per SM (fewer when there are fewer tiles). `smem_set`: the kernel instantiation's
+// own record of its shared memory attribute.
 template <class Kernel, class Source, class... Extra>
-cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, const AttnOutputs& o,
-                              const Source& src, cudaStream_t stream, const Extra&... extra) {
-  int device = 0, sms = 0;
-  cudaError_t err = current_device_sms(&device, &sms);
-  if (err != cudaSuccess) return err;
-  if ((err = max_dynamic_smem_once(smem_set, kernel, smem, device)) != cudaSuccess) return err;
-  const int64_t tiles = o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta);
+cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, int device, int sms,
+                              const AttnOutputs& o, const Source& src, cudaStream_t stream, const Extra&... extra) {
+  if (const cudaError_t err = max_dynamic_smem_once(smem_set, kernel, smem, device); err != cudaSuccess) return err;
+  const int64_t tiles = attention_tiles(o.s_q, o.h_q);
   const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
   kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src, extra...);
   return cudaGetLastError();
@@ -1009,7 +1005,7 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
   // More tiles than CTAs: the CTAs claim them from a zeroed counter of the launch's own (stream-
   // ordered, from the device's memory pool), so the SMs that run faster take more of them.
   // Without a pool (cudaMallocAsync unsupported, or out of memory) the tiles go round-robin.
-  if (o.s_q * ((o.h_q + kHeadsPerCta - 1) / kHeadsPerCta) > sms) {
+  if (attention_tiles(o.s_q, o.h_q) > sms) {
     if (cudaMallocAsync(reinterpret_cast<void**>(&o.tile_claims), sizeof(*o.tile_claims), stream) == cudaSuccess) {
       err = cudaMemsetAsync(o.tile_claims, 0, sizeof(*o.tile_claims), stream);
     } else {
@@ -1020,11 +1016,11 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
   CUtensorMap map{};
   if (err == cudaSuccess) {
     if (DQK == kDv && make_out_map(&map, o))
-      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, o, src,
-                              stream, map);
+      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, device,
+                              sms, o, src, stream, map);
     else
-      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, o, src,
-                              stream, map);
+      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, device,
+                              sms, o, src, stream, map);
   }
   if (o.tile_claims) {
     const cudaError_t freed = cudaFreeAsync(o.tile_claims, stream);

@@ -23,9 +23,8 @@ extern "C" int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p,
   // they come from cudaMalloc); anything else takes the fallback kernel.
   const bool aligned = ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(kv) |
                          reinterpret_cast<uintptr_t>(out)) & 15) == 0;
-  // (the fast kernel counts its tiles, query x 64-head group, in 32 bits)
-  const bool tiles32 = int64_t(s_q) * ((h_q + kHeadsPerCta - 1) / kHeadsPerCta) <= INT32_MAX;
-  if (aligned && tiles32 && d_v == kDv && (d_qk == 512 || d_qk == 576)) {
+  // (the fast kernel counts its tiles in 32 bits)
+  if (aligned && attention_tiles(s_q, h_q) <= INT32_MAX && d_v == kDv && (d_qk == 512 || d_qk == 576)) {
     const AttnOutputs o{q, s_q, h_q, sm_scale, attn_sink, out, max_logits, lse};
     const Bf16GatherSource src{kv, s_kv, indices, topk, topk_length};
     err = d_qk == 576 ? launch_sparse_attention<576>(o, src, stream) : launch_sparse_attention<512>(o, src, stream);

@@ -17,7 +17,7 @@ import { engineBackend } from '../engine.js';
 import { tensor } from '../tensor.js';
 import type { CacheFormat, DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '../types.js';
 import { CudaBackend } from '../backends/native/cuda_backend.js';
-import { cacheOpBytes } from '../kv_cache_layout.js';
+import { cacheOpBytes, rowDimOf } from '../kv_cache_layout.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomBf16, type Rng } from '../check/grid.js';
 import { median } from './table.js';
@@ -167,7 +167,15 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     if (want('dequant')) {
       const ga = be.alloc(2 ** 30), gb = be.alloc(2 ** 30);
       const dqCaches = { v4: await deviceCache('v4', 4096), v32: await deviceCache('v32', 4096) };
-      const dqIds = new Map(DQ_SIZES.map((n) => [n, tensor('int32', [n], randomIds(rng, n, 262144))]));
+      // The workspace path's dequant as a plan runs it: int64 ids on the device, rows written into a
+      // device buffer that is reused (the backend call prefillLayer makes), enqueued at once behind
+      // the L2 flush. Host ids go through the public op, which stages and widens them on a pool
+      // thread and so starts the kernel microseconds after its timing event once the stream has
+      // drained: one such row a format a round at 256K.
+      const hostIds = new Map(DQ_SIZES.map((n) => [n, tensor('int32', [n], randomIds(rng, n, 262144))]));
+      const dqIds = new Map<number, DeviceTensor<'int64'>>();
+      for (const [n, ids] of hostIds) dqIds.set(n, await engine.upload(tensor('int64', [n], BigInt64Array.from(ids.data, (x) => BigInt(x)))));
+      const dqOut = be.alloc(DQ_SIZES[0]! * Math.max(rowDimOf('v4'), rowDimOf('v32')) * 2);
       const copyGBsRounds: number[] = [];
       const dqFraction: Record<string, number[]> = {};
       try {
@@ -180,16 +188,20 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
           for (const format of ['v4', 'v32'] as const) {
             for (const n of DQ_SIZES) {
               const cache = dqCaches[format];
-              const runs = await time(async () => {
-                const out = await engine.dequantizeKCachePaged({ cache, tokenIds: dqIds.get(n)! }, { output: 'device' });
-                out.data.free();
-              });
+              const runs = await time(() => be.dequantizeKCacheIdsInto(cache, dqIds.get(n)!.data, n, dqOut, 0));
               const bytes = dequantBytes(format, n);
               const ms = median(runs);
               const gbs = bytes / ms / 1e6;
               (dqFraction[`${format}/${n}`] ??= []).push(gbs / roundCopy);
               say({ name: `round ${round + 1}: dequant ${format} ${n / 1024}K random tokens`, median_ms: ms, runs_ms: runs, value: gbs, unit: 'GB/s', note: `${((gbs / roundCopy) * 100).toFixed(1)}% of this round's copy` });
             }
+            const n = DQ_SIZES[0]!;
+            const hostRuns = await time(async () => {
+              const out = await engine.dequantizeKCachePaged({ cache: dqCaches[format], tokenIds: hostIds.get(n)! }, { output: 'device' });
+              out.data.free();
+            });
+            const hostGBs = dequantBytes(format, n) / median(hostRuns) / 1e6;
+            say({ name: `round ${round + 1}: dequant ${format} ${n / 1024}K random tokens, host int32 ids`, median_ms: median(hostRuns), runs_ms: hostRuns, value: hostGBs, unit: 'GB/s', note: `${((hostGBs / roundCopy) * 100).toFixed(1)}% of this round's copy` });
           }
         }
       } finally {
@@ -197,6 +209,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         gb.free();
         dqCaches.v4.data.free();
         dqCaches.v32.data.free();
+        for (const ids of dqIds.values()) ids.data.free();
+        dqOut.free();
       }
       const copyGBs = median(copyGBsRounds);
       say({ name: 'device-to-device copy 1 GiB: median of round medians', median_ms: (2 * 2 ** 30) / copyGBs / 1e6, runs_ms: [], value: copyGBs, unit: 'GB/s' });
@@ -292,38 +306,35 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const rows = plan.combineC4(tensor('int32', [N, TOPK], topk));
       const paged = plan.pagedForm(rows);
       const width = rows.width;
-      const gather = tensor('int32', [nComp + N], Int32Array.from([...plan.compressedTokenIds(4).data, ...plan.swaTokenIds.data], Number));
+      // the gather ids on the device, as a plan keeps them, dequantized as prefillLayer does (below)
+      const gather = await engine.upload(tensor('int64', [nComp + N], BigInt64Array.from([...plan.compressedTokenIds(4).data, ...plan.swaTokenIds.data])));
       const [mainD, extraD, combD] = await Promise.all([engine.upload(paged.main), engine.upload(paged.extra!), engine.upload(rows.indices)]);
       const pagedRuns = await time(async () => {
         const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, extraKCache: cache, extraIndices: extraD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
-      let ws: DeviceTensor<'bf16'> | null = null;
-      const dequantRuns = await time(async () => {
-        ws?.data.free();
-        ws = await engine.dequantizeKCachePaged({ cache, tokenIds: gather }, { output: 'device' });
-      });
+      const rowsTotal = nComp + N;
+      const ws = dev('bf16', [rowsTotal, rowDimOf('v4')], be.alloc(rowsTotal * rowDimOf('v4') * 2));
+      const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0));
       const prefillRuns = await time(async () => {
-        const r = await engine.sparsePrefill({ q, kv: ws!, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
+        const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       // the same layer end to end (wall clock, JS included: dequant then prefill, device in/out)
       const wall = await wallClock(async () => {
-        const w = await engine.dequantizeKCachePaged({ cache, tokenIds: gather }, { output: 'device' });
-        const r = await engine.sparsePrefill({ q, kv: w, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
-        for (const t of [w, r.out, r.lse, r.maxLogits]) t.data.free();
+        await be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0);
+        const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
+        for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       const entries = N * (paged.main.shape[1]! + paged.extra!.shape[1]!); // index slots; attended: Σ the rows' lengths
       const flops = prefillFlops(rows.lengths.data.reduce((a, b) => a + b, 0), hQ);
       const pagedMs = median(pagedRuns), dqMs = median(dequantRuns), pfMs = median(prefillRuns);
       say({ name: `V4 chunk ${N / 1024}K: paged path (pagedSparseAttention)`, median_ms: pagedMs, runs_ms: pagedRuns, value: flops / pagedMs / 1e9, unit: 'TFLOPS' });
-      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${nComp + N} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: dequantBytes('v4', nComp + N) / dqMs / 1e6, unit: 'GB/s' });
+      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${rowsTotal} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: dequantBytes('v4', nComp + N) / dqMs / 1e6, unit: 'GB/s' });
       say({ name: `V4 chunk ${N / 1024}K: workspace sparsePrefill (width ${width})`, median_ms: pfMs, runs_ms: prefillRuns, value: flops / pfMs / 1e9, unit: 'TFLOPS' });
       say({ name: `V4 chunk ${N / 1024}K: workspace path total (dequant + prefill)`, median_ms: dqMs + pfMs, runs_ms: [], value: pagedMs / (dqMs + pfMs), unit: 'x', note: `workspace ${(pagedMs / (dqMs + pfMs)).toFixed(2)}x the paged path's speed` });
       say({ name: `V4 chunk ${N / 1024}K: whole layer wall clock (JS → dequant → prefill)`, median_ms: median(wall), runs_ms: wall, value: median(wall), unit: 'ms', note: `${entries} index slots` });
-      ws = ws as DeviceTensor<'bf16'> | null;
-      (ws as DeviceTensor<'bf16'> | null)?.data.free();
-      for (const t of [q, sink, mainD, extraD, combD]) t.data.free();
+      for (const t of [q, sink, mainD, extraD, combD, gather, ws]) t.data.free();
       cache.data.free();
     }
 
@@ -496,23 +507,21 @@ async function routerSweep(
         const rowsTotal = nComp + g;
         const cache = await deviceCache('v4', Math.ceil(rowsTotal / 64));
         const q = await randomDevice([nq, c.hQ, 512]);
-        const gather = tensor('int32', [rowsTotal], Int32Array.from({ length: rowsTotal }, (_, t) => t));
+        // the workspace dequant as prefillLayer runs it: device int64 ids into a reused device buffer
+        const gather = await engine.upload(tensor('int64', [rowsTotal], BigInt64Array.from({ length: rowsTotal }, (_, t) => BigInt(t))));
         const mainD = await engine.upload(tensor('int32', [nq, W], mainIds));
         const extraD = extraIds ? await engine.upload(tensor('int32', [nq, compWidth], extraIds)) : null;
         const combD = await engine.upload(tensor('int32', [nq, width], combined));
         const smScale = 1 / Math.sqrt(512);
-        let ws: DeviceTensor<'bf16'> | null = null;
+        const ws: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [rowsTotal, rowDimOf('v4')], data: be.alloc(rowsTotal * rowDimOf('v4') * 2) };
         try {
           const pagedRuns = await time(async () => {
             const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, ...(extraD ? { extraKCache: cache, extraIndices: extraD } : {}), attnSink: sink, smScale }, { output: 'device' });
             for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
           });
-          const dequantRuns = await time(async () => {
-            ws?.data.free();
-            ws = await engine.dequantizeKCachePaged({ cache, tokenIds: gather }, { output: 'device' });
-          });
+          const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0));
           const prefillRuns = await time(async () => {
-            const r = await engine.sparsePrefill({ q, kv: ws!, indices: combD, attnSink: sink, smScale }, { output: 'device' });
+            const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale }, { output: 'device' });
             for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
           });
           const paged_ms = median(pagedRuns), dequant_ms = median(dequantRuns), prefill_ms = median(prefillRuns);
@@ -520,8 +529,7 @@ async function routerSweep(
           points.push({ queries: nq, paged_ms, dequant_ms, prefill_ms, workspace_ms, speedup: paged_ms / workspace_ms, workspace_rows: rowsTotal, width });
           say({ name: `router ${name}: ${nq} queries, paged / workspace (${rowsTotal} rows, width ${width})`, median_ms: workspace_ms, runs_ms: [paged_ms, dequant_ms, prefill_ms], value: paged_ms / workspace_ms, unit: 'x', note: `paged ${paged_ms.toFixed(4)} ms, dequant ${dequant_ms.toFixed(4)} + prefill ${prefill_ms.toFixed(4)} ms` });
         } finally {
-          (ws as DeviceTensor<'bf16'> | null)?.data.free();
-          for (const t of [q, mainD, extraD, combD]) t?.data.free();
+          for (const t of [q, mainD, extraD, combD, gather, ws]) t?.data.free();
           cache.data.free();
         }
       }

@@ -14,7 +14,8 @@ export const SPARSE_PREFILL_ENV = 'SPARSE_MLA_PREFILL';
 
 /**
  * Query count of a chunk above which the workspace path is taken when neither a backend nor a
- * threshold is named (the router exists for the GPU: the cuda figure for c0 / c128 layers).
+ * threshold is named (the router exists for the GPU: between the cuda table's c4 and c0 / c128
+ * figures).
  * Override per call with `threshold`.
  */
 export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
@@ -25,15 +26,16 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  *
  * Each figure is where the workspace path starts to win in the measurements of bench/RESULTS.md
  * (device time of the paged path over dequant + sparsePrefill, one request whose chunk is the last
- * N tokens, N = 16 … 4096), each the figure whose worst loss over hQ 64 / 128 and prefixes 0 /
- * 32K is smallest. cuda: c4 layers gain from the workspace path from about a hundred queries, c128
- * layers from about five hundred and c0 layers (short gathers, where the paged kernel is at its
- * best) from about a thousand.
+ * N tokens, N = 16 … 4096, the workspace dequant timed as a plan runs it: device ids into the
+ * plan's workspace), each the figure whose worst loss over hQ 64 / 128 and prefixes 0 / 32K is
+ * smallest. cuda: at c4 the workspace path wins from the first queries at hQ 128 with a long prefix
+ * and from a few hundred at hQ 64 (64 bounds the worst loss at 15–16%); at c0 and c128 from about
+ * five hundred.
  * wasm: the paths cross between 32 and 128 queries and stay within a few percent beyond; cpu runs
  * the same core natively and takes the same figure.
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Record<CompressRatio, number>>>> = {
-  cuda: { 0: 1024, 4: 128, 128: 512 },
+  cuda: { 0: 512, 4: 64, 128: 512 },
   cpu: { 0: 64, 4: 64, 128: 64 },
   wasm: { 0: 64, 4: 64, 128: 64 },
 };

@@ -14,8 +14,8 @@
 import { writeFileNoFollow } from '../io/files.js';
 import { createEngine, createKvCache } from '../index.js';
 import { engineBackend } from '../engine.js';
-import { tensor } from '../tensor.js';
-import type { CacheFormat, DType, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '../types.js';
+import { deviceTensor, tensor } from '../tensor.js';
+import type { CacheFormat, DeviceBuffer, DeviceKvCache, DeviceTensor, Engine } from '../types.js';
 import { CudaBackend } from '../backends/native/cuda_backend.js';
 import { cacheOpBytes, rowDimOf } from '../kv_cache_layout.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
@@ -44,6 +44,9 @@ interface Row {
 }
 
 const MiB = 2 ** 20;
+/** A device buffer of `rows` dequantized v4 rows (bf16), as a plan's workspace. */
+const v4Workspace = (be: CudaBackend, rows: number): DeviceTensor<'bf16'> =>
+  deviceTensor('bf16', [rows, rowDimOf('v4')], be.alloc(rows * rowDimOf('v4') * 2));
 /** Layers run untimed before the layer section's second timing: V8 optimizes the layer's JS only after some hundreds of calls, and an engine makes thousands (61 layers a chunk). */
 const LAYER_JIT_WARMUP = 300;
 
@@ -132,7 +135,6 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     return { kernelRuns, wallRuns, ratio: median(wallRuns.map((w, i) => w / kernelRuns[i]!)) };
   };
 
-  const dev = <D extends DType>(dtype: D, shape: number[], data: DeviceBuffer): DeviceTensor<D> => ({ dtype, shape, data });
   /** A device tensor of random bf16 values (a 16 MiB random block tiled). */
   const randomDevice = async (shape: number[]): Promise<DeviceTensor<'bf16'>> => {
     const n = shape.reduce((a, b) => a * b, 1);
@@ -140,7 +142,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     const buf = be.alloc(n * 2);
     await be.fillDevice(buf, block.data);
     block.data.free();
-    return dev('bf16', shape, buf);
+    return deviceTensor('bf16', shape, buf);
   };
   /** A device v4/v32 cache of `pages` pages: one quantized random page (64 tokens) tiled. */
   const deviceCache = async (format: 'v4' | 'v32', pages: number): Promise<DeviceKvCache> => {
@@ -173,8 +175,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // thread and so starts the kernel microseconds after its timing event once the stream has
       // drained: one such row a format a round at 256K.
       const hostIds = new Map(DQ_SIZES.map((n) => [n, tensor('int32', [n], randomIds(rng, n, 262144))]));
-      const dqIds = new Map<number, DeviceTensor<'int64'>>();
-      for (const [n, ids] of hostIds) dqIds.set(n, await engine.upload(tensor('int64', [n], BigInt64Array.from(ids.data, (x) => BigInt(x)))));
+      const dqIds = new Map<number, DeviceBuffer>();
+      for (const [n, ids] of hostIds) dqIds.set(n, await be.upload(BigInt64Array.from(ids.data, (x) => BigInt(x))));
       const dqOut = be.alloc(DQ_SIZES[0]! * Math.max(rowDimOf('v4'), rowDimOf('v32')) * 2);
       const copyGBsRounds: number[] = [];
       const dqFraction: Record<string, number[]> = {};
@@ -188,7 +190,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
           for (const format of ['v4', 'v32'] as const) {
             for (const n of DQ_SIZES) {
               const cache = dqCaches[format];
-              const runs = await time(() => be.dequantizeKCacheIdsInto(cache, dqIds.get(n)!.data, n, dqOut, 0));
+              const runs = await time(() => be.dequantizeKCacheIdsInto(cache, dqIds.get(n)!, n, dqOut, 0));
               const bytes = dequantBytes(format, n);
               const ms = median(runs);
               const gbs = bytes / ms / 1e6;
@@ -209,7 +211,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         gb.free();
         dqCaches.v4.data.free();
         dqCaches.v32.data.free();
-        for (const ids of dqIds.values()) ids.data.free();
+        for (const ids of dqIds.values()) ids.free();
         dqOut.free();
       }
       const copyGBs = median(copyGBsRounds);
@@ -307,22 +309,22 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const paged = plan.pagedForm(rows);
       const width = rows.width;
       // the gather ids on the device, as a plan keeps them, dequantized as prefillLayer does (below)
-      const gather = await engine.upload(tensor('int64', [nComp + N], BigInt64Array.from([...plan.compressedTokenIds(4).data, ...plan.swaTokenIds.data])));
+      const gather = await be.upload(BigInt64Array.from([...plan.compressedTokenIds(4).data, ...plan.swaTokenIds.data]));
       const [mainD, extraD, combD] = await Promise.all([engine.upload(paged.main), engine.upload(paged.extra!), engine.upload(rows.indices)]);
       const pagedRuns = await time(async () => {
         const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, extraKCache: cache, extraIndices: extraD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       const rowsTotal = nComp + N;
-      const ws = dev('bf16', [rowsTotal, rowDimOf('v4')], be.alloc(rowsTotal * rowDimOf('v4') * 2));
-      const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0));
+      const ws = v4Workspace(be, rowsTotal);
+      const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather, rowsTotal, ws.data, 0));
       const prefillRuns = await time(async () => {
         const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
       // the same layer end to end (wall clock, JS included: dequant then prefill, device in/out)
       const wall = await wallClock(async () => {
-        await be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0);
+        await be.dequantizeKCacheIdsInto(cache, gather, rowsTotal, ws.data, 0);
         const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale: 1 / Math.sqrt(512) }, { output: 'device' });
         for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
       });
@@ -330,11 +332,12 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const flops = prefillFlops(rows.lengths.data.reduce((a, b) => a + b, 0), hQ);
       const pagedMs = median(pagedRuns), dqMs = median(dequantRuns), pfMs = median(prefillRuns);
       say({ name: `V4 chunk ${N / 1024}K: paged path (pagedSparseAttention)`, median_ms: pagedMs, runs_ms: pagedRuns, value: flops / pagedMs / 1e9, unit: 'TFLOPS' });
-      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${rowsTotal} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: dequantBytes('v4', nComp + N) / dqMs / 1e6, unit: 'GB/s' });
+      say({ name: `V4 chunk ${N / 1024}K: workspace dequant (${rowsTotal} rows)`, median_ms: dqMs, runs_ms: dequantRuns, value: dequantBytes('v4', rowsTotal) / dqMs / 1e6, unit: 'GB/s' });
       say({ name: `V4 chunk ${N / 1024}K: workspace sparsePrefill (width ${width})`, median_ms: pfMs, runs_ms: prefillRuns, value: flops / pfMs / 1e9, unit: 'TFLOPS' });
       say({ name: `V4 chunk ${N / 1024}K: workspace path total (dequant + prefill)`, median_ms: dqMs + pfMs, runs_ms: [], value: pagedMs / (dqMs + pfMs), unit: 'x', note: `workspace ${(pagedMs / (dqMs + pfMs)).toFixed(2)}x the paged path's speed` });
       say({ name: `V4 chunk ${N / 1024}K: whole layer wall clock (JS → dequant → prefill)`, median_ms: median(wall), runs_ms: wall, value: median(wall), unit: 'ms', note: `${entries} index slots` });
-      for (const t of [q, sink, mainD, extraD, combD, gather, ws]) t.data.free();
+      for (const t of [q, sink, mainD, extraD, combD, ws]) t.data.free();
+      gather.free();
       cache.data.free();
     }
 
@@ -508,18 +511,18 @@ async function routerSweep(
         const cache = await deviceCache('v4', Math.ceil(rowsTotal / 64));
         const q = await randomDevice([nq, c.hQ, 512]);
         // the workspace dequant as prefillLayer runs it: device int64 ids into a reused device buffer
-        const gather = await engine.upload(tensor('int64', [rowsTotal], BigInt64Array.from({ length: rowsTotal }, (_, t) => BigInt(t))));
+        const gather = await be.upload(BigInt64Array.from({ length: rowsTotal }, (_, t) => BigInt(t)));
         const mainD = await engine.upload(tensor('int32', [nq, W], mainIds));
         const extraD = extraIds ? await engine.upload(tensor('int32', [nq, compWidth], extraIds)) : null;
         const combD = await engine.upload(tensor('int32', [nq, width], combined));
         const smScale = 1 / Math.sqrt(512);
-        const ws: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [rowsTotal, rowDimOf('v4')], data: be.alloc(rowsTotal * rowDimOf('v4') * 2) };
+        const ws = v4Workspace(be, rowsTotal);
         try {
           const pagedRuns = await time(async () => {
             const r = await engine.pagedSparseAttention({ q, kCache: cache, indices: mainD, ...(extraD ? { extraKCache: cache, extraIndices: extraD } : {}), attnSink: sink, smScale }, { output: 'device' });
             for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
           });
-          const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather.data, rowsTotal, ws.data, 0));
+          const dequantRuns = await time(() => be.dequantizeKCacheIdsInto(cache, gather, rowsTotal, ws.data, 0));
           const prefillRuns = await time(async () => {
             const r = await engine.sparsePrefill({ q, kv: ws, indices: combD, attnSink: sink, smScale }, { output: 'device' });
             for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
@@ -529,7 +532,8 @@ async function routerSweep(
           points.push({ queries: nq, paged_ms, dequant_ms, prefill_ms, workspace_ms, speedup: paged_ms / workspace_ms, workspace_rows: rowsTotal, width });
           say({ name: `router ${name}: ${nq} queries, paged / workspace (${rowsTotal} rows, width ${width})`, median_ms: workspace_ms, runs_ms: [paged_ms, dequant_ms, prefill_ms], value: paged_ms / workspace_ms, unit: 'x', note: `paged ${paged_ms.toFixed(4)} ms, dequant ${dequant_ms.toFixed(4)} + prefill ${prefill_ms.toFixed(4)} ms` });
         } finally {
-          for (const t of [q, mainD, extraD, combD, gather, ws]) t?.data.free();
+          for (const t of [q, mainD, extraD, combD, ws]) t?.data.free();
+          gather.free();
           cache.data.free();
         }
       }

@@ -28,14 +28,14 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  * (device time of the paged path over dequant + sparsePrefill, one request whose chunk is the last
  * N tokens, N = 16 … 4096, the workspace dequant timed as a plan runs it: device ids into the
  * plan's workspace), each the figure whose worst loss over hQ 64 / 128 and prefixes 0 / 32K is
- * smallest. cuda: at c4 the workspace path wins from the first queries at hQ 128 with a long prefix
- * and from a few hundred at hQ 64 (64 bounds the worst loss at 15–16%); at c0 and c128 from about
- * five hundred.
+ * smallest. cuda (H200): at c4 the workspace path wins at every size with hQ 128 and from 256
+ * queries with hQ 64, and the paged path never wins by more than 6% below that, so c4 chunks always
+ * take the workspace path (0); c128 from 256 (worst loss 12%), c0 from 512 (8%).
  * wasm: the paths cross between 32 and 128 queries and stay within a few percent beyond; cpu runs
  * the same core natively and takes the same figure.
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Record<CompressRatio, number>>>> = {
-  cuda: { 0: 512, 4: 64, 128: 512 },
+  cuda: { 0: 512, 4: 0, 128: 256 },
   cpu: { 0: 64, 4: 64, 128: 64 },
   wasm: { 0: 64, 4: 64, 128: 64 },
 };

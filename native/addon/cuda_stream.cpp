@@ -197,8 +197,10 @@ cudaError_t StreamState::TakeReadSlot(ReadSlot* slot) {
   ReadSlot made;
   cudaError_t err = cudaMallocHost(&made.host, kSmallReadBytes);
   if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.landed, cudaEventDisableTiming);
+  if (err == cudaSuccess) err = cudaEventCreateWithFlags(&made.fork, cudaEventDisableTiming);
   if (err != cudaSuccess) {
     if (made.host) cudaFreeHost(made.host);
+    if (made.landed) cudaEventDestroy(made.landed);
     return err;
   }
   *slot = made;
@@ -210,20 +212,46 @@ void StreamState::GiveBackReadSlot(ReadSlot slot) {
   free_slots_.push_back(slot);
 }
 
-cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read) {
+cudaError_t StreamState::SideStream(cudaStream_t* side) {
+  std::lock_guard<std::mutex> lock(slots_mutex_);
+  if (!side_) {
+    const cudaError_t err = cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking);
+    if (err != cudaSuccess) {
+      side_ = nullptr;
+      return err;
+    }
+  }
+  *side = side_;
+  return cudaSuccess;
+}
+
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read, bool aside) {
   cudaError_t err = cudaSetDevice(s.device);
+  cudaStream_t copy_on = s.stream;
+  if (err == cudaSuccess && aside) err = s.SideStream(&copy_on);
   if (err == cudaSuccess) err = s.TakeReadSlot(&read->slot);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return err;
   }
   read->bytes = bytes;
-  err = cudaMemcpyAsync(read->slot.host, src, bytes, cudaMemcpyDeviceToHost, s.stream);
-  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, s.stream);
+  if (aside) {
+    err = cudaEventRecord(read->slot.fork, s.stream);
+    if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_on, read->slot.fork, 0);
+  }
+  if (err == cudaSuccess) err = cudaMemcpyAsync(read->slot.host, src, bytes, cudaMemcpyDeviceToHost, copy_on);
+  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, copy_on);
   if (err != cudaSuccess) {
     s.GiveBackReadSlot(read->slot);
     cudaGetLastError();
   }
+  return err;
+}
+
+cudaError_t JoinSmallRead(StreamState& s, const SmallReadSlot& read) {
+  cudaError_t err = cudaSetDevice(s.device);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(s.stream, read.slot.landed, 0);
+  if (err != cudaSuccess) cudaGetLastError();
   return err;
 }
 
@@ -254,7 +282,8 @@ cudaError_t QueryIdle(const StreamState& s) {
 StreamState::~StreamState() {
   if (cudaSetDevice(device) != cudaSuccess) return;
   for (auto& t : timed) cudaEventDestroy(t.first), cudaEventDestroy(t.second);
-  for (auto& slot : free_slots_) cudaFreeHost(slot.host), cudaEventDestroy(slot.landed);
+  for (auto& slot : free_slots_) cudaFreeHost(slot.host), cudaEventDestroy(slot.landed), cudaEventDestroy(slot.fork);
+  if (side_ && cudaStreamDestroy(side_) != cudaSuccess) cudaGetLastError();
   if (stream && cudaStreamDestroy(stream) != cudaSuccess) cudaGetLastError();
 }
 

@@ -45,6 +45,7 @@ namespace smla_addon {
 struct ReadSlot {
   void* host = nullptr;
   cudaEvent_t landed = nullptr;
+  cudaEvent_t fork = nullptr;  // an aside read's start in the stream (QueueSmallRead, aside)
 };
 constexpr uint64_t kSmallReadBytes = 256;
 
@@ -59,12 +60,15 @@ struct StreamState {
   // back to back (two layers in flight) never share one.
   cudaError_t TakeReadSlot(ReadSlot* slot);
   void GiveBackReadSlot(ReadSlot slot);
+  // The stream aside reads are copied on (made on first need), or a cudaError_t.
+  cudaError_t SideStream(cudaStream_t* side);
 
   ~StreamState();
 
  private:
   std::mutex slots_mutex_;
   std::vector<ReadSlot> free_slots_;
+  cudaStream_t side_ = nullptr;
 };
 using StreamRef = std::shared_ptr<StreamState>;
 
@@ -76,8 +80,14 @@ struct SmallReadSlot {
 
 // Queues a read of `bytes` (at most kSmallReadBytes) from device memory `src` into a pinned slot of
 // `s`, on the calling thread, so it sits in the stream exactly where it is queued; a cudaError_t
-// (the slot already given back, the error cleared, when it fails).
-cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read);
+// (the slot already given back, the error cleared, when it fails). `aside`: the copy starts at this
+// point of the stream but runs on a side stream, so the stream's next launch does not wait for the
+// copy; the caller must queue JoinSmallRead after that launch (work queued later then waits for the
+// copy, and may overwrite or free its source).
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read, bool aside = false);
+
+// The stream waits for an aside read (QueueSmallRead) before its next work; a cudaError_t.
+cudaError_t JoinSmallRead(StreamState& s, const SmallReadSlot& read);
 
 // The promise of a queued small read: a pool thread waits for it to land, copies its bytes to
 // `data` and gives the slot back. `status`: a failure of the work queued with the read (it then

@@ -38,7 +38,8 @@ Napi::Promise OutputsFailed(Napi::Env env, const char* op, cudaError_t err, uint
 //     size of the one it stands for, all checked before any launch; queues the dequants and the
 //     combine, allocates the prefill's outputs (one stream-ordered allocation, as a DeviceBuffer
 //     makes one, split at 256-byte boundaries), queues the read of the combine's dropped total into
-//     droppedInto (a BigInt64Array(1), or null) and the prefill, all before it returns: between
+//     droppedInto (a BigInt64Array(1), or null; copied beside the prefill, which does not wait for
+//     it) and the prefill, all before it returns: between
 //     the layer's launches the host makes only their CUDA calls. Returns { done, out, maxLogits,
 //     lse }: the outputs (DeviceBuffers, views of the one allocation) once everything was queued,
 //     else null (nothing kept); done settles once queued, or once the total has landed (the prefill
@@ -174,14 +175,18 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_, &whole)) != cudaSuccess) status = -int32_t(alloc_err);
     if (status == SMLA_OK)
       for (Slot& s : outputs_) s.operand->device = ViewOf(whole, s.offset, s.bytes);
-    // the 8-byte total right behind the combine (ahead of the prefill), as a small download reads it
+    // the 8-byte total read from right behind the combine on the side stream: the prefill does not
+    // wait for the copy (its DMA left a gap of about 8 µs before the prefill in the stream); work
+    // queued after the prefill does (JoinSmallRead), so the next layer's combine cannot overwrite
+    // the total first
     SmallReadSlot read;
     bool reading = false;
     if (status == SMLA_OK && dropped_into) {
-      if ((err = QueueSmallRead(st, dropped_total_(), 8, &read)) != cudaSuccess) status = -int32_t(err);
+      if ((err = QueueSmallRead(st, dropped_total_(), 8, &read, /*aside=*/true)) != cudaSuccess) status = -int32_t(err);
       reading = err == cudaSuccess;
     }
     if (status == SMLA_OK) status = Timed(st, [call = prefill_](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
+    if (reading && (err = JoinSmallRead(st, read)) != cudaSuccess && status == SMLA_OK) status = -int32_t(err);
     if (status != SMLA_OK) cudaGetLastError();
     std::vector<std::shared_ptr<Allocation>> outputs;
     if (status == SMLA_OK)

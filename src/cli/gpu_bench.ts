@@ -380,6 +380,17 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const cold = await kernelsAndWall(layer);
       await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
       const warm = await kernelsAndWall(layer);
+      // where the device waits between the layer's launches (dequants, combine, prefill): each gap's
+      // median over repeat runs, from the launches' event spans
+      const gapRuns: number[][] = [];
+      for (let i = 0; i < o.repeat; i++) {
+        await be.copyDevice(flushA, flushB);
+        await layer();
+        await engine.synchronize();
+        const [, ...spans] = be.takeKernelSpans();
+        gapRuns.push(spans.slice(1).map(([start], j) => (start - spans[j]![1]) * 1000));
+      }
+      const gapsUs = gapRuns[0]!.map((_, j) => median(gapRuns.map((g) => g[j]!)).toFixed(1));
       // attended entries: the planner's rows of the same top-k (a host combine, after the timing)
       const realEntries = plan.combineC4(tensor('int32', [N, TOPK], topkIdx)).lengths.data.reduce((a, b) => a + b, 0);
       const ms = median(cold.wallRuns), kernelMs = median(cold.kernelRuns);
@@ -391,7 +402,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: cold.wallRuns,
         value: cold.ratio,
         unit: 'x',
-        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers (V8-optimized JS)`,

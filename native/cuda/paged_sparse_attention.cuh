@@ -5,10 +5,10 @@
 // set's; one softmax over all of it.
 //
 // A tile = one query x 64 heads, on a persistent grid (below); warpgroup 2 dequantizes 64 tokens
-// per stage into a two-stage ring (each warp's 16 rows of FP8 loaded into registers at once,
-// before the stage is free; the RoPE dims copied into the tile by cp.async). Warpgroup 0 computes
-// S = QKᵀ for the whole block (m64n64, so Q is read once per block), the softmax and
-// O[:, 0:256] += P·V with P in registers;
+// per stage into a two-stage ring (each warp's 16 rows of FP8 loaded into registers at once, in
+// the middle of the stage before's fill; the RoPE dims copied into the tile by cp.async).
+// Warpgroup 0 computes S = QKᵀ for the whole block (m64n64, so Q is read once per block), the
+// softmax and O[:, 0:256] += P·V with P in registers;
 // it hands P (bf16) and each row's rescale factor to warpgroup 1 through shared memory (double-
 // buffered by block parity), which computes O[:, 256:512] += P·V and, while it waits for the next
 // P, dequantizes two of the next block's seven nope tiles in registers (dequant_wg1_tiles). The
@@ -83,13 +83,15 @@ struct PagedSmem {
 
 // Source policy: begin(qi) -> Entries (the query's entry count); load_id(entries, qi, k) -> the
 // entry's id (-1 past the end, where the row is never read); resolve(entries, k, id) -> Entry (its
-// records, or invalid); prefetch_first(qi, k) pulls a query's first ids into L2; fill(entry, tile,
-// valid, ptid, stage_free, tile_scale, raw_ready) is called by all 128 producer threads per stage,
-// each passing the entry of its own row (warp w, lane l < 16 owns row 16w + l); it may load from
-// global memory at once but must call stage_free() before it writes the tile, the valid flags or
-// the rows' scale bytes 4-7 (tile_scale); it leaves nope tiles 5 and 6 staged as e4m3 bytes and
-// arrives on raw_ready once WG1 may convert them (dequant_wg1_tiles); it must make its stores
-// visible to wgmma (wait + fence.proxy.async) and return. The kernel then arrives.
+// records, or invalid); load_rows(entry, raw, scales, ptid) loads a warp's 16 rows into registers;
+// fill(cur, raw, scales, next entries, next k, next id, tile, valid, identity, ptid, stage_free,
+// tile_scale, raw_ready) is called by all 128 producer threads per stage, each passing the entry of
+// its own row (warp w, lane l < 16 owns row 16w + l) whose bytes load_rows has put in raw / scales;
+// it must call stage_free() before it writes the tile, the valid flags or the rows' scale bytes 4-7
+// (tile_scale); it leaves nope tiles 5 and 6 staged as e4m3 bytes and arrives on raw_ready once WG1
+// may convert them (dequant_wg1_tiles); once raw / scales are staged it resolves the next block's
+// entry into cur and loads it; it must make its stores visible to wgmma (wait + fence.proxy.async)
+// and return. The kernel then arrives.
 //
 // The grid is persistent (one CTA per SM, tiles = (query, 64-head group) pairs taken round-robin,
 // query-major so a query's head groups run side by side): the producer streams blocks across
@@ -145,48 +147,54 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   if (wg == 2) {
     setmaxnreg_dec<Source::kProducerRegs>();
     const int ptid = tid - 256;
-    // Each producer lane owns one row of its warp's 16 per stage. The entry of the next block (the
-    // next tile's first block after a tile's last) is loaded before this block's gather, so its
-    // latency hides behind the gather.
+    // Each producer lane owns one row of its warp's 16 per stage. The id of the next block's row
+    // (the next tile's first block after a tile's last) is read before this block's fill, and its
+    // bytes are loaded in the middle of the fill, so both latencies hide behind the fill.
     const int my_row = (ptid >> 5) * 16 + (ptid & 15);
     write_e4m3_identity(smem + L::kIdentity, ptid, 128);
     fence_proxy_async();
     named_barrier_sync(kProducerSync, 128);
     auto query_of = [&](uint32_t tile) { return int32_t(tile_of(tile, head_blocks).qi); };
-    uint32_t t = blockIdx.x;
+    // The CTA's tiles with blocks, in order (tiles without entries have no producer work).
+    auto next_busy = [&](uint32_t tile, int32_t& q, typename Source::Entries& en) {
+      for (; tile < n_tiles32; tile += gridDim.x) {
+        q = query_of(tile);
+        en = src.begin(q);
+        if (en.total > 0) break;
+      }
+      return tile;
+    };
     int32_t qi = 0;
     typename Source::Entries e{0, 0};
-    if (t < n_tiles32) {
-      qi = query_of(t);
-      e = src.begin(qi);
-    }
-    typename Source::Entry cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
+    uint32_t t = next_busy(blockIdx.x, qi, e);
+    // Each block's rows are loaded into registers during the block before (after its bytes are
+    // staged, behind its tile MMAs), so their latency hides behind a whole fill.
+    typename Source::Entry cur = src.resolve(e, my_row, t < n_tiles32 ? src.load_id(e, qi, my_row) : -1);
+    uint4 raw[16];
+    uint2 scales;
+    src.load_rows(cur, raw, scales, ptid);
     uint32_t g = 0;
-    for (; t < n_tiles32; t += gridDim.x) {
-      // The next tile's first ids are read right after this tile's last gather, with nothing to
-      // hide behind: pulled into L2 now.
-      if (t + gridDim.x < n_tiles32) src.prefetch_first(query_of(t + gridDim.x), my_row);
+    while (t < n_tiles32) {
+      int32_t qi2 = 0;
+      typename Source::Entries e2{0, 0};
+      const uint32_t t2 = next_busy(t + gridDim.x, qi2, e2);
       const uint32_t g_end = g + blocks_of(e);
       for (int k = my_row + kPagedRowsPerStage; g < g_end; ++g, k += kPagedRowsPerStage) {
         const int st = g % kPagedStages;
-        // The next block's id, resolved after the gather (only the id is held during it); after the
-        // tile's last block, the next tile's first entry is found after the gather.
-        const int32_t nxt_id = src.load_id(e, qi, k);
-        // fill may start its global loads before the stage is free; it calls this before touching it
+        const bool last = g + 1 == g_end;
+        const typename Source::Entries ne = last ? e2 : e;
+        const int nk = last ? my_row : k;
+        const int32_t nid = last ? (t2 < n_tiles32 ? src.load_id(e2, qi2, my_row) : -1) : src.load_id(e, qi, k);
         const auto stage_free = [&] {
           if (g >= kPagedStages) mbar_wait(&empty[st], ((g / kPagedStages) - 1) & 1);
         };
-        src.template fill<DQK>(cur, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage, smem + L::kIdentity, ptid,
-                               stage_free, sTileScale + st * kPagedRowsPerStage, &raw_ready[st]);
+        src.template fill<DQK>(cur, raw, scales, ne, nk, nid, sK + st * L::kTileBytes, sValid + st * kPagedRowsPerStage,
+                               smem + L::kIdentity, ptid, stage_free, sTileScale + st * kPagedRowsPerStage, &raw_ready[st]);
         mbar_arrive(&full[st]);
-        cur = src.resolve(e, k, nxt_id);
       }
-      const uint32_t t2 = t + gridDim.x;
-      if (t2 < n_tiles32) {
-        qi = query_of(t2);
-        e = src.begin(qi);
-        cur = src.resolve(e, my_row, src.load_id(e, qi, my_row));
-      }
+      t = t2;
+      qi = qi2;
+      e = e2;
     }
     return;
   }
@@ -409,13 +417,6 @@ struct PagedFp8Rows {
     if (k >= e.total) return -1;
     return k < e.main ? indices[qi * int64_t(topk) + k] : extra_indices[qi * int64_t(extra_topk) + (k - e.main)];
   }
-  // Pulls query qi's entry count and its entry k's id in either set into L2 (k < 64: its first block).
-  __device__ __forceinline__ void prefetch_first(int32_t qi, int k) const {
-    if (topk_length) prefetch_l2(topk_length + qi);
-    if (extra.data && extra_topk_length) prefetch_l2(extra_topk_length + qi);
-    if (k < topk) prefetch_l2(indices + int64_t(qi) * topk + k);
-    if (extra.data && k < extra_topk) prefetch_l2(extra_indices + int64_t(qi) * extra_topk + k);
-  }
   // Entry k's records from its id (k picks the cache), or an invalid entry.
   __device__ __forceinline__ Entry resolve(const Entries& e, int k, int32_t id) const {
     Entry r{nullptr, nullptr};
@@ -429,25 +430,32 @@ struct PagedFp8Rows {
     return r;
   }
 
-  template <int DQK, class StageFree>
-  __device__ __forceinline__ void fill(const Entry& mine, uint8_t* tile, uint8_t* valid, const uint8_t* identity, int ptid,
-                                       StageFree stage_free, uint32_t* tile_scale, uint64_t* raw_ready) const {
-    static_assert(DQK == 512, "v4 rows are 512 wide");
-    const int warp = ptid >> 5, lane = ptid & 31;
-    const uint8_t* my_data = mine.data;
-    constexpr int kRows = 16;  // the warp's rows of the stage
-    // All 16 rows' FP8 nope bytes in flight at once, into registers: lane l < 28 holds dims
-    // [16l, 16l+16) of each row; lanes < 16 also their own row's 8 scale bytes (an invalid row:
-    // zeros and scale 1). Issued before the stage is free (they do not touch it).
-    uint4 raw[kRows];
-    uint2 scales = make_uint2(0x7f7f7f7fu, 0x7f7f7f7fu);
-    if (lane < 16 && my_data) scales = __ldg(reinterpret_cast<const uint2*>(mine.scales));
+  // A warp's 16 rows of an entry set (lane l < 16 holds row l's entry) into registers: lane l < 28
+  // holds dims [16l, 16l+16) of each row, lanes < 16 also their own row's 8 scale bytes (an invalid
+  // row: zeros and scale 1).
+  __device__ __forceinline__ void load_rows(const Entry& mine, uint4 (&raw)[16], uint2& scales, int ptid) const {
+    const int lane = ptid & 31;
+    scales = make_uint2(0x7f7f7f7fu, 0x7f7f7f7fu);
+    if (lane < 16 && mine.data) scales = __ldg(reinterpret_cast<const uint2*>(mine.scales));
 #pragma unroll
-    for (int u = 0; u < kRows; ++u) {
-      const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(my_data), u));
+    for (int u = 0; u < 16; ++u) {
+      const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.data), u));
       raw[u] = make_uint4(0, 0, 0, 0);
       if (data && lane < 28) raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
     }
+  }
+
+  // Stages `cur`'s block (its bytes already in raw / scales: loaded during the fill before) and,
+  // once they are staged, resolves the next block's entry (entry nk of ne, id nid) into cur and
+  // loads its bytes into raw / scales.
+  template <int DQK, class StageFree>
+  __device__ __forceinline__ void fill(Entry& cur, uint4 (&raw)[16], uint2& scales, const Entries& ne, int nk, int32_t nid,
+                                       uint8_t* tile, uint8_t* valid, const uint8_t* identity, int ptid,
+                                       StageFree stage_free, uint32_t* tile_scale, uint64_t* raw_ready) const {
+    static_assert(DQK == 512, "v4 rows are 512 wide");
+    const int warp = ptid >> 5, lane = ptid & 31;
+    const uint8_t* my_data = cur.data;
+    constexpr int kRows = 16;  // the warp's rows of the stage
     stage_free();
     if (lane < 16) {
       valid[warp * 16 + lane] = my_data ? 1 : 0;
@@ -469,9 +477,8 @@ struct PagedFp8Rows {
     cp_async_commit();
     // nope: tiles 0-4 through the tensor cores (e4m3_tensor_dequant.cuh), 5 and 6 by WG1
     // (dequant_wg1_tiles), all staged as e4m3 operands where the output of their last reader goes:
-    // dims [128s, 128s + 128) in chunk 2s + 1 (s < 3), dims 384-447 in chunk 6. Tile t (dims
-    // [64t, 64t + 64)) is written to chunk t once its MMAs are done, while the next tile's run (they
-    // never read chunk t). A warp's MMA rows and stores are its own 16 rows.
+    // dims [128s, 128s + 128) in chunk 2s + 1 (s < 3), dims 384-447 in chunk 6. A warp's MMA rows
+    // and stores are its own 16 rows.
     if (lane < 28) {
       const int slice = lane >> 3;
       uint8_t* operand = tile + (slice < 3 ? 2 * slice + 1 : 6) * 8192;
@@ -485,31 +492,46 @@ struct PagedFp8Rows {
     const uint32_t sb0 = __shfl_sync(0xffffffffu, scales.x, (lane >> 2) + 8), sb1 = __shfl_sync(0xffffffffu, scales.y, (lane >> 2) + 8);
     const uint64_t d_ident = detail::kmajor_desc(smem_u32(identity));
     const uint32_t tile_addr = smem_u32(tile);
-    auto issue = [&](int t, float* acc) {
+    // The producer's tiles 0-4 as ten half tiles (32 dims, one m64n32 MMA each), tile 4 first: once
+    // both its halves are done WG1 may overwrite its bytes (chunk 5's low pieces) with tile 5's
+    // values. kInFlight accumulators: half h is stored while halves h + 1 .. h + kInFlight - 1 run.
+    // Tile t (dims [64t, 64t + 64)) is written to chunk t, which holds no bytes a later half reads.
+    constexpr int kHalves = 10, kInFlight = 4;
+    constexpr auto tile_of_half = [](int h) { return h < 2 ? 4 : (h >> 1) - 1; };
+    auto issue = [&](int h, float (&acc)[16]) {
+      const int t = tile_of_half(h);
       wgmma_fence();
-      e4m3_tile_mma(acc, tile_addr + (t | 1) * 8192, 64 * (t & 1), d_ident);
+      e4m3_half_mma(acc, tile_addr + (t | 1) * 8192, 64 * (t & 1) + 32 * (h & 1), d_ident);
       wgmma_commit();
     };
-    // The producer's tiles 0-4, tile 4 first: once its MMAs are done WG1 may overwrite its bytes
-    // (chunk 5's low pieces) with tile 5's values.
-    constexpr int kTiles = 5;
-    constexpr auto tile_at = [](int i) { return i == 0 ? 4 : i - 1; };
-    float acc[2][32];
-    issue(tile_at(0), acc[0]);
+    float acc[kInFlight][16];
 #pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      const int t = tile_at(i);
-      if (i + 1 < kTiles) {
-        issue(tile_at(i + 1), acc[(i + 1) & 1]);
+    for (int h = 0; h + 1 < kInFlight; ++h) issue(h, acc[h]);
+#pragma unroll
+    for (int h = 0; h < kHalves; ++h) {
+      const int t = tile_of_half(h);
+      if (h + kInFlight - 1 < kHalves) issue(h + kInFlight - 1, acc[(h + kInFlight - 1) % kInFlight]);
+      // the MMAs issued after half h may still run; the last three halves wait for all (a wait for
+      // fewer there was slower on the H200: docs/perf-history.md)
+      if (h + kInFlight - 1 < kHalves) {
+        wgmma_wait<kInFlight - 1>();
+      } else if (h + 2 == kHalves) {
         wgmma_wait<1>();
       } else {
         wgmma_wait<0>();
       }
-      if (i == 0) mbar_arrive(raw_ready);
-      fence_regs(acc[i & 1]);
+      if (h == 1) mbar_arrive(raw_ready);
+      fence_regs(acc[h % kInFlight]);
       const int shift = 8 * (t & 3);
-      store_scaled_tile(tile_addr, 64 * t, acc[i & 1], ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
+      store_scaled_half(tile_addr, 64 * t + 32 * (h & 1), acc[h % kInFlight],
+                        ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
                         ue8m0_to_bf16x2(((t < 4 ? sb0 : sb1) >> shift) & 0xffu), warp, lane);
+      // Tiles 4 and 0 are stored: the next block's rows are loaded into the registers this block's
+      // bytes left (their latency then hides behind the rest of this fill and the next stage_free).
+      if (h == 3) {
+        cur = resolve(ne, nk, nid);
+        load_rows(cur, raw, scales, ptid);
+      }
     }
     cp_async_wait_all();
     fence_proxy_async();

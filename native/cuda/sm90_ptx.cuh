@@ -84,8 +84,6 @@ __device__ __forceinline__ void cp_async_16_hint(void* dst, const void* src, uin
 __device__ __forceinline__ void cp_async_arrive_noinc(uint64_t* bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_u32(bar)) : "memory");
 }
-// Pulls the line holding `p` into L2 (no registers, no wait); `p` must lie inside an allocation.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 // 8 bytes through L1 (cp.async.cg moves only 16); src_bytes = 0 zero-fills without reading.
 __device__ __forceinline__ void cp_async_8(void* dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)

@@ -640,14 +640,16 @@ static __global__ void __launch_bounds__(128) tensor_dequant_kernel(uint16_t* ou
   smla::cuda::write_e4m3_identity(identity, tid, 128);
   smla::cuda::fence_proxy_async();
   __syncthreads();
-  float acc[32];
+  float acc[2][16];
+  const uint64_t d_ident = smla::cuda::detail::kmajor_desc(smla::cuda::smem_u32(identity));
   smla::cuda::wgmma_fence();
-  smla::cuda::e4m3_tile_mma(acc, smla::cuda::smem_u32(operand), 0, smla::cuda::detail::kmajor_desc(smla::cuda::smem_u32(identity)));
+  for (int c = 0; c < 2; ++c) smla::cuda::e4m3_half_mma(acc[c], smla::cuda::smem_u32(operand), 32 * c, d_ident);
   smla::cuda::wgmma_commit();
   smla::cuda::wgmma_wait<0>();
-  smla::cuda::fence_regs(acc);
+  smla::cuda::fence_regs(acc[0]);
+  smla::cuda::fence_regs(acc[1]);
   const uint32_t scale = smla::cuda::ue8m0_to_bf16x2(blockIdx.x);
-  smla::cuda::store_scaled_tile(smla::cuda::smem_u32(bf), 0, acc, scale, scale, warp, lane);
+  for (int c = 0; c < 2; ++c) smla::cuda::store_scaled_half(smla::cuda::smem_u32(bf), 32 * c, acc[c], scale, scale, warp, lane);
   __syncthreads();
   for (int i = tid; i < 64 * 64; i += 128)
     out[size_t(blockIdx.x) * 4096 + i] = *reinterpret_cast<const uint16_t*>(bf + smla::cuda::swz_offset(i >> 6, i & 63));

@@ -527,7 +527,8 @@ struct PagedFp8Rows {
                         ue8m0_to_bf16x2(((t < 4 ? sa0 : sa1) >> shift) & 0xffu),
                         ue8m0_to_bf16x2(((t < 4 ? sb0 : sb1) >> shift) & 0xffu), warp, lane);
       // Tiles 4 and 0 are stored: the next block's rows are loaded into the registers this block's
-      // bytes left (their latency then hides behind the rest of this fill and the next stage_free).
+      // bytes left (their latency then hides behind the rest of this fill and the next stage_free;
+      // ptxas sinks the loads into the last two tiles' stores, docs/perf-history.md).
       if (h == 3) {
         cur = resolve(ne, nk, nid);
         load_rows(cur, raw, scales, ptid);

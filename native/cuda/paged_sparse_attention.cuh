@@ -167,10 +167,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     int32_t qi = 0;
     typename Source::Entries e{0, 0};
     uint32_t t = next_busy(blockIdx.x, qi, e);
-    // Each block's rows are loaded into registers during the block before (after its bytes are
-    // staged, behind its tile MMAs), so their latency hides behind a whole fill.
     typename Source::Entry cur = src.resolve(e, my_row, t < n_tiles32 ? src.load_id(e, qi, my_row) : -1);
-    uint4 raw[16];
+    uint4 raw[Source::kWarpRows];
     uint2 scales;
     src.load_rows(cur, raw, scales, ptid);
     uint32_t g = 0;
@@ -430,15 +428,16 @@ struct PagedFp8Rows {
     return r;
   }
 
-  // A warp's 16 rows of an entry set (lane l < 16 holds row l's entry) into registers: lane l < 28
-  // holds dims [16l, 16l+16) of each row, lanes < 16 also their own row's 8 scale bytes (an invalid
-  // row: zeros and scale 1).
-  __device__ __forceinline__ void load_rows(const Entry& mine, uint4 (&raw)[16], uint2& scales, int ptid) const {
+  static constexpr int kWarpRows = 16;  // a producer warp's rows of a stage
+  // The warp's rows (lane l < 16 holds row l's entry) into registers, all their loads in flight at
+  // once: lane l < 28 holds dims [16l, 16l+16) of each row, lanes < 16 also their own row's 8 scale
+  // bytes (an invalid row: zeros and scale 1).
+  __device__ __forceinline__ void load_rows(const Entry& mine, uint4 (&raw)[kWarpRows], uint2& scales, int ptid) const {
     const int lane = ptid & 31;
     scales = make_uint2(0x7f7f7f7fu, 0x7f7f7f7fu);
     if (lane < 16 && mine.data) scales = __ldg(reinterpret_cast<const uint2*>(mine.scales));
 #pragma unroll
-    for (int u = 0; u < 16; ++u) {
+    for (int u = 0; u < kWarpRows; ++u) {
       const uint8_t* data = reinterpret_cast<const uint8_t*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(mine.data), u));
       raw[u] = make_uint4(0, 0, 0, 0);
       if (data && lane < 28) raw[u] = __ldg(reinterpret_cast<const uint4*>(data + lane * 16));
@@ -449,13 +448,12 @@ struct PagedFp8Rows {
   // once they are staged, resolves the next block's entry (entry nk of ne, id nid) into cur and
   // loads its bytes into raw / scales.
   template <int DQK, class StageFree>
-  __device__ __forceinline__ void fill(Entry& cur, uint4 (&raw)[16], uint2& scales, const Entries& ne, int nk, int32_t nid,
+  __device__ __forceinline__ void fill(Entry& cur, uint4 (&raw)[kWarpRows], uint2& scales, const Entries& ne, int nk, int32_t nid,
                                        uint8_t* tile, uint8_t* valid, const uint8_t* identity, int ptid,
                                        StageFree stage_free, uint32_t* tile_scale, uint64_t* raw_ready) const {
     static_assert(DQK == 512, "v4 rows are 512 wide");
     const int warp = ptid >> 5, lane = ptid & 31;
     const uint8_t* my_data = cur.data;
-    constexpr int kRows = 16;  // the warp's rows of the stage
     stage_free();
     if (lane < 16) {
       valid[warp * 16 + lane] = my_data ? 1 : 0;
@@ -483,7 +481,7 @@ struct PagedFp8Rows {
       const int slice = lane >> 3;
       uint8_t* operand = tile + (slice < 3 ? 2 * slice + 1 : 6) * 8192;
 #pragma unroll
-      for (int u = 0; u < kRows; ++u) *reinterpret_cast<uint4*>(operand + e4m3_operand_offset(warp * 16 + u, lane & 7)) = raw[u];
+      for (int u = 0; u < kWarpRows; ++u) *reinterpret_cast<uint4*>(operand + e4m3_operand_offset(warp * 16 + u, lane & 7)) = raw[u];
     }
     fence_proxy_async();
     named_barrier_sync(kProducerSync, 128);
@@ -510,10 +508,10 @@ struct PagedFp8Rows {
 #pragma unroll
     for (int h = 0; h < kHalves; ++h) {
       const int t = tile_of_half(h);
-      if (h + kInFlight - 1 < kHalves) issue(h + kInFlight - 1, acc[(h + kInFlight - 1) % kInFlight]);
       // the MMAs issued after half h may still run; the last three halves wait for all (a wait for
       // fewer there was slower on the H200: docs/perf-history.md)
       if (h + kInFlight - 1 < kHalves) {
+        issue(h + kInFlight - 1, acc[(h + kInFlight - 1) % kInFlight]);
         wgmma_wait<kInFlight - 1>();
       } else if (h + 2 == kHalves) {
         wgmma_wait<1>();

@@ -391,6 +391,31 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         gapRuns.push(spans.slice(1).map(([start], j) => (start - spans[j]![1]) * 1000));
       }
       const gapsUs = gapRuns[0]!.map((_, j) => median(gapRuns.map((g) => g[j]!)).toFixed(1));
+      // the layer's device span as the wall-clock runs run it (no per-launch events): from the end
+      // of a timed 256-byte copy queued right before it to the start of one queued right after it,
+      // both behind the flush, so the device does not wait for the host's first launch
+      const spanRuns: number[] = [];
+      const tinyA = be.alloc(256), tinyB = be.alloc(256);
+      try {
+        for (let i = 0; i < o.warmup + o.repeat; i++) {
+          be.takeKernelSpans();
+          await be.copyDevice(flushA, flushB);
+          await be.copyDevice(tinyA, tinyB);
+          be.setTiming(false);
+          try {
+            await layer();
+          } finally {
+            be.setTiming(true);
+          }
+          await be.copyDevice(tinyA, tinyB);
+          await engine.synchronize();
+          const spans = be.takeKernelSpans();
+          if (i >= o.warmup) spanRuns.push(spans[2]![0] - spans[1]![1]);
+        }
+      } finally {
+        tinyA.free();
+        tinyB.free();
+      }
       // attended entries: the planner's rows of the same top-k (a host combine, after the timing)
       const realEntries = plan.combineC4(tensor('int32', [N, TOPK], topkIdx)).lengths.data.reduce((a, b) => a + b, 0);
       const ms = median(cold.wallRuns), kernelMs = median(cold.kernelRuns);
@@ -402,7 +427,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: cold.wallRuns,
         value: cold.ratio,
         unit: 'x',
-        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(spanRuns).toFixed(3)} ms (runs ${spanRuns.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers (V8-optimized JS)`,

@@ -124,6 +124,30 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   };
 
   /**
+   * Device ms of fn as the wall-clock runs run it (no events around its launches), per run: from
+   * the end of the timed flush queued before it to the start of a second timed flush queued after
+   * it (gaps between its launches included, and any delay of the host's first launch past the
+   * flush's end), so a wall clock above the kernels' time can be told apart as the host's or the
+   * device's.
+   */
+  const untimedSpans = async (fn: () => Promise<void>, warmup = o.warmup, repeat = o.repeat): Promise<number[]> => {
+    const runs: number[] = [];
+    for (let i = 0; i < warmup + repeat; i++) {
+      await be.copyDevice(flushA, flushB);
+      be.setTiming(false);
+      try {
+        await fn();
+      } finally {
+        be.setTiming(true);
+      }
+      await be.copyDevice(flushA, flushB);
+      const [before, after] = be.takeKernelSpans();
+      if (i >= warmup) runs.push(after![0] - before![1]);
+    }
+    return runs;
+  };
+
+  /**
    * fn's kernels' device time (events) and its wall clock (no events) in alternate runs, so both
    * see the same clock state: per run, L2 flushed before each. The ratio is the median of each
    * run's wall clock over the kernel time measured just before it: the prefill's large launches
@@ -378,6 +402,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // 2-27 of the process, as in every earlier run); then again after LAYER_JIT_WARMUP more
       // layers, once V8 has optimized the layer's JS (an engine runs thousands)
       const cold = await kernelsAndWall(layer);
+      const coldSpans = await untimedSpans(layer);
       await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
       const warm = await kernelsAndWall(layer);
       // where the device waits between the layer's launches (dequants, combine, prefill): each gap's
@@ -391,31 +416,6 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         gapRuns.push(spans.slice(1).map(([start], j) => (start - spans[j]![1]) * 1000));
       }
       const gapsUs = gapRuns[0]!.map((_, j) => median(gapRuns.map((g) => g[j]!)).toFixed(1));
-      // the layer's device span as the wall-clock runs run it (no per-launch events): from the end
-      // of a timed 256-byte copy queued right before it to the start of one queued right after it,
-      // both behind the flush, so the device does not wait for the host's first launch
-      const spanRuns: number[] = [];
-      const tinyA = be.alloc(256), tinyB = be.alloc(256);
-      try {
-        for (let i = 0; i < o.warmup + o.repeat; i++) {
-          be.takeKernelSpans();
-          await be.copyDevice(flushA, flushB);
-          await be.copyDevice(tinyA, tinyB);
-          be.setTiming(false);
-          try {
-            await layer();
-          } finally {
-            be.setTiming(true);
-          }
-          await be.copyDevice(tinyA, tinyB);
-          await engine.synchronize();
-          const spans = be.takeKernelSpans();
-          if (i >= o.warmup) spanRuns.push(spans[2]![0] - spans[1]![1]);
-        }
-      } finally {
-        tinyA.free();
-        tinyB.free();
-      }
       // attended entries: the planner's rows of the same top-k (a host combine, after the timing)
       const realEntries = plan.combineC4(tensor('int32', [N, TOPK], topkIdx)).lengths.data.reduce((a, b) => a + b, 0);
       const ms = median(cold.wallRuns), kernelMs = median(cold.kernelRuns);
@@ -427,7 +427,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: cold.wallRuns,
         value: cold.ratio,
         unit: 'x',
-        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(spanRuns).toFixed(3)} ms (runs ${spanRuns.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers (V8-optimized JS)`,

@@ -39,7 +39,7 @@ struct KernelCall {
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   KernelCall<smla_sparse_prefill_params> k(info, "sparsePrefill");
   ReadSparsePrefill(k.fields, k.call->params);
-  return Dispatch(k.fields, k.stream, [call = k.call](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
+  return Dispatch(k.fields, k.stream, [call = k.call](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), nullptr, s); });
 }
 
 // pagedSparseAttention(params, stream)
@@ -77,7 +77,7 @@ Napi::Value PlanRows(const Napi::CallbackInfo& info) {
   KernelCall<smla_plan_combine_topk_params> k(info, "planRows");
   int64_t num_queries = 0;
   ReadPlanRows(k.fields, k.call->params, &num_queries);
-  return Dispatch(k.fields, k.stream, [call = k.call, num_queries](cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, s); });
+  return Dispatch(k.fields, k.stream, [call = k.call, num_queries](cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, 0, s); });
 }
 
 // planCompressedTokenIds(params, stream): a ratio's compressed flat token ids on the device

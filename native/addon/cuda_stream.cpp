@@ -225,22 +225,46 @@ cudaError_t StreamState::SideStream(cudaStream_t* side) {
   return cudaSuccess;
 }
 
-cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read, bool aside) {
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read) {
   cudaError_t err = cudaSetDevice(s.device);
-  cudaStream_t copy_on = s.stream;
-  if (err == cudaSuccess && aside) err = s.SideStream(&copy_on);
   if (err == cudaSuccess) err = s.TakeReadSlot(&read->slot);
   if (err != cudaSuccess) {
     cudaGetLastError();
     return err;
   }
   read->bytes = bytes;
-  if (aside) {
-    err = cudaEventRecord(read->slot.fork, s.stream);
-    if (err == cudaSuccess) err = cudaStreamWaitEvent(copy_on, read->slot.fork, 0);
+  err = cudaMemcpyAsync(read->slot.host, src, bytes, cudaMemcpyDeviceToHost, s.stream);
+  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, s.stream);
+  if (err != cudaSuccess) {
+    s.GiveBackReadSlot(read->slot);
+    cudaGetLastError();
   }
-  if (err == cudaSuccess) err = cudaMemcpyAsync(read->slot.host, src, bytes, cudaMemcpyDeviceToHost, copy_on);
-  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, copy_on);
+  return err;
+}
+
+cudaError_t ForkSmallRead(StreamState& s, uint64_t bytes, SmallReadSlot* read) {
+  cudaStream_t side = nullptr;
+  cudaError_t err = cudaSetDevice(s.device);
+  if (err == cudaSuccess) err = s.SideStream(&side);
+  if (err == cudaSuccess) err = s.TakeReadSlot(&read->slot);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return err;
+  }
+  read->bytes = bytes;
+  if ((err = cudaEventRecord(read->slot.fork, s.stream)) != cudaSuccess) {
+    s.GiveBackReadSlot(read->slot);
+    cudaGetLastError();
+  }
+  return err;
+}
+
+cudaError_t CopyForkedRead(StreamState& s, const void* src, SmallReadSlot* read) {
+  cudaStream_t side = nullptr;
+  cudaError_t err = s.SideStream(&side);
+  if (err == cudaSuccess) err = cudaStreamWaitEvent(side, read->slot.fork, 0);
+  if (err == cudaSuccess) err = cudaMemcpyAsync(read->slot.host, src, read->bytes, cudaMemcpyDeviceToHost, side);
+  if (err == cudaSuccess) err = cudaEventRecord(read->slot.landed, side);
   if (err != cudaSuccess) {
     s.GiveBackReadSlot(read->slot);
     cudaGetLastError();

@@ -45,7 +45,7 @@ namespace smla_addon {
 struct ReadSlot {
   void* host = nullptr;
   cudaEvent_t landed = nullptr;
-  cudaEvent_t fork = nullptr;  // an aside read's start in the stream (QueueSmallRead, aside)
+  cudaEvent_t fork = nullptr;  // an aside read's start in the stream (ForkSmallRead)
 };
 constexpr uint64_t kSmallReadBytes = 256;
 
@@ -80,13 +80,19 @@ struct SmallReadSlot {
 
 // Queues a read of `bytes` (at most kSmallReadBytes) from device memory `src` into a pinned slot of
 // `s`, on the calling thread, so it sits in the stream exactly where it is queued; a cudaError_t
-// (the slot already given back, the error cleared, when it fails). `aside`: the copy starts at this
-// point of the stream but runs on a side stream, so the stream's next launch does not wait for the
-// copy; the caller must queue JoinSmallRead after that launch (work queued later then waits for the
-// copy, and may overwrite or free its source).
-cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read, bool aside = false);
+// (the slot already given back, the error cleared, when it fails).
+cudaError_t QueueSmallRead(StreamState& s, const void* src, uint64_t bytes, SmallReadSlot* read);
 
-// The stream waits for an aside read (QueueSmallRead) before its next work; a cudaError_t.
+// An aside read, in two steps so that launches can be queued between them and the stream's next
+// launch does not wait for the copy: ForkSmallRead takes a slot and marks the read's place in the
+// stream (one event record); CopyForkedRead queues the copy of `bytes` from `src` on the side stream
+// from that place, whatever was queued on the stream in between. The caller then queues
+// JoinSmallRead (work queued later waits for the copy, and may overwrite or free its source). Each
+// a cudaError_t; a failed step gives the slot back and clears the error.
+cudaError_t ForkSmallRead(StreamState& s, uint64_t bytes, SmallReadSlot* read);
+cudaError_t CopyForkedRead(StreamState& s, const void* src, SmallReadSlot* read);
+
+// The stream waits for an aside read (ForkSmallRead, CopyForkedRead) before its next work; a cudaError_t.
 cudaError_t JoinSmallRead(StreamState& s, const SmallReadSlot& read);
 
 // The promise of a queued small read: a pool thread waits for it to land, copies its bytes to

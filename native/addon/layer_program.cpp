@@ -35,12 +35,13 @@ Napi::Promise OutputsFailed(Napi::Env env, const char* op, cudaError_t err, uint
 // ("planRows.rows", "dequants.0.cache", ..., "prefill.q", ...). A layer is then one call, nothing
 // read by name:
 //   run(droppedInto, smScale, ...buffers): one buffer per slot, each of this stream and exactly the
-//     size of the one it stands for, all checked before any launch; queues the dequants and the
-//     combine, allocates the prefill's outputs (one stream-ordered allocation, as a DeviceBuffer
-//     makes one, split at 256-byte boundaries), queues the read of the combine's dropped total into
+//     size of the one it stands for, all checked before any launch; allocates the prefill's outputs
+//     (one stream-ordered allocation, as a DeviceBuffer makes one, split at 256-byte boundaries),
+//     queues the dequants (one launch, which also zeroes the combine's total and the prefill's tile
+//     counter), the combine, the prefill and the read of the combine's dropped total into
 //     droppedInto (a BigInt64Array(1), or null; copied beside the prefill, which does not wait for
-//     it) and the prefill, all before it returns: between
-//     the layer's launches the host makes only their CUDA calls. Returns { done, out, maxLogits,
+//     it), all before it returns: between the layer's launches the host makes only their CUDA
+//     calls. Returns { done, out, maxLogits,
 //     lse }: the outputs (DeviceBuffers, views of the one allocation) once everything was queued,
 //     else null (nothing kept); done settles once queued, or once the total has landed (the prefill
 //     may still be running), and rejects with the first failure, when the caller frees the outputs.
@@ -59,7 +60,6 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     auto collect = [&](CudaFields& f, const std::string& part) {
       for (auto& o : f.TakeOperands()) operands.emplace_back(part + "." + (o->name ? o->name : "?"), std::move(o));
     };
-    std::function<int32_t(cudaStream_t)> combine;
     if (!top.IsNull("planRows")) {
       auto call = std::make_shared<DeviceCall<smla_plan_combine_topk_params>>();
       CudaFields f(args, top.Object("planRows"), *stream_, call->bindings);
@@ -67,8 +67,8 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       ReadPlanRows(f, call->params, &num_queries);
       if (f.IsNull("droppedTotal")) f.Refuse("planRows.droppedTotal: a combine in a layer program sums its dropped count on the device");
       collect(f, "planRows");
-      combine = [call, num_queries](cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, s); };
-      dropped_total_ = [call]() -> const void* { return call->Bound()->dropped_total; };
+      combine_ = [call, num_queries](int32_t total_zeroed, cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, total_zeroed, s); };
+      dropped_total_ = [call]() -> void* { return call->Bound()->dropped_total; };
     }
     const Napi::Value dequants = top.Get("dequants");
     if (!dequants.IsArray()) top.Refuse("dequants: expected an array of dequantizeKvCache params");
@@ -80,10 +80,9 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       DequantLaunch d = ReadDequantize(f, call);
       if (!d.device_ids || !d.into_rows) f.Refuse(part + ": expected device tokenIds and an outRowOffset");
       collect(f, part);
-      head_.push_back(std::move(d.launch));
+      dequants_.push_back(call);
     }
-    // the dequants first (they need nothing the combine builds), then the combine and its read
-    if (combine) head_.push_back(std::move(combine));
+    if (dequants_.size() > 2) top.Refuse("dequants: a layer has at most two (its compressed rows and its SWA rows)");
     prefill_ = std::make_shared<DeviceCall<smla_sparse_prefill_params>>();
     {
       CudaFields f(args, top.Object("prefill"), *stream_, prefill_->bindings);
@@ -167,25 +166,43 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     StreamState& st = *stream_;
     cudaError_t err = cudaSetDevice(st.device);
     int32_t status = err != cudaSuccess ? -int32_t(err) : int32_t(SMLA_OK);
-    for (size_t i = 0; i < head_.size() && status == SMLA_OK; ++i) status = Timed(st, head_[i]);
-    // the outputs allocated while the dequants and the combine run, before the read (so a failed
-    // allocation leaves no read in flight)
+    // The outputs first (one stream-ordered allocation, with the prefill's tile counter after them),
+    // so that the dequants' launch zeroes the counter and the combine's total: between the first
+    // launch and the prefill's the host then makes only the combine's launch and one event record.
     std::shared_ptr<Allocation> whole;
     cudaError_t alloc_err = cudaSuccess;
-    if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_, &whole)) != cudaSuccess) status = -int32_t(alloc_err);
-    if (status == SMLA_OK)
+    if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_ + kCounterBytes, &whole)) != cudaSuccess) status = -int32_t(alloc_err);
+    unsigned long long* claims = nullptr;
+    if (status == SMLA_OK) {
       for (Slot& s : outputs_) s.operand->device = ViewOf(whole, s.offset, s.bytes);
+      claims = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(whole->ptr) + output_bytes_);
+    }
+    unsigned long long* zero[2] = {claims, dropped_total_ ? static_cast<unsigned long long*>(dropped_total_()) : nullptr};
+    const int32_t zero_count = dropped_total_ ? 2 : 1;
+    if (status == SMLA_OK) {
+      const auto* a = dequants_.size() > 0 ? dequants_[0]->Bound() : nullptr;
+      const auto* b = dequants_.size() > 1 ? dequants_[1]->Bound() : nullptr;
+      // (no dequant: the pair launcher zeroes the words by memsets)
+      status = Timed(st, [&](cudaStream_t s) { return smla_cuda_dequantize_kv_cache_pair(a, nullptr, b, nullptr, zero, zero_count, s); });
+    }
+    if (status == SMLA_OK && combine_) status = Timed(st, [&](cudaStream_t s) { return combine_(1, s); });
     // the 8-byte total read from right behind the combine on the side stream: the prefill does not
     // wait for the copy (its DMA left a gap of about 8 µs before the prefill in the stream); work
     // queued after the prefill does (JoinSmallRead), so the next layer's combine cannot overwrite
-    // the total first
+    // the total first. Only the read's place is marked before the prefill's launch; the copy is
+    // queued behind it.
     SmallReadSlot read;
     bool reading = false;
     if (status == SMLA_OK && dropped_into) {
-      if ((err = QueueSmallRead(st, dropped_total_(), 8, &read, /*aside=*/true)) != cudaSuccess) status = -int32_t(err);
+      if ((err = ForkSmallRead(st, 8, &read)) != cudaSuccess) status = -int32_t(err);
       reading = err == cudaSuccess;
     }
-    if (status == SMLA_OK) status = Timed(st, [call = prefill_](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), s); });
+    if (status == SMLA_OK)
+      status = Timed(st, [call = prefill_, claims](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), claims, s); });
+    if (reading && (err = CopyForkedRead(st, dropped_total_(), &read)) != cudaSuccess) {
+      reading = false;
+      if (status == SMLA_OK) status = -int32_t(err);
+    }
     if (reading && (err = JoinSmallRead(st, read)) != cudaSuccess && status == SMLA_OK) status = -int32_t(err);
     if (status != SMLA_OK) cudaGetLastError();
     std::vector<std::shared_ptr<Allocation>> outputs;
@@ -203,11 +220,14 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     return result;
   }
 
+  static constexpr uint64_t kCounterBytes = 256;  // the prefill's tile counter, after the outputs
+
   StreamRef stream_;
-  std::vector<std::function<int32_t(cudaStream_t)>> head_;  // the dequants, then the combine
+  std::vector<std::shared_ptr<DeviceCall<smla_dequantize_kv_cache_params>>> dequants_;  // at most two, one launch
+  std::function<int32_t(int32_t total_zeroed, cudaStream_t)> combine_;  // none without planRows
   std::vector<Slot> inputs_, outputs_;
   uint64_t output_bytes_ = 0;  // the outputs' allocation
-  std::function<const void*()> dropped_total_;
+  std::function<void*()> dropped_total_;
   std::shared_ptr<DeviceCall<smla_sparse_prefill_params>> prefill_;
 };
 

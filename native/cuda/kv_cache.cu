@@ -1,43 +1,107 @@
-// Launcher for the dequant gather kernels (kv_cache.cuh).
+// Launchers for the dequant gather kernels (kv_cache.cuh).
+#include <algorithm>
+
 #include "kv_cache.cuh"
 #include "launch_cache.cuh"
 #include "smla_cuda.h"
 
 using namespace smla::cuda;
 
+namespace {
+
+// A gather's checked launch geometry: SMLA_OK with its blocks set, or the status to return.
+int32_t gather_blocks(const smla_dequantize_kv_cache_params* p, int sms, int64_t* blocks) {
+  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
+  if (p->num_tokens < 0 || p->page_size < 1 || p->num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
+  *blocks = 0;
+  if (p->num_tokens == 0) return SMLA_OK;
+  if (!p->cache || !p->token_ids || !p->out) return SMLA_ERR_INVALID_ARGUMENT;
+  // 16-byte loads and stores: cache and out must be 16-byte aligned (cudaMalloc'd), ids 8-byte.
+  if (((reinterpret_cast<uintptr_t>(p->cache) | reinterpret_cast<uintptr_t>(p->out)) & 15) != 0 ||
+      (reinterpret_cast<uintptr_t>(p->token_ids) & 7) != 0)
+    return SMLA_ERR_INVALID_ARGUMENT;
+  if (p->format == SMLA_CACHE_V32 ? p->page_size != 1 : p->format != SMLA_CACHE_V4) return SMLA_ERR_INVALID_ARGUMENT;
+  const int tokens_per_warp = p->format == SMLA_CACHE_V4 ? V4Format::kTokens : V32Format::kTokens;
+  const int64_t warps_needed = (p->num_tokens + tokens_per_warp - 1) / tokens_per_warp;
+  const int64_t cap = int64_t(sms) * 128;  // blocks queued per SM (more than resident); the kernel grid-strides
+  *blocks = std::min<int64_t>((warps_needed + 7) / 8, cap);
+  return SMLA_OK;
+}
+
+V4Format v4_of(const smla_dequantize_kv_cache_params* p) { return V4Format{V4Cache::make(p->cache, p->page_size, p->num_pages)}; }
+V32Format v32_of(const smla_dequantize_kv_cache_params* p) { return V32Format{p->cache, int64_t(p->num_pages)}; }
+
+template <class Format>
+GatherShare<Format> share_of(const Format& f, const smla_dequantize_kv_cache_params* p, int32_t* bad_id) {
+  return GatherShare<Format>{f, p->token_ids, p->num_tokens, p->out, bad_id};
+}
+
+int32_t launched() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+}
+
+}  // namespace
 
 extern "C" int32_t smla_cuda_dequantize_kv_cache(const smla_dequantize_kv_cache_params* p, int32_t* bad_id,
                                                  cudaStream_t stream) {
-  if (!p) return SMLA_ERR_INVALID_ARGUMENT;
-  const int32_t format = p->format, page_size = p->page_size, num_pages = p->num_pages;
-  const uint8_t* cache = p->cache;
-  const int64_t* token_ids = p->token_ids;
-  const int64_t num_tokens = p->num_tokens;
-  uint16_t* out = p->out;
-  if (num_tokens < 0 || page_size < 1 || num_pages < 0) return SMLA_ERR_INVALID_ARGUMENT;
-  if (num_tokens == 0) return SMLA_OK;
-  if (!cache || !token_ids || !out) return SMLA_ERR_INVALID_ARGUMENT;
-  // 16-byte loads and stores: cache and out must be 16-byte aligned (cudaMalloc'd), ids 8-byte.
-  if (((reinterpret_cast<uintptr_t>(cache) | reinterpret_cast<uintptr_t>(out)) & 15) != 0 ||
-      (reinterpret_cast<uintptr_t>(token_ids) & 7) != 0)
-    return SMLA_ERR_INVALID_ARGUMENT;
+  int dev = 0, sms = 0;
+  if (p && p->num_tokens > 0)
+    if (const cudaError_t err = current_device_sms(&dev, &sms); err != cudaSuccess) return -int32_t(err);
+  int64_t blocks = 0;
+  if (const int32_t status = gather_blocks(p, sms, &blocks); status != SMLA_OK || blocks == 0) return status;
+  if (p->format == SMLA_CACHE_V4) {
+    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(v4_of(p), p->token_ids, p->num_tokens, p->out, bad_id);
+  } else {
+    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(v32_of(p), p->token_ids, p->num_tokens, p->out, bad_id);
+  }
+  return launched();
+}
+
+extern "C" int32_t smla_cuda_dequantize_kv_cache_pair(const smla_dequantize_kv_cache_params* a, int32_t* a_bad_id,
+                                                      const smla_dequantize_kv_cache_params* b, int32_t* b_bad_id,
+                                                      unsigned long long* const* zero_words, int32_t zero_count,
+                                                      cudaStream_t stream) {
+  if (zero_count < 0 || zero_count > kMaxZeroedWords || (zero_count > 0 && !zero_words)) return SMLA_ERR_INVALID_ARGUMENT;
+  ZeroedWords zero{};
+  zero.count = zero_count;
+  for (int i = 0; i < zero_count; ++i) {
+    if (!zero_words[i] || (reinterpret_cast<uintptr_t>(zero_words[i]) & 7) != 0) return SMLA_ERR_INVALID_ARGUMENT;
+    zero.word[i] = zero_words[i];
+  }
   int dev = 0, sms = 0;
   if (const cudaError_t err = current_device_sms(&dev, &sms); err != cudaSuccess) return -int32_t(err);
-  const int tokens_per_warp = format == SMLA_CACHE_V4 ? V4Format::kTokens : V32Format::kTokens;
-  const int64_t warps_needed = (num_tokens + tokens_per_warp - 1) / tokens_per_warp;
-  int64_t blocks = (warps_needed + 7) / 8;
-  const int64_t cap = int64_t(sms) * 128;  // blocks queued per SM (more than resident); the kernel grid-strides
-  if (blocks > cap) blocks = cap;
-  if (format == SMLA_CACHE_V4) {
-    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(V4Format{V4Cache::make(cache, page_size, num_pages)}, token_ids,
-                                                                num_tokens, out, bad_id);
-  } else if (format == SMLA_CACHE_V32) {
-    if (page_size != 1) return SMLA_ERR_INVALID_ARGUMENT;
-    dequant_gather_kernel<<<unsigned(blocks), 256, 0, stream>>>(V32Format{cache, int64_t(num_pages)}, token_ids, num_tokens, out,
-                                                                bad_id);
-  } else {
-    return SMLA_ERR_INVALID_ARGUMENT;
+  int64_t a_blocks = 0, b_blocks = 0;
+  if (a)
+    if (const int32_t status = gather_blocks(a, sms, &a_blocks); status != SMLA_OK) return status;
+  if (b)
+    if (const int32_t status = gather_blocks(b, sms, &b_blocks); status != SMLA_OK) return status;
+  // One launch when both gathers have work in one format (or one of them alone has work);
+  // otherwise each its own launch and the words zeroed by a memset.
+  const bool one_launch = a_blocks == 0 || b_blocks == 0 || a->format == b->format;
+  if (!one_launch || a_blocks + b_blocks == 0) {
+    for (int i = 0; i < zero_count; ++i)
+      if (const cudaError_t err = cudaMemsetAsync(zero.word[i], 0, 8, stream); err != cudaSuccess) return -int32_t(err);
+    if (a_blocks == 0 && b_blocks == 0) return SMLA_OK;
+    if (const int32_t status = smla_cuda_dequantize_kv_cache(a, a_bad_id, stream); status != SMLA_OK) return status;
+    return smla_cuda_dequantize_kv_cache(b, b_bad_id, stream);
   }
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? SMLA_OK : -int32_t(err);
+  // the gather with work first (the kernel gives blocks [0, first_blocks) to the first)
+  const smla_dequantize_kv_cache_params* first = a_blocks > 0 ? a : b;
+  const smla_dequantize_kv_cache_params* second = a_blocks > 0 ? b : nullptr;
+  int32_t* first_bad = a_blocks > 0 ? a_bad_id : b_bad_id;
+  const int64_t first_blocks = a_blocks > 0 ? a_blocks : b_blocks, second_blocks = a_blocks > 0 ? b_blocks : 0;
+  const unsigned grid = unsigned(first_blocks + second_blocks);
+  if (first->format == SMLA_CACHE_V4) {
+    const V4Format f = v4_of(first);
+    const GatherShare<V4Format> s1 = share_of(f, first, first_bad);
+    const GatherShare<V4Format> s2 = second_blocks > 0 ? share_of(v4_of(second), second, b_bad_id) : GatherShare<V4Format>{f, nullptr, 0, nullptr, nullptr};
+    dequant_gather_pair_kernel<<<grid, 256, 0, stream>>>(s1, s2, unsigned(first_blocks), zero);
+  } else {
+    const V32Format f = v32_of(first);
+    const GatherShare<V32Format> s1 = share_of(f, first, first_bad);
+    const GatherShare<V32Format> s2 = second_blocks > 0 ? share_of(v32_of(second), second, b_bad_id) : GatherShare<V32Format>{f, nullptr, 0, nullptr, nullptr};
+    dequant_gather_pair_kernel<<<grid, 256, 0, stream>>>(s1, s2, unsigned(first_blocks), zero);
+  }
+  return launched();
 }

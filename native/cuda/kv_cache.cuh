@@ -112,13 +112,14 @@ __device__ __forceinline__ void load_ids(const int64_t* __restrict__ ids, int64_
   for (int u = 0; u < kTokens; ++u) t[u] = i0 + u < n ? __ldg(ids + i0 + u) : -1;
 }
 
+// The gather by blocks `block` of `blocks` (a kernel's own grid, or its share of a shared one).
 template <class Format>
-static __global__ void __launch_bounds__(256) dequant_gather_kernel(const Format f, const int64_t* __restrict__ ids, int64_t n,
-                                                                    uint16_t* __restrict__ out, int32_t* bad_id) {
+__device__ __forceinline__ void dequant_gather(const Format& f, const int64_t* __restrict__ ids, int64_t n, uint16_t* __restrict__ out,
+                                               int32_t* bad_id, int64_t block, int64_t blocks) {
   constexpr int K = Format::kTokens;
   const int lane = threadIdx.x & 31;
-  const int64_t stride = int64_t(gridDim.x) * (blockDim.x >> 5) * K;
-  int64_t i0 = (int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
+  const int64_t stride = blocks * (blockDim.x >> 5) * K;
+  int64_t i0 = (block * (blockDim.x >> 5) + (threadIdx.x >> 5)) * K;
   int64_t t[K];
   load_ids<K>(ids, i0, n, t);
   for (; i0 < n; i0 += stride) {
@@ -142,6 +143,42 @@ static __global__ void __launch_bounds__(256) dequant_gather_kernel(const Format
     }
 #pragma unroll
     for (int u = 0; u < K; ++u) t[u] = next[u];
+  }
+}
+
+template <class Format>
+static __global__ void __launch_bounds__(256) dequant_gather_kernel(const Format f, const int64_t* __restrict__ ids, int64_t n,
+                                                                    uint16_t* __restrict__ out, int32_t* bad_id) {
+  dequant_gather(f, ids, n, out, bad_id, blockIdx.x, gridDim.x);
+}
+
+// One cache's gather as a share of a launch's blocks.
+template <class Format>
+struct GatherShare {
+  Format f;
+  const int64_t* ids;
+  int64_t n;
+  uint16_t* out;
+  int32_t* bad_id;
+};
+constexpr int kMaxZeroedWords = 4;
+// Device words (8 bytes each) a launch zeroes for the work queued after it.
+struct ZeroedWords {
+  unsigned long long* word[kMaxZeroedWords];
+  int count;
+};
+
+// Two caches' gathers in one launch (a layer's compressed rows and its SWA rows: one launch less
+// on the host's way to the prefill, and the two run side by side): blocks [0, a_blocks) take a,
+// the rest b. Block 0 also zeroes `zero`'s words, which launches queued after this one count on.
+template <class Format>
+static __global__ void __launch_bounds__(256) dequant_gather_pair_kernel(const GatherShare<Format> a, const GatherShare<Format> b,
+                                                                         unsigned a_blocks, const ZeroedWords zero) {
+  if (blockIdx.x == 0 && int(threadIdx.x) < zero.count) *zero.word[threadIdx.x] = 0ull;
+  if (blockIdx.x < a_blocks) {
+    dequant_gather(a.f, a.ids, a.n, a.out, a.bad_id, blockIdx.x, a_blocks);
+  } else {
+    dequant_gather(b.f, b.ids, b.n, b.out, b.bad_id, blockIdx.x - a_blocks, gridDim.x - a_blocks);
   }
 }
 

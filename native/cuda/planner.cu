@@ -130,15 +130,25 @@ __global__ void __launch_bounds__(kPlanRowsThreads)
     int64_t n = 0;
     int32_t bad = 0;
     if (topk_indices) {
-      // visible entries in order; padding (negative) skipped; entries past the causal limit dropped and counted
+      // visible entries in order; padding (negative) skipped; entries past the causal limit dropped
+      // and counted. kAhead rounds of entries are loaded before the first is placed, so their loads
+      // are in flight together (the stores to row could alias them for the compiler).
       const int32_t* tk = topk_indices + q * int64_t(topk);
-      for (int64_t k0 = 0; k0 < topk; k0 += 32) {
-        const int64_t j = k0 + lane < topk ? int64_t(tk[k0 + lane]) : -1;
-        const bool keep = j >= 0 && j < nc;
-        bad += j >= nc;
-        const uint32_t kept = __ballot_sync(0xffffffffu, keep);
-        if (keep) row[n + __popc(kept & below)] = int32_t(c.comp_base + j);
-        n += __popc(kept);
+      constexpr int kAhead = 8;
+      for (int64_t k0 = 0; k0 < topk; k0 += 32 * kAhead) {
+        int32_t ahead[kAhead];
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) ahead[u] = k0 + 32 * u + lane < topk ? tk[k0 + 32 * u + lane] : -1;
+#pragma unroll
+        for (int u = 0; u < kAhead; ++u) {
+          if (k0 + 32 * u >= topk) break;  // the same for the whole warp
+          const int64_t j = ahead[u];
+          const bool keep = j >= 0 && j < nc;
+          bad += j >= nc;
+          const uint32_t kept = __ballot_sync(0xffffffffu, keep);
+          if (keep) row[n + __popc(kept & below)] = int32_t(c.comp_base + j);
+          n += __popc(kept);
+        }
       }
       for (int off = 16; off > 0; off /= 2) bad += __shfl_xor_sync(0xffffffffu, bad, off);
     } else {
@@ -200,7 +210,8 @@ extern "C" int32_t smla_cuda_plan_compressed_token_ids(const smla_plan_compresse
   });
 }
 
-extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream) {
+extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, int32_t total_zeroed,
+                                   cudaStream_t stream) {
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const int32_t num_requests = p->num_requests, window = p->window, ratio = p->ratio, topk = p->topk, width = p->width;
   const int32_t *seq_lens = p->seq_lens, *extend_lens = p->extend_lens, *topk_indices = p->topk_indices;
@@ -234,7 +245,7 @@ extern "C" int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, i
   if (widest > width) return SMLA_ERR_INVALID_ARGUMENT;
   if (nq > 0 && (!rows || !lens || (top && topk > 0 && !topk_indices))) return SMLA_ERR_INVALID_ARGUMENT;
   // The total starts at 0 in stream order; the kernel's blocks add to it (dense rows drop nothing).
-  if (dropped_total) {
+  if (dropped_total && !total_zeroed) {
     const cudaError_t err = cudaMemsetAsync(dropped_total, 0, sizeof(*dropped_total), stream);
     if (err != cudaSuccess) return -int32_t(err);
   }

@@ -19,8 +19,19 @@ extern "C" {
  * are never read. */
 int32_t smla_cuda_dequantize_kv_cache(const smla_dequantize_kv_cache_params* p, int32_t* bad_id, cudaStream_t stream);
 
-/* §4 (smla_sparse_prefill's struct). max_logits / lse may be NULL. */
-int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, cudaStream_t stream);
+/* A layer's two gathers (its compressed rows and its SWA rows, say; either may be NULL) in one launch
+ * when they share a format, each as smla_cuda_dequantize_kv_cache with its own bad-id flag; the
+ * zero_count (at most 4) 8-byte device words at zero_words are set to 0 in stream order before any
+ * work queued after this call, so later launches of the layer queue no memset of their own
+ * (smla_cuda_plan_rows' total_zeroed, smla_cuda_sparse_prefill's tile_claims). */
+int32_t smla_cuda_dequantize_kv_cache_pair(const smla_dequantize_kv_cache_params* a, int32_t* a_bad_id,
+                                           const smla_dequantize_kv_cache_params* b, int32_t* b_bad_id,
+                                           unsigned long long* const* zero_words, int32_t zero_count, cudaStream_t stream);
+
+/* §4 (smla_sparse_prefill's struct). max_logits / lse may be NULL. tile_claims: an 8-byte device
+ * word that is 0 when the launch runs (stream order) and may be left changed, for the kernel's
+ * tile counter; NULL: the launch allocates and zeroes its own. */
+int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, unsigned long long* tile_claims, cudaStream_t stream);
 
 /* §5 (smla_paged_sparse_attention's struct). */
 int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_attention_params* p, cudaStream_t stream);
@@ -33,9 +44,9 @@ int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_attention_param
  * layout is walked on the host); rows int32 [num_queries, width], lens and dropped int32
  * [num_queries] are device memory (dropped may be NULL), and so is dropped_total (int64 [1], or
  * NULL): set to 0 first in stream order, then the sum of the dropped counts (0 for dense rows), so
- * a layer reads back 8 bytes rather than a count per query. num_queries, the rows the outputs
- * hold, must equal Σ extend_lens. */
-int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, cudaStream_t stream);
+ * a layer reads back 8 bytes rather than a count per query (total_zeroed: it is 0 already in
+ * stream order, no memset queued). num_queries, the rows the outputs hold, must equal Σ extend_lens. */
+int32_t smla_cuda_plan_rows(const smla_plan_combine_topk_params* p, int64_t num_queries, int32_t total_zeroed, cudaStream_t stream);
 
 /* §6: a ratio's compressed flat token ids on the device, by the host planner's per-entry function
  * (compressed_token_id), in smla_plan_compressed_token_ids's struct: request r's entries

@@ -994,9 +994,10 @@ inline bool make_out_map(CUtensorMap* map, const AttnOutputs& o) {
 }
 
 // O through TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when
-// make_out_map allows, otherwise the threads' own stores.
+// make_out_map allows, otherwise the threads' own stores. zeroed_claims: a tile counter that is 0
+// in stream order when the kernel runs (the caller's), or null for one of the launch's own.
 template <int DQK, class Source>
-cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, cudaStream_t stream) {
+cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, cudaStream_t stream, unsigned* zeroed_claims = nullptr) {
   static PerDeviceValue<int> smem_set, smem_set_tma;
   int device = 0, sms = 0;
   cudaError_t err = current_device_sms(&device, &sms);
@@ -1005,7 +1006,9 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
   // More tiles than CTAs: the CTAs claim them from a zeroed counter of the launch's own (stream-
   // ordered, from the device's memory pool), so the SMs that run faster take more of them.
   // Without a pool (cudaMallocAsync unsupported, or out of memory) the tiles go round-robin.
-  if (attention_tiles(o.s_q, o.h_q) > sms) {
+  if (attention_tiles(o.s_q, o.h_q) > sms && zeroed_claims) {
+    o.tile_claims = zeroed_claims;
+  } else if (attention_tiles(o.s_q, o.h_q) > sms) {
     if (cudaMallocAsync(reinterpret_cast<void**>(&o.tile_claims), sizeof(*o.tile_claims), stream) == cudaSuccess) {
       err = cudaMemsetAsync(o.tile_claims, 0, sizeof(*o.tile_claims), stream);
     } else {
@@ -1022,7 +1025,7 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
       err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, device,
                               sms, o, src, stream, map);
   }
-  if (o.tile_claims) {
+  if (o.tile_claims && o.tile_claims != zeroed_claims) {
     const cudaError_t freed = cudaFreeAsync(o.tile_claims, stream);
     if (err == cudaSuccess) err = freed;
   }

@@ -6,7 +6,8 @@
 using namespace smla::cuda;
 
 
-extern "C" int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, cudaStream_t stream) {
+extern "C" int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, unsigned long long* tile_claims,
+                                         cudaStream_t stream) {
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const uint16_t *q = p->q, *kv = p->kv;
   const int32_t *indices = p->indices, *topk_length = p->topk_length;
@@ -27,7 +28,8 @@ extern "C" int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p,
   if (aligned && attention_tiles(s_q, h_q) <= INT32_MAX && d_v == kDv && (d_qk == 512 || d_qk == 576)) {
     const AttnOutputs o{q, s_q, h_q, sm_scale, attn_sink, out, max_logits, lse};
     const Bf16GatherSource src{kv, s_kv, indices, topk, topk_length};
-    err = d_qk == 576 ? launch_sparse_attention<576>(o, src, stream) : launch_sparse_attention<512>(o, src, stream);
+    unsigned* claims = reinterpret_cast<unsigned*>(tile_claims);
+    err = d_qk == 576 ? launch_sparse_attention<576>(o, src, stream, claims) : launch_sparse_attention<512>(o, src, stream, claims);
   } else {
     if (d_v > 1024 || h_q > 65535) return SMLA_ERR_UNSUPPORTED;
     const dim3 grid{unsigned(s_q), unsigned(h_q)};

@@ -82,6 +82,16 @@ struct DBuf {
   DBuf() = default;
   explicit DBuf(size_t count) : n(count) { CK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T))); }
   DBuf(const DBuf&) = delete;
+  DBuf& operator=(DBuf&& o) noexcept {
+    if (this != &o) {
+      if (p) cudaFree(p);
+      p = o.p;
+      n = o.n;
+      o.p = nullptr;
+      o.n = 0;
+    }
+    return *this;
+  }
   ~DBuf() {
     if (p) cudaFree(p);
   }
@@ -296,10 +306,33 @@ static void run_prefill_case(const PrefillCase& c, uint64_t seed) {
                                      .attn_sink = sp, .s_q = int32_t(c.s_q), .h_q = c.h_q, .d_qk = c.d_qk, .d_v = c.d_v,
                                      .s_kv = int32_t(c.s_kv), .topk = c.topk, .sm_scale = sm_scale, .out = fast.out.p,
                                      .max_logits = fast.max.p, .lse = fast.lse.p};
-  check_status(smla_cuda_sparse_prefill(&p, 0), "smla_cuda_sparse_prefill");
+  check_status(smla_cuda_sparse_prefill(&p, nullptr, 0), "smla_cuda_sparse_prefill");
   CK(cudaDeviceSynchronize());
   launch_fallback(dq.p + shift, dkv.p + shift, didx.p, lp, sp, c.s_q, c.h_q, c.d_qk, c.d_v, c.s_kv, c.topk, sm_scale, fb);
   report_consistency("prefill " + c.name, compare(HostAttn(fast), HostAttn(fb), c.inf_rows == 0));
+  // the same launch with a tile counter its caller zeroed (a layer program's): the same bytes, and
+  // the counter taken when there are more tiles than SMs
+  Attn claimed(rows, c.d_v);
+  DBuf<unsigned long long> claims(1);
+  CK(cudaMemset(claims.p, 0, 8));
+  smla_sparse_prefill_params pc = p;
+  pc.out = claimed.out.p;
+  pc.max_logits = claimed.max.p;
+  pc.lse = claimed.lse.p;
+  check_status(smla_cuda_sparse_prefill(&pc, claims.p, 0), "smla_cuda_sparse_prefill, caller's tile counter");
+  CK(cudaDeviceSynchronize());
+  const HostAttn x(fast), y(claimed);
+  const bool same = x.out == y.out && memcmp(x.lse.data(), y.lse.data(), x.lse.size() * 4) == 0 &&
+                    memcmp(x.max.data(), y.max.data(), x.max.size() * 4) == 0;
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  const bool fast_kernel = !c.misaligned && (c.d_qk == 512 || c.d_qk == 576) && c.d_v == 512;
+  const bool counted = claims.down()[0] != 0;
+  const bool want_counted = fast_kernel && c.s_q * ((c.h_q + 63) / 64) > sms;
+  char buf[160];
+  snprintf(buf, sizeof buf, "outputs %s; counter %s (expected %s)", same ? "identical" : "DIFFER", counted ? "taken" : "untouched",
+           want_counted ? "taken" : "untouched");
+  report(same && counted == want_counted, "prefill " + c.name + ", caller's tile counter", buf);
 }
 
 // ---------------------------------------------------------------- v4 / v32 caches
@@ -519,6 +552,74 @@ static void run_dequant_case(const char* name, int format, int page_size, int nu
   report(mismatches == 0 && bad == (bad_ids ? 1 : 0), std::string("dequant ") + name, buf);
 }
 
+// ---------------------------------------------------------------- dequant pair: a layer's two gathers in one launch
+// smla_cuda_dequantize_kv_cache_pair against each gather launched alone (checked above against the
+// host core): the same bytes, each gather's own bad-id flag, and the words it zeroes zeroed; with
+// two formats it falls back to two launches and memsets.
+static void run_dequant_pair_case(const char* name, int format_a, int page_a, int pages_a, int64_t n_a, int format_b, int page_b,
+                                  int pages_b, int64_t n_b, uint64_t seed) {
+  Rng r(seed);
+  struct Side {
+    DBuf<uint8_t> cache;
+    DBuf<int64_t> ids;
+    DBuf<uint16_t> alone, paired;
+    DBuf<int32_t> bad_alone, bad_paired;
+    smla_dequantize_kv_cache_params p{};
+  };
+  auto make = [&](Side& s, int format, int page_size, int num_pages, int64_t n, bool bad_ids) {
+    const bool v4 = format == SMLA_CACHE_V4;
+    const int64_t tokens = int64_t(page_size) * num_pages;
+    const size_t bytes = v4 ? size_t(smla::v4::page_bytes(page_size)) * num_pages : size_t(tokens) * smla::v32::kTokenBytes;
+    std::vector<uint8_t> cache(bytes);
+    for (auto& b : cache) b = uint8_t(r.next());
+    std::vector<int64_t> ids(size_t(std::max<int64_t>(n, 1)));
+    for (auto& v : ids) v = r.range(0, tokens);
+    if (bad_ids)
+      for (int64_t i = 0; i < n; i += 5) ids[size_t(i)] = -1;
+    const int dim = v4 ? smla::v4::kDim : smla::v32::kDim;
+    s.cache = DBuf<uint8_t>(bytes);
+    s.ids = DBuf<int64_t>(ids.size());
+    s.alone = DBuf<uint16_t>(size_t(std::max<int64_t>(n, 1)) * dim);
+    s.paired = DBuf<uint16_t>(s.alone.n);
+    s.bad_alone = DBuf<int32_t>(1);
+    s.bad_paired = DBuf<int32_t>(1);
+    s.cache.up(cache);
+    s.ids.up(ids);
+    CK(cudaMemset(s.alone.p, 0xff, s.alone.n * 2));
+    CK(cudaMemset(s.paired.p, 0xee, s.paired.n * 2));
+    CK(cudaMemset(s.bad_alone.p, 0, 4));
+    CK(cudaMemset(s.bad_paired.p, 0, 4));
+    s.p = smla_dequantize_kv_cache_params{.format = format, .cache = s.cache.p, .page_size = page_size, .num_pages = num_pages,
+                                          .token_ids = s.ids.p, .num_tokens = int32_t(n), .out = s.paired.p};
+  };
+  Side a, b;
+  make(a, format_a, page_a, pages_a, n_a, false);
+  make(b, format_b, page_b, pages_b, n_b, true);
+  for (Side* s : {&a, &b}) {
+    smla_dequantize_kv_cache_params alone = s->p;
+    alone.out = s->alone.p;
+    check_status(smla_cuda_dequantize_kv_cache(&alone, s->bad_alone.p, 0), "dequant alone");
+  }
+  DBuf<unsigned long long> words(3);
+  CK(cudaMemset(words.p, 0xab, 3 * 8));
+  unsigned long long* zero[2] = {words.p, words.p + 2};
+  check_status(smla_cuda_dequantize_kv_cache_pair(&a.p, a.bad_paired.p, &b.p, b.bad_paired.p, zero, 2, 0), "dequant pair");
+  CK(cudaDeviceSynchronize());
+  int64_t differ = 0;
+  for (Side* s : {&a, &b}) {
+    const auto x = s->alone.down(), y = s->paired.down();
+    for (size_t i = 0; i < x.size(); ++i) differ += s->p.num_tokens > 0 && x[i] != y[i];
+  }
+  const auto w = words.down();
+  const int32_t bads[4] = {a.bad_alone.down()[0], a.bad_paired.down()[0], b.bad_alone.down()[0], b.bad_paired.down()[0]};
+  const bool words_ok = w[0] == 0 && w[1] == 0xababababababababull && w[2] == 0;
+  char buf[200];
+  snprintf(buf, sizeof buf, "%lld values differ from the lone launches; bad-id flags %d/%d and %d/%d; words %s", (long long)differ, bads[0],
+           bads[1], bads[2], bads[3], words_ok ? "zeroed (and the one between kept)" : "NOT as asked");
+  report(differ == 0 && bads[0] == bads[1] && bads[2] == bads[3] && bads[0] == 0 && bads[3] == (n_b > 0 ? 1 : 0) && words_ok,
+         std::string("dequant pair ") + name, buf);
+}
+
 // ---------------------------------------------------------------- planner kernels: well-formed rows
 // Every row element written, entries inside the workspace, −1 exactly after the row's length, and
 // every row, length and dropped count exactly the host planner's; compressed ids inside the pages of
@@ -552,7 +653,7 @@ static void run_planner_case(uint64_t seed, const std::vector<int32_t>& seq, con
                                           .topk_indices = ratio == 4 ? dtk.p : nullptr, .topk = ratio == 4 ? topk : 0,
                                           .width = width, .rows = drows.p, .lens = dlens.p, .dropped = ddrop.p,
                                           .dropped_total = dtotal.p};
-    check_status(smla_cuda_plan_rows(&p, nq, 0), "smla_cuda_plan_rows");
+    check_status(smla_cuda_plan_rows(&p, nq, 0, 0), "smla_cuda_plan_rows");
     CK(cudaDeviceSynchronize());
     const auto rows = drows.down();
     const auto lens = dlens.down();
@@ -709,6 +810,9 @@ static void run_checks() {
   run_dequant_case("v4 P=2", SMLA_CACHE_V4, 2, 777, 999, false, seed + k++);
   run_dequant_case("v32", SMLA_CACHE_V32, 1, 5000, 3000, false, seed + k++);
   run_dequant_case("v32 bad ids", SMLA_CACHE_V32, 1, 100, 500, true, seed + k++);
+  run_dequant_pair_case("v4 + v4", SMLA_CACHE_V4, 64, 20, 1024, SMLA_CACHE_V4, 256, 9, 2001, seed + k++);
+  run_dequant_pair_case("v4 + none", SMLA_CACHE_V4, 64, 20, 777, SMLA_CACHE_V4, 64, 4, 0, seed + k++);
+  run_dequant_pair_case("v4 + v32 (two launches)", SMLA_CACHE_V4, 2, 300, 500, SMLA_CACHE_V32, 1, 800, 300, seed + k++);
   // sparse prefill: {name, sQ, hQ, dQK, dV, sKV, topk, mode, lengths, sink, special, qscale, empty}
   const std::vector<PrefillCase> pcs = {
       {"h64 d576 topk128 valid", 4, 64, 576, 512, 1000, 128, kAllValid, false, false, false, 1.0, 0},
@@ -752,7 +856,7 @@ static void run_checks() {
   for (const auto& c : pcs) run_prefill_case(c, seed + k++);
   {  // sQ = 0: a no-op that must not launch or fail
     const smla_sparse_prefill_params p{.s_q = 0, .h_q = 64, .d_qk = 576, .d_v = 512, .s_kv = 10, .topk = 64, .sm_scale = 0.1f};
-    const int32_t st = smla_cuda_sparse_prefill(&p, 0);
+    const int32_t st = smla_cuda_sparse_prefill(&p, nullptr, 0);
     const cudaError_t e = cudaDeviceSynchronize();
     report(st == 0 && e == cudaSuccess, "prefill sQ=0 no-op", "status " + std::to_string(st));
   }
@@ -820,8 +924,15 @@ static void run_fuzz() {
                                          .topk_length = use_len ? dlen.p : nullptr, .s_q = int32_t(s_q), .h_q = h_q,
                                          .d_qk = d_qk, .d_v = 512, .s_kv = int32_t(s_kv), .topk = topk, .sm_scale = 0.05f,
                                          .out = dout.p, .max_logits = dm.p, .lse = dl.p};
-      check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
+      check_status(smla_cuda_sparse_prefill(&p, nullptr, 0), "prefill");
       ++launches;
+      if (it >= 6) {  // more tiles than SMs: the tiles claimed from a counter the caller zeroed
+        DBuf<unsigned long long> claims(1);
+        CK(cudaMemset(claims.p, 0, 8));
+        check_status(smla_cuda_sparse_prefill(&p, claims.p, 0), "prefill, caller's tile counter");
+        ++launches;
+        CK(cudaDeviceSynchronize());
+      }
     }
     CK(cudaDeviceSynchronize());
   }
@@ -863,6 +974,15 @@ static void run_fuzz() {
                                               .num_pages = int32_t(c.bytes.size() / smla::v32::kTokenBytes),
                                               .token_ids = dids.p, .num_tokens = int32_t(ids.size()), .out = ddq.p};
     check_status(smla_cuda_dequantize_kv_cache(&v32, bad.p, 0), "dequant v32");
+    launches += 3;
+    // a layer's two gathers in one launch (and, with two formats, its fallback), zeroing two words
+    DBuf<uint16_t> ddq2(ids.size() * smla::v32::kDim);
+    DBuf<unsigned long long> words(2);
+    unsigned long long* zero[2] = {words.p, words.p + 1};
+    smla_dequantize_kv_cache_params v4b = v4;
+    v4b.out = ddq2.p;
+    check_status(smla_cuda_dequantize_kv_cache_pair(&v4, bad.p, &v4b, bad.p, zero, 2, 0), "dequant pair");
+    check_status(smla_cuda_dequantize_kv_cache_pair(&v4, bad.p, &v32, nullptr, zero, 2, 0), "dequant pair, two formats");
     launches += 3;
     CK(cudaDeviceSynchronize());
   }
@@ -1057,7 +1177,7 @@ static void run_profile(int which, int runs) {
   const smla_sparse_prefill_params p{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = c[0], .h_q = c[1], .d_qk = c[2],
                                      .d_v = 512, .s_kv = c[4], .topk = c[3], .sm_scale = 0.04f, .out = dout.p,
                                      .max_logits = dm.p, .lse = dl.p};
-  for (int i = 0; i < runs; ++i) check_status(smla_cuda_sparse_prefill(&p, 0), "prefill");
+  for (int i = 0; i < runs; ++i) check_status(smla_cuda_sparse_prefill(&p, nullptr, 0), "prefill");
   CK(cudaDeviceSynchronize());
   printf("profile config %d: %d runs done\n", which, runs);
 }
@@ -1149,7 +1269,7 @@ static void run_bench(const char* json_path, int reps) {
                                        .d_qk = c.d_qk, .d_v = 512, .s_kv = c.s_kv, .topk = c.topk, .sm_scale = sm,
                                        .out = dout.p, .max_logits = dm.p, .lse = dl.p};
     const double flops = 2.0 * c.s_q * double(c.topk) * c.h_q * (c.d_qk + 512);
-    const double ms = timer.median_ms([&] { check_status(smla_cuda_sparse_prefill(&p, 0), "prefill"); }, reps);
+    const double ms = timer.median_ms([&] { check_status(smla_cuda_sparse_prefill(&p, nullptr, 0), "prefill"); }, reps);
     rows.push_back({rounds > 1 ? std::string(c.name) + " r" + std::to_string(round + 1) : std::string(c.name), "TFLOPS", ms,
                     flops / ms / 1e9, 0, timer.clocks()});
   }

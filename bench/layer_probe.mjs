@@ -17,10 +17,11 @@
 //   node bench/layer_probe.mjs            (PROBE_N=4096,16384 to choose the sizes; PROBE_JIT_WARMUP=0
 //                                          to measure before V8 has optimized the layer's JS)
 import { performance } from 'node:perf_hooks';
-import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import { createEngine, createPlan, prefillLayer, tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
-import { makeRng, randomBf16 } from '../dist/check/grid.js';
+import { makeRng } from '../dist/check/grid.js';
+import { deviceInputs } from './device_inputs.mjs';
 import { checkPlacedTensor, checkQuery } from '../dist/ops/common.js';
 import { routePrefill } from '../dist/planner/router.js';
 import { LayerResources, Plan } from '../dist/planner/plan.js';
@@ -36,6 +37,7 @@ const engine = await createEngine({ backend: 'cuda' });
 const be = engineBackend(engine, CudaBackend);
 if (!be) throw new Error('needs a cuda engine');
 const rng = makeRng(0x5eed);
+const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, be, rng);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
 const spansOf = () => (typeof be.takeKernelSpans === 'function' ? be.takeKernelSpans() : be.takeKernelMs().map((d) => [NaN, d]));
 
@@ -196,25 +198,6 @@ async function trace(name, fn) {
   runs[0].log.forEach((e, k) => console.log(`    ${e.op.padEnd(24)} ${us(at(k, 'call'))} ${us(at(k, 'ret'))} ${us(at(k, 'settle'))}`));
 }
 
-/** A device tensor of random bf16 values (a 16 MiB random block tiled). */
-async function randomDevice(shape) {
-  const n = shape.reduce((a, b) => a * b, 1);
-  const block = await engine.upload(randomBf16(rng, [Math.min(n, 8 * MiB)]));
-  const buf = be.alloc(n * 2);
-  await be.fillDevice(buf, block.data);
-  block.data.free();
-  return { dtype: 'bf16', shape, data: buf };
-}
-/** A device v4 cache of `pages` pages of 64 tokens: one quantized random page tiled. */
-async function deviceCache(pages) {
-  const unit = createKvCache('v4', { pageSize: 64, numPages: 1 });
-  await engine.quantizeKCache({ cache: unit, tokenIds: Array.from({ length: 64 }, (_, i) => i), rows: randomBf16(rng, [64, 512]) });
-  const block = await engine.uploadKvCache(unit);
-  const buf = be.alloc(unit.data.byteLength * pages);
-  await be.fillDevice(buf, block.data);
-  block.data.free();
-  return { format: 'v4', pageSize: 64, numPages: pages, data: buf };
-}
 
 let currentPlan;
 for (const N of SIZES) {
@@ -230,11 +213,7 @@ for (const N of SIZES) {
   const sinkValues = Float32Array.from({ length: HQ }, () => rng.normal());
   const hostSink = tensor('float32', [HQ], sinkValues);
   const deviceSink = await engine.upload(hostSink);
-  const topkIdx = new Int32Array(N * TOPK).fill(-1);
-  for (let i = 0; i < N; i++) {
-    const visible = Math.floor((i + 1) / 4);
-    for (let k = 0; k < Math.min(TOPK, visible); k++) topkIdx[i * TOPK + k] = rng.int(0, visible);
-  }
+  const topkIdx = c4TopkIndices(N, TOPK);
   const topk = await engine.upload(tensor('int32', [N, TOPK], topkIdx));
   const layerWith = (attnSink) => async () => {
     const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, ...(attnSink ? { attnSink } : {}), smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });

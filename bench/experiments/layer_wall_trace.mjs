@@ -1,10 +1,11 @@
 // Per-run host timeline of the 4K device c4 layer (the bench's wall-clock loop), for joining with
 // an instrumented addon's in-run() stamps (SMLA_TRACE_FILE). Writes JSON to argv[2].
 import { writeFileSync } from 'node:fs';
-import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { createEngine, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import { engineBackend } from '../../dist/engine.js';
 import { CudaBackend } from '../../dist/backends/native/cuda_backend.js';
-import { makeRng, randomBf16 } from '../../dist/check/grid.js';
+import { makeRng } from '../../dist/check/grid.js';
+import { deviceInputs } from '../device_inputs.mjs';
 
 const N = Number(process.env.LWT_N ?? 4096), HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const RUNS = Number(process.env.LWT_RUNS ?? 200), JIT = Number(process.env.LWT_JIT ?? 300);
@@ -12,34 +13,14 @@ const now = () => Number(process.hrtime.bigint());
 const engine = await createEngine({ backend: 'cuda' });
 const be = engineBackend(engine, CudaBackend);
 const rng = makeRng(0x5eed);
+const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, be, rng);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
-async function randomDevice(shape) {
-  const n = shape.reduce((a, b) => a * b, 1);
-  const block = await engine.upload(randomBf16(rng, [Math.min(n, 8 * MiB)]));
-  const buf = be.alloc(n * 2);
-  await be.fillDevice(buf, block.data);
-  block.data.free();
-  return { dtype: 'bf16', shape, data: buf };
-}
-async function deviceCache(pages) {
-  const unit = createKvCache('v4', { pageSize: 64, numPages: 1 });
-  await engine.quantizeKCache({ cache: unit, tokenIds: Array.from({ length: 64 }, (_, i) => i), rows: randomBf16(rng, [64, 512]) });
-  const block = await engine.uploadKvCache(unit);
-  const buf = be.alloc(unit.data.byteLength * pages);
-  await be.fillDevice(buf, block.data);
-  block.data.free();
-  return { format: 'v4', pageSize: 64, numPages: pages, data: buf };
-}
 const nComp = N / 4;
 const plan = createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }], c4PageSize: 64 });
 const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
 const q = await randomDevice([N, HQ, 512]);
 const sink = await engine.upload(tensor('float32', [HQ], Float32Array.from({ length: HQ }, () => rng.normal())));
-const topkIdx = new Int32Array(N * TOPK).fill(-1);
-for (let i = 0; i < N; i++) {
-  const visible = Math.floor((i + 1) / 4);
-  for (let k = 0; k < Math.min(TOPK, visible); k++) topkIdx[i * TOPK + k] = rng.int(0, visible);
-}
+const topkIdx = c4TopkIndices(N, TOPK);
 const topk = await engine.upload(tensor('int32', [N, TOPK], topkIdx));
 let tRet = 0;
 const layer = async () => {

@@ -67,7 +67,8 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       ReadPlanRows(f, call->params, &num_queries);
       if (f.IsNull("droppedTotal")) f.Refuse("planRows.droppedTotal: a combine in a layer program sums its dropped count on the device");
       collect(f, "planRows");
-      combine_ = [call, num_queries](int32_t total_zeroed, cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, total_zeroed, s); };
+      // its total is zeroed by the dequants' launch before it (Run)
+      combine_ = [call, num_queries](cudaStream_t s) { return smla_cuda_plan_rows(call->Bound(), num_queries, /*total_zeroed=*/1, s); };
       dropped_total_ = [call]() -> void* { return call->Bound()->dropped_total; };
     }
     const Napi::Value dequants = top.Get("dequants");
@@ -185,7 +186,7 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       // (no dequant: the pair launcher zeroes the words by memsets)
       status = Timed(st, [&](cudaStream_t s) { return smla_cuda_dequantize_kv_cache_pair(a, nullptr, b, nullptr, zero, zero_count, s); });
     }
-    if (status == SMLA_OK && combine_) status = Timed(st, [&](cudaStream_t s) { return combine_(1, s); });
+    if (status == SMLA_OK && combine_) status = Timed(st, combine_);
     // the 8-byte total read from right behind the combine on the side stream: the prefill does not
     // wait for the copy (its DMA left a gap of about 8 µs before the prefill in the stream); work
     // queued after the prefill does (JoinSmallRead), so the next layer's combine cannot overwrite
@@ -224,7 +225,7 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
 
   StreamRef stream_;
   std::vector<std::shared_ptr<DeviceCall<smla_dequantize_kv_cache_params>>> dequants_;  // at most two, one launch
-  std::function<int32_t(int32_t total_zeroed, cudaStream_t)> combine_;  // none without planRows
+  std::function<int32_t(cudaStream_t)> combine_;  // none without planRows
   std::vector<Slot> inputs_, outputs_;
   uint64_t output_bytes_ = 0;  // the outputs' allocation
   std::function<void*()> dropped_total_;

@@ -31,9 +31,16 @@ int32_t gather_blocks(const smla_dequantize_kv_cache_params* p, int sms, int64_t
 V4Format v4_of(const smla_dequantize_kv_cache_params* p) { return V4Format{V4Cache::make(p->cache, p->page_size, p->num_pages)}; }
 V32Format v32_of(const smla_dequantize_kv_cache_params* p) { return V32Format{p->cache, int64_t(p->num_pages)}; }
 
-template <class Format>
-GatherShare<Format> share_of(const Format& f, const smla_dequantize_kv_cache_params* p, int32_t* bad_id) {
-  return GatherShare<Format>{f, p->token_ids, p->num_tokens, p->out, bad_id};
+// The pair kernel over `first` (blocks [0, first_blocks)) and `second` (the rest; null: none).
+template <class Format, class FormatOf>
+void launch_pair(FormatOf format_of, const smla_dequantize_kv_cache_params* first, int32_t* first_bad, int64_t first_blocks,
+                 const smla_dequantize_kv_cache_params* second, int32_t* second_bad, int64_t second_blocks, const ZeroedWords& zero,
+                 cudaStream_t stream) {
+  const Format f = format_of(first);
+  const GatherShare<Format> s1{f, first->token_ids, first->num_tokens, first->out, first_bad};
+  const GatherShare<Format> s2 = second ? GatherShare<Format>{format_of(second), second->token_ids, second->num_tokens, second->out, second_bad}
+                                        : GatherShare<Format>{f, nullptr, 0, nullptr, nullptr};
+  dequant_gather_pair_kernel<<<unsigned(first_blocks + second_blocks), 256, 0, stream>>>(s1, s2, unsigned(first_blocks), zero);
 }
 
 int32_t launched() {
@@ -87,21 +94,15 @@ extern "C" int32_t smla_cuda_dequantize_kv_cache_pair(const smla_dequantize_kv_c
     return smla_cuda_dequantize_kv_cache(b, b_bad_id, stream);
   }
   // the gather with work first (the kernel gives blocks [0, first_blocks) to the first)
-  const smla_dequantize_kv_cache_params* first = a_blocks > 0 ? a : b;
-  const smla_dequantize_kv_cache_params* second = a_blocks > 0 ? b : nullptr;
-  int32_t* first_bad = a_blocks > 0 ? a_bad_id : b_bad_id;
-  const int64_t first_blocks = a_blocks > 0 ? a_blocks : b_blocks, second_blocks = a_blocks > 0 ? b_blocks : 0;
-  const unsigned grid = unsigned(first_blocks + second_blocks);
+  const bool a_first = a_blocks > 0;
+  const smla_dequantize_kv_cache_params* first = a_first ? a : b;
+  const smla_dequantize_kv_cache_params* second = a_first && b_blocks > 0 ? b : nullptr;
+  int32_t* first_bad = a_first ? a_bad_id : b_bad_id;
+  const int64_t first_blocks = a_first ? a_blocks : b_blocks, second_blocks = second ? b_blocks : 0;
   if (first->format == SMLA_CACHE_V4) {
-    const V4Format f = v4_of(first);
-    const GatherShare<V4Format> s1 = share_of(f, first, first_bad);
-    const GatherShare<V4Format> s2 = second_blocks > 0 ? share_of(v4_of(second), second, b_bad_id) : GatherShare<V4Format>{f, nullptr, 0, nullptr, nullptr};
-    dequant_gather_pair_kernel<<<grid, 256, 0, stream>>>(s1, s2, unsigned(first_blocks), zero);
+    launch_pair<V4Format>(v4_of, first, first_bad, first_blocks, second, b_bad_id, second_blocks, zero, stream);
   } else {
-    const V32Format f = v32_of(first);
-    const GatherShare<V32Format> s1 = share_of(f, first, first_bad);
-    const GatherShare<V32Format> s2 = second_blocks > 0 ? share_of(v32_of(second), second, b_bad_id) : GatherShare<V32Format>{f, nullptr, 0, nullptr, nullptr};
-    dequant_gather_pair_kernel<<<grid, 256, 0, stream>>>(s1, s2, unsigned(first_blocks), zero);
+    launch_pair<V32Format>(v32_of, first, first_bad, first_blocks, second, b_bad_id, second_blocks, zero, stream);
   }
   return launched();
 }

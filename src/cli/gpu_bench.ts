@@ -47,7 +47,11 @@ const MiB = 2 ** 20;
 /** A device buffer of `rows` dequantized v4 rows (bf16), as a plan's workspace. */
 const v4Workspace = (be: CudaBackend, rows: number): DeviceTensor<'bf16'> =>
   deviceTensor('bf16', [rows, rowDimOf('v4')], be.alloc(rows * rowDimOf('v4') * 2));
-/** Layers run untimed before the layer section's second timing: V8 optimizes the layer's JS only after some hundreds of calls, and an engine makes thousands (61 layers a chunk). */
+/**
+ * Layers run untimed before the layer section's second timing, so it sees a process further on (an
+ * engine makes thousands of layers, 61 a chunk). Not V8's steady state: TurboFan takes the layer's
+ * largest functions only after about 2,000-4,300 calls (bench/results/layer-host-js-by-calls.txt).
+ */
 const LAYER_JIT_WARMUP = 300;
 
 /** The cuda backend of a cuda engine: the timing, device copies and device planner the benchmark drives. */
@@ -400,7 +404,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // device time of the layer's launches (c4 combine, the two dequants, prefill) and its wall
       // clock with no events, from the call until the device is done, in alternate runs (layers
       // 2-27 of the process, as in every earlier run); then again after LAYER_JIT_WARMUP more
-      // layers, once V8 has optimized the layer's JS (an engine runs thousands)
+      // layers
       const cold = await kernelsAndWall(layer);
       const coldSpans = await untimedSpans(layer);
       await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
@@ -430,12 +434,12 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
-        name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers (V8-optimized JS)`,
+        name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers`,
         median_ms: median(warm.wallRuns),
         runs_ms: warm.wallRuns,
         value: warm.ratio,
         unit: 'x',
-        note: `the same layer in V8's steady state, the same ratio; kernels' median ${median(warm.kernelRuns).toFixed(3)} ms (the kernels may run slower after the sustained load); ${kernelNote(warm)}`,
+        note: `the same layer further on in the process (V8 has not yet optimized all of the layer's JS: that takes thousands of calls), the same ratio; kernels' median ${median(warm.kernelRuns).toFixed(3)} ms (the kernels may run slower after the sustained load); ${kernelNote(warm)}`,
       });
       for (const t of [q, topk, sink]) t.data.free();
       swa.data.free();

@@ -1003,12 +1003,14 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
   cudaError_t err = current_device_sms(&device, &sms);
   if (err != cudaSuccess) return err;
   AttnOutputs o = o_in;
-  // More tiles than CTAs: the CTAs claim them from a zeroed counter of the launch's own (stream-
-  // ordered, from the device's memory pool), so the SMs that run faster take more of them.
-  // Without a pool (cudaMallocAsync unsupported, or out of memory) the tiles go round-robin.
-  if (attention_tiles(o.s_q, o.h_q) > sms && zeroed_claims) {
+  // More tiles than CTAs: the CTAs claim them from a zeroed counter (the caller's, or one of the
+  // launch's own: stream-ordered, from the device's memory pool), so the SMs that run faster take
+  // more of them. Without a pool (cudaMallocAsync unsupported, or out of memory) the tiles go
+  // round-robin.
+  const bool claims = attention_tiles(o.s_q, o.h_q) > sms;
+  if (claims && zeroed_claims) {
     o.tile_claims = zeroed_claims;
-  } else if (attention_tiles(o.s_q, o.h_q) > sms) {
+  } else if (claims) {
     if (cudaMallocAsync(reinterpret_cast<void**>(&o.tile_claims), sizeof(*o.tile_claims), stream) == cudaSuccess) {
       err = cudaMemsetAsync(o.tile_claims, 0, sizeof(*o.tile_claims), stream);
     } else {

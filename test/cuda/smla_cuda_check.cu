@@ -1130,7 +1130,11 @@ struct Timer {
     CK(cudaDeviceSynchronize());
     last_t0 = ClockSampler::now();
     std::vector<double> t;
+    // diagnostics: SMLA_BENCH_GAP_MS idles the device that long before each run; SMLA_BENCH_PRINT_RUNS
+    // prints the runs in the order they ran
+    const int gap_ms = getenv("SMLA_BENCH_GAP_MS") ? atoi(getenv("SMLA_BENCH_GAP_MS")) : 0;
     for (int i = 0; i < reps; ++i) {
+      if (gap_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
       evict(i);  // evict L2 between runs
       CK(cudaEventRecord(a));
       f();
@@ -1141,6 +1145,11 @@ struct Timer {
       t.push_back(ms);
     }
     last_t1 = ClockSampler::now();
+    if (getenv("SMLA_BENCH_PRINT_RUNS")) {
+      printf("  runs ms:");
+      for (double x : t) printf(" %.3f", x);
+      printf("\n");
+    }
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
   }

@@ -86,7 +86,21 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   let multi: MultiDevice | null = null;
   be.setTiming(true);
   const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
+  /**
+   * A measurement whose runs lie more than 3% apart says so: on a power-capped GPU a row of long
+   * launches can slow down mid-measurement when the cap lowers the clock (docs/perf-history.md,
+   * thirty-third session), and its median then depends on when that happened.
+   */
+  const spreadNote = (runs: number[]): string | undefined => {
+    if (runs.length < 3) return undefined;
+    const lo = Math.min(...runs), hi = Math.max(...runs);
+    return hi > lo * 1.03 ? `runs ${lo.toFixed(3)}-${hi.toFixed(3)} ms, ${((hi / lo - 1) * 100).toFixed(1)}% apart` : undefined;
+  };
   const say = (r: Row): void => {
+    if (r.note === undefined && r.unit === 'TFLOPS') {
+      const note = spreadNote(r.runs_ms);
+      if (note) r.note = note;
+    }
     rows.push(r);
     console.log(`${r.name.padEnd(64)} ${r.median_ms.toFixed(3).padStart(9)} ms  ${r.value.toFixed(1).padStart(8)} ${r.unit}${r.note ? `  (${r.note})` : ''}`);
   };
@@ -155,8 +169,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
    * fn's kernels' device time (events) and its wall clock (no events) in alternate runs, so both
    * see the same clock state: per run, L2 flushed before each. The ratio is the median of each
    * run's wall clock over the kernel time measured just before it: the prefill's large launches
-   * switch between two speeds from run to run (docs/perf-history.md), and a ratio of two medians
-   * can compare one speed's wall clock with the other's kernel time.
+   * slow down when the device's power cap lowers its clock mid-measurement (docs/perf-history.md),
+   * and a ratio of two medians can compare one clock's wall clock with the other's kernel time.
    */
   const kernelsAndWall = async (fn: () => Promise<void>): Promise<{ kernelRuns: number[]; wallRuns: number[]; ratio: number }> => {
     const kernelRuns: number[] = [], wallRuns: number[] = [];

@@ -13,7 +13,7 @@ import { formatOptions, parseArgs } from '../dist/cli/args.js';
 import { tensor } from '../dist/index.js';
 import { writePrefillDir } from '../dist/io/index.js';
 import { Progress } from '../dist/cli/progress.js';
-import { fitLines, formatTable, wrapText } from '../dist/cli/table.js';
+import { fitLines, formatTable, runSpreadNote, wrapText } from '../dist/cli/table.js';
 
 const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
 
@@ -427,6 +427,15 @@ describe('bench', () => {
 
 describe('report layout (src/cli/table.ts)', () => {
   const words = (n: number) => Array.from({ length: n }, (_, i) => `word${i}`).join(' ');
+
+  test('runSpreadNote: a measurement whose runs changed speed says how far apart they lie, a steady one nothing', () => {
+    expect(runSpreadNote([5.37, 5.36, 5.37, 6.06, 6.18, 6.19])).toBe('runs 5.360-6.190 ms, 15.5% apart');
+    expect(runSpreadNote([3.684, 3.681, 3.691, 3.678])).toBeUndefined();
+    expect(runSpreadNote([1.0, 1.0, 1.031])).toBe('runs 1.000-1.031 ms, 3.1% apart');
+    expect(runSpreadNote([1.0, 1.0, 1.029])).toBeUndefined();
+    expect(runSpreadNote([1.0, 2.0])).toBeUndefined(); // too few runs to call
+    expect(runSpreadNote([1.0, 1.0, 1.2], 0.25)).toBeUndefined();
+  });
 
   test('wrapText: lines within the width, words in order, a hanging indent; a path too long for any line stays whole', () => {
     const lines = wrapText(`  label  ${words(60)}`, 40, 9);

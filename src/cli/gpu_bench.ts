@@ -20,7 +20,7 @@ import { CudaBackend } from '../backends/native/cuda_backend.js';
 import { cacheOpBytes, rowDimOf } from '../kv_cache_layout.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomBf16, type Rng } from '../check/grid.js';
-import { median } from './table.js';
+import { median, runSpreadNote } from './table.js';
 import { combinedWidth, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, requestVisible, swaGatherLength, type ShardSplit } from '../planner/index.js';
 import { evenRanges } from '../planner/sharded_layer.js';
 
@@ -86,19 +86,11 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   let multi: MultiDevice | null = null;
   be.setTiming(true);
   const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
-  /**
-   * A measurement whose runs lie more than 3% apart says so: on a power-capped GPU a row of long
-   * launches can slow down mid-measurement when the cap lowers the clock (docs/perf-history.md,
-   * thirty-third session), and its median then depends on when that happened.
-   */
-  const spreadNote = (runs: number[]): string | undefined => {
-    if (runs.length < 3) return undefined;
-    const lo = Math.min(...runs), hi = Math.max(...runs);
-    return hi > lo * 1.03 ? `runs ${lo.toFixed(3)}-${hi.toFixed(3)} ms, ${((hi / lo - 1) * 100).toFixed(1)}% apart` : undefined;
-  };
   const say = (r: Row): void => {
+    // on a power-capped GPU a row of long launches can slow down mid-measurement (its median then
+    // depends on when): the row says so
     if (r.note === undefined && r.unit === 'TFLOPS') {
-      const note = spreadNote(r.runs_ms);
+      const note = runSpreadNote(r.runs_ms);
       if (note) r.note = note;
     }
     rows.push(r);

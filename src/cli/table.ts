@@ -160,3 +160,14 @@ export function median(values: readonly number[]): number {
   const m = s.length >> 1;
   return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
 }
+
+/**
+ * "runs LO-HI ms, P% apart" when a measurement's slowest run is more than `limit` (a fraction) above
+ * its fastest, else undefined: a row whose runs changed speed mid-measurement (a GPU's power cap
+ * stepping its clock down, docs/perf-history.md) says so beside its median.
+ */
+export function runSpreadNote(runsMs: readonly number[], limit = 0.03): string | undefined {
+  if (runsMs.length < 3) return undefined;
+  const lo = Math.min(...runsMs), hi = Math.max(...runsMs);
+  return hi > lo * (1 + limit) ? `runs ${lo.toFixed(3)}-${hi.toFixed(3)} ms, ${((hi / lo - 1) * 100).toFixed(1)}% apart` : undefined;
+}

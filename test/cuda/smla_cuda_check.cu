@@ -1110,6 +1110,9 @@ struct Timer {
   DBuf<uint8_t> flush{size_t(256) << 20};
   DBuf<uint32_t> sink{1};
   const char* mode = getenv("SMLA_BENCH_FLUSH");  // memset (default) | read | none
+  // diagnostics: the device idle this long before each run; each row's runs printed in the order they ran
+  const int gap_ms = getenv("SMLA_BENCH_GAP_MS") ? atoi(getenv("SMLA_BENCH_GAP_MS")) : 0;
+  const bool print_runs = getenv("SMLA_BENCH_PRINT_RUNS") != nullptr;
   Timer() {
     CK(cudaEventCreate(&a));
     CK(cudaEventCreate(&b));
@@ -1130,9 +1133,6 @@ struct Timer {
     CK(cudaDeviceSynchronize());
     last_t0 = ClockSampler::now();
     std::vector<double> t;
-    // diagnostics: SMLA_BENCH_GAP_MS idles the device that long before each run; SMLA_BENCH_PRINT_RUNS
-    // prints the runs in the order they ran
-    const int gap_ms = getenv("SMLA_BENCH_GAP_MS") ? atoi(getenv("SMLA_BENCH_GAP_MS")) : 0;
     for (int i = 0; i < reps; ++i) {
       if (gap_ms > 0) std::this_thread::sleep_for(std::chrono::milliseconds(gap_ms));
       evict(i);  // evict L2 between runs
@@ -1145,7 +1145,7 @@ struct Timer {
       t.push_back(ms);
     }
     last_t1 = ClockSampler::now();
-    if (getenv("SMLA_BENCH_PRINT_RUNS")) {
+    if (print_runs) {
       printf("  runs ms:");
       for (double x : t) printf(" %.3f", x);
       printf("\n");

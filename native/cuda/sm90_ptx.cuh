@@ -104,6 +104,11 @@ __device__ __forceinline__ void fence_proxy_async() {
 __device__ __forceinline__ void named_barrier_sync(uint32_t id, uint32_t threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
 }
+// bar.sync is barrier.sync.aligned: every thread that reaches it must execute the same instruction. This
+// form may be reached from different instructions (each warpgroup's own inlined copy of one function).
+__device__ __forceinline__ void named_barrier_sync_unaligned(uint32_t id, uint32_t threads) {
+  asm volatile("barrier.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
 
 // A named barrier over `threads` threads that also returns whether `pred` held in all of them: a
 // decision every thread of a warpgroup must take the same way (a wgmma issued or not).

@@ -38,6 +38,8 @@
 #include <math.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "launch_cache.cuh"
 #include "sm90_ptx.cuh"
 #include "sparse_mla/formats.h"
@@ -754,149 +756,159 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint8_t* const sP1 = smem + L::kP1;
   const uint64_t dp0 = kmajor_desc(smem_u32(sP0)), dp1 = kmajor_desc(smem_u32(sP1));
 
+  // The math warpgroups' state for their current tile.
   float o[128];
   float s[32];
   uint32_t pa[16];
   uint32_t pairs_done = 0, q_loads = 0, tiles_done = 0;
-
-  for (;; ++tiles_done) {
-    // the next tile (with entries) and its Q, from the producer
+  TileOf tile{0, 0};
+  float m_a, m_b;          // running (lazy) max, log2 units, shared by both WGs
+  float mt_a, mt_b;        // WG0: the true running max, for max_logits
+  float scale_a, scale_b;  // WG0: the scale of the rows' logits (block_logit_scale)
+  float l_a, l_b;          // this thread's share of its WG's row sums
+  bool seen;               // a valid entry among this thread's columns
+  const auto start_tile = [&](TileOf next) {
+    tile = next;
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
+    m_a = -INFINITY, m_b = -INFINITY;
+    mt_a = -INFINITY, mt_b = -INFINITY;
+    scale_a = 0.0f, scale_b = 0.0f;
+    l_a = 0.0f, l_b = 0.0f;
+    seen = false;
+  };
+  // The next tile's id (n_tiles or more: none left) once its Q is in, from the producer.
+  const auto next_tile_id = [&] {
     mbar_wait(q_full, q_loads & 1);
     ++q_loads;
     // through a warp reduction, which ptxas knows to be uniform: read plainly (or by a shuffle),
     // a tile id from shared memory moved the math loops' descriptors and barrier addresses out of
     // the uniform registers (an R2UR before every wgmma group: 17% more instructions)
-    const uint32_t t = __reduce_max_sync(0xffffffffu, *reinterpret_cast<volatile uint32_t*>(sTileIds));
-    if (t >= n_tiles) break;
-    const TileOf tile = tile_of(t, head_blocks);
-    float* const sLt = sL + (tiles_done & 1) * 128;
-    int* const sSeenT = sSeen + (tiles_done & 1) * 8;
-    const int n_pairs = (((src.begin(tile.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;  // at least 1
-#pragma unroll
-    for (int i = 0; i < 128; ++i) o[i] = 0.0f;
-    float m_a = -INFINITY, m_b = -INFINITY;  // running (lazy) max, log2 units, shared by both WGs
-    float mt_a = -INFINITY, mt_b = -INFINITY;  // WG0: the true running max, for max_logits
-    float scale_a = 0.0f, scale_b = 0.0f;      // WG0: the scale of the rows' logits (block_logit_scale)
-    float l_a = 0.0f, l_b = 0.0f;            // this thread's share of its WG's row sums
-    bool seen = false;                       // a valid entry among this thread's columns
-    if (wg == 0) {
-      if (n_pairs > 0) {  // always (the producer finishes empty tiles), but without the test ptxas
-                          // moves the loops' shared-memory addresses out of the uniform registers
-        const uint32_t ph = pairs_done & 1;
+    return __reduce_max_sync(0xffffffffu, *reinterpret_cast<volatile uint32_t*>(sTileIds));
+  };
+  const auto pairs_of = [&](TileOf of) {
+    return (((src.begin(of.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;  // at least 1
+  };
+
+  // Warpgroup 0's pairs of a tile, its first QKᵀ (block 0 into s) done.
+  const auto wg0_pairs = [&](int n_pairs) {
+    for (int i = 0; i < n_pairs; ++i) {
+      // Softmax over block 2i against the running max; hand the new max to WG1.
+      float bm_a, bm_b;
+      seen |= mask_and_max(s, sValid, quad, c2, bm_a, bm_b);
+      const float nm_a = lazy_max(m_a, bm_a), nm_b = lazy_max(m_b, bm_b);
+      if (quad == 0) {
+        sMaxTrue[row_a] = max_nan(mt_a, bm_a);
+        sMaxTrue[row_b] = max_nan(mt_b, bm_b);
+      }
+      publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max0_ready);
+      // O[:, 0:256] += P0 · V0.left; then K0.left is free.
+      softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv0l);
+      wgmma_wait<0>();
+      mbar_arrive(&empty[0]);
+      // WG1's max over block 2i+1: move P0, O and l to it, hand P0 over.
+      mbar_wait(max1_ready, (pairs_done + i) & 1);
+      const float m1_a = sMax[row_a], m1_b = sMax[row_b];
+      const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
+      mt_a = sMaxTrue[row_a];
+      mt_b = sMaxTrue[row_b];
+      if (__any_sync(0xffffffffu, !(f_a == 1.0f && f_b == 1.0f))) {  // pa already holds P0 on this max
+        scale_pairs(s, f_a, f_b);
+        p_to_regs(s, pa);
+      }
+      p_to_smem(pa, sP0, row_a, quad);
+      fence_proxy_async();
+      named_barrier_arrive(kP0Ready, 256);
+      // with dQK > dV, P0 sits in K0.right: this warpgroup's part of its release (its own
+      // arrival after its own writes, the ordering a memory checker follows)
+      if constexpr (DQK > kDv) mbar_arrive(&empty[1]);
+      l_a *= f_a;
+      l_b *= f_b;
+      scale_rows(o, f_a, f_b);
+      m_a = m1_a;
+      m_b = m1_b;
+      // O[:, 0:256] += P1 · V1.left.
+      named_barrier_sync(kP1Ready, 256);
+      wgmma_fence();
+      pv_remote(o, dp1, dv1l);
+      wgmma_commit();
+      if (i + 1 < n_pairs) {
+        // S for block 2i+2 behind it; K1.left is free once the P·V above is done.
+        const uint32_t ph = (pairs_done + i + 1) & 1;
         mbar_wait(&full0[0], ph);
         wgmma_fence();
         qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
+        wgmma_commit();
+        wgmma_wait<1>();
+        mbar_arrive(&empty[2]);
+        mbar_wait(&full0[kLeftChunks], ph);
+        wgmma_fence();
         qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
         wgmma_commit();
         wgmma_wait<0>();
-        if (n_pairs == 1) mbar_arrive(q_empty);
-      }
-      for (int i = 0; i < n_pairs; ++i) {
-        // Softmax over block 2i against the running max; hand the new max to WG1.
-        float bm_a, bm_b;
-        seen |= mask_and_max(s, sValid, quad, c2, bm_a, bm_b);
-        const float nm_a = lazy_max(m_a, bm_a), nm_b = lazy_max(m_b, bm_b);
-        if (quad == 0) {
-          sMaxTrue[row_a] = max_nan(mt_a, bm_a);
-          sMaxTrue[row_b] = max_nan(mt_b, bm_b);
-        }
-        publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max0_ready);
-        // O[:, 0:256] += P0 · V0.left; then K0.left is free.
-        softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv0l);
+        if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
+      } else {
+        // while the tensor cores finish the tile: the scale of the row's logits, for the epilogue
+        if (p.max_logits || p.lse) block_logit_scale(s, exp_base(m_a), exp_base(m_b), mt_a, mt_b, scale_a, scale_b);
         wgmma_wait<0>();
-        mbar_arrive(&empty[0]);
-        // WG1's max over block 2i+1: move P0, O and l to it, hand P0 over.
-        mbar_wait(max1_ready, (pairs_done + i) & 1);
-        const float m1_a = sMax[row_a], m1_b = sMax[row_b];
-        const float f_a = rebase(m_a, m1_a), f_b = rebase(m_b, m1_b);
-        mt_a = sMaxTrue[row_a];
-        mt_b = sMaxTrue[row_b];
-        if (__any_sync(0xffffffffu, !(f_a == 1.0f && f_b == 1.0f))) {  // pa already holds P0 on this max
-          scale_pairs(s, f_a, f_b);
-          p_to_regs(s, pa);
-        }
-        p_to_smem(pa, sP0, row_a, quad);
-        fence_proxy_async();
-        named_barrier_arrive(kP0Ready, 256);
-        // with dQK > dV, P0 sits in K0.right: this warpgroup's part of its release (its own
-        // arrival after its own writes, the ordering a memory checker follows)
-        if constexpr (DQK > kDv) mbar_arrive(&empty[1]);
-        l_a *= f_a;
-        l_b *= f_b;
-        scale_rows(o, f_a, f_b);
-        m_a = m1_a;
-        m_b = m1_b;
-        // O[:, 0:256] += P1 · V1.left.
-        named_barrier_sync(kP1Ready, 256);
-        wgmma_fence();
-        pv_remote(o, dp1, dv1l);
-        wgmma_commit();
-        if (i + 1 < n_pairs) {
-          // S for block 2i+2 behind it; K1.left is free once the P·V above is done.
-          const uint32_t ph = (pairs_done + i + 1) & 1;
-          mbar_wait(&full0[0], ph);
-          wgmma_fence();
-          qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
-          wgmma_commit();
-          wgmma_wait<1>();
-          mbar_arrive(&empty[2]);
-          mbar_wait(&full0[kLeftChunks], ph);
-          wgmma_fence();
-          qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
-          wgmma_commit();
-          wgmma_wait<0>();
-          if (i + 2 == n_pairs) mbar_arrive(q_empty);  // WG0's last QKᵀ of the tile is done
-        } else {
-          // while the tensor cores finish the tile: the scale of the row's logits, for the epilogue
-          if (p.max_logits || p.lse) block_logit_scale(s, exp_base(m_a), exp_base(m_b), mt_a, mt_b, scale_a, scale_b);
-          wgmma_wait<0>();
-          if (!kTmaStore) mbar_arrive(&empty[2]);  // with TMA stores: once O staged there is stored
-        }
-      }
-    } else {
-      for (int i = 0; i < n_pairs; ++i) {
-        const uint32_t ph = (pairs_done + i) & 1;
-        mbar_wait(&full1[kLeftChunks], ph);
-        wgmma_fence();
-        qk_chunks_landed<kLeftChunks, C>(s, dq, dk1, true, full1, ph);
-        qk_chunks_landed<0, kLeftChunks>(s, dq, dk1, false, full1, ph);
-        wgmma_commit();
-        wgmma_wait<0>();
-        if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done
-        float bm_a, bm_b;
-        seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
-        // The max over block 2i+1 on top of WG0's max over block 2i.
-        mbar_wait(max0_ready, (pairs_done + i) & 1);
-        const float nm_a = lazy_max(sMax[row_a], bm_a), nm_b = lazy_max(sMax[row_b], bm_b);
-        const float t_a = max_nan(sMaxTrue[row_a], bm_a), t_b = max_nan(sMaxTrue[row_b], bm_b);
-        __syncwarp();
-        if (quad == 0) {
-          sMaxTrue[row_a] = t_a;
-          sMaxTrue[row_b] = t_b;
-        }
-        publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max1_ready);
-        // O[:, 256:512] += P1 · V1.right; hand P1 to WG0.
-        softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv1r);
-        p_to_smem(pa, sP1, row_a, quad);
-        fence_proxy_async();
-        named_barrier_arrive(kP1Ready, 256);
-        // K1.right is free once this WG's own P·V is done (before waiting for P0); with TMA stores
-        // the tile's last one holds O's staging first.
-        wgmma_wait<0>();
-        if (!kTmaStore || i + 1 < n_pairs) mbar_arrive(&empty[3]);
-        // O[:, 256:512] += P0 · V0.right (P0 already on this max).
-        named_barrier_sync(kP0Ready, 256);
-        pv_remote(o, dp0, dv0r);
-        wgmma_commit();
-        wgmma_wait<0>();
-        mbar_arrive(&empty[1]);
+        if (!kTmaStore) mbar_arrive(&empty[2]);  // with TMA stores: once O staged there is stored
       }
     }
-    pairs_done += n_pairs;
+  };
 
-    // Epilogue. Row sums: this thread's columns -> quad -> both warpgroups; whether the query had
-    // any valid entry (the same for every head; logits that are all −inf still count: lse = −inf
-    // then, not the +inf of an empty row, as in the core).
+  // Warpgroup 1's pairs of a tile.
+  const auto wg1_pairs = [&](int n_pairs) {
+    for (int i = 0; i < n_pairs; ++i) {
+      const uint32_t ph = (pairs_done + i) & 1;
+      mbar_wait(&full1[kLeftChunks], ph);
+      wgmma_fence();
+      qk_chunks_landed<kLeftChunks, C>(s, dq, dk1, true, full1, ph);
+      qk_chunks_landed<0, kLeftChunks>(s, dq, dk1, false, full1, ph);
+      wgmma_commit();
+      wgmma_wait<0>();
+      if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done
+      float bm_a, bm_b;
+      seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
+      // The max over block 2i+1 on top of WG0's max over block 2i.
+      mbar_wait(max0_ready, (pairs_done + i) & 1);
+      const float nm_a = lazy_max(sMax[row_a], bm_a), nm_b = lazy_max(sMax[row_b], bm_b);
+      const float t_a = max_nan(sMaxTrue[row_a], bm_a), t_b = max_nan(sMaxTrue[row_b], bm_b);
+      __syncwarp();
+      if (quad == 0) {
+        sMaxTrue[row_a] = t_a;
+        sMaxTrue[row_b] = t_b;
+      }
+      publish_max(sMax, row_a, row_b, quad, nm_a, nm_b, max1_ready);
+      // O[:, 256:512] += P1 · V1.right; hand P1 to WG0.
+      softmax_and_pv_local(s, o, pa, m_a, m_b, l_a, l_b, nm_a, nm_b, dv1r);
+      p_to_smem(pa, sP1, row_a, quad);
+      fence_proxy_async();
+      named_barrier_arrive(kP1Ready, 256);
+      // K1.right is free once this WG's own P·V is done (before waiting for P0); with TMA stores
+      // the tile's last one holds O's staging first.
+      wgmma_wait<0>();
+      if (!kTmaStore || i + 1 < n_pairs) mbar_arrive(&empty[3]);
+      // O[:, 256:512] += P0 · V0.right (P0 already on this max).
+      named_barrier_sync(kP0Ready, 256);
+      pv_remote(o, dp0, dv0r);
+      wgmma_commit();
+      wgmma_wait<0>();
+      mbar_arrive(&empty[1]);
+    }
+  };
+
+  // With dQK > dV (576), warpgroup 0 issues the next tile's first QKᵀ chunks before the last tile's
+  // epilogue, so the tensor cores work while O is stored. With dQK = dV the epilogue stays at the
+  // tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third and thirty-fourth sessions).
+  constexpr bool kNextQkUnderEpilogue = DQK > kDv;
+
+  // The end of tile `index` (its sums, normalization, outputs), by both math warpgroups.
+  const auto finish_tile = [&](uint32_t index) {
+    float* const sLt = sL + (index & 1) * 128;
+    int* const sSeenT = sSeen + (index & 1) * 8;
+    // Row sums: this thread's columns -> quad -> both warpgroups; whether the query had any valid
+    // entry (the same for every head; logits that are all −inf still count: lse = −inf then, not
+    // the +inf of an empty row, as in the core).
     l_a = quad_sum(l_a);
     l_b = quad_sum(l_b);
     const bool warp_seen = __any_sync(0xffffffffu, seen);
@@ -905,7 +917,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       sLt[wg * 64 + row_b] = l_b;
     }
     if (lane == 0) sSeenT[tid >> 5] = warp_seen;
-    named_barrier_sync(kMathSync, 256);
+    // the next-QKᵀ form reaches this barrier from each warpgroup's own copy of the tile loop:
+    // the non-aligned barrier there
+    if constexpr (kNextQkUnderEpilogue) named_barrier_sync_unaligned(kMathSync, 256);
+    else named_barrier_sync(kMathSync, 256);
     bool any_valid = false;
 #pragma unroll
     for (int w = 0; w < 8; ++w) any_valid |= sSeenT[w] != 0;
@@ -944,6 +959,80 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
       }
     }
+  };
+
+  if constexpr (!kNextQkUnderEpilogue) {
+    for (;; ++tiles_done) {
+      const uint32_t t = next_tile_id();
+      if (t >= n_tiles) break;
+      start_tile(tile_of(t, head_blocks));
+      const int n_pairs = pairs_of(tile);
+      if (wg == 0) {
+        if (n_pairs > 0) {  // always (the producer finishes empty tiles), but without the test ptxas
+                            // moves the loops' shared-memory addresses out of the uniform registers
+          const uint32_t ph = pairs_done & 1;
+          mbar_wait(&full0[0], ph);
+          wgmma_fence();
+          qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
+          qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
+          wgmma_commit();
+          wgmma_wait<0>();
+          if (n_pairs == 1) mbar_arrive(q_empty);
+        }
+        wg0_pairs(n_pairs);
+      } else {
+        wg1_pairs(n_pairs);
+      }
+      pairs_done += n_pairs;
+      finish_tile(tiles_done);
+    }
+  } else {
+    // A tile's epilogue runs at the top of the next iteration. Each math warpgroup runs its own copy
+    // of the loop (W, its index, a constant), so no path of the compiled code leads from warpgroup
+    // 0's early QKᵀ into warpgroup 1's code: ptxas follows every path when it checks which wgmma may
+    // be in flight, and serializes them all (C7515) for paths no thread takes.
+    const auto run_tiles = [&](auto wg_tag) {
+      constexpr int W = decltype(wg_tag)::value;
+      for (;; ++tiles_done) {
+        if (W == 1 && tiles_done > 0) finish_tile(tiles_done - 1);
+        const uint32_t t = next_tile_id();
+        if (t >= n_tiles) {
+          if (W == 0 && tiles_done > 0) finish_tile(tiles_done - 1);
+          break;
+        }
+        const TileOf next = tile_of(t, head_blocks);
+        const int n_pairs = pairs_of(next);
+        if constexpr (W == 0) {
+          // The early chunks, the epilogue and the rest of the QKᵀ in one branch: ptxas must find no
+          // path on which the early chunks stay in flight, and the n_pairs test keeps the loops'
+          // descriptors in uniform registers (without it, 250 R2URs).
+          if (n_pairs > 0) {  // always (the producer finishes empty tiles)
+            const uint32_t ph = pairs_done & 1;
+            mbar_wait(&full0[0], ph);
+            wgmma_fence();
+            qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
+            wgmma_commit();
+            if (tiles_done > 0) finish_tile(tiles_done - 1);
+            start_tile(next);
+            wgmma_fence();
+            qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
+            wgmma_commit();
+            wgmma_wait<0>();
+            if (n_pairs == 1) mbar_arrive(q_empty);
+          } else {
+            if (tiles_done > 0) finish_tile(tiles_done - 1);
+            start_tile(next);
+          }
+          wg0_pairs(n_pairs);
+        } else {
+          start_tile(next);
+          wg1_pairs(n_pairs);
+        }
+        pairs_done += n_pairs;
+      }
+    };
+    if (wg == 0) run_tiles(std::integral_constant<int, 0>{});
+    else run_tiles(std::integral_constant<int, 1>{});
   }
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
 }

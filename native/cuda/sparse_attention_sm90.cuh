@@ -856,17 +856,19 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
   };
 
-  // Warpgroup 1's pairs of a tile.
-  const auto wg1_pairs = [&](int n_pairs) {
+  // Warpgroup 1's pairs of a tile; first_qk_done (a std::bool_constant): its first QKᵀ already done.
+  const auto wg1_pairs = [&](int n_pairs, auto first_qk_done) {
     for (int i = 0; i < n_pairs; ++i) {
-      const uint32_t ph = (pairs_done + i) & 1;
-      mbar_wait(&full1[kLeftChunks], ph);
-      wgmma_fence();
-      qk_chunks_landed<kLeftChunks, C>(s, dq, dk1, true, full1, ph);
-      qk_chunks_landed<0, kLeftChunks>(s, dq, dk1, false, full1, ph);
-      wgmma_commit();
-      wgmma_wait<0>();
-      if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done
+      if (!(decltype(first_qk_done)::value && i == 0)) {
+        const uint32_t ph = (pairs_done + i) & 1;
+        mbar_wait(&full1[kLeftChunks], ph);
+        wgmma_fence();
+        qk_chunks_landed<kLeftChunks, C>(s, dq, dk1, true, full1, ph);
+        qk_chunks_landed<0, kLeftChunks>(s, dq, dk1, false, full1, ph);
+        wgmma_commit();
+        wgmma_wait<0>();
+        if (i + 1 == n_pairs) mbar_arrive(q_empty);  // WG1's last QKᵀ of the tile is done
+      }
       float bm_a, bm_b;
       seen |= mask_and_max(s, sValid + 64, quad, c2, bm_a, bm_b);
       // The max over block 2i+1 on top of WG0's max over block 2i.
@@ -897,9 +899,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
   };
 
-  // With dQK > dV (576), warpgroup 0 issues the next tile's first QKᵀ chunks before the last tile's
-  // epilogue, so the tensor cores work while O is stored. With dQK = dV the epilogue stays at the
-  // tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third and thirty-fourth sessions).
+  // With dQK > dV (576), each math warpgroup issues the next tile's first QKᵀ chunks before the last
+  // tile's epilogue, so the tensor cores work while O is stored. With dQK = dV the epilogue stays at
+  // the tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third and thirty-fourth
+  // sessions), and its O leaves through TMA stores staged in K1, which the next tile's keys need.
   constexpr bool kNextQkUnderEpilogue = DQK > kDv;
 
   // The end of tile `index` (its sums, normalization, outputs), by both math warpgroups.
@@ -981,53 +984,55 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
         wg0_pairs(n_pairs);
       } else {
-        wg1_pairs(n_pairs);
+        wg1_pairs(n_pairs, std::false_type{});
       }
       pairs_done += n_pairs;
       finish_tile(tiles_done);
     }
   } else {
-    // A tile's epilogue runs at the top of the next iteration. Each math warpgroup runs its own copy
-    // of the loop (W, its index, a constant), so no path of the compiled code leads from warpgroup
-    // 0's early QKᵀ into warpgroup 1's code: ptxas follows every path when it checks which wgmma may
-    // be in flight, and serializes them all (C7515) for paths no thread takes.
+    static_assert(!kTmaStore, "O's TMA staging in K1 would hold the next tile's keys back");
+    // A tile's epilogue runs inside the next tile's first QKᵀ: each math warpgroup issues the chunks
+    // of its block it reads first (warpgroup 0: K0.left, warpgroup 1: K1.right), finishes the last
+    // tile while the tensor cores work, then issues the rest. Each warpgroup runs its own copy of the
+    // loop (W, its index, a constant), so no path of the compiled code leads from one warpgroup's
+    // early QKᵀ into the other's code: ptxas follows every path when it checks which wgmma may be in
+    // flight, and serializes them all (C7515) for paths no thread takes.
     const auto run_tiles = [&](auto wg_tag) {
       constexpr int W = decltype(wg_tag)::value;
+      constexpr int kFirstLo = W == 0 ? 0 : kLeftChunks, kFirstHi = W == 0 ? kLeftChunks : C;
+      constexpr int kRestLo = W == 0 ? kLeftChunks : 0, kRestHi = W == 0 ? C : kLeftChunks;
+      const uint64_t dk = W == 0 ? dk0 : dk1;
+      uint64_t* const my_full = W == 0 ? full0 : full1;
       for (;; ++tiles_done) {
-        if (W == 1 && tiles_done > 0) finish_tile(tiles_done - 1);
         const uint32_t t = next_tile_id();
         if (t >= n_tiles) {
-          if (W == 0 && tiles_done > 0) finish_tile(tiles_done - 1);
+          if (tiles_done > 0) finish_tile(tiles_done - 1);
           break;
         }
         const TileOf next = tile_of(t, head_blocks);
         const int n_pairs = pairs_of(next);
-        if constexpr (W == 0) {
-          // The early chunks, the epilogue and the rest of the QKᵀ in one branch: ptxas must find no
-          // path on which the early chunks stay in flight, and the n_pairs test keeps the loops'
-          // descriptors in uniform registers (without it, 250 R2URs).
-          if (n_pairs > 0) {  // always (the producer finishes empty tiles)
-            const uint32_t ph = pairs_done & 1;
-            mbar_wait(&full0[0], ph);
-            wgmma_fence();
-            qk_chunks_landed<0, kLeftChunks>(s, dq, dk0, true, full0, ph);
-            wgmma_commit();
-            if (tiles_done > 0) finish_tile(tiles_done - 1);
-            start_tile(next);
-            wgmma_fence();
-            qk_chunks_landed<kLeftChunks, C>(s, dq, dk0, false, full0, ph);
-            wgmma_commit();
-            wgmma_wait<0>();
-            if (n_pairs == 1) mbar_arrive(q_empty);
-          } else {
-            if (tiles_done > 0) finish_tile(tiles_done - 1);
-            start_tile(next);
-          }
-          wg0_pairs(n_pairs);
-        } else {
+        // The early chunks, the epilogue and the rest of the QKᵀ in one branch: ptxas must find no
+        // path on which the early chunks stay in flight, and the n_pairs test keeps the loops'
+        // descriptors in uniform registers (without it, 250 R2URs).
+        if (n_pairs > 0) {  // always (the producer finishes empty tiles)
+          const uint32_t ph = pairs_done & 1;
+          mbar_wait(&my_full[kFirstLo], ph);
+          wgmma_fence();
+          qk_chunks_landed<kFirstLo, kFirstHi>(s, dq, dk, true, my_full, ph);
+          wgmma_commit();
+          if (tiles_done > 0) finish_tile(tiles_done - 1);
           start_tile(next);
-          wg1_pairs(n_pairs);
+          wgmma_fence();
+          qk_chunks_landed<kRestLo, kRestHi>(s, dq, dk, false, my_full, ph);
+          wgmma_commit();
+          wgmma_wait<0>();
+          if (n_pairs == 1) mbar_arrive(q_empty);
+        } else {
+          if (tiles_done > 0) finish_tile(tiles_done - 1);
+          start_tile(next);
         }
+        if constexpr (W == 0) wg0_pairs(n_pairs);
+        else wg1_pairs(n_pairs, std::true_type{});
         pairs_done += n_pairs;
       }
     };
@@ -1109,10 +1114,15 @@ cudaError_t launch_sparse_attention(const AttnOutputs& o_in, const Source& src, 
   }
   CUtensorMap map{};
   if (err == cudaSuccess) {
-    if (DQK == kDv && make_out_map(&map, o))
-      err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma, device,
-                              sms, o, src, stream, map);
-    else
+    bool tma_store = false;
+    if constexpr (DQK == kDv) {  // dQK 576 has no TMA-store kernel
+      if (make_out_map(&map, o)) {
+        tma_store = true;
+        err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, true>, AttnSmem<DQK>::kAlloc, smem_set_tma,
+                                device, sms, o, src, stream, map);
+      }
+    }
+    if (!tma_store)
       err = launch_persistent(sparse_attention_sm90_kernel<DQK, Source, false>, AttnSmem<DQK>::kAlloc, smem_set, device,
                               sms, o, src, stream, map);
   }

@@ -25,9 +25,10 @@
 //     each WG issues one QKᵀ and two P·V products, and the tensor cores stay busy while the other
 //     WG does its softmax. Row sums are combined once, in the epilogue, which also folds in the
 //     sink and stores O: with dQK 512 through the K1 halves and TMA stores (kTmaStore, below),
-//     otherwise straight from registers (shared memory is already refilled by then). The rare rows
-//     whose largest logit lies near 0 get their max and lse redone on the CUDA cores there
-//     (max_logit_needs_exact).
+//     otherwise straight from registers (shared memory is already refilled by then; with dQK 576
+//     each WG has issued the next tile's first QKᵀ chunks before it, so the tensor cores work
+//     through it). The rare rows whose largest logit lies near 0 get their max and lse redone on
+//     the CUDA cores there (max_logit_needs_exact).
 //
 // Tiles are rows of 128-byte swizzled chunks of 64 dims: element (r, d) of a 64-row tile sits at
 // (d/64)*8192 + r*128 + (((d%64)/8) ^ (r%8))*16 + (d%8)*2, which is wgmma's canonical 128B-swizzle
@@ -901,8 +902,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 
   // With dQK > dV (576), each math warpgroup issues the next tile's first QKᵀ chunks before the last
   // tile's epilogue, so the tensor cores work while O is stored. With dQK = dV the epilogue stays at
-  // the tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third and thirty-fourth
-  // sessions), and its O leaves through TMA stores staged in K1, which the next tile's keys need.
+  // the tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third session), and its
+  // O leaves through TMA stores staged in K1, which the next tile's keys need.
   constexpr bool kNextQkUnderEpilogue = DQK > kDv;
 
   // The end of tile `index` (its sums, normalization, outputs), by both math warpgroups.

@@ -784,7 +784,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     ++q_loads;
     // through a warp reduction, which ptxas knows to be uniform: read plainly (or by a shuffle),
     // a tile id from shared memory moved the math loops' descriptors and barrier addresses out of
-    // the uniform registers (an R2UR before every wgmma group: 17% more instructions)
+    // the uniform registers (an R2UR before every wgmma group; docs/perf-history.md, twentieth session)
     return __reduce_max_sync(0xffffffffu, *reinterpret_cast<volatile uint32_t*>(sTileIds));
   };
   const auto pairs_of = [&](TileOf of) {
@@ -902,8 +902,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
 
   // With dQK > dV (576), each math warpgroup issues the next tile's first QKᵀ chunks before the last
   // tile's epilogue, so the tensor cores work while O is stored. With dQK = dV the epilogue stays at
-  // the tile's end: there the form cost 5–9% (docs/perf-history.md, thirty-third session), and its
-  // O leaves through TMA stores staged in K1, which the next tile's keys need.
+  // the tile's end, its O leaving through TMA stores staged in K1, which the next tile's keys need:
+  // the overlap with O stored from registers instead was slower there (docs/perf-history.md,
+  // thirty-third and thirty-fifth sessions).
   constexpr bool kNextQkUnderEpilogue = DQK > kDv;
 
   // The end of tile `index` (its sums, normalization, outputs), by both math warpgroups.
@@ -1014,7 +1015,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         const int n_pairs = pairs_of(next);
         // The early chunks, the epilogue and the rest of the QKᵀ in one branch: ptxas must find no
         // path on which the early chunks stay in flight, and the n_pairs test keeps the loops'
-        // descriptors in uniform registers (without it, 250 R2URs).
+        // descriptors in uniform registers (without it, an R2UR before every wgmma group:
+        // native/cuda/sass_census.sh counts them).
         if (n_pairs > 0) {  // always (the producer finishes empty tiles)
           const uint32_t ph = pairs_done & 1;
           mbar_wait(&my_full[kFirstLo], ph);

@@ -53,6 +53,9 @@ constexpr int kHeadsPerCta = 64;
 __host__ __device__ inline int head_blocks_of(int h_q) { return (h_q + kHeadsPerCta - 1) / kHeadsPerCta; }
 __host__ __device__ inline int64_t attention_tiles(int64_t s_q, int h_q) { return s_q * head_blocks_of(h_q); }
 constexpr int kBlockRows = 64;
+// The block pairs a query's `entries` take (a pair: one block each math warpgroup); 0 without
+// entries, a tile the producer finishes itself.
+__host__ __device__ inline int block_pairs(int entries) { return ((entries + kBlockRows - 1) / kBlockRows + 1) / 2; }
 constexpr int kDv = 512;
 constexpr int kAttnThreads = 384;
 constexpr int kLeftChunks = 4;  // dims [0, 256): V's left half
@@ -621,7 +624,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     };
     // The producer resolves the first rows of the CTA's next tile during the current one's last
     // pair, so a tile starts without an index round trip.
-    auto pairs_of = [&](const typename Source::Entries& e) { return (((e.total + kBlockRows - 1) / kBlockRows) + 1) / 2; };
+    auto pairs_of = [&](const typename Source::Entries& e) { return block_pairs(e.total); };
     struct Next {
       uint32_t t;
       typename Source::Entries entries;
@@ -787,9 +790,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // the uniform registers (an R2UR before every wgmma group; docs/perf-history.md, twentieth session)
     return __reduce_max_sync(0xffffffffu, *reinterpret_cast<volatile uint32_t*>(sTileIds));
   };
-  const auto pairs_of = [&](TileOf of) {
-    return (((src.begin(of.qi).total + kBlockRows - 1) / kBlockRows) + 1) / 2;  // at least 1
-  };
+  const auto pairs_of = [&](TileOf of) { return block_pairs(src.begin(of.qi).total); };
 
   // Warpgroup 0's pairs of a tile, its first QKᵀ (block 0 into s) done.
   const auto wg0_pairs = [&](int n_pairs) {

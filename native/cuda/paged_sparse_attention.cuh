@@ -75,7 +75,7 @@ struct PagedSmem {
   // raw_ready[kPagedStages]
   static constexpr int kBar = kTileScale + kPagedStages * 256;
   // the producer's e4m3 identity (a 128B-swizzled operand: 1024-aligned)
-  static constexpr int kIdentity = (kBar + (3 * kPagedStages + 8) * 8 + 1023) / 1024 * 1024;
+  static constexpr int kIdentity = (kBar + (3 * kPagedStages + 9) * 8 + 1023) / 1024 * 1024;  // + q_full
   static constexpr int kTotal = kIdentity + kE4m3IdentityBytes;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
@@ -99,9 +99,10 @@ struct PagedSmem {
 // one, and warpgroup 0 loads the next tile's Q as soon as its last QKᵀ is done. Every stage,
 // handoff and epilogue barrier keeps counting across tiles (g: the CTA's block count; tile parity
 // for the epilogue's exchange).
-template <int DQK, class Source>
+// kQByTma: Q arrives by TMA boxes of `q_map` (make_q_map), otherwise by the threads' cp.async.
+template <int DQK, class Source, bool kQByTma>
 __global__ void __launch_bounds__(kAttnThreads, 1)
-    paged_attention_sm90_kernel(const AttnOutputs p, const Source src) {
+    paged_attention_sm90_kernel(const AttnOutputs p, const Source src, const __grid_constant__ CUtensorMap q_map) {
   using L = PagedSmem<DQK>;
   using namespace detail;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -120,6 +121,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint64_t* out_ready = p_free + 2;          // [tile parity]: WG0's rows' final factors are in sOutScale
   uint64_t* out_free = out_ready + 2;        // [tile parity]: WG1 has read them
   uint64_t* raw_ready = out_free + 2;        // [stage]: WG1's tiles' e4m3 bytes are staged, tile 4's read
+  uint64_t* q_full = raw_ready + kPagedStages;  // kQByTma: a tile's Q has landed
   uint32_t* sTileScale = reinterpret_cast<uint32_t*>(smem + L::kTileScale);
 
   const int head_blocks = head_blocks_of(p.h_q);
@@ -137,6 +139,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       mbar_init(&p_free[i], 128);
       mbar_init(&out_ready[i], 128);
       mbar_init(&out_free[i], 128);
+    }
+    if (kQByTma) {
+      mbar_init(q_full, 1);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
   }
   __syncthreads();
@@ -219,19 +225,51 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     // Q of a tile is loaded by WG0 alone (the only reader), as soon as the previous tile's last
     // QKᵀ is done; `q_issued`: the current tile's Q is on its way.
     bool q_issued = false;
+    // kQByTma: eight TMA boxes (64 dims x 64 heads of the query; heads past h_q zero-filled) issued by
+    // thread 0 once every warp of WG0 is done with the Q before (named barrier 7), completing on
+    // q_full; each load is waited for once, in order. The issue is predicated, not branched: after a
+    // divergent branch of one thread ptxas serialized this kernel's wgmma (C7518) in other forms.
+    uint32_t q_waits = 0;
+    const auto q_load = [&](int64_t qi, int h0) {
+      if constexpr (kQByTma) {
+        named_barrier_sync(7, 128);
+        const uint64_t once = l2_policy_evict_first();
+        asm volatile(
+            "{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%1], %2;\n}\n" ::"r"(
+                ctid),
+            "r"(smem_u32(q_full)), "r"(64u * DQK * 2u)
+            : "memory");
+#pragma unroll
+        for (int c = 0; c < L::kChunks; ++c)
+          asm volatile(
+              "{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+              "complete_tx::bytes.L2::cache_hint [%1], [%2, {%3, %4, %5}], [%6], %7;\n}\n" ::"r"(ctid),
+              "r"(smem_u32(sQ + c * 8192)), "l"(&q_map), "r"(64 * c), "r"(h0), "r"(int32_t(qi)), "r"(smem_u32(q_full)),
+              "l"(once)
+              : "memory");
+      } else {
+        load_q_tile<DQK>(sQ, p, qi, h0, ctid, 128);
+        cp_async_commit();
+      }
+    };
+    const auto q_wait = [&] {
+      if constexpr (kQByTma) {
+        mbar_wait(q_full, q_waits & 1);
+        ++q_waits;
+      } else {
+        cp_async_wait_all();
+        fence_proxy_async();
+        named_barrier_sync(3, 128);  // the whole Q tile has landed
+      }
+    };
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
       const TileOf tile = tile_of(t, head_blocks);
       const int n_blocks = blocks_of(src.begin(tile.qi));
-      if (n_blocks == 0 && q_issued) cp_async_wait_all();  // a Q loaded for nothing: landed before the next one is
+      if (n_blocks == 0 && q_issued) q_wait();  // a Q loaded for nothing: landed before the next one is
       if (n_blocks > 0) {
-        if (!q_issued) {
-          load_q_tile<DQK>(sQ, p, tile.qi, tile.h0, ctid, 128);
-          cp_async_commit();
-        }
-        cp_async_wait_all();
-        fence_proxy_async();
-        named_barrier_sync(3, 128);  // the whole Q tile has landed
+        if (!q_issued) q_load(tile.qi, tile.h0);
+        q_wait();
       }
       q_issued = false;
 #pragma unroll
@@ -252,8 +290,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         wgmma_wait<0>();
         if (b + 1 == n_blocks && t + gridDim.x < n_tiles32) {  // the tile's last QKᵀ is done: Q is free
           const TileOf next = tile_of(t + gridDim.x, head_blocks);
-          load_q_tile<DQK>(sQ, p, next.qi, next.h0, ctid, 128);
-          cp_async_commit();
+          q_load(next.qi, next.h0);
           q_issued = true;
         }
         float bm_a, bm_b;
@@ -362,19 +399,41 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       mbar_wait(&out_ready[tp], (tiles_done >> 1) & 1);
       const float sc_a = sOutScale[tp * 64 + row_a], sc_b = sOutScale[tp * 64 + row_b];
       mbar_arrive(&out_free[tp]);
+      // the next tile's second block converted before this tile's O is stored: the producer's
+      // stages keep moving while the stores drain
+      convert_through(g + 1);
       store_o_row(p, tile.qi, tile.h0 + row_a, 1, quad, 0, o, sc_a);
       store_o_row(p, tile.qi, tile.h0 + row_b, 1, quad, 1, o, sc_b);
     }
   }
 }
 
+// Q as a [s_q][h_q][512] bf16 tensor of 64 x 64 x 1 boxes (128B swizzle; heads past h_q zero-filled).
+inline bool make_q_map(CUtensorMap* map, const AttnOutputs& o) {
+  if (o.s_q >= (int64_t(1) << 31)) return false;
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return false;
+  const cuuint64_t dims[3] = {cuuint64_t(kDv), cuuint64_t(o.h_q), cuuint64_t(o.s_q)};
+  const cuuint64_t strides[2] = {cuuint64_t(kDv) * 2, cuuint64_t(o.h_q) * kDv * 2};
+  const cuuint32_t box[3] = {64, 64, 1}, element_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(o.q), dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 template <int DQK, class Source>
 cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
-  static PerDeviceValue<int> smem_set;
+  static_assert(DQK == kDv, "make_q_map describes Q rows of dV elements");
+  static PerDeviceValue<int> smem_set_tma, smem_set_cp_async;
   int device = 0, sms = 0;
   if (const cudaError_t err = current_device_sms(&device, &sms); err != cudaSuccess) return err;
-  return launch_persistent(paged_attention_sm90_kernel<DQK, Source>, PagedSmem<DQK>::kAlloc, smem_set, device, sms, o, src,
-                           stream);
+  CUtensorMap q_map{};
+  if (make_q_map(&q_map, o))
+    return launch_persistent(paged_attention_sm90_kernel<DQK, Source, true>, PagedSmem<DQK>::kAlloc, smem_set_tma, device,
+                             sms, o, src, stream, q_map);
+  // no driver entry point for tensor maps: the threads load Q
+  return launch_persistent(paged_attention_sm90_kernel<DQK, Source, false>, PagedSmem<DQK>::kAlloc, smem_set_cp_async,
+                           device, sms, o, src, stream, q_map);
 }
 
 struct PagedFp8Rows {

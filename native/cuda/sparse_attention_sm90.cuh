@@ -1059,11 +1059,16 @@ cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem
   return cudaGetLastError();
 }
 
-// cuTensorMapEncodeTiled, from the driver through the runtime (the addon links no libcuda).
+// cuTensorMapEncodeTiled, from the driver through the runtime (the addon links no libcuda). A build
+// with -DSMLA_TEST_NO_TENSOR_MAPS finds none, so a harness can check the paths a driver without it
+// takes (the threads' own O stores, the paged kernel's cp.async Q).
 using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
                                    const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                    CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 inline EncodeTiledFn encode_tiled_fn() {
+#ifdef SMLA_TEST_NO_TENSOR_MAPS
+  return nullptr;
+#else
   static EncodeTiledFn fn = [] {
     void* f = nullptr;
     cudaDriverEntryPointQueryResult q;
@@ -1073,6 +1078,7 @@ inline EncodeTiledFn encode_tiled_fn() {
     return reinterpret_cast<EncodeTiledFn>(f);
   }();
   return fn;
+#endif
 }
 
 // The tensor map for O's TMA stores (out as [s_q * h_q, 512] bf16, 64 x 64 boxes, 128B swizzle):

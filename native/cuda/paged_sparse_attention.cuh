@@ -72,10 +72,10 @@ struct PagedSmem {
   static constexpr int kValid = kAny + 32;           // uint8 [kPagedStages][64]
   static constexpr int kTileScale = kValid + kPagedStages * 64;  // uint32 [kPagedStages][64]: scale bytes 4-7
   // uint64 full[kPagedStages], empty[kPagedStages], p_ready[2], p_free[2], out_ready[2], out_free[2],
-  // raw_ready[kPagedStages]
+  // raw_ready[kPagedStages], q_full
   static constexpr int kBar = kTileScale + kPagedStages * 256;
   // the producer's e4m3 identity (a 128B-swizzled operand: 1024-aligned)
-  static constexpr int kIdentity = (kBar + (3 * kPagedStages + 9) * 8 + 1023) / 1024 * 1024;  // + q_full
+  static constexpr int kIdentity = (kBar + (3 * kPagedStages + 9) * 8 + 1023) / 1024 * 1024;
   static constexpr int kTotal = kIdentity + kE4m3IdentityBytes;
   static constexpr int kAlloc = kTotal + 1024;       // slack to align the base to 1024 B
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     }
     if (kQByTma) {
       mbar_init(q_full, 1);
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      fence_mbarrier_init();
     }
   }
   __syncthreads();
@@ -227,26 +227,16 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     bool q_issued = false;
     // kQByTma: eight TMA boxes (64 dims x 64 heads of the query; heads past h_q zero-filled) issued by
     // thread 0 once every warp of WG0 is done with the Q before (named barrier 7), completing on
-    // q_full; each load is waited for once, in order. The issue is predicated, not branched: after a
-    // divergent branch of one thread ptxas serialized this kernel's wgmma (C7518) in other forms.
+    // q_full; each load is waited for once, in order.
     uint32_t q_waits = 0;
     const auto q_load = [&](int64_t qi, int h0) {
       if constexpr (kQByTma) {
         named_barrier_sync(7, 128);
         const uint64_t once = l2_policy_evict_first();
-        asm volatile(
-            "{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%1], %2;\n}\n" ::"r"(
-                ctid),
-            "r"(smem_u32(q_full)), "r"(64u * DQK * 2u)
-            : "memory");
+        mbar_arrive_expect_tx_tid0(ctid, q_full, 64u * DQK * 2u);
 #pragma unroll
         for (int c = 0; c < L::kChunks; ++c)
-          asm volatile(
-              "{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
-              "complete_tx::bytes.L2::cache_hint [%1], [%2, {%3, %4, %5}], [%6], %7;\n}\n" ::"r"(ctid),
-              "r"(smem_u32(sQ + c * 8192)), "l"(&q_map), "r"(64 * c), "r"(h0), "r"(int32_t(qi)), "r"(smem_u32(q_full)),
-              "l"(once)
-              : "memory");
+          tma_load_3d_tid0(ctid, smem_u32(sQ + c * 8192), &q_map, 64 * c, h0, int32_t(qi), q_full, once);
       } else {
         load_q_tile<DQK>(sQ, p, qi, h0, ctid, 128);
         cp_async_commit();
@@ -408,17 +398,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
 }
 
-// Q as a [s_q][h_q][512] bf16 tensor of 64 x 64 x 1 boxes (128B swizzle; heads past h_q zero-filled).
+// Q as a [s_q][h_q][512] bf16 tensor of 64 x 64 x 1 boxes (heads past h_q zero-filled); false
+// without an encoder in the driver.
 inline bool make_q_map(CUtensorMap* map, const AttnOutputs& o) {
-  if (o.s_q >= (int64_t(1) << 31)) return false;
-  const EncodeTiledFn encode = encode_tiled_fn();
-  if (!encode) return false;
+  if (o.s_q >= (int64_t(1) << 31)) return false;  // the kernel's query coordinate is 32-bit
   const cuuint64_t dims[3] = {cuuint64_t(kDv), cuuint64_t(o.h_q), cuuint64_t(o.s_q)};
   const cuuint64_t strides[2] = {cuuint64_t(kDv) * 2, cuuint64_t(o.h_q) * kDv * 2};
-  const cuuint32_t box[3] = {64, 64, 1}, element_strides[3] = {1, 1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 3, const_cast<uint16_t*>(o.q), dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_bf16_boxes_64x64(map, const_cast<uint16_t*>(o.q), 3, dims, strides);
 }
 
 template <int DQK, class Source>

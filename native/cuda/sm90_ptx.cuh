@@ -1,4 +1,4 @@
-// Thin wrappers over the sm_90a PTX the kernels use: mbarriers, cp.async, proxy fences,
+// Thin wrappers over the sm_90a PTX the kernels use: mbarriers, cp.async, TMA, proxy fences,
 // named barriers, register reallocation and wgmma (descriptors + the two shapes we issue).
 #pragma once
 #include <stdint.h>
@@ -26,6 +26,11 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
       "}\n" ::"r"(smem_u32(bar)),
       "r"(parity)
       : "memory");
+}
+
+// Makes this thread's mbarrier inits visible to the async proxy (TMA completes on them).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
 }
 
 // Non-blocking probe: has the phase with this parity completed?
@@ -195,6 +200,25 @@ __device__ __forceinline__ void tma_store_2d(const void* tmap, uint32_t smem_src
                "r"(smem_src), "r"(x), "r"(y), "l"(policy)
                : "memory");
 }
+// ---- TMA loads issued by one thread of a warpgroup ----
+// Only the thread with tid == 0 issues; the others run the same instructions predicated off. A
+// branch around one thread's issue made ptxas serialize the paged kernel's wgmma (C7518).
+__device__ __forceinline__ void mbar_arrive_expect_tx_tid0(uint32_t tid, uint64_t* bar, uint32_t bytes) {
+  asm volatile("{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 mbarrier.arrive.expect_tx.shared::cta.b64 _, [%1], %2;\n}\n" ::"r"(
+                   tid),
+               "r"(smem_u32(bar)), "r"(bytes)
+               : "memory");
+}
+// A 3D box of a tensor map into shared memory, completing on `bar`, its lines under an L2 policy.
+__device__ __forceinline__ void tma_load_3d_tid0(uint32_t tid, uint32_t smem_dst, const void* tmap, int32_t x, int32_t y,
+                                                 int32_t z, uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "{\n.reg .pred t0;\nsetp.eq.u32 t0, %0, 0;\n@t0 cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::"
+      "complete_tx::bytes.L2::cache_hint [%1], [%2, {%3, %4, %5}], [%6], %7;\n}\n" ::"r"(tid),
+      "r"(smem_dst), "l"(tmap), "r"(x), "r"(y), "r"(z), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+}
+
 __device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
 // This thread's bulk copies have read their shared-memory source / have completed.
 __device__ __forceinline__ void bulk_wait_group_read0() { asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory"); }

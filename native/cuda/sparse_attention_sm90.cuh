@@ -1081,20 +1081,28 @@ inline EncodeTiledFn encode_tiled_fn() {
 #endif
 }
 
+// A tensor map of bf16 rows of `rank` dims (dims[0] the contiguous one, strides in bytes of the
+// others) in 64 x 64 (x 1) boxes with the 128B swizzle the kernels' shared tiles use; elements
+// past the tensor's bounds read as zeros. False without an encoder in the driver.
+inline bool encode_bf16_boxes_64x64(CUtensorMap* map, void* base, cuuint32_t rank, const cuuint64_t* dims,
+                                    const cuuint64_t* strides) {
+  const EncodeTiledFn encode = encode_tiled_fn();
+  if (!encode) return false;
+  const cuuint32_t box[3] = {64, 64, 1}, element_strides[3] = {1, 1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, rank, base, dims, strides, box, element_strides,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 // The tensor map for O's TMA stores (out as [s_q * h_q, 512] bf16, 64 x 64 boxes, 128B swizzle):
 // false when the threads must store O themselves (a padded head group, rows past the map's 32-bit
 // coordinates, no encoder in the driver).
 inline bool make_out_map(CUtensorMap* map, const AttnOutputs& o) {
   const int64_t rows = o.s_q * int64_t(o.h_q);
   if (o.h_q % kHeadsPerCta != 0 || rows >= (int64_t(1) << 31)) return false;
-  const EncodeTiledFn encode = encode_tiled_fn();
-  if (!encode) return false;
   const cuuint64_t dims[2] = {cuuint64_t(kDv), cuuint64_t(rows)};
   const cuuint64_t strides[1] = {cuuint64_t(kDv) * 2};
-  const cuuint32_t box[2] = {64, 64}, element_strides[2] = {1, 1};
-  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, o.out, dims, strides, box, element_strides,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode_bf16_boxes_64x64(map, o.out, 2, dims, strides);
 }
 
 // O through TMA stores for dQK 512 (V3.2's dQK 576 measured 0.5% slower with them) when

@@ -81,6 +81,91 @@ struct PagedSmem {
   static_assert(kAlloc <= 232448, "fits the 227 KB a block may use");
 };
 
+// The last round of a launch split along the KV (split-KV for the tail): with T tiles on G CTAs, the
+// r = T mod G tiles of the last round (all T when T < G) each become `pieces_per_tile` work items
+// over consecutive ranges of the tile's blocks, so the round's CTAs are not left idle behind r of
+// them. A piece writes its O unnormalized (fp32, relative to its own running max) and its rows'
+// softmax state to `parts` / `stats`; paged_combine_pieces_kernel then merges a tile's pieces and
+// finalizes the rows as the kernel's epilogue would. Items below full_items are whole tiles.
+struct PagedSplit {
+  float* parts = nullptr;    // [piece][64 rows][512]
+  float4* stats = nullptr;   // [piece][64 rows]: the lazy max O and l are relative to (log2), the true max, l, any valid
+  uint32_t full_items = 0;
+  uint32_t n_items = 0;
+  int32_t pieces_per_tile = 1;
+};
+
+// Work item w: its query, first head, first block, block count and piece (-1: a whole tile).
+struct PagedItem {
+  int64_t qi;
+  int h0, b0, nb, piece;
+};
+template <class Source>
+__device__ __forceinline__ PagedItem item_of(uint32_t w, int head_blocks, const Source& src, const PagedSplit& sp,
+                                             typename Source::Entries& e) {
+  uint32_t t = w;
+  int piece = -1, j = 0;
+  if (w >= sp.full_items) {
+    piece = int(w - sp.full_items);
+    t = sp.full_items + uint32_t(piece / sp.pieces_per_tile);
+    j = piece % sp.pieces_per_tile;
+  }
+  const detail::TileOf tile = detail::tile_of(t, head_blocks);
+  e = src.begin(tile.qi);
+  const int blocks = (e.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
+  int b0 = 0, nb = blocks;
+  if (piece >= 0) {
+    b0 = j * blocks / sp.pieces_per_tile;
+    nb = (j + 1) * blocks / sp.pieces_per_tile - b0;
+  }
+  return PagedItem{tile.qi, tile.h0, b0, nb, piece};
+}
+
+// One row of a piece's unnormalized O half (fp32), as store_o_row's row: o[4j + 2 half + e] is
+// column 8j + 2 quad + e of this warpgroup's 256.
+__device__ __forceinline__ void store_part_row(const PagedSplit& sp, int piece, int row, int wg, int quad, int half,
+                                               const float (&o)[128]) {
+  float2* dst = reinterpret_cast<float2*>(sp.parts + (int64_t(piece) * kPagedRowsPerStage + row) * kDv + wg * 256) + quad;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) dst[4 * j] = make_float2(o[4 * j + 2 * half], o[4 * j + 2 * half + 1]);
+}
+
+// Merges each split tile's pieces (blockIdx.x: the tile among the split ones, blockIdx.y: its row;
+// 128 threads of 4 columns) and finalizes the row: out, lse and max_logits as one pass would give.
+__global__ void __launch_bounds__(128) paged_combine_pieces_kernel(const AttnOutputs p, const PagedSplit sp) {
+  using namespace detail;
+  const int row = int(blockIdx.y), n = sp.pieces_per_tile;
+  const TileOf tile = tile_of(sp.full_items + blockIdx.x, head_blocks_of(p.h_q));
+  const int h = tile.h0 + row;
+  if (h >= p.h_q) return;
+  const int64_t first = int64_t(blockIdx.x) * n;
+  float m = -INFINITY, true_max = -INFINITY;
+  bool any_valid = false;
+  for (int j = 0; j < n; ++j) {
+    const float4 st = sp.stats[(first + j) * kPagedRowsPerStage + row];
+    m = max_nan(m, st.x);
+    true_max = max_nan(true_max, st.y);
+    any_valid |= st.w != 0.0f;
+  }
+  float l = 0.0f;
+  float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  for (int j = 0; j < n; ++j) {
+    const float4 st = sp.stats[(first + j) * kPagedRowsPerStage + row];
+    // a piece without valid logits weighs nothing (its O is zeros); a NaN max poisons the row
+    const float w = st.x == -INFINITY ? 0.0f : exp2f(st.x - m);
+    if (w == 0.0f) continue;
+    l += w * st.z;
+    const float4 v = reinterpret_cast<const float4*>(sp.parts + ((first + j) * kPagedRowsPerStage + row) * kDv)[threadIdx.x];
+    acc.x += w * v.x;
+    acc.y += w * v.y;
+    acc.z += w * v.z;
+    acc.w += w * v.w;
+  }
+  const float sc = finalize_row(p, tile.qi, h, m, true_max, l, any_valid, threadIdx.x == 0);
+  reinterpret_cast<uint2*>(p.out + (tile.qi * p.h_q + h) * kDv)[threadIdx.x] =
+      make_uint2(pack_bf16(acc.x * sc, acc.y * sc), pack_bf16(acc.z * sc, acc.w * sc));
+}
+
 // Source policy: begin(qi) -> Entries (the query's entry count); load_id(entries, qi, k) -> the
 // entry's id (-1 past the end, where the row is never read); resolve(entries, k, id) -> Entry (its
 // records, or invalid); load_rows(entry, raw, scales, ptid) loads a warp's 16 rows into registers;
@@ -98,11 +183,13 @@ struct PagedSmem {
 // tiles, so the next tile's first blocks are dequantized while the math warpgroups finish this
 // one, and warpgroup 0 loads the next tile's Q as soon as its last QKᵀ is done. Every stage,
 // handoff and epilogue barrier keeps counting across tiles (g: the CTA's block count; tile parity
-// for the epilogue's exchange).
+// for the epilogue's exchange). The work items are the tiles, except in a split last round
+// (PagedSplit), where a tile's pieces are items of their own.
 // kQByTma: Q arrives by TMA boxes of `q_map` (make_q_map), otherwise by the threads' cp.async.
 template <int DQK, class Source, bool kQByTma>
 __global__ void __launch_bounds__(kAttnThreads, 1)
-    paged_attention_sm90_kernel(const AttnOutputs p, const Source src, const __grid_constant__ CUtensorMap q_map) {
+    paged_attention_sm90_kernel(const AttnOutputs p, const Source src, const __grid_constant__ CUtensorMap q_map,
+                                const PagedSplit split) {
   using L = PagedSmem<DQK>;
   using namespace detail;
   extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -125,7 +212,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   uint32_t* sTileScale = reinterpret_cast<uint32_t*>(smem + L::kTileScale);
 
   const int head_blocks = head_blocks_of(p.h_q);
-  const uint32_t n_tiles32 = uint32_t(attention_tiles(p.s_q, p.h_q));
+  const uint32_t n_items = split.n_items;
   const int tid = threadIdx.x;
 
   if (tid == 0) {
@@ -147,7 +234,6 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   }
   __syncthreads();
 
-  auto blocks_of = [](const typename Source::Entries& e) { return (e.total + kPagedRowsPerStage - 1) / kPagedRowsPerStage; };
   const int wg = __shfl_sync(0xffffffffu, tid / 128, 0);
 
   if (wg == 2) {
@@ -160,35 +246,35 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     write_e4m3_identity(smem + L::kIdentity, ptid, 128);
     fence_proxy_async();
     named_barrier_sync(kProducerSync, 128);
-    auto query_of = [&](uint32_t tile) { return int32_t(tile_of(tile, head_blocks).qi); };
-    // The CTA's tiles with blocks, in order (tiles without entries have no producer work).
-    auto next_busy = [&](uint32_t tile, int32_t& q, typename Source::Entries& en) {
-      for (; tile < n_tiles32; tile += gridDim.x) {
-        q = query_of(tile);
-        en = src.begin(q);
-        if (en.total > 0) break;
+    // The CTA's items with blocks, in order (items without blocks have no producer work).
+    auto next_busy = [&](uint32_t w, PagedItem& it, typename Source::Entries& en) {
+      for (; w < n_items; w += gridDim.x) {
+        it = item_of(w, head_blocks, src, split, en);
+        if (it.nb > 0) break;
       }
-      return tile;
+      return w;
     };
-    int32_t qi = 0;
+    PagedItem it{0, 0, 0, 0, -1};
     typename Source::Entries e{0, 0};
-    uint32_t t = next_busy(blockIdx.x, qi, e);
-    typename Source::Entry cur = src.resolve(e, my_row, t < n_tiles32 ? src.load_id(e, qi, my_row) : -1);
+    uint32_t t = next_busy(blockIdx.x, it, e);
+    const int k0 = my_row + kPagedRowsPerStage * it.b0;
+    typename Source::Entry cur = src.resolve(e, k0, t < n_items ? src.load_id(e, it.qi, k0) : -1);
     uint4 raw[Source::kWarpRows];
     uint2 scales;
     src.load_rows(cur, raw, scales, ptid);
     uint32_t g = 0;
-    while (t < n_tiles32) {
-      int32_t qi2 = 0;
+    while (t < n_items) {
+      PagedItem it2{0, 0, 0, 0, -1};
       typename Source::Entries e2{0, 0};
-      const uint32_t t2 = next_busy(t + gridDim.x, qi2, e2);
-      const uint32_t g_end = g + blocks_of(e);
-      for (int k = my_row + kPagedRowsPerStage; g < g_end; ++g, k += kPagedRowsPerStage) {
+      const uint32_t t2 = next_busy(t + gridDim.x, it2, e2);
+      const uint32_t g_end = g + it.nb;
+      const int k2 = my_row + kPagedRowsPerStage * it2.b0;
+      for (int k = my_row + kPagedRowsPerStage * (it.b0 + 1); g < g_end; ++g, k += kPagedRowsPerStage) {
         const int st = g % kPagedStages;
         const bool last = g + 1 == g_end;
         const typename Source::Entries ne = last ? e2 : e;
-        const int nk = last ? my_row : k;
-        const int32_t nid = last ? (t2 < n_tiles32 ? src.load_id(e2, qi2, my_row) : -1) : src.load_id(e, qi, k);
+        const int nk = last ? k2 : k;
+        const int32_t nid = last ? (t2 < n_items ? src.load_id(e2, it2.qi, k2) : -1) : src.load_id(e, it.qi, k);
         const auto stage_free = [&] {
           if (g >= kPagedStages) mbar_wait(&empty[st], ((g / kPagedStages) - 1) & 1);
         };
@@ -197,7 +283,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         mbar_arrive(&full[st]);
       }
       t = t2;
-      qi = qi2;
+      it = it2;
       e = e2;
     }
     return;
@@ -253,9 +339,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       }
     };
     uint32_t g = 0, tiles_done = 0;
-    for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
-      const TileOf tile = tile_of(t, head_blocks);
-      const int n_blocks = blocks_of(src.begin(tile.qi));
+    for (uint32_t t = blockIdx.x; t < n_items; t += gridDim.x, ++tiles_done) {
+      typename Source::Entries e;
+      const PagedItem tile = item_of(t, head_blocks, src, split, e);
+      const int n_blocks = tile.nb;
       if (n_blocks == 0 && q_issued) q_wait();  // a Q loaded for nothing: landed before the next one is
       if (n_blocks > 0) {
         if (!q_issued) q_load(tile.qi, tile.h0);
@@ -278,8 +365,8 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
           issue_s(st);
         }
         wgmma_wait<0>();
-        if (b + 1 == n_blocks && t + gridDim.x < n_tiles32) {  // the tile's last QKᵀ is done: Q is free
-          const TileOf next = tile_of(t + gridDim.x, head_blocks);
+        if (b + 1 == n_blocks && t + gridDim.x < n_items) {  // the tile's last QKᵀ is done: Q is free
+          const PagedItem next = item_of(t + gridDim.x, head_blocks, src, split, e);
           q_load(next.qi, next.h0);
           q_issued = true;
         }
@@ -332,8 +419,15 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       if (mt.lane == 0) sAny[tp * 4 + (ctid >> 5)] = warp_seen;
       named_barrier_sync(3, 128);
       const bool any_valid = (sAny[tp * 4] | sAny[tp * 4 + 1] | sAny[tp * 4 + 2] | sAny[tp * 4 + 3]) != 0;
-      const float sc_a = finalize_row(p, tile.qi, tile.h0 + row_a, m_a, mt_a, l_a, any_valid, quad == 0);
-      const float sc_b = finalize_row(p, tile.qi, tile.h0 + row_b, m_b, mt_b, l_b, any_valid, quad == 0);
+      float sc_a = 1.0f, sc_b = 1.0f;  // a piece's O leaves unnormalized
+      if (tile.piece < 0) {
+        sc_a = finalize_row(p, tile.qi, tile.h0 + row_a, m_a, mt_a, l_a, any_valid, quad == 0);
+        sc_b = finalize_row(p, tile.qi, tile.h0 + row_b, m_b, mt_b, l_b, any_valid, quad == 0);
+      } else if (quad == 0) {
+        const float any = any_valid ? 1.0f : 0.0f;
+        split.stats[int64_t(tile.piece) * kPagedRowsPerStage + row_a] = make_float4(m_a, mt_a, l_a, any);
+        split.stats[int64_t(tile.piece) * kPagedRowsPerStage + row_b] = make_float4(m_b, mt_b, l_b, any);
+      }
       // The factors to WG1, once it has read those of the tile before last.
       if (tiles_done >= 2) mbar_wait(&out_free[tp], ((tiles_done >> 1) - 1) & 1);
       if (quad == 0) {
@@ -341,8 +435,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         sOutScale[tp * 64 + row_b] = sc_b;
       }
       mbar_arrive(&out_ready[tp]);
-      store_o_row(p, tile.qi, tile.h0 + row_a, 0, quad, 0, o, sc_a);
-      store_o_row(p, tile.qi, tile.h0 + row_b, 0, quad, 1, o, sc_b);
+      if (tile.piece < 0) {
+        store_o_row(p, tile.qi, tile.h0 + row_a, 0, quad, 0, o, sc_a);
+        store_o_row(p, tile.qi, tile.h0 + row_b, 0, quad, 1, o, sc_b);
+      } else {
+        store_part_row(split, tile.piece, row_a, 0, quad, 0, o);
+        store_part_row(split, tile.piece, row_b, 0, quad, 1, o);
+      }
     }
   } else {
     // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
@@ -353,8 +452,9 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     uint32_t conv = 0, known = 0, t_ahead = blockIdx.x;
     const auto convert_through = [&](uint32_t last) {
       for (; conv <= last; ++conv) {
-        while (known <= conv && t_ahead < n_tiles32) {
-          known += uint32_t(blocks_of(src.begin(tile_of(t_ahead, head_blocks).qi)));
+        while (known <= conv && t_ahead < n_items) {
+          typename Source::Entries e;
+          known += uint32_t(item_of(t_ahead, head_blocks, src, split, e).nb);
           t_ahead += gridDim.x;
         }
         if (known <= conv) return;  // the CTA has no block `conv`
@@ -367,9 +467,10 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     };
     convert_through(0);
     uint32_t g = 0, tiles_done = 0;
-    for (uint32_t t = blockIdx.x; t < n_tiles32; t += gridDim.x, ++tiles_done) {
-      const TileOf tile = tile_of(t, head_blocks);
-      const int n_blocks = blocks_of(src.begin(tile.qi));
+    for (uint32_t t = blockIdx.x; t < n_items; t += gridDim.x, ++tiles_done) {
+      typename Source::Entries e;
+      const PagedItem tile = item_of(t, head_blocks, src, split, e);
+      const int n_blocks = tile.nb;
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.0f;
       for (int b = 0; b < n_blocks; ++b, ++g) {
@@ -392,8 +493,13 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       // the next tile's second block converted before this tile's O is stored: the producer's
       // stages keep moving while the stores drain
       convert_through(g + 1);
-      store_o_row(p, tile.qi, tile.h0 + row_a, 1, quad, 0, o, sc_a);
-      store_o_row(p, tile.qi, tile.h0 + row_b, 1, quad, 1, o, sc_b);
+      if (tile.piece < 0) {
+        store_o_row(p, tile.qi, tile.h0 + row_a, 1, quad, 0, o, sc_a);
+        store_o_row(p, tile.qi, tile.h0 + row_b, 1, quad, 1, o, sc_b);
+      } else {
+        store_part_row(split, tile.piece, row_a, 1, quad, 0, o);
+        store_part_row(split, tile.piece, row_b, 1, quad, 1, o);
+      }
     }
   }
 }
@@ -407,19 +513,64 @@ inline bool make_q_map(CUtensorMap* map, const AttnOutputs& o) {
   return encode_bf16_boxes_64x64(map, const_cast<uint16_t*>(o.q), 3, dims, strides);
 }
 
+// How the launch's last round is split (PagedSplit): into as many pieces a tile as the idle CTAs
+// allow, at most kMaxPiecesPerTile and at least two blocks a piece of the longest list; none when
+// the tiles fill every round or the lists are too short.
+constexpr int kMaxPiecesPerTile = 16;
+inline PagedSplit plan_paged_split(int64_t tiles, int sms, int64_t max_entries) {
+  PagedSplit sp;
+  sp.full_items = sp.n_items = uint32_t(tiles);
+  const int64_t tail = tiles >= sms ? tiles % sms : tiles;
+  if (tail == 0) return sp;
+  const int64_t max_blocks = (max_entries + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
+  int64_t pieces = sms / tail;
+  if (pieces > kMaxPiecesPerTile) pieces = kMaxPiecesPerTile;
+  if (pieces > max_blocks / 2) pieces = max_blocks / 2;
+  if (pieces < 2) return sp;
+  sp.full_items = uint32_t(tiles - tail);
+  sp.n_items = uint32_t(tiles - tail + tail * pieces);
+  sp.pieces_per_tile = int32_t(pieces);
+  return sp;
+}
+
 template <int DQK, class Source>
 cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cudaStream_t stream) {
   static_assert(DQK == kDv, "make_q_map describes Q rows of dV elements");
   static PerDeviceValue<int> smem_set_tma, smem_set_cp_async;
   int device = 0, sms = 0;
   if (const cudaError_t err = current_device_sms(&device, &sms); err != cudaSuccess) return err;
+  PagedSplit split = plan_paged_split(attention_tiles(o.s_q, o.h_q), sms, src.max_entries());
+  const int64_t pieces = int64_t(split.n_items) - split.full_items;
+  void* workspace = nullptr;
+  if (pieces > 0) {
+    const size_t bytes = size_t(pieces) * kPagedRowsPerStage * (kDv * sizeof(float) + sizeof(float4));
+    if (cudaMallocAsync(&workspace, bytes, stream) == cudaSuccess) {
+      split.parts = static_cast<float*>(workspace);
+      split.stats = reinterpret_cast<float4*>(split.parts + pieces * kPagedRowsPerStage * kDv);
+    } else {
+      (void)cudaGetLastError();  // no workspace: the tail runs unsplit
+      split.full_items = split.n_items = uint32_t(attention_tiles(o.s_q, o.h_q));
+    }
+  }
   CUtensorMap q_map{};
-  if (make_q_map(&q_map, o))
-    return launch_persistent(paged_attention_sm90_kernel<DQK, Source, true>, PagedSmem<DQK>::kAlloc, smem_set_tma, device,
-                             sms, o, src, stream, q_map);
-  // no driver entry point for tensor maps: the threads load Q
-  return launch_persistent(paged_attention_sm90_kernel<DQK, Source, false>, PagedSmem<DQK>::kAlloc, smem_set_cp_async,
-                           device, sms, o, src, stream, q_map);
+  const bool q_by_tma = make_q_map(&q_map, o);
+  const auto kernel = q_by_tma ? paged_attention_sm90_kernel<DQK, Source, true> : paged_attention_sm90_kernel<DQK, Source, false>;
+  cudaError_t err = max_dynamic_smem_once(q_by_tma ? smem_set_tma : smem_set_cp_async, kernel, PagedSmem<DQK>::kAlloc, device);
+  if (err == cudaSuccess) {
+    const unsigned ctas = unsigned(split.n_items < uint32_t(sms) ? split.n_items : uint32_t(sms));
+    kernel<<<ctas, kAttnThreads, PagedSmem<DQK>::kAlloc, stream>>>(o, src, q_map, split);
+    err = cudaGetLastError();
+  }
+  if (err == cudaSuccess && split.parts) {
+    const dim3 grid(unsigned(pieces / split.pieces_per_tile), kPagedRowsPerStage);
+    paged_combine_pieces_kernel<<<grid, 128, 0, stream>>>(o, split);
+    err = cudaGetLastError();
+  }
+  if (workspace) {
+    const cudaError_t freed = cudaFreeAsync(workspace, stream);
+    if (err == cudaSuccess) err = freed;
+  }
+  return err;
 }
 
 struct PagedFp8Rows {
@@ -444,6 +595,8 @@ struct PagedFp8Rows {
   int32_t extra_topk;
   const int32_t* extra_topk_length;
 
+  // the most entries a query may have (the split's planning)
+  int64_t max_entries() const { return int64_t(topk) + (extra.data ? extra_topk : 0); }
   __device__ Entries begin(int64_t qi) const {
     const int nm = row_entry_limit(topk_length, qi, topk);
     const int ne = extra.data ? row_entry_limit(extra_topk_length, qi, extra_topk) : 0;

@@ -874,6 +874,8 @@ static void run_checks() {
       // more tiles than SMs: each CTA of the persistent grid runs several, some of them empty
       {"h64 P64 topk200 + extra P64 topk70, 300 queries mixed", 300, 64, 64, 30, 200, true, 64, 20, 70, kMixed, true, true},
       {"h128 P32 topk96 + extra P64 topk160, 170 queries adversarial", 170, 128, 32, 40, 96, true, 64, 20, 160, kAdversarial, true, false},
+      // more tiles than SMs with a last round split along the KV (pieces merged by the combine kernel)
+      {"h128 P64 topk128 + extra P64 topk1024, 70 queries mixed", 70, 128, 64, 40, 128, true, 64, 60, 1024, kMixed, true, true},
       // NaN bytes and large scale bytes in a few tokens
       {"h64 P64 topk128 special bytes, 40 queries", 40, 64, 64, 40, 128, false, 1, 0, 0, kMixed, false, true, true},
       {"h128 P64 topk128 + extra P64 topk512 special bytes, 20 queries", 20, 128, 64, 30, 128, true, 64, 40, 512, kAllValid, true, true, true},
@@ -942,7 +944,8 @@ static void run_fuzz() {
     const int n = it == 4 ? 150 : 3;
     V4Host c = make_v4_cache(r, P, pages);
     if (it == 4) poke_special(c, r, 2, 6);
-    std::vector<int32_t> idx = make_indices(r, n, 90, c.tokens(), kAdversarial);
+    // 150 + 150 entries: five blocks, so the launches' last rounds are split along the KV
+    std::vector<int32_t> idx = make_indices(r, n, 150, c.tokens(), kAdversarial);
     idx[0] = INT32_MAX;
     idx[1] = INT32_MIN;
     idx[2] = int32_t(c.tokens());
@@ -956,9 +959,9 @@ static void run_fuzz() {
     di.up(idx);
     dq.up(hq);
     const smla_paged_sparse_attention_params pp{.q = dq.p, .n = n, .h_q = h_q, .k_cache = dc.p, .page_size = P,
-                                                .num_pages = pages, .indices = di.p, .topk = 90, .extra_k_cache = dc.p,
+                                                .num_pages = pages, .indices = di.p, .topk = 150, .extra_k_cache = dc.p,
                                                 .extra_page_size = P, .extra_num_pages = pages, .extra_indices = di.p,
-                                                .extra_topk = 90, .sm_scale = 0.04f, .out = dout.p, .lse = dl.p,
+                                                .extra_topk = 150, .sm_scale = 0.04f, .out = dout.p, .lse = dl.p,
                                                 .max_logits = dm.p};
     check_status(smla_cuda_paged_sparse_attention(&pp, 0), "paged");
     ++launches;

@@ -33,7 +33,10 @@ int32_t smla_cuda_dequantize_kv_cache_pair(const smla_dequantize_kv_cache_params
  * tile counter; NULL: the launch allocates and zeroes its own. */
 int32_t smla_cuda_sparse_prefill(const smla_sparse_prefill_params* p, unsigned long long* tile_claims, cudaStream_t stream);
 
-/* §5 (smla_paged_sparse_attention's struct). */
+/* §5 (smla_paged_sparse_attention's struct). A launch whose last round leaves CTAs idle splits that
+ * round's tiles along the KV: it takes a stream-ordered workspace (cudaMallocAsync, at most 132 KB a
+ * piece, freed on the stream) and runs a combine kernel after the attention kernel; without the
+ * workspace it runs unsplit. */
 int32_t smla_cuda_paged_sparse_attention(const smla_paged_sparse_attention_params* p, cudaStream_t stream);
 
 /* §6: a chunk's combined rows on the device, one thread per query, by the host planner's per-row

@@ -1296,7 +1296,11 @@ static void run_bench(const char* json_path, int reps) {
   const PCfg pcfgs[] = {{"paged V4 n4096 h64 swa128+c512", 4096, 64, 128, 512, false},
                         {"paged V4 n4096 h128 swa128+c1024", 4096, 128, 128, 1024, false},
                         {"paged V4 n4096 h64 fm128+512", 4096, 64, 128, 512, true},
-                        {"paged V4 n4096 h128 fm128+1024", 4096, 128, 128, 1024, true}};
+                        {"paged V4 n4096 h128 fm128+1024", 4096, 128, 128, 1024, true},
+                        // decode-sized batches: fewer tiles than SMs, each tile split along the KV
+                        {"paged decode n1 h64 fm128+512", 1, 64, 128, 512, true},
+                        {"paged decode n16 h128 fm128+1024", 16, 128, 128, 1024, true},
+                        {"paged decode n64 h128 fm128+1024", 64, 128, 128, 1024, true}};
   // the caches made once (quantizing 65,536 tokens on the host takes seconds); a reused one advances
   // the generator as making it would, so every row sees the data it always had
   std::map<int, V4Host> made;

@@ -130,6 +130,20 @@ __device__ __forceinline__ void store_part_row(const PagedSplit& sp, int piece, 
   for (int j = 0; j < 32; ++j) dst[4 * j] = make_float2(o[4 * j + 2 * half], o[4 * j + 2 * half + 1]);
 }
 
+// This thread's two rows of a warpgroup's O half: a whole tile's normalized into out, a piece's
+// unnormalized into its part of the workspace.
+__device__ __forceinline__ void store_item_o(const AttnOutputs& p, const PagedSplit& sp, const PagedItem& it, int wg,
+                                             int row_a, int row_b, int quad, const float (&o)[128], float sc_a,
+                                             float sc_b) {
+  if (it.piece < 0) {
+    detail::store_o_row(p, it.qi, it.h0 + row_a, wg, quad, 0, o, sc_a);
+    detail::store_o_row(p, it.qi, it.h0 + row_b, wg, quad, 1, o, sc_b);
+  } else {
+    store_part_row(sp, it.piece, row_a, wg, quad, 0, o);
+    store_part_row(sp, it.piece, row_b, wg, quad, 1, o);
+  }
+}
+
 // Merges each split tile's pieces (blockIdx.x: the tile among the split ones, blockIdx.y: its row;
 // 128 threads of 4 columns) and finalizes the row: out, lse and max_logits as one pass would give.
 __global__ void __launch_bounds__(128) paged_combine_pieces_kernel(const AttnOutputs p, const PagedSplit sp) {
@@ -151,9 +165,9 @@ __global__ void __launch_bounds__(128) paged_combine_pieces_kernel(const AttnOut
   float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   for (int j = 0; j < n; ++j) {
     const float4 st = sp.stats[(first + j) * kPagedRowsPerStage + row];
-    // a piece without valid logits weighs nothing (its O is zeros); a NaN max poisons the row
+    // A piece whose logits are all −inf weighs 0 (not exp2(−inf − −inf)); its O still enters, so a
+    // value row it weighted by 0 that holds inf or NaN makes NaN as in one pass. A NaN max poisons the row.
     const float w = st.x == -INFINITY ? 0.0f : exp2f(st.x - m);
-    if (w == 0.0f) continue;
     l += w * st.z;
     const float4 v = reinterpret_cast<const float4*>(sp.parts + ((first + j) * kPagedRowsPerStage + row) * kDv)[threadIdx.x];
     acc.x += w * v.x;
@@ -435,13 +449,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         sOutScale[tp * 64 + row_b] = sc_b;
       }
       mbar_arrive(&out_ready[tp]);
-      if (tile.piece < 0) {
-        store_o_row(p, tile.qi, tile.h0 + row_a, 0, quad, 0, o, sc_a);
-        store_o_row(p, tile.qi, tile.h0 + row_b, 0, quad, 1, o, sc_b);
-      } else {
-        store_part_row(split, tile.piece, row_a, 0, quad, 0, o);
-        store_part_row(split, tile.piece, row_b, 0, quad, 1, o);
-      }
+      store_item_o(p, split, tile, 0, row_a, row_b, quad, o, sc_a, sc_b);
     }
   } else {
     // WG1: O[:, 256:512] += P·V with WG0's P from shared memory, after moving O to its new max.
@@ -493,13 +501,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
       // the next tile's second block converted before this tile's O is stored: the producer's
       // stages keep moving while the stores drain
       convert_through(g + 1);
-      if (tile.piece < 0) {
-        store_o_row(p, tile.qi, tile.h0 + row_a, 1, quad, 0, o, sc_a);
-        store_o_row(p, tile.qi, tile.h0 + row_b, 1, quad, 1, o, sc_b);
-      } else {
-        store_part_row(split, tile.piece, row_a, 1, quad, 0, o);
-        store_part_row(split, tile.piece, row_b, 1, quad, 1, o);
-      }
+      store_item_o(p, split, tile, 1, row_a, row_b, quad, o, sc_a, sc_b);
     }
   }
 }

@@ -293,7 +293,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const cache = await deviceCache('v4', 1024);
       const tokens = 1024 * 64;
       const sink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
-      for (const N of [2048, 4096, 8192, 11264, 16384, 32768]) {
+      // 16 and 64: decode-sized batches, fewer tiles than SMs, which the kernel splits along the KV
+      for (const N of [2048, 4096, 8192, 11264, 16384, 32768, 16, 64]) {
         const q = await randomDevice([N, hQ, 512]);
         const main = await engine.upload(tensor('int32', [N, 128], randomIds(rng, N * 128, tokens)));
         const extra = await engine.upload(tensor('int32', [N, extraTopk], randomIds(rng, N * extraTopk, tokens)));

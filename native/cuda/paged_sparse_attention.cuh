@@ -93,6 +93,12 @@ struct PagedSplit {
   uint32_t full_items = 0;
   uint32_t n_items = 0;
   int32_t pieces_per_tile = 1;
+
+  static PagedSplit whole_tiles(int64_t tiles) {
+    PagedSplit sp;
+    sp.full_items = sp.n_items = uint32_t(tiles);
+    return sp;
+  }
 };
 
 // Work item w: its query, first head, first block, block count and piece (-1: a whole tile).
@@ -119,6 +125,11 @@ __device__ __forceinline__ PagedItem item_of(uint32_t w, int head_blocks, const 
     nb = (j + 1) * blocks / sp.pieces_per_tile - b0;
   }
   return PagedItem{tile.qi, tile.h0, b0, nb, piece};
+}
+template <class Source>
+__device__ __forceinline__ PagedItem item_of(uint32_t w, int head_blocks, const Source& src, const PagedSplit& sp) {
+  typename Source::Entries e;
+  return item_of(w, head_blocks, src, sp, e);
 }
 
 // One row of a piece's unnormalized O half (fp32), as store_o_row's row: o[4j + 2 half + e] is
@@ -354,8 +365,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     };
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_items; t += gridDim.x, ++tiles_done) {
-      typename Source::Entries e;
-      const PagedItem tile = item_of(t, head_blocks, src, split, e);
+      const PagedItem tile = item_of(t, head_blocks, src, split);
       const int n_blocks = tile.nb;
       if (n_blocks == 0 && q_issued) q_wait();  // a Q loaded for nothing: landed before the next one is
       if (n_blocks > 0) {
@@ -380,7 +390,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
         }
         wgmma_wait<0>();
         if (b + 1 == n_blocks && t + gridDim.x < n_items) {  // the tile's last QKᵀ is done: Q is free
-          const PagedItem next = item_of(t + gridDim.x, head_blocks, src, split, e);
+          const PagedItem next = item_of(t + gridDim.x, head_blocks, src, split);
           q_load(next.qi, next.h0);
           q_issued = true;
         }
@@ -461,8 +471,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     const auto convert_through = [&](uint32_t last) {
       for (; conv <= last; ++conv) {
         while (known <= conv && t_ahead < n_items) {
-          typename Source::Entries e;
-          known += uint32_t(item_of(t_ahead, head_blocks, src, split, e).nb);
+          known += uint32_t(item_of(t_ahead, head_blocks, src, split).nb);
           t_ahead += gridDim.x;
         }
         if (known <= conv) return;  // the CTA has no block `conv`
@@ -476,8 +485,7 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
     convert_through(0);
     uint32_t g = 0, tiles_done = 0;
     for (uint32_t t = blockIdx.x; t < n_items; t += gridDim.x, ++tiles_done) {
-      typename Source::Entries e;
-      const PagedItem tile = item_of(t, head_blocks, src, split, e);
+      const PagedItem tile = item_of(t, head_blocks, src, split);
       const int n_blocks = tile.nb;
 #pragma unroll
       for (int i = 0; i < 128; ++i) o[i] = 0.0f;
@@ -520,8 +528,7 @@ inline bool make_q_map(CUtensorMap* map, const AttnOutputs& o) {
 // the tiles fill every round or the lists are too short.
 constexpr int kMaxPiecesPerTile = 16;
 inline PagedSplit plan_paged_split(int64_t tiles, int sms, int64_t max_entries) {
-  PagedSplit sp;
-  sp.full_items = sp.n_items = uint32_t(tiles);
+  PagedSplit sp = PagedSplit::whole_tiles(tiles);
   const int64_t tail = tiles >= sms ? tiles % sms : tiles;
   if (tail == 0) return sp;
   const int64_t max_blocks = (max_entries + kPagedRowsPerStage - 1) / kPagedRowsPerStage;
@@ -541,7 +548,8 @@ cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cuda
   static PerDeviceValue<int> smem_set_tma, smem_set_cp_async;
   int device = 0, sms = 0;
   if (const cudaError_t err = current_device_sms(&device, &sms); err != cudaSuccess) return err;
-  PagedSplit split = plan_paged_split(attention_tiles(o.s_q, o.h_q), sms, src.max_entries());
+  const int64_t tiles = attention_tiles(o.s_q, o.h_q);
+  PagedSplit split = plan_paged_split(tiles, sms, src.max_entries());
   const int64_t pieces = int64_t(split.n_items) - split.full_items;
   void* workspace = nullptr;
   if (pieces > 0) {
@@ -551,18 +559,14 @@ cudaError_t launch_paged_attention(const AttnOutputs& o, const Source& src, cuda
       split.stats = reinterpret_cast<float4*>(split.parts + pieces * kPagedRowsPerStage * kDv);
     } else {
       (void)cudaGetLastError();  // no workspace: the tail runs unsplit
-      split.full_items = split.n_items = uint32_t(attention_tiles(o.s_q, o.h_q));
+      split = PagedSplit::whole_tiles(tiles);
     }
   }
   CUtensorMap q_map{};
-  const bool q_by_tma = make_q_map(&q_map, o);
+  const bool q_by_tma = make_q_map(&q_map, o);  // otherwise the threads load Q by cp.async
   const auto kernel = q_by_tma ? paged_attention_sm90_kernel<DQK, Source, true> : paged_attention_sm90_kernel<DQK, Source, false>;
-  cudaError_t err = max_dynamic_smem_once(q_by_tma ? smem_set_tma : smem_set_cp_async, kernel, PagedSmem<DQK>::kAlloc, device);
-  if (err == cudaSuccess) {
-    const unsigned ctas = unsigned(split.n_items < uint32_t(sms) ? split.n_items : uint32_t(sms));
-    kernel<<<ctas, kAttnThreads, PagedSmem<DQK>::kAlloc, stream>>>(o, src, q_map, split);
-    err = cudaGetLastError();
-  }
+  cudaError_t err = launch_persistent_items(kernel, PagedSmem<DQK>::kAlloc, q_by_tma ? smem_set_tma : smem_set_cp_async,
+                                            device, sms, split.n_items, stream, o, src, q_map, split);
   if (err == cudaSuccess && split.parts) {
     const dim3 grid(unsigned(pieces / split.pieces_per_tile), kPagedRowsPerStage);
     paged_combine_pieces_kernel<<<grid, 128, 0, stream>>>(o, split);

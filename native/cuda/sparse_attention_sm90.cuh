@@ -1046,17 +1046,23 @@ __global__ void __launch_bounds__(kAttnThreads, 1)
   if (kTmaStore && (tid & 127) == 0) bulk_wait_group0();  // the stores are done before the CTA leaves
 }
 
-// Launches a persistent attention kernel, kernel(o, src, extra...), on the current `device` with its
-// `sms`: one CTA per SM (fewer when there are fewer tiles). `smem_set`: the kernel instantiation's
-// own record of its shared memory attribute.
+// Launches a persistent kernel, kernel(args...), over `items` work items on the current `device`
+// with its `sms`: one CTA per SM (fewer when there are fewer items). `smem_set`: the kernel
+// instantiation's own record of its shared memory attribute.
+template <class Kernel, class... Args>
+cudaError_t launch_persistent_items(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, int device, int sms,
+                                    int64_t items, cudaStream_t stream, const Args&... args) {
+  if (const cudaError_t err = max_dynamic_smem_once(smem_set, kernel, smem, device); err != cudaSuccess) return err;
+  const unsigned ctas = unsigned(items < sms ? items : sms);
+  kernel<<<ctas, kAttnThreads, smem, stream>>>(args...);
+  return cudaGetLastError();
+}
+// The same over the launch's tiles (query, 64-head group), kernel(o, src, extra...).
 template <class Kernel, class Source, class... Extra>
 cudaError_t launch_persistent(Kernel kernel, int smem, PerDeviceValue<int>& smem_set, int device, int sms,
                               const AttnOutputs& o, const Source& src, cudaStream_t stream, const Extra&... extra) {
-  if (const cudaError_t err = max_dynamic_smem_once(smem_set, kernel, smem, device); err != cudaSuccess) return err;
-  const int64_t tiles = attention_tiles(o.s_q, o.h_q);
-  const unsigned ctas = unsigned(tiles < sms ? tiles : sms);
-  kernel<<<ctas, kAttnThreads, smem, stream>>>(o, src, extra...);
-  return cudaGetLastError();
+  return launch_persistent_items(kernel, smem, smem_set, device, sms, attention_tiles(o.s_q, o.h_q), stream, o, src,
+                                 extra...);
 }
 
 // cuTensorMapEncodeTiled, from the driver through the runtime (the addon links no libcuda). A build

@@ -20,7 +20,7 @@ import { SparseMlaEngine } from '../dist/engine.js';
 import { createPlan, prefillLayer, type CompressRatio } from '../dist/planner/index.js';
 import { prefillLayerReference } from '../dist/reference/index.js';
 import type { CacheView, DequantizeKCacheJob, PagedSparseAttentionJob, QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
-import type { Engine } from '../dist/types.js';
+import type { DeviceTensor, Engine } from '../dist/types.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -461,6 +461,21 @@ function standInOps(addon: NativeAddon, calls: OpCall[], held: { downloadsWaitFo
       write(p.maxLogits, maxLogits);
       write(p.lse, lse);
     },
+    async pagedSparseAttention(p: Record<string, unknown> & { n: number; hQ: number; out: unknown; lse: unknown; maxLogits: unknown }) {
+      const arrays = ['q', 'kCache', 'indices', 'topkLength', 'extraKCache', 'extraIndices', 'extraTopkLength', 'attnSink', 'out', 'lse', 'maxLogits'];
+      note('pagedSparseAttention', p, arrays);
+      const opt = <T extends ArrayBufferView>(x: unknown, ctor: Ctor<T>): T | null => (x === null ? null : view(x, ctor));
+      const out = new Uint16Array(p.n * p.hQ * 512), lse = new Float32Array(p.n * p.hQ), maxLogits = new Float32Array(p.n * p.hQ);
+      await addon.cpu.pagedSparseAttention(2, {
+        ...p,
+        q: view(p.q, Uint16Array), kCache: view(p.kCache, Uint8Array), indices: view(p.indices, Int32Array), topkLength: opt(p.topkLength, Int32Array),
+        extraKCache: opt(p.extraKCache, Uint8Array), extraIndices: opt(p.extraIndices, Int32Array), extraTopkLength: opt(p.extraTopkLength, Int32Array),
+        attnSink: opt(p.attnSink, Float32Array), out, lse, maxLogits,
+      } as never);
+      write(p.out, out);
+      write(p.lse, lse);
+      if (p.maxLogits !== null) write(p.maxLogits, maxLogits);
+    },
   };
 }
 
@@ -477,6 +492,7 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
     planRows: (p: Parameters<typeof ops.planRows>[0]) => ops.planRows(p),
     planCompressedTokenIds: (p: Parameters<typeof ops.planCompressedTokenIds>[0]) => ops.planCompressedTokenIds(p),
     sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
+    pagedSparseAttention: (p: Parameters<typeof ops.pagedSparseAttention>[0]) => ops.pagedSparseAttention(p),
     // a layer program: read once (each part with its own op's fields, every array a device buffer
     // but the prefill's outputs, null), then run over buffers of the same sizes in its slots' order
     // (noted as its own call, then its parts: the dequants, the combine, the prefill into outputs
@@ -550,6 +566,42 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
   }) as NativeCudaOps;
 }
 
+/** A device layer's outputs downloaded equal the host result's bit for bit. */
+async function expectSameOutputs(cuda: Engine, got: { out: DeviceTensor<'bf16'>; lse: DeviceTensor<'float32'>; maxLogits: DeviceTensor<'float32'> }, want: { out: { data: ArrayBufferView }; lse: { data: ArrayBufferView }; maxLogits: { data: ArrayBufferView } }, label: string): Promise<void> {
+  for (const name of ['out', 'lse', 'maxLogits'] as const) {
+    const host = (await cuda.download(got[name] as DeviceTensor<'bf16' | 'float32'>)).data;
+    const w = want[name].data;
+    expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.buffer, w.byteOffset, w.byteLength)), `${label} ${name}`).toBe(0);
+  }
+}
+
+/** The stand-in layer tests' chunk: four requests (one without queries) and a plan for each side. */
+function layerScenario() {
+  const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
+  const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
+  const sc = randomScenario(rng, seqLens, extendLens);
+  return { sc, planDev: createPlan(sc.chunk), planHost: createPlan(sc.chunk) };
+}
+
+/**
+ * One layer's random inputs and the cpu backend's result down `path`, held to the float64
+ * reference (the device result equal to it bit for bit is then within bounds too: the two share the layer flow).
+ */
+async function cpuLayer(cpu: Engine, sc: ReturnType<typeof randomScenario>, planHost: ReturnType<typeof createPlan>, label: string, ratio: CompressRatio, hQ: number, smScale: number, path: 'sparse' | 'paged') {
+  const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+  const comp = ratio === 4 ? randomCache(rng, sc.c4PageSize, sc.c4Pages) : ratio === 128 ? randomCache(rng, sc.c128PageSize, sc.c128Pages) : undefined;
+  const key = ratio === 4 ? 'c4' : 'c128';
+  const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
+  const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+  const topkIndices = ratio === 4 ? randomTopk(rng, sc, 48) : undefined;
+  const caches = { swa, ...(comp ? { [key]: comp } : {}) };
+  const want = await prefillLayer(cpu, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path });
+  const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale, ...(topkIndices ? { topkIndices } : {}) });
+  expectWithinBounds(label, want, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+  expect(want.dropped, label).toBe(ref.dropped);
+  return { swa, comp, key, q, attnSink, topkIndices, want };
+}
+
 describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device', () => {
   const load = loadNativeAddon();
   const addon = load.ok ? load.addon : (undefined as never);
@@ -566,27 +618,12 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
   });
 
   test('layers c0, c4, c128, c4, then c0, c128, c4, c4 again, with device q, caches, top-k, sink (all but layers 0 and 3) and outputs equal the cpu backend bit for bit; rows and ids built once; only the dropped total (8 bytes) comes back, while the rest is queued; once the plan keeps a layer\'s rows and ids, the layer is queued by one call', async () => {
-    const seqLens = [rng.int(200, 600), rng.int(20, 60), rng.int(129, 400), 50];
-    const extendLens = [rng.int(5, 40), seqLens[1]!, rng.int(1, 10), 0];
-    const sc = randomScenario(rng, seqLens, extendLens);
-    const planDev = createPlan(sc.chunk);
-    const planHost = createPlan(sc.chunk);
+    const { sc, planDev, planHost } = layerScenario();
     const hQ = 4, smScale = 1 / Math.sqrt(512);
     const ratios: CompressRatio[] = [0, 4, 128, 4, 0, 128, 4, 4];
     for (const [layer, ratio] of ratios.entries()) {
       const label = `layer ${layer} (c${ratio})`;
-      const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
-      const comp = ratio === 4 ? randomCache(rng, sc.c4PageSize, sc.c4Pages) : ratio === 128 ? randomCache(rng, sc.c128PageSize, sc.c128Pages) : undefined;
-      const key = ratio === 4 ? 'c4' : 'c128';
-      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
-      const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
-      const topkIndices = ratio === 4 ? randomTopk(rng, sc, 48) : undefined;
-      const caches = { swa, ...(comp ? { [key]: comp } : {}) };
-      const want = await prefillLayer(cpu, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
-      // the cpu result, and so the device's equal to it, against the float64 reference (the two share the layer flow)
-      const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale, ...(topkIndices ? { topkIndices } : {}) });
-      expectWithinBounds(label, want, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
-      expect(want.dropped, label).toBe(ref.dropped);
+      const { swa, comp, key, q, attnSink, topkIndices, want } = await cpuLayer(cpu, sc, planHost, label, ratio, hQ, smScale, 'sparse');
 
       // layers 0 and 3 take the sink from the host, the others on the device
       const deviceSink = layer !== 0 && layer !== 3;
@@ -604,10 +641,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       const layerCalls = calls.splice(0);
       expect(got.out.data.device, label).toBe('cuda');
       expect([got.path, got.workspaceBytes, got.dropped], label).toEqual([want.path, want.workspaceBytes, want.dropped]);
-      for (const [name, t, w] of [['out', got.out, want.out], ['lse', got.lse, want.lse], ['maxLogits', got.maxLogits, want.maxLogits]] as const) {
-        const host = (await cuda.download(t)).data;
-        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `${label} ${name}`).toBe(0);
-      }
+      await expectSameOutputs(cuda, got, want, label);
       // stream order: every array operand on the device but the plan's page tables, staged once
       // per plan and engine by the compressed-id build (the plan's lengths and page offsets are host
       // arguments too, read by the launcher), and a host sink; the one download the c4 dropped total
@@ -636,6 +670,44 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 4, workspaceAllocations: 1 });
   }, 20_000);
 
+  test('the paged path with device q, caches and sink: c0 and c128 layers read their paged form from the device, placed once per ratio (no host operand, nothing comes back); a c4 layer downloads its top-k for the host combine; every layer equals the cpu backend bit for bit', async () => {
+    const { sc, planDev, planHost } = layerScenario();
+    const hQ = 4, smScale = 1 / Math.sqrt(512);
+    const ratios: CompressRatio[] = [0, 128, 4, 0, 128];
+    for (const [layer, ratio] of ratios.entries()) {
+      const label = `layer ${layer} (c${ratio})`;
+      const { swa, comp, key, q, attnSink, topkIndices, want } = await cpuLayer(cpu, sc, planHost, label, ratio, hQ, smScale, 'paged');
+      const [qd, swad, compd, topkd, sinkd] = await Promise.all([
+        cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, topkIndices ? cuda.upload(topkIndices) : undefined, cuda.upload(attnSink),
+      ]);
+      calls.length = 0;
+      const got = await prefillLayer(
+        cuda,
+        { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: sinkd, smScale, path: 'paged' },
+        { output: 'device' },
+      );
+      const layerCalls = calls.splice(0);
+      expect(got.out.data.device, label).toBe('cuda');
+      expect([got.path, got.workspaceBytes, got.dropped], label).toEqual([want.path, want.workspaceBytes, want.dropped]);
+      await expectSameOutputs(cuda, got, want, label);
+      const paged = layerCalls.filter((c) => c.op === 'pagedSparseAttention');
+      expect(paged.length, label).toBe(1);
+      if (ratio === 4) {
+        expect(layerCalls.filter((c) => c.op === 'download').map((c) => c.bytes), label).toEqual([topkIndices!.data.byteLength]);
+      } else {
+        // the form's arrays uploaded by the ratio's first layer only (main and its lengths, and the extra set's for c128)
+        const first = ratios.indexOf(ratio) === layer;
+        expect(layerCalls.map((c) => c.op), label).toEqual([...(first ? Array<string>(ratio === 0 ? 2 : 4).fill('upload') : []), 'pagedSparseAttention']);
+        expect(paged[0]!.hostOperands, label).toEqual([]);
+      }
+      for (const t of [qd, topkd, sinkd, got.out, got.lse, got.maxLogits]) t?.data.free();
+      swad.data.free();
+      compd?.data.free();
+    }
+    expect(planDev.deviceStats).toMatchObject({ deviceUploads: 2, deviceQueuedLayers: 0, deviceWorkspaceAllocations: 0 });
+    expect(planDev.stats.pagedMainBuilds).toBe(1);
+  }, 20_000);
+
   test("a layer whose q is another engine's buffer (same device) takes the stepwise ops, not the layer program, and still equals the cpu backend bit for bit", async () => {
     const other = new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, calls, held), 2));
     const seqLens = [rng.int(100, 300), rng.int(20, 60)];
@@ -656,10 +728,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       // layer 0 builds the rows and ids; layer 1 is queued; layer 2's q belongs to the other engine
       expect(ops.includes('layerProgram.run'), `layer ${layer}`).toBe(layer === 1);
       expect(planDev.deviceStats.deviceQueuedLayers, `layer ${layer}`).toBe(layer === 0 ? 0 : 1);
-      for (const [name, t, w] of [['out', got.out, want.out], ['lse', got.lse, want.lse], ['maxLogits', got.maxLogits, want.maxLogits]] as const) {
-        const host = (await cuda.download(t)).data;
-        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `layer ${layer} ${name}`).toBe(0);
-      }
+      await expectSameOutputs(cuda, got, want, `layer ${layer}`);
       for (const t of [qd, got.out, got.lse, got.maxLogits]) t.data.free();
       swad.data.free();
     }
@@ -690,10 +759,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     const devs = await Promise.all(inputs.map(onDevice));
     const run = (k: number) => prefillLayer(cuda, { plan: planDev, compressRatio: 4, ...devs[k]!, smScale, path: 'sparse' }, { output: 'device' });
     const same = async (k: number, got: Awaited<ReturnType<typeof run>>): Promise<void> => {
-      for (const [name, t, w] of [['out', got.out, wants[k]!.out], ['lse', got.lse, wants[k]!.lse], ['maxLogits', got.maxLogits, wants[k]!.maxLogits]] as const) {
-        const host = (await cuda.download(t)).data;
-        expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.data.buffer, w.data.byteOffset, w.data.byteLength)), `layer ${k} ${name}`).toBe(0);
-      }
+      await expectSameOutputs(cuda, got, wants[k]!, `layer ${k}`);
       expect(got.dropped, `layer ${k} dropped`).toBe(wants[k]!.dropped);
     };
     const [a, b] = await Promise.all([run(0), run(1)]);

@@ -182,6 +182,8 @@ export interface LayerSteps<B = never> {
   planCompressedTokenIds(job: CompressedTokenIdsJob<B>): Promise<BigInt64Array | B>;
   /** Chunk-invariant ids (the SWA gather) in the steps' memory: the array itself on the host, a copy on a device. */
   placeIds(ids: BigInt64Array): Promise<BigInt64Array | B>;
+  /** Chunk-invariant int32 rows (a c0 / c128 layer's paged form) in the steps' memory, as placeIds. */
+  placeRows(rows: Int32Array): Promise<Int32Array | B>;
   /** A workspace of `bytes` bytes of bf16 rows (on the host in shared memory, so workers read it in place). */
   allocWorkspace(bytes: number): Uint16Array | B;
   /** Dequantizes a cache's rows at tokenIds into workspace rows [rowOffset, rowOffset + n). */

@@ -261,6 +261,18 @@ export interface CheckedTopk<B = never> {
 /** Kept on the host, or on a device and not freed. */
 const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
 
+/** A paged form (PagedForm) in a layer's memory: its arrays and their row widths. */
+export interface PlacedPagedForm<B = never> {
+  readonly mainWidth: number;
+  readonly main: Int32Array | B;
+  readonly mainLengths: Int32Array | B;
+  /** 0 when there is no extra set */
+  readonly extraWidth: number;
+  readonly extra?: Int32Array | B;
+  readonly extraLengths?: Int32Array | B;
+}
+const placedFormUsable = (f: PlacedPagedForm<unknown>): boolean => usable(f.main) && usable(f.mainLengths) && (f.extra === undefined || (usable(f.extra) && usable(f.extraLengths)));
+
 /** The build in flight under `key`, else a new one: concurrent layers (sharded by heads, say) build once. */
 function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Promise<V>): Promise<V> {
   let p = inFlight.get(key);
@@ -288,6 +300,8 @@ export class LayerResources<B = never> {
   #c4Rows?: C4LayerRows<B>;
   readonly #denseInFlight = new Map<0 | 128, Promise<LayerRows<B>>>();
   readonly #idsInFlight = new Map<4 | 128 | 'swa', Promise<BigInt64Array | B>>();
+  readonly #pagedForms = new Map<0 | 128, PlacedPagedForm<B>>();
+  readonly #pagedInFlight = new Map<0 | 128, Promise<PlacedPagedForm<B>>>();
 
   constructor(plan: PlanParts, memory: Placement) {
     this.#plan = plan;
@@ -464,6 +478,31 @@ export class LayerResources<B = never> {
   keptSwaIds(): BigInt64Array | B | undefined {
     const have = this.#swaIds;
     return have !== undefined && usable(have) ? have : undefined;
+  }
+
+  /**
+   * A c0 / c128 layer's paged form (`build`: the plan's, from its chunk-invariant rows) in the
+   * steps' memory, placed once and reused by every layer of the ratio: on a device the paged path
+   * then reads no host array, so its launch is stream-ordered like the workspace path's.
+   */
+  async pagedForm(steps: LayerSteps<B>, ratio: 0 | 128, build: () => PagedForm): Promise<PlacedPagedForm<B>> {
+    const have = this.#pagedForms.get(ratio);
+    if (have !== undefined && placedFormUsable(have)) return have;
+    return buildOnce(this.#pagedInFlight, ratio, async () => {
+      const form = build();
+      const placed: PlacedPagedForm<B> = {
+        mainWidth: form.main.shape[1]!,
+        main: await steps.placeRows(form.main.data),
+        mainLengths: await steps.placeRows(form.mainLengths.data),
+        extraWidth: form.extra?.shape[1] ?? 0,
+        ...(form.extra && form.extraLengths ? { extra: await steps.placeRows(form.extra.data), extraLengths: await steps.placeRows(form.extraLengths.data) } : {}),
+      };
+      const stale = this.#pagedForms.get(ratio);
+      if (stale !== undefined) for (const b of [stale.main, stale.mainLengths, stale.extra, stale.extraLengths]) releaseDevice(b);
+      this.#pagedForms.set(ratio, placed);
+      if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
+      return placed;
+    });
   }
 
   /**

@@ -7,7 +7,7 @@
  * kept by the plan (LayerResources); only the dequant (every layer has its own caches) and a c4
  * layer's combine run per layer (on a device into row buffers the plan keeps between c4 layers).
  * Paged path: pagedSparseAttention straight over the layer's caches with the plan's paged form of
- * the same rows.
+ * the same rows (a c0 / c128 form kept in the engine's memory by the plan, like the rows and ids).
  *
  * On a host engine (cpu, wasm) the steps work in host memory. On a cuda engine they work on the
  * GPU: rows and ids are built there from the plan's lengths and page tables, the SWA ids are
@@ -24,7 +24,7 @@
  */
 import { fail } from '../errors.js';
 import { MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, liveDeviceTensor } from '../ops/common.js';
-import { isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
+import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -228,9 +228,42 @@ async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Pro
   return { ...route, out, lse, maxLogits, workspaceBytes: 0, dropped: 0 };
 }
 
-/** The paged path: the plan's host rows in their paged form, one pagedSparseAttention. */
-async function pagedLayer(engine: Engine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+/**
+ * The paged path: the plan's rows in their paged form, one pagedSparseAttention. A c0 / c128 layer
+ * with a device q reads the form from the engine's memory (placed once per plan), so nothing waits
+ * for the host; a c4 layer's form comes from its top-k on the host (a device top-k is downloaded).
+ */
+async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
+  const { plan, ratio, q, attnSink, smScale, layerCaches, output, route } = call;
   const caches = layerCaches!; // (a paged route's call has them)
+  if (ratio !== 4 && isDeviceBuffer(q.data)) {
+    const steps = engine.layerSteps();
+    if (steps.memory === 'device') {
+      const nq = plan.numQueries;
+      const f = await plan.resources(steps).pagedForm(steps, ratio, () => plan.pagedForm(plan.combinedRows(ratio)));
+      const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
+      const extra = ratio !== 0 && f.extra !== undefined && f.extraLengths !== undefined;
+      const r = await engine.pagedSparseAttention(
+        {
+          q,
+          kCache: caches.swa,
+          indices: onDevice(f.main, f.mainWidth),
+          topkLength: onDevice(f.mainLengths, 0),
+          ...(extra ? { extraKCache: caches.compressed!, extraIndices: onDevice(f.extra!, f.extraWidth), extraTopkLength: onDevice(f.extraLengths!, 0) } : {}),
+          ...(attnSink ? { attnSink } : {}),
+          smScale,
+        },
+        { output },
+      );
+      return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: 0 };
+    }
+  }
+  return pagedLayerFromHost(engine, call);
+}
+
+/** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
+async function pagedLayerFromHost(engine: Engine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+  const caches = layerCaches!;
   let rows;
   if (ratio === 4) {
     const t = topk!;

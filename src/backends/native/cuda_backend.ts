@@ -290,6 +290,7 @@ export class CudaBackend implements Backend, DeviceOps {
     },
     planCompressedTokenIds: (job) => this.planCompressedTokenIds(job, 'device'),
     placeIds: (ids) => this.upload(ids),
+    placeRows: (rows) => this.upload(rows),
     allocWorkspace: (bytes) => this.alloc(bytes),
     dequantizeKCacheInto: (job) => this.dequantizeKCacheIdsInto(job.cache, onDevice(job.tokenIds, 'tokenIds'), job.n, onDevice(job.workspace, 'workspace'), job.rowOffset),
     prefill: (job, output) => this.sparsePrefill(workspacePrefill(job), output),

@@ -142,6 +142,9 @@ export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'spar
     async placeIds(ids) {
       return ids;
     },
+    async placeRows(rows) {
+      return rows;
+    },
     allocWorkspace(bytes) {
       return new Uint16Array(new SharedArrayBuffer(bytes));
     },

@@ -12,12 +12,12 @@ import { engineBackend, SparseMlaEngine } from '../../engine.js';
 import { tensor } from '../../tensor.js';
 import { loadHostPlanner } from '../../backends/wasm/planner.js';
 import { CudaBackend, type CudaDeviceBuffer } from '../../backends/native/cuda_backend.js';
-import type { BackendChoice, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
+import type { BackendChoice, DeviceTensor, Engine, KvCache, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../../types.js';
 import * as R from '../../reference/index.js';
-import { combinedWidth, createPlan, prefillLayer, requestVisible } from '../../planner/index.js';
+import { combinedWidth, createPlan, prefillLayer, requestVisible, type CompressRatio, type Plan } from '../../planner/index.js';
 import { rowDimOf } from '../../kv_cache_layout.js';
 import { buildPrefillCase, expectNonFinitePlan, invalidFillers, makeRng, pagedCases, pokeNonFiniteTokens, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
-import { chunkScenario, indexerTopk } from '../../check/chunks.js';
+import { chunkScenario, indexerTopk, type ChunkScenario } from '../../check/chunks.js';
 import { formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
@@ -544,53 +544,72 @@ export async function checkCommand(argv: string[]): Promise<number> {
         await engine.download({ dtype: 'bf16', shape: [n + off, 512], data: ws }).then((t) => sameBits('after the error', t.data.subarray(off * 512), want.data));
         for (const b of [idsDev, ws, bad, dCache.data]) b.free();
       });
-      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4, c0, c128, c4 (device q, caches, top-k; a host sink in layers 0-2, a device sink after; device out; layers 3-6 queued by a layer program, which refuses bad buffers before any launch) equals the WASM host path and the float64 reference', async () => {
-        const sc = chunkScenario(rng, [[700, 300], [129, 129], [1300, 1], [0, 0], [2000, 400], [77, 77]].map(([seqLen, extendLen]) => ({ seqLen: seqLen!, extendLen: extendLen! })));
-        const hQ2 = 16, topk = 256, smScale = 1 / Math.sqrt(512);
-        const planDev = createPlan(sc.chunk);
-        const planHost = createPlan(sc.chunk);
-        const queries = sampleRows(rng, sc.numQueries, 24);
-        const attnSink = tensor('float32', [hQ2], Float32Array.from({ length: hQ2 }, () => rng.normal()));
-        const verdicts: R.AttentionComparison[] = [];
-        const sinkDev = await engine.upload(attnSink);
-        for (const [layer, ratio] of ([0, 4, 128, 4, 0, 128, 4] as const).entries()) {
-          const label = `layer ${layer} (c${ratio})`;
-          const swa = await filledCache(wasm, rng, 'v4', { pageSize: sc.swaPageSize, numPages: sc.swaPages });
-          const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.c128PageSize, numPages: sc.c128Pages });
-          const key = ratio === 4 ? 'c4' : 'c128';
-          const caches = { swa, ...(comp ? { [key]: comp } : {}) };
-          const q = randomBf16(rng, [sc.numQueries, hQ2, 512]);
-          const topkIndices = ratio === 4 ? indexerTopk(rng, sc.requests, topk).indices : undefined;
-          const [qd, swad, compd, topkd] = await Promise.all([
-            engine.upload(q),
-            engine.uploadKvCache(swa),
-            comp ? engine.uploadKvCache(comp) : undefined,
-            topkIndices ? engine.upload(topkIndices) : undefined,
-          ]);
+      /**
+       * One layer of a chunk through prefillLayer on the device (device q, caches, top-k; device out)
+       * and on WASM from the host, both down `path`; the device result judged against the host's and
+       * the float64 reference. `onDevice` looks at the device result before its download.
+       */
+      const deviceLayer = async (o: { sc: ChunkScenario; planDev: Plan; planHost: Plan; layer: number; ratio: CompressRatio; hQ: number; topk: number; queries: number[]; attnSink: Tensor<'float32'>; sink: Tensor<'float32'> | DeviceTensor<'float32'>; path: 'sparse' | 'paged'; onDevice?: (label: string) => void }): Promise<R.AttentionComparison> => {
+        const { sc, ratio, path } = o;
+        const label = `layer ${o.layer} (c${ratio}${path === 'paged' ? ', paged' : ''})`;
+        const smScale = 1 / Math.sqrt(512);
+        const swa = await filledCache(wasm, rng, 'v4', { pageSize: sc.swaPageSize, numPages: sc.swaPages });
+        const comp = ratio === 0 ? undefined : await filledCache(wasm, rng, 'v4', ratio === 4 ? { pageSize: sc.c4PageSize, numPages: sc.c4Pages } : { pageSize: sc.c128PageSize, numPages: sc.c128Pages });
+        const key = ratio === 4 ? 'c4' : 'c128';
+        const caches = { swa, ...(comp ? { [key]: comp } : {}) };
+        const q = randomBf16(rng, [sc.numQueries, o.hQ, 512]);
+        const topkIndices = ratio === 4 ? indexerTopk(rng, sc.requests, o.topk).indices : undefined;
+        const [qd, swad, compd, topkd] = await Promise.all([engine.upload(q), engine.uploadKvCache(swa), comp ? engine.uploadKvCache(comp) : undefined, topkIndices ? engine.upload(topkIndices) : undefined]);
+        try {
           const dev = await prefillLayer(
             engine,
-            { plan: planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: layer < 3 ? attnSink : sinkDev, smScale, path: 'sparse' },
+            { plan: o.planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: o.sink, smScale, path },
             { output: 'device' },
           );
-          if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
-          if (planDev.deviceStats.deviceQueuedLayers !== Math.max(0, layer - 2)) throw new Error(`${label}: ${planDev.deviceStats.deviceQueuedLayers} layers queued by one call so far, expected ${Math.max(0, layer - 2)}`);
-          // the addon's layer program refuses, before any launch, what the TS side never passes; the
-          // layers after this one show the engine and the program still work
-          if (layer === 3) layerProgramRefusals(engine, planDev);
-          const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
-          const host = await prefillLayer(wasm, { plan: planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale, path: 'sparse' });
-          if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
-          const ref = R.prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink, smScale }, { queries });
-          if (ref.dropped > dev.dropped) throw new Error(`${label}: dropped ${dev.dropped} < reference ${ref.dropped} on a sample`);
           try {
-            verdicts.push(judgeAttention(got, host, ref, queries, cachesMaxAbsV(comp ? [swa, comp] : [swa])));
-          } catch (e) {
-            if (e instanceof BoundsFailure) throw new BoundsFailure(`${label}: ${e.message}`, e.verdict);
-            throw new Error(`${label}: ${(e as Error).message}`);
+            if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
+            o.onDevice?.(label);
+            const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
+            const host = await prefillLayer(wasm, { plan: o.planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink: o.attnSink, smScale, path });
+            if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
+            const ref = R.prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink: o.attnSink, smScale }, { queries: o.queries });
+            if (ref.dropped > dev.dropped) throw new Error(`${label}: dropped ${dev.dropped} < reference ${ref.dropped} on a sample`);
+            try {
+              return judgeAttention(got, host, ref, o.queries, cachesMaxAbsV(comp ? [swa, comp] : [swa]));
+            } catch (e) {
+              if (e instanceof BoundsFailure) throw new BoundsFailure(`${label}: ${e.message}`, e.verdict);
+              throw new Error(`${label}: ${(e as Error).message}`);
+            }
+          } finally {
+            for (const t of [dev.out, dev.lse, dev.maxLogits]) t.data.free();
           }
-          for (const t of [qd, topkd, dev.out, dev.lse, dev.maxLogits]) t?.data.free();
+        } finally {
+          for (const t of [qd, topkd]) t?.data.free();
           swad.data.free();
           compd?.data.free();
+        }
+      };
+      /** The device layer cases' chunk (six requests, one without queries), its two plans, sampled queries and sink (host and device). */
+      const layerChunk = async (lastExtend: number, hQ: number) => {
+        const sc = chunkScenario(rng, [[700, 300], [129, 129], [1300, 1], [0, 0], [2000, lastExtend], [77, 77]].map(([seqLen, extendLen]) => ({ seqLen: seqLen!, extendLen: extendLen! })));
+        const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+        return { sc, hQ, planDev: createPlan(sc.chunk), planHost: createPlan(sc.chunk), queries: sampleRows(rng, sc.numQueries, 24), attnSink, sinkDev: await engine.upload(attnSink) };
+      };
+      await run('prefillLayer on the device: a multi-request chunk through layers c0, c4, c128, c4, c0, c128, c4 (device q, caches, top-k; a host sink in layers 0-2, a device sink after; device out; layers 3-6 queued by a layer program, which refuses bad buffers before any launch) equals the WASM host path and the float64 reference', async () => {
+        const { sc, hQ, planDev, planHost, queries, attnSink, sinkDev } = await layerChunk(400, 16);
+        const verdicts: R.AttentionComparison[] = [];
+        for (const [layer, ratio] of ([0, 4, 128, 4, 0, 128, 4] as const).entries()) {
+          verdicts.push(
+            await deviceLayer({
+              sc, planDev, planHost, layer, ratio, hQ, topk: 256, queries, attnSink, sink: layer < 3 ? attnSink : sinkDev, path: 'sparse',
+              onDevice: (label) => {
+                if (planDev.deviceStats.deviceQueuedLayers !== Math.max(0, layer - 2)) throw new Error(`${label}: ${planDev.deviceStats.deviceQueuedLayers} layers queued by one call so far, expected ${Math.max(0, layer - 2)}`);
+                // the addon's layer program refuses, before any launch, what the TS side never passes; the
+                // layers after this one show the engine and the program still work
+                if (layer === 3) layerProgramRefusals(engine, planDev);
+              },
+            }),
+          );
         }
         sinkDev.data.free();
         const d = planDev.deviceStats;
@@ -602,6 +621,20 @@ export async function checkCommand(argv: string[]): Promise<number> {
         }
         if (planDev.stats.c4Combines !== 3 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);
+        }
+        return verdicts;
+      }, 'layer');
+      await run('prefillLayer on the device down the paged path: layers c0, c128, c4, c0, c128 (device q, caches, top-k, sink; device out; the c0 / c128 paged form placed on the device once per ratio, a c4 layer combining its downloaded top-k on the host) equals the WASM host path and the float64 reference', async () => {
+        const { sc, hQ, planDev, planHost, queries, attnSink, sinkDev } = await layerChunk(40, 64);
+        const verdicts: R.AttentionComparison[] = [];
+        for (const [layer, ratio] of ([0, 128, 4, 0, 128] as const).entries()) {
+          verdicts.push(await deviceLayer({ sc, planDev, planHost, layer, ratio, hQ, topk: 256, queries, attnSink, sink: sinkDev, path: 'paged' }));
+        }
+        sinkDev.data.free();
+        // the c0 and c128 forms uploaded once each across their two layers; nothing of the workspace path
+        const d = planDev.deviceStats;
+        if (d.deviceUploads !== 2 || d.deviceWorkspaceAllocations !== 0 || d.deviceQueuedLayers !== 0 || planDev.stats.pagedMainBuilds !== 1) {
+          throw new Error(`deviceStats ${JSON.stringify(d)}, pagedMainBuilds ${planDev.stats.pagedMainBuilds}: expected 2 uploads (the c0 and c128 paged forms), no workspace, one paged main build`);
         }
         return verdicts;
       }, 'layer');

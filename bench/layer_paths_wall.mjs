@@ -4,7 +4,7 @@
 // One request of seqLen = prefix + N whose chunk is its last N tokens; device q, caches, top-k and
 // sink, output on the device (HOST=1: every operand and output on the host). A run = LAYERS layers
 // awaited one after another, then a synchronize; ROUNDS runs a path after one warm-up run, the paths
-// alternated; before a case's first point, WARMUP (default 300) untimed layers a path, so V8 has
+// alternated (each layer's call-to-resolve time kept too: the host's share); before a case's first point, WARMUP (default 300) untimed layers a path, so V8 has
 // optimized the layer's JS on both (a process's first layers run its JS several times slower:
 // docs/perf-history.md). Prints each point's median µs a layer and paged / sparse (> 1: the workspace
 // path is faster); --out FILE writes them as JSON.
@@ -84,19 +84,26 @@ for (const prefix of PREFIXES) {
         await engine.synchronize();
       }
       const runs = { sparse: [], paged: [] };
+      // host µs from each layer's call until its promise resolved (the JS thread's share of a layer)
+      const resolve = { sparse: [], paged: [] };
       for (let r = 0; r <= ROUNDS; r++) {
         for (const path of ['sparse', 'paged']) {
           await engine.synchronize();
           const t0 = performance.now();
-          for (let l = 0; l < LAYERS; l++) await layer(path);
+          for (let l = 0; l < LAYERS; l++) {
+            const c0 = performance.now();
+            await layer(path);
+            if (r > 0) resolve[path].push((performance.now() - c0) * 1000);
+          }
           await engine.synchronize();
           if (r > 0) runs[path].push(((performance.now() - t0) * 1000) / LAYERS);
         }
       }
       const s = median(runs.sparse), p = median(runs.paged);
+      const rs = median(resolve.sparse), rp = median(resolve.paged);
       const name = `c${c.ratio} hQ ${c.hQ}${c.topk ? ` topk ${c.topk}` : ''} prefix ${prefix} N ${N}`;
-      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, sparse_us: s, paged_us: p, paged_over_sparse: p / s, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
-      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer, paged / sparse ${(p / s).toFixed(2)}`);
+      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, sparse_us: s, paged_us: p, paged_over_sparse: p / s, sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
+      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer, paged / sparse ${(p / s).toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
       for (const t of [q, sink, topk]) if (t) free(t);
     }
   }

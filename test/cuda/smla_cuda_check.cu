@@ -1371,6 +1371,103 @@ static void run_bench(const char* json_path, int reps) {
   }
 }
 
+
+// ---------------------------------------------------------------- host cost of one small launch
+// Diagnostics for the router's small chunks (docs/perf-history.md, forty-first session): per op,
+// the host's time in the API call (median over batches of 20 back-to-back calls, the device
+// queue never full), the device span of one call (events), and one call's latency from the call
+// to cudaStreamSynchronize's return after an idle device. Window rows of 128 entries, either all
+// valid ("full": a long prefix) or row i's first min(i + 1, 128) valid ("prefix0").
+static double now_us() { return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+template <class F>
+static void host_cost_row(const char* name, F call) {
+  cudaStream_t s = 0;
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  for (int i = 0; i < 20; ++i) call();
+  CK(cudaDeviceSynchronize());
+  std::vector<double> host, dev, lat;
+  for (int k = 0; k < 30; ++k) {
+    const double t0 = now_us();
+    for (int i = 0; i < 20; ++i) call();
+    host.push_back((now_us() - t0) / 20);
+    CK(cudaDeviceSynchronize());
+  }
+  for (int k = 0; k < 50; ++k) {
+    CK(cudaEventRecord(a, s));
+    call();
+    CK(cudaEventRecord(b, s));
+    CK(cudaEventSynchronize(b));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, a, b));
+    dev.push_back(ms * 1000);
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+    const double t0 = now_us();
+    call();
+    CK(cudaStreamSynchronize(s));
+    lat.push_back(now_us() - t0);
+  }
+  auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+  printf("hostcost %-44s host %7.2f us  device %7.2f us  latency %7.2f us\n", name, med(host), med(dev), med(lat));
+  CK(cudaEventDestroy(a));
+  CK(cudaEventDestroy(b));
+}
+
+static void run_host_cost() {
+  Rng r(7);
+  {
+    void* x = nullptr;
+    host_cost_row("cudaMallocAsync + cudaFreeAsync 64 KB", [&] { CK(cudaMallocAsync(&x, 65536, 0)); CK(cudaFreeAsync(x, 0)); });
+    DBuf<unsigned long long> w(1);
+    host_cost_row("cudaMemsetAsync 8 B", [&] { CK(cudaMemsetAsync(w.p, 0, 8, 0)); });
+  }
+  const int W = 128;
+  for (int hq : {64, 128}) {
+    for (int n : {16, 64, 256, 1024}) {
+      const int tokens = n + W - 1;
+      const int pages = (tokens + 63) / 64;
+      V4Host cache = make_v4_cache(r, 64, pages);
+      DBuf<uint8_t> dcache(cache.bytes.size());
+      dcache.up(cache.bytes);
+      std::vector<uint16_t> hq_(size_t(n) * hq * 512);
+      for (auto& v : hq_) v = to_bf16(r.normal());
+      DBuf<uint16_t> dq(hq_.size()), dout(hq_.size()), dkv(size_t(tokens) * 512);
+      dq.up(hq_);
+      DBuf<float> dl(size_t(n) * hq), dm(size_t(n) * hq);
+      std::vector<int64_t> ids(tokens);
+      for (int t = 0; t < tokens; ++t) ids[t] = t;
+      DBuf<int64_t> dids(tokens);
+      dids.up(ids);
+      const smla_dequantize_kv_cache_params dp{.format = SMLA_CACHE_V4, .cache = dcache.p, .page_size = 64, .num_pages = pages,
+                                               .token_ids = dids.p, .num_tokens = tokens, .out = dkv.p};
+      char name[96];
+      snprintf(name, sizeof name, "dequant %d tokens", tokens);
+      if (hq == 64) host_cost_row(name, [&] { check_status(smla_cuda_dequantize_kv_cache(&dp, nullptr, 0), "dequant"); });
+      for (int prefix0 = 0; prefix0 < 2; ++prefix0) {
+        // query i sits at window position i + W - 1: its window is tokens [i, i + W)
+        std::vector<int32_t> idx(size_t(n) * W, -1);
+        for (int i = 0; i < n; ++i)
+          for (int k = 0; k < W; ++k)
+            if (!prefix0 || k >= W - 1 - i) idx[size_t(i) * W + k] = i + k;
+        DBuf<int32_t> didx(idx.size());
+        didx.up(idx);
+        const smla_sparse_prefill_params pp{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = n, .h_q = hq, .d_qk = 512,
+                                            .d_v = 512, .s_kv = tokens, .topk = W, .sm_scale = 0.044f, .out = dout.p,
+                                            .max_logits = dm.p, .lse = dl.p};
+        const smla_paged_sparse_attention_params ap{.q = dq.p, .n = n, .h_q = hq, .k_cache = dcache.p, .page_size = 64,
+                                                    .num_pages = pages, .indices = didx.p, .topk = W, .sm_scale = 0.044f,
+                                                    .out = dout.p, .lse = dl.p, .max_logits = dm.p};
+        const char* kind = prefix0 ? "prefix0" : "full";
+        snprintf(name, sizeof name, "prefill hQ %d n %d %s", hq, n, kind);
+        host_cost_row(name, [&] { check_status(smla_cuda_sparse_prefill(&pp, nullptr, 0), "prefill"); });
+        snprintf(name, sizeof name, "paged hQ %d n %d %s", hq, n, kind);
+        host_cost_row(name, [&] { check_status(smla_cuda_paged_sparse_attention(&ap, 0), "paged"); });
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "check";
   cudaDeviceProp prop;
@@ -1392,6 +1489,10 @@ int main(int argc, char** argv) {
   }
   if (mode == "fuzz") {
     run_fuzz();
+    return 0;
+  }
+  if (mode == "hostcost") {
+    run_host_cost();
     return 0;
   }
   if (mode == "profile") {

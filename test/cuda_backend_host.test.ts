@@ -8,7 +8,7 @@
  * total, read while the rest is queued) — so a change to it is caught here, not first on a GPU
  * host.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
 import { CudaBackend, CudaDeviceBuffer, SYNC_POLL_MS, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
@@ -20,7 +20,7 @@ import { SparseMlaEngine } from '../dist/engine.js';
 import { createPlan, prefillLayer, type CompressRatio } from '../dist/planner/index.js';
 import { prefillLayerReference } from '../dist/reference/index.js';
 import type { CacheView, DequantizeKCacheJob, PagedSparseAttentionJob, QuantizeKCacheJob, SparsePrefillJob } from '../dist/backends/backend.js';
-import type { DeviceTensor, Engine } from '../dist/types.js';
+import type { DeviceBuffer, DeviceTensor, Engine } from '../dist/types.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -706,6 +706,81 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     }
     expect(planDev.deviceStats).toMatchObject({ deviceUploads: 2, deviceQueuedLayers: 0, deviceWorkspaceAllocations: 0 });
     expect(planDev.stats.pagedMainBuilds).toBe(1);
+  }, 20_000);
+
+  test('a paged layer whose form its plan keeps hands its checked operands to the steps, not the public op: with a device or host sink and device or host outputs it equals the cpu backend bit for bit; each plan places its own form, a form with a freed buffer is placed again; a freed q, sink or cache, a bad smScale or a q on another device is still refused with its typed error, before any op', async () => {
+    const { sc, planDev, planHost } = layerScenario();
+    const second = layerScenario();
+    const hQ = 4, smScale = 1 / Math.sqrt(512);
+    const publicOp = vi.spyOn(cuda, 'pagedSparseAttention');
+    type Options = { hostSink?: boolean; output?: 'host' | 'device' };
+    /** One paged layer on the stand-in device against the cpu backend: its ops, and how many times it called the public op. */
+    const layer = async (label: string, s: ReturnType<typeof layerScenario>, ratio: 0 | 128, { hostSink = false, output = 'device' }: Options = {}) => {
+      const { swa, comp, key, q, attnSink, want } = await cpuLayer(cpu, s.sc, s.planHost, label, ratio, hQ, smScale, 'paged');
+      const [qd, swad, compd, sinkd] = await Promise.all([cuda.upload(q), cuda.uploadKvCache(swa), comp ? cuda.uploadKvCache(comp) : undefined, cuda.upload(attnSink)]);
+      calls.length = 0;
+      publicOp.mockClear();
+      const got = await prefillLayer(cuda, { plan: s.planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, attnSink: hostSink ? attnSink : sinkd, smScale, path: 'paged' }, { output });
+      const layerCalls = calls.splice(0);
+      expect([got.path, got.workspaceBytes, got.dropped], label).toEqual([want.path, want.workspaceBytes, want.dropped]);
+      if (output === 'device') {
+        await expectSameOutputs(cuda, got as Awaited<ReturnType<typeof prefillLayer<'device'>>>, want, label);
+        for (const t of [got.out, got.lse, got.maxLogits]) (t.data as DeviceBuffer).free();
+      } else {
+        for (const name of ['out', 'lse', 'maxLogits'] as const) {
+          const host = got[name].data as ArrayBufferView, w = want[name].data;
+          expect(Buffer.compare(Buffer.from(host.buffer, host.byteOffset, host.byteLength), Buffer.from(w.buffer, w.byteOffset, w.byteLength)), `${label} ${name}`).toBe(0);
+        }
+      }
+      for (const b of [qd.data, swad.data, compd?.data, sinkd.data]) b?.free();
+      const op = layerCalls.find((c) => c.op === 'pagedSparseAttention')!;
+      return { ops: layerCalls.map((c) => c.op), hostOperands: op.hostOperands, publicCalls: publicOp.mock.calls.length };
+    };
+    const placesForm = (ratio: 0 | 128) => Array<string>(ratio === 0 ? 2 : 4).fill('upload');
+    try {
+      // the layer that places a ratio's form goes through the public op; the plan's later layers do not
+      expect(await layer('c0, placing', { sc, planDev, planHost }, 0)).toEqual({ ops: [...placesForm(0), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
+      expect(await layer('c0, kept', { sc, planDev, planHost }, 0)).toEqual({ ops: ['pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
+      expect(await layer('c128, placing', { sc, planDev, planHost }, 128)).toEqual({ ops: [...placesForm(128), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
+      expect(await layer('c128, kept, host sink', { sc, planDev, planHost }, 128, { hostSink: true })).toEqual({ ops: ['pagedSparseAttention'], hostOperands: ['attnSink'], publicCalls: 0 });
+      expect(await layer('c0, kept, host outputs', { sc, planDev, planHost }, 0, { output: 'host' })).toEqual({ ops: ['pagedSparseAttention'], hostOperands: ['out', 'lse', 'maxLogits'], publicCalls: 0 });
+      // another plan on the engine places its own form
+      expect(await layer('second plan c0, placing', second, 0)).toEqual({ ops: [...placesForm(0), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
+      expect(await layer('second plan c0, kept', second, 0)).toEqual({ ops: ['pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
+      // a kept form with a freed buffer is not read: the next layer places the form again
+      const steps = (cuda as SparseMlaEngine).layerSteps();
+      const form = planDev.resources(steps).keptPagedForm(0)!;
+      (form.mainLengths as DeviceBuffer).free();
+      expect(planDev.resources(steps).keptPagedForm(0)).toBeUndefined();
+      expect(await layer('c0, placed again', { sc, planDev, planHost }, 0)).toEqual({ ops: [...placesForm(0), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
+      expect(planDev.resources(steps).keptPagedForm(0)).not.toBe(form);
+      expect(planDev.deviceStats).toMatchObject({ deviceUploads: 3, deviceQueuedLayers: 0, deviceWorkspaceAllocations: 0 });
+
+      // with the form kept, an operand that is no longer good is refused before any op
+      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512, 1));
+      const elsewhere = new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, calls, held), 2, undefined, 1));
+      const args = async () => ({
+        plan: planDev, compressRatio: 0 as const, q: await cuda.upload(q), caches: { swa: await cuda.uploadKvCache(randomCache(rng, sc.swaPageSize, sc.swaPages)) },
+        attnSink: await cuda.upload(tensor('float32', [hQ], new Float32Array(hQ))), smScale, path: 'paged' as const,
+      });
+      const bad: [string, (a: Awaited<ReturnType<typeof args>>) => Promise<object>, object][] = [
+        ['a freed q', async (a) => (a.q.data.free(), a), { code: 'INVALID_VALUE', argument: 'q.data' }],
+        ['a freed sink', async (a) => (a.attnSink.data.free(), a), { code: 'INVALID_VALUE', argument: 'attnSink.data' }],
+        ['a freed cache', async (a) => (a.caches.swa.data.free(), a), { code: 'INVALID_VALUE', argument: 'caches.swa' }],
+        ['a sink of another shape', async (a) => ({ ...a, attnSink: await cuda.upload(tensor('float32', [hQ + 1], new Float32Array(hQ + 1))) }), { code: 'INVALID_SHAPE', argument: 'attnSink' }],
+        ['smScale NaN', async (a) => ({ ...a, smScale: NaN }), { code: 'INVALID_VALUE', argument: 'smScale' }],
+        ['a q on device 1', async (a) => ({ ...a, q: await elsewhere.upload(q) }), { code: 'INVALID_VALUE', argument: 'q', message: expect.stringContaining('device 1') }],
+      ];
+      for (const [what, spoil, error] of bad) {
+        const spoiled = await spoil(await args());
+        calls.length = 0;
+        await expect(prefillLayer(cuda, spoiled as never, { output: 'device' }), what).rejects.toMatchObject(error);
+        expect(calls.map((c) => c.op), what).toEqual([]);
+      }
+      await elsewhere.dispose();
+    } finally {
+      publicOp.mockRestore();
+    }
   }, 20_000);
 
   test("a layer whose q is another engine's buffer (same device) takes the stepwise ops, not the layer program, and still equals the cpu backend bit for bit", async () => {

@@ -204,6 +204,14 @@ export interface LayerSteps<B = never> {
    * these operands together (another engine's memory): the caller then runs the steps one by one.
    */
   queueLayer?(job: QueuedLayerJob<B>): Promise<QueuedLayerOutput<B> | undefined>;
+  /**
+   * Device steps only: a c0 / c128 layer's paged path, the device paged op (DeviceOps
+   * pagedSparseAttention) over a job prefillLayer builds from what was checked already — the
+   * plan's placed paged form, the layer's caches (Plan.checkCaches) and its q, sink and smScale
+   * (the layer call's checks), with no await between those checks and this call — so nothing is
+   * validated again (engine.pagedSparseAttention still validates every argument of the public op).
+   */
+  pagedAttention?(job: PagedSparseAttentionJob<B>, output: Placement): Promise<PlacedAttentionOutput>;
 }
 
 /** What LayerSteps.queueLayer queues: the steps' own jobs, in launch order. */

@@ -486,9 +486,7 @@ export class LayerResources<B = never> {
    * then reads no host array, so its launch is stream-ordered like the workspace path's.
    */
   async pagedForm(steps: LayerSteps<B>, ratio: 0 | 128, build: () => PagedForm): Promise<PlacedPagedForm<B>> {
-    const have = this.#pagedForms.get(ratio);
-    if (have !== undefined && placedFormUsable(have)) return have;
-    return buildOnce(this.#pagedInFlight, ratio, async () => {
+    return this.keptPagedForm(ratio) ?? buildOnce(this.#pagedInFlight, ratio, async () => {
       const form = build();
       const placed: PlacedPagedForm<B> = {
         mainWidth: form.main.shape[1]!,
@@ -503,6 +501,12 @@ export class LayerResources<B = never> {
       if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
       return placed;
     });
+  }
+
+  /** The ratio's placed paged form, where it is kept and none of its buffers was freed. */
+  keptPagedForm(ratio: 0 | 128): PlacedPagedForm<B> | undefined {
+    const have = this.#pagedForms.get(ratio);
+    return have !== undefined && placedFormUsable(have) ? have : undefined;
   }
 
   /**

@@ -7,7 +7,8 @@
  * kept by the plan (LayerResources); only the dequant (every layer has its own caches) and a c4
  * layer's combine run per layer (on a device into row buffers the plan keeps between c4 layers).
  * Paged path: pagedSparseAttention straight over the layer's caches with the plan's paged form of
- * the same rows (a c0 / c128 form kept in the engine's memory by the plan, like the rows and ids).
+ * the same rows (a c0 / c128 form kept in the engine's memory by the plan, like the rows and ids;
+ * once it is kept, a device layer hands the steps the op's job as its checks left it).
  *
  * On a host engine (cpu, wasm) the steps work in host memory. On a cuda engine they work on the
  * GPU: rows and ids are built there from the plan's lengths and page tables, the SWA ids are
@@ -23,12 +24,12 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, liveDeviceTensor } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, liveDeviceTensor } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, LayerSteps, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
+import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -214,7 +215,7 @@ export async function prefillLayer<P extends Placement = 'host'>(engine: Engine,
       }
       if (r !== undefined) {
         res.countQueuedLayer(job.planRows === null ? null : r.dropped);
-        return workspaceResult(call, r, r.dropped) as PrefillLayerResult<P>;
+        return layerResult(call, r, call.layout.bytes, r.dropped) as PrefillLayerResult<P>;
       }
     }
   }
@@ -232,33 +233,67 @@ async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Pro
  * The paged path: the plan's rows in their paged form, one pagedSparseAttention. A c0 / c128 layer
  * with a device q reads the form from the engine's memory (placed once per plan), so nothing waits
  * for the host; a c4 layer's form comes from its top-k on the host (a device top-k is downloaded).
+ * Once the plan keeps the form, the layer's launch follows its checks with nothing in between
+ * (no await), so the steps take the op's job as the checks left it (LayerSteps.pagedAttention);
+ * the layer that places the form awaits that, and then goes through the public op, which checks its
+ * operands again (the caller may have freed one meanwhile).
  */
 async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
-  const { plan, ratio, q, attnSink, smScale, layerCaches, output, route } = call;
-  const caches = layerCaches!; // (a paged route's call has them)
+  const { plan, ratio, q, output } = call;
   if (ratio !== 4 && isDeviceBuffer(q.data)) {
     const steps = engine.layerSteps();
     if (steps.memory === 'device') {
-      const nq = plan.numQueries;
-      const f = await plan.resources(steps).pagedForm(steps, ratio, () => plan.pagedForm(plan.combinedRows(ratio)));
-      const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
-      const extra = ratio !== 0 && f.extra !== undefined && f.extraLengths !== undefined;
-      const r = await engine.pagedSparseAttention(
-        {
-          q,
-          kCache: caches.swa,
-          indices: onDevice(f.main, f.mainWidth),
-          topkLength: onDevice(f.mainLengths, 0),
-          ...(extra ? { extraKCache: caches.compressed!, extraIndices: onDevice(f.extra!, f.extraWidth), extraTopkLength: onDevice(f.extraLengths!, 0) } : {}),
-          ...(attnSink ? { attnSink } : {}),
-          smScale,
-        },
-        { output },
-      );
-      return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: 0 };
+      const res = plan.resources(steps);
+      const kept = res.keptPagedForm(ratio);
+      const job = kept === undefined ? undefined : pagedJob(call, kept);
+      if (job !== undefined && steps.pagedAttention !== undefined) return layerResult(call, await steps.pagedAttention(job, output), 0, 0);
+      return pagedOp(engine, call, kept ?? (await res.pagedForm(steps, ratio, () => plan.pagedForm(plan.combinedRows(ratio)))));
     }
   }
   return pagedLayerFromHost(engine, call);
+}
+
+/**
+ * The device paged op's job over a layer's checked operands and its plan's placed form, as
+ * preparePagedSparseAttention would make it from them: everything it checks was checked by the
+ * layer call (q, sink, smScale) or the plan (the caches, the form), but for the op's 32-bit sizes
+ * of q and the caches; past those (no memory holds such a q or cache) undefined, and pagedOp's
+ * public op refuses them.
+ */
+function pagedJob({ plan, q, hQ, attnSink, smScale, caches }: LayerCall, form: PlacedPagedForm<DeviceBuffer>): PagedSparseAttentionJob<DeviceBuffer> | undefined {
+  const swa = caches.swa, compressed = caches.compressed;
+  const extra = compressed !== undefined && form.extra !== undefined && form.extraLengths !== undefined;
+  if (hQ > INT32_MAX || swa.numTokens > INT32_MAX || (extra && compressed.numTokens > INT32_MAX)) return undefined;
+  return {
+    q: q.data,
+    n: plan.numQueries,
+    hQ,
+    main: { cache: swa, indices: form.main, topk: form.mainWidth, topkLength: form.mainLengths },
+    extra: extra ? { cache: compressed, indices: form.extra!, topk: form.extraWidth, topkLength: form.extraLengths! } : null,
+    attnSink: attnSink === undefined ? null : attnSink.data,
+    smScale,
+  };
+}
+
+/** The public paged op over the caller's caches and the plan's placed form, every argument checked by it. */
+async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<PrefillLayerResult<Placement>> {
+  const caches = layerCaches!; // (a paged route's call has them)
+  const nq = plan.numQueries;
+  const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
+  const extra = ratio !== 0 && f.extra !== undefined && f.extraLengths !== undefined;
+  const r = await engine.pagedSparseAttention(
+    {
+      q,
+      kCache: caches.swa,
+      indices: onDevice(f.main, f.mainWidth),
+      topkLength: onDevice(f.mainLengths, 0),
+      ...(extra ? { extraKCache: caches.compressed!, extraIndices: onDevice(f.extra!, f.extraWidth), extraTopkLength: onDevice(f.extraLengths!, 0) } : {}),
+      ...(attnSink ? { attnSink } : {}),
+      smScale,
+    },
+    { output },
+  );
+  return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: 0 };
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
@@ -311,7 +346,7 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResourc
     const swaIds = layout.swaRows > 0 ? (res.keptSwaIds() ?? (await res.swaIds(steps))) : null;
     for (const job of dequantJobs(call, ws, compressedIds, swaIds)) await steps.dequantizeKCacheInto(job);
     const r = await steps.prefill(prefillJob(call, ws, rows), output);
-    return workspaceResult(call, r, await dropped);
+    return layerResult(call, r, call.layout.bytes, await dropped);
   } catch (e) {
     await dropped.catch(() => undefined);
     throw e;
@@ -334,8 +369,8 @@ function prefillJob({ plan, layout, q, hQ, attnSink, smScale }: LayerCall, works
   return { q: q.data, workspace, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: attnSink === undefined ? null : attnSink.data, numQueries: plan.numQueries, hQ, width: rows.width, smScale };
 }
 
-/** A workspace layer's result: its outputs as tensors of the layer's shape, where they were made. */
-function workspaceResult({ plan, layout, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, dropped: number): PrefillLayerResult<Placement> {
+/** A layer's result: its outputs as tensors of the layer's shape, where they were made. */
+function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number): PrefillLayerResult<Placement> {
   const nq = plan.numQueries;
   return {
     path: route.path,
@@ -343,7 +378,7 @@ function workspaceResult({ plan, layout, hQ, route }: LayerCall, r: { out: Uint1
     out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
     lse: placedTensor('float32', [nq, hQ], r.lse),
     maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
-    workspaceBytes: layout.bytes,
+    workspaceBytes,
     dropped,
   };
 }

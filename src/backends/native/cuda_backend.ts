@@ -301,6 +301,7 @@ export class CudaBackend implements Backend, DeviceOps {
       return Number(into[0]);
     },
     queueLayer: (job) => this.queueLayer(job),
+    pagedAttention: (job, output) => this.pagedSparseAttention(job, output),
   };
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {

@@ -319,6 +319,29 @@ describe.skipIf(!nativeAddonBuilt())('the cuda backend calls each kernel op with
     await cuda.dispose();
   });
 
+  test('pagedSparseAttention with device operands: each field is the addon buffer behind it; a buffer of another device is refused naming its field, before the op, and the outputs are freed', async () => {
+    const { ops, calls } = recordingOps();
+    const cuda = new CudaBackend(addon, ops, 1);
+    const other = new CudaBackend(addon, ops, 1, undefined, 1);
+    const n = 2, hQ = 3;
+    const dev = (bytes: number) => cuda.alloc(bytes) as CudaDeviceBuffer;
+    const main = { cache: v4View(64, 2, dev(v4View(64, 2, null).bytes)), indices: dev(n * 5 * 4), topk: 5, topkLength: dev(n * 4) };
+    const extra = { cache: v4View(4, 3, dev(v4View(4, 3, null).bytes)), indices: dev(n * 7 * 4), topk: 7, topkLength: null };
+    const job: PagedSparseAttentionJob<DeviceBuffer> = { q: dev(n * hQ * 1024), n, hQ, main, extra, attnSink: dev(hQ * 4), smScale: 0.5 };
+    const r = await cuda.pagedSparseAttention(job, 'device');
+    const native = (b: unknown) => (b as CudaDeviceBuffer).native;
+    expect(calls[0]!.params).toMatchObject({
+      q: native(job.q), n, hQ, kCache: native(main.cache.data), pageSize: 64, numPages: 2, indices: native(main.indices), topk: 5, topkLength: native(main.topkLength),
+      extraKCache: native(extra.cache.data), extraPageSize: 4, extraNumPages: 3, extraIndices: native(extra.indices), extraTopk: 7, extraTopkLength: null,
+      attnSink: native(job.attnSink), smScale: 0.5, out: native(r.out), lse: native(r.lse), maxLogits: native(r.maxLogits),
+    });
+    const outputs = vi.spyOn(cuda, 'allocTogether');
+    await expect(cuda.pagedSparseAttention({ ...job, extra: { ...extra, indices: other.alloc(n * 7 * 4) } }, 'device')).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'extraIndices' });
+    expect(calls.length).toBe(1);
+    expect(outputs.mock.results[0]!.value.map((b: CudaDeviceBuffer) => b.freed)).toEqual([true, true, true]);
+    await Promise.all([cuda.dispose(), other.dispose()]);
+  });
+
   test('dequantizeKvCache: host ids into a new output, device ids into a device workspace row', async () => {
     const { ops, calls } = recordingOps();
     const cuda = new CudaBackend(addon, ops, 1);

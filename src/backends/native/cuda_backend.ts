@@ -62,6 +62,9 @@ export const SYNC_POLL_MS = 20;
 /** A params object as the addon takes it: each device buffer among its fields is the addon's buffer. */
 type AddonParams<P> = { [K in keyof P]: P[K] extends infer V ? (V extends DeviceBuffer ? NativeDeviceBuffer : V) : never };
 
+/** The paged op's params (pagedSparseAttentionFields) over a device job's arrays. */
+type PagedFields = ReturnType<typeof pagedSparseAttentionFields<Uint16Array | DeviceBuffer, Uint8Array | DeviceBuffer, Int32Array | DeviceBuffer, Int32Array | DeviceBuffer | null, Float32Array | DeviceBuffer | null>>;
+
 /** A layer step's operand that only a device buffer can be (the steps place everything on the device). */
 function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
   if (!isDeviceBuffer(x)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer of this engine, got host memory`, argument);
@@ -341,6 +344,11 @@ export class CudaBackend implements Backend, DeviceOps {
     return out as AddonParams<P & O>;
   }
 
+  /** One operand as operands() maps it: a device buffer the addon's buffer behind it, anything else as it is. */
+  private operand<T>(value: T | DeviceBuffer, field: string): T | NativeDeviceBuffer {
+    return isDeviceBuffer(value) ? this.own(value, field) : value;
+  }
+
   /** Runs an addon call on the stream; the outputs it was given are freed if it fails (device buffers only). */
   private async launch(op: string, outputs: readonly unknown[], start: () => Promise<void>): Promise<void> {
     try {
@@ -510,8 +518,44 @@ export class CudaBackend implements Backend, DeviceOps {
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
     this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
     const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
-    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
+    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.pagedOperands(fields, out, lse, maxLogits), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
+  }
+
+  /**
+   * operands(fields, { out, lse, maxLogits }) of the paged op as one object literal, its buffers
+   * mapped in the same order (the first one refused is the one named): a c0 / c128 paged layer
+   * makes this call, and operands' loop over the keys of any params object was most of its JS.
+   * Typed as operands' result, so a field pagedSparseAttentionFields gains or loses fails to compile.
+   */
+  private pagedOperands(
+    f: PagedFields,
+    out: Uint16Array | DeviceBuffer,
+    lse: Float32Array | DeviceBuffer,
+    maxLogits: Float32Array | DeviceBuffer,
+  ): AddonParams<PagedFields & { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }> {
+    return {
+      q: this.operand(f.q, 'q'),
+      n: f.n,
+      hQ: f.hQ,
+      kCache: this.operand(f.kCache, 'kCache'),
+      pageSize: f.pageSize,
+      numPages: f.numPages,
+      indices: this.operand(f.indices, 'indices'),
+      topk: f.topk,
+      topkLength: this.operand(f.topkLength, 'topkLength'),
+      extraKCache: this.operand(f.extraKCache, 'extraKCache'),
+      extraPageSize: f.extraPageSize,
+      extraNumPages: f.extraNumPages,
+      extraIndices: this.operand(f.extraIndices, 'extraIndices'),
+      extraTopk: f.extraTopk,
+      extraTopkLength: this.operand(f.extraTopkLength, 'extraTopkLength'),
+      attnSink: this.operand(f.attnSink, 'attnSink'),
+      smScale: f.smScale,
+      out: this.operand(out, 'out'),
+      lse: this.operand(lse, 'lse'),
+      maxLogits: this.operand(maxLogits, 'maxLogits'),
+    };
   }
 
   async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {

@@ -60,6 +60,7 @@ struct Bf16GatherSource {
     const int total = row_entry_limit(topk_length, qi, topk);
     const uint4* q16 = reinterpret_cast<const uint4*>(q_row);
     SoftmaxRow row = softmax_row_init();
+    if (total <= kShortRowEntries) return exact_short_row_stats<DQK>(q16, qi, total, sm_scale, lane);
     for (int k = lane; k < total; k += 32) {
       const int32_t v = __ldg(indices + qi * int64_t(topk) + k);
       if (v < 0 || int64_t(v) >= s_kv) continue;
@@ -79,6 +80,59 @@ struct Bf16GatherSource {
       const float m_new = nan_max(row.m, m2);
       row.l = row.l * softmax_rescale(row.m, m_new) + l2 * softmax_rescale(m2, m_new);
       row.m = m_new;
+    }
+    // the caller redoes only rows of a query with a valid entry
+    const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);
+    return make_float2(fin.max_logit, fin.lse);
+  }
+
+  // exact_logit_stats of a row of at most kShortRowEntries entries (a query near its sequence's
+  // start, whose rows the kernel flags most): each entry's product split over the warp (16 or 24
+  // dims a lane, summed over the lanes), eight entries' loads in flight at once, so the row costs a
+  // few L2 round trips rather than one per eight of its dims. Longer rows keep an entry a lane: the
+  // warp's sum of each entry (five shuffles, then the running max and sum) is a chain per entry,
+  // which past 16 entries costs about what the lanes' round trips do.
+  static constexpr int kShortRowEntries = 16;
+  template <int DQK>
+  __device__ __forceinline__ float2 exact_short_row_stats(const uint4* q16, int64_t qi, int total, float sm_scale, int lane) const {
+    constexpr int kPieces = DQK / 8, kPer = (kPieces + 31) / 32, kUnroll = 8;
+    const int32_t* ids = indices + qi * int64_t(topk);
+    // entry k's id in lane k (-1 when invalid)
+    int32_t my_id = -1;
+    if (lane < total) {
+      const int32_t v = __ldg(ids + lane);
+      my_id = (v >= 0 && int64_t(v) < s_kv) ? v : -1;
+    }
+    uint4 qv[kPer];
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) qv[i] = lane + 32 * i < kPieces ? __ldg(q16 + lane + 32 * i) : make_uint4(0, 0, 0, 0);
+    SoftmaxRow row = softmax_row_init();
+    for (int k0 = 0; k0 < total; k0 += kUnroll) {
+      uint4 kp[kUnroll][kPer];
+      bool ok[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int k = k0 + u;
+        const int32_t id = __shfl_sync(0xffffffffu, my_id, k & 31);
+        ok[u] = k < total && id >= 0;
+        const uint4* k16 = reinterpret_cast<const uint4*>(kv + int64_t(ok[u] ? id : 0) * DQK);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i)
+          kp[u][i] = ok[u] && lane + 32 * i < kPieces ? __ldg(k16 + lane + 32 * i) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (!ok[u]) continue;  // the same for every lane
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) dot = detail::dot8_bf16(qv[i], kp[u][i], dot);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+        const float logit = dot * sm_scale;
+        const float m_new = nan_max(row.m, logit);
+        row.l = row.l * softmax_rescale(row.m, m_new) + expf(logit - softmax_exp_base(m_new));
+        row.m = m_new;
+      }
     }
     // the caller redoes only rows of a query with a valid entry
     const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);

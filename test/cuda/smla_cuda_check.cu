@@ -850,6 +850,10 @@ static void run_checks() {
       // producer finishes them and claims on), and a launch with no tile for the math warpgroups
       {"h64 d512 topk64, 3000 queries, every 97th with entries", 3000, 64, 512, 512, 500, 64, kMixed, true, true, false, 1.0, 0,
        false, 0, 1.0, 0.0, 97},
+      // short rows whose logits are all small (|logit| ~ 0.3): many rows of a query get their max
+      // and lse redone on the CUDA cores (rows of up to 16 entries with each product split over the warp)
+      {"h128 d512 topk64 short rows near zero, 200 queries mixed+len+sink", 200, 128, 512, 512, 3000, 64, kMixed, true, true, false, 0.3, 0},
+      {"h64 d576 topk64 short rows near zero mixed+len", 50, 64, 576, 512, 1000, 64, kMixed, true, false, false, 0.3, 0},
       {"h128 d576 topk64, 400 queries, none with entries", 400, 128, 576, 512, 500, 64, kMixed, true, false, false, 1.0, 0, false,
        0, 1.0, 0.0, 401},
   };
@@ -1444,25 +1448,48 @@ static void run_host_cost() {
       char name[96];
       snprintf(name, sizeof name, "dequant %d tokens", tokens);
       if (hq == 64) host_cost_row(name, [&] { check_status(smla_cuda_dequantize_kv_cache(&dp, nullptr, 0), "dequant"); });
+      check_status(smla_cuda_dequantize_kv_cache(&dp, nullptr, 0), "dequant");  // the prefill's kv
+      CK(cudaDeviceSynchronize());
       for (int prefix0 = 0; prefix0 < 2; ++prefix0) {
         // query i sits at window position i + W - 1: its window is tokens [i, i + W)
-        std::vector<int32_t> idx(size_t(n) * W, -1);
-        for (int i = 0; i < n; ++i)
-          for (int k = 0; k < W; ++k)
-            if (!prefix0 || k >= W - 1 - i) idx[size_t(i) * W + k] = i + k;
-        DBuf<int32_t> didx(idx.size());
+        // prefix0 as the planner gives it: row i's i + 1 entries first, their count in topk_length
+        std::vector<int32_t> idx(size_t(n) * W, -1), len(n);
+        for (int i = 0; i < n; ++i) {
+          len[i] = prefix0 ? std::min(i + 1, W) : W;
+          for (int k = 0; k < len[i]; ++k) idx[size_t(i) * W + k] = prefix0 ? std::max(0, i + 1 - W) + k : i + k;
+        }
+        DBuf<int32_t> didx(idx.size()), dlen(len.size());
         didx.up(idx);
-        const smla_sparse_prefill_params pp{.q = dq.p, .kv = dkv.p, .indices = didx.p, .s_q = n, .h_q = hq, .d_qk = 512,
+        dlen.up(len);
+        const smla_sparse_prefill_params pp{.q = dq.p, .kv = dkv.p, .indices = didx.p, .topk_length = prefix0 ? dlen.p : nullptr, .s_q = n, .h_q = hq, .d_qk = 512,
                                             .d_v = 512, .s_kv = tokens, .topk = W, .sm_scale = 0.044f, .out = dout.p,
                                             .max_logits = dm.p, .lse = dl.p};
         const smla_paged_sparse_attention_params ap{.q = dq.p, .n = n, .h_q = hq, .k_cache = dcache.p, .page_size = 64,
-                                                    .num_pages = pages, .indices = didx.p, .topk = W, .sm_scale = 0.044f,
+                                                    .num_pages = pages, .indices = didx.p, .topk = W,
+                                                    .topk_length = prefix0 ? dlen.p : nullptr, .sm_scale = 0.044f,
                                                     .out = dout.p, .lse = dl.p, .max_logits = dm.p};
         const char* kind = prefix0 ? "prefix0" : "full";
         snprintf(name, sizeof name, "prefill hQ %d n %d %s", hq, n, kind);
         host_cost_row(name, [&] { check_status(smla_cuda_sparse_prefill(&pp, nullptr, 0), "prefill"); });
+        if (prefix0) {  // how many rows the kernel's near-zero test can flag: short, |max| < 1/4
+          const std::vector<float> m = dm.down();
+          int near = 0;
+          for (float v : m) near += fabsf(v) < 0.25f;
+          printf("hostcost   rows with |maxLogit| < 1/4: %d of %zu\n", near, m.size());
+        }
         snprintf(name, sizeof name, "paged hQ %d n %d %s", hq, n, kind);
         host_cost_row(name, [&] { check_status(smla_cuda_paged_sparse_attention(&ap, 0), "paged"); });
+        // q at 0.1 of the unit data: short rows' logits near 0, their max and lse redone on the CUDA cores
+        if (prefix0) {
+          std::vector<uint16_t> small(hq_.size());
+          for (size_t i = 0; i < small.size(); ++i) small[i] = to_bf16(smla::bf16_to_float(hq_[i]) * 0.1f);
+          DBuf<uint16_t> dsmall(small.size());
+          dsmall.up(small);
+          smla_sparse_prefill_params ps = pp;
+          ps.q = dsmall.p;
+          snprintf(name, sizeof name, "prefill hQ %d n %d prefix0, small logits", hq, n);
+          host_cost_row(name, [&] { check_status(smla_cuda_sparse_prefill(&ps, nullptr, 0), "prefill"); });
+        }
       }
     }
   }

@@ -323,6 +323,16 @@ export async function checkCommand(argv: string[]): Promise<number> {
         };
         return judgePrefill(args, Array.from({ length: sQ }, (_, i) => i));
       }, 'prefill unit');
+      // Rows of up to 64 entries whose logits are all small (|logit| ~ 0.3): most heads of a query
+      // are near 0 together, so the CUDA kernel redoes many rows of one query at once.
+      await run(`prefill maxLogits and lse near 0: short rows of small logits (dQK=${d}, topkLength 1..64, hQ=128)`, async () => {
+        const sQ = 96, hQ = 128, topk = 64, sKV = 400;
+        const args: SparsePrefillArgs = {
+          q: randomBf16(rng, [sQ, hQ, d], 0.3), kv: randomBf16(rng, [sKV, d]), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1)),
+          smScale: 1 / Math.sqrt(d), topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => rng.int(1, topk + 1))),
+        };
+        return judgePrefill(args, Array.from({ length: sQ }, (_, i) => i));
+      }, 'prefill unit');
     }
 
     // ---- paged FP8 attention (main + extra)

@@ -11,7 +11,8 @@
 // Usage (dist built, a cuda addon): [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS] [--out FILE]
 // PREFIXES=comma list (default 0,32768) and RATIOS (default 4,128,0) narrow the sweep.
 import { writeFileSync } from 'node:fs';
-import { createEngine, createKvCache, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
+import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
+import { randomV4Cache } from './device_inputs.mjs';
 
 const args = process.argv.slice(2);
 const outAt = args.indexOf('--out');
@@ -30,14 +31,7 @@ const free = (t) => (onDevice ? t.data.free() : undefined);
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 /** A v4 cache (P 64) of at least `tokens` tokens: random rows quantized once, on this engine's memory. */
-async function v4Cache(tokens) {
-  const numPages = Math.max(1, Math.ceil(tokens / 64));
-  const cache = createKvCache('v4', { pageSize: 64, numPages });
-  const n = numPages * 64;
-  const rows = toBf16({ shape: [n, 512], data: Float32Array.from({ length: n * 512 }, () => rand() * 2 - 1) });
-  await engine.quantizeKCache({ cache, tokenIds: Array.from({ length: n }, (_, i) => i), rows });
-  return onDevice ? engine.uploadKvCache(cache) : cache;
-}
+const v4Cache = (tokens) => randomV4Cache(engine, tokens, rand, onDevice);
 
 const CASES = [
   { ratio: 4, hQ: 64, topk: 512, ns: [16, 32, 64, 256] },

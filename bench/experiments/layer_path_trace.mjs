@@ -5,7 +5,8 @@
 // then, with the addon's timing events on, each launch's device span within one layer. Same inputs
 // as layer_paths_wall.mjs (device q, caches, sink, outputs; one request of prefix + N tokens).
 // Usage (dist built, a cuda addon): [PREFIXES=0,32768] [RATIO=0] [HQ=64] [N=16] node bench/experiments/layer_path_trace.mjs
-import { createEngine, createKvCache, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../../dist/index.js';
+import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../../dist/index.js';
+import { randomV4Cache } from '../device_inputs.mjs';
 
 const PREFIXES = (process.env.PREFIXES ?? '0,32768').split(',').map(Number);
 const RATIO = Number(process.env.RATIO ?? 0), HQ = Number(process.env.HQ ?? 64), N = Number(process.env.N ?? 16), W = 128;
@@ -30,14 +31,7 @@ for (const name of Object.keys(ops)) {
   };
 }
 
-async function v4Cache(tokens) {
-  const numPages = Math.max(1, Math.ceil(tokens / 64));
-  const cache = createKvCache('v4', { pageSize: 64, numPages });
-  const n = numPages * 64;
-  const rows = toBf16({ shape: [n, 512], data: Float32Array.from({ length: n * 512 }, () => rand() * 2 - 1) });
-  await engine.quantizeKCache({ cache, tokenIds: Array.from({ length: n }, (_, i) => i), rows });
-  return engine.uploadKvCache(cache);
-}
+const v4Cache = (tokens) => randomV4Cache(engine, tokens, rand, true);
 
 for (const prefix of PREFIXES) {
   const seqLen = prefix + N;

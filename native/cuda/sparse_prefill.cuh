@@ -59,8 +59,8 @@ struct Bf16GatherSource {
   __device__ __noinline__ float2 exact_logit_stats(const uint16_t* q_row, int64_t qi, float sm_scale, int lane) const {
     const int total = row_entry_limit(topk_length, qi, topk);
     const uint4* q16 = reinterpret_cast<const uint4*>(q_row);
-    SoftmaxRow row = softmax_row_init();
     if (total <= kShortRowEntries) return exact_short_row_stats<DQK>(q16, qi, total, sm_scale, lane);
+    SoftmaxRow row = softmax_row_init();
     for (int k = lane; k < total; k += 32) {
       const int32_t v = __ldg(indices + qi * int64_t(topk) + k);
       if (v < 0 || int64_t(v) >= s_kv) continue;
@@ -68,10 +68,7 @@ struct Bf16GatherSource {
       float dot = 0.0f;
 #pragma unroll 8
       for (int c = 0; c < DQK / 8; ++c) dot = detail::dot8_bf16(__ldg(q16 + c), __ldg(k16 + c), dot);
-      const float logit = dot * sm_scale;
-      const float m_new = nan_max(row.m, logit);
-      row.l = row.l * softmax_rescale(row.m, m_new) + expf(logit - softmax_exp_base(m_new));
-      row.m = m_new;
+      softmax_row_add(row, dot * sm_scale);
     }
     // the lanes' rows merged: both sums moved to the larger max
 #pragma unroll
@@ -128,10 +125,7 @@ struct Bf16GatherSource {
         for (int i = 0; i < kPer; ++i) dot = detail::dot8_bf16(qv[i], kp[u][i], dot);
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        const float logit = dot * sm_scale;
-        const float m_new = nan_max(row.m, logit);
-        row.l = row.l * softmax_rescale(row.m, m_new) + expf(logit - softmax_exp_base(m_new));
-        row.m = m_new;
+        softmax_row_add(row, dot * sm_scale);
       }
     }
     // the caller redoes only rows of a query with a valid entry

@@ -1382,7 +1382,6 @@ static void run_bench(const char* json_path, int reps) {
 // queue never full), the device span of one call (events), and one call's latency from the call
 // to cudaStreamSynchronize's return after an idle device. Window rows of 128 entries, either all
 // valid ("full": a long prefix) or row i's first min(i + 1, 128) valid ("prefix0").
-static double now_us() { return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 template <class F>
 static void host_cost_row(const char* name, F call) {
   cudaStream_t s = 0;
@@ -1393,9 +1392,9 @@ static void host_cost_row(const char* name, F call) {
   CK(cudaDeviceSynchronize());
   std::vector<double> host, dev, lat;
   for (int k = 0; k < 30; ++k) {
-    const double t0 = now_us();
+    const double t0 = ClockSampler::now();
     for (int i = 0; i < 20; ++i) call();
-    host.push_back((now_us() - t0) / 20);
+    host.push_back((ClockSampler::now() - t0) * 1e6 / 20);
     CK(cudaDeviceSynchronize());
   }
   for (int k = 0; k < 50; ++k) {
@@ -1407,10 +1406,10 @@ static void host_cost_row(const char* name, F call) {
     CK(cudaEventElapsedTime(&ms, a, b));
     dev.push_back(ms * 1000);
     std::this_thread::sleep_for(std::chrono::microseconds(200));
-    const double t0 = now_us();
+    const double t0 = ClockSampler::now();
     call();
     CK(cudaStreamSynchronize(s));
-    lat.push_back(now_us() - t0);
+    lat.push_back((ClockSampler::now() - t0) * 1e6);
   }
   auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
   printf("hostcost %-44s host %7.2f us  device %7.2f us  latency %7.2f us\n", name, med(host), med(dev), med(lat));

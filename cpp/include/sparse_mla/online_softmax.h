@@ -34,6 +34,13 @@ struct SoftmaxRow {
 
 SMLA_HD SoftmaxRow softmax_row_init() { return SoftmaxRow{-INFINITY, 0.0f}; }
 
+// The row after one more logit (no output accumulator: the CUDA kernels' exact max / lse redo).
+SMLA_HD void softmax_row_add(SoftmaxRow& row, float logit) {
+  const float m_new = nan_max(row.m, logit);
+  row.l = row.l * softmax_rescale(row.m, m_new) + expf(logit - softmax_exp_base(m_new));
+  row.m = m_new;
+}
+
 // Final values of a row: out = acc · out_scale, plus lse and maxLogits.
 struct SoftmaxResult {
   float out_scale;

@@ -336,15 +336,12 @@ export class CudaBackend implements Backend, DeviceOps {
     const out: Record<string, unknown> = {};
     for (const part of outputs === undefined ? [params] : [params, outputs]) {
       const fields = part as Record<string, unknown>;
-      for (const field of Object.keys(fields)) {
-        const value = fields[field];
-        out[field] = isDeviceBuffer(value) ? this.own(value, field) : value;
-      }
+      for (const field of Object.keys(fields)) out[field] = this.operand(fields[field], field);
     }
     return out as AddonParams<P & O>;
   }
 
-  /** One operand as operands() maps it: a device buffer the addon's buffer behind it, anything else as it is. */
+  /** One operand as the addon takes it: a device buffer the addon's buffer behind it, anything else as it is. */
   private operand<T>(value: T | DeviceBuffer, field: string): T | NativeDeviceBuffer {
     return isDeviceBuffer(value) ? this.own(value, field) : value;
   }

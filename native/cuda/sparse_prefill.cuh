@@ -50,6 +50,20 @@ struct Bf16GatherSource {
   }
   __device__ __forceinline__ bool valid(const Rows& rows, int r) const { return rows.idx[r] >= 0; }
 
+  // A row's (max, lse) from its lanes' running states: both sums moved to the larger max. The
+  // caller redoes only rows of a query with a valid entry.
+  __device__ __forceinline__ static float2 warp_row_stats(SoftmaxRow row) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float m2 = __shfl_xor_sync(0xffffffffu, row.m, off), l2 = __shfl_xor_sync(0xffffffffu, row.l, off);
+      const float m_new = nan_max(row.m, m2);
+      row.l = row.l * softmax_rescale(row.m, m_new) + l2 * softmax_rescale(m2, m_new);
+      row.m = m_new;
+    }
+    const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);
+    return make_float2(fin.max_logit, fin.lse);
+  }
+
   // A row's largest valid logit and its lse (query qi, its head's q row), on the CUDA cores in
   // float32, returned to every lane of the warp: each lane takes every 32nd entry and its whole
   // product, the lanes' (max, sum) are combined at the end. For the rare rows whose tensor-core
@@ -70,67 +84,68 @@ struct Bf16GatherSource {
       for (int c = 0; c < DQK / 8; ++c) dot = detail::dot8_bf16(__ldg(q16 + c), __ldg(k16 + c), dot);
       softmax_row_add(row, dot * sm_scale);
     }
-    // the lanes' rows merged: both sums moved to the larger max
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, row.m, off), l2 = __shfl_xor_sync(0xffffffffu, row.l, off);
-      const float m_new = nan_max(row.m, m2);
-      row.l = row.l * softmax_rescale(row.m, m_new) + l2 * softmax_rescale(m2, m_new);
-      row.m = m_new;
-    }
-    // the caller redoes only rows of a query with a valid entry
-    const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);
-    return make_float2(fin.max_logit, fin.lse);
+    return warp_row_stats(row);
   }
 
   // exact_logit_stats of a row of at most kShortRowEntries entries (a query near its sequence's
-  // start, whose rows the kernel flags most): each entry's product split over the warp (16 or 24
-  // dims a lane, summed over the lanes), eight entries' loads in flight at once, so the row costs a
-  // few L2 round trips rather than one per eight of its dims. Longer rows keep an entry a lane: the
-  // warp's sum of each entry (five shuffles, then the running max and sum) is a chain per entry,
-  // which past 16 entries costs about what the lanes' round trips do.
-  static constexpr int kShortRowEntries = 16;
+  // start, whose rows the kernel flags most), eight entries at a time: each lane sums its 16 or 24
+  // dims of the eight entries' products (their loads in flight at once), a reduce-scatter over the
+  // octets (7 shuffles) and two butterfly adds leave entry k's whole product in the lanes k mod 8,
+  // and lane k mod 32 takes it into its running max and sum: nine shuffles and one softmax step
+  // a group instead of a chain per entry. Longer rows (rare: only large logits flag them) keep an
+  // entry a lane.
+  static constexpr int kShortRowEntries = 64;
   template <int DQK>
   __device__ __forceinline__ float2 exact_short_row_stats(const uint4* q16, int64_t qi, int total, float sm_scale, int lane) const {
-    constexpr int kPieces = DQK / 8, kPer = (kPieces + 31) / 32, kUnroll = 8;
+    constexpr int kPieces = DQK / 8, kPer = (kPieces + 31) / 32, kGroup = 8;
     const int32_t* ids = indices + qi * int64_t(topk);
-    // entry k's id in lane k (-1 when invalid)
-    int32_t my_id = -1;
-    if (lane < total) {
-      const int32_t v = __ldg(ids + lane);
-      my_id = (v >= 0 && int64_t(v) < s_kv) ? v : -1;
-    }
     uint4 qv[kPer];
 #pragma unroll
     for (int i = 0; i < kPer; ++i) qv[i] = lane + 32 * i < kPieces ? __ldg(q16 + lane + 32 * i) : make_uint4(0, 0, 0, 0);
     SoftmaxRow row = softmax_row_init();
-    for (int k0 = 0; k0 < total; k0 += kUnroll) {
-      uint4 kp[kUnroll][kPer];
-      bool ok[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int k = k0 + u;
-        const int32_t id = __shfl_sync(0xffffffffu, my_id, k & 31);
-        ok[u] = k < total && id >= 0;
-        const uint4* k16 = reinterpret_cast<const uint4*>(kv + int64_t(ok[u] ? id : 0) * DQK);
-#pragma unroll
-        for (int i = 0; i < kPer; ++i)
-          kp[u][i] = ok[u] && lane + 32 * i < kPieces ? __ldg(k16 + lane + 32 * i) : make_uint4(0, 0, 0, 0);
+    int32_t my_id = -1;  // entry (k0 & ~31) + lane's id (-1 when invalid or past the row)
+    for (int k0 = 0; k0 < total; k0 += kGroup) {
+      if ((k0 & 31) == 0) {
+        my_id = -1;
+        if (k0 + lane < total) {
+          const int32_t v = __ldg(ids + k0 + lane);
+          my_id = (v >= 0 && int64_t(v) < s_kv) ? v : -1;
+        }
       }
+      uint4 kp[kGroup][kPer];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        if (!ok[u]) continue;  // the same for every lane
+      for (int u = 0; u < kGroup; ++u) {
+        const int32_t id = __shfl_sync(0xffffffffu, my_id, (k0 & 31) + u);
+        const uint4* k16 = reinterpret_cast<const uint4*>(kv + int64_t(id >= 0 ? id : 0) * DQK);
+#pragma unroll
+        for (int i = 0; i < kPer; ++i) kp[u][i] = id >= 0 && lane + 32 * i < kPieces ? __ldg(k16 + lane + 32 * i) : make_uint4(0, 0, 0, 0);
+      }
+      float part[kGroup];
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u) {
         float dot = 0.0f;
 #pragma unroll
         for (int i = 0; i < kPer; ++i) dot = detail::dot8_bf16(qv[i], kp[u][i], dot);
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        softmax_row_add(row, dot * sm_scale);
+        part[u] = dot;
       }
+      // at step s a lane keeps the half of its entries its lane bit s selects and adds its
+      // partner's sums of that half: lane l ends with entry k0 + (l & 7) over its octet's lanes
+#pragma unroll
+      for (int s = kGroup / 2; s >= 1; s >>= 1) {
+        const bool upper = (lane & s) != 0;
+#pragma unroll
+        for (int i = 0; i < s; ++i) {
+          const float send = upper ? part[i] : part[i + s];
+          const float keep = upper ? part[i + s] : part[i];
+          part[i] = keep + __shfl_xor_sync(0xffffffffu, send, s);
+        }
+      }
+      part[0] += __shfl_xor_sync(0xffffffffu, part[0], 8);
+      part[0] += __shfl_xor_sync(0xffffffffu, part[0], 16);
+      // entry k0 + (lane & 7) is entry (k0 & ~31) + lane in the octet k0 / 8 mod 4: that lane holds its id
+      if ((lane >> 3) == ((k0 >> 3) & 3) && my_id >= 0) softmax_row_add(row, part[0] * sm_scale);
     }
-    // the caller redoes only rows of a query with a valid entry
-    const SoftmaxResult fin = softmax_finalize(row, true, false, 0.0f);
-    return make_float2(fin.max_logit, fin.lse);
+    return warp_row_stats(row);
   }
 
   template <int DQK, int C0, int C1>

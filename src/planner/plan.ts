@@ -6,11 +6,11 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, INT32_MAX, liveDeviceTensor, ownView } from '../ops/common.js';
-import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
+import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '../ops/common.js';
+import { DEVICE_BUFFER_BRAND, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob } from '../backends/backend.js';
+import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
@@ -101,7 +101,8 @@ function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
   const data = c.data;
   if (!isDeviceBuffer(data) || data.freed || c.format !== 'v4') return undefined;
   const pageSize = c.pageSize, numPages = c.numPages;
-  if (!Number.isSafeInteger(pageSize) || pageSize < 1 || !Number.isSafeInteger(numPages) || numPages < 0) return undefined;
+  // int32s ((x | 0) === x: no builtin call; a larger one only falls back to checkV4Cache)
+  if ((pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
   const bytes = data.byteLength;
   if (bytes !== v4PageBytes(pageSize) * numPages) return undefined;
   return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };
@@ -258,6 +259,18 @@ export interface CheckedTopk<B = never> {
   readonly width: number;
 }
 
+/** What LayerResources.queuedJob reads of a layer call (prefill_layer's LayerCall), every operand in device memory. */
+export interface QueuedLayerCall<B> {
+  readonly ratio: CompressRatio;
+  readonly layout: WorkspaceLayout;
+  readonly q: { readonly data: Uint16Array | B };
+  readonly hQ: number;
+  readonly attnSink: { readonly data: Float32Array | B } | undefined;
+  readonly smScale: number;
+  readonly caches: { readonly swa: CacheView<B>; readonly compressed?: CacheView<B> };
+  readonly topk: CheckedTopk<B> | undefined;
+}
+
 /** Kept on the host, or on a device and not freed. */
 const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
 
@@ -294,7 +307,9 @@ export class LayerResources<B = never> {
   readonly memory: Placement;
   readonly #plan: PlanParts;
   readonly #dense = new Map<0 | 128, LayerRows<B>>();
-  readonly #compressedIds = new Map<4 | 128, BigInt64Array | B>();
+  /** each ratio's compressed gather ids (fields, not a Map: a queued layer reads one) */
+  #c4Ids?: BigInt64Array | B;
+  #c128Ids?: BigInt64Array | B;
   #swaIds?: BigInt64Array | B;
   #workspace?: Uint16Array | B;
   #c4Rows?: C4LayerRows<B>;
@@ -364,18 +379,74 @@ export class LayerResources<B = never> {
   }
 
   /**
-   * A c4 combine queued with the rest of its layer (LayerSteps.queueLayer): the planner's job over
-   * the rows an earlier c4 layer of the same width gave back, or undefined when none are kept (the
-   * layer then combines step by step and gives its rows back for the next). Give the rows back with
-   * giveBackC4Rows and count the layer with countQueuedLayer once its dropped total is in.
+   * The job of a workspace layer the steps queue whole (LayerSteps.queueLayer), over the call's
+   * checked operands (`call`: every one in device memory) and what this memory keeps: the gather
+   * ids, the c0 / c128 rows or, for c4, the rows an earlier c4 layer gave back to combine into,
+   * and the workspace, taken for it (give them back with giveBackWorkspace and giveBackC4Rows
+   * once the queue call has settled, and count the layer with countQueuedLayer once its dropped
+   * total is in). Undefined, with nothing taken, when one of those is not kept (a plan's first
+   * layers: they run step by step and keep it). One method, each kept thing read once: it runs on
+   * every queued layer, mostly before V8 has optimized it.
    */
-  queuedC4(topk: CheckedTopk<B>): { rows: C4LayerRows<B>; job: PlanRowsJob<B> & { into: PlannedRows<B> } } | undefined {
-    const into = this.#takeC4Rows(topk.width);
-    if (into === undefined) return undefined;
-    return { rows: into, job: this.#c4Job(topk, into) as PlanRowsJob<B> & { into: PlannedRows<B> } };
+  queuedJob(steps: LayerSteps<B>, call: QueuedLayerCall<B>): QueuedLayerJob<B> | undefined {
+    const ratio = call.ratio, layout = call.layout;
+    const compressedRows = layout.compressedRows, swaRows = layout.swaRows;
+    let compressedIds: BigInt64Array | B | null = null;
+    if (compressedRows > 0) {
+      const ids = ratio === 4 ? this.#c4Ids : this.#c128Ids;
+      if (ids === undefined || !usable(ids)) return undefined;
+      compressedIds = ids;
+    }
+    let swaIds: BigInt64Array | B | null = null;
+    if (swaRows > 0) {
+      const ids = this.#swaIds;
+      if (ids === undefined || !usable(ids)) return undefined;
+      swaIds = ids;
+    }
+    const p = this.#plan;
+    let rows: LayerRows<B>;
+    let planRows: QueuedLayerJob<B>['planRows'] = null;
+    if (ratio === 4) {
+      const topk = call.topk!;
+      const into = this.#takeC4Rows(topk.width);
+      if (into === undefined) return undefined;
+      rows = into;
+      planRows = { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into };
+    } else {
+      const dense = this.keptDenseRows(ratio);
+      if (dense === undefined) return undefined;
+      rows = dense;
+    }
+    const ws = this.takeWorkspace(steps);
+    const caches = call.caches;
+    // the compressed rows first, then the SWA rows (as prefill_layer's dequantJobs)
+    const swa = swaIds === null ? null : { cache: caches.swa, tokenIds: swaIds, n: swaRows, workspace: ws, rowOffset: compressedRows };
+    let dequants: WorkspaceDequantizeJob<B>[];
+    if (compressedIds === null) dequants = swa === null ? [] : [swa];
+    else {
+      const compressed = { cache: caches.compressed!, tokenIds: compressedIds, n: compressedRows, workspace: ws, rowOffset: 0 };
+      dequants = swa === null ? [compressed] : [compressed, swa];
+    }
+    const sink = call.attnSink;
+    const prefill = { q: call.q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: sink === undefined ? null : sink.data, numQueries: p.numQueries, hQ: call.hQ, width: rows.width, smScale: call.smScale };
+    return { owner: this, planRows, dequants, prefill };
   }
 
-  /** Counts a layer the steps queued whole, and its c4 combine (queuedC4) with its dropped total as combineC4 counts its own. */
+  /**
+   * A queued layer's output shapes, [numQueries, hQ, 512] and [numQueries, hQ], frozen and shared
+   * by the layers of one hQ (a device output tensor is frozen with its shape; these never change).
+   */
+  outputShapes(hQ: number): readonly [readonly number[], readonly number[]] {
+    let s = this.#outputShapes;
+    if (s === undefined || s[1][1] !== hQ) {
+      const nq = this.#plan.numQueries;
+      s = this.#outputShapes = [Object.freeze([nq, hQ, WORKSPACE_ROW_DIMS]), Object.freeze([nq, hQ])];
+    }
+    return s;
+  }
+  #outputShapes?: readonly [readonly number[], readonly number[]];
+
+  /** Counts a layer the steps queued whole (queuedJob), and its c4 combine with its dropped total as combineC4 counts its own. */
   countQueuedLayer(c4Dropped: number | null): void {
     const p = this.#plan;
     p.deviceStats.deviceQueuedLayers++;
@@ -450,7 +521,7 @@ export class LayerResources<B = never> {
   }
 
   keptCompressedIds(ratio: 4 | 128): BigInt64Array | B | undefined {
-    const have = this.#compressedIds.get(ratio);
+    const have = ratio === 4 ? this.#c4Ids : this.#c128Ids;
     return have !== undefined && usable(have) ? have : undefined;
   }
 
@@ -461,7 +532,8 @@ export class LayerResources<B = never> {
       releaseDevice(ids);
       return have;
     }
-    this.#compressedIds.set(ratio, ids);
+    if (ratio === 4) this.#c4Ids = ids;
+    else this.#c128Ids = ids;
     if (this.memory === 'device') this.#plan.deviceStats.deviceCompressedIdBuilds++;
     return ids;
   }
@@ -565,6 +637,10 @@ export class Plan {
   readonly #extendLens: Int32Array;
   readonly #maxSwaId: number;
   readonly #ratios = new Map<CompressRatio, RatioState>();
+  /** the ratios' states again, as fields: what a device layer's checks read (servedRatio), without a Map lookup */
+  #c0!: RatioState;
+  #c4: RatioState | undefined;
+  #c128: RatioState | undefined;
   /** what the plan keeps on the host: shared by every host engine and by the methods below */
   readonly #host: LayerResources;
   /** what it keeps on each cuda engine, keyed by the engine's layer steps (freed with the engine's buffers) */
@@ -747,6 +823,9 @@ export class Plan {
       this.#ratios.set(ratio, { ...entry, pageSize, pageTables: flat, pageTableOffsets: offsets, maxPage });
     }
     this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 });
+    this.#c0 = this.#ratios.get(0)!;
+    this.#c4 = this.#ratios.get(4);
+    this.#c128 = this.#ratios.get(128);
     const stats = this.stats, deviceStats = this.deviceStats;
     this.#parts = {
       seqLens,
@@ -845,12 +924,37 @@ export class Plan {
   /**
    * @internal checkTopk(topkIndices, true) for a top-k in device memory, without a message: the
    * checked top-k where checkTopk accepts it, else undefined (a host top-k, a plan without c4, or
-   * anything checkTopk refuses: call it for the error).
+   * anything checkTopk refuses: call it for the error). liveDeviceTensor and #topkRows in one
+   * function (a device c4 layer's checks run it, mostly cold): the fields read once in the same
+   * order, each dim once, no shape copied (the checked top-k has its own).
    */
   deviceTopk(topkIndices: unknown): CheckedTopk<DeviceBuffer> | undefined {
-    if (!this.#ratios.has(4)) return undefined;
-    const t = liveDeviceTensor(topkIndices, 'int32');
-    return t === undefined ? undefined : this.#topkRows(t.data, t.shape);
+    if (this.#c4 === undefined || typeof topkIndices !== 'object' || topkIndices === null || !('dtype' in topkIndices) || !('shape' in topkIndices) || !('data' in topkIndices)) return undefined;
+    const v = topkIndices as { dtype: unknown; shape: unknown; data: unknown };
+    const dtype = v.dtype;
+    const s = v.shape;
+    const data = v.data as DeviceBuffer;
+    if (dtype !== 'int32' || !Array.isArray(s)) return undefined;
+    // [numQueries, topk] or [numQueries, 1, topk]; numQueries is a safe integer ≥ 0 (the plan's)
+    const rank = s.length;
+    if (rank !== 2 && rank !== 3) return undefined;
+    const nq = this.numQueries;
+    if (s[0] !== nq) return undefined;
+    let topk;
+    if (rank === 3) {
+      if (s[1] !== 1) return undefined;
+      topk = s[2];
+    } else {
+      topk = s[1];
+    }
+    // an int32 (a larger top-k is refused below anyway: its rows would not fit int32)
+    if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0) return undefined;
+    if (typeof data !== 'object' || data === null || (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] !== true) return undefined;
+    // the byte size as checkPlacedTensor computes it: the dims' product, in order, times 4
+    if (data.freed || data.byteLength !== nq * topk * 4) return undefined;
+    const width = combinedWidth(4, topk, 0, this.window, this.align);
+    if (nq * width > INT32_MAX) return undefined;
+    return { data, shape: [nq, topk], topk, width };
   }
 
   /** A checked top-k of shape [numQueries, topk] or [numQueries, 1, topk] whose rows' width fits int32, else undefined. */
@@ -938,11 +1042,20 @@ export class Plan {
     const swa = deviceCacheView(given.swa);
     if (swa === undefined || this.#maxSwaId >= swa.numTokens) return undefined;
     if (ratio === 0) return { swa };
-    const st = this.#ratios.get(ratio);
+    const st = ratio === 4 ? this.#c4 : this.#c128;
     if (st === undefined) return undefined;
     const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128);
     if (compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) return undefined;
     return { swa, compressed };
+  }
+
+  /**
+   * @internal The workspace layout of `ratio` where this plan serves it (a ratio 0, 4 or 128 it was
+   * made for), else undefined: a device layer's check of its ratio and its layout in one read.
+   */
+  servedLayout(ratio: unknown): WorkspaceLayout | undefined {
+    const st = ratio === 4 ? this.#c4 : ratio === 0 ? this.#c0 : ratio === 128 ? this.#c128 : undefined;
+    return st === undefined ? undefined : st.layout;
   }
 
   /**

@@ -24,8 +24,8 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, liveDeviceTensor } from '../ops/common.js';
-import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
+import { DEVICE_BUFFER_BRAND, deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -78,6 +78,8 @@ interface LayerCall {
   topk: CheckedTopk<DeviceBuffer> | undefined;
   output: Placement;
   route: RouteDecision;
+  /** whether q, the sink (if any), the caches and the top-k (if any) are all in device memory */
+  device: boolean;
 }
 
 /**
@@ -113,7 +115,8 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
-  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
+  const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
+  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device };
 }
 
 /**
@@ -127,7 +130,10 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
   if (!engine.hasDevice || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
   const plan = args.plan, ratio = args.compressRatio;
-  if (!(plan instanceof Plan) || (ratio !== 0 && ratio !== 4 && ratio !== 128) || !plan.ratios.includes(ratio)) return undefined;
+  if (!(plan instanceof Plan)) return undefined;
+  // a ratio 0, 4 or 128 the plan serves, and its layout
+  const layout = plan.servedLayout(ratio);
+  if (layout === undefined) return undefined;
   // checkOutputOption
   let output: Placement = 'host';
   if (options !== undefined) {
@@ -136,20 +142,29 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     if (o === 'device') output = 'device';
     else if (o !== undefined && o !== 'host') return undefined;
   }
-  // checkQuery: bf16 [numQueries, hQ ≥ 1, 512]
-  const q = liveDeviceTensor(args.q, 'bf16');
-  if (q === undefined) return undefined;
-  const qs = q.shape;
-  if (qs.length !== 3 || qs[1]! < 1 || qs[0] !== plan.numQueries || qs[2] !== WORKSPACE_ROW_DIMS) return undefined;
-  const hQ = qs[1]!;
-  // checkSmScale
+  // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512] (liveDeviceTensor inline: its fields
+  // read once in the same order, each dim once, no shape copied but the call's own). Integers are
+  // checked as int32 ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no
+  // device memory holds such a q) only falls back to prepareLayer.
+
+  const qv = args.q as unknown;
+  if (typeof qv !== 'object' || qv === null || !('dtype' in qv) || !('shape' in qv) || !('data' in qv)) return undefined;
+  const qDtype = qv.dtype, qs = qv.shape, qData = qv.data;
+  if (qDtype !== 'bf16' || !Array.isArray(qs) || qs.length !== 3) return undefined;
+  const nq = plan.numQueries;
+  const hQ: unknown = qs[1];
+  if (qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !isLiveDeviceBuffer(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
+  // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
   const smScale = args.smScale;
-  if (typeof smScale !== 'number' || !Number.isFinite(smScale) || Math.abs(smScale) > MAX_SM_SCALE) return undefined;
-  const sink = args.attnSink;
+  if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
+  // a live device float32 [hQ]
+  const sink = args.attnSink as unknown;
   let attnSink: DeviceTensor<'float32'> | undefined;
   if (sink !== undefined) {
-    attnSink = liveDeviceTensor(sink, 'float32');
-    if (attnSink === undefined || attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ) return undefined;
+    if (typeof sink !== 'object' || sink === null || !('dtype' in sink) || !('shape' in sink) || !('data' in sink)) return undefined;
+    const sDtype = sink.dtype, ss = sink.shape, sData = sink.data;
+    if (sDtype !== 'float32' || !Array.isArray(ss) || ss.length !== 1 || ss[0] !== hQ || !isLiveDeviceBuffer(sData, hQ * 4)) return undefined;
+    attnSink = { dtype: 'float32', shape: [hQ], data: sData };
   }
   const topkIndices = args.topkIndices;
   if ((ratio === 4) !== (topkIndices !== undefined)) return undefined;
@@ -158,14 +173,20 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (caches === undefined) return undefined;
   // a forced path (the layer loop's usual call) without the router's options object and decision
   const path = args.path, threshold = args.threshold;
-  const route = forcedRoute(path, threshold) ?? routePrefill(qs[0]!, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   let topk: CheckedTopk<DeviceBuffer> | undefined;
   if (ratio === 4) {
     topk = plan.deviceTopk(topkIndices);
     if (topk === undefined) return undefined;
   }
-  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route };
+  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
+  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true };
+}
+
+/** A device buffer (branded), not freed, of `bytes` bytes. */
+function isLiveDeviceBuffer(data: unknown, bytes: number): data is DeviceBuffer {
+  return typeof data === 'object' && data !== null && (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] === true && !(data as DeviceBuffer).freed && (data as DeviceBuffer).byteLength === bytes;
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -215,7 +236,7 @@ export async function prefillLayer<P extends Placement = 'host'>(engine: Engine,
       }
       if (r !== undefined) {
         res.countQueuedLayer(job.planRows === null ? null : r.dropped);
-        return layerResult(call, r, call.layout.bytes, r.dropped) as PrefillLayerResult<P>;
+        return queuedLayerResult(call, res, r) as PrefillLayerResult<P>;
       }
     }
   }
@@ -392,27 +413,24 @@ function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | Dev
  * keep it.
  */
 function queuedLayerJob(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): QueuedLayerJob<DeviceBuffer> | undefined {
-  const { ratio, layout, q, attnSink, caches, topk } = call;
-  if (!isDeviceBuffer(q.data) || (attnSink !== undefined && !isDeviceBuffer(attnSink.data))) return undefined;
-  if (!isDeviceBuffer(caches.swa.data) || (caches.compressed !== undefined && !isDeviceBuffer(caches.compressed.data))) return undefined;
-  const compressedIds = layout.compressedRows > 0 ? res.keptCompressedIds(ratio as 4 | 128) : null;
-  const swaIds = layout.swaRows > 0 ? res.keptSwaIds() : null;
-  if (compressedIds === undefined || swaIds === undefined) return undefined;
-  let rows: LayerRows<DeviceBuffer>;
-  let planRows: QueuedLayerJob<DeviceBuffer>['planRows'] = null;
-  if (ratio === 4) {
-    if (!isDeviceBuffer(topk!.data)) return undefined;
-    const c4 = res.queuedC4(topk!);
-    if (c4 === undefined) return undefined;
-    rows = c4.rows;
-    planRows = c4.job;
-  } else {
-    const dense = res.keptDenseRows(ratio);
-    if (dense === undefined) return undefined;
-    rows = dense;
-  }
-  const ws = res.takeWorkspace(steps);
-  return { owner: res, planRows, dequants: dequantJobs(call, ws, compressedIds, swaIds), prefill: prefillJob(call, ws, rows) };
+  return call.device ? res.queuedJob(steps, call as LayerCall & { q: DeviceTensor<'bf16'> }) : undefined;
+}
+
+/**
+ * A queued layer's result (layerResult for outputs the steps made on the device): device tensors
+ * over shapes the plan keeps frozen for the layer's hQ, the object frozen as placedTensor freezes one.
+ */
+function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources<DeviceBuffer>, r: QueuedLayerOutput<DeviceBuffer>): PrefillLayerResult<'device'> {
+  const shapes = res.outputShapes(hQ);
+  return {
+    path: route.path,
+    reason: route.reason,
+    out: Object.freeze({ dtype: 'bf16', shape: shapes[0], data: r.out }),
+    lse: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.lse }),
+    maxLogits: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.maxLogits }),
+    workspaceBytes: layout.bytes,
+    dropped: r.dropped,
+  };
 }
 
 /** @internal prepareLayer and prepareDeviceLayer, for the tests that hold the second to the first. */

@@ -89,29 +89,34 @@ function planRowsFields(job: PlanRowsJob<DeviceBuffer>, rows: Int32Array | Devic
 
 /**
  * The buffers of a layer program's run, in the addon's slot order (the order its readers read the
- * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot);
- * `names`, when given, gets each slot's name, which a new program's `slots` must equal. Every
- * queued layer builds this list: plain pushes and an indexed loop (no closures, no iterators).
+ * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot); a new
+ * program's `slots` must equal layerSlotNames' list for the same job. Every queued layer builds
+ * this list: plain pushes and an indexed loop (no closures, no iterators, nothing else read).
  */
-function layerInputs(job: QueuedLayerJob<DeviceBuffer>, names?: string[]): unknown[] {
+function layerInputs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
   const { planRows: r, dequants, prefill: p } = job;
   const buffers: unknown[] = [];
   if (r !== null) {
-    buffers.push(r.topkIndices, r.into.rows, r.into.lens, r.into.droppedTotal);
-    names?.push('planRows.topkIndices', 'planRows.rows', 'planRows.lens', 'planRows.droppedTotal');
+    const into = r.into;
+    buffers.push(r.topkIndices, into.rows, into.lens, into.droppedTotal);
   }
   for (let i = 0; i < dequants.length; i++) {
     const d = dequants[i]!;
     buffers.push(d.cache.data, d.tokenIds, d.workspace);
-    names?.push(`dequants.${i}.cache`, `dequants.${i}.tokenIds`, `dequants.${i}.out`);
   }
   buffers.push(p.q, p.workspace, p.indices, p.lengths);
-  names?.push('prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength');
-  if (p.attnSink !== null) {
-    buffers.push(p.attnSink);
-    names?.push('prefill.attnSink');
-  }
+  if (p.attnSink !== null) buffers.push(p.attnSink);
   return buffers;
+}
+
+/** The name of each of layerInputs' slots, in its order (a new program's check). */
+function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
+  const names: string[] = [];
+  if (job.planRows !== null) names.push('planRows.topkIndices', 'planRows.rows', 'planRows.lens', 'planRows.droppedTotal');
+  for (let i = 0; i < job.dequants.length; i++) names.push(`dequants.${i}.cache`, `dequants.${i}.tokenIds`, `dequants.${i}.out`);
+  names.push('prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength');
+  if (job.prefill.attnSink !== null) names.push('prefill.attnSink');
+  return names;
 }
 
 /**
@@ -710,8 +715,7 @@ export class CudaBackend implements Backend, DeviceOps {
     };
     const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
     // run's buffers as layerInputs orders them
-    const names: string[] = [];
-    layerInputs(job, names);
+    const names = layerSlotNames(job);
     if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
     const geometry = layerGeometry(job);
     if (!sameGeometry(geometry, job)) throw new Error(`layer geometry ${geometry.join(', ')}: sameGeometry reads another order`);

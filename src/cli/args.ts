@@ -98,6 +98,17 @@ export function parseArgs<T extends OptionTable>(argv: readonly string[], table:
   return { options: values as ParsedOptions<T>, positionals };
 }
 
+/** Refuses positional arguments, for a command that takes none. */
+export function expectNoPositionals(command: string, positionals: readonly string[]): void {
+  if (positionals.length > 0) bad(`${command}: unexpected argument '${positionals[0]}'`);
+}
+
+/** The one positional argument a command takes; `what` names it in the error ('directory', ...). */
+export function onePositional(positionals: readonly string[], what: string): string {
+  if (positionals.length !== 1) bad(`expected one ${what}, got ${positionals.length ? positionals.join(' ') : 'none'}`);
+  return positionals[0]!;
+}
+
 /** The options block of a usage text, one line per option with its default. */
 export function formatOptions(table: OptionTable): string {
   const rows: [string, string, string][] = [];

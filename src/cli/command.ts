@@ -1,5 +1,6 @@
 /** One CLI subcommand, and how a command runs: its exit code, its errors as text or JSON. */
 import { SparseMlaError, type ErrorCode } from '../errors.js';
+import type { BackendChoice, EngineOptions } from '../types.js';
 
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface CliCommand {
@@ -7,6 +8,17 @@ export interface CliCommand {
   summary: string;
   usage: string;
   run(argv: string[]): Promise<number>;
+}
+
+/** --backend's values: createEngine's backend choices. */
+export const BACKEND_CHOICES = ['auto', 'cuda', 'cpu', 'wasm'] as const satisfies readonly BackendChoice[];
+
+/**
+ * createEngine's options from a command's --backend and --workers; one not given is left out, so
+ * SPARSE_MLA_BACKEND and the core count apply.
+ */
+export function engineOptions(o: { backend?: string | undefined; workers?: number | undefined }): EngineOptions {
+  return { ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), ...(o.workers !== undefined ? { workers: o.workers } : {}) };
 }
 
 /** Typed errors that say the work failed, not that the input was bad: exit 1, not 2. */

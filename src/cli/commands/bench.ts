@@ -9,12 +9,11 @@ import { execFileSync } from 'node:child_process';
 import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
-import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { tensor } from '../../tensor.js';
-import type { BackendChoice, Engine, Tensor } from '../../types.js';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
-import type { CliCommand } from '../command.js';
+import type { Engine, Tensor } from '../../types.js';
+import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
+import { engineOptions, type CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
 import { c4ChunkInputs, placeC4Chunk, shuffled, type C4ChunkInputs, type C4ChunkPlacement } from '../../check/chunks.js';
@@ -177,7 +176,7 @@ async function benchEngine(
 
 export async function benchCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
-  if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `bench: unexpected argument '${positionals[0]}'`, 'argv');
+  expectNoPositionals('bench', positionals);
   if (o.out) await prepareOutputFile(o.out, '--out'); // checked before the measurements, written after
   if (o.backend === 'cuda') {
     // The GPU benchmark (src/cli/gpu_bench.ts): FlashMLA's configurations, dequant vs copy, paths.
@@ -198,7 +197,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
 
   checkChunkShape(shape);
   // Refuse a missing backend before generating anything.
-  let engine: Engine | undefined = await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers: poolSizes[0]! });
+  let engine: Engine | undefined = await createEngine(engineOptions({ backend: o.backend, workers: poolSizes[0]! }));
 
   progress.start('generating inputs', 0);
   let placement: C4ChunkPlacement;
@@ -218,7 +217,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
   let backend: string | undefined;
   let kv: Tensor<'bf16'> | undefined;
   for (const workers of poolSizes) {
-    engine ??= await createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), workers });
+    engine ??= await createEngine(engineOptions({ backend: o.backend, workers }));
     try {
       backend = engine.backend;
       if (!kv) {

@@ -18,12 +18,12 @@ import { combinedWidth, createPlan, prefillLayer, requestVisible, type CompressR
 import { rowDimOf } from '../../kv_cache_layout.js';
 import { buildPrefillCase, expectNonFinitePlan, invalidFillers, makeRng, pagedCases, pokeNonFiniteTokens, prefillCases, randomBf16, randomIndices, regimeValues, sampleRows, type Rng } from '../../check/grid.js';
 import { chunkScenario, indexerTopk, type ChunkScenario } from '../../check/chunks.js';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
-import type { CliCommand } from '../command.js';
+import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
+import { BACKEND_CHOICES, type CliCommand } from '../command.js';
 import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
-  backend: { type: 'string', default: 'auto', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: "the backend to check ('auto': the one createEngine picks)" },
+  backend: { type: 'string', default: 'auto', choices: BACKEND_CHOICES, help: "the backend to check ('auto': the one createEngine picks)" },
   device: { type: 'int', min: 0, max: 1023, help: 'the CUDA device of a cuda engine (default SPARSE_MLA_DEVICE, else 0)' },
   seed: { type: 'int', min: 0, max: 2 ** 32 - 1, help: 'random seed (default: a fresh one, printed)' },
   only: { type: 'string', metavar: 'TEXT', help: 'run only the cases whose name contains TEXT' },
@@ -226,7 +226,7 @@ function familyWorst(cases: readonly CaseReport[]): FamilyWorst[] {
 
 export async function checkCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
-  if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `check: unexpected argument '${positionals[0]}'`, 'argv');
+  expectNoPositionals('check', positionals);
   const seed = o.seed ?? randomInt(0, 2 ** 32 - 1);
   const rng = makeRng(seed);
   if (o.wide) setReportWidth(Infinity);

@@ -4,11 +4,10 @@
  */
 import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
-import { SparseMlaError } from '../../errors.js';
 import { listBackends } from '../../index.js';
 import { loadNativeAddon, queryCudaDevices, type AddonOrigin, type CudaDeviceInfo, type InstallStatus } from '../../backends/native/binding.js';
 import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { fitLines, formatTable, setReportWidth } from '../table.js';
 
@@ -143,7 +142,7 @@ function deviceLines(d: { devices: CudaDeviceInfo[]; error: string | null }): st
 
 export async function infoCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
-  if (positionals.length > 0) throw new SparseMlaError('INVALID_VALUE', `info: unexpected argument '${positionals[0]}'`, 'argv');
+  expectNoPositionals('info', positionals);
   if (o.wide) setReportWidth(Infinity);
 
   const backends = ((await listBackends()) as readonly BackendRow[]).map((b) => ({ ...b }));

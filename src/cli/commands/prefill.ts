@@ -7,15 +7,14 @@ import { createEngine } from '../../engine.js';
 import { prepareOutputDir } from '../../io/files.js';
 import { loadPrefillInputs, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
-import type { BackendChoice } from '../../types.js';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
-import type { CliCommand } from '../command.js';
+import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
+import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatRate, formatSeconds } from '../table.js';
 
 const OPTIONS = {
   out: { type: 'string', short: 'o', metavar: 'DIR', help: 'directory for out / lse / max_logits (created if missing; required)' },
-  backend: { type: 'string', choices: ['auto', 'cuda', 'cpu', 'wasm'], help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
+  backend: { type: 'string', choices: BACKEND_CHOICES, help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
   workers: { type: 'int', min: 1, max: 256, metavar: 'N', help: 'WASM worker-pool size (default: the cores)' },
   format: { type: 'string', choices: ['npy', 'safetensors'], default: 'npy', help: 'output files: out.npy/lse.npy/max_logits.npy, or outputs.safetensors' },
   json: { type: 'boolean', help: 'print what ran and what was written as JSON on stdout' },
@@ -42,24 +41,19 @@ export const command: CliCommand = {
   usage: USAGE,
   async run(argv) {
     const { options, positionals } = parseArgs(argv, OPTIONS);
-    if (positionals.length !== 1) {
-      throw new SparseMlaError('INVALID_VALUE', `expected one input directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
-    }
+    const inputDir = onePositional(positionals, 'input directory');
     if (options.out === undefined) throw new SparseMlaError('INVALID_VALUE', '--out: expected an output directory, got none', 'argv');
     // made and checked before any work, so a bad --out fails in milliseconds
     await prepareOutputDir(options.out, '--out');
     const progress = new Progress({ enabled: !options.quiet });
 
     progress.start('load inputs', 0);
-    const inputs = await loadPrefillInputs(positionals[0]!);
+    const inputs = await loadPrefillInputs(inputDir);
     const { sQ, hQ, dQK, sKV, topk, dV } = inputs.shapes;
     progress.finish(`q [${sQ}, ${hQ}, ${dQK}], kv [${sKV}, ${dQK}], topk ${topk}`);
 
     progress.start('start engine', 0);
-    const engine = await createEngine({
-      ...(options.backend !== undefined ? { backend: options.backend as BackendChoice } : {}),
-      ...(options.workers !== undefined ? { workers: options.workers } : {}),
-    });
+    const engine = await createEngine(engineOptions(options));
     try {
       progress.finish(`${engine.backend}${engine.workers ? `, ${engine.workers} workers` : ''}`);
       progress.start('sparse prefill', 0);

@@ -26,10 +26,10 @@ import {
   type TensorComparison,
 } from '../../reference/index.js';
 import { bf16BitsToFloat32, tensor } from '../../tensor.js';
-import type { BackendChoice, Engine, KvCache, Tensor } from '../../types.js';
+import type { Engine, KvCache, Tensor } from '../../types.js';
 import type { PrefillPathChoice } from '../../planner/index.js';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
-import type { CliCommand } from '../command.js';
+import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
+import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
 import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
@@ -59,8 +59,6 @@ function sampleQueries(queries: number, count: number, seed: number): number[] {
   return sampleRows(makeRng(seed ^ 0x5bd1e995), queries, count);
 }
 
-const BACKENDS = ['auto', 'cuda', 'cpu', 'wasm'] as const;
-
 export const RUN_OPTIONS = {
   queries: { type: 'int', default: 4096, min: 1, help: 'query tokens in the chunk (sQ)', short: 'n' },
   heads: { type: 'int', default: 64, min: 1, max: 1024, help: 'query heads (hQ)' },
@@ -68,7 +66,7 @@ export const RUN_OPTIONS = {
   window: { type: 'int', default: 128, min: 1, max: 4096, help: 'sliding-window length W' },
   context: { type: 'int', default: 8192, min: 0, help: 'tokens before the chunk (sets how many compressed entries exist: (context + queries) / 4)' },
   'page-size': { type: 'int', default: 64, min: 1, max: 4096, help: 'v4 cache page size' },
-  backend: { type: 'string', choices: BACKENDS, help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
+  backend: { type: 'string', choices: BACKEND_CHOICES, help: 'backend (default: SPARSE_MLA_BACKEND, else auto)' },
   workers: { type: 'int', min: 1, max: 256, help: 'worker threads: the WASM pool or the native CPU threads (default: the cores)' },
   seed: { type: 'int', default: 1, min: 0, max: 2 ** 32 - 1, help: 'seed of the random inputs' },
 } as const satisfies OptionTable;
@@ -355,9 +353,7 @@ async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, ch
 
 export async function runCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
-  if (positionals.length > 0) {
-    throw new SparseMlaError('INVALID_VALUE', `run: unexpected argument '${positionals[0]}'`, 'argv');
-  }
+  expectNoPositionals('run', positionals);
   if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
   const runPrefill = o.section !== 'layers';
@@ -385,9 +381,7 @@ export async function runCommand(argv: string[]): Promise<number> {
   const checks: CheckRow[] = [];
 
   progress.start('starting engine', 0);
-  const [engine, startSeconds] = await timed(() =>
-    createEngine({ ...(o.backend !== undefined ? { backend: o.backend as BackendChoice } : {}), ...(o.workers !== undefined ? { workers: o.workers } : {}) }),
-  );
+  const [engine, startSeconds] = await timed(() => createEngine(engineOptions(o)));
   const workers = engine.workers ?? 0;
   progress.finish(`${engine.backend}${workers > 0 ? `, ${workers} workers` : ''}`);
   steps.push({ step: 'engine start', seconds: startSeconds, calls: 1, note: `${engine.backend} backend${workers > 0 ? `, ${workers} workers` : ''}` });

@@ -13,7 +13,7 @@ import { prefillFlops, prepareSparsePrefill } from '../../ops/sparse_prefill.js'
 import { AttentionComparator, describeBounds, formatPosition, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
 import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
-import { formatOptions, parseArgs, type OptionTable } from '../args.js';
+import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
@@ -203,12 +203,10 @@ export const command: CliCommand = {
   // --json an error object on stdout.
   async run(argv) {
     const { options, positionals } = parseArgs(argv, OPTIONS);
-    if (positionals.length !== 1) {
-      throw new SparseMlaError('INVALID_VALUE', `expected one directory, got ${positionals.length ? positionals.join(' ') : 'none'}`, 'argv');
-    }
+    const dir = onePositional(positionals, 'directory');
     if (options.wide) setReportWidth(Infinity);
     const progress = new Progress({ enabled: !options.quiet });
-    const report = await verifyDirectory(positionals[0]!, { sample: options.sample, workers: options.workers, progress });
+    const report = await verifyDirectory(dir, { sample: options.sample, workers: options.workers, progress });
     const json = { command: 'verify', ok: report.pass, ...report };
     process.stdout.write(options.json ? `${JSON.stringify(json, (_k, v) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n` : `${formatReport(report)}\n`);
     return report.pass ? 0 : 1;

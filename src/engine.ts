@@ -4,11 +4,10 @@
  * never does the math.
  */
 import { SparseMlaError, disposedError, fail } from './errors.js';
-import { BYTES_PER_ELEMENT, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
+import { BYTES_PER_ELEMENT, HOST_ARRAY_TYPES, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
 import type {
   BackendName,
   DType,
-  DTypeArrays,
   DequantizeKCacheArgs,
   DeviceBuffer,
   DeviceKvCache,
@@ -135,7 +134,7 @@ export class SparseMlaEngine implements Engine {
     if (t.data.freed) fail('INVALID_VALUE', 'tensor.data', 'a live device buffer', 'a freed one');
     const n = t.shape.reduce((a, b) => a * b, 1);
     if (n * BYTES_PER_ELEMENT[t.dtype] !== t.data.byteLength) fail('INVALID_SHAPE', 'tensor', `${t.data.byteLength} bytes for its shape`, `${n} ${t.dtype} elements`);
-    const data = new HOST_ARRAYS[t.dtype](n) as DTypeArrays[D];
+    const data = new HOST_ARRAY_TYPES[t.dtype](n);
     await dev.download(t.data, data as ArrayBufferView);
     return tensor(t.dtype, [...t.shape], data);
   }
@@ -165,14 +164,6 @@ export class SparseMlaEngine implements Engine {
     await this.impl.dispose();
   }
 }
-
-const HOST_ARRAYS: { readonly [D in DType]: new (n: number) => DTypeArrays[D] } = {
-  bf16: Uint16Array,
-  float32: Float32Array,
-  int32: Int32Array,
-  int64: BigInt64Array,
-  uint8: Uint8Array,
-};
 
 /** An attention call's outputs as tensors where they lie: out [rows, hQ, dV], maxLogits and lse [rows, hQ]. */
 function attentionTensors(r: PlacedAttentionOutput, rows: number, hQ: number, dV: number) {

@@ -20,13 +20,14 @@ export function releaseDevice(value: unknown): void {
   if (isDeviceBuffer(value)) value.free();
 }
 
-const ARRAY_CTORS = {
+/** Each dtype's host array (bf16: its bit patterns). */
+export const HOST_ARRAY_TYPES: { readonly [D in DType]: new (length: number) => DTypeArrays[D] } = {
   bf16: Uint16Array,
   float32: Float32Array,
   int32: Int32Array,
   int64: BigInt64Array,
   uint8: Uint8Array,
-} as const;
+};
 
 export function numel(shape: readonly number[]): number {
   let n = 1;
@@ -42,9 +43,9 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     }
   }
   const n = numel(shape);
-  const arr = data ?? (new ARRAY_CTORS[dtype](n) as DTypeArrays[D]);
-  if (!(arr instanceof ARRAY_CTORS[dtype])) {
-    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ARRAY_CTORS[dtype].name}, got ${arr?.constructor?.name}`, 'data');
+  const arr = data ?? (new HOST_ARRAY_TYPES[dtype](n) as DTypeArrays[D]);
+  if (!(arr instanceof HOST_ARRAY_TYPES[dtype])) {
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${HOST_ARRAY_TYPES[dtype].name}, got ${arr?.constructor?.name}`, 'data');
   }
   if (arr.length !== n) {
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape [${shape.join(', ')}] needs ${n} elements, data has ${arr.length}`, 'data');

@@ -4,19 +4,11 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../tensor.js';
-import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, isDeviceBuffer } from '../tensor.js';
+import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
-
-const ARRAY_CTORS: { readonly [D in DType]: abstract new (...args: never[]) => DTypeArrays[D] } = {
-  bf16: Uint16Array,
-  float32: Float32Array,
-  int32: Int32Array,
-  int64: BigInt64Array,
-  uint8: Uint8Array,
-};
 
 /** A short, bounded description of an arbitrary value for "got ..." in messages. */
 export function describe(value: unknown): string {
@@ -97,7 +89,7 @@ function badDtype(argument: string, dtypes: readonly string[], dtype: unknown): 
 
 /** Throws: a host tensor's data is not its dtype's array. */
 function badHostArray(argument: string, dtype: DType, data: unknown): never {
-  fail('INVALID_DTYPE', `${argument}.data`, `a ${ARRAY_CTORS[dtype].name} for dtype ${dtype}`, describe(data));
+  fail('INVALID_DTYPE', `${argument}.data`, `a ${HOST_ARRAY_TYPES[dtype].name} for dtype ${dtype}`, describe(data));
 }
 
 /** Throws: a host tensor's data is not as long as its shape says. */
@@ -141,7 +133,7 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
   if (!(dtypes as readonly string[]).includes(rawDtype as string)) badDtype(argument, dtypes, rawDtype);
   const dtype = rawDtype as D;
   if (isDeviceBuffer(rawData)) fail('INVALID_VALUE', argument, `a host ${dtypes.join(' or ')} tensor (this argument cannot be in device memory)`, 'a device tensor');
-  const data = ownView(rawData, ARRAY_CTORS[dtype], `${argument}.data`);
+  const data = ownView(rawData, HOST_ARRAY_TYPES[dtype], `${argument}.data`);
   if (!data) badHostArray(argument, dtype, rawData);
   let n = 1;
   for (let i = 0; i < shape.length; i++) n *= shape[i]!;

@@ -61,6 +61,43 @@ function cudaBackendOf(engine: Engine): CudaBackend {
   return be;
 }
 
+/**
+ * A device tensor of random bf16 values on a cuda engine: a random block of at most 16 MiB, tiled
+ * over the tensor on the device (the layer scripts' device inputs too, bench/device_inputs.mjs).
+ */
+export async function randomDeviceBf16(engine: Engine, rng: Rng, shape: number[]): Promise<DeviceTensor<'bf16'>> {
+  const be = cudaBackendOf(engine);
+  const n = shape.reduce((a, b) => a * b, 1);
+  const block = await engine.upload(randomBf16(rng, [Math.min(n, 8 * MiB)]));
+  const buf = be.alloc(n * 2);
+  await be.fillDevice(buf, block.data);
+  block.data.free();
+  return deviceTensor('bf16', shape, buf);
+}
+
+/** A device v4 / v32 cache of `pages` pages on a cuda engine: one quantized random page (64 tokens) tiled. */
+export async function tiledDeviceCache(engine: Engine, rng: Rng, format: 'v4' | 'v32', pages: number): Promise<DeviceKvCache> {
+  const be = cudaBackendOf(engine);
+  const unit = format === 'v4' ? createKvCache('v4', { pageSize: 64, numPages: 1 }) : createKvCache('v32', { numTokens: 64 });
+  await engine.quantizeKCache({ cache: unit, tokenIds: Array.from({ length: 64 }, (_, i) => i), rows: randomBf16(rng, [64, format === 'v4' ? 512 : 576]) });
+  const block = await engine.uploadKvCache(unit);
+  const numPages = format === 'v4' ? pages : pages * 64;
+  const buf = be.alloc(unit.data.byteLength * pages);
+  await be.fillDevice(buf, block.data);
+  block.data.free();
+  return { format, pageSize: format === 'v4' ? 64 : 1, numPages, data: buf };
+}
+
+/** A c4 layer's top-k for one fresh request of n queries (int32 [n, topk], −1 padded): random positions each query sees. */
+export function randomC4Topk(rng: Rng, n: number, topk: number): Int32Array {
+  const idx = new Int32Array(n * topk).fill(-1);
+  for (let i = 0; i < n; i++) {
+    const visible = Math.floor((i + 1) / 4);
+    for (let k = 0; k < Math.min(topk, visible); k++) idx[i * topk + k] = rng.int(0, visible);
+  }
+  return idx;
+}
+
 /** Bytes a dequant of n tokens moves: its records and rows (cacheOpBytes) and the int64 ids the kernel reads. */
 const dequantBytes = (format: CacheFormat, n: number): number => cacheOpBytes(format, n) + n * BigInt64Array.BYTES_PER_ELEMENT;
 
@@ -174,26 +211,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     return { kernelRuns, wallRuns, ratio: median(wallRuns.map((w, i) => w / kernelRuns[i]!)) };
   };
 
-  /** A device tensor of random bf16 values (a 16 MiB random block tiled). */
-  const randomDevice = async (shape: number[]): Promise<DeviceTensor<'bf16'>> => {
-    const n = shape.reduce((a, b) => a * b, 1);
-    const block = await engine.upload(randomBf16(rng, [Math.min(n, 8 * MiB)]));
-    const buf = be.alloc(n * 2);
-    await be.fillDevice(buf, block.data);
-    block.data.free();
-    return deviceTensor('bf16', shape, buf);
-  };
-  /** A device v4/v32 cache of `pages` pages: one quantized random page (64 tokens) tiled. */
-  const deviceCache = async (format: 'v4' | 'v32', pages: number): Promise<DeviceKvCache> => {
-    const unit = format === 'v4' ? createKvCache('v4', { pageSize: 64, numPages: 1 }) : createKvCache('v32', { numTokens: 64 });
-    await engine.quantizeKCache({ cache: unit, tokenIds: Array.from({ length: 64 }, (_, i) => i), rows: randomBf16(rng, [64, format === 'v4' ? 512 : 576]) });
-    const block = await engine.uploadKvCache(unit);
-    const numPages = format === 'v4' ? pages : pages * 64;
-    const buf = be.alloc(unit.data.byteLength * pages);
-    await be.fillDevice(buf, block.data);
-    block.data.free();
-    return { format, pageSize: format === 'v4' ? 64 : 1, numPages, data: buf };
-  };
+  const randomDevice = (shape: number[]): Promise<DeviceTensor<'bf16'>> => randomDeviceBf16(engine, rng, shape);
+  const deviceCache = (format: 'v4' | 'v32', pages: number): Promise<DeviceKvCache> => tiledDeviceCache(engine, rng, format, pages);
   const randomIds = (r: Rng, n: number, bound: number): Int32Array => Int32Array.from({ length: n }, () => r.int(0, bound));
 
   try {
@@ -313,12 +332,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     // ---- the planner's per-layer c4 rows on the GPU (32K-query chunk, device top-k in and rows out)
     if (want('planner')) {
       const N = 32768, topk = 512, width = combinedWidth(4, topk, 0, 128, 128);
-      const topkIdx = new Int32Array(N * topk);
-      for (let i = 0; i < N; i++) {
-        const visible = Math.floor((i + 1) / 4);
-        for (let k = 0; k < topk; k++) topkIdx[i * topk + k] = k < visible ? rng.int(0, visible) : -1;
-      }
-      const idx = await engine.upload(tensor('int32', [N, topk], topkIdx));
+      const idx = await engine.upload(tensor('int32', [N, topk], randomC4Topk(rng, N, topk)));
       const runs = await time(async () => {
         const r = await be.planRows({ seqLens: Int32Array.of(N), extendLens: Int32Array.of(N), window: 128, ratio: 4, topkIndices: idx.data, topk, width }, 'device');
         for (const b of [r.rows, r.lens, r.dropped]) (b as DeviceBuffer).free();
@@ -340,12 +354,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => nComp + i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
         c4PageSize: 64,
       }, { window: W });
-      const topk = new Int32Array(N * TOPK).fill(-1);
-      for (let i = 0; i < N; i++) {
-        const visible = Math.floor((i + 1) / 4);
-        for (let e = 0; e < Math.min(TOPK, visible); e++) topk[i * TOPK + e] = rng.int(0, visible);
-      }
-      const rows = plan.combineC4(tensor('int32', [N, TOPK], topk));
+      const rows = plan.combineC4(tensor('int32', [N, TOPK], randomC4Topk(rng, N, TOPK)));
       const paged = plan.pagedForm(rows);
       const width = rows.width;
       // the gather ids on the device, as a plan keeps them, dequantized as prefillLayer does (below)
@@ -394,11 +403,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       const q = await randomDevice([N, hQ, 512]);
       // the sink on the device like a weight: a host one would make the prefill wait for its own work
       const sink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
-      const topkIdx = new Int32Array(N * TOPK).fill(-1);
-      for (let i = 0; i < N; i++) {
-        const visible = Math.floor((i + 1) / 4);
-        for (let k = 0; k < Math.min(TOPK, visible); k++) topkIdx[i * TOPK + k] = rng.int(0, visible);
-      }
+      const topkIdx = randomC4Topk(rng, N, TOPK);
       const topk = await engine.upload(tensor('int32', [N, TOPK], topkIdx));
       const layer = async (): Promise<void> => {
         const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, attnSink: sink, smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
@@ -645,12 +650,7 @@ async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r:
       return c;
     };
     const swa = tiled(N / P), c4 = tiled(nComp / P);
-    const topk = new Int32Array(N * TOPK).fill(-1);
-    for (let i = 0; i < N; i++) {
-      const visible = Math.floor((i + 1) / 4);
-      for (let k = 0; k < Math.min(TOPK, visible); k++) topk[i * TOPK + k] = rng.int(0, visible);
-    }
-    return { chunk, swa, c4, topk: tensor('int32', [N, TOPK], topk) };
+    return { chunk, swa, c4, topk: tensor('int32', [N, TOPK], randomC4Topk(rng, N, TOPK)) };
   };
   const sinkOf = (hQ: number) => tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
   const smScale = 1 / Math.sqrt(512);
@@ -700,15 +700,7 @@ async function multiDevice(first: Engine, rng: Rng, o: GpuBenchOptions, say: (r:
       const sink = sinkOf(hQ);
       const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(c.swa), c4: await e.uploadKvCache(c.c4) })));
       const topks = await Promise.all(engines.map((e) => e.upload(c.topk)));
-      const randomOn = async (e: Engine, shape: number[]) => {
-        const b = cudaBackendOf(e);
-        const count = shape.reduce((x, y) => x * y, 1);
-        const block = await e.upload(randomBf16(rng, [Math.min(count, 8 * MiB)]));
-        const buf = b.alloc(count * 2);
-        await b.fillDevice(buf, block.data);
-        block.data.free();
-        return { dtype: 'bf16' as const, shape, data: buf };
-      };
+      const randomOn = (e: Engine, shape: number[]) => randomDeviceBf16(e, rng, shape);
       const qs = await Promise.all(engines.map((e) => randomOn(e, [N, hQ, 512])));
       const plan = createPlan(c.chunk);
       const layerOn = (d: number) => async () => {

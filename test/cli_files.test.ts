@@ -13,10 +13,9 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { tensor } from '../dist/index.js';
 import type { SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, writePrefillDir } from '../dist/io/index.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('cli_files');
 const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
@@ -64,13 +63,7 @@ function expectBadInput(r: Run, what: RegExp): void {
 
 const sQ = 4, hQ = 2, dQK = 512, sKV = 64, topk = 16;
 function prefillArgs(): SparsePrefillArgs {
-  return {
-    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
-    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV)),
-    smScale: 1 / Math.sqrt(dQK),
-    dV: 512,
-  };
+  return { ...randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }), dV: 512 };
 }
 
 async function inputDir(): Promise<string> {

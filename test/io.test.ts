@@ -17,7 +17,7 @@ import {
   writePrefillDir,
   writePrefillOutputs,
 } from '../dist/io/index.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('io.test');
 const dirs: string[] = [];
@@ -160,9 +160,7 @@ describe('safetensors', () => {
 describe('prefill directory', () => {
   const sQ = 3, hQ = 2, dQK = 576, sKV = 40, topk = 8;
   const args: SparsePrefillArgs = {
-    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
-    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2 })),
+    ...randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.2 }),
     topkLength: tensor('int32', [sQ], Int32Array.from([8, 0, 5])),
     attnSink: tensor('float32', [hQ], Float32Array.from([0.5, -Infinity])),
     smScale: 0.0416,

@@ -17,7 +17,7 @@ import type { SparsePrefillJob } from '../dist/backends/backend.js';
 import * as R from '../dist/reference/index.js';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
-import { randomBf16Bits, randomIndices, sampleRows, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomPrefillArgs, sampleRows, testRng } from './helpers/random.js';
 
 const built = nativeAddonBuilt();
 if (!built) console.log(`[skip] native_backend.test: the addon is not built (${NATIVE_ADDON}); run \`npm run build:native\` with CMake and a C++ compiler`);
@@ -29,10 +29,7 @@ const bf16 = (shape: number[], std = 1): Tensor<'bf16'> => tensor('bf16', shape,
 /** Random sparse-prefill arguments (sink, lengths and invalid entries mixed in). */
 function prefillArgs(sQ: number, hQ: number, dQK: number, sKV: number, topk: number): SparsePrefillArgs {
   return {
-    q: bf16([sQ, hQ, dQK]),
-    kv: bf16([sKV, dQK]),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1, duplicateFraction: 0.05 })),
-    smScale: 1 / Math.sqrt(dQK),
+    ...randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.1, duplicateFraction: 0.05 }),
     attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal() * 2)),
     topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => rng.int(0, topk + 1))),
   };

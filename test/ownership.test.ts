@@ -16,7 +16,7 @@ import type { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('ownership');
 const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as const);
@@ -101,12 +101,7 @@ describe.each(BACKENDS)('%s: a cache transferred while its quantize waits for st
 });
 
 function prefillArgs(sQ: number, hQ: number, dQK: number, sKV: number, topk: number): SparsePrefillArgs {
-  return {
-    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
-    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
-    smScale: 1 / Math.sqrt(dQK),
-  };
+  return randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.1 });
 }
 
 function judgePrefill(label: string, args: SparsePrefillArgs, res: { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> }): void {

@@ -6,7 +6,7 @@ import { describe, expect, test } from 'vitest';
 import { float32ToBf16Bits, tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import type { KvCache, SparsePrefillArgs, Tensor } from '../dist/index.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('reference.test');
 
@@ -337,10 +337,8 @@ describe('sparse prefill reference: hand-worked cases', () => {
 
 describe('sparse prefill reference: properties on random inputs', () => {
   const sQ = 5, hQ = 6, dQK = 576, sKV = 200, topk = 64;
-  const q = tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK));
-  const kvT = tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK));
-  const indices = tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1 }));
-  const args: SparsePrefillArgs = { q, kv: kvT, indices, smScale: 1 / Math.sqrt(dQK) };
+  const args = randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.2, duplicateFraction: 0.1 });
+  const { q, kv: kvT, indices } = args;
 
   test('softmax weights sum to 1 without a sink (V rows of ones give out = 1)', () => {
     // V = first dV dims; set them to 1 in every row while keeping the logits random through dims 512..575

@@ -8,7 +8,7 @@ import { SparseMlaError, createEngine, createKvCache, kvCacheBytes, tensor } fro
 import type { Engine, KvCache, PagedSparseAttentionArgs, QuantizeKCacheArgs, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { Backend } from '../dist/backends/backend.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('validation');
 let engine: Engine;
@@ -62,9 +62,7 @@ const TOPK = 8;
 
 function prefillArgs(): AnyArgs {
   return {
-    q: tensor('bf16', [SQ, HQ, DQK], randomBf16Bits(rng, SQ * HQ * DQK)),
-    kv: tensor('bf16', [SKV, DQK], randomBf16Bits(rng, SKV * DQK)),
-    indices: tensor('int32', [SQ, TOPK], randomIndices(rng, SQ, TOPK, SKV, { invalidFraction: 0.2 })),
+    ...randomPrefillArgs(rng, { sQ: SQ, hQ: HQ, dQK: DQK, sKV: SKV, topk: TOPK }, { invalidFraction: 0.2 }),
     smScale: 0.05,
     dV: 512,
     attnSink: tensor('float32', [HQ], new Float32Array([0.5, -1])),

@@ -17,7 +17,7 @@ import { writeNpyFile, writePrefillDir, writePrefillOutputs } from '../dist/io/i
 import { command as verify, verifyDirectory } from '../dist/cli/commands/verify.js';
 import { runCliCommand } from '../dist/cli/command.js';
 import { command as prefill } from '../dist/cli/commands/prefill.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('verify.test');
 const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
@@ -39,12 +39,9 @@ beforeAll(async () => {
   const lengths = Int32Array.from({ length: sQ }, () => rng.int(1, topk + 1));
   lengths[3] = 0; // an empty row: lse +inf, maxLogits -inf
   args = {
-    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
-    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
+    ...randomPrefillArgs(rng, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.1 }),
     topkLength: tensor('int32', [sQ], lengths),
     attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
-    smScale: 1 / Math.sqrt(dQK),
     dV: 512,
   };
   result = await engine.sparsePrefill(args);

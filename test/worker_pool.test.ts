@@ -17,7 +17,7 @@ import type { Engine, KvCache, SparsePrefillArgs, SparsePrefillResult } from '..
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { startRetryDelayMs } from '../dist/backends/wasm/pool.js';
-import { randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
+import { randomBf16Bits, randomIndices, randomPrefillArgs, testRng, type Rng } from './helpers/random.js';
 import { expectWithinBounds } from './helpers/judge.js';
 
 const rng = testRng('worker_pool');
@@ -35,10 +35,7 @@ const poolOf = (e: Engine) => (engineBackend(e) as WasmBackend).pool;
 
 function prefillArgs(r: Rng, sQ: number, hQ: number, dQK: number, sKV: number, topk: number, withExtras = true): SparsePrefillArgs {
   return {
-    q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(r, sQ * hQ * dQK)),
-    kv: tensor('bf16', [sKV, dQK], randomBf16Bits(r, sKV * dQK)),
-    indices: tensor('int32', [sQ, topk], randomIndices(r, sQ, topk, sKV, { invalidFraction: 0.1, duplicateFraction: 0.05 })),
-    smScale: 1 / Math.sqrt(dQK),
+    ...randomPrefillArgs(r, { sQ, hQ, dQK, sKV, topk }, { invalidFraction: 0.1, duplicateFraction: 0.05 }),
     dV: 512,
     ...(withExtras
       ? {

@@ -6,7 +6,8 @@
  * grid does not need lives here.
  */
 import { randomInt } from 'node:crypto';
-import { makeRng, randomIndices as gridIndices, type Rng } from '../../dist/check/grid.js';
+import { tensor, type SparsePrefillArgs, type Tensor } from '../../dist/index.js';
+import { makeRng, randomBf16Bits, randomIndices as gridIndices, type Rng } from '../../dist/check/grid.js';
 
 export { invalidFillers, makeRng, randomBf16Bits, sampleRows, type Rng } from '../../dist/check/grid.js';
 
@@ -37,4 +38,25 @@ export interface IndexOptions {
 /** [sQ, topk] int32 indices (the grid's generator, with named options). */
 export function randomIndices(rng: Rng, sQ: number, topk: number, sKV: number, opt: IndexOptions = {}): Int32Array {
   return gridIndices(rng, sQ, topk, sKV, opt.invalidFraction ?? 0, opt.duplicateFraction ?? 0, opt.allInvalidRows ?? []);
+}
+
+export interface PrefillShape {
+  sQ: number;
+  hQ: number;
+  dQK: number;
+  sKV: number;
+  topk: number;
+}
+
+/**
+ * Random sparsePrefill arguments: q [sQ, hQ, dQK] and kv [sKV, dQK] N(0, 1) bf16, indices [sQ, topk]
+ * into kv (with `faults`), smScale 1/√dQK; a test spreads it and adds or overrides the rest.
+ */
+export function randomPrefillArgs(rng: Rng, s: PrefillShape, faults: IndexOptions = {}): SparsePrefillArgs & { indices: Tensor<'int32'> } {
+  return {
+    q: tensor('bf16', [s.sQ, s.hQ, s.dQK], randomBf16Bits(rng, s.sQ * s.hQ * s.dQK)),
+    kv: tensor('bf16', [s.sKV, s.dQK], randomBf16Bits(rng, s.sKV * s.dQK)),
+    indices: tensor('int32', [s.sQ, s.topk], randomIndices(rng, s.sQ, s.topk, s.sKV, faults)),
+    smScale: 1 / Math.sqrt(s.dQK),
+  };
 }

@@ -2,7 +2,7 @@
  * `sparse-mla bench --backend cuda`: the GPU benchmark through the addon (the same calls a
  * user makes, with device-resident inputs and outputs so no host copy is timed). Each figure is
  * the median over --repeat runs after --warmup runs of the op's device time, measured with CUDA
- * events around its launch (lastKernelMs), with L2 flushed before every run by a 2 × 256 MiB
+ * events around its launches (takeKernelMs), with L2 flushed before every run by a 2 × 256 MiB
  * device-to-device copy. Inputs: random bf16 blocks tiled on the device; caches are one quantized
  * random page tiled over every page (valid FP8 data and scales); indices random per entry.
  *
@@ -50,7 +50,7 @@ const v4Workspace = (be: CudaBackend, rows: number): DeviceTensor<'bf16'> =>
 /**
  * Layers run untimed before the layer section's second timing, so it sees a process further on (an
  * engine makes thousands of layers, 61 a chunk). Not V8's steady state: TurboFan takes the layer's
- * largest functions only after about 2,000-4,300 calls (bench/results/layer-host-js-by-calls.txt).
+ * largest functions only after a few thousand calls (bench/results/layer-host-js-by-calls.txt).
  */
 const LAYER_JIT_WARMUP = 300;
 

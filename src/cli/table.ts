@@ -12,10 +12,6 @@ export function setReportWidth(columns: number): void {
   width = columns;
 }
 
-export function reportWidth(): number {
-  return width;
-}
-
 /**
  * `text` broken at spaces into lines of at most `columns` (spacing inside a line is kept); later
  * lines start with `indent` spaces. A word too long for any line (a path) stays whole on the line

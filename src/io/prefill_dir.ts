@@ -23,9 +23,6 @@ import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
 /** meta.json holds two numbers; anything near this size is not one. */
 const META_MAX_BYTES = 1 << 20;
 
-export const PREFILL_INPUT_NAMES = ['q', 'kv', 'indices', 'topk_length', 'attn_sink'] as const;
-export const PREFILL_OUTPUT_NAMES = ['out', 'lse', 'max_logits'] as const;
-
 /** Where a tensor came from, for messages: `q.npy` or `dump.safetensors:q`. */
 export interface Located<T> {
   value: T;

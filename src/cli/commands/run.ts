@@ -13,7 +13,6 @@
  *
  * Exit 0 when every check passes, 1 when one fails, 2 on bad flags.
  */
-import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { createEngine, createKvCache } from '../../index.js';
 import {

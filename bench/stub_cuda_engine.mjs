@@ -42,10 +42,13 @@ export async function stubCudaEngine(dist, onOp = () => {}) {
   class StubProgram {
     constructor(params, stream) {
       this.slots = [];
-      const parts = [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
+      // a workspace layer's parts, or a paged layer's one op
+      const parts = params.paged
+        ? [['paged', params.paged]]
+        : [...(params.planRows ? [['planRows', params.planRows]] : []), ...params.dequants.map((d, i) => [`dequants.${i}`, d]), ['prefill', params.prefill]];
       for (const [name, part] of parts) for (const [field, v] of Object.entries(part)) if (v instanceof StubBuffer) this.slots.push(`${name}.${field}`);
       this.stream = stream;
-      this.rows = params.prefill.sQ * params.prefill.hQ;
+      this.rows = params.paged ? params.paged.n * params.paged.hQ : params.prefill.sQ * params.prefill.hQ;
     }
     // run queues the whole layer and hands back its outputs; being a promise too, and with finish
     // and abandon, it also serves a build before one call per layer (LAYER_DIST, --vs), whose

@@ -201,6 +201,53 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     }
   });
 
+  test('queuePagedLayer: a paged layer program the addon refuses, a run whose launch or outputs fail, or whose queued work fails later is a typed error naming the paged op, and the outputs the run handed back are freed', async () => {
+    const made: { freed: boolean }[] = [];
+    class TrackedBuffer {
+      readonly device: number;
+      freed = false;
+      constructor(readonly byteLength: number, stream: { device: number }) {
+        this.device = stream.device;
+        made.push(this);
+      }
+      free(): void {
+        this.freed = true;
+      }
+    }
+    const launchFailure = () => Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' });
+    const noMemory = () => Object.assign(new Error("layerProgram.run: the prefill's outputs (9216 bytes): CUDA failed: cudaErrorMemoryAllocation: out of memory"), { code: 'SMLA_OUT_OF_MEMORY', status: 'cudaErrorMemoryAllocation: out of memory' });
+    const nothing = { out: null, maxLogits: null, lse: null };
+    const program = (queued: () => object) =>
+      class {
+        readonly slots = ['paged.q', 'paged.kCache', 'paged.indices', 'paged.topkLength'];
+        run = queued;
+      };
+    const cases: [string, unknown, string, number][] = [
+      ['refused', class { constructor() { throw Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' }); } }, 'BACKEND_FAILURE', 0],
+      ['a launch failed', program(() => ({ done: Promise.reject(launchFailure()), ...nothing })), 'BACKEND_FAILURE', 0],
+      ['the outputs found no memory', program(() => ({ done: Promise.reject(noMemory()), ...nothing })), 'TOO_LARGE', 0],
+      ['queued, then its work failed', program(() => ({ done: Promise.reject(launchFailure()), out: new TrackedBuffer(8192, { device: 0 }), maxLogits: new TrackedBuffer(32, { device: 0 }), lse: new TrackedBuffer(32, { device: 0 }) })), 'BACKEND_FAILURE', 3],
+    ];
+    for (const [name, Program, code, handedBack] of cases) {
+      const cuda = new CudaBackend(addon, fakeOps({ deviceBufferClass: () => TrackedBuffer, layerProgramClass: () => Program }), 1);
+      const n = 2, hQ = 4, topk = 8;
+      const job = {
+        q: cuda.alloc(n * hQ * 1024), n, hQ,
+        main: { cache: { format: 'v4' as const, pageSize: 64, numPages: 1, numTokens: 64, bytes: v4PageBytes(64), data: cuda.alloc(v4PageBytes(64)) }, indices: cuda.alloc(n * topk * 4), topk, topkLength: cuda.alloc(n * 4) },
+        extra: null, attnSink: null, smScale: 0.1,
+      };
+      const before = made.length;
+      const err = await cuda.queuePagedLayer(job, {}).catch((e: unknown) => e);
+      expect(err, name).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code, name).toBe(code);
+      if (code === 'BACKEND_FAILURE') expect((err as SparseMlaError).message, name).toMatch(/pagedSparseAttention/);
+      const outputs = made.slice(before);
+      expect(outputs.length, name).toBe(handedBack);
+      expect(outputs.every((b) => b.freed), name).toBe(true);
+      await cuda.dispose();
+    }
+  });
+
   test('a CUDA op failure (thrown or rejected) is a typed BACKEND_FAILURE naming the op', async () => {
     const failure = Object.assign(new Error('boom'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorIllegalAddress: an illegal memory access' });
     for (const sparsePrefill of [() => { throw failure; }, () => Promise.reject(failure)]) {
@@ -517,23 +564,26 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
     sparsePrefill: (p: Parameters<typeof ops.sparsePrefill>[0]) => ops.sparsePrefill(p),
     pagedSparseAttention: (p: Parameters<typeof ops.pagedSparseAttention>[0]) => ops.pagedSparseAttention(p),
     // a layer program: read once (each part with its own op's fields, every array a device buffer
-    // but the prefill's outputs, null), then run over buffers of the same sizes in its slots' order
+    // but the attention's outputs, null), then run over buffers of the same sizes in its slots' order
     // (noted as its own call, then its parts: the dequants, the combine, the prefill into outputs
-    // it allocates)
+    // it allocates; or a paged layer's one paged op)
     layerProgramClass: () =>
       class {
         readonly slots: string[] = [];
         readonly sizes: number[] = [];
         constructor(
-          readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> },
+          readonly params: { planRows: Record<string, unknown> | null; dequants: Record<string, unknown>[]; prefill: Record<string, unknown> } | { paged: Record<string, unknown> },
           readonly stream: { device: number },
         ) {
-          expect(Object.keys(params).sort()).toEqual(['dequants', 'planRows', 'prefill']);
-          const parts: [string, Record<string, unknown>, CudaOpName][] = [
-            ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, CudaOpName]] : []),
-            ...params.dequants.map((d, i) => [`dequants.${i}`, d, 'dequantizeKvCache'] as [string, Record<string, unknown>, CudaOpName]),
-            ['prefill', params.prefill, 'sparsePrefill'],
-          ];
+          const paged = 'paged' in params;
+          expect(Object.keys(params).sort()).toEqual(paged ? ['paged'] : ['dequants', 'planRows', 'prefill']);
+          const parts: [string, Record<string, unknown>, CudaOpName][] = paged
+            ? [['paged', params.paged, 'pagedSparseAttention']]
+            : [
+                ...(params.planRows ? [['planRows', params.planRows, 'planRows'] as [string, Record<string, unknown>, CudaOpName]] : []),
+                ...params.dequants.map((d, i) => [`dequants.${i}`, d, 'dequantizeKvCache'] as [string, Record<string, unknown>, CudaOpName]),
+                ['prefill', params.prefill, 'sparsePrefill'],
+              ];
           for (const [name, part, op] of parts) {
             expect(Object.keys(part).sort(), name).toEqual(Object.keys(CUDA_OP_PARAMS[op]).sort());
             for (const [field, v] of Object.entries(part)) {
@@ -541,7 +591,8 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
               else if (ArrayBuffer.isView(v) && !['seqLens', 'extendLens'].includes(field)) throw new Error(`${name}.${field}: host memory in a layer program`);
             }
           }
-          expect([params.prefill.out, params.prefill.maxLogits, params.prefill.lse]).toEqual([null, null, null]);
+          const attention = paged ? params.paged : params.prefill;
+          expect([attention.out, attention.maxLogits, attention.lse]).toEqual([null, null, null]);
         }
         /** a part's params with this layer's buffers */
         #part(bound: Record<string, StandInBuffer>, name: string, part: Record<string, unknown>): Record<string, unknown> {
@@ -557,6 +608,13 @@ function standInTable(addon: NativeAddon, calls: OpCall[], held: { downloadsWait
             bound[this.slots[k]!] = b;
           });
           calls.push({ op: 'layerProgram.run', hostOperands: [] });
+          if ('paged' in this.params) {
+            expect(droppedInto).toBeNull();
+            const { n, hQ } = this.params.paged as { n: number; hQ: number };
+            const out = new StandInBuffer(n * hQ * 512 * 2, this.stream), maxLogits = new StandInBuffer(n * hQ * 4, this.stream), lse = new StandInBuffer(n * hQ * 4, this.stream);
+            const done = ops.pagedSparseAttention({ ...this.#part(bound, 'paged', this.params.paged), smScale, out, maxLogits, lse } as never);
+            return { done, out, maxLogits, lse };
+          }
           const dequants = this.params.dequants.map((d, i) => this.#part(bound, `dequants.${i}`, d));
           const rows = this.params.planRows === null ? null : this.#part(bound, 'planRows', this.params.planRows);
           const { sQ, hQ, dV } = this.params.prefill as { sQ: number; hQ: number; dV: number };
@@ -693,7 +751,7 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     expect(planHost.stats).toMatchObject({ c0Builds: 1, c128Builds: 1, c4Combines: 4, workspaceAllocations: 1 });
   }, 20_000);
 
-  test('the paged path with device q, caches and sink: c0 and c128 layers read their paged form from the device, placed once per ratio (no host operand, nothing comes back); a c4 layer downloads its top-k for the host combine; every layer equals the cpu backend bit for bit', async () => {
+  test('the paged path with device q, caches and sink: c0 and c128 layers read their paged form from the device, placed once per ratio (no host operand, nothing comes back), and later layers run the paged op as a layer program; a c4 layer downloads its top-k for the host combine; every layer equals the cpu backend bit for bit', async () => {
     const { sc, planDev, planHost } = layerScenario();
     const hQ = 4, smScale = 1 / Math.sqrt(512);
     const ratios: CompressRatio[] = [0, 128, 4, 0, 128];
@@ -720,7 +778,8 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
       } else {
         // the form's arrays uploaded by the ratio's first layer only (main and its lengths, and the extra set's for c128)
         const first = ratios.indexOf(ratio) === layer;
-        expect(layerCalls.map((c) => c.op), label).toEqual([...(first ? Array<string>(ratio === 0 ? 2 : 4).fill('upload') : []), 'pagedSparseAttention']);
+        // (the later layers: the paged op as a layer program, one addon call)
+        expect(layerCalls.map((c) => c.op), label).toEqual([...(first ? Array<string>(ratio === 0 ? 2 : 4).fill('upload') : ['layerProgram.run']), 'pagedSparseAttention']);
         expect(paged[0]!.hostOperands, label).toEqual([]);
       }
       for (const t of [qd, topkd, sinkd, got.out, got.lse, got.maxLogits]) t?.data.free();
@@ -763,13 +822,15 @@ describe.skipIf(!nativeAddonBuilt())('the cuda layer flow on a stand-in device',
     try {
       // the layer that places a ratio's form goes through the public op; the plan's later layers do not
       expect(await layer('c0, placing', { sc, planDev, planHost }, 0)).toEqual({ ops: [...placesForm(0), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
-      expect(await layer('c0, kept', { sc, planDev, planHost }, 0)).toEqual({ ops: ['pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
+      // a kept form's layer with device outputs: the paged op as a layer program (one addon call), kept per plan and geometry
+      expect(await layer('c0, kept', { sc, planDev, planHost }, 0)).toEqual({ ops: ['layerProgram.run', 'pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
+      expect(await layer('c0, kept again', { sc, planDev, planHost }, 0)).toEqual({ ops: ['layerProgram.run', 'pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
       expect(await layer('c128, placing', { sc, planDev, planHost }, 128)).toEqual({ ops: [...placesForm(128), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
       expect(await layer('c128, kept, host sink', { sc, planDev, planHost }, 128, { hostSink: true })).toEqual({ ops: ['pagedSparseAttention'], hostOperands: ['attnSink'], publicCalls: 0 });
       expect(await layer('c0, kept, host outputs', { sc, planDev, planHost }, 0, { output: 'host' })).toEqual({ ops: ['pagedSparseAttention'], hostOperands: ['out', 'lse', 'maxLogits'], publicCalls: 0 });
       // another plan on the engine places its own form
       expect(await layer('second plan c0, placing', second, 0)).toEqual({ ops: [...placesForm(0), 'pagedSparseAttention'], hostOperands: [], publicCalls: 1 });
-      expect(await layer('second plan c0, kept', second, 0)).toEqual({ ops: ['pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
+      expect(await layer('second plan c0, kept', second, 0)).toEqual({ ops: ['layerProgram.run', 'pagedSparseAttention'], hostOperands: [], publicCalls: 0 });
       // a kept form with a freed buffer is not read: the next layer places the form again
       const steps = (cuda as SparseMlaEngine).layerSteps();
       const form = planDev.resources(steps).keptPagedForm(0)!;

@@ -35,6 +35,17 @@ struct KernelCall {
   CudaFields fields;
 };
 
+}  // namespace
+
+int32_t LaunchPagedSparseAttention(const smla_paged_sparse_attention_params& bound, bool has_extra, cudaStream_t s) {
+  smla_paged_sparse_attention_params p = bound;
+  if (has_extra && !p.extra_k_cache) p.extra_k_cache = kNothing;
+  if (!p.k_cache) p.k_cache = kNothing;
+  return smla_cuda_paged_sparse_attention(&p, s);
+}
+
+namespace {
+
 // sparsePrefill(params, stream)
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   KernelCall<smla_sparse_prefill_params> k(info, "sparsePrefill");
@@ -47,14 +58,7 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   KernelCall<smla_paged_sparse_attention_params> k(info, "pagedSparseAttention");
   const bool hasExtra = !k.fields.IsNull("extraKCache");
   ReadPagedSparseAttention(k.fields, k.call->params);
-  return Dispatch(k.fields, k.stream, [call = k.call, hasExtra](cudaStream_t s) {
-    smla_paged_sparse_attention_params p = *call->Bound();
-    // An empty cache (0 pages) has no device memory: pass a 16-aligned dummy so the kernel's
-    // alignment check holds; every id into it is then out of range and never read.
-    if (hasExtra && !p.extra_k_cache) p.extra_k_cache = kNothing;
-    if (!p.k_cache) p.k_cache = kNothing;
-    return smla_cuda_paged_sparse_attention(&p, s);
-  });
+  return Dispatch(k.fields, k.stream, [call = k.call, hasExtra](cudaStream_t s) { return LaunchPagedSparseAttention(*call->Bound(), hasExtra, s); });
 }
 
 // dequantizeKvCache(params, stream): the cache geometry (kv_cache.h), cache, tokenIds, out, and

@@ -77,6 +77,11 @@ inline DequantLaunch ReadDequantize(CudaFields& f, const std::shared_ptr<DeviceC
   return d;
 }
 
+// The paged attention kernel over a bound params struct. An empty cache (0 pages) has no device
+// memory: a 16-aligned dummy stands in so the kernel's alignment check holds; every id into it is
+// then out of range and never read. has_extra: the params name an extra cache.
+int32_t LaunchPagedSparseAttention(const smla_paged_sparse_attention_params& bound, bool has_extra, cudaStream_t s);
+
 // layerProgramClass(): the LayerProgram class (layer_program.cpp).
 Napi::Value NewLayerProgramClass(const Napi::CallbackInfo& info);
 

@@ -1,7 +1,8 @@
-// The `cuda` backend's layer program: a workspace layer's launches (its dequants, c4 combine and
-// prefill) read once from the ops' params objects and queued per layer, by one call, over that
-// layer's buffers. The TS side: CudaBackend.queueLayer (src/backends/native/cuda_backend.ts),
-// LayerSteps.queueLayer.
+// The `cuda` backend's layer program: a layer's launches read once from the ops' params objects and
+// queued per layer, by one call, over that layer's buffers: a workspace layer's (its dequants, c4
+// combine and prefill) or a paged layer's (one paged attention over the plan's paged form). The TS
+// side: CudaBackend.queueLayer and CudaBackend.queuePagedLayer (src/backends/native/cuda_backend.ts),
+// LayerSteps.queueLayer and LayerSteps.pagedAttention.
 #include <functional>
 #include <memory>
 #include <string>
@@ -9,6 +10,7 @@
 
 #include "cuda_ops.h"
 #include "cuda_stream.h"
+#include "paged_sparse_attention.h"
 #include "planner.h"
 #include "smla_cuda.h"
 #include "sparse_prefill.h"
@@ -45,6 +47,9 @@ Napi::Promise OutputsFailed(Napi::Env env, const char* op, cudaError_t err, uint
 //     lse }: the outputs (DeviceBuffers, views of the one allocation) once everything was queued,
 //     else null (nothing kept); done settles once queued, or once the total has landed (the prefill
 //     may still be running), and rejects with the first failure, when the caller frees the outputs.
+// A paged layer's program reads params = { paged: pagedSparseAttention's params with out, maxLogits
+// and lse null } instead (slots "paged.q", "paged.kCache", ...); its run(null, smScale, ...buffers)
+// allocates the outputs the same way and queues the paged attention; done settles once queued.
 // Between layers the program keeps no buffer.
 class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
  public:
@@ -60,6 +65,18 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     auto collect = [&](CudaFields& f, const std::string& part) {
       for (auto& o : f.TakeOperands()) operands.emplace_back(part + "." + (o->name ? o->name : "?"), std::move(o));
     };
+    if (!top.IsNull("paged")) {
+      if (!top.IsNull("planRows") || !top.IsNull("dequants") || !top.IsNull("prefill"))
+        top.Refuse("paged: a paged layer's program has no planRows, dequants or prefill");
+      paged_ = std::make_shared<DeviceCall<smla_paged_sparse_attention_params>>();
+      CudaFields f(args, top.Object("paged"), *stream_, paged_->bindings);
+      f.OutputsBoundLater();  // each run allocates them
+      paged_has_extra_ = !f.IsNull("extraKCache");
+      ReadPagedSparseAttention(f, paged_->params);
+      collect(f, "paged");
+      Place(top, operands, "paged.");
+      return;
+    }
     if (!top.IsNull("planRows")) {
       auto call = std::make_shared<DeviceCall<smla_plan_combine_topk_params>>();
       CudaFields f(args, top.Object("planRows"), *stream_, call->bindings);
@@ -91,8 +108,22 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       ReadSparsePrefill(f, prefill_->params);
       collect(f, "prefill");
     }
+    Place(top, operands, "prefill.");
+  }
+
+ private:
+  struct Slot {
+    std::string name;
+    std::shared_ptr<Operand> operand;
+    uint64_t bytes;
+    uint64_t offset;  // an output's, in the outputs' allocation
+  };
+
+  // The operands read as slots: the attention part's outputs (names starting with `outputs_of`)
+  // placed in the outputs' allocation, every other one an input slot of the device.
+  void Place(const Args::Fields& top, std::vector<std::pair<std::string, std::shared_ptr<Operand>>>& operands, const char* outputs_of) {
     for (auto& [name, o] : operands) {
-      if (o->output && name.rfind("prefill.", 0) == 0) {
+      if (o->output && name.rfind(outputs_of, 0) == 0) {
         // out, maxLogits, lse in reading order, each at a 256-byte boundary of the one allocation
         outputs_.push_back({name, o, o->bytes, output_bytes_});
         output_bytes_ += (o->bytes + 255) / 256 * 256;
@@ -107,14 +138,6 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       o->device.reset();  // each layer binds its own
     }
   }
-
- private:
-  struct Slot {
-    std::string name;
-    std::shared_ptr<Operand> operand;
-    uint64_t bytes;
-    uint64_t offset;  // an output's, in the outputs' allocation
-  };
 
   Napi::Value Slots(const Napi::CallbackInfo& info) {
     Napi::Array names = Napi::Array::New(info.Env(), inputs_.size());
@@ -161,7 +184,7 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       pins.push_back(Napi::Persistent(static_cast<Napi::Object>(t)));  // an output only the caller holds
     }
     if (info.Length() < 2 || !info[1].IsNumber()) ThrowArgument(env, a.Op(), "smScale: expected a number");
-    prefill_->params.sm_scale = info[1].As<Napi::Number>().FloatValue();
+    (paged_ ? paged_->params.sm_scale : prefill_->params.sm_scale) = info[1].As<Napi::Number>().FloatValue();
     Bind(a, info, 2);
 
     StreamState& st = *stream_;
@@ -172,39 +195,19 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     // launch and the prefill's the host then makes only the combine's launch and one event record.
     std::shared_ptr<Allocation> whole;
     cudaError_t alloc_err = cudaSuccess;
-    if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_ + kCounterBytes, &whole)) != cudaSuccess) status = -int32_t(alloc_err);
+    if (status == SMLA_OK && (alloc_err = Allocate(stream_, output_bytes_ + (paged_ ? 0 : kCounterBytes), &whole)) != cudaSuccess) status = -int32_t(alloc_err);
     unsigned long long* claims = nullptr;
     if (status == SMLA_OK) {
       for (Slot& s : outputs_) s.operand->device = ViewOf(whole, s.offset, s.bytes);
-      claims = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(whole->ptr) + output_bytes_);
+      if (!paged_) claims = reinterpret_cast<unsigned long long*>(static_cast<uint8_t*>(whole->ptr) + output_bytes_);
     }
-    unsigned long long* zero[2] = {claims, dropped_total_ ? static_cast<unsigned long long*>(dropped_total_()) : nullptr};
-    const int32_t zero_count = dropped_total_ ? 2 : 1;
-    if (status == SMLA_OK) {
-      const auto* a = dequants_.size() > 0 ? dequants_[0]->Bound() : nullptr;
-      const auto* b = dequants_.size() > 1 ? dequants_[1]->Bound() : nullptr;
-      // (no dequant: the pair launcher zeroes the words by memsets)
-      status = Timed(st, [&](cudaStream_t s) { return smla_cuda_dequantize_kv_cache_pair(a, nullptr, b, nullptr, zero, zero_count, s); });
-    }
-    if (status == SMLA_OK && combine_) status = Timed(st, combine_);
-    // the 8-byte total read from right behind the combine on the side stream: the prefill does not
-    // wait for the copy (its DMA left a gap of about 8 µs before the prefill in the stream); work
-    // queued after the prefill does (JoinSmallRead), so the next layer's combine cannot overwrite
-    // the total first. Only the read's place is marked before the prefill's launch; the copy is
-    // queued behind it.
     SmallReadSlot read;
     bool reading = false;
-    if (status == SMLA_OK && dropped_into) {
-      if ((err = ForkSmallRead(st, 8, &read)) != cudaSuccess) status = -int32_t(err);
-      reading = err == cudaSuccess;
+    if (paged_) {
+      if (status == SMLA_OK) status = Timed(st, [this](cudaStream_t s) { return LaunchPagedSparseAttention(*paged_->Bound(), paged_has_extra_, s); });
+    } else {
+      status = QueueWorkspaceLayer(st, status, claims, dropped_into, &read, &reading);
     }
-    if (status == SMLA_OK)
-      status = Timed(st, [call = prefill_, claims](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), claims, s); });
-    if (reading && (err = CopyForkedRead(st, dropped_total_(), &read)) != cudaSuccess) {
-      reading = false;
-      if (status == SMLA_OK) status = -int32_t(err);
-    }
-    if (reading && (err = JoinSmallRead(st, read)) != cudaSuccess && status == SMLA_OK) status = -int32_t(err);
     if (status != SMLA_OK) cudaGetLastError();
     std::vector<std::shared_ptr<Allocation>> outputs;
     if (status == SMLA_OK)
@@ -221,6 +224,43 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     return result;
   }
 
+  // A workspace layer's launches after its outputs' allocation (status: how that went): the
+  // dequants (one launch, which also zeroes the prefill's tile counter `claims` and the combine's
+  // total), the combine, the read of its total into dropped_into (when given: *reading then tells
+  // whether it was queued), the prefill. Returns the first failure.
+  int32_t QueueWorkspaceLayer(StreamState& st, int32_t status, unsigned long long* claims, void* dropped_into, SmallReadSlot* read_out,
+                              bool* reading_out) {
+    cudaError_t err = cudaSuccess;
+    unsigned long long* zero[2] = {claims, dropped_total_ ? static_cast<unsigned long long*>(dropped_total_()) : nullptr};
+    const int32_t zero_count = dropped_total_ ? 2 : 1;
+    if (status == SMLA_OK) {
+      const auto* a = dequants_.size() > 0 ? dequants_[0]->Bound() : nullptr;
+      const auto* b = dequants_.size() > 1 ? dequants_[1]->Bound() : nullptr;
+      // (no dequant: the pair launcher zeroes the words by memsets)
+      status = Timed(st, [&](cudaStream_t s) { return smla_cuda_dequantize_kv_cache_pair(a, nullptr, b, nullptr, zero, zero_count, s); });
+    }
+    if (status == SMLA_OK && combine_) status = Timed(st, combine_);
+    // the 8-byte total read from right behind the combine on the side stream: the prefill does not
+    // wait for the copy (its DMA left a gap of about 8 µs before the prefill in the stream); work
+    // queued after the prefill does (JoinSmallRead), so the next layer's combine cannot overwrite
+    // the total first. Only the read's place is marked before the prefill's launch; the copy is
+    // queued behind it.
+    SmallReadSlot& read = *read_out;
+    bool& reading = *reading_out;
+    if (status == SMLA_OK && dropped_into) {
+      if ((err = ForkSmallRead(st, 8, &read)) != cudaSuccess) status = -int32_t(err);
+      reading = err == cudaSuccess;
+    }
+    if (status == SMLA_OK)
+      status = Timed(st, [call = prefill_, claims](cudaStream_t s) { return smla_cuda_sparse_prefill(call->Bound(), claims, s); });
+    if (reading && (err = CopyForkedRead(st, dropped_total_(), &read)) != cudaSuccess) {
+      reading = false;
+      if (status == SMLA_OK) status = -int32_t(err);
+    }
+    if (reading && (err = JoinSmallRead(st, read)) != cudaSuccess && status == SMLA_OK) status = -int32_t(err);
+    return status;
+  }
+
   static constexpr uint64_t kCounterBytes = 256;  // the prefill's tile counter, after the outputs
 
   StreamRef stream_;
@@ -230,6 +270,8 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
   uint64_t output_bytes_ = 0;  // the outputs' allocation
   std::function<void*()> dropped_total_;
   std::shared_ptr<DeviceCall<smla_sparse_prefill_params>> prefill_;
+  std::shared_ptr<DeviceCall<smla_paged_sparse_attention_params>> paged_;  // a paged layer's program instead
+  bool paged_has_extra_ = false;
 };
 
 }  // namespace

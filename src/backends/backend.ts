@@ -210,8 +210,9 @@ export interface LayerSteps<B = never> {
    * plan's placed paged form, the layer's caches (Plan.checkCaches) and its q, sink and smScale
    * (the layer call's checks), with no await between those checks and this call — so nothing is
    * validated again (engine.pagedSparseAttention still validates every argument of the public op).
+   * `owner`: what the steps may keep per-layer state for (the plan's resources, as QueuedLayerJob's).
    */
-  pagedAttention?(job: PagedSparseAttentionJob<B>, output: Placement): Promise<PlacedAttentionOutput>;
+  pagedAttention?(job: PagedSparseAttentionJob<B>, output: Placement, owner: object): Promise<PlacedAttentionOutput>;
 }
 
 /** What LayerSteps.queueLayer queues: the steps' own jobs, in launch order. */

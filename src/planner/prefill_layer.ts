@@ -267,7 +267,7 @@ async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<Pre
       const res = plan.resources(steps);
       const kept = res.keptPagedForm(ratio);
       const job = kept === undefined ? undefined : pagedJob(call, kept);
-      if (job !== undefined && steps.pagedAttention !== undefined) return layerResult(call, await steps.pagedAttention(job, output), 0, 0);
+      if (job !== undefined && steps.pagedAttention !== undefined) return layerResult(call, await steps.pagedAttention(job, output, res), 0, 0);
       return pagedOp(engine, call, kept ?? (await res.pagedForm(steps, ratio, () => plan.pagedForm(plan.combinedRows(ratio)))));
     }
   }

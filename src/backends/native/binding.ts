@@ -141,8 +141,16 @@ export interface NativeCudaOps extends NativeCudaKernelOps {
   layerProgramClass(): new (params: LayerProgramParams, stream: NativeStream) => NativeLayerProgram;
 }
 
+/** A layer as the addon's LayerProgram reads it: a workspace layer's ops or a paged layer's one op. */
+export type LayerProgramParams = WorkspaceLayerProgramParams | PagedLayerProgramParams;
+
+/** A paged layer: the paged op's params, its outputs null (each run allocates them). */
+export interface PagedLayerProgramParams {
+  paged: Omit<CudaOpParams<'pagedSparseAttention', NativeDeviceBuffer>, 'out' | 'maxLogits' | 'lse'> & { out: null; maxLogits: null; lse: null };
+}
+
 /** A workspace layer as the addon's LayerProgram reads it: the ops' params objects, in launch order. */
-export interface LayerProgramParams {
+export interface WorkspaceLayerProgramParams {
   /** a c4 combine into rows the plan keeps (its droppedTotal a device buffer), or null */
   planRows: CudaOpParams<'planRows', NativeDeviceBuffer> | null;
   /** device ids and an outRowOffset each */
@@ -153,13 +161,14 @@ export interface LayerProgramParams {
 
 /** A layer program: a layer is one run(droppedInto, smScale, ...inputs), which queues all of it. */
 export interface NativeLayerProgram {
-  /** "planRows.topkIndices", "dequants.0.cache", "prefill.q", …: run's buffers, in this order */
+  /** "planRows.topkIndices", "dequants.0.cache", "prefill.q", … (a paged layer's "paged.q", …): run's buffers, in this order */
   readonly slots: string[];
   /**
    * Over one buffer per slot (each exactly the size of the one it stands for; all checked first,
    * throwing SMLA_ADDON_ARGUMENT before any launch), queues the dequants and the combine, allocates
    * the prefill's outputs (one stream-ordered allocation), queues the read of the combine's dropped
-   * total into droppedInto (or none) and the prefill, all before it returns.
+   * total into droppedInto (or none) and the prefill, all before it returns. A paged layer's
+   * program (droppedInto null) allocates the outputs the same way and queues the paged op.
    */
   run(droppedInto: BigInt64Array | null, smScale: number, ...inputs: NativeDeviceBuffer[]): NativeLayerRun;
 }

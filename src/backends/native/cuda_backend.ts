@@ -51,6 +51,7 @@ import {
   type NativeDeviceBuffer,
   type LayerProgramParams,
   type NativeLayerProgram,
+  type PagedLayerProgramParams,
   type NativeLayerRun,
   type NativeStream,
 } from './binding.js';
@@ -117,6 +118,54 @@ function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
   names.push('prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength');
   if (job.prefill.attnSink !== null) names.push('prefill.attnSink');
   return names;
+}
+
+/**
+ * The buffers of a paged layer program's run, in the addon's slot order (the order it reads the
+ * paged op's params: q, kCache, indices, topkLength, then the extra set's, then attnSink; an absent
+ * array has no slot).
+ */
+function pagedInputs(f: PagedFields): unknown[] {
+  const buffers: unknown[] = [f.q, f.kCache, f.indices];
+  if (f.topkLength !== null) buffers.push(f.topkLength);
+  if (f.extraKCache !== null) {
+    buffers.push(f.extraKCache, f.extraIndices);
+    if (f.extraTopkLength !== null) buffers.push(f.extraTopkLength);
+  }
+  if (f.attnSink !== null) buffers.push(f.attnSink);
+  return buffers;
+}
+
+/** The name of each of pagedInputs' slots, in its order (a new program's check). */
+function pagedSlotNames(f: PagedFields): string[] {
+  const names = ['paged.q', 'paged.kCache', 'paged.indices'];
+  if (f.topkLength !== null) names.push('paged.topkLength');
+  if (f.extraKCache !== null) {
+    names.push('paged.extraKCache', 'paged.extraIndices');
+    if (f.extraTopkLength !== null) names.push('paged.extraTopkLength');
+  }
+  if (f.attnSink !== null) names.push('paged.attnSink');
+  return names;
+}
+
+/**
+ * What a paged layer program read besides its buffers, as numbers (every buffer size follows from
+ * these; the addon checks them per run): its shape, each set's geometry and which optional arrays
+ * it has.
+ */
+function pagedGeometry(f: PagedFields): number[] {
+  return [f.n, f.hQ, f.pageSize, f.numPages, f.topk, f.topkLength === null ? 0 : 1, f.extraKCache === null ? 0 : 1, f.extraPageSize, f.extraNumPages, f.extraTopk, f.extraTopkLength === null ? 0 : 1, f.attnSink === null ? 0 : 1];
+}
+
+/** The kept paged program read for this geometry (pagedGeometry), if any. */
+function keptPagedProgram(kept: readonly KeptLayerProgram[], g: readonly number[]): NativeLayerProgram | undefined {
+  for (let k = 0; k < kept.length; k++) {
+    const h = kept[k]!.geometry;
+    let i = 0;
+    while (i < g.length && h[i] === g[i]) i++;
+    if (i === g.length) return kept[k]!.program;
+  }
+  return undefined;
 }
 
 /**
@@ -309,7 +358,7 @@ export class CudaBackend implements Backend, DeviceOps {
       return Number(into[0]);
     },
     queueLayer: (job) => this.queueLayer(job),
-    pagedAttention: (job, output) => this.pagedSparseAttention(job, output),
+    pagedAttention: (job, output, owner) => (output === 'device' ? this.queuePagedLayer(job, owner) : this.pagedSparseAttention(job, output)),
   };
 
   constructor(addon: NativeAddon, ops: NativeCudaOps, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes(), deviceIndex = 0) {
@@ -520,22 +569,19 @@ export class CudaBackend implements Backend, DeviceOps {
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
     this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
     const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
-    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.pagedOperands(fields, out, lse, maxLogits), this.stream));
+    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () =>
+      this.ops.pagedSparseAttention({ ...this.pagedOperands(fields), out: this.operand(out, 'out'), lse: this.operand(lse, 'lse'), maxLogits: this.operand(maxLogits, 'maxLogits') }, this.stream),
+    );
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
   }
 
   /**
-   * operands(fields, { out, lse, maxLogits }) of the paged op as one object literal, its buffers
-   * mapped in the same order (the first one refused is the one named): a c0 / c128 paged layer
-   * makes this call, and operands' loop over the keys of any params object was most of its JS.
-   * Typed as operands' result, so a field pagedSparseAttentionFields gains or loses fails to compile.
+   * operands(fields) of the paged op as one object literal, its buffers mapped in the same order (the
+   * first one refused is the one named); the caller adds the outputs (the op's arrays, or null for a
+   * paged layer program). Typed as operands' result, so a field pagedSparseAttentionFields gains or
+   * loses fails to compile.
    */
-  private pagedOperands(
-    f: PagedFields,
-    out: Uint16Array | DeviceBuffer,
-    lse: Float32Array | DeviceBuffer,
-    maxLogits: Float32Array | DeviceBuffer,
-  ): AddonParams<PagedFields & { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }> {
+  private pagedOperands(f: PagedFields): AddonParams<PagedFields> {
     return {
       q: this.operand(f.q, 'q'),
       n: f.n,
@@ -554,9 +600,6 @@ export class CudaBackend implements Backend, DeviceOps {
       extraTopkLength: this.operand(f.extraTopkLength, 'extraTopkLength'),
       attnSink: this.operand(f.attnSink, 'attnSink'),
       smScale: f.smScale,
-      out: this.operand(out, 'out'),
-      lse: this.operand(lse, 'lse'),
-      maxLogits: this.operand(maxLogits, 'maxLogits'),
     };
   }
 
@@ -685,6 +728,66 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** A queued layer's 8-byte landing place for its dropped total, kept between layers (one allocation less a c4 layer). */
   #droppedSlot: BigInt64Array | undefined;
+
+  /**
+   * A c0 / c128 paged layer with its outputs on the device (LayerSteps.pagedAttention): the paged
+   * op as a layer program, read once per owner (a plan's resources) and geometry, then run over each
+   * layer's buffers in its slot order with the outputs allocated by the run, as queueLayer runs a
+   * workspace layer: the op's params object is not read per layer. A buffer that is not this
+   * engine's own goes through the op (pagedSparseAttention), which orders the two streams.
+   */
+  async queuePagedLayer(job: PagedSparseAttentionJob<DeviceBuffer>, owner: object): Promise<PlacedAttentionOutput> {
+    const fields = pagedSparseAttentionFields(job);
+    const inputs = pagedInputs(fields);
+    for (let i = 0; i < inputs.length; i++) {
+      const b = inputs[i];
+      if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return this.pagedSparseAttention(job, 'device');
+      inputs[i] = b.native;
+    }
+    let kept = this.pagedPrograms.get(owner);
+    if (kept === undefined) this.pagedPrograms.set(owner, (kept = []));
+    const geometry = pagedGeometry(fields);
+    let program = keptPagedProgram(kept, geometry);
+    this.calls.assertAlive();
+    let run: NativeLayerRun;
+    try {
+      program ??= this.makePagedProgram(fields, geometry, kept);
+      run = program.run(null, job.smScale, ...(inputs as NativeDeviceBuffer[]));
+    } catch (e) {
+      throw addonFailure('cuda', 'pagedSparseAttention', e);
+    }
+    const done = run.done;
+    this.calls.begin(done);
+    const rows = job.n * job.hQ;
+    const out = run.out === null ? null : this.adopt(run.out, rows * 512 * 2);
+    const maxLogits = run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4);
+    const lse = run.lse === null ? null : this.adopt(run.lse, rows * 4);
+    try {
+      await done;
+    } catch (e) {
+      out?.free();
+      maxLogits?.free();
+      lse?.free();
+      throw addonFailure('cuda', 'pagedSparseAttention', e);
+    } finally {
+      this.calls.end(done);
+    }
+    // (null only when done rejected)
+    return { out: out!, lse: lse!, maxLogits: maxLogits! };
+  }
+
+  /** Paged layer programs by their owner (a plan's resources on this engine), each with its geometry (pagedGeometry). */
+  private readonly pagedPrograms = new WeakMap<object, KeptLayerProgram[]>();
+
+  /** Reads a paged layer's params into a program (the addon checks them as the op does) and keeps it. */
+  private makePagedProgram(fields: PagedFields, geometry: number[], kept: KeptLayerProgram[]): NativeLayerProgram {
+    const params: PagedLayerProgramParams = { paged: { ...this.pagedOperands(fields), out: null, maxLogits: null, lse: null } };
+    const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
+    const names = pagedSlotNames(fields);
+    if (program.slots.join() !== names.join()) throw new Error(`paged layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
+    kept.push({ geometry, program });
+    return program;
+  }
 
   /** A device buffer of this engine's that the addon allocated, of a size the caller knows. */
   private adopt(native: NativeDeviceBuffer, byteLength: number): CudaDeviceBuffer {

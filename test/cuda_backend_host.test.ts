@@ -153,7 +153,12 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     await cuda.dispose();
   });
 
-  test('queueLayer: a layer program the addon refuses, a run whose launches or outputs fail, or whose queued work fails later is a typed error, and the outputs the run handed back are freed', async () => {
+  /**
+   * Layer programs that fail each way the addon's can (refused when read; a run whose launch fails,
+   * whose outputs find no memory, or whose queued work fails after it handed back outputs), with the
+   * slots `slots`, and the device buffers the runs handed back (TrackedBuffer, to see them freed).
+   */
+  function failingPrograms(slots: string[]) {
     const made: { freed: boolean }[] = [];
     class TrackedBuffer {
       readonly device: number;
@@ -172,17 +177,42 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
     // a program whose run returns what `queued` gives (as the addon's: the outputs once all of the layer was queued, else null)
     const program = (queued: () => object) =>
       class {
-        readonly slots = ['dequants.0.cache', 'dequants.0.tokenIds', 'dequants.0.out', 'prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength'];
+        readonly slots = slots;
         run = queued;
       };
+    /** [what fails, the program class, the typed error's code, how many outputs the run handed back] */
     const cases: [string, unknown, string, number][] = [
       ['refused', class { constructor() { throw Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' }); } }, 'BACKEND_FAILURE', 0],
       ['a launch failed', program(() => ({ done: Promise.reject(launchFailure()), ...nothing })), 'BACKEND_FAILURE', 0],
       ['the outputs found no memory', program(() => ({ done: Promise.reject(noMemory()), ...nothing })), 'TOO_LARGE', 0],
-      ['all queued, then the dropped read failed', program(() => ({ done: Promise.reject(launchFailure()), out: new TrackedBuffer(8192, { device: 0 }), maxLogits: new TrackedBuffer(32, { device: 0 }), lse: new TrackedBuffer(32, { device: 0 }) })), 'BACKEND_FAILURE', 3],
+      ['all queued, then its work failed', program(() => ({ done: Promise.reject(launchFailure()), out: new TrackedBuffer(8192, { device: 0 }), maxLogits: new TrackedBuffer(32, { device: 0 }), lse: new TrackedBuffer(32, { device: 0 }) })), 'BACKEND_FAILURE', 3],
     ];
+    return { made, TrackedBuffer, cases };
+  }
+
+  /**
+   * Each failing program under the call `prepare` makes (after allocating its job's inputs on the
+   * backend): a typed error of its code, naming `op` when it is the addon's, and every output handed back freed.
+   */
+  async function expectTypedFailures(slots: string[], op: RegExp, prepare: (cuda: CudaBackend) => () => Promise<unknown>): Promise<void> {
+    const { made, TrackedBuffer, cases } = failingPrograms(slots);
     for (const [name, Program, code, handedBack] of cases) {
       const cuda = new CudaBackend(addon, fakeOps({ deviceBufferClass: () => TrackedBuffer, layerProgramClass: () => Program }), 1);
+      const queue = prepare(cuda);
+      const before = made.length;
+      const err = await queue().catch((e: unknown) => e);
+      expect(err, name).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code, name).toBe(code);
+      if (code === 'BACKEND_FAILURE') expect((err as SparseMlaError).message, name).toMatch(op);
+      const outputs = made.slice(before);
+      expect(outputs.length, name).toBe(handedBack); // nothing allocated on the JS side
+      expect(outputs.every((b) => b.freed), name).toBe(true);
+      await cuda.dispose();
+    }
+  }
+
+  test('queueLayer: a layer program the addon refuses, a run whose launches or outputs fail, or whose queued work fails later is a typed error, and the outputs the run handed back are freed', async () => {
+    await expectTypedFailures(['dequants.0.cache', 'dequants.0.tokenIds', 'dequants.0.out', 'prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength'], /queueLayer/, (cuda) => {
       const ws = cuda.alloc(4 * 1024);
       const job = {
         owner: {},
@@ -190,62 +220,20 @@ describe.skipIf(!nativeAddonBuilt())('cuda backend class without a GPU', () => {
         dequants: [{ cache: { format: 'v4' as const, pageSize: 64, numPages: 1, numTokens: 64, bytes: v4PageBytes(64), data: cuda.alloc(v4PageBytes(64)) }, tokenIds: cuda.alloc(16), n: 2, workspace: ws, rowOffset: 0 }],
         prefill: { q: cuda.alloc(2 * 4 * 1024), workspace: ws, rows: 2, indices: cuda.alloc(2 * 8 * 4), lengths: cuda.alloc(2 * 4), attnSink: null, numQueries: 2, hQ: 4, width: 8, smScale: 0.1 },
       };
-      const before = made.length;
-      const err = await cuda.queueLayer(job).catch((e: unknown) => e);
-      expect(err, name).toBeInstanceOf(SparseMlaError);
-      expect((err as SparseMlaError).code, name).toBe(code);
-      const outputs = made.slice(before);
-      expect(outputs.length, name).toBe(handedBack); // nothing allocated on the JS side
-      expect(outputs.every((b) => b.freed), name).toBe(true);
-      await cuda.dispose();
-    }
+      return () => cuda.queueLayer(job);
+    });
   });
 
   test('queuePagedLayer: a paged layer program the addon refuses, a run whose launch or outputs fail, or whose queued work fails later is a typed error naming the paged op, and the outputs the run handed back are freed', async () => {
-    const made: { freed: boolean }[] = [];
-    class TrackedBuffer {
-      readonly device: number;
-      freed = false;
-      constructor(readonly byteLength: number, stream: { device: number }) {
-        this.device = stream.device;
-        made.push(this);
-      }
-      free(): void {
-        this.freed = true;
-      }
-    }
-    const launchFailure = () => Object.assign(new Error('launch'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' });
-    const noMemory = () => Object.assign(new Error("layerProgram.run: the prefill's outputs (9216 bytes): CUDA failed: cudaErrorMemoryAllocation: out of memory"), { code: 'SMLA_OUT_OF_MEMORY', status: 'cudaErrorMemoryAllocation: out of memory' });
-    const nothing = { out: null, maxLogits: null, lse: null };
-    const program = (queued: () => object) =>
-      class {
-        readonly slots = ['paged.q', 'paged.kCache', 'paged.indices', 'paged.topkLength'];
-        run = queued;
-      };
-    const cases: [string, unknown, string, number][] = [
-      ['refused', class { constructor() { throw Object.assign(new Error('refused'), { code: 'SMLA_ADDON_ARGUMENT' }); } }, 'BACKEND_FAILURE', 0],
-      ['a launch failed', program(() => ({ done: Promise.reject(launchFailure()), ...nothing })), 'BACKEND_FAILURE', 0],
-      ['the outputs found no memory', program(() => ({ done: Promise.reject(noMemory()), ...nothing })), 'TOO_LARGE', 0],
-      ['queued, then its work failed', program(() => ({ done: Promise.reject(launchFailure()), out: new TrackedBuffer(8192, { device: 0 }), maxLogits: new TrackedBuffer(32, { device: 0 }), lse: new TrackedBuffer(32, { device: 0 }) })), 'BACKEND_FAILURE', 3],
-    ];
-    for (const [name, Program, code, handedBack] of cases) {
-      const cuda = new CudaBackend(addon, fakeOps({ deviceBufferClass: () => TrackedBuffer, layerProgramClass: () => Program }), 1);
+    await expectTypedFailures(['paged.q', 'paged.kCache', 'paged.indices', 'paged.topkLength'], /pagedSparseAttention/, (cuda) => {
       const n = 2, hQ = 4, topk = 8;
       const job = {
         q: cuda.alloc(n * hQ * 1024), n, hQ,
         main: { cache: { format: 'v4' as const, pageSize: 64, numPages: 1, numTokens: 64, bytes: v4PageBytes(64), data: cuda.alloc(v4PageBytes(64)) }, indices: cuda.alloc(n * topk * 4), topk, topkLength: cuda.alloc(n * 4) },
         extra: null, attnSink: null, smScale: 0.1,
       };
-      const before = made.length;
-      const err = await cuda.queuePagedLayer(job, {}).catch((e: unknown) => e);
-      expect(err, name).toBeInstanceOf(SparseMlaError);
-      expect((err as SparseMlaError).code, name).toBe(code);
-      if (code === 'BACKEND_FAILURE') expect((err as SparseMlaError).message, name).toMatch(/pagedSparseAttention/);
-      const outputs = made.slice(before);
-      expect(outputs.length, name).toBe(handedBack);
-      expect(outputs.every((b) => b.freed), name).toBe(true);
-      await cuda.dispose();
-    }
+      return () => cuda.queuePagedLayer(job, {});
+    });
   });
 
   test('a CUDA op failure (thrown or rejected) is a typed BACKEND_FAILURE naming the op', async () => {

@@ -5,8 +5,8 @@
 import { createKvCache, toBf16 } from '../dist/index.js';
 import { randomC4Topk, randomDeviceBf16, tiledDeviceCache } from '../dist/cli/gpu_bench.js';
 
-/** The helpers over a cuda engine and a seeded rng (makeRng); `be` is unused (each helper finds the engine's backend). */
-export function deviceInputs(engine, be, rng) {
+/** The helpers over a cuda engine and a seeded rng (makeRng). */
+export function deviceInputs(engine, rng) {
   return {
     /** A device bf16 tensor of random values (a 16 MiB random block tiled). */
     randomDevice: (shape) => randomDeviceBf16(engine, rng, shape),

@@ -37,7 +37,7 @@ const engine = await createEngine({ backend: 'cuda' });
 const be = engineBackend(engine, CudaBackend);
 if (!be) throw new Error('needs a cuda engine');
 const rng = makeRng(0x5eed);
-const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, be, rng);
+const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
 const spansOf = () => (typeof be.takeKernelSpans === 'function' ? be.takeKernelSpans() : be.takeKernelMs().map((d) => [NaN, d]));
 

@@ -13,7 +13,7 @@ const now = () => Number(process.hrtime.bigint());
 const engine = await createEngine({ backend: 'cuda' });
 const be = engineBackend(engine, CudaBackend);
 const rng = makeRng(0x5eed);
-const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, be, rng);
+const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
 const nComp = N / 4;
 const plan = createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }], c4PageSize: 64 });

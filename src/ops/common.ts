@@ -158,29 +158,23 @@ export function checkPlacedTensor<D extends DType>(value: unknown, argument: str
 }
 
 /**
- * checkPlacedTensor(value, argument, [dtype]) for a device tensor, without a message: the tensor
- * (its fields read once, in the same order, its shape copied) where that check accepts a device
- * tensor, else undefined (a host tensor, or anything it refuses: call it for the error). One
- * function with no calls but the intrinsics, for the checks every layer runs.
+ * A tensor's own shape array where it is an object with dtype `dtype`, an array shape and a data
+ * field, without a message and without copying the shape (the caller checks the dims it needs, then
+ * its data with isLiveDeviceBuffer); else undefined. With isLiveDeviceBuffer, the fast half of
+ * checkPlacedTensor for the device tensors every device layer checks: anything they turn away goes
+ * to the full check for its error.
  */
-export function liveDeviceTensor<D extends DType>(value: unknown, dtype: D): DeviceTensor<D> | undefined {
+export function deviceTensorShape(value: unknown, dtype: DType): unknown[] | undefined {
   if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
-  const v = value as { dtype: unknown; shape: unknown; data: unknown };
-  const rawDtype = v.dtype;
-  const rawShape = v.shape;
-  const data = v.data;
-  if (rawDtype !== dtype || !Array.isArray(rawShape)) return undefined;
-  const shape = Array.from(rawShape as unknown[]);
-  let n = 1;
-  for (let i = 0; i < shape.length; i++) {
-    const d = shape[i];
-    if (!Number.isSafeInteger(d) || (d as number) < 0) return undefined;
-    n *= d as number;
-  }
-  if (typeof data !== 'object' || data === null || (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] !== true) return undefined;
-  const buffer = data as DeviceBuffer;
-  if (buffer.freed || buffer.byteLength !== n * BYTES_PER_ELEMENT[dtype]) return undefined;
-  return { dtype, shape: shape as number[], data: buffer } as DeviceTensor<D>;
+  const v = value as { dtype: unknown; shape: unknown };
+  if (v.dtype !== dtype) return undefined;
+  const shape = v.shape;
+  return Array.isArray(shape) ? shape : undefined;
+}
+
+/** Whether `data` is a device buffer (branded), not freed, of exactly `bytes` bytes. */
+export function isLiveDeviceBuffer(data: unknown, bytes: number): data is DeviceBuffer {
+  return typeof data === 'object' && data !== null && (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] === true && !(data as DeviceBuffer).freed && (data as DeviceBuffer).byteLength === bytes;
 }
 
 export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>): t is DeviceTensor<D> {

@@ -6,8 +6,8 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, INT32_MAX, ownView } from '../ops/common.js';
-import { DEVICE_BUFFER_BRAND, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
+import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, isLiveDeviceBuffer, ownView } from '../ops/common.js';
+import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
@@ -98,13 +98,12 @@ function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer>
 function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
   if (typeof cache !== 'object' || cache === null) return undefined;
   const c = cache as { format: unknown; pageSize: number; numPages: number; data: unknown };
-  const data = c.data;
-  if (!isDeviceBuffer(data) || data.freed || c.format !== 'v4') return undefined;
-  const pageSize = c.pageSize, numPages = c.numPages;
+  if (c.format !== 'v4') return undefined;
+  const pageSize = c.pageSize, numPages = c.numPages, data = c.data;
   // int32s ((x | 0) === x: no builtin call; a larger one only falls back to checkV4Cache)
   if ((pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
-  const bytes = data.byteLength;
-  if (bytes !== v4PageBytes(pageSize) * numPages) return undefined;
+  const bytes = v4PageBytes(pageSize) * numPages;
+  if (!isLiveDeviceBuffer(data, bytes)) return undefined;
   return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };
 }
 
@@ -636,8 +635,7 @@ export class Plan {
   readonly #seqLens: Int32Array;
   readonly #extendLens: Int32Array;
   readonly #maxSwaId: number;
-  readonly #ratios = new Map<CompressRatio, RatioState>();
-  /** the ratios' states again, as fields: what a device layer's checks read (servedRatio), without a Map lookup */
+  /** each served ratio's state (fields, not a Map: a device layer's checks read one, mostly cold) */
   #c0!: RatioState;
   #c4: RatioState | undefined;
   #c128: RatioState | undefined;
@@ -820,12 +818,11 @@ export class Plan {
       }
       const flat = new Int32Array(offsets[n]!);
       for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
-      this.#ratios.set(ratio, { ...entry, pageSize, pageTables: flat, pageTableOffsets: offsets, maxPage });
+      const st = { ...entry, pageSize, pageTables: flat, pageTableOffsets: offsets, maxPage };
+      if (ratio === 4) this.#c4 = st;
+      else this.#c128 = st;
     }
-    this.#ratios.set(0, { ...layouts.get(0)!, pageSize: 0, pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 });
-    this.#c0 = this.#ratios.get(0)!;
-    this.#c4 = this.#ratios.get(4);
-    this.#c128 = this.#ratios.get(128);
+    this.#c0 = { ...layouts.get(0)!, pageSize: 0, pageTables: new Int32Array(0), pageTableOffsets: new Float64Array(seqLens.length + 1), maxPage: -1 };
     const stats = this.stats, deviceStats = this.deviceStats;
     this.#parts = {
       seqLens,
@@ -924,18 +921,16 @@ export class Plan {
   /**
    * @internal checkTopk(topkIndices, true) for a top-k in device memory, without a message: the
    * checked top-k where checkTopk accepts it, else undefined (a host top-k, a plan without c4, or
-   * anything checkTopk refuses: call it for the error). liveDeviceTensor and #topkRows in one
-   * function (a device c4 layer's checks run it, mostly cold): the fields read once in the same
-   * order, each dim once, no shape copied (the checked top-k has its own).
+   * anything checkTopk refuses: call it for the error). #topkRows inline over the tensor's own
+   * fields (a device c4 layer's checks run it, mostly cold): each dim read once, no shape copied
+   * (the checked top-k has its own).
    */
   deviceTopk(topkIndices: unknown): CheckedTopk<DeviceBuffer> | undefined {
-    if (this.#c4 === undefined || typeof topkIndices !== 'object' || topkIndices === null || !('dtype' in topkIndices) || !('shape' in topkIndices) || !('data' in topkIndices)) return undefined;
-    const v = topkIndices as { dtype: unknown; shape: unknown; data: unknown };
-    const dtype = v.dtype;
-    const s = v.shape;
-    const data = v.data as DeviceBuffer;
-    if (dtype !== 'int32' || !Array.isArray(s)) return undefined;
+    if (this.#c4 === undefined) return undefined;
+    const s = deviceTensorShape(topkIndices, 'int32');
+    if (s === undefined) return undefined;
     // [numQueries, topk] or [numQueries, 1, topk]; numQueries is a safe integer ≥ 0 (the plan's)
+    const data = (topkIndices as { data: unknown }).data;
     const rank = s.length;
     if (rank !== 2 && rank !== 3) return undefined;
     const nq = this.numQueries;
@@ -947,11 +942,9 @@ export class Plan {
     } else {
       topk = s[1];
     }
-    // an int32 (a larger top-k is refused below anyway: its rows would not fit int32)
-    if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0) return undefined;
-    if (typeof data !== 'object' || data === null || (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] !== true) return undefined;
-    // the byte size as checkPlacedTensor computes it: the dims' product, in order, times 4
-    if (data.freed || data.byteLength !== nq * topk * 4) return undefined;
+    // an int32 (a larger top-k is refused below anyway: its rows would not fit int32); the byte
+    // size as checkPlacedTensor computes it: the dims' product, in order, times 4
+    if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !isLiveDeviceBuffer(data, nq * topk * 4)) return undefined;
     const width = combinedWidth(4, topk, 0, this.window, this.align);
     if (nq * width > INT32_MAX) return undefined;
     return { data, shape: [nq, topk], topk, width };
@@ -1054,8 +1047,12 @@ export class Plan {
    * made for), else undefined: a device layer's check of its ratio and its layout in one read.
    */
   servedLayout(ratio: unknown): WorkspaceLayout | undefined {
-    const st = ratio === 4 ? this.#c4 : ratio === 0 ? this.#c0 : ratio === 128 ? this.#c128 : undefined;
-    return st === undefined ? undefined : st.layout;
+    return this.#served(ratio)?.layout;
+  }
+
+  /** The state of `ratio` where this plan serves it, else undefined. */
+  #served(ratio: unknown): RatioState | undefined {
+    return ratio === 4 ? this.#c4 : ratio === 0 ? this.#c0 : ratio === 128 ? this.#c128 : undefined;
   }
 
   /**
@@ -1082,7 +1079,7 @@ export class Plan {
   }
 
   #state(ratio: CompressRatio, argument: string): RatioState {
-    const st = this.#ratios.get(ratio);
+    const st = this.#served(ratio);
     if (!st) ratioNotServed(ratio, argument, this.ratios);
     return st;
   }

@@ -24,8 +24,8 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe } from '../ops/common.js';
-import { DEVICE_BUFFER_BRAND, deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
+import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -142,28 +142,24 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     if (o === 'device') output = 'device';
     else if (o !== undefined && o !== 'host') return undefined;
   }
-  // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512] (liveDeviceTensor inline: its fields
-  // read once in the same order, each dim once, no shape copied but the call's own). Integers are
-  // checked as int32 ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no
-  // device memory holds such a q) only falls back to prepareLayer.
-
-  const qv = args.q as unknown;
-  if (typeof qv !== 'object' || qv === null || !('dtype' in qv) || !('shape' in qv) || !('data' in qv)) return undefined;
-  const qDtype = qv.dtype, qs = qv.shape, qData = qv.data;
-  if (qDtype !== 'bf16' || !Array.isArray(qs) || qs.length !== 3) return undefined;
-  const nq = plan.numQueries;
-  const hQ: unknown = qs[1];
-  if (qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !isLiveDeviceBuffer(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
+  // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512]. Integers are checked as int32
+  // ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
+  // such a q) only falls back to prepareLayer.
+  const qs = deviceTensorShape(args.q, 'bf16');
+  if (qs === undefined) return undefined;
+  const qData = (args.q as { data: unknown }).data, nq = plan.numQueries;
+  const hQ = qs[1];
+  if (qs.length !== 3 || qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !isLiveDeviceBuffer(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
   // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
   const smScale = args.smScale;
   if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
   // a live device float32 [hQ]
-  const sink = args.attnSink as unknown;
   let attnSink: DeviceTensor<'float32'> | undefined;
-  if (sink !== undefined) {
-    if (typeof sink !== 'object' || sink === null || !('dtype' in sink) || !('shape' in sink) || !('data' in sink)) return undefined;
-    const sDtype = sink.dtype, ss = sink.shape, sData = sink.data;
-    if (sDtype !== 'float32' || !Array.isArray(ss) || ss.length !== 1 || ss[0] !== hQ || !isLiveDeviceBuffer(sData, hQ * 4)) return undefined;
+  if (args.attnSink !== undefined) {
+    const ss = deviceTensorShape(args.attnSink, 'float32');
+    if (ss === undefined) return undefined;
+    const sData = (args.attnSink as { data: unknown }).data;
+    if (ss.length !== 1 || ss[0] !== hQ || !isLiveDeviceBuffer(sData, hQ * 4)) return undefined;
     attnSink = { dtype: 'float32', shape: [hQ], data: sData };
   }
   const topkIndices = args.topkIndices;
@@ -180,13 +176,8 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     topk = plan.deviceTopk(topkIndices);
     if (topk === undefined) return undefined;
   }
-  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
+  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData };
   return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true };
-}
-
-/** A device buffer (branded), not freed, of `bytes` bytes. */
-function isLiveDeviceBuffer(data: unknown, bytes: number): data is DeviceBuffer {
-  return typeof data === 'object' && data !== null && (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] === true && !(data as DeviceBuffer).freed && (data as DeviceBuffer).byteLength === bytes;
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has

@@ -390,14 +390,12 @@ export class CudaBackend implements Backend, DeviceOps {
     const out: Record<string, unknown> = {};
     for (const part of outputs === undefined ? [params] : [params, outputs]) {
       const fields = part as Record<string, unknown>;
-      for (const field of Object.keys(fields)) out[field] = this.operand(fields[field], field);
+      for (const field of Object.keys(fields)) {
+        const value = fields[field];
+        out[field] = isDeviceBuffer(value) ? this.own(value, field) : value;
+      }
     }
     return out as AddonParams<P & O>;
-  }
-
-  /** One operand as the addon takes it: a device buffer the addon's buffer behind it, anything else as it is. */
-  private operand<T>(value: T | DeviceBuffer, field: string): T | NativeDeviceBuffer {
-    return isDeviceBuffer(value) ? this.own(value, field) : value;
   }
 
   /** Runs an addon call on the stream; the outputs it was given are freed if it fails (device buffers only). */
@@ -569,38 +567,8 @@ export class CudaBackend implements Backend, DeviceOps {
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
     this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
     const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
-    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () =>
-      this.ops.pagedSparseAttention({ ...this.pagedOperands(fields), out: this.operand(out, 'out'), lse: this.operand(lse, 'lse'), maxLogits: this.operand(maxLogits, 'maxLogits') }, this.stream),
-    );
+    await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
-  }
-
-  /**
-   * operands(fields) of the paged op as one object literal, its buffers mapped in the same order (the
-   * first one refused is the one named); the caller adds the outputs (the op's arrays, or null for a
-   * paged layer program). Typed as operands' result, so a field pagedSparseAttentionFields gains or
-   * loses fails to compile.
-   */
-  private pagedOperands(f: PagedFields): AddonParams<PagedFields> {
-    return {
-      q: this.operand(f.q, 'q'),
-      n: f.n,
-      hQ: f.hQ,
-      kCache: this.operand(f.kCache, 'kCache'),
-      pageSize: f.pageSize,
-      numPages: f.numPages,
-      indices: this.operand(f.indices, 'indices'),
-      topk: f.topk,
-      topkLength: this.operand(f.topkLength, 'topkLength'),
-      extraKCache: this.operand(f.extraKCache, 'extraKCache'),
-      extraPageSize: f.extraPageSize,
-      extraNumPages: f.extraNumPages,
-      extraIndices: this.operand(f.extraIndices, 'extraIndices'),
-      extraTopk: f.extraTopk,
-      extraTopkLength: this.operand(f.extraTopkLength, 'extraTopkLength'),
-      attnSink: this.operand(f.attnSink, 'attnSink'),
-      smScale: f.smScale,
-    };
   }
 
   async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {
@@ -781,7 +749,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** Reads a paged layer's params into a program (the addon checks them as the op does) and keeps it. */
   private makePagedProgram(fields: PagedFields, geometry: number[], kept: KeptLayerProgram[]): NativeLayerProgram {
-    const params: PagedLayerProgramParams = { paged: { ...this.pagedOperands(fields), out: null, maxLogits: null, lse: null } };
+    const params: PagedLayerProgramParams = { paged: this.operands(fields, { out: null, maxLogits: null, lse: null }) };
     const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
     const names = pagedSlotNames(fields);
     if (program.slots.join() !== names.join()) throw new Error(`paged layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);

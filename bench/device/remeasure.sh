@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# On the device: the re-measure a tree needs before its numbers are quoted, in one call (~6 min):
+# two whole GPU benches, `check --backend cuda`, the layer paths' wall clock and, where the ship has
+# NAME's harness, its check and a memcheck of its fuzz. Every file lands in $OUT (or ./device-out).
+# Usage (repository root, after bench/device/ship.sh [--harness] NAME): bash bench/device/remeasure.sh NAME [STEPS]
+# STEPS: comma list of bench,bench2,check,layer,harness (default all).
+set -uo pipefail
+name=$1 steps=${2:-bench,bench2,check,layer,harness}
+out=${OUT:-$PWD/device-out}
+mkdir -p "$out" .cudabuild
+(cd .cudabuild && tar xJf ship.tar.xz) || { echo "no .cudabuild/ship.tar.xz: carry it" >&2; exit 1; }
+ship=$PWD/.cudabuild
+[[ -f $ship/addon_$name.node ]] || { echo "no addon_$name.node in the ship" >&2; exit 1; }
+export PATH=$(bash .gpu/unpack-node.sh .gpu):$PATH
+rm -rf dist && cp -r "$ship/dist_$name" dist
+cp -r "$ship/bench/." bench/
+export SPARSE_MLA_NATIVE_ADDON=$ship/addon_$name.node
+export SPARSE_MLA_COMMIT=$(cat "$ship/commit_$name")
+want() { [[ ,$steps, == *,$1,* ]]; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu --format=csv > "$out/gpu-$name.csv" 2>&1
+t0=$(date +%s)
+for k in 1 2; do
+  want bench$([[ $k == 2 ]] && echo 2) || continue
+  sleep 1
+  timeout 200 node dist/cli/main.js bench --backend cuda --repeat 10 --warmup 3 --quiet --out "$out/bench-cuda-$name-$k.json" > "$out/bench-cuda-$name-$k.log" 2>&1
+  echo "bench $k: rc $? ($(( $(date +%s) - t0 )) s)"
+done
+if want check; then
+  timeout 200 node dist/cli/main.js check --backend cuda > "$out/check-cuda-$name.txt" 2>&1
+  echo "check: rc $? $(grep -E 'passed|failed' "$out/check-cuda-$name.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
+fi
+if want layer; then
+  timeout 150 node bench/layer_paths_wall.mjs 5 20 --out "$out/layer-paths-wall-$name.json" > "$out/layer-paths-wall-$name.txt" 2>&1
+  echo "layer paths: rc $? ($(( $(date +%s) - t0 )) s)"
+fi
+if want harness && [[ -x $ship/harness_$name/smla_cuda_check ]]; then
+  timeout 60 "$ship/harness_$name/smla_cuda_check" > "$out/harness-check-$name.txt" 2>&1
+  echo "harness check: rc $? $(tail -1 "$out/harness-check-$name.txt") ($(( $(date +%s) - t0 )) s)"
+  timeout 120 compute-sanitizer --tool memcheck "$ship/harness_$name/smla_cuda_check" fuzz > "$out/memcheck-fuzz-$name.txt" 2>&1
+  echo "memcheck fuzz: rc $? $(grep -E 'ERROR SUMMARY' "$out/memcheck-fuzz-$name.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
+fi
+shopt -s nullglob
+benches=("$out"/bench-cuda-"$name"-*.json)
+[[ ${#benches[@]} -gt 0 ]] && python3 bench/device/against_flashmla.py "${benches[@]}"
+exit 0

@@ -30,20 +30,36 @@ export const HOST_ARRAY_TYPES: { readonly [D in DType]: new (length: number) => 
 };
 
 export function numel(shape: readonly number[]): number {
+  if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${typeof shape === 'object' ? String(shape) : typeof shape}`, 'shape');
   let n = 1;
   for (const d of shape) n *= d;
   return n;
 }
 
+/** Whether `dtype` is one of the library's dtypes (an own key: 'toString' and the like are not). */
+export function isDType(dtype: unknown): dtype is DType {
+  return typeof dtype === 'string' && Object.hasOwn(HOST_ARRAY_TYPES, dtype);
+}
+
+function describeDType(dtype: unknown): string {
+  return typeof dtype === 'string' ? JSON.stringify(dtype.slice(0, 40)) : dtype === null ? 'null' : typeof dtype;
+}
+
 /** A tensor over `data` (not copied) or, without data, a zero-filled one. */
 export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: DTypeArrays[D]): Tensor<D> {
+  if (!isDType(dtype)) {
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');
+  }
+  if (!Array.isArray(shape)) {
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${shape === null ? 'null' : typeof shape}`, 'shape');
+  }
   for (const d of shape) {
     if (!Number.isSafeInteger(d) || d < 0) {
       throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got [${shape.join(', ')}]`, 'shape');
     }
   }
   const n = numel(shape);
-  const arr = data ?? (new HOST_ARRAY_TYPES[dtype](n) as DTypeArrays[D]);
+  const arr = data ?? zeros(dtype, n, shape);
   if (!(arr instanceof HOST_ARRAY_TYPES[dtype])) {
     throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${HOST_ARRAY_TYPES[dtype].name}, got ${arr?.constructor?.name}`, 'data');
   }
@@ -51,6 +67,15 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape [${shape.join(', ')}] needs ${n} elements, data has ${arr.length}`, 'data');
   }
   return { dtype, shape: [...shape], data: arr };
+}
+
+/** A zero-filled array of n elements; one this process cannot hold is TOO_LARGE, not a RangeError. */
+function zeros<D extends DType>(dtype: D, n: number, shape: readonly number[]): DTypeArrays[D] {
+  try {
+    return new HOST_ARRAY_TYPES[dtype](n) as DTypeArrays[D];
+  } catch (e) {
+    throw new SparseMlaError('TOO_LARGE', `tensor: shape [${shape.join(', ')}] needs ${n} ${dtype} elements, which cannot be allocated (${(e as Error).message})`, 'shape');
+  }
 }
 
 /** A device tensor over `data` (frozen). */
@@ -85,6 +110,9 @@ export function bf16BitsToFloat32(b: number): number {
 
 /** Round every element to bf16. */
 export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data: ArrayLike<number> }): Tensor<'bf16'> {
+  if (typeof src !== 'object' || src === null || typeof src.data !== 'object' || src.data === null || typeof src.data.length !== 'number') {
+    throw new SparseMlaError('INVALID_VALUE', `toBf16: src must be {shape, data} with array data, got ${src === null ? 'null' : typeof src}`, 'src');
+  }
   const out = new Uint16Array(src.data.length);
   for (let i = 0; i < out.length; i++) out[i] = float32ToBf16Bits(src.data[i]!);
   return tensor('bf16', src.shape, out);
@@ -92,6 +120,10 @@ export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data
 
 /** Widen a bf16 tensor to float32 (exact). */
 export function bf16ToFloat32(src: Tensor<'bf16'>): Tensor<'float32'> {
+  if (typeof src !== 'object' || src === null || src.dtype !== 'bf16' || !(src.data instanceof Uint16Array)) {
+    const got = typeof src === 'object' && src !== null ? `dtype ${JSON.stringify(src.dtype)}` : String(src);
+    throw new SparseMlaError('INVALID_DTYPE', `bf16ToFloat32: src must be a bf16 tensor (Uint16Array bits), got ${got}`, 'src');
+  }
   const i32 = new Uint32Array(src.data.length);
   for (let i = 0; i < i32.length; i++) i32[i] = src.data[i]! << 16;
   return tensor('float32', src.shape, new Float32Array(i32.buffer));

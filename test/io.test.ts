@@ -107,6 +107,12 @@ describe('npy', () => {
     expect(() => parseNpy(npyHeader("{'descr': '<f4', 'shape': (2,), }", four), 'a.npy')).toThrow(code('INVALID_VALUE'));
     expect(() => parseNpy(NUMPY_ARANGE3_I4.subarray(0, 60), 'a.npy')).toThrow(/a\.npy/);
   });
+
+  test('a descr that names an Object.prototype member is an unknown dtype, not a shape too large to hold', () => {
+    for (const descr of ['toString', 'constructor', '__proto__']) {
+      expect(() => parseNpy(npyHeader(`{'descr': '${descr}', 'fortran_order': False, 'shape': (2,), }`, new Uint8Array(8)), 'a.npy')).toThrow(code('INVALID_DTYPE'));
+    }
+  });
 });
 
 describe('safetensors', () => {
@@ -154,6 +160,27 @@ describe('safetensors', () => {
     expect(() => parseSafetensors(make('{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,4]}}', 4), 'x.safetensors')).toThrow(code('INVALID_SHAPE'));
     expect(() => parseSafetensors(make('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,8]}}', 4), 'x.safetensors')).toThrow(code('INVALID_VALUE'));
     expect(() => parseSafetensors(make('{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}', 4), 'x.safetensors')).toThrow(code('INVALID_SHAPE'));
+  });
+
+  test('hostile headers: Object.prototype names as dtypes, metadata that is not a map of strings', () => {
+    const make = (json: string, dataLen = 0): Uint8Array => {
+      const j = new TextEncoder().encode(json);
+      const out = new Uint8Array(8 + j.length + dataLen);
+      new DataView(out.buffer).setBigUint64(0, BigInt(j.length), true);
+      out.set(j, 8);
+      return out;
+    };
+    // were INVALID_SHAPE "needs NaN bytes"
+    for (const dtype of ['toString', 'constructor', '__proto__']) {
+      expect(() => parseSafetensors(make(`{"a":{"dtype":"${dtype}","shape":[2],"data_offsets":[0,8]}}`, 8), 'x.safetensors')).toThrow(code('INVALID_DTYPE'));
+    }
+    // a deeply nested metadata value overflowed the stack when turned into text (an untyped RangeError)
+    const deep = '['.repeat(100_000) + ']'.repeat(100_000);
+    expect(() => parseSafetensors(make(`{"__metadata__":{"sm_scale":${deep}}}`), 'x.safetensors')).toThrow(code('INVALID_VALUE'));
+    expect(() => parseSafetensors(make('{"__metadata__":[1,2]}'), 'x.safetensors')).toThrow(code('INVALID_VALUE'));
+    expect(() => parseSafetensors(make('{"__metadata__":{"a":{"b":1}}}'), 'x.safetensors')).toThrow(code('INVALID_VALUE'));
+    // strings stay as they are; numbers and booleans are read as their text
+    expect(parseSafetensors(make('{"__metadata__":{"sm_scale":"0.5","d_v":512,"__proto__":"x"}}')).metadata).toEqual(Object.fromEntries([['sm_scale', '0.5'], ['d_v', '512'], ['__proto__', 'x']]));
   });
 });
 

@@ -7,7 +7,7 @@
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, tensor, SparseMlaError } from '../dist/index.js';
 import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type PrefillPath, type ShardSplit } from '../dist/planner/index.js';
-import { evenRanges } from '../dist/planner/sharded_layer.js';
+import { evenRanges, MAX_SHARDS } from '../dist/planner/sharded_layer.js';
 import type { Engine } from '../dist/types.js';
 import { backendUnderTest } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
@@ -86,4 +86,46 @@ test('bad input: engine count, split, shard count', async () => {
   const byHeads = createShardedPlan(sc.chunk, { shards: 3, split: 'heads' });
   const q2 = tensor('bf16', [sc.numQueries, 2, D], randomBf16Bits(rng, sc.numQueries * 2 * D, 1));
   await expect(prefillLayerSharded(engines, { plan: byHeads, compressRatio: 0, q: q2, caches, smScale: SM_SCALE })).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'engines' });
+});
+
+test('hostile input: shard count, per-shard q, a [numQueries, 1, topk] top-k split by queries, sink and top-k shapes', async () => {
+  const sc = randomScenario(rng, [300, 150], [30, 12]);
+  const caches = { swa: randomCache(rng, 64, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages) };
+  // a shard per engine: a count no host has is refused before anything is built (2^53 − 1 was a RangeError, 1e9 an out-of-memory abort)
+  for (const shards of [MAX_SHARDS + 1, 2 ** 53 - 1]) {
+    let err: unknown;
+    try {
+      createShardedPlan(sc.chunk, { shards, split: 'heads' });
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect(err).toMatchObject({ code: 'INVALID_VALUE', argument: 'options.shards' });
+  }
+  const nq = sc.numQueries;
+  const q = tensor('bf16', [nq, HQ, D], randomBf16Bits(rng, nq * HQ * D, 1));
+  const topk = randomTopk(rng, sc, 16);
+  const args = { compressRatio: 4 as const, q, caches, smScale: SM_SCALE, path: 'sparse' as const };
+  const byQueries = createShardedPlan(sc.chunk, { shards: 2, split: 'queries' });
+  // prefillLayer takes [numQueries, 1, topk] as [numQueries, topk]; the split by queries must cut it by its last dim
+  const one = await prefillLayer(engines[0]!, { ...args, plan: createPlan(sc.chunk), topkIndices: topk });
+  const rank3 = tensor('int32', [nq, 1, 16], topk.data);
+  const got = await prefillLayerSharded(engines.slice(0, 2), { ...args, plan: byQueries, topkIndices: rank3 });
+  expect(got.out!.data).toEqual(one.out.data);
+  expect(got.dropped).toBe(one.dropped);
+  // shapes that were sliced blindly (silently wrong outputs) or read unchecked (TypeError)
+  const [n0, n1] = byQueries.shards.map((s) => s.numQueries) as [number, number];
+  const shardQ = (n: number, h: number) => tensor('bf16', [n, h, D], randomBf16Bits(rng, n * h * D, 1));
+  const byHeads = createShardedPlan(sc.chunk, { shards: 2, split: 'heads' });
+  const refused: Array<[string, Promise<unknown>, string, string]> = [
+    ['per-shard q of another head count', prefillLayerSharded(engines.slice(0, 2), { ...args, plan: byQueries, q: [shardQ(n0, HQ), shardQ(n1, HQ - 2)], topkIndices: topk }), 'INVALID_SHAPE', 'q[1]'],
+    ['per-shard q null', prefillLayerSharded(engines.slice(0, 2), { ...args, plan: byQueries, q: [null, null] as never, topkIndices: topk }), 'INVALID_VALUE', 'q[0]'],
+    ['host top-k of the wrong row count', prefillLayerSharded(engines.slice(0, 2), { ...args, plan: byQueries, topkIndices: tensor('int32', [nq - 1, 16]) }), 'INVALID_SHAPE', 'topkIndices'],
+    ['sink of the wrong length, split by heads', prefillLayerSharded(engines.slice(0, 2), { ...args, plan: byHeads, topkIndices: topk, attnSink: tensor('float32', [HQ - 1]) }), 'INVALID_SHAPE', 'attnSink'],
+  ];
+  for (const [name, call, code, argument] of refused) {
+    const err = await call.catch((e: unknown) => e);
+    expect(err, name).toBeInstanceOf(SparseMlaError);
+    expect(err, name).toMatchObject({ code, argument });
+  }
 });

@@ -4,7 +4,7 @@
  * Also the normalizations every backend relies on (int64 indices, [sQ,1,topk], topkLength clamp).
  */
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
-import { SparseMlaError, createEngine, createKvCache, kvCacheBytes, tensor } from '../dist/index.js';
+import { SparseMlaError, bf16ToFloat32, createEngine, createKvCache, kvCacheBytes, numel, routePrefill, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, KvCache, PagedSparseAttentionArgs, QuantizeKCacheArgs, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { Backend } from '../dist/backends/backend.js';
@@ -308,6 +308,29 @@ describe('cache constructors and engine options refuse bad input (synchronously)
     [() => createKvCache('v4', { numTokens: 1.5 }), 'INVALID_VALUE', 'geometry.numTokens'],
     [() => createKvCache('v4', { pageSize: 2 ** 20, numPages: 2 ** 12 }), 'TOO_LARGE', 'geometry'],
     [() => createKvCache('v4', null as never), 'INVALID_VALUE', 'geometry'],
+    // sizes the format allows but no process can hold: TOO_LARGE, not V8's RangeError
+    [() => createKvCache('v4', { pageSize: 1, numPages: 2 ** 31 - 1 }), 'TOO_LARGE', 'geometry'],
+    [() => createKvCache('v32', { numTokens: 2 ** 31 - 1 }), 'TOO_LARGE', 'geometry'],
+    // the tensor helpers: an unknown dtype (an Object.prototype name too), a shape that is not an
+    // array, a zero-filled tensor too large to allocate were TypeErrors / RangeErrors
+    [() => tensor('fp8' as never, [1]), 'INVALID_DTYPE', 'tensor'],
+    [() => tensor('toString' as never, [1]), 'INVALID_DTYPE', 'tensor'],
+    [() => tensor('bf16', null as never), 'INVALID_SHAPE', 'tensor'],
+    [() => tensor('bf16', 4 as never), 'INVALID_SHAPE', 'tensor'],
+    [() => tensor('float32', [2 ** 30, 2 ** 30]), 'TOO_LARGE', 'tensor'],
+    [() => numel(null as never), 'INVALID_SHAPE', 'numel'],
+    [() => toBf16(null as never), 'INVALID_VALUE', 'toBf16'],
+    [() => bf16ToFloat32(tensor('float32', [2]) as never), 'INVALID_DTYPE', 'bf16ToFloat32'],
+    // the router: a query count that is not one was routed silently (NaN, −5 and 1.5 as paged,
+    // "1000" as sparse); options null was a TypeError; an unknown ratio or backend fell back to a default
+    [() => routePrefill(Number.NaN), 'INVALID_VALUE', 'numQueries'],
+    [() => routePrefill(-5), 'INVALID_VALUE', 'numQueries'],
+    [() => routePrefill(1.5), 'INVALID_VALUE', 'numQueries'],
+    [() => routePrefill('1000' as never), 'INVALID_VALUE', 'numQueries'],
+    [() => routePrefill(5, null as never), 'INVALID_VALUE', 'options'],
+    [() => routePrefill(100, { backend: 'cuda', compressRatio: 7 as never }), 'INVALID_VALUE', 'compressRatio'],
+    [() => routePrefill(100, { backend: 'gpu' as never }), 'INVALID_VALUE', 'backend'],
+    [() => routePrefill(100, { env: 'sparse' as never }), 'INVALID_VALUE', 'env'],
   ] as const)('%#', (fn, code, argument) => {
     let err: unknown;
     try {

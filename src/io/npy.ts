@@ -152,7 +152,7 @@ function parseNpyHeader(bytes: Uint8Array, name: string): NpyHeader {
   if (typeof descr !== 'string' || typeof fortran !== 'boolean' || !Array.isArray(shape)) {
     garbled(name, `header ${JSON.stringify(clip(header.trim(), 80))} lacks descr, fortran_order or shape`);
   }
-  if (!(descr in DESCRS)) {
+  if (!Object.hasOwn(DESCRS, descr)) {
     throw new SparseMlaError('INVALID_DTYPE', `${name}: expected dtype <u2 (bf16 bits), <f4, <i4, <i8 or |u1, got '${clip(descr, 24)}'`, name);
   }
   if (fortran) throw new SparseMlaError('INVALID_VALUE', `${name}: expected C order (fortran_order False), got fortran_order True`, name);

@@ -71,13 +71,20 @@ function parseHeader(json: Uint8Array, name: string, dataStart: number, dataLen:
   for (const [key, entry] of Object.entries(header as Record<string, unknown>)) {
     const k = clip(key, 60);
     if (key === '__metadata__') {
-      if (typeof entry !== 'object' || entry === null) garbled(name, '__metadata__ is not an object');
-      metadata = Object.fromEntries(Object.entries(entry as Record<string, unknown>).map(([mk, v]) => [mk, String(v)]));
+      if (typeof entry !== 'object' || entry === null || Array.isArray(entry)) garbled(name, '__metadata__ is not an object');
+      // a map of strings (numbers and booleans are taken as their text); a nested value is not
+      // metadata, and turning one into text could recurse as deep as the JSON nests
+      const pairs: Array<[string, string]> = [];
+      for (const [mk, v] of Object.entries(entry as Record<string, unknown>)) {
+        if (typeof v !== 'string' && typeof v !== 'number' && typeof v !== 'boolean') garbled(name, `__metadata__ '${clip(mk, 40)}' is not a string`);
+        pairs.push([mk, String(v)]);
+      }
+      metadata = Object.fromEntries(pairs);
       continue;
     }
     const e = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
     if (typeof e !== 'object' || e === null) garbled(name, `entry '${k}' is not an object`);
-    if (typeof e.dtype !== 'string' || !(e.dtype in TO_DTYPE)) {
+    if (typeof e.dtype !== 'string' || !Object.hasOwn(TO_DTYPE, e.dtype)) {
       throw new SparseMlaError('INVALID_DTYPE', `${name}: tensor '${k}': expected dtype BF16, F32, I32, I64 or U8, got ${clip(JSON.stringify(e.dtype) ?? String(e.dtype), 40)}`, name);
     }
     const shape = e.shape;

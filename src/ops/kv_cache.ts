@@ -170,5 +170,11 @@ export function kvCacheBytes(format: CacheFormat, geometry: KvCacheGeometry): nu
 /** A zero-filled cache of the given format and geometry. */
 export function createKvCache(format: CacheFormat, geometry: KvCacheGeometry): KvCache {
   const s = resolveCacheShape(format, geometry);
-  return { format: s.format, pageSize: s.pageSize, numPages: s.numPages, data: new Uint8Array(s.bytes) };
+  let data: Uint8Array;
+  try {
+    data = new Uint8Array(s.bytes);
+  } catch (e) {
+    fail('TOO_LARGE', 'geometry', 'a cache this process can allocate', `${s.bytes} bytes (${s.numPages} pages of ${s.pageSize} tokens): ${(e as Error).message}`);
+  }
+  return { format: s.format, pageSize: s.pageSize, numPages: s.numPages, data };
 }

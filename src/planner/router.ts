@@ -77,13 +77,19 @@ function thresholdReason(numQueries: number, threshold: number, above: boolean, 
  * RouteOptions for the precedence.
  */
 export function routePrefill(numQueries: number, options: RouteOptions & { backend?: BackendName; compressRatio?: CompressRatio } = {}): RouteDecision {
-  const { path = 'auto', compressRatio = 4 } = options;
-  const fromBackend = options.backend !== undefined && options.threshold === undefined;
-  const threshold = options.threshold ?? (options.backend ? SPARSE_PREFILL_THRESHOLDS[options.backend]?.[compressRatio] : undefined) ?? DEFAULT_SPARSE_PREFILL_THRESHOLD;
+  if (typeof options !== 'object' || options === null || Array.isArray(options)) fail('INVALID_VALUE', 'options', 'a RouteOptions object', describe(options));
+  if (!Number.isSafeInteger(numQueries) || numQueries < 0) fail('INVALID_VALUE', 'numQueries', 'a non-negative integer query count', describe(numQueries));
+  const { path = 'auto', compressRatio = 4, backend } = options;
+  if (compressRatio !== 0 && compressRatio !== 4 && compressRatio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(compressRatio));
+  if (backend !== undefined && !Object.hasOwn(SPARSE_PREFILL_THRESHOLDS, backend)) fail('INVALID_VALUE', 'backend', "'cuda', 'cpu' or 'wasm'", describe(backend));
+  const fromBackend = backend !== undefined && options.threshold === undefined;
+  const threshold = options.threshold ?? (backend !== undefined ? SPARSE_PREFILL_THRESHOLDS[backend][compressRatio] : DEFAULT_SPARSE_PREFILL_THRESHOLD);
   if (!CHOICES.includes(path)) fail('INVALID_VALUE', 'path', "'sparse', 'paged' or 'auto'", describe(path));
   if (typeof threshold !== 'number' || !(threshold >= 0)) fail('INVALID_VALUE', 'threshold', 'a non-negative query count', describe(threshold));
   if (path !== 'auto') return { path, reason: FORCED_BY_OPTION[path] };
-  const env = options.env ?? process.env;
+  const given = options.env;
+  if (given !== undefined && given !== null && typeof given !== 'object') fail('INVALID_VALUE', 'env', 'an object of environment variables (or none: process.env)', describe(given));
+  const env = given ?? process.env;
   const raw = env[SPARSE_PREFILL_ENV];
   if (raw !== undefined && raw !== '') {
     const v = raw.trim().toLowerCase();

@@ -13,7 +13,7 @@
  * same order): N engines give the same bits as one.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkRank, checkTensor, describe } from '../ops/common.js';
+import { checkArgsObject, checkPlacedTensor, checkRank, checkTensor, describe } from '../ops/common.js';
 import { tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
@@ -78,11 +78,14 @@ function subChunk(chunk: PlanChunk, a: number, b: number, window: number): PlanC
   return { requests, ...(chunk.c4PageSize !== undefined ? { c4PageSize: chunk.c4PageSize } : {}), ...(chunk.c128PageSize !== undefined ? { c128PageSize: chunk.c128PageSize } : {}) };
 }
 
+/** Most shards a plan may have: one per engine (far above the GPUs of any host; guards typos like 1e9). */
+export const MAX_SHARDS = 1024;
+
 /** A chunk's plan split into `options.shards` parts (SPEC §10): one plan per query range, or one for all heads. */
 export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions): ShardedPlan {
   checkArgsObject(options, 'options');
   const { shards: n, split, ...planOptions } = options;
-  if (!Number.isSafeInteger(n) || n < 1) fail('INVALID_VALUE', 'options.shards', 'a positive integer', describe(n));
+  if (!Number.isSafeInteger(n) || n < 1 || n > MAX_SHARDS) fail('INVALID_VALUE', 'options.shards', `an integer in [1, ${MAX_SHARDS}] (one shard per engine)`, describe(n));
   if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
   const whole = createPlan(chunk, planOptions);
   if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
@@ -131,6 +134,13 @@ function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number,
   return out;
 }
 
+/** The width of a host top-k of the chunk's `nq` queries ([nq, topk] or [nq, 1, topk], as prefillLayer takes it). */
+function hostTopkWidth(t: Tensor<'int32'>, nq: number): number {
+  const s = t.shape;
+  if ((s.length !== 2 && !(s.length === 3 && s[1] === 1)) || s[0] !== nq) fail('INVALID_SHAPE', 'topkIndices', `[numQueries = ${nq}, topk] or [${nq}, 1, topk]`, `[${s.join(', ')}]`);
+  return s[s.length - 1]!;
+}
+
 /** One attention layer of a sharded chunk: each engine runs its shard, all at once. */
 export async function prefillLayerSharded<P extends Placement = 'host'>(engines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
   checkArgsObject(args, 'args');
@@ -149,7 +159,15 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   let hQ: number;
   let q: Tensor<'bf16'> | null = null;
   if (qs) {
-    const heads = qs.map((t, s) => (t.shape.length === 3 ? t.shape[1]! : fail('INVALID_SHAPE', `q[${s}]`, '[shard queries, shard heads, 512]', `[${t.shape.join(', ')}]`)));
+    const heads: number[] = [];
+    qs.forEach((t, s) => {
+      const shape = checkRank(checkPlacedTensor(t, `q[${s}]`, ['bf16']), `q[${s}]`, 3, '[shard queries, shard heads, 512]');
+      // split by queries: every shard holds all the heads, so all of them hold as many
+      if (plan.split === 'queries' && s > 0 && shape[1] !== heads[0]) {
+        fail('INVALID_SHAPE', `q[${s}]`, `[shard queries, hQ = ${heads[0]} (q[0]'s heads; a split by queries gives every shard all the heads), 512]`, `[${shape.join(', ')}]`);
+      }
+      heads.push(shape[1]!);
+    });
     hQ = plan.split === 'heads' ? heads.reduce((a, b) => a + b, 0) : heads[0]!;
   } else {
     q = checkTensor(args.q, 'q', ['bf16']);
@@ -159,7 +177,10 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   }
   const nq = plan.numQueries;
   const topk = topks || args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
+  // the host top-k is cut into query ranges here: [numQueries, topk] or [numQueries, 1, topk]
+  const topkWidth = topk && hostTopkWidth(topk, nq);
   const sink = args.attnSink === undefined ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']);
+  if (sink && (sink.shape.length !== 1 || sink.shape[0] !== hQ)) fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${sink.shape.join(', ')}]`);
   const heads =
     plan.split === 'heads'
       ? qs
@@ -180,7 +201,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
       } else {
         shardQ = qs ? qs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
-        shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topk.shape[1]!], topk.data.subarray(a * topk.shape[1]!, (a + n) * topk.shape[1]!));
+        shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!));
         shardSink = sink;
       }
       const r = await prefillLayer(engines[s]!, {

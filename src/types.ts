@@ -176,8 +176,11 @@ export interface Engine {
   pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>>;
   /** True when the engine has device memory (cuda): upload/download/uploadKvCache work. */
   readonly hasDevice: boolean;
-  /** The CUDA device index of a cuda engine, else undefined. */
-  readonly device?: number;
+  /**
+   * The CUDA device index of a cuda engine, else undefined. (`| undefined` spelled out: every
+   * engine has the property, so consumers compiling with exactOptionalPropertyTypes type-check.)
+   */
+  readonly device?: number | undefined;
   /**
    * Device tensors of another cuda engine (any device) copied onto this engine's device, after the
    * work queued on theirs: peer to peer where the GPUs allow it, through the host otherwise.

@@ -6,12 +6,12 @@
  * absolute path and its failing line). The end-to-end check of the real tarball in an empty project
  * is .ci/package_check.sh.
  */
-import { spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { execFile, spawnSync } from 'node:child_process';
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { describe, expect, test } from 'vitest';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_LEVELS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
 
@@ -277,4 +277,160 @@ describe('CommonJS', () => {
     expect(r.stderr).toContain('sparse-mla is an ES module: require() of it needs Node >= 20.19 with require(esm) on');
     expect(r.stderr).toContain("const m = await import('sparse-mla')");
   });
+});
+
+/**
+ * The package as `npm pack` lists it (a dry run: prepack is not run, so no prebuilt addons; the
+ * real tarball is checked end to end by .ci/package_check.sh), copied file by file into
+ * node_modules/sparse-mla of an empty ESM project whose path holds a space and a non-ASCII letter,
+ * with comlink (its dependency) beside it and a .bin link as npm makes one.
+ */
+describe('the package as npm ships it, in a consumer project', () => {
+  let files: string[] = [];
+  let app = '';
+  let pkg = '';
+  const tsc = join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
+
+  beforeAll(() => {
+    const r = spawnSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, encoding: 'utf8', timeout: 120_000 });
+    expect(r.status, r.stderr).toBe(0);
+    files = (JSON.parse(r.stdout) as { files: { path: string }[] }[])[0]!.files.map((f) => f.path).sort();
+    app = mkdtempSync(join(os.tmpdir(), 'sparse-mla consumer ü-'));
+    pkg = join(app, 'node_modules', 'sparse-mla');
+    for (const f of files) {
+      mkdirSync(dirname(join(pkg, f)), { recursive: true });
+      copyFileSync(join(ROOT, f), join(pkg, f));
+    }
+    symlinkSync(join(ROOT, 'node_modules', 'comlink'), join(app, 'node_modules', 'comlink'));
+    mkdirSync(join(app, 'node_modules', '.bin'));
+    chmodSync(join(pkg, 'dist', 'cli', 'main.js'), 0o755);
+    symlinkSync('../sparse-mla/dist/cli/main.js', join(app, 'node_modules', '.bin', 'sparse-mla'));
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
+  }, 120_000);
+  afterAll(() => {
+    if (app) rmSync(app, { recursive: true, force: true });
+  });
+
+  test('it carries what a user runs and reads, and nothing of the development tree', () => {
+    const manifest = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as {
+      main: string; types: string; bin: Record<string, string>; exports: Record<string, string | Record<string, string>>;
+      typesVersions: Record<string, Record<string, string[]>>;
+    };
+    const norm = (p: string) => p.replace(/^\.\//, '');
+    const targets = [manifest.main, manifest.types, ...Object.values(manifest.bin), ...Object.values(manifest.typesVersions['*']!).flat(),
+      ...Object.values(manifest.exports).flatMap((e) => (typeof e === 'string' ? [e] : Object.values(e)))];
+    const needed = [...targets.map(norm), 'README.md', 'LICENSE', 'docs/SPEC.md', 'cjs/load.cjs', 'wasm/sparse_mla.wasm',
+      'dist/backends/wasm/worker.js', 'dist/reference/parallel_worker.js', 'native/install.mjs', 'native/addon_locate.mjs',
+      'native/build_tools.mjs', 'native/addon_locate.d.mts', 'CMakeLists.txt', 'native/CMakeLists.txt'];
+    expect(needed.filter((f) => !files.includes(f))).toEqual([]);
+    expect(files.filter((f) => f.startsWith('examples/')).length).toBeGreaterThan(0);
+    // tests, benchmarks and their results, build trees, CI and GPU-session files, the perf diary
+    const unwanted = files.filter((f) => /^(test|bench|build|\.ci|\.gpu|\.cudabuild|node_modules)\//.test(f) || /\.(tgz|log)$/.test(f) || f === 'docs/perf-history.md');
+    expect(unwanted).toEqual([]);
+    const big = files.filter((f) => statSync(join(ROOT, f)).size > 1 << 20);
+    expect(big, 'files over 1 MiB (the prebuilt addons come from prepack, not from this list)').toEqual([]);
+    // every source map points at files the package carries
+    const dangling = files.filter((f) => f.endsWith('.js.map')).flatMap((m) =>
+      (JSON.parse(readFileSync(join(ROOT, m), 'utf8')) as { sources: string[] }).sources
+        .map((s) => join(dirname(m), s))
+        .filter((s) => !files.includes(s))
+        .map((s) => `${m} -> ${s}`));
+    expect(dangling).toEqual([]);
+    // no `any` in the declarations consumers compile against (outside comments)
+    const anys = files.filter((f) => (f.startsWith('dist/') && f.endsWith('.d.ts')) || f.endsWith('.d.mts')).flatMap((f) =>
+      readFileSync(join(ROOT, f), 'utf8').split('\n').map((line, i) => ({ line, at: `${f}:${i + 1}` }))
+        .filter(({ line }) => !/^\s*(\*|\/\*|\/\/)/.test(line) && /\bany\b/.test(line.replace(/\/\/.*$|\/\*.*?\*\/|'[^']*'|`[^`]*`/g, '')))
+        .map(({ at, line }) => `${at}: ${line.trim()}`));
+    expect(anys).toEqual([]);
+  });
+
+  // What a strict TypeScript consumer compiles against the shipped .d.ts, with skipLibCheck off and
+  // no @types/node (the public types must not need it), under each moduleResolution in use.
+  const CONSUMER = `
+import { createEngine, createKvCache, createPlan, listBackends, prefillLayer, tensor, toBf16, bf16ToFloat32, SparseMlaError } from 'sparse-mla';
+import type { BackendInfo, Engine, EngineOptions, ErrorCode, KvCache, SparsePrefillResult, Tensor } from 'sparse-mla';
+import { sparsePrefillReference } from 'sparse-mla/reference';
+declare const console: { log(...values: unknown[]): void };
+type NotAny<T> = 0 extends 1 & T ? never : T;
+function notAny<T>(value: NotAny<T>): T {
+  return value;
+}
+
+export async function main(): Promise<void> {
+  const options: EngineOptions = { backend: 'wasm', workers: 1 };
+  const engine: Engine = notAny(await createEngine(options));
+  const device: number | undefined = engine.device;
+  const backends: BackendInfo[] = notAny(await listBackends());
+  const cache: KvCache = notAny(createKvCache('v4', { pageSize: 64, numPages: 1 }));
+  const ids = [0, 1, 2, 3];
+  await engine.quantizeKCache({ cache, tokenIds: ids, rows: toBf16({ shape: [4, 512], data: new Float32Array(4 * 512).fill(0.5) }) });
+  const kv: Tensor<'bf16'> = notAny(await engine.dequantizeKCachePaged({ cache, tokenIds: ids }));
+  const q = toBf16({ shape: [1, 64, 512], data: new Float32Array(64 * 512).fill(0.25) });
+  const indices = tensor('int32', [1, 4], Int32Array.from(ids));
+  const res: SparsePrefillResult = notAny(await engine.sparsePrefill({ q, kv, indices, smScale: 0.04 }));
+  const out: Float32Array = bf16ToFloat32(res.out).data;
+  const ref = notAny(sparsePrefillReference({ q, kv, indices, smScale: 0.04 }));
+  try {
+    await engine.sparsePrefill({ q, kv, indices, smScale: -1 });
+  } catch (e) {
+    if (e instanceof SparseMlaError) {
+      const code: ErrorCode = e.code;
+      console.log(code);
+    }
+  }
+  console.log(device, backends.length, out.length, ref, notAny(createPlan), notAny(prefillLayer));
+  await engine.dispose();
+}
+`;
+  const STRICT = { strict: true, exactOptionalPropertyTypes: true, noUncheckedIndexedAccess: true, noImplicitOverride: true, noPropertyAccessFromIndexSignature: true,
+    skipLibCheck: false, types: [], lib: ['ES2022'], target: 'ES2022', noEmit: true };
+
+  test('a strict TypeScript consumer compiles against the shipped types: nodenext (ESM and CJS), node16, bundler, node10', async () => {
+    writeFileSync(join(app, 'consumer.ts'), CONSUMER);
+    writeFileSync(join(app, 'consumer_cjs.cts'), CONSUMER.replace("import type {", "import type { Plan,").replace('export async function main', 'export type P = Plan;\nexport async function main'));
+    const configs: Record<string, { module: string; moduleResolution: string; files: string[] }> = {
+      nodenext: { module: 'nodenext', moduleResolution: 'nodenext', files: ['consumer.ts', 'consumer_cjs.cts'] },
+      node16: { module: 'node16', moduleResolution: 'node16', files: ['consumer.ts'] },
+      bundler: { module: 'preserve', moduleResolution: 'bundler', files: ['consumer.ts'] },
+      // the legacy resolution reads "types" and "typesVersions" (sparse-mla/reference), not "exports"
+      node10: { module: 'commonjs', moduleResolution: 'node10', files: ['consumer.ts'] },
+    };
+    // the four compilers at once (a few seconds each)
+    const failures = await Promise.all(Object.entries(configs).map(([name, { files: entry, ...mode }]) => {
+      writeFileSync(join(app, `tsconfig.${name}.json`), JSON.stringify({ compilerOptions: { ...STRICT, ...mode }, files: entry }));
+      return new Promise<string>((resolve) => {
+        execFile(process.execPath, [tsc, '-p', `tsconfig.${name}.json`], { cwd: app, encoding: 'utf8', timeout: 120_000 }, (e, stdout, stderr) => resolve(e ? `${name}:\n${stdout}${stderr}` : ''));
+      });
+    }));
+    expect(failures.filter(Boolean).join('\n')).toBe('');
+  }, 240_000);
+
+  test('from node_modules with the cwd elsewhere: the CLI runs, the workers find their script and the .wasm, the process exits without dispose()', () => {
+    const outside = mkdtempSync(join(os.tmpdir(), 'sparse-mla-cwd-'));
+    const bin = join(app, 'node_modules', '.bin', 'sparse-mla');
+    const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('SPARSE_MLA_')));
+    const help = spawnSync(bin, ['--help'], { cwd: outside, encoding: 'utf8', timeout: 60_000, env: clean });
+    expect(help.status, help.stderr).toBe(0);
+    expect(help.stdout).toContain('Usage: sparse-mla <command>');
+    const info = JSON.parse(spawnSync(bin, ['info', '--json'], { cwd: outside, encoding: 'utf8', timeout: 60_000, env: clean }).stdout) as InfoJson & { backends: { details?: { module?: string } }[] };
+    const wasm = info.backends.find((b) => b.name === 'wasm')!;
+    expect(wasm.available).toBe(true);
+    expect(wasm.details!.module).toBe(join(pkg, 'wasm', 'sparse_mla.wasm')); // a path, not a URL's %20 / %C3%BC
+    // ESM and require() from the consumer's files; an engine left undisposed must not hold the process
+    writeFileSync(join(app, 'use.mjs'), `import { createRequire } from 'node:module';
+import { createEngine, tensor, toBf16 } from 'sparse-mla';
+const cjs = createRequire(import.meta.url)('sparse-mla');
+const engine = await createEngine({ backend: 'wasm', workers: 2 });
+const kv = toBf16({ shape: [8, 576], data: new Float32Array(8 * 576).fill(0.5) });
+const q = toBf16({ shape: [2, 16, 576], data: new Float32Array(2 * 16 * 576).fill(0.25) });
+const { out } = await engine.sparsePrefill({ q, kv, indices: tensor('int32', [2, 8], Int32Array.from({ length: 16 }, (_, i) => i % 8)), smScale: 0.04 });
+console.log(engine.backend, out.shape.join('x'), cjs.createEngine === createEngine);
+`);
+    const start = Date.now();
+    const use = spawnSync(process.execPath, [join(app, 'use.mjs')], { cwd: outside, encoding: 'utf8', timeout: 30_000, env: clean });
+    expect(use.stderr).toBe('');
+    expect(use.status).toBe(0);
+    expect(use.stdout.trim()).toBe('wasm 2x16x512 true');
+    expect(Date.now() - start).toBeLessThan(20_000);
+  }, 120_000);
 });

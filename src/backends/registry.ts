@@ -34,8 +34,12 @@ export async function listBackends(): Promise<BackendInfo[]> {
   );
 }
 
-/** The option if given, else SPARSE_MLA_BACKEND, else auto; anything else is INVALID_VALUE. */
-export function resolveBackendChoice(option: unknown, env: NodeJS.ProcessEnv = process.env): BackendChoice {
+/**
+ * The option if given, else SPARSE_MLA_BACKEND, else auto; anything else is INVALID_VALUE. (`env`
+ * is typed without the NodeJS namespace: this file's .d.ts is part of the package's public types,
+ * which must compile for consumers without @types/node.)
+ */
+export function resolveBackendChoice(option: unknown, env: Readonly<Record<string, string | undefined>> = process.env): BackendChoice {
   if (option !== undefined) {
     if (!CHOICES.includes(option as BackendChoice)) fail('INVALID_VALUE', 'backend', CHOICES.map((c) => `"${c}"`).join(' | '), JSON.stringify(option) ?? String(option));
     return option as BackendChoice;

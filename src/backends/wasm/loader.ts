@@ -7,6 +7,7 @@
 import { readFileSync } from 'node:fs';
 import { setFlagsFromString } from 'node:v8';
 import { readFile } from 'node:fs/promises';
+import { fileURLToPath } from 'node:url';
 import { SparseMlaError } from '../../errors.js';
 
 /**
@@ -42,6 +43,8 @@ const WA = (globalThis as unknown as { WebAssembly: WasmApi }).WebAssembly;
 
 /** wasm/sparse_mla.wasm at the package root: ../../../ from dist/backends/wasm/ (and src/…). */
 export const WASM_URL = new URL('../../../wasm/sparse_mla.wasm', import.meta.url);
+/** The same as a file path, for messages and `info` (URL.pathname would show `%20` for a space). */
+export const WASM_PATH = fileURLToPath(WASM_URL);
 
 /** Largest linear memory a wasm32 module can have. */
 export const WASM32_MAX_BYTES = 2 ** 32;
@@ -55,15 +58,15 @@ export interface CompiledCore {
 
 const unavailable = (message: string): SparseMlaError => new SparseMlaError('BACKEND_UNAVAILABLE', `wasm: ${message}`, 'backend');
 const unreadable = (e: unknown): SparseMlaError =>
-  unavailable(`cannot read ${WASM_URL.pathname} (${(e as Error).message}); reinstall the package or rebuild it with \`npm run build:wasm\``);
+  unavailable(`cannot read ${WASM_PATH} (${(e as Error).message}); reinstall the package or rebuild it with \`npm run build:wasm\``);
 const uncompilable = (e: unknown): SparseMlaError =>
-  unavailable(`${WASM_URL.pathname} does not compile on this Node (${(e as Error).message}); it needs WebAssembly SIMD128 (Node ≥ 16.4)`);
+  unavailable(`${WASM_PATH} does not compile on this Node (${(e as Error).message}); it needs WebAssembly SIMD128 (Node ≥ 16.4)`);
 
 /** The export check shared by both ways of compiling. */
 function compiled(module: WasmModule, bytes: Uint8Array, required: readonly string[]): CompiledCore {
   const names = new Set(WA.Module.exports(module).map((e) => e.name));
   const missing = required.filter((n) => !names.has(n));
-  if (missing.length > 0) throw unavailable(`${WASM_URL.pathname} lacks exports ${missing.join(', ')}; rebuild it with \`npm run build:wasm\``);
+  if (missing.length > 0) throw unavailable(`${WASM_PATH} lacks exports ${missing.join(', ')}; rebuild it with \`npm run build:wasm\``);
   return { module, bytes: bytes.length, maxMemoryBytes: declaredMaxMemory(bytes) };
 }
 

@@ -24,7 +24,7 @@ import type {
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
 import { allocOutput, checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
-import { WASM_URL, type WasmModule } from './loader.js';
+import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
@@ -455,10 +455,10 @@ export const wasmBackendEntry: BackendEntry = {
       const m = await compiledOnce();
       return {
         available: true,
-        details: { module: WASM_URL.pathname, moduleBytes: m.bytes, maxHeapMiB: m.maxMemoryBytes / 2 ** 20, defaultWorkers: defaultWorkerCount(), simd: 'SIMD128' },
+        details: { module: WASM_PATH, moduleBytes: m.bytes, maxHeapMiB: m.maxMemoryBytes / 2 ** 20, defaultWorkers: defaultWorkerCount(), simd: 'SIMD128' },
       };
     } catch (e) {
-      return { available: false, reason: (e as Error).message, details: { module: WASM_URL.pathname } };
+      return { available: false, reason: (e as Error).message, details: { module: WASM_PATH } };
     }
   },
   async create(options) {

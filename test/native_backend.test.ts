@@ -186,6 +186,36 @@ describe.skipIf(!built)('cpu backend (native addon)', () => {
     expect(maxGap).toBeLessThan(Math.max(250, totalMs / 2));
   });
 
+  test('token ids in a SharedArrayBuffer are taken at the call: ids written past the cache after it change nothing', async () => {
+    // The cache ops check their ids and then address the cache with them; shared memory is
+    // otherwise read in place, so an id read again after another thread wrote it could address
+    // memory outside the cache. Every libuv pool thread is held by a long call first, so the ops'
+    // own work (on that pool) starts only after the ids below have been overwritten.
+    const holdPool = () => Array.from({ length: Number(process.env.UV_THREADPOOL_SIZE ?? 4) }, () => cpu.sparsePrefill(prefillArgs(64, 64, 512, 2048, 512)));
+    const cache = createKvCache('v4', { pageSize: 64, numPages: 4 });
+    const n = 64;
+    const ids = new Int32Array(new SharedArrayBuffer(n * 4));
+    for (let i = 0; i < n; i++) ids[i] = 255 - i;
+    const given = Array.from(ids);
+    const rows = bf16([n, 512], 3);
+    let held = holdPool();
+    const quantized = cpu.quantizeKCache({ cache, tokenIds: tensor('int32', [n], ids), rows });
+    ids.fill(1 << 30);
+    await Promise.all([quantized, ...held]);
+    const want = createKvCache('v4', { pageSize: 64, numPages: 4 });
+    R.quantizeKCacheReference(want, given, rows);
+    expect(Buffer.from(cache.data).equals(Buffer.from(want.data))).toBe(true);
+    // dequantize reads a shared cache in place, and its ids on the pool's threads
+    const sharedCache = { ...cache, data: new Uint8Array(new SharedArrayBuffer(cache.data.byteLength)) };
+    sharedCache.data.set(cache.data);
+    ids.set(given);
+    held = holdPool();
+    const dequantized = cpu.dequantizeKCachePaged({ cache: sharedCache, tokenIds: tensor('int32', [n], ids) });
+    ids.fill(1 << 30);
+    const [got] = await Promise.all([dequantized, ...held]);
+    expect(bits(got)).toEqual(bits(await wasm.dequantizeKCachePaged({ cache: want, tokenIds: given })));
+  });
+
   test('concurrent calls on one engine each give the result they give alone', async () => {
     const all = [prefillArgs(5, 8, 512, 200, 64), prefillArgs(17, 32, 576, 90, 128), prefillArgs(1, 64, 512, 1000, 640), prefillArgs(40, 4, 512, 64, 16)];
     const together = await Promise.all(all.map((a) => cpu.sparsePrefill(a)));

@@ -403,6 +403,26 @@ describe('bad input is refused before any work', () => {
     expect(createPlan(base(), { ...opts, workspaceBudgetBytes: 86 * 1024 }).workspaceBytes).toBe(86 * 1024);
     expectError(() => createPlan(base(), { ...opts, workspaceBudgetBytes: 86 * 1024 - 1 }), 'TOO_LARGE', /needs 88064 bytes .*c4 layers/);
   });
+  test('pagedForm reads only rows this plan made, as it made them; a DataView is no id list', () => {
+    const plan = createPlan(base(), opts);
+    const rows = plan.combinedRows(0);
+    expect(Object.isFrozen(rows)).toBe(true);
+    expect(Object.isFrozen(plan.combineC4(tensor('int32', [3, 4], new Int32Array(12).fill(-1))))).toBe(true);
+    // a copy, a forged width (the planner would read past the copied rows), another plan's rows, not an object
+    expectError(() => plan.pagedForm({ ...rows }), 'INVALID_VALUE', /rows: .*combined rows made by this plan/);
+    expectError(() => plan.pagedForm({ ...rows, width: rows.width * 4 }), 'INVALID_VALUE', /rows/);
+    expectError(() => plan.pagedForm(createPlan(base(), opts).combinedRows(0)), 'INVALID_VALUE', /rows/);
+    expectError(() => plan.pagedForm(null as never), 'INVALID_VALUE', /rows/);
+    // the frozen rows' tensors with arrays of another size swapped in
+    const swapped = plan.combinedRows(128);
+    (swapped.indices as { data: Int32Array }).data = new Int32Array(1);
+    expectError(() => plan.pagedForm(swapped), 'INVALID_SHAPE', /rows: .*int32 indices/);
+    expect(plan.stats.pagedMainBuilds).toBe(0);
+    expect(plan.pagedForm(rows).main.shape[0]).toBe(3);
+    const c = base();
+    (c.requests[0] as { swaTokenIds: unknown }).swaTokenIds = new DataView(new ArrayBuffer(40));
+    expectError(() => createPlan(c, opts), 'INVALID_VALUE', /requests\[0\]\.swaTokenIds/);
+  });
   test('a ratio the plan does not serve, bad options', () => {
     const plan = createPlan({ requests: [{ seqLen: 2, extendLen: 1, swaTokenIds: [0, 1] }] }, opts);
     expectError(() => plan.combinedRows(128), 'INVALID_VALUE', /c128PageSize/);

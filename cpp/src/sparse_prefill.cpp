@@ -36,8 +36,11 @@ extern "C" SMLA_API int32_t smla_sparse_prefill(const smla_sparse_prefill_params
     const int32_t limit = row_entry_limit(topk_length, i, topk);
     const int32_t* idx = indices ? indices + i * topk : nullptr;
     int64_t n_valid = 0;
-    for (int32_t k = 0; k < limit; ++k)
-      if (kv_index_valid(idx[k], s_kv)) rows[n_valid++] = idx[k];
+    // each index read once: the caller's memory may be shared and written during the call
+    for (int32_t k = 0; k < limit; ++k) {
+      const int32_t id = idx[k];
+      if (kv_index_valid(id, s_kv)) rows[n_valid++] = id;
+    }
 
     auto fill = [&](int64_t start, int count, float* dst) {
       for (int r = 0; r < count; ++r) {

@@ -77,7 +77,7 @@ uint8_t* Args::Own(uint64_t bytes) {
   return p;
 }
 
-const void* Args::InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy_unshared, bool* shared) {
+const void* Args::InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy_unshared, bool* shared, bool copy_shared) {
   holds_.pins.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
   napi_value buffer = nullptr;
   bool plain = true;  // an ArrayBuffer (detachable, maybe resizable), not a SharedArrayBuffer
@@ -86,7 +86,7 @@ const void* Args::InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, 
     ThrowArgument(Env(), op_, "cannot read a typed array's buffer");
   if (shared) *shared = !plain;
   if (bytes == 0) return nullptr;
-  if (!plain || !copy_unshared) return data;
+  if (plain ? !copy_unshared : !copy_shared) return data;
   uint8_t* copy = Own(bytes);
   std::memcpy(copy, data, size_t(bytes));
   return copy;
@@ -113,7 +113,7 @@ void* Args::ArrayData(Napi::Value value, const char* name, napi_typedarray_type 
     holds_.pins.push_back(Napi::Persistent(static_cast<Napi::Object>(a)));
     return length == 0 ? nullptr : data;
   }
-  return const_cast<void*>(InPlaceOrCopy(a, data, uint64_t(a.ByteLength()), use == Use::kInput, shared));
+  return const_cast<void*>(InPlaceOrCopy(a, data, uint64_t(a.ByteLength()), use != Use::kBorrow, shared, use == Use::kSnapshot));
 }
 
 const void* Args::InputBytes(size_t i, const char* name, uint64_t* bytes) {

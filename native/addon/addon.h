@@ -57,6 +57,13 @@ class Args {
     void Input(const T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
       field = static_cast<const T*>(a_.ArrayData(Get(name), name, type, length, nullable, Use::kInput));
     }
+    // An input whose values are checked and then used (token ids): always copied, also out of a
+    // SharedArrayBuffer, so another thread writing it during the call cannot change a value between
+    // its check and its use.
+    template <class T>
+    void Snapshot(const T*& field, const char* name, napi_typedarray_type type, uint64_t length) {
+      field = static_cast<const T*>(a_.ArrayData(Get(name), name, type, length, false, Use::kSnapshot));
+    }
     // An output typed array (written in place, pinned until the call settles).
     template <class T>
     void Output(T*& field, const char* name, napi_typedarray_type type, uint64_t length, bool nullable = false) {
@@ -91,13 +98,13 @@ class Args {
   Holds TakeHolds() { return std::move(holds_); }
 
  private:
-  enum class Use { kInput, kOutput, kBorrow };
+  enum class Use { kInput, kSnapshot, kOutput, kBorrow };
   Napi::Value At(size_t i) const { return i < info_.Length() ? info_[i] : Env().Undefined(); }
   static bool Absent(Napi::Value v) { return v.IsNull() || v.IsUndefined(); }
   int32_t IntOf(Napi::Value v, const char* name, int64_t lo, int64_t hi) const;
   float FloatOf(Napi::Value v, const char* name) const;
   void* ArrayData(Napi::Value v, const char* name, napi_typedarray_type type, uint64_t length, bool nullable, Use use, bool* shared = nullptr);
-  const void* InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy, bool* shared);
+  const void* InPlaceOrCopy(Napi::TypedArray a, void* data, uint64_t bytes, bool copy_unshared, bool* shared, bool copy_shared = false);
   const Napi::CallbackInfo& info_;
   const char* op_;
   Holds holds_;

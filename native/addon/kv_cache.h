@@ -35,7 +35,7 @@ template <class Fields>
 void ReadDequantizeKvCache(Fields& f, smla_dequantize_kv_cache_params& p, const int32_t** token_ids, bool* shared) {
   ReadCacheGeometry(f, p);
   p.cache = static_cast<const uint8_t*>(f.Borrow("cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages), shared));
-  f.Input(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
+  f.Snapshot(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
   f.Output(p.out, "out", napi_uint16_array, uint64_t(p.num_tokens) * uint64_t(RowDim(p.format)));
 }
 
@@ -46,7 +46,7 @@ void ReadQuantizeKvCache(Fields& f, smla_quantize_kv_cache_params& p, const int3
   ReadCacheGeometry(f, p);
   p.rows_dtype = f.Int("rowsDtype", SMLA_ROWS_F32, SMLA_ROWS_BF16);
   f.Output(p.cache, "cache", napi_uint8_array, CacheBytes(p.format, p.page_size, p.num_pages));
-  f.Input(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
+  f.Snapshot(*token_ids, "tokenIds", napi_int32_array, uint64_t(p.num_tokens));
   const uint64_t values = uint64_t(p.num_tokens) * uint64_t(RowDim(p.format));
   if (p.rows_dtype == SMLA_ROWS_F32) {
     const float* rows = nullptr;

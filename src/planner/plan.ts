@@ -41,7 +41,7 @@ function cacheTokens(cache: { pageSize: number; numPages: number }): number {
 }
 
 function isIdList(v: unknown): v is IdList {
-  if (Array.isArray(v) || ArrayBuffer.isView(v)) return true;
+  if (Array.isArray(v) || (ArrayBuffer.isView(v) && !(v instanceof DataView))) return true;
   return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
 }
 
@@ -50,7 +50,7 @@ export function readIds(list: unknown, argument: string): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
   let src: ArrayLike<number | bigint>;
   if (Array.isArray(list) || ArrayBuffer.isView(list)) {
-    src = list as ArrayLike<number | bigint>;
+    src = list as unknown as ArrayLike<number | bigint>;
   } else {
     const t = checkTensor(list, argument, ['int32', 'int64']);
     if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
@@ -647,6 +647,8 @@ export class Plan {
   readonly #combined = new Map<0 | 128, CombinedRows>();
   #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
   readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
+  /** The rows this plan made (combinedRows, combineC4), frozen: pagedForm reads no other. */
+  readonly #madeRows = new WeakSet<CombinedRows>();
 
   constructor(chunk: PlanChunk, options: PlanOptions) {
     if (typeof chunk !== 'object' || chunk === null || !Array.isArray(chunk.requests)) {
@@ -869,13 +871,14 @@ export class Plan {
     this.#state(ratio, 'ratio');
     if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
     const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, this.#buildDenseRows(ratio));
-    const built: CombinedRows = {
+    const built: CombinedRows = Object.freeze({
       ratio,
       width: r.width,
       indices: tensor('int32', [this.numQueries, r.width], r.rows),
       lengths: tensor('int32', [this.numQueries], r.lens),
       dropped: 0,
-    };
+    });
+    this.#madeRows.add(built);
     this.#combined.set(ratio, built);
     return built;
   }
@@ -890,7 +893,7 @@ export class Plan {
     const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width);
     this.stats.c4Combines++;
     this.stats.c4Dropped += r.droppedTotal;
-    return {
+    const rows: CombinedRows = Object.freeze({
       ratio: 4,
       width,
       indices: tensor('int32', [this.numQueries, width], r.rows),
@@ -898,7 +901,9 @@ export class Plan {
       dropped: r.droppedTotal,
       droppedPerQuery: r.dropped,
       topk,
-    };
+    });
+    this.#madeRows.add(rows);
+    return rows;
   }
 
   /**
@@ -966,6 +971,12 @@ export class Plan {
    * rows, so both paths attend exactly the same entries.
    */
   pagedForm(rows: CombinedRows): PagedForm {
+    if (!this.#madeRows.has(rows)) fail('INVALID_VALUE', 'rows', 'combined rows made by this plan (combinedRows or combineC4)', describe(rows));
+    // the rows object is frozen, its tensors are not: arrays swapped in since are refused too
+    const { indices, lengths } = rows;
+    if (!(indices.data instanceof Int32Array) || indices.data.length !== this.numQueries * rows.width || !(lengths.data instanceof Int32Array) || lengths.data.length !== this.numQueries) {
+      fail('INVALID_SHAPE', 'rows', `int32 indices [${this.numQueries}, ${rows.width}] and lengths [${this.numQueries}] as this plan made them`, 'arrays of other sizes');
+    }
     const st = this.#state(rows.ratio, 'rows.ratio');
     const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.compressedTokenIds(rows.ratio).data;
     if (this.#maxSwaId > INT32_MAX || compIds.some((id) => id > BigInt(INT32_MAX))) {

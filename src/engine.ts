@@ -4,7 +4,7 @@
  * never does the math.
  */
 import { SparseMlaError, disposedError, fail } from './errors.js';
-import { BYTES_PER_ELEMENT, HOST_ARRAY_TYPES, deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
+import { deviceTensor, isDeviceBuffer, placedTensor as placed, tensor } from './tensor.js';
 import type {
   BackendName,
   DType,
@@ -28,7 +28,7 @@ import type {
 } from './types.js';
 import type { Backend, DeviceOps, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
-import { checkArgsObject, checkOutputOption as checkOutput, checkTensor, describe } from './ops/common.js';
+import { checkDeviceTensor, checkOutputOption as checkOutput, checkTensor, describe } from './ops/common.js';
 import { checkCache, prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
 import { preparePagedSparseAttention } from './ops/paged_sparse_attention.js';
 import { prepareSparsePrefill } from './ops/sparse_prefill.js';
@@ -129,14 +129,10 @@ export class SparseMlaEngine implements Engine {
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
     this.alive();
     const dev = this.deviceOps('download');
-    checkArgsObject(t, 'tensor');
-    if (!isDeviceBuffer(t.data)) fail('INVALID_VALUE', 'tensor', 'a device tensor (from upload or an op with { output: "device" })', describe(t));
-    if (t.data.freed) fail('INVALID_VALUE', 'tensor.data', 'a live device buffer', 'a freed one');
-    const n = t.shape.reduce((a, b) => a * b, 1);
-    if (n * BYTES_PER_ELEMENT[t.dtype] !== t.data.byteLength) fail('INVALID_SHAPE', 'tensor', `${t.data.byteLength} bytes for its shape`, `${n} ${t.dtype} elements`);
-    const data = new HOST_ARRAY_TYPES[t.dtype](n);
-    await dev.download(t.data, data as ArrayBufferView);
-    return tensor(t.dtype, [...t.shape], data);
+    const { dtype, shape, data } = checkDeviceTensor(t, 'tensor', 'a device tensor (from upload or an op with { output: "device" })');
+    const host = tensor(dtype, shape) as Tensor<D>;
+    await dev.download(data, host.data as ArrayBufferView);
+    return host;
   }
 
   get device(): number | undefined {
@@ -146,10 +142,8 @@ export class SparseMlaEngine implements Engine {
   async copyFrom<D extends DType>(t: DeviceTensor<D>): Promise<DeviceTensor<D>> {
     this.alive();
     const dev = this.deviceOps('copyFrom');
-    checkArgsObject(t, 'tensor');
-    if (!isDeviceBuffer(t.data)) fail('INVALID_VALUE', 'tensor', 'a device tensor of a cuda engine', describe(t));
-    if (t.data.freed) fail('INVALID_VALUE', 'tensor.data', 'a live device buffer', 'a freed one');
-    return deviceTensor(t.dtype, t.shape, await dev.copyFrom(t.data));
+    const { dtype, shape, data } = checkDeviceTensor(t, 'tensor', 'a device tensor of a cuda engine');
+    return deviceTensor(dtype as D, shape, await dev.copyFrom(data));
   }
 
   /** Not an async function (it waits in the backend's): one promise a call, the backend's. */

@@ -25,6 +25,7 @@ import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
+import { standInDevice } from './helpers/stand_in_device.js';
 
 const rng = testRng('cuda_backend_host');
 
@@ -1021,4 +1022,23 @@ describe.skipIf(!nativeAddonBuilt())('device buffers on the JS side', () => {
     args.caches.c4.data.free();
     await expect(prefillLayer(engine as unknown as Engine, { ...args, attnSink: undefined } as never, { output: 'device' })).rejects.toMatchObject({ code: 'INVALID_VALUE' });
   });
+});
+
+test('planRows whose second, third or fourth device allocation finds no memory frees the ones it made (TOO_LARGE, nothing left allocated, no op), and leaves the caller\'s (into) alone', async () => {
+  const device = standInDevice();
+  const { backend } = device.engine(0);
+  const nq = 3, width = 144;
+  const job = { seqLens: Int32Array.of(nq), extendLens: Int32Array.of(nq), window: 128, ratio: 4 as const, topkIndices: new Int32Array(nq * 16), topk: 16, width };
+  for (let k = 0; k < 4; k++) {
+    device.reset();
+    device.failAfter = k;
+    await expect(backend.planRows(job, 'device', 'device', 'device')).rejects.toMatchObject({ code: 'TOO_LARGE' });
+    expect([device.live.size, device.ops.length], `allocation ${k + 1} fails`).toEqual([0, 0]);
+  }
+  device.reset();
+  const into = { rows: backend.alloc(nq * width * 4), lens: backend.alloc(nq * 4) };
+  device.failAfter = device.allocs + 1; // `dropped` allocated, the total not
+  await expect(backend.planRows({ ...job, into }, 'device', 'device', 'device')).rejects.toMatchObject({ code: 'TOO_LARGE' });
+  expect([into.rows.freed, into.lens.freed, device.live.size]).toEqual([false, false, 2]);
+  await backend.dispose();
 });

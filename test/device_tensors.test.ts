@@ -11,6 +11,7 @@ import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, listBackends, tensor } from '../dist/index.js';
 import type { DeviceBuffer, DeviceTensor, Engine } from '../dist/index.js';
+import { standInDevice } from './helpers/stand_in_device.js';
 
 /** A stand-in device buffer: branded like the cuda backend's, no memory behind it. */
 function fakeBuffer(byteLength: number, freed = false): DeviceBuffer {
@@ -89,4 +90,63 @@ describe('sparse-mla check (the shippable grid) on wasm', () => {
     expect(r.stdout).toMatch(/^4 passed, 0 failed$/m);
     expect(r.status).toBe(0);
   }, 120_000);
+});
+
+describe('download and copyFrom on a cuda engine (a stand-in device): the device tensor checked as an op checks one', () => {
+  const device = standInDevice();
+  const { engine, backend } = device.engine(0);
+  const other = device.engine(0);
+  const buf = backend.alloc(16); // int32 [4]
+  const bad: [string, unknown, string, string][] = [
+    ['no shape', { dtype: 'int32', data: buf }, 'INVALID_VALUE', 'tensor'],
+    ['shape not an array', { dtype: 'int32', shape: 4, data: buf }, 'INVALID_SHAPE', 'tensor.shape'],
+    ['shape [-1, -4] (16 bytes by its product)', { dtype: 'int32', shape: [-1, -4], data: buf }, 'INVALID_SHAPE', 'tensor.shape'],
+    ['shape [0.5, 8]', { dtype: 'int32', shape: [0.5, 8], data: buf }, 'INVALID_SHAPE', 'tensor.shape'],
+    ['dtype not a dtype', { dtype: 'float64', shape: [2], data: buf }, 'INVALID_DTYPE', 'tensor'],
+    ['dtype "toString"', { dtype: 'toString', shape: [4], data: buf }, 'INVALID_DTYPE', 'tensor'],
+    ['a shape that lies about the bytes', { dtype: 'int32', shape: [1000], data: buf }, 'INVALID_SHAPE', 'tensor.data'],
+    ['a host tensor', tensor('int32', [4]), 'INVALID_VALUE', 'tensor'],
+    ['null', null, 'INVALID_VALUE', 'tensor'],
+  ];
+
+  test.each(bad)('%s: a typed error before any op, nothing allocated', async (_name, t, code, argument) => {
+    for (const call of [() => engine.download(t as never), () => other.engine.copyFrom(t as never)]) {
+      device.reset();
+      await expect(call()).rejects.toMatchObject({ code, argument });
+      expect(device.ops).toEqual([]);
+      expect(device.live.size).toBe(0);
+    }
+  });
+
+  test("a buffer of another engine on the device is read on its own engine's stream (after the work queued there), and its shape is the checked copy", async () => {
+    device.reset();
+    const shape = [2, 2];
+    const got = await other.engine.download({ dtype: 'int32', shape, data: buf });
+    expect(device.faults).toEqual([]);
+    expect(device.ops).toEqual(['download']);
+    expect(got.shape).toEqual([2, 2]);
+    expect(got.shape).not.toBe(shape);
+    const copy = await other.engine.copyFrom({ dtype: 'float32', shape, data: buf });
+    expect(copy.shape).toEqual([2, 2]);
+    expect(device.faults).toEqual([]);
+    copy.data.free();
+    expect(device.live.size).toBe(0);
+  });
+});
+
+test("a Proxy of a cuda engine's device buffer, or an object made from its class's prototype, is refused as not live (INVALID_VALUE naming the argument), never a TypeError, before any op", async () => {
+  const device = standInDevice();
+  const { engine } = device.engine(0);
+  const q = await engine.upload(tensor('bf16', [2, 4, 512]));
+  const kv = await engine.upload(tensor('bf16', [8, 512]));
+  const proto = Object.getPrototypeOf(q.data) as object;
+  const forged = Object.assign(Object.create(proto) as object, { byteLength: q.data.byteLength, deviceIndex: 0, native: {}, [Symbol.for('sparse-mla.DeviceBuffer')]: true });
+  for (const data of [new Proxy(q.data, {}), forged]) {
+    device.reset();
+    await expect(engine.sparsePrefill({ q: { dtype: 'bf16', shape: [2, 4, 512], data } as never, kv, indices: tensor('int32', [2, 4]), smScale: 0.1 }, { output: 'device' })).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'q.data' });
+    await expect(engine.download({ dtype: 'bf16', shape: [2, 4, 512], data } as never)).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'tensor.data' });
+    await expect(engine.copyFrom({ dtype: 'bf16', shape: [2, 4, 512], data } as never)).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'tensor.data' });
+    expect([device.ops, device.live.size]).toEqual([[], 0]);
+  }
+  await engine.dispose();
 });

@@ -16,6 +16,7 @@ import { v4PageBytes } from '../dist/kv_cache_layout.js';
 import { createPlan, prefillLayer } from '../dist/planner/index.js';
 import { layerChecks } from '../dist/planner/prefill_layer.js';
 import type { Engine } from '../dist/types.js';
+import { standInDevice } from './helpers/stand_in_device.js';
 
 /** The addon's device buffer without a device: a size, a device, freed once freed. */
 class StubBuffer {
@@ -206,6 +207,79 @@ describe('prefillLayer: the device call checks against the full checks', () => {
       opCalls = 0;
       await expect(prefillLayer(engine as unknown as Engine, args as never, options as never), name).rejects.toMatchObject(full.error);
       expect(opCalls, name).toBe(0);
+    }
+  });
+});
+
+describe('prefillLayer on a stand-in device that counts its allocations', () => {
+  const device = standInDevice();
+  // the chunk of `plan` above, a fresh plan each time (nothing kept on any engine yet)
+  const freshPlan = () =>
+    createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: [0], c128PageTable: [0, 1] }], c4PageSize: PAGE, c128PageSize: 1 });
+  const layerArgs = (backend: CudaBackend, ratio: 0 | 4 | 128, path: 'sparse' | 'paged', p = freshPlan()) => {
+    const cache = (pageSize: number, pages: number) => ({ format: 'v4', pageSize, numPages: pages, data: backend.alloc(v4PageBytes(pageSize) * pages) });
+    const caches: Record<string, unknown> = { swa: cache(PAGE, N / PAGE) };
+    if (ratio === 4) caches.c4 = cache(PAGE, 1);
+    if (ratio === 128) caches.c128 = cache(1, 2);
+    const d = (dtype: string, shape: number[], bytes: number) => ({ dtype, shape, data: backend.alloc(bytes) });
+    return { plan: p, compressRatio: ratio, q: d('bf16', [N, HQ, 512], N * HQ * 1024), caches, ...(ratio === 4 ? { topkIndices: d('int32', [N, TOPK], N * TOPK * 4) } : {}), attnSink: d('float32', [HQ], HQ * 4), smScale: 0.04, path };
+  };
+  const run = async (engine: SparseMlaEngine, args: object, output: 'host' | 'device'): Promise<void> => {
+    const r = await prefillLayer(engine as unknown as Engine, args as never, { output });
+    if (output === 'device') for (const t of [r.out, r.lse, r.maxLogits]) (t.data as { free(): void }).free();
+  };
+  const cases = [0, 4, 128].flatMap((ratio) => (['sparse', 'paged'] as const).map((path) => [ratio as 0 | 4 | 128, path] as const));
+
+  test.each(cases)('ratio %i, %s path: a q, sink or cache freed after the call\'s checks, before its launch (a plan\'s first layer awaits between steps), is INVALID_VALUE; no op gets a freed buffer', async (ratio, path) => {
+    for (const what of ['q', 'attnSink', 'swa'] as const) {
+      const { engine, backend } = device.engine(0);
+      const args = layerArgs(backend, ratio, path);
+      device.reset();
+      const layer = prefillLayer(engine as unknown as Engine, args as never, { output: 'device' });
+      (what === 'swa' ? (args.caches.swa as { data: { free(): void } }) : args[what]).data.free();
+      const err = await layer.catch((e: unknown) => e);
+      expect(err, what).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code, what).toBe('INVALID_VALUE');
+      expect(device.faults, what).toEqual([]);
+    }
+  });
+
+  // (a c4 layer down the paged path with host outputs allocates no device memory)
+  test.each(cases.flatMap(([r, p]) => (['device', 'host'] as const).map((o) => [r, p, o] as const)).filter(([r, p, o]) => !(r === 4 && p === 'paged' && o === 'host')))('ratio %i, %s path, %s outputs: out of device memory at each allocation of a plan\'s first layer is TOO_LARGE, and what it allocated is freed or kept by the plan (the layer run again holds what an unfailed plan holds)', async (ratio, path, output) => {
+    // what the plan keeps on an engine: live allocations after its layers, outputs freed, less the inputs
+    const steady = device.engine(0);
+    const a = layerArgs(steady.backend, ratio, path);
+    device.reset();
+    for (let i = 0; i < 2; i++) await run(steady.engine, a, output);
+    const kept = device.live.size;
+    let failures = 0;
+    for (let k = 0; ; k++) {
+      const { engine, backend } = device.engine(0);
+      const args = layerArgs(backend, ratio, path);
+      device.reset();
+      device.failAfter = k;
+      const err = await run(engine, args, output).then(() => null, (e: unknown) => e);
+      device.failAfter = Infinity;
+      if (err === null) break;
+      failures++;
+      expect(err, `allocation ${k + 1}`).toBeInstanceOf(SparseMlaError);
+      expect((err as SparseMlaError).code, `allocation ${k + 1}`).toBe('TOO_LARGE');
+      for (let i = 0; i < 2; i++) await run(engine, args, output);
+      expect(device.live.size, `allocation ${k + 1} failed`).toBe(kept);
+    }
+    expect(failures).toBeGreaterThan(0);
+  });
+
+  test('a chunk without queries: out of device memory at its second or third output is TOO_LARGE with nothing left allocated', async () => {
+    const empty = createPlan({ requests: [{ seqLen: 64, extendLen: 0, swaTokenIds: new Int32Array(0) }] });
+    for (let k = 0; k < 3; k++) {
+      const { engine, backend } = device.engine(0);
+      const args = { plan: empty, compressRatio: 0, q: { dtype: 'bf16', shape: [0, HQ, 512], data: backend.alloc(0) }, caches: { swa: { format: 'v4', pageSize: 64, numPages: 1, data: backend.alloc(v4PageBytes(64)) } }, smScale: 0.04, path: 'sparse' };
+      device.reset();
+      device.failAfter = k;
+      await expect(prefillLayer(engine as unknown as Engine, args as never, { output: 'device' })).rejects.toMatchObject({ code: 'TOO_LARGE' });
+      device.failAfter = Infinity;
+      expect(device.live.size, `allocation ${k + 1} fails`).toBe(0);
     }
   });
 });

@@ -5,13 +5,14 @@
  * (ranges, sub-chunks) and bad input.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createEngine, tensor, SparseMlaError } from '../dist/index.js';
+import { createEngine, createKvCache, tensor, SparseMlaError } from '../dist/index.js';
 import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type PrefillPath, type ShardSplit } from '../dist/planner/index.js';
 import { evenRanges, MAX_SHARDS } from '../dist/planner/sharded_layer.js';
 import type { Engine } from '../dist/types.js';
 import { backendUnderTest } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
+import { standInDevice } from './helpers/stand_in_device.js';
 
 const rng = testRng('sharded_layer.test');
 const HQ = 6;
@@ -128,4 +129,30 @@ test('hostile input: shard count, per-shard q, a [numQueries, 1, topk] top-k spl
     expect(err, name).toBeInstanceOf(SparseMlaError);
     expect(err, name).toMatchObject({ code, argument });
   }
+});
+
+test('cuda engines (a stand-in device): a shard that fails (its engine disposed) frees the device outputs the other shards made and rejects with its error once all have settled; options are checked before any work', async () => {
+  const device = standInDevice();
+  const n = 256;
+  const chunk = { requests: [{ seqLen: n, extendLen: n, swaTokenIds: Int32Array.from({ length: n }, (_, i) => i) }] };
+  const plan = createShardedPlan(chunk, { shards: 2, split: 'heads' });
+  const args = { plan, compressRatio: 0 as const, q: tensor('bf16', [n, 4, D]), caches: { swa: createKvCache('v4', { pageSize: 64, numPages: n / 64 }) }, smScale: SM_SCALE, path: 'sparse' as const };
+  const live = device.engine(0), dead = device.engine(1);
+  await dead.engine.dispose();
+  device.reset();
+  const sizes: number[] = [];
+  for (let call = 0; call < 3; call++) {
+    await expect(prefillLayerSharded([live.engine, dead.engine], args, { output: 'device' })).rejects.toMatchObject({ code: 'DISPOSED' });
+    await new Promise((r) => setTimeout(r, 20)); // (a shard still running after the rejection would allocate its outputs now)
+    sizes.push(device.live.size);
+  }
+  // what the plan keeps on the live engine after its first layer, and nothing per call
+  expect(sizes[0]).toBeGreaterThan(0);
+  expect(sizes).toEqual([sizes[0], sizes[0], sizes[0]]);
+  for (const options of [null, { output: 'gpu' }, 'device']) {
+    device.reset();
+    await expect(prefillLayerSharded([live.engine, dead.engine], args, options as never)).rejects.toMatchObject({ code: 'INVALID_VALUE' });
+    expect(device.ops).toEqual([]);
+  }
+  await live.engine.dispose();
 });

@@ -148,6 +148,11 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
 export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> | DeviceTensor<D> {
   const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, dtypes);
   if (!isDeviceBuffer(data)) return checkTensor({ dtype: rawDtype, shape, data }, argument, dtypes);
+  return checkDeviceFields(rawDtype, shape, data, argument, dtypes);
+}
+
+/** A device tensor's read fields: dtype one of `dtypes`, the buffer live and exactly the shape's bytes. */
+function checkDeviceFields<D extends DType>(rawDtype: unknown, shape: number[], data: DeviceBuffer, argument: string, dtypes: readonly D[]): DeviceTensor<D> {
   if (!(dtypes as readonly string[]).includes(rawDtype as string)) badDtype(argument, dtypes, rawDtype);
   const dtype = rawDtype as D;
   let n = 1;
@@ -155,6 +160,21 @@ export function checkPlacedTensor<D extends DType>(value: unknown, argument: str
   const bytes = n * BYTES_PER_ELEMENT[dtype];
   if (data.freed || data.byteLength !== bytes) badDeviceData(argument, dtype, shape, data, bytes);
   return { dtype, shape, data } as unknown as DeviceTensor<D>;
+}
+
+const ALL_DTYPES = ['bf16', 'float32', 'int32', 'int64', 'uint8'] as const;
+
+/**
+ * A tensor that must be in device memory (engine.download, engine.copyFrom): any dtype, checked as
+ * checkPlacedTensor checks a device tensor (dtype, a shape of non-negative integers, a live buffer
+ * of exactly the shape's bytes), every field read once; a host tensor or anything else is
+ * INVALID_VALUE with `expected`. Returns a snapshot (the shape a copy).
+ */
+export function checkDeviceTensor(value: unknown, argument: string, expected: string): DeviceTensor<DType> {
+  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) fail('INVALID_VALUE', argument, expected, describe(value));
+  const { dtype, shape, data } = readTensorFields(value, argument, ALL_DTYPES);
+  if (!isDeviceBuffer(data)) fail('INVALID_VALUE', argument, expected, describe(value));
+  return checkDeviceFields(dtype, shape, data, argument, ALL_DTYPES);
 }
 
 /**

@@ -559,12 +559,21 @@ export class LayerResources<B = never> {
   async pagedForm(steps: LayerSteps<B>, ratio: 0 | 128, build: () => PagedForm): Promise<PlacedPagedForm<B>> {
     return this.keptPagedForm(ratio) ?? buildOnce(this.#pagedInFlight, ratio, async () => {
       const form = build();
+      // placed one by one: when one cannot be (no device memory), the ones placed before it are freed
+      const arrays = [form.main.data, form.mainLengths.data, ...(form.extra && form.extraLengths ? [form.extra.data, form.extraLengths.data] : [])];
+      const done: (Int32Array | B)[] = [];
+      try {
+        for (const a of arrays) done.push(await steps.placeRows(a));
+      } catch (e) {
+        for (const b of done) releaseDevice(b);
+        throw e;
+      }
       const placed: PlacedPagedForm<B> = {
         mainWidth: form.main.shape[1]!,
-        main: await steps.placeRows(form.main.data),
-        mainLengths: await steps.placeRows(form.mainLengths.data),
+        main: done[0]!,
+        mainLengths: done[1]!,
         extraWidth: form.extra?.shape[1] ?? 0,
-        ...(form.extra && form.extraLengths ? { extra: await steps.placeRows(form.extra.data), extraLengths: await steps.placeRows(form.extraLengths.data) } : {}),
+        ...(done.length === 4 ? { extra: done[2]!, extraLengths: done[3]! } : {}),
       };
       const stale = this.#pagedForms.get(ratio);
       if (stale !== undefined) for (const b of [stale.main, stale.mainLengths, stale.extra, stale.extraLengths]) releaseDevice(b);

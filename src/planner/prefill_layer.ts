@@ -237,7 +237,17 @@ export async function prefillLayer<P extends Placement = 'host'>(engine: Engine,
 /** A chunk without queries: empty outputs where they were asked for, no work. */
 async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
   const out = tensor('bf16', [0, hQ, WORKSPACE_ROW_DIMS]), lse = tensor('float32', [0, hQ]), maxLogits = tensor('float32', [0, hQ]);
-  if (output === 'device') return { ...route, out: await engine.upload(out), lse: await engine.upload(lse), maxLogits: await engine.upload(maxLogits), workspaceBytes: 0, dropped: 0 };
+  if (output === 'device') {
+    // uploaded one by one: when one cannot be, the ones before it are freed
+    const placed: DeviceTensor<'bf16' | 'float32'>[] = [];
+    try {
+      for (const t of [out, lse, maxLogits] as Tensor<'bf16' | 'float32'>[]) placed.push(await engine.upload(t));
+    } catch (e) {
+      for (const t of placed) t.data.free();
+      throw e;
+    }
+    return { ...route, out: placed[0] as DeviceTensor<'bf16'>, lse: placed[1] as DeviceTensor<'float32'>, maxLogits: placed[2] as DeviceTensor<'float32'>, workspaceBytes: 0, dropped: 0 };
+  }
   return { ...route, out, lse, maxLogits, workspaceBytes: 0, dropped: 0 };
 }
 

@@ -13,8 +13,8 @@
  * same order): N engines give the same bits as one.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkPlacedTensor, checkRank, checkTensor, describe } from '../ops/common.js';
-import { tensor } from '../tensor.js';
+import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, describe } from '../ops/common.js';
+import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
 import { prefillLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
@@ -147,7 +147,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   const { plan, compressRatio } = args;
   if (!(plan instanceof ShardedPlan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan()', describe(plan));
   if (!Array.isArray(engines) || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(engines));
-  const output = (options?.output ?? 'host') as Placement;
+  const output = checkOutputOption(options);
   const perShard = <T>(v: T | readonly T[] | undefined, argument: string): readonly T[] | null => {
     if (!Array.isArray(v)) return null;
     if (v.length !== engines.length) fail('INVALID_VALUE', argument, `one per engine (${engines.length})`, `${v.length}`);
@@ -190,7 +190,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
 
   const { plan: _plan, q: _q, caches: _caches, topkIndices: _topk, attnSink: _sink, ...rest } = args;
-  const results = await Promise.all(
+  const settled = await Promise.allSettled(
     plan.shards.map(async (shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
@@ -216,6 +216,14 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
       return { ...r, queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } as ShardResult<P>;
     }),
   );
+  // every shard has settled: when one failed, the others' device outputs are freed (nobody gets
+  // them) and the first failure, in shard order, is thrown
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed !== undefined) {
+    for (const r of settled) if (r.status === 'fulfilled') for (const t of [r.value.out, r.value.lse, r.value.maxLogits]) releaseDevice(t.data);
+    throw failed.reason;
+  }
+  const results = settled.map((r) => (r as PromiseFulfilledResult<ShardResult<P>>).value);
   const dropped = plan.split === 'heads' ? results[0]!.dropped : results.reduce((t, r) => t + r.dropped, 0);
   if (output === 'device') return { dropped, shards: results };
 

@@ -245,8 +245,18 @@ export class CudaDeviceBuffer implements DeviceBuffer {
    */
   #freed = false;
 
+  /**
+   * Anything else that answers to this class (a Proxy of a buffer, an object made from its
+   * prototype) reads as freed, so validation refuses it as it refuses a freed buffer (a typed
+   * error naming the argument, not a TypeError from the private field).
+   */
   get freed(): boolean {
-    return this.#freed;
+    return #freed in this ? this.#freed : true;
+  }
+
+  /** Whether `b` is a buffer this class made (not a Proxy of one, nor an object from its prototype). */
+  static made(b: unknown): b is CudaDeviceBuffer {
+    return typeof b === 'object' && b !== null && #freed in b;
   }
 
   free(): void {
@@ -371,12 +381,18 @@ export class CudaBackend implements Backend, DeviceOps {
     this.host = new CpuBackend(addon, workers, memoryBudgetBytes);
   }
 
-  /** The addon's buffer behind a device buffer of this engine's device (else a typed error naming both). */
+  /**
+   * The addon's buffer behind a live device buffer of this engine's device (else a typed error
+   * naming the argument). Freed is checked here, right before the addon call, too: a buffer the
+   * caller frees after a call's checks but before its launch (a layer awaits between its steps) is
+   * INVALID_VALUE, not the addon's refusal as a backend failure.
+   */
   private own(b: DeviceBuffer, argument = 'tensor'): NativeDeviceBuffer {
-    if (!(b instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer from another backend or process cannot be used here`, argument);
+    if (!CudaDeviceBuffer.made(b)) throw new SparseMlaError('INVALID_VALUE', `${argument}: a device buffer from another backend or process cannot be used here`, argument);
     if (b.deviceIndex !== this.deviceIndex) {
       throw new SparseMlaError('INVALID_VALUE', `${argument}: expected a tensor on this engine's CUDA device ${this.deviceIndex}, got one on device ${b.deviceIndex} (engine.copyFrom moves it)`, argument);
     }
+    if (b.freed) throw new SparseMlaError('INVALID_VALUE', `${argument}: expected a live device buffer, got one freed before the op ran`, argument);
     return b.native;
   }
 
@@ -477,12 +493,19 @@ export class CudaBackend implements Backend, DeviceOps {
     return b;
   }
 
+  /**
+   * Read on the stream of the engine that allocated the buffer (one of this device's; the work that
+   * writes a buffer is queued there): a buffer of another engine is read after that engine's queued
+   * work, as an op's operand is, not racing it on this engine's stream.
+   */
   async download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void> {
-    await this.calls.run('download', () => this.ops.download(this.own(buffer), into, this.stream));
+    const native = this.own(buffer);
+    const stream = (buffer as CudaDeviceBuffer).stream;
+    await this.calls.run('download', () => this.ops.download(native, into, stream));
   }
 
   async copyFrom(src: DeviceBuffer): Promise<DeviceBuffer> {
-    if (!(src instanceof CudaDeviceBuffer)) throw new SparseMlaError('INVALID_VALUE', 'tensor.data: a device buffer from another backend or process cannot be copied here', 'tensor.data');
+    if (!CudaDeviceBuffer.made(src)) throw new SparseMlaError('INVALID_VALUE', 'tensor.data: a device buffer from another backend or process cannot be copied here', 'tensor.data');
     const dst = this.alloc(src.byteLength);
     await this.launch('copyFrom', [dst], () => this.ops.copyPeer(this.own(dst), this.stream, src.native, src.stream));
     return dst;
@@ -614,13 +637,19 @@ export class CudaBackend implements Backend, DeviceOps {
   async planRows(args: PlanRowsJob<DeviceBuffer>, placement: Placement = 'host', droppedPlacement: Placement | null = placement, totalPlacement: Placement | null = null): Promise<DevicePlannedRows> {
     const { into } = args;
     const numQueries = args.extendLens.reduce((a, b) => a + b, 0);
-    const rows = into?.rows ?? this.output(placement, Int32Array, 4, numQueries * args.width, 'rows');
-    const lens = into?.lens ?? this.output(placement, Int32Array, 4, numQueries, 'lens');
-    const dropped = droppedPlacement === null ? null : this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped');
-    const droppedTotal = totalPlacement === null ? null : isDeviceBuffer(into?.droppedTotal) ? into.droppedTotal : this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal');
-    // on failure only what was allocated here is freed: the caller's buffers stay the caller's
-    const given = (b: unknown): boolean => into !== undefined && (b === into.rows || b === into.lens || b === into.droppedTotal);
-    const allocated = [rows, lens, dropped, droppedTotal].filter((b) => !given(b));
+    // on failure (an allocation or the launch) only what was allocated here is freed: the caller's buffers stay the caller's
+    const allocated: (ArrayBufferView | DeviceBuffer)[] = [];
+    const made = <T extends ArrayBufferView | DeviceBuffer>(b: T): T => (allocated.push(b), b);
+    let rows, lens, dropped, droppedTotal;
+    try {
+      rows = into?.rows ?? made(this.output(placement, Int32Array, 4, numQueries * args.width, 'rows'));
+      lens = into?.lens ?? made(this.output(placement, Int32Array, 4, numQueries, 'lens'));
+      dropped = droppedPlacement === null ? null : made(this.output(droppedPlacement, Int32Array, 4, numQueries, 'dropped'));
+      droppedTotal = totalPlacement === null ? null : isDeviceBuffer(into?.droppedTotal) ? into.droppedTotal : made(this.output(totalPlacement, BigInt64Array, 8, 1, 'droppedTotal'));
+    } catch (e) {
+      for (const b of allocated) if (isDeviceBuffer(b)) b.free();
+      throw e;
+    }
     await this.launch('planRows', allocated, () =>
       this.ops.planRows(
         this.operands(planRowsFields(args, rows, lens, dropped, droppedTotal, numQueries)),

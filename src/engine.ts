@@ -127,11 +127,16 @@ export class SparseMlaEngine implements Engine {
   }
 
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
+    return this.downloadArgument(t, 'tensor');
+  }
+
+  /** @internal download, a typed error naming the tensor `argument` (a layer's device operand it reads back). */
+  async downloadArgument<D extends DType>(t: DeviceTensor<D>, argument: string): Promise<Tensor<D>> {
     this.alive();
     const dev = this.deviceOps('download');
-    const { dtype, shape, data } = checkDeviceTensor(t, 'tensor', 'a device tensor (from upload or an op with { output: "device" })');
+    const { dtype, shape, data } = checkDeviceTensor(t, argument, 'a device tensor (from upload or an op with { output: "device" })');
     const host = tensor(dtype, shape) as Tensor<D>;
-    await dev.download(data, host.data as ArrayBufferView);
+    await dev.download(data, host.data as ArrayBufferView, argument);
     return host;
   }
 

@@ -270,6 +270,17 @@ describe('prefillLayer on a stand-in device that counts its allocations', () => 
     expect(failures).toBeGreaterThan(0);
   });
 
+  test('a c4 layer down the paged path whose device top-k lies on another device is INVALID_VALUE naming topkIndices', async () => {
+    const { engine, backend } = device.engine(0);
+    const other = device.engine(1);
+    const args = layerArgs(backend, 4, 'paged');
+    const t = args.topkIndices!;
+    const err = await prefillLayer(engine as unknown as Engine, { ...args, topkIndices: { ...t, data: other.backend.alloc(t.data.byteLength) } } as never).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SparseMlaError);
+    expect(err).toMatchObject({ code: 'INVALID_VALUE', argument: 'topkIndices' });
+    expect(device.faults).toEqual([]);
+  });
+
   test('a chunk without queries: out of device memory at its second or third output is TOO_LARGE with nothing left allocated', async () => {
     const empty = createPlan({ requests: [{ seqLen: 64, extendLen: 0, swaTokenIds: new Int32Array(0) }] });
     for (let k = 0; k < 3; k++) {

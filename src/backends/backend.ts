@@ -160,7 +160,8 @@ export interface DeviceOps {
   /** a new device buffer holding a copy of `data` */
   upload(data: ArrayBufferView): Promise<DeviceBuffer>;
   /** copies the whole buffer into `into` (exactly buffer.byteLength bytes) */
-  download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void>;
+  /** `argument` names the buffer in a typed error (a buffer of another device or backend, or freed). */
+  download(buffer: DeviceBuffer, into: ArrayBufferView, argument?: string): Promise<void>;
   dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, output: Placement): Promise<Uint16Array | DeviceBuffer>;
   sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, output: Placement): Promise<PlacedAttentionOutput>;
   pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, output: Placement): Promise<PlacedAttentionOutput>;

@@ -319,13 +319,13 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
-async function pagedLayerFromHost(engine: Engine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
   const caches = layerCaches!;
   let rows;
   if (ratio === 4) {
     const t = topk!;
     // a device top-k (cuda engines) comes to the host for the plan's host combine
-    const data = isDeviceBuffer(t.data) ? (await engine.download({ dtype: 'int32', shape: t.shape, data: t.data })).data : t.data;
+    const data = isDeviceBuffer(t.data) ? (await engine.downloadArgument({ dtype: 'int32', shape: t.shape, data: t.data }, 'topkIndices')).data : t.data;
     rows = plan.combineC4(tensor('int32', t.shape, data));
   } else {
     rows = plan.combinedRows(ratio);

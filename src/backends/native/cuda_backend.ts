@@ -498,8 +498,8 @@ export class CudaBackend implements Backend, DeviceOps {
    * writes a buffer is queued there): a buffer of another engine is read after that engine's queued
    * work, as an op's operand is, not racing it on this engine's stream.
    */
-  async download(buffer: DeviceBuffer, into: ArrayBufferView): Promise<void> {
-    const native = this.own(buffer);
+  async download(buffer: DeviceBuffer, into: ArrayBufferView, argument = 'tensor'): Promise<void> {
+    const native = this.own(buffer, argument);
     const stream = (buffer as CudaDeviceBuffer).stream;
     await this.calls.run('download', () => this.ops.download(native, into, stream));
   }

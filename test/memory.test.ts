@@ -3,7 +3,8 @@
  * not in a SharedArrayBuffer keep the resident set flat; the staging that carries inputs is reused
  * (not one SharedArrayBuffer per call); a call whose staging or outputs exceed the engine's memory
  * budget is refused with TOO_LARGE before any work, as is a dequant whose output alone exceeds
- * the default budget; a large dequant peaks near the size of its output.
+ * the default budget; a large dequant peaks near the size of its output; a plan per chunk, each
+ * dropped, holds no workspace once it is collected.
  */
 import { spawnSync } from 'node:child_process';
 import os from 'node:os';
@@ -41,6 +42,16 @@ describe.each(BACKENDS)('%s', (backend) => {
     expect(r).toMatchObject({ calls: 300 });
     expect(r.growthMiB).toBeLessThan(48);
   }, 300_000);
+
+  test('one plan per chunk, each dropped after a workspace layer: 26 plans of a 4 MiB workspace hold no more memory than the first', () => {
+    // the wasm workers read a plan's workspace in place and keep a reference until their own
+    // collector runs: a fresh SharedArrayBuffer per plan held every dropped plan's workspace
+    // (+104 MiB here); the host workspaces are reused once their plan is collected
+    const r = runChild(['--expose-gc', child('plan_per_chunk.mjs'), backend, '30', '4096'], 60_000);
+    expect(r).toMatchObject({ plans: 30, workspaceBytes: 4 * MiB });
+    expect(r.arrayBuffersGrowthMiB).toBeLessThan(12);
+    expect(r.allocations).toBeLessThanOrEqual((r.allocationsAfterWarmup as number) + 2);
+  }, 60_000);
 
   test('one dequant of a 384 MiB output peaks below 1.75x its size', () => {
     const r = runChild([child('peak.mjs'), backend, '384']);

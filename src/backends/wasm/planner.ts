@@ -110,6 +110,67 @@ export function loadHostPlanner(): HostPlanner {
   return hostPlanner;
 }
 
+/** Most bytes of free host workspaces kept for later plans; a larger workspace is never kept. */
+const KEEP_FREE_WORKSPACE_BYTES = 256 * 2 ** 20;
+
+/** Workspace buffers are rounded up to 1/8 of the next power of two (at least 64 KiB), so nearby sizes share one. */
+function workspaceBufferBytes(bytes: number): number {
+  const step = 2 ** Math.max(16, Math.ceil(Math.log2(Math.max(bytes, 1))) - 3);
+  return Math.ceil(bytes / step) * step;
+}
+
+/**
+ * @internal The host workspaces (the cpu and wasm engines' layer steps), reused from plan to plan.
+ *
+ * Why: a plan keeps its workspace, a SharedArrayBuffer that the wasm workers read in place, for as
+ * long as the plan lives, and a server makes one plan per chunk and drops it. A SharedArrayBuffer
+ * posted to a worker stays alive until that worker's garbage collector runs, which an idle worker
+ * hardly does (see staging.ts): one fresh buffer per plan kept every dropped plan's workspace alive,
+ * so the process grew by a workspace per chunk that the main thread's collector could not free.
+ * Here the buffer of a workspace goes back to a free list once the array handed out is collected
+ * (its plan was dropped) and serves a later plan whose workspace fits (at most twice its size), so
+ * what the workers still reference is memory in use, not piled up. Free buffers are kept up to
+ * KEEP_FREE_WORKSPACE_BYTES, the smallest dropped first. Reused buffers are not cleared: a layer
+ * writes every workspace row it reads.
+ */
+export const hostWorkspaces = {
+  /** buffers allocated so far (a steady workload stops adding to it) */
+  allocations: 0,
+  /** workspaces served from a free buffer */
+  reuses: 0,
+  free: [] as SharedArrayBuffer[],
+  get freeBytes(): number {
+    return this.free.reduce((a, b) => a + b.byteLength, 0);
+  },
+  /** A bf16 workspace of `bytes` bytes in shared memory, its buffer given back when it is collected. */
+  take(bytes: number): Uint16Array {
+    const size = workspaceBufferBytes(bytes);
+    let best = -1;
+    this.free.forEach((b, i) => {
+      if (b.byteLength >= size && b.byteLength <= 2 * size && (best < 0 || b.byteLength < this.free[best]!.byteLength)) best = i;
+    });
+    let buffer: SharedArrayBuffer;
+    if (best >= 0) {
+      buffer = this.free.splice(best, 1)[0]!;
+      this.reuses++;
+    } else {
+      buffer = new SharedArrayBuffer(size);
+      this.allocations++;
+    }
+    const workspace = new Uint16Array(buffer, 0, bytes / 2);
+    workspaceReturns.register(workspace, buffer);
+    return workspace;
+  },
+  giveBack(buffer: SharedArrayBuffer): void {
+    if (buffer.byteLength > KEEP_FREE_WORKSPACE_BYTES) return;
+    this.free.push(buffer);
+    this.free.sort((a, b) => b.byteLength - a.byteLength);
+    let bytes = this.freeBytes;
+    while (bytes > KEEP_FREE_WORKSPACE_BYTES) bytes -= this.free.pop()!.byteLength;
+  },
+};
+const workspaceReturns = new FinalizationRegistry<SharedArrayBuffer>((buffer) => hostWorkspaces.giveBack(buffer));
+
 /** The token ids the host ops take (int32): a plan's ids lie inside its caches, so each fits. */
 function int32Ids(ids: BigInt64Array): Int32Array {
   const halves = new Int32Array(ids.buffer, ids.byteOffset, ids.length * 2);
@@ -122,7 +183,7 @@ function int32Ids(ids: BigInt64Array): Int32Array {
  * The layer steps of a host backend (cpu, wasm): rows and ids from the host planner, the workspace
  * a shared-memory array (workers read it in place), and `backend`'s own dequantize and
  * sparsePrefill over it (its methods looked up at each call). Everything stays in host memory, so
- * placing and reading are no-ops.
+ * placing and reading are no-ops; the workspace comes from hostWorkspaces.
  */
 export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'sparsePrefill'>): LayerSteps {
   return {
@@ -146,7 +207,7 @@ export function hostLayerSteps(backend: Pick<Backend, 'dequantizeKCache' | 'spar
       return rows;
     },
     allocWorkspace(bytes) {
-      return new Uint16Array(new SharedArrayBuffer(bytes));
+      return hostWorkspaces.take(bytes);
     },
     async dequantizeKCacheInto({ cache, tokenIds, n, workspace, rowOffset }) {
       const rowDim = rowDimOf(cache.format);

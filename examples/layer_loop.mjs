@@ -69,4 +69,5 @@ for (const [layer, ratio] of [0, 4, 128, 4].entries()) {
 }
 // The chunk-invariant work was done once: c0 and c128 rows built once for all their layers.
 console.log('plan.stats', plan.stats);
+plan.release(); // the chunk is done: what the plan kept for its layers goes now, not at a collection
 await engine.dispose();

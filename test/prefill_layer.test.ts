@@ -120,6 +120,14 @@ describe('prefillLayer vs the brute-force reference', () => {
       workspaceAllocations: 1,
     });
     expect(plan.stats.c4Dropped).toBe(2 * (refs[1]!.dropped + refs[3]!.dropped));
+    // plan.release() drops what the plan keeps: the next layers build it again and give the same results
+    plan.release();
+    for (const i of [0, 2]) {
+      const l = layers[i]!;
+      const got = await prefillLayer(engine, { q: l.q, compressRatio: l.ratio, plan, caches: l.caches, attnSink: l.attnSink, smScale: SM_SCALE, path: 'sparse' });
+      expectMatches(got, refs[i]!, 'sparse', `layer ${i} (c${l.ratio}) after release`);
+    }
+    expect(plan.stats).toMatchObject({ c0Builds: 2, c128Builds: 2, workspaceAllocations: 2 });
   }, 60_000);
 
   test('layers running at once on one plan (a chunk sharded by heads) build its rows and ids once, each with its own workspace', async () => {

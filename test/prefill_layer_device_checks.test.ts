@@ -270,6 +270,26 @@ describe('prefillLayer on a stand-in device that counts its allocations', () => 
     expect(failures).toBeGreaterThan(0);
   });
 
+  // (a c4 layer down the paged path keeps nothing on the device: its form is built per layer)
+  test.each(cases.filter(([r, p]) => !(r === 4 && p === 'paged')))('ratio %i, %s path: plan.release() frees what the plan keeps on the device; the next layer builds it again', async (ratio, path) => {
+    const { engine, backend } = device.engine(0);
+    const p = freshPlan();
+    const args = layerArgs(backend, ratio, path, p);
+    device.reset(); // counts from here: the layers' own allocations, not the inputs
+    for (let i = 0; i < 3; i++) await run(engine, args, 'device');
+    const kept = device.live.size;
+    expect(kept, 'a plan keeps rows, ids or a workspace').toBeGreaterThan(0);
+    const builds = { ...p.deviceStats };
+    p.release();
+    expect(device.live.size).toBe(0);
+    expect(device.faults).toEqual([]);
+    for (let i = 0; i < 3; i++) await run(engine, args, 'device');
+    expect(device.live.size).toBe(kept);
+    expect(device.faults).toEqual([]);
+    const rebuilt = (Object.keys(builds) as (keyof typeof builds)[]).filter((k) => p.deviceStats[k] > builds[k] && /Builds|Uploads|Allocations/.test(k));
+    expect(rebuilt.length, 'the next layer built again what it needs').toBeGreaterThan(0);
+  });
+
   test('a c4 layer down the paged path whose device top-k lies on another device is INVALID_VALUE naming topkIndices', async () => {
     const { engine, backend } = device.engine(0);
     const other = device.engine(1);

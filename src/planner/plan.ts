@@ -606,6 +606,25 @@ export class LayerResources<B = never> {
     if (this.#workspace === undefined) this.#workspace = ws;
     else releaseDevice(ws);
   }
+
+  /**
+   * Drops everything kept (Plan.release): device buffers freed now (stream-ordered behind the work
+   * queued on them), host arrays left to the collector. What a layer has taken and not yet given
+   * back (its workspace, c4 rows) comes back and is kept as before.
+   */
+  release(): void {
+    for (const r of this.#dense.values()) {
+      releaseDevice(r.rows);
+      releaseDevice(r.lens);
+    }
+    this.#dense.clear();
+    for (const f of this.#pagedForms.values()) for (const b of [f.main, f.mainLengths, f.extra, f.extraLengths]) releaseDevice(b);
+    this.#pagedForms.clear();
+    for (const b of [this.#c4Ids, this.#c128Ids, this.#swaIds, this.#workspace]) releaseDevice(b);
+    this.#c4Ids = this.#c128Ids = this.#swaIds = this.#workspace = undefined;
+    if (this.#c4Rows !== undefined) this.#releaseC4Rows(this.#c4Rows);
+    this.#c4Rows = undefined;
+  }
 }
 
 /** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
@@ -652,6 +671,8 @@ export class Plan {
   readonly #host: LayerResources;
   /** what it keeps on each cuda engine, keyed by the engine's layer steps (freed with the engine's buffers) */
   readonly #device = new WeakMap<LayerSteps<DeviceBuffer>, LayerResources<DeviceBuffer>>();
+  /** the same resources, for release() (weakly: they live as long as their engine's steps) */
+  readonly #deviceResources: WeakRef<LayerResources<DeviceBuffer>>[] = [];
   readonly #parts: PlanParts;
   readonly #combined = new Map<0 | 128, CombinedRows>();
   #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
@@ -1082,8 +1103,24 @@ export class Plan {
   resources(steps: LayerSteps<DeviceBuffer>): LayerResources<DeviceBuffer> {
     if (steps.memory === 'host') return this.#host;
     let r = this.#device.get(steps);
-    if (!r) this.#device.set(steps, (r = new LayerResources<DeviceBuffer>(this.#parts, 'device')));
+    if (!r) {
+      this.#device.set(steps, (r = new LayerResources<DeviceBuffer>(this.#parts, 'device')));
+      this.#deviceResources.push(new WeakRef(r));
+    }
     return r;
+  }
+
+  /**
+   * Frees what the plan keeps for its layers — on each cuda engine its rows, gather ids, workspace
+   * and paged forms in device memory, on the host the same arrays — now, rather than when the plan
+   * is collected: V8 does not see device memory, so a server that makes a plan per chunk and drops it
+   * would otherwise hold a chunk's device buffers until a collection. Call it once the plan's layers
+   * have settled (a layer still between its steps would find its rows freed: INVALID_VALUE). The plan
+   * stays usable: a later layer builds again what it needs (counted in stats / deviceStats).
+   */
+  release(): void {
+    this.#host.release();
+    for (const r of this.#deviceResources) r.deref()?.release();
   }
 
   /** Width of the ratio-0 / 128 combined rows: the widest row, aligned. */

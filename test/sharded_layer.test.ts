@@ -149,6 +149,9 @@ test('cuda engines (a stand-in device): a shard that fails (its engine disposed)
   // what the plan keeps on the live engine after its first layer, and nothing per call
   expect(sizes[0]).toBeGreaterThan(0);
   expect(sizes).toEqual([sizes[0], sizes[0], sizes[0]]);
+  // what the shards' plans keep goes with release()
+  plan.release();
+  expect(device.live.size).toBe(0);
   for (const options of [null, { output: 'gpu' }, 'device']) {
     device.reset();
     await expect(prefillLayerSharded([live.engine, dead.engine], args, options as never)).rejects.toMatchObject({ code: 'INVALID_VALUE' });

@@ -41,6 +41,11 @@ export class ShardedPlan {
     readonly shards: readonly Shard[],
     readonly numQueries: number,
   ) {}
+
+  /** Plan.release() of every shard's plan (each shard's plan once, where shards share one). */
+  release(): void {
+    for (const plan of new Set(this.shards.map((s) => s.plan))) plan.release();
+  }
 }
 
 /** Contiguous ranges [start, end) of `total` items over `parts`, sizes differing by at most one. */

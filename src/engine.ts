@@ -160,6 +160,7 @@ export class SparseMlaEngine implements Engine {
   async dispose(): Promise<void> {
     if (this.disposed) return;
     this.disposed = true;
+    undisposedWorkers.unregister(this);
     await this.impl.dispose();
   }
 }
@@ -219,5 +220,15 @@ export async function createEngine(options: EngineOptions = {}): Promise<Engine>
   });
   const engine = new SparseMlaEngine(impl);
   internals.set(engine, impl);
+  if (impl.name === 'wasm') undisposedWorkers.register(engine, impl, engine);
   return engine;
 }
+
+/**
+ * A wasm engine's workers are threads that live until dispose(); those of an engine dropped without
+ * it are ended once the engine is collected (an engine with a call in flight is still reachable
+ * from that call), so a program that never disposes its engines does not collect threads.
+ */
+const undisposedWorkers = new FinalizationRegistry<Backend>((impl) => {
+  impl.dispose().catch(() => undefined);
+});

@@ -315,6 +315,16 @@ describe('dispose', () => {
     expect(r.stdout).toMatch(/lse [\d.]+/);
   });
 
+  test.skipIf(process.platform !== 'linux')('engines dropped without dispose(): their workers end once the engines are collected', () => {
+    const child = fileURLToPath(new URL('./children/undisposed_engines.mjs', import.meta.url));
+    const p = spawnSync(process.execPath, ['--expose-gc', child], { timeout: 30_000, encoding: 'utf8' });
+    expect(p.stderr).toBe('');
+    const { before, made, after } = JSON.parse(p.stdout) as { before: number; made: number; after: number };
+    expect(made).toBeGreaterThanOrEqual(before + 12); // six engines of two workers
+    // (V8's and libuv's own threads may start meanwhile: a few, not the twelve workers)
+    expect(after).toBeLessThanOrEqual(before + 3);
+  });
+
   test('an engine that is never disposed does not keep the process alive either', () => {
     const r = runScript(`console.log('done');`);
     expect(r.status).toBe(0);

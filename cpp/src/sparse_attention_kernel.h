@@ -29,11 +29,21 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 }
 
 // Tile shapes (register blocking), chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
+// AVX2 has 16 registers of 8 lanes: 12 accumulators a tile, and 32-row blocks (half the
+// per-block rescales of O).
 #ifndef SMLA_KBLOCK
+#if defined(SMLA_SIMD_AVX2)
+#define SMLA_KBLOCK 32
+#else
 #define SMLA_KBLOCK 16
 #endif
+#endif
 #ifndef SMLA_LOGIT_HB
+#if defined(SMLA_SIMD_AVX2)
+#define SMLA_LOGIT_HB 6
+#else
 #define SMLA_LOGIT_HB 4
+#endif
 #endif
 #ifndef SMLA_LOGIT_RB
 #define SMLA_LOGIT_RB 2
@@ -41,6 +51,8 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 #ifndef SMLA_PV_HB
 #if defined(SMLA_SIMD_WASM)
 #define SMLA_PV_HB 2
+#elif defined(SMLA_SIMD_AVX2)
+#define SMLA_PV_HB 6
 #else
 #define SMLA_PV_HB 4
 #endif
@@ -117,6 +129,8 @@ static inline void block_logits(const float* q, const float* k, float* s, int h_
   constexpr int HB = SMLA_LOGIT_HB, RB = SMLA_LOGIT_RB;
   int h = 0;
   for (; h + HB <= h_q; h += HB) logits_rows<HB, RB>(q, k, s, d_qk, h, nb);
+  if (HB > 2)
+    for (; h + 2 <= h_q; h += 2) logits_rows<2, RB>(q, k, s, d_qk, h, nb);
   for (; h < h_q; ++h) logits_rows<1, RB>(q, k, s, d_qk, h, nb);
 }
 
@@ -149,11 +163,16 @@ static inline void pv_heads(const float* p, const float* v, float* acc, int d_qk
   for (; d < d_v; d += simd::W) pv_tile<HB, 1>(p, v, acc, d_qk, d_v, h0, d);
 }
 
-// O += P·V over a whole block; rows past the block's count have p = 0 and zeroed V rows.
+// O += P·V over a whole block; rows past the block's count have p = 0 and zeroed V rows. Heads
+// past the last whole group of HB go in groups of 4, 2, then 1 (64 heads = 10 · 6 + 4).
 static inline void block_pv(const float* p, const float* v, float* acc, int h_q, int d_qk, int d_v) {
   constexpr int HB = SMLA_PV_HB;
   int h = 0;
   for (; h + HB <= h_q; h += HB) pv_heads<HB>(p, v, acc, d_qk, d_v, h);
+  if (HB > 4)
+    for (; h + 4 <= h_q; h += 4) pv_heads<4>(p, v, acc, d_qk, d_v, h);
+  if (HB > 2)
+    for (; h + 2 <= h_q; h += 2) pv_heads<2>(p, v, acc, d_qk, d_v, h);
   for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h);
 }
 

@@ -1,6 +1,6 @@
 // Single-thread benchmark of the native core on the `run` shape (the WASM twin is
 // bench/wasm_kernel.mjs): sparse prefill GFLOP/s and v4 dequant gather GB/s, medians of runs.
-//   ./build/smla_core_bench [sQ=32] [sKV=4096] [runs=5]
+//   ./build/smla_core_bench [sQ=32] [sKV=4096] [runs=5] [hQ=64] [dQK=512] [topk=640]
 #include <math.h>
 #include <string.h>
 #include <stdio.h>
@@ -33,7 +33,9 @@ uint16_t bf16(float x) {
 int main(int argc, char** argv) {
   const int s_q = argc > 1 ? atoi(argv[1]) : 32, s_kv = argc > 2 ? atoi(argv[2]) : 4096;
   const int runs = argc > 3 ? atoi(argv[3]) : 5;
-  const int h_q = 64, d_qk = 512, d_v = 512, topk = 640;
+  // the shape: the run shape unless given (V3.2: 128 576 2048)
+  const int h_q = argc > 4 ? atoi(argv[4]) : 64, d_qk = argc > 5 ? atoi(argv[5]) : 512, d_v = 512;
+  const int topk = argc > 6 ? atoi(argv[6]) : 640;
   std::mt19937 rng(1);
   std::uniform_real_distribution<float> u(-1, 1);
   std::vector<uint16_t> q(size_t(s_q) * h_q * d_qk), kv(size_t(s_kv) * d_qk), out(size_t(s_q) * h_q * d_v);

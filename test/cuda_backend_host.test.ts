@@ -25,19 +25,12 @@ import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
-import { standInDevice } from './helpers/stand_in_device.js';
+import { StandInStream, standInDevice } from './helpers/stand_in_device.js';
 
 const rng = testRng('cuda_backend_host');
 
-class FakeStream {
-  constructor(readonly device: number) {}
-  synchronize(): Promise<void> {
-    return Promise.resolve();
-  }
-  query(): boolean {
-    return true;
-  }
-}
+const FakeStream = StandInStream;
+type FakeStream = StandInStream;
 
 /**
  * A CUDA op table whose ops are the given functions; anything else is never called. A kernel op

@@ -16,7 +16,7 @@ import { v4PageBytes } from '../dist/kv_cache_layout.js';
 import { createPlan, prefillLayer } from '../dist/planner/index.js';
 import { layerChecks } from '../dist/planner/prefill_layer.js';
 import type { Engine } from '../dist/types.js';
-import { standInDevice } from './helpers/stand_in_device.js';
+import { StandInStream, standInDevice } from './helpers/stand_in_device.js';
 
 /** The addon's device buffer without a device: a size, a device, freed once freed. */
 class StubBuffer {
@@ -29,15 +29,7 @@ class StubBuffer {
     this.freed = true;
   }
 }
-class StubStream {
-  constructor(readonly device: number) {}
-  synchronize(): Promise<void> {
-    return Promise.resolve();
-  }
-  query(): boolean {
-    return true;
-  }
-}
+const StubStream = StandInStream;
 let opCalls = 0;
 const op = (): Promise<void> => {
   opCalls++;

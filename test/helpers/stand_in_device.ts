@@ -27,6 +27,17 @@ export interface StandInDevice {
   reset(): void;
 }
 
+/** A stand-in CUDA stream: always idle, its work done at once. */
+export class StandInStream {
+  constructor(readonly device: number) {}
+  synchronize(): Promise<void> {
+    return Promise.resolve();
+  }
+  query(): boolean {
+    return true;
+  }
+}
+
 export function standInDevice(): StandInDevice {
   const live = new Set<object>();
   const faults: string[] = [];
@@ -40,15 +51,8 @@ export function standInDevice(): StandInDevice {
       if (--this.refs === 0) live.delete(this);
     }
   }
-  class Stream {
-    constructor(readonly device: number) {}
-    synchronize(): Promise<void> {
-      return Promise.resolve();
-    }
-    query(): boolean {
-      return true;
-    }
-  }
+  const Stream = StandInStream;
+  type Stream = StandInStream;
   const dev: StandInDevice = {
     live,
     faults,

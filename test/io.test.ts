@@ -143,14 +143,16 @@ describe('safetensors', () => {
     }
   });
 
+  /** A safetensors file of the header `json` and `dataLen` zero bytes of data. */
+  const make = (json: string, dataLen = 0): Uint8Array => {
+    const j = new TextEncoder().encode(json);
+    const out = new Uint8Array(8 + j.length + dataLen);
+    new DataView(out.buffer).setBigUint64(0, BigInt(j.length), true);
+    out.set(j, 8);
+    return out;
+  };
+
   test('typed errors: short file, header past the end, bad JSON, unknown dtype, wrong span', () => {
-    const make = (json: string, dataLen = 0): Uint8Array => {
-      const j = new TextEncoder().encode(json);
-      const out = new Uint8Array(8 + j.length + dataLen);
-      new DataView(out.buffer).setBigUint64(0, BigInt(j.length), true);
-      out.set(j, 8);
-      return out;
-    };
     expect(() => parseSafetensors(new Uint8Array(4), 'x.safetensors')).toThrow(code('INVALID_VALUE'));
     const huge = new Uint8Array(16);
     new DataView(huge.buffer).setBigUint64(0, 1000n, true);
@@ -163,13 +165,6 @@ describe('safetensors', () => {
   });
 
   test('hostile headers: Object.prototype names as dtypes, metadata that is not a map of strings', () => {
-    const make = (json: string, dataLen = 0): Uint8Array => {
-      const j = new TextEncoder().encode(json);
-      const out = new Uint8Array(8 + j.length + dataLen);
-      new DataView(out.buffer).setBigUint64(0, BigInt(j.length), true);
-      out.set(j, 8);
-      return out;
-    };
     // were INVALID_SHAPE "needs NaN bytes"
     for (const dtype of ['toString', 'constructor', '__proto__']) {
       expect(() => parseSafetensors(make(`{"a":{"dtype":"${dtype}","shape":[2],"data_offsets":[0,8]}}`, 8), 'x.safetensors')).toThrow(code('INVALID_DTYPE'));

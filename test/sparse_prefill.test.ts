@@ -164,6 +164,18 @@ describe('edge cases', () => {
     }
   });
 
+  test('every head count up to 13 (each remainder of the CPU core\'s 2-, 4- and 6-head tiles), a whole KV block and a short one', async () => {
+    for (let h = 1; h <= 13; h++) {
+      const sQ = 2, sKV = 70, topk = 45, dQK = h % 2 ? 512 : 576;
+      const args: SparsePrefillArgs = {
+        q: bf16Tensor([sQ, h, dQK]), kv: bf16Tensor([sKV, dQK]),
+        indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV)), smScale: 0.04,
+        attnSink: tensor('float32', [h], Float32Array.from({ length: h }, () => rng.normal())),
+      };
+      judge(`hQ=${h} dQK=${dQK}`, args, await suite.engine.sparsePrefill(args), [0, 1]);
+    }
+  });
+
   test('NaN propagates: a NaN in q poisons that query, a NaN in a kv row poisons every query that attends it', async () => {
     const sQ = 6;
     const q = bf16Tensor([sQ, hQ, dQK]);

@@ -59,7 +59,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     }
   }
   const n = numel(shape);
-  const arr = data ?? zeros(dtype, n, shape);
+  const arr = data ?? (allocHostArray(HOST_ARRAY_TYPES[dtype], n, 'tensor') as DTypeArrays[D]);
   if (!(arr instanceof HOST_ARRAY_TYPES[dtype])) {
     throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${HOST_ARRAY_TYPES[dtype].name}, got ${arr?.constructor?.name}`, 'data');
   }
@@ -69,12 +69,15 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   return { dtype, shape: [...shape], data: arr };
 }
 
-/** A zero-filled array of n elements; one this process cannot hold is TOO_LARGE, not a RangeError. */
-function zeros<D extends DType>(dtype: D, n: number, shape: readonly number[]): DTypeArrays[D] {
+/**
+ * A zero-filled host array of n elements: one this process cannot hold is TOO_LARGE naming
+ * `argument`, not V8's RangeError (tensors, caches and every backend's host outputs).
+ */
+export function allocHostArray<T>(ctor: new (n: number) => T, n: number, argument: string): T {
   try {
-    return new HOST_ARRAY_TYPES[dtype](n) as DTypeArrays[D];
+    return new ctor(n);
   } catch (e) {
-    throw new SparseMlaError('TOO_LARGE', `tensor: shape [${shape.join(', ')}] needs ${n} ${dtype} elements, which cannot be allocated (${(e as Error).message})`, 'shape');
+    throw new SparseMlaError('TOO_LARGE', `${argument}: expected an array this process can allocate, got ${n} elements (${(e as Error).message})`, argument);
   }
 }
 

@@ -7,15 +7,6 @@
 import os from 'node:os';
 import { SparseMlaError } from '../errors.js';
 
-/** Allocates a host output, refusing (TOO_LARGE) what this process cannot hold. */
-export function allocOutput<T>(ctor: new (n: number) => T, n: number, argument: string): T {
-  try {
-    return new ctor(n);
-  } catch (e) {
-    throw new SparseMlaError('TOO_LARGE', `${argument}: an output of ${n} elements cannot be allocated (${(e as Error).message})`, argument);
-  }
-}
-
 /** The default budget: half the machine's memory. */
 export function defaultMemoryBudgetBytes(): number {
   return Math.floor(os.totalmem() / 2);

@@ -162,7 +162,7 @@ function checkDeviceFields<D extends DType>(rawDtype: unknown, shape: number[], 
   return { dtype, shape, data } as unknown as DeviceTensor<D>;
 }
 
-const ALL_DTYPES = ['bf16', 'float32', 'int32', 'int64', 'uint8'] as const;
+const ALL_DTYPES = Object.keys(HOST_ARRAY_TYPES) as DType[];
 
 /**
  * A tensor that must be in device memory (engine.download, engine.copyFrom): any dtype, checked as

@@ -4,7 +4,7 @@
  * validated jobs below; the byte layout is ../kv_cache_layout.ts's.
  */
 import { fail } from '../errors.js';
-import { isDeviceBuffer } from '../tensor.js';
+import { allocHostArray, isDeviceBuffer } from '../tensor.js';
 import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
 import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
 import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, ownView, shapeStr } from './common.js';
@@ -170,11 +170,5 @@ export function kvCacheBytes(format: CacheFormat, geometry: KvCacheGeometry): nu
 /** A zero-filled cache of the given format and geometry. */
 export function createKvCache(format: CacheFormat, geometry: KvCacheGeometry): KvCache {
   const s = resolveCacheShape(format, geometry);
-  let data: Uint8Array;
-  try {
-    data = new Uint8Array(s.bytes);
-  } catch (e) {
-    fail('TOO_LARGE', 'geometry', 'a cache this process can allocate', `${s.bytes} bytes (${s.numPages} pages of ${s.pageSize} tokens): ${(e as Error).message}`);
-  }
-  return { format: s.format, pageSize: s.pageSize, numPages: s.numPages, data };
+  return { format: s.format, pageSize: s.pageSize, numPages: s.numPages, data: allocHostArray(Uint8Array, s.bytes, 'geometry') };
 }

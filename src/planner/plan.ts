@@ -285,6 +285,14 @@ export interface PlacedPagedForm<B = never> {
 }
 const placedFormUsable = (f: PlacedPagedForm<unknown>): boolean => usable(f.main) && usable(f.mainLengths) && (f.extra === undefined || (usable(f.extra) && usable(f.extraLengths)));
 
+/** Frees a placed paged form's device buffers (host arrays are left to the collector). */
+function releasePlacedForm(f: PlacedPagedForm<unknown>): void {
+  releaseDevice(f.main);
+  releaseDevice(f.mainLengths);
+  releaseDevice(f.extra);
+  releaseDevice(f.extraLengths);
+}
+
 /** The build in flight under `key`, else a new one: concurrent layers (sharded by heads, say) build once. */
 function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Promise<V>): Promise<V> {
   let p = inFlight.get(key);
@@ -576,7 +584,7 @@ export class LayerResources<B = never> {
         ...(done.length === 4 ? { extra: done[2]!, extraLengths: done[3]! } : {}),
       };
       const stale = this.#pagedForms.get(ratio);
-      if (stale !== undefined) for (const b of [stale.main, stale.mainLengths, stale.extra, stale.extraLengths]) releaseDevice(b);
+      if (stale !== undefined) releasePlacedForm(stale);
       this.#pagedForms.set(ratio, placed);
       if (this.memory === 'device') this.#plan.deviceStats.deviceUploads++;
       return placed;
@@ -618,7 +626,7 @@ export class LayerResources<B = never> {
       releaseDevice(r.lens);
     }
     this.#dense.clear();
-    for (const f of this.#pagedForms.values()) for (const b of [f.main, f.mainLengths, f.extra, f.extraLengths]) releaseDevice(b);
+    for (const f of this.#pagedForms.values()) releasePlacedForm(f);
     this.#pagedForms.clear();
     for (const b of [this.#c4Ids, this.#c128Ids, this.#swaIds, this.#workspace]) releaseDevice(b);
     this.#c4Ids = this.#c128Ids = this.#swaIds = this.#workspace = undefined;

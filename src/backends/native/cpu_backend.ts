@@ -24,7 +24,8 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { hostLayerSteps } from '../wasm/planner.js';
-import { allocOutput, checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -113,9 +114,9 @@ export class CpuBackend implements Backend {
     const { sQ, hQ, dQK, dV, topk } = job;
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
     this.budget('sparsePrefill', 'q', inputs, sQ * hQ * (dV * 2 + 8));
-    const out = allocOutput(Uint16Array, sQ * hQ * dV, 'out');
-    const maxLogits = allocOutput(Float32Array, sQ * hQ, 'maxLogits');
-    const lse = allocOutput(Float32Array, sQ * hQ, 'lse');
+    const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
+    const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
+    const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
     const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
       this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
@@ -129,9 +130,9 @@ export class CpuBackend implements Backend {
     const fields = pagedSparseAttentionFields(job);
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     this.budget('pagedSparseAttention', 'q', inputs, n * hQ * (512 * 2 + 8));
-    const out = allocOutput(Uint16Array, n * hQ * 512, 'out');
-    const lse = allocOutput(Float32Array, n * hQ, 'lse');
-    const maxLogits = allocOutput(Float32Array, n * hQ, 'maxLogits');
+    const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
+    const lse = allocHostArray(Float32Array, n * hQ, 'lse');
+    const maxLogits = allocHostArray(Float32Array, n * hQ, 'maxLogits');
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];
@@ -147,7 +148,7 @@ export class CpuBackend implements Backend {
     // the addon copies the requested tokens of a cache that is not shared (n tokens, not the cache)
     const gathered = copyBytes(cache.data) > 0 ? n * COMPACT_TOKEN_BYTES[cache.format] : 0;
     this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
-    const out = allocOutput(Uint16Array, n * rowDim, 'out');
+    const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run('dequantizeKCachePaged', [tokenIds] as const, ['tokenIds'], ([ids]) =>
       this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, out }),

@@ -15,7 +15,7 @@
 import { availableParallelism } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { SparseMlaError } from '../../errors.js';
-import { DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
+import { allocHostArray, DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
 import type { DeviceBuffer, Placement } from '../../types.js';
 import {
   pagedSparseAttentionFields,
@@ -37,7 +37,7 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
-import { allocOutput, checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
@@ -121,31 +121,19 @@ function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
 }
 
 /**
- * The buffers of a paged layer program's run, in the addon's slot order (the order it reads the
- * paged op's params: q, kCache, indices, topkLength, then the extra set's, then attnSink; an absent
- * array has no slot).
+ * The paged op's array fields a paged layer program's run binds, in the addon's slot order (the
+ * order it reads the params: q, kCache, indices, topkLength, then the extra set's, then attnSink;
+ * an absent array has no slot). A run's buffers and a new program's slot names both come from it.
  */
-function pagedInputs(f: PagedFields): unknown[] {
-  const buffers: unknown[] = [f.q, f.kCache, f.indices];
-  if (f.topkLength !== null) buffers.push(f.topkLength);
+function pagedSlotFields(f: PagedFields): (keyof PagedFields)[] {
+  const keys: (keyof PagedFields)[] = ['q', 'kCache', 'indices'];
+  if (f.topkLength !== null) keys.push('topkLength');
   if (f.extraKCache !== null) {
-    buffers.push(f.extraKCache, f.extraIndices);
-    if (f.extraTopkLength !== null) buffers.push(f.extraTopkLength);
+    keys.push('extraKCache', 'extraIndices');
+    if (f.extraTopkLength !== null) keys.push('extraTopkLength');
   }
-  if (f.attnSink !== null) buffers.push(f.attnSink);
-  return buffers;
-}
-
-/** The name of each of pagedInputs' slots, in its order (a new program's check). */
-function pagedSlotNames(f: PagedFields): string[] {
-  const names = ['paged.q', 'paged.kCache', 'paged.indices'];
-  if (f.topkLength !== null) names.push('paged.topkLength');
-  if (f.extraKCache !== null) {
-    names.push('paged.extraKCache', 'paged.extraIndices');
-    if (f.extraTopkLength !== null) names.push('paged.extraTopkLength');
-  }
-  if (f.attnSink !== null) names.push('paged.attnSink');
-  return names;
+  if (f.attnSink !== null) keys.push('attnSink');
+  return keys;
 }
 
 /**
@@ -213,6 +201,20 @@ function sameGeometry(g: readonly number[], job: QueuedLayerJob<DeviceBuffer>): 
 function keptProgram(kept: readonly KeptLayerProgram[], job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram | undefined {
   for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
   return undefined;
+}
+
+/** A layer run's outputs as adopted (CudaBackend.adoptRunOutputs): all set once the run's done has resolved. */
+interface RunOutputs {
+  out: CudaDeviceBuffer | null;
+  maxLogits: CudaDeviceBuffer | null;
+  lse: CudaDeviceBuffer | null;
+}
+
+/** Frees a failed run's outputs. */
+function freeRunOutputs(o: RunOutputs): void {
+  o.out?.free();
+  o.maxLogits?.free();
+  o.lse?.free();
 }
 
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
@@ -479,12 +481,12 @@ export class CudaBackend implements Backend, DeviceOps {
       const [out, maxLogits, lse] = this.allocTogether([rows * dV * 2, rows * 4, rows * 4]);
       return { out: out!, maxLogits: maxLogits!, lse: lse! };
     }
-    return { out: allocOutput(Uint16Array, rows * dV, 'out'), maxLogits: allocOutput(Float32Array, rows, 'maxLogits'), lse: allocOutput(Float32Array, rows, 'lse') };
+    return { out: allocHostArray(Uint16Array, rows * dV, 'out'), maxLogits: allocHostArray(Float32Array, rows, 'maxLogits'), lse: allocHostArray(Float32Array, rows, 'lse') };
   }
 
   /** An output: a host array, or a device buffer of the same byte size. */
   private output<T extends ArrayBufferView>(placement: Placement, ctor: new (n: number) => T, bytesPer: number, n: number, argument: string): T | DeviceBuffer {
-    return placement === 'device' ? this.alloc(n * bytesPer) : allocOutput(ctor, n, argument);
+    return placement === 'device' ? this.alloc(n * bytesPer) : allocHostArray(ctor, n, argument);
   }
 
   async upload(data: ArrayBufferView): Promise<DeviceBuffer> {
@@ -700,16 +702,11 @@ export class CudaBackend implements Backend, DeviceOps {
     const done = run.done;
     this.calls.begin(done);
     // the layer is queued: its outputs' handles are made while the device runs it
-    const rows = job.prefill.numQueries * job.prefill.hQ;
-    const out = run.out === null ? null : this.adopt(run.out, rows * V4_ROW_DIMS * 2);
-    const maxLogits = run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4);
-    const lse = run.lse === null ? null : this.adopt(run.lse, rows * 4);
+    const outputs = this.adoptRunOutputs(run, job.prefill.numQueries * job.prefill.hQ);
     try {
       await done; // once the dropped total is in, when there is one
     } catch (e) {
-      out?.free();
-      maxLogits?.free();
-      lse?.free();
+      freeRunOutputs(outputs);
       throw addonFailure('cuda', 'queueLayer', e);
     } finally {
       this.calls.end(done);
@@ -720,7 +717,7 @@ export class CudaBackend implements Backend, DeviceOps {
       this.#droppedSlot = droppedInto; // read: the next layer may write into it
     }
     // (null only when done rejected)
-    return { out: out!, lse: lse!, maxLogits: maxLogits!, dropped };
+    return { out: outputs.out!, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
   }
 
   /** A queued layer's 8-byte landing place for its dropped total, kept between layers (one allocation less a c4 layer). */
@@ -735,9 +732,10 @@ export class CudaBackend implements Backend, DeviceOps {
    */
   async queuePagedLayer(job: PagedSparseAttentionJob<DeviceBuffer>, owner: object): Promise<PlacedAttentionOutput> {
     const fields = pagedSparseAttentionFields(job);
-    const inputs = pagedInputs(fields);
+    // run's buffers, in its slot order: each field's addon buffer, of this engine's stream
+    const inputs: unknown[] = pagedSlotFields(fields);
     for (let i = 0; i < inputs.length; i++) {
-      const b = inputs[i];
+      const b = fields[inputs[i] as keyof PagedFields];
       if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return this.pagedSparseAttention(job, 'device');
       inputs[i] = b.native;
     }
@@ -755,22 +753,16 @@ export class CudaBackend implements Backend, DeviceOps {
     }
     const done = run.done;
     this.calls.begin(done);
-    const rows = job.n * job.hQ;
-    const out = run.out === null ? null : this.adopt(run.out, rows * 512 * 2);
-    const maxLogits = run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4);
-    const lse = run.lse === null ? null : this.adopt(run.lse, rows * 4);
+    const outputs = this.adoptRunOutputs(run, job.n * job.hQ);
     try {
       await done;
     } catch (e) {
-      out?.free();
-      maxLogits?.free();
-      lse?.free();
+      freeRunOutputs(outputs);
       throw addonFailure('cuda', 'pagedSparseAttention', e);
     } finally {
       this.calls.end(done);
     }
-    // (null only when done rejected)
-    return { out: out!, lse: lse!, maxLogits: maxLogits! };
+    return outputs as PlacedAttentionOutput;
   }
 
   /** Paged layer programs by their owner (a plan's resources on this engine), each with its geometry (pagedGeometry). */
@@ -780,7 +772,7 @@ export class CudaBackend implements Backend, DeviceOps {
   private makePagedProgram(fields: PagedFields, geometry: number[], kept: KeptLayerProgram[]): NativeLayerProgram {
     const params: PagedLayerProgramParams = { paged: this.operands(fields, { out: null, maxLogits: null, lse: null }) };
     const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
-    const names = pagedSlotNames(fields);
+    const names = pagedSlotFields(fields).map((k) => `paged.${k}`);
     if (program.slots.join() !== names.join()) throw new Error(`paged layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
     kept.push({ geometry, program });
     return program;
@@ -789,6 +781,18 @@ export class CudaBackend implements Backend, DeviceOps {
   /** A device buffer of this engine's that the addon allocated, of a size the caller knows. */
   private adopt(native: NativeDeviceBuffer, byteLength: number): CudaDeviceBuffer {
     return new CudaDeviceBuffer(native, this.stream, byteLength, this.deviceIndex);
+  }
+
+  /**
+   * A layer run's outputs (out bf16 [rows, 512], maxLogits and lse float32 [rows]) as this engine's
+   * buffers; each null where the run made none (it failed: its done rejects).
+   */
+  private adoptRunOutputs(run: NativeLayerRun, rows: number): RunOutputs {
+    return {
+      out: run.out === null ? null : this.adopt(run.out, rows * V4_ROW_DIMS * 2),
+      maxLogits: run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4),
+      lse: run.lse === null ? null : this.adopt(run.lse, rows * 4),
+    };
   }
 
   /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */

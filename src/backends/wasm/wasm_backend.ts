@@ -23,7 +23,8 @@ import type {
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
-import { allocOutput, checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
+import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
@@ -222,9 +223,9 @@ export class WasmBackend implements Backend {
     if (ranges.length > 1) {
       try {
         result = {
-          out: allocOutput(Uint16Array, rows * outPerRow, 'out'),
-          maxLogits: allocOutput(Float32Array, rows * statPerRow, 'maxLogits'),
-          lse: allocOutput(Float32Array, rows * statPerRow, 'lse'),
+          out: allocHostArray(Uint16Array, rows * outPerRow, 'out'),
+          maxLogits: allocHostArray(Float32Array, rows * statPerRow, 'maxLogits'),
+          lse: allocHostArray(Float32Array, rows * statPerRow, 'lse'),
         };
       } catch (e) {
         release();
@@ -359,7 +360,7 @@ export class WasmBackend implements Backend {
       this.memoryBudgetBytes,
     );
     if (ranges.length === 0) return new Uint16Array(0);
-    const out = allocOutput(Uint16Array, n * rowDim, 'tokenIds');
+    const out = allocHostArray(Uint16Array, n * rowDim, 'tokenIds');
     const ids = job.tokenIds.slice();
     const slabBytes = lanes * regionBytes;
     const slab = this.staging.tryAcquire(slabBytes) ?? (await this.staging.acquire(slabBytes));

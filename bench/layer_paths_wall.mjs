@@ -1,15 +1,24 @@
 #!/usr/bin/env node
-// The router's question asked of whole layers: the wall clock of one prefillLayer on a cuda engine
-// down each path, forced in turn (the GPU bench's router sweep times the paths' kernels only).
-// One request of seqLen = prefix + N whose chunk is its last N tokens; device q, caches, top-k and
-// sink, output on the device (HOST=1: every operand and output on the host). A run = LAYERS layers
+// The router's question asked of whole layers: the wall clock of one prefillLayer down each path,
+// forced in turn, on a cuda engine (the GPU bench's router sweep times the paths' kernels only) or a
+// host engine (cpu, wasm: SPARSE_MLA_BACKEND), whose default thresholds come from this script too.
+// One request of seqLen = prefix + N whose chunk is its last N tokens; on cuda device q, caches, top-k
+// and sink, output on the device (HOST=1: every operand and output on the host). A run = LAYERS layers
 // awaited one after another, then a synchronize; ROUNDS runs a path after one warm-up run, the paths
-// alternated (each layer's call-to-resolve time kept too: the host's share); before a case's first point, WARMUP (default 300) untimed layers a path, so V8 has
-// optimized the layer's JS on both (a process's first layers run its JS several times slower:
-// docs/perf-history.md). Prints each point's median µs a layer and paged / sparse (> 1: the workspace
-// path is faster); --out FILE writes them as JSON.
-// Usage (dist built, a cuda addon): [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS] [--out FILE]
-// PREFIXES=comma list (default 0,32768) and RATIOS (default 4,128,0) narrow the sweep.
+// alternated (each layer's call-to-resolve time kept too: the host's share); before a case's first
+// point, WARMUP (default 300) untimed layers a path, at most WARMUP_MS (cuda: no limit; host: 2000), so
+// V8 has optimized the layer's JS on both (a process's first layers run its JS several times slower:
+// docs/perf-history.md). On a host engine LAYERS defaults to auto: as many layers as fill RUN_MS
+// (default 300) ms by the slower path's warm-up run, at least one.
+// Prints each point's median µs a layer and paged / sparse (> 1: the workspace path is faster), then
+// per ratio the threshold whose worst loss over the measured points is smallest (the rule of
+// SPARSE_PREFILL_THRESHOLDS); --out FILE writes them as JSON.
+// Usage (dist built; cuda: a cuda addon): [SPARSE_MLA_BACKEND=cpu|wasm] [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS|auto] [--out FILE]
+// PREFIXES=comma list (default 0,32768), RATIOS (default 4,128,0) and HEADS (default 64,128; 16: a
+// tensor-parallel shard of 128 heads, top-k 1024) narrow the sweep; NS replaces every case's query
+// counts (cuda: 16,64,256 … 1024 as below; host: 16,32,64,128,256,512,1024); STOP (host default 1.2,
+// cuda none) ends a case's counts once paged / sparse has reached it at two counts in a row (the
+// workspace path clearly wins from there).
 import { writeFileSync } from 'node:fs';
 import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import { randomV4Cache } from './device_inputs.mjs';
@@ -17,13 +26,18 @@ import { randomV4Cache } from './device_inputs.mjs';
 const args = process.argv.slice(2);
 const outAt = args.indexOf('--out');
 const outFile = outAt >= 0 ? args.splice(outAt, 2)[1] : undefined;
-const ROUNDS = Number(args[0] ?? 5), LAYERS = Number(args[1] ?? 20), W = 128;
-const list = (name, dflt) => (process.env[name] ?? dflt).split(',').map(Number);
-const PREFIXES = list('PREFIXES', '0,32768'), RATIOS = list('RATIOS', '4,128,0'), WARMUP = Number(process.env.WARMUP ?? 300);
-const warmed = new Set();
 let seed = 0x1234567;
 const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
 const engine = await createEngine({ backend: process.env.SPARSE_MLA_BACKEND ?? 'cuda' });
+const hostEngine = !engine.hasDevice;
+const env = process.env;
+const list = (name, dflt) => (env[name] ?? dflt).split(',').map(Number);
+const ROUNDS = Number(args[0] ?? 5), LAYERS_ARG = args[1] ?? (hostEngine ? 'auto' : '20'), W = 128;
+const AUTO_LAYERS = LAYERS_ARG === 'auto', RUN_MS = Number(env.RUN_MS ?? 300);
+const PREFIXES = list('PREFIXES', '0,32768'), RATIOS = list('RATIOS', '4,128,0'), HEADS = list('HEADS', '64,128');
+const WARMUP = Number(env.WARMUP ?? 300), WARMUP_MS = Number(env.WARMUP_MS ?? (hostEngine ? 2000 : Infinity));
+const STOP = Number(env.STOP ?? (hostEngine ? 1.2 : Infinity));
+const warmed = new Set();
 const onDevice = engine.hasDevice && process.env.HOST !== '1';
 const up = (t) => (onDevice ? engine.upload(t) : t);
 const output = onDevice ? 'device' : 'host';
@@ -33,21 +47,28 @@ const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 /** A v4 cache (P 64) of at least `tokens` tokens: random rows quantized once, on this engine's memory. */
 const v4Cache = (tokens) => randomV4Cache(engine, tokens, rand, onDevice);
 
+const HOST_NS = [16, 32, 64, 128, 256, 512, 1024];
+const NS = env.NS ? list('NS', '') : undefined;
 const CASES = [
   { ratio: 4, hQ: 64, topk: 512, ns: [16, 32, 64, 256] },
   { ratio: 4, hQ: 128, topk: 1024, ns: [16, 32, 64, 256] },
+  { ratio: 4, hQ: 16, topk: 1024, ns: [16, 32, 64, 256] },
   { ratio: 128, hQ: 64, ns: [16, 64, 256, 512, 1024] },
   { ratio: 128, hQ: 128, ns: [16, 64, 256, 512, 1024] },
+  { ratio: 128, hQ: 16, ns: [16, 64, 256, 512, 1024] },
   { ratio: 0, hQ: 64, ns: [16, 64, 256, 512, 1024] },
   { ratio: 0, hQ: 128, ns: [16, 64, 256, 512, 1024] },
-];
+  { ratio: 0, hQ: 16, ns: [16, 64, 256, 512, 1024] },
+].filter((k) => RATIOS.includes(k.ratio) && HEADS.includes(k.hQ)).map((k) => ({ ...k, ns: NS ?? (hostEngine ? HOST_NS : k.ns) }));
 const points = [];
 for (const prefix of PREFIXES) {
-  const most = prefix + 1024;
+  const most = prefix + Math.max(...CASES.flatMap((k) => k.ns));
   const swa = await v4Cache(most);
   const comp = { 4: await v4Cache(Math.floor(most / 4)), 128: await v4Cache(Math.floor(most / 128)) };
-  for (const c of CASES.filter((k) => RATIOS.includes(k.ratio))) {
+  for (const c of CASES) {
+    let wins = 0;
     for (const N of c.ns) {
+      if (wins >= 2) break;
       const seqLen = prefix + N;
       const g = swaGatherLength(seqLen, N, W);
       const request = { seqLen, extendLen: N, swaTokenIds: Int32Array.from({ length: g }, (_, i) => seqLen - g + i) };
@@ -74,37 +95,72 @@ for (const prefix of PREFIXES) {
       const kind = `${c.ratio}/${c.hQ}`;
       if (!warmed.has(kind)) {
         warmed.add(kind);
-        for (const path of ['sparse', 'paged']) for (let l = 0; l < WARMUP; l++) await layer(path);
+        for (const path of ['sparse', 'paged']) {
+          const t0 = performance.now();
+          for (let l = 0; l < WARMUP && performance.now() - t0 < WARMUP_MS; l++) await layer(path);
+        }
         await engine.synchronize();
       }
       const runs = { sparse: [], paged: [] };
       // host µs from each layer's call until its promise resolved (the JS thread's share of a layer)
       const resolve = { sparse: [], paged: [] };
+      // auto: the warm-up run is one layer a path, and sets the point's layer count
+      let layers = AUTO_LAYERS ? 1 : Number(LAYERS_ARG);
+      const warmupMs = { sparse: 0, paged: 0 };
       for (let r = 0; r <= ROUNDS; r++) {
+        if (r === 1 && AUTO_LAYERS) layers = Math.max(1, Math.round(RUN_MS / Math.max(warmupMs.sparse, warmupMs.paged)));
         for (const path of ['sparse', 'paged']) {
           await engine.synchronize();
           const t0 = performance.now();
-          for (let l = 0; l < LAYERS; l++) {
+          for (let l = 0; l < layers; l++) {
             const c0 = performance.now();
             await layer(path);
             if (r > 0) resolve[path].push((performance.now() - c0) * 1000);
           }
           await engine.synchronize();
-          if (r > 0) runs[path].push(((performance.now() - t0) * 1000) / LAYERS);
+          if (r > 0) runs[path].push(((performance.now() - t0) * 1000) / layers);
+          else warmupMs[path] = performance.now() - t0;
         }
       }
       const s = median(runs.sparse), p = median(runs.paged);
       const rs = median(resolve.sparse), rp = median(resolve.paged);
       const name = `c${c.ratio} hQ ${c.hQ}${c.topk ? ` topk ${c.topk}` : ''} prefix ${prefix} N ${N}`;
-      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, sparse_us: s, paged_us: p, paged_over_sparse: p / s, sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
-      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer, paged / sparse ${(p / s).toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
+      wins = p / s >= STOP ? wins + 1 : 0;
+      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, layers, sparse_us: s, paged_us: p, paged_over_sparse: p / s, sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
+      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer (${ROUNDS} runs of ${layers}), paged / sparse ${(p / s).toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
       for (const t of [q, sink, topk]) if (t) free(t);
     }
   }
   for (const t of [swa, comp[4], comp[128]]) free(t);
 }
+
+/**
+ * The router's threshold of one ratio by the rule of SPARSE_PREFILL_THRESHOLDS: of the candidates
+ * (0: always the workspace path, each measured count N: N queries or fewer go down the paged path),
+ * the one whose worst loss (chosen path's time / the faster path's, − 1) over the ratio's measured
+ * points — every head count and prefix — is smallest; ties to the smaller mean loss.
+ */
+function chooseThreshold(ratioPoints) {
+  const candidates = [0, ...new Set(ratioPoints.map((x) => x.queries))].sort((a, b) => a - b);
+  const scored = candidates.map((threshold) => {
+    const losses = ratioPoints.map((x) => (x.queries > threshold ? x.sparse_us : x.paged_us) / Math.min(x.sparse_us, x.paged_us) - 1);
+    return { threshold, worstLoss: Math.max(...losses), meanLoss: losses.reduce((a, b) => a + b, 0) / losses.length };
+  });
+  const best = scored.reduce((a, b) => (b.worstLoss < a.worstLoss || (b.worstLoss === a.worstLoss && b.meanLoss < a.meanLoss) ? b : a));
+  return { ...best, candidates: scored };
+}
+const thresholds = {};
+for (const ratio of RATIOS) {
+  const ratioPoints = points.filter((x) => x.ratio === ratio);
+  if (ratioPoints.length === 0) continue;
+  thresholds[ratio] = chooseThreshold(ratioPoints);
+  const t = thresholds[ratio];
+  console.log(`c${ratio}: threshold ${t.threshold} (worst loss ${(t.worstLoss * 100).toFixed(1)}%, mean ${(t.meanLoss * 100).toFixed(1)}%); by candidate: ${t.candidates.map((k) => `${k.threshold} ${(k.worstLoss * 100).toFixed(0)}%`).join(', ')}`);
+}
 if (outFile) {
-  const report = { date: new Date().toISOString(), command: `${process.env.HOST === '1' ? 'HOST=1 ' : ''}node bench/layer_paths_wall.mjs ${ROUNDS} ${LAYERS}`, memory: output, rounds: ROUNDS, layers: LAYERS, warmup: WARMUP, points };
+  const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
+  const command = [...vars, 'node bench/layer_paths_wall.mjs', ROUNDS, LAYERS_ARG].join(' ');
+  const report = { date: new Date().toISOString(), command, backend: engine.backend, workers: engine.workers, memory: output, rounds: ROUNDS, layers: LAYERS_ARG, warmup: WARMUP, warmup_ms: WARMUP_MS, run_ms: AUTO_LAYERS ? RUN_MS : undefined, stop: STOP, points, thresholds };
   writeFileSync(outFile, `${JSON.stringify(report, null, 2)}\n`);
 }
 await engine.dispose();

@@ -10,7 +10,8 @@
 // V8 has optimized the layer's JS on both (a process's first layers run its JS several times slower:
 // docs/perf-history.md). On a host engine LAYERS defaults to auto: as many layers as fill RUN_MS
 // (default 300) ms by the slower path's warm-up run, at least one.
-// Prints each point's median µs a layer and paged / sparse (> 1: the workspace path is faster), then
+// Prints each point's median µs a layer and paged / sparse (> 1: the workspace path is faster; also
+// the median of each round's ratio, its two runs back to back, each round's order the other way), then
 // per ratio the threshold whose worst loss over the measured points is smallest (the rule of
 // SPARSE_PREFILL_THRESHOLDS); --out FILE writes them as JSON.
 // Usage (dist built; cuda: a cuda addon): [SPARSE_MLA_BACKEND=cpu|wasm] [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS|auto] [--out FILE]
@@ -20,6 +21,7 @@
 // cuda none) ends a case's counts once paged / sparse has reached it at two counts in a row (the
 // workspace path clearly wins from there).
 import { writeFileSync } from 'node:fs';
+import { loadavg } from 'node:os';
 import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import { randomV4Cache } from './device_inputs.mjs';
 
@@ -109,7 +111,8 @@ for (const prefix of PREFIXES) {
       const warmupMs = { sparse: 0, paged: 0 };
       for (let r = 0; r <= ROUNDS; r++) {
         if (r === 1 && AUTO_LAYERS) layers = Math.max(1, Math.round(RUN_MS / Math.max(warmupMs.sparse, warmupMs.paged)));
-        for (const path of ['sparse', 'paged']) {
+        // each round's order the other way round: neither path always runs first after the other
+        for (const path of r % 2 === 0 ? ['sparse', 'paged'] : ['paged', 'sparse']) {
           await engine.synchronize();
           const t0 = performance.now();
           for (let l = 0; l < layers; l++) {
@@ -123,11 +126,14 @@ for (const prefix of PREFIXES) {
         }
       }
       const s = median(runs.sparse), p = median(runs.paged);
+      // each round's two runs ran back to back and saw much the same load from other processes (a
+      // shared host): the median of their ratios is the figure that load moves least
+      const paired = median(runs.paged.map((x, i) => x / runs.sparse[i]));
       const rs = median(resolve.sparse), rp = median(resolve.paged);
       const name = `c${c.ratio} hQ ${c.hQ}${c.topk ? ` topk ${c.topk}` : ''} prefix ${prefix} N ${N}`;
-      wins = p / s >= STOP ? wins + 1 : 0;
-      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, layers, sparse_us: s, paged_us: p, paged_over_sparse: p / s, sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
-      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer (${ROUNDS} runs of ${layers}), paged / sparse ${(p / s).toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
+      wins = paired >= STOP ? wins + 1 : 0;
+      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, layers, sparse_us: s, paged_us: p, paged_over_sparse: p / s, paged_over_sparse_paired: paired, load_1min: loadavg()[0], sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
+      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer (${ROUNDS} runs of ${layers}), paged / sparse ${(p / s).toFixed(2)}, paired ${paired.toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
       for (const t of [q, sink, topk]) if (t) free(t);
     }
   }
@@ -137,13 +143,14 @@ for (const prefix of PREFIXES) {
 /**
  * The router's threshold of one ratio by the rule of SPARSE_PREFILL_THRESHOLDS: of the candidates
  * (0: always the workspace path, each measured count N: N queries or fewer go down the paged path),
- * the one whose worst loss (chosen path's time / the faster path's, − 1) over the ratio's measured
- * points — every head count and prefix — is smallest; ties to the smaller mean loss.
+ * the one whose worst loss (chosen path's time / the faster path's, − 1, from the paired ratio)
+ * over the ratio's measured points — every head count and prefix — is smallest; ties to the
+ * smaller mean loss.
  */
 function chooseThreshold(ratioPoints) {
   const candidates = [0, ...new Set(ratioPoints.map((x) => x.queries))].sort((a, b) => a - b);
   const scored = candidates.map((threshold) => {
-    const losses = ratioPoints.map((x) => (x.queries > threshold ? x.sparse_us : x.paged_us) / Math.min(x.sparse_us, x.paged_us) - 1);
+    const losses = ratioPoints.map((x) => Math.max(0, x.queries > threshold ? 1 / x.paged_over_sparse_paired - 1 : x.paged_over_sparse_paired - 1));
     return { threshold, worstLoss: Math.max(...losses), meanLoss: losses.reduce((a, b) => a + b, 0) / losses.length };
   });
   const best = scored.reduce((a, b) => (b.worstLoss < a.worstLoss || (b.worstLoss === a.worstLoss && b.meanLoss < a.meanLoss) ? b : a));

@@ -104,6 +104,10 @@ for (const prefix of PREFIXES) {
         await engine.synchronize();
       }
       const runs = { sparse: [], paged: [] };
+      // the process's CPU µs a layer (every thread, workers too): the work, which other processes'
+      // load moves less than the wall clock (but it counts a path's serial part once where the wall
+      // clock of an idle host would too, and its parallel part once per thread)
+      const cpu = { sparse: [], paged: [] };
       // host µs from each layer's call until its promise resolved (the JS thread's share of a layer)
       const resolve = { sparse: [], paged: [] };
       // auto: the warm-up run is one layer a path, and sets the point's layer count
@@ -114,14 +118,16 @@ for (const prefix of PREFIXES) {
         // each round's order the other way round: neither path always runs first after the other
         for (const path of r % 2 === 0 ? ['sparse', 'paged'] : ['paged', 'sparse']) {
           await engine.synchronize();
-          const t0 = performance.now();
+          const t0 = performance.now(), u0 = process.cpuUsage();
           for (let l = 0; l < layers; l++) {
             const c0 = performance.now();
             await layer(path);
             if (r > 0) resolve[path].push((performance.now() - c0) * 1000);
           }
           await engine.synchronize();
+          const u = process.cpuUsage(u0);
           if (r > 0) runs[path].push(((performance.now() - t0) * 1000) / layers);
+          if (r > 0) cpu[path].push((u.user + u.system) / layers);
           else warmupMs[path] = performance.now() - t0;
         }
       }
@@ -132,8 +138,8 @@ for (const prefix of PREFIXES) {
       const rs = median(resolve.sparse), rp = median(resolve.paged);
       const name = `c${c.ratio} hQ ${c.hQ}${c.topk ? ` topk ${c.topk}` : ''} prefix ${prefix} N ${N}`;
       wins = paired >= STOP ? wins + 1 : 0;
-      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, layers, sparse_us: s, paged_us: p, paged_over_sparse: p / s, paged_over_sparse_paired: paired, load_1min: loadavg()[0], sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
-      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer (${ROUNDS} runs of ${layers}), paged / sparse ${(p / s).toFixed(2)}, paired ${paired.toFixed(2)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
+      points.push({ ratio: c.ratio, hQ: c.hQ, topk: c.topk ?? 0, prefix, queries: N, layers, sparse_us: s, paged_us: p, paged_over_sparse: p / s, paged_over_sparse_paired: paired, sparse_cpu_us: median(cpu.sparse), paged_cpu_us: median(cpu.paged), paged_over_sparse_cpu: median(cpu.paged) / median(cpu.sparse), load_1min: loadavg()[0], sparse_resolve_us: rs, paged_resolve_us: rp, sparse_runs_us: runs.sparse, paged_runs_us: runs.paged });
+      console.log(`${name}: sparse ${s.toFixed(1)} µs, paged ${p.toFixed(1)} µs a layer (${ROUNDS} runs of ${layers}), paged / sparse ${(p / s).toFixed(2)}, paired ${paired.toFixed(2)}, CPU time ${(median(cpu.paged) / median(cpu.sparse)).toFixed(2)}, load ${loadavg()[0].toFixed(1)} (a call resolves in ${rs.toFixed(1)} / ${rp.toFixed(1)} µs)`);
       for (const t of [q, sink, topk]) if (t) free(t);
     }
   }

@@ -90,9 +90,15 @@ function leaveEagerOptimizedCompile(): void {
 export async function compileModule(required: readonly string[]): Promise<CompiledCore> {
   const bytes = await readFile(WASM_URL).catch((e: unknown) => Promise.reject(unreadable(e)));
   enterEagerOptimizedCompile();
+  // Node 24's eager compile holds no handle on the event loop: a program awaiting only this would
+  // exit mid-compile (top-level await: exit 13; CommonJS: exit 0 with nothing done).
+  const keepAlive = setInterval(() => {}, 1 << 30);
   const module = await WA.compile(bytes)
     .catch((e: unknown) => Promise.reject(uncompilable(e)))
-    .finally(leaveEagerOptimizedCompile);
+    .finally(() => {
+      clearInterval(keepAlive);
+      leaveEagerOptimizedCompile();
+    });
   return compiled(module, bytes, required);
 }
 

@@ -188,6 +188,31 @@ class RowJobWorker final : public Napi::AsyncWorker {
 
   void OnError(const Napi::Error&) override { deferred_.Reject(StatusError(Env(), op_, status_).Value()); }
 
+  // Node tears a worker thread's env down (worker.terminate(), process.exit() in the worker) by
+  // running its loop until the pool jobs in flight have come back, with JS already stopped: the
+  // promise can then no longer be settled, and node-addon-api's own completion rethrows that
+  // failure as a C++ exception out of a catch block, which aborts the whole process. Here a
+  // settle that fails is thrown into JS with the raw call, whose failure (the env is going away,
+  // there is nobody left to tell) is ignored; the job is freed either way.
+  void OnWorkComplete(Napi::Env env, napi_status status) override {
+    if (status != napi_cancelled) {
+      napi_handle_scope scope = nullptr;
+      const bool scoped = napi_open_handle_scope(env, &scope) == napi_ok;
+      try {
+        if (status_ == SMLA_OK) OnOK();
+        else OnError(Napi::Error());
+      } catch (const Napi::Error& e) {
+        try {
+          napi_throw(env, e.Value());
+        } catch (...) {
+        }
+      } catch (...) {
+      }
+      if (scoped) napi_close_handle_scope(env, scope);
+    }
+    Destroy();
+  }
+
  private:
   int32_t RunSplit(int64_t rows) {
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(job_.threads, rows));

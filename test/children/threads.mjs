@@ -1,0 +1,147 @@
+// Child process of test/threads.test.ts: the library inside the caller's own worker_threads. A
+// crash (what this guards against) ends the process with a signal instead of a report.
+//   node threads.mjs engines <seed>            cpu engines in the main thread and 3 Workers at once
+//   node threads.mjs end <backend> <how> <seed> Workers ended mid-call (how: terminate | exit)
+// Every mode prints one JSON report on stdout.
+import { readdirSync } from 'node:fs';
+import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { createEngine, createKvCache, tensor } from '../../dist/index.js';
+import * as R from '../../dist/reference/index.js';
+import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js';
+
+const threadCount = () => readdirSync('/proc/self/task').length;
+const hex = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
+const widen = (t) => (t.dtype === 'bf16' ? Float64Array.from(t.data, (b) => R.decodeBf16(b)) : Float64Array.from(t.data));
+/** SPEC §4's bounds for every tensor of an attention result. */
+function withinBounds(res, ref, heads) {
+  const c = R.compareAttention({ out: widen(res.out), lse: widen(res.lse), maxLogits: widen(res.maxLogits) }, ref, { heads, dV: 512 });
+  return c.out.pass && c.lse.pass && c.maxLogits.pass;
+}
+
+/** Inputs of each op from one seed: every thread given the same seed builds the same calls. */
+function opInputs(seed) {
+  const rng = makeRng(seed);
+  const sQ = 24, hQ = 8, sKV = 700, topk = 128;
+  const prefill = {
+    q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
+    kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
+    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1, 0.05, [])),
+    attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
+    smScale: 1 / Math.sqrt(512),
+  };
+  const tokens = 16 * 40, n = 500;
+  const ids = Int32Array.from({ length: n }, () => rng.int(0, tokens));
+  const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
+  const m = 12;
+  const paged = {
+    q: tensor('bf16', [m, hQ, 512], randomBf16Bits(rng, m * hQ * 512)),
+    indices: tensor('int32', [m, 96], randomIndices(rng, m, 96, tokens, 0.1, 0.05, [])),
+    smScale: 1 / Math.sqrt(512),
+  };
+  return { prefill, quantize: { ids, rows, tokens }, paged };
+}
+
+/** One thread's share of `engines`: every op on its own cpu engine, several calls in flight at once. */
+async function engineWork(seed) {
+  const engine = await createEngine({ backend: 'cpu', workers: 2 });
+  const { prefill, quantize, paged } = opInputs(seed);
+  const cache = createKvCache('v4', { pageSize: 16, numPages: 40 });
+  const refCache = createKvCache('v4', { pageSize: 16, numPages: 40 });
+  R.quantizeKCacheReference(refCache, Array.from(quantize.ids), quantize.rows);
+  const all = Array.from({ length: quantize.tokens }, (_, i) => i);
+  const [p1, p2] = await Promise.all([engine.sparsePrefill(prefill), engine.sparsePrefill(prefill), engine.quantizeKCache({ cache, tokenIds: tensor('int32', [quantize.ids.length], quantize.ids), rows: quantize.rows })]);
+  const pagedArgs = { ...paged, kCache: cache };
+  const [pa, dq] = await Promise.all([engine.pagedSparseAttention(pagedArgs), engine.dequantizeKCachePaged({ cache, tokenIds: all })]);
+  await engine.dispose();
+  const refRows = R.dequantizeKCacheReference(refCache, all);
+  return {
+    prefillWithinBounds: withinBounds(p1, R.sparsePrefillReference(prefill), 8),
+    prefillTwiceSame: hex(p1.out.data) === hex(p2.out.data) && hex(p1.lse.data) === hex(p2.lse.data),
+    quantizeEqualsReference: Buffer.compare(cache.data, refCache.data) === 0,
+    dequantEqualsReference: dq.data.every((b, i) => R.decodeBf16(b) === refRows[i]),
+    pagedWithinBounds: withinBounds(pa, R.pagedSparseAttentionReference({ ...paged, kCache: refCache }), 8),
+    bits: hex(new Uint8Array(await crypto.subtle.digest('SHA-256', Buffer.concat([p1.out.data, pa.out.data, cache.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength)))))),
+  };
+}
+
+/** A long call of `op` on a fresh engine of `backend`, `count` of them in flight (more than libuv's 4 pool threads). */
+async function startLongCalls(backend, op, count, seed) {
+  const rng = makeRng(seed);
+  const engine = await createEngine({ backend, workers: 2 });
+  const calls = [];
+  if (op === 'sparsePrefill' || op === 'pagedSparseAttention') {
+    const sQ = 32, hQ = 16, topk = 512;
+    const q = tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512));
+    if (op === 'sparsePrefill') {
+      const sKV = 3000;
+      const a = { q, kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)), indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0, 0, [])), smScale: 0.05 };
+      for (let i = 0; i < count; i++) calls.push(engine.sparsePrefill(a));
+    } else {
+      const kCache = createKvCache('v4', { pageSize: 64, numPages: 50 });
+      const a = { q, kCache, indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, 64 * 50, 0, 0, [])), smScale: 0.05 };
+      for (let i = 0; i < count; i++) calls.push(engine.pagedSparseAttention(a));
+    }
+  } else {
+    const n = 6000;
+    const cache = createKvCache('v4', { pageSize: 64, numPages: Math.ceil(n / 64) });
+    const ids = tensor('int32', [n], Int32Array.from({ length: n }, (_, i) => i));
+    const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
+    for (let i = 0; i < count; i++) calls.push(op === 'quantizeKCache' ? engine.quantizeKCache({ cache, tokenIds: ids, rows }) : engine.dequantizeKCachePaged({ cache, tokenIds: ids }));
+  }
+  return calls;
+}
+
+const OPS = ['sparsePrefill', 'quantizeKCache', 'dequantizeKCachePaged', 'pagedSparseAttention'];
+
+if (!isMainThread) {
+  const { mode } = workerData;
+  if (mode === 'engines') parentPort.postMessage(await engineWork(workerData.seed));
+  else {
+    const calls = await startLongCalls(workerData.backend, workerData.op, 12, workerData.seed);
+    parentPort.postMessage({ started: threadCount() }); // counted here: with exit, the worker is gone at once
+    if (workerData.how === 'exit') process.exit(0);
+    await Promise.allSettled(calls);
+    parentPort.postMessage('finished'); // before the main thread ended it: the report says so
+  }
+} else {
+  const [mode, ...rest] = process.argv.slice(2);
+  const spawn = (data) => new Worker(new URL(import.meta.url), { workerData: data });
+  const first = (w, what) =>
+    new Promise((resolve, reject) => {
+      w.once('message', resolve);
+      w.once('error', reject);
+      w.once('exit', (code) => reject(new Error(`the worker exited (code ${code}) before ${what}`)));
+    });
+  if (mode === 'engines') {
+    const seed = Number(rest[0]);
+    const workers = [1, 2, 3].map(() => spawn({ mode, seed }));
+    const reports = await Promise.all([engineWork(seed), ...workers.map((w) => first(w, 'its report'))]);
+    process.stdout.write(`${JSON.stringify({ threads: reports })}\n`);
+  } else {
+    const [backend, how, seedArg] = rest;
+    const seed = Number(seedArg) >>> 0;
+    // Start the process's own pools first (libuv's, and what an engine here starts), so what the
+    // rounds leave behind is what they add.
+    const warm = await createEngine({ backend, workers: 2 });
+    await warm.dispose();
+    const rounds = [];
+    const before = threadCount();
+    for (const op of OPS) {
+      const t0 = Date.now();
+      const w = spawn({ mode, backend, op, how, seed });
+      const exited = new Promise((r) => w.once('exit', r));
+      let finished = false;
+      w.on('message', (m) => (finished ||= m === 'finished'));
+      const during = (await first(w, 'its calls started')).started;
+      if (how === 'terminate') await w.terminate();
+      const code = await exited;
+      rounds.push({ ms: Date.now() - t0, op, code, finishedFirst: finished, threadsDuring: during - before, threadsAfter: threadCount() - before });
+    }
+    // The process still works: a call here, against the reference.
+    const engine = await createEngine({ backend, workers: 2 });
+    const { prefill } = opInputs(seed + 1);
+    const healthy = withinBounds(await engine.sparsePrefill(prefill), R.sparsePrefillReference(prefill), 8);
+    await engine.dispose();
+    process.stdout.write(`${JSON.stringify({ rounds, healthy })}\n`);
+  }
+}

@@ -1,0 +1,165 @@
+/**
+ * The library inside the caller's own threads and under concurrency (SPEC §9: nothing a caller
+ * does crashes the process, hangs a worker or corrupts a cache; a worker that dies is replaced and
+ * its in-flight call rejects saying so; repeated calls hold memory flat). The risky scenarios run
+ * in child processes (test/children/threads.mjs, concurrency.mjs), so a crash is a failed
+ * assertion rather than a dead test run:
+ * - cpu engines (the native addon) in the main thread and three user Workers at once;
+ * - a user Worker terminated, or calling process.exit(), while native calls (or a wasm engine's
+ *   nested pool workers) are in flight;
+ * - 50 overlapping calls of mixed ops on one engine, equal to the same calls one at a time, with
+ *   memory flat over rounds and dispose() mid-round;
+ * - a wasm pool worker that dies in a mixed batch of calls.
+ */
+import { spawnSync } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
+import { describe, expect, test } from 'vitest';
+import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
+import type { Engine, SparsePrefillArgs } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import { nativeAddonBuilt } from './helpers/backends.js';
+import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+
+const rng = testRng('threads');
+const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as const);
+const MiB = 2 ** 20;
+const child = (name: string) => fileURLToPath(new URL(`./children/${name}`, import.meta.url));
+
+/** Runs a child to its end and parses its report; a signal, an exit code or stderr fails the test. */
+function runChild<T>(args: string[], timeout = 60_000): T {
+  const p = spawnSync(process.execPath, args, { encoding: 'utf8', timeout });
+  expect({ signal: p.signal, status: p.status, stderr: p.stderr }).toEqual({ signal: null, status: 0, stderr: '' });
+  return JSON.parse(p.stdout) as T;
+}
+
+describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('the native addon in user worker threads', () => {
+  test('cpu engines in the main thread and three Workers at once: every op within the reference, the same bits in every thread', () => {
+    type Report = Record<'prefillWithinBounds' | 'prefillTwiceSame' | 'quantizeEqualsReference' | 'dequantEqualsReference' | 'pagedWithinBounds', boolean> & { bits: string };
+    const { threads } = runChild<{ threads: Report[] }>([child('threads.mjs'), 'engines', String(rng.u32())]);
+    expect(threads).toHaveLength(4);
+    for (const t of threads) {
+      expect(t).toEqual({ prefillWithinBounds: true, prefillTwiceSame: true, quantizeEqualsReference: true, dequantEqualsReference: true, pagedWithinBounds: true, bits: threads[0]!.bits });
+    }
+  });
+});
+
+/** One round of threads.mjs's `end` mode: a Worker ended with 12 calls of `op` in flight. */
+interface EndRound {
+  ms: number;
+  op: string;
+  code: number;
+  finishedFirst: boolean;
+  threadsDuring: number;
+  threadsAfter: number;
+}
+
+describe.skipIf(process.platform !== 'linux').each(BACKENDS)('a user Worker with a %s engine ended mid-call', (backend) => {
+  // Before the fix in native/addon/addon.cpp, a cpu Worker ended mid-call aborted the whole
+  // process (SIGABRT: "terminate called after throwing an instance of 'Napi::Error'").
+  test.each(['terminate', 'exit'] as const)('by %s: the process lives on, its threads end, a later call is right', (how) => {
+    const r = runChild<{ rounds: EndRound[]; healthy: boolean }>([child('threads.mjs'), 'end', backend, how, String(rng.u32())]);
+    expect(r.rounds.map((x) => x.op)).toEqual(['sparsePrefill', 'quantizeKCache', 'dequantizeKCachePaged', 'pagedSparseAttention']);
+    for (const round of r.rounds) {
+      expect(round.finishedFirst).toBe(false); // the calls were in flight when the worker ended
+      expect(round.code).toBe(how === 'terminate' ? 1 : 0);
+      // a wasm engine's own pool workers were running inside the Worker, and end with it
+      if (backend === 'wasm') expect(round.threadsDuring).toBeGreaterThanOrEqual(3);
+      expect(round.threadsAfter).toBeLessThanOrEqual(1);
+    }
+    expect(r.healthy).toBe(true);
+  });
+});
+
+interface ConcurrencyReport {
+  referenceFailures: string[];
+  checkedKinds: string[];
+  mismatches: string[];
+  memory: { rss: number; arrayBuffers: number; heapUsed: number }[];
+  settledAfterDispose: string[] | null;
+  disposeMs: number;
+  afterDispose: string[];
+  threadsAtStart: number;
+  threadsAfterDispose: number;
+}
+
+const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+
+describe.each(BACKENDS)('50 overlapping calls of mixed ops on one %s engine', (backend) => {
+  test('equal the same calls one at a time, bit for bit, over 12 rounds with memory flat; dispose() mid-round settles every call', () => {
+    const r = runChild<ConcurrencyReport>(['--expose-gc', child('concurrency.mjs'), backend, String(rng.u32()), '12'], 90_000);
+    expect(r.checkedKinds).toEqual(['quantize', 'dequant', 'prefill', 'paged', 'layer c0 sparse', 'layer c4 paged', 'layer c128 sparse', 'layer c0 paged', 'layer c4 sparse', 'layer c128 paged']);
+    expect(r.referenceFailures).toEqual([]);
+    expect(r.mismatches).toEqual([]);
+    // Each round moves about 5 MiB of fresh inputs, so a per-call leak of them would add 50 MiB over
+    // the last 10 rounds; what moves is the allocators' and collectors' noise.
+    const early = r.memory.slice(1, 4), late = r.memory.slice(-3);
+    expect(median(late.map((m) => m.rss)) - median(early.map((m) => m.rss))).toBeLessThan(24 * MiB);
+    expect(median(late.map((m) => m.arrayBuffers)) - median(early.map((m) => m.arrayBuffers))).toBeLessThan(12 * MiB);
+    expect(median(late.map((m) => m.heapUsed)) - median(early.map((m) => m.heapUsed))).toBeLessThan(4 * MiB);
+    expect(r.settledAfterDispose).not.toBeNull(); // null: some call was still pending 20 s after dispose()
+    for (const s of r.settledAfterDispose!) expect(['resolved', 'DISPOSED']).toContain(s);
+    if (backend === 'wasm') expect(r.settledAfterDispose).toContain('DISPOSED'); // the round was cut short, not waited for
+    expect(r.afterDispose).toEqual(['DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED']);
+    expect(r.threadsAfterDispose).toBeLessThanOrEqual(r.threadsAtStart + 1); // the engine's threads ended
+  });
+});
+
+describe('a wasm pool worker that dies in a mixed batch of calls', () => {
+  const poolOf = (e: Engine) => (engineBackend(e) as WasmBackend).pool;
+  const hex = (a: ArrayBufferView) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
+
+  test.each(['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache'] as const)(
+    'dying in %s: that call rejects with WORKER_DIED, the others give their results, the cache is untouched by a failed quantize, later calls equal a fresh engine',
+    async (victim) => {
+      const [engine, fresh] = await Promise.all([createEngine({ backend: 'wasm', workers: 2 }), createEngine({ backend: 'wasm', workers: 1 })]);
+      try {
+        const pool = poolOf(engine);
+        const n = 12000;
+        const cache = createKvCache('v4', { pageSize: 64, numPages: Math.ceil(n / 64) });
+        const ids = tensor('int32', [n], Int32Array.from({ length: n }, (_, i) => i));
+        await engine.quantizeKCache({ cache, tokenIds: ids, rows: tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512)) });
+        const cacheBefore = Buffer.from(cache.data);
+        const sQ = 40, hQ = 32, sKV = 2000, topk = 512;
+        const prefill: SparsePrefillArgs = {
+          q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
+          kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
+          indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
+          smScale: 0.05,
+        };
+        const newRows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
+        let killed = -1;
+        const off = pool.testing.onDispatch((w, label) => {
+          if (killed >= 0 || !label.startsWith(victim)) return;
+          killed = w;
+          void pool.testing.terminateWorker(w); // as the task reaches it: surely in flight
+        });
+        const settle = (p: Promise<unknown>) => p.then(() => 'resolved', (e: unknown) => (e instanceof SparseMlaError ? e.code : String(e)));
+        const outcomes = await Promise.all([
+          settle(engine.sparsePrefill(prefill)),
+          settle(engine.dequantizeKCachePaged({ cache, tokenIds: ids })),
+          settle(engine.quantizeKCache({ cache, tokenIds: ids, rows: newRows })),
+        ]);
+        off();
+        const order = ['sparsePrefill', 'dequantizeKCachePaged', 'quantizeKCache'];
+        expect(killed).toBeGreaterThanOrEqual(0);
+        expect(outcomes).toEqual(order.map((op) => (op === victim ? 'WORKER_DIED' : 'resolved')));
+        if (victim === 'quantizeKCache') expect(Buffer.compare(cache.data, cacheBefore)).toBe(0);
+        // the pool is whole again (the dead worker replaced, the parts left running finished)...
+        const t0 = Date.now();
+        while (pool.testing.idleWorkers().length < 2 && Date.now() - t0 < 20_000) await new Promise((r) => setTimeout(r, 10));
+        expect(pool.testing.idleWorkers()).toHaveLength(2);
+        // ...every call's staging came back, the failed one's too...
+        expect((engineBackend(engine) as WasmBackend).staging.busyBytes).toBe(0);
+        // ...and its results equal a fresh engine's
+        const some = tensor('int32', [300], Int32Array.from({ length: 300 }, () => rng.int(0, n)));
+        const [a, b] = await Promise.all([engine.sparsePrefill(prefill), engine.dequantizeKCachePaged({ cache, tokenIds: some })]);
+        const [fa, fb] = await Promise.all([fresh.sparsePrefill(prefill), fresh.dequantizeKCachePaged({ cache, tokenIds: some })]);
+        expect(hex(a.out.data) + hex(a.lse.data)).toBe(hex(fa.out.data) + hex(fa.lse.data));
+        expect(hex(b.data)).toBe(hex(fb.data));
+      } finally {
+        await Promise.all([engine.dispose(), fresh.dispose()]);
+      }
+    },
+  );
+});

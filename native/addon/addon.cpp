@@ -179,21 +179,27 @@ class RowJobWorker final : public Napi::AsyncWorker {
     const std::string why = job_.commit ? job_.commit(env) : std::string();
     if (why.empty()) {
       deferred_.Resolve(env.Undefined());
+      settled_ = true;
       return;
     }
     Napi::Error e = Napi::Error::New(env, std::string(op_) + ": " + why);
     e.Set("code", Napi::String::New(env, "SMLA_DETACHED"));
     deferred_.Reject(e.Value());
+    settled_ = true;
   }
 
-  void OnError(const Napi::Error&) override { deferred_.Reject(StatusError(Env(), op_, status_).Value()); }
+  void OnError(const Napi::Error&) override {
+    deferred_.Reject(StatusError(Env(), op_, status_).Value());
+    settled_ = true;
+  }
 
   // Node tears a worker thread's env down (worker.terminate(), process.exit() in the worker) by
   // running its loop until the pool jobs in flight have come back, with JS already stopped: the
-  // promise can then no longer be settled, and node-addon-api's own completion rethrows that
-  // failure as a C++ exception out of a catch block, which aborts the whole process. Here a
-  // settle that fails is thrown into JS with the raw call, whose failure (the env is going away,
-  // there is nobody left to tell) is ignored; the job is freed either way.
+  // promise can no longer be settled, and node-addon-api's own completion turns that failure into
+  // a C++ exception thrown out of a catch block, which aborts the whole process. Here whatever
+  // throws while settling rejects the promise if it is not settled yet (so a live caller is told,
+  // never left waiting) and is dropped when even that fails (the env is going away: nobody is left
+  // to tell); the job is freed either way.
   void OnWorkComplete(Napi::Env env, napi_status status) override {
     if (status != napi_cancelled) {
       napi_handle_scope scope = nullptr;
@@ -202,11 +208,11 @@ class RowJobWorker final : public Napi::AsyncWorker {
         if (status_ == SMLA_OK) OnOK();
         else OnError(Napi::Error());
       } catch (const Napi::Error& e) {
-        try {
-          napi_throw(env, e.Value());
-        } catch (...) {
-        }
+        RejectIfUnsettled([&] { return e.Value(); });
+      } catch (const std::exception& e) {
+        RejectIfUnsettled([&] { return Napi::Error::New(env, std::string(op_) + ": " + e.what()).Value(); });
       } catch (...) {
+        RejectIfUnsettled([&] { return Napi::Error::New(env, std::string(op_) + ": failed while settling").Value(); });
       }
       if (scoped) napi_close_handle_scope(env, scope);
     }
@@ -240,7 +246,18 @@ class RowJobWorker final : public Napi::AsyncWorker {
   const char* op_;
   RowJob job_;
   Holds holds_;
+  template <class MakeError>
+  void RejectIfUnsettled(MakeError make) noexcept {
+    if (settled_) return;
+    try {
+      deferred_.Reject(make());
+      settled_ = true;
+    } catch (...) {
+    }
+  }
+
   Napi::Promise::Deferred deferred_;
+  bool settled_ = false;
   int32_t status_ = SMLA_OK;
 };
 

@@ -28,7 +28,7 @@ import type {
 } from './types.js';
 import type { Backend, DeviceOps, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
-import { checkDeviceTensor, checkOutputOption as checkOutput, checkTensor, describe } from './ops/common.js';
+import { checkDeviceTensor, checkOutputOption as checkOutput, checkTensor, checkViewsIntact, describe } from './ops/common.js';
 import { checkCache, prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
 import { preparePagedSparseAttention } from './ops/paged_sparse_attention.js';
 import { prepareSparsePrefill } from './ops/sparse_prefill.js';
@@ -60,7 +60,9 @@ export class SparseMlaEngine implements Engine {
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
     this.alive();
-    await this.impl.quantizeKCache(prepareQuantizeKCache(args));
+    const job = prepareQuantizeKCache(args);
+    checkViewsIntact(job);
+    await this.impl.quantizeKCache(job);
   }
 
   /** @internal the backend's layer steps (prefillLayer's workspace path); DISPOSED after dispose() */
@@ -89,6 +91,7 @@ export class SparseMlaEngine implements Engine {
     this.alive();
     const output = checkOutput(options);
     const job = prepareDequantizeKCache(args);
+    checkViewsIntact(job);
     const dev = this.route(job, output, 'dequantizeKCachePaged');
     const out = dev ? await dev.dequantizeKCache(job, output) : await this.impl.dequantizeKCache(job as typeof job & { cache: { data: Uint8Array } });
     return placed('bf16', [job.n, job.rowDim], out) as PlacedTensor<'bf16', P>;
@@ -98,6 +101,7 @@ export class SparseMlaEngine implements Engine {
     this.alive();
     const output = checkOutput(options);
     const job = prepareSparsePrefill(args);
+    checkViewsIntact(job);
     const dev = this.route(job, output, 'sparsePrefill');
     const r: PlacedAttentionOutput = dev ? await dev.sparsePrefill(job, output) : await this.impl.sparsePrefill(job as Parameters<Backend['sparsePrefill']>[0]);
     return attentionTensors(r, job.sQ, job.hQ, job.dV) as SparsePrefillResult<P>;
@@ -107,6 +111,7 @@ export class SparseMlaEngine implements Engine {
     this.alive();
     const output = checkOutput(options);
     const job = preparePagedSparseAttention(args);
+    checkViewsIntact(job);
     const dev = this.route(job, output, 'pagedSparseAttention');
     const r: PlacedAttentionOutput = dev ? await dev.pagedSparseAttention(job, output) : await this.impl.pagedSparseAttention(job as Parameters<Backend['pagedSparseAttention']>[0]);
     return attentionTensors(r, job.n, job.hQ, 512) as PagedSparseAttentionResult<P>;

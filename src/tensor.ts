@@ -4,7 +4,8 @@
  * with DEVICE_BUFFER_BRAND; validation (src/ops/) checks a device tensor's dtype, shape and byte
  * size exactly as it checks a host tensor's, and never reads its contents.
  */
-import { SparseMlaError } from './errors.js';
+import { types } from 'node:util';
+import { SparseMlaError, fail } from './errors.js';
 import type { DType, DTypeArrays, DeviceBuffer, DeviceTensor, Tensor } from './types.js';
 
 export const DEVICE_BUFFER_BRAND: unique symbol = Symbol.for('sparse-mla.DeviceBuffer');
@@ -14,6 +15,79 @@ export function isDeviceBuffer(value: unknown): value is DeviceBuffer {
 }
 
 export const BYTES_PER_ELEMENT: { readonly [D in DType]: number } = { bf16: 2, float32: 4, int32: 4, int64: 8, uint8: 1 };
+
+// The typed-array intrinsics: what an array really is and where its memory lies, whatever a
+// subclass or a Proxy claims through its own properties.
+const TYPED_ARRAY_PROTOTYPE = Object.getPrototypeOf(Uint8Array.prototype) as object;
+const intrinsicGetter = (key: PropertyKey): ((this: unknown) => unknown) =>
+  Object.getOwnPropertyDescriptor(TYPED_ARRAY_PROTOTYPE, key)!.get as (this: unknown) => unknown;
+const TYPED_ARRAY_KIND = intrinsicGetter(Symbol.toStringTag);
+const TYPED_ARRAY_BUFFER = intrinsicGetter('buffer');
+const TYPED_ARRAY_OFFSET = intrinsicGetter('byteOffset');
+const TYPED_ARRAY_LENGTH = intrinsicGetter('length');
+
+type HostArrayCtor = new (buffer: ArrayBufferLike, byteOffset: number, length: number) => ArrayBufferView;
+
+/** The class name of a real typed array ('Float32Array', ...); undefined for anything else (a Proxy of one included). */
+export function typedArrayKind(value: unknown): string | undefined {
+  return TYPED_ARRAY_KIND.call(value) as string | undefined;
+}
+
+/** The length each view ownView made had when it was made: checkViewsIntact compares. */
+const viewLengths = new WeakMap<ArrayBufferView, { length: number; argument: string }>();
+
+/**
+ * `value` as a plain typed array of class `ctor` over the same memory, its buffer, offset and
+ * length read once through the intrinsic getters, so that what was validated is what the backend
+ * gets (a subclass overriding `length`, or a view that a resizable buffer later shrinks, cannot
+ * change it). null when `value` is not a `ctor`; throws INVALID_VALUE when its buffer is detached.
+ */
+export function ownView<T extends ArrayBufferView>(value: unknown, ctor: abstract new (...args: never[]) => T, argument: string): T | null {
+  if (TYPED_ARRAY_KIND.call(value) !== ctor.name) return null;
+  const buffer = TYPED_ARRAY_BUFFER.call(value) as ArrayBufferLike;
+  let view: T;
+  try {
+    view = new (ctor as unknown as HostArrayCtor)(buffer, TYPED_ARRAY_OFFSET.call(value) as number, TYPED_ARRAY_LENGTH.call(value) as number) as T;
+  } catch {
+    fail('INVALID_VALUE', argument, `a ${ctor.name} with attached memory`, 'one whose buffer was detached or transferred');
+  }
+  viewLengths.set(view, { length: TYPED_ARRAY_LENGTH.call(view) as number, argument });
+  return view;
+}
+
+/**
+ * After a call's checks, before any work: every view ownView made for it (found in `job`'s fields,
+ * nested objects included) still has its memory. A getter or Proxy the checks read after an array
+ * was validated can detach its buffer (transfer it) or shrink a resizable one; the backend would
+ * then read a view of no memory, or of less than the checks saw.
+ */
+export function checkViewsIntact(job: object, depth = 0): void {
+  for (const v of Object.values(job)) {
+    if (ArrayBuffer.isView(v)) {
+      const was = viewLengths.get(v);
+      if (was !== undefined && TYPED_ARRAY_LENGTH.call(v) !== was.length) {
+        fail('INVALID_VALUE', was.argument, `memory that stays attached and whole until the call has read it (${was.length} elements)`, 'a buffer detached or shrunk during the call\'s checks (by a getter or Proxy of another argument)');
+      }
+    } else if (typeof v === 'object' && v !== null && depth < 4 && !isDeviceBuffer(v)) {
+      checkViewsIntact(v, depth + 1);
+    }
+  }
+}
+
+/** A bounded description of a value for tensor()'s messages (a Symbol or BigInt included). */
+function describeValue(v: unknown): string {
+  if (v === null) return 'null';
+  if (typeof v === 'string') return JSON.stringify(v.slice(0, 40));
+  if (typeof v === 'bigint') return `${v}n`;
+  if (typeof v !== 'object' && typeof v !== 'function') return `${typeof v} ${String(v)}`;
+  const kind = typedArrayKind(v);
+  if (kind !== undefined) return `a ${kind}`;
+  return typeof v === 'function' ? 'a function' : Array.isArray(v) ? 'an Array' : 'an object';
+}
+
+function dimsStr(shape: readonly unknown[]): string {
+  return `[${shape.map((d) => (typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : String(d))).join(', ')}]`;
+}
 
 /** Frees a device buffer now (ops already queued still finish with it); host memory is left to the GC. */
 export function releaseDevice(value: unknown): void {
@@ -51,22 +125,28 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');
   }
   if (!Array.isArray(shape)) {
-    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${shape === null ? 'null' : typeof shape}`, 'shape');
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describeValue(shape)}`, 'shape');
   }
-  for (const d of shape) {
-    if (!Number.isSafeInteger(d) || d < 0) {
-      throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got [${shape.join(', ')}]`, 'shape');
+  const dims = Array.from(shape as readonly unknown[]);
+  for (const d of dims) {
+    if (!Number.isSafeInteger(d) || (d as number) < 0) {
+      throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${dimsStr(dims)}`, 'shape');
     }
   }
-  const n = numel(shape);
-  const arr = data ?? (allocHostArray(HOST_ARRAY_TYPES[dtype], n, 'tensor') as DTypeArrays[D]);
-  if (!(arr instanceof HOST_ARRAY_TYPES[dtype])) {
-    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${HOST_ARRAY_TYPES[dtype].name}, got ${arr?.constructor?.name}`, 'data');
+  const n = numel(dims as number[]);
+  const ctor = HOST_ARRAY_TYPES[dtype];
+  const arr: unknown = data ?? allocHostArray(ctor, n, 'tensor');
+  // read through the intrinsics: a Proxy or a subclass with its own `length` is no evidence of its memory
+  const view = ownView(arr, ctor as unknown as abstract new (...args: never[]) => DTypeArrays[D], 'data');
+  if (view === null) {
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ctor.name}, got ${describeValue(arr)}`, 'data');
   }
-  if (arr.length !== n) {
-    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape [${shape.join(', ')}] needs ${n} elements, data has ${arr.length}`, 'data');
+  if (view.length !== n) {
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${dimsStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
   }
-  return { dtype, shape: [...shape], data: arr };
+  // the caller's array itself where it is a plain one; else the plain view of its memory
+  const plain = !types.isProxy(arr) && Object.getPrototypeOf(arr) === ctor.prototype;
+  return { dtype, shape: dims as number[], data: plain ? (arr as DTypeArrays[D]) : view };
 }
 
 /**
@@ -113,21 +193,48 @@ export function bf16BitsToFloat32(b: number): number {
 
 /** Round every element to bf16. */
 export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data: ArrayLike<number> }): Tensor<'bf16'> {
-  if (typeof src !== 'object' || src === null || typeof src.data !== 'object' || src.data === null || typeof src.data.length !== 'number') {
-    throw new SparseMlaError('INVALID_VALUE', `toBf16: src must be {shape, data} with array data, got ${src === null ? 'null' : typeof src}`, 'src');
+  if (typeof src !== 'object' || src === null) {
+    throw new SparseMlaError('INVALID_VALUE', `toBf16: src must be {shape, data} with array data, got ${describeValue(src)}`, 'src');
   }
-  const out = new Uint16Array(src.data.length);
-  for (let i = 0; i < out.length; i++) out[i] = float32ToBf16Bits(src.data[i]!);
-  return tensor('bf16', src.shape, out);
+  const shape = src.shape;
+  const raw: unknown = src.data;
+  let values: ArrayLike<unknown>;
+  const kind = typedArrayKind(raw);
+  if (kind !== undefined) {
+    if (kind === 'BigInt64Array' || kind === 'BigUint64Array') {
+      throw new SparseMlaError('INVALID_DTYPE', `toBf16: src.data must hold numbers, got a ${kind}`, 'src.data');
+    }
+    values = ownView(raw, globalThis[kind as 'Float32Array'], 'src.data')!;
+  } else {
+    let length: unknown;
+    try {
+      length = typeof raw === 'object' && raw !== null ? (raw as ArrayLike<unknown>).length : undefined;
+    } catch {
+      length = undefined; // e.g. a Proxy of a typed array: its length getter refuses the Proxy
+    }
+    if (!Number.isSafeInteger(length) || (length as number) < 0) {
+      throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describeValue(raw)}`, 'src.data');
+    }
+    values = raw as ArrayLike<unknown>;
+  }
+  const out = allocHostArray(Uint16Array, values.length, 'src.data');
+  for (let i = 0; i < out.length; i++) {
+    const v = values[i];
+    if (typeof v !== 'number') throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must hold numbers, got ${describeValue(v)} at ${i}`, 'src.data');
+    out[i] = float32ToBf16Bits(v);
+  }
+  return tensor('bf16', shape, out);
 }
 
 /** Widen a bf16 tensor to float32 (exact). */
 export function bf16ToFloat32(src: Tensor<'bf16'>): Tensor<'float32'> {
-  if (typeof src !== 'object' || src === null || src.dtype !== 'bf16' || !(src.data instanceof Uint16Array)) {
-    const got = typeof src === 'object' && src !== null ? `dtype ${JSON.stringify(src.dtype)}` : String(src);
+  const dtype: unknown = typeof src === 'object' && src !== null ? src.dtype : undefined;
+  const data = dtype === 'bf16' ? ownView(src.data, Uint16Array, 'src.data') : null;
+  if (data === null) {
+    const got = typeof src === 'object' && src !== null ? `dtype ${describeDType(dtype)}` : describeValue(src);
     throw new SparseMlaError('INVALID_DTYPE', `bf16ToFloat32: src must be a bf16 tensor (Uint16Array bits), got ${got}`, 'src');
   }
-  const i32 = new Uint32Array(src.data.length);
-  for (let i = 0; i < i32.length; i++) i32[i] = src.data[i]! << 16;
+  const i32 = allocHostArray(Uint32Array, data.length, 'src');
+  for (let i = 0; i < i32.length; i++) i32[i] = data[i]! << 16;
   return tensor('float32', src.shape, new Float32Array(i32.buffer));
 }

@@ -16,6 +16,7 @@ import { type FileHandle, lstat, mkdir, open, rename, stat, unlink } from 'node:
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { SparseMlaError } from '../errors.js';
+import { ownView, typedArrayKind } from '../tensor.js';
 
 /** At most `max` characters of `text`, saying how much was cut. */
 export function clip(text: string, max = 120): string {
@@ -47,8 +48,30 @@ export interface OpenedFile {
   size: number;
 }
 
+/** `path` and the `name` messages give it: strings (a path is never coerced: a Symbol's or an object's text is no path). */
+function checkPathArgs(path: unknown, name: unknown): void {
+  if (typeof path !== 'string') throw new SparseMlaError('INVALID_VALUE', `path: expected a file path string, got ${typeof path === 'object' ? (path === null ? 'null' : 'an object') : typeof path}`, 'path');
+  if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a string naming ${clip(path, 80)} in messages, got ${typeof name}`, 'name');
+}
+
+/**
+ * The bytes of a file to parse (parseNpy, parseSafetensors) as a plain Uint8Array over the same
+ * memory, read through the typed-array intrinsics (a Proxy, a subclass with its own length, a
+ * DataView or a detached buffer is refused, not half-read); `name` must be a string.
+ */
+export function fileBytes(bytes: unknown, name: unknown): Uint8Array {
+  checkPathArgs('', name);
+  const view = ownView(bytes, Uint8Array, name as string);
+  if (view === null) {
+    const got = typedArrayKind(bytes) ?? (bytes instanceof DataView ? 'DataView' : bytes === null ? 'null' : typeof bytes === 'object' ? 'an object that is not a Uint8Array' : typeof bytes);
+    throw new SparseMlaError('INVALID_VALUE', `${name as string}: expected the file's bytes as a Uint8Array, got ${got}`, name as string);
+  }
+  return view;
+}
+
 /** Opens `path` for reading if it is a regular file (symlinks to one are followed). */
 export async function openRegularFile(path: string, name = path): Promise<OpenedFile> {
+  checkPathArgs(path, name);
   let handle: FileHandle;
   try {
     // O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever.

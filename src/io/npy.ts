@@ -9,7 +9,7 @@
 import { SparseMlaError } from '../errors.js';
 import { numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+import { clip, fileBytes, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
 
 /** NumPy's own cap on a header (numpy.lib.format, max_header_size): a longer one is refused unread. */
 export const NPY_MAX_HEADER_BYTES = 10000;
@@ -169,7 +169,8 @@ function sizeMismatch(name: string, h: NpyHeader, have: number): never {
 }
 
 /** Parse the bytes of a .npy file. `name` (the file) appears in every error. */
-export function parseNpy(bytes: Uint8Array, name = 'array.npy'): NpyArray {
+export function parseNpy(given: Uint8Array, name = 'array.npy'): NpyArray {
+  const bytes = fileBytes(given, name);
   const h = parseNpyHeader(bytes, name);
   const have = bytes.length - h.dataStart;
   if (have !== h.dataBytes) sizeMismatch(name, h, have);

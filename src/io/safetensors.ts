@@ -11,7 +11,7 @@
 import { SparseMlaError } from '../errors.js';
 import { numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+import { clip, fileBytes, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
 
 /** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
@@ -122,7 +122,8 @@ function tensorOf(e: Entry, bytes: Uint8Array): Tensor {
 }
 
 /** Parse the bytes of a .safetensors file; `name` (the file) appears in every error. */
-export function parseSafetensors(bytes: Uint8Array, name = 'tensors.safetensors'): SafetensorsFile {
+export function parseSafetensors(given: Uint8Array, name = 'tensors.safetensors'): SafetensorsFile {
+  const bytes = fileBytes(given, name);
   const len = headerLength(bytes.subarray(0, 8), bytes.length, name);
   const h = parseHeader(bytes.subarray(8, 8 + len), name, 8 + len, bytes.length - 8 - len);
   checkDataLength(h, bytes.length - h.dataStart, name);

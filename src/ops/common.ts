@@ -4,8 +4,11 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, isDeviceBuffer } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, isDeviceBuffer, ownView } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
+
+// the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
+export { ownView, typedArrayKind, checkViewsIntact } from '../tensor.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
@@ -38,34 +41,6 @@ function isObject(value: unknown): value is Record<string, unknown> {
 
 export function checkArgsObject(value: unknown, argument: string): asserts value is Record<string, unknown> {
   if (!isObject(value) || Array.isArray(value)) fail('INVALID_VALUE', argument, 'an object of named arguments', describe(value));
-}
-
-// The typed-array intrinsics: what an array really is and where its memory lies, whatever a
-// subclass or a Proxy claims through its own properties.
-const TYPED_ARRAY_PROTOTYPE = Object.getPrototypeOf(Uint8Array.prototype) as object;
-const intrinsicGetter = (key: PropertyKey): ((this: unknown) => unknown) =>
-  Object.getOwnPropertyDescriptor(TYPED_ARRAY_PROTOTYPE, key)!.get as (this: unknown) => unknown;
-const TYPED_ARRAY_KIND = intrinsicGetter(Symbol.toStringTag);
-const TYPED_ARRAY_BUFFER = intrinsicGetter('buffer');
-const TYPED_ARRAY_OFFSET = intrinsicGetter('byteOffset');
-const TYPED_ARRAY_LENGTH = intrinsicGetter('length');
-
-type HostArrayCtor = new (buffer: ArrayBufferLike, byteOffset: number, length: number) => ArrayBufferView;
-
-/**
- * `value` as a plain typed array of class `ctor` over the same memory, its buffer, offset and
- * length read once through the intrinsic getters, so that what was validated is what the backend
- * gets (a subclass overriding `length`, or a view that a resizable buffer later shrinks, cannot
- * change it). null when `value` is not a `ctor`; throws INVALID_VALUE when its buffer is detached.
- */
-export function ownView<T extends ArrayBufferView>(value: unknown, ctor: abstract new (...args: never[]) => T, argument: string): T | null {
-  if (TYPED_ARRAY_KIND.call(value) !== ctor.name) return null;
-  const buffer = TYPED_ARRAY_BUFFER.call(value) as ArrayBufferLike;
-  try {
-    return new (ctor as unknown as HostArrayCtor)(buffer, TYPED_ARRAY_OFFSET.call(value) as number, TYPED_ARRAY_LENGTH.call(value) as number) as T;
-  } catch {
-    fail('INVALID_VALUE', argument, `a ${ctor.name} with attached memory`, 'one whose buffer was detached or transferred');
-  }
 }
 
 // The checks below run on every op and layer call, mostly before V8 has optimized them; V8 gives a
@@ -301,17 +276,15 @@ export function normalizeTopkLength(value: unknown, argument: string, rows: numb
   const p = checkPlacedTensor(value, argument, ['int32'] as const);
   if (p.shape.length !== 1 || p.shape[0] !== rows) fail('INVALID_SHAPE', argument, `shape [${rowsName}] = [${rows}]`, `shape ${shapeStr(p.shape)}`);
   if (isDeviceTensor(p)) return p.data; // values unread: the kernels clamp each length to [0, topk]
-  const data = p.data;
-  let clamped: Int32Array | null = null;
+  // a copy, checked and clamped: a length rewritten after its check (a getter of a later argument,
+  // shared memory) would let the core read past its row
+  const data = p.data.slice();
   for (let i = 0; i < data.length; i++) {
     const v = data[i]!;
     if (v < 0) fail('INVALID_VALUE', argument, 'lengths ≥ 0', `${v} at position ${i}`);
-    if (v > topk) {
-      clamped ??= data.slice();
-      clamped[i] = topk;
-    }
+    if (v > topk) data[i] = topk;
   }
-  return clamped ?? data;
+  return data;
 }
 
 /** attnSink float32 [hQ], optional. Any value (±inf, NaN) is allowed; the math defines it. */

@@ -120,7 +120,9 @@ export function normalizeTokenIds(value: unknown, argument: string, cache: Cache
   const t = checkTensor(value, argument, ['int32', 'int64'] as const);
   if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'shape [n]', `shape ${shapeStr(t.shape)}`);
   if (t.dtype === 'int32') {
-    const d = t.data as Int32Array;
+    // a copy, checked: the caller's ids may be rewritten before the backend reads them (a getter of
+    // a later argument, another thread on shared memory), and an id the check passed must be the id used
+    const d = (t.data as Int32Array).slice();
     for (let i = 0; i < d.length; i++) {
       const v = d[i]!;
       if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);

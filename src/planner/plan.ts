@@ -80,14 +80,18 @@ function checkInt(v: unknown, argument: string, min: number, max: number): numbe
  * Returns the view the layer steps read (host bytes as a plain view of the same memory).
  */
 function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer> {
-  const c = cache as { format: unknown; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer };
-  if (typeof c !== 'object' || c === null || !(c.data instanceof Uint8Array || (isDeviceBuffer(c.data) && !c.data.freed))) notACache(cache, argument);
-  if (c.format !== 'v4') notV4(c.format, argument);
-  if (!Number.isSafeInteger(c.pageSize) || c.pageSize < 1 || !Number.isSafeInteger(c.numPages) || c.numPages < 0) badCacheGeometry(c, argument);
-  const pageBytes = v4PageBytes(c.pageSize);
-  if (c.data.byteLength !== pageBytes * c.numPages) badCacheBytes(c, pageBytes, argument);
-  const data = isDeviceBuffer(c.data) ? c.data : (ownView(c.data, Uint8Array, `${argument}.data`) ?? notBytes(c.data, argument));
-  return { format: 'v4', pageSize: c.pageSize, numPages: c.numPages, numTokens: cacheTokens(c), bytes: data.byteLength, data };
+  if (typeof cache !== 'object' || cache === null) notACache(cache, argument);
+  // each field read once: what is checked is what the layer reads
+  const c = cache as { format: unknown; pageSize: unknown; numPages: unknown; data: unknown };
+  const format = c.format, pageSize = c.pageSize, numPages = c.numPages, rawData = c.data;
+  const data = isDeviceBuffer(rawData) ? (rawData.freed ? notACache(cache, argument) : rawData) : ownView(rawData, Uint8Array, `${argument}.data`);
+  if (data === null) notACache(cache, argument);
+  if (format !== 'v4') notV4(format, argument);
+  if (!Number.isSafeInteger(pageSize) || (pageSize as number) < 1 || !Number.isSafeInteger(numPages) || (numPages as number) < 0) badCacheGeometry(pageSize, numPages, argument);
+  const geometry = { pageSize: pageSize as number, numPages: numPages as number };
+  const pageBytes = v4PageBytes(geometry.pageSize);
+  if (data.byteLength !== pageBytes * geometry.numPages) badCacheBytes(geometry, data.byteLength, pageBytes, argument);
+  return { format: 'v4', pageSize: geometry.pageSize, numPages: geometry.numPages, numTokens: cacheTokens(geometry), bytes: data.byteLength, data };
 }
 
 /**
@@ -116,14 +120,11 @@ function notACache(cache: unknown, argument: string): never {
 function notV4(format: unknown, argument: string): never {
   fail('INVALID_VALUE', `${argument}.format`, "'v4' (the planner's caches are DeepSeek V4 paged caches)", describe(format));
 }
-function badCacheGeometry(c: { pageSize: number; numPages: number }, argument: string): never {
-  fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${c.pageSize}, numPages ${c.numPages}`);
+function badCacheGeometry(pageSize: unknown, numPages: unknown, argument: string): never {
+  fail('INVALID_VALUE', argument, 'a positive integer pageSize and a non-negative numPages', `pageSize ${describe(pageSize)}, numPages ${describe(numPages)}`);
 }
-function badCacheBytes(c: { pageSize: number; numPages: number; data: { byteLength: number } }, pageBytes: number, argument: string): never {
-  fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${c.data.byteLength} bytes`);
-}
-function notBytes(data: unknown, argument: string): never {
-  fail('INVALID_DTYPE', `${argument}.data`, 'a Uint8Array', describe(data));
+function badCacheBytes(c: { pageSize: number; numPages: number }, byteLength: number, pageBytes: number, argument: string): never {
+  fail('INVALID_SHAPE', `${argument}.data`, `${pageBytes * c.numPages} bytes for ${c.numPages} pages of ${c.pageSize}`, `${byteLength} bytes`);
 }
 function swaCacheTooSmall(maxSwaId: number, numTokens: number): never {
   fail('OUT_OF_RANGE', 'caches.swa', `a cache holding token id ${maxSwaId} (the plan's largest SWA id)`, `${numTokens} tokens`);
@@ -641,6 +642,11 @@ export function createPlan(chunk: PlanChunk, options: PlanOptions = {}): Plan {
 }
 
 export class Plan {
+  /** Whether `value` is a Plan createPlan made (a Proxy of one, or an object inheriting from one, is not: its private state is not there). */
+  static isPlan(value: unknown): value is Plan {
+    return typeof value === 'object' && value !== null && #maxSwaId in value;
+  }
+
   readonly window: number;
   readonly align: number;
   readonly numRequests: number;

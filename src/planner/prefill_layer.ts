@@ -24,7 +24,7 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
@@ -90,7 +90,7 @@ interface LayerCall {
 function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall {
   checkArgsObject(args, 'args');
   const plan = args.plan, ratio = args.compressRatio;
-  if (!(plan instanceof Plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
+  if (!Plan.isPlan(plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
   if (ratio !== 0 && ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(ratio));
   if (!plan.ratios.includes(ratio)) ratioNotServed(plan, ratio);
   const output = checkOutputOption(options);
@@ -115,6 +115,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
+  checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device };
 }
@@ -130,7 +131,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
   if (!engine.hasDevice || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
   const plan = args.plan, ratio = args.compressRatio;
-  if (!(plan instanceof Plan)) return undefined;
+  if (!Plan.isPlan(plan)) return undefined;
   // a ratio 0, 4 or 128 the plan serves, and its layout
   const layout = plan.servedLayout(ratio);
   if (layout === undefined) return undefined;

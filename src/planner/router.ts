@@ -90,7 +90,8 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
   const given = options.env;
   if (given !== undefined && given !== null && typeof given !== 'object') fail('INVALID_VALUE', 'env', 'an object of environment variables (or none: process.env)', describe(given));
   const env = given ?? process.env;
-  const raw = env[SPARSE_PREFILL_ENV];
+  const raw: unknown = env[SPARSE_PREFILL_ENV];
+  if (raw !== undefined && typeof raw !== 'string') fail('INVALID_VALUE', SPARSE_PREFILL_ENV, "'sparse', 'paged' or 'auto' (a string)", describe(raw));
   if (raw !== undefined && raw !== '') {
     const v = raw.trim().toLowerCase();
     if (!CHOICES.includes(v as PrefillPathChoice)) fail('INVALID_VALUE', SPARSE_PREFILL_ENV, "'sparse', 'paged' or 'auto'", describe(raw));

@@ -178,9 +178,13 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
         continue; // out stays 0
       }
       const m = Math.max(...logits);
-      let sum = 0;
-      for (const p of logits) sum += Math.exp(p - m);
-      const l = m + Math.log(sum);
+      // a +inf (or NaN) logit makes the sum +inf (NaN): m − m would turn +inf into NaN
+      let l = m;
+      if (Number.isFinite(m)) {
+        let sum = 0;
+        for (const p of logits) sum += Math.exp(p - m);
+        l = m + Math.log(sum);
+      }
       lse[n * hQ + h] = l;
       maxLogits[n * hQ + h] = m;
       const sink = args.attnSink ? args.attnSink.data[h]! : -Infinity;

@@ -1,0 +1,248 @@
+/**
+ * What the API fuzzer (test/fuzz/) found, one focused case each: every one threw an untyped error,
+ * reached a backend with bad input, or answered wrongly before its fix. Each runs on the wasm engine
+ * and, where the addon is built, on the cpu engine too.
+ */
+import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, bf16ToFloat32, createEngine, createKvCache, createPlan, prefillLayer, routePrefill, tensor, toBf16 } from '../dist/index.js';
+import type { Engine, Tensor } from '../dist/index.js';
+import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
+import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference } from '../dist/reference/index.js';
+import { expectWithinBounds } from './helpers/judge.js';
+import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
+import { randomCache, randomScenario } from './helpers/chunks.js';
+
+const rng = testRng('fuzz_findings');
+const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
+const engines: Engine[] = [];
+
+beforeAll(async () => {
+  engines.push(await createEngine({ backend: 'wasm', workers: 2 }));
+  if (addonBuilt) engines.push(await createEngine({ backend: 'cpu' }));
+});
+afterAll(async () => {
+  for (const e of engines) await e.dispose();
+});
+
+/** The error a call throws or rejects with (undefined when it returns). */
+async function errorOf(call: () => unknown): Promise<unknown> {
+  try {
+    await call();
+  } catch (e) {
+    return e;
+  }
+  return undefined;
+}
+
+async function expectTyped(call: () => unknown, code: string, argument?: string): Promise<void> {
+  const e = await errorOf(call);
+  expect(e, `expected a SparseMlaError ${code}, got ${String(e)}`).toBeInstanceOf(SparseMlaError);
+  expect((e as SparseMlaError).code).toBe(code);
+  if (argument !== undefined) expect((e as SparseMlaError).argument).toBe(argument);
+}
+
+describe('host tensor helpers take what a typed array really is', () => {
+  test('tensor(): a Proxy of a typed array is no typed array (was TypeError from its length getter); a Symbol in a shape is INVALID_SHAPE (was TypeError from the message)', async () => {
+    await expectTyped(() => tensor('int32', [2], new Proxy(new Int32Array(2), {}) as Int32Array), 'INVALID_DTYPE', 'data');
+    await expectTyped(() => tensor('int32', [Symbol('d') as unknown as number], new Int32Array(1)), 'INVALID_SHAPE', 'shape');
+  });
+
+  test('tensor(): a subclass whose length lies is judged by its memory, and the tensor holds a plain view of it', () => {
+    class Lying extends Int32Array {
+      override get length(): number {
+        return super.length + 1000;
+      }
+    }
+    const data = new Lying(3);
+    data.set([1, 2, 3]);
+    const t = tensor('int32', [3], data);
+    expect(t.data).toBeInstanceOf(Int32Array);
+    expect(Object.getPrototypeOf(t.data)).toBe(Int32Array.prototype);
+    expect(Array.from(t.data)).toEqual([1, 2, 3]);
+    const plain = new Int32Array(2);
+    expect(tensor('int32', [2], plain).data).toBe(plain); // a plain array is kept, not copied
+  });
+
+  test('toBf16: BigInt data, a Proxy of a Float32Array, non-numbers and an impossible length are typed errors (were TypeError / RangeError)', async () => {
+    await expectTyped(() => toBf16({ shape: [2], data: new BigInt64Array(2) as unknown as ArrayLike<number> }), 'INVALID_DTYPE', 'src.data');
+    await expectTyped(() => toBf16({ shape: [2], data: new Proxy(new Float32Array(2), {}) }), 'INVALID_VALUE', 'src.data');
+    await expectTyped(() => toBf16({ shape: [2], data: [1, Symbol('x') as unknown as number] }), 'INVALID_VALUE', 'src.data');
+    await expectTyped(() => toBf16({ shape: [2], data: { length: 2 ** 53 } as ArrayLike<number> }), 'INVALID_VALUE', 'src.data');
+    // what it accepts is unchanged: typed arrays and arrays of numbers
+    expect(Array.from(toBf16({ shape: [2], data: [1, -2] }).data)).toEqual([0x3f80, 0xc000]);
+  });
+
+  test('bf16ToFloat32: a BigInt dtype and a Proxy of its bits are INVALID_DTYPE (were TypeError)', async () => {
+    await expectTyped(() => bf16ToFloat32({ dtype: 3n, shape: [1], data: new Uint16Array(1) } as unknown as Tensor<'bf16'>), 'INVALID_DTYPE', 'src');
+    await expectTyped(() => bf16ToFloat32({ dtype: 'bf16', shape: [1], data: new Proxy(new Uint16Array(1), {}) }), 'INVALID_DTYPE', 'src');
+  });
+});
+
+describe('file readers', () => {
+  const npy = encodeNpy({ descr: '<i4', shape: [2], data: new Int32Array([5, 6]) });
+  const st = encodeSafetensors({ a: tensor('int32', [2], new Int32Array([5, 6])) });
+
+  test('parseNpy / parseSafetensors: a DataView, a plain Array, a Proxy or a detached buffer is INVALID_VALUE (was TypeError)', async () => {
+    for (const [parse, good] of [[parseNpy, npy], [parseSafetensors, st]] as const) {
+      const detached = good.slice();
+      structuredClone(detached.buffer, { transfer: [detached.buffer] });
+      for (const bad of [new DataView(good.buffer), Array.from(good), new Proxy(good.slice(), {}), detached]) {
+        await expectTyped(() => parse(bad as Uint8Array), 'INVALID_VALUE');
+      }
+    }
+    // a Buffer and a view at an odd offset of a larger buffer read as the bytes they show
+    const odd = new Uint8Array(npy.length + 3);
+    odd.set(npy, 3);
+    expect(Array.from(parseNpy(odd.subarray(3)).data as Int32Array)).toEqual([5, 6]);
+    expect(Array.from(parseSafetensors(Buffer.from(st)).tensors.get('a')!.data as Int32Array)).toEqual([5, 6]);
+  });
+
+  test('readNpyFile / readSafetensorsFile: a path that is not a string is INVALID_VALUE (a Symbol was TypeError)', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-findings-'));
+    try {
+      writeFileSync(join(dir, 'a.npy'), npy);
+      for (const read of [readNpyFile, readSafetensorsFile]) {
+        await expectTyped(() => read(Symbol('p') as unknown as string), 'INVALID_VALUE', 'path');
+        await expectTyped(() => read(join(dir, 'a.npy'), Symbol('n') as unknown as string), 'INVALID_VALUE', 'name');
+      }
+      expect((await readNpyFile(join(dir, 'a.npy'))).shape).toEqual([2]);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+test('routePrefill: an env whose SPARSE_MLA_PREFILL is not a string is INVALID_VALUE (null was TypeError)', async () => {
+  await expectTyped(() => routePrefill(10, { env: { SPARSE_MLA_PREFILL: null as unknown as string } }), 'INVALID_VALUE', 'SPARSE_MLA_PREFILL');
+  expect(routePrefill(10, { env: { SPARSE_MLA_PREFILL: ' Paged ' } }).path).toBe('paged');
+});
+
+describe('prefillLayer', () => {
+  function layerCase() {
+    const sc = randomScenario(rng, [rng.int(20, 60)], [rng.int(2, 5)]);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const plan = createPlan(sc.chunk);
+    const q = tensor('bf16', [sc.numQueries, 2, 512], randomBf16Bits(rng, sc.numQueries * 2 * 512));
+    return { sc, caches, plan, q };
+  }
+
+  test('a Proxy of a Plan, or an object inheriting from one, is INVALID_VALUE (was TypeError reading its private state)', async () => {
+    const { caches, plan, q } = layerCase();
+    for (const engine of engines) {
+      for (const fake of [new Proxy(plan, {}), Object.create(plan)]) {
+        await expectTyped(() => prefillLayer(engine, { q, compressRatio: 0, plan: fake, caches, smScale: 0.04, path: 'paged' }), 'INVALID_VALUE', 'plan');
+      }
+    }
+  });
+
+  test('a cache whose data is a Proxy, or whose numPages is a Symbol, is a typed error (was TypeError)', async () => {
+    const { caches, plan, q } = layerCase();
+    for (const engine of engines) {
+      const proxied = { ...caches.swa, data: new Proxy(caches.swa.data, {}) };
+      await expectTyped(() => prefillLayer(engine, { q, compressRatio: 0, plan, caches: { swa: proxied }, smScale: 0.04 }), 'INVALID_VALUE', 'caches.swa');
+      const symbolic = { ...caches.swa, numPages: Symbol('n') as unknown as number };
+      await expectTyped(() => prefillLayer(engine, { q, compressRatio: 0, plan, caches: { swa: symbolic }, smScale: 0.04 }), 'INVALID_VALUE', 'caches.swa');
+    }
+  });
+
+  test("a cache's fields are read once: data that shrinks on a second read is not what the layer reads", async () => {
+    const { sc, caches, plan, q } = layerCase();
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 0, q, caches, smScale: 0.04 });
+    for (const engine of engines) {
+      let reads = 0;
+      const swa = {
+        format: 'v4' as const,
+        pageSize: caches.swa.pageSize,
+        numPages: caches.swa.numPages,
+        get data() {
+          return reads++ === 0 ? caches.swa.data : new Uint8Array(1);
+        },
+      };
+      reads = 0;
+      const got = await prefillLayer(engine, { q, compressRatio: 0, plan, caches: { swa }, smScale: 0.04, path: 'sparse' });
+      expect(reads).toBe(1);
+      expectWithinBounds(`${engine.backend}: a cache read once`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+    }
+  });
+});
+
+describe('what a getter of a later argument does after an earlier one was checked', () => {
+  test('a buffer detached during the checks is INVALID_VALUE naming it, before any backend work (was BACKEND_FAILURE, or a wasm TypeError)', async () => {
+    for (const engine of engines) {
+      const args = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 576, sKV: 8, topk: 4 });
+      const q = args.q;
+      const call = {
+        ...args,
+        get smScale() {
+          structuredClone(q.data.buffer, { transfer: [q.data.buffer] }); // q was checked before smScale is read
+          return 0.04;
+        },
+      };
+      await expectTyped(() => engine.sparsePrefill(call), 'INVALID_VALUE', 'q.data');
+    }
+  });
+
+  test('int32 token ids rewritten after their check: the checked ids are the ones used (was a wasm RangeError / a cpu BACKEND_FAILURE)', async () => {
+    for (const engine of engines) {
+      const cache = createKvCache('v4', { pageSize: 4, numPages: 2 });
+      const before = cache.data.slice();
+      const ids = new Int32Array([1, 6]);
+      const rows = toBf16({ shape: [2, 512], data: new Float32Array(2 * 512).fill(0.5) });
+      const call = {
+        cache,
+        tokenIds: tensor('int32', [2], ids),
+        get rows() {
+          ids[1] = 0x7fffffff; // read after tokenIds was checked
+          return rows;
+        },
+      };
+      await engine.quantizeKCache(call);
+      ids[1] = 6;
+      const back = await engine.dequantizeKCachePaged({ cache, tokenIds: [1, 6] });
+      expect(Array.from(back.data.subarray(0, 4))).toEqual([0x3f00, 0x3f00, 0x3f00, 0x3f00]); // 0.5 in bf16
+      expect(Array.from(back.data.subarray(512, 516))).toEqual([0x3f00, 0x3f00, 0x3f00, 0x3f00]);
+      expect(cache.data.slice(0, 576).every((b, i) => b === before[i])).toBe(true); // token 0 untouched
+    }
+  });
+
+  test('topkLength rewritten after its check: the checked lengths are the ones used', async () => {
+    for (const engine of engines) {
+      const kCache = randomCache(rng, 16, 2);
+      const q = tensor('bf16', [3, 2, 512], randomBf16Bits(rng, 3 * 2 * 512));
+      const indices = tensor('int32', [3, 5], Int32Array.from({ length: 15 }, () => rng.int(0, 32)));
+      // no length above topk: the old check kept the caller's array (only a clamp made a copy)
+      const lengths = new Int32Array([2, 3, 0]);
+      const want = pagedSparseAttentionReference({ q, kCache, indices, topkLength: tensor('int32', [3], new Int32Array([2, 3, 0])), smScale: 0.04 });
+      const call = {
+        q,
+        kCache,
+        indices,
+        topkLength: tensor('int32', [3], lengths),
+        get smScale() {
+          lengths[0] = 0x7fffffff; // read after topkLength was checked
+          lengths[2] = -5;
+          return 0.04;
+        },
+      };
+      const got = await engine.pagedSparseAttention(call);
+      expectWithinBounds(`${engine.backend}: topkLength rewritten after its check`, got, want, [0, 1, 2]);
+    }
+  });
+});
+
+test('prefillLayerReference: a +inf logit gives lse +inf as SPEC §4 says (was NaN), as sparsePrefillReference gives it', () => {
+  const sc = randomScenario(rng, [8], [2]);
+  // every cache row 0.5 (exact in e4m3 and bf16): +inf in one dim of q makes every logit +inf
+  const swa = createKvCache('v4', { pageSize: 64, numPages: sc.swaPages });
+  const tokens = 64 * sc.swaPages;
+  quantizeKCacheReference(swa, Array.from({ length: tokens }, (_, i) => i), tensor('float32', [tokens, 512], new Float32Array(tokens * 512).fill(0.5)));
+  const q = tensor('bf16', [sc.numQueries, 1, 512], new Uint16Array(sc.numQueries * 512));
+  q.data[0] = 0x7f80;
+  const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 0, q, caches: { swa }, smScale: 1 });
+  expect(ref.maxLogits[0]).toBe(Infinity);
+  expect(ref.lse[0]).toBe(Infinity);
+  expect(Number.isFinite(ref.lse[1])).toBe(true);
+});

@@ -1,0 +1,466 @@
+/**
+ * The fuzzer's mutator: the slots of an argument list (every field of its plain objects, the
+ * elements of its short arrays, its typed arrays) and the hostile or neutral values each kind of
+ * slot can be given. A mutation is `neutral` when a correct library must treat the call exactly
+ * as the unmutated one (a frozen copy, a forwarding Proxy, the same numbers in shared memory);
+ * `dynamic` when what the call sees depends on when it reads (getters that change, buffers
+ * detached or shrunk by a getter read later); otherwise a plain hostile value.
+ */
+
+/** A getter's own error: a call may let it through (it is the caller's), nothing else. */
+export class SentinelError extends Error {
+  constructor(where) {
+    super(`sentinel thrown by the fuzzer's getter at ${where}`);
+    this.name = 'SentinelError';
+  }
+}
+
+const TYPED_CTORS = [Uint8Array, Int8Array, Uint16Array, Int16Array, Int32Array, Uint32Array, Float32Array, Float64Array, BigInt64Array, BigUint64Array];
+const isBig = (a) => a instanceof BigInt64Array || a instanceof BigUint64Array;
+
+export function isTyped(v) {
+  return ArrayBuffer.isView(v) && !(v instanceof DataView);
+}
+
+function isPlainObject(v) {
+  if (typeof v !== 'object' || v === null || Array.isArray(v) || ArrayBuffer.isView(v)) return false;
+  const p = Object.getPrototypeOf(v);
+  return p === Object.prototype || p === null;
+}
+
+/**
+ * Every mutable slot of `root` (an array of positional arguments): { path, value, kind }.
+ * Plain objects are walked field by field, arrays of at most 8 elements element by element.
+ */
+export function slotsOf(root) {
+  const out = [];
+  const walk = (value, path, depth) => {
+    const kind = kindOf(value);
+    if (path.length > 0) out.push({ path, value, kind });
+    if (depth > 5) return;
+    if (kind === 'object') for (const k of Object.keys(value)) walk(value[k], [...path, k], depth + 1);
+    else if (kind === 'array' && value.length <= 8) value.forEach((v, i) => walk(v, [...path, i], depth + 1));
+  };
+  root.forEach((v, i) => walk(v, [i], 0));
+  return out;
+}
+
+function kindOf(v) {
+  if (isTyped(v)) return 'typed';
+  if (Array.isArray(v)) return 'array';
+  if (isPlainObject(v)) return 'object';
+  if (typeof v === 'object' && v !== null) return 'opaque'; // a Plan, an engine, a class instance
+  return typeof v; // number, string, bigint, boolean, undefined, function
+}
+
+const HOSTILE_NUMBERS = [NaN, Infinity, -Infinity, -1, 0, 1, 0.5, -0, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 32 + 1, 2 ** 53, 2 ** 53 + 2, -(2 ** 31), Number.MAX_VALUE, Number.MIN_VALUE, 1e-320, 65, 511, 513, 4096];
+const HOSTILE_NON_NUMBERS = () => ['3', '', 3n, -1n, null, undefined, true, {}, [], [1], () => 1, Symbol('s'), new Number(3)];
+const HOSTILE_STRINGS = ['', 'V4', 'v4 ', 'v32', 'v4', 'bf16', 'float32', 'int32', 'int64', 'uint8', 'float64', 'toString', '__proto__', 'constructor', 'hasOwnProperty', 'sparse', 'paged', 'auto', 'heads', 'queries', 'host', 'device', 'cuda', 'x'.repeat(1000)];
+const BIG_INTS = [0n, -1n, 2n ** 31n - 1n, 2n ** 31n, 2n ** 32n, 2n ** 32n + 1n, 2n ** 63n - 1n, -(2n ** 63n), -(2n ** 32n) + 5n];
+
+/** Side effects a late getter can run on the case's arrays (registered by the builder). */
+export class CaseHooks {
+  constructor() {
+    this.arrays = []; // every typed array the builder made
+    this.resizable = []; // ArrayBuffers made resizable by a mutation
+  }
+  track(a) {
+    if (isTyped(a)) this.arrays.push(a);
+    return a;
+  }
+  detachSome(rng) {
+    for (const a of this.arrays) {
+      if (rng.uniform() < 0.5 && a.buffer instanceof ArrayBuffer && !a.buffer.detached && a.buffer.byteLength > 0) {
+        try {
+          structuredClone(a.buffer, { transfer: [a.buffer] });
+        } catch {
+          /* a buffer that cannot be transferred (wasm memory, pinned): leave it */
+        }
+      }
+    }
+  }
+  shrinkAll() {
+    for (const b of this.resizable) if (!b.detached) b.resize(0);
+  }
+  scribble(rng) {
+    for (const a of this.arrays) {
+      if (a.buffer.detached || a.length === 0) continue;
+      const i = rng.int(0, a.length);
+      a[i] = isBig(a) ? BigInt.asIntN(64, BigInt(rng.u32()) << 31n) : rng.pick([0x7fffffff, -1, 0xffff, 1e30, NaN]);
+    }
+  }
+}
+
+function copyInto(ctor, src, buffer, byteOffset) {
+  const dst = new ctor(buffer, byteOffset, src.length);
+  dst.set(src);
+  return dst;
+}
+
+/** Typed-array mutations: another kind, another length, other memory for the same numbers, no memory. */
+function mutateTyped(a, rng, hooks) {
+  const ctor = a.constructor;
+  const el = ctor.BYTES_PER_ELEMENT;
+  const choices = [
+    () => {
+      const other = rng.pick(TYPED_CTORS.filter((c) => c !== ctor));
+      const b = new other(a.length);
+      return { value: b, desc: `${other.name}(${a.length}) instead of ${ctor.name}` };
+    },
+    () => ({ value: new ctor(Math.max(0, a.length + rng.pick([-1, 1, -a.length]))), desc: `${ctor.name} of another length` }),
+    () => {
+      const sab = new SharedArrayBuffer(a.byteLength + el * 2);
+      return { value: copyInto(ctor, a, sab, el), desc: `${ctor.name} in a SharedArrayBuffer at byteOffset ${el}`, neutral: true };
+    },
+    () => {
+      // a view deep in a larger buffer: byteOffset odd for bytes, a whole element otherwise
+      const off = el === 1 ? 3 : el * 3;
+      return { value: copyInto(ctor, a, new ArrayBuffer(a.byteLength + off + 16), off), desc: `${ctor.name} view at byteOffset ${off}`, neutral: true };
+    },
+    () => {
+      const buf = new ArrayBuffer(a.byteLength, { maxByteLength: a.byteLength + 64 });
+      const v = new ctor(buf); // length-tracking
+      v.set(a);
+      hooks.resizable.push(buf);
+      return { value: v, desc: `${ctor.name} length-tracking over a resizable buffer`, neutral: true };
+    },
+    () => {
+      const c = a.slice();
+      structuredClone(c.buffer, { transfer: [c.buffer] });
+      return { value: c, desc: `${ctor.name} over a detached buffer` };
+    },
+    () => ({ value: new DataView(a.buffer, a.byteOffset, a.byteLength), desc: 'a DataView of the same bytes' }),
+    () => ({ value: Array.from(a), desc: 'a plain Array of the same values' }),
+    () => {
+      class Lying extends ctor {
+        get length() {
+          return super.length + 1000;
+        }
+      }
+      const v = new Lying(a.length);
+      v.set(a);
+      return { value: v, desc: `a ${ctor.name} subclass whose length getter lies (+1000)`, neutral: true };
+    },
+    () => {
+      const p = new Proxy(a, {});
+      return { value: p, desc: `a Proxy of a ${ctor.name}` };
+    },
+    () => ({ value: Object.freeze(new ctor(0)), desc: 'an empty frozen typed array' }),
+    () => {
+      if (!(a instanceof Uint8Array)) return { value: a.slice(), desc: 'a copy', neutral: true };
+      return { value: Buffer.from(a), desc: 'a node Buffer of the same bytes (pool offset)', neutral: true };
+    },
+  ];
+  // int indices/ids: hostile values in place
+  if (a instanceof Int32Array && a.length > 0) {
+    choices.push(() => {
+      const c = a.slice();
+      const v = rng.pick([-1, -2, 2 ** 31 - 1, -(2 ** 31), c.length, 1 << 20]);
+      c[rng.int(0, c.length)] = v;
+      return { value: c, desc: `one element set to ${v}` };
+    });
+  }
+  if (a instanceof BigInt64Array && a.length > 0) {
+    choices.push(() => {
+      const c = a.slice();
+      const v = rng.pick(BIG_INTS);
+      c[rng.int(0, c.length)] = v;
+      return { value: c, desc: `one element set to ${v}n` };
+    });
+  }
+  if (a instanceof Float32Array && a.length > 0) {
+    choices.push(() => {
+      const c = a.slice();
+      const v = rng.pick([NaN, Infinity, -Infinity, 3e38, -3e38, 1e-45]);
+      c[rng.int(0, c.length)] = v;
+      return { value: c, desc: `one element set to ${v}` };
+    });
+  }
+  if (a instanceof Uint16Array && a.length > 0) {
+    choices.push(() => {
+      const c = a.slice();
+      const v = rng.pick([0x7f80, 0xff80, 0x7fc0, 0x5700, 0xd700, 0x0001]); // ±inf, NaN, ±2^47 (inside the finite-logit range of common.ts's MAX_SM_SCALE note), a subnormal
+      const n = rng.int(1, Math.min(c.length, 8) + 1);
+      for (let i = 0; i < n; i++) c[rng.int(0, c.length)] = v;
+      return { value: c, desc: `${n} element(s) set to bf16 bits 0x${v.toString(16)}` };
+    });
+  }
+  return rng.pick(choices)();
+}
+
+function mutateNumber(v, rng) {
+  const r = rng.uniform();
+  if (r < 0.55) {
+    const x = rng.pick(HOSTILE_NUMBERS);
+    return { value: x, desc: `${Object.is(x, -0) ? '-0' : x}` };
+  }
+  if (r < 0.8) {
+    const x = rng.pick([v + 1, v - 1, v * 2, v + 0.5, -v, v * 2 ** 20]);
+    return { value: x, desc: `${x} (from ${v})` };
+  }
+  const x = rng.pick(HOSTILE_NON_NUMBERS());
+  return { value: x, desc: describe(x) };
+}
+
+function mutateString(v, rng) {
+  if (rng.uniform() < 0.8) {
+    const s = rng.pick(HOSTILE_STRINGS);
+    return { value: s, desc: JSON.stringify(s.length > 20 ? `${s.slice(0, 20)}…` : s) };
+  }
+  const x = rng.pick(HOSTILE_NON_NUMBERS());
+  return { value: x, desc: describe(x) };
+}
+
+function mutateArray(a, rng) {
+  const choices = [
+    () => ({ value: a.slice(0, -1), desc: 'last element dropped' }),
+    () => ({ value: [...a, rng.pick([1, 0, 2])], desc: 'an element appended' }),
+    () => ({ value: [], desc: 'empty' }),
+    () => {
+      const c = a.slice();
+      if (c.length === 0) return { value: [2 ** 31], desc: '[2^31]' };
+      const x = rng.pick([NaN, -1, 1.5, 2 ** 31, 2 ** 32, 2 ** 53, 2 ** 53 + 2, Infinity, '2', null, 0, 3n]);
+      c[rng.int(0, c.length)] = x;
+      return { value: c, desc: `one element set to ${describe(x)}` };
+    },
+    () => ({ value: Int32Array.from(a.filter((x) => typeof x === 'number')), desc: 'an Int32Array of it' }),
+    () => ({ value: Object.freeze(a.slice()), desc: 'a frozen copy', neutral: true }),
+    () => ({ value: new Proxy(a.slice(), {}), desc: 'a forwarding Proxy of a copy', neutral: true }),
+    () => {
+      const c = a.slice();
+      c.length = c.length + 2; // holes
+      return { value: c, desc: 'two holes appended' };
+    },
+    () => {
+      const o = { length: a.length };
+      a.forEach((x, i) => (o[i] = x));
+      return { value: o, desc: 'an array-like object' };
+    },
+    () => {
+      const c = a.slice();
+      let reads = 0;
+      return {
+        value: new Proxy(c, {
+          get(t, k, r) {
+            if (k === 'length') reads++;
+            if (k === 'length' && reads > 1) return t.length + 5;
+            return Reflect.get(t, k, r);
+          },
+        }),
+        desc: 'a Proxy whose length grows after the first read',
+        dynamic: true,
+      };
+    },
+  ];
+  if (a.length > 8) {
+    // a long id list: a bad id somewhere inside
+    choices.push(() => {
+      const c = a.slice();
+      const x = rng.pick([-1, 2 ** 31, 2 ** 53, 1.5, NaN, '3', null, 10n ** 30n]);
+      c[rng.int(0, c.length)] = x;
+      return { value: c, desc: `element set to ${describe(x)}` };
+    });
+  }
+  return rng.pick(choices)();
+}
+
+/** Wrappers of an object (a tensor, a cache, an argument object) and replacements for it. */
+function mutateObject(o, rng, hooks, where) {
+  const keys = Object.keys(o);
+  const choices = [
+    () => ({ value: Object.freeze({ ...o }), desc: 'a frozen copy', neutral: true }),
+    () => ({ value: new Proxy({ ...o }, {}), desc: 'a forwarding Proxy', neutral: true }),
+    () => ({ value: Object.assign(Object.create(null), o), desc: 'a null-prototype copy', neutral: true }),
+    () => ({ value: Object.create({ ...o }), desc: 'an object inheriting every field', neutral: true }),
+    () => {
+      const c = { ...o };
+      Object.defineProperty(c, '__proto__', { value: { polluted: 1 }, enumerable: true });
+      c.constructor = 'not a constructor';
+      return { value: c, desc: 'own __proto__ and constructor keys', neutral: true };
+    },
+    () => ({ value: JSON.parse('{"__proto__": {"dtype": "bf16"}}'), desc: 'only a JSON __proto__ key' }),
+    () => {
+      if (keys.length === 0) return { value: null, desc: 'null' };
+      const c = { ...o };
+      const k = rng.pick(keys);
+      delete c[k];
+      return { value: c, desc: `field ${k} removed` };
+    },
+    () => {
+      const x = rng.pick([null, undefined, 0, 'obj', [], [o], () => o, new Map(Object.entries(o)), Symbol('o')]);
+      return { value: x, desc: `replaced by ${describe(x)}` };
+    },
+    () => {
+      const c = { ...o };
+      const k = keys.length ? rng.pick(keys) : 'x';
+      Object.defineProperty(c, k, {
+        enumerable: true,
+        get() {
+          throw new SentinelError(`${where}.${k}`);
+        },
+      });
+      return { value: c, desc: `getter of ${k} throws`, sentinel: true };
+    },
+    () => {
+      const c = { ...o };
+      return {
+        value: new Proxy(c, {
+          get() {
+            throw new SentinelError(`${where} (Proxy get)`);
+          },
+          has() {
+            throw new SentinelError(`${where} (Proxy has)`);
+          },
+          ownKeys() {
+            throw new SentinelError(`${where} (Proxy ownKeys)`);
+          },
+        }),
+        desc: 'a Proxy whose every trap throws',
+        sentinel: true,
+      };
+    },
+    () => {
+      // a field whose second read differs: what was checked must be what is used
+      if (keys.length === 0) return { value: o, desc: 'unchanged', neutral: true };
+      const c = { ...o };
+      const k = rng.pick(keys);
+      const first = o[k];
+      const later = flipValue(first, rng);
+      let reads = 0;
+      Object.defineProperty(c, k, {
+        enumerable: true,
+        get() {
+          return reads++ === 0 ? first : later;
+        },
+      });
+      return { value: c, desc: `${k} changes after its first read (to ${describe(later)})`, dynamic: true };
+    },
+    () => {
+      // a field whose read detaches, shrinks or rewrites the case's arrays (read after others were checked)
+      if (keys.length === 0) return { value: o, desc: 'unchanged', neutral: true };
+      const c = { ...o };
+      const k = rng.pick(keys);
+      const v = o[k];
+      const act = rng.pick(['detach', 'shrink', 'scribble']);
+      Object.defineProperty(c, k, {
+        enumerable: true,
+        get() {
+          if (act === 'detach') hooks.detachSome(rng);
+          else if (act === 'shrink') hooks.shrinkAll();
+          else hooks.scribble(rng);
+          return v;
+        },
+      });
+      return { value: c, desc: `reading ${k} ${act === 'detach' ? 'detaches some of the case\'s buffers' : act === 'shrink' ? 'shrinks the resizable buffers to 0' : 'rewrites an element of every array'}`, dynamic: true };
+    },
+  ];
+  return rng.pick(choices)();
+}
+
+function flipValue(v, rng) {
+  if (typeof v === 'number') return rng.pick([v * 4 + 7, -1, 2 ** 31, NaN]);
+  if (typeof v === 'string') return rng.pick(['v32', 'int64', 'float32', 'bf16', 'v4']);
+  if (Array.isArray(v)) return rng.pick([[...v, 1], v.map((d) => (typeof d === 'number' ? d * 2 + 1 : d)), [2 ** 20]]);
+  if (isTyped(v)) return new v.constructor(Math.max(1, (v.length >> 1) || 1));
+  return rng.pick([null, {}, 3]);
+}
+
+function mutateOpaque(o, rng, where) {
+  const choices = [
+    () => ({ value: new Proxy(o, {}), desc: `a forwarding Proxy of the ${o.constructor?.name}` }),
+    () => ({ value: Object.create(o), desc: `an object whose prototype is the ${o.constructor?.name}` }),
+    () => ({ value: { ...o }, desc: `a plain copy of the ${o.constructor?.name}'s own fields` }),
+    () => ({ value: null, desc: 'null' }),
+    () => ({ value: Object.freeze(o), desc: `the ${o.constructor?.name} frozen`, neutral: true }),
+    () => ({
+      value: new Proxy(o, {
+        get() {
+          throw new SentinelError(`${where} (Proxy get)`);
+        },
+      }),
+      desc: 'a Proxy whose get throws',
+      sentinel: true,
+    }),
+  ];
+  return rng.pick(choices)();
+}
+
+function mutateScalar(v, kind, rng) {
+  if (kind === 'bigint') return { value: rng.pick([...BIG_INTS, 0.5]), desc: 'another bigint' };
+  if (kind === 'boolean') return { value: !v, desc: String(!v) };
+  const x = rng.pick([0, -1, NaN, 'x', null, 2 ** 31, {}, 'v4', 'paged', 'device']);
+  return { value: x, desc: describe(x) };
+}
+
+/** One mutation of slot `s`; `where` names it in descriptions. */
+export function mutateSlot(s, rng, hooks) {
+  const where = pathStr(s.path);
+  switch (s.kind) {
+    case 'typed':
+      return mutateTyped(s.value, rng, hooks);
+    case 'array':
+      return mutateArray(s.value, rng);
+    case 'object':
+      return mutateObject(s.value, rng, hooks, where);
+    case 'opaque':
+      return mutateOpaque(s.value, rng, where);
+    case 'number':
+      return mutateNumber(s.value, rng);
+    case 'string':
+      return mutateString(s.value, rng);
+    default:
+      return mutateScalar(s.value, s.kind, rng);
+  }
+}
+
+export function pathStr(path) {
+  return path.map((p, i) => (i === 0 ? `arg${p}` : typeof p === 'number' ? `[${p}]` : `.${p}`)).join('');
+}
+
+/** Sets `value` at `path` inside the positional argument list `root` (in place). */
+export function setAt(root, path, value) {
+  let parent = root;
+  for (let i = 0; i < path.length - 1; i++) parent = parent[path[i]];
+  parent[path[path.length - 1]] = value;
+}
+
+/**
+ * Applies `count` mutations to `root` (deepest first, so wrapping an ancestor keeps a mutated
+ * child). Returns what was done: { muts: [{ where, desc, neutral, dynamic, sentinel }] }.
+ */
+export function mutateArgs(root, rng, hooks, count) {
+  const slots = slotsOf(root);
+  const picked = [];
+  for (let i = 0; i < count && slots.length > 0; i++) {
+    const s = slots[rng.int(0, slots.length)];
+    if (picked.some((p) => pathStr(p.path) === pathStr(s.path))) continue;
+    picked.push(s);
+  }
+  picked.sort((a, b) => b.path.length - a.path.length);
+  const muts = [];
+  for (const s of picked) {
+    // the slot's current value (a deeper mutation may have replaced part of it)
+    let cur = root;
+    for (const k of s.path) cur = cur?.[k];
+    const m = mutateSlot({ ...s, value: cur, kind: kindOf(cur) }, rng, hooks);
+    setAt(root, s.path, m.value);
+    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel });
+  }
+  return muts;
+}
+
+/** A short description of any value (for reports). */
+export function describe(v) {
+  if (v === null) return 'null';
+  if (v === undefined) return 'undefined';
+  if (typeof v === 'bigint') return `${v}n`;
+  if (typeof v === 'symbol') return 'a Symbol';
+  if (typeof v === 'function') return 'a function';
+  if (typeof v === 'string') return JSON.stringify(v.length > 20 ? `${v.slice(0, 20)}…` : v);
+  if (typeof v === 'number') return Object.is(v, -0) ? '-0' : String(v);
+  if (isTyped(v)) return `${v.constructor.name}(${v.length})`;
+  if (Array.isArray(v)) return `[${v.slice(0, 6).map(describe).join(', ')}${v.length > 6 ? ', …' : ''}]`;
+  if (v instanceof Map) return 'a Map';
+  if (v instanceof DataView) return 'a DataView';
+  return `{${Object.keys(v).slice(0, 5).join(', ')}}`;
+}

@@ -1,0 +1,640 @@
+/**
+ * The fuzzer's targets: for every public entry point, a builder of a random valid call (small
+ * shapes, seeded) and a judge of its result against the float64 reference (sparse-mla/reference)
+ * or an independent rule. The mutator (mutate.mjs) then breaks one or two things of the call.
+ *
+ * build(rng, env, hooks) → { args: positional arguments, call(args), judge?(result, ctx) }
+ * judge returns null when the result is right, else a description of what is wrong.
+ */
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import {
+  bf16ToFloat32,
+  createKvCache,
+  createPlan,
+  createShardedPlan,
+  kvCacheBytes,
+  prefillLayer,
+  prefillLayerSharded,
+  routePrefill,
+  tensor,
+  toBf16,
+} from '../../dist/index.js';
+import * as R from '../../dist/reference/index.js';
+import { randomBf16Bits } from '../../dist/check/grid.js';
+import { chunkScenario, indexerTopk } from '../../dist/check/chunks.js';
+import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../../dist/io/index.js';
+import { isTyped } from './mutate.mjs';
+
+const D = 512;
+
+function int32Tensor(hooks, shape, values) {
+  return tensor('int32', shape, hooks.track(Int32Array.from(values)));
+}
+
+function randomIdx(rng, n, bound, invalid = 0.2) {
+  const out = new Int32Array(n);
+  for (let i = 0; i < n; i++) out[i] = rng.uniform() < invalid ? rng.pick([-1, bound, bound + 3, -7, 2 ** 31 - 1]) : bound > 0 ? rng.int(0, bound) : -1;
+  return out;
+}
+
+/** indices as the ops take them: int32 or int64, [rows, topk] or [rows, 1, topk]. */
+function indexTensor(rng, hooks, rows, topk, values, allowInt64 = true) {
+  const shape = rng.uniform() < 0.2 ? [rows, 1, topk] : [rows, topk];
+  if (allowInt64 && rng.uniform() < 0.25) return tensor('int64', shape, hooks.track(BigInt64Array.from(values, (v) => BigInt(v))));
+  return tensor('int32', shape, hooks.track(values));
+}
+
+function sinkTensor(rng, hooks, hQ) {
+  const s = new Float32Array(hQ).map(() => (rng.uniform() < 0.15 ? rng.pick([Infinity, -Infinity]) : rng.normal()));
+  return tensor('float32', [hQ], hooks.track(s));
+}
+
+function lengthTensor(rng, hooks, rows, topk) {
+  return int32Tensor(hooks, [rows], Array.from({ length: rows }, () => rng.int(0, topk + 3)));
+}
+
+function randomV4Cache(rng, hooks, pageSize, numPages) {
+  const cache = createKvCache('v4', { pageSize, numPages });
+  const n = pageSize * numPages;
+  const rows = tensor('bf16', [n, D], randomBf16Bits(rng, n * D, rng.pick([1, 1, 1e-3])));
+  R.quantizeKCacheReference(cache, Array.from({ length: n }, (_, i) => i), rows);
+  hooks.track(cache.data);
+  return cache;
+}
+
+/** A judged attention result: shapes and SPEC §4.1's bounds against the reference. */
+function judgeAttention(got, ref, rows, hQ, dV) {
+  if (!got || typeof got !== 'object') return `result is ${typeof got}`;
+  for (const [k, shape] of [['out', [rows, hQ, dV]], ['lse', [rows, hQ]], ['maxLogits', [rows, hQ]]]) {
+    const t = got[k];
+    if (!t || JSON.stringify(t.shape) !== JSON.stringify(shape)) return `${k} has shape ${t && JSON.stringify(t.shape)}, expected ${JSON.stringify(shape)}`;
+  }
+  if (rows === 0) return null;
+  const vals = {
+    out: Array.from(got.out.data, (b) => R.decodeBf16(b)),
+    lse: Array.from(got.lse.data),
+    maxLogits: Array.from(got.maxLogits.data),
+  };
+  const c = R.compareAttention(vals, ref, { heads: hQ, dV });
+  return c.pass ? null : `outside SPEC §4.1's bounds: ${R.formatAttentionComparison(c).replace(/\s+/g, ' ').slice(0, 400)}`;
+}
+
+const sparsePrefill = {
+  name: 'sparsePrefill',
+  engine: true,
+  build(rng, env, hooks) {
+    const sQ = rng.pick([0, 1, 1, 2, 3, 5]);
+    const hQ = rng.pick([1, 2, 3, 4]);
+    const dQK = rng.pick([512, 576, 576, 64, 128]);
+    const sKV = rng.pick([0, 1, 5, 17, 40]);
+    const topk = rng.pick([0, 1, 3, 8, 20]);
+    const a = {
+      q: tensor('bf16', [sQ, hQ, dQK], hooks.track(randomBf16Bits(rng, sQ * hQ * dQK))),
+      kv: tensor('bf16', [sKV, dQK], hooks.track(randomBf16Bits(rng, sKV * dQK))),
+      indices: indexTensor(rng, hooks, sQ, topk, randomIdx(rng, sQ * topk, sKV)),
+      smScale: (1 / Math.sqrt(dQK)) * rng.pick([1, 0.5, 4]),
+    };
+    if (dQK < 512) a.dV = 64 * rng.int(1, dQK / 64 + 1);
+    else if (rng.uniform() < 0.3) a.dV = 512;
+    if (rng.uniform() < 0.5) a.attnSink = sinkTensor(rng, hooks, hQ);
+    if (rng.uniform() < 0.4) a.topkLength = lengthTensor(rng, hooks, sQ, topk);
+    const args = [a];
+    if (rng.uniform() < 0.3) args.push({ output: 'host' });
+    return {
+      args,
+      call: (x) => env.engine.sparsePrefill(...x),
+      judge: (got, { refArgs }) => {
+        const r = refArgs[0];
+        const ref = R.sparsePrefillReference(r);
+        return judgeAttention(got, ref, r.q.shape[0], r.q.shape[1], r.dV ?? 512);
+      },
+    };
+  },
+};
+
+const pagedSparseAttention = {
+  name: 'pagedSparseAttention',
+  engine: true,
+  build(rng, env, hooks) {
+    const n = rng.pick([0, 1, 2, 3]);
+    const hQ = rng.pick([1, 2, 3]);
+    const pageSize = rng.pick([1, 2, 16, 64]);
+    const numPages = Math.max(1, Math.ceil(rng.int(1, 80) / pageSize));
+    const kCache = randomV4Cache(rng, hooks, pageSize, numPages);
+    const tokens = pageSize * numPages;
+    const topk = rng.pick([0, 1, 4, 9]);
+    const a = {
+      q: tensor('bf16', [n, hQ, D], hooks.track(randomBf16Bits(rng, n * hQ * D))),
+      kCache,
+      indices: tensor('int32', rng.uniform() < 0.2 ? [n, 1, topk] : [n, topk], hooks.track(randomIdx(rng, n * topk, tokens))),
+      smScale: 1 / Math.sqrt(576),
+    };
+    if (rng.uniform() < 0.4) a.topkLength = lengthTensor(rng, hooks, n, topk);
+    if (rng.uniform() < 0.4) {
+      const ePage = rng.pick([1, 4, 64]);
+      const eCache = randomV4Cache(rng, hooks, ePage, Math.max(1, Math.ceil(rng.int(1, 40) / ePage)));
+      const etopk = rng.pick([0, 2, 5]);
+      a.extraKCache = eCache;
+      a.extraIndices = tensor('int32', [n, etopk], hooks.track(randomIdx(rng, n * etopk, eCache.pageSize * eCache.numPages)));
+      if (rng.uniform() < 0.5) a.extraTopkLength = lengthTensor(rng, hooks, n, etopk);
+    }
+    if (rng.uniform() < 0.5) a.attnSink = sinkTensor(rng, hooks, hQ);
+    if (rng.uniform() < 0.2) a.dV = 512;
+    return {
+      args: [a],
+      call: (x) => env.engine.pagedSparseAttention(...x),
+      judge: (got, { refArgs }) => {
+        const r = refArgs[0];
+        const ref = R.pagedSparseAttentionReference(r);
+        return judgeAttention(got, ref, r.q.shape[0], r.q.shape[1], 512);
+      },
+    };
+  },
+};
+
+function randomCacheBytes(rng, hooks, format) {
+  const pageSize = format === 'v32' ? 1 : rng.pick([1, 2, 3, 16, 64]);
+  const numPages = format === 'v32' ? rng.int(1, 20) : rng.int(1, 4);
+  const cache = createKvCache(format, { pageSize, numPages });
+  for (let i = 0; i < cache.data.length; i++) cache.data[i] = rng.u32() & 0xff;
+  hooks.track(cache.data);
+  return cache;
+}
+
+function tokenIdsArg(rng, hooks, ids) {
+  const form = rng.pick(['array', 'int32', 'int64']);
+  if (form === 'array') return Array.from(ids);
+  if (form === 'int32') return tensor('int32', [ids.length], hooks.track(Int32Array.from(ids)));
+  return tensor('int64', [ids.length], hooks.track(BigInt64Array.from(ids, (v) => BigInt(v))));
+}
+
+function distinctIds(rng, count, bound) {
+  const all = Array.from({ length: bound }, (_, i) => i);
+  for (let i = all.length - 1; i > 0; i--) {
+    const j = rng.int(0, i + 1);
+    [all[i], all[j]] = [all[j], all[i]];
+  }
+  return all.slice(0, count);
+}
+
+const quantizeKCache = {
+  name: 'quantizeKCache',
+  engine: true,
+  build(rng, env, hooks) {
+    const format = rng.pick(['v4', 'v32']);
+    const cache = randomCacheBytes(rng, hooks, format);
+    const tokens = cache.pageSize * cache.numPages;
+    const n = rng.int(0, Math.min(tokens, 6) + 1);
+    const ids = distinctIds(rng, n, tokens);
+    const width = format === 'v4' ? 512 : 576;
+    const scale = rng.pick([1, 1e-3, 300, 1e-30]);
+    const f = new Float32Array(n * width).map(() => rng.normal() * scale);
+    if (n > 0 && rng.uniform() < 0.2) f[rng.int(0, f.length)] = rng.pick([NaN, Infinity, -Infinity, 1e38]);
+    const rows = rng.uniform() < 0.5 ? tensor('float32', [n, width], hooks.track(f)) : tensor('bf16', [n, width], hooks.track(Uint16Array.from(f, (x) => R.encodeBf16(x))));
+    return {
+      args: [{ cache, tokenIds: tokenIdsArg(rng, hooks, ids), rows }],
+      // the cache is written by a resolved call: judged against the reference, not its bytes before
+      written: [cache.data],
+      call: (x) => env.engine.quantizeKCache(...x),
+      judge: (got, { refArgs, args, pre }) => {
+        if (got !== undefined) return `resolved with ${typeof got}, expected undefined`;
+        const r = refArgs[0];
+        const before = pre(r.cache.data);
+        const want = { ...r.cache, data: before.slice() };
+        R.quantizeKCacheReference(want, r.tokenIds, r.rows);
+        const data = args[0].cache.data;
+        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+        const i = bytes.findIndex((b, k) => b !== want.data[k]);
+        return i === -1 && bytes.length === want.data.length ? null : `cache byte ${i}: got ${bytes[i]}, want ${want.data[i]}`;
+      },
+    };
+  },
+};
+
+const dequantizeKCachePaged = {
+  name: 'dequantizeKCachePaged',
+  engine: true,
+  build(rng, env, hooks) {
+    const format = rng.pick(['v4', 'v32']);
+    let cache;
+    if (format === 'v4') cache = randomV4Cache(rng, hooks, rng.pick([1, 3, 16]), rng.int(1, 4));
+    else {
+      cache = createKvCache('v32', { numTokens: rng.int(1, 12) });
+      const rows = tensor('bf16', [cache.numPages, 576], randomBf16Bits(rng, cache.numPages * 576));
+      R.quantizeKCacheReference(cache, Array.from({ length: cache.numPages }, (_, i) => i), rows);
+      hooks.track(cache.data);
+    }
+    const tokens = cache.pageSize * cache.numPages;
+    const ids = Array.from({ length: rng.int(0, 9) }, () => rng.int(0, tokens));
+    const args = [{ cache, tokenIds: tokenIdsArg(rng, hooks, ids) }];
+    if (rng.uniform() < 0.3) args.push({ output: 'host' });
+    return {
+      args,
+      call: (x) => env.engine.dequantizeKCachePaged(...x),
+      judge: (got, { refArgs }) => {
+        const r = refArgs[0];
+        const want = R.dequantizeKCacheReference(r.cache, r.tokenIds);
+        const width = r.cache.format === 'v4' ? 512 : 576;
+        if (!got || got.dtype !== 'bf16' || JSON.stringify(got.shape) !== JSON.stringify([want.length / width, width])) return `got ${got?.dtype} ${JSON.stringify(got?.shape)}`;
+        for (let i = 0; i < want.length; i++) {
+          const v = R.decodeBf16(got.data[i]);
+          if (!(Number.isNaN(v) ? Number.isNaN(want[i]) : v === want[i])) return `element ${i}: got ${v}, want ${want[i]}`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
+const createKvCacheTarget = {
+  name: 'createKvCache',
+  build(rng) {
+    const format = rng.pick(['v4', 'v32']);
+    const geometry =
+      format === 'v32'
+        ? rng.uniform() < 0.5
+          ? { numTokens: rng.int(0, 50) }
+          : { pageSize: 1, numPages: rng.int(0, 50) }
+        : rng.uniform() < 0.5
+          ? { numTokens: rng.int(0, 300), ...(rng.uniform() < 0.5 ? { pageSize: rng.pick([1, 7, 64]) } : {}) }
+          : { pageSize: rng.pick([1, 2, 64, 128]), numPages: rng.int(0, 5) };
+    return {
+      args: [format, geometry],
+      call: (x) => ({ cache: createKvCache(...x), bytes: kvCacheBytes(...x) }),
+      judge: ({ cache, bytes }) => {
+        const want = R.kvCacheBytesReference(cache.format, cache.pageSize, cache.numPages);
+        if (bytes !== want || cache.data.length !== want) return `bytes ${bytes} / data ${cache.data.length}, reference ${want} for ${cache.format} ${cache.pageSize}×${cache.numPages}`;
+        if (!(cache.data instanceof Uint8Array)) return 'data is not a Uint8Array';
+        if (want <= 1 << 26 && cache.data.some((b) => b !== 0)) return 'not zero-filled';
+        return null;
+      },
+    };
+  },
+};
+
+const DTYPES = { bf16: Uint16Array, float32: Float32Array, int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array };
+
+const tensorTarget = {
+  name: 'tensor',
+  build(rng, env, hooks) {
+    const dtype = rng.pick(Object.keys(DTYPES));
+    const shape = Array.from({ length: rng.int(0, 4) }, () => rng.int(0, 5));
+    const n = shape.reduce((a, b) => a * b, 1);
+    const args = [dtype, shape];
+    if (rng.uniform() < 0.7) args.push(hooks.track(new DTYPES[dtype](n)));
+    return {
+      args,
+      call: (x) => tensor(...x),
+      judge: (t, { refArgs }) => {
+        const [d, s, data] = refArgs;
+        if (t.dtype !== d || JSON.stringify(t.shape) !== JSON.stringify([...s])) return `got ${t.dtype} ${JSON.stringify(t.shape)}`;
+        if (data !== undefined && t.data !== data && !isTyped(t.data)) return 'data not kept';
+        if (t.data.length !== s.reduce((a, b) => a * b, 1)) return `data length ${t.data.length}`;
+        return null;
+      },
+    };
+  },
+};
+
+const toBf16Target = {
+  name: 'toBf16',
+  build(rng, env, hooks) {
+    const n = rng.int(0, 20);
+    const data = hooks.track(new Float32Array(n).map(() => (rng.uniform() < 0.1 ? rng.pick([NaN, Infinity, -0, 3.4e38, 1e-45]) : rng.normal() * 100)));
+    return {
+      args: [{ shape: [n], data }],
+      call: (x) => toBf16(...x),
+      judge: (t, { refArgs }) => {
+        const src = refArgs[0].data;
+        if (t.dtype !== 'bf16' || t.data.length !== src.length) return `got ${t.dtype} of ${t.data.length}`;
+        for (let i = 0; i < src.length; i++) {
+          const want = R.encodeBf16(src[i]);
+          if (t.data[i] !== want && !(Number.isNaN(R.decodeBf16(want)) && Number.isNaN(R.decodeBf16(t.data[i])))) return `element ${i}: got 0x${t.data[i].toString(16)}, want 0x${want.toString(16)}`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
+const bf16ToFloat32Target = {
+  name: 'bf16ToFloat32',
+  build(rng, env, hooks) {
+    const n = rng.int(0, 20);
+    const bits = hooks.track(Uint16Array.from({ length: n }, () => rng.u32() & 0xffff));
+    return {
+      args: [tensor('bf16', [n], bits)],
+      call: (x) => bf16ToFloat32(...x),
+      judge: (t, { refArgs }) => {
+        const src = refArgs[0].data;
+        if (t.dtype !== 'float32' || t.data.length !== src.length) return `got ${t.dtype} of ${t.data.length}`;
+        for (let i = 0; i < src.length; i++) {
+          const want = R.decodeBf16(src[i]);
+          if (!Object.is(t.data[i], want) && !(Number.isNaN(want) && Number.isNaN(t.data[i]))) return `element ${i}: got ${t.data[i]}, want ${want}`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
+const routePrefillTarget = {
+  name: 'routePrefill',
+  build(rng) {
+    const numQueries = rng.int(0, 2000);
+    const options = {};
+    if (rng.uniform() < 0.3) options.path = rng.pick(['sparse', 'paged', 'auto']);
+    if (rng.uniform() < 0.4) options.threshold = rng.int(0, 1000);
+    if (rng.uniform() < 0.4) options.compressRatio = rng.pick([0, 4, 128]);
+    if (rng.uniform() < 0.4) options.backend = rng.pick(['cpu', 'wasm', 'cuda']);
+    options.env = rng.uniform() < 0.3 ? { SPARSE_MLA_PREFILL: rng.pick(['sparse', 'paged', 'auto', ' Paged ']) } : {};
+    return {
+      args: [numQueries, options],
+      call: (x) => routePrefill(...x),
+      judge: (d, { refArgs }) => {
+        const [nq, o] = refArgs;
+        const env = (o.env?.SPARSE_MLA_PREFILL ?? '').trim().toLowerCase();
+        const threshold = o.threshold ?? (o.backend ? { cuda: { 0: 512, 4: 0, 128: 256 }, cpu: null, wasm: null }[o.backend] : null);
+        let want;
+        if (o.path === 'sparse' || o.path === 'paged') want = o.path;
+        else if (env === 'sparse' || env === 'paged') want = env;
+        else if (typeof o.threshold === 'number') want = nq > o.threshold ? 'sparse' : 'paged';
+        void threshold; // the per-backend table is helper-26's: only the forced and explicit cases are judged
+        if (d.path !== 'sparse' && d.path !== 'paged') return `path ${d.path}`;
+        if (typeof d.reason !== 'string') return 'no reason';
+        return want === undefined || d.path === want ? null : `path ${d.path}, expected ${want}`;
+      },
+    };
+  },
+};
+
+/** A small chunk with caches, q and the indexer's top-k, and its reference. */
+function layerScenario(rng, hooks, ratio) {
+  const nReq = rng.int(1, 4);
+  const requests = Array.from({ length: nReq }, () => {
+    const seqLen = rng.pick([rng.int(1, 20), rng.int(100, 300)]);
+    return { seqLen, extendLen: rng.uniform() < 0.15 ? 0 : rng.int(1, Math.min(seqLen, 6) + 1) };
+  });
+  const window = rng.pick([128, 16, 1]);
+  const sc = chunkScenario(rng, requests, { window, swaPageSize: rng.pick([16, 64]), c4PageSize: rng.pick([4, 16]), c128PageSize: rng.pick([1, 2]) });
+  const hQ = rng.int(1, 4);
+  const caches = { swa: randomV4Cache(rng, hooks, sc.swaPageSize, sc.swaPages) };
+  if (ratio === 4) caches.c4 = randomV4Cache(rng, hooks, sc.c4PageSize, sc.c4Pages);
+  if (ratio === 128) caches.c128 = randomV4Cache(rng, hooks, sc.c128PageSize, sc.c128Pages);
+  const q = tensor('bf16', [sc.numQueries, hQ, D], hooks.track(randomBf16Bits(rng, sc.numQueries * hQ * D)));
+  const topkIndices = ratio === 4 ? indexerTopk(rng, sc.requests, rng.pick([1, 8, 33]), { holes: 0.15, late: 1 }).indices : undefined;
+  if (topkIndices) hooks.track(topkIndices.data);
+  const attnSink = rng.uniform() < 0.5 ? sinkTensor(rng, hooks, hQ) : undefined;
+  const layer = { q, compressRatio: ratio, caches, smScale: 1 / Math.sqrt(576), ...(topkIndices ? { topkIndices } : {}), ...(attnSink ? { attnSink } : {}) };
+  if (rng.uniform() < 0.7) layer.path = rng.pick(['sparse', 'paged']);
+  return { sc, hQ, layer, window };
+}
+
+function layerReference(sc, layer) {
+  return R.prefillLayerReference({
+    chunk: sc.ref,
+    compressRatio: layer.compressRatio,
+    q: layer.q,
+    caches: layer.caches,
+    smScale: layer.smScale,
+    ...(layer.topkIndices ? { topkIndices: layer.topkIndices } : {}),
+    ...(layer.attnSink ? { attnSink: layer.attnSink } : {}),
+  });
+}
+
+function judgeLayer(got, sc, layer) {
+  const ref = layerReference(sc, layer);
+  const problem = judgeAttention(got, ref, sc.numQueries, layer.q.shape[1], D);
+  if (problem) return problem;
+  if (got.dropped !== ref.dropped) return `dropped ${got.dropped}, reference ${ref.dropped}`;
+  return null;
+}
+
+const prefillLayerTarget = {
+  name: 'prefillLayer',
+  engine: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
+    layer.plan = createPlan(sc.chunk, { window, ...(rng.uniform() < 0.3 ? { caches: layer.caches } : {}) });
+    const args = [env.engine, layer];
+    if (rng.uniform() < 0.3) args.push({ output: 'host' });
+    return {
+      args,
+      call: (x) => prefillLayer(...x),
+      judge: (got, { refArgs }) => judgeLayer(got, sc, refArgs[1]),
+    };
+  },
+};
+
+const createPlanTarget = {
+  name: 'createPlan',
+  engine: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
+    const options = { window };
+    if (rng.uniform() < 0.3) options.caches = layer.caches;
+    if (rng.uniform() < 0.2) options.align = rng.pick([1, 64, 128]);
+    if (rng.uniform() < 0.2) options.core = rng.pick(['auto', 'wasm']);
+    return {
+      args: [sc.chunk, options],
+      call: async (x) => {
+        const plan = createPlan(...x);
+        // the plan is used by a layer: what it holds is judged by the layer's result
+        return { plan, layer: await prefillLayer(env.engine, { ...layer, plan }) };
+      },
+      judge: ({ plan, layer: got }, { neutral }) => {
+        // a mutated chunk means other rows than the scenario's reference reads: only a neutral one is judged
+        if (!neutral) return null;
+        if (plan.numQueries !== sc.numQueries) return `numQueries ${plan.numQueries}, expected ${sc.numQueries}`;
+        return judgeLayer(got, sc, layer);
+      },
+    };
+  },
+};
+
+const createShardedPlanTarget = {
+  name: 'createShardedPlan',
+  engine: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
+    const split = rng.pick(['heads', 'queries']);
+    const shards = rng.int(1, split === 'heads' ? hQ + 1 : 4); // a head split has at most hQ shards
+    const options = { shards, split, window };
+    return {
+      args: [sc.chunk, options],
+      call: async (x) => {
+        const plan = createShardedPlan(...x);
+        const engines = Array.from({ length: plan.shards.length }, () => env.engine);
+        return { plan, layer: await prefillLayerSharded(engines, { ...layer, plan }) };
+      },
+      judge: ({ plan, layer: got }, { refArgs, neutral }) => {
+        if (plan.shards.length !== refArgs[1].shards) return `${plan.shards.length} shards, ${refArgs[1].shards} asked for`;
+        if (!neutral) return null; // a mutated chunk: other rows than the scenario's reference reads
+        if (plan.numQueries !== sc.numQueries) return `numQueries ${plan.numQueries}`;
+        return judgeLayer(got, sc, layer);
+      },
+    };
+  },
+};
+
+const prefillLayerShardedTarget = {
+  name: 'prefillLayerSharded',
+  engine: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
+    const split = rng.pick(['heads', 'queries']);
+    const shards = rng.int(1, split === 'heads' ? hQ + 1 : 4);
+    layer.plan = createShardedPlan(sc.chunk, { shards, split, window });
+    const args = [Array.from({ length: shards }, () => env.engine), layer];
+    if (rng.uniform() < 0.3) args.push({ output: 'host' });
+    return {
+      args,
+      call: (x) => prefillLayerSharded(...x),
+      judge: (got, { refArgs }) => judgeLayer(got, sc, refArgs[1]),
+    };
+  },
+};
+
+function randomHostTensor(rng, hooks) {
+  const dtype = rng.pick(Object.keys(DTYPES));
+  const shape = Array.from({ length: rng.int(0, 4) }, () => rng.int(0, 4));
+  const n = shape.reduce((a, b) => a * b, 1);
+  const data = new DTYPES[dtype](n);
+  for (let i = 0; i < n; i++) data[i] = dtype === 'int64' ? BigInt.asIntN(64, (BigInt(rng.u32()) << 32n) | BigInt(rng.u32())) : rng.u32();
+  return tensor(dtype, shape, hooks.track(data));
+}
+
+/** Byte-level damage to an encoded file: header text, length fields, truncation, random bytes. */
+function damageBytes(bytes, rng, headerEnd, lengthField) {
+  const text = () => new TextDecoder('latin1').decode(bytes.subarray(0, headerEnd));
+  const choice = rng.int(0, 8);
+  if (choice === 0) return bytes.subarray(0, rng.int(0, bytes.length));
+  if (choice === 1) {
+    const b = bytes.slice();
+    for (let k = rng.int(1, 4); k > 0; k--) b[rng.int(0, Math.min(b.length, headerEnd + 8))] = rng.u32() & 0xff;
+    return b;
+  }
+  if (choice === 2) {
+    const b = bytes.slice();
+    lengthField(b, rng.pick([0, 1, 7, 0xffff, 0x7fffffff, 2 ** 32 - 1, headerEnd + 1]));
+    return b;
+  }
+  if (choice === 3) {
+    const extra = new Uint8Array(rng.int(1, 9));
+    const b = new Uint8Array(bytes.length + extra.length);
+    b.set(bytes);
+    return b;
+  }
+  // header text edits of the same length where possible
+  const t = text();
+  const edits = [
+    [/\d+/, rng.pick(['99999999999999999999', '9007199254740993', '4294967296', '2147483648', '-1', '1e3', '0x10', ''])],
+    [/'<u2'|'<f4'|'<i4'|'<i8'|'\|u1'|"BF16"|"F32"|"I32"|"I64"|"U8"/, rng.pick(["'<f8'", "'>i4'", "'toString'", '"F64"', '"__proto__"', '"constructor"', "'|b1'", '"BOOL"'])],
+    [/False|True/, rng.pick(['True', 'false', 'None', '1'])],
+    [/\[|\(/, rng.pick(['[[[[[[', '((', '{', ''])],
+    [/data_offsets/, rng.pick(['data_offsetz', '__proto__', 'shape'])],
+  ];
+  const [re, rep] = rng.pick(edits);
+  const edited = t.replace(re, rep);
+  const head = Uint8Array.from(edited, (c) => c.charCodeAt(0) & 0xff);
+  const b = new Uint8Array(head.length + bytes.length - headerEnd);
+  b.set(head);
+  b.set(bytes.subarray(headerEnd), head.length);
+  if (head.length !== headerEnd && rng.uniform() < 0.7) lengthField(b, null, head.length);
+  return b;
+}
+
+function npyBuild(rng, env, hooks, fromFile) {
+  const t = randomHostTensor(rng, hooks);
+  const good = encodeNpy(tensorToNpy(t));
+  const headerEnd = 10 + new DataView(good.buffer).getUint16(8, true);
+  const damaged = rng.uniform() < 0.7;
+  const bytes = damaged
+    ? damageBytes(good, rng, headerEnd, (b, v, headerTotal) => {
+        if (b.length < 10) return;
+        new DataView(b.buffer, b.byteOffset).setUint16(8, (v ?? headerTotal - 10) & 0xffff, true);
+      })
+    : good;
+  return {
+    args: fromFile ? [tempFile(bytes)] : [hooks.track(bytes)],
+    mayRefuse: damaged,
+    call: fromFile ? (x) => readNpyFile(...x) : (x) => parseNpy(...x),
+    judge: (got) => {
+      if (damaged) return got.data.length === got.shape.reduce((a, b) => a * b, 1) ? null : `data ${got.data.length} for shape ${got.shape}`;
+      if (JSON.stringify(got.shape) !== JSON.stringify(t.shape) || got.data.length !== t.data.length) return `shape ${got.shape}`;
+      for (let i = 0; i < t.data.length; i++) if (got.data[i] !== t.data[i] && !(Number.isNaN(got.data[i]) && Number.isNaN(t.data[i]))) return `element ${i}`;
+      return null;
+    },
+  };
+}
+
+function safetensorsBuild(rng, env, hooks, fromFile) {
+  const tensors = {};
+  for (let k = rng.int(0, 4); k > 0; k--) tensors[rng.pick(['a', 'b', 'q', 'kv', 'idx'])] = randomHostTensor(rng, hooks);
+  const good = encodeSafetensors(tensors, rng.uniform() < 0.5 ? { note: 'x' } : undefined);
+  const headerEnd = 8 + Number(new DataView(good.buffer).getBigUint64(0, true));
+  const damaged = rng.uniform() < 0.7;
+  const bytes = damaged
+    ? damageBytes(good, rng, headerEnd, (b, v, headerTotal) => {
+        if (b.length < 8) return;
+        new DataView(b.buffer, b.byteOffset).setBigUint64(0, BigInt(v ?? headerTotal - 8), true);
+      })
+    : good;
+  return {
+    args: fromFile ? [tempFile(bytes)] : [hooks.track(bytes)],
+    mayRefuse: damaged,
+    call: fromFile ? (x) => readSafetensorsFile(...x) : (x) => parseSafetensors(...x),
+    judge: (got) => {
+      for (const [k, t] of got.tensors) {
+        if (t.data.length !== t.shape.reduce((a, b) => a * b, 1)) return `${k}: data ${t.data.length} for shape ${t.shape}`;
+        if (!damaged && (tensors[k] === undefined || tensors[k].data.length !== t.data.length)) return `${k} differs`;
+      }
+      if (!damaged && got.tensors.size !== Object.keys(tensors).length) return `${got.tensors.size} tensors`;
+      return null;
+    },
+  };
+}
+
+let tempDir;
+/** The bytes as a file (one per process, rewritten by each case): the readers take a path. */
+function tempFile(bytes) {
+  tempDir ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-'));
+  const path = join(tempDir, 'f.bin');
+  writeFileSync(path, bytes);
+  return path;
+}
+export function removeTempDir() {
+  if (tempDir) rmSync(tempDir, { recursive: true, force: true });
+}
+
+const parseNpyTarget = { name: 'parseNpy', build: (rng, env, hooks) => npyBuild(rng, env, hooks, false) };
+const readNpyFileTarget = { name: 'readNpyFile', build: (rng, env, hooks) => npyBuild(rng, env, hooks, true) };
+const parseSafetensorsTarget = { name: 'parseSafetensors', build: (rng, env, hooks) => safetensorsBuild(rng, env, hooks, false) };
+const readSafetensorsFileTarget = { name: 'readSafetensorsFile', build: (rng, env, hooks) => safetensorsBuild(rng, env, hooks, true) };
+
+/** Every target with its weight in the mix (the engine ops and the layer API most). */
+export const TARGETS = [
+  [sparsePrefill, 6],
+  [pagedSparseAttention, 5],
+  [quantizeKCache, 4],
+  [dequantizeKCachePaged, 3],
+  [prefillLayerTarget, 4],
+  [createPlanTarget, 2],
+  [createShardedPlanTarget, 1],
+  [prefillLayerShardedTarget, 2],
+  [createKvCacheTarget, 2],
+  [tensorTarget, 2],
+  [toBf16Target, 1],
+  [bf16ToFloat32Target, 1],
+  [routePrefillTarget, 1],
+  [parseNpyTarget, 2],
+  [readNpyFileTarget, 1],
+  [parseSafetensorsTarget, 2],
+  [readSafetensorsFileTarget, 1],
+];

@@ -13,7 +13,8 @@
 // Prints each point's median µs a layer and paged / sparse (> 1: the workspace path is faster; also
 // the median of each round's ratio, its two runs back to back, each round's order the other way), then
 // per ratio the threshold whose worst loss over the measured points is smallest (the rule of
-// SPARSE_PREFILL_THRESHOLDS); --out FILE writes them as JSON.
+// SPARSE_PREFILL_THRESHOLDS: bench/router_threshold.mjs, which also merges several runs); --out
+// FILE writes them as JSON.
 // Usage (dist built; cuda: a cuda addon): [SPARSE_MLA_BACKEND=cpu|wasm] [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS|auto] [--out FILE]
 // PREFIXES=comma list (default 0,32768), RATIOS (default 4,128,0) and HEADS (default 64,128; 16: a
 // tensor-parallel shard of 128 heads, top-k 1024) narrow the sweep; NS replaces every case's query
@@ -24,6 +25,7 @@ import { writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import { randomV4Cache } from './device_inputs.mjs';
+import { chooseThresholds } from './router_threshold.mjs';
 
 const args = process.argv.slice(2);
 const outAt = args.indexOf('--out');
@@ -146,30 +148,7 @@ for (const prefix of PREFIXES) {
   for (const t of [swa, comp[4], comp[128]]) free(t);
 }
 
-/**
- * The router's threshold of one ratio by the rule of SPARSE_PREFILL_THRESHOLDS: of the candidates
- * (0: always the workspace path, each measured count N: N queries or fewer go down the paged path),
- * the one whose worst loss (chosen path's time / the faster path's, − 1, from the paired ratio)
- * over the ratio's measured points — every head count and prefix — is smallest; ties to the
- * smaller mean loss.
- */
-function chooseThreshold(ratioPoints) {
-  const candidates = [0, ...new Set(ratioPoints.map((x) => x.queries))].sort((a, b) => a - b);
-  const scored = candidates.map((threshold) => {
-    const losses = ratioPoints.map((x) => Math.max(0, x.queries > threshold ? 1 / x.paged_over_sparse_paired - 1 : x.paged_over_sparse_paired - 1));
-    return { threshold, worstLoss: Math.max(...losses), meanLoss: losses.reduce((a, b) => a + b, 0) / losses.length };
-  });
-  const best = scored.reduce((a, b) => (b.worstLoss < a.worstLoss || (b.worstLoss === a.worstLoss && b.meanLoss < a.meanLoss) ? b : a));
-  return { ...best, candidates: scored };
-}
-const thresholds = {};
-for (const ratio of RATIOS) {
-  const ratioPoints = points.filter((x) => x.ratio === ratio);
-  if (ratioPoints.length === 0) continue;
-  thresholds[ratio] = chooseThreshold(ratioPoints);
-  const t = thresholds[ratio];
-  console.log(`c${ratio}: threshold ${t.threshold} (worst loss ${(t.worstLoss * 100).toFixed(1)}%, mean ${(t.meanLoss * 100).toFixed(1)}%); by candidate: ${t.candidates.map((k) => `${k.threshold} ${(k.worstLoss * 100).toFixed(0)}%`).join(', ')}`);
-}
+const thresholds = chooseThresholds(points);
 if (outFile) {
   const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
   const command = [...vars, 'node bench/layer_paths_wall.mjs', ROUNDS, LAYERS_ARG].join(' ');

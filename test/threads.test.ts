@@ -103,6 +103,15 @@ describe.each(BACKENDS)('50 overlapping calls of mixed ops on one %s engine', (b
     expect(r.afterDispose).toEqual(['DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED']);
     expect(r.threadsAfterDispose).toBeLessThanOrEqual(r.threadsAtStart + 1); // the engine's threads ended
   });
+
+  test('with a 2 MiB memory budget (calls wait for each other\'s staging): still the sequential bits, and dispose() settles the waiting calls', () => {
+    const r = runChild<ConcurrencyReport>(['--expose-gc', child('concurrency.mjs'), backend, String(rng.u32()), '3', '2']);
+    expect(r.referenceFailures).toEqual([]);
+    expect(r.mismatches).toEqual([]);
+    expect(r.settledAfterDispose).not.toBeNull();
+    for (const s of r.settledAfterDispose!) expect(['resolved', 'DISPOSED']).toContain(s);
+    expect(r.afterDispose).toEqual(['DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED']);
+  });
 });
 
 describe('a wasm pool worker that dies in a mixed batch of calls', () => {

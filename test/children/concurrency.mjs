@@ -3,19 +3,19 @@
 // pagedSparseAttention, and prefillLayer of every ratio down both paths on one plan — compared
 // with the same calls run one at a time, round after round (memory measured after each), then
 // dispose() while a round is in flight. One JSON report on stdout.
-//   node --expose-gc concurrency.mjs <backend> <seed> <rounds>
+//   node --expose-gc concurrency.mjs <backend> <seed> <rounds> [memoryBudgetMiB]
 import { readdirSync } from 'node:fs';
 import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js';
 import { chunkScenario, indexerTopk, shuffled } from '../../dist/check/chunks.js';
 
-const [backend, seedArg, roundsArg] = process.argv.slice(2);
+const [backend, seedArg, roundsArg, budgetArg] = process.argv.slice(2);
 const rng = makeRng(Number(seedArg) >>> 0);
 const rounds = Number(roundsArg);
 const threadCount = () => readdirSync('/proc/self/task').length;
 const threadsAtStart = threadCount();
-const engine = await createEngine({ backend, workers: 2 });
+const engine = await createEngine({ backend, workers: 2, ...(budgetArg ? { memoryBudgetBytes: Number(budgetArg) * 2 ** 20 } : {}) });
 const hex = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
 const widen = (t) => (t.dtype === 'bf16' ? Float64Array.from(t.data, (b) => R.decodeBf16(b)) : Float64Array.from(t.data));
 /** t's values, of the given leading-dim rows only when `rows` is given. */

@@ -104,9 +104,12 @@ export const HOST_ARRAY_TYPES: { readonly [D in DType]: new (length: number) => 
 };
 
 export function numel(shape: readonly number[]): number {
-  if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${typeof shape === 'object' ? String(shape) : typeof shape}`, 'shape');
+  if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${describeValue(shape)}`, 'shape');
   let n = 1;
-  for (const d of shape) n *= d;
+  for (const d of shape) {
+    if (typeof d !== 'number') throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of numbers, got ${describeValue(d)} in it`, 'shape');
+    n *= d;
+  }
   return n;
 }
 
@@ -178,8 +181,13 @@ export function placedTensor<D extends DType>(dtype: D, shape: number[], data: D
 const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 
+function notANumber(fn: string, argument: string, v: unknown): never {
+  throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument} must be a number, got ${describeValue(v)}`, argument);
+}
+
 /** float32 -> bf16 bits, round to nearest even; NaN stays NaN. */
 export function float32ToBf16Bits(x: number): number {
+  if (typeof x !== 'number') notANumber('float32ToBf16Bits', 'x', x);
   f32[0] = x;
   const u = u32[0]!;
   if ((u & 0x7fffffff) > 0x7f800000) return ((u >>> 16) | 0x40) & 0xffff;
@@ -187,6 +195,7 @@ export function float32ToBf16Bits(x: number): number {
 }
 
 export function bf16BitsToFloat32(b: number): number {
+  if (typeof b !== 'number') notANumber('bf16BitsToFloat32', 'b', b);
   u32[0] = (b & 0xffff) << 16;
   return f32[0]!;
 }

@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, bf16ToFloat32, createEngine, createKvCache, createPlan, prefillLayer, routePrefill, tensor, toBf16 } from '../dist/index.js';
+import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, float32ToBf16Bits, numel, prefillLayer, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
 import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference } from '../dist/reference/index.js';
@@ -79,6 +79,40 @@ describe('host tensor helpers take what a typed array really is', () => {
     await expectTyped(() => bf16ToFloat32({ dtype: 3n, shape: [1], data: new Uint16Array(1) } as unknown as Tensor<'bf16'>), 'INVALID_DTYPE', 'src');
     await expectTyped(() => bf16ToFloat32({ dtype: 'bf16', shape: [1], data: new Proxy(new Uint16Array(1), {}) }), 'INVALID_DTYPE', 'src');
   });
+});
+
+test('the exported scalar helpers refuse what is not a number with a typed error (a BigInt or Symbol was TypeError)', async () => {
+  for (const bad of [3n, Symbol('x')] as unknown as number[]) {
+    await expectTyped(() => float32ToBf16Bits(bad), 'INVALID_VALUE', 'x');
+    await expectTyped(() => bf16BitsToFloat32(bad), 'INVALID_VALUE', 'b');
+    await expectTyped(() => numel([2, bad]), 'INVALID_SHAPE', 'shape');
+    await expectTyped(() => swaGatherLength(bad, 1, 128), 'INVALID_VALUE', 'seqLen');
+    await expectTyped(() => requestVisible(10, bad, 4), 'INVALID_VALUE', 'extendLen');
+    await expectTyped(() => combinedWidth(4, bad, 0, 128, 128), 'INVALID_VALUE', 'topk');
+  }
+  // their answers for numbers are unchanged
+  expect([float32ToBf16Bits(1), bf16BitsToFloat32(0x3f80), numel([2, 3]), swaGatherLength(300, 5, 128), requestVisible(300, 5, 4), combinedWidth(4, 64, 0, 128, 128)]).toEqual([0x3f80, 1, 6, 132, 75, 256]);
+});
+
+test("plan.pageSize / plan.compressedTokenIds of ratio 0 (which has no compressed cache) are INVALID_VALUE (compressedTokenIds(0) reached the planner core: BACKEND_FAILURE)", async () => {
+  const sc = randomScenario(rng, [rng.int(20, 300)], [rng.int(1, 5)]);
+  const plan = createPlan(sc.chunk);
+  await expectTyped(() => plan.compressedTokenIds(0 as 4), 'INVALID_VALUE', 'ratio');
+  await expectTyped(() => plan.pageSize(0 as 4), 'INVALID_VALUE', 'ratio');
+  expect(plan.pageSize(4)).toBe(sc.c4PageSize);
+});
+
+test('createPlan reads a typed array of ids by its memory: a subclass whose length lies gives the plan of its real ids (was OUT_OF_RANGE reading past them)', () => {
+  const sc = randomScenario(rng, [rng.int(20, 60), rng.int(130, 300)], [rng.int(1, 5), rng.int(1, 5)]);
+  class Lying extends Int32Array {
+    override get length(): number {
+      return super.length + 1000;
+    }
+  }
+  const requests = sc.chunk.requests.map((r) => ({ ...r, swaTokenIds: Lying.from(Array.from(r.swaTokenIds as ArrayLike<number>)) }));
+  const lying = createPlan({ ...sc.chunk, requests });
+  const plain = createPlan(sc.chunk);
+  expect(Array.from(lying.swaTokenIds.data)).toEqual(Array.from(plain.swaTokenIds.data));
 });
 
 describe('file readers', () => {
@@ -182,6 +216,20 @@ describe('what a getter of a later argument does after an earlier one was checke
         },
       };
       await expectTyped(() => engine.sparsePrefill(call), 'INVALID_VALUE', 'q.data');
+      // a resizable buffer shrunk the same way (was BACKEND_FAILURE on both backends)
+      const fresh = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 576, sKV: 8, topk: 4 });
+      const resizable = new ArrayBuffer(fresh.kv.data.byteLength, { maxByteLength: 2 * fresh.kv.data.byteLength });
+      const kv = tensor('bf16', [...fresh.kv.shape], new Uint16Array(resizable));
+      kv.data.set(fresh.kv.data);
+      const shrinking = {
+        ...fresh,
+        kv,
+        get smScale() {
+          resizable.resize(0);
+          return 0.04;
+        },
+      };
+      await expectTyped(() => engine.sparsePrefill(shrinking), 'INVALID_VALUE', 'kv.data');
     }
   });
 

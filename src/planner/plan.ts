@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, isLiveDeviceBuffer, ownView } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, isLiveDeviceBuffer, ownView, typedArrayKind } from '../ops/common.js';
 import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -49,8 +49,12 @@ function isIdList(v: unknown): v is IdList {
 export function readIds(list: unknown, argument: string): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
   let src: ArrayLike<number | bigint>;
-  if (Array.isArray(list) || ArrayBuffer.isView(list)) {
+  if (Array.isArray(list)) {
     src = list as unknown as ArrayLike<number | bigint>;
+  } else if (ArrayBuffer.isView(list)) {
+    // its memory as the intrinsics see it (a subclass's own length is no evidence of it)
+    const kind = typedArrayKind(list) as 'Int32Array';
+    src = ownView(list, globalThis[kind], argument) as unknown as ArrayLike<number | bigint>;
   } else {
     const t = checkTensor(list, argument, ['int32', 'int64']);
     if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
@@ -158,11 +162,17 @@ function bytesStr(n: number): string {
 
 /** SWA positions the queries of a request need: g = min(seqLen, extendLen + W − 1); 0 without queries. */
 export function swaGatherLength(seqLen: number, extendLen: number, window: number): number {
+  checkInt(seqLen, 'seqLen', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(extendLen, 'extendLen', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(window, 'window', 1, Number.MAX_SAFE_INTEGER);
   return extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0;
 }
 
 /** Compressed entries the request's last query can see: floor(seqLen / r); 0 for r = 0 or no queries. */
 export function requestVisible(seqLen: number, extendLen: number, ratio: number): number {
+  checkInt(seqLen, 'seqLen', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(extendLen, 'extendLen', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(ratio, 'ratio', 0, Number.MAX_SAFE_INTEGER);
   return ratio > 0 && extendLen > 0 ? Math.floor(seqLen / ratio) : 0;
 }
 
@@ -172,6 +182,11 @@ export function roundUp(x: number, m: number): number {
 
 /** Width of a ratio's combined rows (SPEC §6): roundUp((0 | topk | maxVisible) + W, align). */
 export function combinedWidth(ratio: number, topk: number, maxVisible: number, window: number, align: number): number {
+  checkInt(ratio, 'ratio', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(topk, 'topk', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(maxVisible, 'maxVisible', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(window, 'window', 0, Number.MAX_SAFE_INTEGER);
+  checkInt(align, 'align', 0, Number.MAX_SAFE_INTEGER);
   const compressed = ratio === 0 ? 0 : ratio === 4 ? topk : maxVisible;
   return roundUp(compressed + window, align);
 }
@@ -896,12 +911,12 @@ export class Plan {
 
   /** Page size of a ratio's compressed cache. */
   pageSize(ratio: 4 | 128): number {
-    return this.#state(ratio, 'ratio').pageSize;
+    return this.#compressedState(ratio).pageSize;
   }
 
   /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio (built on first use). */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
-    const st = this.#state(ratio, 'ratio');
+    const st = this.#compressedState(ratio);
     const ids =
       this.#host.keptCompressedIds(ratio) ??
       this.#host.keepCompressedIds(ratio, this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows));
@@ -1147,6 +1162,12 @@ export class Plan {
     const width = this.#denseWidth(ratio);
     const { rows, lens } = this.#planner.denseRows(this.#seqLens, this.#extendLens, this.window, ratio, width);
     return { width, rows, lens };
+  }
+
+  /** The state of a compressed ratio (4 or 128) the plan serves: ratio 0 has no compressed cache, no page size, no ids. */
+  #compressedState(ratio: unknown): RatioState {
+    if (ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'ratio', "4 or 128 (the ratio of a compressed cache; 0 has none)", describe(ratio));
+    return this.#state(ratio, 'ratio');
   }
 
   #state(ratio: CompressRatio, argument: string): RatioState {

@@ -74,7 +74,7 @@ export async function runCase(env, seed, index, only) {
   const target = pickTarget(rng, only);
   if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
   const buildSeed = rng.u32();
-  const hooks = new CaseHooks();
+  const hooks = new CaseHooks(makeRng(rng.u32()));
   const built = target.build(makeRng(buildSeed), env, hooks);
   const u = rng.uniform();
   const muts = mutateArgs(built.args, rng, hooks, u < 0.12 ? 0 : u < 0.75 ? 1 : 2);
@@ -137,6 +137,6 @@ export async function runCase(env, seed, index, only) {
 }
 
 /** A one-line reproducer of a case. */
-export function reproducer(backend, seed, index) {
-  return `node test/fuzz/run.mjs --backends ${backend} --seed ${seed} --case ${index}`;
+export function reproducer(backend, seed, index, only) {
+  return `node test/fuzz/run.mjs --backends ${backend} --seed ${seed} --case ${index}${only ? ` --targets ${only.join(',')}` : ''}`;
 }

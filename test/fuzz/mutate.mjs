@@ -60,12 +60,22 @@ const BIG_INTS = [0n, -1n, 2n ** 31n - 1n, 2n ** 31n, 2n ** 32n, 2n ** 32n + 1n,
 
 /** Side effects a late getter can run on the case's arrays (registered by the builder). */
 export class CaseHooks {
-  constructor() {
+  /** rng: when given, some arrays the builder tracks come back as length-tracking views of resizable buffers (for the shrinking getters). */
+  constructor(rng) {
+    this.rng = rng;
     this.arrays = []; // every typed array the builder made
     this.resizable = []; // ArrayBuffers made resizable by a mutation
   }
   track(a) {
-    if (isTyped(a)) this.arrays.push(a);
+    if (!isTyped(a)) return a;
+    if (this.rng && this.rng.uniform() < 0.1) {
+      const buf = new ArrayBuffer(a.byteLength, { maxByteLength: a.byteLength + 64 });
+      const v = new a.constructor(buf);
+      v.set(a);
+      this.resizable.push(buf);
+      a = v;
+    }
+    this.arrays.push(a);
     return a;
   }
   detachSome(rng) {

@@ -107,7 +107,7 @@ async function parent() {
         c.stderr.on('data', (d) => (stderr = (stderr + d).slice(-4000)));
         c.on('message', (m) => {
           if (m.type === 'finding') {
-            const f = { backend: m.backend, index: m.index, target: m.target, muts: m.muts, ...m.finding, reproducer: reproducer(m.backend, seed, m.index) };
+            const f = { backend: m.backend, index: m.index, target: m.target, muts: m.muts, ...m.finding, reproducer: reproducer(m.backend, seed, m.index, targets) };
             findings.push(f);
             if (!quiet) printFinding(f);
           } else if (m.type === 'counts') last = m;
@@ -132,7 +132,7 @@ async function parent() {
         /* died before its first case */
       }
       if (Number.isNaN(index) || ++restarts > 50) break;
-      const f = { backend, index, target: '?', muts: [], kind: 'crash', severity: FINDING_KINDS.crash, detail: `exit ${outcome.code} signal ${outcome.signal}: ${outcome.stderr.trim().split('\n').slice(-6).join(' | ')}`, reproducer: reproducer(backend, seed, index) };
+      const f = { backend, index, target: '?', muts: [], kind: 'crash', severity: FINDING_KINDS.crash, detail: `exit ${outcome.code} signal ${outcome.signal}: ${outcome.stderr.trim().split('\n').slice(-6).join(' | ')}`, reproducer: reproducer(backend, seed, index, targets) };
       findings.push(f);
       if (!quiet) printFinding(f);
       ran += index - from + 1;

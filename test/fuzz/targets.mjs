@@ -10,7 +10,14 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
+  bf16BitsToFloat32,
   bf16ToFloat32,
+  combinedWidth,
+  float32ToBf16Bits,
+  numel,
+  requestVisible,
+  swaGatherLength,
+  swaTokenIdsFromTable,
   createKvCache,
   createPlan,
   createShardedPlan,
@@ -618,6 +625,81 @@ const readNpyFileTarget = { name: 'readNpyFile', build: (rng, env, hooks) => npy
 const parseSafetensorsTarget = { name: 'parseSafetensors', build: (rng, env, hooks) => safetensorsBuild(rng, env, hooks, false) };
 const readSafetensorsFileTarget = { name: 'readSafetensorsFile', build: (rng, env, hooks) => safetensorsBuild(rng, env, hooks, true) };
 
+/** Plan's public methods on a plan of a random chunk: layouts, page sizes, ids, rows and their paged form. */
+const planMethodsTarget = {
+  name: 'planMethods',
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    const plan = createPlan(sc.chunk, { window });
+    const method = rng.pick(['layout', 'pageSize', 'compressedTokenIds', 'combinedRows', 'combineC4', 'pagedForm', 'checkCaches']);
+    const rowsArg = () => (ratio === 4 ? plan.combineC4(layer.topkIndices) : plan.combinedRows(ratio));
+    const args =
+      method === 'combineC4'
+        ? [ratio === 4 ? layer.topkIndices : int32Tensor(hooks, [sc.numQueries, 2], new Int32Array(sc.numQueries * 2))]
+        : method === 'pagedForm'
+          ? [{ ...rowsArg() }] // a copy of rows the plan made is not rows it made: refused, or (mutated back) judged
+          : method === 'checkCaches'
+            ? [layer.caches, ratio]
+            : [method === 'layout' || method === 'combinedRows' ? (ratio === 4 ? 0 : ratio) : ratio === 0 ? 4 : ratio];
+    return {
+      args,
+      mayRefuse: method === 'pagedForm' || ((method === 'pageSize' || method === 'compressedTokenIds') && ratio === 0),
+      call: (x) => plan[method](...x),
+    };
+  },
+};
+
+/** The small exported helpers: bf16 bits, numel, the planner's size rules, SWA ids from a token table. */
+const helpersTarget = {
+  name: 'helpers',
+  build(rng) {
+    const which = rng.pick(['float32ToBf16Bits', 'bf16BitsToFloat32', 'numel', 'swaGatherLength', 'requestVisible', 'combinedWidth', 'swaTokenIdsFromTable']);
+    const seqLen = rng.int(0, 300);
+    const extendLen = rng.int(0, seqLen + 1);
+    const window = rng.pick([1, 16, 128]);
+    let args;
+    if (which === 'float32ToBf16Bits') args = [rng.normal() * 1e3];
+    else if (which === 'bf16BitsToFloat32') args = [rng.u32() & 0xffff];
+    else if (which === 'numel') args = [[rng.int(0, 5), rng.int(0, 5)]];
+    else if (which === 'swaGatherLength') args = [seqLen, extendLen, window];
+    else if (which === 'requestVisible') args = [seqLen, extendLen, rng.pick([4, 128])];
+    else if (which === 'combinedWidth') args = [rng.pick([0, 4, 128]), rng.int(0, 64), rng.int(0, 100), window, rng.pick([1, 64, 128])];
+    else {
+      const reqToToken = Array.from({ length: seqLen }, (_, i) => i + 3);
+      const fullToSwa = Array.from({ length: seqLen + 3 }, (_, i) => (i * 7) % 1000);
+      args = [reqToToken, fullToSwa, seqLen, extendLen, window];
+    }
+    const fns = { float32ToBf16Bits, bf16BitsToFloat32, numel, swaGatherLength, requestVisible, combinedWidth, swaTokenIdsFromTable };
+    return {
+      args,
+      call: (x) => fns[which](...x),
+      judge: (got, { refArgs }) => {
+        if (which === 'float32ToBf16Bits') return got === R.encodeBf16(refArgs[0]) || Number.isNaN(Number(refArgs[0])) ? null : `0x${got.toString(16)} for ${refArgs[0]}`;
+        if (which === 'bf16BitsToFloat32') return Object.is(got, R.decodeBf16(refArgs[0] & 0xffff)) || Number.isNaN(got) ? null : `${got} for 0x${refArgs[0].toString(16)}`;
+        if (which === 'swaTokenIdsFromTable') {
+          const [rt, fs, sl, el, w] = refArgs;
+          const g = el > 0 ? Math.min(sl, el + w - 1) : 0;
+          const want = Array.from({ length: g }, (_, k) => fs[rt[sl - g + k]]);
+          return JSON.stringify(got) === JSON.stringify(want) ? null : `got ${JSON.stringify(got).slice(0, 80)}`;
+        }
+        return null; // arithmetic helpers: only what they throw is judged
+      },
+    };
+  },
+};
+
+/** Device-memory methods on a host engine: BACKEND_UNAVAILABLE whatever they are given (after the argument checks, or before them). */
+const deviceMethodsTarget = {
+  name: 'deviceMethods',
+  engine: true,
+  build(rng, env, hooks) {
+    const method = rng.pick(['upload', 'download', 'uploadKvCache', 'copyFrom']);
+    const arg = method === 'uploadKvCache' ? randomCacheBytes(rng, hooks, 'v4') : tensor('float32', [2, 3], hooks.track(new Float32Array(6)));
+    return { args: [arg], mayRefuse: true, call: (x) => env.engine[method](...x), judge: () => `${method} resolved on a host engine` };
+  },
+};
+
 /** Every target with its weight in the mix (the engine ops and the layer API most). */
 export const TARGETS = [
   [sparsePrefill, 6],
@@ -637,4 +719,7 @@ export const TARGETS = [
   [readNpyFileTarget, 1],
   [parseSafetensorsTarget, 2],
   [readSafetensorsFileTarget, 1],
+  [planMethodsTarget, 2],
+  [helpersTarget, 1],
+  [deviceMethodsTarget, 1],
 ];

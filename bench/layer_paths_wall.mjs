@@ -3,7 +3,8 @@
 // forced in turn, on a cuda engine (the GPU bench's router sweep times the paths' kernels only) or a
 // host engine (cpu, wasm: SPARSE_MLA_BACKEND), whose default thresholds come from this script too.
 // One request of seqLen = prefix + N whose chunk is its last N tokens; on cuda device q, caches, top-k
-// and sink, output on the device (HOST=1: every operand and output on the host). A run = LAYERS layers
+// and sink, output on the device (HOST=1: every operand and output on the host; SHARED=1: host caches
+// in SharedArrayBuffers). A run = LAYERS layers
 // awaited one after another, then a synchronize; ROUNDS runs a path after one warm-up run, the paths
 // alternated (each layer's call-to-resolve time kept too: the host's share); before a case's first
 // point, WARMUP (default 300) untimed layers a path, at most WARMUP_MS (cuda: no limit; host: 2000), so
@@ -48,8 +49,18 @@ const output = onDevice ? 'device' : 'host';
 const free = (t) => (onDevice ? t.data.free() : undefined);
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
-/** A v4 cache (P 64) of at least `tokens` tokens: random rows quantized once, on this engine's memory. */
-const v4Cache = (tokens) => randomV4Cache(engine, tokens, rand, onDevice);
+/**
+ * A v4 cache (P 64) of at least `tokens` tokens: random rows quantized once, on this engine's memory;
+ * with SHARED=1 a host cache's bytes in a SharedArrayBuffer (a host backend reads them in place, where
+ * it copies other memory into its staging each call).
+ */
+const v4Cache = async (tokens) => {
+  const cache = await randomV4Cache(engine, tokens, rand, onDevice);
+  if (onDevice || env.SHARED !== '1') return cache;
+  const data = new Uint8Array(new SharedArrayBuffer(cache.data.byteLength));
+  data.set(cache.data);
+  return { ...cache, data };
+};
 
 const HOST_NS = [16, 32, 64, 128, 256, 512, 1024];
 const NS = env.NS ? list('NS', '') : undefined;
@@ -150,7 +161,7 @@ for (const prefix of PREFIXES) {
 
 const thresholds = chooseThresholds(points);
 if (outFile) {
-  const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
+  const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'SHARED', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
   const command = [...vars, 'node bench/layer_paths_wall.mjs', ROUNDS, LAYERS_ARG].join(' ');
   const report = { date: new Date().toISOString(), command, backend: engine.backend, workers: engine.workers, memory: output, rounds: ROUNDS, layers: LAYERS_ARG, warmup: WARMUP, warmup_ms: WARMUP_MS, run_ms: AUTO_LAYERS ? RUN_MS : undefined, stop: STOP, points, thresholds };
   writeFileSync(outFile, `${JSON.stringify(report, null, 2)}\n`);

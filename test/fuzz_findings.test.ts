@@ -149,6 +149,10 @@ describe('file readers', () => {
   });
 });
 
+test('createEngine: a backend option that is a BigInt is INVALID_VALUE (was TypeError from its message)', async () => {
+  await expectTyped(() => createEngine({ backend: -1n as never }), 'INVALID_VALUE', 'backend');
+});
+
 test('routePrefill: an env whose SPARSE_MLA_PREFILL is not a string is INVALID_VALUE (null was TypeError)', async () => {
   await expectTyped(() => routePrefill(10, { env: { SPARSE_MLA_PREFILL: null as unknown as string } }), 'INVALID_VALUE', 'SPARSE_MLA_PREFILL');
   expect(routePrefill(10, { env: { SPARSE_MLA_PREFILL: ' Paged ' } }).path).toBe('paged');

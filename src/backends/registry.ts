@@ -4,6 +4,7 @@
  * Probing never throws, so importing the library works whatever is missing.
  */
 import { SparseMlaError, fail } from '../errors.js';
+import { describe } from '../ops/common.js';
 import type { BackendChoice, BackendName } from '../types.js';
 import type { Backend, BackendCreateOptions, BackendEntry, BackendProbe } from './backend.js';
 import { cpuBackendEntry, cudaBackendEntry } from './native.js';
@@ -41,7 +42,7 @@ export async function listBackends(): Promise<BackendInfo[]> {
  */
 export function resolveBackendChoice(option: unknown, env: Readonly<Record<string, string | undefined>> = process.env): BackendChoice {
   if (option !== undefined) {
-    if (!CHOICES.includes(option as BackendChoice)) fail('INVALID_VALUE', 'backend', CHOICES.map((c) => `"${c}"`).join(' | '), JSON.stringify(option) ?? String(option));
+    if (!CHOICES.includes(option as BackendChoice)) fail('INVALID_VALUE', 'backend', CHOICES.map((c) => `"${c}"`).join(' | '), describe(option));
     return option as BackendChoice;
   }
   const fromEnv = env[BACKEND_ENV];

@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import {
+  createEngine,
   bf16BitsToFloat32,
   bf16ToFloat32,
   combinedWidth,
@@ -700,6 +701,45 @@ const deviceMethodsTarget = {
   },
 };
 
+const SKIP = Symbol('skipped');
+
+/** createEngine's options, then one small op on the new engine (sometimes disposed first: DISPOSED). */
+const createEngineTarget = {
+  name: 'createEngine',
+  build(rng, env, hooks) {
+    const options = { backend: env.backend ?? 'wasm' };
+    if (options.backend === 'wasm' || rng.uniform() < 0.3) options.workers = rng.int(1, 3);
+    if (rng.uniform() < 0.4) options.memoryBudgetBytes = rng.pick([2 ** 20, 2 ** 24, 2 ** 30]);
+    if (rng.uniform() < 0.2) options.device = 0;
+    const dispose = rng.uniform() < 0.2;
+    const local = { backend: options.backend, engine: null };
+    const op = sparsePrefill.build(rng, local, hooks); // its call runs on the engine made here
+    return {
+      args: [options],
+      mayRefuse: dispose || options.memoryBudgetBytes !== undefined,
+      call: async ([o]) => {
+        // a pool of hundreds of workers is what was asked (MAX_WORKERS 1024): ~9 MiB and ~0.1 s each
+        // here, past the case timeout; such counts are left out, not reported as hangs
+        let workers;
+        try {
+          workers = o?.workers;
+        } catch {
+          /* a throwing getter: createEngine's own read decides */
+        }
+        if (typeof workers === 'number' && workers > 16 && workers <= 1024) return SKIP;
+        local.engine = await createEngine(o);
+        try {
+          if (dispose) await local.engine.dispose();
+          return await op.call(op.args);
+        } finally {
+          await local.engine.dispose();
+        }
+      },
+      judge: (got) => (got === SKIP ? null : op.judge(got, { refArgs: op.args })),
+    };
+  },
+};
+
 /** Every target with its weight in the mix (the engine ops and the layer API most). */
 export const TARGETS = [
   [sparsePrefill, 6],
@@ -722,4 +762,5 @@ export const TARGETS = [
   [planMethodsTarget, 2],
   [helpersTarget, 1],
   [deviceMethodsTarget, 1],
+  [createEngineTarget, 1],
 ];

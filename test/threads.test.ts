@@ -71,6 +71,19 @@ describe.skipIf(process.platform !== 'linux').each(BACKENDS)('a user Worker with
   });
 });
 
+describe.skipIf(process.platform !== 'linux').each(BACKENDS)('a user Worker quantizing with a %s engine into a cache in the main thread\'s shared memory', (backend) => {
+  // Before the fix in native/addon (check, then commit only once the promise is resolved), a cpu
+  // Worker's quantize still wrote the shared cache while the Worker was being torn down.
+  test('terminated mid-call, writes nothing into it (now or later); left to finish, writes it', () => {
+    type Ending = { settled: number; writtenAtEnd: boolean; writtenLater: boolean };
+    const r = runChild<{ terminated: Ending; finished: Ending }>([child('threads.mjs'), 'shared-cache', backend, String(rng.u32())]);
+    // (each of the 4 calls takes far longer than the terminate: one settled before it would have written, as it may)
+    expect(r.terminated.settled).toBeLessThan(4);
+    expect(r.terminated).toEqual({ settled: r.terminated.settled, writtenAtEnd: r.terminated.settled > 0, writtenLater: false });
+    expect(r.finished).toEqual({ settled: 4, writtenAtEnd: true, writtenLater: false });
+  });
+});
+
 interface ConcurrencyReport {
   referenceFailures: string[];
   checkedKinds: string[];

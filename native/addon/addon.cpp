@@ -176,10 +176,11 @@ class RowJobWorker final : public Napi::AsyncWorker {
 
   void OnOK() override {
     Napi::Env env = Env();
-    const std::string why = job_.commit ? job_.commit(env) : std::string();
+    const std::string why = job_.check ? job_.check(env) : std::string();
     if (why.empty()) {
-      deferred_.Resolve(env.Undefined());
+      deferred_.Resolve(env.Undefined());  // throws when the env is being torn down: nothing is written then
       settled_ = true;
+      if (job_.commit) job_.commit();
       return;
     }
     Napi::Error e = Napi::Error::New(env, std::string(op_) + ": " + why);

@@ -112,16 +112,19 @@ class Args {
 
 // One op, split by rows: prepare (optional) runs once on a worker thread before the split and may
 // change the row count; run(begin, end) computes rows [begin, end) and must touch only their
-// outputs. Both return an smla_status (0 = ok). commit (optional) runs on the JS thread once every
-// row succeeded, before the promise resolves: where a result goes into memory the caller can
-// reach (a cache written in place), it is written there, and only there, at that moment. It
-// returns an empty string or why nothing was written (the promise then rejects, code SMLA_DETACHED).
+// outputs. Both return an smla_status (0 = ok). Where a result goes into memory the caller can
+// reach (a cache written in place), it is written there, and only there, on the JS thread once
+// every row succeeded: check (optional) returns an empty string or why nothing may be written (the
+// promise then rejects, code SMLA_DETACHED); commit (optional) writes, right after the promise is
+// resolved in the same callback (so before any JS sees it), and not at all when the promise cannot
+// be resolved: a worker thread being torn down (terminate(), process.exit()) writes nothing.
 struct RowJob {
   int64_t rows = 0;
   int threads = 1;
   std::function<int32_t(int64_t& rows)> prepare;
   std::function<int32_t(int64_t begin, int64_t end)> run;
-  std::function<std::string(Napi::Env env)> commit;
+  std::function<std::string(Napi::Env env)> check;
+  std::function<void()> commit;
 };
 
 // Queues a RowJob on the libuv pool; its Execute fans out to `threads` std::threads (itself one of

@@ -3,7 +3,8 @@
 // op's smla_*_params struct (exact lengths derived from the scalars, so a mismatched call is
 // refused instead of reading out of bounds); the op then queues a RowJob that calls the core on
 // copies of that struct narrowed to row ranges. Inputs are owned by the call or shared (addon.h,
-// Args); a cache written in place is written only at the end, on the JS thread (quantize's commit).
+// Args); a cache written in place is written only at the end, on the JS thread (quantize's commit),
+// and not by a call whose worker thread is being torn down.
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -151,8 +152,9 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
 // quantizeKvCache(threads, params): rowsDtype 0 = float32 rows (Float32Array), 1 = bf16 rows
 // (Uint16Array). Atomic: the tokens are quantized into a compact scratch cache the call owns, and
 // written into `cache` only by the commit on the JS thread, once every row succeeded and only if
-// the cache's memory is still the one that was passed (not detached or resized meanwhile);
-// otherwise the call rejects and the cache is untouched.
+// the cache's memory is still the one that was passed (not detached or resized meanwhile) and the
+// call's promise could be resolved; otherwise the cache is untouched (the call rejects, or, on a
+// worker thread being torn down, is never settled).
 Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   Args a(info, "quantizeKvCache");
   const int threads = a.Int(0, "threads", 1, kMaxThreads);
@@ -175,6 +177,7 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
     std::vector<int64_t> compact;  // 0..m-1, the compact ids
     Geometry geometry{1, 0, 0};
     std::vector<uint8_t> scratch;  // the compact cache
+    uint8_t* target = nullptr;     // the cache's memory, as check found it just before commit
   };
   auto kept = std::make_shared<Kept>();
   RowJob job;
@@ -218,17 +221,19 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
     }
     return int32_t(SMLA_OK);
   };
-  job.commit = [=](Napi::Env env) -> std::string {
+  job.check = [=](Napi::Env env) -> std::string {
     void* data = nullptr;
     size_t length = 0;
     napi_typedarray_type type;
     if (napi_get_typedarray_info(env, cache_ref->Value(), &type, &length, &data, nullptr, nullptr) != napi_ok ||
         uint64_t(length) != cache_bytes || (cache_bytes > 0 && data == nullptr))
       return "the cache's memory was detached, transferred or resized while the call ran; nothing was written";
-    uint8_t* cache = static_cast<uint8_t*>(data);
-    for (size_t k = 0; k < kept->ids.size(); ++k)
-      CopyToken(format, kept->scratch.data(), kept->geometry.page_size, int64_t(k), cache, ps, kept->ids[k]);
+    kept->target = static_cast<uint8_t*>(data);
     return std::string();
+  };
+  job.commit = [=]() {
+    for (size_t k = 0; k < kept->ids.size(); ++k)
+      CopyToken(format, kept->scratch.data(), kept->geometry.page_size, int64_t(k), kept->target, ps, kept->ids[k]);
   };
   return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
 }

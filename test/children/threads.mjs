@@ -2,6 +2,8 @@
 // crash (what this guards against) ends the process with a signal instead of a report.
 //   node threads.mjs engines <seed>            cpu engines in the main thread and 3 Workers at once
 //   node threads.mjs end <backend> <how> <seed> Workers ended mid-call (how: terminate | exit)
+//   node threads.mjs shared-cache <backend> <seed> a Worker quantizing into a cache in a SharedArrayBuffer of
+//                                                the main thread, terminated mid-call, and one left to finish
 // Every mode prints one JSON report on stdout.
 import { readdirSync } from 'node:fs';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
@@ -93,10 +95,31 @@ async function startLongCalls(backend, op, count, seed) {
 
 const OPS = ['sparsePrefill', 'quantizeKCache', 'dequantizeKCachePaged', 'pagedSparseAttention'];
 
+/**
+ * Quantizes random rows into every token of `cache` (the main thread's shared memory), 4 calls in
+ * flight, counting the calls that settle in `settled[0]` (shared memory too: a count is not lost
+ * with the Worker, as a message in flight is).
+ */
+async function quantizeIntoShared(backend, cache, settled, seed) {
+  const rng = makeRng(seed);
+  const engine = await createEngine({ backend, workers: 2 });
+  const n = cache.pageSize * cache.numPages;
+  const ids = tensor('int32', [n], Int32Array.from({ length: n }, (_, i) => i));
+  // rows in shared memory are read in place: no staging per call
+  const rowBits = new Uint16Array(new SharedArrayBuffer(n * 512 * 2));
+  rowBits.set(randomBf16Bits(rng, n * 512));
+  const rows = tensor('bf16', [n, 512], rowBits);
+  return Array.from({ length: 4 }, () => engine.quantizeKCache({ cache, tokenIds: ids, rows }).finally(() => Atomics.add(settled, 0, 1)));
+}
+
 if (!isMainThread) {
   const { mode } = workerData;
   if (mode === 'engines') parentPort.postMessage(await engineWork(workerData.seed));
-  else {
+  else if (mode === 'shared-cache') {
+    const calls = await quantizeIntoShared(workerData.backend, workerData.cache, workerData.settled, workerData.seed);
+    parentPort.postMessage('started');
+    await Promise.all(calls);
+  } else {
     const calls = await startLongCalls(workerData.backend, workerData.op, 12, workerData.seed);
     parentPort.postMessage({ started: threadCount() }); // counted here: with exit, the worker is gone at once
     if (workerData.how === 'exit') process.exit(0);
@@ -112,8 +135,26 @@ if (!isMainThread) {
       w.once('error', reject);
       w.once('exit', (code) => reject(new Error(`the worker exited (code ${code}) before ${what}`)));
     });
-  if (mode === 'engines') {
-    const seed = Number(rest[0]);
+  if (mode === 'shared-cache') {
+    // The cache lives in the main thread's shared memory; each Worker gets a view of it.
+    const [backend, seedArg] = rest;
+    const seed = Number(seedArg) >>> 0;
+    const report = {};
+    for (const ending of ['terminated', 'finished']) {
+      const template = createKvCache('v4', { pageSize: 64, numPages: 400 });
+      const cache = { ...template, data: new Uint8Array(new SharedArrayBuffer(template.data.byteLength)) };
+      const settled = new Int32Array(new SharedArrayBuffer(4));
+      const w = spawn({ mode, backend, cache, settled, seed });
+      await first(w, 'its calls started');
+      if (ending === 'terminated') await w.terminate();
+      else await new Promise((r) => w.once('exit', r));
+      const written = cache.data.some((b) => b !== 0);
+      await new Promise((r) => setTimeout(r, 200)); // nothing lands later either
+      report[ending] = { settled: Atomics.load(settled, 0), writtenAtEnd: written, writtenLater: !written && cache.data.some((b) => b !== 0) };
+    }
+    process.stdout.write(`${JSON.stringify(report)}\n`);
+  } else if (mode === 'engines') {
+    const seed = Number(rest[0]) >>> 0;
     const workers = [1, 2, 3].map(() => spawn({ mode, seed }));
     const reports = await Promise.all([engineWork(seed), ...workers.map((w) => first(w, 'its report'))]);
     process.stdout.write(`${JSON.stringify({ threads: reports })}\n`);

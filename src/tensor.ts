@@ -147,8 +147,16 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   if (view.length !== n) {
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${dimsStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
   }
-  // the caller's array itself where it is a plain one; else the plain view of its memory
-  const plain = !types.isProxy(arr) && Object.getPrototypeOf(arr) === ctor.prototype;
+  // the caller's array itself (a Buffer stays a Buffer) unless it is a Proxy or its own length
+  // disagrees with its memory; then the plain view of that memory
+  let plain = !types.isProxy(arr);
+  if (plain && Object.getPrototypeOf(arr) !== ctor.prototype) {
+    try {
+      plain = (arr as ArrayLike<unknown>).length === view.length;
+    } catch {
+      plain = false;
+    }
+  }
   return { dtype, shape: dims as number[], data: plain ? (arr as DTypeArrays[D]) : view };
 }
 

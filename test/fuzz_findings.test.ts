@@ -64,6 +64,8 @@ describe('host tensor helpers take what a typed array really is', () => {
     expect(Array.from(t.data)).toEqual([1, 2, 3]);
     const plain = new Int32Array(2);
     expect(tensor('int32', [2], plain).data).toBe(plain); // a plain array is kept, not copied
+    const buffer = Buffer.alloc(3);
+    expect(tensor('uint8', [3], buffer).data).toBe(buffer); // so is a subclass that does not lie (a Buffer)
   });
 
   test('toBf16: BigInt data, a Proxy of a Float32Array, non-numbers and an impossible length are typed errors (were TypeError / RangeError)', async () => {

@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, float32ToBf16Bits, numel, prefillLayer, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
-import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference } from '../dist/reference/index.js';
+import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 import { randomCache, randomScenario } from './helpers/chunks.js';
@@ -239,6 +239,22 @@ describe('what a getter of a later argument does after an earlier one was checke
     }
   });
 
+  test('int64 indices detached by a later getter are INVALID_VALUE naming them (their narrowing, which runs after every getter, threw TypeError)', async () => {
+    for (const engine of engines) {
+      const args = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 576, sKV: 8, topk: 4 });
+      const indices = tensor('int64', [2, 4], BigInt64Array.from(args.indices.data, (v) => BigInt(v)));
+      const call = {
+        ...args,
+        indices,
+        get smScale() {
+          structuredClone(indices.data.buffer, { transfer: [indices.data.buffer] }); // indices were checked before smScale is read
+          return 0.04;
+        },
+      };
+      await expectTyped(() => engine.sparsePrefill(call), 'INVALID_VALUE', 'indices.data');
+    }
+  });
+
   test('int32 token ids rewritten after their check: the checked ids are the ones used (was a wasm RangeError / a cpu BACKEND_FAILURE)', async () => {
     for (const engine of engines) {
       const cache = createKvCache('v4', { pageSize: 4, numPages: 2 });
@@ -285,6 +301,15 @@ describe('what a getter of a later argument does after an earlier one was checke
       expectWithinBounds(`${engine.backend}: topkLength rewritten after its check`, got, want, [0, 1, 2]);
     }
   });
+});
+
+test('sparsePrefillReference: valid entries whose logits are all −inf give lse −inf as SPEC §4 says (ln Σ exp = ln 0; was NaN)', () => {
+  const kv = tensor('float32', [3, 576], new Float32Array(3 * 576).fill(0.5));
+  const q = new Uint16Array(576);
+  q[0] = 0xff80; // −inf: every logit −inf against rows of 0.5
+  const ref = sparsePrefillReference({ q: tensor('bf16', [1, 1, 576], q), kv: toBf16(kv), indices: tensor('int32', [1, 3], new Int32Array([0, 1, 2])), smScale: 1, dV: 512 });
+  expect(ref.maxLogits[0]).toBe(-Infinity);
+  expect(ref.lse[0]).toBe(-Infinity);
 });
 
 test('prefillLayerReference: a +inf logit gives lse +inf as SPEC §4 says (was NaN), as sparsePrefillReference gives it', () => {

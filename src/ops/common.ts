@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, isDeviceBuffer, ownView } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, isDeviceBuffer, ownView } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
@@ -255,6 +255,8 @@ export function normalizeIndices(t: Tensor<'int32' | 'int64'> | DeviceTensor<'in
     return t.data;
   }
   if (t.dtype === 'int32') return t.data as Int32Array;
+  // read here, after every argument's getters ran (ops normalize last): still the memory checked?
+  checkViewsIntact({ indices: t.data });
   const src = t.data as BigInt64Array;
   // Read each int64 as (lo, hi) int32 halves (little-endian) instead of BigInt per element.
   const halves = new Int32Array(src.buffer, src.byteOffset, src.length * 2);

@@ -186,7 +186,8 @@ export function attendQueryReference(
     let m = -Infinity;
     for (let j = 0; j < n; j++) m = Math.max(m, scratch[lo + j]!); // NaN propagates
     let l: number;
-    if (Number.isNaN(m) || m === Infinity) {
+    if (!Number.isFinite(m)) {
+      // NaN or +inf: the sum is that; −inf (every valid logit −inf): Σ exp = 0, ln 0 = −inf
       l = m;
     } else {
       let s = 0;

@@ -31,13 +31,19 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  * smallest. cuda (H200): at c4 the workspace path wins at every size with hQ 128 and from 256
  * queries with hQ 64, and the paged path never wins by more than 6% below that, so c4 chunks always
  * take the workspace path (0); c128 from 256 (worst loss 12%), c0 from 512 (8%).
- * wasm: the paths cross between 32 and 128 queries and stay within a few percent beyond; cpu runs
- * the same core natively and takes the same figure.
+ * cpu and wasm (the 2-core x86 host, "Router thresholds of cpu and wasm"): whole prefillLayer calls
+ * down each path (bench/layer_paths_wall.mjs; runs merged and the same rule applied by
+ * bench/router_threshold.mjs), hQ 16 / 64 / 128, prefixes 0 / 32K, N = 16 … 512. Both paths run the
+ * same core, so with no prefix they stay within noise of each other at every size; with a long
+ * prefix the paged op takes the caller's whole caches each call (copied into the staging, and into
+ * every wasm worker's heap), which makes small c0 / c128 chunks much slower down the paged path.
+ * So c0 and c128 chunks always take the workspace path (0) on both; c4 chunks, whose small paged
+ * layers win a little, from 32 (cpu) and 128 (wasm) queries.
  */
 export const SPARSE_PREFILL_THRESHOLDS: Readonly<Record<BackendName, Readonly<Record<CompressRatio, number>>>> = {
   cuda: { 0: 512, 4: 0, 128: 256 },
-  cpu: { 0: 64, 4: 64, 128: 64 },
-  wasm: { 0: 64, 4: 64, 128: 64 },
+  cpu: { 0: 0, 4: 32, 128: 0 },
+  wasm: { 0: 0, 4: 128, 128: 0 },
 };
 
 const CHOICES: readonly PrefillPathChoice[] = ['sparse', 'paged', 'auto'];

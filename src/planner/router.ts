@@ -34,9 +34,10 @@ export const DEFAULT_SPARSE_PREFILL_THRESHOLD = 256;
  * cpu and wasm (the 2-core x86 host, "Router thresholds of cpu and wasm"): whole prefillLayer calls
  * down each path (bench/layer_paths_wall.mjs; runs merged and the same rule applied by
  * bench/router_threshold.mjs), hQ 16 / 64 / 128, prefixes 0 / 32K, N = 16 … 512. Both paths run the
- * same core, so with no prefix they stay within noise of each other at every size; with a long
- * prefix the paged op takes the caller's whole caches each call (copied into the staging, and into
- * every wasm worker's heap), which makes small c0 / c128 chunks much slower down the paged path.
+ * same core, so with no prefix they stay close at every size (the paged layer a little faster at
+ * small counts on wasm); with a long prefix the paged op takes the caller's whole caches each call
+ * (copied into the staging unless they are SharedArrayBuffers, and into every wasm worker's heap),
+ * which makes small c0 / c128 chunks much slower down the paged path.
  * So c0 and c128 chunks always take the workspace path (0) on both; c4 chunks, whose small paged
  * layers win a little, from 32 (cpu) and 128 (wasm) queries.
  */

@@ -214,7 +214,7 @@ interface LayerJson {
 interface LayerChunkJson {
   numQueries: number;
   requests: { seqLen: number; extendLen: number }[];
-  route: { path: string; reason: string };
+  routes: { ratio: number; path: string; reason: string }[];
   plan: { workspaceBytes: number; stats: Record<string, number> };
   layers: LayerJson[];
   planChecks: { name: string; pass: boolean; got: number; want: number }[];
@@ -245,9 +245,17 @@ describe('run', () => {
       expect(l.path).toBe(40 > SPARSE_PREFILL_THRESHOLDS.wasm[Number(l.ratio!.slice(1)) as 0 | 4 | 128] ? 'sparse' : 'paged');
       expect(l.pass).toBe(true);
     }
-    // the chunk's line: the router's decision for a c4 layer
-    const c4 = SPARSE_PREFILL_THRESHOLDS.wasm[4];
-    expect(r.stdout).toContain(`  router (--path auto, wasm default threshold): ${40 > c4 ? 'sparse' : 'paged'} — 40 queries ${40 > c4 ? '>' : '≤'} threshold ${c4} (wasm default)\n`);
+    // the chunk's router lines: the decision of each ratio, in the layers' first order (one line when all agree)
+    const decision = (ratio: 0 | 4 | 128) => {
+      const t = SPARSE_PREFILL_THRESHOLDS.wasm[ratio];
+      return `${40 > t ? 'sparse' : 'paged'} — 40 queries ${40 > t ? '>' : '≤'} threshold ${t} (wasm default)`;
+    };
+    const decisions = ([0, 4, 128] as const).map(decision);
+    expect(r.stdout).toContain(
+      new Set(decisions).size === 1
+        ? `  router (--path auto, wasm default threshold): ${decisions[0]}\n`
+        : `  router (--path auto, wasm default threshold), by compress ratio:\n    c0: ${decisions[0]}\n    c4: ${decisions[1]}\n    c128: ${decisions[2]}\n`,
+    );
     for (const line of r.stdout.split('\n')) expect([...line].length, line).toBeLessThanOrEqual(100);
     expect(r.stdout).toMatch(/^c0 rows built\s+1\s+1\s.*PASS$/m);
     expect(r.stdout).toMatch(/^c128 rows built\s+1\s+1\s.*PASS$/m);

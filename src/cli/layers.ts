@@ -90,7 +90,8 @@ export interface LayerReport {
   shape: LayerChunkShape;
   requests: RequestInfo[];
   numQueries: number;
-  route: { path: PrefillPath; reason: string };
+  /** The router's decision for each compress ratio of the chunk's layers, in their first order (thresholds differ per ratio). */
+  routes: { ratio: CompressRatio; path: PrefillPath; reason: string }[];
   plan: { workspaceBytes: number; layouts: { ratio: CompressRatio; rows: number; compressedRows: number; swaRows: number; bytes: number }[]; stats: PlanStats; planSeconds: number; core: string };
   setupSeconds: number;
   referenceSeconds: number;
@@ -166,7 +167,10 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
   // The same chunk's rows once more, from a plan of their own, to count each layer's attended
   // entries and give its row width (the first plan's counters stay what the layers did).
   const rowsOf = createPlan(sc.chunk, { window: shape.window });
-  const route = routePrefill(numQueries, { path: shape.path, backend: engine.backend, ...(shape.threshold !== undefined ? { threshold: shape.threshold } : {}) });
+  const routes = [...new Set(shape.layers)].map((ratio) => ({
+    ratio,
+    ...routePrefill(numQueries, { path: shape.path, backend: engine.backend, compressRatio: ratio, ...(shape.threshold !== undefined ? { threshold: shape.threshold } : {}) }),
+  }));
 
   // Every layer's own caches, queries, sink and (c4) indexer output, made just before the layer
   // runs (one layer's q at a time in memory); untimed.
@@ -268,7 +272,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
     shape,
     requests: reqs,
     numQueries,
-    route,
+    routes,
     plan: { workspaceBytes: plan.workspaceBytes, layouts, stats: { ...plan.stats }, planSeconds, core: plan.core },
     setupSeconds,
     referenceSeconds,

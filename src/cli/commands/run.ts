@@ -467,6 +467,13 @@ function worst(c: TensorComparison): string {
   return `${ratio}${c.overBound ? `(${c.overBound}${c.infNanMismatch ? '*' : ''})` : ''}`;
 }
 
+/** The router's decision: one line when every ratio's is the same, else a line per ratio. */
+function routerLines(routes: LayerReport['routes'], how: string): string[] {
+  const [first] = routes;
+  if (first && routes.every((x) => x.path === first.path && x.reason === first.reason)) return [`  router (${how}): ${first.path} — ${first.reason}`];
+  return [`  router (${how}), by compress ratio:`, ...routes.map((x) => `    c${x.ratio}: ${x.path} — ${x.reason}`)];
+}
+
 /** Section 2's lines: the requests, the router's choice, a row per layer, the plan's counters. */
 function layerReport(r: LayerReport, backend: string): string[] {
   const s = r.shape;
@@ -508,7 +515,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
       `${s.layers.length} layers (ratios ${s.layers.join(', ')}), c4 top-k ${s.topk}, window ${s.window}`,
     ...reqs,
     `  one plan for every layer: built in ${formatSeconds(r.plan.planSeconds)} (planner core: ${r.plan.core}); workspace per ratio: ${layouts}`,
-    `  router (--path ${s.path}, ${threshold}): ${r.route.path} — ${r.route.reason}`,
+    ...routerLines(r.routes, `--path ${s.path}, ${threshold}`),
     `  layer inputs: own v4 SWA cache + c4/c128 cache (pages of ${s.pageSize}/${s.c4PageSize}/${s.c128PageSize}), q, sink, c4 top-k; ${formatSeconds(r.setupSeconds)}`,
     '',
     layerTable,

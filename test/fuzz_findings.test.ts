@@ -117,6 +117,13 @@ test('createPlan reads a typed array of ids by its memory: a subclass whose leng
   expect(Array.from(lying.swaTokenIds.data)).toEqual(Array.from(plain.swaTokenIds.data));
 });
 
+test('plan.combineC4 / prefillLayer: a top-k wider than int32 on a chunk without queries is TOO_LARGE (reached the planner core: BACKEND_FAILURE)', async () => {
+  const sc = randomScenario(rng, [rng.int(20, 300)], [0]);
+  const plan = createPlan(sc.chunk);
+  expect(plan.numQueries).toBe(0);
+  await expectTyped(() => plan.combineC4(tensor('int32', [0, 2 ** 31], new Int32Array(0))), 'TOO_LARGE', 'topkIndices');
+});
+
 describe('file readers', () => {
   const npy = encodeNpy({ descr: '<i4', shape: [2], data: new Int32Array([5, 6]) });
   const st = encodeSafetensors({ a: tensor('int32', [2], new Int32Array([5, 6])) });

@@ -1020,7 +1020,8 @@ export class Plan {
     if ((s.length !== 2 && !rank3) || s[0] !== this.numQueries) return undefined;
     const topk = s[rank3 ? 2 : 1]!;
     const width = combinedWidth(4, topk, 0, this.window, this.align);
-    if (this.numQueries * width > INT32_MAX) return undefined;
+    // the width is an int32 of the core even when there are no rows (numQueries 0)
+    if (width > INT32_MAX || this.numQueries * width > INT32_MAX) return undefined;
     return { data, shape: [this.numQueries, topk], topk, width };
   }
 

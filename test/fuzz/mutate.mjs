@@ -189,7 +189,9 @@ function mutateTyped(a, rng, hooks) {
   if (a instanceof Uint16Array && a.length > 0) {
     choices.push(() => {
       const c = a.slice();
-      const v = rng.pick([0x7f80, 0xff80, 0x7fc0, 0x5700, 0xd700, 0x0001]); // ±inf, NaN, ±2^47 (inside the finite-logit range of common.ts's MAX_SM_SCALE note), a subnormal
+      // ±inf, NaN, ±128, a subnormal. Not huge finite values: logits of |x| ≳ 2^24 lose in float32 the
+      // O(1) differences that set the weights, outside SPEC §4.1's bounds on every CPU backend (reported, not a validation matter)
+      const v = rng.pick([0x7f80, 0xff80, 0x7fc0, 0x4300, 0xc300, 0x0001]);
       const n = rng.int(1, Math.min(c.length, 8) + 1);
       for (let i = 0; i < n; i++) c[rng.int(0, c.length)] = v;
       return { value: c, desc: `${n} element(s) set to bf16 bits 0x${v.toString(16)}` };

@@ -679,7 +679,7 @@ const helpersTarget = {
         if (which === 'float32ToBf16Bits') return got === R.encodeBf16(refArgs[0]) || Number.isNaN(Number(refArgs[0])) ? null : `0x${got.toString(16)} for ${refArgs[0]}`;
         if (which === 'bf16BitsToFloat32') return Object.is(got, R.decodeBf16(refArgs[0] & 0xffff)) || Number.isNaN(got) ? null : `${got} for 0x${refArgs[0].toString(16)}`;
         if (which === 'swaTokenIdsFromTable') {
-          const [rt, fs, sl, el, w] = refArgs;
+          const [rt, fs, sl, el, w = 128] = refArgs; // DEFAULT_WINDOW
           const g = el > 0 ? Math.min(sl, el + w - 1) : 0;
           const want = Array.from({ length: g }, (_, k) => fs[rt[sl - g + k]]);
           return JSON.stringify(got) === JSON.stringify(want) ? null : `got ${JSON.stringify(got).slice(0, 80)}`;

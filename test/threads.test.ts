@@ -12,9 +12,11 @@
  * - a wasm pool worker that dies in a mixed batch of calls.
  */
 import { spawnSync } from 'node:child_process';
+import { readFile } from 'node:fs/promises';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
+import * as R from '../dist/reference/index.js';
 import type { Engine, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
@@ -81,6 +83,83 @@ describe.skipIf(process.platform !== 'linux').each(BACKENDS)('a user Worker quan
     expect(r.terminated.settled).toBeLessThan(4);
     expect(r.terminated).toEqual({ settled: r.terminated.settled, writtenAtEnd: r.terminated.settled > 0, writtenLater: false });
     expect(r.finished).toEqual({ settled: 4, writtenAtEnd: true, writtenLater: false });
+  });
+});
+
+describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own libuv pool work', () => {
+  // Before pool_slots.ts, every call in flight held a thread of libuv's pool (4 by default) in
+  // turn, so a readFile issued behind 32 calls waited until about 29 of them had finished.
+  test('a file read issued behind 32 calls waits for a few of them at most; every call gives the same bits', async () => {
+    const engine = await createEngine({ backend: 'cpu', workers: 2 });
+    try {
+      // inputs in shared memory (read in place): the calls are queued at once, with no staging copies
+      const shared = <T extends Uint16Array | Int32Array>(a: T): T => {
+        const s = new (a.constructor as new (b: SharedArrayBuffer) => T)(new SharedArrayBuffer(a.byteLength));
+        s.set(a as never);
+        return s;
+      };
+      const sQ = 32, hQ = 16, sKV = 3000, topk = 512;
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [sQ, hQ, 512], shared(randomBf16Bits(rng, sQ * hQ * 512))),
+        kv: tensor('bf16', [sKV, 512], shared(randomBf16Bits(rng, sKV * 512))),
+        indices: tensor('int32', [sQ, topk], shared(randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 }))),
+        smScale: 0.05,
+      };
+      let settled = 0;
+      const calls = Array.from({ length: 32 }, () => engine.sparsePrefill(args).finally(() => settled++));
+      await readFile(fileURLToPath(import.meta.url));
+      const settledBeforeRead = settled;
+      const results = await Promise.all(calls);
+      expect(settledBeforeRead).toBeLessThanOrEqual(8);
+      const bits = (r: (typeof results)[number]) => Buffer.from(r.out.data.buffer).toString('hex') + Buffer.from(r.lse.data.buffer).toString('hex');
+      for (const r of results) expect(bits(r)).toBe(bits(results[0]!));
+    } finally {
+      await engine.dispose();
+    }
+  });
+
+  test('a dequant that waits for a thread still reads the cache when the call is made: overwriting it right after changes nothing', async () => {
+    const engine = await createEngine({ backend: 'cpu', workers: 1 });
+    try {
+      const n = 4000;
+      const cache = createKvCache('v4', { pageSize: 64, numPages: Math.ceil(n / 64) });
+      const all = tensor('int32', [n], Int32Array.from({ length: n }, (_, i) => i));
+      await engine.quantizeKCache({ cache, tokenIds: all, rows: tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512)) });
+      const ids = Array.from({ length: 3000 }, () => rng.int(0, n));
+      const want = R.dequantizeKCacheReference(cache, ids);
+      // the slots are taken by long calls, so the dequants below wait for a thread
+      const sQ = 16, hQ = 16, sKV = 2000, topk = 512;
+      const busy: SparsePrefillArgs = {
+        q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
+        kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
+        indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, {})),
+        smScale: 0.05,
+      };
+      const long = Array.from({ length: 6 }, () => engine.sparsePrefill(busy));
+      const dequants = [engine.dequantizeKCachePaged({ cache, tokenIds: ids }), engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [ids.length], Int32Array.from(ids)) })];
+      cache.data.fill(0x7f); // the caller reuses its cache as soon as the calls have returned their promises
+      await Promise.all(long);
+      for (const d of await Promise.all(dequants)) expect(d.data.filter((b, i) => R.decodeBf16(b) !== want[i]).length).toBe(0);
+    } finally {
+      await engine.dispose();
+    }
+  });
+
+  test('dispose() rejects the calls still waiting for a thread with DISPOSED at once; the running ones finish', async () => {
+    const engine = await createEngine({ backend: 'cpu', workers: 1 });
+    const sQ = 16, hQ = 16, sKV = 2000, topk = 512;
+    const args: SparsePrefillArgs = {
+      q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
+      kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
+      indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, {})),
+      smScale: 0.05,
+    };
+    const outcomes = Array.from({ length: 12 }, () => engine.sparsePrefill(args).then(() => 'resolved', (e: unknown) => (e instanceof SparseMlaError ? e.code : String(e))));
+    await engine.dispose();
+    const all = await Promise.all(outcomes);
+    expect(all.filter((o) => o === 'DISPOSED').length).toBeGreaterThan(0);
+    expect(all.every((o) => o === 'resolved' || o === 'DISPOSED')).toBe(true);
+    expect(all.indexOf('DISPOSED')).toBe(all.filter((o) => o === 'resolved').length); // the first ones ran, in order
   });
 });
 

@@ -27,7 +27,8 @@ import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
-import { defaultWorkerCount } from '../wasm/wasm_backend.js';
+import { compactGeometry, defaultWorkerCount, gatherTokens } from '../wasm/wasm_backend.js';
+import { addonPoolSlots } from './pool_slots.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
 
@@ -82,7 +83,10 @@ export class CpuBackend implements Backend {
    * Stages the inputs and starts the addon call on them before returning to the caller (so what a
    * caller detaches afterwards is no longer read), then gives the staging back once it settled.
    * When the staging is all in use the call waits; a cache it reads in place (`cache`) detached
-   * meanwhile is then an error.
+   * meanwhile is then an error. When this thread's calls hold their share of libuv's pool
+   * (pool_slots.ts) the call waits for a slot: `onWait` first takes what the call would read from
+   * the caller's memory when it starts (returning true when it took the cache), so that is still
+   * read when the call is made.
    */
   private run<T extends readonly (StageableArray | null)[]>(
     op: string,
@@ -90,10 +94,23 @@ export class CpuBackend implements Backend {
     names: readonly string[],
     start: (views: T) => Promise<void>,
     cache?: { data: Uint8Array; bytes: number },
+    onWait?: (views: T) => boolean,
   ): Promise<void> {
     const launch = async (staged: StagedInputs<T>): Promise<void> => {
       try {
-        await this.calls.run(op, () => start(staged.views));
+        if (!addonPoolSlots.tryTake()) {
+          const tookCache = onWait?.(staged.views) ?? false;
+          await addonPoolSlots.take(this);
+          if (!tookCache && cache && cache.data.byteLength !== cache.bytes) {
+            addonPoolSlots.give();
+            detached('cache.data', 'while the call waited for a thread');
+          }
+        }
+        try {
+          await this.calls.run(op, () => start(staged.views));
+        } finally {
+          addonPoolSlots.give();
+        }
       } finally {
         staged.release();
       }
@@ -150,9 +167,23 @@ export class CpuBackend implements Backend {
     this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
     const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
-    await this.run('dequantizeKCachePaged', [tokenIds] as const, ['tokenIds'], ([ids]) =>
-      this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, out }),
+    // what the addon reads: the cache as it is, or (a call that waits for a thread, from a cache
+    // not in shared memory) a compact copy of the tokens asked for, taken when the call is made
+    let source: { cache: Uint8Array; pageSize: number; numPages: number; ids: Int32Array | null } = { cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, ids: null };
+    const gatherNow = ([ids]: readonly [Int32Array]): boolean => {
+      if (n === 0 || copyBytes(cache.data) === 0) return false;
+      const compact = gatherTokens(cache, ids, 0, n, new Uint8Array(new SharedArrayBuffer(compactGeometry(cache.format, n).bytes)));
+      source = { cache: compact.data, pageSize: compact.pageSize, numPages: compact.numPages, ids: Int32Array.from({ length: n }, (_, i) => i) };
+      return true;
+    };
+    await this.run(
+      'dequantizeKCachePaged',
+      [tokenIds] as const,
+      ['tokenIds'],
+      ([ids]) =>
+        this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: source.cache, pageSize: source.pageSize, numPages: source.numPages, tokenIds: source.ids ?? ids, numTokens: n, out }),
       cache,
+      gatherNow,
     );
     return out;
   }
@@ -171,7 +202,9 @@ export class CpuBackend implements Backend {
 
   /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
   async dispose(): Promise<void> {
-    await this.calls.dispose();
+    const settled = this.calls.dispose();
+    addonPoolSlots.cancel(this, disposedError()); // calls waiting for a thread: DISPOSED now
+    await settled;
     this.staging.close(disposedError());
   }
 }

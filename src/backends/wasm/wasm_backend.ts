@@ -92,7 +92,8 @@ export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRo
   return out;
 }
 
-function compactGeometry(format: CacheFormat, numTokens: number): { pageSize: number; numPages: number; bytes: number } {
+/** A compact cache of `numTokens` tokens (ids 0..numTokens-1): v4 pages without padding, v32 contiguous. */
+export function compactGeometry(format: CacheFormat, numTokens: number): { pageSize: number; numPages: number; bytes: number } {
   if (format === 'v32') return { pageSize: 1, numPages: numTokens, bytes: numTokens * V32_TOKEN_BYTES };
   const numPages = Math.ceil(numTokens / V4_COMPACT_PAGE_SIZE);
   return { pageSize: V4_COMPACT_PAGE_SIZE, numPages, bytes: numPages * v4PageBytes(V4_COMPACT_PAGE_SIZE) };
@@ -103,7 +104,7 @@ function compactTokenBytes(format: CacheFormat): number {
 }
 
 /** Copies tokens ids[start..end) of `cache` into `into` as a compact cache (ids 0..m-1). */
-function gatherTokens(cache: CacheView, ids: Int32Array, start: number, end: number, into: Uint8Array): SharedCache {
+export function gatherTokens(cache: CacheView, ids: Int32Array, start: number, end: number, into: Uint8Array): SharedCache {
   const m = end - start;
   const g = compactGeometry(cache.format, m);
   const data = into.subarray(0, g.bytes);

@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, float32ToBf16Bits, numel, prefillLayer, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
+import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
 import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
@@ -260,6 +260,24 @@ describe('what a getter of a later argument does after an earlier one was checke
       };
       await expectTyped(() => engine.sparsePrefill(call), 'INVALID_VALUE', 'indices.data');
     }
+  });
+
+  test('prefillLayerSharded: q detached by a getter of a later argument is INVALID_VALUE naming it (cutting it into shards threw TypeError)', async () => {
+    const sc = randomScenario(rng, [rng.int(20, 60)], [rng.int(2, 5)]);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const plan = createShardedPlan(sc.chunk, { shards: 2, split: 'queries' });
+    const q = tensor('bf16', [sc.numQueries, 2, 512], randomBf16Bits(rng, sc.numQueries * 2 * 512));
+    const args = {
+      q,
+      compressRatio: 0 as const,
+      plan,
+      caches,
+      get smScale() {
+        structuredClone(q.data.buffer, { transfer: [q.data.buffer] }); // q was checked before smScale is read
+        return 0.04;
+      },
+    };
+    await expectTyped(() => prefillLayerSharded([engines[0]!, engines[0]!], args), 'INVALID_VALUE', 'q.data');
   });
 
   test('int32 token ids rewritten after their check: the checked ids are the ones used (was a wasm RangeError / a cpu BACKEND_FAILURE)', async () => {

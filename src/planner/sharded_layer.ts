@@ -13,7 +13,7 @@
  * same order): N engines give the same bits as one.
  */
 import { fail } from '../errors.js';
-import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, describe } from '../ops/common.js';
+import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
@@ -195,6 +195,8 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
 
   const { plan: _plan, q: _q, caches: _caches, topkIndices: _topk, attnSink: _sink, ...rest } = args;
+  // the rest's getters ran after q, the top-k and the sink were checked: are they still that memory?
+  checkViewsIntact({ q: q?.data, topk: topk?.data, sink: sink?.data });
   const settled = await Promise.allSettled(
     plan.shards.map(async (shard, s) => {
       const [h0, h1] = heads[s]!;

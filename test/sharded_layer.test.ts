@@ -9,6 +9,7 @@ import { createEngine, createKvCache, tensor, SparseMlaError } from '../dist/ind
 import { createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, type PrefillPath, type ShardSplit } from '../dist/planner/index.js';
 import { evenRanges, MAX_SHARDS } from '../dist/planner/sharded_layer.js';
 import type { Engine } from '../dist/types.js';
+import { chunkScenario } from '../dist/check/chunks.js';
 import { backendUnderTest } from './helpers/backends.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
@@ -72,6 +73,25 @@ describe('N engines give the bits of one', () => {
     expect(got.maxLogits!.data).toEqual(one.maxLogits.data);
     expect(got.dropped).toBe(one.dropped);
   });
+});
+
+test('options and args that inherit their fields (window, path, smScale) count as own fields, as for createPlan and prefillLayer', async () => {
+  // a window other than the default, so a lost window changes the plan (before: the SWA ids' count was refused)
+  const window = 64;
+  const requests = [{ seqLen: rng.int(150, 400), extendLen: rng.int(5, 20) }, { seqLen: rng.int(20, 60), extendLen: rng.int(5, 20) }];
+  const sc = chunkScenario(rng, requests, { window, c4PageSize: 16, c128PageSize: 2 });
+  const caches = { swa: randomCache(rng, 64, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
+  const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+  const one = await prefillLayer(engines[0]!, { compressRatio: 128, q, caches, smScale: SM_SCALE, path: 'paged', plan: createPlan(sc.chunk, { caches, window }) });
+  const options = Object.create({ shards: 2, split: 'queries', caches, window });
+  const sharded = createShardedPlan(sc.chunk, options);
+  // before: smScale and path were dropped (INVALID_VALUE smScale ... got undefined)
+  const args = Object.create({ compressRatio: 128, q, caches, smScale: SM_SCALE, path: 'paged', plan: sharded });
+  const got = await prefillLayerSharded(engines.slice(0, 2), args);
+  expect(got.shards.every((s) => s.path === 'paged')).toBe(true);
+  expect(got.out!.data).toEqual(one.out.data);
+  expect(got.lse!.data).toEqual(one.lse.data);
+  sharded.release();
 });
 
 test('bad input: engine count, split, shard count', async () => {

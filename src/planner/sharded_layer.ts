@@ -89,7 +89,9 @@ export const MAX_SHARDS = 1024;
 /** A chunk's plan split into `options.shards` parts (SPEC §10): one plan per query range, or one for all heads. */
 export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions): ShardedPlan {
   checkArgsObject(options, 'options');
-  const { shards: n, split, ...planOptions } = options;
+  // named, not spread: a field the options object inherits counts as it does for createPlan
+  const { shards: n, split, window: givenWindow, align, workspaceBudgetBytes, caches, core } = options;
+  const planOptions: PlanOptions = { window: givenWindow, align, workspaceBudgetBytes, caches, core };
   if (!Number.isSafeInteger(n) || n < 1 || n > MAX_SHARDS) fail('INVALID_VALUE', 'options.shards', `an integer in [1, ${MAX_SHARDS}] (one shard per engine)`, describe(n));
   if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
   const whole = createPlan(chunk, planOptions);
@@ -194,7 +196,9 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
       : engines.map((): [number, number] => [0, hQ]);
   if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
 
-  const { plan: _plan, q: _q, caches: _caches, topkIndices: _topk, attnSink: _sink, ...rest } = args;
+  // named, not spread: a field the args object inherits counts as it does for prefillLayer
+  const { smScale, path, threshold, env } = args;
+  const rest = { smScale, path, threshold, env };
   // the rest's getters ran after q, the top-k and the sink were checked: are they still that memory?
   checkViewsIntact({ q: q?.data, topk: topk?.data, sink: sink?.data });
   const settled = await Promise.allSettled(

@@ -165,6 +165,11 @@ export function swaGatherLength(seqLen: number, extendLen: number, window: numbe
   checkInt(seqLen, 'seqLen', 0, Number.MAX_SAFE_INTEGER);
   checkInt(extendLen, 'extendLen', 0, Number.MAX_SAFE_INTEGER);
   checkInt(window, 'window', 1, Number.MAX_SAFE_INTEGER);
+  return gatherLength(seqLen, extendLen, window);
+}
+// The unchecked forms the plan uses on values it has already checked (the exported ones are the
+// public helpers' checked entries).
+function gatherLength(seqLen: number, extendLen: number, window: number): number {
   return extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0;
 }
 
@@ -173,6 +178,9 @@ export function requestVisible(seqLen: number, extendLen: number, ratio: number)
   checkInt(seqLen, 'seqLen', 0, Number.MAX_SAFE_INTEGER);
   checkInt(extendLen, 'extendLen', 0, Number.MAX_SAFE_INTEGER);
   checkInt(ratio, 'ratio', 0, Number.MAX_SAFE_INTEGER);
+  return visibleEntries(seqLen, extendLen, ratio);
+}
+function visibleEntries(seqLen: number, extendLen: number, ratio: number): number {
   return ratio > 0 && extendLen > 0 ? Math.floor(seqLen / ratio) : 0;
 }
 
@@ -187,6 +195,9 @@ export function combinedWidth(ratio: number, topk: number, maxVisible: number, w
   checkInt(maxVisible, 'maxVisible', 0, Number.MAX_SAFE_INTEGER);
   checkInt(window, 'window', 0, Number.MAX_SAFE_INTEGER);
   checkInt(align, 'align', 0, Number.MAX_SAFE_INTEGER);
+  return rowWidth(ratio, topk, maxVisible, window, align);
+}
+function rowWidth(ratio: number, topk: number, maxVisible: number, window: number, align: number): number {
   const compressed = ratio === 0 ? 0 : ratio === 4 ? topk : maxVisible;
   return roundUp(compressed + window, align);
 }
@@ -211,7 +222,7 @@ export function swaTokenIdsFromTable(
     fail('INVALID_SHAPE', 'reqToToken', `at least seqLen = ${seqLen} positions`, describe(reqToToken));
   }
   if (fullToSwa?.length === undefined) fail('INVALID_VALUE', 'fullToSwa', 'an array mapping full-cache ids to SWA ids', describe(fullToSwa));
-  const g = swaGatherLength(seqLen, extendLen, window);
+  const g = gatherLength(seqLen, extendLen, window);
   const out: number[] = [];
   for (let p = seqLen - g; p < seqLen; p++) {
     const full = reqToToken[p]!;
@@ -749,8 +760,8 @@ export class Plan {
     const totalComp = new Map<4 | 128, number>();
     for (let r = 0; r < n; r++) {
       totalQueries += extendLens[r]!;
-      totalSwa += swaGatherLength(seqLens[r]!, extendLens[r]!, window);
-      for (const ratio of pageSizes.keys()) totalComp.set(ratio, (totalComp.get(ratio) ?? 0) + requestVisible(seqLens[r]!, extendLens[r]!, ratio));
+      totalSwa += gatherLength(seqLens[r]!, extendLens[r]!, window);
+      for (const ratio of pageSizes.keys()) totalComp.set(ratio, (totalComp.get(ratio) ?? 0) + visibleEntries(seqLens[r]!, extendLens[r]!, ratio));
     }
     if (totalQueries > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} queries in a chunk (the sum of extendLen)`, `${totalQueries}`);
     for (const [ratio, rows] of [[0, 0] as const, ...totalComp]) {
@@ -791,7 +802,7 @@ export class Plan {
     for (const { layout: l } of layouts.values()) {
       if (l.rows > INT32_MAX) fail('TOO_LARGE', 'workspace', `at most ${INT32_MAX} rows (int32 row numbers)`, `${l.rows} rows for ratio ${l.ratio}`);
       if (l.ratio === 4) continue; // its width depends on top-k: checked by combineC4
-      const width = combinedWidth(l.ratio, 0, l.maxVisible, window, this.align);
+      const width = rowWidth(l.ratio, 0, l.maxVisible, window, this.align);
       if (swaLayout.numQueries * width > INT32_MAX) {
         fail('TOO_LARGE', 'chunk', `c${l.ratio} index rows of at most ${INT32_MAX} entries`, `${swaLayout.numQueries} queries × width ${width}`);
       }
@@ -812,7 +823,7 @@ export class Plan {
     };
     for (let r = 0; r < n; r++) {
       const s = seqLens[r]!, e = extendLens[r]!;
-      const g = swaGatherLength(s, e, window);
+      const g = gatherLength(s, e, window);
       const ids = readIds(reqs[r]!.swaTokenIds, `chunk.requests[${r}].swaTokenIds`);
       if (ids.length !== g) {
         fail('INVALID_SHAPE', `chunk.requests[${r}].swaTokenIds`, `${g} ids (positions [${s - g}, ${s}) for seqLen ${s}, extendLen ${e}, window ${window})`, `${ids.length}`);
@@ -979,7 +990,7 @@ export class Plan {
     const s = t.shape;
     if (s.length !== 2 && !(s.length === 3 && s[1] === 1)) badTopkShape(this.numQueries, s);
     if (s[0] !== this.numQueries) badTopkShape(this.numQueries, s);
-    topkTooLarge(this.numQueries, combinedWidth(4, s[s.length - 1]!, 0, this.window, this.align));
+    topkTooLarge(this.numQueries, rowWidth(4, s[s.length - 1]!, 0, this.window, this.align));
   }
 
   /**
@@ -1009,7 +1020,7 @@ export class Plan {
     // an int32 (a larger top-k is refused below anyway: its rows would not fit int32); the byte
     // size as checkPlacedTensor computes it: the dims' product, in order, times 4
     if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !isLiveDeviceBuffer(data, nq * topk * 4)) return undefined;
-    const width = combinedWidth(4, topk, 0, this.window, this.align);
+    const width = rowWidth(4, topk, 0, this.window, this.align);
     if (nq * width > INT32_MAX) return undefined;
     return { data, shape: [nq, topk], topk, width };
   }
@@ -1019,7 +1030,7 @@ export class Plan {
     const rank3 = s.length === 3 && s[1] === 1;
     if ((s.length !== 2 && !rank3) || s[0] !== this.numQueries) return undefined;
     const topk = s[rank3 ? 2 : 1]!;
-    const width = combinedWidth(4, topk, 0, this.window, this.align);
+    const width = rowWidth(4, topk, 0, this.window, this.align);
     // the width is an int32 of the core even when there are no rows (numQueries 0)
     if (width > INT32_MAX || this.numQueries * width > INT32_MAX) return undefined;
     return { data, shape: [this.numQueries, topk], topk, width };
@@ -1156,7 +1167,7 @@ export class Plan {
   /** Width of the ratio-0 / 128 combined rows: the widest row, aligned. */
   #denseWidth(ratio: 0 | 128): number {
     const st = this.#state(ratio, 'ratio');
-    return combinedWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
+    return rowWidth(ratio, 0, st.layout.maxVisible, this.window, this.align);
   }
 
   #buildDenseRows(ratio: 0 | 128): LayerRows {

@@ -74,15 +74,30 @@ export function checkViewsIntact(job: object, depth = 0): void {
   }
 }
 
-/** A bounded description of a value for tensor()'s messages (a Symbol or BigInt included). */
-function describeValue(v: unknown): string {
-  if (v === null) return 'null';
-  if (typeof v === 'string') return JSON.stringify(v.slice(0, 40));
-  if (typeof v === 'bigint') return `${v}n`;
-  if (typeof v !== 'object' && typeof v !== 'function') return `${typeof v} ${String(v)}`;
-  const kind = typedArrayKind(v);
-  if (kind !== undefined) return `a ${kind}`;
-  return typeof v === 'function' ? 'a function' : Array.isArray(v) ? 'an Array' : 'an object';
+/**
+ * A value as a message shows it, bounded, and safe on anything a caller can pass: a Proxy, a
+ * Symbol, a typed array of detached memory (its kind and length read through the intrinsics).
+ * The one description of every SparseMlaError message (ops/common.ts hands it on).
+ */
+export function describe(value: unknown): string {
+  if (value === null) return 'null';
+  if (value === undefined) return 'undefined';
+  if (typeof value === 'number' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
+  if (typeof value === 'bigint') return `bigint ${value}n`;
+  if (typeof value === 'string') return `string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)}`;
+  if (typeof value === 'symbol') return `symbol ${String(value)}`;
+  if (typeof value === 'function') return 'a function';
+  const kind = typedArrayKind(value);
+  if (kind !== undefined) return `${kind}(${TYPED_ARRAY_LENGTH.call(value) as number})`;
+  try {
+    if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${value.byteLength})`;
+    if (Array.isArray(value)) return `an Array of length ${value.length}`;
+    const o = value as Record<string, unknown>;
+    if (typeof o.dtype === 'string' && Array.isArray(o.shape)) return `a ${o.dtype} tensor [${(o.shape as unknown[]).slice(0, 8).map(String).join(', ')}]`;
+    return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
+  } catch {
+    return 'an object'; // a Proxy whose traps throw
+  }
 }
 
 function dimsStr(shape: readonly unknown[]): string {
@@ -104,10 +119,10 @@ export const HOST_ARRAY_TYPES: { readonly [D in DType]: new (length: number) => 
 };
 
 export function numel(shape: readonly number[]): number {
-  if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${describeValue(shape)}`, 'shape');
+  if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${describe(shape)}`, 'shape');
   let n = 1;
   for (const d of shape) {
-    if (typeof d !== 'number') throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of numbers, got ${describeValue(d)} in it`, 'shape');
+    if (typeof d !== 'number') throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of numbers, got ${describe(d)} in it`, 'shape');
     n *= d;
   }
   return n;
@@ -128,7 +143,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');
   }
   if (!Array.isArray(shape)) {
-    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describeValue(shape)}`, 'shape');
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
   }
   const dims = Array.from(shape as readonly unknown[]);
   for (const d of dims) {
@@ -142,7 +157,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   // read through the intrinsics: a Proxy or a subclass with its own `length` is no evidence of its memory
   const view = ownView(arr, ctor as unknown as abstract new (...args: never[]) => DTypeArrays[D], 'data');
   if (view === null) {
-    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ctor.name}, got ${describeValue(arr)}`, 'data');
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ctor.name}, got ${describe(arr)}`, 'data');
   }
   if (view.length !== n) {
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${dimsStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
@@ -190,7 +205,7 @@ const f32 = new Float32Array(1);
 const u32 = new Uint32Array(f32.buffer);
 
 function notANumber(fn: string, argument: string, v: unknown): never {
-  throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument} must be a number, got ${describeValue(v)}`, argument);
+  throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument} must be a number, got ${describe(v)}`, argument);
 }
 
 /** float32 -> bf16 bits, round to nearest even; NaN stays NaN. */
@@ -211,7 +226,7 @@ export function bf16BitsToFloat32(b: number): number {
 /** Round every element to bf16. */
 export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data: ArrayLike<number> }): Tensor<'bf16'> {
   if (typeof src !== 'object' || src === null) {
-    throw new SparseMlaError('INVALID_VALUE', `toBf16: src must be {shape, data} with array data, got ${describeValue(src)}`, 'src');
+    throw new SparseMlaError('INVALID_VALUE', `toBf16: src must be {shape, data} with array data, got ${describe(src)}`, 'src');
   }
   const shape = src.shape;
   const raw: unknown = src.data;
@@ -230,14 +245,14 @@ export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data
       length = undefined; // e.g. a Proxy of a typed array: its length getter refuses the Proxy
     }
     if (!Number.isSafeInteger(length) || (length as number) < 0) {
-      throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describeValue(raw)}`, 'src.data');
+      throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describe(raw)}`, 'src.data');
     }
     values = raw as ArrayLike<unknown>;
   }
   const out = allocHostArray(Uint16Array, values.length, 'src.data');
   for (let i = 0; i < out.length; i++) {
     const v = values[i];
-    if (typeof v !== 'number') throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must hold numbers, got ${describeValue(v)} at ${i}`, 'src.data');
+    if (typeof v !== 'number') throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must hold numbers, got ${describe(v)} at ${i}`, 'src.data');
     out[i] = float32ToBf16Bits(v);
   }
   return tensor('bf16', shape, out);
@@ -248,7 +263,7 @@ export function bf16ToFloat32(src: Tensor<'bf16'>): Tensor<'float32'> {
   const dtype: unknown = typeof src === 'object' && src !== null ? src.dtype : undefined;
   const data = dtype === 'bf16' ? ownView(src.data, Uint16Array, 'src.data') : null;
   if (data === null) {
-    const got = typeof src === 'object' && src !== null ? `dtype ${describeDType(dtype)}` : describeValue(src);
+    const got = typeof src === 'object' && src !== null ? `dtype ${describeDType(dtype)}` : describe(src);
     throw new SparseMlaError('INVALID_DTYPE', `bf16ToFloat32: src must be a bf16 tensor (Uint16Array bits), got ${got}`, 'src');
   }
   const i32 = allocHostArray(Uint32Array, data.length, 'src');

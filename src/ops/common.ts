@@ -4,32 +4,14 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, isDeviceBuffer, ownView } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, isDeviceBuffer, ownView } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
-export { ownView, typedArrayKind, checkViewsIntact } from '../tensor.js';
+export { ownView, typedArrayKind, checkViewsIntact, describe } from '../tensor.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
-
-/** A short, bounded description of an arbitrary value for "got ..." in messages. */
-export function describe(value: unknown): string {
-  if (value === null) return 'null';
-  if (value === undefined) return 'undefined';
-  if (typeof value === 'number' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
-  if (typeof value === 'bigint') return `bigint ${value}n`;
-  if (typeof value === 'string') return `string ${JSON.stringify(value.length > 40 ? `${value.slice(0, 40)}…` : value)}`;
-  if (typeof value === 'function') return 'a function';
-  if (ArrayBuffer.isView(value)) {
-    const len = (value as { length?: number }).length;
-    return `${value.constructor.name}(${len ?? value.byteLength})`;
-  }
-  if (Array.isArray(value)) return `an Array of length ${value.length}`;
-  const o = value as Record<string, unknown>;
-  if (typeof o.dtype === 'string' && Array.isArray(o.shape)) return `a ${o.dtype} tensor ${shapeStr(o.shape as unknown[])}`;
-  return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
-}
 
 export function shapeStr(shape: readonly unknown[]): string {
   return `[${shape.map((d) => String(d)).join(', ')}]`;

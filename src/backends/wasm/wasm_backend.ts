@@ -15,6 +15,7 @@ import type {
   CacheView,
   DequantizeKCacheJob,
   LayerSteps,
+  PagedIndexSet,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   QuantizeKCacheJob,
@@ -23,7 +24,8 @@ import type {
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
-import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { choosePagedRead, compactPagedSet, type PagedReadPlan } from '../paged_gather.js';
 import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
@@ -283,34 +285,50 @@ export class WasmBackend implements Backend {
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
     this.alive();
     const { n, hQ, main, extra } = job;
+    // Every worker copies the caches it is handed into its heap (after the staging's copy of a
+    // cache not in shared memory): when the tokens the call reads cost less, they are gathered
+    // now (read at the call) into a compact cache, and the workers get that one.
+    const planOf = (set: PagedIndexSet): PagedReadPlan | null => choosePagedRead(set, n, (copyBytes(set.cache.data) > 0 ? 1 : 0) + 1, 2);
+    const mainPlan = planOf(main);
+    const extraPlan = extra ? planOf(extra) : null;
+    const readBytes = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? plan.bytes : set.cache.bytes);
+    const mainBytes = readBytes(main, mainPlan);
+    const extraBytes = extra ? readBytes(extra, extraPlan) : 0;
     const entries = main.topk + (extra?.topk ?? 0);
     const ranges = splitRows(
       {
         rows: n,
         workPerRow: 2 * entries * hQ * 1024 + entries * 1024,
-        fixedBytes: main.cache.bytes + (extra?.cache.bytes ?? 0) + hQ * 4 + scratchBytes(hQ, 512, 512, entries),
+        fixedBytes: mainBytes + extraBytes + hQ * 4 + scratchBytes(hQ, 512, 512, entries),
         bytesPerRow: hQ * 512 * 2 + entries * 4 + 8 + hQ * 512 * 2 + hQ * 8,
-        argument: extra && extra.cache.bytes > main.cache.bytes ? 'extraKCache' : 'kCache',
+        argument: extra && extraBytes > mainBytes ? 'extraKCache' : 'kCache',
       },
       this.workers,
       this.heapBytes,
     );
-    const inputs = [job.q, main.cache.data, main.indices, main.topkLength, extra?.cache.data ?? null, extra?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
+    // what the staging holds: the sets read whole as they are, the compact ones' caches and ids
+    const wholeInputs = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? [] : [set.cache.data, set.indices]);
+    const compactBytes = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? alignStaging(plan.bytes) + alignStaging(n * set.topk * 4) : 0);
     checkCallMemory(
       'pagedSparseAttention',
       'q',
       [
-        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+        { what: 'staging of the inputs', bytes: stagingBytes([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...wholeInputs(main, mainPlan), ...(extra ? wholeInputs(extra, extraPlan) : [])]) },
+        { what: 'the compact caches and ids, then their staged copies', bytes: 2 * (compactBytes(main, mainPlan) + (extra ? compactBytes(extra, extraPlan) : 0)) },
         { what: 'outputs', bytes: n * hQ * (512 * 2 + 8) },
       ],
       this.memoryBudgetBytes,
     );
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    const read = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
+    const mainRead = read(main, mainPlan);
+    const extraRead = extra ? read(extra, extraPlan) : null;
+    const inputs = [job.q, mainRead.cache.data, mainRead.indices, main.topkLength, extraRead?.cache.data ?? null, extraRead?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
     const staged = await this.stage(inputs, [
       'q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data',
     ]);
     const [q, mainCache, mainIndices, mainLength, extraCache, extraIndices, extraLength, attnSink] = staged.views;
-    const set = (s: NonNullable<PagedSparseAttentionJob['extra']>, data: Uint8Array, indices: Int32Array, topkLength: Int32Array | null) => ({
+    const set = (s: { cache: { format: CacheFormat; pageSize: number; numPages: number }; topk: number }, data: Uint8Array, indices: Int32Array, topkLength: Int32Array | null) => ({
       cache: { format: s.cache.format, pageSize: s.cache.pageSize, numPages: s.cache.numPages, data },
       indices,
       topk: s.topk,
@@ -320,8 +338,8 @@ export class WasmBackend implements Backend {
       q,
       n,
       hQ,
-      main: set(main, mainCache, mainIndices, mainLength),
-      extra: extra ? set(extra, extraCache!, extraIndices!, extraLength) : null,
+      main: set(mainRead, mainCache, mainIndices, mainLength),
+      extra: extraRead ? set(extraRead, extraCache!, extraIndices!, extraLength) : null,
       attnSink,
       smScale: job.smScale,
     };

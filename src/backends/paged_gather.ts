@@ -1,0 +1,193 @@
+/**
+ * The host backends' paged op over only the tokens it reads (SPEC §5). A paged call names its
+ * tokens by id; handing a thread or a worker the caller's whole cache costs a copy of the whole
+ * cache (cpu: into the staging when it is not shared; wasm: into every worker's heap), however
+ * few tokens the call reads. This module gathers the distinct valid tokens of one index set into
+ * a compact cache of the same format (ids 0..m-1, ascending in the original ids, so runs of
+ * consecutive ids copy as one block) and rewrites the set's ids to their compact positions.
+ *
+ * Validity is SPEC §5's: entry k of row i counts when k < topkLength[i] (already clamped to
+ * [0, topk] by ops/common.ts) and 0 ≤ id < the cache's tokens. Every other entry becomes −1, so
+ * it stays skipped and is never read. The valid entries keep their order and point at the same
+ * bytes, so the kernel computes exactly what it computes over the whole cache.
+ */
+import type { CacheView } from './backend.js';
+import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, v4PageBytes } from '../kv_cache_layout.js';
+
+/** The index set of a paged call as the backends hold it (host arrays). */
+export interface HostPagedSet {
+  cache: CacheView;
+  indices: Int32Array;
+  topk: number;
+  topkLength: Int32Array | null;
+}
+
+/** What a set reads: its distinct valid token ids, ascending, and each one's compact position. */
+export interface PagedReadPlan {
+  /** distinct valid ids, ascending */
+  tokens: Int32Array;
+  /** per token id of the cache: 1 + its compact position, or 0 when no valid entry reads it */
+  slotOf: Int32Array;
+  /** runs of consecutive ids in `tokens` (each copied as one block, page boundaries aside) */
+  runs: number;
+  /** the compact cache's geometry */
+  pageSize: number;
+  numPages: number;
+  bytes: number;
+}
+
+/** Bytes of a compact v4 cache of m tokens (pages of V4_COMPACT_PAGE_SIZE, no padding). */
+export function compactCacheBytes(m: number): number {
+  return Math.ceil(m / V4_COMPACT_PAGE_SIZE) * v4PageBytes(V4_COMPACT_PAGE_SIZE);
+}
+
+/** Bytes of the scratch planPagedRead allocates for a set: the id → slot map and the id list. */
+export function planScratchBytes(set: HostPagedSet, n: number): number {
+  return set.cache.numTokens * 4 + Math.min(set.cache.numTokens, n * set.topk) * 4;
+}
+
+/**
+ * Which tokens of its cache `set` reads (the valid entries of its n rows), or null as soon as
+ * they are more than `maxTokens`. Reads the indices and lengths once; the cache is not touched.
+ */
+export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity): PagedReadPlan | null {
+  const { cache, indices, topk, topkLength } = set;
+  const limitId = cache.numTokens;
+  const slotOf = new Int32Array(limitId);
+  const seen = new Int32Array(Math.min(limitId, n * topk));
+  let m = 0;
+  for (let i = 0; i < n; i++) {
+    const row = i * topk;
+    const end = row + (topkLength ? topkLength[i]! : topk);
+    for (let e = row; e < end; e++) {
+      const id = indices[e]!;
+      if (id >= 0 && id < limitId && slotOf[id] === 0) {
+        if (m >= maxTokens) return null;
+        slotOf[id] = 1;
+        seen[m++] = id;
+      }
+    }
+  }
+  // ascending: a sort of the few ids, or a walk over the map when they are many
+  let tokens: Int32Array;
+  if (m * 16 < limitId) {
+    tokens = seen.subarray(0, m).sort();
+  } else {
+    tokens = seen.subarray(0, m);
+    for (let id = 0, j = 0; j < m; id++) if (slotOf[id] !== 0) tokens[j++] = id;
+  }
+  let runs = 0;
+  for (let j = 0; j < m; j++) {
+    const id = tokens[j]!;
+    slotOf[id] = j + 1;
+    if (j === 0 || tokens[j - 1] !== id - 1) runs++;
+  }
+  return { tokens, slotOf, runs, pageSize: V4_COMPACT_PAGE_SIZE, numPages: Math.ceil(m / V4_COMPACT_PAGE_SIZE), bytes: compactCacheBytes(m) };
+}
+
+/*
+ * The choice between the whole cache and a compact one, in estimated main-thread nanoseconds on a
+ * current x86 core (bench/results/paged-gather-costs-*.txt): copying a byte in bulk, planning and
+ * remapping one index entry, starting one run of the gather (a scattered token is a cache miss).
+ */
+const COPY_NS_PER_BYTE = 0.12;
+const ENTRY_NS = 8;
+const RUN_NS = 200;
+
+/**
+ * For tests: `force` overrides the estimate (whole: never compact; compact: always), and
+ * `compactSets` counts the index sets read through a compact cache, so a test can hold both paths
+ * to the same bits and see which one ran. Not part of the package's API.
+ */
+export const pagedReadForTests: { force: 'whole' | 'compact' | null; compactSets: number } = { force: null, compactSets: 0 };
+
+/**
+ * The plan of `set` when reading a compact cache is estimated to cost less than the whole one,
+ * else null. `wholeCopies`: bulk copies the whole cache would take (0: none, as an in-place read
+ * by the cpu addon, which then keeps the whole cache without planning); `compactCopies`: bulk
+ * copies the compact cache takes after its gather (staging, a worker's heap).
+ */
+export function choosePagedRead(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
+  const plan = pagedReadForTests.force === null ? estimatedPlan(set, n, wholeCopies, compactCopies) : pagedReadForTests.force === 'compact' ? planPagedRead(set, n) : null;
+  if (plan) pagedReadForTests.compactSets++;
+  return plan;
+}
+
+function estimatedPlan(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
+  const wholeNs = set.cache.bytes * COPY_NS_PER_BYTE * wholeCopies;
+  const entriesNs = n * set.topk * ENTRY_NS;
+  if (entriesNs >= wholeNs) return null;
+  const perTokenNs = V4_TOKEN_BYTES * COPY_NS_PER_BYTE * (1 + compactCopies);
+  const plan = planPagedRead(set, n, Math.floor((wholeNs - entriesNs) / perTokenNs));
+  if (!plan) return null;
+  const compactNs = entriesNs + plan.runs * RUN_NS + plan.bytes * COPY_NS_PER_BYTE * (1 + compactCopies);
+  return compactNs < wholeNs ? plan : null;
+}
+
+/** The set's ids as compact positions: valid entries their token's position, every other entry −1. */
+export function remapIndices(set: HostPagedSet, n: number, plan: PagedReadPlan): Int32Array {
+  const { cache, indices, topk, topkLength } = set;
+  const limitId = cache.numTokens;
+  const { slotOf } = plan;
+  const out = new Int32Array(n * topk).fill(-1);
+  for (let i = 0; i < n; i++) {
+    const row = i * topk;
+    const end = row + (topkLength ? topkLength[i]! : topk);
+    for (let e = row; e < end; e++) {
+      const id = indices[e]!;
+      if (id >= 0 && id < limitId) out[e] = slotOf[id]! - 1;
+    }
+  }
+  return out;
+}
+
+/**
+ * Copies the plan's tokens of the v4 `cache` into `into` (at least plan.bytes, zeroed or not: the
+ * compact cache's unused slots are never addressed) as a compact cache. A run of consecutive ids
+ * that stays inside one page of each cache is copied as two blocks (data, scales).
+ */
+export function gatherCompact(cache: CacheView, plan: PagedReadPlan, into: Uint8Array): Uint8Array {
+  const data = into.subarray(0, plan.bytes);
+  const src = cache.data;
+  const P = cache.pageSize;
+  const pageBytes = v4PageBytes(P);
+  const C = V4_COMPACT_PAGE_SIZE;
+  const compactPageBytes = v4PageBytes(C);
+  const { tokens } = plan;
+  const m = tokens.length;
+  let j = 0;
+  while (j < m) {
+    const id = tokens[j]!;
+    const page = Math.floor(id / P);
+    const slot = id - page * P;
+    const cpage = Math.floor(j / C);
+    const cslot = j - cpage * C;
+    // the run: consecutive ids, within this source page and this compact page
+    let len = 1;
+    const most = Math.min(P - slot, C - cslot, m - j);
+    while (len < most && tokens[j + len] === id + len) len++;
+    const base = page * pageBytes;
+    const cbase = cpage * compactPageBytes;
+    const d = base + slot * V4_TOKEN_DATA_BYTES;
+    data.set(src.subarray(d, d + len * V4_TOKEN_DATA_BYTES), cbase + cslot * V4_TOKEN_DATA_BYTES);
+    const s = base + P * V4_TOKEN_DATA_BYTES + slot * V4_TOKEN_SCALE_BYTES;
+    data.set(src.subarray(s, s + len * V4_TOKEN_SCALE_BYTES), cbase + C * V4_TOKEN_DATA_BYTES + cslot * V4_TOKEN_SCALE_BYTES);
+    j += len;
+  }
+  return data;
+}
+
+/** A set over a compact cache: the same format and topk, its own geometry and ids. */
+export interface CompactPagedSet {
+  cache: { format: CacheView['format']; pageSize: number; numPages: number; data: Uint8Array };
+  indices: Int32Array;
+  topk: number;
+  topkLength: Int32Array | null;
+}
+
+/** planPagedRead → remapIndices → gatherCompact, the compact cache allocated by `alloc`. */
+export function compactPagedSet(set: HostPagedSet, n: number, plan: PagedReadPlan, alloc: (bytes: number) => Uint8Array): CompactPagedSet {
+  const indices = remapIndices(set, n, plan);
+  const data = gatherCompact(set.cache, plan, alloc(plan.bytes));
+  return { cache: { format: set.cache.format, pageSize: plan.pageSize, numPages: plan.numPages, data }, indices, topk: set.topk, topkLength: set.topkLength };
+}

@@ -9,8 +9,13 @@
  */
 import { SparseMlaError } from '../../dist/index.js';
 import { makeRng } from '../../dist/check/grid.js';
+import { isDeviceBuffer } from '../../dist/tensor.js';
+import { Plan } from '../../dist/planner/plan.js';
+import { ShardedPlan } from '../../dist/planner/sharded_layer.js';
+import { SparseMlaEngine } from '../../dist/engine.js';
 import { CaseHooks, SentinelError, mutateArgs } from './mutate.mjs';
 import { TARGETS } from './targets.mjs';
+import { DEVICE_TARGETS } from './device_targets.mjs';
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -26,6 +31,11 @@ export const FINDING_KINDS = {
   'input-written': 'hard', // an input array changed by the call (or a cache by a refused call)
   hang: 'hard',
   crash: 'hard', // the process died (abort, segfault, OOM)
+  // the cuda backend over the stub (test/fuzz/stub_cuda.mjs), where no value can be judged:
+  'stub-fault': 'hard', // the library handed the addon's op params its binding would refuse (or a freed / other device's buffer)
+  'device-leak': 'hard', // a device allocation the call made was neither freed nor owned by what it returned
+  'accepted-bad-device': 'hard', // a call given a freed, wrongly sized or other device's buffer (and nothing else wrong) resolved
+  'refused-after-work': 'soft', // a plain bad input refused only after an op had been reached (not 'before any work')
   'neutral-refused': 'soft',
   'ref-refused': 'soft',
 };
@@ -40,8 +50,17 @@ function caseRng(seed, index) {
   return makeRng((h ^ (h >>> 16)) >>> 0);
 }
 
-function pickTarget(rng, only) {
-  const list = only ? TARGETS.filter(([t]) => only.includes(t.name)) : TARGETS;
+/** The targets of an engine: a device engine (cuda) adds the device targets and leaves out the host-engine ones. */
+function targetsOf(env) {
+  if (!env.engine?.hasDevice) return TARGETS;
+  // on the stub, quantizeKCache needs the addon's CPU core (the cuda backend quantizes on the host)
+  const skip = (t) => t.hostEngineOnly || (env.stub && (t.noStub || (t.name === 'quantizeKCache' && !env.stub.hostCore)));
+  return [...TARGETS.filter(([t]) => !skip(t)), ...DEVICE_TARGETS];
+}
+
+function pickTarget(rng, only, env) {
+  const all = targetsOf(env);
+  const list = only ? all.filter(([t]) => only.includes(t.name)) : all;
   const total = list.reduce((a, [, w]) => a + w, 0);
   let r = rng.uniform() * total;
   for (const [t, w] of list) if ((r -= w) < 0) return t;
@@ -71,13 +90,21 @@ function errText(e) {
  */
 export async function runCase(env, seed, index, only) {
   const rng = caseRng(seed, index);
-  const target = pickTarget(rng, only);
+  const target = pickTarget(rng, only, env);
   if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
   const buildSeed = rng.u32();
   const hooks = new CaseHooks(makeRng(rng.u32()));
+  const stub = env.stub ?? null;
+  // what the stub device held before the case: anything the case allocates must be gone after it
+  const live0 = stub ? new Set(stub.live) : null;
+  const faults0 = stub ? stub.faults.length : 0;
+  if (env.engine?.hasDevice) hooks.device = env.deviceHooks;
   const built = target.build(makeRng(buildSeed), env, hooks);
+  // device operands: uploaded (and abused) by the target before the mutations
+  if (built.prepare) await withTimeout(Promise.resolve().then(() => built.prepare(built.args)), CASE_TIMEOUT_MS);
   const u = rng.uniform();
-  const muts = mutateArgs(built.args, rng, hooks, u < 0.12 ? 0 : u < 0.75 ? 1 : 2);
+  const count = u < 0.12 ? 0 : u < 0.75 ? 1 : 2;
+  const muts = mutateArgs(built.args, rng, hooks, built.mustRefuse && u < 0.5 ? 0 : count);
   const neutral = muts.every((m) => m.neutral);
   const dynamic = muts.some((m) => m.dynamic);
   const sentinel = muts.some((m) => m.sentinel);
@@ -87,12 +114,27 @@ export async function runCase(env, seed, index, only) {
   const finding = (kind, detail) => Object.assign(res, { verdict: 'finding', finding: { kind, severity: FINDING_KINDS[kind], detail } });
 
   let result, error, threw = false;
+  hooks.markCall(stub);
   try {
     result = await withTimeout(Promise.resolve().then(() => built.call(built.args)), CASE_TIMEOUT_MS);
   } catch (e) {
     threw = true;
     error = e;
   }
+  if (error instanceof Timeout) {
+    env.broken = true;
+    return finding('hang', error.message);
+  }
+  const verdict = await judgeCase();
+  // the case's device memory: what it returned, its plans' and its own uploads; then nothing it made may be left
+  await releaseCase(result, hooks);
+  if (stub && verdict.verdict !== 'finding') {
+    const left = [...stub.live].filter((a) => !live0.has(a));
+    if (left.length > 0) return finding('device-leak', `${left.length} device allocation(s) of ${left.map((a) => a.bytes).join(', ')} bytes left after a ${threw ? `refused (${errText(error)})` : 'resolved'} call`);
+  }
+  return verdict;
+
+  async function judgeCase() {
 
   // what the call may not have written: every input, and a cache a refused call was given
   if (!dynamic) {
@@ -108,35 +150,73 @@ export async function runCase(env, seed, index, only) {
     }
   }
   if (res.verdict === 'finding') return res;
+  if (stub && stub.faults.length > faults0) return finding('stub-fault', `the addon would refuse: ${stub.faults.slice(faults0, faults0 + 3).join(' | ')}${threw ? `; the call: ${errText(error)}` : ''}`);
 
   if (threw) {
-    if (error instanceof Timeout) {
-      env.broken = true;
-      return finding('hang', error.message);
-    }
     if (error instanceof SentinelError) return sentinel ? Object.assign(res, { verdict: 'sentinel' }) : finding('untyped', errText(error));
     if (!(error instanceof SparseMlaError) || !ERROR_CODES.includes(error.code)) return finding('untyped', errText(error));
     if (error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return finding('backend-error', errText(error));
-    if (neutral && !built.mayRefuse) return finding('neutral-refused', errText(error));
+    if (neutral && !built.mayRefuse && !built.mustRefuse) return finding('neutral-refused', errText(error));
+    if (stub && !dynamic && stub.reached > hooks.reachedAtCall) return finding('refused-after-work', `${stub.reached - hooks.reachedAtCall} op(s) reached before: ${errText(error)}`);
     return Object.assign(res, { verdict: 'refused', code: error.code });
   }
 
+  if (built.mustRefuse && muts.every((m) => m.neutral)) return finding('accepted-bad-device', `resolved with ${built.mustRefuse}`);
+  if (muts.some((m) => m.mustRefuse) && muts.filter((m) => !m.neutral).length === 1 && !built.mustRefuse) return finding('accepted-bad-device', `resolved with ${muts.find((m) => m.mustRefuse).desc}`);
   if (sentinel || dynamic) return Object.assign(res, { verdict: 'accepted' });
   const pre = (a) => snapshots.get(a) ? new a.constructor(snapshots.get(a).buffer) : a;
   let refArgs = built.args;
   if (neutral) refArgs = target.build(makeRng(buildSeed), env, new CaseHooks()).args;
   let problem;
   try {
-    problem = built.judge ? built.judge(result, { refArgs, args: built.args, pre, neutral }) : null;
+    // device outputs come to the host for the judge (on the stub their values are unknown: only shapes are judged)
+    const got = env.engine?.hasDevice ? await hostify(env, result) : result;
+    problem = built.judge ? await built.judge(got, { refArgs, args: built.args, pre, neutral, stub: !!stub, raw: result }) : null;
   } catch (e) {
     if (neutral) return finding('wrong-result', `the judge could not read the result: ${errText(e)}`);
     return finding('ref-refused', `accepted, but the reference refuses these arguments: ${errText(e)}`);
   }
   if (problem) return finding('wrong-result', problem);
   return Object.assign(res, { verdict: neutral ? 'valid' : 'accepted' });
+  }
+}
+
+/** Every device tensor in `v` (a result) as a host tensor read back by an engine of its device; the rest as it is. */
+async function hostify(env, v, depth = 0) {
+  if (typeof v !== 'object' || v === null || depth > 4 || ArrayBuffer.isView(v) || v instanceof Plan || v instanceof ShardedPlan || v instanceof SparseMlaEngine) return v;
+  if (Array.isArray(v)) return Promise.all(v.map((x) => hostify(env, x, depth + 1)));
+  if (isDeviceBuffer(v.data) && typeof v.dtype === 'string') {
+    const engine = v.data.deviceIndex === env.engine.device ? env.engine : await env.engineOn(v.data.deviceIndex);
+    return engine.download(v);
+  }
+  const proto = Object.getPrototypeOf(v);
+  if (proto !== Object.prototype && proto !== null) return v; // a Map, a class instance: as it is
+  const out = {};
+  for (const [k, x] of Object.entries(v)) out[k] = await hostify(env, x, depth + 1);
+  return out;
+}
+
+/** Frees every device buffer in `v` and releases its plans (a case's result); errors of hostile objects ignored. */
+function releaseAll(v, seen, depth = 0) {
+  if (typeof v !== 'object' || v === null || depth > 5 || seen.has(v) || ArrayBuffer.isView(v) || v instanceof SparseMlaEngine) return;
+  seen.add(v);
+  try {
+    if (isDeviceBuffer(v)) return void (v.freed || v.free());
+    if (v instanceof Plan || v instanceof ShardedPlan) return void v.release();
+    for (const x of Array.isArray(v) ? v : Object.values(v)) releaseAll(x, seen, depth + 1);
+  } catch {
+    /* a Proxy whose traps throw */
+  }
+}
+
+async function releaseCase(result, hooks) {
+  const seen = new Set();
+  releaseAll(result, seen);
+  for (const p of hooks.plans) releaseAll(p, seen);
+  for (const b of hooks.deviceBuffers) if (!b.freed) b.free();
 }
 
 /** A one-line reproducer of a case. */
-export function reproducer(backend, seed, index, only) {
-  return `node test/fuzz/run.mjs --backends ${backend} --seed ${seed} --case ${index}${only ? ` --targets ${only.join(',')}` : ''}`;
+export function reproducer(backend, seed, index, only, stubCuda = false) {
+  return `node test/fuzz/run.mjs --backends ${backend} --seed ${seed} --case ${index}${only ? ` --targets ${only.join(',')}` : ''}${stubCuda ? ' --stub-cuda' : ''}`;
 }

@@ -65,6 +65,23 @@ export class CaseHooks {
     this.rng = rng;
     this.arrays = []; // every typed array the builder made
     this.resizable = []; // ArrayBuffers made resizable by a mutation
+    this.plans = []; // plans the builder made (released after the case: a cuda engine keeps device memory for them)
+    this.deviceBuffers = []; // device buffers the case made itself (uploads; freed after the case)
+    this.device = null; // on a device engine: { alloc(bytes), allocOn(device, bytes) | null } (run.mjs)
+    this.reachedAtCall = 0;
+  }
+  /** The stub's op count as the call under test starts (a target that runs warm-up calls first marks it again). */
+  markCall(stub) {
+    if (stub) this.reachedAtCall = stub.reached;
+  }
+  /** A device buffer of `bytes` for a mutation (freed after the case); on `device` when given (null where there is none). */
+  deviceBuffer(bytes, device) {
+    const b = device === undefined ? this.device.alloc(bytes) : this.device.allocOn(device, bytes);
+    if (b) this.deviceBuffers.push(b);
+    return b;
+  }
+  freeSome(rng) {
+    for (const b of this.deviceBuffers) if (rng.uniform() < 0.5 && !b.freed) b.free();
   }
   track(a) {
     if (!isTyped(a)) return a;
@@ -353,17 +370,19 @@ function mutateObject(o, rng, hooks, where) {
       const c = { ...o };
       const k = rng.pick(keys);
       const v = o[k];
-      const act = rng.pick(['detach', 'shrink', 'scribble']);
+      const act = hooks.deviceBuffers.length > 0 && rng.uniform() < 0.4 ? 'free' : rng.pick(['detach', 'shrink', 'scribble']);
       Object.defineProperty(c, k, {
         enumerable: true,
         get() {
           if (act === 'detach') hooks.detachSome(rng);
           else if (act === 'shrink') hooks.shrinkAll();
+          else if (act === 'free') hooks.freeSome(rng);
           else hooks.scribble(rng);
           return v;
         },
       });
-      return { value: c, desc: `reading ${k} ${act === 'detach' ? 'detaches some of the case\'s buffers' : act === 'shrink' ? 'shrinks the resizable buffers to 0' : 'rewrites an element of every array'}`, dynamic: true };
+      const what = { detach: 'detaches some of the case\'s buffers', shrink: 'shrinks the resizable buffers to 0', scribble: 'rewrites an element of every array', free: 'frees some of the case\'s device buffers' }[act];
+      return { value: c, desc: `reading ${k} ${what}`, dynamic: true };
     },
   ];
   return rng.pick(choices)();
@@ -377,7 +396,39 @@ function flipValue(v, rng) {
   return rng.pick([null, {}, 3]);
 }
 
-function mutateOpaque(o, rng, where) {
+const DEVICE_BUFFER_BRAND = Symbol.for('sparse-mla.DeviceBuffer');
+
+/** Device-buffer abuse (a cuda engine): freed, of another size, of another device or engine. */
+function deviceBufferChoices(b, rng, hooks) {
+  return [
+    () => {
+      const c = hooks.deviceBuffer(b.byteLength);
+      c.free();
+      return { value: c, desc: `a freed device buffer of the same ${b.byteLength} bytes`, mustRefuse: true };
+    },
+    () => {
+      const bytes = Math.max(0, b.byteLength + rng.pick([-2, 2, 256, -b.byteLength, 4096]));
+      if (bytes === b.byteLength) return { value: b, desc: 'unchanged', neutral: true };
+      return { value: hooks.deviceBuffer(bytes), desc: `a device buffer of ${bytes} bytes instead of ${b.byteLength}`, mustRefuse: true };
+    },
+    () => {
+      const other = hooks.deviceBuffer(b.byteLength, b.deviceIndex + 1);
+      if (!other) return { value: b, desc: 'unchanged (no other device)', neutral: true };
+      return { value: other, desc: `a buffer of device ${b.deviceIndex + 1} (this engine's is ${b.deviceIndex})`, mustRefuse: true };
+    },
+    () => {
+      const peer = hooks.deviceBuffer(b.byteLength, b.deviceIndex);
+      return { value: peer, desc: `a buffer of another engine on device ${b.deviceIndex} (other contents)` };
+    },
+    () => {
+      b.free();
+      return { value: b, desc: 'this buffer, freed before the call', mustRefuse: true };
+    },
+  ];
+}
+
+function mutateOpaque(o, rng, where, hooks) {
+  if (hooks?.device && o[DEVICE_BUFFER_BRAND] === true && rng.uniform() < 0.6) return rng.pick(deviceBufferChoices(o, rng, hooks))();
   const choices = [
     () => ({ value: new Proxy(o, {}), desc: `a forwarding Proxy of the ${o.constructor?.name}` }),
     () => ({ value: Object.create(o), desc: `an object whose prototype is the ${o.constructor?.name}` }),
@@ -415,7 +466,7 @@ export function mutateSlot(s, rng, hooks) {
     case 'object':
       return mutateObject(s.value, rng, hooks, where);
     case 'opaque':
-      return mutateOpaque(s.value, rng, where);
+      return mutateOpaque(s.value, rng, where, hooks);
     case 'number':
       return mutateNumber(s.value, rng);
     case 'string':
@@ -456,7 +507,7 @@ export function mutateArgs(root, rng, hooks, count) {
     for (const k of s.path) cur = cur?.[k];
     const m = mutateSlot({ ...s, value: cur, kind: kindOf(cur) }, rng, hooks);
     setAt(root, s.path, m.value);
-    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel });
+    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.mustRefuse ? { mustRefuse: true } : {}) });
   }
   return muts;
 }

@@ -5,7 +5,15 @@
  *   node test/fuzz/run.mjs --seconds 600 --seed 7              # both backends, 10 minutes each
  *   node test/fuzz/run.mjs --cases 2000 --seed 7 --backends wasm
  *   node test/fuzz/run.mjs --backends cpu --seed 7 --case 1234  # replay one case, verbosely
- *   options: --targets sparsePrefill,createPlan  --json  --quiet
+ *   node test/fuzz/run.mjs --backends cuda --seconds 120 --seed 1 --json
+ *   options: --targets sparsePrefill,createPlan  --json  --quiet  --stub-cuda
+ *
+ * `cuda`: a real cuda engine where createEngine({ backend: 'cuda' }) succeeds (its device from
+ * SPARSE_MLA_DEVICE, peers on every other device the machine has), its results downloaded and
+ * judged against the reference as the host backends' are; where it does not (or with --stub-cuda),
+ * the same cases over a stub of the addon's cuda op table (stub_cuda.mjs: values unknown, so
+ * shapes, typed refusals before any op, the params the addon would check, and device leaks are
+ * judged). Which one ran, and why, is in the report (`cuda` in --json).
  *
  * Each backend runs in a child process that records the case it is on before running it, so a
  * case that kills the process (abort, segfault, OOM) or hangs is a finding with its reproducer and
@@ -33,8 +41,76 @@ else await parent();
 
 async function makeEnv(backend) {
   const { createEngine } = await import('../../dist/index.js');
+  if (backend === 'cuda') return makeCudaEnv(createEngine);
   const engine = await createEngine({ backend, ...(backend === 'wasm' ? { workers: 2 } : {}) });
   return { engine, backend };
+}
+
+
+/**
+ * The cuda env: { engine, backend, stub (null on a GPU), cuda: { mode, reason }, deviceCount,
+ * engineOn(device) (a peer engine on that device, made once; null where there is none),
+ * freshEngine(), deviceHooks (the mutator's synchronous device allocations), close() }.
+ */
+async function makeCudaEnv(createEngine) {
+  const { engineBackend } = await import('../../dist/engine.js');
+  let reason = 'asked for (--stub-cuda)';
+  if (!flag('stub-cuda')) {
+    try {
+      const engine = await createEngine({ backend: 'cuda' });
+      const { listBackends } = await import('../../dist/index.js');
+      const info = (await listBackends()).find((b) => b.name === 'cuda');
+      const deviceCount = Number(info?.details?.devices ?? 1);
+      const peers = new Map();
+      const engineOn = async (device) => {
+        if (!(device >= 0 && device < deviceCount)) return null;
+        if (!peers.has(device)) peers.set(device, await createEngine({ backend: 'cuda', device }));
+        return peers.get(device);
+      };
+      for (let d = 0; d < deviceCount; d++) await engineOn(d);
+      return {
+        engine,
+        backend: 'cuda',
+        stub: null,
+        cuda: { mode: 'gpu', device: engine.device, devices: deviceCount },
+        deviceCount,
+        engineOn,
+        freshEngine: () => createEngine({ backend: 'cuda', device: engine.device }),
+        deviceHooks: deviceHooks(engineBackend, engine, peers),
+        close: () => Promise.all([engine, ...peers.values()].map((e) => e.dispose())),
+      };
+    } catch (e) {
+      if (e?.code !== 'BACKEND_UNAVAILABLE') throw e;
+      reason = e.message;
+    }
+  }
+  const { stubCuda } = await import('./stub_cuda.mjs');
+  const stub = await stubCuda(new URL('../../dist', import.meta.url).href);
+  const { engine } = stub.makeEngine(0);
+  const peers = new Map(Array.from({ length: 3 }, (_, d) => [d, stub.makeEngine(d).engine]));
+  return {
+    engine,
+    backend: 'cuda',
+    stub,
+    cuda: { mode: 'stub', reason, hostCore: stub.hostCore },
+    deviceCount: 3, // STUB_DEVICES
+    engineOn: async (device) => peers.get(device) ?? null,
+    freshEngine: async () => stub.makeEngine(0).engine,
+    deviceHooks: deviceHooks(engineBackend, engine, peers),
+    close: () => Promise.all([engine, ...peers.values()].map((e) => e.dispose())),
+  };
+}
+
+/** Synchronous device allocations for the mutator: on the fuzz engine, or on a peer engine of a device (null where there is none). */
+function deviceHooks(engineBackend, engine, peers) {
+  return {
+    alloc: (bytes) => backendOf(engine).alloc(bytes),
+    allocOn: (device, bytes) => (peers.has(device) ? backendOf(peers.get(device)).alloc(bytes) : null),
+  };
+  function backendOf(e) {
+    // an engine made over a backend directly (the stub) is not in createEngine's registry: its impl field
+    return engineBackend(e) ?? e.impl;
+  }
 }
 
 async function replay() {
@@ -42,9 +118,10 @@ async function replay() {
   const { removeTempDir } = await import('./targets.mjs');
   const backend = (opt('backends', 'wasm')).split(',')[0];
   const env = await makeEnv(backend);
+  if (env.cuda) console.log(`cuda: ${JSON.stringify(env.cuda)}`);
   const r = await runCase(env, seed, Number(opt('case')), targets);
   console.log(JSON.stringify(r, null, 2));
-  await env.engine.dispose();
+  await (env.close?.() ?? env.engine.dispose());
   removeTempDir();
 }
 
@@ -59,6 +136,7 @@ async function child() {
   const progress = openSync(opt('progress'), 'w');
   const env = await makeEnv(backend);
   const send = (m) => new Promise((resolve) => process.send(m, resolve));
+  if (env.cuda) await send({ type: 'cuda', ...env.cuda });
   const counts = {};
   let i = start;
   for (; i < end && Date.now() < deadline; i++) {
@@ -74,7 +152,7 @@ async function child() {
   }
   closeSync(progress);
   await send({ type: 'counts', counts, next: i, done: true });
-  await env.engine.dispose();
+  await (env.close?.() ?? env.engine.dispose());
   removeTempDir();
   process.exit(0);
 }
@@ -90,6 +168,7 @@ async function parent() {
   const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-run-'));
   const findings = [];
   const counts = {};
+  let cuda = null;
   const began = Date.now();
   let ran = 0;
   if (!quiet) console.log(`seed ${seed}, backends ${backends.join(', ')}, ${opt('cases') ? `${cases} cases each` : `${seconds} s`}`);
@@ -101,16 +180,21 @@ async function parent() {
       const progress = join(dir, `${backend}.progress`);
       const from = next;
       const outcome = await new Promise((resolve) => {
-        const c = fork(fileURLToPath(import.meta.url), ['--child', '--backend', backend, '--seed', String(seed), '--start', String(from), '--end', String(cases), '--deadline', String(deadline), '--progress', progress, ...(targets ? ['--targets', targets.join(',')] : [])], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+        const c = fork(fileURLToPath(import.meta.url), ['--child', '--backend', backend, '--seed', String(seed), '--start', String(from), '--end', String(cases), '--deadline', String(deadline), '--progress', progress, ...(targets ? ['--targets', targets.join(',')] : []), ...(flag('stub-cuda') ? ['--stub-cuda'] : [])], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
         let stderr = '';
         let last = null;
         c.stderr.on('data', (d) => (stderr = (stderr + d).slice(-4000)));
         c.on('message', (m) => {
           if (m.type === 'finding') {
-            const f = { backend: m.backend, index: m.index, target: m.target, muts: m.muts, ...m.finding, reproducer: reproducer(m.backend, seed, m.index, targets) };
+            const f = { backend: m.backend, index: m.index, target: m.target, muts: m.muts, ...m.finding, reproducer: reproducer(m.backend, seed, m.index, targets, flag('stub-cuda')) };
             findings.push(f);
             if (!quiet) printFinding(f);
           } else if (m.type === 'counts') last = m;
+          else if (m.type === 'cuda' && !cuda) {
+            const { type: _, ...info } = m;
+            cuda = info;
+            if (!quiet) console.log(info.mode === 'gpu' ? `cuda: a real GPU engine on device ${info.device} (${info.devices} device(s))` : `cuda: the STUB op table (no values judged): ${info.reason}`);
+          }
         });
         c.on('exit', (code, signal) => resolve({ code, signal, last, stderr }));
       });
@@ -132,7 +216,7 @@ async function parent() {
         /* died before its first case */
       }
       if (Number.isNaN(index) || ++restarts > 50) break;
-      const f = { backend, index, target: '?', muts: [], kind: 'crash', severity: FINDING_KINDS.crash, detail: `exit ${outcome.code} signal ${outcome.signal}: ${outcome.stderr.trim().split('\n').slice(-6).join(' | ')}`, reproducer: reproducer(backend, seed, index, targets) };
+      const f = { backend, index, target: '?', muts: [], kind: 'crash', severity: FINDING_KINDS.crash, detail: `exit ${outcome.code} signal ${outcome.signal}: ${outcome.stderr.trim().split('\n').slice(-6).join(' | ')}`, reproducer: reproducer(backend, seed, index, targets, flag('stub-cuda')) };
       findings.push(f);
       if (!quiet) printFinding(f);
       ran += index - from + 1;
@@ -142,7 +226,7 @@ async function parent() {
   await Promise.all(backends.map(runBackend));
   rmSync(dir, { recursive: true, force: true });
   const seconds_ = (Date.now() - began) / 1000;
-  const summary = { seed, backends, cases: ran, seconds: Math.round(seconds_), casesPerSecond: Math.round((ran / seconds_) * 10) / 10, counts, findings };
+  const summary = { seed, backends, ...(cuda ? { cuda } : {}), cases: ran, seconds: Math.round(seconds_), casesPerSecond: Math.round((ran / seconds_) * 10) / 10, counts, findings };
   if (json) console.log(JSON.stringify(summary));
   else {
     console.log(`\n${ran} cases in ${seconds_.toFixed(0)} s (${summary.casesPerSecond}/s), seed ${seed}`);

@@ -72,14 +72,19 @@ function randomV4Cache(rng, hooks, pageSize, numPages) {
   return cache;
 }
 
-/** A judged attention result: shapes and SPEC §4.1's bounds against the reference. */
-function judgeAttention(got, ref, rows, hQ, dV) {
+/**
+ * A judged attention result: shapes and SPEC §4.1's bounds against the reference (`ref`: a function
+ * giving it). valuesUnknown (a stub device computes nothing): the shapes only.
+ */
+function judgeAttention(got, ref, rows, hQ, dV, valuesUnknown = false) {
   if (!got || typeof got !== 'object') return `result is ${typeof got}`;
   for (const [k, shape] of [['out', [rows, hQ, dV]], ['lse', [rows, hQ]], ['maxLogits', [rows, hQ]]]) {
     const t = got[k];
     if (!t || JSON.stringify(t.shape) !== JSON.stringify(shape)) return `${k} has shape ${t && JSON.stringify(t.shape)}, expected ${JSON.stringify(shape)}`;
+    if (t.data.length !== shape.reduce((a, b) => a * b, 1)) return `${k} has ${t.data.length} elements for shape ${JSON.stringify(shape)}`;
   }
-  if (rows === 0) return null;
+  if (rows === 0 || valuesUnknown) return null;
+  ref = ref();
   const vals = {
     out: Array.from(got.out.data, (b) => R.decodeBf16(b)),
     lse: Array.from(got.lse.data),
@@ -113,10 +118,9 @@ const sparsePrefill = {
     return {
       args,
       call: (x) => env.engine.sparsePrefill(...x),
-      judge: (got, { refArgs }) => {
+      judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        const ref = R.sparsePrefillReference(r);
-        return judgeAttention(got, ref, r.q.shape[0], r.q.shape[1], r.dV ?? 512);
+        return judgeAttention(got, () => R.sparsePrefillReference(r), r.q.shape[0], r.q.shape[1], r.dV ?? 512, stub);
       },
     };
   },
@@ -153,10 +157,9 @@ const pagedSparseAttention = {
     return {
       args: [a],
       call: (x) => env.engine.pagedSparseAttention(...x),
-      judge: (got, { refArgs }) => {
+      judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        const ref = R.pagedSparseAttentionReference(r);
-        return judgeAttention(got, ref, r.q.shape[0], r.q.shape[1], 512);
+        return judgeAttention(got, () => R.pagedSparseAttentionReference(r), r.q.shape[0], r.q.shape[1], 512, stub);
       },
     };
   },
@@ -241,10 +244,14 @@ const dequantizeKCachePaged = {
     return {
       args,
       call: (x) => env.engine.dequantizeKCachePaged(...x),
-      judge: (got, { refArgs }) => {
+      judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        const want = R.dequantizeKCacheReference(r.cache, r.tokenIds);
         const width = r.cache.format === 'v4' ? 512 : 576;
+        if (stub) {
+          const n = Array.isArray(r.tokenIds) ? r.tokenIds.length : r.tokenIds.data.length;
+          return got?.dtype === 'bf16' && JSON.stringify(got.shape) === JSON.stringify([n, width]) && got.data.length === n * width ? null : `got ${got?.dtype} ${JSON.stringify(got?.shape)}, expected bf16 [${n}, ${width}]`;
+        }
+        const want = R.dequantizeKCacheReference(r.cache, r.tokenIds);
         if (!got || got.dtype !== 'bf16' || JSON.stringify(got.shape) !== JSON.stringify([want.length / width, width])) return `got ${got?.dtype} ${JSON.stringify(got?.shape)}`;
         for (let i = 0; i < want.length; i++) {
           const v = R.decodeBf16(got.data[i]);
@@ -412,10 +419,12 @@ function layerReference(sc, layer) {
   });
 }
 
-function judgeLayer(got, sc, layer) {
-  const ref = layerReference(sc, layer);
-  const problem = judgeAttention(got, ref, sc.numQueries, layer.q.shape[1], D);
+function judgeLayer(got, sc, layer, valuesUnknown = false) {
+  let ref;
+  const problem = judgeAttention(got, () => (ref = layerReference(sc, layer)), sc.numQueries, layer.q.shape[1], D, valuesUnknown);
   if (problem) return problem;
+  if (valuesUnknown) return Number.isSafeInteger(got.dropped) && got.dropped >= 0 ? null : `dropped ${got.dropped}`;
+  ref ??= layerReference(sc, layer);
   if (got.dropped !== ref.dropped) return `dropped ${got.dropped}, reference ${ref.dropped}`;
   return null;
 }
@@ -427,12 +436,13 @@ const prefillLayerTarget = {
     const ratio = rng.pick([0, 4, 128]);
     const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
     layer.plan = createPlan(sc.chunk, { window, ...(rng.uniform() < 0.3 ? { caches: layer.caches } : {}) });
+    hooks.plans.push(layer.plan);
     const args = [env.engine, layer];
     if (rng.uniform() < 0.3) args.push({ output: 'host' });
     return {
       args,
       call: (x) => prefillLayer(...x),
-      judge: (got, { refArgs }) => judgeLayer(got, sc, refArgs[1]),
+      judge: (got, { refArgs, stub }) => judgeLayer(got, sc, refArgs[1], stub),
     };
   },
 };
@@ -454,11 +464,11 @@ const createPlanTarget = {
         // the plan is used by a layer: what it holds is judged by the layer's result
         return { plan, layer: await prefillLayer(env.engine, { ...layer, plan }) };
       },
-      judge: ({ plan, layer: got }, { neutral }) => {
+      judge: ({ plan, layer: got }, { neutral, stub }) => {
         // a mutated chunk means other rows than the scenario's reference reads: only a neutral one is judged
         if (!neutral) return null;
         if (plan.numQueries !== sc.numQueries) return `numQueries ${plan.numQueries}, expected ${sc.numQueries}`;
-        return judgeLayer(got, sc, layer);
+        return judgeLayer(got, sc, layer, stub);
       },
     };
   },
@@ -480,11 +490,11 @@ const createShardedPlanTarget = {
         const engines = Array.from({ length: plan.shards.length }, () => env.engine);
         return { plan, layer: await prefillLayerSharded(engines, { ...layer, plan }) };
       },
-      judge: ({ plan, layer: got }, { refArgs, neutral }) => {
+      judge: ({ plan, layer: got }, { refArgs, neutral, stub }) => {
         if (plan.shards.length !== refArgs[1].shards) return `${plan.shards.length} shards, ${refArgs[1].shards} asked for`;
         if (!neutral) return null; // a mutated chunk: other rows than the scenario's reference reads
         if (plan.numQueries !== sc.numQueries) return `numQueries ${plan.numQueries}`;
-        return judgeLayer(got, sc, layer);
+        return judgeLayer(got, sc, layer, stub);
       },
     };
   },
@@ -499,12 +509,13 @@ const prefillLayerShardedTarget = {
     const split = rng.pick(['heads', 'queries']);
     const shards = rng.int(1, split === 'heads' ? hQ + 1 : 4);
     layer.plan = createShardedPlan(sc.chunk, { shards, split, window });
+    hooks.plans.push(layer.plan);
     const args = [Array.from({ length: shards }, () => env.engine), layer];
     if (rng.uniform() < 0.3) args.push({ output: 'host' });
     return {
       args,
       call: (x) => prefillLayerSharded(...x),
-      judge: (got, { refArgs }) => judgeLayer(got, sc, refArgs[1]),
+      judge: (got, { refArgs, stub }) => judgeLayer(got, sc, refArgs[1], stub),
     };
   },
 };
@@ -633,6 +644,7 @@ const planMethodsTarget = {
     const ratio = rng.pick([0, 4, 128]);
     const { sc, layer, window } = layerScenario(rng, hooks, ratio);
     const plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(plan);
     const method = rng.pick(['layout', 'pageSize', 'compressedTokenIds', 'combinedRows', 'combineC4', 'pagedForm', 'checkCaches']);
     const rowsArg = () => (ratio === 4 ? plan.combineC4(layer.topkIndices) : plan.combinedRows(ratio));
     const args =
@@ -694,6 +706,7 @@ const helpersTarget = {
 const deviceMethodsTarget = {
   name: 'deviceMethods',
   engine: true,
+  hostEngineOnly: true, // a cuda engine's are device_targets.mjs's
   build(rng, env, hooks) {
     const method = rng.pick(['upload', 'download', 'uploadKvCache', 'copyFrom']);
     const arg = method === 'uploadKvCache' ? randomCacheBytes(rng, hooks, 'v4') : tensor('float32', [2, 3], hooks.track(new Float32Array(6)));
@@ -706,6 +719,7 @@ const SKIP = Symbol('skipped');
 /** createEngine's options, then one small op on the new engine (sometimes disposed first: DISPOSED). */
 const createEngineTarget = {
   name: 'createEngine',
+  noStub: true, // createEngine({ backend: 'cuda' }) needs a GPU
   build(rng, env, hooks) {
     const options = { backend: env.backend ?? 'wasm' };
     if (options.backend === 'wasm' || rng.uniform() < 0.3) options.workers = rng.int(1, 3);
@@ -764,3 +778,6 @@ export const TARGETS = [
   [deviceMethodsTarget, 1],
   [createEngineTarget, 1],
 ];
+
+/** What the device targets (device_targets.mjs) build on. */
+export { D, DTYPES, judgeAttention, judgeLayer, layerScenario, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };

@@ -108,8 +108,9 @@ function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
   const c = cache as { format: unknown; pageSize: number; numPages: number; data: unknown };
   if (c.format !== 'v4') return undefined;
   const pageSize = c.pageSize, numPages = c.numPages, data = c.data;
-  // int32s ((x | 0) === x: no builtin call; a larger one only falls back to checkV4Cache)
-  if ((pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
+  // int32s ((x | 0) === x: no builtin call; a larger one only falls back to checkV4Cache); numbers
+  // first: `| 0` throws a TypeError on a BigInt or Symbol and runs an object's valueOf
+  if (typeof pageSize !== 'number' || typeof numPages !== 'number' || (pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
   const bytes = v4PageBytes(pageSize) * numPages;
   if (!isLiveDeviceBuffer(data, bytes)) return undefined;
   return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };

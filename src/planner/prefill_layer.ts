@@ -115,6 +115,15 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
+  if (hasDevice) {
+    // device operands on the engine's device, before any work (the ops' own check comes at their launch, after the plan's uploads)
+    const dev = engine.device!;
+    onEngineDevice(q.data, 'q', dev);
+    onEngineDevice(attnSink?.data, 'attnSink', dev);
+    onEngineDevice(caches.swa.data, 'caches.swa', dev);
+    onEngineDevice(caches.compressed?.data, ratio === 4 ? 'caches.c4' : 'caches.c128', dev);
+    onEngineDevice(topk?.data, 'topkIndices', dev);
+  }
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device };
@@ -177,7 +186,12 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     topk = plan.deviceTopk(topkIndices);
     if (topk === undefined) return undefined;
   }
-  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData };
+  // every operand on the engine's device (else prepareLayer names the one that is not)
+  const dev = engine.device;
+  // (deviceCaches and deviceTopk gave live device buffers)
+  if ((qData as DeviceBuffer).deviceIndex !== dev || (attnSink !== undefined && attnSink.data.deviceIndex !== dev) || (caches.swa.data as DeviceBuffer).deviceIndex !== dev) return undefined;
+  if ((caches.compressed !== undefined && (caches.compressed.data as DeviceBuffer).deviceIndex !== dev) || (topk !== undefined && (topk.data as DeviceBuffer).deviceIndex !== dev)) return undefined;
+  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
   return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true };
 }
 
@@ -203,15 +217,44 @@ function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never
 function pagedCaches(given: PlanCaches, ratio: CompressRatio): LayerCall['layerCaches'] {
   return ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
 }
+/** A device operand of a cuda engine's layer lies on the engine's device (host data: nothing to check). */
+function onEngineDevice(data: unknown, argument: string, device: number): void {
+  if (isDeviceBuffer(data) && data.deviceIndex !== device) otherDevice(data, argument, device);
+}
+function otherDevice(data: DeviceBuffer, argument: string, device: number): never {
+  fail('INVALID_VALUE', argument, `a tensor on this engine's CUDA device ${device}`, `one on device ${typeof data.deviceIndex === 'number' ? data.deviceIndex : describe(data.deviceIndex)} (engine.copyFrom moves it)`);
+}
 function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
   fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));
 }
 
-export async function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
+export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
+  // not an async function itself (a bad call still rejects, never throws): one async frame a layer, runLayer's
+  let call: CheckedLayer;
+  try {
+    call = checkLayer(engine, args, options);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+  return runLayer(engine as SparseMlaEngine, call) as Promise<PrefillLayerResult<P>>;
+}
+
+/** @internal A checked layer call, ready for runLayer: what prefillLayer checks before any work. */
+export type CheckedLayer = LayerCall;
+
+/**
+ * @internal Every check of prefillLayer(engine, args, options), each argument read once, before any
+ * work; prefillLayerSharded checks every shard's call this way before it runs any of them.
+ */
+export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unknown): CheckedLayer {
   if (!(engine instanceof SparseMlaEngine)) fail('INVALID_VALUE', 'engine', 'an Engine from createEngine()', describe(engine));
-  const call = prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
-  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<P>;
-  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<P>;
+  return prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
+}
+
+/** @internal Runs a checked layer call on the engine it was checked for. */
+export async function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
+  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<Placement>;
+  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<Placement>;
   const steps = engine.layerSteps();
   const res = call.plan.resources(steps);
   if (steps.queueLayer !== undefined && call.output === 'device') {
@@ -228,11 +271,11 @@ export async function prefillLayer<P extends Placement = 'host'>(engine: Engine,
       }
       if (r !== undefined) {
         res.countQueuedLayer(job.planRows === null ? null : r.dropped);
-        return queuedLayerResult(call, res, r) as PrefillLayerResult<P>;
+        return queuedLayerResult(call, res, r) as PrefillLayerResult<Placement>;
       }
     }
   }
-  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<P>;
+  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<Placement>;
 }
 
 /** A chunk without queries: empty outputs where they were asked for, no work. */

@@ -17,7 +17,8 @@ import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, check
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
-import { prefillLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
+import { checkLayer, runLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
+import type { SparseMlaEngine } from '../engine.js';
 import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
 
 export type ShardSplit = 'heads' | 'queries';
@@ -201,8 +202,9 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   const rest = { smScale, path, threshold, env };
   // the rest's getters ran after q, the top-k and the sink were checked: are they still that memory?
   checkViewsIntact({ q: q?.data, topk: topk?.data, sink: sink?.data });
-  const settled = await Promise.allSettled(
-    plan.shards.map(async (shard, s) => {
+  // every shard's call checked before any shard runs: a bad one (its engine, caches, q, top-k) is
+  // refused before any work, not after the shards before it started theirs
+  const calls = plan.shards.map((shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
       let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
@@ -215,7 +217,8 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!));
         shardSink = sink;
       }
-      const r = await prefillLayer(engines[s]!, {
+      const engine = engines[s]!;
+      const call = checkLayer(engine, {
         ...rest,
         compressRatio,
         plan: shard.plan,
@@ -224,8 +227,10 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
       }, { output });
-      return { ...r, queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } as ShardResult<P>;
-    }),
+      return { engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } };
+  });
+  const settled = await Promise.allSettled(
+    calls.map(async ({ engine, call, part }) => ({ ...(await runLayer(engine, call)), ...part }) as ShardResult<P>),
   );
   // every shard has settled: when one failed, the others' device outputs are freed (nobody gets
   // them) and the first failure, in shard order, is thrown

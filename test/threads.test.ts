@@ -145,9 +145,10 @@ describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own
     }
   });
 
-  test('dispose() rejects the calls still waiting for a thread with DISPOSED at once; the running ones finish', async () => {
+  test('dispose() rejects the calls still queued in the addon with DISPOSED at once; the running ones finish', async () => {
     const engine = await createEngine({ backend: 'cpu', workers: 1 });
-    const sQ = 16, hQ = 16, sKV = 2000, topk = 512;
+    // each call far longer than issuing one (its validation and staging): most are still queued at dispose()
+    const sQ = 64, hQ = 16, sKV = 2000, topk = 512;
     const args: SparsePrefillArgs = {
       q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
       kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),

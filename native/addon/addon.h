@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <cstdint>
+#include <climits>
 #include <functional>
 #include <memory>
 #include <string>
@@ -39,6 +40,10 @@ class Args {
   Args(const Napi::CallbackInfo& info, const char* op) : info_(info), op_(op) {}
 
   int32_t Int(size_t i, const char* name, int64_t lo, int64_t hi) const { return IntOf(At(i), name, lo, hi); }
+  // Argument i, or `absent` when it is undefined (an optional trailing argument).
+  int32_t OptionalInt(size_t i, const char* name, int64_t lo, int64_t hi, int32_t absent) const {
+    return At(i).IsUndefined() ? absent : IntOf(At(i), name, lo, hi);
+  }
   // A typed array of any type as bytes, read as an input (Fields::Input's rules); sets *bytes.
   const void* InputBytes(size_t i, const char* name, uint64_t* bytes);
   // `bytes` of uninitialized memory the call owns; throws (code SMLA_OUT_OF_MEMORY) when there is none.
@@ -118,9 +123,12 @@ class Args {
 // promise then rejects, code SMLA_DETACHED); commit (optional) writes, right after the promise is
 // resolved in the same callback (so before any JS sees it), and not at all when the promise cannot
 // be resolved: a worker thread being torn down (terminate(), process.exit()) writes nothing.
+// A cpu call runs each thread's rows `block` at a time and stops between blocks once its JS thread
+// is being torn down, so `block` bounds how long that teardown waits for it.
 struct RowJob {
   int64_t rows = 0;
   int threads = 1;
+  int64_t block = INT64_MAX;
   std::function<int32_t(int64_t& rows)> prepare;
   std::function<int32_t(int64_t begin, int64_t end)> run;
   std::function<std::string(Napi::Env env)> check;
@@ -132,6 +140,20 @@ struct RowJob {
 // an Error whose `status` is StatusName (e.g. "SMLA_ERR_OUT_OF_MEMORY"). A CUDA op is a RowJob of
 // one row on one thread whose run() copies, launches and synchronizes its stream.
 Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds);
+
+// Queues a cpu RowJob on the addon's own threads (never libuv's pool, which the process's file,
+// DNS, zlib and crypto work needs): one process-wide queue, taken round-robin over the JS threads
+// (envs) that have calls waiting, first come first served within each, as many calls at once as
+// fit in twice the machine's hardware threads (a call counts its `threads`; one call always runs).
+// The promise settles on its JS thread (a thread-safe function) as QueueRowJob's does. `group`
+// (an engine's id) names the call for CancelQueued. When the env is torn down, its queued calls
+// never start, its running ones stop at their next block, and the teardown returns only once no
+// thread of the addon touches the env's memory.
+Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds, int32_t group);
+
+// cpu.cancelQueued(group): rejects this JS thread's queued (not yet started) calls of `group` now,
+// with code SMLA_CANCELLED (an engine's dispose()); returns how many.
+Napi::Value CancelQueued(const Napi::CallbackInfo& info);
 
 // The JS error of a failed status (code SMLA_CUDA_ERROR or SMLA_CORE_STATUS, and `status`), and a
 // promise already settled with `status` (ops that finish on the calling thread).

@@ -1,10 +1,11 @@
 // The `cpu` backend's ops: the C core (cpp/src, built for this machine) called on row ranges from
 // worker threads. Each op is (threads, params): its binding file reads the params object into the
 // op's smla_*_params struct (exact lengths derived from the scalars, so a mismatched call is
-// refused instead of reading out of bounds); the op then queues a RowJob that calls the core on
-// copies of that struct narrowed to row ranges. Inputs are owned by the call or shared (addon.h,
-// Args); a cache written in place is written only at the end, on the JS thread (quantize's commit),
-// and not by a call whose worker thread is being torn down.
+// refused instead of reading out of bounds); the op then queues a RowJob on the addon's own threads
+// (QueueCpuJob) that calls the core on copies of that struct narrowed to row ranges, a block of
+// rows at a time. Inputs are owned by the call or shared (addon.h, Args); a cache written in place
+// is written only at the end, on the JS thread (quantize's commit), and not by a call whose worker
+// thread is being torn down. An optional third argument names the calling engine (its group).
 #include <algorithm>
 #include <climits>
 #include <cstring>
@@ -56,14 +57,28 @@ int32_t CheckIds(const int32_t* ids, int64_t n, int64_t num_tokens) {
   return SMLA_OK;
 }
 
-// Queues an op over `rows` rows on the call's threads (argument 0); run(b, e) calls the core on
-// rows [b, e) and must touch only their outputs.
-Napi::Value QueueRows(Args& a, int64_t rows, std::function<int32_t(int64_t, int64_t)> run) {
+// Rows per block (between two checks whether the call's JS thread is being torn down, addon.h):
+// about a millisecond of one core's work, at least one row.
+int64_t BlockRows(double work_per_row) {
+  constexpr double kBlockWork = 4e6;  // flop-equivalents
+  return work_per_row >= kBlockWork ? 1 : int64_t(kBlockWork / std::max(1.0, work_per_row));
+}
+
+// Queues a job on the addon's cpu threads; argument 2 (optional) is the calling engine's group.
+Napi::Value Queue(Args& a, RowJob job) {
+  const int32_t group = a.OptionalInt(2, "group", 0, INT32_MAX, 0);
+  return QueueCpuJob(a.Env(), a.Op(), std::move(job), a.TakeHolds(), group);
+}
+
+// Queues an op over `rows` rows on the call's threads (argument 0), `work_per_row` each; run(b, e)
+// calls the core on rows [b, e) and must touch only their outputs.
+Napi::Value QueueRows(Args& a, int64_t rows, double work_per_row, std::function<int32_t(int64_t, int64_t)> run) {
   RowJob job;
   job.rows = rows;
   job.threads = a.Int(0, "threads", 1, kMaxThreads);
+  job.block = BlockRows(work_per_row);
   job.run = std::move(run);
-  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+  return Queue(a, std::move(job));
 }
 
 // sparsePrefill(threads, params): split by query rows.
@@ -72,7 +87,8 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args::Fields f = a.Object(1, "params");
   smla_sparse_prefill_params p{};
   ReadSparsePrefill(f, p);
-  return QueueRows(a, p.s_q, [p](int64_t b, int64_t e) {
+  const double work = 2.0 * p.h_q * p.topk * (p.d_qk + p.d_v) + double(p.h_q) * p.d_v;
+  return QueueRows(a, p.s_q, work, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q;
     smla_sparse_prefill_params r = p;
     r.s_q = int32_t(e - b);
@@ -92,7 +108,9 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args::Fields f = a.Object(1, "params");
   smla_paged_sparse_attention_params p{};
   ReadPagedSparseAttention(f, p);
-  return QueueRows(a, p.n, [p](int64_t b, int64_t e) {
+  const double entries = double(p.topk) + p.extra_topk;
+  const double work = 2.0 * p.h_q * entries * 1024 + entries * 1024 + double(p.h_q) * 512;
+  return QueueRows(a, p.n, work, [p](int64_t b, int64_t e) {
     const int64_t h = p.h_q, d = smla::v4::kDim;
     smla_paged_sparse_attention_params r = p;
     r.n = int32_t(e - b);
@@ -136,6 +154,7 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   RowJob job;
   job.rows = n;
   job.threads = threads;
+  job.block = BlockRows(double(dim) * 8);
   job.prepare = [=](int64_t&) { return ids_ok; };
   job.run = [=](int64_t b, int64_t e) {
     std::vector<int64_t> wide(size_t(e - b));
@@ -146,7 +165,7 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     r.out = p.out + b * dim;
     return smla_dequantize_kv_cache(&r);
   };
-  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+  return Queue(a, std::move(job));
 }
 
 // quantizeKvCache(threads, params): rowsDtype 0 = float32 rows (Float32Array), 1 = bf16 rows
@@ -183,6 +202,7 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   RowJob job;
   job.rows = n;
   job.threads = threads;
+  job.block = BlockRows(double(dim) * 32);
   job.prepare = [=](int64_t& count) {
     int32_t s = CheckIds(ids, n, ps * np);
     if (s != SMLA_OK) return s;  // nothing written
@@ -235,7 +255,7 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
     for (size_t k = 0; k < kept->ids.size(); ++k)
       CopyToken(format, kept->scratch.data(), kept->geometry.page_size, int64_t(k), kept->target, ps, kept->ids[k]);
   };
-  return QueueRowJob(a.Env(), a.Op(), std::move(job), a.TakeHolds());
+  return Queue(a, std::move(job));
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
  */
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { SparseMlaError } from '../../errors.js';
+import { SparseMlaError, disposedError } from '../../errors.js';
 import type { CudaOpName, CudaOpParams, OpName, OpParams } from '../abi.js';
 import {
   ADDON_PATH_ENV,
@@ -42,10 +42,14 @@ const CPU_OPS = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKvCache', '
 export const HOW_TO_BUILD = howToBuild();
 
 /**
- * The CPU ops: each takes the thread count and the op's params object (../abi.ts: the C ABI's
- * params struct as an object, read into it by the op's binding file in native/addon/), runs the
- * core on `threads` threads split by rows, off the event loop, and resolves when the outputs (the
- * arrays passed in, exact lengths) are written. Inputs may be detached by the caller at any time:
+ * The CPU ops: each takes the thread count, the op's params object (../abi.ts: the C ABI's params
+ * struct as an object, read into it by the op's binding file in native/addon/) and optionally the
+ * calling engine's group (an int32 >= 0, default 0), runs the core on `threads` threads split by
+ * rows, on the addon's own threads (queued process-wide; neither the event loop nor libuv's pool),
+ * and resolves when the outputs (the arrays passed in, exact lengths) are written.
+ * `cancelQueued(group)` rejects this thread's calls of `group` that have not started yet, with
+ * code 'SMLA_CANCELLED', and returns how many. A Worker ended mid-call stops its running calls
+ * at their next block of rows; nothing is written after its teardown returns. Inputs may be detached by the caller at any time:
  * the addon reads a SharedArrayBuffer in place and copies anything else when the call is made
  * (native/addon/addon.h). Outputs must be fresh arrays that nobody else can reach until the call
  * settles. quantizeKvCache writes the cache only when it settles, on this thread (a cache detached
@@ -57,8 +61,8 @@ export const HOW_TO_BUILD = howToBuild();
  * addonFailure() turns all of these into typed errors.
  */
 export type NativeCpuOps = {
-  [Op in (typeof CPU_OPS)[number]]: (threads: number, params: OpParams<Op>) => Promise<void>;
-};
+  [Op in (typeof CPU_OPS)[number]]: (threads: number, params: OpParams<Op>, group?: number) => Promise<void>;
+} & { cancelQueued(group: number): number };
 
 /**
  * A device allocation of the addon (native/addon/cuda_stream.cpp DeviceBuffer): stream-ordered
@@ -259,7 +263,7 @@ function tryLoad(path: string, sources: string | null): { ok: true; addon: Nativ
     return { ok: false, why: `${path} failed to load (${(e as Error).message.split('\n')[0]})` };
   }
   if (addon?.abiVersion !== ABI_VERSION) return { ok: false, why: `${path} has ABI version ${String(addon?.abiVersion)}, not ${ABI_VERSION} (a stale build)` };
-  const missing = CPU_OPS.filter((op) => typeof addon.cpu?.[op] !== 'function');
+  const missing = [...CPU_OPS, 'cancelQueued' as const].filter((op) => typeof addon.cpu?.[op] !== 'function');
   if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, why: `${path} lacks ${missing.join(', ') || 'cuda'} (a stale build)` };
   // Same ABI and op names do not make the same contract (an op's arguments, which memory it
   // writes and when): a build that predates the sources here is not used.
@@ -342,11 +346,12 @@ export const ROWS_DTYPE_CODE = { float32: 0, bf16: 1 } as const;
 /**
  * An addon error → SparseMlaError naming the backend, the op and the status: BACKEND_FAILURE, or
  * TOO_LARGE (no memory for the call's input copies) or INVALID_VALUE (the caller detached a
- * buffer the op writes while it ran).
+ * buffer the op writes while it ran), or DISPOSED (a queued cpu call its engine's dispose() cancelled).
  */
 export function addonFailure(backend: 'cpu' | 'cuda', op: string, e: unknown): SparseMlaError {
   if (e instanceof SparseMlaError) return e;
   const x = e as { code?: string; status?: string; message?: string };
+  if (x.code === 'SMLA_CANCELLED') return disposedError();
   if (x.code === 'SMLA_OUT_OF_MEMORY') return new SparseMlaError('TOO_LARGE', `${backend} backend: ${op}: ${x.message}`, op);
   if (x.code === 'SMLA_DETACHED') return new SparseMlaError('INVALID_VALUE', `${backend} backend: ${x.message}`, op === 'quantizeKCache' ? 'cache.data' : op);
   const what =

@@ -1,7 +1,7 @@
 /**
  * The `cpu` backend: the C++ core built natively for this machine (AVX2+FMA where it has them),
  * run by the addon on its own threads split by query rows (token rows for the cache ops), never on
- * the event loop. Inputs reach the addon in shared memory: the caller's own when it is shared,
+ * the event loop nor on libuv's thread pool (native/addon/addon.h, QueueCpuJob). Inputs reach the addon in shared memory: the caller's own when it is shared,
  * else a copy in the engine's reused staging (../staging.ts), made when the call is made, so a
  * caller that detaches or transfers an array mid-call cannot pull memory from under the threads.
  * A cache is not staged whole: the addon copies the tokens a dequant reads, and a quantize writes
@@ -28,8 +28,7 @@ import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
-import { compactGeometry, defaultWorkerCount, gatherTokens } from '../wasm/wasm_backend.js';
-import { addonPoolSlots } from './pool_slots.js';
+import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { choosePagedRead, compactPagedSet, type PagedReadPlan } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
@@ -48,6 +47,23 @@ export function threadsFor(workers: number, rows: number, workPerRow: number): n
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
 const COMPACT_TOKEN_BYTES = { v4: V4_TOKEN_BYTES, v32: V32_TOKEN_BYTES } as const;
 
+/** Engine ids of this thread, naming each engine's calls in the addon (cancelQueued at dispose). */
+let nextGroup = 1;
+
+/** The addon's cpu ops with `group` passed to each as its third argument. */
+function groupOps(addon: NativeAddon, group: number): NativeAddon {
+  return {
+    ...addon,
+    cpu: {
+      sparsePrefill: (threads, params) => addon.cpu.sparsePrefill(threads, params, group),
+      pagedSparseAttention: (threads, params) => addon.cpu.pagedSparseAttention(threads, params, group),
+      dequantizeKvCache: (threads, params) => addon.cpu.dequantizeKvCache(threads, params, group),
+      quantizeKvCache: (threads, params) => addon.cpu.quantizeKvCache(threads, params, group),
+      cancelQueued: (g) => addon.cpu.cancelQueued(g),
+    },
+  };
+}
+
 export class CpuBackend implements Backend {
   readonly name = 'cpu' as const;
   readonly workers: number;
@@ -59,9 +75,12 @@ export class CpuBackend implements Backend {
   readonly layer: LayerSteps = hostLayerSteps(this);
   private readonly addon: NativeAddon;
   private readonly calls = new AddonCalls('cpu');
+  private readonly group = nextGroup++ % 0x7fffffff;
+  /** whether a call reached the addon (dispose() has queued calls to cancel only then) */
+  private called = false;
 
   constructor(addon: NativeAddon, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
-    this.addon = addon;
+    this.addon = groupOps(addon, this.group);
     this.workers = workers;
     this.memoryBudgetBytes = memoryBudgetBytes;
     this.staging = new StagingArena(memoryBudgetBytes);
@@ -85,10 +104,7 @@ export class CpuBackend implements Backend {
    * Stages the inputs and starts the addon call on them before returning to the caller (so what a
    * caller detaches afterwards is no longer read), then gives the staging back once it settled.
    * When the staging is all in use the call waits; a cache it reads in place (`cache`) detached
-   * meanwhile is then an error. When this thread's calls hold their share of libuv's pool
-   * (pool_slots.ts) the call waits for a slot: `onWait` first takes what the call would read from
-   * the caller's memory when it starts (returning true when it took the cache), so that is still
-   * read when the call is made.
+   * meanwhile is then an error. The addon queues the call on its own threads at once.
    */
   private run<T extends readonly (StageableArray | null)[]>(
     op: string,
@@ -96,23 +112,11 @@ export class CpuBackend implements Backend {
     names: readonly string[],
     start: (views: T) => Promise<void>,
     cache?: { data: Uint8Array; bytes: number },
-    onWait?: (views: T) => boolean,
   ): Promise<void> {
     const launch = async (staged: StagedInputs<T>): Promise<void> => {
+      this.called = true;
       try {
-        if (!addonPoolSlots.tryTake()) {
-          const tookCache = onWait?.(staged.views) ?? false;
-          await addonPoolSlots.take(this);
-          if (!tookCache && cache && cache.data.byteLength !== cache.bytes) {
-            addonPoolSlots.give();
-            detached('cache.data', 'while the call waited for a thread');
-          }
-        }
-        try {
-          await this.calls.run(op, () => start(staged.views));
-        } finally {
-          addonPoolSlots.give();
-        }
+        await this.calls.run(op, () => start(staged.views));
       } finally {
         staged.release();
       }
@@ -185,23 +189,12 @@ export class CpuBackend implements Backend {
     this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
     const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
-    // what the addon reads: the cache as it is, or (a call that waits for a thread, from a cache
-    // not in shared memory) a compact copy of the tokens asked for, taken when the call is made
-    let source: { cache: Uint8Array; pageSize: number; numPages: number; ids: Int32Array | null } = { cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, ids: null };
-    const gatherNow = ([ids]: readonly [Int32Array]): boolean => {
-      if (n === 0 || copyBytes(cache.data) === 0) return false;
-      const compact = gatherTokens(cache, ids, 0, n, new Uint8Array(new SharedArrayBuffer(compactGeometry(cache.format, n).bytes)));
-      source = { cache: compact.data, pageSize: compact.pageSize, numPages: compact.numPages, ids: Int32Array.from({ length: n }, (_, i) => i) };
-      return true;
-    };
     await this.run(
       'dequantizeKCachePaged',
       [tokenIds] as const,
       ['tokenIds'],
-      ([ids]) =>
-        this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: source.cache, pageSize: source.pageSize, numPages: source.numPages, tokenIds: source.ids ?? ids, numTokens: n, out }),
+      ([ids]) => this.addon.cpu.dequantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, out }),
       cache,
-      gatherNow,
     );
     return out;
   }
@@ -218,10 +211,13 @@ export class CpuBackend implements Backend {
     );
   }
 
-  /** Later calls reject with DISPOSED; resolves once the calls in flight have settled. */
+  /**
+   * Later calls reject with DISPOSED, and so do this engine's calls still queued in the addon (not
+   * started); resolves once the running ones have settled.
+   */
   async dispose(): Promise<void> {
     const settled = this.calls.dispose();
-    addonPoolSlots.cancel(this, disposedError()); // calls waiting for a thread: DISPOSED now
+    if (this.called) this.addon.cpu.cancelQueued(this.group);
     await settled;
     this.staging.close(disposedError());
   }

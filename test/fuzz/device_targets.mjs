@@ -133,6 +133,7 @@ const deviceMemory = {
     return {
       args: [t],
       mustRefuse: abuse ? `tensor ${abuse}` : undefined,
+      otherDeviceOk: method === 'copyFrom', // what it is for
       prepare: async (x) => {
         if (method === 'download' || method === 'copyFrom') {
           x[0] = await place(env, hooks, x[0], from === 'device' ? 'device' : from);
@@ -363,6 +364,7 @@ const deviceLifecycle = {
           const d = await e.upload(x);
           hooks.deviceBuffers.push(d.data);
           await e.dispose();
+          hooks.markCall(env.stub); // the call under test is the one after the dispose
           if (act === 'use-after-dispose') return await e.download(d);
           return await env.engine.download(d);
         } finally {

@@ -162,7 +162,9 @@ export async function runCase(env, seed, index, only) {
   }
 
   if (built.mustRefuse && muts.every((m) => m.neutral)) return finding('accepted-bad-device', `resolved with ${built.mustRefuse}`);
-  if (muts.some((m) => m.mustRefuse) && muts.filter((m) => !m.neutral).length === 1 && !built.mustRefuse) return finding('accepted-bad-device', `resolved with ${muts.find((m) => m.mustRefuse).desc}`);
+  // (a target whose op takes another device's buffer, copyFrom, says so: otherDeviceOk)
+  const refusable = muts.filter((m) => m.mustRefuse && !(m.mustRefuse === 'other-device' && built.otherDeviceOk));
+  if (refusable.length > 0 && muts.filter((m) => !m.neutral).length === 1 && !built.mustRefuse) return finding('accepted-bad-device', `resolved with ${refusable[0].desc}`);
   if (sentinel || dynamic) return Object.assign(res, { verdict: 'accepted' });
   const pre = (a) => snapshots.get(a) ? new a.constructor(snapshots.get(a).buffer) : a;
   let refArgs = built.args;

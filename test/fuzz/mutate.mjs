@@ -414,7 +414,7 @@ function deviceBufferChoices(b, rng, hooks) {
     () => {
       const other = hooks.deviceBuffer(b.byteLength, b.deviceIndex + 1);
       if (!other) return { value: b, desc: 'unchanged (no other device)', neutral: true };
-      return { value: other, desc: `a buffer of device ${b.deviceIndex + 1} (this engine's is ${b.deviceIndex})`, mustRefuse: true };
+      return { value: other, desc: `a buffer of device ${b.deviceIndex + 1} (this engine's is ${b.deviceIndex})`, mustRefuse: 'other-device' };
     },
     () => {
       const peer = hooks.deviceBuffer(b.byteLength, b.deviceIndex);
@@ -507,7 +507,7 @@ export function mutateArgs(root, rng, hooks, count) {
     for (const k of s.path) cur = cur?.[k];
     const m = mutateSlot({ ...s, value: cur, kind: kindOf(cur) }, rng, hooks);
     setAt(root, s.path, m.value);
-    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.mustRefuse ? { mustRefuse: true } : {}) });
+    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.mustRefuse ? { mustRefuse: m.mustRefuse } : {}) });
   }
   return muts;
 }

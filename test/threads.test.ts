@@ -9,7 +9,9 @@
  *   nested pool workers) are in flight;
  * - 50 overlapping calls of mixed ops on one engine, equal to the same calls one at a time, with
  *   memory flat over rounds and dispose() mid-round;
- * - a wasm pool worker that dies in a mixed batch of calls.
+ * - a wasm pool worker that dies in a mixed batch of calls;
+ * - cpu calls of the main thread and three Workers queued while the process reads a file (the
+ *   addon's own threads run them, not libuv's pool), and a Worker terminated in one long call.
  */
 import { spawnSync } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
@@ -86,9 +88,33 @@ describe.skipIf(process.platform !== 'linux').each(BACKENDS)('a user Worker quan
   });
 });
 
+describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('cpu calls of several threads, and Workers ended in a long call', () => {
+  // Before the addon ran cpu calls on its own threads, each call held a thread of libuv's pool (4)
+  // while it ran, and each JS thread handed it up to 2 at a time (pool_slots.ts): the read waited
+  // for 19-21 of the 24 calls (test fails on 5ead3b7).
+  test('24 long calls queued by the main thread and 3 Workers: a file read completes while all of them are still pending', () => {
+    const r = runChild<{ calls: number; settledBeforeRead: number; settledDuringRead: number; settledAtEnd: number }>([child('threads.mjs'), 'readfile', String(rng.u32())]);
+    expect(r.settledAtEnd).toBe(r.calls);
+    // each call is some 100 ms of a core's work, the read a few ms: a call or two settling meanwhile is chance
+    expect(r.settledBeforeRead + r.settledDuringRead).toBeLessThanOrEqual(3);
+  });
+
+  // Before, terminate() waited for the running call to finish (every row written, ~1.2 s): test
+  // fails on 5ead3b7.
+  test('a Worker terminated in one long call writing into shared memory: the call stops mid-way, nothing is written after terminate() returned, the process lives on', () => {
+    const r = runChild<{ rows: number; startedRows: number; rowsAtTerminate: number; changedLater: boolean; finishedFirst: boolean; healthy: boolean }>([child('threads.mjs'), 'cancel', String(rng.u32())]);
+    expect(r.finishedFirst).toBe(false);
+    expect(r.startedRows).toBeGreaterThan(0); // the call was running when the Worker was ended
+    expect(r.rowsAtTerminate).toBeLessThan(r.rows); // ...and stopped before its last row
+    expect(r.changedLater).toBe(false);
+    expect(r.healthy).toBe(true);
+  });
+});
+
 describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own libuv pool work', () => {
   // Before pool_slots.ts, every call in flight held a thread of libuv's pool (4 by default) in
-  // turn, so a readFile issued behind 32 calls waited until about 29 of them had finished.
+  // turn, so a readFile issued behind 32 calls waited until about 29 of them had finished; the
+  // addon now runs them on its own threads.
   test('a file read issued behind 32 calls waits for a few of them at most; every call gives the same bits', async () => {
     const engine = await createEngine({ backend: 'cpu', workers: 2 });
     try {
@@ -118,7 +144,7 @@ describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own
     }
   });
 
-  test('a dequant that waits for a thread still reads the cache when the call is made: overwriting it right after changes nothing', async () => {
+  test('a dequant queued behind long calls still reads the cache when the call is made: overwriting it right after changes nothing', async () => {
     const engine = await createEngine({ backend: 'cpu', workers: 1 });
     try {
       const n = 4000;
@@ -127,7 +153,7 @@ describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own
       await engine.quantizeKCache({ cache, tokenIds: all, rows: tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512)) });
       const ids = Array.from({ length: 3000 }, () => rng.int(0, n));
       const want = R.dequantizeKCacheReference(cache, ids);
-      // the slots are taken by long calls, so the dequants below wait for a thread
+      // long calls take the addon's threads, so the dequants below wait in its queue
       const sQ = 16, hQ = 16, sKV = 2000, topk = 512;
       const busy: SparsePrefillArgs = {
         q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),

@@ -3,6 +3,7 @@
 #include "addon.h"
 
 #include <algorithm>
+#include <chrono>
 #include <atomic>
 #include <climits>
 #include <condition_variable>
@@ -376,6 +377,17 @@ struct Runner {
     if (--e.running == 0) env_idle.notify_all();
   }
 
+  // Calls to start on new threads (under the mutex): none when an idle thread can take the next
+  // one (it then hands on the rest the same way).
+  std::vector<CallPtr> Dispatch() {
+    if (ring.empty()) return {};
+    if (idle > 0) {
+      work_ready.notify_one();
+      return {};
+    }
+    return TakeStartable();
+  }
+
   // A thread of its own for each call (it then takes the next ones that fit until none is left).
   void Start(std::vector<CallPtr> calls) {
     for (CallPtr& c : calls) {
@@ -391,19 +403,29 @@ struct Runner {
     }
   }
 
+  // Runs calls until none is left to take; the last thread to run out waits a while for the next
+  // (a thread's start-up is a good part of a small call's cost), the others end.
   void Work(CallPtr c) {
+    std::unique_lock<std::mutex> lock(mutex, std::defer_lock);
     while (c) {
       c->status = Execute(c->job, &c->owner->stop);
-      std::vector<CallPtr> more;
-      {
-        std::lock_guard<std::mutex> lock(mutex);
-        Finish(std::move(c));
-        c = TakeNext();
-        more = TakeStartable();
+      lock.lock();
+      Finish(std::move(c));
+      c = TakeNext();
+      if (!c && idle == 0) {
+        idle++;
+        work_ready.wait_for(lock, kLinger, [&] { return (c = TakeNext()) != nullptr; });
+        idle--;
       }
+      std::vector<CallPtr> more = c ? Dispatch() : std::vector<CallPtr>();
+      lock.unlock();
       Start(std::move(more));
     }
   }
+
+  static constexpr std::chrono::milliseconds kLinger{1000};
+  int idle = 0;  // threads waiting for a call (at most one)
+  std::condition_variable work_ready;
 };
 
 Runner& TheRunner() {
@@ -525,7 +547,7 @@ Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds
       e.in_ring = true;
       r.ring.push_back(e.queued.back()->owner);
     }
-    start = r.TakeStartable();
+    start = r.Dispatch();
   }
   if (e.unsettled++ == 0) napi_ref_threadsafe_function(env, e.wake);
   r.Start(std::move(start));

@@ -4,8 +4,12 @@
 //   node threads.mjs end <backend> <how> <seed> Workers ended mid-call (how: terminate | exit)
 //   node threads.mjs shared-cache <backend> <seed> a Worker quantizing into a cache in a SharedArrayBuffer of
 //                                                the main thread, terminated mid-call, and one left to finish
+//   node threads.mjs readfile <seed>           cpu calls in the main thread and 3 Workers, a file read behind them
+//   node threads.mjs cancel <seed>             a Worker terminated during one long addon call writing into the
+//                                                main thread's shared memory
 // Every mode prints one JSON report on stdout.
 import { readdirSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { createEngine, createKvCache, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
@@ -96,6 +100,45 @@ async function startLongCalls(backend, op, count, seed) {
 const OPS = ['sparsePrefill', 'quantizeKCache', 'dequantizeKCachePaged', 'pagedSparseAttention'];
 
 /**
+ * `readfile`: this thread's long cpu calls (inputs in shared memory: queued at once), each counted
+ * in `settled[0]` when it settles; made once `ready()` (its inputs built) has returned.
+ */
+async function longPrefills(seed, count, settled, ready = () => {}) {
+  const rng = makeRng(seed);
+  const engine = await createEngine({ backend: 'cpu', workers: 1 });
+  const shared = (x) => {
+    const s = new x.constructor(new SharedArrayBuffer(x.byteLength));
+    s.set(x);
+    return s;
+  };
+  const sQ = 128, hQ = 16, sKV = 3000, topk = 512;
+  const args = {
+    q: tensor('bf16', [sQ, hQ, 512], shared(randomBf16Bits(rng, sQ * hQ * 512))),
+    kv: tensor('bf16', [sKV, 512], shared(randomBf16Bits(rng, sKV * 512))),
+    indices: tensor('int32', [sQ, topk], shared(randomIndices(rng, sQ, topk, sKV, 0, 0, []))),
+    smScale: 0.05,
+  };
+  ready();
+  const calls = Array.from({ length: count }, () => engine.sparsePrefill(args).finally(() => Atomics.add(settled, 0, 1)));
+  return { calls, engine };
+}
+
+/**
+ * `cancel`: one sparsePrefill of many long rows straight on the addon (one thread), its outputs in
+ * the main thread's shared memory, so the main thread sees which rows were written and when.
+ */
+async function longAddonCall(seed, out, maxLogits, lse) {
+  const { loadNativeAddon } = await import('../../dist/backends/native/binding.js');
+  const rng = makeRng(seed);
+  const sQ = out.length / (64 * 512), hQ = 64, sKV = 4096, topk = 2048;
+  const call = loadNativeAddon().addon.cpu.sparsePrefill(1, {
+    q: randomBf16Bits(rng, sQ * hQ * 512), kv: randomBf16Bits(rng, sKV * 512), indices: randomIndices(rng, sQ, topk, sKV, 0, 0, []),
+    topkLength: null, attnSink: null, sQ, hQ, dQK: 512, dV: 512, sKV, topk, smScale: 0.05, out, maxLogits, lse,
+  });
+  return { call };
+}
+
+/**
  * Quantizes random rows into every token of `cache` (the main thread's shared memory), 4 calls in
  * flight, counting the calls that settle in `settled[0]` (shared memory too: a count is not lost
  * with the Worker, as a message in flight is).
@@ -115,6 +158,21 @@ async function quantizeIntoShared(backend, cache, settled, seed) {
 if (!isMainThread) {
   const { mode } = workerData;
   if (mode === 'engines') parentPort.postMessage(await engineWork(workerData.seed));
+  else if (mode === 'readfile') {
+    const { go } = workerData;
+    const { calls, engine } = await longPrefills(workerData.seed, workerData.count, workerData.settled, () => {
+      parentPort.postMessage('ready');
+      Atomics.wait(go, 0, 0); // every thread's calls start together
+    });
+    parentPort.postMessage('started');
+    await Promise.all(calls);
+    await engine.dispose();
+  } else if (mode === 'cancel') {
+    const { call } = await longAddonCall(workerData.seed, workerData.out, workerData.maxLogits, workerData.lse);
+    parentPort.postMessage('started');
+    await call;
+    parentPort.postMessage('finished');
+  }
   else if (mode === 'shared-cache') {
     const calls = await quantizeIntoShared(workerData.backend, workerData.cache, workerData.settled, workerData.seed);
     parentPort.postMessage('started');
@@ -135,7 +193,60 @@ if (!isMainThread) {
       w.once('error', reject);
       w.once('exit', (code) => reject(new Error(`the worker exited (code ${code}) before ${what}`)));
     });
-  if (mode === 'shared-cache') {
+  if (mode === 'readfile') {
+    // Every thread's calls are queued before the read: it must not wait for them (libuv's pool is
+    // not theirs).
+    const seed = Number(rest[0]) >>> 0;
+    const count = 6;
+    const settled = new Int32Array(new SharedArrayBuffer(4));
+    const go = new Int32Array(new SharedArrayBuffer(4));
+    const workers = [1, 2, 3].map((i) => spawn({ mode, seed: seed + i, count, settled, go }));
+    const exits = workers.map((w) => new Promise((r) => w.once('exit', r)));
+    await Promise.all(workers.map((w) => first(w, 'its inputs built')));
+    const started = Promise.all(workers.map((w) => first(w, 'its calls started')));
+    const { calls, engine } = await longPrefills(seed, count, settled, () => {
+      Atomics.store(go, 0, 1);
+      Atomics.notify(go, 0);
+    });
+    await started;
+    const before = Atomics.load(settled, 0);
+    await readFile(new URL(import.meta.url));
+    const during = Atomics.load(settled, 0) - before;
+    await Promise.all([...calls, ...exits]);
+    await engine.dispose();
+    process.stdout.write(`${JSON.stringify({ calls: 4 * count, settledBeforeRead: before, settledDuringRead: during, settledAtEnd: Atomics.load(settled, 0) })}\n`);
+  } else if (mode === 'cancel') {
+    // The Worker's one call writes query rows in order: a row still all zero was not computed.
+    const seed = Number(rest[0]) >>> 0;
+    const sQ = 256, hQ = 64; // about 2 s of one core's work
+    const out = new Uint16Array(new SharedArrayBuffer(sQ * hQ * 512 * 2));
+    const shared32 = () => new Float32Array(new SharedArrayBuffer(sQ * hQ * 4));
+    const rowsWritten = () => {
+      let n = 0;
+      for (let r = 0; r < sQ; r++) if (out.subarray(r * hQ * 512, (r + 1) * hQ * 512).some((b) => b !== 0)) n++;
+      return n;
+    };
+    const w = spawn({ mode, seed, out, maxLogits: shared32(), lse: shared32() });
+    let finished = false;
+    w.on('message', (m) => (finished ||= m === 'finished'));
+    await first(w, 'its call started');
+    // terminated once the call is surely running (a row is out)
+    const t0 = Date.now();
+    while (rowsWritten() === 0 && Date.now() - t0 < 20_000) await new Promise((r) => setTimeout(r, 5));
+    const startedRows = rowsWritten();
+    const t1 = performance.now();
+    await w.terminate();
+    const terminateMs = performance.now() - t1;
+    const atTerminate = Buffer.from(out.buffer).toString('base64');
+    const rowsAtTerminate = rowsWritten();
+    await new Promise((r) => setTimeout(r, 300));
+    const changedLater = Buffer.from(out.buffer).toString('base64') !== atTerminate;
+    const engine = await createEngine({ backend: 'cpu', workers: 2 });
+    const { prefill } = opInputs(seed + 1);
+    const healthy = withinBounds(await engine.sparsePrefill(prefill), R.sparsePrefillReference(prefill), 8);
+    await engine.dispose();
+    process.stdout.write(`${JSON.stringify({ rows: sQ, startedRows, rowsAtTerminate, changedLater, finishedFirst: finished, terminateMs: Math.round(terminateMs), healthy })}\n`);
+  } else if (mode === 'shared-cache') {
     // The cache lives in the main thread's shared memory; each Worker gets a view of it.
     const [backend, seedArg] = rest;
     const seed = Number(seedArg) >>> 0;

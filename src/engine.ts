@@ -149,6 +149,11 @@ export class SparseMlaEngine implements Engine {
     return this.impl.device?.deviceIndex;
   }
 
+  /** @internal whether `buffer` is a device buffer this engine's backend made on its device (prefillLayer's checks) */
+  ownsDeviceBuffer(buffer: DeviceBuffer): boolean {
+    return this.impl.device?.owns(buffer) ?? false;
+  }
+
   async copyFrom<D extends DType>(t: DeviceTensor<D>): Promise<DeviceTensor<D>> {
     this.alive();
     const dev = this.deviceOps('copyFrom');

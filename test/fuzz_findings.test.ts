@@ -401,6 +401,21 @@ describe('cuda layer calls: device operands checked before any work', () => {
     expect(dev.faults).toEqual([]);
   });
 
+  test("a branded device buffer the engine did not make (a plain copy of one) is INVALID_VALUE naming it before any op (was refused at its op's launch, after the plan's uploads)", async () => {
+    const dev = standInDevice();
+    const { engine } = dev.engine(0);
+    for (const argument of ['q', 'attnSink', 'caches.swa'] as const) {
+      const { plan, layer } = await deviceLayer(engine);
+      const copy = <T extends { data: object }>(t: T): T => ({ ...t, data: { ...t.data } });
+      const changed = argument === 'caches.swa' ? { caches: { swa: copy(layer.caches.swa) } } : { [argument]: copy(layer[argument]) };
+      dev.ops.length = 0;
+      await expectTyped(() => prefillLayer(engine, { ...layer, ...changed }, { output: 'device' }), 'INVALID_VALUE', argument);
+      expect(dev.ops, `${argument}: ops reached before the refusal`).toEqual([]);
+      plan.release();
+    }
+    expect(dev.faults).toEqual([]);
+  });
+
   test("prefillLayerSharded checks every shard's call before any shard runs (a bad cache or engine of shard 1 was refused after shard 0 had started its work)", async () => {
     const dev = standInDevice();
     const engines = [dev.engine(0).engine, dev.engine(1).engine];

@@ -151,6 +151,8 @@ export interface PlacedAttentionOutput {
 export interface DeviceOps {
   /** the CUDA device the engine runs on */
   readonly deviceIndex: number;
+  /** whether `buffer` is one this backend made, on its device (a layer's checks refuse any other before any work) */
+  owns(buffer: DeviceBuffer): boolean;
   /** an uninitialized device buffer of `bytes` bytes */
   alloc(bytes: number): DeviceBuffer;
   /** a new buffer on this device holding a copy of another engine's buffer (any device) */

@@ -116,13 +116,12 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
   if (hasDevice) {
-    // device operands on the engine's device, before any work (the ops' own check comes at their launch, after the plan's uploads)
-    const dev = engine.device!;
-    onEngineDevice(q.data, 'q', dev);
-    onEngineDevice(attnSink?.data, 'attnSink', dev);
-    onEngineDevice(caches.swa.data, 'caches.swa', dev);
-    onEngineDevice(caches.compressed?.data, ratio === 4 ? 'caches.c4' : 'caches.c128', dev);
-    onEngineDevice(topk?.data, 'topkIndices', dev);
+    // device operands the engine's own, on its device, before any work (the ops' own check comes at their launch, after the plan's uploads)
+    onEngineDevice(engine, q.data, 'q');
+    onEngineDevice(engine, attnSink?.data, 'attnSink');
+    onEngineDevice(engine, caches.swa.data, 'caches.swa');
+    onEngineDevice(engine, caches.compressed?.data, ratio === 4 ? 'caches.c4' : 'caches.c128');
+    onEngineDevice(engine, topk?.data, 'topkIndices');
   }
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
@@ -186,11 +185,10 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     topk = plan.deviceTopk(topkIndices);
     if (topk === undefined) return undefined;
   }
-  // every operand on the engine's device (else prepareLayer names the one that is not)
-  const dev = engine.device;
-  // (deviceCaches and deviceTopk gave live device buffers)
-  if ((qData as DeviceBuffer).deviceIndex !== dev || (attnSink !== undefined && attnSink.data.deviceIndex !== dev) || (caches.swa.data as DeviceBuffer).deviceIndex !== dev) return undefined;
-  if ((caches.compressed !== undefined && (caches.compressed.data as DeviceBuffer).deviceIndex !== dev) || (topk !== undefined && (topk.data as DeviceBuffer).deviceIndex !== dev)) return undefined;
+  // every operand the engine's own buffer on its device (else prepareLayer names the one that is not);
+  // deviceCaches and deviceTopk gave live device buffers
+  if (!engine.ownsDeviceBuffer(qData as DeviceBuffer) || (attnSink !== undefined && !engine.ownsDeviceBuffer(attnSink.data)) || !engine.ownsDeviceBuffer(caches.swa.data as DeviceBuffer)) return undefined;
+  if ((caches.compressed !== undefined && !engine.ownsDeviceBuffer(caches.compressed.data as DeviceBuffer)) || (topk !== undefined && !engine.ownsDeviceBuffer(topk.data as DeviceBuffer))) return undefined;
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
   return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true };
 }
@@ -217,12 +215,14 @@ function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never
 function pagedCaches(given: PlanCaches, ratio: CompressRatio): LayerCall['layerCaches'] {
   return ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
 }
-/** A device operand of a cuda engine's layer lies on the engine's device (host data: nothing to check). */
-function onEngineDevice(data: unknown, argument: string, device: number): void {
-  if (isDeviceBuffer(data) && data.deviceIndex !== device) otherDevice(data, argument, device);
+/** A device operand of a cuda engine's layer is a buffer of the engine's backend on its device (host data: nothing to check). */
+function onEngineDevice(engine: SparseMlaEngine, data: unknown, argument: string): void {
+  if (isDeviceBuffer(data) && !engine.ownsDeviceBuffer(data)) notOwned(engine, data, argument);
 }
-function otherDevice(data: DeviceBuffer, argument: string, device: number): never {
-  fail('INVALID_VALUE', argument, `a tensor on this engine's CUDA device ${device}`, `one on device ${typeof data.deviceIndex === 'number' ? data.deviceIndex : describe(data.deviceIndex)} (engine.copyFrom moves it)`);
+function notOwned(engine: SparseMlaEngine, data: DeviceBuffer, argument: string): never {
+  const device = engine.device!, other = data.deviceIndex;
+  if (other !== device) fail('INVALID_VALUE', argument, `a tensor on this engine's CUDA device ${device}`, `one on device ${typeof other === 'number' ? other : describe(other)} (engine.copyFrom moves it)`);
+  fail('INVALID_VALUE', argument, "a device buffer of this engine's backend (from upload, uploadKvCache or an op's device output)", 'a device buffer from another backend or process');
 }
 function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
   fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));

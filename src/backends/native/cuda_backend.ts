@@ -437,6 +437,10 @@ export class CudaBackend implements Backend, DeviceOps {
     checkCallMemory(op, argument, [{ what: 'copies of the host inputs', bytes: copies }, { what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 }], this.memoryBudgetBytes);
   }
 
+  owns(buffer: DeviceBuffer): boolean {
+    return CudaDeviceBuffer.made(buffer) && buffer.deviceIndex === this.deviceIndex;
+  }
+
   alloc(bytes: number): DeviceBuffer {
     this.calls.assertAlive();
     try {

@@ -129,7 +129,6 @@ const deviceMemory = {
     const t = method === 'uploadKvCache' ? randomV4Cache(rng, hooks, rng.pick([1, 2, 16]), rng.int(0, 3)) : randomHostTensor(rng, hooks);
     const from = method === 'copyFrom' ? rng.pick(['device', 'peer', ...(env.deviceCount > 1 ? ['other-device'] : [])]) : 'device';
     const abuse = method !== 'upload' && method !== 'uploadKvCache' && method !== 'synchronize' && rng.uniform() < 0.2 ? rng.pick(['freed', 'resized']) : null;
-    const source = t; // the bytes every result must hold
     return {
       args: [t],
       mustRefuse: abuse ? `tensor ${abuse}` : undefined,
@@ -148,8 +147,9 @@ const deviceMemory = {
         }
         return env.engine[method](...x);
       },
-      judge: (got, { neutral }) => {
+      judge: (got, { neutral, refArgs }) => {
         if (!neutral) return null;
+        const source = refArgs[0]; // the host twin's tensor or cache (the rebuild): the bytes every result must hold
         // got: the result downloaded (fuzz.mjs hostify) when it is a device tensor
         const want = method === 'uploadKvCache' ? source.data : new Uint8Array(source.data.buffer, source.data.byteOffset, source.data.byteLength);
         const data = method === 'uploadKvCache' ? null : got?.data;

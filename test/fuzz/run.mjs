@@ -13,7 +13,10 @@
  * judged against the reference as the host backends' are; where it does not (or with --stub-cuda),
  * the same cases over a stub of the addon's cuda op table (stub_cuda.mjs: values unknown, so
  * shapes, typed refusals before any op, the params the addon would check, and device leaks are
- * judged). Which one ran, and why, is in the report (`cuda` in --json).
+ * judged). Which one ran, and why, is in the report (`cuda` in --json). On the H200 through the
+ * device tool (bench/device/README.md): `bash bench/device/ship.sh fuzz=HEAD` here (the CUDA addon and
+ * dist of a commit), then run with carry [".gpu", "node_modules/comlink", ".cudabuild/ship.tar.xz"]:
+ *   export PATH=$(bash .gpu/unpack-node.sh .gpu):$PATH; (cd .cudabuild && tar xJf ship.tar.xz) && rm -rf dist && cp -r .cudabuild/dist_fuzz dist && SPARSE_MLA_NATIVE_ADDON=$PWD/.cudabuild/addon_fuzz.node node test/fuzz/run.mjs --backends cuda --seconds 120 --seed 1 --json > $OUT/fuzz_cuda.json
  *
  * Each backend runs in a child process that records the case it is on before running it, so a
  * case that kills the process (abort, segfault, OOM) or hangs is a finding with its reproducer and

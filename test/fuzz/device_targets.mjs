@@ -34,9 +34,10 @@ const BYTES = { bf16: 2, float32: 4, int32: 4, int64: 8, uint8: 1 };
  * 'device' (this engine), 'peer' (another engine of the same device), or one abuse for at most one
  * operand: 'freed', 'resized', 'other-device'.
  */
-function placements(rng, env, names) {
+function placements(rng, env, names, allDevice = 0) {
   const where = {};
-  for (const n of names) where[n] = rng.uniform() < 0.7 ? 'device' : rng.uniform() < 0.7 ? 'host' : 'peer';
+  const every = rng.uniform() < allDevice; // all on this engine's device (a device layer loop's call)
+  for (const n of names) where[n] = every || rng.uniform() < 0.7 ? 'device' : rng.uniform() < 0.7 ? 'host' : 'peer';
   let abuse = null;
   if (names.length > 0 && rng.uniform() < 0.25) {
     const n = rng.pick(names);
@@ -191,11 +192,11 @@ const devicePrefillLayer = {
     hooks.plans.push(layer.plan);
     if (layer.topkIndices && layer.topkIndices.shape.length === 3) layer.topkIndices = tensor('int32', [layer.topkIndices.shape[0], layer.topkIndices.shape[2]], layer.topkIndices.data);
     const fields = ['q', 'topkIndices', 'attnSink'].filter((k) => layer[k] !== undefined);
-    const { where, abuse } = placements(rng, env, [...fields, 'caches']);
+    const { where, abuse } = placements(rng, env, [...fields, 'caches'], 0.6);
     const cacheHow = where.caches;
     delete where.caches;
     const option = rng.uniform() < 0.75 ? { output: 'device' } : rng.uniform() < 0.5 ? { output: 'host' } : undefined;
-    const warm = rng.int(0, 3);
+    const warm = rng.pick([0, 1, 1, 2]);
     const args = option ? [env.engine, layer, option] : [env.engine, layer];
     return {
       args,
@@ -339,7 +340,30 @@ const deviceLifecycle = {
   engine: true,
   build(rng, env, hooks) {
     const t = randomHostTensor(rng, hooks);
-    const act = rng.pick(['dispose-mid-upload', 'use-after-dispose', 'tensor-outlives-engine', 'free-mid-download']);
+    const act = rng.pick(['dispose-mid-upload', 'use-after-dispose', 'tensor-outlives-engine', 'free-mid-download', 'views']);
+    if (act === 'views') {
+      // an op's device outputs are views of one allocation: freeing one leaves the others readable,
+      // and the allocation goes back once all are freed (the stub's leak check)
+      const op = sparsePrefillTarget.build(rng, env, hooks);
+      const keep = rng.pick(['out', 'lse', 'maxLogits']);
+      return {
+        args: [op.args[0]],
+        mayRefuse: true,
+        call: async ([x]) => {
+          const r = await env.engine.sparsePrefill(x, { output: 'device' });
+          for (const k of ['out', 'lse', 'maxLogits']) if (k !== keep) r[k].data.free();
+          const kept = await env.engine.download(r[keep]);
+          r[keep].data.free();
+          return kept;
+        },
+        judge: (got, { neutral, refArgs }) => {
+          if (!neutral) return null;
+          const { q, dV = 512 } = refArgs[0];
+          const shape = keep === 'out' ? [q.shape[0], q.shape[1], dV] : [q.shape[0], q.shape[1]];
+          return JSON.stringify(got?.shape) === JSON.stringify(shape) && got.data.length === shape.reduce((a, b) => a * b, 1) ? null : `${keep} read back as ${JSON.stringify(got?.shape)}, expected ${JSON.stringify(shape)}`;
+        },
+      };
+    }
     return {
       args: [t],
       mayRefuse: act === 'use-after-dispose' || act === 'dispose-mid-upload' || act === 'free-mid-download',

@@ -263,7 +263,7 @@ function tryLoad(path: string, sources: string | null): { ok: true; addon: Nativ
     return { ok: false, why: `${path} failed to load (${(e as Error).message.split('\n')[0]})` };
   }
   if (addon?.abiVersion !== ABI_VERSION) return { ok: false, why: `${path} has ABI version ${String(addon?.abiVersion)}, not ${ABI_VERSION} (a stale build)` };
-  const missing = [...CPU_OPS, 'cancelQueued' as const].filter((op) => typeof addon.cpu?.[op] !== 'function');
+  const missing = CPU_OPS.filter((op) => typeof addon.cpu?.[op] !== 'function');
   if (missing.length > 0 || typeof addon.cuda?.built !== 'boolean') return { ok: false, why: `${path} lacks ${missing.join(', ') || 'cuda'} (a stale build)` };
   // Same ABI and op names do not make the same contract (an op's arguments, which memory it
   // writes and when): a build that predates the sources here is not used.

@@ -369,7 +369,7 @@ const routePrefillTarget = {
       args: [numQueries, options],
       call: (x) => routePrefill(...x),
       judge: (d, { refArgs }) => {
-        const [nq, o] = refArgs;
+        const [nq, o = {}] = refArgs; // options may be left out
         const env = (o.env?.SPARSE_MLA_PREFILL ?? '').trim().toLowerCase();
         const threshold = o.threshold ?? (o.backend ? { cuda: { 0: 512, 4: 0, 128: 256 }, cpu: null, wasm: null }[o.backend] : null);
         let want;

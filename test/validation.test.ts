@@ -7,6 +7,7 @@ import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
 import { SparseMlaError, bf16ToFloat32, createEngine, createKvCache, kvCacheBytes, numel, routePrefill, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, KvCache, PagedSparseAttentionArgs, QuantizeKCacheArgs, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
+import { pagedReadForTests } from '../dist/backends/paged_gather.js';
 import type { Backend } from '../dist/backends/backend.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 
@@ -225,15 +226,23 @@ describe('pagedSparseAttention refuses bad input', () => {
     mutate(a);
     await expectRefused(() => engine.pagedSparseAttention(a as unknown as PagedSparseAttentionArgs), code, argument);
   });
-  test('caches beyond the 4 GiB WASM heap are TOO_LARGE before any copy', async () => {
+  test('caches beyond the 4 GiB WASM heap are TOO_LARGE before any copy, unless the call reads a compact cache of its tokens', async () => {
     const pageBytes = kvCacheBytes('v4', { pageSize: 64, numPages: 1 });
     const numPages = Math.floor((2 ** 32 - 1) / pageBytes);
     const kCache: KvCache = { format: 'v4', pageSize: 64, numPages, data: new Uint8Array(numPages * pageBytes) };
-    // The heap limit is the backend's own (checked inside it, before it copies anything).
-    const err = await engine.pagedSparseAttention({ q: tensor('bf16', [1, 1, 512]), kCache, indices: tensor('int32', [1, 1]), smScale: 1 }).catch((e: unknown) => e);
+    const args: PagedSparseAttentionArgs = { q: tensor('bf16', [1, 1, 512]), kCache, indices: tensor('int32', [1, 1], Int32Array.of(numPages * 64 - 1)), smScale: 1 };
+    // Handed whole, the cache cannot fit a worker: the heap limit is the backend's own (checked
+    // inside it, before it copies anything).
+    pagedReadForTests.force = 'whole';
+    const err = await engine.pagedSparseAttention(args).catch((e: unknown) => e);
+    pagedReadForTests.force = null;
     expect(err).toBeInstanceOf(SparseMlaError);
     expect((err as SparseMlaError).code).toBe('TOO_LARGE');
     expect((err as SparseMlaError).message).toMatch(/^kCache: .*WASM heap/);
+    // By the estimate the call reads its one token (the cache's last) through a compact cache; zero
+    // q and rows make one logit of 0: lse = maxLogits = 0, out the zero row (SPEC §4).
+    const got = await engine.pagedSparseAttention(args);
+    expect([got.lse.data[0], got.maxLogits.data[0], got.out.data.every((b) => b === 0)]).toEqual([0, 0, true]);
     expect(process.memoryUsage().rss).toBeLessThan(2 ** 31);
   });
 });

@@ -86,13 +86,14 @@ export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity
 }
 
 /*
- * The choice between the whole cache and a compact one, in estimated main-thread nanoseconds on a
- * current x86 core (bench/results/paged-gather-costs-*.txt): copying a byte in bulk, planning and
- * remapping one index entry, starting one run of the gather (a scattered token is a cache miss).
+ * The choice between the whole cache and a compact one, in estimated main-thread nanoseconds of an
+ * unloaded x86 core (bench/paged_gather_costs.mjs; bench/RESULTS.md, "The paged op over compact
+ * caches"): copying a byte in bulk, planning and remapping one index entry, gathering one run (a
+ * scattered token is a cache miss: one costs about as much as copying 2–6 KB in bulk).
  */
 const COPY_NS_PER_BYTE = 0.12;
-const ENTRY_NS = 8;
-const RUN_NS = 200;
+const ENTRY_NS = 10;
+const RUN_NS = 500;
 
 /**
  * For tests: `force` overrides the estimate (whole: never compact; compact: always), and

@@ -416,6 +416,23 @@ describe('cuda layer calls: device operands checked before any work', () => {
     expect(dev.faults).toEqual([]);
   });
 
+  test('an args object whose q or attnSink getter answers null the second time: the layer reads each once (the device fast path read them twice: TypeError)', async () => {
+    const dev = standInDevice();
+    const { engine } = dev.engine(0);
+    for (const field of ['q', 'attnSink'] as const) {
+      const { plan, layer } = await deviceLayer(engine);
+      const args = { ...layer };
+      let reads = 0;
+      Object.defineProperty(args, field, { enumerable: true, get: () => (reads++ === 0 ? layer[field] : null) });
+      const r = await prefillLayer(engine, args, { output: 'device' });
+      expect(reads, field).toBe(1);
+      expect(r.out.data.device, field).toBe('cuda');
+      for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+      plan.release();
+    }
+    expect(dev.faults).toEqual([]);
+  });
+
   test("prefillLayerSharded checks every shard's call before any shard runs (a bad cache or engine of shard 1 was refused after shard 0 had started its work)", async () => {
     const dev = standInDevice();
     const engines = [dev.engine(0).engine, dev.engine(1).engine];

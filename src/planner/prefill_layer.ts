@@ -154,9 +154,11 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512]. Integers are checked as int32
   // ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
   // such a q) only falls back to prepareLayer.
-  const qs = deviceTensorShape(args.q, 'bf16');
+  // each argument read once (a getter that answers differently the second time changes nothing)
+  const qArg: unknown = args.q;
+  const qs = deviceTensorShape(qArg, 'bf16');
   if (qs === undefined) return undefined;
-  const qData = (args.q as { data: unknown }).data, nq = plan.numQueries;
+  const qData = (qArg as { data: unknown }).data, nq = plan.numQueries;
   const hQ = qs[1];
   if (qs.length !== 3 || qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !isLiveDeviceBuffer(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
   // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
@@ -164,10 +166,11 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
   // a live device float32 [hQ]
   let attnSink: DeviceTensor<'float32'> | undefined;
-  if (args.attnSink !== undefined) {
-    const ss = deviceTensorShape(args.attnSink, 'float32');
+  const sinkArg: unknown = args.attnSink;
+  if (sinkArg !== undefined) {
+    const ss = deviceTensorShape(sinkArg, 'float32');
     if (ss === undefined) return undefined;
-    const sData = (args.attnSink as { data: unknown }).data;
+    const sData = (sinkArg as { data: unknown }).data;
     if (ss.length !== 1 || ss[0] !== hQ || !isLiveDeviceBuffer(sData, hQ * 4)) return undefined;
     attnSink = { dtype: 'float32', shape: [hQ], data: sData };
   }

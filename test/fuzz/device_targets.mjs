@@ -18,6 +18,7 @@ import { isDeviceBuffer } from '../../dist/tensor.js';
 import {
   D,
   DTYPES,
+  gatherShards as gather,
   judgeLayer,
   layerScenario,
   randomHostTensor,
@@ -314,20 +315,6 @@ function evenRanges(total, parts) {
     start += size;
   }
   return out;
-}
-
-/** Shards' host outputs (downloaded) put together as one chunk's: rows by query range, heads within rows. */
-function gather(shards, nq, hQ) {
-  const out = new Uint16Array(nq * hQ * D), lse = new Float32Array(nq * hQ), maxLogits = new Float32Array(nq * hQ);
-  for (const r of shards) {
-    for (let i = 0; i < r.numQueries; i++) {
-      const row = (r.queryOffset + i) * hQ + r.headOffset;
-      out.set(r.out.data.subarray(i * r.heads * D, (i + 1) * r.heads * D), row * D);
-      lse.set(r.lse.data.subarray(i * r.heads, (i + 1) * r.heads), row);
-      maxLogits.set(r.maxLogits.data.subarray(i * r.heads, (i + 1) * r.heads), row);
-    }
-  }
-  return { out: tensor('bf16', [nq, hQ, D], out), lse: tensor('float32', [nq, hQ], lse), maxLogits: tensor('float32', [nq, hQ], maxLogits), dropped: shards.reduce((t, r) => t + r.dropped, 0) / (shards.length > 1 && shards.every((r) => r.queryOffset === 0) ? shards.length : 1) };
 }
 
 /**

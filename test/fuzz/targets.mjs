@@ -500,6 +500,20 @@ const createShardedPlanTarget = {
   },
 };
 
+/** Shards' host outputs (downloaded) put together as one chunk's: rows by query range, heads within rows. */
+function gatherShards(shards, nq, hQ) {
+  const out = new Uint16Array(nq * hQ * D), lse = new Float32Array(nq * hQ), maxLogits = new Float32Array(nq * hQ);
+  for (const r of shards) {
+    for (let i = 0; i < r.numQueries; i++) {
+      const row = (r.queryOffset + i) * hQ + r.headOffset;
+      out.set(r.out.data.subarray(i * r.heads * D, (i + 1) * r.heads * D), row * D);
+      lse.set(r.lse.data.subarray(i * r.heads, (i + 1) * r.heads), row);
+      maxLogits.set(r.maxLogits.data.subarray(i * r.heads, (i + 1) * r.heads), row);
+    }
+  }
+  return { out: tensor('bf16', [nq, hQ, D], out), lse: tensor('float32', [nq, hQ], lse), maxLogits: tensor('float32', [nq, hQ], maxLogits), dropped: shards.reduce((t, r) => t + r.dropped, 0) / (shards.length > 1 && shards.every((r) => r.queryOffset === 0) ? shards.length : 1) };
+}
+
 const prefillLayerShardedTarget = {
   name: 'prefillLayerSharded',
   engine: true,
@@ -515,7 +529,8 @@ const prefillLayerShardedTarget = {
     return {
       args,
       call: (x) => prefillLayerSharded(...x),
-      judge: (got, { refArgs, stub }) => judgeLayer(got, sc, refArgs[1], stub),
+      // { output: 'device' } (a mutation, on a cuda engine): the shards' outputs, read back, put together here
+      judge: (got, { refArgs, stub }) => judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, refArgs[1], stub),
     };
   },
 };
@@ -780,4 +795,4 @@ export const TARGETS = [
 ];
 
 /** What the device targets (device_targets.mjs) build on. */
-export { D, DTYPES, judgeAttention, judgeLayer, layerScenario, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };
+export { D, DTYPES, gatherShards, judgeAttention, judgeLayer, layerScenario, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };

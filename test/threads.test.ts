@@ -11,7 +11,8 @@
  *   memory flat over rounds and dispose() mid-round;
  * - a wasm pool worker that dies in a mixed batch of calls;
  * - cpu calls of the main thread and three Workers queued while the process reads a file (the
- *   addon's own threads run them, not libuv's pool), and a Worker terminated in one long call.
+ *   addon's own threads run them, not libuv's pool), and a Worker terminated in one long call;
+ * - the addon loaded by Workers only, each ended while an addon thread still lingers in its code.
  */
 import { spawnSync } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
@@ -108,6 +109,16 @@ describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('cpu calls 
     expect(r.rowsAtTerminate).toBeLessThan(r.rows); // ...and stopped before its last row
     expect(r.changedLater).toBe(false);
     expect(r.healthy).toBe(true);
+  });
+});
+
+describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('the addon loaded by Workers only', () => {
+  // Node unloads an addon with the last env that loaded it; the addon thread that ran a Worker's
+  // calls lingers 1 s in its code after that. Without the library pinned (KeepLoaded,
+  // RTLD_NODELETE) this child dies with SIGSEGV when the linger ends (3 of 3 runs).
+  test('each Worker ended after its calls (exit, terminate, left to finish, exit in a call\'s then): the process lives past the linger', () => {
+    const r = runChild<{ codes: number[] }>([child('threads.mjs'), 'unload']);
+    expect(r.codes).toEqual([5, 1, 0, 6]);
   });
 });
 

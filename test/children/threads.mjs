@@ -7,6 +7,8 @@
 //   node threads.mjs readfile <seed>           cpu calls in the main thread and 3 Workers, a file read behind them
 //   node threads.mjs cancel <seed>             a Worker terminated during one long addon call writing into the
 //                                                main thread's shared memory
+//   node threads.mjs unload                    the addon loaded by Workers only, each ended right after its calls
+//                                                (while an addon thread lingers), the process waiting past the linger
 // Every mode prints one JSON report on stdout.
 import { readdirSync } from 'node:fs';
 import { readFile } from 'node:fs/promises';
@@ -173,6 +175,21 @@ if (!isMainThread) {
     await call;
     parentPort.postMessage('finished');
   }
+  else if (mode === 'unload') {
+    // a few small calls, then this Worker ends as told while the addon thread that ran them lingers
+    const engine = await createEngine({ backend: 'cpu', workers: 1 });
+    const cache = createKvCache('v4', { pageSize: 16, numPages: 4 });
+    const tokenIds = Array.from({ length: 64 }, (_, i) => i);
+    await Promise.all([1, 2, 3].map(() => engine.dequantizeKCachePaged({ cache, tokenIds })));
+    if (workerData.how === 'exit') process.exit(5);
+    if (workerData.how === 'exit-in-then') {
+      engine.dequantizeKCachePaged({ cache, tokenIds }).then(() => process.exit(6));
+      engine.dequantizeKCachePaged({ cache, tokenIds });
+    } else {
+      if (workerData.how === 'terminate') setInterval(() => {}, 1000); // alive until terminated
+      parentPort.postMessage('done');
+    }
+  }
   else if (mode === 'shared-cache') {
     const calls = await quantizeIntoShared(workerData.backend, workerData.cache, workerData.settled, workerData.seed);
     parentPort.postMessage('started');
@@ -246,6 +263,21 @@ if (!isMainThread) {
     const healthy = withinBounds(await engine.sparsePrefill(prefill), R.sparsePrefillReference(prefill), 8);
     await engine.dispose();
     process.stdout.write(`${JSON.stringify({ rows: sQ, startedRows, rowsAtTerminate, changedLater, finishedFirst: finished, terminateMs: Math.round(terminateMs), healthy })}\n`);
+  } else if (mode === 'unload') {
+    // This thread never loads the addon: when the last Worker that did ends, Node unloads it, while
+    // the addon thread that ran the Worker's calls still lingers (1 s) in its code.
+    const codes = [];
+    for (const how of ['exit', 'terminate', 'finish', 'exit-in-then']) {
+      const w = spawn({ mode, how });
+      const exited = new Promise((r) => w.once('exit', r));
+      if (how === 'terminate') {
+        await first(w, 'its calls settled');
+        await w.terminate();
+      }
+      codes.push(await exited);
+      await new Promise((r) => setTimeout(r, 1500)); // past the linger
+    }
+    process.stdout.write(`${JSON.stringify({ codes })}\n`);
   } else if (mode === 'shared-cache') {
     // The cache lives in the main thread's shared memory; each Worker gets a view of it.
     const [backend, seedArg] = rest;

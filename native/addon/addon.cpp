@@ -377,13 +377,14 @@ struct Runner {
     if (--e.running == 0) env_idle.notify_all();
   }
 
-  // Calls to start on new threads (under the mutex): none when an idle thread can take the next
-  // one (it then hands on the rest the same way).
+  // Takes every call that may start now (under the mutex): the first for the idle thread, if one
+  // waits, the others to start on new threads (returned). None is left queued while it fits, so
+  // cancelQueued (dispose) never drops a call that a free thread was only about to take.
   std::vector<CallPtr> Dispatch() {
     if (ring.empty()) return {};
-    if (idle > 0) {
-      work_ready.notify_one();
-      return {};
+    if (idle > 0 && !handoff) {
+      handoff = TakeNext();
+      if (handoff) work_ready.notify_one();
     }
     return TakeStartable();
   }
@@ -414,7 +415,10 @@ struct Runner {
       c = TakeNext();
       if (!c && idle == 0) {
         idle++;
-        work_ready.wait_for(lock, kLinger, [&] { return (c = TakeNext()) != nullptr; });
+        work_ready.wait_for(lock, kLinger, [&] {
+          c = handoff ? std::move(handoff) : TakeNext();
+          return c != nullptr;
+        });
         idle--;
       }
       std::vector<CallPtr> more = c ? Dispatch() : std::vector<CallPtr>();
@@ -425,6 +429,7 @@ struct Runner {
 
   static constexpr std::chrono::milliseconds kLinger{1000};
   int idle = 0;  // threads waiting for a call (at most one)
+  CallPtr handoff;  // a call already taken (counted as running) for the idle thread
   std::condition_variable work_ready;
 };
 

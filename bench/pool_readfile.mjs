@@ -6,27 +6,15 @@
 //   node bench/pool_readfile.mjs [calls=40] [sQ=32] [workers=0]
 import { readFile } from 'node:fs/promises';
 import { pathToFileURL } from 'node:url';
+import { sharedPrefillArgs } from './shared_prefill_args.mjs';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 
 const dist = process.env.SPARSE_MLA_DIST ? pathToFileURL(`${process.env.SPARSE_MLA_DIST}/`).href : new URL('../dist/', import.meta.url).href;
-const { createEngine, tensor } = await import(`${dist}index.js`);
-const { makeRng, randomBf16Bits, randomIndices } = await import(`${dist}check/grid.js`);
+const { createEngine } = await import(`${dist}index.js`);
 const [count = 40, sQ = 32, workers = 0] = isMainThread ? process.argv.slice(2).map(Number) : [workerData.count, workerData.sQ, 0];
 const settled = isMainThread ? new Int32Array(new SharedArrayBuffer(4)) : workerData.settled;
 const engine = await createEngine({ backend: 'cpu', workers: 2 });
-const rng = makeRng(1);
-const hQ = 16, sKV = 3000, topk = 512;
-const shared = (x) => {
-  const s = new x.constructor(new SharedArrayBuffer(x.byteLength));
-  s.set(x);
-  return s;
-};
-const args = {
-  q: tensor('bf16', [sQ, hQ, 512], shared(randomBf16Bits(rng, sQ * hQ * 512))),
-  kv: tensor('bf16', [sKV, 512], shared(randomBf16Bits(rng, sKV * 512))),
-  indices: tensor('int32', [sQ, topk], shared(randomIndices(rng, sQ, topk, sKV, 0, 0, []))),
-  smScale: 0.05,
-};
+const args = await sharedPrefillArgs(dist, sQ);
 await engine.sparsePrefill(args);
 const start = () => Array.from({ length: count }, () => engine.sparsePrefill(args).then(() => Atomics.add(settled, 0, 1)));
 

@@ -5,27 +5,15 @@
 //   node bench/terminate_wall.mjs [calls=12] [rounds=5] [sQ=32]
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { pathToFileURL } from 'node:url';
+import { sharedPrefillArgs } from './shared_prefill_args.mjs';
 
 const dist = process.env.SPARSE_MLA_DIST ? pathToFileURL(`${process.env.SPARSE_MLA_DIST}/`).href : new URL('../dist/', import.meta.url).href;
 
 if (!isMainThread) {
-  const { createEngine, tensor } = await import(`${dist}index.js`);
-  const { makeRng, randomBf16Bits, randomIndices } = await import(`${dist}check/grid.js`);
+  const { createEngine } = await import(`${dist}index.js`);
   const { calls, sQ } = workerData;
   const engine = await createEngine({ backend: 'cpu', workers: 2 });
-  const rng = makeRng(1);
-  const hQ = 16, sKV = 3000, topk = 512;
-  const shared = (x) => {
-    const s = new x.constructor(new SharedArrayBuffer(x.byteLength));
-    s.set(x);
-    return s;
-  };
-  const args = {
-    q: tensor('bf16', [sQ, hQ, 512], shared(randomBf16Bits(rng, sQ * hQ * 512))),
-    kv: tensor('bf16', [sKV, 512], shared(randomBf16Bits(rng, sKV * 512))),
-    indices: tensor('int32', [sQ, topk], shared(randomIndices(rng, sQ, topk, sKV, 0, 0, []))),
-    smScale: 0.05,
-  };
+  const args = await sharedPrefillArgs(dist, sQ);
   const t0 = performance.now();
   await engine.sparsePrefill(args);
   const oneCallMs = performance.now() - t0;

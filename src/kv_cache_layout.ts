@@ -42,3 +42,10 @@ export function tokenByteRanges(cache: { format: CacheFormat; pageSize: number }
   const base = page * v4PageBytes(cache.pageSize);
   return { data: base + slot * V4_TOKEN_DATA_BYTES, scales: base + cache.pageSize * V4_TOKEN_DATA_BYTES + slot * V4_TOKEN_SCALE_BYTES };
 }
+
+/** A compact cache of `numTokens` tokens (ids 0..numTokens-1): v4 pages without padding, v32 contiguous. */
+export function compactGeometry(format: CacheFormat, numTokens: number): { pageSize: number; numPages: number; bytes: number } {
+  if (format === 'v32') return { pageSize: 1, numPages: numTokens, bytes: numTokens * V32_TOKEN_BYTES };
+  const numPages = Math.ceil(numTokens / V4_COMPACT_PAGE_SIZE);
+  return { pageSize: V4_COMPACT_PAGE_SIZE, numPages, bytes: numPages * v4PageBytes(V4_COMPACT_PAGE_SIZE) };
+}

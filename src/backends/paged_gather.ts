@@ -11,16 +11,11 @@
  * it stays skipped and is never read. The valid entries keep their order and point at the same
  * bytes, so the kernel computes exactly what it computes over the whole cache.
  */
-import type { CacheView } from './backend.js';
-import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, v4PageBytes } from '../kv_cache_layout.js';
+import type { CacheView, PagedIndexSet, PagedSparseAttentionJob } from './backend.js';
+import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
-/** The index set of a paged call as the backends hold it (host arrays). */
-export interface HostPagedSet {
-  cache: CacheView;
-  indices: Int32Array;
-  topk: number;
-  topkLength: Int32Array | null;
-}
+/** The index set of a paged call as the host backends hold it (host arrays). */
+export type HostPagedSet = PagedIndexSet;
 
 /** What a set reads: its distinct valid token ids, ascending, and each one's compact position. */
 export interface PagedReadPlan {
@@ -34,16 +29,6 @@ export interface PagedReadPlan {
   pageSize: number;
   numPages: number;
   bytes: number;
-}
-
-/** Bytes of a compact v4 cache of m tokens (pages of V4_COMPACT_PAGE_SIZE, no padding). */
-export function compactCacheBytes(m: number): number {
-  return Math.ceil(m / V4_COMPACT_PAGE_SIZE) * v4PageBytes(V4_COMPACT_PAGE_SIZE);
-}
-
-/** Bytes of the scratch planPagedRead allocates for a set: the id → slot map and the id list. */
-export function planScratchBytes(set: HostPagedSet, n: number): number {
-  return set.cache.numTokens * 4 + Math.min(set.cache.numTokens, n * set.topk) * 4;
 }
 
 /**
@@ -82,7 +67,7 @@ export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity
     slotOf[id] = j + 1;
     if (j === 0 || tokens[j - 1] !== id - 1) runs++;
   }
-  return { tokens, slotOf, runs, pageSize: V4_COMPACT_PAGE_SIZE, numPages: Math.ceil(m / V4_COMPACT_PAGE_SIZE), bytes: compactCacheBytes(m) };
+  return { tokens, slotOf, runs, ...compactGeometry('v4', m) };
 }
 
 /*
@@ -144,8 +129,9 @@ export function remapIndices(set: HostPagedSet, n: number, plan: PagedReadPlan):
 
 /**
  * Copies the plan's tokens of the v4 `cache` into `into` (at least plan.bytes, zeroed or not: the
- * compact cache's unused slots are never addressed) as a compact cache. A run of consecutive ids
- * that stays inside one page of each cache is copied as two blocks (data, scales).
+ * compact cache's unused slots are never addressed) as a compact cache: what wasm_backend's
+ * gatherTokens makes of the same ids, but a run of consecutive ids that stays inside one page of
+ * each cache is copied as two blocks (data, scales), not token by token (a window's ids are one run).
  */
 export function gatherCompact(cache: CacheView, plan: PagedReadPlan, into: Uint8Array): Uint8Array {
   const data = into.subarray(0, plan.bytes);
@@ -191,4 +177,36 @@ export function compactPagedSet(set: HostPagedSet, n: number, plan: PagedReadPla
   const indices = remapIndices(set, n, plan);
   const data = gatherCompact(set.cache, plan, alloc(plan.bytes));
   return { cache: { format: set.cache.format, pageSize: plan.pageSize, numPages: plan.numPages, data }, indices, topk: set.topk, topkLength: set.topkLength };
+}
+
+/** A paged job's index sets as a host backend hands them on: each read whole, or through a compact cache. */
+export interface PagedReads {
+  /** bytes of the cache each set reads (the compact one's or the whole) */
+  mainCacheBytes: number;
+  extraCacheBytes: number;
+  /** the arrays of the sets read whole (cache, ids), which the staging copies */
+  whole: Array<Uint8Array | Int32Array>;
+  /** bytes of the compact sets' caches and ids, each rounded up by `align` */
+  compactBytes(align: (bytes: number) => number): number;
+  /** the sets read through compact caches: planned now, gathered (from the caller's memory, at the call) by gather() */
+  gather(): { main: HostPagedSet | CompactPagedSet; extra: HostPagedSet | CompactPagedSet | null };
+}
+
+/**
+ * Per index set of `job`, whole or compact (choosePagedRead with the backend's copy counts:
+ * `wholeCopies(set)` bulk copies of a whole cache, `compactCopies` of a compact one).
+ */
+export function planPagedReads(job: PagedSparseAttentionJob, wholeCopies: (set: HostPagedSet) => number, compactCopies: number): PagedReads {
+  const { n, main, extra } = job;
+  const mainPlan = choosePagedRead(main, n, wholeCopies(main), compactCopies);
+  const extraPlan = extra ? choosePagedRead(extra, n, wholeCopies(extra), compactCopies) : null;
+  const sets: Array<[HostPagedSet, PagedReadPlan | null]> = extra ? [[main, mainPlan], [extra, extraPlan]] : [[main, mainPlan]];
+  const read = (set: HostPagedSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
+  return {
+    mainCacheBytes: mainPlan ? mainPlan.bytes : main.cache.bytes,
+    extraCacheBytes: extra ? (extraPlan ? extraPlan.bytes : extra.cache.bytes) : 0,
+    whole: sets.flatMap(([set, plan]) => (plan ? [] : [set.cache.data, set.indices])),
+    compactBytes: (align) => sets.reduce((sum, [set, plan]) => sum + (plan ? align(plan.bytes) + align(n * set.topk * 4) : 0), 0),
+    gather: () => ({ main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null }),
+  };
 }

@@ -17,7 +17,6 @@ import {
   type BackendProbe,
   type DequantizeKCacheJob,
   type LayerSteps,
-  type PagedIndexSet,
   type PagedSparseAttentionJob,
   type PagedSparseAttentionOutput,
   type QuantizeKCacheJob,
@@ -29,7 +28,7 @@ import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
-import { choosePagedRead, compactPagedSet, type PagedReadPlan } from '../paged_gather.js';
+import { planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
 
@@ -153,21 +152,10 @@ export class CpuBackend implements Backend {
     // a cache not in shared memory would be copied whole into the staging (one in shared memory is
     // read in place): when the tokens the call reads cost less, they are gathered now (read at the
     // call) into a compact cache instead
-    const planOf = (set: PagedIndexSet): PagedReadPlan | null => choosePagedRead(set, n, copyBytes(set.cache.data) > 0 ? 1 : 0, 1);
-    const mainPlan = planOf(main);
-    const extraPlan = extra ? planOf(extra) : null;
-    // what the staging holds: the sets read whole as they are, the compact ones' caches and ids
-    const wholeInputs = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? [] : [set.cache.data, set.indices]);
-    const compactBytes = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? plan.bytes + n * set.topk * 4 : 0);
-    this.budget(
-      'pagedSparseAttention',
-      'q',
-      [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...wholeInputs(main, mainPlan), ...(extra ? wholeInputs(extra, extraPlan) : [])],
-      n * hQ * (512 * 2 + 8),
-      2 * (compactBytes(main, mainPlan) + (extra ? compactBytes(extra, extraPlan) : 0)), // the compact caches and ids, then their staged copies
-    );
-    const read = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
-    const fields = pagedSparseAttentionFields({ ...job, main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null });
+    const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0), 1);
+    // the staging holds the sets read whole as they are; the compact ones' caches and ids, then their staged copies
+    this.budget('pagedSparseAttention', 'q', [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], n * hQ * (512 * 2 + 8), 2 * reads.compactBytes((b) => b));
+    const fields = pagedSparseAttentionFields({ ...job, ...reads.gather() });
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
     const lse = allocHostArray(Float32Array, n * hQ, 'lse');

@@ -15,17 +15,16 @@ import type {
   CacheView,
   DequantizeKCacheJob,
   LayerSteps,
-  PagedIndexSet,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
 } from '../backend.js';
-import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
+import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
-import { choosePagedRead, compactPagedSet, type PagedReadPlan } from '../paged_gather.js';
+import { planPagedReads } from '../paged_gather.js';
 import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
@@ -94,12 +93,6 @@ export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRo
   return out;
 }
 
-/** A compact cache of `numTokens` tokens (ids 0..numTokens-1): v4 pages without padding, v32 contiguous. */
-export function compactGeometry(format: CacheFormat, numTokens: number): { pageSize: number; numPages: number; bytes: number } {
-  if (format === 'v32') return { pageSize: 1, numPages: numTokens, bytes: numTokens * V32_TOKEN_BYTES };
-  const numPages = Math.ceil(numTokens / V4_COMPACT_PAGE_SIZE);
-  return { pageSize: V4_COMPACT_PAGE_SIZE, numPages, bytes: numPages * v4PageBytes(V4_COMPACT_PAGE_SIZE) };
-}
 
 function compactTokenBytes(format: CacheFormat): number {
   return format === 'v32' ? V32_TOKEN_BYTES : V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES;
@@ -288,41 +281,31 @@ export class WasmBackend implements Backend {
     // Every worker copies the caches it is handed into its heap (after the staging's copy of a
     // cache not in shared memory): when the tokens the call reads cost less, they are gathered
     // now (read at the call) into a compact cache, and the workers get that one.
-    const planOf = (set: PagedIndexSet): PagedReadPlan | null => choosePagedRead(set, n, (copyBytes(set.cache.data) > 0 ? 1 : 0) + 1, 2);
-    const mainPlan = planOf(main);
-    const extraPlan = extra ? planOf(extra) : null;
-    const readBytes = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? plan.bytes : set.cache.bytes);
-    const mainBytes = readBytes(main, mainPlan);
-    const extraBytes = extra ? readBytes(extra, extraPlan) : 0;
+    const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0) + 1, 2);
     const entries = main.topk + (extra?.topk ?? 0);
     const ranges = splitRows(
       {
         rows: n,
         workPerRow: 2 * entries * hQ * 1024 + entries * 1024,
-        fixedBytes: mainBytes + extraBytes + hQ * 4 + scratchBytes(hQ, 512, 512, entries),
+        fixedBytes: reads.mainCacheBytes + reads.extraCacheBytes + hQ * 4 + scratchBytes(hQ, 512, 512, entries),
         bytesPerRow: hQ * 512 * 2 + entries * 4 + 8 + hQ * 512 * 2 + hQ * 8,
-        argument: extra && extraBytes > mainBytes ? 'extraKCache' : 'kCache',
+        argument: reads.extraCacheBytes > reads.mainCacheBytes ? 'extraKCache' : 'kCache',
       },
       this.workers,
       this.heapBytes,
     );
-    // what the staging holds: the sets read whole as they are, the compact ones' caches and ids
-    const wholeInputs = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? [] : [set.cache.data, set.indices]);
-    const compactBytes = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? alignStaging(plan.bytes) + alignStaging(n * set.topk * 4) : 0);
     checkCallMemory(
       'pagedSparseAttention',
       'q',
       [
-        { what: 'staging of the inputs', bytes: stagingBytes([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...wholeInputs(main, mainPlan), ...(extra ? wholeInputs(extra, extraPlan) : [])]) },
-        { what: 'the compact caches and ids, then their staged copies', bytes: 2 * (compactBytes(main, mainPlan) + (extra ? compactBytes(extra, extraPlan) : 0)) },
+        { what: 'staging of the inputs', bytes: stagingBytes([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole]) },
+        { what: 'the compact caches and ids, then their staged copies', bytes: 2 * reads.compactBytes(alignStaging) },
         { what: 'outputs', bytes: n * hQ * (512 * 2 + 8) },
       ],
       this.memoryBudgetBytes,
     );
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
-    const read = (set: PagedIndexSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
-    const mainRead = read(main, mainPlan);
-    const extraRead = extra ? read(extra, extraPlan) : null;
+    const { main: mainRead, extra: extraRead } = reads.gather();
     const inputs = [job.q, mainRead.cache.data, mainRead.indices, main.topkLength, extraRead?.cache.data ?? null, extraRead?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
     const staged = await this.stage(inputs, [
       'q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data',

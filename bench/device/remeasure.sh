@@ -3,7 +3,8 @@
 # two whole GPU benches, `check --backend cuda`, the layer paths' wall clock and, where the ship has
 # NAME's harness, its check and a memcheck of its fuzz. Every file lands in $OUT (or ./device-out).
 # Usage (repository root, after bench/device/ship.sh [--harness] NAME): bash bench/device/remeasure.sh NAME [STEPS]
-# STEPS: comma list of bench,bench2,check,layer,harness (default all).
+# STEPS: comma list of bench,bench2,check,layer,harness (default) and fuzz (only when named: 75 s of the
+# API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz).
 set -uo pipefail
 name=$1 steps=${2:-bench,bench2,check,layer,harness}
 out=${OUT:-$PWD/device-out}
@@ -38,6 +39,10 @@ if want harness && [[ -x $ship/harness_$name/smla_cuda_check ]]; then
   echo "harness check: rc $? $(tail -1 "$out/harness-check-$name.txt") ($(( $(date +%s) - t0 )) s)"
   timeout 120 compute-sanitizer --tool memcheck "$ship/harness_$name/smla_cuda_check" fuzz > "$out/memcheck-fuzz-$name.txt" 2>&1
   echo "memcheck fuzz: rc $? $(grep -E 'ERROR SUMMARY' "$out/memcheck-fuzz-$name.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
+fi
+if want fuzz; then
+  timeout 110 node test/fuzz/run.mjs --backends cuda --seconds 75 --seed "${FUZZ_SEED:-3}" --json > "$out/fuzz-cuda-$name.json" 2> "$out/fuzz-cuda-$name.log"
+  echo "fuzz: rc $? $(tail -c 300 "$out/fuzz-cuda-$name.json" | tr '\n' ' ') ($(( $(date +%s) - t0 )) s)"
 fi
 shopt -s nullglob
 benches=("$out"/bench-cuda-"$name"-*.json)

@@ -8,13 +8,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
-import type { Engine, Tensor } from '../dist/index.js';
+import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
 import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 import { randomCache, randomScenario } from './helpers/chunks.js';
 import { standInDevice } from './helpers/stand_in_device.js';
+import { judgeAttention } from './fuzz/targets.mjs';
 
 const rng = testRng('fuzz_findings');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
@@ -462,5 +463,53 @@ describe('cuda layer calls: device operands checked before any work', () => {
     expect(r.shards.map((s) => s.out.data.deviceIndex)).toEqual([0, 1]);
     expect(dev.faults).toEqual([]);
     plan.release();
+  });
+});
+
+describe("the fuzzer's oracle and the reference against the API (session 46)", () => {
+  test('the reference takes an optional tensor given as null (attnSink, topkLength, the extra set) as absent, as the ops do (it threw TypeError on attnSink: null: the fuzzer\'s soft ref-refused, H200 seed 1)', async () => {
+    const a = randomPrefillArgs(rng, { sQ: 3, hQ: 2, dQK: 512, sKV: 20, topk: 8 }, { invalidFraction: 0.2, duplicateFraction: 0.2 });
+    const withNulls = { ...a, attnSink: null, topkLength: null } as unknown as SparsePrefillArgs;
+    const ref = sparsePrefillReference(withNulls);
+    expect(Array.from(ref.out)).toEqual(Array.from(sparsePrefillReference(a).out));
+    const kCache = randomCache(rng, 16, 3);
+    const paged = { q: tensor('bf16', [3, 2, 512], randomBf16Bits(rng, 3 * 2 * 512)), kCache, indices: tensor('int32', [3, 4], new Int32Array([0, 5, 47, -1, 3, 3, 48, 9, 1, 2, 3, 4])), smScale: 0.04 };
+    const pagedNulls = { ...paged, topkLength: null, attnSink: null, extraKCache: null, extraIndices: null, extraTopkLength: null } as unknown as PagedSparseAttentionArgs;
+    const pagedRef = pagedSparseAttentionReference(pagedNulls);
+    expect(Array.from(pagedRef.out)).toEqual(Array.from(pagedSparseAttentionReference(paged).out));
+    for (const engine of engines) {
+      expectWithinBounds(`${engine.backend}: sparsePrefill with null sink and lengths`, await engine.sparsePrefill(withNulls), ref, [0, 1, 2]);
+      expectWithinBounds(`${engine.backend}: pagedSparseAttention with null optional tensors`, await engine.pagedSparseAttention(pagedNulls), pagedRef, [0, 1, 2]);
+    }
+  });
+
+  test('outputs below bf16\'s range: the correctly rounded 0 of a reference near 1e-57 passes the fuzzer\'s judge (its whole-tensor cosine was 1: H200 seed 1 case 5676, reference about 1.9e-49); nothing else is looser', async () => {
+    // smScale 65 and q·k = −2 give logits of −130 against a sink of 0: every weight is about e^-130,
+    // every out element about 1e-57, below float32's and bf16's range
+    const sQ = 2, hQ = 2, sKV = 6;
+    const q = new Uint16Array(sQ * hQ * 512);
+    for (let r = 0; r < sQ * hQ; r++) q[r * 512] = 0x3f80; // 1.0 in dim 0, 0 elsewhere
+    const kv = randomBf16Bits(rng, sKV * 512);
+    for (let t = 0; t < sKV; t++) kv[t * 512] = 0xc000; // −2.0
+    const args = { q: tensor('bf16', [sQ, hQ, 512], q), kv: tensor('bf16', [sKV, 512], kv), indices: tensor('int32', [sQ, 4], new Int32Array([0, 1, 2, 5, 3, 3, 4, -1])), attnSink: tensor('float32', [hQ], new Float32Array(hQ)), smScale: 65 };
+    const ref = () => sparsePrefillReference(args);
+    const worst = Math.max(...ref().out.map(Math.abs));
+    expect(worst).toBeGreaterThan(0);
+    expect(worst).toBeLessThan(1e-50);
+    for (const engine of engines) {
+      const got = await engine.sparsePrefill(args);
+      expect(got.out.data.every((b) => (b & 0x7fff) === 0), `${engine.backend}: out is the rounded 0`).toBe(true);
+      expect(judgeAttention(got, ref, sQ, hQ, 512), engine.backend).toBeNull();
+      // a representable output where the reference is below bf16's range still counts in the cosine
+      const off = { ...got, out: { ...got.out, data: got.out.data.slice() } };
+      off.out.data[7] = float32ToBf16Bits(1e-30);
+      expect(judgeAttention(off, ref, sQ, hQ, 512), `${engine.backend}: 1e-30 where the reference is 1e-57`).not.toBeNull();
+    }
+    // and a tensor of ordinary outputs is held to the cosine as before: 1% off in scale fails
+    const plain = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 512, sKV: 30, topk: 16 });
+    const got = await engines[0]!.sparsePrefill(plain);
+    const scaled = { ...got, out: { ...got.out, data: got.out.data.map((b) => float32ToBf16Bits(bf16BitsToFloat32(b) * 1.01)) } };
+    expect(judgeAttention(got, () => sparsePrefillReference(plain), 2, 2, 512)).toBeNull();
+    expect(judgeAttention(scaled, () => sparsePrefillReference(plain), 2, 2, 512)).not.toBeNull();
   });
 });

@@ -65,18 +65,21 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
       rows: new DequantizedRows(kCache, width),
     },
   ];
-  if (args.extraKCache !== undefined || args.extraIndices !== undefined) {
-    if (args.extraKCache === undefined || args.extraIndices === undefined) {
+  // null is absent, as the op takes it (src/ops/paged_sparse_attention.ts)
+  const extraKCache = args.extraKCache ?? undefined;
+  const extraIndices = args.extraIndices ?? undefined;
+  if (extraKCache !== undefined || extraIndices !== undefined) {
+    if (extraKCache === undefined || extraIndices === undefined) {
       throw new SparseMlaError('INVALID_VALUE', 'extraKCache and extraIndices: expected both or neither', 'extraKCache');
     }
-    checkCacheReference(args.extraKCache, 'extraKCache');
-    if (cacheRowDims(args.extraKCache.format) !== width) {
-      throw new SparseMlaError('INVALID_VALUE', `extraKCache.format: expected ${kCache.format}, got ${args.extraKCache.format}`, 'extraKCache');
+    checkCacheReference(extraKCache, 'extraKCache');
+    if (cacheRowDims(extraKCache.format) !== width) {
+      throw new SparseMlaError('INVALID_VALUE', `extraKCache.format: expected ${kCache.format}, got ${extraKCache.format}`, 'extraKCache');
     }
     sources.push({
-      set: indexSet(args.extraIndices, args.extraTopkLength, n, { indices: 'extraIndices', topkLength: 'extraTopkLength' }),
-      limitId: cacheTokenCount(args.extraKCache),
-      rows: new DequantizedRows(args.extraKCache, width),
+      set: indexSet(extraIndices, args.extraTopkLength, n, { indices: 'extraIndices', topkLength: 'extraTopkLength' }),
+      limitId: cacheTokenCount(extraKCache),
+      rows: new DequantizedRows(extraKCache, width),
     });
   }
   const sink = checkSink(args.attnSink, hQ);

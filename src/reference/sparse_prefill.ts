@@ -53,7 +53,7 @@ export interface IndexSet {
 
 export function indexSet(
   indices: Tensor<'int32'> | Tensor<'int64'>,
-  topkLength: Tensor<'int32'> | undefined,
+  topkLength: Tensor<'int32'> | null | undefined,
   rows: number,
   names: { indices: string; topkLength: string },
 ): IndexSet {
@@ -62,7 +62,7 @@ export function indexSet(
   const ok = (s.length === 2 && s[0] === rows) || (s.length === 3 && s[0] === rows && s[1] === 1);
   if (!ok) bad('INVALID_SHAPE', names.indices, `[${rows}, topk] or [${rows}, 1, topk]`, shapeStr(s));
   const topk = s[s.length - 1]!;
-  if (topkLength !== undefined) {
+  if (topkLength !== undefined && topkLength !== null) {
     if (topkLength.dtype !== 'int32') bad('INVALID_DTYPE', names.topkLength, 'int32', String(topkLength.dtype));
     if (topkLength.shape.length !== 1 || topkLength.shape[0] !== rows) bad('INVALID_SHAPE', names.topkLength, `[${rows}]`, shapeStr(topkLength.shape));
   }
@@ -89,8 +89,9 @@ export function checkQueries(queries: readonly number[] | undefined, n: number):
   return [...queries];
 }
 
-export function checkSink(attnSink: Tensor<'float32'> | undefined, hQ: number, name = 'attnSink'): Float32Array | null {
-  if (attnSink === undefined) return null;
+/** An optional tensor given as null is absent, as the ops take it (src/ops/common.ts). */
+export function checkSink(attnSink: Tensor<'float32'> | null | undefined, hQ: number, name = 'attnSink'): Float32Array | null {
+  if (attnSink === undefined || attnSink === null) return null;
   if (attnSink.dtype !== 'float32') bad('INVALID_DTYPE', name, 'float32', String(attnSink.dtype));
   if (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ) bad('INVALID_SHAPE', name, `[${hQ}]`, shapeStr(attnSink.shape));
   return attnSink.data as Float32Array;

@@ -513,3 +513,28 @@ describe("the fuzzer's oracle and the reference against the API (session 46)", (
     expect(judgeAttention(scaled, () => sparsePrefillReference(plain), 2, 2, 512)).not.toBeNull();
   });
 });
+
+test('calls that wait for staging behind others (a small memoryBudgetBytes) use their arrays as they were at the call: rewritten or detached right after each returned its promise (they were copied when a slab freed up: the rewritten bytes, or INVALID_VALUE)', async () => {
+  for (const backend of addonBuilt ? (['wasm', 'cpu'] as const) : (['wasm'] as const)) {
+    const engine = await createEngine({ backend, memoryBudgetBytes: 1 << 20, ...(backend === 'wasm' ? { workers: 2 } : {}) });
+    try {
+      // four calls of about 400 KB of kv each against 1 MiB of staging: the later ones wait
+      const calls = Array.from({ length: 4 }, () => randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 512, sKV: 390, topk: 16 }, { invalidFraction: 0.1 }));
+      const refs = calls.map((a) => sparsePrefillReference({ ...a, q: { ...a.q, data: a.q.data.slice() }, kv: { ...a.kv, data: a.kv.data.slice() }, indices: { ...a.indices, data: a.indices.data.slice() } }));
+      const pending = calls.map((a, i) => {
+        const p = engine.sparsePrefill(a);
+        if (i % 2 === 0) {
+          a.q.data.fill(0x7f80); // +inf
+          a.kv.data.fill(0x4300);
+        } else {
+          for (const t of [a.q, a.kv, a.indices]) structuredClone(t.data.buffer, { transfer: [t.data.buffer] });
+        }
+        return p;
+      });
+      const results = await Promise.all(pending);
+      results.forEach((got, i) => expectWithinBounds(`${backend}: call ${i}`, got, refs[i]!, [0, 1]));
+    } finally {
+      await engine.dispose();
+    }
+  }
+});

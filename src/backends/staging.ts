@@ -203,12 +203,15 @@ export function tryStageInputs<T extends readonly (StageableArray | null)[]>(are
 }
 
 /**
- * tryStageInputs, else waits for a slab: the inputs are then copied once one is released, and an
- * input detached meanwhile is an INVALID_VALUE naming it.
+ * tryStageInputs, else waits for a slab. The unshared inputs are copied at the call all the same
+ * (into memory of this call's own, dropped once they are placed in the slab): the caller may reuse,
+ * rewrite or detach them as soon as the call has returned its promise, whether or not other calls
+ * hold the staging.
  */
 export async function stageInputs<T extends readonly (StageableArray | null)[]>(arena: StagingArena, inputs: T, names: readonly string[]): Promise<StagedInputs<T>> {
   const sizes = inputs.map(copyBytes);
   const now = tryStageInputs(arena, inputs, names);
   if (now) return now;
-  return place(arena, inputs, sizes, names, await arena.acquire(stagingBytes(inputs)));
+  const held = inputs.map((a, i) => (a && sizes[i]! > 0 ? a.slice() : a)) as unknown as T;
+  return place(arena, held, sizes, names, await arena.acquire(stagingBytes(inputs)));
 }

@@ -1,6 +1,7 @@
 // A small float-vector abstraction for the CPU core: one set of kernels, compiled to WASM SIMD128,
-// AVX2+FMA, SSE2 or plain scalar code. W is the lane count; madd(a, b, c) = a * b + c (fused only
-// where the target has FMA; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
+// AVX2+FMA, NEON (AArch64), SSE2 or plain scalar code. W is the lane count; madd(a, b, c) =
+// a * b + c (fused only where the target has FMA: AVX2+FMA and AArch64, whose Advanced SIMD always
+// has it; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -11,6 +12,9 @@
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SMLA_SIMD_AVX2 1
+#elif defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define SMLA_SIMD_NEON 1
 #elif defined(__SSE2__) || defined(_M_X64)
 #include <emmintrin.h>
 #define SMLA_SIMD_SSE2 1
@@ -62,6 +66,22 @@ static inline float hsum(vf v) {
 static inline vf load_bf16(const uint16_t* p) {
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+#elif defined(SMLA_SIMD_NEON)
+constexpr int W = 4;
+typedef float32x4_t vf;
+static inline vf zero() { return vdupq_n_f32(0.0f); }
+static inline vf set1(float x) { return vdupq_n_f32(x); }
+static inline vf load_splat(const float* p) { return vld1q_dup_f32(p); }
+static inline vf load(const float* p) { return vld1q_f32(p); }
+static inline void store(float* p, vf v) { vst1q_f32(p, v); }
+static inline vf add(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf mul(vf a, vf b) { return vmulq_f32(a, b); }
+static inline vf madd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
+static inline float hsum(vf v) { return vaddvq_f32(v); }
+static inline vf load_bf16(const uint16_t* p) {
+  return vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
 }
 
 #elif defined(SMLA_SIMD_SSE2)

@@ -6,6 +6,8 @@ namespace smla_addon {
 const char* CoreSimdPath() {
 #if defined(SMLA_SIMD_AVX2)
   return "AVX2+FMA";
+#elif defined(SMLA_SIMD_NEON)
+  return "NEON";
 #elif defined(SMLA_SIMD_SSE2)
   return "SSE2";
 #else

@@ -13,9 +13,10 @@ import { isDeviceBuffer } from '../../dist/tensor.js';
 import { Plan } from '../../dist/planner/plan.js';
 import { ShardedPlan } from '../../dist/planner/sharded_layer.js';
 import { SparseMlaEngine } from '../../dist/engine.js';
-import { CaseHooks, SentinelError, mutateArgs } from './mutate.mjs';
+import { CaseHooks, SentinelError, isDetachedBuffer, mutateArgs } from './mutate.mjs';
 import { TARGETS } from './targets.mjs';
 import { DEVICE_TARGETS } from './device_targets.mjs';
+import { HOST_TARGETS } from './host_targets.mjs';
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -52,7 +53,8 @@ function caseRng(seed, index) {
 
 /** The targets of an engine: a device engine (cuda) adds the device targets and leaves out the host-engine ones. */
 function targetsOf(env) {
-  if (!env.engine?.hasDevice) return TARGETS;
+  // a host engine adds the host targets (cpuOnly ones on the cpu backend); a device engine's mix is unchanged
+  if (!env.engine?.hasDevice) return [...TARGETS, ...HOST_TARGETS.filter(([t]) => !t.cpuOnly || env.backend === 'cpu')];
   // on the stub, quantizeKCache needs the addon's CPU core (the cuda backend quantizes on the host)
   const skip = (t) => t.hostEngineOnly || (env.stub && (t.noStub || (t.name === 'quantizeKCache' && !env.stub.hostCore)));
   return [...TARGETS.filter(([t]) => !skip(t)), ...DEVICE_TARGETS];
@@ -61,6 +63,7 @@ function targetsOf(env) {
 function pickTarget(rng, only, env) {
   const all = targetsOf(env);
   const list = only ? all.filter(([t]) => only.includes(t.name)) : all;
+  if (list.length === 0) return null; // --targets names only targets of another backend (workerThreads on wasm)
   const total = list.reduce((a, [, w]) => a + w, 0);
   let r = rng.uniform() * total;
   for (const [t, w] of list) if ((r -= w) < 0) return t;
@@ -91,6 +94,7 @@ function errText(e) {
 export async function runCase(env, seed, index, only) {
   const rng = caseRng(seed, index);
   const target = pickTarget(rng, only, env);
+  if (!target) return { target: only.join(','), muts: [], verdict: 'skipped' };
   if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
   const buildSeed = rng.u32();
   const hooks = new CaseHooks(makeRng(rng.u32()));
@@ -103,12 +107,12 @@ export async function runCase(env, seed, index, only) {
   // device operands: uploaded (and abused) by the target before the mutations
   if (built.prepare) await withTimeout(Promise.resolve().then(() => built.prepare(built.args)), CASE_TIMEOUT_MS);
   const u = rng.uniform();
-  const count = u < 0.12 ? 0 : u < 0.75 ? 1 : 2;
+  const count = u < (built.mostlyValid ? 0.5 : 0.12) ? 0 : u < 0.75 ? 1 : 2;
   const muts = mutateArgs(built.args, rng, hooks, built.mustRefuse && u < 0.5 ? 0 : count);
   const neutral = muts.every((m) => m.neutral);
   const dynamic = muts.some((m) => m.dynamic);
   const sentinel = muts.some((m) => m.sentinel);
-  const snapshots = new Map(hooks.arrays.filter((a) => !a.buffer.detached).map((a) => [a, bytesOf(a)]));
+  const snapshots = new Map(hooks.arrays.filter((a) => !isDetachedBuffer(a.buffer)).map((a) => [a, bytesOf(a)]));
   const written = new Set(built.written ?? []);
   const res = { target: target.name, muts };
   const finding = (kind, detail) => Object.assign(res, { verdict: 'finding', finding: { kind, severity: FINDING_KINDS[kind], detail } });
@@ -139,7 +143,7 @@ export async function runCase(env, seed, index, only) {
   // what the call may not have written: every input, and a cache a refused call was given
   if (!dynamic) {
     for (const [a, before] of snapshots) {
-      if (a.buffer.detached) continue;
+      if (isDetachedBuffer(a.buffer)) continue;
       if (!threw && written.has(a)) continue;
       const now = bytesOf(a);
       const i = now.findIndex((b, k) => b !== before[k]);

@@ -18,6 +18,22 @@ export class SentinelError extends Error {
 const TYPED_CTORS = [Uint8Array, Int8Array, Uint16Array, Int16Array, Int32Array, Uint32Array, Float32Array, Float64Array, BigInt64Array, BigUint64Array];
 const isBig = (a) => a instanceof BigInt64Array || a instanceof BigUint64Array;
 
+/**
+ * Whether an ArrayBuffer was detached (transferred). Node 20 has no ArrayBuffer.prototype.detached:
+ * there a detached buffer is one of 0 bytes that no view can be made on.
+ */
+export function isDetachedBuffer(b) {
+  if (b instanceof SharedArrayBuffer) return false;
+  if (typeof b.detached === 'boolean') return b.detached;
+  if (b.byteLength !== 0) return false;
+  try {
+    new Uint8Array(b);
+    return false;
+  } catch {
+    return true;
+  }
+}
+
 export function isTyped(v) {
   return ArrayBuffer.isView(v) && !(v instanceof DataView);
 }
@@ -97,7 +113,7 @@ export class CaseHooks {
   }
   detachSome(rng) {
     for (const a of this.arrays) {
-      if (rng.uniform() < 0.5 && a.buffer instanceof ArrayBuffer && !a.buffer.detached && a.buffer.byteLength > 0) {
+      if (rng.uniform() < 0.5 && a.buffer instanceof ArrayBuffer && !isDetachedBuffer(a.buffer) && a.buffer.byteLength > 0) {
         try {
           structuredClone(a.buffer, { transfer: [a.buffer] });
         } catch {
@@ -107,11 +123,11 @@ export class CaseHooks {
     }
   }
   shrinkAll() {
-    for (const b of this.resizable) if (!b.detached) b.resize(0);
+    for (const b of this.resizable) if (!isDetachedBuffer(b)) b.resize(0);
   }
   scribble(rng) {
     for (const a of this.arrays) {
-      if (a.buffer.detached || a.length === 0) continue;
+      if (isDetachedBuffer(a.buffer) || a.length === 0) continue;
       const i = rng.int(0, a.length);
       a[i] = isBig(a) ? BigInt.asIntN(64, BigInt(rng.u32()) << 31n) : rng.pick([0x7fffffff, -1, 0xffff, 1e30, NaN]);
     }

@@ -119,12 +119,14 @@ function deviceHooks(engineBackend, engine, peers) {
 async function replay() {
   const { runCase } = await import('./fuzz.mjs');
   const { removeTempDir } = await import('./targets.mjs');
+  const { closeHostTargets } = await import('./host_targets.mjs');
   const backend = (opt('backends', 'wasm')).split(',')[0];
   const env = await makeEnv(backend);
   if (env.cuda) console.log(`cuda: ${JSON.stringify(env.cuda)}`);
   const r = await runCase(env, seed, Number(opt('case')), targets);
   console.log(JSON.stringify(r, null, 2));
   await (env.close?.() ?? env.engine.dispose());
+  await closeHostTargets();
   removeTempDir();
 }
 
@@ -132,6 +134,7 @@ async function replay() {
 async function child() {
   const { runCase } = await import('./fuzz.mjs');
   const { removeTempDir } = await import('./targets.mjs');
+  const { closeHostTargets } = await import('./host_targets.mjs');
   const backend = opt('backend');
   const start = Number(opt('start'));
   const end = Number(opt('end'));
@@ -156,6 +159,7 @@ async function child() {
   closeSync(progress);
   await send({ type: 'counts', counts, next: i, done: true });
   await (env.close?.() ?? env.engine.dispose());
+  await closeHostTargets();
   removeTempDir();
   process.exit(0);
 }

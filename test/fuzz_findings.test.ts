@@ -13,7 +13,7 @@ import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, 
 import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
-import { randomCache, randomScenario } from './helpers/chunks.js';
+import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { standInDevice } from './helpers/stand_in_device.js';
 import { judgeAttention } from './fuzz/targets.mjs';
 
@@ -535,6 +535,38 @@ test('calls that wait for staging behind others (a small memoryBudgetBytes) use 
       results.forEach((got, i) => expectWithinBounds(`${backend}: call ${i}`, got, refs[i]!, [0, 1]));
     } finally {
       await engine.dispose();
+    }
+  }
+});
+
+test("prefillLayer uses q, the sink and the indexer's top-k as they were at the call: rewritten or detached right after it returned its promise, on both paths (its steps read them after the plan's and the dequant's awaits: the new bytes, or a detached q reached the cpu addon as BACKEND_FAILURE; fuzzer target layerAfterReturn)", async () => {
+  const sc = randomScenario(rng, [rng.int(200, 300), rng.int(20, 60)], [rng.int(2, 6), rng.int(1, 4)]);
+  const hQ = 2;
+  const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages) };
+  const nq = sc.numQueries;
+  const queries = Array.from({ length: nq }, (_, i) => i);
+  for (const engine of engines) {
+    for (const path of ['sparse', 'paged'] as const) {
+      for (const act of ['rewrite', 'detach'] as const) {
+        const q = tensor('bf16', [nq, hQ, 512], randomBf16Bits(rng, nq * hQ * 512));
+        const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+        const topkIndices = randomTopk(rng, sc, 8);
+        const atCall = { q: { ...q, data: q.data.slice() }, attnSink: { ...attnSink, data: attnSink.data.slice() }, topkIndices: { ...topkIndices, data: topkIndices.data.slice() } };
+        const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 4, caches, smScale: 0.04, ...atCall });
+        const plan = createPlan(sc.chunk);
+        const pending = prefillLayer(engine, { plan, compressRatio: 4, q, attnSink, topkIndices, caches, smScale: 0.04, path });
+        if (act === 'rewrite') {
+          q.data.fill(0x7fc0); // NaN
+          attnSink.data.fill(Infinity);
+          topkIndices.data.fill(0);
+        } else {
+          for (const t of [q, attnSink, topkIndices]) structuredClone(t.data.buffer, { transfer: [t.data.buffer] });
+        }
+        const got = await pending;
+        expectWithinBounds(`${engine.backend} ${path}, ${act} after the call`, got, ref, queries);
+        expect(got.dropped, `${engine.backend} ${path}`).toBe(ref.dropped);
+        plan.release();
+      }
     }
   }
 });

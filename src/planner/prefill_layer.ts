@@ -26,6 +26,7 @@
 import { fail } from '../errors.js';
 import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
+import { copyBytes } from '../backends/memory.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -125,7 +126,20 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   }
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
-  return { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device };
+  // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
+  return { plan, ratio, layout: plan.layout(ratio), q: atCall(q), hQ, attnSink: attnSink && atCall(attnSink), smScale, caches, layerCaches, topk: topk && atCall(topk), output, route, device };
+}
+
+/**
+ * A host operand as it is at the call: a copy of its data, unless the data is in device memory or
+ * in a SharedArrayBuffer (read in place, README "Memory a call owns"). The caller may rewrite or
+ * detach its arrays once the call has returned its promise, while the layer's later steps (the
+ * combine, the prefill or paged op after the plan's and the dequant's awaits) still read them.
+ */
+function atCall<T extends { readonly data: unknown }>(t: T): T {
+  const d = t.data;
+  if (!ArrayBuffer.isView(d) || copyBytes(d) === 0) return t;
+  return { ...t, data: (d as Uint16Array).slice() };
 }
 
 /**

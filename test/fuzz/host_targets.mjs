@@ -21,12 +21,12 @@
  * rewriting them mid-call may change the results (then only shapes are judged), never crash.
  */
 import { Worker } from 'node:worker_threads';
-import { SparseMlaError, createEngine, createKvCache, tensor } from '../../dist/index.js';
+import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits, makeRng } from '../../dist/check/grid.js';
 import { pagedReadForTests } from '../../dist/backends/paged_gather.js';
 import { isDetachedBuffer } from './mutate.mjs';
-import { judgeAttention, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
+import { judgeAttention, judgeLayer, layerScenario, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
 
 const D = 512;
 const isShared = (a) => a.buffer instanceof SharedArrayBuffer;
@@ -351,6 +351,41 @@ const engineDispose = {
   },
 };
 
+/**
+ * prefillLayer with q, the sink and the indexer's top-k rewritten or detached as soon as the call
+ * returned its promise (the layer's steps run after it has: each must use the arrays as they were
+ * at the call). The caches are left alone: a layer's dequant may read them while it runs (README).
+ */
+const layerAfterReturn = {
+  name: 'layerAfterReturn',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    layer.plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(layer.plan);
+    const own = [layer.q.data, ...(layer.attnSink ? [layer.attnSink.data] : []), ...(layer.topkIndices ? [layer.topkIndices.data] : [])];
+    const copy = (t) => (t ? { ...t, data: t.data.slice() } : undefined);
+    const atCall = { ...layer, q: copy(layer.q), ...(layer.attnSink ? { attnSink: copy(layer.attnSink) } : {}), ...(layer.topkIndices ? { topkIndices: copy(layer.topkIndices) } : {}) };
+    const act = rng.pick(['rewrite', 'detach']);
+    const actRng = makeRng(rng.u32());
+    return {
+      args: [],
+      call: async () => {
+        const p = prefillLayer(env.engine, layer);
+        const after = afterReturn(own, act, actRng);
+        try {
+          return await p;
+        } finally {
+          after.undo();
+        }
+      },
+      judge: (got) => judgeLayer(got, sc, atCall),
+    };
+  },
+};
+
 const WORKER_URL = new URL('./thread_worker.mjs', import.meta.url);
 const DIST_URL = new URL('../../dist/', import.meta.url).href;
 
@@ -451,5 +486,6 @@ export const HOST_TARGETS = [
   [pagedGather, 4],
   [stagingWait, 2],
   [engineDispose, 1],
+  [layerAfterReturn, 1],
   [workerThreads, 1],
 ];

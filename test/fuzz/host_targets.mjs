@@ -21,7 +21,7 @@
  * rewriting them mid-call may change the results (then only shapes are judged), never crash.
  */
 import { Worker } from 'node:worker_threads';
-import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { SparseMlaError, createEngine, createKvCache, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits, makeRng } from '../../dist/check/grid.js';
 import { pagedReadForTests } from '../../dist/backends/paged_gather.js';
@@ -352,7 +352,7 @@ const engineDispose = {
 };
 
 /**
- * prefillLayer with q, the sink and the indexer's top-k rewritten or detached as soon as the call
+ * prefillLayer (or prefillLayerSharded over this engine) with q, the sink and the indexer's top-k rewritten or detached as soon as the call
  * returned its promise (the layer's steps run after it has: each must use the arrays as they were
  * at the call). The caches are left alone: a layer's dequant may read them while it runs (README).
  */
@@ -362,8 +362,10 @@ const layerAfterReturn = {
   hostEngineOnly: true,
   build(rng, env, hooks) {
     const ratio = rng.pick([0, 4, 128]);
-    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
-    layer.plan = createPlan(sc.chunk, { window });
+    const { sc, hQ, layer, window } = layerScenario(rng, hooks, ratio);
+    const shards = rng.uniform() < 0.3 ? rng.int(1, hQ + 1) : 0; // prefillLayerSharded over this engine, split by heads or queries
+    const split = rng.pick(['heads', 'queries']);
+    layer.plan = shards ? createShardedPlan(sc.chunk, { shards: split === 'heads' ? shards : rng.int(1, 4), split, window }) : createPlan(sc.chunk, { window });
     hooks.plans.push(layer.plan);
     const own = [layer.q.data, ...(layer.attnSink ? [layer.attnSink.data] : []), ...(layer.topkIndices ? [layer.topkIndices.data] : [])];
     const copy = (t) => (t ? { ...t, data: t.data.slice() } : undefined);
@@ -373,7 +375,7 @@ const layerAfterReturn = {
     return {
       args: [],
       call: async () => {
-        const p = prefillLayer(env.engine, layer);
+        const p = shards ? prefillLayerSharded(Array.from({ length: layer.plan.shards.length }, () => env.engine), layer) : prefillLayer(env.engine, layer);
         const after = afterReturn(own, act, actRng);
         try {
           return await p;

@@ -315,6 +315,11 @@ const createKvCacheTarget = {
   },
 };
 
+/** A typed array's length as its memory has it (a subclass's length getter may lie: the library reads the memory). */
+function realLength(a) {
+  return ArrayBuffer.isView(a) ? a.byteLength / a.BYTES_PER_ELEMENT : a.length;
+}
+
 const DTYPES = { bf16: Uint16Array, float32: Float32Array, int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array };
 
 const tensorTarget = {
@@ -349,8 +354,9 @@ const toBf16Target = {
       call: (x) => toBf16(...x),
       judge: (t, { refArgs }) => {
         const src = refArgs[0].data;
-        if (t.dtype !== 'bf16' || t.data.length !== src.length) return `got ${t.dtype} of ${t.data.length}`;
-        for (let i = 0; i < src.length; i++) {
+        const n = realLength(src);
+        if (t.dtype !== 'bf16' || t.data.length !== n) return `got ${t.dtype} of ${t.data.length}, want ${n}`;
+        for (let i = 0; i < n; i++) {
           const want = R.encodeBf16(src[i]);
           if (t.data[i] !== want && !(Number.isNaN(R.decodeBf16(want)) && Number.isNaN(R.decodeBf16(t.data[i])))) return `element ${i}: got 0x${t.data[i].toString(16)}, want 0x${want.toString(16)}`;
         }
@@ -370,8 +376,9 @@ const bf16ToFloat32Target = {
       call: (x) => bf16ToFloat32(...x),
       judge: (t, { refArgs }) => {
         const src = refArgs[0].data;
-        if (t.dtype !== 'float32' || t.data.length !== src.length) return `got ${t.dtype} of ${t.data.length}`;
-        for (let i = 0; i < src.length; i++) {
+        const n = realLength(src);
+        if (t.dtype !== 'float32' || t.data.length !== n) return `got ${t.dtype} of ${t.data.length}, want ${n}`;
+        for (let i = 0; i < n; i++) {
           const want = R.decodeBf16(src[i]);
           if (!Object.is(t.data[i], want) && !(Number.isNaN(want) && Number.isNaN(t.data[i]))) return `element ${i}: got ${t.data[i]}, want ${want}`;
         }

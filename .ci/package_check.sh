@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The package as an npm user gets it: pack it (prepack builds the prebuilt addons), install the
+# The package as an npm user gets it: pack it (prepack builds the prebuilt addons: linux-x64, and
+# linux-arm64 with the cross compiler g++-aarch64-linux-gnu, which must be here), install the
 # tarball into an empty project whose PATH holds node, npm and sh only (no CMake, no compiler, no
 # nvcc), and there require: `sparse-mla info --json` reports the prebuilt addon with `cpu`
 # available (and CUDA built when nvcc was here to pack it); the check grid passes on both prebuilt
@@ -23,6 +24,7 @@ tarball=$(ls "$work"/sparse-mla-*.tgz)
 grep -E "prebuild|package size|unpacked size|total files" "$work/pack.log" || true
 tar tzf "$tarball" | sort > "$work/files.txt"
 grep -qx 'package/prebuilds/linux-x64/manifest.json' "$work/files.txt" || fail "the tarball has no prebuilt addon"
+grep -qx 'package/prebuilds/linux-arm64/manifest.json' "$work/files.txt" || fail "the tarball has no linux-arm64 prebuilt addon"
 grep -q '^package/test/' "$work/files.txt" && fail "the tarball carries test/"
 mkdir -p "$work/unpacked"
 tar xzf "$tarball" -C "$work/unpacked"
@@ -37,6 +39,38 @@ node -e '
   if (bad.length) { console.error(`source maps pointing at files not in the tarball:\n${bad.join("\n")}`); process.exit(1); }
 ' "$work/unpacked/package" || fail "stale source maps"
 echo "tarball: $(basename "$tarball"), $(du -k "$tarball" | cut -f1) KiB, $(wc -l < "$work/files.txt") files, source maps resolve"
+
+# The linux-arm64 addon cannot load on this machine (.ci/arm64_check.sh runs it emulated): each file
+# its manifest lists is there with its checksum, is an AArch64 shared object exporting the Node-API
+# entry point, links only system libraries and needs no newer glibc / libstdc++ than the x64 addons.
+node --input-type=module -e '
+  import { createHash } from "node:crypto";
+  import { readFileSync } from "node:fs";
+  import { join } from "node:path";
+  import { pathToFileURL } from "node:url";
+  const pkg = process.argv[1];
+  const { inspectElf } = await import(pathToFileURL(join(pkg, "native", "build_tools.mjs")).href);
+  const manifest = (p) => JSON.parse(readFileSync(join(pkg, "prebuilds", p, "manifest.json"), "utf8"));
+  const x64 = manifest("linux-x64"), arm = manifest("linux-arm64");
+  const newer = (a, b) => a.localeCompare(b, "en", { numeric: true }) > 0;
+  const problems = [];
+  if (arm.addons.length === 0) problems.push("the linux-arm64 manifest lists no addon");
+  for (const a of arm.addons) {
+    const file = join(pkg, "prebuilds", "linux-arm64", a.file);
+    const bytes = readFileSync(file);
+    if (createHash("sha256").update(bytes).digest("hex") !== a.sha256) problems.push(`${a.file}: sha256 differs from the manifest`);
+    const elf = inspectElf(file);
+    if (!elf.ok) { problems.push(`${a.file}: ${elf.why}`); continue; }
+    if (elf.machine !== "AArch64" || elf.elfClass !== "ELF64" || elf.type !== "DYN") problems.push(`${a.file}: ${elf.elfClass} ${elf.type} for ${elf.machine}`);
+    if (!elf.exportsNapiInit) problems.push(`${a.file}: no napi_register_module_v1`);
+    const odd = elf.needed.filter((l) => !/^(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s)\.so\.\d$|^ld-linux-aarch64\.so\.1$/.test(l));
+    if (odd.length) problems.push(`${a.file}: links ${odd.join(", ")}`);
+    if (newer(elf.glibc, x64.glibc) || newer(elf.glibcxx, x64.glibcxx ?? elf.glibcxx)) problems.push(`${a.file}: needs glibc ${elf.glibc} / GLIBCXX ${elf.glibcxx}, the x64 addons ${x64.glibc} / ${x64.glibcxx}`);
+    if (elf.glibc !== arm.glibc) problems.push(`${a.file}: needs glibc ${elf.glibc}, its manifest says ${arm.glibc}`);
+    console.log(`linux-arm64: ${a.file} ${a.cpuArch} ${a.simd}, ${(bytes.length / 2 ** 20).toFixed(2)} MiB, AArch64, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, cuda ${arm.cuda.built ? "built" : "none"}`);
+  }
+  if (problems.length) { console.error(problems.join("\n")); process.exit(1); }
+' "$work/unpacked/package" || fail "the linux-arm64 prebuilt addon"
 
 # `bin` must survive publishing (npm drops or rewrites fields it has to correct)
 npm publish --dry-run --ignore-scripts > "$work/publish.log" 2>&1 || { cat "$work/publish.log"; fail "npm publish --dry-run failed"; }

@@ -10,6 +10,9 @@ export declare const PREBUILDS_DIR: string;
 export declare const MANIFEST_NAME: string;
 export declare const ADDON_PATH_ENV: 'SPARSE_MLA_NATIVE_ADDON';
 export declare const BUILD_FROM_SOURCE_ENV: 'SPARSE_MLA_BUILD_FROM_SOURCE';
+/** Per platform (`linux-x64`, `linux-arm64`): the prebuilt CPU levels, best first, and whether they carry the CUDA kernels. */
+export declare const PREBUILT_TARGETS: Readonly<Record<string, { readonly levels: readonly string[]; readonly cuda: boolean }>>;
+/** The linux-x64 prebuilt CPU levels, best first. */
 export declare const PREBUILT_LEVELS: readonly string[];
 export declare const LEVEL_FLAGS: Readonly<Record<string, readonly string[]>>;
 
@@ -38,6 +41,8 @@ export interface PrebuiltManifest {
   nodeApi: number;
   /** the newest glibc symbol version the addons need */
   glibc: string | null;
+  /** the newest libstdc++ symbol version (GLIBCXX_) the addons need */
+  glibcxx?: string | null;
   cuda: CudaBuild;
   addons: { file: string; cpuArch: string; simd: string; bytes: number; sha256: string }[];
 }

@@ -4,7 +4,7 @@
 //
 // Two sources:
 //   prebuilt      prebuilds/<platform>-<arch>/ in the npm package (built by native/prebuild.mjs at
-//                 `npm pack`): one addon per x86-64 level, described by manifest.json
+//                 `npm pack`): one addon per CPU level of PREBUILT_TARGETS, described by manifest.json
 //   source build  build/addon/Release/sparse_mla_native.node, built by native/install.mjs (a
 //                 checkout, a platform without a prebuilt addon, or SPARSE_MLA_BUILD_FROM_SOURCE=1)
 // What the install chose, and why, is in build/install-status.json (INSTALL_STATUS_FILE).
@@ -26,15 +26,30 @@ export const MANIFEST_NAME = 'manifest.json';
 export const ADDON_PATH_ENV = 'SPARSE_MLA_NATIVE_ADDON';
 export const BUILD_FROM_SOURCE_ENV = 'SPARSE_MLA_BUILD_FROM_SOURCE';
 
-/** The prebuilt CPU levels, best first; each is a -march value. */
-export const PREBUILT_LEVELS = ['x86-64-v3', 'x86-64-v2'];
-
 const V2_FLAGS = ['cx16', 'lahf_lm', 'popcnt', 'sse4_1', 'sse4_2', 'ssse3'];
 /** The x86-64 psABI levels as Linux /proc/cpuinfo flag names (abm is how Linux names LZCNT). */
 export const LEVEL_FLAGS = {
   'x86-64-v2': V2_FLAGS,
   'x86-64-v3': [...V2_FLAGS, 'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'abm', 'movbe', 'xsave'],
+  // AArch64 Linux always has FP and Advanced SIMD (NEON), so the baseline asks for nothing: a
+  // check would fail under emulators whose /proc/cpuinfo is the host's.
+  'armv8-a': [],
 };
+
+/**
+ * What the package carries prebuilt, per platform, as data: the addons best first, each a -march
+ * value (cpuArch) and the /proc/cpuinfo flags it needs (LEVEL_FLAGS). The loader takes the first
+ * the CPU has every flag of; where the flags cannot be read, only the last (the baseline). The
+ * packing step (native/prebuild.mjs) builds exactly these; cuda: whether they carry the kernels.
+ */
+export const PREBUILT_TARGETS = {
+  'linux-x64': { levels: ['x86-64-v3', 'x86-64-v2'], cuda: true },
+  // cpu only: the CUDA toolkit where the package is packed has no aarch64 (sbsa) target
+  'linux-arm64': { levels: ['armv8-a'], cuda: false },
+};
+
+/** The linux-x64 prebuilt CPU levels, best first. */
+export const PREBUILT_LEVELS = PREBUILT_TARGETS['linux-x64'].levels;
 
 export const platformKey = (platform = process.platform, arch = process.arch) => `${platform}-${arch}`;
 
@@ -87,7 +102,10 @@ export function addonSourceFingerprint(root = PACKAGE_ROOT) {
   }
 }
 
-/** The /proc/cpuinfo flags of the first CPU, or null where there is no such file. */
+/**
+ * The /proc/cpuinfo flags of the first CPU (x86's `flags` line, AArch64's `Features`), or null
+ * where there is no such file or line.
+ */
 export function readCpuFlags(cpuinfo) {
   let text = cpuinfo;
   if (text === undefined) {
@@ -97,8 +115,8 @@ export function readCpuFlags(cpuinfo) {
       return null;
     }
   }
-  const line = text.split('\n').find((l) => /^flags\s*:/.test(l));
-  return line ? new Set(line.replace(/^flags\s*:/, '').trim().split(/\s+/)) : null;
+  const line = text.split('\n').find((l) => /^(flags|Features)\s*:/.test(l));
+  return line ? new Set(line.replace(/^(flags|Features)\s*:/, '').trim().split(/\s+/).filter(Boolean)) : null;
 }
 
 /** The flags of `level` that `flags` lacks. */
@@ -139,19 +157,26 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
     return { ok: false, why: `no prebuilt addon for ${key} (the package carries ${carried.length ? carried.join(', ') : 'none'})` };
   }
   const entries = manifest.addons.filter((a) => a && typeof a.file === 'string' && typeof a.cpuArch === 'string');
-  if (arch === 'x64') {
+  const target = Object.hasOwn(PREBUILT_TARGETS, key) ? PREBUILT_TARGETS[key] : null;
+  if (target) {
+    const levels = target.levels;
+    const lowest = levels[levels.length - 1];
+    // Without /proc/cpuinfo the CPU cannot be checked: only the baseline level is taken.
     const flags = readCpuFlags(cpuinfo);
-    for (const level of PREBUILT_LEVELS) {
+    const runs = (level) => LEVEL_FLAGS[level].length === 0 || (flags ? missingFlags(level, flags).length === 0 : level === lowest);
+    for (const level of levels) {
       const entry = entries.find((a) => a.cpuArch === level);
       if (!entry) continue;
-      // Without /proc/cpuinfo the CPU cannot be checked: only the baseline-safe level is taken.
-      if (flags ? missingFlags(level, flags).length === 0 : level === PREBUILT_LEVELS[PREBUILT_LEVELS.length - 1]) {
+      if (runs(level)) {
         return { ok: true, path: join(dir, entry.file), level, manifest, entry };
       }
     }
-    const lowest = PREBUILT_LEVELS[PREBUILT_LEVELS.length - 1];
+    const listed = entries.map((a) => a.cpuArch).join(', ') || 'none';
+    if (!entries.some((a) => levels.includes(a.cpuArch))) return { ok: false, why: `the ${key} manifest lists none of the levels ${levels.join(', ')} (it lists ${listed})` };
     const lacking = flags ? missingFlags(lowest, flags) : [];
-    return { ok: false, why: flags ? `this CPU lacks ${lacking.join(', ')}, which the prebuilt addons need (${lowest} at least)` : 'the CPU could not be checked (no /proc/cpuinfo)' };
+    if (lacking.length) return { ok: false, why: `this CPU lacks ${lacking.join(', ')}, which the prebuilt addons need (${lowest} at least)` };
+    if (!flags) return { ok: false, why: 'the CPU could not be checked (no /proc/cpuinfo)' };
+    return { ok: false, why: `the ${key} prebuilt addons (${listed}) all need more than this CPU has` };
   }
   const entry = entries[0];
   return entry ? { ok: true, path: join(dir, entry.file), level: entry.cpuArch, manifest, entry } : { ok: false, why: `the ${key} manifest lists no addon` };

@@ -41,6 +41,51 @@ export function findBuildTools(root, env = process.env) {
   return { ok: true, cmakeJs: join(dirname(req.resolve('cmake-js/package.json')), 'bin', 'cmake-js'), cxx, compilers: given };
 }
 
+/**
+ * A cross compiler pair on PATH (`<prefix>gcc`, `<prefix>g++`, e.g. prefix 'aarch64-linux-gnu-'):
+ * { ok: true, cc, cxx } or { ok: false, why }.
+ */
+export function findCrossCompilers(prefix) {
+  const cc = `${prefix}gcc`;
+  const cxx = `${prefix}g++`;
+  const missing = [cc, cxx].filter((c) => !runs(c));
+  return missing.length ? { ok: false, why: `${missing.join(' and ')} not found on PATH` } : { ok: true, cc, cxx };
+}
+
+/** A version list's newest entry ('2.34' > '2.17'), or null for an empty list. */
+function newestVersion(versions) {
+  const sorted = [...new Set(versions)].sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+  return sorted.at(-1) ?? null;
+}
+
+/**
+ * What the dynamic loader will see in a shared object, read with readelf (which reads every ELF
+ * machine, so a cross-built addon is inspected on the build machine): { ok: true, machine ('AArch64',
+ * 'Advanced Micro Devices X86-64'), elfClass, type, needed (DT_NEEDED libraries), glibc / glibcxx
+ * (the newest GLIBC_ / GLIBCXX_ symbol versions it needs), exportsNapiInit } or { ok: false, why }.
+ */
+export function inspectElf(file, readelf = 'readelf') {
+  const run = (args) => spawnSync(readelf, [...args, '-W', file], { encoding: 'utf8', maxBuffer: 64 << 20 });
+  const header = run(['-h']);
+  if (header.error || header.status !== 0) return { ok: false, why: `\`${readelf} -h\` failed: ${header.error?.message ?? header.stderr.trim().slice(0, 200)}` };
+  const field = (name) => header.stdout.match(new RegExp(`^\\s*${name}:\\s*(.+)$`, 'm'))?.[1].trim() ?? null;
+  const dynamic = run(['-d']).stdout ?? '';
+  const versions = run(['-V']).stdout ?? '';
+  const symbols = run(['--dyn-syms']).stdout ?? '';
+  const needVersions = (prefix) => [...versions.matchAll(new RegExp(`Name: ${prefix}_([0-9.]+)\\b`, 'g'))].map((m) => m[1]);
+  return {
+    ok: true,
+    machine: field('Machine'),
+    elfClass: field('Class'),
+    type: field('Type')?.split(' ')[0] ?? null,
+    needed: [...dynamic.matchAll(/\(NEEDED\)\s+Shared library: \[([^\]]+)\]/g)].map((m) => m[1]),
+    glibc: newestVersion(needVersions('GLIBC')),
+    glibcxx: newestVersion(needVersions('GLIBCXX')),
+    // the entry point node looks up in a Node-API module, defined (not UND) and global
+    exportsNapiInit: symbols.split('\n').some((l) => /\bGLOBAL\b/.test(l) && !/\bUND\b/.test(l) && /\snapi_register_module_v1$/.test(l)),
+  };
+}
+
 /** Up to `max` lines of a build log that say what failed, each cut to 240 characters. */
 export function logExcerpt(logPath, max = 4) {
   let text;
@@ -56,13 +101,14 @@ export function logExcerpt(logPath, max = 4) {
 }
 
 /**
- * Configure + build sparse_mla_native into outDir/Release. Resolves { ok, problem, seconds }:
+ * Configure + build sparse_mla_native into outDir/Release (`defines`: more CMake cache entries, e.g.
+ * CMAKE_SYSTEM_NAME / CMAKE_SYSTEM_PROCESSOR for a cross build). Resolves { ok, problem, seconds }:
  * problem is null on success, else 'configure failed' / 'build failed' / 'stopped after N s' / ...
  */
-export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuArch, withCuda = 'AUTO', portable = false, logPath, verbose = false, timeoutS = 1200, parallel }) {
+export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuArch, withCuda = 'AUTO', portable = false, defines = {}, logPath, verbose = false, timeoutS = 1200, parallel }) {
   const jobs = String(parallel ?? os.availableParallelism?.() ?? os.cpus().length);
   const common = ['--directory', root, '--out', outDir, '--log-level', 'warn', ...(compilers ? ['--cc', compilers.cc, '--cxx', compilers.cxx] : [])];
-  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${withCuda}`, `--CDSMLA_CPU_ARCH=${cpuArch}`, `--CDSMLA_PORTABLE_RUNTIME=${portable ? 'ON' : 'OFF'}`, `--CDSMLA_SOURCE_FINGERPRINT=${addonSourceFingerprint(root) ?? ''}`];
+  const configure = [cmakeJs, 'configure', ...common, `--CDSMLA_WITH_CUDA=${withCuda}`, `--CDSMLA_CPU_ARCH=${cpuArch}`, `--CDSMLA_PORTABLE_RUNTIME=${portable ? 'ON' : 'OFF'}`, `--CDSMLA_SOURCE_FINGERPRINT=${addonSourceFingerprint(root) ?? ''}`, ...Object.entries(defines).map(([k, v]) => `--CD${k}=${v}`)];
   const build = [cmakeJs, 'build', ...common, '--target', 'sparse_mla_native', '--parallel', jobs];
   mkdirSync(outDir, { recursive: true });
   const log = verbose ? null : createWriteStream(logPath);

@@ -2,8 +2,9 @@
 // `npm install` hook: makes a native addon available and records what happened, and why, in
 // build/install-status.json (read by `sparse-mla info` and by every BACKEND_UNAVAILABLE message).
 // It never fails the install: without an addon the library runs on its WASM backend.
-//   1. The package's prebuilt addon for this platform and CPU (prebuilds/, x86-64-v3 or -v2 with
-//      the sm_90a kernels), when one fits and loads. Nothing is compiled.
+//   1. The package's prebuilt addon for this platform and CPU (prebuilds/: linux-x64 x86-64-v3 or
+//      -v2 with the sm_90a kernels; linux-arm64 armv8-a, cpu only), when one fits and loads.
+//      Nothing is compiled.
 //   2. Otherwise, or when asked, a source build with cmake-js into build/addon/ (CMake, a C++
 //      compiler and the packages cmake-js + node-addon-api; nvcc for the CUDA kernels).
 // Environment:
@@ -13,8 +14,8 @@
 //   SPARSE_MLA_NATIVE_VERBOSE=1       stream the build output instead of logging it
 //   SPARSE_MLA_WITH_CUDA=ON|OFF|AUTO  source build: the CUDA kernels (default AUTO: when nvcc is found)
 //   SPARSE_MLA_CPU_ARCH=<march>       source build: the core's -march (default native: this machine)
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { delimiter, dirname, join } from 'node:path';
 import {
   BUILD_FROM_SOURCE_ENV,
   INSTALL_STATUS_FILE,
@@ -38,6 +39,10 @@ function packageVersion() {
   } catch {
     return null;
   }
+}
+
+function findOnPath(command) {
+  return (env.PATH ?? '').split(delimiter).some((dir) => dir && existsSync(join(dir, command)));
 }
 
 function writeStatus(status) {
@@ -90,6 +95,8 @@ async function main() {
     const chosen = usePrebuilt();
     writeStatus({ ...base, ...chosen, prebuilt, build: { ran: false, why: `not needed (set ${BUILD_FROM_SOURCE_ENV}=1 for a build for this machine)` } });
     say(`using the prebuilt ${base.platform} addon (${chosen.cpuArch}, ${chosen.simd}${chosen.cuda.built ? `, CUDA ${chosen.cuda.arch}` : ', no CUDA'}): ${pre.path}`);
+    // e.g. a GH200: the linux-arm64 prebuilt addon is cpu only, its kernels need a build here
+    if (!chosen.cuda.built && (env.CUDACXX || findOnPath('nvcc'))) say(`nvcc is here but this addon has no CUDA kernels; for the cuda backend: ${howToBuild()}`);
     return;
   }
 

@@ -1,21 +1,27 @@
 #!/usr/bin/env node
 // `npm pack` / `npm publish` (prepack): builds the prebuilt addons the package carries, so that
-// `npm install sparse-mla` on a linux-x64 machine gets the cpu and cuda backends with no toolchain:
+// `npm install sparse-mla` on linux-x64 or linux-arm64 gets the native backends with no toolchain:
 //   prebuilds/linux-x64/sparse_mla_native.x86-64-v3.node   AVX2+FMA core (the loader checks the CPU)
 //   prebuilds/linux-x64/sparse_mla_native.x86-64-v2.node   SSE core, for CPUs without AVX2
-// each with the sm_90a kernels and cudart linked statically, and prebuilds/linux-x64/manifest.json
-// describing them (with the glibc version they need). `--clean` (postpack) removes prebuilds/ again,
-// so a checkout never loads a stale prebuilt addon. Build trees stay in build/prebuild-<level>/,
-// so packing again rebuilds only what changed.
+//     each with the sm_90a kernels and cudart linked statically
+//   prebuilds/linux-arm64/sparse_mla_native.armv8-a.node   NEON core, cpu backend only: built with
+//     the cross compiler aarch64-linux-gnu-g++ (the CUDA toolkit here has no aarch64/sbsa target)
+// and prebuilds/<platform>/manifest.json describing them (with the glibc and libstdc++ versions
+// they need; the arm64 addon may need no newer ones than the x64 addons, so one floor holds).
+// The levels are PREBUILT_TARGETS of addon_locate.mjs, the data the loader chooses by. `--clean`
+// (postpack) removes prebuilds/ again, so a checkout never loads a stale prebuilt addon. Build
+// trees stay in build/prebuild-<level>/, so packing again rebuilds only what changed.
 // Environment:
-//   SPARSE_MLA_PACK_CUDA=ON|OFF   ON (default): fail rather than pack addons without the kernels
+//   SPARSE_MLA_PACK_CUDA=ON|OFF   ON (default): fail rather than pack x64 addons without the kernels
+//   SPARSE_MLA_PACK_ARM64=ON|OFF  ON (default): fail rather than pack without the linux-arm64 addon
+//                                 (needs g++-aarch64-linux-gnu); OFF: pack linux-x64 only, saying so
 //   SPARSE_MLA_NATIVE_VERBOSE=1   stream the build output instead of logging it
 import { createHash } from 'node:crypto';
 import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { ADDON_NAME, MANIFEST_NAME, PACKAGE_ROOT, PREBUILDS_DIR, PREBUILT_LEVELS, platformKey } from './addon_locate.mjs';
-import { buildAddon, findBuildTools, logExcerpt, probeAddon } from './build_tools.mjs';
+import { ADDON_NAME, MANIFEST_NAME, PACKAGE_ROOT, PREBUILDS_DIR, PREBUILT_TARGETS, platformKey } from './addon_locate.mjs';
+import { buildAddon, findBuildTools, findCrossCompilers, inspectElf, logExcerpt, probeAddon } from './build_tools.mjs';
 
 const env = process.env;
 const say = (line) => console.error(`sparse-mla prebuild: ${line}`);
@@ -29,21 +35,37 @@ if (process.argv.includes('--clean')) {
   process.exit(0);
 }
 
-const PLATFORM = 'linux-x64';
-if (platformKey() !== PLATFORM) die(`prebuilt addons are built on ${PLATFORM}; this is ${platformKey()}`);
-const cudaMode = (env.SPARSE_MLA_PACK_CUDA || 'ON').toUpperCase();
-if (cudaMode !== 'ON' && cudaMode !== 'OFF') die(`SPARSE_MLA_PACK_CUDA: expected ON or OFF, got ${JSON.stringify(env.SPARSE_MLA_PACK_CUDA)}`);
+const HOST = 'linux-x64';
+if (platformKey() !== HOST) die(`prebuilt addons are built on ${HOST}; this is ${platformKey()}`);
+const onOff = (name) => {
+  const mode = (env[name] || 'ON').toUpperCase();
+  if (mode !== 'ON' && mode !== 'OFF') die(`${name}: expected ON or OFF, got ${JSON.stringify(env[name])}`);
+  return mode;
+};
+const cudaMode = onOff('SPARSE_MLA_PACK_CUDA');
+const arm64Mode = onOff('SPARSE_MLA_PACK_ARM64');
 const tools = findBuildTools(PACKAGE_ROOT, env);
 if (!tools.ok) die(`cannot build the prebuilt addons: ${tools.why}`);
 
-/** The newest GLIBC_x.y symbol version the file needs (objdump -T), or null without objdump. */
-function glibcNeeded(file) {
-  const r = spawnSync('objdump', ['-T', file], { encoding: 'utf8', maxBuffer: 64 << 20 });
-  if (r.status !== 0) return null;
-  const versions = [...r.stdout.matchAll(/\bGLIBC_(\d+)\.(\d+)/g)].map((m) => [Number(m[1]), Number(m[2])]);
-  if (versions.length === 0) return null;
-  versions.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
-  return versions.at(-1).join('.');
+// How each platform is built here. A cross build cannot be loaded on this machine, so its addon is
+// judged by its ELF (machine, Node-API entry point, libraries, symbol versions) and the strings its
+// build compiles in (the SIMD path and -march it reports); .ci/arm64_check.sh runs it emulated.
+const BUILDS = {
+  'linux-x64': { machine: 'Advanced Micro Devices X86-64', withCuda: cudaMode, cross: null },
+  'linux-arm64': { machine: 'AArch64', withCuda: 'OFF', simd: 'NEON', cross: { prefix: 'aarch64-linux-gnu-', processor: 'aarch64', apt: 'g++-aarch64-linux-gnu' } },
+};
+// What a portable addon may link: glibc's and GCC's runtime libraries, which every distribution has.
+const SYSTEM_LIBRARY = /^(libc\.so\.6|libm\.so\.6|libdl\.so\.2|librt\.so\.1|libpthread\.so\.0|libstdc\+\+\.so\.6|libgcc_s\.so\.1|ld-linux-[\w-]+\.so\.\d)$/;
+const ARM64_SKIPPED = 'SPARSE_MLA_PACK_ARM64=OFF';
+
+const platforms = [HOST];
+const arm64Compilers = findCrossCompilers(BUILDS['linux-arm64'].cross.prefix);
+if (arm64Mode === 'OFF') {
+  say(`${ARM64_SKIPPED}: packing WITHOUT the linux-arm64 addon (arm64 installs then build from source or run on wasm)`);
+} else if (!arm64Compilers.ok) {
+  die(`cannot build the linux-arm64 addon: ${arm64Compilers.why} (apt-get install ${BUILDS['linux-arm64'].cross.apt}; or set ${ARM64_SKIPPED} to pack without it)`);
+} else {
+  platforms.push('linux-arm64');
 }
 
 function gitCommit() {
@@ -52,46 +74,85 @@ function gitCommit() {
   const dirty = spawnSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: PACKAGE_ROOT, encoding: 'utf8' }).stdout?.trim();
   return `${r.stdout.trim()}${dirty ? '-dirty' : ''}`;
 }
+const newest = (versions) => versions.filter(Boolean).sort((a, b) => a.localeCompare(b, 'en', { numeric: true })).at(-1) ?? null;
+const newer = (a, b) => a !== null && b !== null && a.localeCompare(b, 'en', { numeric: true }) > 0;
 
-const outDir = join(PREBUILDS_DIR, PLATFORM);
-rmSync(PREBUILDS_DIR, { recursive: true, force: true });
-mkdirSync(outDir, { recursive: true });
-const version = JSON.parse(readFileSync(join(PACKAGE_ROOT, 'package.json'), 'utf8')).version;
-const addons = [];
-let cuda = null;
-const glibc = [];
-for (const level of PREBUILT_LEVELS) {
-  const buildDir = join(PACKAGE_ROOT, 'build', `prebuild-${level}`);
-  const logPath = join(buildDir, 'build.log');
-  say(`building ${level} (CUDA ${cudaMode})${env.SPARSE_MLA_NATIVE_VERBOSE === '1' ? '' : `, log: ${logPath}`}`);
-  const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers: tools.compilers, outDir: buildDir, cpuArch: level, withCuda: cudaMode, portable: true, logPath, verbose: env.SPARSE_MLA_NATIVE_VERBOSE === '1' });
-  if (!r.ok) die(`${level}: ${r.problem} (log: ${logPath})\n${logExcerpt(logPath).map((l) => `  ${l}`).join('\n')}`);
-  const probe = probeAddon(r.addon);
-  if (!probe.ok) die(`${level}: the built addon does not load: ${probe.why}`);
-  const { build, cuda: c } = probe.info;
-  if (build?.cpuArch !== level) die(`${level}: the addon reports cpuArch ${build?.cpuArch}`);
-  if (c.built !== (cudaMode === 'ON')) die(`${level}: CUDA ${c.built ? 'built' : 'not built'} although SPARSE_MLA_PACK_CUDA=${cudaMode} (log: ${logPath})`);
-  const file = `${ADDON_NAME}.${level}.node`;
-  copyFileSync(r.addon, join(outDir, file));
-  const bytes = readFileSync(join(outDir, file));
-  addons.push({ file, cpuArch: level, simd: build.simd, bytes: statSync(join(outDir, file)).size, sha256: createHash('sha256').update(bytes).digest('hex') });
-  cuda = c.built ? { built: true, arch: c.arch, nvcc: c.compilerVersion, runtime: 'static' } : { built: false, why: 'the package was packed without the CUDA kernels (SPARSE_MLA_PACK_CUDA=OFF, no nvcc where it was packed)' };
-  const g = glibcNeeded(join(outDir, file));
-  if (g) glibc.push(g);
-  say(`${file}: ${build.simd}, ${c.built ? `CUDA ${c.arch}` : 'no CUDA'}, ${(addons.at(-1).bytes / 2 ** 20).toFixed(2)} MiB, ${Math.round(r.seconds)} s`);
+/** Builds one platform's levels into prebuilds/<platform>/ and returns its manifest. */
+async function buildPlatform(platform) {
+  const spec = BUILDS[platform];
+  const compilers = spec.cross ? { cc: arm64Compilers.cc, cxx: arm64Compilers.cxx } : tools.compilers;
+  const cxx = compilers?.cxx ?? tools.cxx;
+  const defines = spec.cross ? { CMAKE_SYSTEM_NAME: 'Linux', CMAKE_SYSTEM_PROCESSOR: spec.cross.processor } : {};
+  const outDir = join(PREBUILDS_DIR, platform);
+  mkdirSync(outDir, { recursive: true });
+  const addons = [];
+  const glibc = [];
+  const glibcxx = [];
+  let cuda = null;
+  for (const level of PREBUILT_TARGETS[platform].levels) {
+    const buildDir = join(PACKAGE_ROOT, 'build', `prebuild-${level}`);
+    const logPath = join(buildDir, 'build.log');
+    say(`building ${platform} ${level} (CUDA ${spec.withCuda}${spec.cross ? `, ${cxx}` : ''})${env.SPARSE_MLA_NATIVE_VERBOSE === '1' ? '' : `, log: ${logPath}`}`);
+    const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers, outDir: buildDir, cpuArch: level, withCuda: spec.withCuda, portable: true, defines, logPath, verbose: env.SPARSE_MLA_NATIVE_VERBOSE === '1' });
+    if (!r.ok) die(`${level}: ${r.problem} (log: ${logPath})\n${logExcerpt(logPath).map((l) => `  ${l}`).join('\n')}`);
+    const elf = inspectElf(r.addon);
+    if (!elf.ok) die(`${level}: cannot read the built addon: ${elf.why}`);
+    if (elf.machine !== spec.machine || elf.elfClass !== 'ELF64' || elf.type !== 'DYN') die(`${level}: built a ${elf.elfClass} ${elf.type} for ${elf.machine}, not a shared object for ${spec.machine}`);
+    if (!elf.exportsNapiInit) die(`${level}: the addon does not export napi_register_module_v1`);
+    const foreign = elf.needed.filter((l) => !SYSTEM_LIBRARY.test(l));
+    if (foreign.length) die(`${level}: the addon needs ${foreign.join(', ')}, which a user's machine may lack`);
+    const bytes = readFileSync(r.addon);
+    let simd;
+    if (spec.cross) {
+      // the strings core_simd.cpp and addon.cpp compile in (build.simd, build.cpuArch)
+      const has = (text) => bytes.includes(Buffer.from(`${text}\0`));
+      if (!has(spec.simd) || !has(level)) die(`${level}: the addon does not name ${spec.simd} and ${level} as its SIMD path and -march (log: ${logPath})`);
+      simd = spec.simd;
+      cuda = { built: false, why: `the ${platform} prebuilt addon has the cpu backend only (the CUDA toolkit where the package was packed has no aarch64 target)` };
+    } else {
+      const probe = probeAddon(r.addon);
+      if (!probe.ok) die(`${level}: the built addon does not load: ${probe.why}`);
+      const { build, cuda: c } = probe.info;
+      if (build?.cpuArch !== level) die(`${level}: the addon reports cpuArch ${build?.cpuArch}`);
+      if (c.built !== (spec.withCuda === 'ON')) die(`${level}: CUDA ${c.built ? 'built' : 'not built'} although SPARSE_MLA_PACK_CUDA=${spec.withCuda} (log: ${logPath})`);
+      simd = build.simd;
+      cuda = c.built ? { built: true, arch: c.arch, nvcc: c.compilerVersion, runtime: 'static' } : { built: false, why: 'the package was packed without the CUDA kernels (SPARSE_MLA_PACK_CUDA=OFF, no nvcc where it was packed)' };
+    }
+    const file = `${ADDON_NAME}.${level}.node`;
+    copyFileSync(r.addon, join(outDir, file));
+    addons.push({ file, cpuArch: level, simd, bytes: statSync(join(outDir, file)).size, sha256: createHash('sha256').update(bytes).digest('hex') });
+    glibc.push(elf.glibc);
+    glibcxx.push(elf.glibcxx);
+    say(`${platform}/${file}: ${simd}, ${cuda.built ? `CUDA ${cuda.arch}` : 'no CUDA'}, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, ${(addons.at(-1).bytes / 2 ** 20).toFixed(2)} MiB, ${Math.round(r.seconds)} s`);
+  }
+  return {
+    package: 'sparse-mla',
+    version,
+    platform,
+    builtAt: new Date().toISOString(),
+    commit: gitCommit(),
+    compiler: spawnSync(cxx, ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] ?? cxx,
+    nodeApi: 8,
+    glibc: newest(glibc),
+    glibcxx: newest(glibcxx),
+    cuda,
+    addons,
+  };
 }
-glibc.sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
-const manifest = {
-  package: 'sparse-mla',
-  version,
-  platform: PLATFORM,
-  builtAt: new Date().toISOString(),
-  commit: gitCommit(),
-  compiler: spawnSync(tools.cxx, ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] ?? tools.cxx,
-  nodeApi: 8,
-  glibc: glibc.at(-1) ?? null,
-  cuda,
-  addons,
-};
-writeFileSync(join(outDir, MANIFEST_NAME), `${JSON.stringify(manifest, null, 2)}\n`);
-say(`wrote ${join(outDir, MANIFEST_NAME)} (glibc >= ${manifest.glibc ?? 'unknown'})`);
+
+rmSync(PREBUILDS_DIR, { recursive: true, force: true });
+const version = JSON.parse(readFileSync(join(PACKAGE_ROOT, 'package.json'), 'utf8')).version;
+const manifests = {};
+for (const platform of platforms) manifests[platform] = await buildPlatform(platform);
+// README states one floor (the x64 addons'); another platform's addons may not need more.
+const floor = manifests[HOST];
+for (const [platform, m] of Object.entries(manifests)) {
+  for (const key of ['glibc', 'glibcxx']) {
+    if (newer(m[key], floor[key])) die(`${platform}: the addons need ${key} ${m[key]}, newer than the ${HOST} addons' ${floor[key]} (the floor README states)`);
+  }
+}
+for (const [platform, m] of Object.entries(manifests)) {
+  writeFileSync(join(PREBUILDS_DIR, platform, MANIFEST_NAME), `${JSON.stringify(m, null, 2)}\n`);
+  say(`wrote ${join(PREBUILDS_DIR, platform, MANIFEST_NAME)} (glibc >= ${m.glibc ?? 'unknown'}, GLIBCXX >= ${m.glibcxx ?? 'unknown'})`);
+}
+if (!manifests['linux-arm64']) say(`the package carries NO linux-arm64 addon (${ARM64_SKIPPED})`);

@@ -12,7 +12,7 @@ import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_LEVELS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
+import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_LEVELS, PREBUILT_TARGETS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -20,15 +20,18 @@ const V2 = LEVEL_FLAGS['x86-64-v2']!;
 const V3 = LEVEL_FLAGS['x86-64-v3']!;
 const cpuinfo = (flags: readonly string[]): string => `processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 ${flags.join(' ')}\n\nprocessor\t: 1\n`;
 
-/** A package root with prebuilds/linux-x64/manifest.json listing the given levels (files optional). */
-function prebuiltRoot(levels: readonly string[], extra: Record<string, unknown> = {}): string {
-  const root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-prebuilt-'));
-  const dir = join(root, 'prebuilds', 'linux-x64');
+/** A package root with prebuilds/<platform>/manifest.json listing the given levels (files optional). */
+function prebuiltRoot(levels: readonly string[], extra: Record<string, unknown> = {}, platform = 'linux-x64', root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-prebuilt-'))): string {
+  const dir = join(root, 'prebuilds', platform);
   mkdirSync(dir, { recursive: true });
-  const addons = levels.map((level) => ({ file: `sparse_mla_native.${level}.node`, cpuArch: level, simd: level === 'x86-64-v3' ? 'AVX2+FMA' : 'SSE2', bytes: 0, sha256: '' }));
-  writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: true, arch: 'sm_90a' }, addons, ...extra }));
+  const simd = (level: string) => ({ 'x86-64-v3': 'AVX2+FMA', 'x86-64-v2': 'SSE2', 'armv8-a': 'NEON' })[level] ?? '?';
+  const addons = levels.map((level) => ({ file: `sparse_mla_native.${level}.node`, cpuArch: level, simd: simd(level), bytes: 0, sha256: '' }));
+  writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform, cuda: { built: true, arch: 'sm_90a' }, addons, ...extra }));
   return root;
 }
+
+/** /proc/cpuinfo of an AArch64 Linux machine (a Neoverse core): `Features`, no `flags`. */
+const ARM_CPUINFO = 'processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\n\n';
 
 describe('prebuilt addon selection', () => {
   test('the x86-64 levels as /proc/cpuinfo flags: v3 holds v2, and a v3 CPU gets the v3 addon', () => {
@@ -65,6 +68,26 @@ describe('prebuilt addon selection', () => {
     expect(arm).toEqual({ ok: false, why: 'no prebuilt addon for linux-arm64 (the package carries linux-x64)' });
     const bare = selectPrebuilt({ root: mkdtempSync(join(os.tmpdir(), 'sparse-mla-bare-')), platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
     expect(bare).toEqual({ ok: false, why: 'this copy of the package carries no prebuilt addons' });
+  });
+
+  test('linux-arm64: the armv8-a addon on any AArch64 CPU, whatever /proc/cpuinfo says (none, Features, or an emulator\'s host flags)', () => {
+    expect(PREBUILT_TARGETS['linux-arm64']).toEqual({ levels: ['armv8-a'], cuda: false });
+    for (const [platform, target] of Object.entries(PREBUILT_TARGETS)) {
+      for (const level of target.levels) expect(LEVEL_FLAGS[level], `${platform} ${level}`).toBeDefined();
+    }
+    expect([...readCpuFlags(ARM_CPUINFO)!]).toEqual(expect.arrayContaining(['fp', 'asimd', 'asimddp']));
+    const root = prebuiltRoot(PREBUILT_LEVELS);
+    prebuiltRoot(['armv8-a'], { cuda: { built: false, why: 'cpu only' } }, 'linux-arm64', root);
+    const path = join(root, 'prebuilds', 'linux-arm64', 'sparse_mla_native.armv8-a.node');
+    for (const info of [ARM_CPUINFO, '', cpuinfo(V2)]) {
+      expect(selectPrebuilt({ root, platform: 'linux', arch: 'arm64', cpuinfo: info }), JSON.stringify(info)).toMatchObject({ ok: true, level: 'armv8-a', path, entry: { simd: 'NEON' } });
+    }
+    // the same package on x64 still takes the x64 addons, and elsewhere says what it carries
+    expect(selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) })).toMatchObject({ ok: true, level: 'x86-64-v3' });
+    expect(selectPrebuilt({ root, platform: 'darwin', arch: 'arm64', cpuinfo: '' })).toEqual({ ok: false, why: 'no prebuilt addon for darwin-arm64 (the package carries linux-arm64, linux-x64)' });
+    // an arm64 manifest naming only levels the loader does not know of gives nothing, and says so
+    const odd = prebuiltRoot(['armv9-a'], {}, 'linux-arm64');
+    expect(selectPrebuilt({ root: odd, platform: 'linux', arch: 'arm64', cpuinfo: ARM_CPUINFO })).toEqual({ ok: false, why: 'the linux-arm64 manifest lists none of the levels armv8-a (it lists armv9-a)' });
   });
 
   test('load order: SPARSE_MLA_NATIVE_ADDON alone; a source build first only when the install made one', () => {
@@ -169,6 +192,20 @@ describe('install script', () => {
     expect(err.error.message).toContain(`log: ${log}`);
   }, 60_000);
 
+  test.skipIf(process.platform !== 'linux' || process.arch !== 'x64')('nvcc on PATH beside a prebuilt addon without kernels (a GH200 with the arm64 one): the install says how to get them', () => {
+    // a stand-in addon (the JS surface the probe reads) as the package's x86-64-v2 one, which any x64 CPU here runs
+    const root = packageCopy();
+    const dir = join(root, 'prebuilds', 'linux-x64');
+    mkdirSync(dir, { recursive: true });
+    writeFileSync(join(dir, 'stand_in.cjs'), "module.exports = { abiVersion: 2, build: { cpuArch: 'x86-64-v2', simd: 'SSE2' }, cuda: { built: false } };\n");
+    writeFileSync(join(dir, 'manifest.json'), JSON.stringify({ package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: false, why: 'cpu only' }, addons: [{ file: 'stand_in.cjs', cpuArch: 'x86-64-v2', simd: 'SSE2', bytes: 0, sha256: '' }] }));
+    const hint = 'nvcc is here but this addon has no CUDA kernels; for the cuda backend: build it from source with `SPARSE_MLA_BUILD_FROM_SOURCE=1 npm rebuild sparse-mla`';
+    const withNvcc = install(root, toolPath({ nvcc: 'echo "nvcc (stand-in)"' }));
+    expect(withNvcc.status).toMatchObject({ addon: 'prebuilt', cuda: { built: false } });
+    expect(withNvcc.stdout).toContain(hint);
+    expect(install(root, toolPath()).stdout).not.toContain('nvcc is here');
+  });
+
   describe.skipIf(!nativeAddonBuilt())('with a prebuilt addon (this checkout\'s build, copied in as both levels)', () => {
     const withPrebuilt = (options: { dist?: boolean } = {}): string => {
       const root = packageCopy(options);
@@ -200,6 +237,29 @@ describe('install script', () => {
       expect(status.build).toMatchObject({ ran: false });
       expect(status.build!.why).toMatch(/^a source build was wanted \(SPARSE_MLA_BUILD_FROM_SOURCE is set\) but cannot run: CMake not found/);
     });
+  });
+});
+
+// The packing step refuses to pack a package that would silently lack the linux-arm64 addon.
+// (Stand-in cmake and g++ that only answer --version: it must stop before building anything.)
+describe.skipIf(process.platform !== 'linux' || process.arch !== 'x64')('packing step (native/prebuild.mjs)', () => {
+  const STAND_INS = { cmake: 'echo "cmake version 3.25.1"', 'g++': 'echo "g++ (stand-in) 12.2.0"', gcc: 'echo "gcc (stand-in) 12.2.0"' };
+  const prebuild = (env: Record<string, string>) => {
+    const root = packageCopy();
+    copyFileSync(join(ROOT, 'native', 'prebuild.mjs'), join(root, 'native', 'prebuild.mjs'));
+    const clean = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(CXX|CC|CMAKE|CUDACXX|SPARSE_MLA_.*)$/.test(k)));
+    const r = spawnSync(process.execPath, [join(root, 'native', 'prebuild.mjs')], { cwd: root, encoding: 'utf8', timeout: 60_000, env: { ...clean, PATH: toolPath(STAND_INS), ...env } });
+    return { status: r.status, stderr: r.stderr, built: existsSync(join(root, 'build')) || existsSync(join(root, 'prebuilds')) };
+  };
+
+  test('without the aarch64 cross compiler it fails, saying what to install and how to skip; a bad switch value fails too', () => {
+    const missing = prebuild({});
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toContain('cannot build the linux-arm64 addon: aarch64-linux-gnu-gcc and aarch64-linux-gnu-g++ not found on PATH (apt-get install g++-aarch64-linux-gnu; or set SPARSE_MLA_PACK_ARM64=OFF to pack without it)');
+    expect(missing.built).toBe(false);
+    const bad = prebuild({ SPARSE_MLA_PACK_ARM64: 'maybe' });
+    expect(bad.status).toBe(1);
+    expect(bad.stderr).toContain('SPARSE_MLA_PACK_ARM64: expected ON or OFF, got "maybe"');
   });
 });
 

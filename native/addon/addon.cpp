@@ -7,10 +7,10 @@
 #include <atomic>
 #include <climits>
 #include <condition_variable>
-#include <deque>
 #include <map>
 #include <mutex>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <new>
@@ -36,6 +36,7 @@ std::string StatusName(int32_t status) {
     case SMLA_ERR_OUT_OF_RANGE: return "SMLA_ERR_OUT_OF_RANGE";
     case SMLA_ERR_OUT_OF_MEMORY: return "SMLA_ERR_OUT_OF_MEMORY";
     case SMLA_ERR_UNSUPPORTED: return "SMLA_ERR_UNSUPPORTED";
+    case kNoThread: return "no thread could be started for the call (the system refused one, or no memory was left) and none of the addon's was running";
     default: return status < 0 ? CudaErrorText(-status) : "SMLA_ERR_UNKNOWN(" + std::to_string(status) + ")";
   }
 }
@@ -137,11 +138,32 @@ const void* Args::InputBytes(size_t i, const char* name, uint64_t* bytes) {
   return InPlaceOrCopy(a, data, *bytes, true, nullptr);
 }
 
-// ---- the row-parallel worker --------------------------------------------------------------------
+// ---- failures that must not escape ---------------------------------------------------------------
 
 namespace {
 
-int32_t Guarded(const std::function<int32_t()>& f) {
+// An Error `op: what` with `code`, made through the C API from a fixed buffer: usable right after a
+// C++ allocation failed. nullptr when even that fails (V8 itself out of memory).
+napi_value PlainError(napi_env env, const char* code, const char* op, const char* what) noexcept {
+  char text[320];
+  std::snprintf(text, sizeof text, "%s: %s", op, what);
+  napi_value code_value = nullptr, message = nullptr, error = nullptr;
+  if (napi_create_string_utf8(env, code, NAPI_AUTO_LENGTH, &code_value) != napi_ok ||
+      napi_create_string_utf8(env, text, NAPI_AUTO_LENGTH, &message) != napi_ok || napi_create_error(env, code_value, message, &error) != napi_ok)
+    return nullptr;
+  return error;
+}
+
+void ThrowPlain(napi_env env, const char* code, const char* op, const char* what) noexcept {
+  bool pending = false;
+  if (napi_is_exception_pending(env, &pending) == napi_ok && pending) return;
+  if (napi_value e = PlainError(env, code, op, what)) napi_throw(env, e);
+  else napi_throw_error(env, code, what);
+}
+
+// Runs a job's prepare or run: an exception becomes a status (nothing may leave a worker thread).
+template <class F>
+int32_t Guarded(F&& f) noexcept {
   try {
     return f();
   } catch (const std::bad_alloc&) {
@@ -153,10 +175,46 @@ int32_t Guarded(const std::function<int32_t()>& f) {
 
 }  // namespace
 
+Napi::Function OpFunctionOf(Napi::Env env, const OpEntry& entry) {
+  return Napi::Function::New(
+      env,
+      [fn = entry.fn, name = entry.name](const Napi::CallbackInfo& info) -> Napi::Value {
+        try {
+          return fn(info);
+        } catch (const Napi::Error& e) {
+          // Thrown here rather than by node-addon-api, which throws a C++ exception out of its
+          // catch block (std::terminate) when napi_throw fails: in a Worker being terminated,
+          // whose JS can no longer run (a call made just then fails to read its arguments).
+          napi_value v = nullptr;
+          try {
+            v = e.Value();
+          } catch (...) {
+          }
+          bool pending = false;
+          if (v && napi_is_exception_pending(info.Env(), &pending) == napi_ok && !pending) napi_throw(info.Env(), v);
+        } catch (const std::bad_alloc&) {
+          ThrowPlain(info.Env(), "SMLA_OUT_OF_MEMORY", name, "out of memory (nothing was queued)");
+        } catch (const std::exception& e) {
+          ThrowPlain(info.Env(), "SMLA_ADDON_FAILURE", name, e.what());
+        } catch (...) {
+          ThrowPlain(info.Env(), "SMLA_ADDON_FAILURE", name, "a native exception");
+        }
+        return Napi::Value();
+      },
+      entry.name);
+}
+
+// ---- the row-parallel worker --------------------------------------------------------------------
+
 Napi::Error StatusError(Napi::Env env, const char* op, int32_t status) {
   const bool cuda = status < 0;
-  Napi::Error e = Napi::Error::New(env, std::string(op) + (cuda ? ": CUDA failed: " : ": the core returned ") + StatusName(status));
-  e.Set("code", Napi::String::New(env, cuda ? "SMLA_CUDA_ERROR" : "SMLA_CORE_STATUS"));
+  const char* code = cuda ? "SMLA_CUDA_ERROR"
+                     : status == SMLA_ERR_OUT_OF_MEMORY ? "SMLA_OUT_OF_MEMORY"
+                     : status == kNoThread              ? "SMLA_NO_THREAD"
+                                                        : "SMLA_CORE_STATUS";
+  const std::string what = cuda ? ": CUDA failed: " : status == kNoThread ? ": " : status == SMLA_ERR_OUT_OF_MEMORY ? ": out of memory: " : ": the core returned ";
+  Napi::Error e = Napi::Error::New(env, std::string(op) + what + StatusName(status));
+  e.Set("code", Napi::String::New(env, code));
   e.Set("status", Napi::String::New(env, StatusName(status)));
   return e;
 }
@@ -174,15 +232,25 @@ namespace {
 // nobody is left to tell).
 constexpr int32_t kStopped = INT32_MAX;
 
-// Runs job.run over `rows` rows split into `threads` contiguous parts (this thread does part 0),
-// each part `block` rows at a time; stops between blocks once *stop is set.
-int32_t RunSplit(const RowJob& job, int64_t rows, const std::atomic<bool>* stop) {
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(job.threads, rows));
+// One part of a split job: its status and the thread that runs it (none for part 0).
+struct SplitPart {
+  int32_t status = SMLA_OK;
+  std::thread thread;
+};
+// A job's parts, one per thread it may use: made on the JS thread when the call is made, so that
+// splitting it allocates nothing on a worker thread.
+using SplitParts = std::unique_ptr<SplitPart[]>;
+SplitParts MakeParts(const RowJob& job) { return SplitParts(new SplitPart[size_t(std::max(1, job.threads))]); }
+
+// Runs job.run over `rows` rows split into at most `threads` contiguous parts (this thread does part
+// 0), each part `block` rows at a time; stops between blocks once *stop is set. A part whose thread
+// cannot be started (no memory for its state, or the system refuses a thread) runs here.
+int32_t RunSplit(const RowJob& job, int64_t rows, const std::atomic<bool>* stop, SplitPart* part) noexcept {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(std::max(1, job.threads), rows));
   const int64_t block = std::max<int64_t>(1, job.block);
-  std::vector<int32_t> status(size_t(parts), SMLA_OK);
-  auto range = [&](int64_t p) {
+  auto range = [&job, part, rows, parts, block, stop](int64_t p) noexcept {
     const int64_t begin = rows * p / parts, end = rows * (p + 1) / parts;
-    status[size_t(p)] = Guarded([&] {
+    part[p].status = Guarded([&] {
       for (int64_t b = begin; b < end; b += std::min(block, end - b)) {
         if (stop && stop->load(std::memory_order_relaxed)) return kStopped;
         const int32_t s = job.run(b, std::min(end, b + block));
@@ -191,50 +259,52 @@ int32_t RunSplit(const RowJob& job, int64_t rows, const std::atomic<bool>* stop)
       return int32_t(SMLA_OK);
     });
   };
-  std::vector<std::thread> threads;
-  threads.reserve(size_t(parts - 1));
   for (int64_t p = 1; p < parts; ++p) {
     try {
-      threads.emplace_back(range, p);
-    } catch (...) {  // no thread to be had: do that range here
+      part[p].thread = std::thread(range, p);
+    } catch (...) {
       range(p);
     }
   }
   range(0);
-  for (auto& t : threads) t.join();
-  for (int32_t s : status)
-    if (s != SMLA_OK) return s;
-  return SMLA_OK;
+  int32_t status = SMLA_OK;
+  for (int64_t p = 0; p < parts; ++p) {
+    if (part[p].thread.joinable()) {
+      try {
+        part[p].thread.join();
+      } catch (...) {
+      }
+    }
+    if (status == SMLA_OK) status = part[p].status;
+  }
+  return status;
 }
 
-int32_t Execute(const RowJob& job, const std::atomic<bool>* stop) {
+int32_t Execute(const RowJob& job, const std::atomic<bool>* stop, SplitPart* parts) noexcept {
   int64_t rows = job.rows;
   int32_t status = SMLA_OK;
   if (job.prepare) status = Guarded([&] { return job.prepare(rows); });
-  if (status == SMLA_OK && rows > 0) status = RunSplit(job, rows, stop);
+  if (status == SMLA_OK && rows > 0) status = RunSplit(job, rows, stop, parts);
   return status;
 }
 
 // Settles a finished job's promise (`*deferred`, set to null once used) on its JS thread: check,
 // resolve, then commit; or reject. Run while a worker thread's env is being torn down, the resolve
 // fails (JS is stopped) and nothing is committed; whatever throws while settling rejects the
-// promise if it is not settled yet (so a live caller is told, never left waiting) and is dropped
-// when even that fails (the env is going away: nobody is left to tell).
-void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status, napi_deferred* deferred) {
+// promise if it is not settled yet (so a live caller is told, never left waiting; with an error
+// made without the C++ heap, which may be what just failed) and is dropped when even that fails
+// (the env is going away: nobody is left to tell).
+void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status, napi_deferred* deferred) noexcept {
   // napi_ok: settled. A refusal before the promise is touched (pending exception, JS stopped)
   // leaves the deferred usable; any other failure has used it up.
-  auto conclude = [&](bool resolve, napi_value v) {
-    if (!*deferred) return napi_generic_failure;
+  auto conclude = [&](bool resolve, napi_value v) noexcept {
+    if (!*deferred || !v) return napi_generic_failure;
     const napi_status s = resolve ? napi_resolve_deferred(env, *deferred, v) : napi_reject_deferred(env, *deferred, v);
     if (s == napi_ok || (s != napi_pending_exception && s != napi_cannot_run_js)) *deferred = nullptr;
     return s;
   };
-  auto reject_if_unsettled = [&](auto make) noexcept {
-    if (!*deferred) return;
-    try {
-      conclude(false, make());
-    } catch (...) {
-    }
+  auto reject_if_unsettled = [&](const char* code, const char* what) noexcept {
+    if (*deferred) conclude(false, PlainError(env, code, op, what));
   };
   napi_handle_scope scope = nullptr;
   const bool scoped = napi_open_handle_scope(env, &scope) == napi_ok;
@@ -246,7 +316,7 @@ void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status,
         if (conclude(true, env.Undefined()) == napi_ok) {
           if (job.commit) job.commit();
         } else {
-          reject_if_unsettled([&] { return Napi::Error::New(env, std::string(op) + ": cannot resolve the call").Value(); });
+          reject_if_unsettled("SMLA_ADDON_FAILURE", "cannot resolve the call");
         }
       } else {
         Napi::Error e = Napi::Error::New(env, std::string(op) + ": " + why);
@@ -257,11 +327,20 @@ void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status,
       conclude(false, StatusError(env, op, status).Value());
     }
   } catch (const Napi::Error& e) {
-    reject_if_unsettled([&] { return e.Value(); });
+    // its value may be out of reach too (a Worker being torn down), and Value() then throws
+    napi_value v = nullptr;
+    try {
+      v = e.Value();
+    } catch (...) {
+    }
+    if (v) conclude(false, v);
+    else reject_if_unsettled("SMLA_ADDON_FAILURE", "failed while settling");
+  } catch (const std::bad_alloc&) {
+    reject_if_unsettled("SMLA_OUT_OF_MEMORY", "out of memory while settling the call");
   } catch (const std::exception& e) {
-    reject_if_unsettled([&] { return Napi::Error::New(env, std::string(op) + ": " + e.what()).Value(); });
+    reject_if_unsettled("SMLA_ADDON_FAILURE", e.what());
   } catch (...) {
-    reject_if_unsettled([&] { return Napi::Error::New(env, std::string(op) + ": failed while settling").Value(); });
+    reject_if_unsettled("SMLA_ADDON_FAILURE", "failed while settling");
   }
   if (scoped) napi_close_handle_scope(env, scope);
 }
@@ -270,21 +349,20 @@ void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status,
 // running its loop until the pool jobs in flight have come back, with JS already stopped: the
 // promise can no longer be settled, and node-addon-api's own completion turns that failure into
 // a C++ exception thrown out of a catch block, which aborts the whole process. Hence the own
-// completion (SettleJob); the job is freed either way.
+// completion (SettleJob); the job is freed either way. Execute allocates nothing (its parts are
+// made here) and reports only through status_: AsyncWorker's SetError would build a string on
+// the pool thread.
 class RowJobWorker final : public Napi::AsyncWorker {
  public:
   RowJobWorker(Napi::Env env, const char* op, RowJob job, Holds holds)
-      : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), holds_(std::move(holds)) {
+      : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), holds_(std::move(holds)), parts_(MakeParts(job_)) {
     if (napi_create_promise(env, &deferred_, &promise_) != napi_ok) throw Napi::Error::New(env, std::string(op) + ": cannot create a promise");
   }
 
   Napi::Promise Promise() { return Napi::Promise(Env(), promise_); }
 
  protected:
-  void Execute() override {
-    status_ = smla_addon::Execute(job_, nullptr);
-    if (status_ != SMLA_OK) SetError(StatusName(status_));
-  }
+  void Execute() override { status_ = smla_addon::Execute(job_, nullptr, parts_.get()); }
 
   void OnWorkComplete(Napi::Env env, napi_status status) override {
     if (status != napi_cancelled) SettleJob(env, op_, job_, status_, &deferred_);
@@ -295,6 +373,7 @@ class RowJobWorker final : public Napi::AsyncWorker {
   const char* op_;
   RowJob job_;
   Holds holds_;
+  SplitParts parts_;
   napi_deferred deferred_ = nullptr;
   napi_value promise_ = nullptr;
   int32_t status_ = SMLA_OK;
@@ -305,18 +384,86 @@ class RowJobWorker final : public Napi::AsyncWorker {
 struct EnvCalls;
 
 // One queued cpu call: owned by its env's queue, then by the thread running it, then by its env's
-// list of finished calls, and released on its JS thread (its references and copies).
+// list of finished calls, and released on its JS thread (its references and copies). Everything a
+// thread needs to run it (its parts) is made with it, on the JS thread.
 struct CpuCall {
-  const char* op;
+  const char* op = nullptr;
   RowJob job;
   Holds holds;
-  napi_deferred deferred;
+  SplitParts parts;
+  napi_deferred deferred = nullptr;
   std::shared_ptr<EnvCalls> owner;
-  int32_t group;
-  int width;  // threads it may use
+  int32_t group = 0;
+  int width = 1;  // threads it may use
   int32_t status = SMLA_OK;
+  CpuCall* next = nullptr;  // the list it is in (CallList)
 };
 using CallPtr = std::unique_ptr<CpuCall>;
+
+// A FIFO of calls linked through CpuCall::next, owning them: putting a call in or taking it out
+// allocates nothing, so the queue and the counts stay consistent on any thread whatever memory is
+// left. Destroying a non-empty list frees its calls (their references): JS thread only.
+class CallList {
+ public:
+  CallList() = default;
+  CallList(CallList&& other) noexcept : head_(other.head_), tail_(other.tail_), size_(other.size_) { other.Forget(); }
+  CallList& operator=(CallList&& other) noexcept {
+    Clear();
+    head_ = other.head_, tail_ = other.tail_, size_ = other.size_;
+    other.Forget();
+    return *this;
+  }
+  ~CallList() { Clear(); }
+
+  bool Empty() const { return head_ == nullptr; }
+  size_t Size() const { return size_; }
+  CpuCall* Front() const { return head_; }
+  void PushBack(CallPtr c) noexcept {
+    CpuCall* raw = c.release();
+    raw->next = nullptr;
+    (tail_ ? tail_->next : head_) = raw;
+    tail_ = raw;
+    size_++;
+  }
+  void PushFront(CallPtr c) noexcept {
+    CpuCall* raw = c.release();
+    raw->next = head_;
+    head_ = raw;
+    if (!tail_) tail_ = raw;
+    size_++;
+  }
+  CallPtr PopFront() noexcept {
+    CpuCall* raw = head_;
+    if (!raw) return nullptr;
+    head_ = raw->next;
+    if (!head_) tail_ = nullptr;
+    raw->next = nullptr;
+    size_--;
+    return CallPtr(raw);
+  }
+  // Moves every call of `other` to the back of this list.
+  void Append(CallList& other) noexcept {
+    while (CallPtr c = other.PopFront()) PushBack(std::move(c));
+  }
+  // Takes out the calls for which keep(call) is false, in order.
+  template <class Keep>
+  CallList Split(Keep keep) noexcept {
+    CallList kept, taken;
+    while (CallPtr c = PopFront()) (keep(*c) ? kept : taken).PushBack(std::move(c));
+    *this = std::move(kept);
+    return taken;
+  }
+
+ private:
+  void Forget() { head_ = tail_ = nullptr, size_ = 0; }
+  void Clear() {
+    while (PopFront()) {
+    }
+  }
+  CpuCall* head_ = nullptr;
+  CpuCall* tail_ = nullptr;
+  size_t size_ = 0;
+};
 
 // One JS thread's (env's) calls. Fields below `wake` are guarded by Runner::mutex, except
 // `unsettled` (its JS thread only) and `stop` (set under the mutex, read by the row loops).
@@ -325,63 +472,106 @@ struct EnvCalls {
   napi_threadsafe_function wake = nullptr;  // settles `done` on the JS thread
   std::atomic<bool> stop{false};
   size_t unsettled = 0;  // calls not settled yet: the wake is ref'd (keeps the loop alive) while > 0
-  std::deque<CallPtr> queued;
+  CallList queued;
   bool in_ring = false;
-  int running = 0;           // calls of this env a thread is running or handing back
-  std::vector<CallPtr> done; // finished, to settle
+  EnvCalls* ring_next = nullptr;  // the Runner's ring, while in_ring
+  int running = 0;                // calls of this env a thread is running or handing back
+  CallList done;                  // finished, to settle
   bool wake_sent = false;
   bool closing = false;  // torn down: no thread calls `wake` any more
 };
 
 // The process-wide queue and its threads. Never destroyed: a thread may still run while the
-// process exits.
+// process exits. Every member function runs under `mutex` (Start and Work take it themselves) and
+// allocates nothing (Start: but the threads it starts).
 struct Runner {
   std::mutex mutex;
   std::condition_variable env_idle;  // a teardown waits here for its env's running calls
-  std::deque<std::shared_ptr<EnvCalls>> ring;  // envs with queued calls, served in turn
-  std::map<napi_env, std::shared_ptr<EnvCalls>> envs;
+  // envs with queued calls, served in turn (linked through EnvCalls::ring_next; an env is taken
+  // out before its teardown lets it go)
+  EnvCalls* ring_head = nullptr;
+  EnvCalls* ring_tail = nullptr;
+  std::map<napi_env, std::shared_ptr<EnvCalls>> envs;  // changed on its env's JS thread only
   int running_calls = 0, running_threads = 0;
   const int thread_budget = std::max(2, 2 * int(std::thread::hardware_concurrency()));
 
-  // The next call that may start now (under the mutex), counted as running.
-  CallPtr TakeNext() {
-    if (ring.empty()) return nullptr;
-    std::shared_ptr<EnvCalls> e = ring.front();
-    const int width = e->queued.front()->width;
+  void RingPushBack(EnvCalls* e) noexcept {
+    e->ring_next = nullptr;
+    (ring_tail ? ring_tail->ring_next : ring_head) = e;
+    ring_tail = e;
+  }
+  void RingPushFront(EnvCalls* e) noexcept {
+    e->ring_next = ring_head;
+    ring_head = e;
+    if (!ring_tail) ring_tail = e;
+  }
+  void RingRemove(EnvCalls* e) noexcept {
+    EnvCalls* prev = nullptr;
+    for (EnvCalls* x = ring_head; x; prev = x, x = x->ring_next) {
+      if (x != e) continue;
+      (prev ? prev->ring_next : ring_head) = x->ring_next;
+      if (ring_tail == x) ring_tail = prev;
+      x->ring_next = nullptr;
+      return;
+    }
+  }
+
+  // The next call that may start now, counted as running.
+  CallPtr TakeNext() noexcept {
+    EnvCalls* e = ring_head;
+    if (!e) return nullptr;
+    const int width = e->queued.Front()->width;
     if (running_calls > 0 && running_threads + width > thread_budget) return nullptr;
-    CallPtr c = std::move(e->queued.front());
-    e->queued.pop_front();
-    ring.pop_front();
-    if (e->queued.empty()) e->in_ring = false;
-    else ring.push_back(e);
+    CallPtr c = e->queued.PopFront();
+    ring_head = e->ring_next;
+    if (!ring_head) ring_tail = nullptr;
+    e->ring_next = nullptr;
+    if (e->queued.Empty()) e->in_ring = false;
+    else RingPushBack(e);
     running_calls++;
     running_threads += width;
     e->running++;
     return c;
   }
 
-  std::vector<CallPtr> TakeStartable() {
-    std::vector<CallPtr> calls;
-    while (CallPtr c = TakeNext()) calls.push_back(std::move(c));
+  CallList TakeStartable() noexcept {
+    CallList calls;
+    while (CallPtr c = TakeNext()) calls.PushBack(std::move(c));
     return calls;
   }
 
-  // Hands a finished call to its env (under the mutex): to be settled on its JS thread, or, when
-  // the env is being torn down, to the teardown, which waits for it.
-  void Finish(CallPtr c) {
+  // Hands a finished call to its env: to be settled on its JS thread, or, when the env is being
+  // torn down, to the teardown, which waits for it.
+  void Finish(CallPtr c) noexcept {
     running_calls--;
     running_threads -= c->width;
-    EnvCalls& e = *c->owner;
-    e.done.push_back(std::move(c));
+    EnvCalls& e = *c->owner;  // kept alive by the envs map until its teardown, which waits for it
+    e.done.PushBack(std::move(c));
     if (!e.closing && !e.wake_sent) e.wake_sent = napi_call_threadsafe_function(e.wake, nullptr, napi_tsfn_nonblocking) == napi_ok;
     if (--e.running == 0) env_idle.notify_all();
   }
 
-  // Takes every call that may start now (under the mutex): the first for the idle thread, if one
-  // waits, the others to start on new threads (returned). None is left queued while it fits, so
-  // cancelQueued (dispose) never drops a call that a free thread was only about to take.
-  std::vector<CallPtr> Dispatch() {
-    if (ring.empty()) return {};
+  // A call taken to start on a thread of its own, for which none could be started, while the
+  // thread that tried will take the next call once it has finished its own: back to the front of
+  // its env's queue (an idle thread may take it first).
+  void PutBack(CallPtr c) noexcept {
+    EnvCalls& e = *c->owner;
+    running_calls--;
+    running_threads -= c->width;
+    e.queued.PushFront(std::move(c));
+    if (!e.in_ring) {
+      e.in_ring = true;
+      RingPushFront(&e);
+    }
+    if (--e.running == 0) env_idle.notify_all();
+    work_ready.notify_one();
+  }
+
+  // Takes every call that may start now: the first for the idle thread, if one waits, the others
+  // to start on new threads (returned). None is left queued while it fits, so cancelQueued
+  // (dispose) never drops a call that a free thread was only about to take.
+  CallList Dispatch() noexcept {
+    if (!ring_head) return CallList();
     if (idle > 0 && !handoff) {
       handoff = TakeNext();
       if (handoff) work_ready.notify_one();
@@ -390,26 +580,40 @@ struct Runner {
   }
 
   // A thread of its own for each call (it then takes the next ones that fit until none is left).
-  void Start(std::vector<CallPtr> calls) {
-    for (CallPtr& c : calls) {
+  // Called without the mutex; `caller_works`: by a thread of the addon that will take the next call
+  // once it has finished its own. A call for which no thread can be started (no memory for the
+  // thread's state, or the system refuses a thread) is put back for that thread, else handed to
+  // the idle thread if one waits, else rejected (kNoThread), and whatever fits once it no longer
+  // counts is started in its place: so no call is left queued with no thread to take it.
+  void Start(CallList calls, bool caller_works) noexcept {
+    while (CallPtr c = calls.PopFront()) {
       CpuCall* raw = c.release();
       try {
         std::thread([this, raw] { Work(CallPtr(raw)); }).detach();
-      } catch (...) {  // no thread to be had: the call fails
+      } catch (...) {
         CallPtr failed(raw);
-        failed->status = SMLA_ERR_OUT_OF_MEMORY;
         std::lock_guard<std::mutex> lock(mutex);
-        Finish(std::move(failed));
+        if (caller_works && !failed->owner->closing) {
+          PutBack(std::move(failed));
+        } else if (idle > 0 && !handoff && !failed->owner->closing) {
+          handoff = std::move(failed);  // (still counted as running) the idle thread takes it
+          work_ready.notify_one();
+        } else {
+          failed->status = kNoThread;
+          Finish(std::move(failed));
+          CallList more = Dispatch();
+          calls.Append(more);
+        }
       }
     }
   }
 
   // Runs calls until none is left to take; the last thread to run out waits a while for the next
   // (a thread's start-up is a good part of a small call's cost), the others end.
-  void Work(CallPtr c) {
+  void Work(CallPtr c) noexcept {
     std::unique_lock<std::mutex> lock(mutex, std::defer_lock);
     while (c) {
-      c->status = Execute(c->job, &c->owner->stop);
+      c->status = Execute(c->job, &c->owner->stop, c->parts.get());
       lock.lock();
       Finish(std::move(c));
       c = TakeNext();
@@ -421,14 +625,14 @@ struct Runner {
         });
         idle--;
       }
-      std::vector<CallPtr> more = c ? Dispatch() : std::vector<CallPtr>();
+      CallList more = c ? Dispatch() : CallList();
       lock.unlock();
-      Start(std::move(more));
+      Start(std::move(more), /*caller_works=*/true);
     }
   }
 
   static constexpr std::chrono::milliseconds kLinger{1000};
-  int idle = 0;  // threads waiting for a call (at most one)
+  int idle = 0;     // threads waiting for a call (at most one)
   CallPtr handoff;  // a call already taken (counted as running) for the idle thread
   std::condition_variable work_ready;
 };
@@ -448,18 +652,16 @@ void ReleaseRef(EnvCalls& e, size_t settled) {
 void SettleFinished(napi_env raw_env, napi_value, void* context, void*) {
   if (!raw_env) return;
   EnvCalls& e = *static_cast<EnvCalls*>(context);
-  std::vector<CallPtr> done;
+  CallList done;
   {
     std::lock_guard<std::mutex> lock(TheRunner().mutex);
-    done.swap(e.done);
+    done.Append(e.done);
     e.wake_sent = false;
   }
   Napi::Env env(raw_env);
-  for (CallPtr& c : done) {
-    SettleJob(env, c->op, c->job, c->status, &c->deferred);
-    c.reset();
-  }
-  ReleaseRef(e, done.size());
+  const size_t settled = done.Size();
+  while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->deferred);
+  ReleaseRef(e, settled);
 }
 
 void FinalizeWake(napi_env, void* data, void*) { delete static_cast<std::shared_ptr<EnvCalls>*>(data); }
@@ -471,22 +673,16 @@ void TearDown(void* arg) {
   std::unique_ptr<std::shared_ptr<EnvCalls>> hold(static_cast<std::shared_ptr<EnvCalls>*>(arg));
   EnvCalls& e = **hold;
   Runner& r = TheRunner();
-  std::vector<CallPtr> left;
+  CallList left;
   {
     std::unique_lock<std::mutex> lock(r.mutex);
     e.closing = true;
     e.stop.store(true, std::memory_order_relaxed);
-    for (auto it = r.ring.begin(); it != r.ring.end(); ++it)
-      if (it->get() == &e) {
-        r.ring.erase(it);
-        break;
-      }
+    if (e.in_ring) r.RingRemove(&e);
     e.in_ring = false;
-    for (CallPtr& c : e.queued) left.push_back(std::move(c));
-    e.queued.clear();
+    left.Append(e.queued);
     r.env_idle.wait(lock, [&] { return e.running == 0; });
-    for (CallPtr& c : e.done) left.push_back(std::move(c));
-    e.done.clear();
+    left.Append(e.done);
     r.envs.erase(e.env);
   }
   // Frees each promise's handle where the env still allows it (a rejection nobody can observe).
@@ -494,33 +690,40 @@ void TearDown(void* arg) {
   const bool scoped = napi_open_handle_scope(e.env, &scope) == napi_ok;
   napi_value undefined = nullptr;
   if (napi_get_undefined(e.env, &undefined) == napi_ok)
-    for (CallPtr& c : left)
+    for (CpuCall* c = left.Front(); c; c = c->next)
       if (c->deferred) napi_reject_deferred(e.env, c->deferred, undefined);
-  left.clear();
+  left = CallList();
   if (scoped) napi_close_handle_scope(e.env, scope);
 }
 
-EnvCalls& CallsOf(Napi::Env env) {
+// The env's calls, made at its first call: the entry is made first and the thread-safe function
+// and cleanup hook after it, so that a failure leaves nothing half made (the next call tries again).
+std::shared_ptr<EnvCalls> CallsOf(Napi::Env env) {
   Runner& r = TheRunner();
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     auto it = r.envs.find(env);
-    if (it != r.envs.end()) return *it->second;
+    if (it != r.envs.end()) return it->second;
   }
   auto e = std::make_shared<EnvCalls>();
   e->env = env;
-  auto* for_wake = new std::shared_ptr<EnvCalls>(e);
+  auto for_wake = std::make_unique<std::shared_ptr<EnvCalls>>(e);
+  auto for_hook = std::make_unique<std::shared_ptr<EnvCalls>>(e);
   napi_value name = Napi::String::New(env, "sparse_mla_native.cpu");
-  if (napi_create_threadsafe_function(env, nullptr, nullptr, name, 0, 1, for_wake, FinalizeWake, e.get(), SettleFinished, &e->wake) != napi_ok) {
-    delete for_wake;
+  {
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.envs.emplace(env, e);
+  }
+  if (napi_create_threadsafe_function(env, nullptr, nullptr, name, 0, 1, for_wake.get(), FinalizeWake, e.get(), SettleFinished, &e->wake) != napi_ok) {
+    std::lock_guard<std::mutex> lock(r.mutex);
+    r.envs.erase(env);
     throw Napi::Error::New(env, "sparse_mla_native: cannot create the cpu calls' thread-safe function");
   }
+  for_wake.release();  // FinalizeWake frees it
   napi_unref_threadsafe_function(env, e->wake);
   // after the wake's own cleanup hook, so it runs first (hooks run last in, first out)
-  napi_add_env_cleanup_hook(env, TearDown, new std::shared_ptr<EnvCalls>(e));
-  std::lock_guard<std::mutex> lock(r.mutex);
-  r.envs.emplace(env, e);
-  return *e;
+  napi_add_env_cleanup_hook(env, TearDown, for_hook.release());
+  return e;
 }
 
 }  // namespace
@@ -528,34 +731,42 @@ EnvCalls& CallsOf(Napi::Env env) {
 Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds) {
   auto* w = new RowJobWorker(env, op, std::move(job), std::move(holds));
   Napi::Promise p = w->Promise();
-  w->Queue();  // deletes itself after OnWorkComplete, on the main thread (releasing pins and copies)
+  try {
+    w->Queue();  // deletes itself after OnWorkComplete, on the main thread (releasing pins and copies)
+  } catch (...) {
+    delete w;
+    throw;
+  }
   return p;
 }
 
 Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds, int32_t group) {
-  EnvCalls& e = CallsOf(env);
-  napi_value promise = nullptr;
+  // Everything the call needs is made first: a failure throws before anything is queued.
+  std::shared_ptr<EnvCalls> owner = CallsOf(env);
   auto c = std::make_unique<CpuCall>();
+  c->parts = MakeParts(job);
+  napi_value promise = nullptr;
   if (napi_create_promise(env, &c->deferred, &promise) != napi_ok) throw Napi::Error::New(env, std::string(op) + ": cannot create a promise");
   c->op = op;
   c->width = std::max(1, job.threads);
   c->job = std::move(job);
   c->holds = std::move(holds);
   c->group = group;
+  c->owner = owner;
+  EnvCalls& e = *owner;
   Runner& r = TheRunner();
-  std::vector<CallPtr> start;
+  CallList start;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
-    c->owner = r.envs.at(env);
-    e.queued.push_back(std::move(c));
+    e.queued.PushBack(std::move(c));
     if (!e.in_ring) {
       e.in_ring = true;
-      r.ring.push_back(e.queued.back()->owner);
+      r.RingPushBack(&e);
     }
     start = r.Dispatch();
   }
   if (e.unsettled++ == 0) napi_ref_threadsafe_function(env, e.wake);
-  r.Start(std::move(start));
+  r.Start(std::move(start), /*caller_works=*/false);
   return Napi::Promise(env, promise);
 }
 
@@ -564,37 +775,28 @@ Napi::Value CancelQueued(const Napi::CallbackInfo& info) {
   Args a(info, "cancelQueued");
   const int32_t group = a.Int(0, "group", 0, INT32_MAX);
   Runner& r = TheRunner();
-  std::vector<CallPtr> cancelled;
+  CallList cancelled;
   EnvCalls* e = nullptr;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     auto it = r.envs.find(env);
     if (it != r.envs.end()) {
       e = it->second.get();
-      std::deque<CallPtr> keep;
-      for (CallPtr& c : e->queued) {
-        if (c->group == group) cancelled.push_back(std::move(c));
-        else keep.push_back(std::move(c));
-      }
-      e->queued.swap(keep);
-      if (e->queued.empty() && e->in_ring) {
-        for (auto q = r.ring.begin(); q != r.ring.end(); ++q)
-          if (q->get() == e) {
-            r.ring.erase(q);
-            break;
-          }
+      cancelled = e->queued.Split([group](const CpuCall& c) { return c.group != group; });
+      if (e->queued.Empty() && e->in_ring) {
+        r.RingRemove(e);
         e->in_ring = false;
       }
     }
   }
-  if (e) ReleaseRef(*e, cancelled.size());
-  for (CallPtr& c : cancelled) {
-    Napi::Error err = Napi::Error::New(env, std::string(c->op) + ": cancelled before it started (its engine was disposed)");
-    err.Set("code", Napi::String::New(env, "SMLA_CANCELLED"));
-    napi_reject_deferred(env, c->deferred, err.Value());
-    c.reset();
+  const size_t count = cancelled.Size();
+  if (e) ReleaseRef(*e, count);
+  while (CallPtr c = cancelled.PopFront()) {
+    napi_value err = PlainError(env, "SMLA_CANCELLED", c->op, "cancelled before it started (its engine was disposed)");
+    if (!err) napi_get_undefined(env, &err);
+    napi_reject_deferred(env, c->deferred, err);
   }
-  return Napi::Number::New(env, double(cancelled.size()));
+  return Napi::Number::New(env, double(count));
 }
 
 // ---- module -------------------------------------------------------------------------------------
@@ -624,8 +826,8 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("build", build);
 
   Napi::Object cpu = Napi::Object::New(env);
-  for (size_t i = 0; i < kCpuOpCount; ++i) cpu.Set(kCpuOps[i].name, Napi::Function::New(env, kCpuOps[i].fn, kCpuOps[i].name));
-  cpu.Set("cancelQueued", Napi::Function::New(env, CancelQueued, "cancelQueued"));
+  for (size_t i = 0; i < kCpuOpCount; ++i) cpu.Set(kCpuOps[i].name, OpFunctionOf(env, kCpuOps[i]));
+  cpu.Set("cancelQueued", OpFunctionOf(env, {"cancelQueued", CancelQueued}));
   exports.Set("cpu", cpu);
   exports.Set("cuda", CudaInfo(env));  // cuda_device.cpp (+ the cuda_ops.cpp table when built)
   return exports;

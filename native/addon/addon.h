@@ -1,6 +1,15 @@
 // Shared pieces of the sparse-mla node addon: checked argument reading, the op table entry, and
 // the worker that runs an op off the event loop, split by rows across threads.
 #pragma once
+// A C++ exception other than Napi::Error that escapes an addon function called from JS (a
+// std::bad_alloc, say) becomes a JS error instead of unwinding into V8, which would abort the
+// process. The op tables' functions turn them into coded errors themselves (OpFunctionOf); this is
+// the net for the classes' methods and accessors. Defined here, before the only #include of napi.h,
+// so that every translation unit sees the same node-addon-api. Likewise, an error that cannot be
+// thrown into JS any more (a Worker being terminated) is dropped instead of rethrown as a C++
+// exception out of node-addon-api's catch block (std::terminate).
+#define NODE_ADDON_API_CPP_EXCEPTIONS_ALL
+#define NODE_API_SWALLOW_UNTHROWABLE_EXCEPTIONS
 #include <napi.h>
 
 #include <cstdint>
@@ -139,6 +148,16 @@ struct RowJob {
 // them). The promise resolves with undefined (outputs are the JS arrays passed in) or rejects with
 // an Error whose `status` is StatusName (e.g. "SMLA_ERR_OUT_OF_MEMORY"). A CUDA op is a RowJob of
 // one row on one thread whose run() copies, launches and synchronizes its stream.
+//
+// Failures off the JS thread (both queues): what a thread needs to split a job is allocated when
+// the call is made, on the JS thread (a failure there is a thrown JS error, code
+// SMLA_OUT_OF_MEMORY, before anything is queued); the queues link calls through the calls
+// themselves, so queuing, taking and finishing a call allocate nothing. A std::bad_alloc in a
+// job's prepare or run rejects its call with code SMLA_OUT_OF_MEMORY (status
+// SMLA_ERR_OUT_OF_MEMORY), any other exception with SMLA_CORE_STATUS; a part of a job whose thread
+// cannot be started runs on the job's own thread; a cpu call for which no thread can be started
+// waits for a running thread of the addon, or, when there is none, rejects with code
+// SMLA_NO_THREAD. No exception leaves a thread of the addon or a callback of Node.
 Napi::Promise QueueRowJob(Napi::Env env, const char* op, RowJob job, Holds holds);
 
 // Queues a cpu RowJob on the addon's own threads (never libuv's pool, which the process's file,
@@ -155,10 +174,15 @@ Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds
 // with code SMLA_CANCELLED (an engine's dispose()); returns how many.
 Napi::Value CancelQueued(const Napi::CallbackInfo& info);
 
-// The JS error of a failed status (code SMLA_CUDA_ERROR or SMLA_CORE_STATUS, and `status`), and a
-// promise already settled with `status` (ops that finish on the calling thread).
+// The JS error of a failed status (code SMLA_CUDA_ERROR or SMLA_CORE_STATUS, and `status`;
+// SMLA_OUT_OF_MEMORY for SMLA_ERR_OUT_OF_MEMORY, SMLA_NO_THREAD for kNoThread), and a promise
+// already settled with `status` (ops that finish on the calling thread).
 Napi::Error StatusError(Napi::Env env, const char* op, int32_t status);
 Napi::Promise SettledPromise(Napi::Env env, const char* op, int32_t status);
+
+// A status of the addon's own (never the core's): no thread could be started for a cpu call and
+// none of the addon's was left to take it.
+constexpr int32_t kNoThread = INT32_MAX - 1;
 
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
 using OpFunction = Napi::Value (*)(const Napi::CallbackInfo&);
@@ -166,6 +190,10 @@ struct OpEntry {
   const char* name;
   OpFunction fn;
 };
+// An entry as a JS function: a C++ exception other than Napi::Error thrown while it reads, copies
+// or queues becomes a thrown JS error with a code (std::bad_alloc: SMLA_OUT_OF_MEMORY; any
+// other: SMLA_ADDON_FAILURE), made without allocating on the C++ heap.
+Napi::Function OpFunctionOf(Napi::Env env, const OpEntry& entry);
 extern const OpEntry kCpuOps[];
 extern const size_t kCpuOpCount;
 #if defined(SMLA_WITH_CUDA_OPS)

@@ -10,6 +10,7 @@
 #include <climits>
 #include <cstring>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -150,6 +151,9 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
     whole.num_pages = int32_t(g.num_pages);
   }
   const bool compact = whole.cache != p.cache;
+  // The core's int64 ids for every row, widened here: the rows' threads allocate nothing.
+  int64_t* wide = n > 0 ? reinterpret_cast<int64_t*>(a.Own(uint64_t(n) * sizeof(int64_t))) : nullptr;
+  for (int64_t i = 0; i < n; ++i) wide[i] = compact ? i : ids[i];
 
   RowJob job;
   job.rows = n;
@@ -157,10 +161,8 @@ Napi::Value DequantizeKvCache(const Napi::CallbackInfo& info) {
   job.block = BlockRows(double(dim) * 8);
   job.prepare = [=](int64_t&) { return ids_ok; };
   job.run = [=](int64_t b, int64_t e) {
-    std::vector<int64_t> wide(size_t(e - b));
-    for (int64_t i = b; i < e; ++i) wide[size_t(i - b)] = compact ? i : ids[i];
     smla_dequantize_kv_cache_params r = whole;
-    r.token_ids = wide.data();
+    r.token_ids = wide + b;
     r.num_tokens = int32_t(e - b);
     r.out = p.out + b * dim;
     return smla_dequantize_kv_cache(&r);
@@ -188,17 +190,29 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   const size_t elem = dtype == SMLA_ROWS_F32 ? 4 : 2;
   const uint8_t* rows = static_cast<const uint8_t*>(p.rows);
 
-// Duplicate ids: the last row wins (as in a sequential loop), so only last occurrences are
-  // quantized; kept token k goes to compact slot k.
+  // Duplicate ids: the last row wins (as in a sequential loop), so only last occurrences are
+  // quantized; kept token k goes to compact slot k. Every array is made here, for all n rows (the
+  // kept ones are at most n): prepare only fills them, and the rows' threads allocate nothing.
   struct Kept {
-    std::vector<int64_t> ids;      // cache ids of the tokens to write
-    std::vector<int64_t> rows;     // their row numbers in `rows`
-    std::vector<int64_t> compact;  // 0..m-1, the compact ids
+    std::unique_ptr<int64_t[]> order;    // rows sorted by (id, row)
+    std::unique_ptr<int64_t[]> ids;      // cache ids of the tokens to write
+    std::unique_ptr<int64_t[]> rows;     // their row numbers in `rows`
+    std::unique_ptr<int64_t[]> compact;  // 0..n-1, the compact ids
+    int64_t count = 0;
     Geometry geometry{1, 0, 0};
-    std::vector<uint8_t> scratch;  // the compact cache
-    uint8_t* target = nullptr;     // the cache's memory, as check found it just before commit
+    std::unique_ptr<uint8_t[]> scratch;  // the compact cache (each kept token's bytes written before they are read)
+    uint8_t* target = nullptr;           // the cache's memory, as check found it just before commit
   };
   auto kept = std::make_shared<Kept>();
+  const size_t slots = size_t(std::max<int64_t>(n, 1));
+  kept->order.reset(new int64_t[slots]);
+  kept->ids.reset(new int64_t[slots]);
+  kept->rows.reset(new int64_t[slots]);
+  kept->compact.reset(new int64_t[slots]);
+  for (int64_t k = 0; k < n; ++k) kept->compact[size_t(k)] = k;
+  kept->geometry = CompactGeometry(format, n);
+  if (kept->geometry.bytes > SIZE_MAX) throw std::bad_alloc();
+  kept->scratch.reset(new uint8_t[size_t(std::max<uint64_t>(kept->geometry.bytes, 1))]);
   RowJob job;
   job.rows = n;
   job.threads = threads;
@@ -206,19 +220,18 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
   job.prepare = [=](int64_t& count) {
     int32_t s = CheckIds(ids, n, ps * np);
     if (s != SMLA_OK) return s;  // nothing written
-    std::vector<int64_t> order(static_cast<size_t>(n));
-    for (int64_t i = 0; i < n; ++i) order[size_t(i)] = i;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return ids[x] < ids[y]; });
-    for (size_t k = 0; k < order.size(); ++k) {
-      if (k + 1 < order.size() && ids[order[k + 1]] == ids[order[k]]) continue;  // a later row has this id
-      kept->ids.push_back(ids[order[k]]);
-      kept->rows.push_back(order[k]);
+    int64_t* order = kept->order.get();
+    for (int64_t i = 0; i < n; ++i) order[i] = i;
+    // (id, row) pairs are distinct: an unstable sort gives the stable order without a buffer
+    std::sort(order, order + n, [&](int64_t x, int64_t y) { return ids[x] < ids[y] || (ids[x] == ids[y] && x < y); });
+    int64_t m = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      if (k + 1 < n && ids[order[k + 1]] == ids[order[k]]) continue;  // a later row has this id
+      kept->ids[size_t(m)] = ids[order[k]];
+      kept->rows[size_t(m)] = order[k];
+      m++;
     }
-    count = int64_t(kept->ids.size());
-    kept->compact.resize(size_t(count));
-    for (int64_t k = 0; k < count; ++k) kept->compact[size_t(k)] = k;
-    kept->geometry = CompactGeometry(format, count);
-    kept->scratch.assign(size_t(kept->geometry.bytes), 0);
+    kept->count = count = m;
     return int32_t(SMLA_OK);
   };
   job.run = [=](int64_t b, int64_t e) {
@@ -229,10 +242,10 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
       int64_t j = i + 1;
       while (j < e && kept->rows[size_t(j)] == kept->rows[size_t(j - 1)] + 1) ++j;
       smla_quantize_kv_cache_params r = p;
-      r.cache = kept->scratch.data();
+      r.cache = kept->scratch.get();
       r.page_size = int32_t(g.page_size);
       r.num_pages = int32_t(g.num_pages);
-      r.token_ids = kept->compact.data() + i;
+      r.token_ids = kept->compact.get() + i;
       r.num_tokens = int32_t(j - i);
       r.rows = rows + size_t(kept->rows[size_t(i)]) * size_t(dim) * elem;
       int32_t s = smla_quantize_kv_cache(&r);
@@ -252,8 +265,8 @@ Napi::Value QuantizeKvCache(const Napi::CallbackInfo& info) {
     return std::string();
   };
   job.commit = [=]() {
-    for (size_t k = 0; k < kept->ids.size(); ++k)
-      CopyToken(format, kept->scratch.data(), kept->geometry.page_size, int64_t(k), kept->target, ps, kept->ids[k]);
+    for (int64_t k = 0; k < kept->count; ++k)
+      CopyToken(format, kept->scratch.get(), kept->geometry.page_size, k, kept->target, ps, kept->ids[size_t(k)]);
   };
   return Queue(a, std::move(job));
 }

@@ -73,7 +73,7 @@ Napi::Object CudaInfo(Napi::Env env) {
   o.Set("devices", Napi::Function::New(env, Devices, "devices"));
 #if defined(SMLA_WITH_CUDA_OPS)
   Napi::Object ops = Napi::Object::New(env);
-  for (size_t i = 0; i < kCudaOpCount; ++i) ops.Set(kCudaOps[i].name, Napi::Function::New(env, kCudaOps[i].fn, kCudaOps[i].name));
+  for (size_t i = 0; i < kCudaOpCount; ++i) ops.Set(kCudaOps[i].name, OpFunctionOf(env, kCudaOps[i]));
   o.Set("ops", ops);
 #endif
   return o;

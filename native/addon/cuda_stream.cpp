@@ -193,6 +193,7 @@ cudaError_t StreamState::TakeReadSlot(ReadSlot* slot) {
       free_slots_.pop_back();
       return cudaSuccess;
     }
+    free_slots_.reserve(slots_made_ + 1);  // may throw (JS thread): nothing made yet
   }
   ReadSlot made;
   cudaError_t err = cudaMallocHost(&made.host, kSmallReadBytes);
@@ -202,6 +203,10 @@ cudaError_t StreamState::TakeReadSlot(ReadSlot* slot) {
     if (made.host) cudaFreeHost(made.host);
     if (made.landed) cudaEventDestroy(made.landed);
     return err;
+  }
+  {
+    std::lock_guard<std::mutex> lock(slots_mutex_);
+    slots_made_++;
   }
   *slot = made;
   return cudaSuccess;

@@ -67,7 +67,8 @@ struct StreamState {
 
  private:
   std::mutex slots_mutex_;
-  std::vector<ReadSlot> free_slots_;
+  std::vector<ReadSlot> free_slots_;  // capacity >= slots_made_: giving one back (on a pool thread) allocates nothing
+  size_t slots_made_ = 0;
   cudaStream_t side_ = nullptr;
 };
 using StreamRef = std::shared_ptr<StreamState>;
@@ -326,11 +327,12 @@ Napi::Promise LaunchHere(Args& a, StreamState& s, Launch& launch) {
 template <class Launch>
 Napi::Promise LaunchOnPool(Args& a, std::vector<Napi::ObjectReference> pins, StreamRef s, std::vector<std::shared_ptr<Operand>> ops,
                            Launch launch, std::function<int32_t(cudaStream_t)> after) {
-  return Queue(a, std::move(pins), [s, ops = std::move(ops), launch, after]() -> int32_t {
+  std::vector<Operand*> raw;  // made here: the pool thread allocates nothing to run it
+  raw.reserve(ops.size());
+  for (auto& o : ops) raw.push_back(o.get());
+  return Queue(a, std::move(pins), [s, ops = std::move(ops), raw = std::move(raw), launch, after]() -> int32_t {
     cudaError_t err = cudaSetDevice(s->device);
     if (err != cudaSuccess) return -int32_t(err);
-    std::vector<Operand*> raw;
-    for (auto& o : ops) raw.push_back(o.get());
     err = Stage(raw, s->stream);
     if (err == cudaSuccess) err = WaitForOwners(ops, *s);
     int32_t status = err != cudaSuccess ? -int32_t(err) : Timed(*s, launch);

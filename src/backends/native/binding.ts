@@ -57,7 +57,9 @@ export const HOW_TO_BUILD = howToBuild();
  * Rejections carry `code` 'SMLA_CORE_STATUS' (or 'SMLA_CUDA_ERROR' from a CUDA op) and `status`
  * (the core's status name / "cudaErrorX: message"); arguments that do not match throw with code
  * 'SMLA_ADDON_ARGUMENT', an input copy that cannot be allocated with 'SMLA_OUT_OF_MEMORY' (so do
- * the device outputs of a layer program's run).
+ * the device outputs of a layer program's run, and any other allocation of the addon for a call,
+ * thrown or as the rejection); a call for which no thread can be started rejects with
+ * 'SMLA_NO_THREAD', any other native exception with 'SMLA_ADDON_FAILURE'.
  * addonFailure() turns all of these into typed errors.
  */
 export type NativeCpuOps = {
@@ -344,8 +346,9 @@ export const CACHE_FORMAT_CODE = { v4: 0, v32: 1 } as const;
 export const ROWS_DTYPE_CODE = { float32: 0, bf16: 1 } as const;
 
 /**
- * An addon error → SparseMlaError naming the backend, the op and the status: BACKEND_FAILURE, or
- * TOO_LARGE (no memory for the call's input copies) or INVALID_VALUE (the caller detached a
+ * An addon error → SparseMlaError naming the backend, the op and the status: BACKEND_FAILURE (a
+ * thread that could not be started included), or TOO_LARGE (no memory for the call: its input
+ * copies or the addon's own allocations) or INVALID_VALUE (the caller detached a
  * buffer the op writes while it ran), or DISPOSED (a queued cpu call its engine's dispose() cancelled).
  */
 export function addonFailure(backend: 'cpu' | 'cuda', op: string, e: unknown): SparseMlaError {

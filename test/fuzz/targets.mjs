@@ -239,7 +239,8 @@ const quantizeKCache = {
         if (got !== undefined) return `resolved with ${typeof got}, expected undefined`;
         const r = refArgs[0];
         const before = pre(r.cache.data);
-        const want = { ...r.cache, data: before.slice() };
+        // fields read, not spread: a cache object that inherits them (a neutral mutation) has none of its own
+        const want = { format: r.cache.format, pageSize: r.cache.pageSize, numPages: r.cache.numPages, data: before.slice() };
         R.quantizeKCacheReference(want, r.tokenIds, r.rows);
         const data = args[0].cache.data;
         const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);

@@ -67,7 +67,7 @@ node --input-type=module -e '
     if (odd.length) problems.push(`${a.file}: links ${odd.join(", ")}`);
     if (newer(elf.glibc, x64.glibc) || newer(elf.glibcxx, x64.glibcxx ?? elf.glibcxx)) problems.push(`${a.file}: needs glibc ${elf.glibc} / GLIBCXX ${elf.glibcxx}, the x64 addons ${x64.glibc} / ${x64.glibcxx}`);
     if (elf.glibc !== arm.glibc) problems.push(`${a.file}: needs glibc ${elf.glibc}, its manifest says ${arm.glibc}`);
-    console.log(`linux-arm64: ${a.file} ${a.cpuArch} ${a.simd}, ${(bytes.length / 2 ** 20).toFixed(2)} MiB, AArch64, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, cuda ${arm.cuda.built ? "built" : "none"}`);
+    console.log(`linux-arm64: ${a.file} ${a.cpuArch} ${a.simd}, ${(bytes.length / 2 ** 20).toFixed(2)} MiB, ${elf.machine}, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, cuda ${arm.cuda.built ? "built" : "none"}`);
   }
   if (problems.length) { console.error(problems.join("\n")); process.exit(1); }
 ' "$work/unpacked/package" || fail "the linux-arm64 prebuilt addon"

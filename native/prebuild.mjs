@@ -108,7 +108,7 @@ async function buildPlatform(platform) {
       const has = (text) => bytes.includes(Buffer.from(`${text}\0`));
       if (!has(spec.simd) || !has(level)) die(`${level}: the addon does not name ${spec.simd} and ${level} as its SIMD path and -march (log: ${logPath})`);
       simd = spec.simd;
-      cuda = { built: false, why: `the ${platform} prebuilt addon has the cpu backend only (the CUDA toolkit where the package was packed has no aarch64 target)` };
+      cuda = { built: false, why: `the ${platform} prebuilt addon has the cpu backend only: the CUDA toolkit where the package was packed has no aarch64 target` };
     } else {
       const probe = probeAddon(r.addon);
       if (!probe.ok) die(`${level}: the built addon does not load: ${probe.why}`);

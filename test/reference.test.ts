@@ -473,6 +473,23 @@ describe('accuracy bounds (SPEC §4)', () => {
     expect(R.cosineGap([1, NaN, 2], [1, 5, 2])).toBe(0); // non-finite positions are left out
   });
 
+  test('1 − cos leaves out elements where got and ref are both below bf16\'s smallest normal (2^-126), and only those', () => {
+    const a = Float64Array.from({ length: 1000 }, () => rng.normal());
+    // a reference of about 1.9e-49 (no bf16 value near it) against a kernel's correctly rounded 0
+    expect(R.cosineGap([0, 0, 0], [1.87e-49, -3e-50, 2 ** -127])).toBe(0);
+    // ... beside normal elements, which alone decide the cosine
+    expect(R.cosineGap([...a, 0], [...a, 1.87e-49])).toBe(0);
+    expect(R.cosineGap([...a.map((x) => 1.01 * x), 0], [...a, 1.87e-49])).toBeCloseTo(1e-4 / 2.0201, 10);
+    // one side normal: compared (a result of 1e-30 where the reference is 1e-57 is wrong)
+    expect(R.cosineGap([1e-30], [1e-57])).toBe(1);
+    expect(R.cosineGap([0], [2 ** -126])).toBe(1);
+    // the whole comparison: a tensor of such outputs passes, elementwise bound included
+    const ref = { out: [1.87e-49, 0], lse: [0, 0], maxLogits: [-100, -100], mag: [1.87e-49, 0] };
+    const c = R.compareAttention({ out: [0, 0], lse: [0, 0], maxLogits: [-100, -100] }, ref, { heads: 2, dV: 1 });
+    expect(c.out.cosineGap).toBe(0);
+    expect(c.pass).toBe(true);
+  });
+
   // 3 rows (queries 4, 7, 9) × 2 heads × dV 2
   const heads = 2, dV = 2, queries = [4, 7, 9];
   const reference = (): R.BoundsReference & { out: Float64Array; mag: Float64Array; lse: Float64Array; maxLogits: Float64Array } => ({

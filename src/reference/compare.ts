@@ -8,6 +8,7 @@
  *
  *   out        |got − ref| ≤ outBound(mag)  = 2^-7 · mag + 1e-6,  mag = Σ_k w_k·|v_k| (reference weights)
  *              and over the whole tensor 1 − cos ≤ 7e-6, cos = 2⟨got,ref⟩ / (|got|² + |ref|²)
+ *              over the elements where got or ref is at least 2^-126 (BF16_MIN_NORMAL)
  *   lse        |got − ref| ≤ lseBound(lse, maxLogits) = 1e-6 + 2^-15 · max(|ref lse|, |ref maxLogits|)
  *   maxLogits  |got − ref| ≤ maxLogitsBound(ref)     = 1e-6 + 2^-15 · |ref|
  *   ±inf / NaN in the same places as the reference (same sign for inf).
@@ -26,6 +27,14 @@ export const STAT_REL_FACTOR = 2 ** -15;
 export const ABS_FLOOR = 1e-6;
 /** Bound on 1 − cos of the whole out tensor (cos as in cosineGap). */
 export const OUT_COSINE_GAP_BOUND = 7e-6;
+/**
+ * bf16's (and float32's) smallest normal value. Below it bf16 has fixed steps of 2^-133, not 2^-8
+ * of the value, and an output under 2^-133 rounds to 0: the cosine, which stands on bf16's relative
+ * rounding, leaves out the elements where both got and ref are below it (they keep their
+ * elementwise bound). Without this a tensor of such outputs (weights under e^-87, as when a sink
+ * outweighs logits of −100) fails 1 − cos ≤ 7e-6 whatever a correct kernel does.
+ */
+export const BF16_MIN_NORMAL = 2 ** -126;
 
 /** Largest allowed |got − ref| of an out element whose reference magnitude Σ w_k·|v_k| is `mag`. */
 export function outBound(mag: number): number {
@@ -44,9 +53,10 @@ export function maxLogitsBound(ref: number): number {
 }
 
 /**
- * 1 − cos with cos = 2⟨a,b⟩ / (|a|² + |b|²) over the positions where both are finite; computed as
- * |a − b|² / (|a|² + |b|²), which equals it and keeps its digits. Unlike the usual cosine it sees
- * a scale error (b = 1.01·a gives 5e-5). Two zero vectors: 0; zero against non-zero: 1.
+ * 1 − cos with cos = 2⟨a,b⟩ / (|a|² + |b|²) over the positions where both are finite and at least
+ * one is at least BF16_MIN_NORMAL in magnitude; computed as |a − b|² / (|a|² + |b|²), which equals
+ * it and keeps its digits. Unlike the usual cosine it sees a scale error (b = 1.01·a gives 5e-5).
+ * Nothing left to compare (all zero or below BF16_MIN_NORMAL): 0; zero against a normal value: 1.
  */
 export function cosineGap(a: ArrayLike<number>, b: ArrayLike<number>): number {
   const acc = new CosineAccumulator();
@@ -59,6 +69,7 @@ class CosineAccumulator {
   private norms = 0;
   add(g: number, r: number): void {
     if (!Number.isFinite(g) || !Number.isFinite(r)) return;
+    if (Math.abs(g) < BF16_MIN_NORMAL && Math.abs(r) < BF16_MIN_NORMAL) return;
     this.diff += (g - r) * (g - r);
     this.norms += g * g + r * r;
   }

@@ -467,6 +467,26 @@ describe('cuda layer calls: device operands checked before any work', () => {
 });
 
 describe("the fuzzer's oracle and the reference against the API (session 46)", () => {
+  test('prefillLayer and prefillLayerSharded take attnSink: null as no sink, as the ops and the reference do (they refused it: INVALID_VALUE)', async () => {
+    const sc = randomScenario(rng, [rng.int(20, 60)], [rng.int(2, 5)]);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const plan = createPlan(sc.chunk);
+    const q = tensor('bf16', [sc.numQueries, 2, 512], randomBf16Bits(rng, sc.numQueries * 2 * 512));
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 0, q, caches, attnSink: null, smScale: 0.04 } as never);
+    const rows = Array.from({ length: sc.numQueries }, (_, i) => i);
+    for (const engine of engines) {
+      for (const path of ['sparse', 'paged'] as const) {
+        const got = await prefillLayer(engine, { q, compressRatio: 0, plan, caches, attnSink: null, smScale: 0.04, path } as never);
+        expectWithinBounds(`${engine.backend} ${path}: attnSink null`, got, ref, rows);
+      }
+    }
+    const sharded = createShardedPlan(sc.chunk, { shards: 2, split: 'queries', window: 128 });
+    const r = await prefillLayerSharded(engines, { plan: sharded, compressRatio: 0, q, caches: engines.map(() => caches), attnSink: null, smScale: 0.04 } as never);
+    expectWithinBounds('sharded: attnSink null', r as never, ref, rows);
+    plan.release();
+    sharded.release();
+  });
+
   test('the reference takes an optional tensor given as null (attnSink, topkLength, the extra set) as absent, as the ops do (it threw TypeError on attnSink: null: the fuzzer\'s soft ref-refused, H200 seed 1)', async () => {
     const a = randomPrefillArgs(rng, { sQ: 3, hQ: 2, dQK: 512, sKV: 20, topk: 8 }, { invalidFraction: 0.2, duplicateFraction: 0.2 });
     const withNulls = { ...a, attnSink: null, topkLength: null } as unknown as SparsePrefillArgs;

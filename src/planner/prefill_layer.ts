@@ -100,7 +100,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', hasDevice);
   if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) badQueryShape(plan, q);
   const smScale = checkSmScale(args.smScale);
-  const sink = args.attnSink;
+  const sink = args.attnSink ?? undefined; // null: no sink, as the ops take it
   const attnSink = sink === undefined ? undefined : hasDevice ? checkPlacedTensor(sink, 'attnSink', FLOAT32_DTYPE) : checkTensor(sink, 'attnSink', FLOAT32_DTYPE);
   if (attnSink && (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ)) badSinkShape(hQ, attnSink);
   const topkIndices = args.topkIndices;
@@ -180,7 +180,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
   // a live device float32 [hQ]
   let attnSink: DeviceTensor<'float32'> | undefined;
-  const sinkArg: unknown = args.attnSink;
+  const sinkArg: unknown = args.attnSink ?? undefined;
   if (sinkArg !== undefined) {
     const ss = deviceTensorShape(sinkArg, 'float32');
     if (ss === undefined) return undefined;

@@ -187,7 +187,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   const topk = topks || args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
   // the host top-k is cut into query ranges here: [numQueries, topk] or [numQueries, 1, topk]
   const topkWidth = topk && hostTopkWidth(topk, nq);
-  const sink = args.attnSink === undefined ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']);
+  const sink = args.attnSink == null ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']); // null: no sink, as the ops take it
   if (sink && (sink.shape.length !== 1 || sink.shape[0] !== hQ)) fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${sink.shape.join(', ')}]`);
   const heads =
     plan.split === 'heads'

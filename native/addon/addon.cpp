@@ -681,7 +681,9 @@ void TearDown(void* arg) {
     if (e.in_ring) r.RingRemove(&e);
     e.in_ring = false;
     left.Append(e.queued);
-    r.env_idle.wait(lock, [&] { return e.running == 0; });
+    // wait_for, not wait: GCC 12 binds condition_variable::wait to GLIBCXX_3.4.30, which the
+    // libstdc++ of RHEL 9 / Amazon Linux 2023 (GCC 11) lacks; wait_for is inline
+    while (e.running != 0) r.env_idle.wait_for(lock, std::chrono::seconds(1));
     left.Append(e.done);
     r.envs.erase(e.env);
   }

@@ -13,21 +13,15 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js';
+import { randomPrefillCall, withinBounds } from './judge.mjs';
 
 const ROUNDS = 25;
-const widen = (t) => (t.dtype === 'bf16' ? Float64Array.from(t.data, (b) => R.decodeBf16(b)) : Float64Array.from(t.data));
 
 /** Each op's inputs and float64 reference from one seed. */
 function opCase(seed) {
   const rng = makeRng(seed);
   const hQ = 8, sQ = 8, sKV = 300, topk = 64;
-  const prefill = {
-    q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-    kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1, 0.05, [])),
-    attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
-    smScale: 1 / Math.sqrt(512),
-  };
+  const prefill = randomPrefillCall(rng, { sQ, hQ, sKV, topk });
   const pageSize = 16, numPages = 20, tokens = pageSize * numPages, n = 120;
   const ids = Int32Array.from({ length: n }, () => rng.int(0, tokens)); // duplicates: the last row wins
   const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
@@ -55,10 +49,6 @@ function opCase(seed) {
   };
 }
 
-function withinBounds(res, ref, heads) {
-  const c = R.compareAttention({ out: widen(res.out), lse: widen(res.lse), maxLogits: widen(res.maxLogits) }, ref, { heads, dV: 512 });
-  return c.out.pass && c.lse.pass && c.maxLogits.pass;
-}
 
 /**
  * A rejection this test allows: the addon out of memory (TOO_LARGE) or out of threads

@@ -8,6 +8,7 @@ import { readdirSync } from 'node:fs';
 import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js';
+import { randomPrefillCall, withinBounds } from './judge.mjs';
 import { chunkScenario, indexerTopk, shuffled } from '../../dist/check/chunks.js';
 
 const [backend, seedArg, roundsArg, budgetArg] = process.argv.slice(2);
@@ -17,18 +18,6 @@ const threadCount = () => readdirSync('/proc/self/task').length;
 const threadsAtStart = threadCount();
 const engine = await createEngine({ backend, workers: 2, ...(budgetArg ? { memoryBudgetBytes: Number(budgetArg) * 2 ** 20 } : {}) });
 const hex = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
-const widen = (t) => (t.dtype === 'bf16' ? Float64Array.from(t.data, (b) => R.decodeBf16(b)) : Float64Array.from(t.data));
-/** t's values, of the given leading-dim rows only when `rows` is given. */
-const rowsOf = (t, rows) => {
-  const all = widen(t);
-  if (!rows) return all;
-  const len = all.length / t.shape[0];
-  return Float64Array.from({ length: rows.length * len }, (_, i) => all[rows[Math.floor(i / len)] * len + (i % len)]);
-};
-const withinBounds = (res, ref, heads, queries) => {
-  const c = R.compareAttention({ out: rowsOf(res.out, queries), lse: rowsOf(res.lse, queries), maxLogits: rowsOf(res.maxLogits, queries) }, ref, { heads, dV: 512, queries });
-  return c.out.pass && c.lse.pass && c.maxLogits.pass;
-};
 const attentionBits = (r) => `${hex(r.out.data)}|${hex(r.lse.data)}|${hex(r.maxLogits.data)}`;
 
 /** A v4 cache whose first `filled` tokens hold random rows (quantized by the reference). */
@@ -76,13 +65,7 @@ for (let i = 0; i < 50; i++) {
     calls.push({ kind, run: (cache) => engine.dequantizeKCachePaged({ cache, tokenIds: ids }).then((t) => ((last = t), hex(t.data))), check });
   } else if (kind === 'prefill') {
     const sQ = 1 + rng.int(0, 20), hQ = 8, sKV = 300, topk = 64;
-    const a = {
-      q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-      kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-      indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1, 0.05, [])),
-      attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
-      smScale: 1 / Math.sqrt(512),
-    };
+    const a = randomPrefillCall(rng, { sQ, hQ, sKV, topk });
     let last;
     calls.push({ kind, run: () => engine.sparsePrefill(a).then((r) => ((last = r), attentionBits(r))), check: () => withinBounds(last, R.sparsePrefillReference(a), 8) });
   } else if (kind === 'paged') {

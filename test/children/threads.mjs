@@ -16,27 +16,16 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 import { createEngine, createKvCache, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js';
+import { randomPrefillCall, withinBounds } from './judge.mjs';
 
 const threadCount = () => readdirSync('/proc/self/task').length;
 const hex = (a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('hex');
-const widen = (t) => (t.dtype === 'bf16' ? Float64Array.from(t.data, (b) => R.decodeBf16(b)) : Float64Array.from(t.data));
-/** SPEC §4's bounds for every tensor of an attention result. */
-function withinBounds(res, ref, heads) {
-  const c = R.compareAttention({ out: widen(res.out), lse: widen(res.lse), maxLogits: widen(res.maxLogits) }, ref, { heads, dV: 512 });
-  return c.out.pass && c.lse.pass && c.maxLogits.pass;
-}
 
 /** Inputs of each op from one seed: every thread given the same seed builds the same calls. */
 function opInputs(seed) {
   const rng = makeRng(seed);
   const sQ = 24, hQ = 8, sKV = 700, topk = 128;
-  const prefill = {
-    q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-    kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-    indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1, 0.05, [])),
-    attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
-    smScale: 1 / Math.sqrt(512),
-  };
+  const prefill = randomPrefillCall(rng, { sQ, hQ, sKV, topk });
   const tokens = 16 * 40, n = 500;
   const ids = Int32Array.from({ length: n }, () => rng.int(0, tokens));
   const rows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));

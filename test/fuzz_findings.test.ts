@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
-import { pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
+import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
@@ -467,6 +467,18 @@ describe('cuda layer calls: device operands checked before any work', () => {
 });
 
 describe("the fuzzer's oracle and the reference against the API (session 46)", () => {
+  test('the reference reads a cache\'s bytes by byteLength, as the library does: a Uint8Array subclass whose length getter lies is no refusal (H100 cuda fuzz seed 3 case 3780, a soft ref-refused)', () => {
+    const cache = randomCache(rng, 16, 3);
+    class Lying extends Uint8Array {
+      override get length(): number {
+        return super.length + 1000;
+      }
+    }
+    const lying = { ...cache, data: new Lying(cache.data) };
+    const ids = [0, 2, 47, 2];
+    expect(Array.from(dequantizeKCacheReference(lying, ids))).toEqual(Array.from(dequantizeKCacheReference(cache, ids)));
+  });
+
   test('prefillLayer and prefillLayerSharded take attnSink: null as no sink, as the ops and the reference do (they refused it: INVALID_VALUE)', async () => {
     const sc = randomScenario(rng, [rng.int(20, 60)], [rng.int(2, 5)]);
     const caches = { swa: randomCache(rng, 64, sc.swaPages) };

@@ -70,8 +70,9 @@ function checkCache(cache: KvCache, name = 'cache'): void {
     throw new SparseMlaError('INVALID_VALUE', `${name}.format: expected 'v4' or 'v32', got ${String(cache.format)}`, name);
   }
   const bytes = kvCacheBytesReference(cache.format, cache.pageSize, cache.numPages);
-  if (!(cache.data instanceof Uint8Array) || cache.data.length !== bytes) {
-    throw new SparseMlaError('INVALID_SHAPE', `${name}.data: expected ${bytes} bytes, got ${cache.data?.length}`, name);
+  // byteLength, as the library reads the memory: a subclass's `length` getter may say otherwise
+  if (!(cache.data instanceof Uint8Array) || cache.data.byteLength !== bytes) {
+    throw new SparseMlaError('INVALID_SHAPE', `${name}.data: expected ${bytes} bytes, got ${cache.data?.byteLength}`, name);
   }
 }
 

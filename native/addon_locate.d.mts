@@ -12,8 +12,6 @@ export declare const ADDON_PATH_ENV: 'SPARSE_MLA_NATIVE_ADDON';
 export declare const BUILD_FROM_SOURCE_ENV: 'SPARSE_MLA_BUILD_FROM_SOURCE';
 /** Per platform (`linux-x64`, `linux-arm64`): the prebuilt CPU levels, best first, and whether they carry the CUDA kernels. */
 export declare const PREBUILT_TARGETS: Readonly<Record<string, { readonly levels: readonly string[]; readonly cuda: boolean }>>;
-/** The linux-x64 prebuilt CPU levels, best first. */
-export declare const PREBUILT_LEVELS: readonly string[];
 export declare const LEVEL_FLAGS: Readonly<Record<string, readonly string[]>>;
 
 export declare function platformKey(platform?: string, arch?: string): string;

@@ -48,9 +48,6 @@ export const PREBUILT_TARGETS = {
   'linux-arm64': { levels: ['armv8-a'], cuda: false },
 };
 
-/** The linux-x64 prebuilt CPU levels, best first. */
-export const PREBUILT_LEVELS = PREBUILT_TARGETS['linux-x64'].levels;
-
 export const platformKey = (platform = process.platform, arch = process.arch) => `${platform}-${arch}`;
 
 export function isTruthyEnv(value) {

@@ -8,7 +8,8 @@ import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { addonSourceFingerprint } from './addon_locate.mjs';
 
-function runs(cmd, args = ['--version']) {
+/** Whether `cmd args` runs and exits 0 (a tool is there). */
+export function runs(cmd, args = ['--version']) {
   const r = spawnSync(cmd, args, { stdio: 'ignore', timeout: 30_000 });
   return r.status === 0;
 }
@@ -52,10 +53,16 @@ export function findCrossCompilers(prefix) {
   return missing.length ? { ok: false, why: `${missing.join(' and ')} not found on PATH` } : { ok: true, cc, cxx };
 }
 
-/** A version list's newest entry ('2.34' > '2.17'), or null for an empty list. */
-function newestVersion(versions) {
-  const sorted = [...new Set(versions)].sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
-  return sorted.at(-1) ?? null;
+const compareVersions = (a, b) => a.localeCompare(b, 'en', { numeric: true });
+
+/** A version list's newest entry ('2.34' > '2.17'; nulls skipped), or null when there is none. */
+export function newestVersion(versions) {
+  return versions.filter(Boolean).sort(compareVersions).at(-1) ?? null;
+}
+
+/** Whether version a is newer than b (false when either is unknown). */
+export function newerVersion(a, b) {
+  return a != null && b != null && compareVersions(a, b) > 0;
 }
 
 /**

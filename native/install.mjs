@@ -14,8 +14,8 @@
 //   SPARSE_MLA_NATIVE_VERBOSE=1       stream the build output instead of logging it
 //   SPARSE_MLA_WITH_CUDA=ON|OFF|AUTO  source build: the CUDA kernels (default AUTO: when nvcc is found)
 //   SPARSE_MLA_CPU_ARCH=<march>       source build: the core's -march (default native: this machine)
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { delimiter, dirname, join } from 'node:path';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname } from 'node:path';
 import {
   BUILD_FROM_SOURCE_ENV,
   INSTALL_STATUS_FILE,
@@ -28,7 +28,7 @@ import {
   platformKey,
   selectPrebuilt,
 } from './addon_locate.mjs';
-import { buildAddon, findBuildTools, logExcerpt, probeAddon } from './build_tools.mjs';
+import { buildAddon, findBuildTools, logExcerpt, probeAddon, runs } from './build_tools.mjs';
 
 const env = process.env;
 const say = (line) => console.log(`sparse-mla: ${line}`);
@@ -39,10 +39,6 @@ function packageVersion() {
   } catch {
     return null;
   }
-}
-
-function findOnPath(command) {
-  return (env.PATH ?? '').split(delimiter).some((dir) => dir && existsSync(join(dir, command)));
 }
 
 function writeStatus(status) {
@@ -96,7 +92,7 @@ async function main() {
     writeStatus({ ...base, ...chosen, prebuilt, build: { ran: false, why: `not needed (set ${BUILD_FROM_SOURCE_ENV}=1 for a build for this machine)` } });
     say(`using the prebuilt ${base.platform} addon (${chosen.cpuArch}, ${chosen.simd}${chosen.cuda.built ? `, CUDA ${chosen.cuda.arch}` : ', no CUDA'}): ${pre.path}`);
     // e.g. a GH200: the linux-arm64 prebuilt addon is cpu only, its kernels need a build here
-    if (!chosen.cuda.built && (env.CUDACXX || findOnPath('nvcc'))) say(`nvcc is here but this addon has no CUDA kernels; for the cuda backend: ${howToBuild()}`);
+    if (!chosen.cuda.built && runs(env.CUDACXX || 'nvcc')) say(`nvcc is here but this addon has no CUDA kernels; for the cuda backend: ${howToBuild()}`);
     return;
   }
 

@@ -7,7 +7,7 @@
 //   prebuilds/linux-arm64/sparse_mla_native.armv8-a.node   NEON core, cpu backend only: built with
 //     the cross compiler aarch64-linux-gnu-g++ (the CUDA toolkit here has no aarch64/sbsa target)
 // and prebuilds/<platform>/manifest.json describing them (with the glibc and libstdc++ versions
-// they need; the arm64 addon may need no newer ones than the x64 addons, so one floor holds).
+// they need; none may need more than the floor README states, FLOOR below).
 // The levels are PREBUILT_TARGETS of addon_locate.mjs, the data the loader chooses by. `--clean`
 // (postpack) removes prebuilds/ again, so a checkout never loads a stale prebuilt addon. Build
 // trees stay in build/prebuild-<level>/, so packing again rebuilds only what changed.
@@ -21,7 +21,7 @@ import { spawnSync } from 'node:child_process';
 import { copyFileSync, mkdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ADDON_NAME, MANIFEST_NAME, PACKAGE_ROOT, PREBUILDS_DIR, PREBUILT_TARGETS, platformKey } from './addon_locate.mjs';
-import { buildAddon, findBuildTools, findCrossCompilers, inspectElf, logExcerpt, probeAddon } from './build_tools.mjs';
+import { buildAddon, findBuildTools, findCrossCompilers, inspectElf, logExcerpt, newerVersion, newestVersion, probeAddon } from './build_tools.mjs';
 
 const env = process.env;
 const say = (line) => console.error(`sparse-mla prebuild: ${line}`);
@@ -74,8 +74,6 @@ function gitCommit() {
   const dirty = spawnSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: PACKAGE_ROOT, encoding: 'utf8' }).stdout?.trim();
   return `${r.stdout.trim()}${dirty ? '-dirty' : ''}`;
 }
-const newest = (versions) => versions.filter(Boolean).sort((a, b) => a.localeCompare(b, 'en', { numeric: true })).at(-1) ?? null;
-const newer = (a, b) => a !== null && b !== null && a.localeCompare(b, 'en', { numeric: true }) > 0;
 
 /** Builds one platform's levels into prebuilds/<platform>/ and returns its manifest. */
 async function buildPlatform(platform) {
@@ -133,8 +131,8 @@ async function buildPlatform(platform) {
     commit: gitCommit(),
     compiler: spawnSync(cxx, ['--version'], { encoding: 'utf8' }).stdout?.split('\n')[0] ?? cxx,
     nodeApi: 8,
-    glibc: newest(glibc),
-    glibcxx: newest(glibcxx),
+    glibc: newestVersion(glibc),
+    glibcxx: newestVersion(glibcxx),
     cuda,
     addons,
   };
@@ -149,7 +147,7 @@ for (const platform of platforms) manifests[platform] = await buildPlatform(plat
 const FLOOR = { glibc: '2.34', glibcxx: '3.4.29' };
 for (const [platform, m] of Object.entries(manifests)) {
   for (const key of ['glibc', 'glibcxx']) {
-    if (newer(m[key], FLOOR[key])) die(`${platform}: the addons need ${key} ${m[key]}, newer than the ${FLOOR[key]} README promises (an objdump -T of the addon names the symbols)`);
+    if (newerVersion(m[key], FLOOR[key])) die(`${platform}: the addons need ${key} ${m[key]}, newer than the ${FLOOR[key]} README promises (an objdump -T of the addon names the symbols)`);
   }
 }
 for (const [platform, m] of Object.entries(manifests)) {

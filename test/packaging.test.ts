@@ -12,8 +12,10 @@ import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_LEVELS, PREBUILT_TARGETS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
+import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_TARGETS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
+
+const PREBUILT_LEVELS = PREBUILT_TARGETS['linux-x64'].levels;
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const V2 = LEVEL_FLAGS['x86-64-v2']!;

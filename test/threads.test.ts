@@ -24,7 +24,7 @@ import type { Engine, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
-import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { randomBf16Bits, randomIndices, randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('threads');
 const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as const);
@@ -188,12 +188,7 @@ describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own
   // flight completes" failed so in a full run).
   test('a call made while an addon thread waits idle has started: dispose() right after it lets it finish, with the bits of the same call made alone', async () => {
     const sQ = 8, hQ = 16, sKV = 200, topk = 64;
-    const args: SparsePrefillArgs = {
-      q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-      kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-      indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
-      smScale: 0.05,
-    };
+    const args: SparsePrefillArgs = { ...randomPrefillArgs(rng, { sQ, hQ, dQK: 512, sKV, topk }, { invalidFraction: 0.1 }), smScale: 0.05 };
     const bits = (r: { out: { data: Uint16Array }; lse: { data: Float32Array } }) => Buffer.from(r.out.data.buffer).toString('hex') + Buffer.from(r.lse.data.buffer).toString('hex');
     const widen = (a: Uint16Array | Float32Array, bf16: boolean) => Float64Array.from(a, (b) => (bf16 ? R.decodeBf16(b) : b));
     const outcomes: string[] = [];
@@ -289,12 +284,7 @@ describe('a wasm pool worker that dies in a mixed batch of calls', () => {
         await engine.quantizeKCache({ cache, tokenIds: ids, rows: tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512)) });
         const cacheBefore = Buffer.from(cache.data);
         const sQ = 40, hQ = 32, sKV = 2000, topk = 512;
-        const prefill: SparsePrefillArgs = {
-          q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-          kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-          indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
-          smScale: 0.05,
-        };
+        const prefill: SparsePrefillArgs = { ...randomPrefillArgs(rng, { sQ, hQ, dQK: 512, sKV, topk }, { invalidFraction: 0.1 }), smScale: 0.05 };
         const newRows = tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512));
         let killed = -1;
         const off = pool.testing.onDispatch((w, label) => {

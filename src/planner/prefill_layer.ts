@@ -135,16 +135,11 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
  * in a SharedArrayBuffer (read in place, README "Memory a call owns"). The caller may rewrite or
  * detach its arrays once the call has returned its promise, while the layer's later steps (the
  * combine, the prefill or paged op after the plan's and the dequant's awaits) still read them.
- * The copy is in shared memory, so those steps read it in place rather than copy it once more into
- * their staging.
  */
 function atCall<T extends { readonly data: unknown }>(t: T): T {
   const d = t.data;
   if (!ArrayBuffer.isView(d) || copyBytes(d) === 0) return t;
-  const view = d as Uint16Array;
-  const copy = new (view.constructor as Uint16ArrayConstructor)(new SharedArrayBuffer(view.byteLength));
-  copy.set(view);
-  return { ...t, data: copy };
+  return { ...t, data: (d as Uint16Array).slice() };
 }
 
 /**

@@ -106,6 +106,59 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
     }
   }
 }
+#elif defined(SMLA_SIMD_NEON)
+// NEON has no byte -> float32 gather, so the e4m3 value goes through float16, which AArch64
+// widens exactly (FCVTL: base armv8-a, blind to FPCR.FZ16): a code's 7 magnitude bits shifted left
+// by 7 are a float16 whose exponent field has bias 15 = e4m3's 7 + 8 and whose top mantissa bits
+// are e4m3's, so the float16 is the e4m3 value times 2^-8 for every code, subnormals included
+// (m * 2^-17). NaN codes are replaced, per byte, by 0xfc, which the same shift turns into
+// float16's quiet NaN 0x7e00. Times 256 (exact) gives the e4m3 value; times the scale is the
+// spec's one float32 rounding; the rounding to bf16 is float_to_bf16's, as on the other paths.
+template <bool kExact>
+inline uint32x4_t dequant4(float16x4_t h, float32x4_t scale) {
+  const float32x4_t v = vcvt_f32_f16(h);
+  // kExact: scale holds scale * 2^8 (<= 2^127), the product is exact either way.
+  const float32x4_t r = kExact ? vmulq_f32(v, scale) : vmulq_f32(vmulq_n_f32(v, 256.0f), scale);
+  const uint32x4_t u = vreinterpretq_u32_f32(r);
+  if (kExact) return u;
+  const uint32x4_t hi_mask = vdupq_n_u32(0xffff0000u);
+  const uint32x4_t lsb = vandq_u32(vshrq_n_u32(u, 16), vdupq_n_u32(1));
+  const uint32x4_t rounded = vandq_u32(vaddq_u32(u, vaddq_u32(lsb, vdupq_n_u32(0x7fff))), hi_mask);
+  const uint32x4_t nan = vandq_u32(vorrq_u32(u, vdupq_n_u32(0x00400000)), hi_mask);
+  return vbslq_u32(vceqq_f32(r, r), rounded, nan);
+}
+
+template <bool kF32, bool kExact>
+inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  const float32x4_t scale = vdupq_n_f32(kExact ? scale_f * 256.0f : scale_f);
+  for (int j = 0; j < 64; j += 16) {
+    const uint8x16_t b = vld1q_u8(q + j);
+    const uint8x16_t sign = vandq_u8(b, vdupq_n_u8(0x80));
+    uint8x16_t mag = vandq_u8(b, vdupq_n_u8(0x7f));
+    mag = vbslq_u8(vceqq_u8(mag, vdupq_n_u8(0x7f)), vdupq_n_u8(0xfc), mag);
+    // float16 bits: sign to bit 15, magnitude to bits 14..7
+    const float16x8_t h_lo = vreinterpretq_f16_u16(
+        vorrq_u16(vshll_n_u8(vget_low_u8(mag), 7), vshll_n_u8(vget_low_u8(sign), 8)));
+    const float16x8_t h_hi =
+        vreinterpretq_f16_u16(vorrq_u16(vshll_high_n_u8(mag, 7), vshll_high_n_u8(sign, 8)));
+    const uint32x4_t r0 = dequant4<kExact>(vget_low_f16(h_lo), scale);
+    const uint32x4_t r1 = dequant4<kExact>(vget_high_f16(h_lo), scale);
+    const uint32x4_t r2 = dequant4<kExact>(vget_low_f16(h_hi), scale);
+    const uint32x4_t r3 = dequant4<kExact>(vget_high_f16(h_hi), scale);
+    if (kF32) {
+      float* o = static_cast<float*>(out) + j;
+      vst1q_f32(o, vreinterpretq_f32_u32(r0));
+      vst1q_f32(o + 4, vreinterpretq_f32_u32(r1));
+      vst1q_f32(o + 8, vreinterpretq_f32_u32(r2));
+      vst1q_f32(o + 12, vreinterpretq_f32_u32(r3));
+    } else {
+      // the high half of each 32-bit lane is the bf16
+      uint16_t* o = static_cast<uint16_t*>(out) + j;
+      vst1q_u16(o, vuzp2q_u16(vreinterpretq_u16_u32(r0), vreinterpretq_u16_u32(r1)));
+      vst1q_u16(o + 8, vuzp2q_u16(vreinterpretq_u16_u32(r2), vreinterpretq_u16_u32(r3)));
+    }
+  }
+}
 #else
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale, void* out) {

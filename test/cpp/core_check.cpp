@@ -18,6 +18,8 @@
 
 #include "core_calls.h"
 #include "sparse_mla/sparse_mla.h"
+// the float32 row dequant of paged attention has no op of its own: called directly
+#include "../../cpp/src/kv_cache_rows.h"
 
 namespace {
 
@@ -651,6 +653,123 @@ void check_dequant_raw_bytes(int format, int32_t page_size, int32_t num_pages) {
   expect(mism == 0, std::string(v4 ? "v4" : "v32") + " raw-byte dequant: " + std::to_string(mism) + " differ");
 }
 
+// Compares dequantized rows (bf16 bits, or the float32 rows paged attention reads) with the
+// float64 reference: same value and sign, or both NaN. Prints the first few differences.
+size_t count_dequant_mismatches(const std::string& ctx, const double* want, const uint16_t* got_bf16,
+                                const float* got_f32, int n) {
+  size_t mism = 0;
+  for (int d = 0; d < n; ++d) {
+    const double got = got_bf16 ? bf16_value(got_bf16[d]) : double(got_f32[d]);
+    const bool same = (isnan(got) && isnan(want[d])) || (got == want[d] && signbit(got) == signbit(want[d]));
+    if (!same && mism++ < 3) fprintf(stderr, "  %s dim %d: got %g want %g\n", ctx.c_str(), d, got, want[d]);
+  }
+  return mism;
+}
+
+// Every e4m3 code times every ue8m0 scale byte, deterministically (random bytes only make it
+// likely): 0 (2^-127: subnormal products, rounded), 1..9 (some products subnormal), 10..246 (the
+// exact range), 247..254 (products that overflow to inf), 255 (NaN scale). Tile g of the cache
+// (token g / 7, tile g % 7) has scale byte g % 256 and the g / 256-th quarter of the codes, rotated
+// so a code meets several vector lanes. Both outputs: the dequant op's bf16 and the float32 rows.
+void check_dequant_every_code_v4() {
+  constexpr int32_t P = 64, pages = 4;
+  constexpr int64_t cap = int64_t(P) * pages;  // 256 tokens, 1792 tiles: each scale byte 7 times
+  std::mt19937_64 gen(4242);
+  std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(P) * pages));
+  std::vector<uint8_t> seen(256 * 256, 0);  // [scale byte][code]
+  for (int64_t t = 0; t < cap; ++t) {
+    uint8_t* data = cache.data() + (t / P) * v4_page_bytes(P) + (t % P) * 576;
+    uint8_t* sc = cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8;
+    for (int i = 0; i < 7; ++i) {
+      const int64_t g = t * 7 + i, occ = g / 256;
+      sc[i] = uint8_t(g % 256);
+      for (int j = 0; j < 64; ++j) {
+        const uint8_t code = uint8_t(64 * (occ % 4) + (j + 21 * (occ / 4)) % 64);
+        data[64 * i + j] = code;
+        seen[size_t(sc[i]) * 256 + code] = 1;
+      }
+    }
+    sc[7] = 0;
+    for (int b = 448; b < 576; ++b) data[b] = uint8_t(gen());  // rope: any bf16 bits, copied
+  }
+  size_t combos = 0;
+  for (auto s : seen) combos += s;
+  expect(combos == 256 * 256, "every-code v4: " + std::to_string(combos) + " of 65536 (code, scale byte) pairs");
+  std::vector<int64_t> ids(static_cast<size_t>(cap));
+  for (int64_t t = 0; t < cap; ++t) ids[size_t(t)] = t;
+  std::vector<uint16_t> out(size_t(cap) * 512);
+  expect(core(smla_dequantize_kv_cache_params{.format = SMLA_CACHE_V4, .cache = cache.data(), .page_size = P,
+                                              .num_pages = pages, .token_ids = ids.data(),
+                                              .num_tokens = int32_t(cap), .out = out.data()}) == SMLA_OK,
+         "every-code v4 dequant status");
+  std::vector<double> ref(512);
+  std::vector<float> row_f32(512);
+  size_t mism_bf16 = 0, mism_f32 = 0, rope_bits = 0;
+  for (int64_t t = 0; t < cap; ++t) {
+    ref_dequant_v4(cache.data(), P, t, ref.data());
+    const std::string ctx = "every-code v4 token " + std::to_string(t);
+    mism_bf16 += count_dequant_mismatches(ctx + " bf16", ref.data(), &out[size_t(t) * 512], nullptr, 512);
+    const uint8_t* data = cache.data() + (t / P) * v4_page_bytes(P) + (t % P) * 576;
+    smla::cpu::dequant_v4_token_f32(data, cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8,
+                                    row_f32.data());
+    mism_f32 += count_dequant_mismatches(ctx + " f32", ref.data(), nullptr, row_f32.data(), 512);
+    // the rope dims are copies: their bits, NaN payloads included
+    rope_bits += memcmp(&out[size_t(t) * 512 + 448], data + 448, 128) != 0;
+  }
+  expect(mism_bf16 == 0, "every-code v4 dequant op (bf16): " + std::to_string(mism_bf16) + " differ");
+  expect(mism_f32 == 0, "every-code v4 float32 rows: " + std::to_string(mism_f32) + " differ");
+  expect(rope_bits == 0, "every-code v4: rope bits of " + std::to_string(rope_bits) + " tokens differ");
+}
+
+// v32's float32 scales are any float: every e4m3 code times SPEC's and float32's edge cases (±0,
+// ±inf, NaNs, subnormals, the bounds of the exact range 2^-117 .. 2^119 and one step past them,
+// FLT_MAX, negative powers of two, scales whose products tie at bf16 rounding) and random bit
+// patterns. Tiles 2k and 2k + 1 share scale k and hold the two halves of the code space.
+void check_dequant_every_code_v32() {
+  const uint32_t edge_bits[] = {
+      0x00000000u, 0x80000000u, 0x7fc00000u, 0xffc00000u, 0x7f800001u /* signaling */, 0x7fffffffu,
+      0x7f800000u, 0xff800000u, 0x00000001u /* 2^-149 */, 0x00400000u /* 2^-127 */, 0x007fffffu,
+      0x00800000u /* 2^-126 */, 0x00800001u, 0x05000000u /* 2^-117 */, 0x04800000u /* 2^-118 */,
+      0x7b000000u /* 2^119 */, 0x7b800000u /* 2^120 */, 0x7f000000u /* 2^127 */, 0x7f7fffffu /* FLT_MAX */,
+      0xbf800000u /* -1 */, 0xbb000000u /* -2^-9 */, 0x3f800000u /* 1 */, 0x3f808000u /* 1 + 2^-8: ties */,
+      0x3f818000u /* 1 + 3·2^-8 */, 0x3f800001u, 0x3fffffffu, 0x3fc00000u /* 1.5 */, 0x40400000u /* 3 */,
+      0x3eaaaaabu /* 1/3 */, 0xbdcccccdu /* -0.1 */, 0x00012345u /* subnormal, not a power of two */};
+  std::mt19937_64 gen(777);
+  std::vector<uint32_t> scales(std::begin(edge_bits), std::end(edge_bits));
+  for (int k = 0; k < 100; ++k) scales.push_back(uint32_t(gen()));
+  if (scales.size() % 2) scales.push_back(0x3f800000u);
+  const int64_t cap = int64_t(scales.size()) / 2;  // 4 tiles a token, 2 tiles a scale
+  std::vector<uint8_t> cache(static_cast<size_t>(cap * 656));
+  for (int64_t t = 0; t < cap; ++t) {
+    uint8_t* tok = cache.data() + t * 656;
+    for (int i = 0; i < 4; ++i) {
+      const int64_t g = t * 4 + i;
+      memcpy(tok + 512 + 4 * i, &scales[size_t(g / 2)], 4);
+      for (int j = 0; j < 128; ++j) tok[128 * i + j] = uint8_t(128 * (g % 2) + (j + 5 * t) % 128);
+    }
+    for (int b = 528; b < 656; ++b) tok[b] = uint8_t(gen());
+  }
+  std::vector<int64_t> ids(static_cast<size_t>(cap));
+  for (int64_t t = 0; t < cap; ++t) ids[size_t(t)] = cap - 1 - t;  // a gather, not the identity
+  std::vector<uint16_t> out(size_t(cap) * 576);
+  expect(core(smla_dequantize_kv_cache_params{.format = SMLA_CACHE_V32, .cache = cache.data(), .page_size = 1,
+                                              .num_pages = int32_t(cap), .token_ids = ids.data(),
+                                              .num_tokens = int32_t(cap), .out = out.data()}) == SMLA_OK,
+         "every-code v32 dequant status");
+  std::vector<double> ref(576);
+  size_t mism = 0, rope_bits = 0;
+  for (int64_t k = 0; k < cap; ++k) {
+    const int64_t t = ids[size_t(k)];
+    ref_dequant_v32(cache.data(), t, ref.data());
+    mism += count_dequant_mismatches("every-code v32 token " + std::to_string(t), ref.data(),
+                                     &out[size_t(k) * 576], nullptr, 576);
+    rope_bits += memcmp(&out[size_t(k) * 576 + 512], cache.data() + t * 656 + 528, 128) != 0;
+  }
+  expect(mism == 0, "every-code v32 dequant op: " + std::to_string(mism) + " differ (" +
+                        std::to_string(scales.size()) + " scales x 256 codes)");
+  expect(rope_bits == 0, "every-code v32: rope bits of " + std::to_string(rope_bits) + " tokens differ");
+}
+
 void check_cache_args() {
   std::vector<uint8_t> cache(static_cast<size_t>(v4_page_bytes(2) * 2));
   int64_t id = 0;
@@ -866,6 +985,8 @@ int main() {
   check_dequant_raw_bytes(SMLA_CACHE_V4, 64, 40);
   check_dequant_raw_bytes(SMLA_CACHE_V4, 2, 7);
   check_dequant_raw_bytes(SMLA_CACHE_V32, 1, 2000);
+  check_dequant_every_code_v4();
+  check_dequant_every_code_v32();
   check_cache(SMLA_CACHE_V32, 1, 300, false);
   check_cache(SMLA_CACHE_V32, 1, 300, true);
 

@@ -175,6 +175,77 @@ int32_t Guarded(F&& f) noexcept {
 
 }  // namespace
 
+// A pending promise's resolve and reject functions, held by references. Not a napi_deferred: Node
+// frees a deferred only in napi_resolve_deferred / napi_reject_deferred, which refuse once the
+// env's JS has stopped, so every promise still pending when its Worker was terminated leaked one
+// (a 32-byte block); a reference is freed by napi_delete_reference, which works then too. JS
+// thread only.
+struct Resolvers {
+  napi_env env = nullptr;
+  napi_ref resolve = nullptr;
+  napi_ref reject = nullptr;
+
+  Resolvers() = default;
+  Resolvers(const Resolvers&) = delete;
+  Resolvers& operator=(const Resolvers&) = delete;
+  ~Resolvers() { Release(); }
+
+  bool Pending() const { return resolve != nullptr; }
+  // Lets go of the functions (the promise stays pending if it was not settled).
+  void Release() noexcept {
+    if (resolve) napi_delete_reference(env, resolve);
+    if (reject) napi_delete_reference(env, reject);
+    resolve = reject = nullptr;
+  }
+  // Settles the promise with `v`: napi_ok once settled (and released); any failure leaves it
+  // pending (JS stopped: a Worker being torn down refuses the call before it is made).
+  napi_status Conclude(bool fulfil, napi_value v) noexcept {
+    if (!resolve || !reject || !v) return napi_generic_failure;
+    napi_value fn = nullptr, undefined = nullptr;
+    napi_status s = napi_get_reference_value(env, fulfil ? resolve : reject, &fn);
+    if (s == napi_ok) s = napi_get_undefined(env, &undefined);
+    if (s == napi_ok) s = napi_call_function(env, undefined, fn, 1, &v, nullptr);
+    if (s == napi_ok) Release();
+    return s;
+  }
+};
+
+EnvData& DataOf(Napi::Env env) { return *env.GetInstanceData<EnvData>(); }
+
+namespace {
+
+// The executor of NewPromise's `new Promise(...)`: keeps its resolve and reject in EnvData::capture.
+napi_value CaptureResolvers(napi_env env, napi_callback_info info) noexcept {
+  size_t argc = 2;
+  napi_value argv[2] = {nullptr, nullptr};
+  void* data = nullptr;
+  if (napi_get_cb_info(env, info, &argc, argv, nullptr, &data) != napi_ok || argc < 2 || !data) return nullptr;
+  Resolvers* r = static_cast<EnvData*>(data)->capture;
+  static_cast<EnvData*>(data)->capture = nullptr;
+  if (!r) return nullptr;
+  if (napi_create_reference(env, argv[0], 1, &r->resolve) != napi_ok) r->resolve = nullptr;
+  if (napi_create_reference(env, argv[1], 1, &r->reject) != napi_ok) r->reject = nullptr;
+  if (!r->resolve || !r->reject) r->Release();
+  return nullptr;
+}
+
+// A new pending promise whose resolving functions `out` holds; throws when it cannot be made.
+napi_value NewPromise(Napi::Env env, const char* op, Resolvers* out) {
+  EnvData& d = DataOf(env);
+  out->env = env;
+  napi_value executor = d.capture_resolvers.Value(), promise = nullptr;
+  d.capture = out;
+  const napi_status s = napi_new_instance(env, d.promise_constructor.Value(), 1, &executor, &promise);
+  d.capture = nullptr;
+  if (s != napi_ok || !out->Pending()) {
+    out->Release();
+    throw Napi::Error::New(env, std::string(op) + ": cannot create a promise");
+  }
+  return promise;
+}
+
+}  // namespace
+
 Napi::Function OpFunctionOf(Napi::Env env, const OpEntry& entry) {
   return Napi::Function::New(
       env,
@@ -288,23 +359,17 @@ int32_t Execute(const RowJob& job, const std::atomic<bool>* stop, SplitPart* par
   return status;
 }
 
-// Settles a finished job's promise (`*deferred`, set to null once used) on its JS thread: check,
+// Settles a finished job's promise (`settle`, released once used) on its JS thread: check,
 // resolve, then commit; or reject. Run while a worker thread's env is being torn down, the resolve
 // fails (JS is stopped) and nothing is committed; whatever throws while settling rejects the
 // promise if it is not settled yet (so a live caller is told, never left waiting; with an error
 // made without the C++ heap, which may be what just failed) and is dropped when even that fails
 // (the env is going away: nobody is left to tell).
-void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status, napi_deferred* deferred) noexcept {
-  // napi_ok: settled. A refusal before the promise is touched (pending exception, JS stopped)
-  // leaves the deferred usable; any other failure has used it up.
-  auto conclude = [&](bool resolve, napi_value v) noexcept {
-    if (!*deferred || !v) return napi_generic_failure;
-    const napi_status s = resolve ? napi_resolve_deferred(env, *deferred, v) : napi_reject_deferred(env, *deferred, v);
-    if (s == napi_ok || (s != napi_pending_exception && s != napi_cannot_run_js)) *deferred = nullptr;
-    return s;
-  };
+void SettleJob(Napi::Env env, const char* op, const RowJob& job, int32_t status, Resolvers* settle) noexcept {
+  // napi_ok: settled; else the promise is still pending
+  auto conclude = [&](bool resolve, napi_value v) noexcept { return settle->Conclude(resolve, v); };
   auto reject_if_unsettled = [&](const char* code, const char* what) noexcept {
-    if (*deferred) conclude(false, PlainError(env, code, op, what));
+    if (settle->Pending()) conclude(false, PlainError(env, code, op, what));
   };
   napi_handle_scope scope = nullptr;
   const bool scoped = napi_open_handle_scope(env, &scope) == napi_ok;
@@ -356,7 +421,7 @@ class RowJobWorker final : public Napi::AsyncWorker {
  public:
   RowJobWorker(Napi::Env env, const char* op, RowJob job, Holds holds)
       : Napi::AsyncWorker(env, op), op_(op), job_(std::move(job)), holds_(std::move(holds)), parts_(MakeParts(job_)) {
-    if (napi_create_promise(env, &deferred_, &promise_) != napi_ok) throw Napi::Error::New(env, std::string(op) + ": cannot create a promise");
+    promise_ = NewPromise(env, op, &settle_);
   }
 
   Napi::Promise Promise() { return Napi::Promise(Env(), promise_); }
@@ -365,8 +430,8 @@ class RowJobWorker final : public Napi::AsyncWorker {
   void Execute() override { status_ = smla_addon::Execute(job_, nullptr, parts_.get()); }
 
   void OnWorkComplete(Napi::Env env, napi_status status) override {
-    if (status != napi_cancelled) SettleJob(env, op_, job_, status_, &deferred_);
-    Destroy();
+    if (status != napi_cancelled) SettleJob(env, op_, job_, status_, &settle_);
+    Destroy();  // (the promise's functions are let go, also when it could not be settled)
   }
 
  private:
@@ -374,7 +439,7 @@ class RowJobWorker final : public Napi::AsyncWorker {
   RowJob job_;
   Holds holds_;
   SplitParts parts_;
-  napi_deferred deferred_ = nullptr;
+  Resolvers settle_;
   napi_value promise_ = nullptr;
   int32_t status_ = SMLA_OK;
 };
@@ -391,7 +456,7 @@ struct CpuCall {
   RowJob job;
   Holds holds;
   SplitParts parts;
-  napi_deferred deferred = nullptr;
+  Resolvers settle;  // its promise's functions, let go with the call
   std::shared_ptr<EnvCalls> owner;
   int32_t group = 0;
   int width = 1;  // threads it may use
@@ -660,14 +725,15 @@ void SettleFinished(napi_env raw_env, napi_value, void* context, void*) {
   }
   Napi::Env env(raw_env);
   const size_t settled = done.Size();
-  while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->deferred);
+  while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->settle);
   ReleaseRef(e, settled);
 }
 
 void FinalizeWake(napi_env, void* data, void*) { delete static_cast<std::shared_ptr<EnvCalls>*>(data); }
 
 // The env's teardown (a cleanup hook): its queued calls never start, its running ones stop at the
-// next block, and this returns only once none of them is running. Their references and copies are
+// next block, and this returns only once none of them is running. Their references (their
+// promises' functions included: JS has stopped, so those promises stay pending) and copies are
 // released here.
 void TearDown(void* arg) {
   std::unique_ptr<std::shared_ptr<EnvCalls>> hold(static_cast<std::shared_ptr<EnvCalls>*>(arg));
@@ -687,15 +753,7 @@ void TearDown(void* arg) {
     left.Append(e.done);
     r.envs.erase(e.env);
   }
-  // Frees each promise's handle where the env still allows it (a rejection nobody can observe).
-  napi_handle_scope scope = nullptr;
-  const bool scoped = napi_open_handle_scope(e.env, &scope) == napi_ok;
-  napi_value undefined = nullptr;
-  if (napi_get_undefined(e.env, &undefined) == napi_ok)
-    for (CpuCall* c = left.Front(); c; c = c->next)
-      if (c->deferred) napi_reject_deferred(e.env, c->deferred, undefined);
   left = CallList();
-  if (scoped) napi_close_handle_scope(e.env, scope);
 }
 
 // The env's calls, made at its first call: the entry is made first and the thread-safe function
@@ -747,8 +805,7 @@ Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds
   std::shared_ptr<EnvCalls> owner = CallsOf(env);
   auto c = std::make_unique<CpuCall>();
   c->parts = MakeParts(job);
-  napi_value promise = nullptr;
-  if (napi_create_promise(env, &c->deferred, &promise) != napi_ok) throw Napi::Error::New(env, std::string(op) + ": cannot create a promise");
+  napi_value promise = NewPromise(env, op, &c->settle);
   c->op = op;
   c->width = std::max(1, job.threads);
   c->job = std::move(job);
@@ -796,7 +853,7 @@ Napi::Value CancelQueued(const Napi::CallbackInfo& info) {
   while (CallPtr c = cancelled.PopFront()) {
     napi_value err = PlainError(env, "SMLA_CANCELLED", c->op, "cancelled before it started (its engine was disposed)");
     if (!err) napi_get_undefined(env, &err);
-    napi_reject_deferred(env, c->deferred, err);
+    c->settle.Conclude(false, err);
   }
   return Napi::Number::New(env, double(count));
 }
@@ -819,6 +876,15 @@ void KeepLoaded() {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   KeepLoaded();
+  auto* data = new EnvData();
+  env.SetInstanceData(data);  // deleted with the env
+  const Napi::Value promise = env.Global().Get("Promise");
+  if (!promise.IsFunction()) throw Napi::Error::New(env, "sparse_mla_native: globalThis.Promise is not a function");
+  data->promise_constructor = Napi::Persistent(promise.As<Napi::Function>());
+  napi_value executor = nullptr;
+  if (napi_create_function(env, "captureResolvers", NAPI_AUTO_LENGTH, CaptureResolvers, data, &executor) != napi_ok)
+    throw Napi::Error::New(env, "sparse_mla_native: cannot create a function");
+  data->capture_resolvers = Napi::Persistent(Napi::Function(env, executor));
   exports.Set("abiVersion", Napi::Number::New(env, smla_abi_version()));
   Napi::Object build = Napi::Object::New(env);
   build.Set("cpuArch", Napi::String::New(env, SMLA_CPU_ARCH));

@@ -184,6 +184,17 @@ Napi::Promise SettledPromise(Napi::Env env, const char* op, int32_t status);
 // none of the addon's was left to take it.
 constexpr int32_t kNoThread = INT32_MAX - 1;
 
+// What the addon keeps per env (JS thread), made at module init: its instance data, freed with
+// the env.
+struct Resolvers;
+struct EnvData {
+  Napi::FunctionReference promise_constructor;  // globalThis.Promise as it was at init
+  Napi::FunctionReference capture_resolvers;    // the executor NewPromise passes it
+  Resolvers* capture = nullptr;                 // where that executor stores them (while NewPromise runs)
+  Napi::FunctionReference device_buffer_class;  // cuda_stream.cpp, made on first need
+};
+EnvData& DataOf(Napi::Env env);
+
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
 using OpFunction = Napi::Value (*)(const Napi::CallbackInfo&);
 struct OpEntry {

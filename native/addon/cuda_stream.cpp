@@ -102,14 +102,15 @@ thread_local std::shared_ptr<Allocation>* t_handed = nullptr;
 
 class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
  public:
-  // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it). It holds the
-  // env's one instance-data slot: a second per-env value would need a struct there.
+  // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it), kept in the
+  // env's EnvData.
   static Napi::Function Class(Napi::Env env) {
-    if (auto* made = env.GetInstanceData<Napi::FunctionReference>()) return made->Value();
+    EnvData& data = DataOf(env);
+    if (!data.device_buffer_class.IsEmpty()) return data.device_buffer_class.Value();
     Napi::Function cls = DefineClass(env, "DeviceBuffer",
                                      {InstanceAccessor<&DeviceBuffer::ByteLength>("byteLength"), InstanceAccessor<&DeviceBuffer::Device>("device"),
                                       InstanceAccessor<&DeviceBuffer::Freed>("freed"), InstanceMethod<&DeviceBuffer::Free>("free")});
-    env.SetInstanceData(new Napi::FunctionReference(Napi::Persistent(cls)));
+    data.device_buffer_class = Napi::Persistent(cls);
     return cls;
   }
 

@@ -3,8 +3,9 @@
 # repository root:
 #   bash .ci/arm64_check.sh core
 #       cross-builds test/cpp/core_check.cpp with aarch64-linux-gnu-g++ -march=armv8-a (the NEON
-#       path of cpp/src/simd.h, which the build must show: vector fmla in the binary) into
-#       build/arm64-core/ and runs it with qemu-aarch64. Needs g++-aarch64-linux-gnu, qemu-user.
+#       path of cpp/src/simd.h and kv_cache.cpp, which the build must show: vector fmla and the
+#       dequant's float16 fcvtl in the binary) into build/arm64-core/ and runs it with qemu-aarch64.
+#       Needs g++-aarch64-linux-gnu, qemu-user.
 #   bash .ci/arm64_check.sh addon FILE.node [check options]
 #       loads the linux-arm64 addon FILE in an arm64 node under qemu-aarch64 and runs this
 #       checkout's `sparse-mla check --backend cpu` on it (every result against the float64
@@ -28,7 +29,10 @@ core)
   # the kernels run on 4-lane fused multiply-adds (simd.h's NEON madd), not scalar code
   fmla=$(aarch64-linux-gnu-objdump -d "$out/smla_core_check" | grep -cE $'\tfmla\tv[0-9]+\\.4s' || true)
   [ "$fmla" -gt 0 ] || fail "no vector fmla in $out/smla_core_check: the NEON path was not compiled"
-  echo "smla_core_check (aarch64, armv8-a): $fmla vector fmla instructions"
+  # the FP8 dequant runs on NEON too (kv_cache.cpp: e4m3 -> float16 bits -> fcvtl), not the scalar loop
+  fcvtl=$(aarch64-linux-gnu-objdump -d "$out/smla_core_check" | grep -cE $'\tfcvtl2?\tv[0-9]+\\.4s, v[0-9]+\\.[48]h' || true)
+  [ "$fcvtl" -gt 0 ] || fail "no float16 -> float32 fcvtl in $out/smla_core_check: the NEON FP8 dequant was not compiled"
+  echo "smla_core_check (aarch64, armv8-a): $fmla vector fmla, $fcvtl fcvtl (FP8 dequant) instructions"
   start=$(date +%s%N)
   qemu-aarch64 -L /usr/aarch64-linux-gnu "$out/smla_core_check"
   echo "core check under qemu-aarch64: $(( ($(date +%s%N) - start) / 1000000 )) ms"

@@ -28,41 +28,46 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
   return p;
 }
 
-// Tile shapes (register blocking), chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
-// AVX2 has 16 registers of 8 lanes: 12 accumulators a tile, and 32-row blocks (half the
-// per-block rescales of O).
-#ifndef SMLA_KBLOCK
+// Tile shapes (register blocking), one row per SIMD target; a -D of the same name overrides one.
+// KBLOCK: KV rows per block. LOGIT_HB x LOGIT_RB: heads x rows of one S = Q·Kᵀ tile, that many
+// accumulators. PV_HB x PV_DB: heads x vectors along d of one O += P·V tile.
+// - AVX2, WASM, SSE2: chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
+//   AVX2 has 16 registers of 8 lanes: 12 accumulators a tile, and 32-row blocks (half the
+//   per-block rescales of O).
+// - NEON (not measured: no arm64 machine here; qemu timings mean nothing), by register count:
+//   AArch64 has 32 registers of 4 lanes; Neoverse N1 runs 2 FMLA a cycle, V1 / V2 run 4, each with
+//   a latency of 4 cycles (Arm's optimization guides), so 16 independent accumulators keep every
+//   pipe busy. A 4 x 4 tile is 16 accumulators + 4 row / vector loads + 1 query / splat = 21
+//   registers (no spills; 6 x 4 would be 29), 2 FMLA per load (these cores load 2-3 vectors a
+//   cycle), and 4 heads divide the usual head counts (16, 64, 128) with no tail. 16-row blocks
+//   keep a block of KV rows in the 64 KiB L1D of N1 / V1 / V2 (16 x 576 floats = 36 KiB; 32
+//   rows, 72 KiB, would not).
+struct TileShapes {
+  int kblock, logit_hb, logit_rb, pv_hb, pv_db;
+};
 #if defined(SMLA_SIMD_AVX2)
-#define SMLA_KBLOCK 32
-#else
-#define SMLA_KBLOCK 16
+constexpr TileShapes kTileShapes{32, 6, 2, 6, 2};
+#elif defined(SMLA_SIMD_NEON)
+constexpr TileShapes kTileShapes{16, 4, 4, 4, 4};
+#elif defined(SMLA_SIMD_WASM)
+constexpr TileShapes kTileShapes{16, 4, 2, 2, 4};
+#else  // SSE2, scalar
+constexpr TileShapes kTileShapes{16, 4, 2, 4, 2};
 #endif
+#ifndef SMLA_KBLOCK
+#define SMLA_KBLOCK kTileShapes.kblock
 #endif
 #ifndef SMLA_LOGIT_HB
-#if defined(SMLA_SIMD_AVX2)
-#define SMLA_LOGIT_HB 6
-#else
-#define SMLA_LOGIT_HB 4
-#endif
+#define SMLA_LOGIT_HB kTileShapes.logit_hb
 #endif
 #ifndef SMLA_LOGIT_RB
-#define SMLA_LOGIT_RB 2
+#define SMLA_LOGIT_RB kTileShapes.logit_rb
 #endif
 #ifndef SMLA_PV_HB
-#if defined(SMLA_SIMD_WASM)
-#define SMLA_PV_HB 2
-#elif defined(SMLA_SIMD_AVX2)
-#define SMLA_PV_HB 6
-#else
-#define SMLA_PV_HB 4
-#endif
+#define SMLA_PV_HB kTileShapes.pv_hb
 #endif
 #ifndef SMLA_PV_DB
-#if defined(SMLA_SIMD_WASM)
-#define SMLA_PV_DB 4
-#else
-#define SMLA_PV_DB 2
-#endif
+#define SMLA_PV_DB kTileShapes.pv_db
 #endif
 constexpr int kBlock = SMLA_KBLOCK;  // KV rows per block
 

@@ -27,6 +27,7 @@ import type {
   Tensor,
 } from './types.js';
 import type { Backend, DeviceOps, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
+import type { StagingArena } from './backends/staging.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
 import { checkDeviceTensor, checkOutputOption as checkOutput, checkTensor, checkViewsIntact, describe } from './ops/common.js';
 import { checkCache, prepareDequantizeKCache, prepareQuantizeKCache } from './ops/kv_cache.js';
@@ -69,6 +70,11 @@ export class SparseMlaEngine implements Engine {
   layerSteps(): LayerSteps<DeviceBuffer> {
     this.alive();
     return this.impl.layer;
+  }
+
+  /** @internal the staging a layer's copies of its host operands are lent from, and the budget they count against (prefill_layer.ts) */
+  hostMemory(): { staging: StagingArena | undefined; budgetBytes: number | undefined } {
+    return { staging: this.impl.staging, budgetBytes: this.impl.memoryBudgetBytes };
   }
 
   get hasDevice(): boolean {

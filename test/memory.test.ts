@@ -3,7 +3,8 @@
  * not in a SharedArrayBuffer keep the resident set flat; the staging that carries inputs is reused
  * (not one SharedArrayBuffer per call); a call whose staging or outputs exceed the engine's memory
  * budget is refused with TOO_LARGE before any work, as is a dequant whose output alone exceeds
- * the default budget; a large dequant peaks near the size of its output; a plan per chunk, each
+ * the default budget, and the budget counts what a call holds beside its staging (the copy a
+ * waiting call holds, a cpu dequant's checked and widened ids); a large dequant peaks near the size of its output; a plan per chunk, each
  * dropped, holds no workspace once it is collected.
  */
 import { spawnSync } from 'node:child_process';
@@ -19,6 +20,7 @@ import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { V4_TOKEN_BYTES } from '../dist/kv_cache_layout.js';
 
 const rng = testRng('memory');
 const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as const);
@@ -103,6 +105,59 @@ describe.each(BACKENDS)('%s', (backend) => {
         expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }).toEqual({ code: 'INVALID_VALUE', argument: 'memoryBudgetBytes' });
       }
     });
+  });
+
+  test('the budget counts the copy a call holds beside its staging slab while it waits for it: a budget between the old and the new total is TOO_LARGE (waiting or not); the same kv shared, or a budget over the new total, runs', async () => {
+    const sKV = 8 * 1024; // 8 MiB of bf16 kv, not shared
+    const q = tensor('bf16', [2, 2, 512], randomBf16Bits(rng, 2 * 2 * 512));
+    const indices = tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV));
+    const kvBits = randomBf16Bits(rng, sKV * 512);
+    // staged: q, kv and indices (each at most 64 bytes of alignment more); outputs: out, lse, maxLogits
+    const staged = q.data.byteLength + kvBits.byteLength + indices.data.byteLength + 3 * 64;
+    const outputs = 2 * 2 * (512 * 2 + 8);
+    const withoutHeld = staged + outputs, withHeld = withoutHeld + q.data.byteLength + kvBits.byteLength + indices.data.byteLength;
+    const run = async (budget: number, kvData: Uint16Array) => {
+      const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
+      try {
+        const args = { q, kv: tensor('bf16', [sKV, 512], kvData), indices, smScale: 0.05 };
+        return await engine.sparsePrefill(args).then((r) => expectWithinBounds('within the budget', r, R.sparsePrefillReference(args), [0, 1]), (e: unknown) => e);
+      } finally {
+        await engine.dispose();
+      }
+    };
+    const between = Math.floor((withoutHeld + withHeld) / 2);
+    const err = await run(between, kvBits);
+    expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
+    expect((err as Error).message).toMatch(/their copy held while the call waits for staging 8\.0 MiB/);
+    const shared = new Uint16Array(new SharedArrayBuffer(kvBits.byteLength));
+    shared.set(kvBits);
+    expect(outcome(await run(between, shared))).toBe('resolved');
+    expect(outcome(await run(withHeld, kvBits))).toBe('resolved');
+  });
+
+  test.skipIf(backend !== 'cpu')("a dequant counts the ids the addon snapshots (int32) and widens (int64) beside its staging: a budget between the old and the new total is TOO_LARGE; the new total runs", async () => {
+    const n = 16 * 1024;
+    const cache = createKvCache('v4', { pageSize: 64, numPages: 4 });
+    const ids = Int32Array.from({ length: n }, () => rng.int(0, 256));
+    // the output, the staged ids, the tokens the addon gathers from a cache that is not shared
+    const counted = n * 512 * 2 + n * 4 + n * V4_TOKEN_BYTES;
+    // the ids held while the call waits for staging, then the addon's snapshot and widened copy
+    const more = n * 4 + n * 4 + n * 8;
+    const run = async (budget: number) => {
+      const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
+      try {
+        return await engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [n], ids) }).then(
+          (got) => expect(Array.from(got.data.subarray((n - 1) * 512), R.decodeBf16)).toEqual(Array.from(R.dequantizeKCacheReference(cache, [ids[n - 1]!]))),
+          (e: unknown) => e,
+        );
+      } finally {
+        await engine.dispose();
+      }
+    };
+    const err = await run(counted + more / 2);
+    expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'tokenIds' });
+    expect((err as Error).message).toMatch(/the addon's checked and widened token ids/);
+    expect(outcome(await run(counted + more))).toBe('resolved');
   });
 
   test('identical calls reuse one staging slab', async () => {

@@ -8,10 +8,12 @@
  * - attention indices are int32; any value outside [0, bound) is an invalid entry to skip;
  * - topkLength values lie in [0, topk]; attnSink has hQ entries; smScale is finite as float32;
  * - cache token ids (quantize/dequantize) lie in [0, cache.numTokens);
- * - input arrays must not be modified and may be backed by a SharedArrayBuffer.
+ * - input arrays must not be modified and may be backed by a SharedArrayBuffer (a layer's own
+ *   copies of its operands among them: memory.ts, markCallCopies; count them in the call's budget).
  * A backend adds only its own limits (e.g. the WASM heap) and must check them before any work.
  */
 import type { BackendName, CacheFormat, DeviceBuffer, Placement } from '../types.js';
+import type { StagingArena } from './staging.js';
 
 /**
  * Jobs are generic in B, the device-buffer type a backend accepts in place of a host array
@@ -313,6 +315,13 @@ export interface Backend {
   readonly device?: DeviceOps;
   /** the layer steps over the backend's memory (host backends: host arrays; cuda: device buffers) */
   readonly layer: LayerSteps<DeviceBuffer>;
+  /** host memory one call may use beyond the caller's arrays (memory.ts, SPEC §9) */
+  readonly memoryBudgetBytes?: number;
+  /**
+   * The reused shared memory through which host inputs reach the backend's threads (staging.ts);
+   * a layer call's copies of its host operands are lent from it too (copyAtCall)
+   */
+  readonly staging?: StagingArena;
   quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
   /** bf16 [n, rowDim] */
   dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array>;

@@ -18,6 +18,32 @@ export function copyBytes(a: ArrayBufferView | null | undefined): number {
   return a.byteLength;
 }
 
+/**
+ * The slabs that hold the copies a call took of its operands when it was made (prefillLayer's q,
+ * sink and top-k; see staging.ts, copyAtCall), while the call holds them: shared memory that only
+ * the library references, read-only for the call's life. The call's ops read those copies in place
+ * (they are shared) and count them in their budget as memory the call holds. Marked by buffer, not
+ * by view: an op's checks take their own view of an array (ops/common.ts, ownView).
+ */
+const callCopySlabs = new WeakSet<SharedArrayBuffer>();
+
+/** Marks `slab` as holding a call's copies (copyAtCall), until unmarkCallCopies. */
+export function markCallCopies(slab: SharedArrayBuffer): void {
+  callCopySlabs.add(slab);
+}
+
+/** The call that held `slab` is done with it (internal: before the slab is reused). */
+export function unmarkCallCopies(slab: SharedArrayBuffer): void {
+  callCopySlabs.delete(slab);
+}
+
+/** Bytes of the arrays among `arrays` that are copies a call took at the call (in a slab markCallCopies marked). */
+export function callCopyBytes(arrays: readonly (ArrayBufferView | object | null | undefined)[]): number {
+  let bytes = 0;
+  for (const a of arrays) if (a && ArrayBuffer.isView(a) && a.buffer instanceof SharedArrayBuffer && callCopySlabs.has(a.buffer)) bytes += a.byteLength;
+  return bytes;
+}
+
 export interface MemoryPart {
   /** what the bytes are for, e.g. "output out" or "staging of the inputs" */
   what: string;

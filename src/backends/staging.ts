@@ -18,9 +18,19 @@
  * free slab that holds it, else by a new slab; when the capacity is taken by other calls' slabs the
  * request waits (first come, first served) until one is released. A free slab is dropped only to
  * make room for a larger one, so the arena settles on the sizes its calls need.
+ *
+ * Lent slabs: a call that reads some of its operands only after an await (prefillLayer: its q, sink
+ * and top-k, read by its ops after the plan's and the dequant's) copies them at the call into a slab
+ * lent to it (copyAtCall) and hands that copy to its ops, which read it in place as they read any
+ * shared input: one copy, where a private copy staged again by each op was two. A lent slab comes
+ * from the same free slabs and goes back to them, so what the wasm workers keep referencing is
+ * reused memory, as with staging (a fresh SharedArrayBuffer per call was not: it piled up). It is
+ * served at once, never waiting and never making a staging request wait: the call holds it across
+ * its ops' staging requests, and a request that waited for a slab its own call holds would wait
+ * forever. The caller's budget check counts it (the ops see it as a call copy, memory.ts).
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { copyBytes } from './memory.js';
+import { callCopyBytes, copyBytes, markCallCopies, unmarkCallCopies, type MemoryPart } from './memory.js';
 
 /** Slabs are rounded up to 1/8 of the next power of two (at least 64 KiB) so nearby sizes share one. */
 function slabSize(bytes: number, capacity: number): number {
@@ -40,6 +50,8 @@ interface Waiter {
 export class StagingArena {
   private readonly free: SharedArrayBuffer[] = [];
   private busyBytes = 0;
+  /** slabs lent for call copies (lend): held by their calls, never waited for */
+  private lent = 0;
   private freeBytes = 0;
   private readonly waiting: Waiter[] = [];
   private closedWith: Error | null = null;
@@ -48,9 +60,19 @@ export class StagingArena {
 
   constructor(readonly capacityBytes: number) {}
 
-  /** Bytes of slabs held now, handed out or free. */
+  /** Whether close() ran (the engine was disposed): nothing is served any more. */
+  get closed(): boolean {
+    return this.closedWith !== null;
+  }
+
+  /** Bytes of slabs lent now for calls' copies of their operands (lend). */
+  get lentBytes(): number {
+    return this.lent;
+  }
+
+  /** Bytes of slabs held now, handed out, lent or free. */
   get heldBytes(): number {
-    return this.busyBytes + this.freeBytes;
+    return this.busyBytes + this.lent + this.freeBytes;
   }
 
   /** A slab of at least `bytes` now, or null when the request has to wait. */
@@ -76,10 +98,73 @@ export class StagingArena {
 
   release(slab: SharedArrayBuffer): void {
     this.busyBytes -= slab.byteLength;
+    this.keep(slab);
+  }
+
+  /**
+   * A slab of at least `bytes` lent to a call for the copies it takes at the call (copyAtCall):
+   * the smallest free slab that holds it, else a new one, now — never waiting, whatever the other
+   * calls hold (see the file comment); the call's own budget check bounds it. Give it back with
+   * giveBack once nothing reads it.
+   */
+  lend(bytes: number): SharedArrayBuffer {
+    if (this.closedWith) throw this.closedWith;
+    const best = this.smallestFree(bytes);
+    let slab: SharedArrayBuffer;
+    if (best >= 0) {
+      slab = this.free.splice(best, 1)[0]!;
+      this.freeBytes -= slab.byteLength;
+    } else {
+      slab = this.allocate(slabSize(bytes, this.capacityBytes), "a call's copies of its operands");
+    }
+    this.lent += slab.byteLength;
+    return slab;
+  }
+
+  /** A lent slab back (lend): kept as a free slab while the capacity holds it. */
+  giveBack(slab: SharedArrayBuffer): void {
+    this.lent -= slab.byteLength;
+    this.keep(slab);
+  }
+
+  /** A slab nobody uses any more: free for the next request, unless the arena is closed or full. */
+  private keep(slab: SharedArrayBuffer): void {
     if (this.closedWith) return;
     this.free.push(slab);
     this.freeBytes += slab.byteLength;
+    this.dropFree(0);
     this.serve();
+  }
+
+  /**
+   * Drops free slabs, smallest first, until `bytes` more fit the capacity beside the busy ones (or
+   * none is left). Lent slabs are held on top of it (each call's budget check bounds them): what the
+   * arena keeps once its calls are done stays within the capacity.
+   */
+  private dropFree(bytes: number): void {
+    if (this.busyBytes + this.freeBytes + bytes <= this.capacityBytes) return;
+    this.free.sort((a, b) => a.byteLength - b.byteLength);
+    while (this.free.length > 0 && this.busyBytes + this.freeBytes + bytes > this.capacityBytes) this.freeBytes -= this.free.shift()!.byteLength;
+  }
+
+  private smallestFree(bytes: number): number {
+    let best = -1;
+    for (let i = 0; i < this.free.length; i++) {
+      const b = this.free[i]!.byteLength;
+      if (b >= bytes && (best < 0 || b < this.free[best]!.byteLength)) best = i;
+    }
+    return best;
+  }
+
+  private allocate(size: number, what: string): SharedArrayBuffer {
+    let slab: SharedArrayBuffer;
+    try {
+      slab = new SharedArrayBuffer(size);
+    } catch (e) {
+      throw new SparseMlaError('TOO_LARGE', `cannot allocate ${size} bytes of shared staging for ${what} (${(e as Error).message})`, 'memoryBudgetBytes');
+    }
+    this.allocations++;
+    return slab;
   }
 
   /** Drops every free slab and fails the waiting requests; later requests fail with `error`. */
@@ -108,11 +193,7 @@ export class StagingArena {
   }
 
   private take(bytes: number): SharedArrayBuffer | null {
-    let best = -1;
-    for (let i = 0; i < this.free.length; i++) {
-      const b = this.free[i]!.byteLength;
-      if (b >= bytes && (best < 0 || b < this.free[best]!.byteLength)) best = i;
-    }
+    const best = this.smallestFree(bytes);
     if (best >= 0) {
       const slab = this.free.splice(best, 1)[0]!;
       this.freeBytes -= slab.byteLength;
@@ -120,16 +201,10 @@ export class StagingArena {
       return slab;
     }
     const size = slabSize(bytes, this.capacityBytes);
+    // lent slabs do not count here: a staging request never waits for them
     if (this.busyBytes + size > this.capacityBytes) return null;
-    this.free.sort((a, b) => a.byteLength - b.byteLength);
-    while (this.busyBytes + this.freeBytes + size > this.capacityBytes) this.freeBytes -= this.free.shift()!.byteLength;
-    let slab: SharedArrayBuffer;
-    try {
-      slab = new SharedArrayBuffer(size);
-    } catch (e) {
-      throw new SparseMlaError('TOO_LARGE', `cannot allocate ${size} bytes of shared staging for a call's inputs (${(e as Error).message})`, 'memoryBudgetBytes');
-    }
-    this.allocations++;
+    this.dropFree(size);
+    const slab = this.allocate(size, "a call's inputs");
     this.busyBytes += size;
     return slab;
   }
@@ -145,6 +220,25 @@ export const alignStaging = (n: number): number => Math.ceil(n / STAGING_ALIGN) 
 /** Staging bytes of a call's inputs: the ones that are not already shared. */
 export function stagingBytes(inputs: readonly (StageableArray | null)[]): number {
   return inputs.reduce((sum, a) => sum + alignStaging(copyBytes(a)), 0);
+}
+
+/**
+ * The host memory a call's staging holds, for its budget check (memory.ts): the slab; the copy of
+ * the unshared inputs that a call which has to wait for its slab takes at the call (stageInputs),
+ * held beside the slab until it is copied in — counted whether or not the call will wait, so the
+ * same call is refused or not whatever else runs; and the copies a layer took at its call and
+ * handed to this op (copyAtCall), which the call holds while the op runs. `moreUnshared`: bytes of
+ * unshared inputs made after the check (a paged call's compact caches), staged and held likewise
+ * (their own bytes are the caller's part).
+ */
+export function stagingParts(inputs: readonly (StageableArray | null)[], moreUnshared = 0): MemoryPart[] {
+  let held = moreUnshared;
+  for (const a of inputs) held += copyBytes(a);
+  return [
+    { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+    { what: 'their copy held while the call waits for staging', bytes: held },
+    { what: "the layer's copies of its operands", bytes: callCopyBytes(inputs) },
+  ];
 }
 
 /** The error for an input whose buffer went away before the library could read it. */
@@ -214,4 +308,44 @@ export async function stageInputs<T extends readonly (StageableArray | null)[]>(
   if (now) return now;
   const held = inputs.map((a, i) => (a && sizes[i]! > 0 ? a.slice() : a)) as unknown as T;
   return place(arena, held, sizes, names, await arena.acquire(stagingBytes(inputs)));
+}
+
+/**
+ * Copies a call's operands now, at the call, into one slab lent by `arena` (StagingArena.lend), each
+ * copy marked as the call's (memory.ts, markCallCopies) until release; an operand already in a SharedArrayBuffer is
+ * taken as it is (read in place, README "Memory a call owns"). The call hands the copies to its
+ * ops, which read them in place; release() gives the slab back once nothing reads them (the call
+ * has settled). For operands a call reads after an await, which the caller may rewrite or detach
+ * once the call has returned its promise.
+ */
+export function copyAtCall<T extends readonly (StageableArray | null)[]>(arena: StagingArena, inputs: T): StagedInputs<T> {
+  let bytes = 0;
+  for (const a of inputs) bytes += alignStaging(copyBytes(a));
+  const slab = bytes > 0 ? arena.lend(bytes) : null;
+  if (slab) markCallCopies(slab);
+  const views: (StageableArray | null)[] = [];
+  let offset = 0;
+  for (const a of inputs) {
+    const size = copyBytes(a);
+    if (!a || size === 0) {
+      views.push(a);
+      continue;
+    }
+    const ctor = a.constructor as new (buffer: SharedArrayBuffer, byteOffset: number, length: number) => StageableArray;
+    const view = new ctor(slab!, offset, a.length);
+    view.set(a as never);
+    views.push(view);
+    offset += alignStaging(size);
+  }
+  let released = false;
+  return {
+    views: views as unknown as T,
+    release: () => {
+      if (slab && !released) {
+        unmarkCallCopies(slab);
+        arena.giveBack(slab);
+      }
+      released = true;
+    },
+  };
 }

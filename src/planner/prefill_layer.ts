@@ -26,7 +26,8 @@
 import { fail } from '../errors.js';
 import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
-import { copyBytes } from '../backends/memory.js';
+import { checkCallMemory, copyBytes } from '../backends/memory.js';
+import { alignStaging, copyAtCall } from '../backends/staging.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -81,6 +82,8 @@ interface LayerCall {
   route: RouteDecision;
   /** whether q, the sink (if any), the caches and the top-k (if any) are all in device memory */
   device: boolean;
+  /** the copies of host operands taken at the call (copyAtCall): give their slab back once the layer has settled */
+  copies: { release(): void } | undefined;
 }
 
 /**
@@ -127,19 +130,51 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
-  return { plan, ratio, layout: plan.layout(ratio), q: atCall(q), hQ, attnSink: attnSink && atCall(attnSink), smScale, caches, layerCaches, topk: topk && atCall(topk), output, route, device };
+  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, copies: undefined };
+  copyOperandsAtCall(engine, layerCall);
+  return layerCall;
 }
 
 /**
- * A host operand as it is at the call: a copy of its data, unless the data is in device memory or
- * in a SharedArrayBuffer (read in place, README "Memory a call owns"). The caller may rewrite or
- * detach its arrays once the call has returned its promise, while the layer's later steps (the
- * combine, the prefill or paged op after the plan's and the dequant's awaits) still read them.
+ * The call's host q, sink and top-k as they are at the call (README "Memory a call owns"): the
+ * caller may rewrite or detach its arrays once the call has returned its promise, while the
+ * layer's later steps (the combine, the prefill or paged op after the plan's and the dequant's
+ * awaits) still read them. Each is copied now into one slab lent by the engine's staging
+ * (copyAtCall), marked as the call's own copy; the ops read that copy in place as shared memory
+ * instead of staging it again, and the slab goes back once the layer has settled (runLayer). Data in
+ * device memory or in a SharedArrayBuffer is taken as it is. The copies and the host outputs are
+ * checked against the engine's memory budget first (TOO_LARGE before any work).
  */
-function atCall<T extends { readonly data: unknown }>(t: T): T {
-  const d = t.data;
-  if (!ArrayBuffer.isView(d) || copyBytes(d) === 0) return t;
-  return { ...t, data: (d as Uint16Array).slice() };
+function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
+  const q = call.q, sink = call.attnSink, topk = call.topk;
+  const qData = hostData(q.data), sinkData = hostData(sink?.data), topkData = hostData(topk?.data);
+  const bytes = alignStaging(copyBytes(qData)) + alignStaging(copyBytes(sinkData)) + alignStaging(copyBytes(topkData));
+  if (bytes === 0) return;
+  const { staging: arena, budgetBytes: budget } = engine.hostMemory();
+  if (budget !== undefined) {
+    const outputs = call.output === 'host' ? call.plan.numQueries * call.hQ * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
+    checkCallMemory('prefillLayer', 'q', [{ what: 'copies of q, attnSink and topkIndices at the call', bytes }, { what: 'outputs', bytes: outputs }], budget);
+  }
+  if (arena === undefined || arena.closed) {
+    // a disposed engine's layer rejects with DISPOSED when it runs, as any call on it does (a
+    // sharded layer's other shards run all the same); every backend has a staging, else a private
+    // copy each, which the ops stage again
+    if (qData) call.q = { ...q, data: qData.slice() } as typeof q;
+    if (sink && sinkData) call.attnSink = { ...sink, data: sinkData.slice() } as typeof sink;
+    if (topk && topkData) call.topk = { ...topk, data: topkData.slice() };
+    return;
+  }
+  const copies = copyAtCall(arena, [qData, sinkData, topkData] as const);
+  const [qCopy, sinkCopy, topkCopy] = copies.views;
+  call.copies = copies;
+  if (qCopy !== qData) call.q = { ...q, data: qCopy } as typeof q;
+  if (sink && sinkCopy !== sinkData) call.attnSink = { ...sink, data: sinkCopy } as typeof sink;
+  if (topk && topkCopy !== topkData) call.topk = { ...topk, data: topkCopy! };
+}
+
+/** A host operand's typed array (null for device memory or no operand). */
+function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | DeviceBuffer | undefined): T | null {
+  return d !== undefined && ArrayBuffer.isView(d) ? d : null;
 }
 
 /**
@@ -207,7 +242,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (!engine.ownsDeviceBuffer(qData as DeviceBuffer) || (attnSink !== undefined && !engine.ownsDeviceBuffer(attnSink.data)) || !engine.ownsDeviceBuffer(caches.swa.data as DeviceBuffer)) return undefined;
   if ((caches.compressed !== undefined && !engine.ownsDeviceBuffer(caches.compressed.data as DeviceBuffer)) || (topk !== undefined && !engine.ownsDeviceBuffer(topk.data as DeviceBuffer))) return undefined;
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
-  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true };
+  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, copies: undefined };
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -246,7 +281,7 @@ function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
 }
 
 export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
-  // not an async function itself (a bad call still rejects, never throws): one async frame a layer, runLayer's
+  // not an async function itself (a bad call still rejects, never throws): one async frame a layer, runLayer's layer()
   let call: CheckedLayer;
   try {
     call = checkLayer(engine, args, options);
@@ -268,8 +303,22 @@ export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unk
   return prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
 }
 
-/** @internal Runs a checked layer call on the engine it was checked for. */
-export async function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
+/**
+ * @internal Runs a checked layer call on the engine it was checked for, and gives back the slab of
+ * its copies taken at the call once it has settled (a call checked and never run: releaseLayer).
+ */
+export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
+  const copies = call.copies;
+  if (copies === undefined) return layer(engine, call);
+  return layer(engine, call).finally(() => copies.release());
+}
+
+/** @internal Gives back what a checked layer call holds (its copies taken at the call) when it will not run. */
+export function releaseLayer(call: CheckedLayer): void {
+  call.copies?.release();
+}
+
+async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
   if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<Placement>;
   if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<Placement>;
   const steps = engine.layerSteps();

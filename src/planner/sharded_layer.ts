@@ -17,7 +17,7 @@ import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, check
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
-import { checkLayer, runLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
+import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
 import type { SparseMlaEngine } from '../engine.js';
 import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
 
@@ -203,8 +203,11 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   // the rest's getters ran after q, the top-k and the sink were checked: are they still that memory?
   checkViewsIntact({ q: q?.data, topk: topk?.data, sink: sink?.data });
   // every shard's call checked before any shard runs: a bad one (its engine, caches, q, top-k) is
-  // refused before any work, not after the shards before it started theirs
-  const calls = plan.shards.map((shard, s) => {
+  // refused before any work, not after the shards before it started theirs (and the shards checked
+  // before it give back the copies they took at the call)
+  const calls: { engine: SparseMlaEngine; call: CheckedLayer; part: Omit<ShardResult<P>, keyof PrefillLayerResult<P>> }[] = [];
+  try {
+    plan.shards.forEach((shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
       let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
@@ -227,8 +230,12 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
       }, { output });
-      return { engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } };
-  });
+      calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } });
+    });
+  } catch (e) {
+    for (const c of calls) releaseLayer(c.call);
+    throw e;
+  }
   const settled = await Promise.allSettled(
     calls.map(async ({ engine, call, part }) => ({ ...(await runLayer(engine, call)), ...part }) as ShardResult<P>),
   );

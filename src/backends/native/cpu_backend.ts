@@ -24,9 +24,9 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { hostLayerSteps } from '../wasm/planner.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
-import { StagingArena, detached, stageInputs, stagingBytes, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
+import { StagingArena, detached, stageInputs, stagingParts, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -85,18 +85,13 @@ export class CpuBackend implements Backend {
     this.staging = new StagingArena(memoryBudgetBytes);
   }
 
-  /** Refuses (TOO_LARGE) a call whose staging, scratch and outputs exceed the budget. */
-  private budget(op: string, argument: string, inputs: readonly (StageableArray | null)[], outputBytes: number, scratchBytes = 0): void {
-    checkCallMemory(
-      op,
-      argument,
-      [
-        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
-        { what: 'scratch', bytes: scratchBytes },
-        { what: 'outputs', bytes: outputBytes },
-      ],
-      this.memoryBudgetBytes,
-    );
+  /**
+   * Refuses (TOO_LARGE) a call whose staging (with the copy a waiting call holds beside it, and the
+   * layer copies it was handed: stagingParts), scratch and outputs exceed the budget.
+   * `moreUnshared`: unshared inputs made after the check (compact caches), staged with the rest.
+   */
+  private budget(op: string, argument: string, inputs: readonly (StageableArray | null)[], outputBytes: number, scratch: readonly MemoryPart[] = [], moreUnshared = 0): void {
+    checkCallMemory(op, argument, [...stagingParts(inputs, moreUnshared), ...scratch, { what: 'outputs', bytes: outputBytes }], this.memoryBudgetBytes);
   }
 
   /**
@@ -154,7 +149,8 @@ export class CpuBackend implements Backend {
     // call) into a compact cache instead
     const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0), 1);
     // the staging holds the sets read whole as they are; the compact ones' caches and ids, then their staged copies
-    this.budget('pagedSparseAttention', 'q', [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], n * hQ * (512 * 2 + 8), 2 * reads.compactBytes((b) => b));
+    const compactBytes = reads.compactBytes((b) => b);
+    this.budget('pagedSparseAttention', 'q', [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], n * hQ * (512 * 2 + 8), [{ what: 'the compact caches and ids, then their staged copies', bytes: 2 * compactBytes }], compactBytes);
     const fields = pagedSparseAttentionFields({ ...job, ...reads.gather() });
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
@@ -172,9 +168,15 @@ export class CpuBackend implements Backend {
   async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
     this.calls.assertAlive();
     const { cache, tokenIds, n, rowDim } = job;
-    // the addon copies the requested tokens of a cache that is not shared (n tokens, not the cache)
+    // a layer's dequant runs after the layer's awaits: its cache may have gone since the layer's call
+    if (cache.data.byteLength !== cache.bytes) detached('cache.data', 'while the call ran');
+    // the addon copies the requested tokens of a cache that is not shared (n tokens, not the
+    // cache), snapshots the ids it checks (int32) and widens them for the core (int64)
     const gathered = copyBytes(cache.data) > 0 ? n * COMPACT_TOKEN_BYTES[cache.format] : 0;
-    this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, gathered);
+    this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, [
+      { what: 'the gathered tokens', bytes: gathered },
+      { what: "the addon's checked and widened token ids", bytes: n * (4 + 8) },
+    ]);
     const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run(
@@ -190,8 +192,12 @@ export class CpuBackend implements Backend {
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {
     this.calls.assertAlive();
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
-    // the addon quantizes into a compact scratch cache and writes the cache when it settles
-    this.budget('quantizeKCache', 'rows', [tokenIds, rows], 0, n * COMPACT_TOKEN_BYTES[cache.format]);
+    // the addon quantizes into a compact scratch cache and writes the cache when it settles; it
+    // snapshots the ids it checks (int32) and sorts them into four int64 arrays of n
+    this.budget('quantizeKCache', 'rows', [tokenIds, rows], 0, [
+      { what: 'the quantized tokens', bytes: n * COMPACT_TOKEN_BYTES[cache.format] },
+      { what: "the addon's checked and sorted token ids", bytes: n * (4 + 4 * 8) },
+    ]);
     const threads = threadsFor(this.workers, n, rowDim * 32);
     await this.run('quantizeKCache', [tokenIds, rows] as const, ['tokenIds', 'rows.data'], ([ids, staged]) =>
       this.addon.cpu.quantizeKvCache(threads, { format: CACHE_FORMAT_CODE[cache.format], cache: cache.data, pageSize: cache.pageSize, numPages: cache.numPages, tokenIds: ids, numTokens: n, rows: staged, rowsDtype: ROWS_DTYPE_CODE[rowsDtype] }),

@@ -37,7 +37,8 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import type { StagingArena } from '../staging.js';
+import { callCopyBytes, checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
@@ -344,6 +345,11 @@ export class CudaBackend implements Backend, DeviceOps {
   /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
   readonly memoryBudgetBytes: number;
 
+  /** the host staging (the cpu core's, for quantizeKCache); a layer's copies of its host operands are lent from it */
+  get staging(): StagingArena {
+    return this.host.staging;
+  }
+
   /**
    * The layer steps on this engine's device: rows, ids and the workspace are device buffers and
    * every step is queued on the engine's stream, so a layer whose inputs are on the device makes
@@ -428,13 +434,19 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /**
    * Refuses (TOO_LARGE) a call whose host memory exceeds the budget: the addon's copies of its host
-   * inputs that are not shared (it stages host inputs through them) and its host outputs.
+   * inputs that are not shared (it stages host inputs through them), what else it builds on the
+   * host (`built`: a dequant's widened ids), the copies a layer took at its call and handed to this
+   * op (shared, read in place, held by the call: memory.ts, markCallCopies) and its host outputs.
    */
-  private hostBudget(op: string, argument: string, inputs: readonly (ArrayBufferView | DeviceBuffer | null)[], placement: Placement, outputBytes: number): void {
+  private hostBudget(op: string, argument: string, inputs: readonly (ArrayBufferView | DeviceBuffer | null)[], placement: Placement, outputBytes: number, built?: MemoryPart): void {
     let copies = 0;
     for (const a of inputs) if (a && !isDeviceBuffer(a)) copies += copyBytes(a);
-    if (copies === 0 && placement === 'device') return; // a device call takes no host memory
-    checkCallMemory(op, argument, [{ what: 'copies of the host inputs', bytes: copies }, { what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 }], this.memoryBudgetBytes);
+    const layerCopies = callCopyBytes(inputs);
+    if (copies === 0 && layerCopies === 0 && built === undefined && placement === 'device') return; // a device call takes no host memory
+    const parts: MemoryPart[] = [{ what: 'copies of the host inputs', bytes: copies }, { what: "the layer's copies of its operands", bytes: layerCopies }];
+    if (built !== undefined) parts.push(built);
+    parts.push({ what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 });
+    checkCallMemory(op, argument, parts, this.memoryBudgetBytes);
   }
 
   owns(buffer: DeviceBuffer): boolean {
@@ -602,7 +614,8 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {
     const { cache, tokenIds, n, rowDim } = job;
-    this.hostBudget('dequantizeKCachePaged', 'tokenIds', [cache.data, tokenIds], placement, n * rowDim * 2);
+    // host ids are widened by the addon to int64, with one spare slot for the kernel's bad-id flag
+    this.hostBudget('dequantizeKCachePaged', 'tokenIds', [cache.data, tokenIds], placement, n * rowDim * 2, { what: 'the widened token ids', bytes: (n + 1) * 8 });
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     await this.launch('dequantizeKCachePaged', [out], () =>
       this.ops.dequantizeKvCache(

@@ -30,7 +30,7 @@ import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
-import { StagingArena, alignStaging, detached, stageInputs, stagingBytes, type StageableArray } from '../staging.js';
+import { StagingArena, alignStaging, detached, stageInputs, stagingParts, type StageableArray } from '../staging.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch. */
 const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
@@ -262,10 +262,7 @@ export class WasmBackend implements Backend {
     checkCallMemory(
       'sparsePrefill',
       'q',
-      [
-        { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
-        { what: 'outputs', bytes: sQ * hQ * (dV * 2 + 8) },
-      ],
+      [...stagingParts(inputs), { what: 'outputs', bytes: sQ * hQ * (dV * 2 + 8) }],
       this.memoryBudgetBytes,
     );
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
@@ -298,7 +295,7 @@ export class WasmBackend implements Backend {
       'pagedSparseAttention',
       'q',
       [
-        { what: 'staging of the inputs', bytes: stagingBytes([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole]) },
+        ...stagingParts([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], reads.compactBytes((b) => b)),
         { what: 'the compact caches and ids, then their staged copies', bytes: 2 * reads.compactBytes(alignStaging) },
         { what: 'outputs', bytes: n * hQ * (512 * 2 + 8) },
       ],
@@ -404,7 +401,7 @@ export class WasmBackend implements Backend {
       'quantizeKCache',
       'rows',
       [
-        { what: 'staging of the rows', bytes: stagingBytes([rows]) },
+        ...stagingParts([rows]),
         { what: 'a copy of the token ids', bytes: n * 4 },
         { what: 'the quantized tokens', bytes: compactBytes },
       ],

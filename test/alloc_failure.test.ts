@@ -7,8 +7,9 @@
  * must stay sound: a disposed engine, a terminated Worker and every later call still work.
  *
  * The failures come from an LD_PRELOAD shim (test/children/alloc_failure_shim.cpp, built here with
- * the system C++ compiler) that fails operator new called from the addon's own code, or
- * pthread_create called by std::thread, every Kth time while a switch file exists. The calls run
+ * the system C++ compiler) that fails operator new called from the addon's own code (or, in one
+ * mode, anyone's on the addon's own threads: Node's code they call too), or pthread_create called
+ * by std::thread, every Kth time while a switch file exists. The calls run
  * in a child (test/children/alloc_failure.mjs): an exception escaping a thread is a SIGABRT there,
  * a call never settled an exit code 13.
  */
@@ -91,6 +92,20 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
     // what those threads allocate is the threads they start: a part not started runs on its call's
     // thread, a call not started waits for the thread that tried; none fails
     for (const t of [report.main, report.a]) expect({ outOfMemory: t.outOfMemory, noThread: t.noThread, right: t.right > 0 }).toEqual({ outOfMemory: 0, noThread: 0, right: true });
+  });
+
+  // Before the fix (native/addon at 2f9f1e4: a finished call woke its JS thread through
+  // napi_call_threadsafe_function, whose queue in Node, a std::deque, allocates a block every 64
+  // calls) this aborted the child in 3 of 3 runs (SIGABRT: "terminate called after throwing an
+  // instance of 'std::bad_alloc'", thrown in std::deque::_M_push_back_aux under
+  // napi_call_threadsafe_function on an addon thread). The wake now releases a thread-safe
+  // function made for it instead, which allocates nothing.
+  test.skipIf(!compiler)("every allocation on the addon's own threads fails, whoever makes it (Node's code they call too): every call right, the process lives", () => {
+    const { report, failed } = underShim('std-threads-any', { SMLA_FAIL_ON: 'std-threads', SMLA_FAIL_ANY_CALLER: '1', SMLA_FAIL_NEW_EVERY: '1' });
+    expectSound(report);
+    expect(failed.newsOnStdThreads).toBeGreaterThan(10);
+    for (const t of [report.main, report.a]) expect({ outOfMemory: t.outOfMemory, noThread: t.noThread, right: t.right > 0 }).toEqual({ outOfMemory: 0, noThread: 0, right: true });
+    expect(report.main.right).toBeGreaterThan(300); // the sequential calls too: at least 300 wakes of the main thread
   });
 
   test.skipIf(!compiler)('every 13th allocation of the addon on any thread fails: each call right or TOO_LARGE, the process lives, later calls are right', () => {

@@ -530,20 +530,27 @@ class CallList {
   size_t size_ = 0;
 };
 
-// One JS thread's (env's) calls. Fields below `wake` are guarded by Runner::mutex, except
+// One JS thread's (env's) calls. Fields below `armed` are guarded by Runner::mutex, except
 // `unsettled` (its JS thread only) and `stop` (set under the mutex, read by the row loops).
+//
+// The wake: a thread that finishes a call tells the JS thread by releasing `armed`, a thread-safe
+// function of one thread made for that one wake (its finalizer, on the JS thread, settles `done`
+// and arms the next). Releasing allocates nothing, where napi_call_threadsafe_function pushes onto
+// Node's queue, a std::deque that allocates a block every 64 calls: a std::bad_alloc there, on a
+// thread of the addon, ended the process (Node is built without exceptions, so nothing catches
+// it, and its queue's mutex would stay locked).
 struct EnvCalls {
   napi_env env = nullptr;
-  napi_threadsafe_function wake = nullptr;  // settles `done` on the JS thread
+  napi_threadsafe_function armed = nullptr;  // the next wake; null while one is on its way (sent) or none could be made
   std::atomic<bool> stop{false};
-  size_t unsettled = 0;  // calls not settled yet: the wake is ref'd (keeps the loop alive) while > 0
+  size_t unsettled = 0;  // calls not settled yet: the armed wake is ref'd (keeps the loop alive) while > 0
+  napi_threadsafe_function sent = nullptr;  // a wake released whose finalizer has not run yet
   CallList queued;
   bool in_ring = false;
   EnvCalls* ring_next = nullptr;  // the Runner's ring, while in_ring
   int running = 0;                // calls of this env a thread is running or handing back
   CallList done;                  // finished, to settle
-  bool wake_sent = false;
-  bool closing = false;  // torn down: no thread calls `wake` any more
+  bool closing = false;  // torn down: no thread wakes it any more
 };
 
 // The process-wide queue and its threads. Never destroyed: a thread may still run while the
@@ -605,6 +612,14 @@ struct Runner {
     return calls;
   }
 
+  // Sends the env's armed wake (allocates nothing); the next is armed when it arrives.
+  static void Wake(EnvCalls& e) noexcept {
+    if (!e.armed) return;
+    e.sent = e.armed;
+    e.armed = nullptr;
+    napi_release_threadsafe_function(e.sent, napi_tsfn_release);
+  }
+
   // Hands a finished call to its env: to be settled on its JS thread, or, when the env is being
   // torn down, to the teardown, which waits for it.
   void Finish(CallPtr c) noexcept {
@@ -612,7 +627,7 @@ struct Runner {
     running_threads -= c->width;
     EnvCalls& e = *c->owner;  // kept alive by the envs map until its teardown, which waits for it
     e.done.PushBack(std::move(c));
-    if (!e.closing && !e.wake_sent) e.wake_sent = napi_call_threadsafe_function(e.wake, nullptr, napi_tsfn_nonblocking) == napi_ok;
+    if (!e.closing) Wake(e);
     if (--e.running == 0) env_idle.notify_all();
   }
 
@@ -707,29 +722,89 @@ Runner& TheRunner() {
   return *runner;
 }
 
-void ReleaseRef(EnvCalls& e, size_t settled) {
-  e.unsettled -= settled;
-  if (e.unsettled == 0 && settled > 0) napi_unref_threadsafe_function(e.env, e.wake);
+// The env's wakes (armed, and the one on its way) keep its JS thread's loop alive while calls are
+// unsettled: a wake sent unref'd could otherwise arrive after the loop has ended.
+void RefWake(EnvCalls& e, bool ref) noexcept {
+  napi_threadsafe_function w[2] = {nullptr, nullptr};
+  {
+    std::lock_guard<std::mutex> lock(TheRunner().mutex);
+    w[0] = e.armed;
+    w[1] = e.sent;
+  }
+  // (each freed only on this thread, by its finalizer: still there even if a thread released it since)
+  for (napi_threadsafe_function x : w)
+    if (x) (ref ? napi_ref_threadsafe_function : napi_unref_threadsafe_function)(e.env, x);
 }
 
-// The wake's callback, on the JS thread: settles the finished calls (env null: the wake is being
-// finalized at teardown, which took them already).
-void SettleFinished(napi_env raw_env, napi_value, void* context, void*) {
-  if (!raw_env) return;
-  EnvCalls& e = *static_cast<EnvCalls*>(context);
+void ReleaseRef(EnvCalls& e, size_t settled) {
+  e.unsettled -= settled;
+  if (e.unsettled == 0 && settled > 0) RefWake(e, false);
+}
+
+// What a wake's finalizer gets: its env's calls and the wake itself.
+struct WakeHold {
+  std::shared_ptr<EnvCalls> calls;
+  napi_threadsafe_function self = nullptr;
+};
+
+void NeverCalled(napi_env, napi_value, void*, void*) {}
+
+// Whether JS can still run on the env's thread (not once its teardown has begun): a call of the
+// promise executor with nothing to capture, which does nothing.
+bool JsRuns(napi_env env) noexcept {
+  napi_value fn = nullptr, undefined = nullptr;
+  EnvData* data = nullptr;
+  return napi_get_instance_data(env, reinterpret_cast<void**>(&data)) == napi_ok && data &&
+         napi_get_reference_value(env, data->capture_resolvers, &fn) == napi_ok && fn && napi_get_undefined(env, &undefined) == napi_ok &&
+         napi_call_function(env, undefined, fn, 0, nullptr, nullptr) == napi_ok;
+}
+void WakeArrived(napi_env raw_env, void* data, void*) noexcept;
+
+// Arms the env's next wake (JS thread); when calls finished meanwhile, sends it at once. False when
+// it cannot be made (no memory): the env's next call tries again.
+bool Arm(const std::shared_ptr<EnvCalls>& e) noexcept {
+  auto* hold = new (std::nothrow) WakeHold();
+  if (!hold) return false;
+  hold->calls = e;
+  napi_value name = nullptr;
+  napi_threadsafe_function w = nullptr;
+  if (napi_create_string_utf8(e->env, "sparse_mla_native.cpu", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(e->env, nullptr, nullptr, name, 0, 1, hold, WakeArrived, nullptr, NeverCalled, &w) != napi_ok) {
+    delete hold;
+    return false;
+  }
+  hold->self = w;
+  if (e->unsettled == 0) napi_unref_threadsafe_function(e->env, w);
+  std::lock_guard<std::mutex> lock(TheRunner().mutex);
+  e->armed = w;
+  if (!e->done.Empty() && !e->closing) Runner::Wake(*e);
+  return true;
+}
+
+// A wake's finalizer, on the JS thread: arms the next wake and settles the finished calls. Node
+// also finalizes the armed wake when it tears the env down (it was not released then): nothing is
+// armed any more, and what is settled then fails (JS has stopped) and is let go.
+void WakeArrived(napi_env raw_env, void* data, void*) noexcept {
+  std::unique_ptr<WakeHold> hold(static_cast<WakeHold*>(data));
+  EnvCalls& e = *hold->calls;
+  bool torn_down = !JsRuns(raw_env);  // (a wake on its way when the teardown began)
+  {
+    std::lock_guard<std::mutex> lock(TheRunner().mutex);
+    torn_down = torn_down || e.closing || e.armed == hold->self;
+    if (e.armed == hold->self) e.armed = nullptr;
+    if (e.sent == hold->self) e.sent = nullptr;
+  }
+  if (!torn_down) Arm(hold->calls);
   CallList done;
   {
     std::lock_guard<std::mutex> lock(TheRunner().mutex);
     done.Append(e.done);
-    e.wake_sent = false;
   }
   Napi::Env env(raw_env);
   const size_t settled = done.Size();
   while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->settle);
   ReleaseRef(e, settled);
 }
-
-void FinalizeWake(napi_env, void* data, void*) { delete static_cast<std::shared_ptr<EnvCalls>*>(data); }
 
 // The env's teardown (a cleanup hook): its queued calls never start, its running ones stop at the
 // next block, and this returns only once none of them is running. Their references (their
@@ -756,32 +831,38 @@ void TearDown(void* arg) {
   left = CallList();
 }
 
-// The env's calls, made at its first call: the entry is made first and the thread-safe function
-// and cleanup hook after it, so that a failure leaves nothing half made (the next call tries again).
+// The env's calls, made at its first call: the entry is made first and the wake and cleanup hook
+// after it, so that a failure leaves nothing half made (the next call tries again). Re-arms the
+// wake when the last one could not be made.
 std::shared_ptr<EnvCalls> CallsOf(Napi::Env env) {
   Runner& r = TheRunner();
+  std::shared_ptr<EnvCalls> e;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     auto it = r.envs.find(env);
-    if (it != r.envs.end()) return it->second;
+    if (it != r.envs.end()) e = it->second;
   }
-  auto e = std::make_shared<EnvCalls>();
+  if (e) {
+    bool unarmed = false;
+    {
+      std::lock_guard<std::mutex> lock(r.mutex);
+      unarmed = !e->armed && !e->sent;
+    }
+    if (unarmed && !Arm(e)) throw std::bad_alloc();  // (the call is not queued)
+    return e;
+  }
+  e = std::make_shared<EnvCalls>();
   e->env = env;
-  auto for_wake = std::make_unique<std::shared_ptr<EnvCalls>>(e);
   auto for_hook = std::make_unique<std::shared_ptr<EnvCalls>>(e);
-  napi_value name = Napi::String::New(env, "sparse_mla_native.cpu");
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     r.envs.emplace(env, e);
   }
-  if (napi_create_threadsafe_function(env, nullptr, nullptr, name, 0, 1, for_wake.get(), FinalizeWake, e.get(), SettleFinished, &e->wake) != napi_ok) {
+  if (!Arm(e)) {
     std::lock_guard<std::mutex> lock(r.mutex);
     r.envs.erase(env);
-    throw Napi::Error::New(env, "sparse_mla_native: cannot create the cpu calls' thread-safe function");
+    throw std::bad_alloc();
   }
-  for_wake.release();  // FinalizeWake frees it
-  napi_unref_threadsafe_function(env, e->wake);
-  // after the wake's own cleanup hook, so it runs first (hooks run last in, first out)
   napi_add_env_cleanup_hook(env, TearDown, for_hook.release());
   return e;
 }
@@ -824,7 +905,7 @@ Napi::Promise QueueCpuJob(Napi::Env env, const char* op, RowJob job, Holds holds
     }
     start = r.Dispatch();
   }
-  if (e.unsettled++ == 0) napi_ref_threadsafe_function(env, e.wake);
+  if (e.unsettled++ == 0) RefWake(e, true);
   r.Start(std::move(start), /*caller_works=*/false);
   return Napi::Promise(env, promise);
 }

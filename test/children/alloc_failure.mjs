@@ -8,6 +8,8 @@
 // checked against the float64 reference); the main thread also disposes a second engine with its
 // calls in flight every round; Worker B is terminated mid-round. Then the switch is removed and
 // every thread runs a round that must be right in full. Prints one JSON report.
+// The main thread also makes SEQUENTIAL small calls one after another while the switch is on: each
+// finished call wakes its JS thread once, so the addon's threads hand back that many calls.
 import { unlinkSync, writeFileSync } from 'node:fs';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../../dist/index.js';
@@ -16,6 +18,7 @@ import { makeRng, randomBf16Bits, randomIndices } from '../../dist/check/grid.js
 import { randomPrefillCall, withinBounds } from './judge.mjs';
 
 const ROUNDS = 25;
+const SEQUENTIAL = 300;
 
 /** Each op's inputs and float64 reference from one seed. */
 function opCase(seed) {
@@ -171,6 +174,14 @@ if (!isMainThread) {
   // Worker B is ended in its third round, with its calls in flight
   const bEnded = b.when((m) => m.round === 2).then(() => b.w.terminate()).then(() => b.exited);
   const [mainCounts, aCounts, bCode] = await Promise.all([stress(engine, c, true), a.when((m) => m.counts).then((m) => m.counts), bEnded]);
+  const ids = c.dequantIds.slice(0, 4);
+  for (let i = 0; i < SEQUENTIAL; i++) {
+    const outcome = await engine.dequantizeKCachePaged({ cache: c.paged.kCache, tokenIds: ids }).then(
+      (r) => ({ op: 'sequential dequant', outcome: r.data.every((b, j) => R.decodeBf16(b) === c.ref.rows[j]) ? 'right' : 'wrong' }),
+      (e) => ({ op: 'sequential dequant', outcome: allowed(e, false) ?? 'unexpected', error: `${e?.name} ${e?.code}: ${e?.message}` }),
+    );
+    tally([outcome], mainCounts);
+  }
   unlinkSync(switchFile);
 
   a.w.postMessage('health');

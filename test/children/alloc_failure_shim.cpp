@@ -6,7 +6,9 @@
 //  - every SMLA_FAIL_THREAD_EVERY-th pthread_create called from libstdc++ (a std::thread: Node and
 //    V8 start theirs through libuv and their own platform code) fails with EAGAIN.
 // SMLA_FAIL_ON=std-threads fails allocations only on threads started by std::thread (the addon's
-// own), not on the JS threads that make the calls.
+// own), not on the JS threads that make the calls. SMLA_FAIL_ANY_CALLER=1 (with std-threads) fails
+// them whoever calls operator new there: also Node's code, which the addon's threads may call (a
+// thread-safe function's queue), and libstdc++'s.
 // Allocations of Node, V8 and libstdc++ itself are never failed: Node is built without exceptions,
 // so a failure inside it ends the process whatever the addon does. At exit it writes how many
 // allocations and thread starts it failed to SMLA_FAIL_REPORT ("<news> <threads> <news on
@@ -35,6 +37,7 @@ Range g_addon, g_libstdcxx;
 char g_module[256], g_switch[1024], g_report[1024];
 unsigned long g_new_every = 0, g_thread_every = 0;
 bool g_std_threads_only = false;
+bool g_any_caller = false;  // (only with g_std_threads_only)
 std::atomic<unsigned long> g_news{0}, g_threads{0}, g_failed_news{0}, g_failed_threads{0}, g_failed_news_std{0};
 thread_local bool t_std_thread = false;  // this thread was started by std::thread
 using PthreadCreate = int (*)(pthread_t*, const pthread_attr_t*, void* (*)(void*), void*);
@@ -75,7 +78,8 @@ void Locate(const char* needle, Range& r) {
 bool On() { return g_switch[0] && access(g_switch, F_OK) == 0; }
 
 bool FailNew(void* caller) {
-  if (!g_new_every || !g_addon.Has(reinterpret_cast<uintptr_t>(caller)) || (g_std_threads_only && !t_std_thread) || !On()) return false;
+  const bool ours = g_addon.Has(reinterpret_cast<uintptr_t>(caller)) || (g_any_caller && t_std_thread);
+  if (!g_new_every || !ours || (g_std_threads_only && !t_std_thread) || !On()) return false;
   if (++g_news % g_new_every != 0) return false;
   g_failed_news++;
   if (t_std_thread) g_failed_news_std++;
@@ -125,6 +129,7 @@ __attribute__((constructor)) void Init() {
   g_new_every = std::strtoul(getenv("SMLA_FAIL_NEW_EVERY") ? getenv("SMLA_FAIL_NEW_EVERY") : "0", nullptr, 10);
   g_thread_every = std::strtoul(getenv("SMLA_FAIL_THREAD_EVERY") ? getenv("SMLA_FAIL_THREAD_EVERY") : "0", nullptr, 10);
   g_std_threads_only = getenv("SMLA_FAIL_ON") && std::strcmp(getenv("SMLA_FAIL_ON"), "std-threads") == 0;
+  g_any_caller = g_std_threads_only && getenv("SMLA_FAIL_ANY_CALLER") && std::strcmp(getenv("SMLA_FAIL_ANY_CALLER"), "1") == 0;
   g_real_pthread_create = reinterpret_cast<PthreadCreate>(dlsym(RTLD_NEXT, "pthread_create"));
   g_real_dlopen = reinterpret_cast<Dlopen>(dlsym(RTLD_NEXT, "dlopen"));
   Locate("libstdc++", g_libstdcxx);

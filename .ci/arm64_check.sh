@@ -9,8 +9,9 @@
 #   bash .ci/arm64_check.sh addon FILE.node [check options]
 #       loads the linux-arm64 addon FILE in an arm64 node under qemu-aarch64 and runs this
 #       checkout's `sparse-mla check --backend cpu` on it (every result against the float64
-#       reference and the WASM backend, SPEC §4 bounds). The arm64 node is Debian's nodejs:arm64
-#       (18: enough for a Node-API 8 addon), fetched with apt-get download and unpacked with dpkg -x
+#       reference and the WASM backend, SPEC §4 bounds; about 38 min emulated: `--only dequant`
+#       runs its 4 dequant cases, `--only paged` its 6 paged ones). The arm64 node is Debian's
+#       nodejs:arm64 (18: enough for a Node-API 8 addon), fetched with apt-get download and unpacked with dpkg -x
 #       into build/arm64-node/, never installed (it would replace this machine's node). Needs
 #       `dpkg --add-architecture arm64 && apt-get update` once, and qemu-user.
 set -euo pipefail

@@ -20,12 +20,18 @@ import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { testRng } from './helpers/random.js';
 
 const rng = testRng('alloc_failure');
 const here = (p: string) => fileURLToPath(new URL(p, import.meta.url));
 const compiler = ['c++', 'g++', 'clang++'].find((c) => spawnSync(c, ['--version'], { stdio: 'ignore' }).status === 0);
 const runnable = nativeAddonBuilt() && process.platform === 'linux';
+// the cuda classes exist in an addon built with CUDA (no GPU needed to construct them up to their first CUDA call)
+const cudaClasses = runnable && (() => {
+  const load = loadNativeAddon();
+  return load.ok && load.addon.cuda.built && 'ops' in load.addon.cuda;
+})();
 
 interface Counts {
   right: number;
@@ -61,6 +67,10 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
 
   /** The child under the shim with `fail` (its SMLA_FAIL_* settings): its report and what the shim failed. */
   function underShim(name: string, fail: Record<string, string>) {
+    return runUnderShim<Report>('./children/alloc_failure.mjs', (switchFile) => [String(rng.u32()), switchFile], name, fail);
+  }
+
+  function runUnderShim<T>(child: string, args: (switchFile: string) => string[], name: string, fail: Record<string, string>) {
     const env = {
       ...process.env,
       LD_PRELOAD: shim,
@@ -69,10 +79,10 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
       SMLA_FAIL_REPORT: join(dir, `${name}.report`),
       ...fail,
     };
-    const p = spawnSync(process.execPath, [here('./children/alloc_failure.mjs'), String(rng.u32()), env.SMLA_FAIL_SWITCH], { encoding: 'utf8', timeout: 60_000, env });
+    const p = spawnSync(process.execPath, [here(child), ...args(env.SMLA_FAIL_SWITCH)], { encoding: 'utf8', timeout: 60_000, env });
     expect({ signal: p.signal, status: p.status, stderr: p.stderr }).toEqual({ signal: null, status: 0, stderr: '' });
     const [news, threads, newsOnStdThreads] = readFileSync(env.SMLA_FAIL_REPORT, 'utf8').trim().split(' ').map(Number);
-    return { report: JSON.parse(p.stdout) as Report, failed: { news: news!, threads: threads!, newsOnStdThreads: newsOnStdThreads! } };
+    return { report: JSON.parse(p.stdout) as T, failed: { news: news!, threads: threads!, newsOnStdThreads: newsOnStdThreads! } };
   }
 
   function expectSound(r: Report) {
@@ -124,5 +134,24 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
     expect(failed.threads).toBeGreaterThan(20);
     // (before the fix: no abort, but a call without a thread rejected as "the core returned SMLA_ERR_OUT_OF_MEMORY")
     for (const t of [report.main, report.a]) expect(t.right).toBeGreaterThan(0);
+  });
+  // The cuda classes' constructors (reached here without a GPU, up to their first CUDA call or
+  // argument check). Before the fix (native/addon at c8bc31d) each threw an Error without a code
+  // ("std::bad_alloc", node-addon-api's own conversion: BACKEND_FAILURE on the TS side) in both
+  // modes: every allocation failing hits node-addon-api's allocation of the instance, every 2nd
+  // one the constructor's own first allocation.
+  type Outcomes = Record<string, string>;
+  test.skipIf(!compiler || !cudaClasses).each([
+    ['every', '1'],
+    ['every 2nd', '2'],
+  ])('%s allocation of the addon fails while a cuda class is constructed: each throws code SMLA_OUT_OF_MEMORY (TOO_LARGE), and constructs as before once memory is back', (_, every) => {
+    const { report, failed } = runUnderShim<{ off: Outcomes; on: Outcomes; after: Outcomes }>('./children/alloc_failure_classes.mjs', (switchFile) => [switchFile], `classes-${every}`, { SMLA_FAIL_NEW_EVERY: every });
+    const constructions = Object.keys(report.off);
+    expect(constructions).toHaveLength(4);
+    expect(report.on).toEqual(Object.fromEntries(constructions.map((k) => [k, 'SMLA_OUT_OF_MEMORY'])));
+    expect(report.after).toEqual(report.off);
+    // without a failure: a typed error (no device here) or, on a GPU host, the stream itself
+    for (const outcome of Object.values(report.off)) expect(['SMLA_CUDA_ERROR', 'SMLA_ADDON_ARGUMENT', 'constructed']).toContain(outcome);
+    expect(failed.news).toBeGreaterThanOrEqual(4);
   });
 });

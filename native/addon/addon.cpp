@@ -275,6 +275,22 @@ Napi::Function OpFunctionOf(Napi::Env env, const OpEntry& entry) {
       entry.name);
 }
 
+Napi::Error OutOfMemoryError(Napi::Env env, const char* op) {
+  napi_value e = PlainError(env, "SMLA_OUT_OF_MEMORY", op, "out of memory");
+  return e ? Napi::Error(env, e) : Napi::Error::New(env, "out of memory");
+}
+
+namespace {
+thread_local napi_env t_js_env = nullptr;  // this JS thread's env (Init): one per thread
+}  // namespace
+
+void* TypedAllocation::operator new(size_t bytes) {
+  if (void* p = ::operator new(bytes, std::nothrow)) return p;
+  if (!t_js_env) throw std::bad_alloc();
+  throw OutOfMemoryError(Napi::Env(t_js_env), "sparse_mla_native: new");
+}
+void TypedAllocation::operator delete(void* p) noexcept { ::operator delete(p); }
+
 // ---- the row-parallel worker --------------------------------------------------------------------
 
 Napi::Error StatusError(Napi::Env env, const char* op, int32_t status) {
@@ -957,6 +973,7 @@ void KeepLoaded() {
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
   KeepLoaded();
+  t_js_env = env;
   auto* data = new EnvData();
   env.SetInstanceData(data);  // deleted with the env
   const Napi::Value promise = env.Global().Get("Promise");

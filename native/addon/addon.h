@@ -16,6 +16,7 @@
 #include <climits>
 #include <functional>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -205,6 +206,16 @@ struct OpEntry {
 // or queues becomes a thrown JS error with a code (std::bad_alloc: SMLA_OUT_OF_MEMORY; any
 // other: SMLA_ADDON_FAILURE), made without allocating on the C++ heap.
 Napi::Function OpFunctionOf(Napi::Env env, const OpEntry& entry);
+// The same for the classes' constructors and methods (a function-try-block catching
+// std::bad_alloc throws this): node-addon-api would turn it into an Error without a code. Made
+// without allocating on the C++ heap.
+Napi::Error OutOfMemoryError(Napi::Env env, const char* op);
+// A base of those classes: node-addon-api allocates an instance before its constructor runs, and
+// a failure there throws OutOfMemoryError too (with the env of this JS thread, which has one).
+struct TypedAllocation {
+  static void* operator new(size_t bytes);
+  static void operator delete(void* p) noexcept;
+};
 extern const OpEntry kCpuOps[];
 extern const size_t kCpuOpCount;
 #if defined(SMLA_WITH_CUDA_OPS)

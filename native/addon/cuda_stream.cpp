@@ -30,7 +30,7 @@ void KeepPoolCached(int device) {
 
 const napi_type_tag kStreamTag = {0x3b7e1c55a9d24f60ULL, 0x91ac4e0f7d2b6c38ULL};
 
-class Stream : public Napi::ObjectWrap<Stream> {
+class Stream : public Napi::ObjectWrap<Stream>, public TypedAllocation {
  public:
   static Napi::Function Class(Napi::Env env) {
     return DefineClass(env, "Stream", {InstanceAccessor<&Stream::Device>("device"), InstanceMethod<&Stream::Synchronize>("synchronize"),
@@ -38,7 +38,7 @@ class Stream : public Napi::ObjectWrap<Stream> {
   }
 
   // new Stream(device): a non-blocking stream on that device.
-  explicit Stream(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Stream>(info) {
+  explicit Stream(const Napi::CallbackInfo& info) try : Napi::ObjectWrap<Stream>(info) {
     Napi::Env env = info.Env();
     if (info.Length() < 1 || !info[0].IsNumber()) ThrowArgument(env, "stream", "device: expected a device index");
     const int device = info[0].As<Napi::Number>().Int32Value();
@@ -60,6 +60,8 @@ class Stream : public Napi::ObjectWrap<Stream> {
     KeepPoolCached(device);
     state_ = std::move(s);
     info.This().As<Napi::Object>().TypeTag(&kStreamTag);
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemoryError(info.Env(), "stream");
   }
 
   StreamRef Get() const { return state_; }
@@ -76,7 +78,7 @@ class Stream : public Napi::ObjectWrap<Stream> {
   StreamRef state_;
 };
 
-Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
+Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) try {
   Args a(info, "synchronize");
   StreamRef s = state_;
   // A stream with nothing left to run settles here: no pool thread to wake and come back from.
@@ -88,19 +90,23 @@ Napi::Value Stream::Synchronize(const Napi::CallbackInfo& info) {
     if (err != cudaSuccess) cudaGetLastError();
     return err == cudaSuccess ? int32_t(SMLA_OK) : -int32_t(err);
   });
+} catch (const std::bad_alloc&) {
+  throw OutOfMemoryError(info.Env(), "synchronize");
 }
 
-Napi::Value Stream::Query(const Napi::CallbackInfo& info) {
+Napi::Value Stream::Query(const Napi::CallbackInfo& info) try {
   const cudaError_t err = QueryIdle(*state_);
   if (err != cudaSuccess && err != cudaErrorNotReady) throw StatusError(info.Env(), "synchronize", -int32_t(err));
   return Napi::Boolean::New(info.Env(), err == cudaSuccess);
+} catch (const std::bad_alloc&) {
+  throw OutOfMemoryError(info.Env(), "query");
 }
 
 const napi_type_tag kDeviceBufferTag = {0x5a1f0c3e9b2d4e71ULL, 0x8c6a3f1d2e4b5a90ULL};
 // The allocation NewDeviceBuffer hands the constructor it calls on this thread (null otherwise).
 thread_local std::shared_ptr<Allocation>* t_handed = nullptr;
 
-class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
+class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer>, public TypedAllocation {
  public:
   // The class, made once per env (deviceBufferClass() and NewDeviceBuffer share it), kept in the
   // env's EnvData.
@@ -119,7 +125,7 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
   // 256) inside base, a DeviceBuffer of the same stream: no CUDA call; the memory goes back once the
   // base and every view of it have let go (one allocation for several outputs of one call).
   // (Called by NewDeviceBuffer: the allocation it hands over, adopted as it is.)
-  explicit DeviceBuffer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<DeviceBuffer>(info) {
+  explicit DeviceBuffer(const Napi::CallbackInfo& info) try : Napi::ObjectWrap<DeviceBuffer>(info) {
     Napi::Env env = info.Env();
     if (t_handed != nullptr) {
       std::shared_ptr<Allocation>* handed = t_handed;
@@ -153,6 +159,8 @@ class DeviceBuffer : public Napi::ObjectWrap<DeviceBuffer> {
       throw e;
     }
     Adopt(info, std::move(a));
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemoryError(info.Env(), "alloc");
   }
 
   std::shared_ptr<Allocation> Get() const { return alloc_; }

@@ -51,13 +51,13 @@ Napi::Promise OutputsFailed(Napi::Env env, const char* op, cudaError_t err, uint
 // and lse null } instead (slots "paged.q", "paged.kCache", ...); its run(null, smScale, ...buffers)
 // allocates the outputs the same way and queues the paged attention; done settles once queued.
 // Between layers the program keeps no buffer.
-class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
+class LayerProgram : public Napi::ObjectWrap<LayerProgram>, public TypedAllocation {
  public:
   static Napi::Function Class(Napi::Env env) {
     return DefineClass(env, "LayerProgram", {InstanceAccessor<&LayerProgram::Slots>("slots"), InstanceMethod<&LayerProgram::Run>("run")});
   }
 
-  explicit LayerProgram(const Napi::CallbackInfo& info) : Napi::ObjectWrap<LayerProgram>(info) {
+  explicit LayerProgram(const Napi::CallbackInfo& info) try : Napi::ObjectWrap<LayerProgram>(info) {
     Args args(info, "layerProgram");
     Args::Fields top = args.Object(0, "params");
     stream_ = StreamArg(info, 1, args.Op());
@@ -109,6 +109,8 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
       collect(f, "prefill");
     }
     Place(top, operands, "prefill.");
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemoryError(info.Env(), "layerProgram");
   }
 
  private:
@@ -139,10 +141,12 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     }
   }
 
-  Napi::Value Slots(const Napi::CallbackInfo& info) {
+  Napi::Value Slots(const Napi::CallbackInfo& info) try {
     Napi::Array names = Napi::Array::New(info.Env(), inputs_.size());
     for (uint32_t i = 0; i < inputs_.size(); ++i) names.Set(i, Napi::String::New(info.Env(), inputs_[i].name));
     return names;
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemoryError(info.Env(), "layerProgram.slots");
   }
 
   void Unbind() {
@@ -169,7 +173,7 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     }
   }
 
-  Napi::Value Run(const Napi::CallbackInfo& info) {
+  Napi::Value Run(const Napi::CallbackInfo& info) try {
     Args a(info, "layerProgram.run");
     Napi::Env env = a.Env();
     void* dropped_into = nullptr;
@@ -222,6 +226,9 @@ class LayerProgram : public Napi::ObjectWrap<LayerProgram> {
     for (size_t i = 0; i < outputs_.size(); ++i)
       result.Set(outputs_[i].operand->name, outputs.empty() ? env.Null() : Napi::Value(NewDeviceBuffer(env, std::move(outputs[i]))));
     return result;
+  } catch (const std::bad_alloc&) {
+    Unbind();  // (the layer's buffers are not held until the next run)
+    throw OutOfMemoryError(info.Env(), "layerProgram.run");
   }
 
   // A workspace layer's launches after its outputs' allocation (status: how that went): the

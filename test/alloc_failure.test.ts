@@ -136,7 +136,7 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
     for (const t of [report.main, report.a]) expect(t.right).toBeGreaterThan(0);
   });
   // The cuda classes' constructors (reached here without a GPU, up to their first CUDA call or
-  // argument check). Before the fix (native/addon at c8bc31d) each threw an Error without a code
+  // argument check), and cuda.devices(). Before the fix (native/addon at c8bc31d) each threw an Error without a code
   // ("std::bad_alloc", node-addon-api's own conversion: BACKEND_FAILURE on the TS side) in both
   // modes: every allocation failing hits node-addon-api's allocation of the instance, every 2nd
   // one the constructor's own first allocation.
@@ -144,14 +144,17 @@ describe.skipIf(!runnable)(`the addon out of memory or threads${compiler ? '' : 
   test.skipIf(!compiler || !cudaClasses).each([
     ['every', '1'],
     ['every 2nd', '2'],
-  ])('%s allocation of the addon fails while a cuda class is constructed: each throws code SMLA_OUT_OF_MEMORY (TOO_LARGE), and constructs as before once memory is back', (_, every) => {
+  ])('%s allocation of the addon fails while a cuda class is constructed or the devices queried: each throws code SMLA_OUT_OF_MEMORY (TOO_LARGE), and runs as before once memory is back', (_, every) => {
     const { report, failed } = runUnderShim<{ off: Outcomes; on: Outcomes; after: Outcomes }>('./children/alloc_failure_classes.mjs', (switchFile) => [switchFile], `classes-${every}`, { SMLA_FAIL_NEW_EVERY: every });
-    const constructions = Object.keys(report.off);
+    const { 'cuda.devices()': devicesOn, ...constructedOn } = report.on;
+    const constructions = Object.keys(constructedOn);
     expect(constructions).toHaveLength(4);
-    expect(report.on).toEqual(Object.fromEntries(constructions.map((k) => [k, 'SMLA_OUT_OF_MEMORY'])));
+    expect(constructedOn).toEqual(Object.fromEntries(constructions.map((k) => [k, 'SMLA_OUT_OF_MEMORY'])));
+    // the query allocates once: it fails when every allocation does (before the fix: no code either)
+    expect(devicesOn).toBe(every === '1' ? 'SMLA_OUT_OF_MEMORY' : 'returned');
     expect(report.after).toEqual(report.off);
     // without a failure: a typed error (no device here) or, on a GPU host, the stream itself
-    for (const outcome of Object.values(report.off)) expect(['SMLA_CUDA_ERROR', 'SMLA_ADDON_ARGUMENT', 'constructed']).toContain(outcome);
+    for (const [what, outcome] of Object.entries(report.off)) expect(what === 'cuda.devices()' ? ['returned'] : ['SMLA_CUDA_ERROR', 'SMLA_ADDON_ARGUMENT', 'constructed']).toContain(outcome);
     expect(failed.news).toBeGreaterThanOrEqual(4);
   });
 });

@@ -70,7 +70,7 @@ Napi::Object CudaInfo(Napi::Env env) {
 #else
   o.Set("kernels", false);
 #endif
-  o.Set("devices", Napi::Function::New(env, Devices, "devices"));
+  o.Set("devices", OpFunctionOf(env, {"devices", Devices}));  // (out of memory: code SMLA_OUT_OF_MEMORY)
 #if defined(SMLA_WITH_CUDA_OPS)
   Napi::Object ops = Napi::Object::New(env);
   for (size_t i = 0; i < kCudaOpCount; ++i) ops.Set(kCudaOps[i].name, OpFunctionOf(env, kCudaOps[i]));

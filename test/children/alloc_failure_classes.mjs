@@ -1,7 +1,7 @@
 // Child process of test/alloc_failure.test.ts, run under the fault-injection shim: the cuda
 // classes' constructors (Stream, DeviceBuffer, LayerProgram, reachable without a GPU up to their
-// first CUDA call or argument check) while every allocation of the addon fails. Prints what each
-// construction threw (its code) with the switch off, on, and off again.
+// first CUDA call or argument check), then the device query, while allocations of the addon fail.
+// Prints what each threw (its code) with the switch off, on, and off again.
 //   node alloc_failure_classes.mjs <switch file>
 import { unlinkSync, writeFileSync } from 'node:fs';
 import { loadNativeAddon } from '../../dist/backends/native/binding.js';
@@ -19,13 +19,14 @@ if (!ops) {
     'new Stream()': () => new Stream(),
     'new DeviceBuffer(8, {})': () => new DeviceBuffer(8, {}),
     'new LayerProgram({}, {})': () => new LayerProgram({}, {}),
+    'cuda.devices()': () => load.addon.cuda.devices(),
   };
   const outcomes = () =>
     Object.fromEntries(
       Object.entries(attempts).map(([what, make]) => {
         try {
           make();
-          return [what, 'constructed'];
+          return [what, what.startsWith('new') ? 'constructed' : 'returned'];
         } catch (e) {
           return [what, typeof e?.code === 'string' ? e.code : `no code: ${e?.message}`];
         }

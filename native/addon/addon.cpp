@@ -804,18 +804,16 @@ void WakeArrived(napi_env raw_env, void* data, void*) noexcept {
   std::unique_ptr<WakeHold> hold(static_cast<WakeHold*>(data));
   EnvCalls& e = *hold->calls;
   bool torn_down = !JsRuns(raw_env);  // (a wake on its way when the teardown began)
+  CallList done;
   {
     std::lock_guard<std::mutex> lock(TheRunner().mutex);
     torn_down = torn_down || e.closing || e.armed == hold->self;
     if (e.armed == hold->self) e.armed = nullptr;
     if (e.sent == hold->self) e.sent = nullptr;
-  }
-  if (!torn_down) Arm(hold->calls);
-  CallList done;
-  {
-    std::lock_guard<std::mutex> lock(TheRunner().mutex);
     done.Append(e.done);
   }
+  // (a call finished since finds no wake to send: Arm sends the new one at once then)
+  if (!torn_down) Arm(hold->calls);
   Napi::Env env(raw_env);
   const size_t settled = done.Size();
   while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->settle);

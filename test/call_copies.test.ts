@@ -170,6 +170,49 @@ describe.each(BACKENDS)('%s: prefillLayer copies its host q once', (backend) => 
   });
 });
 
+describe.each(BACKENDS)('%s: prefillLayerSharded split by heads', (backend) => {
+  test("each shard's heads of a host q are cut once, into a slab its layer and ops read in place: the same bits as one engine, the slabs back afterwards; a shard whose cut exceeds the budget is TOO_LARGE before any work", async () => {
+    const engines = [await createEngine({ backend, workers: 1 }), await createEngine({ backend, workers: 1 })];
+    try {
+      const sc = randomScenario(rng, [rng.int(100, 200), rng.int(20, 40)], [rng.int(6, 12), rng.int(4, 8)]);
+      const hQ = 16;
+      const swa = randomCache(rng, 64, sc.swaPages);
+      const q = tensor('bf16', [sc.numQueries, hQ, D], randomBf16Bits(rng, sc.numQueries * hQ * D, 1));
+      const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+      const args = { compressRatio: 0 as const, q, caches: { swa }, attnSink, smScale: 0.04, path: 'sparse' as const };
+      const one = await prefillLayer(engines[0]!, { ...args, plan: createPlan(sc.chunk) });
+      const impls = engines.map((e) => engineBackend(e) as WasmBackend | CpuBackend);
+      const seen: { q: Uint16Array; callCopy: number }[] = [];
+      const originals = impls.map((impl) => impl.sparsePrefill);
+      impls.forEach((impl, i) => (impl.sparsePrefill = (job) => (seen.push({ q: job.q, callCopy: callCopyBytes([job.q]) }), originals[i]!.call(impl, job))));
+      try {
+        const got = await prefillLayerSharded(engines, { ...args, plan: createShardedPlan(sc.chunk, { shards: 2, split: 'heads' }) });
+        expect(got.out!.data).toEqual(one.out.data);
+        expect(got.lse!.data).toEqual(one.lse.data);
+        expect(seen.map((x) => [x.q.byteLength, x.callCopy])).toEqual([0, 1].map(() => [q.data.byteLength / 2, q.data.byteLength / 2]));
+        for (const impl of impls) expect(impl.staging.lentBytes).toBe(0);
+      } finally {
+        impls.forEach((impl, i) => (impl.sparsePrefill = originals[i]!));
+      }
+    } finally {
+      await Promise.all(engines.map((e) => e.dispose()));
+    }
+    // a shard's cut (and its outputs) over its engine's budget: refused before any work, the first shard's slab back
+    const small = [await createEngine({ backend, workers: 1 }), await createEngine({ backend, workers: 1, memoryBudgetBytes: 2 ** 20 })];
+    try {
+      const sc = randomScenario(rng, [rng.int(100, 200)], [40]);
+      const q = tensor('bf16', [40, 64, D], randomBf16Bits(rng, 40 * 64 * D, 1)); // 2.5 MiB; a shard's 32 heads: 1.25 MiB
+      const swa = createKvCache('v4', { pageSize: 64, numPages: sc.swaPages });
+      const err = await prefillLayerSharded(small, { plan: createShardedPlan(sc.chunk, { shards: 2, split: 'heads' }), compressRatio: 0, q, caches: { swa }, smScale: 0.04 }).catch((e: unknown) => e);
+      expect(err instanceof SparseMlaError && { code: err.code, argument: err.argument }).toEqual({ code: 'TOO_LARGE', argument: 'q' });
+      expect((err as Error).message).toMatch(/a copy of the shard's heads of q at the call/);
+      for (const e of small) expect((engineBackend(e) as WasmBackend).staging.lentBytes).toBe(0);
+    } finally {
+      await Promise.all(small.map((e) => e.dispose()));
+    }
+  }, 60_000);
+});
+
 describe('a layer whose copies and outputs exceed the memory budget', () => {
   test.each(BACKENDS)('%s: TOO_LARGE naming q before any layer step or op', async (backend) => {
     const engine = await createEngine({ backend, workers: 1, memoryBudgetBytes: 2 ** 20 });

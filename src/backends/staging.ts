@@ -349,3 +349,23 @@ export function copyAtCall<T extends readonly (StageableArray | null)[]>(arena: 
     },
   };
 }
+
+/**
+ * One array of `length` elements in a slab lent by `arena`, marked as a call's copy (as copyAtCall's):
+ * for a copy the caller fills itself at the call (a shard's heads of q, cut from the caller's q
+ * straight into it). release() gives the slab back once nothing reads it.
+ */
+export function lendCallCopy<T extends StageableArray>(arena: StagingArena, ctor: new (buffer: SharedArrayBuffer, byteOffset: number, length: number) => T, length: number): { view: T; release(): void } {
+  const slab = arena.lend(Math.max(1, length * ctor.prototype.BYTES_PER_ELEMENT));
+  markCallCopies(slab);
+  let released = false;
+  return {
+    view: new ctor(slab, 0, length),
+    release: () => {
+      if (released) return;
+      released = true;
+      unmarkCallCopies(slab);
+      arena.giveBack(slab);
+    },
+  };
+}

@@ -18,7 +18,9 @@ import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
-import type { SparseMlaEngine } from '../engine.js';
+import { SparseMlaEngine } from '../engine.js';
+import { checkCallMemory } from '../backends/memory.js';
+import { lendCallCopy } from '../backends/staging.js';
 import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
 
 export type ShardSplit = 'heads' | 'queries';
@@ -135,11 +137,34 @@ export interface ShardedLayerResult<P extends Placement = 'host'> {
   shards: ShardResult<P>[];
 }
 
-function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number, hQ: number, width: number, h0: number, h1: number): T {
+function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number, hQ: number, width: number, h0: number, h1: number, into?: T): T {
   const hs = h1 - h0;
-  const out = new (data.constructor as new (n: number) => T)(rows * hs * width);
+  const out = into ?? new (data.constructor as new (n: number) => T)(rows * hs * width);
   for (let i = 0; i < rows; i++) out.set(data.subarray((i * hQ + h0) * width, (i * hQ + h1) * width), i * hs * width);
   return out;
+}
+
+/**
+ * A shard's heads [h0, h1) of the chunk's host q, as they are at the call: cut straight into a slab
+ * lent by the shard engine's staging and marked as the call's copy (staging.ts, lendCallCopy), which
+ * the shard's layer takes as it is and its ops read in place — one copy of q, where a cut copy that
+ * the layer copied again was two. Checked against the engine's memory budget first, with the
+ * shard's host outputs. A plain cut copy where the engine has no open staging (not an engine:
+ * checkLayer refuses it; disposed: the shard rejects with DISPOSED when it runs).
+ */
+function shardHeadsAtCall(engine: Engine, q: Tensor<'bf16'>, rows: number, hQ: number, h0: number, h1: number, output: Placement): { q: Tensor<'bf16'>; release: (() => void) | undefined } {
+  const shape = [rows, h1 - h0, WORKSPACE_ROW_DIMS];
+  const memory = engine instanceof SparseMlaEngine ? engine.hostMemory() : undefined;
+  const arena = memory?.staging;
+  if (arena === undefined || arena.closed) return { q: tensor('bf16', shape, sliceHeads(q.data, rows, hQ, WORKSPACE_ROW_DIMS, h0, h1)), release: undefined };
+  const length = rows * (h1 - h0) * WORKSPACE_ROW_DIMS;
+  if (memory!.budgetBytes !== undefined) {
+    const outputs = output === 'host' ? rows * (h1 - h0) * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
+    checkCallMemory('prefillLayerSharded', 'q', [{ what: "a copy of the shard's heads of q at the call", bytes: length * 2 }, { what: 'outputs', bytes: outputs }], memory!.budgetBytes);
+  }
+  const lent = lendCallCopy(arena, Uint16Array, length);
+  sliceHeads(q.data, rows, hQ, WORKSPACE_ROW_DIMS, h0, h1, lent.view);
+  return { q: tensor('bf16', shape, lent.view), release: lent.release };
 }
 
 /** The width of a host top-k of the chunk's `nq` queries ([nq, topk] or [nq, 1, topk], as prefillLayer takes it). */
@@ -205,14 +230,17 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
   // every shard's call checked before any shard runs: a bad one (its engine, caches, q, top-k) is
   // refused before any work, not after the shards before it started theirs (and the shards checked
   // before it give back the copies they took at the call)
-  const calls: { engine: SparseMlaEngine; call: CheckedLayer; part: Omit<ShardResult<P>, keyof PrefillLayerResult<P>> }[] = [];
+  const calls: { engine: SparseMlaEngine; call: CheckedLayer; part: Omit<ShardResult<P>, keyof PrefillLayerResult<P>>; release: (() => void) | undefined }[] = [];
+  let cut: (() => void) | undefined; // the slab of a shard's heads cut before its check
   try {
     plan.shards.forEach((shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
       let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
+      const engine = engines[s]!;
       if (plan.split === 'heads') {
-        shardQ = qs ? qs[s]! : tensor('bf16', [n, h1 - h0, WORKSPACE_ROW_DIMS], sliceHeads(q!.data, n, hQ, WORKSPACE_ROW_DIMS, h0, h1));
+        if (qs) shardQ = qs[s]!;
+        else ({ q: shardQ, release: cut } = shardHeadsAtCall(engine, q!, n, hQ, h0, h1, output));
         shardTopk = topks ? topks[s] : topk;
         shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
       } else {
@@ -220,7 +248,6 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!));
         shardSink = sink;
       }
-      const engine = engines[s]!;
       const call = checkLayer(engine, {
         ...rest,
         compressRatio,
@@ -230,14 +257,25 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
       }, { output });
-      calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 } });
+      calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 }, release: cut });
+      cut = undefined;
     });
   } catch (e) {
-    for (const c of calls) releaseLayer(c.call);
+    cut?.();
+    for (const c of calls) {
+      releaseLayer(c.call);
+      c.release?.();
+    }
     throw e;
   }
   const settled = await Promise.allSettled(
-    calls.map(async ({ engine, call, part }) => ({ ...(await runLayer(engine, call)), ...part }) as ShardResult<P>),
+    calls.map(async ({ engine, call, part, release }) => {
+      try {
+        return { ...(await runLayer(engine, call)), ...part } as ShardResult<P>;
+      } finally {
+        release?.();
+      }
+    }),
   );
   // every shard has settled: when one failed, the others' device outputs are freed (nobody gets
   // them) and the first failure, in shard order, is thrown

@@ -434,6 +434,31 @@ describe('cuda layer calls: device operands checked before any work', () => {
     expect(dev.faults).toEqual([]);
   });
 
+  test('a queued layer whose q or attnSink is freed by a later getter (reading caches.swa) is INVALID_VALUE naming it (was BACKEND_FAILURE from the layer program: H200 cuda fuzz seed 4 case 3685)', async () => {
+    const dev = standInDevice();
+    const { engine } = dev.engine(0);
+    for (const [field, path] of [['q', 'sparse'], ['attnSink', 'sparse'], ['q', 'paged'], ['attnSink', 'paged']] as const) {
+      const { plan, layer: given } = await deviceLayer(engine);
+      const layer = { ...given, path };
+      // the first layer makes the plan keep its rows and ids (or paged form): the next ones are queued by a layer program
+      for (let i = 0; i < 2; i++) {
+        const r = await prefillLayer(engine, layer, { output: 'device' });
+        for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+      }
+      if (path === 'sparse') expect(plan.deviceStats.deviceQueuedLayers, field).toBe(1);
+      const swa = layer.caches.swa;
+      const caches = {
+        get swa() {
+          layer[field].data.free();
+          return swa;
+        },
+      };
+      await expectTyped(() => prefillLayer(engine, { ...layer, caches }, { output: 'device' }), 'INVALID_VALUE', field);
+      plan.release();
+    }
+    expect(dev.faults).toEqual([]);
+  });
+
   test("prefillLayerSharded checks every shard's call before any shard runs (a bad cache or engine of shard 1 was refused after shard 0 had started its work)", async () => {
     const dev = standInDevice();
     const engines = [dev.engine(0).engine, dev.engine(1).engine];

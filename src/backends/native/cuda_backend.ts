@@ -111,6 +111,23 @@ function layerInputs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
   return buffers;
 }
 
+/**
+ * A layer program's operand freed after the layer's checks (a getter of the caller's arguments, or
+ * plan.release(), can free one while the call reads them): INVALID_VALUE naming the argument the
+ * caller gave, as the ops' own check does, not the addon's refusal as a backend failure.
+ */
+function freedLayerOperand(slot: string): never {
+  const field = slot.slice(slot.lastIndexOf('.') + 1);
+  const argument =
+    slot === 'prefill.q' || slot === 'paged.q' ? 'q'
+    : field === 'attnSink' ? 'attnSink'
+    : slot === 'planRows.topkIndices' ? 'topkIndices'
+    : field === 'cache' || field === 'kCache' || field === 'extraKCache' ? 'caches'
+    : 'plan';
+  const what = argument === 'plan' ? `a buffer the plan keeps (${slot})` : 'a device buffer';
+  throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} live until the layer is queued, got one freed during the call`, argument);
+}
+
 /** The name of each of layerInputs' slots, in its order (a new program's check). */
 function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
   const names: string[] = [];
@@ -696,6 +713,7 @@ export class CudaBackend implements Backend, DeviceOps {
     for (let i = 0; i < inputs.length; i++) {
       const b = inputs[i];
       if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return undefined;
+      if (b.freed) freedLayerOperand(layerSlotNames(job)[i]!);
       inputs[i] = b.native;
     }
     let kept = this.programs.get(job.owner);
@@ -754,6 +772,7 @@ export class CudaBackend implements Backend, DeviceOps {
     for (let i = 0; i < inputs.length; i++) {
       const b = fields[inputs[i] as keyof PagedFields];
       if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return this.pagedSparseAttention(job, 'device');
+      if (b.freed) freedLayerOperand(`paged.${inputs[i] as string}`);
       inputs[i] = b.native;
     }
     let kept = this.pagedPrograms.get(owner);

@@ -555,8 +555,17 @@ class CallList {
 // Node's queue, a std::deque that allocates a block every 64 calls: a std::bad_alloc there, on a
 // thread of the addon, ended the process (Node is built without exceptions, so nothing catches
 // it, and its queue's mutex would stay locked).
+struct EnvCalls;
+// A wake's finalizer data, kept in its env's EnvCalls (at most one wake is armed or on its way at
+// a time, and one finalized), so that arming one allocates nothing of the addon's. JS thread only.
+struct WakeSlot {
+  std::shared_ptr<EnvCalls> keep;  // its env's calls, kept until the wake's finalizer has run
+  napi_threadsafe_function self = nullptr;
+};
+
 struct EnvCalls {
   napi_env env = nullptr;
+  WakeSlot wake_slots[2];
   napi_threadsafe_function armed = nullptr;  // the next wake; null while one is on its way (sent) or none could be made
   std::atomic<bool> stop{false};
   size_t unsettled = 0;  // calls not settled yet: the armed wake is ref'd (keeps the loop alive) while > 0
@@ -757,12 +766,6 @@ void ReleaseRef(EnvCalls& e, size_t settled) {
   if (e.unsettled == 0 && settled > 0) RefWake(e, false);
 }
 
-// What a wake's finalizer gets: its env's calls and the wake itself.
-struct WakeHold {
-  std::shared_ptr<EnvCalls> calls;
-  napi_threadsafe_function self = nullptr;
-};
-
 void NeverCalled(napi_env, napi_value, void*, void*) {}
 
 // Whether JS can still run on the env's thread (not once its teardown has begun): a call of the
@@ -777,19 +780,18 @@ bool JsRuns(napi_env env) noexcept {
 void WakeArrived(napi_env raw_env, void* data, void*) noexcept;
 
 // Arms the env's next wake (JS thread); when calls finished meanwhile, sends it at once. False when
-// it cannot be made (no memory): the env's next call tries again.
+// Node cannot make it: the env's next call tries again.
 bool Arm(const std::shared_ptr<EnvCalls>& e) noexcept {
-  auto* hold = new (std::nothrow) WakeHold();
-  if (!hold) return false;
-  hold->calls = e;
+  WakeSlot* slot = nullptr;
+  for (WakeSlot& x : e->wake_slots)
+    if (!x.keep) slot = &x;
   napi_value name = nullptr;
   napi_threadsafe_function w = nullptr;
-  if (napi_create_string_utf8(e->env, "sparse_mla_native.cpu", NAPI_AUTO_LENGTH, &name) != napi_ok ||
-      napi_create_threadsafe_function(e->env, nullptr, nullptr, name, 0, 1, hold, WakeArrived, nullptr, NeverCalled, &w) != napi_ok) {
-    delete hold;
+  if (!slot || napi_create_string_utf8(e->env, "sparse_mla_native.cpu", NAPI_AUTO_LENGTH, &name) != napi_ok ||
+      napi_create_threadsafe_function(e->env, nullptr, nullptr, name, 0, 1, slot, WakeArrived, nullptr, NeverCalled, &w) != napi_ok)
     return false;
-  }
-  hold->self = w;
+  slot->keep = e;
+  slot->self = w;
   if (e->unsettled == 0) napi_unref_threadsafe_function(e->env, w);
   std::lock_guard<std::mutex> lock(TheRunner().mutex);
   e->armed = w;
@@ -801,19 +803,22 @@ bool Arm(const std::shared_ptr<EnvCalls>& e) noexcept {
 // also finalizes the armed wake when it tears the env down (it was not released then): nothing is
 // armed any more, and what is settled then fails (JS has stopped) and is let go.
 void WakeArrived(napi_env raw_env, void* data, void*) noexcept {
-  std::unique_ptr<WakeHold> hold(static_cast<WakeHold*>(data));
-  EnvCalls& e = *hold->calls;
+  WakeSlot& slot = *static_cast<WakeSlot*>(data);
+  const std::shared_ptr<EnvCalls> calls = std::move(slot.keep);  // (the slot is free from here on)
+  const napi_threadsafe_function self = slot.self;
+  slot.self = nullptr;
+  EnvCalls& e = *calls;
   bool torn_down = !JsRuns(raw_env);  // (a wake on its way when the teardown began)
   CallList done;
   {
     std::lock_guard<std::mutex> lock(TheRunner().mutex);
-    torn_down = torn_down || e.closing || e.armed == hold->self;
-    if (e.armed == hold->self) e.armed = nullptr;
-    if (e.sent == hold->self) e.sent = nullptr;
+    torn_down = torn_down || e.closing || e.armed == self;
+    if (e.armed == self) e.armed = nullptr;
+    if (e.sent == self) e.sent = nullptr;
     done.Append(e.done);
   }
   // (a call finished since finds no wake to send: Arm sends the new one at once then)
-  if (!torn_down) Arm(hold->calls);
+  if (!torn_down) Arm(calls);
   Napi::Env env(raw_env);
   const size_t settled = done.Size();
   while (CallPtr c = done.PopFront()) SettleJob(env, c->op, c->job, c->status, &c->settle);

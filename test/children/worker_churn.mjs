@@ -1,7 +1,8 @@
 // Child process of test/worker_churn.test.ts: Workers started one after another, each making
 // `calls` cpu calls of the native addon (small dequants) and then terminated while every one of
-// them is still pending (its JS thread busy, so none is settled). Reports the process's resident
-// set after each block of rounds, so a per-call leak at Worker teardown shows as steady growth.
+// them is still pending (its JS thread busy, so none is settled). Reports the process's anonymous
+// resident memory after each block of rounds, so a per-call leak at Worker teardown shows as
+// steady growth.
 //   node --expose-gc worker_churn.mjs <rounds> <calls per Worker> <rounds per sample>
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
 import { readFileSync } from 'node:fs';
@@ -26,7 +27,9 @@ if (!isMainThread) {
   for (;;) {}
 } else {
   const [rounds, calls, every] = process.argv.slice(2).map(Number);
-  const rssMiB = () => Number(/VmRSS:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) / 1024;
+  // anonymous memory only (a leaked block is there): file-backed pages of the executable and the
+  // addon come and go with the machine's memory pressure
+  const rssMiB = () => Number(/RssAnon:\s+(\d+)/.exec(readFileSync('/proc/self/status', 'utf8'))[1]) / 1024;
   const samples = [];
   for (let round = 0; round < rounds; round++) {
     const w = new Worker(new URL(import.meta.url), { workerData: { calls } });

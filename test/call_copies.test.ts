@@ -3,6 +3,7 @@
  * host q, sink and top-k at the call into a slab lent by the engine's staging, and its ops read
  * that copy in place instead of staging it again (one copy of q a layer, not two); the slab goes
  * back when the layer settles, also when it fails or when another shard's check refuses the call;
+ * a sharded layer split by heads cuts each shard's heads of q once, straight into such a slab;
  * lent slabs never wait and never make staging wait; a layer whose copies and outputs exceed the
  * budget is TOO_LARGE before any work; a cuda dequant counts the ids the addon widens.
  */

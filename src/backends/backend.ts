@@ -207,8 +207,9 @@ export interface LayerSteps<B = never> {
    * with the combine's dropped total once that has come back (read right behind the combine, so
    * the prefill may still be running); undefined, before any work, when the steps cannot queue
    * these operands together (another engine's memory): the caller then runs the steps one by one.
+   * `droppedLater`: resolves once queued, the dropped total a promise of its read.
    */
-  queueLayer?(job: QueuedLayerJob<B>): Promise<QueuedLayerOutput<B> | undefined>;
+  queueLayer?(job: QueuedLayerJob<B>, droppedLater: boolean): Promise<QueuedLayerOutput<B> | undefined>;
   /**
    * Device steps only: a c0 / c128 layer's paged path, the device paged op (DeviceOps
    * pagedSparseAttention) over a job prefillLayer builds from what was checked already — the
@@ -234,8 +235,8 @@ export interface QueuedLayerOutput<B = never> {
   out: B;
   lse: B;
   maxLogits: B;
-  /** the combine's dropped total (0 without a combine) */
-  dropped: number;
+  /** the combine's dropped total (0 without a combine); with droppedLater, a promise of its read */
+  dropped: number | Promise<number>;
 }
 
 /** The rows of one ratio for a chunk: the planner's per-request lengths and the row geometry. */

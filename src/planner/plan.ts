@@ -260,6 +260,8 @@ interface PlanParts {
   readonly swaTokenIds: BigInt64Array;
   readonly stats: PlanStats;
   readonly deviceStats: PlanDeviceStats;
+  /** the dropped counts of layers run with { dropped: 'later' } still being read */
+  readonly droppedReads: DroppedReads;
   denseWidth(ratio: 0 | 128): number;
   compressed(ratio: 4 | 128): { pageTables: Int32Array; pageTableOffsets: Float64Array; pageSize: number; rows: number };
 }
@@ -338,6 +340,38 @@ function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Prom
  * compressedTokenIds); a cuda engine has its own (Plan.resources). Builds are counted in
  * plan.stats (host) or plan.deviceStats (device).
  */
+/**
+ * The dropped counts a plan's c4 layers left to come back ({ dropped: 'later' }): each counted in
+ * plan.stats.c4Dropped when it lands; a read that fails is kept for settleDropped to throw.
+ */
+class DroppedReads {
+  readonly #pending = new Set<Promise<void>>();
+  #error: unknown = undefined;
+
+  add(count: Promise<number>, stats: PlanStats): void {
+    const read: Promise<void> = count.then(
+      (n) => {
+        stats.c4Dropped += n;
+      },
+      (e: unknown) => {
+        this.#error ??= e;
+      },
+    );
+    this.#pending.add(read);
+    void read.finally(() => this.#pending.delete(read));
+  }
+
+  async settle(stats: PlanStats): Promise<number> {
+    while (this.#pending.size > 0) await Promise.all([...this.#pending]);
+    const e = this.#error;
+    if (e !== undefined) {
+      this.#error = undefined;
+      throw e;
+    }
+    return stats.c4Dropped;
+  }
+}
+
 export class LayerResources<B = never> {
   readonly memory: Placement;
   readonly #plan: PlanParts;
@@ -481,13 +515,28 @@ export class LayerResources<B = never> {
   }
   #outputShapes?: readonly [readonly number[], readonly number[]];
 
-  /** Counts a layer the steps queued whole (queuedJob), and its c4 combine with its dropped total as combineC4 counts its own. */
-  countQueuedLayer(c4Dropped: number | null): void {
+  /**
+   * Counts a layer the steps queued whole (queuedJob), and its c4 combine with its dropped total as
+   * combineC4 counts its own. Gives the layer's dropped count: 0 without a combine, null where the
+   * total comes later ({ dropped: 'later' }: counted once it lands, Plan.settleDropped).
+   */
+  countQueuedLayer(c4Dropped: number | Promise<number> | null): number | null {
     const p = this.#plan;
     p.deviceStats.deviceQueuedLayers++;
-    if (c4Dropped === null) return;
+    if (c4Dropped === null) return 0;
     this.#countC4Combine();
+    if (typeof c4Dropped !== 'number') {
+      p.droppedReads.add(c4Dropped, p.stats);
+      return null;
+    }
     p.stats.c4Dropped += c4Dropped;
+    return c4Dropped;
+  }
+
+  /** A stepwise c4 layer's dropped total ({ dropped: 'later' }), which combineC4 counts once read: the plan waits for it (settleDropped). */
+  countLater(counted: Promise<number>): null {
+    this.#plan.droppedReads.add(counted.then(() => 0), this.#plan.stats);
+    return null;
   }
 
   /** A c4 combine's planner job over this plan's requests (into the rows `into`, when given). */
@@ -906,6 +955,7 @@ export class Plan {
       swaTokenIds: swaIds,
       stats,
       deviceStats,
+      droppedReads: this.#droppedReads,
       denseWidth: (ratio) => this.#denseWidth(ratio),
       compressed: (ratio) => {
         const st = this.#state(ratio, 'ratio');
@@ -1164,6 +1214,17 @@ export class Plan {
     this.#host.release();
     for (const r of this.#deviceResources) r.deref()?.release();
   }
+
+  /**
+   * Waits until the dropped count of every c4 layer run with `{ dropped: 'later' }` has come back and
+   * been counted, and gives plan.stats.c4Dropped (SPEC §6: entries not yet visible are dropped and
+   * reported). Rejects with the error of a count that could not be read (once).
+   */
+  settleDropped(): Promise<number> {
+    return this.#droppedReads.settle(this.stats);
+  }
+
+  readonly #droppedReads = new DroppedReads();
 
   /** Width of the ratio-0 / 128 combined rows: the widest row, aligned. */
   #denseWidth(ratio: 0 | 128): number {

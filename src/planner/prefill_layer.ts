@@ -49,7 +49,19 @@ export interface PrefillLayerArgs extends RouteOptions {
   smScale: number;
 }
 
-export interface PrefillLayerResult<P extends Placement = 'host'> extends RouteDecision {
+/** prefillLayer's options: where the outputs go, and whether the call waits for a c4 layer's dropped count. */
+export interface PrefillLayerOptions<P extends Placement = Placement> extends OutputOptions<P> {
+  /**
+   * 'await' (the default): the call resolves with the layer's dropped count. 'later': a cuda c4
+   * layer resolves once it is queued, without waiting for its combine's count to come back (which
+   * waits for the work queued before it, the previous layer's prefill): its result's `dropped` is
+   * null, plan.stats.c4Dropped counts it once it has landed, and `await plan.settleDropped()`
+   * waits for every such count. Other layers, and host engines, know their count at once.
+   */
+  dropped?: 'await' | 'later';
+}
+
+export interface PrefillLayerResult<P extends Placement = 'host', D extends number | null = number> extends RouteDecision {
   /** bf16 [numQueries, hQ, 512] (a device tensor with { output: 'device' }) */
   out: PlacedTensor<'bf16', P>;
   /** float32 [numQueries, hQ] */
@@ -58,8 +70,8 @@ export interface PrefillLayerResult<P extends Placement = 'host'> extends RouteD
   maxLogits: PlacedTensor<'float32', P>;
   /** bytes of workspace this layer filled (0 on the paged path) */
   workspaceBytes: number;
-  /** top-k entries dropped for causality in this layer */
-  dropped: number;
+  /** top-k entries dropped for causality in this layer; null with { dropped: 'later' } where it is read later (plan.settleDropped) */
+  dropped: D;
 }
 
 /** A layer call checked against its plan and engine: everything the paths read, before any work. */
@@ -82,6 +94,8 @@ interface LayerCall {
   route: RouteDecision;
   /** whether q, the sink (if any), the caches and the top-k (if any) are all in device memory */
   device: boolean;
+  /** { dropped: 'later' }: a device c4 layer resolves once queued, its dropped count read later */
+  droppedLater: boolean;
   /** the copies of host operands taken at the call (copyAtCall): give their slab back once the layer has settled */
   copies: { release(): void } | undefined;
 }
@@ -98,6 +112,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   if (ratio !== 0 && ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(ratio));
   if (!plan.ratios.includes(ratio)) ratioNotServed(plan, ratio);
   const output = checkOutputOption(options);
+  const droppedLater = checkDroppedOption(options);
   const hasDevice = engine.hasDevice;
   if (!hasDevice && output === 'device') noDevice(engine, 'options.output');
   const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', hasDevice);
@@ -130,7 +145,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
-  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, copies: undefined };
+  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, droppedLater, copies: undefined };
   copyOperandsAtCall(engine, layerCall);
   return layerCall;
 }
@@ -193,12 +208,15 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   const layout = plan.servedLayout(ratio);
   if (layout === undefined) return undefined;
   // checkOutputOption
-  let output: Placement = 'host';
+  let output: Placement = 'host', droppedLater = false;
   if (options !== undefined) {
     if (typeof options !== 'object' || options === null || Array.isArray(options)) return undefined;
-    const o = (options as OutputOptions).output;
+    const o = (options as PrefillLayerOptions).output;
     if (o === 'device') output = 'device';
     else if (o !== undefined && o !== 'host') return undefined;
+    const d = (options as PrefillLayerOptions).dropped;
+    if (d === 'later') droppedLater = true;
+    else if (d !== undefined && d !== 'await') return undefined;
   }
   // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512]. Integers are checked as int32
   // ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
@@ -242,7 +260,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (!engine.ownsDeviceBuffer(qData as DeviceBuffer) || (attnSink !== undefined && !engine.ownsDeviceBuffer(attnSink.data)) || !engine.ownsDeviceBuffer(caches.swa.data as DeviceBuffer)) return undefined;
   if ((caches.compressed !== undefined && !engine.ownsDeviceBuffer(caches.compressed.data as DeviceBuffer)) || (topk !== undefined && !engine.ownsDeviceBuffer(topk.data as DeviceBuffer))) return undefined;
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
-  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, copies: undefined };
+  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, droppedLater, copies: undefined };
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -280,7 +298,18 @@ function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
   fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));
 }
 
-export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: OutputOptions<P>): Promise<PrefillLayerResult<P>> {
+/** options.dropped (options already checked to be undefined or an object): whether the count may come later. */
+function checkDroppedOption(options: unknown): boolean {
+  if (options === undefined) return false;
+  const d = (options as PrefillLayerOptions).dropped;
+  if (d === undefined || d === 'await') return false;
+  if (d === 'later') return true;
+  fail('INVALID_VALUE', 'options.dropped', '"await" or "later"', describe(d));
+}
+
+export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options: PrefillLayerOptions<P> & { dropped: 'later' }): Promise<PrefillLayerResult<P, number | null>>;
+export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: PrefillLayerOptions<P>): Promise<PrefillLayerResult<P>>;
+export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args: PrefillLayerArgs, options?: PrefillLayerOptions<P>): Promise<PrefillLayerResult<P, number | null>> {
   // not an async function itself (a bad call still rejects, never throws): one async frame a layer, runLayer's layer()
   let call: CheckedLayer;
   try {
@@ -288,7 +317,7 @@ export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args:
   } catch (e) {
     return Promise.reject(e);
   }
-  return runLayer(engine as SparseMlaEngine, call) as Promise<PrefillLayerResult<P>>;
+  return runLayer(engine as SparseMlaEngine, call) as Promise<PrefillLayerResult<P, number | null>>;
 }
 
 /** @internal A checked layer call, ready for runLayer: what prefillLayer checks before any work. */
@@ -307,7 +336,7 @@ export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unk
  * @internal Runs a checked layer call on the engine it was checked for, and gives back the slab of
  * its copies taken at the call once it has settled (a call checked and never run: releaseLayer).
  */
-export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
+export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement, number | null>> {
   const copies = call.copies;
   if (copies === undefined) return layer(engine, call);
   return layer(engine, call).finally(() => copies.release());
@@ -318,9 +347,9 @@ export function releaseLayer(call: CheckedLayer): void {
   call.copies?.release();
 }
 
-async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement>> {
-  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<Placement>;
-  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<Placement>;
+async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement, number | null>> {
+  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<Placement, number | null>;
+  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<Placement, number | null>;
   const steps = engine.layerSteps();
   const res = call.plan.resources(steps);
   if (steps.queueLayer !== undefined && call.output === 'device') {
@@ -330,22 +359,19 @@ async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<Prefi
     if (job !== undefined) {
       let r: QueuedLayerOutput<DeviceBuffer> | undefined;
       try {
-        r = await steps.queueLayer(job);
+        r = await steps.queueLayer(job, call.droppedLater);
       } finally {
         res.giveBackWorkspace(job.prefill.workspace);
         if (job.planRows !== null) res.giveBackC4Rows(job.planRows.into as C4LayerRows<DeviceBuffer>);
       }
-      if (r !== undefined) {
-        res.countQueuedLayer(job.planRows === null ? null : r.dropped);
-        return queuedLayerResult(call, res, r) as PrefillLayerResult<Placement>;
-      }
+      if (r !== undefined) return queuedLayerResult(call, res, r, res.countQueuedLayer(job.planRows === null ? null : r.dropped)) as PrefillLayerResult<Placement, number | null>;
     }
   }
-  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<Placement>;
+  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<Placement, number | null>;
 }
 
 /** A chunk without queries: empty outputs where they were asked for, no work. */
-async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
   const out = tensor('bf16', [0, hQ, WORKSPACE_ROW_DIMS]), lse = tensor('float32', [0, hQ]), maxLogits = tensor('float32', [0, hQ]);
   if (output === 'device') {
     // uploaded one by one: when one cannot be, the ones before it are freed
@@ -370,7 +396,7 @@ async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Pro
  * the layer that places the form awaits that, and then goes through the public op, which checks its
  * operands again (the caller may have freed one meanwhile).
  */
-async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
   const { plan, ratio, q, output } = call;
   if (ratio !== 4 && isDeviceBuffer(q.data)) {
     const steps = engine.layerSteps();
@@ -408,7 +434,7 @@ function pagedJob({ plan, q, hQ, attnSink, smScale, caches }: LayerCall, form: P
 }
 
 /** The public paged op over the caller's caches and the plan's placed form, every argument checked by it. */
-async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<PrefillLayerResult<Placement>> {
+async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<PrefillLayerResult<Placement, number | null>> {
   const caches = layerCaches!; // (a paged route's call has them)
   const nq = plan.numQueries;
   const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
@@ -429,7 +455,7 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
-async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
   const caches = layerCaches!;
   let rows;
   if (ratio === 4) {
@@ -458,7 +484,7 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
 }
 
 /** The workspace path step by step over the engine's layer steps (see the file comment). */
-async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement>> {
+async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
   const { ratio, layout, topk, output } = call;
   let rows: LayerRows<DeviceBuffer>;
   let dropped: Promise<number> = Promise.resolve(0);
@@ -478,6 +504,8 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResourc
     const swaIds = layout.swaRows > 0 ? (res.keptSwaIds() ?? (await res.swaIds(steps))) : null;
     for (const job of dequantJobs(call, ws, compressedIds, swaIds)) await steps.dequantizeKCacheInto(job);
     const r = await steps.prefill(prefillJob(call, ws, rows), output);
+    // { dropped: 'later' } on a device: the count is the plan's to wait for (settleDropped)
+    if (call.droppedLater && c4 !== undefined && steps.memory === 'device') return layerResult(call, r, call.layout.bytes, res.countLater(dropped));
     return layerResult(call, r, call.layout.bytes, await dropped);
   } catch (e) {
     await dropped.catch(() => undefined);
@@ -502,7 +530,7 @@ function prefillJob({ plan, layout, q, hQ, attnSink, smScale }: LayerCall, works
 }
 
 /** A layer's result: its outputs as tensors of the layer's shape, where they were made. */
-function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number): PrefillLayerResult<Placement> {
+function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number | null): PrefillLayerResult<Placement, number | null> {
   const nq = plan.numQueries;
   return {
     path: route.path,
@@ -531,7 +559,7 @@ function queuedLayerJob(steps: LayerSteps<DeviceBuffer>, res: LayerResources<Dev
  * A queued layer's result (layerResult for outputs the steps made on the device): device tensors
  * over shapes the plan keeps frozen for the layer's hQ, the object frozen as placedTensor freezes one.
  */
-function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources<DeviceBuffer>, r: QueuedLayerOutput<DeviceBuffer>): PrefillLayerResult<'device'> {
+function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources<DeviceBuffer>, r: QueuedLayerOutput<DeviceBuffer>, dropped: number | null): PrefillLayerResult<'device', number | null> {
   const shapes = res.outputShapes(hQ);
   return {
     path: route.path,
@@ -540,7 +568,7 @@ function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources
     lse: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.lse }),
     maxLogits: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.maxLogits }),
     workspaceBytes: layout.bytes,
-    dropped: r.dropped,
+    dropped,
   };
 }
 

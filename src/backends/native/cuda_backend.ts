@@ -392,7 +392,7 @@ export class CudaBackend implements Backend, DeviceOps {
       await this.download(total, into);
       return Number(into[0]);
     },
-    queueLayer: (job) => this.queueLayer(job),
+    queueLayer: (job, droppedLater) => this.queueLayer(job, droppedLater),
     pagedAttention: (job, output, owner) => (output === 'device' ? this.queuePagedLayer(job, owner) : this.pagedSparseAttention(job, output)),
   };
 
@@ -707,7 +707,7 @@ export class CudaBackend implements Backend, DeviceOps {
    * behind it and the call resolves once it is in. Undefined, before any work, when a buffer is not
    * this engine's own (another engine's stream needs the stepwise ops, which order the two).
    */
-  async queueLayer(job: QueuedLayerJob<DeviceBuffer>): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
+  async queueLayer(job: QueuedLayerJob<DeviceBuffer>, droppedLater = false): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
     // run's arguments after droppedInto and smScale: the addon's buffers, each of this engine's stream
     const inputs = layerInputs(job);
     for (let i = 0; i < inputs.length; i++) {
@@ -738,6 +738,26 @@ export class CudaBackend implements Backend, DeviceOps {
     this.calls.begin(done);
     // the layer is queued: its outputs' handles are made while the device runs it
     const outputs = this.adoptRunOutputs(run, job.prefill.numQueries * job.prefill.hQ);
+    // { dropped: 'later' }: every launch was queued (outputs made: a failed launch makes none), so the
+    // call resolves now and only the total's read is left to its promise
+    if (droppedLater && droppedInto !== null && outputs.out !== null) {
+      const slot = droppedInto;
+      const dropped = done.then(
+        () => {
+          const total = Number(slot[0]);
+          this.#droppedSlot ??= slot; // read: another layer may write into it
+          return total;
+        },
+        (e: unknown) => {
+          throw addonFailure('cuda', 'queueLayer', e);
+        },
+      );
+      void done.then(
+        () => this.calls.end(done),
+        () => this.calls.end(done),
+      );
+      return { out: outputs.out, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
+    }
     try {
       await done; // once the dropped total is in, when there is one
     } catch (e) {

@@ -559,7 +559,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
        * and on WASM from the host, both down `path`; the device result judged against the host's and
        * the float64 reference. `onDevice` looks at the device result before its download.
        */
-      const deviceLayer = async (o: { sc: ChunkScenario; planDev: Plan; planHost: Plan; layer: number; ratio: CompressRatio; hQ: number; topk: number; queries: number[]; attnSink: Tensor<'float32'>; sink: Tensor<'float32'> | DeviceTensor<'float32'>; path: 'sparse' | 'paged'; onDevice?: (label: string) => void }): Promise<R.AttentionComparison> => {
+      const deviceLayer = async (o: { sc: ChunkScenario; planDev: Plan; planHost: Plan; layer: number; ratio: CompressRatio; hQ: number; topk: number; queries: number[]; attnSink: Tensor<'float32'>; sink: Tensor<'float32'> | DeviceTensor<'float32'>; path: 'sparse' | 'paged'; onDevice?: (label: string) => void; droppedLater?: boolean }): Promise<R.AttentionComparison> => {
         const { sc, ratio, path } = o;
         const label = `layer ${o.layer} (c${ratio}${path === 'paged' ? ', paged' : ''})`;
         const smScale = 1 / Math.sqrt(512);
@@ -574,16 +574,18 @@ export async function checkCommand(argv: string[]): Promise<number> {
           const dev = await prefillLayer(
             engine,
             { plan: o.planDev, compressRatio: ratio, q: qd, caches: { swa: swad, ...(compd ? { [key]: compd } : {}) }, ...(topkd ? { topkIndices: topkd } : {}), attnSink: o.sink, smScale, path },
-            { output: 'device' },
+            o.droppedLater ? { output: 'device', dropped: 'later' } : { output: 'device' },
           );
           try {
             if (dev.out.data.device !== 'cuda') throw new Error(`${label}: out not on the device`);
+            if (o.droppedLater && ratio === 4 && dev.dropped !== null) throw new Error(`${label}: dropped ${dev.dropped} with { dropped: 'later' }, expected null (read later)`);
             o.onDevice?.(label);
             const got = { out: await engine.download(dev.out), lse: await engine.download(dev.lse), maxLogits: await engine.download(dev.maxLogits) };
             const host = await prefillLayer(wasm, { plan: o.planHost, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink: o.attnSink, smScale, path });
-            if (dev.dropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
+            const devDropped = dev.dropped ?? host.dropped; // (null: read later, checked through the plan)
+            if (devDropped !== host.dropped) throw new Error(`${label}: dropped ${dev.dropped} vs host ${host.dropped}`);
             const ref = R.prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, ...(topkIndices ? { topkIndices } : {}), attnSink: o.attnSink, smScale }, { queries: o.queries });
-            if (ref.dropped > dev.dropped) throw new Error(`${label}: dropped ${dev.dropped} < reference ${ref.dropped} on a sample`);
+            if (ref.dropped > devDropped) throw new Error(`${label}: dropped ${dev.dropped} < reference ${ref.dropped} on a sample`);
             try {
               return judgeAttention(got, host, ref, o.queries, cachesMaxAbsV(comp ? [swa, comp] : [swa]));
             } catch (e) {
@@ -632,6 +634,18 @@ export async function checkCommand(argv: string[]): Promise<number> {
         if (planDev.stats.c4Combines !== 3 || planDev.stats.c0Builds !== 0 || planDev.stats.c128Builds !== 0 || planDev.stats.c4Dropped !== planHost.stats.c4Dropped) {
           throw new Error(`stats ${JSON.stringify(planDev.stats)} vs host ${JSON.stringify(planHost.stats)}`);
         }
+        return verdicts;
+      }, 'layer');
+      await run("prefillLayer on the device with { dropped: 'later' }: layers c4, c0, c4, c4, c4 resolve without their dropped counts (null; layers 2-4 queued by a layer program), plan.settleDropped() gives the host path's total, and the outputs equal the WASM host path and the float64 reference", async () => {
+        const { sc, hQ, planDev, planHost, queries, attnSink, sinkDev } = await layerChunk(400, 16);
+        const verdicts: R.AttentionComparison[] = [];
+        for (const [layer, ratio] of ([4, 0, 4, 4, 4] as const).entries()) {
+          verdicts.push(await deviceLayer({ sc, planDev, planHost, layer, ratio, hQ, topk: 256, queries, attnSink, sink: sinkDev, path: 'sparse', droppedLater: true }));
+        }
+        sinkDev.data.free();
+        const total = await planDev.settleDropped();
+        if (total !== planHost.stats.c4Dropped || planDev.stats.c4Dropped !== total) throw new Error(`settleDropped ${total} (stats ${planDev.stats.c4Dropped}) vs the host path's ${planHost.stats.c4Dropped}`);
+        if (planDev.deviceStats.deviceQueuedLayers !== 3) throw new Error(`${planDev.deviceStats.deviceQueuedLayers} layers queued by one call, expected 3`);
         return verdicts;
       }, 'layer');
       await run('prefillLayer on the device down the paged path: layers c0, c128, c4, c0, c128 (device q, caches, top-k, sink; device out; the c0 / c128 paged form placed on the device once per ratio, a c4 layer combining its downloaded top-k on the host) equals the WASM host path and the float64 reference', async () => {

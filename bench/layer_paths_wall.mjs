@@ -16,7 +16,7 @@
 // per ratio the threshold whose worst loss over the measured points is smallest (the rule of
 // SPARSE_PREFILL_THRESHOLDS: bench/router_threshold.mjs, which also merges several runs); --out
 // FILE writes them as JSON.
-// Usage (dist built; cuda: a cuda addon): [SPARSE_MLA_BACKEND=cpu|wasm] [HOST=1] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS|auto] [--out FILE]
+// Usage (dist built; cuda: a cuda addon): [SPARSE_MLA_BACKEND=cpu|wasm] [HOST=1] [DROPPED=later] node bench/layer_paths_wall.mjs [ROUNDS] [LAYERS|auto] [--out FILE]
 // PREFIXES=comma list (default 0,32768), RATIOS (default 4,128,0) and HEADS (default 64,128; 16: a
 // tensor-parallel shard of 128 heads, top-k 1024) narrow the sweep; NS replaces every case's query
 // counts (cuda: 16,64,256 … 1024 as below; host: 16,32,64,128,256,512,1024); STOP (host default 1.2,
@@ -46,6 +46,8 @@ const warmed = new Set();
 const onDevice = engine.hasDevice && process.env.HOST !== '1';
 const up = (t) => (onDevice ? engine.upload(t) : t);
 const output = onDevice ? 'device' : 'host';
+// DROPPED=later: c4 layers resolve once queued, their dropped totals read later (prefillLayer's { dropped })
+const layerOptions = env.DROPPED ? { output, dropped: env.DROPPED } : { output };
 const free = (t) => (onDevice ? t.data.free() : undefined);
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
@@ -104,7 +106,7 @@ for (const prefix of PREFIXES) {
       }
       const caches = c.ratio === 0 ? { swa } : { swa, [c.ratio === 4 ? 'c4' : 'c128']: comp[c.ratio] };
       const layer = async (path) => {
-        const r = await prefillLayer(engine, { plan, compressRatio: c.ratio, q, caches, ...(topk ? { topkIndices: topk } : {}), attnSink: sink, smScale: 1 / Math.sqrt(512), path }, { output });
+        const r = await prefillLayer(engine, { plan, compressRatio: c.ratio, q, caches, ...(topk ? { topkIndices: topk } : {}), attnSink: sink, smScale: 1 / Math.sqrt(512), path }, layerOptions);
         for (const t of [r.out, r.lse, r.maxLogits]) free(t);
       };
       const kind = `${c.ratio}/${c.hQ}`;
@@ -138,6 +140,8 @@ for (const prefix of PREFIXES) {
             if (r > 0) resolve[path].push((performance.now() - c0) * 1000);
           }
           await engine.synchronize();
+          // DROPPED=later: a run ends once its layers' dropped totals are in too
+          if (env.DROPPED) await plan.settleDropped();
           const u = process.cpuUsage(u0);
           if (r > 0) runs[path].push(((performance.now() - t0) * 1000) / layers);
           if (r > 0) cpu[path].push((u.user + u.system) / layers);

@@ -937,7 +937,12 @@ export const cudaBackendEntry: BackendEntry = {
     const p = await probeCuda(device);
     if (!p.available || !p.addon) throw new SparseMlaError('BACKEND_UNAVAILABLE', `backend "cuda" is unavailable — ${p.reason}`, 'backend');
     const cuda = p.addon.cuda as Extract<NativeAddon['cuda'], { built: true }>;
-    return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes(), device);
+    try {
+      return new CudaBackend(p.addon, cuda.ops!, options.workers ?? availableParallelism(), options.memoryBudgetBytes ?? defaultMemoryBudgetBytes(), device);
+    } catch (e) {
+      // the engine's stream (SMLA_OUT_OF_MEMORY: TOO_LARGE, a CUDA error: BACKEND_FAILURE), typed as the ops' failures are
+      throw addonFailure('cuda', 'createEngine', e);
+    }
   },
 };
 

@@ -3,8 +3,9 @@
 # two whole GPU benches, `check --backend cuda`, the layer paths' wall clock and, where the ship has
 # NAME's harness, its check and a memcheck of its fuzz. Every file lands in $OUT (or ./device-out).
 # Usage (repository root, after bench/device/ship.sh [--harness] NAME): bash bench/device/remeasure.sh NAME [STEPS]
-# STEPS: comma list of bench,bench2,check,layer,harness (default) and fuzz (only when named: 75 s of the
-# API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz).
+# STEPS: comma list of bench,bench2,check,layer,harness (default) and, only when named, fuzz (75 s of the
+# API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz) and dropped (short c4
+# layers with prefillLayer's { dropped: 'later' } against the default, bench/layer_paths_wall.mjs, about 2 min).
 set -uo pipefail
 name=$1 steps=${2:-bench,bench2,check,layer,harness}
 out=${OUT:-$PWD/device-out}
@@ -39,6 +40,16 @@ if want harness && [[ -x $ship/harness_$name/smla_cuda_check ]]; then
   echo "harness check: rc $? $(tail -1 "$out/harness-check-$name.txt") ($(( $(date +%s) - t0 )) s)"
   timeout 120 compute-sanitizer --tool memcheck "$ship/harness_$name/smla_cuda_check" fuzz > "$out/memcheck-fuzz-$name.txt" 2>&1
   echo "memcheck fuzz: rc $? $(grep -E 'ERROR SUMMARY' "$out/memcheck-fuzz-$name.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
+fi
+if want dropped; then
+  # short c4 layers with the dropped total awaited (the default) and read later ({ dropped: 'later' }), alternated twice
+  for r in 1 2; do
+    for m in await later; do
+      d=""; [[ $m == later ]] && d=later
+      DROPPED=$d RATIOS=4 NS=16,64,256,1024 timeout 100 node bench/layer_paths_wall.mjs 5 20 --out "$out/layer-c4-dropped-$m-$name-$r.json" > "$out/layer-c4-dropped-$m-$name-$r.txt" 2>&1
+      echo "c4 layers, dropped $m, run $r: rc $? ($(( $(date +%s) - t0 )) s)"
+    done
+  done
 fi
 if want fuzz; then
   timeout 110 node test/fuzz/run.mjs --backends cuda --seconds 75 --seed "${FUZZ_SEED:-3}" --json > "$out/fuzz-cuda-$name.json" 2> "$out/fuzz-cuda-$name.log"

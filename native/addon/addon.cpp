@@ -856,17 +856,16 @@ void TearDown(void* arg) {
 std::shared_ptr<EnvCalls> CallsOf(Napi::Env env) {
   Runner& r = TheRunner();
   std::shared_ptr<EnvCalls> e;
+  bool unarmed = false;
   {
     std::lock_guard<std::mutex> lock(r.mutex);
     auto it = r.envs.find(env);
-    if (it != r.envs.end()) e = it->second;
-  }
-  if (e) {
-    bool unarmed = false;
-    {
-      std::lock_guard<std::mutex> lock(r.mutex);
+    if (it != r.envs.end()) {
+      e = it->second;
       unarmed = !e->armed && !e->sent;
     }
+  }
+  if (e) {
     if (unarmed && !Arm(e)) throw std::bad_alloc();  // (the call is not queued)
     return e;
   }

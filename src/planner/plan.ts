@@ -250,6 +250,31 @@ interface RatioState {
   maxPage: number;
 }
 
+/**
+ * The dropped totals a plan's c4 layers left to come back ({ dropped: 'later' }), each counting
+ * itself in plan.stats.c4Dropped when it lands; a read that fails is kept for settleDropped to throw.
+ */
+class DroppedReads {
+  readonly #pending = new Set<Promise<unknown>>();
+  #error: unknown = undefined;
+
+  track(read: Promise<unknown>): void {
+    const settled = read.then(undefined, (e: unknown) => {
+      this.#error ??= e;
+    });
+    this.#pending.add(settled);
+    void settled.finally(() => this.#pending.delete(settled));
+  }
+
+  /** Waits for every read (those made meanwhile too); throws the first failure, once. */
+  async settle(): Promise<void> {
+    while (this.#pending.size > 0) await Promise.all([...this.#pending]);
+    const e = this.#error;
+    this.#error = undefined;
+    if (e !== undefined) throw e;
+  }
+}
+
 /** What a plan's LayerResources read of it (the plan's own arrays, never modified). */
 interface PlanParts {
   readonly seqLens: Int32Array;
@@ -340,38 +365,6 @@ function buildOnce<K, V>(inFlight: Map<K, Promise<V>>, key: K, build: () => Prom
  * compressedTokenIds); a cuda engine has its own (Plan.resources). Builds are counted in
  * plan.stats (host) or plan.deviceStats (device).
  */
-/**
- * The dropped counts a plan's c4 layers left to come back ({ dropped: 'later' }): each counted in
- * plan.stats.c4Dropped when it lands; a read that fails is kept for settleDropped to throw.
- */
-class DroppedReads {
-  readonly #pending = new Set<Promise<void>>();
-  #error: unknown = undefined;
-
-  add(count: Promise<number>, stats: PlanStats): void {
-    const read: Promise<void> = count.then(
-      (n) => {
-        stats.c4Dropped += n;
-      },
-      (e: unknown) => {
-        this.#error ??= e;
-      },
-    );
-    this.#pending.add(read);
-    void read.finally(() => this.#pending.delete(read));
-  }
-
-  async settle(stats: PlanStats): Promise<number> {
-    while (this.#pending.size > 0) await Promise.all([...this.#pending]);
-    const e = this.#error;
-    if (e !== undefined) {
-      this.#error = undefined;
-      throw e;
-    }
-    return stats.c4Dropped;
-  }
-}
-
 export class LayerResources<B = never> {
   readonly memory: Placement;
   readonly #plan: PlanParts;
@@ -526,7 +519,7 @@ export class LayerResources<B = never> {
     if (c4Dropped === null) return 0;
     this.#countC4Combine();
     if (typeof c4Dropped !== 'number') {
-      p.droppedReads.add(c4Dropped, p.stats);
+      p.droppedReads.track(c4Dropped.then((n) => (p.stats.c4Dropped += n)));
       return null;
     }
     p.stats.c4Dropped += c4Dropped;
@@ -535,7 +528,7 @@ export class LayerResources<B = never> {
 
   /** A stepwise c4 layer's dropped total ({ dropped: 'later' }), which combineC4 counts once read: the plan waits for it (settleDropped). */
   countLater(counted: Promise<number>): null {
-    this.#plan.droppedReads.add(counted.then(() => 0), this.#plan.stats);
+    this.#plan.droppedReads.track(counted);
     return null;
   }
 
@@ -1220,8 +1213,9 @@ export class Plan {
    * been counted, and gives plan.stats.c4Dropped (SPEC §6: entries not yet visible are dropped and
    * reported). Rejects with the error of a count that could not be read (once).
    */
-  settleDropped(): Promise<number> {
-    return this.#droppedReads.settle(this.stats);
+  async settleDropped(): Promise<number> {
+    await this.#droppedReads.settle();
+    return this.stats.c4Dropped;
   }
 
   readonly #droppedReads = new DroppedReads();

@@ -74,6 +74,9 @@ export interface PrefillLayerResult<P extends Placement = 'host', D extends numb
   dropped: D;
 }
 
+/** What a layer gives inside this module: outputs where they were asked for, a dropped count or null (read later). */
+type LayerResult = PrefillLayerResult<Placement, number | null>;
+
 /** A layer call checked against its plan and engine: everything the paths read, before any work. */
 interface LayerCall {
   plan: Plan;
@@ -336,7 +339,7 @@ export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unk
  * @internal Runs a checked layer call on the engine it was checked for, and gives back the slab of
  * its copies taken at the call once it has settled (a call checked and never run: releaseLayer).
  */
-export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement, number | null>> {
+export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
   const copies = call.copies;
   if (copies === undefined) return layer(engine, call);
   return layer(engine, call).finally(() => copies.release());
@@ -347,9 +350,9 @@ export function releaseLayer(call: CheckedLayer): void {
   call.copies?.release();
 }
 
-async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<PrefillLayerResult<Placement, number | null>> {
-  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as PrefillLayerResult<Placement, number | null>;
-  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as PrefillLayerResult<Placement, number | null>;
+async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
+  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as LayerResult;
+  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as LayerResult;
   const steps = engine.layerSteps();
   const res = call.plan.resources(steps);
   if (steps.queueLayer !== undefined && call.output === 'device') {
@@ -364,14 +367,14 @@ async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<Prefi
         res.giveBackWorkspace(job.prefill.workspace);
         if (job.planRows !== null) res.giveBackC4Rows(job.planRows.into as C4LayerRows<DeviceBuffer>);
       }
-      if (r !== undefined) return queuedLayerResult(call, res, r, res.countQueuedLayer(job.planRows === null ? null : r.dropped)) as PrefillLayerResult<Placement, number | null>;
+      if (r !== undefined) return queuedLayerResult(call, res, r, res.countQueuedLayer(job.planRows === null ? null : r.dropped)) as LayerResult;
     }
   }
-  return (await workspaceLayer(steps, res, call)) as PrefillLayerResult<Placement, number | null>;
+  return (await workspaceLayer(steps, res, call)) as LayerResult;
 }
 
 /** A chunk without queries: empty outputs where they were asked for, no work. */
-async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
+async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Promise<LayerResult> {
   const out = tensor('bf16', [0, hQ, WORKSPACE_ROW_DIMS]), lse = tensor('float32', [0, hQ]), maxLogits = tensor('float32', [0, hQ]);
   if (output === 'device') {
     // uploaded one by one: when one cannot be, the ones before it are freed
@@ -396,7 +399,7 @@ async function emptyLayer(engine: Engine, { hQ, output, route }: LayerCall): Pro
  * the layer that places the form awaits that, and then goes through the public op, which checks its
  * operands again (the caller may have freed one meanwhile).
  */
-async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
+async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<LayerResult> {
   const { plan, ratio, q, output } = call;
   if (ratio !== 4 && isDeviceBuffer(q.data)) {
     const steps = engine.layerSteps();
@@ -434,7 +437,7 @@ function pagedJob({ plan, q, hQ, attnSink, smScale, caches }: LayerCall, form: P
 }
 
 /** The public paged op over the caller's caches and the plan's placed form, every argument checked by it. */
-async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<PrefillLayerResult<Placement, number | null>> {
+async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<LayerResult> {
   const caches = layerCaches!; // (a paged route's call has them)
   const nq = plan.numQueries;
   const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
@@ -455,7 +458,7 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
-async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
+async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<LayerResult> {
   const caches = layerCaches!;
   let rows;
   if (ratio === 4) {
@@ -484,7 +487,7 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
 }
 
 /** The workspace path step by step over the engine's layer steps (see the file comment). */
-async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<PrefillLayerResult<Placement, number | null>> {
+async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): Promise<LayerResult> {
   const { ratio, layout, topk, output } = call;
   let rows: LayerRows<DeviceBuffer>;
   let dropped: Promise<number> = Promise.resolve(0);
@@ -530,7 +533,7 @@ function prefillJob({ plan, layout, q, hQ, attnSink, smScale }: LayerCall, works
 }
 
 /** A layer's result: its outputs as tensors of the layer's shape, where they were made. */
-function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number | null): PrefillLayerResult<Placement, number | null> {
+function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number | null): LayerResult {
   const nq = plan.numQueries;
   return {
     path: route.path,

@@ -627,3 +627,50 @@ test("prefillLayer uses q, the sink and the indexer's top-k as they were at the 
     }
   }
 });
+
+describe('hostile input on the host engines (session 48)', () => {
+  /** q [nq, hQ, 512]'s heads [h0, h1) as their own tensor. */
+  function heads(q: Tensor<'bf16'>, h0: number, h1: number): Tensor<'bf16'> {
+    const [nq, hQ] = q.shape as [number, number, number];
+    const out = new Uint16Array(nq * (h1 - h0) * 512);
+    for (let i = 0; i < nq; i++) out.set(q.data.subarray((i * hQ + h0) * 512, (i * hQ + h1) * 512), i * (h1 - h0) * 512);
+    return tensor('bf16', [nq, h1 - h0, 512], out);
+  }
+
+  test("prefillLayerSharded, a q per shard split by heads: each shard's q and its shape are read once (a shape or an array element answering otherwise on a second read gave another chunk's heads, silently, or a RangeError / TypeError)", async () => {
+    const sc = randomScenario(rng, [rng.int(40, 90)], [rng.int(2, 6)]);
+    const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages) };
+    const hQ = 3;
+    const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512));
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 0, caches, smScale: 0.04, q });
+    const queries = Array.from({ length: sc.numQueries }, (_, i) => i);
+    // shard 0 holds heads [0, 1) and shard 1 [1, 3), or [0, 2) and [2, 3)
+    const split1 = [heads(q, 0, 1), heads(q, 1, 3)], split2 = [heads(q, 0, 2), heads(q, 2, 3)];
+    /** A tensor whose shape answers `shapes` read after read (the last one from then on). */
+    const shifting = (t: Tensor<'bf16'>, ...shapes: number[][]) => {
+      let reads = 0;
+      return { dtype: t.dtype, data: t.data, get shape() { return shapes[Math.min(reads++, shapes.length - 1)]!; } } as unknown as Tensor<'bf16'>;
+    };
+    for (const engine of engines) {
+      const plan = createShardedPlan(sc.chunk, { shards: 2, split: 'heads' });
+      const nq = sc.numQueries;
+      const cases: [string, unknown[]][] = [
+        ['a shape of 1 head, then 2', [shifting(split1[0]!, [nq, 1, 512], [nq, 2, 512], [nq, 1, 512]), split1[1]]],
+        ['a shape of 2 heads, then 1', [shifting(split2[0]!, [nq, 2, 512], [nq, 1, 512], [nq, 2, 512]), split2[1]]],
+      ];
+      const byGetter = [split1[0], split1[1]];
+      let reads = 0;
+      Object.defineProperty(byGetter, 0, { enumerable: true, get: () => (reads++ === 0 ? split1[0] : split2[0]) });
+      cases.push(['an element that is another shard q the second time', byGetter]);
+      const junk = [split1[0], split1[1]];
+      let junkReads = 0;
+      Object.defineProperty(junk, 0, { enumerable: true, get: () => (junkReads++ === 0 ? split1[0] : 'junk') });
+      cases.push(['an element that is no tensor the second time', junk]);
+      for (const [what, qs] of cases) {
+        const got = await prefillLayerSharded([engine, engine], { plan, compressRatio: 0, q: qs as Tensor<'bf16'>[], caches, smScale: 0.04 });
+        expectWithinBounds(`${engine.backend}: ${what}`, got, ref, queries);
+      }
+      plan.release();
+    }
+  });
+});

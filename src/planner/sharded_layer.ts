@@ -174,50 +174,68 @@ function hostTopkWidth(t: Tensor<'int32'>, nq: number): number {
   return s[s.length - 1]!;
 }
 
+/** An array's elements read once each into an array of the library's own (null for anything but an array). */
+function readArray<T>(v: unknown): T[] | null {
+  return Array.isArray(v) ? (Array.prototype.slice.call(v) as T[]) : null;
+}
+
 /** One attention layer of a sharded chunk: each engine runs its shard, all at once. */
-export async function prefillLayerSharded<P extends Placement = 'host'>(engines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
+export async function prefillLayerSharded<P extends Placement = 'host'>(givenEngines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
   checkArgsObject(args, 'args');
   const { plan, compressRatio } = args;
   if (!(plan instanceof ShardedPlan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan()', describe(plan));
-  if (!Array.isArray(engines) || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(engines));
+  // the caller's arrays (the engines; a per-shard q, top-k or caches) taken once, element by
+  // element: what is checked is what runs, whatever a Proxy or an element getter answers later
+  const engines = readArray<Engine>(givenEngines);
+  if (engines === null || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(givenEngines));
   const output = checkOutputOption(options);
   const perShard = <T>(v: T | readonly T[] | undefined, argument: string): readonly T[] | null => {
-    if (!Array.isArray(v)) return null;
-    if (v.length !== engines.length) fail('INVALID_VALUE', argument, `one per engine (${engines.length})`, `${v.length}`);
-    return v as readonly T[];
+    const a = readArray<T>(v);
+    if (a === null) return null;
+    if (a.length !== engines.length) fail('INVALID_VALUE', argument, `one per engine (${engines.length})`, `${a.length}`);
+    return a;
   };
-  const qs = perShard(args.q, 'q'), topks = perShard(args.topkIndices, 'topkIndices');
-  const caches = perShard(args.caches, 'caches');
+  // each argument read once
+  const qArg = args.q, topkArg = args.topkIndices, cachesArg = args.caches;
+  const qs = perShard(qArg, 'q'), topks = perShard(topkArg, 'topkIndices');
+  const caches = perShard(cachesArg, 'caches');
   // the chunk's head count: from the host q, or summed over a split by heads
   let hQ: number;
   let q: Tensor<'bf16'> | null = null;
+  // each shard's q as its check read it (each element and its shape read once): the heads and the
+  // shard calls use these, never the caller's objects again (a getter could answer otherwise)
+  let shardQs: (Tensor<'bf16'> | DeviceTensor<'bf16'>)[] | null = null;
   if (qs) {
     const heads: number[] = [];
-    qs.forEach((t, s) => {
-      const shape = checkRank(checkPlacedTensor(t, `q[${s}]`, ['bf16']), `q[${s}]`, 3, '[shard queries, shard heads, 512]');
+    shardQs = [];
+    for (let s = 0; s < qs.length; s++) {
+      const t = checkPlacedTensor(qs[s], `q[${s}]`, ['bf16']);
+      const shape = checkRank(t, `q[${s}]`, 3, '[shard queries, shard heads, 512]');
       // split by queries: every shard holds all the heads, so all of them hold as many
       if (plan.split === 'queries' && s > 0 && shape[1] !== heads[0]) {
         fail('INVALID_SHAPE', `q[${s}]`, `[shard queries, hQ = ${heads[0]} (q[0]'s heads; a split by queries gives every shard all the heads), 512]`, `[${shape.join(', ')}]`);
       }
       heads.push(shape[1]!);
-    });
+      shardQs.push(t);
+    }
     hQ = plan.split === 'heads' ? heads.reduce((a, b) => a + b, 0) : heads[0]!;
   } else {
-    q = checkTensor(args.q, 'q', ['bf16']);
+    q = checkTensor(qArg, 'q', ['bf16']);
     const [nq] = checkRank(q, 'q', 3, '[numQueries, hQ, 512]');
     hQ = q.shape[1]!;
     if (nq !== plan.numQueries || q.shape[2] !== WORKSPACE_ROW_DIMS) fail('INVALID_SHAPE', 'q', `[numQueries = ${plan.numQueries}, hQ, ${WORKSPACE_ROW_DIMS}]`, `[${q.shape.join(', ')}]`);
   }
   const nq = plan.numQueries;
-  const topk = topks || args.topkIndices === undefined ? undefined : checkTensor(args.topkIndices, 'topkIndices', ['int32']);
+  const topk = topks || topkArg === undefined ? undefined : checkTensor(topkArg, 'topkIndices', ['int32']);
   // the host top-k is cut into query ranges here: [numQueries, topk] or [numQueries, 1, topk]
   const topkWidth = topk && hostTopkWidth(topk, nq);
-  const sink = args.attnSink == null ? undefined : checkTensor(args.attnSink, 'attnSink', ['float32']); // null: no sink, as the ops take it
+  const sinkArg = args.attnSink;
+  const sink = sinkArg == null ? undefined : checkTensor(sinkArg, 'attnSink', ['float32']); // null: no sink, as the ops take it
   if (sink && (sink.shape.length !== 1 || sink.shape[0] !== hQ)) fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${sink.shape.join(', ')}]`);
   const heads =
     plan.split === 'heads'
-      ? qs
-        ? qs.reduce<Array<[number, number]>>((r, t) => [...r, [r.length ? r[r.length - 1]![1] : 0, (r.length ? r[r.length - 1]![1] : 0) + t.shape[1]!]], [])
+      ? shardQs
+        ? shardQs.reduce<Array<[number, number]>>((r, t) => [...r, [r.length ? r[r.length - 1]![1] : 0, (r.length ? r[r.length - 1]![1] : 0) + t.shape[1]!]], [])
         : evenRanges(hQ, engines.length)
       : engines.map((): [number, number] => [0, hQ]);
   if (plan.split === 'heads' && heads.some(([h0, h1]) => h1 === h0)) fail('INVALID_VALUE', 'engines', `at most hQ = ${hQ} engines for a split by heads`, `${engines.length}`);
@@ -239,12 +257,12 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
       let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
       const engine = engines[s]!;
       if (plan.split === 'heads') {
-        if (qs) shardQ = qs[s]!;
+        if (shardQs) shardQ = shardQs[s]!;
         else ({ q: shardQ, release: cut } = shardHeadsAtCall(engine, q!, n, hQ, h0, h1, output));
         shardTopk = topks ? topks[s] : topk;
         shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
       } else {
-        shardQ = qs ? qs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
+        shardQ = shardQs ? shardQs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
         shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!));
         shardSink = sink;
       }
@@ -253,7 +271,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(engines:
         compressRatio,
         plan: shard.plan,
         q: shardQ,
-        caches: caches ? caches[s]! : (args.caches as PlanCaches),
+        caches: caches ? caches[s]! : (cachesArg as PlanCaches),
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
       }, { output });

@@ -159,6 +159,63 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
     }
   }
 }
+#elif defined(SMLA_SIMD_SSE2)
+// The AVX2 path's arithmetic on 4 lanes with SSE2 only (x86-64's baseline, no SSE4.1): bytes are
+// widened by unpacking against zero, selects are and / andnot / or, and the bf16 halves are packed
+// with the signed packs after an arithmetic shift, which keeps each lane's 16 bits unchanged.
+inline __m128i select_si128(__m128i mask, __m128i if_set, __m128i if_clear) {
+  return _mm_or_si128(_mm_and_si128(mask, if_set), _mm_andnot_si128(mask, if_clear));
+}
+
+template <bool kExact>
+inline __m128i dequant4(__m128i u, __m128 scale) {
+  const __m128i mag = _mm_and_si128(u, _mm_set1_epi32(0x7f));
+  const __m128i sign = _mm_slli_epi32(_mm_and_si128(u, _mm_set1_epi32(0x80)), 24);
+  const __m128i normal = _mm_add_epi32(_mm_slli_epi32(mag, 20), _mm_set1_epi32(0x3c000000));
+  const __m128i sub =
+      _mm_castps_si128(_mm_mul_ps(_mm_cvtepi32_ps(mag), _mm_set1_ps(0.001953125f)));
+  __m128i v = select_si128(_mm_cmplt_epi32(mag, _mm_set1_epi32(8)), sub, normal);
+  v = select_si128(_mm_cmpeq_epi32(mag, _mm_set1_epi32(0x7f)), _mm_set1_epi32(0x7fc00000), v);
+  const __m128 rf = _mm_mul_ps(_mm_castsi128_ps(_mm_or_si128(v, sign)), scale);
+  const __m128i r = _mm_castps_si128(rf);
+  if (kExact) return r;
+  const __m128i hi_mask = _mm_set1_epi32(int32_t(0xffff0000u));
+  const __m128i lsb = _mm_and_si128(_mm_srli_epi32(r, 16), _mm_set1_epi32(1));
+  const __m128i rounded =
+      _mm_and_si128(_mm_add_epi32(r, _mm_add_epi32(lsb, _mm_set1_epi32(0x7fff))), hi_mask);
+  const __m128i nan = _mm_and_si128(_mm_or_si128(r, _mm_set1_epi32(0x00400000)), hi_mask);
+  return select_si128(_mm_castps_si128(_mm_cmpunord_ps(rf, rf)), nan, rounded);
+}
+
+// Two lanes' sets of 32-bit results -> 8 bf16 (their high halves).
+inline __m128i pack_bf16(__m128i a, __m128i b) {
+  return _mm_packs_epi32(_mm_srai_epi32(a, 16), _mm_srai_epi32(b, 16));
+}
+
+template <bool kF32, bool kExact>
+inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  const __m128 scale = _mm_set1_ps(scale_f);
+  const __m128i z = _mm_setzero_si128();
+  for (int j = 0; j < 64; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
+    const __m128i lo = _mm_unpacklo_epi8(b, z), hi = _mm_unpackhi_epi8(b, z);
+    const __m128i r0 = dequant4<kExact>(_mm_unpacklo_epi16(lo, z), scale);
+    const __m128i r1 = dequant4<kExact>(_mm_unpackhi_epi16(lo, z), scale);
+    const __m128i r2 = dequant4<kExact>(_mm_unpacklo_epi16(hi, z), scale);
+    const __m128i r3 = dequant4<kExact>(_mm_unpackhi_epi16(hi, z), scale);
+    if (kF32) {
+      __m128i* o = reinterpret_cast<__m128i*>(static_cast<float*>(out) + j);
+      _mm_storeu_si128(o, r0);
+      _mm_storeu_si128(o + 1, r1);
+      _mm_storeu_si128(o + 2, r2);
+      _mm_storeu_si128(o + 3, r3);
+    } else {
+      __m128i* o = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + j);
+      _mm_storeu_si128(o, pack_bf16(r0, r1));
+      _mm_storeu_si128(o + 1, pack_bf16(r2, r3));
+    }
+  }
+}
 #else
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale, void* out) {

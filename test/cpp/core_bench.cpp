@@ -1,6 +1,9 @@
 // Single-thread benchmark of the native core on the `run` shape (the WASM twin is
-// bench/wasm_kernel.mjs): sparse prefill GFLOP/s and v4 dequant gather GB/s, medians of runs.
+// bench/wasm_kernel.mjs): sparse prefill GFLOP/s and dequant gather GB/s (v4; v32 with power-of-two
+// scales, which keep products exact, and with other scales, which take the bf16 rounding), medians
+// of runs.
 //   ./build/smla_core_bench [sQ=32] [sKV=4096] [runs=5] [hQ=64] [dQK=512] [topk=640]
+// sQ = 0 times only the dequant.
 #include <math.h>
 #include <string.h>
 #include <stdio.h>
@@ -46,7 +49,7 @@ int main(int argc, char** argv) {
   std::vector<float> sink(h_q, 0.5f), ml(size_t(s_q) * h_q), lse(size_t(s_q) * h_q);
   const double flops = 2.0 * s_q * topk * h_q * (d_qk + d_v);
   std::vector<double> t;
-  for (int r = 0; r <= runs; ++r) {
+  for (int r = 0; s_q > 0 && r <= runs; ++r) {
     const double t0 = now();
     if (core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(),
                                         .attn_sink = sink.data(), .s_q = s_q, .h_q = h_q, .d_qk = d_qk,
@@ -56,28 +59,53 @@ int main(int argc, char** argv) {
       return 1;
     if (r > 0) t.push_back(now() - t0);
   }
-  printf("native sparse_prefill sQ=%d hQ=%d dQK=%d topk=%d sKV=%d: median %.1f ms, %.2f GFLOP/s\n", s_q, h_q,
+  if (s_q > 0)
+    printf("native sparse_prefill sQ=%d hQ=%d dQK=%d topk=%d sKV=%d: median %.1f ms, %.2f GFLOP/s\n", s_q, h_q,
          d_qk, topk, s_kv, median(t) * 1e3, flops / median(t) / 1e9);
 
   const int P = 64, pages = 128, n = 8192;
   const int64_t page_bytes = smla::v4::page_bytes(P);
   std::vector<uint8_t> cache(size_t(page_bytes * pages));
-  for (auto& b : cache) b = uint8_t(rng() & 0x7e);
-  for (int p = 0; p < pages; ++p)
-    for (int s = 0; s < P * smla::v4::kScaleBytes; ++s)
-      cache[size_t(p * page_bytes + P * smla::v4::kDataBytes + s)] = uint8_t(120 + rng() % 8);
   std::vector<int64_t> ids(n);
+  std::vector<uint16_t> dq(size_t(n) * 576);
+  auto time_dequant = [&](int format, int32_t page_size, int32_t num_pages, const char* what,
+                          double token_bytes, int dim) {
+    t.clear();
+    for (int r = 0; r <= runs; ++r) {
+      const double t0 = now();
+      if (core(smla_dequantize_kv_cache_params{.format = format, .cache = cache.data(), .page_size = page_size,
+                                               .num_pages = num_pages, .token_ids = ids.data(), .num_tokens = n,
+                                               .out = dq.data()}) != 0) return false;
+      if (r > 0) t.push_back(now() - t0);
+    }
+    printf("native dequantize %s gather n=%d: median %.2f ms, %.2f GB/s\n", what, n, median(t) * 1e3,
+           n * (token_bytes + 2.0 * dim) / median(t) / 1e9);
+    return true;
+  };
+  // v4 as quantization writes it: scale bytes whose products are exact (no bf16 rounding step)
+  for (auto& b : cache) b = uint8_t(rng() & 0x7e);
+  auto fill_scales = [&](auto scale_byte) {
+    for (int p = 0; p < pages; ++p)
+      for (int s = 0; s < P * smla::v4::kScaleBytes; ++s)
+        cache[size_t(p * page_bytes + P * smla::v4::kDataBytes + s)] = scale_byte();
+  };
+  fill_scales([&] { return uint8_t(120 + rng() % 8); });
   for (auto& x : ids) x = int64_t(rng() % uint32_t(P * pages));
-  std::vector<uint16_t> dq(size_t(n) * 512);
-  t.clear();
-  for (int r = 0; r <= runs; ++r) {
-    const double t0 = now();
-    if (core(smla_dequantize_kv_cache_params{.format = 0, .cache = cache.data(), .page_size = P,
-                                             .num_pages = pages, .token_ids = ids.data(), .num_tokens = n,
-                                             .out = dq.data()}) != 0) return 1;
-    if (r > 0) t.push_back(now() - t0);
-  }
-  printf("native dequantize v4 gather n=%d: median %.2f ms, %.2f GB/s\n", n, median(t) * 1e3,
-         n * double(smla::v4::kTokenBytes + 2 * smla::v4::kDim) / median(t) / 1e9);
+  if (!time_dequant(0, P, pages, "v4", smla::v4::kTokenBytes, smla::v4::kDim)) return 1;
+  // v32 (page size 1) over the same bytes: 656-byte tokens, float32 scales. Powers of two in
+  // range keep products exact; other scales take the bf16 rounding step.
+  const int v32_tokens = int(cache.size() / 656);
+  auto fill_v32_scales = [&](auto scale) {
+    for (int i = 0; i < v32_tokens; ++i)
+      for (int k = 0; k < 4; ++k) {
+        const float sc = scale();
+        memcpy(&cache[size_t(i) * 656 + 512 + 4 * k], &sc, 4);
+      }
+  };
+  for (auto& x : ids) x = int64_t(rng() % uint32_t(v32_tokens));
+  fill_v32_scales([&] { return ldexpf(1.0f, int(rng() % 16) - 8); });
+  if (!time_dequant(1, 1, v32_tokens, "v32", 656, 576)) return 1;
+  fill_v32_scales([&] { return ldexpf(1.0f + float(rng() % 4096) / 4096.0f, int(rng() % 16) - 8); });
+  if (!time_dequant(1, 1, v32_tokens, "v32 (scales not powers of two)", 656, 576)) return 1;
   return 0;
 }

@@ -12,6 +12,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
+#include <array>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
@@ -721,21 +724,25 @@ void check_dequant_every_code_v4() {
   expect(rope_bits == 0, "every-code v4: rope bits of " + std::to_string(rope_bits) + " tokens differ");
 }
 
+// v32 scale edge cases: SPEC's and float32's (±0, ±inf, NaNs, subnormals, the bounds of the exact
+// range 2^-117 .. 2^119 and one step past them, FLT_MAX, negative powers of two, scales whose
+// products tie at bf16 rounding).
+const uint32_t kV32EdgeScaleBits[] = {
+    0x00000000u, 0x80000000u, 0x7fc00000u, 0xffc00000u, 0x7f800001u /* signaling */, 0x7fffffffu,
+    0x7f800000u, 0xff800000u, 0x00000001u /* 2^-149 */, 0x00400000u /* 2^-127 */, 0x007fffffu,
+    0x00800000u /* 2^-126 */, 0x00800001u, 0x05000000u /* 2^-117 */, 0x04800000u /* 2^-118 */,
+    0x7b000000u /* 2^119 */, 0x7b800000u /* 2^120 */, 0x7f000000u /* 2^127 */, 0x7f7fffffu /* FLT_MAX */,
+    0xbf800000u /* -1 */, 0xbb000000u /* -2^-9 */, 0x3f800000u /* 1 */, 0x3f808000u /* 1 + 2^-8: ties */,
+    0x3f818000u /* 1 + 3·2^-8 */, 0x3f800001u, 0x3fffffffu, 0x3fc00000u /* 1.5 */, 0x40400000u /* 3 */,
+    0x3eaaaaabu /* 1/3 */, 0xbdcccccdu /* -0.1 */, 0x00012345u /* subnormal, not a power of two */};
+
 // v32's float32 scales are any float: every e4m3 code times SPEC's and float32's edge cases (±0,
 // ±inf, NaNs, subnormals, the bounds of the exact range 2^-117 .. 2^119 and one step past them,
 // FLT_MAX, negative powers of two, scales whose products tie at bf16 rounding) and random bit
 // patterns. Tiles 2k and 2k + 1 share scale k and hold the two halves of the code space.
 void check_dequant_every_code_v32() {
-  const uint32_t edge_bits[] = {
-      0x00000000u, 0x80000000u, 0x7fc00000u, 0xffc00000u, 0x7f800001u /* signaling */, 0x7fffffffu,
-      0x7f800000u, 0xff800000u, 0x00000001u /* 2^-149 */, 0x00400000u /* 2^-127 */, 0x007fffffu,
-      0x00800000u /* 2^-126 */, 0x00800001u, 0x05000000u /* 2^-117 */, 0x04800000u /* 2^-118 */,
-      0x7b000000u /* 2^119 */, 0x7b800000u /* 2^120 */, 0x7f000000u /* 2^127 */, 0x7f7fffffu /* FLT_MAX */,
-      0xbf800000u /* -1 */, 0xbb000000u /* -2^-9 */, 0x3f800000u /* 1 */, 0x3f808000u /* 1 + 2^-8: ties */,
-      0x3f818000u /* 1 + 3·2^-8 */, 0x3f800001u, 0x3fffffffu, 0x3fc00000u /* 1.5 */, 0x40400000u /* 3 */,
-      0x3eaaaaabu /* 1/3 */, 0xbdcccccdu /* -0.1 */, 0x00012345u /* subnormal, not a power of two */};
   std::mt19937_64 gen(777);
-  std::vector<uint32_t> scales(std::begin(edge_bits), std::end(edge_bits));
+  std::vector<uint32_t> scales(std::begin(kV32EdgeScaleBits), std::end(kV32EdgeScaleBits));
   for (int k = 0; k < 100; ++k) scales.push_back(uint32_t(gen()));
   if (scales.size() % 2) scales.push_back(0x3f800000u);
   const int64_t cap = int64_t(scales.size()) / 2;  // 4 tiles a token, 2 tiles a scale
@@ -768,6 +775,82 @@ void check_dequant_every_code_v32() {
   expect(mism == 0, "every-code v32 dequant op: " + std::to_string(mism) + " differ (" +
                         std::to_string(scales.size()) + " scales x 256 codes)");
   expect(rope_bits == 0, "every-code v32: rope bits of " + std::to_string(rope_bits) + " tokens differ");
+}
+
+// Fresh random caches on every run (seed printed; SMLA_CHECK_SEED=N repeats one): random bytes,
+// a shuffled copy of all 256 e4m3 codes in some tiles, v4 scale bytes 0..255, v32 scales mixing
+// random float32 bit patterns, signed powers of two over the whole float32 range and the edge
+// cases above. The cache, the bf16 output and the float32 rows sit at random misalignments, and
+// tokens are gathered in random order with repeats. Against the float64 reference.
+void check_dequant_fresh(uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  auto pick = [&](int64_t lo, int64_t hi) { return std::uniform_int_distribution<int64_t>(lo, hi)(gen); };
+  const std::string tag = " (seed " + std::to_string(seed) + ")";
+  for (const bool v4 : {true, false}) {
+    const int32_t P = v4 ? int32_t(std::array<int32_t, 3>{2, 64, 256}[size_t(pick(0, 2))]) : 1;
+    const int32_t pages = v4 ? int32_t((300 + P - 1) / P) : 300;
+    const int64_t cap = int64_t(P) * pages;
+    const int dim = v4 ? 512 : 576, nope = v4 ? 448 : 512;
+    const int64_t bytes = v4 ? v4_page_bytes(P) * pages : cap * 656;
+    const size_t cache_off = size_t(pick(0, 63)), out_off = size_t(pick(0, 31)), f32_off = size_t(pick(0, 15));
+    std::vector<uint8_t> buf(size_t(bytes) + 64);
+    for (auto& b : buf) b = uint8_t(gen());
+    uint8_t* const cache = buf.data() + cache_off;
+    auto nope_of = [&](int64_t t) {
+      return v4 ? cache + (t / P) * v4_page_bytes(P) + (t % P) * 576 : cache + t * 656;
+    };
+    std::array<uint8_t, 256> codes;
+    for (int c = 0; c < 256; ++c) codes[size_t(c)] = uint8_t(c);
+    for (int64_t t = 0; t < cap; t += 16) {  // every code, in a fresh order, at a fresh place
+      std::shuffle(codes.begin(), codes.end(), gen);
+      memcpy(nope_of(t) + pick(0, nope - 256), codes.data(), 256);
+    }
+    if (!v4)
+      for (int64_t t = 0; t < cap; ++t)
+        for (int i = 0; i < 4; ++i) {
+          const int64_t kind = pick(0, 9);
+          uint32_t bits = uint32_t(gen());
+          if (kind < 4) {
+            const float power = float(ldexp(pick(0, 1) ? -1.0 : 1.0, int(pick(-149, 127))));
+            memcpy(&bits, &power, 4);
+          }
+          else if (kind < 6) bits = kV32EdgeScaleBits[size_t(pick(0, std::size(kV32EdgeScaleBits) - 1))];
+          memcpy(cache + t * 656 + 512 + 4 * i, &bits, 4);
+        }
+    const int64_t n = 2 * cap;
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    for (auto& id : ids) id = pick(0, cap - 1);
+    std::vector<uint16_t> out(size_t(n) * dim + 32, 0x1234);
+    const std::string ctx = std::string(v4 ? "fresh v4 P=" + std::to_string(P) : "fresh v32") + tag;
+    expect(core(smla_dequantize_kv_cache_params{.format = v4 ? SMLA_CACHE_V4 : SMLA_CACHE_V32, .cache = cache,
+                                                .page_size = P, .num_pages = pages, .token_ids = ids.data(),
+                                                .num_tokens = int32_t(n), .out = out.data() + out_off}) == SMLA_OK,
+           ctx + " dequant status");
+    std::vector<double> ref(static_cast<size_t>(dim));
+    std::vector<float> row_f32(512 + 16);
+    std::array<bool, 256> seen{};
+    size_t mism_bf16 = 0, mism_f32 = 0;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t t = ids[size_t(k)];
+      for (int i = 0; i < nope; ++i) seen[nope_of(t)[i]] = true;
+      if (v4) ref_dequant_v4(cache, P, t, ref.data());
+      else ref_dequant_v32(cache, t, ref.data());
+      const std::string row = ctx + " token " + std::to_string(t);
+      mism_bf16 += count_dequant_mismatches(row + " bf16", ref.data(), &out[out_off + size_t(k) * dim], nullptr, dim);
+      if (v4) {
+        smla::cpu::dequant_v4_token_f32(nope_of(t), cache + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8,
+                                        row_f32.data() + f32_off);
+        mism_f32 += count_dequant_mismatches(row + " f32", ref.data(), nullptr, row_f32.data() + f32_off, 512);
+      }
+    }
+    bool guard = true;  // nothing written outside the output rows
+    for (size_t i = 0; i < out.size(); ++i)
+      if (i < out_off || i >= out_off + size_t(n) * dim) guard &= out[i] == 0x1234;
+    expect(std::count(seen.begin(), seen.end(), true) == 256, ctx + ": not every e4m3 code was gathered");
+    expect(mism_bf16 == 0, ctx + " dequant op (bf16): " + std::to_string(mism_bf16) + " differ");
+    if (v4) expect(mism_f32 == 0, ctx + " float32 rows: " + std::to_string(mism_f32) + " differ");
+    expect(guard, ctx + ": written outside the output rows");
+  }
 }
 
 void check_cache_args() {
@@ -987,6 +1070,13 @@ int main() {
   check_dequant_raw_bytes(SMLA_CACHE_V32, 1, 2000);
   check_dequant_every_code_v4();
   check_dequant_every_code_v32();
+  {
+    const char* env = getenv("SMLA_CHECK_SEED");
+    const uint64_t seed = env ? strtoull(env, nullptr, 10) : (uint64_t(std::random_device{}()) << 32) | std::random_device{}();
+    printf("core_check: fresh dequant inputs, seed %llu (SMLA_CHECK_SEED=%llu repeats them)\n",
+           (unsigned long long)seed, (unsigned long long)seed);
+    check_dequant_fresh(seed);
+  }
   check_cache(SMLA_CACHE_V32, 1, 300, false);
   check_cache(SMLA_CACHE_V32, 1, 300, true);
 

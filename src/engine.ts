@@ -66,6 +66,11 @@ export class SparseMlaEngine implements Engine {
     await this.impl.quantizeKCache(job);
   }
 
+  /** @internal DISPOSED after dispose(): a layer checks it before it starts (one without queries does no backend work) */
+  assertAlive(): void {
+    this.alive();
+  }
+
   /** @internal the backend's layer steps (prefillLayer's workspace path); DISPOSED after dispose() */
   layerSteps(): LayerSteps<DeviceBuffer> {
     this.alive();

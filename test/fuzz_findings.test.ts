@@ -629,6 +629,22 @@ test("prefillLayer uses q, the sink and the indexer's top-k as they were at the 
 });
 
 describe('hostile input on the host engines (session 48)', () => {
+  test('a layer of a chunk without queries on a disposed engine rejects with DISPOSED, as every other call does (it resolved with empty outputs: fuzzer target layerDispose, seed 4813 case 1)', async () => {
+    const sc = randomScenario(rng, [rng.int(20, 60)], [0]);
+    const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages) };
+    for (const backend of addonBuilt ? (['wasm', 'cpu'] as const) : (['wasm'] as const)) {
+      const engine = await createEngine({ backend, workers: 1 });
+      const plan = createPlan(sc.chunk), sharded = createShardedPlan(sc.chunk, { shards: 2, split: 'queries' });
+      const args = { compressRatio: 0 as const, q: tensor('bf16', [0, 2, 512], new Uint16Array(0)), caches, smScale: 0.04 };
+      const before = await prefillLayer(engine, { ...args, plan });
+      expect(before.out.shape, backend).toEqual([0, 2, 512]);
+      await engine.dispose();
+      await expectTyped(() => prefillLayer(engine, { ...args, plan }), 'DISPOSED');
+      await expectTyped(() => prefillLayer(engine, { ...args, plan }, { dropped: 'later' }), 'DISPOSED');
+      await expectTyped(() => prefillLayerSharded([engine, engine], { ...args, plan: sharded }), 'DISPOSED');
+    }
+  });
+
   /** q [nq, hQ, 512]'s heads [h0, h1) as their own tensor. */
   function heads(q: Tensor<'bf16'>, h0: number, h1: number): Tensor<'bf16'> {
     const [nq, hQ] = q.shape as [number, number, number];

@@ -351,6 +351,8 @@ export function releaseLayer(call: CheckedLayer): void {
 }
 
 async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
+  // a disposed engine's layer rejects with DISPOSED as any call on it does, a chunk without queries too
+  engine.assertAlive();
   if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as LayerResult;
   if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as LayerResult;
   const steps = engine.layerSteps();

@@ -196,8 +196,12 @@ const devicePrefillLayer = {
     const { where, abuse } = placements(rng, env, [...fields, 'caches'], 0.6);
     const cacheHow = where.caches;
     delete where.caches;
-    const option = rng.uniform() < 0.75 ? { output: 'device' } : rng.uniform() < 0.5 ? { output: 'host' } : undefined;
+    let option = rng.uniform() < 0.75 ? { output: 'device' } : rng.uniform() < 0.5 ? { output: 'host' } : undefined;
     const warm = rng.pick([0, 1, 1, 2]);
+    // { dropped: 'later' } (drawn last: the draws above are those of the cases before it was added)
+    const later = rng.uniform() < 0.35;
+    const plan = layer.plan; // (the mutations may replace args[1].plan)
+    if (later) option = { ...option, dropped: 'later' };
     const args = option ? [env.engine, layer, option] : [env.engine, layer];
     return {
       args,
@@ -214,8 +218,22 @@ const devicePrefillLayer = {
           for (const t of [r.out, r.lse, r.maxLogits]) if (isDeviceBuffer(t.data)) t.data.free();
         }
       },
-      call: (x) => prefillLayer(...x),
+      call: async (x) => {
+        if (!later) return prefillLayer(...x);
+        // a c4 layer's count may come later (null): plan.settleDropped() waits for it, and it counts
+        // in plan.stats.c4Dropped (with the warm-up layers' ones, which settle here too)
+        await plan.settleDropped();
+        const before = plan.stats.c4Dropped;
+        const r = await prefillLayer(...x);
+        const [total, again] = await Promise.all([plan.settleDropped(), plan.settleDropped()]);
+        const landed = plan.stats.c4Dropped - before;
+        if (total !== plan.stats.c4Dropped || again !== total) return { settleProblem: `settleDropped gave ${total} and ${again}, plan.stats.c4Dropped ${plan.stats.c4Dropped}` };
+        if (r.dropped !== null && r.dropped !== landed) return { settleProblem: `dropped ${r.dropped}, but ${landed} counted in plan.stats` };
+        if (r.dropped === null && !(x[1].compressRatio === 4 && env.engine.hasDevice)) return { settleProblem: `dropped null on a ratio-${x[1].compressRatio} layer (only a device c4 layer reads its count later)` };
+        return Object.freeze({ ...r, dropped: r.dropped ?? landed });
+      },
       judge: (got, ctx) => {
+        if (got?.settleProblem) return got.settleProblem;
         if (!ctx.neutral) return null;
         return placementProblem(ctx.raw, option) ?? judgeLayer(got, sc, ctx.refArgs[1], ctx.stub);
       },

@@ -388,6 +388,272 @@ const layerAfterReturn = {
   },
 };
 
+/**
+ * A copy of a typed array (the builder's own stays as it was): plain, at an odd offset of a larger
+ * plain or shared buffer, or a fixed-length view inside a resizable one.
+ */
+function placeOperand(rng, a, how) {
+  const ctor = a.constructor, el = a.BYTES_PER_ELEMENT;
+  const pad = el * rng.int(1, 4); // aligned for its type, never on the staging's 64-byte grid
+  if (how === 'plain') return a.slice();
+  if (how === 'offset' || how === 'sharedOffset') {
+    const buf = how === 'sharedOffset' ? new SharedArrayBuffer(a.byteLength + 2 * pad) : new ArrayBuffer(a.byteLength + 2 * pad);
+    const v = new ctor(buf, pad, a.length);
+    v.set(a);
+    return v;
+  }
+  if (how === 'resizable') {
+    const buf = new ArrayBuffer(a.byteLength + pad, { maxByteLength: 2 * a.byteLength + 2 * pad });
+    const v = new ctor(buf, pad, a.length);
+    v.set(a);
+    return v;
+  }
+  throw new Error(`placeOperand: ${how}`);
+}
+
+/** Bytes of `a` now (null when its memory is gone). */
+function snapshot(a) {
+  if (isDetachedBuffer(a.buffer)) return null;
+  try {
+    return a.slice();
+  } catch {
+    return null; // a view out of its shrunk buffer's bounds
+  }
+}
+
+/** What a getter of a later argument does to an operand after its check: its memory detached, shrunk (and grown back), rewritten, or nothing. */
+function midCheck(a, act, rng) {
+  if (act === 'detach') {
+    if (!(a.buffer instanceof SharedArrayBuffer)) structuredClone(a.buffer, { transfer: [a.buffer] });
+  } else if (act === 'shrink' || act === 'shrinkRegrow') {
+    const b = a.buffer;
+    if (b instanceof ArrayBuffer && b.resizable) {
+      const full = b.byteLength;
+      b.resize(Math.max(0, a.byteOffset + a.byteLength - a.BYTES_PER_ELEMENT));
+      if (act === 'shrinkRegrow') b.resize(full); // the view is whole again, its last element now 0
+    }
+  } else if (act === 'rewrite') {
+    // other values of the same kind (moderate bf16 / float32, small ids): the layer must use these, as they are when the call returns
+    for (let i = 0; i < a.length; i += rng.int(1, 16)) {
+      if (a instanceof Uint16Array) a[i] = (rng.u32() & 0x807f) | 0x3f00;
+      else if (a instanceof Int32Array) a[i] = rng.int(-1, 64);
+      else a[i] = rng.normal();
+    }
+  }
+}
+
+/** The options objects prefillLayer is given: valid ones (as literals, frozen, a Proxy, inherited, getters) and hostile ones. */
+function layerOptions(rng) {
+  const valid = [undefined, {}, { dropped: 'await' }, { dropped: 'later' }, { output: 'host', dropped: 'later' }, { output: 'host' }, { dropped: undefined }];
+  if (rng.uniform() < 0.6) {
+    const o = rng.pick(valid);
+    if (o === undefined) return { options: undefined, refuse: null };
+    const how = rng.pick(['plain', 'frozen', 'proxy', 'inherited', 'getters']);
+    const reads = {};
+    if (how === 'frozen') return { options: Object.freeze({ ...o }), refuse: null };
+    if (how === 'proxy') return { options: new Proxy({ ...o }, {}), refuse: null };
+    if (how === 'inherited') return { options: Object.create({ ...o }), refuse: null };
+    if (how === 'getters') {
+      const g = {};
+      for (const [k, v] of Object.entries(o)) Object.defineProperty(g, k, { enumerable: true, get: () => ((reads[k] = (reads[k] ?? 0) + 1), v) });
+      return { options: g, refuse: null, reads };
+    }
+    return { options: { ...o }, refuse: null };
+  }
+  const bad = rng.pick([
+    [{ dropped: rng.pick(['LATER', 'later ', '', 'never', 'await\0']) }, 'INVALID_VALUE', 'options.dropped'],
+    [{ dropped: rng.pick([null, true, 1, 0, NaN, {}, [], 1n, Symbol('later')]) }, 'INVALID_VALUE', 'options.dropped'],
+    [{ dropped: new String('later') }, 'INVALID_VALUE', 'options.dropped'],
+    [{ output: 'device', dropped: rng.pick(['later', 'await']) }, 'BACKEND_UNAVAILABLE', 'options.output'],
+    [{ output: rng.pick(['Host', 'gpu', null, 1]), dropped: 'later' }, 'INVALID_VALUE', 'options.output'],
+    [rng.pick([null, 'later', 1, [], () => ({ dropped: 'later' })]), 'INVALID_VALUE', 'options'],
+  ]);
+  return { options: bad[0], refuse: { code: bad[1], argument: bad[2] } };
+}
+
+const LAYER_FIELDS_READ_LATE = ['smScale', 'caches', 'path', 'threshold', 'env'];
+
+/**
+ * prefillLayer (src/planner/prefill_layer.ts) driven where the other targets do not reach:
+ * - options: { output, dropped } valid (frozen, Proxy, inherited, getters: each read once) or
+ *   hostile (typed refusal naming it, before any work); then plan.settleDropped() once, twice at once,
+ *   or after a fresh engine that ran a layer of the plan was disposed: it resolves to
+ *   plan.stats.c4Dropped, the sum of the layers' counts (a host engine knows each at once);
+ * - q, the sink and the top-k at odd offsets of larger plain or shared buffers or in resizable ones,
+ *   with a getter of a later argument (smScale, caches, path, threshold, env) that detaches,
+ *   shrinks, shrinks and grows back, or rewrites one of them after its check: detached or shrunk is
+ *   INVALID_VALUE naming it; otherwise the layer's result is that of the arrays as they were when the
+ *   call returned its promise (copied then: copyAtCall), and they are rewritten or detached right after;
+ * - the engine's memoryBudgetBytes at its edges (invalid values refused by createEngine; a budget
+ *   too small for the layer's copies and outputs TOO_LARGE before any work).
+ */
+const layerHostile = {
+  name: 'layerHostile',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    layer.plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(layer.plan);
+    const mode = rng.pick(['options', 'options', 'views', 'views', 'budget']);
+    const operands = ['q', 'attnSink', 'topkIndices'].filter((k) => layer[k] !== undefined);
+    // where each operand lies, and what a late getter does to one of them
+    const place = Object.fromEntries(operands.map((k) => [k, mode === 'views' ? rng.pick(['plain', 'offset', 'sharedOffset', 'resizable']) : 'plain']));
+    for (const k of operands) layer[k] = tensor(layer[k].dtype, layer[k].shape, placeOperand(rng, layer[k].data, place[k]));
+    const victim = mode === 'views' ? rng.pick(operands) : null;
+    const atCallLength = Object.fromEntries(operands.map((k) => [k, layer[k].data.length]));
+    const act = mode === 'views' ? rng.pick(['none', 'detach', 'shrink', 'shrinkRegrow', 'rewrite']) : 'none';
+    const lateField = rng.pick(LAYER_FIELDS_READ_LATE);
+    const after = rng.pick(['none', 'rewrite', 'detach']);
+    const { options, refuse, reads } = mode === 'options' ? layerOptions(rng) : { options: undefined, refuse: null };
+    const settleHow = rng.pick(['once', 'twice', 'afterDispose']);
+    const budget = mode === 'budget' ? rng.pick([0, -1, NaN, Infinity, 2 ** 20 - 1, 1.5 * 2 ** 20, '2097152', 2 ** 53, 2 ** 20, 2 ** 20 + 1, 2 ** 53 - 1, 3 * 2 ** 20]) : undefined;
+    const budgetValid = budget === undefined || (Number.isSafeInteger(budget) && budget >= 2 ** 20);
+    const actRng = makeRng(rng.u32());
+    return {
+      args: [],
+      call: async () => {
+        const engine = mode === 'budget' || settleHow === 'afterDispose' ? await settle(createEngine({ backend: env.backend, workers: 1, ...(budget === undefined ? {} : { memoryBudgetBytes: budget }) })) : { value: env.engine };
+        if (engine.error) return { created: engine };
+        const e = engine.value;
+        try {
+          const args = { ...layer };
+          const target = victim && layer[victim].data;
+          if (victim) {
+            const v = args[lateField];
+            Object.defineProperty(args, lateField, { enumerable: true, configurable: true, get: () => (midCheck(target, act, actRng), v) });
+          }
+          const pending = settle(prefillLayer(e, args, options));
+          // the operands as the call has them: copied before it returned its promise
+          const atCall = Object.fromEntries(operands.map((k) => [k, snapshot(layer[k].data)]));
+          const changed = after === 'none' ? { undo: () => undefined, sharedRewritten: false } : afterReturn(operands.map((k) => layer[k].data), after, actRng);
+          const r = await pending;
+          changed.undo();
+          const settled = settleHow === 'twice' ? await Promise.all([settle(layer.plan.settleDropped()), settle(layer.plan.settleDropped())]) : settleHow === 'afterDispose' ? (await e.dispose(), [await settle(layer.plan.settleDropped())]) : [await settle(layer.plan.settleDropped())];
+          return { r, atCall, settled, c4Dropped: layer.plan.stats.c4Dropped, lent: e.hostMemory().staging?.lentBytes ?? 0, sharedRewritten: changed.sharedRewritten };
+        } finally {
+          if (e !== env.engine) await e.dispose();
+        }
+      },
+      judge: ({ created, r, atCall, settled, c4Dropped, lent, sharedRewritten }) => {
+        const typed = (err, code, argument) => err instanceof SparseMlaError && err.code === code && (argument === undefined || err.argument === argument);
+        if (created) {
+          if (budgetValid) return `createEngine({ memoryBudgetBytes: ${String(budget)} }) rejected: ${created.error}`;
+          return typed(created.error, 'INVALID_VALUE', 'memoryBudgetBytes') ? null : `createEngine({ memoryBudgetBytes: ${String(budget)} }) gave ${created.error}, expected INVALID_VALUE naming memoryBudgetBytes`;
+        }
+        if (!budgetValid) return `createEngine({ memoryBudgetBytes: ${String(budget)} }) resolved`;
+        if (lent !== 0) return `${lent} bytes of the staging still lent once the layer settled`;
+        for (const s of settled) {
+          if (s.error) return `plan.settleDropped() (${settleHow}) rejected: ${s.error}`;
+          if (s.value !== c4Dropped) return `plan.settleDropped() (${settleHow}) gave ${s.value}, plan.stats.c4Dropped ${c4Dropped}`;
+        }
+        // (an operand of no elements has no memory to lose: a chunk without queries)
+        const gone = victim && atCallLength[victim] > 0 && (act === 'detach' ? !(layer[victim].data.buffer instanceof SharedArrayBuffer) : act === 'shrink' && place[victim] === 'resizable');
+        if (refuse) return r.error && typed(r.error, refuse.code, refuse.argument) ? null : `options ${describeOptions(options)}: ${r.error ?? 'resolved'}, expected ${refuse.code} naming ${refuse.argument}`;
+        if (r.error) {
+          // INVALID_SHAPE where the getter ran before the operand's own check (a view out of its shrunk buffer has no elements)
+          if (gone && (typed(r.error, 'INVALID_VALUE', `${victim}.data`) || typed(r.error, 'INVALID_SHAPE', `${victim}.data`))) return null;
+          if (mode === 'budget' && typed(r.error, 'TOO_LARGE')) return null;
+          return `rejected (${mode}${victim ? `, ${victim} ${place[victim]} ${act} in the ${lateField} getter` : ''}, options ${describeOptions(options)}): ${r.error?.name} ${r.error?.code ?? ''} ${String(r.error?.message).slice(0, 200)}`;
+        }
+        if (gone) return `resolved with ${victim} ${act === 'detach' ? 'detached' : 'shrunk'} by the ${lateField} getter after its check`;
+        if (reads) for (const [k, n] of Object.entries(reads)) if (n !== 1) return `options.${k} read ${n} times`;
+        const v = r.value;
+        if (typeof v.dropped !== 'number') return `dropped ${v.dropped} on a host engine (it knows the count at once)`;
+        if (c4Dropped !== v.dropped) return `plan.stats.c4Dropped ${c4Dropped} after one layer that dropped ${v.dropped}`;
+        const ref = { ...layer };
+        for (const k of operands) ref[k] = { ...layer[k], data: atCall[k] };
+        // shared operands rewritten after the call returned are read in place: then only shapes are judged
+        return judgeLayer(v, sc, ref, sharedRewritten);
+      },
+    };
+  },
+};
+
+/**
+ * prefillLayer calls in flight on a fresh engine when its dispose() runs (at once, after a
+ * microtask, a macrotask, a few ms, or the first layer's end), some of them { dropped: 'later' },
+ * some with a small memoryBudgetBytes: each resolves judged against the reference or rejects with
+ * DISPOSED; nothing of the engine's staging stays lent; plan.settleDropped() gives plan.stats.c4Dropped;
+ * a layer after dispose() (one of the same plan) rejects with DISPOSED, as any call does.
+ */
+const layerDispose = {
+  name: 'layerDispose',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    layer.plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(layer.plan);
+    const copy = (t) => (t ? { ...t, data: t.data.slice() } : undefined);
+    const calls = Array.from({ length: rng.int(1, 5) }, () => ({ options: rng.pick([undefined, { dropped: 'later' }, { dropped: 'await' }]), after: rng.pick(['none', 'rewrite', 'detach']) }));
+    const when = rng.pick(['sync', 'microtask', 'immediate', 'timeout', 'first-settled']);
+    const ms = rng.int(0, 6);
+    const workers = rng.int(1, env.backend === 'wasm' ? 3 : 5);
+    const budget = rng.uniform() < 0.3 ? STAGING_BUDGET : undefined;
+    const actRng = makeRng(rng.u32());
+    return {
+      args: [],
+      call: async () => {
+        const e = await createEngine({ backend: env.backend, workers, ...(budget ? { memoryBudgetBytes: budget } : {}) });
+        const undo = [];
+        const pending = calls.map((c) => {
+          // each call its own arrays (rewritten or detached right after it returned its promise)
+          const own = { ...layer, q: copy(layer.q), ...(layer.attnSink ? { attnSink: copy(layer.attnSink) } : {}), ...(layer.topkIndices ? { topkIndices: copy(layer.topkIndices) } : {}) };
+          const p = settle(prefillLayer(e, own, c.options));
+          undo.push(afterReturn(['q', 'attnSink', 'topkIndices'].filter((k) => own[k]).map((k) => own[k].data), c.after, actRng).undo);
+          return p;
+        });
+        if (when === 'microtask') await Promise.resolve();
+        else if (when === 'immediate') await new Promise((r) => setImmediate(r));
+        else if (when === 'timeout') await new Promise((r) => setTimeout(r, ms));
+        else if (when === 'first-settled') await Promise.race(pending);
+        const disposed = await settle(e.dispose());
+        const results = await Promise.all(pending);
+        undo.forEach((u) => u());
+        const lent = e.hostMemory().staging?.lentBytes ?? 0;
+        const afterDispose = await settle(prefillLayer(e, { ...layer }));
+        const settledDropped = await settle(layer.plan.settleDropped());
+        return { results, disposed, lent, afterDispose, settledDropped, c4Dropped: layer.plan.stats.c4Dropped };
+      },
+      judge: ({ results, disposed, lent, afterDispose, settledDropped, c4Dropped }) => {
+        const isDisposed = (x) => x instanceof SparseMlaError && x.code === 'DISPOSED';
+        if (disposed.error) return `dispose() (${when}) rejected: ${disposed.error}`;
+        if (lent !== 0) return `${lent} bytes of the disposed engine's staging still lent`;
+        if (!isDisposed(afterDispose.error)) return `a layer after dispose() ${afterDispose.error ? `rejected with ${afterDispose.error}` : `resolved (numQueries ${sc.numQueries})`}, expected DISPOSED`;
+        if (settledDropped.error) return `plan.settleDropped() rejected: ${settledDropped.error}`;
+        if (settledDropped.value !== c4Dropped) return `plan.settleDropped() gave ${settledDropped.value}, plan.stats.c4Dropped ${c4Dropped}`;
+        let sum = 0;
+        for (let i = 0; i < calls.length; i++) {
+          const { value, error } = results[i];
+          const what = `layer ${i + 1} of ${calls.length} in flight at dispose() (${when}, options ${describeOptions(calls[i].options)}, arrays ${calls[i].after} after it returned)`;
+          if (error) {
+            if (!isDisposed(error)) return `${what} rejected with ${error?.name} ${error?.code ?? ''}: ${String(error?.message).slice(0, 200)}`;
+            continue;
+          }
+          if (typeof value.dropped !== 'number') return `${what}: dropped ${value.dropped} on a host engine`;
+          sum += value.dropped;
+          const p = judgeLayer(value, sc, layer);
+          if (p) return `${what}: ${p}`;
+        }
+        // (a layer rejected with DISPOSED after its combine ran has its count in plan.stats too, as its combine)
+        if (sum > c4Dropped) return `plan.stats.c4Dropped ${c4Dropped}, less than the resolved layers dropped (${sum})`;
+        return null;
+      },
+    };
+  },
+};
+
+function describeOptions(o) {
+  try {
+    return typeof o === 'object' && o !== null ? JSON.stringify(o) ?? String(o) : String(o);
+  } catch {
+    return typeof o;
+  }
+}
+
 const WORKER_URL = new URL('./thread_worker.mjs', import.meta.url);
 const DIST_URL = new URL('../../dist/', import.meta.url).href;
 
@@ -490,4 +756,6 @@ export const HOST_TARGETS = [
   [engineDispose, 1],
   [layerAfterReturn, 1],
   [workerThreads, 1],
+  [layerHostile, 2],
+  [layerDispose, 1],
 ];

@@ -150,7 +150,7 @@ describe.each(BACKENDS)('%s: prefillLayer copies its host q once', (backend) => 
     expect(impl.staging.lentBytes).toBeGreaterThan(0); // the copy of q, taken at the call
     structuredClone(swa.data.buffer, { transfer: [swa.data.buffer] });
     const err = await pending.catch((e: unknown) => e);
-    expect(err instanceof SparseMlaError && { code: err.code, argument: err.argument }).toEqual({ code: 'INVALID_VALUE', argument: 'cache.data' });
+    expect(err instanceof SparseMlaError && { code: err.code, argument: err.argument }).toEqual({ code: 'INVALID_VALUE', argument: 'caches.swa.data' });
     expect(impl.staging.lentBytes).toBe(0);
   });
 

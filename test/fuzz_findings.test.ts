@@ -645,6 +645,22 @@ describe('hostile input on the host engines (session 48)', () => {
     }
   });
 
+  test("a layer's cache detached after the call returned (its dequant reads it later) is INVALID_VALUE naming the layer's argument, caches.swa.data or caches.c4.data (it named the op's cache.data)", async () => {
+    const sc = randomScenario(rng, [rng.int(200, 300)], [rng.int(2, 6)]);
+    const nq = sc.numQueries;
+    for (const engine of engines) {
+      for (const which of ['swa', 'c4'] as const) {
+        const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages) };
+        const plan = createPlan(sc.chunk);
+        const q = tensor('bf16', [nq, 2, 512], randomBf16Bits(rng, nq * 2 * 512));
+        const pending = prefillLayer(engine, { plan, compressRatio: 4, q, caches, topkIndices: randomTopk(rng, sc, 8), smScale: 0.04, path: 'sparse' });
+        structuredClone(caches[which].data.buffer, { transfer: [caches[which].data.buffer] });
+        await expectTyped(() => pending, 'INVALID_VALUE', `caches.${which}.data`);
+        plan.release();
+      }
+    }
+  });
+
   /** q [nq, hQ, 512]'s heads [h0, h1) as their own tensor. */
   function heads(q: Tensor<'bf16'>, h0: number, h1: number): Tensor<'bf16'> {
     const [nq, hQ] = q.shape as [number, number, number];

@@ -27,7 +27,7 @@ import { fail } from '../errors.js';
 import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
-import { alignStaging, copyAtCall } from '../backends/staging.js';
+import { alignStaging, copyAtCall, detached } from '../backends/staging.js';
 import { SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -507,6 +507,7 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResourc
     // kept ids are taken as they are: an await of them would only add event-loop turns before the launch
     const compressedIds = layout.compressedRows > 0 ? (res.keptCompressedIds(ratio as 4 | 128) ?? (await res.compressedIds(steps, ratio as 4 | 128))) : null;
     const swaIds = layout.swaRows > 0 ? (res.keptSwaIds() ?? (await res.swaIds(steps))) : null;
+    cachesAttached(call);
     for (const job of dequantJobs(call, ws, compressedIds, swaIds)) await steps.dequantizeKCacheInto(job);
     const r = await steps.prefill(prefillJob(call, ws, rows), output);
     // { dropped: 'later' } on a device: the count is the plan's to wait for (settleDropped)
@@ -519,6 +520,17 @@ async function workspaceLayer(steps: LayerSteps<DeviceBuffer>, res: LayerResourc
     if (ws !== undefined) res.giveBackWorkspace(ws);
     if (c4) res.giveBackC4Rows(c4);
   }
+}
+
+/**
+ * The layer's host caches still have their memory when its dequant comes to read them, after the
+ * layer's awaits (a cache is read while the layer runs: README "Memory a call owns"): one detached
+ * or shrunk since the call is INVALID_VALUE naming it, as the layer's argument, before the dequant.
+ */
+function cachesAttached({ caches, ratio }: LayerCall): void {
+  const { swa, compressed } = caches;
+  if (ArrayBuffer.isView(swa.data) && swa.data.byteLength !== swa.bytes) detached('caches.swa.data', 'after the layer was called');
+  if (compressed !== undefined && ArrayBuffer.isView(compressed.data) && compressed.data.byteLength !== compressed.bytes) detached(`caches.c${ratio}.data`, 'after the layer was called');
 }
 
 /** A layer's dequants into its workspace: the compressed rows first, then the SWA rows (null ids: none of that kind). */

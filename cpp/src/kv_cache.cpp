@@ -3,6 +3,9 @@
 
 #include "kv_cache_rows.h"
 #include "simd.h"
+#if defined(SMLA_SIMD_SSE2) && defined(__SSSE3__)
+#include <tmmintrin.h>
+#endif
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_indices.h"
 #include "sparse_mla/sparse_mla.h"
@@ -40,9 +43,55 @@ inline v128_t dequant4(v128_t u, v128_t scale) {
   return wasm_v128_bitselect(nan, rounded, wasm_f32x4_ne(r, r));
 }
 
+// kExact on 16 codes at a time, in bytes and 16-bit lanes, no float arithmetic: the product with
+// a scale 2^k that keeps it a normal float32 is exact, so its bf16 is the e4m3 value's own bf16
+// with k added to the exponent field. That bf16 is built as two bytes: the normal codes' formula
+// (mag << 4) + 0x3c00, plus, for magnitudes 0..7 (zero and the subnormals m * 2^-9), a table's
+// byte-wise difference to their bf16; NaN codes are patched to 0x7fc0; then the sign bit, then
+// k << 7 added to every lane but zeros and NaNs.
+template <bool kF32>
+inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
+  const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
+  const v128_t shift = wasm_i16x8_splat(int16_t(k * 128));
+  // bf16 of m * 2^-9 minus (m << 4) + 0x3c00, per byte, m = 0..7; swizzle gives 0 past index 15
+  const v128_t fix_lo = wasm_i8x16_make(0, int8_t(0xf0), 0x60, int8_t(0x90), int8_t(0xc0), int8_t(0xd0),
+                                        int8_t(0xe0), int8_t(0xf0), 0, 0, 0, 0, 0, 0, 0, 0);
+  const v128_t fix_hi = wasm_i8x16_make(int8_t(0xc4), -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+  for (int j = 0; j < 64; j += 16) {
+    const v128_t b = wasm_v128_load(q + j);
+    const v128_t mag = wasm_v128_and(b, wasm_i8x16_splat(0x7f));
+    const v128_t is_nan = wasm_i8x16_eq(mag, wasm_i8x16_splat(0x7f));
+    // 0x7f by the formula is 0x43f0: 0x7fc0 is 0x30 off in the low byte, 0x3c in the high one
+    const v128_t lo = wasm_v128_xor(wasm_i8x16_add(wasm_i8x16_shl(mag, 4), wasm_i8x16_swizzle(fix_lo, mag)),
+                                    wasm_v128_and(is_nan, wasm_i8x16_splat(0x30)));
+    const v128_t hi = wasm_v128_or(
+        wasm_i8x16_add(wasm_i8x16_add(wasm_u8x16_shr(mag, 4), wasm_i8x16_splat(0x3c)), wasm_i8x16_swizzle(fix_hi, mag)),
+        wasm_v128_or(wasm_v128_and(is_nan, wasm_i8x16_splat(0x3c)), wasm_v128_and(b, wasm_i8x16_splat(int8_t(0x80)))));
+    const v128_t unscaled = wasm_v128_or(wasm_i8x16_eq(mag, wasm_i8x16_splat(0)), is_nan);
+    const v128_t h0 = wasm_i8x16_shuffle(lo, hi, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const v128_t h1 = wasm_i8x16_shuffle(lo, hi, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const v128_t r0 = wasm_i16x8_add(h0, wasm_v128_andnot(shift, wasm_i16x8_extend_low_i8x16(unscaled)));
+    const v128_t r1 = wasm_i16x8_add(h1, wasm_v128_andnot(shift, wasm_i16x8_extend_high_i8x16(unscaled)));
+    if (kF32) {
+      // a bf16 in the high half of a float32 lane
+      const v128_t z = wasm_i16x8_splat(0);
+      float* o = static_cast<float*>(out) + j;
+      wasm_v128_store(o, wasm_i16x8_shuffle(z, r0, 0, 8, 1, 9, 2, 10, 3, 11));
+      wasm_v128_store(o + 4, wasm_i16x8_shuffle(z, r0, 4, 12, 5, 13, 6, 14, 7, 15));
+      wasm_v128_store(o + 8, wasm_i16x8_shuffle(z, r1, 0, 8, 1, 9, 2, 10, 3, 11));
+      wasm_v128_store(o + 12, wasm_i16x8_shuffle(z, r1, 4, 12, 5, 13, 6, 14, 7, 15));
+    } else {
+      uint16_t* o = static_cast<uint16_t*>(out) + j;
+      wasm_v128_store(o, r0);
+      wasm_v128_store(o + 8, r1);
+    }
+  }
+}
+
 // 64 bytes -> 64 values. Out is bf16 bits or float32 (the bf16 value).
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  if (kExact) return dequant_tile64_exact<kF32>(q, scale_f, out);
   const v128_t scale = wasm_f32x4_splat(scale_f);
   for (int j = 0; j < 64; j += 16) {
     const v128_t b = wasm_v128_load(q + j);
@@ -163,6 +212,7 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
 // The AVX2 path's arithmetic on 4 lanes with SSE2 only (x86-64's baseline, no SSE4.1): bytes are
 // widened by unpacking against zero, selects are and / andnot / or, and the bf16 halves are packed
 // with the signed packs after an arithmetic shift, which keeps each lane's 16 bits unchanged.
+// With SSSE3 the exact scales take the byte path below instead.
 inline __m128i select_si128(__m128i mask, __m128i if_set, __m128i if_clear) {
   return _mm_or_si128(_mm_and_si128(mask, if_set), _mm_andnot_si128(mask, if_clear));
 }
@@ -192,8 +242,58 @@ inline __m128i pack_bf16(__m128i a, __m128i b) {
   return _mm_packs_epi32(_mm_srai_epi32(a, 16), _mm_srai_epi32(b, 16));
 }
 
+#if defined(__SSSE3__)
+// kExact as the WASM path does it (bytes and 16-bit lanes, the subnormals' table through pshufb),
+// where SSSE3 is there (x86-64-v2 and up); plain SSE2 has no byte shuffle and keeps the float path.
+template <bool kF32>
+inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
+  const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
+  const __m128i shift = _mm_set1_epi16(int16_t(k * 128));
+  // the WASM path's tables at indices 8..15: magnitudes 0..7 saturate-add 0x78 to 0x78..0x7f, pshufb
+  // reads their low nibble; magnitudes 8 and up become >= 0x80, which pshufb turns into 0
+  const __m128i fix_lo = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xf0), 0x60, int8_t(0x90),
+                                       int8_t(0xc0), int8_t(0xd0), int8_t(0xe0), int8_t(0xf0));
+  const __m128i fix_hi = _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xc4), -1, -1, -1, 0, 0, 0, 0);
+  const __m128i z = _mm_setzero_si128();
+  for (int j = 0; j < 64; j += 16) {
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
+    const __m128i mag = _mm_and_si128(b, _mm_set1_epi8(0x7f));
+    const __m128i is_nan = _mm_cmpeq_epi8(mag, _mm_set1_epi8(0x7f));
+    const __m128i idx = _mm_adds_epu8(mag, _mm_set1_epi8(0x78));
+    // byte shifts from 16-bit ones, masked
+    const __m128i lo_formula = _mm_and_si128(_mm_slli_epi16(mag, 4), _mm_set1_epi8(int8_t(0xf0)));
+    const __m128i hi_formula =
+        _mm_add_epi8(_mm_and_si128(_mm_srli_epi16(mag, 4), _mm_set1_epi8(0x0f)), _mm_set1_epi8(0x3c));
+    const __m128i lo = _mm_xor_si128(_mm_add_epi8(lo_formula, _mm_shuffle_epi8(fix_lo, idx)),
+                                     _mm_and_si128(is_nan, _mm_set1_epi8(0x30)));
+    const __m128i hi = _mm_or_si128(
+        _mm_add_epi8(hi_formula, _mm_shuffle_epi8(fix_hi, idx)),
+        _mm_or_si128(_mm_and_si128(is_nan, _mm_set1_epi8(0x3c)), _mm_and_si128(b, _mm_set1_epi8(int8_t(0x80)))));
+    const __m128i unscaled = _mm_or_si128(_mm_cmpeq_epi8(mag, z), is_nan);
+    const __m128i r0 = _mm_add_epi16(_mm_unpacklo_epi8(lo, hi),
+                                     _mm_andnot_si128(_mm_unpacklo_epi8(unscaled, unscaled), shift));
+    const __m128i r1 = _mm_add_epi16(_mm_unpackhi_epi8(lo, hi),
+                                     _mm_andnot_si128(_mm_unpackhi_epi8(unscaled, unscaled), shift));
+    if (kF32) {
+      __m128i* o = reinterpret_cast<__m128i*>(static_cast<float*>(out) + j);
+      _mm_storeu_si128(o, _mm_unpacklo_epi16(z, r0));
+      _mm_storeu_si128(o + 1, _mm_unpackhi_epi16(z, r0));
+      _mm_storeu_si128(o + 2, _mm_unpacklo_epi16(z, r1));
+      _mm_storeu_si128(o + 3, _mm_unpackhi_epi16(z, r1));
+    } else {
+      __m128i* o = reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + j);
+      _mm_storeu_si128(o, r0);
+      _mm_storeu_si128(o + 1, r1);
+    }
+  }
+}
+#endif
+
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+#if defined(__SSSE3__)
+  if (kExact) return dequant_tile64_exact<kF32>(q, scale_f, out);
+#endif
   const __m128 scale = _mm_set1_ps(scale_f);
   const __m128i z = _mm_setzero_si128();
   for (int j = 0; j < 64; j += 16) {

@@ -554,6 +554,8 @@ const layerHostile = {
         if (r.error) {
           // INVALID_SHAPE where the getter ran before the operand's own check (a view out of its shrunk buffer has no elements)
           if (gone && (typed(r.error, 'INVALID_VALUE', `${victim}.data`) || typed(r.error, 'INVALID_SHAPE', `${victim}.data`))) return null;
+          // an operand of no elements whose buffer went before its check: refused as detached, or taken as the empty array it is
+          if (victim && atCallLength[victim] === 0 && act === 'detach' && typed(r.error, 'INVALID_VALUE', `${victim}.data`)) return null;
           if (mode === 'budget' && typed(r.error, 'TOO_LARGE')) return null;
           return `rejected (${mode}${victim ? `, ${victim} ${place[victim]} ${act} in the ${lateField} getter` : ''}, options ${describeOptions(options)}): ${r.error?.name} ${r.error?.code ?? ''} ${String(r.error?.message).slice(0, 200)}`;
         }

@@ -227,6 +227,8 @@ function smallBudgetEngine(backend) {
 
 /** Disposes what the host targets made for the process (run.mjs at its end). */
 export async function closeHostTargets() {
+  await racer?.terminate();
+  racer = null;
   for (const p of smallBudget.values()) await (await p.catch(() => null))?.dispose();
   smallBudget.clear();
 }
@@ -648,6 +650,68 @@ const layerDispose = {
   },
 };
 
+const RACER_URL = new URL('./racer_worker.mjs', import.meta.url);
+let racer = null; // one racer Worker per process, made at its first use (closeHostTargets ends it)
+
+/** Rewrites `buffers` (SharedArrayBuffers) from another thread until the returned stop() resolves. */
+async function race(buffers, seed) {
+  racer ??= new Worker(RACER_URL);
+  const stop = new SharedArrayBuffer(4);
+  const next = (what) => new Promise((resolve) => racer.once('message', (m) => m === what && resolve()));
+  const started = next('started');
+  racer.postMessage({ buffers, stop, seed });
+  await started;
+  return async () => {
+    const stopped = next('stopped');
+    Atomics.store(new Int32Array(stop), 0, 1);
+    await stopped;
+  };
+}
+
+/**
+ * A layer (prefillLayer, or prefillLayerSharded over this engine) whose q, sink, top-k and caches lie
+ * in SharedArrayBuffers that another thread rewrites throughout the call (README "Memory a call
+ * owns": results may change, the call may never read or write outside its buffers): it resolves
+ * with outputs of the layer's shapes and a dropped count, or rejects with a typed error that is not
+ * a backend's failure; the process lives on.
+ */
+const layerRace = {
+  name: 'layerRace',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    const sharded = rng.uniform() < 0.25;
+    layer.plan = sharded ? createShardedPlan(sc.chunk, { shards: 2, split: rng.pick(['heads', 'queries']), window }) : createPlan(sc.chunk, { window });
+    hooks.plans.push(layer.plan);
+    if (sharded && layer.plan.split === 'heads' && layer.q.shape[1] < 2) layer.plan = createShardedPlan(sc.chunk, { shards: 2, split: 'queries', window });
+    const args = { ...layer, caches: {} };
+    for (const k of ['q', 'attnSink', 'topkIndices']) if (layer[k]) args[k] = { ...layer[k], data: sharedCopy(layer[k].data) };
+    for (const [k, c] of Object.entries(layer.caches)) args.caches[k] = { ...c, data: sharedCopy(c.data) };
+    const buffers = [...['q', 'attnSink', 'topkIndices'].filter((k) => args[k]).map((k) => args[k].data.buffer), ...Object.values(args.caches).map((c) => c.data.buffer)].filter(() => rng.uniform() < 0.8);
+    const seed = rng.u32();
+    return {
+      args: [],
+      call: async () => {
+        const stop = await race(buffers, seed);
+        try {
+          return await settle(sharded ? prefillLayerSharded([env.engine, env.engine], args) : prefillLayer(env.engine, args));
+        } finally {
+          await stop();
+        }
+      },
+      judge: ({ value, error }) => {
+        if (error) {
+          if (!(error instanceof SparseMlaError) || error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return `rejected with ${error?.name} ${error?.code ?? ''}: ${String(error?.message).slice(0, 200)}`;
+          return null;
+        }
+        return judgeLayer(value, sc, layer, true);
+      },
+    };
+  },
+};
+
 function describeOptions(o) {
   try {
     return typeof o === 'object' && o !== null ? JSON.stringify(o) ?? String(o) : String(o);
@@ -760,4 +824,5 @@ export const HOST_TARGETS = [
   [workerThreads, 1],
   [layerHostile, 2],
   [layerDispose, 1],
+  [layerRace, 1],
 ];

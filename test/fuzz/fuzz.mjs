@@ -77,6 +77,11 @@ function withTimeout(p, ms) {
   return Promise.race([p, new Promise((_, reject) => (timer = setTimeout(() => reject(new Timeout(`no answer in ${ms} ms`)), ms)))]).finally(() => clearTimeout(timer));
 }
 
+/** The intrinsic name of a typed array's kind ('Uint8Array', ...), whatever its class or getters say. */
+const TYPED_PROTO = Object.getPrototypeOf(Uint8Array.prototype);
+const TYPED_KIND = Object.getOwnPropertyDescriptor(TYPED_PROTO, Symbol.toStringTag).get;
+const [TYPED_BUFFER, TYPED_OFFSET, TYPED_LENGTH] = ['buffer', 'byteOffset', 'length'].map((k) => Object.getOwnPropertyDescriptor(TYPED_PROTO, k).get);
+
 function bytesOf(a) {
   return new Uint8Array(a.buffer, a.byteOffset, a.byteLength).slice();
 }
@@ -170,7 +175,18 @@ export async function runCase(env, seed, index, only) {
   const refusable = muts.filter((m) => m.mustRefuse && !(m.mustRefuse === 'other-device' && built.otherDeviceOk));
   if (refusable.length > 0 && muts.filter((m) => !m.neutral).length === 1 && !built.mustRefuse) return finding('accepted-bad-device', `resolved with ${refusable[0].desc}`);
   if (sentinel || dynamic) return Object.assign(res, { verdict: 'accepted' });
-  const pre = (a) => snapshots.get(a) ? new a.constructor(snapshots.get(a).buffer) : a;
+  // an array's bytes before the call, as the intrinsic typed array of its kind (a subclass's getters may lie: stub seed 4805 case 3343)
+  const pre = (a) => {
+    const kind = TYPED_KIND.call(a);
+    if (kind === undefined) return a;
+    const at = snapshots.get(a);
+    if (at) return new globalThis[kind](at.buffer);
+    try {
+      return new globalThis[kind](TYPED_BUFFER.call(a), TYPED_OFFSET.call(a), TYPED_LENGTH.call(a));
+    } catch {
+      return a; // detached
+    }
+  };
   let refArgs = built.args;
   if (neutral) refArgs = target.build(makeRng(buildSeed), env, new CaseHooks()).args;
   let problem;

@@ -24,6 +24,8 @@ namespace {
 // kExact: the scale is a power of two that keeps every e4m3 value inside the normal float range
 // (see scale_keeps_exact); then the product is exact, already a bf16 value (4 significant bits),
 // NaN codes give 0x7fc00000 | sign, and the rounding step is the identity, so it is skipped.
+// WASM, AVX2 and SSSE3 go further for kExact and build the bf16 bits from the bytes with integer
+// operations (dequant_tile64_exact); NEON and plain SSE2 multiply in float32 for every scale.
 #if defined(SMLA_SIMD_WASM)
 template <bool kExact>
 inline v128_t dequant4(v128_t u, v128_t scale) {
@@ -136,8 +138,54 @@ inline __m256i dequant8(__m256i u, __m256 scale) {
                                               _mm256_cmp_ps(rf, rf, _CMP_UNORD_Q)));
 }
 
+// kExact: the WASM / SSSE3 byte path on 32 codes at a time. vpshufb and the byte unpacks work in
+// each 128-bit half, so the codes' 8-byte quarters are first reordered (0, 2, 1, 3): the unpacks
+// then yield codes 0..15 and 16..31 in order.
+template <bool kF32>
+inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
+  const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
+  const __m256i shift = _mm256_set1_epi16(int16_t(k * 128));
+  const __m256i fix_lo = _mm256_broadcastsi128_si256(_mm_setr_epi8(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xf0), 0x60, int8_t(0x90), int8_t(0xc0), int8_t(0xd0), int8_t(0xe0), int8_t(0xf0)));
+  const __m256i fix_hi = _mm256_broadcastsi128_si256(
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xc4), -1, -1, -1, 0, 0, 0, 0));
+  for (int j = 0; j < 64; j += 32) {
+    const __m256i b =
+        _mm256_permute4x64_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + j)), 0xd8);
+    const __m256i mag = _mm256_and_si256(b, _mm256_set1_epi8(0x7f));
+    const __m256i is_nan = _mm256_cmpeq_epi8(mag, _mm256_set1_epi8(0x7f));
+    const __m256i idx = _mm256_adds_epu8(mag, _mm256_set1_epi8(0x78));
+    const __m256i lo_formula = _mm256_and_si256(_mm256_slli_epi16(mag, 4), _mm256_set1_epi8(int8_t(0xf0)));
+    const __m256i hi_formula = _mm256_add_epi8(_mm256_and_si256(_mm256_srli_epi16(mag, 4), _mm256_set1_epi8(0x0f)),
+                                               _mm256_set1_epi8(0x3c));
+    const __m256i lo = _mm256_xor_si256(_mm256_add_epi8(lo_formula, _mm256_shuffle_epi8(fix_lo, idx)),
+                                        _mm256_and_si256(is_nan, _mm256_set1_epi8(0x30)));
+    const __m256i hi = _mm256_or_si256(
+        _mm256_add_epi8(hi_formula, _mm256_shuffle_epi8(fix_hi, idx)),
+        _mm256_or_si256(_mm256_and_si256(is_nan, _mm256_set1_epi8(0x3c)),
+                        _mm256_and_si256(b, _mm256_set1_epi8(int8_t(0x80)))));
+    const __m256i unscaled = _mm256_or_si256(_mm256_cmpeq_epi8(mag, _mm256_setzero_si256()), is_nan);
+    const __m256i r0 = _mm256_add_epi16(_mm256_unpacklo_epi8(lo, hi),
+                                        _mm256_andnot_si256(_mm256_unpacklo_epi8(unscaled, unscaled), shift));
+    const __m256i r1 = _mm256_add_epi16(_mm256_unpackhi_epi8(lo, hi),
+                                        _mm256_andnot_si256(_mm256_unpackhi_epi8(unscaled, unscaled), shift));
+    if (kF32) {
+      __m256i* o = reinterpret_cast<__m256i*>(static_cast<float*>(out) + j);
+      _mm256_storeu_si256(o, _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(r0)), 16));
+      _mm256_storeu_si256(o + 1, _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(r0, 1)), 16));
+      _mm256_storeu_si256(o + 2, _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(r1)), 16));
+      _mm256_storeu_si256(o + 3, _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(r1, 1)), 16));
+    } else {
+      __m256i* o = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + j);
+      _mm256_storeu_si256(o, r0);
+      _mm256_storeu_si256(o + 1, r1);
+    }
+  }
+}
+
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+  if (kExact) return dequant_tile64_exact<kF32>(q, scale_f, out);
   const __m256 scale = _mm256_set1_ps(scale_f);
   for (int j = 0; j < 64; j += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));

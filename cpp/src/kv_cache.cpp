@@ -383,10 +383,29 @@ inline bool scale_keeps_exact(float scale) {
   return (u & 0x807fffffu) == 0 && e >= 10 && e <= 246;
 }
 
+// Emscripten's clang keeps the tile dispatch out of line otherwise: a call per 64 codes.
+#if defined(SMLA_SIMD_WASM)
+#define SMLA_TILE_INLINE __attribute__((always_inline)) inline
+#else
+#define SMLA_TILE_INLINE inline
+#endif
+
 template <bool kF32>
-inline void dequant_tile(const uint8_t* q, float scale, void* out) {
+SMLA_TILE_INLINE void dequant_tile(const uint8_t* q, float scale, void* out) {
   if (scale_keeps_exact(scale)) dequant_tile64<kF32, true>(q, scale, out);
   else dequant_tile64<kF32, false>(q, scale, out);
+}
+
+// A token's 64 bf16 rope values, copied bit for bit. The WASM build has no bulk memory, so its
+// memcpy is a library call; 8 vector moves instead.
+static_assert(v4::kRopeDim == 64 && v32::kRopeDim == 64, "rope rows are 128 bytes");
+inline void copy_rope(uint16_t* dst, const uint8_t* src) {
+#if defined(SMLA_SIMD_WASM)
+  for (int i = 0; i < 128; i += 16)
+    wasm_v128_store(reinterpret_cast<uint8_t*>(dst) + i, wasm_v128_load(src + i));
+#else
+  memcpy(dst, src, 128);
+#endif
 }
 
 }  // namespace
@@ -394,7 +413,7 @@ inline void dequant_tile(const uint8_t* q, float scale, void* out) {
 void dequant_v4_token_bf16(const uint8_t* data, const uint8_t* scales, uint16_t* out) {
   for (int t = 0; t < v4::kNumTiles; ++t)
     dequant_tile<false>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
-  memcpy(out + v4::kNopeDim, data + v4::kNopeDim, v4::kRopeDim * 2);
+  copy_rope(out + v4::kNopeDim, data + v4::kNopeDim);
 }
 
 void dequant_v4_token_f32(const uint8_t* data, const uint8_t* scales, float* out) {
@@ -411,7 +430,7 @@ void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
     dequant_tile<false>(token + t * v32::kTile, scale, out + t * v32::kTile);
     dequant_tile<false>(token + t * v32::kTile + 64, scale, out + t * v32::kTile + 64);
   }
-  memcpy(out + v32::kNopeDim, token + v32::kRopeAt, v32::kRopeDim * 2);
+  copy_rope(out + v32::kNopeDim, token + v32::kRopeAt);
 }
 
 namespace {

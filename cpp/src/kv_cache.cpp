@@ -55,7 +55,8 @@ template <bool kF32>
 inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
   const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
   const v128_t shift = wasm_i16x8_splat(int16_t(k * 128));
-  // bf16 of m * 2^-9 minus (m << 4) + 0x3c00, per byte, m = 0..7; swizzle gives 0 past index 15
+  // per byte, for m = 0..7: the bf16 of m * 2^-9 (0 for m = 0) minus the formula's (m << 4) + 0x3c00;
+  // swizzle gives 0 past index 15, and indices 8..15 hold 0
   const v128_t fix_lo = wasm_i8x16_make(0, int8_t(0xf0), 0x60, int8_t(0x90), int8_t(0xc0), int8_t(0xd0),
                                         int8_t(0xe0), int8_t(0xf0), 0, 0, 0, 0, 0, 0, 0, 0);
   const v128_t fix_hi = wasm_i8x16_make(int8_t(0xc4), -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);

@@ -332,8 +332,30 @@ export type CheckedLayer = LayerCall;
  */
 export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unknown): CheckedLayer {
   if (!(engine instanceof SparseMlaEngine)) fail('INVALID_VALUE', 'engine', 'an Engine from createEngine()', describe(engine));
-  return prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
+  const call = prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
+  if (engine.hasDevice) deviceOperandsLive(call);
+  return call;
 }
+
+/**
+ * A cuda layer's device operands are still live once every argument has been read: a getter read
+ * after an operand's check (smScale, caches, path, threshold, env) can free one, which is then
+ * INVALID_VALUE naming the layer's argument before any work (the ops' own checks, at their launch,
+ * would name theirs: cache, kCache.data). Gives back the call's copies when it throws.
+ */
+function deviceOperandsLive(call: LayerCall): void {
+  const compressed = call.caches.compressed;
+  let argument: string | undefined;
+  if (isFreed(call.q.data)) argument = 'q';
+  else if (call.attnSink !== undefined && isFreed(call.attnSink.data)) argument = 'attnSink';
+  else if (isFreed(call.caches.swa.data)) argument = 'caches.swa';
+  else if (compressed !== undefined && isFreed(compressed.data)) argument = `caches.c${call.ratio}`;
+  else if (call.topk !== undefined && isFreed(call.topk.data)) argument = 'topkIndices';
+  if (argument === undefined) return;
+  releaseLayer(call);
+  fail('INVALID_VALUE', argument, 'a live device buffer until the call has read its arguments', 'one freed during the call (by a getter of a later argument)');
+}
+const isFreed = (d: unknown): boolean => isDeviceBuffer(d) && d.freed;
 
 /**
  * @internal Runs a checked layer call on the engine it was checked for, and gives back the slab of

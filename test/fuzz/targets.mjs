@@ -35,6 +35,24 @@ import { chunkScenario, indexerTopk } from '../../dist/check/chunks.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../../dist/io/index.js';
 import { isTyped } from './mutate.mjs';
 
+const TYPED_PROTO = Object.getPrototypeOf(Uint8Array.prototype);
+const [TYPED_KIND, TYPED_BUFFER, TYPED_OFFSET, TYPED_LENGTH] = [Symbol.toStringTag, 'buffer', 'byteOffset', 'length'].map((k) => Object.getOwnPropertyDescriptor(TYPED_PROTO, k).get);
+
+/**
+ * A tensor as the reference should read it: its data a plain view of the array's memory (the
+ * library reads a typed array by its memory; a subclass's getters may lie: stub seed 4815 case 1805);
+ * anything else as it is.
+ */
+function byMemory(t) {
+  if (typeof t !== 'object' || t === null || !isTyped(t.data)) return t;
+  const d = t.data, kind = TYPED_KIND.call(d);
+  try {
+    return { dtype: t.dtype, shape: t.shape, data: new globalThis[kind](TYPED_BUFFER.call(d), TYPED_OFFSET.call(d), TYPED_LENGTH.call(d)) };
+  } catch {
+    return t; // detached
+  }
+}
+
 const D = 512;
 
 function int32Tensor(hooks, shape, values) {
@@ -216,7 +234,7 @@ const quantizeKCache = {
         const before = pre(r.cache.data);
         // fields read, not spread: a cache object that inherits them (a neutral mutation) has none of its own
         const want = { format: r.cache.format, pageSize: r.cache.pageSize, numPages: r.cache.numPages, data: before.slice() };
-        R.quantizeKCacheReference(want, r.tokenIds, r.rows);
+        R.quantizeKCacheReference(want, byMemory(r.tokenIds), byMemory(r.rows));
         const data = args[0].cache.data;
         const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
         const i = bytes.findIndex((b, k) => b !== want.data[k]);

@@ -15,6 +15,13 @@ namespace cpu {
 
 namespace {
 
+// Emscripten's clang keeps the tile functions out of line otherwise: a call per 64 codes.
+#if defined(SMLA_SIMD_WASM)
+#define SMLA_TILE_INLINE __attribute__((always_inline)) inline
+#else
+#define SMLA_TILE_INLINE inline
+#endif
+
 // A tile of e4m3 bytes times its power-of-two scale, rounded to bf16 (SPEC §3.1), vectorized.
 // For each byte: the e4m3 value is built exactly in float32 (normal codes by placing exponent and
 // mantissa bits, subnormal codes as m * 2^-9, NaN codes as NaN), multiplied by the scale (the one
@@ -52,7 +59,7 @@ inline v128_t dequant4(v128_t u, v128_t scale) {
 // byte-wise difference to their bf16; NaN codes are patched to 0x7fc0; then the sign bit, then
 // k << 7 added to every lane but zeros and NaNs.
 template <bool kF32>
-inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
+SMLA_TILE_INLINE void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
   const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
   const v128_t shift = wasm_i16x8_splat(int16_t(k * 128));
   // per byte, for m = 0..7: the bf16 of m * 2^-9 (0 for m = 0) minus the formula's (m << 4) + 0x3c00;
@@ -93,7 +100,7 @@ inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
 
 // 64 bytes -> 64 values. Out is bf16 bits or float32 (the bf16 value).
 template <bool kF32, bool kExact>
-inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
+SMLA_TILE_INLINE void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   if (kExact) return dequant_tile64_exact<kF32>(q, scale_f, out);
   const v128_t scale = wasm_f32x4_splat(scale_f);
   for (int j = 0; j < 64; j += 16) {
@@ -117,7 +124,8 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   }
 }
 #elif defined(SMLA_SIMD_AVX2)
-template <bool kExact>
+// kF32: the low halves cleared (a float32 row); the bf16 output shifts them out instead.
+template <bool kF32, bool kExact>
 inline __m256i dequant8(__m256i u, __m256 scale) {
   const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7f));
   const __m256i sign = _mm256_slli_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x80)), 24);
@@ -131,7 +139,7 @@ inline __m256i dequant8(__m256i u, __m256 scale) {
   const __m256i r = _mm256_castps_si256(rf);
   if (kExact) return r;
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(r, 16), _mm256_set1_epi32(1));
-  const __m256i hi_mask = _mm256_set1_epi32(int32_t(0xffff0000u));
+  const __m256i hi_mask = _mm256_set1_epi32(int32_t(kF32 ? 0xffff0000u : 0xffffffffu));
   const __m256i rounded =
       _mm256_and_si256(_mm256_add_epi32(r, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), hi_mask);
   const __m256i nan = _mm256_and_si256(_mm256_or_si256(r, _mm256_set1_epi32(0x00400000)), hi_mask);
@@ -190,8 +198,8 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
   const __m256 scale = _mm256_set1_ps(scale_f);
   for (int j = 0; j < 64; j += 16) {
     const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + j));
-    const __m256i r0 = dequant8<kExact>(_mm256_cvtepu8_epi32(b), scale);
-    const __m256i r1 = dequant8<kExact>(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), scale);
+    const __m256i r0 = dequant8<kF32, kExact>(_mm256_cvtepu8_epi32(b), scale);
+    const __m256i r1 = dequant8<kF32, kExact>(_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8)), scale);
     if (kF32) {
       float* o = static_cast<float*>(out) + j;
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), r0);
@@ -384,17 +392,61 @@ inline bool scale_keeps_exact(float scale) {
   return (u & 0x807fffffu) == 0 && e >= 10 && e <= 246;
 }
 
-// Emscripten's clang keeps the tile dispatch out of line otherwise: a call per 64 codes.
-#if defined(SMLA_SIMD_WASM)
-#define SMLA_TILE_INLINE __attribute__((always_inline)) inline
-#else
-#define SMLA_TILE_INLINE inline
-#endif
+inline bool scale_is_nan(float scale) { return (float_bits(scale) & 0x7fffffffu) > 0x7f800000u; }
+
+// A NaN scale gives its own NaN, quieted, top half (float_to_bf16 of the product) for every code,
+// NaN codes included. Decided here, not by the multiplication: with both operands NaN the result
+// depends on their order in the instruction, which the compiler picks (GCC's scalar code keeps the
+// scale's NaN on AArch64 but, on x86-64, the code's for some codes), and AArch64 prefers a
+// signaling NaN. Out of line: the tile loops keep their constants in registers.
+template <bool kF32>
+__attribute__((noinline)) void dequant_tile64_nan_scale(float scale, void* out) {
+  const uint16_t h = uint16_t((float_bits(scale) >> 16) | 0x0040u);
+  for (int i = 0; i < 64; ++i) {
+    if (kF32) static_cast<float*>(out)[i] = bf16_to_float(h);
+    else static_cast<uint16_t*>(out)[i] = h;
+  }
+}
 
 template <bool kF32>
-SMLA_TILE_INLINE void dequant_tile(const uint8_t* q, float scale, void* out) {
-  if (scale_keeps_exact(scale)) dequant_tile64<kF32, true>(q, scale, out);
-  else dequant_tile64<kF32, false>(q, scale, out);
+void* tile_out(void* out, int tile) {
+  return kF32 ? static_cast<void*>(static_cast<float*>(out) + 64 * tile)
+              : static_cast<void*>(static_cast<uint16_t*>(out) + 64 * tile);
+}
+
+// A token's nope part: kTiles tiles of 64 codes, tile t scaled by scale_of(t / kTilesPerScale). One
+// loop per path, chosen per token: the byte path and the float path each need about a dozen
+// vector constants, and one loop holding both (a choice per tile) made GCC hoist both sets, more
+// than 16 ymm registers, and spill the float path's. Tokens whose scales are all exact (every token
+// SPEC's quantization writes) take the exact path's loop; other tokens the float path for every
+// tile (an exact product rounds to itself: the same bits), and tiles with a NaN scale the rule above.
+template <bool kF32, int kTiles, int kTilesPerScale, typename ScaleOf>
+SMLA_TILE_INLINE void dequant_nope(const uint8_t* q, bool all_exact, bool any_nan, ScaleOf scale_of, void* out) {
+  if (all_exact) {
+    for (int t = 0; t < kTiles; ++t)
+      dequant_tile64<kF32, true>(q + 64 * t, scale_of(t / kTilesPerScale), tile_out<kF32>(out, t));
+  } else if (!any_nan) {
+    for (int t = 0; t < kTiles; ++t)
+      dequant_tile64<kF32, false>(q + 64 * t, scale_of(t / kTilesPerScale), tile_out<kF32>(out, t));
+  } else {
+    for (int t = 0; t < kTiles; ++t) {
+      const float scale = scale_of(t / kTilesPerScale);
+      if (scale_is_nan(scale)) dequant_tile64_nan_scale<kF32>(scale, tile_out<kF32>(out, t));
+      else dequant_tile64<kF32, false>(q + 64 * t, scale, tile_out<kF32>(out, t));
+    }
+  }
+}
+
+// v4's scale bytes: 2^(b - 127) is exact for b in 10..246 (scale_keeps_exact), 255 is NaN.
+template <bool kF32>
+SMLA_TILE_INLINE void dequant_v4_nope(const uint8_t* data, const uint8_t* scales, void* out) {
+  bool all_exact = true, any_nan = false;
+  for (int t = 0; t < v4::kNumTiles; ++t) {
+    all_exact &= uint8_t(scales[t] - 10) <= 236;
+    any_nan |= scales[t] == 0xff;
+  }
+  dequant_nope<kF32, v4::kNumTiles, 1>(data, all_exact, any_nan,
+                                       [scales](int t) { return ue8m0_to_float(scales[t]); }, out);
 }
 
 // A token's 64 bf16 rope values, copied bit for bit. The WASM build has no bulk memory, so its
@@ -411,26 +463,28 @@ inline void copy_rope(uint16_t* dst, const uint8_t* src) {
 
 }  // namespace
 
+static_assert(v4::kTile == 64 && v32::kTile == 128, "tiles of 64 codes");
+
 void dequant_v4_token_bf16(const uint8_t* data, const uint8_t* scales, uint16_t* out) {
-  for (int t = 0; t < v4::kNumTiles; ++t)
-    dequant_tile<false>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
+  dequant_v4_nope<false>(data, scales, out);
   copy_rope(out + v4::kNopeDim, data + v4::kNopeDim);
 }
 
 void dequant_v4_token_f32(const uint8_t* data, const uint8_t* scales, float* out) {
-  for (int t = 0; t < v4::kNumTiles; ++t)
-    dequant_tile<true>(data + t * v4::kTile, ue8m0_to_float(scales[t]), out + t * v4::kTile);
+  dequant_v4_nope<true>(data, scales, out);
   const uint16_t* rope = reinterpret_cast<const uint16_t*>(data + v4::kNopeDim);
   for (int i = 0; i < v4::kRopeDim; i += simd::W) simd::store(out + v4::kNopeDim + i, simd::load_bf16(rope + i));
 }
 
 void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
+  float scales[v32::kNumTiles];
+  memcpy(scales, token + v32::kScalesAt, sizeof scales);
+  bool all_exact = true, any_nan = false;
   for (int t = 0; t < v32::kNumTiles; ++t) {
-    float scale;
-    memcpy(&scale, token + v32::kScalesAt + 4 * t, 4);
-    dequant_tile<false>(token + t * v32::kTile, scale, out + t * v32::kTile);
-    dequant_tile<false>(token + t * v32::kTile + 64, scale, out + t * v32::kTile + 64);
+    all_exact &= scale_keeps_exact(scales[t]);
+    any_nan |= scale_is_nan(scales[t]);
   }
+  dequant_nope<false, 2 * v32::kNumTiles, 2>(token, all_exact, any_nan, [&scales](int t) { return scales[t]; }, out);
   copy_rope(out + v32::kNopeDim, token + v32::kRopeAt);
 }
 

@@ -669,6 +669,40 @@ size_t count_dequant_mismatches(const std::string& ctx, const double* want, cons
   return mism;
 }
 
+// NaN bits, which SPEC leaves open (it asks only for a NaN), held to one rule on every path: a
+// NaN scale gives its own NaN quieted, top half ((bits >> 16) | 0x40, float_to_bf16's rule), for
+// every code, NaN codes included; a NaN code (0x7f / 0xff) times any other scale gives exactly
+// 0x7fc0 | sign (the quiet NaN the e4m3 decode builds survives the product and the rounding). NaN x
+// NaN is not left to the multiplication, whose operand order the compiler picks. Counts the others.
+size_t count_nan_bit_mismatches(const uint8_t* nope, int nope_dims, int tile, const float* tile_scales,
+                                const uint16_t* got_bf16, const float* got_f32) {
+  size_t mism = 0;
+  for (int d = 0; d < nope_dims; ++d) {
+    const float scale = tile_scales[d / tile];
+    uint16_t want;
+    if (isnan(scale)) {
+      uint32_t scale_bits;
+      memcpy(&scale_bits, &scale, 4);
+      want = uint16_t((scale_bits >> 16) | 0x40);
+    } else if ((nope[d] & 0x7f) == 0x7f) want = uint16_t(0x7fc0 | (nope[d] & 0x80) << 8);
+    else continue;
+    uint32_t got;
+    if (got_bf16) got = got_bf16[d];
+    else {
+      memcpy(&got, &got_f32[d], 4);
+      if (got & 0xffff) ++mism;
+      got >>= 16;
+    }
+    mism += got != want;
+  }
+  return mism;
+}
+
+// v4's tile scales as float32, a NaN byte (0xFF) as the core decodes it (formats.h: 0x7fc00000).
+void v4_tile_scales(const uint8_t* scale_record, float* tile_scales) {
+  for (int i = 0; i < 7; ++i) tile_scales[i] = scale_record[i] == 0xff ? __builtin_nanf("") : float(ue8m0_value(scale_record[i]));
+}
+
 // Every e4m3 code times every ue8m0 scale byte, deterministically (random bytes only make it
 // likely): 0 (2^-127: subnormal products, rounded), 1..9 (some products subnormal), 10..246 (the
 // exact range), 247..254 (products that overflow to inf), 255 (NaN scale). Tile g of the cache
@@ -707,7 +741,7 @@ void check_dequant_every_code_v4() {
          "every-code v4 dequant status");
   std::vector<double> ref(512);
   std::vector<float> row_f32(512);
-  size_t mism_bf16 = 0, mism_f32 = 0, rope_bits = 0;
+  size_t mism_bf16 = 0, mism_f32 = 0, rope_bits = 0, nan_bits = 0;
   for (int64_t t = 0; t < cap; ++t) {
     ref_dequant_v4(cache.data(), P, t, ref.data());
     const std::string ctx = "every-code v4 token " + std::to_string(t);
@@ -716,12 +750,17 @@ void check_dequant_every_code_v4() {
     smla::cpu::dequant_v4_token_f32(data, cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8,
                                     row_f32.data());
     mism_f32 += count_dequant_mismatches(ctx + " f32", ref.data(), nullptr, row_f32.data(), 512);
+    float tile_scales[7];
+    v4_tile_scales(cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8, tile_scales);
+    nan_bits += count_nan_bit_mismatches(data, 448, 64, tile_scales, &out[size_t(t) * 512], nullptr);
+    nan_bits += count_nan_bit_mismatches(data, 448, 64, tile_scales, nullptr, row_f32.data());
     // the rope dims are copies: their bits, NaN payloads included
     rope_bits += memcmp(&out[size_t(t) * 512 + 448], data + 448, 128) != 0;
   }
   expect(mism_bf16 == 0, "every-code v4 dequant op (bf16): " + std::to_string(mism_bf16) + " differ");
   expect(mism_f32 == 0, "every-code v4 float32 rows: " + std::to_string(mism_f32) + " differ");
   expect(rope_bits == 0, "every-code v4: rope bits of " + std::to_string(rope_bits) + " tokens differ");
+  expect(nan_bits == 0, "every-code v4: " + std::to_string(nan_bits) + " NaN results (NaN codes or scale byte 0xFF) not the rule's bits");
 }
 
 // v32 scale edge cases: SPEC's and float32's (±0, ±inf, NaNs, subnormals, the bounds of the exact
@@ -764,10 +803,13 @@ void check_dequant_every_code_v32() {
                                               .num_tokens = int32_t(cap), .out = out.data()}) == SMLA_OK,
          "every-code v32 dequant status");
   std::vector<double> ref(576);
-  size_t mism = 0, rope_bits = 0;
+  size_t mism = 0, rope_bits = 0, nan_bits = 0;
   for (int64_t k = 0; k < cap; ++k) {
     const int64_t t = ids[size_t(k)];
     ref_dequant_v32(cache.data(), t, ref.data());
+    float tile_scales[4];
+    memcpy(tile_scales, cache.data() + t * 656 + 512, sizeof tile_scales);
+    nan_bits += count_nan_bit_mismatches(cache.data() + t * 656, 512, 128, tile_scales, &out[size_t(k) * 576], nullptr);
     mism += count_dequant_mismatches("every-code v32 token " + std::to_string(t), ref.data(),
                                      &out[size_t(k) * 576], nullptr, 576);
     rope_bits += memcmp(&out[size_t(k) * 576 + 512], cache.data() + t * 656 + 528, 128) != 0;
@@ -775,27 +817,7 @@ void check_dequant_every_code_v32() {
   expect(mism == 0, "every-code v32 dequant op: " + std::to_string(mism) + " differ (" +
                         std::to_string(scales.size()) + " scales x 256 codes)");
   expect(rope_bits == 0, "every-code v32: rope bits of " + std::to_string(rope_bits) + " tokens differ");
-}
-
-// NaN codes (0x7f / 0xff) times a scale that is not NaN: exactly 0x7fc0 | sign, as the scalar path
-// gives on every target (the quiet NaN the e4m3 decode builds survives the product and the rounding).
-// SPEC only asks for a NaN; this holds the vector paths to the scalar path's bits. Counts the others.
-size_t count_nan_code_bit_mismatches(const uint8_t* nope, int nope_dims, int tile, const float* tile_scales,
-                                     const uint16_t* got_bf16, const float* got_f32) {
-  size_t mism = 0;
-  for (int d = 0; d < nope_dims; ++d) {
-    if ((nope[d] & 0x7f) != 0x7f || isnan(tile_scales[d / tile])) continue;
-    const uint16_t want = uint16_t(0x7fc0 | (nope[d] & 0x80) << 8);
-    uint32_t got;
-    if (got_bf16) got = got_bf16[d];
-    else {
-      memcpy(&got, &got_f32[d], 4);
-      if (got & 0xffff) ++mism;
-      got >>= 16;
-    }
-    mism += got != want;
-  }
-  return mism;
+  expect(nan_bits == 0, "every-code v32: " + std::to_string(nan_bits) + " NaN results (NaN codes or scales: quiet, signaling, both signs, payloads) not the rule's bits");
 }
 
 // Fresh random caches on every run (seed printed; SMLA_CHECK_SEED=N repeats one): random bytes,
@@ -862,15 +884,13 @@ void check_dequant_fresh(uint64_t seed) {
       float tile_scales[7];
       const uint8_t* scale_record = v4 ? cache + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8
                                        : cache + t * 656 + 512;
-      for (int i = 0; i < (v4 ? 7 : 4); ++i) {
-        if (v4) tile_scales[i] = float(ue8m0_value(scale_record[i]));
-        else memcpy(&tile_scales[i], scale_record + 4 * i, 4);
-      }
-      nan_bits += count_nan_code_bit_mismatches(nope_of(t), nope, v4 ? 64 : 128, tile_scales, got, nullptr);
+      if (v4) v4_tile_scales(scale_record, tile_scales);
+      else memcpy(tile_scales, scale_record, 16);
+      nan_bits += count_nan_bit_mismatches(nope_of(t), nope, v4 ? 64 : 128, tile_scales, got, nullptr);
       if (v4) {
         smla::cpu::dequant_v4_token_f32(nope_of(t), scale_record, row_f32.data() + f32_off);
         mism_f32 += count_dequant_mismatches(row + " f32", ref.data(), nullptr, row_f32.data() + f32_off, 512);
-        nan_bits += count_nan_code_bit_mismatches(nope_of(t), nope, 64, tile_scales, nullptr, row_f32.data() + f32_off);
+        nan_bits += count_nan_bit_mismatches(nope_of(t), nope, 64, tile_scales, nullptr, row_f32.data() + f32_off);
       }
     }
     bool guard = true;  // nothing written outside the output rows
@@ -879,7 +899,7 @@ void check_dequant_fresh(uint64_t seed) {
     expect(std::count(seen.begin(), seen.end(), true) == 256, ctx + ": not every e4m3 code was gathered");
     expect(mism_bf16 == 0, ctx + " dequant op (bf16): " + std::to_string(mism_bf16) + " differ");
     if (v4) expect(mism_f32 == 0, ctx + " float32 rows: " + std::to_string(mism_f32) + " differ");
-    expect(nan_bits == 0, ctx + ": " + std::to_string(nan_bits) + " NaN codes (scale not NaN) not 0x7fc0 | sign");
+    expect(nan_bits == 0, ctx + ": " + std::to_string(nan_bits) + " NaN results (NaN codes or scales) not the rule's bits");
     expect(guard, ctx + ": written outside the output rows");
   }
 }

@@ -26,7 +26,7 @@ import type {
   SparsePrefillResult,
   Tensor,
 } from './types.js';
-import type { Backend, DeviceOps, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
+import type { Backend, DeviceOps, HostOpMemory, LayerSteps, PlacedAttentionOutput } from './backends/backend.js';
 import type { StagingArena } from './backends/staging.js';
 import { createBackend, resolveBackendChoice } from './backends/registry.js';
 import { checkDeviceTensor, checkOutputOption as checkOutput, checkTensor, checkViewsIntact, describe } from './ops/common.js';
@@ -44,6 +44,13 @@ export const MIN_MEMORY_BUDGET_BYTES = 2 ** 20;
  * an engine to it to run the backend's layer steps) and tests; not part of the public API.
  */
 export class SparseMlaEngine implements Engine {
+  /** Whether `value` is an engine createEngine() made: its private brand is there (a Proxy of one, or an object inheriting from one, has none). */
+  static isEngine(value: unknown): value is SparseMlaEngine {
+    return typeof value === 'object' && value !== null && #brand in value;
+  }
+
+  /** the brand isEngine checks */
+  readonly #brand = true;
   readonly backend: BackendName;
   readonly workers: number;
   private readonly impl: Backend;
@@ -78,8 +85,8 @@ export class SparseMlaEngine implements Engine {
   }
 
   /** @internal the staging a layer's copies of its host operands are lent from, and the budget they count against (prefill_layer.ts) */
-  hostMemory(): { staging: StagingArena | undefined; budgetBytes: number | undefined } {
-    return { staging: this.impl.staging, budgetBytes: this.impl.memoryBudgetBytes };
+  hostMemory(): { staging: StagingArena | undefined; budgetBytes: number | undefined; ops: HostOpMemory | undefined } {
+    return { staging: this.impl.staging, budgetBytes: this.impl.memoryBudgetBytes, ops: this.impl.opMemory };
   }
 
   get hasDevice(): boolean {
@@ -202,6 +209,17 @@ function usesDevice(job: object): boolean {
     if (typeof v === 'object' && v !== null && !ArrayBuffer.isView(v) && usesDevice(v as object)) return true;
   }
   return false;
+}
+
+/**
+ * @internal The one check of an engine argument (prefillLayer, prefillLayerSharded): an engine
+ * createEngine() made, by its private brand, not by its prototype — a Proxy of an engine passes
+ * instanceof and could answer the library's internal calls (hostMemory, layerSteps, ...) with
+ * anything. Else INVALID_VALUE naming `argument`.
+ */
+export function checkEngine(value: unknown, argument: string): SparseMlaEngine {
+  if (!SparseMlaEngine.isEngine(value)) fail('INVALID_VALUE', argument, 'an Engine from createEngine() (not a Proxy of one, nor an object inheriting from one)', describe(value));
+  return value;
 }
 
 const internals = new WeakMap<Engine, Backend>();

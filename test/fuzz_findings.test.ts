@@ -472,7 +472,7 @@ describe('cuda layer calls: device operands checked before any work', () => {
     const bad: [string, Engine[], object, string, string][] = [
       ['a cache of another device', engines, { caches: [caches[0], caches[0]] }, 'INVALID_VALUE', 'caches.swa'],
       ['a cache of a negative page size', engines, { caches: [caches[0], { swa: { ...caches[1]!.swa, pageSize: -64 } }] }, 'INVALID_VALUE', 'caches.swa'],
-      ['no engine', [engines[0]!, null as unknown as Engine], {}, 'INVALID_VALUE', 'engine'],
+      ['no engine', [engines[0]!, null as unknown as Engine], {}, 'INVALID_VALUE', 'engines[1]'],
     ];
     for (const [what, es, change, code, argument] of bad) {
       dev.ops.length = 0;

@@ -13,7 +13,9 @@
  * A backend adds only its own limits (e.g. the WASM heap) and must check them before any work.
  */
 import type { BackendName, CacheFormat, DeviceBuffer, Placement } from '../types.js';
-import type { StagingArena } from './staging.js';
+import type { InputBytes, StagingArena } from './staging.js';
+import type { MemoryPart } from './memory.js';
+import type { PagedSetBytes } from './paged_gather.js';
 
 /**
  * Jobs are generic in B, the device-buffer type a backend accepts in place of a host array
@@ -323,6 +325,8 @@ export interface Backend {
    * a layer call's copies of its host operands are lent from it too (copyAtCall)
    */
   readonly staging?: StagingArena;
+  /** host backends (cpu, wasm): what their ops count against the budget, from sizes (HostOpMemory) */
+  readonly opMemory?: HostOpMemory;
   quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
   /** bf16 [n, rowDim] */
   dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array>;
@@ -330,6 +334,20 @@ export interface Backend {
   pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput>;
   /** Release threads/devices. Idempotent; calls after it reject with DISPOSED. */
   dispose(): Promise<void>;
+}
+
+/**
+ * What a host backend's ops count against its memory budget, from sizes alone: the functions its
+ * ops' own budget checks call, so that prefillLayer can check the ops a layer will run before any
+ * work with the same arithmetic (prefill_layer.ts, checkLayerOps).
+ */
+export interface HostOpMemory {
+  /** dequantizeKCache of n tokens (rows of rowDim) of a `format` cache whose data is (not) in shared memory, by ids `tokenIds` */
+  dequantizeKCache(format: CacheFormat, n: number, rowDim: number, cacheUnshared: boolean, tokenIds: InputBytes): MemoryPart[];
+  /** sparsePrefill of sQ × hQ queries, dV wide, over its inputs q, kv, indices, topkLength, attnSink */
+  sparsePrefill(inputs: readonly InputBytes[], sQ: number, hQ: number, dV: number): MemoryPart[];
+  /** pagedSparseAttention of n × hQ queries over `fixed` (q, the lengths, attnSink) and its index sets as it reads them (whole or compact) */
+  pagedSparseAttention(fixed: readonly InputBytes[], sets: readonly PagedSetBytes[], n: number, hQ: number): MemoryPart[];
 }
 
 export interface BackendProbe {

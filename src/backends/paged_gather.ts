@@ -12,6 +12,8 @@
  * bytes, so the kernel computes exactly what it computes over the whole cache.
  */
 import type { CacheView, PagedIndexSet, PagedSparseAttentionJob } from './backend.js';
+import type { MemoryPart } from './memory.js';
+import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
 /** The index set of a paged call as the host backends hold it (host arrays). */
@@ -188,6 +190,8 @@ export interface PagedReads {
   whole: Array<Uint8Array | Int32Array>;
   /** bytes of the compact sets' caches and ids, each rounded up by `align` */
   compactBytes(align: (bytes: number) => number): number;
+  /** each set as the budget counts it (pagedSparseAttentionParts) */
+  setBytes: PagedSetBytes[];
   /** the sets read through compact caches: planned now, gathered (from the caller's memory, at the call) by gather() */
   gather(): { main: HostPagedSet | CompactPagedSet; extra: HostPagedSet | CompactPagedSet | null };
 }
@@ -206,7 +210,54 @@ export function planPagedReads(job: PagedSparseAttentionJob, wholeCopies: (set: 
     mainCacheBytes: mainPlan ? mainPlan.bytes : main.cache.bytes,
     extraCacheBytes: extra ? (extraPlan ? extraPlan.bytes : extra.cache.bytes) : 0,
     whole: sets.flatMap(([set, plan]) => (plan ? [] : [set.cache.data, set.indices])),
+    setBytes: sets.map(([set, plan]) => (plan ? { whole: false, cacheBytes: plan.bytes, indicesBytes: n * set.topk * 4 } : { whole: true, cache: inputBytes(set.cache.data), indices: inputBytes(set.indices) })),
     compactBytes: (align) => sets.reduce((sum, [set, plan]) => sum + (plan ? align(plan.bytes) + align(n * set.topk * 4) : 0), 0),
     gather: () => ({ main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null }),
   };
+}
+
+/**
+ * An index set of a paged call as the host backends' budget counts it: read whole (its cache and
+ * ids staged as they are) or through a compact cache of `cacheBytes` with ids of `indicesBytes`,
+ * both made by the gather (unshared).
+ */
+export type PagedSetBytes = { whole: true; cache: InputBytes; indices: InputBytes } | { whole: false; cacheBytes: number; indicesBytes: number };
+
+/**
+ * What a host backend's pagedSparseAttention counts against the budget: the staging of q, the
+ * lengths, attnSink and the sets read whole; the compact sets' caches and ids held, then their
+ * staged copies (`compactAlign`: how the backend rounds each when it places them); the outputs.
+ */
+export function pagedSparseAttentionParts(fixed: readonly InputBytes[], sets: readonly PagedSetBytes[], compactAlign: (bytes: number) => number, n: number, hQ: number): MemoryPart[] {
+  const staged: InputBytes[] = [...fixed];
+  let compact = 0, compactPlaced = 0;
+  for (const s of sets) {
+    if (s.whole) {
+      staged.push(s.cache, s.indices);
+    } else {
+      compact += s.cacheBytes + s.indicesBytes;
+      compactPlaced += compactAlign(s.cacheBytes) + compactAlign(s.indicesBytes);
+    }
+  }
+  return [
+    ...stagingPartsOf(staged, compact),
+    { what: 'the compact caches and ids, then their staged copies', bytes: 2 * compactPlaced },
+    { what: 'outputs', bytes: attentionOutputBytes(n, hQ, 512) },
+  ];
+}
+
+/**
+ * The least a paged call can count against the budget whatever it reads whole or compact (the
+ * choice depends on the ids, choosePagedRead): `parts` over every choice per set, a compact cache
+ * at its least (no tokens), the smallest total. For a check before the ids exist (a layer's).
+ */
+export function leastPagedParts(parts: (sets: readonly PagedSetBytes[]) => MemoryPart[], sets: readonly { cache: InputBytes; indices: InputBytes; indicesBytes: number }[]): MemoryPart[] {
+  let best: MemoryPart[] | undefined, bestTotal = Infinity;
+  for (let choice = 0; choice < 1 << sets.length; choice++) {
+    const chosen = sets.map((s, i): PagedSetBytes => ((choice >> i) & 1 ? { whole: false, cacheBytes: compactGeometry('v4', 0).bytes, indicesBytes: s.indicesBytes } : { whole: true, cache: s.cache, indices: s.indices }));
+    const p = parts(chosen);
+    const total = p.reduce((a, x) => a + x.bytes, 0);
+    if (total < bestTotal) [best, bestTotal] = [p, total];
+  }
+  return best!;
 }

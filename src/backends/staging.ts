@@ -223,6 +223,22 @@ export function stagingBytes(inputs: readonly (StageableArray | null)[]): number
 }
 
 /**
+ * An input of a call as its budget check counts it (stagingParts): `unshared`, the bytes copied
+ * into the staging (0 for an array already in a SharedArrayBuffer: copyBytes); `callCopy`, the bytes
+ * that are a layer's copy taken at its call (callCopyBytes). A layer that checks its ops before
+ * any work (prefill_layer.ts) describes inputs that do not exist yet by these sizes.
+ */
+export interface InputBytes {
+  unshared: number;
+  callCopy: number;
+}
+
+/** The InputBytes of an array (or none). */
+export function inputBytes(a: StageableArray | null): InputBytes {
+  return { unshared: copyBytes(a), callCopy: a === null ? 0 : callCopyBytes([a]) };
+}
+
+/**
  * The host memory a call's staging holds, for its budget check (memory.ts): the slab; the copy of
  * the unshared inputs that a call which has to wait for its slab takes at the call (stageInputs),
  * held beside the slab until it is copied in — counted whether or not the call will wait, so the
@@ -232,13 +248,35 @@ export function stagingBytes(inputs: readonly (StageableArray | null)[]): number
  * (their own bytes are the caller's part).
  */
 export function stagingParts(inputs: readonly (StageableArray | null)[], moreUnshared = 0): MemoryPart[] {
-  let held = moreUnshared;
-  for (const a of inputs) held += copyBytes(a);
+  return stagingPartsOf(inputs.map(inputBytes), moreUnshared);
+}
+
+/** stagingParts of inputs given by their sizes. */
+export function stagingPartsOf(inputs: readonly InputBytes[], moreUnshared = 0): MemoryPart[] {
+  let staged = 0, held = moreUnshared, copies = 0;
+  for (const a of inputs) {
+    staged += alignStaging(a.unshared);
+    held += a.unshared;
+    copies += a.callCopy;
+  }
   return [
-    { what: 'staging of the inputs', bytes: stagingBytes(inputs) },
+    { what: 'staging of the inputs', bytes: staged },
     { what: 'their copy held while the call waits for staging', bytes: held },
-    { what: "the layer's copies of its operands", bytes: callCopyBytes(inputs) },
+    { what: "the layer's copies of its operands", bytes: copies },
   ];
+}
+
+/** Output bytes of an attention call (sparsePrefill, pagedSparseAttention): bf16 out [rows, hQ, dV], float32 maxLogits and lse [rows, hQ]. */
+export function attentionOutputBytes(rows: number, hQ: number, dV: number): number {
+  return rows * hQ * (dV * 2 + 8);
+}
+
+/**
+ * What a host backend's sparsePrefill counts against the budget (cpu and wasm alike): its inputs'
+ * staging (q, kv, indices, topkLength, attnSink) and its outputs.
+ */
+export function sparsePrefillParts(inputs: readonly InputBytes[], sQ: number, hQ: number, dV: number): MemoryPart[] {
+  return [...stagingPartsOf(inputs), { what: 'outputs', bytes: attentionOutputBytes(sQ, hQ, dV) }];
 }
 
 /** The error for an input whose buffer went away before the library could read it. */

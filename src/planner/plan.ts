@@ -705,6 +705,15 @@ export class LayerResources<B = never> {
   }
 }
 
+/**
+ * A Plan's public methods run on a plan: one called unbound (`const f = plan.settleDropped; f()`),
+ * on a Proxy of a plan or on another object is INVALID_VALUE naming `this`, not a TypeError from
+ * its private state.
+ */
+function planThis(self: unknown, method: string): void {
+  if (!Plan.isPlan(self)) fail('INVALID_VALUE', 'this', `a Plan from createPlan() (call it as plan.${method}(...))`, describe(self));
+}
+
 /** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
 export function createPlan(chunk: PlanChunk, options: PlanOptions = {}): Plan {
   return new Plan(chunk, options);
@@ -961,16 +970,19 @@ export class Plan {
 
   /** The workspace layout of a ratio this plan serves. */
   layout(ratio: CompressRatio): WorkspaceLayout {
+    planThis(this, 'layout');
     return this.#state(ratio, 'ratio').layout;
   }
 
   /** Page size of a ratio's compressed cache. */
   pageSize(ratio: 4 | 128): number {
+    planThis(this, 'pageSize');
     return this.#compressedState(ratio).pageSize;
   }
 
   /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio (built on first use). */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
+    planThis(this, 'compressedTokenIds');
     const st = this.#compressedState(ratio);
     const ids =
       this.#host.keptCompressedIds(ratio) ??
@@ -980,6 +992,7 @@ export class Plan {
 
   /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */
   combinedRows(ratio: 0 | 128): CombinedRows {
+    planThis(this, 'combinedRows');
     const have = this.#combined.get(ratio);
     if (have) return have;
     this.#state(ratio, 'ratio');
@@ -1003,6 +1016,7 @@ export class Plan {
    * and counted (result.dropped, plan.stats.c4Dropped), never attended.
    */
   combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
+    planThis(this, 'combineC4');
     const { data, topk, width } = this.checkTopk(topkIndices, false);
     const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width);
     this.stats.c4Combines++;
@@ -1027,6 +1041,7 @@ export class Plan {
   checkTopk(topkIndices: unknown, allowDevice: false): CheckedTopk<never>;
   checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer>;
   checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer> {
+    planThis(this, 'checkTopk');
     this.#state(4, 'compressRatio');
     const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', INT32_DTYPE) : checkTensor(topkIndices, 'topkIndices', INT32_DTYPE);
     const checked = this.#topkRows(t.data, t.shape);
@@ -1086,6 +1101,7 @@ export class Plan {
    * rows, so both paths attend exactly the same entries.
    */
   pagedForm(rows: CombinedRows): PagedForm {
+    planThis(this, 'pagedForm');
     if (!this.#madeRows.has(rows)) fail('INVALID_VALUE', 'rows', 'combined rows made by this plan (combinedRows or combineC4)', describe(rows));
     // the rows object is frozen, its tensors are not: arrays swapped in since are refused too
     const { indices, lengths } = rows;
@@ -1136,6 +1152,7 @@ export class Plan {
    * cache are an error, before any work). `ratio` selects the compressed cache.
    */
   checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
+    planThis(this, 'checkCaches');
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
     if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
     const swa = checkV4Cache(caches.swa, 'caches.swa');
@@ -1166,6 +1183,19 @@ export class Plan {
     const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128);
     if (compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) return undefined;
     return { swa, compressed };
+  }
+
+  /**
+   * @internal The widths of a layer's rows, known before they are built (a layer's budget check,
+   * prefill_layer.ts): its combined rows (`rows`; a c4 layer's from its top-k's `topk`) and its
+   * paged form's sets (`pagedMain`, `pagedExtra`: 0 for none), as combinedRows, combineC4 and
+   * pagedForm make them. `ratio` is one the plan serves.
+   */
+  layerWidths(ratio: CompressRatio, topk: number): { rows: number; pagedMain: number; pagedExtra: number } {
+    const pagedMain = roundUp(this.window, this.align);
+    if (ratio === 4) return { rows: rowWidth(4, topk, 0, this.window, this.align), pagedMain, pagedExtra: roundUp(topk, this.align) };
+    const extra = ratio === 128 ? roundUp(this.#state(128, 'ratio').layout.maxVisible, this.align) : 0;
+    return { rows: this.#denseWidth(ratio), pagedMain, pagedExtra: extra };
   }
 
   /**
@@ -1204,6 +1234,7 @@ export class Plan {
    * stays usable: a later layer builds again what it needs (counted in stats / deviceStats).
    */
   release(): void {
+    planThis(this, 'release');
     this.#host.release();
     for (const r of this.#deviceResources) r.deref()?.release();
   }
@@ -1214,6 +1245,7 @@ export class Plan {
    * reported). Rejects with the error of a count that could not be read (once).
    */
   async settleDropped(): Promise<number> {
+    planThis(this, 'settleDropped');
     await this.#droppedReads.settle();
     return this.stats.c4Dropped;
   }

@@ -27,10 +27,11 @@ import { fail } from '../errors.js';
 import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
-import { alignStaging, copyAtCall, detached } from '../backends/staging.js';
-import { SparseMlaEngine } from '../engine.js';
+import { alignStaging, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
+import { leastPagedParts } from '../backends/paged_gather.js';
+import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
+import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
@@ -161,18 +162,21 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
  * (copyAtCall), marked as the call's own copy; the ops read that copy in place as shared memory
  * instead of staging it again, and the slab goes back once the layer has settled (runLayer). Data in
  * device memory or in a SharedArrayBuffer is taken as it is. The copies and the host outputs are
- * checked against the engine's memory budget first (TOO_LARGE before any work).
+ * checked against the engine's memory budget first, and each op the layer will run (checkLayerOps):
+ * TOO_LARGE before any work.
  */
 function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
   const q = call.q, sink = call.attnSink, topk = call.topk;
   const qData = hostData(q.data), sinkData = hostData(sink?.data), topkData = hostData(topk?.data);
   const bytes = alignStaging(copyBytes(qData)) + alignStaging(copyBytes(sinkData)) + alignStaging(copyBytes(topkData));
-  if (bytes === 0) return;
-  const { staging: arena, budgetBytes: budget } = engine.hostMemory();
-  if (budget !== undefined) {
+  const { staging: arena, budgetBytes: budget, ops } = engine.hostMemory();
+  if (budget !== undefined && bytes > 0) {
     const outputs = call.output === 'host' ? call.plan.numQueries * call.hQ * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
     checkCallMemory('prefillLayer', 'q', [{ what: 'copies of q, attnSink and topkIndices at the call', bytes }, { what: 'outputs', bytes: outputs }], budget);
   }
+  // (not on a disposed engine: its layer rejects with DISPOSED when it runs)
+  if (budget !== undefined && ops !== undefined && arena !== undefined && !arena.closed) checkLayerOps(call, ops, budget);
+  if (bytes === 0) return;
   if (arena === undefined || arena.closed) {
     // a disposed engine's layer rejects with DISPOSED when it runs, as any call on it does (a
     // sharded layer's other shards run all the same); every backend has a staging, else a private
@@ -188,6 +192,58 @@ function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
   if (qCopy !== qData) call.q = { ...q, data: qCopy } as typeof q;
   if (sink && sinkCopy !== sinkData) call.attnSink = { ...sink, data: sinkCopy } as typeof sink;
   if (topk && topkCopy !== topkData) call.topk = { ...topk, data: topkCopy! };
+}
+
+const NO_BYTES: InputBytes = { unshared: 0, callCopy: 0 };
+/** An array of `bytes` the layer's steps make (not shared, not a copy of an operand). */
+const madeBytes = (bytes: number): InputBytes => ({ unshared: bytes, callCopy: 0 });
+/** A host operand as the ops will see it: copied at the call when it is not shared (copyOperandsAtCall), else read in place. */
+function operandBytes(d: Uint16Array | Float32Array | null): InputBytes {
+  if (d === null) return NO_BYTES;
+  return copyBytes(d) > 0 ? { unshared: 0, callCopy: d.byteLength } : inputBytes(d);
+}
+
+/**
+ * The ops a host layer will run fit the engine's memory budget, checked at the call before any
+ * work (TOO_LARGE, as each op would be after the plan's work and the combine): each op's parts by
+ * the backend's own arithmetic (HostOpMemory, what the op's check calls) over the sizes the layer
+ * knows now — the plan's rows and widths, the ids each dequant widens, its operands as they will
+ * be copied. Exact for the workspace path (the dequants, the sparsePrefill). The paged op reads
+ * each cache whole or through a compact cache of the tokens its ids name (known only once the
+ * rows are built): counted at the least it can be (leastPagedParts), so a layer is never refused
+ * that its op would run.
+ */
+function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number): void {
+  const { plan, ratio, layout, hQ, caches, route } = call;
+  const nq = plan.numQueries;
+  if (nq === 0) return;
+  const widths = plan.layerWidths(ratio, call.topk?.topk ?? 0);
+  const q = operandBytes(hostData(call.q.data)), sink = operandBytes(hostData(call.attnSink?.data));
+  const lengths = madeBytes(nq * 4);
+  const swa = caches.swa.data as Uint8Array, compressed = caches.compressed?.data as Uint8Array | undefined;
+  const layerOp = `prefillLayer (a c${ratio} layer, ${route.path} path): its`;
+  if (route.path === 'paged') {
+    const fixed = [q, lengths, sink];
+    const mainIds = nq * widths.pagedMain * 4;
+    const sets = [{ cache: inputBytes(swa), indices: madeBytes(mainIds), indicesBytes: mainIds }];
+    if (compressed !== undefined && widths.pagedExtra > 0) {
+      const extraIds = nq * widths.pagedExtra * 4;
+      fixed.push(lengths);
+      sets.push({ cache: inputBytes(compressed), indices: madeBytes(extraIds), indicesBytes: extraIds });
+    }
+    checkCallMemory(`${layerOp} pagedSparseAttention at least`, 'q', leastPagedParts((s) => ops.pagedSparseAttention(fixed, s, nq, hQ), sets), budget);
+    return;
+  }
+  if (layout.compressedRows > 0) {
+    const n = layout.compressedRows;
+    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.c${ratio}`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, copyBytes(compressed) > 0, madeBytes(n * 4)), budget);
+  }
+  if (layout.swaRows > 0) {
+    const n = layout.swaRows;
+    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.swa`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, copyBytes(swa) > 0, madeBytes(n * 4)), budget);
+  }
+  // the workspace is shared memory (read in place); the rows and their lengths are the plan's host arrays
+  checkCallMemory(`${layerOp} sparsePrefill`, 'q', ops.sparsePrefill([q, NO_BYTES, madeBytes(nq * widths.rows * 4), lengths, sink], nq, hQ, WORKSPACE_ROW_DIMS), budget);
 }
 
 /** A host operand's typed array (null for device memory or no operand). */
@@ -330,8 +386,8 @@ export type CheckedLayer = LayerCall;
  * @internal Every check of prefillLayer(engine, args, options), each argument read once, before any
  * work; prefillLayerSharded checks every shard's call this way before it runs any of them.
  */
-export function checkLayer(engine: Engine, args: PrefillLayerArgs, options?: unknown): CheckedLayer {
-  if (!(engine instanceof SparseMlaEngine)) fail('INVALID_VALUE', 'engine', 'an Engine from createEngine()', describe(engine));
+export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
+  const engine = checkEngine(given, engineArgument);
   const call = prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
   if (engine.hasDevice) deviceOperandsLive(call);
   return call;

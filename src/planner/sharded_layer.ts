@@ -18,7 +18,7 @@ import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
-import { SparseMlaEngine } from '../engine.js';
+import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import { checkCallMemory } from '../backends/memory.js';
 import { lendCallCopy } from '../backends/staging.js';
 import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
@@ -149,18 +149,18 @@ function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number,
  * lent by the shard engine's staging and marked as the call's copy (staging.ts, lendCallCopy), which
  * the shard's layer takes as it is and its ops read in place — one copy of q, where a cut copy that
  * the layer copied again was two. Checked against the engine's memory budget first, with the
- * shard's host outputs. A plain cut copy where the engine has no open staging (not an engine:
- * checkLayer refuses it; disposed: the shard rejects with DISPOSED when it runs).
+ * shard's host outputs. A plain cut copy where the engine has no open staging (disposed: the shard
+ * rejects with DISPOSED when it runs; every engine was checked first, checkEngine).
  */
 function shardHeadsAtCall(engine: Engine, q: Tensor<'bf16'>, rows: number, hQ: number, h0: number, h1: number, output: Placement): { q: Tensor<'bf16'>; release: (() => void) | undefined } {
   const shape = [rows, h1 - h0, WORKSPACE_ROW_DIMS];
-  const memory = engine instanceof SparseMlaEngine ? engine.hostMemory() : undefined;
-  const arena = memory?.staging;
+  const memory = (engine as SparseMlaEngine).hostMemory();
+  const arena = memory.staging;
   if (arena === undefined || arena.closed) return { q: tensor('bf16', shape, sliceHeads(q.data, rows, hQ, WORKSPACE_ROW_DIMS, h0, h1)), release: undefined };
   const length = rows * (h1 - h0) * WORKSPACE_ROW_DIMS;
-  if (memory!.budgetBytes !== undefined) {
+  if (memory.budgetBytes !== undefined) {
     const outputs = output === 'host' ? rows * (h1 - h0) * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
-    checkCallMemory('prefillLayerSharded', 'q', [{ what: "a copy of the shard's heads of q at the call", bytes: length * 2 }, { what: 'outputs', bytes: outputs }], memory!.budgetBytes);
+    checkCallMemory('prefillLayerSharded', 'q', [{ what: "a copy of the shard's heads of q at the call", bytes: length * 2 }, { what: 'outputs', bytes: outputs }], memory.budgetBytes);
   }
   const lent = lendCallCopy(arena, Uint16Array, length);
   sliceHeads(q.data, rows, hQ, WORKSPACE_ROW_DIMS, h0, h1, lent.view);
@@ -188,6 +188,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
   // element: what is checked is what runs, whatever a Proxy or an element getter answers later
   const engines = readArray<Engine>(givenEngines);
   if (engines === null || engines.length !== plan.shards.length) fail('INVALID_VALUE', 'engines', `${plan.shards.length} engines (one per shard)`, describe(givenEngines));
+  engines.forEach((e, s) => checkEngine(e, `engines[${s}]`));
   const output = checkOutputOption(options);
   const perShard = <T>(v: T | readonly T[] | undefined, argument: string): readonly T[] | null => {
     const a = readArray<T>(v);
@@ -274,7 +275,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
         caches: caches ? caches[s]! : (cachesArg as PlanCaches),
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
-      }, { output });
+      }, { output }, `engines[${s}]`);
       calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 }, release: cut });
       cut = undefined;
     });

@@ -16,6 +16,7 @@ import {
   type BackendEntry,
   type BackendProbe,
   type DequantizeKCacheJob,
+  type HostOpMemory,
   type LayerSteps,
   type PagedSparseAttentionJob,
   type PagedSparseAttentionOutput,
@@ -26,9 +27,9 @@ import {
 import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
-import { StagingArena, detached, stageInputs, stagingParts, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
+import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
-import { planPagedReads } from '../paged_gather.js';
+import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
 
@@ -45,6 +46,26 @@ export function threadsFor(workers: number, rows: number, workPerRow: number): n
 
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
 const COMPACT_TOKEN_BYTES = { v4: V4_TOKEN_BYTES, v32: V32_TOKEN_BYTES } as const;
+
+/**
+ * What the cpu backend's ops count against the budget, from sizes (backend.ts, HostOpMemory): its
+ * ops' own checks and a layer's check of the ops it will run call these.
+ */
+export const cpuOpMemory: HostOpMemory = {
+  dequantizeKCache(format, n, rowDim, cacheUnshared, tokenIds) {
+    // the addon copies the requested tokens of a cache that is not shared (n tokens, not the
+    // cache), snapshots the ids it checks (int32) and widens them for the core (int64)
+    return [
+      ...stagingPartsOf([tokenIds]),
+      { what: 'the gathered tokens', bytes: cacheUnshared ? n * COMPACT_TOKEN_BYTES[format] : 0 },
+      { what: "the addon's checked and widened token ids", bytes: n * (4 + 8) },
+      { what: 'outputs', bytes: n * rowDim * 2 },
+    ];
+  },
+  sparsePrefill: sparsePrefillParts,
+  // the compact caches and ids are staged as they are made (unaligned)
+  pagedSparseAttention: (fixed, sets, n, hQ) => pagedSparseAttentionParts(fixed, sets, (b) => b, n, hQ),
+};
 
 /** Engine ids of this thread, naming each engine's calls in the addon (cancelQueued at dispose). */
 let nextGroup = 1;
@@ -72,6 +93,7 @@ export class CpuBackend implements Backend {
   readonly staging: StagingArena;
   /** the layer steps: the host planner and this backend's ops over a host workspace */
   readonly layer: LayerSteps = hostLayerSteps(this);
+  readonly opMemory = cpuOpMemory;
   private readonly addon: NativeAddon;
   private readonly calls = new AddonCalls('cpu');
   private readonly group = nextGroup++ % 0x7fffffff;
@@ -85,13 +107,9 @@ export class CpuBackend implements Backend {
     this.staging = new StagingArena(memoryBudgetBytes);
   }
 
-  /**
-   * Refuses (TOO_LARGE) a call whose staging (with the copy a waiting call holds beside it, and the
-   * layer copies it was handed: stagingParts), scratch and outputs exceed the budget.
-   * `moreUnshared`: unshared inputs made after the check (compact caches), staged with the rest.
-   */
-  private budget(op: string, argument: string, inputs: readonly (StageableArray | null)[], outputBytes: number, scratch: readonly MemoryPart[] = [], moreUnshared = 0): void {
-    checkCallMemory(op, argument, [...stagingParts(inputs, moreUnshared), ...scratch, { what: 'outputs', bytes: outputBytes }], this.memoryBudgetBytes);
+  /** Refuses (TOO_LARGE) a call whose parts (cpuOpMemory) exceed the budget. */
+  private budget(op: string, argument: string, parts: readonly MemoryPart[]): void {
+    checkCallMemory(op, argument, parts, this.memoryBudgetBytes);
   }
 
   /**
@@ -130,7 +148,7 @@ export class CpuBackend implements Backend {
     this.calls.assertAlive();
     const { sQ, hQ, dQK, dV, topk } = job;
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    this.budget('sparsePrefill', 'q', inputs, sQ * hQ * (dV * 2 + 8));
+    this.budget('sparsePrefill', 'q', cpuOpMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV));
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
@@ -149,8 +167,8 @@ export class CpuBackend implements Backend {
     // call) into a compact cache instead
     const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0), 1);
     // the staging holds the sets read whole as they are; the compact ones' caches and ids, then their staged copies
-    const compactBytes = reads.compactBytes((b) => b);
-    this.budget('pagedSparseAttention', 'q', [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], n * hQ * (512 * 2 + 8), [{ what: 'the compact caches and ids, then their staged copies', bytes: 2 * compactBytes }], compactBytes);
+    const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
+    this.budget('pagedSparseAttention', 'q', cpuOpMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ));
     const fields = pagedSparseAttentionFields({ ...job, ...reads.gather() });
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
@@ -170,13 +188,7 @@ export class CpuBackend implements Backend {
     const { cache, tokenIds, n, rowDim } = job;
     // a layer's dequant runs after the layer's awaits: its cache may have gone since the layer's call
     if (cache.data.byteLength !== cache.bytes) detached('cache.data', 'while the call ran');
-    // the addon copies the requested tokens of a cache that is not shared (n tokens, not the
-    // cache), snapshots the ids it checks (int32) and widens them for the core (int64)
-    const gathered = copyBytes(cache.data) > 0 ? n * COMPACT_TOKEN_BYTES[cache.format] : 0;
-    this.budget('dequantizeKCachePaged', 'tokenIds', [tokenIds], n * rowDim * 2, [
-      { what: 'the gathered tokens', bytes: gathered },
-      { what: "the addon's checked and widened token ids", bytes: n * (4 + 8) },
-    ]);
+    this.budget('dequantizeKCachePaged', 'tokenIds', cpuOpMemory.dequantizeKCache(cache.format, n, rowDim, copyBytes(cache.data) > 0, inputBytes(tokenIds)));
     const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run(
@@ -194,9 +206,11 @@ export class CpuBackend implements Backend {
     const { cache, tokenIds, n, rowDim, rows, rowsDtype } = job;
     // the addon quantizes into a compact scratch cache and writes the cache when it settles; it
     // snapshots the ids it checks (int32) and sorts them into four int64 arrays of n
-    this.budget('quantizeKCache', 'rows', [tokenIds, rows], 0, [
+    this.budget('quantizeKCache', 'rows', [
+      ...stagingParts([tokenIds, rows]),
       { what: 'the quantized tokens', bytes: n * COMPACT_TOKEN_BYTES[cache.format] },
       { what: "the addon's checked and sorted token ids", bytes: n * (4 + 4 * 8) },
+      { what: 'outputs', bytes: 0 },
     ]);
     const threads = threadsFor(this.workers, n, rowDim * 32);
     await this.run('quantizeKCache', [tokenIds, rows] as const, ['tokenIds', 'rows.data'], ([ids, staged]) =>

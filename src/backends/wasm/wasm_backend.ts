@@ -14,6 +14,7 @@ import type {
   BackendProbe,
   CacheView,
   DequantizeKCacheJob,
+  HostOpMemory,
   LayerSteps,
   PagedSparseAttentionJob,
   PagedSparseAttentionOutput,
@@ -24,13 +25,13 @@ import type {
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
 import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
-import { planPagedReads } from '../paged_gather.js';
+import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
-import { StagingArena, alignStaging, detached, stageInputs, stagingParts, type StageableArray } from '../staging.js';
+import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type StageableArray } from '../staging.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch. */
 const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
@@ -155,6 +156,13 @@ export class WasmBackend implements Backend {
   readonly staging: StagingArena;
   /** the layer steps: the host planner and this backend's ops over a host workspace */
   readonly layer: LayerSteps = hostLayerSteps(this);
+  /** what its ops count against the budget, from sizes (backend.ts, HostOpMemory): its ops' own checks and a layer's call these */
+  readonly opMemory: HostOpMemory = {
+    dequantizeKCache: (format, n, rowDim) => this.dequantizePlan(format, n, rowDim).parts,
+    sparsePrefill: sparsePrefillParts,
+    // the compact caches and ids are placed in the staging at aligned offsets
+    pagedSparseAttention: (fixed, sets, n, hQ) => pagedSparseAttentionParts(fixed, sets, alignStaging, n, hQ),
+  };
 
   private constructor(pool: WorkerPool, heapBytes: number, memoryBudgetBytes: number) {
     this.pool = pool;
@@ -259,12 +267,7 @@ export class WasmBackend implements Backend {
       this.heapBytes,
     );
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    checkCallMemory(
-      'sparsePrefill',
-      'q',
-      [...stagingParts(inputs), { what: 'outputs', bytes: sQ * hQ * (dV * 2 + 8) }],
-      this.memoryBudgetBytes,
-    );
+    checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV), this.memoryBudgetBytes);
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
     const [q, kv, indices, topkLength, attnSink] = staged.views;
@@ -291,16 +294,8 @@ export class WasmBackend implements Backend {
       this.workers,
       this.heapBytes,
     );
-    checkCallMemory(
-      'pagedSparseAttention',
-      'q',
-      [
-        ...stagingParts([job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink, ...reads.whole], reads.compactBytes((b) => b)),
-        { what: 'the compact caches and ids, then their staged copies', bytes: 2 * reads.compactBytes(alignStaging) },
-        { what: 'outputs', bytes: n * hQ * (512 * 2 + 8) },
-      ],
-      this.memoryBudgetBytes,
-    );
+    const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
+    checkCallMemory('pagedSparseAttention', 'q', this.opMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ), this.memoryBudgetBytes);
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const { main: mainRead, extra: extraRead } = reads.gather();
     const inputs = [job.q, mainRead.cache.data, mainRead.indices, main.topkLength, extraRead?.cache.data ?? null, extraRead?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
@@ -336,28 +331,8 @@ export class WasmBackend implements Backend {
   async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
     this.alive();
     const { cache, n, rowDim } = job;
-    const tokenBytes = compactTokenBytes(cache.format);
-    const perToken = 2 * tokenBytes + 8 + rowDim * 2;
-    const partLimit = Math.max(1, Math.floor(DEQUANT_PART_BYTES / (tokenBytes + rowDim * 2)));
-    const ranges = splitRows(
-      { rows: n, workPerRow: rowDim * 8, fixedBytes: 0, bytesPerRow: perToken, argument: 'tokenIds' },
-      this.workers,
-      this.heapBytes,
-      partLimit,
-    );
-    const partTokens = ranges.reduce((m, [a, b]) => Math.max(m, b - a), 0);
-    const lanes = Math.min(this.workers, ranges.length);
-    const regionBytes = alignStaging(compactGeometry(cache.format, partTokens).bytes);
-    checkCallMemory(
-      'dequantizeKCachePaged',
-      'tokenIds',
-      [
-        { what: 'output', bytes: n * rowDim * 2 },
-        { what: 'a copy of the token ids', bytes: n * 4 },
-        { what: 'staging of the gathered tokens', bytes: lanes * regionBytes },
-      ],
-      this.memoryBudgetBytes,
-    );
+    const { ranges, lanes, regionBytes, parts } = this.dequantizePlan(cache.format, n, rowDim);
+    checkCallMemory('dequantizeKCachePaged', 'tokenIds', parts, this.memoryBudgetBytes);
     if (ranges.length === 0) return new Uint16Array(0);
     const out = allocHostArray(Uint16Array, n * rowDim, 'tokenIds');
     const ids = job.tokenIds.slice();
@@ -386,6 +361,32 @@ export class WasmBackend implements Backend {
     const failure = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
     if (failure) throw failure.reason;
     return out;
+  }
+
+  /**
+   * A dequant's parts (token ranges of bounded size, at most one in flight per worker, each lane a
+   * staging region for its gathered tokens) and what it counts against the budget: its output, a
+   * copy of the ids and the lanes' staging.
+   */
+  private dequantizePlan(format: CacheFormat, n: number, rowDim: number) {
+    const tokenBytes = compactTokenBytes(format);
+    const perToken = 2 * tokenBytes + 8 + rowDim * 2;
+    const partLimit = Math.max(1, Math.floor(DEQUANT_PART_BYTES / (tokenBytes + rowDim * 2)));
+    const ranges = splitRows(
+      { rows: n, workPerRow: rowDim * 8, fixedBytes: 0, bytesPerRow: perToken, argument: 'tokenIds' },
+      this.workers,
+      this.heapBytes,
+      partLimit,
+    );
+    const partTokens = ranges.reduce((m, [a, b]) => Math.max(m, b - a), 0);
+    const lanes = Math.min(this.workers, ranges.length);
+    const regionBytes = alignStaging(compactGeometry(format, partTokens).bytes);
+    const parts = [
+      { what: 'output', bytes: n * rowDim * 2 },
+      { what: 'a copy of the token ids', bytes: n * 4 },
+      { what: 'staging of the gathered tokens', bytes: lanes * regionBytes },
+    ];
+    return { ranges, lanes, regionBytes, parts };
   }
 
   async quantizeKCache(job: QuantizeKCacheJob): Promise<void> {

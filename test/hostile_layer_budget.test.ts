@@ -1,0 +1,225 @@
+/**
+ * Hostile input on the host backends: a layer over the engine's memoryBudgetBytes, its plan's
+ * engine a Proxy, its plan's methods called unbound. A host layer whose ops cannot fit the budget
+ * is TOO_LARGE at the call, before any op or any plan work (the combine, the workspace, the paged
+ * form); one whose ops all fit runs. Each budget edge is found from the library's own refusals
+ * ("needs N bytes"): the layer is refused at N − 1 with nothing run, and runs at the least budget it
+ * is not refused at, with the bits of the same layer on an engine of the default budget.
+ */
+import { existsSync } from 'node:fs';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, createEngine, createKvCache, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, tensor } from '../dist/index.js';
+import type { Engine, KvCache, Plan, PlanStats, PrefillLayerArgs } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import { pagedReadForTests } from '../dist/backends/paged_gather.js';
+import { randomBf16Bits, testRng } from './helpers/random.js';
+import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
+
+const rng = testRng('hostile_layer_budget');
+const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
+const backends = addonBuilt ? (['cpu', 'wasm'] as const) : (['wasm'] as const);
+const MiB = 2 ** 20;
+const D = 512;
+
+const roomy = new Map<string, Engine>();
+beforeAll(async () => {
+  for (const b of backends) roomy.set(b, await createEngine({ backend: b, workers: 2 }));
+});
+afterAll(async () => {
+  for (const e of roomy.values()) await e.dispose();
+});
+
+async function errorOf(call: () => unknown): Promise<unknown> {
+  try {
+    await call();
+  } catch (e) {
+    return e;
+  }
+  return undefined;
+}
+
+/** A copy of a cache in a SharedArrayBuffer (read in place by the ops). */
+function sharedCache(c: KvCache): KvCache {
+  const data = new Uint8Array(new SharedArrayBuffer(c.data.byteLength));
+  data.set(c.data);
+  return { ...c, data };
+}
+
+/** The backend ops a layer reached on `engine`, counted by wrapping the backend's own methods (the layer steps look them up at each call). */
+function spyOps(engine: Engine): { calls: string[] } {
+  const backend = engineBackend(engine) as unknown as Record<string, (...a: unknown[]) => unknown>;
+  const seen = { calls: [] as string[] };
+  for (const op of ['dequantizeKCache', 'sparsePrefill', 'pagedSparseAttention']) {
+    const own = backend[op]!;
+    backend[op] = function (this: unknown, ...a: unknown[]) {
+      seen.calls.push(op);
+      return own.apply(this, a);
+    };
+  }
+  return seen;
+}
+
+const planWork = (s: PlanStats) => [s.c4Combines, s.c0Builds, s.c128Builds, s.pagedMainBuilds, s.pagedExtraBuilds, s.workspaceAllocations];
+
+/**
+ * Raises the budget from 1 MiB to what each refusal says the layer needs until it runs; every
+ * refusal must come before any op and any plan work. Returns the least budget it ran at and the
+ * refusals' needs.
+ */
+async function budgetEdge(backend: 'cpu' | 'wasm', makePlan: () => Plan, args: (plan: Plan) => PrefillLayerArgs): Promise<{ budget: number; needs: number[] }> {
+  const expected = await prefillLayer(roomy.get(backend)!, args(makePlan()));
+  let budget = MiB;
+  const needs: number[] = [];
+  for (let attempt = 0; attempt < 8; attempt++) {
+    const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
+    try {
+      const plan = makePlan();
+      const spy = spyOps(engine);
+      const before = planWork(plan.stats);
+      const e = await errorOf(() => prefillLayer(engine, args(plan)));
+      if (e === undefined) {
+        const r = await prefillLayer(engine, args(plan));
+        expect(Buffer.from(r.out.data.buffer, r.out.data.byteOffset, r.out.data.byteLength).equals(Buffer.from(expected.out.data.buffer, expected.out.data.byteOffset, expected.out.data.byteLength))).toBe(true);
+        expect(Array.from(r.lse.data)).toEqual(Array.from(expected.lse.data));
+        return { budget, needs };
+      }
+      expect(e, String(e)).toBeInstanceOf(SparseMlaError);
+      expect((e as SparseMlaError).code).toBe('TOO_LARGE');
+      expect(spy.calls, `refused at a budget of ${budget} after ops ran: ${(e as Error).message}`).toEqual([]);
+      expect(planWork(plan.stats), `refused at a budget of ${budget} after the plan's work: ${(e as Error).message}`).toEqual(before);
+      const need = Number(/needs (\d+) bytes/.exec((e as Error).message)?.[1]);
+      expect(need).toBeGreaterThan(budget);
+      needs.push(need);
+      budget = need;
+    } finally {
+      await engine.dispose();
+    }
+  }
+  throw new Error(`no budget up to ${budget} ran the layer`);
+}
+
+/** The layer at `budget`: refused before any op and any plan work. */
+async function expectRefusedFirst(backend: 'cpu' | 'wasm', budget: number, plan: Plan, args: PrefillLayerArgs): Promise<void> {
+  const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
+  try {
+    const spy = spyOps(engine);
+    const before = planWork(plan.stats);
+    const e = await errorOf(() => prefillLayer(engine, args));
+    expect(e instanceof SparseMlaError && e.code, String(e)).toBe('TOO_LARGE');
+    expect(spy.calls).toEqual([]);
+    expect(planWork(plan.stats)).toEqual(before);
+  } finally {
+    await engine.dispose();
+  }
+}
+
+/**
+ * The op a layer runs, on its own (the public op), refused at `budget` − 1 and run at `budget`: the
+ * layer's edge is the op's own, so the layer refuses nothing its ops would have run.
+ */
+async function expectOpEdge(backend: 'cpu' | 'wasm', budget: number, op: (engine: Engine) => Promise<unknown>): Promise<void> {
+  for (const [b, fits] of [[budget - 1, false], [budget, true]] as const) {
+    const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: b });
+    try {
+      const e = await errorOf(() => op(engine));
+      if (fits) expect(e, `the op alone at the layer's edge ${b}`).toBeUndefined();
+      else expect(e instanceof SparseMlaError && e.code, `the op alone at ${b}: ${String(e)}`).toBe('TOO_LARGE');
+    } finally {
+      await engine.dispose();
+    }
+  }
+}
+
+describe.each(backends)('%s: a layer over memoryBudgetBytes is TOO_LARGE before any work', (backend) => {
+  test('workspace path, c4 layer of a long request: its dequant of the c4 rows needs more than the budget (was refused by the dequant, after the combine and the workspace)', async () => {
+    const seqLen = rng.int(7000, 9000);
+    const sc = randomScenario(rng, [seqLen], [2]);
+    const hQ = 1;
+    const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+    const c4 = randomCache(rng, sc.c4PageSize, sc.c4Pages);
+    const q = tensor('bf16', [2, hQ, D], randomBf16Bits(rng, 2 * hQ * D, 1));
+    const topk = randomTopk(rng, sc, 64);
+    const args = (plan: Plan): PrefillLayerArgs => ({ plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale: 0.04, path: 'sparse' });
+    const { budget, needs } = await budgetEdge(backend, () => createPlan(sc.chunk), args);
+    expect(needs.length).toBeGreaterThan(0);
+    // just under: refused with nothing run; at the edge it ran (budgetEdge)
+    await expectRefusedFirst(backend, budget - 1, createPlan(sc.chunk), args(createPlan(sc.chunk)));
+    // the op that needs the most: the dequant of the c4 rows
+    const ids = createPlan(sc.chunk).compressedTokenIds(4);
+    await expectOpEdge(backend, budget, (engine) => engine.dequantizeKCachePaged({ cache: c4, tokenIds: ids }));
+  }, 60_000);
+
+  test('paged path, c4 layer of a wide top-k in shared caches: its paged op needs more than the budget (was refused by the op, after the combine and the paged form)', async () => {
+    const sc = randomScenario(rng, [rng.int(2000, 3000)], [2]);
+    const hQ = 1;
+    const swa = sharedCache(randomCache(rng, sc.swaPageSize, sc.swaPages));
+    const c4 = sharedCache(randomCache(rng, sc.c4PageSize, sc.c4Pages));
+    // q in shared memory too (read in place by the layer and by the op alone alike)
+    const qShared = new Uint16Array(new SharedArrayBuffer(2 * hQ * D * 2));
+    qShared.set(randomBf16Bits(rng, 2 * hQ * D, 1));
+    const q = tensor('bf16', [2, hQ, D], qShared);
+    const topk = randomTopk(rng, sc, rng.int(150_000, 200_000));
+    const args = (plan: Plan): PrefillLayerArgs => ({ plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale: 0.04, path: 'paged' });
+    // the op reads the caches whole (in place, they are shared): what the layer's bound counts exactly
+    pagedReadForTests.force = 'whole';
+    try {
+      const { budget, needs } = await budgetEdge(backend, () => createPlan(sc.chunk), args);
+      expect(needs.length).toBeGreaterThan(0);
+      await expectRefusedFirst(backend, budget - 1, createPlan(sc.chunk), args(createPlan(sc.chunk)));
+      const plan = createPlan(sc.chunk);
+      const form = plan.pagedForm(plan.combineC4(topk));
+      await expectOpEdge(backend, budget, (engine) =>
+        engine.pagedSparseAttention({ q, kCache: swa, indices: form.main, topkLength: form.mainLengths, extraKCache: c4, extraIndices: form.extra!, extraTopkLength: form.extraLengths!, smScale: 0.04 }),
+      );
+    } finally {
+      pagedReadForTests.force = null;
+    }
+  }, 60_000);
+});
+
+describe('engines and plans are what they say', () => {
+  test('an engine argument is an engine createEngine() made: a Proxy of one (which passes instanceof) or an object inheriting from one is INVALID_VALUE naming it, before any work', async () => {
+    const sc = randomScenario(rng, [rng.int(20, 300)], [rng.int(1, 4)]);
+    const plan = createPlan(sc.chunk);
+    const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+    const q = tensor('bf16', [plan.numQueries, 2, D], randomBf16Bits(rng, plan.numQueries * 2 * D, 1));
+    const args: PrefillLayerArgs = { plan, compressRatio: 0, q, caches: { swa }, smScale: 0.04 };
+    for (const b of backends) {
+      const engine = roomy.get(b)!;
+      const reached = new Set<string | symbol>();
+      const proxy = new Proxy(engine, {
+        get(target, key, receiver) {
+          reached.add(key);
+          return Reflect.get(target, key, receiver);
+        },
+      });
+      for (const fake of [proxy, Object.create(engine) as Engine]) {
+        const e = await errorOf(() => prefillLayer(fake, args));
+        expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'INVALID_VALUE', argument: 'engine' });
+        const sharded = createShardedPlan(sc.chunk, { shards: 2, split: 'heads' });
+        const es = await errorOf(() => prefillLayerSharded([engine, fake], { plan: sharded, compressRatio: 0, q, caches: { swa }, smScale: 0.04 }));
+        expect(es instanceof SparseMlaError && { code: es.code, argument: es.argument }, String(es)).toEqual({ code: 'INVALID_VALUE', argument: 'engines[1]' });
+      }
+      // nothing of the engine was used: only what the error message describes (a tensor's dtype)
+      expect([...reached].filter((k) => k !== 'dtype')).toEqual([]);
+      // the engine itself runs the layer
+      expect((await prefillLayer(engine, args)).out.shape).toEqual([plan.numQueries, 2, D]);
+    }
+  });
+
+  test("a plan's methods called unbound, or on a Proxy of a plan, are INVALID_VALUE naming this (settleDropped was a TypeError)", async () => {
+    const sc = randomScenario(rng, [rng.int(20, 300)], [rng.int(1, 4)]);
+    const plan = createPlan(sc.chunk);
+    const settle = plan.settleDropped;
+    const e = await errorOf(() => settle());
+    expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'INVALID_VALUE', argument: 'this' });
+    const proxy = new Proxy(plan, {});
+    for (const call of [() => proxy.settleDropped(), () => plan.release.call(undefined), () => plan.layout.call(proxy, 0), () => plan.combinedRows.call({}, 0), () => plan.checkCaches.call(undefined, { swa: createKvCache('v4', { pageSize: 64, numPages: 1 }) }, 0)]) {
+      const x = await errorOf(call);
+      expect(x instanceof SparseMlaError && { code: x.code, argument: x.argument }, String(x)).toEqual({ code: 'INVALID_VALUE', argument: 'this' });
+    }
+    // bound, they work
+    expect(await plan.settleDropped()).toBe(0);
+    expect(plan.layout(0).rows).toBe(plan.layout(0).swaRows + plan.layout(0).compressedRows);
+  });
+});

@@ -165,9 +165,9 @@ for (const prefix of PREFIXES) {
 
 const thresholds = chooseThresholds(points);
 if (outFile) {
-  const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'SHARED', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP'].filter((k) => env[k] !== undefined).map((k) => `${k}=${env[k]}`);
+  const vars = ['SPARSE_MLA_BACKEND', 'HOST', 'SHARED', 'PREFIXES', 'RATIOS', 'HEADS', 'NS', 'WARMUP', 'WARMUP_MS', 'RUN_MS', 'STOP', 'DROPPED'].filter((k) => env[k] !== undefined && env[k] !== '').map((k) => `${k}=${env[k]}`);
   const command = [...vars, 'node bench/layer_paths_wall.mjs', ROUNDS, LAYERS_ARG].join(' ');
-  const report = { date: new Date().toISOString(), command, backend: engine.backend, workers: engine.workers, memory: output, rounds: ROUNDS, layers: LAYERS_ARG, warmup: WARMUP, warmup_ms: WARMUP_MS, run_ms: AUTO_LAYERS ? RUN_MS : undefined, stop: STOP, points, thresholds };
+  const report = { date: new Date().toISOString(), command, backend: engine.backend, workers: engine.workers, memory: output, dropped: env.DROPPED || 'await', rounds: ROUNDS, layers: LAYERS_ARG, warmup: WARMUP, warmup_ms: WARMUP_MS, run_ms: AUTO_LAYERS ? RUN_MS : undefined, stop: STOP, points, thresholds };
   writeFileSync(outFile, `${JSON.stringify(report, null, 2)}\n`);
 }
 await engine.dispose();

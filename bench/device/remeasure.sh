@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the device: the re-measure a tree needs before its numbers are quoted, in one call (~6 min):
 # two whole GPU benches, `check --backend cuda`, the layer paths' wall clock and, where the ship has
-# NAME's harness, its check and a memcheck of its fuzz. Every file lands in $OUT (or ./device-out).
+# NAME's harness, its check and a memcheck of its fuzz. Every file lands in $OUT (or ./device-out), as one
+# archive remeasure-NAME.tgz when there are more than 8 (what the device tool brings back).
 # Usage (repository root, after bench/device/ship.sh [--harness] NAME): bash bench/device/remeasure.sh NAME [STEPS]
 # STEPS: comma list of bench,bench2,check,layer,harness (default) and, only when named, fuzz (75 s of the
 # API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz) and dropped (short c4
@@ -58,4 +59,10 @@ fi
 shopt -s nullglob
 benches=("$out"/bench-cuda-"$name"-*.json)
 [[ ${#benches[@]} -gt 0 ]] && python3 bench/device/against_flashmla.py "${benches[@]}"
+# the device tool brings back at most 8 files from $OUT: more than that go back as one archive
+made=("$out"/*)
+if (( ${#made[@]} > 8 )); then
+  (cd "$out" && tar czf "../remeasure-$name.tgz" -- * && rm -f -- * && mv "../remeasure-$name.tgz" .)
+  echo "${#made[@]} files: packed into $out/remeasure-$name.tgz (the device tool returns at most 8; unpack with tar xzf)"
+fi
 exit 0

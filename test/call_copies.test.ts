@@ -102,7 +102,9 @@ describe.each(BACKENDS)('%s: prefillLayer copies its host q once', (backend) => 
 
   test.each([0, 4, 128] as const)('ratio %i, both paths: the ops read the copy taken at the call in place (no staging request as large as q), results as the reference; the slab goes back', async (ratio) => {
     const sc = randomScenario(rng, [rng.int(200, 300), rng.int(20, 40)], [rng.int(6, 12), rng.int(4, 8)]);
-    const hQ = 32; // q (≥ 320 KiB) far larger than anything else the ops stage (index rows, lengths, gathered tokens)
+    // q (10-20 queries: ≥ 1.25 MiB) far larger than anything else the ops stage (index rows, lengths, gathered
+    // tokens, the paged op's unshared caches with their ids: under 0.7 MiB here; hQ 32 let a 10-query q fall below them)
+    const hQ = 128;
     const caches = { swa: randomCache(rng, 64, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
     const q = tensor('bf16', [sc.numQueries, hQ, D], randomBf16Bits(rng, sc.numQueries * hQ * D, 1));
     const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));

@@ -16,6 +16,7 @@ import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js'
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { standInDevice } from './helpers/stand_in_device.js';
 import { judgeAttention } from './fuzz/targets.mjs';
+import { errorOf } from './helpers/errors.js';
 
 const rng = testRng('fuzz_findings');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
@@ -28,16 +29,6 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const e of engines) await e.dispose();
 });
-
-/** The error a call throws or rejects with (undefined when it returns). */
-async function errorOf(call: () => unknown): Promise<unknown> {
-  try {
-    await call();
-  } catch (e) {
-    return e;
-  }
-  return undefined;
-}
 
 async function expectTyped(call: () => unknown, code: string, argument?: string): Promise<void> {
   const e = await errorOf(call);

@@ -14,6 +14,7 @@ import { engineBackend } from '../dist/engine.js';
 import { pagedReadForTests } from '../dist/backends/paged_gather.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
+import { errorOf } from './helpers/errors.js';
 
 const rng = testRng('hostile_layer_budget');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
@@ -28,15 +29,6 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const e of roomy.values()) await e.dispose();
 });
-
-async function errorOf(call: () => unknown): Promise<unknown> {
-  try {
-    await call();
-  } catch (e) {
-    return e;
-  }
-  return undefined;
-}
 
 /** A copy of a cache in a SharedArrayBuffer (read in place by the ops). */
 function sharedCache(c: KvCache): KvCache {

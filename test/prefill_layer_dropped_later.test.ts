@@ -12,73 +12,10 @@ import { SparseMlaError, createEngine, createPlan, prefillLayer, tensor } from '
 import type { Engine } from '../dist/index.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
-import { standInDevice } from './helpers/stand_in_device.js';
+import { c4Layer as c4LayerOn, gatedEngine, settled } from './helpers/gated_dropped_device.js';
 
 const rng = testRng('prefill_layer_dropped_later');
-
-/** A promise and its settle functions, opened by the test. */
-function gate<T>() {
-  let resolve!: (v: T) => void, reject!: (e: unknown) => void;
-  const promise = new Promise<T>((res, rej) => ((resolve = res), (reject = rej)));
-  return { promise, resolve, reject };
-}
-
-/** Whether `p` has settled after the queued callbacks ran. */
-async function settled(p: Promise<unknown>): Promise<boolean> {
-  let done = false;
-  void p.then(
-    () => (done = true),
-    () => (done = true),
-  );
-  for (let i = 0; i < 20; i++) await new Promise((r) => setImmediate(r));
-  return done;
-}
-
-/**
- * A stand-in cuda engine whose 8-byte downloads (a stepwise c4 layer's dropped read) and layer-program
- * runs with a dropped read (a queued c4 layer) settle only when the test opens their gate, writing the
- * total the test gives.
- */
-function gatedEngine() {
-  const dev = standInDevice();
-  const Base = (dev.engine(9).backend as unknown as { ops: { layerProgramClass(): new (...a: unknown[]) => { run(d: BigInt64Array | null, s: number, ...b: unknown[]): { done: Promise<void> } } } }).ops.layerProgramClass();
-  const gates: { open(total: number): void; fail(e: unknown): void }[] = [];
-  const gated = <T>(write: (total: number) => void, then: Promise<T>) => {
-    const g = gate<number>();
-    gates.push({ open: (total) => g.resolve(total), fail: (e) => g.reject(e) });
-    return g.promise.then((total) => {
-      write(total);
-      return then;
-    });
-  };
-  class GatedProgram extends Base {
-    override run(droppedInto: BigInt64Array | null, smScale: number, ...buffers: unknown[]) {
-      const r = super.run(droppedInto, smScale, ...buffers);
-      if (droppedInto === null) return r;
-      return { ...r, done: gated((t) => (droppedInto[0] = BigInt(t)), r.done) };
-    }
-  }
-  const { engine } = dev.engine(0, {
-    layerProgramClass: () => GatedProgram,
-    download(_b: unknown, data: ArrayBufferView) {
-      if (data instanceof BigInt64Array && data.length === 1) return gated((t) => (data[0] = BigInt(t)), Promise.resolve());
-      return Promise.resolve();
-    },
-  });
-  return { dev, engine, gates };
-}
-
-/** A c4 chunk with every operand on `engine`'s device. */
-async function c4Layer(engine: Engine) {
-  const sc = randomScenario(rng, [300, 90], [40, 90]);
-  const plan = createPlan(sc.chunk, { window: 128 });
-  const hQ = 2;
-  const q = await engine.upload(tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512)));
-  const caches = { swa: await engine.uploadKvCache(randomCache(rng, sc.swaPageSize, sc.swaPages)), c4: await engine.uploadKvCache(randomCache(rng, sc.c4PageSize, sc.c4Pages)) };
-  const topkIndices = await engine.upload(randomTopk(rng, sc, 64));
-  const attnSink = await engine.upload(tensor('float32', [hQ], new Float32Array(hQ)));
-  return { plan, layer: { plan, compressRatio: 4 as const, q, caches, topkIndices, attnSink, smScale: 0.1, path: 'sparse' as const } };
-}
+const c4Layer = (engine: Engine) => c4LayerOn(engine, rng);
 
 describe("prefillLayer { dropped: 'later' }", () => {
   test('c4 layers resolve before their dropped totals land (stepwise and queued); the totals count once they land, and settleDropped waits for them', async () => {

@@ -27,7 +27,7 @@ import { fail } from '../errors.js';
 import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
-import { alignStaging, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
+import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
 import { leastPagedParts } from '../backends/paged_gather.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
@@ -171,7 +171,7 @@ function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
   const bytes = alignStaging(copyBytes(qData)) + alignStaging(copyBytes(sinkData)) + alignStaging(copyBytes(topkData));
   const { staging: arena, budgetBytes: budget, ops } = engine.hostMemory();
   if (budget !== undefined && bytes > 0) {
-    const outputs = call.output === 'host' ? call.plan.numQueries * call.hQ * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
+    const outputs = call.output === 'host' ? attentionOutputBytes(call.plan.numQueries, call.hQ, WORKSPACE_ROW_DIMS) : 0;
     checkCallMemory('prefillLayer', 'q', [{ what: 'copies of q, attnSink and topkIndices at the call', bytes }, { what: 'outputs', bytes: outputs }], budget);
   }
   // (not on a disposed engine: its layer rejects with DISPOSED when it runs)

@@ -20,7 +20,7 @@ import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_R
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import { checkCallMemory } from '../backends/memory.js';
-import { lendCallCopy } from '../backends/staging.js';
+import { attentionOutputBytes, lendCallCopy } from '../backends/staging.js';
 import type { ChunkRequest, PlanCaches, PlanChunk, PlanOptions } from './types.js';
 
 export type ShardSplit = 'heads' | 'queries';
@@ -159,7 +159,7 @@ function shardHeadsAtCall(engine: Engine, q: Tensor<'bf16'>, rows: number, hQ: n
   if (arena === undefined || arena.closed) return { q: tensor('bf16', shape, sliceHeads(q.data, rows, hQ, WORKSPACE_ROW_DIMS, h0, h1)), release: undefined };
   const length = rows * (h1 - h0) * WORKSPACE_ROW_DIMS;
   if (memory.budgetBytes !== undefined) {
-    const outputs = output === 'host' ? rows * (h1 - h0) * (WORKSPACE_ROW_DIMS * 2 + 8) : 0;
+    const outputs = output === 'host' ? attentionOutputBytes(rows, h1 - h0, WORKSPACE_ROW_DIMS) : 0;
     checkCallMemory('prefillLayerSharded', 'q', [{ what: "a copy of the shard's heads of q at the call", bytes: length * 2 }, { what: 'outputs', bytes: outputs }], memory.budgetBytes);
   }
   const lent = lendCallCopy(arena, Uint16Array, length);

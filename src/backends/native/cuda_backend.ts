@@ -37,7 +37,7 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
-import type { StagingArena } from '../staging.js';
+import { attentionOutputBytes, type StagingArena } from '../staging.js';
 import { callCopyBytes, checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
@@ -613,7 +613,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
     const { sQ, hQ, dV } = job;
-    this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, sQ * hQ * (dV * 2 + 8));
+    this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, attentionOutputBytes(sQ, hQ, dV));
     const { out, maxLogits, lse } = this.attentionOutputs(placement, sQ * hQ, dV);
     await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands(job, { out, maxLogits, lse }), this.stream));
     return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
@@ -623,7 +623,7 @@ export class CudaBackend implements Backend, DeviceOps {
     const { n, hQ } = job;
     const fields = pagedSparseAttentionFields(job);
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
-    this.hostBudget('pagedSparseAttention', 'q', inputs, placement, n * hQ * (512 * 2 + 8));
+    this.hostBudget('pagedSparseAttention', 'q', inputs, placement, attentionOutputBytes(n, hQ, 512));
     const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
     await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;

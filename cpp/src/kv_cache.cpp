@@ -377,7 +377,7 @@ inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale, void* out) {
   for (int i = 0; i < 64; ++i) {
-    const uint16_t h = float_to_bf16(e4m3_to_float(q[i]) * scale);
+    const uint16_t h = dequantize_e4m3(q[i], scale);
     if (kF32) static_cast<float*>(out)[i] = bf16_to_float(h);
     else static_cast<uint16_t*>(out)[i] = h;
   }
@@ -392,17 +392,22 @@ inline bool scale_keeps_exact(float scale) {
   return (u & 0x807fffffu) == 0 && e >= 10 && e <= 246;
 }
 
-inline bool scale_is_nan(float scale) { return (float_bits(scale) & 0x7fffffffu) > 0x7f800000u; }
+// NaN or ±inf.
+inline bool scale_is_special(float scale) { return (float_bits(scale) & 0x7fffffffu) >= 0x7f800000u; }
 
-// A NaN scale gives its own NaN, quieted, top half (float_to_bf16 of the product) for every code,
-// NaN codes included. Decided here, not by the multiplication: with both operands NaN the result
-// depends on their order in the instruction, which the compiler picks (GCC's scalar code keeps the
-// scale's NaN on AArch64 but, on x86-64, the code's for some codes), and AArch64 prefers a
-// signaling NaN. Out of line: the tile loops keep their constants in registers.
+// A tile whose scale is NaN or infinite, by the scalar rule (dequantize_e4m3): a NaN scale gives its
+// own NaN for every code, a ±0 code times ±inf 0x7fc0. Left to the vector multiplication, NaN x NaN
+// keeps whichever operand the instruction has first (AVX2, SSE2, SSSE3 and NEON differed) and
+// 0 x inf is the ISA's default NaN (0xffc0 on x86-64 and in V8 there, 0x7fc0 on AArch64). Out of
+// line: the tile loops keep their constants in registers. A plain loop: such tiles are bad input,
+// not worth vector code in the WASM module.
 template <bool kF32>
-__attribute__((noinline)) void dequant_tile64_nan_scale(float scale, void* out) {
-  const uint16_t h = uint16_t((float_bits(scale) >> 16) | 0x0040u);
+__attribute__((noinline)) void dequant_tile64_special_scale(const uint8_t* q, float scale, void* out) {
+#if defined(__clang__)
+#pragma clang loop vectorize(disable) unroll(disable)
+#endif
   for (int i = 0; i < 64; ++i) {
+    const uint16_t h = dequantize_e4m3(q[i], scale);
     if (kF32) static_cast<float*>(out)[i] = bf16_to_float(h);
     else static_cast<uint16_t*>(out)[i] = h;
   }
@@ -419,33 +424,35 @@ void* tile_out(void* out, int tile) {
 // vector constants, and one loop holding both (a choice per tile) made GCC hoist both sets, more
 // than 16 ymm registers, and spill the float path's. Tokens whose scales are all exact (every token
 // SPEC's quantization writes) take the exact path's loop; other tokens the float path for every
-// tile (an exact product rounds to itself: the same bits), and tiles with a NaN scale the rule above.
+// tile (an exact product rounds to itself: the same bits), and tiles with a NaN or infinite scale the
+// rule above.
 template <bool kF32, int kTiles, int kTilesPerScale, typename ScaleOf>
-SMLA_TILE_INLINE void dequant_nope(const uint8_t* q, bool all_exact, bool any_nan, ScaleOf scale_of, void* out) {
+SMLA_TILE_INLINE void dequant_nope(const uint8_t* q, bool all_exact, bool any_special, ScaleOf scale_of, void* out) {
   if (all_exact) {
     for (int t = 0; t < kTiles; ++t)
       dequant_tile64<kF32, true>(q + 64 * t, scale_of(t / kTilesPerScale), tile_out<kF32>(out, t));
-  } else if (!any_nan) {
+  } else if (!any_special) {
     for (int t = 0; t < kTiles; ++t)
       dequant_tile64<kF32, false>(q + 64 * t, scale_of(t / kTilesPerScale), tile_out<kF32>(out, t));
   } else {
     for (int t = 0; t < kTiles; ++t) {
       const float scale = scale_of(t / kTilesPerScale);
-      if (scale_is_nan(scale)) dequant_tile64_nan_scale<kF32>(scale, tile_out<kF32>(out, t));
+      if (scale_is_special(scale)) dequant_tile64_special_scale<kF32>(q + 64 * t, scale, tile_out<kF32>(out, t));
       else dequant_tile64<kF32, false>(q + 64 * t, scale, tile_out<kF32>(out, t));
     }
   }
 }
 
-// v4's scale bytes: 2^(b - 127) is exact for b in 10..246 (scale_keeps_exact), 255 is NaN.
+// v4's scale bytes: 2^(b - 127) is exact for b in 10..246 (scale_keeps_exact), 255 is NaN (the one
+// special scale: no byte is infinite).
 template <bool kF32>
 SMLA_TILE_INLINE void dequant_v4_nope(const uint8_t* data, const uint8_t* scales, void* out) {
-  bool all_exact = true, any_nan = false;
+  bool all_exact = true, any_special = false;
   for (int t = 0; t < v4::kNumTiles; ++t) {
     all_exact &= uint8_t(scales[t] - 10) <= 236;
-    any_nan |= scales[t] == 0xff;
+    any_special |= scales[t] == 0xff;
   }
-  dequant_nope<kF32, v4::kNumTiles, 1>(data, all_exact, any_nan,
+  dequant_nope<kF32, v4::kNumTiles, 1>(data, all_exact, any_special,
                                        [scales](int t) { return ue8m0_to_float(scales[t]); }, out);
 }
 
@@ -479,12 +486,12 @@ void dequant_v4_token_f32(const uint8_t* data, const uint8_t* scales, float* out
 void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
   float scales[v32::kNumTiles];
   memcpy(scales, token + v32::kScalesAt, sizeof scales);
-  bool all_exact = true, any_nan = false;
+  bool all_exact = true, any_special = false;
   for (int t = 0; t < v32::kNumTiles; ++t) {
     all_exact &= scale_keeps_exact(scales[t]);
-    any_nan |= scale_is_nan(scales[t]);
+    any_special |= scale_is_special(scales[t]);
   }
-  dequant_nope<false, 2 * v32::kNumTiles, 2>(token, all_exact, any_nan, [&scales](int t) { return scales[t]; }, out);
+  dequant_nope<false, 2 * v32::kNumTiles, 2>(token, all_exact, any_special, [&scales](int t) { return scales[t]; }, out);
   copy_rope(out + v32::kNopeDim, token + v32::kRopeAt);
 }
 

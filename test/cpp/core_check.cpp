@@ -21,6 +21,8 @@
 
 #include "core_calls.h"
 #include "sparse_mla/sparse_mla.h"
+// the scalar per-element dequant (SMLA_HD: the CUDA check's reference too) is checked directly
+#include "sparse_mla/kv_cache_layout.h"
 // the float32 row dequant of paged attention has no op of its own: called directly
 #include "../../cpp/src/kv_cache_rows.h"
 
@@ -669,23 +671,41 @@ size_t count_dequant_mismatches(const std::string& ctx, const double* want, cons
   return mism;
 }
 
-// NaN bits, which SPEC leaves open (it asks only for a NaN), held to one rule on every path: a
-// NaN scale gives its own NaN quieted, top half ((bits >> 16) | 0x40, float_to_bf16's rule), for
-// every code, NaN codes included; a NaN code (0x7f / 0xff) times any other scale gives exactly
-// 0x7fc0 | sign (the quiet NaN the e4m3 decode builds survives the product and the rounding). NaN x
-// NaN is not left to the multiplication, whose operand order the compiler picks. Counts the others.
+// The bf16 bits of one e4m3 code times one float32 scale (given as its bits): SPEC §3's value (the
+// product rounded to float32, then to bf16) from the formats' definitions in double, and for NaN
+// results, whose bits SPEC leaves open (it asks only for a NaN), the one rule every path and build
+// is held to: a NaN scale gives its own NaN quieted, top half ((bits >> 16) | 0x40, float_to_bf16's
+// rule), for every code, NaN codes included; a NaN code (0x7f / 0xff) times any other scale gives
+// 0x7fc0 | the code's sign; a ±0 code times a ±inf scale (the one NaN from two numbers) 0x7fc0.
+// None of these is left to the multiplication: NaN x NaN keeps the operand the instruction has
+// first (the compiler's choice), 0 x inf gives the ISA's default NaN (x86-64 0xffc0, AArch64 0x7fc0).
+uint16_t expected_dequant_bits(uint8_t code, uint32_t scale_bits) {
+  if ((scale_bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((scale_bits >> 16) | 0x40);
+  if ((code & 0x7f) == 0x7f) return uint16_t(0x7fc0 | (code & 0x80) << 8);
+  float scale;
+  memcpy(&scale, &scale_bits, 4);
+  const double product = e4m3_value(code) * double(scale);  // exact: 4 significant bits times 24
+  if (isnan(product)) return 0x7fc0;  // ±0 x ±inf
+  return bf16_bits_of(to_bf16_value(to_float32(product)));
+}
+
+uint32_t bits_of(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return u;
+}
+
+// v4's scale byte as the float32 bits it stands for: 2^(byte - 127) (byte 0 the subnormal 2^-127),
+// and for the NaN byte 0xFF the quiet NaN 0x7fc00000, so that its results are 0x7fc0.
+uint32_t v4_scale_bits(uint8_t byte) { return byte == 0xff ? 0x7fc00000u : bits_of(float(ldexp(1.0, int(byte) - 127))); }
+
+// Results that are NaN (expected_dequant_bits) whose bits are not the rule's; counts them.
 size_t count_nan_bit_mismatches(const uint8_t* nope, int nope_dims, int tile, const float* tile_scales,
                                 const uint16_t* got_bf16, const float* got_f32) {
   size_t mism = 0;
   for (int d = 0; d < nope_dims; ++d) {
-    const float scale = tile_scales[d / tile];
-    uint16_t want;
-    if (isnan(scale)) {
-      uint32_t scale_bits;
-      memcpy(&scale_bits, &scale, 4);
-      want = uint16_t((scale_bits >> 16) | 0x40);
-    } else if ((nope[d] & 0x7f) == 0x7f) want = uint16_t(0x7fc0 | (nope[d] & 0x80) << 8);
-    else continue;
+    const uint16_t want = expected_dequant_bits(nope[d], bits_of(tile_scales[d / tile]));
+    if ((want & 0x7fff) <= 0x7f80) continue;  // not a NaN: its value is checked against the reference
     uint32_t got;
     if (got_bf16) got = got_bf16[d];
     else {
@@ -741,7 +761,7 @@ void check_dequant_every_code_v4() {
          "every-code v4 dequant status");
   std::vector<double> ref(512);
   std::vector<float> row_f32(512);
-  size_t mism_bf16 = 0, mism_f32 = 0, rope_bits = 0, nan_bits = 0;
+  size_t mism_bf16 = 0, mism_f32 = 0, rope_bits = 0, nan_bits = 0, scalar_bits = 0;
   for (int64_t t = 0; t < cap; ++t) {
     ref_dequant_v4(cache.data(), P, t, ref.data());
     const std::string ctx = "every-code v4 token " + std::to_string(t);
@@ -754,6 +774,13 @@ void check_dequant_every_code_v4() {
     v4_tile_scales(cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8, tile_scales);
     nan_bits += count_nan_bit_mismatches(data, 448, 64, tile_scales, &out[size_t(t) * 512], nullptr);
     nan_bits += count_nan_bit_mismatches(data, 448, 64, tile_scales, nullptr, row_f32.data());
+    // the vector paths and the scalar dequantize_nope: the same bits, both outputs
+    const uint8_t* sc = cache.data() + (t / P) * v4_page_bytes(P) + int64_t(P) * 576 + (t % P) * 8;
+    for (int d = 0; d < 448; ++d) {
+      const uint16_t scalar = smla::v4::dequantize_nope(data[d], sc[d / 64]);
+      scalar_bits += out[size_t(t) * 512 + d] != scalar;
+      scalar_bits += bits_of(row_f32[size_t(d)]) != uint32_t(scalar) << 16;
+    }
     // the rope dims are copies: their bits, NaN payloads included
     rope_bits += memcmp(&out[size_t(t) * 512 + 448], data + 448, 128) != 0;
   }
@@ -761,6 +788,7 @@ void check_dequant_every_code_v4() {
   expect(mism_f32 == 0, "every-code v4 float32 rows: " + std::to_string(mism_f32) + " differ");
   expect(rope_bits == 0, "every-code v4: rope bits of " + std::to_string(rope_bits) + " tokens differ");
   expect(nan_bits == 0, "every-code v4: " + std::to_string(nan_bits) + " NaN results (NaN codes or scale byte 0xFF) not the rule's bits");
+  expect(scalar_bits == 0, "every-code v4: " + std::to_string(scalar_bits) + " values (bf16 or float32) not dequantize_nope's bits");
 }
 
 // v32 scale edge cases: SPEC's and float32's (±0, ±inf, NaNs, subnormals, the bounds of the exact
@@ -803,12 +831,14 @@ void check_dequant_every_code_v32() {
                                               .num_tokens = int32_t(cap), .out = out.data()}) == SMLA_OK,
          "every-code v32 dequant status");
   std::vector<double> ref(576);
-  size_t mism = 0, rope_bits = 0, nan_bits = 0;
+  size_t mism = 0, rope_bits = 0, nan_bits = 0, scalar_bits = 0;
   for (int64_t k = 0; k < cap; ++k) {
     const int64_t t = ids[size_t(k)];
     ref_dequant_v32(cache.data(), t, ref.data());
     float tile_scales[4];
     memcpy(tile_scales, cache.data() + t * 656 + 512, sizeof tile_scales);
+    for (int d = 0; d < 512; ++d)  // the vector paths and the scalar dequantize_nope: the same bits
+      scalar_bits += out[size_t(k) * 576 + d] != smla::v32::dequantize_nope(cache[size_t(t * 656 + d)], tile_scales[d / 128]);
     nan_bits += count_nan_bit_mismatches(cache.data() + t * 656, 512, 128, tile_scales, &out[size_t(k) * 576], nullptr);
     mism += count_dequant_mismatches("every-code v32 token " + std::to_string(t), ref.data(),
                                      &out[size_t(k) * 576], nullptr, 576);
@@ -817,7 +847,53 @@ void check_dequant_every_code_v32() {
   expect(mism == 0, "every-code v32 dequant op: " + std::to_string(mism) + " differ (" +
                         std::to_string(scales.size()) + " scales x 256 codes)");
   expect(rope_bits == 0, "every-code v32: rope bits of " + std::to_string(rope_bits) + " tokens differ");
-  expect(nan_bits == 0, "every-code v32: " + std::to_string(nan_bits) + " NaN results (NaN codes or scales: quiet, signaling, both signs, payloads) not the rule's bits");
+  expect(nan_bits == 0, "every-code v32: " + std::to_string(nan_bits) + " NaN results (NaN codes or scales: quiet, signaling, both signs, payloads; zero codes x infinite scales) not the rule's bits");
+  expect(scalar_bits == 0, "every-code v32: " + std::to_string(scalar_bits) + " values not dequantize_nope's bits");
+}
+
+// The scalar per-element dequant of kv_cache_layout.h (v4 / v32 dequantize_nope: the CUDA check's
+// reference, and through dequantize_e4m3 the SIMD paths' rule for NaN and infinite scales) against
+// expected_dequant_bits, bit for bit: every code times every v4 scale byte, and every code times
+// the v32 edge scales, NaNs of both signs (quiet, signaling, payloads), random bit patterns and
+// random NaNs (fresh: `seed`). Its NaN x NaN and 0 x inf are no longer the multiplication's.
+void check_dequantize_nope(uint64_t seed) {
+  size_t v4_mism = 0, v4_nan_nan = 0;
+  for (int b = 0; b < 256; ++b)
+    for (int c = 0; c < 256; ++c) {
+      const uint16_t got = smla::v4::dequantize_nope(uint8_t(c), uint8_t(b)), want = expected_dequant_bits(uint8_t(c), v4_scale_bits(uint8_t(b)));
+      if (got != want && v4_mism++ < 3) fprintf(stderr, "  v4 dequantize_nope(0x%02x, 0x%02x) = 0x%04x, want 0x%04x\n", c, b, got, want);
+      v4_nan_nan += b == 0xff && (c & 0x7f) == 0x7f;
+    }
+  expect(v4_nan_nan == 2, "dequantize_nope v4: both NaN codes met the NaN scale byte");
+  expect(v4_mism == 0, "dequantize_nope v4, every code x every scale byte: " + std::to_string(v4_mism) + " of 65536 bits differ");
+
+  std::mt19937_64 gen(seed);
+  std::vector<uint32_t> scales(std::begin(kV32EdgeScaleBits), std::end(kV32EdgeScaleBits));
+  for (uint32_t sign : {0u, 0x80000000u})
+    for (uint32_t nan : {0x7fc00000u, 0x7fc00001u, 0x7f800001u, 0x7fbfffffu, 0x7fffffffu, 0x7fa12345u, 0x7fd5aa55u})
+      scales.push_back(sign | nan);
+  for (int k = 0; k < 256; ++k) scales.push_back(uint32_t(gen()));
+  for (int k = 0; k < 64; ++k) {
+    const uint32_t mantissa = uint32_t(gen()) & 0x7fffffu;
+    scales.push_back((uint32_t(gen()) & 0x80000000u) | 0x7f800000u | (mantissa ? mantissa : 1u));
+  }
+  size_t v32_mism = 0, nan_nan = 0, zero_inf = 0;
+  for (const uint32_t sb : scales) {
+    float scale;
+    memcpy(&scale, &sb, 4);
+    const bool scale_nan = (sb & 0x7fffffffu) > 0x7f800000u, scale_inf = (sb & 0x7fffffffu) == 0x7f800000u;
+    for (int c = 0; c < 256; ++c) {
+      const uint16_t got = smla::v32::dequantize_nope(uint8_t(c), scale), want = expected_dequant_bits(uint8_t(c), sb);
+      if (got != want && v32_mism++ < 3)
+        fprintf(stderr, "  v32 dequantize_nope(0x%02x, scale bits 0x%08x) = 0x%04x, want 0x%04x\n", c, sb, got, want);
+      nan_nan += scale_nan && (c & 0x7f) == 0x7f;
+      zero_inf += scale_inf && (c & 0x7f) == 0;
+    }
+  }
+  expect(nan_nan >= 2 * 14 && zero_inf >= 4, "dequantize_nope v32: NaN codes met NaN scales (" + std::to_string(nan_nan) +
+                                                 "), zero codes infinite ones (" + std::to_string(zero_inf) + ")");
+  expect(v32_mism == 0, "dequantize_nope v32, every code x " + std::to_string(scales.size()) + " scales (seed " +
+                            std::to_string(seed) + "): " + std::to_string(v32_mism) + " bits differ");
 }
 
 // Fresh random caches on every run (seed printed; SMLA_CHECK_SEED=N repeats one): random bytes,
@@ -1127,6 +1203,7 @@ int main() {
     printf("core_check: fresh dequant inputs, seed %llu (SMLA_CHECK_SEED=%llu repeats them)\n",
            (unsigned long long)seed, (unsigned long long)seed);
     check_dequant_fresh(seed);
+    check_dequantize_nope(seed);
   }
   check_cache(SMLA_CACHE_V32, 1, 300, false);
   check_cache(SMLA_CACHE_V32, 1, 300, true);

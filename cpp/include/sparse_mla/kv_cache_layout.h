@@ -37,6 +37,24 @@ SMLA_HD float abs_max(const float* x, int n) {
   return a;
 }
 
+// One dequantized value, e4m3 code q times a float32 scale, as bf16 bits (SPEC §3): the product in
+// float32, rounded to bf16. SPEC asks only for a NaN where one arises; its bits follow one rule on
+// every path and build (the CPU's SIMD tiles send tiles with a NaN or infinite scale here):
+//   NaN scale            -> the scale's NaN, quieted, top half, for every code (NaN codes included)
+//   NaN code (0x7f/0xff) -> 0x7fc0 | the code's sign (any other scale)
+//   ±0 code, ±inf scale  -> 0x7fc0
+// Each is decided before the multiplication, which then has no NaN operand and no invalid case.
+// Left to it, NaN x NaN keeps the operand the compiler happened to put first (GCC's -O2 and -O0
+// differ on x86-64), 0 x inf is the ISA's default NaN (0xffc0 on x86-64, 0x7fc0 on AArch64), and
+// CUDA's conversions make every NaN 0x7fff.
+SMLA_HD uint16_t dequantize_e4m3(uint8_t q, float scale) {
+  const uint32_t s = float_bits(scale) & 0x7fffffffu;
+  if (s > 0x7f800000u) return uint16_t((float_bits(scale) >> 16) | 0x0040u);
+  if ((q & 0x7fu) == 0x7fu) return uint16_t(0x7fc0u | uint32_t(q & 0x80u) << 8);
+  if ((q & 0x7fu) == 0 && s == 0x7f800000u) return 0x7fc0u;
+  return float_to_bf16(e4m3_to_float(q) * scale);
+}
+
 namespace v4 {
 constexpr int kNopeDim = 448;
 constexpr int kRopeDim = 64;
@@ -74,9 +92,10 @@ SMLA_HD void quantize_token(const float* x, uint8_t* data, uint8_t* scales) {
   for (int i = 0; i < kRopeDim; ++i) rope[i] = float_to_bf16(x[kNopeDim + i]);
 }
 
-// Dequantized nope value: e4m3 * 2^(byte - 127) in float32, rounded to bf16.
+// Dequantized nope value: e4m3 * 2^(byte - 127) in float32, rounded to bf16; byte 0xFF (NaN)
+// gives 0x7fc0 for every code (dequantize_e4m3).
 SMLA_HD uint16_t dequantize_nope(uint8_t q, uint8_t scale_byte) {
-  return float_to_bf16(e4m3_to_float(q) * ue8m0_to_float(scale_byte));
+  return dequantize_e4m3(q, ue8m0_to_float(scale_byte));
 }
 }  // namespace v4
 
@@ -103,9 +122,7 @@ SMLA_HD void quantize_token(const float* x, uint8_t* token) {
   for (int i = 0; i < kRopeDim; ++i) rope[i] = float_to_bf16(x[kNopeDim + i]);
 }
 
-SMLA_HD uint16_t dequantize_nope(uint8_t q, float scale) {
-  return float_to_bf16(e4m3_to_float(q) * scale);
-}
+SMLA_HD uint16_t dequantize_nope(uint8_t q, float scale) { return dequantize_e4m3(q, scale); }
 }  // namespace v32
 
 }  // namespace smla

@@ -12,9 +12,11 @@ import { SparseMlaError, createEngine, createKvCache, createPlan, createShardedP
 import type { Engine, KvCache, Plan, PlanStats, PrefillLayerArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { pagedReadForTests } from '../dist/backends/paged_gather.js';
+import { prefillLayerReference } from '../dist/reference/index.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
+import { expectWithinBounds } from './helpers/judge.js';
 
 const rng = testRng('hostile_layer_budget');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
@@ -35,6 +37,13 @@ function sharedCache(c: KvCache): KvCache {
   const data = new Uint8Array(new SharedArrayBuffer(c.data.byteLength));
   data.set(c.data);
   return { ...c, data };
+}
+
+/** `c` in a cache of `factor` times its pages (the pages past its own zero, never read by its chunk's ids). */
+function paddedCache(c: KvCache, factor: number): KvCache {
+  const big = createKvCache('v4', { pageSize: c.pageSize, numPages: c.numPages * factor });
+  big.data.set(c.data);
+  return big;
 }
 
 /** The backend ops a layer reached on `engine`, counted by wrapping the backend's own methods (the layer steps look them up at each call). */
@@ -167,7 +176,53 @@ describe.each(backends)('%s: a layer over memoryBudgetBytes is TOO_LARGE before 
       pagedReadForTests.force = null;
     }
   }, 60_000);
+
+  test('paged path, c4 layer over caches not in shared memory, far larger than what it reads: its op reads compact caches of the tokens its ids name, counted exactly at the call (the layer counted a compact cache at its least, and was refused by the op after the combine and the paged form)', async () => {
+    const sc = randomScenario(rng, [rng.int(2000, 3000)], [rng.int(8, 12)]);
+    const hQ = 128;
+    // the ids read a few hundred tokens of each cache: the op gathers them into compact caches
+    const swa = paddedCache(randomCache(rng, sc.swaPageSize, sc.swaPages), rng.int(48, 64));
+    const c4 = paddedCache(randomCache(rng, sc.c4PageSize, sc.c4Pages), rng.int(24, 32));
+    // q in shared memory (read in place by the layer and by the op alone alike)
+    const nq = sc.numQueries;
+    const qShared = new Uint16Array(new SharedArrayBuffer(nq * hQ * D * 2));
+    qShared.set(randomBf16Bits(rng, nq * hQ * D, 1));
+    const q = tensor('bf16', [nq, hQ, D], qShared);
+    const topk = randomTopk(rng, sc, rng.int(32, 96));
+    const smScale = 0.04;
+    const args = (plan: Plan): PrefillLayerArgs => ({ plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale, path: 'paged' });
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale });
+    const { budget, needs } = await budgetEdge(backend, () => createPlan(sc.chunk), args);
+    expect(needs.length).toBeGreaterThan(0);
+    // just under: refused with nothing run; exactly at it: runs, its op reading both sets compact
+    await expectRefusedFirst(backend, budget - 1, createPlan(sc.chunk), args(createPlan(sc.chunk)));
+    expect(await expectRunsAt(backend, budget, args(createPlan(sc.chunk)), ref, `${backend} c4 paged compact`)).toBe(2);
+    // the layer's edge is its op's own (the op alone over the same form, caches and q)
+    const plan = createPlan(sc.chunk);
+    const form = plan.pagedForm(plan.combineC4(topk));
+    await expectOpEdge(backend, budget, (engine) =>
+      engine.pagedSparseAttention({ q, kCache: swa, indices: form.main, topkLength: form.mainLengths, extraKCache: c4, extraIndices: form.extra!, extraTopkLength: form.extraLengths!, smScale }),
+    );
+  }, 120_000);
 });
+
+/**
+ * The layer at exactly `budget` on a fresh engine: it runs, within SPEC §4's bounds of the float64
+ * reference, and gives the number of index sets its paged op read through compact caches.
+ */
+async function expectRunsAt(backend: 'cpu' | 'wasm', budget: number, args: PrefillLayerArgs, ref: ReturnType<typeof prefillLayerReference>, label: string): Promise<number> {
+  const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
+  try {
+    const compactBefore = pagedReadForTests.compactSets;
+    const r = await prefillLayer(engine, args);
+    const compactSets = pagedReadForTests.compactSets - compactBefore;
+    expectWithinBounds(`${label} at a budget of ${budget}`, r, ref, Array.from({ length: args.plan.numQueries }, (_, i) => i));
+    expect(r.dropped).toBe(ref.dropped);
+    return compactSets;
+  } finally {
+    await engine.dispose();
+  }
+}
 
 describe('engines and plans are what they say', () => {
   test('an engine argument is an engine createEngine() made: a Proxy of one (which passes instanceof) or an object inheriting from one is INVALID_VALUE naming it, before any work', async () => {

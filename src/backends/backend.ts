@@ -15,7 +15,7 @@
 import type { BackendName, CacheFormat, DeviceBuffer, Placement } from '../types.js';
 import type { InputBytes, StagingArena } from './staging.js';
 import type { MemoryPart } from './memory.js';
-import type { PagedSetBytes } from './paged_gather.js';
+import type { PagedCopies, PagedSetBytes } from './paged_gather.js';
 
 /**
  * Jobs are generic in B, the device-buffer type a backend accepts in place of a host array
@@ -325,7 +325,7 @@ export interface Backend {
    * a layer call's copies of its host operands are lent from it too (copyAtCall)
    */
   readonly staging?: StagingArena;
-  /** host backends (cpu, wasm): what their ops count against the budget, from sizes (HostOpMemory) */
+  /** what its ops count against the host memory budget, from sizes (HostOpMemory): cpu and wasm, and cuda for its host staging */
   readonly opMemory?: HostOpMemory;
   quantizeKCache(job: QuantizeKCacheJob): Promise<void>;
   /** bf16 [n, rowDim] */
@@ -337,17 +337,20 @@ export interface Backend {
 }
 
 /**
- * What a host backend's ops count against its memory budget, from sizes alone: the functions its
+ * What a backend's ops count against its host memory budget, from sizes alone: the functions its
  * ops' own budget checks call, so that prefillLayer can check the ops a layer will run before any
- * work with the same arithmetic (prefill_layer.ts, checkLayerOps).
+ * work with the same arithmetic (prefill_layer.ts, checkLayerOps). An operand in device memory is
+ * no host bytes; `output` is where the op's outputs go (a host backend's: always the host).
  */
 export interface HostOpMemory {
-  /** dequantizeKCache of n tokens (rows of rowDim) of a `format` cache whose data is (not) in shared memory, by ids `tokenIds` */
-  dequantizeKCache(format: CacheFormat, n: number, rowDim: number, cacheUnshared: boolean, tokenIds: InputBytes): MemoryPart[];
+  /** dequantizeKCache of n tokens (rows of rowDim) of a `format` cache whose data is `cache`, by ids `tokenIds` (null: int64 ids already in device memory, a cuda layer's) */
+  dequantizeKCache(format: CacheFormat, n: number, rowDim: number, cache: InputBytes, tokenIds: InputBytes | null, output: Placement): MemoryPart[];
   /** sparsePrefill of sQ × hQ queries, dV wide, over its inputs q, kv, indices, topkLength, attnSink */
-  sparsePrefill(inputs: readonly InputBytes[], sQ: number, hQ: number, dV: number): MemoryPart[];
+  sparsePrefill(inputs: readonly InputBytes[], sQ: number, hQ: number, dV: number, output: Placement): MemoryPart[];
   /** pagedSparseAttention of n × hQ queries over `fixed` (q, the lengths, attnSink) and its index sets as it reads them (whole or compact) */
-  pagedSparseAttention(fixed: readonly InputBytes[], sets: readonly PagedSetBytes[], n: number, hQ: number): MemoryPart[];
+  pagedSparseAttention(fixed: readonly InputBytes[], sets: readonly PagedSetBytes[], n: number, hQ: number, output: Placement): MemoryPart[];
+  /** how its paged op reads an index set's cache (paged_gather.ts, choosePagedRead); null: always whole, as it is given */
+  readonly pagedCopies: PagedCopies | null;
 }
 
 export interface BackendProbe {

@@ -12,7 +12,7 @@
  * bytes, so the kernel computes exactly what it computes over the whole cache.
  */
 import type { CacheView, PagedIndexSet, PagedSparseAttentionJob } from './backend.js';
-import type { MemoryPart } from './memory.js';
+import { copyBytes, type MemoryPart } from './memory.js';
 import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
@@ -90,15 +90,32 @@ const RUN_NS = 500;
 export const pagedReadForTests: { force: 'whole' | 'compact' | null; compactSets: number } = { force: null, compactSets: 0 };
 
 /**
- * The plan of `set` when reading a compact cache is estimated to cost less than the whole one,
- * else null. `wholeCopies`: bulk copies the whole cache would take (0: none, as an in-place read
- * by the cpu addon, which then keeps the whole cache without planning); `compactCopies`: bulk
- * copies the compact cache takes after its gather (staging, a worker's heap).
+ * Bulk copies a host backend's paged op makes of a cache (choosePagedRead's estimate): read whole
+ * (`whole(cacheUnshared)`: 0 for an in-place read, as the cpu addon's of a shared cache, which then
+ * keeps the whole cache without planning) or compact (`compact`: after its gather, into the staging
+ * or a worker's heap). The op and a layer's check of it (prefill_layer.ts) read the same counts.
  */
-export function choosePagedRead(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
-  const plan = pagedReadForTests.force === null ? estimatedPlan(set, n, wholeCopies, compactCopies) : pagedReadForTests.force === 'compact' ? planPagedRead(set, n) : null;
+export interface PagedCopies {
+  whole(cacheUnshared: boolean): number;
+  compact: number;
+}
+
+/**
+ * The plan of `set` when reading a compact cache is estimated to cost less than the whole one,
+ * else null, by the backend's `copies`. Counted in pagedReadForTests.compactSets: the op's own read.
+ */
+export function choosePagedRead(set: HostPagedSet, n: number, copies: PagedCopies): PagedReadPlan | null {
+  const plan = pagedReadChoice(set, n, copies);
   if (plan) pagedReadForTests.compactSets++;
   return plan;
+}
+
+/** choosePagedRead without counting: what the op will choose, for a check before it runs. */
+function pagedReadChoice(set: HostPagedSet, n: number, copies: PagedCopies): PagedReadPlan | null {
+  const force = pagedReadForTests.force;
+  if (force === 'compact') return planPagedRead(set, n);
+  if (force === 'whole') return null;
+  return estimatedPlan(set, n, copies.whole(copyBytes(set.cache.data) > 0), copies.compact);
 }
 
 function estimatedPlan(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
@@ -196,24 +213,36 @@ export interface PagedReads {
   gather(): { main: HostPagedSet | CompactPagedSet; extra: HostPagedSet | CompactPagedSet | null };
 }
 
-/**
- * Per index set of `job`, whole or compact (choosePagedRead with the backend's copy counts:
- * `wholeCopies(set)` bulk copies of a whole cache, `compactCopies` of a compact one).
- */
-export function planPagedReads(job: PagedSparseAttentionJob, wholeCopies: (set: HostPagedSet) => number, compactCopies: number): PagedReads {
+/** Per index set of `job`, whole or compact (choosePagedRead with the backend's `copies`). */
+export function planPagedReads(job: PagedSparseAttentionJob, copies: PagedCopies): PagedReads {
   const { n, main, extra } = job;
-  const mainPlan = choosePagedRead(main, n, wholeCopies(main), compactCopies);
-  const extraPlan = extra ? choosePagedRead(extra, n, wholeCopies(extra), compactCopies) : null;
+  const mainPlan = choosePagedRead(main, n, copies);
+  const extraPlan = extra ? choosePagedRead(extra, n, copies) : null;
   const sets: Array<[HostPagedSet, PagedReadPlan | null]> = extra ? [[main, mainPlan], [extra, extraPlan]] : [[main, mainPlan]];
   const read = (set: HostPagedSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
   return {
     mainCacheBytes: mainPlan ? mainPlan.bytes : main.cache.bytes,
     extraCacheBytes: extra ? (extraPlan ? extraPlan.bytes : extra.cache.bytes) : 0,
     whole: sets.flatMap(([set, plan]) => (plan ? [] : [set.cache.data, set.indices])),
-    setBytes: sets.map(([set, plan]) => (plan ? { whole: false, cacheBytes: plan.bytes, indicesBytes: n * set.topk * 4 } : { whole: true, cache: inputBytes(set.cache.data), indices: inputBytes(set.indices) })),
+    setBytes: sets.map(([set, plan]) => setBytesOf(set, n, plan)),
     compactBytes: (align) => sets.reduce((sum, [set, plan]) => sum + (plan ? align(plan.bytes) + align(n * set.topk * 4) : 0), 0),
     gather: () => ({ main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null }),
   };
+}
+
+/** A set as the budget counts it, read whole (no plan) or through the compact cache of `plan`. */
+function setBytesOf(set: HostPagedSet, n: number, plan: PagedReadPlan | null): PagedSetBytes {
+  return plan ? { whole: false, cacheBytes: plan.bytes, indicesBytes: n * set.topk * 4 } : { whole: true, cache: inputBytes(set.cache.data), indices: inputBytes(set.indices) };
+}
+
+/**
+ * `sets` of a paged call over n queries as its op will read them (the same choice as
+ * planPagedReads, by the backend's `copies`), as its budget counts them: for a check of the op
+ * before it runs (a layer's, prefill_layer.ts). Reads the ids as the op's own plan does; plans no
+ * gather and counts nothing.
+ */
+export function pagedSetBytes(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetBytes[] {
+  return sets.map((set) => setBytesOf(set, n, pagedReadChoice(set, n, copies)));
 }
 
 /**
@@ -247,17 +276,18 @@ export function pagedSparseAttentionParts(fixed: readonly InputBytes[], sets: re
 }
 
 /**
- * The least a paged call can count against the budget whatever it reads whole or compact (the
+ * The most a paged call can count against the budget whatever it reads whole or compact (the
  * choice depends on the ids, choosePagedRead): `parts` over every choice per set, a compact cache
- * at its least (no tokens), the smallest total. For a check before the ids exist (a layer's).
+ * at its most (a token per entry, no more than its cache holds), the largest total. For a check
+ * from sizes before the ids exist (a layer's): a call within it fits whatever its ids.
  */
-export function leastPagedParts(parts: (sets: readonly PagedSetBytes[]) => MemoryPart[], sets: readonly { cache: InputBytes; indices: InputBytes; indicesBytes: number }[]): MemoryPart[] {
-  let best: MemoryPart[] | undefined, bestTotal = Infinity;
+export function mostPagedParts(parts: (sets: readonly PagedSetBytes[]) => MemoryPart[], sets: readonly { cache: InputBytes; indices: InputBytes; indicesBytes: number; mostTokens: number }[]): MemoryPart[] {
+  let most: MemoryPart[] | undefined, mostTotal = -1;
   for (let choice = 0; choice < 1 << sets.length; choice++) {
-    const chosen = sets.map((s, i): PagedSetBytes => ((choice >> i) & 1 ? { whole: false, cacheBytes: compactGeometry('v4', 0).bytes, indicesBytes: s.indicesBytes } : { whole: true, cache: s.cache, indices: s.indices }));
+    const chosen = sets.map((s, i): PagedSetBytes => ((choice >> i) & 1 ? { whole: false, cacheBytes: compactGeometry('v4', s.mostTokens).bytes, indicesBytes: s.indicesBytes } : { whole: true, cache: s.cache, indices: s.indices }));
     const p = parts(chosen);
     const total = p.reduce((a, x) => a + x.bytes, 0);
-    if (total < bestTotal) [best, bestTotal] = [p, total];
+    if (total > mostTotal) [most, mostTotal] = [p, total];
   }
-  return best!;
+  return most!;
 }

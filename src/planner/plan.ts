@@ -1110,9 +1110,7 @@ export class Plan {
     }
     const st = this.#state(rows.ratio, 'rows.ratio');
     const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.compressedTokenIds(rows.ratio).data;
-    if (this.#maxSwaId > INT32_MAX || compIds.some((id) => id > BigInt(INT32_MAX))) {
-      fail('TOO_LARGE', 'plan', `token ids ≤ ${INT32_MAX} for the paged path's int32 indices`, 'larger ids; use the workspace path');
-    }
+    this.#pagedIdsFit(compIds);
     const mainWidth = roundUp(this.window, this.align);
     const extraWidth =
       rows.ratio === 0 ? 0 : rows.ratio === 128 ? roundUp(st.layout.maxVisible, this.align) : roundUp(rows.topk ?? 0, this.align);
@@ -1145,6 +1143,45 @@ export class Plan {
       }
     }
     return { ...this.#pagedMain!, ...(extra ?? {}) };
+  }
+
+  /** The paged path's ids fit its int32 indices (the SWA ids and a ratio's compressed ids `compIds`). */
+  #pagedIdsFit(compIds: BigInt64Array): void {
+    if (this.#maxSwaId > INT32_MAX || compIds.some((id) => id > BigInt(INT32_MAX))) {
+      fail('TOO_LARGE', 'plan', `token ids ≤ ${INT32_MAX} for the paged path's int32 indices`, 'larger ids; use the workspace path');
+    }
+  }
+
+  /**
+   * @internal The paged form a layer's paged op will read, as pagedForm(combinedRows(ratio)) or
+   * pagedForm(combineC4(topk)) make it (`topk`: a c4 layer's checked host top-k), but keeping and
+   * counting nothing: what the plan keeps is read, anything else is built and dropped (a c4 layer's
+   * combine included). For a host layer's exact budget check of its paged op at the call, before
+   * any work (prefill_layer.ts, checkLayerOps), which calls it only where sizes alone cannot tell.
+   */
+  peekPagedForm(ratio: CompressRatio, topk: CheckedTopk<DeviceBuffer> | undefined): { main: Int32Array; mainLengths: Int32Array; mainWidth: number; extra?: Int32Array; extraLengths?: Int32Array; extraWidth: number } {
+    const st = this.#state(ratio, 'compressRatio');
+    const { pagedMain: mainWidth, pagedExtra: extraWidth } = this.layerWidths(ratio, topk?.topk ?? 0);
+    let rows: Int32Array, lens: Int32Array, width: number;
+    let extra: { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> } | undefined;
+    if (ratio === 4) {
+      const data = topk?.data;
+      if (!(data instanceof Int32Array)) fail('INVALID_VALUE', 'topkIndices', 'a host top-k', 'a device one');
+      const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk!.topk, topk!.width);
+      [rows, lens, width] = [r.rows, r.lens, topk!.width];
+    } else {
+      const made = this.#combined.get(ratio);
+      extra = made && this.#pagedExtra.get(made);
+      const r = made ? { rows: made.indices.data, lens: made.lengths.data, width: made.width } : (this.#host.keptDenseRows(ratio) ?? this.#buildDenseRows(ratio));
+      [rows, lens, width] = [r.rows, r.lens, r.width];
+    }
+    const compIds = ratio === 0 ? new BigInt64Array(0) : this.#host.keptCompressedIds(ratio) ?? this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows);
+    this.#pagedIdsFit(compIds);
+    const needMain = this.#pagedMain === undefined, needExtra = extra === undefined && extraWidth > 0;
+    const built = needMain || needExtra ? this.#planner.pagedForm(rows, lens, width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, needMain ? mainWidth : 0, needExtra ? extraWidth : 0) : {};
+    const main = needMain ? { main: built.main!.rows, mainLengths: built.main!.lens } : { main: this.#pagedMain!.main.data, mainLengths: this.#pagedMain!.mainLengths.data };
+    const extraSet = needExtra ? { extra: built.extra!.rows, extraLengths: built.extra!.lens } : extra?.extra ? { extra: extra.extra.data, extraLengths: extra.extraLengths!.data } : {};
+    return { ...main, mainWidth, ...extraSet, extraWidth };
   }
 
   /**

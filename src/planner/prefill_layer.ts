@@ -28,7 +28,7 @@ import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlace
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
-import { leastPagedParts } from '../backends/paged_gather.js';
+import { mostPagedParts, pagedSetBytes, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
@@ -169,13 +169,12 @@ function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
   const q = call.q, sink = call.attnSink, topk = call.topk;
   const qData = hostData(q.data), sinkData = hostData(sink?.data), topkData = hostData(topk?.data);
   const bytes = alignStaging(copyBytes(qData)) + alignStaging(copyBytes(sinkData)) + alignStaging(copyBytes(topkData));
-  const { staging: arena, budgetBytes: budget, ops } = engine.hostMemory();
+  const { staging: arena, budgetBytes: budget } = engine.hostMemory();
   if (budget !== undefined && bytes > 0) {
     const outputs = call.output === 'host' ? attentionOutputBytes(call.plan.numQueries, call.hQ, WORKSPACE_ROW_DIMS) : 0;
     checkCallMemory('prefillLayer', 'q', [{ what: 'copies of q, attnSink and topkIndices at the call', bytes }, { what: 'outputs', bytes: outputs }], budget);
   }
-  // (not on a disposed engine: its layer rejects with DISPOSED when it runs)
-  if (budget !== undefined && ops !== undefined && arena !== undefined && !arena.closed) checkLayerOps(call, ops, budget);
+  checkOpsMemory(engine, call);
   if (bytes === 0) return;
   if (arena === undefined || arena.closed) {
     // a disposed engine's layer rejects with DISPOSED when it runs, as any call on it does (a
@@ -203,47 +202,90 @@ function operandBytes(d: Uint16Array | Float32Array | null): InputBytes {
   return copyBytes(d) > 0 ? { unshared: 0, callCopy: d.byteLength } : inputBytes(d);
 }
 
+/** checkLayerOps against the engine's budget, where it has one (not on a disposed engine: its layer rejects with DISPOSED when it runs). */
+function checkOpsMemory(engine: SparseMlaEngine, call: LayerCall): void {
+  const { staging: arena, budgetBytes: budget, ops } = engine.hostMemory();
+  if (budget !== undefined && ops !== undefined && arena !== undefined && !arena.closed) checkLayerOps(call, ops, budget, engine.hasDevice);
+}
+
+/** A layer's cache as its ops count it: a host cache's bytes (copied when not shared), none in device memory. */
+function cacheBytes(d: Uint8Array | DeviceBuffer): InputBytes {
+  return ArrayBuffer.isView(d) ? inputBytes(d) : NO_BYTES;
+}
+
 /**
- * The ops a host layer will run fit the engine's memory budget, checked at the call before any
+ * The ops a layer will run fit the engine's host memory budget, checked at the call before any
  * work (TOO_LARGE, as each op would be after the plan's work and the combine): each op's parts by
- * the backend's own arithmetic (HostOpMemory, what the op's check calls) over the sizes the layer
- * knows now — the plan's rows and widths, the ids each dequant widens, its operands as they will
- * be copied. Exact for the workspace path (the dequants, the sparsePrefill). The paged op reads
- * each cache whole or through a compact cache of the tokens its ids name (known only once the
- * rows are built): counted at the least it can be (leastPagedParts), so a layer is never refused
- * that its op would run.
+ * the backend's own arithmetic (HostOpMemory, what the op's check calls) over what the layer knows
+ * now — the plan's rows and widths, the ids each dequant widens, its operands as they will be
+ * copied, its outputs where they go. On a cuda engine (`onDevice`) the steps keep the plan's rows,
+ * ids and workspace in device memory: no host bytes; its host q, sink, caches and outputs count.
+ * Exact on every path: see checkPagedOp for the paged op.
  */
-function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number): void {
-  const { plan, ratio, layout, hQ, caches, route } = call;
+function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean): void {
+  const { plan, ratio, layout, hQ, caches, route, output } = call;
   const nq = plan.numQueries;
   if (nq === 0) return;
-  const widths = plan.layerWidths(ratio, call.topk?.topk ?? 0);
   const q = operandBytes(hostData(call.q.data)), sink = operandBytes(hostData(call.attnSink?.data));
-  const lengths = madeBytes(nq * 4);
-  const swa = caches.swa.data as Uint8Array, compressed = caches.compressed?.data as Uint8Array | undefined;
   const layerOp = `prefillLayer (a c${ratio} layer, ${route.path} path): its`;
   if (route.path === 'paged') {
-    const fixed = [q, lengths, sink];
-    const mainIds = nq * widths.pagedMain * 4;
-    const sets = [{ cache: inputBytes(swa), indices: madeBytes(mainIds), indicesBytes: mainIds }];
-    if (compressed !== undefined && widths.pagedExtra > 0) {
-      const extraIds = nq * widths.pagedExtra * 4;
-      fixed.push(lengths);
-      sets.push({ cache: inputBytes(compressed), indices: madeBytes(extraIds), indicesBytes: extraIds });
-    }
-    checkCallMemory(`${layerOp} pagedSparseAttention at least`, 'q', leastPagedParts((s) => ops.pagedSparseAttention(fixed, s, nq, hQ), sets), budget);
+    checkPagedOp(call, ops, budget, onDevice, q, sink, `${layerOp} pagedSparseAttention`);
     return;
   }
+  // the dequants write the workspace: in host memory through a host output, on a device in place by device ids
+  const ids = (n: number) => (onDevice ? null : madeBytes(n * 4));
+  const dequantOutput = onDevice ? 'device' : 'host';
   if (layout.compressedRows > 0) {
     const n = layout.compressedRows;
-    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.c${ratio}`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, copyBytes(compressed) > 0, madeBytes(n * 4)), budget);
+    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.c${ratio}`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.compressed!.data), ids(n), dequantOutput), budget);
   }
   if (layout.swaRows > 0) {
     const n = layout.swaRows;
-    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.swa`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, copyBytes(swa) > 0, madeBytes(n * 4)), budget);
+    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.swa`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.swa.data), ids(n), dequantOutput), budget);
   }
-  // the workspace is shared memory (read in place); the rows and their lengths are the plan's host arrays
-  checkCallMemory(`${layerOp} sparsePrefill`, 'q', ops.sparsePrefill([q, NO_BYTES, madeBytes(nq * widths.rows * 4), lengths, sink], nq, hQ, WORKSPACE_ROW_DIMS), budget);
+  // the workspace is shared memory (read in place) or on the device; the rows and their lengths are the plan's host arrays, or on the device
+  const made = (bytes: number) => (onDevice ? NO_BYTES : madeBytes(bytes));
+  const rows = made(nq * plan.layerWidths(ratio, call.topk?.topk ?? 0).rows * 4);
+  checkCallMemory(`${layerOp} sparsePrefill`, 'q', ops.sparsePrefill([q, NO_BYTES, rows, made(nq * 4), sink], nq, hQ, WORKSPACE_ROW_DIMS, output), budget);
+}
+
+/**
+ * The layer's paged op fits the budget, exactly. An op that reads every set whole (cuda) counts
+ * sizes the layer knows. A host backend's op reads each set's cache whole or through a compact
+ * cache of the tokens its ids name (choosePagedRead), which only the ids tell: the op within the
+ * budget at the most it can count whatever it reads (mostPagedParts, from sizes) fits; else the
+ * ids it will read decide, the plan's paged form peeked (Plan.peekPagedForm: what it keeps read,
+ * the rest — a c4 layer's combine — built and dropped, and built again by the layer) and each set
+ * counted by the op's own choice (pagedSetBytes): the one case a check costs work like the op's,
+ * only under a budget that the op's most exceeds.
+ */
+function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, op: string): void {
+  const { plan, ratio, hQ, caches, output } = call;
+  const nq = plan.numQueries;
+  const widths = plan.layerWidths(ratio, call.topk?.topk ?? 0);
+  // the form's arrays: on the engine's device for a cuda c0 / c128 layer with a device q (placed by the plan), else the plan's host arrays
+  const formOnDevice = onDevice && ratio !== 4 && isDeviceBuffer(call.q.data);
+  const made = (bytes: number) => (formOnDevice ? NO_BYTES : madeBytes(bytes));
+  const fixed = [q, made(nq * 4), sink];
+  const mainIds = nq * widths.pagedMain * 4;
+  const sets = [{ cache: cacheBytes(caches.swa.data), indices: made(mainIds), indicesBytes: mainIds, mostTokens: Math.min(caches.swa.numTokens, nq * widths.pagedMain) }];
+  const compressed = caches.compressed;
+  if (compressed !== undefined && widths.pagedExtra > 0) {
+    const extraIds = nq * widths.pagedExtra * 4;
+    fixed.push(made(nq * 4));
+    sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra) });
+  }
+  const parts = (s: readonly PagedSetBytes[]) => ops.pagedSparseAttention(fixed, s, nq, hQ, output);
+  const copies = ops.pagedCopies;
+  if (copies === null) {
+    checkCallMemory(op, 'q', parts(sets.map((s) => ({ whole: true, cache: s.cache, indices: s.indices }))), budget);
+    return;
+  }
+  if (mostPagedParts(parts, sets).reduce((a, p) => a + p.bytes, 0) <= budget) return;
+  const form = plan.peekPagedForm(ratio, call.topk);
+  const read: HostPagedSet[] = [{ cache: caches.swa as CacheView, indices: form.main, topk: form.mainWidth, topkLength: form.mainLengths }];
+  if (compressed !== undefined && form.extra !== undefined) read.push({ cache: compressed as CacheView, indices: form.extra, topk: form.extraWidth, topkLength: form.extraLengths! });
+  checkCallMemory(op, 'q', parts(pagedSetBytes(read, nq, copies)), budget);
 }
 
 /** A host operand's typed array (null for device memory or no operand). */
@@ -388,7 +430,10 @@ export type CheckedLayer = LayerCall;
  */
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
-  const call = prepareDeviceLayer(engine, args, options) ?? prepareLayer(engine, args, options);
+  const fast = prepareDeviceLayer(engine, args, options);
+  const call = fast ?? prepareLayer(engine, args, options);
+  // (a device layer's ops take host memory only for host outputs; prepareLayer checks its own call's)
+  if (fast !== undefined && fast.output === 'host') checkOpsMemory(engine, fast);
   if (engine.hasDevice) deviceOperandsLive(call);
   return call;
 }

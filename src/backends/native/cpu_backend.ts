@@ -25,7 +25,7 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { hostLayerSteps } from '../wasm/planner.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
+import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
@@ -52,19 +52,21 @@ const COMPACT_TOKEN_BYTES = { v4: V4_TOKEN_BYTES, v32: V32_TOKEN_BYTES } as cons
  * ops' own checks and a layer's check of the ops it will run call these.
  */
 export const cpuOpMemory: HostOpMemory = {
-  dequantizeKCache(format, n, rowDim, cacheUnshared, tokenIds) {
+  dequantizeKCache(format, n, rowDim, cache, tokenIds) {
     // the addon copies the requested tokens of a cache that is not shared (n tokens, not the
     // cache), snapshots the ids it checks (int32) and widens them for the core (int64)
     return [
-      ...stagingPartsOf([tokenIds]),
-      { what: 'the gathered tokens', bytes: cacheUnshared ? n * COMPACT_TOKEN_BYTES[format] : 0 },
+      ...stagingPartsOf(tokenIds === null ? [] : [tokenIds]),
+      { what: 'the gathered tokens', bytes: cache.unshared > 0 ? n * COMPACT_TOKEN_BYTES[format] : 0 },
       { what: "the addon's checked and widened token ids", bytes: n * (4 + 8) },
       { what: 'outputs', bytes: n * rowDim * 2 },
     ];
   },
-  sparsePrefill: sparsePrefillParts,
+  sparsePrefill: (inputs, sQ, hQ, dV) => sparsePrefillParts(inputs, sQ, hQ, dV),
   // the compact caches and ids are staged as they are made (unaligned)
   pagedSparseAttention: (fixed, sets, n, hQ) => pagedSparseAttentionParts(fixed, sets, (b) => b, n, hQ),
+  // a whole cache is copied into the staging when it is not shared (a shared one is read in place); a compact one is staged once
+  pagedCopies: { whole: (cacheUnshared) => (cacheUnshared ? 1 : 0), compact: 1 },
 };
 
 /** Engine ids of this thread, naming each engine's calls in the addon (cancelQueued at dispose). */
@@ -148,7 +150,7 @@ export class CpuBackend implements Backend {
     this.calls.assertAlive();
     const { sQ, hQ, dQK, dV, topk } = job;
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    this.budget('sparsePrefill', 'q', cpuOpMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV));
+    this.budget('sparsePrefill', 'q', cpuOpMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV, 'host'));
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
@@ -165,10 +167,10 @@ export class CpuBackend implements Backend {
     // a cache not in shared memory would be copied whole into the staging (one in shared memory is
     // read in place): when the tokens the call reads cost less, they are gathered now (read at the
     // call) into a compact cache instead
-    const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0), 1);
+    const reads = planPagedReads(job, cpuOpMemory.pagedCopies!);
     // the staging holds the sets read whole as they are; the compact ones' caches and ids, then their staged copies
     const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
-    this.budget('pagedSparseAttention', 'q', cpuOpMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ));
+    this.budget('pagedSparseAttention', 'q', cpuOpMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ, 'host'));
     const fields = pagedSparseAttentionFields({ ...job, ...reads.gather() });
     const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink] as const;
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
@@ -188,7 +190,7 @@ export class CpuBackend implements Backend {
     const { cache, tokenIds, n, rowDim } = job;
     // a layer's dequant runs after the layer's awaits: its cache may have gone since the layer's call
     if (cache.data.byteLength !== cache.bytes) detached('cache.data', 'while the call ran');
-    this.budget('dequantizeKCachePaged', 'tokenIds', cpuOpMemory.dequantizeKCache(cache.format, n, rowDim, copyBytes(cache.data) > 0, inputBytes(tokenIds)));
+    this.budget('dequantizeKCachePaged', 'tokenIds', cpuOpMemory.dequantizeKCache(cache.format, n, rowDim, inputBytes(cache.data), inputBytes(tokenIds), 'host'));
     const out = allocHostArray(Uint16Array, n * rowDim, 'out');
     const threads = threadsFor(this.workers, n, rowDim * 8);
     await this.run(

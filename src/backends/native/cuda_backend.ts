@@ -24,6 +24,7 @@ import {
   type BackendProbe,
   type DequantizeKCacheJob,
   type DeviceOps,
+  type HostOpMemory,
   type LayerSteps,
   type PagedSparseAttentionJob,
   type PagedSparseAttentionOutput,
@@ -37,8 +38,9 @@ import {
   type SparsePrefillOutput,
 } from '../backend.js';
 import { CpuBackend } from './cpu_backend.js';
-import { attentionOutputBytes, type StagingArena } from '../staging.js';
-import { callCopyBytes, checkCallMemory, copyBytes, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
+import { attentionOutputBytes, inputBytes, type InputBytes, type StageableArray, type StagingArena } from '../staging.js';
+import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
+import type { PagedSetBytes } from '../paged_gather.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {
@@ -344,6 +346,48 @@ export interface DevicePlannedRows {
   droppedTotal: BigInt64Array | DeviceBuffer | null;
 }
 
+/** A cuda op's operand as its host budget counts it: no host bytes in device memory (inputBytes otherwise). */
+function hostInputBytes(a: ArrayBufferView | DeviceBuffer | null): InputBytes {
+  return a === null || isDeviceBuffer(a) ? NO_HOST_BYTES : inputBytes(a as StageableArray);
+}
+const NO_HOST_BYTES: InputBytes = { unshared: 0, callCopy: 0 };
+
+/**
+ * What a cuda op holds in host memory: the addon's copies of its host inputs that are not shared
+ * (it stages host inputs through them), what else it builds on the host (`built`: a dequant's
+ * widened ids), the copies a layer took at its call and handed to the op (shared, read in place,
+ * held by the call: memory.ts, markCallCopies) and its host outputs.
+ */
+function cudaHostParts(inputs: readonly InputBytes[], hostOutputBytes: number, built?: MemoryPart): MemoryPart[] {
+  let copies = 0, layerCopies = 0;
+  for (const a of inputs) {
+    copies += a.unshared;
+    layerCopies += a.callCopy;
+  }
+  const parts: MemoryPart[] = [{ what: 'copies of the host inputs', bytes: copies }, { what: "the layer's copies of its operands", bytes: layerCopies }];
+  if (built !== undefined) parts.push(built);
+  parts.push({ what: 'host outputs', bytes: hostOutputBytes });
+  return parts;
+}
+
+/**
+ * What the cuda backend's ops count against its host budget, from sizes (backend.ts, HostOpMemory):
+ * its ops' own checks (CudaBackend.hostBudget) and a layer's check of the ops it will run call these.
+ * The paged op reads every set whole, as it is given.
+ */
+export const cudaOpMemory: HostOpMemory = {
+  // host int32 ids are widened by the addon to int64, with one spare slot for the kernel's bad-id flag
+  dequantizeKCache: (_format, n, rowDim, cache, tokenIds, output) =>
+    cudaHostParts(tokenIds === null ? [cache] : [cache, tokenIds], output === 'host' ? n * rowDim * 2 : 0, tokenIds === null ? undefined : { what: 'the widened token ids', bytes: (n + 1) * 8 }),
+  sparsePrefill: (inputs, sQ, hQ, dV, output) => cudaHostParts(inputs, output === 'host' ? attentionOutputBytes(sQ, hQ, dV) : 0),
+  pagedSparseAttention(fixed, sets, n, hQ, output) {
+    const inputs = [...fixed];
+    for (const s of sets) inputs.push(...(s.whole ? [s.cache, s.indices] : [{ unshared: s.cacheBytes, callCopy: 0 }, { unshared: s.indicesBytes, callCopy: 0 }]));
+    return cudaHostParts(inputs, output === 'host' ? attentionOutputBytes(n, hQ, 512) : 0);
+  },
+  pagedCopies: null,
+};
+
 export class CudaBackend implements Backend, DeviceOps {
   readonly name = 'cuda' as const;
   /** host threads for quantizeKCache (the CPU core); the GPU ops use none */
@@ -361,6 +405,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** host memory one call may use for the addon's copies of host inputs and for host outputs (SPEC §9) */
   readonly memoryBudgetBytes: number;
+  readonly opMemory = cudaOpMemory;
 
   /** the host staging (the cpu core's, for quantizeKCache); a layer's copies of its host operands are lent from it */
   get staging(): StagingArena {
@@ -449,20 +494,8 @@ export class CudaBackend implements Backend, DeviceOps {
     }
   }
 
-  /**
-   * Refuses (TOO_LARGE) a call whose host memory exceeds the budget: the addon's copies of its host
-   * inputs that are not shared (it stages host inputs through them), what else it builds on the
-   * host (`built`: a dequant's widened ids), the copies a layer took at its call and handed to this
-   * op (shared, read in place, held by the call: memory.ts, markCallCopies) and its host outputs.
-   */
-  private hostBudget(op: string, argument: string, inputs: readonly (ArrayBufferView | DeviceBuffer | null)[], placement: Placement, outputBytes: number, built?: MemoryPart): void {
-    let copies = 0;
-    for (const a of inputs) if (a && !isDeviceBuffer(a)) copies += copyBytes(a);
-    const layerCopies = callCopyBytes(inputs);
-    if (copies === 0 && layerCopies === 0 && built === undefined && placement === 'device') return; // a device call takes no host memory
-    const parts: MemoryPart[] = [{ what: 'copies of the host inputs', bytes: copies }, { what: "the layer's copies of its operands", bytes: layerCopies }];
-    if (built !== undefined) parts.push(built);
-    parts.push({ what: 'host outputs', bytes: placement === 'host' ? outputBytes : 0 });
+  /** Refuses (TOO_LARGE) a call whose host memory (cudaOpMemory's parts) exceeds the budget. */
+  private hostBudget(op: string, argument: string, parts: readonly MemoryPart[]): void {
     checkCallMemory(op, argument, parts, this.memoryBudgetBytes);
   }
 
@@ -613,7 +646,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async sparsePrefill(job: SparsePrefillJob<DeviceBuffer>, placement: Placement = 'host'): Promise<SparsePrefillOutput & PlacedAttentionOutput> {
     const { sQ, hQ, dV } = job;
-    this.hostBudget('sparsePrefill', 'q', [job.q, job.kv, job.indices, job.topkLength, job.attnSink], placement, attentionOutputBytes(sQ, hQ, dV));
+    this.hostBudget('sparsePrefill', 'q', cudaOpMemory.sparsePrefill([job.q, job.kv, job.indices, job.topkLength, job.attnSink].map(hostInputBytes), sQ, hQ, dV, placement));
     const { out, maxLogits, lse } = this.attentionOutputs(placement, sQ * hQ, dV);
     await this.launch('sparsePrefill', [out, maxLogits, lse], () => this.ops.sparsePrefill(this.operands(job, { out, maxLogits, lse }), this.stream));
     return { out, maxLogits, lse } as SparsePrefillOutput & PlacedAttentionOutput;
@@ -622,8 +655,10 @@ export class CudaBackend implements Backend, DeviceOps {
   async pagedSparseAttention(job: PagedSparseAttentionJob<DeviceBuffer>, placement: Placement = 'host'): Promise<PagedSparseAttentionOutput & PlacedAttentionOutput> {
     const { n, hQ } = job;
     const fields = pagedSparseAttentionFields(job);
-    const inputs = [fields.q, fields.kCache, fields.indices, fields.topkLength, fields.extraKCache, fields.extraIndices, fields.extraTopkLength, fields.attnSink];
-    this.hostBudget('pagedSparseAttention', 'q', inputs, placement, attentionOutputBytes(n, hQ, 512));
+    const fixed = [fields.q, fields.topkLength, fields.extraTopkLength, fields.attnSink].map(hostInputBytes);
+    const sets: PagedSetBytes[] = [{ whole: true, cache: hostInputBytes(fields.kCache), indices: hostInputBytes(fields.indices) }];
+    if (fields.extraKCache !== null) sets.push({ whole: true, cache: hostInputBytes(fields.extraKCache), indices: hostInputBytes(fields.extraIndices) });
+    this.hostBudget('pagedSparseAttention', 'q', cudaOpMemory.pagedSparseAttention(fixed, sets, n, hQ, placement));
     const { out, lse, maxLogits } = this.attentionOutputs(placement, n * hQ, 512);
     await this.launch('pagedSparseAttention', [out, lse, maxLogits], () => this.ops.pagedSparseAttention(this.operands(fields, { out, lse, maxLogits }), this.stream));
     return { out, lse, maxLogits } as PagedSparseAttentionOutput & PlacedAttentionOutput;
@@ -631,8 +666,7 @@ export class CudaBackend implements Backend, DeviceOps {
 
   async dequantizeKCache(job: DequantizeKCacheJob<DeviceBuffer>, placement: Placement = 'host'): Promise<Uint16Array> {
     const { cache, tokenIds, n, rowDim } = job;
-    // host ids are widened by the addon to int64, with one spare slot for the kernel's bad-id flag
-    this.hostBudget('dequantizeKCachePaged', 'tokenIds', [cache.data, tokenIds], placement, n * rowDim * 2, { what: 'the widened token ids', bytes: (n + 1) * 8 });
+    this.hostBudget('dequantizeKCachePaged', 'tokenIds', cudaOpMemory.dequantizeKCache(cache.format, n, rowDim, hostInputBytes(cache.data), hostInputBytes(tokenIds), placement));
     const out = this.output(placement, Uint16Array, 2, n * rowDim, 'out');
     await this.launch('dequantizeKCachePaged', [out], () =>
       this.ops.dequantizeKvCache(
@@ -653,6 +687,8 @@ export class CudaBackend implements Backend, DeviceOps {
    */
   async dequantizeKCacheIdsInto(cache: { format: 'v4' | 'v32'; pageSize: number; numPages: number; data: Uint8Array | DeviceBuffer }, tokenIds: DeviceBuffer, n: number, out: DeviceBuffer, rowOffset: number): Promise<void> {
     if (tokenIds.byteLength !== n * 8) throw new SparseMlaError('INVALID_SHAPE', `tokenIds: a device buffer of ${n} int64 ids (${n * 8} bytes), got ${tokenIds.byteLength} bytes`, 'tokenIds');
+    // a host cache is copied by the addon when it is not shared (a layer's dequant: checked with its layer's ops at the call)
+    this.hostBudget('dequantizeKCachePaged', 'cache', cudaOpMemory.dequantizeKCache(cache.format, n, V4_ROW_DIMS, hostInputBytes(cache.data), null, 'device'));
     await this.calls.run('dequantizeKCachePaged', () =>
       this.ops.dequantizeKvCache(
         this.operands(dequantFields(cache, tokenIds, n, out, rowOffset)),

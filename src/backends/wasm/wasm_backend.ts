@@ -24,7 +24,7 @@ import type {
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
-import { checkCallMemory, copyBytes, defaultMemoryBudgetBytes } from '../memory.js';
+import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
 import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
@@ -159,9 +159,11 @@ export class WasmBackend implements Backend {
   /** what its ops count against the budget, from sizes (backend.ts, HostOpMemory): its ops' own checks and a layer's call these */
   readonly opMemory: HostOpMemory = {
     dequantizeKCache: (format, n, rowDim) => this.dequantizePlan(format, n, rowDim).parts,
-    sparsePrefill: sparsePrefillParts,
+    sparsePrefill: (inputs, sQ, hQ, dV) => sparsePrefillParts(inputs, sQ, hQ, dV),
     // the compact caches and ids are placed in the staging at aligned offsets
     pagedSparseAttention: (fixed, sets, n, hQ) => pagedSparseAttentionParts(fixed, sets, alignStaging, n, hQ),
+    // every worker copies the cache it reads into its heap, after the staging's copy of one not shared
+    pagedCopies: { whole: (cacheUnshared) => (cacheUnshared ? 1 : 0) + 1, compact: 2 },
   };
 
   private constructor(pool: WorkerPool, heapBytes: number, memoryBudgetBytes: number) {
@@ -267,7 +269,7 @@ export class WasmBackend implements Backend {
       this.heapBytes,
     );
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV), this.memoryBudgetBytes);
+    checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV, 'host'), this.memoryBudgetBytes);
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
     const [q, kv, indices, topkLength, attnSink] = staged.views;
@@ -281,7 +283,7 @@ export class WasmBackend implements Backend {
     // Every worker copies the caches it is handed into its heap (after the staging's copy of a
     // cache not in shared memory): when the tokens the call reads cost less, they are gathered
     // now (read at the call) into a compact cache, and the workers get that one.
-    const reads = planPagedReads(job, (set) => (copyBytes(set.cache.data) > 0 ? 1 : 0) + 1, 2);
+    const reads = planPagedReads(job, this.opMemory.pagedCopies!);
     const entries = main.topk + (extra?.topk ?? 0);
     const ranges = splitRows(
       {
@@ -295,7 +297,7 @@ export class WasmBackend implements Backend {
       this.heapBytes,
     );
     const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
-    checkCallMemory('pagedSparseAttention', 'q', this.opMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ), this.memoryBudgetBytes);
+    checkCallMemory('pagedSparseAttention', 'q', this.opMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ, 'host'), this.memoryBudgetBytes);
     if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const { main: mainRead, extra: extraRead } = reads.gather();
     const inputs = [job.q, mainRead.cache.data, mainRead.indices, main.topkLength, extraRead?.cache.data ?? null, extraRead?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;

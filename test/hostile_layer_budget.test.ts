@@ -177,32 +177,38 @@ describe.each(backends)('%s: a layer over memoryBudgetBytes is TOO_LARGE before 
     }
   }, 60_000);
 
-  test('paged path, c4 layer over caches not in shared memory, far larger than what it reads: its op reads compact caches of the tokens its ids name, counted exactly at the call (the layer counted a compact cache at its least, and was refused by the op after the combine and the paged form)', async () => {
+  test.each([4, 0, 128] as const)('paged path, c%i layer over caches not in shared memory, far larger than what it reads: its op reads compact caches of the tokens its ids name, counted exactly at the call, with a fresh plan or one that keeps the paged form (the layer counted a compact cache at its least, and was refused by the op after the combine and the paged form)', async (ratio) => {
     const sc = randomScenario(rng, [rng.int(2000, 3000)], [rng.int(8, 12)]);
     const hQ = 128;
     // the ids read a few hundred tokens of each cache: the op gathers them into compact caches
     const swa = paddedCache(randomCache(rng, sc.swaPageSize, sc.swaPages), rng.int(48, 64));
-    const c4 = paddedCache(randomCache(rng, sc.c4PageSize, sc.c4Pages), rng.int(24, 32));
+    const compressed = ratio === 4 ? paddedCache(randomCache(rng, sc.c4PageSize, sc.c4Pages), rng.int(24, 32)) : ratio === 128 ? paddedCache(randomCache(rng, sc.c128PageSize, sc.c128Pages), rng.int(24, 32)) : undefined;
+    const caches = ratio === 4 ? { swa, c4: compressed } : ratio === 128 ? { swa, c128: compressed } : { swa };
     // q in shared memory (read in place by the layer and by the op alone alike)
     const nq = sc.numQueries;
     const qShared = new Uint16Array(new SharedArrayBuffer(nq * hQ * D * 2));
     qShared.set(randomBf16Bits(rng, nq * hQ * D, 1));
     const q = tensor('bf16', [nq, hQ, D], qShared);
-    const topk = randomTopk(rng, sc, rng.int(32, 96));
+    const topk = ratio === 4 ? randomTopk(rng, sc, rng.int(32, 96)) : undefined;
     const smScale = 0.04;
-    const args = (plan: Plan): PrefillLayerArgs => ({ plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale, path: 'paged' });
-    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, smScale });
+    const args = (plan: Plan): PrefillLayerArgs => ({ plan, compressRatio: ratio, q, caches, ...(topk ? { topkIndices: topk } : {}), smScale, path: 'paged' });
+    const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, ...(topk ? { topkIndices: topk } : {}), smScale });
     const { budget, needs } = await budgetEdge(backend, () => createPlan(sc.chunk), args);
     expect(needs.length).toBeGreaterThan(0);
-    // just under: refused with nothing run; exactly at it: runs, its op reading both sets compact
+    // just under: refused with nothing run; exactly at it: runs, its op reading every set compact
+    const label = `${backend} c${ratio} paged compact`;
     await expectRefusedFirst(backend, budget - 1, createPlan(sc.chunk), args(createPlan(sc.chunk)));
-    expect(await expectRunsAt(backend, budget, args(createPlan(sc.chunk)), ref, `${backend} c4 paged compact`)).toBe(2);
+    expect(await expectRunsAt(backend, budget, args(createPlan(sc.chunk)), ref, label)).toBe(ratio === 0 ? 1 : 2);
+    // the same edge with a plan that keeps what the layer reads (its paged form, its rows), read by the check as it is
+    const kept = createPlan(sc.chunk);
+    await prefillLayer(roomy.get(backend)!, args(kept));
+    await expectRefusedFirst(backend, budget - 1, kept, args(kept));
+    expect(await expectRunsAt(backend, budget, args(kept), ref, `${label}, kept form`)).toBe(ratio === 0 ? 1 : 2);
     // the layer's edge is its op's own (the op alone over the same form, caches and q)
     const plan = createPlan(sc.chunk);
-    const form = plan.pagedForm(plan.combineC4(topk));
-    await expectOpEdge(backend, budget, (engine) =>
-      engine.pagedSparseAttention({ q, kCache: swa, indices: form.main, topkLength: form.mainLengths, extraKCache: c4, extraIndices: form.extra!, extraTopkLength: form.extraLengths!, smScale }),
-    );
+    const form = plan.pagedForm(ratio === 4 ? plan.combineC4(topk!) : plan.combinedRows(ratio));
+    const extra = compressed !== undefined ? { extraKCache: compressed, extraIndices: form.extra!, extraTopkLength: form.extraLengths! } : {};
+    await expectOpEdge(backend, budget, (engine) => engine.pagedSparseAttention({ q, kCache: swa, indices: form.main, topkLength: form.mainLengths, ...extra, smScale }));
   }, 120_000);
 });
 

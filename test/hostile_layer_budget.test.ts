@@ -276,3 +276,30 @@ describe('engines and plans are what they say', () => {
     expect(plan.layout(0).rows).toBe(plan.layout(0).swaRows + plan.layout(0).compressedRows);
   });
 });
+
+describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)", () => {
+  test('equals the form the layer then builds (pagedForm of combinedRows / combineC4), for c0, c4 and c128 layers, and the peek keeps and counts nothing; with the form kept, the peek reads it', () => {
+    const sc = randomScenario(rng, [rng.int(300, 900), rng.int(20, 200)], [rng.int(5, 40), rng.int(1, 20)]);
+    const topk = randomTopk(rng, sc, rng.int(16, 96));
+    const arrays = (f: { main: ArrayLike<number>; mainLengths: ArrayLike<number>; extra?: ArrayLike<number>; extraLengths?: ArrayLike<number> }) =>
+      [f.main, f.mainLengths, f.extra ?? [], f.extraLengths ?? []].map((a) => Array.from(a));
+    for (const ratio of [0, 4, 128] as const) {
+      const plan = createPlan(sc.chunk);
+      const checked = ratio === 4 ? plan.checkTopk(topk, false) : undefined;
+      const before = JSON.stringify(plan.stats);
+      const peeked = plan.peekPagedForm(ratio, checked);
+      expect(JSON.stringify(plan.stats), `c${ratio}: the peek counted work`).toBe(before);
+      const form = plan.pagedForm(ratio === 4 ? plan.combineC4(topk) : plan.combinedRows(ratio));
+      const built = { main: form.main.data, mainLengths: form.mainLengths.data, extra: form.extra?.data, extraLengths: form.extraLengths?.data };
+      expect(arrays(peeked), `c${ratio}`).toEqual(arrays(built));
+      expect([peeked.mainWidth, peeked.extraWidth], `c${ratio}`).toEqual([form.main.shape[1], form.extra?.shape[1] ?? 0]);
+      // kept: the same arrays (c4: the main set), nothing built again
+      const after = JSON.stringify(plan.stats);
+      const again = plan.peekPagedForm(ratio, checked);
+      expect(arrays(again), `c${ratio}, kept`).toEqual(arrays(built));
+      expect(again.main, `c${ratio}: the kept main set read as it is`).toBe(form.main.data);
+      if (ratio !== 4 && form.extra) expect(again.extra, `c${ratio}: the kept extra set read as it is`).toBe(form.extra.data);
+      expect(JSON.stringify(plan.stats)).toBe(after);
+    }
+  });
+});

@@ -426,6 +426,16 @@ void* tile_out(void* out, int tile) {
 // SPEC's quantization writes) take the exact path's loop; other tokens the float path for every
 // tile (an exact product rounds to itself: the same bits), and tiles with a NaN or infinite scale the
 // rule above.
+// Out of line too, so that the calls in its loop make no register saves on the other paths.
+template <bool kF32, int kTiles, int kTilesPerScale, typename ScaleOf>
+__attribute__((noinline)) void dequant_nope_some_special(const uint8_t* q, ScaleOf scale_of, void* out) {
+  for (int t = 0; t < kTiles; ++t) {
+    const float scale = scale_of(t / kTilesPerScale);
+    if (scale_is_special(scale)) dequant_tile64_special_scale<kF32>(q + 64 * t, scale, tile_out<kF32>(out, t));
+    else dequant_tile64<kF32, false>(q + 64 * t, scale, tile_out<kF32>(out, t));
+  }
+}
+
 template <bool kF32, int kTiles, int kTilesPerScale, typename ScaleOf>
 SMLA_TILE_INLINE void dequant_nope(const uint8_t* q, bool all_exact, bool any_special, ScaleOf scale_of, void* out) {
   if (all_exact) {
@@ -435,11 +445,7 @@ SMLA_TILE_INLINE void dequant_nope(const uint8_t* q, bool all_exact, bool any_sp
     for (int t = 0; t < kTiles; ++t)
       dequant_tile64<kF32, false>(q + 64 * t, scale_of(t / kTilesPerScale), tile_out<kF32>(out, t));
   } else {
-    for (int t = 0; t < kTiles; ++t) {
-      const float scale = scale_of(t / kTilesPerScale);
-      if (scale_is_special(scale)) dequant_tile64_special_scale<kF32>(q + 64 * t, scale, tile_out<kF32>(out, t));
-      else dequant_tile64<kF32, false>(q + 64 * t, scale, tile_out<kF32>(out, t));
-    }
+    dequant_nope_some_special<kF32, kTiles, kTilesPerScale>(q, scale_of, out);
   }
 }
 
@@ -487,10 +493,9 @@ void dequant_v32_token_bf16(const uint8_t* token, uint16_t* out) {
   float scales[v32::kNumTiles];
   memcpy(scales, token + v32::kScalesAt, sizeof scales);
   bool all_exact = true, any_special = false;
-  for (int t = 0; t < v32::kNumTiles; ++t) {
-    all_exact &= scale_keeps_exact(scales[t]);
-    any_special |= scale_is_special(scales[t]);
-  }
+  for (int t = 0; t < v32::kNumTiles; ++t) all_exact &= scale_keeps_exact(scales[t]);
+  if (!all_exact)  // exact scales are finite
+    for (int t = 0; t < v32::kNumTiles; ++t) any_special |= scale_is_special(scales[t]);
   dequant_nope<false, 2 * v32::kNumTiles, 2>(token, all_exact, any_special, [&scales](int t) { return scales[t]; }, out);
   copy_rope(out + v32::kNopeDim, token + v32::kRopeAt);
 }

@@ -351,6 +351,32 @@ export interface HostOpMemory {
   pagedSparseAttention(fixed: readonly InputBytes[], sets: readonly PagedSetBytes[], n: number, hQ: number, output: Placement): MemoryPart[];
   /** how its paged op reads an index set's cache (paged_gather.ts, choosePagedRead); null: always whole, as it is given */
   readonly pagedCopies: PagedCopies | null;
+  /** where its ops' tasks run in workers of a bounded heap each (wasm): what one task needs there; absent: no such bound */
+  readonly workerHeap?: WorkerHeap;
+}
+
+/** What one task of an op needs in a worker's heap: bytes every task holds whatever its rows (replicated inputs, scratch), and bytes per row. */
+export interface TaskHeap {
+  fixedBytes: number;
+  bytesPerRow: number;
+}
+
+/**
+ * What a backend's ops need in a worker's heap, from sizes, and the check of it: the functions its
+ * ops' own checks (before any copy) call, so that prefillLayer checks the ops a layer will run
+ * at the call with the same arithmetic (prefill_layer.ts, checkLayerOps).
+ */
+export interface WorkerHeap {
+  /** dequantizeKCache of a `format` cache into rows of rowDim */
+  dequantizeKCache(format: CacheFormat, rowDim: number): TaskHeap;
+  /** sparsePrefill over a kv of `kvBytes`, hQ heads, topk entries per row */
+  sparsePrefill(kvBytes: number, hQ: number, dQK: number, dV: number, topk: number): TaskHeap;
+  /** pagedSparseAttention over caches of `cacheBytes` in all (as it reads them: whole or compact), `entries` ids per row (every set's topk) */
+  pagedSparseAttention(cacheBytes: number, entries: number, hQ: number): TaskHeap;
+  /** whether a task of one row fits a worker's heap */
+  fits(need: TaskHeap): boolean;
+  /** TOO_LARGE naming `argument` where a task of one row does not fit (`call`: the call to name, where not the op itself) */
+  check(need: TaskHeap, argument: string, call?: string): void;
 }
 
 export interface BackendProbe {

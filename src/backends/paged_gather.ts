@@ -235,14 +235,22 @@ function setBytesOf(set: HostPagedSet, n: number, plan: PagedReadPlan | null): P
   return plan ? { whole: false, cacheBytes: plan.bytes, indicesBytes: n * set.topk * 4 } : { whole: true, cache: inputBytes(set.cache.data), indices: inputBytes(set.indices) };
 }
 
+/** An index set as its op will read it: as its budget counts it, and the bytes of the cache it reads (the compact one's or the whole). */
+export interface PagedSetRead {
+  bytes: PagedSetBytes;
+  cacheBytes: number;
+}
+
 /**
  * `sets` of a paged call over n queries as its op will read them (the same choice as
- * planPagedReads, by the backend's `copies`), as its budget counts them: for a check of the op
- * before it runs (a layer's, prefill_layer.ts). Reads the ids as the op's own plan does; plans no
- * gather and counts nothing.
+ * planPagedReads, by the backend's `copies`): for a check of the op before it runs (a layer's,
+ * prefill_layer.ts). Reads the ids as the op's own plan does; plans no gather and counts nothing.
  */
-export function pagedSetBytes(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetBytes[] {
-  return sets.map((set) => setBytesOf(set, n, pagedReadChoice(set, n, copies)));
+export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetRead[] {
+  return sets.map((set) => {
+    const plan = pagedReadChoice(set, n, copies);
+    return { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
+  });
 }
 
 /**
@@ -273,6 +281,11 @@ export function pagedSparseAttentionParts(fixed: readonly InputBytes[], sets: re
     { what: 'the compact caches and ids, then their staged copies', bytes: 2 * compactPlaced },
     { what: 'outputs', bytes: attentionOutputBytes(n, hQ, 512) },
   ];
+}
+
+/** The most bytes of a set's cache its op can read, whole (`wholeBytes`) or compact (at most a token per entry, no more than the cache holds). */
+export function mostPagedCacheBytes(wholeBytes: number, mostTokens: number): number {
+  return Math.max(wholeBytes, compactGeometry('v4', mostTokens).bytes);
 }
 
 /**

@@ -11,7 +11,7 @@ import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
-import { loadHostPlanner, type HostPlanner, type PlanLayoutTotals } from '../backends/wasm/planner.js';
+import { loadHostPlanner, type HostPlanner, type HostRows, type HostTopkRows, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
   CompressRatio,
@@ -338,6 +338,34 @@ export interface PlacedPagedForm<B = never> {
   readonly extra?: Int32Array | B;
   readonly extraLengths?: Int32Array | B;
 }
+/**
+ * @internal A layer's paged form as Plan.peekPagedForm reads or builds it, keeping and counting
+ * nothing (a layer's budget check reads it at the call); where the check passes, the layer hands it
+ * to Plan.keepPeekedForm, which keeps and counts what the peek built as combinedRows / combineC4
+ * and pagedForm would have, so nothing is built twice.
+ */
+export interface PeekedPagedForm {
+  readonly main: Int32Array;
+  readonly mainLengths: Int32Array;
+  readonly mainWidth: number;
+  readonly extra?: Int32Array;
+  readonly extraLengths?: Int32Array;
+  /** 0 when there is no extra set */
+  readonly extraWidth: number;
+  /** what the peek built that the plan did not keep (keepPeekedForm's) */
+  readonly built: PeekBuilt;
+}
+
+/** What a peek built: a c4 layer's combine, or c0 / c128 rows the plan did not keep; compressed ids; the form's sets. */
+interface PeekBuilt {
+  readonly ratio: CompressRatio;
+  readonly c4?: { readonly rows: HostTopkRows; readonly topk: number; readonly width: number };
+  readonly dense?: LayerRows;
+  readonly compIds?: BigInt64Array;
+  readonly main?: HostRows;
+  readonly extra?: HostRows;
+}
+
 const placedFormUsable = (f: PlacedPagedForm<unknown>): boolean => usable(f.main) && usable(f.mainLengths) && (f.extra === undefined || (usable(f.extra) && usable(f.extraLengths)));
 
 /** Frees a placed paged form's device buffers (host arrays are left to the collector). */
@@ -771,6 +799,8 @@ export class Plan {
   readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
   /** The rows this plan made (combinedRows, combineC4), frozen: pagedForm reads no other. */
   readonly #madeRows = new WeakSet<CombinedRows>();
+  /** What this plan's peeks built and no keepPeekedForm has kept yet (each is kept at most once). */
+  readonly #peeks = new WeakSet<PeekBuilt>();
 
   constructor(chunk: PlanChunk, options: PlanOptions) {
     if (typeof chunk !== 'object' || chunk === null || !Array.isArray(chunk.requests)) {
@@ -983,11 +1013,19 @@ export class Plan {
   /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio (built on first use). */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
     planThis(this, 'compressedTokenIds');
-    const st = this.#compressedState(ratio);
-    const ids =
-      this.#host.keptCompressedIds(ratio) ??
-      this.#host.keepCompressedIds(ratio, this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows));
+    this.#compressedState(ratio);
+    const ids = this.#keepCompressedIds(ratio, undefined);
     return tensor('int64', [ids.length], ids);
+  }
+
+  /** A ratio's compressed gather ids as the host keeps them: kept ones, else `built` (a peek's) or built now, kept. */
+  #keepCompressedIds(ratio: 4 | 128, built: BigInt64Array | undefined): BigInt64Array {
+    return this.#host.keptCompressedIds(ratio) ?? this.#host.keepCompressedIds(ratio, built ?? this.#buildCompressedIds(ratio));
+  }
+
+  #buildCompressedIds(ratio: 4 | 128): BigInt64Array {
+    const st = this.#state(ratio, 'ratio');
+    return this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows);
   }
 
   /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */
@@ -997,7 +1035,14 @@ export class Plan {
     if (have) return have;
     this.#state(ratio, 'ratio');
     if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
-    const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, this.#buildDenseRows(ratio));
+    return this.#keepCombinedRows(ratio, undefined);
+  }
+
+  /** The combined rows of ratio 0 or 128, made once: over the rows the host keeps, else `dense` (a peek's) or rows built now, kept and counted. */
+  #keepCombinedRows(ratio: 0 | 128, dense: LayerRows | undefined): CombinedRows {
+    const have = this.#combined.get(ratio);
+    if (have) return have;
+    const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, dense ?? this.#buildDenseRows(ratio));
     const built: CombinedRows = Object.freeze({
       ratio,
       width: r.width,
@@ -1018,7 +1063,11 @@ export class Plan {
   combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
     planThis(this, 'combineC4');
     const { data, topk, width } = this.checkTopk(topkIndices, false);
-    const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width);
+    return this.#keepC4Rows(this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width), topk, width);
+  }
+
+  /** A c4 layer's combined rows from its combine `r`, counted (plan.stats) as one combine. */
+  #keepC4Rows(r: HostTopkRows, topk: number, width: number): CombinedRows {
     this.stats.c4Combines++;
     this.stats.c4Dropped += r.droppedTotal;
     const rows: CombinedRows = Object.freeze({
@@ -1108,8 +1157,16 @@ export class Plan {
     if (!(indices.data instanceof Int32Array) || indices.data.length !== this.numQueries * rows.width || !(lengths.data instanceof Int32Array) || lengths.data.length !== this.numQueries) {
       fail('INVALID_SHAPE', 'rows', `int32 indices [${this.numQueries}, ${rows.width}] and lengths [${this.numQueries}] as this plan made them`, 'arrays of other sizes');
     }
+    return this.#keepPagedForm(rows, undefined);
+  }
+
+  /**
+   * pagedForm(rows) once its rows are checked: the sets the plan keeps, else those `built` holds
+   * (a peek's, built from the same rows) or built now, kept and counted.
+   */
+  #keepPagedForm(rows: CombinedRows, built: PeekBuilt | undefined): PagedForm {
     const st = this.#state(rows.ratio, 'rows.ratio');
-    const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.compressedTokenIds(rows.ratio).data;
+    const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.#keepCompressedIds(rows.ratio, built?.compIds);
     this.#pagedIdsFit(compIds);
     const mainWidth = roundUp(this.window, this.align);
     const extraWidth =
@@ -1117,30 +1174,23 @@ export class Plan {
     const needMain = this.#pagedMain === undefined;
     let extra = this.#pagedExtra.get(rows);
     const needExtra = extra === undefined && extraWidth > 0;
-    if (needMain || needExtra) {
-      const r = this.#planner.pagedForm(
-        rows.indices.data,
-        rows.lengths.data,
-        rows.width,
-        st.layout.compressedRows,
-        st.layout.swaRows,
-        compIds,
-        this.swaTokenIds.data,
-        needMain ? mainWidth : 0,
-        needExtra ? extraWidth : 0,
-      );
-      if (needMain) {
-        this.#pagedMain = {
-          main: tensor('int32', [this.numQueries, mainWidth], r.main!.rows),
-          mainLengths: tensor('int32', [this.numQueries], r.main!.lens),
-        };
-        this.stats.pagedMainBuilds++;
-      }
-      if (needExtra) {
-        extra = { extra: tensor('int32', [this.numQueries, extraWidth], r.extra!.rows), extraLengths: tensor('int32', [this.numQueries], r.extra!.lens) };
-        this.#pagedExtra.set(rows, extra);
-        this.stats.pagedExtraBuilds++;
-      }
+    const buildMain = needMain && built?.main === undefined, buildExtra = needExtra && built?.extra === undefined;
+    const r = buildMain || buildExtra
+      ? this.#planner.pagedForm(rows.indices.data, rows.lengths.data, rows.width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, buildMain ? mainWidth : 0, buildExtra ? extraWidth : 0)
+      : {};
+    if (needMain) {
+      const main = built?.main ?? r.main!;
+      this.#pagedMain = {
+        main: tensor('int32', [this.numQueries, mainWidth], main.rows),
+        mainLengths: tensor('int32', [this.numQueries], main.lens),
+      };
+      this.stats.pagedMainBuilds++;
+    }
+    if (needExtra) {
+      const made = built?.extra ?? r.extra!;
+      extra = { extra: tensor('int32', [this.numQueries, extraWidth], made.rows), extraLengths: tensor('int32', [this.numQueries], made.lens) };
+      this.#pagedExtra.set(rows, extra);
+      this.stats.pagedExtraBuilds++;
     }
     return { ...this.#pagedMain!, ...(extra ?? {}) };
   }
@@ -1155,33 +1205,53 @@ export class Plan {
   /**
    * @internal The paged form a layer's paged op will read, as pagedForm(combinedRows(ratio)) or
    * pagedForm(combineC4(topk)) make it (`topk`: a c4 layer's checked host top-k), but keeping and
-   * counting nothing: what the plan keeps is read, anything else is built and dropped (a c4 layer's
-   * combine included). For a host layer's exact budget check of its paged op at the call, before
-   * any work (prefill_layer.ts, checkLayerOps), which calls it only where sizes alone cannot tell.
+   * counting nothing: what the plan keeps is read, anything else is built (a c4 layer's combine
+   * included) and held by the peeked form only. For a host layer's exact budget check of its paged
+   * op at the call, before any work (prefill_layer.ts, checkPagedOp), which calls it only where
+   * sizes alone cannot tell; a layer that passes hands it to keepPeekedForm.
    */
-  peekPagedForm(ratio: CompressRatio, topk: CheckedTopk<DeviceBuffer> | undefined): { main: Int32Array; mainLengths: Int32Array; mainWidth: number; extra?: Int32Array; extraLengths?: Int32Array; extraWidth: number } {
+  peekPagedForm(ratio: CompressRatio, topk: CheckedTopk<DeviceBuffer> | undefined): PeekedPagedForm {
     const st = this.#state(ratio, 'compressRatio');
     const { pagedMain: mainWidth, pagedExtra: extraWidth } = this.layerWidths(ratio, topk?.topk ?? 0);
     let rows: Int32Array, lens: Int32Array, width: number;
     let extra: { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> } | undefined;
+    let c4: PeekBuilt['c4'], dense: LayerRows | undefined;
     if (ratio === 4) {
       const data = topk?.data;
       if (!(data instanceof Int32Array)) fail('INVALID_VALUE', 'topkIndices', 'a host top-k', 'a device one');
       const r = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk!.topk, topk!.width);
+      c4 = { rows: r, topk: topk!.topk, width: topk!.width };
       [rows, lens, width] = [r.rows, r.lens, topk!.width];
     } else {
       const made = this.#combined.get(ratio);
       extra = made && this.#pagedExtra.get(made);
-      const r = made ? { rows: made.indices.data, lens: made.lengths.data, width: made.width } : (this.#host.keptDenseRows(ratio) ?? this.#buildDenseRows(ratio));
+      const kept = made ? { rows: made.indices.data, lens: made.lengths.data, width: made.width } : this.#host.keptDenseRows(ratio);
+      const r = kept ?? (dense = this.#buildDenseRows(ratio));
       [rows, lens, width] = [r.rows, r.lens, r.width];
     }
-    const compIds = ratio === 0 ? new BigInt64Array(0) : this.#host.keptCompressedIds(ratio) ?? this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows);
+    const keptIds = ratio === 0 ? new BigInt64Array(0) : this.#host.keptCompressedIds(ratio);
+    const compIds = keptIds ?? this.#buildCompressedIds(ratio as 4 | 128);
     this.#pagedIdsFit(compIds);
     const needMain = this.#pagedMain === undefined, needExtra = extra === undefined && extraWidth > 0;
-    const built = needMain || needExtra ? this.#planner.pagedForm(rows, lens, width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, needMain ? mainWidth : 0, needExtra ? extraWidth : 0) : {};
-    const main = needMain ? { main: built.main!.rows, mainLengths: built.main!.lens } : { main: this.#pagedMain!.main.data, mainLengths: this.#pagedMain!.mainLengths.data };
-    const extraSet = needExtra ? { extra: built.extra!.rows, extraLengths: built.extra!.lens } : extra?.extra ? { extra: extra.extra.data, extraLengths: extra.extraLengths!.data } : {};
-    return { ...main, mainWidth, ...extraSet, extraWidth };
+    const form = needMain || needExtra ? this.#planner.pagedForm(rows, lens, width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, needMain ? mainWidth : 0, needExtra ? extraWidth : 0) : {};
+    const built: PeekBuilt = { ratio, c4, dense, compIds: keptIds === undefined ? compIds : undefined, main: form.main, extra: form.extra };
+    this.#peeks.add(built);
+    const main = needMain ? { main: form.main!.rows, mainLengths: form.main!.lens } : { main: this.#pagedMain!.main.data, mainLengths: this.#pagedMain!.mainLengths.data };
+    const extraSet = needExtra ? { extra: form.extra!.rows, extraLengths: form.extra!.lens } : extra?.extra ? { extra: extra.extra.data, extraLengths: extra.extraLengths!.data } : {};
+    return { ...main, mainWidth, ...extraSet, extraWidth, built };
+  }
+
+  /**
+   * @internal The rows and paged form of a layer whose budget check peeked them (peekPagedForm),
+   * kept and counted as combinedRows / combineC4 and pagedForm would keep and count them, from what
+   * the peek built (what the plan has kept since wins, as in those): what the layer runs with. Each
+   * peek is kept at most once.
+   */
+  keepPeekedForm(peeked: PeekedPagedForm): { rows: CombinedRows; form: PagedForm } {
+    const b = peeked.built;
+    if (!this.#peeks.delete(b)) fail('INVALID_VALUE', 'peeked', 'a paged form this plan peeked and has not kept', describe(peeked));
+    const rows = b.ratio === 4 ? this.#keepC4Rows(b.c4!.rows, b.c4!.topk, b.c4!.width) : this.#keepCombinedRows(b.ratio, b.dense);
+    return { rows, form: this.#keepPagedForm(rows, b) };
   }
 
   /**

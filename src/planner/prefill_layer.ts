@@ -28,11 +28,11 @@ import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlace
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
-import { mostPagedParts, pagedSetBytes, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
+import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -102,6 +102,8 @@ interface LayerCall {
   droppedLater: boolean;
   /** the copies of host operands taken at the call (copyAtCall): give their slab back once the layer has settled */
   copies: { release(): void } | undefined;
+  /** the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
+  peeked: PeekedPagedForm | undefined;
 }
 
 /**
@@ -149,7 +151,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
-  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, droppedLater, copies: undefined };
+  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, droppedLater, copies: undefined, peeked: undefined };
   copyOperandsAtCall(engine, layerCall);
   return layerCall;
 }
@@ -214,10 +216,11 @@ function cacheBytes(d: Uint8Array | DeviceBuffer): InputBytes {
 }
 
 /**
- * The ops a layer will run fit the engine's host memory budget, checked at the call before any
- * work (TOO_LARGE, as each op would be after the plan's work and the combine): each op's parts by
- * the backend's own arithmetic (HostOpMemory, what the op's check calls) over what the layer knows
- * now — the plan's rows and widths, the ids each dequant widens, its operands as they will be
+ * The ops a layer will run fit the engine's host memory budget, and a worker's heap where its ops
+ * run in workers of a bounded heap (wasm: HostOpMemory.workerHeap), checked at the call before any
+ * work (TOO_LARGE, as each op would be after the plan's work and the combine): each op by the
+ * backend's own arithmetic (HostOpMemory, what the op's checks call) over what the layer knows now —
+ * the plan's rows, widths and workspace, the ids each dequant widens, its operands as they will be
  * copied, its outputs where they go. On a cuda engine (`onDevice`) the steps keep the plan's rows,
  * ids and workspace in device memory: no host bytes; its host q, sink, caches and outputs count.
  * Exact on every path: see checkPagedOp for the paged op.
@@ -232,60 +235,84 @@ function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDev
     checkPagedOp(call, ops, budget, onDevice, q, sink, `${layerOp} pagedSparseAttention`);
     return;
   }
+  const heap = ops.workerHeap;
   // the dequants write the workspace: in host memory through a host output, on a device in place by device ids
   const ids = (n: number) => (onDevice ? null : madeBytes(n * 4));
   const dequantOutput = onDevice ? 'device' : 'host';
   if (layout.compressedRows > 0) {
-    const n = layout.compressedRows;
-    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.c${ratio}`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.compressed!.data), ids(n), dequantOutput), budget);
+    const n = layout.compressedRows, op = `${layerOp} dequantizeKCachePaged of caches.c${ratio}`;
+    heap?.check(heap.dequantizeKCache('v4', WORKSPACE_ROW_DIMS), 'plan', op);
+    checkCallMemory(op, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.compressed!.data), ids(n), dequantOutput), budget);
   }
   if (layout.swaRows > 0) {
-    const n = layout.swaRows;
-    checkCallMemory(`${layerOp} dequantizeKCachePaged of caches.swa`, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.swa.data), ids(n), dequantOutput), budget);
+    const n = layout.swaRows, op = `${layerOp} dequantizeKCachePaged of caches.swa`;
+    heap?.check(heap.dequantizeKCache('v4', WORKSPACE_ROW_DIMS), 'plan', op);
+    checkCallMemory(op, 'plan', ops.dequantizeKCache('v4', n, WORKSPACE_ROW_DIMS, cacheBytes(caches.swa.data), ids(n), dequantOutput), budget);
   }
   // the workspace is shared memory (read in place) or on the device; the rows and their lengths are the plan's host arrays, or on the device
   const made = (bytes: number) => (onDevice ? NO_BYTES : madeBytes(bytes));
-  const rows = made(nq * plan.layerWidths(ratio, call.topk?.topk ?? 0).rows * 4);
-  checkCallMemory(`${layerOp} sparsePrefill`, 'q', ops.sparsePrefill([q, NO_BYTES, rows, made(nq * 4), sink], nq, hQ, WORKSPACE_ROW_DIMS, output), budget);
+  const width = plan.layerWidths(ratio, call.topk?.topk ?? 0).rows;
+  const op = `${layerOp} sparsePrefill`;
+  // its kv: the workspace's rows (a worker holds them all)
+  heap?.check(heap.sparsePrefill(layout.rows * WORKSPACE_ROW_DIMS * 2, hQ, WORKSPACE_ROW_DIMS, WORKSPACE_ROW_DIMS, width), 'plan', op);
+  checkCallMemory(op, 'q', ops.sparsePrefill([q, NO_BYTES, made(nq * width * 4), made(nq * 4), sink], nq, hQ, WORKSPACE_ROW_DIMS, output), budget);
 }
 
 /**
- * The layer's paged op fits the budget, exactly. An op that reads every set whole (cuda) counts
- * sizes the layer knows. A host backend's op reads each set's cache whole or through a compact
- * cache of the tokens its ids name (choosePagedRead), which only the ids tell: the op within the
- * budget at the most it can count whatever it reads (mostPagedParts, from sizes) fits; else the
- * ids it will read decide, the plan's paged form peeked (Plan.peekPagedForm: what it keeps read,
- * the rest — a c4 layer's combine — built and dropped, and built again by the layer) and each set
- * counted by the op's own choice (pagedSetBytes): the one case a check costs work like the op's,
- * only under a budget that the op's most exceeds.
+ * The layer's paged op fits the budget and a worker's heap, exactly. An op that reads every set
+ * whole (cuda) counts sizes the layer knows. A host backend's op reads each set's cache whole or
+ * through a compact cache of the tokens its ids name (choosePagedRead), which only the ids tell:
+ * the op within the budget and the heap at the most it can need whatever it reads (mostPagedParts,
+ * mostPagedCacheBytes: from sizes) fits; else the ids it will read decide, the plan's paged form
+ * peeked (Plan.peekPagedForm: what it keeps read, the rest — a c4 layer's combine — built without
+ * keeping or counting it) and each set counted by the op's own choice (pagedSetReads): the one case
+ * a check costs work like the op's, which the layer then runs with (call.peeked, kept by the plan
+ * as if built by the layer: Plan.keepPeekedForm).
  */
 function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, op: string): void {
-  const { plan, ratio, hQ, caches, output } = call;
+  const { plan, ratio, hQ, caches, output, topk } = call;
   const nq = plan.numQueries;
-  const widths = plan.layerWidths(ratio, call.topk?.topk ?? 0);
+  const widths = plan.layerWidths(ratio, topk?.topk ?? 0);
   // the form's arrays: on the engine's device for a cuda c0 / c128 layer with a device q (placed by the plan), else the plan's host arrays
   const formOnDevice = onDevice && ratio !== 4 && isDeviceBuffer(call.q.data);
   const made = (bytes: number) => (formOnDevice ? NO_BYTES : madeBytes(bytes));
   const fixed = [q, made(nq * 4), sink];
   const mainIds = nq * widths.pagedMain * 4;
-  const sets = [{ cache: cacheBytes(caches.swa.data), indices: made(mainIds), indicesBytes: mainIds, mostTokens: Math.min(caches.swa.numTokens, nq * widths.pagedMain) }];
-  const compressed = caches.compressed;
+  const swa = caches.swa, compressed = caches.compressed;
+  const sets = [{ cache: cacheBytes(swa.data), indices: made(mainIds), indicesBytes: mainIds, mostTokens: Math.min(swa.numTokens, nq * widths.pagedMain), wholeBytes: swa.bytes }];
   if (compressed !== undefined && widths.pagedExtra > 0) {
     const extraIds = nq * widths.pagedExtra * 4;
     fixed.push(made(nq * 4));
-    sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra) });
+    sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra), wholeBytes: compressed.bytes });
   }
-  const parts = (s: readonly PagedSetBytes[]) => ops.pagedSparseAttention(fixed, s, nq, hQ, output);
+  // a c4 layer's device top-k comes to the host for the plan's combine (pagedLayerFromHost), held by the layer with its op
+  const downloaded = topk !== undefined && isDeviceBuffer(topk.data) ? nq * topk.topk * 4 : 0;
+  const parts = (s: readonly PagedSetBytes[]) => {
+    const p = ops.pagedSparseAttention(fixed, s, nq, hQ, output);
+    if (downloaded > 0) p.push({ what: 'the top-k downloaded for the combine', bytes: downloaded });
+    return p;
+  };
   const copies = ops.pagedCopies;
   if (copies === null) {
     checkCallMemory(op, 'q', parts(sets.map((s) => ({ whole: true, cache: s.cache, indices: s.indices }))), budget);
     return;
   }
-  if (mostPagedParts(parts, sets).reduce((a, p) => a + p.bytes, 0) <= budget) return;
-  const form = plan.peekPagedForm(ratio, call.topk);
-  const read: HostPagedSet[] = [{ cache: caches.swa as CacheView, indices: form.main, topk: form.mainWidth, topkLength: form.mainLengths }];
+  // a worker's heap holds the caches as the op reads them (whole or compact), and every set's ids per row
+  const heap = ops.workerHeap;
+  const heapNeed = (cacheBytesRead: readonly number[], entries: number) => heap!.pagedSparseAttention(cacheBytesRead.reduce((a, b) => a + b, 0), entries, hQ);
+  const mostFits = heap === undefined || heap.fits(heapNeed(sets.map((s) => mostPagedCacheBytes(s.wholeBytes, s.mostTokens)), widths.pagedMain + (sets.length > 1 ? widths.pagedExtra : 0)));
+  if (mostFits && mostPagedParts(parts, sets).reduce((a, p) => a + p.bytes, 0) <= budget) return;
+  const form = plan.peekPagedForm(ratio, topk);
+  const read: HostPagedSet[] = [{ cache: swa as CacheView, indices: form.main, topk: form.mainWidth, topkLength: form.mainLengths }];
   if (compressed !== undefined && form.extra !== undefined) read.push({ cache: compressed as CacheView, indices: form.extra, topk: form.extraWidth, topkLength: form.extraLengths! });
-  checkCallMemory(op, 'q', parts(pagedSetBytes(read, nq, copies)), budget);
+  const reads = pagedSetReads(read, nq, copies);
+  if (heap !== undefined) {
+    const bytes = reads.map((r) => r.cacheBytes);
+    // the op names the set whose cache is the larger, as the layer's argument here
+    heap.check(heapNeed(bytes, read.reduce((a, s) => a + s.topk, 0)), (bytes[1] ?? 0) > bytes[0]! ? `caches.c${ratio}` : 'caches.swa', op);
+  }
+  checkCallMemory(op, 'q', parts(reads.map((r) => r.bytes)), budget);
+  call.peeked = form;
 }
 
 /** A host operand's typed array (null for device memory or no operand). */
@@ -361,7 +388,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (!engine.ownsDeviceBuffer(qData as DeviceBuffer) || (attnSink !== undefined && !engine.ownsDeviceBuffer(attnSink.data)) || !engine.ownsDeviceBuffer(caches.swa.data as DeviceBuffer)) return undefined;
   if ((caches.compressed !== undefined && !engine.ownsDeviceBuffer(caches.compressed.data as DeviceBuffer)) || (topk !== undefined && !engine.ownsDeviceBuffer(topk.data as DeviceBuffer))) return undefined;
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
-  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, droppedLater, copies: undefined };
+  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, droppedLater, copies: undefined, peeked: undefined };
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -432,8 +459,9 @@ export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unkn
   const engine = checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
   const call = fast ?? prepareLayer(engine, args, options);
-  // (a device layer's ops take host memory only for host outputs; prepareLayer checks its own call's)
-  if (fast !== undefined && fast.output === 'host') checkOpsMemory(engine, fast);
+  // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
+  // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
+  if (fast !== undefined && (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged'))) checkOpsMemory(engine, fast);
   if (engine.hasDevice) deviceOperandsLive(call);
   return call;
 }
@@ -583,10 +611,13 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
-async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route }: LayerCall): Promise<LayerResult> {
+async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route, peeked }: LayerCall): Promise<LayerResult> {
   const caches = layerCaches!;
-  let rows;
-  if (ratio === 4) {
+  let rows, paged;
+  if (peeked !== undefined) {
+    // its budget check built them (checkPagedOp): kept now, counted as the layer's own build
+    ({ rows, form: paged } = plan.keepPeekedForm(peeked));
+  } else if (ratio === 4) {
     const t = topk!;
     // a device top-k (cuda engines) comes to the host for the plan's host combine
     const data = isDeviceBuffer(t.data) ? (await engine.downloadArgument({ dtype: 'int32', shape: t.shape, data: t.data }, 'topkIndices')).data : t.data;
@@ -594,7 +625,7 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
   } else {
     rows = plan.combinedRows(ratio);
   }
-  const paged = plan.pagedForm(rows);
+  paged ??= plan.pagedForm(rows);
   const extra = ratio !== 0 && paged.extra !== undefined;
   const r = await engine.pagedSparseAttention(
     {

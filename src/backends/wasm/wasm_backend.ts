@@ -21,6 +21,7 @@ import type {
   QuantizeKCacheJob,
   SparsePrefillJob,
   SparsePrefillOutput,
+  TaskHeap,
 } from '../backend.js';
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
@@ -33,8 +34,8 @@ import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './p
 import type { AttentionOutput, SharedCache } from './protocol.js';
 import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type StageableArray } from '../staging.js';
 
-/** Heap kept free for the stack, static data, allocator overhead and the core's scratch. */
-const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
+/** Heap kept free for the stack, static data, allocator overhead and the core's scratch (exported for the heap tests). */
+export const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
 /**
  * Smallest amount of work (in flop-equivalents) worth a task of its own: below it the dispatch
  * and copies cost more than another worker saves, so tiny calls stay on one worker.
@@ -49,16 +50,43 @@ const COPY_WORK_PER_BYTE = 2;
  */
 const DEQUANT_PART_BYTES = 16 * 2 ** 20;
 
-export interface RowSplit {
+export interface RowSplit extends TaskHeap {
   rows: number;
   /** work of one row, flop-equivalents */
   workPerRow: number;
-  /** heap bytes every task needs whatever its rows (replicated inputs + scratch) */
-  fixedBytes: number;
-  /** heap bytes per row (inputs + outputs) */
-  bytesPerRow: number;
   /** the argument to blame when even one row does not fit */
   argument: string;
+}
+
+/** Whether a task of one row (`need`: its heap bytes, TaskHeap) fits a worker heap of `heapBytes`. */
+function taskFits(need: TaskHeap, heapBytes: number): boolean {
+  return heapBytes - HEAP_RESERVE_BYTES - need.fixedBytes >= need.bytesPerRow;
+}
+
+/** TOO_LARGE naming `argument` where a task of one row does not fit a worker heap of `heapBytes` (`call`: the call to name, where not the op itself). */
+function checkTaskHeap(need: TaskHeap, heapBytes: number, argument: string, call?: string): void {
+  if (taskFits(need, heapBytes)) return;
+  fail(
+    'TOO_LARGE',
+    argument,
+    `a call whose per-worker heap share fits the ${heapBytes / 2 ** 20} MiB WASM heap (wasm32, no MEMORY64)${call === undefined ? '' : `: ${call}`}`,
+    `${need.fixedBytes + need.bytesPerRow} bytes for the shared inputs and one row (${need.fixedBytes} shared + ${need.bytesPerRow} per row)`,
+  );
+}
+
+/** A sparsePrefill task's heap: the kv and sink replicated, the core's scratch; per row its q, ids, length and outputs. */
+function sparsePrefillTask(kvBytes: number, hQ: number, dQK: number, dV: number, topk: number): TaskHeap {
+  return { fixedBytes: kvBytes + hQ * 4 + scratchBytes(hQ, dQK, dV, topk), bytesPerRow: hQ * dQK * 2 + topk * 4 + 4 + hQ * dV * 2 + hQ * 8 };
+}
+
+/** A paged task's heap: the caches it reads (whole or compact) and the sink replicated, the core's scratch; per row its q, ids, lengths and outputs. */
+function pagedTask(cacheBytes: number, entries: number, hQ: number): TaskHeap {
+  return { fixedBytes: cacheBytes + hQ * 4 + scratchBytes(hQ, 512, 512, entries), bytesPerRow: hQ * 512 * 2 + entries * 4 + 8 + hQ * 512 * 2 + hQ * 8 };
+}
+
+/** A dequant task's heap: per token its gathered bytes (twice: the staging's copy, the heap's), its id and its row. */
+function dequantTask(format: CacheFormat, rowDim: number): TaskHeap {
+  return { fixedBytes: 0, bytesPerRow: 2 * compactTokenBytes(format) + 8 + rowDim * 2 };
 }
 
 /**
@@ -69,15 +97,8 @@ export interface RowSplit {
  */
 export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRowsPerTask = Infinity): Array<[number, number]> {
   if (s.rows === 0) return [];
+  checkTaskHeap(s, heapBytes, s.argument);
   const usable = heapBytes - HEAP_RESERVE_BYTES - s.fixedBytes;
-  if (usable < s.bytesPerRow) {
-    fail(
-      'TOO_LARGE',
-      s.argument,
-      `a call whose per-worker heap share fits the ${heapBytes / 2 ** 20} MiB WASM heap (wasm32, no MEMORY64)`,
-      `${s.fixedBytes + s.bytesPerRow} bytes for the shared inputs and one row (${s.fixedBytes} shared + ${s.bytesPerRow} per row)`,
-    );
-  }
   const maxRows = Math.max(1, Math.floor(usable / s.bytesPerRow));
   const minWork = Math.max(MIN_TASK_WORK, s.fixedBytes * COPY_WORK_PER_BYTE);
   let count = Math.min(workers, s.rows, Math.max(1, Math.floor((s.rows * s.workPerRow) / minWork)));
@@ -164,6 +185,13 @@ export class WasmBackend implements Backend {
     pagedSparseAttention: (fixed, sets, n, hQ) => pagedSparseAttentionParts(fixed, sets, alignStaging, n, hQ),
     // every worker copies the cache it reads into its heap, after the staging's copy of one not shared
     pagedCopies: { whole: (cacheUnshared) => (cacheUnshared ? 1 : 0) + 1, compact: 2 },
+    workerHeap: {
+      dequantizeKCache: dequantTask,
+      sparsePrefill: sparsePrefillTask,
+      pagedSparseAttention: pagedTask,
+      fits: (need) => taskFits(need, this.heapBytes),
+      check: (need, argument, call) => checkTaskHeap(need, this.heapBytes, argument, call),
+    },
   };
 
   private constructor(pool: WorkerPool, heapBytes: number, memoryBudgetBytes: number) {
@@ -258,13 +286,7 @@ export class WasmBackend implements Backend {
     this.alive();
     const { sQ, hQ, dQK, dV, topk } = job;
     const ranges = splitRows(
-      {
-        rows: sQ,
-        workPerRow: 2 * topk * hQ * (dQK + dV),
-        fixedBytes: job.kv.byteLength + hQ * 4 + scratchBytes(hQ, dQK, dV, topk),
-        bytesPerRow: hQ * dQK * 2 + topk * 4 + 4 + hQ * dV * 2 + hQ * 8,
-        argument: 'kv',
-      },
+      { rows: sQ, workPerRow: 2 * topk * hQ * (dQK + dV), ...sparsePrefillTask(job.kv.byteLength, hQ, dQK, dV, topk), argument: 'kv' },
       this.workers,
       this.heapBytes,
     );
@@ -289,8 +311,7 @@ export class WasmBackend implements Backend {
       {
         rows: n,
         workPerRow: 2 * entries * hQ * 1024 + entries * 1024,
-        fixedBytes: reads.mainCacheBytes + reads.extraCacheBytes + hQ * 4 + scratchBytes(hQ, 512, 512, entries),
-        bytesPerRow: hQ * 512 * 2 + entries * 4 + 8 + hQ * 512 * 2 + hQ * 8,
+        ...pagedTask(reads.mainCacheBytes + reads.extraCacheBytes, entries, hQ),
         argument: reads.extraCacheBytes > reads.mainCacheBytes ? 'extraKCache' : 'kCache',
       },
       this.workers,
@@ -372,10 +393,9 @@ export class WasmBackend implements Backend {
    */
   private dequantizePlan(format: CacheFormat, n: number, rowDim: number) {
     const tokenBytes = compactTokenBytes(format);
-    const perToken = 2 * tokenBytes + 8 + rowDim * 2;
     const partLimit = Math.max(1, Math.floor(DEQUANT_PART_BYTES / (tokenBytes + rowDim * 2)));
     const ranges = splitRows(
-      { rows: n, workPerRow: rowDim * 8, fixedBytes: 0, bytesPerRow: perToken, argument: 'tokenIds' },
+      { rows: n, workPerRow: rowDim * 8, ...dequantTask(format, rowDim), argument: 'tokenIds' },
       this.workers,
       this.heapBytes,
       partLimit,

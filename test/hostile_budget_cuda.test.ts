@@ -10,7 +10,8 @@
  */
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
-import type { Engine, KvCache, Plan, PrefillLayerArgs, PrefillLayerOptions } from '../dist/index.js';
+import type { DeviceTensor, Engine, KvCache, Plan, PrefillLayerArgs, PrefillLayerOptions, Tensor } from '../dist/index.js';
+import { isDeviceBuffer } from '../dist/tensor.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { SparseMlaEngine } from '../dist/engine.js';
@@ -46,7 +47,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
   /** A layer case: its operands placed on an engine (uploads of device ones), its options, and its float64 reference. */
   interface LayerCase {
     place(engine: Engine, plan: Plan): Promise<PrefillLayerArgs>;
-    options?: PrefillLayerOptions<'host'>;
+    options?: PrefillLayerOptions;
     ref: ReturnType<typeof prefillLayerReference>;
   }
 
@@ -80,12 +81,14 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
     });
   }
 
-  /** At `budget` the layer runs (host outputs), within bounds of the float64 reference. */
+  /** At `budget` the layer runs, within bounds of the float64 reference (device outputs downloaded for it). */
   function runsAt(budget: number, chunk: Parameters<typeof createPlan>[0], c: LayerCase, label: string): Promise<void> {
     return onEngine(budget, chunk, c, async (engine, plan, args) => {
       const r = await prefillLayer(engine, args, c.options);
       expect(calls.length, label).toBeGreaterThan(0);
-      expectWithinBounds(`${label} at a budget of ${budget}`, r as never, c.ref, Array.from({ length: plan.numQueries }, (_, i) => i));
+      const host = async <T extends Tensor<'bf16'> | Tensor<'float32'>>(t: T | DeviceTensor<'bf16' | 'float32'>): Promise<T> => (isDeviceBuffer(t.data) ? ((await engine.download(t as DeviceTensor<'bf16' | 'float32'>)) as T) : (t as T));
+      const got = { out: await host<Tensor<'bf16'>>(r.out), lse: await host<Tensor<'float32'>>(r.lse), maxLogits: await host<Tensor<'float32'>>(r.maxLogits) };
+      expectWithinBounds(`${label} at a budget of ${budget}`, got, c.ref, Array.from({ length: plan.numQueries }, (_, i) => i));
       expect(r.dropped, label).toBe(c.ref.dropped);
     });
   }
@@ -161,5 +164,31 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
     };
     expect(swa.data.byteLength).toBeGreaterThan(nq * hQ * OUTPUT_BYTES_PER_ROW);
     expect(await budgetEdge(sc.chunk, c, 'c0 workspace, host cache')).toBe(swa.data.byteLength);
+  }, 60_000);
+
+  test.each(['host', 'device'] as const)("paged path, c4 layer with every operand on the device, %s outputs: the top-k downloaded for the plan's host combine is counted at the call with the paged form's copies (it was counted nowhere; with device outputs the layer checked nothing and the op refused after the download and the combine)", async (output) => {
+    const sc = randomScenario(rng, [rng.int(2000, 4000), rng.int(400, 800)], [rng.int(60, 90), rng.int(30, 60)]);
+    const hQ = 4, nq = sc.numQueries, smScale = 0.05;
+    const swa = randomCache(rng, sc.swaPageSize, sc.swaPages), c4 = randomCache(rng, sc.c4PageSize, sc.c4Pages);
+    const q = tensor('bf16', [nq, hQ, D], randomBf16Bits(rng, nq * hQ * D, 1));
+    const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+    // a wide top-k: its download is a large part of the layer's host memory
+    const topk = rng.int(1200, 1600);
+    const topkIndices = randomTopk(rng, sc, topk);
+    const c: LayerCase = {
+      async place(engine, plan) {
+        const [qd, swad, c4d, topkd, sinkd] = await Promise.all([engine.upload(q), engine.uploadKvCache(swa), engine.uploadKvCache(c4), engine.upload(topkIndices), engine.upload(attnSink)]);
+        return { plan, compressRatio: 4, q: qd, caches: { swa: swad, c4: c4d }, topkIndices: topkd, attnSink: sinkd, smScale, path: 'paged' };
+      },
+      options: { output },
+      ref: prefillLayerReference({ chunk: sc.ref, compressRatio: 4, q, caches: { swa, c4 }, topkIndices, attnSink, smScale }),
+    };
+    // the host memory of the layer: the top-k downloaded (int32 [numQueries, topk]), the paged op's
+    // copies of the form's ids and lengths (the plan's host arrays) and, with host outputs, its outputs
+    const plan = createPlan(sc.chunk);
+    const form = plan.pagedForm(plan.combineC4(topkIndices));
+    const formBytes = [form.main, form.mainLengths, form.extra!, form.extraLengths!].reduce((a, t) => a + t.data.byteLength, 0);
+    const downloaded = nq * topk * 4;
+    expect(await budgetEdge(sc.chunk, c, `c4 paged, device operands, ${output} outputs`)).toBe(downloaded + formBytes + (output === 'host' ? nq * hQ * OUTPUT_BYTES_PER_ROW : 0));
   }, 60_000);
 });

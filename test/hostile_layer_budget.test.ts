@@ -16,6 +16,7 @@ import { prefillLayerReference } from '../dist/reference/index.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
+import { plannerCalls } from './helpers/planner_calls.js';
 import { expectWithinBounds } from './helpers/judge.js';
 
 const rng = testRng('hostile_layer_budget');
@@ -198,12 +199,20 @@ describe.each(backends)('%s: a layer over memoryBudgetBytes is TOO_LARGE before 
     // just under: refused with nothing run; exactly at it: runs, its op reading every set compact
     const label = `${backend} c${ratio} paged compact`;
     await expectRefusedFirst(backend, budget - 1, createPlan(sc.chunk), args(createPlan(sc.chunk)));
-    expect(await expectRunsAt(backend, budget, args(createPlan(sc.chunk)), ref, label)).toBe(ratio === 0 ? 1 : 2);
+    const fresh = createPlan(sc.chunk);
+    const built = await plannerCalls(async () => expect(await expectRunsAt(backend, budget, args(fresh), ref, label)).toBe(ratio === 0 ? 1 : 2));
+    // the check peeked the paged form (the ids decide), and the layer ran with it: each part built once (a c4 layer's combine was run twice), counted once
+    expect(built, label).toEqual({ combineTopk: ratio === 4 ? 1 : 0, denseRows: ratio === 4 ? 0 : 1, compressedTokenIds: ratio === 0 ? 0 : 1, pagedForm: 1 });
+    expect(planWork(fresh.stats), label).toEqual([ratio === 4 ? 1 : 0, ratio === 0 ? 1 : 0, ratio === 128 ? 1 : 0, 1, ratio === 0 ? 0 : 1, 0]);
     // the same edge with a plan that keeps what the layer reads (its paged form, its rows), read by the check as it is
     const kept = createPlan(sc.chunk);
     await prefillLayer(roomy.get(backend)!, args(kept));
     await expectRefusedFirst(backend, budget - 1, kept, args(kept));
-    expect(await expectRunsAt(backend, budget, args(kept), ref, `${label}, kept form`)).toBe(ratio === 0 ? 1 : 2);
+    const keptBefore = planWork(kept.stats);
+    const keptBuilt = await plannerCalls(async () => expect(await expectRunsAt(backend, budget, args(kept), ref, `${label}, kept form`)).toBe(ratio === 0 ? 1 : 2));
+    // a c4 layer combines its own top-k and builds its extra set, once; a c0 / c128 layer builds nothing
+    expect(keptBuilt, `${label}, kept form`).toEqual({ combineTopk: ratio === 4 ? 1 : 0, denseRows: 0, compressedTokenIds: 0, pagedForm: ratio === 4 ? 1 : 0 });
+    expect(planWork(kept.stats), `${label}, kept form`).toEqual(ratio === 4 ? [keptBefore[0]! + 1, 0, 0, 1, keptBefore[4]! + 1, 0] : keptBefore);
     // the layer's edge is its op's own (the op alone over the same form, caches and q)
     const plan = createPlan(sc.chunk);
     const form = plan.pagedForm(ratio === 4 ? plan.combineC4(topk!) : plan.combinedRows(ratio));
@@ -300,6 +309,38 @@ describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)
       expect(again.main, `c${ratio}: the kept main set read as it is`).toBe(form.main.data);
       if (ratio !== 4 && form.extra) expect(again.extra, `c${ratio}: the kept extra set read as it is`).toBe(form.extra.data);
       expect(JSON.stringify(plan.stats)).toBe(after);
+    }
+  });
+
+  test('kept by keepPeekedForm (a layer whose check peeked runs with it): the peeked arrays themselves, the plan keeping and counting them as combinedRows / combineC4 and pagedForm would, once; a peek is kept at most once', async () => {
+    const sc = randomScenario(rng, [rng.int(300, 900), rng.int(20, 200)], [rng.int(5, 40), rng.int(1, 20)]);
+    const topk = randomTopk(rng, sc, rng.int(16, 96));
+    for (const ratio of [0, 4, 128] as const) {
+      // twin plans: one built the usual way, one through a peek that is then kept
+      const usual = createPlan(sc.chunk), peeking = createPlan(sc.chunk);
+      const rows = ratio === 4 ? usual.combineC4(topk) : usual.combinedRows(ratio);
+      const form = usual.pagedForm(rows);
+      const peeked = peeking.peekPagedForm(ratio, ratio === 4 ? peeking.checkTopk(topk, false) : undefined);
+      let kept!: ReturnType<Plan['keepPeekedForm']>;
+      const calls = await plannerCalls(async () => (kept = peeking.keepPeekedForm(peeked)));
+      expect(calls, `c${ratio}: keeping built nothing again`).toEqual({ combineTopk: 0, denseRows: 0, compressedTokenIds: 0, pagedForm: 0 });
+      expect(kept.form.main.data, `c${ratio}`).toBe(peeked.main);
+      expect(kept.form.mainLengths.data, `c${ratio}`).toBe(peeked.mainLengths);
+      if (peeked.extra) expect([kept.form.extra!.data, kept.form.extraLengths!.data], `c${ratio}`).toEqual([peeked.extra, peeked.extraLengths]);
+      expect(kept.form.extra?.data, `c${ratio}`).toBe(peeked.extra);
+      // the same rows, form and counts as the usual way
+      expect([kept.rows.width, kept.rows.dropped, Array.from(kept.rows.indices.data), Array.from(kept.rows.lengths.data)], `c${ratio}`).toEqual([rows.width, rows.dropped, Array.from(rows.indices.data), Array.from(rows.lengths.data)]);
+      expect([form.main, form.mainLengths, form.extra, form.extraLengths].map((t) => t && [t.shape, Array.from(t.data)]), `c${ratio}`).toEqual(
+        [kept.form.main, kept.form.mainLengths, kept.form.extra, kept.form.extraLengths].map((t) => t && [t.shape, Array.from(t.data)]),
+      );
+      expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
+      // the plan keeps them: pagedForm of the kept rows reads them, building and counting nothing
+      expect(peeking.pagedForm(kept.rows).main.data).toBe(peeked.main);
+      expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
+      // a peek is kept once (a second keep would count its build again)
+      const e = await errorOf(() => peeking.keepPeekedForm(peeked));
+      expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'INVALID_VALUE', argument: 'peeked' });
+      expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
     }
   });
 });

@@ -167,7 +167,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
   }, 60_000);
 
   test.each(['host', 'device'] as const)("paged path, c4 layer with every operand on the device, %s outputs: the top-k downloaded for the plan's host combine is counted at the call with the paged form's copies (it was counted nowhere; with device outputs the layer checked nothing and the op refused after the download and the combine)", async (output) => {
-    const sc = randomScenario(rng, [rng.int(2000, 4000), rng.int(400, 800)], [rng.int(60, 90), rng.int(30, 60)]);
+    const sc = randomScenario(rng, [rng.int(2000, 4000), rng.int(400, 800)], [rng.int(80, 120), rng.int(40, 80)]);
     const hQ = 4, nq = sc.numQueries, smScale = 0.05;
     const swa = randomCache(rng, sc.swaPageSize, sc.swaPages), c4 = randomCache(rng, sc.c4PageSize, sc.c4Pages);
     const q = tensor('bf16', [nq, hQ, D], randomBf16Bits(rng, nq * hQ * D, 1));
@@ -189,6 +189,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
     const form = plan.pagedForm(plan.combineC4(topkIndices));
     const formBytes = [form.main, form.mainLengths, form.extra!, form.extraLengths!].reduce((a, t) => a + t.data.byteLength, 0);
     const downloaded = nq * topk * 4;
+    expect(downloaded + formBytes, 'more than the least budget, so that the layer is refused first').toBeGreaterThan(MiB);
     expect(await budgetEdge(sc.chunk, c, `c4 paged, device operands, ${output} outputs`)).toBe(downloaded + formBytes + (output === 'host' ? nq * hQ * OUTPUT_BYTES_PER_ROW : 0));
   }, 60_000);
 });

@@ -285,7 +285,7 @@ function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevi
     fixed.push(made(nq * 4));
     sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra), wholeBytes: compressed.bytes });
   }
-  // a c4 layer's device top-k comes to the host for the plan's combine (pagedLayerFromHost), held by the layer with its op
+  // a c4 layer's device top-k is downloaded for the plan's host combine just before the op (pagedLayerFromHost): counted with the op's
   const downloaded = topk !== undefined && isDeviceBuffer(topk.data) ? nq * topk.topk * 4 : 0;
   const parts = (s: readonly PagedSetBytes[]) => {
     const p = ops.pagedSparseAttention(fixed, s, nq, hQ, output);

@@ -9,8 +9,8 @@
  * bytes the ops hold, summed here from the operands.
  */
 import { describe, expect, test } from 'vitest';
-import { SparseMlaError, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
-import type { DeviceTensor, Engine, KvCache, Plan, PrefillLayerArgs, PrefillLayerOptions, Tensor } from '../dist/index.js';
+import { SparseMlaError, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import type { DeviceTensor, Engine, Plan, PrefillLayerArgs, PrefillLayerOptions, Tensor } from '../dist/index.js';
 import { isDeviceBuffer } from '../dist/tensor.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { loadNativeAddon } from '../dist/backends/native/binding.js';
@@ -21,6 +21,7 @@ import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
 import { errorOf } from './helpers/errors.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { paddedCache } from './helpers/layer_work.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 
 const rng = testRng('hostile_budget_cuda');
@@ -28,13 +29,6 @@ const D = 512;
 const MiB = 2 ** 20;
 /** bytes of an attention's host outputs per query and head: bf16 out [512], float32 maxLogits and lse */
 const OUTPUT_BYTES_PER_ROW = D * 2 + 4 + 4;
-
-/** `c` in a cache of `factor` times its pages (the pages past its own zero, never read by its chunk's ids). */
-function paddedCache(c: KvCache, factor: number): KvCache {
-  const big = createKvCache('v4', { pageSize: c.pageSize, numPages: c.numPages * factor });
-  big.data.set(c.data);
-  return big;
-}
 
 const planWork = (p: Plan) => JSON.stringify([p.stats, p.deviceStats]);
 

@@ -11,8 +11,8 @@
  * float64 reference, and the op alone (the public op over the same operands) has the same edge.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
-import type { Engine, KvCache, Plan, PlanStats, PrefillLayerArgs } from '../dist/index.js';
+import { SparseMlaError, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import type { Engine, Plan, PrefillLayerArgs } from '../dist/index.js';
 import { SparseMlaEngine } from '../dist/engine.js';
 import { HEAP_RESERVE_BYTES, WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { compileCoreModule } from '../dist/backends/wasm/ops.js';
@@ -23,6 +23,7 @@ import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
 import { plannerCalls } from './helpers/planner_calls.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { paddedCache, planWork, spyOps } from './helpers/layer_work.js';
 
 const rng = testRng('hostile_budget_wasm_heap');
 const D = 512;
@@ -47,29 +48,6 @@ async function engineWithHeap(heapBytes: number): Promise<Engine> {
   return engine;
 }
 
-/** `c` in a cache of `factor` times its pages (the pages past its own zero, never read by its chunk's ids). */
-function paddedCache(c: KvCache, factor: number): KvCache {
-  const big = createKvCache('v4', { pageSize: c.pageSize, numPages: c.numPages * factor });
-  big.data.set(c.data);
-  return big;
-}
-
-/** The backend ops a layer reached on `engine`, counted by wrapping the backend's own methods. */
-function spyOps(engine: Engine): { calls: string[] } {
-  const backend = backendOf.get(engine) as unknown as Record<string, (...a: unknown[]) => unknown>;
-  const seen = { calls: [] as string[] };
-  for (const op of ['dequantizeKCache', 'sparsePrefill', 'pagedSparseAttention']) {
-    const own = backend[op]!;
-    backend[op] = function (this: unknown, ...a: unknown[]) {
-      seen.calls.push(op);
-      return own.apply(this, a);
-    };
-  }
-  return seen;
-}
-
-const planWork = (s: PlanStats) => [s.c4Combines, s.c0Builds, s.c128Builds, s.pagedMainBuilds, s.pagedExtraBuilds, s.workspaceAllocations];
-
 /** The bytes a heap refusal says one task needs ("got N bytes for the shared inputs and one row"). */
 function heapNeed(e: unknown): number {
   expect(e instanceof SparseMlaError && e.code, String(e)).toBe('TOO_LARGE');
@@ -81,7 +59,7 @@ function heapNeed(e: unknown): number {
 /** The layer on an engine of heap `heapBytes`: refused before any op and any plan work; gives the refusal. */
 async function refusedFirst(heapBytes: number, plan: Plan, args: PrefillLayerArgs): Promise<SparseMlaError> {
   const engine = await engineWithHeap(heapBytes);
-  const spy = spyOps(engine);
+  const spy = spyOps(backendOf.get(engine));
   const before = planWork(plan.stats);
   const e = await errorOf(() => prefillLayer(engine, args));
   expect(e instanceof SparseMlaError && e.code, `at a heap of ${heapBytes}: ${String(e)}`).toBe('TOO_LARGE');

@@ -9,7 +9,7 @@
 import { existsSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, tensor } from '../dist/index.js';
-import type { Engine, KvCache, Plan, PlanStats, PrefillLayerArgs } from '../dist/index.js';
+import type { Engine, KvCache, Plan, PrefillLayerArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { pagedReadForTests } from '../dist/backends/paged_gather.js';
 import { prefillLayerReference } from '../dist/reference/index.js';
@@ -18,6 +18,7 @@ import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
 import { plannerCalls } from './helpers/planner_calls.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { paddedCache, planWork, spyOps } from './helpers/layer_work.js';
 
 const rng = testRng('hostile_layer_budget');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
@@ -40,29 +41,6 @@ function sharedCache(c: KvCache): KvCache {
   return { ...c, data };
 }
 
-/** `c` in a cache of `factor` times its pages (the pages past its own zero, never read by its chunk's ids). */
-function paddedCache(c: KvCache, factor: number): KvCache {
-  const big = createKvCache('v4', { pageSize: c.pageSize, numPages: c.numPages * factor });
-  big.data.set(c.data);
-  return big;
-}
-
-/** The backend ops a layer reached on `engine`, counted by wrapping the backend's own methods (the layer steps look them up at each call). */
-function spyOps(engine: Engine): { calls: string[] } {
-  const backend = engineBackend(engine) as unknown as Record<string, (...a: unknown[]) => unknown>;
-  const seen = { calls: [] as string[] };
-  for (const op of ['dequantizeKCache', 'sparsePrefill', 'pagedSparseAttention']) {
-    const own = backend[op]!;
-    backend[op] = function (this: unknown, ...a: unknown[]) {
-      seen.calls.push(op);
-      return own.apply(this, a);
-    };
-  }
-  return seen;
-}
-
-const planWork = (s: PlanStats) => [s.c4Combines, s.c0Builds, s.c128Builds, s.pagedMainBuilds, s.pagedExtraBuilds, s.workspaceAllocations];
-
 /**
  * Raises the budget from 1 MiB to what each refusal says the layer needs until it runs; every
  * refusal must come before any op and any plan work. Returns the least budget it ran at and the
@@ -76,7 +54,7 @@ async function budgetEdge(backend: 'cpu' | 'wasm', makePlan: () => Plan, args: (
     const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
     try {
       const plan = makePlan();
-      const spy = spyOps(engine);
+      const spy = spyOps(engineBackend(engine));
       const before = planWork(plan.stats);
       const e = await errorOf(() => prefillLayer(engine, args(plan)));
       if (e === undefined) {
@@ -104,7 +82,7 @@ async function budgetEdge(backend: 'cpu' | 'wasm', makePlan: () => Plan, args: (
 async function expectRefusedFirst(backend: 'cpu' | 'wasm', budget: number, plan: Plan, args: PrefillLayerArgs): Promise<void> {
   const engine = await createEngine({ backend, workers: 2, memoryBudgetBytes: budget });
   try {
-    const spy = spyOps(engine);
+    const spy = spyOps(engineBackend(engine));
     const before = planWork(plan.stats);
     const e = await errorOf(() => prefillLayer(engine, args));
     expect(e instanceof SparseMlaError && e.code, String(e)).toBe('TOO_LARGE');

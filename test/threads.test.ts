@@ -134,8 +134,10 @@ describe.skipIf(!nativeAddonBuilt())('cpu calls in flight and the process\'s own
   test('a file read issued behind 32 calls waits for a few of them at most; every call gives the same bits', async () => {
     const engine = await createEngine({ backend: 'cpu', workers: 2 });
     try {
-      // inputs in shared memory (read in place): the calls are queued at once, with no staging copies
-      const sQ = 32, hQ = 16, sKV = 3000, topk = 512;
+      // inputs in shared memory (read in place): the calls are queued at once, with no staging copies.
+      // Each call long next to a read that other test files' load may delay (sQ 32 let 11 of 32 settle
+      // first in a CI run at SPARSE_MLA_SEED=1506564300); before pool_slots.ts about 29 did
+      const sQ = 128, hQ = 16, sKV = 3000, topk = 512;
       const args: SparsePrefillArgs = {
         q: tensor('bf16', [sQ, hQ, 512], shared(randomBf16Bits(rng, sQ * hQ * 512))),
         kv: tensor('bf16', [sKV, 512], shared(randomBf16Bits(rng, sKV * 512))),

@@ -167,6 +167,11 @@ export class SparseMlaEngine implements Engine {
     return this.impl.device?.deviceIndex;
   }
 
+  /** @internal the backend's device ops, if it has device memory (a device layer's checks of its operands: DeviceOps.ownsLive) */
+  layerDevice(): DeviceOps | undefined {
+    return this.impl.device;
+  }
+
   /** @internal whether `buffer` is a device buffer this engine's backend made on its device (prefillLayer's checks) */
   ownsDeviceBuffer(buffer: DeviceBuffer): boolean {
     return this.impl.device?.owns(buffer) ?? false;

@@ -157,6 +157,12 @@ export interface DeviceOps {
   readonly deviceIndex: number;
   /** whether `buffer` is one this backend made, on its device (a layer's checks refuse any other before any work) */
   owns(buffer: DeviceBuffer): boolean;
+  /**
+   * whether `buffer` is a live device buffer (isLiveDeviceBuffer) of exactly `bytes` bytes that this
+   * backend made on its device: a device layer's check of each operand in one call (false for
+   * anything else, whose full checks then name it)
+   */
+  ownsLive(buffer: unknown, bytes: number): boolean;
   /** an uninitialized device buffer of `bytes` bytes */
   alloc(bytes: number): DeviceBuffer;
   /** a new buffer on this device holding a copy of another engine's buffer (any device) */

@@ -6,11 +6,11 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, isLiveDeviceBuffer, ownView, typedArrayKind } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, ownView, typedArrayKind } from '../ops/common.js';
 import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import type { CacheView, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
+import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type HostRows, type HostTopkRows, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
@@ -98,12 +98,15 @@ function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer>
   return { format: 'v4', pageSize: geometry.pageSize, numPages: geometry.numPages, numTokens: cacheTokens(geometry), bytes: data.byteLength, data };
 }
 
+/** What a device layer's checks ask of its engine's device: a live buffer of its own, of exactly these bytes (DeviceOps.ownsLive). */
+export type OwnedBufferCheck = Pick<DeviceOps, 'ownsLive'>;
+
 /**
  * checkV4Cache for a cache in device memory, without a message: its view where checkV4Cache
- * accepts it and its data is a live device buffer, else undefined (a host cache, or anything
- * checkV4Cache refuses: call it for the error). Every field is read once.
+ * accepts it and its data is a live device buffer of `device`'s own, else undefined (a host cache,
+ * another engine's, or anything checkV4Cache refuses: call it for the error). Every field is read once.
  */
-function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
+function deviceCacheView(cache: unknown, device: OwnedBufferCheck): CacheView<DeviceBuffer> | undefined {
   if (typeof cache !== 'object' || cache === null) return undefined;
   const c = cache as { format: unknown; pageSize: number; numPages: number; data: unknown };
   if (c.format !== 'v4') return undefined;
@@ -112,8 +115,8 @@ function deviceCacheView(cache: unknown): CacheView<DeviceBuffer> | undefined {
   // first: `| 0` throws a TypeError on a BigInt or Symbol and runs an object's valueOf
   if (typeof pageSize !== 'number' || typeof numPages !== 'number' || (pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
   const bytes = v4PageBytes(pageSize) * numPages;
-  if (!isLiveDeviceBuffer(data, bytes)) return undefined;
-  return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data };
+  if (!device.ownsLive(data, bytes)) return undefined;
+  return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data: data as DeviceBuffer };
 }
 
 // The messages of the checks a layer runs (checkV4Cache, Plan.checkCaches, Plan.checkTopk), built
@@ -327,6 +330,8 @@ export interface QueuedLayerCall<B> {
 
 /** Kept on the host, or on a device and not freed. */
 const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
+/** A kept array or buffer as usable() reads it where it is known to be one of the steps' own: a device buffer's `freed`, a host array's undefined. */
+type Freeable = { readonly freed?: boolean };
 
 /** A paged form (PagedForm) in a layer's memory: its arrays and their row widths. */
 export interface PlacedPagedForm<B = never> {
@@ -481,16 +486,18 @@ export class LayerResources<B = never> {
   queuedJob(steps: LayerSteps<B>, call: QueuedLayerCall<B>): QueuedLayerJob<B> | undefined {
     const ratio = call.ratio, layout = call.layout;
     const compressedRows = layout.compressedRows, swaRows = layout.swaRows;
+    // what is kept here is in device memory (only device steps queue a layer): usable() read as its
+    // buffers' `freed`, no call a buffer
     let compressedIds: BigInt64Array | B | null = null;
     if (compressedRows > 0) {
       const ids = ratio === 4 ? this.#c4Ids : this.#c128Ids;
-      if (ids === undefined || !usable(ids)) return undefined;
+      if (ids === undefined || (ids as Freeable).freed === true) return undefined;
       compressedIds = ids;
     }
     let swaIds: BigInt64Array | B | null = null;
     if (swaRows > 0) {
       const ids = this.#swaIds;
-      if (ids === undefined || !usable(ids)) return undefined;
+      if (ids === undefined || (ids as Freeable).freed === true) return undefined;
       swaIds = ids;
     }
     const p = this.#plan;
@@ -498,8 +505,14 @@ export class LayerResources<B = never> {
     let planRows: QueuedLayerJob<B>['planRows'] = null;
     if (ratio === 4) {
       const topk = call.topk!;
-      const into = this.#takeC4Rows(topk.width);
+      // #takeC4Rows
+      const into = this.#c4Rows;
+      this.#c4Rows = undefined;
       if (into === undefined) return undefined;
+      if (into.width !== topk.width || (into.rows as Freeable).freed === true || (into.lens as Freeable).freed === true || (into.droppedTotal as Freeable).freed === true) {
+        this.#releaseC4Rows(into);
+        return undefined;
+      }
       rows = into;
       planRows = { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into };
     } else {
@@ -507,7 +520,10 @@ export class LayerResources<B = never> {
       if (dense === undefined) return undefined;
       rows = dense;
     }
-    const ws = this.takeWorkspace(steps);
+    // takeWorkspace
+    let ws = this.#workspace;
+    this.#workspace = undefined;
+    if (ws === undefined || (ws as Freeable).freed === true) ws = this.takeWorkspace(steps);
     const caches = call.caches;
     // the compressed rows first, then the SWA rows (as prefill_layer's dequantJobs)
     const swa = swaIds === null ? null : { cache: caches.swa, tokenIds: swaIds, n: swaRows, workspace: ws, rowOffset: compressedRows };
@@ -536,22 +552,37 @@ export class LayerResources<B = never> {
   }
   #outputShapes?: readonly [readonly number[], readonly number[]];
 
+  /** Gives back what queuedJob took for `job` (its workspace, and a c4 layer's rows) when the steps did not queue it. */
+  giveBackJob(job: QueuedLayerJob<B>): void {
+    this.giveBackWorkspace(job.prefill.workspace);
+    if (job.planRows !== null) this.giveBackC4Rows(job.planRows.into as C4LayerRows<B>);
+  }
+
   /**
-   * Counts a layer the steps queued whole (queuedJob), and its c4 combine with its dropped total as
+   * A layer the steps queued whole (queuedJob) has settled: gives back what its job took (giveBackJob)
+   * and counts the layer, and its c4 combine with its dropped total (`dropped`, the steps' count) as
    * combineC4 counts its own. Gives the layer's dropped count: 0 without a combine, null where the
    * total comes later ({ dropped: 'later' }: counted once it lands, Plan.settleDropped).
    */
-  countQueuedLayer(c4Dropped: number | Promise<number> | null): number | null {
+  queuedLayerDone(job: QueuedLayerJob<B>, dropped: number | Promise<number>): number | null {
     const p = this.#plan;
+    // giveBackJob and #countC4Combine inline (only device steps queue a layer)
+    const ws = job.prefill.workspace;
+    if (this.#workspace === undefined) this.#workspace = ws;
+    else releaseDevice(ws);
     p.deviceStats.deviceQueuedLayers++;
-    if (c4Dropped === null) return 0;
-    this.#countC4Combine();
-    if (typeof c4Dropped !== 'number') {
-      p.droppedReads.track(c4Dropped.then((n) => (p.stats.c4Dropped += n)));
+    if (job.planRows === null) return 0;
+    const rows = job.planRows.into as C4LayerRows<B>;
+    if (this.#c4Rows === undefined) this.#c4Rows = rows;
+    else this.#releaseC4Rows(rows);
+    p.stats.c4Combines++;
+    p.deviceStats.deviceC4Combines++;
+    if (typeof dropped !== 'number') {
+      p.droppedReads.track(dropped.then((n) => (p.stats.c4Dropped += n)));
       return null;
     }
-    p.stats.c4Dropped += c4Dropped;
-    return c4Dropped;
+    p.stats.c4Dropped += dropped;
+    return dropped;
   }
 
   /** A stepwise c4 layer's dropped total ({ dropped: 'later' }), which combineC4 counts once read: the plan waits for it (settleDropped). */
@@ -1103,12 +1134,12 @@ export class Plan {
 
   /**
    * @internal checkTopk(topkIndices, true) for a top-k in device memory, without a message: the
-   * checked top-k where checkTopk accepts it, else undefined (a host top-k, a plan without c4, or
-   * anything checkTopk refuses: call it for the error). #topkRows inline over the tensor's own
+   * checked top-k where checkTopk accepts it and its data is `device`'s own, else undefined (a host
+   * top-k, another engine's, a plan without c4, or anything checkTopk refuses: call it for the error). #topkRows inline over the tensor's own
    * fields (a device c4 layer's checks run it, mostly cold): each dim read once, no shape copied
    * (the checked top-k has its own).
    */
-  deviceTopk(topkIndices: unknown): CheckedTopk<DeviceBuffer> | undefined {
+  deviceTopk(topkIndices: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | undefined {
     if (this.#c4 === undefined) return undefined;
     const s = deviceTensorShape(topkIndices, 'int32');
     if (s === undefined) return undefined;
@@ -1127,10 +1158,10 @@ export class Plan {
     }
     // an int32 (a larger top-k is refused below anyway: its rows would not fit int32); the byte
     // size as checkPlacedTensor computes it: the dims' product, in order, times 4
-    if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !isLiveDeviceBuffer(data, nq * topk * 4)) return undefined;
+    if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !device.ownsLive(data, nq * topk * 4)) return undefined;
     const width = rowWidth(4, topk, 0, this.window, this.align);
     if (nq * width > INT32_MAX) return undefined;
-    return { data, shape: [nq, topk], topk, width };
+    return { data: data as DeviceBuffer, shape: [nq, topk], topk, width };
   }
 
   /** A checked top-k of shape [numQueries, topk] or [numQueries, 1, topk] whose rows' width fits int32, else undefined. */
@@ -1276,18 +1307,19 @@ export class Plan {
 
   /**
    * @internal checkCaches(caches, ratio) for caches in device memory, without a message: the views
-   * where checkCaches accepts them and their data are live device buffers, else undefined (host
-   * caches, or anything checkCaches refuses: call it for the error). Every field is read once.
+   * where checkCaches accepts them and their data are live device buffers of `device`'s own, else
+   * undefined (host caches, another engine's, or anything checkCaches refuses: call it for the
+   * error). Every field is read once.
    */
-  deviceCaches(caches: unknown, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
+  deviceCaches(caches: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
     if (typeof caches !== 'object' || caches === null) return undefined;
     const given = caches as PlanCaches;
-    const swa = deviceCacheView(given.swa);
+    const swa = deviceCacheView(given.swa, device);
     if (swa === undefined || this.#maxSwaId >= swa.numTokens) return undefined;
     if (ratio === 0) return { swa };
     const st = ratio === 4 ? this.#c4 : this.#c128;
     if (st === undefined) return undefined;
-    const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128);
+    const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128, device);
     if (compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) return undefined;
     return { swa, compressed };
   }

@@ -24,14 +24,14 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape, isLiveDeviceBuffer } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
 import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
+import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
@@ -105,6 +105,14 @@ interface LayerCall {
   /** the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
   peeked: PeekedPagedForm | undefined;
 }
+
+/** A LayerCall whose operands are all in device memory (prepareDeviceLayer's). */
+type DeviceLayerCall = LayerCall & {
+  q: DeviceTensor<'bf16'>;
+  attnSink: DeviceTensor<'float32'> | undefined;
+  caches: { swa: CacheView<DeviceBuffer> & { data: DeviceBuffer }; compressed?: CacheView<DeviceBuffer> & { data: DeviceBuffer } };
+  topk: (CheckedTopk<DeviceBuffer> & { data: DeviceBuffer }) | undefined;
+};
 
 /**
  * Every check of a layer call, each argument read once, in the order the errors are reported.
@@ -329,7 +337,9 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
  * compiled in one piece where prepareLayer's checks are a dozen.
  */
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
-  if (!engine.hasDevice || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
+  // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
+  const device = engine.layerDevice();
+  if (device === undefined || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
   const plan = args.plan, ratio = args.compressRatio;
   if (!Plan.isPlan(plan)) return undefined;
   // a ratio 0, 4 or 128 the plan serves, and its layout
@@ -355,7 +365,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   if (qs === undefined) return undefined;
   const qData = (qArg as { data: unknown }).data, nq = plan.numQueries;
   const hQ = qs[1];
-  if (qs.length !== 3 || qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !isLiveDeviceBuffer(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
+  if (qs.length !== 3 || qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !device.ownsLive(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
   // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
   const smScale = args.smScale;
   if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
@@ -366,13 +376,13 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     const ss = deviceTensorShape(sinkArg, 'float32');
     if (ss === undefined) return undefined;
     const sData = (sinkArg as { data: unknown }).data;
-    if (ss.length !== 1 || ss[0] !== hQ || !isLiveDeviceBuffer(sData, hQ * 4)) return undefined;
-    attnSink = { dtype: 'float32', shape: [hQ], data: sData };
+    if (ss.length !== 1 || ss[0] !== hQ || !device.ownsLive(sData, hQ * 4)) return undefined;
+    attnSink = { dtype: 'float32', shape: [hQ], data: sData as DeviceBuffer };
   }
   const topkIndices = args.topkIndices;
   if ((ratio === 4) !== (topkIndices !== undefined)) return undefined;
   const given = args.caches;
-  const caches = plan.deviceCaches(given, ratio);
+  const caches = plan.deviceCaches(given, ratio, device);
   if (caches === undefined) return undefined;
   // a forced path (the layer loop's usual call) without the router's options object and decision
   const path = args.path, threshold = args.threshold;
@@ -380,13 +390,9 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
   let topk: CheckedTopk<DeviceBuffer> | undefined;
   if (ratio === 4) {
-    topk = plan.deviceTopk(topkIndices);
+    topk = plan.deviceTopk(topkIndices, device);
     if (topk === undefined) return undefined;
   }
-  // every operand the engine's own buffer on its device (else prepareLayer names the one that is not);
-  // deviceCaches and deviceTopk gave live device buffers
-  if (!engine.ownsDeviceBuffer(qData as DeviceBuffer) || (attnSink !== undefined && !engine.ownsDeviceBuffer(attnSink.data)) || !engine.ownsDeviceBuffer(caches.swa.data as DeviceBuffer)) return undefined;
-  if ((caches.compressed !== undefined && !engine.ownsDeviceBuffer(caches.compressed.data as DeviceBuffer)) || (topk !== undefined && !engine.ownsDeviceBuffer(topk.data as DeviceBuffer))) return undefined;
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
   return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, droppedLater, copies: undefined, peeked: undefined };
 }
@@ -458,12 +464,18 @@ export type CheckedLayer = LayerCall;
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
-  const call = fast ?? prepareLayer(engine, args, options);
+  if (fast === undefined) {
+    const call = prepareLayer(engine, args, options);
+    if (engine.hasDevice) deviceOperandsLive(call);
+    return call;
+  }
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
-  if (fast !== undefined && (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged'))) checkOpsMemory(engine, fast);
-  if (engine.hasDevice) deviceOperandsLive(call);
-  return call;
+  if (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged')) checkOpsMemory(engine, fast);
+  // deviceOperandsLive, its test read straight off the device buffers prepareDeviceLayer checked
+  const { q, attnSink, caches, topk } = fast as DeviceLayerCall;
+  if (q.data.freed || (attnSink !== undefined && attnSink.data.freed) || caches.swa.data.freed || (caches.compressed !== undefined && caches.compressed.data.freed) || (topk !== undefined && topk.data.freed)) deviceOperandsLive(fast);
+  return fast;
 }
 
 /**
@@ -502,25 +514,27 @@ export function releaseLayer(call: CheckedLayer): void {
 }
 
 async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
-  // a disposed engine's layer rejects with DISPOSED as any call on it does, a chunk without queries too
-  engine.assertAlive();
+  // a disposed engine's layer rejects with DISPOSED as any call on it does (layerSteps), a chunk without queries too
+  const steps = engine.layerSteps();
   if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as LayerResult;
   if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as LayerResult;
-  const steps = engine.layerSteps();
   const res = call.plan.resources(steps);
-  if (steps.queueLayer !== undefined && call.output === 'device') {
-    // the whole layer queued by the steps (see queuedLayerJob): one await, nothing between the
-    // call's checks and the launches but taking what the plan keeps
-    const job = queuedLayerJob(steps, res, call);
+  if (steps.queueLayer !== undefined && call.output === 'device' && call.device) {
+    // the whole layer queued by the steps (LayerResources.queuedJob: undefined, with nothing taken,
+    // until the plan keeps what the layer reads): one await, nothing between the call's checks and
+    // the launches but taking what the plan keeps
+    const job = res.queuedJob(steps, call as LayerCall & { q: DeviceTensor<'bf16'> });
     if (job !== undefined) {
       let r: QueuedLayerOutput<DeviceBuffer> | undefined;
       try {
         r = await steps.queueLayer(job, call.droppedLater);
-      } finally {
-        res.giveBackWorkspace(job.prefill.workspace);
-        if (job.planRows !== null) res.giveBackC4Rows(job.planRows.into as C4LayerRows<DeviceBuffer>);
+      } catch (e) {
+        res.giveBackJob(job);
+        throw e;
       }
-      if (r !== undefined) return queuedLayerResult(call, res, r, res.countQueuedLayer(job.planRows === null ? null : r.dropped)) as LayerResult;
+      // (undefined: an operand is another engine's, and the steps run one by one)
+      if (r === undefined) res.giveBackJob(job);
+      else return queuedLayerResult(call, res, r, res.queuedLayerDone(job, r.dropped)) as LayerResult;
     }
   }
   return (await workspaceLayer(steps, res, call)) as LayerResult;
@@ -712,18 +726,6 @@ function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | Dev
     workspaceBytes,
     dropped,
   };
-}
-
-/**
- * The job of a workspace layer the steps queue whole (LayerSteps.queueLayer: the cuda engine's
- * layer program, every operand and output on the device), with the plan's workspace (and, for c4,
- * the rows an earlier c4 layer gave back to combine into) taken for it: give them back once the
- * queue call has settled. Undefined, with nothing taken, when the plan does not keep what the layer
- * reads yet (a plan's first layers) or an operand is on the host: the steps then run one by one and
- * keep it.
- */
-function queuedLayerJob(steps: LayerSteps<DeviceBuffer>, res: LayerResources<DeviceBuffer>, call: LayerCall): QueuedLayerJob<DeviceBuffer> | undefined {
-  return call.device ? res.queuedJob(steps, call as LayerCall & { q: DeviceTensor<'bf16'> }) : undefined;
 }
 
 /**

@@ -91,26 +91,30 @@ function planRowsFields(job: PlanRowsJob<DeviceBuffer>, rows: Int32Array | Devic
   return { numRequests: job.seqLens.length, seqLens: job.seqLens, extendLens: job.extendLens, window: job.window, ratio: job.ratio, topkIndices: job.topkIndices, topk: job.topk, width: job.width, rows, lens, dropped, droppedTotal, numQueries };
 }
 
+/** Where a layer program run's buffers start in its arguments (after droppedInto and smScale: layerRunArgs). */
+const RUN_BUFFERS_AT = 2;
+
 /**
- * The buffers of a layer program's run, in the addon's slot order (the order its readers read the
- * ops' params: planRows', each dequant's, the prefill's inputs; an absent sink has no slot); a new
- * program's `slots` must equal layerSlotNames' list for the same job. Every queued layer builds
- * this list: plain pushes and an indexed loop (no closures, no iterators, nothing else read).
+ * A layer program run's arguments: droppedInto (null here, set by queueLayer), smScale, then the
+ * job's buffers in the addon's slot order (the order its readers read the ops' params: planRows',
+ * each dequant's, the prefill's inputs; an absent sink has no slot); a new program's `slots` must
+ * equal layerSlotNames' list for the same job. Every queued layer builds this list: plain pushes
+ * and an indexed loop (no closures, no iterators, nothing else read), and run takes it as it is.
  */
-function layerInputs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
+function layerRunArgs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
   const { planRows: r, dequants, prefill: p } = job;
-  const buffers: unknown[] = [];
+  const args: unknown[] = [null, p.smScale];
   if (r !== null) {
     const into = r.into;
-    buffers.push(r.topkIndices, into.rows, into.lens, into.droppedTotal);
+    args.push(r.topkIndices, into.rows, into.lens, into.droppedTotal);
   }
   for (let i = 0; i < dequants.length; i++) {
     const d = dequants[i]!;
-    buffers.push(d.cache.data, d.tokenIds, d.workspace);
+    args.push(d.cache.data, d.tokenIds, d.workspace);
   }
-  buffers.push(p.q, p.workspace, p.indices, p.lengths);
-  if (p.attnSink !== null) buffers.push(p.attnSink);
-  return buffers;
+  args.push(p.q, p.workspace, p.indices, p.lengths);
+  if (p.attnSink !== null) args.push(p.attnSink);
+  return args;
 }
 
 /**
@@ -130,7 +134,7 @@ function freedLayerOperand(slot: string): never {
   throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} live until the layer is queued, got one freed during the call`, argument);
 }
 
-/** The name of each of layerInputs' slots, in its order (a new program's check). */
+/** The name of each buffer slot of layerRunArgs, in its order (a new program's check). */
 function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
   const names: string[] = [];
   if (job.planRows !== null) names.push('planRows.topkIndices', 'planRows.rows', 'planRows.lens', 'planRows.droppedTotal');
@@ -279,6 +283,29 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   /** Whether `b` is a buffer this class made (not a Proxy of one, nor an object from its prototype). */
   static made(b: unknown): b is CudaDeviceBuffer {
     return typeof b === 'object' && b !== null && #freed in b;
+  }
+
+  /**
+   * @internal Whether `b` is a buffer this class made on device `deviceIndex`, branded, not freed
+   * and of exactly `bytes` bytes: isLiveDeviceBuffer and CudaBackend.owns in one call, its state
+   * read here rather than through the `freed` getter (a device layer checks each operand this way).
+   */
+  static ownedLive(b: unknown, deviceIndex: number, bytes: number): boolean {
+    return typeof b === 'object' && b !== null && #freed in b && b[DEVICE_BUFFER_BRAND] === true && !b.#freed && b.byteLength === bytes && b.deviceIndex === deviceIndex;
+  }
+
+  /**
+   * @internal Replaces each of list[from..] by the addon's buffer behind it while it is a buffer of
+   * this class (instanceof) on `stream` and not freed; gives the index it stopped at (list.length
+   * once all are replaced). A queued layer's run arguments in one call, no getter per buffer.
+   */
+  static toNative(list: unknown[], from: number, stream: NativeStream): number {
+    for (let i = from; i < list.length; i++) {
+      const b = list[i];
+      if (!(b instanceof CudaDeviceBuffer) || b.stream !== stream || !(#freed in b) || b.#freed) return i;
+      list[i] = b.native;
+    }
+    return list.length;
   }
 
   free(): void {
@@ -501,6 +528,10 @@ export class CudaBackend implements Backend, DeviceOps {
 
   owns(buffer: DeviceBuffer): boolean {
     return CudaDeviceBuffer.made(buffer) && buffer.deviceIndex === this.deviceIndex;
+  }
+
+  ownsLive(buffer: unknown, bytes: number): boolean {
+    return CudaDeviceBuffer.ownedLive(buffer, this.deviceIndex, bytes);
   }
 
   alloc(bytes: number): DeviceBuffer {
@@ -744,13 +775,13 @@ export class CudaBackend implements Backend, DeviceOps {
    * this engine's own (another engine's stream needs the stepwise ops, which order the two).
    */
   async queueLayer(job: QueuedLayerJob<DeviceBuffer>, droppedLater = false): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
-    // run's arguments after droppedInto and smScale: the addon's buffers, each of this engine's stream
-    const inputs = layerInputs(job);
-    for (let i = 0; i < inputs.length; i++) {
-      const b = inputs[i];
+    // run's arguments: after droppedInto and smScale the addon's buffers, each of this engine's stream
+    const args = layerRunArgs(job);
+    const stopped = CudaDeviceBuffer.toNative(args, RUN_BUFFERS_AT, this.stream);
+    if (stopped < args.length) {
+      const b = args[stopped];
       if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return undefined;
-      if (b.freed) freedLayerOperand(layerSlotNames(job)[i]!);
-      inputs[i] = b.native;
+      freedLayerOperand(layerSlotNames(job)[stopped - RUN_BUFFERS_AT]!);
     }
     let kept = this.programs.get(job.owner);
     if (kept === undefined) this.programs.set(job.owner, (kept = []));
@@ -766,7 +797,8 @@ export class CudaBackend implements Backend, DeviceOps {
     let run: NativeLayerRun;
     try {
       program ??= this.makeLayerProgram(job, kept);
-      run = program.run(droppedInto, job.prefill.smScale, ...(inputs as NativeDeviceBuffer[]));
+      args[0] = droppedInto;
+      run = Reflect.apply(program.run, program, args) as NativeLayerRun;
     } catch (e) {
       throw addonFailure('cuda', 'queueLayer', e);
     }
@@ -910,7 +942,7 @@ export class CudaBackend implements Backend, DeviceOps {
       prefill: this.operands(workspacePrefill(job.prefill), { out: null, maxLogits: null, lse: null }),
     };
     const program = new (this.#LayerProgramClass ??= this.ops.layerProgramClass())(params, this.stream);
-    // run's buffers as layerInputs orders them
+    // run's buffers as layerRunArgs orders them
     const names = layerSlotNames(job);
     if (program.slots.join() !== names.join()) throw new Error(`layer program slots ${program.slots.join(', ')}: expected ${names.join(', ')}`);
     const geometry = layerGeometry(job);

@@ -1159,10 +1159,19 @@ export class Plan {
     // an int32 (a larger top-k is refused below anyway: its rows would not fit int32); the byte
     // size as checkPlacedTensor computes it: the dims' product, in order, times 4
     if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !device.ownsLive(data, nq * topk * 4)) return undefined;
-    const width = rowWidth(4, topk, 0, this.window, this.align);
+    // rowWidth(4, topk, …) of this plan's window and alignment, kept for the last top-k asked
+    const last = this.#lastTopkWidth;
+    let width = last.width;
+    if (last.topk !== topk) {
+      width = rowWidth(4, topk, 0, this.window, this.align);
+      this.#lastTopkWidth = { topk, width };
+    }
     if (nq * width > INT32_MAX) return undefined;
     return { data: data as DeviceBuffer, shape: [nq, topk], topk, width };
   }
+
+  /** deviceTopk's last top-k and its rows' width (a layer loop gives the same top-k width every layer); the plan's window and alignment never change */
+  #lastTopkWidth = { topk: -1, width: 0 };
 
   /** A checked top-k of shape [numQueries, topk] or [numQueries, 1, topk] whose rows' width fits int32, else undefined. */
   #topkRows(data: Int32Array | DeviceBuffer, s: readonly number[]): CheckedTopk<DeviceBuffer> | undefined {

@@ -29,7 +29,7 @@ import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
 import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
-import { checkEngine, type SparseMlaEngine } from '../engine.js';
+import { SparseMlaEngine, checkEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
@@ -462,7 +462,7 @@ export type CheckedLayer = LayerCall;
  * work; prefillLayerSharded checks every shard's call this way before it runs any of them.
  */
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
-  const engine = checkEngine(given, engineArgument);
+  const engine = SparseMlaEngine.isEngine(given) ? given : checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
   if (fast === undefined) {
     const call = prepareLayer(engine, args, options);

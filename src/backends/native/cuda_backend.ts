@@ -464,7 +464,8 @@ export class CudaBackend implements Backend, DeviceOps {
       await this.download(total, into);
       return Number(into[0]);
     },
-    queueLayer: (job, droppedLater) => this.queueLayer(job, droppedLater),
+    // the method itself, bound (a queued layer's one step: no arrow frame in between)
+    queueLayer: this.queueLayer.bind(this),
     pagedAttention: (job, output, owner) => (output === 'device' ? this.queuePagedLayer(job, owner) : this.pagedSparseAttention(job, output)),
   };
 

@@ -464,11 +464,7 @@ export type CheckedLayer = LayerCall;
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
   const engine = SparseMlaEngine.isEngine(given) ? given : checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
-  if (fast === undefined) {
-    const call = prepareLayer(engine, args, options);
-    if (engine.hasDevice) deviceOperandsLive(call);
-    return call;
-  }
+  if (fast === undefined) return checkFully(engine, args, options);
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
   if (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged')) checkOpsMemory(engine, fast);
@@ -476,6 +472,13 @@ export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unkn
   const { q, attnSink, caches, topk } = fast as DeviceLayerCall;
   if (q.data.freed || (attnSink !== undefined && attnSink.data.freed) || caches.swa.data.freed || (caches.compressed !== undefined && caches.compressed.data.freed) || (topk !== undefined && topk.data.freed)) deviceOperandsLive(fast);
   return fast;
+}
+
+/** checkLayer's call where prepareDeviceLayer does not pass it: every check of prepareLayer, then its device operands still live. */
+function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): CheckedLayer {
+  const call = prepareLayer(engine, args, options);
+  if (engine.hasDevice) deviceOperandsLive(call);
+  return call;
 }
 
 /**
@@ -503,8 +506,12 @@ const isFreed = (d: unknown): boolean => isDeviceBuffer(d) && d.freed;
  * its copies taken at the call once it has settled (a call checked and never run: releaseLayer).
  */
 export function runLayer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
-  const copies = call.copies;
-  if (copies === undefined) return layer(engine, call);
+  if (call.copies !== undefined) return layerThenRelease(engine, call, call.copies);
+  return layer(engine, call);
+}
+
+/** runLayer for a call holding copies (their own function: a closure here would give runLayer a context every call). */
+function layerThenRelease(engine: SparseMlaEngine, call: CheckedLayer, copies: { release(): void }): Promise<LayerResult> {
   return layer(engine, call).finally(() => copies.release());
 }
 
@@ -513,16 +520,20 @@ export function releaseLayer(call: CheckedLayer): void {
   call.copies?.release();
 }
 
+/**
+ * A layer: queued whole by the steps where it can be (a device layer of a plan that keeps what it
+ * reads: see below), else step by step (stepwiseLayer). This runs on every layer, mostly before V8
+ * has given it feedback, which it does once the function has run about eight times its own
+ * bytecode: only the queued path is here, the others one call away.
+ */
 async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<LayerResult> {
   // a disposed engine's layer rejects with DISPOSED as any call on it does (layerSteps), a chunk without queries too
   const steps = engine.layerSteps();
-  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as LayerResult;
-  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as LayerResult;
-  const res = call.plan.resources(steps);
-  if (steps.queueLayer !== undefined && call.output === 'device' && call.device) {
+  if (steps.queueLayer !== undefined && call.output === 'device' && call.device && call.plan.numQueries !== 0 && call.route.path !== 'paged') {
     // the whole layer queued by the steps (LayerResources.queuedJob: undefined, with nothing taken,
     // until the plan keeps what the layer reads): one await, nothing between the call's checks and
     // the launches but taking what the plan keeps
+    const res = call.plan.resources(steps);
     const job = res.queuedJob(steps, call as LayerCall & { q: DeviceTensor<'bf16'> });
     if (job !== undefined) {
       let r: QueuedLayerOutput<DeviceBuffer> | undefined;
@@ -532,12 +543,19 @@ async function layer(engine: SparseMlaEngine, call: CheckedLayer): Promise<Layer
         res.giveBackJob(job);
         throw e;
       }
-      // (undefined: an operand is another engine's, and the steps run one by one)
-      if (r === undefined) res.giveBackJob(job);
-      else return queuedLayerResult(call, res, r, res.queuedLayerDone(job, r.dropped)) as LayerResult;
+      if (r !== undefined) return queuedLayerResult(call, res, r, res.queuedLayerDone(job, r.dropped)) as LayerResult;
+      // (an operand is another engine's: the steps run one by one)
+      res.giveBackJob(job);
     }
   }
-  return (await workspaceLayer(steps, res, call)) as LayerResult;
+  return await stepwiseLayer(engine, steps, call);
+}
+
+/** A layer step by step: a chunk without queries, the paged path, or the workspace path's steps one by one. */
+async function stepwiseLayer(engine: SparseMlaEngine, steps: LayerSteps<DeviceBuffer>, call: CheckedLayer): Promise<LayerResult> {
+  if (call.plan.numQueries === 0) return (await emptyLayer(engine, call)) as LayerResult;
+  if (call.route.path === 'paged') return (await pagedLayer(engine, call)) as LayerResult;
+  return (await workspaceLayer(steps, call.plan.resources(steps), call)) as LayerResult;
 }
 
 /** A chunk without queries: empty outputs where they were asked for, no work. */

@@ -241,6 +241,12 @@ function freeRunOutputs(o: RunOutputs): void {
   o.lse?.free();
 }
 
+/** A queued layer's run that failed after it was queued: its outputs freed, the failure typed (addonFailure). */
+function failedRun(outputs: RunOutputs, e: unknown): Error {
+  freeRunOutputs(outputs);
+  return addonFailure('cuda', 'queueLayer', e);
+}
+
 /** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
 export class CudaDeviceBuffer implements DeviceBuffer {
   readonly device = 'cuda' as const;
@@ -776,17 +782,12 @@ export class CudaBackend implements Backend, DeviceOps {
    * this engine's own (another engine's stream needs the stepwise ops, which order the two).
    */
   async queueLayer(job: QueuedLayerJob<DeviceBuffer>, droppedLater = false): Promise<QueuedLayerOutput<DeviceBuffer> | undefined> {
+    // This runs on every queued layer, mostly before V8 has given it feedback (once it has run about
+    // eight times its own bytecode): only the common path is here, the rest in calls.
     // run's arguments: after droppedInto and smScale the addon's buffers, each of this engine's stream
     const args = layerRunArgs(job);
     const stopped = CudaDeviceBuffer.toNative(args, RUN_BUFFERS_AT, this.stream);
-    if (stopped < args.length) {
-      const b = args[stopped];
-      if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return undefined;
-      freedLayerOperand(layerSlotNames(job)[stopped - RUN_BUFFERS_AT]!);
-    }
-    let kept = this.programs.get(job.owner);
-    if (kept === undefined) this.programs.set(job.owner, (kept = []));
-    let program = keptProgram(kept, job);
+    if (stopped < args.length) return this.notQueued(job, args, stopped);
     // the combine's dropped total lands here: the backend's one slot when no other layer holds it
     let droppedInto: BigInt64Array | null = null;
     if (job.planRows !== null) {
@@ -797,7 +798,7 @@ export class CudaBackend implements Backend, DeviceOps {
     this.calls.assertAlive();
     let run: NativeLayerRun;
     try {
-      program ??= this.makeLayerProgram(job, kept);
+      const program = this.layerProgram(job);
       args[0] = droppedInto;
       run = Reflect.apply(program.run, program, args) as NativeLayerRun;
     } catch (e) {
@@ -809,29 +810,11 @@ export class CudaBackend implements Backend, DeviceOps {
     const outputs = this.adoptRunOutputs(run, job.prefill.numQueries * job.prefill.hQ);
     // { dropped: 'later' }: every launch was queued (outputs made: a failed launch makes none), so the
     // call resolves now and only the total's read is left to its promise
-    if (droppedLater && droppedInto !== null && outputs.out !== null) {
-      const slot = droppedInto;
-      const dropped = done.then(
-        () => {
-          const total = Number(slot[0]);
-          this.#droppedSlot ??= slot; // read: another layer may write into it
-          return total;
-        },
-        (e: unknown) => {
-          throw addonFailure('cuda', 'queueLayer', e);
-        },
-      );
-      void done.then(
-        () => this.calls.end(done),
-        () => this.calls.end(done),
-      );
-      return { out: outputs.out, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
-    }
+    if (droppedLater && droppedInto !== null && outputs.out !== null) return this.droppedLater(done, droppedInto, outputs);
     try {
       await done; // once the dropped total is in, when there is one
     } catch (e) {
-      freeRunOutputs(outputs);
-      throw addonFailure('cuda', 'queueLayer', e);
+      throw failedRun(outputs, e);
     } finally {
       this.calls.end(done);
     }
@@ -846,6 +829,46 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** A queued layer's 8-byte landing place for its dropped total, kept between layers (one allocation less a c4 layer). */
   #droppedSlot: BigInt64Array | undefined;
+
+  /**
+   * queueLayer where CudaDeviceBuffer.toNative stopped at args[stopped]: undefined for a buffer of
+   * another engine's stream (the stepwise ops order the two), else (freed, or not one this class
+   * made) INVALID_VALUE naming the layer's argument.
+   */
+  private notQueued(job: QueuedLayerJob<DeviceBuffer>, args: readonly unknown[], stopped: number): undefined {
+    const b = args[stopped];
+    if (!(b instanceof CudaDeviceBuffer) || b.stream !== this.stream) return undefined;
+    freedLayerOperand(layerSlotNames(job)[stopped - RUN_BUFFERS_AT]!);
+  }
+
+  /** The layer program kept for the job's owner and geometry, else one read now and kept. */
+  private layerProgram(job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram {
+    let kept = this.programs.get(job.owner);
+    if (kept === undefined) this.programs.set(job.owner, (kept = []));
+    return keptProgram(kept, job) ?? this.makeLayerProgram(job, kept);
+  }
+
+  /**
+   * queueLayer's result with { dropped: 'later' } once every launch was queued: the outputs now,
+   * the dropped total as a promise of its read (the slot goes back once read).
+   */
+  private droppedLater(done: Promise<void>, slot: BigInt64Array, outputs: RunOutputs): QueuedLayerOutput<DeviceBuffer> {
+    const dropped = done.then(
+      () => {
+        const total = Number(slot[0]);
+        this.#droppedSlot ??= slot; // read: another layer may write into it
+        return total;
+      },
+      (e: unknown) => {
+        throw addonFailure('cuda', 'queueLayer', e);
+      },
+    );
+    void done.then(
+      () => this.calls.end(done),
+      () => this.calls.end(done),
+    );
+    return { out: outputs.out!, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
+  }
 
   /**
    * A c0 / c128 paged layer with its outputs on the device (LayerSteps.pagedAttention): the paged

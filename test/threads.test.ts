@@ -240,12 +240,13 @@ interface ConcurrencyReport {
   afterDispose: string[];
   threadsAtStart: number;
   threadsAfterDispose: number;
+  threadsEndedMs: number;
 }
 
 const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 describe.each(BACKENDS)('50 overlapping calls of mixed ops on one %s engine', (backend) => {
-  test('equal the same calls one at a time, bit for bit, over 12 rounds with memory flat; dispose() mid-round settles every call', () => {
+  test('equal the same calls one at a time, bit for bit, over 12 rounds with memory flat; dispose() mid-round settles every call and the engine\'s threads end', () => {
     const r = runChild<ConcurrencyReport>(['--expose-gc', child('concurrency.mjs'), backend, String(rng.u32()), '12'], 90_000);
     expect(r.checkedKinds).toEqual(['quantize', 'dequant', 'prefill', 'paged', 'layer c0 sparse', 'layer c4 paged', 'layer c128 sparse', 'layer c0 paged', 'layer c4 sparse', 'layer c128 paged']);
     expect(r.referenceFailures).toEqual([]);
@@ -260,7 +261,9 @@ describe.each(BACKENDS)('50 overlapping calls of mixed ops on one %s engine', (b
     for (const s of r.settledAfterDispose!) expect(['resolved', 'DISPOSED']).toContain(s);
     if (backend === 'wasm') expect(r.settledAfterDispose).toContain('DISPOSED'); // the round was cut short, not waited for
     expect(r.afterDispose).toEqual(['DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED', 'DISPOSED']);
-    expect(r.threadsAfterDispose).toBeLessThanOrEqual(r.threadsAtStart + 1); // the engine's threads ended
+    // the engine's threads ended (the child waits for it, up to 5 s): the cpu addon's last idle
+    // thread lingers a while for a next call, then ends too
+    expect(r.threadsAfterDispose).toBeLessThanOrEqual(r.threadsAtStart);
   });
 
   test('with a 2 MiB memory budget (calls wait for each other\'s staging): still the sequential bits, and dispose() settles the waiting calls', () => {

@@ -129,7 +129,16 @@ const settledAfterDispose = await Promise.race([Promise.all(inFlight), hang]);
 const disposeMs = Date.now() - t0;
 const afterDispose = [];
 for (const c of [calls[0], calls[1], calls[2], calls[3], calls[4]]) afterDispose.push(await c.run(structuredClone(initialCache)).then(() => 'resolved', (e) => e?.code ?? String(e)));
-await new Promise((r) => setTimeout(r, 50));
+// The engine's threads end: polled, not looked at once, since the cpu addon's last idle thread
+// waits a while (a second) for a next call before it ends, and a thread done with its work takes a
+// moment more to leave (longer on a loaded machine). Up to 5 s after dispose()'s calls settled.
+const disposed = t0 + disposeMs;
+let threadsAfterDispose = threadCount();
+while (threadsAfterDispose > threadsAtStart && Date.now() < disposed + 5000) {
+  await new Promise((r) => setTimeout(r, 10));
+  threadsAfterDispose = threadCount();
+}
+const threadsEndedMs = Date.now() - disposed;
 process.stdout.write(
-  `${JSON.stringify({ referenceFailures, checkedKinds: [...checked], mismatches, memory, settledAfterDispose, disposeMs, afterDispose, threadsAtStart, threadsAfterDispose: threadCount() })}\n`,
+  `${JSON.stringify({ referenceFailures, checkedKinds: [...checked], mismatches, memory, settledAfterDispose, disposeMs, afterDispose, threadsAtStart, threadsAfterDispose, threadsEndedMs })}\n`,
 );

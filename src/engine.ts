@@ -80,7 +80,8 @@ export class SparseMlaEngine implements Engine {
 
   /** @internal the backend's layer steps (prefillLayer's workspace path); DISPOSED after dispose() */
   layerSteps(): LayerSteps<DeviceBuffer> {
-    this.alive();
+    // alive() inline: every layer asks once
+    if (this.disposed) throw disposedError();
     return this.impl.layer;
   }
 

@@ -543,12 +543,13 @@ export class LayerResources<B = never> {
    * by the layers of one hQ (a device output tensor is frozen with its shape; these never change).
    */
   outputShapes(hQ: number): readonly [readonly number[], readonly number[]] {
-    let s = this.#outputShapes;
-    if (s === undefined || s[1][1] !== hQ) {
-      const nq = this.#plan.numQueries;
-      s = this.#outputShapes = [Object.freeze([nq, hQ, WORKSPACE_ROW_DIMS]), Object.freeze([nq, hQ])];
-    }
-    return s;
+    const s = this.#outputShapes;
+    return s !== undefined && s[1][1] === hQ ? s : this.#newOutputShapes(hQ);
+  }
+
+  #newOutputShapes(hQ: number): readonly [readonly number[], readonly number[]] {
+    const nq = this.#plan.numQueries;
+    return (this.#outputShapes = [Object.freeze([nq, hQ, WORKSPACE_ROW_DIMS]), Object.freeze([nq, hQ])]);
   }
   #outputShapes?: readonly [readonly number[], readonly number[]];
 
@@ -1161,17 +1162,19 @@ export class Plan {
     if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !device.ownsLive(data, nq * topk * 4)) return undefined;
     // rowWidth(4, topk, …) of this plan's window and alignment, kept for the last top-k asked
     const last = this.#lastTopkWidth;
-    let width = last.width;
-    if (last.topk !== topk) {
-      width = rowWidth(4, topk, 0, this.window, this.align);
-      this.#lastTopkWidth = { topk, width };
-    }
+    const width = last.topk === topk ? last.width : this.#newTopkWidth(topk);
     if (nq * width > INT32_MAX) return undefined;
     return { data: data as DeviceBuffer, shape: [nq, topk], topk, width };
   }
 
   /** deviceTopk's last top-k and its rows' width (a layer loop gives the same top-k width every layer); the plan's window and alignment never change */
   #lastTopkWidth = { topk: -1, width: 0 };
+
+  #newTopkWidth(topk: number): number {
+    const width = rowWidth(4, topk, 0, this.window, this.align);
+    this.#lastTopkWidth = { topk, width };
+    return width;
+  }
 
   /** A checked top-k of shape [numQueries, topk] or [numQueries, 1, topk] whose rows' width fits int32, else undefined. */
   #topkRows(data: Int32Array | DeviceBuffer, s: readonly number[]): CheckedTopk<DeviceBuffer> | undefined {
@@ -1351,7 +1354,9 @@ export class Plan {
    * made for), else undefined: a device layer's check of its ratio and its layout in one read.
    */
   servedLayout(ratio: unknown): WorkspaceLayout | undefined {
-    return this.#served(ratio)?.layout;
+    // #served inline (every device layer asks)
+    const st = ratio === 4 ? this.#c4 : ratio === 0 ? this.#c0 : ratio === 128 ? this.#c128 : undefined;
+    return st === undefined ? undefined : st.layout;
   }
 
   /** The state of `ratio` where this plan serves it, else undefined. */
@@ -1365,11 +1370,14 @@ export class Plan {
    */
   resources(steps: LayerSteps<DeviceBuffer>): LayerResources<DeviceBuffer> {
     if (steps.memory === 'host') return this.#host;
-    let r = this.#device.get(steps);
-    if (!r) {
-      this.#device.set(steps, (r = new LayerResources<DeviceBuffer>(this.#parts, 'device')));
-      this.#deviceResources.push(new WeakRef(r));
-    }
+    return this.#device.get(steps) ?? this.#newDeviceResources(steps);
+  }
+
+  /** A cuda engine's resources for this plan, made on its first layer and kept while the engine's steps live. */
+  #newDeviceResources(steps: LayerSteps<DeviceBuffer>): LayerResources<DeviceBuffer> {
+    const r = new LayerResources<DeviceBuffer>(this.#parts, 'device');
+    this.#device.set(steps, r);
+    this.#deviceResources.push(new WeakRef(r));
     return r;
   }
 

@@ -1,7 +1,7 @@
 /**
  * A device layer call checks each operand live, of its bytes and the engine's own in one call
  * (DeviceOps.ownsLive: CudaDeviceBuffer.ownedLive), and a queued layer turns its buffers into the
- * addon's in one call (CudaDeviceBuffer.toNative). Held here on stand-in cuda engines (no GPU, no
+ * addon's without a getter (CudaDeviceBuffer.nativeOn). Held here on stand-in cuda engines (no GPU, no
  * addon) against what the full checks decide (prefill_layer.ts, prepareLayer: isLiveDeviceBuffer,
  * then DeviceOps.owns) for each operand given as something that is not this engine's live buffer
  * of its size: a buffer of another device, of another engine on this device, one whose brand,
@@ -123,7 +123,7 @@ describe('a device layer call: the fast checks of its operands against the full 
   });
 });
 
-describe('queueLayer: the run arguments in one call', () => {
+describe("queueLayer: the run arguments, each the addon's buffer of a live buffer of this engine's stream", () => {
   // one owner: after the first run its program is kept, and a run's buffers meet no other check
   const owner = {};
   /** A one-dequant job (as test/cuda_backend_host.test.ts queues) over this engine's buffers, `q` standing for the prefill's q. */

@@ -301,17 +301,11 @@ export class CudaDeviceBuffer implements DeviceBuffer {
   }
 
   /**
-   * @internal Replaces each of list[from..] by the addon's buffer behind it while it is a buffer of
-   * this class (instanceof) on `stream` and not freed; gives the index it stopped at (list.length
-   * once all are replaced). A queued layer's run arguments in one call, no getter per buffer.
+   * @internal The addon's buffer behind `b` where it is a buffer of this class (instanceof) on
+   * `stream`, made by it and not freed; else null. A queued layer's run argument, no getter read.
    */
-  static toNative(list: unknown[], from: number, stream: NativeStream): number {
-    for (let i = from; i < list.length; i++) {
-      const b = list[i];
-      if (!(b instanceof CudaDeviceBuffer) || b.stream !== stream || !(#freed in b) || b.#freed) return i;
-      list[i] = b.native;
-    }
-    return list.length;
+  static nativeOn(b: unknown, stream: NativeStream): NativeDeviceBuffer | null {
+    return b instanceof CudaDeviceBuffer && b.stream === stream && #freed in b && !b.#freed ? b.native : null;
   }
 
   free(): void {
@@ -786,8 +780,12 @@ export class CudaBackend implements Backend, DeviceOps {
     // eight times its own bytecode): only the common path is here, the rest in calls.
     // run's arguments: after droppedInto and smScale the addon's buffers, each of this engine's stream
     const args = layerRunArgs(job);
-    const stopped = CudaDeviceBuffer.toNative(args, RUN_BUFFERS_AT, this.stream);
-    if (stopped < args.length) return this.notQueued(job, args, stopped);
+    // the loop here rather than in a helper: its turns count toward V8's feedback budget of queueLayer
+    for (let i = RUN_BUFFERS_AT; i < args.length; i++) {
+      const native = CudaDeviceBuffer.nativeOn(args[i], this.stream);
+      if (native === null) return this.notQueued(job, args, i);
+      args[i] = native;
+    }
     // the combine's dropped total lands here: the backend's one slot when no other layer holds it
     let droppedInto: BigInt64Array | null = null;
     if (job.planRows !== null) {
@@ -831,7 +829,7 @@ export class CudaBackend implements Backend, DeviceOps {
   #droppedSlot: BigInt64Array | undefined;
 
   /**
-   * queueLayer where CudaDeviceBuffer.toNative stopped at args[stopped]: undefined for a buffer of
+   * queueLayer where args[stopped] is no live buffer of this engine's (CudaDeviceBuffer.nativeOn): undefined for a buffer of
    * another engine's stream (the stepwise ops order the two), else (freed, or not one this class
    * made) INVALID_VALUE naming the layer's argument.
    */

@@ -15,7 +15,7 @@ import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { standInDevice } from './helpers/stand_in_device.js';
-import { judgeAttention } from './fuzz/targets.mjs';
+import { judgeAttention, wholeQuery } from './fuzz/targets.mjs';
 import { errorOf } from './helpers/errors.js';
 
 const rng = testRng('fuzz_findings');
@@ -696,4 +696,81 @@ describe('hostile input on the host engines (session 48)', () => {
       plan.release();
     }
   });
+});
+
+describe('prefillLayerSharded against getters of its caches (session 50)', () => {
+  test("a caches getter that detaches q's or the sink's memory is INVALID_VALUE before any work, whichever the split (the shards' slices came after shard 0's check had read the caches: TypeError, cpu fuzz seed 9 case 190)", async () => {
+    const sc = randomScenario(rng, [rng.int(40, 90)], [rng.int(2, 6)]);
+    const swa = randomCache(rng, sc.swaPageSize, sc.swaPages);
+    const nq = sc.numQueries, hQ = 4;
+    for (const engine of engines) {
+      for (const split of ['heads', 'queries'] as const) {
+        for (const victim of ['q', 'attnSink'] as const) {
+          const q = tensor('bf16', [nq, hQ, 512], randomBf16Bits(rng, nq * hQ * 512));
+          const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
+          const plan = createShardedPlan(sc.chunk, { shards: 2, split });
+          let reads = 0;
+          const caches = {
+            get swa() {
+              if (reads++ === 0) {
+                const buffer = (victim === 'q' ? q : attnSink).data.buffer;
+                structuredClone(buffer, { transfer: [buffer] });
+              }
+              return swa;
+            },
+          };
+          const what = `${engine.backend}, split by ${split}, ${victim} detached`;
+          const e = await errorOf(() => prefillLayerSharded([engine, engine], { plan, compressRatio: 0, q, caches, attnSink, smScale: 0.04 }));
+          expect(e, `${what}: ${String(e)}`).toBeInstanceOf(SparseMlaError);
+          expect((e as SparseMlaError).code, what).toBe('INVALID_VALUE');
+          expect((e as SparseMlaError).argument, what).toBe(victim === 'q' ? 'q.data' : 'attnSink.data');
+          expect(reads, `${what}: caches.swa read once`).toBe(1);
+          plan.release();
+        }
+      }
+    }
+  });
+
+  test("the fuzzer's oracle reads the sharded API's per-shard q, top-k and caches as the one layer they split (it refused them: soft ref-refused, cuda fuzz seed 8 case 1506, cpu seed 9 case 904)", () => {
+    const sc = randomScenario(rng, [rng.int(40, 90)], [rng.int(2, 6)]);
+    const nq = sc.numQueries, hQ = 3, width = 8;
+    const q = tensor('bf16', [nq, hQ, 512], randomBf16Bits(rng, nq * hQ * 512));
+    const topk = randomTopk(rng, sc, width);
+    const caches = { swa: randomCache(rng, sc.swaPageSize, sc.swaPages) };
+    const cut = rng.int(1, nq);
+    const rowsOf = <T extends Uint16Array | Int32Array>(t: { data: T; shape: readonly number[] }, a: number, b: number, per: number) => t.data.slice(a * per, b * per) as T;
+    // by queries: rows [0, cut) and [cut, nq) of q and of the top-k
+    const byQueries = wholeQuery({
+      plan: { split: 'queries' },
+      q: [tensor('bf16', [cut, hQ, 512], rowsOf(q, 0, cut, hQ * 512)), tensor('bf16', [nq - cut, hQ, 512], rowsOf(q, cut, nq, hQ * 512))],
+      topkIndices: [tensor('int32', [cut, width], rowsOf(topk, 0, cut, width)), tensor('int32', [nq - cut, width], rowsOf(topk, cut, nq, width))],
+      caches: [caches, caches],
+    });
+    expect(byQueries.q.shape).toEqual([nq, hQ, 512]);
+    expect(Array.from(byQueries.q.data)).toEqual(Array.from(q.data));
+    expect(byQueries.topkIndices.shape).toEqual([nq, width]);
+    expect(Array.from(byQueries.topkIndices.data)).toEqual(Array.from(topk.data));
+    expect(byQueries.caches).toBe(caches);
+    // by heads: heads [0, 1) and [1, 3), every shard with the whole top-k
+    const byHeads = wholeQuery({ plan: { split: 'heads' }, q: [heads(q, 0, 1), heads(q, 1, 3)], topkIndices: [topk, topk], caches });
+    expect(byHeads.q.shape).toEqual([nq, hQ, 512]);
+    expect(Array.from(byHeads.q.data)).toEqual(Array.from(q.data));
+    expect(Array.from(byHeads.topkIndices.data)).toEqual(Array.from(topk.data));
+    // shards given different top-ks or caches: no one layer to compare with
+    const other = randomTopk(rng, sc, width);
+    expect(wholeQuery({ plan: { split: 'heads' }, q: [heads(q, 0, 1), heads(q, 1, 3)], topkIndices: [topk, other], caches })).toBeNull();
+    expect(wholeQuery({ plan: { split: 'queries' }, q, caches: [caches, { swa: randomCache(rng, sc.swaPageSize, sc.swaPages) }] })).toBeNull();
+    // one layer as it is; a part not on the host: values unknown
+    const one = { plan: { split: 'heads' }, q, caches };
+    expect(wholeQuery(one)).toBe(one);
+    expect(wholeQuery({ plan: { split: 'heads' }, q: [{ dtype: 'bf16', shape: [nq, hQ, 512], data: {} }], caches })).toBeNull();
+  });
+
+  /** q [nq, hQ, 512]'s heads [h0, h1) as their own tensor. */
+  function heads(q: Tensor<'bf16'>, h0: number, h1: number): Tensor<'bf16'> {
+    const [nq, hQ] = q.shape as [number, number, number];
+    const out = new Uint16Array(nq * (h1 - h0) * 512);
+    for (let i = 0; i < nq; i++) out.set(q.data.subarray((i * hQ + h0) * 512, (i * hQ + h1) * 512), i * (h1 - h0) * 512);
+    return tensor('bf16', [nq, h1 - h0, 512], out);
+  }
 });

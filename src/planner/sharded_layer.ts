@@ -179,6 +179,17 @@ function readArray<T>(v: unknown): T[] | null {
   return Array.isArray(v) ? (Array.prototype.slice.call(v) as T[]) : null;
 }
 
+/**
+ * One set of caches for every engine, its fields read once into an object of the library's own (a
+ * field that is undefined stays absent); anything but an object as it is, for the check to refuse.
+ */
+function fieldsOnce(caches: unknown): PlanCaches {
+  if (typeof caches !== 'object' || caches === null) return caches as PlanCaches;
+  const given = caches as PlanCaches;
+  const swa = given.swa, c4 = given.c4, c128 = given.c128;
+  return { ...(swa !== undefined ? { swa } : {}), ...(c4 !== undefined ? { c4 } : {}), ...(c128 !== undefined ? { c128 } : {}) };
+}
+
 /** One attention layer of a sharded chunk: each engine runs its shard, all at once. */
 export async function prefillLayerSharded<P extends Placement = 'host'>(givenEngines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
   checkArgsObject(args, 'args');
@@ -200,6 +211,9 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
   const qArg = args.q, topkArg = args.topkIndices, cachesArg = args.caches;
   const qs = perShard(qArg, 'q'), topks = perShard(topkArg, 'topkIndices');
   const caches = perShard(cachesArg, 'caches');
+  // one set for every engine: its fields read once here, so a getter of theirs runs before the
+  // check that the memory already checked is still whole, not between the shards' slices
+  const sharedCaches = caches ? undefined : fieldsOnce(cachesArg);
   // the chunk's head count: from the host q, or summed over a split by heads
   let hQ: number;
   let q: Tensor<'bf16'> | null = null;
@@ -250,41 +264,43 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
   // refused before any work, not after the shards before it started theirs (and the shards checked
   // before it give back the copies they took at the call)
   const calls: { engine: SparseMlaEngine; call: CheckedLayer; part: Omit<ShardResult<P>, keyof PrefillLayerResult<P>>; release: (() => void) | undefined }[] = [];
-  let cut: (() => void) | undefined; // the slab of a shard's heads cut before its check
+  // every shard's q, top-k and sink cut from the memory just found whole, before any shard's check
+  // reads the caches (whose getters could detach that memory between one shard's cut and the next)
+  const parts: { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; topk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined; sink: Tensor<'float32'> | undefined; release: (() => void) | undefined }[] = [];
   try {
     plan.shards.forEach((shard, s) => {
       const [h0, h1] = heads[s]!;
       const a = shard.queryOffset, n = shard.numQueries;
-      let shardQ: Tensor<'bf16'> | DeviceTensor<'bf16'>, shardTopk: Tensor<'int32'> | DeviceTensor<'int32'> | undefined, shardSink: Tensor<'float32'> | undefined;
-      const engine = engines[s]!;
       if (plan.split === 'heads') {
-        if (shardQs) shardQ = shardQs[s]!;
-        else ({ q: shardQ, release: cut } = shardHeadsAtCall(engine, q!, n, hQ, h0, h1, output));
-        shardTopk = topks ? topks[s] : topk;
-        shardSink = sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1));
+        const cut = shardQs ? { q: shardQs[s]!, release: undefined } : shardHeadsAtCall(engines[s]!, q!, n, hQ, h0, h1, output);
+        parts.push({ q: cut.q, topk: topks ? topks[s] : topk, sink: sink && tensor('float32', [h1 - h0], sink.data.subarray(h0, h1)), release: cut.release });
       } else {
-        shardQ = shardQs ? shardQs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS));
-        shardTopk = topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!));
-        shardSink = sink;
+        parts.push({
+          q: shardQs ? shardQs[s]! : tensor('bf16', [n, hQ, WORKSPACE_ROW_DIMS], q!.data.subarray(a * hQ * WORKSPACE_ROW_DIMS, (a + n) * hQ * WORKSPACE_ROW_DIMS)),
+          topk: topks ? topks[s] : topk && tensor('int32', [n, topkWidth!], topk.data.subarray(a * topkWidth!, (a + n) * topkWidth!)),
+          sink,
+          release: undefined,
+        });
       }
+    });
+    plan.shards.forEach((shard, s) => {
+      const [h0, h1] = heads[s]!;
+      const { q: shardQ, topk: shardTopk, sink: shardSink, release } = parts[s]!;
+      const engine = engines[s]!;
       const call = checkLayer(engine, {
         ...rest,
         compressRatio,
         plan: shard.plan,
         q: shardQ,
-        caches: caches ? caches[s]! : (cachesArg as PlanCaches),
+        caches: caches ? caches[s]! : sharedCaches!,
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
       }, { output }, `engines[${s}]`);
-      calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: a, numQueries: n, headOffset: h0, heads: h1 - h0 }, release: cut });
-      cut = undefined;
+      calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: shard.queryOffset, numQueries: shard.numQueries, headOffset: h0, heads: h1 - h0 }, release });
     });
   } catch (e) {
-    cut?.();
-    for (const c of calls) {
-      releaseLayer(c.call);
-      c.release?.();
-    }
+    for (const c of calls) releaseLayer(c.call);
+    for (const p of parts) p.release?.();
     throw e;
   }
   const settled = await Promise.allSettled(

@@ -163,6 +163,7 @@ export async function runCase(env, seed, index, only) {
 
   if (threw) {
     if (error instanceof SentinelError) return sentinel ? Object.assign(res, { verdict: 'sentinel' }) : finding('untyped', errText(error));
+    if (process.env.FUZZ_STACK && !(error instanceof SparseMlaError)) console.error(error.stack); // FUZZ_STACK=1 with --case: where an untyped error came from
     if (!(error instanceof SparseMlaError) || !ERROR_CODES.includes(error.code)) return finding('untyped', errText(error));
     if (error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return finding('backend-error', errText(error));
     if (neutral && !built.mayRefuse && !built.mustRefuse) return finding('neutral-refused', errText(error));

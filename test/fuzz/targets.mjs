@@ -557,10 +557,69 @@ const prefillLayerShardedTarget = {
       args,
       call: (x) => prefillLayerSharded(...x),
       // { output: 'device' } (a mutation, on a cuda engine): the shards' outputs, read back, put together here
-      judge: (got, { refArgs, stub }) => judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, refArgs[1], stub),
+      judge: (got, { refArgs, stub }) => {
+        const whole = wholeQuery(refArgs[1]);
+        return judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, whole ?? refArgs[1], stub || whole === null);
+      },
     };
   },
 };
+
+/**
+ * The layer as the reference reads it (one q, one top-k, one set of caches) when given the sharded
+ * API's per-shard forms: one q per shard ([shard queries, shard heads, D], joined by the plan's
+ * split), one top-k per shard (its queries' rows; a split by heads gives each shard all of them)
+ * and one set of caches per engine (the same caches each). The layer as it is without them; null
+ * when a per-shard part is not on the host or the parts differ where the reference reads one (its
+ * values unknown here).
+ */
+function wholeQuery(layer) {
+  const byHeads = layer.plan?.split === 'heads';
+  let whole = layer;
+  if (Array.isArray(layer.caches)) {
+    if (layer.caches.some((c) => c !== layer.caches[0])) return null; // sets that may differ: which one each shard read is its own
+    whole = { ...whole, caches: layer.caches[0] };
+  }
+  if (Array.isArray(layer.q)) {
+    const parts = layer.q.map(byMemory);
+    if (!parts.every((t) => isTyped(t?.data) && Array.isArray(t.shape) && t.shape.length === 3)) return null;
+    const rows = byHeads ? parts[0].shape[0] : parts.reduce((n, t) => n + t.shape[0], 0);
+    const heads = byHeads ? parts.reduce((n, t) => n + t.shape[1], 0) : parts[0].shape[1];
+    const data = new Uint16Array(rows * heads * D);
+    let at = 0; // the heads (or rows) placed so far
+    for (const t of parts) {
+      const [n, h] = t.shape;
+      if (byHeads) {
+        for (let r = 0; r < n; r++) data.set(t.data.subarray(r * h * D, (r + 1) * h * D), (r * heads + at) * D);
+        at += h;
+      } else {
+        data.set(t.data.subarray(0, n * h * D), at * heads * D);
+        at += n;
+      }
+    }
+    whole = { ...whole, q: tensor('bf16', [rows, heads, D], data) };
+  }
+  if (Array.isArray(layer.topkIndices)) {
+    const parts = layer.topkIndices.map(byMemory);
+    if (!parts.every((t) => isTyped(t?.data) && Array.isArray(t.shape) && t.shape.length >= 2)) return null;
+    const width = parts[0].shape[parts[0].shape.length - 1];
+    if (byHeads) {
+      // every shard's queries are all of them: one top-k, unless the shards were given different ones
+      if (parts.some((t) => t.data.length !== parts[0].data.length || t.data.some((v, i) => v !== parts[0].data[i]))) return null;
+      whole = { ...whole, topkIndices: parts[0] };
+    } else {
+      const rows = parts.reduce((n, t) => n + t.shape[0], 0);
+      const data = new Int32Array(rows * width);
+      let at = 0;
+      for (const t of parts) {
+        data.set(t.data.subarray(0, t.shape[0] * width), at * width);
+        at += t.shape[0];
+      }
+      whole = { ...whole, topkIndices: tensor('int32', [rows, width], data) };
+    }
+  }
+  return whole;
+}
 
 function randomHostTensor(rng, hooks) {
   const dtype = rng.pick(Object.keys(DTYPES));
@@ -822,4 +881,4 @@ export const TARGETS = [
 ];
 
 /** What the device targets (device_targets.mjs) build on. */
-export { D, DTYPES, gatherShards, judgeAttention, judgeLayer, layerScenario, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };
+export { D, DTYPES, gatherShards, judgeAttention, judgeLayer, layerScenario, wholeQuery, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };

@@ -464,8 +464,8 @@ export class CudaBackend implements Backend, DeviceOps {
       await this.download(total, into);
       return Number(into[0]);
     },
-    // the method itself, bound (a queued layer's one step: no arrow frame in between)
-    queueLayer: this.queueLayer.bind(this),
+    // (an arrow, not the method bound: bench/layer_probe.mjs wraps CudaBackend.prototype.queueLayer after the engine is made)
+    queueLayer: (job, droppedLater) => this.queueLayer(job, droppedLater),
     pagedAttention: (job, output, owner) => (output === 'device' ? this.queuePagedLayer(job, owner) : this.pagedSparseAttention(job, output)),
   };
 

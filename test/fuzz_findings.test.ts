@@ -774,3 +774,28 @@ describe('prefillLayerSharded against getters of its caches (session 50)', () =>
     return tensor('bf16', [nq, h1 - h0, 512], out);
   }
 });
+
+describe("the fuzzer's oracle against the API (session 50, helper-50)", () => {
+  test("routePrefill's oracle reads SPARSE_MLA_PREFILL only where no path is forced, as the library does (it trimmed an env value of {} under a forced path: soft ref-refused, cpu and wasm fuzz seed 13 case 3090)", async () => {
+    const { routeExpected } = await import('./fuzz/targets.mjs');
+    const numQueries = rng.int(0, 2000);
+    for (const path of ['sparse', 'paged'] as const) {
+      for (const value of [{}, 3, null, ['paged'], 'junk']) {
+        const options = { path, env: { SPARSE_MLA_PREFILL: value } } as unknown as Parameters<typeof routePrefill>[1];
+        expect(routePrefill(numQueries, options).path, `${path}, env ${String(value)}`).toBe(path);
+        expect(routeExpected(numQueries, options), `${path}, env ${String(value)}`).toBe(path);
+      }
+    }
+    // where no path is forced, a value that is no string is bad input for both
+    for (const path of ['auto', undefined]) {
+      const options = { path, threshold: 5, env: { SPARSE_MLA_PREFILL: {} } } as unknown as Parameters<typeof routePrefill>[1];
+      await expectTyped(() => routePrefill(numQueries, options), 'INVALID_VALUE', 'SPARSE_MLA_PREFILL');
+      expect(() => routeExpected(numQueries, options)).toThrow(TypeError);
+    }
+    // and a string value or the threshold decides as before
+    expect(routeExpected(numQueries, { env: { SPARSE_MLA_PREFILL: ' Paged ' } })).toBe('paged');
+    expect(routeExpected(numQueries, { threshold: numQueries, env: {} })).toBe('paged');
+    expect(routeExpected(numQueries + 1, { threshold: numQueries, env: {} })).toBe('sparse');
+    expect(routeExpected(numQueries, { env: {} })).toBeUndefined();
+  });
+});

@@ -382,6 +382,23 @@ const bf16ToFloat32Target = {
   },
 };
 
+/**
+ * The path routePrefill must pick for (numQueries, options), or undefined where the per-backend
+ * threshold table decides (helper-26's: only the forced and explicit cases are judged). The
+ * environment is read only where no path is forced (RouteOptions' precedence): a forced call with
+ * any env resolves (seed 13 case 3090: the oracle trimmed an env value of {} the library never
+ * reads); a value read that is no string throws, as the library must refuse it.
+ */
+export function routeExpected(numQueries, o = {}) {
+  if (o.path === 'sparse' || o.path === 'paged') return o.path;
+  const raw = (o.env ?? process.env).SPARSE_MLA_PREFILL;
+  if (raw !== undefined && typeof raw !== 'string') throw new TypeError(`SPARSE_MLA_PREFILL is a ${typeof raw}, not a string`);
+  const env = (raw ?? '').trim().toLowerCase();
+  if (env === 'sparse' || env === 'paged') return env;
+  if (typeof o.threshold === 'number') return numQueries > o.threshold ? 'sparse' : 'paged';
+  return undefined;
+}
+
 const routePrefillTarget = {
   name: 'routePrefill',
   build(rng) {
@@ -396,14 +413,7 @@ const routePrefillTarget = {
       args: [numQueries, options],
       call: (x) => routePrefill(...x),
       judge: (d, { refArgs }) => {
-        const [nq, o = {}] = refArgs; // options may be left out
-        const env = (o.env?.SPARSE_MLA_PREFILL ?? '').trim().toLowerCase();
-        const threshold = o.threshold ?? (o.backend ? { cuda: { 0: 512, 4: 0, 128: 256 }, cpu: null, wasm: null }[o.backend] : null);
-        let want;
-        if (o.path === 'sparse' || o.path === 'paged') want = o.path;
-        else if (env === 'sparse' || env === 'paged') want = env;
-        else if (typeof o.threshold === 'number') want = nq > o.threshold ? 'sparse' : 'paged';
-        void threshold; // the per-backend table is helper-26's: only the forced and explicit cases are judged
+        const want = routeExpected(...refArgs);
         if (d.path !== 'sparse' && d.path !== 'paged') return `path ${d.path}`;
         if (typeof d.reason !== 'string') return 'no reason';
         return want === undefined || d.path === want ? null : `path ${d.path}, expected ${want}`;

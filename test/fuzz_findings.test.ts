@@ -799,3 +799,29 @@ describe("the fuzzer's oracle against the API (session 50, helper-50)", () => {
     expect(routeExpected(numQueries, { env: {} })).toBeUndefined();
   });
 });
+
+describe('routePrefill reads each option once (session 50, helper-50)', () => {
+  test("a threshold or backend getter answering otherwise on a second read: the decision and its reason from one read of each (the threshold was read twice, the backend again for the reason: a given threshold's reason said '(cpu default)', a cpu table threshold's said '(cuda default)')", () => {
+    const numQueries = rng.int(0, 2000);
+    /** options whose `key` answers `first`, then `later` on every read after. */
+    const shifting = (base: object, key: string, first: unknown, later: unknown) => {
+      let reads = 0;
+      const o = { ...base, env: {} };
+      Object.defineProperty(o, key, { enumerable: true, get: () => (reads++ === 0 ? first : later) });
+      return { o: o as Parameters<typeof routePrefill>[1], reads: () => reads };
+    };
+    const given = rng.int(0, 2000);
+    // threshold: left out on the first read, given on the second
+    const t = shifting({ backend: 'cpu', compressRatio: 4 }, 'threshold', undefined, given);
+    const byThreshold = routePrefill(numQueries, t.o);
+    expect(t.reads()).toBe(1);
+    const cpu4 = routePrefill(numQueries, { backend: 'cpu', compressRatio: 4, env: {} });
+    expect(byThreshold).toEqual(cpu4);
+    // backend: 'cpu' on the first read, 'cuda' after
+    const b = shifting({ compressRatio: 4 }, 'backend', 'cpu', 'cuda');
+    const byBackend = routePrefill(numQueries, b.o);
+    expect(b.reads()).toBe(1);
+    expect(byBackend).toEqual(cpu4);
+    expect(byBackend.reason).toContain('(cpu default)');
+  });
+});

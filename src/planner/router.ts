@@ -83,11 +83,12 @@ function thresholdReason(numQueries: number, threshold: number, above: boolean, 
 export function routePrefill(numQueries: number, options: RouteOptions & { backend?: BackendName; compressRatio?: CompressRatio } = {}): RouteDecision {
   if (typeof options !== 'object' || options === null || Array.isArray(options)) fail('INVALID_VALUE', 'options', 'a RouteOptions object', describe(options));
   if (!Number.isSafeInteger(numQueries) || numQueries < 0) fail('INVALID_VALUE', 'numQueries', 'a non-negative integer query count', describe(numQueries));
-  const { path = 'auto', compressRatio = 4, backend } = options;
+  // each option read once (a getter that answered otherwise the second time gave a reason naming the wrong source)
+  const { path = 'auto', compressRatio = 4, backend, threshold: asked } = options;
   if (compressRatio !== 0 && compressRatio !== 4 && compressRatio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(compressRatio));
   if (backend !== undefined && !Object.hasOwn(SPARSE_PREFILL_THRESHOLDS, backend)) fail('INVALID_VALUE', 'backend', "'cuda', 'cpu' or 'wasm'", describe(backend));
-  const fromBackend = backend !== undefined && options.threshold === undefined;
-  const threshold = options.threshold ?? (backend !== undefined ? SPARSE_PREFILL_THRESHOLDS[backend][compressRatio] : DEFAULT_SPARSE_PREFILL_THRESHOLD);
+  const fromBackend = backend !== undefined && asked === undefined;
+  const threshold = asked ?? (backend !== undefined ? SPARSE_PREFILL_THRESHOLDS[backend][compressRatio] : DEFAULT_SPARSE_PREFILL_THRESHOLD);
   if (!CHOICES.includes(path)) fail('INVALID_VALUE', 'path', "'sparse', 'paged' or 'auto'", describe(path));
   if (typeof threshold !== 'number' || !(threshold >= 0)) fail('INVALID_VALUE', 'threshold', 'a non-negative query count', describe(threshold));
   if (path !== 'auto') return { path, reason: FORCED_BY_OPTION[path] };
@@ -102,5 +103,5 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
     if (v !== 'auto') return { path: v as PrefillPath, reason: `forced by ${SPARSE_PREFILL_ENV}=${v}` };
   }
   const above = numQueries > threshold;
-  return { path: above ? 'sparse' : 'paged', reason: thresholdReason(numQueries, threshold, above, fromBackend ? options.backend : undefined) };
+  return { path: above ? 'sparse' : 'paged', reason: thresholdReason(numQueries, threshold, above, fromBackend ? backend : undefined) };
 }

@@ -825,3 +825,16 @@ describe('routePrefill reads each option once (session 50, helper-50)', () => {
     expect(byBackend.reason).toContain('(cpu default)');
   });
 });
+
+describe("the fuzzer's device layer target against changing getters (session 50, helper-50)", () => {
+  test("devicePrefillLayer { dropped: 'later' } with a compressRatio getter that changes after its first read: not a finding (the target read the getter again, saw ratio 23 for the c4 layer the call ran, and dropped the result whose device outputs then leaked: hard device-leak, stub cuda seed 14 case 8008)", async () => {
+    const { execFile } = await import('node:child_process');
+    const { promisify } = await import('node:util');
+    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '14', '--case', '8008'], { maxBuffer: 16 << 20 });
+    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    // the case is still the one found (the targets keep their draws: a new draw comes last)
+    expect(r.target).toBe('devicePrefillLayer');
+    expect(r.muts.map((m) => m.desc)).toEqual(['compressRatio changes after its first read (to 23)']);
+    expect(r.verdict, JSON.stringify(r.finding)).toBe('accepted');
+  }, 60_000);
+});

@@ -838,3 +838,16 @@ describe("the fuzzer's device layer target against changing getters (session 50,
     expect(r.verdict, JSON.stringify(r.finding)).toBe('accepted');
   }, 60_000);
 });
+
+describe("the fuzzer's sharded layer oracle against lying typed arrays (session 50, helper-50)", () => {
+  test("prefillLayerSharded with one top-k whose Int32Array subclass lies about its length (+1000): the oracle reads it by its memory, as the library does (it read the lie: NaN token ids, soft ref-refused, wasm seed 19 case 4371)", async () => {
+    const { execFile } = await import('node:child_process');
+    const { promisify } = await import('node:util');
+    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'wasm', '--seed', '19', '--case', '4371'], { maxBuffer: 16 << 20 });
+    const r = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    // the case is still the one found (the targets keep their draws: a new draw comes last)
+    expect(r.target).toBe('prefillLayerSharded');
+    expect(r.muts.map((m) => m.desc)).toContain('a Int32Array subclass whose length getter lies (+1000)');
+    expect(r.verdict, JSON.stringify(r.finding)).toBe('accepted');
+  }, 60_000);
+});

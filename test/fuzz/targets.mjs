@@ -569,7 +569,10 @@ const prefillLayerShardedTarget = {
       // { output: 'device' } (a mutation, on a cuda engine): the shards' outputs, read back, put together here
       judge: (got, { refArgs, stub }) => {
         const whole = wholeQuery(refArgs[1]);
-        return judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, whole ?? refArgs[1], stub || whole === null);
+        // one q, top-k or sink as the library reads it, by its memory (a subclass's length may lie: wasm seed 19 case 4371)
+        const l = whole ?? refArgs[1];
+        const asRead = { ...l, q: byMemory(l.q), topkIndices: byMemory(l.topkIndices), attnSink: byMemory(l.attnSink) };
+        return judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, asRead, stub || whole === null);
       },
     };
   },

@@ -456,7 +456,9 @@ function layerReference(sc, layer) {
   });
 }
 
-function judgeLayer(got, sc, layer, valuesUnknown = false) {
+function judgeLayer(got, sc, given, valuesUnknown = false) {
+  // q, the top-k and the sink as the library reads them, by their memory (a subclass's length may lie: wasm seed 19 case 4371)
+  const layer = { ...given, q: byMemory(given.q), topkIndices: byMemory(given.topkIndices), attnSink: byMemory(given.attnSink) };
   let ref;
   const problem = judgeAttention(got, () => (ref = layerReference(sc, layer)), sc.numQueries, layer.q.shape[1], D, valuesUnknown);
   if (problem) return problem;
@@ -569,10 +571,7 @@ const prefillLayerShardedTarget = {
       // { output: 'device' } (a mutation, on a cuda engine): the shards' outputs, read back, put together here
       judge: (got, { refArgs, stub }) => {
         const whole = wholeQuery(refArgs[1]);
-        // one q, top-k or sink as the library reads it, by its memory (a subclass's length may lie: wasm seed 19 case 4371)
-        const l = whole ?? refArgs[1];
-        const asRead = { ...l, q: byMemory(l.q), topkIndices: byMemory(l.topkIndices), attnSink: byMemory(l.attnSink) };
-        return judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, asRead, stub || whole === null);
+        return judgeLayer(got?.out === undefined && Array.isArray(got?.shards) ? gatherShards(got.shards, sc.numQueries, hQ) : got, sc, whole ?? refArgs[1], stub || whole === null);
       },
     };
   },

@@ -80,8 +80,7 @@ export class SparseMlaEngine implements Engine {
 
   /** @internal the backend's layer steps (prefillLayer's workspace path); DISPOSED after dispose() */
   layerSteps(): LayerSteps<DeviceBuffer> {
-    // alive() inline: every layer asks once
-    if (this.disposed) throw disposedError();
+    this.alive();
     return this.impl.layer;
   }
 

@@ -11,6 +11,7 @@
  * and leaves another engine's to the stepwise ops.
  */
 import { describe, expect, test } from 'vitest';
+import { outcomeOf } from './helpers/errors.js';
 import { SparseMlaError, createPlan, prefillLayer } from '../dist/index.js';
 import { CudaDeviceBuffer } from '../dist/backends/native/cuda_backend.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
@@ -81,23 +82,14 @@ const VARIANTS: [string, (bytes: number) => unknown, boolean][] = [
   }, false],
 ];
 
-/** What a check gives: its LayerCall, or the error it throws. */
-function outcome(check: () => unknown): { call?: unknown; error?: { code: string; message: string } } {
-  try {
-    return { call: check() };
-  } catch (e) {
-    expect(e).toBeInstanceOf(SparseMlaError);
-    return { error: { code: (e as SparseMlaError).code, message: (e as SparseMlaError).message } };
-  }
-}
 
 describe('a device layer call: the fast checks of its operands against the full checks', () => {
   test.each(OPERANDS)('%s: each variant passes the fast checks only where the full checks pass it, as the same LayerCall', (operand) => {
     for (const [name, make, accepted] of VARIANTS) {
       const label = `${operand}: ${name}`;
       const args = withData(validArgs(), operand, make(BYTES[operand]));
-      const full = outcome(() => layerChecks.prepareLayer(engine, args as never, { output: 'device' }));
-      const fast = outcome(() => layerChecks.prepareDeviceLayer(engine, args as never, { output: 'device' }));
+      const full = outcomeOf(() => layerChecks.prepareLayer(engine, args as never, { output: 'device' }));
+      const fast = outcomeOf(() => layerChecks.prepareDeviceLayer(engine, args as never, { output: 'device' }));
       expect(full.error === undefined, `${label}: the full checks`).toBe(accepted);
       expect(fast.error, `${label}: the fast checks throw nothing`).toBeUndefined();
       if (accepted) {
@@ -115,7 +107,7 @@ describe('a device layer call: the fast checks of its operands against the full 
       if (accepted) continue;
       const label = `${operand}: ${name}`;
       const args = withData(validArgs(), operand, make(BYTES[operand]));
-      const full = outcome(() => layerChecks.prepareLayer(engine, args as never, { output: 'device' }));
+      const full = outcomeOf(() => layerChecks.prepareLayer(engine, args as never, { output: 'device' }));
       device.reset();
       await expect(prefillLayer(engine as unknown as Engine, args as never, { output: 'device' }), label).rejects.toMatchObject(full.error!);
       expect(device.ops, label).toEqual([]);

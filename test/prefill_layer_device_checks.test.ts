@@ -8,6 +8,7 @@
  * prepareLayer gives; and a refused call reaches no op.
  */
 import { describe, expect, test } from 'vitest';
+import { outcomeOf } from './helpers/errors.js';
 import { SparseMlaError } from '../dist/index.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import type { NativeAddon, NativeCudaOps } from '../dist/backends/native/binding.js';
@@ -159,15 +160,6 @@ const CHANGES: Change[] = [
   ['threshold -1', (a) => ({ ...a, path: 'auto', threshold: -1 })],
 ];
 
-/** What a check gives: its LayerCall, or the error it throws (undefined: the fast check passed the call on). */
-function outcome(check: () => unknown): { call?: unknown; error?: { code: string; message: string } } {
-  try {
-    return { call: check() };
-  } catch (e) {
-    expect(e).toBeInstanceOf(SparseMlaError);
-    return { error: { code: (e as SparseMlaError).code, message: (e as SparseMlaError).message } };
-  }
-}
 
 describe('prefillLayer: the device call checks against the full checks', () => {
   test.each([0, 4, 128] as const)('ratio %i: every change refused by prepareLayer is refused by prepareDeviceLayer; a call it passes is the same LayerCall', (ratio) => {
@@ -175,8 +167,8 @@ describe('prefillLayer: the device call checks against the full checks', () => {
     for (const [name, change, ...rest] of CHANGES) {
       const options = rest.length > 0 ? rest[0] : { output: 'device' };
       const args = change(validArgs(ratio));
-      const full = outcome(() => layerChecks.prepareLayer(engine, args as never, options));
-      const fast = outcome(() => layerChecks.prepareDeviceLayer(engine, args as never, options));
+      const full = outcomeOf(() => layerChecks.prepareLayer(engine, args as never, options));
+      const fast = outcomeOf(() => layerChecks.prepareDeviceLayer(engine, args as never, options));
       if (fast.error !== undefined) {
         // only an error the full checks throw as well (the router's, after the same checks)
         expect(fast.error, name).toEqual(full.error);
@@ -194,7 +186,7 @@ describe('prefillLayer: the device call checks against the full checks', () => {
     for (const [name, change, ...rest] of CHANGES) {
       const options = rest.length > 0 ? rest[0] : { output: 'device' };
       const args = change(validArgs(ratio));
-      const full = outcome(() => layerChecks.prepareLayer(engine, args as never, options));
+      const full = outcomeOf(() => layerChecks.prepareLayer(engine, args as never, options));
       if (full.error === undefined) continue;
       opCalls = 0;
       await expect(prefillLayer(engine as unknown as Engine, args as never, options as never), name).rejects.toMatchObject(full.error);

@@ -330,8 +330,6 @@ export interface QueuedLayerCall<B> {
 
 /** Kept on the host, or on a device and not freed. */
 const usable = (x: unknown): boolean => !isDeviceBuffer(x) || !x.freed;
-/** A kept array or buffer as usable() reads it where it is known to be one of the steps' own: a device buffer's `freed`, a host array's undefined. */
-type Freeable = { readonly freed?: boolean };
 
 /** A paged form (PagedForm) in a layer's memory: its arrays and their row widths. */
 export interface PlacedPagedForm<B = never> {
@@ -486,18 +484,16 @@ export class LayerResources<B = never> {
   queuedJob(steps: LayerSteps<B>, call: QueuedLayerCall<B>): QueuedLayerJob<B> | undefined {
     const ratio = call.ratio, layout = call.layout;
     const compressedRows = layout.compressedRows, swaRows = layout.swaRows;
-    // what is kept here is in device memory (only device steps queue a layer): usable() read as its
-    // buffers' `freed`, no call a buffer
     let compressedIds: BigInt64Array | B | null = null;
     if (compressedRows > 0) {
       const ids = ratio === 4 ? this.#c4Ids : this.#c128Ids;
-      if (ids === undefined || (ids as Freeable).freed === true) return undefined;
+      if (ids === undefined || !usable(ids)) return undefined;
       compressedIds = ids;
     }
     let swaIds: BigInt64Array | B | null = null;
     if (swaRows > 0) {
       const ids = this.#swaIds;
-      if (ids === undefined || (ids as Freeable).freed === true) return undefined;
+      if (ids === undefined || !usable(ids)) return undefined;
       swaIds = ids;
     }
     const p = this.#plan;
@@ -505,14 +501,8 @@ export class LayerResources<B = never> {
     let planRows: QueuedLayerJob<B>['planRows'] = null;
     if (ratio === 4) {
       const topk = call.topk!;
-      // #takeC4Rows
-      const into = this.#c4Rows;
-      this.#c4Rows = undefined;
+      const into = this.#takeC4Rows(topk.width);
       if (into === undefined) return undefined;
-      if (into.width !== topk.width || (into.rows as Freeable).freed === true || (into.lens as Freeable).freed === true || (into.droppedTotal as Freeable).freed === true) {
-        this.#releaseC4Rows(into);
-        return undefined;
-      }
       rows = into;
       planRows = { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into };
     } else {
@@ -520,10 +510,7 @@ export class LayerResources<B = never> {
       if (dense === undefined) return undefined;
       rows = dense;
     }
-    // takeWorkspace
-    let ws = this.#workspace;
-    this.#workspace = undefined;
-    if (ws === undefined || (ws as Freeable).freed === true) ws = this.takeWorkspace(steps);
+    const ws = this.takeWorkspace(steps);
     const caches = call.caches;
     // the compressed rows first, then the SWA rows (as prefill_layer's dequantJobs)
     const swa = swaIds === null ? null : { cache: caches.swa, tokenIds: swaIds, n: swaRows, workspace: ws, rowOffset: compressedRows };
@@ -567,17 +554,10 @@ export class LayerResources<B = never> {
    */
   queuedLayerDone(job: QueuedLayerJob<B>, dropped: number | Promise<number>): number | null {
     const p = this.#plan;
-    // giveBackJob and #countC4Combine inline (only device steps queue a layer)
-    const ws = job.prefill.workspace;
-    if (this.#workspace === undefined) this.#workspace = ws;
-    else releaseDevice(ws);
+    this.giveBackJob(job);
     p.deviceStats.deviceQueuedLayers++;
     if (job.planRows === null) return 0;
-    const rows = job.planRows.into as C4LayerRows<B>;
-    if (this.#c4Rows === undefined) this.#c4Rows = rows;
-    else this.#releaseC4Rows(rows);
-    p.stats.c4Combines++;
-    p.deviceStats.deviceC4Combines++;
+    this.#countC4Combine();
     if (typeof dropped !== 'number') {
       p.droppedReads.track(dropped.then((n) => (p.stats.c4Dropped += n)));
       return null;

@@ -29,7 +29,7 @@ import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
 import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
-import { SparseMlaEngine, checkEngine } from '../engine.js';
+import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
@@ -105,14 +105,6 @@ interface LayerCall {
   /** the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
   peeked: PeekedPagedForm | undefined;
 }
-
-/** A LayerCall whose operands are all in device memory (prepareDeviceLayer's). */
-type DeviceLayerCall = LayerCall & {
-  q: DeviceTensor<'bf16'>;
-  attnSink: DeviceTensor<'float32'> | undefined;
-  caches: { swa: CacheView<DeviceBuffer> & { data: DeviceBuffer }; compressed?: CacheView<DeviceBuffer> & { data: DeviceBuffer } };
-  topk: (CheckedTopk<DeviceBuffer> & { data: DeviceBuffer }) | undefined;
-};
 
 /**
  * Every check of a layer call, each argument read once, in the order the errors are reported.
@@ -462,15 +454,13 @@ export type CheckedLayer = LayerCall;
  * work; prefillLayerSharded checks every shard's call this way before it runs any of them.
  */
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
-  const engine = SparseMlaEngine.isEngine(given) ? given : checkEngine(given, engineArgument);
+  const engine = checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
   if (fast === undefined) return checkFully(engine, args, options);
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
   if (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged')) checkOpsMemory(engine, fast);
-  // deviceOperandsLive, its test read straight off the device buffers prepareDeviceLayer checked
-  const { q, attnSink, caches, topk } = fast as DeviceLayerCall;
-  if (q.data.freed || (attnSink !== undefined && attnSink.data.freed) || caches.swa.data.freed || (caches.compressed !== undefined && caches.compressed.data.freed) || (topk !== undefined && topk.data.freed)) deviceOperandsLive(fast);
+  deviceOperandsLive(fast);
   return fast;
 }
 

@@ -1,3 +1,6 @@
+import { expect } from 'vitest';
+import { SparseMlaError } from '../../dist/index.js';
+
 /** The error a call throws or rejects with (undefined when it returns). */
 export async function errorOf(call: () => unknown): Promise<unknown> {
   try {
@@ -6,4 +9,14 @@ export async function errorOf(call: () => unknown): Promise<unknown> {
     return e;
   }
   return undefined;
+}
+
+/** What a synchronous check gives: its result, or the SparseMlaError it throws (anything else fails the test). */
+export function outcomeOf(check: () => unknown): { call?: unknown; error?: { code: string; message: string } } {
+  try {
+    return { call: check() };
+  } catch (e) {
+    expect(e).toBeInstanceOf(SparseMlaError);
+    return { error: { code: (e as SparseMlaError).code, message: (e as SparseMlaError).message } };
+  }
 }

@@ -33,6 +33,29 @@ export function typedArrayKind(value: unknown): string | undefined {
   return TYPED_ARRAY_KIND.call(value) as string | undefined;
 }
 
+/**
+ * An array-like argument as the library reads it, its length read once: a typed array as a plain
+ * view of its memory (ownView; INVALID_VALUE when detached), anything else whose `length` is a safe
+ * integer ≥ 0 as it is (its elements are the caller's to check, each read once by the caller of
+ * this). null for anything else, a Proxy of a typed array included (the typed array's own length
+ * getter refuses the Proxy with a TypeError).
+ */
+export function arrayLikeOf(value: unknown, argument: string): { values: ArrayLike<unknown>; length: number } | null {
+  const kind = typedArrayKind(value);
+  if (kind !== undefined) {
+    const view = ownView(value, globalThis[kind as 'Float32Array'], argument)!;
+    return { values: view, length: view.length };
+  }
+  if (typeof value !== 'object' || value === null) return null;
+  let length: unknown;
+  try {
+    length = (value as ArrayLike<unknown>).length;
+  } catch {
+    return null;
+  }
+  return typeof length === 'number' && Number.isSafeInteger(length) && length >= 0 ? { values: value as ArrayLike<unknown>, length } : null;
+}
+
 /** The length each view ownView made had when it was made: checkViewsIntact compares. */
 const viewLengths = new WeakMap<ArrayBufferView, { length: number; argument: string }>();
 
@@ -100,8 +123,15 @@ export function describe(value: unknown): string {
   }
 }
 
-function dimsStr(shape: readonly unknown[]): string {
-  return `[${shape.map((d) => (typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : String(d))).join(', ')}]`;
+/**
+ * A shape as a message shows it, safe on any dims a caller can pass: a number as it is, anything
+ * else by describe() (String() of a null-prototype object or one whose toString throws is a
+ * TypeError or the caller's error, not ours; a BigInt 1n is not the dim 1). At most 8 dims.
+ * The one shape formatter of every SparseMlaError message (ops/common.ts hands it on).
+ */
+export function shapeStr(shape: readonly unknown[]): string {
+  const dims = shape.slice(0, 8).map((d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : describe(d)));
+  return `[${dims.join(', ')}${shape.length > 8 ? `, … (${shape.length} dims)` : ''}]`;
 }
 
 /** Frees a device buffer now (ops already queued still finish with it); host memory is left to the GC. */
@@ -148,7 +178,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   const dims = Array.from(shape as readonly unknown[]);
   for (const d of dims) {
     if (!Number.isSafeInteger(d) || (d as number) < 0) {
-      throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${dimsStr(dims)}`, 'shape');
+      throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${shapeStr(dims)}`, 'shape');
     }
   }
   const n = numel(dims as number[]);
@@ -160,7 +190,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ctor.name}, got ${describe(arr)}`, 'data');
   }
   if (view.length !== n) {
-    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${dimsStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${shapeStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
   }
   // the caller's array itself (a Buffer stays a Buffer) unless it is a Proxy or its own length
   // disagrees with its memory; then the plain view of that memory
@@ -230,26 +260,14 @@ export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data
   }
   const shape = src.shape;
   const raw: unknown = src.data;
-  let values: ArrayLike<unknown>;
   const kind = typedArrayKind(raw);
-  if (kind !== undefined) {
-    if (kind === 'BigInt64Array' || kind === 'BigUint64Array') {
-      throw new SparseMlaError('INVALID_DTYPE', `toBf16: src.data must hold numbers, got a ${kind}`, 'src.data');
-    }
-    values = ownView(raw, globalThis[kind as 'Float32Array'], 'src.data')!;
-  } else {
-    let length: unknown;
-    try {
-      length = typeof raw === 'object' && raw !== null ? (raw as ArrayLike<unknown>).length : undefined;
-    } catch {
-      length = undefined; // e.g. a Proxy of a typed array: its length getter refuses the Proxy
-    }
-    if (!Number.isSafeInteger(length) || (length as number) < 0) {
-      throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describe(raw)}`, 'src.data');
-    }
-    values = raw as ArrayLike<unknown>;
+  if (kind === 'BigInt64Array' || kind === 'BigUint64Array') {
+    throw new SparseMlaError('INVALID_DTYPE', `toBf16: src.data must hold numbers, got a ${kind}`, 'src.data');
   }
-  const out = allocHostArray(Uint16Array, values.length, 'src.data');
+  const given = arrayLikeOf(raw, 'src.data');
+  if (given === null) throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describe(raw)}`, 'src.data');
+  const values = given.values;
+  const out = allocHostArray(Uint16Array, given.length, 'src.data');
   for (let i = 0; i < out.length; i++) {
     const v = values[i];
     if (typeof v !== 'number') throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must hold numbers, got ${describe(v)} at ${i}`, 'src.data');

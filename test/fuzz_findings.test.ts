@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
+import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, swaTokenIdsFromTable, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
 import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
@@ -850,4 +850,140 @@ describe("the fuzzer's sharded layer oracle against lying typed arrays (session 
     expect(r.muts.map((m) => m.desc)).toContain('a Int32Array subclass whose length getter lies (+1000)');
     expect(r.verdict, JSON.stringify(r.finding)).toBe('accepted');
   }, 60_000);
+});
+
+describe("hostile input the fuzzer's session-51 generators reach (session 51, helper-52)", () => {
+  /** Dims String() cannot print: a null-prototype object (TypeError) and one whose toString / valueOf throw (the caller's error). */
+  const unprintable = (): unknown[] => [
+    Object.create(null),
+    {
+      toString(): string {
+        throw new Error('toString ran');
+      },
+      valueOf(): number {
+        throw new Error('valueOf ran');
+      },
+    },
+  ];
+
+  test('a shape holding a dim String() cannot print is INVALID_SHAPE naming the shape, the dim described (was TypeError, or the caller\'s toString error, from the message: cpu fuzz seed 24 cases 208 and 494, wasm seed 25, stub cuda seed 26)', async () => {
+    const dims = [rng.int(1, 4), rng.int(1, 4)];
+    const at = rng.int(0, 3);
+    const withDim = (shape: number[], d: unknown) => shape.map((x, i) => (i === at ? d : x)) as number[];
+    for (const bad of unprintable()) {
+      await expectTyped(() => tensor('int32', withDim([...dims, 2], bad), new Int32Array(dims[0]! * dims[1]! * 2)), 'INVALID_SHAPE', 'shape');
+    }
+    const sQ = rng.int(1, 3), hQ = rng.int(1, 4), sKV = rng.int(1, 9), topk = rng.int(1, 5);
+    const q = tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512));
+    const kv = tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512));
+    const indices = tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.int(0, sKV)));
+    for (const engine of engines) {
+      for (const bad of unprintable()) {
+        const badQ = { dtype: 'bf16', shape: withDim([sQ, hQ, 512], bad), data: q.data } as unknown as Tensor<'bf16'>;
+        await expectTyped(() => engine.sparsePrefill({ q: badQ, kv, indices, smScale: 0.04 }), 'INVALID_SHAPE', 'q.shape');
+        const badIdx = { dtype: 'int32', shape: [sQ, bad], data: indices.data } as unknown as Tensor<'int32'>;
+        await expectTyped(() => engine.sparsePrefill({ q, kv, indices: badIdx, smScale: 0.04 }), 'INVALID_SHAPE', 'indices.shape');
+      }
+    }
+  });
+
+  test('a BigInt dim is named as one in the message (it said "got [2, 3, 512]" for a shape [2, 3n, 512], as if the dim were fine)', async () => {
+    const sQ = rng.int(1, 3), hQ = rng.int(1, 4), sKV = rng.int(1, 9);
+    const q = tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512));
+    const kv = tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512));
+    const indices = tensor('int32', [sQ, 1], Int32Array.from({ length: sQ }, () => rng.int(0, sKV)));
+    for (const engine of engines) {
+      const e = await errorOf(() => engine.sparsePrefill({ q: { dtype: 'bf16', shape: [sQ, BigInt(hQ), 512], data: q.data } as unknown as Tensor<'bf16'>, kv, indices, smScale: 0.04 }));
+      expect(e).toBeInstanceOf(SparseMlaError);
+      expect((e as SparseMlaError).argument).toBe('q.shape');
+      expect((e as SparseMlaError).message).toContain(`${hQ}n`);
+    }
+  });
+
+  test("routePrefill: a backend String() cannot print is INVALID_VALUE naming it (Object.hasOwn turned it into a key: TypeError, or the caller's toString error; cpu fuzz seed 24 case 4166)", async () => {
+    const numQueries = rng.int(0, 2000);
+    for (const backend of unprintable()) {
+      await expectTyped(() => routePrefill(numQueries, { backend, env: {} } as never), 'INVALID_VALUE', 'backend');
+    }
+    // a backend that is one still picks its table's threshold
+    const threshold = rng.int(0, 1000);
+    expect(routePrefill(threshold + 1, { backend: 'cpu', threshold, env: {} }).path).toBe('sparse');
+  });
+
+  /** A random chunk of plain requests, and their SWA ids as given (random, request by request). */
+  function plainChunk() {
+    const window = rng.pick([1, 16, 128]);
+    const requests = Array.from({ length: rng.int(1, 4) }, () => {
+      const seqLen = rng.int(1, 200);
+      const extendLen = rng.int(1, seqLen + 1);
+      const g = Math.min(seqLen, extendLen + window - 1);
+      return { seqLen, extendLen, swaTokenIds: Array.from({ length: g }, () => rng.int(0, 1 << 20)) };
+    });
+    return { window, requests, ids: requests.flatMap((r) => r.swaTokenIds) };
+  }
+  const swaIdsOf = (plan: { swaTokenIds: Tensor<'int64'> }) => Array.from(plan.swaTokenIds.data, Number);
+
+  test('createPlan reads chunk.requests once: a getter answering undefined on a second read does not change the plan (it was read again: TypeError, stub cuda fuzz seed 26 case 2794)', () => {
+    const { window, requests, ids } = plainChunk();
+    const want = createPlan({ requests }, { window });
+    expect(swaIdsOf(want)).toEqual(ids);
+    let reads = 0;
+    const chunk = {
+      get requests() {
+        return reads++ === 0 ? requests : undefined;
+      },
+    };
+    const byGetter = createPlan(chunk as never, { window });
+    expect(reads).toBe(1);
+    expect(byGetter.numQueries).toBe(want.numQueries);
+    expect(swaIdsOf(byGetter)).toEqual(ids);
+  });
+
+  test('createPlan reads each request once: one answering null on a second read does not change the plan (it was read again for its ids: TypeError)', () => {
+    const { window, requests, ids } = plainChunk();
+    const list = requests.slice();
+    const r = rng.int(0, list.length);
+    let requestReads = 0;
+    Object.defineProperty(list, r, { get: () => (requestReads++ === 0 ? requests[r] : null) });
+    expect(swaIdsOf(createPlan({ requests: list }, { window }))).toEqual(ids);
+    expect(requestReads).toBe(1);
+  });
+
+  test("createPlan reads an id list's length once: a Proxy whose length shrinks by one after its first read gives every id as given (its last id came out as 0, silently)", () => {
+    const { window, requests, ids } = plainChunk();
+    const r = rng.int(0, requests.length);
+    let lengthReads = 0;
+    const shrinking = requests.map((q, i) =>
+      i !== r
+        ? q
+        : {
+            ...q,
+            swaTokenIds: new Proxy(q.swaTokenIds, {
+              get: (t, k, recv) => (k === 'length' && lengthReads++ > 0 ? t.length - 1 : Reflect.get(t, k, recv)),
+            }),
+          },
+    );
+    expect(swaIdsOf(createPlan({ requests: shrinking }, { window }))).toEqual(ids);
+    expect(lengthReads).toBe(1);
+  });
+
+  test('createPlan: a requests Proxy whose length is no count is INVALID_VALUE naming chunk.requests (was RangeError: Invalid typed array length)', async () => {
+    const { requests } = plainChunk();
+    for (const length of [-1, 1.5, 'two', 2 ** 53]) {
+      const lying = new Proxy(requests, { get: (t, k, recv) => (k === 'length' ? length : Reflect.get(t, k, recv)) });
+      await expectTyped(() => createPlan({ requests: lying }), 'INVALID_VALUE', 'chunk.requests');
+    }
+  });
+
+  test('swaTokenIdsFromTable: a Proxy of a typed array for either table is a typed error (was TypeError from the length getter); typed arrays read right', async () => {
+    const seqLen = rng.int(1, 300), extendLen = rng.int(0, seqLen + 1), window = rng.pick([1, 16, 128]);
+    const reqToToken = Int32Array.from({ length: seqLen }, (_, p) => p + rng.int(0, 3) * seqLen);
+    const fullToSwa = Int32Array.from({ length: 3 * seqLen }, () => rng.int(0, 1 << 16));
+    // positions [seqLen - g, seqLen), g = min(seqLen, extendLen + window - 1), none without queries (SPEC §6)
+    const g = extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0;
+    const want = Array.from({ length: g }, (_, k) => fullToSwa[reqToToken[seqLen - g + k]!]!);
+    expect(swaTokenIdsFromTable(reqToToken, fullToSwa, seqLen, extendLen, window)).toEqual(want);
+    await expectTyped(() => swaTokenIdsFromTable(new Proxy(reqToToken, {}), fullToSwa, seqLen, extendLen, window), 'INVALID_SHAPE', 'reqToToken');
+    await expectTyped(() => swaTokenIdsFromTable(reqToToken, new Proxy(fullToSwa, {}), seqLen, extendLen, window), 'INVALID_VALUE', 'fullToSwa');
+  });
 });

@@ -4,18 +4,14 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, isDeviceBuffer, ownView } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
-export { ownView, typedArrayKind, checkViewsIntact, describe } from '../tensor.js';
+export { ownView, typedArrayKind, checkViewsIntact, describe, shapeStr } from '../tensor.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
-
-export function shapeStr(shape: readonly unknown[]): string {
-  return `[${shape.map((d) => String(d)).join(', ')}]`;
-}
 
 function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null;

@@ -7,12 +7,13 @@
  */
 import { SparseMlaError, fail } from '../errors.js';
 import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, ownView, typedArrayKind } from '../ops/common.js';
-import { isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
+import { allocHostArray, arrayLikeOf, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type HostRows, type HostTopkRows, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
+  ChunkRequest,
   CombinedRows,
   CompressRatio,
   IdList,
@@ -49,19 +50,27 @@ function isIdList(v: unknown): v is IdList {
 export function readIds(list: unknown, argument: string): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
   let src: ArrayLike<number | bigint>;
+  let n: number;
   if (Array.isArray(list)) {
+    // its length read once (a Proxy's may answer otherwise on each read, or not a count), each element once below
+    const length: unknown = list.length;
+    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0) fail('INVALID_VALUE', argument, 'an array of ids', `length ${describe(length)}`);
+    if (length > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ids`, `${length}`);
     src = list as unknown as ArrayLike<number | bigint>;
+    n = length;
   } else if (ArrayBuffer.isView(list)) {
     // its memory as the intrinsics see it (a subclass's own length is no evidence of it)
     const kind = typedArrayKind(list) as 'Int32Array';
     src = ownView(list, globalThis[kind], argument) as unknown as ArrayLike<number | bigint>;
+    n = src.length;
   } else {
     const t = checkTensor(list, argument, ['int32', 'int64']);
     if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
     src = t.data;
+    n = src.length;
   }
-  const out = new Float64Array(src.length);
-  for (let i = 0; i < src.length; i++) {
+  const out = allocHostArray(Float64Array, n, argument);
+  for (let i = 0; i < n; i++) {
     const v = src[i];
     const x = typeof v === 'bigint' ? Number(v) : v;
     if (typeof x !== 'number' || !Number.isSafeInteger(x) || x < 0 || (typeof v === 'bigint' && BigInt(x) !== v)) {
@@ -222,18 +231,21 @@ export function swaTokenIdsFromTable(
   checkInt(seqLen, 'seqLen', 0, INT32_MAX);
   checkInt(extendLen, 'extendLen', 0, seqLen);
   checkInt(window, 'window', 1, 1 << 20);
-  if (reqToToken?.length === undefined || reqToToken.length < seqLen) {
+  // each table's length read once, a typed array by its memory (a Proxy of one is refused, not a TypeError)
+  const positions = arrayLikeOf(reqToToken, 'reqToToken');
+  if (positions === null || positions.length < seqLen) {
     fail('INVALID_SHAPE', 'reqToToken', `at least seqLen = ${seqLen} positions`, describe(reqToToken));
   }
-  if (fullToSwa?.length === undefined) fail('INVALID_VALUE', 'fullToSwa', 'an array mapping full-cache ids to SWA ids', describe(fullToSwa));
+  const table = arrayLikeOf(fullToSwa, 'fullToSwa');
+  if (table === null) fail('INVALID_VALUE', 'fullToSwa', 'an array mapping full-cache ids to SWA ids', describe(fullToSwa));
   const g = gatherLength(seqLen, extendLen, window);
   const out: number[] = [];
   for (let p = seqLen - g; p < seqLen; p++) {
-    const full = reqToToken[p]!;
-    if (!Number.isSafeInteger(full) || full < 0 || full >= fullToSwa.length) {
-      fail('OUT_OF_RANGE', `reqToToken[${p}]`, `a full-cache token id in [0, ${fullToSwa.length})`, describe(full));
+    const full = positions.values[p] as number;
+    if (!Number.isSafeInteger(full) || full < 0 || full >= table.length) {
+      fail('OUT_OF_RANGE', `reqToToken[${p}]`, `a full-cache token id in [0, ${table.length})`, describe(full));
     }
-    const swa = fullToSwa[full]!;
+    const swa = table.values[full] as number;
     if (!Number.isSafeInteger(swa) || swa < 0) {
       fail('OUT_OF_RANGE', `fullToSwa[${full}]`, `the SWA id of position ${p} (it is inside the window of a query)`, describe(swa));
     }
@@ -815,37 +827,46 @@ export class Plan {
   readonly #peeks = new WeakSet<PeekBuilt>();
 
   constructor(chunk: PlanChunk, options: PlanOptions) {
-    if (typeof chunk !== 'object' || chunk === null || !Array.isArray(chunk.requests)) {
-      fail('INVALID_VALUE', 'chunk', 'an object {requests: [...], c4PageSize?, c128PageSize?}', describe(chunk));
-    }
+    // every field of the chunk, its requests and the options read once: a getter or Proxy asked
+    // again could answer otherwise (a request that became null, a list that shrank)
+    const reqsArg: unknown = typeof chunk === 'object' && chunk !== null ? chunk.requests : undefined;
+    if (!Array.isArray(reqsArg)) fail('INVALID_VALUE', 'chunk', 'an object {requests: [...], c4PageSize?, c128PageSize?}', describe(chunk));
     if (typeof options !== 'object' || options === null) fail('INVALID_VALUE', 'options', 'an options object', describe(options));
     const window = (this.window = checkInt(options.window ?? DEFAULT_WINDOW, 'options.window', 1, 1 << 20));
     this.align = checkInt(options.align ?? DEFAULT_ALIGN, 'options.align', 1, 1 << 20);
     const budget = options.workspaceBudgetBytes ?? DEFAULT_WORKSPACE_BUDGET_BYTES;
     if (typeof budget !== 'number' || !(budget >= 0)) fail('INVALID_VALUE', 'options.workspaceBudgetBytes', 'a non-negative number of bytes', describe(budget));
     this.workspaceBudgetBytes = budget;
-    if (options.core !== undefined && options.core !== 'auto' && options.core !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(options.core));
+    const core = options.core;
+    if (core !== undefined && core !== 'auto' && core !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(core));
     const planner = (this.#planner = loadHostPlanner());
-    const reqs = chunk.requests;
-    const n = (this.numRequests = reqs.length);
+    const n: unknown = reqsArg.length; // a Proxy of an array may answer anything
+    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', 'chunk.requests', 'an array of requests', `length ${describe(n)}`);
     if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
+    this.numRequests = n;
     const pageSizes = new Map<4 | 128, number>();
-    if (chunk.c4PageSize !== undefined) pageSizes.set(4, checkInt(chunk.c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));
-    if (chunk.c128PageSize !== undefined) pageSizes.set(128, checkInt(chunk.c128PageSize, 'chunk.c128PageSize', 1, INT32_MAX));
+    const c4PageSize = chunk.c4PageSize, c128PageSize = chunk.c128PageSize;
+    if (c4PageSize !== undefined) pageSizes.set(4, checkInt(c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));
+    if (c128PageSize !== undefined) pageSizes.set(128, checkInt(c128PageSize, 'chunk.c128PageSize', 1, INT32_MAX));
 
-    // Lengths first (cheap), so the layout and the budget check come before reading any ids.
+    // Lengths first (cheap), so the layout and the budget check come before reading any ids; each
+    // request's id lists are taken here too (as given, read by readIds below)
     const seqLens = (this.#seqLens = new Int32Array(n));
     const extendLens = (this.#extendLens = new Int32Array(n));
+    const reqs: { swaTokenIds: unknown; c4PageTable: unknown; c128PageTable: unknown }[] = [];
     for (let r = 0; r < n; r++) {
-      const q = reqs[r];
+      const q: unknown = reqsArg[r];
       if (typeof q !== 'object' || q === null) fail('INVALID_VALUE', `chunk.requests[${r}]`, 'a request {seqLen, extendLen, swaTokenIds, ...}', describe(q));
-      seqLens[r] = checkInt(q.seqLen, `chunk.requests[${r}].seqLen`, 0, INT32_MAX);
-      extendLens[r] = checkInt(q.extendLen, `chunk.requests[${r}].extendLen`, 0, seqLens[r]!);
+      const given = q as ChunkRequest;
+      seqLens[r] = checkInt(given.seqLen, `chunk.requests[${r}].seqLen`, 0, INT32_MAX);
+      extendLens[r] = checkInt(given.extendLen, `chunk.requests[${r}].extendLen`, 0, seqLens[r]!);
+      const fields = { swaTokenIds: given.swaTokenIds as unknown, c4PageTable: given.c4PageTable as unknown, c128PageTable: given.c128PageTable as unknown };
       for (const [ratio, key] of [[4, 'c4PageTable'], [128, 'c128PageTable']] as const) {
-        if (q[key] !== undefined && !pageSizes.has(ratio)) {
+        if (fields[key] !== undefined && !pageSizes.has(ratio)) {
           fail('INVALID_VALUE', `chunk.${ratio === 4 ? 'c4PageSize' : 'c128PageSize'}`, `a page size, since chunk.requests[${r}].${key} is given`, 'undefined');
         }
       }
+      reqs.push(fields);
     }
     // The chunk's totals, summed here in float64 (exact far beyond int32) before the core sums
     // them: the query count and each ratio's workspace rows must fit int32.
@@ -905,7 +926,8 @@ export class Plan {
     // The SWA gather ids, request by request, checked for count and range.
     const caches = options.caches;
     if (caches !== undefined && (typeof caches !== 'object' || caches === null)) fail('INVALID_VALUE', 'options.caches', 'an object {swa?, c4?, c128?}', describe(caches));
-    const swaCache = caches?.swa !== undefined ? checkV4Cache(caches.swa, 'options.caches.swa') : undefined;
+    const swaGiven = caches?.swa;
+    const swaCache = swaGiven !== undefined ? checkV4Cache(swaGiven, 'options.caches.swa') : undefined;
     const swaIds = new BigInt64Array(swaLayout.swaRows);
     let maxSwaId = -1;
     const requests: PlanRequestLayout[] = [];

@@ -86,7 +86,8 @@ export function routePrefill(numQueries: number, options: RouteOptions & { backe
   // each option read once (a getter that answered otherwise the second time gave a reason naming the wrong source)
   const { path = 'auto', compressRatio = 4, backend, threshold: asked } = options;
   if (compressRatio !== 0 && compressRatio !== 4 && compressRatio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(compressRatio));
-  if (backend !== undefined && !Object.hasOwn(SPARSE_PREFILL_THRESHOLDS, backend)) fail('INVALID_VALUE', 'backend', "'cuda', 'cpu' or 'wasm'", describe(backend));
+  // a string before it is a key: Object.hasOwn turns any other value into one (a null-prototype object's is a TypeError)
+  if (backend !== undefined && (typeof backend !== 'string' || !Object.hasOwn(SPARSE_PREFILL_THRESHOLDS, backend))) fail('INVALID_VALUE', 'backend', "'cuda', 'cpu' or 'wasm'", describe(backend));
   const fromBackend = backend !== undefined && asked === undefined;
   const threshold = asked ?? (backend !== undefined ? SPARSE_PREFILL_THRESHOLDS[backend][compressRatio] : DEFAULT_SPARSE_PREFILL_THRESHOLD);
   if (!CHOICES.includes(path)) fail('INVALID_VALUE', 'path', "'sparse', 'paged' or 'auto'", describe(path));

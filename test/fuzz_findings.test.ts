@@ -7,7 +7,7 @@ import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, swaTokenIdsFromTable, tensor, toBf16 } from '../dist/index.js';
+import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
 import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
@@ -976,6 +976,7 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
   });
 
   test('swaTokenIdsFromTable: a Proxy of a typed array for either table is a typed error (was TypeError from the length getter); typed arrays read right', async () => {
+    const { swaTokenIdsFromTable } = await import('../dist/index.js');
     const seqLen = rng.int(1, 300), extendLen = rng.int(0, seqLen + 1), window = rng.pick([1, 16, 128]);
     const reqToToken = Int32Array.from({ length: seqLen }, (_, p) => p + rng.int(0, 3) * seqLen);
     const fullToSwa = Int32Array.from({ length: 3 * seqLen }, () => rng.int(0, 1 << 16));
@@ -986,4 +987,45 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
     await expectTyped(() => swaTokenIdsFromTable(new Proxy(reqToToken, {}), fullToSwa, seqLen, extendLen, window), 'INVALID_SHAPE', 'reqToToken');
     await expectTyped(() => swaTokenIdsFromTable(reqToToken, new Proxy(fullToSwa, {}), seqLen, extendLen, window), 'INVALID_VALUE', 'fullToSwa');
   });
+
+  /** A copy of `a` in a subclass whose buffer, byteOffset and byteLength getters lie (the fuzzer's LyingGeometry). */
+  function lyingGeometry(a: Uint8Array): Uint8Array {
+    class LyingGeometry extends Uint8Array {
+      override get buffer(): ArrayBuffer {
+        return new ArrayBuffer(8);
+      }
+      override get byteOffset(): number {
+        return super.byteOffset + 1;
+      }
+      override get byteLength(): number {
+        return super.byteLength + 64;
+      }
+    }
+    const v = new LyingGeometry(a.length);
+    v.set(a);
+    return v;
+  }
+
+  test("the fuzzer's layer oracle reads the caches by their memory, as the library does (a swa cache whose Uint8Array subclass lies about its buffer, offset and length made the reference's DataView throw: a false wrong-result, cpu seed 24 on the intermediate generators)", async () => {
+    const { judgeLayer, layerScenario } = await import('./fuzz/targets.mjs');
+    const { CaseHooks } = await import('./fuzz/mutate.mjs');
+    for (const engine of engines) {
+      const { sc, layer, window } = layerScenario(rng, new CaseHooks(), rng.pick([0, 4, 128]));
+      const plan = createPlan(sc.chunk, { window });
+      const caches = { ...layer.caches, swa: { ...layer.caches.swa, data: lyingGeometry(layer.caches.swa.data) } };
+      const got = await prefillLayer(engine, { ...layer, plan, caches });
+      expect(judgeLayer(got, sc, { ...layer, caches }), engine.backend).toBeNull();
+      plan.release();
+    }
+  });
+
+  test("the fuzzer's quantizeKCache judge reads the cache by its memory (a Uint8Array subclass lying about its geometry: the judge threw RangeError, a false wrong-result, stub cuda seed 26 case 2318)", async () => {
+    const { execFile } = await import('node:child_process');
+    const { promisify } = await import('node:util');
+    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '26', '--case', '2318'], { maxBuffer: 16 << 20 });
+    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    expect(r.target).toBe('quantizeKCache');
+    expect(r.muts.map((m) => m.desc)).toEqual(['a Uint8Array subclass whose buffer, byteOffset and byteLength getters lie']);
+    expect(r.verdict, JSON.stringify(r.finding)).toBe('valid');
+  }, 60_000);
 });

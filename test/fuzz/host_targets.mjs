@@ -26,7 +26,7 @@ import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits, makeRng } from '../../dist/check/grid.js';
 import { pagedReadForTests } from '../../dist/backends/paged_gather.js';
 import { isDetachedBuffer } from './mutate.mjs';
-import { judgeAttention, judgeLayer, layerScenario, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
+import { fieldsByMemory, judgeAttention, judgeLayer, layerScenario, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
 
 const D = 512;
 const isShared = (a) => a.buffer instanceof SharedArrayBuffer;
@@ -211,7 +211,7 @@ const pagedGather = {
         // a mutated call over arrays detached after it returned: its own arguments are gone (a neutral one is judged on a rebuild)
         if (act === 'detach' && !neutral) return null;
         const r = refArgs[0];
-        return judgeAttention(got, () => R.pagedSparseAttentionReference(r), r.q.shape[0], r.q.shape[1], D, stub || sharedRewritten);
+        return judgeAttention(got, () => R.pagedSparseAttentionReference(fieldsByMemory(r, ['kCache', 'extraKCache'])), r.q.shape[0], r.q.shape[1], D, stub || sharedRewritten);
       },
     };
   },

@@ -71,6 +71,35 @@ function kindOf(v) {
 
 const HOSTILE_NUMBERS = [NaN, Infinity, -Infinity, -1, 0, 1, 0.5, -0, 2 ** 31 - 1, 2 ** 31, 2 ** 32, 2 ** 32 + 1, 2 ** 53, 2 ** 53 + 2, -(2 ** 31), Number.MAX_VALUE, Number.MIN_VALUE, 1e-320, 65, 511, 513, 4096];
 const HOSTILE_NON_NUMBERS = () => ['3', '', 3n, -1n, null, undefined, true, {}, [], [1], () => 1, Symbol('s'), new Number(3)];
+/**
+ * Values that String() cannot turn into text: a null-prototype object (TypeError) and one whose
+ * toString and valueOf throw. A library that coerces one (a message built with String() or a
+ * template, a Number() before its type check) throws an untyped error: a finding.
+ */
+export const UNPRINTABLE = () => [
+  Object.create(null),
+  {
+    toString() {
+      throw new Error("the fuzzer's toString: coerced by the library");
+    },
+    valueOf() {
+      throw new Error("the fuzzer's valueOf: coerced by the library");
+    },
+  },
+];
+
+/**
+ * The case's side stream (CaseHooks.side, set by runCase; null elsewhere): the generators added in
+ * session 51 are drawn from it after a slot's own mutation was drawn from the case's stream, so a
+ * case that takes none of them draws exactly what it drew before and its reproducer still holds.
+ */
+let side = null;
+
+/** `made(side)` with probability `odds` (from the side stream), else `old`. */
+function orSide(odds, old, made) {
+  return side !== null && side.uniform() < odds ? made(side) : old;
+}
+
 const HOSTILE_STRINGS = ['', 'V4', 'v4 ', 'v32', 'v4', 'bf16', 'float32', 'int32', 'int64', 'uint8', 'float64', 'toString', '__proto__', 'constructor', 'hasOwnProperty', 'sparse', 'paged', 'auto', 'heads', 'queries', 'host', 'device', 'cuda', 'x'.repeat(1000)];
 const BIG_INTS = [0n, -1n, 2n ** 31n - 1n, 2n ** 31n, 2n ** 32n, 2n ** 32n + 1n, 2n ** 63n - 1n, -(2n ** 63n), -(2n ** 32n) + 5n];
 
@@ -85,6 +114,7 @@ export class CaseHooks {
     this.deviceBuffers = []; // device buffers the case made itself (uploads; freed after the case)
     this.device = null; // on a device engine: { alloc(bytes), allocOn(device, bytes) | null } (run.mjs)
     this.reachedAtCall = 0;
+    this.side = null; // the side stream of the newer generators (runCase sets it)
   }
   /** The stub's op count as the call under test starts (a target that runs warm-up calls first marks it again). */
   markCall(stub) {
@@ -230,7 +260,24 @@ function mutateTyped(a, rng, hooks) {
       return { value: c, desc: `${n} element(s) set to bf16 bits 0x${v.toString(16)}` };
     });
   }
-  return rng.pick(choices)();
+  const old = rng.pick(choices)();
+  return orSide(1 / 14, old, () => {
+    // its memory's geometry lies (the library reads a typed array through the intrinsics)
+    class LyingGeometry extends ctor {
+      get buffer() {
+        return new ArrayBuffer(8);
+      }
+      get byteOffset() {
+        return super.byteOffset + el;
+      }
+      get byteLength() {
+        return super.byteLength + 64;
+      }
+    }
+    const v = new LyingGeometry(a.length);
+    v.set(a);
+    return { value: v, desc: `a ${ctor.name} subclass whose buffer, byteOffset and byteLength getters lie`, neutral: true };
+  });
 }
 
 function mutateNumber(v, rng) {
@@ -244,6 +291,11 @@ function mutateNumber(v, rng) {
     return { value: x, desc: `${x} (from ${v})` };
   }
   const x = rng.pick(HOSTILE_NON_NUMBERS());
+  return orSide(0.15, { value: x, desc: describe(x) }, unprintable);
+}
+
+function unprintable(r) {
+  const x = r.pick(UNPRINTABLE());
   return { value: x, desc: describe(x) };
 }
 
@@ -253,7 +305,7 @@ function mutateString(v, rng) {
     return { value: s, desc: JSON.stringify(s.length > 20 ? `${s.slice(0, 20)}…` : s) };
   }
   const x = rng.pick(HOSTILE_NON_NUMBERS());
-  return { value: x, desc: describe(x) };
+  return orSide(0.15, { value: x, desc: describe(x) }, unprintable);
 }
 
 function mutateArray(a, rng) {
@@ -306,7 +358,43 @@ function mutateArray(a, rng) {
       return { value: c, desc: `element set to ${describe(x)}` };
     });
   }
-  return rng.pick(choices)();
+  const old = rng.pick(choices)();
+  const added = [
+    (r) => {
+      const c = a.slice();
+      if (c.length === 0) return { value: UNPRINTABLE(), desc: 'unprintable elements' };
+      const x = r.pick(UNPRINTABLE());
+      c[r.int(0, c.length)] = x;
+      return { value: c, desc: `one element set to ${describe(x)}` };
+    },
+    (r) => {
+      // an element whose second read differs: what was checked must be what is used
+      const c = a.slice();
+      if (c.length === 0) return { value: c, desc: 'a copy', neutral: true };
+      const i = r.int(0, c.length);
+      const first = c[i];
+      const later = r.pick([null, undefined, flipValue(first, r)]);
+      let reads = 0;
+      Object.defineProperty(c, i, { enumerable: true, configurable: true, get: () => (reads++ === 0 ? first : later) });
+      return { value: c, desc: `element ${i} changes after its first read (to ${describe(later)})`, dynamic: true };
+    },
+    () => {
+      const c = a.slice();
+      let reads = 0;
+      return {
+        value: new Proxy(c, {
+          get(t, k, r) {
+            if (k === 'length' && reads++ > 0) return Math.max(0, t.length - 1);
+            return Reflect.get(t, k, r);
+          },
+        }),
+        desc: 'a Proxy whose length shrinks by one after the first read',
+        dynamic: true,
+      };
+    },
+    () => ({ value: new Proxy(Int32Array.from(a.filter((x) => typeof x === 'number')), {}), desc: 'a Proxy of an Int32Array of it' }),
+  ];
+  return orSide(0.25, old, (r) => r.pick(added)(r));
 }
 
 /** Wrappers of an object (a tensor, a cache, an argument object) and replacements for it. */
@@ -407,7 +495,7 @@ function mutateObject(o, rng, hooks, where) {
 function flipValue(v, rng) {
   if (typeof v === 'number') return rng.pick([v * 4 + 7, -1, 2 ** 31, NaN]);
   if (typeof v === 'string') return rng.pick(['v32', 'int64', 'float32', 'bf16', 'v4']);
-  if (Array.isArray(v)) return rng.pick([[...v, 1], v.map((d) => (typeof d === 'number' ? d * 2 + 1 : d)), [2 ** 20]]);
+  if (Array.isArray(v)) return orSide(0.3, rng.pick([[...v, 1], v.map((d) => (typeof d === 'number' ? d * 2 + 1 : d)), [2 ** 20]]), (r) => r.pick([null, undefined]));
   if (isTyped(v)) return new v.constructor(Math.max(1, (v.length >> 1) || 1));
   return rng.pick([null, {}, 3]);
 }
@@ -508,6 +596,15 @@ export function setAt(root, path, value) {
  * child). Returns what was done: { muts: [{ where, desc, neutral, dynamic, sentinel }] }.
  */
 export function mutateArgs(root, rng, hooks, count) {
+  side = hooks?.side ?? null;
+  try {
+    return mutateSlots(root, rng, hooks, count);
+  } finally {
+    side = null;
+  }
+}
+
+function mutateSlots(root, rng, hooks, count) {
   const slots = slotsOf(root);
   const picked = [];
   for (let i = 0; i < count && slots.length > 0; i++) {
@@ -541,5 +638,6 @@ export function describe(v) {
   if (Array.isArray(v)) return `[${v.slice(0, 6).map(describe).join(', ')}${v.length > 6 ? ', …' : ''}]`;
   if (v instanceof Map) return 'a Map';
   if (v instanceof DataView) return 'a DataView';
+  if (Object.getPrototypeOf(v) === null && Object.keys(v).length === 0) return 'an empty null-prototype object';
   return `{${Object.keys(v).slice(0, 5).join(', ')}}`;
 }

@@ -46,11 +46,31 @@ const [TYPED_KIND, TYPED_BUFFER, TYPED_OFFSET, TYPED_LENGTH] = [Symbol.toStringT
 function byMemory(t) {
   if (typeof t !== 'object' || t === null || !isTyped(t.data)) return t;
   const d = t.data, kind = TYPED_KIND.call(d);
+  let data;
   try {
-    return { dtype: t.dtype, shape: t.shape, data: new globalThis[kind](TYPED_BUFFER.call(d), TYPED_OFFSET.call(d), TYPED_LENGTH.call(d)) };
+    data = new globalThis[kind](TYPED_BUFFER.call(d), TYPED_OFFSET.call(d), TYPED_LENGTH.call(d));
   } catch {
     return t; // detached
   }
+  // a KvCache too: the reference views its bytes through .buffer / .byteOffset, which a subclass may lie about (a createPlan case of cpu seed 24)
+  if (t.format !== undefined) return { format: t.format, pageSize: t.pageSize, numPages: t.numPages, data };
+  return { dtype: t.dtype, shape: t.shape, data };
+}
+
+/** `args` (an op's or a layer's argument object) with the named fields read by their memory (byMemory); the rest inherited as they are. */
+function fieldsByMemory(args, keys) {
+  if (typeof args !== 'object' || args === null) return args;
+  const own = {};
+  for (const k of keys) if (args[k] !== undefined) own[k] = byMemory(args[k]);
+  return Object.assign(Object.create(args), own);
+}
+
+/** A layer's caches ({ swa, c4?, c128? }) read by their memory; an array of sets (a sharded call's) as it is. */
+function cachesByMemory(caches) {
+  if (typeof caches !== 'object' || caches === null || Array.isArray(caches)) return caches;
+  const out = {};
+  for (const k of ['swa', 'c4', 'c128']) if (caches[k] !== undefined) out[k] = byMemory(caches[k]);
+  return out;
 }
 
 const D = 512;
@@ -178,7 +198,7 @@ const pagedSparseAttention = {
       call: (x) => env.engine.pagedSparseAttention(...x),
       judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        return judgeAttention(got, () => R.pagedSparseAttentionReference(r), r.q.shape[0], r.q.shape[1], 512, stub);
+        return judgeAttention(got, () => R.pagedSparseAttentionReference(fieldsByMemory(r, ['kCache', 'extraKCache'])), r.q.shape[0], r.q.shape[1], 512, stub);
       },
     };
   },
@@ -235,8 +255,8 @@ const quantizeKCache = {
         // fields read, not spread: a cache object that inherits them (a neutral mutation) has none of its own
         const want = { format: r.cache.format, pageSize: r.cache.pageSize, numPages: r.cache.numPages, data: before.slice() };
         R.quantizeKCacheReference(want, byMemory(r.tokenIds), byMemory(r.rows));
-        const data = args[0].cache.data;
-        const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+        // the cache's bytes by its memory (a subclass may lie about its buffer, offset and length: stub seed 26 case 2318)
+        const bytes = byMemory(args[0].cache).data;
         const i = bytes.findIndex((b, k) => b !== want.data[k]);
         return i === -1 && bytes.length === want.data.length ? null : `cache byte ${i}: got ${bytes[i]}, want ${want.data[i]}`;
       },
@@ -271,7 +291,7 @@ const dequantizeKCachePaged = {
           const n = Array.isArray(r.tokenIds) ? r.tokenIds.length : r.tokenIds.data.length;
           return got?.dtype === 'bf16' && JSON.stringify(got.shape) === JSON.stringify([n, width]) && got.data.length === n * width ? null : `got ${got?.dtype} ${JSON.stringify(got?.shape)}, expected bf16 [${n}, ${width}]`;
         }
-        const want = R.dequantizeKCacheReference(r.cache, r.tokenIds);
+        const want = R.dequantizeKCacheReference(byMemory(r.cache), r.tokenIds);
         if (!got || got.dtype !== 'bf16' || JSON.stringify(got.shape) !== JSON.stringify([want.length / width, width])) return `got ${got?.dtype} ${JSON.stringify(got?.shape)}`;
         for (let i = 0; i < want.length; i++) {
           const v = R.decodeBf16(got.data[i]);
@@ -458,7 +478,7 @@ function layerReference(sc, layer) {
 
 function judgeLayer(got, sc, given, valuesUnknown = false) {
   // q, the top-k and the sink as the library reads them, by their memory (a subclass's length may lie: wasm seed 19 case 4371)
-  const layer = { ...given, q: byMemory(given.q), topkIndices: byMemory(given.topkIndices), attnSink: byMemory(given.attnSink) };
+  const layer = { ...given, q: byMemory(given.q), topkIndices: byMemory(given.topkIndices), attnSink: byMemory(given.attnSink), caches: cachesByMemory(given.caches) };
   let ref;
   const problem = judgeAttention(got, () => (ref = layerReference(sc, layer)), sc.numQueries, layer.q.shape[1], D, valuesUnknown);
   if (problem) return problem;
@@ -496,6 +516,10 @@ const createPlanTarget = {
     if (rng.uniform() < 0.3) options.caches = layer.caches;
     if (rng.uniform() < 0.2) options.align = rng.pick([1, 64, 128]);
     if (rng.uniform() < 0.2) options.core = rng.pick(['auto', 'wasm']);
+    // given only to be mutated (NaN, -1, a BigInt, a getter), each a budget the plan fits; drawn from
+    // the side stream (mutate.mjs orSide), so a case without it builds what it built before
+    const side = hooks.side;
+    if (side && side.uniform() < 0.25) options.workspaceBudgetBytes = side.pick([2 ** 30, 2 ** 40, Number.MAX_SAFE_INTEGER]);
     return {
       args: [sc.chunk, options],
       call: async (x) => {
@@ -893,4 +917,4 @@ export const TARGETS = [
 ];
 
 /** What the device targets (device_targets.mjs) build on. */
-export { D, DTYPES, gatherShards, judgeAttention, judgeLayer, layerScenario, wholeQuery, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };
+export { D, DTYPES, byMemory, fieldsByMemory, gatherShards, judgeAttention, judgeLayer, layerScenario, wholeQuery, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };

@@ -967,6 +967,58 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
     expect(lengthReads).toBe(1);
   });
 
+  /**
+   * Each shard's SWA ids for a split by queries into `k` shards, from SPEC §6 (written here, not the
+   * library's subChunk): shard p owns flat queries [a, b), sizes differing by at most one, larger
+   * first; a request's queries [lo, hi) there need positions [s' − g', s') with s' = seqLen −
+   * extendLen + hi, g' = min(s', (hi − lo) + W − 1), the request's ids being positions [seqLen − g, seqLen).
+   */
+  function shardIdsByQueries(requests: { seqLen: number; extendLen: number; swaTokenIds: number[] }[], window: number, k: number): number[][] {
+    const total = requests.reduce((t, q) => t + q.extendLen, 0);
+    const out: number[][] = [];
+    for (let p = 0, a = 0; p < k; p++) {
+      const b = a + Math.floor(total / k) + (p < total % k ? 1 : 0);
+      const ids: number[] = [];
+      let offset = 0;
+      for (const q of requests) {
+        const lo = Math.max(a, offset) - offset, hi = Math.min(b, offset + q.extendLen) - offset;
+        offset += q.extendLen;
+        if (hi <= lo) continue;
+        const s2 = q.seqLen - q.extendLen + hi, g2 = Math.min(s2, hi - lo + window - 1), g = Math.min(q.seqLen, q.extendLen + window - 1);
+        for (let pos = s2 - g2; pos < s2; pos++) ids.push(q.swaTokenIds[pos - (q.seqLen - g)]!);
+      }
+      out.push(ids);
+      a = b;
+    }
+    return out;
+  }
+
+  test("createShardedPlan reads the chunk once for the whole plan and its shards: chunk.requests or a request answering otherwise on a second read gives the shards of the requests checked (the shards were cut from a second read: TypeError on null / undefined, or another list's requests, silently: shards of 3 and 0 queries in ranges of 5 and 5)", () => {
+    const { window, requests } = plainChunk();
+    const total = requests.reduce((t, q) => t + q.extendLen, 0);
+    const k = rng.int(1, Math.min(total, 4) + 1);
+    const want = shardIdsByQueries(requests, window, k);
+    const other = [{ seqLen: 3, extendLen: 3, swaTokenIds: [7, 8, 9] }];
+    const check = (chunk: unknown, what: string) => {
+      const plan = createShardedPlan(chunk as never, { shards: k, split: 'queries', window });
+      expect(plan.numQueries, what).toBe(total);
+      expect(plan.shards.map((sh) => sh.plan.numQueries), what).toEqual(plan.shards.map((sh) => sh.numQueries));
+      expect(plan.shards.map((sh) => swaIdsOf(sh.plan)), what).toEqual(want);
+      plan.release();
+    };
+    for (const later of [undefined, null, other]) {
+      let reads = 0;
+      check({ get requests() { return reads++ === 0 ? requests : later; } }, `requests, then ${JSON.stringify(later)}`);
+      expect(reads).toBe(1);
+    }
+    const list = requests.slice();
+    const r = rng.int(0, list.length);
+    let requestReads = 0;
+    Object.defineProperty(list, r, { get: () => (requestReads++ === 0 ? requests[r] : null) });
+    check({ requests: list }, `request ${r}, then null`);
+    expect(requestReads).toBe(1);
+  });
+
   test('createPlan: a requests Proxy whose length is no count is INVALID_VALUE naming chunk.requests (was RangeError: Invalid typed array length)', async () => {
     const { requests } = plainChunk();
     for (const length of [-1, 1.5, 'two', 2 ** 53]) {

@@ -13,7 +13,6 @@ import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type HostRows, type HostTopkRows, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
-  ChunkRequest,
   CombinedRows,
   CompressRatio,
   IdList,
@@ -79,6 +78,52 @@ export function readIds(list: unknown, argument: string): Float64Array {
     out[i] = x;
   }
   return out;
+}
+
+/** A request's fields as the planner reads them, each read once (checked by the Plan's constructor). */
+export interface RequestFields {
+  readonly seqLen: unknown;
+  readonly extendLen: unknown;
+  readonly swaTokenIds: unknown;
+  readonly c4PageTable: unknown;
+  readonly c128PageTable: unknown;
+}
+
+/** A chunk as the planner reads it: its fields, and each request's fields or (not an object) the request as it came. */
+export interface ChunkFields {
+  readonly requests: readonly (RequestFields | unknown)[];
+  readonly c4PageSize: unknown;
+  readonly c128PageSize: unknown;
+}
+
+/**
+ * A chunk read once: its fields, its requests' count and each request's fields copied into plain
+ * objects, so that a getter or Proxy asked again cannot answer otherwise (chunk.requests or a
+ * request read again gave null: TypeError, or other requests than the ones checked). The Plan's
+ * constructor checks what this read; createShardedPlan reads the chunk once for the whole plan and
+ * its shards. null when `chunk` is no object or its requests no array; a request that is no object
+ * ends the copy (the checks refuse it there). The count is checked here, where it is read.
+ */
+export function chunkOnce(chunk: unknown): ChunkFields | null {
+  if (typeof chunk !== 'object' || chunk === null) return null;
+  const c = chunk as Record<string, unknown>;
+  const given = c.requests;
+  if (!Array.isArray(given)) return null;
+  const c4PageSize = c.c4PageSize, c128PageSize = c.c128PageSize;
+  const n: unknown = given.length; // a Proxy of an array may answer anything
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', 'chunk.requests', 'an array of requests', `length ${describe(n)}`);
+  if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
+  const requests: (RequestFields | unknown)[] = [];
+  for (let r = 0; r < n; r++) {
+    const q: unknown = given[r];
+    if (typeof q !== 'object' || q === null) {
+      requests.push(q);
+      break;
+    }
+    const f = q as Record<string, unknown>;
+    requests.push({ seqLen: f.seqLen, extendLen: f.extendLen, swaTokenIds: f.swaTokenIds, c4PageTable: f.c4PageTable, c128PageTable: f.c128PageTable });
+  }
+  return { requests, c4PageSize, c128PageSize };
 }
 
 function checkInt(v: unknown, argument: string, min: number, max: number): number {
@@ -829,8 +874,8 @@ export class Plan {
   constructor(chunk: PlanChunk, options: PlanOptions) {
     // every field of the chunk, its requests and the options read once: a getter or Proxy asked
     // again could answer otherwise (a request that became null, a list that shrank)
-    const reqsArg: unknown = typeof chunk === 'object' && chunk !== null ? chunk.requests : undefined;
-    if (!Array.isArray(reqsArg)) fail('INVALID_VALUE', 'chunk', 'an object {requests: [...], c4PageSize?, c128PageSize?}', describe(chunk));
+    const read = chunkOnce(chunk);
+    if (read === null) fail('INVALID_VALUE', 'chunk', 'an object {requests: [...], c4PageSize?, c128PageSize?}', describe(chunk));
     if (typeof options !== 'object' || options === null) fail('INVALID_VALUE', 'options', 'an options object', describe(options));
     const window = (this.window = checkInt(options.window ?? DEFAULT_WINDOW, 'options.window', 1, 1 << 20));
     this.align = checkInt(options.align ?? DEFAULT_ALIGN, 'options.align', 1, 1 << 20);
@@ -840,33 +885,26 @@ export class Plan {
     const core = options.core;
     if (core !== undefined && core !== 'auto' && core !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(core));
     const planner = (this.#planner = loadHostPlanner());
-    const n: unknown = reqsArg.length; // a Proxy of an array may answer anything
-    if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', 'chunk.requests', 'an array of requests', `length ${describe(n)}`);
-    if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
-    this.numRequests = n;
+    const n = (this.numRequests = read.requests.length);
     const pageSizes = new Map<4 | 128, number>();
-    const c4PageSize = chunk.c4PageSize, c128PageSize = chunk.c128PageSize;
-    if (c4PageSize !== undefined) pageSizes.set(4, checkInt(c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));
-    if (c128PageSize !== undefined) pageSizes.set(128, checkInt(c128PageSize, 'chunk.c128PageSize', 1, INT32_MAX));
+    if (read.c4PageSize !== undefined) pageSizes.set(4, checkInt(read.c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));
+    if (read.c128PageSize !== undefined) pageSizes.set(128, checkInt(read.c128PageSize, 'chunk.c128PageSize', 1, INT32_MAX));
 
-    // Lengths first (cheap), so the layout and the budget check come before reading any ids; each
-    // request's id lists are taken here too (as given, read by readIds below)
+    // Lengths first (cheap), so the layout and the budget check come before reading any ids.
     const seqLens = (this.#seqLens = new Int32Array(n));
     const extendLens = (this.#extendLens = new Int32Array(n));
-    const reqs: { swaTokenIds: unknown; c4PageTable: unknown; c128PageTable: unknown }[] = [];
+    const reqs = read.requests as readonly RequestFields[];
     for (let r = 0; r < n; r++) {
-      const q: unknown = reqsArg[r];
+      const q: unknown = reqs[r];
       if (typeof q !== 'object' || q === null) fail('INVALID_VALUE', `chunk.requests[${r}]`, 'a request {seqLen, extendLen, swaTokenIds, ...}', describe(q));
-      const given = q as ChunkRequest;
+      const given = q as RequestFields;
       seqLens[r] = checkInt(given.seqLen, `chunk.requests[${r}].seqLen`, 0, INT32_MAX);
       extendLens[r] = checkInt(given.extendLen, `chunk.requests[${r}].extendLen`, 0, seqLens[r]!);
-      const fields = { swaTokenIds: given.swaTokenIds as unknown, c4PageTable: given.c4PageTable as unknown, c128PageTable: given.c128PageTable as unknown };
       for (const [ratio, key] of [[4, 'c4PageTable'], [128, 'c128PageTable']] as const) {
-        if (fields[key] !== undefined && !pageSizes.has(ratio)) {
+        if (given[key] !== undefined && !pageSizes.has(ratio)) {
           fail('INVALID_VALUE', `chunk.${ratio === 4 ? 'c4PageSize' : 'c128PageSize'}`, `a page size, since chunk.requests[${r}].${key} is given`, 'undefined');
         }
       }
-      reqs.push(fields);
     }
     // The chunk's totals, summed here in float64 (exact far beyond int32) before the core sums
     // them: the query count and each ratio's workspace rows must fit int32.

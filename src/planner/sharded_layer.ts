@@ -16,7 +16,7 @@ import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
-import { createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
+import { chunkOnce, createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS, type ChunkFields } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import { checkCallMemory } from '../backends/memory.js';
@@ -62,11 +62,11 @@ export function evenRanges(total: number, parts: number): Array<[number, number]
   return out;
 }
 
-/** The requests of flat queries [a, b) of `chunk`: each overlapping request cut to its part. */
-function subChunk(chunk: PlanChunk, a: number, b: number, window: number): PlanChunk {
+/** The requests of flat queries [a, b) of `chunk` (as the whole plan read and checked it): each overlapping request cut to its part. */
+function subChunk(chunk: ChunkFields, a: number, b: number, window: number): PlanChunk {
   const requests: ChunkRequest[] = [];
   let offset = 0;
-  chunk.requests.forEach((req, r) => {
+  (chunk.requests as readonly ChunkRequest[]).forEach((req, r) => {
     const lo = Math.max(a, offset) - offset, hi = Math.min(b, offset + req.extendLen) - offset;
     offset += req.extendLen;
     if (hi <= lo) return;
@@ -83,7 +83,9 @@ function subChunk(chunk: PlanChunk, a: number, b: number, window: number): PlanC
       ...(req.c128PageTable !== undefined ? { c128PageTable: req.c128PageTable } : {}),
     });
   });
-  return { requests, ...(chunk.c4PageSize !== undefined ? { c4PageSize: chunk.c4PageSize } : {}), ...(chunk.c128PageSize !== undefined ? { c128PageSize: chunk.c128PageSize } : {}) };
+  // (the page sizes as the whole plan checked them: numbers where given)
+  const c4PageSize = chunk.c4PageSize as number | undefined, c128PageSize = chunk.c128PageSize as number | undefined;
+  return { requests, ...(c4PageSize !== undefined ? { c4PageSize } : {}), ...(c128PageSize !== undefined ? { c128PageSize } : {}) };
 }
 
 /** Most shards a plan may have: one per engine (far above the GPUs of any host; guards typos like 1e9). */
@@ -97,10 +99,13 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
   const planOptions: PlanOptions = { window: givenWindow, align, workspaceBudgetBytes, caches, core };
   if (!Number.isSafeInteger(n) || n < 1 || n > MAX_SHARDS) fail('INVALID_VALUE', 'options.shards', `an integer in [1, ${MAX_SHARDS}] (one shard per engine)`, describe(n));
   if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
-  const whole = createPlan(chunk, planOptions);
+  // the chunk read once: the whole plan checks what the shards are cut from (read again, a getter
+  // could give null, or other requests than the whole plan's)
+  const read = chunkOnce(chunk);
+  const whole = createPlan((read ?? chunk) as PlanChunk, planOptions);
   if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
   const window = planOptions.window ?? DEFAULT_WINDOW;
-  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(chunk, a, b, window), planOptions), queryOffset: a, numQueries: b - a }));
+  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(read!, a, b, window), planOptions), queryOffset: a, numQueries: b - a }));
   return new ShardedPlan(split, shards, whole.numQueries);
 }
 

@@ -1040,6 +1040,28 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
     await expectTyped(() => swaTokenIdsFromTable(reqToToken, new Proxy(fullToSwa, {}), seqLen, extendLen, window), 'INVALID_VALUE', 'fullToSwa');
   });
 
+  test("the layer reference takes a sink of +inf by §4's math, as the ops' reference and every backend do: out = 0 over finite logits, NaN where a logit is +inf or NaN (it gave out = 0 whatever the logits: a false wrong-result, cpu seed 27 case 1068)", async () => {
+    const sc = randomScenario(rng, [rng.int(20, 60)], [rng.int(2, 5)]);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const plan = createPlan(sc.chunk);
+    const hQ = 3;
+    const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512));
+    // head 1 (sink +inf) of query 0 gets a NaN q element (the fuzzer's case had −inf ones): its logits are NaN; head 2 (sink +inf) keeps finite logits
+    q.data[(0 * hQ + 1) * 512 + rng.int(0, 512)] = 0x7fc0;
+    const attnSink = tensor('float32', [hQ], Float32Array.from([rng.normal(), Infinity, Infinity]));
+    const args = { q, compressRatio: 0 as const, plan, caches, smScale: 0.04, attnSink };
+    const ref = prefillLayerReference({ chunk: sc.ref, ...args });
+    const at = (h: number, i = 0) => ref.out[(i * hQ + h) * 512]!;
+    expect(Number.isNaN(at(1)), 'query 0, head 1: a non-finite logit over a +inf sink').toBe(true);
+    for (let i = 0; i < sc.numQueries; i++) expect(at(2, i), `query ${i}, head 2: finite logits over a +inf sink`).toBe(0);
+    for (const engine of engines) {
+      for (const path of ['sparse', 'paged'] as const) {
+        const got = await prefillLayer(engine, { ...args, path });
+        expectWithinBounds(`${engine.backend} ${path}`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+      }
+    }
+  });
+
   /** A copy of `a` in a subclass whose buffer, byteOffset and byteLength getters lie (the fuzzer's LyingGeometry). */
   function lyingGeometry(a: Uint8Array): Uint8Array {
     class LyingGeometry extends Uint8Array {

@@ -10,6 +10,7 @@ import { SparseMlaError } from '../errors.js';
 import type { KvCache, Tensor } from '../types.js';
 import { decodeBf16 } from './formats.js';
 import { dequantizeTokenReference } from './kv_cache.js';
+import { logAddExp } from './sparse_prefill.js';
 
 export interface PlanReferenceRequest {
   seqLen: number;
@@ -188,10 +189,10 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
       lse[n * hQ + h] = l;
       maxLogits[n * hQ + h] = m;
       const sink = args.attnSink ? args.attnSink.data[h]! : -Infinity;
-      if (sink === Infinity) continue; // all weight on the sink: out = 0
-      // lse' = ln(exp(lse) + exp(sink)), computed around the larger of the two
-      const big = Math.max(l, sink);
-      const lseSink = sink === -Infinity ? l : big + Math.log(Math.exp(l - big) + Math.exp(sink - big));
+      // lse' = ln(exp(lse) + exp(sink)) as the ops' reference takes it (§4, §9: by the math): a sink of
+      // +inf gives the weights exp(P − ∞) = 0, out = 0, where the logits are finite; a +inf or NaN logit
+      // gives NaN there (∞ − ∞), as in sparsePrefillReference (this returned out = 0 whatever the logits)
+      const lseSink = logAddExp(l, sink);
       for (let k = 0; k < rows.length; k++) {
         const w = Math.exp(logits[k]! - lseSink);
         const v = rows[k]!;

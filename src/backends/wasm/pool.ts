@@ -42,7 +42,7 @@ import { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
 import { SparseMlaError, disposedError } from '../../errors.js';
-import type { TaskResult, WorkerApi, WorkerInit } from './protocol.js';
+import type { TaskResult, WorkerApi, WorkerInit, WorkerMemory } from './protocol.js';
 
 const WORKER_URL = new URL('./worker.js', import.meta.url);
 
@@ -60,7 +60,7 @@ export function startRetryDelayMs(failures: number): number {
   return Math.min(START_RETRY_MAX_MS, START_RETRY_BASE_MS * 2 ** (failures - 2));
 }
 
-export type TaskMethod = Exclude<keyof WorkerApi, 'ready'>;
+export type TaskMethod = Exclude<keyof WorkerApi, 'ready' | 'memory'>;
 type TaskArg<M extends TaskMethod> = Parameters<WorkerApi[M]>[0];
 export type TaskValue<M extends TaskMethod> = ReturnType<WorkerApi[M]> extends TaskResult<infer T> ? T : never;
 
@@ -320,6 +320,22 @@ export class WorkerPool {
     idleWorkers: (): number[] => this.slots.filter((s) => s.state === 'idle').map((s) => s.index),
     states: (): Slot['state'][] => this.slots.map((s) => s.state),
     queued: (): number => this.queue.length,
+    /** 'message' listeners on each worker, this side (comlink's one each) */
+    messageListeners: (): number[] => this.slots.map((s) => s.worker.listenerCount('message')),
+    /** Each running worker's memory (WorkerMemory), after a full collection in it when `collect` and the process has --expose-gc. */
+    workerMemory: (collect = false): Promise<WorkerMemory[]> =>
+      Promise.all(
+        this.slots
+          .filter((s) => s.state === 'idle' || s.state === 'busy')
+          .map(async (s) => {
+            s.worker.ref(); // an idle worker is unref'd: the answer must keep the process alive
+            try {
+              return (await s.remote.memory(collect)) as WorkerMemory;
+            } finally {
+              if (s.state === 'idle') s.worker.unref();
+            }
+          }),
+      ),
   };
 }
 

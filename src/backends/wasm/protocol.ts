@@ -66,8 +66,26 @@ export interface TaskError {
 /** Workers answer with a value or a typed error (comlink would drop an Error's `code`). */
 export type TaskResult<T> = { ok: true; value: T; heapBytes: number } | { ok: false; error: TaskError };
 
+/**
+ * What a worker holds, for diagnostics (the pool's testing hooks): its instance's linear memory,
+ * its own V8 heap, the ArrayBuffers its isolate tracks and its port's listeners. `collected`: a
+ * full collection ran in the worker first (only where the process runs with --expose-gc).
+ */
+export interface WorkerMemory {
+  heapBytes: number;
+  v8UsedBytes: number;
+  v8TotalBytes: number;
+  arrayBuffers: number;
+  external: number;
+  /** 'message' listeners on the worker's port (comlink's one) */
+  portListeners: number;
+  collected: boolean;
+}
+
 export interface WorkerApi {
   ready(): { abiVersion: number; heapBytes: number };
+  /** Diagnostics only, never a task: see WorkerMemory. */
+  memory(collect: boolean): WorkerMemory;
   sparsePrefill(task: SparsePrefillTask): TaskResult<AttentionOutput>;
   pagedSparseAttention(task: PagedSparseAttentionTask): TaskResult<AttentionOutput>;
   dequantizeKvCache(task: DequantizeTask): TaskResult<Uint16Array>;

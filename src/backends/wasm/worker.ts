@@ -2,6 +2,7 @@
  * A worker thread of the WASM pool: one instance of the core, exposed through comlink. It copies
  * its share of the (shared) inputs into its own heap, runs the core and transfers the outputs back.
  */
+import { getHeapStatistics } from 'node:v8';
 import { parentPort, workerData } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
@@ -10,6 +11,7 @@ import { WasmCore } from './ops.js';
 import type { AttentionOutput, TaskResult, WorkerApi, WorkerInit } from './protocol.js';
 
 if (!parentPort) throw new Error('sparse-mla: worker.js must run as a worker thread');
+const port = parentPort;
 const init = workerData as WorkerInit;
 const core = await WasmCore.instantiate(init.module, init.maxMemoryBytes);
 
@@ -28,6 +30,14 @@ const attentionBuffers = (o: AttentionOutput): ArrayBuffer[] => [o.out.buffer as
 
 const api: WorkerApi = {
   ready: () => ({ abiVersion: core.abiVersion, heapBytes: core.heapBytes }),
+
+  memory: (collect) => {
+    const gc = (globalThis as { gc?: () => void }).gc;
+    if (collect) gc?.();
+    const v8 = getHeapStatistics();
+    const m = process.memoryUsage();
+    return { heapBytes: core.heapBytes, v8UsedBytes: v8.used_heap_size, v8TotalBytes: v8.total_heap_size, arrayBuffers: m.arrayBuffers, external: m.external, portListeners: port.listenerCount('message'), collected: collect && gc !== undefined };
+  },
 
   sparsePrefill: ({ job, rowStart, rowEnd }) =>
     run(() => {
@@ -85,4 +95,4 @@ const api: WorkerApi = {
     }, (v) => [v.buffer as ArrayBuffer]),
 };
 
-Comlink.expose(api, nodeEndpoint(parentPort));
+Comlink.expose(api, nodeEndpoint(port));

@@ -12,7 +12,7 @@
  * rounds of 50 calls left the linear memory at its size after the first round and the workers'
  * heaps and ArrayBuffers after a collection flat, and the rss levelled off once the V8 heaps had
  * grown to their working sizes: no leak. Here the healthy code reads 0 growth of the linear memory
- * and -1.1 to 1.0 / 0.00 to 0.01 KiB a round of ArrayBuffers / heap; each of these bugs, injected
+ * and -1.1 to 1.2 / 0.00 to 0.01 KiB a round of ArrayBuffers / heap; each of these bugs, injected
  * into a private copy, failed this test: a worker keeping each task's outputs (ArrayBuffers 610-730
  * KiB a round), keeping each task's argument (heap 5.3-7.2 KiB a round), a task's heap allocations
  * freed only on failure (linear memory +67 to +135 MiB), a 'message' listener added per task on either

@@ -54,7 +54,10 @@ export class SparseMlaEngine implements Engine {
   readonly backend: BackendName;
   readonly workers: number;
   private readonly impl: Backend;
-  private disposed = false;
+  // in an object of its own: a caller's Object.freeze(engine) (shallow) must not keep dispose() from
+  // marking it (the assignment threw TypeError, and the backend's workers and threads were never
+  // stopped); not a #field, which a Proxy of the engine could not read through its methods
+  private readonly life = { disposed: false };
 
   constructor(impl: Backend) {
     this.impl = impl;
@@ -63,7 +66,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   private alive(): void {
-    if (this.disposed) throw disposedError();
+    if (this.life.disposed) throw disposedError();
   }
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
@@ -186,13 +189,13 @@ export class SparseMlaEngine implements Engine {
 
   /** Not an async function (it waits in the backend's): one promise a call, the backend's. */
   synchronize(): Promise<void> {
-    if (this.disposed) return Promise.reject(disposedError());
+    if (this.life.disposed) return Promise.reject(disposedError());
     return this.impl.device?.synchronize() ?? Promise.resolve();
   }
 
   async dispose(): Promise<void> {
-    if (this.disposed) return;
-    this.disposed = true;
+    if (this.life.disposed) return;
+    this.life.disposed = true;
     undisposedWorkers.unregister(this);
     await this.impl.dispose();
   }

@@ -1062,6 +1062,22 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
     }
   });
 
+  test("a frozen engine disposes: dispose() resolves and later calls are DISPOSED (its assignment of the disposed flag threw TypeError, the workers or threads kept running: the fuzzer's runner died in its teardown after a case froze the shared engine, unseen, e.g. cpu seed 41)", async () => {
+    for (const backend of addonBuilt ? (['wasm', 'cpu'] as const) : (['wasm'] as const)) {
+      const engine = await createEngine({ backend, ...(backend === 'wasm' ? { workers: 1 } : {}) });
+      const sQ = rng.int(1, 3), hQ = rng.int(1, 3), sKV = rng.int(1, 9);
+      const args = { q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)), kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)), indices: tensor('int32', [sQ, 1], Int32Array.from({ length: sQ }, () => rng.int(0, sKV))), smScale: 0.04 };
+      Object.freeze(engine);
+      expectWithinBounds(`${backend}, frozen`, await engine.sparsePrefill(args), sparsePrefillReference(args), Array.from({ length: sQ }, (_, i) => i));
+      expect(await errorOf(() => engine.dispose()), backend).toBeUndefined();
+      await expectTyped(() => engine.sparsePrefill(args), 'DISPOSED');
+      // and a Proxy of an engine still reaches its methods (its state is no #field)
+      const live = await createEngine({ backend, ...(backend === 'wasm' ? { workers: 1 } : {}) });
+      expectWithinBounds(`${backend}, a Proxy of it`, await new Proxy(live, {}).sparsePrefill(args), sparsePrefillReference(args), Array.from({ length: sQ }, (_, i) => i));
+      await live.dispose();
+    }
+  });
+
   /** A copy of `a` in a subclass whose buffer, byteOffset and byteLength getters lie (the fuzzer's LyingGeometry). */
   function lyingGeometry(a: Uint8Array): Uint8Array {
     class LyingGeometry extends Uint8Array {

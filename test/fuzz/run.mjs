@@ -157,10 +157,18 @@ async function child() {
     }
   }
   closeSync(progress);
-  await send({ type: 'counts', counts, next: i, done: true });
-  await (env.close?.() ?? env.engine.dispose());
-  await closeHostTargets();
+  // the engine's dispose() after every case is judged too (a case had frozen the shared engine, and
+  // its dispose() threw TypeError: the child died here unseen, its workers never stopped, its temp
+  // folder left behind)
+  try {
+    await (env.close?.() ?? env.engine.dispose());
+    await closeHostTargets();
+  } catch (e) {
+    const what = e instanceof Error ? `${e.name}${e.code ? ` ${e.code}` : ''}: ${String(e.message).slice(0, 300)}` : String(e);
+    await send({ type: 'finding', backend, index: i, target: 'teardown', muts: [], finding: { kind: 'untyped', severity: 'hard', detail: `the engine's dispose() after the run's cases threw ${what}` } });
+  }
   removeTempDir();
+  await send({ type: 'counts', counts, next: i, done: true });
   process.exit(0);
 }
 

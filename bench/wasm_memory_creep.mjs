@@ -1,5 +1,5 @@
 // Whether the wasm backend's resident memory creeps call after call, and which part grows: rounds
-// of the 50 overlapping calls of test/children/concurrency.mjs (quantize, dequant, sparsePrefill,
+// of the 50 overlapping calls of test/children/concurrency.mjs (test/children/mixed_calls.mjs: quantize, dequant, sparsePrefill,
 // pagedSparseAttention, prefillLayer of every ratio down both paths, on one engine), with after
 // each round the main thread's process.memoryUsage(), and, through the pool's diagnostic hook,
 // each worker's wasm linear memory, V8 heap and ArrayBuffers, plus the main-thread structures a
@@ -14,11 +14,10 @@
 // median slope between every two rounds (as test/threads.test.ts measures it), over windows of rounds.
 import { readFileSync, readdirSync } from 'node:fs';
 import { parseArgs } from 'node:util';
-import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import { createEngine } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
-import * as R from '../dist/reference/index.js';
-import { makeRng, randomBf16Bits, randomIndices } from '../dist/check/grid.js';
-import { chunkScenario, indexerTopk, shuffled } from '../dist/check/chunks.js';
+import { makeRng } from '../dist/check/grid.js';
+import { mixedWorkload } from '../test/children/mixed_calls.mjs';
 
 const { values: o } = parseArgs({
   options: {
@@ -75,59 +74,8 @@ function residentByMapping() {
   return out;
 }
 
-function referenceCache(pageSize, numPages, filled = pageSize * numPages) {
-  const cache = createKvCache('v4', { pageSize, numPages });
-  R.quantizeKCacheReference(cache, Array.from({ length: filled }, (_, i) => i), tensor('bf16', [filled, 512], randomBf16Bits(rng, filled * 512)));
-  return cache;
-}
-const pageSize = 64, numPages = 40, half = (pageSize * numPages) / 2;
-const initialCache = referenceCache(pageSize, numPages, half);
-const freeIds = shuffled(rng, half).map((x) => x + half);
-const pagedCache = referenceCache(16, 30);
-const sc = chunkScenario(rng, [{ seqLen: 900, extendLen: 40 }, { seqLen: 300, extendLen: 30 }]);
-const layerCaches = { swa: referenceCache(sc.swaPageSize, sc.swaPages), c4: referenceCache(sc.c4PageSize, sc.c4Pages), c128: referenceCache(sc.c128PageSize, sc.c128Pages) };
-const plan = createPlan(sc.chunk, { window: sc.window });
-
-/** The 50 calls of concurrency.mjs, each `run(cache)`; their inputs made by `inputs()` (again each round with --fresh). */
-function makeCalls() {
-  const calls = [];
-  for (let i = 0; i < 50; i++) {
-    const kind = ['quantize', 'dequant', 'prefill', 'paged', 'layer'][i % 5];
-    const k = Math.floor(i / 5);
-    if (kind === 'quantize') {
-      const ids = freeIds.slice(k * 100, k * 100 + 100);
-      const rows = tensor('bf16', [100, 512], randomBf16Bits(rng, 100 * 512));
-      calls.push((cache) => engine.quantizeKCache({ cache, tokenIds: tensor('int32', [100], ids), rows }));
-    } else if (kind === 'dequant') {
-      const ids = Array.from({ length: 200 }, () => rng.int(0, half));
-      calls.push((cache) => engine.dequantizeKCachePaged({ cache, tokenIds: ids }));
-    } else if (kind === 'prefill') {
-      const sQ = 1 + rng.int(0, 20), hQ = 8, sKV = 300, topk = 64;
-      const a = {
-        q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)),
-        kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)),
-        indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0.1, 0.05, [])),
-        attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
-        smScale: 1 / Math.sqrt(512),
-      };
-      calls.push(() => engine.sparsePrefill(a));
-    } else if (kind === 'paged') {
-      const n = 1 + rng.int(0, 16), hQ = 4, topk = 64;
-      const a = { q: tensor('bf16', [n, hQ, 512], randomBf16Bits(rng, n * hQ * 512)), kCache: pagedCache, indices: tensor('int32', [n, topk], randomIndices(rng, n, topk, 480, 0.1, 0, [])), smScale: 1 / Math.sqrt(512) };
-      calls.push(() => engine.pagedSparseAttention(a));
-    } else {
-      const ratio = [0, 4, 128][k % 3];
-      const path = k % 2 ? 'paged' : 'sparse';
-      const hQ = 4;
-      const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512));
-      const topkIndices = ratio === 4 ? indexerTopk(rng, sc.requests, 32, { holes: 0.15, late: 1 }).indices : undefined;
-      const caches = { swa: layerCaches.swa, ...(ratio === 4 ? { c4: layerCaches.c4 } : ratio === 128 ? { c128: layerCaches.c128 } : {}) };
-      const args = { q, compressRatio: ratio, plan, caches, topkIndices, smScale: 1 / Math.sqrt(512), path };
-      calls.push(() => prefillLayer(engine, args));
-    }
-  }
-  return calls;
-}
+// the workload of concurrency.mjs, its inputs made again each round with --fresh
+const { initialCache, makeCalls } = mixedWorkload(engine, rng);
 
 /** Tasks a round sends the workers (counted once through the pool's dispatch hook). */
 let tasks = 0;
@@ -145,7 +93,7 @@ for (let round = 0; round < rounds; round++) {
   if (o.fresh && round > 0) calls = makeCalls();
   const cache = structuredClone(initialCache);
   const t0 = performance.now();
-  await Promise.all(calls.map((c) => c(cache)));
+  await Promise.all(calls.map((c) => c.run(cache)));
   const ms = performance.now() - t0;
   if (o.gc !== 'none') globalThis.gc();
   const workers = pool ? await pool.testing.workerMemory(o.gc === 'all') : [];
@@ -161,7 +109,7 @@ for (let round = 0; round < rounds; round++) {
     if (o.gc === 'all' && !workers.every((w) => w.collected)) throw new Error('no gc in the workers');
     Object.assign(row, {
       wHeap: sum((w) => w.heapBytes), wV8Used: sum((w) => w.v8UsedBytes), wV8Total: sum((w) => w.v8TotalBytes), wArrayBuffers: sum((w) => w.arrayBuffers), wExternal: sum((w) => w.external),
-      msgListeners: pool.slots.reduce((s, slot) => s + slot.worker.listenerCount('message'), 0),
+      msgListeners: pool.testing.messageListeners().reduce((a, b) => a + b, 0),
     });
   }
   for (const k of cols) columns[k][round] = row[k];

@@ -45,6 +45,17 @@ function isIdList(v: unknown): v is IdList {
   return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
 }
 
+/**
+ * An array's length read once, as a count of `items` (a Proxy of an array may answer anything, or
+ * otherwise on a second read): INVALID_VALUE when no count, TOO_LARGE above what the C ABI counts.
+ */
+function listCount(list: readonly unknown[], argument: string, items: string): number {
+  const n: unknown = list.length;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
+  if (n > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ${items}`, `${n}`);
+  return n;
+}
+
 /** The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). */
 export function readIds(list: unknown, argument: string): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
@@ -52,11 +63,8 @@ export function readIds(list: unknown, argument: string): Float64Array {
   let n: number;
   if (Array.isArray(list)) {
     // its length read once (a Proxy's may answer otherwise on each read, or not a count), each element once below
-    const length: unknown = list.length;
-    if (typeof length !== 'number' || !Number.isSafeInteger(length) || length < 0) fail('INVALID_VALUE', argument, 'an array of ids', `length ${describe(length)}`);
-    if (length > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ids`, `${length}`);
+    n = listCount(list, argument, 'ids');
     src = list as unknown as ArrayLike<number | bigint>;
-    n = length;
   } else if (ArrayBuffer.isView(list)) {
     // its memory as the intrinsics see it (a subclass's own length is no evidence of it)
     const kind = typedArrayKind(list) as 'Int32Array';
@@ -110,9 +118,7 @@ export function chunkOnce(chunk: unknown): ChunkFields | null {
   const given = c.requests;
   if (!Array.isArray(given)) return null;
   const c4PageSize = c.c4PageSize, c128PageSize = c.c128PageSize;
-  const n: unknown = given.length; // a Proxy of an array may answer anything
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', 'chunk.requests', 'an array of requests', `length ${describe(n)}`);
-  if (n > INT32_MAX) fail('TOO_LARGE', 'chunk.requests', `at most ${INT32_MAX} requests`, `${n}`);
+  const n = listCount(given, 'chunk.requests', 'requests');
   const requests: (RequestFields | unknown)[] = [];
   for (let r = 0; r < n; r++) {
     const q: unknown = given[r];

@@ -333,21 +333,7 @@ function mutateArray(a, rng) {
       a.forEach((x, i) => (o[i] = x));
       return { value: o, desc: 'an array-like object' };
     },
-    () => {
-      const c = a.slice();
-      let reads = 0;
-      return {
-        value: new Proxy(c, {
-          get(t, k, r) {
-            if (k === 'length') reads++;
-            if (k === 'length' && reads > 1) return t.length + 5;
-            return Reflect.get(t, k, r);
-          },
-        }),
-        desc: 'a Proxy whose length grows after the first read',
-        dynamic: true,
-      };
-    },
+    () => lengthChangingProxy(a, (n) => n + 5, 'grows'),
   ];
   if (a.length > 8) {
     // a long id list: a bad id somewhere inside
@@ -378,23 +364,22 @@ function mutateArray(a, rng) {
       Object.defineProperty(c, i, { enumerable: true, configurable: true, get: () => (reads++ === 0 ? first : later) });
       return { value: c, desc: `element ${i} changes after its first read (to ${describe(later)})`, dynamic: true };
     },
-    () => {
-      const c = a.slice();
-      let reads = 0;
-      return {
-        value: new Proxy(c, {
-          get(t, k, r) {
-            if (k === 'length' && reads++ > 0) return Math.max(0, t.length - 1);
-            return Reflect.get(t, k, r);
-          },
-        }),
-        desc: 'a Proxy whose length shrinks by one after the first read',
-        dynamic: true,
-      };
-    },
+    () => lengthChangingProxy(a, (n) => Math.max(0, n - 1), 'shrinks by one'),
     () => ({ value: new Proxy(Int32Array.from(a.filter((x) => typeof x === 'number')), {}), desc: 'a Proxy of an Int32Array of it' }),
   ];
   return orSide(0.25, old, (r) => r.pick(added)(r));
+}
+
+/** A Proxy of a copy of `a` whose length answers `later(length)` from its second read on. */
+function lengthChangingProxy(a, later, how) {
+  let reads = 0;
+  const value = new Proxy(a.slice(), {
+    get(t, k, r) {
+      if (k === 'length' && reads++ > 0) return later(t.length);
+      return Reflect.get(t, k, r);
+    },
+  });
+  return { value, desc: `a Proxy whose length ${how} after the first read`, dynamic: true };
 }
 
 /** Wrappers of an object (a tensor, a cache, an argument object) and replacements for it. */

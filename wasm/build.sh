@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the C++ core (cpp/src/*.cpp) as a standalone WebAssembly module (SIMD128) that the TS
 # facade instantiates itself: no imports; exports are `memory` and exactly the smla_* functions
-# declared in cpp/include/sparse_mla/sparse_mla.h. Reference toolchain: Debian's Emscripten 3.1.6.
+# declared in cpp/include/sparse_mla/sparse_mla.h (the C ABI) and wasm_heap.h (the WASM build's
+# heap diagnostics). Reference toolchain: Debian's Emscripten 3.1.6.
 # The output is committed and must be byte-identical to a rebuild (CI compares).
 #
 # usage: bash wasm/build.sh [output.wasm]     (default: wasm/sparse_mla.wasm)
@@ -14,8 +15,9 @@ cd "$ROOT"
 export NODE_PATH="${NODE_PATH:-/usr/share/nodejs}"
 export LC_ALL=C
 
-# Every smla_* function of the C ABI header is exported.
-FUNCS=$(grep -oE 'SMLA_API[^(]*\bsmla_[a-z0-9_]+\(' cpp/include/sparse_mla/sparse_mla.h |
+# Every smla_* function of the C ABI header and of the WASM heap diagnostics is exported.
+FUNCS=$(cat cpp/include/sparse_mla/sparse_mla.h cpp/include/sparse_mla/wasm_heap.h |
+  grep -oE 'SMLA_API[^(]*\bsmla_[a-z0-9_]+\(' |
   grep -oE 'smla_[a-z0-9_]+' | sort -u)
 EXPORTS="[$(for f in $FUNCS; do printf '"_%s",' "$f"; done | sed 's/,$//')]"
 SOURCES=$(ls cpp/src/*.cpp | sort)

@@ -2,6 +2,11 @@
 #include <stdlib.h>
 
 #include "sparse_mla/sparse_mla.h"
+#include "sparse_mla/wasm_heap.h"
+
+#if defined(__EMSCRIPTEN__)
+#include <malloc.h>
+#endif
 
 extern "C" SMLA_API int32_t smla_abi_version(void) { return SMLA_ABI_VERSION; }
 
@@ -19,4 +24,9 @@ extern "C" SMLA_API void smla_free(void* ptr) { free(ptr); }
 // this hook, which a JS glue would use to refresh its views. Our host re-creates its typed-array
 // views after every call, so the hook is defined here as a no-op and the module imports nothing.
 extern "C" void emscripten_notify_memory_growth(size_t memory_index) { (void)memory_index; }
+
+// dlmalloc's own count (mallinfo's uordblks: its footprint less its free chunks), so a block left
+// allocated anywhere in the module shows, not only the host's. The header declares it int; it is
+// a size_t in dlmalloc, 4 bytes either way in wasm32.
+extern "C" SMLA_API size_t smla_heap_bytes_in_use(void) { return static_cast<unsigned>(mallinfo().uordblks); }
 #endif

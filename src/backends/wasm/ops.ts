@@ -26,7 +26,7 @@ import {
 /** The ABI version this binding is written against (SMLA_ABI_VERSION). */
 export const ABI_VERSION = 2;
 
-const REQUIRED_EXPORTS = ['memory', 'smla_abi_version', 'smla_malloc', 'smla_free', ...(Object.keys(OP_PARAMS) as OpName[]).map(cFunctionName)];
+const REQUIRED_EXPORTS = ['memory', 'smla_abi_version', 'smla_malloc', 'smla_free', 'smla_heap_bytes_in_use', ...(Object.keys(OP_PARAMS) as OpName[]).map(cFunctionName)];
 
 /** Compiles the module and checks it has every export WasmCore calls (the worker pool's way). */
 export const compileCoreModule = (): Promise<CompiledCore> => compileModule(REQUIRED_EXPORTS);
@@ -50,6 +50,7 @@ interface CoreExports {
   smla_abi_version(): number;
   smla_malloc(bytes: number): Ptr;
   smla_free(ptr: Ptr): void;
+  smla_heap_bytes_in_use(): number;
   [op: string]: unknown;
 }
 
@@ -106,6 +107,14 @@ export class WasmCore {
   /** Current size of the instance's linear memory. */
   get heapBytes(): number {
     return this.x.memory.buffer.byteLength;
+  }
+
+  /**
+   * Bytes the module's allocator holds in use (every live block, the core's scratch included):
+   * 0 between calls, since each call frees what it allocated. Walks the heap: diagnostics only.
+   */
+  get allocatedBytes(): number {
+    return this.x.smla_heap_bytes_in_use() >>> 0;
   }
 
   /** Allocates every size (≥ 1 byte each) or none; frees them after fn, whatever happens. */

@@ -67,12 +67,14 @@ export interface TaskError {
 export type TaskResult<T> = { ok: true; value: T; heapBytes: number } | { ok: false; error: TaskError };
 
 /**
- * What a worker holds, for diagnostics (the pool's testing hooks): its instance's linear memory,
- * its own V8 heap, the ArrayBuffers its isolate tracks and its port's listeners. `collected`: a
+ * What a worker holds, for diagnostics (the pool's testing hooks): its instance's linear memory
+ * and the bytes its allocator holds in use there, its own V8 heap, the ArrayBuffers its isolate tracks and its port's listeners. `collected`: a
  * full collection ran in the worker first (only where the process runs with --expose-gc).
  */
 export interface WorkerMemory {
   heapBytes: number;
+  /** bytes in use in the linear memory's allocator (WasmCore.allocatedBytes): 0 between tasks */
+  allocatedBytes: number;
   v8UsedBytes: number;
   v8TotalBytes: number;
   arrayBuffers: number;

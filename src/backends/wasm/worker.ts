@@ -36,7 +36,7 @@ const api: WorkerApi = {
     if (collect) gc?.();
     const v8 = getHeapStatistics();
     const m = process.memoryUsage();
-    return { heapBytes: core.heapBytes, v8UsedBytes: v8.used_heap_size, v8TotalBytes: v8.total_heap_size, arrayBuffers: m.arrayBuffers, external: m.external, portListeners: port.listenerCount('message'), collected: collect && gc !== undefined };
+    return { heapBytes: core.heapBytes, allocatedBytes: core.allocatedBytes, v8UsedBytes: v8.used_heap_size, v8TotalBytes: v8.total_heap_size, arrayBuffers: m.arrayBuffers, external: m.external, portListeners: port.listenerCount('message'), collected: collect && gc !== undefined };
   },
 
   sparsePrefill: ({ job, rowStart, rowEnd }) =>

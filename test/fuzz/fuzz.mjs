@@ -17,6 +17,7 @@ import { CaseHooks, SentinelError, isDetachedBuffer, mutateArgs } from './mutate
 import { TARGETS } from './targets.mjs';
 import { DEVICE_TARGETS } from './device_targets.mjs';
 import { HOST_TARGETS } from './host_targets.mjs';
+import { SIDE_TARGETS } from './side_targets.mjs';
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -46,6 +47,15 @@ export const CASE_TIMEOUT_MS = 30_000;
 /** The first seed whose cases draw the session-51 generators (mutate.mjs orSide); seeds 1-20 were run before them. */
 export const SIDE_FROM_SEED = 21;
 
+/**
+ * The first seed whose cases draw the session-52 generators and targets (mutate.mjs orSide2,
+ * side_targets.mjs) from a stream of their own (CaseHooks.side2); seeds 1-42 were run before them.
+ */
+export const SIDE2_FROM_SEED = 43;
+
+/** The odds that a case of a seed from SIDE2_FROM_SEED runs a session-52 target instead of its own. */
+export const SIDE2_TARGET_ODDS = 0.08;
+
 function caseRng(seed, index) {
   // two rounds of a 32-bit mix: neighbouring indices give unrelated streams
   let h = (Math.imul(seed >>> 0, 0x9e3779b1) ^ Math.imul(index + 1, 0x85ebca6b)) >>> 0;
@@ -66,9 +76,17 @@ function targetsOf(env) {
 function pickTarget(rng, only, env) {
   const all = targetsOf(env);
   const list = only ? all.filter(([t]) => only.includes(t.name)) : all;
-  if (list.length === 0) return null; // --targets names only targets of another backend (workerThreads on wasm)
+  if (list.length === 0) {
+    rng.uniform(); // the draw a target takes (a --targets of session-52 targets only: cases stay those of the full mix)
+    return null; // --targets names only targets of another backend (workerThreads on wasm)
+  }
+  return pickWeighted(list, rng.uniform());
+}
+
+/** The target of weighted `list` that `u` in [0, 1) falls on. */
+function pickWeighted(list, u) {
   const total = list.reduce((a, [, w]) => a + w, 0);
-  let r = rng.uniform() * total;
+  let r = u * total;
   for (const [t, w] of list) if ((r -= w) < 0) return t;
   return list[list.length - 1][0];
 }
@@ -101,14 +119,21 @@ function errText(e) {
  */
 export async function runCase(env, seed, index, only) {
   const rng = caseRng(seed, index);
-  const target = pickTarget(rng, only, env);
-  if (!target) return { target: only.join(','), muts: [], verdict: 'skipped' };
-  if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
+  let target = pickTarget(rng, only, env);
   const buildSeed = rng.u32();
   const hooks = new CaseHooks(makeRng(rng.u32()));
   // the newer generators' own stream (mutate.mjs orSide), not drawn from the case's; not on the seeds
   // run before them, whose cases (and the findings' replays of seeds 14 and 19) stay as they were
   if (seed >= SIDE_FROM_SEED) hooks.side = caseRng((seed ^ 0x6d2b79f5) >>> 0, index);
+  if (seed >= SIDE2_FROM_SEED) {
+    hooks.side2 = caseRng((seed ^ 0x2545f491) >>> 0, index);
+    // a session-52 target in place of the case's own (drawn first from its stream; --targets may name one)
+    const side = SIDE_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!env.stub || env.stub.hostCore));
+    const u = hooks.side2.uniform();
+    if (side.length > 0 && (u < SIDE2_TARGET_ODDS || !target)) target = pickWeighted(side, hooks.side2.uniform());
+  }
+  if (!target) return { target: only.join(','), muts: [], verdict: 'skipped' };
+  if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
   const stub = env.stub ?? null;
   // what the stub device held before the case: anything the case allocates must be gone after it
   const live0 = stub ? new Set(stub.live) : null;
@@ -130,12 +155,18 @@ export async function runCase(env, seed, index, only) {
 
   let result, error, threw = false;
   hooks.markCall(stub);
+  hooks.inCall = true;
   try {
     result = await withTimeout(Promise.resolve().then(() => built.call(built.args)), CASE_TIMEOUT_MS);
   } catch (e) {
     threw = true;
     error = e;
   }
+  hooks.inCall = false;
+  // getters that answer otherwise after their first read, first read by the call: a result must be the unmutated call's
+  const stable = muts.some((m) => m.stable) && muts.every((m) => m.neutral || m.stable) && !hooks.stable.some((r) => r.early);
+  hooks.restoreStable();
+  if (built.describe) res.describe = built.describe;
   if (error instanceof Timeout) {
     env.broken = true;
     return finding('hang', error.message);
@@ -169,6 +200,8 @@ export async function runCase(env, seed, index, only) {
 
   if (threw) {
     if (error instanceof SentinelError) return sentinel ? Object.assign(res, { verdict: 'sentinel' }) : finding('untyped', errText(error));
+    // a value that is no Error, thrown by the case's own getter, let through (the caller's)
+    if (sentinel && hooks.thrown.some((v) => Object.is(v, error))) return Object.assign(res, { verdict: 'sentinel' });
     if (process.env.FUZZ_STACK && !(error instanceof SparseMlaError)) console.error(error.stack); // FUZZ_STACK=1 with --case: where an untyped error came from
     if (!(error instanceof SparseMlaError) || !ERROR_CODES.includes(error.code)) return finding('untyped', errText(error));
     if (error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return finding('backend-error', errText(error));
@@ -181,7 +214,7 @@ export async function runCase(env, seed, index, only) {
   // (a target whose op takes another device's buffer, copyFrom, says so: otherDeviceOk)
   const refusable = muts.filter((m) => m.mustRefuse && !(m.mustRefuse === 'other-device' && built.otherDeviceOk));
   if (refusable.length > 0 && muts.filter((m) => !m.neutral).length === 1 && !built.mustRefuse) return finding('accepted-bad-device', `resolved with ${refusable[0].desc}`);
-  if (sentinel || dynamic) return Object.assign(res, { verdict: 'accepted' });
+  if (sentinel || (dynamic && !stable)) return Object.assign(res, { verdict: 'accepted' });
   // an array's bytes before the call, as the intrinsic typed array of its kind (a subclass's getters may lie: stub seed 4805 case 3343)
   const pre = (a) => {
     const kind = TYPED_KIND.call(a);
@@ -194,19 +227,21 @@ export async function runCase(env, seed, index, only) {
       return a; // detached
     }
   };
+  // a stable case is judged as the unmutated call (its getters read once give the unmutated values)
+  const asBuilt = neutral || stable;
   let refArgs = built.args;
-  if (neutral) refArgs = target.build(makeRng(buildSeed), env, new CaseHooks()).args;
+  if (asBuilt) refArgs = target.build(makeRng(buildSeed), env, new CaseHooks()).args;
   let problem;
   try {
     // device outputs come to the host for the judge (on the stub their values are unknown: only shapes are judged)
     const got = env.engine?.hasDevice ? await hostify(env, result) : result;
-    problem = built.judge ? await built.judge(got, { refArgs, args: built.args, pre, neutral, stub: !!stub, raw: result }) : null;
+    problem = built.judge ? await built.judge(got, { refArgs, args: built.args, pre, neutral: asBuilt, stub: !!stub, raw: result }) : null;
   } catch (e) {
-    if (neutral) return finding('wrong-result', `the judge could not read the result: ${errText(e)}`);
+    if (asBuilt) return finding('wrong-result', `the judge could not read the result: ${errText(e)}`);
     return finding('ref-refused', `accepted, but the reference refuses these arguments: ${errText(e)}`);
   }
-  if (problem) return finding('wrong-result', problem);
-  return Object.assign(res, { verdict: neutral ? 'valid' : 'accepted' });
+  if (problem) return finding('wrong-result', stable ? `resolved, read once its arguments are the unmutated call's, but: ${problem}` : problem);
+  return Object.assign(res, { verdict: neutral ? 'valid' : stable ? 'stable' : 'accepted' });
   }
 }
 

@@ -100,6 +100,48 @@ function orSide(odds, old, made) {
   return side !== null && side.uniform() < odds ? made(side) : old;
 }
 
+/**
+ * The session-52 generators' own stream (CaseHooks.side2, from seed 43: fuzz.mjs SIDE2_FROM_SEED),
+ * drawn after the case's and the session-51 side stream's draws, so seeds 21-42 replay as before.
+ */
+let side2 = null;
+/** The hooks of the case being mutated (mutateArgs): what a generator registers (thrown values, stable getters). */
+let current = null;
+
+/** `made(side2)` with probability `odds` (from the session-52 stream), else `old`. */
+function orSide2(odds, old, made) {
+  return side2 !== null && side2.uniform() < odds ? made(side2) : old;
+}
+
+/**
+ * Values a caller's getter may throw that are no Error: a library that reads `.message` or `.code`
+ * of what it caught, or wraps it, throws its own TypeError. The call must let the value itself
+ * through (a sentinel, the caller's) or refuse with a typed error.
+ */
+const THROWN = () => [null, undefined, Symbol('thrown'), 0, 'a thrown string', Object.freeze(Object.create(null))];
+
+/** A non-Error value to throw, registered with the case (fuzz.mjs takes it back as the caller's own). */
+function thrownValue(r) {
+  const v = r.pick(THROWN());
+  current?.thrown.push(v);
+  return v;
+}
+
+/**
+ * A record of a getter whose later reads answer otherwise (stable: a library that reads it once sees
+ * the first answer, so a call that resolves must give the unmutated call's result). `early` when it
+ * was first read before the call (by the fuzzer's own wrapping): then the case is not judged so.
+ * restore() makes it answer its first value for good (before the judge reads the arguments).
+ */
+function stableRecord() {
+  const h = current;
+  const rec = { early: false, restored: false, read() {
+    if (!h?.inCall && !rec.restored) rec.early = true;
+  } };
+  h?.stable.push(rec);
+  return rec;
+}
+
 const HOSTILE_STRINGS = ['', 'V4', 'v4 ', 'v32', 'v4', 'bf16', 'float32', 'int32', 'int64', 'uint8', 'float64', 'toString', '__proto__', 'constructor', 'hasOwnProperty', 'sparse', 'paged', 'auto', 'heads', 'queries', 'host', 'device', 'cuda', 'x'.repeat(1000)];
 const BIG_INTS = [0n, -1n, 2n ** 31n - 1n, 2n ** 31n, 2n ** 32n, 2n ** 32n + 1n, 2n ** 63n - 1n, -(2n ** 63n), -(2n ** 32n) + 5n];
 
@@ -115,6 +157,14 @@ export class CaseHooks {
     this.device = null; // on a device engine: { alloc(bytes), allocOn(device, bytes) | null } (run.mjs)
     this.reachedAtCall = 0;
     this.side = null; // the side stream of the newer generators (runCase sets it)
+    this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
+    this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
+    this.stable = []; // records of getters that answer otherwise after their first read (stableRecord)
+    this.inCall = false; // set by runCase while the call under test runs
+  }
+  /** The stable getters answer their first value from now on (the judge reads the arguments). */
+  restoreStable() {
+    for (const r of this.stable) r.restored = true;
   }
   /** The stub's op count as the call under test starts (a target that runs warm-up calls first marks it again). */
   markCall(stub) {
@@ -154,6 +204,14 @@ export class CaseHooks {
   }
   shrinkAll() {
     for (const b of this.resizable) if (!isDetachedBuffer(b)) b.resize(0);
+  }
+  /** Grows the resizable buffers to their maximum (a length-tracking view gets longer; a fixed one stays). */
+  growAll() {
+    for (const b of this.resizable) if (!isDetachedBuffer(b)) b.resize(b.maxByteLength);
+  }
+  /** Shrinks the resizable buffers by one byte (a view over their end loses its last element, or all of it). */
+  shrinkByOne() {
+    for (const b of this.resizable) if (!isDetachedBuffer(b) && b.byteLength > 0) b.resize(b.byteLength - 1);
   }
   scribble(rng) {
     for (const a of this.arrays) {
@@ -261,7 +319,7 @@ function mutateTyped(a, rng, hooks) {
     });
   }
   const old = rng.pick(choices)();
-  return orSide(1 / 14, old, () => {
+  const made = orSide(1 / 14, old, () => {
     // its memory's geometry lies (the library reads a typed array through the intrinsics)
     class LyingGeometry extends ctor {
       get buffer() {
@@ -278,6 +336,49 @@ function mutateTyped(a, rng, hooks) {
     v.set(a);
     return { value: v, desc: `a ${ctor.name} subclass whose buffer, byteOffset and byteLength getters lie`, neutral: true };
   });
+  return orSide2(1 / 10, made, (r) => r.pick(resizableViews(a, hooks))());
+}
+
+/**
+ * The session-52 typed-array generators: memory that can change size (resizable ArrayBuffers,
+ * growable SharedArrayBuffers), as length-tracking views at an offset (neutral), views out of
+ * their buffer's bounds, or grown past their shape before the call (hostile: no elements / another
+ * length), and a buffer detached through a resize of its view's source.
+ */
+function resizableViews(a, hooks) {
+  const ctor = a.constructor;
+  const el = ctor.BYTES_PER_ELEMENT;
+  return [
+    () => {
+      const buf = new ArrayBuffer(a.byteLength + 2 * el, { maxByteLength: a.byteLength + 64 * el });
+      const v = new ctor(buf, 2 * el); // length-tracking from its offset
+      v.set(a);
+      hooks.resizable.push(buf);
+      return { value: v, desc: `${ctor.name} length-tracking at byteOffset ${2 * el} of a resizable buffer`, neutral: true };
+    },
+    () => {
+      const sab = new SharedArrayBuffer(a.byteLength, { maxByteLength: a.byteLength + 64 * el });
+      const v = new ctor(sab); // length-tracking over growable shared memory
+      v.set(a);
+      return { value: v, desc: `${ctor.name} length-tracking over a growable SharedArrayBuffer`, neutral: true };
+    },
+    () => {
+      const buf = new ArrayBuffer(a.byteLength + el, { maxByteLength: a.byteLength + 64 * el });
+      const v = new ctor(buf, el, a.length); // fixed length
+      v.set(a);
+      if (a.length === 0) return { value: v, desc: `${ctor.name} of no elements in a resizable buffer`, neutral: true };
+      buf.resize(el + a.byteLength - el); // its end is now past the buffer's: out of bounds, no elements
+      return { value: v, desc: `${ctor.name} fixed-length view whose resizable buffer shrank below its end before the call` };
+    },
+    () => {
+      const buf = new ArrayBuffer(a.byteLength, { maxByteLength: a.byteLength + 64 * el });
+      const v = new ctor(buf);
+      v.set(a);
+      buf.resize(a.byteLength + el); // one element more than its shape
+      hooks.resizable.push(buf);
+      return { value: v, desc: `${ctor.name} length-tracking, its buffer grown by one element before the call` };
+    },
+  ];
 }
 
 function mutateNumber(v, rng) {
@@ -361,25 +462,44 @@ function mutateArray(a, rng) {
       const first = c[i];
       const later = r.pick([null, undefined, flipValue(first, r)]);
       let reads = 0;
-      Object.defineProperty(c, i, { enumerable: true, configurable: true, get: () => (reads++ === 0 ? first : later) });
-      return { value: c, desc: `element ${i} changes after its first read (to ${describe(later)})`, dynamic: true };
+      const rec = stableRecord();
+      Object.defineProperty(c, i, { enumerable: true, configurable: true, get: () => (rec.read(), reads++ === 0 || rec.restored ? first : later) });
+      return { value: c, desc: `element ${i} changes after its first read (to ${describe(later)})`, dynamic: true, stable: true };
     },
     () => lengthChangingProxy(a, (n) => Math.max(0, n - 1), 'shrinks by one'),
     () => ({ value: new Proxy(Int32Array.from(a.filter((x) => typeof x === 'number')), {}), desc: 'a Proxy of an Int32Array of it' }),
   ];
-  return orSide(0.25, old, (r) => r.pick(added)(r));
+  const made = orSide(0.25, old, (r) => r.pick(added)(r));
+  return orSide2(0.12, made, (r) => {
+    const c = a.slice();
+    if (c.length === 0) return made;
+    // an element whose read throws a value that is no Error (the caller's own)
+    const i = r.int(0, c.length);
+    const v = thrownValue(r);
+    Object.defineProperty(c, i, {
+      enumerable: true,
+      get() {
+        throw v;
+      },
+    });
+    return { value: c, desc: `element ${i}'s read throws ${describe(v)}`, sentinel: true };
+  });
 }
 
 /** A Proxy of a copy of `a` whose length answers `later(length)` from its second read on. */
 function lengthChangingProxy(a, later, how) {
   let reads = 0;
+  const rec = stableRecord();
   const value = new Proxy(a.slice(), {
     get(t, k, r) {
-      if (k === 'length' && reads++ > 0) return later(t.length);
+      if (k === 'length') {
+        rec.read();
+        if (reads++ > 0 && !rec.restored) return later(t.length);
+      }
       return Reflect.get(t, k, r);
     },
   });
-  return { value, desc: `a Proxy whose length ${how} after the first read`, dynamic: true };
+  return { value, desc: `a Proxy whose length ${how} after the first read`, dynamic: true, stable: true };
 }
 
 /** Wrappers of an object (a tensor, a cache, an argument object) and replacements for it. */
@@ -411,29 +531,28 @@ function mutateObject(o, rng, hooks, where) {
     () => {
       const c = { ...o };
       const k = keys.length ? rng.pick(keys) : 'x';
+      const thrown = orSide2(0.35, null, (r) => ({ v: thrownValue(r) }));
       Object.defineProperty(c, k, {
         enumerable: true,
         get() {
-          throw new SentinelError(`${where}.${k}`);
+          throw thrown ? thrown.v : new SentinelError(`${where}.${k}`);
         },
       });
-      return { value: c, desc: `getter of ${k} throws`, sentinel: true };
+      return { value: c, desc: `getter of ${k} throws${thrown ? ` ${describe(thrown.v)}` : ''}`, sentinel: true };
     },
     () => {
       const c = { ...o };
+      const thrown = orSide2(0.35, null, (r) => ({ v: thrownValue(r) }));
+      const raise = (trap) => {
+        throw thrown ? thrown.v : new SentinelError(`${where} (Proxy ${trap})`);
+      };
       return {
         value: new Proxy(c, {
-          get() {
-            throw new SentinelError(`${where} (Proxy get)`);
-          },
-          has() {
-            throw new SentinelError(`${where} (Proxy has)`);
-          },
-          ownKeys() {
-            throw new SentinelError(`${where} (Proxy ownKeys)`);
-          },
+          get: () => raise('get'),
+          has: () => raise('has'),
+          ownKeys: () => raise('ownKeys'),
         }),
-        desc: 'a Proxy whose every trap throws',
+        desc: `a Proxy whose every trap throws${thrown ? ` ${describe(thrown.v)}` : ''}`,
         sentinel: true,
       };
     },
@@ -445,13 +564,15 @@ function mutateObject(o, rng, hooks, where) {
       const first = o[k];
       const later = flipValue(first, rng);
       let reads = 0;
+      const rec = stableRecord();
       Object.defineProperty(c, k, {
         enumerable: true,
         get() {
-          return reads++ === 0 ? first : later;
+          rec.read();
+          return reads++ === 0 || rec.restored ? first : later;
         },
       });
-      return { value: c, desc: `${k} changes after its first read (to ${describe(later)})`, dynamic: true };
+      return { value: c, desc: `${k} changes after its first read (to ${describe(later)})`, dynamic: true, stable: true };
     },
     () => {
       // a field whose read detaches, shrinks or rewrites the case's arrays (read after others were checked)
@@ -459,18 +580,21 @@ function mutateObject(o, rng, hooks, where) {
       const c = { ...o };
       const k = rng.pick(keys);
       const v = o[k];
-      const act = hooks.deviceBuffers.length > 0 && rng.uniform() < 0.4 ? 'free' : rng.pick(['detach', 'shrink', 'scribble']);
+      const oldAct = hooks.deviceBuffers.length > 0 && rng.uniform() < 0.4 ? 'free' : rng.pick(['detach', 'shrink', 'scribble']);
+      const act = orSide2(0.3, oldAct, (r) => r.pick(['grow', 'shrinkByOne']));
       Object.defineProperty(c, k, {
         enumerable: true,
         get() {
           if (act === 'detach') hooks.detachSome(rng);
           else if (act === 'shrink') hooks.shrinkAll();
+          else if (act === 'grow') hooks.growAll();
+          else if (act === 'shrinkByOne') hooks.shrinkByOne();
           else if (act === 'free') hooks.freeSome(rng);
           else hooks.scribble(rng);
           return v;
         },
       });
-      const what = { detach: 'detaches some of the case\'s buffers', shrink: 'shrinks the resizable buffers to 0', scribble: 'rewrites an element of every array', free: 'frees some of the case\'s device buffers' }[act];
+      const what = { detach: 'detaches some of the case\'s buffers', shrink: 'shrinks the resizable buffers to 0', grow: 'grows the resizable buffers to their maximum', shrinkByOne: 'shrinks the resizable buffers by one byte', scribble: 'rewrites an element of every array', free: 'frees some of the case\'s device buffers' }[act];
       return { value: c, desc: `reading ${k} ${what}`, dynamic: true };
     },
   ];
@@ -524,15 +648,18 @@ function mutateOpaque(o, rng, where, hooks) {
     () => ({ value: { ...o }, desc: `a plain copy of the ${o.constructor?.name}'s own fields` }),
     () => ({ value: null, desc: 'null' }),
     () => ({ value: Object.freeze(o), desc: `the ${o.constructor?.name} frozen`, neutral: true }),
-    () => ({
-      value: new Proxy(o, {
-        get() {
-          throw new SentinelError(`${where} (Proxy get)`);
-        },
-      }),
-      desc: 'a Proxy whose get throws',
-      sentinel: true,
-    }),
+    () => {
+      const thrown = orSide2(0.35, null, (r) => ({ v: thrownValue(r) }));
+      return {
+        value: new Proxy(o, {
+          get() {
+            throw thrown ? thrown.v : new SentinelError(`${where} (Proxy get)`);
+          },
+        }),
+        desc: `a Proxy whose get throws${thrown ? ` ${describe(thrown.v)}` : ''}`,
+        sentinel: true,
+      };
+    },
   ];
   return rng.pick(choices)();
 }
@@ -582,10 +709,12 @@ export function setAt(root, path, value) {
  */
 export function mutateArgs(root, rng, hooks, count) {
   side = hooks?.side ?? null;
+  side2 = hooks?.side2 ?? null;
+  current = hooks ?? null;
   try {
     return mutateSlots(root, rng, hooks, count);
   } finally {
-    side = null;
+    side = side2 = current = null;
   }
 }
 
@@ -605,7 +734,7 @@ function mutateSlots(root, rng, hooks, count) {
     for (const k of s.path) cur = cur?.[k];
     const m = mutateSlot({ ...s, value: cur, kind: kindOf(cur) }, rng, hooks);
     setAt(root, s.path, m.value);
-    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.mustRefuse ? { mustRefuse: m.mustRefuse } : {}) });
+    muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.stable ? { stable: true } : {}), ...(m.mustRefuse ? { mustRefuse: m.mustRefuse } : {}) });
   }
   return muts;
 }

@@ -120,6 +120,7 @@ async function replay() {
   const { runCase } = await import('./fuzz.mjs');
   const { removeTempDir } = await import('./targets.mjs');
   const { closeHostTargets } = await import('./host_targets.mjs');
+  const { closeSideTargets } = await import('./side_targets.mjs');
   const backend = (opt('backends', 'wasm')).split(',')[0];
   const env = await makeEnv(backend);
   if (env.cuda) console.log(`cuda: ${JSON.stringify(env.cuda)}`);
@@ -127,6 +128,7 @@ async function replay() {
   console.log(JSON.stringify(r, null, 2));
   await (env.close?.() ?? env.engine.dispose());
   await closeHostTargets();
+  await closeSideTargets();
   removeTempDir();
 }
 
@@ -135,6 +137,7 @@ async function child() {
   const { runCase } = await import('./fuzz.mjs');
   const { removeTempDir } = await import('./targets.mjs');
   const { closeHostTargets } = await import('./host_targets.mjs');
+  const { closeSideTargets } = await import('./side_targets.mjs');
   const backend = opt('backend');
   const start = Number(opt('start'));
   const end = Number(opt('end'));
@@ -163,6 +166,7 @@ async function child() {
   try {
     await (env.close?.() ?? env.engine.dispose());
     await closeHostTargets();
+    await closeSideTargets();
   } catch (e) {
     const what = e instanceof Error ? `${e.name}${e.code ? ` ${e.code}` : ''}: ${String(e.message).slice(0, 300)}` : String(e);
     await send({ type: 'finding', backend, index: i, target: 'teardown', muts: [], finding: { kind: 'untyped', severity: 'hard', detail: `the engine's dispose() after the run's cases threw ${what}` } });

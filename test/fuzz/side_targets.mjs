@@ -1,0 +1,235 @@
+/**
+ * The session-52 targets, drawn in place of a case's target from the session-52 stream (fuzz.mjs
+ * SIDE2_FROM_SEED, SIDE2_TARGET_ODDS), so that older seeds pick the targets they picked before:
+ *
+ * - quantizeAlias: quantizeKCache whose rows or token ids lie in the cache's own memory (the same
+ *   ArrayBuffer or SharedArrayBuffer, overlapping the token slots it writes, or not): a call that
+ *   resolves must leave the cache as the reference leaves a copy of it given the rows and ids as
+ *   they were at the call (SPEC §9: the library owns what it reads during a call).
+ * - budgetRefusal: valid calls over a 1 MiB memoryBudgetBytes (tens of MiB of outputs, or of copies
+ *   of inputs): TOO_LARGE before anything of that size is allocated (the process's ArrayBuffer
+ *   memory after the refusal is not up by the outputs' size), and a small call after it on the same
+ *   engine is judged right (nothing of the budget stays lent).
+ * - disposeInGetter: a fresh engine disposed by a getter of the call's own arguments, read during
+ *   the call's checks (dispose() not awaited): the call rejects with DISPOSED or resolves judged
+ *   right; never BACKEND_FAILURE, WORKER_DIED, an untyped error or a hang; dispose() resolves and
+ *   a later call is DISPOSED.
+ */
+import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import * as R from '../../dist/reference/index.js';
+import { randomBf16Bits } from '../../dist/check/grid.js';
+import { D, judgeAttention, judgeLayer, layerScenario, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
+
+const settle = (p) => Promise.resolve().then(() => p).then((value) => ({ value }), (error) => ({ error }));
+const isCode = (e, code) => e instanceof SparseMlaError && e.code === code;
+const errStr = (e) => (e instanceof Error ? `${e.name}${e.code ? ` ${e.code}` : ''}: ${String(e.message).slice(0, 200)}` : `a thrown ${typeof e}`);
+
+/** rows of `n` × `width` values as the quantizer takes them: moderate float32 or their bf16 bits. */
+function rowValues(rng, n, width) {
+  const scale = rng.pick([1, 1e-3, 300]);
+  return Float32Array.from({ length: n * width }, () => rng.normal() * scale);
+}
+
+const quantizeAlias = {
+  name: 'quantizeAlias',
+  engine: true,
+  build(rng, env) {
+    const format = rng.pick(['v4', 'v32']);
+    const pageSize = format === 'v32' ? 1 : rng.pick([1, 2, 16]);
+    const numPages = format === 'v32' ? rng.int(4, 24) : rng.int(2, 6);
+    const cacheBytes = createKvCache(format, { pageSize, numPages }).data.length;
+    const tokens = pageSize * numPages;
+    const width = format === 'v4' ? 512 : 576;
+    const n = rng.int(1, Math.min(tokens, 4) + 1);
+    const ids = Array.from({ length: tokens }, (_, i) => i);
+    for (let i = ids.length - 1; i > 0; i--) {
+      const j = rng.int(0, i + 1);
+      [ids[i], ids[j]] = [ids[j], ids[i]];
+    }
+    const tokenIds = ids.slice(0, n);
+    const dtype = rng.pick(['float32', 'bf16']);
+    const el = dtype === 'float32' ? 4 : 2;
+    const rowsBytes = n * width * el;
+    // where the rows (and maybe the ids) lie: inside the cache's bytes (overlapping what it writes) or after them, in one buffer
+    const where = rng.pick(['rowsInCache', 'rowsInCache', 'rowsAtCacheStart', 'rowsAfterCache', 'idsInCache']);
+    const shared = rng.uniform() < 0.3;
+    const total = cacheBytes + rowsBytes + 64;
+    const buf = shared ? new SharedArrayBuffer(total) : new ArrayBuffer(total);
+    const all = new Uint8Array(buf);
+    for (let i = 0; i < cacheBytes; i++) all[i] = rng.u32() & 0x37; // finite e4m3, small scales
+    const cacheData = new Uint8Array(buf, 0, cacheBytes);
+    const rowsOffset = where === 'rowsAfterCache' || where === 'idsInCache' ? cacheBytes + 16 : where === 'rowsAtCacheStart' ? 0 : el * rng.int(0, Math.floor((cacheBytes - rowsBytes) / el) + 1);
+    if (rowsOffset + rowsBytes > total || (where !== 'rowsAfterCache' && where !== 'idsInCache' && rowsOffset + rowsBytes > cacheBytes)) return quantizeAlias.build(rng, env); // rows larger than the cache: draw again
+    const values = rowValues(rng, n, width);
+    const rowsData = dtype === 'float32' ? new Float32Array(buf, rowsOffset, n * width) : new Uint16Array(buf, rowsOffset, n * width);
+    if (dtype === 'float32') rowsData.set(values);
+    else rowsData.set(Uint16Array.from(values, (x) => R.encodeBf16(x)));
+    let idsArg = tokenIds;
+    if (where === 'idsInCache') {
+      const at = 4 * rng.int(0, Math.floor((cacheBytes - 4 * n) / 4) + 1);
+      const view = new Int32Array(buf, at, n);
+      view.set(tokenIds);
+      idsArg = tensor('int32', [n], view);
+    } else if (rng.uniform() < 0.5) idsArg = tensor('int32', [n], Int32Array.from(tokenIds));
+    const cache = { format, pageSize, numPages, data: cacheData };
+    const rows = tensor(dtype, [n, width], rowsData);
+    // the reference's inputs as they are at the call (copies: the call writes the memory they lie in)
+    const atCall = () => ({ cache: { format, pageSize, numPages, data: cacheData.slice() }, ids: idsArg === tokenIds ? tokenIds.slice() : tensor('int32', [n], idsArg.data.slice()), rows: tensor(dtype, [n, width], rowsData.slice()) });
+    let want = null;
+    return {
+      args: [],
+      describe: `${format} cache, ${n} ${dtype} rows ${where}${shared ? ' (shared memory)' : ''}`,
+      call: async () => {
+        const before = atCall();
+        R.quantizeKCacheReference(before.cache, before.ids, before.rows);
+        want = before.cache.data;
+        return env.engine.quantizeKCache({ cache, tokenIds: idsArg, rows });
+      },
+      judge: () => {
+        const i = cacheData.findIndex((b, k) => b !== want[k]);
+        return i === -1 ? null : `${format} cache, ${n} ${dtype} rows ${where}${shared ? ' (shared)' : ''} at byte ${rowsOffset}: cache byte ${i} (token ${Math.floor(i / (format === 'v4' ? 576 : 656))}) got ${cacheData[i]}, want ${want[i]}`;
+      },
+    };
+  },
+};
+
+const BUDGET = 1 << 20;
+const budgetEngines = new Map();
+function budgetEngine(backend) {
+  if (!budgetEngines.has(backend)) budgetEngines.set(backend, createEngine({ backend, memoryBudgetBytes: BUDGET, ...(backend === 'wasm' ? { workers: 2 } : {}) }));
+  return budgetEngines.get(backend);
+}
+
+/** Disposes what the side targets made for the process (run.mjs at its end). */
+export async function closeSideTargets() {
+  for (const p of budgetEngines.values()) await (await p.catch(() => null))?.dispose();
+  budgetEngines.clear();
+}
+
+function sharedOf(a) {
+  const s = new a.constructor(new SharedArrayBuffer(a.byteLength));
+  s.set(a);
+  return s;
+}
+
+/** A call whose outputs (or its copies of inputs) are far over BUDGET: { op, args, bytes (what it would allocate) }. */
+function oversizedCall(rng) {
+  const kind = rng.pick(['dequantIds', 'dequantArray', 'prefillOutputs', 'prefillCopies', 'pagedOutputs']);
+  if (kind === 'dequantIds' || kind === 'dequantArray') {
+    const n = 2 ** rng.int(12, 17); // 4 MiB .. 64 MiB of bf16 rows
+    const cache = createKvCache('v4', { pageSize: 64, numPages: 1 });
+    const ids = new Int32Array(n).map(() => rng.int(0, 64));
+    return { kind, op: 'dequantizeKCachePaged', args: { cache, tokenIds: kind === 'dequantArray' ? Array.from(ids) : tensor('int32', [n], ids) }, bytes: n * 1024 };
+  }
+  const hQ = rng.pick([16, 64]);
+  const sQ = rng.pick([64, 256, 512]);
+  const copies = kind === 'prefillCopies';
+  const qBits = randomBf16Bits(rng, sQ * hQ * D, 1e-2);
+  const q = tensor('bf16', [sQ, hQ, D], copies ? qBits : sharedOf(qBits)); // shared: read in place, no copy
+  const outBytes = sQ * hQ * (D * 2 + 8);
+  if (kind === 'pagedOutputs') {
+    const cache = createKvCache('v4', { pageSize: 64, numPages: 1 });
+    return { kind, op: 'pagedSparseAttention', args: { q, kCache: { ...cache, data: sharedOf(cache.data) }, indices: tensor('int32', [sQ, 1], sharedOf(new Int32Array(sQ))), smScale: 0.04 }, bytes: outBytes };
+  }
+  const kv = tensor('bf16', [8, D], sharedOf(randomBf16Bits(rng, 8 * D)));
+  return { kind, op: 'sparsePrefill', args: { q, kv, indices: tensor('int32', [sQ, 1], sharedOf(new Int32Array(sQ))), smScale: 0.04 }, bytes: copies ? qBits.byteLength : outBytes };
+}
+
+const budgetRefusal = {
+  name: 'budgetRefusal',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const big = oversizedCall(rng);
+    const local = { backend: env.backend, engine: null };
+    const small = rng.pick([sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget]).build(rng, local, hooks);
+    return {
+      args: [],
+      describe: `${big.kind} (${big.bytes} bytes) on a ${BUDGET}-byte budget`,
+      call: async () => {
+        local.engine = await budgetEngine(env.backend);
+        const before = process.memoryUsage().arrayBuffers;
+        const t0 = performance.now();
+        const refused = await settle(local.engine[big.op](big.args));
+        const ms = performance.now() - t0;
+        const grew = process.memoryUsage().arrayBuffers - before;
+        const after = await settle(small.call(small.args));
+        return { refused, ms, grew, after };
+      },
+      judge: ({ refused, ms, grew, after }) => {
+        const what = `${big.op} of ${big.kind} (${big.bytes} bytes) on a ${BUDGET}-byte memoryBudgetBytes`;
+        if (!refused.error) return `${what} resolved`;
+        if (!isCode(refused.error, 'TOO_LARGE')) return `${what} rejected with ${errStr(refused.error)}, expected TOO_LARGE`;
+        if (grew >= big.bytes / 2) return `${what}: ArrayBuffer memory up ${grew} bytes across the refusal (allocated before refusing?), ${ms.toFixed(1)} ms`;
+        if (after.error) return `a small call after the refusal rejected: ${errStr(after.error)}`;
+        const p = small.judge(after.value, { refArgs: small.args, stub: false, neutral: true });
+        return p ? `a small call after the refusal: ${p}` : null;
+      },
+    };
+  },
+};
+
+const disposeInGetter = {
+  name: 'disposeInGetter',
+  engine: true,
+  hostEngineOnly: true,
+  build(rng, env, hooks) {
+    const local = { backend: env.backend, engine: null };
+    const layered = rng.uniform() < 0.3;
+    let op, args, judge;
+    if (layered) {
+      const { sc, layer, window } = layerScenario(rng, hooks, rng.pick([0, 4, 128]));
+      layer.plan = createPlan(sc.chunk, { window });
+      hooks.plans.push(layer.plan);
+      args = { ...layer };
+      op = 'prefillLayer';
+      judge = (got) => judgeLayer(got, sc, layer);
+    } else {
+      const t = rng.pick([sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget]).build(rng, local, hooks);
+      op = t;
+      args = { ...t.args[0] };
+      judge = (got) => t.judge(got, { refArgs: t.args, stub: false, neutral: true });
+    }
+    const keys = Object.keys(args);
+    const key = rng.pick(keys);
+    const workers = rng.int(1, env.backend === 'wasm' ? 3 : 4);
+    const when = rng.pick(['first', 'every']);
+    return {
+      args: [],
+      describe: `${layered ? 'prefillLayer' : op.name ?? 'an op'}, its ${key} getter disposing (${when} read)`,
+      call: async () => {
+        local.engine = await createEngine({ backend: env.backend, workers });
+        const e = local.engine;
+        const disposals = [];
+        const v = args[key];
+        const hostile = { ...args };
+        Object.defineProperty(hostile, key, {
+          enumerable: true,
+          get() {
+            if (when === 'every' || disposals.length === 0) disposals.push(settle(e.dispose()));
+            return v;
+          },
+        });
+        const r = await settle(layered ? prefillLayer(e, hostile) : op.call([hostile, ...op.args.slice(1)]));
+        const disposed = await Promise.all(disposals);
+        const later = await settle(layered ? prefillLayer(e, args) : op.call(op.args));
+        await e.dispose();
+        return { r, disposed, later, read: disposals.length };
+      },
+      judge: ({ r, disposed, later, read }) => {
+        const what = `${layered ? 'prefillLayer' : 'the op'} whose ${key} getter disposed its engine (${read} read(s))`;
+        for (const d of disposed) if (d.error) return `${what}: dispose() rejected: ${errStr(d.error)}`;
+        if (read > 0 && !isCode(later.error, 'DISPOSED')) return `${what}: a call after it ${later.error ? `rejected with ${errStr(later.error)}` : 'resolved'}, expected DISPOSED`;
+        if (r.error) return isCode(r.error, 'DISPOSED') ? null : `${what}: rejected with ${errStr(r.error)}, expected DISPOSED or the result`;
+        return judge(r.value);
+      },
+    };
+  },
+};
+
+/** The session-52 targets with their weights (fuzz.mjs draws one from the session-52 stream). */
+export const SIDE_TARGETS = [
+  [quantizeAlias, 2],
+  [budgetRefusal, 1],
+  [disposeInGetter, 2],
+];

@@ -1119,3 +1119,49 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
     expect(r.verdict, JSON.stringify(r.finding)).toBe('valid');
   }, 60_000);
 });
+
+describe("hostile input the fuzzer's session-52 oracle and generators reach (session 52, helper-53)", () => {
+  /** A Proxy of a copy of `list` whose length answers one less from its second read on (the fuzzer's lengthChangingProxy). */
+  function shrinkingAfterFirstRead<T>(list: readonly T[]): T[] {
+    let reads = 0;
+    return new Proxy(list.slice(), {
+      get(t, k, r) {
+        if (k === 'length' && reads++ > 0) return t.length - 1;
+        return Reflect.get(t, k, r);
+      },
+    });
+  }
+
+  /** A v4 cache of `pageSize` × `numPages` tokens, each quantized from random rows by the reference. */
+  function quantizedCache(pageSize: number, numPages: number) {
+    const cache = createKvCache('v4', { pageSize, numPages });
+    const n = pageSize * numPages;
+    quantizeKCacheReference(cache, Array.from({ length: n }, (_, i) => i), tensor('bf16', [n, 512], randomBf16Bits(rng, n * 512)));
+    return cache;
+  }
+
+  test("dequantizeKCachePaged reads a token id list's length once: a Proxy whose length shrinks by one after its first read gives every id's row (its last row came from token 0, silently: the loop ran to the second read; cpu seed 43 under the stable oracle)", async () => {
+    for (const engine of engines) {
+      const cache = quantizedCache(4, rng.int(2, 5));
+      const tokens = cache.pageSize * cache.numPages;
+      const ids = Array.from({ length: rng.int(2, 6) }, () => rng.int(1, tokens));
+      const got = await engine.dequantizeKCachePaged({ cache, tokenIds: shrinkingAfterFirstRead(ids) });
+      const want = dequantizeKCacheReference(cache, ids);
+      expect(got.shape, engine.backend).toEqual([ids.length, 512]);
+      expect(Array.from(got.data, (b) => bf16BitsToFloat32(b)), engine.backend).toEqual(Array.from(want));
+    }
+  });
+
+  test('quantizeKCache reads a token id list\'s length once: a Proxy whose length shrinks by one after its first read writes the given tokens only (the last row went into token 0, silently, over what token 0 held)', async () => {
+    for (const engine of engines) {
+      const cache = quantizedCache(2, rng.int(3, 6));
+      const tokens = cache.pageSize * cache.numPages;
+      const ids = Array.from({ length: tokens - 1 }, (_, i) => i + 1).sort(() => rng.uniform() - 0.5).slice(0, rng.int(2, 5));
+      const rows = tensor('float32', [ids.length, 512], Float32Array.from({ length: ids.length * 512 }, () => rng.normal()));
+      const want = { ...cache, data: cache.data.slice() };
+      quantizeKCacheReference(want, ids, rows);
+      await engine.quantizeKCache({ cache, tokenIds: shrinkingAfterFirstRead(ids), rows });
+      expect(cache.data.findIndex((b, i) => b !== want.data[i]), engine.backend).toBe(-1);
+    }
+  });
+});

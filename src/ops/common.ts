@@ -182,6 +182,18 @@ function noHeads(shape: readonly number[]): never {
   fail('INVALID_SHAPE', 'q', 'hQ = shape[1] ≥ 1', `shape ${shapeStr(shape)}`);
 }
 
+/**
+ * An array's length read once, as a count of `items` (a Proxy of an array may answer anything, or
+ * otherwise on a second read): INVALID_VALUE when no count, TOO_LARGE above what the C ABI counts.
+ * The one read of a caller's array length: loops run to what it returned, never to `list.length`.
+ */
+export function listCount(list: readonly unknown[], argument: string, items: string): number {
+  const n: unknown = list.length;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
+  if (n > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ${items}`, `${n}`);
+  return n;
+}
+
 /** A dimension passed to the core as a 32-bit size. */
 export function checkInt32Size(value: number, argument: string, what: string): void {
   if (value > INT32_MAX) fail('TOO_LARGE', argument, `${what} ≤ ${INT32_MAX} (32-bit sizes in the core ABI)`, String(value));

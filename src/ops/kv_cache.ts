@@ -7,7 +7,7 @@ import { fail } from '../errors.js';
 import { allocHostArray, isDeviceBuffer } from '../tensor.js';
 import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
 import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
-import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, ownView, shapeStr } from './common.js';
+import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, listCount, ownView, shapeStr } from './common.js';
 import { V32_TOKEN_BYTES, rowDimOf, v4PageBytes } from '../kv_cache_layout.js';
 
 export type KvCacheGeometry = { pageSize: number; numPages: number } | { numTokens: number; pageSize?: number };
@@ -108,8 +108,11 @@ export function normalizeTokenIds(value: unknown, argument: string, cache: Cache
   const n = cache.numTokens;
   const expected = `token ids in [0, ${n}) for ${cacheArgument} (${cache.format}, pageSize ${cache.pageSize} × numPages ${cache.numPages})`;
   if (Array.isArray(value)) {
-    const out = new Int32Array(value.length);
-    for (let i = 0; i < value.length; i++) {
+    // its length read once (a Proxy's may answer otherwise on a second read: the loop ran to that,
+    // leaving the last ids 0, silently), each element once below
+    const count = listCount(value, argument, 'token ids');
+    const out = allocHostArray(Int32Array, count, argument);
+    for (let i = 0; i < count; i++) {
       const v: unknown = value[i];
       if (typeof v !== 'number' || !Number.isInteger(v)) fail('INVALID_VALUE', argument, 'integer token ids', `${describe(v)} at position ${i}`);
       if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);

@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, ownView, typedArrayKind } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, listCount, ownView, typedArrayKind } from '../ops/common.js';
 import { allocHostArray, arrayLikeOf, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -43,17 +43,6 @@ function cacheTokens(cache: { pageSize: number; numPages: number }): number {
 function isIdList(v: unknown): v is IdList {
   if (Array.isArray(v) || (ArrayBuffer.isView(v) && !(v instanceof DataView))) return true;
   return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
-}
-
-/**
- * An array's length read once, as a count of `items` (a Proxy of an array may answer anything, or
- * otherwise on a second read): INVALID_VALUE when no count, TOO_LARGE above what the C ABI counts.
- */
-function listCount(list: readonly unknown[], argument: string, items: string): number {
-  const n: unknown = list.length;
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
-  if (n > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ${items}`, `${n}`);
-  return n;
 }
 
 /** The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). */

@@ -56,6 +56,25 @@ export function arrayLikeOf(value: unknown, argument: string): { values: ArrayLi
   return typeof length === 'number' && Number.isSafeInteger(length) && length >= 0 ? { values: value as ArrayLike<unknown>, length } : null;
 }
 
+/**
+ * A caller's dims copied, its length read once and each dim once, up to the first dim that is no
+ * safe integer ≥ 0 (kept, for the message); null when its length is no count. Not Array.from, which
+ * runs an array's iterator, and the iterator reads the length again at every step: a Proxy whose
+ * length shrank after its first read lost its last dims, silently (tensor('uint8', [3, 1]) gave [3]).
+ * The one copy of a shape: tensor() and every op's tensor check (ops/common.ts).
+ */
+export function dimsOnce(shape: readonly unknown[]): unknown[] | null {
+  const n: unknown = shape.length;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) return null;
+  const dims: unknown[] = [];
+  for (let i = 0; i < n; i++) {
+    const d: unknown = shape[i];
+    dims.push(d);
+    if (!Number.isSafeInteger(d) || (d as number) < 0) break;
+  }
+  return dims;
+}
+
 /** The length each view ownView made had when it was made: checkViewsIntact compares. */
 const viewLengths = new WeakMap<ArrayBufferView, { length: number; argument: string }>();
 
@@ -175,7 +194,8 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   if (!Array.isArray(shape)) {
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
   }
-  const dims = Array.from(shape as readonly unknown[]);
+  const dims = dimsOnce(shape as readonly unknown[]);
+  if (dims === null) throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
   for (const d of dims) {
     if (!Number.isSafeInteger(d) || (d as number) < 0) {
       throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${shapeStr(dims)}`, 'shape');

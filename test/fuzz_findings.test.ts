@@ -1164,4 +1164,23 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
       expect(cache.data.findIndex((b, i) => b !== want.data[i]), engine.backend).toBe(-1);
     }
   });
+
+  test("tensor() reads a shape's length once: a Proxy whose length shrinks by one after its first read keeps every dim (Array.from ran its iterator, which reads the length at each step: tensor('uint8', [3, 1], 3 bytes) came back as [3], silently; cpu seed 43 cases 1822 and 2447)", () => {
+    const data = new Uint8Array(3);
+    const t = tensor('uint8', shrinkingAfterFirstRead([3, 1]), data);
+    expect(t.shape).toEqual([3, 1]);
+    expect(t.data).toBe(data);
+    const b = tensor('bf16', shrinkingAfterFirstRead([1, 3]));
+    expect(b.shape).toEqual([1, 3]);
+    expect(b.data.length).toBe(3);
+  });
+
+  test("an op's tensor check reads a shape's length once: q whose shape Proxy shrinks by one after its first read runs as the q it is (the rank-3 q was refused as [sQ, hQ], INVALID_SHAPE, for a valid call)", async () => {
+    for (const engine of engines) {
+      const sQ = rng.int(1, 3), hQ = rng.int(1, 3), sKV = rng.int(1, 9);
+      const args = { q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)), kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)), indices: tensor('int32', [sQ, 1], Int32Array.from({ length: sQ }, () => rng.int(0, sKV))), smScale: 0.04 };
+      const hostile = { ...args, q: { ...args.q, shape: shrinkingAfterFirstRead(args.q.shape) } };
+      expectWithinBounds(engine.backend, await engine.sparsePrefill(hostile), sparsePrefillReference(args), Array.from({ length: sQ }, (_, i) => i));
+    }
+  });
 });

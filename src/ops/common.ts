@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, dimsOnce, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
@@ -67,7 +67,8 @@ function readTensorFields(value: unknown, argument: string, dtypes: readonly str
   const data = value.data;
   if (typeof dtype !== 'string') notATensor(value, argument, dtypes);
   if (!Array.isArray(rawShape)) badShapeArray(argument, rawShape);
-  const shape = Array.from(rawShape as unknown[]);
+  const shape = dimsOnce(rawShape as unknown[]);
+  if (shape === null) badShapeArray(argument, rawShape);
   for (let i = 0; i < shape.length; i++) {
     const d = shape[i];
     if (!Number.isSafeInteger(d) || (d as number) < 0) badShapeArray(argument, shape);

@@ -98,6 +98,12 @@ function dequantTask(format: CacheFormat, rowDim: number): TaskHeap {
 export function splitRows(s: RowSplit, workers: number, heapBytes: number, maxRowsPerTask = Infinity): Array<[number, number]> {
   if (s.rows === 0) return [];
   checkTaskHeap(s, heapBytes, s.argument);
+  return rowRanges(s, workers, heapBytes, maxRowsPerTask);
+}
+
+/** splitRows' ranges, the heap unchecked (a range is one row where one row does not fit): for arithmetic whose caller checks the heap itself. */
+function rowRanges(s: Omit<RowSplit, 'argument'>, workers: number, heapBytes: number, maxRowsPerTask: number): Array<[number, number]> {
+  if (s.rows === 0) return [];
   const usable = heapBytes - HEAP_RESERVE_BYTES - s.fixedBytes;
   const maxRows = Math.max(1, Math.floor(usable / s.bytesPerRow));
   const minWork = Math.max(MIN_TASK_WORK, s.fixedBytes * COPY_WORK_PER_BYTE);
@@ -354,6 +360,8 @@ export class WasmBackend implements Backend {
   async dequantizeKCache(job: DequantizeKCacheJob): Promise<Uint16Array> {
     this.alive();
     const { cache, n, rowDim } = job;
+    // the heap, then the budget (a layer checks its dequants' heap itself, then their budget by dequantizePlan)
+    if (n > 0) checkTaskHeap(dequantTask(cache.format, rowDim), this.heapBytes, 'tokenIds');
     const { ranges, lanes, regionBytes, parts } = this.dequantizePlan(cache.format, n, rowDim);
     checkCallMemory('dequantizeKCachePaged', 'tokenIds', parts, this.memoryBudgetBytes);
     if (ranges.length === 0) return new Uint16Array(0);
@@ -389,17 +397,12 @@ export class WasmBackend implements Backend {
   /**
    * A dequant's parts (token ranges of bounded size, at most one in flight per worker, each lane a
    * staging region for its gathered tokens) and what it counts against the budget: its output, a
-   * copy of the ids and the lanes' staging.
+   * copy of the ids and the lanes' staging. Arithmetic only: its callers check the heap first.
    */
   private dequantizePlan(format: CacheFormat, n: number, rowDim: number) {
     const tokenBytes = compactTokenBytes(format);
     const partLimit = Math.max(1, Math.floor(DEQUANT_PART_BYTES / (tokenBytes + rowDim * 2)));
-    const ranges = splitRows(
-      { rows: n, workPerRow: rowDim * 8, ...dequantTask(format, rowDim), argument: 'tokenIds' },
-      this.workers,
-      this.heapBytes,
-      partLimit,
-    );
+    const ranges = rowRanges({ rows: n, workPerRow: rowDim * 8, ...dequantTask(format, rowDim) }, this.workers, this.heapBytes, partLimit);
     const partTokens = ranges.reduce((m, [a, b]) => Math.max(m, b - a), 0);
     const lanes = Math.min(this.workers, ranges.length);
     const regionBytes = alignStaging(compactGeometry(format, partTokens).bytes);

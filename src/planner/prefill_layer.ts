@@ -31,7 +31,7 @@ import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, t
 import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, type PagedSetBytes } from '../backends/paged_gather.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
-import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
+import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
@@ -254,8 +254,27 @@ function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDev
   const width = plan.layerWidths(ratio, call.topk?.topk ?? 0).rows;
   const op = `${layerOp} sparsePrefill`;
   // its kv: the workspace's rows (a worker holds them all)
-  heap?.check(heap.sparsePrefill(layout.rows * WORKSPACE_ROW_DIMS * 2, hQ, WORKSPACE_ROW_DIMS, WORKSPACE_ROW_DIMS, width), 'plan', op);
+  if (heap !== undefined) checkPrefillHeap(heap, layout.rows, hQ, width, op);
   checkCallMemory(op, 'q', ops.sparsePrefill([q, NO_BYTES, made(nq * width * 4), made(nq * 4), sink], nq, hQ, WORKSPACE_ROW_DIMS, output), budget);
+}
+
+/**
+ * The layer's sparsePrefill over the workspace fits a worker's heap (WorkerHeap.sparsePrefill: a
+ * task holds the workspace's `rows` whole, and per query row its heads' q, outputs and scratch).
+ * Refused naming the larger share of one row's task: `q` (what grows with its heads) or `plan` (what
+ * grows with the workspace's rows and the index rows' width), both stated. The op's arithmetic is
+ * a sum of the two and a constant, so each share is read from it with the other's sizes at 0.
+ */
+function checkPrefillHeap(heap: WorkerHeap, rows: number, hQ: number, width: number, op: string): void {
+  const D = WORKSPACE_ROW_DIMS;
+  const need = heap.sparsePrefill(rows * D * 2, hQ, D, D, width);
+  if (heap.fits(need)) return;
+  const bytes = (t: TaskHeap) => t.fixedBytes + t.bytesPerRow;
+  const base = bytes(heap.sparsePrefill(0, 0, D, D, 0));
+  const qShare = bytes(heap.sparsePrefill(0, hQ, D, D, 0)) - base;
+  const planShare = bytes(need) - base - qShare;
+  const shares = `q's ${hQ} heads: ${qShare} bytes; the plan's workspace of ${rows} rows and index rows ${width} wide: ${planShare} bytes`;
+  heap.check(need, qShare > planShare ? 'q' : 'plan', `${op} (${shares})`);
 }
 
 /**

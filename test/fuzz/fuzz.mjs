@@ -53,6 +53,9 @@ export const SIDE_FROM_SEED = 21;
  */
 export const SIDE2_FROM_SEED = 43;
 
+/** The first seed of the session-52 generators added after seeds 43-46 were run (a second read that throws; plan.release() in disposeInGetter). */
+export const SIDE2_LATE_FROM_SEED = 47;
+
 /** The odds that a case of a seed from SIDE2_FROM_SEED runs a session-52 target instead of its own. */
 export const SIDE2_TARGET_ODDS = 0.08;
 
@@ -127,6 +130,7 @@ export async function runCase(env, seed, index, only) {
   if (seed >= SIDE_FROM_SEED) hooks.side = caseRng((seed ^ 0x6d2b79f5) >>> 0, index);
   if (seed >= SIDE2_FROM_SEED) {
     hooks.side2 = caseRng((seed ^ 0x2545f491) >>> 0, index);
+    hooks.side2Late = seed >= SIDE2_LATE_FROM_SEED;
     // a session-52 target in place of the case's own (drawn first from its stream; --targets may name one)
     const side = SIDE_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!env.stub || env.stub.hostCore));
     const u = hooks.side2.uniform();
@@ -164,7 +168,8 @@ export async function runCase(env, seed, index, only) {
   }
   hooks.inCall = false;
   // getters that answer otherwise after their first read, first read by the call: a result must be the unmutated call's
-  const stable = muts.some((m) => m.stable) && muts.every((m) => m.neutral || m.stable) && !hooks.stable.some((r) => r.early);
+  // (not where the target itself reads the arguments again, or makes two calls of them: built.rereads)
+  const stable = !built.rereads && muts.some((m) => m.stable) && muts.every((m) => m.neutral || m.stable) && !hooks.stable.some((r) => r.early);
   hooks.restoreStable();
   if (built.describe) res.describe = built.describe;
   if (error instanceof Timeout) {

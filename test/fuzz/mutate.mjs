@@ -113,6 +113,11 @@ function orSide2(odds, old, made) {
   return side2 !== null && side2.uniform() < odds ? made(side2) : old;
 }
 
+/** orSide2 for the generators added after seeds 43-46 were run: from seed 47 (fuzz.mjs SIDE2_LATE_FROM_SEED) only, so those replay. */
+function orSide2Late(odds, old, made) {
+  return current?.side2Late ? orSide2(odds, old, made) : old;
+}
+
 /**
  * Values a caller's getter may throw that are no Error: a library that reads `.message` or `.code`
  * of what it caught, or wraps it, throws its own TypeError. The call must let the value itself
@@ -128,6 +133,28 @@ function thrownValue(r) {
 }
 
 /**
+ * A getter of `first` that throws from its second read on, when its first read was the call's: a
+ * library that reads it once never sees the throw (stable; a rejection with it is a read too many).
+ * What it throws: a SentinelError or a value that is no Error (both the fuzzer's, not the caller's here).
+ */
+function throwsAfterFirstRead(first, r, where) {
+  const rec = stableRecord();
+  const v = r.uniform() < 0.5 ? new SentinelError(`${where}, read a second time`) : r.pick([null, undefined, Symbol('second read'), 'second read']);
+  let reads = 0;
+  const get = () => {
+    rec.read();
+    if (reads++ > 0 && !rec.early && !rec.restored && current_in_call(rec)) throw v;
+    return first;
+  };
+  return { get, rec, desc: `throws ${v instanceof SentinelError ? 'a SentinelError' : describe(v)} from its second read on` };
+}
+
+/** Whether the case's call is running (a stable getter throws only in it). */
+function current_in_call(rec) {
+  return rec.hooks?.inCall === true;
+}
+
+/**
  * A record of a getter whose later reads answer otherwise (stable: a library that reads it once sees
  * the first answer, so a call that resolves must give the unmutated call's result). `early` when it
  * was first read before the call (by the fuzzer's own wrapping): then the case is not judged so.
@@ -135,7 +162,7 @@ function thrownValue(r) {
  */
 function stableRecord() {
   const h = current;
-  const rec = { early: false, restored: false, read() {
+  const rec = { hooks: h, early: false, restored: false, read() {
     if (!h?.inCall && !rec.restored) rec.early = true;
   } };
   h?.stable.push(rec);
@@ -158,6 +185,7 @@ export class CaseHooks {
     this.reachedAtCall = 0;
     this.side = null; // the side stream of the newer generators (runCase sets it)
     this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
+    this.side2Late = false; // the session-52 generators added after seeds 43-46 were run (from SIDE2_LATE_FROM_SEED)
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
     this.stable = []; // records of getters that answer otherwise after their first read (stableRecord)
     this.inCall = false; // set by runCase while the call under test runs
@@ -470,7 +498,7 @@ function mutateArray(a, rng) {
     () => ({ value: new Proxy(Int32Array.from(a.filter((x) => typeof x === 'number')), {}), desc: 'a Proxy of an Int32Array of it' }),
   ];
   const made = orSide(0.25, old, (r) => r.pick(added)(r));
-  return orSide2(0.12, made, (r) => {
+  const thrower = orSide2(0.12, made, (r) => {
     const c = a.slice();
     if (c.length === 0) return made;
     // an element whose read throws a value that is no Error (the caller's own)
@@ -483,6 +511,15 @@ function mutateArray(a, rng) {
       },
     });
     return { value: c, desc: `element ${i}'s read throws ${describe(v)}`, sentinel: true };
+  });
+  return orSide2Late(0.05, thrower, (r) => {
+    // an element that throws from its second read on (a library reading it once never sees that)
+    const c = a.slice();
+    if (c.length === 0) return thrower;
+    const i = r.int(0, c.length);
+    const t = throwsAfterFirstRead(c[i], r, `element ${i}`);
+    Object.defineProperty(c, i, { enumerable: true, configurable: true, get: t.get });
+    return { value: c, desc: `element ${i} ${t.desc}`, dynamic: true, stable: true };
   });
 }
 
@@ -563,6 +600,11 @@ function mutateObject(o, rng, hooks, where) {
       const k = rng.pick(keys);
       const first = o[k];
       const later = flipValue(first, rng);
+      const throwing = orSide2Late(0.3, null, (r) => throwsAfterFirstRead(first, r, `${where}.${k}`));
+      if (throwing) {
+        Object.defineProperty(c, k, { enumerable: true, get: throwing.get });
+        return { value: c, desc: `${k} ${throwing.desc}`, dynamic: true, stable: true };
+      }
       let reads = 0;
       const rec = stableRecord();
       Object.defineProperty(c, k, {

@@ -194,9 +194,12 @@ const disposeInGetter = {
     const key = rng.pick(keys);
     const workers = rng.int(1, env.backend === 'wasm' ? 3 : 4);
     const when = rng.pick(['first', 'every']);
+    // (from SIDE2_LATE_FROM_SEED) a layer's getter releases its plan's resources instead, or as well
+    const act = layered && hooks.side2Late ? rng.pick(['dispose', 'release', 'both']) : 'dispose';
+    const plan = layered ? args.plan : null;
     return {
       args: [],
-      describe: `${layered ? 'prefillLayer' : op.name ?? 'an op'}, its ${key} getter disposing (${when} read)`,
+      describe: `${layered ? 'prefillLayer' : op.name ?? 'an op'}, its ${key} getter ${act === 'dispose' ? 'disposing the engine' : act === 'release' ? 'releasing the plan' : 'releasing the plan and disposing the engine'} (${when} read)`,
       call: async () => {
         local.engine = await createEngine({ backend: env.backend, workers });
         const e = local.engine;
@@ -206,7 +209,10 @@ const disposeInGetter = {
         Object.defineProperty(hostile, key, {
           enumerable: true,
           get() {
-            if (when === 'every' || disposals.length === 0) disposals.push(settle(e.dispose()));
+            if (when === 'every' || disposals.length === 0) {
+              if (act !== 'dispose') plan.release();
+              disposals.push(act === 'release' ? Promise.resolve({ value: undefined, released: true }) : settle(e.dispose()));
+            }
             return v;
           },
         });
@@ -217,10 +223,15 @@ const disposeInGetter = {
         return { r, disposed, later, read: disposals.length };
       },
       judge: ({ r, disposed, later, read }) => {
-        const what = `${layered ? 'prefillLayer' : 'the op'} whose ${key} getter disposed its engine (${read} read(s))`;
+        const what = `${layered ? 'prefillLayer' : 'the op'} whose ${key} getter ${act === 'release' ? 'released its plan' : act === 'both' ? 'released its plan and disposed its engine' : 'disposed its engine'} (${read} read(s))`;
         for (const d of disposed) if (d.error) return `${what}: dispose() rejected: ${errStr(d.error)}`;
-        if (read > 0 && !isCode(later.error, 'DISPOSED')) return `${what}: a call after it ${later.error ? `rejected with ${errStr(later.error)}` : 'resolved'}, expected DISPOSED`;
-        if (r.error) return isCode(r.error, 'DISPOSED') ? null : `${what}: rejected with ${errStr(r.error)}, expected DISPOSED or the result`;
+        // a released plan is usable after (its doc): only a disposed engine refuses the call after
+        if (act === 'release') {
+          if (later.error) return `${what}: a call after it rejected with ${errStr(later.error)}`;
+          const p = judge(later.value);
+          if (p) return `${what}: a call after it: ${p}`;
+        } else if (read > 0 && !isCode(later.error, 'DISPOSED')) return `${what}: a call after it ${later.error ? `rejected with ${errStr(later.error)}` : 'resolved'}, expected DISPOSED`;
+        if (r.error) return act !== 'release' && isCode(r.error, 'DISPOSED') ? null : `${what}: rejected with ${errStr(r.error)}, expected ${act === 'release' ? 'the result' : 'DISPOSED or the result'}`;
         return judge(r.value);
       },
     };

@@ -160,30 +160,41 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer over memor
     expect(await budgetEdge(sc.chunk, c, 'c0 workspace, host cache')).toBe(swa.data.byteLength);
   }, 60_000);
 
-  test.each(['host', 'device'] as const)("paged path, c4 layer with every operand on the device, %s outputs: the top-k downloaded for the plan's host combine is counted at the call with the paged form's copies (it was counted nowhere; with device outputs the layer checked nothing and the op refused after the download and the combine)", async (output) => {
-    const sc = randomScenario(rng, [rng.int(2000, 4000), rng.int(400, 800)], [rng.int(80, 120), rng.int(40, 80)]);
+  test.each([
+    { q: 'device', output: 'device' },
+    { q: 'device', output: 'host' },
+    { q: 'host', output: 'device' },
+  ] as const)("paged path, c4 layer with a device top-k, q on the $q, $output outputs: the top-k downloaded for the plan's host combine is dropped before the op and is less than the op's copies, so the layer needs exactly the op's bytes (it counted the download beside the op)", async ({ q: qOn, output }) => {
+    const sc = randomScenario(rng, [rng.int(2000, 4000), rng.int(400, 800)], [rng.int(120, 160), rng.int(60, 100)]);
     const hQ = 4, nq = sc.numQueries, smScale = 0.05;
     const swa = randomCache(rng, sc.swaPageSize, sc.swaPages), c4 = randomCache(rng, sc.c4PageSize, sc.c4Pages);
     const q = tensor('bf16', [nq, hQ, D], randomBf16Bits(rng, nq * hQ * D, 1));
     const attnSink = tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal()));
     // a wide top-k: its download is a large part of the layer's host memory
-    const topk = rng.int(1200, 1600);
+    const topk = rng.int(1400, 1800);
     const topkIndices = randomTopk(rng, sc, topk);
     const c: LayerCase = {
       async place(engine, plan) {
-        const [qd, swad, c4d, topkd, sinkd] = await Promise.all([engine.upload(q), engine.uploadKvCache(swa), engine.uploadKvCache(c4), engine.upload(topkIndices), engine.upload(attnSink)]);
+        const [qd, swad, c4d, topkd, sinkd] = await Promise.all([qOn === 'device' ? engine.upload(q) : q, engine.uploadKvCache(swa), engine.uploadKvCache(c4), engine.upload(topkIndices), engine.upload(attnSink)]);
         return { plan, compressRatio: 4, q: qd, caches: { swa: swad, c4: c4d }, topkIndices: topkd, attnSink: sinkd, smScale, path: 'paged' };
       },
       options: { output },
       ref: prefillLayerReference({ chunk: sc.ref, compressRatio: 4, q, caches: { swa, c4 }, topkIndices, attnSink, smScale }),
     };
-    // the host memory of the layer: the top-k downloaded (int32 [numQueries, topk]), the paged op's
-    // copies of the form's ids and lengths (the plan's host arrays) and, with host outputs, its outputs
+    // the host memory of the layer: first the top-k downloaded (int32 [numQueries, topk]) for the
+    // combine, then, once it is dropped, the paged op's copies of the form's ids and lengths (the
+    // plan's host arrays) and, with host outputs, its outputs; a host q is copied at the call and
+    // held throughout. The form's extra set alone is as wide as the top-k (padded), so the op's
+    // bytes are the larger.
     const plan = createPlan(sc.chunk);
     const form = plan.pagedForm(plan.combineC4(topkIndices));
+    expect(form.extra!.shape[1]).toBeGreaterThanOrEqual(topk);
     const formBytes = [form.main, form.mainLengths, form.extra!, form.extraLengths!].reduce((a, t) => a + t.data.byteLength, 0);
     const downloaded = nq * topk * 4;
-    expect(downloaded + formBytes, 'more than the least budget, so that the layer is refused first').toBeGreaterThan(MiB);
-    expect(await budgetEdge(sc.chunk, c, `c4 paged, device operands, ${output} outputs`)).toBe(downloaded + formBytes + (output === 'host' ? nq * hQ * OUTPUT_BYTES_PER_ROW : 0));
+    const opBytes = formBytes + (output === 'host' ? nq * hQ * OUTPUT_BYTES_PER_ROW : 0);
+    const qCopy = qOn === 'host' ? q.data.byteLength : 0;
+    expect(opBytes).toBeGreaterThan(downloaded);
+    expect(qCopy + opBytes, 'more than the least budget, so that the layer is refused first').toBeGreaterThan(MiB);
+    expect(await budgetEdge(sc.chunk, c, `c4 paged, device top-k, ${qOn} q, ${output} outputs`)).toBe(qCopy + opBytes);
   }, 60_000);
 });

@@ -34,7 +34,7 @@ import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, Output
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
-import type { CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
+import type { CombinedRows, CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
 export interface PrefillLayerArgs extends RouteOptions {
   /** bf16 [numQueries, hQ, 512]; a device tensor with a cuda engine */
@@ -232,7 +232,7 @@ function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDev
   const q = operandBytes(hostData(call.q.data)), sink = operandBytes(hostData(call.attnSink?.data));
   const layerOp = `prefillLayer (a c${ratio} layer, ${route.path} path): its`;
   if (route.path === 'paged') {
-    checkPagedOp(call, ops, budget, onDevice, q, sink, `${layerOp} pagedSparseAttention`);
+    checkPagedOp(call, ops, budget, onDevice, q, sink, layerOp);
     return;
   }
   const heap = ops.workerHeap;
@@ -288,8 +288,9 @@ function checkPrefillHeap(heap: WorkerHeap, rows: number, hQ: number, width: num
  * a check costs work like the op's, which the layer then runs with (call.peeked, kept by the plan
  * as if built by the layer: Plan.keepPeekedForm).
  */
-function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, op: string): void {
+function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, layerOp: string): void {
   const { plan, ratio, hQ, caches, output, topk } = call;
+  const op = `${layerOp} pagedSparseAttention`;
   const nq = plan.numQueries;
   const widths = plan.layerWidths(ratio, topk?.topk ?? 0);
   // the form's arrays: on the engine's device for a cuda c0 / c128 layer with a device q (placed by the plan), else the plan's host arrays
@@ -304,13 +305,10 @@ function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevi
     fixed.push(made(nq * 4));
     sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra), wholeBytes: compressed.bytes });
   }
-  // a c4 layer's device top-k is downloaded for the plan's host combine just before the op (pagedLayerFromHost): counted with the op's
-  const downloaded = topk !== undefined && isDeviceBuffer(topk.data) ? nq * topk.topk * 4 : 0;
-  const parts = (s: readonly PagedSetBytes[]) => {
-    const p = ops.pagedSparseAttention(fixed, s, nq, hQ, output);
-    if (downloaded > 0) p.push({ what: 'the top-k downloaded for the combine', bytes: downloaded });
-    return p;
-  };
+  // A c4 layer's device top-k is downloaded for the plan's host combine and dropped once combined,
+  // before the op copies the form (hostC4Rows): never beside the op's parts, and less than them (the
+  // form's extra set alone is as wide as the top-k), so the op's parts are the layer's need.
+  const parts = (s: readonly PagedSetBytes[]) => ops.pagedSparseAttention(fixed, s, nq, hQ, output);
   const copies = ops.pagedCopies;
   if (copies === null) {
     checkCallMemory(op, 'q', parts(sets.map((s) => ({ whole: true, cache: s.cache, indices: s.indices }))), budget);
@@ -659,10 +657,7 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
     // its budget check built them (checkPagedOp): kept now, counted as the layer's own build
     ({ rows, form: paged } = plan.keepPeekedForm(peeked));
   } else if (ratio === 4) {
-    const t = topk!;
-    // a device top-k (cuda engines) comes to the host for the plan's host combine
-    const data = isDeviceBuffer(t.data) ? (await engine.downloadArgument({ dtype: 'int32', shape: t.shape, data: t.data }, 'topkIndices')).data : t.data;
-    rows = plan.combineC4(tensor('int32', t.shape, data));
+    rows = await hostC4Rows(engine, plan, topk!);
   } else {
     rows = plan.combinedRows(ratio);
   }
@@ -681,6 +676,15 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
     { output },
   );
   return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: rows.dropped };
+}
+
+/**
+ * A c4 layer's rows by the plan's host combine. A device top-k (cuda engines) comes to the host for
+ * it and is dropped with this frame, before the layer's op (checkPagedOp counts it so).
+ */
+async function hostC4Rows(engine: SparseMlaEngine, plan: Plan, t: CheckedTopk<DeviceBuffer>): Promise<CombinedRows> {
+  const data = isDeviceBuffer(t.data) ? (await engine.downloadArgument({ dtype: 'int32', shape: t.shape, data: t.data }, 'topkIndices')).data : t.data;
+  return plan.combineC4(tensor('int32', t.shape, data));
 }
 
 /** The workspace path step by step over the engine's layer steps (see the file comment). */

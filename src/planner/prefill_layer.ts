@@ -232,7 +232,7 @@ function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDev
   const q = operandBytes(hostData(call.q.data)), sink = operandBytes(hostData(call.attnSink?.data));
   const layerOp = `prefillLayer (a c${ratio} layer, ${route.path} path): its`;
   if (route.path === 'paged') {
-    checkPagedOp(call, ops, budget, onDevice, q, sink, layerOp);
+    checkPagedOp(call, ops, budget, onDevice, q, sink, `${layerOp} pagedSparseAttention`);
     return;
   }
   const heap = ops.workerHeap;
@@ -288,9 +288,8 @@ function checkPrefillHeap(heap: WorkerHeap, rows: number, hQ: number, width: num
  * a check costs work like the op's, which the layer then runs with (call.peeked, kept by the plan
  * as if built by the layer: Plan.keepPeekedForm).
  */
-function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, layerOp: string): void {
+function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, op: string): void {
   const { plan, ratio, hQ, caches, output, topk } = call;
-  const op = `${layerOp} pagedSparseAttention`;
   const nq = plan.numQueries;
   const widths = plan.layerWidths(ratio, topk?.topk ?? 0);
   // the form's arrays: on the engine's device for a cuda c0 / c128 layer with a device q (placed by the plan), else the plan's host arrays

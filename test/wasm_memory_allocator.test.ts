@@ -10,11 +10,13 @@
  */
 import os from 'node:os';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { createEngine, createKvCache, tensor, type Engine } from '../dist/index.js';
+import { createEngine, createKvCache, createPlan, tensor, type Engine } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import type { WorkerPool } from '../dist/backends/wasm/pool.js';
+import { hostPlannerForTests } from '../dist/backends/wasm/planner.js';
 import { randomBf16Bits, randomIndices } from '../dist/check/grid.js';
+import { randomScenario, randomTopk } from './helpers/chunks.js';
 import { testRng } from './helpers/random.js';
 
 const rng = testRng('wasm_memory_allocator');
@@ -45,7 +47,7 @@ beforeAll(async () => {
 });
 afterAll(() => engine?.dispose());
 
-describe("the wasm workers' allocators hold nothing a call left behind", () => {
+describe("the wasm core's allocators (the pool's workers, the main thread's planner) hold nothing a call left behind", () => {
   test('after every op, on one worker and split over both', async () => {
     const threads = pool.testing.threadIds();
     const hQ = 16, sKV = 300, topk = 64;
@@ -140,4 +142,19 @@ describe("the wasm workers' allocators hold nothing a call left behind", () => {
     expect(dispatched).toBeLessThan(4);
     expect(await allocatedWhenIdle(), 'after a cancelled dequant').toEqual(level);
   }, 30_000);
+
+  test("the main thread's planner instance: after every plan step", () => {
+    const sc = randomScenario(rng, [rng.int(300, 900), rng.int(100, 300)], [rng.int(20, 60), rng.int(5, 20)]);
+    const plan = createPlan(sc.chunk);
+    const inUse = () => hostPlannerForTests.allocatedBytes();
+    expect(inUse(), 'createPlan').toBe(0);
+    for (const ratio of [0, 128] as const) {
+      plan.pagedForm(plan.combinedRows(ratio));
+      expect(inUse(), `c${ratio} rows and paged form`).toBe(0);
+    }
+    const topk = randomTopk(rng, sc, 48);
+    plan.pagedForm(plan.combineC4(topk));
+    expect(inUse(), 'c4 combine and paged form').toBe(0);
+    plan.release();
+  });
 });

@@ -55,6 +55,9 @@ function withCore<T>(f: (core: WasmCore) => T): T {
   }
 }
 
+/** @internal Tests only: the bytes the private instance's allocator holds in use (0 between calls), null before its first call. */
+export const hostPlannerForTests = { allocatedBytes: (): number | null => instance?.allocatedBytes ?? null };
+
 const numQueries = (extendLens: Int32Array): number => extendLens.reduce((a, b) => a + b, 0);
 
 export const hostPlanner = {

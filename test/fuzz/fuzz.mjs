@@ -160,6 +160,7 @@ export async function runCase(env, seed, index, only) {
   let result, error, threw = false;
   hooks.markCall(stub);
   hooks.inCall = true;
+  hooks.strictReads = !built.rereads;
   try {
     result = await withTimeout(Promise.resolve().then(() => built.call(built.args)), CASE_TIMEOUT_MS);
   } catch (e) {

@@ -143,15 +143,15 @@ function throwsAfterFirstRead(first, r, where) {
   let reads = 0;
   const get = () => {
     rec.read();
-    if (reads++ > 0 && !rec.early && !rec.restored && current_in_call(rec)) throw v;
+    if (reads++ > 0 && !rec.early && !rec.restored && strictCall(rec)) throw v;
     return first;
   };
   return { get, rec, desc: `throws ${v instanceof SentinelError ? 'a SentinelError' : describe(v)} from its second read on` };
 }
 
-/** Whether the case's call is running (a stable getter throws only in it). */
-function current_in_call(rec) {
-  return rec.hooks?.inCall === true;
+/** Whether the case's call is running and its target reads the arguments once (a getter throws only then). */
+function strictCall(rec) {
+  return rec.hooks?.inCall === true && rec.hooks.strictReads;
 }
 
 /**
@@ -189,6 +189,7 @@ export class CaseHooks {
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
     this.stable = []; // records of getters that answer otherwise after their first read (stableRecord)
     this.inCall = false; // set by runCase while the call under test runs
+    this.strictReads = true; // false where the target itself reads the arguments again (built.rereads): no getter throws on a second read
   }
   /** The stable getters answer their first value from now on (the judge reads the arguments). */
   restoreStable() {

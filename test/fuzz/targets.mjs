@@ -523,6 +523,8 @@ const createPlanTarget = {
     if (side && side.uniform() < 0.25) options.workspaceBudgetBytes = side.pick([2 ** 30, 2 ** 40, Number.MAX_SAFE_INTEGER]);
     return {
       args: [sc.chunk, options],
+      // options.caches are the layer's: the layer after createPlan reads them again (cpu seed 47 case 1944)
+      rereads: options.caches !== undefined,
       call: async (x) => {
         const plan = createPlan(...x);
         // the plan is used by a layer: what it holds is judged by the layer's result

@@ -1183,4 +1183,51 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
       expectWithinBounds(engine.backend, await engine.sparsePrefill(hostile), sparsePrefillReference(args), Array.from({ length: sQ }, (_, i) => i));
     }
   });
+
+  /** `cache` with a `field` getter that answers its own value on the first read and `later` from then on; reads counts them. */
+  function answersOtherwiseLater<C extends object>(cache: C, field: keyof C, later: unknown, reads: { n: number }): C {
+    const c = { ...cache };
+    const first = cache[field];
+    Object.defineProperty(c, field, { enumerable: true, get: () => (reads.n++ === 0 ? first : later) });
+    return c;
+  }
+
+  test("prefillLayer's paged path attends the caches it checked: a caches.swa getter answering another cache (same geometry, other bytes) after its first read does not change the result (the paged op was handed the caller's caches object and read swa again: it attended the other cache's rows, silently)", async () => {
+    const { judgeLayer, layerScenario } = await import('./fuzz/targets.mjs');
+    const { CaseHooks } = await import('./fuzz/mutate.mjs');
+    for (const engine of engines) {
+      for (const ratio of [0, 4, 128] as const) {
+        const { sc, layer, window } = layerScenario(rng, new CaseHooks(), ratio);
+        const plan = createPlan(sc.chunk, { window });
+        const other = { ...layer.caches.swa, data: new Uint8Array(layer.caches.swa.data.length).fill(0x38) };
+        let reads = 0;
+        const caches = { ...layer.caches };
+        Object.defineProperty(caches, 'swa', { enumerable: true, get: () => (reads++ === 0 ? layer.caches.swa : other) });
+        const got = await prefillLayer(engine, { ...layer, plan, caches, path: 'paged' });
+        expect(reads, `${engine.backend} c${ratio}: caches.swa reads`).toBe(1);
+        expect(judgeLayer(got, sc, layer), `${engine.backend} c${ratio}`).toBeNull();
+        plan.release();
+      }
+    }
+  });
+
+  test("prefillLayerSharded reads each cache's fields once for all its shards: a data getter answering another cache's bytes after its first read gives every shard the cache checked (each shard's check, and each shard's paged op, read the cache again: 4 reads of each field for 2 shards split by queries, the second shard attending the other bytes, silently)", async () => {
+    const { judgeLayer, layerScenario } = await import('./fuzz/targets.mjs');
+    const { CaseHooks } = await import('./fuzz/mutate.mjs');
+    for (const engine of engines) {
+      for (const split of ['queries', 'heads'] as const) {
+        let s;
+        do s = layerScenario(rng, new CaseHooks(), rng.pick([0, 4, 128]));
+        while (s.sc.numQueries < 2 || s.layer.q.shape[1] < 2);
+        const { sc, layer, window } = s;
+        const plan = createShardedPlan(sc.chunk, { shards: 2, split, window });
+        const reads = { n: 0 };
+        const swa = answersOtherwiseLater(layer.caches.swa, 'data', new Uint8Array(layer.caches.swa.data.length).fill(0x38), reads);
+        const got = await prefillLayerSharded([engine, engine], { ...layer, plan, caches: { ...layer.caches, swa }, path: rng.pick(['paged', 'sparse']) });
+        expect(reads.n, `${engine.backend} ${split}: caches.swa.data reads`).toBe(1);
+        expect(judgeLayer(got, sc, layer), `${engine.backend} ${split}`).toBeNull();
+        plan.release();
+      }
+    }
+  });
 });

@@ -1339,8 +1339,10 @@ export class Plan {
   checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
     planThis(this, 'checkCaches');
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
-    if (caches.swa === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
-    const swa = checkV4Cache(caches.swa, 'caches.swa');
+    // each cache read once (a getter asked again may answer another one)
+    const swaArg = caches.swa;
+    if (swaArg === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
+    const swa = checkV4Cache(swaArg, 'caches.swa');
     if (this.#maxSwaId >= swa.numTokens) swaCacheTooSmall(this.#maxSwaId, swa.numTokens);
     if (ratio === 0) return { swa };
     const st = this.#state(ratio, 'compressRatio');

@@ -138,7 +138,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
   // an env that is not given (or falsy) leaves the router to read process.env
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
+  const layerCaches = route.path === 'paged' ? pagedCaches(caches) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
   if (hasDevice) {
     // device operands the engine's own, on its device, before any work (the ops' own check comes at their launch, after the plan's uploads)
@@ -395,7 +395,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   // a forced path (the layer loop's usual call) without the router's options object and decision
   const path = args.path, threshold = args.threshold;
   const route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  const layerCaches = route.path === 'paged' ? pagedCaches(given, ratio) : undefined;
+  const layerCaches = route.path === 'paged' ? pagedCaches(caches) : undefined;
   let topk: CheckedTopk<DeviceBuffer> | undefined;
   if (ratio === 4) {
     topk = plan.deviceTopk(topkIndices, device);
@@ -423,9 +423,15 @@ function badQueryShape(plan: Plan, q: { shape: readonly number[] }): never {
 function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never {
   fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
 }
-/** The caller's caches as the paged path's op takes them (checked by then: Plan.checkCaches). */
-function pagedCaches(given: PlanCaches, ratio: CompressRatio): LayerCall['layerCaches'] {
-  return ratio === 0 ? { swa: given.swa! } : { swa: given.swa!, compressed: given[ratio === 4 ? 'c4' : 'c128']! };
+/**
+ * The caches as the paged path's op takes them: the ones Plan.checkCaches read and checked, as
+ * caches of the library's own, never the caller's objects again (a getter of theirs read a second
+ * time could answer another cache, which the op would attend silently: ids the plan checked
+ * against the first, outside the second, are skipped by the op).
+ */
+function pagedCaches(caches: LayerCall['caches']): LayerCall['layerCaches'] {
+  const own = (c: CacheView<DeviceBuffer>) => ({ format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: c.data }) as KvCache | DeviceKvCache;
+  return caches.compressed === undefined ? { swa: own(caches.swa) } : { swa: own(caches.swa), compressed: own(caches.compressed) };
 }
 /** A device operand of a cuda engine's layer is a buffer of the engine's backend on its device (host data: nothing to check). */
 function onEngineDevice(engine: SparseMlaEngine, data: unknown, argument: string): void {

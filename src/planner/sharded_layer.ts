@@ -185,14 +185,24 @@ function readArray<T>(v: unknown): T[] | null {
 }
 
 /**
- * One set of caches for every engine, its fields read once into an object of the library's own (a
- * field that is undefined stays absent); anything but an object as it is, for the check to refuse.
+ * One set of caches for every engine, its fields and each cache's fields read once into objects of
+ * the library's own (a field that is undefined stays absent): every shard's check reads these, not
+ * the caller's objects again (each shard's check read each cache's format, pageSize, numPages and
+ * data: a getter answering otherwise gave one shard another cache). Anything but an object as it
+ * is, for the check to refuse.
  */
 function fieldsOnce(caches: unknown): PlanCaches {
   if (typeof caches !== 'object' || caches === null) return caches as PlanCaches;
   const given = caches as PlanCaches;
-  const swa = given.swa, c4 = given.c4, c128 = given.c128;
+  const swa = cacheOnce(given.swa), c4 = cacheOnce(given.c4), c128 = cacheOnce(given.c128);
   return { ...(swa !== undefined ? { swa } : {}), ...(c4 !== undefined ? { c4 } : {}), ...(c128 !== undefined ? { c128 } : {}) };
+}
+
+/** A cache's fields read once into an object of the library's own; anything but an object as it is. */
+function cacheOnce<C>(cache: C): C {
+  if (typeof cache !== 'object' || cache === null || Array.isArray(cache)) return cache;
+  const c = cache as { format?: unknown; pageSize?: unknown; numPages?: unknown; data?: unknown };
+  return { format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: c.data } as C;
 }
 
 /** One attention layer of a sharded chunk: each engine runs its shard, all at once. */

@@ -169,8 +169,13 @@ export const HOST_ARRAY_TYPES: { readonly [D in DType]: new (length: number) => 
 
 export function numel(shape: readonly number[]): number {
   if (!Array.isArray(shape)) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got ${describe(shape)}`, 'shape');
+  // its length read once and each dim once, not a for-of: the array iterator reads the length at
+  // every step (a Proxy whose length shrank after its first read gave the product of fewer dims)
+  const count: unknown = shape.length;
+  if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got one of length ${describe(count)}`, 'shape');
   let n = 1;
-  for (const d of shape) {
+  for (let i = 0; i < count; i++) {
+    const d: unknown = shape[i];
     if (typeof d !== 'number') throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of numbers, got ${describe(d)} in it`, 'shape');
     n *= d;
   }

@@ -1230,4 +1230,10 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
       }
     }
   });
+
+  test("numel reads a shape's length once: a Proxy whose length shrinks after its first read gives the product of every dim (a for-of ran the array iterator, which reads the length at each step: numel of [3, 4] came out 3, silently)", () => {
+    const dims = [rng.int(2, 9), rng.int(2, 9), rng.int(2, 9)];
+    expect(numel(shrinkingAfterFirstRead(dims))).toBe(dims[0]! * dims[1]! * dims[2]!);
+    expect(numel(shrinkingAfterFirstRead([3, 4]))).toBe(12);
+  });
 });

@@ -39,6 +39,9 @@ export const FINDING_KINDS = {
   'accepted-bad-device': 'hard', // a call given a freed, wrongly sized or other device's buffer (and nothing else wrong) resolved
   'refused-after-work': 'soft', // a plain bad input refused only after an op had been reached (not 'before any work')
   'neutral-refused': 'soft',
+  // a getter read a second time after the call's first read (its throw came back): a read too many,
+  // not a wrong value (where the second read's value is used, the stable oracle judges it)
+  'read-twice': 'soft',
   'ref-refused': 'soft',
 };
 
@@ -205,6 +208,7 @@ export async function runCase(env, seed, index, only) {
   if (stub && stub.faults.length > faults0) return finding('stub-fault', `the addon would refuse: ${stub.faults.slice(faults0, faults0 + 3).join(' | ')}${threw ? `; the call: ${errText(error)}` : ''}`);
 
   if (threw) {
+    if (hooks.secondReads.some((v) => Object.is(v, error))) return finding('read-twice', `a getter read again after the call's first read of it threw: ${errText(error)}`);
     if (error instanceof SentinelError) return sentinel ? Object.assign(res, { verdict: 'sentinel' }) : finding('untyped', errText(error));
     // a value that is no Error, thrown by the case's own getter, let through (the caller's)
     if (sentinel && hooks.thrown.some((v) => Object.is(v, error))) return Object.assign(res, { verdict: 'sentinel' });

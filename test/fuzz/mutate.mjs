@@ -140,6 +140,7 @@ function thrownValue(r) {
 function throwsAfterFirstRead(first, r, where) {
   const rec = stableRecord();
   const v = r.uniform() < 0.5 ? new SentinelError(`${where}, read a second time`) : r.pick([null, undefined, Symbol('second read'), 'second read']);
+  current?.secondReads.push(v);
   let reads = 0;
   const get = () => {
     rec.read();
@@ -187,6 +188,7 @@ export class CaseHooks {
     this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
     this.side2Late = false; // the session-52 generators added after seeds 43-46 were run (from SIDE2_LATE_FROM_SEED)
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
+    this.secondReads = []; // what the case's getters throw from their second read on (throwsAfterFirstRead)
     this.stable = []; // records of getters that answer otherwise after their first read (stableRecord)
     this.inCall = false; // set by runCase while the call under test runs
     this.strictReads = true; // false where the target itself reads the arguments again (built.rereads): no getter throws on a second read

@@ -59,6 +59,9 @@ export const SIDE2_FROM_SEED = 43;
 /** The first seed of the session-52 generators added after seeds 43-46 were run (a second read that throws; plan.release() in disposeInGetter). */
 export const SIDE2_LATE_FROM_SEED = 47;
 
+/** The first seed of the session-52 generators added after seeds 47-49 were run (Symbol.toPrimitive throwers, thenables, WebAssembly memories): mutate.mjs orSide2Later. */
+export const SIDE2_LATER_FROM_SEED = 50;
+
 /** The odds that a case of a seed from SIDE2_FROM_SEED runs a session-52 target instead of its own. */
 export const SIDE2_TARGET_ODDS = 0.08;
 
@@ -134,6 +137,7 @@ export async function runCase(env, seed, index, only) {
   if (seed >= SIDE2_FROM_SEED) {
     hooks.side2 = caseRng((seed ^ 0x2545f491) >>> 0, index);
     hooks.side2Late = seed >= SIDE2_LATE_FROM_SEED;
+    hooks.seed = seed;
     // a session-52 target in place of the case's own (drawn first from its stream; --targets may name one)
     const side = SIDE_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!env.stub || env.stub.hostCore));
     const u = hooks.side2.uniform();

@@ -113,10 +113,17 @@ function orSide2(odds, old, made) {
   return side2 !== null && side2.uniform() < odds ? made(side2) : old;
 }
 
-/** orSide2 for the generators added after seeds 43-46 were run: from seed 47 (fuzz.mjs SIDE2_LATE_FROM_SEED) only, so those replay. */
-function orSide2Late(odds, old, made) {
-  return current?.side2Late ? orSide2(odds, old, made) : old;
+/**
+ * orSide2 for a generator added after some seeds of the session-52 stream were run: only on seeds
+ * from `fromSeed` (fuzz.mjs SIDE2_LATE_FROM_SEED, SIDE2_LATER_FROM_SEED), so those replay as run.
+ */
+function orSide2From(fromSeed, odds, old, made) {
+  return (current?.seed ?? 0) >= fromSeed ? orSide2(odds, old, made) : old;
 }
+/** Added after seeds 43-46 were run: a second read that throws. */
+const orSide2Late = (odds, old, made) => orSide2From(47, odds, old, made);
+/** Added after seeds 47-49 were run: Symbol.toPrimitive throwers, thenables, WebAssembly memories. */
+const orSide2Later = (odds, old, made) => orSide2From(50, odds, old, made);
 
 /**
  * Values a caller's getter may throw that are no Error: a library that reads `.message` or `.code`
@@ -180,6 +187,7 @@ export class CaseHooks {
     this.rng = rng;
     this.arrays = []; // every typed array the builder made
     this.resizable = []; // ArrayBuffers made resizable by a mutation
+    this.wasmMemories = []; // WebAssembly.Memory objects whose buffers a mutation put arrays in
     this.plans = []; // plans the builder made (released after the case: a cuda engine keeps device memory for them)
     this.deviceBuffers = []; // device buffers the case made itself (uploads; freed after the case)
     this.device = null; // on a device engine: { alloc(bytes), allocOn(device, bytes) | null } (run.mjs)
@@ -187,6 +195,7 @@ export class CaseHooks {
     this.side = null; // the side stream of the newer generators (runCase sets it)
     this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
     this.side2Late = false; // the session-52 generators added after seeds 43-46 were run (from SIDE2_LATE_FROM_SEED)
+    this.seed = 0; // the case's seed (runCase): generators added later draw only on seeds from theirs (orSide2From)
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
     this.secondReads = []; // what the case's getters throw from their second read on (throwsAfterFirstRead)
     this.stable = []; // records of getters that answer otherwise after their first read (stableRecord)
@@ -239,6 +248,10 @@ export class CaseHooks {
   /** Grows the resizable buffers to their maximum (a length-tracking view gets longer; a fixed one stays). */
   growAll() {
     for (const b of this.resizable) if (!isDetachedBuffer(b)) b.resize(b.maxByteLength);
+  }
+  /** Grows each WebAssembly memory by a page: its old buffer detaches (a shared one's does not). */
+  growWasmMemories() {
+    for (const m of this.wasmMemories) m.grow(1);
   }
   /** Shrinks the resizable buffers by one byte (a view over their end loses its last element, or all of it). */
   shrinkByOne() {
@@ -367,7 +380,19 @@ function mutateTyped(a, rng, hooks) {
     v.set(a);
     return { value: v, desc: `a ${ctor.name} subclass whose buffer, byteOffset and byteLength getters lie`, neutral: true };
   });
-  return orSide2(1 / 10, made, (r) => r.pick(resizableViews(a, hooks))());
+  const resized = orSide2(1 / 10, made, (r) => r.pick(resizableViews(a, hooks))());
+  return orSide2Later(1 / 20, resized, (r) => {
+    // a view in a WebAssembly memory's buffer (shared or not): the same numbers, so neutral; a late
+    // getter may grow the memory (growWasm), which detaches a non-shared memory's old buffer
+    const shared = r.uniform() < 0.3;
+    const pages = Math.ceil((a.byteLength + 64) / 65536);
+    const memory = new WebAssembly.Memory({ initial: pages, maximum: pages + 4, ...(shared ? { shared: true } : {}) });
+    hooks.wasmMemories.push(memory);
+    const v = new ctor(memory.buffer, el * 4, a.length);
+    v.set(a);
+    hooks.arrays.push(v);
+    return { value: v, desc: `${ctor.name} in a ${shared ? 'shared ' : ''}WebAssembly.Memory's buffer`, neutral: true };
+  });
 }
 
 /**
@@ -423,7 +448,17 @@ function mutateNumber(v, rng) {
     return { value: x, desc: `${x} (from ${v})` };
   }
   const x = rng.pick(HOSTILE_NON_NUMBERS());
-  return orSide(0.15, { value: x, desc: describe(x) }, unprintable);
+  return orSide2Later(0.1, orSide(0.15, { value: x, desc: describe(x) }, unprintable), primitiveThrower);
+}
+
+/**
+ * An object whose Symbol.toPrimitive throws a value that is no Error (it comes before toString and
+ * valueOf in every coercion: Number(), a template, +x, a comparison with <): a library that coerces
+ * it before its type check rejects with the fuzzer's value, an untyped error.
+ */
+function primitiveThrower(r) {
+  const v = r.pick([Symbol('coerced'), null, 'coerced']);
+  return { value: { [Symbol.toPrimitive]: () => { throw v; } }, desc: `an object whose Symbol.toPrimitive throws ${describe(v)}` };
 }
 
 function unprintable(r) {
@@ -437,7 +472,7 @@ function mutateString(v, rng) {
     return { value: s, desc: JSON.stringify(s.length > 20 ? `${s.slice(0, 20)}…` : s) };
   }
   const x = rng.pick(HOSTILE_NON_NUMBERS());
-  return orSide(0.15, { value: x, desc: describe(x) }, unprintable);
+  return orSide2Later(0.1, orSide(0.15, { value: x, desc: describe(x) }, unprintable), primitiveThrower);
 }
 
 function mutateArray(a, rng) {
@@ -626,24 +661,31 @@ function mutateObject(o, rng, hooks, where) {
       const k = rng.pick(keys);
       const v = o[k];
       const oldAct = hooks.deviceBuffers.length > 0 && rng.uniform() < 0.4 ? 'free' : rng.pick(['detach', 'shrink', 'scribble']);
-      const act = orSide2(0.3, oldAct, (r) => r.pick(['grow', 'shrinkByOne']));
+      const act = orSide2Later(0.15, orSide2(0.3, oldAct, (r) => r.pick(['grow', 'shrinkByOne'])), () => 'growWasm');
       Object.defineProperty(c, k, {
         enumerable: true,
         get() {
           if (act === 'detach') hooks.detachSome(rng);
           else if (act === 'shrink') hooks.shrinkAll();
           else if (act === 'grow') hooks.growAll();
+          else if (act === 'growWasm') hooks.growWasmMemories();
           else if (act === 'shrinkByOne') hooks.shrinkByOne();
           else if (act === 'free') hooks.freeSome(rng);
           else hooks.scribble(rng);
           return v;
         },
       });
-      const what = { detach: 'detaches some of the case\'s buffers', shrink: 'shrinks the resizable buffers to 0', grow: 'grows the resizable buffers to their maximum', shrinkByOne: 'shrinks the resizable buffers by one byte', scribble: 'rewrites an element of every array', free: 'frees some of the case\'s device buffers' }[act];
+      const what = { growWasm: 'grows the case\'s WebAssembly memories (their old buffers detach)', detach: 'detaches some of the case\'s buffers', shrink: 'shrinks the resizable buffers to 0', grow: 'grows the resizable buffers to their maximum', shrinkByOne: 'shrinks the resizable buffers by one byte', scribble: 'rewrites an element of every array', free: 'frees some of the case\'s device buffers' }[act];
       return { value: c, desc: `reading ${k} ${what}`, dynamic: true };
     },
   ];
-  return rng.pick(choices)();
+  const made = rng.pick(choices)();
+  return orSide2Later(0.06, made, () => {
+    // a thenable: a library that awaits or resolves a promise with the caller's object waits for ever
+    const c = { ...o };
+    Object.defineProperty(c, 'then', { enumerable: false, value: () => undefined });
+    return { value: c, desc: 'a copy with a then() that never settles', neutral: true };
+  });
 }
 
 function flipValue(v, rng) {

@@ -390,7 +390,7 @@ function mutateTyped(a, rng, hooks) {
     hooks.wasmMemories.push(memory);
     const v = new ctor(memory.buffer, el * 4, a.length);
     v.set(a);
-    hooks.arrays.push(v);
+    // (not among hooks.arrays: a replacement the call may write, as a cache it was given; stub seed 52 case 8312)
     return { value: v, desc: `${ctor.name} in a ${shared ? 'shared ' : ''}WebAssembly.Memory's buffer`, neutral: true };
   });
 }

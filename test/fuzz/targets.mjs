@@ -288,7 +288,8 @@ const dequantizeKCachePaged = {
         const r = refArgs[0];
         const width = r.cache.format === 'v4' ? 512 : 576;
         if (stub) {
-          const n = Array.isArray(r.tokenIds) ? r.tokenIds.length : r.tokenIds.data.length;
+          // the ids' length by their memory (a subclass's length may lie: stub seed 52 case 6399)
+          const n = Array.isArray(r.tokenIds) ? r.tokenIds.length : isTyped(r.tokenIds.data) ? TYPED_LENGTH.call(r.tokenIds.data) : r.tokenIds.data.length;
           return got?.dtype === 'bf16' && JSON.stringify(got.shape) === JSON.stringify([n, width]) && got.data.length === n * width ? null : `got ${got?.dtype} ${JSON.stringify(got?.shape)}, expected bf16 [${n}, ${width}]`;
         }
         const want = R.dequantizeKCacheReference(byMemory(r.cache), r.tokenIds);

@@ -1236,4 +1236,31 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
     expect(numel(shrinkingAfterFirstRead(dims))).toBe(dims[0]! * dims[1]! * dims[2]!);
     expect(numel(shrinkingAfterFirstRead([3, 4]))).toBe(12);
   });
+
+  test("pagedSparseAttention reads the extra set's arguments once: an extraKCache getter answering another cache (same geometry, other bytes) after its first read does not change the result (the presence check read extraKCache, extraIndices and extraTopkLength, then the set's check read them again and attended the second answer, silently; wasm seed 51 case 3014, a soft read-twice finding)", async () => {
+    for (const engine of engines) {
+      const n = rng.int(1, 4), hQ = rng.int(1, 3);
+      const cache = quantizedCache(4, rng.int(2, 5)), extra = quantizedCache(2, rng.int(2, 5));
+      const ids = (rows: number, k: number, tokens: number) => tensor('int32', [rows, k], Int32Array.from({ length: rows * k }, () => rng.int(0, tokens)));
+      const args: PagedSparseAttentionArgs = {
+        q: tensor('bf16', [n, hQ, 512], randomBf16Bits(rng, n * hQ * 512)),
+        kCache: cache,
+        indices: ids(n, 3, cache.pageSize * cache.numPages),
+        extraKCache: extra,
+        extraIndices: ids(n, 2, extra.pageSize * extra.numPages),
+        extraTopkLength: tensor('int32', [n], Int32Array.from({ length: n }, () => rng.int(1, 3))),
+        smScale: 0.04,
+      };
+      const reads = { extraKCache: 0, extraIndices: 0, extraTopkLength: 0 };
+      const other = { ...extra, data: new Uint8Array(extra.data.length).fill(0x38) };
+      const hostile = { ...args };
+      for (const k of Object.keys(reads) as (keyof typeof reads)[]) {
+        const first = args[k];
+        Object.defineProperty(hostile, k, { enumerable: true, get: () => (reads[k]++ === 0 ? first : k === 'extraKCache' ? other : first) });
+      }
+      const got = await engine.pagedSparseAttention(hostile);
+      expect(reads, engine.backend).toEqual({ extraKCache: 1, extraIndices: 1, extraTopkLength: 1 });
+      expectWithinBounds(engine.backend, got, pagedSparseAttentionReference(args), Array.from({ length: n }, (_, i) => i));
+    }
+  });
 });

@@ -37,24 +37,26 @@ export function preparePagedSparseAttention(args: OnDevice<PagedSparseAttentionA
   checkArgsObject(args, 'pagedSparseAttention arguments');
   const { q, rows: n, hQ, dQK } = checkQuery(args.q, `[n, hQ, ${PAGED_D}]`);
   if (dQK !== PAGED_D) fail('INVALID_SHAPE', 'q', `shape [n, hQ, ${PAGED_D}] (the paged path attends v4 rows of ${PAGED_D} dims)`, `shape ${shapeStr(q.shape)}`);
-  if (args.dV !== undefined && args.dV !== PAGED_D) fail('INVALID_VALUE', 'dV', `${PAGED_D} (or omitted) on the paged path`, describe(args.dV));
+  const dV = args.dV;
+  if (dV !== undefined && dV !== PAGED_D) fail('INVALID_VALUE', 'dV', `${PAGED_D} (or omitted) on the paged path`, describe(dV));
   checkInt32Size(n, 'q', 'n');
   checkInt32Size(hQ, 'q', 'hQ');
 
   const main = indexSet(args.kCache, 'kCache', args.indices, 'indices', args.topkLength, 'topkLength', n);
 
-  const hasExtraCache = args.extraKCache !== undefined && args.extraKCache !== null;
-  const hasExtraIndices = args.extraIndices !== undefined && args.extraIndices !== null;
+  // the extra set's arguments read once: whether each is there and what is checked come from one read
+  // (the presence checks read them, then indexSet again: a getter asked twice could answer otherwise)
+  const extraKCache = args.extraKCache, extraIndices = args.extraIndices, extraTopkLength = args.extraTopkLength;
+  const hasExtraCache = extraKCache !== undefined && extraKCache !== null;
+  const hasExtraIndices = extraIndices !== undefined && extraIndices !== null;
   if (hasExtraCache !== hasExtraIndices) {
-    if (hasExtraCache) fail('INVALID_VALUE', 'extraIndices', 'an int32 [n, topkExtra] tensor when extraKCache is given', describe(args.extraIndices));
-    fail('INVALID_VALUE', 'extraKCache', 'a v4 KvCache when extraIndices is given', describe(args.extraKCache));
+    if (hasExtraCache) fail('INVALID_VALUE', 'extraIndices', 'an int32 [n, topkExtra] tensor when extraKCache is given', describe(extraIndices));
+    fail('INVALID_VALUE', 'extraKCache', 'a v4 KvCache when extraIndices is given', describe(extraKCache));
   }
-  if (!hasExtraIndices && args.extraTopkLength !== undefined && args.extraTopkLength !== null) {
-    fail('INVALID_VALUE', 'extraTopkLength', 'omitted when there is no extraIndices', describe(args.extraTopkLength));
+  if (!hasExtraIndices && extraTopkLength !== undefined && extraTopkLength !== null) {
+    fail('INVALID_VALUE', 'extraTopkLength', 'omitted when there is no extraIndices', describe(extraTopkLength));
   }
-  const extra = hasExtraIndices
-    ? indexSet(args.extraKCache, 'extraKCache', args.extraIndices, 'extraIndices', args.extraTopkLength, 'extraTopkLength', n)
-    : null;
+  const extra = hasExtraIndices ? indexSet(extraKCache, 'extraKCache', extraIndices, 'extraIndices', extraTopkLength, 'extraTopkLength', n) : null;
 
   const smScale = checkSmScale(args.smScale);
   const attnSink = checkAttnSink(args.attnSink, 'attnSink', hQ);

@@ -1263,4 +1263,30 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
       expectWithinBounds(engine.backend, got, pagedSparseAttentionReference(args), Array.from({ length: n }, (_, i) => i));
     }
   });
+
+  test("createShardedPlan reads each request's id lists once for the whole plan and its shards: a swaTokenIds or c128PageTable element answering another id after its first read gives every shard the ids the whole plan checked (each shard's plan read the caller's lists again: a shard attended other SWA rows or pages, silently; cpu seed 53 case 2896, a soft read-twice)", async () => {
+    const { judgeLayer, layerScenario } = await import('./fuzz/targets.mjs');
+    const { CaseHooks } = await import('./fuzz/mutate.mjs');
+    for (const engine of engines) {
+      for (const key of ['swaTokenIds', 'c128PageTable'] as const) {
+        let s;
+        do s = layerScenario(rng, new CaseHooks(), 128);
+        while (s.sc.numQueries < 2 || (s.sc.chunk.requests[0] as unknown as Record<string, ArrayLike<number>>)[key]!.length < 1 || s.sc.swaPageSize * s.sc.swaPages < 2 || s.sc.c128Pages < 2);
+        const { sc, layer, window } = s;
+        const req = sc.chunk.requests[0] as unknown as Record<string, ArrayLike<number>>;
+        const list = Array.from(req[key]!);
+        const first = list[0]!;
+        const bound = key === 'c128PageTable' ? sc.c128Pages : sc.swaPageSize * sc.swaPages;
+        const later = (first + 1) % bound;
+        let reads = 0;
+        Object.defineProperty(list, 0, { enumerable: true, get: () => (reads++ === 0 ? first : later) });
+        const chunk = { ...sc.chunk, requests: [{ ...req, [key]: list }, ...sc.chunk.requests.slice(1)] };
+        const plan = createShardedPlan(chunk, { shards: 2, split: 'queries', window });
+        const got = await prefillLayerSharded([engine, engine], { ...layer, plan });
+        expect(reads, `${engine.backend} ${key}: element reads`).toBe(1);
+        expect(judgeLayer(got, sc, layer), `${engine.backend} ${key}`).toBeNull();
+        plan.release();
+      }
+    }
+  });
 });

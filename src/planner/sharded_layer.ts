@@ -16,7 +16,7 @@ import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
-import { chunkOnce, createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS, type ChunkFields } from './plan.js';
+import { chunkOnce, createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS, type ChunkFields, type RequestFields } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import { checkCallMemory } from '../backends/memory.js';
@@ -88,6 +88,31 @@ function subChunk(chunk: ChunkFields, a: number, b: number, window: number): Pla
   return { requests, ...(c4PageSize !== undefined ? { c4PageSize } : {}), ...(c128PageSize !== undefined ? { c128PageSize } : {}) };
 }
 
+/**
+ * A chunk (as chunkOnce read it) with each request's id lists (swaTokenIds and page tables) read
+ * once, for the whole plan and every shard's plan cut from it: each shard's plan read them again
+ * from the caller's arrays (an element's getter answering otherwise gave a shard other pages or SWA
+ * ids than the whole plan checked, silently). A list readIds refuses stays as it came, for the
+ * whole plan's checks to refuse in their order.
+ */
+function idListsOnce(read: ChunkFields): ChunkFields {
+  const requests = read.requests.map((q) => {
+    if (typeof q !== 'object' || q === null) return q;
+    const f = q as RequestFields;
+    return { ...f, swaTokenIds: idListOnce(f.swaTokenIds), c4PageTable: idListOnce(f.c4PageTable), c128PageTable: idListOnce(f.c128PageTable) };
+  });
+  return { ...read, requests };
+}
+
+function idListOnce(list: unknown): unknown {
+  if (list === undefined) return list;
+  try {
+    return readIds(list, 'ids');
+  } catch {
+    return list;
+  }
+}
+
 /** Most shards a plan may have: one per engine (far above the GPUs of any host; guards typos like 1e9). */
 export const MAX_SHARDS = 1024;
 
@@ -101,7 +126,8 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
   if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
   // the chunk read once: the whole plan checks what the shards are cut from (read again, a getter
   // could give null, or other requests than the whole plan's)
-  const read = chunkOnce(chunk);
+  const fields = chunkOnce(chunk);
+  const read = fields && split === 'queries' ? idListsOnce(fields) : fields;
   const whole = createPlan((read ?? chunk) as PlanChunk, planOptions);
   if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
   const window = planOptions.window ?? DEFAULT_WINDOW;

@@ -6,37 +6,22 @@
  * counts whatever the heap. The edge is written here from the op's heap layout: a task holds per
  * token its gathered bytes twice (the staging's copy and the heap's), its int64 id and its bf16 row.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createKvCache, createPlan, prefillLayer, tensor, type Engine } from '../dist/index.js';
-import { SparseMlaEngine } from '../dist/engine.js';
-import { HEAP_RESERVE_BYTES, WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
-import { compileCoreModule } from '../dist/backends/wasm/ops.js';
+import { describe, expect, test } from 'vitest';
+import { SparseMlaError, createKvCache, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import { HEAP_RESERVE_BYTES } from '../dist/backends/wasm/wasm_backend.js';
 import { dequantizeKCacheReference, quantizeKCacheReference } from '../dist/reference/index.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
 import { planWork, spyOps } from './helpers/layer_work.js';
+import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 
 const rng = testRng('hostile_budget_wasm_dequant');
 
 /** Heap bytes one token of a dequant task needs: its compact token twice, its int64 id, its bf16 row. */
 const TOKEN_HEAP = { v4: 2 * (512 + 64 + 8) + 8 + 512 * 2, v32: 2 * 656 + 8 + 576 * 2 } as const;
 
-let compiled: Awaited<ReturnType<typeof compileCoreModule>>;
-const engines: Engine[] = [];
-beforeAll(async () => {
-  compiled = await compileCoreModule();
-});
-afterAll(async () => {
-  for (const e of engines) await e.dispose();
-});
-
-async function wasmEngine(heapBytes: number, memoryBudgetBytes?: number): Promise<{ engine: Engine; backend: WasmBackend }> {
-  const backend = await WasmBackend.create(2, { module: compiled.module, maxMemoryBytes: heapBytes }, memoryBudgetBytes);
-  const engine = new SparseMlaEngine(backend);
-  engines.push(engine);
-  return { engine, backend };
-}
+const wasmEngine = smallHeapWasmEngines();
 
 const heapRefusal = (argument: string, heap: number, need: number, call?: string) =>
   `${argument}: expected a call whose per-worker heap share fits the ${heap / 2 ** 20} MiB WASM heap (wasm32, no MEMORY64)${call ? `: ${call}` : ''}, got ${need} bytes for the shared inputs and one row (0 shared + ${need} per row)`;

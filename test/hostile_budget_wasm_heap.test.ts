@@ -10,12 +10,10 @@
  * refused at the heap that is one byte short, run at the edge within SPEC §4's bounds of the
  * float64 reference, and the op alone (the public op over the same operands) has the same edge.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createPlan, prefillLayer, tensor } from '../dist/index.js';
 import type { Engine, Plan, PrefillLayerArgs } from '../dist/index.js';
-import { SparseMlaEngine } from '../dist/engine.js';
 import { HEAP_RESERVE_BYTES, WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
-import { compileCoreModule } from '../dist/backends/wasm/ops.js';
 import { pagedReadForTests } from '../dist/backends/paged_gather.js';
 import { prefillLayerReference } from '../dist/reference/index.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
@@ -24,26 +22,18 @@ import { errorOf } from './helpers/errors.js';
 import { plannerCalls } from './helpers/planner_calls.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { paddedCache, planWork, spyOps } from './helpers/layer_work.js';
+import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 
 const rng = testRng('hostile_budget_wasm_heap');
 const D = 512;
 
-let compiled: Awaited<ReturnType<typeof compileCoreModule>>;
-const engines: Engine[] = [];
+const wasmEngine = smallHeapWasmEngines();
 /** each engine's backend (engineBackend knows only createEngine's) */
 const backendOf = new Map<Engine, WasmBackend>();
-beforeAll(async () => {
-  compiled = await compileCoreModule();
-});
-afterAll(async () => {
-  for (const e of engines) await e.dispose();
-});
 
 /** A wasm engine of two workers whose heap is `heapBytes` (what its ops size their tasks by). */
 async function engineWithHeap(heapBytes: number): Promise<Engine> {
-  const backend = await WasmBackend.create(2, { module: compiled.module, maxMemoryBytes: heapBytes });
-  const engine = new SparseMlaEngine(backend);
-  engines.push(engine);
+  const { engine, backend } = await wasmEngine(heapBytes);
   backendOf.set(engine, backend);
   return engine;
 }

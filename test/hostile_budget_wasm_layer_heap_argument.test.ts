@@ -7,35 +7,19 @@
  * share grows with hQ (two rows of hQ × 512 bf16 and more per head), the plan's with the workspace
  * rows (512 bf16 each).
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createPlan, prefillLayer, tensor, type Engine } from '../dist/index.js';
-import { SparseMlaEngine } from '../dist/engine.js';
-import { HEAP_RESERVE_BYTES, WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
-import { compileCoreModule } from '../dist/backends/wasm/ops.js';
+import { describe, expect, test } from 'vitest';
+import { SparseMlaError, createPlan, prefillLayer, tensor } from '../dist/index.js';
+import { HEAP_RESERVE_BYTES } from '../dist/backends/wasm/wasm_backend.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { errorOf } from './helpers/errors.js';
 import { planWork, spyOps } from './helpers/layer_work.js';
+import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 
 const rng = testRng('hostile_budget_wasm_layer_heap_argument');
 const D = 512;
 
-let compiled: Awaited<ReturnType<typeof compileCoreModule>>;
-const engines: Engine[] = [];
-beforeAll(async () => {
-  compiled = await compileCoreModule();
-});
-afterAll(async () => {
-  for (const e of engines) await e.dispose();
-});
-
-/** A wasm engine of two workers sizing its tasks by a heap of `heapBytes`, and its backend. */
-async function wasmEngine(heapBytes: number): Promise<{ engine: Engine; backend: WasmBackend }> {
-  const backend = await WasmBackend.create(2, { module: compiled.module, maxMemoryBytes: heapBytes });
-  const engine = new SparseMlaEngine(backend);
-  engines.push(engine);
-  return { engine, backend };
-}
+const wasmEngine = smallHeapWasmEngines();
 
 describe('wasm workspace layer: the sparsePrefill heap refusal names the larger share', () => {
   test.each([

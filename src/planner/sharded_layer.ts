@@ -12,7 +12,7 @@
  * computes exactly what one engine computes for those heads or queries (the same entries in the
  * same order): N engines give the same bits as one.
  */
-import { fail } from '../errors.js';
+import { SparseMlaError, fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
@@ -108,7 +108,8 @@ function idListOnce(list: unknown): unknown {
   if (list === undefined) return list;
   try {
     return readIds(list, 'ids');
-  } catch {
+  } catch (e) {
+    if (!(e instanceof SparseMlaError)) throw e; // the caller's own (a getter's), as the whole plan would let it through
     return list;
   }
 }

@@ -1291,3 +1291,16 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
     }
   });
 });
+
+describe("the fuzzer's mutations of a parent over a throwing child (session 52, lead)", () => {
+  test("devicePrefillLayer with q.shape's element 2 throwing a string and q itself picked for a second mutation: the fuzzer's own read of the thrower while mutating q is skipped, and the case is judged (it escaped runCase: the runner's child died, a hard 'crash' with target '?', cuda seed 59 case 1485 on an H100 and on the stub)", async () => {
+    const { execFile } = await import('node:child_process');
+    const { promisify } = await import('node:util');
+    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '59', '--case', '1485'], { maxBuffer: 16 << 20 });
+    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    expect(r.target).toBe('devicePrefillLayer');
+    expect(r.muts.map((m) => m.desc)).toEqual(['element 2\'s read throws "a thrown string"']);
+    // the library rejects with the caller's own value (q.shape read by the call)
+    expect(r.verdict, JSON.stringify(r.finding)).toBe('sentinel');
+  }, 60_000);
+});

@@ -57,15 +57,21 @@ export function arrayLikeOf(value: unknown, argument: string): { values: ArrayLi
 }
 
 /**
+ * The most dims a shape may have: a Proxy of an array can claim any length with every dim 1, and a
+ * loop over 2^53 of them would hang the call.
+ */
+export const MAX_TENSOR_DIMS = 64;
+
+/**
  * A caller's dims copied, its length read once and each dim once, up to the first dim that is no
- * safe integer ≥ 0 (kept, for the message); null when its length is no count. Not Array.from, which
+ * safe integer ≥ 0 (kept, for the message); null when its length is no count or over MAX_TENSOR_DIMS. Not Array.from, which
  * runs an array's iterator, and the iterator reads the length again at every step: a Proxy whose
  * length shrank after its first read lost its last dims, silently (tensor('uint8', [3, 1]) gave [3]).
  * The one copy of a shape: tensor() and every op's tensor check (ops/common.ts).
  */
 export function dimsOnce(shape: readonly unknown[]): unknown[] | null {
   const n: unknown = shape.length;
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) return null;
+  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0 || n > MAX_TENSOR_DIMS) return null;
   const dims: unknown[] = [];
   for (let i = 0; i < n; i++) {
     const d: unknown = shape[i];
@@ -172,7 +178,7 @@ export function numel(shape: readonly number[]): number {
   // its length read once and each dim once, not a for-of: the array iterator reads the length at
   // every step (a Proxy whose length shrank after its first read gave the product of fewer dims)
   const count: unknown = shape.length;
-  if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of dims, got one of length ${describe(count)}`, 'shape');
+  if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0 || count > MAX_TENSOR_DIMS) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of at most ${MAX_TENSOR_DIMS} dims, got one of length ${describe(count)}`, 'shape');
   let n = 1;
   for (let i = 0; i < count; i++) {
     const d: unknown = shape[i];
@@ -200,7 +206,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
   }
   const dims = dimsOnce(shape as readonly unknown[]);
-  if (dims === null) throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
+  if (dims === null) throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of at most ${MAX_TENSOR_DIMS} non-negative integers, got ${describe(shape)}`, 'shape');
   for (const d of dims) {
     if (!Number.isSafeInteger(d) || (d as number) < 0) {
       throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${shapeStr(dims)}`, 'shape');

@@ -1304,3 +1304,31 @@ describe("the fuzzer's mutations of a parent over a throwing child (session 52, 
     expect(r.verdict, JSON.stringify(r.finding)).toBe('sentinel');
   }, 60_000);
 });
+
+describe('shapes that claim more dims than any tensor has (session 52, lead)', () => {
+  /** A Proxy of an array claiming `length` dims, every one of them 1 (a loop over them all would not end). */
+  const endlessOnes = (length: number): number[] => new Proxy([] as number[], { get: (t, k, r) => (k === 'length' ? length : typeof k === 'string' && /^\d+$/.test(k) ? 1 : Reflect.get(t, k, r)) });
+
+  test('tensor() and numel() refuse a shape over 64 dims with INVALID_SHAPE at once (they looped over each claimed dim: a Proxy claiming 2^40 dims of 1 hung the call)', () => {
+    const huge = 2 ** (30 + rng.int(0, 20));
+    for (const shape of [endlessOnes(huge), endlessOnes(65)]) {
+      const e1 = (() => { try { tensor('uint8', shape, new Uint8Array(1)); } catch (e) { return e; } })();
+      expect(e1 instanceof SparseMlaError && e1.code, String(e1)).toBe('INVALID_SHAPE');
+      expect((e1 as Error).message).toContain('at most 64');
+      const e2 = (() => { try { numel(shape); } catch (e) { return e; } })();
+      expect(e2 instanceof SparseMlaError && e2.code, String(e2)).toBe('INVALID_SHAPE');
+    }
+    // 64 dims of 1 is a shape (one element)
+    expect(tensor('uint8', endlessOnes(64), new Uint8Array([7])).shape).toHaveLength(64);
+    expect(numel(endlessOnes(64))).toBe(1);
+  }, 10_000);
+
+  test("an op's q whose shape claims 2^40 dims is INVALID_SHAPE naming q.shape on every engine, before any work", async () => {
+    for (const engine of engines) {
+      const args = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 576, sKV: 8, topk: 4 });
+      const e = await errorOf(() => engine.sparsePrefill({ ...args, q: { ...args.q, shape: endlessOnes(2 ** 40) } as unknown as Tensor<'bf16'> }));
+      expect(e instanceof SparseMlaError && e.code, `${engine.backend}: ${String(e)}`).toBe('INVALID_SHAPE');
+      expect((e as SparseMlaError).argument, engine.backend).toBe('q.shape');
+    }
+  }, 10_000);
+});

@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, checkViewsIntact, describe, dimsOnce, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
@@ -32,7 +32,7 @@ function notATensor(value: unknown, argument: string, dtypes: readonly string[])
 
 /** Throws: `shape` (the caller's, or its copy) is not an array of non-negative integers. */
 function badShapeArray(argument: string, shape: unknown): never {
-  fail('INVALID_SHAPE', `${argument}.shape`, 'an array of non-negative integers', Array.isArray(shape) ? shapeStr(shape) : describe(shape));
+  fail('INVALID_SHAPE', `${argument}.shape`, `an array of at most ${MAX_TENSOR_DIMS} non-negative integers`, Array.isArray(shape) ? shapeStr(shape) : describe(shape));
 }
 
 /** Throws: a tensor of another dtype. */

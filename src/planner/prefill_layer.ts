@@ -322,13 +322,32 @@ function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevi
   const read: HostPagedSet[] = [{ cache: swa as CacheView, indices: form.main, topk: form.mainWidth, topkLength: form.mainLengths }];
   if (compressed !== undefined && form.extra !== undefined) read.push({ cache: compressed as CacheView, indices: form.extra, topk: form.extraWidth, topkLength: form.extraLengths! });
   const reads = pagedSetReads(read, nq, copies);
-  if (heap !== undefined) {
-    const bytes = reads.map((r) => r.cacheBytes);
-    // the op names the set whose cache is the larger, as the layer's argument here
-    heap.check(heapNeed(bytes, read.reduce((a, s) => a + s.topk, 0)), (bytes[1] ?? 0) > bytes[0]! ? `caches.c${ratio}` : 'caches.swa', op);
-  }
+  if (heap !== undefined) checkPagedHeap(heap, reads.map((r) => r.cacheBytes), read.reduce((a, s) => a + s.topk, 0), hQ, ratio, op);
   checkCallMemory(op, 'q', parts(reads.map((r) => r.bytes)), budget);
   call.peeked = form;
+}
+
+/**
+ * The layer's paged op fits a worker's heap (WorkerHeap.pagedSparseAttention: a task holds the
+ * caches as the op reads them, whole or compact, and per query row its heads' q, outputs and
+ * scratch and every set's ids). Refused naming the larger share of one row's task: `q` (what grows
+ * with its heads) or the caches (the caches as read and their ids), then the set whose cache is the
+ * larger as the op names it (`caches.swa`, or `caches.c4` / `caches.c128`); both shares stated. The
+ * op's arithmetic is a sum of the two and a constant, so each share is read from it with the
+ * other's sizes at 0.
+ */
+function checkPagedHeap(heap: WorkerHeap, cacheBytes: readonly number[], entries: number, hQ: number, ratio: CompressRatio, op: string): void {
+  const need = heap.pagedSparseAttention(cacheBytes.reduce((a, b) => a + b, 0), entries, hQ);
+  if (heap.fits(need)) return;
+  const bytes = (t: TaskHeap) => t.fixedBytes + t.bytesPerRow;
+  const base = bytes(heap.pagedSparseAttention(0, 0, 0));
+  const qShare = bytes(heap.pagedSparseAttention(0, 0, hQ)) - base;
+  const cachesShare = bytes(need) - base - qShare;
+  const names = ['caches.swa', `caches.c${ratio}`];
+  const read = cacheBytes.map((b, i) => `${names[i]} ${b} bytes`).join(', ');
+  const shares = `q's ${hQ} heads: ${qShare} bytes; the caches as read (${read}) and their ${entries} ids a row: ${cachesShare} bytes`;
+  const cache = (cacheBytes[1] ?? 0) > cacheBytes[0]! ? names[1]! : names[0]!;
+  heap.check(need, qShare > cachesShare ? 'q' : cache, `${op} (${shares})`);
 }
 
 /** A host operand's typed array (null for device memory or no operand). */

@@ -197,7 +197,7 @@ function describeDType(dtype: unknown): string {
   return typeof dtype === 'string' ? JSON.stringify(dtype.slice(0, 40)) : dtype === null ? 'null' : typeof dtype;
 }
 
-/** A tensor over `data` (not copied) or, without data, a zero-filled one. */
+/** A tensor over `data` (not copied) or, without data, a zero-filled one; `shape`: at most MAX_TENSOR_DIMS (64) dims. */
 export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: DTypeArrays[D]): Tensor<D> {
   if (!isDType(dtype)) {
     throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');

@@ -90,8 +90,6 @@ interface LayerCall {
   smScale: number;
   /** the checked views the layer steps read */
   caches: { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
-  /** the caller's caches, for the paged path's op (it takes caches as the caller gives them); only on that path */
-  layerCaches: { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache } | undefined;
   /** ratio 4: the indexer's top-k and the width of its rows */
   topk: CheckedTopk<DeviceBuffer> | undefined;
   output: Placement;
@@ -138,7 +136,6 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
   // an env that is not given (or falsy) leaves the router to read process.env
   const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  const layerCaches = route.path === 'paged' ? pagedCaches(caches) : undefined;
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
   if (hasDevice) {
     // device operands the engine's own, on its device, before any work (the ops' own check comes at their launch, after the plan's uploads)
@@ -151,7 +148,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
-  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device, droppedLater, copies: undefined, peeked: undefined };
+  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, topk, output, route, device, droppedLater, copies: undefined, peeked: undefined };
   copyOperandsAtCall(engine, layerCall);
   return layerCall;
 }
@@ -262,19 +259,26 @@ function checkLayerOps(call: LayerCall, ops: HostOpMemory, budget: number, onDev
  * The layer's sparsePrefill over the workspace fits a worker's heap (WorkerHeap.sparsePrefill: a
  * task holds the workspace's `rows` whole, and per query row its heads' q, outputs and scratch).
  * Refused naming the larger share of one row's task: `q` (what grows with its heads) or `plan` (what
- * grows with the workspace's rows and the index rows' width), both stated. The op's arithmetic is
- * a sum of the two and a constant, so each share is read from it with the other's sizes at 0.
+ * grows with the workspace's rows and the index rows' width), both stated (checkNamingLargerShare).
  */
 function checkPrefillHeap(heap: WorkerHeap, rows: number, hQ: number, width: number, op: string): void {
   const D = WORKSPACE_ROW_DIMS;
   const need = heap.sparsePrefill(rows * D * 2, hQ, D, D, width);
   if (heap.fits(need)) return;
+  checkNamingLargerShare(heap, need, heap.sparsePrefill(0, 0, D, D, 0), heap.sparsePrefill(0, hQ, D, D, 0), hQ, 'plan', `the plan's workspace of ${rows} rows and index rows ${width} wide`, op);
+}
+
+/**
+ * heap.check of a task `need` that does not fit a worker's heap, naming the larger share of one row's
+ * task: q's (what its `hQ` heads add to the op's constant `base`: `withQ` − `base`) or the rest's
+ * (`other`, described by `otherWhat`), both stated. The ops' heap arithmetic is a sum of the two
+ * shares and a constant, so each share is read from it with the other's sizes at 0.
+ */
+function checkNamingLargerShare(heap: WorkerHeap, need: TaskHeap, base: TaskHeap, withQ: TaskHeap, hQ: number, other: string, otherWhat: string, op: string): void {
   const bytes = (t: TaskHeap) => t.fixedBytes + t.bytesPerRow;
-  const base = bytes(heap.sparsePrefill(0, 0, D, D, 0));
-  const qShare = bytes(heap.sparsePrefill(0, hQ, D, D, 0)) - base;
-  const planShare = bytes(need) - base - qShare;
-  const shares = `q's ${hQ} heads: ${qShare} bytes; the plan's workspace of ${rows} rows and index rows ${width} wide: ${planShare} bytes`;
-  heap.check(need, qShare > planShare ? 'q' : 'plan', `${op} (${shares})`);
+  const qShare = bytes(withQ) - bytes(base);
+  const otherShare = bytes(need) - bytes(base) - qShare;
+  heap.check(need, qShare > otherShare ? 'q' : other, `${op} (q's ${hQ} heads: ${qShare} bytes; ${otherWhat}: ${otherShare} bytes)`);
 }
 
 /**
@@ -332,22 +336,16 @@ function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevi
  * caches as the op reads them, whole or compact, and per query row its heads' q, outputs and
  * scratch and every set's ids). Refused naming the larger share of one row's task: `q` (what grows
  * with its heads) or the caches (the caches as read and their ids), then the set whose cache is the
- * larger as the op names it (`caches.swa`, or `caches.c4` / `caches.c128`); both shares stated. The
- * op's arithmetic is a sum of the two and a constant, so each share is read from it with the
- * other's sizes at 0.
+ * larger as the op names it (`caches.swa`, or `caches.c4` / `caches.c128`); both shares stated
+ * (checkNamingLargerShare).
  */
 function checkPagedHeap(heap: WorkerHeap, cacheBytes: readonly number[], entries: number, hQ: number, ratio: CompressRatio, op: string): void {
   const need = heap.pagedSparseAttention(cacheBytes.reduce((a, b) => a + b, 0), entries, hQ);
   if (heap.fits(need)) return;
-  const bytes = (t: TaskHeap) => t.fixedBytes + t.bytesPerRow;
-  const base = bytes(heap.pagedSparseAttention(0, 0, 0));
-  const qShare = bytes(heap.pagedSparseAttention(0, 0, hQ)) - base;
-  const cachesShare = bytes(need) - base - qShare;
   const names = ['caches.swa', `caches.c${ratio}`];
   const read = cacheBytes.map((b, i) => `${names[i]} ${b} bytes`).join(', ');
-  const shares = `q's ${hQ} heads: ${qShare} bytes; the caches as read (${read}) and their ${entries} ids a row: ${cachesShare} bytes`;
   const cache = (cacheBytes[1] ?? 0) > cacheBytes[0]! ? names[1]! : names[0]!;
-  heap.check(need, qShare > cachesShare ? 'q' : cache, `${op} (${shares})`);
+  checkNamingLargerShare(heap, need, heap.pagedSparseAttention(0, 0, 0), heap.pagedSparseAttention(0, 0, hQ), hQ, cache, `the caches as read (${read}) and their ${entries} ids a row`, op);
 }
 
 /** A host operand's typed array (null for device memory or no operand). */
@@ -414,14 +412,13 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   // a forced path (the layer loop's usual call) without the router's options object and decision
   const path = args.path, threshold = args.threshold;
   const route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  const layerCaches = route.path === 'paged' ? pagedCaches(caches) : undefined;
   let topk: CheckedTopk<DeviceBuffer> | undefined;
   if (ratio === 4) {
     topk = plan.deviceTopk(topkIndices, device);
     if (topk === undefined) return undefined;
   }
   const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
-  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, layerCaches, topk, output, route, device: true, droppedLater, copies: undefined, peeked: undefined };
+  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, topk, output, route, device: true, droppedLater, copies: undefined, peeked: undefined };
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -443,14 +440,13 @@ function badSinkShape(hQ: number, attnSink: { shape: readonly number[] }): never
   fail('INVALID_SHAPE', 'attnSink', `[hQ = ${hQ}]`, `[${attnSink.shape.join(', ')}]`);
 }
 /**
- * The caches as the paged path's op takes them: the ones Plan.checkCaches read and checked, as
- * caches of the library's own, never the caller's objects again (a getter of theirs read a second
- * time could answer another cache, which the op would attend silently: ids the plan checked
- * against the first, outside the second, are skipped by the op).
+ * The caches as the paged path's op takes them: the views Plan.checkCaches read and checked (caches
+ * of the library's own, whose numTokens and bytes the op does not read), never the caller's objects
+ * again (a getter of theirs read a second time could answer another cache, which the op would attend
+ * silently: ids the plan checked against the first, outside the second, are skipped by the op).
  */
-function pagedCaches(caches: LayerCall['caches']): LayerCall['layerCaches'] {
-  const own = (c: CacheView<DeviceBuffer>) => ({ format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: c.data }) as KvCache | DeviceKvCache;
-  return caches.compressed === undefined ? { swa: own(caches.swa) } : { swa: own(caches.swa), compressed: own(caches.compressed) };
+function opCaches(caches: LayerCall['caches']): { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache } {
+  return caches as { swa: KvCache | DeviceKvCache; compressed?: KvCache | DeviceKvCache };
 }
 /** A device operand of a cuda engine's layer is a buffer of the engine's backend on its device (host data: nothing to check). */
 function onEngineDevice(engine: SparseMlaEngine, data: unknown, argument: string): void {
@@ -653,8 +649,8 @@ function pagedJob({ plan, q, hQ, attnSink, smScale, caches }: LayerCall, form: P
 }
 
 /** The public paged op over the caller's caches and the plan's placed form, every argument checked by it. */
-async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<LayerResult> {
-  const caches = layerCaches!; // (a paged route's call has them)
+async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, caches: checked, output, route }: LayerCall, f: PlacedPagedForm<DeviceBuffer>): Promise<LayerResult> {
+  const caches = opCaches(checked);
   const nq = plan.numQueries;
   const onDevice = (b: Int32Array | DeviceBuffer, width: number) => deviceTensor('int32', width > 0 ? [nq, width] : [nq], b as DeviceBuffer);
   const extra = ratio !== 0 && f.extra !== undefined && f.extraLengths !== undefined;
@@ -674,8 +670,8 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 }
 
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
-async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, layerCaches, topk, output, route, peeked }: LayerCall): Promise<LayerResult> {
-  const caches = layerCaches!;
+async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, caches: checked, topk, output, route, peeked }: LayerCall): Promise<LayerResult> {
+  const caches = opCaches(checked);
   let rows, paged;
   if (peeked !== undefined) {
     // its budget check built them (checkPagedOp): kept now, counted as the layer's own build

@@ -53,7 +53,12 @@ export function arrayLikeOf(value: unknown, argument: string): { values: ArrayLi
   } catch {
     return null;
   }
-  return typeof length === 'number' && Number.isSafeInteger(length) && length >= 0 ? { values: value as ArrayLike<unknown>, length } : null;
+  return isCount(length) ? { values: value as ArrayLike<unknown>, length } : null;
+}
+
+/** Whether a length a caller's array answered (read once) is a count: a safe integer ≥ 0. */
+export function isCount(length: unknown): length is number {
+  return typeof length === 'number' && Number.isSafeInteger(length) && length >= 0;
 }
 
 /**
@@ -71,7 +76,7 @@ export const MAX_TENSOR_DIMS = 64;
  */
 export function dimsOnce(shape: readonly unknown[]): unknown[] | null {
   const n: unknown = shape.length;
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0 || n > MAX_TENSOR_DIMS) return null;
+  if (!isCount(n) || n > MAX_TENSOR_DIMS) return null;
   const dims: unknown[] = [];
   for (let i = 0; i < n; i++) {
     const d: unknown = shape[i];
@@ -178,7 +183,7 @@ export function numel(shape: readonly number[]): number {
   // its length read once and each dim once, not a for-of: the array iterator reads the length at
   // every step (a Proxy whose length shrank after its first read gave the product of fewer dims)
   const count: unknown = shape.length;
-  if (typeof count !== 'number' || !Number.isSafeInteger(count) || count < 0 || count > MAX_TENSOR_DIMS) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of at most ${MAX_TENSOR_DIMS} dims, got one of length ${describe(count)}`, 'shape');
+  if (!isCount(count) || count > MAX_TENSOR_DIMS) throw new SparseMlaError('INVALID_SHAPE', `numel: shape must be an array of at most ${MAX_TENSOR_DIMS} dims, got one of length ${describe(count)}`, 'shape');
   let n = 1;
   for (let i = 0; i < count; i++) {
     const d: unknown = shape[i];

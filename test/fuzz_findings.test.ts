@@ -22,6 +22,16 @@ const rng = testRng('fuzz_findings');
 const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
 const engines: Engine[] = [];
 
+/** A fuzzer case replayed by its reproducer (`node test/fuzz/run.mjs … --case N`): its verdict as the runner prints it. */
+async function replayFuzzCase(backendArgs: readonly string[], seed: number, index: number): Promise<{ target: string; muts: { desc: string }[]; verdict: string; finding?: unknown }> {
+  const { execFile } = await import('node:child_process');
+  const { promisify } = await import('node:util');
+  const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', ...backendArgs, '--seed', String(seed), '--case', String(index)], { maxBuffer: 16 << 20 });
+  // the case's JSON starts a line of its own (a cuda replay prints its device line first)
+  const at = stdout.indexOf('\n{');
+  return JSON.parse(at === -1 ? stdout.slice(stdout.indexOf('{')) : stdout.slice(at + 1));
+}
+
 beforeAll(async () => {
   engines.push(await createEngine({ backend: 'wasm', workers: 2 }));
   if (addonBuilt) engines.push(await createEngine({ backend: 'cpu' }));
@@ -828,10 +838,7 @@ describe('routePrefill reads each option once (session 50, helper-50)', () => {
 
 describe("the fuzzer's device layer target against changing getters (session 50, helper-50)", () => {
   test("devicePrefillLayer { dropped: 'later' } with a compressRatio getter that changes after its first read: not a finding (the target read the getter again, saw ratio 23 for the c4 layer the call ran, and dropped the result whose device outputs then leaked: hard device-leak, stub cuda seed 14 case 8008)", async () => {
-    const { execFile } = await import('node:child_process');
-    const { promisify } = await import('node:util');
-    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '14', '--case', '8008'], { maxBuffer: 16 << 20 });
-    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    const r = await replayFuzzCase(['--backends', 'cuda', '--stub-cuda'], 14, 8008);
     // the case is still the one found (the targets keep their draws: a new draw comes last)
     expect(r.target).toBe('devicePrefillLayer');
     expect(r.muts.map((m) => m.desc)).toEqual(['compressRatio changes after its first read (to 23)']);
@@ -842,10 +849,7 @@ describe("the fuzzer's device layer target against changing getters (session 50,
 
 describe("the fuzzer's sharded layer oracle against lying typed arrays (session 50, helper-50)", () => {
   test("prefillLayerSharded with one top-k whose Int32Array subclass lies about its length (+1000): the oracle reads it by its memory, as the library does (it read the lie: NaN token ids, soft ref-refused, wasm seed 19 case 4371)", async () => {
-    const { execFile } = await import('node:child_process');
-    const { promisify } = await import('node:util');
-    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'wasm', '--seed', '19', '--case', '4371'], { maxBuffer: 16 << 20 });
-    const r = JSON.parse(stdout.slice(stdout.indexOf('{'))) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    const r = await replayFuzzCase(['--backends', 'wasm'], 19, 4371);
     // the case is still the one found (the targets keep their draws: a new draw comes last)
     expect(r.target).toBe('prefillLayerSharded');
     expect(r.muts.map((m) => m.desc)).toContain('a Int32Array subclass whose length getter lies (+1000)');
@@ -1111,10 +1115,7 @@ describe("hostile input the fuzzer's session-51 generators reach (session 51, he
   });
 
   test("the fuzzer's quantizeKCache judge reads the cache by its memory (a Uint8Array subclass lying about its geometry: the judge threw RangeError, a false wrong-result, stub cuda seed 26 case 2318)", async () => {
-    const { execFile } = await import('node:child_process');
-    const { promisify } = await import('node:util');
-    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '26', '--case', '2318'], { maxBuffer: 16 << 20 });
-    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    const r = await replayFuzzCase(['--backends', 'cuda', '--stub-cuda'], 26, 2318);
     expect(r.target).toBe('quantizeKCache');
     expect(r.muts.map((m) => m.desc)).toEqual(['a Uint8Array subclass whose buffer, byteOffset and byteLength getters lie']);
     expect(r.verdict, JSON.stringify(r.finding)).toBe('valid');
@@ -1294,10 +1295,7 @@ describe("hostile input the fuzzer's session-52 oracle and generators reach (ses
 
 describe("the fuzzer's mutations of a parent over a throwing child (session 52, lead)", () => {
   test("devicePrefillLayer with q.shape's element 2 throwing a string and q itself picked for a second mutation: the fuzzer's own read of the thrower while mutating q is skipped, and the case is judged (it escaped runCase: the runner's child died, a hard 'crash' with target '?', cuda seed 59 case 1485 on an H100 and on the stub)", async () => {
-    const { execFile } = await import('node:child_process');
-    const { promisify } = await import('node:util');
-    const { stdout } = await promisify(execFile)(process.execPath, ['test/fuzz/run.mjs', '--backends', 'cuda', '--stub-cuda', '--seed', '59', '--case', '1485'], { maxBuffer: 16 << 20 });
-    const r = JSON.parse(stdout.slice(stdout.indexOf('\n{') + 1)) as { target: string; muts: { desc: string }[]; verdict: string; finding?: unknown };
+    const r = await replayFuzzCase(['--backends', 'cuda', '--stub-cuda'], 59, 1485);
     expect(r.target).toBe('devicePrefillLayer');
     expect(r.muts.map((m) => m.desc)).toEqual(['element 2\'s read throws "a thrown string"']);
     // the library rejects with the caller's own value (q.shape read by the call)

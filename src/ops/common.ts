@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
+import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isCount, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
@@ -190,7 +190,7 @@ function noHeads(shape: readonly number[]): never {
  */
 export function listCount(list: readonly unknown[], argument: string, items: string): number {
   const n: unknown = list.length;
-  if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
+  if (!isCount(n)) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
   if (n > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ${items}`, `${n}`);
   return n;
 }

@@ -17,7 +17,7 @@ import { CaseHooks, SentinelError, isDetachedBuffer, mutateArgs } from './mutate
 import { TARGETS } from './targets.mjs';
 import { DEVICE_TARGETS } from './device_targets.mjs';
 import { HOST_TARGETS } from './host_targets.mjs';
-import { SIDE_TARGETS } from './side_targets.mjs';
+import { SIDE_TARGETS, SIDE3_TARGETS } from './side_targets.mjs';
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -43,6 +43,9 @@ export const FINDING_KINDS = {
   // not a wrong value (where the second read's value is used, the stable oracle judges it)
   'read-twice': 'soft',
   'ref-refused': 'soft',
+  // a call read a key no entry point takes (mutate.mjs oddObjects): it read the caller's whole object
+  // (a spread, Object.entries), every getter of it again included
+  'foreign-read': 'soft',
 };
 
 export const CASE_TIMEOUT_MS = 30_000;
@@ -64,6 +67,16 @@ export const SIDE2_LATER_FROM_SEED = 50;
 
 /** The odds that a case of a seed from SIDE2_FROM_SEED runs a session-52 target instead of its own. */
 export const SIDE2_TARGET_ODDS = 0.08;
+
+/**
+ * The first seed whose cases draw the session-53 generators (mutate.mjs orSide3: lying methods,
+ * species and prototypes, holes, edge numbers, odd strings and objects) and targets
+ * (side_targets.mjs SIDE3_TARGETS) from a stream of their own (CaseHooks.side3); seeds 1-63 were run before them.
+ */
+export const SIDE3_FROM_SEED = 64;
+
+/** The odds that a case of a seed from SIDE3_FROM_SEED runs a session-53 target instead of its own. */
+export const SIDE3_TARGET_ODDS = 0.05;
 
 function caseRng(seed, index) {
   // two rounds of a 32-bit mix: neighbouring indices give unrelated streams
@@ -142,6 +155,13 @@ export async function runCase(env, seed, index, only) {
     const side = SIDE_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!env.stub || env.stub.hostCore));
     const u = hooks.side2.uniform();
     if (side.length > 0 && (u < SIDE2_TARGET_ODDS || !target)) target = pickWeighted(side, hooks.side2.uniform());
+  }
+  if (seed >= SIDE3_FROM_SEED) {
+    hooks.side3 = caseRng((seed ^ 0x1b873593) >>> 0, index);
+    // a session-53 target in place of the case's own (drawn first from its stream)
+    const side3 = SIDE3_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice));
+    const u = hooks.side3.uniform();
+    if (side3.length > 0 && (u < SIDE3_TARGET_ODDS || !target)) target = pickWeighted(side3, hooks.side3.uniform());
   }
   if (!target) return { target: only.join(','), muts: [], verdict: 'skipped' };
   if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
@@ -255,6 +275,8 @@ export async function runCase(env, seed, index, only) {
     return finding('ref-refused', `accepted, but the reference refuses these arguments: ${errText(e)}`);
   }
   if (problem) return finding('wrong-result', stable ? `resolved, read once its arguments are the unmutated call's, but: ${problem}` : problem);
+  const foreign = hooks.foreign.find((r) => r.read);
+  if (foreign) return finding('foreign-read', `the call read a key no entry point takes, of ${foreign.at} (it read the caller's whole object)`);
   return Object.assign(res, { verdict: neutral ? 'valid' : stable ? 'stable' : 'accepted' });
   }
 }

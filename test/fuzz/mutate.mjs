@@ -126,6 +126,17 @@ const orSide2Late = (odds, old, made) => orSide2From(47, odds, old, made);
 const orSide2Later = (odds, old, made) => orSide2From(50, odds, old, made);
 
 /**
+ * The session-53 generators' own stream (CaseHooks.side3, from seed 64: fuzz.mjs SIDE3_FROM_SEED),
+ * drawn after every older stream's draws of a slot, so seeds 1-63 replay as they were run.
+ */
+let side3 = null;
+
+/** `made(side3)` with probability `odds` (from the session-53 stream), else `old`. */
+function orSide3(odds, old, made) {
+  return side3 !== null && side3.uniform() < odds ? made(side3) : old;
+}
+
+/**
  * Values a caller's getter may throw that are no Error: a library that reads `.message` or `.code`
  * of what it caught, or wraps it, throws its own TypeError. The call must let the value itself
  * through (a sentinel, the caller's) or refuse with a typed error.
@@ -195,6 +206,8 @@ export class CaseHooks {
     this.side = null; // the side stream of the newer generators (runCase sets it)
     this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
     this.side2Late = false; // the session-52 generators added after seeds 43-46 were run (from SIDE2_LATE_FROM_SEED)
+    this.side3 = null; // the session-53 generators' stream (runCase sets it from SIDE3_FROM_SEED)
+    this.foreign = []; // records of getters of keys no entry point takes (foreignKey): a call that reads one reads the caller's whole object
     this.seed = 0; // the case's seed (runCase): generators added later draw only on seeds from theirs (orSide2From)
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
     this.secondReads = []; // what the case's getters throw from their second read on (throwsAfterFirstRead)
@@ -381,7 +394,7 @@ function mutateTyped(a, rng, hooks) {
     return { value: v, desc: `a ${ctor.name} subclass whose buffer, byteOffset and byteLength getters lie`, neutral: true };
   });
   const resized = orSide2(1 / 10, made, (r) => r.pick(resizableViews(a, hooks))());
-  return orSide2Later(1 / 20, resized, (r) => {
+  const wasmed = orSide2Later(1 / 20, resized, (r) => {
     // a view in a WebAssembly memory's buffer (shared or not): the same numbers, so neutral; a late
     // getter may grow the memory (growWasm), which detaches a non-shared memory's old buffer
     const shared = r.uniform() < 0.3;
@@ -393,6 +406,7 @@ function mutateTyped(a, rng, hooks) {
     // (not among hooks.arrays: a replacement the call may write, as a cache it was given; stub seed 52 case 8312)
     return { value: v, desc: `${ctor.name} in a ${shared ? 'shared ' : ''}WebAssembly.Memory's buffer`, neutral: true };
   });
+  return orSide3(1 / 12, wasmed, (r) => r.pick(lyingTypedArrays(a, hooks))(r));
 }
 
 /**
@@ -438,6 +452,10 @@ function resizableViews(a, hooks) {
 }
 
 function mutateNumber(v, rng) {
+  return orSide3(0.1, mutateNumberOld(v, rng), (r) => edgeNumber(v, r));
+}
+
+function mutateNumberOld(v, rng) {
   const r = rng.uniform();
   if (r < 0.55) {
     const x = rng.pick(HOSTILE_NUMBERS);
@@ -467,6 +485,10 @@ function unprintable(r) {
 }
 
 function mutateString(v, rng) {
+  return orSide3(0.08, mutateStringOld(v, rng), (r) => oddString(v, r));
+}
+
+function mutateStringOld(v, rng) {
   if (rng.uniform() < 0.8) {
     const s = rng.pick(HOSTILE_STRINGS);
     return { value: s, desc: JSON.stringify(s.length > 20 ? `${s.slice(0, 20)}…` : s) };
@@ -475,7 +497,11 @@ function mutateString(v, rng) {
   return orSide2Later(0.1, orSide(0.15, { value: x, desc: describe(x) }, unprintable), primitiveThrower);
 }
 
-function mutateArray(a, rng) {
+function mutateArray(a, rng, hooks) {
+  return orSide3(0.12, mutateArrayOld(a, rng), (r) => r.pick(oddArrays(a, hooks))(r));
+}
+
+function mutateArrayOld(a, rng) {
   const choices = [
     () => ({ value: a.slice(0, -1), desc: 'last element dropped' }),
     () => ({ value: [...a, rng.pick([1, 0, 2])], desc: 'an element appended' }),
@@ -559,6 +585,234 @@ function mutateArray(a, rng) {
     Object.defineProperty(c, i, { enumerable: true, configurable: true, get: t.get });
     return { value: c, desc: `element ${i} ${t.desc}`, dynamic: true, stable: true };
   });
+}
+
+// ---- the session-53 generators (from seed 64, CaseHooks.side3) ----
+
+const TYPED_PROTO = Object.getPrototypeOf(Uint8Array.prototype);
+const TYPED_SET = TYPED_PROTO.set;
+const TYPED_KIND_OF = Object.getOwnPropertyDescriptor(TYPED_PROTO, Symbol.toStringTag).get;
+const TYPED_LENGTH_OF = Object.getOwnPropertyDescriptor(TYPED_PROTO, 'length').get;
+
+/** The methods of a typed array a library might call on a caller's array (reading, copying or writing it). */
+const TYPED_METHODS = ['slice', 'subarray', 'at', 'map', 'filter', 'forEach', 'reduce', 'reduceRight', 'every', 'some', 'find', 'findIndex', 'findLast', 'findLastIndex', 'includes', 'indexOf', 'lastIndexOf', 'join', 'values', 'keys', 'entries', 'set', 'fill', 'copyWithin', 'reverse', 'sort', 'toString', 'toLocaleString', Symbol.iterator];
+/** The same for a plain array. */
+const ARRAY_METHODS = ['map', 'slice', 'every', 'some', 'forEach', 'reduce', 'reduceRight', 'includes', 'indexOf', 'lastIndexOf', 'join', 'filter', 'find', 'findIndex', 'findLast', 'findLastIndex', 'at', 'concat', 'flat', 'flatMap', 'keys', 'values', 'entries', 'toString', 'toLocaleString', 'splice', 'fill', 'reverse', 'sort', 'push', 'pop', 'shift', 'unshift', 'copyWithin', 'toSorted', 'toReversed', 'toSpliced', 'with', Symbol.iterator];
+
+/** A typed array of `a`'s kind and length holding other numbers (its elements rotated by one; each + 1 where they are all equal). */
+function typedDecoy(a) {
+  const ctor = a.constructor;
+  const n = a.length;
+  const d = new ctor(n);
+  for (let i = 0; i < n; i++) d[i] = a[(i + 1) % n];
+  if (n > 0 && d.every((x, i) => x === a[i])) for (let i = 0; i < n; i++) d[i] = isBig(a) ? d[i] + 1n : d[i] + 1;
+  return d;
+}
+
+/** A plain array of `a`'s length holding other values: each number + 1, then rotated by one. */
+function arrayDecoy(a) {
+  const plus = a.map((x) => (typeof x === 'number' ? x + 1 : x));
+  return plus.length > 1 ? [...plus.slice(1), plus[0]] : plus;
+}
+
+/** `a`'s numbers in a fresh array of class `cls` (a subclass of its kind), filled through the intrinsic set. */
+function typedCopy(cls, a) {
+  const v = new cls(a.length);
+  TYPED_SET.call(v, a);
+  return v;
+}
+
+/**
+ * Typed arrays whose own methods, species or prototype lie (session 53). The library reads a typed
+ * array through the intrinsics (tensor.ts ownView), so a right-kind array whose methods or species
+ * answer for other numbers, or whose prototype is another, is neutral: a call that used a method of
+ * the caller's array (slice(), subarray(), an iterator) sees the decoy's numbers, or a longer copy.
+ * An array of another kind whose prototype is this kind's (instanceof passes) must be refused.
+ */
+function lyingTypedArrays(a, hooks) {
+  const ctor = a.constructor;
+  return [
+    () => {
+      const decoy = typedDecoy(a);
+      class LyingMethods extends ctor {}
+      for (const m of TYPED_METHODS) {
+        const f = ctor.prototype[m];
+        if (typeof f !== 'function') continue;
+        Object.defineProperty(LyingMethods.prototype, m, { configurable: true, writable: true, value(...args) {
+          return f.apply(decoy, args);
+        } });
+      }
+      return { value: typedCopy(LyingMethods, a), desc: `a ${ctor.name} subclass whose methods (slice, subarray, map, set, an iterator, ...) answer for other numbers`, neutral: true };
+    },
+    () => {
+      // its species: the intrinsic slice / map / filter make one element more than asked (the rest
+      // of it from the decoy), subarray a view of the decoy's memory
+      const v = typedCopy(ctor, a);
+      const decoy = typedDecoy(a);
+      class Species {
+        constructor(first, byteOffset, length) {
+          if (typeof first === 'number') {
+            const out = new ctor(first + 1);
+            TYPED_SET.call(out, decoy.subarray(0, Math.min(first + 1, decoy.length)));
+            return out;
+          }
+          return new ctor(decoy.buffer, byteOffset, length);
+        }
+      }
+      Object.defineProperty(v, 'constructor', { configurable: true, value: { [Symbol.species]: Species } });
+      return { value: v, desc: `a ${ctor.name} whose constructor's Symbol.species makes longer copies and views of other memory`, neutral: true };
+    },
+    (r) => {
+      const proto = r.pick([null, Object.prototype, Array.prototype, r.pick(TYPED_CTORS.filter((c) => c !== ctor)).prototype]);
+      const v = typedCopy(ctor, a);
+      Object.setPrototypeOf(v, proto);
+      return { value: v, desc: `a ${ctor.name} whose prototype is ${proto === null ? 'null' : proto === Object.prototype ? 'Object.prototype' : proto === Array.prototype ? 'Array.prototype' : `${proto.constructor.name}.prototype`}`, neutral: true };
+    },
+    (r) => {
+      // another kind dressed as this one: instanceof, .constructor and BYTES_PER_ELEMENT say `ctor`
+      const other = r.pick(TYPED_CTORS.filter((c) => c !== ctor));
+      const v = new other(a.length);
+      const n = Math.min(v.byteLength, a.byteLength);
+      new Uint8Array(v.buffer).set(new Uint8Array(a.buffer, a.byteOffset, n));
+      Object.setPrototypeOf(v, ctor.prototype);
+      return { value: v, desc: `an ${other.name}(${a.length}) whose prototype is ${ctor.name}.prototype (instanceof ${ctor.name})` };
+    },
+  ];
+}
+
+/**
+ * Plain arrays that are odd (session 53): own methods, species or prototype that lie (neutral: the
+ * library reads an array by its length and indices, once), a hole inside it, a length of 2^20 holes
+ * past its elements (hostile, kept modest: a library that counts before it reads refuses at once),
+ * and an element whose read detaches, shrinks or rewrites the case's typed arrays (dynamic).
+ */
+function oddArrays(a, hooks) {
+  return [
+    () => {
+      const c = a.slice();
+      const decoy = arrayDecoy(a);
+      for (const m of ARRAY_METHODS) {
+        const f = Array.prototype[m];
+        if (typeof f !== 'function') continue;
+        Object.defineProperty(c, m, { configurable: true, writable: true, enumerable: false, value: (...args) => f.apply(decoy, args) });
+      }
+      return { value: c, desc: 'an array whose own methods (map, slice, every, join, an iterator, ...) answer for other values', neutral: true };
+    },
+    () => {
+      // the intrinsic slice / map / filter / concat make their result through the species: one that keeps the decoy's values
+      const c = a.slice();
+      const decoy = arrayDecoy(a);
+      class Species {
+        constructor() {
+          return new Proxy(decoy.slice(), { defineProperty: () => true, set: () => true });
+        }
+      }
+      Object.defineProperty(c, 'constructor', { configurable: true, enumerable: false, value: { [Symbol.species]: Species } });
+      return { value: c, desc: "an array whose constructor's Symbol.species makes arrays of other values (slice, map, filter, concat)", neutral: true };
+    },
+    (r) => {
+      const proto = r.pick([null, Object.prototype, Int32Array.prototype]);
+      const c = a.slice();
+      Object.setPrototypeOf(c, proto);
+      return { value: c, desc: `an array whose prototype is ${proto === null ? 'null' : proto === Object.prototype ? 'Object.prototype' : 'Int32Array.prototype'} (Array.isArray still true)`, neutral: true };
+    },
+    (r) => {
+      const c = a.slice();
+      if (c.length === 0) return { value: [, 1], desc: 'a hole then 1' }; // eslint-disable-line no-sparse-arrays
+      const i = r.int(0, c.length);
+      delete c[i];
+      return { value: c, desc: `a hole at element ${i} (forEach, every and some skip it)` };
+    },
+    () => {
+      const c = a.slice();
+      c.length = a.length + 2 ** 20;
+      return { value: c, desc: `its ${a.length} element(s) then 2^20 holes` };
+    },
+    (r) => {
+      const c = a.slice();
+      if (c.length === 0 || !hooks) return { value: c, desc: 'a copy', neutral: true };
+      const i = r.int(0, c.length);
+      const v = c[i];
+      const act = lateAct(hooks, r);
+      let done = false;
+      Object.defineProperty(c, i, { enumerable: true, configurable: true, get() {
+        if (!done) {
+          done = true;
+          act.run();
+        }
+        return v;
+      } });
+      return { value: c, desc: `reading element ${i} ${act.what} (once)`, dynamic: true };
+    },
+  ];
+}
+
+/** A side effect on the case's arrays, memories or device buffers, drawn from `r`: { run(), what }. */
+function lateAct(hooks, r) {
+  const act = r.pick(hooks.deviceBuffers.length > 0 ? ['detach', 'shrink', 'scribble', 'grow', 'shrinkByOne', 'growWasm', 'free'] : ['detach', 'shrink', 'scribble', 'grow', 'shrinkByOne', 'growWasm']);
+  const run = {
+    detach: () => hooks.detachSome(r),
+    shrink: () => hooks.shrinkAll(),
+    scribble: () => hooks.scribble(r),
+    grow: () => hooks.growAll(),
+    shrinkByOne: () => hooks.shrinkByOne(),
+    growWasm: () => hooks.growWasmMemories(),
+    free: () => hooks.freeSome(r),
+  }[act];
+  const what = { growWasm: "grows the case's WebAssembly memories", detach: "detaches some of the case's buffers", shrink: 'shrinks the resizable buffers to 0', grow: 'grows the resizable buffers to their maximum', shrinkByOne: 'shrinks the resizable buffers by one byte', scribble: 'rewrites an element of every array', free: "frees some of the case's device buffers" }[act];
+  return { run, what };
+}
+
+/** Numbers at the edges of what an integer or count check lets through (session 53); hostile. */
+const EDGE_NUMBERS = [Number.MAX_SAFE_INTEGER, -Number.MAX_SAFE_INTEGER, 2 ** 53 + 1, 1e308, -1e308, 1e21, 1e-7, 2 ** 32 + 3, -(2 ** 32) + 3, 1 + 2 ** -52, 1 - 2 ** -53, 2 ** 31 - 0.5, -0.5, 5e-324, -5e-324, 2 ** 64, 2 ** 1023 * 1.5];
+
+function edgeNumber(v, r) {
+  const x = r.uniform() < 0.8 ? r.pick(EDGE_NUMBERS) : r.pick([v + 2 ** -40 * Math.max(1, Math.abs(v)), v + 2 ** 32, v - 2 ** 32]);
+  return { value: x, desc: `${x} (an edge number${typeof v === 'number' ? `, from ${v}` : ''})` };
+}
+
+/** Strings a check by === refuses and a check by String(), trim() or a prefix lets through (session 53); hostile. */
+function oddString(v, r) {
+  const s = typeof v === 'string' ? v : String(v);
+  const x = r.pick([() => new String(s), () => `${s}\0`, () => `${s}\u200b`, () => ` ${s}`, () => s.toUpperCase(), () => `${s}\ud800`, () => Object.assign(new String(s), { toString: () => 'x' })])();
+  return { value: x, desc: typeof x === 'string' ? `${JSON.stringify(x)} (from ${JSON.stringify(s)})` : `a String object of ${JSON.stringify(s)}` };
+}
+
+/**
+ * Objects that are odd (session 53): a copy with an enumerable getter of a key no entry point takes
+ * (neutral; a call that reads it read the caller's whole object: spread, Object.entries, a JSON
+ * round trip; fuzz.mjs's soft 'foreign-read'); a Proxy whose ownKeys hides every key while get
+ * answers them (neutral: the library reads the fields it takes by name); a copy whose own
+ * hasOwnProperty / toString / valueOf / toJSON lie (neutral).
+ */
+function oddObjects(o, hooks, where) {
+  return [
+    () => {
+      const c = { ...o };
+      const rec = { read: false, at: where };
+      Object.defineProperty(c, 'fuzzForeignKey', { enumerable: true, configurable: true, get() {
+        if (hooks?.inCall) rec.read = true;
+        return 1;
+      } });
+      hooks?.foreign.push(rec);
+      return { value: c, desc: 'a copy with an enumerable getter of a key no entry point takes', neutral: true };
+    },
+    () => {
+      const c = { ...o };
+      return {
+        value: new Proxy(c, { ownKeys: () => [], getOwnPropertyDescriptor: () => undefined }),
+        desc: 'a Proxy whose ownKeys hides every key (get answers them)',
+        neutral: true,
+      };
+    },
+    () => {
+      const c = { ...o };
+      for (const [k, f] of [['hasOwnProperty', () => false], ['toString', () => '[object Lie]'], ['valueOf', () => 0], ['toJSON', () => ({})], ['propertyIsEnumerable', () => false]]) {
+        Object.defineProperty(c, k, { configurable: true, writable: true, enumerable: false, value: f });
+      }
+      return { value: c, desc: 'a copy whose own hasOwnProperty, toString, valueOf and toJSON lie', neutral: true };
+    },
+  ];
 }
 
 /** A Proxy of a copy of `a` whose length answers `later(length)` from its second read on. */
@@ -680,12 +934,13 @@ function mutateObject(o, rng, hooks, where) {
     },
   ];
   const made = rng.pick(choices)();
-  return orSide2Later(0.06, made, () => {
+  const thenable = orSide2Later(0.06, made, () => {
     // a thenable: a library that awaits or resolves a promise with the caller's object waits for ever
     const c = { ...o };
     Object.defineProperty(c, 'then', { enumerable: false, value: () => undefined });
     return { value: c, desc: 'a copy with a then() that never settles', neutral: true };
   });
+  return orSide3(0.08, thenable, (r) => r.pick(oddObjects(o, hooks, where))(r));
 }
 
 function flipValue(v, rng) {
@@ -765,7 +1020,7 @@ export function mutateSlot(s, rng, hooks) {
     case 'typed':
       return mutateTyped(s.value, rng, hooks);
     case 'array':
-      return mutateArray(s.value, rng);
+      return mutateArray(s.value, rng, hooks);
     case 'object':
       return mutateObject(s.value, rng, hooks, where);
     case 'opaque':
@@ -797,11 +1052,12 @@ export function setAt(root, path, value) {
 export function mutateArgs(root, rng, hooks, count) {
   side = hooks?.side ?? null;
   side2 = hooks?.side2 ?? null;
+  side3 = hooks?.side3 ?? null;
   current = hooks ?? null;
   try {
     return mutateSlots(root, rng, hooks, count);
   } finally {
-    side = side2 = current = null;
+    side = side2 = side3 = current = null;
   }
 }
 
@@ -841,8 +1097,9 @@ export function describe(v) {
   if (typeof v === 'function') return 'a function';
   if (typeof v === 'string') return JSON.stringify(v.length > 20 ? `${v.slice(0, 20)}…` : v);
   if (typeof v === 'number') return Object.is(v, -0) ? '-0' : String(v);
-  if (isTyped(v)) return `${v.constructor.name}(${v.length})`;
-  if (Array.isArray(v)) return `[${v.slice(0, 6).map(describe).join(', ')}${v.length > 6 ? ', …' : ''}]`;
+  if (isTyped(v)) return `${v.constructor?.name ?? TYPED_KIND_OF.call(v)}(${v.constructor ? v.length : TYPED_LENGTH_OF.call(v)})`;
+  // (by index: an array's own methods, species or prototype may lie, or be gone)
+  if (Array.isArray(v)) return `[${Array.from({ length: Math.min(6, v.length) }, (_, i) => describe(v[i])).join(', ')}${v.length > 6 ? ', …' : ''}]`;
   if (v instanceof Map) return 'a Map';
   if (v instanceof DataView) return 'a DataView';
   if (Object.getPrototypeOf(v) === null && Object.keys(v).length === 0) return 'an empty null-prototype object';

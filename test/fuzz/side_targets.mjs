@@ -244,3 +244,91 @@ export const SIDE_TARGETS = [
   [budgetRefusal, 1],
   [disposeInGetter, 2],
 ];
+
+/**
+ * planRows (session 53, from SIDE3_FROM_SEED): the combined rows a plan hands out (combinedRows,
+ * combineC4) are frozen objects of tensors that are not, over arrays the plan keeps. Their tensors
+ * are tampered with (a field reassigned: an array of another kind dressed as Int32Array, another
+ * length, out-of-range ids, a detached one, the same ids in a copy or in shared memory; or the plan's
+ * own array written into), then plan.pagedForm(rows) or a layer on the plan runs. Never
+ * BACKEND_FAILURE or an untyped error (fuzz.mjs judges that); a call whose tampering is neutral (the
+ * same ids in other memory) must give the untampered call's result.
+ */
+const planRows = {
+  name: 'planRows',
+  engine: true,
+  build(rng, env, hooks) {
+    const ratio = rng.pick([0, 4, 128]);
+    const { sc, layer, window } = layerScenario(rng, hooks, ratio);
+    const plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(plan);
+    const rows = ratio === 4 ? plan.combineC4(layer.topkIndices) : plan.combinedRows(ratio);
+    const which = rng.pick(['indices', 'lengths']);
+    const t = rows[which];
+    const own = t.data;
+    const n = own.length;
+    const how = rng.pick(['otherKind', 'otherLength', 'outOfRange', 'detached', 'sameCopy', 'sameShared', 'writeInto', 'shape', 'dtype']);
+    const neutral = how === 'sameCopy' || how === 'sameShared';
+    const op = rng.pick(['pagedForm', 'layer']);
+    if (op === 'layer') layer.path = rng.pick(['sparse', 'paged']);
+    const bad = rng.pick([2 ** 30, -5, 2 ** 31 - 1, -(2 ** 31), n + 7]);
+    const tamper = () => {
+      if (how === 'otherKind') {
+        const other = rng.pick([Uint8Array, Float32Array, Uint32Array, Int16Array]);
+        const v = new other(n);
+        Object.setPrototypeOf(v, Int32Array.prototype);
+        t.data = v;
+      } else if (how === 'otherLength') t.data = new Int32Array(Math.max(0, n + rng.pick([-1, 1, 64])));
+      else if (how === 'outOfRange') t.data = new Int32Array(n).fill(bad);
+      else if (how === 'detached') {
+        const c = own.slice();
+        structuredClone(c.buffer, { transfer: [c.buffer] });
+        t.data = c;
+      } else if (how === 'sameCopy') t.data = own.slice();
+      else if (how === 'sameShared') {
+        const s = new Int32Array(new SharedArrayBuffer(own.byteLength));
+        s.set(own);
+        t.data = s;
+      } else if (how === 'writeInto') {
+        if (n > 0) own[rng.int(0, n)] = bad;
+      } else if (how === 'shape') t.shape = [...t.shape, 1];
+      else t.dtype = 'int64';
+    };
+    const what = `${ratio === 4 ? 'combineC4' : `combinedRows(${ratio})`}'s ${which} ${how}${how === 'outOfRange' || how === 'writeInto' ? ` (${bad})` : ''}, then ${op === 'layer' ? `a ${layer.path} layer` : 'pagedForm(rows)'}`;
+    // the untampered plan's paged form (a fresh plan of the same chunk), for a neutral tampering
+    const wantForm = () => {
+      const p = createPlan(sc.chunk, { window });
+      try {
+        return p.pagedForm(ratio === 4 ? p.combineC4(layer.topkIndices) : p.combinedRows(ratio));
+      } finally {
+        p.release();
+      }
+    };
+    return {
+      args: [],
+      describe: what,
+      mayRefuse: !neutral,
+      call: async () => {
+        tamper();
+        return op === 'layer' ? prefillLayer(env.engine, { ...layer, plan }) : plan.pagedForm(rows);
+      },
+      judge: (got, { stub }) => {
+        if (!neutral) return null; // refused typed, or accepted: what tampered ids should attend is not defined
+        if (op === 'layer') {
+          const p = judgeLayer(got, sc, layer, stub);
+          return p ? `${what}: ${p}` : null;
+        }
+        const want = wantForm();
+        for (const k of ['main', 'mainLengths', 'extra', 'extraLengths']) {
+          const a = got[k]?.data, b = want[k]?.data;
+          if ((a === undefined) !== (b === undefined)) return `${what}: ${k} ${a === undefined ? 'absent' : 'present'}, the untampered plan's ${b === undefined ? 'absent' : 'present'}`;
+          if (a && (a.length !== b.length || a.some((x, i) => x !== b[i]))) return `${what}: ${k} differs from the untampered plan's`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
+/** The session-53 targets with their weights (fuzz.mjs draws one from the session-53 stream). */
+export const SIDE3_TARGETS = [[planRows, 1]];

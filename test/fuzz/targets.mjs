@@ -333,7 +333,14 @@ const createKvCacheTarget = {
 
 /** A typed array's length as its memory has it (a subclass's length getter may lie: the library reads the memory). */
 function realLength(a) {
+  // a typed array by the intrinsic: its prototype's BYTES_PER_ELEMENT may be another kind's (stub seed 66 case 5800)
+  if (isTyped(a)) return TYPED_LENGTH.call(a);
   return ArrayBuffer.isView(a) ? a.byteLength / a.BYTES_PER_ELEMENT : a.length;
+}
+
+/** A caller's array read by its length and indices (its own methods, iterator or species may lie: stub seed 66 case 817). */
+function byIndex(a) {
+  return Array.from({ length: a.length }, (_, i) => a[i]);
 }
 
 const DTYPES = { bf16: Uint16Array, float32: Float32Array, int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array };
@@ -350,8 +357,9 @@ const tensorTarget = {
       args,
       call: (x) => tensor(...x),
       judge: (t, { refArgs }) => {
-        const [d, s, data] = refArgs;
-        if (t.dtype !== d || JSON.stringify(t.shape) !== JSON.stringify([...s])) return `got ${t.dtype} ${JSON.stringify(t.shape)}`;
+        const [d, given, data] = refArgs;
+        const s = byIndex(given);
+        if (t.dtype !== d || JSON.stringify(t.shape) !== JSON.stringify(s)) return `got ${t.dtype} ${JSON.stringify(t.shape)}`;
         if (data !== undefined && t.data !== data && !isTyped(t.data)) return 'data not kept';
         if (t.data.length !== s.reduce((a, b) => a * b, 1)) return `data length ${t.data.length}`;
         return null;

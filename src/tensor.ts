@@ -202,11 +202,8 @@ function describeDType(dtype: unknown): string {
   return typeof dtype === 'string' ? JSON.stringify(dtype.slice(0, 40)) : dtype === null ? 'null' : typeof dtype;
 }
 
-/** A tensor over `data` (not copied) or, without data, a zero-filled one; `shape`: at most MAX_TENSOR_DIMS (64) dims. */
-export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: DTypeArrays[D]): Tensor<D> {
-  if (!isDType(dtype)) {
-    throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');
-  }
+/** tensor()'s shape: its dims copied (each read once) and checked, and their product. */
+function tensorDims(shape: unknown): { dims: number[]; n: number } {
   if (!Array.isArray(shape)) {
     throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must be an array of non-negative integers, got ${describe(shape)}`, 'shape');
   }
@@ -217,7 +214,22 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
       throw new SparseMlaError('INVALID_SHAPE', `tensor: shape must hold non-negative integers, got ${shapeStr(dims)}`, 'shape');
     }
   }
-  const n = numel(dims as number[]);
+  return { dims: dims as number[], n: numel(dims as number[]) };
+}
+
+/** tensor()'s refusal of data that is not as long as its shape says. */
+function checkTensorLength(dims: readonly number[], n: number, length: number): void {
+  if (length !== n) {
+    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${shapeStr(dims)} needs ${n} elements, data has ${length}`, 'data');
+  }
+}
+
+/** A tensor over `data` (not copied) or, without data, a zero-filled one; `shape`: at most MAX_TENSOR_DIMS (64) dims. */
+export function tensor<D extends DType>(dtype: D, shape: readonly number[], data?: DTypeArrays[D]): Tensor<D> {
+  if (!isDType(dtype)) {
+    throw new SparseMlaError('INVALID_DTYPE', `tensor: dtype must be one of ${Object.keys(HOST_ARRAY_TYPES).join(', ')}, got ${describeDType(dtype)}`, 'dtype');
+  }
+  const { dims, n } = tensorDims(shape);
   const ctor = HOST_ARRAY_TYPES[dtype];
   const arr: unknown = data ?? allocHostArray(ctor, n, 'tensor');
   // read through the intrinsics: a Proxy or a subclass with its own `length` is no evidence of its memory
@@ -225,9 +237,7 @@ export function tensor<D extends DType>(dtype: D, shape: readonly number[], data
   if (view === null) {
     throw new SparseMlaError('INVALID_DTYPE', `tensor: ${dtype} data must be a ${ctor.name}, got ${describe(arr)}`, 'data');
   }
-  if (view.length !== n) {
-    throw new SparseMlaError('INVALID_SHAPE', `tensor: shape ${shapeStr(dims)} needs ${n} elements, data has ${view.length}`, 'data');
-  }
+  checkTensorLength(dims, n, view.length);
   // the caller's array itself (a Buffer stays a Buffer) unless it is a Proxy or its own length
   // disagrees with its memory; then the plain view of that memory
   let plain = !types.isProxy(arr);
@@ -302,6 +312,9 @@ export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data
   }
   const given = arrayLikeOf(raw, 'src.data');
   if (given === null) throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must be an array of numbers, got ${describe(raw)}`, 'src.data');
+  // the shape against the data's count before any value is read (tensor()'s refusals)
+  const { dims, n } = tensorDims(shape);
+  checkTensorLength(dims, n, given.length);
   const values = given.values;
   const out = allocHostArray(Uint16Array, given.length, 'src.data');
   for (let i = 0; i < out.length; i++) {
@@ -309,7 +322,7 @@ export function toBf16(src: Tensor<'float32'> | { shape: readonly number[]; data
     if (typeof v !== 'number') throw new SparseMlaError('INVALID_VALUE', `toBf16: src.data must hold numbers, got ${describe(v)} at ${i}`, 'src.data');
     out[i] = float32ToBf16Bits(v);
   }
-  return tensor('bf16', shape, out);
+  return { dtype: 'bf16', shape: dims, data: out };
 }
 
 /** Widen a bf16 tensor to float32 (exact). */

@@ -5,8 +5,10 @@
  */
 import { fail } from '../errors.js';
 import { allocHostArray, isDeviceBuffer } from '../tensor.js';
-import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, QuantizeKCacheArgs, TokenIds } from '../types.js';
-import type { CacheView, DequantizeKCacheJob, QuantizeKCacheJob } from '../backends/backend.js';
+import type { CacheFormat, DequantizeKCacheArgs, DeviceBuffer, KvCache, OnDevice, Placement, QuantizeKCacheArgs, TokenIds } from '../types.js';
+import type { CacheView, DequantizeKCacheJob, HostOpMemory, QuantizeKCacheJob } from '../backends/backend.js';
+import { checkCallMemory } from '../backends/memory.js';
+import { inputBytes } from '../backends/staging.js';
 import { INT32_MAX, checkArgsObject, checkRank, checkTensor, describe, listCount, ownView, shapeStr } from './common.js';
 import { V32_TOKEN_BYTES, rowDimOf, v4PageBytes } from '../kv_cache_layout.js';
 
@@ -100,67 +102,139 @@ export function checkCache(value: unknown, argument: string, formats: readonly C
   return { ...shape, data };
 }
 
+/** A caller's token ids counted, none read yet: `read` reads each id once and checks it (range, integer). */
+interface CountedTokenIds {
+  readonly count: number;
+  read(): Int32Array;
+}
+
 /**
- * Token ids for the cache ops → Int32Array, each checked to lie in [0, numTokens). An id outside
- * is an error (SPEC §3.3) naming the first bad position and its value.
+ * Token ids for the cache ops, in two steps: their count now (an array's length read once, a
+ * tensor's dtype and shape), so that a check that needs only the count (rows against ids, the
+ * memory budget) refuses a list claiming millions of ids before any id is read; then `read` →
+ * Int32Array, each id checked to lie in [0, numTokens). An id outside is an error (SPEC §3.3)
+ * naming the first bad position and its value.
  */
-export function normalizeTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): Int32Array {
+export function countTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): CountedTokenIds {
   const n = cache.numTokens;
-  const expected = `token ids in [0, ${n}) for ${cacheArgument} (${cache.format}, pageSize ${cache.pageSize} × numPages ${cache.numPages})`;
+  const expected = (): string => `token ids in [0, ${n}) for ${cacheArgument} (${cache.format}, pageSize ${cache.pageSize} × numPages ${cache.numPages})`;
   if (Array.isArray(value)) {
     // its length read once (a Proxy's may answer otherwise on a second read: the loop ran to that,
-    // leaving the last ids 0, silently), each element once below
+    // leaving the last ids 0, silently), each element once in read()
     const count = listCount(value, argument, 'token ids');
-    const out = allocHostArray(Int32Array, count, argument);
-    for (let i = 0; i < count; i++) {
-      const v: unknown = value[i];
-      if (typeof v !== 'number' || !Number.isInteger(v)) fail('INVALID_VALUE', argument, 'integer token ids', `${describe(v)} at position ${i}`);
-      if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);
-      out[i] = v;
-    }
-    return out;
+    const read = (): Int32Array => {
+      const out = allocHostArray(Int32Array, count, argument);
+      for (let i = 0; i < count; i++) {
+        const v: unknown = value[i];
+        if (typeof v !== 'number' || !Number.isInteger(v)) fail('INVALID_VALUE', argument, 'integer token ids', `${describe(v)} at position ${i}`);
+        if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected(), `${v} at position ${i}`);
+        out[i] = v;
+      }
+      return out;
+    };
+    return { count, read };
   }
   const t = checkTensor(value, argument, ['int32', 'int64'] as const);
   if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'shape [n]', `shape ${shapeStr(t.shape)}`);
+  // a copy now, checked in read(): the caller's ids may be rewritten before the backend reads them (a
+  // getter of a later argument, another thread on shared memory), and an id the check passed must be
+  // the id used; a typed array's copy reads no caller's code
   if (t.dtype === 'int32') {
-    // a copy, checked: the caller's ids may be rewritten before the backend reads them (a getter of
-    // a later argument, another thread on shared memory), and an id the check passed must be the id used
     const d = (t.data as Int32Array).slice();
-    for (let i = 0; i < d.length; i++) {
-      const v = d[i]!;
-      if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected, `${v} at position ${i}`);
-    }
-    return d;
+    const read = (): Int32Array => {
+      for (let i = 0; i < d.length; i++) {
+        const v = d[i]!;
+        if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected(), `${v} at position ${i}`);
+      }
+      return d;
+    };
+    return { count: d.length, read };
   }
+  // int64 narrowed now, an id no int32 holds (negative or ≥ 2^31) kept as −1 and the first such
+  // remembered for the message
   const src = t.data as BigInt64Array;
   const halves = new Int32Array(src.buffer, src.byteOffset, src.length * 2);
   const out = new Int32Array(src.length);
+  let firstWide: bigint | undefined;
   for (let i = 0; i < out.length; i++) {
     const lo = halves[2 * i]!;
-    if (halves[2 * i + 1] !== 0 || lo < 0 || lo >= n) fail('OUT_OF_RANGE', argument, expected, `${src[i]} at position ${i}`);
-    out[i] = lo;
+    if (halves[2 * i + 1] === 0 && lo >= 0) out[i] = lo;
+    else {
+      out[i] = -1;
+      firstWide ??= src[i];
+    }
   }
-  return out;
+  const read = (): Int32Array => {
+    for (let i = 0; i < out.length; i++) {
+      const v = out[i]!;
+      if (v < 0 || v >= n) fail('OUT_OF_RANGE', argument, expected(), `${v < 0 ? firstWide : v} at position ${i}`);
+    }
+    return out;
+  };
+  return { count: out.length, read };
+}
+
+/** Token ids → Int32Array, each checked (countTokenIds, then its read at once). */
+export function normalizeTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): Int32Array {
+  return countTokenIds(value, argument, cache, cacheArgument).read();
 }
 
 export function prepareQuantizeKCache(args: QuantizeKCacheArgs): QuantizeKCacheJob {
   checkArgsObject(args, 'quantizeKCache arguments');
   const cache = checkCache(args.cache, 'cache');
-  const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
+  const ids = countTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
   const rows = checkTensor(args.rows, 'rows', ['bf16', 'float32'] as const);
   const rowDim = rowDimOf(cache.format);
   const [n, d] = checkRank(rows, 'rows', 2, `[n, ${rowDim}]`);
-  if (n !== tokenIds.length || d !== rowDim) {
-    fail('INVALID_SHAPE', 'rows', `shape [n, ${rowDim}] with n = tokenIds length ${tokenIds.length} (${cache.format} cache)`, `shape ${shapeStr(rows.shape)}`);
+  // rows against the ids' count before any id is read
+  if (n !== ids.count || d !== rowDim) {
+    fail('INVALID_SHAPE', 'rows', `shape [n, ${rowDim}] with n = tokenIds length ${ids.count} (${cache.format} cache)`, `shape ${shapeStr(rows.shape)}`);
   }
+  const tokenIds = ids.read();
   return { cache, tokenIds, rows: rows.data, rowsDtype: rows.dtype, n: tokenIds.length, rowDim };
 }
 
-export function prepareDequantizeKCache(args: OnDevice<DequantizeKCacheArgs>): DequantizeKCacheJob<DeviceBuffer> {
+/**
+ * An engine's host memory as its dequant counts it: its budget, what its ops count against it (the
+ * backend's own arithmetic, HostOpMemory, with the worker heap where its ops run in workers of a
+ * bounded heap), and whether it has device memory. Given to prepareDequantizeKCache, the call is
+ * checked against them from the ids' count, before any id is read.
+ */
+export interface DequantizeMemory {
+  budgetBytes: number | undefined;
+  ops: HostOpMemory | undefined;
+  hasDevice: boolean;
+}
+
+/**
+ * The refusals of a dequant of `count` ids that need only the count, as its backend makes them
+ * after the ids are read (wasm: a worker's heap, then the budget; cpu and cuda: the budget): the
+ * same arithmetic, so the same error, before any id is read. The ids become a fresh int32 array
+ * (not shared). A call that needs device memory the engine has not is left to the engine's
+ * BACKEND_UNAVAILABLE, as before.
+ */
+function checkDequantizeCount(memory: DequantizeMemory, cache: CacheView<DeviceBuffer>, count: number, rowDim: number, output: Placement): void {
+  const { budgetBytes, ops } = memory;
+  const onDevice = isDeviceBuffer(cache.data);
+  if (ops === undefined || budgetBytes === undefined || ((onDevice || output === 'device') && !memory.hasDevice)) return;
+  const heap = ops.workerHeap;
+  if (heap !== undefined && count > 0) heap.check(heap.dequantizeKCache(cache.format, rowDim), 'tokenIds');
+  const cacheBytes = onDevice ? { unshared: 0, callCopy: 0 } : inputBytes(cache.data as Uint8Array);
+  checkCallMemory('dequantizeKCachePaged', 'tokenIds', ops.dequantizeKCache(cache.format, count, rowDim, cacheBytes, { unshared: count * 4, callCopy: 0 }, output), budgetBytes);
+}
+
+/**
+ * `memory`: the engine's (SparseMlaEngine.hostMemory and hasDevice), to refuse a call over it from the
+ * ids' count before any id is read; `output`: where its rows go.
+ */
+export function prepareDequantizeKCache(args: OnDevice<DequantizeKCacheArgs>, memory?: DequantizeMemory, output: Placement = 'host'): DequantizeKCacheJob<DeviceBuffer> {
   checkArgsObject(args, 'dequantizeKCachePaged arguments');
   const cache = checkCache(args.cache, 'cache', undefined, true);
-  const tokenIds = normalizeTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
-  return { cache, tokenIds, n: tokenIds.length, rowDim: rowDimOf(cache.format) };
+  const ids = countTokenIds(args.tokenIds as TokenIds, 'tokenIds', cache, 'cache');
+  const rowDim = rowDimOf(cache.format);
+  if (memory !== undefined) checkDequantizeCount(memory, cache, ids.count, rowDim, output);
+  const tokenIds = ids.read();
+  return { cache, tokenIds, n: tokenIds.length, rowDim };
 }
 
 /**

@@ -45,8 +45,12 @@ function isIdList(v: unknown): v is IdList {
   return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
 }
 
-/** The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). */
-export function readIds(list: unknown, argument: string): Float64Array {
+/**
+ * The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). `checkCount`, given, runs on
+ * their count before any id is read (a list claiming millions of ids where a few are wanted is
+ * refused by its count, not after a read of every id).
+ */
+export function readIds(list: unknown, argument: string, checkCount?: (count: number) => void): Float64Array {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
   let src: ArrayLike<number | bigint>;
   let n: number;
@@ -65,6 +69,7 @@ export function readIds(list: unknown, argument: string): Float64Array {
     src = t.data;
     n = src.length;
   }
+  checkCount?.(n);
   const out = allocHostArray(Float64Array, n, argument);
   for (let i = 0; i < n; i++) {
     const v = src[i];
@@ -973,10 +978,9 @@ export class Plan {
     for (let r = 0; r < n; r++) {
       const s = seqLens[r]!, e = extendLens[r]!;
       const g = gatherLength(s, e, window);
-      const ids = readIds(reqs[r]!.swaTokenIds, `chunk.requests[${r}].swaTokenIds`);
-      if (ids.length !== g) {
-        fail('INVALID_SHAPE', `chunk.requests[${r}].swaTokenIds`, `${g} ids (positions [${s - g}, ${s}) for seqLen ${s}, extendLen ${e}, window ${window})`, `${ids.length}`);
-      }
+      const ids = readIds(reqs[r]!.swaTokenIds, `chunk.requests[${r}].swaTokenIds`, (count) => {
+        if (count !== g) fail('INVALID_SHAPE', `chunk.requests[${r}].swaTokenIds`, `${g} ids (positions [${s - g}, ${s}) for seqLen ${s}, extendLen ${e}, window ${window})`, `${count}`);
+      });
       const off = swaLayout.swaOffsets[r]!;
       for (let i = 0; i < g; i++) {
         const id = ids[i]!;
@@ -1021,10 +1025,10 @@ export class Plan {
         const v = compRowsOf(ratio, r);
         const need = Math.ceil(v / pageSize);
         const raw = reqs[r]![key];
-        const table = raw === undefined ? new Float64Array(0) : readIds(raw, `chunk.requests[${r}].${key}`);
-        if (table.length < need) {
-          fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${table.length}`);
-        }
+        const tooShort = (count: number): void => {
+          if (count < need) fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${count}`);
+        };
+        const table = raw === undefined ? (tooShort(0), new Float64Array(0)) : readIds(raw, `chunk.requests[${r}].${key}`, tooShort);
         const used = table.subarray(0, need);
         for (let p = 0; p < need; p++) {
           const page = used[p]!;

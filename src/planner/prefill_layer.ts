@@ -24,7 +24,7 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, deviceTensorShape } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
@@ -105,11 +105,12 @@ interface LayerCall {
 }
 
 /**
- * Every check of a layer call, each argument read once, in the order the errors are reported.
- * This runs on every layer, mostly before V8 has optimized it (a process's first layers): no
- * spreads or per-call closures here.
+ * Every check of a layer call, each argument read once, in the order the errors are reported;
+ * `decided`: the route prepareDeviceLayer decided from the call's path, threshold and env before it
+ * stopped (they are not read again). This runs on every layer, mostly before V8 has optimized it (a
+ * process's first layers): no spreads or per-call closures here.
  */
-function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall {
+function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, decided?: RouteDecision): LayerCall {
   checkArgsObject(args, 'args');
   const plan = args.plan, ratio = args.compressRatio;
   if (!Plan.isPlan(plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
@@ -135,7 +136,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const caches = plan.checkCaches(given, ratio);
   if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
   // an env that is not given (or falsy) leaves the router to read process.env
-  const route = routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const route = decided ?? routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
   const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
   if (hasDevice) {
     // device operands the engine's own, on its device, before any work (the ops' own check comes at their launch, after the plan's uploads)
@@ -356,69 +357,285 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
 /**
  * prepareLayer for the call a cuda engine's layer loop makes (every tensor and cache in device
  * memory), in one function without messages: the same checks, each field read once, and the same
- * LayerCall where they pass; undefined where anything differs (a host operand, another engine kind,
- * bad input), and prepareLayer then checks the call again and throws its typed error. It exists
- * for a process's first layers, which V8 runs in its interpreter: one function warms up and is
- * compiled in one piece where prepareLayer's checks are a dozen.
+ * LayerCall where they pass. Where anything differs (a host operand, another engine kind, bad
+ * input) it stops at once, and prepareLayer checks the call and throws its typed error over what
+ * was read here (FellBack; undefined where nothing was) rather than over the caller's objects
+ * again: every field, dim and cache field of a call is read once in all, in prepareLayer's order
+ * (a getter asked a second time could throw or answer otherwise). It exists for a process's first
+ * layers, which V8 runs in its interpreter: one function warms up and is compiled in one piece
+ * where prepareLayer's checks are a dozen; what it read is packaged only where it stops.
  */
-function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
+function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | FellBack | undefined {
   // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
   const device = engine.layerDevice();
   if (device === undefined || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
+  // what was read of each argument, for prepareLayer where the checks stop (NOT_READ: nothing): an
+  // argument as checked where it passed, else as read (readOnce)
+  let output: unknown = NOT_READ, dropped: unknown = NOT_READ, qRead: unknown = NOT_READ, smScale: unknown = NOT_READ;
+  let sinkRead: unknown = NOT_READ, topkRead: unknown = NOT_READ, cachesRead: unknown = NOT_READ;
+  let route: RouteDecision | undefined;
   const plan = args.plan, ratio = args.compressRatio;
-  if (!Plan.isPlan(plan)) return undefined;
-  // a ratio 0, 4 or 128 the plan serves, and its layout
-  const layout = plan.servedLayout(ratio);
-  if (layout === undefined) return undefined;
-  // checkOutputOption
-  let output: Placement = 'host', droppedLater = false;
-  if (options !== undefined) {
-    if (typeof options !== 'object' || options === null || Array.isArray(options)) return undefined;
-    const o = (options as PrefillLayerOptions).output;
-    if (o === 'device') output = 'device';
-    else if (o !== undefined && o !== 'host') return undefined;
-    const d = (options as PrefillLayerOptions).dropped;
-    if (d === 'later') droppedLater = true;
-    else if (d !== undefined && d !== 'await') return undefined;
+  checks: {
+    if (!Plan.isPlan(plan)) break checks;
+    // a ratio 0, 4 or 128 the plan serves, and its layout
+    const layout = plan.servedLayout(ratio);
+    if (layout === undefined) break checks;
+    // checkOutputOption, checkDroppedOption
+    if (options !== undefined) {
+      if (typeof options !== 'object' || options === null || Array.isArray(options)) break checks;
+      output = (options as PrefillLayerOptions).output;
+      if (output !== undefined && output !== 'host' && output !== 'device') break checks;
+      dropped = (options as PrefillLayerOptions).dropped;
+      if (dropped !== undefined && dropped !== 'await' && dropped !== 'later') break checks;
+    }
+    // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512], read as readTensorFields reads a
+    // tensor (dtype, shape, data, then the shape's length and its dims in order, here up to the
+    // first one the device call does not take). Integers are checked as int32 ((x | 0) === x), not
+    // as safe integers: no builtin call, and a larger hQ (no device memory holds such a q) only
+    // goes to prepareLayer.
+    const qArg: unknown = (qRead = args.q);
+    if (!hasTensorFields(qArg)) break checks;
+    const qDtype = qArg.dtype, qShape = qArg.shape, qData = qArg.data;
+    if (qDtype !== 'bf16' || !Array.isArray(qShape)) {
+      qRead = tensorRead(qArg, qDtype, qShape, qData, undefined);
+      break checks;
+    }
+    const nq = plan.numQueries;
+    const qRank: unknown = qShape.length;
+    if (qRank !== 3) {
+      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank]);
+      break checks;
+    }
+    const q0: unknown = qShape[0];
+    if (q0 !== nq) {
+      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0]);
+      break checks;
+    }
+    const hQ: unknown = qShape[1];
+    if (typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1) {
+      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0, hQ]);
+      break checks;
+    }
+    const q2: unknown = qShape[2];
+    if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) {
+      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0, hQ, q2]);
+      break checks;
+    }
+    const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
+    qRead = q;
+    // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
+    const scale: unknown = (smScale = args.smScale);
+    if (typeof scale !== 'number' || !(scale <= MAX_SM_SCALE && scale >= -MAX_SM_SCALE)) break checks;
+    // a live device float32 [hQ] (null: no sink, as the ops take it)
+    let attnSink: DeviceTensor<'float32'> | undefined;
+    const sinkArg: unknown = (sinkRead = args.attnSink);
+    if (sinkArg !== undefined && sinkArg !== null) {
+      if (!hasTensorFields(sinkArg)) break checks;
+      const sDtype = sinkArg.dtype, sShape = sinkArg.shape, sData = sinkArg.data;
+      if (sDtype !== 'float32' || !Array.isArray(sShape)) {
+        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, undefined);
+        break checks;
+      }
+      const sRank: unknown = sShape.length;
+      if (sRank !== 1) {
+        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, [sRank]);
+        break checks;
+      }
+      const s0: unknown = sShape[0];
+      if (s0 !== hQ || !device.ownsLive(sData, hQ * 4)) {
+        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, [sRank, s0]);
+        break checks;
+      }
+      attnSink = { dtype: 'float32', shape: [hQ], data: sData as DeviceBuffer };
+      sinkRead = attnSink;
+    }
+    const topkIndices: unknown = (topkRead = args.topkIndices);
+    if ((ratio === 4) !== (topkIndices !== undefined)) break checks;
+    // Plan.checkCaches: each cache's fields read as checkV4Cache reads them (format, pageSize,
+    // numPages, data) and checked by Plan.deviceCaches in the library's own record of them
+    // (DEVICE_CACHES), the SWA cache before the compressed one is read
+    const given: unknown = (cachesRead = args.caches);
+    if (typeof given !== 'object' || given === null) break checks;
+    const swaArg: unknown = (given as PlanCaches).swa;
+    if (typeof swaArg !== 'object' || swaArg === null) {
+      cachesRead = readOnce(given, new Map([['swa', swaArg]]));
+      break checks;
+    }
+    const swaFormat: unknown = (swaArg as KvCache).format, swaPageSize: unknown = (swaArg as KvCache).pageSize;
+    const swaNumPages: unknown = (swaArg as KvCache).numPages, swaData: unknown = (swaArg as KvCache).data;
+    let caches = plan.deviceCaches(deviceCacheFields(DEVICE_SWA, swaFormat, swaPageSize, swaNumPages, swaData), 0, device);
+    if (caches === undefined) {
+      cachesRead = readOnce(given, new Map([['swa', cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData)]]));
+      break checks;
+    }
+    if (ratio !== 0) {
+      const key = ratio === 4 ? 'c4' : 'c128';
+      const cArg: unknown = (given as PlanCaches)[key];
+      if (typeof cArg !== 'object' || cArg === null) {
+        cachesRead = readOnce(given, new Map([['swa', cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData)], [key, cArg]]));
+        break checks;
+      }
+      const cFormat: unknown = (cArg as KvCache).format, cPageSize: unknown = (cArg as KvCache).pageSize;
+      const cNumPages: unknown = (cArg as KvCache).numPages, cData: unknown = (cArg as KvCache).data;
+      caches = plan.deviceCaches(deviceCacheFields(DEVICE_COMPRESSED, cFormat, cPageSize, cNumPages, cData), ratio, device);
+      if (caches === undefined) {
+        const swa = cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData);
+        cachesRead = readOnce(given, new Map([['swa', swa], [key, cacheRead(cArg, cFormat, cPageSize, cNumPages, cData)]]));
+        break checks;
+      }
+    }
+    forgetCacheFields();
+    cachesRead = caches;
+    // a forced path (the layer loop's usual call) without the router's options object and decision
+    const path = args.path, threshold = args.threshold;
+    route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+    // Plan.checkTopk: int32 [numQueries, topk] or [numQueries, 1, topk], read as readTensorFields
+    // reads a tensor, checked by Plan.deviceTopk in the library's own record of it (DEVICE_TOPK)
+    let topk: CheckedTopk<DeviceBuffer> | undefined;
+    if (ratio === 4) {
+      if (!hasTensorFields(topkIndices)) break checks;
+      const tDtype = topkIndices.dtype, tShape = topkIndices.shape, tData = topkIndices.data;
+      if (tDtype !== 'int32' || !Array.isArray(tShape)) {
+        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, undefined);
+        break checks;
+      }
+      const tRank: unknown = tShape.length;
+      if (tRank !== 2 && tRank !== 3) {
+        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank]);
+        break checks;
+      }
+      const t0: unknown = tShape[0];
+      if (t0 !== nq) {
+        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank, t0]);
+        break checks;
+      }
+      const t1: unknown = tShape[1];
+      if (tRank === 3 && t1 !== 1) {
+        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank, t0, t1]);
+        break checks;
+      }
+      const t2: unknown = tRank === 3 ? tShape[2] : undefined;
+      const k = tRank === 3 ? t2 : t1;
+      topk = typeof k === 'number' && (k | 0) === k && k >= 0 ? plan.deviceTopk(deviceTopkFields(nq, tRank === 3, k, tData), device) : undefined;
+      DEVICE_TOPK.data = undefined;
+      if (topk === undefined) {
+        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, tRank === 3 ? [tRank, t0, t1, t2] : [tRank, t0, t1]);
+        break checks;
+      }
+    }
+    return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
   }
-  // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512]. Integers are checked as int32
-  // ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
-  // such a q) only falls back to prepareLayer.
-  // each argument read once (a getter that answers differently the second time changes nothing)
-  const qArg: unknown = args.q;
-  const qs = deviceTensorShape(qArg, 'bf16');
-  if (qs === undefined) return undefined;
-  const qData = (qArg as { data: unknown }).data, nq = plan.numQueries;
-  const hQ = qs[1];
-  if (qs.length !== 3 || qs[0] !== nq || typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1 || qs[2] !== WORKSPACE_ROW_DIMS || !device.ownsLive(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) return undefined;
-  // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
-  const smScale = args.smScale;
-  if (typeof smScale !== 'number' || !(smScale <= MAX_SM_SCALE && smScale >= -MAX_SM_SCALE)) return undefined;
-  // a live device float32 [hQ]
-  let attnSink: DeviceTensor<'float32'> | undefined;
-  const sinkArg: unknown = args.attnSink ?? undefined;
-  if (sinkArg !== undefined) {
-    const ss = deviceTensorShape(sinkArg, 'float32');
-    if (ss === undefined) return undefined;
-    const sData = (sinkArg as { data: unknown }).data;
-    if (ss.length !== 1 || ss[0] !== hQ || !device.ownsLive(sData, hQ * 4)) return undefined;
-    attnSink = { dtype: 'float32', shape: [hQ], data: sData as DeviceBuffer };
+  forgetCacheFields();
+  return fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
+}
+
+/** Not read by prepareDeviceLayer (any value a caller can give is read). */
+const NOT_READ: unique symbol = Symbol('not read');
+
+/** Where prepareDeviceLayer stopped: the call's args and options as read there, and its route where it was decided, for prepareLayer. */
+class FellBack {
+  constructor(
+    readonly args: PrefillLayerArgs,
+    readonly options: unknown,
+    readonly route: RouteDecision | undefined,
+  ) {}
+}
+
+/**
+ * What prepareDeviceLayer read of a call that it leaves to prepareLayer, as prepareLayer reads it:
+ * the args (and options) answering each field read with its value, an argument that passed its
+ * checks as checked (the same values in the library's own object, which prepareLayer passes
+ * again), one stopped at as read (readOnce), and the rest from the caller's objects (read once, by
+ * prepareLayer). The caches as checked are the record prepareLayer reads ({swa, c4 or c128}).
+ */
+function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio: unknown, output: unknown, dropped: unknown, q: unknown, smScale: unknown, attnSink: unknown, topkIndices: unknown, caches: unknown, route: RouteDecision | undefined): FellBack {
+  const argsRead = new Map<PropertyKey, unknown>([['plan', plan], ['compressRatio', ratio]]);
+  if (route !== undefined) {
+    const checked = caches as { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
+    caches = ratio === 0 ? { swa: checked.swa } : { swa: checked.swa, [ratio === 4 ? 'c4' : 'c128']: checked.compressed };
   }
-  const topkIndices = args.topkIndices;
-  if ((ratio === 4) !== (topkIndices !== undefined)) return undefined;
-  const given = args.caches;
-  const caches = plan.deviceCaches(given, ratio, device);
-  if (caches === undefined) return undefined;
-  // a forced path (the layer loop's usual call) without the router's options object and decision
-  const path = args.path, threshold = args.threshold;
-  const route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  let topk: CheckedTopk<DeviceBuffer> | undefined;
-  if (ratio === 4) {
-    topk = plan.deviceTopk(topkIndices, device);
-    if (topk === undefined) return undefined;
-  }
-  const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
-  return { plan, ratio, layout, q, hQ, attnSink, smScale, caches, topk, output, route, device: true, droppedLater, copies: undefined, peeked: undefined };
+  const fields = [['q', q], ['smScale', smScale], ['attnSink', attnSink], ['topkIndices', topkIndices], ['caches', caches]] as const;
+  for (const [key, value] of fields) if (value !== NOT_READ) argsRead.set(key, value);
+  const optionsRead = new Map<PropertyKey, unknown>();
+  if (output !== NOT_READ) optionsRead.set('output', output);
+  if (dropped !== NOT_READ) optionsRead.set('dropped', dropped);
+  return new FellBack(readOnce(args, argsRead) as PrefillLayerArgs, readOnce(options, optionsRead), route);
+}
+
+/**
+ * A stand-in for a caller's object (a call's args or options, a tensor, its shape, the caches or
+ * a cache) of which `read` holds the fields already read: it answers those with their values and
+ * any other from the object, read once. Everything else is the object's (its keys, `in`, whether
+ * it is an array), so a message describing it is the object's own. The object itself where
+ * nothing of it was read, or it is no plain object or array.
+ */
+function readOnce(given: unknown, read: Map<PropertyKey, unknown>): unknown {
+  if (read.size === 0 || typeof given !== 'object' || given === null || ArrayBuffer.isView(given)) return given;
+  const object = given;
+  return new Proxy(Array.isArray(object) ? [] : {}, {
+    get(_, key) {
+      if (read.has(key)) return read.get(key);
+      const value: unknown = Reflect.get(object, key);
+      read.set(key, value);
+      return value;
+    },
+    has: (_, key) => Reflect.has(object, key),
+    ownKeys: () => Reflect.ownKeys(object),
+    getOwnPropertyDescriptor(standIn, key) {
+      // the stand-in's own (an array's length) as it is: a proxy may not report it otherwise
+      if (Object.hasOwn(standIn, key)) return Reflect.getOwnPropertyDescriptor(standIn, key);
+      const d = Reflect.getOwnPropertyDescriptor(object, key);
+      return d === undefined ? undefined : { ...d, configurable: true };
+    },
+  });
+}
+
+/** A tensor read as far as `dims` (its shape's length, then its dims in order; undefined: the shape not read), for prepareLayer. */
+function tensorRead(given: object, dtype: unknown, shape: unknown, data: unknown, dims: readonly unknown[] | undefined): unknown {
+  const shapeRead = dims === undefined ? shape : readOnce(shape, new Map(dims.map((d, i) => [i === 0 ? 'length' : String(i - 1), d])));
+  return readOnce(given, new Map<PropertyKey, unknown>([['dtype', dtype], ['shape', shapeRead], ['data', data]]));
+}
+
+/** A cache's fields as read, for prepareLayer. */
+function cacheRead(given: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
+  return readOnce(given, new Map<PropertyKey, unknown>([['format', format], ['pageSize', pageSize], ['numPages', numPages], ['data', data]]));
+}
+
+/** Whether `value` is an object with the fields of a tensor (readTensorFields' test; `in` runs no getter). */
+function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
+  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
+}
+
+/**
+ * The library's own records of the fields prepareDeviceLayer read of a layer's caches and top-k,
+ * which Plan.deviceCaches and Plan.deviceTopk check (they read the object they are given). Filled
+ * only after every field was read, and read back by those checks, which run no caller's code (a
+ * device buffer's checks are the library's own), so no other call fills them in between; emptied
+ * of the caller's buffers once checked.
+ */
+const DEVICE_SWA = { format: undefined as unknown, pageSize: undefined as unknown, numPages: undefined as unknown, data: undefined as unknown };
+const DEVICE_COMPRESSED = { format: undefined as unknown, pageSize: undefined as unknown, numPages: undefined as unknown, data: undefined as unknown };
+const DEVICE_CACHES = { swa: DEVICE_SWA, c4: DEVICE_COMPRESSED, c128: DEVICE_COMPRESSED };
+const DEVICE_TOPK = { dtype: 'int32', shape: [0, 0] as number[], data: undefined as unknown };
+const TOPK_SHAPE = [0, 0], TOPK_SHAPE_RANK3 = [0, 1, 0];
+
+function deviceCacheFields(record: typeof DEVICE_SWA, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): typeof DEVICE_CACHES {
+  record.format = format;
+  record.pageSize = pageSize;
+  record.numPages = numPages;
+  record.data = data;
+  return DEVICE_CACHES;
+}
+function forgetCacheFields(): void {
+  DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
+}
+function deviceTopkFields(nq: number, rank3: boolean, topk: number, data: unknown): typeof DEVICE_TOPK {
+  const shape = rank3 ? TOPK_SHAPE_RANK3 : TOPK_SHAPE;
+  shape[0] = nq;
+  shape[shape.length - 1] = topk;
+  DEVICE_TOPK.shape = shape;
+  DEVICE_TOPK.data = data;
+  return DEVICE_TOPK;
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -493,7 +710,8 @@ export type CheckedLayer = LayerCall;
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
   const fast = prepareDeviceLayer(engine, args, options);
-  if (fast === undefined) return checkFully(engine, args, options);
+  if (fast === undefined) return checkFully(engine, args, options, undefined);
+  if (fast instanceof FellBack) return checkFully(engine, fast.args, fast.options, fast.route);
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
   if (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged')) checkOpsMemory(engine, fast);
@@ -501,9 +719,9 @@ export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unkn
   return fast;
 }
 
-/** checkLayer's call where prepareDeviceLayer does not pass it: every check of prepareLayer, then its device operands still live. */
-function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): CheckedLayer {
-  const call = prepareLayer(engine, args, options);
+/** checkLayer's call where prepareDeviceLayer does not pass it: every check of prepareLayer (over what prepareDeviceLayer read), then its device operands still live. */
+function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, route: RouteDecision | undefined): CheckedLayer {
+  const call = prepareLayer(engine, args, options, route);
   if (engine.hasDevice) deviceOperandsLive(call);
   return call;
 }
@@ -796,5 +1014,14 @@ function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources
   };
 }
 
-/** @internal prepareLayer and prepareDeviceLayer, for the tests that hold the second to the first. */
-export const layerChecks = { prepareLayer, prepareDeviceLayer };
+/**
+ * @internal prepareLayer and prepareDeviceLayer, for the tests that hold the second to the first
+ * (prepareDeviceLayer's call, or undefined where it leaves the call to prepareLayer).
+ */
+export const layerChecks = {
+  prepareLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall => prepareLayer(engine, args, options),
+  prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
+    const fast = prepareDeviceLayer(engine, args, options);
+    return fast instanceof FellBack ? undefined : fast;
+  },
+};

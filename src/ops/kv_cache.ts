@@ -109,11 +109,11 @@ interface CountedTokenIds {
 }
 
 /**
- * Token ids for the cache ops, in two steps: their count now (an array's length read once, a
- * tensor's dtype and shape), so that a check that needs only the count (rows against ids, the
- * memory budget) refuses a list claiming millions of ids before any id is read; then `read` →
- * Int32Array, each id checked to lie in [0, numTokens). An id outside is an error (SPEC §3.3)
- * naming the first bad position and its value.
+ * Token ids for the cache ops, in two steps: their count now (an array's length read once; a
+ * tensor's dtype and shape, its ids copied, which runs no caller's code), so that a check that needs
+ * only the count (rows against ids, the memory budget) refuses a list claiming millions of ids
+ * before any id is read; then `read` (once) → Int32Array, each id checked to lie in [0, numTokens).
+ * An id outside is an error (SPEC §3.3) naming the first bad position and its value.
  */
 export function countTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): CountedTokenIds {
   const n = cache.numTokens;
@@ -172,11 +172,6 @@ export function countTokenIds(value: unknown, argument: string, cache: CacheShap
     return out;
   };
   return { count: out.length, read };
-}
-
-/** Token ids → Int32Array, each checked (countTokenIds, then its read at once). */
-export function normalizeTokenIds(value: unknown, argument: string, cache: CacheShape, cacheArgument: string): Int32Array {
-  return countTokenIds(value, argument, cache, cacheArgument).read();
 }
 
 export function prepareQuantizeKCache(args: QuantizeKCacheArgs): QuantizeKCacheJob {

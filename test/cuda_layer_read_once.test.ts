@@ -261,7 +261,10 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
   // Each shard's q on its engine and no sink (a sharded layer's sink is a host tensor, where a
   // shard's fast checks would stop before its caches and top-k): the shards' checks read the
   // caller's per-shard caches and top-k themselves.
-  test('prefillLayerSharded by queries over two engines: per-shard device q and caches, host top-k (each shard stops at its top-k)', async () => {
+  test.each([
+    ['path sparse', { path: 'sparse' as const }],
+    ['path auto and an env forcing sparse, read once for both shards', { path: 'auto' as const, env: { SPARSE_MLA_PREFILL: 'sparse' } }],
+  ])('prefillLayerSharded by queries over two engines: per-shard device q and caches, host top-k (each shard stops at its top-k), %s', async (_, route) => {
     const x = layerInputs();
     const engines = [newEngine(), newEngine()];
     try {
@@ -271,7 +274,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
       const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(x.swa), c4: await e.uploadKvCache(x.c4) })));
       const topks = sharded.shards.map((s) => tensor('int32', [s.numQueries, k], x.topkIndices.data.slice(s.queryOffset * k, (s.queryOffset + s.numQueries) * k)));
       const reads: Reads = new Map();
-      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, smScale: x.smScale, path: 'sparse' as const }, 'args', reads);
+      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, smScale: x.smScale, ...route }, 'args', reads);
       const r = await prefillLayerSharded(engines, args);
       expectEachReadOnce('sharded by queries', reads);
       const ref = x.ref(4, false);
@@ -301,6 +304,26 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
       const ref = x.ref(128, false);
       expectWithinBounds('sharded by heads', { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
       expect(r.dropped).toBe(ref.dropped);
+    } finally {
+      for (const e of engines) await e.dispose();
+    }
+  }, 60_000);
+
+  // prefillLayerSharded took its per-shard lists with Array.prototype.slice, which makes its result
+  // with the array's own constructor and reads as many elements as a Proxy's length claims
+  test('prefillLayerSharded: engines and per-shard lists are read by index (an array whose prototype is Int32Array.prototype runs; a Proxy claiming 2^40 engines is refused by its length)', async () => {
+    const x = layerInputs();
+    const engines = [newEngine(), newEngine()];
+    try {
+      const sharded = createShardedPlan(x.sc.chunk, { shards: 2, split: 'queries' });
+      const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(x.swa) })));
+      const foreign = <T,>(a: T[]): T[] => Object.setPrototypeOf(a, Int32Array.prototype) as T[];
+      const r = await prefillLayerSharded(foreign([...engines]), { plan: sharded, compressRatio: 0, q: x.q, caches: foreign([...caches]), attnSink: x.attnSink, smScale: x.smScale, path: 'sparse' });
+      const ref = x.ref(0);
+      expectWithinBounds('engines of a foreign prototype', { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
+      expect(r.dropped).toBe(ref.dropped);
+      const claims = new Proxy([...engines], { get: (t, k) => (k === 'length' ? 2 ** 40 : Reflect.get(t, k)) });
+      await expect(prefillLayerSharded(claims, { plan: sharded, compressRatio: 0, q: x.q, caches: caches[0]!, smScale: x.smScale })).rejects.toMatchObject({ code: 'INVALID_VALUE', argument: 'engines' });
     } finally {
       for (const e of engines) await e.dispose();
     }

@@ -14,10 +14,11 @@
  */
 import { SparseMlaError, fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
-import { releaseDevice, tensor } from '../tensor.js';
+import { isCount, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { chunkOnce, createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS, type ChunkFields, type RequestFields } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
+import { SPARSE_PREFILL_ENV } from './router.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import { checkCallMemory } from '../backends/memory.js';
 import { attentionOutputBytes, lendCallCopy } from '../backends/staging.js';
@@ -206,9 +207,21 @@ function hostTopkWidth(t: Tensor<'int32'>, nq: number): number {
   return s[s.length - 1]!;
 }
 
-/** An array's elements read once each into an array of the library's own (null for anything but an array). */
+/**
+ * An array's elements read once each into an array of the library's own (null for anything but an
+ * array): its length once, then each element by index. Not slice(), which makes its result with the
+ * array's own constructor (an array whose prototype is Int32Array's threw a TypeError) and reads as
+ * many elements as a Proxy's length claims: a length that is no count reads as none, and no more
+ * than MAX_SHARDS + 1 are read (no list of engines, nor one per engine, is longer; such a list is
+ * refused by its length).
+ */
 function readArray<T>(v: unknown): T[] | null {
-  return Array.isArray(v) ? (Array.prototype.slice.call(v) as T[]) : null;
+  if (!Array.isArray(v)) return null;
+  const length: unknown = v.length;
+  const n = isCount(length) ? Math.min(length, MAX_SHARDS + 1) : 0;
+  const out: T[] = [];
+  for (let i = 0; i < n; i++) out.push(v[i] as T);
+  return out;
 }
 
 /**
@@ -230,6 +243,26 @@ function cacheOnce<C>(cache: C): C {
   if (typeof cache !== 'object' || cache === null || Array.isArray(cache)) return cache;
   const c = cache as { format?: unknown; pageSize?: unknown; numPages?: unknown; data?: unknown };
   return { format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: c.data } as C;
+}
+
+/**
+ * The caller's env as every shard's router reads it: its SPARSE_MLA_PREFILL read once, when the
+ * first router asks for it (a forced path's asks nothing), and given to the others as read (each
+ * shard's router read the caller's object again: a getter answering otherwise gave shards other
+ * paths). Anything but an object as it is, for the router to refuse or pass over.
+ */
+function envOnce(env: ShardedLayerArgs['env']): ShardedLayerArgs['env'] {
+  if (typeof env !== 'object' || env === null) return env;
+  let read = false, value: string | undefined;
+  return {
+    get [SPARSE_PREFILL_ENV]() {
+      if (!read) {
+        value = env[SPARSE_PREFILL_ENV];
+        read = true;
+      }
+      return value;
+    },
+  };
 }
 
 /** One attention layer of a sharded chunk: each engine runs its shard, all at once. */
@@ -299,7 +332,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
 
   // named, not spread: a field the args object inherits counts as it does for prefillLayer
   const { smScale, path, threshold, env } = args;
-  const rest = { smScale, path, threshold, env };
+  const rest = { smScale, path, threshold, env: envOnce(env) };
   // the rest's getters ran after q, the top-k and the sink were checked: are they still that memory?
   checkViewsIntact({ q: q?.data, topk: topk?.data, sink: sink?.data });
   // every shard's call checked before any shard runs: a bad one (its engine, caches, q, top-k) is

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
-import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile } from '../dist/io/index.js';
+import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../dist/io/index.js';
 import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
@@ -1329,4 +1329,80 @@ describe('shapes that claim more dims than any tensor has (session 52, lead)', (
       expect((e as SparseMlaError).argument, engine.backend).toBe('q.shape');
     }
   }, 10_000);
+});
+
+describe("the file writers against hostile tensors the fuzzer's session-53 target reaches (session 53, helper-57)", () => {
+  // each encoder's output read back by the library's reader: the tensors as given, by their memory
+  const kinds = { bf16: Uint16Array, float32: Float32Array, int32: Int32Array, uint8: Uint8Array } as const;
+  const randomTensor = (dtype: keyof typeof kinds, n: number): Tensor => {
+    const data = new kinds[dtype](n);
+    const bytes = new Uint8Array(data.buffer);
+    for (let i = 0; i < bytes.length; i++) bytes[i] = rng.u32() & 0xff;
+    return tensor(dtype, [n], data as never);
+  };
+  const bytesOf = (a: ArrayBufferView): number[] => Array.from(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+
+  test('encodeNpy never copies bytes past its data\'s view: data of another kind than descr is INVALID_DTYPE (wrote the buffer\'s next bytes: encoders cases of seed 1064)', async () => {
+    const n = rng.int(2, 9);
+    // a Uint8Array view at the start of a larger buffer whose other bytes are someone else's
+    const buffer = new ArrayBuffer(8 * n);
+    const secret = new Uint8Array(buffer);
+    for (let i = 0; i < secret.length; i++) secret[i] = 0xa0 | (rng.u32() & 0xf);
+    const view = new Uint8Array(buffer, 0, n);
+    for (const descr of ['<f4', '<u2', '<i4', '<i8'] as const) {
+      await expectTyped(() => encodeNpy({ descr, shape: [n], data: view as never }), 'INVALID_DTYPE', 'arr.data');
+    }
+    // its own kind: exactly its n bytes
+    const file = parseNpy(encodeNpy({ descr: '|u1', shape: [n], data: view }));
+    expect(bytesOf(file.data)).toEqual(bytesOf(view));
+  });
+
+  test('encodeNpy / tensorToNpy: an unknown descr or dtype, a missing field, a plain array, a detached one, a shape a tensor cannot have are typed (TypeError, RangeError before)', async () => {
+    const t = randomTensor('float32', 3);
+    for (const descr of ['float32', 'constructor', '__proto__', undefined, 3]) await expectTyped(() => encodeNpy({ descr, shape: [3], data: t.data } as never), 'INVALID_DTYPE', 'arr.descr');
+    await expectTyped(() => encodeNpy({ descr: '<f4', shape: [3], data: Array.from(t.data as Float32Array) } as never), 'INVALID_DTYPE', 'arr.data');
+    await expectTyped(() => encodeNpy(null as never), 'INVALID_VALUE', 'arr');
+    const detached = (t.data as Float32Array).slice();
+    structuredClone(detached.buffer, { transfer: [detached.buffer] });
+    await expectTyped(() => encodeNpy({ descr: '<f4', shape: [3], data: detached }), 'INVALID_VALUE', 'arr.data');
+    for (const shape of [[1.5, 2], [-1, -3], [3n], '3']) await expectTyped(() => encodeNpy({ descr: '<f4', shape, data: t.data } as never), 'INVALID_SHAPE', 'arr.shape');
+    for (const dtype of ['float64', 'constructor', undefined]) await expectTyped(() => tensorToNpy({ ...t, dtype } as never), 'INVALID_DTYPE', 't.dtype');
+    await expectTyped(() => tensorToNpy({ dtype: 'bf16', shape: [3], data: t.data } as never), 'INVALID_DTYPE', 't.data');
+  });
+
+  test('encodeSafetensors: each tensor checked as tensor() checks one, before any byte is written (a dtype its data is not of gave a file whose spans overlap; an unknown dtype, a shape its data does not fill, a BigInt dim, a missing tensor were RangeError / TypeError or a file its reader refuses)', async () => {
+    const good = { a: randomTensor('bf16', rng.int(1, 6)), b: randomTensor('float32', rng.int(1, 6)) };
+    // its data is a Uint16Array: as float32 the header claimed twice its bytes
+    await expectTyped(() => encodeSafetensors({ ...good, c: { dtype: 'float32', shape: [4], data: new Uint16Array(4) } } as never), 'INVALID_DTYPE', 'tensors["c"].data');
+    // as uint8 its 4 Float32 elements took 16 bytes over a 4-byte span, into the next tensor's
+    await expectTyped(() => encodeSafetensors({ c: { dtype: 'uint8', shape: [4], data: new Float32Array(4) }, ...good } as never), 'INVALID_DTYPE', 'tensors["c"].data');
+    await expectTyped(() => encodeSafetensors({ ...good, c: { dtype: 'float64', shape: [1], data: new Float64Array(1) } } as never), 'INVALID_DTYPE', 'tensors["c"].dtype');
+    await expectTyped(() => encodeSafetensors({ ...good, c: { dtype: 'int32', shape: [5], data: new Int32Array(4) } } as never), 'INVALID_SHAPE', 'tensors["c"].data');
+    await expectTyped(() => encodeSafetensors({ ...good, c: { dtype: 'int32', shape: [4n], data: new Int32Array(4) } } as never), 'INVALID_SHAPE', 'tensors["c"].shape');
+    await expectTyped(() => encodeSafetensors({ ...good, c: undefined } as never), 'INVALID_VALUE', 'tensors["c"]');
+    await expectTyped(() => encodeSafetensors({ ...good, __metadata__: good.a } as never), 'INVALID_VALUE', 'tensors["__metadata__"]');
+    await expectTyped(() => encodeSafetensors(null as never), 'INVALID_VALUE', 'tensors');
+    await expectTyped(() => encodeSafetensors(good, { note: 3 } as never), 'INVALID_VALUE', 'metadata["note"]');
+    // and what passes is read back as given: names in order (__proto__ a name like any other: the
+    // header object's prototype setter took it, so its bytes were written under no name), dtypes, shapes, bytes
+    const meta = { format: 'pt', note: String(rng.u32()) };
+    Object.defineProperty(good, '__proto__', { value: randomTensor('int32', rng.int(1, 4)), enumerable: true });
+    const file = parseSafetensors(encodeSafetensors(good, meta));
+    expect([...file.tensors.keys()]).toEqual(['a', 'b', '__proto__']);
+    expect(file.metadata).toEqual(meta);
+    for (const [k, t] of Object.entries(good) as [string, Tensor][]) {
+      const got = file.tensors.get(k)!;
+      expect([got.dtype, got.shape]).toEqual([t.dtype, t.shape]);
+      expect(bytesOf(got.data as ArrayBufferView)).toEqual(bytesOf(t.data as ArrayBufferView));
+    }
+  });
+
+  test('encodeSafetensors: a getter of a later tensor that detaches an earlier one\'s buffer is INVALID_VALUE, not a TypeError mid-write', async () => {
+    const a = randomTensor('int32', 4);
+    const record = { a, get b() {
+      structuredClone((a.data as Int32Array).buffer, { transfer: [(a.data as Int32Array).buffer] });
+      return randomTensor('uint8', 2);
+    } };
+    await expectTyped(() => encodeSafetensors(record), 'INVALID_VALUE', 'tensors["a"].data');
+  });
 });

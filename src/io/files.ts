@@ -16,7 +16,8 @@ import { type FileHandle, lstat, mkdir, open, rename, stat, unlink } from 'node:
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { SparseMlaError } from '../errors.js';
-import { ownView, typedArrayKind } from '../tensor.js';
+import { HOST_ARRAY_TYPES, ownView, tensor, typedArrayKind } from '../tensor.js';
+import type { DTypeArrays, Tensor } from '../types.js';
 
 /** At most `max` characters of `text`, saying how much was cut. */
 export function clip(text: string, max = 120): string {
@@ -190,4 +191,35 @@ export async function writeFileNoFollow(path: string, data: Uint8Array | string,
     await unlink(tmp).catch(() => {});
     throw fsError(name, 'write it', e);
   }
+}
+
+/**
+ * A caller's tensor to write into a file (encodeNpy, tensorToNpy, encodeSafetensors: its fields
+ * read once by the caller of this), checked as tensor() checks one: a dtype of this library, a
+ * shape of safe integers ≥ 0, data of the dtype's array kind as long as the shape says (its kind
+ * and length read through the typed-array intrinsics, not instanceof or a subclass's getters).
+ * Its data comes back as a plain view of that memory: the bytes written are the array's own, never
+ * its buffer's past its view. A refusal names `argument`'s field (`tensors["q"].data`).
+ */
+export function tensorToWrite(fn: string, argument: string, dtype: unknown, shape: unknown, data: unknown): Tensor {
+  if (data === undefined) {
+    // tensor() would make zeros of the shape
+    throw new SparseMlaError('INVALID_DTYPE', `${fn}: ${argument}.data: expected a typed array of the tensor's dtype, got undefined`, `${argument}.data`);
+  }
+  let t: Tensor;
+  try {
+    t = tensor(dtype as Tensor['dtype'], shape as number[], data as DTypeArrays[Tensor['dtype']]);
+  } catch (e) {
+    if (!(e instanceof SparseMlaError)) throw e;
+    const field = e.argument === 'dtype' || e.argument === 'shape' ? e.argument : 'data';
+    throw new SparseMlaError(e.code, `${fn}: ${argument}.${field}: ${e.message.replace(/^tensor: /, '')}`, `${argument}.${field}`);
+  }
+  const view = ownView(t.data, HOST_ARRAY_TYPES[t.dtype] as unknown as abstract new () => DTypeArrays[Tensor['dtype']], `${argument}.data`)!;
+  return { dtype: t.dtype, shape: t.shape, data: view } as Tensor;
+}
+
+/** A checked tensor's bytes (its data is a plain view: tensorToWrite). */
+export function tensorBytes(t: Tensor): Uint8Array {
+  const d = t.data as ArrayBufferView;
+  return new Uint8Array(d.buffer, d.byteOffset, d.byteLength);
 }

@@ -7,9 +7,9 @@
  * size must equal what the header declares before any data is read.
  */
 import { SparseMlaError } from '../errors.js';
-import { numel, tensor } from '../tensor.js';
+import { allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, fileBytes, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, tensorToWrite, writeFileNoFollow } from './files.js';
 
 /** NumPy's own cap on a header (numpy.lib.format, max_header_size): a longer one is refused unread. */
 export const NPY_MAX_HEADER_BYTES = 10000;
@@ -185,29 +185,43 @@ function headerText(descr: NpyDescr, shape: readonly number[]): string {
   return `{'descr': '${descr}', 'fortran_order': False, 'shape': (${dims}), }`;
 }
 
-/** Encode a version 1.0 .npy file; the header is padded so the data starts at a multiple of 64. */
+/** The tensor dtype each descr holds (NPY_DESCR_OF's inverse). */
+const DTYPE_OF_DESCR: Record<NpyDescr, DType> = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
+
+/**
+ * Encode a version 1.0 .npy file; the header is padded so the data starts at a multiple of 64.
+ * `arr` is checked first (its fields read once): descr one of this library's, and shape and data as
+ * tensor() checks a tensor of descr's dtype; the bytes written are the data's own (files.ts tensorToWrite).
+ */
 export function encodeNpy(arr: NpyArray): Uint8Array {
-  const { bytes: item } = DESCRS[arr.descr];
-  if (arr.data.length !== numel(arr.shape)) {
-    throw new SparseMlaError('INVALID_SHAPE', `encodeNpy: shape (${arr.shape.join(', ')}) needs ${numel(arr.shape)} elements, data has ${arr.data.length}`, 'data');
+  if (typeof arr !== 'object' || arr === null) throw new SparseMlaError('INVALID_VALUE', `encodeNpy: arr must be an npy array {descr, shape, data}, got ${describe(arr)}`, 'arr');
+  const { descr, shape, data } = arr as { descr: unknown; shape: unknown; data: unknown };
+  if (typeof descr !== 'string' || !Object.hasOwn(DTYPE_OF_DESCR, descr)) {
+    throw new SparseMlaError('INVALID_DTYPE', `encodeNpy: arr.descr must be one of ${Object.keys(DTYPE_OF_DESCR).join(', ')}, got ${describe(descr)}`, 'arr.descr');
   }
-  let header = headerText(arr.descr, arr.shape);
+  const t = tensorToWrite('encodeNpy', 'arr', DTYPE_OF_DESCR[descr as NpyDescr], shape, data);
+  const bytes = tensorBytes(t);
+  let header = headerText(descr as NpyDescr, t.shape);
   const unpadded = 10 + header.length + 1;
   header += ' '.repeat((64 - (unpadded % 64)) % 64) + '\n';
-  if (header.length > 0xffff) throw new SparseMlaError('TOO_LARGE', 'encodeNpy: header longer than 65535 bytes', 'shape');
-  const out = new Uint8Array(10 + header.length + arr.data.length * item);
+  if (header.length > 0xffff) throw new SparseMlaError('TOO_LARGE', 'encodeNpy: header longer than 65535 bytes', 'arr.shape');
+  const out = allocHostArray(Uint8Array, 10 + header.length + bytes.length, 'arr.data');
   out.set(MAGIC, 0);
   out[6] = 1;
   out[7] = 0;
   new DataView(out.buffer).setUint16(8, header.length, true);
   for (let i = 0; i < header.length; i++) out[10 + i] = header.charCodeAt(i);
-  out.set(new Uint8Array(arr.data.buffer, arr.data.byteOffset, arr.data.length * item), 10 + header.length);
+  out.set(bytes, 10 + header.length);
   return out;
 }
 
-/** A tensor as an npy array (bf16 as `<u2` bits). The data is shared, not copied. */
+/** A tensor as an npy array (bf16 as `<u2` bits), checked as encodeNpy checks one. The data is shared (a plain view of its memory), not copied. */
 export function tensorToNpy(t: Tensor): NpyArray {
-  return { descr: NPY_DESCR_OF[t.dtype], shape: [...t.shape], data: t.data };
+  if (typeof t !== 'object' || t === null) throw new SparseMlaError('INVALID_VALUE', `tensorToNpy: t must be a tensor {dtype, shape, data}, got ${describe(t)}`, 't');
+  const { dtype, shape, data } = t as { dtype: unknown; shape: unknown; data: unknown };
+  const checked = tensorToWrite('tensorToNpy', 't', dtype, shape, data);
+  checkViewsIntact({ data: checked.data });
+  return { descr: NPY_DESCR_OF[checked.dtype], shape: checked.shape, data: checked.data } as NpyArray;
 }
 
 /** An npy array as a tensor; `<u2` is read as bf16 bits. */

@@ -9,9 +9,9 @@
  * file (files.ts) and reads the header, then each tensor, never the whole file at once.
  */
 import { SparseMlaError } from '../errors.js';
-import { numel, tensor } from '../tensor.js';
+import { allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, fileBytes, openRegularFile, readExactly, writeFileNoFollow } from './files.js';
+import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, tensorToWrite, writeFileNoFollow } from './files.js';
 
 /** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
@@ -137,27 +137,63 @@ export function parseSafetensors(given: Uint8Array, name = 'tensors.safetensors'
   return { tensors, metadata: h.metadata };
 }
 
-/** Encode tensors (in the given order, their data back to back) and optional string metadata. */
+/**
+ * Encode tensors (in the given order, their data back to back) and optional string metadata.
+ * Everything is checked before a byte is written, each field read once: each tensor as tensor()
+ * checks one (files.ts tensorToWrite: the bytes written are its data's own), no tensor named
+ * `__metadata__` (the header's own key), metadata strings only; then every tensor's memory is
+ * still there (a getter of a later tensor may have detached an earlier one's).
+ */
 export function encodeSafetensors(tensors: Record<string, Tensor>, metadata?: Record<string, string>): Uint8Array {
-  const header: Record<string, unknown> = {};
-  if (metadata) header.__metadata__ = metadata;
-  let offset = 0;
-  const parts: [number, Tensor][] = [];
-  // back to back: the format allows no gaps between tensors' data
-  for (const [key, t] of Object.entries(tensors)) {
-    const n = t.data.length * ITEM_BYTES[t.dtype];
-    header[key] = { dtype: FROM_DTYPE[t.dtype], shape: [...t.shape], data_offsets: [offset, offset + n] };
-    parts.push([offset, t]);
-    offset += n;
+  if (typeof tensors !== 'object' || tensors === null || Array.isArray(tensors)) {
+    throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: tensors must be an object of tensors by name, got ${describe(tensors)}`, 'tensors');
   }
-  let jsonBytes = new TextEncoder().encode(JSON.stringify(header));
+  const checked: [string, Tensor][] = [];
+  for (const [key, value] of Object.entries(tensors)) {
+    const argument = `tensors[${clip(JSON.stringify(key), 80)}]`;
+    if (key === '__metadata__') throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: ${argument}: __metadata__ is the header's metadata, not a tensor name`, argument);
+    if (typeof value !== 'object' || value === null) throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: ${argument} must be a tensor {dtype, shape, data}, got ${describe(value)}`, argument);
+    const { dtype, shape, data } = value as { dtype: unknown; shape: unknown; data: unknown };
+    checked.push([key, tensorToWrite('encodeSafetensors', argument, dtype, shape, data)]);
+  }
+  const meta = metadataOnce(metadata);
+  checkViewsIntact(checked.map(([, t]) => t.data));
+  // no prototype: a tensor named __proto__ is a key of the header like any other
+  const header: Record<string, unknown> = Object.create(null);
+  if (meta) header.__metadata__ = meta;
+  let offset = 0;
+  const parts: [number, Uint8Array][] = [];
+  // back to back: the format allows no gaps between tensors' data
+  for (const [key, t] of checked) {
+    const bytes = tensorBytes(t);
+    header[key] = { dtype: FROM_DTYPE[t.dtype], shape: t.shape, data_offsets: [offset, offset + bytes.length] };
+    parts.push([offset, bytes]);
+    offset += bytes.length;
+  }
+  const json = JSON.stringify(header);
+  const unpadded = new TextEncoder().encode(json).length;
   // pad with spaces so the data starts 8-byte aligned
-  jsonBytes = new TextEncoder().encode(JSON.stringify(header) + ' '.repeat((8 - (jsonBytes.length % 8)) % 8));
-  const out = new Uint8Array(8 + jsonBytes.length + offset);
+  const jsonBytes = new TextEncoder().encode(json + ' '.repeat((8 - (unpadded % 8)) % 8));
+  const out = allocHostArray(Uint8Array, 8 + jsonBytes.length + offset, 'tensors');
   new DataView(out.buffer).setBigUint64(0, BigInt(jsonBytes.length), true);
   out.set(jsonBytes, 8);
   const base = 8 + jsonBytes.length;
-  for (const [off, t] of parts) out.set(new Uint8Array(t.data.buffer, t.data.byteOffset, t.data.byteLength), base + off);
+  for (const [off, bytes] of parts) out.set(bytes, base + off);
+  return out;
+}
+
+/** The metadata's entries read once into an object of the library's own (strings only); undefined or null: none. */
+function metadataOnce(metadata: unknown): Record<string, string> | undefined {
+  if (metadata === undefined || metadata === null) return undefined;
+  if (typeof metadata !== 'object' || Array.isArray(metadata)) {
+    throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: metadata must be an object of strings by name, got ${describe(metadata)}`, 'metadata');
+  }
+  const out: Record<string, string> = Object.create(null);
+  for (const [key, value] of Object.entries(metadata)) {
+    const argument = `metadata[${clip(JSON.stringify(key), 80)}]`;
+    if (typeof value !== 'string') throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: ${argument} must be a string (the format's metadata holds strings only), got ${describe(value)}`, argument);
+    out[key] = value;
+  }
   return out;
 }
 

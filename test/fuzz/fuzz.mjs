@@ -159,7 +159,8 @@ export async function runCase(env, seed, index, only) {
   if (seed >= SIDE3_FROM_SEED) {
     hooks.side3 = caseRng((seed ^ 0x1b873593) >>> 0, index);
     // a session-53 target in place of the case's own (drawn first from its stream)
-    const side3 = SIDE3_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice));
+    // (a target added after some of these seeds were run draws only from its fromSeed: those replay as run)
+    const side3 = SIDE3_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && seed >= (t.fromSeed ?? SIDE3_FROM_SEED));
     const u = hooks.side3.uniform();
     if (side3.length > 0 && (u < SIDE3_TARGET_ODDS || !target)) target = pickWeighted(side3, hooks.side3.uniform());
   }

@@ -207,6 +207,7 @@ export class CaseHooks {
     this.side2 = null; // the session-52 generators' stream (runCase sets it from SIDE2_FROM_SEED)
     this.side2Late = false; // the session-52 generators added after seeds 43-46 were run (from SIDE2_LATE_FROM_SEED)
     this.side3 = null; // the session-53 generators' stream (runCase sets it from SIDE3_FROM_SEED)
+    this.records = new WeakSet(); // dictionaries (a record of tensors by name): their keys are data, so a hidden, inherited or added key is no neutral change
     this.foreign = []; // records of getters of keys no entry point takes (foreignKey): a call that reads one reads the caller's whole object
     this.seed = 0; // the case's seed (runCase): generators added later draw only on seeds from theirs (orSide2From)
     this.thrown = []; // non-Error values the case's getters throw (the caller's own, like a SentinelError)
@@ -933,14 +934,22 @@ function mutateObject(o, rng, hooks, where) {
       return { value: c, desc: `reading ${k} ${what}`, dynamic: true };
     },
   ];
-  const made = rng.pick(choices)();
+  const picked = rng.pick(choices)();
+  // a dictionary's keys are its data: an inherited field or an own __proto__ key is another record
+  const made = picked.neutral && hooks?.records?.has(o) && /inheriting|__proto__ and constructor/.test(picked.desc) ? { ...picked, neutral: false } : picked;
   const thenable = orSide2Later(0.06, made, () => {
     // a thenable: a library that awaits or resolves a promise with the caller's object waits for ever
     const c = { ...o };
     Object.defineProperty(c, 'then', { enumerable: false, value: () => undefined });
     return { value: c, desc: 'a copy with a then() that never settles', neutral: true };
   });
-  return orSide3(0.08, thenable, (r) => r.pick(oddObjects(o, hooks, where))(r));
+  const odd = orSide3(0.08, thenable, (r) => r.pick(oddObjects(o, hooks, where))(r));
+  if (odd !== thenable && hooks?.records?.has(o) && /no entry point|hides every key/.test(odd.desc)) {
+    // a record's foreign key is a tensor of its own (read, refused), its hidden keys no tensors
+    hooks.foreign = hooks.foreign.filter((rec) => rec.at !== where);
+    return { ...odd, neutral: false };
+  }
+  return odd;
 }
 
 function flipValue(v, rng) {

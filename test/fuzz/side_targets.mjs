@@ -18,7 +18,8 @@
 import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits } from '../../dist/check/grid.js';
-import { D, judgeAttention, judgeLayer, layerScenario, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
+import { D, judgeAttention, judgeLayer, layerScenario, randomHostTensor, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
+import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, tensorToNpy } from '../../dist/io/index.js';
 
 const settle = (p) => Promise.resolve().then(() => p).then((value) => ({ value }), (error) => ({ error }));
 const isCode = (e, code) => e instanceof SparseMlaError && e.code === code;
@@ -330,5 +331,112 @@ const planRows = {
   },
 };
 
+const TYPED_PROTO = Object.getPrototypeOf(Uint8Array.prototype);
+const [TYPED_KIND, TYPED_BUFFER, TYPED_OFFSET, TYPED_BYTES] = [Symbol.toStringTag, 'buffer', 'byteOffset', 'byteLength'].map((k) => Object.getOwnPropertyDescriptor(TYPED_PROTO, k).get);
+const ARRAY_OF = { bf16: 'Uint16Array', float32: 'Float32Array', int32: 'Int32Array', int64: 'BigInt64Array', uint8: 'Uint8Array' };
+const DTYPE_OF_DESCR = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
+
+/** A typed array's bytes by its memory (intrinsics), or null (not a typed array, or detached). */
+function memoryBytes(a) {
+  if (TYPED_KIND.call(a) === undefined) return null;
+  try {
+    return new Uint8Array(TYPED_BUFFER.call(a), TYPED_OFFSET.call(a), TYPED_BYTES.call(a));
+  } catch {
+    return null;
+  }
+}
+
+const sameBytes = (a, b) => a.length === b.length && a.every((x, i) => x === b[i]);
+
+/**
+ * encoders (session 53, from seed 70): the writers of sparse-mla/io, encodeSafetensors
+ * (a record of tensors, optional string metadata), encodeNpy (an npy array) and tensorToNpy, given
+ * the fuzzer's mutations. The bytes a call returns must be a file the library's own reader takes
+ * back, each tensor as it was given: the dtype's array kind, its shape, its bytes by its memory
+ * (never a byte outside the array's view); the unmutated (or neutrally mutated) call's tensors,
+ * exactly. A record of tensors (and the metadata) is a dictionary: the mutator does not take a
+ * Proxy hiding its keys or an inherited field as neutral there (CaseHooks.records).
+ */
+const encoders = {
+  name: 'encoders',
+  fromSeed: 70, // added after seeds 64-69 were run
+  build(rng, env, hooks) {
+    const op = rng.pick(['encodeSafetensors', 'encodeSafetensors', 'encodeNpy', 'tensorToNpy']);
+    if (op === 'encodeSafetensors') {
+      const record = {};
+      const n = rng.int(1, 4);
+      for (let i = 0; i < n; i++) record[rng.pick(['q', 'kv', 'indices', 'out', 'lse', 'x.y', 'ключ'])] = randomHostTensor(rng, hooks);
+      hooks.records.add(record);
+      const args = [record];
+      if (rng.uniform() < 0.5) {
+        const metadata = { format: 'pt', note: rng.pick(['x', '', 'dims 512']) };
+        hooks.records.add(metadata);
+        args.push(metadata);
+      }
+      return {
+        args,
+        call: (x) => encodeSafetensors(...x),
+        judge: (bytes, { refArgs, neutral }) => {
+          const file = parseSafetensors(bytes, 'the encoded file'); // refused: the judge reports a file its reader refuses
+          const given = refArgs[0];
+          if (neutral) {
+            const keys = Object.keys(given);
+            const got = [...file.tensors.keys()];
+            if (JSON.stringify(got) !== JSON.stringify(keys)) return `tensors ${JSON.stringify(got)}, given ${JSON.stringify(keys)}`;
+            if (refArgs[1] !== undefined && JSON.stringify(file.metadata) !== JSON.stringify(refArgs[1])) return `metadata ${JSON.stringify(file.metadata)}, given ${JSON.stringify(refArgs[1])}`;
+          }
+          return judgeTensors(file.tensors, (k) => (neutral || Object.prototype.hasOwnProperty.call(given, k) ? given[k] : undefined));
+        },
+      };
+    }
+    const t = randomHostTensor(rng, hooks);
+    if (op === 'tensorToNpy') {
+      return {
+        args: [t],
+        call: (x) => encodeNpy(tensorToNpy(...x)),
+        judge: (bytes, { refArgs }) => judgeTensors(new Map([['t', npyAsTensor(parseNpy(bytes, 'the encoded file'))]]), () => refArgs[0]),
+      };
+    }
+    return {
+      args: [{ descr: tensorToNpy(t).descr, shape: [...t.shape], data: t.data }],
+      call: (x) => encodeNpy(...x),
+      judge: (bytes, { refArgs }) => {
+        const a = refArgs[0];
+        return judgeTensors(new Map([['arr', npyAsTensor(parseNpy(bytes, 'the encoded file'))]]), () => ({ dtype: DTYPE_OF_DESCR[a.descr], shape: a.shape, data: a.data }));
+      },
+    };
+  },
+};
+
+function npyAsTensor(arr) {
+  return { dtype: DTYPE_OF_DESCR[arr.descr], shape: arr.shape, data: arr.data };
+}
+
+/** Each decoded tensor against the one given under its name (`givenOf(name)`; undefined: not judged). */
+function judgeTensors(decoded, givenOf) {
+  for (const [k, t] of decoded) {
+    let g, dtype, shape, data;
+    try {
+      g = givenOf(k);
+      if (typeof g !== 'object' || g === null) continue;
+      ({ dtype, shape, data } = g);
+      shape = Array.from({ length: shape.length }, (_, i) => shape[i]);
+    } catch {
+      continue; // a thrower of the caller's (the call read it otherwise, or not at all)
+    }
+    const mem = memoryBytes(data);
+    if (mem === null) return `${k}: written, but its data is ${data === null ? 'null' : typeof data === 'object' ? 'not an attached typed array' : typeof data}`;
+    if (TYPED_KIND.call(data) !== ARRAY_OF[dtype]) return `${k}: written as ${t.dtype}, but its data is a ${TYPED_KIND.call(data)} (dtype ${typeof dtype === 'string' ? dtype : typeof dtype})`;
+    if (t.dtype !== dtype) return `${k}: written as ${t.dtype}, given ${dtype}`;
+    if (JSON.stringify(t.shape) !== JSON.stringify(shape)) return `${k}: shape ${JSON.stringify(t.shape)}, given ${JSON.stringify(shape)}`;
+    const got = memoryBytes(t.data);
+    if (!sameBytes(got, mem)) return `${k}: ${got.length} data bytes written, its memory holds ${mem.length}${got.length === mem.length ? ' (other bytes)' : ''}`;
+  }
+  return null;
+}
+
 /** The session-53 targets with their weights (fuzz.mjs draws one from the session-53 stream). */
-export const SIDE3_TARGETS = [[planRows, 1]];
+export const SIDE3_TARGETS = [
+  [planRows, 1],
+  [encoders, 1],
+];

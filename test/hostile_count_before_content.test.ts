@@ -13,11 +13,14 @@ import type { Engine, KvCache } from '../dist/index.js';
 import { SparseMlaEngine } from '../dist/engine.js';
 import { prepareDequantizeKCache } from '../dist/ops/kv_cache.js';
 import { HEAP_RESERVE_BYTES } from '../dist/backends/wasm/wasm_backend.js';
+import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
+import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { decodeBf16, dequantizeKCacheReference, encodeBf16, quantizeKCacheReference } from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { errorOf } from './helpers/errors.js';
 import { testRng } from './helpers/random.js';
 import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
+import { standInTable, type OpCall } from './helpers/computing_device.js';
 
 const rng = testRng('hostile_count_before_content');
 
@@ -201,6 +204,28 @@ describe('wasm: a worker\'s heap against a dequant\'s ids, from their count', ()
     expect(reads).toEqual({ length: 1, elements: 0 });
     const real = await refusal(() => engine.dequantizeKCachePaged({ cache, tokenIds: [0, 1, 2] }));
     expect([real.code, real.argument, real.message]).toEqual([e.code, e.argument, e.message]);
+  });
+});
+
+describe.skipIf(!nativeAddonBuilt())('cuda (a stand-in device that computes: no GPU): the ids\' host copies against the budget, from their count', () => {
+  test.each(['host', 'device'] as const)('a device cache, %s output, a list claiming 2^22 ids: TOO_LARGE naming tokenIds, the op\'s own refusal of as many real ids, no id read', async (output) => {
+    const load = loadNativeAddon();
+    if (!load.ok) throw new Error(load.reason);
+    const calls: OpCall[] = [];
+    const engine = new SparseMlaEngine(new CudaBackend(load.addon, standInTable(load.addon, calls, { downloadsWaitForPrefill: false }), 2, 2 ** 20));
+    try {
+      const cache = await engine.uploadKvCache(createKvCache('v4', { pageSize: 64, numPages: 2 }));
+      const { list, reads } = claimingList(CLAIM, 0);
+      const e = await refusal(() => prepareDequantizeKCache({ cache, tokenIds: list }, memoryOf(engine), output));
+      expect([e.code, e.argument]).toEqual(['TOO_LARGE', 'tokenIds']);
+      expect(reads).toEqual({ length: 1, elements: 0 });
+      const real = await refusal(() => engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [CLAIM]) }, { output }));
+      expect([real.code, real.argument, real.message]).toEqual([e.code, e.argument, e.message]);
+      // at least the widened int64 ids (8 bytes each) it would hold on the host
+      expect(Number(/needs (\d+) bytes/.exec(e.message)?.[1])).toBeGreaterThanOrEqual(CLAIM * 8);
+    } finally {
+      await engine.dispose();
+    }
   });
 });
 

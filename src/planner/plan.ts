@@ -1028,7 +1028,8 @@ export class Plan {
         const tooShort = (count: number): void => {
           if (count < need) fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${count}`);
         };
-        const table = raw === undefined ? (tooShort(0), new Float64Array(0)) : readIds(raw, `chunk.requests[${r}].${key}`, tooShort);
+        if (raw === undefined) tooShort(0);
+        const table = raw === undefined ? new Float64Array(0) : readIds(raw, `chunk.requests[${r}].${key}`, tooShort);
         const used = table.subarray(0, need);
         for (let p = 0; p < need; p++) {
           const page = used[p]!;

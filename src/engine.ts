@@ -111,7 +111,8 @@ export class SparseMlaEngine implements Engine {
   async dequantizeKCachePaged<P extends Placement = 'host'>(args: OnDevice<DequantizeKCacheArgs>, options?: OutputOptions<P>): Promise<PlacedTensor<'bf16', P>> {
     this.alive();
     const output = checkOutput(options);
-    const job = prepareDequantizeKCache(args);
+    // with the engine's memory: a call over it is refused from the ids' count, before any id is read
+    const job = prepareDequantizeKCache(args, { ...this.hostMemory(), hasDevice: this.hasDevice }, output);
     checkViewsIntact(job);
     const dev = this.route(job, output, 'dequantizeKCachePaged');
     const out = dev ? await dev.dequantizeKCache(job, output) : await this.impl.dequantizeKCache(job as typeof job & { cache: { data: Uint8Array } });

@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
-import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../dist/io/index.js';
+import { encodeNpy, encodeSafetensors, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../dist/io/index.js';
 import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
@@ -1368,6 +1368,11 @@ describe("the file writers against hostile tensors the fuzzer's session-53 targe
     for (const shape of [[1.5, 2], [-1, -3], [3n], '3']) await expectTyped(() => encodeNpy({ descr: '<f4', shape, data: t.data } as never), 'INVALID_SHAPE', 'arr.shape');
     for (const dtype of ['float64', 'constructor', undefined]) await expectTyped(() => tensorToNpy({ ...t, dtype } as never), 'INVALID_DTYPE', 't.dtype');
     await expectTyped(() => tensorToNpy({ dtype: 'bf16', shape: [3], data: t.data } as never), 'INVALID_DTYPE', 't.data');
+    // npyToTensor, the reader's side: the same checks (a null arr was a TypeError, descr 'constructor' named 'dtype')
+    await expectTyped(() => npyToTensor(null as never), 'INVALID_VALUE', 'arr');
+    await expectTyped(() => npyToTensor({ descr: 'constructor', shape: [3], data: t.data } as never), 'INVALID_DTYPE', 'arr.descr');
+    await expectTyped(() => npyToTensor({ descr: '<u2', shape: [3], data: t.data } as never), 'INVALID_DTYPE', 'arr.data');
+    expect(Array.from(npyToTensor({ descr: '<f4', shape: [3], data: t.data as Float32Array }).data as Float32Array)).toEqual(Array.from(t.data as Float32Array));
   });
 
   test('encodeSafetensors: each tensor checked as tensor() checks one, before any byte is written (a dtype its data is not of gave a file whose spans overlap; an unknown dtype, a shape its data does not fill, a BigInt dim, a missing tensor were RangeError / TypeError or a file its reader refuses)', async () => {

@@ -194,14 +194,14 @@ export async function writeFileNoFollow(path: string, data: Uint8Array | string,
 }
 
 /**
- * A caller's tensor to write into a file (encodeNpy, tensorToNpy, encodeSafetensors: its fields
- * read once by the caller of this), checked as tensor() checks one: a dtype of this library, a
+ * A caller's tensor to write into a file or convert (encodeNpy, tensorToNpy, npyToTensor,
+ * encodeSafetensors: its fields read once by the caller of this), checked as tensor() checks one: a dtype of this library, a
  * shape of safe integers ≥ 0, data of the dtype's array kind as long as the shape says (its kind
  * and length read through the typed-array intrinsics, not instanceof or a subclass's getters).
  * Its data comes back as a plain view of that memory: the bytes written are the array's own, never
  * its buffer's past its view. A refusal names `argument`'s field (`tensors["q"].data`).
  */
-export function tensorToWrite(fn: string, argument: string, dtype: unknown, shape: unknown, data: unknown): Tensor {
+export function checkedTensor(fn: string, argument: string, dtype: unknown, shape: unknown, data: unknown): Tensor {
   if (data === undefined) {
     // tensor() would make zeros of the shape
     throw new SparseMlaError('INVALID_DTYPE', `${fn}: ${argument}.data: expected a typed array of the tensor's dtype, got undefined`, `${argument}.data`);
@@ -218,7 +218,7 @@ export function tensorToWrite(fn: string, argument: string, dtype: unknown, shap
   return { dtype: t.dtype, shape: t.shape, data: view } as Tensor;
 }
 
-/** A checked tensor's bytes (its data is a plain view: tensorToWrite). */
+/** A checked tensor's bytes (its data is a plain view: checkedTensor). */
 export function tensorBytes(t: Tensor): Uint8Array {
   const d = t.data as ArrayBufferView;
   return new Uint8Array(d.buffer, d.byteOffset, d.byteLength);

@@ -7,9 +7,9 @@
  * size must equal what the header declares before any data is read.
  */
 import { SparseMlaError } from '../errors.js';
-import { allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
-import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, tensorToWrite, writeFileNoFollow } from './files.js';
+import { allocHostArray, describe, numel } from '../tensor.js';
+import type { DType, Tensor } from '../types.js';
+import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
 /** NumPy's own cap on a header (numpy.lib.format, max_header_size): a longer one is refused unread. */
 export const NPY_MAX_HEADER_BYTES = 10000;
@@ -188,20 +188,25 @@ function headerText(descr: NpyDescr, shape: readonly number[]): string {
 /** The tensor dtype each descr holds (NPY_DESCR_OF's inverse). */
 const DTYPE_OF_DESCR: Record<NpyDescr, DType> = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
 
+/** A caller's npy array (its fields read once): descr one of this library's, shape and data as tensor() checks a tensor of descr's dtype. */
+function npyArrayOnce(fn: string, arr: unknown): Tensor {
+  if (typeof arr !== 'object' || arr === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: arr must be an npy array {descr, shape, data}, got ${describe(arr)}`, 'arr');
+  const { descr, shape, data } = arr as { descr: unknown; shape: unknown; data: unknown };
+  if (typeof descr !== 'string' || !Object.hasOwn(DTYPE_OF_DESCR, descr)) {
+    throw new SparseMlaError('INVALID_DTYPE', `${fn}: arr.descr must be one of ${Object.keys(DTYPE_OF_DESCR).join(', ')}, got ${describe(descr)}`, 'arr.descr');
+  }
+  return checkedTensor(fn, 'arr', DTYPE_OF_DESCR[descr as NpyDescr], shape, data);
+}
+
 /**
  * Encode a version 1.0 .npy file; the header is padded so the data starts at a multiple of 64.
  * `arr` is checked first (its fields read once): descr one of this library's, and shape and data as
- * tensor() checks a tensor of descr's dtype; the bytes written are the data's own (files.ts tensorToWrite).
+ * tensor() checks a tensor of descr's dtype; the bytes written are the data's own (files.ts checkedTensor).
  */
 export function encodeNpy(arr: NpyArray): Uint8Array {
-  if (typeof arr !== 'object' || arr === null) throw new SparseMlaError('INVALID_VALUE', `encodeNpy: arr must be an npy array {descr, shape, data}, got ${describe(arr)}`, 'arr');
-  const { descr, shape, data } = arr as { descr: unknown; shape: unknown; data: unknown };
-  if (typeof descr !== 'string' || !Object.hasOwn(DTYPE_OF_DESCR, descr)) {
-    throw new SparseMlaError('INVALID_DTYPE', `encodeNpy: arr.descr must be one of ${Object.keys(DTYPE_OF_DESCR).join(', ')}, got ${describe(descr)}`, 'arr.descr');
-  }
-  const t = tensorToWrite('encodeNpy', 'arr', DTYPE_OF_DESCR[descr as NpyDescr], shape, data);
+  const t = npyArrayOnce('encodeNpy', arr);
   const bytes = tensorBytes(t);
-  let header = headerText(descr as NpyDescr, t.shape);
+  let header = headerText(NPY_DESCR_OF[t.dtype], t.shape);
   const unpadded = 10 + header.length + 1;
   header += ' '.repeat((64 - (unpadded % 64)) % 64) + '\n';
   if (header.length > 0xffff) throw new SparseMlaError('TOO_LARGE', 'encodeNpy: header longer than 65535 bytes', 'arr.shape');
@@ -219,15 +224,13 @@ export function encodeNpy(arr: NpyArray): Uint8Array {
 export function tensorToNpy(t: Tensor): NpyArray {
   if (typeof t !== 'object' || t === null) throw new SparseMlaError('INVALID_VALUE', `tensorToNpy: t must be a tensor {dtype, shape, data}, got ${describe(t)}`, 't');
   const { dtype, shape, data } = t as { dtype: unknown; shape: unknown; data: unknown };
-  const checked = tensorToWrite('tensorToNpy', 't', dtype, shape, data);
-  checkViewsIntact({ data: checked.data });
+  const checked = checkedTensor('tensorToNpy', 't', dtype, shape, data);
   return { descr: NPY_DESCR_OF[checked.dtype], shape: checked.shape, data: checked.data } as NpyArray;
 }
 
-/** An npy array as a tensor; `<u2` is read as bf16 bits. */
+/** An npy array as a tensor, checked as encodeNpy checks one; `<u2` is read as bf16 bits. The data is shared (a plain view of its memory). */
 export function npyToTensor(arr: NpyArray): Tensor {
-  const dtype: DType = ({ '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' } as const)[arr.descr];
-  return tensor(dtype, arr.shape, arr.data as DTypeArrays[typeof dtype]);
+  return npyArrayOnce('npyToTensor', arr);
 }
 
 /**

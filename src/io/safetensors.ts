@@ -11,7 +11,7 @@
 import { SparseMlaError } from '../errors.js';
 import { allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, tensorToWrite, writeFileNoFollow } from './files.js';
+import { clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
 /** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
@@ -140,7 +140,7 @@ export function parseSafetensors(given: Uint8Array, name = 'tensors.safetensors'
 /**
  * Encode tensors (in the given order, their data back to back) and optional string metadata.
  * Everything is checked before a byte is written, each field read once: each tensor as tensor()
- * checks one (files.ts tensorToWrite: the bytes written are its data's own), no tensor named
+ * checks one (files.ts checkedTensor: the bytes written are its data's own), no tensor named
  * `__metadata__` (the header's own key), metadata strings only; then every tensor's memory is
  * still there (a getter of a later tensor may have detached an earlier one's).
  */
@@ -154,7 +154,7 @@ export function encodeSafetensors(tensors: Record<string, Tensor>, metadata?: Re
     if (key === '__metadata__') throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: ${argument}: __metadata__ is the header's metadata, not a tensor name`, argument);
     if (typeof value !== 'object' || value === null) throw new SparseMlaError('INVALID_VALUE', `encodeSafetensors: ${argument} must be a tensor {dtype, shape, data}, got ${describe(value)}`, argument);
     const { dtype, shape, data } = value as { dtype: unknown; shape: unknown; data: unknown };
-    checked.push([key, tensorToWrite('encodeSafetensors', argument, dtype, shape, data)]);
+    checked.push([key, checkedTensor('encodeSafetensors', argument, dtype, shape, data)]);
   }
   const meta = metadataOnce(metadata);
   checkViewsIntact(checked.map(([, t]) => t.data));

@@ -45,31 +45,32 @@ function isIdList(v: unknown): v is IdList {
   return typeof v === 'object' && v !== null && 'dtype' in v && 'data' in v && 'shape' in v;
 }
 
-/**
- * The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). `checkCount`, given, runs on
- * their count before any id is read (a list claiming millions of ids where a few are wanted is
- * refused by its count, not after a read of every id).
- */
-export function readIds(list: unknown, argument: string, checkCount?: (count: number) => void): Float64Array {
+/** An IdList's elements and their count, read once; no id read yet. */
+interface IdSource {
+  readonly src: ArrayLike<number | bigint>;
+  readonly n: number;
+}
+
+/** An IdList checked for its kind and its count read (a Proxy's length once), before any id is read. */
+function idSource(list: unknown, argument: string): IdSource {
   if (!isIdList(list)) fail('INVALID_VALUE', argument, 'an array, typed array or int32/int64 tensor of ids', describe(list));
-  let src: ArrayLike<number | bigint>;
-  let n: number;
   if (Array.isArray(list)) {
     // its length read once (a Proxy's may answer otherwise on each read, or not a count), each element once below
-    n = listCount(list, argument, 'ids');
-    src = list as unknown as ArrayLike<number | bigint>;
-  } else if (ArrayBuffer.isView(list)) {
+    return { n: listCount(list, argument, 'ids'), src: list as unknown as ArrayLike<number | bigint> };
+  }
+  if (ArrayBuffer.isView(list)) {
     // its memory as the intrinsics see it (a subclass's own length is no evidence of it)
     const kind = typedArrayKind(list) as 'Int32Array';
-    src = ownView(list, globalThis[kind], argument) as unknown as ArrayLike<number | bigint>;
-    n = src.length;
-  } else {
-    const t = checkTensor(list, argument, ['int32', 'int64']);
-    if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
-    src = t.data;
-    n = src.length;
+    const src = ownView(list, globalThis[kind], argument) as unknown as ArrayLike<number | bigint>;
+    return { src, n: src.length };
   }
-  checkCount?.(n);
+  const t = checkTensor(list, argument, ['int32', 'int64']);
+  if (t.shape.length !== 1) fail('INVALID_SHAPE', argument, 'a tensor of shape [n]', `shape [${t.shape.join(', ')}]`);
+  return { src: t.data, n: t.data.length };
+}
+
+/** A source's ids as numbers, each read once and checked: a safe integer ≥ 0. */
+function readIdValues({ src, n }: IdSource, argument: string): Float64Array {
   const out = allocHostArray(Float64Array, n, argument);
   for (let i = 0; i < n; i++) {
     const v = src[i];
@@ -81,6 +82,36 @@ export function readIds(list: unknown, argument: string, checkCount?: (count: nu
   }
   return out;
 }
+
+/**
+ * The ids of an IdList as numbers, each a safe integer ≥ 0 (checked). `checkCount`, given, runs on
+ * their count before any id is read (a list claiming millions of ids where a few are wanted is
+ * refused by its count, not after a read of every id).
+ */
+export function readIds(list: unknown, argument: string, checkCount?: (count: number) => void): Float64Array {
+  const source = idSource(list, argument);
+  checkCount?.(source.n);
+  return readIdValues(source, argument);
+}
+
+/**
+ * The most requests a chunk may have, refused from the count before any request is read. The planner
+ * holds a few small objects per request in the V8 heap while it plans (the request's fields copied,
+ * its layout, its id lists read): a Proxy claiming 2^31 − 1 requests exhausted a default heap and
+ * crashed the process. 2^20 is as many requests as
+ * the default workspace budget has rows, and every request with a query gathers at least one SWA row:
+ * no chunk the default budget admits has more requests with queries. Split a larger chunk.
+ */
+export const MAX_CHUNK_REQUESTS = 2 ** 20;
+
+/**
+ * The most page-table entries past the pages its requests use that a chunk's tables of one compress
+ * ratio may hold, refused from the tables' counts before any entry is read. A table may be longer than
+ * its request needs (a row of a larger block table), and every entry is still read and checked; the
+ * pages used are bounded by the workspace the budget admits, the entries past them by this. Without
+ * it a list claiming 2^31 − 1 pages was read whole, and as many such tables as the chunk has requests.
+ */
+export const MAX_UNUSED_PAGE_TABLE_ENTRIES = 2 ** 24;
 
 /** A request's fields as the planner reads them, each read once (checked by the Plan's constructor). */
 export interface RequestFields {
@@ -104,7 +135,8 @@ export interface ChunkFields {
  * request read again gave null: TypeError, or other requests than the ones checked). The Plan's
  * constructor checks what this read; createShardedPlan reads the chunk once for the whole plan and
  * its shards. null when `chunk` is no object or its requests no array; a request that is no object
- * ends the copy (the checks refuse it there). The count is checked here, where it is read.
+ * ends the copy (the checks refuse it there). The count is checked here, where it is read, before
+ * any request is: TOO_LARGE above MAX_CHUNK_REQUESTS.
  */
 export function chunkOnce(chunk: unknown): ChunkFields | null {
   if (typeof chunk !== 'object' || chunk === null) return null;
@@ -113,6 +145,7 @@ export function chunkOnce(chunk: unknown): ChunkFields | null {
   if (!Array.isArray(given)) return null;
   const c4PageSize = c.c4PageSize, c128PageSize = c.c128PageSize;
   const n = listCount(given, 'chunk.requests', 'requests');
+  if (n > MAX_CHUNK_REQUESTS) fail('TOO_LARGE', 'chunk.requests', `at most ${MAX_CHUNK_REQUESTS} requests in a chunk (MAX_CHUNK_REQUESTS; split the chunk)`, `${n}`);
   const requests: (RequestFields | unknown)[] = [];
   for (let r = 0; r < n; r++) {
     const q: unknown = given[r];
@@ -1018,32 +1051,42 @@ export class Plan {
       if (compCache && compCache.pageSize !== pageSize) {
         fail('INVALID_VALUE', `options.caches.c${ratio}.pageSize`, `chunk.c${ratio}PageSize = ${pageSize}`, `${compCache.pageSize}`);
       }
+      // Every table's count first, checked against the pages its request uses and, past them, the
+      // chunk's entries against MAX_UNUSED_PAGE_TABLE_ENTRIES; then the entries, each read once.
       const offsets = new Float64Array(n + 1);
-      const tables: Float64Array[] = [];
-      let maxPage = -1;
+      const lists: (IdSource | undefined)[] = [];
+      let unused = 0;
       for (let r = 0; r < n; r++) {
         const v = compRowsOf(ratio, r);
         const need = Math.ceil(v / pageSize);
         const raw = reqs[r]![key];
-        const tooShort = (count: number): void => {
-          if (count < need) fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${count}`);
-        };
-        if (raw === undefined) tooShort(0);
-        const table = raw === undefined ? new Float64Array(0) : readIds(raw, `chunk.requests[${r}].${key}`, tooShort);
-        const used = table.subarray(0, need);
+        const list = raw === undefined ? undefined : idSource(raw, `chunk.requests[${r}].${key}`);
+        const count = list?.n ?? 0;
+        if (count < need) fail('INVALID_SHAPE', `chunk.requests[${r}].${key}`, `at least ${need} pages for floor(seqLen ${seqLens[r]} / ${ratio}) = ${v} entries of page size ${pageSize}`, `${count}`);
+        unused += count - need;
+        if (unused > MAX_UNUSED_PAGE_TABLE_ENTRIES) {
+          fail('TOO_LARGE', `chunk.requests[${r}].${key}`, `page tables holding at most ${MAX_UNUSED_PAGE_TABLE_ENTRIES} entries past the pages the chunk's requests use (MAX_UNUSED_PAGE_TABLE_ENTRIES)`, `${unused} past them up to this table of ${count}`);
+        }
+        lists.push(list);
+        offsets[r + 1] = offsets[r]! + need;
+      }
+      const flat = new Int32Array(offsets[n]!);
+      let maxPage = -1;
+      for (let r = 0; r < n; r++) {
+        const list = lists[r];
+        if (list === undefined) continue; // (no table: its request uses no page)
+        const table = readIdValues(list, `chunk.requests[${r}].${key}`);
+        const at = offsets[r]!, need = offsets[r + 1]! - at;
         for (let p = 0; p < need; p++) {
-          const page = used[p]!;
+          const page = table[p]!;
           if (page > INT32_MAX) fail('OUT_OF_RANGE', `chunk.requests[${r}].${key}[${p}]`, `a page id ≤ ${INT32_MAX}`, `${page}`);
           if (compCache && page >= compCache.numPages) {
             fail('OUT_OF_RANGE', `chunk.requests[${r}].${key}[${p}]`, `a page id below ${compCache.numPages} (options.caches.c${ratio})`, `${page}`);
           }
           if (page > maxPage) maxPage = page;
+          flat[at + p] = page;
         }
-        tables.push(used);
-        offsets[r + 1] = offsets[r]! + need;
       }
-      const flat = new Int32Array(offsets[n]!);
-      for (let r = 0; r < n; r++) flat.set(tables[r]!, offsets[r]!);
       const st = { ...entry, pageSize, pageTables: flat, pageTableOffsets: offsets, maxPage };
       if (ratio === 4) this.#c4 = st;
       else this.#c128 = st;

@@ -1410,4 +1410,39 @@ describe("the file writers against hostile tensors the fuzzer's session-53 targe
     } };
     await expectTyped(() => encodeSafetensors(record), 'INVALID_VALUE', 'tensors["a"].data');
   });
+
+  test('writePrefillDir / writePrefillOutputs (by reading, after the encoders): everything checked before the first file, so a refusal leaves the directory as it was (a bad kv was refused after q.npy was written, naming t.data; null args a TypeError; an smScale NaN or a string written into meta.json)', async () => {
+    const { readdirSync } = await import('node:fs');
+    const { writePrefillDir, writePrefillOutputs, loadPrefillInputs } = await import('../dist/io/index.js');
+    const sQ = rng.int(1, 3), hQ = rng.int(1, 3), sKV = rng.int(1, 5), topk = rng.int(1, 4);
+    const args = { q: tensor('bf16', [sQ, hQ, 512], randomBf16Bits(rng, sQ * hQ * 512)), kv: tensor('bf16', [sKV, 512], randomBf16Bits(rng, sKV * 512)), indices: tensor('int32', [sQ, topk], new Int32Array(sQ * topk)), smScale: 0.04 };
+    const cases: [string, unknown, string, string][] = [
+      ['null args', null, 'INVALID_VALUE', 'args'],
+      ['a kv shorter than its shape', { ...args, kv: { dtype: 'bf16', shape: [sKV + 1, 512], data: args.kv.data } }, 'INVALID_SHAPE', 'args.kv.data'],
+      ['smScale NaN', { ...args, smScale: NaN }, 'INVALID_VALUE', 'args.smScale'],
+      ['smScale a string', { ...args, smScale: '0.04' }, 'INVALID_VALUE', 'args.smScale'],
+      ['dV 1.5', { ...args, dV: 1.5 }, 'INVALID_VALUE', 'args.dV'],
+    ];
+    for (const [label, given, code, argument] of cases) {
+      const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-h57-'));
+      try {
+        await expectTyped(() => writePrefillDir(dir, given as never), code, argument);
+        expect(readdirSync(dir), label).toEqual([]);
+      } finally {
+        rmSync(dir, { recursive: true, force: true });
+      }
+    }
+    const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-h57-'));
+    try {
+      await expectTyped(() => writePrefillOutputs(dir, null as never), 'INVALID_VALUE', 'res');
+      expect(readdirSync(dir)).toEqual([]);
+      // a valid one is read back as written
+      await writePrefillDir(dir, args);
+      const back = await loadPrefillInputs(dir);
+      expect([back.args.smScale, back.args.dV, back.shapes.sQ, back.shapes.sKV]).toEqual([0.04, 512, sQ, sKV]);
+      expect(Array.from(back.args.q.data as Uint16Array)).toEqual(Array.from(args.q.data as Uint16Array));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });

@@ -16,7 +16,8 @@ import { join } from 'node:path';
 import { SparseMlaError } from '../errors.js';
 import { tensor } from '../tensor.js';
 import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../types.js';
-import { clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
+import { checkedTensor, clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
+import { describe } from '../tensor.js';
 import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
 import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
 
@@ -223,10 +224,30 @@ export async function loadPrefillOutputs(
 
 export type DirFormat = 'npy' | 'safetensors';
 
-/** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors. */
+/**
+ * The tensors of `given` (a prefill's args or result, `argument` in messages) by file name, each
+ * field read once and each tensor checked (files.ts checkedTensor) before any file is written: a bad
+ * one is refused with the directory as it was, not after the files before it.
+ */
+function tensorsToWrite(fn: string, argument: string, given: unknown, fields: readonly (readonly [string, string, boolean])[]): Record<string, Tensor> {
+  if (typeof given !== 'object' || given === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument} must be an object, got ${describe(given)}`, argument);
+  const named: Record<string, Tensor> = {};
+  for (const [field, file, optional] of fields) {
+    const t: unknown = (given as Record<string, unknown>)[field];
+    if (optional && (t === undefined || t === null)) continue;
+    if (typeof t !== 'object' || t === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument}.${field} must be a tensor {dtype, shape, data}, got ${describe(t)}`, `${argument}.${field}`);
+    const { dtype, shape, data } = t as { dtype: unknown; shape: unknown; data: unknown };
+    named[file] = checkedTensor(fn, `${argument}.${field}`, dtype, shape, data);
+  }
+  return named;
+}
+
+const OUTPUT_FIELDS = [['out', 'out', false], ['lse', 'lse', false], ['maxLogits', 'max_logits', false]] as const;
+
+/** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors (all checked first). */
 export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
+  const named = tensorsToWrite('writePrefillOutputs', 'res', res, OUTPUT_FIELDS);
   await prepareOutputDir(dir);
-  const named: Record<string, Tensor> = { out: res.out, lse: res.lse, max_logits: res.maxLogits };
   if (format === 'safetensors') {
     await writeSafetensorsFile(join(dir, 'outputs.safetensors'), named);
     return ['outputs.safetensors'];
@@ -237,20 +258,27 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
 
 /**
  * Write a prefill's inputs (and, optionally, its outputs) in the directory format: .npy files plus
- * meta.json, or one prefill.safetensors with sm_scale / d_v in its __metadata__.
+ * meta.json, or one prefill.safetensors with sm_scale / d_v in its __metadata__. Everything is
+ * checked before the first file is written: each tensor (files.ts checkedTensor), and sm_scale and
+ * d_v as loadPrefillInputs reads them back (a finite number; a positive integer).
  */
 export async function writePrefillDir(
   dir: string,
   args: SparsePrefillArgs,
   opts: { format?: DirFormat; outputs?: SparsePrefillResult } = {},
 ): Promise<void> {
+  const fn = 'writePrefillDir';
+  const named = tensorsToWrite(fn, 'args', args, [['q', 'q', false], ['kv', 'kv', false], ['indices', 'indices', false], ['topkLength', 'topk_length', true], ['attnSink', 'attn_sink', true]]);
+  const { smScale, dV: givenDV } = args as { smScale: unknown; dV: unknown };
+  if (typeof smScale !== 'number' || !Number.isFinite(smScale)) throw new SparseMlaError('INVALID_VALUE', `${fn}: args.smScale: expected a finite number, got ${describe(smScale)}`, 'args.smScale');
+  const dV = givenDV ?? 512;
+  if (typeof dV !== 'number' || !Number.isSafeInteger(dV) || dV < 1) throw new SparseMlaError('INVALID_VALUE', `${fn}: args.dV: expected a positive integer, got ${describe(dV)}`, 'args.dV');
+  if (typeof opts !== 'object' || opts === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: opts must be an object, got ${describe(opts)}`, 'opts');
+  const { format, outputs } = opts;
+  if (outputs !== undefined) Object.assign(named, tensorsToWrite(fn, 'opts.outputs', outputs, OUTPUT_FIELDS));
   await prepareOutputDir(dir);
-  const named: Record<string, Tensor> = { q: args.q, kv: args.kv, indices: args.indices };
-  if (args.topkLength) named.topk_length = args.topkLength;
-  if (args.attnSink) named.attn_sink = args.attnSink;
-  if (opts.outputs) Object.assign(named, { out: opts.outputs.out, lse: opts.outputs.lse, max_logits: opts.outputs.maxLogits });
-  const meta = { sm_scale: args.smScale, d_v: args.dV ?? 512 };
-  if (opts.format === 'safetensors') {
+  const meta = { sm_scale: smScale, d_v: dV };
+  if (format === 'safetensors') {
     await writeSafetensorsFile(join(dir, 'prefill.safetensors'), named, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
     return;
   }

@@ -32,7 +32,7 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, 
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CombinedRows, CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -358,19 +358,20 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
  * prepareLayer for the call a cuda engine's layer loop makes (every tensor and cache in device
  * memory), in one function without messages: the same checks, each field read once, and the same
  * LayerCall where they pass. Where anything differs (a host operand, another engine kind, bad
- * input) it stops at once, and prepareLayer checks the call and throws its typed error over what
- * was read here (FellBack; undefined where nothing was) rather than over the caller's objects
- * again: every field, dim and cache field of a call is read once in all, in prepareLayer's order
- * (a getter asked a second time could throw or answer otherwise). It exists for a process's first
- * layers, which V8 runs in its interpreter: one function warms up and is compiled in one piece
- * where prepareLayer's checks are a dozen; what it read is packaged only where it stops.
+ * input) it stops, and prepareLayer checks the call and throws its typed error over what was read
+ * here (FellBack; undefined where nothing was), not over the caller's objects again: every field,
+ * dim and cache field of a call is read once in all, in prepareLayer's order (a getter asked a
+ * second time could throw or answer otherwise). It exists for a process's first layers, which V8
+ * runs in its interpreter: one function warms up and is compiled in one piece where prepareLayer's
+ * checks are a dozen. V8 gives a function its inline caches once it has run about eight times its
+ * own bytecode, so what was read is packaged outside it (fellBack; an operand's checks below leave
+ * theirs with stop()), and a stop here is a jump.
  */
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | FellBack | undefined {
   // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
   const device = engine.layerDevice();
   if (device === undefined || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
-  // what was read of each argument, for prepareLayer where the checks stop (NOT_READ: nothing): an
-  // argument as checked where it passed, else as read (readOnce)
+  // each argument as read (NOT_READ: not read), or as checked once it passed, for prepareLayer where the checks stop
   let output: unknown = NOT_READ, dropped: unknown = NOT_READ, qRead: unknown = NOT_READ, smScale: unknown = NOT_READ;
   let sinkRead: unknown = NOT_READ, topkRead: unknown = NOT_READ, cachesRead: unknown = NOT_READ;
   let route: RouteDecision | undefined;
@@ -388,149 +389,166 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
       dropped = (options as PrefillLayerOptions).dropped;
       if (dropped !== undefined && dropped !== 'await' && dropped !== 'later') break checks;
     }
-    // checkQuery: a live device bf16 [numQueries, hQ ≥ 1, 512], read as readTensorFields reads a
-    // tensor (dtype, shape, data, then the shape's length and its dims in order, here up to the
-    // first one the device call does not take). Integers are checked as int32 ((x | 0) === x), not
-    // as safe integers: no builtin call, and a larger hQ (no device memory holds such a q) only
-    // goes to prepareLayer.
-    const qArg: unknown = (qRead = args.q);
-    if (!hasTensorFields(qArg)) break checks;
-    const qDtype = qArg.dtype, qShape = qArg.shape, qData = qArg.data;
-    if (qDtype !== 'bf16' || !Array.isArray(qShape)) {
-      qRead = tensorRead(qArg, qDtype, qShape, qData, undefined);
-      break checks;
-    }
     const nq = plan.numQueries;
-    const qRank: unknown = qShape.length;
-    if (qRank !== 3) {
-      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank]);
-      break checks;
-    }
-    const q0: unknown = qShape[0];
-    if (q0 !== nq) {
-      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0]);
-      break checks;
-    }
-    const hQ: unknown = qShape[1];
-    if (typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1) {
-      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0, hQ]);
-      break checks;
-    }
-    const q2: unknown = qShape[2];
-    if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(qData, nq * hQ * WORKSPACE_ROW_DIMS * 2)) {
-      qRead = tensorRead(qArg, qDtype, qShape, qData, [qRank, q0, hQ, q2]);
-      break checks;
-    }
-    const q: DeviceTensor<'bf16'> = { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: qData as DeviceBuffer };
+    const q = deviceQuery((qRead = args.q), nq, device);
+    if (q === undefined) break checks;
     qRead = q;
+    const hQ = q.shape[1]!;
     // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
     const scale: unknown = (smScale = args.smScale);
     if (typeof scale !== 'number' || !(scale <= MAX_SM_SCALE && scale >= -MAX_SM_SCALE)) break checks;
     // a live device float32 [hQ] (null: no sink, as the ops take it)
-    let attnSink: DeviceTensor<'float32'> | undefined;
     const sinkArg: unknown = (sinkRead = args.attnSink);
+    let attnSink: DeviceTensor<'float32'> | undefined;
     if (sinkArg !== undefined && sinkArg !== null) {
-      if (!hasTensorFields(sinkArg)) break checks;
-      const sDtype = sinkArg.dtype, sShape = sinkArg.shape, sData = sinkArg.data;
-      if (sDtype !== 'float32' || !Array.isArray(sShape)) {
-        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, undefined);
-        break checks;
-      }
-      const sRank: unknown = sShape.length;
-      if (sRank !== 1) {
-        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, [sRank]);
-        break checks;
-      }
-      const s0: unknown = sShape[0];
-      if (s0 !== hQ || !device.ownsLive(sData, hQ * 4)) {
-        sinkRead = tensorRead(sinkArg, sDtype, sShape, sData, [sRank, s0]);
-        break checks;
-      }
-      attnSink = { dtype: 'float32', shape: [hQ], data: sData as DeviceBuffer };
+      attnSink = deviceSink(sinkArg, hQ, device);
+      if (attnSink === undefined) break checks;
       sinkRead = attnSink;
     }
     const topkIndices: unknown = (topkRead = args.topkIndices);
     if ((ratio === 4) !== (topkIndices !== undefined)) break checks;
-    // Plan.checkCaches: each cache's fields read as checkV4Cache reads them (format, pageSize,
-    // numPages, data) and checked by Plan.deviceCaches in the library's own record of them
-    // (DEVICE_CACHES), the SWA cache before the compressed one is read
-    const given: unknown = (cachesRead = args.caches);
-    if (typeof given !== 'object' || given === null) break checks;
-    const swaArg: unknown = (given as PlanCaches).swa;
-    if (typeof swaArg !== 'object' || swaArg === null) {
-      cachesRead = readOnce(given, new Map([['swa', swaArg]]));
-      break checks;
-    }
-    const swaFormat: unknown = (swaArg as KvCache).format, swaPageSize: unknown = (swaArg as KvCache).pageSize;
-    const swaNumPages: unknown = (swaArg as KvCache).numPages, swaData: unknown = (swaArg as KvCache).data;
-    let caches = plan.deviceCaches(deviceCacheFields(DEVICE_SWA, swaFormat, swaPageSize, swaNumPages, swaData), 0, device);
-    if (caches === undefined) {
-      cachesRead = readOnce(given, new Map([['swa', cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData)]]));
-      break checks;
-    }
-    if (ratio !== 0) {
-      const key = ratio === 4 ? 'c4' : 'c128';
-      const cArg: unknown = (given as PlanCaches)[key];
-      if (typeof cArg !== 'object' || cArg === null) {
-        cachesRead = readOnce(given, new Map([['swa', cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData)], [key, cArg]]));
-        break checks;
-      }
-      const cFormat: unknown = (cArg as KvCache).format, cPageSize: unknown = (cArg as KvCache).pageSize;
-      const cNumPages: unknown = (cArg as KvCache).numPages, cData: unknown = (cArg as KvCache).data;
-      caches = plan.deviceCaches(deviceCacheFields(DEVICE_COMPRESSED, cFormat, cPageSize, cNumPages, cData), ratio, device);
-      if (caches === undefined) {
-        const swa = cacheRead(swaArg, swaFormat, swaPageSize, swaNumPages, swaData);
-        cachesRead = readOnce(given, new Map([['swa', swa], [key, cacheRead(cArg, cFormat, cPageSize, cNumPages, cData)]]));
-        break checks;
-      }
-    }
-    forgetCacheFields();
+    const caches = deviceCaches(plan, (cachesRead = args.caches), ratio, device);
+    if (caches === undefined) break checks;
     cachesRead = caches;
     // a forced path (the layer loop's usual call) without the router's options object and decision
     const path = args.path, threshold = args.threshold;
     route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-    // Plan.checkTopk: int32 [numQueries, topk] or [numQueries, 1, topk], read as readTensorFields
-    // reads a tensor, checked by Plan.deviceTopk in the library's own record of it (DEVICE_TOPK)
     let topk: CheckedTopk<DeviceBuffer> | undefined;
     if (ratio === 4) {
-      if (!hasTensorFields(topkIndices)) break checks;
-      const tDtype = topkIndices.dtype, tShape = topkIndices.shape, tData = topkIndices.data;
-      if (tDtype !== 'int32' || !Array.isArray(tShape)) {
-        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, undefined);
-        break checks;
-      }
-      const tRank: unknown = tShape.length;
-      if (tRank !== 2 && tRank !== 3) {
-        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank]);
-        break checks;
-      }
-      const t0: unknown = tShape[0];
-      if (t0 !== nq) {
-        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank, t0]);
-        break checks;
-      }
-      const t1: unknown = tShape[1];
-      if (tRank === 3 && t1 !== 1) {
-        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, [tRank, t0, t1]);
-        break checks;
-      }
-      const t2: unknown = tRank === 3 ? tShape[2] : undefined;
-      const k = tRank === 3 ? t2 : t1;
-      topk = typeof k === 'number' && (k | 0) === k && k >= 0 ? plan.deviceTopk(deviceTopkFields(nq, tRank === 3, k, tData), device) : undefined;
-      DEVICE_TOPK.data = undefined;
-      if (topk === undefined) {
-        topkRead = tensorRead(topkIndices, tDtype, tShape, tData, tRank === 3 ? [tRank, t0, t1, t2] : [tRank, t0, t1]);
-        break checks;
-      }
+      topk = deviceTopk(plan, topkIndices, device);
+      if (topk === undefined) break checks;
     }
     return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
   }
-  forgetCacheFields();
   return fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
+}
+
+/**
+ * checkQuery for a device layer: `value` as a live device bf16 [nq, hQ ≥ 1, 512] of `device`'s own
+ * (the checked tensor), read as readTensorFields reads a tensor (dtype, shape, data, then the
+ * shape's length and its dims in order, here up to the first one the device call does not take);
+ * else undefined, what was read of it left with stop(). Integers are checked as int32
+ * ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
+ * such a q) only goes to prepareLayer.
+ */
+function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): DeviceTensor<'bf16'> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+  const dtype = value.dtype, shape = value.shape, data = value.data;
+  let rank: unknown = NOT_READ, q0: unknown = NOT_READ, hQ: unknown = NOT_READ, q2: unknown = NOT_READ;
+  read: {
+    if (dtype !== 'bf16' || !Array.isArray(shape)) break read;
+    rank = shape.length;
+    if (rank !== 3) break read;
+    q0 = shape[0];
+    if (q0 !== nq) break read;
+    hQ = shape[1];
+    if (typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1) break read;
+    q2 = shape[2];
+    if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
+    return { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: data as DeviceBuffer };
+  }
+  return stop('q', tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ));
+}
+
+/** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else undefined (stop()). */
+function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): DeviceTensor<'float32'> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+  const dtype = value.dtype, shape = value.shape, data = value.data;
+  let rank: unknown = NOT_READ, s0: unknown = NOT_READ;
+  read: {
+    if (dtype !== 'float32' || !Array.isArray(shape)) break read;
+    rank = shape.length;
+    if (rank !== 1) break read;
+    s0 = shape[0];
+    if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
+    return { dtype: 'float32', shape: [hQ], data: data as DeviceBuffer };
+  }
+  return stop('attnSink', tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ));
+}
+
+/**
+ * Plan.checkCaches for a device layer: each cache's fields read as checkV4Cache reads them
+ * (format, pageSize, numPages, data) and checked by Plan.deviceCaches in the library's own record
+ * of them (DEVICE_SWA, DEVICE_COMPRESSED), the SWA cache before the compressed one is read; the
+ * checked views, else undefined (stop()).
+ */
+function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
+  if (typeof given !== 'object' || given === null) return undefined;
+  const swa: unknown = (given as PlanCaches).swa;
+  const key = ratio === 4 ? 'c4' : 'c128';
+  let swaFormat: unknown = NOT_READ, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown;
+  let compressed: unknown = NOT_READ, format: unknown = NOT_READ, pageSize: unknown, numPages: unknown, data: unknown;
+  read: {
+    if (typeof swa !== 'object' || swa === null) break read;
+    const s = swa as KvCache;
+    (swaFormat = s.format), (swaPageSize = s.pageSize), (swaNumPages = s.numPages), (swaData = s.data);
+    (DEVICE_SWA.format = swaFormat), (DEVICE_SWA.pageSize = swaPageSize), (DEVICE_SWA.numPages = swaNumPages), (DEVICE_SWA.data = swaData);
+    let caches = plan.deviceCaches(DEVICE_CACHES, 0, device);
+    if (caches === undefined) break read;
+    if (ratio !== 0) {
+      compressed = (given as PlanCaches)[key];
+      if (typeof compressed !== 'object' || compressed === null) break read;
+      const c = compressed as KvCache;
+      (format = c.format), (pageSize = c.pageSize), (numPages = c.numPages), (data = c.data);
+      (DEVICE_COMPRESSED.format = format), (DEVICE_COMPRESSED.pageSize = pageSize), (DEVICE_COMPRESSED.numPages = numPages), (DEVICE_COMPRESSED.data = data);
+      caches = plan.deviceCaches(DEVICE_CACHES, ratio, device);
+      if (caches === undefined) break read;
+    }
+    DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
+    return caches;
+  }
+  DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
+  return stop('caches', cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data));
+}
+
+/**
+ * Plan.checkTopk for a device layer: int32 [numQueries, topk] or [numQueries, 1, topk], read as
+ * deviceQuery reads q and checked by Plan.deviceTopk in the library's own record of it
+ * (DEVICE_TOPK); the checked top-k, else undefined (stop()).
+ */
+function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+  const dtype = value.dtype, shape = value.shape, data = value.data;
+  let rank: unknown = NOT_READ, t0: unknown = NOT_READ, t1: unknown = NOT_READ, t2: unknown = NOT_READ;
+  read: {
+    if (dtype !== 'int32' || !Array.isArray(shape)) break read;
+    rank = shape.length;
+    if (rank !== 2 && rank !== 3) break read;
+    const nq = plan.numQueries;
+    t0 = shape[0];
+    if (t0 !== nq) break read;
+    t1 = shape[1];
+    if (rank === 3) {
+      if (t1 !== 1) break read;
+      t2 = shape[2];
+    }
+    const k = rank === 3 ? t2 : t1;
+    if (typeof k !== 'number' || (k | 0) !== k || k < 0) break read;
+    const s = rank === 3 ? TOPK_SHAPE_RANK3 : TOPK_SHAPE;
+    (s[0] = nq), (s[s.length - 1] = k), (DEVICE_TOPK.shape = s), (DEVICE_TOPK.data = data);
+    const topk = plan.deviceTopk(DEVICE_TOPK, device);
+    DEVICE_TOPK.data = undefined;
+    if (topk !== undefined) return topk;
+  }
+  return stop('topkIndices', tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ));
 }
 
 /** Not read by prepareDeviceLayer (any value a caller can give is read). */
 const NOT_READ: unique symbol = Symbol('not read');
+
+/**
+ * The argument whose checks stopped the last device check (deviceQuery, deviceSink, deviceCaches,
+ * deviceTopk) as they read it: set as they stop, taken by the fellBack that follows at once (no
+ * caller's code runs in between).
+ */
+let stopped: { key: string; read: unknown } | undefined;
+function stop(key: string, read: unknown): undefined {
+  stopped = { key, read };
+  return undefined;
+}
 
 /** Where prepareDeviceLayer stopped: the call's args and options as read there, and its route where it was decided, for prepareLayer. */
 class FellBack {
@@ -545,8 +563,9 @@ class FellBack {
  * What prepareDeviceLayer read of a call that it leaves to prepareLayer, as prepareLayer reads it:
  * the args (and options) answering each field read with its value, an argument that passed its
  * checks as checked (the same values in the library's own object, which prepareLayer passes
- * again), one stopped at as read (readOnce), and the rest from the caller's objects (read once, by
- * prepareLayer). The caches as checked are the record prepareLayer reads ({swa, c4 or c128}).
+ * again), the one the checks stopped at as read (stop()), and the rest from the caller's objects
+ * (read once, by prepareLayer). The caches as checked are given as the record prepareLayer reads
+ * ({swa, c4 or c128}).
  */
 function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio: unknown, output: unknown, dropped: unknown, q: unknown, smScale: unknown, attnSink: unknown, topkIndices: unknown, caches: unknown, route: RouteDecision | undefined): FellBack {
   const argsRead = new Map<PropertyKey, unknown>([['plan', plan], ['compressRatio', ratio]]);
@@ -556,6 +575,8 @@ function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio
   }
   const fields = [['q', q], ['smScale', smScale], ['attnSink', attnSink], ['topkIndices', topkIndices], ['caches', caches]] as const;
   for (const [key, value] of fields) if (value !== NOT_READ) argsRead.set(key, value);
+  if (stopped !== undefined) argsRead.set(stopped.key, stopped.read);
+  stopped = undefined;
   const optionsRead = new Map<PropertyKey, unknown>();
   if (output !== NOT_READ) optionsRead.set('output', output);
   if (dropped !== NOT_READ) optionsRead.set('dropped', dropped);
@@ -590,26 +611,33 @@ function readOnce(given: unknown, read: Map<PropertyKey, unknown>): unknown {
   });
 }
 
-/** A tensor read as far as `dims` (its shape's length, then its dims in order; undefined: the shape not read), for prepareLayer. */
-function tensorRead(given: object, dtype: unknown, shape: unknown, data: unknown, dims: readonly unknown[] | undefined): unknown {
-  const shapeRead = dims === undefined ? shape : readOnce(shape, new Map(dims.map((d, i) => [i === 0 ? 'length' : String(i - 1), d])));
+/** A tensor as read: its dtype, shape and data, and (where read, else NOT_READ) its shape's length and first dims in order. */
+function tensorRead(given: object, dtype: unknown, shape: unknown, data: unknown, length: unknown, ...dims: unknown[]): unknown {
+  let shapeRead = shape;
+  if (length !== NOT_READ) {
+    const read = new Map<PropertyKey, unknown>([['length', length]]);
+    for (let i = 0; i < dims.length && dims[i] !== NOT_READ; i++) read.set(String(i), dims[i]);
+    shapeRead = readOnce(shape, read);
+  }
   return readOnce(given, new Map<PropertyKey, unknown>([['dtype', dtype], ['shape', shapeRead], ['data', data]]));
 }
 
-/** A cache's fields as read, for prepareLayer. */
+/** The caches as deviceCaches read them: the SWA cache, and where read the compressed one (`key`), each with its fields where read (else NOT_READ). */
+function cachesRead(given: object, swa: unknown, swaFormat: unknown, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown, key: string, compressed: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
+  const read = new Map<PropertyKey, unknown>([['swa', swaFormat === NOT_READ ? swa : cacheRead(swa, swaFormat, swaPageSize, swaNumPages, swaData)]]);
+  if (compressed !== NOT_READ) read.set(key, format === NOT_READ ? compressed : cacheRead(compressed, format, pageSize, numPages, data));
+  return readOnce(given, read);
+}
+
+/** A cache's fields as read. */
 function cacheRead(given: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
   return readOnce(given, new Map<PropertyKey, unknown>([['format', format], ['pageSize', pageSize], ['numPages', numPages], ['data', data]]));
 }
 
-/** Whether `value` is an object with the fields of a tensor (readTensorFields' test; `in` runs no getter). */
-function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
-  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
-}
-
 /**
- * The library's own records of the fields prepareDeviceLayer read of a layer's caches and top-k,
+ * The library's own records of the fields the device checks read of a layer's caches and top-k,
  * which Plan.deviceCaches and Plan.deviceTopk check (they read the object they are given). Filled
- * only after every field was read, and read back by those checks, which run no caller's code (a
+ * only once every field was read, and read back by those checks, which run no caller's code (a
  * device buffer's checks are the library's own), so no other call fills them in between; emptied
  * of the caller's buffers once checked.
  */
@@ -618,25 +646,6 @@ const DEVICE_COMPRESSED = { format: undefined as unknown, pageSize: undefined as
 const DEVICE_CACHES = { swa: DEVICE_SWA, c4: DEVICE_COMPRESSED, c128: DEVICE_COMPRESSED };
 const DEVICE_TOPK = { dtype: 'int32', shape: [0, 0] as number[], data: undefined as unknown };
 const TOPK_SHAPE = [0, 0], TOPK_SHAPE_RANK3 = [0, 1, 0];
-
-function deviceCacheFields(record: typeof DEVICE_SWA, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): typeof DEVICE_CACHES {
-  record.format = format;
-  record.pageSize = pageSize;
-  record.numPages = numPages;
-  record.data = data;
-  return DEVICE_CACHES;
-}
-function forgetCacheFields(): void {
-  DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
-}
-function deviceTopkFields(nq: number, rank3: boolean, topk: number, data: unknown): typeof DEVICE_TOPK {
-  const shape = rank3 ? TOPK_SHAPE_RANK3 : TOPK_SHAPE;
-  shape[0] = nq;
-  shape[shape.length - 1] = topk;
-  DEVICE_TOPK.shape = shape;
-  DEVICE_TOPK.data = data;
-  return DEVICE_TOPK;
-}
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
 // optimized it, and V8 gives a function its inline caches once it has run about eight times its own

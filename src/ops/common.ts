@@ -185,13 +185,14 @@ function noHeads(shape: readonly number[]): never {
 
 /**
  * An array's length read once, as a count of `items` (a Proxy of an array may answer anything, or
- * otherwise on a second read): INVALID_VALUE when no count, TOO_LARGE above what the C ABI counts.
+ * otherwise on a second read): INVALID_VALUE when no count, TOO_LARGE above `max` (default what the
+ * C ABI counts; `limit` says whose cap it is in the message).
  * The one read of a caller's array length: loops run to what it returned, never to `list.length`.
  */
-export function listCount(list: readonly unknown[], argument: string, items: string): number {
+export function listCount(list: readonly unknown[], argument: string, items: string, max = INT32_MAX, limit = ''): number {
   const n: unknown = list.length;
   if (!isCount(n)) fail('INVALID_VALUE', argument, `an array of ${items}`, `length ${describe(n)}`);
-  if (n > INT32_MAX) fail('TOO_LARGE', argument, `at most ${INT32_MAX} ${items}`, `${n}`);
+  if (n > max) fail('TOO_LARGE', argument, `at most ${max} ${items}${limit}`, `${n}`);
   return n;
 }
 

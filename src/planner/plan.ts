@@ -98,9 +98,9 @@ export function readIds(list: unknown, argument: string, checkCount?: (count: nu
  * The most requests a chunk may have, refused from the count before any request is read. The planner
  * holds a few small objects per request in the V8 heap while it plans (the request's fields copied,
  * its layout, its id lists read): a Proxy claiming 2^31 − 1 requests exhausted a default heap and
- * crashed the process. 2^20 is as many requests as
- * the default workspace budget has rows, and every request with a query gathers at least one SWA row:
- * no chunk the default budget admits has more requests with queries. Split a larger chunk.
+ * crashed the process. 2^20 is as many requests as the default workspace budget has rows, and every
+ * request with a query gathers at least one SWA row: no chunk the default budget admits has more
+ * requests with queries. Split a larger chunk.
  */
 export const MAX_CHUNK_REQUESTS = 2 ** 20;
 
@@ -144,8 +144,7 @@ export function chunkOnce(chunk: unknown): ChunkFields | null {
   const given = c.requests;
   if (!Array.isArray(given)) return null;
   const c4PageSize = c.c4PageSize, c128PageSize = c.c128PageSize;
-  const n = listCount(given, 'chunk.requests', 'requests');
-  if (n > MAX_CHUNK_REQUESTS) fail('TOO_LARGE', 'chunk.requests', `at most ${MAX_CHUNK_REQUESTS} requests in a chunk (MAX_CHUNK_REQUESTS; split the chunk)`, `${n}`);
+  const n = listCount(given, 'chunk.requests', 'requests', MAX_CHUNK_REQUESTS, ' in a chunk (MAX_CHUNK_REQUESTS; split the chunk)');
   const requests: (RequestFields | unknown)[] = [];
   for (let r = 0; r < n; r++) {
     const q: unknown = given[r];

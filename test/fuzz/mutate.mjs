@@ -136,6 +136,11 @@ function orSide3(odds, old, made) {
   return side3 !== null && side3.uniform() < odds ? made(side3) : old;
 }
 
+/** orSide3 for a generator added after seeds 64-75 were run: only on seeds from 76, so those replay as run. */
+function orSide3Late(odds, old, made) {
+  return (current?.seed ?? 0) >= 76 ? orSide3(odds, old, made) : old;
+}
+
 /**
  * Values a caller's getter may throw that are no Error: a library that reads `.message` or `.code`
  * of what it caught, or wraps it, throws its own TypeError. The call must let the value itself
@@ -158,14 +163,15 @@ function thrownValue(r) {
 function throwsAfterFirstRead(first, r, where) {
   const rec = stableRecord();
   const v = r.uniform() < 0.5 ? new SentinelError(`${where}, read a second time`) : r.pick([null, undefined, Symbol('second read'), 'second read']);
-  current?.secondReads.push(v);
   let reads = 0;
   const get = () => {
     rec.read();
     if (reads++ > 0 && !rec.early && !rec.restored && strictCall(rec)) throw v;
     return first;
   };
-  return { get, rec, desc: `throws ${v instanceof SentinelError ? 'a SentinelError' : describe(v)} from its second read on` };
+  // (registered with the case by mutateSlots only when this mutation is the slot's final one: a
+  // later generator may replace it, and a discarded thrower's value matched another's throw: cpu seed 76 case 2238)
+  return { get, rec, v, desc: `throws ${v instanceof SentinelError ? 'a SentinelError' : describe(v)} from its second read on` };
 }
 
 /** Whether the case's call is running and its target reads the arguments once (a getter throws only then). */
@@ -499,7 +505,16 @@ function mutateStringOld(v, rng) {
 }
 
 function mutateArray(a, rng, hooks) {
-  return orSide3(0.12, mutateArrayOld(a, rng), (r) => r.pick(oddArrays(a, hooks))(r));
+  const odd = orSide3(0.12, mutateArrayOld(a, rng), (r) => r.pick(oddArrays(a, hooks))(r));
+  return orSide3Late(0.04, odd, (r) => {
+    // too long for what it is (a shape of 65 dims, 2^20 holes past an id list) and without a
+    // prototype: a refusal that formats it through its own methods (slice, map) throws a TypeError
+    const c = a.slice();
+    c.length = r.uniform() < 0.5 ? Math.max(65, a.length + 1) : a.length + 2 ** 20;
+    if (c.length === 65) c.fill(1, a.length);
+    Object.setPrototypeOf(c, null);
+    return { value: c, desc: `${c.length} elements (${a.length} of its own), its prototype null` };
+  });
 }
 
 function mutateArrayOld(a, rng) {
@@ -584,7 +599,7 @@ function mutateArrayOld(a, rng) {
     const i = r.int(0, c.length);
     const t = throwsAfterFirstRead(c[i], r, `element ${i}`);
     Object.defineProperty(c, i, { enumerable: true, configurable: true, get: t.get });
-    return { value: c, desc: `element ${i} ${t.desc}`, dynamic: true, stable: true };
+    return { value: c, desc: `element ${i} ${t.desc}`, dynamic: true, stable: true, secondRead: t.v };
   });
 }
 
@@ -896,7 +911,7 @@ function mutateObject(o, rng, hooks, where) {
       const throwing = orSide2Late(0.3, null, (r) => throwsAfterFirstRead(first, r, `${where}.${k}`));
       if (throwing) {
         Object.defineProperty(c, k, { enumerable: true, get: throwing.get });
-        return { value: c, desc: `${k} ${throwing.desc}`, dynamic: true, stable: true };
+        return { value: c, desc: `${k} ${throwing.desc}`, dynamic: true, stable: true, secondRead: throwing.v };
       }
       let reads = 0;
       const rec = stableRecord();
@@ -1092,6 +1107,7 @@ function mutateSlots(root, rng, hooks, count) {
       continue;
     }
     setAt(root, s.path, m.value);
+    if ('secondRead' in m) hooks?.secondReads.push(m.secondRead);
     muts.push({ where: pathStr(s.path), desc: m.desc, neutral: !!m.neutral, dynamic: !!m.dynamic, sentinel: !!m.sentinel, ...(m.stable ? { stable: true } : {}), ...(m.mustRefuse ? { mustRefuse: m.mustRefuse } : {}) });
   }
   return muts;

@@ -19,14 +19,19 @@ export interface ChunkRequest {
    * when extendLen is 0 (a request without queries needs nothing).
    */
   swaTokenIds: IdList;
-  /** Page ids of this request's c4 compressed cache; needs ≥ ceil(floor(seqLen / 4) / c4PageSize). */
+  /**
+   * Page ids of this request's c4 compressed cache; needs ≥ ceil(floor(seqLen / 4) / c4PageSize).
+   * It may be longer (every entry is read and checked); the chunk's c4 tables together hold at most
+   * MAX_UNUSED_PAGE_TABLE_ENTRIES (2^24) entries past the pages their requests use.
+   */
   c4PageTable?: IdList;
-  /** Page ids of this request's c128 compressed cache; needs ≥ ceil(floor(seqLen / 128) / c128PageSize). */
+  /** Page ids of this request's c128 compressed cache; needs ≥ ceil(floor(seqLen / 128) / c128PageSize); longer as c4PageTable. */
   c128PageTable?: IdList;
 }
 
 /** A prefill chunk: its requests (queries flattened request by request) and the compressed caches' page sizes. */
 export interface PlanChunk {
+  /** At most MAX_CHUNK_REQUESTS (2^20), refused with TOO_LARGE from the count before any request is read. */
   requests: readonly ChunkRequest[];
   /** Page size (entries per page) of the c4 cache; enables ratio 4. */
   c4PageSize?: number;

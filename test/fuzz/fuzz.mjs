@@ -77,10 +77,9 @@ export const SIDE3_FROM_SEED = 64;
 
 /**
  * Seeds from SIDE3_FROM_SEED that do not draw the session-53 generators and targets: the test suite's
- * fixed seed (test/fuzz_api.test.ts, test/fuzz_cuda_host.test.ts), which they take to three classes of
- * findings left open in other areas' files (README, session 53: planRows, an op's shape message,
- * the sharded layer's readArray); its cases stay those of the suite before them. Drop it from here
- * once those are fixed.
+ * fixed seed (test/fuzz_api.test.ts, test/fuzz_cuda_host.test.ts), which they take to two classes of
+ * findings left open in other areas' files (README, session 53: planRows, an op's shape message); its
+ * cases stay those of the suite before them. Drop it from here once those are fixed.
  */
 export const SIDE3_EXCEPT_SEEDS = new Set([20261205]);
 

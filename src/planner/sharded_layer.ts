@@ -12,11 +12,11 @@
  * computes exactly what one engine computes for those heads or queries (the same entries in the
  * same order): N engines give the same bits as one.
  */
-import { SparseMlaError, fail } from '../errors.js';
+import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { isCount, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
-import { chunkOnce, createPlan, DEFAULT_WINDOW, Plan, readIds, swaGatherLength, WORKSPACE_ROW_DIMS, type ChunkFields, type RequestFields } from './plan.js';
+import { createPlan, Plan, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
 import { SPARSE_PREFILL_ENV } from './router.js';
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
@@ -63,56 +63,46 @@ export function evenRanges(total: number, parts: number): Array<[number, number]
   return out;
 }
 
-/** The requests of flat queries [a, b) of `chunk` (as the whole plan read and checked it): each overlapping request cut to its part. */
-function subChunk(chunk: ChunkFields, a: number, b: number, window: number): PlanChunk {
-  const requests: ChunkRequest[] = [];
-  let offset = 0;
-  (chunk.requests as readonly ChunkRequest[]).forEach((req, r) => {
-    const lo = Math.max(a, offset) - offset, hi = Math.min(b, offset + req.extendLen) - offset;
-    offset += req.extendLen;
-    if (hi <= lo) return;
-    // queries [lo, hi) of the request: positions seqLen − extendLen + lo … + hi − 1
-    const seqLen = req.seqLen - req.extendLen + hi, extendLen = hi - lo;
-    const ids = readIds(req.swaTokenIds, `chunk.requests[${r}].swaTokenIds`);
-    const g = swaGatherLength(req.seqLen, req.extendLen, window), g2 = swaGatherLength(seqLen, extendLen, window);
-    const from = seqLen - g2 - (req.seqLen - g);
-    requests.push({
-      seqLen,
-      extendLen,
-      swaTokenIds: ids.subarray(from, from + g2),
-      ...(req.c4PageTable !== undefined ? { c4PageTable: req.c4PageTable } : {}),
-      ...(req.c128PageTable !== undefined ? { c128PageTable: req.c128PageTable } : {}),
-    });
+/**
+ * Each request's pages of a compress ratio as the whole plan read and checked them (the pages its
+ * queries use, no more): page p of a request is its compressed token id p · pageSize, over pageSize.
+ */
+function usedPages(whole: Plan, ratio: 4 | 128): Int32Array[] {
+  const ids = whole.compressedTokenIds(ratio).data;
+  const pageSize = whole.pageSize(ratio), bigPageSize = BigInt(pageSize);
+  return whole.requests.map((req) => {
+    const at = ratio === 4 ? req.c4Offset : req.c128Offset, rows = ratio === 4 ? req.c4Rows : req.c128Rows;
+    const pages = new Int32Array(Math.ceil(rows / pageSize));
+    for (let p = 0; p < pages.length; p++) pages[p] = Number(ids[at + p * pageSize]! / bigPageSize);
+    return pages;
   });
-  // (the page sizes as the whole plan checked them: numbers where given)
-  const c4PageSize = chunk.c4PageSize as number | undefined, c128PageSize = chunk.c128PageSize as number | undefined;
-  return { requests, ...(c4PageSize !== undefined ? { c4PageSize } : {}), ...(c128PageSize !== undefined ? { c128PageSize } : {}) };
 }
 
 /**
- * A chunk (as chunkOnce read it) with each request's id lists (swaTokenIds and page tables) read
- * once, for the whole plan and every shard's plan cut from it: each shard's plan read them again
- * from the caller's arrays (an element's getter answering otherwise gave a shard other pages or SWA
- * ids than the whole plan checked, silently). A list readIds refuses stays as it came, for the
- * whole plan's checks to refuse in their order.
+ * The requests of flat queries [a, b) of the whole plan's chunk: each overlapping request cut to its
+ * part, its SWA ids and pages taken from what the whole plan read (never the caller's lists again).
  */
-function idListsOnce(read: ChunkFields): ChunkFields {
-  const requests = read.requests.map((q) => {
-    if (typeof q !== 'object' || q === null) return q;
-    const f = q as RequestFields;
-    return { ...f, swaTokenIds: idListOnce(f.swaTokenIds), c4PageTable: idListOnce(f.c4PageTable), c128PageTable: idListOnce(f.c128PageTable) };
+function subChunk(whole: Plan, pages: ReadonlyMap<4 | 128, Int32Array[]>, a: number, b: number): PlanChunk {
+  const requests: ChunkRequest[] = [];
+  const swaIds = whole.swaTokenIds.data;
+  const c4 = pages.get(4), c128 = pages.get(128);
+  whole.requests.forEach((req, r) => {
+    const lo = Math.max(a, req.queryOffset) - req.queryOffset, hi = Math.min(b, req.queryOffset + req.extendLen) - req.queryOffset;
+    if (hi <= lo) return;
+    // queries [lo, hi) of the request: positions seqLen − extendLen + lo … + hi − 1
+    const seqLen = req.seqLen - req.extendLen + hi, extendLen = hi - lo;
+    const g = swaGatherLength(seqLen, extendLen, whole.window);
+    // its gather, positions [seqLen − g, seqLen), within the request's [swaStartPos, req.seqLen)
+    const from = req.swaOffset + seqLen - g - req.swaStartPos;
+    requests.push({
+      seqLen,
+      extendLen,
+      swaTokenIds: swaIds.subarray(from, from + g),
+      ...(c4 ? { c4PageTable: c4[r]! } : {}),
+      ...(c128 ? { c128PageTable: c128[r]! } : {}),
+    });
   });
-  return { ...read, requests };
-}
-
-function idListOnce(list: unknown): unknown {
-  if (list === undefined) return list;
-  try {
-    return readIds(list, 'ids');
-  } catch (e) {
-    if (!(e instanceof SparseMlaError)) throw e; // the caller's own (a getter's), as the whole plan would let it through
-    return list;
-  }
+  return { requests, ...(c4 ? { c4PageSize: whole.pageSize(4) } : {}), ...(c128 ? { c128PageSize: whole.pageSize(128) } : {}) };
 }
 
 /** Most shards a plan may have: one per engine (far above the GPUs of any host; guards typos like 1e9). */
@@ -126,14 +116,14 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
   const planOptions: PlanOptions = { window: givenWindow, align, workspaceBudgetBytes, caches, core };
   if (!Number.isSafeInteger(n) || n < 1 || n > MAX_SHARDS) fail('INVALID_VALUE', 'options.shards', `an integer in [1, ${MAX_SHARDS}] (one shard per engine)`, describe(n));
   if (split !== 'heads' && split !== 'queries') fail('INVALID_VALUE', 'options.split', "'heads' or 'queries'", describe(split));
-  // the chunk read once: the whole plan checks what the shards are cut from (read again, a getter
-  // could give null, or other requests than the whole plan's)
-  const fields = chunkOnce(chunk);
-  const read = fields && split === 'queries' ? idListsOnce(fields) : fields;
-  const whole = createPlan((read ?? chunk) as PlanChunk, planOptions);
+  // the chunk read once, by the whole plan (its checks in their order: a list's count refused before
+  // any entry is read); the shards are cut from the ids it read and checked, not the caller's lists
+  // read again (a getter could give other requests, pages or SWA ids than the whole plan checked)
+  const whole = createPlan(chunk, planOptions);
   if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
-  const window = planOptions.window ?? DEFAULT_WINDOW;
-  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(read!, a, b, window), planOptions), queryOffset: a, numQueries: b - a }));
+  const pages = new Map<4 | 128, Int32Array[]>();
+  for (const ratio of whole.ratios) if (ratio !== 0) pages.set(ratio, usedPages(whole, ratio));
+  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(whole, pages, a, b), planOptions), queryOffset: a, numQueries: b - a }));
   return new ShardedPlan(split, shards, whole.numQueries);
 }
 

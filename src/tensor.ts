@@ -146,7 +146,8 @@ export function describe(value: unknown): string {
     if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${value.byteLength})`;
     if (Array.isArray(value)) return `an Array of length ${value.length}`;
     const o = value as Record<string, unknown>;
-    if (typeof o.dtype === 'string' && Array.isArray(o.shape)) return `a ${o.dtype} tensor [${(o.shape as unknown[]).slice(0, 8).map(String).join(', ')}]`;
+    const shape = o.shape;
+    if (typeof o.dtype === 'string' && Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d))}`;
     return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
   } catch {
     return 'an object'; // a Proxy whose traps throw
@@ -160,8 +161,34 @@ export function describe(value: unknown): string {
  * The one shape formatter of every SparseMlaError message (ops/common.ts hands it on).
  */
 export function shapeStr(shape: readonly unknown[]): string {
-  const dims = shape.slice(0, 8).map((d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : describe(d)));
-  return `[${dims.join(', ')}${shape.length > 8 ? `, … (${shape.length} dims)` : ''}]`;
+  return listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : describe(d)));
+}
+
+/**
+ * A caller's array as a message shows it: its length read once and at most its first 8 elements,
+ * each by index and shown by `show`, and no method of the array's own called (slice, map, join: a
+ * null-prototype array has none, and an own one is the caller's code run in a refusal). A length
+ * that is no count, or a read that throws (a Proxy's trap), is said so.
+ */
+function listStr(list: readonly unknown[], show: (d: unknown) => string): string {
+  let n: unknown;
+  try {
+    n = list.length;
+  } catch {
+    return 'an array whose length cannot be read';
+  }
+  if (!isCount(n)) return `an array of length ${describe(n)}`;
+  let text = '';
+  for (let i = 0; i < n && i < 8; i++) {
+    let d: unknown;
+    try {
+      d = list[i];
+    } catch {
+      d = undefined;
+    }
+    text += i === 0 ? show(d) : `, ${show(d)}`;
+  }
+  return `[${text}${n > 8 ? `, … (${n} dims)` : ''}]`;
 }
 
 /** Frees a device buffer now (ops already queued still finish with it); host memory is left to the GC. */

@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, listCount, ownView, typedArrayKind } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
 import { allocHostArray, arrayLikeOf, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -843,6 +843,23 @@ function planThis(self: unknown, method: string): void {
   if (!Plan.isPlan(self)) fail('INVALID_VALUE', 'this', `a Plan from createPlan() (call it as plan.${method}(...))`, describe(self));
 }
 
+/**
+ * A tensor of rows a plan handed out, as it was handed out: every field read once, an int32 tensor
+ * of `shape` (its array's kind by its tag, not instanceof: another kind's array dressed as an
+ * Int32Array is refused; a detached one too) whose values are those of `own`, the plan's array it
+ * was copied from (the same values in other memory are the same rows). Else INVALID_DTYPE,
+ * INVALID_SHAPE or INVALID_VALUE naming `argument`, before any work.
+ */
+function unchangedRows(value: unknown, argument: string, shape: readonly number[], own: Int32Array): void {
+  const t = checkTensor(value, argument, INT32_DTYPE);
+  const s = t.shape;
+  if (s.length !== shape.length || s.some((d, i) => d !== shape[i])) fail('INVALID_SHAPE', argument, `shape ${shapeStr(shape)} as the plan made it`, `shape ${shapeStr(s)}`);
+  const data = t.data as Int32Array;
+  for (let i = 0; i < own.length; i++) {
+    if (data[i] !== own[i]) fail('INVALID_VALUE', argument, "the values the plan made (rows a plan hands out are read-only)", `${data[i]} at ${i} where the plan made ${own[i]}`);
+  }
+}
+
 /** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
 export function createPlan(chunk: PlanChunk, options: PlanOptions = {}): Plan {
   return new Plan(chunk, options);
@@ -898,8 +915,12 @@ export class Plan {
   readonly #combined = new Map<0 | 128, CombinedRows>();
   #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
   readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
-  /** The rows this plan made (combinedRows, combineC4), frozen: pagedForm reads no other. */
-  readonly #madeRows = new WeakSet<CombinedRows>();
+  /**
+   * The rows this plan handed out (combinedRows, combineC4), each to the arrays the plan made it
+   * from: its own, never handed out (the rows' tensors hold copies). What the plan computes from rows
+   * (pagedForm, peekPagedForm, its layers) reads these, whatever a caller did to the copies.
+   */
+  readonly #madeRows = new WeakMap<CombinedRows, LayerRows>();
   /** What this plan's peeks built and no keepPeekedForm has kept yet (each is kept at most once). */
   readonly #peeks = new WeakSet<PeekBuilt>();
 
@@ -1142,7 +1163,12 @@ export class Plan {
     return this.#planner.compressedTokenIds(this.#seqLens, this.#extendLens, ratio, st.pageTables, st.pageTableOffsets, st.pageSize, st.layout.compressedRows);
   }
 
-  /** The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. */
+  /**
+   * The chunk-invariant combined rows of ratio 0 or 128: built on first use, then the same object
+   * on every call. Its tensors hold copies of the rows the plan's layers read (made once per ratio):
+   * writing into them, or reassigning a tensor's fields, changes nothing the plan computes, and
+   * pagedForm refuses rows so changed.
+   */
   combinedRows(ratio: 0 | 128): CombinedRows {
     planThis(this, 'combinedRows');
     const have = this.#combined.get(ratio);
@@ -1157,14 +1183,15 @@ export class Plan {
     const have = this.#combined.get(ratio);
     if (have) return have;
     const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, dense ?? this.#buildDenseRows(ratio));
+    // copies (once per ratio): the host's layers read r's arrays, which no caller may write into
     const built: CombinedRows = Object.freeze({
       ratio,
       width: r.width,
-      indices: tensor('int32', [this.numQueries, r.width], r.rows),
-      lengths: tensor('int32', [this.numQueries], r.lens),
+      indices: tensor('int32', [this.numQueries, r.width], r.rows.slice()),
+      lengths: tensor('int32', [this.numQueries], r.lens.slice()),
       dropped: 0,
     });
-    this.#madeRows.add(built);
+    this.#madeRows.set(built, { width: r.width, rows: r.rows, lens: r.lens });
     this.#combined.set(ratio, built);
     return built;
   }
@@ -1172,7 +1199,8 @@ export class Plan {
   /**
    * One c4 layer's rows from its indexer's top-k (int32 [numQueries, topk] of request-local
    * compressed positions, −1 padded). Entries not yet visible at the query's position are dropped
-   * and counted (result.dropped, plan.stats.c4Dropped), never attended.
+   * and counted (result.dropped, plan.stats.c4Dropped), never attended. The rows' tensors hold
+   * copies of what the plan keeps for pagedForm(rows): changed, pagedForm refuses them.
    */
   combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
     planThis(this, 'combineC4');
@@ -1187,13 +1215,13 @@ export class Plan {
     const rows: CombinedRows = Object.freeze({
       ratio: 4,
       width,
-      indices: tensor('int32', [this.numQueries, width], r.rows),
-      lengths: tensor('int32', [this.numQueries], r.lens),
+      indices: tensor('int32', [this.numQueries, width], r.rows.slice()),
+      lengths: tensor('int32', [this.numQueries], r.lens.slice()),
       dropped: r.droppedTotal,
       droppedPerQuery: r.dropped,
       topk,
     });
-    this.#madeRows.add(rows);
+    this.#madeRows.set(rows, { width, rows: r.rows, lens: r.lens });
     return rows;
   }
 
@@ -1272,24 +1300,28 @@ export class Plan {
   /**
    * The paged form (SPEC §5) of combined rows: the SWA token ids of each query's window (main,
    * built once per chunk) and the compressed token ids it attends (extra), derived from the same
-   * rows, so both paths attend exactly the same entries.
+   * rows, so both paths attend exactly the same entries. `rows`: an object combinedRows or combineC4
+   * of this plan returned, its tensors as they were handed out (int32, the plan's shape, the plan's
+   * values; in any memory): else INVALID_VALUE, INVALID_DTYPE or INVALID_SHAPE before any work. The
+   * form is built from the plan's own copy of the rows.
    */
   pagedForm(rows: CombinedRows): PagedForm {
     planThis(this, 'pagedForm');
-    if (!this.#madeRows.has(rows)) fail('INVALID_VALUE', 'rows', 'combined rows made by this plan (combinedRows or combineC4)', describe(rows));
-    // the rows object is frozen, its tensors are not: arrays swapped in since are refused too
-    const { indices, lengths } = rows;
-    if (!(indices.data instanceof Int32Array) || indices.data.length !== this.numQueries * rows.width || !(lengths.data instanceof Int32Array) || lengths.data.length !== this.numQueries) {
-      fail('INVALID_SHAPE', 'rows', `int32 indices [${this.numQueries}, ${rows.width}] and lengths [${this.numQueries}] as this plan made them`, 'arrays of other sizes');
-    }
-    return this.#keepPagedForm(rows, undefined);
+    const made = typeof rows === 'object' && rows !== null ? this.#madeRows.get(rows) : undefined;
+    if (made === undefined) fail('INVALID_VALUE', 'rows', 'combined rows made by this plan (combinedRows or combineC4)', describe(rows));
+    // the rows object is frozen, its tensors are not: a tensor changed since (another array, dtype
+    // or shape, or other values written into its array) is refused; the form is built from the
+    // plan's own arrays, which the caller's never are
+    unchangedRows(rows.indices, 'rows.indices', [this.numQueries, made.width], made.rows);
+    unchangedRows(rows.lengths, 'rows.lengths', [this.numQueries], made.lens);
+    return this.#keepPagedForm(rows, made, undefined);
   }
 
   /**
    * pagedForm(rows) once its rows are checked: the sets the plan keeps, else those `built` holds
    * (a peek's, built from the same rows) or built now, kept and counted.
    */
-  #keepPagedForm(rows: CombinedRows, built: PeekBuilt | undefined): PagedForm {
+  #keepPagedForm(rows: CombinedRows, made: LayerRows, built: PeekBuilt | undefined): PagedForm {
     const st = this.#state(rows.ratio, 'rows.ratio');
     const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.#keepCompressedIds(rows.ratio, built?.compIds);
     this.#pagedIdsFit(compIds);
@@ -1301,7 +1333,7 @@ export class Plan {
     const needExtra = extra === undefined && extraWidth > 0;
     const buildMain = needMain && built?.main === undefined, buildExtra = needExtra && built?.extra === undefined;
     const r = buildMain || buildExtra
-      ? this.#planner.pagedForm(rows.indices.data, rows.lengths.data, rows.width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, buildMain ? mainWidth : 0, buildExtra ? extraWidth : 0)
+      ? this.#planner.pagedForm(made.rows, made.lens, made.width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, buildMain ? mainWidth : 0, buildExtra ? extraWidth : 0)
       : {};
     if (needMain) {
       const main = built?.main ?? r.main!;
@@ -1350,7 +1382,7 @@ export class Plan {
     } else {
       const made = this.#combined.get(ratio);
       extra = made && this.#pagedExtra.get(made);
-      const kept = made ? { rows: made.indices.data, lens: made.lengths.data, width: made.width } : this.#host.keptDenseRows(ratio);
+      const kept = made ? this.#madeRows.get(made) : this.#host.keptDenseRows(ratio);
       const r = kept ?? (dense = this.#buildDenseRows(ratio));
       [rows, lens, width] = [r.rows, r.lens, r.width];
     }
@@ -1376,7 +1408,7 @@ export class Plan {
     const b = peeked.built;
     if (!this.#peeks.delete(b)) fail('INVALID_VALUE', 'peeked', 'a paged form this plan peeked and has not kept', describe(peeked));
     const rows = b.ratio === 4 ? this.#keepC4Rows(b.c4!.rows, b.c4!.topk, b.c4!.width) : this.#keepCombinedRows(b.ratio, b.dense);
-    return { rows, form: this.#keepPagedForm(rows, b) };
+    return { rows, form: this.#keepPagedForm(rows, this.#madeRows.get(rows)!, b) };
   }
 
   /**

@@ -97,7 +97,11 @@ export interface WorkspaceLayout {
   readonly maxVisible: number;
 }
 
-/** Each query's combined row rebased into the workspace: compressed entries, window rows, −1 padding. */
+/**
+ * Each query's combined row rebased into the workspace: compressed entries, window rows, −1 padding.
+ * Read-only: the object is frozen, and its tensors hold copies of the plan's rows (Plan.pagedForm
+ * refuses rows whose tensors were changed; the plan's layers never read them).
+ */
 export interface CombinedRows {
   readonly ratio: CompressRatio;
   readonly width: number;

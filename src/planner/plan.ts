@@ -7,7 +7,7 @@
  */
 import { SparseMlaError, fail } from '../errors.js';
 import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
-import { allocHostArray, arrayLikeOf, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
+import { allocHostArray, arrayLikeOf, dimsOnce, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
@@ -844,19 +844,28 @@ function planThis(self: unknown, method: string): void {
 }
 
 /**
- * A tensor of rows a plan handed out, as it was handed out: every field read once, an int32 tensor
- * of `shape` (its array's kind by its tag, not instanceof: another kind's array dressed as an
- * Int32Array is refused; a detached one too) whose values are those of `own`, the plan's array it
- * was copied from (the same values in other memory are the same rows). Else INVALID_DTYPE,
- * INVALID_SHAPE or INVALID_VALUE naming `argument`, before any work.
+ * Rows a plan handed out (combinedRows, combineC4) as it handed them out, `made` the plan's own
+ * arrays they are copies of: each tensor's fields read once, an int32 tensor of the plan's shape (its
+ * array's kind by its tag, not instanceof: another kind's array dressed as an Int32Array is refused,
+ * a detached one too) holding `made`'s values (in any memory: the same values are the same rows).
+ * Else a SparseMlaError naming `rows`, before any work.
  */
-function unchangedRows(value: unknown, argument: string, shape: readonly number[], own: Int32Array): void {
-  const t = checkTensor(value, argument, INT32_DTYPE);
-  const s = t.shape;
-  if (s.length !== shape.length || s.some((d, i) => d !== shape[i])) fail('INVALID_SHAPE', argument, `shape ${shapeStr(shape)} as the plan made it`, `shape ${shapeStr(s)}`);
-  const data = t.data as Int32Array;
-  for (let i = 0; i < own.length; i++) {
-    if (data[i] !== own[i]) fail('INVALID_VALUE', argument, "the values the plan made (rows a plan hands out are read-only)", `${data[i]} at ${i} where the plan made ${own[i]}`);
+function unchangedRows(rows: CombinedRows, made: LayerRows, numQueries: number): void {
+  const expected = `int32 indices [${numQueries}, ${made.width}] and lengths [${numQueries}] as this plan made them`;
+  for (const [key, shape, own] of [['indices', [numQueries, made.width], made.rows], ['lengths', [numQueries], made.lens]] as const) {
+    const t: unknown = rows[key];
+    if (typeof t !== 'object' || t === null) fail('INVALID_VALUE', 'rows', expected, `${key} ${describe(t)}`);
+    const f = t as { dtype: unknown; shape: unknown; data: unknown };
+    const dtype = f.dtype, given = f.shape, raw = f.data;
+    const dims = Array.isArray(given) ? dimsOnce(given) : null;
+    const data = ownView(raw, Int32Array, `rows.${key}.data`);
+    if (dtype !== 'int32' || data === null) fail('INVALID_DTYPE', 'rows', expected, `${key} of dtype ${describe(dtype)} over ${describe(raw)}`);
+    if (dims === null || dims.length !== shape.length || dims.some((d, i) => d !== shape[i]) || data.length !== own.length) {
+      fail('INVALID_SHAPE', 'rows', expected, `${key} of shape ${dims === null ? describe(given) : shapeStr(dims)} over ${data.length} elements`);
+    }
+    for (let i = 0; i < own.length; i++) {
+      if (data[i] !== own[i]) fail('INVALID_VALUE', 'rows', `${expected} (rows a plan hands out are read-only)`, `${key} ${data[i]} at ${i} where the plan made ${own[i]}`);
+    }
   }
 }
 
@@ -912,9 +921,11 @@ export class Plan {
   /** the same resources, for release() (weakly: they live as long as their engine's steps) */
   readonly #deviceResources: WeakRef<LayerResources<DeviceBuffer>>[] = [];
   readonly #parts: PlanParts;
-  readonly #combined = new Map<0 | 128, CombinedRows>();
+  /** the c0 / c128 rows combinedRows hands out copies of (the host's, when it made them first) */
+  readonly #combined = new Map<0 | 128, LayerRows>();
   #pagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
-  readonly #pagedExtra = new WeakMap<CombinedRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
+  /** each made rows' extra set, keyed by the plan's own rows (every copy of them handed out shares it) */
+  readonly #pagedExtra = new WeakMap<LayerRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
   /**
    * The rows this plan handed out (combinedRows, combineC4), each to the arrays the plan made it
    * from: its own, never handed out (the rows' tensors hold copies). What the plan computes from rows
@@ -1164,15 +1175,13 @@ export class Plan {
   }
 
   /**
-   * The chunk-invariant combined rows of ratio 0 or 128: built on first use, then the same object
-   * on every call. Its tensors hold copies of the rows the plan's layers read (made once per ratio):
-   * writing into them, or reassigning a tensor's fields, changes nothing the plan computes, and
-   * pagedForm refuses rows so changed.
+   * The chunk-invariant combined rows of ratio 0 or 128: built on first use, then reused. Each call
+   * gives a new frozen object whose tensors hold copies of the rows the plan's layers read: writing
+   * into them, or reassigning a tensor's fields, changes nothing the plan computes (nor the rows of
+   * another call), and pagedForm refuses rows so changed.
    */
   combinedRows(ratio: 0 | 128): CombinedRows {
     planThis(this, 'combinedRows');
-    const have = this.#combined.get(ratio);
-    if (have) return have;
     this.#state(ratio, 'ratio');
     if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
     return this.#keepCombinedRows(ratio, undefined);
@@ -1180,10 +1189,12 @@ export class Plan {
 
   /** The combined rows of ratio 0 or 128, made once: over the rows the host keeps, else `dense` (a peek's) or rows built now, kept and counted. */
   #keepCombinedRows(ratio: 0 | 128, dense: LayerRows | undefined): CombinedRows {
-    const have = this.#combined.get(ratio);
-    if (have) return have;
-    const r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, dense ?? this.#buildDenseRows(ratio));
-    // copies (once per ratio): the host's layers read r's arrays, which no caller may write into
+    let r = this.#combined.get(ratio);
+    if (r === undefined) {
+      r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, dense ?? this.#buildDenseRows(ratio));
+      this.#combined.set(ratio, r);
+    }
+    // copies, made for each caller: the host's layers read r's arrays, which no caller may write into
     const built: CombinedRows = Object.freeze({
       ratio,
       width: r.width,
@@ -1191,8 +1202,7 @@ export class Plan {
       lengths: tensor('int32', [this.numQueries], r.lens.slice()),
       dropped: 0,
     });
-    this.#madeRows.set(built, { width: r.width, rows: r.rows, lens: r.lens });
-    this.#combined.set(ratio, built);
+    this.#madeRows.set(built, r);
     return built;
   }
 
@@ -1312,8 +1322,7 @@ export class Plan {
     // the rows object is frozen, its tensors are not: a tensor changed since (another array, dtype
     // or shape, or other values written into its array) is refused; the form is built from the
     // plan's own arrays, which the caller's never are
-    unchangedRows(rows.indices, 'rows.indices', [this.numQueries, made.width], made.rows);
-    unchangedRows(rows.lengths, 'rows.lengths', [this.numQueries], made.lens);
+    unchangedRows(rows, made, this.numQueries);
     return this.#keepPagedForm(rows, made, undefined);
   }
 
@@ -1329,7 +1338,7 @@ export class Plan {
     const extraWidth =
       rows.ratio === 0 ? 0 : rows.ratio === 128 ? roundUp(st.layout.maxVisible, this.align) : roundUp(rows.topk ?? 0, this.align);
     const needMain = this.#pagedMain === undefined;
-    let extra = this.#pagedExtra.get(rows);
+    let extra = this.#pagedExtra.get(made);
     const needExtra = extra === undefined && extraWidth > 0;
     const buildMain = needMain && built?.main === undefined, buildExtra = needExtra && built?.extra === undefined;
     const r = buildMain || buildExtra
@@ -1344,9 +1353,9 @@ export class Plan {
       this.stats.pagedMainBuilds++;
     }
     if (needExtra) {
-      const made = built?.extra ?? r.extra!;
-      extra = { extra: tensor('int32', [this.numQueries, extraWidth], made.rows), extraLengths: tensor('int32', [this.numQueries], made.lens) };
-      this.#pagedExtra.set(rows, extra);
+      const set = built?.extra ?? r.extra!;
+      extra = { extra: tensor('int32', [this.numQueries, extraWidth], set.rows), extraLengths: tensor('int32', [this.numQueries], set.lens) };
+      this.#pagedExtra.set(made, extra);
       this.stats.pagedExtraBuilds++;
     }
     return { ...this.#pagedMain!, ...(extra ?? {}) };
@@ -1382,7 +1391,7 @@ export class Plan {
     } else {
       const made = this.#combined.get(ratio);
       extra = made && this.#pagedExtra.get(made);
-      const kept = made ? this.#madeRows.get(made) : this.#host.keptDenseRows(ratio);
+      const kept = made ?? this.#host.keptDenseRows(ratio);
       const r = kept ?? (dense = this.#buildDenseRows(ratio));
       [rows, lens, width] = [r.rows, r.lens, r.width];
     }

@@ -1,0 +1,180 @@
+/**
+ * Two findings of the API fuzzer (test/fuzz, session 53), fixed in session 53 by helper-61:
+ *
+ * - an op's INVALID_SHAPE message formatted the caller's shape with the caller's own array methods
+ *   (`shape.slice(0, 8).map(...).join(...)` in tensor.ts shapeStr): a null-prototype shape of 65 dims
+ *   was TypeError "shape.slice is not a function", an own `slice` ran the caller's code in a refusal;
+ *   describe()'s "a bf16 tensor [...]" the same (a null-prototype shape there said "an object");
+ * - the rows a plan hands out (combinedRows, combineC4) were frozen objects over tensors holding the
+ *   plan's own arrays, which its layers and pagedForm read back: 2^30 written into them gave a sparse
+ *   layer lse = +inf on every row, and pagedForm took arrays swapped in (out-of-range ids: the core's
+ *   BACKEND_FAILURE; an array of another kind dressed as Int32Array passed `instanceof`; a detached
+ *   one was a TypeError). Fuzz replays: cpu seed 64 cases 140 / 855, wasm seed 65 case 532, cpu seed
+ *   76 case 719.
+ *
+ * Layers are checked against the brute-force float64 reference (prefillLayerReference), paged forms
+ * against a fresh plan's of the same chunk.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { createEngine, SparseMlaError, tensor } from '../dist/index.js';
+import { createPlan, prefillLayer, type CombinedRows, type CompressRatio, type PagedForm, type Plan } from '../dist/planner/index.js';
+import { prefillLayerReference } from '../dist/reference/index.js';
+import type { Engine } from '../dist/types.js';
+import { randomBf16Bits, testRng } from './helpers/random.js';
+import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
+import { expectWithinBounds } from './helpers/judge.js';
+import { errorOf } from './helpers/errors.js';
+
+const rng = testRng('hostile_plan_rows.test');
+const HQ = 4;
+const D = 512;
+const SM_SCALE = 1 / Math.sqrt(D);
+
+let engine: Engine;
+beforeAll(async () => {
+  engine = await createEngine({ backend: 'wasm', workers: 2 });
+});
+afterAll(async () => {
+  await engine?.dispose();
+});
+
+async function expectTyped(call: () => unknown, code: string, message: string | RegExp): Promise<SparseMlaError> {
+  const e = await errorOf(call);
+  expect(e, String(e)).toBeInstanceOf(SparseMlaError);
+  const err = e as SparseMlaError;
+  expect(err.code, err.message).toBe(code);
+  if (typeof message === 'string') expect(err.message).toBe(message);
+  else expect(err.message).toMatch(message);
+  return err;
+}
+
+describe("an op's shape message reads the caller's shape by index, never through its methods", () => {
+  function sparseArgs(q: unknown) {
+    return { q, kv: tensor('bf16', [1, 1, D], new Uint16Array(D)), indices: tensor('int32', [1, 1], new Int32Array(1)), smScale: 0.1 };
+  }
+  // the message as written from the spec of shapeStr: the first 8 dims, then the count
+  const over64 = (dims: readonly number[]) => `q.shape: expected an array of at most 64 non-negative integers, got [${dims.slice(0, 8).join(', ')}, … (${dims.length} dims)]`;
+
+  test('a null-prototype shape over 64 dims: INVALID_SHAPE with its first 8 dims (was TypeError "shape.slice is not a function")', async () => {
+    const n = rng.int(65, 200);
+    const dims = Array.from({ length: n }, () => rng.int(0, 9));
+    const shape = [...dims];
+    Object.setPrototypeOf(shape, null);
+    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+  });
+
+  test("a shape whose own slice / map / join / iterator lie: none of them is called, the message is the ordinary array's", async () => {
+    const dims = Array.from({ length: 65 }, () => rng.int(0, 9));
+    const calls: string[] = [];
+    const shape = [...dims];
+    for (const m of ['slice', 'map', 'join', 'toString', Symbol.iterator] as const) {
+      Object.defineProperty(shape, m, { value: () => { calls.push(String(m)); return ['lie']; } });
+    }
+    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+    expect(calls).toEqual([]);
+    // an ordinary array: today's text
+    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [...dims], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+  });
+
+  test('a short shape with a bad dim, and a tensor without data whose shape has a null prototype: described by index', async () => {
+    const a = rng.int(1, 9);
+    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [a, 'x', -1], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', `q.shape: expected an array of at most 64 non-negative integers, got [${a}, "x"]`);
+    const dims = [rng.int(1, 9), rng.int(1, 9)];
+    const shape = [...dims];
+    Object.setPrototypeOf(shape, null);
+    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape }) as never), 'INVALID_VALUE', `q: expected a bf16 tensor {dtype, shape, data}, got a bf16 tensor [${dims.join(', ')}]`);
+  });
+});
+
+/** A random chunk with every ratio, its caches, a layer's q, sink and top-k. */
+function scenario() {
+  const seqLens = [rng.int(5, 40), rng.int(300, 600), rng.int(130, 400)];
+  const extendLens = [seqLens[0]!, rng.int(5, 20), rng.int(1, 10)];
+  const sc = randomScenario(rng, seqLens, extendLens);
+  const caches = { swa: randomCache(rng, 64, sc.swaPages), c4: randomCache(rng, sc.c4PageSize, sc.c4Pages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
+  const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
+  const attnSink = tensor('float32', [HQ], new Float32Array(HQ).map(() => rng.normal()));
+  const topkIndices = randomTopk(rng, sc, rng.int(16, 64));
+  return { sc, caches, q, attnSink, topkIndices };
+}
+
+function rowsOf(plan: Plan, ratio: CompressRatio, topk: ReturnType<typeof scenario>['topkIndices']): CombinedRows {
+  return ratio === 4 ? plan.combineC4(topk) : plan.combinedRows(ratio);
+}
+
+function formValues(f: PagedForm): unknown {
+  return [f.main, f.mainLengths, f.extra, f.extraLengths].map((t) => t && [t.shape, Array.from(t.data)]);
+}
+
+describe('rows a plan hands out cannot change what the plan computes, and come back checked', () => {
+  test('2^30 written into the rows combinedRows / combineC4 handed out: the plan\'s later sparse and paged layers still match the float64 reference (was lse = +inf on every row of a sparse layer)', async () => {
+    const { sc, caches, q, attnSink, topkIndices } = scenario();
+    for (const ratio of [0, 4, 128] as const) {
+      const plan = createPlan(sc.chunk, { caches });
+      const rows = rowsOf(plan, ratio, topkIndices);
+      rows.indices.data.fill(2 ** 30);
+      rows.lengths.data.fill(rows.width);
+      const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(ratio === 4 ? { topkIndices } : {}) });
+      for (const path of ['sparse', 'paged'] as const) {
+        const got = await prefillLayer(engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
+        expectWithinBounds(`c${ratio} ${path}`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+        expect(got.dropped, `c${ratio} ${path}`).toBe(ref.dropped);
+      }
+      // and a fresh call hands out the plan's rows, not the caller's writes
+      const again = rowsOf(plan, ratio, topkIndices);
+      expect(Array.from(again.indices.data)).toEqual(Array.from(rowsOf(createPlan(sc.chunk), ratio, topkIndices).indices.data));
+    }
+  }, 60_000);
+
+  test('pagedForm of rows changed since they were handed out: a typed error naming rows, before any work; unchanged rows (in any memory) give the untampered form', async () => {
+    const { sc, topkIndices } = scenario();
+    const nq = sc.numQueries;
+    for (const ratio of [0, 4, 128] as const) {
+      const want = (() => {
+        const p = createPlan(sc.chunk);
+        return formValues(p.pagedForm(rowsOf(p, ratio, topkIndices)));
+      })();
+      const plan = createPlan(sc.chunk);
+      const width = rowsOf(plan, ratio, topkIndices).width;
+      const expected = `rows: expected int32 indices [${nq}, ${width}] and lengths [${nq}] as this plan made them`;
+      const detach = (a: Int32Array) => {
+        const c = a.slice();
+        structuredClone(c.buffer, { transfer: [c.buffer] });
+        return c;
+      };
+      const n = nq * width;
+      const cases: [string, (r: CombinedRows) => void, string, string | RegExp][] = [
+        ['out-of-range ids swapped in', (r) => { (r.indices as { data: Int32Array }).data = new Int32Array(n).fill(2 ** 30); }, 'INVALID_VALUE', new RegExp(`^${escape(expected)} \\(rows a plan hands out are read-only\\), got indices ${2 ** 30} at 0 where the plan made -?\\d+$`)],
+        ['2^30 written into the ids', (r) => { r.indices.data[n - 1] = 2 ** 30; }, 'INVALID_VALUE', new RegExp(`got indices ${2 ** 30} at ${n - 1} where the plan made -?\\d+$`)],
+        ['a length written', (r) => { r.lengths.data[0] = width + 1; }, 'INVALID_VALUE', new RegExp(`got lengths ${width + 1} at 0 where the plan made \\d+$`)],
+        ['a Uint8Array dressed as an Int32Array', (r) => { const v = new Uint8Array(n); Object.setPrototypeOf(v, Int32Array.prototype); (r.indices as { data: unknown }).data = v; }, 'INVALID_DTYPE', `${expected}, got indices of dtype string "int32" over Uint8Array(${n})`],
+        ['a longer array', (r) => { (r.lengths as { data: Int32Array }).data = new Int32Array(nq + 1); }, 'INVALID_SHAPE', `${expected}, got lengths of shape [${nq}] over ${nq + 1} elements`],
+        ['another shape', (r) => { (r.indices as { shape: number[] }).shape = [nq, width, 1]; }, 'INVALID_SHAPE', `${expected}, got indices of shape [${nq}, ${width}, 1] over ${n} elements`],
+        ['dtype int64', (r) => { (r.lengths as { dtype: string }).dtype = 'int64'; }, 'INVALID_DTYPE', `${expected}, got lengths of dtype string "int64" over Int32Array(${nq})`],
+        ['a detached array', (r) => { (r.lengths as { data: Int32Array }).data = detach(r.lengths.data); }, 'INVALID_VALUE', /^rows\.lengths\.data: expected a Int32Array with attached memory/],
+      ];
+      for (const [label, tamper, code, message] of cases) {
+        const r = rowsOf(plan, ratio, topkIndices);
+        tamper(r);
+        const before = { ...plan.stats };
+        await expectTyped(() => plan.pagedForm(r), code, message);
+        expect(plan.stats, `c${ratio} ${label}: no work`).toEqual(before);
+      }
+      // the same ids in a copy and in shared memory: the same rows
+      for (const mem of ['copy', 'shared'] as const) {
+        const r = rowsOf(plan, ratio, topkIndices);
+        const own = r.indices.data;
+        const other = mem === 'copy' ? own.slice() : new Int32Array(new SharedArrayBuffer(own.byteLength));
+        other.set(own);
+        (r.indices as { data: Int32Array }).data = other;
+        expect(formValues(plan.pagedForm(r)), `c${ratio} ${mem}`).toEqual(want);
+      }
+      // a form built after every refusal is the untampered plan's
+      expect(formValues(plan.pagedForm(rowsOf(plan, ratio, topkIndices))), `c${ratio}`).toEqual(want);
+    }
+  });
+});
+
+function escape(s: string): string {
+  return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
+}

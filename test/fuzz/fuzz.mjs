@@ -75,14 +75,6 @@ export const SIDE2_TARGET_ODDS = 0.08;
  */
 export const SIDE3_FROM_SEED = 64;
 
-/**
- * Seeds from SIDE3_FROM_SEED that do not draw the session-53 generators and targets: the test suite's
- * fixed seed (test/fuzz_api.test.ts, test/fuzz_cuda_host.test.ts), which they take to two classes of
- * findings left open in other areas' files (README, session 53: planRows, an op's shape message); its
- * cases stay those of the suite before them. Drop it from here once those are fixed.
- */
-export const SIDE3_EXCEPT_SEEDS = new Set([20261205]);
-
 /** The odds that a case of a seed from SIDE3_FROM_SEED runs a session-53 target instead of its own. */
 export const SIDE3_TARGET_ODDS = 0.05;
 
@@ -164,7 +156,7 @@ export async function runCase(env, seed, index, only) {
     const u = hooks.side2.uniform();
     if (side.length > 0 && (u < SIDE2_TARGET_ODDS || !target)) target = pickWeighted(side, hooks.side2.uniform());
   }
-  if (seed >= SIDE3_FROM_SEED && !SIDE3_EXCEPT_SEEDS.has(seed)) {
+  if (seed >= SIDE3_FROM_SEED) {
     hooks.side3 = caseRng((seed ^ 0x1b873593) >>> 0, index);
     // a session-53 target in place of the case's own (drawn first from its stream)
     // (a target added after some of these seeds were run draws only from its fromSeed: those replay as run)

@@ -146,8 +146,10 @@ export function describe(value: unknown): string {
     if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${value.byteLength})`;
     if (Array.isArray(value)) return `an Array of length ${value.length}`;
     const o = value as Record<string, unknown>;
-    const shape = o.shape;
-    if (typeof o.dtype === 'string' && Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d))}`;
+    if (typeof o.dtype === 'string') {
+      const shape = o.shape;
+      if (Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : typeof d))}`; // (not describe(d): a shape holding its own tensor would recurse)
+    }
     return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
   } catch {
     return 'an object'; // a Proxy whose traps throw

@@ -82,9 +82,8 @@ function usedPages(whole: Plan, ratio: 4 | 128): Int32Array[] {
  * The requests of flat queries [a, b) of the whole plan's chunk: each overlapping request cut to its
  * part, its SWA ids and pages taken from what the whole plan read (never the caller's lists again).
  */
-function subChunk(whole: Plan, pages: ReadonlyMap<4 | 128, Int32Array[]>, a: number, b: number): PlanChunk {
+function subChunk(whole: Plan, swaIds: Float64Array, pages: ReadonlyMap<4 | 128, Int32Array[]>, a: number, b: number): PlanChunk {
   const requests: ChunkRequest[] = [];
-  const swaIds = whole.swaTokenIds.data;
   const c4 = pages.get(4), c128 = pages.get(128);
   whole.requests.forEach((req, r) => {
     const lo = Math.max(a, req.queryOffset) - req.queryOffset, hi = Math.min(b, req.queryOffset + req.extendLen) - req.queryOffset;
@@ -123,7 +122,10 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
   if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
   const pages = new Map<4 | 128, Int32Array[]>();
   for (const ratio of whole.ratios) if (ratio !== 0) pages.set(ratio, usedPages(whole, ratio));
-  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(whole, pages, a, b), planOptions), queryOffset: a, numQueries: b - a }));
+  // as numbers, converted once (the shards' plans read a number faster than a bigint)
+  const wholeSwa = whole.swaTokenIds.data, swaIds = new Float64Array(wholeSwa.length);
+  for (let i = 0; i < swaIds.length; i++) swaIds[i] = Number(wholeSwa[i]!);
+  const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(whole, swaIds, pages, a, b), planOptions), queryOffset: a, numQueries: b - a }));
   return new ShardedPlan(split, shards, whole.numQueries);
 }
 

@@ -12,6 +12,9 @@
  *   one was a TypeError). Fuzz replays: cpu seed 64 cases 140 / 855, wasm seed 65 case 532, cpu seed
  *   76 case 719.
  *
+ * The same for the gather ids a plan hands out (plan.swaTokenIds, compressedTokenIds): they were the
+ * arrays its layers gather.
+ *
  * Layers are checked against the brute-force float64 reference (prefillLayerReference), paged forms
  * against a fresh plan's of the same chunk.
  */
@@ -123,6 +126,25 @@ describe('rows a plan hands out cannot change what the plan computes, and come b
       // and a fresh call hands out the plan's rows, not the caller's writes
       const again = rowsOf(plan, ratio, topkIndices);
       expect(Array.from(again.indices.data)).toEqual(Array.from(rowsOf(createPlan(sc.chunk), ratio, topkIndices).indices.data));
+    }
+  }, 60_000);
+
+  test("the gather ids a plan hands out (plan.swaTokenIds, compressedTokenIds): 2^40 written into them changes none of its layers (vs the float64 reference; were the layers' own ids: a sparse layer gathered other rows)", async () => {
+    const { sc, caches, q, attnSink, topkIndices } = scenario();
+    for (const ratio of [0, 4, 128] as const) {
+      const plan = createPlan(sc.chunk, { caches });
+      const want = ratio === 0 ? [] : Array.from(plan.compressedTokenIds(ratio).data);
+      plan.swaTokenIds.data.fill(2n ** 40n);
+      if (ratio !== 0) plan.compressedTokenIds(ratio).data.fill(2n ** 40n + BigInt(rng.int(0, 1000)));
+      const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(ratio === 4 ? { topkIndices } : {}) });
+      for (const path of ['sparse', 'paged'] as const) {
+        const got = await prefillLayer(engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
+        expectWithinBounds(`c${ratio} ${path}`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+      }
+      // the plan's paged form still names the chunk's own SWA ids
+      const fresh = createPlan(sc.chunk);
+      expect(formValues(plan.pagedForm(rowsOf(plan, ratio, topkIndices)))).toEqual(formValues(fresh.pagedForm(rowsOf(fresh, ratio, topkIndices))));
+      if (ratio !== 0) expect(Array.from(fresh.compressedTokenIds(ratio).data)).toEqual(want);
     }
   }, 60_000);
 

@@ -889,7 +889,10 @@ export class Plan {
   readonly requests: readonly PlanRequestLayout[];
   /** the compress ratios this plan serves: 0 always, 4 / 128 when their page size was given */
   readonly ratios: readonly CompressRatio[];
-  /** int64 [swaRows]: SWA cache token ids of every request's gather, request by request */
+  /**
+   * int64 [swaRows]: SWA cache token ids of every request's gather, request by request. A copy of
+   * the ids the plan's layers gather (made once): writing into it changes nothing the plan computes.
+   */
   readonly swaTokenIds: Tensor<'int64'>;
   /** the largest workspace any one layer of this chunk needs (bytes); what the budget was checked against */
   readonly workspaceBytes: number;
@@ -1068,7 +1071,8 @@ export class Plan {
       });
     }
     this.#maxSwaId = maxSwaId;
-    this.swaTokenIds = tensor('int64', [swaIds.length], swaIds);
+    // the caller's copy: the layers gather swaIds (#parts), which the ids were checked into
+    this.swaTokenIds = tensor('int64', [swaIds.length], swaIds.slice());
     this.requests = requests;
 
     // Each ratio's page tables (the compressed gather ids are built from them where they are used).
@@ -1156,13 +1160,24 @@ export class Plan {
     return this.#compressedState(ratio).pageSize;
   }
 
-  /** int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio (built on first use). */
+  /**
+   * int64 [compressedRows]: the compressed cache token ids gathered into the workspace for a ratio
+   * (built on first use). A copy of the ids the plan's layers gather, made once per ratio and the
+   * same array on every call: writing into it changes nothing the plan computes.
+   */
   compressedTokenIds(ratio: 4 | 128): Tensor<'int64'> {
     planThis(this, 'compressedTokenIds');
     this.#compressedState(ratio);
-    const ids = this.#keepCompressedIds(ratio, undefined);
+    let ids = this.#handedCompressedIds.get(ratio);
+    if (ids === undefined) {
+      ids = this.#keepCompressedIds(ratio, undefined).slice();
+      this.#handedCompressedIds.set(ratio, ids);
+    }
     return tensor('int64', [ids.length], ids);
   }
+
+  /** compressedTokenIds' copies, by ratio (the host keeps the ids its layers gather apart) */
+  readonly #handedCompressedIds = new Map<4 | 128, BigInt64Array>();
 
   /** A ratio's compressed gather ids as the host keeps them: kept ones, else `built` (a peek's) or built now, kept. */
   #keepCompressedIds(ratio: 4 | 128, built: BigInt64Array | undefined): BigInt64Array {
@@ -1342,7 +1357,7 @@ export class Plan {
     const needExtra = extra === undefined && extraWidth > 0;
     const buildMain = needMain && built?.main === undefined, buildExtra = needExtra && built?.extra === undefined;
     const r = buildMain || buildExtra
-      ? this.#planner.pagedForm(made.rows, made.lens, made.width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, buildMain ? mainWidth : 0, buildExtra ? extraWidth : 0)
+      ? this.#planner.pagedForm(made.rows, made.lens, made.width, st.layout.compressedRows, st.layout.swaRows, compIds, this.#parts.swaTokenIds, buildMain ? mainWidth : 0, buildExtra ? extraWidth : 0)
       : {};
     if (needMain) {
       const main = built?.main ?? r.main!;
@@ -1399,7 +1414,7 @@ export class Plan {
     const compIds = keptIds ?? this.#buildCompressedIds(ratio as 4 | 128);
     this.#pagedIdsFit(compIds);
     const needMain = this.#pagedMain === undefined, needExtra = extra === undefined && extraWidth > 0;
-    const form = needMain || needExtra ? this.#planner.pagedForm(rows, lens, width, st.layout.compressedRows, st.layout.swaRows, compIds, this.swaTokenIds.data, needMain ? mainWidth : 0, needExtra ? extraWidth : 0) : {};
+    const form = needMain || needExtra ? this.#planner.pagedForm(rows, lens, width, st.layout.compressedRows, st.layout.swaRows, compIds, this.#parts.swaTokenIds, needMain ? mainWidth : 0, needExtra ? extraWidth : 0) : {};
     const built: PeekBuilt = { ratio, c4, dense, compIds: keptIds === undefined ? compIds : undefined, main: form.main, extra: form.extra };
     this.#peeks.add(built);
     const main = needMain ? { main: form.main!.rows, mainLengths: form.main!.lens } : { main: this.#pagedMain!.main.data, mainLengths: this.#pagedMain!.mainLengths.data };

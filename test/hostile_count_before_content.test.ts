@@ -21,30 +21,12 @@ import { errorOf } from './helpers/errors.js';
 import { testRng } from './helpers/random.js';
 import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
+import { claimingList } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_count_before_content');
 
 /** Elements a hostile list claims: reading each would take seconds of the caller's traps. */
 const CLAIM = 2 ** 22;
-
-/** A Proxy of an array claiming `length` elements, each `value`; `reads` counts what it answered. */
-function claimingList(length: number, value: unknown): { list: unknown[]; reads: { length: number; elements: number } } {
-  const reads = { length: 0, elements: 0 };
-  const list = new Proxy([] as unknown[], {
-    get(target, key, receiver) {
-      if (key === 'length') {
-        reads.length++;
-        return length;
-      }
-      if (typeof key === 'string' && /^\d+$/.test(key)) {
-        reads.elements++;
-        return value;
-      }
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
 
 /** The error `call` throws or rejects with, checked to be a SparseMlaError. */
 async function refusal(call: () => unknown): Promise<SparseMlaError> {

@@ -16,22 +16,11 @@ import { nativeAddonBuilt } from './helpers/backends.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
 import { errorOf } from './helpers/errors.js';
 import { testRng } from './helpers/random.js';
+import { claimingList } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_count_before_content_engine');
 const CLAIM = 2 ** 22;
 const BUDGET = 2 ** 20;
-
-function claimingList(length: number, value: unknown): { list: unknown[]; reads: { length: number; elements: number } } {
-  const reads = { length: 0, elements: 0 };
-  const list = new Proxy([] as unknown[], {
-    get(target, key, receiver) {
-      if (key === 'length') return (reads.length++, length);
-      if (typeof key === 'string' && /^\d+$/.test(key)) return (reads.elements++, value);
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
 
 async function refusal(call: () => unknown): Promise<SparseMlaError> {
   const e = await errorOf(call);

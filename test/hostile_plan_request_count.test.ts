@@ -14,43 +14,13 @@ import { SparseMlaError, createPlan, createShardedPlan, tensor, type PlanChunk }
 import * as planModule from '../dist/planner/plan.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { testRng } from './helpers/random.js';
+import { claimingList, countedArray } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_plan_request_count');
 
 /** The caps as documented (written here, not read from the code under test). */
 const MAX_REQUESTS = 2 ** 20;
 const MAX_UNUSED = 2 ** 24;
-
-/** A Proxy of an array claiming `length` elements, each `value`; `reads` counts what it answered. */
-function claimingList(length: number, value: unknown): { list: unknown[]; reads: { length: number; elements: number } } {
-  const reads = { length: 0, elements: 0 };
-  const list = new Proxy([] as unknown[], {
-    get(target, key, receiver) {
-      if (key === 'length') {
-        reads.length++;
-        return length;
-      }
-      if (typeof key === 'string' && /^\d+$/.test(key)) {
-        reads.elements++;
-        return value;
-      }
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
-
-/** A Proxy over a real array that counts the element reads it answers. */
-function countedArray(values: number[]): { list: number[]; reads: { elements: number } } {
-  const reads = { elements: 0 };
-  const list = new Proxy(values, {
-    get(target, key, receiver) {
-      if (typeof key === 'string' && /^\d+$/.test(key)) reads.elements++;
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
 
 /** The SparseMlaError `call` throws, as [code, argument, message]; fails when it returns or throws anything else. */
 function refusalOf(call: () => unknown): [string, string | undefined, string] {

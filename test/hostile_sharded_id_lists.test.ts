@@ -11,6 +11,7 @@
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError, createPlan, createShardedPlan, type PlanChunk } from '../dist/index.js';
 import { testRng } from './helpers/random.js';
+import { claimingList, countedArray } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_sharded_id_lists');
 
@@ -18,37 +19,6 @@ const rng = testRng('hostile_sharded_id_lists');
 const MAX_UNUSED = 2 ** 24;
 /** Element reads a claiming list answers before it throws (a plain Error: the read-all path stops fast). */
 const READ_BUDGET = 2 ** 16;
-
-/** A Proxy of an array claiming `length` elements, each `value`; `reads` counts what it answered. */
-function claimingList(length: number, value: unknown): { list: unknown[]; reads: { length: number; elements: number } } {
-  const reads = { length: 0, elements: 0 };
-  const list = new Proxy([] as unknown[], {
-    get(target, key, receiver) {
-      if (key === 'length') {
-        reads.length++;
-        return length;
-      }
-      if (typeof key === 'string' && /^\d+$/.test(key)) {
-        if (++reads.elements > READ_BUDGET) throw new Error(`claimingList: more than ${READ_BUDGET} elements read`);
-        return value;
-      }
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
-
-/** A Proxy over a real array that counts the reads of each element. */
-function countedArray(values: number[]): { list: number[]; reads: Map<string, number> } {
-  const reads = new Map<string, number>();
-  const list = new Proxy(values, {
-    get(target, key, receiver) {
-      if (typeof key === 'string' && (key === 'length' || /^\d+$/.test(key))) reads.set(key, (reads.get(key) ?? 0) + 1);
-      return Reflect.get(target, key, receiver);
-    },
-  });
-  return { list, reads };
-}
 
 /** The SparseMlaError `call` throws, as [code, argument, message]; fails when it returns or throws anything else. */
 function refusalOf(call: () => unknown): [string, string | undefined, string] {
@@ -75,7 +45,7 @@ const USED: Record<ListKey, number> = { swaTokenIds: G, c4PageTable: 5, c128Page
 
 /** The chunk with `key`'s list a claiming Proxy of `claim` entries (the other lists real and valid). */
 function claimingChunk(key: ListKey, claim: number): { chunk: PlanChunk; reads: { length: number; elements: number } } {
-  const { list, reads } = claimingList(claim, 0);
+  const { list, reads } = claimingList(claim, 0, READ_BUDGET);
   const req = { seqLen: SEQ, extendLen: EXT, swaTokenIds: swaIds(), c4PageTable: [0, 1, 2, 3, 4], c128PageTable: [0, 1], [key]: list };
   return { chunk: { requests: [req], c4PageSize: 16, c128PageSize: 1 } as PlanChunk, reads };
 }
@@ -114,7 +84,7 @@ describe('createShardedPlan id lists (helper-60)', () => {
 
   test('two tables crossing the chunk-wide cap together: refused at the second from the counts, neither read', () => {
     const make = () => {
-      const a = claimingList(2 ** 23 + 5, 0), b = claimingList(2 ** 23 + 6, 0);
+      const a = claimingList(2 ** 23 + 5, 0, READ_BUDGET), b = claimingList(2 ** 23 + 6, 0, READ_BUDGET);
       const req = (list: unknown) => ({ seqLen: SEQ, extendLen: EXT, swaTokenIds: swaIds(), c4PageTable: list });
       return { chunk: { requests: [req(a.list), req(b.list)], c4PageSize: 16 } as PlanChunk, reads: [a.reads, b.reads] };
     };
@@ -147,9 +117,9 @@ describe('createShardedPlan id lists (helper-60)', () => {
     const plan = createShardedPlan(chunk, { shards, split: 'queries', window });
     for (const l of lists) {
       for (const c of [l.swa, l.c4, l.c128]) {
-        expect(c.reads.get('length')).toBe(1);
+        expect(c.byKey.get('length')).toBe(1);
         const values = c.list as unknown as number[];
-        for (let i = 0; i < (Reflect.get(values, 'length') as number); i++) expect(c.reads.get(`${i}`), `element ${i}`).toBe(1);
+        for (let i = 0; i < (Reflect.get(values, 'length') as number); i++) expect(c.byKey.get(`${i}`), `element ${i}`).toBe(1);
       }
     }
     // each shard: its queries' requests, cut (§10) and derived (§6) here

@@ -433,7 +433,7 @@ export interface PlacedPagedForm<B = never> {
 /**
  * @internal A layer's paged form as Plan.peekPagedForm reads or builds it, keeping and counting
  * nothing (a layer's budget check reads it at the call); where the check passes, the layer hands it
- * to Plan.keepPeekedForm, which keeps and counts what the peek built as combinedRows / combineC4
+ * to Plan.layerPagedForm, which keeps and counts what the peek built as combinedRows / combineC4
  * and pagedForm would have, so nothing is built twice.
  */
 export interface PeekedPagedForm {
@@ -1199,17 +1199,21 @@ export class Plan {
     planThis(this, 'combinedRows');
     this.#state(ratio, 'ratio');
     if (ratio !== 0 && ratio !== 128) fail('INVALID_VALUE', 'ratio', '0 or 128 (ratio 4 rows come from combineC4)', describe(ratio));
-    return this.#keepCombinedRows(ratio, undefined);
+    return this.#handOutDense(ratio, this.#keepDenseRows(ratio, undefined));
   }
 
-  /** The combined rows of ratio 0 or 128, made once: over the rows the host keeps, else `dense` (a peek's) or rows built now, kept and counted. */
-  #keepCombinedRows(ratio: 0 | 128, dense: LayerRows | undefined): CombinedRows {
+  /** The plan's own rows of ratio 0 or 128, made once: the rows the host keeps, else `dense` (a peek's) or rows built now, kept and counted. */
+  #keepDenseRows(ratio: 0 | 128, dense: LayerRows | undefined): LayerRows {
     let r = this.#combined.get(ratio);
     if (r === undefined) {
       r = this.#host.keptDenseRows(ratio) ?? this.#host.keepDenseRows(ratio, dense ?? this.#buildDenseRows(ratio));
       this.#combined.set(ratio, r);
     }
-    // copies, made for each caller: the host's layers read r's arrays, which no caller may write into
+    return r;
+  }
+
+  /** Combined rows of ratio 0 or 128 for a caller: copies of the plan's own `r`, made for each caller (the host's layers read r's arrays, which no caller may write into). */
+  #handOutDense(ratio: 0 | 128, r: LayerRows): CombinedRows {
     const built: CombinedRows = Object.freeze({
       ratio,
       width: r.width,
@@ -1229,24 +1233,36 @@ export class Plan {
    */
   combineC4(topkIndices: Tensor<'int32'>): CombinedRows {
     planThis(this, 'combineC4');
-    const { data, topk, width } = this.checkTopk(topkIndices, false);
-    return this.#keepC4Rows(this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width), topk, width);
+    const { made, combine, topk } = this.#combineC4(topkIndices);
+    return this.#handOutC4(combine, topk, made);
   }
 
-  /** A c4 layer's combined rows from its combine `r`, counted (plan.stats) as one combine. */
-  #keepC4Rows(r: HostTopkRows, topk: number, width: number): CombinedRows {
+  /** A c4 layer's combine of a host top-k (checked here, as combineC4 checks it), counted (plan.stats) as one combine; `made` the plan's own rows of it. */
+  #combineC4(topkIndices: Tensor<'int32'>): { made: LayerRows; combine: HostTopkRows; topk: number } {
+    const { data, topk, width } = this.checkTopk(topkIndices, false);
+    const combine = this.#planner.combineTopk(this.#seqLens, this.#extendLens, this.window, 4, data, topk, width);
+    return { made: this.#countC4(combine, width), combine, topk };
+  }
+
+  /** A c4 combine `r` of rows `width` wide counted (plan.stats) as one combine: the plan's own rows of it. */
+  #countC4(r: HostTopkRows, width: number): LayerRows {
     this.stats.c4Combines++;
     this.stats.c4Dropped += r.droppedTotal;
+    return { width, rows: r.rows, lens: r.lens };
+  }
+
+  /** A c4 layer's combined rows for a caller: copies of `made`, the plan's own rows of combine `r`. */
+  #handOutC4(r: HostTopkRows, topk: number, made: LayerRows): CombinedRows {
     const rows: CombinedRows = Object.freeze({
       ratio: 4,
-      width,
-      indices: tensor('int32', [this.numQueries, width], r.rows.slice()),
-      lengths: tensor('int32', [this.numQueries], r.lens.slice()),
+      width: made.width,
+      indices: tensor('int32', [this.numQueries, made.width], made.rows.slice()),
+      lengths: tensor('int32', [this.numQueries], made.lens.slice()),
       dropped: r.droppedTotal,
       droppedPerQuery: r.dropped,
       topk,
     });
-    this.#madeRows.set(rows, { width, rows: r.rows, lens: r.lens });
+    this.#madeRows.set(rows, made);
     return rows;
   }
 
@@ -1328,7 +1344,9 @@ export class Plan {
    * rows, so both paths attend exactly the same entries. `rows`: an object combinedRows or combineC4
    * of this plan returned, its tensors as they were handed out (int32, the plan's shape, the plan's
    * values; in any memory): else INVALID_VALUE, INVALID_DTYPE or INVALID_SHAPE before any work. The
-   * form is built from the plan's own copy of the rows.
+   * form is built from the plan's own copy of the rows. Its tensors hold copies of the form the
+   * plan's paged layers read, made once per form (the main set once per plan, the extra set once per
+   * rows) and the same arrays on every call: writing into them changes nothing the plan computes.
    */
   pagedForm(rows: CombinedRows): PagedForm {
     planThis(this, 'pagedForm');
@@ -1338,20 +1356,36 @@ export class Plan {
     // or shape, or other values written into its array) is refused; the form is built from the
     // plan's own arrays, which the caller's never are
     unchangedRows(rows, made, this.numQueries);
-    return this.#keepPagedForm(rows, made, undefined);
+    return this.#handOutForm(made, this.#keepPagedForm(rows.ratio, rows.topk, made, undefined));
+  }
+
+  /** pagedForm's copies: of the main set (one per plan) and of each made rows' extra set */
+  #handedPagedMain?: { main: Tensor<'int32'>; mainLengths: Tensor<'int32'> };
+  readonly #handedPagedExtra = new WeakMap<LayerRows, { extra?: Tensor<'int32'>; extraLengths?: Tensor<'int32'> }>();
+
+  /** The paged form `own` (the plan's, of rows `made`) for a caller: copies, made once per set (the plan's paged layers read own's arrays, which no caller may write into). */
+  #handOutForm(made: LayerRows, own: PagedForm): PagedForm {
+    const copy = (t: Tensor<'int32'>) => tensor('int32', [...t.shape], t.data.slice());
+    const main = (this.#handedPagedMain ??= { main: copy(own.main), mainLengths: copy(own.mainLengths) });
+    let extra = this.#handedPagedExtra.get(made);
+    if (extra === undefined) {
+      extra = own.extra !== undefined && own.extraLengths !== undefined ? { extra: copy(own.extra), extraLengths: copy(own.extraLengths) } : {};
+      this.#handedPagedExtra.set(made, extra);
+    }
+    return { ...main, ...extra };
   }
 
   /**
-   * pagedForm(rows) once its rows are checked: the sets the plan keeps, else those `built` holds
-   * (a peek's, built from the same rows) or built now, kept and counted.
+   * The plan's own paged form of its rows `made` (of `ratio`; `topk` a c4 layer's top-k width): the
+   * sets the plan keeps, else those `built` holds (a peek's, built from the same rows) or built now,
+   * kept and counted. Its arrays are what the plan's paged layers read: never handed to a caller.
    */
-  #keepPagedForm(rows: CombinedRows, made: LayerRows, built: PeekBuilt | undefined): PagedForm {
-    const st = this.#state(rows.ratio, 'rows.ratio');
-    const compIds = rows.ratio === 0 ? new BigInt64Array(0) : this.#keepCompressedIds(rows.ratio, built?.compIds);
+  #keepPagedForm(ratio: CompressRatio, topk: number | undefined, made: LayerRows, built: PeekBuilt | undefined): PagedForm {
+    const st = this.#state(ratio, 'rows.ratio');
+    const compIds = ratio === 0 ? new BigInt64Array(0) : this.#keepCompressedIds(ratio, built?.compIds);
     this.#pagedIdsFit(compIds);
     const mainWidth = roundUp(this.window, this.align);
-    const extraWidth =
-      rows.ratio === 0 ? 0 : rows.ratio === 128 ? roundUp(st.layout.maxVisible, this.align) : roundUp(rows.topk ?? 0, this.align);
+    const extraWidth = ratio === 0 ? 0 : ratio === 128 ? roundUp(st.layout.maxVisible, this.align) : roundUp(topk ?? 0, this.align);
     const needMain = this.#pagedMain === undefined;
     let extra = this.#pagedExtra.get(made);
     const needExtra = extra === undefined && extraWidth > 0;
@@ -1389,7 +1423,7 @@ export class Plan {
    * counting nothing: what the plan keeps is read, anything else is built (a c4 layer's combine
    * included) and held by the peeked form only. For a host layer's exact budget check of its paged
    * op at the call, before any work (prefill_layer.ts, checkPagedOp), which calls it only where
-   * sizes alone cannot tell; a layer that passes hands it to keepPeekedForm.
+   * sizes alone cannot tell; a layer that passes hands it to layerPagedForm.
    */
   peekPagedForm(ratio: CompressRatio, topk: CheckedTopk<DeviceBuffer> | undefined): PeekedPagedForm {
     const st = this.#state(ratio, 'compressRatio');
@@ -1425,14 +1459,38 @@ export class Plan {
   /**
    * @internal The rows and paged form of a layer whose budget check peeked them (peekPagedForm),
    * kept and counted as combinedRows / combineC4 and pagedForm would keep and count them, from what
-   * the peek built (what the plan has kept since wins, as in those): what the layer runs with. Each
-   * peek is kept at most once.
+   * the peek built (what the plan has kept since wins, as in those). Each peek is kept at most once.
+   * The form is the plan's own, as a layer runs with it (layerPagedForm keeps a peek the same way,
+   * without copying the rows); the rows are copies, as combinedRows / combineC4 hand out.
    */
   keepPeekedForm(peeked: PeekedPagedForm): { rows: CombinedRows; form: PagedForm } {
+    const { made, form } = this.#keepPeeked(peeked);
+    const b = peeked.built;
+    return { rows: b.ratio === 4 ? this.#handOutC4(b.c4!.rows, b.c4!.topk, made) : this.#handOutDense(b.ratio, made), form };
+  }
+
+  /** keepPeekedForm's keeping: the plan's own rows of the peek and their paged form (its own), and the rows' dropped count. */
+  #keepPeeked(peeked: PeekedPagedForm): { made: LayerRows; form: PagedForm; dropped: number } {
     const b = peeked.built;
     if (!this.#peeks.delete(b)) fail('INVALID_VALUE', 'peeked', 'a paged form this plan peeked and has not kept', describe(peeked));
-    const rows = b.ratio === 4 ? this.#keepC4Rows(b.c4!.rows, b.c4!.topk, b.c4!.width) : this.#keepCombinedRows(b.ratio, b.dense);
-    return { rows, form: this.#keepPagedForm(rows, this.#madeRows.get(rows)!, b) };
+    const made = b.ratio === 4 ? this.#countC4(b.c4!.rows, b.c4!.width) : this.#keepDenseRows(b.ratio, b.dense);
+    return { made, form: this.#keepPagedForm(b.ratio, b.c4?.topk, made, b), dropped: b.c4?.rows.droppedTotal ?? 0 };
+  }
+
+  /**
+   * @internal A host paged layer's paged form (prefill_layer.ts; a cuda engine's c0 / c128 layer
+   * places it on its device once): pagedForm's, but the plan's own tensors, as its rows are the
+   * plan's own, so nothing is copied or compared; never handed to a caller. `dropped`: its rows'
+   * dropped count. Ratio 0 / 128: the chunk-invariant rows; ratio 4: `topkIndices` (a host top-k)
+   * combined now, checked and counted as combineC4 does; `peeked`: what the layer's budget check
+   * peeked, kept now as keepPeekedForm keeps it.
+   */
+  layerPagedForm(ratio: CompressRatio, topkIndices: Tensor<'int32'> | undefined, peeked: PeekedPagedForm | undefined): { form: PagedForm; dropped: number } {
+    if (peeked !== undefined) return this.#keepPeeked(peeked);
+    if (ratio !== 4) return { form: this.#keepPagedForm(ratio, undefined, this.#keepDenseRows(ratio, undefined), undefined), dropped: 0 };
+    if (topkIndices === undefined) fail('INVALID_VALUE', 'topkIndices', "a c4 layer's top-k", 'undefined');
+    const { made, combine, topk } = this.#combineC4(topkIndices);
+    return { form: this.#keepPagedForm(4, topk, made, undefined), dropped: combine.droppedTotal };
   }
 
   /**

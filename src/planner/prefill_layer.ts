@@ -34,7 +34,7 @@ import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, Output
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan, WORKSPACE_ROW_DIMS, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
-import type { CombinedRows, CompressRatio, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
+import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
 export interface PrefillLayerArgs extends RouteOptions {
   /** bf16 [numQueries, hQ, 512]; a device tensor with a cuda engine */
@@ -291,7 +291,7 @@ function checkNamingLargerShare(heap: WorkerHeap, need: TaskHeap, base: TaskHeap
  * peeked (Plan.peekPagedForm: what it keeps read, the rest — a c4 layer's combine — built without
  * keeping or counting it) and each set counted by the op's own choice (pagedSetReads): the one case
  * a check costs work like the op's, which the layer then runs with (call.peeked, kept by the plan
- * as if built by the layer: Plan.keepPeekedForm).
+ * as if built by the layer: Plan.layerPagedForm).
  */
 function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevice: boolean, q: InputBytes, sink: InputBytes, op: string): void {
   const { plan, ratio, hQ, caches, output, topk } = call;
@@ -310,7 +310,7 @@ function checkPagedOp(call: LayerCall, ops: HostOpMemory, budget: number, onDevi
     sets.push({ cache: cacheBytes(compressed.data), indices: made(extraIds), indicesBytes: extraIds, mostTokens: Math.min(compressed.numTokens, nq * widths.pagedExtra), wholeBytes: compressed.bytes });
   }
   // A c4 layer's device top-k is downloaded for the plan's host combine and dropped once combined,
-  // before the op copies the form (hostC4Rows): never beside the op's parts, and less than them (the
+  // before the op copies the form (c4PagedForm): never beside the op's parts, and less than them (the
   // form's extra set alone is as wide as the top-k), so the op's parts are the layer's need.
   const parts = (s: readonly PagedSetBytes[]) => ops.pagedSparseAttention(fixed, s, nq, hQ, output);
   const copies = ops.pagedCopies;
@@ -847,7 +847,7 @@ async function pagedLayer(engine: SparseMlaEngine, call: LayerCall): Promise<Lay
       const kept = res.keptPagedForm(ratio);
       const job = kept === undefined ? undefined : pagedJob(call, kept);
       if (job !== undefined && steps.pagedAttention !== undefined) return layerResult(call, await steps.pagedAttention(job, output, res), 0, 0);
-      return pagedOp(engine, call, kept ?? (await res.pagedForm(steps, ratio, () => plan.pagedForm(plan.combinedRows(ratio)))));
+      return pagedOp(engine, call, kept ?? (await res.pagedForm(steps, ratio, () => plan.layerPagedForm(ratio, undefined, undefined).form)));
     }
   }
   return pagedLayerFromHost(engine, call);
@@ -899,16 +899,9 @@ async function pagedOp(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smSc
 /** The paged path over a paged form built on the host (host engines, c4 layers, host q). */
 async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, attnSink, smScale, caches: checked, topk, output, route, peeked }: LayerCall): Promise<LayerResult> {
   const caches = opCaches(checked);
-  let rows, paged;
-  if (peeked !== undefined) {
-    // its budget check built them (checkPagedOp): kept now, counted as the layer's own build
-    ({ rows, form: paged } = plan.keepPeekedForm(peeked));
-  } else if (ratio === 4) {
-    rows = await hostC4Rows(engine, plan, topk!);
-  } else {
-    rows = plan.combinedRows(ratio);
-  }
-  paged ??= plan.pagedForm(rows);
+  // the plan's own form (no copies of its rows, nothing compared); where the layer's budget check
+  // peeked it (checkPagedOp), kept now and counted as the layer's own build
+  const { form: paged, dropped } = peeked !== undefined || ratio !== 4 ? plan.layerPagedForm(ratio, undefined, peeked) : await c4PagedForm(engine, plan, topk!);
   const extra = ratio !== 0 && paged.extra !== undefined;
   const r = await engine.pagedSparseAttention(
     {
@@ -922,16 +915,17 @@ async function pagedLayerFromHost(engine: SparseMlaEngine, { plan, ratio, q, att
     },
     { output },
   );
-  return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped: rows.dropped };
+  return { ...route, out: r.out, lse: r.lse, maxLogits: r.maxLogits, workspaceBytes: 0, dropped };
 }
 
 /**
- * A c4 layer's rows by the plan's host combine. A device top-k (cuda engines) comes to the host for
- * it and is dropped with this frame, before the layer's op (checkPagedOp counts it so).
+ * A c4 layer's paged form by the plan's host combine (the plan's own, Plan.layerPagedForm). A device
+ * top-k (cuda engines) comes to the host for it and is dropped with this frame, before the layer's
+ * op (checkPagedOp counts it so).
  */
-async function hostC4Rows(engine: SparseMlaEngine, plan: Plan, t: CheckedTopk<DeviceBuffer>): Promise<CombinedRows> {
+async function c4PagedForm(engine: SparseMlaEngine, plan: Plan, t: CheckedTopk<DeviceBuffer>): Promise<{ form: PagedForm; dropped: number }> {
   const data = isDeviceBuffer(t.data) ? (await engine.downloadArgument({ dtype: 'int32', shape: t.shape, data: t.data }, 'topkIndices')).data : t.data;
-  return plan.combineC4(tensor('int32', t.shape, data));
+  return plan.layerPagedForm(4, tensor('int32', t.shape, data), undefined);
 }
 
 /** The workspace path step by step over the engine's layer steps (see the file comment). */

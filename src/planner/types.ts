@@ -117,7 +117,11 @@ export interface CombinedRows {
   readonly topk?: number;
 }
 
-/** The same entries in the form of SPEC §5: SWA token ids (main) and compressed token ids (extra). */
+/**
+ * The same entries in the form of SPEC §5: SWA token ids (main) and compressed token ids (extra).
+ * Plan.pagedForm's tensors hold copies of the form the plan's paged layers read (made once per form):
+ * writing into them changes nothing the plan computes.
+ */
 export interface PagedForm {
   /** int32 [numQueries, roundUp(W, align)] token ids in the SWA cache */
   readonly main: Tensor<'int32'>;

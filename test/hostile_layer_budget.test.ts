@@ -284,8 +284,11 @@ describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)
       const after = JSON.stringify(plan.stats);
       const again = plan.peekPagedForm(ratio, checked);
       expect(arrays(again), `c${ratio}, kept`).toEqual(arrays(built));
-      expect(again.main, `c${ratio}: the kept main set read as it is`).toBe(form.main.data);
-      if (ratio !== 4 && form.extra) expect(again.extra, `c${ratio}: the kept extra set read as it is`).toBe(form.extra.data);
+      // (pagedForm hands out copies of the kept sets: each peek reads the plan's own arrays, not those)
+      const third = plan.peekPagedForm(ratio, checked);
+      expect(again.main, `c${ratio}: the kept main set read as it is`).toBe(third.main);
+      expect(again.main, `c${ratio}: not the copy pagedForm handed out`).not.toBe(form.main.data);
+      if (ratio !== 4 && form.extra) expect(again.extra, `c${ratio}: the kept extra set read as it is`).toBe(third.extra);
       expect(JSON.stringify(plan.stats)).toBe(after);
     }
   });
@@ -313,7 +316,10 @@ describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)
       );
       expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
       // the plan keeps them: pagedForm of the kept rows reads them, building and counting nothing
-      expect(peeking.pagedForm(kept.rows).main.data).toBe(peeked.main);
+      // (it hands out copies of them: a caller's writes must not reach what later layers read)
+      const handed = peeking.pagedForm(kept.rows);
+      expect(handed.main.data).not.toBe(peeked.main);
+      expect(Array.from(handed.main.data), `c${ratio}`).toEqual(Array.from(peeked.main));
       expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
       // a peek is kept once (a second keep would count its build again)
       const e = await errorOf(() => peeking.keepPeekedForm(peeked));

@@ -27,6 +27,11 @@ import { randomBf16Bits, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { errorOf } from './helpers/errors.js';
+import { nativeAddonBuilt } from './helpers/backends.js';
+import { standInTable } from './helpers/computing_device.js';
+import { loadNativeAddon } from '../dist/backends/native/binding.js';
+import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
+import { SparseMlaEngine } from '../dist/engine.js';
 
 const rng = testRng('hostile_plan_rows.test');
 const HQ = 4;
@@ -200,3 +205,80 @@ describe('rows a plan hands out cannot change what the plan computes, and come b
 function escape(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
 }
+
+/**
+ * The paged form a plan hands out (plan.pagedForm) was the arrays its later paged layers read (and a
+ * cuda engine placed on its device): zeros written into form.main.data moved a later host paged
+ * layer's lse on every row. Since session 53 (helper-62) pagedForm hands out copies, made once per
+ * form; the plan's layers read its own form through an internal method.
+ */
+describe('the paged form a plan hands out cannot change its later paged layers', () => {
+  const load = nativeAddonBuilt() ? loadNativeAddon() : undefined;
+  const addon = load?.ok ? load.addon : undefined;
+  let cpu: Engine | undefined;
+  beforeAll(async () => {
+    if (addon !== undefined) cpu = await createEngine({ backend: 'cpu', workers: 2 });
+  });
+  afterAll(async () => {
+    await cpu?.dispose();
+  });
+
+  /** The engines under test: wasm, cpu (addon built) and cuda over a computing stand-in device (addon built; its c0 / c128 paged layers read the form placed on the device once per plan). */
+  function engines(): { name: string; engine: Engine; device: boolean }[] {
+    const list = [{ name: 'wasm', engine, device: false }];
+    if (cpu !== undefined) list.push({ name: 'cpu', engine: cpu, device: false });
+    if (addon !== undefined) list.push({ name: 'cuda stand-in', engine: new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, [], { downloadsWaitForPrefill: false }), 2)) as unknown as Engine, device: true });
+    return list;
+  }
+
+  test.each([0, 2 ** 30])('%d written into every form pagedForm handed out (c0, c4, c128; ids and, as the sets\' widths, lengths): later paged layers of each ratio still match the float64 reference', async (value) => {
+    const { sc, caches, q, attnSink, topkIndices } = scenario();
+    const refs = new Map<CompressRatio, ReturnType<typeof prefillLayerReference>>();
+    for (const ratio of [0, 4, 128] as const) refs.set(ratio, prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(ratio === 4 ? { topkIndices } : {}) }));
+    const all = engines();
+    expect(all.length, 'engines').toBeGreaterThanOrEqual(1);
+    for (const { name, engine: e, device } of all) {
+      const plan = createPlan(sc.chunk, { caches });
+      for (const ratio of [0, 4, 128] as const) {
+        const form = plan.pagedForm(rowsOf(plan, ratio, topkIndices));
+        form.main.data.fill(value);
+        form.mainLengths.data.fill(value === 0 ? form.main.shape[1]! : value);
+        form.extra?.data.fill(value);
+        form.extraLengths?.data.fill(value === 0 ? form.extra!.shape[1]! : value);
+      }
+      const placed = device
+        ? { q: await e.upload(q), caches: { swa: await e.uploadKvCache(caches.swa), c4: await e.uploadKvCache(caches.c4), c128: await e.uploadKvCache(caches.c128) }, attnSink: await e.upload(attnSink) }
+        : { q, caches, attnSink };
+      for (const ratio of [0, 4, 128] as const) {
+        const label = `${name} c${ratio} (${value} written)`;
+        const got = await prefillLayer(e, { q: placed.q, compressRatio: ratio, plan, caches: placed.caches, attnSink: placed.attnSink, smScale: SM_SCALE, path: 'paged', ...(ratio === 4 ? { topkIndices } : {}) } as never);
+        expect(got.path, label).toBe('paged');
+        const ref = refs.get(ratio)!;
+        expectWithinBounds(label, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
+        expect(got.dropped, label).toBe(ref.dropped);
+      }
+      // the cuda engine's c0 / c128 layers read the form it placed on its device (uploaded once per ratio)
+      if (device) expect(plan.deviceStats.deviceUploads, `${name}: forms placed`).toBe(2);
+      if (device) await e.dispose();
+    }
+  }, 120_000);
+
+  test('pagedForm hands out the same copies on every call (made once per form), never the arrays the plan keeps', () => {
+    const { sc, topkIndices } = scenario();
+    const plan = createPlan(sc.chunk);
+    for (const ratio of [0, 128] as const) {
+      const a = plan.pagedForm(plan.combinedRows(ratio)), b = plan.pagedForm(plan.combinedRows(ratio));
+      for (const k of ['main', 'mainLengths', 'extra', 'extraLengths'] as const) expect(a[k]?.data, `c${ratio} ${k}`).toBe(b[k]?.data);
+    }
+    // the plan's own form (what its layers read) is another array of the same values
+    const own = plan.peekPagedForm(0, undefined);
+    const handed = plan.pagedForm(plan.combinedRows(0));
+    expect(handed.main.data).not.toBe(own.main);
+    expect(handed.mainLengths.data).not.toBe(own.mainLengths);
+    expect([Array.from(handed.main.data), Array.from(handed.mainLengths.data)]).toEqual([Array.from(own.main), Array.from(own.mainLengths)]);
+    const before = { ...plan.stats };
+    const c4 = plan.pagedForm(plan.combineC4(topkIndices));
+    expect(plan.stats.pagedMainBuilds, 'the main set is built once per plan').toBe(before.pagedMainBuilds);
+    expect(c4.main.data).toBe(plan.pagedForm(plan.combinedRows(0)).main.data);
+  });
+});

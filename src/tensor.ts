@@ -148,7 +148,7 @@ export function describe(value: unknown): string {
     const o = value as Record<string, unknown>;
     if (typeof o.dtype === 'string') {
       const shape = o.shape;
-      if (Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : typeof d))}`; // (not describe(d): a shape holding its own tensor would recurse)
+      if (Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => dimStr(d, (other) => typeof other))}`; // (not describe(d): a shape holding its own tensor would recurse)
     }
     return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
   } catch {
@@ -163,7 +163,12 @@ export function describe(value: unknown): string {
  * The one shape formatter of every SparseMlaError message (ops/common.ts hands it on).
  */
 export function shapeStr(shape: readonly unknown[]): string {
-  return listStr(shape, (d) => (typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : describe(d)));
+  return listStr(shape, (d) => dimStr(d, describe));
+}
+
+/** A dim as a message shows it: a number as written, a string quoted (at most 20 characters), anything else by `other`. */
+function dimStr(d: unknown, other: (d: unknown) => string): string {
+  return typeof d === 'number' ? String(d) : typeof d === 'string' ? JSON.stringify(d.slice(0, 20)) : other(d);
 }
 
 /**

@@ -17,8 +17,8 @@ import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { decodeBf16, dequantizeKCacheReference, encodeBf16, quantizeKCacheReference } from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
-import { errorOf } from './helpers/errors.js';
-import { testRng } from './helpers/random.js';
+import { refusal } from './helpers/errors.js';
+import { randomDistinctIds, testRng } from './helpers/random.js';
 import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
 import { claimingList } from './helpers/claiming_list.js';
@@ -27,13 +27,6 @@ const rng = testRng('hostile_count_before_content');
 
 /** Elements a hostile list claims: reading each would take seconds of the caller's traps. */
 const CLAIM = 2 ** 22;
-
-/** The error `call` throws or rejects with, checked to be a SparseMlaError. */
-async function refusal(call: () => unknown): Promise<SparseMlaError> {
-  const e = await errorOf(call);
-  expect(e).toBeInstanceOf(SparseMlaError);
-  return e as SparseMlaError;
-}
 
 const backends = ['wasm', ...(nativeAddonBuilt() ? ['cpu' as const] : [])] as const;
 const engines = new Map<string, Engine>();
@@ -58,16 +51,6 @@ function randomRows(n: number, width: number): Float32Array {
   const rows = new Float32Array(n * width);
   for (let i = 0; i < rows.length; i++) rows[i] = Math.fround(rng.normal() * 2 ** rng.int(-8, 8));
   return rows;
-}
-
-/** `count` distinct random ids in [0, n). */
-function randomIds(n: number, count: number): number[] {
-  const all = Array.from({ length: n }, (_, i) => i);
-  for (let i = 0; i < count; i++) {
-    const j = i + rng.int(0, n - i);
-    [all[i], all[j]] = [all[j]!, all[i]!];
-  }
-  return all.slice(0, count);
 }
 
 describe.each(backends)('%s engine: the cache ops refuse by the token ids\' count before reading an id', (backend) => {
@@ -114,7 +97,7 @@ describe.each(backends)('%s engine: the cache ops refuse by the token ids\' coun
   test('dequantizeKCachePaged\'s checks with the engine\'s memory: under the budget the ids are read once each and checked as before', async () => {
     const engine = await engineOf(backend);
     const cache = createKvCache('v4', { pageSize: 16, numPages: 2 });
-    const ids = randomIds(32, 8);
+    const ids = randomDistinctIds(rng, 32, 8);
     let elements = 0;
     const list = new Proxy(ids, { get: (t, k, r) => (typeof k === 'string' && /^\d+$/.test(k) && elements++, Reflect.get(t, k, r)) });
     const job = prepareDequantizeKCache({ cache, tokenIds: list }, memoryOf(engine), 'host');
@@ -132,7 +115,7 @@ describe.each(backends)('%s engine: the cache ops refuse by the token ids\' coun
       const cache = createKvCache(format, geometry);
       const ref: KvCache = { ...cache, data: cache.data.slice() };
       const n = rng.int(5, 20);
-      const ids = randomIds(tokens, n);
+      const ids = randomDistinctIds(rng, tokens, n);
       const rows = tensor('float32', [n, rowDim], randomRows(n, rowDim));
       const forms = [ids, tensor('int32', [n], Int32Array.from(ids)), tensor('int64', [n], BigInt64Array.from(ids, BigInt))];
       const form = forms[rng.int(0, forms.length)]!;
@@ -228,7 +211,7 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
   });
 
   test('the second request\'s swaTokenIds of the wrong count, one of them no id: INVALID_SHAPE (the count) before OUT_OF_RANGE (the id); the first request\'s ids read once each', () => {
-    const first = randomIds(1000, 10);
+    const first = randomDistinctIds(rng, 1000, 10);
     let firstReads = 0;
     const counted = new Proxy(first, { get: (t, k, r) => (typeof k === 'string' && /^\d+$/.test(k) && firstReads++, Reflect.get(t, k, r)) });
     const e = (() => {
@@ -246,7 +229,7 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
   test('a c4 page table shorter than the request needs: INVALID_SHAPE before any page is read; a longer one plans as before', () => {
     // seqLen 300: floor(300 / 4) = 75 compressed entries, 5 pages of 16
     const { list, reads } = claimingList(4, 0);
-    const swaTokenIds = randomIds(1000, 129);
+    const swaTokenIds = randomDistinctIds(rng, 1000, 129);
     const e = (() => {
       try {
         createPlan({ requests: [{ seqLen: 300, extendLen: 2, swaTokenIds, c4PageTable: list }], c4PageSize: 16 });
@@ -258,7 +241,7 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
     expect([e?.code, e?.argument, e?.message]).toEqual(['INVALID_SHAPE', 'chunk.requests[0].c4PageTable', 'chunk.requests[0].c4PageTable: expected at least 5 pages for floor(seqLen 300 / 4) = 75 entries of page size 16, got 4']);
     expect(reads).toEqual({ length: 1, elements: 0 });
     // valid: the ids as given, the compressed ids from the table's first 5 pages (SPEC §6: pageTable[j / Pc] · Pc + j % Pc)
-    const table = randomIds(50, 7);
+    const table = randomDistinctIds(rng, 50, 7);
     const plan = createPlan({ requests: [{ seqLen: 300, extendLen: 2, swaTokenIds, c4PageTable: table }], c4PageSize: 16 });
     expect(Array.from(plan.swaTokenIds.data, Number)).toEqual(swaTokenIds);
     const want = Array.from({ length: 75 }, (_, j) => table[Math.floor(j / 16)]! * 16 + (j % 16));

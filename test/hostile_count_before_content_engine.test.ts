@@ -6,7 +6,7 @@
  * float64 reference's values; a cpu engine asked for device output still answers BACKEND_UNAVAILABLE.
  */
 import { afterAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
+import { createEngine, createKvCache, tensor } from '../dist/index.js';
 import type { Engine } from '../dist/index.js';
 import { SparseMlaEngine } from '../dist/engine.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
@@ -14,19 +14,13 @@ import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { decodeBf16, dequantizeKCacheReference, quantizeKCacheReference } from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
-import { errorOf } from './helpers/errors.js';
+import { refusal } from './helpers/errors.js';
 import { testRng } from './helpers/random.js';
 import { claimingList } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_count_before_content_engine');
 const CLAIM = 2 ** 22;
 const BUDGET = 2 ** 20;
-
-async function refusal(call: () => unknown): Promise<SparseMlaError> {
-  const e = await errorOf(call);
-  expect(e).toBeInstanceOf(SparseMlaError);
-  return e as SparseMlaError;
-}
 
 const made: Engine[] = [];
 afterAll(async () => {

@@ -10,10 +10,11 @@
  * longer than needed plans as the §6 derivation (float64 reference) says, every entry read once.
  */
 import { describe, expect, test } from 'vitest';
-import { SparseMlaError, createPlan, createShardedPlan, tensor, type PlanChunk } from '../dist/index.js';
+import { createPlan, createShardedPlan, tensor, type PlanChunk } from '../dist/index.js';
 import * as planModule from '../dist/planner/plan.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { testRng } from './helpers/random.js';
+import { refusalOf } from './helpers/errors.js';
 import { claimingList, countedArray } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_plan_request_count');
@@ -21,19 +22,6 @@ const rng = testRng('hostile_plan_request_count');
 /** The caps as documented (written here, not read from the code under test). */
 const MAX_REQUESTS = 2 ** 20;
 const MAX_UNUSED = 2 ** 24;
-
-/** The SparseMlaError `call` throws, as [code, argument, message]; fails when it returns or throws anything else. */
-function refusalOf(call: () => unknown): [string, string | undefined, string] {
-  let e: unknown;
-  try {
-    call();
-  } catch (x) {
-    e = x;
-  }
-  expect(e).toBeInstanceOf(SparseMlaError);
-  const s = e as SparseMlaError;
-  return [s.code, s.argument, s.message];
-}
 
 const tooManyRequests = (n: number): [string, string, string] => ['TOO_LARGE', 'chunk.requests', `chunk.requests: expected at most ${MAX_REQUESTS} requests in a chunk (MAX_CHUNK_REQUESTS; split the chunk), got ${n}`];
 

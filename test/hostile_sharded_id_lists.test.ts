@@ -9,8 +9,9 @@
  * token ids the §6 derivation gives (written here), a request at the cap of unused entries included.
  */
 import { describe, expect, test } from 'vitest';
-import { SparseMlaError, createPlan, createShardedPlan, type PlanChunk } from '../dist/index.js';
+import { createPlan, createShardedPlan, type PlanChunk } from '../dist/index.js';
 import { testRng } from './helpers/random.js';
+import { refusalOf } from './helpers/errors.js';
 import { claimingList, countedArray } from './helpers/claiming_list.js';
 
 const rng = testRng('hostile_sharded_id_lists');
@@ -19,19 +20,6 @@ const rng = testRng('hostile_sharded_id_lists');
 const MAX_UNUSED = 2 ** 24;
 /** Element reads a claiming list answers before it throws (a plain Error: the read-all path stops fast). */
 const READ_BUDGET = 2 ** 16;
-
-/** The SparseMlaError `call` throws, as [code, argument, message]; fails when it returns or throws anything else. */
-function refusalOf(call: () => unknown): [string, string | undefined, string] {
-  let e: unknown;
-  try {
-    call();
-  } catch (x) {
-    e = x;
-  }
-  expect(e).toBeInstanceOf(SparseMlaError);
-  const s = e as SparseMlaError;
-  return [s.code, s.argument, s.message];
-}
 
 /** SWA ids a request needs (SPEC §6, written here): g = min(seqLen, extendLen + W − 1). */
 const gather = (seqLen: number, extendLen: number, window: number): number => (extendLen > 0 ? Math.min(seqLen, extendLen + window - 1) : 0);

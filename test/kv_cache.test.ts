@@ -7,7 +7,7 @@ import { describe, expect, test } from 'vitest';
 import { createKvCache, kvCacheBytes, tensor } from '../dist/index.js';
 import type { KvCache } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
-import { randomBf16Bits } from './helpers/random.js';
+import { randomBf16Bits, randomDistinctIds } from './helpers/random.js';
 import { opSuite } from './helpers/suite.js';
 
 const suite = opSuite('kv_cache.test');
@@ -15,16 +15,6 @@ const rng = suite.rng;
 
 const code = (c: string) => expect.objectContaining({ code: c });
 const bf16Value = (b: number): number => R.decodeBf16(b);
-
-/** Random distinct token ids in [0, n). */
-function randomIds(n: number, count: number): number[] {
-  const all = Array.from({ length: n }, (_, i) => i);
-  for (let i = 0; i < count; i++) {
-    const j = i + rng.int(0, n - i);
-    [all[i], all[j]] = [all[j]!, all[i]!];
-  }
-  return all.slice(0, count);
-}
 
 /** Rows with a per-tile spread of magnitudes, so scales differ tile to tile. */
 function randomRows(n: number, width: number): Float32Array {
@@ -101,7 +91,7 @@ describe('engine vs reference', () => {
       // start from random bytes: bytes outside the written tokens must survive untouched
       for (let i = 0; i < cache.data.length; i++) cache.data[i] = rng.u32() & 0xff;
       const n = Math.min(tokens - 3, 150);
-      const ids = randomIds(tokens, n);
+      const ids = randomDistinctIds(rng, tokens, n);
       for (const dtype of ['float32', 'bf16'] as const) {
         const f = randomRows(n, width);
         const rows = dtype === 'float32' ? tensor('float32', [n, width], f) : tensor('bf16', [n, width], Uint16Array.from(f, (x) => R.encodeBf16(x)));
@@ -114,7 +104,7 @@ describe('engine vs reference', () => {
         expect(diff === -1 ? 'identical' : `byte ${diff}: got ${cache.data[diff]}, want ${ref.data[diff]}`).toBe('identical');
 
         // dequantize a gather (with repeats, in a random order) == reference, exactly
-        const gather = [...ids.slice(0, 40), ids[0]!, ids[0]!, ...randomIds(tokens, 20)];
+        const gather = [...ids.slice(0, 40), ids[0]!, ids[0]!, ...randomDistinctIds(rng, tokens, 20)];
         const got = await suite.engine.dequantizeKCachePaged({ cache, tokenIds: tensor('int32', [gather.length], Int32Array.from(gather)) });
         expect(got.dtype).toBe('bf16');
         expect(got.shape).toEqual([gather.length, width]);

@@ -20,3 +20,23 @@ export function outcomeOf(check: () => unknown): { call?: unknown; error?: { cod
     return { error: { code: (e as SparseMlaError).code, message: (e as SparseMlaError).message } };
   }
 }
+
+/** The SparseMlaError a call throws or rejects with (anything else, or no error, fails the test). */
+export async function refusal(call: () => unknown): Promise<SparseMlaError> {
+  const e = await errorOf(call);
+  expect(e).toBeInstanceOf(SparseMlaError);
+  return e as SparseMlaError;
+}
+
+/** The SparseMlaError a synchronous call throws, as [code, argument, message] (anything else, or no error, fails the test). */
+export function refusalOf(call: () => unknown): [string, string | undefined, string] {
+  let e: unknown;
+  try {
+    call();
+  } catch (x) {
+    e = x;
+  }
+  expect(e).toBeInstanceOf(SparseMlaError);
+  const s = e as SparseMlaError;
+  return [s.code, s.argument, s.message];
+}

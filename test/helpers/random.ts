@@ -60,3 +60,13 @@ export function randomPrefillArgs(rng: Rng, s: PrefillShape, faults: IndexOption
     smScale: 1 / Math.sqrt(s.dQK),
   };
 }
+
+/** `count` distinct random ids in [0, n), in random order. */
+export function randomDistinctIds(rng: Rng, n: number, count: number): number[] {
+  const all = Array.from({ length: n }, (_, i) => i);
+  for (let i = 0; i < count; i++) {
+    const j = i + rng.int(0, n - i);
+    [all[i], all[j]] = [all[j]!, all[i]!];
+  }
+  return all.slice(0, count);
+}

@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, deviceTensorShape, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
 import { allocHostArray, arrayLikeOf, dimsOnce, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -188,18 +188,15 @@ function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer>
 export type OwnedBufferCheck = Pick<DeviceOps, 'ownsLive'>;
 
 /**
- * checkV4Cache for a cache in device memory, without a message: its view where checkV4Cache
- * accepts it and its data is a live device buffer of `device`'s own, else undefined (a host cache,
- * another engine's, or anything checkV4Cache refuses: call it for the error). Every field is read once.
+ * checkV4Cache for a cache in device memory, over its fields as the caller read them (format,
+ * pageSize, numPages, data), without a message: its view where checkV4Cache accepts them and `data`
+ * is a live device buffer of `device`'s own, else undefined (a host cache, another engine's, or
+ * anything checkV4Cache refuses: call it for the error).
  */
-function deviceCacheView(cache: unknown, device: OwnedBufferCheck): CacheView<DeviceBuffer> | undefined {
-  if (typeof cache !== 'object' || cache === null) return undefined;
-  const c = cache as { format: unknown; pageSize: number; numPages: number; data: unknown };
-  if (c.format !== 'v4') return undefined;
-  const pageSize = c.pageSize, numPages = c.numPages, data = c.data;
+function deviceCacheView(format: unknown, pageSize: unknown, numPages: unknown, data: unknown, device: OwnedBufferCheck): CacheView<DeviceBuffer> | undefined {
   // int32s ((x | 0) === x: no builtin call; a larger one only falls back to checkV4Cache); numbers
   // first: `| 0` throws a TypeError on a BigInt or Symbol and runs an object's valueOf
-  if (typeof pageSize !== 'number' || typeof numPages !== 'number' || (pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
+  if (format !== 'v4' || typeof pageSize !== 'number' || typeof numPages !== 'number' || (pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
   const bytes = v4PageBytes(pageSize) * numPages;
   if (!device.ownsLive(data, bytes)) return undefined;
   return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data: data as DeviceBuffer };
@@ -1285,31 +1282,17 @@ export class Plan {
   }
 
   /**
-   * @internal checkTopk(topkIndices, true) for a top-k in device memory, without a message: the
-   * checked top-k where checkTopk accepts it and its data is `device`'s own, else undefined (a host
-   * top-k, another engine's, a plan without c4, or anything checkTopk refuses: call it for the error). #topkRows inline over the tensor's own
-   * fields (a device c4 layer's checks run it, mostly cold): each dim read once, no shape copied
-   * (the checked top-k has its own).
+   * @internal checkTopk(topkIndices, true) for a top-k in device memory whose caller read its shape
+   * as [numQueries, topk] or [numQueries, 1, topk] and its `data`, without a message: the checked
+   * top-k where checkTopk accepts it and `data` is `device`'s own, else undefined (a host top-k,
+   * another engine's, a plan without c4, or anything checkTopk refuses: call it for the error).
+   * #topkRows over the width as read (a device c4 layer's checks run it, mostly cold).
    */
-  deviceTopk(topkIndices: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | undefined {
+  deviceTopk(topk: unknown, data: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | undefined {
     if (this.#c4 === undefined) return undefined;
-    const s = deviceTensorShape(topkIndices, 'int32');
-    if (s === undefined) return undefined;
-    // [numQueries, topk] or [numQueries, 1, topk]; numQueries is a safe integer ≥ 0 (the plan's)
-    const data = (topkIndices as { data: unknown }).data;
-    const rank = s.length;
-    if (rank !== 2 && rank !== 3) return undefined;
-    const nq = this.numQueries;
-    if (s[0] !== nq) return undefined;
-    let topk;
-    if (rank === 3) {
-      if (s[1] !== 1) return undefined;
-      topk = s[2];
-    } else {
-      topk = s[1];
-    }
     // an int32 (a larger top-k is refused below anyway: its rows would not fit int32); the byte
     // size as checkPlacedTensor computes it: the dims' product, in order, times 4
+    const nq = this.numQueries;
     if (typeof topk !== 'number' || (topk | 0) !== topk || topk < 0 || !device.ownsLive(data, nq * topk * 4)) return undefined;
     // rowWidth(4, topk, …) of this plan's window and alignment, kept for the last top-k asked
     const last = this.#lastTopkWidth;
@@ -1516,22 +1499,25 @@ export class Plan {
   }
 
   /**
-   * @internal checkCaches(caches, ratio) for caches in device memory, without a message: the views
-   * where checkCaches accepts them and their data are live device buffers of `device`'s own, else
-   * undefined (host caches, another engine's, or anything checkCaches refuses: call it for the
-   * error). Every field is read once.
+   * @internal checkCaches' check of the SWA cache for a cache in device memory, over its fields as
+   * read (format, pageSize, numPages, data), without a message: its view where checkCaches accepts
+   * it and `data` is a live device buffer of `device`'s own, else undefined (call checkCaches for
+   * the error).
    */
-  deviceCaches(caches: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
-    if (typeof caches !== 'object' || caches === null) return undefined;
-    const given = caches as PlanCaches;
-    const swa = deviceCacheView(given.swa, device);
-    if (swa === undefined || this.#maxSwaId >= swa.numTokens) return undefined;
-    if (ratio === 0) return { swa };
+  deviceSwaCache(format: unknown, pageSize: unknown, numPages: unknown, data: unknown, device: OwnedBufferCheck): CacheView<DeviceBuffer> | undefined {
+    const swa = deviceCacheView(format, pageSize, numPages, data, device);
+    return swa === undefined || this.#maxSwaId >= swa.numTokens ? undefined : swa;
+  }
+
+  /**
+   * @internal deviceSwaCache for the compressed cache of `ratio` (one the plan serves, else
+   * undefined): its view where checkCaches accepts it, else undefined.
+   */
+  deviceCompressedCache(ratio: 4 | 128, format: unknown, pageSize: unknown, numPages: unknown, data: unknown, device: OwnedBufferCheck): CacheView<DeviceBuffer> | undefined {
     const st = ratio === 4 ? this.#c4 : this.#c128;
     if (st === undefined) return undefined;
-    const compressed = deviceCacheView(ratio === 4 ? given.c4 : given.c128, device);
-    if (compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) return undefined;
-    return { swa, compressed };
+    const compressed = deviceCacheView(format, pageSize, numPages, data, device);
+    return compressed === undefined || compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages ? undefined : compressed;
   }
 
   /**

@@ -356,16 +356,17 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
 
 /**
  * prepareLayer for the call a cuda engine's layer loop makes (every tensor and cache in device
- * memory), in one function without messages: the same checks, each field read once, and the same
- * LayerCall where they pass. Where anything differs (a host operand, another engine kind, bad
- * input) it stops, and prepareLayer checks the call and throws its typed error over what was read
- * here (FellBack; undefined where nothing was), not over the caller's objects again: every field,
- * dim and cache field of a call is read once in all, in prepareLayer's order (a getter asked a
- * second time could throw or answer otherwise). It exists for a process's first layers, which V8
- * runs in its interpreter: one function warms up and is compiled in one piece where prepareLayer's
- * checks are a dozen. V8 gives a function its inline caches once it has run about eight times its
- * own bytecode, so what was read is packaged outside it (fellBack; an operand's checks below leave
- * theirs with stop()), and a stop here is a jump.
+ * memory), in one function without messages: the same checks, each field read once into a local
+ * and handed on as read (the plan's device checks take a cache's or top-k's fields, not the
+ * caller's object), and the same LayerCall where they pass. Where anything differs (a host
+ * operand, another engine kind, bad input) it stops, and prepareLayer checks the call and throws
+ * its typed error over what was read here (FellBack; undefined where nothing was), not over the
+ * caller's objects again: every field, dim and cache field of a call is read once in all, in
+ * prepareLayer's order (a getter asked a second time could throw or answer otherwise). It exists
+ * for a process's first layers, which V8 runs in its interpreter: one function warms up and is
+ * compiled in one piece where prepareLayer's checks are a dozen. V8 gives a function its inline
+ * caches once it has run about eight times its own bytecode, so what was read is packaged outside
+ * it (fellBack; an operand's checks below hand theirs back as AsRead), and a stop here is a jump.
  */
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | FellBack | undefined {
   // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
@@ -390,8 +391,11 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
       if (dropped !== undefined && dropped !== 'await' && dropped !== 'later') break checks;
     }
     const nq = plan.numQueries;
-    const q = deviceQuery((qRead = args.q), nq, device);
-    if (q === undefined) break checks;
+    const q = deviceQuery(args.q, nq, device);
+    if (q instanceof AsRead) {
+      qRead = q.value;
+      break checks;
+    }
     qRead = q;
     const hQ = q.shape[1]!;
     // checkSmScale: finite with |smScale| ≤ MAX_SM_SCALE (NaN fails both comparisons, ±inf one)
@@ -401,39 +405,58 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     const sinkArg: unknown = (sinkRead = args.attnSink);
     let attnSink: DeviceTensor<'float32'> | undefined;
     if (sinkArg !== undefined && sinkArg !== null) {
-      attnSink = deviceSink(sinkArg, hQ, device);
-      if (attnSink === undefined) break checks;
-      sinkRead = attnSink;
+      const sink = deviceSink(sinkArg, hQ, device);
+      if (sink instanceof AsRead) {
+        sinkRead = sink.value;
+        break checks;
+      }
+      sinkRead = attnSink = sink;
     }
     const topkIndices: unknown = (topkRead = args.topkIndices);
     if ((ratio === 4) !== (topkIndices !== undefined)) break checks;
-    const caches = deviceCaches(plan, (cachesRead = args.caches), ratio, device);
-    if (caches === undefined) break checks;
+    const caches = deviceCaches(plan, args.caches, ratio, device);
+    if (caches instanceof AsRead) {
+      cachesRead = caches.value;
+      break checks;
+    }
     cachesRead = caches;
     // a forced path (the layer loop's usual call) without the router's options object and decision
     const path = args.path, threshold = args.threshold;
     route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
     let topk: CheckedTopk<DeviceBuffer> | undefined;
     if (ratio === 4) {
-      topk = deviceTopk(plan, topkIndices, device);
-      if (topk === undefined) break checks;
+      const t = deviceTopk(plan, topkIndices, device);
+      if (t instanceof AsRead) {
+        topkRead = t.value;
+        break checks;
+      }
+      topk = t;
     }
     return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
   }
   return fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
 }
 
+/** An argument as an operand's device check read it before it stopped (a stand-in answering what was read, or the value itself where none of it was), for prepareLayer. */
+class AsRead {
+  constructor(readonly value: unknown) {}
+}
+
+/** Whether `value` passes readTensorFields' first test (`in` runs no getter). */
+function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
+  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
+}
+
 /**
  * checkQuery for a device layer: `value` as a live device bf16 [nq, hQ ≥ 1, 512] of `device`'s own
  * (the checked tensor), read as readTensorFields reads a tensor (dtype, shape, data, then the
  * shape's length and its dims in order, here up to the first one the device call does not take);
- * else undefined, what was read of it left with stop(). Integers are checked as int32
- * ((x | 0) === x), not as safe integers: no builtin call, and a larger hQ (no device memory holds
- * such a q) only goes to prepareLayer.
+ * else what was read of it (AsRead). Integers are checked as int32 ((x | 0) === x), not as safe
+ * integers: no builtin call, and a larger hQ (no device memory holds such a q) only goes to
+ * prepareLayer.
  */
-function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): DeviceTensor<'bf16'> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): DeviceTensor<'bf16'> | AsRead {
+  if (!hasTensorFields(value)) return new AsRead(value);
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, q0: unknown = NOT_READ, hQ: unknown = NOT_READ, q2: unknown = NOT_READ;
   read: {
@@ -448,13 +471,12 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): Devi
     if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
     return { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: data as DeviceBuffer };
   }
-  return stop('q', tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ));
+  return new AsRead(tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ));
 }
 
-/** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else undefined (stop()). */
-function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): DeviceTensor<'float32'> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+/** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else what was read of it (AsRead). */
+function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): DeviceTensor<'float32'> | AsRead {
+  if (!hasTensorFields(value)) return new AsRead(value);
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, s0: unknown = NOT_READ;
   read: {
@@ -465,17 +487,17 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): Devic
     if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
     return { dtype: 'float32', shape: [hQ], data: data as DeviceBuffer };
   }
-  return stop('attnSink', tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ));
+  return new AsRead(tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ));
 }
 
 /**
  * Plan.checkCaches for a device layer: each cache's fields read as checkV4Cache reads them
- * (format, pageSize, numPages, data) and checked by Plan.deviceCaches in the library's own record
- * of them (DEVICE_SWA, DEVICE_COMPRESSED), the SWA cache before the compressed one is read; the
- * checked views, else undefined (stop()).
+ * (format, pageSize, numPages, data) and checked as read by Plan.deviceSwaCache and
+ * Plan.deviceCompressedCache, the SWA cache before the compressed one is read; the checked views,
+ * else what was read of them (AsRead).
  */
-function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
-  if (typeof given !== 'object' || given === null) return undefined;
+function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | AsRead {
+  if (typeof given !== 'object' || given === null) return new AsRead(given);
   const swa: unknown = (given as PlanCaches).swa;
   const key = ratio === 4 ? 'c4' : 'c128';
   let swaFormat: unknown = NOT_READ, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown;
@@ -484,71 +506,48 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
     if (typeof swa !== 'object' || swa === null) break read;
     const s = swa as KvCache;
     (swaFormat = s.format), (swaPageSize = s.pageSize), (swaNumPages = s.numPages), (swaData = s.data);
-    (DEVICE_SWA.format = swaFormat), (DEVICE_SWA.pageSize = swaPageSize), (DEVICE_SWA.numPages = swaNumPages), (DEVICE_SWA.data = swaData);
-    let caches = plan.deviceCaches(DEVICE_CACHES, 0, device);
-    if (caches === undefined) break read;
-    if (ratio !== 0) {
-      compressed = (given as PlanCaches)[key];
-      if (typeof compressed !== 'object' || compressed === null) break read;
-      const c = compressed as KvCache;
-      (format = c.format), (pageSize = c.pageSize), (numPages = c.numPages), (data = c.data);
-      (DEVICE_COMPRESSED.format = format), (DEVICE_COMPRESSED.pageSize = pageSize), (DEVICE_COMPRESSED.numPages = numPages), (DEVICE_COMPRESSED.data = data);
-      caches = plan.deviceCaches(DEVICE_CACHES, ratio, device);
-      if (caches === undefined) break read;
-    }
-    DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
-    return caches;
+    const swaView = plan.deviceSwaCache(swaFormat, swaPageSize, swaNumPages, swaData, device);
+    if (swaView === undefined) break read;
+    if (ratio === 0) return { swa: swaView };
+    compressed = (given as PlanCaches)[key];
+    if (typeof compressed !== 'object' || compressed === null) break read;
+    const c = compressed as KvCache;
+    (format = c.format), (pageSize = c.pageSize), (numPages = c.numPages), (data = c.data);
+    const compressedView = plan.deviceCompressedCache(ratio, format, pageSize, numPages, data, device);
+    if (compressedView === undefined) break read;
+    return { swa: swaView, compressed: compressedView };
   }
-  DEVICE_SWA.data = DEVICE_COMPRESSED.data = undefined;
-  return stop('caches', cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data));
+  return new AsRead(cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data));
 }
 
 /**
  * Plan.checkTopk for a device layer: int32 [numQueries, topk] or [numQueries, 1, topk], read as
- * deviceQuery reads q and checked by Plan.deviceTopk in the library's own record of it
- * (DEVICE_TOPK); the checked top-k, else undefined (stop()).
+ * deviceQuery reads q and its width and data checked as read by Plan.deviceTopk; the checked
+ * top-k, else what was read of it (AsRead).
  */
-function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
+function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | AsRead {
+  if (!hasTensorFields(value)) return new AsRead(value);
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, t0: unknown = NOT_READ, t1: unknown = NOT_READ, t2: unknown = NOT_READ;
   read: {
     if (dtype !== 'int32' || !Array.isArray(shape)) break read;
     rank = shape.length;
     if (rank !== 2 && rank !== 3) break read;
-    const nq = plan.numQueries;
     t0 = shape[0];
-    if (t0 !== nq) break read;
+    if (t0 !== plan.numQueries) break read;
     t1 = shape[1];
     if (rank === 3) {
       if (t1 !== 1) break read;
       t2 = shape[2];
     }
-    const k = rank === 3 ? t2 : t1;
-    if (typeof k !== 'number' || (k | 0) !== k || k < 0) break read;
-    const s = rank === 3 ? TOPK_SHAPE_RANK3 : TOPK_SHAPE;
-    (s[0] = nq), (s[s.length - 1] = k), (DEVICE_TOPK.shape = s), (DEVICE_TOPK.data = data);
-    const topk = plan.deviceTopk(DEVICE_TOPK, device);
-    DEVICE_TOPK.data = undefined;
+    const topk = plan.deviceTopk(rank === 3 ? t2 : t1, data, device);
     if (topk !== undefined) return topk;
   }
-  return stop('topkIndices', tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ));
+  return new AsRead(tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ));
 }
 
 /** Not read by prepareDeviceLayer (any value a caller can give is read). */
 const NOT_READ: unique symbol = Symbol('not read');
-
-/**
- * The argument whose checks stopped the last device check (deviceQuery, deviceSink, deviceCaches,
- * deviceTopk) as they read it: set as they stop, taken by the fellBack that follows at once (no
- * caller's code runs in between).
- */
-let stopped: { key: string; read: unknown } | undefined;
-function stop(key: string, read: unknown): undefined {
-  stopped = { key, read };
-  return undefined;
-}
 
 /** Where prepareDeviceLayer stopped: the call's args and options as read there, and its route where it was decided, for prepareLayer. */
 class FellBack {
@@ -563,7 +562,7 @@ class FellBack {
  * What prepareDeviceLayer read of a call that it leaves to prepareLayer, as prepareLayer reads it:
  * the args (and options) answering each field read with its value, an argument that passed its
  * checks as checked (the same values in the library's own object, which prepareLayer passes
- * again), the one the checks stopped at as read (stop()), and the rest from the caller's objects
+ * again), the one the checks stopped at as read (AsRead), and the rest from the caller's objects
  * (read once, by prepareLayer). The caches as checked are given as the record prepareLayer reads
  * ({swa, c4 or c128}).
  */
@@ -575,8 +574,6 @@ function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio
   }
   const fields = [['q', q], ['smScale', smScale], ['attnSink', attnSink], ['topkIndices', topkIndices], ['caches', caches]] as const;
   for (const [key, value] of fields) if (value !== NOT_READ) argsRead.set(key, value);
-  if (stopped !== undefined) argsRead.set(stopped.key, stopped.read);
-  stopped = undefined;
   const optionsRead = new Map<PropertyKey, unknown>();
   if (output !== NOT_READ) optionsRead.set('output', output);
   if (dropped !== NOT_READ) optionsRead.set('dropped', dropped);
@@ -633,19 +630,6 @@ function cachesRead(given: object, swa: unknown, swaFormat: unknown, swaPageSize
 function cacheRead(given: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
   return readOnce(given, new Map<PropertyKey, unknown>([['format', format], ['pageSize', pageSize], ['numPages', numPages], ['data', data]]));
 }
-
-/**
- * The library's own records of the fields the device checks read of a layer's caches and top-k,
- * which Plan.deviceCaches and Plan.deviceTopk check (they read the object they are given). Filled
- * only once every field was read, and read back by those checks, which run no caller's code (a
- * device buffer's checks are the library's own), so no other call fills them in between; emptied
- * of the caller's buffers once checked.
- */
-const DEVICE_SWA = { format: undefined as unknown, pageSize: undefined as unknown, numPages: undefined as unknown, data: undefined as unknown };
-const DEVICE_COMPRESSED = { format: undefined as unknown, pageSize: undefined as unknown, numPages: undefined as unknown, data: undefined as unknown };
-const DEVICE_CACHES = { swa: DEVICE_SWA, c4: DEVICE_COMPRESSED, c128: DEVICE_COMPRESSED };
-const DEVICE_TOPK = { dtype: 'int32', shape: [0, 0] as number[], data: undefined as unknown };
-const TOPK_SHAPE = [0, 0], TOPK_SHAPE_RANK3 = [0, 1, 0];
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
 // optimized it, and V8 gives a function its inline caches once it has run about eight times its own

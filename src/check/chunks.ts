@@ -42,16 +42,21 @@ export interface ChunkScenario {
   c128Pages: number;
 }
 
-/** 0 .. n − 1 in random order. */
-export function shuffled(rng: Rng, n: number): Int32Array {
-  const a = new Int32Array(n);
-  for (let i = 0; i < n; i++) a[i] = i;
-  for (let i = n - 1; i > 0; i--) {
+/** Fisher–Yates over `a` in place, last element first (the draws every shuffle here makes). */
+function shuffleInPlace(rng: Rng, a: Int32Array): void {
+  for (let i = a.length - 1; i > 0; i--) {
     const j = rng.int(0, i + 1);
     const t = a[i]!;
     a[i] = a[j]!;
     a[j] = t;
   }
+}
+
+/** 0 .. n − 1 in random order. */
+export function shuffled(rng: Rng, n: number): Int32Array {
+  const a = new Int32Array(n);
+  for (let i = 0; i < n; i++) a[i] = i;
+  shuffleInPlace(rng, a);
   return a;
 }
 
@@ -208,13 +213,7 @@ export function indexerTopk(rng: Rng, requests: readonly ScenarioRequest[], topk
         const bad = 1 + rng.int(0, 3);
         for (let k = 0; k < bad; k++) row[rng.int(0, topk)] = visible + rng.int(0, 64);
       }
-      // interleave padding, picks and bad entries
-      for (let k = topk - 1; k > 0; k--) {
-        const j = rng.int(0, k + 1);
-        const t = row[k]!;
-        row[k] = row[j]!;
-        row[j] = t;
-      }
+      shuffleInPlace(rng, row); // interleave padding, picks and bad entries
       for (let k = 0; k < topk; k++) if (row[k]! >= visible) planted++;
     }
   }

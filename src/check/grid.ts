@@ -48,15 +48,21 @@ export function makeRng(seed: number): Rng {
   };
 }
 
-/** float32 → bf16 bits, round to nearest even (NaN stays NaN); written here, not taken from the library under test. */
+// The inputs' rounding is written here, not taken from the library under test.
+
+/** float32 bits → bf16 bits, round to nearest even; a NaN stays a (quiet) NaN. */
+function float32BitsToBf16(u: number): number {
+  if ((u & 0x7fffffff) > 0x7f800000) return (u >>> 16) | 0x40;
+  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
 const f32 = new Float32Array(1);
 const f32Bits = new Uint32Array(f32.buffer);
 
+/** x rounded to float32, then to bf16 bits (round to nearest even both times). */
 function bf16Bits(x: number): number {
   f32[0] = x;
-  const u = f32Bits[0]!;
-  if ((u & 0x7fffffff) > 0x7f800000) return (u >>> 16) | 0x40;
-  return ((u + 0x7fff + ((u >>> 16) & 1)) >>> 16) & 0xffff;
+  return float32BitsToBf16(f32Bits[0]!);
 }
 
 /** bf16 bits of n normal(mean, std) samples. */
@@ -86,10 +92,7 @@ export function uniformBf16Bits(rng: Rng, n: number, a: number): Uint16Array {
       chunk[i] = (u & 0xffff) * scale - a;
       chunk[i + 1] = (u >>> 16) * scale - a;
     }
-    for (let i = 0; i < m; i++) {
-      const u = bits[i]!;
-      out[start + i] = (u + 0x7fff + ((u >>> 16) & 1)) >>> 16;
-    }
+    for (let i = 0; i < m; i++) out[start + i] = float32BitsToBf16(bits[i]!);
   }
   return out;
 }

@@ -65,7 +65,8 @@ export function cacheRowDims(format: KvCache['format']): number {
   return format === 'v4' ? V4_LAYOUT.rowDims : V32_LAYOUT.rowDims;
 }
 
-function checkCache(cache: KvCache, name = 'cache'): void {
+/** A cache's format, and its data's byte length for its shape (SPEC §3). */
+export function checkCacheReference(cache: KvCache, name = 'cache'): void {
   if (cache.format !== 'v4' && cache.format !== 'v32') {
     throw new SparseMlaError('INVALID_VALUE', `${name}.format: expected 'v4' or 'v32', got ${String(cache.format)}`, name);
   }
@@ -174,7 +175,7 @@ function quantizeTile(src: RowReader, start: number, count: number, dst: Uint8Ar
  * of `cache`, in place. Rope dims are stored as bf16 (float32 rows are rounded to nearest even).
  */
 export function quantizeKCacheReference(cache: KvCache, tokenIds: TokenIds, rows: Tensor<'bf16'> | Tensor<'float32'>): void {
-  checkCache(cache);
+  checkCacheReference(cache);
   const ids = normalizeTokenIds(tokenIds, cacheTokenCount(cache));
   const width = cacheRowDims(cache.format);
   if (rows.shape.length !== 2 || rows.shape[0] !== ids.length || rows.shape[1] !== width) {
@@ -224,12 +225,10 @@ export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: F
 
 /** Gather-dequantize token ids → Float64Array [n, 512] (v4) or [n, 576] (v32) of bf16 values. */
 export function dequantizeKCacheReference(cache: KvCache, tokenIds: TokenIds): Float64Array {
-  checkCache(cache);
+  checkCacheReference(cache);
   const ids = normalizeTokenIds(tokenIds, cacheTokenCount(cache));
   const width = cacheRowDims(cache.format);
   const out = new Float64Array(ids.length * width);
   for (let r = 0; r < ids.length; r++) dequantizeTokenReference(cache, ids[r]!, out, r * width);
   return out;
 }
-
-export { checkCache as checkCacheReference };

@@ -8,8 +8,11 @@ import type { KvCache, PagedSparseAttentionArgs } from '../types.js';
 import { cacheRowDims, cacheTokenCount, checkCacheReference, dequantizeTokenReference } from './kv_cache.js';
 import {
   attendQueryReference,
+  checkDv,
   checkQueries,
+  checkQueryTensor,
   checkSink,
+  checkSmScale,
   emptyAttentionResult,
   indexSet,
   widenBf16,
@@ -47,15 +50,12 @@ class DequantizedRows {
 
 export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
   const { q, kCache } = args;
-  if (q?.dtype !== 'bf16') throw new SparseMlaError('INVALID_DTYPE', `q: expected bf16, got ${String(q?.dtype)}`, 'q');
-  if (q.shape.length !== 3) throw new SparseMlaError('INVALID_SHAPE', `q: expected [n, hQ, dQK], got [${q.shape.join(', ')}]`, 'q');
-  const [n, hQ, dQK] = q.shape as [number, number, number];
+  const [n, hQ, dQK] = checkQueryTensor(q, '[n, hQ, dQK]');
   checkCacheReference(kCache, 'kCache');
   const width = cacheRowDims(kCache.format);
   if (dQK !== width) throw new SparseMlaError('INVALID_SHAPE', `q: expected dQK = ${width} for a ${kCache.format} cache, got ${dQK}`, 'q');
-  const dV = args.dV ?? 512;
-  if (!Number.isInteger(dV) || dV < 1 || dV > dQK) throw new SparseMlaError('INVALID_VALUE', `dV: expected an integer in [1, ${dQK}], got ${dV}`, 'dV');
-  if (!Number.isFinite(args.smScale)) throw new SparseMlaError('INVALID_VALUE', `smScale: expected a finite number, got ${args.smScale}`, 'smScale');
+  const dV = checkDv(args.dV, dQK);
+  checkSmScale(args.smScale);
 
   interface Source { set: IndexSet; limitId: number; rows: DequantizedRows }
   const sources: Source[] = [

@@ -191,7 +191,7 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
       const sink = args.attnSink ? args.attnSink.data[h]! : -Infinity;
       // lse' = ln(exp(lse) + exp(sink)) as the ops' reference takes it (§4, §9: by the math): a sink of
       // +inf gives the weights exp(P − ∞) = 0, out = 0, where the logits are finite; a +inf or NaN logit
-      // gives NaN there (∞ − ∞), as in sparsePrefillReference (this returned out = 0 whatever the logits)
+      // gives NaN there (∞ − ∞), as in sparsePrefillReference
       const lseSink = logAddExp(l, sink);
       for (let k = 0; k < rows.length; k++) {
         const w = Math.exp(logits[k]! - lseSink);

@@ -83,6 +83,24 @@ export function indexSet(
   };
 }
 
+/** q of either attention op: bf16 [rows, hQ, dQK], `dims` naming its dims in a refusal. */
+export function checkQueryTensor(q: Tensor<'bf16'> | undefined, dims: string): [number, number, number] {
+  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', String(q?.dtype));
+  if (q.shape.length !== 3) bad('INVALID_SHAPE', 'q', dims, shapeStr(q.shape));
+  return q.shape as [number, number, number];
+}
+
+/** dV of either attention op (default 512): an integer in [1, dQK]. */
+export function checkDv(dV: number | undefined, dQK: number): number {
+  const v = dV ?? 512;
+  if (!Number.isInteger(v) || v < 1 || v > dQK) bad('INVALID_VALUE', 'dV', `an integer in [1, ${dQK}]`, String(v));
+  return v;
+}
+
+export function checkSmScale(smScale: number): void {
+  if (!Number.isFinite(smScale)) bad('INVALID_VALUE', 'smScale', 'a finite number', String(smScale));
+}
+
 export function checkQueries(queries: readonly number[] | undefined, n: number): number[] {
   if (queries === undefined) return Array.from({ length: n }, (_, i) => i);
   for (const qi of queries) if (!Number.isInteger(qi) || qi < 0 || qi >= n) bad('INVALID_VALUE', 'queries', `integers in [0, ${n})`, String(qi));
@@ -141,8 +159,7 @@ export function attendQueryReference(
     return;
   }
   // logits[h * n + k] = smScale · <q_h, row_k>, float64. Blocked as 2 rows × 4 heads so each loaded
-  // value feeds several products (this JIT-compiled loop is what makes `verify` on a GPU-sized dump
-  // take minutes rather than an hour).
+  // value feeds several products: `verify` of a GPU-sized dump spends its time in this loop.
   let k = 0;
   for (; k + 2 <= n; k += 2) {
     const r0 = rowOffsets[k]!, r1 = rowOffsets[k + 1]!;
@@ -272,14 +289,12 @@ export function checkSparsePrefillArgs(args: SparsePrefillArgs): PrefillShapes {
   const { q, kv } = args;
   if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', String(q?.dtype));
   if (kv?.dtype !== 'bf16') bad('INVALID_DTYPE', 'kv', 'bf16', String(kv?.dtype));
-  if (q.shape.length !== 3) bad('INVALID_SHAPE', 'q', '[sQ, hQ, dQK]', shapeStr(q.shape));
-  const [sQ, hQ, dQK] = q.shape as [number, number, number];
+  const [sQ, hQ, dQK] = checkQueryTensor(q, '[sQ, hQ, dQK]');
   if (hQ < 1 || dQK < 1) bad('INVALID_SHAPE', 'q', 'hQ ≥ 1 and dQK ≥ 1', shapeStr(q.shape));
   if (kv.shape.length !== 2 || kv.shape[1] !== dQK) bad('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeStr(kv.shape));
   const sKV = kv.shape[0]!;
-  const dV = args.dV ?? 512;
-  if (!Number.isInteger(dV) || dV < 1 || dV > dQK) bad('INVALID_VALUE', 'dV', `an integer in [1, ${dQK}]`, String(dV));
-  if (typeof args.smScale !== 'number' || !Number.isFinite(args.smScale)) bad('INVALID_VALUE', 'smScale', 'a finite number', String(args.smScale));
+  const dV = checkDv(args.dV, dQK);
+  checkSmScale(args.smScale);
   const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
   checkSink(args.attnSink, hQ);
   return { sQ, hQ, dQK, sKV, dV, topk: set.topk };

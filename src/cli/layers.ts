@@ -16,7 +16,7 @@ import type { Engine, KvCache, Tensor } from '../types.js';
 import { chunkScenario, indexerTopk, mixedRequests, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomV4Rows, uniformBf16Bits, type Rng } from '../check/grid.js';
-import type { Progress } from './progress.js';
+import { timed, type Progress } from './progress.js';
 
 /** Head dims of the model's layers (dQK = dV = 512, the v4 row). */
 const D = 512;
@@ -146,11 +146,6 @@ export function sampleLayerQueries(reqs: readonly RequestInfo[], count: number, 
   return [...chosen].sort((a, b) => a - b);
 }
 
-function timedAsync<T>(fn: () => Promise<T>): Promise<[T, number]> {
-  const t0 = performance.now();
-  return fn().then((v) => [v, (performance.now() - t0) / 1000]);
-}
-
 /** Run the model chunk: plan once, every layer through prefillLayer, checks against the reference. */
 export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, progress: Progress): Promise<LayerReport> {
   const rng = makeRng((shape.seed ^ 0x2545f491) >>> 0);
@@ -163,7 +158,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
   const sc = chunkScenario(rng, reqs, { window: shape.window, swaPageSize: shape.pageSize, c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize });
 
   // One plan for the chunk, before any layer (its workspace size is known here, before allocation).
-  const [plan, planSeconds] = await timedAsync(async () => createPlan(sc.chunk, { window: shape.window }));
+  const [plan, planSeconds] = await timed(async () => createPlan(sc.chunk, { window: shape.window }));
   // The same chunk's rows once more, from a plan of their own, to count each layer's attended
   // entries and give its row width (the first plan's counters stay what the layers did).
   const rowsOf = createPlan(sc.chunk, { window: shape.window });
@@ -194,11 +189,11 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
   for (let l = 0; l < shape.layers.length; l++) {
     const ratio = shape.layers[l]!;
     progress.start(`layer ${l} (c${ratio}) inputs`, 0);
-    const [li, inputSeconds] = await timedAsync(() => makeLayerInputs(ratio));
+    const [li, inputSeconds] = await timed(() => makeLayerInputs(ratio));
     setupSeconds += inputSeconds;
     progress.finish();
     progress.start(`layer ${l} (c${ratio}) prefillLayer`, 0);
-    const [res, seconds] = await timedAsync<PrefillLayerResult>(() =>
+    const [res, seconds] = await timed<PrefillLayerResult>(() =>
       prefillLayer(engine, {
         q: li.q,
         compressRatio: ratio,
@@ -219,7 +214,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
     // the sampled queries against the float64 reference (attention sets derived from §6 alone)
     const sample = sampleLayerQueries(reqs, shape.check, rng);
     progress.start(`layer ${l} (c${ratio}) float64 reference`, 0);
-    const [ref, refSeconds] = await timedAsync(async () =>
+    const [ref, refSeconds] = await timed(async () =>
       prefillLayerReference(
         {
           chunk: sc.ref,

@@ -18,7 +18,8 @@ export interface ProgressOptions {
   tty?: boolean;
 }
 
-function formatSeconds(s: number): string {
+/** Elapsed time and eta on the progress line: `12.3s`, `4m05s`; `?` when not known. */
+function formatElapsed(s: number): string {
   if (!Number.isFinite(s)) return '?';
   if (s < 60) return `${s.toFixed(1)}s`;
   const m = Math.floor(s / 60);
@@ -74,7 +75,7 @@ export class Progress {
     this.active = false;
     if (!this.enabled) return;
     const elapsed = (performance.now() - this.startedAt) / 1000;
-    const text = `${this.label}: done${note ? `, ${note}` : ''} (${formatSeconds(elapsed)})`;
+    const text = `${this.label}: done${note ? `, ${note}` : ''} (${formatElapsed(elapsed)})`;
     if (this.tty) this.stream.write(`\r\x1b[2K${text}\n`);
     else this.stream.write(`${text}\n`);
   }
@@ -108,11 +109,18 @@ export class Progress {
     this.lastDraw = now;
     const eta = fraction > 0 ? (elapsed * (1 - fraction)) / fraction : NaN;
     const counts = this.total > 0 ? ` ${this.done}/${this.total} ${String(Math.round(fraction * 100)).padStart(3)}%` : '';
-    const times = ` ${formatSeconds(elapsed)}` + (fraction > 0 && fraction < 1 ? ` eta ${formatSeconds(eta)}` : '');
+    const times = ` ${formatElapsed(elapsed)}` + (fraction > 0 && fraction < 1 ? ` eta ${formatElapsed(eta)}` : '');
     const columns = this.stream.columns ?? 80;
     const barWidth = Math.max(10, Math.min(40, columns - this.label.length - counts.length - times.length - 6));
     const filled = Math.round(fraction * barWidth);
     const bar = this.total > 0 ? ` [${'#'.repeat(filled)}${'-'.repeat(barWidth - filled)}]` : ' ...';
     this.stream.write(`\r\x1b[2K${this.label}${bar}${counts}${times}`);
   }
+}
+
+/** fn's value and the seconds it took: a report's timing of one step. */
+export async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
+  const t0 = performance.now();
+  const value = await fn();
+  return [value, (performance.now() - t0) / 1000];
 }

@@ -128,14 +128,6 @@ export function formatSeconds(s: number): string {
   return `${s.toFixed(2)} s`;
 }
 
-/** An error figure: 3 significant digits, scientific when small. */
-export function formatError(x: number): string {
-  if (Number.isNaN(x)) return 'NaN';
-  if (!Number.isFinite(x)) return x > 0 ? 'inf' : '-inf';
-  if (x === 0) return '0';
-  return Math.abs(x) >= 1e-2 && Math.abs(x) < 1e4 ? x.toPrecision(3) : x.toExponential(2);
-}
-
 /** Bytes in binary units: 512 B, 1.50 KiB, 2.25 MiB, 1.00 GiB. */
 export function formatBytes(n: number): string {
   if (!Number.isFinite(n)) return '-';

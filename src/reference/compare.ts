@@ -280,12 +280,17 @@ export function describeBounds(): string[] {
   ];
 }
 
-const fmt = (x: number): string => {
+/**
+ * A figure of a verdict (an error, a ratio, a value, 1 − cos): 3 significant digits, scientific
+ * outside [1e-2, 1e4); inf, -inf and NaN spelled out. The comparison lines here and the CLI's
+ * reports print their figures with it.
+ */
+export function formatFigure(x: number): string {
   if (Number.isNaN(x)) return 'NaN';
   if (!Number.isFinite(x)) return x > 0 ? 'inf' : '-inf';
   if (x === 0) return '0';
   return Math.abs(x) >= 1e-2 && Math.abs(x) < 1e4 ? x.toPrecision(3) : x.toExponential(2);
-};
+}
 
 /** `[q 3, h 17, c 200]`, or `-` when nothing was compared. */
 export function formatPosition(at: ElementPosition | undefined | null): string {
@@ -296,10 +301,10 @@ export function formatPosition(at: ElementPosition | undefined | null): string {
 /** One line per tensor: worst ratio and where, got/ref/bound there, elements over, 1 − cos. */
 export function formatTensorComparison(name: string, c: TensorComparison): string {
   const w = c.worst;
-  const where = w ? ` at ${formatPosition(w.at)} (got ${fmt(w.got)}, ref ${fmt(w.ref)}, bound ${fmt(w.bound)})` : '';
-  const cos = c.cosineGap !== undefined ? `, 1-cos ${fmt(c.cosineGap)} (bound ${fmt(c.cosineGapBound!)})` : '';
+  const where = w ? ` at ${formatPosition(w.at)} (got ${formatFigure(w.got)}, ref ${formatFigure(w.ref)}, bound ${formatFigure(w.bound)})` : '';
+  const cos = c.cosineGap !== undefined ? `, 1-cos ${formatFigure(c.cosineGap)} (bound ${formatFigure(c.cosineGapBound!)})` : '';
   const mism = c.infNanMismatch ? ` (${c.infNanMismatch} inf/NaN misplaced)` : '';
-  return `${name}: worst ${fmt(c.worstRatio)} of bound${where}; ${c.overBound}/${c.count} over${mism}${cos}${c.pass ? '' : ' FAIL'}`;
+  return `${name}: worst ${formatFigure(c.worstRatio)} of bound${where}; ${c.overBound}/${c.count} over${mism}${cos}${c.pass ? '' : ' FAIL'}`;
 }
 
 /** The three tensors' lines joined with '; '. */

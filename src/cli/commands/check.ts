@@ -20,7 +20,7 @@ import { buildPrefillCase, expectNonFinitePlan, invalidFillers, makeRng, pagedCa
 import { chunkScenario, indexerTopk, type ChunkScenario } from '../../check/chunks.js';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import { BACKEND_CHOICES, type CliCommand } from '../command.js';
-import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
+import { fitLines, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
   backend: { type: 'string', default: 'auto', choices: BACKEND_CHOICES, help: "the backend to check ('auto': the one createEngine picks)" },
@@ -191,7 +191,7 @@ function worstVerdict(list: readonly R.AttentionComparison[]): CaseVerdict {
 }
 
 function formatVerdict(v: CaseVerdict): string {
-  return `out ${formatError(v.out.worstRatio)} at ${R.formatPosition(v.out.worst?.at)}, lse ${formatError(v.lse.worstRatio)}, maxLogits ${formatError(v.maxLogits.worstRatio)}, 1-cos ${formatError(v.out.cosineGap ?? 0)}`;
+  return `out ${R.formatFigure(v.out.worstRatio)} at ${R.formatPosition(v.out.worst?.at)}, lse ${R.formatFigure(v.lse.worstRatio)}, maxLogits ${R.formatFigure(v.maxLogits.worstRatio)}, 1-cos ${R.formatFigure(v.out.cosineGap ?? 0)}`;
 }
 
 interface FamilyWorst {
@@ -689,7 +689,7 @@ export async function checkCommand(argv: string[]): Promise<number> {
     console.log('Worst error/bound ratio per case family against the float64 reference (pass <= 1):');
     console.log(
       formatTable(
-        [['family', 'cases', 'out', 'at (case)', 'lse', 'maxLogits', 'out 1-cos'], ...families.map((f) => [f.family, String(f.cases), formatError(f.out), f.outCase, formatError(f.lse), formatError(f.maxLogits), formatError(f.cosineGap)])],
+        [['family', 'cases', 'out', 'at (case)', 'lse', 'maxLogits', 'out 1-cos'], ...families.map((f) => [f.family, String(f.cases), R.formatFigure(f.out), f.outCase, R.formatFigure(f.lse), R.formatFigure(f.maxLogits), R.formatFigure(f.cosineGap)])],
         ['left', 'right', 'right', 'left', 'right', 'right', 'right'],
       ),
     );

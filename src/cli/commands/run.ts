@@ -21,6 +21,7 @@ import {
   prepareSparsePrefillReference,
   compareAttention,
   describeBounds,
+  formatFigure,
   formatPosition,
   type TensorComparison,
 } from '../../reference/index.js';
@@ -29,8 +30,8 @@ import type { Engine, KvCache, Tensor } from '../../types.js';
 import type { PrefillPathChoice } from '../../planner/index.js';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
-import { Progress } from '../progress.js';
-import { fitLines, formatBytes, formatError, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
+import { Progress, timed } from '../progress.js';
+import { fitLines, formatBytes, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
 import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
 import { c4ChunkInputs, placeC4Chunk, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
@@ -144,12 +145,6 @@ function tokenBytes(cache: KvCache, token: number): [number, number][] {
   ];
 }
 
-async function timed<T>(fn: () => Promise<T>): Promise<[T, number]> {
-  const t0 = performance.now();
-  const value = await fn();
-  return [value, (performance.now() - t0) / 1000];
-}
-
 /** Quantize: the engine's bytes against the reference's, token by token, on a sample. */
 function checkQuantize(p: C4ChunkPlacement, x: C4ChunkInputs, cache: KvCache, sample: number[]): CheckRow {
   const ref = createKvCache('v4', { pageSize: p.shape.pageSize, numPages: p.numPages });
@@ -204,7 +199,7 @@ interface PrefillSection {
 }
 
 /** Section 1: the big c4 prefill chunk: quantize, dequantize, sparsePrefill, checks. */
-async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, check: number, block_: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
+async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, check: number, blockOption: number | undefined, progress: Progress, steps: StepRow[], checks: CheckRow[]): Promise<PrefillSection> {
   const { shape } = placement;
   const layout = placement.plan.layout(4);
   const kvRows = layout.rows;
@@ -236,12 +231,11 @@ async function runPrefillSection(engine: Engine, placement: C4ChunkPlacement, ch
 
   // 3. the sparse prefill, in blocks of queries; keep the outputs of the sampled queries only
   const sample = sampleQueries(shape.queries, check, shape.seed);
-  
   const { heads } = shape;
   const gotOut = new Float32Array(sample.length * heads * D);
   const gotLse = new Float32Array(sample.length * heads);
   const gotMax = new Float32Array(sample.length * heads);
-  const block = block_ ?? Math.max(1, Math.ceil(shape.queries / 16));
+  const block = blockOption ?? Math.max(1, Math.ceil(shape.queries / 16)); // queries per call (--block)
   const calls = Math.ceil(shape.queries / block);
   let prefillSeconds = 0;
   let nonFinite = 0;
@@ -438,9 +432,9 @@ function prefillReport({ shape: s, placement, width, sampled }: PrefillSection, 
       ['check', 'worst err/bound', 'worst at', '1 - cos (bound)', 'failing', 'result'],
       ...checks.map((c) => [
         c.name,
-        c.comparison ? formatError(c.comparison.worstRatio) : 'exact',
+        c.comparison ? formatFigure(c.comparison.worstRatio) : 'exact',
         c.comparison ? formatPosition(c.comparison.worst?.at) : '-',
-        c.comparison?.cosineGap !== undefined ? `${formatError(c.comparison.cosineGap)} (${formatError(c.comparison.cosineGapBound!)})` : '-',
+        c.comparison?.cosineGap !== undefined ? `${formatFigure(c.comparison.cosineGap)} (${formatFigure(c.comparison.cosineGapBound!)})` : '-',
         `${c.failures}/${c.count}`,
         c.pass ? 'PASS' : 'FAIL',
       ]),
@@ -494,7 +488,7 @@ function layerReport(r: LayerReport, backend: string): string[] {
         formatSeconds(l.seconds),
         formatRate(l.gflops, '').trimEnd(),
         l.ratio === 4 ? `${l.dropped}/${l.expectedDropped}${l.check.droppedPass ? '' : ' !'}` : '-',
-        l.check.out.cosineGap !== undefined ? formatError(l.check.out.cosineGap) : '-',
+        l.check.out.cosineGap !== undefined ? formatFigure(l.check.out.cosineGap) : '-',
         [l.check.out, l.check.lse, l.check.maxLogits].map(worst).join(' '),
         l.check.pass ? 'PASS' : 'FAIL',
       ]),

@@ -10,13 +10,13 @@ import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
 import { prefillFlops, prepareSparsePrefill } from '../../ops/sparse_prefill.js';
-import { AttentionComparator, describeBounds, formatPosition, type TensorComparison } from '../../reference/compare.js';
+import { AttentionComparator, describeBounds, formatFigure, formatPosition, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
 import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
 import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
-import { fitLines, formatError, formatTable, setReportWidth } from '../table.js';
+import { fitLines, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
   sample: { type: 'int', min: 1, metavar: 'N', help: 'judge only N query rows spread evenly over sQ (first and last included); default: all' },
@@ -176,11 +176,11 @@ function formatReport(r: VerifyReport): string {
     const w = c.worst;
     rows.push([
       t.name,
-      formatError(c.worstRatio),
+      formatFigure(c.worstRatio),
       `${c.overBound}/${c.count}${c.infNanMismatch ? ` (${c.infNanMismatch} inf/NaN)` : ''}`,
-      c.cosineGap !== undefined ? formatError(c.cosineGap) : '-',
+      c.cosineGap !== undefined ? formatFigure(c.cosineGap) : '-',
       formatPosition(w?.at),
-      w ? `${formatError(w.got)} / ${formatError(w.ref)}` : '-',
+      w ? `${formatFigure(w.got)} / ${formatFigure(w.ref)}` : '-',
       c.pass ? 'pass' : 'FAIL',
     ]);
   }

@@ -10,6 +10,7 @@ import { engineBackend } from '../dist/engine.js';
 import { pagedReadForTests } from '../dist/backends/paged_gather.js';
 import type { Backend } from '../dist/backends/backend.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
+import { errorOf, refusalOf } from './helpers/errors.js';
 
 const rng = testRng('validation');
 let engine: Engine;
@@ -38,12 +39,7 @@ type AnyArgs = Mutable<Record<string, unknown>>;
 /** Expects a SparseMlaError with `code` whose message starts with the argument's name. */
 async function expectRefused(call: () => Promise<unknown>, code: string, argument: string): Promise<SparseMlaError> {
   backendCalls.mockClear();
-  let err: unknown;
-  try {
-    await call();
-  } catch (e) {
-    err = e;
-  }
+  const err = await errorOf(call);
   expect(err, `expected ${code} for ${argument}`).toBeInstanceOf(SparseMlaError);
   const e = err as SparseMlaError;
   expect(e.code).toBe(code);
@@ -341,15 +337,9 @@ describe('cache constructors and engine options refuse bad input (synchronously)
     [() => routePrefill(100, { backend: 'gpu' as never }), 'INVALID_VALUE', 'backend'],
     [() => routePrefill(100, { env: 'sparse' as never }), 'INVALID_VALUE', 'env'],
   ] as const)('%#', (fn, code, argument) => {
-    let err: unknown;
-    try {
-      fn();
-    } catch (e) {
-      err = e;
-    }
-    expect(err).toBeInstanceOf(SparseMlaError);
-    expect((err as SparseMlaError).code).toBe(code);
-    expect((err as SparseMlaError).message.startsWith(argument)).toBe(true);
+    const [errCode, , message] = refusalOf(fn);
+    expect(errCode).toBe(code);
+    expect(message.startsWith(argument)).toBe(true);
   });
 
   test('cache sizes follow SPEC §3', () => {

@@ -10,6 +10,7 @@ import { expect } from 'vitest';
 import type { NativeAddon, NativeCudaOps } from '../../dist/backends/native/binding.js';
 import { CUDA_OP_PARAMS, type CudaOpName } from '../../dist/backends/abi.js';
 import { loadHostPlanner } from '../../dist/backends/wasm/planner.js';
+import { StandInStream } from './stand_in_device.js';
 
 /** A stand-in device buffer: host memory behind the addon buffer's surface. */
 class StandInBuffer {
@@ -210,16 +211,7 @@ export function standInTable(addon: NativeAddon, calls: OpCall[], held: { downlo
         }
       },
   };
-  class Stream {
-    constructor(readonly device: number) {}
-    synchronize(): Promise<void> {
-      return Promise.resolve();
-    }
-    query(): boolean {
-      return true;
-    }
-  }
-  return new Proxy({ deviceBufferClass: () => StandInBuffer, streamClass: () => Stream, ...named } as object, {
+  return new Proxy({ deviceBufferClass: () => StandInBuffer, streamClass: () => StandInStream, ...named } as object, {
     get: (target, name) => (target as Record<string | symbol, unknown>)[name] ?? (() => { throw new Error(`unexpected CUDA op ${String(name)}`); }),
   }) as NativeCudaOps;
 }

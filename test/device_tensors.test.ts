@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, listBackends, tensor } from '../dist/index.js';
 import type { DeviceBuffer, DeviceTensor, Engine } from '../dist/index.js';
 import { standInDevice } from './helpers/stand_in_device.js';
+import { errorOf } from './helpers/errors.js';
 
 /** A stand-in device buffer: branded like the cuda backend's, no memory behind it. */
 function fakeBuffer(byteLength: number, freed = false): DeviceBuffer {
@@ -22,13 +23,10 @@ function fakeTensor<D extends 'bf16' | 'int32' | 'int64' | 'float32'>(dtype: D, 
 }
 
 async function codeOf(p: Promise<unknown>): Promise<string> {
-  try {
-    await p;
-  } catch (e) {
-    expect(e).toBeInstanceOf(SparseMlaError);
-    return (e as SparseMlaError).code;
-  }
-  return 'no error';
+  const e = await errorOf(() => p);
+  if (e === undefined) return 'no error';
+  expect(e).toBeInstanceOf(SparseMlaError);
+  return (e as SparseMlaError).code;
 }
 
 let wasm: Engine;

@@ -8,7 +8,7 @@
  * the float64 reference's bytes and values as before.
  */
 import { afterAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createEngine, createKvCache, createPlan, tensor, toBf16 } from '../dist/index.js';
+import { createEngine, createKvCache, createPlan, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, KvCache } from '../dist/index.js';
 import { SparseMlaEngine } from '../dist/engine.js';
 import { prepareDequantizeKCache } from '../dist/ops/kv_cache.js';
@@ -17,7 +17,7 @@ import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { decodeBf16, dequantizeKCacheReference, encodeBf16, quantizeKCacheReference } from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
-import { refusal } from './helpers/errors.js';
+import { refusal, refusalOf } from './helpers/errors.js';
 import { randomDistinctIds, testRng } from './helpers/random.js';
 import { smallHeapWasmEngines } from './helpers/small_heap_wasm.js';
 import { standInTable, type OpCall } from './helpers/computing_device.js';
@@ -142,16 +142,8 @@ describe('int64 token ids: the refusals name the caller\'s value and its positio
     [[3n, 40n, -1n], '40 at position 1'],
   ])('ids %s', (ids, got) => {
     const cache = createKvCache('v4', { pageSize: 16, numPages: 2 });
-    const e = (() => {
-      try {
-        prepareDequantizeKCache({ cache, tokenIds: tensor('int64', [ids.length], BigInt64Array.from(ids)) });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect(e).toBeInstanceOf(SparseMlaError);
-    expect([e!.code, e!.message]).toEqual(['OUT_OF_RANGE', `tokenIds: expected token ids in [0, 32) for cache (v4, pageSize 16 × numPages 2), got ${got}`]);
+    const [code, , message] = refusalOf(() => prepareDequantizeKCache({ cache, tokenIds: tensor('int64', [ids.length], BigInt64Array.from(ids)) }));
+    expect([code, message]).toEqual(['OUT_OF_RANGE', `tokenIds: expected token ids in [0, 32) for cache (v4, pageSize 16 × numPages 2), got ${got}`]);
   });
 });
 
@@ -197,16 +189,7 @@ describe.skipIf(!nativeAddonBuilt())('cuda (a stand-in device that computes: no 
 describe('createPlan: a request\'s ids against its lengths, from their count', () => {
   test('swaTokenIds claiming 2^22 where the request gathers 10: INVALID_SHAPE naming them, no id read', () => {
     const { list, reads } = claimingList(CLAIM, 0);
-    const e = (() => {
-      try {
-        createPlan({ requests: [{ seqLen: 10, extendLen: 2, swaTokenIds: list }] });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect(e).toBeInstanceOf(SparseMlaError);
-    expect([e!.code, e!.argument, e!.message]).toEqual(['INVALID_SHAPE', 'chunk.requests[0].swaTokenIds', `chunk.requests[0].swaTokenIds: expected 10 ids (positions [0, 10) for seqLen 10, extendLen 2, window 128), got ${CLAIM}`]);
+    expect(refusalOf(() => createPlan({ requests: [{ seqLen: 10, extendLen: 2, swaTokenIds: list }] }))).toEqual(['INVALID_SHAPE', 'chunk.requests[0].swaTokenIds', `chunk.requests[0].swaTokenIds: expected 10 ids (positions [0, 10) for seqLen 10, extendLen 2, window 128), got ${CLAIM}`]);
     expect(reads).toEqual({ length: 1, elements: 0 });
   });
 
@@ -214,15 +197,7 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
     const first = randomDistinctIds(rng, 1000, 10);
     let firstReads = 0;
     const counted = new Proxy(first, { get: (t, k, r) => (typeof k === 'string' && /^\d+$/.test(k) && firstReads++, Reflect.get(t, k, r)) });
-    const e = (() => {
-      try {
-        createPlan({ requests: [{ seqLen: 10, extendLen: 2, swaTokenIds: counted }, { seqLen: 5, extendLen: 5, swaTokenIds: [0, -1, 2] }] });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect([e?.code, e?.argument, e?.message]).toEqual(['INVALID_SHAPE', 'chunk.requests[1].swaTokenIds', 'chunk.requests[1].swaTokenIds: expected 5 ids (positions [0, 5) for seqLen 5, extendLen 5, window 128), got 3']);
+    expect(refusalOf(() => createPlan({ requests: [{ seqLen: 10, extendLen: 2, swaTokenIds: counted }, { seqLen: 5, extendLen: 5, swaTokenIds: [0, -1, 2] }] }))).toEqual(['INVALID_SHAPE', 'chunk.requests[1].swaTokenIds', 'chunk.requests[1].swaTokenIds: expected 5 ids (positions [0, 5) for seqLen 5, extendLen 5, window 128), got 3']);
     expect(firstReads).toBe(10);
   });
 
@@ -230,15 +205,7 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
     // seqLen 300: floor(300 / 4) = 75 compressed entries, 5 pages of 16
     const { list, reads } = claimingList(4, 0);
     const swaTokenIds = randomDistinctIds(rng, 1000, 129);
-    const e = (() => {
-      try {
-        createPlan({ requests: [{ seqLen: 300, extendLen: 2, swaTokenIds, c4PageTable: list }], c4PageSize: 16 });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect([e?.code, e?.argument, e?.message]).toEqual(['INVALID_SHAPE', 'chunk.requests[0].c4PageTable', 'chunk.requests[0].c4PageTable: expected at least 5 pages for floor(seqLen 300 / 4) = 75 entries of page size 16, got 4']);
+    expect(refusalOf(() => createPlan({ requests: [{ seqLen: 300, extendLen: 2, swaTokenIds, c4PageTable: list }], c4PageSize: 16 }))).toEqual(['INVALID_SHAPE', 'chunk.requests[0].c4PageTable', 'chunk.requests[0].c4PageTable: expected at least 5 pages for floor(seqLen 300 / 4) = 75 entries of page size 16, got 4']);
     expect(reads).toEqual({ length: 1, elements: 0 });
     // valid: the ids as given, the compressed ids from the table's first 5 pages (SPEC §6: pageTable[j / Pc] · Pc + j % Pc)
     const table = randomDistinctIds(rng, 50, 7);
@@ -252,28 +219,12 @@ describe('createPlan: a request\'s ids against its lengths, from their count', (
 describe('toBf16: its shape against the data\'s count', () => {
   test('data claiming 2^22 values for shape [2, 2]: tensor()\'s INVALID_SHAPE naming data, no value read', () => {
     const { list, reads } = claimingList(CLAIM, 1.5);
-    const e = (() => {
-      try {
-        toBf16({ shape: [2, 2], data: list as number[] });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect([e?.code, e?.argument, e?.message]).toEqual(['INVALID_SHAPE', 'data', `tensor: shape [2, 2] needs 4 elements, data has ${CLAIM}`]);
+    expect(refusalOf(() => toBf16({ shape: [2, 2], data: list as number[] }))).toEqual(['INVALID_SHAPE', 'data', `tensor: shape [2, 2] needs 4 elements, data has ${CLAIM}`]);
     expect(reads).toEqual({ length: 1, elements: 0 });
   });
 
   test('a shape that does not fit the data is refused before a value that is no number (the order this change makes); valid data rounds as the float64 reference', () => {
-    const e = (() => {
-      try {
-        toBf16({ shape: [3], data: ['x', 1] as unknown as number[] });
-      } catch (x) {
-        return x as SparseMlaError;
-      }
-      return undefined;
-    })();
-    expect([e?.code, e?.argument, e?.message]).toEqual(['INVALID_SHAPE', 'data', 'tensor: shape [3] needs 3 elements, data has 2']);
+    expect(refusalOf(() => toBf16({ shape: [3], data: ['x', 1] as unknown as number[] }))).toEqual(['INVALID_SHAPE', 'data', 'tensor: shape [3] needs 3 elements, data has 2']);
     const n = rng.int(1, 40);
     const values = Array.from({ length: n * 3 }, () => Math.fround(rng.normal() * 2 ** rng.int(-20, 20)));
     const t = toBf16({ shape: [n, 3], data: values });

@@ -7,10 +7,10 @@ import { describe, expect, test } from 'vitest';
 import { createPlan, routePrefill, swaTokenIdsFromTable, DEFAULT_SPARSE_PREFILL_THRESHOLD, SPARSE_PREFILL_THRESHOLDS, type CombinedRows, type PlanChunk, type PlanOptions } from '../dist/planner/index.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { forcedRoute } from '../dist/planner/router.js';
-import { SparseMlaError } from '../dist/errors.js';
 import { tensor } from '../dist/tensor.js';
 import type { KvCache } from '../dist/types.js';
 import { testRng } from './helpers/random.js';
+import { refusalOf } from './helpers/errors.js';
 
 const rng = testRng('planner.test');
 
@@ -30,15 +30,9 @@ function realRows(r: CombinedRows | { indices: { data: Int32Array; shape: readon
 }
 
 function expectError(f: () => unknown, code: string, pattern?: RegExp): void {
-  let err: unknown;
-  try {
-    f();
-  } catch (e) {
-    err = e;
-  }
-  expect(err, 'expected a SparseMlaError').toBeInstanceOf(SparseMlaError);
-  expect((err as SparseMlaError).code).toBe(code);
-  if (pattern) expect((err as Error).message).toMatch(pattern);
+  const [errCode, , message] = refusalOf(f);
+  expect(errCode).toBe(code);
+  if (pattern) expect(message).toMatch(pattern);
 }
 
 function v4Cache(pageSize: number, numPages: number): KvCache {

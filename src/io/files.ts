@@ -49,9 +49,12 @@ export interface OpenedFile {
   size: number;
 }
 
-/** `path` and the `name` messages give it: strings (a path is never coerced: a Symbol's or an object's text is no path). */
-function checkPathArgs(path: unknown, name: unknown): void {
-  if (typeof path !== 'string') throw new SparseMlaError('INVALID_VALUE', `path: expected a file path string, got ${typeof path === 'object' ? (path === null ? 'null' : 'an object') : typeof path}`, 'path');
+/**
+ * `path` (the argument `argument`, a `what`) and the `name` messages give it: strings (a path is
+ * never coerced: a Symbol's or an object's text is no path, and node's fs would throw a TypeError).
+ */
+export function checkPathArgs(path: unknown, name: unknown, argument = 'path', what = 'a file path'): void {
+  if (typeof path !== 'string') throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} string, got ${typeof path === 'object' ? (path === null ? 'null' : 'an object') : typeof path}`, argument);
   if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a string naming ${clip(path, 80)} in messages, got ${typeof name}`, 'name');
 }
 
@@ -130,6 +133,7 @@ export async function readSmallFile(path: string, name: string, maxBytes: number
  * never returns.)
  */
 export async function prepareOutputDir(dir: string, name = dir, create = true): Promise<void> {
+  checkPathArgs(dir, name, 'dir', 'a directory path');
   const full = resolve(dir);
   const parts = full.split(sep).filter((p) => p !== '');
   let at: string = sep;
@@ -162,6 +166,7 @@ export async function prepareOutputDir(dir: string, name = dir, create = true): 
 
 /** For an output file given by path: its directory must exist and take new files, and the path must not be a directory. */
 export async function prepareOutputFile(path: string, name = path): Promise<void> {
+  checkPathArgs(path, name);
   await prepareOutputDir(dirname(resolve(path)), name, false);
   const s = await lstat(path).catch(() => null);
   if (s?.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);
@@ -172,6 +177,7 @@ export async function prepareOutputFile(path: string, name = path): Promise<void
  * pre-existing symlink at `path` is replaced, never followed.
  */
 export async function writeFileNoFollow(path: string, data: Uint8Array | string, name = path): Promise<void> {
+  checkPathArgs(path, name);
   const target = resolve(path);
   const tmp = join(dirname(target), `.${basename(target)}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`);
   let h: FileHandle;

@@ -16,8 +16,8 @@ import { join } from 'node:path';
 import { SparseMlaError } from '../errors.js';
 import { tensor } from '../tensor.js';
 import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../types.js';
-import { checkedTensor, clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
-import { describe } from '../tensor.js';
+import { checkPathArgs, checkedTensor, clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
+import { checkViewsIntact, describe } from '../tensor.js';
 import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
 import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
 
@@ -118,15 +118,79 @@ const shapeStr = (s: readonly number[]): string => `[${s.join(', ')}]`;
 /** Tensor<'a'> | Tensor<'b'> for D = 'a' | 'b'. */
 type TensorOf<D extends DType> = D extends DType ? Tensor<D> : never;
 
-function expectDtype<D extends DType>(t: Located<Tensor>, allowed: readonly D[], storedAs: string): TensorOf<D> {
+/** A tensor and how messages name it: the file it came from (a reader), or a writer's argument (`writePrefillDir: args.q`, argument `args.q`). */
+interface Named<T = Tensor> extends Located<T> {
+  argument?: string;
+}
+
+function expectDtype<D extends DType>(t: Named, allowed: readonly D[], storedAs: string): TensorOf<D> {
   if (!(allowed as readonly DType[]).includes(t.value.dtype)) {
-    throw new SparseMlaError('INVALID_DTYPE', `${t.file}: expected ${storedAs}, got ${t.value.dtype}`, t.file);
+    throw new SparseMlaError('INVALID_DTYPE', `${t.file}: expected ${storedAs}, got ${t.value.dtype}`, t.argument ?? t.file);
   }
   return t.value as TensorOf<D>;
 }
 
-function expectShape(t: Located<Tensor>, ok: boolean, expected: string): void {
-  if (!ok) throw new SparseMlaError('INVALID_SHAPE', `${t.file}: expected shape ${expected}, got ${shapeStr(t.value.shape)}`, t.file);
+function expectShape(t: Named, ok: boolean, expected: string): void {
+  if (!ok) throw new SparseMlaError('INVALID_SHAPE', `${t.file}: expected shape ${expected}, got ${shapeStr(t.value.shape)}`, t.argument ?? t.file);
+}
+
+const BF16_STORED = 'bf16 (bits as <u2, or BF16 in safetensors)';
+const INDEX_STORED = 'int32 or int64 (<i4 / <i8)';
+const F32_STORED = 'float32 (<f4 / F32)';
+
+/*
+ * The directory format's dtype and shape of each tensor, given the dims the tensors before it fixed:
+ * loadPrefillInputs / loadPrefillOutputs read a directory by them, and writePrefillDir /
+ * writePrefillOutputs write none that breaks them (a directory its own reader refuses is bad input).
+ */
+function checkQ(t: Named): Tensor<'bf16'> {
+  const q = expectDtype(t, ['bf16'], BF16_STORED);
+  expectShape(t, q.shape.length === 3 && q.shape[1]! >= 1 && q.shape[2]! >= 1, '[sQ, hQ, dQK]');
+  return q;
+}
+
+function checkKv(t: Named, dQK: number): Tensor<'bf16'> {
+  const kv = expectDtype(t, ['bf16'], BF16_STORED);
+  expectShape(t, kv.shape.length === 2 && kv.shape[1] === dQK, `[sKV, ${dQK}]`);
+  return kv;
+}
+
+function checkIndices(t: Named, sQ: number): Tensor<'int32'> | Tensor<'int64'> {
+  const indices = expectDtype(t, ['int32', 'int64'], INDEX_STORED);
+  const s = indices.shape;
+  expectShape(t, (s.length === 2 && s[0] === sQ) || (s.length === 3 && s[0] === sQ && s[1] === 1), `[${sQ}, topk] or [${sQ}, 1, topk]`);
+  return indices;
+}
+
+function checkTopkLength(t: Named, sQ: number): Tensor<'int32'> | Tensor<'int64'> {
+  const len = expectDtype(t, ['int32', 'int64'], INDEX_STORED);
+  expectShape(t, len.shape.length === 1 && len.shape[0] === sQ, `[${sQ}]`);
+  return len;
+}
+
+function checkSink(t: Named, hQ: number): Tensor<'float32'> {
+  const sink = expectDtype(t, ['float32'], F32_STORED);
+  expectShape(t, sink.shape.length === 1 && sink.shape[0] === hQ, `[${hQ}]`);
+  return sink;
+}
+
+/** `what` names d_v in the message (`meta.json: d_v`, `writePrefillDir: args.dV`). */
+function checkDv(dV: number, dQK: number, what: string, argument: string): void {
+  if (dV > dQK) throw new SparseMlaError('INVALID_VALUE', `${what}: expected at most dQK = ${dQK}, got ${dV}`, argument);
+}
+
+const OUT_STORED = 'bf16 (bits as <u2, or BF16) or float32';
+
+function checkOut(t: Named, sQ: number, hQ: number, dV: number): Tensor<'bf16'> | Tensor<'float32'> {
+  const out = expectDtype(t, ['bf16', 'float32'], OUT_STORED);
+  expectShape(t, out.shape.length === 3 && out.shape[0] === sQ && out.shape[1] === hQ && out.shape[2] === dV, `[${sQ}, ${hQ}, ${dV}]`);
+  return out;
+}
+
+function checkStat(t: Named, sQ: number, hQ: number): Tensor<'float32'> {
+  const v = expectDtype(t, ['float32'], F32_STORED);
+  expectShape(t, v.shape.length === 2 && v.shape[0] === sQ && v.shape[1] === hQ, `[${sQ}, ${hQ}]`);
+  return v;
 }
 
 /** int64 → int32 for topk_length; values beyond int32 saturate (same meaning: k < len). */
@@ -141,6 +205,14 @@ function toInt32(t: Tensor<'int32'> | Tensor<'int64'>): Tensor<'int32'> {
   return tensor('int32', t.shape, out);
 }
 
+/** A directory given by path or as an opened PrefillDir (`fn`'s argument `dir`); anything else is refused before anything is read. */
+function dirArg(fn: string, dirOrHandle: unknown): string | PrefillDir {
+  if (dirOrHandle instanceof PrefillDir || typeof dirOrHandle === 'string') return dirOrHandle;
+  throw new SparseMlaError('INVALID_VALUE', `${fn}: dir: expected a directory path string or a PrefillDir, got ${describe(dirOrHandle)}`, 'dir');
+}
+
+const openDir = async (d: string | PrefillDir): Promise<PrefillDir> => (typeof d === 'string' ? PrefillDir.open(d) : d);
+
 export interface LoadedPrefillInputs {
   args: SparsePrefillArgs & { dV: number };
   /** file each input came from */
@@ -150,44 +222,34 @@ export interface LoadedPrefillInputs {
 
 /** Load and check the inputs of a prefill directory. */
 export async function loadPrefillInputs(dirOrHandle: string | PrefillDir): Promise<LoadedPrefillInputs> {
-  const dir = typeof dirOrHandle === 'string' ? await PrefillDir.open(dirOrHandle) : dirOrHandle;
+  const dir = await openDir(dirArg('loadPrefillInputs', dirOrHandle));
   const qL = await dir.require('q');
-  const q = expectDtype(qL, ['bf16'], 'bf16 (bits as <u2, or BF16 in safetensors)');
-  expectShape(qL, q.shape.length === 3 && q.shape[1]! >= 1 && q.shape[2]! >= 1, '[sQ, hQ, dQK]');
+  const q = checkQ(qL);
   const [sQ, hQ, dQK] = q.shape as [number, number, number];
 
   const kvL = await dir.require('kv');
-  const kv = expectDtype(kvL, ['bf16'], 'bf16 (bits as <u2, or BF16 in safetensors)');
-  expectShape(kvL, kv.shape.length === 2 && kv.shape[1] === dQK, `[sKV, ${dQK}]`);
+  const kv = checkKv(kvL, dQK);
   const sKV = kv.shape[0]!;
 
   const idxL = await dir.require('indices');
-  const indices = expectDtype(idxL, ['int32', 'int64'], 'int32 or int64 (<i4 / <i8)');
-  const s = indices.shape;
-  expectShape(idxL, (s.length === 2 && s[0] === sQ) || (s.length === 3 && s[0] === sQ && s[1] === 1), `[${sQ}, topk] or [${sQ}, 1, topk]`);
-  const topk = s[s.length - 1]!;
+  const indices = checkIndices(idxL, sQ);
+  const topk = indices.shape[indices.shape.length - 1]!;
 
   const files: Record<string, string> = { q: qL.file, kv: kvL.file, indices: idxL.file };
   const args: LoadedPrefillInputs['args'] = { q, kv, indices, smScale: 0, dV: 512 };
 
   const lenL = await dir.get('topk_length');
   if (lenL) {
-    const len = expectDtype(lenL, ['int32', 'int64'], 'int32 or int64 (<i4 / <i8)');
-    expectShape(lenL, len.shape.length === 1 && len.shape[0] === sQ, `[${sQ}]`);
-    args.topkLength = toInt32(len);
+    args.topkLength = toInt32(checkTopkLength(lenL, sQ));
     files.topk_length = lenL.file;
   }
   const sinkL = await dir.get('attn_sink');
   if (sinkL) {
-    const sink = expectDtype(sinkL, ['float32'], 'float32 (<f4 / F32)');
-    expectShape(sinkL, sink.shape.length === 1 && sink.shape[0] === hQ, `[${hQ}]`);
-    args.attnSink = sink;
+    args.attnSink = checkSink(sinkL, hQ);
     files.attn_sink = sinkL.file;
   }
   const meta = await dir.meta();
-  if (meta.value.dV > dQK) {
-    throw new SparseMlaError('INVALID_VALUE', `${meta.file}: d_v: expected at most dQK = ${dQK}, got ${meta.value.dV}`, meta.file);
-  }
+  checkDv(meta.value.dV, dQK, `${meta.file}: d_v`, meta.file);
   args.smScale = meta.value.smScale;
   args.dV = meta.value.dV;
   files.meta = meta.file;
@@ -201,21 +263,29 @@ export interface LoadedPrefillOutputs {
   files: Record<string, string>;
 }
 
+/** The dims loadPrefillOutputs checks a directory's outputs against, read once: counts (safe integers >= 0), refused before the directory is read. */
+function outputShapesOnce(shapes: unknown): { sQ: number; hQ: number; dV: number } {
+  if (typeof shapes !== 'object' || shapes === null) throw new SparseMlaError('INVALID_VALUE', `loadPrefillOutputs: shapes must be an object {sQ, hQ, dV}, got ${describe(shapes)}`, 'shapes');
+  const { sQ, hQ, dV } = shapes as Record<string, unknown>;
+  for (const [k, v] of [['sQ', sQ], ['hQ', hQ], ['dV', dV]] as const) {
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new SparseMlaError('INVALID_VALUE', `loadPrefillOutputs: shapes.${k}: expected a count (an integer >= 0), got ${describe(v)}`, `shapes.${k}`);
+  }
+  return { sQ: sQ as number, hQ: hQ as number, dV: dV as number };
+}
+
 /** Load and check the outputs of a prefill directory against the input shapes. */
 export async function loadPrefillOutputs(
   dirOrHandle: string | PrefillDir,
   shapes: { sQ: number; hQ: number; dV: number },
 ): Promise<LoadedPrefillOutputs> {
-  const dir = typeof dirOrHandle === 'string' ? await PrefillDir.open(dirOrHandle) : dirOrHandle;
-  const { sQ, hQ, dV } = shapes;
+  const given = dirArg('loadPrefillOutputs', dirOrHandle);
+  const { sQ, hQ, dV } = outputShapesOnce(shapes);
+  const dir = await openDir(given);
   const outL = await dir.require('out');
-  const out = expectDtype(outL, ['bf16', 'float32'], 'bf16 (bits as <u2, or BF16) or float32');
-  expectShape(outL, out.shape.length === 3 && out.shape[0] === sQ && out.shape[1] === hQ && out.shape[2] === dV, `[${sQ}, ${hQ}, ${dV}]`);
+  const out = checkOut(outL, sQ, hQ, dV);
   const stat = async (name: string): Promise<Located<Tensor<'float32'>>> => {
     const l = await dir.require(name);
-    const t = expectDtype(l, ['float32'], 'float32 (<f4 / F32)');
-    expectShape(l, t.shape.length === 2 && t.shape[0] === sQ && t.shape[1] === hQ, `[${sQ}, ${hQ}]`);
-    return { value: t, file: l.file };
+    return { value: checkStat(l, sQ, hQ), file: l.file };
   };
   const lse = await stat('lse');
   const ml = await stat('max_logits');
@@ -224,43 +294,82 @@ export async function loadPrefillOutputs(
 
 export type DirFormat = 'npy' | 'safetensors';
 
+/** `fn`'s `argument` naming a DirFormat: 'npy', 'safetensors' or undefined ('npy'); anything else (another case, a String object) is refused, not written as npy. */
+function formatArg(fn: string, argument: string, format: unknown): DirFormat {
+  if (format === undefined) return 'npy';
+  if (format === 'npy' || format === 'safetensors') return format;
+  throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument}: expected 'npy' or 'safetensors', got ${describe(format)}`, argument);
+}
+
 /**
  * The tensors of `given` (a prefill's args or result, `argument` in messages) by file name, each
  * field read once and each tensor checked (files.ts checkedTensor) before any file is written: a bad
  * one is refused with the directory as it was, not after the files before it.
  */
-function tensorsToWrite(fn: string, argument: string, given: unknown, fields: readonly (readonly [string, string, boolean])[]): Record<string, Tensor> {
+function tensorsToWrite(fn: string, argument: string, given: unknown, fields: readonly (readonly [string, string, boolean])[]): Record<string, Named> {
   if (typeof given !== 'object' || given === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument} must be an object, got ${describe(given)}`, argument);
-  const named: Record<string, Tensor> = {};
+  const named: Record<string, Named> = {};
   for (const [field, file, optional] of fields) {
     const t: unknown = (given as Record<string, unknown>)[field];
     if (optional && (t === undefined || t === null)) continue;
     if (typeof t !== 'object' || t === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: ${argument}.${field} must be a tensor {dtype, shape, data}, got ${describe(t)}`, `${argument}.${field}`);
     const { dtype, shape, data } = t as { dtype: unknown; shape: unknown; data: unknown };
-    named[file] = checkedTensor(fn, `${argument}.${field}`, dtype, shape, data);
+    named[file] = { value: checkedTensor(fn, `${argument}.${field}`, dtype, shape, data), file: `${fn}: ${argument}.${field}`, argument: `${argument}.${field}` };
   }
   return named;
 }
 
 const OUTPUT_FIELDS = [['out', 'out', false], ['lse', 'lse', false], ['maxLogits', 'max_logits', false]] as const;
 
+/** Outputs as loadPrefillOutputs reads them back: out [sQ, hQ, dV] (bf16 or float32), lse and max_logits float32 [sQ, hQ]; dims from out's shape where not given. */
+function checkOutputs(named: Record<string, Named>, dims?: { sQ: number; hQ: number; dV: number }): void {
+  const out = named.out!;
+  const s = out.value.shape;
+  if (dims === undefined) {
+    expectDtype(out, ['bf16', 'float32'], OUT_STORED);
+    expectShape(out, s.length === 3, '[sQ, hQ, dV]');
+  }
+  const { sQ, hQ, dV } = dims ?? { sQ: s[0]!, hQ: s[1]!, dV: s[2]! };
+  checkOut(out, sQ, hQ, dV);
+  checkStat(named.lse!, sQ, hQ);
+  checkStat(named.max_logits!, sQ, hQ);
+}
+
+/**
+ * After every read of the caller's arguments (getters may have run), before the first file: each
+ * checked tensor's memory is still whole (a getter of a later field may have detached or shrunk an
+ * earlier tensor's buffer), so a refusal leaves the directory as it was.
+ */
+function checkNamedIntact(named: Record<string, Named>): Record<string, Tensor> {
+  const tensors: Record<string, Tensor> = {};
+  for (const [k, t] of Object.entries(named)) tensors[k] = t.value;
+  checkViewsIntact(Object.values(tensors).map((t) => t.data));
+  return tensors;
+}
+
 /** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors (all checked first). */
 export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
-  const named = tensorsToWrite('writePrefillOutputs', 'res', res, OUTPUT_FIELDS);
+  const fn = 'writePrefillOutputs';
+  checkPathArgs(dir, dir, 'dir', 'a directory path');
+  const named = tensorsToWrite(fn, 'res', res, OUTPUT_FIELDS);
+  checkOutputs(named);
+  const as = formatArg(fn, 'format', format);
+  const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
-  if (format === 'safetensors') {
-    await writeSafetensorsFile(join(dir, 'outputs.safetensors'), named);
+  if (as === 'safetensors') {
+    await writeSafetensorsFile(join(dir, 'outputs.safetensors'), tensors);
     return ['outputs.safetensors'];
   }
-  for (const [k, t] of Object.entries(named)) await writeNpyFile(join(dir, `${k}.npy`), t);
-  return Object.keys(named).map((k) => `${k}.npy`);
+  for (const [k, t] of Object.entries(tensors)) await writeNpyFile(join(dir, `${k}.npy`), t);
+  return Object.keys(tensors).map((k) => `${k}.npy`);
 }
 
 /**
  * Write a prefill's inputs (and, optionally, its outputs) in the directory format: .npy files plus
  * meta.json, or one prefill.safetensors with sm_scale / d_v in its __metadata__. Everything is
- * checked before the first file is written: each tensor (files.ts checkedTensor), and sm_scale and
- * d_v as loadPrefillInputs reads them back (a finite number; a positive integer).
+ * checked before the first file is written, as loadPrefillInputs / loadPrefillOutputs read it back:
+ * each tensor (files.ts checkedTensor), the tensors' dtypes and shapes against each other, sm_scale
+ * (a finite number) and d_v (a positive integer, at most dQK); the format 'npy' or 'safetensors'.
  */
 export async function writePrefillDir(
   dir: string,
@@ -268,20 +377,34 @@ export async function writePrefillDir(
   opts: { format?: DirFormat; outputs?: SparsePrefillResult } = {},
 ): Promise<void> {
   const fn = 'writePrefillDir';
+  checkPathArgs(dir, dir, 'dir', 'a directory path');
   const named = tensorsToWrite(fn, 'args', args, [['q', 'q', false], ['kv', 'kv', false], ['indices', 'indices', false], ['topkLength', 'topk_length', true], ['attnSink', 'attn_sink', true]]);
   const { smScale, dV: givenDV } = args as { smScale: unknown; dV: unknown };
   if (typeof smScale !== 'number' || !Number.isFinite(smScale)) throw new SparseMlaError('INVALID_VALUE', `${fn}: args.smScale: expected a finite number, got ${describe(smScale)}`, 'args.smScale');
   const dV = givenDV ?? 512;
   if (typeof dV !== 'number' || !Number.isSafeInteger(dV) || dV < 1) throw new SparseMlaError('INVALID_VALUE', `${fn}: args.dV: expected a positive integer, got ${describe(dV)}`, 'args.dV');
+  const q = checkQ(named.q!);
+  const [sQ, hQ, dQK] = q.shape as [number, number, number];
+  checkKv(named.kv!, dQK);
+  checkIndices(named.indices!, sQ);
+  if (named.topk_length) checkTopkLength(named.topk_length, sQ);
+  if (named.attn_sink) checkSink(named.attn_sink, hQ);
+  checkDv(dV, dQK, `${fn}: args.dV`, 'args.dV');
   if (typeof opts !== 'object' || opts === null) throw new SparseMlaError('INVALID_VALUE', `${fn}: opts must be an object, got ${describe(opts)}`, 'opts');
   const { format, outputs } = opts;
-  if (outputs !== undefined) Object.assign(named, tensorsToWrite(fn, 'opts.outputs', outputs, OUTPUT_FIELDS));
+  const as = formatArg(fn, 'opts.format', format);
+  if (outputs !== undefined) {
+    const outs = tensorsToWrite(fn, 'opts.outputs', outputs, OUTPUT_FIELDS);
+    checkOutputs(outs, { sQ, hQ, dV });
+    Object.assign(named, outs);
+  }
+  const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
   const meta = { sm_scale: smScale, d_v: dV };
-  if (format === 'safetensors') {
-    await writeSafetensorsFile(join(dir, 'prefill.safetensors'), named, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
+  if (as === 'safetensors') {
+    await writeSafetensorsFile(join(dir, 'prefill.safetensors'), tensors, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
     return;
   }
-  for (const [k, t] of Object.entries(named)) await writeNpyFile(join(dir, `${k}.npy`), t);
+  for (const [k, t] of Object.entries(tensors)) await writeNpyFile(join(dir, `${k}.npy`), t);
   await writeFileNoFollow(join(dir, 'meta.json'), JSON.stringify(meta) + '\n');
 }

@@ -3,7 +3,7 @@
  * reached a backend with bad input, or answered wrongly before its fix. Each runs on the wasm engine
  * and, where the addon is built, on the cpu engine too.
  */
-import { existsSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -1445,4 +1445,142 @@ describe("the file writers against hostile tensors the fuzzer's session-53 targe
       rmSync(dir, { recursive: true, force: true });
     }
   });
+});
+
+describe("the io functions that take a path or a directory, under the fuzzer's fileWriters target (session 54, helper-64)", () => {
+  const bf16 = (shape: number[]) => tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1)));
+  const f32 = (shape: number[]) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal()));
+  const bytesOf = (a: ArrayBufferView): number[] => Array.from(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+  /** A prefill's inputs and outputs of random dims (dQK small, dV at most dQK). */
+  const prefill = () => {
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16]), sKV = rng.int(1, 6), topk = rng.int(1, 5), dV = rng.int(1, dQK + 1);
+    const args = {
+      q: bf16([sQ, hQ, dQK]),
+      kv: bf16([sKV, dQK]),
+      indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.int(-1, sKV))),
+      topkLength: tensor('int32', [sQ], Int32Array.from({ length: sQ }, () => rng.int(0, topk + 1))),
+      attnSink: f32([hQ]),
+      smScale: rng.uniform() + 0.01,
+      dV,
+    };
+    const outputs = { out: rng.uniform() < 0.5 ? bf16([sQ, hQ, dV]) : f32([sQ, hQ, dV]), lse: f32([sQ, hQ]), maxLogits: f32([sQ, hQ]) };
+    return { args, outputs, dims: { sQ, hQ, dQK, sKV, topk, dV } };
+  };
+  const folders: string[] = [];
+  const folder = (): string => {
+    const d = mkdtempSync(join(tmpdir(), 'sparse-mla-h64-'));
+    folders.push(d);
+    return d;
+  };
+  afterAll(() => {
+    for (const d of folders) rmSync(d, { recursive: true, force: true });
+  });
+
+  test("a path or directory that is no string is INVALID_VALUE naming it, before any file (writePrefillDir, writePrefillOutputs, writeNpyFile, prepareOutputDir: node's ERR_INVALID_ARG_TYPE TypeError before; loadPrefillInputs / loadPrefillOutputs: TypeError 'dir.require is not a function'; fileWriters seed 88 cases 33, 135, 338, 1258)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs, dims } = prefill();
+    const dir = folder();
+    for (const bad of [123, null, undefined, {}, new String(dir), Symbol('dir'), 3n, () => dir]) {
+      await expectTyped(() => io.writePrefillDir(bad as never, args), 'INVALID_VALUE', 'dir');
+      await expectTyped(() => io.writePrefillOutputs(bad as never, outputs), 'INVALID_VALUE', 'dir');
+      await expectTyped(() => io.writeNpyFile(bad as never, args.q), 'INVALID_VALUE', 'path');
+      await expectTyped(() => io.prepareOutputDir(bad as never), 'INVALID_VALUE', 'dir');
+      await expectTyped(() => io.loadPrefillInputs(bad as never), 'INVALID_VALUE', 'dir');
+      await expectTyped(() => io.loadPrefillOutputs(bad as never, dims), 'INVALID_VALUE', 'dir');
+    }
+    expect(readdirSync(dir)).toEqual([]);
+  });
+
+  test("loadPrefillOutputs reads its shapes once and refuses any that are not counts before reading the directory (null was a TypeError from a destructuring; a Symbol dim a TypeError, an object whose toString throws the caller's error, from the message's template; fileWriters seed 88 cases 5, 347, 946, 1551)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs, dims } = prefill();
+    const dir = folder();
+    await io.writePrefillDir(dir, args, { outputs });
+    const thrower = { toString() { throw new Error('coerced'); } };
+    const cases: [unknown, string][] = [
+      [null, 'shapes'],
+      [7, 'shapes'],
+      [{ ...dims, hQ: Symbol('h') }, 'shapes.hQ'],
+      [{ ...dims, dV: thrower }, 'shapes.dV'],
+      [{ ...dims, sQ: NaN }, 'shapes.sQ'],
+      [{ ...dims, sQ: -1 }, 'shapes.sQ'],
+      [{ ...dims, dV: 2.5 }, 'shapes.dV'],
+      [{ sQ: dims.sQ, hQ: dims.hQ }, 'shapes.dV'],
+    ];
+    for (const [shapes, argument] of cases) await expectTyped(() => io.loadPrefillOutputs(dir, shapes as never), 'INVALID_VALUE', argument);
+    // read once: a getter answering another count after its first read changes nothing
+    let reads = 0;
+    const once = { sQ: dims.sQ, hQ: dims.hQ, get dV() { return reads++ === 0 ? dims.dV : Symbol('later') as never; } };
+    const back = await io.loadPrefillOutputs(dir, once);
+    expect(reads).toBe(1);
+    expect([bytesOf(back.out.data), bytesOf(back.lse.data), bytesOf(back.maxLogits.data)]).toEqual([bytesOf(outputs.out.data), bytesOf(outputs.lse.data), bytesOf(outputs.maxLogits.data)]);
+  });
+
+  test("writePrefillDir / writePrefillOutputs refuse, before any file, what their readers refuse: tensors whose dims disagree, dV past dQK, outputs of other dims, an unknown format (they wrote directories loadPrefillInputs / loadPrefillOutputs refuse, and npy files for format 'Safetensors' or a String object; fileWriters seed 88 cases 555, 1812, 1943, 3188); what they take is read back exactly", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs, dims } = prefill();
+    const { sQ, hQ, dQK, sKV, dV } = dims;
+    const cases: [string, unknown, unknown, string, string][] = [
+      ['kv of another dQK', { ...args, kv: bf16([sKV, dQK + 1]) }, undefined, 'INVALID_SHAPE', 'args.kv'],
+      ['q of rank 2', { ...args, q: bf16([sQ, hQ * dQK]) }, undefined, 'INVALID_SHAPE', 'args.q'],
+      ['q float32', { ...args, q: f32([sQ, hQ, dQK]) }, undefined, 'INVALID_DTYPE', 'args.q'],
+      ['indices of other rows', { ...args, indices: tensor('int32', [sQ + 1, 2], new Int32Array(2 * sQ + 2)) }, undefined, 'INVALID_SHAPE', 'args.indices'],
+      ['indices float32', { ...args, indices: f32([sQ, 2]) }, undefined, 'INVALID_DTYPE', 'args.indices'],
+      ['topkLength of other rows', { ...args, topkLength: tensor('int32', [sQ + 2], new Int32Array(sQ + 2)) }, undefined, 'INVALID_SHAPE', 'args.topkLength'],
+      ['a sink of other heads', { ...args, attnSink: f32([hQ + 1]) }, undefined, 'INVALID_SHAPE', 'args.attnSink'],
+      ['dV past dQK', { ...args, dV: dQK + 1 }, undefined, 'INVALID_VALUE', 'args.dV'],
+      ['dV 2^32', { ...args, dV: 2 ** 32 }, undefined, 'INVALID_VALUE', 'args.dV'],
+      ['outputs of another dV', args, { outputs: { ...outputs, out: f32([sQ, hQ, dV + 1]) } }, 'INVALID_SHAPE', 'opts.outputs.out'],
+      ['lse of other heads', args, { outputs: { ...outputs, lse: f32([sQ, hQ + 1]) } }, 'INVALID_SHAPE', 'opts.outputs.lse'],
+      ['format Safetensors', args, { format: 'Safetensors' }, 'INVALID_VALUE', 'opts.format'],
+      ['format a String object', args, { format: new String('safetensors') }, 'INVALID_VALUE', 'opts.format'],
+    ];
+    for (const [label, given, opts, code, argument] of cases) {
+      const dir = folder();
+      const e = await errorOf(() => io.writePrefillDir(dir, given as never, opts as never));
+      expect(e, label).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], label).toEqual([code, argument]);
+      expect(readdirSync(dir), label).toEqual([]);
+    }
+    const outCases: [string, unknown, unknown, string, string][] = [
+      ['out of rank 2', { ...outputs, out: f32([sQ, hQ]) }, undefined, 'INVALID_SHAPE', 'res.out'],
+      ['maxLogits of other rows', { ...outputs, maxLogits: f32([sQ + 1, hQ]) }, undefined, 'INVALID_SHAPE', 'res.maxLogits'],
+      ['lse bf16', { ...outputs, lse: bf16([sQ, hQ]) }, undefined, 'INVALID_DTYPE', 'res.lse'],
+      ['format x', outputs, 'x', 'INVALID_VALUE', 'format'],
+    ];
+    for (const [label, given, format, code, argument] of outCases) {
+      const dir = folder();
+      const e = await errorOf(() => io.writePrefillOutputs(dir, given as never, format as never));
+      expect(e, label).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], label).toEqual([code, argument]);
+      expect(readdirSync(dir), label).toEqual([]);
+    }
+    // what they take reads back exactly, in either format
+    for (const format of ['npy', 'safetensors'] as const) {
+      const dir = folder();
+      await io.writePrefillDir(dir, args, { format, outputs });
+      const back = await io.loadPrefillInputs(dir);
+      expect([back.args.smScale, back.args.dV, back.shapes]).toEqual([args.smScale, dV, dims]);
+      for (const k of ['q', 'kv', 'indices', 'topkLength', 'attnSink'] as const) expect(bytesOf(back.args[k]!.data as ArrayBufferView), k).toEqual(bytesOf(args[k].data));
+      const outs = await io.loadPrefillOutputs(dir, back.shapes);
+      for (const k of ['out', 'lse', 'maxLogits'] as const) expect([outs[k].dtype, bytesOf(outs[k].data)], k).toEqual([outputs[k].dtype, bytesOf(outputs[k].data)]);
+      const only = folder();
+      expect(await io.writePrefillOutputs(only, outputs, format)).toEqual(format === 'npy' ? ['out.npy', 'lse.npy', 'max_logits.npy'] : ['outputs.safetensors']);
+    }
+  });
+
+  test("writePrefillDir: a getter read after q was checked that detaches q's buffer is INVALID_VALUE naming args.q.data, with the directory as it was (q.npy was written, then the refusal: fileWriters seed 88 case 3645, a hard input-written)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs } = prefill();
+    const q = args.q.data as Uint16Array;
+    const dir = folder();
+    const detaching = { ...outputs, get out() {
+      structuredClone(q.buffer, { transfer: [q.buffer] });
+      return outputs.out;
+    } };
+    await expectTyped(() => io.writePrefillDir(dir, args, { outputs: detaching }), 'INVALID_VALUE', 'args.q.data');
+    expect(readdirSync(dir)).toEqual([]);
+    const replayed = await replayFuzzCase(['--backends', 'wasm', '--targets', 'fileWriters'], 88, 3645);
+    expect(replayed.verdict).not.toBe('finding');
+  }, 60_000);
 });

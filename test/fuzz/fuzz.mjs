@@ -242,6 +242,9 @@ export async function runCase(env, seed, index, only) {
     if (error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return finding('backend-error', errText(error));
     if (neutral && !built.mayRefuse && !built.mustRefuse) return finding('neutral-refused', errText(error));
     if (stub && !dynamic && stub.reached > hooks.reachedAtCall) return finding('refused-after-work', `${stub.reached - hooks.reachedAtCall} op(s) reached before: ${errText(error)}`);
+    // a writer's refusal leaves what it writes to as it was (side_targets.mjs fileWriters: no file)
+    const left = built.afterRefusal?.();
+    if (left) return finding('input-written', `${left}: ${errText(error)}`);
     return Object.assign(res, { verdict: 'refused', code: error.code });
   }
 

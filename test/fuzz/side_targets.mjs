@@ -19,7 +19,10 @@ import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, 
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits } from '../../dist/check/grid.js';
 import { D, judgeAttention, judgeLayer, layerScenario, randomHostTensor, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
-import { encodeNpy, encodeSafetensors, parseNpy, parseSafetensors, tensorToNpy } from '../../dist/io/index.js';
+import { encodeNpy, encodeSafetensors, loadPrefillInputs, loadPrefillOutputs, npyToTensor, parseNpy, parseSafetensors, readNpyFile, tensorToNpy, writeNpyFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
+import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
 
 const settle = (p) => Promise.resolve().then(() => p).then((value) => ({ value }), (error) => ({ error }));
 const isCode = (e, code) => e instanceof SparseMlaError && e.code === code;
@@ -105,6 +108,8 @@ function budgetEngine(backend) {
 export async function closeSideTargets() {
   for (const p of budgetEngines.values()) await (await p.catch(() => null))?.dispose();
   budgetEngines.clear();
+  if (fileRoot) rmSync(fileRoot, { recursive: true, force: true });
+  fileRoot = undefined;
 }
 
 function sharedOf(a) {
@@ -435,8 +440,235 @@ function judgeTensors(decoded, givenOf) {
   return null;
 }
 
-/** The session-53 targets with their weights (fuzz.mjs draws one from the session-53 stream). */
+// ---- fileWriters (session 54) ----
+
+/** The process's folder of the fileWriters cases (closeSideTargets removes it); each case gets a fresh one inside, the last case's removed. */
+let fileRoot;
+let lastScratch;
+
+function scratchDir() {
+  fileRoot ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-files-'));
+  if (lastScratch) rmSync(lastScratch, { recursive: true, force: true });
+  lastScratch = mkdtempSync(join(fileRoot, 'c'));
+  return lastScratch;
+}
+
+/** Every regular file under `dir` (relative paths, sorted); a folder that cannot be listed counts as none. */
+function filesUnder(dir) {
+  const out = [];
+  const walk = (d, rel) => {
+    let entries;
+    try {
+      entries = readdirSync(d, { withFileTypes: true });
+    } catch {
+      return;
+    }
+    for (const e of entries) {
+      if (e.isDirectory()) walk(join(d, e.name), rel ? `${rel}/${e.name}` : e.name);
+      else out.push(rel ? `${rel}/${e.name}` : e.name);
+    }
+  };
+  walk(dir, '');
+  return out.sort();
+}
+
+/** Tensor `dtype` of `shape` with random contents (bf16 as finite bits), tracked by the case. */
+function filledTensor(rng, hooks, dtype, shape) {
+  const n = shape.reduce((a, b) => a * b, 1);
+  if (dtype === 'bf16') return tensor(dtype, shape, hooks.track(randomBf16Bits(rng, n)));
+  const data = new { float32: Float32Array, int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array }[dtype](n);
+  for (let i = 0; i < n; i++) {
+    if (dtype === 'float32') data[i] = rng.normal();
+    else if (dtype === 'int64') data[i] = BigInt(rng.int(-1, 64));
+    else data[i] = rng.int(-1, 64);
+  }
+  return tensor(dtype, shape, hooks.track(data));
+}
+
+/** A prefill's outputs of [sQ, hQ, dV] (out bf16 or float32). */
+function prefillOutputs(rng, hooks, sQ, hQ, dV) {
+  return { out: filledTensor(rng, hooks, rng.pick(['bf16', 'float32']), [sQ, hQ, dV]), lse: filledTensor(rng, hooks, 'float32', [sQ, hQ]), maxLogits: filledTensor(rng, hooks, 'float32', [sQ, hQ]) };
+}
+
+/** A prefill's inputs as writePrefillDir takes them (dQK small, dV given at most dQK). */
+function prefillInputs(rng, hooks) {
+  const sQ = rng.int(0, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16, 512]), sKV = rng.int(0, 6), topk = rng.int(0, 5);
+  const args = {
+    q: filledTensor(rng, hooks, 'bf16', [sQ, hQ, dQK]),
+    kv: filledTensor(rng, hooks, 'bf16', [sKV, dQK]),
+    indices: filledTensor(rng, hooks, rng.pick(['int32', 'int64']), rng.uniform() < 0.7 ? [sQ, topk] : [sQ, 1, topk]),
+    smScale: rng.pick([0.0625, 1 / Math.sqrt(dQK), 3]),
+  };
+  if (rng.uniform() < 0.4) args.topkLength = filledTensor(rng, hooks, 'int32', [sQ]);
+  if (rng.uniform() < 0.4) args.attnSink = filledTensor(rng, hooks, 'float32', [hQ]);
+  const dV = dQK === 512 && rng.uniform() < 0.5 ? undefined : rng.int(1, dQK + 1);
+  if (dV !== undefined) args.dV = dV;
+  return { args, shapes: { sQ, hQ, dV: dV ?? 512 } };
+}
+
+/** `given` (a path the call took) as the library resolves it in the case's folder; null when it is no string. */
+const pathIn = (scratch, given) => (typeof given === 'string' && !given.includes('\0') ? resolve(scratch, given) : null);
+
+/** Tensors read back by name against the ones given (judgeTensors); `given` read by the judge after the call (its getters restored). */
+function judgeFields(back, given, names) {
+  const decoded = new Map();
+  for (const [field, got] of names.map((k) => [k, back[k]])) if (got !== undefined) decoded.set(field, got);
+  for (const k of names) {
+    let g;
+    try {
+      g = given[k];
+    } catch {
+      continue;
+    }
+    if (g !== undefined && g !== null && back[k] === undefined) return `${k}: given, not read back`;
+  }
+  return judgeTensors(decoded, (k) => given[k]);
+}
+
+/**
+ * fileWriters (session 54, from seed 88): the writers of sparse-mla/io that take a path
+ * (writeNpyFile, writePrefillOutputs, writePrefillDir in either format, with or without outputs) and
+ * the directory readers (loadPrefillInputs, loadPrefillOutputs of a directory the builder wrote), given
+ * the fuzzer's mutations. Paths are in a fresh folder of the case, and the call runs with that folder
+ * as the working directory, so a mutated path ('', 'v4', '__proto__', a long name) lands in it, never
+ * in the repository. A writer that resolves must have written files the library's readers take back,
+ * each tensor as given (its dtype's kind, shape and bytes), meta as given; a refused one (SPEC §9:
+ * checked before any work) must leave no file in the folder. A reader must give back what was written.
+ */
+const fileWriters = {
+  name: 'fileWriters',
+  fromSeed: 88, // added after seeds 64-87 were run
+  build(rng, env, hooks) {
+    // (the judge's rebuild of a neutral case, with hooks of no stream, names the case's own folder)
+    const scratch = hooks.rng || !lastScratch ? scratchDir() : lastScratch;
+    const op = rng.pick(['writeNpyFile', 'writePrefillOutputs', 'writePrefillDir', 'writePrefillDir', 'loadPrefillInputs', 'loadPrefillOutputs']);
+    const inFolder = (fn) => async (x) => {
+      const back = process.cwd();
+      process.chdir(scratch);
+      try {
+        return await fn(...x);
+      } finally {
+        process.chdir(back);
+      }
+    };
+    const dir = join(scratch, 'd');
+    // a refused writer leaves the folder as it was (a reader's folder was written by prepare)
+    let before = [];
+    const afterRefusal = () => {
+      const now = filesUnder(scratch).filter((f) => !before.includes(f));
+      return now.length > 0 ? `a refused ${op} left ${now.length} file(s) in its folder: ${now.slice(0, 4).join(', ')}` : null;
+    };
+    if (op === 'writeNpyFile') {
+      const t = randomHostTensor(rng, hooks);
+      return {
+        args: [join(scratch, 'x.npy'), t],
+        afterRefusal,
+        call: inFolder(writeNpyFile),
+        judge: async (got, { refArgs }) => {
+          const path = pathIn(scratch, refArgs[0]);
+          if (path === null) return `resolved with a path ${typeof refArgs[0]}`;
+          return judgeTensors(new Map([['t', npyToTensor(await readNpyFile(path))]]), () => refArgs[1]);
+        },
+      };
+    }
+    if (op === 'writePrefillOutputs') {
+      const res = prefillOutputs(rng, hooks, rng.int(0, 3), rng.int(1, 3), rng.pick([1, 4, 512]));
+      const args = [dir, res];
+      if (rng.uniform() < 0.6) args.push(rng.pick(['npy', 'safetensors']));
+      return {
+        args,
+        afterRefusal,
+        call: inFolder(writePrefillOutputs),
+        judge: async (names, { refArgs }) => {
+          const path = pathIn(scratch, refArgs[0]);
+          if (path === null) return `resolved with a directory ${typeof refArgs[0]}`;
+          const format = refArgs[2] ?? 'npy';
+          const want = format === 'safetensors' ? ['outputs.safetensors'] : ['out.npy', 'lse.npy', 'max_logits.npy'];
+          if (JSON.stringify(names) !== JSON.stringify(want)) return `returned ${JSON.stringify(names)} for format ${describeValue(refArgs[2])}, expected ${JSON.stringify(want)}`;
+          // read back as the verify command does: against the dims of the out it was given
+          const shape = refArgs[1].out.shape;
+          let back;
+          try {
+            back = await loadPrefillOutputs(path, { sQ: shape[0], hQ: shape[1], dV: shape[2] });
+          } catch (e) {
+            return `wrote outputs loadPrefillOutputs refuses: ${errStr(e)}`;
+          }
+          return judgeFields(back, refArgs[1], ['out', 'lse', 'maxLogits']);
+        },
+      };
+    }
+    if (op === 'writePrefillDir') {
+      const { args, shapes } = prefillInputs(rng, hooks);
+      const opts = {};
+      if (rng.uniform() < 0.6) opts.format = rng.pick(['npy', 'safetensors']);
+      if (rng.uniform() < 0.5) opts.outputs = prefillOutputs(rng, hooks, shapes.sQ, shapes.hQ, shapes.dV);
+      return {
+        args: rng.uniform() < 0.2 && opts.format === undefined && opts.outputs === undefined ? [dir, args] : [dir, args, opts],
+        afterRefusal,
+        call: inFolder(writePrefillDir),
+        judge: async (got, { refArgs }) => {
+          const path = pathIn(scratch, refArgs[0]);
+          if (path === null) return `resolved with a directory ${typeof refArgs[0]}`;
+          const [, a, o = {}] = refArgs;
+          let back;
+          try {
+            back = await loadPrefillInputs(path);
+          } catch (e) {
+            return `wrote a directory loadPrefillInputs refuses: ${errStr(e)}`;
+          }
+          const p = judgeFields(back.args, a, ['q', 'kv', 'indices', 'topkLength', 'attnSink']);
+          if (p) return p;
+          // (=== : JSON and the safetensors metadata write -0 as 0, the same scale)
+          if (back.args.smScale !== a.smScale) return `sm_scale read back ${back.args.smScale}, given ${describeValue(a.smScale)}`;
+          if (back.args.dV !== (a.dV ?? 512)) return `d_v read back ${back.args.dV}, given ${describeValue(a.dV)}`;
+          if (o.outputs !== undefined) {
+            let outs;
+            try {
+              outs = await loadPrefillOutputs(path, back.shapes);
+            } catch (e) {
+              return `wrote outputs loadPrefillOutputs refuses: ${errStr(e)}`;
+            }
+            return judgeFields(outs, o.outputs, ['out', 'lse', 'maxLogits']);
+          }
+          return null;
+        },
+      };
+    }
+    // the readers: a directory written by prepare (its files are the folder's before the call)
+    const { args, shapes } = prefillInputs(rng, hooks);
+    const outputs = prefillOutputs(rng, hooks, shapes.sQ, shapes.hQ, shapes.dV);
+    const format = rng.pick(['npy', 'safetensors']);
+    const prepare = async () => {
+      await writePrefillDir(dir, args, { format, outputs });
+      before = filesUnder(scratch);
+    };
+    if (op === 'loadPrefillInputs') {
+      return {
+        args: [dir],
+        prepare,
+        call: inFolder(loadPrefillInputs),
+        judge: (back) => {
+          const p = judgeFields(back.args, args, ['q', 'kv', 'indices', 'topkLength', 'attnSink']);
+          if (p) return p;
+          if (back.args.smScale !== args.smScale || back.args.dV !== shapes.dV) return `sm_scale ${back.args.smScale}, d_v ${back.args.dV}: written ${args.smScale}, ${shapes.dV}`;
+          return JSON.stringify(back.shapes) === JSON.stringify({ ...back.shapes, ...shapes }) ? null : `shapes ${JSON.stringify(back.shapes)}, written ${JSON.stringify(shapes)}`;
+        },
+      };
+    }
+    return {
+      args: [dir, { ...shapes }],
+      prepare,
+      call: inFolder(loadPrefillOutputs),
+      judge: (back) => judgeFields(back, outputs, ['out', 'lse', 'maxLogits']),
+    };
+  },
+};
+
+const describeValue = (v) => (typeof v === 'string' ? JSON.stringify(v) : v === null ? 'null' : typeof v === 'object' ? 'an object' : typeof v === 'symbol' ? 'a Symbol' : String(v));
+
+/** The session-53 targets (and session 54's, from their fromSeed) with their weights (fuzz.mjs draws one from the session-53 stream). */
 export const SIDE3_TARGETS = [
   [planRows, 1],
   [encoders, 1],
+  [fileWriters, 1],
 ];

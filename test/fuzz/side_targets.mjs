@@ -19,7 +19,7 @@ import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, 
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits } from '../../dist/check/grid.js';
 import { D, judgeAttention, judgeLayer, layerScenario, randomHostTensor, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
-import { encodeNpy, encodeSafetensors, loadPrefillInputs, loadPrefillOutputs, npyToTensor, parseNpy, parseSafetensors, readNpyFile, tensorToNpy, writeNpyFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
+import { encodeNpy, encodeSafetensors, loadPrefillInputs, loadPrefillOutputs, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../../dist/io/index.js';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -445,6 +445,10 @@ function judgeTensors(decoded, givenOf) {
 /** The process's folder of the fileWriters cases (closeSideTargets removes it); each case gets a fresh one inside, the last case's removed. */
 let fileRoot;
 let lastScratch;
+/** The seed of the last case built (the judge's rebuild of a neutral case has hooks of no stream, nor a seed). */
+let lastSeed = 0;
+/** The first seed whose fileWriters cases draw writeSafetensorsFile and npyToTensor too. */
+const FILE_OPS_LATER_FROM_SEED = 92;
 
 function scratchDir() {
   fileRoot ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-files-'));
@@ -541,7 +545,10 @@ const fileWriters = {
   build(rng, env, hooks) {
     // (the judge's rebuild of a neutral case, with hooks of no stream, names the case's own folder)
     const scratch = hooks.rng || !lastScratch ? scratchDir() : lastScratch;
-    const op = rng.pick(['writeNpyFile', 'writePrefillOutputs', 'writePrefillDir', 'writePrefillDir', 'loadPrefillInputs', 'loadPrefillOutputs']);
+    // from seed 92 (FILE_OPS_LATER_FROM_SEED) also writeSafetensorsFile and npyToTensor (seeds 88-91 draw their ops as run)
+    const ops = ['writeNpyFile', 'writePrefillOutputs', 'writePrefillDir', 'writePrefillDir', 'loadPrefillInputs', 'loadPrefillOutputs'];
+    const op = rng.pick(hooks.seed >= FILE_OPS_LATER_FROM_SEED || (!hooks.rng && lastSeed >= FILE_OPS_LATER_FROM_SEED) ? [...ops, 'writeSafetensorsFile', 'npyToTensor'] : ops);
+    if (hooks.rng) lastSeed = hooks.seed;
     const inFolder = (fn) => async (x) => {
       const back = process.cwd();
       process.chdir(scratch);
@@ -558,10 +565,48 @@ const fileWriters = {
       const now = filesUnder(scratch).filter((f) => !before.includes(f));
       return now.length > 0 ? `a refused ${op} left ${now.length} file(s) in its folder: ${now.slice(0, 4).join(', ')}` : null;
     };
+    if (op === 'writeSafetensorsFile') {
+      const record = {};
+      for (let k = rng.int(1, 4); k > 0; k--) record[rng.pick(['q', 'kv', 'out', 'a.b'])] = randomHostTensor(rng, hooks);
+      hooks.records.add(record);
+      const args = [join(scratch, 'x.safetensors'), record];
+      if (rng.uniform() < 0.5) {
+        const metadata = { sm_scale: '0.04', note: rng.pick(['x', '']) };
+        hooks.records.add(metadata);
+        args.push(metadata);
+      }
+      return {
+        args,
+        describe: op,
+        afterRefusal,
+        call: inFolder(writeSafetensorsFile),
+        judge: async (got, { refArgs, neutral }) => {
+          const path = pathIn(scratch, refArgs[0]);
+          if (path === null) return `resolved with a path ${typeof refArgs[0]}`;
+          const file = await readSafetensorsFile(path);
+          const given = refArgs[1];
+          if (neutral && JSON.stringify([...file.tensors.keys()]) !== JSON.stringify(Object.keys(given))) return `tensors ${JSON.stringify([...file.tensors.keys()])}, given ${JSON.stringify(Object.keys(given))}`;
+          return judgeTensors(file.tensors, (k) => (neutral || Object.prototype.hasOwnProperty.call(given, k) ? given[k] : undefined));
+        },
+      };
+    }
+    if (op === 'npyToTensor') {
+      const t = randomHostTensor(rng, hooks);
+      return {
+        args: [{ descr: tensorToNpy(t).descr, shape: [...t.shape], data: t.data }],
+        describe: op,
+        call: (x) => npyToTensor(...x),
+        judge: (got, { refArgs }) => {
+          const a = refArgs[0];
+          return judgeTensors(new Map([['arr', got]]), () => ({ dtype: DTYPE_OF_DESCR[a.descr], shape: a.shape, data: a.data }));
+        },
+      };
+    }
     if (op === 'writeNpyFile') {
       const t = randomHostTensor(rng, hooks);
       return {
         args: [join(scratch, 'x.npy'), t],
+        describe: op,
         afterRefusal,
         call: inFolder(writeNpyFile),
         judge: async (got, { refArgs }) => {
@@ -577,6 +622,7 @@ const fileWriters = {
       if (rng.uniform() < 0.6) args.push(rng.pick(['npy', 'safetensors']));
       return {
         args,
+        describe: op,
         afterRefusal,
         call: inFolder(writePrefillOutputs),
         judge: async (names, { refArgs }) => {
@@ -604,6 +650,7 @@ const fileWriters = {
       if (rng.uniform() < 0.5) opts.outputs = prefillOutputs(rng, hooks, shapes.sQ, shapes.hQ, shapes.dV);
       return {
         args: rng.uniform() < 0.2 && opts.format === undefined && opts.outputs === undefined ? [dir, args] : [dir, args, opts],
+        describe: op,
         afterRefusal,
         call: inFolder(writePrefillDir),
         judge: async (got, { refArgs }) => {
@@ -645,6 +692,7 @@ const fileWriters = {
     if (op === 'loadPrefillInputs') {
       return {
         args: [dir],
+        describe: op,
         prepare,
         call: inFolder(loadPrefillInputs),
         judge: (back) => {
@@ -657,6 +705,7 @@ const fileWriters = {
     }
     return {
       args: [dir, { ...shapes }],
+      describe: op,
       prepare,
       call: inFolder(loadPrefillOutputs),
       judge: (back) => judgeFields(back, outputs, ['out', 'lse', 'maxLogits']),

@@ -8,7 +8,7 @@ import { describe, expect, test } from 'vitest';
 import { createKvCache, tensor } from '../dist/index.js';
 import type { KvCache, PagedSparseAttentionArgs, Tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
-import { attentionRows, expectWithinBounds, rowsOf } from './helpers/judge.js';
+import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, sampleRows, type Rng } from './helpers/random.js';
 import { regimeValues, type DataRegime } from '../dist/check/grid.js';
 import { opSuite } from './helpers/suite.js';
@@ -124,8 +124,8 @@ describe('paged vs reference and vs sparse prefill on the dequantized entries', 
       const ws = await asWorkspace(args);
       const sp = await suite.engine.sparsePrefill({ q: args.q, kv: ws.kv, indices: ws.indices, smScale: args.smScale, attnSink: args.attnSink });
       const all = Array.from({ length: c.n }, (_, i) => i);
-      const magCeiling = rowsOf(ws.kv, Array.from({ length: ws.kv.shape[0]! }, (_, i) => i)).reduce((m, x) => Math.max(m, Math.abs(x)), 0);
-      const pair = R.compareAttention(attentionRows(paged, all), { ...attentionRows(sp, all), mag: magCeiling }, { heads: c.hQ, dV: 512 });
+      const magCeiling = R.tensorValues(ws.kv).reduce((m, x) => Math.max(m, Math.abs(x)), 0);
+      const pair = R.compareAttention(R.attentionValues(paged, all), { ...R.attentionValues(sp, all), mag: magCeiling }, { heads: c.hQ, dV: 512 });
       expect(pair.pass, `${c.name} paged vs workspace: ${R.formatAttentionComparison(pair)}`).toBe(true);
 
       // and the workspace form equals the paged form in the reference too (exactly: same values, same order)

@@ -10,8 +10,8 @@
 import { SparseMlaError } from '../errors.js';
 import { createKvCache } from '../index.js';
 import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, type PlanStats, type PrefillLayerResult, type PrefillPath, type PrefillPathChoice } from '../planner/index.js';
-import { compareAttention, prefillLayerReference, type TensorComparison } from '../reference/index.js';
-import { bf16BitsToFloat32, tensor } from '../tensor.js';
+import { attentionValues, compareAttention, prefillLayerReference, type TensorComparison } from '../reference/index.js';
+import { tensor } from '../tensor.js';
 import type { Engine, KvCache, Tensor } from '../types.js';
 import { chunkScenario, indexerTopk, mixedRequests, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
@@ -230,16 +230,7 @@ export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, prog
     );
     referenceSeconds += refSeconds;
     progress.finish(`${sample.length} queries`);
-    const h = shape.heads;
-    const gotOut = new Float32Array(sample.length * h * D);
-    const gotLse = new Float32Array(sample.length * h);
-    const gotMax = new Float32Array(sample.length * h);
-    sample.forEach((qi, k) => {
-      for (let e = 0; e < h * D; e++) gotOut[k * h * D + e] = bf16BitsToFloat32(res.out.data[qi * h * D + e]!);
-      gotLse.set(res.lse.data.subarray(qi * h, (qi + 1) * h), k * h);
-      gotMax.set(res.maxLogits.data.subarray(qi * h, (qi + 1) * h), k * h);
-    });
-    const { out, lse, maxLogits } = compareAttention({ out: gotOut, lse: gotLse, maxLogits: gotMax }, ref, { heads: h, dV: D, queries: sample });
+    const { out, lse, maxLogits } = compareAttention(attentionValues(res, sample), ref, { heads: shape.heads, dV: D, queries: sample });
     const expectedDropped = li.topk?.planted ?? 0;
     const droppedPass = res.dropped === expectedDropped;
     layers.push({

@@ -18,6 +18,8 @@
  * is where float32 loses digits when the sum cancels. 1e-6 is an absolute floor for values near 0.
  * A comparison reports, per tensor, the worst ratio error / bound (pass ≤ 1) and where it is.
  */
+import type { Tensor } from '../types.js';
+import { decodeBf16 } from './formats.js';
 
 /** Relative part of the out bound: two bf16 roundings (unit roundoff 2^-8 each). */
 export const OUT_MAG_FACTOR = 2 ** -7;
@@ -174,6 +176,33 @@ export interface AttentionValues {
   out: ArrayLike<number>;
   lse: ArrayLike<number>;
   maxLogits: ArrayLike<number>;
+}
+
+/** An engine's attention result as tensors: out bf16 [n, hQ, dV], lse and maxLogits float32 [n, hQ]. */
+export interface AttentionTensors {
+  out: Tensor<'bf16'>;
+  lse: Tensor<'float32'>;
+  maxLogits: Tensor<'float32'>;
+}
+
+/** A bf16 or float32 tensor's values (bf16 decoded exactly) on the leading-dim `rows`, in that order (default: every row). */
+export function tensorValues(t: Tensor<'bf16'> | Tensor<'float32'>, rows?: readonly number[]): Float64Array {
+  const rowLen = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  const pick = rows ?? Array.from({ length: t.shape[0] ?? 0 }, (_, i) => i);
+  const out = new Float64Array(pick.length * rowLen);
+  for (let j = 0; j < pick.length; j++) {
+    const base = pick[j]! * rowLen;
+    for (let e = 0; e < rowLen; e++) {
+      const v = t.data[base + e]!;
+      out[j * rowLen + e] = t.dtype === 'bf16' ? decodeBf16(v) : v;
+    }
+  }
+  return out;
+}
+
+/** An attention result's values on the query `rows` (default: every row): what the comparison takes as `got`. */
+export function attentionValues(r: AttentionTensors, rows?: readonly number[]): AttentionValues {
+  return { out: tensorValues(r.out, rows), lse: tensorValues(r.lse, rows), maxLogits: tensorValues(r.maxLogits, rows) };
 }
 
 /**

@@ -48,34 +48,9 @@ Options:
 ${formatOptions(OPTIONS)}
 `;
 
-type Values = Tensor<'bf16'> | Tensor<'float32'>;
-
-function values(t: Values, rows?: readonly number[]): Float64Array {
-  const rowLen = t.shape.slice(1).reduce((a, b) => a * b, 1);
-  const pick = rows ?? Array.from({ length: t.shape[0] ?? 0 }, (_, i) => i);
-  const out = new Float64Array(pick.length * rowLen);
-  for (let j = 0; j < pick.length; j++) {
-    for (let e = 0; e < rowLen; e++) {
-      const v = t.data[pick[j]! * rowLen + e]!;
-      out[j * rowLen + e] = t.dtype === 'bf16' ? R.decodeBf16(v) : v;
-    }
-  }
-  return out;
-}
-
 function sameBits(label: string, a: ArrayLike<number>, b: ArrayLike<number>): void {
   if (a.length !== b.length) throw new Error(`${label}: lengths ${a.length} vs ${b.length}`);
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) throw new Error(`${label}: element ${i} differs (${a[i]} vs ${b[i]})`);
-}
-
-interface AttentionResult {
-  out: Tensor<'bf16'>;
-  lse: Tensor<'float32'>;
-  maxLogits: Tensor<'float32'>;
-}
-
-function attentionValues(r: AttentionResult, rows?: readonly number[]): R.AttentionValues {
-  return { out: values(r.out, rows), lse: values(r.lse, rows), maxLogits: values(r.maxLogits, rows) };
 }
 
 /** max |v| over the first dV dims of bf16 rows [n, dim]: ≥ every mag of an attention over them. */
@@ -101,11 +76,11 @@ function cachesMaxAbsV(caches: readonly KvCache[]): number {
  * `magCeiling` (max |V| the queries can attend, ≥ every mag) — looser elementwise, the same cosine
  * and lse/maxLogits bounds. Returns the verdict against the reference; throws on any failure.
  */
-function judgeAttention(got: AttentionResult, wasm: AttentionResult, ref: R.ReferenceAttentionResult | R.PrefillLayerReferenceResult, queries: number[], magCeiling: number): R.AttentionComparison {
+function judgeAttention(got: R.AttentionTensors, wasm: R.AttentionTensors, ref: R.ReferenceAttentionResult | R.PrefillLayerReferenceResult, queries: number[], magCeiling: number): R.AttentionComparison {
   const shape = { heads: got.lse.shape[1]!, dV: got.out.shape[2]! };
-  const vsRef = R.compareAttention(attentionValues(got, queries), ref, { ...shape, queries });
+  const vsRef = R.compareAttention(R.attentionValues(got, queries), ref, { ...shape, queries });
   if (!vsRef.pass) throw new BoundsFailure(`vs reference: ${R.formatAttentionComparison(vsRef)}`, vsRef);
-  const vsWasm = R.compareAttention(attentionValues(got), { ...attentionValues(wasm), mag: magCeiling }, shape);
+  const vsWasm = R.compareAttention(R.attentionValues(got), { ...R.attentionValues(wasm), mag: magCeiling }, shape);
   if (!vsWasm.pass) throw new Error(`vs wasm (every row; out bound with mag <= max|V| = ${magCeiling.toPrecision(3)}): ${R.formatAttentionComparison(vsWasm)}`);
   return vsRef;
 }
@@ -147,7 +122,7 @@ function layerProgramRefusals(engine: Engine, plan: ReturnType<typeof createPlan
   tiny.free();
 }
 
-function expectEmptyRows(r: AttentionResult, label: string): void {
+function expectEmptyRows(r: R.AttentionTensors, label: string): void {
   if (!Array.from(r.lse.data).every((v) => v === Infinity)) throw new Error(`${label}: lse not all +inf`);
   if (!Array.from(r.maxLogits.data).every((v) => v === -Infinity)) throw new Error(`${label}: maxLogits not all -inf`);
   if (!Array.from(r.out.data).every((b) => (b & 0x7fff) === 0)) throw new Error(`${label}: out not all 0`);

@@ -699,10 +699,12 @@ export type CheckedLayer = LayerCall;
 /**
  * @internal Every check of prefillLayer(engine, args, options), each argument read once, before any
  * work; prefillLayerSharded checks every shard's call this way before it runs any of them.
+ * `hostOperand`: the caller knows the call has an operand in host memory (a sharded layer's sink),
+ * where the device checks would stop: the full checks at once, over the caller's objects.
  */
-export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine'): CheckedLayer {
+export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine', hostOperand = false): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
-  const fast = prepareDeviceLayer(engine, args, options);
+  const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options);
   if (fast === undefined) return checkFully(engine, args, options, undefined);
   if (fast instanceof FellBack) return checkFully(engine, fast.args, fast.options, fast.route);
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its

@@ -14,7 +14,7 @@
  */
 import { fail } from '../errors.js';
 import { checkArgsObject, checkOutputOption, checkPlacedTensor, checkRank, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
-import { isCount, releaseDevice, tensor } from '../tensor.js';
+import { isCount, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceTensor, Engine, Placement, Tensor } from '../types.js';
 import { createPlan, Plan, swaGatherLength, WORKSPACE_ROW_DIMS } from './plan.js';
 import { checkLayer, releaseLayer, runLayer, type CheckedLayer, type PrefillLayerArgs, type PrefillLayerResult } from './prefill_layer.js';
@@ -354,6 +354,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
       const [h0, h1] = heads[s]!;
       const { q: shardQ, topk: shardTopk, sink: shardSink, release } = parts[s]!;
       const engine = engines[s]!;
+      // (a host q or sink: the shard's call goes to the full checks at once, which the device checks would stop at)
       const call = checkLayer(engine, {
         ...rest,
         compressRatio,
@@ -362,7 +363,7 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
         caches: caches ? caches[s]! : sharedCaches!,
         ...(shardTopk ? { topkIndices: shardTopk } : {}),
         ...(shardSink ? { attnSink: shardSink } : {}),
-      }, { output }, `engines[${s}]`);
+      }, { output }, `engines[${s}]`, shardSink !== undefined || !isDeviceBuffer(shardQ.data));
       calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: shard.queryOffset, numQueries: shard.numQueries, headOffset: h0, heads: h1 - h0 }, release });
     });
   } catch (e) {

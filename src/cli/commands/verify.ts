@@ -10,7 +10,7 @@ import { availableParallelism } from 'node:os';
 import { SparseMlaError } from '../../errors.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
 import { prefillFlops, prepareSparsePrefill } from '../../ops/sparse_prefill.js';
-import { AttentionComparator, describeBounds, formatFigure, formatPosition, type TensorComparison } from '../../reference/compare.js';
+import { AttentionComparator, describeBounds, formatFigure, formatPosition, tensorValues, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
 import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
 import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
@@ -62,21 +62,6 @@ function checkedQueries(queries: readonly number[], sQ: number): number[] {
   return [...new Set(queries)].sort((a, b) => a - b);
 }
 
-/** Flattened output values of the given query rows (bf16 bits widened exactly). */
-function gather(data: Uint16Array | Float32Array, bf16: boolean, rows: readonly number[], rowLen: number): Float32Array {
-  const out = new Float32Array(rows.length * rowLen);
-  if (bf16) {
-    const u = new Uint32Array(out.buffer);
-    for (let j = 0; j < rows.length; j++) {
-      const base = rows[j]! * rowLen;
-      for (let e = 0; e < rowLen; e++) u[j * rowLen + e] = data[base + e]! << 16;
-    }
-  } else {
-    for (let j = 0; j < rows.length; j++) out.set(data.subarray(rows[j]! * rowLen, (rows[j]! + 1) * rowLen), j * rowLen);
-  }
-  return out;
-}
-
 export interface TensorReport {
   name: string;
   file: string;
@@ -123,17 +108,11 @@ export async function verifyDirectory(
   else local = prepareSparsePrefillReference(inputs.args);
 
   const acc = new AttentionComparator({ heads: hQ, dV });
-  const outBf16 = outputs.out.dtype === 'bf16';
   const progress = opts.progress;
   progress?.start(`reference (${queries.length} of ${sQ} queries, ${workers} thread${workers > 1 ? 's' : ''})`, queries.length);
   let done = 0;
   const absorb = (rows: number[], ref: ReferenceAttentionResult): void => {
-    const got = {
-      out: gather(outputs.out.data, outBf16, rows, hQ * dV),
-      lse: gather(outputs.lse.data, false, rows, hQ),
-      maxLogits: gather(outputs.maxLogits.data, false, rows, hQ),
-    };
-    acc.add(got, ref, rows);
+    acc.add({ out: tensorValues(outputs.out, rows), lse: tensorValues(outputs.lse, rows), maxLogits: tensorValues(outputs.maxLogits, rows) }, ref, rows);
     done += rows.length;
     progress?.update(done);
   };

@@ -285,6 +285,29 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
     }
   }, 60_000);
 
+  // A sharded layer's sink is cut on the host per shard: each shard's call goes to the full checks
+  // at once (checkLayer's hostOperand), which read the caller's per-shard caches and top-k.
+  test('prefillLayerSharded by queries over two engines: per-shard device q, caches and top-k, a host sink (the shards\' calls go to the full checks at once)', async () => {
+    const x = layerInputs();
+    const engines = [newEngine(), newEngine()];
+    try {
+      const sharded = createShardedPlan(x.sc.chunk, { shards: 2, split: 'queries' });
+      const k = x.topkIndices.shape[1]!;
+      const qs = await Promise.all(sharded.shards.map((s, i) => engines[i]!.upload(tensor('bf16', [s.numQueries, x.hQ, D], x.q.data.slice(s.queryOffset * x.hQ * D, (s.queryOffset + s.numQueries) * x.hQ * D)))));
+      const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(x.swa), c4: await e.uploadKvCache(x.c4) })));
+      const topks = await Promise.all(sharded.shards.map((s, i) => engines[i]!.upload(tensor('int32', [s.numQueries, k], x.topkIndices.data.slice(s.queryOffset * k, (s.queryOffset + s.numQueries) * k)))));
+      const reads: Reads = new Map();
+      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, attnSink: x.attnSink, smScale: x.smScale, path: 'sparse' as const }, 'args', reads);
+      const r = await prefillLayerSharded(engines, args, { output: 'host' });
+      expectEachReadOnce('sharded by queries with a sink', reads);
+      const ref = x.ref(4);
+      expectWithinBounds('sharded by queries with a sink', { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
+      expect(r.dropped).toBe(ref.dropped);
+    } finally {
+      for (const e of engines) await e.dispose();
+    }
+  }, 60_000);
+
   test('prefillLayerSharded by heads over two engines: per-shard device q, host caches per shard (each shard stops at caches.swa)', async () => {
     const x = layerInputs();
     const engines = [newEngine(), newEngine()];

@@ -713,6 +713,99 @@ const fileWriters = {
   },
 };
 
+// ---- reentrantGetter (session 54) ----
+
+/** One valid call on `env`'s engine: { name, args (one argument object), run(args), judge(got) }; a layer or an op. */
+function oneCall(rng, env, hooks) {
+  if (rng.uniform() < 0.3) {
+    const { sc, layer, window } = layerScenario(rng, hooks, rng.pick([0, 4, 128]));
+    layer.plan = createPlan(sc.chunk, { window });
+    hooks.plans.push(layer.plan);
+    return { name: 'prefillLayer', args: { ...layer }, run: (a) => prefillLayer(env.engine, a), judge: (got) => judgeLayer(got, sc, layer, !!env.stub) };
+  }
+  const t = rng.pick([sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget]).build(rng, env, hooks);
+  return { name: t.name ?? 'an op', args: { ...t.args[0] }, run: (a) => t.call([a, ...t.args.slice(1)]), judge: (got) => t.judge(got, { refArgs: t.args, stub: !!env.stub, neutral: true }) };
+}
+
+/**
+ * reentrantGetter (session 54, from seed 93): a valid call on the case's engine whose argument has a
+ * getter (of one of its fields, answering the field's own value) that starts other valid calls on
+ * the same engine while the first call is reading its arguments: an independent call (another op or
+ * a layer), or the same call with the same arguments again (once: the inner call's read of the
+ * getter starts nothing more). Re-entered during its checks, an engine must give every call its own
+ * right result (staging, budgets, worker queues, a plan's kept rows shared by both); nothing
+ * rejects, nothing is left lent.
+ */
+const reentrantGetter = {
+  name: 'reentrantGetter',
+  engine: true,
+  fromSeed: 93, // added after seeds 64-92 were run
+  build(rng, env, hooks) {
+    // on a host engine, sometimes a fresh one of a small memoryBudgetBytes: the calls contend for its staging
+    const budget = !env.engine?.hasDevice && rng.uniform() < 0.4 ? rng.pick([2 ** 20, 2 ** 21, 2 ** 23]) : undefined;
+    const local = budget === undefined ? env : { backend: env.backend, engine: null, stub: null };
+    const workers = rng.int(1, 3);
+    const outer = oneCall(rng, local, hooks);
+    const key = rng.pick(Object.keys(outer.args));
+    const same = rng.uniform() < 0.3;
+    const inners = same ? [] : Array.from({ length: rng.int(1, 3) }, () => oneCall(rng, local, hooks));
+    const when = rng.pick(['first', 'every']);
+    const what = `${outer.name}, its ${key} getter starting ${same ? 'the same call again' : inners.map((c) => c.name).join(' and ')} (${when} read)${budget ? ` on an engine of memoryBudgetBytes ${budget}` : ''}`;
+    // over a budget, a call may be refused TOO_LARGE (alone it would be): nothing else
+    const refusedOk = (e) => budget !== undefined && isCode(e, 'TOO_LARGE');
+    return {
+      args: [],
+      describe: what,
+      call: async () => {
+        if (budget === undefined) return calls();
+        local.engine = await createEngine({ backend: env.backend, workers, memoryBudgetBytes: budget });
+        try {
+          return await calls();
+        } finally {
+          await local.engine.dispose();
+        }
+      },
+      judge: ({ r, inner }) => {
+        if (r.error && !refusedOk(r.error)) return `${what}: the outer call rejected with ${errStr(r.error)}`;
+        const p = r.error ? null : outer.judge(r.value);
+        if (p) return `${what}: the outer call: ${p}`;
+        for (const [i, x] of inner.entries()) {
+          if (x.r.error && refusedOk(x.r.error)) continue;
+          if (x.r.error) return `${what}: inner call ${i} rejected with ${errStr(x.r.error)}`;
+          const q = x.judge(x.r.value);
+          if (q) return `${what}: inner call ${i}: ${q}`;
+        }
+        return null;
+      },
+    };
+    async function calls() {
+      const started = [];
+      const v = outer.args[key];
+      let depth = 0;
+      const hostile = { ...outer.args };
+      Object.defineProperty(hostile, key, {
+        enumerable: true,
+        get() {
+          if (depth === 0 && (when === 'every' || started.length === 0) && started.length < 4) {
+            depth++;
+            try {
+              if (same) started.push({ judge: outer.judge, p: settle(outer.run(hostile)) });
+              else for (const c of inners) started.push({ judge: c.judge, p: settle(c.run(c.args)) });
+            } finally {
+              depth--;
+            }
+          }
+          return v;
+        },
+      });
+      const r = await settle(outer.run(hostile));
+      const inner = [];
+      for (const s of started) inner.push({ judge: s.judge, r: await s.p });
+      return { r, inner };
+    }
+  },
+};
+
 const describeValue = (v) => (typeof v === 'string' ? JSON.stringify(v) : v === null ? 'null' : typeof v === 'object' ? 'an object' : typeof v === 'symbol' ? 'a Symbol' : String(v));
 
 /** The session-53 targets (and session 54's, from their fromSeed) with their weights (fuzz.mjs draws one from the session-53 stream). */
@@ -720,4 +813,5 @@ export const SIDE3_TARGETS = [
   [planRows, 1],
   [encoders, 1],
   [fileWriters, 1],
+  [reentrantGetter, 1],
 ];

@@ -1569,6 +1569,21 @@ describe("the io functions that take a path or a directory, under the fuzzer's f
     }
   });
 
+  test("PrefillDir (by reading, after the fileWriters finding): open() of a path that is no string, and has / get / require of a name that is no string, are INVALID_VALUE naming dir / name (a Symbol was a TypeError from a message's template, an object refused with the argument the object itself and the message '[object Object]: ...', a name whose toString throws the caller's error)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args } = prefill();
+    const dir = folder();
+    await io.writePrefillDir(dir, args);
+    for (const bad of [Symbol('dir'), {}, 7, null]) await expectTyped(() => io.PrefillDir.open(bad as never), 'INVALID_VALUE', 'dir');
+    const d = await io.PrefillDir.open(dir);
+    for (const bad of [Symbol('q'), { toString() { throw new Error('coerced'); } }, 0, undefined]) {
+      await expectTyped(() => d.has(bad as never), 'INVALID_VALUE', 'name');
+      await expectTyped(() => d.get(bad as never), 'INVALID_VALUE', 'name');
+      await expectTyped(() => d.require(bad as never), 'INVALID_VALUE', 'name');
+    }
+    expect(bytesOf((await d.require('q')).value.data)).toEqual(bytesOf(args.q.data));
+  });
+
   test("writePrefillDir: a getter read after q was checked that detaches q's buffer is INVALID_VALUE naming args.q.data, with the directory as it was (q.npy was written, then the refusal: fileWriters seed 88 case 3645, a hard input-written)", async () => {
     const io = await import('../dist/io/index.js');
     const { args, outputs } = prefill();

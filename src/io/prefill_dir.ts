@@ -30,6 +30,11 @@ export interface Located<T> {
   file: string;
 }
 
+/** A tensor's name in a directory (`q`, `kv`, ...): a string, never coerced (a Symbol's or an object's text is no name). */
+function tensorName(name: unknown): void {
+  if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a tensor name string, got ${describe(name)}`, 'name');
+}
+
 /** A directory's tensors, .npy files first, then the one .safetensors file. */
 export class PrefillDir {
   private constructor(
@@ -39,6 +44,7 @@ export class PrefillDir {
   ) {}
 
   static async open(dir: string): Promise<PrefillDir> {
+    checkPathArgs(dir, dir, 'dir', 'a directory path');
     let names: string[];
     try {
       names = await readdir(dir);
@@ -58,11 +64,13 @@ export class PrefillDir {
   }
 
   has(name: string): boolean {
+    tensorName(name);
     return this.entries.has(`${name}.npy`) || (this.st?.tensors.has(name) ?? false);
   }
 
   /** The tensor `name` (from name.npy, else from the .safetensors file), or undefined. */
   async get(name: string): Promise<Located<Tensor> | undefined> {
+    tensorName(name);
     const npy = `${name}.npy`;
     if (this.entries.has(npy)) return { value: npyToTensor(await readNpyFile(join(this.dir, npy), npy)), file: npy };
     const t = this.st?.tensors.get(name);
@@ -70,6 +78,7 @@ export class PrefillDir {
   }
 
   async require(name: string): Promise<Located<Tensor>> {
+    tensorName(name);
     const got = await this.get(name);
     if (!got) {
       const where = this.st ? `${name}.npy or '${name}' in ${this.st.file}` : `${name}.npy`;

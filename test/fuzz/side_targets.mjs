@@ -19,7 +19,7 @@ import { SparseMlaError, createEngine, createKvCache, createPlan, prefillLayer, 
 import * as R from '../../dist/reference/index.js';
 import { randomBf16Bits } from '../../dist/check/grid.js';
 import { D, judgeAttention, judgeLayer, layerScenario, randomHostTensor, sparsePrefillTarget, pagedSparseAttentionTarget, dequantizeKCachePagedTarget } from './targets.mjs';
-import { encodeNpy, encodeSafetensors, loadPrefillInputs, loadPrefillOutputs, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../../dist/io/index.js';
+import { PrefillDir, encodeNpy, encodeSafetensors, loadPrefillInputs, loadPrefillOutputs, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../../dist/io/index.js';
 import { mkdirSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -547,8 +547,12 @@ const fileWriters = {
     const scratch = hooks.rng || !lastScratch ? scratchDir() : lastScratch;
     // from seed 92 (FILE_OPS_LATER_FROM_SEED) also writeSafetensorsFile and npyToTensor (seeds 88-91 draw their ops as run)
     const ops = ['writeNpyFile', 'writePrefillOutputs', 'writePrefillDir', 'writePrefillDir', 'loadPrefillInputs', 'loadPrefillOutputs'];
-    const op = rng.pick(hooks.seed >= FILE_OPS_LATER_FROM_SEED || (!hooks.rng && lastSeed >= FILE_OPS_LATER_FROM_SEED) ? [...ops, 'writeSafetensorsFile', 'npyToTensor'] : ops);
+    const seed = hooks.rng ? hooks.seed : lastSeed;
     if (hooks.rng) lastSeed = hooks.seed;
+    const later = seed >= FILE_OPS_LATER_FROM_SEED ? ['writeSafetensorsFile', 'npyToTensor'] : [];
+    // from seed 95 (after 4157104's PrefillDir checks) a PrefillDir's open and get of a tensor by name
+    const latest = seed >= 95 ? ['prefillDirGet'] : [];
+    const op = rng.pick([...ops, ...later, ...latest]);
     const inFolder = (fn) => async (x) => {
       const back = process.cwd();
       process.chdir(scratch);
@@ -689,6 +693,25 @@ const fileWriters = {
       await writePrefillDir(dir, args, { format, outputs });
       before = filesUnder(scratch);
     };
+    if (op === 'prefillDirGet') {
+      const names = { q: args.q, kv: args.kv, indices: args.indices, topk_length: args.topkLength, attn_sink: args.attnSink, out: outputs.out, lse: outputs.lse, max_logits: outputs.maxLogits };
+      return {
+        args: [dir, rng.pick([...Object.keys(names), 'missing'])],
+        describe: op,
+        prepare,
+        call: inFolder(async (d, name) => {
+          const opened = await PrefillDir.open(d);
+          return { located: await opened.get(name), has: opened.has(name) };
+        }),
+        judge: ({ located, has }, { refArgs }) => {
+          const want = typeof refArgs[1] === 'string' && Object.hasOwn(names, refArgs[1]) ? names[refArgs[1]] : undefined;
+          if ((located !== undefined) !== has) return `get ${located === undefined ? 'found nothing' : 'found it'}, has said ${has}`;
+          if (want === undefined) return located === undefined ? null : `found ${describeValue(refArgs[1])}, never written`;
+          if (located === undefined) return `${refArgs[1]} not found`;
+          return judgeTensors(new Map([[refArgs[1], located.value]]), () => want);
+        },
+      };
+    }
     if (op === 'loadPrefillInputs') {
       return {
         args: [dir],

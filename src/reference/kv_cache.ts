@@ -223,6 +223,33 @@ export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: F
   for (let j = 0; j < L.ropeDims; j++) dst[dstOff + quantDims + j] = decodeBf16(dv.getUint16(at.rope + 2 * j, true));
 }
 
+/** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
+export class DequantizedRows {
+  private readonly slot = new Map<number, number>();
+  rows: Float32Array; // bf16 values, exact in float32
+  private used = 0;
+
+  constructor(private readonly cache: KvCache, private readonly width: number) {
+    this.rows = new Float32Array(width * 64);
+  }
+
+  /** Offset of token `id`'s dequantized row in `rows`. */
+  offsetOf(id: number): number {
+    const have = this.slot.get(id);
+    if (have !== undefined) return have;
+    if (this.used + this.width > this.rows.length) {
+      const grown = new Float32Array(this.rows.length * 2);
+      grown.set(this.rows);
+      this.rows = grown;
+    }
+    const off = this.used;
+    dequantizeTokenReference(this.cache, id, this.rows, off);
+    this.used += this.width;
+    this.slot.set(id, off);
+    return off;
+  }
+}
+
 /** Gather-dequantize token ids → Float64Array [n, 512] (v4) or [n, 576] (v32) of bf16 values. */
 export function dequantizeKCacheReference(cache: KvCache, tokenIds: TokenIds): Float64Array {
   checkCacheReference(cache);

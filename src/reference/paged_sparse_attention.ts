@@ -4,8 +4,8 @@
  * exactly as in the sparse prefill reference (§4).
  */
 import { SparseMlaError } from '../errors.js';
-import type { KvCache, PagedSparseAttentionArgs } from '../types.js';
-import { cacheRowDims, cacheTokenCount, checkCacheReference, dequantizeTokenReference } from './kv_cache.js';
+import type { PagedSparseAttentionArgs } from '../types.js';
+import { cacheRowDims, cacheTokenCount, checkCacheReference, DequantizedRows } from './kv_cache.js';
 import {
   attendQueryReference,
   checkDv,
@@ -20,33 +20,6 @@ import {
   type ReferenceAttentionResult,
   type ReferenceOptions,
 } from './sparse_prefill.js';
-
-/** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
-class DequantizedRows {
-  private readonly slot = new Map<number, number>();
-  rows: Float32Array; // bf16 values, exact in float32
-  private used = 0;
-
-  constructor(private readonly cache: KvCache, private readonly width: number) {
-    this.rows = new Float32Array(width * 64);
-  }
-
-  /** Offset of token `id`'s dequantized row in `rows`. */
-  offsetOf(id: number): number {
-    const have = this.slot.get(id);
-    if (have !== undefined) return have;
-    if (this.used + this.width > this.rows.length) {
-      const grown = new Float32Array(this.rows.length * 2);
-      grown.set(this.rows);
-      this.rows = grown;
-    }
-    const off = this.used;
-    dequantizeTokenReference(this.cache, id, this.rows, off);
-    this.used += this.width;
-    this.slot.set(id, off);
-    return off;
-  }
-}
 
 export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
   const { q, kCache } = args;

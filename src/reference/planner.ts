@@ -3,14 +3,14 @@
  * query's attention set is derived straight from §6's rules — its window positions, its visible
  * compressed entries (all of them for r = 128, the indexer's visible ones for r = 4) — and mapped to
  * cache token ids through a position-indexed SWA table and the page tables. Nothing here reads the
- * planner's rows, layouts or offsets. Keys/values are the caches' dequantized values; the softmax
- * with the sink is computed in float64.
+ * planner's rows, layouts or offsets. Keys/values are the caches' dequantized values (the reference
+ * dequant, §3), which each query attends with the sparse prefill reference's float64 softmax and
+ * sink (attendQueryReference, §4).
  */
 import { SparseMlaError } from '../errors.js';
 import type { KvCache, Tensor } from '../types.js';
-import { decodeBf16 } from './formats.js';
-import { dequantizeTokenReference } from './kv_cache.js';
-import { logAddExp } from './sparse_prefill.js';
+import { DequantizedRows } from './kv_cache.js';
+import { attendQueryReference, emptyAttentionResult } from './sparse_prefill.js';
 
 export interface PlanReferenceRequest {
   seqLen: number;
@@ -136,72 +136,49 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
   const topk = args.topkIndices ? args.topkIndices.shape[args.topkIndices.shape.length - 1]! : 0;
   const compCache = ratio === 4 ? caches.c4 : ratio === 128 ? caches.c128 : undefined;
 
-  const rowCache = new Map<string, Float64Array>();
-  const rowOf = (cache: KvCache, which: string, id: number): Float64Array => {
-    const key = `${which}:${id}`;
-    let row = rowCache.get(key);
-    if (!row) {
+  // each token dequantized once per cache; a query's rows gathered compressed entries first, then its window
+  const dequantized = new Map<KvCache, DequantizedRows>();
+  const rowsOf = (cache: KvCache): DequantizedRows => {
+    let rows = dequantized.get(cache);
+    if (!rows) dequantized.set(cache, (rows = new DequantizedRows(cache, D)));
+    return rows;
+  };
+  let gathered = new Float32Array(0);
+  const gather = (cache: KvCache, which: string, ids: readonly number[], at: number): void => {
+    const rows = rowsOf(cache);
+    ids.forEach((id, k) => {
       if (!(id >= 0 && id < cache.pageSize * cache.numPages)) bad(which, `token id ${id} outside the cache`);
-      row = new Float64Array(D);
-      dequantizeTokenReference(cache, id, row, 0);
-      rowCache.set(key, row);
-    }
-    return row;
+      const off = rows.offsetOf(id);
+      gathered.set(rows.rows.subarray(off, off + D), (at + k) * D);
+    });
   };
 
   const nq = queries.length;
-  const out = new Float64Array(nq * hQ * D);
-  const mag = new Float64Array(nq * hQ * D);
-  const lse = new Float64Array(nq * hQ);
-  const maxLogits = new Float64Array(nq * hQ);
+  const res = emptyAttentionResult(nq, hQ, D);
   let dropped = 0;
-  const qv = new Float64Array(D);
+  // q widened one query at a time (a layer's q may be large; a check samples a few queries)
+  const qRow = new Float32Array(hQ * D);
+  const qRowBits = new Uint32Array(qRow.buffer);
+  let offsets = new Int32Array(0);
+  let scratch = new Float64Array(0);
+  // lse' = ln(exp(lse) + exp(sink)) as the ops' reference takes it (§4, §9: by the math): a sink of
+  // +inf gives the weights exp(P − ∞) = 0, out = 0, where the logits are finite; a +inf or NaN logit
+  // gives NaN there (∞ − ∞)
+  const sink = args.attnSink ? args.attnSink.data : null;
   for (let n = 0; n < nq; n++) {
     const qi = queries[n]!;
     const set = attentionSetReference(chunk, ratio, qi, args.topkIndices?.data.subarray(qi * topk, (qi + 1) * topk));
     dropped += set.dropped;
-    const rows = [
-      ...set.compressed.map((id) => rowOf(compCache!, `c${ratio}`, id)),
-      ...set.window.map((id) => rowOf(caches.swa, 'swa', id)),
-    ];
-    for (let h = 0; h < hQ; h++) {
-      const o = (n * hQ + h) * D;
-      const qo = (qi * hQ + h) * D;
-      for (let d = 0; d < D; d++) qv[d] = decodeBf16(q.data[qo + d]!);
-      const logits = rows.map((k) => {
-        let s = 0;
-        for (let d = 0; d < D; d++) s += qv[d]! * k[d]!;
-        return s * smScale;
-      });
-      if (logits.length === 0) {
-        lse[n * hQ + h] = Infinity;
-        maxLogits[n * hQ + h] = -Infinity;
-        continue; // out stays 0
-      }
-      const m = Math.max(...logits);
-      // a +inf (or NaN) logit makes the sum +inf (NaN): m − m would turn +inf into NaN
-      let l = m;
-      if (Number.isFinite(m)) {
-        let sum = 0;
-        for (const p of logits) sum += Math.exp(p - m);
-        l = m + Math.log(sum);
-      }
-      lse[n * hQ + h] = l;
-      maxLogits[n * hQ + h] = m;
-      const sink = args.attnSink ? args.attnSink.data[h]! : -Infinity;
-      // lse' = ln(exp(lse) + exp(sink)) as the ops' reference takes it (§4, §9: by the math): a sink of
-      // +inf gives the weights exp(P − ∞) = 0, out = 0, where the logits are finite; a +inf or NaN logit
-      // gives NaN there (∞ − ∞), as in sparsePrefillReference
-      const lseSink = logAddExp(l, sink);
-      for (let k = 0; k < rows.length; k++) {
-        const w = Math.exp(logits[k]! - lseSink);
-        const v = rows[k]!;
-        for (let d = 0; d < D; d++) {
-          out[o + d] += w * v[d]!;
-          mag[o + d] += w * Math.abs(v[d]!);
-        }
-      }
+    const entries = set.compressed.length + set.window.length;
+    if (offsets.length < entries) {
+      gathered = new Float32Array(entries * D);
+      offsets = Int32Array.from({ length: entries }, (_, k) => k * D);
+      scratch = new Float64Array(hQ * entries);
     }
+    if (set.compressed.length > 0) gather(compCache!, `c${ratio}`, set.compressed, 0);
+    gather(caches.swa, 'swa', set.window, set.compressed.length);
+    for (let e = 0; e < hQ * D; e++) qRowBits[e] = q.data[qi * hQ * D + e]! << 16;
+    attendQueryReference(qRow, 0, hQ, D, D, gathered, offsets, entries, smScale, sink, res.out, res.mag, n * hQ * D, res.lse, res.maxLogits, n * hQ, scratch);
   }
-  return { out, mag, lse, maxLogits, dropped };
+  return { ...res, dropped };
 }

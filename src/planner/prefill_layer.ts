@@ -366,7 +366,7 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
  * for a process's first layers, which V8 runs in its interpreter: one function warms up and is
  * compiled in one piece where prepareLayer's checks are a dozen. V8 gives a function its inline
  * caches once it has run about eight times its own bytecode, so what was read is packaged outside
- * it (fellBack; an operand's checks below hand theirs back as AsRead), and a stop here is a jump.
+ * it (fellBack; an operand's checks below leave theirs in `stopped`), and a stop here is a jump.
  */
 function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | FellBack | undefined {
   // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
@@ -376,6 +376,8 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   let output: unknown = NOT_READ, dropped: unknown = NOT_READ, qRead: unknown = NOT_READ, smScale: unknown = NOT_READ;
   let sinkRead: unknown = NOT_READ, topkRead: unknown = NOT_READ, cachesRead: unknown = NOT_READ;
   let route: RouteDecision | undefined;
+  // where an operand's check stops, what it read of the operand
+  const stopped: Stopped = { read: NOT_READ };
   const plan = args.plan, ratio = args.compressRatio;
   checks: {
     if (!Plan.isPlan(plan)) break checks;
@@ -391,9 +393,9 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
       if (dropped !== undefined && dropped !== 'await' && dropped !== 'later') break checks;
     }
     const nq = plan.numQueries;
-    const q = deviceQuery(args.q, nq, device);
-    if (q instanceof AsRead) {
-      qRead = q.value;
+    const q = deviceQuery(args.q, nq, device, stopped);
+    if (q === undefined) {
+      qRead = stopped.read;
       break checks;
     }
     qRead = q;
@@ -405,18 +407,18 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     const sinkArg: unknown = (sinkRead = args.attnSink);
     let attnSink: DeviceTensor<'float32'> | undefined;
     if (sinkArg !== undefined && sinkArg !== null) {
-      const sink = deviceSink(sinkArg, hQ, device);
-      if (sink instanceof AsRead) {
-        sinkRead = sink.value;
+      const sink = deviceSink(sinkArg, hQ, device, stopped);
+      if (sink === undefined) {
+        sinkRead = stopped.read;
         break checks;
       }
       sinkRead = attnSink = sink;
     }
     const topkIndices: unknown = (topkRead = args.topkIndices);
     if ((ratio === 4) !== (topkIndices !== undefined)) break checks;
-    const caches = deviceCaches(plan, args.caches, ratio, device);
-    if (caches instanceof AsRead) {
-      cachesRead = caches.value;
+    const caches = deviceCaches(plan, args.caches, ratio, device, stopped);
+    if (caches === undefined) {
+      cachesRead = stopped.read;
       break checks;
     }
     cachesRead = caches;
@@ -425,9 +427,9 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
     let topk: CheckedTopk<DeviceBuffer> | undefined;
     if (ratio === 4) {
-      const t = deviceTopk(plan, topkIndices, device);
-      if (t instanceof AsRead) {
-        topkRead = t.value;
+      const t = deviceTopk(plan, topkIndices, device, stopped);
+      if (t === undefined) {
+        topkRead = stopped.read;
         break checks;
       }
       topk = t;
@@ -437,26 +439,25 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   return fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
 }
 
-/** An argument as an operand's device check read it before it stopped (a stand-in answering what was read, or the value itself where none of it was), for prepareLayer. */
-class AsRead {
-  constructor(readonly value: unknown) {}
-}
-
-/** Whether `value` passes readTensorFields' first test (`in` runs no getter). */
-function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
-  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
+/** An operand's device check where it stopped: what it read of the operand (a stand-in answering what was read, or the value itself where none of it was), for prepareLayer. */
+interface Stopped {
+  read: unknown;
 }
 
 /**
  * checkQuery for a device layer: `value` as a live device bf16 [nq, hQ ≥ 1, 512] of `device`'s own
  * (the checked tensor), read as readTensorFields reads a tensor (dtype, shape, data, then the
  * shape's length and its dims in order, here up to the first one the device call does not take);
- * else what was read of it (AsRead). Integers are checked as int32 ((x | 0) === x), not as safe
+ * else undefined, what was read of it in `stopped`. Integers are checked as int32 ((x | 0) === x), not as safe
  * integers: no builtin call, and a larger hQ (no device memory holds such a q) only goes to
  * prepareLayer.
  */
-function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): DeviceTensor<'bf16'> | AsRead {
-  if (!hasTensorFields(value)) return new AsRead(value);
+function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopped: Stopped): DeviceTensor<'bf16'> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+    stopped.read = value;
+    return undefined;
+  }
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, q0: unknown = NOT_READ, hQ: unknown = NOT_READ, q2: unknown = NOT_READ;
   read: {
@@ -471,12 +472,17 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck): Devi
     if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
     return { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: data as DeviceBuffer };
   }
-  return new AsRead(tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ));
+  stopped.read = tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ);
+  return undefined;
 }
 
-/** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else what was read of it (AsRead). */
-function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): DeviceTensor<'float32'> | AsRead {
-  if (!hasTensorFields(value)) return new AsRead(value);
+/** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else undefined, what was read of it in `stopped`. */
+function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stopped: Stopped): DeviceTensor<'float32'> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+    stopped.read = value;
+    return undefined;
+  }
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, s0: unknown = NOT_READ;
   read: {
@@ -487,17 +493,21 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck): Devic
     if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
     return { dtype: 'float32', shape: [hQ], data: data as DeviceBuffer };
   }
-  return new AsRead(tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ));
+  stopped.read = tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ);
+  return undefined;
 }
 
 /**
  * Plan.checkCaches for a device layer: each cache's fields read as checkV4Cache reads them
  * (format, pageSize, numPages, data) and checked as read by Plan.deviceSwaCache and
  * Plan.deviceCompressedCache, the SWA cache before the compressed one is read; the checked views,
- * else what was read of them (AsRead).
+ * else undefined, what was read of them in `stopped`.
  */
-function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | AsRead {
-  if (typeof given !== 'object' || given === null) return new AsRead(given);
+function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck, stopped: Stopped): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
+  if (typeof given !== 'object' || given === null) {
+    stopped.read = given;
+    return undefined;
+  }
   const swa: unknown = (given as PlanCaches).swa;
   const key = ratio === 4 ? 'c4' : 'c128';
   let swaFormat: unknown = NOT_READ, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown;
@@ -517,16 +527,21 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
     if (compressedView === undefined) break read;
     return { swa: swaView, compressed: compressedView };
   }
-  return new AsRead(cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data));
+  stopped.read = cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data);
+  return undefined;
 }
 
 /**
  * Plan.checkTopk for a device layer: int32 [numQueries, topk] or [numQueries, 1, topk], read as
  * deviceQuery reads q and its width and data checked as read by Plan.deviceTopk; the checked
- * top-k, else what was read of it (AsRead).
+ * top-k, else undefined, what was read of it in `stopped`.
  */
-function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck): CheckedTopk<DeviceBuffer> | AsRead {
-  if (!hasTensorFields(value)) return new AsRead(value);
+function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck, stopped: Stopped): CheckedTopk<DeviceBuffer> | undefined {
+  // readTensorFields' test (`in` runs no getter)
+  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+    stopped.read = value;
+    return undefined;
+  }
   const dtype = value.dtype, shape = value.shape, data = value.data;
   let rank: unknown = NOT_READ, t0: unknown = NOT_READ, t1: unknown = NOT_READ, t2: unknown = NOT_READ;
   read: {
@@ -543,7 +558,8 @@ function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck): Check
     const topk = plan.deviceTopk(rank === 3 ? t2 : t1, data, device);
     if (topk !== undefined) return topk;
   }
-  return new AsRead(tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ));
+  stopped.read = tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ);
+  return undefined;
 }
 
 /** Not read by prepareDeviceLayer (any value a caller can give is read). */
@@ -562,7 +578,7 @@ class FellBack {
  * What prepareDeviceLayer read of a call that it leaves to prepareLayer, as prepareLayer reads it:
  * the args (and options) answering each field read with its value, an argument that passed its
  * checks as checked (the same values in the library's own object, which prepareLayer passes
- * again), the one the checks stopped at as read (AsRead), and the rest from the caller's objects
+ * again), the one the checks stopped at as read (Stopped), and the rest from the caller's objects
  * (read once, by prepareLayer). The caches as checked are given as the record prepareLayer reads
  * ({swa, c4 or c128}).
  */

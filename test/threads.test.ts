@@ -25,6 +25,7 @@ import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { randomBf16Bits, randomIndices, randomPrefillArgs, testRng } from './helpers/random.js';
+import { growthPerRound } from './helpers/growth.js';
 
 const rng = testRng('threads');
 const BACKENDS = nativeAddonBuilt() ? (['wasm', 'cpu'] as const) : (['wasm'] as const);
@@ -241,20 +242,6 @@ interface ConcurrencyReport {
   threadsAtStart: number;
   threadsAfterDispose: number;
   threadsEndedMs: number;
-}
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-
-/**
- * How much `xs` (one value a round) grows a round: the median of the slopes between every two
- * rounds, which rounds where the allocators happened to keep or give back freed memory barely move
- * (one difference between an early and a late round took all of that noise), while a leak moves
- * every slope.
- */
-function growthPerRound(xs: number[]): number {
-  const slopes: number[] = [];
-  for (let i = 0; i < xs.length; i++) for (let j = i + 1; j < xs.length; j++) slopes.push((xs[j]! - xs[i]!) / (j - i));
-  return median(slopes);
 }
 
 /** Rounds of the 50 calls, and the first ones left out of the memory's growth (its warm-up). */

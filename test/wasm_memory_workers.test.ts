@@ -25,6 +25,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, describe, expect, test } from 'vitest';
 import { testRng } from './helpers/random.js';
+import { growthPerRound } from './helpers/growth.js';
 
 const rng = testRng('wasm_memory_workers');
 const KiB = 1024, MiB = 2 ** 20;
@@ -90,14 +91,6 @@ interface Round {
   stagingHeldBytes: number;
   mainListeners: number[];
   workers: WorkerReading[];
-}
-
-const median = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
-/** Growth a round: the median slope between every two rounds (as test/threads.test.ts). */
-function growthPerRound(xs: number[]): number {
-  const slopes: number[] = [];
-  for (let i = 0; i < xs.length; i++) for (let j = i + 1; j < xs.length; j++) slopes.push((xs[j]! - xs[i]!) / (j - i));
-  return median(slopes);
 }
 
 const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-wasm-memory-'));

@@ -14,10 +14,10 @@ import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import { describe, expect, test } from 'vitest';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { median } from './helpers/growth.js';
 
 const MiB = 2 ** 20;
 const child = fileURLToPath(new URL('./children/worker_churn.mjs', import.meta.url));
-const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
 
 describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('user Workers terminated with cpu calls pending', () => {
   test('100 Workers of 4,000 pending calls each: the anonymous resident memory stays flat (no block left per call)', () => {

@@ -1,4 +1,5 @@
 /** One CLI subcommand, and how a command runs: its exit code, its errors as text or JSON. */
+import { readFileSync } from 'node:fs';
 import { SparseMlaError, type ErrorCode } from '../errors.js';
 import type { BackendChoice, EngineOptions } from '../types.js';
 
@@ -8,6 +9,15 @@ export interface CliCommand {
   summary: string;
   usage: string;
   run(argv: string[]): Promise<number>;
+}
+
+/** The installed package's version (`unknown` when its package.json cannot be read). */
+export function packageVersion(): string {
+  try {
+    return (JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: string }).version ?? 'unknown';
+  } catch {
+    return 'unknown';
+  }
 }
 
 /** --backend's values: createEngine's backend choices. */

@@ -8,8 +8,7 @@
  * running (worker died, backend failure, internal error).
  * With `--json`, an error is also written to stdout as {"command", "ok": false, "exitCode", "error"}.
  */
-import { readFileSync } from 'node:fs';
-import { jsonError, runCliCommand, wantsJson, type CliCommand } from './command.js';
+import { jsonError, packageVersion, runCliCommand, wantsJson, type CliCommand } from './command.js';
 import { REPORT_WIDTH, wrapText } from './table.js';
 
 /** In the order the help lists them. */
@@ -30,15 +29,6 @@ async function loadCommand(name: string): Promise<Loaded> {
     return { name, command };
   } catch (err) {
     return { name, error: err instanceof Error ? err.message : String(err) };
-  }
-}
-
-function packageVersion(): string {
-  try {
-    const pkg = JSON.parse(readFileSync(new URL('../../package.json', import.meta.url), 'utf8')) as { version?: string };
-    return pkg.version ?? 'unknown';
-  } catch {
-    return 'unknown';
   }
 }
 

@@ -2,13 +2,12 @@
  * `sparse-mla info`: which backends this machine can run and, for each missing one, why (and how
  * to get it); the WASM pool's details; the machine (Node, cores, CPU).
  */
-import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { listBackends } from '../../index.js';
 import { loadNativeAddon, queryCudaDevices, type AddonOrigin, type CudaDeviceInfo, type InstallStatus } from '../../backends/native/binding.js';
 import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
-import type { CliCommand } from '../command.js';
+import { packageVersion, type CliCommand } from '../command.js';
 import { fitLines, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
@@ -194,14 +193,6 @@ export async function infoCommand(argv: string[]): Promise<number> {
   ];
   process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
   return 0;
-}
-
-function packageVersion(): string {
-  try {
-    return (JSON.parse(readFileSync(new URL('../../../package.json', import.meta.url), 'utf8')) as { version?: string }).version ?? 'unknown';
-  } catch {
-    return 'unknown';
-  }
 }
 
 export const command: CliCommand = {

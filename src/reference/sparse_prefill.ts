@@ -97,6 +97,7 @@ export function checkDv(dV: number | undefined, dQK: number): number {
   return v;
 }
 
+/** smScale of either attention op: any finite number (the float64 math needs no more; the ops also bound it, src/ops/common.ts). */
 export function checkSmScale(smScale: number): void {
   if (!Number.isFinite(smScale)) bad('INVALID_VALUE', 'smScale', 'a finite number', String(smScale));
 }

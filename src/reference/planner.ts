@@ -10,7 +10,7 @@
 import { SparseMlaError } from '../errors.js';
 import type { KvCache, Tensor } from '../types.js';
 import { DequantizedRows } from './kv_cache.js';
-import { attendQueryReference, emptyAttentionResult } from './sparse_prefill.js';
+import { attendQueryReference, emptyAttentionResult, type ReferenceAttentionResult } from './sparse_prefill.js';
 
 export interface PlanReferenceRequest {
   seqLen: number;
@@ -111,15 +111,8 @@ export interface PrefillLayerReferenceArgs {
   smScale: number;
 }
 
-export interface PrefillLayerReferenceResult {
-  /** [nq, hQ, 512] */
-  out: Float64Array;
-  /** [nq, hQ, 512]: Σ_k w_k·|v_k| with out's weights (the scale of the out bound, SPEC §4) */
-  mag: Float64Array;
-  /** [nq, hQ]; +inf for a query with nothing to attend */
-  lse: Float64Array;
-  /** [nq, hQ]; −inf for a query with nothing to attend */
-  maxLogits: Float64Array;
+/** The op reference's outputs for the queries (dV = 512), and the layer's dropped count. */
+export interface PrefillLayerReferenceResult extends ReferenceAttentionResult {
   /** total indexer entries dropped for causality */
   dropped: number;
 }

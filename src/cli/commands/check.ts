@@ -76,7 +76,7 @@ function cachesMaxAbsV(caches: readonly KvCache[]): number {
  * `magCeiling` (max |V| the queries can attend, ≥ every mag) — looser elementwise, the same cosine
  * and lse/maxLogits bounds. Returns the verdict against the reference; throws on any failure.
  */
-function judgeAttention(got: R.AttentionTensors, wasm: R.AttentionTensors, ref: R.ReferenceAttentionResult | R.PrefillLayerReferenceResult, queries: number[], magCeiling: number): R.AttentionComparison {
+function judgeAttention(got: R.AttentionTensors, wasm: R.AttentionTensors, ref: R.ReferenceAttentionResult, queries: number[], magCeiling: number): R.AttentionComparison {
   const shape = { heads: got.lse.shape[1]!, dV: got.out.shape[2]! };
   const vsRef = R.compareAttention(R.attentionValues(got, queries), ref, { ...shape, queries });
   if (!vsRef.pass) throw new BoundsFailure(`vs reference: ${R.formatAttentionComparison(vsRef)}`, vsRef);

@@ -3,8 +3,8 @@
  * buffer's surface, and the kernel ops the layer flow uses run the real addon's CPU core
  * (dequant, sparsePrefill, the paged op) and the host planner (rows, compressed ids) on them, so a
  * cuda engine over it gives the cpu backend's bits. Each op call is noted (OpCall): its name and
- * which of its array operands were host memory. Shared by cuda_backend_host and the cuda budget
- * tests (hostile_budget_cuda).
+ * which of its array operands were host memory. For the tests that run a cuda engine's layer flow,
+ * and judge its results, without a GPU.
  */
 import { expect } from 'vitest';
 import type { NativeAddon, NativeCudaOps } from '../../dist/backends/native/binding.js';

@@ -1,3 +1,7 @@
+/**
+ * How the tests take hold of an error: the value a call throws or rejects with, and the
+ * SparseMlaError a refusal must be (anything else fails the test where it is read).
+ */
 import { expect } from 'vitest';
 import { SparseMlaError } from '../../dist/index.js';
 

@@ -360,15 +360,16 @@ function hostData<T extends Uint16Array | Float32Array | Int32Array>(d: T | Devi
  * and handed on as read (the plan's device checks take a cache's or top-k's fields, not the
  * caller's object), and the same LayerCall where they pass. Where anything differs (a host
  * operand, another engine kind, bad input) it stops, and prepareLayer checks the call and throws
- * its typed error over what was read here (FellBack; undefined where nothing was), not over the
+ * its typed error over what was read here (stopped.call; undefined where nothing was), not over the
  * caller's objects again: every field, dim and cache field of a call is read once in all, in
  * prepareLayer's order (a getter asked a second time could throw or answer otherwise). It exists
  * for a process's first layers, which V8 runs in its interpreter: one function warms up and is
  * compiled in one piece where prepareLayer's checks are a dozen. V8 gives a function its inline
  * caches once it has run about eight times its own bytecode, so what was read is packaged outside
- * it (fellBack; an operand's checks below leave theirs in `stopped`), and a stop here is a jump.
+ * it (fellBack, left in `stopped`; an operand's checks below leave theirs there too), and a stop here
+ * is a jump.
  */
-function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | FellBack | undefined {
+function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, stopped: Stopped): LayerCall | undefined {
   // each device operand is checked live, of its bytes and the engine's own in one call (DeviceOps.ownsLive)
   const device = engine.layerDevice();
   if (device === undefined || typeof args !== 'object' || args === null || Array.isArray(args)) return undefined;
@@ -376,8 +377,6 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   let output: unknown = NOT_READ, dropped: unknown = NOT_READ, qRead: unknown = NOT_READ, smScale: unknown = NOT_READ;
   let sinkRead: unknown = NOT_READ, topkRead: unknown = NOT_READ, cachesRead: unknown = NOT_READ;
   let route: RouteDecision | undefined;
-  // where an operand's check stops, what it read of the operand
-  const stopped: Stopped = { read: NOT_READ };
   const plan = args.plan, ratio = args.compressRatio;
   checks: {
     if (!Plan.isPlan(plan)) break checks;
@@ -436,12 +435,18 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     }
     return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
   }
-  return fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
+  stopped.call = fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
+  return undefined;
 }
 
-/** An operand's device check where it stopped: what it read of the operand (a stand-in answering what was read, or the value itself where none of it was), for prepareLayer. */
+/**
+ * Where prepareDeviceLayer stopped (its caller's, one a call): what the operand check it stopped at
+ * read of the operand (a stand-in answering what was read, or the value itself where none of it
+ * was), then the call as read there for prepareLayer (undefined where nothing was read).
+ */
 interface Stopped {
   read: unknown;
+  call: FellBack | undefined;
 }
 
 /**
@@ -720,9 +725,13 @@ export type CheckedLayer = LayerCall;
  */
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine', hostOperand = false): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
-  const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options);
-  if (fast === undefined) return checkFully(engine, args, options, undefined);
-  if (fast instanceof FellBack) return checkFully(engine, fast.args, fast.options, fast.route);
+  // (compared with undefined, not told apart by instanceof: this runs on every layer, mostly cold)
+  const stopped: Stopped = { read: NOT_READ, call: undefined };
+  const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options, stopped);
+  if (fast === undefined) {
+    const read = stopped.call;
+    return read === undefined ? checkFully(engine, args, options, undefined) : checkFully(engine, read.args, read.options, read.route);
+  }
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
   if (fast.output === 'host' || (fast.ratio === 4 && fast.route.path === 'paged')) checkOpsMemory(engine, fast);
@@ -1025,8 +1034,5 @@ function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources
  */
 export const layerChecks = {
   prepareLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall => prepareLayer(engine, args, options),
-  prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined {
-    const fast = prepareDeviceLayer(engine, args, options);
-    return fast instanceof FellBack ? undefined : fast;
-  },
+  prepareDeviceLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined => prepareDeviceLayer(engine, args, options, { read: NOT_READ, call: undefined }),
 };

@@ -829,6 +829,89 @@ const reentrantGetter = {
   },
 };
 
+// ---- workerDeath (session 54) ----
+
+/**
+ * workerDeath (session 54, from seed 100): a fresh wasm engine (1-3 workers, whatever the run's
+ * backend; sometimes a 2-8 MiB memoryBudgetBytes) runs 1-3 valid calls at once (ops and layers) while
+ * a worker of its pool ends as a crash would (WorkerPool.testing.terminateWorker): as the k-th task
+ * is dispatched to it, or after a timer. Each call gives its right result or rejects with
+ * WORKER_DIED (TOO_LARGE too, over a budget), never anything else or a hang; once they settle no
+ * staging is held for them, and the same calls again on the same engine (its plans too: a layer that
+ * failed midway) give their right results.
+ */
+const workerDeath = {
+  name: 'workerDeath',
+  engine: true,
+  hostEngineOnly: true,
+  fromSeed: 100, // added after seeds 64-99 were run
+  build(rng, env, hooks) {
+    const workers = rng.int(1, 4);
+    const budget = rng.uniform() < 0.25 ? rng.pick([2 ** 21, 2 ** 23]) : undefined;
+    const local = { backend: 'wasm', engine: null, stub: null };
+    const calls = Array.from({ length: rng.int(1, 4) }, () => oneCall(rng, local, hooks));
+    const kill = rng.uniform() < 0.6 ? { atDispatch: rng.int(0, 6) } : { afterMs: rng.pick([0, 1, 5, 20]) };
+    const what = `${calls.map((c) => c.name).join(', ')} on a wasm engine of ${workers} worker(s)${budget ? `, memoryBudgetBytes ${budget}` : ''}, a worker ended ${kill.atDispatch !== undefined ? `at dispatch ${kill.atDispatch}` : `after ${kill.afterMs} ms`}`;
+    const allowed = (e) => isCode(e, 'WORKER_DIED') || (budget !== undefined && isCode(e, 'TOO_LARGE'));
+    return {
+      args: [],
+      describe: what,
+      call: async () => {
+        const { engineBackend } = await import('../../dist/engine.js');
+        local.engine = await createEngine({ backend: 'wasm', workers, ...(budget ? { memoryBudgetBytes: budget } : {}) });
+        try {
+          const backend = engineBackend(local.engine);
+          const pool = backend.pool;
+          // (each end awaited before the calls run again: a worker whose terminate() is still under way
+          // when its task finished takes the next call's task and dies with it, wasm seed 100 case 191)
+          let dispatches = 0, killed = 0, timer;
+          const ends = [];
+          const off = pool.testing.onDispatch((w) => {
+            if (kill.atDispatch !== undefined && dispatches++ === kill.atDispatch) {
+              killed++;
+              ends.push(pool.testing.terminateWorker(w));
+            }
+          });
+          if (kill.afterMs !== undefined) {
+            timer = setTimeout(() => {
+              const busy = pool.testing.busyWorkers();
+              if (busy.length > 0) {
+                killed++;
+                ends.push(pool.testing.terminateWorker(busy[0]));
+              }
+            }, kill.afterMs);
+          }
+          const first = await Promise.all(calls.map((c) => settle(c.run(c.args))));
+          off();
+          clearTimeout(timer);
+          await Promise.all(ends);
+          // the parts of a failed call left running on other workers finish before its staging comes back
+          for (const t0 = Date.now(); (pool.testing.busyWorkers().length > 0 || pool.testing.queued() > 0) && Date.now() - t0 < 10_000; ) await new Promise((r) => setTimeout(r, 5));
+          const held = { busy: backend.staging.busyBytes, lent: backend.staging.lentBytes };
+          const again = await Promise.all(calls.map((c) => settle(c.run(c.args))));
+          return { first, again, killed, held };
+        } finally {
+          await local.engine.dispose();
+        }
+      },
+      judge: ({ first, again, killed, held }) => {
+        for (const [i, r] of first.entries()) {
+          if (r.error && !(allowed(r.error) && (killed > 0 || !isCode(r.error, 'WORKER_DIED')))) return `${what}: call ${i} (${calls[i].name}) rejected with ${errStr(r.error)} (${killed} worker(s) ended)`;
+          const p = r.error ? null : calls[i].judge(r.value);
+          if (p) return `${what}: call ${i} (${calls[i].name}): ${p}`;
+        }
+        if (held.busy !== 0 || held.lent !== 0) return `${what}: after the calls settled the staging still held ${held.busy} bytes handed out and ${held.lent} lent`;
+        for (const [i, r] of again.entries()) {
+          if (r.error && !(budget !== undefined && isCode(r.error, 'TOO_LARGE'))) return `${what}: the same call ${i} (${calls[i].name}) again rejected with ${errStr(r.error)}`;
+          const p = r.error ? null : calls[i].judge(r.value);
+          if (p) return `${what}: the same call ${i} (${calls[i].name}) again: ${p}`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
 const describeValue = (v) => (typeof v === 'string' ? JSON.stringify(v) : v === null ? 'null' : typeof v === 'object' ? 'an object' : typeof v === 'symbol' ? 'a Symbol' : String(v));
 
 /** The session-53 targets (and session 54's, from their fromSeed) with their weights (fuzz.mjs draws one from the session-53 stream). */
@@ -837,4 +920,5 @@ export const SIDE3_TARGETS = [
   [encoders, 1],
   [fileWriters, 1],
   [reentrantGetter, 1],
+  [workerDeath, 1],
 ];

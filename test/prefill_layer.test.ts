@@ -245,6 +245,10 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     await expectCode({ ...ok, topkIndices: tensor('int32', [22, 8]) }, 'INVALID_SHAPE', /topkIndices/);
     await expectCode({ ...ok, topkIndices: undefined }, 'INVALID_VALUE', /topkIndices/);
     await expectCode({ ...ok, compressRatio: 128 }, 'INVALID_VALUE', /topkIndices/); // c128 layers have no indexer
+    // a ratio the plan does not serve: the same refusal as the plan's own methods give (plan.combinedRows)
+    const swaOnly = createPlan({ requests: [{ seqLen: 2, extendLen: 1, swaTokenIds: [0, 1] }] });
+    expect(swaOnly.ratios).toEqual([0]);
+    await expectCode({ q: tensor('bf16', [1, 2, D]), compressRatio: 128, plan: swaOnly, caches: { swa: caches.swa }, smScale: 0.1 }, 'INVALID_VALUE', /^compressRatio: expected a ratio this plan serves \(0\); pass chunk\.c128PageSize and page tables to createPlan, got 128/);
     await expectCode({ ...ok, attnSink: tensor('float32', [3]) }, 'INVALID_SHAPE', /attnSink/);
     await expectCode({ ...ok, smScale: Number.NaN }, 'INVALID_VALUE', /smScale/);
     await expectCode({ ...ok, smScale: 1e6 }, 'INVALID_VALUE', /smScale/); // finite, but not in float32 logits

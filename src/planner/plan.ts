@@ -231,7 +231,8 @@ function badTopkShape(numQueries: number, shape: readonly number[]): never {
 function topkTooLarge(numQueries: number, width: number): never {
   fail('TOO_LARGE', 'topkIndices', `c4 index rows of at most ${INT32_MAX} entries`, `${numQueries} × ${width}`);
 }
-function ratioNotServed(ratio: unknown, argument: string, ratios: readonly CompressRatio[]): never {
+/** @internal The refusal of a compress ratio a plan does not serve (createPlan's layers and prefillLayer alike). */
+export function ratioNotServed(ratio: unknown, argument: string, ratios: readonly CompressRatio[]): never {
   if (ratio === 4 || ratio === 128) fail('INVALID_VALUE', argument, `a ratio this plan serves (${ratios.join(', ')}); pass chunk.c${ratio}PageSize and page tables to createPlan`, `${ratio}`);
   fail('INVALID_VALUE', argument, 'a compress ratio 0, 4 or 128', describe(ratio));
 }

@@ -32,7 +32,7 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, 
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -115,7 +115,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   const plan = args.plan, ratio = args.compressRatio;
   if (!Plan.isPlan(plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
   if (ratio !== 0 && ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(ratio));
-  if (!plan.ratios.includes(ratio)) ratioNotServed(plan, ratio);
+  if (!plan.ratios.includes(ratio)) ratioNotServed(ratio, 'compressRatio', plan.ratios);
   const output = checkOutputOption(options);
   const droppedLater = checkDroppedOption(options);
   const hasDevice = engine.hasDevice;
@@ -657,9 +657,6 @@ function cacheRead(given: unknown, format: unknown, pageSize: unknown, numPages:
 // bytecode (a message built inline would only make the function bigger)
 const FLOAT32_DTYPE = ['float32'] as const;
 
-function ratioNotServed(plan: Plan, ratio: CompressRatio): never {
-  fail('INVALID_VALUE', 'compressRatio', `a ratio the plan serves (${plan.ratios.join(', ')})`, `${ratio}; pass chunk.c${ratio}PageSize and page tables to createPlan`);
-}
 function noDevice(engine: SparseMlaEngine, argument: 'options.output' | 'caches'): never {
   if (argument === 'options.output') fail('BACKEND_UNAVAILABLE', 'options.output', "a cuda engine for { output: 'device' }", `the ${engine.backend} backend`);
   fail('BACKEND_UNAVAILABLE', 'caches', `host caches (the ${engine.backend} backend has no device memory; device caches need { backend: 'cuda' })`, 'a device cache');

@@ -156,6 +156,15 @@ export function describe(value: unknown): string {
   }
 }
 
+/** Bytes in binary units for messages and reports: 512 B, 1.50 KiB, 2.25 MiB, 1.00 GiB. */
+export function formatBytes(n: number): string {
+  if (!Number.isFinite(n)) return '-';
+  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
+  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
+  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
+  return `${n} B`;
+}
+
 /**
  * A shape as a message shows it, safe on any dims a caller can pass: a number as it is, anything
  * else by describe() (String() of a null-prototype object or one whose toString throws is a

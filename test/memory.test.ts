@@ -130,7 +130,7 @@ describe.each(BACKENDS)('%s', (backend) => {
     const between = Math.floor((withoutHeld + withHeld) / 2);
     const err = await run(between, kvBits);
     expect(outcome(err)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
-    expect((err as Error).message).toMatch(/their copy held while the call waits for staging 8\.0 MiB/);
+    expect((err as Error).message).toMatch(/their copy held while the call waits for staging 8\.00 MiB/);
     const shared = new Uint16Array(new SharedArrayBuffer(kvBits.byteLength));
     shared.set(kvBits);
     expect(outcome(await run(between, shared))).toBe('resolved');

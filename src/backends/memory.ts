@@ -6,6 +6,7 @@
  */
 import os from 'node:os';
 import { SparseMlaError } from '../errors.js';
+import { formatBytes } from '../tensor.js';
 
 /** The default budget: half the machine's memory. */
 export function defaultMemoryBudgetBytes(): number {
@@ -50,20 +51,15 @@ export interface MemoryPart {
   bytes: number;
 }
 
-function bytesStr(n: number): string {
-  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
-  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(1)} MiB`;
-  return `${n} B`;
-}
 
 /** Throws TOO_LARGE when the parts add up to more than the budget. */
 export function checkCallMemory(op: string, argument: string, parts: readonly MemoryPart[], budgetBytes: number): void {
   const total = parts.reduce((a, p) => a + p.bytes, 0);
   if (total <= budgetBytes) return;
-  const detail = parts.filter((p) => p.bytes > 0).map((p) => `${p.what} ${bytesStr(p.bytes)}`).join(', ');
+  const detail = parts.filter((p) => p.bytes > 0).map((p) => `${p.what} ${formatBytes(p.bytes)}`).join(', ');
   throw new SparseMlaError(
     'TOO_LARGE',
-    `${op}: this call needs ${total} bytes (${bytesStr(total)}) of host memory (${detail}), over the engine's memory budget of ${budgetBytes} bytes (${bytesStr(budgetBytes)}); split the call, pass inputs in SharedArrayBuffers (they are read in place), or raise createEngine({ memoryBudgetBytes })`,
+    `${op}: this call needs ${total} bytes (${formatBytes(total)}) of host memory (${detail}), over the engine's memory budget of ${budgetBytes} bytes (${formatBytes(budgetBytes)}); split the call, pass inputs in SharedArrayBuffers (they are read in place), or raise createEngine({ memoryBudgetBytes })`,
     argument,
   );
 }

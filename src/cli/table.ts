@@ -128,14 +128,7 @@ export function formatSeconds(s: number): string {
   return `${s.toFixed(2)} s`;
 }
 
-/** Bytes in binary units: 512 B, 1.50 KiB, 2.25 MiB, 1.00 GiB. */
-export function formatBytes(n: number): string {
-  if (!Number.isFinite(n)) return '-';
-  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
-  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
-  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
-  return `${n} B`;
-}
+export { formatBytes } from '../tensor.js';
 
 export function formatRate(value: number, unit: string): string {
   if (!Number.isFinite(value)) return '-';

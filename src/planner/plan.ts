@@ -7,7 +7,7 @@
  */
 import { SparseMlaError, fail } from '../errors.js';
 import { checkPlacedTensor, checkTensor, describe, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
-import { allocHostArray, arrayLikeOf, dimsOnce, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
+import { allocHostArray, arrayLikeOf, dimsOnce, formatBytes, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
 import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
@@ -239,12 +239,6 @@ export function ratioNotServed(ratio: unknown, argument: string, ratios: readonl
 
 const INT32_DTYPE = ['int32'] as const;
 
-function bytesStr(n: number): string {
-  if (n >= 2 ** 30) return `${(n / 2 ** 30).toFixed(2)} GiB`;
-  if (n >= 2 ** 20) return `${(n / 2 ** 20).toFixed(2)} MiB`;
-  if (n >= 2 ** 10) return `${(n / 2 ** 10).toFixed(2)} KiB`;
-  return `${n} B`;
-}
 
 // ---- size rules (SPEC §6) a plan checks its inputs against before the planner's index math runs ----
 
@@ -1010,10 +1004,10 @@ export class Plan {
     for (const { layout } of layouts.values()) if (layout.bytes > worst.bytes) worst = layout;
     this.workspaceBytes = worst.bytes;
     if (worst.bytes > budget) {
-      const parts = [...layouts.values()].map(({ layout: l }) => `c${l.ratio}: ${l.compressedRows} compressed + ${l.swaRows} SWA rows = ${bytesStr(l.bytes)}`);
+      const parts = [...layouts.values()].map(({ layout: l }) => `c${l.ratio}: ${l.compressedRows} compressed + ${l.swaRows} SWA rows = ${formatBytes(l.bytes)}`);
       throw new SparseMlaError(
         'TOO_LARGE',
-        `workspace: this chunk needs ${worst.bytes} bytes (${bytesStr(worst.bytes)}) for its c${worst.ratio} layers, over the budget of ${budget} bytes (${bytesStr(budget)}); ${parts.join('; ')}. Split the chunk or raise options.workspaceBudgetBytes.`,
+        `workspace: this chunk needs ${worst.bytes} bytes (${formatBytes(worst.bytes)}) for its c${worst.ratio} layers, over the budget of ${budget} bytes (${formatBytes(budget)}); ${parts.join('; ')}. Split the chunk or raise options.workspaceBudgetBytes.`,
         'options.workspaceBudgetBytes',
       );
     }

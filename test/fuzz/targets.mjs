@@ -54,7 +54,9 @@ function byMemory(t) {
   }
   // a KvCache too: the reference views its bytes through .buffer / .byteOffset, which a subclass may lie about (a createPlan case of cpu seed 24)
   if (t.format !== undefined) return { format: t.format, pageSize: t.pageSize, numPages: t.numPages, data };
-  return { dtype: t.dtype, shape: t.shape, data };
+  // the shape a plain array of its dims, read by index (the reference destructures it: a shape whose prototype is Object's has no iterator, cpu seed 107 case 641)
+  const shape = Array.isArray(t.shape) ? Array.from({ length: t.shape.length }, (_, i) => t.shape[i]) : t.shape;
+  return { dtype: t.dtype, shape, data };
 }
 
 /** `args` (an op's or a layer's argument object) with the named fields read by their memory (byMemory); the rest inherited as they are. */
@@ -159,7 +161,7 @@ const sparsePrefill = {
       call: (x) => env.engine.sparsePrefill(...x),
       judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        return judgeAttention(got, () => R.sparsePrefillReference(r), r.q.shape[0], r.q.shape[1], r.dV ?? 512, stub);
+        return judgeAttention(got, () => R.sparsePrefillReference(fieldsByMemory(r, ['q', 'kv', 'indices', 'topkLength', 'attnSink'])), r.q.shape[0], r.q.shape[1], r.dV ?? 512, stub);
       },
     };
   },
@@ -198,7 +200,7 @@ const pagedSparseAttention = {
       call: (x) => env.engine.pagedSparseAttention(...x),
       judge: (got, { refArgs, stub }) => {
         const r = refArgs[0];
-        return judgeAttention(got, () => R.pagedSparseAttentionReference(fieldsByMemory(r, ['kCache', 'extraKCache'])), r.q.shape[0], r.q.shape[1], 512, stub);
+        return judgeAttention(got, () => R.pagedSparseAttentionReference(fieldsByMemory(r, ['q', 'kCache', 'indices', 'topkLength', 'attnSink', 'extraKCache', 'extraIndices', 'extraTopkLength'])), r.q.shape[0], r.q.shape[1], 512, stub);
       },
     };
   },

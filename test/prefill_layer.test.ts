@@ -234,6 +234,15 @@ describe('prefillLayer bad input: a typed error before any engine work', () => {
     const r = await prefillLayer(untouchable, { q: tensor('bf16', [0, 2, D]), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1, env: {} });
     expect([r.out.shape, r.lse.shape, r.maxLogits.shape, r.workspaceBytes]).toEqual([[0, 2, D], [0, 2], [0, 2], 0]);
   });
+  test('a q of more than 2^31 - 1 heads is TOO_LARGE as the ops refuse it, also on a chunk without queries (no op runs there)', async () => {
+    const empty = createPlan({ requests: [{ seqLen: 50, extendLen: 0, swaTokenIds: [] }] });
+    for (const hQ of [2 ** 31, 2 ** 32 + 1, 2 ** 40]) {
+      await expectCode({ q: tensor('bf16', [0, hQ, D], new Uint16Array(0)), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1 }, 'TOO_LARGE', new RegExp(`^q: expected hQ ≤ 2147483647 \\(32-bit sizes in the core ABI\\), got ${hQ}$`));
+    }
+    // the largest hQ the core takes: empty outputs of that many heads
+    const r = await prefillLayer(untouchable, { q: tensor('bf16', [0, 2 ** 31 - 1, D], new Uint16Array(0)), compressRatio: 0, plan: empty, caches: { swa: caches.swa }, smScale: 0.1 });
+    expect(r.lse.shape).toEqual([0, 2 ** 31 - 1]);
+  });
   test('ids outside the caches', async () => {
     await expectCode({ ...ok, caches: { ...caches, swa: createKvCache('v4', { pageSize: 64, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.swa/);
     await expectCode({ ...ok, caches: { ...caches, c4: createKvCache('v4', { pageSize: sc.c4PageSize, numPages: 1 }) } }, 'OUT_OF_RANGE', /caches\.c4/);

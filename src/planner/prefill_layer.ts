@@ -24,7 +24,7 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkInt32Size, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
@@ -122,6 +122,8 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   if (!hasDevice && output === 'device') noDevice(engine, 'options.output');
   const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', hasDevice);
   if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) badQueryShape(plan, q);
+  // as the ops refuse it, also where a chunk without queries runs no op
+  checkInt32Size(hQ, 'q', 'hQ');
   const smScale = checkSmScale(args.smScale);
   const sink = args.attnSink ?? undefined; // null: no sink, as the ops take it
   const attnSink = sink === undefined ? undefined : hasDevice ? checkPlacedTensor(sink, 'attnSink', FLOAT32_DTYPE) : checkTensor(sink, 'attnSink', FLOAT32_DTYPE);

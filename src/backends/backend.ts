@@ -158,7 +158,7 @@ export interface DeviceOps {
   /** whether `buffer` is one this backend made, on its device (a layer's checks refuse any other before any work) */
   owns(buffer: DeviceBuffer): boolean;
   /**
-   * whether `buffer` is a live device buffer (isLiveDeviceBuffer) of exactly `bytes` bytes that this
+   * whether `buffer` is a live device buffer (branded, not freed) of exactly `bytes` bytes that this
    * backend made on its device: a device layer's check of each operand in one call (false for
    * anything else, whose full checks then name it)
    */

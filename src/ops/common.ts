@@ -4,7 +4,7 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, DEVICE_BUFFER_BRAND, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isCount, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
+import { BYTES_PER_ELEMENT, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isCount, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
@@ -129,26 +129,6 @@ export function checkDeviceTensor(value: unknown, argument: string, expected: st
   const { dtype, shape, data } = readTensorFields(value, argument, ALL_DTYPES);
   if (!isDeviceBuffer(data)) fail('INVALID_VALUE', argument, expected, describe(value));
   return checkDeviceFields(dtype, shape, data, argument, ALL_DTYPES);
-}
-
-/**
- * A tensor's own shape array where it is an object with dtype `dtype`, an array shape and a data
- * field, without a message and without copying the shape (the caller checks the dims it needs, then
- * its data with isLiveDeviceBuffer); else undefined. With isLiveDeviceBuffer, the fast half of
- * checkPlacedTensor for the device tensors every device layer checks: anything they turn away goes
- * to the full check for its error.
- */
-export function deviceTensorShape(value: unknown, dtype: DType): unknown[] | undefined {
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) return undefined;
-  const v = value as { dtype: unknown; shape: unknown };
-  if (v.dtype !== dtype) return undefined;
-  const shape = v.shape;
-  return Array.isArray(shape) ? shape : undefined;
-}
-
-/** Whether `data` is a device buffer (branded), not freed, of exactly `bytes` bytes. */
-export function isLiveDeviceBuffer(data: unknown, bytes: number): data is DeviceBuffer {
-  return typeof data === 'object' && data !== null && (data as { [DEVICE_BUFFER_BRAND]?: unknown })[DEVICE_BUFFER_BRAND] === true && !(data as DeviceBuffer).freed && (data as DeviceBuffer).byteLength === bytes;
 }
 
 export function isDeviceTensor<D extends DType>(t: Tensor<D> | DeviceTensor<D>): t is DeviceTensor<D> {

@@ -293,7 +293,7 @@ export class CudaDeviceBuffer implements DeviceBuffer {
 
   /**
    * @internal Whether `b` is a buffer this class made on device `deviceIndex`, branded, not freed
-   * and of exactly `bytes` bytes: isLiveDeviceBuffer and CudaBackend.owns in one call, its state
+   * and of exactly `bytes` bytes: a live buffer's checks and CudaBackend.owns in one call, its state
    * read here rather than through the `freed` getter (a device layer checks each operand this way).
    */
   static ownedLive(b: unknown, deviceIndex: number, bytes: number): boolean {

@@ -491,7 +491,8 @@ function layerReference(sc, layer) {
 
 function judgeLayer(got, sc, given, valuesUnknown = false) {
   // q, the top-k and the sink as the library reads them, by their memory (a subclass's length may lie: wasm seed 19 case 4371)
-  const layer = { ...given, q: byMemory(given.q), topkIndices: byMemory(given.topkIndices), attnSink: byMemory(given.attnSink), caches: cachesByMemory(given.caches) };
+  // every field read as the library reads it (an inherited one too: a spread copies own fields only, cuda seed 66 case 3276)
+  const layer = { ...given, compressRatio: given.compressRatio, smScale: given.smScale, q: byMemory(given.q), topkIndices: byMemory(given.topkIndices), attnSink: byMemory(given.attnSink), caches: cachesByMemory(given.caches) };
   let ref;
   const problem = judgeAttention(got, () => (ref = layerReference(sc, layer)), sc.numQueries, layer.q.shape[1], D, valuesUnknown);
   if (problem) return problem;

@@ -258,13 +258,15 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
     }
   }, 60_000);
 
-  // Each shard's q on its engine and no sink (a sharded layer's sink is a host tensor, where a
-  // shard's fast checks would stop before its caches and top-k): the shards' checks read the
-  // caller's per-shard caches and top-k themselves.
+  // Each shard's q on its engine. Without a sink and with a host top-k, each shard's fast checks
+  // stop at its top-k and the full checks read the caller's per-shard caches and top-k; a sharded
+  // layer's sink is cut on the host per shard, so with one each shard's call goes to the full checks
+  // at once (checkLayer's hostOperand), its caches and top-k on the device.
   test.each([
-    ['path sparse', { path: 'sparse' as const }],
-    ['path auto and an env forcing sparse, read once for both shards', { path: 'auto' as const, env: { SPARSE_MLA_PREFILL: 'sparse' } }],
-  ])('prefillLayerSharded by queries over two engines: per-shard device q and caches, host top-k (each shard stops at its top-k), %s', async (_, route) => {
+    ['host top-k (each shard stops at its top-k), path sparse', { route: { path: 'sparse' as const }, deviceTopk: false, sink: false }],
+    ['host top-k (each shard stops at its top-k), path auto and an env forcing sparse, read once for both shards', { route: { path: 'auto' as const, env: { SPARSE_MLA_PREFILL: 'sparse' } }, deviceTopk: false, sink: false }],
+    ["device top-k and a host sink (the shards' calls go to the full checks at once)", { route: { path: 'sparse' as const }, deviceTopk: true, sink: true, options: { output: 'host' as const } }],
+  ])('prefillLayerSharded by queries over two engines: per-shard device q and caches, %s', async (name, { route, deviceTopk, sink, options }: { route: object; deviceTopk: boolean; sink: boolean; options?: { output: 'host' } }) => {
     const x = layerInputs();
     const engines = [newEngine(), newEngine()];
     try {
@@ -272,36 +274,14 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
       const k = x.topkIndices.shape[1]!;
       const qs = await Promise.all(sharded.shards.map((s, i) => engines[i]!.upload(tensor('bf16', [s.numQueries, x.hQ, D], x.q.data.slice(s.queryOffset * x.hQ * D, (s.queryOffset + s.numQueries) * x.hQ * D)))));
       const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(x.swa), c4: await e.uploadKvCache(x.c4) })));
-      const topks = sharded.shards.map((s) => tensor('int32', [s.numQueries, k], x.topkIndices.data.slice(s.queryOffset * k, (s.queryOffset + s.numQueries) * k)));
+      const hostTopks = sharded.shards.map((s) => tensor('int32', [s.numQueries, k], x.topkIndices.data.slice(s.queryOffset * k, (s.queryOffset + s.numQueries) * k)));
+      const topks = deviceTopk ? await Promise.all(hostTopks.map((t, i) => engines[i]!.upload(t))) : hostTopks;
       const reads: Reads = new Map();
-      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, smScale: x.smScale, ...route }, 'args', reads);
-      const r = await prefillLayerSharded(engines, args);
-      expectEachReadOnce('sharded by queries', reads);
-      const ref = x.ref(4, false);
-      expectWithinBounds('sharded by queries', { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
-      expect(r.dropped).toBe(ref.dropped);
-    } finally {
-      for (const e of engines) await e.dispose();
-    }
-  }, 60_000);
-
-  // A sharded layer's sink is cut on the host per shard: each shard's call goes to the full checks
-  // at once (checkLayer's hostOperand), which read the caller's per-shard caches and top-k.
-  test('prefillLayerSharded by queries over two engines: per-shard device q, caches and top-k, a host sink (the shards\' calls go to the full checks at once)', async () => {
-    const x = layerInputs();
-    const engines = [newEngine(), newEngine()];
-    try {
-      const sharded = createShardedPlan(x.sc.chunk, { shards: 2, split: 'queries' });
-      const k = x.topkIndices.shape[1]!;
-      const qs = await Promise.all(sharded.shards.map((s, i) => engines[i]!.upload(tensor('bf16', [s.numQueries, x.hQ, D], x.q.data.slice(s.queryOffset * x.hQ * D, (s.queryOffset + s.numQueries) * x.hQ * D)))));
-      const caches = await Promise.all(engines.map(async (e) => ({ swa: await e.uploadKvCache(x.swa), c4: await e.uploadKvCache(x.c4) })));
-      const topks = await Promise.all(sharded.shards.map((s, i) => engines[i]!.upload(tensor('int32', [s.numQueries, k], x.topkIndices.data.slice(s.queryOffset * k, (s.queryOffset + s.numQueries) * k)))));
-      const reads: Reads = new Map();
-      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, attnSink: x.attnSink, smScale: x.smScale, path: 'sparse' as const }, 'args', reads);
-      const r = await prefillLayerSharded(engines, args, { output: 'host' });
-      expectEachReadOnce('sharded by queries with a sink', reads);
-      const ref = x.ref(4);
-      expectWithinBounds('sharded by queries with a sink', { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
+      const args = counted({ plan: sharded, compressRatio: 4 as const, q: qs, caches, topkIndices: topks, ...(sink ? { attnSink: x.attnSink } : {}), smScale: x.smScale, ...route }, 'args', reads);
+      const r = await (options ? prefillLayerSharded(engines, args, options) : prefillLayerSharded(engines, args));
+      expectEachReadOnce(name, reads);
+      const ref = x.ref(4, sink);
+      expectWithinBounds(name, { out: r.out!, lse: r.lse!, maxLogits: r.maxLogits! }, ref, Array.from({ length: x.nq }, (_, i) => i));
       expect(r.dropped).toBe(ref.dropped);
     } finally {
       for (const e of engines) await e.dispose();

@@ -573,12 +573,10 @@ function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck, stoppe
 const NOT_READ: unique symbol = Symbol('not read');
 
 /** Where prepareDeviceLayer stopped: the call's args and options as read there, and its route where it was decided, for prepareLayer. */
-class FellBack {
-  constructor(
-    readonly args: PrefillLayerArgs,
-    readonly options: unknown,
-    readonly route: RouteDecision | undefined,
-  ) {}
+interface FellBack {
+  readonly args: PrefillLayerArgs;
+  readonly options: unknown;
+  readonly route: RouteDecision | undefined;
 }
 
 /**
@@ -600,7 +598,7 @@ function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio
   const optionsRead = new Map<PropertyKey, unknown>();
   if (output !== NOT_READ) optionsRead.set('output', output);
   if (dropped !== NOT_READ) optionsRead.set('dropped', dropped);
-  return new FellBack(readOnce(args, argsRead) as PrefillLayerArgs, readOnce(options, optionsRead), route);
+  return { args: readOnce(args, argsRead) as PrefillLayerArgs, options: readOnce(options, optionsRead), route };
 }
 
 /**

@@ -31,7 +31,6 @@ const engine = await createEngine({ backend });
 const got = await engine.sparsePrefill({ q, kv, indices: tensor('int32', [n, topk], idx), smScale }, { output: 'host' });
 await engine.dispose();
 const qD = Float64Array.from(q.data, (b) => R.decodeBf16(b));
-const cosGap = (g, r) => { let gr = 0, gg = 0, rr = 0; for (let d = 0; d < D; d++) { gr += g[d] * r[d]; gg += g[d] ** 2; rr += r[d] ** 2; } return gg + rr === 0 ? 0 : 1 - (2 * gr) / (gg + rr); };
 const stats = { rows: n, got_over: 0, emu_over: 0, got_max: 0, emu_max: 0, both_over: 0, rowsBitEqual: 0, elemsDiffer: 0, worstRow: null };
 for (let i = 0; i < n; i++) {
   const ks = [...idx.subarray(i * topk, i * topk + topk)].filter((x) => x >= 0);
@@ -44,7 +43,7 @@ for (let i = 0; i < n; i++) {
   ks.forEach((r, k) => { const w = Math.exp(logits[k] - m) / L; for (let d = 0; d < D; d++) { ref[d] += w * kvD[r * D + d]; acc[d] = f32(acc[d] + f32(bf(p[k]) * kvD[r * D + d])); } });
   const emu = acc.map((x) => bf(f32(x / sum)));
   const g = Array.from(got.out.data.subarray(i * D, i * D + D), (b) => R.decodeBf16(b));
-  const cg = cosGap(g, ref), ce = cosGap(emu, ref);
+  const cg = R.cosineGap(g, ref), ce = R.cosineGap(emu, ref);
   let diff = 0; for (let d = 0; d < D; d++) if (g[d] !== emu[d]) diff++;
   stats.elemsDiffer += diff; if (!diff) stats.rowsBitEqual++;
   if (cg > 7e-6) stats.got_over++; if (ce > 7e-6) stats.emu_over++; if (cg > 7e-6 && ce > 7e-6) stats.both_over++;

@@ -16,7 +16,6 @@ export function emulateLayer(sc, layer, got) {
   const topk = layer.topkIndices ? layer.topkIndices.shape[layer.topkIndices.shape.length - 1] : 0;
   const comp = ratio === 4 ? caches.c4 : ratio === 128 ? caches.c128 : undefined;
   const rowOf = (c, id) => { const r = new Float64Array(D); R.dequantizeTokenReference(c, id, r, 0); return r; };
-  const cosGap = (g, r) => { let gr = 0, gg = 0, rr = 0; for (let d = 0; d < D; d++) { gr += g[d] * r[d]; gg += g[d] ** 2; rr += r[d] ** 2; } return 1 - (2 * gr) / (gg + rr); };
   const rowsOut = [];
   for (let qi = 0; qi < total; qi++) {
     const set = R.attentionSetReference(chunk, ratio, qi, layer.topkIndices?.data.subarray(qi * topk, (qi + 1) * topk));
@@ -44,13 +43,13 @@ export function emulateLayer(sc, layer, got) {
         weights: w.map((x) => +x.toPrecision(4)),
         pRoundingRelative: p.map((x) => +(bf(x) / x - 1).toPrecision(4)),
         keyNorms: rows.map((r) => +Math.hypot(...r).toPrecision(4)),
-        cosGapSingleBf16P: cosGap(emu, ref),
-        cosGapFloat32P: cosGap(accF32P.map((x) => bf(f32(x / denom))), ref),
-        cosGapReferenceRounded: cosGap(ref.map((x) => bf(x)), ref),
+        cosGapSingleBf16P: R.cosineGap(emu, ref),
+        cosGapFloat32P: R.cosineGap(accF32P.map((x) => bf(f32(x / denom))), ref),
+        cosGapReferenceRounded: R.cosineGap(ref.map((x) => bf(x)), ref),
       };
       if (got) {
         const g = Array.from({ length: D }, (_, d) => R.decodeBf16(got.out.data[(qi * hQ + h) * D + d]));
-        row.cosGapEngine = cosGap(g, ref);
+        row.cosGapEngine = R.cosineGap(g, ref);
         row.elementsDifferingFromEmulation = g.filter((x, d) => x !== emu[d]).length;
       }
       rowsOut.push(row);

@@ -11,7 +11,7 @@ const backend = process.argv[2] ?? 'cuda', n = Number(process.argv[3] ?? 4096), 
 let st = seed >>> 0 || 1;
 const rnd = () => ((st = (st * 1664525 + 1013904223) >>> 0) / 2 ** 32);
 const gauss = () => Math.sqrt(-2 * Math.log(rnd() + 1e-12)) * Math.cos(2 * Math.PI * rnd());
-const D = 512, f32 = Math.fround, bf = (x) => R.decodeBf16(R.encodeBf16(x));
+const D = 512, f32 = Math.fround, bf = R.roundToBf16;
 const nKv = 8192, topk = 4;
 const kvF = new Float32Array(nKv * D);
 for (let r = 0; r < nKv; r++) { const s = 2 ** (16 * rnd() - 8); for (let d = 0; d < D; d++) kvF[r * D + d] = s * gauss(); }

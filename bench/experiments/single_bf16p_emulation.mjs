@@ -7,7 +7,7 @@ import * as R from '../../dist/reference/index.js';
 
 const D = 512;
 const f32 = Math.fround;
-const bf = (x) => R.decodeBf16(R.encodeBf16(x));
+const bf = R.roundToBf16;
 
 export function emulateLayer(sc, layer, got) {
   const chunk = sc.ref, ratio = layer.compressRatio, q = layer.q, caches = layer.caches, smScale = layer.smScale;

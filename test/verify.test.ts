@@ -17,6 +17,7 @@ import { writeNpyFile, writePrefillDir, writePrefillOutputs } from '../dist/io/i
 import { command as verify, verifyDirectory } from '../dist/cli/commands/verify.js';
 import { runCliCommand } from '../dist/cli/command.js';
 import { command as prefill } from '../dist/cli/commands/prefill.js';
+import { refusal } from './helpers/errors.js';
 import { randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('verify.test');
@@ -116,6 +117,25 @@ describe('verify', () => {
     const report = JSON.parse(r.stdout);
     expect(report.queriesChecked).toBe(3);
     expect(report.tensors[0].comparison.count).toBe(3 * hQ * 512);
+  });
+
+  test('verifyDirectory queries: each row judged once; anything but an integer in [0, sQ) is INVALID_VALUE naming queries', async () => {
+    const dir = await goodDir();
+    const report = await verifyDirectory(dir, { queries: [7, 3, 7, 0] });
+    expect(report.queriesChecked).toBe(3);
+    expect(report.tensors[0]!.comparison.count).toBe(3 * hQ * 512);
+    const bad: [unknown, string][] = [
+      [Symbol('q'), 'Symbol(q)'],
+      [sQ, String(sQ)],
+      [-1, '-1'],
+      [1.5, '1.5'],
+      [NaN, 'NaN'],
+      ['3', '3'],
+    ];
+    for (const [q, shown] of bad) {
+      const e = await refusal(() => verifyDirectory(dir, { queries: [0, q as number] }));
+      expect([e.code, e.argument, e.message]).toEqual(['INVALID_VALUE', 'queries', `queries: expected integers in [0, ${sQ}), got ${shown}`]);
+    }
   });
 
   test('fails (exit 1) on one out element beyond its bound, and names where', async () => {

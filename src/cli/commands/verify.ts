@@ -7,12 +7,11 @@
  * so a GPU-sized dump (sQ 4096, hQ 128, topk 2048) never needs its float64 reference in memory.
  */
 import { availableParallelism } from 'node:os';
-import { SparseMlaError } from '../../errors.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs } from '../../io/prefill_dir.js';
 import { prefillFlops, prepareSparsePrefill } from '../../ops/sparse_prefill.js';
 import { AttentionComparator, describeBounds, formatFigure, formatPosition, tensorValues, type TensorComparison } from '../../reference/compare.js';
 import { createReferencePool, type ReferencePool } from '../../reference/parallel.js';
-import { prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
+import { checkQueries, prepareSparsePrefillReference, type ReferenceAttentionResult } from '../../reference/sparse_prefill.js';
 import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
 import type { CliCommand } from '../command.js';
 import { Progress } from '../progress.js';
@@ -54,14 +53,6 @@ export function evenlySpacedRows(n: number, count: number): number[] {
   return [...rows].sort((a, b) => a - b);
 }
 
-/** Explicit query rows: integers in [0, sQ), sorted, each once. */
-function checkedQueries(queries: readonly number[], sQ: number): number[] {
-  for (const q of queries) {
-    if (!Number.isInteger(q) || q < 0 || q >= sQ) throw new SparseMlaError('INVALID_VALUE', `queries: expected integers in [0, ${sQ}), got ${q}`, 'queries');
-  }
-  return [...new Set(queries)].sort((a, b) => a - b);
-}
-
 export interface TensorReport {
   name: string;
   file: string;
@@ -90,7 +81,8 @@ export async function verifyDirectory(
   prepareSparsePrefill(inputs.args);
   const outputs = await loadPrefillOutputs(handle, inputs.shapes);
   const { sQ, hQ, dQK, topk, dV } = inputs.shapes;
-  const queries = opts.queries !== undefined ? checkedQueries(opts.queries, sQ) : evenlySpacedRows(sQ, opts.sample ?? sQ);
+  // explicit rows are judged in order, each once
+  const queries = opts.queries !== undefined ? [...new Set(checkQueries(opts.queries, sQ))].sort((a, b) => a - b) : evenlySpacedRows(sQ, opts.sample ?? sQ);
 
   // chunks of roughly 1 GFLOP, enough to amortize a message, small enough for a lively progress bar
   const flopsPerQuery = prefillFlops(Math.max(1, topk), hQ, dQK, dV);

@@ -15,7 +15,6 @@
 import type { BackendName, CacheFormat, DeviceBuffer, Placement } from '../types.js';
 import type { InputBytes, StagingArena } from './staging.js';
 import type { MemoryPart } from './memory.js';
-import type { PagedCopies, PagedSetBytes } from './paged_gather.js';
 
 /**
  * Jobs are generic in B, the device-buffer type a backend accepts in place of a host array
@@ -341,6 +340,24 @@ export interface Backend {
   /** Release threads/devices. Idempotent; calls after it reject with DISPOSED. */
   dispose(): Promise<void>;
 }
+
+/**
+ * Bulk copies a host backend's paged op makes of a cache (choosePagedRead's estimate): read whole
+ * (`whole(cacheUnshared)`: 0 for an in-place read, as the cpu addon's of a shared cache, which then
+ * keeps the whole cache without planning) or compact (`compact`: after its gather, into the staging
+ * or a worker's heap). The op and a layer's check of it (prefill_layer.ts) read the same counts.
+ */
+export interface PagedCopies {
+  whole(cacheUnshared: boolean): number;
+  compact: number;
+}
+
+/**
+ * An index set of a paged call as the host backends' budget counts it: read whole (its cache and
+ * ids staged as they are) or through a compact cache of `cacheBytes` with ids of `indicesBytes`,
+ * both made by the gather (unshared).
+ */
+export type PagedSetBytes = { whole: true; cache: InputBytes; indices: InputBytes } | { whole: false; cacheBytes: number; indicesBytes: number };
 
 /**
  * What a backend's ops count against its host memory budget, from sizes alone: the functions its

@@ -11,10 +11,13 @@
  * it stays skipped and is never read. The valid entries keep their order and point at the same
  * bytes, so the kernel computes exactly what it computes over the whole cache.
  */
-import type { CacheView, PagedIndexSet, PagedSparseAttentionJob } from './backend.js';
+import type { CacheView, PagedCopies, PagedIndexSet, PagedSetBytes, PagedSparseAttentionJob } from './backend.js';
 import { copyBytes, type MemoryPart } from './memory.js';
 import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
+
+// declared in backend.ts (they type the Backend interface's arguments), importable from here with the arithmetic over them
+export type { PagedSetBytes };
 
 /** The index set of a paged call as the host backends hold it (host arrays). */
 export type HostPagedSet = PagedIndexSet;
@@ -88,17 +91,6 @@ const RUN_NS = 500;
  * to the same bits and see which one ran. Not part of the package's API.
  */
 export const pagedReadForTests: { force: 'whole' | 'compact' | null; compactSets: number } = { force: null, compactSets: 0 };
-
-/**
- * Bulk copies a host backend's paged op makes of a cache (choosePagedRead's estimate): read whole
- * (`whole(cacheUnshared)`: 0 for an in-place read, as the cpu addon's of a shared cache, which then
- * keeps the whole cache without planning) or compact (`compact`: after its gather, into the staging
- * or a worker's heap). The op and a layer's check of it (prefill_layer.ts) read the same counts.
- */
-export interface PagedCopies {
-  whole(cacheUnshared: boolean): number;
-  compact: number;
-}
 
 /**
  * The plan of `set` when reading a compact cache is estimated to cost less than the whole one,
@@ -252,13 +244,6 @@ export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: 
     return { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
   });
 }
-
-/**
- * An index set of a paged call as the host backends' budget counts it: read whole (its cache and
- * ids staged as they are) or through a compact cache of `cacheBytes` with ids of `indicesBytes`,
- * both made by the gather (unshared).
- */
-export type PagedSetBytes = { whole: true; cache: InputBytes; indices: InputBytes } | { whole: false; cacheBytes: number; indicesBytes: number };
 
 /**
  * What a host backend's pagedSparseAttention counts against the budget: the staging of q, the

@@ -231,6 +231,38 @@ describe.skipIf(!nativeAddonBuilt())('cuda (stand-in device): a layer the fast c
       code: 'INVALID_SHAPE',
       argument: 'q',
     },
+    // the refusals below build their message from what was read (the dtype as read, not asked
+    // again; the shape's length as read, its first dims read once for the message)
+    {
+      name: 'a device q whose dtype is a number (stopped at its dtype; the message describes q as read)',
+      ratio: 0,
+      host: [],
+      change: async (a) => ({ ...a, q: { dtype: 7, shape: [...a.q.shape], data: a.q.data } as never }),
+      options: { output: 'device' },
+      code: 'INVALID_VALUE',
+      argument: 'q',
+    },
+    {
+      name: 'a device q whose shape holds 65 dims (stopped at its length; the message shows its first dims)',
+      ratio: 0,
+      host: [],
+      change: async (a) => ({ ...a, q: { dtype: 'bf16', shape: [...a.q.shape, ...Array.from({ length: 62 }, () => 1)], data: a.q.data } as never }),
+      options: { output: 'device' },
+      code: 'INVALID_SHAPE',
+      argument: 'q.shape',
+    },
+    {
+      name: 'a device top-k whose shape holds 65 dims (stopped at its length, after the route)',
+      ratio: 4,
+      host: [],
+      change: async (a) => {
+        const t = a.topkIndices!;
+        return { ...a, topkIndices: { dtype: 'int32', shape: [...t.shape, ...Array.from({ length: 65 - t.shape.length }, () => 1)], data: t.data } as never };
+      },
+      options: { output: 'device' },
+      code: 'INVALID_SHAPE',
+      argument: 'topkIndices.shape',
+    },
   ];
 
   test.each(REFUSED)('refused: $name', async (c) => {

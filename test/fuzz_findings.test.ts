@@ -1599,3 +1599,139 @@ describe("the io functions that take a path or a directory, under the fuzzer's f
     expect(replayed.verdict).not.toBe('finding');
   }, 60_000);
 });
+
+describe('prefill directories with hostile contents, the fuzzer\'s hostileDir target (session 55, helper-67)', () => {
+  const folders: string[] = [];
+  const folder = (): string => {
+    const d = mkdtempSync(join(tmpdir(), 'sparse-mla-h67-'));
+    folders.push(d);
+    return d;
+  };
+  afterAll(() => {
+    for (const d of folders) rmSync(d, { recursive: true, force: true });
+  });
+  const bytesOf = (a: ArrayBufferView): number[] => Array.from(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+  /** A .npy file written here, not by the library: magic, version 1.0, `header` as given, then `data`. */
+  const npyFile = (header: string, data: Uint8Array): Uint8Array => {
+    const h = new TextEncoder().encode(header);
+    const out = new Uint8Array(10 + h.length + data.length);
+    out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
+    new DataView(out.buffer).setUint16(8, h.length, true);
+    out.set(h, 10);
+    out.set(data, 10 + h.length);
+    return out;
+  };
+  /** A .safetensors file written here: the header's JSON as given, then `data`. */
+  const safetensorsFile = (header: unknown, data: Uint8Array): Uint8Array => {
+    const h = new TextEncoder().encode(JSON.stringify(header));
+    const out = new Uint8Array(8 + h.length + data.length);
+    new DataView(out.buffer).setBigUint64(0, BigInt(h.length), true);
+    out.set(h, 8);
+    out.set(data, 8 + h.length);
+    return out;
+  };
+  /** A prefill directory of one .safetensors file holding q, kv and indices of random dims, and `metadata`. */
+  const safetensorsDir = (metadata: Record<string, string>) => {
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16]), sKV = rng.int(1, 6), topk = rng.int(1, 5);
+    const tensors = {
+      q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+      indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.int(-1, sKV))),
+    };
+    const dir = folder();
+    writeFileSync(join(dir, 'dump.safetensors'), encodeSafetensors(tensors, metadata));
+    return { dir, tensors, dQK };
+  };
+
+  test("a .safetensors directory's sm_scale / d_v metadata is read as a decimal number or refused naming the metadata (Number() took '' and '  ' as 0, '0x10' as 16, '0b100' as 4: a file with an empty sm_scale was read as scale 0)", async () => {
+    const io = await import('../dist/io/index.js');
+    const smScale = rng.uniform() * 4 + 1e-3;
+    const dV = rng.pick([1, 3, 4]);
+    // decimal forms, as Python's str() and JS's String() write them, read back exactly
+    const good: [string, string, number, number][] = [
+      [String(smScale), String(dV), smScale, dV],
+      [smScale.toExponential(), `${dV}.0`, smScale, dV],
+      [`+${smScale}`, `${dV}e0`, smScale, dV],
+      ['.5', String(dV), 0.5, dV],
+      ['-2.5E-3', String(dV), -0.0025, dV],
+    ];
+    for (const [sm, dv, wantSm, wantDv] of good) {
+      const { dir, tensors, dQK } = safetensorsDir({ sm_scale: sm, d_v: dv });
+      const back = await io.loadPrefillInputs(dir);
+      expect([back.args.smScale, back.args.dV, back.files.meta], `${sm}, ${dv}`).toEqual([wantSm, wantDv, 'dump.safetensors:__metadata__']);
+      expect(back.shapes.dQK).toBe(dQK);
+      for (const k of ['q', 'kv', 'indices'] as const) expect(bytesOf(back.args[k].data as ArrayBufferView), k).toEqual(bytesOf(tensors[k].data));
+    }
+    const bad: [string, string, string][] = [
+      ['', '4', 'sm_scale'],
+      ['  ', '4', 'sm_scale'],
+      ['0x10', '4', 'sm_scale'],
+      ['0b1', '4', 'sm_scale'],
+      [' 0.5', '4', 'sm_scale'],
+      ['0.5 ', '4', 'sm_scale'],
+      ['Infinity', '4', 'sm_scale'],
+      ['1e400', '4', 'sm_scale'],
+      [String(smScale), '', 'd_v'],
+      [String(smScale), '0b100', 'd_v'],
+      [String(smScale), '0o4', 'd_v'],
+      [String(smScale), '4.5', 'd_v'],
+    ];
+    for (const [sm, dv, field] of bad) {
+      const { dir } = safetensorsDir({ sm_scale: sm, d_v: dv });
+      const e = await errorOf(() => io.loadPrefillInputs(dir));
+      expect(e, JSON.stringify([sm, dv])).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], JSON.stringify([sm, dv])).toEqual(['INVALID_VALUE', 'dump.safetensors:__metadata__']);
+      expect((e as SparseMlaError).message, JSON.stringify([sm, dv])).toContain(`__metadata__: ${field}:`);
+    }
+  });
+
+  test('a .npy header with text after its dict is refused naming the file (NumPy refuses it; the reader stopped at the closing brace and read the file); the padding NumPy writes (spaces, a newline) is taken', async () => {
+    const values = Int32Array.from({ length: rng.int(1, 9) }, () => rng.int(-1000, 1000));
+    const data = new Uint8Array(values.buffer);
+    const dict = `{'descr': '<i4', 'fortran_order': False, 'shape': (${values.length},), }`;
+    const dir = folder();
+    for (const [label, header] of [['padded', `${dict}   \n`], ['bare', dict], ['spaces only', `${dict}      `]] as const) {
+      const path = join(dir, `${label}.npy`);
+      writeFileSync(path, npyFile(header, data));
+      for (const arr of [parseNpy(npyFile(header, data), 'x.npy'), await readNpyFile(path)]) {
+        expect([arr.descr, arr.shape, Array.from(arr.data as Int32Array)], label).toEqual(['<i4', [values.length], Array.from(values)]);
+      }
+    }
+    for (const tail of [' junk\n', "{'descr': '<u2'}\n", ', }\n', ')\n', '}\n', "\n'shape': (1,)\n"]) {
+      const header = dict + tail;
+      const path = join(dir, 'tail.npy');
+      writeFileSync(path, npyFile(header, data));
+      await expectTyped(() => parseNpy(npyFile(header, data), 'tail.npy'), 'INVALID_VALUE', 'tail.npy');
+      await expectTyped(() => readNpyFile(path, 'tail.npy'), 'INVALID_VALUE', 'tail.npy');
+    }
+  });
+
+  test("a shape of more dims than a tensor may have (64) in a .npy or .safetensors file is INVALID_SHAPE naming the file (it was numel's refusal naming 'shape', which no caller passed, and a message that named no file); 64 dims read", async () => {
+    const dir = folder();
+    for (const dims of [64, 65, rng.int(66, 200)]) {
+      const n = rng.int(0, 3);
+      const shape = Array.from({ length: dims }, (_, i) => (i === 0 ? n : 1));
+      const data = Uint8Array.from({ length: n }, () => rng.int(0, 256));
+      const npy = npyFile(`{'descr': '|u1', 'fortran_order': False, 'shape': (${shape.join(', ')}), }\n`, data);
+      const st = safetensorsFile({ t: { dtype: 'U8', shape, data_offsets: [0, n] } }, data);
+      writeFileSync(join(dir, 'x.npy'), npy);
+      writeFileSync(join(dir, 'x.safetensors'), st);
+      if (dims <= 64) {
+        for (const arr of [parseNpy(npy, 'x.npy'), await readNpyFile(join(dir, 'x.npy'))]) expect([arr.shape, Array.from(arr.data as Uint8Array)]).toEqual([shape, Array.from(data)]);
+        for (const f of [parseSafetensors(st, 'x.safetensors'), await readSafetensorsFile(join(dir, 'x.safetensors'))]) expect([f.tensors.get('t')!.shape, Array.from(f.tensors.get('t')!.data as Uint8Array)]).toEqual([shape, Array.from(data)]);
+        continue;
+      }
+      for (const [name, call] of [
+        ['x.npy', () => parseNpy(npy, 'x.npy')],
+        ['x.npy', () => readNpyFile(join(dir, 'x.npy'), 'x.npy')],
+        ['x.safetensors', () => parseSafetensors(st, 'x.safetensors')],
+        ['x.safetensors', () => readSafetensorsFile(join(dir, 'x.safetensors'), 'x.safetensors')],
+      ] as const) {
+        const e = await errorOf(call);
+        expect(e, `${name} of ${dims} dims`).toBeInstanceOf(SparseMlaError);
+        expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], `${name} of ${dims} dims`).toEqual(['INVALID_SHAPE', name]);
+        expect((e as SparseMlaError).message, `${name} of ${dims} dims`).toMatch(new RegExp(`^${name.replace('.', '\\.')}: .*${dims} dims`));
+      }
+    }
+  });
+});

@@ -7,7 +7,7 @@
  * size must equal what the header declares before any data is read.
  */
 import { SparseMlaError } from '../errors.js';
-import { allocHostArray, describe, numel } from '../tensor.js';
+import { MAX_TENSOR_DIMS, allocHostArray, describe, numel } from '../tensor.js';
 import type { DType, Tensor } from '../types.js';
 import { checkPathArgs, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
@@ -117,6 +117,10 @@ function parseHeaderDict(text: string, name: string): Map<string, string | boole
     if (text[i] === ',') i++;
     else if (text[i] !== '}') bad(`expected ',' or '}' at position ${i}`);
   }
+  // after the dict only NumPy's padding (spaces, the closing newline): NumPy's own reader refuses anything else
+  i++;
+  ws();
+  if (i < text.length) bad(`unexpected text after the dict at position ${i}`);
   return out;
 }
 
@@ -156,6 +160,7 @@ function parseNpyHeader(bytes: Uint8Array, name: string): NpyHeader {
     throw new SparseMlaError('INVALID_DTYPE', `${name}: expected dtype <u2 (bf16 bits), <f4, <i4, <i8 or |u1, got '${clip(descr, 24)}'`, name);
   }
   if (fortran) throw new SparseMlaError('INVALID_VALUE', `${name}: expected C order (fortran_order False), got fortran_order True`, name);
+  if (shape.length > MAX_TENSOR_DIMS) throw new SparseMlaError('INVALID_SHAPE', `${name}: a shape of ${shape.length} dims, over the ${MAX_TENSOR_DIMS} a tensor may have`, name);
   const count = numel(shape);
   const dataBytes = count * DESCRS[descr as NpyDescr].bytes;
   if (!Number.isSafeInteger(dataBytes)) {

@@ -30,6 +30,17 @@ export interface Located<T> {
   file: string;
 }
 
+/** A decimal number as Python's str() and JS's String() write one ('0.0625', '-1e-05', '512'). */
+const DECIMAL = /^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$/;
+
+/**
+ * A __metadata__ value as a number when it is written as a decimal one; otherwise the text itself, which
+ * meta()'s checks refuse by name (Number() would take '' and '  ' as 0, '0x10' as 16, '0b1' as 1).
+ */
+function metadataNumber(text: string): number | string {
+  return DECIMAL.test(text) ? Number(text) : text;
+}
+
 /** A tensor's name in a directory (`q`, `kv`, ...): a string, never coerced (a Symbol's or an object's text is no name). */
 function tensorName(name: unknown): void {
   if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a tensor name string, got ${describe(name)}`, 'name');
@@ -106,7 +117,7 @@ export class PrefillDir {
       raw = parsed as Record<string, unknown>;
     } else if (this.st && 'sm_scale' in this.st.metadata) {
       file = `${this.st.file}:__metadata__`;
-      raw = Object.fromEntries(Object.entries(this.st.metadata).map(([k, v]) => [k, Number(v)]));
+      raw = Object.fromEntries(Object.entries(this.st.metadata).map(([k, v]) => [k, metadataNumber(v)]));
     } else {
       throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing meta.json ({"sm_scale": …, "d_v": 512})`, 'meta.json');
     }

@@ -9,7 +9,7 @@
  * file (files.ts) and reads the header, then each tensor, never the whole file at once.
  */
 import { SparseMlaError } from '../errors.js';
-import { allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
+import { MAX_TENSOR_DIMS, allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
 import { checkPathArgs, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
@@ -91,6 +91,7 @@ function parseHeader(json: Uint8Array, name: string, dataStart: number, dataLen:
     if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
       throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${k}': shape must be a list of non-negative integers, got ${clip(JSON.stringify(shape) ?? String(shape), 80)}`, name);
     }
+    if (shape.length > MAX_TENSOR_DIMS) throw new SparseMlaError('INVALID_SHAPE', `${name}: tensor '${k}': a shape of ${shape.length} dims, over the ${MAX_TENSOR_DIMS} a tensor may have`, name);
     const offs = e.data_offsets;
     if (!Array.isArray(offs) || offs.length !== 2 || !offs.every((o) => Number.isSafeInteger(o) && o >= 0) || offs[0] > offs[1] || offs[1] > dataLen) {
       garbled(name, `tensor '${k}': data_offsets ${clip(JSON.stringify(offs) ?? String(offs), 60)} outside the ${dataLen} data bytes`);

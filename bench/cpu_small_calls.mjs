@@ -2,9 +2,9 @@
 // settling costs show): a 64-token dequant and a 4-query sparsePrefill, each awaited before the
 // next. Compare two builds by pointing SPARSE_MLA_DIST at another dist/ (alternate the runs).
 //   node bench/cpu_small_calls.mjs [calls=2000]
-import { pathToFileURL } from 'node:url';
+import { benchDist, median } from './lib.mjs';
 
-const dist = process.env.SPARSE_MLA_DIST ? pathToFileURL(`${process.env.SPARSE_MLA_DIST}/`).href : new URL('../dist/', import.meta.url).href;
+const dist = benchDist();
 const { createEngine, createKvCache, tensor } = await import(`${dist}index.js`);
 const { makeRng, randomBf16Bits, randomIndices } = await import(`${dist}check/grid.js`);
 const [count = 2000] = process.argv.slice(2).map(Number);
@@ -21,7 +21,6 @@ const prefill = {
   indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, 0, 0, [])),
   smScale: 0.05,
 };
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 const perCall = async (f) => {
   for (let i = 0; i < 200; i++) await f(); // warm-up
   const t = [];

@@ -4,6 +4,7 @@
 // Usage: node bench/cpu_vs_wasm.mjs [threads=cores] [queries=256] [rounds=7]
 import os from 'node:os';
 import { createEngine, tensor } from '../dist/index.js';
+import { median } from './lib.mjs';
 
 const threads = Number(process.argv[2] ?? os.availableParallelism());
 const sQ = Number(process.argv[3] ?? 256);
@@ -31,7 +32,6 @@ for (let r = 0; r < rounds; r++) {
     times[name].push((performance.now() - t0) / 1000);
   }
 }
-const median = (a) => [...a].sort((x, y) => x - y)[a.length >> 1];
 const m = { cpu: median(times.cpu), wasm: median(times.wasm) };
 console.log(`sparsePrefill sQ=${sQ} hQ=${hQ} dQK=${dQK} topk=${topk}, ${threads} thread(s) each, median of ${rounds} interleaved runs, load ${os.loadavg()[0].toFixed(2)}`);
 for (const k of ['cpu', 'wasm']) console.log(`  ${k.padEnd(4)} ${(m[k] * 1000).toFixed(0).padStart(6)} ms  ${(flop / m[k] / 1e9).toFixed(1).padStart(6)} GFLOP/s  (runs: ${times[k].map((t) => (t * 1000).toFixed(0)).join(' ')})`);

@@ -10,15 +10,11 @@
 // Prints one JSON line: per build the median bytes and ms per layer, and B/A ratios of the medians
 // and the median of the per-round ratios.
 import { performance } from 'node:perf_hooks';
+import { median } from './lib.mjs';
 
 const [distA, distB, backend, nqArg, hQArg, roundsArg, pathArg = 'sparse', windowArg] = process.argv.slice(2);
 const nq = Number(nqArg), hQ = Number(hQArg), rounds = Number(roundsArg);
 if (typeof globalThis.gc !== 'function') throw new Error('run with --expose-gc');
-
-const median = (xs) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
-};
 
 async function build(dist) {
   const lib = await import(`${dist}/index.js`);

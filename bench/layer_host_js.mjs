@@ -11,6 +11,7 @@
 //   ops        the op calls a layer made
 //   node bench/layer_host_js.mjs            (LAYER_N=4096,32768  REPEAT=2000  IDLE_MS=1  LAYER_DIST=/abs/dist)
 import { performance } from 'node:perf_hooks';
+import { median } from './lib.mjs';
 import { stubCudaEngine } from './stub_cuda_engine.mjs';
 // LAYER_DIST: another build's dist/ to time (an absolute path; default this checkout's)
 const dist = process.env.LAYER_DIST ?? new URL('../dist', import.meta.url).pathname;
@@ -19,7 +20,6 @@ const REPEAT = Number(process.env.REPEAT ?? 2000), WARMUP = Math.min(500, REPEAT
 const HQ = 64, TOPK = 512;
 // the thread idles this long before each layer, as it does waiting for the previous layer's device work
 const IDLE_MS = Number(process.env.IDLE_MS ?? 0);
-const med = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 let opCalls = 0, firstOpAt = NaN;
 const { engine, prefillLayer, c4Layer } = await stubCudaEngine(dist, (t) => {
@@ -42,5 +42,5 @@ for (const N of SIZES) {
     opsPerLayer = opCalls;
   }
   const us = (x) => (x * 1000).toFixed(1);
-  console.log(`N = ${N}: first op ${us(med(first))} µs, resolved ${us(med(resolved))} µs (medians of ${REPEAT}); ${opsPerLayer} op calls a layer`);
+  console.log(`N = ${N}: first op ${us(median(first))} µs, resolved ${us(median(resolved))} µs (medians of ${REPEAT}); ${opsPerLayer} op calls a layer`);
 }

@@ -26,11 +26,11 @@ import { writeFileSync } from 'node:fs';
 import { loadavg } from 'node:os';
 import { createEngine, createPlan, prefillLayer, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import { randomV4Cache } from './device_inputs.mjs';
+import { median, takeOption } from './lib.mjs';
 import { chooseThresholds } from './router_threshold.mjs';
 
 const args = process.argv.slice(2);
-const outAt = args.indexOf('--out');
-const outFile = outAt >= 0 ? args.splice(outAt, 2)[1] : undefined;
+const outFile = takeOption(args, '--out');
 let seed = 0x1234567;
 const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
 const engine = await createEngine({ backend: process.env.SPARSE_MLA_BACKEND ?? 'cuda' });
@@ -49,7 +49,6 @@ const output = onDevice ? 'device' : 'host';
 // DROPPED=later: c4 layers resolve once queued, their dropped totals read later (prefillLayer's { dropped })
 const layerOptions = env.DROPPED ? { output, dropped: env.DROPPED } : { output };
 const free = (t) => (onDevice ? t.data.free() : undefined);
-const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 /**
  * A v4 cache (P 64) of at least `tokens` tokens: random rows quantized once, on this engine's memory;

@@ -22,6 +22,7 @@ import { engineBackend } from '../dist/engine.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { makeRng } from '../dist/check/grid.js';
 import { deviceInputs } from './device_inputs.mjs';
+import { freshC4Chunk, median } from './lib.mjs';
 import { checkPlacedTensor, checkQuery } from '../dist/ops/common.js';
 import { routePrefill } from '../dist/planner/router.js';
 import { LayerResources, Plan } from '../dist/planner/plan.js';
@@ -29,7 +30,6 @@ import { LayerResources, Plan } from '../dist/planner/plan.js';
 const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);
 const JIT_WARMUP = Number(process.env.PROBE_JIT_WARMUP ?? 300);
-const med = (xs) => (xs.length ? [...xs].sort((a, b) => a - b)[xs.length >> 1] : NaN);
 const ms = (x) => (Number.isFinite(x) ? x.toFixed(3) : String(x));
 const us = (x) => (Number.isFinite(x) ? String(Math.round(x * 1000)).padStart(6) : '     -');
 
@@ -75,10 +75,10 @@ async function kernels(name, fn) {
   }
   const n = runs[0].length;
   if (n === 0) return void console.log(`  ${name} kernels: none timed`);
-  const dur = Array.from({ length: n }, (_, k) => med(runs.map((r) => r[k][1] - r[k][0])));
-  const start = Array.from({ length: n }, (_, k) => med(runs.map((r) => r[k][0])));
-  const sum = med(runs.map((r) => r.reduce((a, [b, e]) => a + e - b, 0)));
-  const span = med(runs.map((r) => r[n - 1][1] - r[0][0]));
+  const dur = Array.from({ length: n }, (_, k) => median(runs.map((r) => r[k][1] - r[k][0])));
+  const start = Array.from({ length: n }, (_, k) => median(runs.map((r) => r[k][0])));
+  const sum = median(runs.map((r) => r.reduce((a, [b, e]) => a + e - b, 0)));
+  const span = median(runs.map((r) => r[n - 1][1] - r[0][0]));
   console.log(`  ${name} kernels: sum ${ms(sum)} ms, span ${ms(span)} ms; launches (ms @ start): ${dur.map((d, k) => `${ms(d)} @ ${ms(start[k])}`).join(', ')}`);
   return sum;
 }
@@ -97,8 +97,8 @@ async function wall(name, fn, kernelSum, spinMs = 0) {
     const t2 = performance.now();
     if (i >= WARMUP) total.push(t2 - t0), call.push(t1 - t0);
   }
-  const w = med(total);
-  console.log(`  ${name} wall: ${ms(w)} ms (call resolved at ${ms(med(call))} ms)${kernelSum ? `; ${(w / kernelSum).toFixed(3)}x the kernels, gap ${ms(w - kernelSum)} ms` : ''}`);
+  const w = median(total);
+  console.log(`  ${name} wall: ${ms(w)} ms (call resolved at ${ms(median(call))} ms)${kernelSum ? `; ${(w / kernelSum).toFixed(3)}x the kernels, gap ${ms(w - kernelSum)} ms` : ''}`);
 }
 
 /** fn behind ~1 ms of device copies (the host gets ahead): the device time of fn with host latency hidden. */
@@ -119,7 +119,7 @@ async function queued(name, fn) {
     await engine.synchronize();
     if (i >= WARMUP) both.push(performance.now() - t0), enq.push(t1 - t0);
   }
-  console.log(`  ${name} queued: device ${ms(med(both) - med(alone))} ms (blocker ${ms(med(alone))} ms, blocker + call resolved at ${ms(med(enq))} ms)`);
+  console.log(`  ${name} queued: device ${ms(median(both) - median(alone))} ms (blocker ${ms(median(alone))} ms, blocker + call resolved at ${ms(median(enq))} ms)`);
 }
 
 /** fn's native calls, medians over REPEAT runs after WARMUP: when JS made each (µs from the call), when it returned, when its promise settled. */
@@ -193,8 +193,8 @@ async function trace(name, fn) {
     for (const program of programs) delete program.run;
   }
   // runs may log different numbers of steps (a kept buffer, a settled download): each step's median over the runs that have it
-  const at = (k, f) => med(runs.filter((r) => r.log[k]?.op === runs[0].log[k].op).map((r) => r.log[k][f] - r.t0).filter(Number.isFinite));
-  console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(med(runs.map((r) => r.resolved)))}, synchronized ${us(med(runs.map((r) => r.synced)))}`);
+  const at = (k, f) => median(runs.filter((r) => r.log[k]?.op === runs[0].log[k].op).map((r) => r.log[k][f] - r.t0).filter(Number.isFinite));
+  console.log(`  ${name} trace (µs from the call: called / returned / settled): resolved ${us(median(runs.map((r) => r.resolved)))}, synchronized ${us(median(runs.map((r) => r.synced)))}`);
   runs[0].log.forEach((e, k) => console.log(`    ${e.op.padEnd(24)} ${us(at(k, 'call'))} ${us(at(k, 'ret'))} ${us(at(k, 'settle'))}`));
 }
 
@@ -202,13 +202,9 @@ async function trace(name, fn) {
 let currentPlan;
 for (const N of SIZES) {
   const t = performance.now();
-  const nComp = N / 4;
-  const plan = createPlan({
-    requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
-    c4PageSize: 64,
-  });
+  const plan = createPlan(freshC4Chunk(N));
   currentPlan = plan;
-  const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
+  const swa = await deviceCache(N / 64), c4 = await deviceCache(N / 4 / 64);
   const q = await randomDevice([N, HQ, 512]);
   const sinkValues = Float32Array.from({ length: HQ }, () => rng.normal());
   const hostSink = tensor('float32', [HQ], sinkValues);
@@ -267,7 +263,7 @@ for (const N of SIZES) {
         await engine.synchronize();
         idle.push(performance.now() - t0);
       }
-      console.log(`  synchronize of an idle stream: ${ms(med(idle))} ms`);
+      console.log(`  synchronize of an idle stream: ${ms(median(idle))} ms`);
       await variant('alloc', async () => {
         const a = [];
         for (let i = 0; i < 20; i++) {
@@ -276,7 +272,7 @@ for (const N of SIZES) {
           a.push(performance.now() - t0);
           for (const b of bufs) b.free();
         }
-        console.log(`  allocating a layer's outputs and rows (6 buffers, ${ms((N * HQ * 1032 + N * width * 4) / MiB)} MiB): ${ms(med(a))} ms host`);
+        console.log(`  allocating a layer's outputs and rows (6 buffers, ${ms((N * HQ * 1032 + N * width * 4) / MiB)} MiB): ${ms(median(a))} ms host`);
       });
       const planRows = async () => {
         const r = await be.planRows(rowsJob, 'device', null, 'device');
@@ -310,7 +306,7 @@ for (const N of SIZES) {
           w.push(performance.now() - t0);
         }
         await engine.synchronize();
-        console.log(`  host cost of ${name}: ${us(med(t))} µs a call (${us(med(w))} µs right after a wait for the device)`);
+        console.log(`  host cost of ${name}: ${us(median(t))} µs a call (${us(median(w))} µs right after a wait for the device)`);
       };
       await variant('host costs', async () => {
         const rowsBytes = N * width * 4;

@@ -7,6 +7,7 @@
 // Usage (dist built): node bench/paged_gather_costs.mjs [MS per measurement, default 300]
 import { loadavg } from 'node:os';
 import { gatherCompact, planPagedRead, remapIndices } from '../dist/backends/paged_gather.js';
+import { median } from './lib.mjs';
 
 const MS = Number(process.argv[2] ?? 300);
 let seed = 0x2468ace;
@@ -25,7 +26,7 @@ const time = (f) => {
     while (performance.now() - t0 < MS / 7) { f(); reps++; }
     ms.push((performance.now() - t0) / reps);
   }
-  return ms.sort((a, b) => a - b)[3];
+  return median(ms);
 };
 const into = new Uint8Array(data.length);
 const whole = time(() => into.set(data));

@@ -5,11 +5,11 @@
 // Compare two builds by pointing SPARSE_MLA_DIST at another dist/ (alternate the runs).
 //   node bench/pool_readfile.mjs [calls=40] [sQ=32] [workers=0]
 import { readFile } from 'node:fs/promises';
-import { pathToFileURL } from 'node:url';
-import { sharedPrefillArgs } from './shared_prefill_args.mjs';
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
+import { benchDist } from './lib.mjs';
+import { sharedPrefillArgs } from './shared_prefill_args.mjs';
 
-const dist = process.env.SPARSE_MLA_DIST ? pathToFileURL(`${process.env.SPARSE_MLA_DIST}/`).href : new URL('../dist/', import.meta.url).href;
+const dist = benchDist();
 const { createEngine } = await import(`${dist}index.js`);
 const [count = 40, sQ = 32, workers = 0] = isMainThread ? process.argv.slice(2).map(Number) : [workerData.count, workerData.sQ, 0];
 const settled = isMainThread ? new Int32Array(new SharedArrayBuffer(4)) : workerData.settled;

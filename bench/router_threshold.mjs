@@ -7,6 +7,7 @@
 // Prints each ratio's choice, every candidate's worst loss, and the merged ratios as a markdown table.
 import { readFileSync, writeFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
+import { takeOption } from './lib.mjs';
 
 /** A point's paged / sparse ratio: the median of its rounds' paired ratios where the run kept it. */
 const ratioOf = (x) => x.paged_over_sparse_paired ?? x.paged_over_sparse;
@@ -65,8 +66,7 @@ export function ratioTable(points) {
 
 if (process.argv[1] === fileURLToPath(import.meta.url)) {
   const args = process.argv.slice(2);
-  const outAt = args.indexOf('--out');
-  const outFile = outAt >= 0 ? args.splice(outAt, 2)[1] : undefined;
+  const outFile = takeOption(args, '--out');
   if (args.length === 0) throw new Error('usage: node bench/router_threshold.mjs RUN.json [RUN2.json …] [--out MERGED.json]');
   const runs = args.map((f) => JSON.parse(readFileSync(f, 'utf8')));
   const backends = new Set(runs.map((r) => r.backend));

@@ -6,9 +6,10 @@
 // copies still referenced at the end, plus outputs) and its wall time. One fresh request of nq
 // tokens, ratio 0, window 8 (a small attention beside the copies). Run with --expose-gc.
 //   node --expose-gc bench/sharded_call_copies.mjs <distA> <distB> <backend> <nq> <hQ> <rounds>
+import { median } from './lib.mjs';
+
 const [distA, distB, backend, nqArg, hQArg, roundsArg] = process.argv.slice(2);
 const nq = Number(nqArg), hQ = Number(hQArg), rounds = Number(roundsArg);
-const median = (xs) => { const s = [...xs].sort((a, b) => a - b); return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2; };
 async function build(dist) {
   const lib = await import(`${dist}/index.js`);
   const engines = [await lib.createEngine({ backend, workers: 1 }), await lib.createEngine({ backend, workers: 1 })];

@@ -7,6 +7,7 @@
 //   performance.now() at every op call. Returns { engine, backend, prefillLayer, c4Layer(N, hQ, topk) },
 //   c4Layer giving the layer bench's operands: one fresh request, device q / caches / top-k / sink.
 import { performance } from 'node:perf_hooks';
+import { freshC4Chunk } from './lib.mjs';
 
 export async function stubCudaEngine(dist, onOp = () => {}) {
   const { createPlan, prefillLayer } = await import(`${dist}/index.js`);
@@ -81,15 +82,10 @@ export async function stubCudaEngine(dist, onOp = () => {}) {
   const deviceTensor = (dtype, shape, bytes) => ({ dtype, shape, data: backend.alloc(bytes) });
   const deviceCache = (pages) => ({ format: 'v4', pageSize: 64, numPages: pages, data: backend.alloc(v4PageBytes(64) * pages) });
   const c4Layer = (N, hQ, topk) => {
-    const nComp = N / 4;
-    const plan = createPlan({
-      requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }],
-      c4PageSize: 64,
-    });
     return {
-      plan,
+      plan: createPlan(freshC4Chunk(N)),
       q: deviceTensor('bf16', [N, hQ, 512], N * hQ * 512 * 2),
-      caches: { swa: deviceCache(N / 64), c4: deviceCache(nComp / 64) },
+      caches: { swa: deviceCache(N / 64), c4: deviceCache(N / 4 / 64) },
       topkIndices: deviceTensor('int32', [N, topk], N * topk * 4),
       attnSink: deviceTensor('float32', [hQ], hQ * 4),
     };

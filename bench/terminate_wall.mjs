@@ -4,10 +4,10 @@
 // (alternate the runs).
 //   node bench/terminate_wall.mjs [calls=12] [rounds=5] [sQ=32]
 import { Worker, isMainThread, parentPort, workerData } from 'node:worker_threads';
-import { pathToFileURL } from 'node:url';
+import { benchDist, median } from './lib.mjs';
 import { sharedPrefillArgs } from './shared_prefill_args.mjs';
 
-const dist = process.env.SPARSE_MLA_DIST ? pathToFileURL(`${process.env.SPARSE_MLA_DIST}/`).href : new URL('../dist/', import.meta.url).href;
+const dist = benchDist();
 
 if (!isMainThread) {
   const { createEngine } = await import(`${dist}index.js`);
@@ -37,6 +37,5 @@ if (!isMainThread) {
     await w.terminate();
     results.push({ terminateMs: +(performance.now() - t0).toFixed(1), oneCallMs: +oneCallMs.toFixed(1), finishedFirst: finished });
   }
-  const sorted = results.map((x) => x.terminateMs).sort((a, b) => a - b);
-  console.log(JSON.stringify({ calls, sQ, medianTerminateMs: sorted[Math.floor(sorted.length / 2)], rounds: results }));
+  console.log(JSON.stringify({ calls, sQ, medianTerminateMs: median(results.map((x) => x.terminateMs)), rounds: results }));
 }

@@ -8,6 +8,7 @@ import { readFileSync } from 'node:fs';
 import { fileURLToPath } from 'node:url';
 import { cFunctionName, fieldsOf } from '../dist/backends/abi.js';
 import { V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, v4PageBytes } from '../dist/kv_cache_layout.js';
+import { median } from './lib.mjs';
 
 const args = Object.fromEntries(
   process.argv.slice(2).reduce((acc, a, i, all) => (a.startsWith('--') ? [...acc, [a.slice(2), all[i + 1]]] : acc), []),
@@ -45,7 +46,6 @@ function call(op, values) {
   e.smla_free(p);
   if (st !== 0) throw new Error(`${cFunctionName(op)} returned ${st}`);
 }
-const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 
 // ---- sparse prefill
 const pq = alloc(sQ * hQ * dQK * 2), pkv = alloc(sKV * dQK * 2), pidx = alloc(sQ * topk * 4);

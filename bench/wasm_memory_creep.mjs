@@ -18,6 +18,7 @@ import { createEngine } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { makeRng } from '../dist/check/grid.js';
 import { mixedWorkload } from '../test/children/mixed_calls.mjs';
+import { median } from './lib.mjs';
 
 const { values: o } = parseArgs({
   options: {
@@ -118,7 +119,6 @@ for (let round = 0; round < rounds; round++) {
 }
 await engine.dispose();
 
-const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 /** Median slope between every two values (pairs subsampled to stay cheap on long runs). */
 function growthPerRound(xs) {
   const slopes = [];

@@ -2,8 +2,8 @@
 // the best backend this machine has; the outputs judged against the float64 reference with the
 // SPEC §4 bounds (exit 1 if any is outside them).
 //   node examples/quick_start.mjs            (SPARSE_MLA_BACKEND=wasm|cpu|cuda to pick one)
-import { createEngine, createKvCache, tensor, toBf16, bf16ToFloat32 } from 'sparse-mla';
-import { compareAttention, sparsePrefillReference } from 'sparse-mla/reference';
+import { createEngine, createKvCache, tensor, toBf16 } from 'sparse-mla';
+import { attentionValues, compareAttention, sparsePrefillReference } from 'sparse-mla/reference';
 
 const engine = await createEngine(); // auto: cuda, then cpu, then wasm
 console.log(`backend: ${engine.backend}`);
@@ -27,12 +27,13 @@ const args = {
   smScale: 1 / Math.sqrt(512),
   attnSink: tensor('float32', [hQ], new Float32Array(hQ).fill(0.5)),
 };
-const { out, lse, maxLogits } = await engine.sparsePrefill(args);
+const result = await engine.sparsePrefill(args);
+const { out, lse, maxLogits } = result;
 console.log(`out ${out.dtype} [${out.shape}], lse ${lse.dtype} [${lse.shape}], maxLogits ${maxLogits.dtype} [${maxLogits.shape}]`);
 
 // 4. Every output against the float64 reference, with SPEC §4's bounds (pass: worst error/bound <= 1).
 const ref = sparsePrefillReference(args);
-const verdict = compareAttention({ out: bf16ToFloat32(out).data, lse: lse.data, maxLogits: maxLogits.data }, ref, { heads: hQ, dV: 512 });
+const verdict = compareAttention(attentionValues(result), ref, { heads: hQ, dV: 512 });
 console.log(`worst error/bound: out ${verdict.out.worstRatio.toFixed(3)}, lse ${verdict.lse.worstRatio.toFixed(3)}, maxLogits ${verdict.maxLogits.worstRatio.toFixed(3)}`);
 console.log(verdict.pass ? 'PASS: within the SPEC §4 bounds' : 'FAIL: outside the SPEC §4 bounds');
 if (!verdict.pass) process.exitCode = 1;

@@ -293,7 +293,7 @@ describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)
     }
   });
 
-  test('kept by keepPeekedForm (a layer whose check peeked runs with it): the peeked arrays themselves, the plan keeping and counting them as combinedRows / combineC4 and pagedForm would, once; a peek is kept at most once', async () => {
+  test('kept by layerPagedForm (a layer whose check peeked runs with it): the peeked arrays themselves, the plan keeping and counting them as combinedRows / combineC4 and pagedForm would, once; a peek is kept at most once', async () => {
     const sc = randomScenario(rng, [rng.int(300, 900), rng.int(20, 200)], [rng.int(5, 40), rng.int(1, 20)]);
     const topk = randomTopk(rng, sc, rng.int(16, 96));
     for (const ratio of [0, 4, 128] as const) {
@@ -302,27 +302,32 @@ describe("the paged form a paged layer's budget check reads (Plan.peekPagedForm)
       const rows = ratio === 4 ? usual.combineC4(topk) : usual.combinedRows(ratio);
       const form = usual.pagedForm(rows);
       const peeked = peeking.peekPagedForm(ratio, ratio === 4 ? peeking.checkTopk(topk, false) : undefined);
-      let kept!: ReturnType<Plan['keepPeekedForm']>;
-      const calls = await plannerCalls(async () => (kept = peeking.keepPeekedForm(peeked)));
+      let kept!: ReturnType<Plan['layerPagedForm']>;
+      const calls = await plannerCalls(async () => (kept = peeking.layerPagedForm(ratio, undefined, peeked)));
       expect(calls, `c${ratio}: keeping built nothing again`).toEqual({ combineTopk: 0, denseRows: 0, compressedTokenIds: 0, pagedForm: 0 });
       expect(kept.form.main.data, `c${ratio}`).toBe(peeked.main);
       expect(kept.form.mainLengths.data, `c${ratio}`).toBe(peeked.mainLengths);
       if (peeked.extra) expect([kept.form.extra!.data, kept.form.extraLengths!.data], `c${ratio}`).toEqual([peeked.extra, peeked.extraLengths]);
       expect(kept.form.extra?.data, `c${ratio}`).toBe(peeked.extra);
-      // the same rows, form and counts as the usual way
-      expect([kept.rows.width, kept.rows.dropped, Array.from(kept.rows.indices.data), Array.from(kept.rows.lengths.data)], `c${ratio}`).toEqual([rows.width, rows.dropped, Array.from(rows.indices.data), Array.from(rows.lengths.data)]);
+      // the same form, dropped count and counts as the usual way
+      expect(kept.dropped, `c${ratio}`).toBe(rows.dropped);
       expect([form.main, form.mainLengths, form.extra, form.extraLengths].map((t) => t && [t.shape, Array.from(t.data)]), `c${ratio}`).toEqual(
         [kept.form.main, kept.form.mainLengths, kept.form.extra, kept.form.extraLengths].map((t) => t && [t.shape, Array.from(t.data)]),
       );
       expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
-      // the plan keeps them: pagedForm of the kept rows reads them, building and counting nothing
-      // (it hands out copies of them: a caller's writes must not reach what later layers read)
-      const handed = peeking.pagedForm(kept.rows);
-      expect(handed.main.data).not.toBe(peeked.main);
-      expect(Array.from(handed.main.data), `c${ratio}`).toEqual(Array.from(peeked.main));
+      // the plan keeps them: a later c0 / c128 layer's form is the kept one, building and counting
+      // nothing; a c4 layer's main set is kept (its extra set is its top-k's, combined per layer)
+      if (ratio !== 4) {
+        let later!: ReturnType<Plan['layerPagedForm']>;
+        expect(await plannerCalls(async () => (later = peeking.layerPagedForm(ratio, undefined, undefined))), `c${ratio}: a later layer built nothing`).toEqual({ combineTopk: 0, denseRows: 0, compressedTokenIds: 0, pagedForm: 0 });
+        expect(later.form.main.data, `c${ratio}`).toBe(peeked.main);
+        expect(later.form.extra?.data, `c${ratio}`).toBe(peeked.extra);
+      } else {
+        expect(peeking.peekPagedForm(4, peeking.checkTopk(topk, false)).main, 'c4: the main set kept').toBe(peeked.main);
+      }
       expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
       // a peek is kept once (a second keep would count its build again)
-      const e = await errorOf(() => peeking.keepPeekedForm(peeked));
+      const e = await errorOf(() => peeking.layerPagedForm(ratio, undefined, peeked));
       expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'INVALID_VALUE', argument: 'peeked' });
       expect(peeking.stats, `c${ratio}`).toEqual(usual.stats);
     }

@@ -436,7 +436,7 @@ export interface PeekedPagedForm {
   readonly extraLengths?: Int32Array;
   /** 0 when there is no extra set */
   readonly extraWidth: number;
-  /** what the peek built that the plan did not keep (keepPeekedForm's) */
+  /** what the peek built that the plan did not keep (layerPagedForm keeps it) */
   readonly built: PeekBuilt;
 }
 
@@ -927,7 +927,7 @@ export class Plan {
    * (pagedForm, peekPagedForm, its layers) reads these, whatever a caller did to the copies.
    */
   readonly #madeRows = new WeakMap<CombinedRows, LayerRows>();
-  /** What this plan's peeks built and no keepPeekedForm has kept yet (each is kept at most once). */
+  /** What this plan's peeks built and no layerPagedForm has kept yet (each is kept at most once). */
   readonly #peeks = new WeakSet<PeekBuilt>();
 
   constructor(chunk: PlanChunk, options: PlanOptions) {
@@ -1435,24 +1435,16 @@ export class Plan {
   }
 
   /**
-   * @internal The rows and paged form of a layer whose budget check peeked them (peekPagedForm),
-   * kept and counted as combinedRows / combineC4 and pagedForm would keep and count them, from what
-   * the peek built (what the plan has kept since wins, as in those). Each peek is kept at most once.
-   * The form is the plan's own, as a layer runs with it (layerPagedForm keeps a peek the same way,
-   * without copying the rows); the rows are copies, as combinedRows / combineC4 hand out.
+   * A layer's peek kept (layerPagedForm): the rows and paged form its budget check peeked
+   * (peekPagedForm), kept and counted as combinedRows / combineC4 and pagedForm would keep and count
+   * them, from what the peek built (what the plan has kept since wins, as in those); the plan's own
+   * form, and the rows' dropped count. Each peek is kept at most once.
    */
-  keepPeekedForm(peeked: PeekedPagedForm): { rows: CombinedRows; form: PagedForm } {
-    const { made, form } = this.#keepPeeked(peeked);
-    const b = peeked.built;
-    return { rows: b.ratio === 4 ? this.#handOutC4(b.c4!.rows, b.c4!.topk, made) : this.#handOutDense(b.ratio, made), form };
-  }
-
-  /** keepPeekedForm's keeping: the plan's own rows of the peek and their paged form (its own), and the rows' dropped count. */
-  #keepPeeked(peeked: PeekedPagedForm): { made: LayerRows; form: PagedForm; dropped: number } {
+  #keepPeeked(peeked: PeekedPagedForm): { form: PagedForm; dropped: number } {
     const b = peeked.built;
     if (!this.#peeks.delete(b)) fail('INVALID_VALUE', 'peeked', 'a paged form this plan peeked and has not kept', describe(peeked));
     const made = b.ratio === 4 ? this.#countC4(b.c4!.rows, b.c4!.width) : this.#keepDenseRows(b.ratio, b.dense);
-    return { made, form: this.#keepPagedForm(b.ratio, b.c4?.topk, made, b), dropped: b.c4?.rows.droppedTotal ?? 0 };
+    return { form: this.#keepPagedForm(b.ratio, b.c4?.topk, made, b), dropped: b.c4?.rows.droppedTotal ?? 0 };
   }
 
   /**
@@ -1461,7 +1453,7 @@ export class Plan {
    * plan's own, so nothing is copied or compared; never handed to a caller. `dropped`: its rows'
    * dropped count. Ratio 0 / 128: the chunk-invariant rows; ratio 4: `topkIndices` (a host top-k)
    * combined now, checked and counted as combineC4 does; `peeked`: what the layer's budget check
-   * peeked, kept now as keepPeekedForm keeps it.
+   * peeked, kept now (#keepPeeked).
    */
   layerPagedForm(ratio: CompressRatio, topkIndices: Tensor<'int32'> | undefined, peeked: PeekedPagedForm | undefined): { form: PagedForm; dropped: number } {
     if (peeked !== undefined) return this.#keepPeeked(peeked);

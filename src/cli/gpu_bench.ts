@@ -195,6 +195,38 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   };
 
   /**
+   * Where a wall-clock run of fn (wallClock's: device idle, then the call) loses time, per run: from
+   * the end of a small timed copy queued at the run's start to the start of one queued after fn
+   * (fn's launches untimed), the device span of fn as the host feeds it (its wait for fn's first
+   * launch included), and the run's wall clock to the synchronize after the second copy. Against
+   * untimedSpans (the first launch hidden behind a flush) the span tells how long the device waited
+   * for the host's first launch; the wall clock beyond the span is the host seeing the device done.
+   */
+  const markA = be.alloc(4096), markB = be.alloc(4096);
+  const idleSpans = async (fn: () => Promise<void>, warmup = o.warmup, repeat = o.repeat): Promise<{ spans: number[]; walls: number[] }> => {
+    const spans: number[] = [], walls: number[] = [];
+    for (let i = 0; i < warmup + repeat; i++) {
+      await be.copyDevice(flushA, flushB);
+      await engine.synchronize();
+      be.takeKernelSpans();
+      const t0 = performance.now();
+      await be.copyDevice(markA, markB);
+      be.setTiming(false);
+      try {
+        await fn();
+      } finally {
+        be.setTiming(true);
+      }
+      await be.copyDevice(markA, markB);
+      await engine.synchronize();
+      const wall = performance.now() - t0;
+      const [before, after] = be.takeKernelSpans();
+      if (i >= warmup) spans.push(after![0] - before![1]), walls.push(wall);
+    }
+    return { spans, walls };
+  };
+
+  /**
    * fn's kernels' device time (events) and its wall clock (no events) in alternate runs, so both
    * see the same clock state: per run, L2 flushed before each. The ratio is the median of each
    * run's wall clock over the kernel time measured just before it: the prefill's large launches
@@ -419,6 +451,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // layers
       const cold = await kernelsAndWall(layer);
       const coldSpans = await untimedSpans(layer);
+      const coldIdle = await idleSpans(layer);
       await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
       const warm = await kernelsAndWall(layer);
       // where the device waits between the layer's launches (dequants, combine, prefill): each gap's
@@ -443,7 +476,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: cold.wallRuns,
         value: cold.ratio,
         unit: 'x',
-        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); from an idle device (a small timed copy before and after the layer; the layers after the cold runs): span ${median(coldIdle.spans).toFixed(3)} ms, so the device waits about ${((median(coldIdle.spans) - median(coldSpans)) * 1000).toFixed(1)} µs for the first launch, wall clock to the synchronize ${median(coldIdle.walls).toFixed(3)} ms (spans ${coldIdle.spans.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers`,
@@ -463,6 +496,8 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     if (want('multi')) multi = await multiDevice(engine, rng, o, say);
   } finally {
     flushA.free();
+    markA.free();
+    markB.free();
     flushB.free();
     await engine.dispose();
   }

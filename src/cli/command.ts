@@ -1,5 +1,6 @@
 /** One CLI subcommand, and how a command runs: its exit code, its errors as text or JSON. */
 import { readFileSync } from 'node:fs';
+import { availableParallelism, cpus, totalmem } from 'node:os';
 import { SparseMlaError, type ErrorCode } from '../errors.js';
 import type { BackendChoice, EngineOptions } from '../types.js';
 
@@ -18,6 +19,29 @@ export function packageVersion(): string {
   } catch {
     return 'unknown';
   }
+}
+
+/** The machine a report was made on, as `info` and `bench` report it. */
+export interface MachineFacts {
+  /** the first CPU's model */
+  cpu: string;
+  /** the cores this process may use */
+  cores: number;
+  /** total memory in GiB, to one decimal */
+  memoryGiB: number;
+  node: string;
+  /** platform-arch, e.g. linux-x64 */
+  platform: string;
+}
+
+export function machineFacts(): MachineFacts {
+  return {
+    cpu: cpus()[0]?.model?.trim() ?? 'unknown',
+    cores: availableParallelism(),
+    memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    node: process.version,
+    platform: `${process.platform}-${process.arch}`,
+  };
 }
 
 /** --backend's values: createEngine's backend choices. */

@@ -6,14 +6,14 @@
  * CPU figures are noisy: read the 1 → N ratio, not the absolute numbers alone.
  */
 import { execFileSync } from 'node:child_process';
-import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
+import { availableParallelism, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { tensor } from '../../tensor.js';
 import type { Engine, Tensor } from '../../types.js';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
-import { engineOptions, type CliCommand } from '../command.js';
+import { engineOptions, machineFacts, type CliCommand, type MachineFacts } from '../command.js';
 import { Progress } from '../progress.js';
 import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
 import { c4ChunkInputs, placeC4Chunk, shuffled, type C4ChunkInputs, type C4ChunkPlacement } from '../../check/chunks.js';
@@ -75,12 +75,7 @@ function gitCommit(): string | null {
   }
 }
 
-export interface MachineInfo {
-  cpu: string;
-  cores: number;
-  memoryGiB: number;
-  node: string;
-  platform: string;
+export interface MachineInfo extends MachineFacts {
   date: string;
   commit: string | null;
   /** 1-minute load average when the bench started: other work on the machine skews 1 → N ratios */
@@ -88,13 +83,8 @@ export interface MachineInfo {
 }
 
 export function machineInfo(): MachineInfo {
-  const cpuList = cpus();
   return {
-    cpu: cpuList[0]?.model?.trim() ?? 'unknown',
-    cores: availableParallelism(),
-    memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
-    node: process.version,
-    platform: `${process.platform}-${process.arch}`,
+    ...machineFacts(),
     date: new Date().toISOString(),
     commit: gitCommit(),
     loadAverage1m: Math.round(loadavg()[0]! * 100) / 100,

@@ -2,12 +2,12 @@
  * `sparse-mla info`: which backends this machine can run and, for each missing one, why (and how
  * to get it); the WASM pool's details; the machine (Node, cores, CPU).
  */
-import { availableParallelism, cpus, totalmem } from 'node:os';
+import { availableParallelism } from 'node:os';
 import { listBackends } from '../../index.js';
 import { loadNativeAddon, queryCudaDevices, type AddonOrigin, type CudaDeviceInfo, type InstallStatus } from '../../backends/native/binding.js';
 import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
-import { packageVersion, type CliCommand } from '../command.js';
+import { machineFacts, packageVersion, type CliCommand } from '../command.js';
 import { fitLines, formatTable, setReportWidth } from '../table.js';
 
 const OPTIONS = {
@@ -150,13 +150,14 @@ export async function infoCommand(argv: string[]): Promise<number> {
   const auto = byPriority.find((b) => b.available)?.name ?? null;
   const addon = addonReport();
   const cuda = cudaDevices();
+  const { node, platform, cpu, cores, memoryGiB } = machineFacts();
   const machine = {
-    node: process.version,
+    node,
     v8: process.versions.v8,
-    platform: `${process.platform}-${process.arch}`,
-    cpu: cpus()[0]?.model?.trim() ?? 'unknown',
-    cores: availableParallelism(),
-    memoryGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    platform,
+    cpu,
+    cores,
+    memoryGiB,
     wasmSimd128: wasmValidate(SIMD_PROBE),
     defaultWasmWorkers: availableParallelism(),
   };

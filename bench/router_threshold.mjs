@@ -2,7 +2,7 @@
 // The router's default threshold of each compress ratio from runs of bench/layer_paths_wall.mjs, by
 // the rule of SPARSE_PREFILL_THRESHOLDS (src/planner/router.ts). Several runs of one backend are
 // merged point by point (the geometric mean of their paired paged / sparse ratios) before the rule
-// reads them: a shared host's load moves single runs by ±15% and more.
+// reads them, so that the load on a shared host during one run does not decide a threshold.
 // Usage: node bench/router_threshold.mjs RUN.json [RUN2.json …] [--out MERGED.json]
 // Prints each ratio's choice, every candidate's worst loss, and the merged ratios as a markdown table.
 import { readFileSync, writeFileSync } from 'node:fs';

@@ -79,7 +79,7 @@ export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity
  * The choice between the whole cache and a compact one, in estimated main-thread nanoseconds of an
  * unloaded x86 core (bench/paged_gather_costs.mjs; bench/RESULTS.md, "The paged op over compact
  * caches"): copying a byte in bulk, planning and remapping one index entry, gathering one run (a
- * scattered token is a cache miss: one costs about as much as copying 2–6 KB in bulk).
+ * scattered token is a cache miss, far dearer than copying its bytes in bulk).
  */
 const COPY_NS_PER_BYTE = 0.12;
 const ENTRY_NS = 10;

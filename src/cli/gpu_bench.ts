@@ -195,17 +195,19 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
   };
 
   /**
-   * Where a wall-clock run of fn (wallClock's: device idle, then the call) loses time, per run: from
-   * the end of a small timed copy queued at the run's start to the start of one queued after fn
-   * (fn's launches untimed), the device span of fn as the host feeds it (its wait for fn's first
-   * launch included), and the run's wall clock to the synchronize after the second copy. Against
-   * untimedSpans (the first launch hidden behind a flush) the span tells how long the device waited
-   * for the host's first launch; the wall clock beyond the span is the host seeing the device done.
+   * How long the device waits for fn's first launch when the call starts on an idle device (as in
+   * wallClock's runs), per pair of runs: one as untimedSpans runs it (the first launch hidden behind
+   * a flush queued before it), then one from an idle device between two small timed copies (the
+   * span from the first's end to the second's start: fn's launches untimed, the wait for the host's
+   * first launch included). The pair's difference is the wait; `pastSpan` is how far the idle run's
+   * wall clock (to the synchronize after the second copy) runs past its span: the host seeing the
+   * device done.
    */
   const markA = be.alloc(4096), markB = be.alloc(4096);
-  const idleSpans = async (fn: () => Promise<void>, warmup = o.warmup, repeat = o.repeat): Promise<{ spans: number[]; walls: number[] }> => {
-    const spans: number[] = [], walls: number[] = [];
+  const firstLaunchWait = async (fn: () => Promise<void>, warmup = o.warmup, repeat = o.repeat): Promise<{ waitUs: number[]; pastSpanUs: number[] }> => {
+    const waitUs: number[] = [], pastSpanUs: number[] = [];
     for (let i = 0; i < warmup + repeat; i++) {
+      const [flushed] = await untimedSpans(fn, 0, 1);
       await be.copyDevice(flushA, flushB);
       await engine.synchronize();
       be.takeKernelSpans();
@@ -221,9 +223,10 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       await engine.synchronize();
       const wall = performance.now() - t0;
       const [before, after] = be.takeKernelSpans();
-      if (i >= warmup) spans.push(after![0] - before![1]), walls.push(wall);
+      const span = after![0] - before![1];
+      if (i >= warmup) waitUs.push((span - flushed!) * 1000), pastSpanUs.push((wall - span) * 1000);
     }
-    return { spans, walls };
+    return { waitUs, pastSpanUs };
   };
 
   /**
@@ -451,7 +454,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       // layers
       const cold = await kernelsAndWall(layer);
       const coldSpans = await untimedSpans(layer);
-      const coldIdle = await idleSpans(layer);
+      const coldWait = await firstLaunchWait(layer);
       await wallClock(layer, LAYER_JIT_WARMUP, 0); // untimed, no events
       const warm = await kernelsAndWall(layer);
       // where the device waits between the layer's launches (dequants, combine, prefill): each gap's
@@ -476,7 +479,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
         runs_ms: cold.wallRuns,
         value: cold.ratio,
         unit: 'x',
-        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); from an idle device (a small timed copy before and after the layer; the layers after the cold runs): span ${median(coldIdle.spans).toFixed(3)} ms, so the device waits about ${((median(coldIdle.spans) - median(coldSpans)) * 1000).toFixed(1)} µs for the first launch, wall clock to the synchronize ${median(coldIdle.walls).toFixed(3)} ms (spans ${coldIdle.spans.map((x) => x.toFixed(3)).join(' ')}); first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
+        note: `median of each run's wall clock (JS included) over its kernels' device time in the run before; kernels' median ${kernelMs.toFixed(3)} ms (${(prefillFlops(realEntries, hQ) / ms / 1e9).toFixed(1)} TFLOPS by wall clock); ${kernelNote(cold)}; gaps between its launches on the device ${gapsUs.join(' / ')} µs; its device span without per-launch events ${median(coldSpans).toFixed(3)} ms (runs ${coldSpans.map((x) => x.toFixed(3)).join(' ')}); the device's wait for the first launch from an idle device (the layers after the cold runs, pairs of runs) ${median(coldWait.waitUs).toFixed(1)} µs (${coldWait.waitUs.map((x) => x.toFixed(1)).join(' ')}), the wall clock past the device's span ${median(coldWait.pastSpanUs).toFixed(1)} µs; first layer ${firstMs.toFixed(2)} ms; deviceStats ${JSON.stringify(plan.deviceStats)}`,
       });
       say({
         name: `prefillLayer c4 ${N / 1024}K queries, after ${LAYER_JIT_WARMUP} more layers`,

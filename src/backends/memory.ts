@@ -51,7 +51,6 @@ export interface MemoryPart {
   bytes: number;
 }
 
-
 /** Throws TOO_LARGE when the parts add up to more than the budget. */
 export function checkCallMemory(op: string, argument: string, parts: readonly MemoryPart[], budgetBytes: number): void {
   const total = parts.reduce((a, p) => a + p.bytes, 0);

@@ -18,6 +18,8 @@
 //                                                  runs of each run's cold and warm medians, and A/B
 //                                                  pair by pair (median of the pairs' ratios)
 //   LAYER_DIST=/abs/dist   the build a single run times (default this checkout's dist/)
+//   LAYER_HOST_SINK=1      the sink a host float32 [hQ]: the device checks stop at it every layer and
+//                          the full checks take the call over (the fallback), the rest as above
 //   NODE_FLAGS="…"         extra node flags for the children of --vs
 import { performance } from 'node:perf_hooks';
 import { spawnSync } from 'node:child_process';
@@ -72,7 +74,8 @@ async function child() {
     if (Number.isNaN(firstOp)) firstOp = t;
     lastOp = t;
   });
-  const { plan, q, caches, topkIndices: topk, attnSink: sink } = c4Layer(N, HQ, TOPK);
+  const { plan, q, caches, topkIndices: topk, attnSink: deviceSink } = c4Layer(N, HQ, TOPK);
+  const sink = process.env.LAYER_HOST_SINK === '1' ? { dtype: 'float32', shape: [HQ], data: new Float32Array(HQ) } : deviceSink;
   const { swa, c4 } = caches;
   const flushA = backend.alloc(256), flushB = backend.alloc(256);
   // the bench's layer() as it calls it (a fresh args object per call)

@@ -17,7 +17,11 @@ import { CaseHooks, SentinelError, isDetachedBuffer, mutateArgs } from './mutate
 import { TARGETS } from './targets.mjs';
 import { DEVICE_TARGETS } from './device_targets.mjs';
 import { HOST_TARGETS } from './host_targets.mjs';
-import { SIDE_TARGETS, SIDE3_TARGETS } from './side_targets.mjs';
+import { SIDE_TARGETS, SIDE3_TARGETS as SIDE3_OWN } from './side_targets.mjs';
+import { DIR_TARGETS } from './dir_targets.mjs';
+
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs) and 55's (dir_targets.mjs), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -46,6 +50,10 @@ export const FINDING_KINDS = {
   // a call read a key no entry point takes (mutate.mjs oddObjects): it read the caller's whole object
   // (a spread, Object.entries), every getter of it again included
   'foreign-read': 'soft',
+  // dir_targets.mjs: a file handle on the case's folder still open after the call settled
+  'handle-leak': 'hard',
+  // dir_targets.mjs: a refusal of a hostile file whose message names neither the file nor its folder
+  'refusal-unnamed': 'soft',
 };
 
 export const CASE_TIMEOUT_MS = 30_000;
@@ -215,6 +223,9 @@ export async function runCase(env, seed, index, only) {
   return verdict;
 
   async function judgeCase() {
+  // what the call opened (dir_targets.mjs): closed once it settled
+  const open = built.leftOpen?.();
+  if (open) return finding('handle-leak', open);
 
   // what the call may not have written: every input, and a cache a refused call was given
   if (!dynamic) {
@@ -240,7 +251,10 @@ export async function runCase(env, seed, index, only) {
     if (process.env.FUZZ_STACK && !(error instanceof SparseMlaError)) console.error(error.stack); // FUZZ_STACK=1 with --case: where an untyped error came from
     if (!(error instanceof SparseMlaError) || !ERROR_CODES.includes(error.code)) return finding('untyped', errText(error));
     if (error.code === 'BACKEND_FAILURE' || error.code === 'WORKER_DIED') return finding('backend-error', errText(error));
-    if (neutral && !built.mayRefuse && !built.mustRefuse) return finding('neutral-refused', errText(error));
+    // a target that knows which refusals its case allows (dir_targets.mjs): [kind, detail] or null
+    const judged = built.judgeRefusal?.(error, { neutral });
+    if (judged) return finding(judged[0], judged[1]);
+    if (neutral && !built.mayRefuse && !built.mustRefuse && !built.judgeRefusal) return finding('neutral-refused', errText(error));
     if (stub && !dynamic && stub.reached > hooks.reachedAtCall) return finding('refused-after-work', `${stub.reached - hooks.reachedAtCall} op(s) reached before: ${errText(error)}`);
     // a writer's refusal leaves what it writes to as it was (side_targets.mjs fileWriters: no file)
     const left = built.afterRefusal?.();

@@ -418,7 +418,7 @@ function npyAsTensor(arr) {
 }
 
 /** Each decoded tensor against the one given under its name (`givenOf(name)`; undefined: not judged). */
-function judgeTensors(decoded, givenOf) {
+export function judgeTensors(decoded, givenOf) {
   for (const [k, t] of decoded) {
     let g, dtype, shape, data;
     try {
@@ -450,12 +450,15 @@ let lastSeed = 0;
 /** The first seed whose fileWriters cases draw writeSafetensorsFile and npyToTensor too. */
 const FILE_OPS_LATER_FROM_SEED = 92;
 
-function scratchDir() {
+export function scratchDir() {
   fileRoot ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-files-'));
   if (lastScratch) rmSync(lastScratch, { recursive: true, force: true });
   lastScratch = mkdtempSync(join(fileRoot, 'c'));
   return lastScratch;
 }
+
+/** A case's folder: a fresh one, or the last case's for the judge's rebuild of a neutral case (hooks of no stream). */
+export const caseScratch = (hooks) => (hooks.rng || !lastScratch ? scratchDir() : lastScratch);
 
 /** Every regular file under `dir` (relative paths, sorted); a folder that cannot be listed counts as none. */
 function filesUnder(dir) {
@@ -490,12 +493,12 @@ function filledTensor(rng, hooks, dtype, shape) {
 }
 
 /** A prefill's outputs of [sQ, hQ, dV] (out bf16 or float32). */
-function prefillOutputs(rng, hooks, sQ, hQ, dV) {
+export function prefillOutputs(rng, hooks, sQ, hQ, dV) {
   return { out: filledTensor(rng, hooks, rng.pick(['bf16', 'float32']), [sQ, hQ, dV]), lse: filledTensor(rng, hooks, 'float32', [sQ, hQ]), maxLogits: filledTensor(rng, hooks, 'float32', [sQ, hQ]) };
 }
 
 /** A prefill's inputs as writePrefillDir takes them (dQK small, dV given at most dQK). */
-function prefillInputs(rng, hooks) {
+export function prefillInputs(rng, hooks) {
   const sQ = rng.int(0, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16, 512]), sKV = rng.int(0, 6), topk = rng.int(0, 5);
   const args = {
     q: filledTensor(rng, hooks, 'bf16', [sQ, hQ, dQK]),
@@ -514,7 +517,7 @@ function prefillInputs(rng, hooks) {
 const pathIn = (scratch, given) => (typeof given === 'string' && !given.includes('\0') ? resolve(scratch, given) : null);
 
 /** Tensors read back by name against the ones given (judgeTensors); `given` read by the judge after the call (its getters restored). */
-function judgeFields(back, given, names) {
+export function judgeFields(back, given, names) {
   const decoded = new Map();
   for (const [field, got] of names.map((k) => [k, back[k]])) if (got !== undefined) decoded.set(field, got);
   for (const k of names) {

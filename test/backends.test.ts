@@ -4,7 +4,7 @@
  * that never throws because a backend is missing.
  */
 import { spawnSync } from 'node:child_process';
-import { cpSync, mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
+import { cpSync, mkdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -13,6 +13,7 @@ import { SparseMlaError, createEngine, listBackends } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const ENV = 'SPARSE_MLA_BACKEND';
 const savedEnv = process.env[ENV];
@@ -128,8 +129,9 @@ describe('a package whose WASM module is missing or broken', () => {
   const root = fileURLToPath(new URL('..', import.meta.url));
 
   /** A copy of the built package (dist, the addon locator, package.json) in a temp dir, with the given wasm/ contents. */
+  const packageDir = tempDirs('sparse-mla-pkg-');
   function packageCopy(wasm: Buffer | null): string {
-    const dir = mkdtempSync(join(os.tmpdir(), 'sparse-mla-pkg-'));
+    const dir = packageDir();
     cpSync(join(root, 'dist'), join(dir, 'dist'), { recursive: true });
     mkdirSync(join(dir, 'native'));
     cpSync(join(root, 'native', 'addon_locate.mjs'), join(dir, 'native', 'addon_locate.mjs'));

@@ -4,8 +4,7 @@
  * fail once perturbed beyond rounding: out scaled by 1.25 at its largest |element|, one lse moved
  * by 1e-3·max(1, |lse|), an out row swapped between two heads. Prints the worst ratios.
  */
-import { cp, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { cp } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, describe, expect, test } from 'vitest';
 import { tensor } from '../dist/index.js';
@@ -13,21 +12,20 @@ import * as R from '../dist/reference/index.js';
 import { writeNpyFile } from '../dist/io/index.js';
 import { verifyDirectory, type VerifyReport } from '../dist/cli/commands/verify.js';
 import { fixtureNames, loadFixture, type Fixture } from './helpers/fixtures.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const NAMES = fixtureNames();
-const dirs: string[] = [];
+const fixtureCopy = tempDirs('smla-fixture-');
 const measured: string[][] = [['fixture', 'out', 'lse', 'maxLogits', 'out 1-cos']];
 
 afterAll(async () => {
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
   const w = measured[0]!.map((_, c) => Math.max(...measured.map((r) => r[c]!.length)));
   console.log(`worst error/bound ratios of FlashMLA's outputs (verify):\n${measured.map((r) => r.map((x, c) => x.padEnd(w[c]!)).join('  ')).join('\n')}`);
 });
 
 /** A copy of the fixture directory with some outputs replaced. */
 async function perturbed(f: Fixture, outputs: { out?: Uint16Array; lse?: Float32Array }): Promise<string> {
-  const dir = await mkdtemp(join(tmpdir(), 'smla-fixture-'));
-  dirs.push(dir);
+  const dir = fixtureCopy();
   await cp(f.dir, dir, { recursive: true });
   if (outputs.out) await writeNpyFile(join(dir, 'out.npy'), tensor('bf16', f.outputs.out.shape, outputs.out));
   if (outputs.lse) await writeNpyFile(join(dir, 'lse.npy'), tensor('float32', f.outputs.lse.shape, outputs.lse));

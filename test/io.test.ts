@@ -1,8 +1,7 @@
 /** .npy, .safetensors and the prefill directory: round trips, byte-exact fixtures, typed errors. */
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { afterAll, describe, expect, test } from 'vitest';
+import { describe, expect, test } from 'vitest';
 import { tensor } from '../dist/index.js';
 import type { SparsePrefillArgs, Tensor } from '../dist/index.js';
 import {
@@ -18,17 +17,10 @@ import {
   writePrefillOutputs,
 } from '../dist/io/index.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const rng = testRng('io.test');
-const dirs: string[] = [];
-async function tempDir(): Promise<string> {
-  const d = await mkdtemp(join(tmpdir(), 'smla-io-'));
-  dirs.push(d);
-  return d;
-}
-afterAll(async () => {
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
-});
+const tempDir = tempDirs('smla-io-');
 
 const code = (c: string) => expect.objectContaining({ code: c });
 
@@ -254,6 +246,6 @@ describe('prefill directory', () => {
     await expectErr((d) => writeFile(join(d, 'max_logits.npy'), encodeNpy({ descr: '<i4', shape: [sQ, hQ], data: new Int32Array(sQ * hQ) })), 'INVALID_DTYPE', /max_logits\.npy/, true);
     await expectErr(async (d) => { await writeFile(join(d, 'a.safetensors'), encodeSafetensors({})); await writeFile(join(d, 'b.safetensors'), encodeSafetensors({})); }, 'INVALID_VALUE', /safetensors/);
     await expectErr(async (d) => { await rm(join(d, 'kv.npy')); await writeFile(join(d, 'x.safetensors'), 'garbage!garbage!'); }, 'INVALID_VALUE', /x\.safetensors/);
-    await expect(loadPrefillInputs(join(dirs[0]!, 'does-not-exist'))).rejects.toThrow(code('INVALID_VALUE'));
+    await expect(loadPrefillInputs(join(tempDir(), 'does-not-exist'))).rejects.toThrow(code('INVALID_VALUE'));
   });
 });

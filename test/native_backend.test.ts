@@ -6,7 +6,7 @@
  * and a process without the addon falling back with reasons. Skipped when the addon is not built.
  */
 import { spawnSync } from 'node:child_process';
-import { writeFileSync, mkdtempSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -18,6 +18,7 @@ import * as R from '../dist/reference/index.js';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, sampleRows, testRng } from './helpers/random.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const built = nativeAddonBuilt();
 if (!built) console.log(`[skip] native_backend.test: the addon is not built (${NATIVE_ADDON}); run \`npm run build:native\` with CMake and a C++ compiler`);
@@ -274,8 +275,9 @@ describe.skipIf(!built)('cpu backend (native addon)', () => {
 });
 
 describe('a process without the addon', () => {
+  const probeDir = tempDirs('sparse-mla-noaddon-');
   test('imports, reports why cpu and cuda are unavailable and how to get them, and runs on wasm under auto', () => {
-    const dir = mkdtempSync(join(os.tmpdir(), 'sparse-mla-noaddon-'));
+    const dir = probeDir();
     const script = join(dir, 'probe.mjs');
     const index = new URL('../dist/index.js', import.meta.url).href;
     writeFileSync(

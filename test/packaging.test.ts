@@ -7,23 +7,28 @@
  * is .ci/package_check.sh.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { beforeAll, describe, expect, test } from 'vitest';
 import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_TARGETS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
 import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const PREBUILT_LEVELS = PREBUILT_TARGETS['linux-x64'].levels;
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const V2 = LEVEL_FLAGS['x86-64-v2']!;
 const V3 = LEVEL_FLAGS['x86-64-v3']!;
+const prebuiltDir = tempDirs('sparse-mla-prebuilt-');
+const bareDir = tempDirs('sparse-mla-bare-');
+const packageDir = tempDirs('sparse-mla-pkg-');
+const pathDir = tempDirs('sparse-mla-path-');
 const cpuinfo = (flags: readonly string[]): string => `processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse sse2 ${flags.join(' ')}\n\nprocessor\t: 1\n`;
 
 /** A package root with prebuilds/<platform>/manifest.json listing the given levels (files optional). */
-function prebuiltRoot(levels: readonly string[], extra: Record<string, unknown> = {}, platform = 'linux-x64', root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-prebuilt-'))): string {
+function prebuiltRoot(levels: readonly string[], extra: Record<string, unknown> = {}, platform = 'linux-x64', root = prebuiltDir()): string {
   const dir = join(root, 'prebuilds', platform);
   mkdirSync(dir, { recursive: true });
   const simd = (level: string) => ({ 'x86-64-v3': 'AVX2+FMA', 'x86-64-v2': 'SSE2', 'armv8-a': 'NEON' })[level] ?? '?';
@@ -68,7 +73,7 @@ describe('prebuilt addon selection', () => {
   test('another platform, or a package without prebuilds, has none, and says so', () => {
     const arm = selectPrebuilt({ root: prebuiltRoot(PREBUILT_LEVELS), platform: 'linux', arch: 'arm64', cpuinfo: '' });
     expect(arm).toEqual({ ok: false, why: 'no prebuilt addon for linux-arm64 (the package carries linux-x64)' });
-    const bare = selectPrebuilt({ root: mkdtempSync(join(os.tmpdir(), 'sparse-mla-bare-')), platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
+    const bare = selectPrebuilt({ root: bareDir(), platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
     expect(bare).toEqual({ ok: false, why: 'this copy of the package carries no prebuilt addons' });
   });
 
@@ -110,7 +115,7 @@ describe('prebuilt addon selection', () => {
  * .git), its node_modules linked to this checkout's.
  */
 function packageCopy(options: { dist?: boolean } = {}): string {
-  const root = mkdtempSync(join(os.tmpdir(), 'sparse-mla-pkg-'));
+  const root = packageDir();
   mkdirSync(join(root, 'native'));
   for (const f of ['install.mjs', 'addon_locate.mjs', 'build_tools.mjs']) copyFileSync(join(ROOT, 'native', f), join(root, 'native', f));
   copyFileSync(join(ROOT, 'package.json'), join(root, 'package.json'));
@@ -122,7 +127,7 @@ function packageCopy(options: { dist?: boolean } = {}): string {
 
 /** A PATH directory holding node and the given stand-in tools (shell scripts). */
 function toolPath(tools: Record<string, string> = {}): string {
-  const dir = mkdtempSync(join(os.tmpdir(), 'sparse-mla-path-'));
+  const dir = pathDir();
   symlinkSync(process.execPath, join(dir, 'node'));
   for (const [name, script] of Object.entries(tools)) {
     writeFileSync(join(dir, name), `#!/bin/sh\n${script}\n`);
@@ -351,13 +356,14 @@ describe('the package as npm ships it, in a consumer project', () => {
   let files: string[] = [];
   let app = '';
   let pkg = '';
+  const consumerDir = tempDirs('sparse-mla consumer ü-');
   const tsc = join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc');
 
   beforeAll(() => {
     const r = spawnSync('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT, encoding: 'utf8', timeout: 120_000 });
     expect(r.status, r.stderr).toBe(0);
     files = (JSON.parse(r.stdout) as { files: { path: string }[] }[])[0]!.files.map((f) => f.path).sort();
-    app = mkdtempSync(join(os.tmpdir(), 'sparse-mla consumer ü-'));
+    app = consumerDir();
     pkg = join(app, 'node_modules', 'sparse-mla');
     for (const f of files) {
       mkdirSync(dirname(join(pkg, f)), { recursive: true });
@@ -369,9 +375,6 @@ describe('the package as npm ships it, in a consumer project', () => {
     symlinkSync('../sparse-mla/dist/cli/main.js', join(app, 'node_modules', '.bin', 'sparse-mla'));
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'consumer', private: true, type: 'module' }));
   }, 120_000);
-  afterAll(() => {
-    if (app) rmSync(app, { recursive: true, force: true });
-  });
 
   test('it carries what a user runs and reads, and nothing of the development tree', () => {
     const manifest = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as {

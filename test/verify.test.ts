@@ -4,7 +4,7 @@
  * exits 2 on bad input; .npy and .safetensors directories. Also the reference worker pool.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -19,15 +19,11 @@ import { runCliCommand } from '../dist/cli/command.js';
 import { command as prefill } from '../dist/cli/commands/prefill.js';
 import { refusal } from './helpers/errors.js';
 import { randomPrefillArgs, testRng } from './helpers/random.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const rng = testRng('verify.test');
 const MAIN = fileURLToPath(new URL('../dist/cli/main.js', import.meta.url));
-const dirs: string[] = [];
-async function tempDir(): Promise<string> {
-  const d = await mkdtemp(join(tmpdir(), 'smla-verify-'));
-  dirs.push(d);
-  return d;
-}
+const tempDir = tempDirs('smla-verify-');
 
 let engine: Engine;
 const sQ = 24, hQ = 16, dQK = 576, sKV = 400, topk = 128;
@@ -50,7 +46,6 @@ beforeAll(async () => {
 }, 60_000);
 afterAll(async () => {
   await engine?.dispose();
-  for (const d of dirs) await rm(d, { recursive: true, force: true });
 });
 
 /** Run a CLI command in-process as main.ts runs it (errors become exit codes), capturing stdout and stderr. */

@@ -6,8 +6,7 @@
  * the workers (the process exits) and later calls reject with DISPOSED.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdtempSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -19,6 +18,7 @@ import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import { startRetryDelayMs } from '../dist/backends/wasm/pool.js';
 import { randomBf16Bits, randomIndices, randomPrefillArgs, testRng, type Rng } from './helpers/random.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { tempDirs } from './helpers/temp_dirs.js';
 
 const rng = testRng('worker_pool');
 let one: Engine;
@@ -292,8 +292,9 @@ describe('dispose', () => {
   });
 
   const distIndex = fileURLToPath(new URL('../dist/index.js', import.meta.url));
+  const scriptDir = tempDirs('sparse-mla-exit-');
   function runScript(body: string): { status: number | null; stdout: string; stderr: string; ms: number } {
-    const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-exit-'));
+    const dir = scriptDir();
     const file = join(dir, 'script.mjs');
     writeFileSync(
       file,

@@ -57,7 +57,7 @@ export class SparseMlaEngine implements Engine {
   // in an object of its own: a caller's Object.freeze(engine) (shallow) must not keep dispose() from
   // marking it (the assignment threw TypeError, and the backend's workers and threads were never
   // stopped); not a #field, which a Proxy of the engine could not read through its methods
-  private readonly life = { disposed: false };
+  private readonly life: { disposed: boolean; teardown?: Promise<void> } = { disposed: false };
 
   constructor(impl: Backend) {
     this.impl = impl;
@@ -194,10 +194,18 @@ export class SparseMlaEngine implements Engine {
     return this.impl.device?.synchronize() ?? Promise.resolve();
   }
 
-  async dispose(): Promise<void> {
-    if (this.life.disposed) return;
-    this.life.disposed = true;
-    undisposedWorkers.unregister(this);
+  /** Every call, the first or a later one, resolves once the backend is torn down (a later one is not done before the first is). */
+  dispose(): Promise<void> {
+    if (!this.life.disposed) {
+      this.life.disposed = true;
+      undisposedWorkers.unregister(this);
+      this.life.teardown = this.teardown();
+    }
+    return this.life.teardown!;
+  }
+
+  /** The backend's dispose, started now (a call already past its checks finds the backend disposed), as a promise. */
+  private async teardown(): Promise<void> {
     await this.impl.dispose();
   }
 }

@@ -1600,6 +1600,27 @@ describe("the io functions that take a path or a directory, under the fuzzer's f
   }, 60_000);
 });
 
+describe('engine.dispose() called again while its teardown runs (session 55, helper-67)', () => {
+  /** Ports holding the event loop open: a wasm engine's workers' while their teardown talks to them (none when idle: unref'd). */
+  const ports = (): number => process.getActiveResourcesInfo().filter((r) => r === 'MessagePort').length;
+
+  test.each(addonBuilt ? ['wasm', 'cpu'] : ['wasm'])("a second dispose() on %s resolves only once the backend is torn down, with the first's result (it resolved at once, while a wasm engine's teardown still held its workers' ports)", async (backend) => {
+    const workers = rng.int(1, 4);
+    const before = ports();
+    const engine = await createEngine({ backend: backend as 'wasm' | 'cpu', ...(backend === 'wasm' ? { workers } : {}) });
+    let firstDone = false;
+    const first = engine.dispose().then(() => {
+      firstDone = true;
+    });
+    const again = rng.int(1, 4);
+    for (let i = 0; i < again; i++) await engine.dispose();
+    expect(firstDone).toBe(true);
+    expect(ports()).toBe(before);
+    await first;
+    await expectTyped(() => engine.sparsePrefill(randomPrefillArgs(rng, { sQ: 1, hQ: 1, dQK: 512, sKV: 2, topk: 1 })), 'DISPOSED');
+  });
+});
+
 describe('prefill directories with hostile contents, the fuzzer\'s hostileDir target (session 55, helper-67)', () => {
   const folders: string[] = [];
   const folder = (): string => {

@@ -1756,3 +1756,59 @@ describe('prefill directories with hostile contents, the fuzzer\'s hostileDir ta
     }
   });
 });
+
+describe('prefill writers over a folder whose file names are taken by directories (session 55, helper-67)', () => {
+  const folders: string[] = [];
+  afterAll(() => {
+    for (const d of folders) rmSync(d, { recursive: true, force: true });
+  });
+  const bf16 = (shape: number[]) => tensor('bf16', shape, randomBf16Bits(rng, shape.reduce((a, b) => a * b, 1)));
+  const f32 = (shape: number[]) => tensor('float32', shape, Float32Array.from({ length: shape.reduce((a, b) => a * b, 1) }, () => rng.normal()));
+  /** A prefill's inputs and outputs of random dims (dQK small). */
+  const prefill = () => {
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16]), sKV = rng.int(1, 6), topk = rng.int(1, 5);
+    const args = { q: bf16([sQ, hQ, dQK]), kv: bf16([sKV, dQK]), indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.int(-1, sKV))), attnSink: f32([hQ]), smScale: rng.uniform() + 0.01, dV: dQK };
+    const outputs = { out: f32([sQ, hQ, dQK]), lse: f32([sQ, hQ]), maxLogits: f32([sQ, hQ]) };
+    return { args, outputs };
+  };
+  /** Every file of `dir` by name with its bytes (a directory as 'dir'). */
+  const contents = async (dir: string): Promise<Record<string, string>> => {
+    const { readFileSync, statSync } = await import('node:fs');
+    return Object.fromEntries(readdirSync(dir).sort().map((f) => [f, statSync(join(dir, f)).isDirectory() ? 'dir' : readFileSync(join(dir, f)).toString('base64')]));
+  };
+
+  test('writePrefillDir / writePrefillOutputs are refused before their first file when one of their names is a directory there, the older dump in the folder left as it was (they wrote the files before it, then were refused at the rename: a folder of new and old files)', async () => {
+    const io = await import('../dist/io/index.js');
+    const { mkdirSync } = await import('node:fs');
+    const cases: [string, string[], (dir: string) => Promise<unknown>][] = [];
+    const fresh = prefill();
+    cases.push(['writePrefillDir', ['q.npy', 'kv.npy', 'indices.npy', 'attn_sink.npy', 'meta.json'], (d) => io.writePrefillDir(d, fresh.args)]);
+    cases.push(['writePrefillDir with outputs', ['q.npy', 'kv.npy', 'indices.npy', 'attn_sink.npy', 'out.npy', 'lse.npy', 'max_logits.npy', 'meta.json'], (d) => io.writePrefillDir(d, fresh.args, { outputs: fresh.outputs })]);
+    cases.push(['writePrefillDir as safetensors', ['prefill.safetensors'], (d) => io.writePrefillDir(d, fresh.args, { format: 'safetensors' })]);
+    cases.push(['writePrefillOutputs', ['out.npy', 'lse.npy', 'max_logits.npy'], (d) => io.writePrefillOutputs(d, fresh.outputs)]);
+    cases.push(['writePrefillOutputs as safetensors', ['outputs.safetensors'], (d) => io.writePrefillOutputs(d, fresh.outputs, 'safetensors')]);
+    for (const [label, names, write] of cases) {
+      // the taken name: the last one (every file before it was written) or another
+      for (const taken of new Set([names[names.length - 1]!, rng.pick(names)])) {
+        const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-h67w-'));
+        folders.push(dir);
+        const older = prefill();
+        await io.writePrefillDir(dir, older.args, { outputs: older.outputs });
+        rmSync(join(dir, taken), { force: true });
+        mkdirSync(join(dir, taken));
+        const before = await contents(dir);
+        const e = await errorOf(() => write(dir));
+        expect(e, `${label}, ${taken} a directory`).toBeInstanceOf(SparseMlaError);
+        expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], `${label}, ${taken}`).toEqual(['INVALID_VALUE', join(dir, taken)]);
+        expect(await contents(dir), `${label}, ${taken}`).toEqual(before);
+      }
+    }
+    // with the names free, each writes its files (read back as written)
+    const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-h67w-'));
+    folders.push(dir);
+    await io.writePrefillDir(dir, fresh.args, { outputs: fresh.outputs });
+    const back = await io.loadPrefillInputs(dir);
+    expect(new Uint8Array(back.args.q.data.buffer)).toEqual(new Uint8Array(fresh.args.q.data.buffer));
+    expect(back.args.smScale).toBe(fresh.args.smScale);
+  });
+});

@@ -168,8 +168,22 @@ export async function prepareOutputDir(dir: string, name = dir, create = true): 
 export async function prepareOutputFile(path: string, name = path): Promise<void> {
   checkPathArgs(path, name);
   await prepareOutputDir(dirname(resolve(path)), name, false);
+  await refuseDirectory(path, name);
+}
+
+/** An output path that is a directory now (the rename over it would fail) is refused, naming it. */
+async function refuseDirectory(path: string, name: string): Promise<void> {
   const s = await lstat(path).catch(() => null);
   if (s?.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);
+}
+
+/**
+ * Before the first of several files is written into `dir` (a prefill directory's): none of their
+ * names is a directory there, so the writes are not refused midway with the files before it written
+ * over an older dump's (a folder of new and old files).
+ */
+export async function prepareOutputFiles(dir: string, files: readonly string[]): Promise<void> {
+  for (const f of files) await refuseDirectory(join(dir, f), join(dir, f));
 }
 
 /**

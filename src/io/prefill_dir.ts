@@ -16,7 +16,7 @@ import { join } from 'node:path';
 import { SparseMlaError } from '../errors.js';
 import { tensor } from '../tensor.js';
 import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../types.js';
-import { checkPathArgs, checkedTensor, clip, prepareOutputDir, readSmallFile, writeFileNoFollow } from './files.js';
+import { checkPathArgs, checkedTensor, clip, prepareOutputDir, prepareOutputFiles, readSmallFile, writeFileNoFollow } from './files.js';
 import { checkViewsIntact, describe } from '../tensor.js';
 import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
 import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
@@ -376,12 +376,14 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
   const as = formatArg(fn, 'format', format);
   const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
+  const files = as === 'safetensors' ? ['outputs.safetensors'] : Object.keys(tensors).map((k) => `${k}.npy`);
+  await prepareOutputFiles(dir, files);
   if (as === 'safetensors') {
     await writeSafetensorsFile(join(dir, 'outputs.safetensors'), tensors);
-    return ['outputs.safetensors'];
+    return files;
   }
   for (const [k, t] of Object.entries(tensors)) await writeNpyFile(join(dir, `${k}.npy`), t);
-  return Object.keys(tensors).map((k) => `${k}.npy`);
+  return files;
 }
 
 /**
@@ -420,6 +422,7 @@ export async function writePrefillDir(
   }
   const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
+  await prepareOutputFiles(dir, as === 'safetensors' ? ['prefill.safetensors'] : [...Object.keys(tensors).map((k) => `${k}.npy`), 'meta.json']);
   const meta = { sm_scale: smScale, d_v: dV };
   if (as === 'safetensors') {
     await writeSafetensorsFile(join(dir, 'prefill.safetensors'), tensors, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });

@@ -4,7 +4,7 @@
  * Probing never throws, so importing the library works whatever is missing.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { describe } from '../ops/common.js';
+import { describe } from '../tensor.js';
 import type { BackendChoice, BackendName } from '../types.js';
 import type { Backend, BackendCreateOptions, BackendEntry, BackendProbe } from './backend.js';
 import { cpuBackendEntry, cudaBackendEntry } from './native.js';

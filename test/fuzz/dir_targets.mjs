@@ -20,10 +20,10 @@
  * the message, or the code is TOO_LARGE.
  */
 import { execFileSync } from 'node:child_process';
-import { closeSync, linkSync, mkdirSync, openSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, truncateSync, writeFileSync, copyFileSync } from 'node:fs';
+import { copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { SparseMlaError } from '../../dist/index.js';
-import { PrefillDir, loadPrefillInputs, loadPrefillOutputs, readNpyFile, readSafetensorsFile, writePrefillDir } from '../../dist/io/index.js';
+import { PrefillDir, loadPrefillInputs, loadPrefillOutputs, readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
 import { caseScratch, judgeFields, judgeTensors, prefillInputs, prefillOutputs } from './side_targets.mjs';
 
 const DTYPE_OF_DESCR = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
@@ -412,5 +412,156 @@ export const hostileDir = {
   },
 };
 
+/** What `dir` holds, by name, without following or opening anything but regular files: bytes, a directory's listing, a link's target, a FIFO. */
+function folderState(dir) {
+  const out = {};
+  let names;
+  try {
+    names = readdirSync(dir).sort();
+  } catch (e) {
+    return { [`(${e.code})`]: '' };
+  }
+  for (const n of names) {
+    const p = join(dir, n);
+    const s = lstatSync(p);
+    out[n] = s.isFile() ? readFileSync(p).toString('base64') : s.isDirectory() ? `dir: ${readdirSync(p).sort().join(', ')}` : s.isSymbolicLink() ? `link: ${readlinkSync(p)}` : s.isFIFO() ? 'fifo' : 'other';
+  }
+  return out;
+}
+
+/** The names of a state that differ from another's (added, removed or changed). */
+function stateDiff(a, b) {
+  return [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => a[k] !== b[k]);
+}
+
+/**
+ * hostileDirWrite (session 55, from seed 121): writePrefillDir / writePrefillOutputs of fresh tensors
+ * into a folder that holds an older dump (either format) with hostile entries at the names the
+ * writer writes or beside them: a directory (empty or not: the writer must refuse before its first
+ * file), a FIFO, a symlink to a file or a folder outside, a dangling symlink (each replaced, never
+ * written through: the outside is as it was), or the folder itself a file or a FIFO. A refusal leaves
+ * every entry of the folder (and the outside) as it was; a write that resolves reads back as written,
+ * leaves the entries it does not write as they were, and the outside untouched.
+ */
+export const hostileDirWrite = {
+  name: 'hostileDirWrite',
+  fromSeed: 121, // added after seeds 115-120 were run
+  build(rng, env, hooks) {
+    const scratch = caseScratch(hooks);
+    const dir = join(scratch, 'd');
+    const outside = join(scratch, 'outside');
+    const older = prefillInputs(rng, hooks);
+    const olderOutputs = prefillOutputs(rng, hooks, older.shapes.sQ, older.shapes.hQ, older.shapes.dV);
+    const olderFormat = rng.pick(['npy', 'safetensors']);
+    const fresh = prefillInputs(rng, hooks);
+    const freshOutputs = prefillOutputs(rng, hooks, fresh.shapes.sQ, fresh.shapes.hQ, fresh.shapes.dV);
+    const format = rng.pick(['npy', 'safetensors']);
+    const op = rng.pick(['writePrefillDir', 'writePrefillDir', 'writePrefillOutputs']);
+    const withOutputs = op === 'writePrefillDir' && rng.uniform() < 0.5;
+    const inputFiles = ['q', 'kv', 'indices', ...(fresh.args.topkLength ? ['topk_length'] : []), ...(fresh.args.attnSink ? ['attn_sink'] : [])];
+    const writes = format === 'safetensors'
+      ? [op === 'writePrefillDir' ? 'prefill.safetensors' : 'outputs.safetensors']
+      : [...(op === 'writePrefillDir' ? inputFiles : []), ...(op === 'writePrefillOutputs' || withOutputs ? ['out', 'lse', 'max_logits'] : []), ...(op === 'writePrefillDir' ? ['meta'] : [])].map((n) => (n === 'meta' ? 'meta.json' : `${n}.npy`));
+    const ENTRY_CHANGES = [
+      ['a directory', 'refuse', (p) => mkdirSync(p)],
+      ['a directory holding a file', 'refuse', (p) => (mkdirSync(p), writeFileSync(join(p, 'x'), 'x'))],
+      ['a FIFO', 'same', (p) => execFileSync('mkfifo', [p])],
+      ['a symlink to a file outside', 'same', (p) => symlinkSync(join(outside, 'file'), p)],
+      ['a symlink to a folder outside', 'same', (p) => symlinkSync(outside, p)],
+      ['a dangling symlink', 'same', (p) => symlinkSync(join(outside, 'gone'), p)],
+    ];
+    const plan = [];
+    if (rng.uniform() < 0.1) {
+      plan.push(rng.pick([
+        { label: 'the folder is a file', cls: 'refuse', apply: () => writeFileSync(dir, 'not a folder') },
+        { label: 'the folder is a FIFO', cls: 'refuse', apply: () => execFileSync('mkfifo', [dir]) },
+      ]));
+    } else {
+      for (let n = rng.int(1, 3); n > 0; n--) {
+        const name = rng.uniform() < 0.8 ? rng.pick(writes) : rng.pick(['q.npy', 'out.npy', 'meta.json', 'prefill.safetensors', 'outputs.safetensors', 'zz.npy']);
+        if (plan.some((c) => c.name === name)) continue;
+        const [label, cls, apply] = rng.pick(ENTRY_CHANGES);
+        plan.push({ label: `${name}: ${label}`, name, cls: writes.includes(name) ? cls : 'same', apply: () => (rmSync(join(dir, name), { recursive: true, force: true }), apply(join(dir, name))) });
+      }
+    }
+    let before = {};
+    let outsideBefore = {};
+    let handlesBefore = [];
+    const prepare = async () => {
+      rmSync(dir, { recursive: true, force: true });
+      mkdirSync(join(outside, 'sub'), { recursive: true });
+      writeFileSync(join(outside, 'file'), 'outside');
+      if (plan.some((c) => c.label.startsWith('the folder is'))) plan[0].apply();
+      else {
+        await writePrefillDir(dir, older.args, { format: olderFormat, outputs: olderOutputs });
+        for (const c of plan) c.apply();
+      }
+      before = folderState(dir);
+      outsideBefore = folderState(outside);
+      handlesBefore = handlesUnder(scratch);
+    };
+    const describe = `${op}${op === 'writePrefillDir' && withOutputs ? ' with outputs' : ''} as ${format} over a ${olderFormat} dump; ${plan.map((c) => `${c.label} [${c.cls}]`).join('; ')}`;
+    const args = op === 'writePrefillOutputs' ? [dir, freshOutputs, format] : [dir, fresh.args, { format, ...(withOutputs ? { outputs: freshOutputs } : {}) }];
+    const outsideChanged = () => {
+      const d = stateDiff(outsideBefore, folderState(outside));
+      return d.length > 0 ? `written outside the folder, through a symlink: ${d.join(', ')}` : null;
+    };
+    return {
+      args,
+      describe,
+      mostlyValid: true,
+      prepare,
+      call: (x) => (op === 'writePrefillOutputs' ? writePrefillOutputs(...x) : writePrefillDir(...x)),
+      leftOpen: () => {
+        const now = handlesUnder(scratch).filter((h) => !handlesBefore.includes(h));
+        return now.length > 0 ? `${now.length} handle(s) left open: ${now.slice(0, 3).join(', ')}` : null;
+      },
+      // a refusal leaves the folder and the outside as they were (a refusal of a folder whose changes are all neutral is a finding)
+      afterRefusal: () => {
+        const d = stateDiff(before, folderState(dir));
+        if (d.length > 0) return `a refused ${op} changed ${d.slice(0, 4).join(', ')} in the folder`;
+        return outsideChanged();
+      },
+      judgeRefusal: (e, { neutral }) => {
+        if (!neutral || !(e instanceof SparseMlaError)) return null;
+        return plan.some((c) => c.cls === 'refuse') ? null : ['neutral-refused', `${describe}: ${e.code} ${e.message.slice(0, 200)}`];
+      },
+      judge: async (got, { neutral }) => {
+        const out = outsideChanged();
+        if (out) return out;
+        if (!neutral) return null;
+        const must = plan.filter((c) => c.cls === 'refuse');
+        if (must.length > 0) return `resolved, but ${must.map((c) => c.label).join('; ')}`;
+        const now = folderState(dir);
+        const touched = stateDiff(before, now).filter((n) => !writes.includes(n));
+        if (touched.length > 0) return `changed entries it does not write: ${touched.slice(0, 4).join(', ')}`;
+        const missing = writes.filter((n) => !now[n] || now[n].startsWith('dir') || now[n].startsWith('link') || now[n] === 'fifo');
+        if (missing.length > 0) return `resolved, but ${missing.join(', ')} is no regular file: ${missing.map((n) => String(now[n]).slice(0, 40)).join(', ')}`;
+        // read back the files it wrote, each as a file (the folder may hold the older dump's others)
+        if (format === 'safetensors') {
+          const file = await readSafetensorsFile(join(dir, writes[0]));
+          const given = op === 'writePrefillOutputs' ? { out: freshOutputs.out, lse: freshOutputs.lse, max_logits: freshOutputs.maxLogits } : { q: fresh.args.q, kv: fresh.args.kv, indices: fresh.args.indices, topk_length: fresh.args.topkLength, attn_sink: fresh.args.attnSink, out: withOutputs ? freshOutputs.out : undefined, lse: withOutputs ? freshOutputs.lse : undefined, max_logits: withOutputs ? freshOutputs.maxLogits : undefined };
+          const names = [...file.tensors.keys()].sort().join(',');
+          const want = Object.keys(given).filter((k) => given[k] !== undefined).sort().join(',');
+          if (names !== want) return `${writes[0]} holds ${names}, written ${want}`;
+          return judgeTensors(file.tensors, (k) => given[k]);
+        }
+        const byName = { q: fresh.args.q, kv: fresh.args.kv, indices: fresh.args.indices, topk_length: fresh.args.topkLength, attn_sink: fresh.args.attnSink, out: freshOutputs.out, lse: freshOutputs.lse, max_logits: freshOutputs.maxLogits };
+        for (const f of writes.filter((n) => n.endsWith('.npy'))) {
+          const name = f.replace(/\.npy$/, '');
+          const arr = await readNpyFile(join(dir, f));
+          const p = judgeTensors(new Map([[name, { dtype: DTYPE_OF_DESCR[arr.descr], shape: arr.shape, data: arr.data }]]), () => byName[name]);
+          if (p) return p;
+        }
+        if (writes.includes('meta.json')) {
+          const meta = JSON.parse(readFileSync(join(dir, 'meta.json'), 'utf8'));
+          if (meta.sm_scale !== fresh.args.smScale || meta.d_v !== fresh.shapes.dV) return `meta.json ${JSON.stringify(meta)}, written sm_scale ${fresh.args.smScale}, d_v ${fresh.shapes.dV}`;
+        }
+        return null;
+      },
+    };
+  },
+};
+
 /** The targets of this file, with their weights (fuzz.mjs draws them with the session-53 ones). */
-export const DIR_TARGETS = [[hostileDir, 1]];
+export const DIR_TARGETS = [[hostileDir, 1], [hostileDirWrite, 1]];

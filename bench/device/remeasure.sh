@@ -5,7 +5,8 @@
 # archive remeasure-NAME.tgz when there are more than 8 (what the device tool brings back).
 # Usage (repository root, after bench/device/ship.sh [--harness] NAME): bash bench/device/remeasure.sh NAME [STEPS]
 # STEPS: comma list of bench,bench2,check,layer,harness (default) and, only when named, fuzz (75 s of the
-# API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz) and dropped (short c4
+# API fuzzer on the cuda backend, test/fuzz/run.mjs, against this tree's test/fuzz), memcheck (150 s of its
+# cases in one process under compute-sanitizer's memcheck, bench/device/fuzz_in_process.mjs) and dropped (short c4
 # layers with prefillLayer's { dropped: 'later' } against the default, bench/layer_paths_wall.mjs, about 2 min).
 set -uo pipefail
 name=$1 steps=${2:-bench,bench2,check,layer,harness}
@@ -51,6 +52,11 @@ if want dropped; then
       echo "c4 layers, dropped $m, run $r: rc $? ($(( $(date +%s) - t0 )) s)"
     done
   done
+fi
+if want memcheck; then
+  # the fuzzer's cases in one process (compute-sanitizer does not follow the runner's forked children)
+  timeout 240 compute-sanitizer --tool memcheck --print-limit 20 node bench/device/fuzz_in_process.mjs test/fuzz "${FUZZ_SEED:-3}" 150 > "$out/memcheck-fuzz-api-$name.txt" 2>&1
+  echo "memcheck API fuzz: rc $? $(grep -E 'ERROR SUMMARY' "$out/memcheck-fuzz-api-$name.txt" | tail -1) $(grep -o '"exit":[0-9]*,"cases":[0-9]*' "$out/memcheck-fuzz-api-$name.txt" | tail -1) ($(( $(date +%s) - t0 )) s)"
 fi
 if want fuzz; then
   timeout 110 node test/fuzz/run.mjs --backends cuda --seconds 75 --seed "${FUZZ_SEED:-3}" --json > "$out/fuzz-cuda-$name.json" 2> "$out/fuzz-cuda-$name.log"

@@ -56,6 +56,9 @@ export function arrayLikeOf(value: unknown, argument: string): { values: ArrayLi
   return isCount(length) ? { values: value as ArrayLike<unknown>, length } : null;
 }
 
+/** A field a caller has not read (describe, shapeStr, dimsOnce read it then); any other value is one it read, not asked again. */
+export const NOT_READ: unique symbol = Symbol('not read');
+
 /** Whether a length a caller's array answered (read once) is a count: a safe integer ≥ 0. */
 export function isCount(length: unknown): length is number {
   return typeof length === 'number' && Number.isSafeInteger(length) && length >= 0;
@@ -72,14 +75,16 @@ export const MAX_TENSOR_DIMS = 64;
  * safe integer ≥ 0 (kept, for the message); null when its length is no count or over MAX_TENSOR_DIMS. Not Array.from, which
  * runs an array's iterator, and the iterator reads the length again at every step: a Proxy whose
  * length shrank after its first read lost its last dims, silently (tensor('uint8', [3, 1]) gave [3]).
- * The one copy of a shape: tensor() and every op's tensor check (ops/common.ts).
+ * The one copy of a shape: tensor() and every op's tensor check (ops/common.ts). `length` and
+ * `first`: the length and first dims as a caller already read them (not read again).
  */
-export function dimsOnce(shape: readonly unknown[]): unknown[] | null {
-  const n: unknown = shape.length;
+export function dimsOnce(shape: readonly unknown[], length: unknown = NOT_READ, first?: readonly unknown[]): unknown[] | null {
+  const n = length === NOT_READ ? shape.length : length;
   if (!isCount(n) || n > MAX_TENSOR_DIMS) return null;
   const dims: unknown[] = [];
+  const known = first === undefined ? 0 : first.length;
   for (let i = 0; i < n; i++) {
-    const d: unknown = shape[i];
+    const d: unknown = i < known ? first![i] : shape[i];
     dims.push(d);
     if (!Number.isSafeInteger(d) || (d as number) < 0) break;
   }
@@ -130,9 +135,10 @@ export function checkViewsIntact(job: object, depth = 0): void {
 /**
  * A value as a message shows it, bounded, and safe on anything a caller can pass: a Proxy, a
  * Symbol, a typed array of detached memory (its kind and length read through the intrinsics).
- * The one description of every SparseMlaError message (ops/common.ts hands it on).
+ * The one description of every SparseMlaError message (ops/common.ts hands it on). `dtypeAsRead`:
+ * a tensor-like object's dtype as its caller read it (not asked again).
  */
-export function describe(value: unknown): string {
+export function describe(value: unknown, dtypeAsRead: unknown = NOT_READ): string {
   if (value === null) return 'null';
   if (value === undefined) return 'undefined';
   if (typeof value === 'number' || typeof value === 'boolean') return `${typeof value} ${String(value)}`;
@@ -146,9 +152,10 @@ export function describe(value: unknown): string {
     if (ArrayBuffer.isView(value)) return `${value.constructor.name}(${value.byteLength})`;
     if (Array.isArray(value)) return `an Array of length ${value.length}`;
     const o = value as Record<string, unknown>;
-    if (typeof o.dtype === 'string') {
+    const dtype = dtypeAsRead === NOT_READ ? o.dtype : dtypeAsRead;
+    if (typeof dtype === 'string') {
       const shape = o.shape;
-      if (Array.isArray(shape)) return `a ${o.dtype} tensor ${listStr(shape, (d) => dimStr(d, (other) => typeof other))}`; // (not describe(d): a shape holding its own tensor would recurse)
+      if (Array.isArray(shape)) return `a ${dtype} tensor ${listStr(shape, (d) => dimStr(d, (other) => typeof other))}`; // (not describe(d): a shape holding its own tensor would recurse)
     }
     return `an object with keys {${Object.keys(o).slice(0, 6).join(', ')}}`;
   } catch {
@@ -169,10 +176,11 @@ export function formatBytes(n: number): string {
  * A shape as a message shows it, safe on any dims a caller can pass: a number as it is, anything
  * else by describe() (String() of a null-prototype object or one whose toString throws is a
  * TypeError or the caller's error, not ours; a BigInt 1n is not the dim 1). At most 8 dims.
- * The one shape formatter of every SparseMlaError message (ops/common.ts hands it on).
+ * The one shape formatter of every SparseMlaError message (ops/common.ts hands it on). `lengthAsRead`:
+ * its length as its caller read it (not asked again).
  */
-export function shapeStr(shape: readonly unknown[]): string {
-  return listStr(shape, (d) => dimStr(d, describe));
+export function shapeStr(shape: readonly unknown[], lengthAsRead: unknown = NOT_READ): string {
+  return listStr(shape, (d) => dimStr(d, describe), lengthAsRead);
 }
 
 /** A dim as a message shows it: a number as written, a string quoted (at most 20 characters), anything else by `other`. */
@@ -186,10 +194,10 @@ function dimStr(d: unknown, other: (d: unknown) => string): string {
  * null-prototype array has none, and an own one is the caller's code run in a refusal). A length
  * that is no count, or a read that throws (a Proxy's trap), is said so.
  */
-function listStr(list: readonly unknown[], show: (d: unknown) => string): string {
-  let n: unknown;
+function listStr(list: readonly unknown[], show: (d: unknown) => string, lengthAsRead: unknown = NOT_READ): string {
+  let n: unknown = lengthAsRead;
   try {
-    n = list.length;
+    if (n === NOT_READ) n = list.length;
   } catch {
     return 'an array whose length cannot be read';
   }

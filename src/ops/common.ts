@@ -4,11 +4,11 @@
  * came; nothing here does any of the op's work.
  */
 import { fail } from '../errors.js';
-import { BYTES_PER_ELEMENT, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isCount, isDeviceBuffer, ownView, shapeStr } from '../tensor.js';
+import { BYTES_PER_ELEMENT, HOST_ARRAY_TYPES, MAX_TENSOR_DIMS, checkViewsIntact, describe, dimsOnce, isCount, isDeviceBuffer, NOT_READ, ownView, shapeStr } from '../tensor.js';
 import type { DType, DeviceBuffer, DeviceTensor, OutputOptions, Placement, Tensor } from '../types.js';
 
 // the typed-array intrinsics live in tensor.ts (tensor() and the file readers use them too)
-export { ownView, typedArrayKind, checkViewsIntact, describe, shapeStr } from '../tensor.js';
+export { ownView, typedArrayKind, checkViewsIntact, describe, shapeStr, NOT_READ } from '../tensor.js';
 
 /** Largest value a 32-bit signed size or offset in the C ABI can hold. */
 export const INT32_MAX = 0x7fffffff;
@@ -25,14 +25,14 @@ export function checkArgsObject(value: unknown, argument: string): asserts value
 // function its inline caches only after it has run about eight times its own bytecode, so their
 // messages are built in the small functions here, called only to throw, not inline.
 
-/** Throws: `value` is not a tensor object of `dtypes`. */
-function notATensor(value: unknown, argument: string, dtypes: readonly string[]): never {
-  fail('INVALID_VALUE', argument, `a ${dtypes.join(' or ')} tensor {dtype, shape, data}`, describe(value));
+/** Throws: `value` is not a tensor object of `dtypes` (`dtype`: its dtype where read). */
+function notATensor(value: unknown, argument: string, dtypes: readonly string[], dtype: unknown = NOT_READ): never {
+  fail('INVALID_VALUE', argument, `a ${dtypes.join(' or ')} tensor {dtype, shape, data}`, describe(value, dtype));
 }
 
-/** Throws: `shape` (the caller's, or its copy) is not an array of non-negative integers. */
-function badShapeArray(argument: string, shape: unknown): never {
-  fail('INVALID_SHAPE', `${argument}.shape`, `an array of at most ${MAX_TENSOR_DIMS} non-negative integers`, Array.isArray(shape) ? shapeStr(shape) : describe(shape));
+/** Throws: `shape` (the caller's, or its copy) is not an array of non-negative integers (`length`: its length where read). */
+function badShapeArray(argument: string, shape: unknown, length: unknown = NOT_READ): never {
+  fail('INVALID_SHAPE', `${argument}.shape`, `an array of at most ${MAX_TENSOR_DIMS} non-negative integers`, Array.isArray(shape) ? shapeStr(shape, length) : describe(shape));
 }
 
 /** Throws: a tensor of another dtype. */
@@ -57,18 +57,35 @@ function badDeviceData(argument: string, dtype: DType, shape: readonly number[],
 }
 
 /**
- * A tensor's fields, each read once (a getter is not asked twice); shape copied and checked.
- * `dtypes` spells what was wanted in a message.
+ * What a check without messages read of a tensor before it stopped (prefill_layer.ts's device
+ * layer checks), for the checks here to go on from: its dtype, shape and data, and its shape's
+ * length (NOT_READ where not read) and first dims.
  */
-function readTensorFields(value: unknown, argument: string, dtypes: readonly string[]): { dtype: unknown; shape: number[]; data: unknown } {
-  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) notATensor(value, argument, dtypes);
-  const dtype = value.dtype;
-  const rawShape = value.shape;
-  const data = value.data;
-  if (typeof dtype !== 'string') notATensor(value, argument, dtypes);
+export interface TensorRead {
+  readonly dtype: unknown;
+  readonly shape: unknown;
+  readonly data: unknown;
+  readonly length: unknown;
+  readonly dims: readonly unknown[];
+}
+
+/**
+ * A tensor's fields, each read once (a getter is not asked twice, nor one `read` holds); shape
+ * copied and checked. `dtypes` spells what was wanted in a message.
+ */
+function readTensorFields(value: unknown, argument: string, dtypes: readonly string[], read?: TensorRead): { dtype: unknown; shape: number[]; data: unknown } {
+  let dtype: unknown, rawShape: unknown, data: unknown, length: unknown = NOT_READ, first: readonly unknown[] | undefined;
+  if (read === undefined) {
+    if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) notATensor(value, argument, dtypes);
+    (dtype = value.dtype), (rawShape = value.shape), (data = value.data);
+  } else {
+    ({ dtype, shape: rawShape, data, length, dims: first } = read);
+  }
+  if (typeof dtype !== 'string') notATensor(value, argument, dtypes, dtype);
   if (!Array.isArray(rawShape)) badShapeArray(argument, rawShape);
-  const shape = dimsOnce(rawShape as unknown[]);
-  if (shape === null) badShapeArray(argument, rawShape);
+  if (length === NOT_READ) length = (rawShape as unknown[]).length;
+  const shape = dimsOnce(rawShape as unknown[], length, first);
+  if (shape === null) badShapeArray(argument, rawShape, length);
   for (let i = 0; i < shape.length; i++) {
     const d = shape[i];
     if (!Number.isSafeInteger(d) || (d as number) < 0) badShapeArray(argument, shape);
@@ -82,8 +99,8 @@ function readTensorFields(value: unknown, argument: string, dtypes: readonly str
  * every field read once, the data a plain view of the same memory (ownView), so nothing the
  * caller's object does later changes what was validated.
  */
-export function checkTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> {
-  const { dtype: rawDtype, shape, data: rawData } = readTensorFields(value, argument, dtypes);
+export function checkTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[], read?: TensorRead): Tensor<D> {
+  const { dtype: rawDtype, shape, data: rawData } = readTensorFields(value, argument, dtypes, read);
   if (!(dtypes as readonly string[]).includes(rawDtype as string)) badDtype(argument, dtypes, rawDtype);
   const dtype = rawDtype as D;
   if (isDeviceBuffer(rawData)) fail('INVALID_VALUE', argument, `a host ${dtypes.join(' or ')} tensor (this argument cannot be in device memory)`, 'a device tensor');
@@ -99,8 +116,8 @@ export function checkTensor<D extends DType>(value: unknown, argument: string, d
  * Like checkTensor, but a device tensor (data: a DeviceBuffer) is accepted too: same dtype and
  * shape checks, its byte size checked against the shape, its contents never read.
  */
-export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[]): Tensor<D> | DeviceTensor<D> {
-  const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, dtypes);
+export function checkPlacedTensor<D extends DType>(value: unknown, argument: string, dtypes: readonly D[], read?: TensorRead): Tensor<D> | DeviceTensor<D> {
+  const { dtype: rawDtype, shape, data } = readTensorFields(value, argument, dtypes, read);
   if (!isDeviceBuffer(data)) return checkTensor({ dtype: rawDtype, shape, data }, argument, dtypes);
   return checkDeviceFields(rawDtype, shape, data, argument, dtypes);
 }
@@ -150,8 +167,8 @@ function badRank(shape: readonly number[], argument: string, rank: number, expec
  * and its [rows, hQ, dQK]; `expected` spells the shape for the message, e.g. "[sQ, hQ, dQK]".
  * allowDevice false: only a host tensor (an engine without device memory).
  */
-export function checkQuery(value: unknown, expected: string, allowDevice = true): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
-  const q = allowDevice ? checkPlacedTensor(value, 'q', ['bf16'] as const) : checkTensor(value, 'q', ['bf16'] as const);
+export function checkQuery(value: unknown, expected: string, allowDevice = true, read?: TensorRead): { q: Tensor<'bf16'> | DeviceTensor<'bf16'>; rows: number; hQ: number; dQK: number } {
+  const q = allowDevice ? checkPlacedTensor(value, 'q', ['bf16'] as const, read) : checkTensor(value, 'q', ['bf16'] as const, read);
   const shape = checkRank(q, 'q', 3, expected);
   // indexed, not destructured (an array pattern runs the iterator protocol)
   const hQ = shape[1]!;
@@ -269,11 +286,11 @@ export function checkAttnSink(value: unknown, argument: string, hQ: number): Flo
   return t.data;
 }
 
-/** An op's `options`: where its outputs go (default 'host'). */
-export function checkOutputOption(options: unknown): Placement {
+/** An op's `options`: where its outputs go (default 'host'); `output`: options.output where already read. */
+export function checkOutputOption(options: unknown, output: unknown = NOT_READ): Placement {
   if (options === undefined) return 'host';
   checkArgsObject(options, 'options');
-  const o = (options as OutputOptions).output;
+  const o = output === NOT_READ ? (options as OutputOptions).output : output;
   if (o === undefined || o === 'host' || o === 'device') return o ?? 'host';
   fail('INVALID_VALUE', 'options.output', '"host" or "device"', describe(o));
 }

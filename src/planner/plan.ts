@@ -6,7 +6,7 @@
  * engine's). Only the c4 combine runs per layer.
  */
 import { SparseMlaError, fail } from '../errors.js';
-import { checkPlacedTensor, checkTensor, describe, INT32_MAX, listCount, ownView, shapeStr, typedArrayKind } from '../ops/common.js';
+import { checkPlacedTensor, checkTensor, describe, INT32_MAX, listCount, NOT_READ, ownView, shapeStr, typedArrayKind, type TensorRead } from '../ops/common.js';
 import { allocHostArray, arrayLikeOf, dimsOnce, formatBytes, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
@@ -169,10 +169,10 @@ function checkInt(v: unknown, argument: string, min: number, max: number): numbe
  * A host cache or a device one (engine.uploadKvCache): its size is checked, its bytes never read.
  * Returns the view the layer steps read (host bytes as a plain view of the same memory).
  */
-function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer> {
+function checkV4Cache(cache: unknown, argument: string, read?: CacheRead): CacheView<DeviceBuffer> {
   if (typeof cache !== 'object' || cache === null) notACache(cache, argument);
   // each field read once: what is checked is what the layer reads
-  const c = cache as { format: unknown; pageSize: unknown; numPages: unknown; data: unknown };
+  const c = read ?? (cache as CacheRead);
   const format = c.format, pageSize = c.pageSize, numPages = c.numPages, rawData = c.data;
   const data = isDeviceBuffer(rawData) ? (rawData.freed ? notACache(cache, argument) : rawData) : ownView(rawData, Uint8Array, `${argument}.data`);
   if (data === null) notACache(cache, argument);
@@ -182,6 +182,26 @@ function checkV4Cache(cache: unknown, argument: string): CacheView<DeviceBuffer>
   const pageBytes = v4PageBytes(geometry.pageSize);
   if (data.byteLength !== pageBytes * geometry.numPages) badCacheBytes(geometry, data.byteLength, pageBytes, argument);
   return { format: 'v4', pageSize: geometry.pageSize, numPages: geometry.numPages, numTokens: cacheTokens(geometry), bytes: data.byteLength, data };
+}
+
+/** A cache's fields as a layer's check without messages read them (format, pageSize, numPages, data), for checkCaches to go on from. */
+export interface CacheRead {
+  readonly format: unknown;
+  readonly pageSize: unknown;
+  readonly numPages: unknown;
+  readonly data: unknown;
+}
+
+/**
+ * What a device layer's check read of its caches before it stopped (prefill_layer.ts), for
+ * checkCaches to go on from: the SWA cache and its fields where read, the compressed cache
+ * (NOT_READ where not read) and its fields where read.
+ */
+export interface CachesRead {
+  readonly swa: unknown;
+  readonly swaFields: CacheRead | undefined;
+  readonly compressed: unknown;
+  readonly compressedFields: CacheRead | undefined;
 }
 
 /** What a device layer's checks ask of its engine's device: a live buffer of its own, of exactly these bytes (DeviceOps.ownsLive). */
@@ -1263,11 +1283,11 @@ export class Plan {
    * [numQueries, 1, topk]), on the host or (allowDevice) on a device; its rows' width fits int32.
    */
   checkTopk(topkIndices: unknown, allowDevice: false): CheckedTopk<never>;
-  checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer>;
-  checkTopk(topkIndices: unknown, allowDevice: boolean): CheckedTopk<DeviceBuffer> {
+  checkTopk(topkIndices: unknown, allowDevice: boolean, read?: TensorRead): CheckedTopk<DeviceBuffer>;
+  checkTopk(topkIndices: unknown, allowDevice: boolean, read?: TensorRead): CheckedTopk<DeviceBuffer> {
     planThis(this, 'checkTopk');
     this.#state(4, 'compressRatio');
-    const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', INT32_DTYPE) : checkTensor(topkIndices, 'topkIndices', INT32_DTYPE);
+    const t = allowDevice ? checkPlacedTensor(topkIndices, 'topkIndices', INT32_DTYPE, read) : checkTensor(topkIndices, 'topkIndices', INT32_DTYPE, read);
     const checked = this.#topkRows(t.data, t.shape);
     if (checked !== undefined) return checked;
     const s = t.shape;
@@ -1467,20 +1487,20 @@ export class Plan {
    * Check a layer's caches against everything the plan reads from them (SPEC §9: ids outside a
    * cache are an error, before any work). `ratio` selects the compressed cache.
    */
-  checkCaches(caches: PlanCaches, ratio: CompressRatio): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
+  checkCaches(caches: PlanCaches, ratio: CompressRatio, read?: CachesRead): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
     planThis(this, 'checkCaches');
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
-    // each cache read once (a getter asked again may answer another one)
-    const swaArg = caches.swa;
+    // each cache read once (a getter asked again may answer another one), nor one `read` holds
+    const swaArg = read === undefined ? caches.swa : read.swa;
     if (swaArg === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
-    const swa = checkV4Cache(swaArg, 'caches.swa');
+    const swa = checkV4Cache(swaArg, 'caches.swa', read?.swaFields);
     if (this.#maxSwaId >= swa.numTokens) swaCacheTooSmall(this.#maxSwaId, swa.numTokens);
     if (ratio === 0) return { swa };
     const st = this.#state(ratio, 'compressRatio');
     const key = ratio === 4 ? 'c4' : 'c128';
-    const c = caches[key];
+    const c = read === undefined || read.compressed === NOT_READ ? caches[key] : read.compressed;
     if (c === undefined) fail('INVALID_VALUE', ratio === 4 ? 'caches.c4' : 'caches.c128', ratio === 4 ? "the layer's c4 compressed cache" : "the layer's c128 compressed cache", 'undefined');
-    const compressed = checkV4Cache(c, ratio === 4 ? 'caches.c4' : 'caches.c128');
+    const compressed = checkV4Cache(c, ratio === 4 ? 'caches.c4' : 'caches.c128', read?.compressedFields);
     if (compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) badCompressedCache(ratio, st, compressed);
     return { swa, compressed };
   }

@@ -24,7 +24,7 @@
  * plan (checkCaches), and the dequant kernel checks each again.
  */
 import { fail } from '../errors.js';
-import { INT32_MAX, MAX_SM_SCALE, checkArgsObject, checkInt32Size, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe } from '../ops/common.js';
+import { INT32_MAX, MAX_SM_SCALE, NOT_READ, checkArgsObject, checkInt32Size, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, type TensorRead } from '../ops/common.js';
 import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, detached, inputBytes, type InputBytes } from '../backends/staging.js';
@@ -32,7 +32,7 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet, 
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -106,40 +106,40 @@ interface LayerCall {
 
 /**
  * Every check of a layer call, each argument read once, in the order the errors are reported;
- * `decided`: the route prepareDeviceLayer decided from the call's path, threshold and env before it
- * stopped (they are not read again). This runs on every layer, mostly before V8 has optimized it (a
- * process's first layers): no spreads or per-call closures here.
+ * `read`: what prepareDeviceLayer read before it stopped (LayerRead), not read again. This runs on
+ * every layer, mostly before V8 has optimized it (a process's first layers): no spreads or per-call
+ * closures here.
  */
-function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, decided?: RouteDecision): LayerCall {
+function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, read?: LayerRead): LayerCall {
   checkArgsObject(args, 'args');
-  const plan = args.plan, ratio = args.compressRatio;
+  const plan = arg(args, read, 'plan'), ratio = arg(args, read, 'compressRatio');
   if (!Plan.isPlan(plan)) fail('INVALID_VALUE', 'plan', 'a Plan from createPlan()', describe(plan));
   if (ratio !== 0 && ratio !== 4 && ratio !== 128) fail('INVALID_VALUE', 'compressRatio', '0, 4 or 128', describe(ratio));
   if (!plan.ratios.includes(ratio)) ratioNotServed(ratio, 'compressRatio', plan.ratios);
-  const output = checkOutputOption(options);
-  const droppedLater = checkDroppedOption(options);
+  const output = checkOutputOption(options, read === undefined ? NOT_READ : read.output);
+  const droppedLater = checkDroppedOption(options, read === undefined ? NOT_READ : read.dropped);
   const hasDevice = engine.hasDevice;
   if (!hasDevice && output === 'device') noDevice(engine, 'options.output');
-  const { q, rows: nq, hQ, dQK } = checkQuery(args.q, '[numQueries, hQ, 512]', hasDevice);
+  const { q, rows: nq, hQ, dQK } = checkQuery(arg(args, read, 'q'), '[numQueries, hQ, 512]', hasDevice, read?.qFields);
   if (nq !== plan.numQueries || dQK !== WORKSPACE_ROW_DIMS) badQueryShape(plan, q);
   // as the ops refuse it, also where a chunk without queries runs no op
   checkInt32Size(hQ, 'q', 'hQ');
-  const smScale = checkSmScale(args.smScale);
-  const sink = args.attnSink ?? undefined; // null: no sink, as the ops take it
-  const attnSink = sink === undefined ? undefined : hasDevice ? checkPlacedTensor(sink, 'attnSink', FLOAT32_DTYPE) : checkTensor(sink, 'attnSink', FLOAT32_DTYPE);
+  const smScale = checkSmScale(arg(args, read, 'smScale'));
+  const sink = arg(args, read, 'attnSink') ?? undefined; // null: no sink, as the ops take it
+  const sinkFields = read?.sinkFields;
+  const attnSink = sink === undefined ? undefined : hasDevice ? checkPlacedTensor(sink, 'attnSink', FLOAT32_DTYPE, sinkFields) : checkTensor(sink, 'attnSink', FLOAT32_DTYPE, sinkFields);
   if (attnSink && (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ)) badSinkShape(hQ, attnSink);
-  const topkIndices = args.topkIndices;
+  const topkIndices = arg(args, read, 'topkIndices');
   if (ratio === 4) {
     if (topkIndices === undefined) fail('INVALID_VALUE', 'topkIndices', 'the indexer top-k int32 [numQueries, topk] of a c4 layer', 'undefined');
   } else if (topkIndices !== undefined) {
     noIndexer(ratio, topkIndices);
   }
-  const given = args.caches;
-  const caches = plan.checkCaches(given, ratio);
+  const caches = plan.checkCaches(arg(args, read, 'caches') as PlanCaches, ratio, read?.cachesFields);
   if (!hasDevice && (isDeviceBuffer(caches.swa.data) || isDeviceBuffer(caches.compressed?.data))) noDevice(engine, 'caches');
   // an env that is not given (or falsy) leaves the router to read process.env
-  const route = decided ?? routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
-  const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice) : undefined;
+  const route = read?.route ?? routePrefill(nq, { path: args.path, threshold: args.threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+  const topk = ratio === 4 ? plan.checkTopk(topkIndices, hasDevice, read?.topkFields) : undefined;
   if (hasDevice) {
     // device operands the engine's own, on its device, before any work (the ops' own check comes at their launch, after the plan's uploads)
     onEngineDevice(engine, q.data, 'q');
@@ -437,18 +437,22 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     }
     return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
   }
-  stopped.call = fellBack(args, options, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
+  stopped.call = fellBack(stopped, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
   return undefined;
 }
 
 /**
- * Where prepareDeviceLayer stopped (its caller's, one a call): what the operand check it stopped at
- * read of the operand (a stand-in answering what was read, or the value itself where none of it
- * was), then the call as read there for prepareLayer (undefined where nothing was read).
+ * Where prepareDeviceLayer stopped (its caller's, one a call): the operand its check stopped at, as
+ * read, and what it read of that operand's fields (in the operand's own slot: undefined where none
+ * was read); then the call as read there for prepareLayer (undefined where nothing was read).
  */
 interface Stopped {
   read: unknown;
-  call: FellBack | undefined;
+  q: TensorRead | undefined;
+  attnSink: TensorRead | undefined;
+  caches: CachesRead | undefined;
+  topk: TensorRead | undefined;
+  call: LayerRead | undefined;
 }
 
 /**
@@ -479,7 +483,8 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopp
     if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
     return { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: data as DeviceBuffer };
   }
-  stopped.read = tensorRead(value, dtype, shape, data, rank, q0, hQ, q2, NOT_READ);
+  stopped.read = value;
+  stopped.q = tensorRead(dtype, shape, data, rank, q0, hQ, q2);
   return undefined;
 }
 
@@ -500,7 +505,8 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stoppe
     if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
     return { dtype: 'float32', shape: [hQ], data: data as DeviceBuffer };
   }
-  stopped.read = tensorRead(value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ, NOT_READ);
+  stopped.read = value;
+  stopped.attnSink = tensorRead(dtype, shape, data, rank, s0, NOT_READ, NOT_READ);
   return undefined;
 }
 
@@ -534,7 +540,13 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
     if (compressedView === undefined) break read;
     return { swa: swaView, compressed: compressedView };
   }
-  stopped.read = cachesRead(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, key, compressed, format, pageSize, numPages, data);
+  stopped.read = given;
+  stopped.caches = {
+    swa,
+    swaFields: swaFormat === NOT_READ ? undefined : { format: swaFormat, pageSize: swaPageSize, numPages: swaNumPages, data: swaData },
+    compressed,
+    compressedFields: format === NOT_READ ? undefined : { format, pageSize, numPages, data },
+  };
   return undefined;
 }
 
@@ -565,91 +577,55 @@ function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck, stoppe
     const topk = plan.deviceTopk(rank === 3 ? t2 : t1, data, device);
     if (topk !== undefined) return topk;
   }
-  stopped.read = tensorRead(value, dtype, shape, data, rank, t0, t1, t2, NOT_READ);
+  stopped.read = value;
+  stopped.topk = tensorRead(dtype, shape, data, rank, t0, t1, t2);
   return undefined;
 }
 
-/** Not read by prepareDeviceLayer (any value a caller can give is read). */
-const NOT_READ: unique symbol = Symbol('not read');
-
-/** Where prepareDeviceLayer stopped: the call's args and options as read there, and its route where it was decided, for prepareLayer. */
-interface FellBack {
-  readonly args: PrefillLayerArgs;
-  readonly options: unknown;
+/**
+ * What prepareDeviceLayer read of a call before it stopped, for prepareLayer to go on from: each
+ * argument as read (NOT_READ: not read), or as checked where it passed (the library's own object,
+ * which prepareLayer checks again without reading the caller's; the caches as the record {swa, c4
+ * or c128} of the checked views); the fields it read of the operand it stopped at; the route where
+ * it was decided.
+ */
+interface LayerRead {
+  readonly plan: unknown;
+  readonly compressRatio: unknown;
+  readonly output: unknown;
+  readonly dropped: unknown;
+  readonly q: unknown;
+  readonly smScale: unknown;
+  readonly attnSink: unknown;
+  readonly topkIndices: unknown;
+  readonly caches: unknown;
   readonly route: RouteDecision | undefined;
+  readonly qFields: TensorRead | undefined;
+  readonly sinkFields: TensorRead | undefined;
+  readonly cachesFields: CachesRead | undefined;
+  readonly topkFields: TensorRead | undefined;
 }
 
-/**
- * What prepareDeviceLayer read of a call that it leaves to prepareLayer, as prepareLayer reads it:
- * the args (and options) answering each field read with its value, an argument that passed its
- * checks as checked (the same values in the library's own object, which prepareLayer passes
- * again), the one the checks stopped at as read (Stopped), and the rest from the caller's objects
- * (read once, by prepareLayer). The caches as checked are given as the record prepareLayer reads
- * ({swa, c4 or c128}).
- */
-function fellBack(args: PrefillLayerArgs, options: unknown, plan: unknown, ratio: unknown, output: unknown, dropped: unknown, q: unknown, smScale: unknown, attnSink: unknown, topkIndices: unknown, caches: unknown, route: RouteDecision | undefined): FellBack {
-  const argsRead = new Map<PropertyKey, unknown>([['plan', plan], ['compressRatio', ratio]]);
+/** args[key] as prepareDeviceLayer read it (`read`), else read now. */
+function arg(args: PrefillLayerArgs, read: LayerRead | undefined, key: 'plan' | 'compressRatio' | 'q' | 'smScale' | 'attnSink' | 'topkIndices' | 'caches'): unknown {
+  const value = read === undefined ? NOT_READ : read[key];
+  return value === NOT_READ ? args[key] : value;
+}
+
+/** What prepareDeviceLayer read of a call it leaves to prepareLayer (LayerRead), with what the operand check it stopped at read (`stopped`). */
+function fellBack(stopped: Stopped, plan: unknown, ratio: unknown, output: unknown, dropped: unknown, q: unknown, smScale: unknown, attnSink: unknown, topkIndices: unknown, caches: unknown, route: RouteDecision | undefined): LayerRead {
   if (route !== undefined) {
     const checked = caches as { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
     caches = ratio === 0 ? { swa: checked.swa } : { swa: checked.swa, [ratio === 4 ? 'c4' : 'c128']: checked.compressed };
   }
-  const fields = [['q', q], ['smScale', smScale], ['attnSink', attnSink], ['topkIndices', topkIndices], ['caches', caches]] as const;
-  for (const [key, value] of fields) if (value !== NOT_READ) argsRead.set(key, value);
-  const optionsRead = new Map<PropertyKey, unknown>();
-  if (output !== NOT_READ) optionsRead.set('output', output);
-  if (dropped !== NOT_READ) optionsRead.set('dropped', dropped);
-  return { args: readOnce(args, argsRead) as PrefillLayerArgs, options: readOnce(options, optionsRead), route };
+  return { plan, compressRatio: ratio, output, dropped, q, smScale, attnSink, topkIndices, caches, route, qFields: stopped.q, sinkFields: stopped.attnSink, cachesFields: stopped.caches, topkFields: stopped.topk };
 }
 
-/**
- * A stand-in for a caller's object (a call's args or options, a tensor, its shape, the caches or
- * a cache) of which `read` holds the fields already read: it answers those with their values and
- * any other from the object, read once. Everything else is the object's (its keys, `in`, whether
- * it is an array), so a message describing it is the object's own. The object itself where
- * nothing of it was read, or it is no plain object or array.
- */
-function readOnce(given: unknown, read: Map<PropertyKey, unknown>): unknown {
-  if (read.size === 0 || typeof given !== 'object' || given === null || ArrayBuffer.isView(given)) return given;
-  const object = given;
-  return new Proxy(Array.isArray(object) ? [] : {}, {
-    get(_, key) {
-      if (read.has(key)) return read.get(key);
-      const value: unknown = Reflect.get(object, key);
-      read.set(key, value);
-      return value;
-    },
-    has: (_, key) => Reflect.has(object, key),
-    ownKeys: () => Reflect.ownKeys(object),
-    getOwnPropertyDescriptor(standIn, key) {
-      // the stand-in's own (an array's length) as it is: a proxy may not report it otherwise
-      if (Object.hasOwn(standIn, key)) return Reflect.getOwnPropertyDescriptor(standIn, key);
-      const d = Reflect.getOwnPropertyDescriptor(object, key);
-      return d === undefined ? undefined : { ...d, configurable: true };
-    },
-  });
-}
-
-/** A tensor as read: its dtype, shape and data, and (where read, else NOT_READ) its shape's length and first dims in order. */
-function tensorRead(given: object, dtype: unknown, shape: unknown, data: unknown, length: unknown, ...dims: unknown[]): unknown {
-  let shapeRead = shape;
-  if (length !== NOT_READ) {
-    const read = new Map<PropertyKey, unknown>([['length', length]]);
-    for (let i = 0; i < dims.length && dims[i] !== NOT_READ; i++) read.set(String(i), dims[i]);
-    shapeRead = readOnce(shape, read);
-  }
-  return readOnce(given, new Map<PropertyKey, unknown>([['dtype', dtype], ['shape', shapeRead], ['data', data]]));
-}
-
-/** The caches as deviceCaches read them: the SWA cache, and where read the compressed one (`key`), each with its fields where read (else NOT_READ). */
-function cachesRead(given: object, swa: unknown, swaFormat: unknown, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown, key: string, compressed: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
-  const read = new Map<PropertyKey, unknown>([['swa', swaFormat === NOT_READ ? swa : cacheRead(swa, swaFormat, swaPageSize, swaNumPages, swaData)]]);
-  if (compressed !== NOT_READ) read.set(key, format === NOT_READ ? compressed : cacheRead(compressed, format, pageSize, numPages, data));
-  return readOnce(given, read);
-}
-
-/** A cache's fields as read. */
-function cacheRead(given: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): unknown {
-  return readOnce(given, new Map<PropertyKey, unknown>([['format', format], ['pageSize', pageSize], ['numPages', numPages], ['data', data]]));
+/** A tensor's fields as read: its dtype, shape and data, and (where read, else NOT_READ) its shape's length and first dims in order. */
+function tensorRead(dtype: unknown, shape: unknown, data: unknown, length: unknown, ...dims: unknown[]): TensorRead {
+  let n = 0;
+  while (n < dims.length && dims[n] !== NOT_READ) n++;
+  return { dtype, shape, data, length, dims: dims.slice(0, n) };
 }
 
 // prepareLayer's messages, built only to throw: it runs on every layer, mostly before V8 has
@@ -689,10 +665,10 @@ function noIndexer(ratio: CompressRatio, topkIndices: unknown): never {
   fail('INVALID_VALUE', 'topkIndices', `nothing for a ratio-${ratio} layer (only c4 layers have an indexer)`, describe(topkIndices));
 }
 
-/** options.dropped (options already checked to be undefined or an object): whether the count may come later. */
-function checkDroppedOption(options: unknown): boolean {
+/** options.dropped (options already checked to be undefined or an object; `dropped`: as read, else NOT_READ): whether the count may come later. */
+function checkDroppedOption(options: unknown, dropped: unknown): boolean {
   if (options === undefined) return false;
-  const d = (options as PrefillLayerOptions).dropped;
+  const d = dropped === NOT_READ ? (options as PrefillLayerOptions).dropped : dropped;
   if (d === undefined || d === 'await') return false;
   if (d === 'later') return true;
   fail('INVALID_VALUE', 'options.dropped', '"await" or "later"', describe(d));
@@ -723,11 +699,10 @@ export type CheckedLayer = LayerCall;
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine', hostOperand = false): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
   // (compared with undefined, not told apart by instanceof: this runs on every layer, mostly cold)
-  const stopped: Stopped = { read: NOT_READ, call: undefined };
+  const stopped: Stopped = { read: NOT_READ, q: undefined, attnSink: undefined, caches: undefined, topk: undefined, call: undefined };
   const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options, stopped);
   if (fast === undefined) {
-    const read = stopped.call;
-    return read === undefined ? checkFully(engine, args, options, undefined) : checkFully(engine, read.args, read.options, read.route);
+    return checkFully(engine, args, options, stopped.call);
   }
   // (a device layer's ops take host memory only for host outputs, or a paged c4 layer's for its
   // top-k downloaded and the paged form built on the host; prepareLayer checks its own call's)
@@ -737,8 +712,8 @@ export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unkn
 }
 
 /** checkLayer's call where prepareDeviceLayer does not pass it: every check of prepareLayer (over what prepareDeviceLayer read), then its device operands still live. */
-function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, route: RouteDecision | undefined): CheckedLayer {
-  const call = prepareLayer(engine, args, options, route);
+function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown, read: LayerRead | undefined): CheckedLayer {
+  const call = prepareLayer(engine, args, options, read);
   if (engine.hasDevice) deviceOperandsLive(call);
   return call;
 }
@@ -1031,5 +1006,5 @@ function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources
  */
 export const layerChecks = {
   prepareLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall => prepareLayer(engine, args, options),
-  prepareDeviceLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined => prepareDeviceLayer(engine, args, options, { read: NOT_READ, call: undefined }),
+  prepareDeviceLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined => prepareDeviceLayer(engine, args, options, { read: NOT_READ, q: undefined, attnSink: undefined, caches: undefined, topk: undefined, call: undefined }),
 };

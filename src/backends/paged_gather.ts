@@ -16,9 +16,6 @@ import { copyBytes, type MemoryPart } from './memory.js';
 import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
-// declared in backend.ts (they type the Backend interface's arguments), importable from here with the arithmetic over them
-export type { PagedSetBytes };
-
 /** The index set of a paged call as the host backends hold it (host arrays). */
 export type HostPagedSet = PagedIndexSet;
 

@@ -26,6 +26,7 @@ import {
   type DeviceOps,
   type HostOpMemory,
   type LayerSteps,
+  type PagedSetBytes,
   type PagedSparseAttentionJob,
   type PagedSparseAttentionOutput,
   type PlacedAttentionOutput,
@@ -40,7 +41,6 @@ import {
 import { CpuBackend } from './cpu_backend.js';
 import { attentionOutputBytes, inputBytes, type InputBytes, type StageableArray, type StagingArena } from '../staging.js';
 import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
-import type { PagedSetBytes } from '../paged_gather.js';
 import { V4_ROW_DIMS } from '../../kv_cache_layout.js';
 import { AddonCalls } from './addon_calls.js';
 import {

@@ -383,6 +383,8 @@ export const hostileDir = {
         if (e.code === 'TOO_LARGE') return null;
         const text = `${e.message} ${String(e.argument)}`;
         const names = changed.map((c) => (c.file ? c.file : c.label.includes('.safetensors') ? '.safetensors' : dir));
+        // a file still valid but of other dims or dtype ('free') may be refused by another file's check against it (kv's dQK against q's)
+        if (changed.some((c) => c.cls === 'free')) names.push(...files);
         return names.some((n) => text.includes(n)) || text.includes(dir) ? null : ['refusal-unnamed', `refused without naming ${names.join(' or ')}: ${e.code} ${e.message.slice(0, 160)}`];
       },
       judge: (got, { refArgs, neutral }) => {

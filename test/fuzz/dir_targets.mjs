@@ -24,7 +24,10 @@ import { copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync
 import { join } from 'node:path';
 import { SparseMlaError } from '../../dist/index.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs, readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
-import { caseScratch, judgeFields, judgeTensors, prefillInputs, prefillOutputs } from './side_targets.mjs';
+import { RELATIVE_PATHS_FROM_SEED, caseScratch, judgeFields, judgeTensors, prefillInputs, prefillOutputs } from './side_targets.mjs';
+
+/** The seed of the last hostileDirWrite case built (the judge's rebuild of a neutral case has hooks of no seed). */
+let lastWriteSeed = 0;
 
 const DTYPE_OF_DESCR = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
 
@@ -450,6 +453,8 @@ export const hostileDirWrite = {
   fromSeed: 121, // added after seeds 115-120 were run
   build(rng, env, hooks) {
     const scratch = caseScratch(hooks);
+    const seed = hooks.rng ? hooks.seed : lastWriteSeed;
+    if (hooks.rng) lastWriteSeed = hooks.seed;
     const dir = join(scratch, 'd');
     const outside = join(scratch, 'outside');
     const older = prefillInputs(rng, hooks);
@@ -503,7 +508,9 @@ export const hostileDirWrite = {
       handlesBefore = handlesUnder(scratch);
     };
     const describe = `${op}${op === 'writePrefillDir' && withOutputs ? ' with outputs' : ''} as ${format} over a ${olderFormat} dump; ${plan.map((c) => `${c.label} [${c.cls}]`).join('; ')}`;
-    const args = op === 'writePrefillOutputs' ? [dir, freshOutputs, format] : [dir, fresh.args, { format, ...(withOutputs ? { outputs: freshOutputs } : {}) }];
+    // the call runs in the case's folder; from RELATIVE_PATHS_FROM_SEED it is given the folder relative to it, so a mutated path stays there
+    const given = seed >= RELATIVE_PATHS_FROM_SEED ? 'd' : dir;
+    const args = op === 'writePrefillOutputs' ? [given, freshOutputs, format] : [given, fresh.args, { format, ...(withOutputs ? { outputs: freshOutputs } : {}) }];
     const outsideChanged = () => {
       const d = stateDiff(outsideBefore, folderState(outside));
       return d.length > 0 ? `written outside the folder, through a symlink: ${d.join(', ')}` : null;
@@ -513,7 +520,15 @@ export const hostileDirWrite = {
       describe,
       mostlyValid: true,
       prepare,
-      call: (x) => (op === 'writePrefillOutputs' ? writePrefillOutputs(...x) : writePrefillDir(...x)),
+      call: async (x) => {
+        const back = process.cwd();
+        process.chdir(scratch);
+        try {
+          return await (op === 'writePrefillOutputs' ? writePrefillOutputs(...x) : writePrefillDir(...x));
+        } finally {
+          process.chdir(back);
+        }
+      },
       leftOpen: () => {
         const now = handlesUnder(scratch).filter((h) => !handlesBefore.includes(h));
         return now.length > 0 ? `${now.length} handle(s) left open: ${now.slice(0, 3).join(', ')}` : null;

@@ -450,6 +450,13 @@ let lastSeed = 0;
 /** The first seed whose fileWriters cases draw writeSafetensorsFile and npyToTensor too. */
 const FILE_OPS_LATER_FROM_SEED = 92;
 
+/**
+ * The first seed whose file targets (fileWriters, dir_targets.mjs hostileDirWrite) give the call paths relative
+ * to the case's folder (its working directory during the call) instead of absolute ones: a mutated absolute
+ * path ('/TMP/SPARSE-MLA-FUZZ-FILES-…' in upper case) was written outside the case's folder, at the root.
+ */
+export const RELATIVE_PATHS_FROM_SEED = 130;
+
 export function scratchDir() {
   fileRoot ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-files-'));
   if (lastScratch) rmSync(lastScratch, { recursive: true, force: true });
@@ -566,6 +573,8 @@ const fileWriters = {
       }
     };
     const dir = join(scratch, 'd');
+    // what the call is given: from RELATIVE_PATHS_FROM_SEED a path in its folder relative to it (a mutated one stays there)
+    const given = (name) => (seed >= RELATIVE_PATHS_FROM_SEED ? name : join(scratch, name));
     // a refused writer leaves the folder as it was (a reader's folder was written by prepare)
     let before = [];
     const afterRefusal = () => {
@@ -576,7 +585,7 @@ const fileWriters = {
       const record = {};
       for (let k = rng.int(1, 4); k > 0; k--) record[rng.pick(['q', 'kv', 'out', 'a.b'])] = randomHostTensor(rng, hooks);
       hooks.records.add(record);
-      const args = [join(scratch, 'x.safetensors'), record];
+      const args = [given('x.safetensors'), record];
       if (rng.uniform() < 0.5) {
         const metadata = { sm_scale: '0.04', note: rng.pick(['x', '']) };
         hooks.records.add(metadata);
@@ -612,7 +621,7 @@ const fileWriters = {
     if (op === 'writeNpyFile') {
       const t = randomHostTensor(rng, hooks);
       return {
-        args: [join(scratch, 'x.npy'), t],
+        args: [given('x.npy'), t],
         describe: op,
         afterRefusal,
         call: inFolder(writeNpyFile),
@@ -625,7 +634,7 @@ const fileWriters = {
     }
     if (op === 'writePrefillOutputs') {
       const res = prefillOutputs(rng, hooks, rng.int(0, 3), rng.int(1, 3), rng.pick([1, 4, 512]));
-      const args = [dir, res];
+      const args = [given('d'), res];
       if (rng.uniform() < 0.6) args.push(rng.pick(['npy', 'safetensors']));
       return {
         args,
@@ -656,7 +665,7 @@ const fileWriters = {
       if (rng.uniform() < 0.6) opts.format = rng.pick(['npy', 'safetensors']);
       if (rng.uniform() < 0.5) opts.outputs = prefillOutputs(rng, hooks, shapes.sQ, shapes.hQ, shapes.dV);
       return {
-        args: rng.uniform() < 0.2 && opts.format === undefined && opts.outputs === undefined ? [dir, args] : [dir, args, opts],
+        args: rng.uniform() < 0.2 && opts.format === undefined && opts.outputs === undefined ? [given('d'), args] : [given('d'), args, opts],
         describe: op,
         afterRefusal,
         call: inFolder(writePrefillDir),
@@ -699,7 +708,7 @@ const fileWriters = {
     if (op === 'prefillDirGet') {
       const names = { q: args.q, kv: args.kv, indices: args.indices, topk_length: args.topkLength, attn_sink: args.attnSink, out: outputs.out, lse: outputs.lse, max_logits: outputs.maxLogits };
       return {
-        args: [dir, rng.pick([...Object.keys(names), 'missing'])],
+        args: [given('d'), rng.pick([...Object.keys(names), 'missing'])],
         describe: op,
         prepare,
         call: inFolder(async (d, name) => {
@@ -717,7 +726,7 @@ const fileWriters = {
     }
     if (op === 'loadPrefillInputs') {
       return {
-        args: [dir],
+        args: [given('d')],
         describe: op,
         prepare,
         call: inFolder(loadPrefillInputs),
@@ -730,7 +739,7 @@ const fileWriters = {
       };
     }
     return {
-      args: [dir, { ...shapes }],
+      args: [given('d'), { ...shapes }],
       describe: op,
       prepare,
       call: inFolder(loadPrefillOutputs),

@@ -1,0 +1,190 @@
+/**
+ * The package as `npm install` puts it in a user's project, with npm itself doing the install:
+ * the files `npm pack` lists (dist as built here) and a prebuilt linux-x64 addon (this checkout's
+ * build, with a manifest as native/prebuild.mjs writes one) are packed once into a tarball, and each
+ * test installs it into a fresh project whose path holds a space and a non-ASCII letter, offline
+ * (comlink, the one dependency, from a tarball of this checkout's copy; an empty npm cache). What
+ * the end-to-end check of a release tarball with CUDA (.ci/package_check.sh) does not cover: an
+ * install that runs no scripts and leaves out optional and peer dependencies, then a tree made
+ * read-only and used by another user; the CLI through npm's own bin link and `npx`.
+ */
+import { createHash } from 'node:crypto';
+import { spawnSync, type SpawnSyncOptions } from 'node:child_process';
+import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { outBound, sparsePrefillReference } from '../dist/reference/index.js';
+import { tensor } from '../dist/index.js';
+import { NATIVE_ADDON, nativeAddonBuilt } from './helpers/backends.js';
+import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { tempDirs } from './helpers/temp_dirs.js';
+
+const ROOT = fileURLToPath(new URL('..', import.meta.url));
+const LEVEL = 'x86-64-v2'; // the prebuilt level every x86-64 CPU of a CI runs
+const ADDON_FILE = `sparse_mla_native.${LEVEL}.node`;
+const stageDir = tempDirs('sparse-mla-stage-');
+const projectDir = tempDirs('sparse-mla consumer ü-');
+
+/** The environment a user's shell has: none of this repository's switches. */
+const userEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(SPARSE_MLA_.*|npm_.*|NODE_OPTIONS)$/i.test(k)));
+
+function run(cmd: string, args: string[], options: SpawnSyncOptions & { cwd: string }): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000, env: userEnv, ...options });
+  return { code: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
+}
+
+interface InfoJson {
+  backends: { name: string; available: boolean; reason?: string }[];
+  addon: { loaded: boolean; origin: string | null; level: string | null; path: string | null; install: { addon: string; path: string | null } | null };
+}
+
+const withPrebuilt = process.platform === 'linux' && process.arch === 'x64' && nativeAddonBuilt();
+
+describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer project', () => {
+  let tarball = '';
+  let comlinkTarball = '';
+  let npmCache = '';
+  const addonBytes = () => readFileSync(process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON);
+
+  beforeAll(() => {
+    const listed = run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT });
+    expect(listed.code, listed.stderr).toBe(0);
+    const files = (JSON.parse(listed.stdout) as { files: { path: string }[] }[])[0]!.files.map((f) => f.path);
+    const stage = stageDir();
+    const pkg = join(stage, 'package');
+    for (const f of files) {
+      mkdirSync(dirname(join(pkg, f)), { recursive: true });
+      copyFileSync(join(ROOT, f), join(pkg, f));
+    }
+    const bytes = addonBytes();
+    const prebuilds = join(pkg, 'prebuilds', 'linux-x64');
+    mkdirSync(prebuilds, { recursive: true });
+    writeFileSync(join(prebuilds, ADDON_FILE), bytes);
+    writeFileSync(join(prebuilds, 'manifest.json'), JSON.stringify({
+      package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: false, why: 'a test package' },
+      addons: [{ file: ADDON_FILE, cpuArch: LEVEL, simd: 'SSE2', bytes: bytes.length, sha256: createHash('sha256').update(bytes).digest('hex') }],
+    }));
+    const packed = run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage], { cwd: pkg });
+    expect(packed.code, packed.stderr).toBe(0);
+    tarball = join(stage, (JSON.parse(packed.stdout) as { filename: string }[])[0]!.filename);
+    const comlink = run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage, join(ROOT, 'node_modules', 'comlink')], { cwd: stage });
+    expect(comlink.code, comlink.stderr).toBe(0);
+    comlinkTarball = join(stage, (JSON.parse(comlink.stdout) as { filename: string }[])[0]!.filename);
+    npmCache = join(stage, 'npm-cache');
+  }, 180_000);
+
+  /** A fresh project with the package installed by npm (flags added to `npm install`). */
+  function installedProject(flags: string[]): { app: string; pkg: string; stdout: string } {
+    const app = join(projectDir(), 'my app');
+    mkdirSync(app);
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'my-app', private: true, type: 'module' }));
+    const r = run('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--foreground-scripts', '--cache', npmCache, ...flags, tarball, comlinkTarball], { cwd: app });
+    expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0);
+    return { app, pkg: join(app, 'node_modules', 'sparse-mla'), stdout: r.stdout };
+  }
+
+  /** Fresh random inputs, written for the fixture, and the float64 reference's out and its bounds. */
+  function prefillCase(dir: string, label: string): { inputs: string; ref: Float64Array; bound: Float64Array } {
+    const rng = testRng(label);
+    const [sQ, hQ, dQK, sKV, topk] = [3, 16, 576, 40, 24];
+    const q = randomBf16Bits(rng, sQ * hQ * dQK);
+    const kv = randomBf16Bits(rng, sKV * dQK);
+    const indices = randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1, duplicateFraction: 0.1 });
+    const smScale = 1 / Math.sqrt(dQK);
+    const reference = sparsePrefillReference({ q: tensor('bf16', [sQ, hQ, dQK], q), kv: tensor('bf16', [sKV, dQK], kv), indices: tensor('int32', [sQ, topk], indices), smScale });
+    const b64 = (a: Uint16Array) => Buffer.from(a.buffer, a.byteOffset, a.byteLength).toString('base64');
+    const inputs = join(dir, 'inputs.json');
+    writeFileSync(inputs, JSON.stringify({ qShape: [sQ, hQ, dQK], kvShape: [sKV, dQK], indicesShape: [sQ, topk], q: b64(q), kv: b64(kv), indices: [...indices], smScale }));
+    return { inputs, ref: reference.out, bound: reference.mag.map(outBound) };
+  }
+
+  /** The fixture's out per backend, each element judged against the reference's bound. */
+  function expectPrefill(stdout: string, backends: string[], expected: { ref: Float64Array; bound: Float64Array }): void {
+    const got = JSON.parse(stdout) as { sameModule: boolean; results: Record<string, { backend: string; out: string }> };
+    expect(got.sameModule).toBe(true);
+    for (const name of backends) {
+      const r = got.results[name]!;
+      expect(r.backend).toBe(name);
+      const bits = new Uint16Array(new Uint8Array(Buffer.from(r.out, 'base64')).buffer);
+      expect(bits.length).toBe(expected.ref.length);
+      const f32 = new Float32Array(new Uint32Array(Array.from(bits, (b) => b << 16)).buffer);
+      const over = [...f32.keys()].filter((i) => !(Math.abs(f32[i]! - expected.ref[i]!) <= expected.bound[i]!));
+      expect(over.slice(0, 5).map((i) => `${name} out[${i}] ${f32[i]} ref ${expected.ref[i]} bound ${expected.bound[i]}`)).toEqual([]);
+    }
+  }
+
+  test('a default install in a path with a space: the install script picks the prebuilt addon; the CLI runs through npm\'s bin link and npx from any cwd; import and require give the same module', () => {
+    const { app, pkg, stdout } = installedProject([]);
+    const addon = join(pkg, 'prebuilds', 'linux-x64', ADDON_FILE);
+    expect(stdout).toContain(`using the prebuilt linux-x64 addon (${LEVEL}`);
+    expect(JSON.parse(readFileSync(join(pkg, 'build', 'install-status.json'), 'utf8'))).toMatchObject({ addon: 'prebuilt', path: addon, root: pkg });
+
+    // the bin link npm made points at an executable file
+    const link = join(app, 'node_modules', '.bin', 'sparse-mla');
+    expect(lstatSync(link).isSymbolicLink()).toBe(true);
+    const target = resolve(dirname(link), readlinkSync(link));
+    expect(target).toBe(join(pkg, 'dist', 'cli', 'main.js'));
+    expect(statSync(target).mode & 0o111).toBe(0o111);
+
+    const outside = os.tmpdir();
+    const info = run(link, ['info', '--json'], { cwd: outside });
+    expect(info.code, info.stderr).toBe(0);
+    const parsed = JSON.parse(info.stdout) as InfoJson;
+    expect(parsed.addon).toMatchObject({ loaded: true, origin: 'prebuilt', level: LEVEL, path: addon, install: { addon: 'prebuilt' } });
+    expect(parsed.backends.filter((b) => b.available).map((b) => b.name)).toEqual(expect.arrayContaining(['cpu', 'wasm']));
+    const npx = run('npx', ['--offline', '--no', '--', 'sparse-mla', 'info', '--json'], { cwd: app, env: { ...userEnv, npm_config_cache: npmCache } });
+    expect(npx.code, npx.stderr).toBe(0);
+    expect((JSON.parse(npx.stdout) as InfoJson).addon).toEqual(parsed.addon);
+
+    copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
+    const expected = prefillCase(app, 'consumer install');
+    const prefill = run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm'], { cwd: outside });
+    expect(prefill.stderr).toBe('');
+    expect(prefill.code).toBe(0);
+    expectPrefill(prefill.stdout, ['cpu', 'wasm'], expected);
+  }, 120_000);
+
+  describe('no scripts, no optional or peer dependencies, then the tree read-only to the user running it', () => {
+    let app = '';
+    afterAll(() => {
+      if (app) spawnSync('chmod', ['-R', 'u+w', app]); // so that the temp folder can be removed
+    });
+
+    test('the prebuilt addon still loads, info says the install script did not run, cpu and wasm compute, nothing is written', () => {
+      const installed = installedProject(['--ignore-scripts', '--omit=optional', '--omit=peer']);
+      app = installed.app;
+      const { pkg } = installed;
+      expect(existsSync(join(pkg, 'build'))).toBe(false);
+      expect(readdirSync(join(app, 'node_modules')).filter((d) => !d.startsWith('.')).sort()).toEqual(['comlink', 'sparse-mla']);
+      copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
+      const expected = prefillCase(app, 'consumer read-only');
+
+      // read-only for everyone; root ignores modes, so as root the commands run as nobody (setpriv)
+      const root = process.getuid?.() === 0;
+      expect(!root || spawnSync('setpriv', ['--version']).status === 0, 'running as root: setpriv (util-linux) is needed to drop to nobody').toBe(true);
+      for (let dir = app; dir !== dirname(dir) && dir.startsWith(os.tmpdir()) && dir !== os.tmpdir(); dir = dirname(dir)) chmodSync(dir, 0o755);
+      const tree = () => readdirSync(app, { recursive: true }).map(String).sort();
+      const before = tree();
+      expect(spawnSync('chmod', ['-R', 'a-w', app]).status).toBe(0);
+      const asUser = (args: string[]) => {
+        const argv = root ? ['setpriv', ['--reuid=65534', '--regid=65534', '--clear-groups', ...args]] as const : [args[0]!, args.slice(1)] as const;
+        return run(argv[0], [...argv[1]], { cwd: os.tmpdir(), env: { ...userEnv, HOME: os.tmpdir() } });
+      };
+
+      const info = asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info', '--json']);
+      expect(info.code, info.stderr).toBe(0);
+      const parsed = JSON.parse(info.stdout) as InfoJson;
+      expect(parsed.addon).toMatchObject({ loaded: true, origin: 'prebuilt', level: LEVEL, install: null });
+      const text = asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info']);
+      expect(text.stdout).toContain('install  the install script did not run (no ');
+
+      const prefill = asUser([process.execPath, join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm']);
+      expect(prefill.stderr).toBe('');
+      expect(prefill.code).toBe(0);
+      expectPrefill(prefill.stdout, ['cpu', 'wasm'], expected);
+      expect(tree()).toEqual(before);
+    }, 120_000);
+  });
+});

@@ -10,7 +10,7 @@ import { checkPlacedTensor, checkTensor, describe, INT32_MAX, listCount, NOT_REA
 import { allocHostArray, arrayLikeOf, dimsOnce, formatBytes, isDeviceBuffer, releaseDevice, tensor } from '../tensor.js';
 import type { DeviceBuffer, Placement, Tensor } from '../types.js';
 import { V4_ROW_DIMS, v4PageBytes } from '../kv_cache_layout.js';
-import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob } from '../backends/backend.js';
+import type { CacheView, DeviceOps, LayerSteps, PlannedRows, PlanRowsJob, QueuedLayerJob, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { loadHostPlanner, type HostPlanner, type HostRows, type HostTopkRows, type PlanLayoutTotals } from '../backends/wasm/planner.js';
 import type {
   CombinedRows,
@@ -181,7 +181,7 @@ function checkV4Cache(cache: unknown, argument: string, read?: CacheRead): Cache
   const geometry = { pageSize: pageSize as number, numPages: numPages as number };
   const pageBytes = v4PageBytes(geometry.pageSize);
   if (data.byteLength !== pageBytes * geometry.numPages) badCacheBytes(geometry, data.byteLength, pageBytes, argument);
-  return { format: 'v4', pageSize: geometry.pageSize, numPages: geometry.numPages, numTokens: cacheTokens(geometry), bytes: data.byteLength, data };
+  return new V4CacheView(geometry.pageSize, geometry.numPages, data.byteLength, data);
 }
 
 /** A cache's fields as a layer's check without messages read them (format, pageSize, numPages, data), for checkCaches to go on from. */
@@ -219,7 +219,7 @@ function deviceCacheView(format: unknown, pageSize: unknown, numPages: unknown, 
   if (format !== 'v4' || typeof pageSize !== 'number' || typeof numPages !== 'number' || (pageSize | 0) !== pageSize || pageSize < 1 || (numPages | 0) !== numPages || numPages < 0) return undefined;
   const bytes = v4PageBytes(pageSize) * numPages;
   if (!device.ownsLive(data, bytes)) return undefined;
-  return { format: 'v4', pageSize, numPages, numTokens: pageSize * numPages, bytes, data: data as DeviceBuffer };
+  return new V4CacheView(pageSize, numPages, bytes, data as DeviceBuffer);
 }
 
 // The messages of the checks a layer runs (checkV4Cache, Plan.checkCaches, Plan.checkTopk), built
@@ -417,6 +417,133 @@ export interface CheckedTopk<B = never> {
   readonly width: number;
 }
 
+// The records a device layer makes before its first launch (its checked caches, top-k and queued
+// job) are made by constructors, not object literals: they are made on every layer, mostly before
+// V8 has given the functions that make them feedback (it does once a function has run about eight
+// times its own bytecode), and without feedback V8 builds a literal property by property in its
+// runtime, where a constructor's stores take its fast path.
+
+/** A checked v4 cache (CacheView): what checkV4Cache and a device layer's cache check give. */
+class V4CacheView<B> implements CacheView<B> {
+  declare readonly format: 'v4';
+  declare readonly pageSize: number;
+  declare readonly numPages: number;
+  declare readonly numTokens: number;
+  declare readonly bytes: number;
+  declare readonly data: Uint8Array | B;
+  constructor(pageSize: number, numPages: number, bytes: number, data: Uint8Array | B) {
+    this.format = 'v4';
+    this.pageSize = pageSize;
+    this.numPages = numPages;
+    this.numTokens = pageSize * numPages;
+    this.bytes = bytes;
+    this.data = data;
+  }
+}
+
+/** A layer's caches as checked (Plan.checkCaches, a device layer's checks): the SWA cache's view and the compressed cache's, if the ratio has one. */
+export class CheckedCaches<B> {
+  declare readonly swa: CacheView<B>;
+  declare readonly compressed: CacheView<B> | undefined;
+  constructor(swa: CacheView<B>, compressed: CacheView<B> | undefined) {
+    this.swa = swa;
+    this.compressed = compressed;
+  }
+}
+
+/** A checked top-k (CheckedTopk), [numQueries, topk]. */
+class TopkRows<B> implements CheckedTopk<B> {
+  declare readonly data: Int32Array | B;
+  declare readonly shape: readonly [number, number];
+  declare readonly topk: number;
+  declare readonly width: number;
+  constructor(data: Int32Array | B, numQueries: number, topk: number, width: number) {
+    this.data = data;
+    this.shape = [numQueries, topk];
+    this.topk = topk;
+    this.width = width;
+  }
+}
+
+/** A queued c4 layer's combine (QueuedLayerJob.planRows) into the rows an earlier layer gave back. */
+class QueuedCombine<B> implements PlanRowsJob<B> {
+  declare readonly seqLens: Int32Array;
+  declare readonly extendLens: Int32Array;
+  declare readonly window: number;
+  declare readonly ratio: 4;
+  declare readonly topkIndices: Int32Array | B;
+  declare readonly topk: number;
+  declare readonly width: number;
+  declare readonly into: PlannedRows<B>;
+  constructor(p: PlanParts, topk: CheckedTopk<B>, into: PlannedRows<B>) {
+    this.seqLens = p.seqLens;
+    this.extendLens = p.extendLens;
+    this.window = p.window;
+    this.ratio = 4;
+    this.topkIndices = topk.data;
+    this.topk = topk.topk;
+    this.width = topk.width;
+    this.into = into;
+  }
+}
+
+/** A queued layer's dequant of `n` rows of a cache into its workspace from row `rowOffset`. */
+class QueuedDequant<B> implements WorkspaceDequantizeJob<B> {
+  declare readonly cache: CacheView<B>;
+  declare readonly tokenIds: BigInt64Array | B;
+  declare readonly n: number;
+  declare readonly workspace: Uint16Array | B;
+  declare readonly rowOffset: number;
+  constructor(cache: CacheView<B>, tokenIds: BigInt64Array | B, n: number, workspace: Uint16Array | B, rowOffset: number) {
+    this.cache = cache;
+    this.tokenIds = tokenIds;
+    this.n = n;
+    this.workspace = workspace;
+    this.rowOffset = rowOffset;
+  }
+}
+
+/** A queued layer's sparsePrefill over its workspace rows. */
+class QueuedPrefill<B> implements WorkspacePrefillJob<B> {
+  declare readonly q: Uint16Array | B;
+  declare readonly workspace: Uint16Array | B;
+  declare readonly rows: number;
+  declare readonly indices: Int32Array | B;
+  declare readonly lengths: Int32Array | B;
+  declare readonly attnSink: Float32Array | B | null;
+  declare readonly numQueries: number;
+  declare readonly hQ: number;
+  declare readonly width: number;
+  declare readonly smScale: number;
+  constructor(call: QueuedLayerCall<B>, workspace: Uint16Array | B, rows: LayerRows<B>, numQueries: number) {
+    const sink = call.attnSink;
+    this.q = call.q.data;
+    this.workspace = workspace;
+    this.rows = call.layout.rows;
+    this.indices = rows.rows;
+    this.lengths = rows.lens;
+    this.attnSink = sink === undefined ? null : sink.data;
+    this.numQueries = numQueries;
+    this.hQ = call.hQ;
+    this.width = rows.width;
+    this.smScale = call.smScale;
+  }
+}
+
+/** A workspace layer the steps queue whole (LayerSteps.queueLayer). */
+class QueuedJob<B> implements QueuedLayerJob<B> {
+  declare readonly owner: object;
+  declare readonly planRows: QueuedCombine<B> | null;
+  declare readonly dequants: WorkspaceDequantizeJob<B>[];
+  declare readonly prefill: QueuedPrefill<B>;
+  constructor(owner: object, planRows: QueuedCombine<B> | null, dequants: WorkspaceDequantizeJob<B>[], prefill: QueuedPrefill<B>) {
+    this.owner = owner;
+    this.planRows = planRows;
+    this.dequants = dequants;
+    this.prefill = prefill;
+  }
+}
+
 /** What LayerResources.queuedJob reads of a layer call (prefill_layer's LayerCall), every operand in device memory. */
 export interface QueuedLayerCall<B> {
   readonly ratio: CompressRatio;
@@ -599,13 +726,13 @@ export class LayerResources<B = never> {
     }
     const p = this.#plan;
     let rows: LayerRows<B>;
-    let planRows: QueuedLayerJob<B>['planRows'] = null;
+    let planRows: QueuedCombine<B> | null = null;
     if (ratio === 4) {
       const topk = call.topk!;
       const into = this.#takeC4Rows(topk.width);
       if (into === undefined) return undefined;
       rows = into;
-      planRows = { seqLens: p.seqLens, extendLens: p.extendLens, window: p.window, ratio: 4, topkIndices: topk.data, topk: topk.topk, width: topk.width, into };
+      planRows = new QueuedCombine(p, topk, into);
     } else {
       const dense = this.keptDenseRows(ratio);
       if (dense === undefined) return undefined;
@@ -614,16 +741,14 @@ export class LayerResources<B = never> {
     const ws = this.takeWorkspace(steps);
     const caches = call.caches;
     // the compressed rows first, then the SWA rows (as prefill_layer's dequantJobs)
-    const swa = swaIds === null ? null : { cache: caches.swa, tokenIds: swaIds, n: swaRows, workspace: ws, rowOffset: compressedRows };
+    const swa = swaIds === null ? null : new QueuedDequant(caches.swa, swaIds, swaRows, ws, compressedRows);
     let dequants: WorkspaceDequantizeJob<B>[];
     if (compressedIds === null) dequants = swa === null ? [] : [swa];
     else {
-      const compressed = { cache: caches.compressed!, tokenIds: compressedIds, n: compressedRows, workspace: ws, rowOffset: 0 };
+      const compressed = new QueuedDequant(caches.compressed!, compressedIds, compressedRows, ws, 0);
       dequants = swa === null ? [compressed] : [compressed, swa];
     }
-    const sink = call.attnSink;
-    const prefill = { q: call.q.data, workspace: ws, rows: layout.rows, indices: rows.rows, lengths: rows.lens, attnSink: sink === undefined ? null : sink.data, numQueries: p.numQueries, hQ: call.hQ, width: rows.width, smScale: call.smScale };
-    return { owner: this, planRows, dequants, prefill };
+    return new QueuedJob(this, planRows, dequants, new QueuedPrefill(call, ws, rows, p.numQueries));
   }
 
   /**
@@ -1313,7 +1438,7 @@ export class Plan {
     const last = this.#lastTopkWidth;
     const width = last.topk === topk ? last.width : this.#newTopkWidth(topk);
     if (nq * width > INT32_MAX) return undefined;
-    return { data: data as DeviceBuffer, shape: [nq, topk], topk, width };
+    return new TopkRows(data as DeviceBuffer, nq, topk, width);
   }
 
   /** deviceTopk's last top-k and its rows' width (a layer loop gives the same top-k width every layer); the plan's window and alignment never change */
@@ -1333,7 +1458,7 @@ export class Plan {
     const width = rowWidth(4, topk, 0, this.window, this.align);
     // the width is an int32 of the core even when there are no rows (numQueries 0)
     if (width > INT32_MAX || this.numQueries * width > INT32_MAX) return undefined;
-    return { data, shape: [this.numQueries, topk], topk, width };
+    return new TopkRows(data, this.numQueries, topk, width);
   }
 
   /**
@@ -1487,7 +1612,7 @@ export class Plan {
    * Check a layer's caches against everything the plan reads from them (SPEC §9: ids outside a
    * cache are an error, before any work). `ratio` selects the compressed cache.
    */
-  checkCaches(caches: PlanCaches, ratio: CompressRatio, read?: CachesRead): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } {
+  checkCaches(caches: PlanCaches, ratio: CompressRatio, read?: CachesRead): CheckedCaches<DeviceBuffer> {
     planThis(this, 'checkCaches');
     if (typeof caches !== 'object' || caches === null) fail('INVALID_VALUE', 'caches', 'an object {swa, c4?, c128?}', describe(caches));
     // each cache read once (a getter asked again may answer another one), nor one `read` holds
@@ -1495,14 +1620,14 @@ export class Plan {
     if (swaArg === undefined) fail('INVALID_VALUE', 'caches.swa', "the layer's SWA cache", 'undefined');
     const swa = checkV4Cache(swaArg, 'caches.swa', read?.swaFields);
     if (this.#maxSwaId >= swa.numTokens) swaCacheTooSmall(this.#maxSwaId, swa.numTokens);
-    if (ratio === 0) return { swa };
+    if (ratio === 0) return new CheckedCaches(swa, undefined);
     const st = this.#state(ratio, 'compressRatio');
     const key = ratio === 4 ? 'c4' : 'c128';
     const c = read === undefined || read.compressed === NOT_READ ? caches[key] : read.compressed;
     if (c === undefined) fail('INVALID_VALUE', ratio === 4 ? 'caches.c4' : 'caches.c128', ratio === 4 ? "the layer's c4 compressed cache" : "the layer's c128 compressed cache", 'undefined');
     const compressed = checkV4Cache(c, ratio === 4 ? 'caches.c4' : 'caches.c128', read?.compressedFields);
     if (compressed.pageSize !== st.pageSize || st.maxPage >= compressed.numPages) badCompressedCache(ratio, st, compressed);
-    return { swa, compressed };
+    return new CheckedCaches(swa, compressed);
   }
 
   /**

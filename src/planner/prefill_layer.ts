@@ -32,7 +32,7 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet }
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, PagedSetBytes, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { CheckedCaches, Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -78,30 +78,66 @@ export interface PrefillLayerResult<P extends Placement = 'host', D extends numb
 /** What a layer gives inside this module: outputs where they were asked for, a dropped count or null (read later). */
 type LayerResult = PrefillLayerResult<Placement, number | null>;
 
-/** A layer call checked against its plan and engine: everything the paths read, before any work. */
-interface LayerCall {
-  plan: Plan;
-  ratio: CompressRatio;
+/**
+ * A layer call checked against its plan and engine: everything the paths read, before any work.
+ * Made by a constructor, as the device checks' records are (plan.ts, V4CacheView): it is made on
+ * every layer, mostly before V8 has given the checks feedback, and without feedback V8 builds an
+ * object literal property by property in its runtime.
+ */
+class LayerCall {
+  declare plan: Plan;
+  declare ratio: CompressRatio;
   /** the plan's workspace layout of this ratio */
-  layout: WorkspaceLayout;
-  q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
-  hQ: number;
-  attnSink: Tensor<'float32'> | DeviceTensor<'float32'> | undefined;
-  smScale: number;
+  declare layout: WorkspaceLayout;
+  declare q: Tensor<'bf16'> | DeviceTensor<'bf16'>;
+  declare hQ: number;
+  declare attnSink: Tensor<'float32'> | DeviceTensor<'float32'> | undefined;
+  declare smScale: number;
   /** the checked views the layer steps read */
-  caches: { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> };
+  declare caches: CheckedCaches<DeviceBuffer>;
   /** ratio 4: the indexer's top-k and the width of its rows */
-  topk: CheckedTopk<DeviceBuffer> | undefined;
-  output: Placement;
-  route: RouteDecision;
+  declare topk: CheckedTopk<DeviceBuffer> | undefined;
+  declare output: Placement;
+  declare route: RouteDecision;
   /** whether q, the sink (if any), the caches and the top-k (if any) are all in device memory */
-  device: boolean;
+  declare device: boolean;
   /** { dropped: 'later' }: a device c4 layer resolves once queued, its dropped count read later */
-  droppedLater: boolean;
+  declare droppedLater: boolean;
   /** the copies of host operands taken at the call (copyAtCall): give their slab back once the layer has settled */
-  copies: { release(): void } | undefined;
+  declare copies: { release(): void } | undefined;
   /** the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
-  peeked: PeekedPagedForm | undefined;
+  declare peeked: PeekedPagedForm | undefined;
+  constructor(
+    plan: Plan,
+    ratio: CompressRatio,
+    layout: WorkspaceLayout,
+    q: Tensor<'bf16'> | DeviceTensor<'bf16'>,
+    hQ: number,
+    attnSink: Tensor<'float32'> | DeviceTensor<'float32'> | undefined,
+    smScale: number,
+    caches: CheckedCaches<DeviceBuffer>,
+    topk: CheckedTopk<DeviceBuffer> | undefined,
+    output: Placement,
+    route: RouteDecision,
+    device: boolean,
+    droppedLater: boolean,
+  ) {
+    this.plan = plan;
+    this.ratio = ratio;
+    this.layout = layout;
+    this.q = q;
+    this.hQ = hQ;
+    this.attnSink = attnSink;
+    this.smScale = smScale;
+    this.caches = caches;
+    this.topk = topk;
+    this.output = output;
+    this.route = route;
+    this.device = device;
+    this.droppedLater = droppedLater;
+    this.copies = undefined;
+    this.peeked = undefined;
+  }
 }
 
 /**
@@ -151,7 +187,7 @@ function prepareLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, options: 
   checkViewsIntact({ q: q.data, attnSink: attnSink?.data, swa: caches.swa.data, compressed: caches.compressed?.data, topk: topk?.data });
   const device = isDeviceBuffer(q.data) && (attnSink === undefined || isDeviceBuffer(attnSink.data)) && isDeviceBuffer(caches.swa.data) && (caches.compressed === undefined || isDeviceBuffer(caches.compressed.data)) && (topk === undefined || isDeviceBuffer(topk.data));
   // the layer's steps read q, the sink and the top-k after its first await: host ones are copied now
-  const layerCall: LayerCall = { plan, ratio, layout: plan.layout(ratio), q, hQ, attnSink, smScale, caches, topk, output, route, device, droppedLater, copies: undefined, peeked: undefined };
+  const layerCall = new LayerCall(plan, ratio, plan.layout(ratio), q, hQ, attnSink, smScale, caches, topk, output, route, device, droppedLater);
   copyOperandsAtCall(engine, layerCall);
   return layerCall;
 }
@@ -435,7 +471,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
       }
       topk = t;
     }
-    return { plan, ratio, layout, q, hQ, attnSink, smScale: scale, caches, topk, output: output === 'device' ? 'device' : 'host', route, device: true, droppedLater: dropped === 'later', copies: undefined, peeked: undefined };
+    return new LayerCall(plan, ratio, layout, q, hQ, attnSink, scale, caches, topk, output === 'device' ? 'device' : 'host', route, true, dropped === 'later');
   }
   stopped.call = fellBack(stopped, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
   return undefined;
@@ -446,13 +482,33 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
  * read, and what it read of that operand's fields (in the operand's own slot: undefined where none
  * was read); then the call as read there for prepareLayer (undefined where nothing was read).
  */
-interface Stopped {
-  read: unknown;
-  q: TensorRead | undefined;
-  attnSink: TensorRead | undefined;
-  caches: CachesRead | undefined;
-  topk: TensorRead | undefined;
-  call: LayerRead | undefined;
+class Stopped {
+  declare read: unknown;
+  declare q: TensorRead | undefined;
+  declare attnSink: TensorRead | undefined;
+  declare caches: CachesRead | undefined;
+  declare topk: TensorRead | undefined;
+  declare call: LayerRead | undefined;
+  constructor() {
+    this.read = NOT_READ;
+    this.q = undefined;
+    this.attnSink = undefined;
+    this.caches = undefined;
+    this.topk = undefined;
+    this.call = undefined;
+  }
+}
+
+/** A device operand as the device checks passed it (a DeviceTensor of the library's own, made by a constructor as LayerCall is). */
+class CheckedDeviceTensor<D extends 'bf16' | 'float32'> implements DeviceTensor<D> {
+  declare readonly dtype: D;
+  declare readonly shape: readonly number[];
+  declare readonly data: DeviceBuffer;
+  constructor(dtype: D, shape: readonly number[], data: DeviceBuffer) {
+    this.dtype = dtype;
+    this.shape = shape;
+    this.data = data;
+  }
 }
 
 /**
@@ -481,7 +537,7 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopp
     if (typeof hQ !== 'number' || (hQ | 0) !== hQ || hQ < 1) break read;
     q2 = shape[2];
     if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
-    return { dtype: 'bf16', shape: [nq, hQ, WORKSPACE_ROW_DIMS], data: data as DeviceBuffer };
+    return new CheckedDeviceTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], data as DeviceBuffer);
   }
   stopped.read = value;
   stopped.q = tensorRead(dtype, shape, data, rank, q0, hQ, q2);
@@ -503,7 +559,7 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stoppe
     if (rank !== 1) break read;
     s0 = shape[0];
     if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
-    return { dtype: 'float32', shape: [hQ], data: data as DeviceBuffer };
+    return new CheckedDeviceTensor('float32', [hQ], data as DeviceBuffer);
   }
   stopped.read = value;
   stopped.attnSink = tensorRead(dtype, shape, data, rank, s0, NOT_READ, NOT_READ);
@@ -516,7 +572,7 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stoppe
  * Plan.deviceCompressedCache, the SWA cache before the compressed one is read; the checked views,
  * else undefined, what was read of them in `stopped`.
  */
-function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck, stopped: Stopped): { swa: CacheView<DeviceBuffer>; compressed?: CacheView<DeviceBuffer> } | undefined {
+function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: OwnedBufferCheck, stopped: Stopped): CheckedCaches<DeviceBuffer> | undefined {
   if (typeof given !== 'object' || given === null) {
     stopped.read = given;
     return undefined;
@@ -531,14 +587,14 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
     (swaFormat = s.format), (swaPageSize = s.pageSize), (swaNumPages = s.numPages), (swaData = s.data);
     const swaView = plan.deviceSwaCache(swaFormat, swaPageSize, swaNumPages, swaData, device);
     if (swaView === undefined) break read;
-    if (ratio === 0) return { swa: swaView };
+    if (ratio === 0) return new CheckedCaches(swaView, undefined);
     compressed = (given as PlanCaches)[key];
     if (typeof compressed !== 'object' || compressed === null) break read;
     const c = compressed as KvCache;
     (format = c.format), (pageSize = c.pageSize), (numPages = c.numPages), (data = c.data);
     const compressedView = plan.deviceCompressedCache(ratio, format, pageSize, numPages, data, device);
     if (compressedView === undefined) break read;
-    return { swa: swaView, compressed: compressedView };
+    return new CheckedCaches(swaView, compressedView);
   }
   stopped.read = given;
   stopped.caches = {
@@ -699,7 +755,7 @@ export type CheckedLayer = LayerCall;
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine', hostOperand = false): CheckedLayer {
   const engine = checkEngine(given, engineArgument);
   // (compared with undefined, not told apart by instanceof: this runs on every layer, mostly cold)
-  const stopped: Stopped = { read: NOT_READ, q: undefined, attnSink: undefined, caches: undefined, topk: undefined, call: undefined };
+  const stopped = new Stopped();
   const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options, stopped);
   if (fast === undefined) {
     return checkFully(engine, args, options, stopped.call);
@@ -1006,5 +1062,5 @@ function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources
  */
 export const layerChecks = {
   prepareLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall => prepareLayer(engine, args, options),
-  prepareDeviceLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined => prepareDeviceLayer(engine, args, options, { read: NOT_READ, q: undefined, attnSink: undefined, caches: undefined, topk: undefined, call: undefined }),
+  prepareDeviceLayer: (engine: SparseMlaEngine, args: PrefillLayerArgs, options: unknown): LayerCall | undefined => prepareDeviceLayer(engine, args, options, new Stopped()),
 };

@@ -1812,3 +1812,65 @@ describe('prefill writers over a folder whose file names are taken by directorie
     expect(back.args.smScale).toBe(fresh.args.smScale);
   });
 });
+
+describe("a prefill folder of the library's two .safetensors files (session 55, helper-67)", () => {
+  const folders: string[] = [];
+  afterAll(() => {
+    for (const d of folders) rmSync(d, { recursive: true, force: true });
+  });
+  const folder = (): string => {
+    const d = mkdtempSync(join(tmpdir(), 'sparse-mla-h67s-'));
+    folders.push(d);
+    return d;
+  };
+  const bytesOf = (a: ArrayBufferView): number[] => Array.from(new Uint8Array(a.buffer, a.byteOffset, a.byteLength));
+  const prefill = () => {
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), dQK = rng.pick([4, 16]), sKV = rng.int(1, 6), topk = rng.int(1, 5), dV = rng.int(1, dQK + 1);
+    const args = {
+      q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+      indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.int(-1, sKV))),
+      attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())),
+      smScale: rng.uniform() + 0.01,
+      dV,
+    };
+    const outputs = { out: tensor('bf16', [sQ, hQ, dV], randomBf16Bits(rng, sQ * hQ * dV)), lse: tensor('float32', [sQ, hQ], Float32Array.from({ length: sQ * hQ }, () => rng.normal())), maxLogits: tensor('float32', [sQ, hQ], Float32Array.from({ length: sQ * hQ }, () => rng.normal())) };
+    return { args, outputs, shapes: { sQ, hQ, dV } };
+  };
+
+  test("writePrefillDir's prefill.safetensors and writePrefillOutputs' outputs.safetensors in one folder read back (loadPrefillInputs / loadPrefillOutputs refused the folder: 'expected at most one .safetensors file', so `sparse-mla prefill D --out D --format safetensors` then `verify D` was exit 2); a name in two .safetensors files, or sm_scale in two files' metadata without a meta.json, is INVALID_VALUE naming the folder", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs, shapes } = prefill();
+    const dir = folder();
+    await io.writePrefillDir(dir, args, { format: 'safetensors' });
+    await io.writePrefillOutputs(dir, outputs, 'safetensors');
+    expect(readdirSync(dir).sort()).toEqual(['outputs.safetensors', 'prefill.safetensors']);
+    const back = await io.loadPrefillInputs(dir);
+    expect([back.args.smScale, back.args.dV, back.files.meta, back.files.q]).toEqual([args.smScale, args.dV, 'prefill.safetensors:__metadata__', 'prefill.safetensors:q']);
+    for (const k of ['q', 'kv', 'indices', 'attnSink'] as const) expect(bytesOf(back.args[k]!.data as ArrayBufferView), k).toEqual(bytesOf(args[k].data));
+    const outs = await io.loadPrefillOutputs(dir, back.shapes);
+    expect(outs.files).toEqual({ out: 'outputs.safetensors:out', lse: 'outputs.safetensors:lse', max_logits: 'outputs.safetensors:max_logits' });
+    for (const k of ['out', 'lse', 'maxLogits'] as const) expect(bytesOf(outs[k].data as ArrayBufferView), k).toEqual(bytesOf(outputs[k].data));
+    expect([back.shapes.sQ, back.shapes.hQ, back.shapes.dV]).toEqual([shapes.sQ, shapes.hQ, shapes.dV]);
+
+    // the same name in two files: which one to read is not the library's to guess
+    const twice = folder();
+    await io.writePrefillDir(twice, args, { format: 'safetensors', outputs });
+    await io.writePrefillOutputs(twice, outputs, 'safetensors');
+    for (const call of [() => io.loadPrefillInputs(twice), () => io.loadPrefillOutputs(twice, shapes), () => io.PrefillDir.open(twice)]) {
+      const e = await errorOf(call);
+      expect(e).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', twice]);
+      expect((e as SparseMlaError).message).toMatch(/tensor '(out|lse|max_logits)' is in both outputs\.safetensors and prefill\.safetensors/);
+    }
+
+    // sm_scale in two files' metadata: refused without a meta.json, meta.json's with one
+    const scales = folder();
+    writeFileSync(join(scales, 'a.safetensors'), encodeSafetensors({ q: args.q, kv: args.kv }, { sm_scale: String(args.smScale), d_v: String(args.dV) }));
+    writeFileSync(join(scales, 'b.safetensors'), encodeSafetensors({ indices: args.indices }, { sm_scale: '1' }));
+    await expectTyped(() => io.loadPrefillInputs(scales), 'INVALID_VALUE', 'meta.json');
+    writeFileSync(join(scales, 'meta.json'), JSON.stringify({ sm_scale: args.smScale, d_v: args.dV }));
+    const fromMeta = await io.loadPrefillInputs(scales);
+    expect([fromMeta.args.smScale, fromMeta.files.meta, fromMeta.files.indices]).toEqual([args.smScale, 'meta.json', 'b.safetensors:indices']);
+  });
+});

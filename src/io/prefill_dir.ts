@@ -5,8 +5,10 @@
  *            optional attn_sink.npy (<f4) [hQ], meta.json {"sm_scale": …, "d_v": 512}
  *   outputs  out.npy (<u2 bf16 bits, or <f4) [sQ, hQ, dV], lse.npy (<f4) [sQ, hQ],
  *            max_logits.npy (<f4) [sQ, hQ]
- * Instead of .npy files the directory may hold one .safetensors file with the same names (real BF16
- * there); sm_scale / d_v may then sit in its __metadata__ when there is no meta.json.
+ * Instead of .npy files the directory may hold .safetensors files with the same names (real BF16
+ * there), each name in at most one of them (the inputs' prefill.safetensors and the outputs'
+ * outputs.safetensors, as writePrefillDir and writePrefillOutputs write them); sm_scale / d_v may then
+ * sit in the __metadata__ of one of them when there is no meta.json.
  * Every problem is a SparseMlaError (INVALID_VALUE / INVALID_SHAPE / INVALID_DTYPE) naming the file.
  * Files are read and written through files.ts (regular files only, sizes checked before reading,
  * outputs never written through a symlink).
@@ -46,12 +48,19 @@ function tensorName(name: unknown): void {
   if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a tensor name string, got ${describe(name)}`, 'name');
 }
 
-/** A directory's tensors, .npy files first, then the one .safetensors file. */
+/** One .safetensors file of a directory, read. */
+interface SafetensorsEntry {
+  file: string;
+  tensors: Map<string, Tensor>;
+  metadata: Record<string, string>;
+}
+
+/** A directory's tensors, .npy files first, then its .safetensors files (each name in at most one). */
 export class PrefillDir {
   private constructor(
     readonly dir: string,
     private readonly entries: Set<string>,
-    private readonly st: { file: string; tensors: Map<string, Tensor>; metadata: Record<string, string> } | null,
+    private readonly st: readonly SafetensorsEntry[],
   ) {}
 
   static async open(dir: string): Promise<PrefillDir> {
@@ -62,46 +71,55 @@ export class PrefillDir {
     } catch (e) {
       throw new SparseMlaError('INVALID_VALUE', `${dir}: cannot read the directory (${clip((e as Error).message, 300)})`, dir);
     }
-    const stFiles = names.filter((n) => n.endsWith('.safetensors')).sort();
-    if (stFiles.length > 1) {
-      throw new SparseMlaError('INVALID_VALUE', `${dir}: expected at most one .safetensors file, found ${clip(stFiles.join(', '), 200)}`, dir);
-    }
-    let st: PrefillDir['st'] = null;
-    if (stFiles.length === 1) {
-      const file = stFiles[0]!;
-      st = { file, ...(await readSafetensorsFile(join(dir, file), file)) };
+    const st: SafetensorsEntry[] = [];
+    // a name in two files is refused: which one a reader took would depend on the files' names
+    const holder = new Map<string, string>();
+    for (const file of names.filter((n) => n.endsWith('.safetensors')).sort()) {
+      const read = { file, ...(await readSafetensorsFile(join(dir, file), file)) };
+      for (const name of read.tensors.keys()) {
+        const other = holder.get(name);
+        if (other !== undefined) throw new SparseMlaError('INVALID_VALUE', `${dir}: tensor '${clip(name, 60)}' is in both ${other} and ${file}`, dir);
+        holder.set(name, file);
+      }
+      st.push(read);
     }
     return new PrefillDir(dir, new Set(names), st);
   }
 
-  has(name: string): boolean {
-    tensorName(name);
-    return this.entries.has(`${name}.npy`) || (this.st?.tensors.has(name) ?? false);
+  /** The .safetensors file holding tensor `name`, if any. */
+  private holderOf(name: string): SafetensorsEntry | undefined {
+    return this.st.find((f) => f.tensors.has(name));
   }
 
-  /** The tensor `name` (from name.npy, else from the .safetensors file), or undefined. */
+  has(name: string): boolean {
+    tensorName(name);
+    return this.entries.has(`${name}.npy`) || this.holderOf(name) !== undefined;
+  }
+
+  /** The tensor `name` (from name.npy, else from the .safetensors file holding it), or undefined. */
   async get(name: string): Promise<Located<Tensor> | undefined> {
     tensorName(name);
     const npy = `${name}.npy`;
     if (this.entries.has(npy)) return { value: npyToTensor(await readNpyFile(join(this.dir, npy), npy)), file: npy };
-    const t = this.st?.tensors.get(name);
-    return t ? { value: t, file: `${this.st!.file}:${name}` } : undefined;
+    const f = this.holderOf(name);
+    return f ? { value: f.tensors.get(name)!, file: `${f.file}:${name}` } : undefined;
   }
 
   async require(name: string): Promise<Located<Tensor>> {
     tensorName(name);
     const got = await this.get(name);
     if (!got) {
-      const where = this.st ? `${name}.npy or '${name}' in ${this.st.file}` : `${name}.npy`;
+      const where = this.st.length > 0 ? `${name}.npy or '${name}' in ${clip(this.st.map((f) => f.file).join(' or '), 200)}` : `${name}.npy`;
       throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing ${where}`, `${name}.npy`);
     }
     return got;
   }
 
-  /** meta.json, else the .safetensors __metadata__. */
+  /** meta.json, else the __metadata__ of the one .safetensors file that has sm_scale there. */
   async meta(): Promise<Located<{ smScale: number; dV: number }>> {
     let raw: Record<string, unknown>;
     let file: string;
+    const scaled = this.st.filter((f) => Object.hasOwn(f.metadata, 'sm_scale'));
     if (this.entries.has('meta.json')) {
       file = 'meta.json';
       const bytes = await readSmallFile(join(this.dir, file), file, META_MAX_BYTES);
@@ -115,9 +133,11 @@ export class PrefillDir {
         throw new SparseMlaError('INVALID_VALUE', 'meta.json: expected a JSON object {"sm_scale": …, "d_v": 512}', file);
       }
       raw = parsed as Record<string, unknown>;
-    } else if (this.st && 'sm_scale' in this.st.metadata) {
-      file = `${this.st.file}:__metadata__`;
-      raw = Object.fromEntries(Object.entries(this.st.metadata).map(([k, v]) => [k, metadataNumber(v)]));
+    } else if (scaled.length > 1) {
+      throw new SparseMlaError('INVALID_VALUE', `${this.dir}: sm_scale in the __metadata__ of ${clip(scaled.map((f) => f.file).join(' and '), 200)}, and no meta.json to say which`, 'meta.json');
+    } else if (scaled.length === 1) {
+      file = `${scaled[0]!.file}:__metadata__`;
+      raw = Object.fromEntries(Object.entries(scaled[0]!.metadata).map(([k, v]) => [k, metadataNumber(v)]));
     } else {
       throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing meta.json ({"sm_scale": …, "d_v": 512})`, 'meta.json');
     }

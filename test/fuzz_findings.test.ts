@@ -1838,7 +1838,7 @@ describe("a prefill folder of the library's two .safetensors files (session 55, 
     return { args, outputs, shapes: { sQ, hQ, dV } };
   };
 
-  test("writePrefillDir's prefill.safetensors and writePrefillOutputs' outputs.safetensors in one folder read back (loadPrefillInputs / loadPrefillOutputs refused the folder: 'expected at most one .safetensors file', so `sparse-mla prefill D --out D --format safetensors` then `verify D` was exit 2); a name in two .safetensors files, or sm_scale in two files' metadata without a meta.json, is INVALID_VALUE naming the folder", async () => {
+  test("writePrefillDir's prefill.safetensors and writePrefillOutputs' outputs.safetensors in one folder read back (loadPrefillInputs / loadPrefillOutputs refused the folder: 'expected at most one .safetensors file', so `sparse-mla prefill D --out D --format safetensors` then `verify D` was exit 2); a name in both, or sm_scale in both files' metadata without a meta.json, is INVALID_VALUE naming the folder; two .safetensors files besides outputs.safetensors stay refused", async () => {
     const io = await import('../dist/io/index.js');
     const { args, outputs, shapes } = prefill();
     const dir = folder();
@@ -1864,13 +1864,19 @@ describe("a prefill folder of the library's two .safetensors files (session 55, 
       expect((e as SparseMlaError).message).toMatch(/tensor '(out|lse|max_logits)' is in both outputs\.safetensors and prefill\.safetensors/);
     }
 
-    // sm_scale in two files' metadata: refused without a meta.json, meta.json's with one
+    // sm_scale in both files' metadata: refused without a meta.json, meta.json's with one
     const scales = folder();
     writeFileSync(join(scales, 'a.safetensors'), encodeSafetensors({ q: args.q, kv: args.kv }, { sm_scale: String(args.smScale), d_v: String(args.dV) }));
-    writeFileSync(join(scales, 'b.safetensors'), encodeSafetensors({ indices: args.indices }, { sm_scale: '1' }));
+    writeFileSync(join(scales, 'outputs.safetensors'), encodeSafetensors({ indices: args.indices }, { sm_scale: '1' }));
     await expectTyped(() => io.loadPrefillInputs(scales), 'INVALID_VALUE', 'meta.json');
     writeFileSync(join(scales, 'meta.json'), JSON.stringify({ sm_scale: args.smScale, d_v: args.dV }));
     const fromMeta = await io.loadPrefillInputs(scales);
-    expect([fromMeta.args.smScale, fromMeta.files.meta, fromMeta.files.indices]).toEqual([args.smScale, 'meta.json', 'b.safetensors:indices']);
+    expect([fromMeta.args.smScale, fromMeta.files.meta, fromMeta.files.indices]).toEqual([args.smScale, 'meta.json', 'outputs.safetensors:indices']);
+
+    // two .safetensors files neither of which is outputs.safetensors stay refused (which is the inputs' is not the library's to guess)
+    writeFileSync(join(scales, 'b.safetensors'), encodeSafetensors({}));
+    const e = await errorOf(() => io.loadPrefillInputs(scales));
+    expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', scales]);
+    expect((e as SparseMlaError).message).toContain('expected at most one .safetensors file besides outputs.safetensors, found a.safetensors, b.safetensors');
   });
 });

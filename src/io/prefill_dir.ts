@@ -5,10 +5,9 @@
  *            optional attn_sink.npy (<f4) [hQ], meta.json {"sm_scale": …, "d_v": 512}
  *   outputs  out.npy (<u2 bf16 bits, or <f4) [sQ, hQ, dV], lse.npy (<f4) [sQ, hQ],
  *            max_logits.npy (<f4) [sQ, hQ]
- * Instead of .npy files the directory may hold .safetensors files with the same names (real BF16
- * there), each name in at most one of them (the inputs' prefill.safetensors and the outputs'
- * outputs.safetensors, as writePrefillDir and writePrefillOutputs write them); sm_scale / d_v may then
- * sit in the __metadata__ of one of them when there is no meta.json.
+ * Instead of .npy files the directory may hold one .safetensors file with the same names (real BF16
+ * there), and beside it the outputs.safetensors writePrefillOutputs writes, each name in at most one of
+ * the two; sm_scale / d_v may then sit in the __metadata__ of one of them when there is no meta.json.
  * Every problem is a SparseMlaError (INVALID_VALUE / INVALID_SHAPE / INVALID_DTYPE) naming the file.
  * Files are read and written through files.ts (regular files only, sizes checked before reading,
  * outputs never written through a symlink).
@@ -48,6 +47,9 @@ function tensorName(name: unknown): void {
   if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a tensor name string, got ${describe(name)}`, 'name');
 }
 
+/** The file writePrefillOutputs writes in the safetensors format: a folder may hold it beside its inputs' .safetensors. */
+const OUTPUTS_SAFETENSORS = 'outputs.safetensors';
+
 /** One .safetensors file of a directory, read. */
 interface SafetensorsEntry {
   file: string;
@@ -55,7 +57,7 @@ interface SafetensorsEntry {
   metadata: Record<string, string>;
 }
 
-/** A directory's tensors, .npy files first, then its .safetensors files (each name in at most one). */
+/** A directory's tensors, .npy files first, then its .safetensors file and outputs.safetensors (each name in at most one). */
 export class PrefillDir {
   private constructor(
     readonly dir: string,
@@ -71,10 +73,15 @@ export class PrefillDir {
     } catch (e) {
       throw new SparseMlaError('INVALID_VALUE', `${dir}: cannot read the directory (${clip((e as Error).message, 300)})`, dir);
     }
+    const stFiles = names.filter((n) => n.endsWith('.safetensors')).sort();
+    const others = stFiles.filter((n) => n !== OUTPUTS_SAFETENSORS);
+    if (others.length > 1) {
+      throw new SparseMlaError('INVALID_VALUE', `${dir}: expected at most one .safetensors file besides ${OUTPUTS_SAFETENSORS}, found ${clip(others.join(', '), 200)}`, dir);
+    }
     const st: SafetensorsEntry[] = [];
-    // a name in two files is refused: which one a reader took would depend on the files' names
+    // a name in both files is refused: which one a reader took would depend on the files' names
     const holder = new Map<string, string>();
-    for (const file of names.filter((n) => n.endsWith('.safetensors')).sort()) {
+    for (const file of stFiles) {
       const read = { file, ...(await readSafetensorsFile(join(dir, file), file)) };
       for (const name of read.tensors.keys()) {
         const other = holder.get(name);
@@ -396,10 +403,10 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
   const as = formatArg(fn, 'format', format);
   const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
-  const files = as === 'safetensors' ? ['outputs.safetensors'] : Object.keys(tensors).map((k) => `${k}.npy`);
+  const files = as === 'safetensors' ? [OUTPUTS_SAFETENSORS] : Object.keys(tensors).map((k) => `${k}.npy`);
   await prepareOutputFiles(dir, files);
   if (as === 'safetensors') {
-    await writeSafetensorsFile(join(dir, 'outputs.safetensors'), tensors);
+    await writeSafetensorsFile(join(dir, OUTPUTS_SAFETENSORS), tensors);
     return files;
   }
   for (const [k, t] of Object.entries(tensors)) await writeNpyFile(join(dir, `${k}.npy`), t);

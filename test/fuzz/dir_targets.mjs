@@ -283,9 +283,9 @@ const FOLDER_CHANGES = [
   ['an unread FIFO', () => 'same', (d) => execFileSync('mkfifo', [join(d, 'zz.npy')])],
   ['an unread symlink loop', () => 'same', (d) => symlinkSync(join(d, 'loop.npy'), join(d, 'loop.npy'))],
   ['an unread directory', () => 'same', (d) => mkdirSync(join(d, 'sub.npy'))],
-  // PrefillDir.open reads every .safetensors file of the folder (a name in two of them is refused; this one holds none)
+  // PrefillDir.open reads the folder's .safetensors file (and outputs.safetensors beside it; two others are refused)
   ['a FIFO named .safetensors', (op) => (op.startsWith('read') ? 'same' : 'refuse'), (d) => execFileSync('mkfifo', [join(d, 'zz.safetensors')])],
-  ['a second .safetensors', () => 'same', (d) => writeFileSync(join(d, 'zy.safetensors'), stBytes('{}', new Uint8Array(0)))],
+  ['a second .safetensors', (op, format) => (op.startsWith('read') ? 'same' : format === 'safetensors' ? 'refuse' : 'same'), (d) => writeFileSync(join(d, 'zy.safetensors'), stBytes('{}', new Uint8Array(0)))],
 ];
 
 const OPS = ['loadPrefillInputs', 'loadPrefillInputs', 'loadPrefillOutputs', 'prefillDirGet', 'readFile'];

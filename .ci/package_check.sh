@@ -11,12 +11,17 @@
 set -euo pipefail
 root=$(pwd)
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 fail() { echo "package check: $*" >&2; exit 1; }
 
 have_nvcc=$(command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 pack_cuda=$([ "$have_nvcc" = 1 ] && echo ON || echo OFF)
 [ "$pack_cuda" = ON ] || echo "package check: no nvcc here, so the package is packed without the CUDA kernels (a release needs nvcc)"
+# SPARSE_MLA_PACK_ARM64=OFF (no cross compiler here) packs and checks the package without the
+# linux-arm64 addon: not a release, and said so, but every other check runs
+pack_arm64=$(echo "${SPARSE_MLA_PACK_ARM64:-ON}" | tr '[:lower:]' '[:upper:]')
+[ "$pack_arm64" = ON ] || [ "$pack_arm64" = OFF ] || fail "SPARSE_MLA_PACK_ARM64: expected ON or OFF, got '$SPARSE_MLA_PACK_ARM64'"
+[ "$pack_arm64" = ON ] || echo "package check: SPARSE_MLA_PACK_ARM64=$SPARSE_MLA_PACK_ARM64, so the package is packed and checked without the linux-arm64 addon (a release needs it)"
 
 # ---- pack
 SPARSE_MLA_PACK_CUDA=$pack_cuda npm pack --pack-destination "$work" > "$work/pack.log" 2>&1 || { cat "$work/pack.log"; fail "npm pack failed"; }
@@ -24,7 +29,9 @@ tarball=$(ls "$work"/sparse-mla-*.tgz)
 grep -E "prebuild|package size|unpacked size|total files" "$work/pack.log" || true
 tar tzf "$tarball" | sort > "$work/files.txt"
 grep -qx 'package/prebuilds/linux-x64/manifest.json' "$work/files.txt" || fail "the tarball has no prebuilt addon"
-grep -qx 'package/prebuilds/linux-arm64/manifest.json' "$work/files.txt" || fail "the tarball has no linux-arm64 prebuilt addon"
+if [ "$pack_arm64" = ON ]; then
+  grep -qx 'package/prebuilds/linux-arm64/manifest.json' "$work/files.txt" || fail "the tarball has no linux-arm64 prebuilt addon"
+fi
 grep -q '^package/test/' "$work/files.txt" && fail "the tarball carries test/"
 mkdir -p "$work/unpacked"
 tar xzf "$tarball" -C "$work/unpacked"
@@ -43,7 +50,7 @@ echo "tarball: $(basename "$tarball"), $(du -k "$tarball" | cut -f1) KiB, $(wc -
 # The linux-arm64 addon cannot load on this machine (.ci/arm64_check.sh runs it emulated): each file
 # its manifest lists is there with its checksum, is an AArch64 shared object exporting the Node-API
 # entry point, links only system libraries and needs no newer glibc / libstdc++ than the x64 addons.
-node --input-type=module -e '
+[ "$pack_arm64" = OFF ] || node --input-type=module -e '
   import { createHash } from "node:crypto";
   import { readFileSync } from "node:fs";
   import { join } from "node:path";
@@ -137,6 +144,35 @@ bare node -e '
   if (typeof m.createEngine !== "function" || typeof r.sparsePrefillReference !== "function") throw new Error("require gave no createEngine / sparsePrefillReference");
   console.log(`require: ${Object.keys(m).length} exports, reference ${Object.keys(r).length}`);
 ' || fail "require('sparse-mla')"
+
+# ---- no install scripts, no optional or peer dependencies, a path with a space; then the tree
+# read-only to the user running it (as nobody when this is root, which ignores modes): the
+# prebuilt addon still loads, info says the script did not run, and the library writes nothing
+ro_app="$work/read only app"
+mkdir -p "$ro_app"
+cd "$ro_app"
+echo '{ "name": "ro-app", "private": true, "type": "module" }' > package.json
+bare npm install --no-audit --no-fund --ignore-scripts --omit=optional --omit=peer "$tarball"
+[ ! -e node_modules/sparse-mla/build ] || fail "an install without scripts wrote build/"
+chmod a+rx "$work"
+find . | sort > "$work/ro-before.txt"
+chmod -R a-w "$ro_app"
+as_user=()
+if [ "$(id -u)" = 0 ]; then
+  command -v setpriv >/dev/null 2>&1 || fail "running as root: setpriv (util-linux) is needed to run the read-only check as nobody"
+  as_user=(setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=/tmp)
+fi
+(cd / && "${as_user[@]}" env -u CXX -u CC -u CMAKE -u CUDACXX PATH="$bin" "$ro_app/node_modules/.bin/sparse-mla" info --json) > "$work/ro-info.json" || fail "info in the read-only project"
+node -e '
+  const info = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+  const cpu = info.backends.find((b) => b.name === "cpu");
+  if (!info.addon.loaded || info.addon.origin !== "prebuilt" || info.addon.install !== null || !cpu.available) { console.error(JSON.stringify(info.addon, null, 2)); process.exit(1); }
+  console.log(`read-only, no scripts: the prebuilt ${info.addon.level} addon loads, install record: none`);
+' "$work/ro-info.json" || fail "the prebuilt addon in the read-only project"
+(cd "$ro_app" && "${as_user[@]}" env -u CXX -u CC -u CMAKE -u CUDACXX PATH="$bin" node node_modules/sparse-mla/examples/quick_start.mjs) || fail "quick_start.mjs in the read-only project"
+(cd "$ro_app" && "${as_user[@]}" env -u CXX -u CC -u CMAKE -u CUDACXX PATH="$bin" SPARSE_MLA_BACKEND=wasm node node_modules/sparse-mla/examples/quick_start.mjs) || fail "quick_start.mjs on wasm in the read-only project"
+chmod -R u+w "$ro_app"
+find . | sort | diff "$work/ro-before.txt" - || fail "the read-only project changed"
 
 # ---- the source build from the package (CMake must not need test/, which is not packed)
 src_app="$work/src-app"

@@ -11,7 +11,7 @@
 // A source build records the fingerprint of the sources it was built from (build.sources), and
 // the loader refuses one whose sources have changed since (addonSourceFingerprint).
 import { createHash } from 'node:crypto';
-import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { existsSync, readdirSync, readFileSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -165,7 +165,9 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
       const entry = entries.find((a) => a.cpuArch === level);
       if (!entry) continue;
       if (runs(level)) {
-        return { ok: true, path: join(dir, entry.file), level, manifest, entry };
+        const path = join(dir, entry.file);
+        const damage = damagedCopy(path, entry);
+        return damage ? { ok: false, why: damage } : { ok: true, path, level, manifest, entry };
       }
     }
     const listed = entries.map((a) => a.cpuArch).join(', ') || 'none';
@@ -176,7 +178,27 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
     return { ok: false, why: `the ${key} prebuilt addons (${listed}) all need more than this CPU has` };
   }
   const entry = entries[0];
-  return entry ? { ok: true, path: join(dir, entry.file), level: entry.cpuArch, manifest, entry } : { ok: false, why: `the ${key} manifest lists no addon` };
+  if (!entry) return { ok: false, why: `the ${key} manifest lists no addon` };
+  const path = join(dir, entry.file);
+  const damage = damagedCopy(path, entry);
+  return damage ? { ok: false, why: damage } : { ok: true, path, level: entry.cpuArch, manifest, entry };
+}
+
+/**
+ * Why a prebuilt addon file is not the one its manifest lists, or null. Only the size is compared,
+ * before anything maps the file: a copy cut short (an interrupted copy or extraction, a full disk)
+ * kills the process with SIGBUS when the dynamic loader maps it, which no try/catch can turn into
+ * an error. A file that is not there is left for the loader to report.
+ */
+function damagedCopy(path, entry) {
+  if (!Number.isSafeInteger(entry.bytes) || entry.bytes <= 0) return null;
+  let size;
+  try {
+    size = statSync(path).size;
+  } catch {
+    return null;
+  }
+  return size === entry.bytes ? null : `${path} is ${size} bytes where the package's manifest says ${entry.bytes}: a damaged copy of the package; reinstall it`;
 }
 
 /**

@@ -10,7 +10,7 @@
  */
 import { createHash } from 'node:crypto';
 import { spawnSync, type SpawnSyncOptions } from 'node:child_process';
-import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -30,9 +30,9 @@ const projectDir = tempDirs('sparse-mla consumer ü-');
 /** The environment a user's shell has: none of this repository's switches. */
 const userEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(SPARSE_MLA_.*|npm_.*|NODE_OPTIONS)$/i.test(k)));
 
-function run(cmd: string, args: string[], options: SpawnSyncOptions & { cwd: string }): { code: number | null; stdout: string; stderr: string } {
+function run(cmd: string, args: string[], options: SpawnSyncOptions & { cwd: string }): { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
   const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000, env: userEnv, ...options });
-  return { code: r.status, stdout: String(r.stdout), stderr: String(r.stderr) };
+  return { code: r.status, signal: r.signal, stdout: String(r.stdout), stderr: String(r.stderr) };
 }
 
 interface InfoJson {
@@ -144,6 +144,51 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
     expect(prefill.stderr).toBe('');
     expect(prefill.code).toBe(0);
     expectPrefill(prefill.stdout, ['cpu', 'wasm'], expected);
+  }, 120_000);
+
+  test('a prebuilt addon cut short (an interrupted copy) is refused before it is mapped, saying so; the process lives on and auto falls back to wasm', () => {
+    const { app, pkg } = installedProject(['--ignore-scripts']);
+    const addon = join(pkg, 'prebuilds', 'linux-x64', ADDON_FILE);
+    const full = statSync(addon).size;
+    const cut = Math.floor(full / 2);
+    truncateSync(addon, cut);
+    const info = run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['info', '--json'], { cwd: app });
+    expect({ code: info.code, signal: info.signal }).toEqual({ code: 0, signal: null });
+    const parsed = JSON.parse(info.stdout) as InfoJson;
+    expect(parsed.addon).toMatchObject({ loaded: false, origin: null });
+    expect(parsed.backends.find((b) => b.name === 'cpu')!.reason).toContain(`${addon} is ${cut} bytes where the package's manifest says ${full}: a damaged copy of the package; reinstall it`);
+    copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
+    const expected = prefillCase(app, 'consumer damaged addon');
+    const prefill = run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'auto'], { cwd: app });
+    expect(prefill.stderr).toBe('');
+    expect((JSON.parse(prefill.stdout) as { results: { auto: { backend: string } } }).results.auto.backend).toBe('wasm');
+  }, 120_000);
+
+  test('under `node --input-type=module` (-e, either spelling, or a module on stdin), beside a per-process flag, the wasm workers start and compute', () => {
+    const { app } = installedProject(['--ignore-scripts']);
+    copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
+    const expected = prefillCase(app, 'consumer --input-type');
+    const script = readFileSync(join(app, 'prefill.mjs'), 'utf8');
+    const runs = {
+      'eval': run(process.execPath, ['--input-type=module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
+      'eval, two words': run(process.execPath, ['--max-old-space-size=2048', '--input-type', 'module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
+      'stdin': run(process.execPath, ['--input-type=module', '-', expected.inputs, 'wasm'], { cwd: app, input: script }),
+    };
+    for (const [how, r] of Object.entries(runs)) {
+      expect({ how, code: r.code, stderr: r.stderr }).toEqual({ how, code: 0, stderr: '' });
+      expectPrefill(r.stdout, ['wasm'], expected);
+    }
+  }, 120_000);
+
+  test.skipIf(spawnSync('git', ['--version']).status !== 0)("bench in a project that is a git checkout does not report the project's commit as the package's", () => {
+    const { app } = installedProject(['--ignore-scripts']);
+    const git = (args: string[]) => run('git', ['-c', 'user.name=consumer', '-c', 'user.email=consumer@example.com', ...args], { cwd: app });
+    expect(git(['init', '-q']).code).toBe(0);
+    expect(git(['commit', '-q', '--allow-empty', '-m', 'the consumer project']).code).toBe(0);
+    const bench = run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['bench', '--backend', 'wasm', '--workers', '1', '-n', '4', '--heads', '16', '--topk', '16', '--window', '8',
+      '--context', '64', '--dequant-tokens', '64', '--repeat', '1', '--warmup', '0', '--json', '--quiet'], { cwd: app });
+    expect(bench.code, bench.stderr).toBe(0);
+    expect((JSON.parse(bench.stdout) as { machine: { commit: string | null } }).machine.commit).toBeNull();
   }, 120_000);
 
   describe('no scripts, no optional or peer dependencies, then the tree read-only to the user running it', () => {

@@ -3,8 +3,9 @@
  * the inputs are copied once into SharedArrayBuffers that every worker reads, and each call runs a
  * list of query rows on one worker. Node-only; not part of `sparse-mla/reference`'s index.
  */
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import { SparseMlaError } from '../errors.js';
+import { startWorker } from '../worker_start.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
 import { checkSparsePrefillArgs, type PrefillShapes, type ReferenceAttentionResult } from './sparse_prefill.js';
 
@@ -62,7 +63,7 @@ export async function createReferencePool(args: SparsePrefillArgs, workers: numb
   await Promise.all(
     Array.from({ length: Math.max(1, workers) }, () =>
       new Promise<void>((resolve, reject) => {
-        const w = new Worker(url, { workerData: { args: sharedArgs } });
+        const w = startWorker(url, { workerData: { args: sharedArgs } });
         all.push(w);
         w.on('message', (msg: { ready?: true; error?: string; result?: ReferenceAttentionResult }) => {
           if (msg.ready) {

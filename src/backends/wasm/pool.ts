@@ -38,10 +38,11 @@
  * the process alive; dispose() terminates the workers and rejects whatever is queued or running
  * with DISPOSED.
  */
-import { Worker } from 'node:worker_threads';
+import type { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
 import { SparseMlaError, disposedError } from '../../errors.js';
+import { startWorker } from '../../worker_start.js';
 import type { TaskResult, WorkerApi, WorkerInit, WorkerMemory } from './protocol.js';
 
 const WORKER_URL = new URL('./worker.js', import.meta.url);
@@ -118,7 +119,7 @@ export class WorkerPool {
   }
 
   private spawn(index: number): Slot {
-    const worker = new Worker(WORKER_URL, { workerData: this.init });
+    const worker = startWorker(WORKER_URL, { workerData: this.init });
     const remote = Comlink.wrap<WorkerApi>(nodeEndpoint(worker));
     let onStarted!: () => void;
     let onFailed!: (e: Error) => void;

@@ -6,6 +6,7 @@
  * CPU figures are noisy: read the 1 → N ratio, not the absolute numbers alone.
  */
 import { execFileSync } from 'node:child_process';
+import { realpathSync } from 'node:fs';
 import { availableParallelism, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
 import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
@@ -64,11 +65,17 @@ interface Measurement {
   rate: number;
 }
 
+/**
+ * The commit of the checkout this package runs from, or null: an installed package is no checkout
+ * of its own, and git would answer for the project that holds node_modules.
+ */
 function gitCommit(): string | null {
   try {
     const root = fileURLToPath(new URL('../../../', import.meta.url));
-    const head = execFileSync('git', ['rev-parse', 'HEAD'], { cwd: root, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
-    const dirty = execFileSync('git', ['status', '--porcelain', '--untracked-files=no'], { cwd: root, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
+    const git = (args: string[]) => execFileSync('git', args, { cwd: root, stdio: ['ignore', 'pipe', 'ignore'] }).toString().trim();
+    if (realpathSync(git(['rev-parse', '--show-toplevel'])) !== realpathSync(root)) return null;
+    const head = git(['rev-parse', 'HEAD']);
+    const dirty = git(['status', '--porcelain', '--untracked-files=no']);
     return dirty ? `${head}-dirty` : head;
   } catch {
     return null;

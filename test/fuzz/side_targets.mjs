@@ -100,7 +100,15 @@ const quantizeAlias = {
 const BUDGET = 1 << 20;
 const budgetEngines = new Map();
 function budgetEngine(backend) {
-  if (!budgetEngines.has(backend)) budgetEngines.set(backend, createEngine({ backend, memoryBudgetBytes: BUDGET, ...(backend === 'wasm' ? { workers: 2 } : {}) }));
+  if (!budgetEngines.has(backend)) {
+    const made = createEngine({ backend, memoryBudgetBytes: BUDGET, ...(backend === 'wasm' ? { workers: 2 } : {}) });
+    // a creation that failed is not kept: every later case would get its rejection (wasm seed 138: its
+    // workers could not start while another session reinstalled node_modules, and 33 later cases failed so)
+    made.catch(() => {
+      if (budgetEngines.get(backend) === made) budgetEngines.delete(backend);
+    });
+    budgetEngines.set(backend, made);
+  }
   return budgetEngines.get(backend);
 }
 

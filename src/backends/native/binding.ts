@@ -9,7 +9,7 @@
  * Loading never throws: loadNativeAddon() returns the addon or why it is not there (including what
  * the install recorded: a failed build with its log's absolute path), once per process.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, statSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { SparseMlaError, disposedError } from '../../errors.js';
 import type { CudaOpName, CudaOpParams, OpName, OpParams } from '../abi.js';
@@ -258,6 +258,14 @@ export type AddonLoad =
  */
 function tryLoad(path: string, sources: string | null): { ok: true; addon: NativeAddon } | { ok: false; why: string } {
   if (!existsSync(path)) return { ok: false, why: `${path} is missing` };
+  // a FIFO or a device (SPARSE_MLA_NATIVE_ADDON=/dev/zero) would block the loader's read forever
+  let regular: boolean;
+  try {
+    regular = statSync(path).isFile();
+  } catch (e) {
+    return { ok: false, why: `${path} cannot be read (${(e as Error).message.split('\n')[0]})` };
+  }
+  if (!regular) return { ok: false, why: `${path} is not a regular file` };
   let addon: NativeAddon;
   try {
     addon = createRequire(import.meta.url)(path) as NativeAddon;

@@ -7,7 +7,7 @@
  * refuses what prefill refuses; every bad file or path is exit 2 with a message, no stack trace.
  */
 import { spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -177,6 +177,17 @@ describe('outputs', () => {
     const r = cli(['prefill', d, '--out', file]);
     expectBadInput(r, /--out: expected a directory, but .* is a regular file/);
     expect(r.stderr).not.toMatch(/start engine|sparse prefill/);
+  });
+
+  test.each(['npy', 'safetensors'])('--format %s with an output name taken by a directory in --out: exit 2 before the engine starts, nothing written', async (format) => {
+    const d = await inputDir();
+    const out = fresh();
+    const taken = format === 'npy' ? 'lse.npy' : 'outputs.safetensors';
+    mkdirSync(join(out, taken), { recursive: true });
+    const r = cli(['prefill', d, '--out', out, '--format', format]);
+    expectBadInput(r, new RegExp(`${taken.replace('.', '\\.')}: expected a file path, got a directory`));
+    expect(r.stderr).not.toMatch(/start engine|sparse prefill/);
+    expect(readdirSync(out)).toEqual([taken]);
   });
 
   test('--out /proc/1/x (cannot be made): exit 2, no hang', async () => {

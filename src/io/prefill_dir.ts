@@ -394,6 +394,11 @@ function checkNamedIntact(named: Record<string, Named>): Record<string, Tensor> 
   return tensors;
 }
 
+/** The files writePrefillOutputs writes in `format`. */
+export function prefillOutputFiles(format: DirFormat): string[] {
+  return format === 'safetensors' ? [OUTPUTS_SAFETENSORS] : OUTPUT_FIELDS.map(([, file]) => `${file}.npy`);
+}
+
 /** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors (all checked first). */
 export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
   const fn = 'writePrefillOutputs';
@@ -403,7 +408,7 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
   const as = formatArg(fn, 'format', format);
   const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
-  const files = as === 'safetensors' ? [OUTPUTS_SAFETENSORS] : Object.keys(tensors).map((k) => `${k}.npy`);
+  const files = prefillOutputFiles(as);
   await prepareOutputFiles(dir, files);
   if (as === 'safetensors') {
     await writeSafetensorsFile(join(dir, OUTPUTS_SAFETENSORS), tensors);

@@ -4,8 +4,8 @@
  */
 import { SparseMlaError } from '../../errors.js';
 import { createEngine } from '../../engine.js';
-import { prepareOutputDir } from '../../io/files.js';
-import { loadPrefillInputs, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
+import { prepareOutputDir, prepareOutputFiles } from '../../io/files.js';
+import { loadPrefillInputs, prefillOutputFiles, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
 import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
 import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
@@ -45,6 +45,7 @@ export const command: CliCommand = {
     if (options.out === undefined) throw new SparseMlaError('INVALID_VALUE', '--out: expected an output directory, got none', 'argv');
     // made and checked before any work, so a bad --out fails in milliseconds
     await prepareOutputDir(options.out, '--out');
+    await prepareOutputFiles(options.out, prefillOutputFiles(options.format as DirFormat));
     const progress = new Progress({ enabled: !options.quiet });
 
     progress.start('load inputs', 0);

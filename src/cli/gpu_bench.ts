@@ -151,6 +151,15 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     }
     return runs;
   };
+  /** fn with no events around its launches (as a caller runs it). */
+  const untimed = async (fn: () => Promise<void>): Promise<void> => {
+    be.setTiming(false);
+    try {
+      await fn();
+    } finally {
+      be.setTiming(true);
+    }
+  };
   /** Wall clock ms of fn until the device is done with it, per run, L2 flushed before each run (no events). */
   const wallClock = async (fn: () => Promise<void>, warmup = o.warmup, repeat = o.repeat): Promise<number[]> => {
     be.setTiming(false);
@@ -181,12 +190,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
     const runs: number[] = [];
     for (let i = 0; i < warmup + repeat; i++) {
       await be.copyDevice(flushA, flushB);
-      be.setTiming(false);
-      try {
-        await fn();
-      } finally {
-        be.setTiming(true);
-      }
+      await untimed(fn);
       await be.copyDevice(flushA, flushB);
       const [before, after] = be.takeKernelSpans();
       if (i >= warmup) runs.push(after![0] - before![1]);
@@ -213,12 +217,7 @@ export async function gpuBench(o: GpuBenchOptions): Promise<number> {
       be.takeKernelSpans();
       const t0 = performance.now();
       await be.copyDevice(markA, markB);
-      be.setTiming(false);
-      try {
-        await fn();
-      } finally {
-        be.setTiming(true);
-      }
+      await untimed(fn);
       await be.copyDevice(markA, markB);
       await engine.synchronize();
       const wall = performance.now() - t0;

@@ -3,7 +3,7 @@
  * codec values, and properties that hold for any input.
  */
 import { describe, expect, test } from 'vitest';
-import { float32ToBf16Bits, tensor } from '../dist/index.js';
+import { SparseMlaError, float32ToBf16Bits, tensor } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import type { KvCache, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
@@ -576,5 +576,51 @@ describe('accuracy bounds (SPEC §4)', () => {
     expect(flat.out.worst!.bound).toBe(R.outBound(3));
     expect(() => R.compareAttention({ ...got, lse: got.lse.subarray(1) }, ref, { heads, dV })).toThrow(RangeError);
     expect(() => R.compareAttention(got, ref, { heads, dV, queries: [1] })).toThrow(RangeError);
+  });
+});
+
+describe('the reference refuses hostile arguments with typed errors (session 55; helper-67 found TypeErrors and NaN outputs)', () => {
+  const refusal = (call: () => unknown): [string, string | undefined] => {
+    try {
+      call();
+    } catch (e) {
+      expect(e).toBeInstanceOf(SparseMlaError);
+      return [(e as SparseMlaError).code, (e as SparseMlaError).argument];
+    }
+    throw new Error('expected a refusal, the call returned');
+  };
+  const args = (): SparsePrefillArgs => ({
+    q: tensor('bf16', [1, 1, 64]),
+    kv: tensor('bf16', [2, 64]),
+    indices: tensor('int32', [1, 2], Int32Array.from([0, 1])),
+    smScale: 0.1,
+    dV: 64,
+  });
+  test('arguments that are no object', () => {
+    for (const a of [null, undefined, 7, 'q']) {
+      expect(refusal(() => R.sparsePrefillReference(a as never))).toEqual(['INVALID_VALUE', 'args']);
+      expect(refusal(() => R.pagedSparseAttentionReference(a as never))).toEqual(['INVALID_VALUE', 'args']);
+    }
+  });
+  test('a kv whose data is shorter than its shape (it resolved with every out NaN) or longer', () => {
+    for (const n of [64, 3 * 64]) {
+      const a = args();
+      a.kv = { dtype: 'bf16', shape: [2, 64], data: new Uint16Array(n) };
+      expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_VALUE', 'kv.data']);
+    }
+  });
+  test('q of a shape holding a Symbol, a negative or a fractional dim; q data of another length', () => {
+    for (const shape of [[1, Symbol('h'), 64], [1, -1, 64], [1, 1.5, 64]]) {
+      const a = args();
+      a.q = { dtype: 'bf16', shape: shape as never, data: new Uint16Array(64) };
+      expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_SHAPE', 'q']);
+    }
+    const a = args();
+    a.q = { dtype: 'bf16', shape: [1, 1, 64], data: new Uint16Array(63) };
+    expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_VALUE', 'q.data']);
+  });
+  test('a cache that is null', () => {
+    const q = tensor('bf16', [1, 1, 512]);
+    expect(refusal(() => R.pagedSparseAttentionReference({ q, kCache: null as never, indices: tensor('int32', [1, 1], Int32Array.from([0])), smScale: 0.1 }))).toEqual(['INVALID_VALUE', 'kCache']);
   });
 });

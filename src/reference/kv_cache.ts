@@ -67,8 +67,9 @@ export function cacheRowDims(format: KvCache['format']): number {
 
 /** A cache's format, and its data's byte length for its shape (SPEC §3). */
 export function checkCacheReference(cache: KvCache, name = 'cache'): void {
+  if (typeof cache !== 'object' || cache === null) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a KV cache {format, pageSize, numPages, data}, got ${String(cache)}`, name);
   if (cache.format !== 'v4' && cache.format !== 'v32') {
-    throw new SparseMlaError('INVALID_VALUE', `${name}.format: expected 'v4' or 'v32', got ${String(cache.format)}`, name);
+    throw new SparseMlaError('INVALID_VALUE', `${name}.format: expected 'v4' or 'v32', got ${typeof cache.format === 'symbol' ? 'a Symbol' : String(cache.format)}`, name);
   }
   const bytes = kvCacheBytesReference(cache.format, cache.pageSize, cache.numPages);
   // byteLength, as the library reads the memory: a subclass's `length` getter may say otherwise

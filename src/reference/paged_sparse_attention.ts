@@ -17,11 +17,13 @@ import {
   indexSet,
   widenBf16,
   type IndexSet,
+  checkArgsRecord,
   type ReferenceAttentionResult,
   type ReferenceOptions,
 } from './sparse_prefill.js';
 
 export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
+  checkArgsRecord(args);
   const { q, kCache } = args;
   const [n, hQ, dQK] = checkQueryTensor(q, '[n, hQ, dQK]');
   checkCacheReference(kCache, 'kCache');

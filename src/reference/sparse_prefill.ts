@@ -85,9 +85,38 @@ export function indexSet(
 
 /** q of either attention op: bf16 [rows, hQ, dQK], `dims` naming its dims in a refusal. */
 export function checkQueryTensor(q: Tensor<'bf16'> | undefined, dims: string): [number, number, number] {
-  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', String(q?.dtype));
-  if (q.shape.length !== 3) bad('INVALID_SHAPE', 'q', dims, shapeStr(q.shape));
-  return q.shape as [number, number, number];
+  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', valueStr(q?.dtype));
+  const [sQ, hQ, dQK] = checkBf16Tensor(q, 'q', 3, dims);
+  return [sQ!, hQ!, dQK!];
+}
+
+/** A value as a message shows it (a Symbol or an object without a string form included). */
+function valueStr(v: unknown): string {
+  if (typeof v === 'symbol') return 'a Symbol';
+  if (typeof v === 'object' && v !== null) return 'an object';
+  return String(v);
+}
+
+/** An op's arguments: an object (null or a number would fail as a TypeError on its first field). */
+export function checkArgsRecord(args: unknown, name = 'args'): void {
+  if (typeof args !== 'object' || args === null) bad('INVALID_VALUE', name, 'an object of named arguments', valueStr(args));
+}
+
+/**
+ * A bf16 tensor's shape (`rank` non-negative integers, spelled `dims` in a message) and its data: a
+ * Uint16Array of exactly the shape's element count (a shorter one would read undefined as NaN).
+ */
+function checkBf16Tensor(t: Tensor<'bf16'>, name: string, rank: number, dims: string): number[] {
+  const shape: unknown = t.shape;
+  if (!Array.isArray(shape) || shape.length !== rank || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
+    bad('INVALID_SHAPE', name, dims, Array.isArray(shape) ? `[${shape.map(valueStr).join(', ')}]` : valueStr(shape));
+  }
+  const dimsOf = shape as number[];
+  const count = dimsOf.reduce((a, b) => a * b, 1);
+  if (!(t.data instanceof Uint16Array) || t.data.length !== count) {
+    bad('INVALID_VALUE', `${name}.data`, `a Uint16Array of ${count} elements`, t.data instanceof Uint16Array ? `${t.data.length} elements` : valueStr(t.data));
+  }
+  return dimsOf;
 }
 
 /** dV of either attention op (default 512): an integer in [1, dQK]. */
@@ -287,13 +316,14 @@ export interface PrefillShapes {
 }
 
 export function checkSparsePrefillArgs(args: SparsePrefillArgs): PrefillShapes {
+  checkArgsRecord(args);
   const { q, kv } = args;
-  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', String(q?.dtype));
-  if (kv?.dtype !== 'bf16') bad('INVALID_DTYPE', 'kv', 'bf16', String(kv?.dtype));
+  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', valueStr(q?.dtype));
+  if (kv?.dtype !== 'bf16') bad('INVALID_DTYPE', 'kv', 'bf16', valueStr(kv?.dtype));
   const [sQ, hQ, dQK] = checkQueryTensor(q, '[sQ, hQ, dQK]');
   if (hQ < 1 || dQK < 1) bad('INVALID_SHAPE', 'q', 'hQ ≥ 1 and dQK ≥ 1', shapeStr(q.shape));
-  if (kv.shape.length !== 2 || kv.shape[1] !== dQK) bad('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeStr(kv.shape));
-  const sKV = kv.shape[0]!;
+  const [sKV, kvDims] = checkBf16Tensor(kv, 'kv', 2, `[sKV, ${dQK}]`);
+  if (kvDims !== dQK) bad('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeStr(kv.shape));
   const dV = checkDv(args.dV, dQK);
   checkSmScale(args.smScale);
   const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });

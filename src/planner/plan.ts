@@ -503,6 +503,17 @@ class QueuedDequant<B> implements WorkspaceDequantizeJob<B> {
   }
 }
 
+/**
+ * A workspace layer's dequants: the compressed cache's rows first (from row 0), then the SWA cache's
+ * (after them); a cache without ids has none. The queued and the stepwise layer both run these.
+ */
+export function workspaceDequants<B>(caches: { swa: CacheView<B>; compressed?: CacheView<B> }, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, compressedRows: number, swaIds: BigInt64Array | B | null, swaRows: number): WorkspaceDequantizeJob<B>[] {
+  const swa = swaIds === null ? null : new QueuedDequant(caches.swa, swaIds, swaRows, workspace, compressedRows);
+  if (compressedIds === null) return swa === null ? [] : [swa];
+  const compressed = new QueuedDequant(caches.compressed!, compressedIds, compressedRows, workspace, 0);
+  return swa === null ? [compressed] : [compressed, swa];
+}
+
 /** A queued layer's sparsePrefill over its workspace rows. */
 class QueuedPrefill<B> implements WorkspacePrefillJob<B> {
   declare readonly q: Uint16Array | B;
@@ -739,15 +750,7 @@ export class LayerResources<B = never> {
       rows = dense;
     }
     const ws = this.takeWorkspace(steps);
-    const caches = call.caches;
-    // the compressed rows first, then the SWA rows (as prefill_layer's dequantJobs)
-    const swa = swaIds === null ? null : new QueuedDequant(caches.swa, swaIds, swaRows, ws, compressedRows);
-    let dequants: WorkspaceDequantizeJob<B>[];
-    if (compressedIds === null) dequants = swa === null ? [] : [swa];
-    else {
-      const compressed = new QueuedDequant(caches.compressed!, compressedIds, compressedRows, ws, 0);
-      dequants = swa === null ? [compressed] : [compressed, swa];
-    }
+    const dequants = workspaceDequants(call.caches, ws, compressedIds, compressedRows, swaIds, swaRows);
     return new QueuedJob(this, planRows, dequants, new QueuedPrefill(call, ws, rows, p.numQueries));
   }
 

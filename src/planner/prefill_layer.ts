@@ -32,7 +32,7 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet }
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, PagedSetBytes, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { CheckedCaches, Plan, WORKSPACE_ROW_DIMS, ratioNotServed, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { CheckedCaches, Plan, WORKSPACE_ROW_DIMS, ratioNotServed, workspaceDequants, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -1014,10 +1014,7 @@ function cachesAttached({ caches, ratio }: LayerCall): void {
 
 /** A layer's dequants into its workspace: the compressed rows first, then the SWA rows (null ids: none of that kind). */
 function dequantJobs<B>({ layout, caches }: LayerCall, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, swaIds: BigInt64Array | B | null): WorkspaceDequantizeJob<B>[] {
-  const swa = swaIds === null ? null : { cache: caches.swa as CacheView<B>, tokenIds: swaIds, n: layout.swaRows, workspace, rowOffset: layout.compressedRows };
-  if (compressedIds === null) return swa === null ? [] : [swa];
-  const compressed = { cache: caches.compressed! as CacheView<B>, tokenIds: compressedIds, n: layout.compressedRows, workspace, rowOffset: 0 };
-  return swa === null ? [compressed] : [compressed, swa];
+  return workspaceDequants(caches as { swa: CacheView<B>; compressed?: CacheView<B> }, workspace, compressedIds, layout.compressedRows, swaIds, layout.swaRows);
 }
 
 /** A layer's sparsePrefill over its workspace rows. */

@@ -164,11 +164,7 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
     for (const level of levels) {
       const entry = entries.find((a) => a.cpuArch === level);
       if (!entry) continue;
-      if (runs(level)) {
-        const path = join(dir, entry.file);
-        const damage = damagedCopy(path, entry);
-        return damage ? { ok: false, why: damage } : { ok: true, path, level, manifest, entry };
-      }
+      if (runs(level)) return prebuiltAt(dir, entry, level, manifest);
     }
     const listed = entries.map((a) => a.cpuArch).join(', ') || 'none';
     if (!entries.some((a) => levels.includes(a.cpuArch))) return { ok: false, why: `the ${key} manifest lists none of the levels ${levels.join(', ')} (it lists ${listed})` };
@@ -178,10 +174,14 @@ export function selectPrebuilt({ root = PACKAGE_ROOT, platform = process.platfor
     return { ok: false, why: `the ${key} prebuilt addons (${listed}) all need more than this CPU has` };
   }
   const entry = entries[0];
-  if (!entry) return { ok: false, why: `the ${key} manifest lists no addon` };
+  return entry ? prebuiltAt(dir, entry, entry.cpuArch, manifest) : { ok: false, why: `the ${key} manifest lists no addon` };
+}
+
+/** The chosen prebuilt addon, unless its file is not the one the manifest lists (damagedCopy). */
+function prebuiltAt(dir, entry, level, manifest) {
   const path = join(dir, entry.file);
   const damage = damagedCopy(path, entry);
-  return damage ? { ok: false, why: damage } : { ok: true, path, level: entry.cpuArch, manifest, entry };
+  return damage ? { ok: false, why: damage } : { ok: true, path, level, manifest, entry };
 }
 
 /**

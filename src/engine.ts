@@ -57,7 +57,7 @@ export class SparseMlaEngine implements Engine {
   // in an object of its own: a caller's Object.freeze(engine) (shallow) must not keep dispose() from
   // marking it (the assignment threw TypeError, and the backend's workers and threads were never
   // stopped); not a #field, which a Proxy of the engine could not read through its methods
-  private readonly life: { disposed: boolean; teardown?: Promise<void> } = { disposed: false };
+  private readonly life: { teardown: Promise<void> | undefined } = { teardown: undefined };
 
   constructor(impl: Backend) {
     this.impl = impl;
@@ -66,7 +66,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   private alive(): void {
-    if (this.life.disposed) throw disposedError();
+    if (this.life.teardown !== undefined) throw disposedError();
   }
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
@@ -190,18 +190,17 @@ export class SparseMlaEngine implements Engine {
 
   /** Not an async function (it waits in the backend's): one promise a call, the backend's. */
   synchronize(): Promise<void> {
-    if (this.life.disposed) return Promise.reject(disposedError());
+    if (this.life.teardown !== undefined) return Promise.reject(disposedError());
     return this.impl.device?.synchronize() ?? Promise.resolve();
   }
 
   /** Every call, the first or a later one, resolves once the backend is torn down (a later one is not done before the first is). */
   dispose(): Promise<void> {
-    if (!this.life.disposed) {
-      this.life.disposed = true;
+    if (this.life.teardown === undefined) {
       undisposedWorkers.unregister(this);
       this.life.teardown = this.teardown();
     }
-    return this.life.teardown!;
+    return this.life.teardown;
   }
 
   /** The backend's dispose, started now (a call already past its checks finds the backend disposed), as a promise. */

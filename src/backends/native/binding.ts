@@ -257,15 +257,15 @@ export type AddonLoad =
  * sources here, which the addon must have been built from.
  */
 function tryLoad(path: string, sources: string | null): { ok: true; addon: NativeAddon } | { ok: false; why: string } {
-  if (!existsSync(path)) return { ok: false, why: `${path} is missing` };
   // a FIFO or a device (SPARSE_MLA_NATIVE_ADDON=/dev/zero) would block the loader's read forever
-  let regular: boolean;
+  let stat: ReturnType<typeof statSync>;
   try {
-    regular = statSync(path).isFile();
+    stat = statSync(path, { throwIfNoEntry: false });
   } catch (e) {
     return { ok: false, why: `${path} cannot be read (${(e as Error).message.split('\n')[0]})` };
   }
-  if (!regular) return { ok: false, why: `${path} is not a regular file` };
+  if (stat === undefined) return { ok: false, why: `${path} is missing` };
+  if (!stat.isFile()) return { ok: false, why: `${path} is not a regular file` };
   let addon: NativeAddon;
   try {
     addon = createRequire(import.meta.url)(path) as NativeAddon;

@@ -1880,3 +1880,77 @@ describe("a prefill folder of the library's two .safetensors files (session 55, 
     expect((e as SparseMlaError).message).toContain('expected at most one .safetensors file besides outputs.safetensors, found a.safetensors, b.safetensors');
   });
 });
+
+describe('the CLI and the io writers under hostile paths and folders, the fuzzer\'s cliCommand target (session 56, helper-72)', () => {
+  const MAIN = join(process.cwd(), 'dist/cli/main.js');
+  const folders: string[] = [];
+  afterAll(() => {
+    for (const d of folders) rmSync(d, { recursive: true, force: true });
+  });
+  const folder = (): string => {
+    const d = mkdtempSync(join(tmpdir(), 'sparse-mla-findings-56-'));
+    folders.push(d);
+    return d;
+  };
+  /** A valid prefill's inputs (dQK 64, dV 64) as writePrefillDir takes them, and outputs of their shapes. */
+  const prefill = () => {
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), sKV = rng.int(1, 9), topk = rng.int(1, 5);
+    const args = { ...randomPrefillArgs(rng, { sQ, hQ, dQK: 64, sKV, topk }), dV: 64 };
+    const outputs = { out: tensor('bf16', [sQ, hQ, 64], randomBf16Bits(rng, sQ * hQ * 64)), lse: tensor('float32', [sQ, hQ], Float32Array.from({ length: sQ * hQ }, () => rng.normal())), maxLogits: tensor('float32', [sQ, hQ], Float32Array.from({ length: sQ * hQ }, () => rng.normal())) };
+    return { args, outputs };
+  };
+  /** `call` run with `cwd` as the working directory (this file's fork may change it). */
+  async function inDir<T>(cwd: string, call: () => Promise<T>): Promise<T> {
+    const back = process.cwd();
+    process.chdir(cwd);
+    try {
+      return await call();
+    } finally {
+      process.chdir(back);
+    }
+  }
+  const cli = async (cwd: string, args: string[]) => {
+    const { spawnSync } = await import('node:child_process');
+    const r = spawnSync(process.execPath, [MAIN, ...args], { cwd, encoding: 'utf8', timeout: 60_000, env: { ...process.env, SPARSE_MLA_BACKEND: 'wasm' } });
+    return { code: r.status, stdout: r.stdout, stderr: r.stderr };
+  };
+
+  test("an empty path names no file or folder: writePrefillDir / writePrefillOutputs / writeNpyFile / writeSafetensorsFile('') are INVALID_VALUE with the working directory as it was (path.resolve('') is the working directory: they wrote their files there); the readers' refusal says so too", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs } = prefill();
+    const cwd = folder();
+    const writers: [string, () => Promise<unknown>][] = [
+      ['dir', () => io.writePrefillDir('', args)],
+      ['dir', () => io.writePrefillDir('', args, { format: 'safetensors', outputs })],
+      ['dir', () => io.writePrefillOutputs('', outputs)],
+      ['dir', () => io.writePrefillOutputs('', outputs, 'safetensors')],
+      ['path', () => io.writeNpyFile('', args.q)],
+      ['path', () => io.writeSafetensorsFile('', { q: args.q })],
+    ];
+    for (const [argument, write] of writers) {
+      const e = await inDir(cwd, () => errorOf(write));
+      expect(e, String(write)).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument, (e as SparseMlaError).message]).toEqual(['INVALID_VALUE', argument, `${argument}: expected ${argument === 'dir' ? 'a directory path' : 'a file path'}, got an empty string`]);
+      expect(readdirSync(cwd), String(write)).toEqual([]);
+    }
+    for (const [argument, read] of [['dir', () => io.loadPrefillInputs('')], ['dir', () => io.PrefillDir.open('')], ['path', () => io.readNpyFile('')], ['path', () => io.readSafetensorsFile('')]] as const) {
+      const e = await inDir(cwd, () => errorOf(read));
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', argument]);
+      expect((e as SparseMlaError).message).toContain('got an empty string');
+    }
+  });
+
+  test("`sparse-mla prefill D --out ''` is exit 2 naming --out before its engine starts (it wrote out.npy, lse.npy and max_logits.npy into the working directory and said 'wrote … to '); `sparse-mla bench --out ''` is exit 2 before its measurements (it skipped the file and said nothing)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args } = prefill();
+    const input = join(folder(), 'in');
+    await io.writePrefillDir(input, args);
+    const cwd = folder();
+    const r = await cli(cwd, ['prefill', input, '--out', '', '--workers', '1']);
+    expect([r.code, r.stderr.trim()]).toEqual([2, "sparse-mla prefill: --out: expected a directory path, got an empty string [INVALID_VALUE]"]);
+    expect(readdirSync(cwd)).toEqual([]);
+    const b = await cli(cwd, ['bench', '--out', '', '--queries', '1', '--heads', '1', '--topk', '1', '--context', '0', '--dequant-tokens', '1', '--repeat', '1', '--warmup', '0', '--workers', '1', '-q']);
+    expect([b.code, b.stderr.trim(), b.stdout]).toEqual([2, 'sparse-mla bench: --out: expected a file path, got an empty string [INVALID_VALUE]', '']);
+    expect(readdirSync(cwd)).toEqual([]);
+  });
+});

@@ -51,10 +51,18 @@ export interface OpenedFile {
 
 /**
  * `path` (the argument `argument`, a `what`) and the `name` messages give it: strings (a path is
- * never coerced: a Symbol's or an object's text is no path, and node's fs would throw a TypeError).
+ * never coerced: a Symbol's or an object's text is no path, and node's fs would throw a TypeError),
+ * the path not empty (it names nothing: fs refuses it, but path.resolve makes it the working directory,
+ * where a writer would have written).
  */
 export function checkPathArgs(path: unknown, name: unknown, argument = 'path', what = 'a file path'): void {
   if (typeof path !== 'string') throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} string, got ${typeof path === 'object' ? (path === null ? 'null' : 'an object') : typeof path}`, argument);
+  checkNameArg(name, path);
+  if (path === '') throw new SparseMlaError('INVALID_VALUE', `${name || argument}: expected ${what}, got an empty string`, name || argument);
+}
+
+/** The `name` messages give a path: a string. */
+function checkNameArg(name: unknown, path: string): asserts name is string {
   if (typeof name !== 'string') throw new SparseMlaError('INVALID_VALUE', `name: expected a string naming ${clip(path, 80)} in messages, got ${typeof name}`, 'name');
 }
 
@@ -64,7 +72,7 @@ export function checkPathArgs(path: unknown, name: unknown, argument = 'path', w
  * DataView or a detached buffer is refused, not half-read); `name` must be a string.
  */
 export function fileBytes(bytes: unknown, name: unknown): Uint8Array {
-  checkPathArgs('', name);
+  checkNameArg(name, '');
   const view = ownView(bytes, Uint8Array, name as string);
   if (view === null) {
     const got = typedArrayKind(bytes) ?? (bytes instanceof DataView ? 'DataView' : bytes === null ? 'null' : typeof bytes === 'object' ? 'an object that is not a Uint8Array' : typeof bytes);

@@ -32,7 +32,7 @@ let lastWriteSeed = 0;
 const DTYPE_OF_DESCR = { '<u2': 'bf16', '<f4': 'float32', '<i4': 'int32', '<i8': 'int64', '|u1': 'uint8' };
 
 /** Handles this process holds open on files under `dir` (/proc/self/fd; none where there is no /proc). */
-function handlesUnder(dir) {
+export function handlesUnder(dir) {
   let fds;
   try {
     fds = readdirSync('/proc/self/fd');
@@ -92,7 +92,7 @@ function stBytes(headerJson, data, lenDelta = 0) {
  * The changes a file of `kind` ('npy', 'st', 'meta') can take: [label, class, apply(path, rng)].
  * Where the class depends on the file (a change of two elements), apply returns it.
  */
-function changesOf(kind, op) {
+export function changesOf(kind, op) {
   const replace = [
     ['a FIFO', 'refuse', (p) => (rmSync(p), execFileSync('mkfifo', [p]))],
     ['a directory', 'refuse', (p) => (rmSync(p), mkdirSync(p))],
@@ -279,7 +279,7 @@ function changesOf(kind, op) {
 }
 
 /** The changes of the folder itself (not of one file): [label, class by op, apply(dir)]. */
-const FOLDER_CHANGES = [
+export const FOLDER_CHANGES = [
   ['an unread FIFO', () => 'same', (d) => execFileSync('mkfifo', [join(d, 'zz.npy')])],
   ['an unread symlink loop', () => 'same', (d) => symlinkSync(join(d, 'loop.npy'), join(d, 'loop.npy'))],
   ['an unread directory', () => 'same', (d) => mkdirSync(join(d, 'sub.npy'))],
@@ -418,7 +418,7 @@ export const hostileDir = {
 };
 
 /** What `dir` holds, by name, without following or opening anything but regular files: bytes, a directory's listing, a link's target, a FIFO. */
-function folderState(dir) {
+export function folderState(dir) {
   const out = {};
   let names;
   try {
@@ -435,7 +435,7 @@ function folderState(dir) {
 }
 
 /** The names of a state that differ from another's (added, removed or changed). */
-function stateDiff(a, b) {
+export function stateDiff(a, b) {
   return [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => a[k] !== b[k]);
 }
 

@@ -19,9 +19,10 @@ import { DEVICE_TARGETS } from './device_targets.mjs';
 import { HOST_TARGETS } from './host_targets.mjs';
 import { SIDE_TARGETS, SIDE3_TARGETS as SIDE3_OWN } from './side_targets.mjs';
 import { DIR_TARGETS } from './dir_targets.mjs';
+import { CLI_TARGETS } from './cli_targets.mjs';
 
-/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs) and 55's (dir_targets.mjs), each from its fromSeed. */
-const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS];
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -223,8 +224,8 @@ export async function runCase(env, seed, index, only) {
   return verdict;
 
   async function judgeCase() {
-  // what the call opened (dir_targets.mjs): closed once it settled
-  const open = built.leftOpen?.();
+  // what the call opened (dir_targets.mjs; cli_targets.mjs also waits for threads to end): closed once it settled
+  const open = await built.leftOpen?.();
   if (open) return finding('handle-leak', open);
 
   // what the call may not have written: every input, and a cache a refused call was given

@@ -174,13 +174,14 @@ async function benchEngine(
 export async function benchCommand(argv: string[]): Promise<number> {
   const { options: o, positionals } = parseArgs(argv, OPTIONS);
   expectNoPositionals('bench', positionals);
-  if (o.out) await prepareOutputFile(o.out, '--out'); // checked before the measurements, written after
+  // checked before the measurements, written after ('' too: an empty path is refused, not skipped)
+  if (o.out !== undefined) await prepareOutputFile(o.out, '--out');
   if (o.backend === 'cuda') {
     // The GPU benchmark (src/cli/gpu_bench.ts): FlashMLA's configurations, dequant vs copy, paths.
     const { gpuBench } = await import('../gpu_bench.js');
     const { listBackends } = await import('../../index.js');
     const cuda = (await listBackends()).find((b) => b.name === 'cuda');
-    return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, device: cuda?.details ?? {}, host: machineInfo() });
+    return gpuBench({ repeat: o.repeat, warmup: Math.max(o.warmup, 2), ...(o.out !== undefined ? { out: o.out } : {}), commit: process.env.SPARSE_MLA_COMMIT ?? machineInfo().commit ?? undefined, command: `sparse-mla bench ${argv.join(' ')}`, device: cuda?.details ?? {}, host: machineInfo() });
   }
   if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
@@ -264,7 +265,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     speedup,
   };
   const json = `${JSON.stringify(report, null, 2)}\n`;
-  if (o.out) await writeFileNoFollow(o.out, json, '--out');
+  if (o.out !== undefined) await writeFileNoFollow(o.out, json, '--out');
   if (o.json) {
     process.stdout.write(json);
     return 0;
@@ -296,7 +297,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     lines.push('', `speedup 1 -> ${n} workers (median time ratio):`);
     for (const [op, ratio] of Object.entries(speedup)) lines.push(`  ${op.padEnd(22)} ${ratio.toFixed(2)}x`);
   }
-  if (o.out) lines.push('', `JSON written to ${o.out}`);
+  if (o.out !== undefined) lines.push('', `JSON written to ${o.out}`);
   process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
   return 0;
 }

@@ -13,6 +13,18 @@ root=$(pwd)
 work=$(mktemp -d)
 trap 'chmod -R u+w "$work" 2>/dev/null; rm -rf "$work"' EXIT
 fail() { echo "package check: $*" >&2; exit 1; }
+# no absolute path of the tree an addon was built in (nvcc's device line info names its sources by
+# them; native/build_tools.mjs scrubBuildTree rewrites them): no_build_paths <tree> <addon>...
+no_build_paths() {
+  local tree=$1 real n f
+  real=$(readlink -f "$tree")
+  shift
+  for f in "$@"; do
+    n=$({ grep -a -o -F -e "$tree" -e "$real" "$f" || true; } | wc -l)
+    [ "$n" = 0 ] || fail "${f#"$work"/} holds $n absolute paths of the tree it was built in ($tree)"
+  done
+  echo "no path of the build tree in: $(for f in "$@"; do basename "$f"; done | tr '\n' ' ')"
+}
 
 have_nvcc=$(command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 pack_cuda=$([ "$have_nvcc" = 1 ] && echo ON || echo OFF)
@@ -46,6 +58,7 @@ node -e '
   if (bad.length) { console.error(`source maps pointing at files not in the tarball:\n${bad.join("\n")}`); process.exit(1); }
 ' "$work/unpacked/package" || fail "stale source maps"
 echo "tarball: $(basename "$tarball"), $(du -k "$tarball" | cut -f1) KiB, $(wc -l < "$work/files.txt") files, source maps resolve"
+no_build_paths "$root" "$work"/unpacked/package/prebuilds/*/*.node
 
 # The linux-arm64 addon cannot load on this machine (.ci/arm64_check.sh runs it emulated): each file
 # its manifest lists is there with its checksum, is an AArch64 shared object exporting the Node-API
@@ -185,6 +198,7 @@ node -e '
   if (s.addon !== "built") { console.error(JSON.stringify(s, null, 2)); process.exit(1); }
   console.log(`source build from the package: ${s.simd}, -march=${s.cpuArch}, cuda ${s.cuda.built ? "built" : `not built (${s.cuda.why})`}, ${s.build.seconds} s`);
 ' || fail "the source build from the package"
+no_build_paths "$src_app/node_modules/sparse-mla" "$src_app/node_modules/sparse-mla/build/addon/Release/sparse_mla_native.node"
 ./node_modules/.bin/sparse-mla info --json | node -e '
   let t = ""; process.stdin.on("data", (d) => (t += d)).on("end", () => {
     const info = JSON.parse(t);

@@ -2,7 +2,8 @@
 // step (the prebuilt addons). Configure runs every time with explicit options (a cached
 // SMLA_WITH_CUDA=OFF must not stick), then only the addon target is built (incremental).
 import { spawn, spawnSync } from 'node:child_process';
-import { createWriteStream, mkdirSync, readFileSync } from 'node:fs';
+import { createHash } from 'node:crypto';
+import { createWriteStream, mkdirSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { dirname, join } from 'node:path';
@@ -109,8 +110,10 @@ export function logExcerpt(logPath, max = 4) {
 
 /**
  * Configure + build sparse_mla_native into outDir/Release (`defines`: more CMake cache entries, e.g.
- * CMAKE_SYSTEM_NAME / CMAKE_SYSTEM_PROCESSOR for a cross build). Resolves { ok, problem, seconds }:
- * problem is null on success, else 'configure failed' / 'build failed' / 'stopped after N s' / ...
+ * CMAKE_SYSTEM_NAME / CMAKE_SYSTEM_PROCESSOR for a cross build), then scrubBuildTree the addon.
+ * Resolves { ok, problem, seconds, addon, scrub }: problem is null on success, else 'configure
+ * failed' / 'build failed' / 'stopped after N s' / ...; scrub is scrubBuildTree's answer (null when
+ * the build failed).
  */
 export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuArch, withCuda = 'AUTO', portable = false, defines = {}, logPath, verbose = false, timeoutS = 1200, parallel }) {
   const jobs = String(parallel ?? os.availableParallelism?.() ?? os.cpus().length);
@@ -149,7 +152,162 @@ export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuA
 
   const problem = (await step(configure)) ?? (await step(build));
   if (log) await new Promise((resolve) => log.end(resolve));
-  return { ok: problem === null, problem, seconds: (Date.now() - started) / 1000, addon: join(outDir, 'Release', 'sparse_mla_native.node') };
+  const addon = join(outDir, 'Release', 'sparse_mla_native.node');
+  let scrub = null;
+  if (problem === null) {
+    try {
+      scrub = scrubBuildTree(addon, root);
+    } catch (e) {
+      scrub = { ok: false, why: `${addon}: ${e.message}`, left: [] };
+    }
+  }
+  return { ok: problem === null, problem, seconds: (Date.now() - started) / 1000, addon, scrub };
+}
+
+// nvcc's -lineinfo (profilers map SASS to source by it) writes into each cubin of an addon's
+// .nv_fatbin the build tree's absolute paths (cicc joins its working directory to every file name,
+// however relative the command line's, and no nvcc option maps them) and, in the line tables, each
+// source's mtime and size, which differ from checkout to checkout. scrubBuildTree rewrites them in
+// the built addon, each at its own byte length so that nothing moves:
+//   <root>/native/cuda  ->  ./././././native/cuda   (relative, as long as the prefix it replaces)
+//   mtime, size         ->  0 (in as many ULEB128 bytes: 0x80 ... 0x00)
+const FATBIN_MAGIC = 0xba55ed50;
+const FATBIN_ELF = 2;
+const FATBIN_COMPRESSED = 0x2000n;
+
+/** An ELF64 little-endian file's sections ({ name, offset, size }), or null for anything else. */
+function elf64Sections(bytes) {
+  if (bytes.length < 64 || bytes.readUInt32BE(0) !== 0x7f454c46 || bytes[4] !== 2 || bytes[5] !== 1) return null;
+  const shoff = Number(bytes.readBigUInt64LE(0x28));
+  const [entsize, count, names] = [bytes.readUInt16LE(0x3a), bytes.readUInt16LE(0x3c), bytes.readUInt16LE(0x3e)];
+  if (shoff + entsize * count > bytes.length || names >= count) return null;
+  const header = (i) => shoff + i * entsize;
+  const strings = Number(bytes.readBigUInt64LE(header(names) + 24));
+  return Array.from({ length: count }, (_, i) => {
+    const at = strings + bytes.readUInt32LE(header(i));
+    return { name: bytes.toString('latin1', at, bytes.indexOf(0, at)), offset: Number(bytes.readBigUInt64LE(header(i) + 24)), size: Number(bytes.readBigUInt64LE(header(i) + 32)) };
+  });
+}
+
+/** A relative path prefix of exactly n (>= 2) characters that ends in '/': './././' or '././/'. */
+const relativePrefix = (n) => (n % 2 === 0 ? './'.repeat(n / 2) : `${'./'.repeat((n - 3) / 2)}.//`);
+
+/** Sets the ULEB128 at `at` to 0 in as many bytes; returns [the offset after it, whether it was not 0]. */
+function zeroUleb(bytes, at) {
+  let end = at;
+  while (bytes[end] & 0x80) end++;
+  const wasSet = bytes.subarray(at, end + 1).some((b) => (b & 0x7f) !== 0);
+  bytes.fill(0x80, at, end);
+  bytes[end] = 0;
+  return [end + 1, wasSet];
+}
+
+/** Zeroes the mtime and size of every file in a cubin's .debug_line (DWARF 2-4); returns how many were set, or a problem. */
+function zeroLineStamps(cubin) {
+  const line = elf64Sections(cubin)?.find((s) => s.name === '.debug_line');
+  if (!line) return { stamps: 0 };
+  const table = cubin.subarray(line.offset, line.offset + line.size);
+  let stamps = 0;
+  for (let unit = 0; unit + 10 <= table.length; ) {
+    const length = table.readUInt32LE(unit);
+    const version = table.readUInt16LE(unit + 4);
+    if (length === 0xffffffff || version < 2 || version > 4) return { problem: `a DWARF ${length === 0xffffffff ? '64-bit' : `version ${version}`} line table` };
+    const programStart = unit + 10 + table.readUInt32LE(unit + 6);
+    let at = unit + 10 + (version >= 4 ? 5 : 4); // minimum_instruction_length .. line_range
+    at += table[at]; // opcode_base, then its opcode_base - 1 standard_opcode_lengths
+    while (table[at] !== 0) at = table.indexOf(0, at) + 1; // include_directories
+    at++;
+    while (table[at] !== 0) {
+      at = table.indexOf(0, at) + 1; // the name
+      while (table[at] & 0x80) at++; // its directory index
+      at++;
+      for (let field = 0; field < 2; field++) {
+        const [next, wasSet] = zeroUleb(table, at);
+        at = next;
+        if (wasSet) stamps++;
+      }
+    }
+    if (at + 1 > programStart) return { problem: 'a line table header of an unknown layout' }; // (ptxas pads it)
+    unit += 4 + length;
+  }
+  return { stamps };
+}
+
+/**
+ * The linker's build-id is a hash of what it wrote, mtimes included: it becomes the same hash of
+ * the rewritten file (its own bytes taken as zeros), so that builds differing only in what was
+ * rewritten stay byte-identical.
+ */
+function rehashBuildId(bytes, sections) {
+  const note = sections.find((s) => s.name === '.note.gnu.build-id');
+  if (!note || note.size < 16) return;
+  const [nameSize, idSize] = [bytes.readUInt32LE(note.offset), bytes.readUInt32LE(note.offset + 4)];
+  const at = note.offset + 12 + Math.ceil(nameSize / 4) * 4;
+  if (idSize === 0 || at + idSize > note.offset + note.size) return;
+  bytes.fill(0, at, at + idSize);
+  createHash(idSize <= 20 ? 'sha1' : 'sha256').update(bytes).digest().copy(bytes, at, 0, idSize);
+}
+
+/**
+ * Rewrites, in place, what nvcc leaves of the build machine in an addon's device code (above): the
+ * paths under `root` (and its real path) in .nv_fatbin, and the line tables' mtimes and sizes.
+ * Returns { ok: true, paths, stamps } (how many it rewrote; a file without device code is left as
+ * it is) or { ok: false, why }, and in either case `left`: where a path of `root` remains in the file.
+ */
+export function scrubBuildTree(file, root) {
+  const bytes = readFileSync(file);
+  const roots = [...new Set([root, realpathSync(root)].map((r) => r.replace(/\/+$/, '')))].filter((r) => r.length >= 2);
+  const left = () => roots.flatMap((r) => {
+    const found = [];
+    for (let at = bytes.indexOf(r); at >= 0; at = bytes.indexOf(r, at + 1)) found.push(`0x${at.toString(16)} ${bytes.toString('latin1', at, Math.min(bytes.indexOf(0, at), at + 160))}`);
+    return found;
+  });
+  const sections = elf64Sections(bytes);
+  const fatbin = sections?.find((s) => s.name === '.nv_fatbin');
+  if (!fatbin) return { ok: true, paths: 0, stamps: 0, left: left() };
+  const section = bytes.subarray(fatbin.offset, fatbin.offset + fatbin.size);
+  const fail = (why) => ({ ok: false, why: `${file}: ${why}`, left: left() });
+
+  let stamps = 0;
+  for (let at = 0; at < section.length; ) {
+    if (section.readUInt32LE(at) !== FATBIN_MAGIC) {
+      if (section.subarray(at, Math.min(at + 8, section.length)).every((b) => b === 0)) {
+        at += 8; // padding between the objects' fat binaries
+        continue;
+      }
+      return fail(`no fat binary header at .nv_fatbin+0x${at.toString(16)}`);
+    }
+    const end = at + section.readUInt16LE(at + 6) + Number(section.readBigUInt64LE(at + 8));
+    for (let entry = at + section.readUInt16LE(at + 6); entry < end; ) {
+      const [kind, headerSize, size] = [section.readUInt16LE(entry), section.readUInt32LE(entry + 4), Number(section.readBigUInt64LE(entry + 8))];
+      if (headerSize === 0) return fail('an empty fat binary entry');
+      // a compressed image (nvcc compresses PTX, and everything with -compress-all) cannot be read here
+      if (section.readBigUInt64LE(entry + 40) & FATBIN_COMPRESSED) return fail('compressed device code (nvcc -compress-all?), whose line tables cannot be rewritten');
+      if (kind === FATBIN_ELF) {
+        const r = zeroLineStamps(section.subarray(entry + headerSize, entry + headerSize + size));
+        if (r.problem) return fail(`a cubin with ${r.problem}`);
+        stamps += r.stamps;
+      }
+      entry += headerSize + size;
+    }
+    at = end;
+  }
+
+  let paths = 0;
+  for (const r of roots) {
+    for (let at = section.indexOf(r); at >= 0; at = section.indexOf(r, at + 1)) {
+      const next = section[at + r.length];
+      if (next !== 0x2f && next !== 0) continue; // '/work/main2' is not under '/work/main'
+      const n = next === 0x2f ? r.length + 1 : r.length;
+      section.write(relativePrefix(n), at, 'latin1');
+      paths++;
+    }
+  }
+  if (paths || stamps) {
+    rehashBuildId(bytes, sections);
+    writeFileSync(file, bytes);
+  }
+  return { ok: true, paths, stamps, left: left() };
 }
 
 /**

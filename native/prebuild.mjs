@@ -8,6 +8,8 @@
 //     the cross compiler aarch64-linux-gnu-g++ (the CUDA toolkit here has no aarch64/sbsa target)
 // and prebuilds/<platform>/manifest.json describing them (with the glibc and libstdc++ versions
 // they need; none may need more than the floor README states, FLOOR below).
+// No addon ships a path of the tree it was built in: build_tools.mjs scrubBuildTree rewrites those
+// nvcc's line info writes, relative to the package root, and packing fails if any remains.
 // The levels are PREBUILT_TARGETS of addon_locate.mjs, the data the loader chooses by. `--clean`
 // (postpack) removes prebuilds/ again, so a checkout never loads a stale prebuilt addon. Build
 // trees stay in build/prebuild-<level>/, so packing again rebuilds only what changed.
@@ -93,6 +95,9 @@ async function buildPlatform(platform) {
     say(`building ${platform} ${level} (CUDA ${spec.withCuda}${spec.cross ? `, ${cxx}` : ''})${env.SPARSE_MLA_NATIVE_VERBOSE === '1' ? '' : `, log: ${logPath}`}`);
     const r = await buildAddon({ root: PACKAGE_ROOT, cmakeJs: tools.cmakeJs, compilers, outDir: buildDir, cpuArch: level, withCuda: spec.withCuda, portable: true, defines, logPath, verbose: env.SPARSE_MLA_NATIVE_VERBOSE === '1' });
     if (!r.ok) die(`${level}: ${r.problem} (log: ${logPath})\n${logExcerpt(logPath).map((l) => `  ${l}`).join('\n')}`);
+    // no path of this machine's build tree ships (build_tools.mjs scrubBuildTree)
+    if (!r.scrub.ok) die(`${level}: ${r.scrub.why}`);
+    if (r.scrub.left.length) die(`${level}: the addon holds paths of the build tree ${PACKAGE_ROOT}:\n${r.scrub.left.slice(0, 8).map((l) => `  ${l}`).join('\n')}`);
     const elf = inspectElf(r.addon);
     if (!elf.ok) die(`${level}: cannot read the built addon: ${elf.why}`);
     if (elf.machine !== spec.machine || elf.elfClass !== 'ELF64' || elf.type !== 'DYN') die(`${level}: built a ${elf.elfClass} ${elf.type} for ${elf.machine}, not a shared object for ${spec.machine}`);
@@ -121,7 +126,7 @@ async function buildPlatform(platform) {
     addons.push({ file, cpuArch: level, simd, bytes: statSync(join(outDir, file)).size, sha256: createHash('sha256').update(bytes).digest('hex') });
     glibc.push(elf.glibc);
     glibcxx.push(elf.glibcxx);
-    say(`${platform}/${file}: ${simd}, ${cuda.built ? `CUDA ${cuda.arch}` : 'no CUDA'}, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, ${(addons.at(-1).bytes / 2 ** 20).toFixed(2)} MiB, ${Math.round(r.seconds)} s`);
+    say(`${platform}/${file}: ${simd}, ${cuda.built ? `CUDA ${cuda.arch}` : 'no CUDA'}, glibc ${elf.glibc}, GLIBCXX ${elf.glibcxx}, ${(addons.at(-1).bytes / 2 ** 20).toFixed(2)} MiB, ${Math.round(r.seconds)} s${r.scrub.paths || r.scrub.stamps ? `; device line info: ${r.scrub.paths} build-tree paths made relative, ${r.scrub.stamps} file stamps zeroed` : ''}`);
   }
   return {
     package: 'sparse-mla',

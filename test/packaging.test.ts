@@ -7,9 +7,9 @@
  * is .ci/package_check.sh.
  */
 import { execFile, spawnSync } from 'node:child_process';
-import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
+import { chmodSync, copyFileSync, cpSync, existsSync, mkdirSync, readdirSync, readFileSync, realpathSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
-import { dirname, join } from 'node:path';
+import { dirname, join, posix } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { beforeAll, describe, expect, test } from 'vitest';
 import { ADDON_SOURCE_DIRS, LEVEL_FLAGS, PREBUILT_TARGETS, addonCandidates, addonSourceFingerprint, readCpuFlags, selectPrebuilt, type InstallStatus } from '../native/addon_locate.mjs';
@@ -306,6 +306,93 @@ describe.skipIf(!nativeAddonBuilt() || Boolean(process.env.SPARSE_MLA_NATIVE_ADD
     writeFileSync(join(root, 'native', 'addon', 'README.md'), 'notes only\n');
     expect(cpuState(root)).toEqual({ available: true, reason: null, origin: 'source build' });
   }, 60_000);
+});
+
+// What a built addon carries of the machine that built it. nvcc's -lineinfo writes each kernel's
+// source files into the cubins it embeds (.nv_fatbin): absolute paths of the build tree, and each
+// file's mtime and size, which differ from checkout to checkout. Read here without the package's
+// code: the cubins cut out of the ELF section by their own headers, their line tables by readelf.
+const builtAddon = process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON;
+
+/** The section's bytes, by name, from the ELF64 section headers (null when there is none). */
+function elfSection(bytes: Buffer, name: string): Buffer | null {
+  const shoff = Number(bytes.readBigUInt64LE(0x28));
+  const [shentsize, shnum, shstrndx] = [bytes.readUInt16LE(0x3a), bytes.readUInt16LE(0x3c), bytes.readUInt16LE(0x3e)];
+  const header = (i: number) => ({ name: bytes.readUInt32LE(shoff + i * shentsize), offset: Number(bytes.readBigUInt64LE(shoff + i * shentsize + 24)), size: Number(bytes.readBigUInt64LE(shoff + i * shentsize + 32)) });
+  const names = header(shstrndx);
+  for (let i = 0; i < shnum; i++) {
+    const h = header(i);
+    const at = names.offset + h.name;
+    if (bytes.toString('latin1', at, bytes.indexOf(0, at)) === name) return bytes.subarray(h.offset, h.offset + h.size);
+  }
+  return null;
+}
+
+/** Every embedded ELF image (cubin) in a fatbin section, each cut to the end of its section headers. */
+function cubinsIn(fatbin: Buffer): Buffer[] {
+  const cubins: Buffer[] = [];
+  for (let at = fatbin.indexOf('\x7fELF', 0, 'latin1'); at >= 0; at = fatbin.indexOf('\x7fELF', at + 4, 'latin1')) {
+    const image = fatbin.subarray(at);
+    const end = Number(image.readBigUInt64LE(0x28)) + image.readUInt16LE(0x3a) * image.readUInt16LE(0x3c);
+    cubins.push(image.subarray(0, end));
+    at += end - 4;
+  }
+  return cubins;
+}
+
+interface LineFile { dir: string; time: number; size: number; name: string }
+
+/** The file tables of a cubin's .debug_line, as `readelf --debug-dump=rawline` prints them. */
+function lineTables(cubin: Buffer, dir: string): LineFile[] {
+  const file = join(dir, 'image.cubin');
+  writeFileSync(file, cubin);
+  const text = spawnSync('readelf', ['--debug-dump=rawline', '-W', file], { encoding: 'utf8', maxBuffer: 64 << 20 }).stdout;
+  const files: LineFile[] = [];
+  for (const table of text.split(' The Directory Table').slice(1)) {
+    const dirs = new Map([...table.matchAll(/^\s+(\d+)\t(.+)$/gm)].filter((m) => table.indexOf(m[0]) < table.indexOf('The File Name Table')).map((m) => [m[1]!, m[2]!]));
+    const names = table.slice(table.indexOf('The File Name Table'), table.indexOf('Line Number Statements'));
+    for (const m of names.matchAll(/^\s+\d+\t(\d+)\t(\d+)\t(\d+)\t(.+)$/gm)) files.push({ dir: m[1] === '0' ? '' : dirs.get(m[1]!)!, time: Number(m[2]), size: Number(m[3]), name: m[4]! });
+  }
+  return files;
+}
+
+const cudaSources = readdirSync(join(ROOT, 'native', 'cuda')).filter((f) => f.endsWith('.cu'));
+const addonFatbin = nativeAddonBuilt() && process.platform === 'linux' ? elfSection(readFileSync(builtAddon), '.nv_fatbin') : null;
+const scratchDir = tempDirs('sparse-mla-cubin-');
+
+describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('what the built addon carries of the build machine', () => {
+  test('no absolute path of the build tree, anywhere in the file', () => {
+    const bytes = readFileSync(builtAddon);
+    const roots = [...new Set([ROOT.replace(/\/$/, ''), realpathSync(ROOT)])];
+    const found = roots.flatMap((root) => {
+      const hits: string[] = [];
+      for (let at = bytes.indexOf(root); at >= 0; at = bytes.indexOf(root, at + 1)) hits.push(`0x${at.toString(16)}: ${bytes.toString('latin1', at, bytes.indexOf(0, at)).slice(0, 120)}`);
+      return hits;
+    });
+    expect(found).toEqual([]);
+  });
+
+  test.skipIf(!addonFatbin)('the kernels keep their line info, naming sources relative to the package root, with no mtime or size', () => {
+    const cubins = cubinsIn(addonFatbin!);
+    expect(cubins.length).toBe(cudaSources.length); // one sm_90a cubin per .cu
+    const dir = scratchDir();
+    const ours = new Set<string>();
+    for (const [i, cubin] of cubins.entries()) {
+      const files = lineTables(cubin, dir);
+      expect(files.length, `cubin ${i} has no line table`).toBeGreaterThan(0);
+      for (const f of files) {
+        const path = f.dir ? `${f.dir}/${f.name}` : f.name;
+        expect(path.startsWith(ROOT.replace(/\/$/, '')), path).toBe(false);
+        if (path.startsWith('/')) continue; // the CUDA toolkit's headers, where it is installed
+        const relative = posix.normalize(path);
+        expect(existsSync(join(ROOT, relative)), `${path}: not a file of the package`).toBe(true);
+        expect({ path, time: f.time, size: f.size }).toEqual({ path, time: 0, size: 0 });
+        ours.add(relative);
+      }
+    }
+    // every kernel header the .cu files compile is named (what a profiler's source view opens)
+    expect([...ours].sort()).toEqual(expect.arrayContaining(['native/cuda/kv_cache.cuh', 'native/cuda/paged_sparse_attention.cuh', 'native/cuda/sparse_prefill.cuh']));
+  });
 });
 
 describe('runtime without an install record (scripts not run: pnpm, --ignore-scripts)', () => {

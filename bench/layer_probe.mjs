@@ -25,7 +25,8 @@ import { deviceInputs } from './device_inputs.mjs';
 import { freshC4Chunk, median } from './lib.mjs';
 import { checkPlacedTensor, checkQuery } from '../dist/ops/common.js';
 import { routePrefill } from '../dist/planner/router.js';
-import { LayerResources, Plan } from '../dist/planner/plan.js';
+import { Plan } from '../dist/planner/plan.js';
+import { LayerResources } from '../dist/planner/layer_resources.js';
 
 const REPEAT = 10, WARMUP = 3, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const SIZES = (process.env.PROBE_N ?? '4096,32768').split(',').map(Number);

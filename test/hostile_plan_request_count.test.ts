@@ -11,7 +11,7 @@
  */
 import { describe, expect, test } from 'vitest';
 import { createPlan, createShardedPlan, tensor, type PlanChunk } from '../dist/index.js';
-import * as planModule from '../dist/planner/plan.js';
+import * as planModule from '../dist/planner/plan_checks.js';
 import { attentionSetReference, type PlanReferenceChunk } from '../dist/reference/index.js';
 import { testRng } from './helpers/random.js';
 import { refusalOf } from './helpers/errors.js';

@@ -32,7 +32,10 @@ import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet }
 import { checkEngine, type SparseMlaEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, OutputOptions, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, PagedSetBytes, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, TaskHeap, WorkerHeap, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
-import { CheckedCaches, Plan, WORKSPACE_ROW_DIMS, ratioNotServed, workspaceDequants, type CachesRead, type OwnedBufferCheck, type LayerResources, type PeekedPagedForm, type PlacedPagedForm, type C4LayerRows, type CheckedTopk, type LayerRows } from './plan.js';
+import { Plan } from './plan.js';
+import { WORKSPACE_ROW_DIMS } from './chunk_geometry.js';
+import { CheckedCaches, ratioNotServed, type CachesRead, type CheckedTopk, type OwnedBufferCheck } from './plan_checks.js';
+import { workspaceDequants, type C4LayerRows, type LayerResources, type LayerRows, type PeekedPagedForm, type PlacedPagedForm } from './layer_resources.js';
 import { forcedRoute, routePrefill } from './router.js';
 import type { CompressRatio, PagedForm, PlanCaches, RouteDecision, RouteOptions, WorkspaceLayout } from './types.js';
 
@@ -80,7 +83,7 @@ type LayerResult = PrefillLayerResult<Placement, number | null>;
 
 /**
  * A layer call checked against its plan and engine: everything the paths read, before any work.
- * Made by a constructor, as the device checks' records are (plan.ts, V4CacheView): it is made on
+ * Made by a constructor, as the device checks' records are (plan_checks.ts, V4CacheView): it is made on
  * every layer, mostly before V8 has given the checks feedback, and without feedback V8 builds an
  * object literal property by property in its runtime.
  */

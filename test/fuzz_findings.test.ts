@@ -1953,4 +1953,27 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
     expect([b.code, b.stderr.trim(), b.stdout]).toEqual([2, 'sparse-mla bench: --out: expected a file path, got an empty string [INVALID_VALUE]', '']);
     expect(readdirSync(cwd)).toEqual([]);
   });
+
+  test("a file path that names a directory ('x.npy/', 'x.npy/.', 'x/..') is INVALID_VALUE for writeNpyFile / writeSafetensorsFile and `bench --out`, nothing written (path.resolve drops the trailing part: they wrote a file 'x.npy' that readNpyFile('x.npy/') refuses with ENOTDIR, where the system refuses to create one: EISDIR)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args } = prefill();
+    const cwd = folder();
+    const { mkdirSync } = await import('node:fs');
+    mkdirSync(join(cwd, 'sub'));
+    for (const given of ['x.npy/', 'x.npy/.', 'x.npy/./', 'sub/..', 'sub/x.npy/']) {
+      // (not path.join: it would normalize 'x.npy/.' away)
+      const path = `${cwd}/${given}`;
+      for (const write of [() => io.writeNpyFile(path, args.q), () => io.writeSafetensorsFile(path, { q: args.q })]) {
+        const e = await errorOf(write);
+        expect(e, given).toBeInstanceOf(SparseMlaError);
+        expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', path]);
+        expect((e as SparseMlaError).message).toContain('expected a file path, got a path that names a directory');
+      }
+    }
+    expect(readdirSync(cwd)).toEqual(['sub']);
+    expect(readdirSync(join(cwd, 'sub'))).toEqual([]);
+    const b = await cli(cwd, ['bench', '--out', 'report.json/', '--queries', '1', '--heads', '1', '--topk', '1', '--context', '0', '--dequant-tokens', '1', '--repeat', '1', '--warmup', '0', '--workers', '1', '-q']);
+    expect([b.code, b.stderr.trim()]).toEqual([2, "sparse-mla bench: --out: expected a file path, got a path that names a directory ('report.json/') [INVALID_VALUE]"]);
+    expect(readdirSync(cwd)).toEqual(['sub']);
+  });
 });

@@ -55,7 +55,7 @@ export interface OpenedFile {
  * the path not empty (it names nothing: fs refuses it, but path.resolve makes it the working directory,
  * where a writer would have written).
  */
-export function checkPathArgs(path: unknown, name: unknown, argument = 'path', what = 'a file path'): void {
+export function checkPathArgs(path: unknown, name: unknown, argument = 'path', what = 'a file path'): asserts path is string {
   if (typeof path !== 'string') throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} string, got ${typeof path === 'object' ? (path === null ? 'null' : 'an object') : typeof path}`, argument);
   checkNameArg(name, path);
   if (path === '') throw new SparseMlaError('INVALID_VALUE', `${name || argument}: expected ${what}, got an empty string`, name || argument);
@@ -172,9 +172,22 @@ export async function prepareOutputDir(dir: string, name = dir, create = true): 
   await unlink(probe).catch(() => {});
 }
 
+/**
+ * An output file's path (checkPathArgs's checks) that does not name a directory by its spelling: a
+ * trailing separator or a last component '.' or '..' (path.resolve drops them, so a writer would
+ * write a file the same path cannot open, where the system refuses to create one: EISDIR).
+ */
+export function checkFilePath(path: unknown, name: unknown): asserts path is string {
+  checkPathArgs(path, name);
+  const last = path.slice(path.lastIndexOf(sep) + 1);
+  if (last === '' || last === '.' || last === '..') {
+    throw new SparseMlaError('INVALID_VALUE', `${name as string}: expected a file path, got a path that names a directory ('${clip(path, 120)}')`, name as string);
+  }
+}
+
 /** For an output file given by path: its directory must exist and take new files, and the path must not be a directory. */
 export async function prepareOutputFile(path: string, name = path): Promise<void> {
-  checkPathArgs(path, name);
+  checkFilePath(path, name);
   await prepareOutputDir(dirname(resolve(path)), name, false);
   await refuseDirectory(path, name);
 }
@@ -199,7 +212,7 @@ export async function prepareOutputFiles(dir: string, files: readonly string[]):
  * pre-existing symlink at `path` is replaced, never followed.
  */
 export async function writeFileNoFollow(path: string, data: Uint8Array | string, name = path): Promise<void> {
-  checkPathArgs(path, name);
+  checkFilePath(path, name);
   const target = resolve(path);
   const tmp = join(dirname(target), `.${basename(target)}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`);
   let h: FileHandle;

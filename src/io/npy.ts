@@ -9,7 +9,7 @@
 import { SparseMlaError } from '../errors.js';
 import { MAX_TENSOR_DIMS, allocHostArray, describe, numel } from '../tensor.js';
 import type { DType, Tensor } from '../types.js';
-import { checkPathArgs, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
+import { checkFilePath, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
 /** NumPy's own cap on a header (numpy.lib.format, max_header_size): a longer one is refused unread. */
 export const NPY_MAX_HEADER_BYTES = 10000;
@@ -259,6 +259,6 @@ export async function readNpyFile(path: string, name = path): Promise<NpyArray> 
 
 /** Writes `t` as a .npy file at `path` (files.ts writeFileNoFollow); the path is checked before the tensor is encoded. */
 export async function writeNpyFile(path: string, t: Tensor): Promise<void> {
-  checkPathArgs(path, path);
+  checkFilePath(path, path);
   await writeFileNoFollow(path, encodeNpy(tensorToNpy(t)));
 }

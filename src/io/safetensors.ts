@@ -11,7 +11,7 @@
 import { SparseMlaError } from '../errors.js';
 import { MAX_TENSOR_DIMS, allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { checkPathArgs, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
+import { checkFilePath, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
 /** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
@@ -215,6 +215,6 @@ export async function readSafetensorsFile(path: string, name = path): Promise<Sa
 
 /** Writes the tensors as a .safetensors file at `path` (files.ts writeFileNoFollow); the path is checked before they are encoded. */
 export async function writeSafetensorsFile(path: string, tensors: Record<string, Tensor>, metadata?: Record<string, string>): Promise<void> {
-  checkPathArgs(path, path);
+  checkFilePath(path, path);
   await writeFileNoFollow(path, encodeSafetensors(tensors, metadata));
 }

@@ -20,9 +20,10 @@ import { HOST_TARGETS } from './host_targets.mjs';
 import { SIDE_TARGETS, SIDE3_TARGETS as SIDE3_OWN } from './side_targets.mjs';
 import { DIR_TARGETS } from './dir_targets.mjs';
 import { CLI_TARGETS } from './cli_targets.mjs';
+import { IO_TARGETS } from './io_targets.mjs';
 
-/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs), each from its fromSeed. */
-const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS];
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs, io_targets.mjs), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];

@@ -2,6 +2,9 @@
 // AVX2+FMA, NEON (AArch64), SSE2 or plain scalar code. W is the lane count; madd(a, b, c) =
 // a * b + c (fused only where the target has FMA: AVX2+FMA and AArch64, whose Advanced SIMD always
 // has it; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
+// SMLA_SIMD_HAS_EXP: the target also has exp, max, hmax and the lane masks the vector softmax
+// uses (WASM only: there libm's expf is scalar WASM code, a visible part of the kernel's time;
+// native builds keep libm's expf, where a vector exp gave no measurable gain).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -34,6 +37,7 @@ static inline vf load_splat(const float* p) { return wasm_v128_load32_splat(p); 
 static inline vf load(const float* p) { return wasm_v128_load(p); }
 static inline void store(float* p, vf v) { wasm_v128_store(p, v); }
 static inline vf add(vf a, vf b) { return wasm_f32x4_add(a, b); }
+static inline vf sub(vf a, vf b) { return wasm_f32x4_sub(a, b); }
 static inline vf mul(vf a, vf b) { return wasm_f32x4_mul(a, b); }
 static inline vf madd(vf a, vf b, vf c) { return wasm_f32x4_add(wasm_f32x4_mul(a, b), c); }
 static inline float hsum(vf v) {
@@ -46,6 +50,41 @@ static inline vf load_bf16(const uint16_t* p) {
   return wasm_i32x4_shl(wasm_u32x4_load16x4(p), 16);
 }
 
+#define SMLA_SIMD_HAS_EXP 1
+// e^x in each lane, within 1 ulp of the correctly rounded value over the whole float range
+// (Cephes' expf: x = n·ln2 + r, a degree-7 polynomial for e^r on [−ln2/2, ln2/2], then 2^n).
+// NaN gives NaN, −inf and x < −104 give 0 (subnormal results rounded once), x > 88.73 +inf.
+static inline vf exp(vf x) {
+  x = wasm_f32x4_min(wasm_f32x4_max(x, wasm_f32x4_splat(-104.0f)), wasm_f32x4_splat(88.8f));
+  const vf n = wasm_f32x4_nearest(wasm_f32x4_mul(x, wasm_f32x4_splat(1.44269504088896341f)));
+  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
+  vf r = wasm_f32x4_sub(x, wasm_f32x4_mul(n, wasm_f32x4_splat(0.693359375f)));
+  r = wasm_f32x4_sub(r, wasm_f32x4_mul(n, wasm_f32x4_splat(-2.12194440e-4f)));
+  vf y = wasm_f32x4_splat(1.9875691500e-4f);
+  y = madd(y, r, wasm_f32x4_splat(1.3981999507e-3f));
+  y = madd(y, r, wasm_f32x4_splat(8.3334519073e-3f));
+  y = madd(y, r, wasm_f32x4_splat(4.1665795894e-2f));
+  y = madd(y, r, wasm_f32x4_splat(1.6666665459e-1f));
+  y = madd(y, r, wasm_f32x4_splat(5.0000001201e-1f));
+  y = madd(y, wasm_f32x4_mul(r, r), wasm_f32x4_add(r, wasm_f32x4_splat(1.0f)));
+  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
+  const v128_t ni = wasm_i32x4_trunc_sat_f32x4(n);
+  const v128_t n1 = wasm_i32x4_shr(ni, 1);
+  const v128_t bias = wasm_i32x4_splat(127);
+  y = wasm_f32x4_mul(y, wasm_i32x4_shl(wasm_i32x4_add(n1, bias), 23));
+  return wasm_f32x4_mul(y, wasm_i32x4_shl(wasm_i32x4_add(wasm_i32x4_sub(ni, n1), bias), 23));
+}
+static inline vf max(vf a, vf b) { return wasm_f32x4_max(a, b); }  // NaN if either lane is NaN
+static inline float hmax(vf v) {
+  const vf s = wasm_f32x4_max(v, wasm_i32x4_shuffle(v, v, 2, 3, 0, 1));
+  return wasm_f32x4_extract_lane(wasm_f32x4_max(s, wasm_i32x4_shuffle(s, s, 1, 0, 3, 2)), 0);
+}
+typedef v128_t lanes;  // a lane mask: all ones or all zeros a lane
+static inline lanes first_lanes(int n) {  // lanes [0, n)
+  return wasm_i32x4_gt(wasm_i32x4_splat(n), wasm_i32x4_make(0, 1, 2, 3));
+}
+static inline vf select(lanes m, vf a, vf b) { return wasm_v128_bitselect(a, b, m); }  // m ? a : b
+
 #elif defined(SMLA_SIMD_AVX2)
 constexpr int W = 8;
 typedef __m256 vf;
@@ -55,6 +94,7 @@ static inline vf load_splat(const float* p) { return _mm256_broadcast_ss(p); }
 static inline vf load(const float* p) { return _mm256_loadu_ps(p); }
 static inline void store(float* p, vf v) { _mm256_storeu_ps(p, v); }
 static inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf madd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline float hsum(vf v) {
@@ -77,6 +117,7 @@ static inline vf load_splat(const float* p) { return vld1q_dup_f32(p); }
 static inline vf load(const float* p) { return vld1q_f32(p); }
 static inline void store(float* p, vf v) { vst1q_f32(p, v); }
 static inline vf add(vf a, vf b) { return vaddq_f32(a, b); }
+static inline vf sub(vf a, vf b) { return vsubq_f32(a, b); }
 static inline vf mul(vf a, vf b) { return vmulq_f32(a, b); }
 static inline vf madd(vf a, vf b, vf c) { return vfmaq_f32(c, a, b); }
 static inline float hsum(vf v) { return vaddvq_f32(v); }
@@ -93,6 +134,7 @@ static inline vf load_splat(const float* p) { return _mm_load1_ps(p); }
 static inline vf load(const float* p) { return _mm_loadu_ps(p); }
 static inline void store(float* p, vf v) { _mm_storeu_ps(p, v); }
 static inline vf add(vf a, vf b) { return _mm_add_ps(a, b); }
+static inline vf sub(vf a, vf b) { return _mm_sub_ps(a, b); }
 static inline vf mul(vf a, vf b) { return _mm_mul_ps(a, b); }
 static inline vf madd(vf a, vf b, vf c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
 static inline float hsum(vf v) {
@@ -114,6 +156,7 @@ static inline vf load_splat(const float* p) { return *p; }
 static inline vf load(const float* p) { return *p; }
 static inline void store(float* p, vf v) { *p = v; }
 static inline vf add(vf a, vf b) { return a + b; }
+static inline vf sub(vf a, vf b) { return a - b; }
 static inline vf mul(vf a, vf b) { return a * b; }
 static inline vf madd(vf a, vf b, vf c) { return a * b + c; }
 static inline float hsum(vf v) { return v; }
@@ -124,6 +167,21 @@ static inline vf load_bf16(const uint16_t* p) {
   return f;
 }
 #endif
+
+// Reads a byte of every 64-byte line of [p, p + bytes) and drops it. WASM has no prefetch
+// instruction: the gathers touch the next block's KV rows this way, so that those rows' cache
+// misses are in flight together while the current block computes, instead of stalling the next
+// gather one row at a time. Elsewhere a no-op (native builds keep the hardware's prefetchers).
+static inline void touch_lines(const void* p, int64_t bytes) {
+#if defined(SMLA_SIMD_WASM)
+  const volatile uint8_t* b = static_cast<const volatile uint8_t*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) (void)b[i];
+  if (bytes > 0) (void)b[bytes - 1];  // the last line, when p is not line-aligned
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
 
 }  // namespace simd
 }  // namespace smla

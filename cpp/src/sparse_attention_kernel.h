@@ -181,9 +181,64 @@ static inline void block_pv(const float* p, const float* v, float* acc, int h_q,
   for (; h < h_q; ++h) pv_heads<1>(p, v, acc, d_qk, d_v, h);
 }
 
-// Online softmax update of every head for one block of nb logits (in place: logits -> exp terms);
-// rescales acc rows whose max moved. (A SIMD exp was tried here: no measurable gain, the dot
-// products dominate.)
+// Online softmax update of every head for one block of nb logits (in place: logits -> exp terms,
+// zero past nb); rescales acc rows whose max moved.
+#if defined(SMLA_SIMD_HAS_EXP)
+// The new running max and rescale factor of a row after a block whose own max is m_blk; moves l
+// to the new max (the block's terms are added by the caller) and rescales the row's acc.
+static inline float row_update(SoftmaxRow& row, float m_blk, float* acc_row, int d_v) {
+  const float m_new = nan_max(row.m, m_blk);
+  const float alpha = softmax_rescale(row.m, m_new);
+  row.l *= alpha;
+  row.m = m_new;
+  if (alpha != 1.0f) {
+    const simd::vf av = simd::set1(alpha);
+    for (int d = 0; d < d_v; d += simd::W) simd::store(acc_row + d, simd::mul(simd::load(acc_row + d), av));
+  }
+  return softmax_exp_base(m_new);
+}
+
+// Vectors along the block's rows; the last, partial vector is masked (its lanes past nb hold
+// stale logits: they count as −inf in the max and their terms are zeroed).
+static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
+                                 float sm_scale) {
+  using namespace simd;
+  const int whole = nb - nb % W;
+  const lanes tail = first_lanes(nb - whole);
+  const vf scale = set1(sm_scale), neg_inf = set1(-INFINITY);
+  for (int h = 0; h < h_q; ++h) {
+    float* sh = s + int64_t(h) * kBlock;
+    vf m = neg_inf;
+    int r = 0;
+    for (; r < whole; r += W) {
+      const vf x = mul(load(sh + r), scale);
+      store(sh + r, x);
+      m = max(m, x);
+    }
+    if (r < nb) {
+      const vf x = mul(load(sh + r), scale);
+      store(sh + r, x);
+      m = max(m, select(tail, x, neg_inf));
+    }
+    const vf base = set1(row_update(rows[h], hmax(m), acc + int64_t(h) * d_v, d_v));
+    vf sum = zero();
+    for (r = 0; r < whole; r += W) {
+      const vf e = exp(sub(load(sh + r), base));
+      store(sh + r, e);
+      sum = add(sum, e);
+    }
+    if (r < nb) {
+      const vf e = select(tail, exp(sub(load(sh + r), base)), zero());
+      store(sh + r, e);
+      sum = add(sum, e);
+      r += W;
+    }
+    for (; r < kBlock; r += W) store(sh + r, zero());
+    rows[h].l += hsum(sum);
+  }
+}
+#else
+// (A SIMD exp was tried here: no measurable gain, the dot products dominate.)
 static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
                                  float sm_scale) {
   for (int h = 0; h < h_q; ++h) {
@@ -214,6 +269,7 @@ static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q
     }
   }
 }
+#endif
 
 // Runs one query. q_bf16: [h_q, d_qk]. fill(start, count, dst) writes `count` gathered rows
 // (entries start..start+count of this query's valid list) as float32 into dst [count, d_qk].

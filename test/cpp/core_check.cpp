@@ -25,6 +25,8 @@
 #include "sparse_mla/kv_cache_layout.h"
 // the float32 row dequant of paged attention has no op of its own: called directly
 #include "../../cpp/src/kv_cache_rows.h"
+// the softmax's vector exp (where the target has one) is checked directly
+#include "../../cpp/src/simd.h"
 
 namespace {
 
@@ -513,6 +515,48 @@ void check_prefill_special() {
          "scratch beyond 4 GiB -> out of memory");
 #endif
 }
+
+#if defined(SMLA_SIMD_HAS_EXP)
+// The vector exp of the softmax (WASM): every lane within 1 ulp of e^x rounded to float32 (the
+// reference in double), on a sweep of the whole range in random lane order, and exactly at the
+// special points: e^±0 = 1, NaN stays NaN, −inf and far below the subnormals give 0, overflow +inf.
+void check_vector_exp() {
+  auto ulps = [](float a, float b) {  // distance on the float grid (same-sign finite values)
+    int32_t ia, ib;
+    memcpy(&ia, &a, 4);
+    memcpy(&ib, &b, 4);
+    return ia > ib ? int64_t(ia) - ib : int64_t(ib) - ia;
+  };
+  std::vector<float> xs;
+  for (double x = -110.0; x < 90.0; x += 1.0 / 4096) xs.push_back(float(x + uniform(0, 1.0 / 4096)));
+  for (int i = 0; i < 200000; ++i) xs.push_back(float(uniform(-1e-3, 1e-3)));
+  std::shuffle(xs.begin(), xs.end(), rng);
+  int64_t worst = 0;
+  float worst_x = 0;
+  size_t bad = 0;
+  for (size_t i = 0; i + smla::simd::W <= xs.size(); i += smla::simd::W) {
+    float got[smla::simd::W];
+    smla::simd::store(got, smla::simd::exp(smla::simd::load(&xs[i])));
+    for (int l = 0; l < smla::simd::W; ++l) {
+      const float want = float(to_float32(exp(double(xs[i + l]))));
+      const int64_t u = isinf(want) || isinf(got[l]) ? (want == got[l] ? 0 : 1 << 30) : ulps(got[l], want);
+      if (u > worst) worst = u, worst_x = xs[i + l];
+      bad += u > 1;
+    }
+  }
+  expect(bad == 0, "vector exp: " + std::to_string(bad) + " of " + std::to_string(xs.size()) +
+                       " values off by more than 1 ulp (worst " + std::to_string(worst) + " at x = " +
+                       std::to_string(worst_x) + ")");
+  const float special[8] = {0.0f, -0.0f, NAN, -INFINITY, INFINITY, -200.0f, 89.0f, -103.2789f};
+  float got[8];
+  for (int i = 0; i < 8; i += smla::simd::W) smla::simd::store(got + i, smla::simd::exp(smla::simd::load(special + i)));
+  expect(got[0] == 1.0f && got[1] == 1.0f, "vector exp: e^0 = e^-0 = 1 exactly");
+  expect(isnan(got[2]), "vector exp: NaN -> NaN");
+  expect(got[3] == 0.0f && got[5] == 0.0f, "vector exp: -inf and -200 -> 0");
+  expect(isinf(got[4]) && got[4] > 0 && isinf(got[6]) && got[6] > 0, "vector exp: +inf and 89 -> +inf");
+  expect(got[7] == float(to_float32(exp(-103.2789))) && got[7] > 0, "vector exp: a subnormal result");
+}
+#endif
 
 // ---------------------------------------------------------------- cache checks
 std::vector<double> random_row(int dim, int kind) {
@@ -1208,6 +1252,9 @@ int main() {
   check_cache(SMLA_CACHE_V32, 1, 300, false);
   check_cache(SMLA_CACHE_V32, 1, 300, true);
 
+#if defined(SMLA_SIMD_HAS_EXP)
+  check_vector_exp();
+#endif
   check_prefill_special();
   check_prefill_single_entry();
   IndexOpts plain{0.1, 0.05, 0.1};

@@ -87,7 +87,7 @@ export class SparseMlaEngine implements Engine {
     return this.impl.layer;
   }
 
-  /** @internal the staging a layer's copies of its host operands are lent from, and the budget they count against (prefill_layer.ts) */
+  /** @internal the staging a layer's copies of its host operands are lent from, and the budget they count against (prefill_layer_checks.ts) */
   hostMemory(): { staging: StagingArena | undefined; budgetBytes: number | undefined; ops: HostOpMemory | undefined } {
     return { staging: this.impl.staging, budgetBytes: this.impl.memoryBudgetBytes, ops: this.impl.opMemory };
   }

@@ -1,6 +1,6 @@
 /**
  * A cuda engine's layer reads each of its arguments once, also where its fast device checks
- * (prefill_layer.ts, prepareDeviceLayer) leave the call to the full checks (prepareLayer): a host
+ * (prefill_layer_checks.ts, prepareDeviceLayer) leave the call to the full checks (prepareLayer): a host
  * operand, host caches, a host top-k, or input the full checks refuse. Every field of the call (its
  * args and options, each tensor's dtype, shape and data, each shape's length and dims, the caches
  * and each cache's fields, the env) is a getter here that counts its reads and throws on a second

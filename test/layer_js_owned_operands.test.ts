@@ -2,7 +2,7 @@
  * A device layer call checks each operand live, of its bytes and the engine's own in one call
  * (DeviceOps.ownsLive: CudaDeviceBuffer.ownedLive), and a queued layer turns its buffers into the
  * addon's without a getter (CudaDeviceBuffer.nativeOn). Held here on stand-in cuda engines (no GPU, no
- * addon) against what the full checks decide (prefill_layer.ts, prepareLayer: isLiveDeviceBuffer,
+ * addon) against what the full checks decide (prefill_layer_checks.ts, prepareLayer: isLiveDeviceBuffer,
  * then DeviceOps.owns) for each operand given as something that is not this engine's live buffer
  * of its size: a buffer of another device, of another engine on this device, one whose brand,
  * size or device was rewritten, a Proxy of one, an object made from the class's prototype, a
@@ -15,7 +15,7 @@ import { outcomeOf } from './helpers/errors.js';
 import { SparseMlaError, createPlan, prefillLayer } from '../dist/index.js';
 import { CudaDeviceBuffer } from '../dist/backends/native/cuda_backend.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
-import { layerChecks } from '../dist/planner/prefill_layer.js';
+import { layerChecks } from '../dist/planner/prefill_layer_checks.js';
 import type { DeviceBuffer, Engine } from '../dist/types.js';
 import { standInDevice } from './helpers/stand_in_device.js';
 

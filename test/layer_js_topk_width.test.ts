@@ -9,7 +9,7 @@
 import { expect, test } from 'vitest';
 import { SparseMlaError, createPlan } from '../dist/index.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
-import { layerChecks } from '../dist/planner/prefill_layer.js';
+import { layerChecks } from '../dist/planner/prefill_layer_checks.js';
 import { standInDevice } from './helpers/stand_in_device.js';
 import { testRng } from './helpers/random.js';
 

@@ -15,7 +15,7 @@ import type { NativeAddon, NativeCudaOps } from '../dist/backends/native/binding
 import { SparseMlaEngine } from '../dist/engine.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
 import { createPlan, prefillLayer } from '../dist/planner/index.js';
-import { layerChecks } from '../dist/planner/prefill_layer.js';
+import { layerChecks } from '../dist/planner/prefill_layer_checks.js';
 import type { Engine } from '../dist/types.js';
 import { StandInStream, standInDevice } from './helpers/stand_in_device.js';
 

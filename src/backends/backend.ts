@@ -345,7 +345,7 @@ export interface Backend {
  * Bulk copies a host backend's paged op makes of a cache (choosePagedRead's estimate): read whole
  * (`whole(cacheUnshared)`: 0 for an in-place read, as the cpu addon's of a shared cache, which then
  * keeps the whole cache without planning) or compact (`compact`: after its gather, into the staging
- * or a worker's heap). The op and a layer's check of it (prefill_layer.ts) read the same counts.
+ * or a worker's heap). The op and a layer's check of it (prefill_layer_checks.ts) read the same counts.
  */
 export interface PagedCopies {
   whole(cacheUnshared: boolean): number;
@@ -362,7 +362,7 @@ export type PagedSetBytes = { whole: true; cache: InputBytes; indices: InputByte
 /**
  * What a backend's ops count against its host memory budget, from sizes alone: the functions its
  * ops' own budget checks call, so that prefillLayer can check the ops a layer will run before any
- * work with the same arithmetic (prefill_layer.ts, checkLayerOps). An operand in device memory is
+ * work with the same arithmetic (prefill_layer_checks.ts, checkLayerOps). An operand in device memory is
  * no host bytes; `output` is where the op's outputs go (a host backend's: always the host).
  */
 export interface HostOpMemory {
@@ -387,7 +387,7 @@ export interface TaskHeap {
 /**
  * What a backend's ops need in a worker's heap, from sizes, and the check of it: the functions its
  * ops' own checks (before any copy) call, so that prefillLayer checks the ops a layer will run
- * at the call with the same arithmetic (prefill_layer.ts, checkLayerOps).
+ * at the call with the same arithmetic (prefill_layer_checks.ts, checkLayerOps).
  */
 export interface WorkerHeap {
   /** dequantizeKCache of a `format` cache into rows of rowDim */

@@ -233,7 +233,7 @@ export interface PagedSetRead {
 /**
  * `sets` of a paged call over n queries as its op will read them (the same choice as
  * planPagedReads, by the backend's `copies`): for a check of the op before it runs (a layer's,
- * prefill_layer.ts). Reads the ids as the op's own plan does; plans no gather and counts nothing.
+ * prefill_layer_checks.ts). Reads the ids as the op's own plan does; plans no gather and counts nothing.
  */
 export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetRead[] {
   return sets.map((set) => {

@@ -226,7 +226,7 @@ export function stagingBytes(inputs: readonly (StageableArray | null)[]): number
  * An input of a call as its budget check counts it (stagingParts): `unshared`, the bytes copied
  * into the staging (0 for an array already in a SharedArrayBuffer: copyBytes); `callCopy`, the bytes
  * that are a layer's copy taken at its call (callCopyBytes). A layer that checks its ops before
- * any work (prefill_layer.ts) describes inputs that do not exist yet by these sizes.
+ * any work (prefill_layer_checks.ts) describes inputs that do not exist yet by these sizes.
  */
 export interface InputBytes {
   unshared: number;

@@ -57,7 +57,7 @@ function badDeviceData(argument: string, dtype: DType, shape: readonly number[],
 }
 
 /**
- * What a check without messages read of a tensor before it stopped (prefill_layer.ts's device
+ * What a check without messages read of a tensor before it stopped (prefill_layer_checks.ts's device
  * layer checks), for the checks here to go on from: its dtype, shape and data, and its shape's
  * length (NOT_READ where not read) and first dims.
  */

@@ -645,7 +645,7 @@ export class Plan {
    * pagedForm(combineC4(topk)) make it (`topk`: a c4 layer's checked host top-k), but keeping and
    * counting nothing: what the plan keeps is read, anything else is built (a c4 layer's combine
    * included) and held by the peeked form only. For a host layer's exact budget check of its paged
-   * op at the call, before any work (prefill_layer.ts, checkPagedOp), which calls it only where
+   * op at the call, before any work (prefill_layer_checks.ts, checkPagedOp), which calls it only where
    * sizes alone cannot tell; a layer that passes hands it to layerPagedForm.
    */
   peekPagedForm(ratio: CompressRatio, topk: CheckedTopk<DeviceBuffer> | undefined): PeekedPagedForm {

@@ -167,7 +167,7 @@ export interface CacheRead {
 }
 
 /**
- * What a device layer's check read of its caches before it stopped (prefill_layer.ts), for
+ * What a device layer's check read of its caches before it stopped (prefill_layer_checks.ts), for
  * checkCaches to go on from: the SWA cache and its fields where read, the compressed cache
  * (NOT_READ where not read) and its fields where read.
  */

@@ -1,4 +1,4 @@
-/** Public types of the planner (SPEC §6) and the router (SPEC §7); the layer API's are prefill_layer.ts's. */
+/** Public types of the planner (SPEC §6) and the router (SPEC §7); the layer API's are prefill_layer.ts's and prefill_layer_checks.ts's. */
 import type { DeviceKvCache, KvCache, Tensor, TokenIds } from '../types.js';
 
 /** A DeepSeek V4 layer's compress ratio: 0 = window only, 4 = indexer top-k, 128 = every entry. */

@@ -1976,4 +1976,23 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
     expect([b.code, b.stderr.trim()]).toEqual([2, "sparse-mla bench: --out: expected a file path, got a path that names a directory ('report.json/') [INVALID_VALUE]"]);
     expect(readdirSync(cwd)).toEqual(['sub']);
   });
+
+  test('`sparse-mla run` / `bench` sizes past one tensor (--context, --topk, --max-context, --dequant-tokens) are exit 2 TOO_LARGE naming the option before any engine starts (they were an internal error with a RangeError stack from the chunk generator, exit 1; sizes just under 2^32 elements filled gigabytes for minutes)', async () => {
+    const cwd = folder();
+    const small = ['--heads', '1', '--workers', '1', '--backend', 'wasm'];
+    const cases: [string[], string][] = [
+      [['run', '--section', 'prefill', '--queries', '1', '--topk', '1', '--context', '1000000000000', ...small], 'context'],
+      [['run', '--section', 'prefill', '--queries', '1', '--topk', '1', '--context', '100000000', ...small], 'context'],
+      [['run', '--section', 'prefill', '--queries', '3', '--topk', '2147483648', '--context', '0', ...small], 'topk'],
+      [['run', '--layers', '4', '--requests', '1', '--chunk-tokens', '1', '--max-context', '1000000000000', ...small], 'max-context'],
+      [['run', '--section', 'layers', '--layers', '4,0', '--requests', '2', '--chunk-tokens', '3', '--topk', '2147483648', ...small], 'topk'],
+      [['bench', '--queries', '1', '--topk', '1', '--context', '0', '--dequant-tokens', '10000000000000', '--repeat', '1', '--warmup', '0', ...small], 'dequant-tokens'],
+    ];
+    for (const [args, option] of cases) {
+      const r = await cli(cwd, args);
+      expect([r.code, r.stderr.split('\n').filter((l) => l !== '').length], args.join(' ')).toEqual([2, 1]);
+      expect(r.stderr, args.join(' ')).toMatch(new RegExp(`^sparse-mla (run|bench): .*--${option}.* \\[TOO_LARGE\\]\\n$`));
+      expect(r.stderr).not.toContain('engine');
+    }
+  });
 });

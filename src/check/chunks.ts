@@ -67,15 +67,23 @@ const pagesNeeded = (seqLen: number, ratio: 4 | 128, pageSize: number): number =
  * Requests of the given lengths placed in caches: every SWA position a query's window reaches gets
  * a shuffled slot of the SWA cache, every request its own shuffled c4 and c128 pages.
  */
-export function chunkScenario(rng: Rng, requests: readonly ScenarioRequest[], options: ChunkScenarioOptions = {}): ChunkScenario {
+/**
+ * The pages of each cache chunkScenario places `requests` in, worked out before anything is
+ * allocated (a caller of hostile sizes refuses them by these: the CLI's layer section).
+ */
+export function scenarioPages(requests: readonly ScenarioRequest[], options: ChunkScenarioOptions = {}): { gathers: number[]; swaPages: number; c4Need: number[]; c128Need: number[]; c4Pages: number; c128Pages: number } {
   const { window = 128, swaPageSize = 64, c4PageSize = 16, c128PageSize = 2 } = options;
   const gathers = requests.map((r) => swaGatherLength(r.seqLen, r.extendLen, window));
   const swaTokens = gathers.reduce((a, b) => a + b, 0);
   const swaPages = Math.max(1, Math.ceil((swaTokens * 5) / 4 / swaPageSize));
   const c4Need = requests.map((r) => pagesNeeded(r.seqLen, 4, c4PageSize));
   const c128Need = requests.map((r) => pagesNeeded(r.seqLen, 128, c128PageSize));
-  const c4Pages = c4Need.reduce((a, b) => a + b, 0) + 2;
-  const c128Pages = c128Need.reduce((a, b) => a + b, 0) + 2;
+  return { gathers, swaPages, c4Need, c128Need, c4Pages: c4Need.reduce((a, b) => a + b, 0) + 2, c128Pages: c128Need.reduce((a, b) => a + b, 0) + 2 };
+}
+
+export function chunkScenario(rng: Rng, requests: readonly ScenarioRequest[], options: ChunkScenarioOptions = {}): ChunkScenario {
+  const { window = 128, swaPageSize = 64, c4PageSize = 16, c128PageSize = 2 } = options;
+  const { gathers, swaPages, c4Need, c128Need, c4Pages, c128Pages } = scenarioPages(requests, options);
   const slots = shuffled(rng, swaPages * swaPageSize);
   const c4Free = Array.from(shuffled(rng, c4Pages));
   const c128Free = Array.from(shuffled(rng, c128Pages));
@@ -255,12 +263,18 @@ export interface C4ChunkPlacement {
  * Places the chunk and plans it; the plan refuses a workspace too large for its budget
  * (TOO_LARGE) before any input is made.
  */
-export function placeC4Chunk(shape: C4ChunkShape, rng: Rng): C4ChunkPlacement {
+/** The pages placeC4Chunk places `shape`'s request in (its c4 pages and the SWA slots after them), before anything is allocated. */
+export function c4ChunkPages(shape: C4ChunkShape): { seqLen: number; g: number; c4Pages: number; numPages: number } {
   const { queries, context, window, pageSize } = shape;
   const seqLen = context + queries;
   const g = swaGatherLength(seqLen, queries, window);
   const c4Pages = pagesNeeded(seqLen, 4, pageSize);
-  const numPages = Math.max(1, Math.ceil(((c4Pages * pageSize + g) * 5) / 4 / pageSize));
+  return { seqLen, g, c4Pages, numPages: Math.max(1, Math.ceil(((c4Pages * pageSize + g) * 5) / 4 / pageSize)) };
+}
+
+export function placeC4Chunk(shape: C4ChunkShape, rng: Rng): C4ChunkPlacement {
+  const { queries, window, pageSize } = shape;
+  const { seqLen, g, c4Pages, numPages } = c4ChunkPages(shape);
   const pages = shuffled(rng, numPages);
   const c4PageTable = pages.subarray(0, c4Pages);
   const swaSlots = new Int32Array((numPages - c4Pages) * pageSize);

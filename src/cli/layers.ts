@@ -13,7 +13,7 @@ import { createPlan, prefillLayer, routePrefill, type CompressRatio, type Plan, 
 import { attentionValues, compareAttention, prefillLayerReference, type TensorComparison } from '../reference/index.js';
 import { tensor } from '../tensor.js';
 import type { Engine, KvCache, Tensor } from '../types.js';
-import { chunkScenario, indexerTopk, mixedRequests, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
+import { chunkScenario, indexerTopk, mixedRequests, scenarioPages, type IndexerTopk, type MixedRequest } from '../check/chunks.js';
 import { prefillFlops } from '../ops/sparse_prefill.js';
 import { makeRng, randomV4Rows, uniformBf16Bits, type Rng } from '../check/grid.js';
 import { timed, type Progress } from './progress.js';
@@ -147,14 +147,47 @@ export function sampleLayerQueries(reqs: readonly RequestInfo[], count: number, 
 }
 
 /** Run the model chunk: plan once, every layer through prefillLayer, checks against the reference. */
+/** The layer chunk's random stream (its requests are its first draws). */
+const layerRng = (shape: LayerChunkShape): Rng => makeRng((shape.seed ^ 0x2545f491) >>> 0);
+
+/** The most elements one tensor of the chunk may hold (the library's 32-bit sizes). */
+const MAX_ELEMENTS = 2 ** 31 - 1;
+
+/**
+ * Refuses (TOO_LARGE) a layer chunk whose q, a cache's rows (the SWA cache, and the c4 / c128 ones its
+ * layers use) or a c4 layer's top-k would be larger than one tensor holds, before anything is
+ * allocated or any engine starts (a --max-context past them was a RangeError from the generator, or
+ * minutes of filling gigabytes).
+ */
+export function checkLayerChunkShape(shape: LayerChunkShape): void {
+  const reqs = mixedRequests(layerRng(shape), shape);
+  const numQueries = reqs.reduce((a, r) => a + r.extendLen, 0);
+  const qElements = numQueries * shape.heads * D;
+  if (qElements > MAX_ELEMENTS) {
+    throw new SparseMlaError('TOO_LARGE', `chunk tokens × heads × ${D} = ${qElements} elements is more than one q tensor can hold; use fewer --chunk-tokens or --heads`, 'chunk-tokens');
+  }
+  const longest = Math.max(...reqs.map((r) => r.seqLen));
+  if (longest > MAX_ELEMENTS) throw new SparseMlaError('TOO_LARGE', `a request of ${longest} tokens is more than one request can hold (2^31 − 1); use a smaller --max-context`, 'max-context');
+  const pages = scenarioPages(reqs, { window: shape.window, swaPageSize: shape.pageSize, c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize });
+  const caches: [string, number][] = [['SWA', pages.swaPages * shape.pageSize]];
+  if (shape.layers.includes(4)) caches.push(['c4', pages.c4Pages * shape.c4PageSize]);
+  if (shape.layers.includes(128)) caches.push(['c128', pages.c128Pages * shape.c128PageSize]);
+  for (const [name, tokens] of caches) {
+    if (tokens * D > MAX_ELEMENTS) {
+      throw new SparseMlaError('TOO_LARGE', `the ${name} cache of ${tokens} tokens × ${D} = ${tokens * D} elements is more than one tensor of its rows can hold (2^31 − 1); use a smaller --max-context or --chunk-tokens`, 'max-context');
+    }
+  }
+  if (shape.layers.includes(4) && numQueries * shape.topk > MAX_ELEMENTS) {
+    throw new SparseMlaError('TOO_LARGE', `chunk tokens × topk = ${numQueries * shape.topk} indices is more than one top-k tensor can hold (2^31 − 1); use a smaller --topk or fewer --chunk-tokens`, 'topk');
+  }
+}
+
 export async function runLayerChunk(engine: Engine, shape: LayerChunkShape, progress: Progress): Promise<LayerReport> {
-  const rng = makeRng((shape.seed ^ 0x2545f491) >>> 0);
+  checkLayerChunkShape(shape);
+  const rng = layerRng(shape);
   const reqs = mixedRequests(rng, shape);
   const numQueries = reqs.reduce((a, r) => a + r.extendLen, 0);
   const qElements = numQueries * shape.heads * D;
-  if (qElements > 2 ** 31 - 1) {
-    throw new SparseMlaError('TOO_LARGE', `chunk tokens × heads × ${D} = ${qElements} elements is more than one q tensor can hold; use fewer --chunk-tokens or --heads`, 'chunk-tokens');
-  }
   const sc = chunkScenario(rng, reqs, { window: shape.window, swaPageSize: shape.pageSize, c4PageSize: shape.c4PageSize, c128PageSize: shape.c128PageSize });
 
   // One plan for the chunk, before any layer (its workspace size is known here, before allocation).

@@ -9,6 +9,7 @@ import { execFileSync } from 'node:child_process';
 import { realpathSync } from 'node:fs';
 import { availableParallelism, loadavg } from 'node:os';
 import { fileURLToPath } from 'node:url';
+import { SparseMlaError } from '../../errors.js';
 import { prepareOutputFile, writeFileNoFollow } from '../../io/files.js';
 import { createEngine, createKvCache } from '../../index.js';
 import { tensor } from '../../tensor.js';
@@ -186,6 +187,12 @@ export async function benchCommand(argv: string[]): Promise<number> {
   if (o.wide) setReportWidth(Infinity);
   const progress = new Progress({ enabled: !o.quiet });
   const shape = chunkShapeFromOptions(o);
+  // sizes before anything else (the machine's facts run git)
+  checkChunkShape(shape);
+  // the cache ops' rows [tokens, 512] bf16: one tensor (past it the generator's RangeError, or minutes of filling)
+  if (o['dequant-tokens'] * D > 2 ** 31 - 1) {
+    throw new SparseMlaError('TOO_LARGE', `--dequant-tokens: ${o['dequant-tokens']} tokens × ${D} = ${o['dequant-tokens'] * D} elements is more than one rows tensor can hold (2^31 − 1)`, 'dequant-tokens');
+  }
   const n = o.workers ?? availableParallelism();
   const machine = machineInfo(); // before the bench loads the machine itself
   if (!o.json && machine.loadAverage1m > 0.5) {
@@ -193,7 +200,6 @@ export async function benchCommand(argv: string[]): Promise<number> {
   }
   const poolSizes = [...new Set([1, n])];
 
-  checkChunkShape(shape);
   // Refuse a missing backend before generating anything.
   let engine: Engine | undefined = await createEngine(engineOptions({ backend: o.backend, workers: poolSizes[0]! }));
 

@@ -32,8 +32,8 @@ import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from 
 import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
 import { Progress, timed } from '../progress.js';
 import { fitLines, formatBytes, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
-import { LAYER_PATHS, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
-import { c4ChunkInputs, placeC4Chunk, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
+import { LAYER_PATHS, checkLayerChunkShape, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
+import { c4ChunkInputs, c4ChunkPages, placeC4Chunk, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
 import { makeRng, sampleRows } from '../../check/grid.js';
 import { cacheOpBytes, rowDimOf, tokenByteRanges, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../../kv_cache_layout.js';
@@ -46,11 +46,31 @@ export function chunkShapeFromOptions(o: { queries: number; heads: number; topk:
   return { queries: o.queries, heads: o.heads, topk: o.topk, window: o.window, context: o.context, pageSize: o['page-size'], seed: o.seed };
 }
 
-/** Refuses up front (TOO_LARGE) a q larger than one tensor holds; the plan refuses a workspace over its budget. */
+/** The most elements one tensor of the chunk may hold (the library's 32-bit sizes). */
+const MAX_ELEMENTS = 2 ** 31 - 1;
+
+/**
+ * Refuses up front (TOO_LARGE), before anything is generated, a chunk whose q, indexer top-k or
+ * cache rows are larger than one tensor holds (a --context or --topk past them was a RangeError from
+ * the generator, or minutes of filling gigabytes); the plan refuses a workspace over its budget.
+ */
 export function checkChunkShape(shape: C4ChunkShape): void {
   const qElements = shape.queries * shape.heads * D;
-  if (qElements > 2 ** 31 - 1) {
+  if (qElements > MAX_ELEMENTS) {
     throw new SparseMlaError('TOO_LARGE', `queries × heads × ${D} = ${qElements} elements is more than one q tensor can hold (2^31 − 1); use fewer --queries or --heads`, 'queries');
+  }
+  const topkElements = shape.queries * shape.topk;
+  if (topkElements > MAX_ELEMENTS) {
+    throw new SparseMlaError('TOO_LARGE', `queries × topk = ${topkElements} indices is more than one top-k tensor can hold (2^31 − 1); use a smaller --topk or fewer --queries`, 'topk');
+  }
+  const seqLen = shape.context + shape.queries;
+  // (the cache's tokens, checked below, are about a quarter of these; this keeps the page count's arithmetic exact)
+  if (seqLen > MAX_ELEMENTS) {
+    throw new SparseMlaError('TOO_LARGE', `context + queries = ${seqLen} tokens is more than one request can hold (2^31 − 1); use a smaller --context`, 'context');
+  }
+  const cacheTokens = c4ChunkPages(shape).numPages * shape.pageSize;
+  if (cacheTokens * D > MAX_ELEMENTS) {
+    throw new SparseMlaError('TOO_LARGE', `the chunk's cache of ${cacheTokens} tokens (context + queries compressed by 4, and the window) × ${D} = ${cacheTokens * D} elements is more than one tensor of its rows can hold (2^31 − 1); use a smaller --context or --page-size`, 'context');
   }
 }
 
@@ -369,7 +389,9 @@ export async function runCommand(argv: string[]): Promise<number> {
     seed: o.seed,
   };
 
-  if (runPrefill) checkChunkShape(shape); // sizes, then the backend, are refused before any work
+  // sizes, then the backend, are refused before any work
+  if (runPrefill) checkChunkShape(shape);
+  if (runLayers) checkLayerChunkShape(layerShape);
   const steps: StepRow[] = [];
   const checks: CheckRow[] = [];
 

@@ -9,7 +9,7 @@
  * read-only and used by another user; the CLI through npm's own bin link and `npx`.
  */
 import { createHash } from 'node:crypto';
-import { spawnSync, type SpawnSyncOptions } from 'node:child_process';
+import { execFile, spawnSync, type SpawnSyncOptions } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -180,6 +180,60 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
       expectPrefill(r.stdout, ['wasm'], expected);
     }
   }, 120_000);
+
+  // TypeScript before 5.8 (and 5.8+ under node16) refuses a CommonJS file's import of the ES
+  // module's .d.ts (TS1479); the "require" condition gives it CommonJS typings (dist/cjs/*.d.cts).
+  // Older compilers come from this machine's npm cache, offline: those it lacks are not tried.
+  test('a CommonJS TypeScript project compiles import and import-require of the package under node16 and nodenext, on each TypeScript 5.x at hand, and its output runs', async () => {
+    // (asynchronous: minutes of compilers would otherwise block the worker's event loop)
+    const runAsync = (cmd: string, args: string[], cwd: string) => new Promise<{ code: number; out: string }>((done) => {
+      execFile(cmd, args, { cwd, encoding: 'utf8', timeout: 120_000, env: userEnv }, (e, stdout, stderr) => done({ code: e ? 1 : 0, out: `${stdout}${stderr}` }));
+    });
+    const { app } = installedProject(['--ignore-scripts']);
+    writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'my-app', private: true })); // a CommonJS project
+    writeFileSync(join(app, 'main.ts'), `import { createEngine, tensor, toBf16, SparseMlaError } from 'sparse-mla';
+import type { Engine, SparsePrefillResult } from 'sparse-mla';
+import { sparsePrefillReference } from 'sparse-mla/reference';
+import sparseMla = require('sparse-mla');
+declare const console: { log(...values: unknown[]): void };
+async function main(): Promise<void> {
+  const engine: Engine = await createEngine({ backend: 'wasm', workers: 1 });
+  const q = toBf16({ shape: [1, 16, 576], data: new Float32Array(16 * 576).fill(0.25) });
+  const kv = toBf16({ shape: [4, 576], data: new Float32Array(4 * 576).fill(0.5) });
+  const indices = tensor('int32', [1, 4], Int32Array.from([0, 1, 2, 3]));
+  const res: SparsePrefillResult = await engine.sparsePrefill({ q, kv, indices, smScale: 0.04 });
+  const ref: sparseMla.Tensor<'bf16'> = res.out;
+  console.log(engine.backend, ref.shape.join('x'), sparseMla.createEngine === createEngine, new SparseMlaError('INVALID_SHAPE', 'x') instanceof Error,
+    sparsePrefillReference({ q, kv, indices, smScale: 0.04 }).out.length);
+  await engine.dispose();
+}
+void main();
+`);
+    const compilers: Record<string, string> = { [JSON.parse(readFileSync(join(ROOT, 'node_modules', 'typescript', 'package.json'), 'utf8')).version as string]: join(ROOT, 'node_modules', 'typescript', 'bin', 'tsc') };
+    const userCache = spawnSync('npm', ['config', 'get', 'cache'], { encoding: 'utf8', env: userEnv }).stdout.trim();
+    const tsDir = join(stageDir(), 'typescript');
+    for (const version of ['5.0.4', '5.4.5', '5.7.3']) {
+      const dir = join(tsDir, version);
+      mkdirSync(dir, { recursive: true });
+      const r = await runAsync('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--cache', userCache, '--prefix', dir, `typescript@${version}`], dir);
+      if (r.code === 0) compilers[version] = join(dir, 'node_modules', 'typescript', 'bin', 'tsc');
+    }
+    console.log(`[consumer cjs] TypeScript ${Object.keys(compilers).join(', ')}`);
+    const failures: string[] = [];
+    for (const [version, tsc] of Object.entries(compilers)) {
+      for (const mode of ['node16', 'nodenext']) {
+        const config = `tsconfig.${version}.${mode}.json`;
+        writeFileSync(join(app, config), JSON.stringify({ compilerOptions: { module: mode, moduleResolution: mode, target: 'es2022', lib: ['es2022'], types: [], strict: true,
+          skipLibCheck: false, outDir: `out-${version}-${mode}` }, files: ['main.ts'] }));
+        const r = await runAsync(process.execPath, [tsc, '-p', config], app);
+        if (r.code !== 0) failures.push(`TypeScript ${version}, module ${mode}:\n${r.out}`);
+      }
+    }
+    expect(failures.join('\n')).toBe('');
+    const ran = run(process.execPath, [join(app, `out-${Object.keys(compilers)[0]}-node16`, 'main.js')], { cwd: app });
+    expect(ran.stderr).toBe('');
+    expect(ran.stdout.trim()).toBe(`wasm 1x16x512 true true ${16 * 512}`);
+  }, 240_000);
 
   test.skipIf(spawnSync('git', ['--version']).status !== 0)("bench in a project that is a git checkout does not report the project's commit as the package's", () => {
     const { app } = installedProject(['--ignore-scripts']);

@@ -464,13 +464,15 @@ describe('the package as npm ships it, in a consumer project', () => {
   }, 120_000);
 
   test('it carries what a user runs and reads, and nothing of the development tree', () => {
+    type Conditions = string | { [condition: string]: Conditions };
     const manifest = JSON.parse(readFileSync(join(ROOT, 'package.json'), 'utf8')) as {
-      main: string; types: string; bin: Record<string, string>; exports: Record<string, string | Record<string, string>>;
+      main: string; types: string; bin: Record<string, string>; exports: Record<string, Conditions>;
       typesVersions: Record<string, Record<string, string[]>>;
     };
     const norm = (p: string) => p.replace(/^\.\//, '');
+    const leaves = (e: Conditions): string[] => (typeof e === 'string' ? [e] : Object.values(e).flatMap(leaves));
     const targets = [manifest.main, manifest.types, ...Object.values(manifest.bin), ...Object.values(manifest.typesVersions['*']!).flat(),
-      ...Object.values(manifest.exports).flatMap((e) => (typeof e === 'string' ? [e] : Object.values(e)))];
+      ...Object.values(manifest.exports).flatMap(leaves)];
     const needed = [...targets.map(norm), 'README.md', 'LICENSE', 'docs/SPEC.md', 'cjs/load.cjs', 'wasm/sparse_mla.wasm',
       'dist/backends/wasm/worker.js', 'dist/reference/parallel_worker.js', 'native/install.mjs', 'native/addon_locate.mjs',
       'native/build_tools.mjs', 'native/addon_locate.d.mts', 'CMakeLists.txt', 'native/CMakeLists.txt'];
@@ -489,7 +491,8 @@ describe('the package as npm ships it, in a consumer project', () => {
         .map((s) => `${m} -> ${s}`));
     expect(dangling).toEqual([]);
     // no `any` in the declarations consumers compile against (outside comments)
-    const anys = files.filter((f) => (f.startsWith('dist/') && f.endsWith('.d.ts')) || f.endsWith('.d.mts')).flatMap((f) =>
+    expect(files.filter((f) => f === 'cjs/make_types.mjs'), 'the build step of the CommonJS typings').toEqual([]);
+    const anys = files.filter((f) => (f.startsWith('dist/') && /\.d\.c?ts$/.test(f)) || f.endsWith('.d.mts')).flatMap((f) =>
       readFileSync(join(ROOT, f), 'utf8').split('\n').map((line, i) => ({ line, at: `${f}:${i + 1}` }))
         .filter(({ line }) => !/^\s*(\*|\/\*|\/\/)/.test(line) && /\bany\b/.test(line.replace(/\/\/.*$|\/\*.*?\*\/|'[^']*'|`[^`]*`/g, '')))
         .map(({ at, line }) => `${at}: ${line.trim()}`));
@@ -534,15 +537,37 @@ export async function main(): Promise<void> {
   await engine.dispose();
 }
 `;
+  // `import x = require()` from a CommonJS file: the values and types through the namespace
+  const CONSUMER_REQUIRE = `
+import sparseMla = require('sparse-mla');
+import reference = require('sparse-mla/reference');
+declare const console: { log(...values: unknown[]): void };
+export async function main(): Promise<void> {
+  const engine: sparseMla.Engine = await sparseMla.createEngine({ backend: 'wasm', workers: 1 });
+  const kv: sparseMla.Tensor<'bf16'> = sparseMla.toBf16({ shape: [4, 576], data: new Float32Array(4 * 576) });
+  const q = sparseMla.toBf16({ shape: [1, 16, 576], data: new Float32Array(16 * 576) });
+  const indices = sparseMla.tensor('int32', [1, 4], Int32Array.from([0, 1, 2, 3]));
+  const res: sparseMla.SparsePrefillResult = await engine.sparsePrefill({ q, kv, indices, smScale: 0.04 });
+  const ref = reference.sparsePrefillReference({ q, kv, indices, smScale: 0.04 });
+  const code: sparseMla.ErrorCode | null = res.out.shape.length === 3 ? null : 'INVALID_SHAPE';
+  console.log(code, ref.out.length, new sparseMla.SparseMlaError('INVALID_SHAPE', 'x') instanceof Error);
+  await engine.dispose();
+}
+`;
   const STRICT = { strict: true, exactOptionalPropertyTypes: true, noUncheckedIndexedAccess: true, noImplicitOverride: true, noPropertyAccessFromIndexSignature: true,
     skipLibCheck: false, types: [], lib: ['ES2022'], target: 'ES2022', noEmit: true };
 
-  test('a strict TypeScript consumer compiles against the shipped types: nodenext (ESM and CJS), node16, bundler, node10', async () => {
+  test('a strict TypeScript consumer compiles against the shipped types: nodenext (ESM and CJS), node16 (ESM and CJS), bundler, node10', async () => {
     writeFileSync(join(app, 'consumer.ts'), CONSUMER);
     writeFileSync(join(app, 'consumer_cjs.cts'), CONSUMER.replace("import type {", "import type { Plan,").replace('export async function main', 'export type P = Plan;\nexport async function main'));
+    writeFileSync(join(app, 'consumer_require.cts'), CONSUMER_REQUIRE);
     const configs: Record<string, { module: string; moduleResolution: string; files: string[] }> = {
       nodenext: { module: 'nodenext', moduleResolution: 'nodenext', files: ['consumer.ts', 'consumer_cjs.cts'] },
       node16: { module: 'node16', moduleResolution: 'node16', files: ['consumer.ts'] },
+      // CommonJS files read the "require" condition's .d.cts (TS1479 on the ES module's .d.ts under
+      // node16, and under nodenext before TS 5.8)
+      'node16-cjs': { module: 'node16', moduleResolution: 'node16', files: ['consumer_cjs.cts', 'consumer_require.cts'] },
+      'nodenext-require': { module: 'nodenext', moduleResolution: 'nodenext', files: ['consumer_require.cts'] },
       bundler: { module: 'preserve', moduleResolution: 'bundler', files: ['consumer.ts'] },
       // the legacy resolution reads "types" and "typesVersions" (sparse-mla/reference), not "exports"
       node10: { module: 'commonjs', moduleResolution: 'node10', files: ['consumer.ts'] },

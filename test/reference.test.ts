@@ -193,9 +193,11 @@ describe('kv cache reference: layout and quantize', () => {
 
   test('out-of-range token ids are rejected with OUT_OF_RANGE', () => {
     const cache: KvCache = { format: 'v4', pageSize: 2, numPages: 2, data: new Uint8Array(2 * 1728) };
-    for (const bad of [4, -1, 1.5, 2 ** 40]) {
+    for (const bad of [4, -1, 2 ** 40]) {
       expect(() => R.dequantizeKCacheReference(cache, [0, bad])).toThrow(expect.objectContaining({ code: 'OUT_OF_RANGE' }));
     }
+    // an id that is no integer is no id at all: INVALID_VALUE, as the library's cache ops say it (session 56)
+    expect(() => R.dequantizeKCacheReference(cache, [0, 1.5])).toThrow(expect.objectContaining({ code: 'INVALID_VALUE', argument: 'tokenIds' }));
     expect(() => R.dequantizeKCacheReference(cache, tensor('int64', [1], BigInt64Array.from([2n ** 40n])))).toThrow(
       expect.objectContaining({ code: 'OUT_OF_RANGE' }),
     );
@@ -574,8 +576,9 @@ describe('accuracy bounds (SPEC §4)', () => {
     expect(acc.result()).toEqual(whole);
     const flat = R.compareAttention(got, { ...ref, mag: 3 }, { heads, dV, queries });
     expect(flat.out.worst!.bound).toBe(R.outBound(3));
-    expect(() => R.compareAttention({ ...got, lse: got.lse.subarray(1) }, ref, { heads, dV })).toThrow(RangeError);
-    expect(() => R.compareAttention(got, ref, { heads, dV, queries: [1] })).toThrow(RangeError);
+    // typed refusals since session 56 (RangeError before)
+    expect(() => R.compareAttention({ ...got, lse: got.lse.subarray(1) }, ref, { heads, dV })).toThrow(expect.objectContaining({ name: 'SparseMlaError', code: 'INVALID_SHAPE', argument: 'got.lse' }));
+    expect(() => R.compareAttention(got, ref, { heads, dV, queries: [1] })).toThrow(expect.objectContaining({ name: 'SparseMlaError', code: 'INVALID_SHAPE', argument: 'queries' }));
   });
 });
 
@@ -602,11 +605,12 @@ describe('the reference refuses hostile arguments with typed errors (session 55;
       expect(refusal(() => R.pagedSparseAttentionReference(a as never))).toEqual(['INVALID_VALUE', 'args']);
     }
   });
+  // a data length other than the shape's count is INVALID_SHAPE, as the library's ops say it (INVALID_VALUE in session 55)
   test('a kv whose data is shorter than its shape (it resolved with every out NaN) or longer', () => {
     for (const n of [64, 3 * 64]) {
       const a = args();
       a.kv = { dtype: 'bf16', shape: [2, 64], data: new Uint16Array(n) };
-      expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_VALUE', 'kv.data']);
+      expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_SHAPE', 'kv.data']);
     }
   });
   test('q of a shape holding a Symbol, a negative or a fractional dim; q data of another length', () => {
@@ -617,7 +621,7 @@ describe('the reference refuses hostile arguments with typed errors (session 55;
     }
     const a = args();
     a.q = { dtype: 'bf16', shape: [1, 1, 64], data: new Uint16Array(63) };
-    expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_VALUE', 'q.data']);
+    expect(refusal(() => R.sparsePrefillReference(a))).toEqual(['INVALID_SHAPE', 'q.data']);
   });
   test('a cache that is null', () => {
     const q = tensor('bf16', [1, 1, 512]);

@@ -19,7 +19,8 @@
  * A comparison reports, per tensor, the worst ratio error / bound (pass ≤ 1) and where it is.
  */
 import type { Tensor } from '../types.js';
-import { decodeBf16 } from './formats.js';
+import { allocFloat64, ANY_RANK, ArgumentReader, describeValue, readInteger, readList, readNumber, readRecord, refuse } from './checks.js';
+import { decodeBf16 } from './codecs.js';
 
 /** Relative part of the out bound: two bf16 roundings (unit roundoff 2^-8 each). */
 export const OUT_MAG_FACTOR = 2 ** -7;
@@ -38,20 +39,43 @@ export const OUT_COSINE_GAP_BOUND = 7e-6;
  */
 export const BF16_MIN_NORMAL = 2 ** -126;
 
-/** Largest allowed |got − ref| of an out element whose reference magnitude Σ w_k·|v_k| is `mag`. */
+/** A reference value a bound is taken of: a number, not NaN (a NaN reference is judged by place, not by a bound). */
+function boundInput(x: unknown, argument: string): number {
+  if (typeof x !== 'number' || Number.isNaN(x)) refuse('INVALID_VALUE', argument, 'a number that is not NaN', describeValue(x));
+  return x;
+}
+
+const outBoundOf = (mag: number): number => OUT_MAG_FACTOR * mag + ABS_FLOOR;
+const lseBoundOf = (refLse: number, refMaxLogits: number): number =>
+  ABS_FLOOR + STAT_REL_FACTOR * Math.max(Math.abs(refLse), Number.isFinite(refMaxLogits) ? Math.abs(refMaxLogits) : 0);
+const maxLogitsBoundOf = (ref: number): number => ABS_FLOOR + STAT_REL_FACTOR * Math.abs(ref);
+
+/** Largest allowed |got − ref| of an out element whose reference magnitude Σ w_k·|v_k| is `mag` (≥ 0). */
 export function outBound(mag: number): number {
-  return OUT_MAG_FACTOR * mag + ABS_FLOOR;
+  if (boundInput(mag, 'mag') < 0) refuse('INVALID_VALUE', 'mag', 'a magnitude ≥ 0', String(mag));
+  return outBoundOf(mag);
 }
 
 /** Largest allowed |got − ref| of an lse element, from the reference lse and maxLogits of that (query, head). */
 export function lseBound(refLse: number, refMaxLogits: number): number {
-  const m = Number.isFinite(refMaxLogits) ? Math.abs(refMaxLogits) : 0;
-  return ABS_FLOOR + STAT_REL_FACTOR * Math.max(Math.abs(refLse), m);
+  return lseBoundOf(boundInput(refLse, 'refLse'), boundInput(refMaxLogits, 'refMaxLogits'));
 }
 
 /** Largest allowed |got − ref| of a maxLogits element. */
 export function maxLogitsBound(ref: number): number {
-  return ABS_FLOOR + STAT_REL_FACTOR * Math.abs(ref);
+  return maxLogitsBoundOf(boundInput(ref, 'ref'));
+}
+
+/** A caller's list of numbers copied into float64, each element read once (INVALID_VALUE for one that is no number). */
+function numbers(value: unknown, argument: string): Float64Array {
+  const list = readList(value, argument, 'an array of numbers');
+  const out = allocFloat64(list.length, argument);
+  for (let i = 0; i < list.length; i++) {
+    const v: unknown = list.values[i];
+    if (typeof v !== 'number') refuse('INVALID_VALUE', argument, 'numbers', `${describeValue(v)} at position ${i}`);
+    out[i] = v;
+  }
+  return out;
 }
 
 /**
@@ -61,8 +85,10 @@ export function maxLogitsBound(ref: number): number {
  * Nothing left to compare (all zero or below BF16_MIN_NORMAL): 0; zero against a normal value: 1.
  */
 export function cosineGap(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  const x = numbers(a, 'a'), y = numbers(b, 'b');
+  if (x.length !== y.length) refuse('INVALID_SHAPE', 'b', `${x.length} elements, as a has`, String(y.length));
   const acc = new CosineAccumulator();
-  for (let i = 0; i < a.length; i++) acc.add(a[i]!, b[i]!);
+  for (let i = 0; i < x.length; i++) acc.add(x[i]!, y[i]!);
   return acc.gap();
 }
 
@@ -185,24 +211,48 @@ export interface AttentionTensors {
   maxLogits: Tensor<'float32'>;
 }
 
-/** A bf16 or float32 tensor's values (bf16 decoded exactly) on the leading-dim `rows`, in that order (default: every row). */
-export function tensorValues(t: Tensor<'bf16'> | Tensor<'float32'>, rows?: readonly number[]): Float64Array {
-  const rowLen = t.shape.slice(1).reduce((a, b) => a * b, 1);
-  const pick = rows ?? Array.from({ length: t.shape[0] ?? 0 }, (_, i) => i);
-  const out = new Float64Array(pick.length * rowLen);
+/** tensorValues of a tensor named `argument`. */
+function valuesOf(t: unknown, argument: string, rows: unknown): Float64Array {
+  const reader = new ArgumentReader();
+  const tensor = reader.tensor(t, argument, ['bf16', 'float32'], (d) => (d === 'bf16' ? 'Uint16Array' : 'Float32Array'), ANY_RANK, '[rows, ...]');
+  const rowLen = tensor.shape.slice(1).reduce((a, b) => a * b, 1);
+  const pick = checkRows(rows, tensor.shape[0]!);
+  reader.whole();
+  const data = tensor.data;
+  const out = allocFloat64(pick.length * rowLen, 'rows');
   for (let j = 0; j < pick.length; j++) {
     const base = pick[j]! * rowLen;
     for (let e = 0; e < rowLen; e++) {
-      const v = t.data[base + e]!;
-      out[j * rowLen + e] = t.dtype === 'bf16' ? decodeBf16(v) : v;
+      const v = data[base + e]!;
+      out[j * rowLen + e] = tensor.dtype === 'bf16' ? decodeBf16(v) : v;
     }
   }
   return out;
 }
 
+/** Rows of a tensor's leading dim (default: all n), each an integer in [0, n), copied. */
+function checkRows(rows: unknown, n: number): number[] {
+  if (rows === undefined || rows === null) return Array.from({ length: n }, (_, i) => i);
+  const list = readList(rows, 'rows', `an array of row numbers in [0, ${n})`);
+  const pick: number[] = new Array(list.length);
+  for (let i = 0; i < list.length; i++) {
+    const v: unknown = list.values[i];
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v >= n) refuse('INVALID_VALUE', 'rows', `row numbers in [0, ${n})`, `${describeValue(v)} at position ${i}`);
+    pick[i] = v;
+  }
+  return pick;
+}
+
+/** A bf16 or float32 tensor's values (bf16 decoded exactly) on the leading-dim `rows`, in that order (default: every row). */
+export function tensorValues(t: Tensor<'bf16'> | Tensor<'float32'>, rows?: readonly number[]): Float64Array {
+  return valuesOf(t, 'tensor', rows);
+}
+
 /** An attention result's values on the query `rows` (default: every row): what the comparison takes as `got`. */
 export function attentionValues(r: AttentionTensors, rows?: readonly number[]): AttentionValues {
-  return { out: tensorValues(r.out, rows), lse: tensorValues(r.lse, rows), maxLogits: tensorValues(r.maxLogits, rows) };
+  const res = readRecord(r, 'result', 'an attention result {out, lse, maxLogits}');
+  const out: unknown = res.out, lse: unknown = res.lse, maxLogits: unknown = res.maxLogits;
+  return { out: valuesOf(out, 'result.out', rows), lse: valuesOf(lse, 'result.lse', rows), maxLogits: valuesOf(maxLogits, 'result.maxLogits', rows) };
 }
 
 /**
@@ -235,44 +285,68 @@ export class AttentionComparator {
   private readonly maxLogits = new TensorJudge(false);
   private rowsSeen = 0;
 
-  constructor(readonly shape: { heads: number; dV: number }) {
-    if (!(Number.isInteger(shape.heads) && shape.heads >= 1 && Number.isInteger(shape.dV) && shape.dV >= 1)) {
-      throw new RangeError(`AttentionComparator: heads and dV must be positive integers, got ${shape.heads}, ${shape.dV}`);
-    }
+  readonly shape: { readonly heads: number; readonly dV: number };
+
+  constructor(shape: { heads: number; dV: number }) {
+    const s = readRecord(shape, 'shape', 'an object {heads, dV}');
+    const heads: unknown = s.heads, dV: unknown = s.dV;
+    this.shape = Object.freeze({ heads: readInteger(heads, 'shape.heads', 1), dV: readInteger(dV, 'shape.dV', 1) });
   }
 
   /**
    * got and ref hold the same rows; `queries[j]` is row j's query index in the whole tensor
-   * (default: the rows follow those of the previous call).
+   * (default: the rows follow those of the previous call). Every array is read once and checked
+   * (sizes, numbers, mag ≥ 0 where it is not NaN) before the verdict takes any of it.
    */
   add(got: AttentionValues, ref: BoundsReference, queries?: readonly number[]): void {
     const { heads, dV } = this.shape;
-    const rows = ref.lse.length / heads;
+    const g = readRecord(got, 'got', 'attention values {out, lse, maxLogits}');
+    const r = readRecord(ref, 'ref', 'reference values {out, lse, maxLogits, mag}');
+    const rawGot = [g.out, g.lse, g.maxLogits], rawRef = [r.out, r.lse, r.maxLogits], rawMag: unknown = r.mag;
+    const [gotOut, gotLse, gotMax] = rawGot.map((v, i) => numbers(v, `got.${ATTENTION_TENSORS[i]}`)) as [Float64Array, Float64Array, Float64Array];
+    const [refOut, refLse, refMax] = rawRef.map((v, i) => numbers(v, `ref.${ATTENTION_TENSORS[i]}`)) as [Float64Array, Float64Array, Float64Array];
+    let mag: Float64Array | number;
+    if (typeof rawMag === 'number') {
+      if (!(rawMag >= 0)) refuse('INVALID_VALUE', 'ref.mag', 'a magnitude ≥ 0 (or one per out element)', String(rawMag));
+      mag = rawMag;
+    } else {
+      mag = numbers(rawMag, 'ref.mag');
+      for (let i = 0; i < mag.length; i++) if (mag[i]! < 0) refuse('INVALID_VALUE', 'ref.mag', 'magnitudes ≥ 0', `${mag[i]} at position ${i}`);
+    }
+    const rows = refLse.length / heads;
+    if (!Number.isInteger(rows)) refuse('INVALID_SHAPE', 'ref.lse', `a multiple of ${heads} heads`, `${refLse.length} elements`);
     const sizes: [string, number, number][] = [
-      ['got.out', got.out.length, rows * heads * dV],
-      ['ref.out', ref.out.length, rows * heads * dV],
-      ['got.lse', got.lse.length, rows * heads],
-      ['got.maxLogits', got.maxLogits.length, rows * heads],
-      ['ref.maxLogits', ref.maxLogits.length, rows * heads],
+      ['got.out', gotOut.length, rows * heads * dV],
+      ['ref.out', refOut.length, rows * heads * dV],
+      ['got.lse', gotLse.length, rows * heads],
+      ['got.maxLogits', gotMax.length, rows * heads],
+      ['ref.maxLogits', refMax.length, rows * heads],
     ];
-    if (typeof ref.mag !== 'number') sizes.push(['ref.mag', ref.mag.length, rows * heads * dV]);
-    if (!Number.isInteger(rows)) throw new RangeError(`AttentionComparator: ref.lse has ${ref.lse.length} elements, not a multiple of ${heads} heads`);
-    for (const [name, have, want] of sizes) if (have !== want) throw new RangeError(`AttentionComparator: ${name} has ${have} elements, expected ${want}`);
-    if (queries !== undefined && queries.length !== rows) throw new RangeError(`AttentionComparator: ${queries.length} query indices for ${rows} rows`);
-    const queryOf = (j: number): number => (queries ? queries[j]! : this.rowsSeen + j);
-    const mag = ref.mag;
+    if (typeof mag !== 'number') sizes.push(['ref.mag', mag.length, rows * heads * dV]);
+    for (const [name, have, want] of sizes) if (have !== want) refuse('INVALID_SHAPE', name, `${want} elements`, String(have));
+    let given: number[] | undefined;
+    if (queries !== undefined && queries !== null) {
+      const list = readList(queries, 'queries', `${rows} query indices`);
+      if (list.length !== rows) refuse('INVALID_SHAPE', 'queries', `${rows} query indices, one per row`, String(list.length));
+      const most = Math.floor(Number.MAX_SAFE_INTEGER / (heads * dV)) - 1;
+      given = [];
+      for (let j = 0; j < list.length; j++) given.push(readInteger(list.values[j], 'queries', 0, most));
+    } else if (this.rowsSeen + rows > Math.floor(Number.MAX_SAFE_INTEGER / (heads * dV))) {
+      refuse('TOO_LARGE', 'got', 'rows whose element indices are safe integers', `${this.rowsSeen} + ${rows} rows`);
+    }
+    const queryOf = (j: number): number => (given ? given[j]! : this.rowsSeen + j);
     for (let j = 0; j < rows; j++) {
       const query = queryOf(j);
       for (let h = 0; h < heads; h++) {
         const s = j * heads + h;
-        const refLse = ref.lse[s]!, refMax = ref.maxLogits[s]!;
+        const refL = refLse[s]!, refM = refMax[s]!;
         const stat = query * heads + h;
-        this.lse.add(got.lse[s]!, refLse, lseBound(refLse, refMax), stat, query, h, -1);
-        this.maxLogits.add(got.maxLogits[s]!, refMax, maxLogitsBound(refMax), stat, query, h, -1);
+        this.lse.add(gotLse[s]!, refL, lseBoundOf(refL, refM), stat, query, h, -1);
+        this.maxLogits.add(gotMax[s]!, refM, maxLogitsBoundOf(refM), stat, query, h, -1);
         const o = s * dV;
         for (let c = 0; c < dV; c++) {
           const m = typeof mag === 'number' ? mag : mag[o + c]!;
-          this.out.add(got.out[o + c]!, ref.out[o + c]!, outBound(m), stat * dV + c, query, h, c);
+          this.out.add(gotOut[o + c]!, refOut[o + c]!, outBoundOf(m), stat * dV + c, query, h, c);
         }
       }
     }
@@ -287,8 +361,10 @@ export class AttentionComparator {
 
 /** Judge whole outputs (or the rows `queries` of them) against the reference in one call. */
 export function compareAttention(got: AttentionValues, ref: BoundsReference, shape: { heads: number; dV: number; queries?: readonly number[] }): AttentionComparison {
-  const c = new AttentionComparator(shape);
-  c.add(got, ref, shape.queries);
+  const s = readRecord(shape, 'shape', 'an object {heads, dV, queries?}');
+  const heads: unknown = s.heads, dV: unknown = s.dV, queries: unknown = s.queries;
+  const c = new AttentionComparator({ heads, dV } as { heads: number; dV: number });
+  c.add(got, ref, queries as readonly number[] | undefined);
   return c.result();
 }
 
@@ -315,20 +391,66 @@ export function describeBounds(): string[] {
  * reports print their figures with it.
  */
 export function formatFigure(x: number): string {
+  readNumber(x, 'x');
   if (Number.isNaN(x)) return 'NaN';
   if (!Number.isFinite(x)) return x > 0 ? 'inf' : '-inf';
   if (x === 0) return '0';
   return Math.abs(x) >= 1e-2 && Math.abs(x) < 1e4 ? x.toPrecision(3) : x.toExponential(2);
 }
 
+/** An element position read once: query and head integers ≥ 0, col one too when present. */
+function readPosition(at: unknown, argument: string): ElementPosition {
+  const p = readRecord(at, argument, 'a position {query, head, col?}');
+  const query: unknown = p.query, head: unknown = p.head, col: unknown = p.col;
+  return { query: readInteger(query, `${argument}.query`), head: readInteger(head, `${argument}.head`), ...(col === undefined ? {} : { col: readInteger(col, `${argument}.col`) }) };
+}
+
 /** `[q 3, h 17, c 200]`, or `-` when nothing was compared. */
 export function formatPosition(at: ElementPosition | undefined | null): string {
-  if (!at) return '-';
-  return `[q ${at.query}, h ${at.head}${at.col !== undefined ? `, c ${at.col}` : ''}]`;
+  if (at === undefined || at === null) return '-';
+  const p = readPosition(at, 'at');
+  return `[q ${p.query}, h ${p.head}${p.col !== undefined ? `, c ${p.col}` : ''}]`;
+}
+
+/** A verdict's fields that a line shows, read once and checked. */
+function readComparison(c: unknown, argument: string): TensorComparison {
+  const r = readRecord(c, argument, 'a TensorComparison');
+  const pass: unknown = r.pass, count: unknown = r.count, overBound: unknown = r.overBound, infNanMismatch: unknown = r.infNanMismatch;
+  const worstRatio: unknown = r.worstRatio, worst: unknown = r.worst, maxAbsErr: unknown = r.maxAbsErr, gap: unknown = r.cosineGap, gapBound: unknown = r.cosineGapBound;
+  if (typeof pass !== 'boolean') refuse('INVALID_VALUE', `${argument}.pass`, 'a boolean', describeValue(pass));
+  let w: WorstElement | null = null;
+  if (worst !== null && worst !== undefined) {
+    const o = readRecord(worst, `${argument}.worst`, 'the worst element {at, got, ref, bound, ...}');
+    const at: unknown = o.at, got: unknown = o.got, ref: unknown = o.ref, bound: unknown = o.bound, index: unknown = o.index, error: unknown = o.error, ratio: unknown = o.ratio;
+    w = {
+      at: readPosition(at, `${argument}.worst.at`),
+      got: readNumber(got, `${argument}.worst.got`),
+      ref: readNumber(ref, `${argument}.worst.ref`),
+      bound: readNumber(bound, `${argument}.worst.bound`),
+      index: index as number,
+      error: error as number,
+      ratio: ratio as number,
+    };
+  }
+  return {
+    pass,
+    count: readInteger(count, `${argument}.count`),
+    overBound: readInteger(overBound, `${argument}.overBound`),
+    infNanMismatch: readInteger(infNanMismatch, `${argument}.infNanMismatch`),
+    worstRatio: readNumber(worstRatio, `${argument}.worstRatio`),
+    worst: w,
+    maxAbsErr: maxAbsErr as number,
+    ...(gap === undefined ? {} : { cosineGap: readNumber(gap, `${argument}.cosineGap`), cosineGapBound: readNumber(gapBound, `${argument}.cosineGapBound`) }),
+  };
 }
 
 /** One line per tensor: worst ratio and where, got/ref/bound there, elements over, 1 − cos. */
 export function formatTensorComparison(name: string, c: TensorComparison): string {
+  if (typeof name !== 'string') refuse('INVALID_VALUE', 'name', 'a string', describeValue(name));
+  return tensorLine(name, readComparison(c, 'c'));
+}
+
+function tensorLine(name: string, c: TensorComparison): string {
   const w = c.worst;
   const where = w ? ` at ${formatPosition(w.at)} (got ${formatFigure(w.got)}, ref ${formatFigure(w.ref)}, bound ${formatFigure(w.bound)})` : '';
   const cos = c.cosineGap !== undefined ? `, 1-cos ${formatFigure(c.cosineGap)} (bound ${formatFigure(c.cosineGapBound!)})` : '';
@@ -338,5 +460,7 @@ export function formatTensorComparison(name: string, c: TensorComparison): strin
 
 /** The three tensors' lines joined with '; '. */
 export function formatAttentionComparison(c: AttentionComparison): string {
-  return ATTENTION_TENSORS.map((t) => formatTensorComparison(t, c[t])).join('; ');
+  const r = readRecord(c, 'c', 'an AttentionComparison {out, lse, maxLogits}');
+  const parts = ATTENTION_TENSORS.map((t) => [t, r[t]] as const);
+  return parts.map(([t, v]) => tensorLine(t, readComparison(v, `c.${t}`))).join('; ');
 }

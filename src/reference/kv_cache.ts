@@ -4,7 +4,8 @@
  */
 import { SparseMlaError } from '../errors.js';
 import type { KvCache, Tensor, TokenIds } from '../types.js';
-import { decodeBf16, decodeE4m3, decodeUe8m0, encodeBf16, encodeE4m3, exponentOf, roundToBf16 } from './formats.js';
+import { allocFloat64, ArgumentReader, describeValue, isArray, readFinite, readInteger, readList, readName, readRecord, refuse } from './checks.js';
+import { decodeBf16, decodeE4m3, decodeUe8m0, encodeBf16, encodeE4m3, exponentOf, roundToBf16 } from './codecs.js';
 
 /** DeepSeek V4 paged layout constants (§3.1). */
 export const V4_LAYOUT = {
@@ -41,50 +42,96 @@ export interface TokenLayout {
   scales: number;
 }
 
+/** x rounded up to a multiple of m (x finite, m finite and > 0). */
 export function roundUp(x: number, m: number): number {
+  readFinite(x, 'x');
+  if (readFinite(m, 'm') <= 0) refuse('INVALID_VALUE', 'm', 'a finite number > 0', describeValue(m));
   return Math.ceil(x / m) * m;
 }
 
+/** A byte count or offset that is no safe integer is one no cache of this process can have. */
+function safeSize(n: number, argument: string, what: string): number {
+  if (!Number.isSafeInteger(n)) refuse('TOO_LARGE', argument, `${what} that is a safe integer (≤ 2^53 − 1)`, String(n));
+  return n;
+}
+
+/** roundUp(P * 584, 576) of a checked page size. */
+const v4PageBytes = (P: number): number => Math.ceil((P * V4_LAYOUT.bytesPerToken) / V4_LAYOUT.dataBytes) * V4_LAYOUT.dataBytes;
+
 /** Bytes of one v4 page of `pageSize` tokens: roundUp(P * 584, 576). */
 export function v4PageBytesReference(pageSize: number): number {
-  return roundUp(pageSize * V4_LAYOUT.bytesPerToken, V4_LAYOUT.dataBytes);
+  return safeSize(v4PageBytes(readInteger(pageSize, 'pageSize', 1)), 'pageSize', 'a page of bytes');
+}
+
+function readFormat(format: unknown, argument: string): KvCache['format'] {
+  if (format !== 'v4' && format !== 'v32') refuse('INVALID_VALUE', argument, "'v4' or 'v32'", describeValue(format));
+  return format;
+}
+
+/**
+ * pageSize (v32: 1, it is contiguous) and numPages of a format, checked (`prefix` names them: '' or
+ * 'cache.'); the token count and the byte count safe integers (TOO_LARGE naming `sizeArgument`).
+ */
+function readGeometry(format: KvCache['format'], pageSize: unknown, numPages: unknown, prefix: string, sizeArgument: string): { pageSize: number; numPages: number; tokens: number; bytes: number } {
+  const P = readInteger(pageSize, `${prefix}pageSize`, 1);
+  if (format === 'v32' && P !== 1) refuse('INVALID_VALUE', `${prefix}pageSize`, '1 for a v32 cache (contiguous: numPages counts tokens)', String(P));
+  const N = readInteger(numPages, `${prefix}numPages`, 0);
+  const tokens = safeSize(P * N, sizeArgument, 'a token count');
+  const bytes = safeSize(format === 'v4' ? N * v4PageBytes(P) : N * V32_LAYOUT.bytesPerToken, sizeArgument, 'a byte count');
+  return { pageSize: P, numPages: N, tokens, bytes };
 }
 
 /** Total bytes a cache of this shape occupies. */
 export function kvCacheBytesReference(format: KvCache['format'], pageSize: number, numPages: number): number {
-  return format === 'v4' ? numPages * v4PageBytesReference(pageSize) : numPages * V32_LAYOUT.bytesPerToken;
+  const f = readFormat(format, 'format');
+  return readGeometry(f, pageSize, numPages, '', 'numPages').bytes;
+}
+
+/** A cache's format, pageSize and numPages, each read once and checked (its data not read). */
+function readCacheGeometry(value: unknown, name: string): { format: KvCache['format']; pageSize: number; numPages: number; tokens: number; bytes: number; data: unknown } {
+  const c = readRecord(value, name, 'a KV cache {format, pageSize, numPages, data}');
+  const rawFormat: unknown = c.format, rawPageSize: unknown = c.pageSize, rawNumPages: unknown = c.numPages, data: unknown = c.data;
+  const format = readFormat(rawFormat, `${name}.format`);
+  return { format, ...readGeometry(format, rawPageSize, rawNumPages, `${name}.`, name), data };
 }
 
 /** Number of token ids a cache holds. */
 export function cacheTokenCount(cache: KvCache): number {
-  return cache.format === 'v4' ? cache.numPages * cache.pageSize : cache.numPages;
+  return readCacheGeometry(cache, 'cache').tokens;
 }
+
+const rowDims = (format: KvCache['format']): number => (format === 'v4' ? V4_LAYOUT.rowDims : V32_LAYOUT.rowDims);
 
 /** Width of a dequantized row: 512 (v4) or 576 (v32). */
 export function cacheRowDims(format: KvCache['format']): number {
-  return format === 'v4' ? V4_LAYOUT.rowDims : V32_LAYOUT.rowDims;
+  return rowDims(readFormat(format, 'format'));
 }
 
-/** A cache's format, and its data's byte length for its shape (SPEC §3). */
-export function checkCacheReference(cache: KvCache, name = 'cache'): void {
-  if (typeof cache !== 'object' || cache === null) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a KV cache {format, pageSize, numPages, data}, got ${String(cache)}`, name);
-  if (cache.format !== 'v4' && cache.format !== 'v32') {
-    throw new SparseMlaError('INVALID_VALUE', `${name}.format: expected 'v4' or 'v32', got ${typeof cache.format === 'symbol' ? 'a Symbol' : String(cache.format)}`, name);
-  }
-  const bytes = kvCacheBytesReference(cache.format, cache.pageSize, cache.numPages);
-  // byteLength, as the library reads the memory: a subclass's `length` getter may say otherwise
-  if (!(cache.data instanceof Uint8Array) || cache.data.byteLength !== bytes) {
-    throw new SparseMlaError('INVALID_SHAPE', `${name}.data: expected ${bytes} bytes, got ${cache.data?.byteLength}`, name);
-  }
+/** A checked cache: its fields as read once, its data a plain view of exactly its bytes. */
+export function readCache(value: unknown, name: string, reader: ArgumentReader): KvCache {
+  const g = readCacheGeometry(value, name);
+  // its bytes as the library reads the memory (intrinsics): a subclass's `length` getter may say otherwise
+  const data = reader.array(g.data, `${name}.data`, ['Uint8Array'], g.bytes);
+  return { format: g.format, pageSize: g.pageSize, numPages: g.numPages, data };
 }
 
-/** Byte positions of token `tokenId` (page·P + slot for v4). */
-export function tokenLayoutReference(cache: Pick<KvCache, 'format' | 'pageSize'>, tokenId: number): TokenLayout {
-  if (cache.format === 'v4') {
-    const P = cache.pageSize;
+/**
+ * A cache's format, geometry, and its data's byte length for its shape (SPEC §3); returns the
+ * cache as checked (each field read once, its data a plain view of the same memory).
+ */
+export function checkCacheReference(cache: KvCache, name = 'cache'): KvCache {
+  const reader = new ArgumentReader();
+  const checked = readCache(cache, readName(name, 'cache'), reader);
+  reader.whole();
+  return checked;
+}
+
+/** Byte positions of token `tokenId` (page·P + slot for v4) of a checked format and page size. */
+function layoutOf(format: KvCache['format'], P: number, tokenId: number): TokenLayout {
+  if (format === 'v4') {
     const page = Math.floor(tokenId / P);
     const slot = tokenId - page * P;
-    const base = page * v4PageBytesReference(P);
+    const base = page * v4PageBytes(P);
     const nope = base + slot * V4_LAYOUT.dataBytes;
     return { nope, rope: nope + V4_LAYOUT.nopeDims, scales: base + P * V4_LAYOUT.dataBytes + slot * V4_LAYOUT.scaleBytes };
   }
@@ -92,17 +139,47 @@ export function tokenLayoutReference(cache: Pick<KvCache, 'format' | 'pageSize'>
   return { nope: base, scales: base + V32_LAYOUT.quantDims, rope: base + V32_LAYOUT.quantDims + 4 * V32_LAYOUT.tiles };
 }
 
+/** Byte positions of token `tokenId` (page·P + slot for v4). */
+export function tokenLayoutReference(cache: Pick<KvCache, 'format' | 'pageSize'>, tokenId: number): TokenLayout {
+  const c = readRecord(cache, 'cache', 'a KV cache {format, pageSize}');
+  const rawFormat: unknown = c.format, rawPageSize: unknown = c.pageSize;
+  const format = readFormat(rawFormat, 'cache.format');
+  const { pageSize } = readGeometry(format, rawPageSize, 0, 'cache.', 'cache');
+  const at = layoutOf(format, pageSize, readInteger(tokenId, 'tokenId'));
+  for (const v of [at.nope, at.rope, at.scales]) safeSize(v, 'tokenId', 'a byte offset');
+  return at;
+}
+
 /** Token ids as plain numbers, every one checked against the cache (OUT_OF_RANGE otherwise). */
 export function normalizeTokenIds(tokenIds: TokenIds, limit: number, name = 'tokenIds'): number[] {
-  const raw: ArrayLike<number | bigint> = Array.isArray(tokenIds) ? tokenIds : (tokenIds as Tensor<'int32'> | Tensor<'int64'>).data;
-  const ids: number[] = new Array(raw.length);
-  for (let i = 0; i < raw.length; i++) {
-    const v = raw[i]!;
-    const n = typeof v === 'bigint' ? (v >= 0n && v < BigInt(limit) ? Number(v) : -1) : v;
-    if (!Number.isInteger(n) || n < 0 || n >= limit) {
+  const reader = new ArgumentReader();
+  const ids = readTokenIds(tokenIds, readInteger(limit, 'limit'), readName(name, 'tokenIds'), reader);
+  reader.whole();
+  return ids;
+}
+
+/**
+ * Token ids (an array of integers, or an int32 / int64 tensor [n]), each read once: INVALID_VALUE
+ * for an id that is no integer, OUT_OF_RANGE for one outside [0, limit).
+ */
+function readTokenIds(tokenIds: unknown, limit: number, name: string, reader: ArgumentReader): number[] {
+  let raw: ArrayLike<unknown>, n: number;
+  if (isArray(tokenIds, name, 'token ids')) ({ values: raw, length: n } = readList(tokenIds, name, 'an array of token ids'));
+  else {
+    const t = reader.tensor(tokenIds, name, ['int32', 'int64'], (d) => (d === 'int32' ? 'Int32Array' : 'BigInt64Array'), 1, '[n]');
+    // a copy: the ids checked are the ids used whatever later reads of the caller's objects do
+    raw = t.data.slice();
+    n = raw.length;
+  }
+  const ids: number[] = new Array(n);
+  for (let i = 0; i < n; i++) {
+    const v: unknown = raw[i];
+    const num = typeof v === 'bigint' ? (v >= 0n && v < BigInt(limit) ? Number(v) : -1) : v;
+    if (typeof num !== 'number' || !Number.isInteger(num)) refuse('INVALID_VALUE', name, 'integer token ids', `${describeValue(v)} at position ${i}`);
+    if (num < 0 || num >= limit) {
       throw new SparseMlaError('OUT_OF_RANGE', `${name}[${i}]: expected a token id in [0, ${limit}), got ${String(v)}`, name);
     }
-    ids[i] = n;
+    ids[i] = num;
   }
   return ids;
 }
@@ -112,6 +189,7 @@ export function normalizeTokenIds(tokenIds: TokenIds, limit: number, name = 'tok
  * [-127, 127]; an infinite amax gives 127. (NaN never reaches here: amax ignores NaN.)
  */
 export function tileExponentReference(amax: number): number {
+  if (typeof amax !== 'number' || !(amax >= 0)) refuse('INVALID_VALUE', 'amax', 'a number ≥ 0 (an absolute maximum; +inf allowed)', describeValue(amax));
   if (amax === Infinity) return 127;
   const m = Math.max(amax, 1e-4);
   let e = exponentOf(m) - 9;
@@ -176,18 +254,21 @@ function quantizeTile(src: RowReader, start: number, count: number, dst: Uint8Ar
  * of `cache`, in place. Rope dims are stored as bf16 (float32 rows are rounded to nearest even).
  */
 export function quantizeKCacheReference(cache: KvCache, tokenIds: TokenIds, rows: Tensor<'bf16'> | Tensor<'float32'>): void {
-  checkCacheReference(cache);
-  const ids = normalizeTokenIds(tokenIds, cacheTokenCount(cache));
-  const width = cacheRowDims(cache.format);
-  if (rows.shape.length !== 2 || rows.shape[0] !== ids.length || rows.shape[1] !== width) {
-    throw new SparseMlaError('INVALID_SHAPE', `rows: expected [${ids.length}, ${width}], got [${rows.shape.join(', ')}]`, 'rows');
-  }
-  const out = cache.data;
+  const reader = new ArgumentReader();
+  const c = readCache(cache, 'cache', reader);
+  const ids = readTokenIds(tokenIds, c.numPages * c.pageSize, 'tokenIds', reader);
+  const width = rowDims(c.format);
+  const r = reader.tensor(rows, 'rows', ['bf16', 'float32'], (d) => (d === 'bf16' ? 'Uint16Array' : 'Float32Array'), 2, `[${ids.length}, ${width}]`);
+  if (r.shape[0] !== ids.length || r.shape[1] !== width) refuse('INVALID_SHAPE', 'rows', `[${ids.length}, ${width}]`, `[${r.shape.join(', ')}]`);
+  reader.whole();
+  // rows copied: rows whose memory is the cache's own would otherwise read bytes this call wrote
+  const checked = { dtype: r.dtype, shape: r.shape, data: r.data.slice() } as Tensor<'bf16'> | Tensor<'float32'>;
+  const out = c.data;
   const dv = new DataView(out.buffer, out.byteOffset, out.byteLength);
-  for (let r = 0; r < ids.length; r++) {
-    const src = rowReader(rows, r, width);
-    const at = tokenLayoutReference(cache, ids[r]!);
-    if (cache.format === 'v4') {
+  for (let row = 0; row < ids.length; row++) {
+    const src = rowReader(checked, row, width);
+    const at = layoutOf(c.format, c.pageSize, ids[row]!);
+    if (c.format === 'v4') {
       for (let t = 0; t < V4_LAYOUT.tiles; t++) {
         const e = quantizeTile(src, t * V4_LAYOUT.tile, V4_LAYOUT.tile, out, at.nope + t * V4_LAYOUT.tile);
         out[at.scales + t] = e + 127;
@@ -204,14 +285,11 @@ export function quantizeKCacheReference(cache: KvCache, tokenIds: TokenIds, rows
   }
 }
 
-/**
- * Dequantize one token into dst[dstOff .. dstOff + rowDims) as values (each a bf16 value):
- * e4m3 · scale computed in float32, then rounded to bf16; rope copied.
- */
-export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: Float64Array | Float32Array, dstOff: number): void {
+/** Dequantize one token of a checked cache into dst[dstOff .. dstOff + rowDims) (see dequantizeTokenReference). */
+function dequantizeToken(cache: KvCache, tokenId: number, dst: Float64Array | Float32Array, dstOff: number): void {
   const bytes = cache.data;
   const dv = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const at = tokenLayoutReference(cache, tokenId);
+  const at = layoutOf(cache.format, cache.pageSize, tokenId);
   const L = cache.format === 'v4' ? V4_LAYOUT : V32_LAYOUT;
   const quantDims = cache.format === 'v4' ? V4_LAYOUT.nopeDims : V32_LAYOUT.quantDims;
   for (let t = 0; t < L.tiles; t++) {
@@ -224,13 +302,37 @@ export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: F
   for (let j = 0; j < L.ropeDims; j++) dst[dstOff + quantDims + j] = decodeBf16(dv.getUint16(at.rope + 2 * j, true));
 }
 
+/**
+ * Dequantize one token into dst[dstOff .. dstOff + rowDims) as values (each a bf16 value):
+ * e4m3 · scale computed in float32, then rounded to bf16; rope copied.
+ */
+export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: Float64Array | Float32Array, dstOff: number): void {
+  const reader = new ArgumentReader();
+  const c = readCache(cache, 'cache', reader);
+  const id = readInteger(tokenId, 'tokenId');
+  if (id >= c.numPages * c.pageSize) refuse('OUT_OF_RANGE', 'tokenId', `a token id in [0, ${c.numPages * c.pageSize})`, String(id));
+  const out = reader.array(dst, 'dst', ['Float64Array', 'Float32Array']);
+  const width = rowDims(c.format);
+  readInteger(dstOff, 'dstOff', 0, Math.max(0, out.length - width));
+  if (out.length < width) refuse('INVALID_SHAPE', 'dst', `at least ${width} elements`, `${out.length}`);
+  reader.whole();
+  dequantizeToken(c, id, out, dstOff);
+}
+
 /** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
 export class DequantizedRows {
   private readonly slot = new Map<number, number>();
   rows: Float32Array; // bf16 values, exact in float32
   private used = 0;
+  private readonly cache: KvCache;
+  private readonly tokens: number;
 
-  constructor(private readonly cache: KvCache, private readonly width: number) {
+  /** `width`: the cache's row width (cacheRowDims: 512 for v4, 576 for v32). */
+  constructor(cache: KvCache, private readonly width: number) {
+    this.cache = checkCacheReference(cache);
+    const want = rowDims(this.cache.format);
+    if (width !== want) refuse('INVALID_VALUE', 'width', `${want} (a ${this.cache.format} cache's row)`, describeValue(width));
+    this.tokens = this.cache.numPages * this.cache.pageSize;
     this.rows = new Float32Array(width * 64);
   }
 
@@ -238,13 +340,16 @@ export class DequantizedRows {
   offsetOf(id: number): number {
     const have = this.slot.get(id);
     if (have !== undefined) return have;
+    if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= this.tokens) {
+      refuse(typeof id === 'number' && Number.isInteger(id) ? 'OUT_OF_RANGE' : 'INVALID_VALUE', 'id', `a token id in [0, ${this.tokens})`, describeValue(id));
+    }
     if (this.used + this.width > this.rows.length) {
       const grown = new Float32Array(this.rows.length * 2);
       grown.set(this.rows);
       this.rows = grown;
     }
     const off = this.used;
-    dequantizeTokenReference(this.cache, id, this.rows, off);
+    dequantizeToken(this.cache, id, this.rows, off);
     this.used += this.width;
     this.slot.set(id, off);
     return off;
@@ -253,10 +358,12 @@ export class DequantizedRows {
 
 /** Gather-dequantize token ids → Float64Array [n, 512] (v4) or [n, 576] (v32) of bf16 values. */
 export function dequantizeKCacheReference(cache: KvCache, tokenIds: TokenIds): Float64Array {
-  checkCacheReference(cache);
-  const ids = normalizeTokenIds(tokenIds, cacheTokenCount(cache));
-  const width = cacheRowDims(cache.format);
-  const out = new Float64Array(ids.length * width);
-  for (let r = 0; r < ids.length; r++) dequantizeTokenReference(cache, ids[r]!, out, r * width);
+  const reader = new ArgumentReader();
+  const c = readCache(cache, 'cache', reader);
+  const ids = readTokenIds(tokenIds, c.numPages * c.pageSize, 'tokenIds', reader);
+  reader.whole();
+  const width = rowDims(c.format);
+  const out = allocFloat64(ids.length * width, 'tokenIds');
+  for (let r = 0; r < ids.length; r++) dequantizeToken(c, ids[r]!, out, r * width);
   return out;
 }

@@ -3,69 +3,67 @@
  * the extra set is dequantized with the reference dequant (§3), then one softmax runs over the union
  * exactly as in the sparse prefill reference (§4).
  */
-import { SparseMlaError } from '../errors.js';
 import type { PagedSparseAttentionArgs } from '../types.js';
-import { cacheRowDims, cacheTokenCount, checkCacheReference, DequantizedRows } from './kv_cache.js';
+import { allocFloat64, ArgumentReader, readFinite, readInteger, readRecord, refuse } from './checks.js';
+import { cacheRowDims, cacheTokenCount, DequantizedRows, readCache } from './kv_cache.js';
 import {
-  attendQueryReference,
-  checkDv,
+  attendQueryChecked,
   checkQueries,
-  checkQueryTensor,
-  checkSink,
-  checkSmScale,
   emptyAttentionResult,
-  indexSet,
-  widenBf16,
+  readIndexSet,
+  readOptions,
+  readQuery,
+  readSink,
   type IndexSet,
-  checkArgsRecord,
   type ReferenceAttentionResult,
   type ReferenceOptions,
+  widenChecked,
 } from './sparse_prefill.js';
 
 export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
-  checkArgsRecord(args);
-  const { q, kCache } = args;
-  const [n, hQ, dQK] = checkQueryTensor(q, '[n, hQ, dQK]');
-  checkCacheReference(kCache, 'kCache');
+  const a = readRecord(args, 'args');
+  const rawQ: unknown = a.q, rawCache: unknown = a.kCache, rawIndices: unknown = a.indices, rawTopkLength: unknown = a.topkLength;
+  const rawDv: unknown = a.dV, rawScale: unknown = a.smScale, rawSink: unknown = a.attnSink;
+  // null is absent, as the op takes it (src/ops/paged_sparse_attention.ts)
+  const rawExtraCache: unknown = a.extraKCache ?? undefined, rawExtraIndices: unknown = a.extraIndices ?? undefined, rawExtraTopkLength: unknown = a.extraTopkLength;
+  const { queries } = readOptions(opts);
+  const reader = new ArgumentReader();
+  const q = readQuery(rawQ, '[n, hQ, dQK]', reader);
+  const [n, hQ, dQK] = q.shape as [number, number, number];
+  const kCache = readCache(rawCache, 'kCache', reader);
   const width = cacheRowDims(kCache.format);
-  if (dQK !== width) throw new SparseMlaError('INVALID_SHAPE', `q: expected dQK = ${width} for a ${kCache.format} cache, got ${dQK}`, 'q');
-  const dV = checkDv(args.dV, dQK);
-  checkSmScale(args.smScale);
+  if (dQK !== width) refuse('INVALID_SHAPE', 'q', `dQK = ${width} for a ${kCache.format} cache`, String(dQK));
+  const dV = readInteger(rawDv ?? 512, 'dV', 1, dQK);
+  const smScale = readFinite(rawScale, 'smScale');
 
   interface Source { set: IndexSet; limitId: number; rows: DequantizedRows }
   const sources: Source[] = [
     {
-      set: indexSet(args.indices, args.topkLength, n, { indices: 'indices', topkLength: 'topkLength' }),
+      set: readIndexSet(rawIndices, rawTopkLength, n, { indices: 'indices', topkLength: 'topkLength' }, reader),
       limitId: cacheTokenCount(kCache),
       rows: new DequantizedRows(kCache, width),
     },
   ];
-  // null is absent, as the op takes it (src/ops/paged_sparse_attention.ts)
-  const extraKCache = args.extraKCache ?? undefined;
-  const extraIndices = args.extraIndices ?? undefined;
-  if (extraKCache !== undefined || extraIndices !== undefined) {
-    if (extraKCache === undefined || extraIndices === undefined) {
-      throw new SparseMlaError('INVALID_VALUE', 'extraKCache and extraIndices: expected both or neither', 'extraKCache');
-    }
-    checkCacheReference(extraKCache, 'extraKCache');
-    if (cacheRowDims(extraKCache.format) !== width) {
-      throw new SparseMlaError('INVALID_VALUE', `extraKCache.format: expected ${kCache.format}, got ${extraKCache.format}`, 'extraKCache');
-    }
+  if (rawExtraCache !== undefined || rawExtraIndices !== undefined) {
+    if (rawExtraCache === undefined || rawExtraIndices === undefined) refuse('INVALID_VALUE', 'extraKCache', 'extraKCache and extraIndices both or neither', rawExtraCache === undefined ? 'extraIndices alone' : 'extraKCache alone');
+    const extraKCache = readCache(rawExtraCache, 'extraKCache', reader);
+    if (cacheRowDims(extraKCache.format) !== width) refuse('INVALID_VALUE', 'extraKCache.format', kCache.format, extraKCache.format);
     sources.push({
-      set: indexSet(extraIndices, args.extraTopkLength, n, { indices: 'extraIndices', topkLength: 'extraTopkLength' }),
+      set: readIndexSet(rawExtraIndices, rawExtraTopkLength, n, { indices: 'extraIndices', topkLength: 'extraTopkLength' }, reader),
       limitId: cacheTokenCount(extraKCache),
       rows: new DequantizedRows(extraKCache, width),
     });
   }
-  const sink = checkSink(args.attnSink, hQ);
-  const qs = checkQueries(opts.queries, n);
-  const qf = widenBf16(q.data);
+  const sink = readSink(rawSink, hQ, 'attnSink', reader);
+  const qs = checkQueries(queries as readonly number[] | undefined, n);
+  reader.whole();
+  const qf = widenChecked(q.data);
   const nq = qs.length;
   const res = emptyAttentionResult(nq, hQ, dV);
-  const maxEntries = sources.reduce((a, s) => a + s.set.topk, 0);
+  const maxEntries = sources.reduce((s, src) => s + src.set.topk, 0);
   const gathered = new Float32Array(Math.max(1, maxEntries) * width);
   const offsets = new Int32Array(Math.max(1, maxEntries));
-  const scratch = new Float64Array(Math.max(1, hQ * maxEntries));
+  const scratch = allocFloat64(Math.max(1, hQ * maxEntries), 'indices');
   for (let j = 0; j < nq; j++) {
     const i = qs[j]!;
     let cnt = 0;
@@ -80,7 +78,7 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
         cnt++;
       }
     }
-    attendQueryReference(qf, i * hQ * dQK, hQ, dQK, dV, gathered, offsets, cnt, args.smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+    attendQueryChecked(qf, i * hQ * dQK, hQ, dQK, dV, gathered, offsets, cnt, smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
   }
   return res;
 }

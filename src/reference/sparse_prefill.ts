@@ -2,8 +2,8 @@
  * Float64 reference of the sparse prefill forward (SPEC §4), written from the SPEC, independent of
  * the C++ core. Logits, softmax and the weighted sum are all float64; inputs are the bf16 values.
  */
-import { SparseMlaError } from '../errors.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
+import { allocFloat64, ArgumentReader, describeValue, readFinite, readInteger, readList, readName, readNumber, readRecord, refuse, shapeText, type ReadTensor } from './checks.js';
 
 export interface ReferenceOptions {
   /** Compute only these query rows (in this order); default: every row. */
@@ -26,21 +26,23 @@ export interface ReferenceAttentionResult {
 
 /** Zeroed float64 outputs for nq queries × hQ heads × dV columns (mag beside out). */
 export function emptyAttentionResult(nq: number, hQ: number, dV: number): ReferenceAttentionResult {
-  return { out: new Float64Array(nq * hQ * dV), mag: new Float64Array(nq * hQ * dV), lse: new Float64Array(nq * hQ), maxLogits: new Float64Array(nq * hQ) };
+  const n = readInteger(nq, 'nq'), h = readInteger(hQ, 'hQ'), d = readInteger(dV, 'dV');
+  return { out: allocFloat64(n * h * d, 'nq'), mag: allocFloat64(n * h * d, 'nq'), lse: allocFloat64(n * h, 'nq'), maxLogits: allocFloat64(n * h, 'nq') };
 }
 
-/** bf16 bits → float32 values (exact widening). */
-export function widenBf16(bits: Uint16Array): Float32Array {
+/** bf16 bits of a checked Uint16Array → float32 values (exact widening). */
+export function widenChecked(bits: Uint16Array): Float32Array {
   const u = new Uint32Array(bits.length);
   for (let i = 0; i < bits.length; i++) u[i] = bits[i]! << 16;
   return new Float32Array(u.buffer);
 }
 
-function bad(code: 'INVALID_SHAPE' | 'INVALID_DTYPE' | 'INVALID_VALUE', arg: string, expected: string, got: string): never {
-  throw new SparseMlaError(code, `${arg}: expected ${expected}, got ${got}`, arg);
+/** bf16 bits → float32 values (exact widening). */
+export function widenBf16(bits: Uint16Array): Float32Array {
+  const reader = new ArgumentReader();
+  const view = reader.array(bits, 'bits', ['Uint16Array']);
+  return widenChecked(view);
 }
-
-const shapeStr = (s: readonly number[]): string => `[${s.join(', ')}]`;
 
 /** Index rows of a [n, topk] or [n, 1, topk] int32/int64 tensor, with their validity rule. */
 export interface IndexSet {
@@ -51,28 +53,24 @@ export interface IndexSet {
   entry(i: number, k: number, bound: number): number;
 }
 
-export function indexSet(
-  indices: Tensor<'int32'> | Tensor<'int64'>,
-  topkLength: Tensor<'int32'> | null | undefined,
-  rows: number,
-  names: { indices: string; topkLength: string },
-): IndexSet {
-  if (indices.dtype !== 'int32' && indices.dtype !== 'int64') bad('INVALID_DTYPE', names.indices, 'int32 or int64', String((indices as Tensor).dtype));
-  const s = indices.shape;
-  const ok = (s.length === 2 && s[0] === rows) || (s.length === 3 && s[0] === rows && s[1] === 1);
-  if (!ok) bad('INVALID_SHAPE', names.indices, `[${rows}, topk] or [${rows}, 1, topk]`, shapeStr(s));
+const INDEX_NAMES = { indices: 'indices', topkLength: 'topkLength' };
+
+/** indices and topkLength read once (plain views of their whole data) into an IndexSet. */
+export function readIndexSet(indices: unknown, topkLength: unknown, rows: number, names: { indices: string; topkLength: string }, reader: ArgumentReader): IndexSet {
+  const t = reader.tensor(indices, names.indices, ['int32', 'int64'], (d) => (d === 'int32' ? 'Int32Array' : 'BigInt64Array'), [2, 3], `[${rows}, topk] or [${rows}, 1, topk]`);
+  const s = t.shape;
+  if (s[0] !== rows || (s.length === 3 && s[1] !== 1)) refuse('INVALID_SHAPE', names.indices, `[${rows}, topk] or [${rows}, 1, topk]`, shapeText(s));
   const topk = s[s.length - 1]!;
-  if (topkLength !== undefined && topkLength !== null) {
-    if (topkLength.dtype !== 'int32') bad('INVALID_DTYPE', names.topkLength, 'int32', String(topkLength.dtype));
-    if (topkLength.shape.length !== 1 || topkLength.shape[0] !== rows) bad('INVALID_SHAPE', names.topkLength, `[${rows}]`, shapeStr(topkLength.shape));
-  }
-  const lens = topkLength?.data as Int32Array | undefined;
-  const limit = (i: number): number => (lens ? Math.max(0, Math.min(topk, lens[i]!)) : topk);
-  if (indices.dtype === 'int32') {
-    const d = indices.data as Int32Array;
+  // null is absent, as the ops take it (src/ops/common.ts)
+  const lens = topkLength === undefined || topkLength === null ? undefined : reader.tensor(topkLength, names.topkLength, ['int32'], () => 'Int32Array', 1, `[${rows}]`);
+  if (lens !== undefined && lens.shape[0] !== rows) refuse('INVALID_SHAPE', names.topkLength, `[${rows}]`, shapeText(lens.shape));
+  const lensData = lens?.data;
+  const limit = (i: number): number => (lensData ? Math.max(0, Math.min(topk, lensData[i]!)) : topk);
+  if (t.dtype === 'int32') {
+    const d = t.data as Int32Array;
     return { topk, limit, entry: (i, k, bound) => { const v = d[i * topk + k]!; return v >= 0 && v < bound ? v : -1; } };
   }
-  const d = indices.data as BigInt64Array;
+  const d = t.data as BigInt64Array;
   return {
     topk,
     limit,
@@ -83,70 +81,102 @@ export function indexSet(
   };
 }
 
-/** q of either attention op: bf16 [rows, hQ, dQK], `dims` naming its dims in a refusal. */
-export function checkQueryTensor(q: Tensor<'bf16'> | undefined, dims: string): [number, number, number] {
-  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', valueStr(q?.dtype));
-  const [sQ, hQ, dQK] = checkBf16Tensor(q, 'q', 3, dims);
-  return [sQ!, hQ!, dQK!];
+export function indexSet(
+  indices: Tensor<'int32'> | Tensor<'int64'>,
+  topkLength: Tensor<'int32'> | null | undefined,
+  rows: number,
+  names: { indices: string; topkLength: string } = INDEX_NAMES,
+): IndexSet {
+  const n = readRecord(names, 'names', "an object {indices, topkLength} of argument names");
+  const given = { indices: n.indices, topkLength: n.topkLength };
+  if (typeof given.indices !== 'string' || typeof given.topkLength !== 'string') refuse('INVALID_VALUE', 'names', 'two strings {indices, topkLength}', `${describeValue(given.indices)}, ${describeValue(given.topkLength)}`);
+  const reader = new ArgumentReader();
+  const set = readIndexSet(indices, topkLength, readInteger(rows, 'rows'), given as { indices: string; topkLength: string }, reader);
+  reader.whole();
+  return set;
 }
 
-/** A value as a message shows it (a Symbol or an object without a string form included). */
-function valueStr(v: unknown): string {
-  if (typeof v === 'symbol') return 'a Symbol';
-  if (typeof v === 'object' && v !== null) return 'an object';
-  return String(v);
+const BF16_DATA = (): 'Uint16Array' => 'Uint16Array';
+
+/** q of either attention op, read once: bf16 [rows, hQ, dQK], `dims` naming its dims in a refusal. */
+export function readQuery(q: unknown, dims: string, reader: ArgumentReader): ReadTensor<Uint16Array> {
+  return reader.tensor(q, 'q', ['bf16'], BF16_DATA, 3, dims);
+}
+
+/** q of either attention op: bf16 [rows, hQ, dQK], `dims` naming its dims in a refusal. */
+export function checkQueryTensor(q: Tensor<'bf16'> | undefined, dims: string): [number, number, number] {
+  if (typeof dims !== 'string') refuse('INVALID_VALUE', 'dims', 'a string spelling q\'s dims', describeValue(dims));
+  const reader = new ArgumentReader();
+  const [sQ, hQ, dQK] = readQuery(q, dims, reader).shape;
+  reader.whole();
+  return [sQ!, hQ!, dQK!];
 }
 
 /** An op's arguments: an object (null or a number would fail as a TypeError on its first field). */
 export function checkArgsRecord(args: unknown, name = 'args'): void {
-  if (typeof args !== 'object' || args === null) bad('INVALID_VALUE', name, 'an object of named arguments', valueStr(args));
+  readRecord(args, readName(name, 'args'));
 }
 
-/**
- * A bf16 tensor's shape (`rank` non-negative integers, spelled `dims` in a message) and its data: a
- * Uint16Array of exactly the shape's element count (a shorter one would read undefined as NaN).
- */
-function checkBf16Tensor(t: Tensor<'bf16'>, name: string, rank: number, dims: string): number[] {
-  const shape: unknown = t.shape;
-  if (!Array.isArray(shape) || shape.length !== rank || !shape.every((d) => Number.isSafeInteger(d) && (d as number) >= 0)) {
-    bad('INVALID_SHAPE', name, dims, Array.isArray(shape) ? `[${shape.map(valueStr).join(', ')}]` : valueStr(shape));
-  }
-  const dimsOf = shape as number[];
-  const count = dimsOf.reduce((a, b) => a * b, 1);
-  if (!(t.data instanceof Uint16Array) || t.data.length !== count) {
-    bad('INVALID_VALUE', `${name}.data`, `a Uint16Array of ${count} elements`, t.data instanceof Uint16Array ? `${t.data.length} elements` : valueStr(t.data));
-  }
-  return dimsOf;
-}
-
-/** dV of either attention op (default 512): an integer in [1, dQK]. */
+/** dV of either attention op (default 512; null is absent): an integer in [1, dQK]. */
 export function checkDv(dV: number | undefined, dQK: number): number {
-  const v = dV ?? 512;
-  if (!Number.isInteger(v) || v < 1 || v > dQK) bad('INVALID_VALUE', 'dV', `an integer in [1, ${dQK}]`, String(v));
-  return v;
+  const width = readInteger(dQK, 'dQK', 1);
+  return readInteger(dV ?? 512, 'dV', 1, width);
 }
 
 /** smScale of either attention op: any finite number (the float64 math needs no more; the ops also bound it, src/ops/common.ts). */
 export function checkSmScale(smScale: number): void {
-  if (!Number.isFinite(smScale)) bad('INVALID_VALUE', 'smScale', 'a finite number', String(smScale));
+  readFinite(smScale, 'smScale');
 }
 
-export function checkQueries(queries: readonly number[] | undefined, n: number): number[] {
-  if (queries === undefined) return Array.from({ length: n }, (_, i) => i);
-  for (const qi of queries) if (!Number.isInteger(qi) || qi < 0 || qi >= n) bad('INVALID_VALUE', 'queries', `integers in [0, ${n})`, String(qi));
-  return [...queries];
+/** The most query rows a list of them may name (an Array's own limit). */
+const MAX_QUERIES = 2 ** 32 - 1;
+
+/** Query rows to compute (null / undefined: all n), each an integer in [0, n), copied. */
+export function checkQueries(queries: readonly number[] | undefined | null, n: number): number[] {
+  const rows = readInteger(n, 'n');
+  if (queries === undefined || queries === null) {
+    if (rows > MAX_QUERIES) refuse('TOO_LARGE', 'n', `at most ${MAX_QUERIES} query rows`, String(rows));
+    return Array.from({ length: rows }, (_, i) => i);
+  }
+  const list = readList(queries, 'queries', `an array of integers in [0, ${rows})`);
+  if (list.length > MAX_QUERIES) refuse('TOO_LARGE', 'queries', `at most ${MAX_QUERIES} query rows`, String(list.length));
+  const out: number[] = new Array(list.length);
+  for (let i = 0; i < list.length; i++) {
+    const qi: unknown = list.values[i];
+    // a primitive shown as String() shows it (verify's messages say `got 1.5`, `got Symbol(q)`)
+    if (typeof qi !== 'number' || !Number.isInteger(qi) || qi < 0 || qi >= rows) refuse('INVALID_VALUE', 'queries', `integers in [0, ${rows})`, typeof qi === 'object' || typeof qi === 'function' ? describeValue(qi) : String(qi));
+    out[i] = qi;
+  }
+  return out;
+}
+
+/** attnSink read once: float32 [hQ] (a plain view), or null when absent (null or undefined, as the ops take it). */
+export function readSink(attnSink: unknown, hQ: number, name: string, reader: ArgumentReader): Float32Array | null {
+  if (attnSink === undefined || attnSink === null) return null;
+  const t = reader.tensor(attnSink, name, ['float32'], () => 'Float32Array', 1, `[${hQ}]`);
+  if (t.shape[0] !== hQ) refuse('INVALID_SHAPE', name, `[${hQ}]`, shapeText(t.shape));
+  return t.data;
 }
 
 /** An optional tensor given as null is absent, as the ops take it (src/ops/common.ts). */
 export function checkSink(attnSink: Tensor<'float32'> | null | undefined, hQ: number, name = 'attnSink'): Float32Array | null {
-  if (attnSink === undefined || attnSink === null) return null;
-  if (attnSink.dtype !== 'float32') bad('INVALID_DTYPE', name, 'float32', String(attnSink.dtype));
-  if (attnSink.shape.length !== 1 || attnSink.shape[0] !== hQ) bad('INVALID_SHAPE', name, `[${hQ}]`, shapeStr(attnSink.shape));
-  return attnSink.data as Float32Array;
+  const reader = new ArgumentReader();
+  const sink = readSink(attnSink, readInteger(hQ, 'hQ'), readName(name, 'attnSink'), reader);
+  reader.whole();
+  return sink;
+}
+
+/** The options of a reference call: an object, or null / undefined for none. */
+export function readOptions(opts: unknown): { queries?: unknown } {
+  if (opts === undefined || opts === null) return {};
+  const o = readRecord(opts, 'opts', 'an options object {queries?}');
+  return { queries: o.queries };
 }
 
 /** ln(exp(a) + exp(b)) without overflow; exact for the infinite cases of §4. */
 export function logAddExp(a: number, b: number): number {
+  readNumber(a, 'a');
+  readNumber(b, 'b');
   if (Number.isNaN(a) || Number.isNaN(b)) return NaN;
   if (a === -Infinity) return b;
   if (b === -Infinity) return a;
@@ -155,10 +185,30 @@ export function logAddExp(a: number, b: number): number {
   return hi + Math.log1p(Math.exp(Math.min(a, b) - hi));
 }
 
+const INT32_MAX = 2 ** 31 - 1;
+
+/** A span of a typed array's memory that a call reads or writes. */
+interface Span {
+  name: string;
+  view: ArrayBufferView;
+  /** first element and element count */
+  at: number;
+  count: number;
+}
+
+/** Whether two spans share bytes. */
+function overlap(a: Span, b: Span): boolean {
+  if (a.view.buffer !== b.view.buffer || a.count === 0 || b.count === 0) return false;
+  const [a0, b0] = [a, b].map((x) => x.view.byteOffset + x.at * (x.view as Float64Array).BYTES_PER_ELEMENT);
+  const a1 = a0! + a.count * (a.view as Float64Array).BYTES_PER_ELEMENT, b1 = b0! + b.count * (b.view as Float64Array).BYTES_PER_ELEMENT;
+  return a0! < b1 && b0! < a1;
+}
+
 /**
  * Attend one query (all heads) over `n` gathered rows and write out/mag/lse/maxLogits for it.
  * q: [hQ, dQK] at qOff; rows[rowOffsets[k] .. + dQK) is entry k; the first dV dims are V.
- * out and mag share outOff. scratch must hold hQ·n float64.
+ * out and mag share outOff. scratch must hold hQ·n float64. Every offset and length is checked
+ * against its array, and no written span may share memory with another span of the call.
  */
 export function attendQueryReference(
   q: Float32Array,
@@ -168,6 +218,67 @@ export function attendQueryReference(
   dV: number,
   rows: Float32Array | Float64Array,
   rowOffsets: Int32Array | readonly number[],
+  n: number,
+  smScale: number,
+  sink: Float32Array | null,
+  out: Float64Array,
+  mag: Float64Array,
+  outOff: number,
+  lse: Float64Array,
+  maxLogits: Float64Array,
+  statOff: number,
+  scratch: Float64Array,
+): void {
+  const reader = new ArgumentReader();
+  const H = readInteger(hQ, 'hQ'), D = readInteger(dQK, 'dQK'), V = readInteger(dV, 'dV', 0, D), N = readInteger(n, 'n');
+  const qv = reader.array(q, 'q', ['Float32Array']);
+  const qAt = readInteger(qOff, 'qOff', 0, Math.max(0, qv.length - H * D));
+  if (qv.length < H * D) refuse('INVALID_SHAPE', 'q', `at least hQ · dQK = ${H * D} elements`, String(qv.length));
+  const rv = reader.array(rows, 'rows', ['Float32Array', 'Float64Array']);
+  const list = readList(rowOffsets, 'rowOffsets', `an array of at least n = ${N} row offsets`);
+  if (list.length < N) refuse('INVALID_SHAPE', 'rowOffsets', `at least n = ${N} offsets`, String(list.length));
+  const offsets = new Int32Array(N);
+  for (let k = 0; k < N; k++) {
+    const v: unknown = list.values[k];
+    if (typeof v !== 'number' || !Number.isInteger(v) || v < 0 || v + D > rv.length) refuse('INVALID_VALUE', 'rowOffsets', `offsets of whole rows in [0, ${rv.length - D}]`, `${describeValue(v)} at position ${k}`);
+    if (v > INT32_MAX) refuse('TOO_LARGE', 'rowOffsets', `offsets that fit an int32 (at most ${INT32_MAX})`, `${v} at position ${k}`);
+    offsets[k] = v;
+  }
+  const scale = readFinite(smScale, 'smScale');
+  const sinkView = sink === null || sink === undefined ? null : reader.array(sink, 'sink', ['Float32Array']);
+  if (sinkView !== null && sinkView.length < H) refuse('INVALID_SHAPE', 'sink', `at least hQ = ${H} elements`, String(sinkView.length));
+  const ov = reader.array(out, 'out', ['Float64Array']), mv = reader.array(mag, 'mag', ['Float64Array']);
+  const outAt = readInteger(outOff, 'outOff', 0, Math.max(0, Math.min(ov.length, mv.length) - H * V));
+  if (Math.min(ov.length, mv.length) < H * V) refuse('INVALID_SHAPE', 'out', `out and mag of at least hQ · dV = ${H * V} elements`, `${ov.length} and ${mv.length}`);
+  const lv = reader.array(lse, 'lse', ['Float64Array']), xv = reader.array(maxLogits, 'maxLogits', ['Float64Array']);
+  const statAt = readInteger(statOff, 'statOff', 0, Math.max(0, Math.min(lv.length, xv.length) - H));
+  if (Math.min(lv.length, xv.length) < H) refuse('INVALID_SHAPE', 'lse', `lse and maxLogits of at least hQ = ${H} elements`, `${lv.length} and ${xv.length}`);
+  const sv = reader.array(scratch, 'scratch', ['Float64Array']);
+  if (sv.length < H * N) refuse('INVALID_SHAPE', 'scratch', `at least hQ · n = ${H * N} elements`, String(sv.length));
+  reader.whole();
+  const written: Span[] = [
+    { name: 'out', view: ov, at: outAt, count: H * V },
+    { name: 'mag', view: mv, at: outAt, count: H * V },
+    { name: 'lse', view: lv, at: statAt, count: H },
+    { name: 'maxLogits', view: xv, at: statAt, count: H },
+    { name: 'scratch', view: sv, at: 0, count: H * N },
+  ];
+  const read: Span[] = [{ name: 'q', view: qv, at: qAt, count: H * D }, { name: 'rows', view: rv, at: 0, count: rv.length }, ...(sinkView ? [{ name: 'sink', view: sinkView, at: 0, count: H }] : [])];
+  written.forEach((w, i) => {
+    for (const other of [...written.slice(i + 1), ...read]) if (overlap(w, other)) refuse('INVALID_VALUE', w.name, `memory apart from ${other.name}'s`, 'a span that shares bytes with it');
+  });
+  attendQueryChecked(qv, qAt, H, D, V, rv, offsets, N, scale, sinkView, ov, mv, outAt, lv, xv, statAt, sv);
+}
+
+/** attendQueryReference on checked arguments (the references' own calls). */
+export function attendQueryChecked(
+  q: Float32Array,
+  qOff: number,
+  hQ: number,
+  dQK: number,
+  dV: number,
+  rows: Float32Array | Float64Array,
+  rowOffsets: ArrayLike<number>,
   n: number,
   smScale: number,
   sink: Float32Array | null,
@@ -315,20 +426,39 @@ export interface PrefillShapes {
   topk: number;
 }
 
+/** A sparse prefill's arguments, each read once and checked: plain views of every array. */
+interface CheckedSparsePrefill {
+  shapes: PrefillShapes;
+  q: Uint16Array;
+  kv: Uint16Array;
+  set: IndexSet;
+  sink: Float32Array | null;
+  smScale: number;
+}
+
+function readSparsePrefillArgs(args: unknown): CheckedSparsePrefill {
+  const a = readRecord(args, 'args');
+  const rawQ: unknown = a.q, rawKv: unknown = a.kv, rawIndices: unknown = a.indices, rawTopkLength: unknown = a.topkLength;
+  const rawDv: unknown = a.dV, rawScale: unknown = a.smScale, rawSink: unknown = a.attnSink;
+  const reader = new ArgumentReader();
+  const q = readQuery(rawQ, '[sQ, hQ, dQK]', reader);
+  const [sQ, hQ, dQK] = q.shape as [number, number, number];
+  if (hQ < 1 || dQK < 1) refuse('INVALID_SHAPE', 'q', 'hQ ≥ 1 and dQK ≥ 1', shapeText(q.shape));
+  const kv = reader.tensor(rawKv, 'kv', ['bf16'], BF16_DATA, 2, `[sKV, ${dQK}]`);
+  const [sKV, kvDims] = kv.shape as [number, number];
+  if (kvDims !== dQK) refuse('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeText(kv.shape));
+  // row offsets idx · dQK are int32 (as int32 they keep the attention loop's loads integer-indexed)
+  if ((sKV - 1) * dQK > INT32_MAX) refuse('TOO_LARGE', 'kv', `rows whose offsets idx · dQK fit an int32 (at most ${INT32_MAX})`, `${sKV} rows of ${dQK}`);
+  const dV = readInteger(rawDv ?? 512, 'dV', 1, dQK);
+  const smScale = readFinite(rawScale, 'smScale');
+  const set = readIndexSet(rawIndices, rawTopkLength, sQ, INDEX_NAMES, reader);
+  const sink = readSink(rawSink, hQ, 'attnSink', reader);
+  reader.whole();
+  return { shapes: { sQ, hQ, dQK, sKV, dV, topk: set.topk }, q: q.data, kv: kv.data, set, sink, smScale };
+}
+
 export function checkSparsePrefillArgs(args: SparsePrefillArgs): PrefillShapes {
-  checkArgsRecord(args);
-  const { q, kv } = args;
-  if (q?.dtype !== 'bf16') bad('INVALID_DTYPE', 'q', 'bf16', valueStr(q?.dtype));
-  if (kv?.dtype !== 'bf16') bad('INVALID_DTYPE', 'kv', 'bf16', valueStr(kv?.dtype));
-  const [sQ, hQ, dQK] = checkQueryTensor(q, '[sQ, hQ, dQK]');
-  if (hQ < 1 || dQK < 1) bad('INVALID_SHAPE', 'q', 'hQ ≥ 1 and dQK ≥ 1', shapeStr(q.shape));
-  const [sKV, kvDims] = checkBf16Tensor(kv, 'kv', 2, `[sKV, ${dQK}]`);
-  if (kvDims !== dQK) bad('INVALID_SHAPE', 'kv', `[sKV, ${dQK}]`, shapeStr(kv.shape));
-  const dV = checkDv(args.dV, dQK);
-  checkSmScale(args.smScale);
-  const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
-  checkSink(args.attnSink, hQ);
-  return { sQ, hQ, dQK, sKV, dV, topk: set.topk };
+  return readSparsePrefillArgs(args).shapes;
 }
 
 /** A prepared sparse prefill: widened inputs, so chunks of queries can be computed one by one. */
@@ -339,16 +469,13 @@ export interface PreparedSparsePrefill {
 }
 
 export function prepareSparsePrefillReference(args: SparsePrefillArgs): PreparedSparsePrefill {
-  const shapes = checkSparsePrefillArgs(args);
+  const { shapes, q: qBits, kv, set, sink, smScale } = readSparsePrefillArgs(args);
   const { sQ, hQ, dQK, sKV, dV, topk } = shapes;
   // kv is widened once; q one query at a time (a GPU-sized q would not fit twice in memory)
-  const kvf = widenBf16(args.kv.data);
-  const qBits = args.q.data;
+  const kvf = widenChecked(kv);
   const qRow = new Float32Array(hQ * dQK);
   const qRowBits = new Uint32Array(qRow.buffer);
-  const set = indexSet(args.indices, args.topkLength, sQ, { indices: 'indices', topkLength: 'topkLength' });
-  const sink = checkSink(args.attnSink, hQ);
-  const scratch = new Float64Array(Math.max(1, hQ * topk));
+  const scratch = allocFloat64(Math.max(1, hQ * topk), 'indices');
   const offsets = new Int32Array(Math.max(1, topk));
   return {
     shapes,
@@ -366,7 +493,7 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
           const idx = set.entry(i, k, sKV);
           if (idx >= 0) offsets[n++] = idx * dQK;
         }
-        attendQueryReference(qRow, 0, hQ, dQK, dV, kvf, offsets, n, args.smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
+        attendQueryChecked(qRow, 0, hQ, dQK, dV, kvf, offsets, n, smScale, sink, res.out, res.mag, j * hQ * dV, res.lse, res.maxLogits, j * hQ, scratch);
       }
       return res;
     },
@@ -379,5 +506,5 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
  */
 export function sparsePrefillReference(args: SparsePrefillArgs, opts: ReferenceOptions = {}): ReferenceAttentionResult {
   const prepared = prepareSparsePrefillReference(args);
-  return prepared.run(checkQueries(opts.queries, prepared.shapes.sQ));
+  return prepared.run(checkQueries(readOptions(opts).queries as readonly number[] | undefined, prepared.shapes.sQ));
 }

@@ -15,6 +15,7 @@
 import { describe, expect, test } from 'vitest';
 import { SparseMlaError } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
+import { createReferencePool } from '../dist/reference/parallel.js';
 import { randomBf16Bits, testRng } from './helpers/random.js';
 
 const rng = testRng('reference_hostile');
@@ -563,5 +564,38 @@ describe('what the table does not reach', () => {
     R.quantizeKCacheReference(want as never, [2], copy as never);
     R.quantizeKCacheReference(cache as never, [2], rows as never);
     expect(Array.from(cache.data)).toEqual(Array.from(want.data));
+  });
+});
+
+describe("the reference pool (verify's; dist/reference/parallel.js, not in the subpath's index)", () => {
+  test('a worker count that is no integer ≥ 1 is INVALID_VALUE (NaN started no worker: run() never settled)', async () => {
+    for (const workers of [NaN, 0, 1.5, -1, 2 ** 53, '2']) {
+      const e = await createReferencePool(prefillArgs() as never, workers as never).then(async (pool) => {
+        // a pool that came up: its run must settle (not run here past a second)
+        const settled = await Promise.race([pool.run([0]).then(() => 'resolved', () => 'rejected'), new Promise((r) => setTimeout(() => r('never settled'), 1000))]);
+        await pool.close();
+        return settled;
+      }, (x: unknown) => x);
+      expect(e, String(workers)).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], String(workers)).toEqual(['INVALID_VALUE', 'workers']);
+    }
+  });
+
+  test('the workers get the arguments as checked: a kv getter answering a short kv on a second read changes nothing (the pool read it again: its workers got the short kv, refused it and died, WORKER_DIED)', async () => {
+    const args = prefillArgs();
+    const want = R.sparsePrefillReference(args as never);
+    const kv = args.kv;
+    let reads = 0;
+    const lying = { ...args };
+    Object.defineProperty(lying, 'kv', { get: () => (reads++ === 0 ? kv : { dtype: 'bf16', shape: [3, 64], data: new Uint16Array(64) }), enumerable: true });
+    const pool = await createReferencePool(lying as never, 2);
+    try {
+      const got = await pool.run([0, 1]);
+      expect(reads).toBe(1);
+      expect(Array.from(got.out)).toEqual(Array.from(want.out));
+      expect(Array.from(got.lse)).toEqual(Array.from(want.lse));
+    } finally {
+      await pool.close();
+    }
   });
 });

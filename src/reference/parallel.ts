@@ -7,7 +7,8 @@ import type { Worker } from 'node:worker_threads';
 import { SparseMlaError } from '../errors.js';
 import { startWorker } from '../worker_start.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
-import { checkSparsePrefillArgs, type PrefillShapes, type ReferenceAttentionResult } from './sparse_prefill.js';
+import { readInteger } from './checks.js';
+import { readSparsePrefillArgs, type PrefillShapes, type ReferenceAttentionResult } from './sparse_prefill.js';
 
 export interface ReferencePool {
   readonly shapes: PrefillShapes;
@@ -27,6 +28,9 @@ function shared<T extends Tensor>(t: T): T {
   return { dtype: t.dtype, shape: [...t.shape], data: new Ctor(sab) } as unknown as T;
 }
 
+/** The most worker threads one pool starts. */
+const MAX_WORKERS = 1024;
+
 interface Pending {
   queries: readonly number[];
   resolve(r: ReferenceAttentionResult): void;
@@ -34,15 +38,18 @@ interface Pending {
 }
 
 export async function createReferencePool(args: SparsePrefillArgs, workers: number): Promise<ReferencePool> {
-  const shapes = checkSparsePrefillArgs(args);
+  // the arguments as checked, each read once: what the workers get is what was checked
+  const { shapes, plain } = readSparsePrefillArgs(args);
+  // a count that is no integer ≥ 1 made no worker (NaN): run() then waited forever
+  const count = readInteger(workers, 'workers', 1, MAX_WORKERS);
   const sharedArgs: SparsePrefillArgs = {
-    q: shared(args.q),
-    kv: shared(args.kv),
-    indices: shared(args.indices),
-    smScale: args.smScale,
-    dV: args.dV,
-    attnSink: args.attnSink && shared(args.attnSink),
-    topkLength: args.topkLength && shared(args.topkLength),
+    q: shared(plain.q),
+    kv: shared(plain.kv),
+    indices: shared(plain.indices),
+    smScale: plain.smScale,
+    dV: plain.dV,
+    attnSink: plain.attnSink && shared(plain.attnSink),
+    topkLength: plain.topkLength && shared(plain.topkLength),
   };
   const url = new URL('./parallel_worker.js', import.meta.url);
   const idle: Worker[] = [];
@@ -61,7 +68,7 @@ export async function createReferencePool(args: SparsePrefillArgs, workers: numb
   };
 
   await Promise.all(
-    Array.from({ length: Math.max(1, workers) }, () =>
+    Array.from({ length: count }, () =>
       new Promise<void>((resolve, reject) => {
         const w = startWorker(url, { workerData: { args: sharedArgs } });
         all.push(w);

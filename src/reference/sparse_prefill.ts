@@ -55,16 +55,26 @@ export interface IndexSet {
 
 const INDEX_NAMES = { indices: 'indices', topkLength: 'topkLength' };
 
-/** indices and topkLength read once (plain views of their whole data) into an IndexSet. */
-export function readIndexSet(indices: unknown, topkLength: unknown, rows: number, names: { indices: string; topkLength: string }, reader: ArgumentReader): IndexSet {
+/** indices and topkLength as read once: their dtype, shape and a plain view of their data. */
+interface IndexTensors {
+  indices: ReadTensor<Int32Array | BigInt64Array>;
+  topkLength?: ReadTensor<Int32Array>;
+}
+
+function readIndexTensors(indices: unknown, topkLength: unknown, rows: number, names: { indices: string; topkLength: string }, reader: ArgumentReader): IndexTensors {
   const t = reader.tensor(indices, names.indices, ['int32', 'int64'], (d) => (d === 'int32' ? 'Int32Array' : 'BigInt64Array'), [2, 3], `[${rows}, topk] or [${rows}, 1, topk]`);
   const s = t.shape;
   if (s[0] !== rows || (s.length === 3 && s[1] !== 1)) refuse('INVALID_SHAPE', names.indices, `[${rows}, topk] or [${rows}, 1, topk]`, shapeText(s));
-  const topk = s[s.length - 1]!;
   // null is absent, as the ops take it (src/ops/common.ts)
   const lens = topkLength === undefined || topkLength === null ? undefined : reader.tensor(topkLength, names.topkLength, ['int32'], () => 'Int32Array', 1, `[${rows}]`);
   if (lens !== undefined && lens.shape[0] !== rows) refuse('INVALID_SHAPE', names.topkLength, `[${rows}]`, shapeText(lens.shape));
-  const lensData = lens?.data;
+  return { indices: t, ...(lens ? { topkLength: lens } : {}) };
+}
+
+function indexSetOf({ indices: t, topkLength }: IndexTensors): IndexSet {
+  const s = t.shape;
+  const topk = s[s.length - 1]!;
+  const lensData = topkLength?.data;
   const limit = (i: number): number => (lensData ? Math.max(0, Math.min(topk, lensData[i]!)) : topk);
   if (t.dtype === 'int32') {
     const d = t.data as Int32Array;
@@ -79,6 +89,11 @@ export function readIndexSet(indices: unknown, topkLength: unknown, rows: number
       return v >= 0n && v < BigInt(bound) ? Number(v) : -1;
     },
   };
+}
+
+/** indices and topkLength read once (plain views of their whole data) into an IndexSet. */
+export function readIndexSet(indices: unknown, topkLength: unknown, rows: number, names: { indices: string; topkLength: string }, reader: ArgumentReader): IndexSet {
+  return indexSetOf(readIndexTensors(indices, topkLength, rows, names, reader));
 }
 
 export function indexSet(
@@ -434,9 +449,11 @@ interface CheckedSparsePrefill {
   set: IndexSet;
   sink: Float32Array | null;
   smScale: number;
+  /** the same as plain arguments (the reference pool hands them to its workers) */
+  plain: SparsePrefillArgs;
 }
 
-function readSparsePrefillArgs(args: unknown): CheckedSparsePrefill {
+export function readSparsePrefillArgs(args: unknown): CheckedSparsePrefill {
   const a = readRecord(args, 'args');
   const rawQ: unknown = a.q, rawKv: unknown = a.kv, rawIndices: unknown = a.indices, rawTopkLength: unknown = a.topkLength;
   const rawDv: unknown = a.dV, rawScale: unknown = a.smScale, rawSink: unknown = a.attnSink;
@@ -451,10 +468,20 @@ function readSparsePrefillArgs(args: unknown): CheckedSparsePrefill {
   if ((sKV - 1) * dQK > INT32_MAX) refuse('TOO_LARGE', 'kv', `rows whose offsets idx · dQK fit an int32 (at most ${INT32_MAX})`, `${sKV} rows of ${dQK}`);
   const dV = readInteger(rawDv ?? 512, 'dV', 1, dQK);
   const smScale = readFinite(rawScale, 'smScale');
-  const set = readIndexSet(rawIndices, rawTopkLength, sQ, INDEX_NAMES, reader);
+  const indexTensors = readIndexTensors(rawIndices, rawTopkLength, sQ, INDEX_NAMES, reader);
+  const set = indexSetOf(indexTensors);
   const sink = readSink(rawSink, hQ, 'attnSink', reader);
   reader.whole();
-  return { shapes: { sQ, hQ, dQK, sKV, dV, topk: set.topk }, q: q.data, kv: kv.data, set, sink, smScale };
+  const plain = {
+    q: q as Tensor<'bf16'>,
+    kv: kv as Tensor<'bf16'>,
+    indices: indexTensors.indices as Tensor<'int32'> | Tensor<'int64'>,
+    ...(indexTensors.topkLength ? { topkLength: indexTensors.topkLength as Tensor<'int32'> } : {}),
+    ...(sink ? { attnSink: { dtype: 'float32', shape: [hQ], data: sink } as Tensor<'float32'> } : {}),
+    smScale,
+    dV,
+  };
+  return { shapes: { sQ, hQ, dQK, sKV, dV, topk: set.topk }, q: q.data, kv: kv.data, set, sink, smScale, plain };
 }
 
 export function checkSparsePrefillArgs(args: SparsePrefillArgs): PrefillShapes {

@@ -21,9 +21,10 @@ import { SIDE_TARGETS, SIDE3_TARGETS as SIDE3_OWN } from './side_targets.mjs';
 import { DIR_TARGETS } from './dir_targets.mjs';
 import { CLI_TARGETS } from './cli_targets.mjs';
 import { IO_TARGETS } from './io_targets.mjs';
+import { LIFECYCLE_TARGETS } from './lifecycle_targets.mjs';
 
-/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs, io_targets.mjs), each from its fromSeed. */
-const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS];
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];

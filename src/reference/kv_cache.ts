@@ -186,7 +186,8 @@ function readTokenIds(tokenIds: unknown, limit: number, name: string, reader: Ar
 
 /**
  * The tile exponent: the smallest integer e with 448·2^e ≥ max(amax, 1e-4), clamped to
- * [-127, 127]; an infinite amax gives 127. (NaN never reaches here: amax ignores NaN.)
+ * [-127, 127]; an infinite amax gives 127. A NaN or negative amax is no absolute maximum (the
+ * quantizer's own amax skips NaN): refused.
  */
 export function tileExponentReference(amax: number): number {
   if (typeof amax !== 'number' || !(amax >= 0)) refuse('INVALID_VALUE', 'amax', 'a number ≥ 0 (an absolute maximum; +inf allowed)', describeValue(amax));
@@ -313,10 +314,11 @@ export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: F
   if (id >= c.numPages * c.pageSize) refuse('OUT_OF_RANGE', 'tokenId', `a token id in [0, ${c.numPages * c.pageSize})`, String(id));
   const out = reader.array(dst, 'dst', ['Float64Array', 'Float32Array']);
   const width = rowDims(c.format);
-  readInteger(dstOff, 'dstOff', 0, Math.max(0, out.length - width));
-  if (out.length < width) refuse('INVALID_SHAPE', 'dst', `at least ${width} elements`, `${out.length}`);
+  if (out.length < width) refuse('INVALID_SHAPE', 'dst', `at least ${width} elements (a ${c.format} row)`, `${out.length}`);
+  // past dst's end the writes were dropped, silently
+  const at = readInteger(dstOff, 'dstOff', 0, out.length - width);
   reader.whole();
-  dequantizeToken(c, id, out, dstOff);
+  dequantizeToken(c, id, out, at);
 }
 
 /** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */

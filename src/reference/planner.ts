@@ -87,6 +87,7 @@ function readChunk(chunk: unknown): ReadChunk {
     requests.push({ name, seqLen, extendLen, swa, c4: table(rawT4, 'c4PageTable'), c128: table(rawT128, 'c128PageTable') });
     total += extendLen;
   }
+  if (!Number.isSafeInteger(total)) refuse('TOO_LARGE', 'chunk.requests', 'a query count (the sum of extendLen) that is a safe integer', String(total));
   const pageSize = (raw: unknown, key: string): number | undefined => (raw === undefined || raw === null ? undefined : readInteger(raw, `chunk.${key}`, 1));
   return {
     requests,

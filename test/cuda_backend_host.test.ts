@@ -10,7 +10,8 @@
  */
 import { afterAll, beforeAll, describe, expect, test, vi } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
-import { CudaBackend, CudaDeviceBuffer, SYNC_POLL_MS, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
+import { CudaBackend, SYNC_POLL_MS, defaultCudaDevice } from '../dist/backends/native/cuda_backend.js';
+import { CudaDeviceBuffer } from '../dist/backends/native/cuda_device_buffer.js';
 import { CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import { loadNativeAddon, type NativeAddon, type NativeCudaOps, type NativeDeviceBuffer, type NativeStream } from '../dist/backends/native/binding.js';
 import { CUDA_OP_PARAMS, type CudaOpName } from '../dist/backends/abi.js';

@@ -13,7 +13,7 @@
 import { describe, expect, test } from 'vitest';
 import { outcomeOf } from './helpers/errors.js';
 import { SparseMlaError, createPlan, prefillLayer } from '../dist/index.js';
-import { CudaDeviceBuffer } from '../dist/backends/native/cuda_backend.js';
+import { CudaDeviceBuffer } from '../dist/backends/native/cuda_device_buffer.js';
 import { v4PageBytes } from '../dist/kv_cache_layout.js';
 import { layerChecks } from '../dist/planner/prefill_layer_checks.js';
 import type { DeviceBuffer, Engine } from '../dist/types.js';

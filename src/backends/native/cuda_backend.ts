@@ -11,11 +11,14 @@
  * call's temporaries and clears the error, so the next call runs normally.
  * quantizeKCache writes a host cache, so it runs on the native CPU core (the same code as the
  * `cpu` backend), not on the GPU.
+ *
+ * Its device buffers are cuda_device_buffer.ts's; the layer programs' arguments, geometry and kept
+ * programs are cuda_layer_program.ts's.
  */
 import { availableParallelism } from 'node:os';
 import { performance } from 'node:perf_hooks';
 import { SparseMlaError } from '../../errors.js';
-import { allocHostArray, DEVICE_BUFFER_BRAND, isDeviceBuffer } from '../../tensor.js';
+import { allocHostArray, isDeviceBuffer } from '../../tensor.js';
 import type { DeviceBuffer, Placement } from '../../types.js';
 import {
   pagedSparseAttentionFields,
@@ -58,6 +61,24 @@ import {
   type NativeLayerRun,
   type NativeStream,
 } from './binding.js';
+import { CudaDeviceBuffer } from './cuda_device_buffer.js';
+import {
+  RUN_BUFFERS_AT,
+  failedRun,
+  freeRunOutputs,
+  freedLayerOperand,
+  keptPagedProgram,
+  keptProgram,
+  layerGeometry,
+  layerRunArgs,
+  layerSlotNames,
+  pagedGeometry,
+  pagedSlotFields,
+  sameGeometry,
+  type KeptLayerProgram,
+  type PagedFields,
+  type RunOutputs,
+} from './cuda_layer_program.js';
 
 const GiB = 2 ** 30;
 /** How long synchronize() polls the stream from the event loop before a pool thread takes the wait. */
@@ -65,9 +86,6 @@ export const SYNC_POLL_MS = 20;
 
 /** A params object as the addon takes it: each device buffer among its fields is the addon's buffer. */
 type AddonParams<P> = { [K in keyof P]: P[K] extends infer V ? (V extends DeviceBuffer ? NativeDeviceBuffer : V) : never };
-
-/** The paged op's params (pagedSparseAttentionFields) over a device job's arrays. */
-type PagedFields = ReturnType<typeof pagedSparseAttentionFields<Uint16Array | DeviceBuffer, Uint8Array | DeviceBuffer, Int32Array | DeviceBuffer, Int32Array | DeviceBuffer | null, Float32Array | DeviceBuffer | null>>;
 
 /** A layer step's operand that only a device buffer can be (the steps place everything on the device). */
 function onDevice<T>(x: T | DeviceBuffer, argument: string): DeviceBuffer {
@@ -89,229 +107,6 @@ function dequantFields(cache: { format: 'v4' | 'v32'; pageSize: number; numPages
 /** planRows' params for a job's requests and the arrays it builds into. */
 function planRowsFields(job: PlanRowsJob<DeviceBuffer>, rows: Int32Array | DeviceBuffer, lens: Int32Array | DeviceBuffer, dropped: Int32Array | DeviceBuffer | null, droppedTotal: BigInt64Array | DeviceBuffer | null, numQueries: number) {
   return { numRequests: job.seqLens.length, seqLens: job.seqLens, extendLens: job.extendLens, window: job.window, ratio: job.ratio, topkIndices: job.topkIndices, topk: job.topk, width: job.width, rows, lens, dropped, droppedTotal, numQueries };
-}
-
-/** Where a layer program run's buffers start in its arguments (after droppedInto and smScale: layerRunArgs). */
-const RUN_BUFFERS_AT = 2;
-
-/**
- * A layer program run's arguments: droppedInto (null here, set by queueLayer), smScale, then the
- * job's buffers in the addon's slot order (the order its readers read the ops' params: planRows',
- * each dequant's, the prefill's inputs; an absent sink has no slot); a new program's `slots` must
- * equal layerSlotNames' list for the same job. Every queued layer builds this list: plain pushes
- * and an indexed loop (no closures, no iterators, nothing else read), and run takes it as it is.
- */
-function layerRunArgs(job: QueuedLayerJob<DeviceBuffer>): unknown[] {
-  const { planRows: r, dequants, prefill: p } = job;
-  const args: unknown[] = [null, p.smScale];
-  if (r !== null) {
-    const into = r.into;
-    args.push(r.topkIndices, into.rows, into.lens, into.droppedTotal);
-  }
-  for (let i = 0; i < dequants.length; i++) {
-    const d = dequants[i]!;
-    args.push(d.cache.data, d.tokenIds, d.workspace);
-  }
-  args.push(p.q, p.workspace, p.indices, p.lengths);
-  if (p.attnSink !== null) args.push(p.attnSink);
-  return args;
-}
-
-/**
- * A layer program's operand freed after the layer's checks (a getter of the caller's arguments, or
- * plan.release(), can free one while the call reads them): INVALID_VALUE naming the argument the
- * caller gave, as the ops' own check does, not the addon's refusal as a backend failure.
- */
-function freedLayerOperand(slot: string): never {
-  const field = slot.slice(slot.lastIndexOf('.') + 1);
-  const argument =
-    slot === 'prefill.q' || slot === 'paged.q' ? 'q'
-    : field === 'attnSink' ? 'attnSink'
-    : slot === 'planRows.topkIndices' ? 'topkIndices'
-    : field === 'cache' || field === 'kCache' || field === 'extraKCache' ? 'caches'
-    : 'plan';
-  const what = argument === 'plan' ? `a buffer the plan keeps (${slot})` : 'a device buffer';
-  throw new SparseMlaError('INVALID_VALUE', `${argument}: expected ${what} live until the layer is queued, got one freed during the call`, argument);
-}
-
-/** The name of each buffer slot of layerRunArgs, in its order (a new program's check). */
-function layerSlotNames(job: QueuedLayerJob<DeviceBuffer>): string[] {
-  const names: string[] = [];
-  if (job.planRows !== null) names.push('planRows.topkIndices', 'planRows.rows', 'planRows.lens', 'planRows.droppedTotal');
-  for (let i = 0; i < job.dequants.length; i++) names.push(`dequants.${i}.cache`, `dequants.${i}.tokenIds`, `dequants.${i}.out`);
-  names.push('prefill.q', 'prefill.kv', 'prefill.indices', 'prefill.topkLength');
-  if (job.prefill.attnSink !== null) names.push('prefill.attnSink');
-  return names;
-}
-
-/**
- * The paged op's array fields a paged layer program's run binds, in the addon's slot order (the
- * order it reads the params: q, kCache, indices, topkLength, then the extra set's, then attnSink;
- * an absent array has no slot). A run's buffers and a new program's slot names both come from it.
- */
-function pagedSlotFields(f: PagedFields): (keyof PagedFields)[] {
-  const keys: (keyof PagedFields)[] = ['q', 'kCache', 'indices'];
-  if (f.topkLength !== null) keys.push('topkLength');
-  if (f.extraKCache !== null) {
-    keys.push('extraKCache', 'extraIndices');
-    if (f.extraTopkLength !== null) keys.push('extraTopkLength');
-  }
-  if (f.attnSink !== null) keys.push('attnSink');
-  return keys;
-}
-
-/**
- * What a paged layer program read besides its buffers, as numbers (every buffer size follows from
- * these; the addon checks them per run): its shape, each set's geometry and which optional arrays
- * it has.
- */
-function pagedGeometry(f: PagedFields): number[] {
-  return [f.n, f.hQ, f.pageSize, f.numPages, f.topk, f.topkLength === null ? 0 : 1, f.extraKCache === null ? 0 : 1, f.extraPageSize, f.extraNumPages, f.extraTopk, f.extraTopkLength === null ? 0 : 1, f.attnSink === null ? 0 : 1];
-}
-
-/** The kept paged program read for this geometry (pagedGeometry), if any. */
-function keptPagedProgram(kept: readonly KeptLayerProgram[], g: readonly number[]): NativeLayerProgram | undefined {
-  for (let k = 0; k < kept.length; k++) {
-    const h = kept[k]!.geometry;
-    let i = 0;
-    while (i < g.length && h[i] === g[i]) i++;
-    if (i === g.length) return kept[k]!.program;
-  }
-  return undefined;
-}
-
-/**
- * What a layer program read besides its buffers, as numbers: the combine's geometry (−1 without
- * one), each dequant's, the prefill's shape and whether it has a sink. The owner (a plan) fixes the
- * requests and window; every buffer size follows from these (the addon checks them per run). The
- * list's length gives the number of dequants, so two layers read the same program iff their lists
- * are equal. Built once per program; a layer looks its program up with sameGeometry.
- */
-function layerGeometry(job: QueuedLayerJob<DeviceBuffer>): number[] {
-  const { planRows: r, dequants, prefill: p } = job;
-  const g = r === null ? [-1, 0, 0] : [r.ratio, r.topk, r.width];
-  for (let i = 0; i < dequants.length; i++) {
-    const d = dequants[i]!;
-    g.push(CACHE_FORMAT_CODE[d.cache.format], d.cache.pageSize, d.cache.numPages, d.n, d.rowOffset);
-  }
-  g.push(p.numQueries, p.hQ, p.rows, p.width, (p.workspace as DeviceBuffer).byteLength, p.attnSink === null ? 0 : 1);
-  return g;
-}
-
-/** A layer program kept for an owner, with the geometry (layerGeometry) it was read for. */
-interface KeptLayerProgram {
-  readonly geometry: readonly number[];
-  readonly program: NativeLayerProgram;
-}
-
-/**
- * Whether `g` is the job's layerGeometry, read straight from the job (every queued layer asks, and
- * most find their program: no list built for it). makeLayerProgram holds the two to one order.
- */
-function sameGeometry(g: readonly number[], job: QueuedLayerJob<DeviceBuffer>): boolean {
-  const { planRows: r, dequants, prefill: p } = job;
-  if (g.length !== 9 + 5 * dequants.length) return false;
-  if (r === null ? g[0] !== -1 || g[1] !== 0 || g[2] !== 0 : g[0] !== r.ratio || g[1] !== r.topk || g[2] !== r.width) return false;
-  let i = 3;
-  for (let k = 0; k < dequants.length; k++, i += 5) {
-    const d = dequants[k]!;
-    const c = d.cache;
-    if (g[i] !== CACHE_FORMAT_CODE[c.format] || g[i + 1] !== c.pageSize || g[i + 2] !== c.numPages || g[i + 3] !== d.n || g[i + 4] !== d.rowOffset) return false;
-  }
-  return g[i] === p.numQueries && g[i + 1] === p.hQ && g[i + 2] === p.rows && g[i + 3] === p.width && g[i + 4] === (p.workspace as DeviceBuffer).byteLength && g[i + 5] === (p.attnSink === null ? 0 : 1);
-}
-
-/** The kept program read for the job's geometry, if any. */
-function keptProgram(kept: readonly KeptLayerProgram[], job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram | undefined {
-  for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
-  return undefined;
-}
-
-/** A layer run's outputs as adopted (CudaBackend.adoptRunOutputs): all set once the run's done has resolved. */
-interface RunOutputs {
-  out: CudaDeviceBuffer | null;
-  maxLogits: CudaDeviceBuffer | null;
-  lse: CudaDeviceBuffer | null;
-}
-
-/** Frees a failed run's outputs. */
-function freeRunOutputs(o: RunOutputs): void {
-  o.out?.free();
-  o.maxLogits?.free();
-  o.lse?.free();
-}
-
-/** A queued layer's run that failed after it was queued: its outputs freed, the failure typed (addonFailure). */
-function failedRun(outputs: RunOutputs, e: unknown): Error {
-  freeRunOutputs(outputs);
-  return addonFailure('cuda', 'queueLayer', e);
-}
-
-/** A device allocation handed to users: the addon's buffer, branded so validation recognizes it. */
-export class CudaDeviceBuffer implements DeviceBuffer {
-  readonly device = 'cuda' as const;
-  readonly [DEVICE_BUFFER_BRAND] = true;
-  readonly byteLength: number;
-  readonly deviceIndex: number;
-  /** @internal the addon's buffer */
-  readonly native: NativeDeviceBuffer;
-  /** @internal the stream of the engine that allocated it (work on it is ordered there) */
-  readonly stream: NativeStream;
-
-  /**
-   * `byteLength` and `deviceIndex`: the size and device the caller just allocated it with
-   * (CudaBackend.alloc), so they are not read back through the addon's accessors (two native calls
-   * per buffer); as numbers, not an object (a queued layer makes three of these).
-   */
-  constructor(native: NativeDeviceBuffer, stream: NativeStream, byteLength?: number, deviceIndex?: number) {
-    this.native = native;
-    this.stream = stream;
-    this.byteLength = byteLength ?? native.byteLength;
-    this.deviceIndex = deviceIndex ?? native.device;
-  }
-
-  /**
-   * Kept here, not asked of the addon: only free() frees the addon's buffer, and a layer reads
-   * `freed` of its operands and kept buffers many times before its first launch (each read of the
-   * addon's accessor is a native call).
-   */
-  #freed = false;
-
-  /**
-   * Anything else that answers to this class (a Proxy of a buffer, an object made from its
-   * prototype) reads as freed, so validation refuses it as it refuses a freed buffer (a typed
-   * error naming the argument, not a TypeError from the private field).
-   */
-  get freed(): boolean {
-    return #freed in this ? this.#freed : true;
-  }
-
-  /** Whether `b` is a buffer this class made (not a Proxy of one, nor an object from its prototype). */
-  static made(b: unknown): b is CudaDeviceBuffer {
-    return typeof b === 'object' && b !== null && #freed in b;
-  }
-
-  /**
-   * @internal Whether `b` is a buffer this class made on device `deviceIndex`, branded, not freed
-   * and of exactly `bytes` bytes: a live buffer's checks and CudaBackend.owns in one call, its state
-   * read here rather than through the `freed` getter (a device layer checks each operand this way).
-   */
-  static ownedLive(b: unknown, deviceIndex: number, bytes: number): boolean {
-    return typeof b === 'object' && b !== null && #freed in b && b[DEVICE_BUFFER_BRAND] === true && !b.#freed && b.byteLength === bytes && b.deviceIndex === deviceIndex;
-  }
-
-  /**
-   * @internal The addon's buffer behind `b` where it is a buffer of this class (instanceof) on
-   * `stream`, made by it and not freed; else null. A queued layer's run argument, no getter read.
-   */
-  static nativeOn(b: unknown, stream: NativeStream): NativeDeviceBuffer | null {
-    return b instanceof CudaDeviceBuffer && b.stream === stream && #freed in b && !b.#freed ? b.native : null;
-  }
-
-  free(): void {
-    this.#freed = true;
-    this.native.free();
-  }
 }
 
 const launchProbes = new Map<number, Promise<string | null>>();

@@ -130,7 +130,7 @@ export class ArgumentReader {
   array<K extends TypedArrayName>(value: unknown, argument: string, kinds: readonly K[], length?: number): TypedArrayOf[K] {
     const view = viewOf(value, kinds, argument);
     if (view === null) refuse('INVALID_DTYPE', argument, `a ${kinds.join(' or ')}`, describeValue(value));
-    if (length !== undefined && view.length !== length) refuse('INVALID_SHAPE', argument, `${length} elements`, `${view.length}`);
+    if (length !== undefined && view.length !== length) refuse('INVALID_SHAPE', argument, `${length} element${length === 1 ? '' : 's'}`, `${view.length}`);
     this.views.push({ view, length: view.length, argument });
     return view;
   }
@@ -145,7 +145,7 @@ export class ArgumentReader {
 
   /** A tensor {dtype, shape, data}: dtype one of `dtypes`, a shape of `rank` safe integers ≥ 0, data a plain view of `kind` holding the shape's count. */
   tensor<K extends TypedArrayName>(value: unknown, argument: string, dtypes: readonly string[], kindOf: (dtype: string) => K, rank: number | readonly number[], dims: string): ReadTensor<TypedArrayOf[K]> {
-    const t = readRecord(value, argument, `a ${dtypes.join(' or ')} tensor {dtype, shape, data}`);
+    const t = readRecord(value, argument, `a tensor {dtype, shape, data} of dtype ${dtypes.join(' or ')}`);
     const dtype: unknown = t.dtype;
     const rawShape: unknown = t.shape;
     const rawData: unknown = t.data;

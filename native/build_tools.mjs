@@ -256,7 +256,13 @@ function rehashBuildId(bytes, sections) {
  */
 export function scrubBuildTree(file, root) {
   const bytes = readFileSync(file);
-  const roots = [...new Set([root, realpathSync(root)].map((r) => r.replace(/\/+$/, '')))].filter((r) => r.length >= 2);
+  let real = root;
+  try {
+    real = realpathSync(root);
+  } catch {
+    /* a root that is gone: its own spelling only */
+  }
+  const roots = [...new Set([root, real].map((r) => r.replace(/\/+$/, '')))].filter((r) => r.length >= 2);
   const left = () => roots.flatMap((r) => {
     const found = [];
     for (let at = bytes.indexOf(r); at >= 0; at = bytes.indexOf(r, at + 1)) found.push(`0x${at.toString(16)} ${bytes.toString('latin1', at, Math.min(bytes.indexOf(0, at), at + 160))}`);

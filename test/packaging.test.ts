@@ -393,6 +393,51 @@ describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('what the b
     // every kernel header the .cu files compile is named (what a profiler's source view opens)
     expect([...ours].sort()).toEqual(expect.arrayContaining(['native/cuda/kv_cache.cuh', 'native/cuda/paged_sparse_attention.cuh', 'native/cuda/sparse_prefill.cuh']));
   });
+
+  // native/build_tools.mjs scrubBuildTree on copies of the built addon
+  interface Scrub { ok: boolean; why?: string; paths?: number; stamps?: number; left: string[] }
+  const scrubber = async () => (await import('../native/build_tools.mjs')) as unknown as { scrubBuildTree(file: string, root: string): Scrub };
+  const fatbinOffset = (bytes: Buffer) => bytes.indexOf(addonFatbin!.subarray(0, 64));
+
+  test.skipIf(!addonFatbin)('another root written over the relative paths is rewritten to the same bytes; a rewritten addon is left as it is', async () => {
+    const { scrubBuildTree } = await scrubber();
+    const bytes = readFileSync(builtAddon);
+    const at = fatbinOffset(bytes);
+    // the runs of './' the build wrote in place of this checkout's root and its '/', each before native/
+    const spots = [...bytes.subarray(at, at + addonFatbin!.length).toString('latin1').matchAll(/[./]+(?=native\/)/g)];
+    expect(spots.length).toBe(3 * cudaSources.length); // per cubin: its name and two directories
+    const rootLength = ROOT.replace(/\/$/, '').length;
+    expect(spots.map((m) => m[0].length)).toEqual(spots.map(() => rootLength + 1));
+    const fake = `/${'q'.repeat(rootLength - 1)}`; // another build tree, as long as this one
+    const dirty = Buffer.from(bytes);
+    for (const m of spots) dirty.write(`${fake}/`, at + m.index, 'latin1');
+    const file = join(scratchDir(), 'dirty.node');
+    writeFileSync(file, dirty);
+    expect(scrubBuildTree(file, fake)).toMatchObject({ ok: true, paths: spots.length, stamps: 0, left: [] });
+    const back = readFileSync(file);
+    // the addon's own bytes again, apart from the build-id (the hash of the file as rewritten)
+    const shoff = Number(bytes.readBigUInt64LE(0x28));
+    const id = elfSection(bytes, '.note.gnu.build-id')!;
+    const idStart = bytes.indexOf(id), idEnd = idStart + id.length;
+    expect(shoff).toBeGreaterThan(idEnd);
+    expect([...back.keys()].filter((i) => back[i] !== bytes[i] && (i < idStart || i >= idEnd))).toEqual([]);
+    expect(scrubBuildTree(file, ROOT)).toMatchObject({ ok: true, paths: 0, stamps: 0, left: [] });
+    expect(readFileSync(file).equals(back)).toBe(true);
+  });
+
+  test.skipIf(!addonFatbin)('device code it cannot read (a compressed cubin) is refused, not passed as clean', async () => {
+    const { scrubBuildTree } = await scrubber();
+    const bytes = Buffer.from(readFileSync(builtAddon));
+    const at = fatbinOffset(bytes);
+    expect(bytes.readUInt32LE(at)).toBe(0xba55ed50); // a fat binary header, its first entry after 16 bytes
+    const flags = at + 16 + 40;
+    bytes.writeBigUInt64LE(bytes.readBigUInt64LE(flags) | 0x2000n, flags); // "compressed"
+    const file = join(scratchDir(), 'compressed.node');
+    writeFileSync(file, bytes);
+    const r = scrubBuildTree(file, ROOT);
+    expect(r.ok).toBe(false);
+    expect(r.why).toContain('compressed device code');
+  });
 });
 
 describe('runtime without an install record (scripts not run: pnpm, --ignore-scripts)', () => {

@@ -213,21 +213,25 @@ function zeroLineStamps(cubin) {
     const version = table.readUInt16LE(unit + 4);
     if (length === 0xffffffff || version < 2 || version > 4) return { problem: `a DWARF ${length === 0xffffffff ? '64-bit' : `version ${version}`} line table` };
     const programStart = unit + 10 + table.readUInt32LE(unit + 6);
+    const unknown = { problem: 'a line table header of an unknown layout' };
+    if (programStart > unit + 4 + length || unit + 4 + length > table.length) return unknown;
+    const header = table.subarray(0, programStart); // nothing below reads past it
+    const afterString = (i) => (header.indexOf(0, i) < 0 ? header.length : header.indexOf(0, i) + 1);
     let at = unit + 10 + (version >= 4 ? 5 : 4); // minimum_instruction_length .. line_range
-    at += table[at]; // opcode_base, then its opcode_base - 1 standard_opcode_lengths
-    while (table[at] !== 0) at = table.indexOf(0, at) + 1; // include_directories
+    at += header[at]; // opcode_base, then its opcode_base - 1 standard_opcode_lengths
+    while (at < header.length && header[at] !== 0) at = afterString(at); // include_directories
     at++;
-    while (table[at] !== 0) {
-      at = table.indexOf(0, at) + 1; // the name
-      while (table[at] & 0x80) at++; // its directory index
+    while (at < header.length && header[at] !== 0) {
+      at = afterString(at); // the name
+      while (header[at] & 0x80) at++; // its directory index
       at++;
-      for (let field = 0; field < 2; field++) {
-        const [next, wasSet] = zeroUleb(table, at);
+      for (let field = 0; field < 2 && at < header.length; field++) {
+        const [next, wasSet] = zeroUleb(header, at);
         at = next;
         if (wasSet) stamps++;
       }
     }
-    if (at + 1 > programStart) return { problem: 'a line table header of an unknown layout' }; // (ptxas pads it)
+    if (at + 1 > programStart) return unknown; // (ptxas pads it to programStart)
     unit += 4 + length;
   }
   return { stamps };
@@ -276,7 +280,7 @@ export function scrubBuildTree(file, root) {
 
   let stamps = 0;
   for (let at = 0; at < section.length; ) {
-    if (section.readUInt32LE(at) !== FATBIN_MAGIC) {
+    if (at + 16 > section.length || section.readUInt32LE(at) !== FATBIN_MAGIC) {
       if (section.subarray(at, Math.min(at + 8, section.length)).every((b) => b === 0)) {
         at += 8; // padding between the objects' fat binaries
         continue;
@@ -284,9 +288,11 @@ export function scrubBuildTree(file, root) {
       return fail(`no fat binary header at .nv_fatbin+0x${at.toString(16)}`);
     }
     const end = at + section.readUInt16LE(at + 6) + Number(section.readBigUInt64LE(at + 8));
+    if (end > section.length) return fail(`a fat binary longer than .nv_fatbin at .nv_fatbin+0x${at.toString(16)}`);
     for (let entry = at + section.readUInt16LE(at + 6); entry < end; ) {
+      if (entry + 48 > end) return fail('a fat binary entry cut short');
       const [kind, headerSize, size] = [section.readUInt16LE(entry), section.readUInt32LE(entry + 4), Number(section.readBigUInt64LE(entry + 8))];
-      if (headerSize === 0) return fail('an empty fat binary entry');
+      if (headerSize < 48 || entry + headerSize + size > end) return fail('a fat binary entry of an unknown layout');
       // a compressed image (nvcc compresses PTX, and everything with -compress-all) cannot be read here
       if (section.readBigUInt64LE(entry + 40) & FATBIN_COMPRESSED) return fail('compressed device code (nvcc -compress-all?), whose line tables cannot be rewritten');
       if (kind === FATBIN_ELF) {

@@ -78,12 +78,14 @@ extern "C" SMLA_API int32_t smla_paged_sparse_attention(const smla_paged_sparse_
       for (int r = 0; r < count; ++r)
         cpu::dequant_v4_token_f32(list[start + r].data, list[start + r].scales,
                                   dst + int64_t(r) * kD);
+#if defined(SMLA_SIMD_TOUCH_AHEAD)
       // the next block's rows, touched now (see touch_lines)
       const int64_t next_end = start + 2 * int64_t(count) < cnt ? start + 2 * int64_t(count) : cnt;
       for (int64_t r = start + count; r < next_end; ++r) {
         simd::touch_lines(list[r].data, v4::kDataBytes);
         simd::touch_lines(list[r].scales, 1);
       }
+#endif
     };
     const int64_t o = i * h_q;
     cpu::attend_query(q + o * kD, h_q, kD, kD, cnt, fill, p->sm_scale, p->attn_sink, sc, out + o * kD,

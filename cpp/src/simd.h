@@ -168,20 +168,19 @@ static inline vf load_bf16(const uint16_t* p) {
 }
 #endif
 
-// Reads a byte of every 64-byte line of [p, p + bytes) and drops it. WASM has no prefetch
-// instruction: the gathers touch the next block's KV rows this way, so that those rows' cache
-// misses are in flight together while the current block computes, instead of stalling the next
-// gather one row at a time. Elsewhere a no-op (native builds keep the hardware's prefetchers).
-static inline void touch_lines(const void* p, int64_t bytes) {
 #if defined(SMLA_SIMD_WASM)
+// Reads a byte of every 64-byte line of [p, p + bytes) and drops it. WASM has no prefetch
+// instruction: the gathers touch the next block's KV rows this way (#if SMLA_SIMD_TOUCH_AHEAD),
+// so that those rows' cache misses are in flight together while the current block computes,
+// instead of stalling the next gather one row at a time. Native builds keep the hardware's
+// prefetchers and their code as it was (even a no-op touch in the gathers changed GCC's output).
+#define SMLA_SIMD_TOUCH_AHEAD 1
+static inline void touch_lines(const void* p, int64_t bytes) {
   const volatile uint8_t* b = static_cast<const volatile uint8_t*>(p);
   for (int64_t i = 0; i < bytes; i += 64) (void)b[i];
   if (bytes > 0) (void)b[bytes - 1];  // the last line, when p is not line-aligned
-#else
-  (void)p;
-  (void)bytes;
-#endif
 }
+#endif
 
 }  // namespace simd
 }  // namespace smla

@@ -48,10 +48,12 @@ extern "C" SMLA_API int32_t smla_sparse_prefill(const smla_sparse_prefill_params
         float* d = dst + int64_t(r) * d_qk;
         for (int j = 0; j < d_qk; j += simd::W) simd::store(d + j, simd::load_bf16(src + j));
       }
+#if defined(SMLA_SIMD_TOUCH_AHEAD)
       // the next block's rows, touched now (see touch_lines)
       const int64_t next_end = start + 2 * int64_t(count) < n_valid ? start + 2 * int64_t(count) : n_valid;
       for (int64_t r = start + count; r < next_end; ++r)
         simd::touch_lines(kv + int64_t(rows[r]) * d_qk, int64_t(d_qk) * 2);
+#endif
     };
     const int64_t o = i * h_q;
     cpu::attend_query(q + o * d_qk, h_q, d_qk, d_v, n_valid, fill, p->sm_scale, p->attn_sink, sc,

@@ -567,7 +567,9 @@ const layerHostile = {
         if (typeof v.dropped !== 'number') return `dropped ${v.dropped} on a host engine (it knows the count at once)`;
         if (c4Dropped !== v.dropped) return `plan.stats.c4Dropped ${c4Dropped} after one layer that dropped ${v.dropped}`;
         const ref = { ...layer };
-        for (const k of operands) ref[k] = { ...layer[k], data: atCall[k] };
+        // (an operand of no elements detached by the getter was taken as the empty array it is: the reference gets one, not null;
+        // cpu seed 169 case 681, since the reference refuses a tensor whose data is no typed array)
+        for (const k of operands) ref[k] = { ...layer[k], data: atCall[k] ?? (atCallLength[k] === 0 ? new layer[k].data.constructor(0) : null) };
         // shared operands rewritten after the call returned are read in place: then only shapes are judged
         return judgeLayer(v, sc, ref, sharedRewritten);
       },

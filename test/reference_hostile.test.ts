@@ -581,6 +581,27 @@ describe("the reference pool (verify's; dist/reference/parallel.js, not in the s
     }
   });
 
+  test("run's query rows are checked and copied before a worker gets them: INVALID_VALUE naming queries (a worker's refusal came back as BACKEND_FAILURE; a Proxy of an array could not be posted)", async () => {
+    const pool = await createReferencePool(prefillArgs() as never, 2);
+    try {
+      const transparent = new Proxy([1, 0], {});
+      for (const queries of [[2], [NaN], [0.5], null as never, transparent, 'x' as never]) {
+        const e = await pool.run(queries as never).then(() => undefined, (x: unknown) => x);
+        if (queries === null || queries === transparent) {
+          // every row; the Proxy's rows as a plain copy (postMessage cannot clone a Proxy)
+          expect(e, String(queries)).toBeUndefined();
+          continue;
+        }
+        expect(e, String(queries)).toBeInstanceOf(SparseMlaError);
+        expect([(e as SparseMlaError).code, (e as SparseMlaError).argument], String(queries)).toEqual(['INVALID_VALUE', 'queries']);
+      }
+      const [want, got] = [R.sparsePrefillReference(prefillArgs() as never), await pool.run([1, 0])];
+      expect(got.out.length).toBe(want.out.length);
+    } finally {
+      await pool.close();
+    }
+  });
+
   test('the workers get the arguments as checked: a kv getter answering a short kv on a second read changes nothing (the pool read it again: its workers got the short kv, refused it and died, WORKER_DIED)', async () => {
     const args = prefillArgs();
     const want = R.sparsePrefillReference(args as never);

@@ -8,7 +8,7 @@ import { SparseMlaError } from '../errors.js';
 import { startWorker } from '../worker_start.js';
 import type { SparsePrefillArgs, Tensor } from '../types.js';
 import { readInteger } from './checks.js';
-import { readSparsePrefillArgs, type PrefillShapes, type ReferenceAttentionResult } from './sparse_prefill.js';
+import { checkQueries, readSparsePrefillArgs, type PrefillShapes, type ReferenceAttentionResult } from './sparse_prefill.js';
 
 export interface ReferencePool {
   readonly shapes: PrefillShapes;
@@ -112,8 +112,15 @@ export async function createReferencePool(args: SparsePrefillArgs, workers: numb
     workers: all.length,
     run(queries) {
       if (closed) return Promise.reject(new SparseMlaError('DISPOSED', 'reference pool: closed'));
+      // checked here, copied: a worker's refusal came back as BACKEND_FAILURE, and a Proxy could not be posted
+      let rows: number[];
+      try {
+        rows = checkQueries(queries, shapes.sQ);
+      } catch (e) {
+        return Promise.reject(e);
+      }
       return new Promise((resolve, reject) => {
-        queue.push({ queries, resolve, reject });
+        queue.push({ queries: rows, resolve, reject });
         pump();
       });
     },

@@ -1995,4 +1995,30 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
       expect(r.stderr).not.toContain('engine');
     }
   });
+
+  test("a tensor both a .npy file and in a .safetensors file of one folder is INVALID_VALUE naming the folder and both files (the reader took the .npy silently: after `prefill D --out D` then `prefill D --out D --format safetensors`, `verify D` judged the older out.npy, not the outputs just written)", async () => {
+    const io = await import('../dist/io/index.js');
+    const { args, outputs } = prefill();
+    const other = { out: tensor('bf16', outputs.out.shape, randomBf16Bits(rng, outputs.out.data.length)), lse: outputs.lse, maxLogits: outputs.maxLogits };
+    const dir = folder();
+    await io.writePrefillDir(dir, args);
+    await io.writePrefillOutputs(dir, outputs, 'npy');
+    await io.writePrefillOutputs(dir, other, 'safetensors');
+    const shapes = { sQ: args.q.shape[0]!, hQ: args.q.shape[1]!, dV: 64 };
+    for (const call of [() => io.loadPrefillOutputs(dir, shapes), () => io.loadPrefillInputs(dir), () => io.PrefillDir.open(dir)]) {
+      const e = await errorOf(call);
+      expect(e).toBeInstanceOf(SparseMlaError);
+      expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', dir]);
+      expect((e as SparseMlaError).message).toMatch(/tensor '(out|lse|max_logits)' is in both \1\.npy and outputs\.safetensors/);
+    }
+    const r = await cli(dir, ['verify', dir, '-q']);
+    expect([r.code, r.stderr]).toEqual([2, expect.stringMatching(/^sparse-mla verify: .*tensor '(out|lse|max_logits)' is in both \1\.npy and outputs\.safetensors \[INVALID_VALUE\]\n$/)]);
+    // the inputs likewise: q.npy beside a prefill.safetensors holding q
+    const inputs = folder();
+    await io.writePrefillDir(inputs, args);
+    await io.writePrefillDir(inputs, args, { format: 'safetensors' });
+    const e = await errorOf(() => io.loadPrefillInputs(inputs));
+    expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', inputs]);
+    expect((e as SparseMlaError).message).toMatch(/tensor '(q|kv|indices|attn_sink)' is in both \1\.npy and prefill\.safetensors/);
+  });
 });

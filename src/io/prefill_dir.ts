@@ -7,7 +7,8 @@
  *            max_logits.npy (<f4) [sQ, hQ]
  * Instead of .npy files the directory may hold one .safetensors file with the same names (real BF16
  * there), and beside it the outputs.safetensors writePrefillOutputs writes, each name in at most one of
- * the two; sm_scale / d_v may then sit in the __metadata__ of one of them when there is no meta.json.
+ * the files (a name.npy too); sm_scale / d_v may then sit in the __metadata__ of one of them when there
+ * is no meta.json.
  * Every problem is a SparseMlaError (INVALID_VALUE / INVALID_SHAPE / INVALID_DTYPE) naming the file.
  * Files are read and written through files.ts (regular files only, sizes checked before reading,
  * outputs never written through a symlink).
@@ -57,7 +58,7 @@ interface SafetensorsEntry {
   metadata: Record<string, string>;
 }
 
-/** A directory's tensors, .npy files first, then its .safetensors file and outputs.safetensors (each name in at most one). */
+/** A directory's tensors: its .npy files, its .safetensors file and outputs.safetensors (each name in at most one of them). */
 export class PrefillDir {
   private constructor(
     readonly dir: string,
@@ -89,6 +90,11 @@ export class PrefillDir {
         holder.set(name, file);
       }
       st.push(read);
+    }
+    // a name that is also a .npy file likewise (the .npy was taken silently: after `prefill D --out D` then
+    // `--format safetensors`, verify judged the older out.npy, not the outputs just written)
+    for (const [name, file] of holder) {
+      if (names.includes(`${name}.npy`)) throw new SparseMlaError('INVALID_VALUE', `${dir}: tensor '${clip(name, 60)}' is in both ${clip(name, 60)}.npy and ${file}`, dir);
     }
     return new PrefillDir(dir, new Set(names), st);
   }

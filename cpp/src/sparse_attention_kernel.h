@@ -33,7 +33,9 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 // accumulators. PV_HB x PV_DB: heads x vectors along d of one O += P·V tile.
 // - AVX2, WASM, SSE2: chosen by measurement (bench/wasm_kernel.mjs, test/cpp/core_bench.cpp).
 //   AVX2 has 16 registers of 8 lanes: 12 accumulators a tile, and 32-row blocks (half the
-//   per-block rescales of O).
+//   per-block rescales of O). WASM has no FMA in Node 20 (a temporary register per mul + add)
+//   and V8 allocates 15 of the 16 xmm registers: 8 accumulators a tile; AVX2's tiles and 32-row
+//   blocks, and 9- or 10-accumulator tiles, measured slower there.
 // - NEON (not measured: no arm64 machine here; qemu timings mean nothing), by register count:
 //   AArch64 has 32 registers of 4 lanes; Neoverse N1 runs 2 FMLA a cycle, V1 / V2 run 4, each with
 //   a latency of 4 cycles (Arm's optimization guides), so 16 independent accumulators keep every
@@ -184,8 +186,8 @@ static inline void block_pv(const float* p, const float* v, float* acc, int h_q,
 // Online softmax update of every head for one block of nb logits (in place: logits -> exp terms,
 // zero past nb); rescales acc rows whose max moved.
 #if defined(SMLA_SIMD_HAS_EXP)
-// The new running max and rescale factor of a row after a block whose own max is m_blk; moves l
-// to the new max (the block's terms are added by the caller) and rescales the row's acc.
+// Moves a row to its running max after a block whose own max is m_blk: l and the row's acc are
+// rescaled (the caller adds the block's terms to l); returns the exponent base of the new max.
 static inline float row_update(SoftmaxRow& row, float m_blk, float* acc_row, int d_v) {
   const float m_new = nan_max(row.m, m_blk);
   const float alpha = softmax_rescale(row.m, m_new);

@@ -199,7 +199,7 @@ async function parent() {
       const progress = join(dir, `${backend}.progress`);
       const from = next;
       const outcome = await new Promise((resolve) => {
-        const c = fork(fileURLToPath(import.meta.url), ['--child', '--backend', backend, '--seed', String(seed), '--start', String(from), '--end', String(cases), '--deadline', String(deadline), '--progress', progress, ...(targets ? ['--targets', targets.join(',')] : []), ...(flag('stub-cuda') ? ['--stub-cuda'] : [])], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'] });
+        const c = fork(fileURLToPath(import.meta.url), ['--child', '--backend', backend, '--seed', String(seed), '--start', String(from), '--end', String(cases), '--deadline', String(deadline), '--progress', progress, ...(targets ? ['--targets', targets.join(',')] : []), ...(flag('stub-cuda') ? ['--stub-cuda'] : [])], { stdio: ['ignore', 'ignore', 'pipe', 'ipc'], env: { ...process.env, SPARSE_MLA_FUZZ_TMPDIR: dir } });
         let stderr = '';
         let last = null;
         c.stderr.on('data', (d) => (stderr = (stderr + d).slice(-4000)));

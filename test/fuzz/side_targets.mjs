@@ -466,7 +466,8 @@ const FILE_OPS_LATER_FROM_SEED = 92;
 export const RELATIVE_PATHS_FROM_SEED = 130;
 
 export function scratchDir() {
-  fileRoot ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-files-'));
+  // (under the runner's folder when a runner started this child: a child that dies leaves nothing behind)
+  fileRoot ??= mkdtempSync(join(process.env.SPARSE_MLA_FUZZ_TMPDIR || tmpdir(), 'sparse-mla-fuzz-files-'));
   if (lastScratch) rmSync(lastScratch, { recursive: true, force: true });
   lastScratch = mkdtempSync(join(fileRoot, 'c'));
   return lastScratch;

@@ -776,7 +776,8 @@ function safetensorsBuild(rng, env, hooks, fromFile) {
 let tempDir;
 /** The bytes as a file (one per process, rewritten by each case): the readers take a path. */
 function tempFile(bytes) {
-  tempDir ??= mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-'));
+  // (under the runner's folder when a runner started this child: a child that dies leaves nothing behind)
+  tempDir ??= mkdtempSync(join(process.env.SPARSE_MLA_FUZZ_TMPDIR || tmpdir(), 'sparse-mla-fuzz-'));
   const path = join(tempDir, 'f.bin');
   writeFileSync(path, bytes);
   return path;

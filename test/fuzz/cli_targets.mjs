@@ -37,8 +37,11 @@ import { caseScratch } from './side_targets.mjs';
 import { fieldsByMemory, judgeAttention, sparsePrefillTarget } from './targets.mjs';
 import { FOLDER_CHANGES, changesOf, handlesUnder, stateDiff } from './dir_targets.mjs';
 
-/** The first seed that draws cliCommand (seeds 157-… were run before it). */
+/** The first seed that draws cliCommand (seeds 157-159 were run before it). */
 export const CLI_FROM_SEED = 160;
+
+/** The first seed whose verify cases may hold two runs' outputs, one in each format. */
+const TWICE_FROM_SEED = 185;
 
 /** This process's threads (/proc/self/status; 0 where there is none). */
 function threadCount() {
@@ -252,6 +255,9 @@ const cliCommand = {
       argv = edit(argv, { input });
       argvChange = { label, cls };
     }
+    // from seed TWICE_FROM_SEED (a draw after every other, so earlier seeds build as they were run): verify's
+    // outputs written again in the other format beside the first (two runs' outputs): refused (2f7025c)
+    const twice = op === 'verify' && hooks.seed >= TWICE_FROM_SEED && rng.uniform() < 0.15 ? (outputsAt === 'safetensors' || (outputsAt === 'withInputs' && inFormat === 'safetensors') ? 'npy' : 'safetensors') : null;
 
     let changes = [];
     let before = {}, outBefore = {}, outsideBefore = {}, scratchBefore = [], handlesBefore = [], threadsBefore = 0;
@@ -266,6 +272,7 @@ const cliCommand = {
       }
       await writePrefillDir(inDir, a, { format: inFormat, ...(outputs && outputsAt === 'withInputs' ? { outputs } : {}) });
       if (outputs && outputsAt !== 'withInputs') await writePrefillOutputs(inDir, outputs, outputsAt);
+      if (outputs && twice) await writePrefillOutputs(inDir, outputs, twice);
       changes = plan.map((c) => {
         const got = c.apply(c.file ? join(inDir, c.file) : undefined);
         return { ...c, cls: c.cls === null ? got ?? 'refuse' : got === 'same' ? 'same' : c.cls };
@@ -279,13 +286,13 @@ const cliCommand = {
       threadsBefore = threadCount();
     };
     const expected = () => {
-      const all = [...changes.map((c) => c.cls), outCls, argvChange?.cls ?? 'same'];
+      const all = [...changes.map((c) => c.cls), outCls, argvChange?.cls ?? 'same', twice ? 'refuse' : 'same'];
       if (all.includes('refuse')) return 'refuse';
       if (all.includes('free')) return 'free';
       return spoiled ? 'fail' : 'pass';
     };
     const describe = () =>
-      `${op} ${JSON.stringify(argv)} of a ${inFormat} folder${op === 'verify' ? ` (outputs ${outDtype} ${outputsAt}${spoiled ? `, ${spoiled}` : ''})` : `, --out ${outLabel} [${outCls}]`}` +
+      `${op} ${JSON.stringify(argv)} of a ${inFormat} folder${op === 'verify' ? ` (outputs ${outDtype} ${outputsAt}${twice ? ` and again as ${twice}` : ''}${spoiled ? `, ${spoiled}` : ''})` : `, --out ${outLabel} [${outCls}]`}` +
       `${changes.length ? `; ${changes.map((c) => `${c.label} [${c.cls}]`).join('; ')}` : ''}${argvChange ? `; argv: ${argvChange.label} [${argvChange.cls}]` : ''}; expected ${expected()}`;
 
     return {

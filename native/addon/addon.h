@@ -1,5 +1,8 @@
-// Shared pieces of the sparse-mla node addon: checked argument reading, the op table entry, and
-// the worker that runs an op off the event loop, split by rows across threads.
+// Shared pieces of the sparse-mla node addon, the one header its op files include: checked argument
+// reading (defined in args.cpp), the row jobs that run an op off the event loop, split by rows
+// across threads (row_jobs.cpp; a cpu call's queue and threads: cpu_calls.cpp), the coded errors,
+// promises and per-env data (errors_and_promises.cpp), and the op tables (the module entry,
+// addon.cpp, exports them).
 #pragma once
 // A C++ exception other than Napi::Error that escapes an addon function called from JS (a
 // std::bad_alloc, say) becomes a JS error instead of unwinding into V8, which would abort the
@@ -195,6 +198,9 @@ struct EnvData {
   Napi::FunctionReference device_buffer_class;  // cuda_stream.cpp, made on first need
 };
 EnvData& DataOf(Napi::Env env);
+// Module init, per env: makes its EnvData (globalThis.Promise as it is now, and the executor
+// NewPromise passes it) and notes the env of this JS thread for TypedAllocation.
+void SetUpEnv(Napi::Env env);
 
 // The op tables. Adding an op = one entry here (and its function next to its siblings).
 using OpFunction = Napi::Value (*)(const Napi::CallbackInfo&);

@@ -7,7 +7,7 @@
  *
  * The leak it guards against: a promise made through a napi_deferred, which Node frees only when it
  * settles it and cannot settle once the Worker's JS has stopped, leaves one 32-byte block a pending
- * call (native/addon/addon.cpp settles its promises through references to resolve / reject instead,
+ * call (native/addon/errors_and_promises.cpp settles its promises through references to resolve / reject instead,
  * which teardown frees). The figures before and after: bench/results/house-fifty-fifth-worker-churn.txt.
  */
 import { spawnSync } from 'node:child_process';

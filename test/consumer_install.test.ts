@@ -9,7 +9,7 @@
  * read-only and used by another user; the CLI through npm's own bin link and `npx`.
  */
 import { createHash } from 'node:crypto';
-import { execFile, spawnSync, type SpawnSyncOptions } from 'node:child_process';
+import { execFile, spawn, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -30,9 +30,21 @@ const projectDir = tempDirs('sparse-mla consumer ü-');
 /** The environment a user's shell has: none of this repository's switches. */
 const userEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^(SPARSE_MLA_.*|npm_.*|NODE_OPTIONS)$/i.test(k)));
 
-function run(cmd: string, args: string[], options: SpawnSyncOptions & { cwd: string }): { code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string } {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', timeout: 120_000, env: userEnv, ...options });
-  return { code: r.status, signal: r.signal, stdout: String(r.stdout), stderr: String(r.stderr) };
+/**
+ * A command run to its end without blocking this worker's event loop (npm installs and compilers
+ * take many seconds on a busy 2-core machine; a synchronous wait past vitest's 60 s RPC timeout
+ * fails the run with "Timeout calling onTaskUpdate").
+ */
+function run(cmd: string, args: string[], options: { cwd: string; env?: NodeJS.ProcessEnv; input?: string }): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+  return new Promise((done, fail) => {
+    const child = spawn(cmd, args, { cwd: options.cwd, env: options.env ?? userEnv, timeout: 120_000 });
+    let stdout = '', stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.on('error', fail);
+    child.on('close', (code, signal) => done({ code, signal, stdout, stderr }));
+    child.stdin.end(options.input ?? '');
+  });
 }
 
 interface InfoJson {
@@ -48,8 +60,8 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
   let npmCache = '';
   const addonBytes = () => readFileSync(process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON);
 
-  beforeAll(() => {
-    const listed = run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT });
+  beforeAll(async () => {
+    const listed = await run('npm', ['pack', '--dry-run', '--json', '--ignore-scripts'], { cwd: ROOT });
     expect(listed.code, listed.stderr).toBe(0);
     const files = (JSON.parse(listed.stdout) as { files: { path: string }[] }[])[0]!.files.map((f) => f.path);
     const stage = stageDir();
@@ -66,21 +78,21 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
       package: 'sparse-mla', version: '0.0.0', platform: 'linux-x64', cuda: { built: false, why: 'a test package' },
       addons: [{ file: ADDON_FILE, cpuArch: LEVEL, simd: 'SSE2', bytes: bytes.length, sha256: createHash('sha256').update(bytes).digest('hex') }],
     }));
-    const packed = run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage], { cwd: pkg });
+    const packed = await run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage], { cwd: pkg });
     expect(packed.code, packed.stderr).toBe(0);
     tarball = join(stage, (JSON.parse(packed.stdout) as { filename: string }[])[0]!.filename);
-    const comlink = run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage, join(ROOT, 'node_modules', 'comlink')], { cwd: stage });
+    const comlink = await run('npm', ['pack', '--json', '--ignore-scripts', '--pack-destination', stage, join(ROOT, 'node_modules', 'comlink')], { cwd: stage });
     expect(comlink.code, comlink.stderr).toBe(0);
     comlinkTarball = join(stage, (JSON.parse(comlink.stdout) as { filename: string }[])[0]!.filename);
     npmCache = join(stage, 'npm-cache');
   }, 180_000);
 
   /** A fresh project with the package installed by npm (flags added to `npm install`). */
-  function installedProject(flags: string[]): { app: string; pkg: string; stdout: string } {
+  async function installedProject(flags: string[]): Promise<{ app: string; pkg: string; stdout: string }> {
     const app = join(projectDir(), 'my app');
     mkdirSync(app);
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'my-app', private: true, type: 'module' }));
-    const r = run('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--foreground-scripts', '--cache', npmCache, ...flags, tarball, comlinkTarball], { cwd: app });
+    const r = await run('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--foreground-scripts', '--cache', npmCache, ...flags, tarball, comlinkTarball], { cwd: app });
     expect(r.code, `${r.stdout}\n${r.stderr}`).toBe(0);
     return { app, pkg: join(app, 'node_modules', 'sparse-mla'), stdout: r.stdout };
   }
@@ -115,8 +127,8 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
     }
   }
 
-  test('a default install in a path with a space: the install script picks the prebuilt addon; the CLI runs through npm\'s bin link and npx from any cwd; import and require give the same module', () => {
-    const { app, pkg, stdout } = installedProject([]);
+  test('a default install in a path with a space: the install script picks the prebuilt addon; the CLI runs through npm\'s bin link and npx from any cwd; import and require give the same module', async () => {
+    const { app, pkg, stdout } = await installedProject([]);
     const addon = join(pkg, 'prebuilds', 'linux-x64', ADDON_FILE);
     // (the parenthesis names the addon's own build: this checkout's addon, built for x86-64-v2 or for the machine)
     expect(stdout).toMatch(new RegExp(`using the prebuilt linux-x64 addon \\([^)]*\\): ${addon.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\n`));
@@ -130,50 +142,50 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
     expect(statSync(target).mode & 0o111).toBe(0o111);
 
     const outside = os.tmpdir();
-    const info = run(link, ['info', '--json'], { cwd: outside });
+    const info = await run(link, ['info', '--json'], { cwd: outside });
     expect(info.code, info.stderr).toBe(0);
     const parsed = JSON.parse(info.stdout) as InfoJson;
     expect(parsed.addon).toMatchObject({ loaded: true, origin: 'prebuilt', level: LEVEL, path: addon, install: { addon: 'prebuilt' } });
     expect(parsed.backends.filter((b) => b.available).map((b) => b.name)).toEqual(expect.arrayContaining(['cpu', 'wasm']));
-    const npx = run('npx', ['--offline', '--no', '--', 'sparse-mla', 'info', '--json'], { cwd: app, env: { ...userEnv, npm_config_cache: npmCache } });
+    const npx = await run('npx', ['--offline', '--no', '--', 'sparse-mla', 'info', '--json'], { cwd: app, env: { ...userEnv, npm_config_cache: npmCache } });
     expect(npx.code, npx.stderr).toBe(0);
     expect((JSON.parse(npx.stdout) as InfoJson).addon).toEqual(parsed.addon);
 
     copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
     const expected = prefillCase(app, 'consumer install');
-    const prefill = run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm'], { cwd: outside });
+    const prefill = await run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm'], { cwd: outside });
     expect(prefill.stderr).toBe('');
     expect(prefill.code).toBe(0);
     expectPrefill(prefill.stdout, ['cpu', 'wasm'], expected);
   }, 120_000);
 
-  test('a prebuilt addon cut short (an interrupted copy) is refused before it is mapped, saying so; the process lives on and auto falls back to wasm', () => {
-    const { app, pkg } = installedProject(['--ignore-scripts']);
+  test('a prebuilt addon cut short (an interrupted copy) is refused before it is mapped, saying so; the process lives on and auto falls back to wasm', async () => {
+    const { app, pkg } = await installedProject(['--ignore-scripts']);
     const addon = join(pkg, 'prebuilds', 'linux-x64', ADDON_FILE);
     const full = statSync(addon).size;
     const cut = Math.floor(full / 2);
     truncateSync(addon, cut);
-    const info = run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['info', '--json'], { cwd: app });
+    const info = await run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['info', '--json'], { cwd: app });
     expect({ code: info.code, signal: info.signal }).toEqual({ code: 0, signal: null });
     const parsed = JSON.parse(info.stdout) as InfoJson;
     expect(parsed.addon).toMatchObject({ loaded: false, origin: null });
     expect(parsed.backends.find((b) => b.name === 'cpu')!.reason).toContain(`${addon} is ${cut} bytes where the package's manifest says ${full}: a damaged copy of the package; reinstall it`);
     copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
     const expected = prefillCase(app, 'consumer damaged addon');
-    const prefill = run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'auto'], { cwd: app });
+    const prefill = await run(process.execPath, [join(app, 'prefill.mjs'), expected.inputs, 'auto'], { cwd: app });
     expect(prefill.stderr).toBe('');
     expect((JSON.parse(prefill.stdout) as { results: { auto: { backend: string } } }).results.auto.backend).toBe('wasm');
   }, 120_000);
 
-  test('under `node --input-type=module` (-e, either spelling, or a module on stdin), beside a per-process flag, the wasm workers start and compute', () => {
-    const { app } = installedProject(['--ignore-scripts']);
+  test('under `node --input-type=module` (-e, either spelling, or a module on stdin), beside a per-process flag, the wasm workers start and compute', async () => {
+    const { app } = await installedProject(['--ignore-scripts']);
     copyFileSync(join(ROOT, 'test', 'consumer', 'prefill_from_package.mjs'), join(app, 'prefill.mjs'));
     const expected = prefillCase(app, 'consumer --input-type');
     const script = readFileSync(join(app, 'prefill.mjs'), 'utf8');
     const runs = {
-      'eval': run(process.execPath, ['--input-type=module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
-      'eval, two words': run(process.execPath, ['--max-old-space-size=2048', '--input-type', 'module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
-      'stdin': run(process.execPath, ['--input-type=module', '-', expected.inputs, 'wasm'], { cwd: app, input: script }),
+      'eval': await run(process.execPath, ['--input-type=module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
+      'eval, two words': await run(process.execPath, ['--max-old-space-size=2048', '--input-type', 'module', '-e', "await import('./prefill.mjs')", 'argv1', expected.inputs, 'wasm'], { cwd: app }),
+      'stdin': await run(process.execPath, ['--input-type=module', '-', expected.inputs, 'wasm'], { cwd: app, input: script }),
     };
     for (const [how, r] of Object.entries(runs)) {
       expect({ how, code: r.code, stderr: r.stderr }).toEqual({ how, code: 0, stderr: '' });
@@ -189,7 +201,7 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
     const runAsync = (cmd: string, args: string[], cwd: string) => new Promise<{ code: number; out: string }>((done) => {
       execFile(cmd, args, { cwd, encoding: 'utf8', timeout: 120_000, env: userEnv }, (e, stdout, stderr) => done({ code: e ? 1 : 0, out: `${stdout}${stderr}` }));
     });
-    const { app } = installedProject(['--ignore-scripts']);
+    const { app } = await installedProject(['--ignore-scripts']);
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'my-app', private: true })); // a CommonJS project
     writeFileSync(join(app, 'main.ts'), `import { createEngine, tensor, toBf16, SparseMlaError } from 'sparse-mla';
 import type { Engine, SparsePrefillResult } from 'sparse-mla';
@@ -230,17 +242,17 @@ void main();
       }
     }
     expect(failures.join('\n')).toBe('');
-    const ran = run(process.execPath, [join(app, `out-${Object.keys(compilers)[0]}-node16`, 'main.js')], { cwd: app });
+    const ran = await run(process.execPath, [join(app, `out-${Object.keys(compilers)[0]}-node16`, 'main.js')], { cwd: app });
     expect(ran.stderr).toBe('');
     expect(ran.stdout.trim()).toBe(`wasm 1x16x512 true true ${16 * 512}`);
   }, 240_000);
 
-  test.skipIf(spawnSync('git', ['--version']).status !== 0)("bench in a project that is a git checkout does not report the project's commit as the package's", () => {
-    const { app } = installedProject(['--ignore-scripts']);
+  test.skipIf(spawnSync('git', ['--version']).status !== 0)("bench in a project that is a git checkout does not report the project's commit as the package's", async () => {
+    const { app } = await installedProject(['--ignore-scripts']);
     const git = (args: string[]) => run('git', ['-c', 'user.name=consumer', '-c', 'user.email=consumer@example.com', ...args], { cwd: app });
-    expect(git(['init', '-q']).code).toBe(0);
-    expect(git(['commit', '-q', '--allow-empty', '-m', 'the consumer project']).code).toBe(0);
-    const bench = run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['bench', '--backend', 'wasm', '--workers', '1', '-n', '4', '--heads', '16', '--topk', '16', '--window', '8',
+    expect((await git(['init', '-q'])).code).toBe(0);
+    expect((await git(['commit', '-q', '--allow-empty', '-m', 'the consumer project'])).code).toBe(0);
+    const bench = await run(join(app, 'node_modules', '.bin', 'sparse-mla'), ['bench', '--backend', 'wasm', '--workers', '1', '-n', '4', '--heads', '16', '--topk', '16', '--window', '8',
       '--context', '64', '--dequant-tokens', '64', '--repeat', '1', '--warmup', '0', '--json', '--quiet'], { cwd: app });
     expect(bench.code, bench.stderr).toBe(0);
     expect((JSON.parse(bench.stdout) as { machine: { commit: string | null } }).machine.commit).toBeNull();
@@ -252,8 +264,8 @@ void main();
       if (app) spawnSync('chmod', ['-R', 'u+w', app]); // so that the temp folder can be removed
     });
 
-    test('the prebuilt addon still loads, info says the install script did not run, cpu and wasm compute, nothing is written', () => {
-      const installed = installedProject(['--ignore-scripts', '--omit=optional', '--omit=peer']);
+    test('the prebuilt addon still loads, info says the install script did not run, cpu and wasm compute, nothing is written', async () => {
+      const installed = await installedProject(['--ignore-scripts', '--omit=optional', '--omit=peer']);
       app = installed.app;
       const { pkg } = installed;
       expect(existsSync(join(pkg, 'build'))).toBe(false);
@@ -273,14 +285,14 @@ void main();
         return run(argv[0], [...argv[1]], { cwd: os.tmpdir(), env: { ...userEnv, HOME: os.tmpdir() } });
       };
 
-      const info = asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info', '--json']);
+      const info = await asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info', '--json']);
       expect(info.code, info.stderr).toBe(0);
       const parsed = JSON.parse(info.stdout) as InfoJson;
       expect(parsed.addon).toMatchObject({ loaded: true, origin: 'prebuilt', level: LEVEL, install: null });
-      const text = asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info']);
+      const text = await asUser([join(app, 'node_modules', '.bin', 'sparse-mla'), 'info']);
       expect(text.stdout).toContain('install  the install script did not run (no ');
 
-      const prefill = asUser([process.execPath, join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm']);
+      const prefill = await asUser([process.execPath, join(app, 'prefill.mjs'), expected.inputs, 'cpu', 'wasm']);
       expect(prefill.stderr).toBe('');
       expect(prefill.code).toBe(0);
       expectPrefill(prefill.stdout, ['cpu', 'wasm'], expected);

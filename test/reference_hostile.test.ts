@@ -508,6 +508,17 @@ describe('what the table does not reach', () => {
     expect(refused(() => R.prefillLayerReference(layer as never))).toEqual(['TOO_LARGE', 'chunk.requests[0]']);
   });
 
+  test('the layer reference takes the indexer top-k as [numQueries, topk] or [numQueries, 1, topk], as the library does (31f2c23 refused the second: helper-72, wasm seed 176 case 1372)', () => {
+    const flat = layerArgs();
+    const rank3 = { ...flat, topkIndices: i32([2, 1, 2], [0, -1, 1, 0]) };
+    const a = R.prefillLayerReference(flat as never), b = R.prefillLayerReference(rank3 as never);
+    expect(Array.from(b.out)).toEqual(Array.from(a.out));
+    expect(Array.from(b.lse)).toEqual(Array.from(a.lse));
+    expect(a.out.some((x) => x !== 0)).toBe(true);
+    const wide = { ...flat, topkIndices: i32([2, 2, 1], [0, -1, 1, 0]) };
+    expect(refused(() => R.prefillLayerReference(wide as never))).toEqual(['INVALID_SHAPE', 'topkIndices']);
+  });
+
   test("an array detached by a getter read after its check is refused, not read as zeros (q's bits read as 0: every out silently the mean of its rows)", () => {
     const args = prefillArgs();
     const q = args.q as { data: Uint16Array };

@@ -235,9 +235,10 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
   let topkData: Int32Array | undefined;
   if (ratio === 4) {
     if (rawTopk === undefined || rawTopk === null) refuse('INVALID_VALUE', 'topkIndices', 'int32 [numQueries, topk] for ratio 4', describeValue(rawTopk));
-    const t = reader.tensor(rawTopk, 'topkIndices', ['int32'], () => 'Int32Array', 2, `[${total}, topk]`);
-    if (t.shape[0] !== total) refuse('INVALID_SHAPE', 'topkIndices', `[${total}, topk]`, shapeText(t.shape));
-    topk = t.shape[1]!;
+    // [numQueries, topk], or [numQueries, 1, topk] as the indexer gives it (the library takes both)
+    const t = reader.tensor(rawTopk, 'topkIndices', ['int32'], () => 'Int32Array', [2, 3], `[${total}, topk] or [${total}, 1, topk]`);
+    if (t.shape[0] !== total || (t.shape.length === 3 && t.shape[1] !== 1)) refuse('INVALID_SHAPE', 'topkIndices', `[${total}, topk] or [${total}, 1, topk]`, shapeText(t.shape));
+    topk = t.shape[t.shape.length - 1]!;
     topkData = t.data;
   }
   const sink = readSink(rawSink, hQ, 'attnSink', reader);

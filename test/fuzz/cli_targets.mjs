@@ -22,9 +22,8 @@
  * handle left open on the case's folder and no thread left running once the command returned.
  */
 import { execFileSync } from 'node:child_process';
-import { lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { createHash } from 'node:crypto';
 import { tensor } from '../../dist/index.js';
 import { makeRng } from '../../dist/check/grid.js';
 import * as R from '../../dist/reference/index.js';
@@ -35,7 +34,7 @@ import { REPORT_WIDTH, setReportWidth } from '../../dist/cli/table.js';
 import { readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
 import { caseScratch } from './side_targets.mjs';
 import { fieldsByMemory, judgeAttention, sparsePrefillTarget } from './targets.mjs';
-import { FOLDER_CHANGES, changesOf, handlesUnder, stateDiff } from './dir_targets.mjs';
+import { FOLDER_CHANGES, changesOf, folderState, handlesUnder, stateDiff } from './dir_targets.mjs';
 
 /** The first seed that draws cliCommand (seeds 157-159 were run before it). */
 export const CLI_FROM_SEED = 160;
@@ -76,30 +75,6 @@ async function runCli(cwd, name, argv) {
     setReportWidth(REPORT_WIDTH); // verify --wide sets the module's width for the process
   }
   return taken;
-}
-
-/**
- * What `dir` holds, by name, opening only small regular files (a change may leave a sparse file of
- * 2^37 bytes): a file's size and content hash (up to 1 MiB; larger ones by size, inode and mtime), a
- * directory's listing, a link's target, a FIFO.
- */
-function folderState(dir) {
-  const out = {};
-  let names;
-  try {
-    names = readdirSync(dir).sort();
-  } catch (e) {
-    return { [`(${e.code})`]: '' };
-  }
-  for (const n of names) {
-    const p = join(dir, n);
-    const s = lstatSync(p);
-    if (s.isFile()) out[n] = s.size <= 2 ** 20 ? `file ${s.size} ${createHash('sha1').update(readFileSync(p)).digest('hex')}` : `file ${s.size} ${s.ino} ${s.mtimeMs}`;
-    else if (s.isDirectory()) out[n] = `dir: ${readdirSync(p).sort().join(', ')}`;
-    else if (s.isSymbolicLink()) out[n] = `link: ${readlinkSync(p)}`;
-    else out[n] = s.isFIFO() ? 'fifo' : 'other';
-  }
-  return out;
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));

@@ -22,6 +22,7 @@
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { createHash } from 'node:crypto';
 import { SparseMlaError } from '../../dist/index.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs, readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
 import { RELATIVE_PATHS_FROM_SEED, caseScratch, judgeFields, judgeTensors, prefillInputs, prefillOutputs } from './side_targets.mjs';
@@ -417,7 +418,11 @@ export const hostileDir = {
   },
 };
 
-/** What `dir` holds, by name, without following or opening anything but regular files: bytes, a directory's listing, a link's target, a FIFO. */
+/**
+ * What `dir` holds, by name, opening only small regular files (a change may leave a sparse file of
+ * 2^37 bytes): a file's size and content hash (up to 1 MiB; larger ones by size, inode and mtime), a
+ * directory's listing, a link's target, a FIFO.
+ */
 export function folderState(dir) {
   const out = {};
   let names;
@@ -429,12 +434,14 @@ export function folderState(dir) {
   for (const n of names) {
     const p = join(dir, n);
     const s = lstatSync(p);
-    out[n] = s.isFile() ? readFileSync(p).toString('base64') : s.isDirectory() ? `dir: ${readdirSync(p).sort().join(', ')}` : s.isSymbolicLink() ? `link: ${readlinkSync(p)}` : s.isFIFO() ? 'fifo' : 'other';
+    if (s.isFile()) out[n] = s.size <= 2 ** 20 ? `file ${s.size} ${createHash('sha1').update(readFileSync(p)).digest('hex')}` : `file ${s.size} ${s.ino} ${s.mtimeMs}`;
+    else if (s.isDirectory()) out[n] = `dir: ${readdirSync(p).sort().join(', ')}`;
+    else if (s.isSymbolicLink()) out[n] = `link: ${readlinkSync(p)}`;
+    else out[n] = s.isFIFO() ? 'fifo' : 'other';
   }
   return out;
 }
 
-/** The names of a state that differ from another's (added, removed or changed). */
 export function stateDiff(a, b) {
   return [...new Set([...Object.keys(a), ...Object.keys(b)])].filter((k) => a[k] !== b[k]);
 }

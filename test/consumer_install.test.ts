@@ -9,7 +9,7 @@
  * read-only and used by another user; the CLI through npm's own bin link and `npx`.
  */
 import { createHash } from 'node:crypto';
-import { execFile, spawn, spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, readlinkSync, statSync, truncateSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { dirname, join, resolve } from 'node:path';
@@ -197,10 +197,6 @@ describe.skipIf(!withPrebuilt)('npm install of the packed package, in a consumer
   // module's .d.ts (TS1479); the "require" condition gives it CommonJS typings (dist/cjs/*.d.cts).
   // Older compilers come from this machine's npm cache, offline: those it lacks are not tried.
   test('a CommonJS TypeScript project compiles import and import-require of the package under node16 and nodenext, on each TypeScript 5.x at hand, and its output runs', async () => {
-    // (asynchronous: minutes of compilers would otherwise block the worker's event loop)
-    const runAsync = (cmd: string, args: string[], cwd: string) => new Promise<{ code: number; out: string }>((done) => {
-      execFile(cmd, args, { cwd, encoding: 'utf8', timeout: 120_000, env: userEnv }, (e, stdout, stderr) => done({ code: e ? 1 : 0, out: `${stdout}${stderr}` }));
-    });
     const { app } = await installedProject(['--ignore-scripts']);
     writeFileSync(join(app, 'package.json'), JSON.stringify({ name: 'my-app', private: true })); // a CommonJS project
     writeFileSync(join(app, 'main.ts'), `import { createEngine, tensor, toBf16, SparseMlaError } from 'sparse-mla';
@@ -227,7 +223,7 @@ void main();
     for (const version of ['5.0.4', '5.4.5', '5.7.3']) {
       const dir = join(tsDir, version);
       mkdirSync(dir, { recursive: true });
-      const r = await runAsync('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--cache', userCache, '--prefix', dir, `typescript@${version}`], dir);
+      const r = await run('npm', ['install', '--offline', '--no-audit', '--no-fund', '--no-package-lock', '--cache', userCache, '--prefix', dir, `typescript@${version}`], { cwd: dir });
       if (r.code === 0) compilers[version] = join(dir, 'node_modules', 'typescript', 'bin', 'tsc');
     }
     console.log(`[consumer cjs] TypeScript ${Object.keys(compilers).join(', ')}`);
@@ -237,8 +233,8 @@ void main();
         const config = `tsconfig.${version}.${mode}.json`;
         writeFileSync(join(app, config), JSON.stringify({ compilerOptions: { module: mode, moduleResolution: mode, target: 'es2022', lib: ['es2022'], types: [], strict: true,
           skipLibCheck: false, outDir: `out-${version}-${mode}` }, files: ['main.ts'] }));
-        const r = await runAsync(process.execPath, [tsc, '-p', config], app);
-        if (r.code !== 0) failures.push(`TypeScript ${version}, module ${mode}:\n${r.out}`);
+        const r = await run(process.execPath, [tsc, '-p', config], { cwd: app });
+        if (r.code !== 0) failures.push(`TypeScript ${version}, module ${mode}:\n${r.stdout}${r.stderr}`);
       }
     }
     expect(failures.join('\n')).toBe('');

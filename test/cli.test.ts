@@ -66,7 +66,7 @@ describe('dispatch', () => {
   test('bad flags are usage errors: message naming the flag, exit 2', () => {
     let r = cli(['run', '--queries', 'many']);
     expect(r.code).toBe(2);
-    expect(r.stderr).toContain("--queries: expected an integer, got 'many'");
+    expect(r.stderr).toContain("--queries: expected a decimal integer ≥ 1, got 'many'");
     r = cli(['run', '--no-such-flag']);
     expect(r.code).toBe(2);
     expect(r.stderr).toContain("unknown option '--no-such-flag'");
@@ -500,12 +500,12 @@ describe('args and progress', () => {
   });
 
   test('parseArgs: errors name the flag and what came', () => {
-    expect(() => parseArgs(['--n', '0'], table)).toThrow('--n: expected ≥ 1, got 0');
-    expect(() => parseArgs(['--n', '1.5'], table)).toThrow("--n: expected an integer, got '1.5'");
+    expect(() => parseArgs(['--n', '0'], table)).toThrow("--n: expected a decimal integer ≥ 1, got '0'");
+    expect(() => parseArgs(['--n', '1.5'], table)).toThrow("--n: expected a decimal integer ≥ 1, got '1.5'");
     expect(() => parseArgs(['--n'], table)).toThrow('--n needs a value');
     expect(() => parseArgs(['--mode', 'c'], table)).toThrow("--mode: expected one of a|b, got 'c'");
     expect(() => parseArgs(['--json=1'], table)).toThrow('--json takes no value');
-    expect(() => parseArgs(['--scale', 'NaN'], table)).toThrow("--scale: expected a number, got 'NaN'");
+    expect(() => parseArgs(['--scale', 'NaN'], table)).toThrow("--scale: expected a decimal number, got 'NaN'");
     expect(() => parseArgs(['-z'], table)).toThrow("unknown option '-z'");
     expect(formatOptions(table)).toMatch(/--mode a\|b\s+mode \(default a\)/);
   });

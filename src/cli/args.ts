@@ -31,25 +31,63 @@ export interface ParseResult<T extends OptionTable> {
   positionals: string[];
 }
 
-function bad(message: string): never {
-  throw new SparseMlaError('INVALID_VALUE', message, 'argv');
+function bad(message: string, argument = 'argv'): never {
+  throw new SparseMlaError('INVALID_VALUE', message, argument);
+}
+
+/**
+ * The only spellings a number option takes: decimal digits, no leading zero (is 010 ten or eight?),
+ * a fraction only for a float ('0.25', not '.25' or '1.'), a '-' only where the option may be
+ * negative. Number() would also take '', ' 3 ', '+3', '0x2', '0o7', '0b1', '1e3' and 'Infinity'.
+ */
+const PLAIN_INTEGER = /^-?(?:0|[1-9][0-9]*)$/;
+const PLAIN_FLOAT = /^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?$/;
+
+/** The text a user gave, quoted so that spaces, an empty value and control characters show. */
+function quoted(raw: string): string {
+  const head = raw.slice(0, 40);
+  const more = raw.length > head.length ? '…' : '';
+  return /^[\x20-\x7e]*$/.test(head) && !head.includes("'") ? `'${head}${more}'` : JSON.stringify(head + more);
+}
+
+type NumberSpec = { type: 'int' | 'number'; min?: number; max?: number };
+
+/** What a number option takes, as its error says it: 'a decimal integer from 1 to 256'. */
+export function numberRange(spec: NumberSpec): string {
+  const what = spec.type === 'int' ? 'a decimal integer' : 'a decimal number';
+  const { min, max } = spec;
+  if (min !== undefined && max !== undefined) return `${what} from ${min} to ${max}`;
+  if (min !== undefined) return `${what} ≥ ${min}`;
+  if (max !== undefined) return `${what} ≤ ${max}`;
+  return what;
+}
+
+/**
+ * The value of number option `--name` from the text given, or INVALID_VALUE naming the option, what
+ * it takes and the text: the one place the CLI reads a number from its arguments.
+ */
+export function parseNumberOption(name: string, spec: NumberSpec, raw: string): number {
+  const refuse = (): never => bad(`--${name}: expected ${numberRange(spec)}, got ${quoted(raw)}`, `--${name}`);
+  const mayBeNegative = spec.min === undefined || spec.min < 0;
+  if (!(spec.type === 'int' ? PLAIN_INTEGER : PLAIN_FLOAT).test(raw)) refuse();
+  if (raw.startsWith('-') && !mayBeNegative) refuse();
+  // + 0: '-0' is 0
+  const value = Number(raw) + 0;
+  if (spec.type === 'int' ? !Number.isSafeInteger(value) : !Number.isFinite(value)) refuse();
+  if (spec.min !== undefined && value < spec.min) refuse();
+  if (spec.max !== undefined && value > spec.max) refuse();
+  return value;
 }
 
 function convert(name: string, spec: OptionSpec, raw: string): string | number {
   if (spec.type === 'string') {
     if (spec.choices && !spec.choices.includes(raw)) {
-      bad(`--${name}: expected one of ${spec.choices.join('|')}, got '${raw}'`);
+      bad(`--${name}: expected one of ${spec.choices.join('|')}, got ${quoted(raw)}`, `--${name}`);
     }
     return raw;
   }
-  if (spec.type === 'boolean') bad(`--${name} takes no value`);
-  const trimmed = raw.trim();
-  const value = trimmed === '' ? NaN : Number(trimmed);
-  if (spec.type === 'int' && !Number.isSafeInteger(value)) bad(`--${name}: expected an integer, got '${raw}'`);
-  if (!Number.isFinite(value)) bad(`--${name}: expected a number, got '${raw}'`);
-  if (spec.min !== undefined && value < spec.min) bad(`--${name}: expected ≥ ${spec.min}, got ${raw}`);
-  if (spec.max !== undefined && value > spec.max) bad(`--${name}: expected ≤ ${spec.max}, got ${raw}`);
-  return value;
+  if (spec.type === 'boolean') bad(`--${name} takes no value`, `--${name}`);
+  return parseNumberOption(name, spec, raw);
 }
 
 /** Parse `--name value`, `--name=value`, `--flag`, `-x value` and `--` (rest is positional). */

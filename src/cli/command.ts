@@ -3,12 +3,15 @@ import { readFileSync } from 'node:fs';
 import { availableParallelism, cpus, totalmem } from 'node:os';
 import { SparseMlaError, type ErrorCode } from '../errors.js';
 import type { BackendChoice, EngineOptions } from '../types.js';
+import type { OptionTable } from './args.js';
 
 /** One CLI subcommand. `run` returns the process exit code. */
 export interface CliCommand {
   name: string;
   summary: string;
   usage: string;
+  /** Its options, as parseArgs reads them from argv (the usage text lists them). */
+  options: OptionTable;
   run(argv: string[]): Promise<number>;
 }
 

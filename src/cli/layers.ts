@@ -102,15 +102,16 @@ export interface LayerReport {
 
 /** `0,4,128,4` → ratios; a clear usage error otherwise. */
 export function parseLayers(text: string): CompressRatio[] {
-  const parts = text.split(',').map((s) => s.trim());
+  // the ratios spelled exactly, as every number option is (args.ts): no spaces, '04', '0x4' or '4.0'
+  const parts = text.split(',');
   const out: CompressRatio[] = [];
   for (const p of parts) {
     if (p !== '0' && p !== '4' && p !== '128') {
-      throw new SparseMlaError('INVALID_VALUE', `--layers: expected a comma-separated list of compress ratios 0, 4, 128, got '${text}'`, 'argv');
+      throw new SparseMlaError('INVALID_VALUE', `--layers: expected a comma-separated list of compress ratios 0, 4, 128, got '${text}'`, '--layers');
     }
     out.push(Number(p) as CompressRatio);
   }
-  if (out.length === 0 || out.length > 64) throw new SparseMlaError('INVALID_VALUE', `--layers: expected 1 to 64 layers, got ${out.length}`, 'argv');
+  if (out.length === 0 || out.length > 64) throw new SparseMlaError('INVALID_VALUE', `--layers: expected 1 to 64 layers, got ${out.length}`, '--layers');
   return out;
 }
 

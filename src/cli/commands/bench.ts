@@ -312,5 +312,6 @@ export const command: CliCommand = {
   name: 'bench',
   summary: 'measure sparsePrefill GFLOP/s and dequant GB/s with 1 and N workers (npm run bench)',
   usage: USAGE,
+  options: OPTIONS,
   run: benchCommand,
 };

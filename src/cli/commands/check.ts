@@ -703,5 +703,6 @@ export const command: CliCommand = {
   name: 'check',
   summary: 'run the correctness grid on a backend against the float64 reference and WASM',
   usage: USAGE,
+  options: OPTIONS,
   run: checkCommand,
 };

@@ -200,5 +200,6 @@ export const command: CliCommand = {
   name: 'info',
   summary: 'show available backends (and why others are missing), WASM details and the machine',
   usage: USAGE,
+  options: OPTIONS,
   run: infoCommand,
 };

@@ -39,6 +39,7 @@ export const command: CliCommand = {
   name: 'prefill',
   summary: 'run sparsePrefill on .npy/.safetensors inputs in a directory and write the outputs',
   usage: USAGE,
+  options: OPTIONS,
   async run(argv) {
     const { options, positionals } = parseArgs(argv, OPTIONS);
     const inputDir = onePositional(positionals, 'input directory');

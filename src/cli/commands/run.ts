@@ -553,5 +553,6 @@ export const command: CliCommand = {
   name: 'run',
   summary: 'run a DeepSeek-V4-shaped prefill chunk on the best backend and check it (npm start)',
   usage: USAGE,
+  options: OPTIONS,
   run: runCommand,
 };

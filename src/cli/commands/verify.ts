@@ -170,6 +170,7 @@ export const command: CliCommand = {
   name: 'verify',
   summary: 'judge sparse-prefill outputs in a directory against the float64 reference',
   usage: USAGE,
+  options: OPTIONS,
   // Bad input (a SparseMlaError other than a runtime failure) reaches main.ts: exit 2, and with
   // --json an error object on stdout.
   async run(argv) {

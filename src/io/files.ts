@@ -47,6 +47,9 @@ export interface OpenedFile {
   handle: FileHandle;
   /** bytes, from fstat */
   size: number;
+  /** the file's device and inode, from fstat: which file this is, to tell a later open of the path whether it is still the same */
+  dev: number;
+  ino: number;
 }
 
 /**
@@ -94,7 +97,7 @@ export async function openRegularFile(path: string, name = path): Promise<Opened
   try {
     const s = await handle.stat();
     if (!s.isFile()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a regular file, got ${kindOf(s)}`, name);
-    return { handle, size: s.size };
+    return { handle, size: s.size, dev: s.dev, ino: s.ino };
   } catch (e) {
     await handle.close().catch(() => {});
     throw e instanceof SparseMlaError ? e : fsError(name, 'stat it', e);

@@ -21,7 +21,7 @@ import type { DType, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../t
 import { checkPathArgs, checkedTensor, clip, prepareOutputDir, prepareOutputFiles, readSmallFile, writeFileNoFollow } from './files.js';
 import { checkViewsIntact, describe } from '../tensor.js';
 import { npyToTensor, readNpyFile, writeNpyFile } from './npy.js';
-import { readSafetensorsFile, writeSafetensorsFile } from './safetensors.js';
+import { readSafetensorsHeader, readSafetensorsTensor, writeSafetensorsFile, type SafetensorsHeader } from './safetensors.js';
 
 /** meta.json holds two numbers; anything near this size is not one. */
 const META_MAX_BYTES = 1 << 20;
@@ -51,14 +51,17 @@ function tensorName(name: unknown): void {
 /** The file writePrefillOutputs writes in the safetensors format: a folder may hold it beside its inputs' .safetensors. */
 const OUTPUTS_SAFETENSORS = 'outputs.safetensors';
 
-/** One .safetensors file of a directory, read. */
+/** One .safetensors file of a directory: its header (the tensors' bytes are read when asked for). */
 interface SafetensorsEntry {
   file: string;
-  tensors: Map<string, Tensor>;
-  metadata: Record<string, string>;
+  header: SafetensorsHeader;
 }
 
-/** A directory's tensors: its .npy files, its .safetensors file and outputs.safetensors (each name in at most one of them). */
+/**
+ * A directory's tensors: its .npy files, its .safetensors file and outputs.safetensors (each name in
+ * at most one of them). Opening it reads the names of the directory and the headers of its
+ * .safetensors files, no tensor's data: get() reads one tensor when asked.
+ */
 export class PrefillDir {
   private constructor(
     readonly dir: string,
@@ -83,8 +86,8 @@ export class PrefillDir {
     // a name in both files is refused: which one a reader took would depend on the files' names
     const holder = new Map<string, string>();
     for (const file of stFiles) {
-      const read = { file, ...(await readSafetensorsFile(join(dir, file), file)) };
-      for (const name of read.tensors.keys()) {
+      const read = { file, header: await readSafetensorsHeader(join(dir, file), file) };
+      for (const name of read.header.tensors.keys()) {
         const other = holder.get(name);
         if (other !== undefined) throw new SparseMlaError('INVALID_VALUE', `${dir}: tensor '${clip(name, 60)}' is in both ${other} and ${file}`, dir);
         holder.set(name, file);
@@ -101,7 +104,7 @@ export class PrefillDir {
 
   /** The .safetensors file holding tensor `name`, if any. */
   private holderOf(name: string): SafetensorsEntry | undefined {
-    return this.st.find((f) => f.tensors.has(name));
+    return this.st.find((f) => f.header.tensors.has(name));
   }
 
   has(name: string): boolean {
@@ -115,7 +118,7 @@ export class PrefillDir {
     const npy = `${name}.npy`;
     if (this.entries.has(npy)) return { value: npyToTensor(await readNpyFile(join(this.dir, npy), npy)), file: npy };
     const f = this.holderOf(name);
-    return f ? { value: f.tensors.get(name)!, file: `${f.file}:${name}` } : undefined;
+    return f ? { value: await readSafetensorsTensor(f.header, name), file: `${f.file}:${name}` } : undefined;
   }
 
   async require(name: string): Promise<Located<Tensor>> {
@@ -132,7 +135,7 @@ export class PrefillDir {
   async meta(): Promise<Located<{ smScale: number; dV: number }>> {
     let raw: Record<string, unknown>;
     let file: string;
-    const scaled = this.st.filter((f) => Object.hasOwn(f.metadata, 'sm_scale'));
+    const scaled = this.st.filter((f) => Object.hasOwn(f.header.metadata, 'sm_scale'));
     if (this.entries.has('meta.json')) {
       file = 'meta.json';
       const bytes = await readSmallFile(join(this.dir, file), file, META_MAX_BYTES);
@@ -150,7 +153,7 @@ export class PrefillDir {
       throw new SparseMlaError('INVALID_VALUE', `${this.dir}: sm_scale in the __metadata__ of ${clip(scaled.map((f) => f.file).join(' and '), 200)}, and no meta.json to say which`, 'meta.json');
     } else if (scaled.length === 1) {
       file = `${scaled[0]!.file}:__metadata__`;
-      raw = Object.fromEntries(Object.entries(scaled[0]!.metadata).map(([k, v]) => [k, metadataNumber(v)]));
+      raw = Object.fromEntries(Object.entries(scaled[0]!.header.metadata).map(([k, v]) => [k, metadataNumber(v)]));
     } else {
       throw new SparseMlaError('INVALID_VALUE', `${this.dir}: missing meta.json ({"sm_scale": …, "d_v": 512})`, 'meta.json');
     }

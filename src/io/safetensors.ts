@@ -6,12 +6,13 @@
  * Reading checks what the format requires before any tensor is read: a header no longer than the
  * format's own cap, offsets inside the data that do not overlap, each span the size its shape
  * needs, and a file exactly as long as the header says. readSafetensorsFile opens only a regular
- * file (files.ts) and reads the header, then each tensor, never the whole file at once.
+ * file (files.ts) and reads the header, then each tensor, never the whole file at once;
+ * readSafetensorsHeader reads the header alone and readSafetensorsTensor one tensor when asked.
  */
 import { SparseMlaError } from '../errors.js';
 import { MAX_TENSOR_DIMS, allocHostArray, checkViewsIntact, describe, numel, tensor } from '../tensor.js';
 import type { DType, DTypeArrays, Tensor } from '../types.js';
-import { checkFilePath, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
+import { type OpenedFile, checkFilePath, clip, fileBytes, openRegularFile, readExactly, tensorBytes, checkedTensor, writeFileNoFollow } from './files.js';
 
 /** The format's cap on the JSON header (the reference implementation's MAX_HEADER_SIZE). */
 export const SAFETENSORS_MAX_HEADER_BYTES = 100_000_000;
@@ -198,16 +199,95 @@ function metadataOnce(metadata: unknown): Record<string, string> | undefined {
   return out;
 }
 
+/** Reads and checks the header of an opened file: the 8-byte length (capped), then the JSON, then the file's size against it. */
+async function readHeaderOf(file: OpenedFile, name: string): Promise<Header> {
+  const len = headerLength(await readExactly(file, 0, Math.min(file.size, 8), name), file.size, name);
+  const h = parseHeader(await readExactly(file, 8, len, name), name, 8 + len, file.size - 8 - len);
+  checkDataLength(h, file.size - h.dataStart, name);
+  return h;
+}
+
 /** Reads a .safetensors file: a regular file, its header first, then each tensor once the file's size is what the header says. */
 export async function readSafetensorsFile(path: string, name = path): Promise<SafetensorsFile> {
   const file = await openRegularFile(path, name);
   try {
-    const len = headerLength(await readExactly(file, 0, Math.min(file.size, 8), name), file.size, name);
-    const h = parseHeader(await readExactly(file, 8, len, name), name, 8 + len, file.size - 8 - len);
-    checkDataLength(h, file.size - h.dataStart, name);
+    const h = await readHeaderOf(file, name);
     const tensors = new Map<string, Tensor>();
     for (const e of h.entries) tensors.set(e.key, tensorOf(e, await readExactly(file, h.dataStart + e.begin, e.end - e.begin, name)));
     return { tensors, metadata: h.metadata };
+  } finally {
+    await file.handle.close().catch(() => {});
+  }
+}
+
+/** A .safetensors file's header, read and checked by readSafetensorsHeader; readSafetensorsTensor reads a tensor of it. */
+export interface SafetensorsHeader {
+  /** the file's path */
+  path: string;
+  /** how messages name the file */
+  name: string;
+  /** each tensor's dtype and shape, in the header's order */
+  tensors: ReadonlyMap<string, { dtype: DType; shape: readonly number[] }>;
+  metadata: Record<string, string>;
+}
+
+/** What a header's reader checked, kept where its caller cannot change it: the spans, and which file (and size) they are of. */
+interface CheckedSpans {
+  path: string;
+  name: string;
+  entries: Map<string, Entry>;
+  dataStart: number;
+  size: number;
+  dev: number;
+  ino: number;
+}
+
+const spansOf = new WeakMap<SafetensorsHeader, CheckedSpans>();
+
+/**
+ * Reads only the header of a .safetensors file (a regular file: the 8-byte length, capped at the
+ * format's SAFETENSORS_MAX_HEADER_BYTES, then the JSON), with every check readSafetensorsFile makes
+ * before it reads data: offsets inside the file, spans the size their shapes need, no overlaps, no
+ * bytes after the last tensor. No tensor's bytes are read: readSafetensorsTensor reads one when asked.
+ */
+export async function readSafetensorsHeader(path: string, name = path): Promise<SafetensorsHeader> {
+  const file = await openRegularFile(path, name);
+  try {
+    const h = await readHeaderOf(file, name);
+    const entries = new Map(h.entries.map((e) => [e.key, e]));
+    const header: SafetensorsHeader = {
+      path,
+      name,
+      tensors: new Map(h.entries.map((e) => [e.key, { dtype: e.dtype, shape: [...e.shape] }])),
+      metadata: h.metadata,
+    };
+    spansOf.set(header, { path, name, entries, dataStart: h.dataStart, size: file.size, dev: file.dev, ino: file.ino });
+    return header;
+  } finally {
+    await file.handle.close().catch(() => {});
+  }
+}
+
+/**
+ * The tensor `key` of a file whose header readSafetensorsHeader read: its bytes only, read from the
+ * file at the checked offsets once the path is still that file, of that size (a file replaced or
+ * resized since would be read at offsets that are not its own).
+ */
+export async function readSafetensorsTensor(header: SafetensorsHeader, key: string): Promise<Tensor> {
+  const spans = spansOf.get(header);
+  if (spans === undefined) throw new SparseMlaError('INVALID_VALUE', `readSafetensorsTensor: header: expected a header readSafetensorsHeader read, got ${describe(header)}`, 'header');
+  const { name, path } = spans;
+  const e = typeof key === 'string' ? spans.entries.get(key) : undefined;
+  if (e === undefined) throw new SparseMlaError('INVALID_VALUE', `${name}: no tensor ${typeof key === 'string' ? `'${clip(key, 60)}'` : describe(key)} in its header`, name);
+  const file = await openRegularFile(path, name);
+  try {
+    if (file.dev !== spans.dev || file.ino !== spans.ino || file.size !== spans.size) {
+      const what = file.dev !== spans.dev || file.ino !== spans.ino ? 'replaced by another file' : `resized from ${spans.size} to ${file.size} bytes`;
+      throw new SparseMlaError('INVALID_VALUE', `${name}: the file was ${what} since its header was read`, name);
+    }
+    // checked when the header was read, and again against this file
+    if (spans.dataStart + e.end > file.size) garbled(name, `tensor '${clip(key, 40)}' ends at ${spans.dataStart + e.end}, past the file's ${file.size} bytes`);
+    return tensorOf(e, await readExactly(file, spans.dataStart + e.begin, e.end - e.begin, name));
   } finally {
     await file.handle.close().catch(() => {});
   }

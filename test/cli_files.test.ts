@@ -190,6 +190,24 @@ describe('outputs', () => {
     expect(readdirSync(out)).toEqual([taken]);
   });
 
+  test.each([['npy', 'safetensors'], ['safetensors', 'npy']])('prefill D --out D --format %s, then --format %s: exit 2 before the engine starts, naming the older files; the folder as it was and verify still judges the first outputs', async (first, second) => {
+    const d = await inputDir();
+    const r1 = cli(['prefill', d, '--out', d, '--format', first, '-q']);
+    expect({ code: r1.code, stderr: r1.stderr }).toEqual({ code: 0, stderr: '' });
+    const before = Object.fromEntries(readdirSync(d).sort().map((f) => [f, readFileSync(join(d, f)).toString('base64')]));
+    const r2 = cli(['prefill', d, '--out', d, '--format', second]);
+    const older = first === 'npy' ? /'out' is in out\.npy and would be in outputs\.safetensors/ : /'out' is in outputs\.safetensors and would be in out\.npy/;
+    expectBadInput(r2, older);
+    expect(r2.stderr).toMatch(/^sparse-mla prefill: --out: .*remove the older files first, or write the format they are in \[INVALID_VALUE\]\n$/);
+    expect(r2.stderr).not.toMatch(/start engine|sparse prefill/);
+    expect(Object.fromEntries(readdirSync(d).sort().map((f) => [f, readFileSync(join(d, f)).toString('base64')]))).toEqual(before);
+    const v = cli(['verify', d, '-q']);
+    expect(v.code).toBe(0);
+    // the same format again replaces the outputs
+    const r3 = cli(['prefill', d, '--out', d, '--format', first, '-q']);
+    expect({ code: r3.code, stderr: r3.stderr }).toEqual({ code: 0, stderr: '' });
+  });
+
   test('--out /proc/1/x (cannot be made): exit 2, no hang', async () => {
     const d = await inputDir();
     expectBadInput(cli(['prefill', d, '--out', '/proc/1/x', '-q'], 30_000), /--out: cannot create the directory \/proc\/1\/x/);

@@ -403,6 +403,86 @@ function checkNamedIntact(named: Record<string, Named>): Record<string, Tensor> 
   return tensors;
 }
 
+/** A file a writer puts in a folder: its name and the tensors it holds (a .npy file: its own name). */
+interface PlannedFile {
+  file: string;
+  names: readonly string[];
+  /** sm_scale / d_v in its __metadata__ (writePrefillDir's prefill.safetensors) */
+  scale?: boolean;
+}
+
+const PREFILL_SAFETENSORS = 'prefill.safetensors';
+
+const npyPlan = (names: readonly string[]): PlannedFile[] => names.map((n) => ({ file: `${n}.npy`, names: [n] }));
+
+/** What writePrefillOutputs writes in `format`: out / lse / max_logits as .npy files or in outputs.safetensors. */
+function outputsPlan(format: DirFormat): PlannedFile[] {
+  const names = OUTPUT_FIELDS.map(([, file]) => file);
+  return format === 'safetensors' ? [{ file: OUTPUTS_SAFETENSORS, names }] : npyPlan(names);
+}
+
+/**
+ * Before a writer's first file, the folder as the write would leave it is one PrefillDir reads: no
+ * tensor both in a file written and in a file already there that the write does not replace (a
+ * name.npy, or a .safetensors file holding the name: read by its header only), no second .safetensors
+ * file beside prefill.safetensors other than outputs.safetensors, and no meta.json or other file's
+ * sm_scale that a reader would take (or weigh) instead of prefill.safetensors' own. Otherwise the
+ * write is refused, INVALID_VALUE naming the folder and the files, with nothing written: the older
+ * files are the user's to remove (a writer that deleted files it was not asked to write would be a
+ * surprise; one that wrote beside them left a folder verify refuses, or once judged the older ones).
+ * A file there that cannot be read as .safetensors is left to the reader: the write adds nothing to it.
+ */
+async function refuseMixedFolder(fn: string, dir: string, plan: readonly PlannedFile[]): Promise<void> {
+  let names: string[];
+  try {
+    names = (await readdir(dir)).sort();
+  } catch (e) {
+    throw new SparseMlaError('INVALID_VALUE', `${fn}: ${dir}: cannot read the directory (${clip((e as Error).message, 300)})`, dir);
+  }
+  const planned = new Set(plan.map((f) => f.file));
+  const holder = new Map<string, string>();
+  for (const f of plan) for (const n of f.names) holder.set(n, f.file);
+  const writesScale = plan.some((f) => f.scale);
+  const writesMetaJson = planned.has('meta.json');
+  const writesInputsFile = plan.some((f) => f.file.endsWith('.safetensors') && f.file !== OUTPUTS_SAFETENSORS);
+  const clashes: string[] = [];
+  const clash = (name: string, there: string): void => {
+    clashes.push(`'${clip(name, 60)}' is in ${clip(there, 80)} and would be in ${holder.get(name)!}`);
+  };
+  for (const entry of names) {
+    if (planned.has(entry)) continue;
+    if (entry.endsWith('.npy')) {
+      const name = entry.slice(0, -'.npy'.length);
+      if (holder.has(name)) clash(name, entry);
+    } else if (entry === 'meta.json') {
+      if (writesScale && !writesMetaJson) clashes.push(`meta.json would be read instead of the sm_scale and d_v in ${PREFILL_SAFETENSORS}`);
+    } else if (entry.endsWith('.safetensors')) {
+      if (writesInputsFile && entry !== OUTPUTS_SAFETENSORS) clashes.push(`${clip(entry, 80)} would be a second .safetensors file beside ${PREFILL_SAFETENSORS} (besides ${OUTPUTS_SAFETENSORS}, a folder holds at most one)`);
+      let header: SafetensorsHeader;
+      try {
+        header = await readSafetensorsHeader(join(dir, entry), entry);
+      } catch (e) {
+        if (e instanceof SparseMlaError) continue;
+        throw e;
+      }
+      for (const name of header.tensors.keys()) if (holder.has(name)) clash(name, entry);
+      if (writesScale && !writesMetaJson && Object.hasOwn(header.metadata, 'sm_scale')) clashes.push(`${clip(entry, 80)} has an sm_scale in its __metadata__ too`);
+    }
+  }
+  if (clashes.length > 0) {
+    const shown = clashes.slice(0, 4).join('; ') + (clashes.length > 4 ? `; and ${clashes.length - 4} more` : '');
+    throw new SparseMlaError('INVALID_VALUE', `${fn}: ${dir}: files already there would clash with the ones written (${shown}), a folder a reader refuses or misreads: remove the older files first, or write the format they are in`, dir);
+  }
+}
+
+/**
+ * Before a prefill's outputs are written into `dir` in `format` (the CLI's prefill, before its engine
+ * starts; writePrefillOutputs itself): the folder must not hold those tensors in other files.
+ */
+export async function checkOutputsFolder(dir: string, format: DirFormat, fn = 'writePrefillOutputs'): Promise<void> {
+  await refuseMixedFolder(fn, dir, outputsPlan(format));
+}
+
 /** The files writePrefillOutputs writes in `format`. */
 export function prefillOutputFiles(format: DirFormat): string[] {
   return format === 'safetensors' ? [OUTPUTS_SAFETENSORS] : OUTPUT_FIELDS.map(([, file]) => `${file}.npy`);
@@ -419,6 +499,7 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
   await prepareOutputDir(dir);
   const files = prefillOutputFiles(as);
   await prepareOutputFiles(dir, files);
+  await refuseMixedFolder(fn, dir, outputsPlan(as));
   if (as === 'safetensors') {
     await writeSafetensorsFile(join(dir, OUTPUTS_SAFETENSORS), tensors);
     return files;
@@ -463,10 +544,12 @@ export async function writePrefillDir(
   }
   const tensors = checkNamedIntact(named);
   await prepareOutputDir(dir);
-  await prepareOutputFiles(dir, as === 'safetensors' ? ['prefill.safetensors'] : [...Object.keys(tensors).map((k) => `${k}.npy`), 'meta.json']);
+  const plan: PlannedFile[] = as === 'safetensors' ? [{ file: PREFILL_SAFETENSORS, names: Object.keys(tensors), scale: true }] : [...npyPlan(Object.keys(tensors)), { file: 'meta.json', names: [] }];
+  await prepareOutputFiles(dir, plan.map((f) => f.file));
+  await refuseMixedFolder(fn, dir, plan);
   const meta = { sm_scale: smScale, d_v: dV };
   if (as === 'safetensors') {
-    await writeSafetensorsFile(join(dir, 'prefill.safetensors'), tensors, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
+    await writeSafetensorsFile(join(dir, PREFILL_SAFETENSORS), tensors, { sm_scale: String(meta.sm_scale), d_v: String(meta.d_v) });
     return;
   }
   for (const [k, t] of Object.entries(tensors)) await writeNpyFile(join(dir, `${k}.npy`), t);

@@ -5,7 +5,7 @@
 import { SparseMlaError } from '../../errors.js';
 import { createEngine } from '../../engine.js';
 import { prepareOutputDir, prepareOutputFiles } from '../../io/files.js';
-import { loadPrefillInputs, prefillOutputFiles, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
+import { checkOutputsFolder, loadPrefillInputs, prefillOutputFiles, writePrefillOutputs, type DirFormat } from '../../io/prefill_dir.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
 import { formatOptions, onePositional, parseArgs, type OptionTable } from '../args.js';
 import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
@@ -30,6 +30,8 @@ out.npy (bf16 bits as <u2) [sQ, hQ, dV], lse.npy (<f4) [sQ, hQ], max_logits.npy 
 [sQ, topk], optional topk_length.npy (<i4) [sQ] and attn_sink.npy (<f4) [hQ], and meta.json
 {"sm_scale": ..., "d_v": 512}; or one .safetensors file holding the same names (BF16 there).
 Check the result with: sparse-mla verify <dir-with-inputs-and-outputs>
+An --out already holding outputs in the other format (an earlier run's out.npy, or its
+outputs.safetensors) is refused before the run: remove them first, or write that format.
 
 Options:
 ${formatOptions(OPTIONS)}
@@ -47,6 +49,8 @@ export const command: CliCommand = {
     // made and checked before any work, so a bad --out fails in milliseconds
     await prepareOutputDir(options.out, '--out');
     await prepareOutputFiles(options.out, prefillOutputFiles(options.format as DirFormat));
+    // no outputs beside an older run's in the other format (a folder verify refuses)
+    await checkOutputsFolder(options.out, options.format as DirFormat, '--out');
     const progress = new Progress({ enabled: !options.quiet });
 
     progress.start('load inputs', 0);

@@ -111,7 +111,7 @@ describe('every number option of every command', () => {
     for (const c of commands) {
       for (const [name, spec] of numberOptions(c.options)) {
         for (const raw of hostileSpellings(spec)) {
-          for (const argv of [[`--${name}`, raw], [`--${name}=${raw}`]]) {
+          for (const argv of [[`--${name}`, raw], [`--${name}=${raw}`], ...(spec.short ? [[`-${spec.short}`, raw]] : [])]) {
             const label = `${c.name} ${JSON.stringify(argv)}`;
             let caught: unknown = null;
             try {

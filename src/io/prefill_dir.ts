@@ -488,7 +488,10 @@ export function prefillOutputFiles(format: DirFormat): string[] {
   return format === 'safetensors' ? [OUTPUTS_SAFETENSORS] : OUTPUT_FIELDS.map(([, file]) => `${file}.npy`);
 }
 
-/** Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors (all checked first). */
+/**
+ * Write a prefill's outputs: out.npy / lse.npy / max_logits.npy, or outputs.safetensors (all checked
+ * first; refused when the folder already holds them in other files: refuseMixedFolder).
+ */
 export async function writePrefillOutputs(dir: string, res: SparsePrefillResult, format: DirFormat = 'npy'): Promise<string[]> {
   const fn = 'writePrefillOutputs';
   checkPathArgs(dir, dir, 'dir', 'a directory path');
@@ -513,7 +516,9 @@ export async function writePrefillOutputs(dir: string, res: SparsePrefillResult,
  * meta.json, or one prefill.safetensors with sm_scale / d_v in its __metadata__. Everything is
  * checked before the first file is written, as loadPrefillInputs / loadPrefillOutputs read it back:
  * each tensor (files.ts checkedTensor), the tensors' dtypes and shapes against each other, sm_scale
- * (a finite number) and d_v (a positive integer, at most dQK); the format 'npy' or 'safetensors'.
+ * (a finite number) and d_v (a positive integer, at most dQK); the format 'npy' or 'safetensors'; a
+ * folder that already holds these tensors (or a meta.json, for safetensors) in other files is refused
+ * (refuseMixedFolder).
  */
 export async function writePrefillDir(
   dir: string,

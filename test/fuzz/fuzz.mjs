@@ -22,9 +22,11 @@ import { DIR_TARGETS } from './dir_targets.mjs';
 import { CLI_TARGETS } from './cli_targets.mjs';
 import { IO_TARGETS } from './io_targets.mjs';
 import { LIFECYCLE_TARGETS } from './lifecycle_targets.mjs';
+import { REFERENCE_TARGETS } from './reference_targets.mjs';
+import { ENGINES_TARGETS } from './engines_targets.mjs';
 
-/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs) and 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs), each from its fromSeed. */
-const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS];
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];
@@ -171,7 +173,7 @@ export async function runCase(env, seed, index, only) {
     hooks.side3 = caseRng((seed ^ 0x1b873593) >>> 0, index);
     // a session-53 target in place of the case's own (drawn first from its stream)
     // (a target added after some of these seeds were run draws only from its fromSeed: those replay as run)
-    const side3 = SIDE3_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && seed >= (t.fromSeed ?? SIDE3_FROM_SEED));
+    const side3 = SIDE3_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!t.deviceEngineOnly || env.engine?.hasDevice) && seed >= (t.fromSeed ?? SIDE3_FROM_SEED));
     const u = hooks.side3.uniform();
     if (side3.length > 0 && (u < SIDE3_TARGET_ODDS || !target)) target = pickWeighted(side3, hooks.side3.uniform());
   }

@@ -760,7 +760,7 @@ const fileWriters = {
 // ---- reentrantGetter (session 54) ----
 
 /** One valid call on `env`'s engine: { name, args (one argument object), run(args), judge(got) }; a layer or an op. */
-function oneCall(rng, env, hooks) {
+export function oneCall(rng, env, hooks) {
   if (rng.uniform() < 0.3) {
     const { sc, layer, window } = layerScenario(rng, hooks, rng.pick([0, 4, 128]));
     layer.plan = createPlan(sc.chunk, { window });

@@ -935,4 +935,4 @@ export const TARGETS = [
 ];
 
 /** What the device targets (device_targets.mjs) build on. */
-export { D, DTYPES, byMemory, fieldsByMemory, gatherShards, judgeAttention, judgeLayer, layerScenario, wholeQuery, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget };
+export { D, DTYPES, byMemory, fieldsByMemory, gatherShards, judgeAttention, judgeLayer, layerScenario, wholeQuery, randomHostTensor, randomV4Cache, sparsePrefill as sparsePrefillTarget, pagedSparseAttention as pagedSparseAttentionTarget, dequantizeKCachePaged as dequantizeKCachePagedTarget, quantizeKCache as quantizeKCacheTarget };

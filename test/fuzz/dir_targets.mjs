@@ -447,6 +447,39 @@ export function stateDiff(a, b) {
 }
 
 /**
+ * Why a write of `files` ({ file, names: the tensors it holds, scale: sm_scale in its metadata }) into
+ * `dir` leaves a folder the readers refuse or misread, as the writers refuse it since 93b65ad (the rule
+ * of writePrefillDir's documentation): another entry there, not one the write replaces, holding a tensor
+ * written (a name.npy by its name, whatever it is; a .safetensors file by its header, where it reads as
+ * one), a second .safetensors beside prefill.safetensors other than outputs.safetensors, or a meta.json or
+ * another file's sm_scale beside a prefill.safetensors that carries its own. Null where there is none.
+ */
+async function mixedFolder(dir, files) {
+  const planned = new Set(files.map((f) => f.file));
+  const written = new Set(files.flatMap((f) => f.names));
+  const scale = files.some((f) => f.scale) && !planned.has('meta.json');
+  const inputsFile = files.some((f) => f.file.endsWith('.safetensors') && f.file !== 'outputs.safetensors');
+  const why = [];
+  for (const entry of readdirSync(dir)) {
+    if (planned.has(entry)) continue;
+    if (entry.endsWith('.npy') && written.has(entry.slice(0, -4))) why.push(`${entry} beside the write`);
+    else if (entry === 'meta.json' && scale) why.push('meta.json beside a prefill.safetensors');
+    else if (entry.endsWith('.safetensors')) {
+      if (inputsFile && entry !== 'outputs.safetensors') why.push(`${entry}, a second .safetensors`);
+      try {
+        const { tensors, metadata } = await readSafetensorsFile(join(dir, entry));
+        const both = [...tensors.keys()].filter((n) => written.has(n));
+        if (both.length > 0) why.push(`${entry} holding ${both.join(', ')}`);
+        if (scale && metadata && Object.hasOwn(metadata, 'sm_scale')) why.push(`${entry} with an sm_scale`);
+      } catch {
+        /* no readable .safetensors file: left to the reader */
+      }
+    }
+  }
+  return why.length > 0 ? why.join('; ') : null;
+}
+
+/**
  * hostileDirWrite (session 55, from seed 121): writePrefillDir / writePrefillOutputs of fresh tensors
  * into a folder that holds an older dump (either format) with hostile entries at the names the
  * writer writes or beside them: a directory (empty or not: the writer must refuse before its first
@@ -498,6 +531,14 @@ export const hostileDirWrite = {
         plan.push({ label: `${name}: ${label}`, name, cls: writes.includes(name) ? cls : 'same', apply: () => (rmSync(join(dir, name), { recursive: true, force: true }), apply(join(dir, name))) });
       }
     }
+    // what the write puts in the folder: its files and the tensors each holds
+    const outputNames = ['out', 'lse', 'max_logits'];
+    const heldNames = op === 'writePrefillOutputs' ? outputNames : [...inputFiles, ...(withOutputs ? outputNames : [])];
+    const files = format === 'safetensors'
+      ? [{ file: writes[0], names: heldNames, scale: op === 'writePrefillDir' }]
+      : writes.map((f) => ({ file: f, names: f.endsWith('.npy') ? [f.slice(0, -4)] : [] }));
+    // where the folder already holds the write's tensors in other files (an older dump of the other format): refused since 93b65ad
+    let mixed = null;
     let before = {};
     let outsideBefore = {};
     let handlesBefore = [];
@@ -509,12 +550,13 @@ export const hostileDirWrite = {
       else {
         await writePrefillDir(dir, older.args, { format: olderFormat, outputs: olderOutputs });
         for (const c of plan) c.apply();
+        mixed = await mixedFolder(dir, files);
       }
       before = folderState(dir);
       outsideBefore = folderState(outside);
       handlesBefore = handlesUnder(scratch);
     };
-    const describe = `${op}${op === 'writePrefillDir' && withOutputs ? ' with outputs' : ''} as ${format} over a ${olderFormat} dump; ${plan.map((c) => `${c.label} [${c.cls}]`).join('; ')}`;
+    const describeNow = () => `${op}${op === 'writePrefillDir' && withOutputs ? ' with outputs' : ''} as ${format} over a ${olderFormat} dump; ${plan.map((c) => `${c.label} [${c.cls}]`).join('; ')}${mixed ? `; mixed: ${mixed} [refuse]` : ''}`;
     // the call runs in the case's folder; from RELATIVE_PATHS_FROM_SEED it is given the folder relative to it, so a mutated path stays there
     const given = seed >= RELATIVE_PATHS_FROM_SEED ? 'd' : dir;
     const args = op === 'writePrefillOutputs' ? [given, freshOutputs, format] : [given, fresh.args, { format, ...(withOutputs ? { outputs: freshOutputs } : {}) }];
@@ -524,7 +566,9 @@ export const hostileDirWrite = {
     };
     return {
       args,
-      describe,
+      get describe() {
+        return describeNow();
+      },
       mostlyValid: true,
       prepare,
       call: async (x) => {
@@ -548,7 +592,7 @@ export const hostileDirWrite = {
       },
       judgeRefusal: (e, { neutral }) => {
         if (!neutral || !(e instanceof SparseMlaError)) return null;
-        return plan.some((c) => c.cls === 'refuse') ? null : ['neutral-refused', `${describe}: ${e.code} ${e.message.slice(0, 200)}`];
+        return plan.some((c) => c.cls === 'refuse') || mixed ? null : ['neutral-refused', `${describeNow()}: ${e.code} ${e.message.slice(0, 200)}`];
       },
       judge: async (got, { neutral }) => {
         const out = outsideChanged();
@@ -556,6 +600,7 @@ export const hostileDirWrite = {
         if (!neutral) return null;
         const must = plan.filter((c) => c.cls === 'refuse');
         if (must.length > 0) return `resolved, but ${must.map((c) => c.label).join('; ')}`;
+        if (mixed) return `resolved over a folder that holds its tensors in other files (${mixed}): a folder the readers refuse or misread`;
         const now = folderState(dir);
         const touched = stateDiff(before, now).filter((n) => !writes.includes(n));
         if (touched.length > 0) return `changed entries it does not write: ${touched.slice(0, 4).join(', ')}`;

@@ -20,7 +20,7 @@
  * the message, or the code is TOO_LARGE.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { createHash } from 'node:crypto';
 import { SparseMlaError } from '../../dist/index.js';
@@ -634,3 +634,156 @@ export const hostileDirWrite = {
 
 /** The targets of this file, with their weights (fuzz.mjs draws them with the session-53 ones). */
 export const DIR_TARGETS = [[hostileDir, 1], [hostileDirWrite, 1]];
+
+/** The first seed that draws lazyDirRead. */
+export const LAZY_FROM_SEED = 196;
+
+/**
+ * Changes of one file between PrefillDir.open and get (since f201535, open reads the .safetensors
+ * headers only and get reads a tensor's bytes when asked, refusing a file replaced or resized since):
+ * [label, class for a .safetensors file, class for a .npy file (which get reads afresh), apply(path, rng)].
+ * `same`: the tensors as written; `refuse`: a typed refusal; `free`: either, or other values of the
+ * tensor's dtype and shape (bytes rewritten in place, same size: no check can see it).
+ */
+const LAZY_CHANGES = [
+  ['cut short by a byte', 'refuse', 'refuse', (p) => truncateSync(p, Math.max(0, lstatSync(p).size - 1))],
+  ['cut to nothing', 'refuse', 'refuse', (p) => truncateSync(p, 0)],
+  ['grown by 64 bytes', 'refuse', 'refuse', (p) => writeFileSync(p, new Uint8Array(64), { flag: 'a' })],
+  ['a byte rewritten in place', 'free', 'free', (p, rng) => {
+    const b = readFileSync(p);
+    if (b.length > 0) b[rng.int(0, b.length)] ^= 1 << rng.int(0, 8);
+    writeFileSync(p, b, { flag: 'r+' });
+  }],
+  // (the copy may get the inode just freed: then it is the file opened, by every check there is; its bytes are the same)
+  ['replaced by a copy', 'sameOrRefuse', 'same', (p) => {
+    const b = readFileSync(p);
+    rmSync(p);
+    writeFileSync(p, b);
+  }],
+  ['removed', 'refuse', 'refuse', (p) => rmSync(p)],
+  ['replaced by a FIFO', 'refuse', 'refuse', (p) => (rmSync(p), execFileSync('mkfifo', [p]))],
+  ['replaced by a directory', 'refuse', 'refuse', (p) => (rmSync(p), mkdirSync(p))],
+  ['replaced by a symlink to /dev/zero', 'refuse', 'refuse', (p) => (rmSync(p), symlinkSync('/dev/zero', p))],
+  ['replaced by a symlink to a copy', 'refuse', 'same', (p) => {
+    const b = readFileSync(p);
+    writeFileSync(`${p}.copy`, b);
+    rmSync(p);
+    symlinkSync(`${p}.copy`, p);
+  }],
+];
+
+/**
+ * lazyDirRead (session 57, from seed LAZY_FROM_SEED, every backend): a prefill folder the library wrote
+ * (npy or safetensors, outputs or not) opened with PrefillDir.open, then one or two of its files changed
+ * (LAZY_CHANGES), before the gets or while they run (after a microtask or a timer), and 1-4 tensors got
+ * (some at once), sometimes meta() too; or the folder itself moved away, or replaced by a copy. Each get
+ * gives the tensor as written where its file is unchanged (or changed in a way its class says is
+ * `same`), a typed refusal where the class is `refuse` (naming the file or the folder), never an
+ * untyped error, a hang, or a handle left open on the folder.
+ */
+export const lazyDirRead = {
+  name: 'lazyDirRead',
+  fromSeed: LAZY_FROM_SEED,
+  build(rng, env, hooks) {
+    const scratch = caseScratch(hooks);
+    const dir = join(scratch, 'd');
+    const { args, shapes } = prefillInputs(rng, hooks);
+    const outputs = rng.uniform() < 0.5 ? prefillOutputs(rng, hooks, shapes.sQ, shapes.hQ, shapes.dV) : undefined;
+    const format = rng.pick(['npy', 'safetensors']);
+    const outFormat = outputs ? rng.pick(['withInputs', format]) : null;
+    const inputNames = ['q', 'kv', 'indices', ...(args.topkLength ? ['topk_length'] : []), ...(args.attnSink ? ['attn_sink'] : [])];
+    const names = [...inputNames, ...(outputs ? ['out', 'lse', 'max_logits'] : [])];
+    const fileOf = (name) => {
+      const isOutput = ['out', 'lse', 'max_logits'].includes(name);
+      if (format === 'npy') return `${name}.npy`;
+      return isOutput && outFormat !== 'withInputs' ? 'outputs.safetensors' : 'prefill.safetensors';
+    };
+    const files = [...new Set(names.map(fileOf)), ...(format === 'npy' ? ['meta.json'] : [])];
+    const folderMove = rng.uniform() < 0.1 ? rng.pick(['moved away', 'replaced by a copy']) : null;
+    const changes = folderMove ? [] : Array.from({ length: rng.int(0, 3) }, () => ({ file: rng.pick(files), change: rng.pick(LAZY_CHANGES) })).filter((c, i, a) => a.findIndex((x) => x.file === c.file) === i);
+    const when = rng.pick(['before', 'before', 'microtask', 'timer']);
+    const ms = rng.int(0, 3);
+    const gets = Array.from({ length: rng.int(1, 5) }, () => rng.pick(names));
+    const together = rng.uniform() < 0.4;
+    const withMeta = rng.uniform() < 0.3;
+    const byName = { q: args.q, kv: args.kv, indices: args.indices, topk_length: args.topkLength, attn_sink: args.attnSink, out: outputs?.out, lse: outputs?.lse, max_logits: outputs?.maxLogits };
+    const clsOf = (file) => {
+      const c = changes.find((x) => x.file === file);
+      const st = file.endsWith('.safetensors');
+      // (a folder replaced by a copy: get reads a .npy file afresh, a .safetensors file must be the one opened)
+      const cls = folderMove ? (folderMove === 'replaced by a copy' && !st ? 'same' : 'refuse') : !c ? 'same' : st ? c.change[1] : c.change[2];
+      // a change while the gets run: the file as it was or as it is after
+      // (the folder replaced while the gets run: for a moment there is none)
+      if (when === 'before' || cls === 'free') return cls;
+      return cls === 'same' && !folderMove ? 'same' : 'sameOrRefuse';
+    };
+    const describe = `PrefillDir of a ${format} folder${outputs ? ` (outputs ${outFormat})` : ''}: ${folderMove ? `the folder ${folderMove}` : changes.map((c) => `${c.file} ${c.change[0]}`).join('; ') || 'unchanged'} (${when}${when === 'timer' ? ` ${ms} ms` : ''}); get ${gets.join(', ')}${together ? ' at once' : ''}${withMeta ? ', meta()' : ''}`;
+    let handlesBefore = [];
+    const apply = () => {
+      if (folderMove === 'moved away') renameSync(dir, `${dir}.moved`);
+      else if (folderMove) {
+        cpSync(dir, `${dir}.copy`, { recursive: true });
+        rmSync(dir, { recursive: true, force: true });
+        renameSync(`${dir}.copy`, dir);
+      } else for (const c of changes) c.change[3](join(dir, c.file), rng);
+    };
+    return {
+      args: [],
+      describe,
+      prepare: async () => {
+        rmSync(dir, { recursive: true, force: true });
+        rmSync(`${dir}.moved`, { recursive: true, force: true });
+        await writePrefillDir(dir, args, { format, ...(outputs && outFormat === 'withInputs' ? { outputs } : {}) });
+        if (outputs && outFormat !== 'withInputs') await writePrefillOutputs(dir, outputs, outFormat);
+        handlesBefore = handlesUnder(scratch);
+      },
+      call: async () => {
+        const pd = await PrefillDir.open(dir);
+        const settleGet = (name) => pd.get(name).then((value) => ({ name, value }), (error) => ({ name, error }));
+        if (when === 'before') apply();
+        else if (when === 'microtask') queueMicrotask(apply);
+        else setTimeout(apply, ms);
+        const results = [];
+        if (together) results.push(...(await Promise.all(gets.map(settleGet))));
+        else for (const name of gets) results.push(await settleGet(name));
+        const meta = withMeta ? await pd.meta().then((value) => ({ value }), (error) => ({ error })) : null;
+        // (a change on a timer has run before the judge looks)
+        await new Promise((r) => setTimeout(r, ms + 1));
+        return { results, meta };
+      },
+      leftOpen: () => {
+        const now = handlesUnder(scratch).filter((h) => !handlesBefore.includes(h));
+        return now.length > 0 ? `${now.length} handle(s) left open: ${now.slice(0, 3).join(', ')}` : null;
+      },
+      judge: ({ results, meta }) => {
+        for (const r of results) {
+          const file = fileOf(r.name);
+          const cls = clsOf(file);
+          if (r.error) {
+            if (!(r.error instanceof SparseMlaError)) return `${describe}: get('${r.name}') threw ${r.error?.name}: ${String(r.error?.message).slice(0, 200)}`;
+            if (cls === 'same') return `${describe}: get('${r.name}') of ${file}, unchanged, refused: ${r.error.code} ${r.error.message.slice(0, 200)}`;
+            if (!r.error.message.includes(file) && !r.error.message.includes(dir) && r.error.code !== 'TOO_LARGE') return `${describe}: get('${r.name}')'s refusal names neither ${file} nor the folder: ${r.error.message.slice(0, 200)}`;
+            continue;
+          }
+          if (r.value === undefined) return `${describe}: get('${r.name}') gave undefined for a tensor the folder held at open`;
+          if (cls === 'refuse') return `${describe}: get('${r.name}') of ${file} resolved, expected a refusal`;
+          if (cls === 'free') continue;
+          const p = judgeTensors(new Map([[r.name, r.value.value]]), () => byName[r.name]);
+          if (p) return `${describe}: get('${r.name}'): ${p}`;
+        }
+        if (meta?.error && !(meta.error instanceof SparseMlaError)) return `${describe}: meta() threw ${meta.error?.name}: ${String(meta.error?.message).slice(0, 200)}`;
+        if (meta?.value) {
+          const mfile = format === 'npy' ? 'meta.json' : 'prefill.safetensors';
+          // (a .safetensors file's metadata was read at open: meta() gives it whatever the file became)
+          if ((format === 'npy' && clsOf(mfile) === 'same') || format === 'safetensors') {
+            if (meta.value.value.smScale !== args.smScale || meta.value.value.dV !== shapes.dV) return `${describe}: meta() gave ${JSON.stringify(meta.value.value)}, written sm_scale ${args.smScale}, d_v ${shapes.dV}`;
+          }
+        }
+        return null;
+      },
+    };
+  },
+};
+
+/** lazyDirRead, drawn after the session-57 targets (fuzz.mjs). */
+export const LAZY_DIR_TARGETS = [[lazyDirRead, 1]];

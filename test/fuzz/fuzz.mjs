@@ -18,15 +18,15 @@ import { TARGETS } from './targets.mjs';
 import { DEVICE_TARGETS } from './device_targets.mjs';
 import { HOST_TARGETS } from './host_targets.mjs';
 import { SIDE_TARGETS, SIDE3_TARGETS as SIDE3_OWN } from './side_targets.mjs';
-import { DIR_TARGETS } from './dir_targets.mjs';
+import { DIR_TARGETS, LAZY_DIR_TARGETS } from './dir_targets.mjs';
 import { CLI_TARGETS } from './cli_targets.mjs';
 import { IO_TARGETS } from './io_targets.mjs';
 import { LIFECYCLE_TARGETS } from './lifecycle_targets.mjs';
 import { REFERENCE_TARGETS } from './reference_targets.mjs';
 import { ENGINES_TARGETS } from './engines_targets.mjs';
 
-/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs), each from its fromSeed. */
-const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS];
+/** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs; dir_targets.mjs lazyDirRead), each from its fromSeed. */
+const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS, ...LAZY_DIR_TARGETS];
 
 /** errors.ts's ErrorCode list (SPEC §9). */
 export const ERROR_CODES = ['INVALID_DTYPE', 'INVALID_SHAPE', 'INVALID_VALUE', 'OUT_OF_RANGE', 'TOO_LARGE', 'BACKEND_UNAVAILABLE', 'BACKEND_FAILURE', 'WORKER_DIED', 'DISPOSED'];

@@ -33,6 +33,11 @@
  *   layer refused DISPOSED only on the disposed engine. The stub's checks hold over the whole case:
  *   no freed or other device's buffer handed to an op, and nothing left on any device once the
  *   plan is released (a disposed engine's part of the plan included).
+ * - workerChurn (host runs, from seed 199): a wasm engine's workers ended as a crash would while idle,
+ *   their replacements ended while they start (once in a row: the pool refuses calls only after three
+ *   failed starts), calls made while a replacement starts, the engine disposed while one starts. No
+ *   call may fail (no worker ends under one), the pool ends with its workers all running and idle,
+ *   each with one message listener, and no staging held; after the dispose a call is DISPOSED.
  */
 import { SparseMlaError, createEngine, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, tensor } from '../../dist/index.js';
 import { engineBackend } from '../../dist/engine.js';
@@ -469,10 +474,90 @@ const devicePlanLifecycle = {
   },
 };
 
+/** The first seed that draws workerChurn. */
+export const CHURN_FROM_SEED = 199;
+
+const workerChurn = {
+  name: 'workerChurn',
+  engine: true,
+  hostEngineOnly: true,
+  fromSeed: CHURN_FROM_SEED,
+  build(rng, env, hooks) {
+    const workers = rng.int(1, 4);
+    const local = { backend: 'wasm', engine: null, stub: null };
+    const STEPS = ['call', 'call', 'killIdle', 'killIdle', 'killAndCall', 'killStarting', 'callsAtOnce'];
+    const steps = Array.from({ length: rng.int(2, 6) }, () => rng.pick(STEPS));
+    const disposeDuringStart = rng.uniform() < 0.25;
+    const calls = Array.from({ length: 3 }, () => oneCall(rng, local, hooks));
+    const what = `a wasm engine of ${workers} worker(s): ${steps.join(', ')}${disposeDuringStart ? ', disposed while a replacement starts' : ''}`;
+    return {
+      args: [],
+      describe: what,
+      call: async () => {
+        local.engine = await createEngine({ backend: 'wasm', workers });
+        const backend = engineBackend(local.engine);
+        const pool = backend.pool;
+        const out = { results: [], end: null, afterDispose: null, disposal: null };
+        const run = async (label, c) => out.results.push({ label, c, r: await settle(() => c.run(c.args)) });
+        const idle = async () => {
+          for (const t0 = Date.now(); pool.testing.idleWorkers().length === 0 && Date.now() - t0 < 10_000; ) await new Promise((r) => setTimeout(r, 2));
+          return pool.testing.idleWorkers()[0];
+        };
+        const starting = () => pool.testing.states().indexOf('starting');
+        let lastKilledStarting = false;
+        try {
+          for (const [i, s] of steps.entries()) {
+            const c = calls[i % calls.length];
+            if (s === 'call') await run(`step ${i + 1}`, c);
+            else if (s === 'callsAtOnce') await Promise.all(calls.map((x, k) => run(`step ${i + 1} call ${k + 1}`, x)));
+            else {
+              const w = await idle();
+              if (w !== undefined) await pool.testing.terminateWorker(w);
+              if (s === 'killAndCall') await run(`step ${i + 1} (a replacement starting)`, c);
+              else if (s === 'killStarting' && !lastKilledStarting) {
+                const k = starting();
+                if (k >= 0) await pool.testing.terminateWorker(k);
+              }
+            }
+            lastKilledStarting = s === 'killStarting';
+          }
+          // the pool settles: every worker running and idle
+          for (const t0 = Date.now(); pool.testing.states().some((st) => st !== 'idle') && Date.now() - t0 < 10_000; ) await new Promise((r) => setTimeout(r, 5));
+          out.end = { states: pool.testing.states(), listeners: pool.testing.messageListeners(), threads: new Set(pool.testing.threadIds()).size, busy: backend.staging.busyBytes, lent: backend.staging.lentBytes };
+          if (disposeDuringStart) {
+            const w = await idle();
+            if (w !== undefined) await pool.testing.terminateWorker(w);
+            out.disposal = await settle(() => local.engine.dispose());
+            out.afterDispose = await settle(() => calls[0].run(calls[0].args));
+          }
+        } finally {
+          await local.engine.dispose();
+        }
+        return out;
+      },
+      judge: ({ results, end, disposal, afterDispose }) => {
+        for (const { label, c, r } of results) {
+          if (r.error) return `${what}: ${label} (${c.name}) rejected with ${errStr(r.error)} (no worker ended under it)`;
+          const p = c.judge(r.value);
+          if (p) return `${what}: ${label} (${c.name}): ${p}`;
+        }
+        if (end.states.some((st) => st !== 'idle')) return `${what}: 10 s after the steps the pool's workers are ${end.states.join(', ')}`;
+        if (end.listeners.some((n) => n !== 1)) return `${what}: the workers' message listeners are ${end.listeners.join(', ')} (one each)`;
+        if (end.threads !== workers) return `${what}: ${end.threads} worker threads for a pool of ${workers}`;
+        if (end.busy !== 0 || end.lent !== 0) return `${what}: the staging holds ${end.busy} bytes handed out and ${end.lent} lent once every call settled`;
+        if (disposal?.error) return `${what}: dispose() while a replacement starts rejected with ${errStr(disposal.error)}`;
+        if (afterDispose && !isCode(afterDispose.error, 'DISPOSED')) return `${what}: a call after dispose() ${afterDispose.error ? `rejected with ${errStr(afterDispose.error)}` : 'resolved'}, expected DISPOSED`;
+        return null;
+      },
+    };
+  },
+};
+
 /** The targets of this file, with their weights (fuzz.mjs draws them with the session-53 ones). */
 export const ENGINES_TARGETS = [
   [shardedEngines, 1],
   [neighbourDispose, 1],
   [aliasedInputs, 1],
   [devicePlanLifecycle, 1],
+  [workerChurn, 1],
 ];

@@ -398,12 +398,13 @@ const devicePlanLifecycle = {
     const ratio = rng.pick([0, 4, 128]);
     const { sc, layer, window } = layerScenario(rng, hooks, ratio);
     if (layer.topkIndices && layer.topkIndices.shape.length === 3) layer.topkIndices = tensor('int32', [layer.topkIndices.shape[0], layer.topkIndices.shape[2]], layer.topkIndices.data);
-    const STEPS = ['own', 'own', 'fresh', 'fresh', 'peer', 'release', 'both', 'disposeFresh', 'settleDropped'];
+    // from seed DEVICE_PLAN_HOST_FROM_SEED also a layer of the plan on a host (wasm) engine, alone or at once with a device one
+    const STEPS = ['own', 'own', 'fresh', 'fresh', 'peer', 'release', 'both', 'disposeFresh', 'settleDropped', ...(hooks.seed >= DEVICE_PLAN_HOST_FROM_SEED ? ['host', 'hostAndOwn'] : [])];
     const steps = Array.from({ length: rng.int(2, 6) }, () => ({ kind: rng.pick(STEPS), output: rng.pick(['device', 'device', 'host']), later: rng.uniform() < 0.3 }));
     // the fresh engine's layer after it was disposed, where a step disposed it
     if (steps.some((s) => s.kind === 'disposeFresh') && rng.uniform() < 0.5) steps.push({ kind: 'fresh', output: 'device', later: false });
     let plan;
-    const what = `c${ratio} plan, ${sc.numQueries} queries: ${steps.map((s) => `${s.kind}${['own', 'fresh', 'peer', 'both'].includes(s.kind) ? `(${s.output}${s.later ? ', dropped later' : ''})` : ''}`).join(', ')}`;
+    const what = `c${ratio} plan, ${sc.numQueries} queries: ${steps.map((s) => `${s.kind}${['own', 'fresh', 'peer', 'both', 'hostAndOwn'].includes(s.kind) ? `(${s.output}${s.later ? ', dropped later' : ''})` : ''}`).join(', ')}`;
     return {
       args: [],
       describe: what,
@@ -414,14 +415,15 @@ const devicePlanLifecycle = {
       call: async () => {
         const fresh = await env.freshEngine();
         const peer = (await env.engineOn(env.engine.device === 0 ? 1 : 0)) ?? env.engine;
-        const engines = { own: env.engine, fresh, peer };
+        const host = steps.some((s) => s.kind.startsWith('host')) ? await createEngine({ backend: 'wasm', workers: 1 }) : null;
+        const engines = { own: env.engine, fresh, peer, host };
         let freshDisposed = false;
         const out = [];
         // a layer's outputs, device ones read back by their engine (an engine of the buffers' device) and freed
         const layerOn = (which, s) =>
           settle(async () => {
             const e = engines[which];
-            const r = await prefillLayer(e, { ...layer, plan }, { output: s.output, ...(s.later ? { dropped: 'later' } : {}) });
+            const r = await prefillLayer(e, { ...layer, plan }, { output: which === 'host' ? 'host' : s.output, ...(s.later ? { dropped: 'later' } : {}) });
             const reader = which === 'fresh' && freshDisposed ? env.engine : e;
             const back = {};
             for (const k of ['out', 'lse', 'maxLogits']) {
@@ -443,6 +445,10 @@ const devicePlanLifecycle = {
             else if (s.kind === 'both') {
               const [a, b] = await Promise.all([layerOn('own', s), layerOn('peer', s)]);
               out.push({ label: `${label} (own)`, layer: a }, { label: `${label} (peer)`, layer: b });
+            } else if (s.kind === 'host') out.push({ label, layer: await layerOn('host', s), host: true });
+            else if (s.kind === 'hostAndOwn') {
+              const [a, b] = await Promise.all([layerOn('host', s), layerOn('own', s)]);
+              out.push({ label: `${label} (host)`, layer: a, host: true }, { label: `${label} (own)`, layer: b });
             } else if (s.kind === 'release') out.push({ label, other: await settle(() => plan.release()) });
             else if (s.kind === 'disposeFresh') {
               freshDisposed = true;
@@ -451,6 +457,7 @@ const devicePlanLifecycle = {
           }
         } finally {
           await fresh.dispose();
+          await host?.dispose();
         }
         return out;
       },
@@ -464,7 +471,8 @@ const devicePlanLifecycle = {
             if (r.layer.error) return `${what}: ${r.label}: the layer rejected: ${errStr(r.layer.error)}`;
             const got = r.layer.value;
             // a count read later (null: a device c4 layer's, with { dropped: 'later' }): judged by the shapes only
-            const p = judgeLayer(got.dropped === null ? { ...got, dropped: 0 } : got, sc, layer, stub || got.dropped === null);
+            // (a host engine's layer computes on the stub too: judged by its values)
+            const p = judgeLayer(got.dropped === null ? { ...got, dropped: 0 } : got, sc, layer, (stub && !r.host) || got.dropped === null);
             if (p) return `${what}: ${r.label}: ${p}`;
           } else if (r.other?.error) return `${what}: ${r.label}: ${errStr(r.other.error)}`;
         }
@@ -473,6 +481,9 @@ const devicePlanLifecycle = {
     };
   },
 };
+
+/** The first seed whose devicePlanLifecycle cases may run a layer of the plan on a host engine too. */
+export const DEVICE_PLAN_HOST_FROM_SEED = 201;
 
 /** The first seed that draws workerChurn. */
 export const CHURN_FROM_SEED = 199;

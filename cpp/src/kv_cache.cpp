@@ -123,7 +123,7 @@ SMLA_TILE_INLINE void dequant_tile64(const uint8_t* q, float scale_f, void* out)
     }
   }
 }
-#elif defined(SMLA_SIMD_AVX2)
+#elif defined(SMLA_SIMD_AVX2) || defined(SMLA_SIMD_AVX512)
 // kF32: the low halves cleared (a float32 row); the bf16 output shifts them out instead.
 template <bool kF32, bool kExact>
 inline __m256i dequant8(__m256i u, __m256 scale) {

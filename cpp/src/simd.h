@@ -1,10 +1,13 @@
 // A small float-vector abstraction for the CPU core: one set of kernels, compiled to WASM SIMD128,
-// AVX2+FMA, NEON (AArch64), SSE2 or plain scalar code. W is the lane count; madd(a, b, c) =
-// a * b + c (fused only where the target has FMA: AVX2+FMA and AArch64, whose Advanced SIMD always
-// has it; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
+// AVX-512, AVX2+FMA, NEON (AArch64), SSE2 or plain scalar code. W is the lane count; madd(a, b, c) =
+// a * b + c (fused only where the target has FMA: AVX-512, AVX2+FMA and AArch64, whose Advanced
+// SIMD always has it; Node 20's WASM has no relaxed SIMD, so there it is mul + add).
+// AVX-512 (F, BW, VL, DQ: x86-64-v4) is taken where the compiler targets it, unless
+// SMLA_SIMD_NO_AVX512 is defined (then AVX2); it is the AVX2 path's arithmetic on 16 lanes.
 // SMLA_SIMD_HAS_EXP: the target also has exp, max, hmax and the lane masks the vector softmax
-// uses (WASM only: there libm's expf is scalar WASM code, a visible part of the kernel's time;
-// native builds keep libm's expf, where a vector exp gave no measurable gain).
+// uses (WASM, where libm's expf is scalar WASM code, a visible part of the kernel's time, and
+// AVX-512, whose faster dot products leave libm's expf a visible share; AVX2 and the others keep
+// libm's expf, where a vector exp gave no measurable gain).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -12,6 +15,20 @@
 #if defined(__wasm_simd128__)
 #include <wasm_simd128.h>
 #define SMLA_SIMD_WASM 1
+#elif defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__) && !defined(SMLA_SIMD_NO_AVX512)
+// GCC 12's AVX-512 intrinsics warn of their own placeholder operand (_mm512_undefined_*) once
+// inlined; the warning points into the header, so it is silenced for the header's lines only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#define SMLA_SIMD_AVX512 1
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SMLA_SIMD_AVX2 1
@@ -84,6 +101,69 @@ static inline lanes first_lanes(int n) {  // lanes [0, n)
   return wasm_i32x4_gt(wasm_i32x4_splat(n), wasm_i32x4_make(0, 1, 2, 3));
 }
 static inline vf select(lanes m, vf a, vf b) { return wasm_v128_bitselect(a, b, m); }  // m ? a : b
+
+#elif defined(SMLA_SIMD_AVX512)
+constexpr int W = 16;
+typedef __m512 vf;
+static inline vf zero() { return _mm512_setzero_ps(); }
+static inline vf set1(float x) { return _mm512_set1_ps(x); }
+static inline vf load_splat(const float* p) { return _mm512_set1_ps(*p); }
+static inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+static inline void store(float* p, vf v) { _mm512_storeu_ps(p, v); }
+static inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf madd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float hsum(vf v) {
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+static inline vf load_bf16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+#define SMLA_SIMD_HAS_EXP 1
+// e^x as the WASM path computes it (same constants and steps; the polynomial's steps fused), held
+// to the same 1-ulp bound. x86's min / max return their second operand when either is NaN: the
+// clamp puts x second, so NaN stays NaN.
+static inline vf exp(vf x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
+  vf r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+  vf y = _mm512_set1_ps(1.9875691500e-4f);
+  y = madd(y, r, _mm512_set1_ps(1.3981999507e-3f));
+  y = madd(y, r, _mm512_set1_ps(8.3334519073e-3f));
+  y = madd(y, r, _mm512_set1_ps(4.1665795894e-2f));
+  y = madd(y, r, _mm512_set1_ps(1.6666665459e-1f));
+  y = madd(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  y = madd(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
+  const __m512i ni = _mm512_cvttps_epi32(n);
+  const __m512i n1 = _mm512_srai_epi32(ni, 1);
+  const __m512i bias = _mm512_set1_epi32(127);
+  y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23)));
+  return _mm512_mul_ps(
+      y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, n1), bias), 23)));
+}
+static inline vf max(vf a, vf b) {  // NaN if either lane is NaN
+  return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
+}
+static inline float hmax(vf v) {
+  v = max(v, _mm512_shuffle_f32x4(v, v, 0x4e));  // 256-bit halves swapped
+  v = max(v, _mm512_shuffle_f32x4(v, v, 0xb1));  // 128-bit quarters swapped in pairs
+  v = max(v, _mm512_permute_ps(v, 0x4e));
+  return _mm512_cvtss_f32(max(v, _mm512_permute_ps(v, 0xb1)));
+}
+typedef __mmask16 lanes;  // a lane mask: one bit a lane
+static inline lanes first_lanes(int n) { return lanes((1u << n) - 1u); }  // lanes [0, n), n <= 16
+static inline vf select(lanes m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
 
 #elif defined(SMLA_SIMD_AVX2)
 constexpr int W = 8;
@@ -179,6 +259,15 @@ static inline void touch_lines(const void* p, int64_t bytes) {
   const volatile uint8_t* b = static_cast<const volatile uint8_t*>(p);
   for (int64_t i = 0; i < bytes; i += 64) (void)b[i];
   if (bytes > 0) (void)b[bytes - 1];  // the last line, when p is not line-aligned
+}
+#elif defined(SMLA_SIMD_AVX512) && !defined(SMLA_SIMD_NO_PREFETCH)
+// AVX-512's kernels wait on the gathers' cache misses for a larger share of their time: the next
+// block's rows are prefetched the same way (prefetcht0 of every line).
+#define SMLA_SIMD_TOUCH_AHEAD 1
+static inline void touch_lines(const void* p, int64_t bytes) {
+  const char* b = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(b + i, _MM_HINT_T0);
+  if (bytes > 0) _mm_prefetch(b + bytes - 1, _MM_HINT_T0);
 }
 #endif
 

@@ -14,6 +14,20 @@
 #include "sparse_mla/formats.h"
 #include "sparse_mla/online_softmax.h"
 
+// SMLA_BF16_DOT: S = Q·Kᵀ with AVX512_BF16's vdpbf16ps, straight on the bf16 values (twice the
+// multiply-adds of an fp32 FMA an instruction), where the target has it (x86-64 -march=native on
+// Zen 4 / 5, Sapphire Rapids and later). bf16 products are exact in fp32 and each of the
+// instruction's two steps is an fp32 FMA rounded to nearest even, as the fp32 path's; what differs is
+// that it reads subnormal inputs as 0 and flushes subnormal results to 0 (whatever MXCSR says). So a
+// block takes it only when that cannot move a logit measurably (use_bf16_dot): no bf16 subnormal in
+// the query or the block's rows (a subnormal times a huge value can be a logit's whole size), and
+// |smScale| · dQK ≤ 2^80 (each flushed step moves the dot by less than 2^-126, so a logit moves by
+// less than 2^-46: far below SPEC §4's bounds). Other blocks take the fp32 path. P·V stays fp32:
+// V's subnormals count there.
+#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__) && !defined(SMLA_SIMD_NO_BF16_DOT)
+#define SMLA_BF16_DOT 1
+#endif
+
 namespace smla {
 namespace cpu {
 
@@ -36,6 +50,9 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 //   per-block rescales of O). WASM has no FMA in Node 20 (a temporary register per mul + add)
 //   and V8 allocates 15 of the 16 xmm registers: 8 accumulators a tile; AVX2's tiles and 32-row
 //   blocks, and 9- or 10-accumulator tiles, measured slower there.
+// - AVX-512 (32 registers of 16 lanes): AVX2's shapes. Measured against logits 8x2, 12x2, 6x4 and
+//   P·V 8x2, 6x4 and 64-row blocks (bench/cpu_core_ab.sh; hQ 64 / 128): none differed beyond the
+//   noise, and AVX2's shapes keep the same head groups (64 heads = 10 · 6 + 4).
 // - NEON (not measured: no arm64 machine here; qemu timings mean nothing), by register count:
 //   AArch64 has 32 registers of 4 lanes; Neoverse N1 runs 2 FMLA a cycle, V1 / V2 run 4, each with
 //   a latency of 4 cycles (Arm's optimization guides), so 16 independent accumulators keep every
@@ -47,7 +64,7 @@ static inline void* scratch_alloc(int64_t count, int64_t elem) {
 struct TileShapes {
   int kblock, logit_hb, logit_rb, pv_hb, pv_db;
 };
-#if defined(SMLA_SIMD_AVX2)
+#if defined(SMLA_SIMD_AVX512) || defined(SMLA_SIMD_AVX2)
 constexpr TileShapes kTileShapes{32, 6, 2, 6, 2};
 #elif defined(SMLA_SIMD_NEON)
 constexpr TileShapes kTileShapes{16, 4, 4, 4, 4};
@@ -78,6 +95,9 @@ struct AttentionScratch {
   float* q = nullptr;      // [h_q, d_qk] the query in float32
   float* acc = nullptr;    // [h_q, d_v] unnormalized output
   float* k = nullptr;      // [kBlock, d_qk] gathered KV rows in float32 (V = first d_v dims)
+#if defined(SMLA_BF16_DOT)
+  uint16_t* kb = nullptr;  // [kBlock, d_qk] the same rows as bf16, for vdpbf16ps
+#endif
   float* s = nullptr;      // [h_q, kBlock] logits, then probabilities
   SoftmaxRow* rows = nullptr;  // [h_q]
 
@@ -87,6 +107,10 @@ struct AttentionScratch {
     k = static_cast<float*>(scratch_alloc(kBlock * d_qk, sizeof(float)));
     s = static_cast<float*>(scratch_alloc(h_q * kBlock, sizeof(float)));
     rows = static_cast<SoftmaxRow*>(scratch_alloc(h_q, sizeof(SoftmaxRow)));
+#if defined(SMLA_BF16_DOT)
+    kb = static_cast<uint16_t*>(scratch_alloc(kBlock * d_qk, sizeof(uint16_t)));
+    if (!kb) return false;
+#endif
     return q && acc && k && s && rows;
   }
   void release() {
@@ -95,6 +119,10 @@ struct AttentionScratch {
     free(k);
     free(s);
     free(rows);
+#if defined(SMLA_BF16_DOT)
+    free(kb);
+    kb = nullptr;
+#endif
     q = acc = k = s = nullptr;
     rows = nullptr;
   }
@@ -140,6 +168,78 @@ static inline void block_logits(const float* q, const float* k, float* s, int h_
     for (; h + 2 <= h_q; h += 2) logits_rows<2, RB>(q, k, s, d_qk, h, nb);
   for (; h < h_q; ++h) logits_rows<1, RB>(q, k, s, d_qk, h, nb);
 }
+
+#if defined(SMLA_BF16_DOT)
+// Whether x[0, n) (bf16 bits, n a multiple of 32) holds a subnormal: exponent field 0, fraction not.
+static inline bool has_bf16_subnormal(const uint16_t* x, int64_t n) {
+  const __m512i exp_bits = _mm512_set1_epi16(0x7f80), frac_bits = _mm512_set1_epi16(0x007f);
+  __mmask32 sub = 0;
+  for (int64_t j = 0; j < n; j += 32) {
+    const __m512i b = _mm512_loadu_si512(x + j);
+    sub |= _mm512_testn_epi16_mask(b, exp_bits) & _mm512_test_epi16_mask(b, frac_bits);
+  }
+  return sub != 0;
+}
+
+// The bf16 bits of n float32 values that are bf16 values (the gathered rows): their top halves.
+// Returns whether one is a bf16 subnormal. n is a multiple of 16.
+static inline bool pack_bf16_rows(const float* src, uint16_t* dst, int64_t n) {
+  const __m256i exp_bits = _mm256_set1_epi16(0x7f80), frac_bits = _mm256_set1_epi16(0x007f);
+  __mmask16 sub = 0;
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m256i b =
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(src + j)), 16));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), b);
+    sub |= _mm256_testn_epi16_mask(b, exp_bits) & _mm256_test_epi16_mask(b, frac_bits);
+  }
+  return sub != 0;
+}
+
+// logits_tile on bf16 q and k rows: 32 values of d a step, vdpbf16ps summing pairs into 16 lanes.
+template <int HB, int RB>
+static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
+  __m512 a[HB][RB];
+  for (int h = 0; h < HB; ++h)
+    for (int r = 0; r < RB; ++r) a[h][r] = _mm512_setzero_ps();
+  const uint16_t* qp[HB];
+  const uint16_t* kp[RB];
+  for (int h = 0; h < HB; ++h) qp[h] = q + int64_t(h0 + h) * d_qk;
+  for (int r = 0; r < RB; ++r) kp[r] = k + int64_t(r0 + r) * d_qk;
+  for (int d = 0; d < d_qk; d += 32) {
+    __m512bh kv[RB];
+    for (int r = 0; r < RB; ++r) kv[r] = (__m512bh)_mm512_loadu_si512(kp[r] + d);
+    for (int h = 0; h < HB; ++h) {
+      const __m512bh qv = (__m512bh)_mm512_loadu_si512(qp[h] + d);
+      for (int r = 0; r < RB; ++r) a[h][r] = _mm512_dpbf16_ps(a[h][r], qv, kv[r]);
+    }
+  }
+  for (int h = 0; h < HB; ++h)
+    for (int r = 0; r < RB; ++r) s[int64_t(h0 + h) * kBlock + r0 + r] = simd::hsum(a[h][r]);
+}
+
+template <int HB, int RB>
+static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
+  int r = 0;
+  for (; r + RB <= nb; r += RB) logits_tile_bf16<HB, RB>(q, k, s, d_qk, h0, r);
+  for (; r < nb; ++r) logits_tile_bf16<HB, 1>(q, k, s, d_qk, h0, r);
+}
+
+// block_logits through vdpbf16ps, the fp32 path's tile shape (6 x 4, 8 x 2 and 12 x 2 measured no
+// faster beyond the noise).
+static inline void block_logits_bf16(const uint16_t* q, const uint16_t* k, float* s, int h_q, int d_qk, int nb) {
+  constexpr int HB = SMLA_LOGIT_HB, RB = SMLA_LOGIT_RB;
+  int h = 0;
+  for (; h + HB <= h_q; h += HB) logits_rows_bf16<HB, RB>(q, k, s, d_qk, h, nb);
+  if (HB > 2)
+    for (; h + 2 <= h_q; h += 2) logits_rows_bf16<2, RB>(q, k, s, d_qk, h, nb);
+  for (; h < h_q; ++h) logits_rows_bf16<1, RB>(q, k, s, d_qk, h, nb);
+}
+
+// The scale condition of SMLA_BF16_DOT (false for NaN and ±inf).
+static inline bool bf16_dot_scale_ok(float sm_scale, int d_qk) {
+  return fabsf(sm_scale) * float(d_qk) <= 0x1p80f;
+}
+#endif
 
 // acc[h, d0 : d0 + DB*W] += Σ_r p[h, r] · v[r, ...] for h in [h0, h0+HB).
 template <int HB, int DB>
@@ -285,13 +385,21 @@ static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int
   const int64_t an = int64_t(h_q) * d_v;
   for (int64_t j = 0; j < an; j += simd::W) simd::store(sc.acc + j, simd::zero());
   for (int h = 0; h < h_q; ++h) sc.rows[h] = softmax_row_init();
+#if defined(SMLA_BF16_DOT)
+  const bool bf16_dot_query = bf16_dot_scale_ok(sm_scale, d_qk) && !has_bf16_subnormal(q_bf16, qn);
+#endif
 
   for (int64_t start = 0; start < n_valid; start += kBlock) {
     const int nb = int(n_valid - start < kBlock ? n_valid - start : kBlock);
     fill(start, nb, sc.k);
     // A short last block: zero the unused rows so that P·V can run the whole block (0 · 0).
     if (nb < kBlock) memset(sc.k + int64_t(nb) * d_qk, 0, size_t(kBlock - nb) * size_t(d_qk) * sizeof(float));
-    block_logits(sc.q, sc.k, sc.s, h_q, d_qk, nb);
+#if defined(SMLA_BF16_DOT)
+    if (bf16_dot_query && !pack_bf16_rows(sc.k, sc.kb, int64_t(nb) * d_qk))
+      block_logits_bf16(q_bf16, sc.kb, sc.s, h_q, d_qk, nb);
+    else
+#endif
+      block_logits(sc.q, sc.k, sc.s, h_q, d_qk, nb);
     block_softmax(sc.s, sc.rows, sc.acc, h_q, d_v, nb, sm_scale);
     block_pv(sc.s, sc.k, sc.acc, h_q, d_qk, d_v);
   }

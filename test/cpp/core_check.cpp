@@ -178,6 +178,7 @@ void ref_dequant_v32(const uint8_t* cache, int64_t id, double* out) {
 // ---------------------------------------------------------------- attention reference (SPEC §4)
 struct RefOut {
   std::vector<double> out, max_logits, lse;
+  std::vector<double> mag;  // SPEC §4's Σ_k w_k · |kv[idx_k, c]|, the scale of out's bound
 };
 
 // rows_of(i) returns the list of valid KV rows (as pointers to double vectors of length d_qk).
@@ -186,6 +187,7 @@ RefOut ref_attention(const std::vector<double>& q, int64_t s_q, int h_q, int d_q
                      RowsOf rows_of, double scale, const float* sink) {
   RefOut r;
   r.out.assign(size_t(s_q * h_q * d_v), 0.0);
+  r.mag.assign(size_t(s_q * h_q * d_v), 0.0);
   r.max_logits.assign(size_t(s_q * h_q), 0.0);
   r.lse.assign(size_t(s_q * h_q), 0.0);
   for (int64_t i = 0; i < s_q; ++i) {
@@ -222,9 +224,13 @@ RefOut ref_attention(const std::vector<double>& q, int64_t s_q, int h_q, int d_q
       r.max_logits[o] = mx;
       r.lse[o] = lse;
       for (int d = 0; d < d_v; ++d) {
-        double acc = 0;
-        for (size_t k = 0; k < rows.size(); ++k) acc += exp(p[k] - lse_all) * rows[k][d];
+        double acc = 0, mag = 0;
+        for (size_t k = 0; k < rows.size(); ++k) {
+          acc += exp(p[k] - lse_all) * rows[k][d];
+          mag += exp(p[k] - lse_all) * fabs(rows[k][d]);
+        }
         r.out[o * d_v + d] = acc;
+        r.mag[o * d_v + d] = mag;
       }
     }
   }
@@ -415,6 +421,88 @@ void check_prefill(const PrefillCase& c) {
   }
 }
 
+// SPEC §4's elementwise bounds (out: 2^-7 · mag + 1e-6; lse: 1e-6 + 2^-15 · max(|lse|, |maxLogits|);
+// maxLogits: 1e-6 + 2^-15 · |maxLogits|) against the float64 reference, where it is finite;
+// prints the worst ratio error / bound of each tensor.
+void expect_within_bounds(const std::string& ctx, const std::vector<uint16_t>& out, const std::vector<float>& ml,
+                          const std::vector<float>& lse, const RefOut& ref) {
+  double worst_out = 0, worst_lse = 0, worst_ml = 0;
+  for (size_t i = 0; i < out.size(); ++i)
+    if (isfinite(ref.out[i]))
+      worst_out = std::max(worst_out, fabs(bf16_value(out[i]) - ref.out[i]) / (ldexp(ref.mag[i], -7) + 1e-6));
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (isfinite(ref.lse[i]))
+      worst_lse = std::max(worst_lse, fabs(double(lse[i]) - ref.lse[i]) /
+                                          (1e-6 + ldexp(std::max(fabs(ref.lse[i]), fabs(ref.max_logits[i])), -15)));
+    if (isfinite(ref.max_logits[i]))
+      worst_ml = std::max(worst_ml, fabs(double(ml[i]) - ref.max_logits[i]) / (1e-6 + ldexp(fabs(ref.max_logits[i]), -15)));
+  }
+  // NaN ratios (a NaN where the reference is finite) fail too
+  expect(worst_out <= 1 && worst_lse <= 1 && worst_ml <= 1,
+         ctx + ": worst error / bound: out " + std::to_string(worst_out) + ", lse " + std::to_string(worst_lse) +
+             ", maxLogits " + std::to_string(worst_ml));
+  printf("  %s: worst error / bound: out %.3g, lse %.3g, maxLogits %.3g\n", ctx.c_str(), worst_out, worst_lse, worst_ml);
+}
+
+// bf16 bits: sign, exponent field e (0: subnormal) and a random nonzero fraction.
+uint16_t random_bf16_with_exponent(int e) {
+  return uint16_t((randint(0, 1) << 15) | (e << 7) | randint(1, 127));
+}
+
+// Data and scales at float32's edges, judged by SPEC §4's bounds: where a kernel that reads bf16
+// subnormals as 0, or flushes subnormal partial sums of Q·Kᵀ to 0 (AVX512_BF16's vdpbf16ps does
+// both), gets logits wrong by their whole size. Each case against the float64 reference:
+// - kv subnormal, q huge (2^120 .. 2^121): every product q·k a normal float, logits of order 1;
+// - q subnormal, kv huge: the same the other way round;
+// - q and kv about 2^-64, smScale 2^124: every product a float32 subnormal, logits of order 1;
+// - the same data with smScale 2^71 (|smScale| · dQK = 2^80): a large scale where flushing changes
+//   a logit by far less than the bounds.
+// (Normal data at such scales is no test of any float32 kernel: logits of 2^70 that nearly tie
+// differ by more than float32's rounding of them.)
+void check_prefill_extreme_values() {
+  const int h_q = 16, d_qk = 512, d_v = 512, s_kv = 80, topk = 72, s_q = 3;
+  struct Case {
+    const char* name;
+    int q_exp, kv_exp;  // bf16 exponent fields (0: subnormal)
+    float scale;
+  };
+  const Case cases[] = {
+      {"kv subnormal, q huge", 127 + 120, 0, 0.0625f},
+      {"q subnormal, kv huge", 0, 127 + 120, 0.0625f},
+      {"products subnormal, smScale 2^124", 127 - 64, 127 - 64, 0x1p124f},
+      {"products subnormal, smScale 2^71", 127 - 64, 127 - 64, 0x1p71f},
+  };
+  for (const Case& c : cases) {
+    std::vector<uint16_t> q(size_t(s_q * h_q * d_qk)), kv(size_t(s_kv * d_qk));
+    for (auto& x : q) x = random_bf16_with_exponent(c.q_exp);
+    for (auto& x : kv) x = random_bf16_with_exponent(c.kv_exp);
+    // two and a quarter blocks of rows a query, some twice
+    std::vector<int32_t> idx(size_t(s_q * topk));
+    for (auto& x : idx) x = int32_t(randint(0, s_kv - 1));
+    std::vector<uint16_t> out(size_t(s_q * h_q * d_v));
+    std::vector<float> ml(size_t(s_q * h_q)), lse(size_t(s_q * h_q));
+    const std::string ctx = std::string("extreme values: ") + c.name;
+    expect(core(smla_sparse_prefill_params{.q = q.data(), .kv = kv.data(), .indices = idx.data(), .s_q = s_q,
+                                           .h_q = h_q, .d_qk = d_qk, .d_v = d_v, .s_kv = s_kv, .topk = topk,
+                                           .sm_scale = c.scale, .out = out.data(), .max_logits = ml.data(),
+                                           .lse = lse.data()}) == SMLA_OK,
+           ctx + ": status");
+    const auto qd = values_of(q), kvd = values_of(kv);
+    const RefOut ref = ref_attention(qd, s_q, h_q, d_qk, d_v,
+                                     [&](int64_t i) {
+                                       std::vector<const double*> rows;
+                                       for (int k = 0; k < topk; ++k)
+                                         rows.push_back(&kvd[size_t(idx[size_t(i * topk + k)]) * d_qk]);
+                                       return rows;
+                                     },
+                                     double(c.scale), nullptr);
+    expect_placement("out", ctx, out.size(), [&](size_t i) { return bf16_value(out[i]); }, ref.out);
+    expect_placement("maxLogits", ctx, ml.size(), [&](size_t i) { return double(ml[i]); }, ref.max_logits);
+    expect_placement("lse", ctx, lse.size(), [&](size_t i) { return double(lse[i]); }, ref.lse);
+    expect_within_bounds(ctx, out, ml, lse, ref);
+  }
+}
+
 // One valid entry per row, no sink: its weight is exactly 1, so out is that kv row's first dV
 // values bit for bit and lse = maxLogits.
 void check_prefill_single_entry() {
@@ -517,7 +605,7 @@ void check_prefill_special() {
 }
 
 #if defined(SMLA_SIMD_HAS_EXP)
-// The vector exp of the softmax (WASM): every lane within 1 ulp of e^x rounded to float32 (the
+// The vector exp of the softmax (WASM, AVX-512): every lane within 1 ulp of e^x rounded to float32 (the
 // reference in double), on a sweep of the whole range in random lane order, and exactly at the
 // special points: e^±0 = 1, NaN stays NaN, −inf and far below the subnormals give 0, overflow +inf.
 void check_vector_exp() {
@@ -547,9 +635,11 @@ void check_vector_exp() {
   expect(bad == 0, "vector exp: " + std::to_string(bad) + " of " + std::to_string(xs.size()) +
                        " values off by more than 1 ulp (worst " + std::to_string(worst) + " at x = " +
                        std::to_string(worst_x) + ")");
-  const float special[8] = {0.0f, -0.0f, NAN, -INFINITY, INFINITY, -200.0f, 89.0f, -103.2789f};
-  float got[8];
-  for (int i = 0; i < 8; i += smla::simd::W) smla::simd::store(got + i, smla::simd::exp(smla::simd::load(special + i)));
+  // padded with zeros to a whole vector of the widest target (16 lanes)
+  const float special[16] = {0.0f, -0.0f, NAN, -INFINITY, INFINITY, -200.0f, 89.0f, -103.2789f};
+  float got[16];
+  static_assert(16 % smla::simd::W == 0, "whole vectors");
+  for (int i = 0; i < 16; i += smla::simd::W) smla::simd::store(got + i, smla::simd::exp(smla::simd::load(special + i)));
   expect(got[0] == 1.0f && got[1] == 1.0f, "vector exp: e^0 = e^-0 = 1 exactly");
   expect(isnan(got[2]), "vector exp: NaN -> NaN");
   expect(got[3] == 0.0f && got[5] == 0.0f, "vector exp: -inf and -200 -> 0");
@@ -1257,6 +1347,7 @@ int main() {
 #endif
   check_prefill_special();
   check_prefill_single_entry();
+  check_prefill_extreme_values();
   IndexOpts plain{0.1, 0.05, 0.1};
   IndexOpts heavy{0.5, 0.3, 0.25};
   const PrefillCase cases[] = {

@@ -3,7 +3,7 @@
  * reached a backend with bad input, or answered wrongly before its fix. Each runs on the wasm engine
  * and, where the addon is built, on the cpu engine too.
  */
-import { existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
@@ -39,6 +39,20 @@ beforeAll(async () => {
 afterAll(async () => {
   for (const e of engines) await e.dispose();
 });
+
+/**
+ * A folder's files as an older library wrote them, beside those already there (the writers refuse a
+ * folder mixing formats of one tensor since 93b65ad): `write` into a folder of its own, its files copied into `dir`.
+ */
+async function writtenBeside(dir: string, write: (d: string) => Promise<unknown>): Promise<void> {
+  const own = mkdtempSync(join(tmpdir(), 'sparse-mla-findings-beside-'));
+  try {
+    await write(own);
+    for (const f of readdirSync(own)) copyFileSync(join(own, f), join(dir, f));
+  } finally {
+    rmSync(own, { recursive: true, force: true });
+  }
+}
 
 async function expectTyped(call: () => unknown, code: string, argument?: string): Promise<void> {
   const e = await errorOf(call);
@@ -1853,10 +1867,12 @@ describe("a prefill folder of the library's two .safetensors files (session 55, 
     for (const k of ['out', 'lse', 'maxLogits'] as const) expect(bytesOf(outs[k].data as ArrayBufferView), k).toEqual(bytesOf(outputs[k].data));
     expect([back.shapes.sQ, back.shapes.hQ, back.shapes.dV]).toEqual([shapes.sQ, shapes.hQ, shapes.dV]);
 
-    // the same name in two files: which one to read is not the library's to guess
+    // the same name in two files: which one to read is not the library's to guess (the writers refuse to
+    // make such a folder since 93b65ad: its second file is copied in, as an older library wrote it)
     const twice = folder();
     await io.writePrefillDir(twice, args, { format: 'safetensors', outputs });
-    await io.writePrefillOutputs(twice, outputs, 'safetensors');
+    await expectTyped(() => io.writePrefillOutputs(twice, outputs, 'safetensors'), 'INVALID_VALUE', twice);
+    await writtenBeside(twice, (d) => io.writePrefillOutputs(d, outputs, 'safetensors'));
     for (const call of [() => io.loadPrefillInputs(twice), () => io.loadPrefillOutputs(twice, shapes), () => io.PrefillDir.open(twice)]) {
       const e = await errorOf(call);
       expect(e).toBeInstanceOf(SparseMlaError);
@@ -2003,7 +2019,9 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
     const dir = folder();
     await io.writePrefillDir(dir, args);
     await io.writePrefillOutputs(dir, outputs, 'npy');
-    await io.writePrefillOutputs(dir, other, 'safetensors');
+    // (the writers refuse to make such a folder since 93b65ad: the second run's file copied in, as an older library wrote it)
+    await expectTyped(() => io.writePrefillOutputs(dir, other, 'safetensors'), 'INVALID_VALUE', dir);
+    await writtenBeside(dir, (d) => io.writePrefillOutputs(d, other, 'safetensors'));
     const shapes = { sQ: args.q.shape[0]!, hQ: args.q.shape[1]!, dV: 64 };
     for (const call of [() => io.loadPrefillOutputs(dir, shapes), () => io.loadPrefillInputs(dir), () => io.PrefillDir.open(dir)]) {
       const e = await errorOf(call);
@@ -2016,7 +2034,8 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
     // the inputs likewise: q.npy beside a prefill.safetensors holding q
     const inputs = folder();
     await io.writePrefillDir(inputs, args);
-    await io.writePrefillDir(inputs, args, { format: 'safetensors' });
+    await expectTyped(() => io.writePrefillDir(inputs, args, { format: 'safetensors' }), 'INVALID_VALUE', inputs);
+    await writtenBeside(inputs, (d) => io.writePrefillDir(d, args, { format: 'safetensors' }));
     const e = await errorOf(() => io.loadPrefillInputs(inputs));
     expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', inputs]);
     expect((e as SparseMlaError).message).toMatch(/tensor '(q|kv|indices|attn_sink)' is in both \1\.npy and prefill\.safetensors/);

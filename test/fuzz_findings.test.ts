@@ -7,8 +7,8 @@ import { copyFileSync, existsSync, mkdtempSync, readdirSync, rmSync, writeFileSy
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
-import type { Engine, PagedSparseAttentionArgs, SparsePrefillArgs, Tensor } from '../dist/index.js';
+import { SparseMlaError, ShardedPlan, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
+import type { Engine, PagedSparseAttentionArgs, Shard, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../dist/io/index.js';
 import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -2039,5 +2039,50 @@ describe('the CLI and the io writers under hostile paths and folders, the fuzzer
     const e = await errorOf(() => io.loadPrefillInputs(inputs));
     expect([(e as SparseMlaError).code, (e as SparseMlaError).argument]).toEqual(['INVALID_VALUE', inputs]);
     expect((e as SparseMlaError).message).toMatch(/tensor '(q|kv|indices|attn_sink)' is in both \1\.npy and prefill\.safetensors/);
+  });
+});
+
+describe("a ShardedPlan is one createShardedPlan made, as a Plan is one createPlan made (session 57, helper-77, by hand after the fuzzer's shardedEngines target)", () => {
+  function shardedCase(split: 'queries' | 'heads') {
+    const sc = randomScenario(rng, [rng.int(20, 80), rng.int(5, 30)], [rng.int(3, 7), rng.int(2, 5)]);
+    const hQ = rng.int(2, 4);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512));
+    const plan = createShardedPlan(sc.chunk, { shards: 2, split, window: 128 });
+    const smScale = 1 / Math.sqrt(576);
+    const reference = () => prefillLayerReference({ chunk: sc.ref, compressRatio: 0, q, caches, smScale });
+    return { sc, hQ, caches, q, plan, smScale, reference };
+  }
+
+  test.each(['queries', 'heads'] as const)('prefillLayerSharded (split by %s) refuses with INVALID_VALUE naming plan one made by the public constructor (shards repeated: it resolved with the rows no shard computed left 0), an object inheriting from ShardedPlan.prototype (was TypeError reading shards), a Proxy of a real one and an object inheriting from it; the real one is right', async (split) => {
+    const { sc, hQ, caches, q, plan, smScale, reference } = shardedCase(split);
+    const args = (p: unknown) => ({ q, compressRatio: 0 as const, plan: p as ShardedPlan, caches, smScale });
+    const fakes: unknown[] = [
+      new ShardedPlan(split, [plan.shards[0]!, plan.shards[0]!], plan.numQueries),
+      new ShardedPlan(split, plan.shards, plan.numQueries),
+      Object.create(ShardedPlan.prototype),
+      new Proxy(plan, {}),
+      Object.create(plan),
+    ];
+    for (const engine of engines) {
+      for (const fake of fakes) await expectTyped(() => prefillLayerSharded([engine, engine], args(fake)), 'INVALID_VALUE', 'plan');
+      const got = await prefillLayerSharded([engine, engine], args(plan));
+      expect(judgeAttention(got, reference, sc.numQueries, hQ, 512)).toBeNull();
+    }
+  });
+
+  test("a plan's shards cannot be rewritten after createShardedPlan (reordered or repeated shards gave rows no shard computed, silently): the plan, its shard list and each shard are frozen; release() on anything but such a plan is INVALID_VALUE naming this (was TypeError)", async () => {
+    const { sc, hQ, q, caches, plan, smScale, reference } = shardedCase('queries');
+    const first = plan.shards[0]!;
+    expect(Reflect.set(plan.shards as Shard[], 1, first)).toBe(false);
+    expect(Reflect.set(first, 'queryOffset', 1)).toBe(false);
+    expect(Reflect.set(plan, 'numQueries', plan.numQueries + 1)).toBe(false);
+    expect(Reflect.set(plan, 'split', 'heads')).toBe(false);
+    expect(plan.shards.map((s) => [s.queryOffset, s.numQueries])).toEqual([[0, plan.shards[0]!.numQueries], [plan.shards[0]!.numQueries, sc.numQueries - plan.shards[0]!.numQueries]]);
+    const got = await prefillLayerSharded([engines[0]!, engines[engines.length - 1]!], { q, compressRatio: 0, plan, caches, smScale });
+    expect(judgeAttention(got, reference, sc.numQueries, hQ, 512)).toBeNull();
+    const release = plan.release;
+    for (const self of [undefined, {}, Object.create(ShardedPlan.prototype), new Proxy(plan, {})]) await expectTyped(() => release.call(self), 'INVALID_VALUE', 'this');
+    plan.release();
   });
 });

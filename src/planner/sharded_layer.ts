@@ -41,6 +41,9 @@ export interface Shard {
   readonly numQueries: number;
 }
 
+/** The sharded plans createShardedPlan made: the layer takes only these (see ShardedPlan.isShardedPlan). */
+const madePlans = new WeakSet<object>();
+
 export class ShardedPlan {
   constructor(
     readonly split: ShardSplit,
@@ -48,10 +51,28 @@ export class ShardedPlan {
     readonly numQueries: number,
   ) {}
 
+  /**
+   * Whether `value` is a ShardedPlan createShardedPlan made (frozen, its shards cut from one checked
+   * plan). One made by this constructor is not: its shards are the caller's, unchecked (a shard
+   * repeated left rows no shard computed, as zeros); nor is a Proxy of one, or an object inheriting
+   * from one (as Plan.isPlan).
+   */
+  static isShardedPlan(value: unknown): value is ShardedPlan {
+    return typeof value === 'object' && value !== null && madePlans.has(value);
+  }
+
   /** Plan.release() of every shard's plan (each shard's plan once, where shards share one). */
   release(): void {
+    if (!ShardedPlan.isShardedPlan(this)) fail('INVALID_VALUE', 'this', 'a ShardedPlan from createShardedPlan() (call it as plan.release())', describe(this));
     for (const plan of new Set(this.shards.map((s) => s.plan))) plan.release();
   }
+}
+
+/** A sharded plan as createShardedPlan gives it: frozen with its shard list and each shard (a layer reads them as cut), and known to the layer. */
+function madePlan(split: ShardSplit, shards: Shard[], numQueries: number): ShardedPlan {
+  const plan = Object.freeze(new ShardedPlan(split, Object.freeze(shards.map((s) => Object.freeze(s))), numQueries));
+  madePlans.add(plan);
+  return plan;
 }
 
 /** Contiguous ranges [start, end) of `total` items over `parts`, sizes differing by at most one. */
@@ -121,14 +142,14 @@ export function createShardedPlan(chunk: PlanChunk, options: ShardedPlanOptions)
   // any entry is read); the shards are cut from the ids it read and checked, not the caller's lists
   // read again (a getter could give other requests, pages or SWA ids than the whole plan checked)
   const whole = createPlan(chunk, planOptions);
-  if (split === 'heads') return new ShardedPlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
+  if (split === 'heads') return madePlan(split, Array.from({ length: n }, () => ({ plan: whole, queryOffset: 0, numQueries: whole.numQueries })), whole.numQueries);
   const pages = new Map<4 | 128, Int32Array[]>();
   for (const ratio of whole.ratios) if (ratio !== 0) pages.set(ratio, usedPages(whole, ratio));
   // as numbers, converted once (the shards' plans read a number faster than a bigint)
   const wholeSwa = whole.swaTokenIds.data, swaIds = new Float64Array(wholeSwa.length);
   for (let i = 0; i < swaIds.length; i++) swaIds[i] = Number(wholeSwa[i]!);
   const shards = evenRanges(whole.numQueries, n).map(([a, b]) => ({ plan: createPlan(subChunk(whole, swaIds, pages, a, b), planOptions), queryOffset: a, numQueries: b - a }));
-  return new ShardedPlan(split, shards, whole.numQueries);
+  return madePlan(split, shards, whole.numQueries);
 }
 
 export interface ShardedLayerArgs extends Omit<PrefillLayerArgs, 'plan' | 'q' | 'caches' | 'topkIndices' | 'attnSink'> {
@@ -263,7 +284,7 @@ function envOnce(env: ShardedLayerArgs['env']): ShardedLayerArgs['env'] {
 export async function prefillLayerSharded<P extends Placement = 'host'>(givenEngines: readonly Engine[], args: ShardedLayerArgs, options?: { output?: P }): Promise<ShardedLayerResult<P>> {
   checkArgsObject(args, 'args');
   const { plan, compressRatio } = args;
-  if (!(plan instanceof ShardedPlan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan()', describe(plan));
+  if (!ShardedPlan.isShardedPlan(plan)) fail('INVALID_VALUE', 'plan', 'a ShardedPlan from createShardedPlan() (not one made by its constructor, a Proxy of one, nor an object inheriting from one)', describe(plan));
   // the caller's arrays (the engines; a per-shard q, top-k or caches) taken once, element by
   // element: what is checked is what runs, whatever a Proxy or an element getter answers later
   const engines = readArray<Engine>(givenEngines);

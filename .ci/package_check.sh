@@ -60,6 +60,31 @@ node -e '
 echo "tarball: $(basename "$tarball"), $(du -k "$tarball" | cut -f1) KiB, $(wc -l < "$work/files.txt") files, source maps resolve"
 no_build_paths "$root" "$work"/unpacked/package/prebuilds/*/*.node
 
+# Builds of one commit do not depend on where the tree is: the packed x86-64-v2 addon, rebuilt from
+# the unpacked tarball (another path, of another length) as prebuild.mjs built it, has its bytes
+ln -s "$root/node_modules" "$work/unpacked/node_modules"
+node --input-type=module -e '
+  import { readFileSync } from "node:fs";
+  import { join } from "node:path";
+  import { pathToFileURL } from "node:url";
+  const [pkg, withCuda] = process.argv.slice(1);
+  const { buildAddon, findBuildTools } = await import(pathToFileURL(join(pkg, "native", "build_tools.mjs")).href);
+  const tools = findBuildTools(pkg);
+  if (!tools.ok) { console.error(tools.why); process.exit(1); }
+  const outDir = join(pkg, "build", "rebuild-x86-64-v2");
+  const r = await buildAddon({ root: pkg, cmakeJs: tools.cmakeJs, compilers: tools.compilers, outDir, cpuArch: "x86-64-v2", withCuda, portable: true, logPath: join(outDir, "build.log") });
+  if (!r.ok || !r.scrub.ok) { console.error(`the rebuild ${r.problem ?? r.scrub.why} (log: ${join(outDir, "build.log")})`); process.exit(1); }
+  const packed = readFileSync(join(pkg, "prebuilds", "linux-x64", "sparse_mla_native.x86-64-v2.node"));
+  const rebuilt = readFileSync(r.addon);
+  if (!packed.equals(rebuilt)) {
+    let n = 0, first = -1;
+    for (let i = 0; i < Math.max(packed.length, rebuilt.length); i++) if (packed[i] !== rebuilt[i]) { n++; if (first < 0) first = i; }
+    console.error(`${n} bytes differ (${packed.length} vs ${rebuilt.length} bytes; the first at 0x${first.toString(16)}): cmp -l, readelf -S and strings of the two name what`);
+    process.exit(1);
+  }
+  console.log(`the x86-64-v2 addon rebuilt from the unpacked tarball (CUDA ${withCuda}) has the packed bytes (${packed.length}), ${Math.round(r.seconds)} s`);
+' "$work/unpacked/package" "$pack_cuda" || fail "the packed addon is not what its sources build at another path"
+
 # The linux-arm64 addon cannot load on this machine (.ci/arm64_check.sh runs it emulated): each file
 # its manifest lists is there with its checksum, is an AArch64 shared object exporting the Node-API
 # entry point, links only system libraries and needs no newer glibc / libstdc++ than the x64 addons.

@@ -165,12 +165,19 @@ export async function buildAddon({ root, cmakeJs, compilers = null, outDir, cpuA
 }
 
 // nvcc's -lineinfo (profilers map SASS to source by it) writes into each cubin of an addon's
-// .nv_fatbin the build tree's absolute paths (cicc joins its working directory to every file name,
-// however relative the command line's, and no nvcc option maps them) and, in the line tables, each
-// source's mtime and size, which differ from checkout to checkout. scrubBuildTree rewrites them in
-// the built addon, each at its own byte length so that nothing moves:
-//   <root>/native/cuda  ->  ./././././native/cuda   (relative, as long as the prefix it replaces)
-//   mtime, size         ->  0 (in as many ULEB128 bytes: 0x80 ... 0x00)
+// .nv_fatbin the paths it was given the sources by, absolute ones (cicc joins its working directory
+// to every file name, however relative the command line's, and no nvcc option maps them), and, in
+// the line tables, each source's mtime and size, which differ from checkout to checkout. On Linux
+// native/CMakeLists.txt gives nvcc the sources as NVCC_TREE/native/cuda/... and
+// NVCC_TREE/cpp/include/..., one string wherever the tree is; elsewhere, or where that did not reach
+// them, as <root>/native/cuda/... scrubBuildTree rewrites both in the built addon, each at its own
+// byte length so that nothing moves:
+//   <root>/native/cuda, NVCC_TREE/native/cuda  ->  ./././././native/cuda   (relative, as long as
+//                                                  the prefix it replaces)
+//   mtime, size                                ->  0 (in as many ULEB128 bytes: 0x80 ... 0x00)
+// With NVCC_TREE the rewritten names are as long in every build tree, so builds of one commit at
+// different paths are byte-identical.
+export const NVCC_TREE = '/proc/self/cwd/nvcc-tree';
 const FATBIN_MAGIC = 0xba55ed50;
 const FATBIN_ELF = 2;
 const FATBIN_COMPRESSED = 0x2000n;
@@ -254,7 +261,8 @@ function rehashBuildId(bytes, sections) {
 
 /**
  * Rewrites, in place, what nvcc leaves of the build machine in an addon's device code (above): the
- * paths under `root` (and its real path) in .nv_fatbin, and the line tables' mtimes and sizes.
+ * paths under `root` (and its real path) and under NVCC_TREE in .nv_fatbin, and the line tables'
+ * mtimes and sizes.
  * Returns { ok: true, paths, stamps } (how many it rewrote; a file without device code is left as
  * it is) or { ok: false, why }, and in either case `left`: where a path of `root` remains in the file.
  */
@@ -306,7 +314,7 @@ export function scrubBuildTree(file, root) {
   }
 
   let paths = 0;
-  for (const r of roots) {
+  for (const r of [...roots, NVCC_TREE]) {
     for (let at = section.indexOf(r); at >= 0; at = section.indexOf(r, at + 1)) {
       const next = section[at + r.length];
       if (next !== 0x2f && next !== 0) continue; // '/work/main2' is not under '/work/main'

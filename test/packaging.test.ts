@@ -383,6 +383,7 @@ describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('what the b
       for (const f of files) {
         const path = f.dir ? `${f.dir}/${f.name}` : f.name;
         expect(path.startsWith(ROOT.replace(/\/$/, '')), path).toBe(false);
+        expect(path.startsWith('/proc/'), `${path}: the spelling nvcc was given the sources by, not rewritten`).toBe(false);
         if (path.startsWith('/')) continue; // the CUDA toolkit's headers, where it is installed
         const relative = posix.normalize(path);
         expect(existsSync(join(ROOT, relative)), `${path}: not a file of the package`).toBe(true);
@@ -391,24 +392,25 @@ describe.skipIf(!nativeAddonBuilt() || process.platform !== 'linux')('what the b
       }
     }
     // every kernel header the .cu files compile is named (what a profiler's source view opens)
-    expect([...ours].sort()).toEqual(expect.arrayContaining(['native/cuda/kv_cache.cuh', 'native/cuda/paged_sparse_attention.cuh', 'native/cuda/sparse_prefill.cuh']));
+    expect([...ours].sort()).toEqual(expect.arrayContaining(['native/cuda/kv_cache.cuh', 'native/cuda/paged_sparse_attention.cuh', 'native/cuda/sparse_prefill.cuh', 'cpp/include/sparse_mla/formats.h']));
   });
 
   // native/build_tools.mjs scrubBuildTree on copies of the built addon
   interface Scrub { ok: boolean; why?: string; paths?: number; stamps?: number; left: string[] }
-  const scrubber = async () => (await import('../native/build_tools.mjs')) as unknown as { scrubBuildTree(file: string, root: string): Scrub };
+  const scrubber = async () => (await import('../native/build_tools.mjs')) as unknown as { scrubBuildTree(file: string, root: string): Scrub; NVCC_TREE: string };
   const fatbinOffset = (bytes: Buffer) => bytes.indexOf(addonFatbin!.subarray(0, 64));
 
   test.skipIf(!addonFatbin)('another root written over the relative paths is rewritten to the same bytes; a rewritten addon is left as it is', async () => {
-    const { scrubBuildTree } = await scrubber();
+    const { scrubBuildTree, NVCC_TREE } = await scrubber();
     const bytes = readFileSync(builtAddon);
     const at = fatbinOffset(bytes);
-    // the runs of './' the build wrote in place of this checkout's root and its '/', each before native/
-    const spots = [...bytes.subarray(at, at + addonFatbin!.length).toString('latin1').matchAll(/[./]+(?=native\/)/g)];
+    // the runs of './' the build wrote in place of the path nvcc was given the sources by and its
+    // '/', each before native/ or cpp/: NVCC_TREE, as long in every build tree (native/CMakeLists.txt)
+    const spots = [...bytes.subarray(at, at + addonFatbin!.length).toString('latin1').matchAll(/[./]+(?=(?:native|cpp)\/)/g)];
     expect(spots.length).toBe(3 * cudaSources.length); // per cubin: its name and two directories
-    const rootLength = ROOT.replace(/\/$/, '').length;
+    const rootLength = NVCC_TREE.length;
     expect(spots.map((m) => m[0].length)).toEqual(spots.map(() => rootLength + 1));
-    const fake = `/${'q'.repeat(rootLength - 1)}`; // another build tree, as long as this one
+    const fake = `/${'q'.repeat(rootLength - 1)}`; // another build tree, as long
     const dirty = Buffer.from(bytes);
     for (const m of spots) dirty.write(`${fake}/`, at + m.index, 'latin1');
     const file = join(scratchDir(), 'dirty.node');

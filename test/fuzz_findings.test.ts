@@ -10,7 +10,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, ShardedPlan, bf16BitsToFloat32, bf16ToFloat32, combinedWidth, createEngine, createKvCache, createPlan, createShardedPlan, float32ToBf16Bits, numel, prefillLayer, prefillLayerSharded, requestVisible, routePrefill, swaGatherLength, tensor, toBf16 } from '../dist/index.js';
 import type { Engine, PagedSparseAttentionArgs, Shard, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { encodeNpy, encodeSafetensors, npyToTensor, parseNpy, parseSafetensors, readNpyFile, readSafetensorsFile, tensorToNpy } from '../dist/io/index.js';
-import { dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
+import { AttentionComparator, DequantizedRows, dequantizeKCacheReference, pagedSparseAttentionReference, prefillLayerReference, quantizeKCacheReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
@@ -2084,5 +2084,55 @@ describe("a ShardedPlan is one createShardedPlan made, as a Plan is one createPl
     const release = plan.release;
     for (const self of [undefined, {}, Object.create(ShardedPlan.prototype), new Proxy(plan, {})]) await expectTyped(() => release.call(self), 'INVALID_VALUE', 'this');
     plan.release();
+  });
+});
+
+describe("the reference's classes (sparse-mla/reference) over memory that changes after they were made, and their methods unbound (session 57, helper-77, by hand after the fuzzer's referenceApi target)", () => {
+  function v4Cache(pageSize: number, numPages: number, buffer?: ArrayBuffer) {
+    const cache = randomCache(rng, pageSize, numPages);
+    if (!buffer) return cache;
+    const data = new Uint8Array(buffer, 0, cache.data.length);
+    data.set(cache.data);
+    return { ...cache, data };
+  }
+
+  test('DequantizedRows refuses a new token with INVALID_VALUE naming cache.data once the cache\'s buffer was detached or shrunk since it was made (was a TypeError, detached, or a RangeError, shrunk, from a DataView); tokens dequantized before keep their rows, and the rows are the reference\'s', () => {
+    const pageSize = rng.pick([2, 16, 64]);
+    const cache = v4Cache(pageSize, 2);
+    const tokens = pageSize * 2;
+    const want = dequantizeKCacheReference(cache, [0, tokens - 1]);
+    const rows = new DequantizedRows(cache, 512);
+    const first = rows.offsetOf(0);
+    expect(Array.from(rows.rows.subarray(first, first + 512))).toEqual(Array.from(want.subarray(0, 512)));
+    structuredClone(cache.data.buffer, { transfer: [cache.data.buffer] });
+    expect(() => rows.offsetOf(tokens - 1)).toThrow(expect.objectContaining({ code: 'INVALID_VALUE', argument: 'cache.data' }));
+    expect(rows.offsetOf(0)).toBe(first);
+
+    const bytes = createKvCache('v4', { pageSize, numPages: 2 }).data.length;
+    const resizable = new ArrayBuffer(bytes, { maxByteLength: bytes + 64 });
+    const shrinking = v4Cache(pageSize, 2, resizable);
+    const other = new DequantizedRows(shrinking, 512);
+    const at = other.offsetOf(tokens - 1);
+    expect(Array.from(other.rows.subarray(at, at + 512))).toEqual(Array.from(dequantizeKCacheReference(shrinking, [tokens - 1])));
+    resizable.resize(bytes - 1);
+    expect(() => other.offsetOf(0)).toThrow(expect.objectContaining({ code: 'INVALID_VALUE', argument: 'cache.data' }));
+  });
+
+  test("DequantizedRows.offsetOf and AttentionComparator's add / result called on anything but one of theirs are INVALID_VALUE naming this (were TypeError); bound, they work", () => {
+    const cache = v4Cache(2, 1);
+    const rows = new DequantizedRows(cache, 512);
+    const comparator = new AttentionComparator({ heads: 1, dV: 1 });
+    const values = { out: [1], lse: [0], maxLogits: [0] };
+    const ref = { out: new Float64Array([1]), lse: new Float64Array([0]), maxLogits: new Float64Array([0]), mag: new Float64Array([1]) };
+    const calls: Array<() => unknown> = [];
+    for (const self of [undefined, {}, Object.create(DequantizedRows.prototype), new Proxy(rows, {})]) calls.push(() => DequantizedRows.prototype.offsetOf.call(self, 0));
+    for (const self of [undefined, {}, Object.create(AttentionComparator.prototype), new Proxy(comparator, {})]) {
+      calls.push(() => AttentionComparator.prototype.add.call(self, values, ref));
+      calls.push(() => AttentionComparator.prototype.result.call(self));
+    }
+    for (const call of calls) expect(call).toThrow(expect.objectContaining({ code: 'INVALID_VALUE', argument: 'this' }));
+    expect(rows.offsetOf(1)).toBe(0);
+    comparator.add(values, ref);
+    expect(comparator.result().pass).toBe(true);
   });
 });

@@ -19,6 +19,11 @@ const BUFFER = intrinsic('buffer');
 const OFFSET = intrinsic('byteOffset');
 const LENGTH = intrinsic('length');
 
+/** A checked view's element count now, by the intrinsic (0 once its buffer was detached, or shrunk below it). */
+export function viewLength(view: ArrayBufferView): number {
+  return LENGTH.call(view) as number;
+}
+
 /** 'Float32Array', ... for a real typed array; undefined for anything else (a Proxy of one included). */
 export function typedKind(value: unknown): string | undefined {
   return KIND.call(value) as string | undefined;

@@ -280,12 +280,19 @@ export const ATTENTION_TENSORS = ['out', 'lse', 'maxLogits'] as const;
  * at a time (so a GPU-sized tensor never needs its float64 reference in memory at once).
  */
 export class AttentionComparator {
+  // a brand: add / result on anything else (unbound, a Proxy of one, an object inheriting from one) are refused
+  readonly #made = true;
   private readonly out = new TensorJudge(true);
   private readonly lse = new TensorJudge(false);
   private readonly maxLogits = new TensorJudge(false);
   private rowsSeen = 0;
 
   readonly shape: { readonly heads: number; readonly dV: number };
+
+  /** INVALID_VALUE naming `this` unless `self` is a comparator this class made. */
+  static #own(self: unknown, method: string): void {
+    if (typeof self !== 'object' || self === null || !(#made in self)) refuse('INVALID_VALUE', 'this', `an AttentionComparator (call it as comparator.${method})`, describeValue(self));
+  }
 
   constructor(shape: { heads: number; dV: number }) {
     const s = readRecord(shape, 'shape', 'an object {heads, dV}');
@@ -299,6 +306,7 @@ export class AttentionComparator {
    * (sizes, numbers, mag ≥ 0 where it is not NaN) before the verdict takes any of it.
    */
   add(got: AttentionValues, ref: BoundsReference, queries?: readonly number[]): void {
+    AttentionComparator.#own(this, 'add(got, ref)');
     const { heads, dV } = this.shape;
     const g = readRecord(got, 'got', 'attention values {out, lse, maxLogits}');
     const r = readRecord(ref, 'ref', 'reference values {out, lse, maxLogits, mag}');
@@ -354,6 +362,7 @@ export class AttentionComparator {
   }
 
   result(): AttentionComparison {
+    AttentionComparator.#own(this, 'result()');
     const out = this.out.result(), lse = this.lse.result(), maxLogits = this.maxLogits.result();
     return { pass: out.pass && lse.pass && maxLogits.pass, out, lse, maxLogits };
   }

@@ -4,7 +4,7 @@
  */
 import { SparseMlaError } from '../errors.js';
 import type { KvCache, Tensor, TokenIds } from '../types.js';
-import { allocFloat64, ArgumentReader, describeValue, isArray, readFinite, readInteger, readList, readName, readRecord, refuse } from './checks.js';
+import { allocFloat64, ArgumentReader, describeValue, isArray, readFinite, readInteger, readList, readName, readRecord, refuse, viewLength } from './checks.js';
 import { decodeBf16, decodeE4m3, decodeUe8m0, encodeBf16, encodeE4m3, exponentOf, roundToBf16 } from './codecs.js';
 
 /** DeepSeek V4 paged layout constants (§3.1). */
@@ -321,13 +321,20 @@ export function dequantizeTokenReference(cache: KvCache, tokenId: number, dst: F
   dequantizeToken(c, id, out, at);
 }
 
-/** Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. */
+/**
+ * Dequantized rows of one cache, each token dequantized once, appended to a growing buffer. It reads
+ * the cache's memory when a token is first asked for: a buffer the caller detached or shrank since it
+ * was made is refused then (INVALID_VALUE naming cache.data), the rows already made kept.
+ */
 export class DequantizedRows {
+  // a brand: offsetOf on anything else (unbound, a Proxy of one, an object inheriting from one) is refused
+  readonly #made = true;
   private readonly slot = new Map<number, number>();
   rows: Float32Array; // bf16 values, exact in float32
   private used = 0;
   private readonly cache: KvCache;
   private readonly tokens: number;
+  private readonly bytes: number;
 
   /** `width`: the cache's row width (cacheRowDims: 512 for v4, 576 for v32). */
   constructor(cache: KvCache, private readonly width: number) {
@@ -335,16 +342,20 @@ export class DequantizedRows {
     const want = rowDims(this.cache.format);
     if (width !== want) refuse('INVALID_VALUE', 'width', `${want} (a ${this.cache.format} cache's row)`, describeValue(width));
     this.tokens = this.cache.numPages * this.cache.pageSize;
+    this.bytes = this.cache.data.length;
     this.rows = new Float32Array(width * 64);
   }
 
   /** Offset of token `id`'s dequantized row in `rows`. */
   offsetOf(id: number): number {
+    if (typeof this !== 'object' || this === null || !(#made in this)) refuse('INVALID_VALUE', 'this', 'a DequantizedRows (call it as rows.offsetOf(id))', describeValue(this));
     const have = this.slot.get(id);
     if (have !== undefined) return have;
     if (typeof id !== 'number' || !Number.isInteger(id) || id < 0 || id >= this.tokens) {
       refuse(typeof id === 'number' && Number.isInteger(id) ? 'OUT_OF_RANGE' : 'INVALID_VALUE', 'id', `a token id in [0, ${this.tokens})`, describeValue(id));
     }
+    // the cache's memory as checked when this was made (detached, it reads as no bytes: a DataView threw TypeError)
+    if (viewLength(this.cache.data) !== this.bytes) refuse('INVALID_VALUE', 'cache.data', `the cache's ${this.bytes} bytes, whole while its rows are read`, 'a buffer detached or shrunk since the DequantizedRows was made');
     if (this.used + this.width > this.rows.length) {
       const grown = new Float32Array(this.rows.length * 2);
       grown.set(this.rows);

@@ -147,6 +147,50 @@ inline __m256i dequant8(__m256i u, __m256 scale) {
                                               _mm256_cmp_ps(rf, rf, _CMP_UNORD_Q)));
 }
 
+#if defined(SMLA_SIMD_AVX512)
+// kExact: the WASM / SSSE3 byte path on all 64 codes at once (AVX-512BW). vpshufb and the byte
+// unpacks work in each 128-bit lane, so the codes' 8-byte quarters are first reordered (0, 4, 1, 5,
+// 2, 6, 3, 7): the unpacks then yield codes 0..31 and 32..63 in order.
+template <bool kF32>
+inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
+  const int32_t k = int32_t(float_bits(scale_f) >> 23) - 127;
+  const __m512i shift = _mm512_set1_epi16(int16_t(k * 128));
+  const __m512i fix_lo = _mm512_broadcast_i32x4(_mm_setr_epi8(
+      0, 0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xf0), 0x60, int8_t(0x90), int8_t(0xc0), int8_t(0xd0), int8_t(0xe0), int8_t(0xf0)));
+  const __m512i fix_hi = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, int8_t(0xc4), -1, -1, -1, 0, 0, 0, 0));
+  const __m512i b = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), _mm512_loadu_si512(q));
+  const __m512i mag = _mm512_and_si512(b, _mm512_set1_epi8(0x7f));
+  const __m512i is_nan = _mm512_movm_epi8(_mm512_cmpeq_epi8_mask(mag, _mm512_set1_epi8(0x7f)));
+  const __m512i idx = _mm512_adds_epu8(mag, _mm512_set1_epi8(0x78));
+  const __m512i lo_formula = _mm512_and_si512(_mm512_slli_epi16(mag, 4), _mm512_set1_epi8(int8_t(0xf0)));
+  const __m512i hi_formula = _mm512_add_epi8(_mm512_and_si512(_mm512_srli_epi16(mag, 4), _mm512_set1_epi8(0x0f)),
+                                             _mm512_set1_epi8(0x3c));
+  const __m512i lo = _mm512_xor_si512(_mm512_add_epi8(lo_formula, _mm512_shuffle_epi8(fix_lo, idx)),
+                                      _mm512_and_si512(is_nan, _mm512_set1_epi8(0x30)));
+  const __m512i hi = _mm512_or_si512(
+      _mm512_add_epi8(hi_formula, _mm512_shuffle_epi8(fix_hi, idx)),
+      _mm512_or_si512(_mm512_and_si512(is_nan, _mm512_set1_epi8(0x3c)),
+                      _mm512_and_si512(b, _mm512_set1_epi8(int8_t(0x80)))));
+  const __m512i unscaled =
+      _mm512_or_si512(_mm512_movm_epi8(_mm512_cmpeq_epi8_mask(mag, _mm512_setzero_si512())), is_nan);
+  const __m512i r0 = _mm512_add_epi16(_mm512_unpacklo_epi8(lo, hi),
+                                      _mm512_andnot_si512(_mm512_unpacklo_epi8(unscaled, unscaled), shift));
+  const __m512i r1 = _mm512_add_epi16(_mm512_unpackhi_epi8(lo, hi),
+                                      _mm512_andnot_si512(_mm512_unpackhi_epi8(unscaled, unscaled), shift));
+  if (kF32) {
+    float* o = static_cast<float*>(out);
+    _mm512_storeu_si512(o, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r0)), 16));
+    _mm512_storeu_si512(o + 16, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r0, 1)), 16));
+    _mm512_storeu_si512(o + 32, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(r1)), 16));
+    _mm512_storeu_si512(o + 48, _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(r1, 1)), 16));
+  } else {
+    uint16_t* o = static_cast<uint16_t*>(out);
+    _mm512_storeu_si512(o, r0);
+    _mm512_storeu_si512(o + 32, r1);
+  }
+}
+#else
 // kExact: the WASM / SSSE3 byte path on 32 codes at a time. vpshufb and the byte unpacks work in
 // each 128-bit half, so the codes' 8-byte quarters are first reordered (0, 2, 1, 3): the unpacks
 // then yield codes 0..15 and 16..31 in order.
@@ -191,6 +235,8 @@ inline void dequant_tile64_exact(const uint8_t* q, float scale_f, void* out) {
     }
   }
 }
+
+#endif
 
 template <bool kF32, bool kExact>
 inline void dequant_tile64(const uint8_t* q, float scale_f, void* out) {

@@ -100,6 +100,35 @@ int main(int argc, char** argv) {
   fill_scales([&] { return uint8_t(120 + rng() % 8); });
   for (auto& x : ids) x = int64_t(rng() % uint32_t(P * pages));
   if (!time_dequant(0, P, pages, "v4", smla::v4::kTokenBytes, smla::v4::kDim)) return 1;
+  // paged attention (SPEC §5) over that v4 cache: sQ queries, hQ heads, topk token ids each; the
+  // rope values set to bf16 values of the prefill's data
+  if (s_q > 0) {
+    for (int64_t id = 0; id < int64_t(P) * pages; ++id) {
+      uint8_t* rope = &cache[size_t(smla::v4::data_offset(id, P) + smla::v4::kNopeDim)];
+      for (int j = 0; j < smla::v4::kRopeDim; ++j) {
+        const uint16_t b = bf16(u(rng));
+        memcpy(rope + 2 * j, &b, 2);
+      }
+    }
+    const int D = smla::v4::kDim;
+    std::vector<uint16_t> qp(size_t(s_q) * h_q * D), op(size_t(s_q) * h_q * D);
+    for (auto& x : qp) x = bf16(u(rng));
+    std::vector<int32_t> pidx(size_t(s_q) * topk);
+    for (auto& x : pidx) x = int32_t(rng() % uint32_t(P * pages));
+    t.clear();
+    for (int r = 0; r <= runs; ++r) {
+      const double t0 = now();
+      if (core(smla_paged_sparse_attention_params{.q = qp.data(), .n = s_q, .h_q = h_q, .k_cache = cache.data(),
+                                                  .page_size = P, .num_pages = pages, .indices = pidx.data(),
+                                                  .topk = topk, .sm_scale = 1.0f / sqrtf(float(D)),
+                                                  .out = op.data(), .lse = lse.data(),
+                                                  .max_logits = ml.data()}) != 0)
+        return 1;
+      if (r > 0) t.push_back(now() - t0);
+    }
+    printf("native paged_sparse_attention n=%d hQ=%d topk=%d: median %.1f ms, %.2f GFLOP/s\n", s_q, h_q, topk,
+           median(t) * 1e3, 2.0 * s_q * topk * h_q * (2 * D) / median(t) / 1e9);
+  }
   // v32 (page size 1) over the same bytes: 656-byte tokens, float32 scales. Powers of two in
   // range keep products exact; other scales take the bf16 rounding step.
   const int v32_tokens = int(cache.size() / 656);

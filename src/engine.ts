@@ -70,7 +70,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   async quantizeKCache(args: QuantizeKCacheArgs): Promise<void> {
-    this.alive();
+    engineThis(this, 'quantizeKCache');
     const job = prepareQuantizeKCache(args);
     checkViewsIntact(job);
     await this.impl.quantizeKCache(job);
@@ -109,7 +109,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   async dequantizeKCachePaged<P extends Placement = 'host'>(args: OnDevice<DequantizeKCacheArgs>, options?: OutputOptions<P>): Promise<PlacedTensor<'bf16', P>> {
-    this.alive();
+    engineThis(this, 'dequantizeKCachePaged');
     const output = checkOutput(options);
     // with the engine's memory: a call over it is refused from the ids' count, before any id is read
     const job = prepareDequantizeKCache(args, { ...this.hostMemory(), hasDevice: this.hasDevice }, output);
@@ -120,7 +120,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   async sparsePrefill<P extends Placement = 'host'>(args: OnDevice<SparsePrefillArgs>, options?: OutputOptions<P>): Promise<SparsePrefillResult<P>> {
-    this.alive();
+    engineThis(this, 'sparsePrefill');
     const output = checkOutput(options);
     const job = prepareSparsePrefill(args);
     checkViewsIntact(job);
@@ -130,7 +130,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   async pagedSparseAttention<P extends Placement = 'host'>(args: OnDevice<PagedSparseAttentionArgs>, options?: OutputOptions<P>): Promise<PagedSparseAttentionResult<P>> {
-    this.alive();
+    engineThis(this, 'pagedSparseAttention');
     const output = checkOutput(options);
     const job = preparePagedSparseAttention(args);
     checkViewsIntact(job);
@@ -140,20 +140,21 @@ export class SparseMlaEngine implements Engine {
   }
 
   async upload<D extends DType>(t: Tensor<D>): Promise<DeviceTensor<D>> {
-    this.alive();
+    engineThis(this, 'upload');
     const dev = this.deviceOps('upload');
     const host = checkTensor(t as unknown, 'tensor', ['bf16', 'float32', 'int32', 'int64', 'uint8'] as const) as unknown as Tensor<D>;
     return deviceTensor(host.dtype, host.shape, await dev.upload(host.data as ArrayBufferView));
   }
 
   async uploadKvCache(cache: KvCache): Promise<DeviceKvCache> {
-    this.alive();
+    engineThis(this, 'uploadKvCache');
     const dev = this.deviceOps('uploadKvCache');
     const c = checkCache(cache, 'cache');
     return Object.freeze({ format: c.format, pageSize: c.pageSize, numPages: c.numPages, data: await dev.upload(c.data) });
   }
 
   async download<D extends DType>(t: DeviceTensor<D>): Promise<Tensor<D>> {
+    engineThis(this, 'download');
     return this.downloadArgument(t, 'tensor');
   }
 
@@ -182,7 +183,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   async copyFrom<D extends DType>(t: DeviceTensor<D>): Promise<DeviceTensor<D>> {
-    this.alive();
+    engineThis(this, 'copyFrom');
     const dev = this.deviceOps('copyFrom');
     const { dtype, shape, data } = checkDeviceTensor(t, 'tensor', 'a device tensor of a cuda engine');
     return deviceTensor(dtype as D, shape, await dev.copyFrom(data));
@@ -190,12 +191,15 @@ export class SparseMlaEngine implements Engine {
 
   /** Not an async function (it waits in the backend's): one promise a call, the backend's. */
   synchronize(): Promise<void> {
+    if (!(this instanceof SparseMlaEngine)) return Promise.reject(notThisEngine(this, 'synchronize'));
     if (this.life.teardown !== undefined) return Promise.reject(disposedError());
     return this.impl.device?.synchronize() ?? Promise.resolve();
   }
 
   /** Every call, the first or a later one, resolves once the backend is torn down (a later one is not done before the first is). */
   dispose(): Promise<void> {
+    // (unbound, e.g. passed as a callback: refused, and no engine is disposed)
+    if (!(this instanceof SparseMlaEngine)) return Promise.reject(notThisEngine(this, 'dispose'));
     if (this.life.teardown === undefined) {
       undisposedWorkers.unregister(this);
       this.life.teardown = this.teardown();
@@ -207,6 +211,21 @@ export class SparseMlaEngine implements Engine {
   private async teardown(): Promise<void> {
     await this.impl.dispose();
   }
+}
+
+/**
+ * The typed error of an engine method called on anything but an engine (called unbound, e.g. taken
+ * from the engine or passed as a callback: `this` was undefined, a TypeError from inside). A Proxy of
+ * an engine, or an object inheriting from one, runs the method as the engine does.
+ */
+function notThisEngine(self: unknown, method: string): SparseMlaError {
+  return new SparseMlaError('INVALID_VALUE', `this: expected an Engine from createEngine() (call it as engine.${method}(...)), got ${describe(self)}`, 'this');
+}
+
+/** The checks an engine method makes first: INVALID_VALUE naming this on anything but an engine, then DISPOSED after dispose(). */
+function engineThis(self: unknown, method: string): asserts self is SparseMlaEngine {
+  if (!(self instanceof SparseMlaEngine)) throw notThisEngine(self, method);
+  self.assertAlive();
 }
 
 /** An attention call's outputs as tensors where they lie: out [rows, hQ, dV], maxLogits and lse [rows, hQ]. */

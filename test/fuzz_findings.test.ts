@@ -2136,3 +2136,33 @@ describe("the reference's classes (sparse-mla/reference) over memory that change
     expect(comparator.result().pass).toBe(true);
   });
 });
+
+describe('engine methods called on anything but an engine (session 57, helper-77, by hand: a method taken from the engine or passed as a callback)', () => {
+  test("every engine method called unbound or on another object rejects INVALID_VALUE naming this (was a TypeError: Cannot read properties of undefined (reading 'alive')); dispose() so called disposes nothing; bound, on a Proxy of the engine or an object inheriting from it, they work", async () => {
+    const methods = ['sparsePrefill', 'pagedSparseAttention', 'dequantizeKCachePaged', 'quantizeKCache', 'upload', 'uploadKvCache', 'download', 'copyFrom', 'synchronize', 'dispose'] as const;
+    for (const engine of engines) {
+      for (const method of methods) {
+        const f = (engine as unknown as Record<string, (...a: unknown[]) => Promise<unknown>>)[method]!;
+        for (const self of [undefined, {}, 7]) {
+          let sync: unknown = null;
+          let p: Promise<unknown> | undefined;
+          try {
+            p = f.call(self, {});
+          } catch (e) {
+            sync = e;
+          }
+          expect(sync, `${method} threw at once`).toBeNull();
+          const e = await errorOf(() => p!);
+          expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, `${method} on ${String(self)}: ${String(e)}`).toEqual({ code: 'INVALID_VALUE', argument: 'this' });
+        }
+      }
+      const args = randomPrefillArgs(rng, { sQ: 2, hQ: 2, dQK: 576, sKV: 9, topk: 4 });
+      const want = () => sparsePrefillReference(args);
+      // the engine was not disposed by the unbound dispose(); a Proxy of it and an object inheriting from it run its calls
+      for (const self of [engine, new Proxy(engine, {}), Object.create(engine) as Engine]) {
+        expect(judgeAttention(await self.sparsePrefill(args), want, 2, 2, 512)).toBeNull();
+      }
+      await engine.synchronize();
+    }
+  });
+});

@@ -9,7 +9,10 @@
 // and prebuilds/<platform>/manifest.json describing them (with the glibc and libstdc++ versions
 // they need; none may need more than the floor README states, FLOOR below).
 // No addon ships a path of the tree it was built in: build_tools.mjs scrubBuildTree rewrites those
-// nvcc's line info writes, relative to the package root, and packing fails if any remains.
+// nvcc's line info writes, relative to the package root, and packing fails if any remains. Builds
+// of one commit are byte-identical wherever the tree is (native/CMakeLists.txt gives nvcc the
+// sources by one spelling in every tree); .ci/package_check.sh rebuilds the packed x86-64-v2 addon
+// from the unpacked tarball and requires the packed bytes.
 // The levels are PREBUILT_TARGETS of addon_locate.mjs, the data the loader chooses by. `--clean`
 // (postpack) removes prebuilds/ again, so a checkout never loads a stale prebuilt addon. Build
 // trees stay in build/prebuild-<level>/, so packing again rebuilds only what changed.

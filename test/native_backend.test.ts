@@ -6,11 +6,11 @@
  * and a process without the addon falling back with reasons. Skipped when the addon is not built.
  */
 import { spawnSync } from 'node:child_process';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
+import { SparseMlaError, createEngine, createKvCache, listBackends, tensor } from '../dist/index.js';
 import type { Engine, KvCache, SparsePrefillArgs, SparsePrefillResult, Tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
@@ -73,6 +73,25 @@ describe.skipIf(!built)('cpu backend (native addon)', () => {
     const e = await createEngine({ backend: 'cpu', workers: 3 });
     expect(e.workers).toBe(3);
     await e.dispose();
+  });
+
+  test('build.simd names the SIMD path the core was compiled for (never scalar on x86-64 or arm64)', async () => {
+    const info = (await listBackends()).find((b) => b.name === 'cpu');
+    const details = info?.details as { simd?: string; cpuArch?: string } | undefined;
+    const simd = details?.simd ?? '';
+    if (process.arch === 'x64') expect(simd).toMatch(/^(SSE2|AVX2\+FMA|AVX-512(\+BF16)?)$/);
+    if (process.arch === 'arm64') expect(simd).toBe('NEON');
+    // a build for this machine takes the widest path simd.h has for its flags
+    let flags = '';
+    try {
+      flags = readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)?.[1] ?? '';
+    } catch {
+      /* no /proc: nothing more to judge */
+    }
+    const has = (f: string) => new RegExp(`\\b${f}\\b`).test(flags);
+    if (process.arch === 'x64' && details?.cpuArch === 'native' && ['avx512f', 'avx512bw', 'avx512vl', 'avx512dq'].every(has)) {
+      expect(simd).toBe(has('avx512_bf16') ? 'AVX-512+BF16' : 'AVX-512');
+    }
   });
 
   test('sparsePrefill at the run shape (hQ=64, dQK=512, topk=640): cpu and wasm both within §4 of the reference', async () => {

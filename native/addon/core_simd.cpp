@@ -4,7 +4,11 @@
 
 namespace smla_addon {
 const char* CoreSimdPath() {
-#if defined(SMLA_SIMD_AVX2)
+#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__)
+  return "AVX-512+BF16";
+#elif defined(SMLA_SIMD_AVX512)
+  return "AVX-512";
+#elif defined(SMLA_SIMD_AVX2)
   return "AVX2+FMA";
 #elif defined(SMLA_SIMD_NEON)
   return "NEON";

@@ -386,7 +386,10 @@ static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int
   for (int64_t j = 0; j < an; j += simd::W) simd::store(sc.acc + j, simd::zero());
   for (int h = 0; h < h_q; ++h) sc.rows[h] = softmax_row_init();
 #if defined(SMLA_BF16_DOT)
-  const bool bf16_dot_query = bf16_dot_scale_ok(sm_scale, d_qk) && !has_bf16_subnormal(q_bf16, qn);
+  // With few heads, packing the block's rows to bf16 costs about what the faster dots save (hQ = 4:
+  // no gain; hQ = 1: a loss), so the bf16 path starts at 8 heads.
+  const bool bf16_dot_query =
+      h_q >= 8 && bf16_dot_scale_ok(sm_scale, d_qk) && !has_bf16_subnormal(q_bf16, qn);
 #endif
 
   for (int64_t start = 0; start < n_valid; start += kBlock) {

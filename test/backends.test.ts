@@ -46,7 +46,7 @@ describe('listBackends', () => {
     expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(the addon has no CUDA kernels: .+|no CUDA device: .+)/ : /^addon not available .*npm run build:native/);
     if (nativeAddonBuilt()) {
       expect(cpu!.available).toBe(true);
-      expect(cpu!.details?.simd).toMatch(/AVX2\+FMA|SSE2|scalar/);
+      expect(cpu!.details?.simd).toMatch(/^(AVX-512(\+BF16)?|AVX2\+FMA|SSE2|NEON|scalar)$/);
     } else {
       expect(cpu!.available).toBe(false);
       expect(cpu!.reason).toMatch(/^addon not available .*`npm run build:native` \(CMake and a C\+\+ compiler/);

@@ -4,7 +4,8 @@
 
 namespace smla_addon {
 const char* CoreSimdPath() {
-#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__)
+// "+BF16" exactly when sparse_attention_kernel.h compiles its vdpbf16ps dot (SMLA_BF16_DOT).
+#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__) && !defined(SMLA_SIMD_NO_BF16_DOT)
   return "AVX-512+BF16";
 #elif defined(SMLA_SIMD_AVX512)
   return "AVX-512";

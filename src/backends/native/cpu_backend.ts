@@ -1,5 +1,6 @@
 /**
- * The `cpu` backend: the C++ core built natively for this machine (AVX2+FMA where it has them),
+ * The `cpu` backend: the C++ core built natively for this machine (AVX-512, with AVX512_BF16's
+ * vdpbf16ps for Q·Kᵀ where it has them, in a source build for that machine; AVX2+FMA otherwise),
  * run by the addon on its own threads split by query rows (token rows for the cache ops), never on
  * the event loop nor on libuv's thread pool (native/addon/addon.h, QueueCpuJob). Inputs reach the addon in shared memory: the caller's own when it is shared,
  * else a copy in the engine's reused staging (../staging.ts), made when the call is made, so a

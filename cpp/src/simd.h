@@ -5,9 +5,8 @@
 // AVX-512 (F, BW, VL, DQ: x86-64-v4) is taken where the compiler targets it, unless
 // SMLA_SIMD_NO_AVX512 is defined (then AVX2); it is the AVX2 path's arithmetic on 16 lanes.
 // SMLA_SIMD_HAS_EXP: the target also has exp, max, hmax and the lane masks the vector softmax
-// uses (WASM, where libm's expf is scalar WASM code, a visible part of the kernel's time, and
-// AVX-512, whose faster dot products leave libm's expf a visible share; AVX2 and the others keep
-// libm's expf, where a vector exp gave no measurable gain).
+// uses (WASM, AVX-512, AVX2 and SSE2, one polynomial held to 1 ulp; libm's expf was a visible share
+// of the kernel's time on each. NEON and scalar code keep libm's expf).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -188,6 +187,46 @@ static inline vf load_bf16(const uint16_t* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
+#define SMLA_SIMD_HAS_EXP 1
+// e^x as the WASM and AVX-512 paths compute it (same constants and steps), held to the same 1-ulp
+// bound. x86's min / max return their second operand when either is NaN: the clamp puts x second,
+// so NaN stays NaN.
+static inline vf exp(vf x) {
+  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
+  const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
+  vf r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  vf y = _mm256_set1_ps(1.9875691500e-4f);
+  y = madd(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = madd(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = madd(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = madd(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = madd(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = madd(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
+  const __m256i ni = _mm256_cvttps_epi32(n);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1);
+  const __m256i bias = _mm256_set1_epi32(127);
+  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
+  return _mm256_mul_ps(
+      y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, n1), bias), 23)));
+}
+static inline vf max(vf a, vf b) {  // NaN if either lane is NaN
+  return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+}
+static inline float hmax(vf v) {
+  v = max(v, _mm256_permute2f128_ps(v, v, 1));  // 128-bit halves swapped
+  v = max(v, _mm256_permute_ps(v, 0x4e));
+  return _mm256_cvtss_f32(max(v, _mm256_permute_ps(v, 0xb1)));
+}
+typedef __m256 lanes;  // a lane mask: all ones in a lane that is on
+static inline lanes first_lanes(int n) {  // lanes [0, n), n <= 8
+  return _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+static inline vf select(lanes m, vf a, vf b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
+
 #elif defined(SMLA_SIMD_NEON)
 constexpr int W = 4;
 typedef float32x4_t vf;
@@ -225,6 +264,42 @@ static inline float hsum(vf v) {
 static inline vf load_bf16(const uint16_t* p) {
   const __m128i h = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
   return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), h));
+}
+
+#define SMLA_SIMD_HAS_EXP 1
+// e^x as the WASM path computes it (same constants, same unfused steps), held to the same 1-ulp
+// bound. SSE2 has no round instruction: the conversion to int32 rounds to nearest (the default
+// MXCSR mode), and |x · log2 e| <= 151 after the clamp. x86's min / max return their second operand
+// when either is NaN: the clamp puts x second, so NaN stays NaN.
+static inline vf exp(vf x) {
+  x = _mm_min_ps(_mm_set1_ps(88.8f), _mm_max_ps(_mm_set1_ps(-104.0f), x));
+  const __m128i ni = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)));
+  const vf n = _mm_cvtepi32_ps(ni);
+  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
+  vf r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
+  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
+  vf y = _mm_set1_ps(1.9875691500e-4f);
+  y = madd(y, r, _mm_set1_ps(1.3981999507e-3f));
+  y = madd(y, r, _mm_set1_ps(8.3334519073e-3f));
+  y = madd(y, r, _mm_set1_ps(4.1665795894e-2f));
+  y = madd(y, r, _mm_set1_ps(1.6666665459e-1f));
+  y = madd(y, r, _mm_set1_ps(5.0000001201e-1f));
+  y = madd(y, _mm_mul_ps(r, r), _mm_add_ps(r, _mm_set1_ps(1.0f)));
+  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
+  const __m128i n1 = _mm_srai_epi32(ni, 1);
+  const __m128i bias = _mm_set1_epi32(127);
+  y = _mm_mul_ps(y, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n1, bias), 23)));
+  return _mm_mul_ps(y, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(_mm_sub_epi32(ni, n1), bias), 23)));
+}
+typedef __m128 lanes;  // a lane mask: all ones in a lane that is on
+static inline vf select(lanes m, vf a, vf b) { return _mm_or_ps(_mm_and_ps(m, a), _mm_andnot_ps(m, b)); }  // m ? a : b
+static inline vf max(vf a, vf b) { return select(_mm_cmpunord_ps(a, a), a, _mm_max_ps(a, b)); }  // NaN if either lane is NaN
+static inline float hmax(vf v) {
+  v = max(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(1, 0, 3, 2)));
+  return _mm_cvtss_f32(max(v, _mm_shuffle_ps(v, v, _MM_SHUFFLE(2, 3, 0, 1))));
+}
+static inline lanes first_lanes(int n) {  // lanes [0, n), n <= 4
+  return _mm_castsi128_ps(_mm_cmpgt_epi32(_mm_set1_epi32(n), _mm_setr_epi32(0, 1, 2, 3)));
 }
 
 #else

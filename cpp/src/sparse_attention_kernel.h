@@ -340,7 +340,7 @@ static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q
   }
 }
 #else
-// (A SIMD exp was tried here: no measurable gain, the dot products dominate.)
+// NEON and scalar code: libm's expf a logit.
 static inline void block_softmax(float* s, SoftmaxRow* rows, float* acc, int h_q, int d_v, int nb,
                                  float sm_scale) {
   for (int h = 0; h < h_q; ++h) {

@@ -62,9 +62,11 @@ function byMemory(t) {
 /** `args` (an op's or a layer's argument object) with the named fields read by their memory (byMemory); the rest inherited as they are. */
 function fieldsByMemory(args, keys) {
   if (typeof args !== 'object' || args === null) return args;
-  const own = {};
-  for (const k of keys) if (args[k] !== undefined) own[k] = byMemory(args[k]);
-  return Object.assign(Object.create(args), own);
+  const out = Object.create(args);
+  // defined, not assigned: a frozen args object's fields are read-only, and an assignment to an inherited
+  // read-only field throws (cpu seed 212 case 384, a false ref-refused)
+  for (const k of keys) if (args[k] !== undefined) Object.defineProperty(out, k, { value: byMemory(args[k]), enumerable: true, writable: true, configurable: true });
+  return out;
 }
 
 /** A layer's caches ({ swa, c4?, c128? }) read by their memory; an array of sets (a sharded call's) as it is. */

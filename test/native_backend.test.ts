@@ -94,6 +94,30 @@ describe.skipIf(!built)('cpu backend (native addon)', () => {
     }
   });
 
+  test('an x86-64-v3 build hands its calls to its AVX-512 copy where the CPU has it; SPARSE_MLA_CPU_ISA=baseline keeps its AVX2 kernels', () => {
+    const simdIn = (isa: string | undefined) => {
+      const env = { ...process.env };
+      if (isa === undefined) delete env.SPARSE_MLA_CPU_ISA;
+      else env.SPARSE_MLA_CPU_ISA = isa;
+      const r = spawnSync(process.execPath, ['-e', 'process.stdout.write(JSON.stringify(require(process.argv[1]).build))', process.env.SPARSE_MLA_NATIVE_ADDON || NATIVE_ADDON], { env, encoding: 'utf8' });
+      expect(r.status, r.stderr).toBe(0);
+      return JSON.parse(r.stdout) as { cpuArch: string; simd: string };
+    };
+    const auto = simdIn(undefined);
+    if (process.arch !== 'x64' || auto.cpuArch !== 'x86-64-v3') return;
+    let flags = '';
+    try {
+      flags = readFileSync('/proc/cpuinfo', 'utf8').match(/^flags\s*:(.*)$/m)?.[1] ?? '';
+    } catch {
+      /* no /proc: the AVX-512 case is not judged */
+    }
+    const has = (f: string) => new RegExp(`\\b${f}\\b`).test(flags);
+    const avx512 = ['avx512f', 'avx512cd', 'avx512bw', 'avx512dq', 'avx512vl', 'avx512_bf16'].every(has);
+    expect(auto.simd).toBe(avx512 ? 'AVX-512+BF16' : 'AVX2+FMA');
+    expect(simdIn('baseline').simd).toBe('AVX2+FMA');
+    expect(simdIn('auto').simd).toBe(auto.simd);
+  });
+
   test('sparsePrefill at the run shape (hQ=64, dQK=512, topk=640): cpu and wasm both within §4 of the reference', async () => {
     const args = prefillArgs(24, 64, 512, 2048, 640);
     const [c, w] = await Promise.all([cpu.sparsePrefill(args), wasm.sparsePrefill(args)]);

@@ -9,6 +9,7 @@
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_indices.h"
 #include "sparse_mla/sparse_mla.h"
+#include "isa_dispatch.h"
 
 namespace smla {
 namespace cpu {
@@ -569,6 +570,7 @@ smla_status check_cache_args(int32_t format, const void* cache, int32_t page_siz
 using namespace smla;
 
 extern "C" SMLA_API int32_t smla_quantize_kv_cache(const smla_quantize_kv_cache_params* p) {
+  SMLA_ISA_DISPATCH(quantize_kv_cache, p);
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const int32_t format = p->format, page_size = p->page_size, num_tokens = p->num_tokens;
   const int32_t rows_dtype = p->rows_dtype;
@@ -611,6 +613,7 @@ extern "C" SMLA_API int32_t smla_quantize_kv_cache(const smla_quantize_kv_cache_
 }
 
 extern "C" SMLA_API int32_t smla_dequantize_kv_cache(const smla_dequantize_kv_cache_params* p) {
+  SMLA_ISA_DISPATCH(dequantize_kv_cache, p);
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const int32_t format = p->format, page_size = p->page_size, num_tokens = p->num_tokens;
   const uint8_t* const cache = p->cache;

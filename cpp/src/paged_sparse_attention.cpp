@@ -8,6 +8,7 @@
 #include "sparse_mla/kv_cache_layout.h"
 #include "sparse_mla/sparse_indices.h"
 #include "sparse_mla/sparse_mla.h"
+#include "isa_dispatch.h"
 
 using namespace smla;
 
@@ -34,6 +35,7 @@ int64_t collect_tokens(const uint8_t* cache, int32_t page_size, int32_t num_page
 }  // namespace
 
 extern "C" SMLA_API int32_t smla_paged_sparse_attention(const smla_paged_sparse_attention_params* p) {
+  SMLA_ISA_DISPATCH(paged_sparse_attention, p);
   constexpr int kD = v4::kDim;
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const uint16_t* q = p->q;

@@ -5,10 +5,12 @@
 #include "sparse_attention_kernel.h"
 #include "sparse_mla/sparse_indices.h"
 #include "sparse_mla/sparse_mla.h"
+#include "isa_dispatch.h"
 
 using namespace smla;
 
 extern "C" SMLA_API int32_t smla_sparse_prefill(const smla_sparse_prefill_params* p) {
+  SMLA_ISA_DISPATCH(sparse_prefill, p);
   if (!p) return SMLA_ERR_INVALID_ARGUMENT;
   const uint16_t *q = p->q, *kv = p->kv;
   const int32_t *indices = p->indices, *topk_length = p->topk_length;

@@ -335,11 +335,11 @@ export function scrubBuildTree(file, root) {
  * cannot take this process down) and returns { ok: true, info } with its build description, or
  * { ok: false, why }.
  */
-export function probeAddon(path, timeoutMs = 60_000) {
+export function probeAddon(path, timeoutMs = 60_000, env = {}) {
   const script =
     'const m = require(process.argv[1]);' +
     'process.stdout.write(JSON.stringify({ abiVersion: m.abiVersion, build: m.build, cuda: m.cuda && m.cuda.built ? { built: true, arch: m.cuda.arch, compilerVersion: m.cuda.compilerVersion, kernels: m.cuda.kernels } : { built: false } }));';
-  const r = spawnSync(process.execPath, ['-e', script, path], { encoding: 'utf8', timeout: timeoutMs });
+  const r = spawnSync(process.execPath, ['-e', script, path], { encoding: 'utf8', timeout: timeoutMs, env: { ...process.env, ...env } });
   if (r.error) return { ok: false, why: `could not run node to load it (${r.error.message})` };
   if (r.status !== 0) {
     const msg = (r.stderr || '').split('\n').find((l) => /Error|error:/.test(l)) ?? (r.signal ? `killed by ${r.signal}` : `exit ${r.status}`);

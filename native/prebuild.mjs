@@ -116,7 +116,9 @@ async function buildPlatform(platform) {
       simd = spec.simd;
       cuda = { built: false, why: `the ${platform} prebuilt addon has the cpu backend only: the CUDA toolkit where the package was packed has no aarch64 target` };
     } else {
-      const probe = probeAddon(r.addon);
+      // the manifest names each addon's own -march path, not the AVX-512 copy an x86-64-v3 addon hands its calls
+      // to on a packing host that has AVX-512 (cpp/src/isa_dispatch.cpp)
+      const probe = probeAddon(r.addon, 60_000, { SPARSE_MLA_CPU_ISA: 'baseline' });
       if (!probe.ok) die(`${level}: the built addon does not load: ${probe.why}`);
       const { build, cuda: c } = probe.info;
       if (build?.cpuArch !== level) die(`${level}: the addon reports cpuArch ${build?.cpuArch}`);

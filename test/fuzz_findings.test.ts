@@ -2166,3 +2166,34 @@ describe('engine methods called on anything but an engine (session 57, helper-77
     }
   });
 });
+
+describe("sharded layers over several engines, the fuzzer's shardedEngines target (session 57, helper-77)", () => {
+  test.each(['queries', 'heads'] as const)('prefillLayerSharded (split by %s) over a list holding a disposed engine is DISPOSED before any shard runs (the live engines ran their whole shards first, for nothing: a task dispatched on a live wasm engine); the same layer over live engines is right', async (split) => {
+    const { engineBackend } = await import('../dist/engine.js');
+    const sc = randomScenario(rng, [rng.int(20, 80), rng.int(5, 30)], [rng.int(2, 6), rng.int(1, 4)]);
+    const hQ = rng.int(2, 4);
+    const caches = { swa: randomCache(rng, 64, sc.swaPages) };
+    const q = tensor('bf16', [sc.numQueries, hQ, 512], randomBf16Bits(rng, sc.numQueries * hQ * 512));
+    const live = await createEngine({ backend: 'wasm', workers: 1 });
+    const victim = await createEngine({ backend: addonBuilt && rng.uniform() < 0.5 ? 'cpu' : 'wasm', workers: 1 });
+    try {
+      const pool = (engineBackend(live) as unknown as { pool: { testing: { onDispatch(f: () => void): () => void } } }).pool;
+      let dispatched = 0;
+      const off = pool.testing.onDispatch(() => dispatched++);
+      await victim.dispose();
+      const plan = createShardedPlan(sc.chunk, { shards: 2, split, window: 128 });
+      const args = { q, compressRatio: 0 as const, plan, caches, smScale: 1 / Math.sqrt(576) };
+      const list = rng.uniform() < 0.5 ? [live, victim] : [victim, live];
+      await expectTyped(() => prefillLayerSharded(list, args), 'DISPOSED', 'engine');
+      expect(dispatched, 'tasks dispatched on the live engine for a layer refused DISPOSED').toBe(0);
+      const staging = (engineBackend(live) as unknown as { staging: { busyBytes: number; lentBytes: number } }).staging;
+      expect([staging.busyBytes, staging.lentBytes]).toEqual([0, 0]);
+      off();
+      const got = await prefillLayerSharded([live, live], args);
+      const problem = judgeAttention(got, () => prefillLayerReference({ chunk: sc.ref, compressRatio: 0, q, caches, smScale: args.smScale }), sc.numQueries, hQ, 512);
+      expect(problem).toBeNull();
+    } finally {
+      await live.dispose();
+    }
+  });
+});

@@ -146,18 +146,19 @@ test('hostile input: shard count, per-shard q, a [numQueries, 1, topk] top-k spl
   }
 });
 
-test('cuda engines (a stand-in device): a shard that fails (its engine disposed) frees the device outputs the other shards made and rejects with its error once all have settled; options are checked before any work', async () => {
+test('cuda engines (a stand-in device): a shard that fails (its launch fails) frees the device outputs the other shards made and rejects with its error once all have settled; a disposed engine is refused before any shard runs; options are checked before any work', async () => {
   const device = standInDevice();
   const n = 256;
   const chunk = { requests: [{ seqLen: n, extendLen: n, swaTokenIds: Int32Array.from({ length: n }, (_, i) => i) }] };
   const plan = createShardedPlan(chunk, { shards: 2, split: 'heads' });
   const args = { plan, compressRatio: 0 as const, q: tensor('bf16', [n, 4, D]), caches: { swa: createKvCache('v4', { pageSize: 64, numPages: n / 64 }) }, smScale: SM_SCALE, path: 'sparse' as const };
-  const live = device.engine(0), dead = device.engine(1);
-  await dead.engine.dispose();
+  // the failing shard's prefill launch fails as the addon's op rejects
+  const launchFailure = () => Object.assign(new Error('sparsePrefill: CUDA failed'), { code: 'SMLA_CUDA_ERROR', status: 'cudaErrorLaunchFailure: unspecified launch failure' });
+  const live = device.engine(0), dead = device.engine(1, { sparsePrefill: () => Promise.reject(launchFailure()) });
   device.reset();
   const sizes: number[] = [];
   for (let call = 0; call < 3; call++) {
-    await expect(prefillLayerSharded([live.engine, dead.engine], args, { output: 'device' })).rejects.toMatchObject({ code: 'DISPOSED' });
+    await expect(prefillLayerSharded([live.engine, dead.engine], args, { output: 'device' })).rejects.toMatchObject({ code: 'BACKEND_FAILURE' });
     await new Promise((r) => setTimeout(r, 20)); // (a shard still running after the rejection would allocate its outputs now)
     sizes.push(device.live.size);
   }
@@ -172,5 +173,10 @@ test('cuda engines (a stand-in device): a shard that fails (its engine disposed)
     await expect(prefillLayerSharded([live.engine, dead.engine], args, options as never)).rejects.toMatchObject({ code: 'INVALID_VALUE' });
     expect(device.ops).toEqual([]);
   }
+  // a disposed engine in the list: DISPOSED once the arguments are checked, before any shard runs
+  await dead.engine.dispose();
+  device.reset();
+  await expect(prefillLayerSharded([live.engine, dead.engine], args, { output: 'device' })).rejects.toMatchObject({ code: 'DISPOSED' });
+  expect(device.ops).toEqual([]);
   await live.engine.dispose();
 });

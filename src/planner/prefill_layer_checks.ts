@@ -184,7 +184,7 @@ function copyOperandsAtCall(engine: SparseMlaEngine, call: LayerCall): void {
   if (bytes === 0) return;
   if (arena === undefined || arena.closed) {
     // a disposed engine's layer rejects with DISPOSED when it runs, as any call on it does (a
-    // sharded layer's other shards run all the same); every backend has a staging, else a private
+    // sharded layer refuses it before any shard runs); every backend has a staging, else a private
     // copy each, which the ops stage again
     if (qData) call.q = { ...q, data: qData.slice() } as typeof q;
     if (sink && sinkData) call.attnSink = { ...sink, data: sinkData.slice() } as typeof sink;

@@ -197,8 +197,8 @@ function sliceHeads<T extends Uint16Array | Float32Array>(data: T, rows: number,
  * lent by the shard engine's staging and marked as the call's copy (staging.ts, lendCallCopy), which
  * the shard's layer takes as it is and its ops read in place — one copy of q, where a cut copy that
  * the layer copied again was two. Checked against the engine's memory budget first, with the
- * shard's host outputs. A plain cut copy where the engine has no open staging (disposed: the shard
- * rejects with DISPOSED when it runs; every engine was checked first, checkEngine).
+ * shard's host outputs. A plain cut copy where the engine has no open staging (disposed: the layer
+ * is refused with DISPOSED once every shard's arguments are checked, before any shard runs).
  */
 function shardHeadsAtCall(engine: Engine, q: Tensor<'bf16'>, rows: number, hQ: number, h0: number, h1: number, output: Placement): { q: Tensor<'bf16'>; release: (() => void) | undefined } {
   const shape = [rows, h1 - h0, WORKSPACE_ROW_DIMS];
@@ -389,6 +389,10 @@ export async function prefillLayerSharded<P extends Placement = 'host'>(givenEng
       }, { output }, `engines[${s}]`, shardSink !== undefined || !isDeviceBuffer(shardQ.data));
       calls.push({ engine: engine as SparseMlaEngine, call, part: { queryOffset: shard.queryOffset, numQueries: shard.numQueries, headOffset: h0, heads: h1 - h0 }, release });
     });
+    // a disposed engine's shard would reject with DISPOSED only when it runs, after every other
+    // shard had run its whole layer for nothing: refused here, once the arguments are checked (as
+    // prefillLayer refuses them first) and before any shard starts
+    for (const c of calls) c.engine.assertAlive();
   } catch (e) {
     for (const c of calls) releaseLayer(c.call);
     for (const p of parts) p.release?.();

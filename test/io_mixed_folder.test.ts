@@ -18,6 +18,7 @@ import { SparseMlaError, tensor } from '../dist/index.js';
 import type { SparsePrefillArgs, SparsePrefillResult, Tensor } from '../dist/index.js';
 import { PrefillDir, encodeSafetensors, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../dist/io/index.js';
 import { randomBf16Bits, randomPrefillArgs, testRng } from './helpers/random.js';
+import { errorOf } from './helpers/errors.js';
 import { tempDirs } from './helpers/temp_dirs.js';
 
 const rng = testRng('io_mixed_folder');
@@ -134,15 +135,6 @@ async function readsAsWritten(dir: string, written: { from: Record<string, strin
   }
 }
 
-async function errorOf(fn: () => Promise<unknown>): Promise<unknown> {
-  try {
-    await fn();
-  } catch (e) {
-    return e;
-  }
-  return null;
-}
-
 describe('the writers leave no folder that mixes formats of a tensor', () => {
   test('every writer over every older folder: taken exactly when the folder reads back as written, refused otherwise with the folder as it was', async () => {
     const verdicts: string[] = [];
@@ -152,7 +144,7 @@ describe('the writers leave no folder that mixes formats of a tensor', () => {
         const dir = join(tempDir(), 'd');
         mkdirSync(dir);
         await makeOlder(dir);
-        expect(await errorOf(() => PrefillDir.open(dir)), `${label}: the older folder opens`).toBe(null);
+        expect(await errorOf(() => PrefillDir.open(dir)), `${label}: the older folder opens`).toBeUndefined();
         const p = prefill();
         const copy = join(tempDir(), 'copy');
         cpSync(dir, copy, { recursive: true });
@@ -161,7 +153,7 @@ describe('the writers leave no folder that mixes formats of a tensor', () => {
         const before = contents(dir);
         const e = await errorOf(() => w.write(dir, p));
         if (ok) {
-          expect(e, `${label}: ${(e as Error | null)?.message}`).toBe(null);
+          expect(e, `${label}: ${(e as Error | undefined)?.message}`).toBeUndefined();
           expect(contents(dir), label).toEqual(contents(copy));
         } else {
           expect(e, label).toBeInstanceOf(SparseMlaError);

@@ -16,6 +16,7 @@ import { SparseMlaError, tensor } from '../dist/index.js';
 import type { Tensor } from '../dist/index.js';
 import { PrefillDir, encodeSafetensors, loadPrefillInputs, readSafetensorsHeader, readSafetensorsTensor } from '../dist/io/index.js';
 import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { errorOf } from './helpers/errors.js';
 import { tempDirs } from './helpers/temp_dirs.js';
 
 const rng = testRng('io_safetensors_lazy');
@@ -67,15 +68,6 @@ async function bytesReadDuring<T>(path: string, fn: () => Promise<T>): Promise<{
   const before = readBytes.get(key) ?? 0;
   const value = await fn();
   return { value, bytes: (readBytes.get(key) ?? 0) - before };
-}
-
-async function errorOf(fn: () => Promise<unknown>): Promise<unknown> {
-  try {
-    await fn();
-  } catch (e) {
-    return e;
-  }
-  return null;
 }
 
 const ITEM = { BF16: 2, F32: 4, I32: 4, U8: 1 } as const;

@@ -10,13 +10,17 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "isa_dispatch.h"
 #include "simd.h"
 #include "sparse_mla/formats.h"
 #include "sparse_mla/online_softmax.h"
 
 // SMLA_BF16_DOT: S = Q·Kᵀ with AVX512_BF16's vdpbf16ps, straight on the bf16 values (twice the
-// multiply-adds of an fp32 FMA an instruction), where the target has it (x86-64 -march=native on
-// Zen 4 / 5, Sapphire Rapids and later). bf16 products are exact in fp32 and each of the
+// multiply-adds of an fp32 FMA an instruction), on CPUs that have it (Zen 4 / 5, Sapphire Rapids
+// and later). Every AVX-512 build carries it: only its routines (namespace bf16_dot) are compiled
+// for AVX512_BF16, by a target attribute unless -march has it, so the rest of an AVX-512 build
+// still runs on CPUs without it (Skylake-SP, Cascade Lake, Ice Lake); smla_isa_bf16_dot_active()
+// (isa_dispatch.h) says at run time whether a query may take it. bf16 products are exact in fp32 and each of the
 // instruction's two steps is an fp32 FMA rounded to nearest even, as the fp32 path's; what differs is
 // that it reads subnormal inputs as 0 and flushes subnormal results to 0 (whatever MXCSR says). So a
 // block takes it only when that cannot move a logit measurably (use_bf16_dot): no bf16 subnormal in
@@ -24,8 +28,13 @@
 // |smScale| · dQK ≤ 2^80 (each flushed step moves the dot by less than 2^-126, so a logit moves by
 // less than 2^-46: far below SPEC §4's bounds). Other blocks take the fp32 path. P·V stays fp32:
 // V's subnormals count there.
-#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__) && !defined(SMLA_SIMD_NO_BF16_DOT)
+#if defined(SMLA_SIMD_AVX512) && defined(SMLA_ISA_BF16_DOT_BUILDABLE)
 #define SMLA_BF16_DOT 1
+#if defined(__AVX512BF16__)
+#define SMLA_BF16_DOT_TARGET
+#else
+#define SMLA_BF16_DOT_TARGET __attribute__((target("avx512bf16")))
+#endif
 #endif
 
 namespace smla {
@@ -195,9 +204,13 @@ static inline bool pack_bf16_rows(const float* src, uint16_t* dst, int64_t n) {
   return sub != 0;
 }
 
+// The only code built for AVX512_BF16 where -march lacks it (.ci/x64_core_check.sh: its
+// instructions lie in this namespace alone). Compilers never inline a function into a caller
+// without its target attribute, so none of it lands in code that runs without the CPU check.
+namespace bf16_dot {
 // logits_tile on bf16 q and k rows: 32 values of d a step, vdpbf16ps summing pairs into 16 lanes.
 template <int HB, int RB>
-static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
+SMLA_BF16_DOT_TARGET static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
   __m512 a[HB][RB];
   for (int h = 0; h < HB; ++h)
     for (int r = 0; r < RB; ++r) a[h][r] = _mm512_setzero_ps();
@@ -218,7 +231,7 @@ static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float*
 }
 
 template <int HB, int RB>
-static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
+SMLA_BF16_DOT_TARGET static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
   int r = 0;
   for (; r + RB <= nb; r += RB) logits_tile_bf16<HB, RB>(q, k, s, d_qk, h0, r);
   for (; r < nb; ++r) logits_tile_bf16<HB, 1>(q, k, s, d_qk, h0, r);
@@ -226,7 +239,8 @@ static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float*
 
 // block_logits through vdpbf16ps, the fp32 path's tile shape (6 x 4, 8 x 2 and 12 x 2 measured no
 // faster beyond the noise).
-static inline void block_logits_bf16(const uint16_t* q, const uint16_t* k, float* s, int h_q, int d_qk, int nb) {
+SMLA_BF16_DOT_TARGET static void block_logits_bf16(const uint16_t* q, const uint16_t* k, float* s, int h_q,
+                                                   int d_qk, int nb) {
   constexpr int HB = SMLA_LOGIT_HB, RB = SMLA_LOGIT_RB;
   int h = 0;
   for (; h + HB <= h_q; h += HB) logits_rows_bf16<HB, RB>(q, k, s, d_qk, h, nb);
@@ -234,6 +248,7 @@ static inline void block_logits_bf16(const uint16_t* q, const uint16_t* k, float
     for (; h + 2 <= h_q; h += 2) logits_rows_bf16<2, RB>(q, k, s, d_qk, h, nb);
   for (; h < h_q; ++h) logits_rows_bf16<1, RB>(q, k, s, d_qk, h, nb);
 }
+}  // namespace bf16_dot
 
 // The scale condition of SMLA_BF16_DOT (false for NaN and ±inf).
 static inline bool bf16_dot_scale_ok(float sm_scale, int d_qk) {
@@ -388,8 +403,8 @@ static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int
 #if defined(SMLA_BF16_DOT)
   // With few heads, packing the block's rows to bf16 costs about what the faster dots save (hQ = 4:
   // no gain; hQ = 1: a loss), so the bf16 path starts at 8 heads.
-  const bool bf16_dot_query =
-      h_q >= 8 && bf16_dot_scale_ok(sm_scale, d_qk) && !has_bf16_subnormal(q_bf16, qn);
+  const bool bf16_dot_query = h_q >= 8 && smla_isa_bf16_dot_active() && bf16_dot_scale_ok(sm_scale, d_qk) &&
+                              !has_bf16_subnormal(q_bf16, qn);
 #endif
 
   for (int64_t start = 0; start < n_valid; start += kBlock) {
@@ -399,7 +414,7 @@ static void attend_query(const uint16_t* q_bf16, int h_q, int d_qk, int d_v, int
     if (nb < kBlock) memset(sc.k + int64_t(nb) * d_qk, 0, size_t(kBlock - nb) * size_t(d_qk) * sizeof(float));
 #if defined(SMLA_BF16_DOT)
     if (bf16_dot_query && !pack_bf16_rows(sc.k, sc.kb, int64_t(nb) * d_qk))
-      block_logits_bf16(q_bf16, sc.kb, sc.s, h_q, d_qk, nb);
+      bf16_dot::block_logits_bf16(q_bf16, sc.kb, sc.s, h_q, d_qk, nb);
     else
 #endif
       block_logits(sc.q, sc.k, sc.s, h_q, d_qk, nb);

@@ -27,6 +27,8 @@
 #include "../../cpp/src/kv_cache_rows.h"
 // the softmax's vector exp (where the target has one) is checked directly
 #include "../../cpp/src/simd.h"
+// the SIMD path the core's calls take (the addon's build.simd)
+#include "../../cpp/src/isa_dispatch.h"
 
 namespace {
 
@@ -645,6 +647,63 @@ void check_vector_exp() {
   expect(got[3] == 0.0f && got[5] == 0.0f, "vector exp: -inf and -200 -> 0");
   expect(isinf(got[4]) && got[4] > 0 && isinf(got[6]) && got[6] > 0, "vector exp: +inf and 89 -> +inf");
   expect(got[7] == float(to_float32(exp(-103.2789))) && got[7] > 0, "vector exp: a subnormal result");
+}
+#endif
+
+#if !defined(__wasm__)
+// The path the core's calls take under SPARSE_MLA_CPU_ISA (cpp/src/isa_dispatch.h), against this
+// CPU's flags as Linux lists them (/proc/cpuinfo) and the path this file's own -march compiles
+// (core_check gets the core's). The checks of attention values that follow run on that path.
+void check_isa_path() {
+  const char* env = getenv("SPARSE_MLA_CPU_ISA");
+  const std::string forced = env ? env : "", taken = smla_isa_simd_path();
+#if defined(SMLA_SIMD_AVX512) && defined(__AVX512BF16__)
+  const std::string compiled = "AVX-512+BF16";
+#elif defined(SMLA_SIMD_AVX512)
+  const std::string compiled = "AVX-512";
+#elif defined(SMLA_SIMD_AVX2)
+  const std::string compiled = "AVX2+FMA";
+#elif defined(SMLA_SIMD_NEON)
+  const std::string compiled = "NEON";
+#elif defined(SMLA_SIMD_SSE2)
+  const std::string compiled = "SSE2";
+#else
+  const std::string compiled = "scalar";
+#endif
+  std::string flags;
+  if (FILE* f = fopen("/proc/cpuinfo", "r")) {
+    char line[8192];
+    while (fgets(line, sizeof line, f))
+      if (strncmp(line, "flags", 5) == 0) {
+        flags = std::string(" ") + line + " ";
+        for (char& c : flags)
+          if (c == '\t' || c == '\n' || c == ':') c = ' ';
+        break;
+      }
+    fclose(f);
+  }
+  const auto has = [&](const char* flag) { return flags.find(std::string(" ") + flag + " ") != std::string::npos; };
+  const bool avx512 = has("avx512f") && has("avx512cd") && has("avx512bw") && has("avx512dq") && has("avx512vl");
+  const bool bf16 = avx512 && has("avx512_bf16");
+#if defined(SMLA_ISA_DISPATCH_AVX512)
+  const bool carries_avx512 = true;
+#else
+  const bool carries_avx512 = compiled.rfind("AVX-512", 0) == 0;
+#endif
+  printf("core_check: SIMD path %s (SPARSE_MLA_CPU_ISA=%s; compiled for %s%s)\n", taken.c_str(), forced.c_str(),
+         compiled.c_str(), carries_avx512 && compiled.rfind("AVX-512", 0) != 0 ? " + the AVX-512 copy" : "");
+  const std::string ctx = "SIMD path with SPARSE_MLA_CPU_ISA='" + forced + "'";
+  if (forced == "baseline") {
+    // no AVX-512 copy, and the BF16 dot only where -march has AVX512_BF16
+    expect(taken == compiled, ctx + ": " + taken + ", not the build's own " + compiled);
+  } else if (flags.empty()) {
+    printf("  (no /proc/cpuinfo: the path is not judged)\n");
+  } else if (carries_avx512 && avx512) {
+    const std::string want = forced == "avx512" || !bf16 ? "AVX-512" : "AVX-512+BF16";
+    expect(taken == want, ctx + ": " + taken + ", not " + want + " (avx512_bf16 " + (bf16 ? "listed" : "not listed") + ")");
+  } else {
+    expect(taken == compiled, ctx + ": " + taken + " on a CPU without AVX-512 F/CD/BW/DQ/VL, not " + compiled);
+  }
 }
 #endif
 
@@ -1321,6 +1380,9 @@ void check_paged_args() {
 }  // namespace
 
 int main() {
+#if !defined(__wasm__)
+  check_isa_path();
+#endif
   check_cache_args();
   for (int32_t P : {2, 64, 256}) {
     check_cache(SMLA_CACHE_V4, P, P == 256 ? 2 : 5, false);

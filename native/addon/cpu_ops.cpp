@@ -82,48 +82,104 @@ Napi::Value QueueRows(Args& a, int64_t rows, double work_per_row, std::function<
   return Queue(a, std::move(job));
 }
 
-// sparsePrefill(threads, params): split by query rows.
+// A call over fewer query rows than it has threads is split by heads as well: each unit is one row's
+// run of consecutive heads (contiguous in q, out, lse and max_logits), at least kMinGroupHeads of
+// them and a multiple of it, so that every unit takes the core's path the whole row would (its bf16
+// dots start at 8 heads). `groups` units a row; the last group takes the heads left over.
+struct HeadGroups {
+  int64_t groups = 1, size = 0;
+  int64_t first(int64_t g) const { return g * size; }
+  int64_t count(int64_t g, int64_t h_q) const { return g + 1 == groups ? h_q - g * size : size; }
+};
+constexpr int64_t kMinGroupHeads = 8;
+HeadGroups GroupHeads(int64_t rows, int64_t h_q, int threads) {
+  if (rows >= threads || h_q < 2 * kMinGroupHeads) return {1, h_q};
+  const int64_t wanted = std::min<int64_t>((threads + rows - 1) / rows, h_q / kMinGroupHeads);
+  const int64_t size = h_q / wanted / kMinGroupHeads * kMinGroupHeads;  // at least kMinGroupHeads
+  return {h_q / size, size};
+}
+
+// sparsePrefill(threads, params): split by query rows (and by heads when rows are fewer than threads).
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args a(info, "sparsePrefill");
   Args::Fields f = a.Object(1, "params");
   smla_sparse_prefill_params p{};
   ReadSparsePrefill(f, p);
-  const double work = 2.0 * p.h_q * p.topk * (p.d_qk + p.d_v) + double(p.h_q) * p.d_v;
-  return QueueRows(a, p.s_q, work, [p](int64_t b, int64_t e) {
+  const HeadGroups hg = GroupHeads(p.s_q, p.h_q, a.Int(0, "threads", 1, kMaxThreads));
+  const double work = (2.0 * p.h_q * p.topk * (p.d_qk + p.d_v) + double(p.h_q) * p.d_v) / double(hg.groups);
+  return QueueRows(a, int64_t(p.s_q) * hg.groups, work, [p, hg](int64_t b, int64_t e) {
     const int64_t h = p.h_q;
-    smla_sparse_prefill_params r = p;
-    r.s_q = int32_t(e - b);
-    r.q = p.q + b * h * p.d_qk;
-    r.indices = p.indices ? p.indices + b * p.topk : nullptr;
-    r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
-    r.out = p.out + b * h * p.d_v;
-    r.max_logits = p.max_logits + b * h;
-    r.lse = p.lse + b * h;
-    return smla_sparse_prefill(&r);
+    if (hg.groups == 1) {
+      smla_sparse_prefill_params r = p;
+      r.s_q = int32_t(e - b);
+      r.q = p.q + b * h * p.d_qk;
+      r.indices = p.indices ? p.indices + b * p.topk : nullptr;
+      r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
+      r.out = p.out + b * h * p.d_v;
+      r.max_logits = p.max_logits + b * h;
+      r.lse = p.lse + b * h;
+      return smla_sparse_prefill(&r);
+    }
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t row = u / hg.groups, g = u % hg.groups, h0 = hg.first(g), first = row * h + h0;
+      smla_sparse_prefill_params r = p;
+      r.s_q = 1;
+      r.h_q = int32_t(hg.count(g, h));
+      r.q = p.q + first * p.d_qk;
+      r.indices = p.indices ? p.indices + row * p.topk : nullptr;
+      r.topk_length = p.topk_length ? p.topk_length + row : nullptr;
+      r.attn_sink = p.attn_sink ? p.attn_sink + h0 : nullptr;
+      r.out = p.out + first * p.d_v;
+      r.max_logits = p.max_logits + first;
+      r.lse = p.lse + first;
+      if (const int32_t s = smla_sparse_prefill(&r); s != SMLA_OK) return s;
+    }
+    return int32_t(SMLA_OK);
   });
 }
 
-// pagedSparseAttention(threads, params): split by query rows.
+// pagedSparseAttention(threads, params): split by query rows (and by heads when rows are fewer than
+// threads).
 Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args a(info, "pagedSparseAttention");
   Args::Fields f = a.Object(1, "params");
   smla_paged_sparse_attention_params p{};
   ReadPagedSparseAttention(f, p);
+  const HeadGroups hg = GroupHeads(p.n, p.h_q, a.Int(0, "threads", 1, kMaxThreads));
   const double entries = double(p.topk) + p.extra_topk;
-  const double work = 2.0 * p.h_q * entries * 1024 + entries * 1024 + double(p.h_q) * 512;
-  return QueueRows(a, p.n, work, [p](int64_t b, int64_t e) {
+  const double work = (2.0 * p.h_q * entries * 1024 + entries * 1024 + double(p.h_q) * 512) / double(hg.groups);
+  return QueueRows(a, int64_t(p.n) * hg.groups, work, [p, hg](int64_t b, int64_t e) {
     const int64_t h = p.h_q, d = smla::v4::kDim;
-    smla_paged_sparse_attention_params r = p;
-    r.n = int32_t(e - b);
-    r.q = p.q + b * h * d;
-    r.indices = p.indices ? p.indices + b * p.topk : nullptr;
-    r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
-    r.extra_indices = p.extra_indices ? p.extra_indices + b * p.extra_topk : nullptr;
-    r.extra_topk_length = p.extra_topk_length ? p.extra_topk_length + b : nullptr;
-    r.out = p.out + b * h * d;
-    r.lse = p.lse + b * h;
-    r.max_logits = p.max_logits + b * h;
-    return smla_paged_sparse_attention(&r);
+    const auto rows_from = [&p](smla_paged_sparse_attention_params& r, int64_t row) {
+      r.indices = p.indices ? p.indices + row * p.topk : nullptr;
+      r.topk_length = p.topk_length ? p.topk_length + row : nullptr;
+      r.extra_indices = p.extra_indices ? p.extra_indices + row * p.extra_topk : nullptr;
+      r.extra_topk_length = p.extra_topk_length ? p.extra_topk_length + row : nullptr;
+    };
+    if (hg.groups == 1) {
+      smla_paged_sparse_attention_params r = p;
+      r.n = int32_t(e - b);
+      rows_from(r, b);
+      r.q = p.q + b * h * d;
+      r.out = p.out + b * h * d;
+      r.lse = p.lse + b * h;
+      r.max_logits = p.max_logits ? p.max_logits + b * h : nullptr;
+      return smla_paged_sparse_attention(&r);
+    }
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t row = u / hg.groups, g = u % hg.groups, h0 = hg.first(g), first = row * h + h0;
+      smla_paged_sparse_attention_params r = p;
+      r.n = 1;
+      r.h_q = int32_t(hg.count(g, h));
+      rows_from(r, row);
+      r.attn_sink = p.attn_sink ? p.attn_sink + h0 : nullptr;
+      r.q = p.q + first * d;
+      r.out = p.out + first * d;
+      r.lse = p.lse + first;
+      r.max_logits = p.max_logits ? p.max_logits + first : nullptr;
+      if (const int32_t s = smla_paged_sparse_attention(&r); s != SMLA_OK) return s;
+    }
+    return int32_t(SMLA_OK);
   });
 }
 

@@ -45,6 +45,19 @@ export function threadsFor(workers: number, rows: number, workPerRow: number): n
   return Math.max(1, Math.min(workers, rows, Math.floor((rows * workPerRow) / MIN_THREAD_WORK)));
 }
 
+/** Heads an attention call's thread takes at least when the addon splits a query row by heads. */
+const MIN_GROUP_HEADS = 8;
+
+/**
+ * Threads for an attention call over `rows` queries of `hQ` heads: as threadsFor, but a call with
+ * fewer rows than threads may use more, the addon then splitting each row's heads into groups of at
+ * least MIN_GROUP_HEADS (native/addon/cpu_ops.cpp, GroupHeads).
+ */
+export function attentionThreadsFor(workers: number, rows: number, hQ: number, workPerRow: number): number {
+  const units = rows * Math.max(1, Math.floor(hQ / MIN_GROUP_HEADS));
+  return Math.max(1, Math.min(workers, units, Math.floor((rows * workPerRow) / MIN_THREAD_WORK)));
+}
+
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
 const COMPACT_TOKEN_BYTES = { v4: V4_TOKEN_BYTES, v32: V32_TOKEN_BYTES } as const;
 
@@ -155,7 +168,7 @@ export class CpuBackend implements Backend {
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
-    const threads = threadsFor(this.workers, sQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
+    const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
       this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
     );
@@ -178,7 +191,7 @@ export class CpuBackend implements Backend {
     const lse = allocHostArray(Float32Array, n * hQ, 'lse');
     const maxLogits = allocHostArray(Float32Array, n * hQ, 'maxLogits');
     const entries = main.topk + (extra?.topk ?? 0);
-    const threads = threadsFor(this.workers, n, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
+    const threads = attentionThreadsFor(this.workers, n, hQ, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];
     await this.run('pagedSparseAttention', inputs, names, ([q, kCache, indices, topkLength, extraKCache, extraIndices, extraTopkLength, attnSink]) =>
       this.addon.cpu.pagedSparseAttention(threads, { ...fields, q, kCache, indices, topkLength, extraKCache, extraIndices, extraTopkLength, attnSink, out, lse, maxLogits }),

@@ -1,0 +1,40 @@
+// Wall time of cpu attention calls over fewer query rows than threads (a decode step of one or two
+// requests, a chunk's last few queries), where the addon splits each row's heads over its threads:
+// sparsePrefill and pagedSparseAttention at V4 shapes, each awaited before the next. Compare two
+// builds by pointing SPARSE_MLA_DIST at another dist/ and SPARSE_MLA_NATIVE_ADDON at its addon.
+//   node bench/cpu_few_rows.mjs [rows=1] [calls=20] [workers=os cores]
+import { availableParallelism } from 'node:os';
+import { benchDist, median } from './lib.mjs';
+
+const dist = benchDist();
+const { createEngine, createKvCache, tensor } = await import(`${dist}index.js`);
+const { makeRng, randomBf16Bits, randomIndices } = await import(`${dist}check/grid.js`);
+const [rows = 1, calls = 20, workers = availableParallelism()] = process.argv.slice(2).map(Number);
+const engine = await createEngine({ backend: 'cpu', workers });
+const rng = makeRng(7);
+const tokens = 8192;
+const cache = createKvCache('v4', { pageSize: 64, numPages: tokens / 64 });
+await engine.quantizeKCache({ cache, tokenIds: tensor('int32', [tokens], Int32Array.from({ length: tokens }, (_, i) => i)), rows: tensor('bf16', [tokens, 512], randomBf16Bits(rng, tokens * 512)) });
+const kv = tensor('bf16', [tokens, 512], randomBf16Bits(rng, tokens * 512));
+const ids = (n, k) => tensor('int32', [n, k], randomIndices(rng, n, k, tokens, 0, 0, []));
+const sink = (h) => tensor('float32', [h], Float32Array.from({ length: h }, () => rng.normal()));
+const perCall = async (f) => {
+  for (let i = 0; i < 3; i++) await f(); // warm-up
+  const t = [];
+  for (let i = 0; i < calls; i++) {
+    const t0 = performance.now();
+    await f();
+    t.push(performance.now() - t0);
+  }
+  return +median(t).toFixed(3);
+};
+const out = { rows, workers, calls };
+for (const [hQ, topk, extra] of [[64, 128, 512], [128, 128, 1024]]) {
+  const q = tensor('bf16', [rows, hQ, 512], randomBf16Bits(rng, rows * hQ * 512));
+  const paged = { q, kCache: cache, indices: ids(rows, topk), extraKCache: cache, extraIndices: ids(rows, extra), attnSink: sink(hQ), smScale: 1 / Math.sqrt(512) };
+  out[`pagedMs_hQ${hQ}`] = await perCall(() => engine.pagedSparseAttention(paged));
+  const prefill = { q, kv, indices: ids(rows, topk + extra), attnSink: sink(hQ), smScale: 1 / Math.sqrt(512) };
+  out[`prefillMs_hQ${hQ}`] = await perCall(() => engine.sparsePrefill(prefill));
+}
+console.log(JSON.stringify(out));
+await engine.dispose();

@@ -24,6 +24,7 @@ import { IO_TARGETS } from './io_targets.mjs';
 import { LIFECYCLE_TARGETS } from './lifecycle_targets.mjs';
 import { REFERENCE_TARGETS } from './reference_targets.mjs';
 import { ENGINES_TARGETS } from './engines_targets.mjs';
+import { NUMERIC_TARGETS } from './numeric_targets.mjs';
 
 /** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs; dir_targets.mjs lazyDirRead), each from its fromSeed. */
 const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS, ...LAZY_DIR_TARGETS];
@@ -90,6 +91,18 @@ export const SIDE3_FROM_SEED = 64;
 
 /** The odds that a case of a seed from SIDE3_FROM_SEED runs a session-53 target instead of its own. */
 export const SIDE3_TARGET_ODDS = 0.05;
+
+/**
+ * The first seed whose cases draw the session-58 targets (SIDE4_TARGETS: numeric_targets.mjs, ...) from a
+ * stream of their own (from (seed, index) alone), drawn after every older stream's: seeds 1-220 replay as run.
+ */
+export const SIDE4_FROM_SEED = 221;
+
+/** The odds that a case of a seed from SIDE4_FROM_SEED runs a session-58 target instead of its own. */
+export const SIDE4_TARGET_ODDS = 0.06;
+
+/** The session-58 targets with their weights, each from its fromSeed. */
+const SIDE4_TARGETS = [...NUMERIC_TARGETS];
 
 function caseRng(seed, index) {
   // two rounds of a 32-bit mix: neighbouring indices give unrelated streams
@@ -177,6 +190,13 @@ export async function runCase(env, seed, index, only) {
     const u = hooks.side3.uniform();
     if (side3.length > 0 && (u < SIDE3_TARGET_ODDS || !target)) target = pickWeighted(side3, hooks.side3.uniform());
   }
+  if (seed >= SIDE4_FROM_SEED) {
+    // a session-58 target in place of the case's own, from a stream of its own (the older streams drew as before)
+    const side4Rng = caseRng((seed ^ 0x27d4eb2f) >>> 0, index);
+    const side4 = SIDE4_TARGETS.filter(([t]) => (!only || only.includes(t.name)) && (!t.hostEngineOnly || !env.engine?.hasDevice) && (!t.deviceEngineOnly || env.engine?.hasDevice) && seed >= (t.fromSeed ?? SIDE4_FROM_SEED));
+    const u = side4Rng.uniform();
+    if (side4.length > 0 && (u < SIDE4_TARGET_ODDS || !target)) target = pickWeighted(side4, side4Rng.uniform());
+  }
   if (!target) return { target: only.join(','), muts: [], verdict: 'skipped' };
   if (target.engine && !env.engine) return { target: target.name, muts: [], verdict: 'skipped' };
   const stub = env.stub ?? null;
@@ -188,7 +208,9 @@ export async function runCase(env, seed, index, only) {
   // device operands: uploaded (and abused) by the target before the mutations
   if (built.prepare) await withTimeout(Promise.resolve().then(() => built.prepare(built.args)), CASE_TIMEOUT_MS);
   const u = rng.uniform();
-  const count = u < (built.mostlyValid ? 0.5 : 0.12) ? 0 : u < 0.75 ? 1 : 2;
+  // (built.validOdds: a target whose hostile part is its own values, session 58; the older targets' odds are as they were)
+  const validOdds = built.validOdds ?? (built.mostlyValid ? 0.5 : 0.12);
+  const count = u < validOdds ? 0 : u < Math.max(0.75, (1 + validOdds) / 2) ? 1 : 2;
   const muts = mutateArgs(built.args, rng, hooks, built.mustRefuse && u < 0.5 ? 0 : count);
   const neutral = muts.every((m) => m.neutral);
   const dynamic = muts.some((m) => m.dynamic);

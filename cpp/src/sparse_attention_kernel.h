@@ -210,7 +210,7 @@ static inline bool pack_bf16_rows(const float* src, uint16_t* dst, int64_t n) {
 namespace bf16_dot {
 // logits_tile on bf16 q and k rows: 32 values of d a step, vdpbf16ps summing pairs into 16 lanes.
 template <int HB, int RB>
-SMLA_BF16_DOT_TARGET static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
+SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
   __m512 a[HB][RB];
   for (int h = 0; h < HB; ++h)
     for (int r = 0; r < RB; ++r) a[h][r] = _mm512_setzero_ps();
@@ -231,7 +231,7 @@ SMLA_BF16_DOT_TARGET static inline void logits_tile_bf16(const uint16_t* q, cons
 }
 
 template <int HB, int RB>
-SMLA_BF16_DOT_TARGET static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
+SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
   int r = 0;
   for (; r + RB <= nb; r += RB) logits_tile_bf16<HB, RB>(q, k, s, d_qk, h0, r);
   for (; r < nb; ++r) logits_tile_bf16<HB, 1>(q, k, s, d_qk, h0, r);

@@ -31,6 +31,16 @@ import { fieldsByMemory, judgeAttention, judgeLayer, layerScenario } from './tar
 /** The first seed that draws numericEdges. */
 export const NUMERIC_FROM_SEED = 221;
 
+/**
+ * The first seed whose numericEdges cases may be wide (one query row of 16-32 heads and 256-300 entries:
+ * work enough for the cpu backend to split the row's heads into groups over its threads, 89be223), a
+ * draw after the others so that earlier seeds build as they were run.
+ */
+export const WIDE_FROM_SEED = 226;
+
+/** The seed of the case being built (the judge's rebuild gets hooks without one; as dir_targets.mjs does). */
+let lastSeed = 0;
+
 const D = 512;
 const bf16 = (x) => R.encodeBf16(x);
 const sign = (rng) => (rng.uniform() < 0.5 ? -1 : 1);
@@ -106,12 +116,12 @@ function scaleEdge(rng, dQK) {
   return { smScale, value, desc: `smScale ${smScale}, values of ${value.toPrecision(3)}` };
 }
 
-function sparsePrefillCase(rng, hooks, hQ, kinds) {
-  const sQ = rng.int(1, 4);
+function sparsePrefillCase(rng, hooks, hQ, kinds, wide) {
+  const sQ = wide ? 1 : rng.int(1, 4);
   const dQK = rng.pick([512, 576, 576, 64, 128]);
   const dV = dQK < 512 ? 64 * rng.int(1, dQK / 64 + 1) : 512;
-  const sKV = rng.pick([1, 31, 33, 64, 90]);
-  const topk = rng.pick([1, 8, 32, 33, 70, 96]);
+  const sKV = wide ? rng.pick([260, 400]) : rng.pick([1, 31, 33, 64, 90]);
+  const topk = wide ? rng.pick([256, 300]) : rng.pick([1, 8, 32, 33, 70, 96]);
   let smScale = rng.pick([1 / Math.sqrt(dQK), 0.25]);
   let qScale = 1, kvScale = 1;
   const notes = [];
@@ -175,10 +185,10 @@ function v4Cache(rng, pageSize, numPages, scale) {
 /** An e4m3 code of |value| < 2 (exponent field 0-7) with a random sign and mantissa. */
 const smallE4m3 = (rng) => (rng.uniform() < 0.5 ? 0x80 : 0) | (rng.int(0, 8) << 3) | rng.int(0, 8);
 
-function pagedCase(rng, hooks, hQ, kinds) {
-  const n = rng.int(1, 4);
+function pagedCase(rng, hooks, hQ, kinds, wide) {
+  const n = wide ? 1 : rng.int(1, 4);
   const pageSize = rng.pick([1, 16, 64]);
-  const numPages = Math.max(1, Math.ceil(rng.int(20, 100) / pageSize));
+  const numPages = Math.max(1, Math.ceil((wide ? rng.int(260, 400) : rng.int(20, 100)) / pageSize));
   const notes = [];
   let smScale = rng.pick([1 / Math.sqrt(576), 0.25]);
   let qScale = 1, kvScale = rng.pick([1, 1e-3]);
@@ -195,7 +205,7 @@ function pagedCase(rng, hooks, hQ, kinds) {
   const bytes = cache.data;
   const ropeView = (t) => new Uint16Array(bytes.buffer, bytes.byteOffset + layout(t).rope, 64);
   const q = normalBits(rng, n * hQ * D, qScale);
-  const topk = rng.pick([1, 9, 32, 40, 70]);
+  const topk = wide ? rng.pick([256, 300]) : rng.pick([1, 9, 32, 40, 70]);
   const idx = indexRows(rng, n, topk, tokens);
   const lengths = rng.uniform() < 0.3 ? Int32Array.from({ length: n }, () => rng.int(0, topk + 2)) : undefined;
   if (kinds.includes('qSub')) {
@@ -329,7 +339,7 @@ const numericEdges = {
   build(rng, env, hooks) {
     const u = rng.uniform();
     const op = u < 0.45 ? 'sparsePrefill' : u < 0.75 ? 'pagedSparseAttention' : 'prefillLayer';
-    const hQ = rng.uniform() < 0.1 ? rng.int(1, 5) : rng.pick([7, 8, 8, 9, 12, 16, 17]);
+    let hQ = rng.uniform() < 0.1 ? rng.int(1, 5) : rng.pick([7, 8, 8, 9, 12, 16, 17]);
     const KINDS = ['qSub', 'kvSub', 'scale', 'nonFinite'];
     const kinds = [rng.pick(KINDS)];
     if (rng.uniform() < 0.4) {
@@ -337,6 +347,10 @@ const numericEdges = {
       // qSub and kvSub set the same kind of dims from both sides: one of them a case
       if (!kinds.includes(second) && !(second === 'scale' && kinds[0] !== 'nonFinite') && !(kinds[0] === 'scale' && second !== 'nonFinite') && !(kinds[0].endsWith('Sub') && second.endsWith('Sub'))) kinds.push(second);
     }
+    const seed = hooks.rng ? hooks.seed : lastSeed;
+    if (hooks.rng) lastSeed = hooks.seed;
+    const wide = seed >= WIDE_FROM_SEED && op !== 'prefillLayer' && rng.uniform() < 0.25;
+    if (wide) hQ = rng.pick([16, 17, 24, 32]);
     if (op === 'prefillLayer') {
       const { sc, layer, notes, shape } = layerCase(rng, hooks, hQ, kinds);
       const args = [env.engine, layer];
@@ -349,7 +363,7 @@ const numericEdges = {
         judge: (got, { refArgs, stub, neutral }) => (neutral ? judgeLayer(got, sc, refArgs[1], stub) : null),
       };
     }
-    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds) : pagedCase(rng, hooks, hQ, kinds);
+    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds, wide) : pagedCase(rng, hooks, hQ, kinds, wide);
     const args = [made.a];
     if (rng.uniform() < 0.3) args.push({ output: 'host' });
     const fields = op === 'sparsePrefill' ? ['q', 'kv', 'indices', 'topkLength', 'attnSink'] : ['q', 'kCache', 'indices', 'topkLength', 'attnSink'];

@@ -168,6 +168,9 @@ export class CpuBackend implements Backend {
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
+    // no query row, no work (SPEC §4: sQ = 0 gives empty outputs): the addon is not reached, whose head
+    // groups divided by the row count (a call of no rows and 16 heads or more was a SIGFPE, 89be223)
+    if (sQ === 0) return { out, maxLogits, lse };
     const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
       this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
@@ -190,6 +193,7 @@ export class CpuBackend implements Backend {
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
     const lse = allocHostArray(Float32Array, n * hQ, 'lse');
     const maxLogits = allocHostArray(Float32Array, n * hQ, 'maxLogits');
+    if (n === 0) return { out, lse, maxLogits }; // as sparsePrefill's: no row, the addon not reached
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = attentionThreadsFor(this.workers, n, hQ, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];

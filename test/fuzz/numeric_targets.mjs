@@ -24,7 +24,8 @@
  * whose partial sums overflow). Judged as sparsePrefill's and pagedSparseAttention's targets judge:
  * against the float64 reference by SPEC §4.1's bounds, NaN and ±inf in the same places.
  */
-import { createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { makeRng } from '../../dist/check/grid.js';
 import * as R from '../../dist/reference/index.js';
 import { fieldsByMemory, judgeAttention, judgeLayer, layerScenario } from './targets.mjs';
 
@@ -43,6 +44,13 @@ export const WIDE_FROM_SEED = 226;
  * divided by the row count (SIGFPE before bdc881b), a draw after the others.
  */
 export const EMPTY_FROM_SEED = 232;
+
+/**
+ * The first seed whose wide cases on the cpu backend run on a fresh engine of 2-8 workers (the head
+ * groups of rows 1-3 over up to 8 threads: their row offsets into q, the indices, the sink and the
+ * outputs) and whose paged cases may carry the extra set (its own cache, edited as the main one).
+ */
+export const GROUPS_FROM_SEED = 233;
 
 /** The seed of the case being built (the judge's rebuild gets hooks without one; as dir_targets.mjs does). */
 let lastSeed = 0;
@@ -122,8 +130,8 @@ function scaleEdge(rng, dQK) {
   return { smScale, value, desc: `smScale ${smScale}, values of ${value.toPrecision(3)}` };
 }
 
-function sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty) {
-  const sQ = empty ? 0 : wide ? 1 : rng.int(1, 4);
+function sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1) {
+  const sQ = empty ? 0 : wide ? wideRows : rng.int(1, 4);
   const dQK = rng.pick([512, 576, 576, 64, 128]);
   const dV = dQK < 512 ? 64 * rng.int(1, dQK / 64 + 1) : 512;
   const sKV = wide ? rng.pick([260, 400]) : rng.pick([1, 31, 33, 64, 90]);
@@ -191,8 +199,10 @@ function v4Cache(rng, pageSize, numPages, scale) {
 /** An e4m3 code of |value| < 2 (exponent field 0-7) with a random sign and mantissa. */
 const smallE4m3 = (rng) => (rng.uniform() < 0.5 ? 0x80 : 0) | (rng.int(0, 8) << 3) | rng.int(0, 8);
 
-function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
-  const n = empty ? 0 : wide ? 1 : rng.int(1, 4);
+function pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1) {
+  const n = empty ? 0 : wide ? wideRows : rng.int(1, 4);
+  // the edits of every token of the main cache, applied to an extra cache too (addExtra)
+  const edits = [];
   const pageSize = rng.pick([1, 16, 64]);
   const numPages = Math.max(1, Math.ceil((wide ? rng.int(260, 400) : rng.int(20, 100)) / pageSize));
   const notes = [];
@@ -219,6 +229,7 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
       const dims = someDims(rng, 448, 512);
       const e = vDimExponent(topk);
       for (let t = 0; t < tokens; t++) for (const d of dims) ropeView(t)[d - 448] = hugeBits(rng, e);
+      edits.push({ rope: dims, huge: e });
       subnormalQ(rng, q, n, hQ, D, dims);
       notes.push(`q subnormal × rope 2^${e} at dims ${dims.join(',')}`);
     } else {
@@ -229,6 +240,7 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
         bytes[at.scales + tile] = 127 + e;
         for (let j = 0; j < 64; j++) bytes[at.nope + tile * 64 + j] = smallE4m3(rng);
       }
+      edits.push({ tile, huge: 127 + e });
       const dims = Array.from({ length: 64 }, (_, j) => tile * 64 + j);
       subnormalQ(rng, q, n, hQ, D, dims);
       notes.push(`q subnormal × nope tile ${tile} of scale 2^${e}`);
@@ -240,6 +252,7 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
     if (rng.uniform() < 0.5) {
       const dims = someDims(rng, 448, 512);
       for (let t = 0; t < tokens; t++) for (const d of dims) ropeView(t)[d - 448] = subRows.has(t) ? subnormalBits(rng) : rng.pick([0, 0x8000]);
+      edits.push({ rope: dims });
       for (let i = 0; i < n * hQ; i++) for (const d of dims) q[i * D + d] = hugeBits(rng);
       notes.push(`rope of tokens ${[...subRows].join(',')} subnormal × q 2^126 at dims ${dims.join(',')}`);
     } else {
@@ -250,6 +263,7 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
         if (subRows.has(t)) bytes[at.scales + tile] = rng.int(0, 2);
         for (let j = 0; j < 64; j++) bytes[at.nope + tile * 64 + j] = subRows.has(t) ? smallE4m3(rng) : rng.pick([0, 0x80]);
       }
+      edits.push({ tile });
       for (let i = 0; i < n * hQ; i++) for (let j = 0; j < 64; j++) q[i * D + tile * 64 + j] = hugeBits(rng);
       notes.push(`nope tile ${tile} of scale 2^-127 in tokens ${[...subRows].join(',')} × q 2^126`);
     }
@@ -275,7 +289,33 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty) {
   };
   if (nonFinite === 'sink' || rng.uniform() < 0.5) a.attnSink = tensor('float32', [hQ], hooks.track(sinkOf(rng, hQ, nonFinite === 'sink')));
   if (lengths) a.topkLength = tensor('int32', [n], hooks.track(lengths));
-  return { a, notes, rows: n, dV: D, shape: `n ${n} hQ ${hQ} pageSize ${pageSize} tokens ${tokens} topk ${topk}` };
+  /**
+   * The extra set (GROUPS_FROM_SEED), from a stream of its own: a cache of its own page size edited as
+   * the main one (values near 2^e where q is subnormal; zeros, some tokens subnormal, where q is huge),
+   * up to topk ids (so the V sums stay finite), topkLength or not.
+   */
+  const addExtra = (xr) => {
+    const ePage = xr.pick([1, 4, 64]);
+    const extra = v4Cache(xr, ePage, Math.max(1, Math.ceil(xr.int(1, 80) / ePage)), kvScale);
+    const eb = extra.cache.data;
+    for (let t = 0; t < extra.n; t++) {
+      const at = extra.layout(t), rope = new Uint16Array(eb.buffer, eb.byteOffset + at.rope, 64), sub = xr.uniform() < 0.1;
+      for (const ed of edits) {
+        if (ed.rope) for (const d of ed.rope) rope[d - 448] = ed.huge ? hugeBits(xr, ed.huge) : sub ? subnormalBits(xr) : 0;
+        else {
+          if (ed.huge || sub) eb[at.scales + ed.tile] = ed.huge ?? xr.int(0, 2);
+          for (let j = 0; j < 64; j++) eb[at.nope + ed.tile * 64 + j] = ed.huge || sub ? smallE4m3(xr) : 0;
+        }
+      }
+    }
+    const etopk = xr.int(0, Math.min(topk, 40) + 1);
+    a.extraKCache = extra.cache;
+    a.extraIndices = tensor('int32', [n, etopk], hooks.track(indexRows(xr, n, etopk, extra.n)));
+    if (xr.uniform() < 0.4) a.extraTopkLength = tensor('int32', [n], hooks.track(Int32Array.from({ length: n }, () => xr.int(0, etopk + 2))));
+    hooks.track(eb);
+    notes.push(`extra set: ${extra.n} tokens, ${etopk} ids`);
+  };
+  return { a, notes, rows: n, dV: D, addExtra, shape: `n ${n} hQ ${hQ} pageSize ${pageSize} tokens ${tokens} topk ${topk}` };
 }
 
 /**
@@ -358,6 +398,9 @@ const numericEdges = {
     const wide = seed >= WIDE_FROM_SEED && op !== 'prefillLayer' && rng.uniform() < 0.25;
     if (wide) hQ = rng.pick([16, 17, 24, 32]);
     const empty = wide && seed >= EMPTY_FROM_SEED && rng.uniform() < 0.15;
+    // on the cpu backend, a fresh engine of 2-8 workers: rows 1-3 split by head groups over up to 8 threads
+    const groupWorkers = wide && env.backend === 'cpu' && seed >= GROUPS_FROM_SEED ? rng.pick([2, 3, 4, 8]) : undefined;
+    const wideRows = groupWorkers > 2 ? rng.int(1, 4) : 1;
     if (op === 'prefillLayer') {
       const { sc, layer, notes, shape } = layerCase(rng, hooks, hQ, kinds);
       const args = [env.engine, layer];
@@ -370,15 +413,25 @@ const numericEdges = {
         judge: (got, { refArgs, stub, neutral }) => (neutral ? judgeLayer(got, sc, refArgs[1], stub) : null),
       };
     }
-    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty) : pagedCase(rng, hooks, hQ, kinds, wide, empty);
+    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows) : pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows);
     const args = [made.a];
     if (rng.uniform() < 0.3) args.push({ output: 'host' });
-    const fields = op === 'sparsePrefill' ? ['q', 'kv', 'indices', 'topkLength', 'attnSink'] : ['q', 'kCache', 'indices', 'topkLength', 'attnSink'];
+    if (op === 'pagedSparseAttention' && seed >= GROUPS_FROM_SEED && rng.uniform() < 0.4) made.addExtra(makeRng(rng.u32()));
+    const fields = op === 'sparsePrefill' ? ['q', 'kv', 'indices', 'topkLength', 'attnSink'] : ['q', 'kCache', 'indices', 'topkLength', 'attnSink', 'extraKCache', 'extraIndices', 'extraTopkLength'];
     const reference = op === 'sparsePrefill' ? R.sparsePrefillReference : R.pagedSparseAttentionReference;
     return {
       args,
-      describe: `${op} ${made.shape}, smScale ${made.a.smScale}: ${made.notes.join('; ') || 'plain values'}`,
-      call: (x) => env.engine[op](...x),
+      describe: `${op} ${made.shape}${groupWorkers ? ` on a cpu engine of ${groupWorkers} workers` : ''}, smScale ${made.a.smScale}: ${made.notes.join('; ') || 'plain values'}`,
+      call: groupWorkers
+        ? async (x) => {
+            const engine = await createEngine({ backend: 'cpu', workers: groupWorkers });
+            try {
+              return await engine[op](...x);
+            } finally {
+              await engine.dispose();
+            }
+          }
+        : (x) => env.engine[op](...x),
       // 3 cases in 4 as built: the values are the hostile part (fuzz.mjs validOdds)
       validOdds: 0.75,
       judge: (got, { refArgs, stub, neutral }) => {

@@ -1,6 +1,7 @@
 /**
  * What the pool sends its workers and what comes back. Input arrays are views of
- * SharedArrayBuffers (see pool.ts for why); a task names the row range a worker computes.
+ * SharedArrayBuffers (see pool.ts for why); a task names the row range a worker computes, and an
+ * attention task the heads of those rows too.
  */
 import type { ErrorCode } from '../../errors.js';
 import type { CacheFormat } from '../../types.js';
@@ -20,11 +21,20 @@ export interface SharedCache {
   data: Uint8Array;
 }
 
-export interface SparsePrefillTask extends RowRange {
+/**
+ * The heads [headStart, headEnd) of an attention task's rows: all of them when absent, or, for a
+ * call split by heads, a run of them in a task of one row (so its q, sink and outputs are contiguous).
+ */
+export interface HeadRange {
+  headStart?: number;
+  headEnd?: number;
+}
+
+export interface SparsePrefillTask extends RowRange, HeadRange {
   job: SparsePrefillJob;
 }
 
-export interface PagedSparseAttentionTask extends RowRange {
+export interface PagedSparseAttentionTask extends RowRange, HeadRange {
   job: Omit<PagedSparseAttentionJob, 'main' | 'extra'> & {
     main: { cache: SharedCache; indices: Int32Array; topk: number; topkLength: Int32Array | null };
     extra: { cache: SharedCache; indices: Int32Array; topk: number; topkLength: Int32Array | null } | null;

@@ -1,6 +1,7 @@
 /**
  * The WASM backend: runs validated jobs on the worker pool. It splits a call into row ranges
- * (query rows for attention, token rows for the cache ops), checks that each task fits a worker's
+ * (query rows for attention, token rows for the cache ops; an attention call over fewer query rows
+ * than workers into runs of each row's heads as well), checks that each task fits a worker's
  * heap and that the call fits the engine's memory budget before any work, places the inputs where
  * the workers can read them (a reused staging slab, see staging.ts and pool.ts) and stitches the
  * outputs. The main thread only copies bytes; all math runs in the workers.
@@ -106,8 +107,7 @@ function rowRanges(s: Omit<RowSplit, 'argument'>, workers: number, heapBytes: nu
   if (s.rows === 0) return [];
   const usable = heapBytes - HEAP_RESERVE_BYTES - s.fixedBytes;
   const maxRows = Math.max(1, Math.floor(usable / s.bytesPerRow));
-  const minWork = Math.max(MIN_TASK_WORK, s.fixedBytes * COPY_WORK_PER_BYTE);
-  let count = Math.min(workers, s.rows, Math.max(1, Math.floor((s.rows * s.workPerRow) / minWork)));
+  let count = Math.min(workers, s.rows, tasksWorthIt(s));
   count = Math.max(count, Math.ceil(s.rows / Math.min(maxRows, maxRowsPerTask)));
   const base = Math.floor(s.rows / count);
   const extra = s.rows % count;
@@ -121,6 +121,68 @@ function rowRanges(s: Omit<RowSplit, 'argument'>, workers: number, heapBytes: nu
   return out;
 }
 
+/** The most tasks a call's work is worth: each at least MIN_TASK_WORK, and at least the work of copying the replicated bytes it copies again. */
+function tasksWorthIt(s: Pick<RowSplit, 'rows' | 'workPerRow' | 'fixedBytes'>): number {
+  const minWork = Math.max(MIN_TASK_WORK, s.fixedBytes * COPY_WORK_PER_BYTE);
+  return Math.max(1, Math.floor((s.rows * s.workPerRow) / minWork));
+}
+
+/**
+ * Heads a task of a call split by heads takes at least: each task's heads start at a multiple of
+ * it, and all but a row's last run are a multiple of it, so each takes the core's path (its blocks
+ * of heads) that the whole row would and the results are one worker's bits.
+ */
+const MIN_GROUP_HEADS = 8;
+
+/** An attention call to split: its rows and heads, a row's work, heap and blame (RowSplit). */
+export interface AttentionSplit extends RowSplit {
+  hQ: number;
+}
+
+/** One attention task: query rows [rowStart, rowEnd), of them heads [headStart, headEnd) (protocol.ts, HeadRange). */
+export interface AttentionPart {
+  rowStart: number;
+  rowEnd: number;
+  headStart: number;
+  headEnd: number;
+}
+
+/**
+ * An attention call's tasks. Splitting by rows as splitRows does, unless the call has fewer rows
+ * than workers and its work is worth more tasks than rows (each task copies the replicated kv or
+ * caches into its heap again: tasksWorthIt): then each row's heads are cut into the same number of
+ * runs of whole blocks of MIN_GROUP_HEADS (balanced; the last run takes the heads left over), a
+ * task a run, no more tasks than workers. (The cpu backend's threads take runs of such groups across
+ * rows, native/addon/cpu_ops.cpp GroupHeads; a task here copies the kv per call, so a row's runs
+ * are as many as the workers allow evenly.) A run's heap need is below its row's, which the
+ * one-row check covers. Throws TOO_LARGE when a single row cannot fit.
+ */
+export function splitAttention(s: AttentionSplit, workers: number, heapBytes: number): AttentionPart[] {
+  if (s.rows === 0) return [];
+  checkTaskHeap(s, heapBytes, s.argument);
+  const blocks = Math.floor(s.hQ / MIN_GROUP_HEADS);
+  if (s.rows < workers && blocks >= 2) {
+    const runsPerRow = Math.min(blocks, Math.floor(Math.min(workers, tasksWorthIt(s)) / s.rows));
+    if (runsPerRow >= 2) return headRuns(s.rows, s.hQ, blocks, runsPerRow);
+  }
+  return rowRanges(s, workers, heapBytes, Infinity).map(([rowStart, rowEnd]) => ({ rowStart, rowEnd, headStart: 0, headEnd: s.hQ }));
+}
+
+/** Each of `rows` rows cut into `runs` runs of its `blocks` blocks of heads, row by row. */
+function headRuns(rows: number, hQ: number, blocks: number, runs: number): AttentionPart[] {
+  const base = Math.floor(blocks / runs);
+  const extra = blocks % runs;
+  const out: AttentionPart[] = [];
+  for (let row = 0; row < rows; row++) {
+    let block = 0;
+    for (let i = 0; i < runs; i++) {
+      const next = block + base + (i < extra ? 1 : 0);
+      out.push({ rowStart: row, rowEnd: row + 1, headStart: block * MIN_GROUP_HEADS, headEnd: i === runs - 1 ? hQ : next * MIN_GROUP_HEADS });
+      block = next;
+    }
+  }
+  return out;
+}
 
 function compactTokenBytes(format: CacheFormat): number {
   return format === 'v32' ? V32_TOKEN_BYTES : V4_TOKEN_DATA_BYTES + V4_TOKEN_SCALE_BYTES;
@@ -165,13 +227,13 @@ function scratchBytes(hQ: number, dQK: number, dV: number, entries: number): num
   return entries * 16 + hQ * (dQK + dV) * 8 + 65536;
 }
 
-/** Where the rows of one attention task go in the call's outputs. */
+/** Where the rows and heads of one attention task go in the call's outputs. */
 interface AttentionLayout {
   rows: number;
-  /** out elements per row */
-  outPerRow: number;
-  /** maxLogits / lse elements per row */
-  statPerRow: number;
+  /** heads per row (maxLogits / lse elements per row) */
+  hQ: number;
+  /** out elements per head */
+  outPerHead: number;
 }
 
 export class WasmBackend implements Backend {
@@ -250,40 +312,43 @@ export class WasmBackend implements Backend {
     await Promise.all(runs);
   }
 
-  /** Runs attention tasks over row ranges and assembles out / maxLogits / lse. */
+  /** Runs attention tasks over rows (and heads) and assembles out / maxLogits / lse. */
   private async attention<M extends 'sparsePrefill' | 'pagedSparseAttention'>(
     method: M,
-    ranges: Array<[number, number]>,
-    arg: (rowStart: number, rowEnd: number) => Parameters<WorkerPool['run']>[1] & object,
+    parts: readonly AttentionPart[],
+    arg: (part: AttentionPart) => Parameters<WorkerPool['run']>[1] & object,
     layout: AttentionLayout,
     release: () => void,
   ): Promise<SparsePrefillOutput> {
-    const { rows, outPerRow, statPerRow } = layout;
+    const { rows, hQ, outPerHead } = layout;
     let result: SparsePrefillOutput | null = null;
-    if (ranges.length > 1) {
+    if (parts.length > 1) {
       try {
         result = {
-          out: allocHostArray(Uint16Array, rows * outPerRow, 'out'),
-          maxLogits: allocHostArray(Float32Array, rows * statPerRow, 'maxLogits'),
-          lse: allocHostArray(Float32Array, rows * statPerRow, 'lse'),
+          out: allocHostArray(Uint16Array, rows * hQ * outPerHead, 'out'),
+          maxLogits: allocHostArray(Float32Array, rows * hQ, 'maxLogits'),
+          lse: allocHostArray(Float32Array, rows * hQ, 'lse'),
         };
       } catch (e) {
         release();
         throw e;
       }
     }
-    const tasks = ranges.map(([rowStart, rowEnd]) => ({ arg: arg(rowStart, rowEnd), label: `${method} rows ${rowStart}..${rowEnd - 1}` }));
-    await this.runTasks(method, tasks, (i, part) => {
-      const p = part as AttentionOutput;
+    const label = (p: AttentionPart) =>
+      p.headStart === 0 && p.headEnd === hQ ? `${method} rows ${p.rowStart}..${p.rowEnd - 1}` : `${method} row ${p.rowStart} heads ${p.headStart}..${p.headEnd - 1}`;
+    const tasks = parts.map((p) => ({ arg: arg(p), label: label(p) }));
+    await this.runTasks(method, tasks, (i, value) => {
+      const v = value as AttentionOutput;
       if (!result) {
-        result = p;
+        result = v;
         return;
       }
-      // Each part is copied into place as it arrives, so parts do not pile up until the end.
-      const row0 = ranges[i]![0];
-      result.out.set(p.out, row0 * outPerRow);
-      result.maxLogits.set(p.maxLogits, row0 * statPerRow);
-      result.lse.set(p.lse, row0 * statPerRow);
+      // Each part is copied into place as it arrives, so parts do not pile up until the end; a
+      // part's rows and heads are contiguous in the outputs (whole rows, or heads of one row).
+      const at = parts[i]!.rowStart * hQ + parts[i]!.headStart;
+      result.out.set(v.out, at * outPerHead);
+      result.maxLogits.set(v.maxLogits, at);
+      result.lse.set(v.lse, at);
     }, release);
     return result!;
   }
@@ -291,18 +356,18 @@ export class WasmBackend implements Backend {
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
     this.alive();
     const { sQ, hQ, dQK, dV, topk } = job;
-    const ranges = splitRows(
-      { rows: sQ, workPerRow: 2 * topk * hQ * (dQK + dV), ...sparsePrefillTask(job.kv.byteLength, hQ, dQK, dV, topk), argument: 'kv' },
+    const parts = splitAttention(
+      { rows: sQ, hQ, workPerRow: 2 * topk * hQ * (dQK + dV), ...sparsePrefillTask(job.kv.byteLength, hQ, dQK, dV, topk), argument: 'kv' },
       this.workers,
       this.heapBytes,
     );
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
     checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV, 'host'), this.memoryBudgetBytes);
-    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    if (parts.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
     const [q, kv, indices, topkLength, attnSink] = staged.views;
     const shared: SparsePrefillJob = { ...job, q, kv, indices, topkLength, attnSink };
-    return this.attention('sparsePrefill', ranges, (rowStart, rowEnd) => ({ job: shared, rowStart, rowEnd }), { rows: sQ, outPerRow: hQ * dV, statPerRow: hQ }, staged.release);
+    return this.attention('sparsePrefill', parts, (part) => ({ job: shared, ...part }), { rows: sQ, hQ, outPerHead: dV }, staged.release);
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {
@@ -313,9 +378,10 @@ export class WasmBackend implements Backend {
     // now (read at the call) into a compact cache, and the workers get that one.
     const reads = planPagedReads(job, this.opMemory.pagedCopies!);
     const entries = main.topk + (extra?.topk ?? 0);
-    const ranges = splitRows(
+    const parts = splitAttention(
       {
         rows: n,
+        hQ,
         workPerRow: 2 * entries * hQ * 1024 + entries * 1024,
         ...pagedTask(reads.mainCacheBytes + reads.extraCacheBytes, entries, hQ),
         argument: reads.extraCacheBytes > reads.mainCacheBytes ? 'extraKCache' : 'kCache',
@@ -325,7 +391,7 @@ export class WasmBackend implements Backend {
     );
     const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
     checkCallMemory('pagedSparseAttention', 'q', this.opMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ, 'host'), this.memoryBudgetBytes);
-    if (ranges.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    if (parts.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
     const { main: mainRead, extra: extraRead } = reads.gather();
     const inputs = [job.q, mainRead.cache.data, mainRead.indices, main.topkLength, extraRead?.cache.data ?? null, extraRead?.indices ?? null, extra?.topkLength ?? null, job.attnSink] as const;
     const staged = await this.stage(inputs, [
@@ -347,7 +413,7 @@ export class WasmBackend implements Backend {
       attnSink,
       smScale: job.smScale,
     };
-    return this.attention('pagedSparseAttention', ranges, (rowStart, rowEnd) => ({ job: shared, rowStart, rowEnd }), { rows: n, outPerRow: hQ * 512, statPerRow: hQ }, staged.release);
+    return this.attention('pagedSparseAttention', parts, (part) => ({ job: shared, ...part }), { rows: n, hQ, outPerHead: 512 }, staged.release);
   }
 
   /**

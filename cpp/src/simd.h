@@ -163,6 +163,16 @@ static inline float hmax(vf v) {
 typedef __mmask16 lanes;  // a lane mask: one bit a lane
 static inline lanes first_lanes(int n) { return lanes((1u << n) - 1u); }  // lanes [0, n), n <= 16
 static inline vf select(lanes m, vf a, vf b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
+#if defined(__GNUC__)
+#define SMLA_SIMD_HAS_IN_REGISTER 1
+// v, held in a register: a value used by several FMAs is otherwise loaded again by each of them
+// where GCC's tuning folds the load into the FMA (-mtune=generic, which -march=x86-64-v4 implies),
+// doubling the loads of the S = Q·Kᵀ tile.
+static inline vf in_register(vf v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+#endif
 
 #elif defined(SMLA_SIMD_AVX2)
 constexpr int W = 8;
@@ -321,6 +331,10 @@ static inline vf load_bf16(const uint16_t* p) {
   memcpy(&f, &u, 4);
   return f;
 }
+#endif
+
+#if !defined(SMLA_SIMD_HAS_IN_REGISTER)
+static inline vf in_register(vf v) { return v; }  // the compiler's choice stands
 #endif
 
 #if defined(SMLA_SIMD_WASM)

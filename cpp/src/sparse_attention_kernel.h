@@ -153,7 +153,7 @@ static inline void logits_tile(const float* q, const float* k, float* s, int d_q
     vf kv[RB];
     for (int r = 0; r < RB; ++r) kv[r] = load(kp[r] + d);
     for (int h = 0; h < HB; ++h) {
-      const vf qv = load(qp[h] + d);
+      const vf qv = in_register(load(qp[h] + d));
       for (int r = 0; r < RB; ++r) a[h][r] = madd(qv, kv[r], a[h][r]);
     }
   }

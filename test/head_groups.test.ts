@@ -129,8 +129,9 @@ describe('few query rows split by heads over the threads (cpu) and workers (wasm
     }
   }
 
-  // The cpu addon splits the first group by heads already (hQ 8 never); the wasm backend, whose
-  // tasks each copy the kv and cost a worker round trip, only the larger second group.
+  // The first six are sized for the addon's threads (hQ 8 never splits); the wasm backend, whose
+  // tasks each copy the kv and cost a worker round trip, splits only the first of them by heads,
+  // so the last four are sized for it (an even split, an uneven one, a remainder of 4 heads).
   const prefillShapes: Array<{ sQ: number; hQ: number; dQK: number; sKV: number; topk: number; wasm: WasmRuns }> = [
     { sQ: 1, hQ: 128, dQK: 576, sKV: 700, topk: 300, wasm: [2, 3, 4] },
     { sQ: 2, hQ: 64, dQK: 512, sKV: 400, topk: 200, wasm: [1, 1, 1] },
@@ -158,6 +159,7 @@ describe('few query rows split by heads over the threads (cpu) and workers (wasm
     return cache;
   }
 
+  // as above: the first four sized for the addon, the last two for the wasm backend
   const pagedShapes: Array<{ n: number; hQ: number; topk: number; extra: number; wasm: WasmRuns }> = [
     { n: 1, hQ: 128, topk: 128, extra: 256, wasm: [2, 3, 5] },
     { n: 2, hQ: 64, topk: 64, extra: 0, wasm: [1, 1, 1] },

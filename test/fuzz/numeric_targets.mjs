@@ -52,6 +52,9 @@ export const EMPTY_FROM_SEED = 232;
  */
 export const GROUPS_FROM_SEED = 233;
 
+/** The first seed whose wide wasm cases run on a fresh engine of 2-4 workers (ce25a41: a row's heads in runs of 8-head blocks, a task a run). */
+export const WASM_GROUPS_FROM_SEED = 241;
+
 /** The seed of the case being built (the judge's rebuild gets hooks without one; as dir_targets.mjs does). */
 let lastSeed = 0;
 
@@ -130,12 +133,12 @@ function scaleEdge(rng, dQK) {
   return { smScale, value, desc: `smScale ${smScale}, values of ${value.toPrecision(3)}` };
 }
 
-function sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1) {
+function sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1, big = false) {
   const sQ = empty ? 0 : wide ? wideRows : rng.int(1, 4);
   const dQK = rng.pick([512, 576, 576, 64, 128]);
   const dV = dQK < 512 ? 64 * rng.int(1, dQK / 64 + 1) : 512;
-  const sKV = wide ? rng.pick([260, 400]) : rng.pick([1, 31, 33, 64, 90]);
-  const topk = wide ? rng.pick([256, 300]) : rng.pick([1, 8, 32, 33, 70, 96]);
+  const sKV = big ? rng.pick([700, 900]) : wide ? rng.pick([260, 400]) : rng.pick([1, 31, 33, 64, 90]);
+  const topk = big ? rng.pick([600, 700]) : wide ? rng.pick([256, 300]) : rng.pick([1, 8, 32, 33, 70, 96]);
   let smScale = rng.pick([1 / Math.sqrt(dQK), 0.25]);
   let qScale = 1, kvScale = 1;
   const notes = [];
@@ -199,12 +202,12 @@ function v4Cache(rng, pageSize, numPages, scale) {
 /** An e4m3 code of |value| < 2 (exponent field 0-7) with a random sign and mantissa. */
 const smallE4m3 = (rng) => (rng.uniform() < 0.5 ? 0x80 : 0) | (rng.int(0, 8) << 3) | rng.int(0, 8);
 
-function pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1) {
+function pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1, big = false) {
   const n = empty ? 0 : wide ? wideRows : rng.int(1, 4);
   // the edits of every token of the main cache, applied to an extra cache too (addExtra)
   const edits = [];
   const pageSize = rng.pick([1, 16, 64]);
-  const numPages = Math.max(1, Math.ceil((wide ? rng.int(260, 400) : rng.int(20, 100)) / pageSize));
+  const numPages = Math.max(1, Math.ceil((big ? rng.int(700, 900) : wide ? rng.int(260, 400) : rng.int(20, 100)) / pageSize));
   const notes = [];
   let smScale = rng.pick([1 / Math.sqrt(576), 0.25]);
   let qScale = 1, kvScale = rng.pick([1, 1e-3]);
@@ -221,7 +224,7 @@ function pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows = 1) {
   const bytes = cache.data;
   const ropeView = (t) => new Uint16Array(bytes.buffer, bytes.byteOffset + layout(t).rope, 64);
   const q = normalBits(rng, n * hQ * D, qScale);
-  const topk = wide ? rng.pick([256, 300]) : rng.pick([1, 9, 32, 40, 70]);
+  const topk = big ? rng.pick([600, 700]) : wide ? rng.pick([256, 300]) : rng.pick([1, 9, 32, 40, 70]);
   const idx = indexRows(rng, n, topk, tokens);
   const lengths = rng.uniform() < 0.3 ? Int32Array.from({ length: n }, () => rng.int(0, topk + 2)) : undefined;
   if (kinds.includes('qSub')) {
@@ -399,8 +402,12 @@ const numericEdges = {
     if (wide) hQ = rng.pick([16, 17, 24, 32]);
     const empty = wide && seed >= EMPTY_FROM_SEED && rng.uniform() < 0.15;
     // on the cpu backend, a fresh engine of 2-8 workers: rows 1-3 split by head groups over up to 8 threads
-    const groupWorkers = wide && env.backend === 'cpu' && seed >= GROUPS_FROM_SEED ? rng.pick([2, 3, 4, 8]) : undefined;
+    // (on the wasm backend from WASM_GROUPS_FROM_SEED: fresh pools of 2-4 workers)
+    const groupWorkers = !wide ? undefined : env.backend === 'cpu' && seed >= GROUPS_FROM_SEED ? rng.pick([2, 3, 4, 8]) : env.backend === 'wasm' && seed >= WASM_GROUPS_FROM_SEED ? rng.pick([2, 3, 4]) : undefined;
     const wideRows = groupWorkers > 2 ? rng.int(1, 4) : 1;
+    // a wasm task is worth its copy of kv from 2e7 of work (MIN_TASK_WORK): rows of 24-64 heads over 600-700 entries
+    const big = groupWorkers !== undefined && env.backend === 'wasm';
+    if (big) hQ = rng.pick([24, 32, 64]);
     if (op === 'prefillLayer') {
       const { sc, layer, notes, shape } = layerCase(rng, hooks, hQ, kinds);
       const args = [env.engine, layer];
@@ -413,7 +420,7 @@ const numericEdges = {
         judge: (got, { refArgs, stub, neutral }) => (neutral ? judgeLayer(got, sc, refArgs[1], stub) : null),
       };
     }
-    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows) : pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows);
+    const made = op === 'sparsePrefill' ? sparsePrefillCase(rng, hooks, hQ, kinds, wide, empty, wideRows, big) : pagedCase(rng, hooks, hQ, kinds, wide, empty, wideRows, big);
     const args = [made.a];
     if (rng.uniform() < 0.3) args.push({ output: 'host' });
     if (op === 'pagedSparseAttention' && seed >= GROUPS_FROM_SEED && rng.uniform() < 0.4) made.addExtra(makeRng(rng.u32()));
@@ -421,10 +428,10 @@ const numericEdges = {
     const reference = op === 'sparsePrefill' ? R.sparsePrefillReference : R.pagedSparseAttentionReference;
     return {
       args,
-      describe: `${op} ${made.shape}${groupWorkers ? ` on a cpu engine of ${groupWorkers} workers` : ''}, smScale ${made.a.smScale}: ${made.notes.join('; ') || 'plain values'}`,
+      describe: `${op} ${made.shape}${groupWorkers ? ` on a ${env.backend} engine of ${groupWorkers} workers` : ''}, smScale ${made.a.smScale}: ${made.notes.join('; ') || 'plain values'}`,
       call: groupWorkers
         ? async (x) => {
-            const engine = await createEngine({ backend: 'cpu', workers: groupWorkers });
+            const engine = await createEngine({ backend: env.backend, workers: groupWorkers });
             try {
               return await engine[op](...x);
             } finally {

@@ -63,7 +63,9 @@ for level in "${levels[@]}"; do
     echo "smla_core_check ($level): $inside zmm instructions, all in the AVX-512 copy; its ${#objs[@]} objects define no weak symbol and no global outside its names"
   fi
   # AVX512_BF16 instructions only in the dot routines built for them, unless -march has them
-  if ! "${CXX:-c++}" -march="$level" -dM -E -x c++ /dev/null 2>/dev/null | grep -q __AVX512BF16__; then
+  # (the macros read whole first: grep -q on a pipe would end the compiler early, a failure under pipefail)
+  march_macros=$("${CXX:-c++}" -march="$level" -dM -E -x c++ /dev/null 2>/dev/null || true)
+  if ! grep -q __AVX512BF16__ <<< "$march_macros"; then
     bf16=$(awk '
       /^[0-9a-f]+ <.*>:$/ { fn = $0; next }
       /\t(vdpbf16ps|vcvtne2ps2bf16|vcvtneps2bf16) / { if (fn ~ /::cpu::bf16_dot::/) ok++; else { n++; if (!first) first = fn } }

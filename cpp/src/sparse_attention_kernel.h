@@ -20,14 +20,14 @@
 // and later). Every AVX-512 build carries it: only its routines (namespace bf16_dot) are compiled
 // for AVX512_BF16, by a target attribute unless -march has it, so the rest of an AVX-512 build
 // still runs on CPUs without it (Skylake-SP, Cascade Lake, Ice Lake); smla_isa_bf16_dot_active()
-// (isa_dispatch.h) says at run time whether a query may take it. bf16 products are exact in fp32 and each of the
-// instruction's two steps is an fp32 FMA rounded to nearest even, as the fp32 path's; what differs is
-// that it reads subnormal inputs as 0 and flushes subnormal results to 0 (whatever MXCSR says). So a
-// block takes it only when that cannot move a logit measurably (use_bf16_dot): no bf16 subnormal in
-// the query or the block's rows (a subnormal times a huge value can be a logit's whole size), and
-// |smScale| · dQK ≤ 2^80 (each flushed step moves the dot by less than 2^-126, so a logit moves by
-// less than 2^-46: far below SPEC §4's bounds). Other blocks take the fp32 path. P·V stays fp32:
-// V's subnormals count there.
+// (isa_dispatch.h) says at run time whether a query may take it. bf16 products are exact in fp32
+// and each of the instruction's two steps is an fp32 FMA rounded to nearest even, as the fp32
+// path's; what differs is that it reads subnormal inputs as 0 and flushes subnormal results to 0
+// (whatever MXCSR says). So a block takes it only when that cannot move a logit measurably
+// (bf16_dot_query): no bf16 subnormal in the query or the block's rows (a subnormal times a huge
+// value can be a logit's whole size), and |smScale| · dQK ≤ 2^80 (each flushed step moves the dot
+// by less than 2^-126, so a logit moves by less than 2^-46: far below SPEC §4's bounds). Other
+// blocks take the fp32 path. P·V stays fp32: V's subnormals count there.
 #if defined(SMLA_SIMD_AVX512) && defined(SMLA_ISA_BF16_DOT_BUILDABLE)
 #define SMLA_BF16_DOT 1
 #if defined(__AVX512BF16__)
@@ -210,7 +210,8 @@ static inline bool pack_bf16_rows(const float* src, uint16_t* dst, int64_t n) {
 namespace bf16_dot {
 // logits_tile on bf16 q and k rows: 32 values of d a step, vdpbf16ps summing pairs into 16 lanes.
 template <int HB, int RB>
-SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_tile_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
+SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_tile_bf16(
+    const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int r0) {
   __m512 a[HB][RB];
   for (int h = 0; h < HB; ++h)
     for (int r = 0; r < RB; ++r) a[h][r] = _mm512_setzero_ps();
@@ -231,7 +232,8 @@ SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_ti
 }
 
 template <int HB, int RB>
-SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_rows_bf16(const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
+SMLA_BF16_DOT_TARGET __attribute__((always_inline)) static inline void logits_rows_bf16(
+    const uint16_t* q, const uint16_t* k, float* s, int d_qk, int h0, int nb) {
   int r = 0;
   for (; r + RB <= nb; r += RB) logits_tile_bf16<HB, RB>(q, k, s, d_qk, h0, r);
   for (; r < nb; ++r) logits_tile_bf16<HB, 1>(q, k, s, d_qk, h0, r);

@@ -152,6 +152,18 @@ describe('few query rows split by heads over the threads (cpu) and workers (wasm
     });
   }
 
+  // The core takes the fp32 dots for every head of a query holding a bf16 subnormal (the AVX-512 bf16
+  // dot reads it as 0): a head group without it would take the bf16 dots, so the addon does not split
+  // such a call, and the bits stay one thread's.
+  for (const shape of [{ sQ: 1, hQ: 16, dQK: 576, sKV: 500, topk: 300 }, { sQ: 2, hQ: 64, dQK: 512, sKV: 400, topk: 200 }]) {
+    test(`sparsePrefill sQ ${shape.sQ}, hQ ${shape.hQ}: one bf16 subnormal in one head of the query: one thread's bits`, async () => {
+      const args: SparsePrefillArgs = { ...randomPrefillArgs(rng, shape), attnSink: edgeSink(rng, shape.hQ) };
+      const q = args.q.data as Uint16Array;
+      q[(shape.hQ * (shape.sQ - 1) + 12) * shape.dQK + 5] = 0x0040; // head 12 of the last row: 2^-127
+      await expectSplitsRight((e) => e.sparsePrefill(args), R.sparsePrefillReference(args), shape.sQ, shape.hQ, [1, 1, 1]);
+    });
+  }
+
   async function filledCache(r: Rng, pageSize: number, numPages: number): Promise<KvCache> {
     const cache = createKvCache('v4', { pageSize, numPages });
     const n = pageSize * numPages;

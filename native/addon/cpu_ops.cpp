@@ -84,16 +84,24 @@ Napi::Value QueueRows(Args& a, int64_t rows, double work_per_row, std::function<
 
 // A call over fewer query rows than it has threads is split by heads as well: each unit is one row's
 // run of consecutive heads (contiguous in q, out, lse and max_logits), at least kMinGroupHeads of
-// them and a multiple of it, so that every unit takes the core's path the whole row would (its bf16
-// dots start at 8 heads). `groups` units a row; the last group takes the heads left over.
+// them and a multiple of it, so that every unit takes the core's path the whole row would and the
+// results are one thread's bits: the core's bf16 dots start at 8 heads, and a query with a bf16
+// subnormal anywhere takes the fp32 dots for all its heads (cpp/src/sparse_attention_kernel.h), so
+// such a call is not split (a group without the subnormal would take the bf16 dots). `groups` units
+// a row; the last group takes the heads left over.
 struct HeadGroups {
   int64_t groups = 1, size = 0;
   int64_t first(int64_t g) const { return g * size; }
   int64_t count(int64_t g, int64_t h_q) const { return g + 1 == groups ? h_q - g * size : size; }
 };
 constexpr int64_t kMinGroupHeads = 8;
-HeadGroups GroupHeads(int64_t rows, int64_t h_q, int threads) {
-  if (rows >= threads || h_q < 2 * kMinGroupHeads) return {1, h_q};
+bool HasBf16Subnormal(const uint16_t* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    if ((x[i] & 0x7f80) == 0 && (x[i] & 0x007f) != 0) return true;
+  return false;
+}
+HeadGroups GroupHeads(int64_t rows, int64_t h_q, int64_t d_qk, const uint16_t* q, int threads) {
+  if (rows <= 0 || rows >= threads || h_q < 2 * kMinGroupHeads || HasBf16Subnormal(q, rows * h_q * d_qk)) return {1, h_q};
   const int64_t wanted = std::min<int64_t>((threads + rows - 1) / rows, h_q / kMinGroupHeads);
   const int64_t size = h_q / wanted / kMinGroupHeads * kMinGroupHeads;  // at least kMinGroupHeads
   return {h_q / size, size};
@@ -105,7 +113,7 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args::Fields f = a.Object(1, "params");
   smla_sparse_prefill_params p{};
   ReadSparsePrefill(f, p);
-  const HeadGroups hg = GroupHeads(p.s_q, p.h_q, a.Int(0, "threads", 1, kMaxThreads));
+  const HeadGroups hg = GroupHeads(p.s_q, p.h_q, p.d_qk, p.q, a.Int(0, "threads", 1, kMaxThreads));
   const double work = (2.0 * p.h_q * p.topk * (p.d_qk + p.d_v) + double(p.h_q) * p.d_v) / double(hg.groups);
   return QueueRows(a, int64_t(p.s_q) * hg.groups, work, [p, hg](int64_t b, int64_t e) {
     const int64_t h = p.h_q;
@@ -145,7 +153,7 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   Args::Fields f = a.Object(1, "params");
   smla_paged_sparse_attention_params p{};
   ReadPagedSparseAttention(f, p);
-  const HeadGroups hg = GroupHeads(p.n, p.h_q, a.Int(0, "threads", 1, kMaxThreads));
+  const HeadGroups hg = GroupHeads(p.n, p.h_q, smla::v4::kDim, p.q, a.Int(0, "threads", 1, kMaxThreads));
   const double entries = double(p.topk) + p.extra_topk;
   const double work = (2.0 * p.h_q * entries * 1024 + entries * 1024 + double(p.h_q) * 512) / double(hg.groups);
   return QueueRows(a, int64_t(p.n) * hg.groups, work, [p, hg](int64_t b, int64_t e) {

@@ -107,6 +107,19 @@ HeadGroups GroupHeads(int64_t rows, int64_t h_q, int64_t d_qk, const uint16_t* q
   return {h_q / size, size};
 }
 
+// Calls run(row, rows, h0, heads) for the units [b, e) of a call split as `hg` says: one run of whole
+// rows when the call is not split by heads, else each unit's one row and head group in turn (q, out,
+// lse and max_logits of rows [row, row + rows), heads [h0, h0 + heads) are contiguous in both cases).
+template <class Run>
+int32_t ForUnits(const HeadGroups& hg, int64_t h_q, int64_t b, int64_t e, Run run) {
+  if (hg.groups == 1) return run(b, e - b, int64_t(0), h_q);
+  for (int64_t u = b; u < e; ++u) {
+    const int64_t g = u % hg.groups;
+    if (const int32_t s = run(u / hg.groups, int64_t(1), hg.first(g), hg.count(g, h_q)); s != SMLA_OK) return s;
+  }
+  return SMLA_OK;
+}
+
 // sparsePrefill(threads, params): split by query rows (and by heads when rows are fewer than threads).
 Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   Args a(info, "sparsePrefill");
@@ -116,23 +129,11 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
   const HeadGroups hg = GroupHeads(p.s_q, p.h_q, p.d_qk, p.q, a.Int(0, "threads", 1, kMaxThreads));
   const double work = (2.0 * p.h_q * p.topk * (p.d_qk + p.d_v) + double(p.h_q) * p.d_v) / double(hg.groups);
   return QueueRows(a, int64_t(p.s_q) * hg.groups, work, [p, hg](int64_t b, int64_t e) {
-    const int64_t h = p.h_q;
-    if (hg.groups == 1) {
+    return ForUnits(hg, p.h_q, b, e, [&p](int64_t row, int64_t rows, int64_t h0, int64_t heads) {
+      const int64_t first = row * p.h_q + h0;  // the unit's first (row, head)
       smla_sparse_prefill_params r = p;
-      r.s_q = int32_t(e - b);
-      r.q = p.q + b * h * p.d_qk;
-      r.indices = p.indices ? p.indices + b * p.topk : nullptr;
-      r.topk_length = p.topk_length ? p.topk_length + b : nullptr;
-      r.out = p.out + b * h * p.d_v;
-      r.max_logits = p.max_logits + b * h;
-      r.lse = p.lse + b * h;
-      return smla_sparse_prefill(&r);
-    }
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t row = u / hg.groups, g = u % hg.groups, h0 = hg.first(g), first = row * h + h0;
-      smla_sparse_prefill_params r = p;
-      r.s_q = 1;
-      r.h_q = int32_t(hg.count(g, h));
+      r.s_q = int32_t(rows);
+      r.h_q = int32_t(heads);
       r.q = p.q + first * p.d_qk;
       r.indices = p.indices ? p.indices + row * p.topk : nullptr;
       r.topk_length = p.topk_length ? p.topk_length + row : nullptr;
@@ -140,9 +141,8 @@ Napi::Value SparsePrefill(const Napi::CallbackInfo& info) {
       r.out = p.out + first * p.d_v;
       r.max_logits = p.max_logits + first;
       r.lse = p.lse + first;
-      if (const int32_t s = smla_sparse_prefill(&r); s != SMLA_OK) return s;
-    }
-    return int32_t(SMLA_OK);
+      return smla_sparse_prefill(&r);
+    });
   });
 }
 
@@ -157,37 +157,22 @@ Napi::Value PagedSparseAttention(const Napi::CallbackInfo& info) {
   const double entries = double(p.topk) + p.extra_topk;
   const double work = (2.0 * p.h_q * entries * 1024 + entries * 1024 + double(p.h_q) * 512) / double(hg.groups);
   return QueueRows(a, int64_t(p.n) * hg.groups, work, [p, hg](int64_t b, int64_t e) {
-    const int64_t h = p.h_q, d = smla::v4::kDim;
-    const auto rows_from = [&p](smla_paged_sparse_attention_params& r, int64_t row) {
+    return ForUnits(hg, p.h_q, b, e, [&p](int64_t row, int64_t rows, int64_t h0, int64_t heads) {
+      const int64_t first = row * p.h_q + h0, d = smla::v4::kDim;
+      smla_paged_sparse_attention_params r = p;
+      r.n = int32_t(rows);
+      r.h_q = int32_t(heads);
+      r.q = p.q + first * d;
       r.indices = p.indices ? p.indices + row * p.topk : nullptr;
       r.topk_length = p.topk_length ? p.topk_length + row : nullptr;
       r.extra_indices = p.extra_indices ? p.extra_indices + row * p.extra_topk : nullptr;
       r.extra_topk_length = p.extra_topk_length ? p.extra_topk_length + row : nullptr;
-    };
-    if (hg.groups == 1) {
-      smla_paged_sparse_attention_params r = p;
-      r.n = int32_t(e - b);
-      rows_from(r, b);
-      r.q = p.q + b * h * d;
-      r.out = p.out + b * h * d;
-      r.lse = p.lse + b * h;
-      r.max_logits = p.max_logits ? p.max_logits + b * h : nullptr;
-      return smla_paged_sparse_attention(&r);
-    }
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t row = u / hg.groups, g = u % hg.groups, h0 = hg.first(g), first = row * h + h0;
-      smla_paged_sparse_attention_params r = p;
-      r.n = 1;
-      r.h_q = int32_t(hg.count(g, h));
-      rows_from(r, row);
       r.attn_sink = p.attn_sink ? p.attn_sink + h0 : nullptr;
-      r.q = p.q + first * d;
       r.out = p.out + first * d;
       r.lse = p.lse + first;
       r.max_logits = p.max_logits ? p.max_logits + first : nullptr;
-      if (const int32_t s = smla_paged_sparse_attention(&r); s != SMLA_OK) return s;
-    }
-    return int32_t(SMLA_OK);
+      return smla_paged_sparse_attention(&r);
+    });
   });
 }
 

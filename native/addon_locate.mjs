@@ -27,10 +27,15 @@ export const ADDON_PATH_ENV = 'SPARSE_MLA_NATIVE_ADDON';
 export const BUILD_FROM_SOURCE_ENV = 'SPARSE_MLA_BUILD_FROM_SOURCE';
 
 const V2_FLAGS = ['cx16', 'lahf_lm', 'popcnt', 'sse4_1', 'sse4_2', 'ssse3'];
-/** The x86-64 psABI levels as Linux /proc/cpuinfo flag names (abm is how Linux names LZCNT). */
+/**
+ * The x86-64 psABI levels as Linux /proc/cpuinfo flag names. v3's LZCNT (Linux's `abm`) is not asked
+ * for: every CPU with AVX2 and BMI1 has it, and some VMs' kernels leave `abm` out of /proc/cpuinfo
+ * while the CPU has it (a Firecracker guest, as AWS Lambda runs), which would hand such a machine
+ * the x86-64-v2 addon.
+ */
 export const LEVEL_FLAGS = {
   'x86-64-v2': V2_FLAGS,
-  'x86-64-v3': [...V2_FLAGS, 'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'abm', 'movbe', 'xsave'],
+  'x86-64-v3': [...V2_FLAGS, 'avx', 'avx2', 'bmi1', 'bmi2', 'f16c', 'fma', 'movbe', 'xsave'],
   // AArch64 Linux always has FP and Advanced SIMD (NEON), so the baseline asks for nothing: a
   // check would fail under emulators whose /proc/cpuinfo is the host's.
   'armv8-a': [],

@@ -43,15 +43,21 @@ const ARM_CPUINFO = 'processor\t: 0\nBogoMIPS\t: 2100.00\nFeatures\t: fp asimd e
 describe('prebuilt addon selection', () => {
   test('the x86-64 levels as /proc/cpuinfo flags: v3 holds v2, and a v3 CPU gets the v3 addon', () => {
     for (const f of V2) expect(V3).toContain(f);
-    expect(V3).toEqual(expect.arrayContaining(['avx2', 'fma', 'bmi2', 'movbe', 'abm']));
+    expect(V3).toEqual(expect.arrayContaining(['avx2', 'fma', 'bmi1', 'bmi2', 'movbe']));
     const root = prebuiltRoot(PREBUILT_LEVELS);
     const pick = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3) });
     expect(pick).toMatchObject({ ok: true, level: 'x86-64-v3', path: join(root, 'prebuilds', 'linux-x64', 'sparse_mla_native.x86-64-v3.node') });
   });
 
+  test('a v3 CPU whose kernel lists no abm (LZCNT; a Firecracker guest\'s /proc/cpuinfo) still gets the v3 addon', () => {
+    const root = prebuiltRoot(PREBUILT_LEVELS);
+    const pick = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3.filter((f) => f !== 'abm')) });
+    expect(pick).toMatchObject({ ok: true, level: 'x86-64-v3' });
+  });
+
   test('a CPU without one v3 flag gets the v2 addon; one without v2 flags gets none and is told which flags it lacks', () => {
     const root = prebuiltRoot(PREBUILT_LEVELS);
-    for (const missing of ['avx2', 'fma', 'movbe', 'abm']) {
+    for (const missing of ['avx2', 'fma', 'bmi1', 'movbe']) {
       const pick = selectPrebuilt({ root, platform: 'linux', arch: 'x64', cpuinfo: cpuinfo(V3.filter((f) => f !== missing)) });
       expect(pick, missing).toMatchObject({ ok: true, level: 'x86-64-v2' });
     }

@@ -54,8 +54,8 @@ const MIN_GROUP_HEADS = 8;
  * least MIN_GROUP_HEADS (native/addon/cpu_ops.cpp, GroupHeads).
  */
 export function attentionThreadsFor(workers: number, rows: number, hQ: number, workPerRow: number): number {
-  const units = rows * Math.max(1, Math.floor(hQ / MIN_GROUP_HEADS));
-  return Math.max(1, Math.min(workers, units, Math.floor((rows * workPerRow) / MIN_THREAD_WORK)));
+  const groups = Math.max(1, Math.floor(hQ / MIN_GROUP_HEADS));
+  return threadsFor(workers, rows * groups, workPerRow / groups);
 }
 
 /** Bytes per token of the compact caches the addon's cache ops copy tokens into (v4 without page padding). */
@@ -168,9 +168,6 @@ export class CpuBackend implements Backend {
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
-    // no query row, no work (SPEC §4: sQ = 0 gives empty outputs): the addon is not reached, whose head
-    // groups divided by the row count (a call of no rows and 16 heads or more was a SIGFPE, 89be223)
-    if (sQ === 0) return { out, maxLogits, lse };
     const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
       this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
@@ -193,7 +190,6 @@ export class CpuBackend implements Backend {
     const out = allocHostArray(Uint16Array, n * hQ * 512, 'out');
     const lse = allocHostArray(Float32Array, n * hQ, 'lse');
     const maxLogits = allocHostArray(Float32Array, n * hQ, 'maxLogits');
-    if (n === 0) return { out, lse, maxLogits }; // as sparsePrefill's: no row, the addon not reached
     const entries = main.topk + (extra?.topk ?? 0);
     const threads = attentionThreadsFor(this.workers, n, hQ, 2 * entries * hQ * 1024 + entries * 1024 + hQ * 512);
     const names = ['q.data', 'kCache.data', 'indices.data', 'topkLength.data', 'extraKCache.data', 'extraIndices.data', 'extraTopkLength.data', 'attnSink.data'];

@@ -5,7 +5,8 @@
  *   checks the size against the file's own header before reading its data, and reads exactly that;
  * - writes go to a fresh file created beside the target (O_CREAT | O_EXCL | O_NOFOLLOW) that is
  *   then renamed over it: a symlink already at the target is replaced, never written through, and
- *   no reader sees a half-written file;
+ *   no reader sees a half-written file; a target that is a device or a socket is refused, not
+ *   replaced (the rename would unlink `/dev/null` or a server's socket where the user may);
  * - an output directory is created component by component and checked (a directory we can create
  *   files in) before any work;
  * - every failure is a SparseMlaError (INVALID_VALUE) naming the path, with the system's reason.
@@ -188,17 +189,25 @@ export function checkFilePath(path: unknown, name: unknown): asserts path is str
   }
 }
 
-/** For an output file given by path: its directory must exist and take new files, and the path must not be a directory. */
+/** For an output file given by path: its directory must exist and take new files, and the path must not be a directory, a device or a socket. */
 export async function prepareOutputFile(path: string, name = path): Promise<void> {
   checkFilePath(path, name);
   await prepareOutputDir(dirname(resolve(path)), name, false);
-  await refuseDirectory(path, name);
+  await refuseUnwritable(path, name);
 }
 
-/** An output path that is a directory now (the rename over it would fail) is refused, naming it. */
-async function refuseDirectory(path: string, name: string): Promise<void> {
+/**
+ * An output path that is now a directory (the rename over it would fail), a device or a socket (the
+ * rename would unlink it: `/dev/null` as a user who may write /dev, a server's socket) is refused,
+ * naming it. A regular file, a FIFO and a symlink (to anything) are replaced by the write.
+ */
+async function refuseUnwritable(path: string, name: string): Promise<void> {
   const s = await lstat(path).catch(() => null);
-  if (s?.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);
+  if (s === null) return;
+  if (s.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);
+  if (s.isCharacterDevice() || s.isBlockDevice() || s.isSocket()) {
+    throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path to write, got ${kindOf(s)} (${clip(path, 120)}), which a write would replace`, name);
+  }
 }
 
 /**
@@ -207,16 +216,17 @@ async function refuseDirectory(path: string, name: string): Promise<void> {
  * over an older dump's (a folder of new and old files).
  */
 export async function prepareOutputFiles(dir: string, files: readonly string[]): Promise<void> {
-  for (const f of files) await refuseDirectory(join(dir, f), join(dir, f));
+  for (const f of files) await refuseUnwritable(join(dir, f), join(dir, f));
 }
 
 /**
  * Writes `data` to `path` through a fresh file in the same directory renamed over the target: a
- * pre-existing symlink at `path` is replaced, never followed.
+ * pre-existing symlink at `path` is replaced, never followed; a device or a socket there is refused.
  */
 export async function writeFileNoFollow(path: string, data: Uint8Array | string, name = path): Promise<void> {
   checkFilePath(path, name);
   const target = resolve(path);
+  await refuseUnwritable(target, name);
   const tmp = join(dirname(target), `.${basename(target)}.${process.pid}-${randomBytes(6).toString('hex')}.tmp`);
   let h: FileHandle;
   try {

@@ -33,7 +33,8 @@ import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
-import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type StageableArray } from '../staging.js';
+import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type InputBytes, type StageableArray } from '../staging.js';
+import { chooseKvRows, gatheredBytes, gatheredPrefillParts, placeGathered, prefillGatherForTests, type KvRowPlan } from './prefill_gather.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch (exported for the heap tests). */
 export const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
@@ -75,7 +76,7 @@ function checkTaskHeap(need: TaskHeap, heapBytes: number, argument: string, call
   );
 }
 
-/** A sparsePrefill task's heap: the kv and sink replicated, the core's scratch; per row its q, ids, length and outputs. */
+/** A sparsePrefill task's heap: the kv it reads (whole or gathered, prefill_gather.ts) and the sink replicated, the core's scratch; per row its q, ids, length and outputs. */
 function sparsePrefillTask(kvBytes: number, hQ: number, dQK: number, dV: number, topk: number): TaskHeap {
   return { fixedBytes: kvBytes + hQ * 4 + scratchBytes(hQ, dQK, dV, topk), bytesPerRow: hQ * dQK * 2 + topk * 4 + 4 + hQ * dV * 2 + hQ * 8 };
 }
@@ -353,21 +354,77 @@ export class WasmBackend implements Backend {
     return result!;
   }
 
+  /**
+   * Every task copies the kv it is handed into its worker's heap (after the staging's copy of an
+   * unshared kv): when the rows the call's valid ids read cost less, they are gathered now (read at
+   * the call) into a compact kv and the ids rewritten (prefill_gather.ts), and the tasks, and the
+   * number of them the call's work is worth, get that one. Whether a call is refused (the heap, the
+   * budget) is the whole kv's, never its ids': a layer's check from sizes (prefill_layer_checks.ts)
+   * counts the same, and a compact kv is at most the whole one in a heap. The gather is taken only
+   * where its own host bytes fit the budget too; else the call reads the whole kv, as counted.
+   */
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
     this.alive();
     const { sQ, hQ, dQK, dV, topk } = job;
-    const parts = splitAttention(
-      { rows: sQ, hQ, workPerRow: 2 * topk * hQ * (dQK + dV), ...sparsePrefillTask(job.kv.byteLength, hQ, dQK, dV, topk), argument: 'kv' },
-      this.workers,
-      this.heapBytes,
-    );
-    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV, 'host'), this.memoryBudgetBytes);
+    const split = (kvBytes: number) =>
+      splitAttention(
+        { rows: sQ, hQ, workPerRow: 2 * topk * hQ * (dQK + dV), ...sparsePrefillTask(kvBytes, hQ, dQK, dV, topk), argument: 'kv' },
+        this.workers,
+        this.heapBytes,
+      );
+    const parts = split(job.kv.byteLength);
+    const sizes = [job.q, job.kv, job.indices, job.topkLength, job.attnSink].map(inputBytes);
+    checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(sizes, sQ, hQ, dV, 'host'), this.memoryBudgetBytes);
     if (parts.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
+    const gather = this.planKvGather(job, sizes, parts.length);
+    if (gather) return this.sparsePrefillGathered(job, gather, sizes, split);
+    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
     const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
     const [q, kv, indices, topkLength, attnSink] = staged.views;
     const shared: SparsePrefillJob = { ...job, q, kv, indices, topkLength, attnSink };
     return this.attention('sparsePrefill', parts, (part) => ({ job: shared, ...part }), { rows: sQ, hQ, outPerHead: dV }, staged.release);
+  }
+
+  /**
+   * sparsePrefill over the compact kv of `plan`'s rows, placed now with the other inputs in one
+   * slab: the staging's when one is free, else one it lends (which never waits), so the gather
+   * always reads the kv at the call.
+   */
+  private sparsePrefillGathered(job: SparsePrefillJob, plan: KvRowPlan, sizes: readonly InputBytes[], split: (kvBytes: number) => AttentionPart[]): Promise<SparsePrefillOutput> {
+    const bytes = gatheredBytes(plan.rows.length, sizes, job);
+    let slab: SharedArrayBuffer | null = null, lent = false;
+    if (bytes > 0) {
+      slab = this.staging.tryAcquire(bytes);
+      if (!slab) [slab, lent] = [this.staging.lend(bytes), true];
+    }
+    const release = () => {
+      if (slab && lent) this.staging.giveBack(slab);
+      else if (slab) this.staging.release(slab);
+      slab = null;
+    };
+    let shared: SparsePrefillJob;
+    try {
+      shared = placeGathered(job, plan, sizes, slab);
+    } catch (e) {
+      release();
+      throw e;
+    }
+    prefillGatherForTests.gatheredCalls++;
+    const parts = split(shared.kv.byteLength);
+    return this.attention('sparsePrefill', parts, (part) => ({ job: shared, ...part }), { rows: job.sQ, hQ: job.hQ, outPerHead: job.dV }, release);
+  }
+
+  /**
+   * The rows of `job`'s kv to gather (prefill_gather.ts), when a compact kv is estimated to cost
+   * less than the whole one (copied by the staging when unshared, then by each of `wholeTasks`
+   * tasks) and its host bytes, the plan's included, fit the budget; else null.
+   */
+  private planKvGather(job: SparsePrefillJob, sizes: readonly InputBytes[], wholeTasks: number): KvRowPlan | null {
+    const fits = (rows: number) => gatheredPrefillParts(sizes, rows, job).reduce((sum, p) => sum + p.bytes, 0) <= this.memoryBudgetBytes;
+    if (!fits(0)) return null;
+    if (job.indices.length !== job.sQ * job.topk) detached('indices.data', 'before the call could read it');
+    const plan = chooseKvRows(job, job.dQK, (sizes[1]!.unshared > 0 ? 1 : 0) + wholeTasks, this.workers);
+    return plan && fits(plan.rows.length) ? plan : null;
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {

@@ -1,0 +1,211 @@
+/**
+ * The wasm backend's sparsePrefill over only the kv rows it reads (SPEC §4). Every task of a call
+ * copies the kv it is handed into its worker's heap (and an unshared kv is first copied into the
+ * staging), however few rows the call's ids name: a decode-like call of a few query rows over a
+ * long kv copied far more than it read. When the distinct rows its valid entries name cost less,
+ * they are gathered at the call into a compact kv (row j: the j-th smallest id read) and the ids
+ * rewritten to their compact rows, as the paged op does with a cache (paged_gather.ts).
+ *
+ * Validity is SPEC §4's (cpp/include/sparse_mla/sparse_indices.h): entry k of row i counts when
+ * k < topkLength[i] (clamped to [0, topk]) and 0 ≤ id < sKV. Every other entry becomes −1, so it
+ * stays skipped and is never read. The valid entries keep their order (duplicates too) and point at
+ * the same bits, and the core reads a row's valid entries in order whatever sKV is, so the call's
+ * results are the whole kv's bit for bit.
+ */
+import type { SparsePrefillJob } from '../backend.js';
+import type { MemoryPart } from '../memory.js';
+import { alignStaging, attentionOutputBytes, detached, stagingPartsOf, type InputBytes } from '../staging.js';
+
+/** Which rows of its kv a call reads: the distinct valid ids, ascending, and each one's compact row. */
+export interface KvRowPlan {
+  /** distinct valid row ids, ascending */
+  rows: Int32Array;
+  /** per kv row: 1 + its compact row, or 0 when no valid entry reads it */
+  slotOf: Int32Array;
+  /** runs of consecutive ids in `rows` (each copied as one block) */
+  runs: number;
+}
+
+/** The index rows of a call as the gather reads them. */
+export interface KvIndexRows {
+  indices: Int32Array;
+  sQ: number;
+  topk: number;
+  topkLength: Int32Array | null;
+  sKV: number;
+}
+
+/** Entries of row i that may be valid: topk, cut by its length (clamped to [0, topk]) when given. */
+function rowLimit(topkLength: Int32Array | null, i: number, topk: number): number {
+  if (!topkLength) return topk;
+  const n = topkLength[i]!;
+  return n < 0 ? 0 : n < topk ? n : topk;
+}
+
+/**
+ * The rows a call's valid entries read, or null as soon as they are more than `maxRows`. Reads the
+ * ids and lengths once; the kv is not touched.
+ */
+export function planKvRows(s: KvIndexRows, maxRows = Infinity): KvRowPlan | null {
+  const { indices, sQ, topk, topkLength, sKV } = s;
+  const slotOf = new Int32Array(sKV);
+  const seen = new Int32Array(Math.min(sKV, sQ * topk));
+  let m = 0;
+  for (let i = 0; i < sQ; i++) {
+    const row = i * topk;
+    const end = row + rowLimit(topkLength, i, topk);
+    for (let e = row; e < end; e++) {
+      const id = indices[e]!;
+      if (id >= 0 && id < sKV && slotOf[id] === 0) {
+        if (m >= maxRows) return null;
+        slotOf[id] = 1;
+        seen[m++] = id;
+      }
+    }
+  }
+  // ascending: a sort of the few ids, or a walk over the map when they are many
+  let rows: Int32Array;
+  if (m * 16 < sKV) {
+    rows = seen.subarray(0, m).sort();
+  } else {
+    rows = seen.subarray(0, m);
+    for (let id = 0, j = 0; j < m; id++) if (slotOf[id] !== 0) rows[j++] = id;
+  }
+  let runs = 0;
+  for (let j = 0; j < m; j++) {
+    const id = rows[j]!;
+    slotOf[id] = j + 1;
+    if (j === 0 || rows[j - 1] !== id - 1) runs++;
+  }
+  return { rows, slotOf, runs };
+}
+
+/** The call's ids as compact rows, written into `out` (sQ · topk): a valid entry its row's compact position, every other entry −1. */
+export function remapKvIndices(s: KvIndexRows, plan: KvRowPlan, out: Int32Array = new Int32Array(s.sQ * s.topk)): Int32Array {
+  const { indices, sQ, topk, topkLength, sKV } = s;
+  const { slotOf } = plan;
+  out.fill(-1);
+  for (let i = 0; i < sQ; i++) {
+    const row = i * topk;
+    const end = row + rowLimit(topkLength, i, topk);
+    // an id not in the plan (shared ids rewritten since it was made) maps to −1: skipped, never read
+    for (let e = row; e < end; e++) {
+      const id = indices[e]!;
+      if (id >= 0 && id < sKV) out[e] = slotOf[id]! - 1;
+    }
+  }
+  return out;
+}
+
+/** The plan's rows of `kv` ([sKV, dQK] bf16), in order, written into `out` as a compact kv [rows, dQK]; a run of consecutive ids is copied as one block. */
+export function gatherKvRows(kv: Uint16Array, dQK: number, plan: KvRowPlan, out: Uint16Array = new Uint16Array(plan.rows.length * dQK)): Uint16Array {
+  const { rows } = plan;
+  const m = rows.length;
+  let j = 0;
+  while (j < m) {
+    const id = rows[j]!;
+    let len = 1;
+    while (j + len < m && rows[j + len] === id + len) len++;
+    out.set(kv.subarray(id * dQK, (id + len) * dQK), j * dQK);
+    j += len;
+  }
+  return out;
+}
+
+/*
+ * The choice between the whole kv and a compact one, in estimated main-thread nanoseconds (the
+ * paged gather's estimate, paged_gather.ts, with a bf16 row for a token): copying a byte in bulk,
+ * planning and rewriting one index entry, gathering one run of rows (a scattered row is a cache miss).
+ */
+const COPY_NS_PER_BYTE = 0.12;
+const ENTRY_NS = 10;
+const RUN_NS = 300;
+
+/**
+ * For tests: `force` overrides the estimate (whole: never gather; compact: gather whenever the
+ * budget allows), and `gatheredCalls` counts the calls that read a compact kv, so a test can hold
+ * both paths to the same bits and see which one ran. Not part of the package's API.
+ */
+export const prefillGatherForTests: { force: 'whole' | 'compact' | null; gatheredCalls: number } = { force: null, gatheredCalls: 0 };
+
+/**
+ * The plan of a call's rows when reading a compact kv is estimated to cost less than the whole one,
+ * else null. The whole kv is copied `wholeCopies` times (the staging's copy of an unshared kv, each
+ * task's into its heap), a compact one `compactCopies` times after its gather.
+ */
+export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, compactCopies: number): KvRowPlan | null {
+  const force = prefillGatherForTests.force;
+  if (force === 'compact') return planKvRows(s);
+  if (force === 'whole') return null;
+  const rowBytes = dQK * 2;
+  const wholeNs = s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies;
+  const entriesNs = s.sQ * s.topk * ENTRY_NS;
+  if (entriesNs >= wholeNs) return null;
+  const perRowNs = rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies);
+  const plan = planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs));
+  if (!plan) return null;
+  const compactNs = entriesNs + plan.runs * RUN_NS + plan.rows.length * perRowNs;
+  return compactNs < wholeNs ? plan : null;
+}
+
+/** Host bytes of the gather's plan (planKvRows: the map of kv rows and the ids seen), held while it gathers. */
+export function kvRowPlanBytes(sKV: number, entries: number): number {
+  return 4 * sKV + 4 * Math.min(sKV, entries);
+}
+
+/** The unshared ones of q, topkLength and attnSink (`inputs`: q, kv, indices, topkLength, attnSink as the call has them), which placeGathered copies beside the compact kv. */
+function copiedBeside(inputs: readonly InputBytes[]): number[] {
+  return [inputs[0]!, inputs[3]!, inputs[4]!].map((a) => alignStaging(a.unshared));
+}
+
+/** Bytes of the one slab of a call over a compact kv of `rows` rows (placeGathered): the kv, its ids, and q, topkLength and attnSink where unshared. */
+export function gatheredBytes(rows: number, inputs: readonly InputBytes[], job: Pick<SparsePrefillJob, 'sQ' | 'dQK' | 'topk'>): number {
+  return alignStaging(rows * job.dQK * 2) + alignStaging(job.sQ * job.topk * 4) + copiedBeside(inputs).reduce((a, b) => a + b, 0);
+}
+
+/**
+ * What a sparsePrefill over a compact kv of `rows` rows counts against the budget: its one slab
+ * (gatheredBytes; filled at the call, it never waits, so no copy is held beside it); the copies a
+ * layer took of its operands at its call, still held; the gather's plan; the outputs.
+ */
+export function gatheredPrefillParts(inputs: readonly InputBytes[], rows: number, job: Pick<SparsePrefillJob, 'sQ' | 'hQ' | 'dQK' | 'dV' | 'topk' | 'sKV'>): MemoryPart[] {
+  const { sQ, hQ, dV, topk, sKV } = job;
+  return [
+    { what: 'staging of the gathered kv rows, the remapped indices and the other inputs', bytes: gatheredBytes(rows, inputs, job) },
+    { what: "the layer's copies of its operands", bytes: inputs.reduce((sum, a) => sum + a.callCopy, 0) },
+    { what: "the gather's plan of kv rows", bytes: kvRowPlanBytes(sKV, sQ * topk) },
+    { what: 'outputs', bytes: attentionOutputBytes(sQ, hQ, dV) },
+  ];
+}
+
+/**
+ * The job over the plan's compact kv and its ids rewritten, placed now (the kv read at the call) in
+ * `slab` (gatheredBytes; null when that is 0), with copies of q, topkLength and attnSink where they
+ * are not shared already (`inputs`, as gatheredBytes): shared memory the workers read in place, a
+ * staging slab reused from call to call, so its pages are already there.
+ */
+export function placeGathered(job: SparsePrefillJob, plan: KvRowPlan, inputs: readonly InputBytes[], slab: SharedArrayBuffer | null): SparsePrefillJob {
+  if (job.kv.byteLength !== job.sKV * job.dQK * 2) detached('kv.data', 'before the call could read it');
+  const m = plan.rows.length;
+  let at = 0;
+  const take = <T>(make: (buffer: SharedArrayBuffer, offset: number) => T, bytes: number): T => {
+    const view = make(slab!, at);
+    at += alignStaging(bytes);
+    return view;
+  };
+  const kv = m > 0 ? take((b, o) => new Uint16Array(b, o, m * job.dQK), m * job.dQK * 2) : new Uint16Array(0);
+  const indices = job.sQ * job.topk > 0 ? take((b, o) => new Int32Array(b, o, job.sQ * job.topk), job.sQ * job.topk * 4) : new Int32Array(0);
+  gatherKvRows(job.kv, job.dQK, plan, kv);
+  remapKvIndices(job, plan, indices);
+  const [qBytes, lengthBytes, sinkBytes] = copiedBeside(inputs);
+  const copy = <A extends Uint16Array | Int32Array | Float32Array>(a: A, bytes: number, make: (b: SharedArrayBuffer, o: number, n: number) => A): A => {
+    if (bytes === 0) return a;
+    const view = take((b, o) => make(b, o, a.length), a.byteLength);
+    view.set(a as never);
+    return view;
+  };
+  const q = copy(job.q, qBytes!, (b, o, n) => new Uint16Array(b, o, n));
+  const topkLength = job.topkLength && copy(job.topkLength, lengthBytes!, (b, o, n) => new Int32Array(b, o, n));
+  const attnSink = job.attnSink && copy(job.attnSink, sinkBytes!, (b, o, n) => new Float32Array(b, o, n));
+  return { ...job, q, kv, indices, topkLength, attnSink, sKV: m };
+}

@@ -1,0 +1,300 @@
+/**
+ * The wasm backend's sparsePrefill over a compact kv of only the rows its valid ids read
+ * (src/backends/wasm/prefill_gather.ts). The plan, the id rewrite and the gather against an
+ * independent reading of SPEC §4's validity rule; then the same calls read through the whole kv and
+ * through a compact one give the same bits, within §4.1's bounds of the float64 reference, on fresh
+ * random inputs and the edge cases (ids −1 and other negatives, ids ≥ sKV, topkLength < topk and 0,
+ * duplicates, all-invalid rows, sQ 0, 1, 2 and 16, hQ 8, 64 and 128, dQK 512 and 576, 1, 2 and 3
+ * workers); the estimate reads a compact kv for a few rows over a long kv, whose smaller copies
+ * make the call worth more tasks (split by heads), and the whole kv where the ids cover it; the
+ * gather is taken only where its bytes fit the budget, and whether a call is refused stays the
+ * whole kv's (never its ids').
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
+import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import { gatherKvRows, planKvRows, prefillGatherForTests, remapKvIndices } from '../dist/backends/wasm/prefill_gather.js';
+import * as R from '../dist/reference/index.js';
+import { expectWithinBounds } from './helpers/judge.js';
+import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
+
+const rng = testRng('wasm_prefill_kv_gather');
+
+type Outputs = { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> };
+
+/** The bits of a result, for exact comparison (NaN payloads included). */
+function bits(r: Outputs): Buffer[] {
+  return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
+}
+
+function expectSameBits(label: string, got: Outputs, want: Outputs): void {
+  const [g, w] = [bits(got), bits(want)];
+  ['out', 'lse', 'maxLogits'].forEach((k, i) => expect(Buffer.compare(g[i]!, w[i]!), `${label}: ${k} differs`).toBe(0));
+}
+
+/** ids with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
+function mixedIds(r: Rng, count: number, sKV: number): Int32Array {
+  const bad = [...invalidFillers(sKV), -2, sKV + 5];
+  const out = new Int32Array(count);
+  for (let k = 0; k < count; k++) {
+    const u = r.uniform();
+    if (u < 0.15) out[k] = r.pick(bad);
+    else if (u < 0.3 && k > 0) out[k] = out[k - 1]! >= 0 && out[k - 1]! < sKV - 1 ? out[k - 1]! + 1 : sKV - 1; // runs, up to the last row
+    else if (u < 0.4 && k > 0) out[k] = out[r.int(0, k)]!; // duplicates (of valid and invalid ids)
+    else out[k] = r.int(0, sKV);
+  }
+  return out;
+}
+
+describe('plan, remap and gather against an independent reading of SPEC §4', () => {
+  const shapes: Array<[sKV: number, sQ: number, topk: number, lengths: boolean]> = [
+    [900, 13, 40, true],
+    [50, 7, 120, false],
+    [4000, 5, 300, true],
+    [1, 3, 8, true],
+    [700, 0, 16, false],
+    [700, 5, 0, false],
+    [0, 4, 10, true],
+  ];
+  for (const [sKV, sQ, topk, lengths] of shapes) {
+    test(`sKV=${sKV}, sQ=${sQ}, topk=${topk}${lengths ? ', lengths' : ''}`, () => {
+      const dQK = rng.pick([512, 576]);
+      const kv = randomBf16Bits(rng, sKV * dQK);
+      const indices = mixedIds(rng, sQ * topk, sKV);
+      // lengths 0, below topk, at it, and past it and negative (the op clamps them to [0, topk] first; the gather clamps them too)
+      const topkLength = lengths ? Int32Array.from({ length: sQ }, (_, i) => (i === 0 ? 0 : i === 1 ? topk + 3 : i === 2 ? -4 : rng.int(0, topk + 1))) : null;
+      const rows = { indices, sQ, topk, topkLength, sKV };
+      // the expected reads: entries k < min(max(length, 0), topk) with 0 <= id < sKV, nothing else
+      const limit = (i: number) => (topkLength ? Math.min(Math.max(topkLength[i]!, 0), topk) : topk);
+      const read = new Set<number>();
+      for (let i = 0; i < sQ; i++) {
+        for (let k = 0; k < limit(i); k++) {
+          const id = indices[i * topk + k]!;
+          if (id >= 0 && id < sKV) read.add(id);
+        }
+      }
+      const expected = [...read].sort((a, b) => a - b);
+      const plan = planKvRows(rows)!;
+      expect(Array.from(plan.rows)).toEqual(expected);
+      expect(plan.runs).toBe(expected.filter((id, j) => j === 0 || expected[j - 1] !== id - 1).length);
+      // more distinct rows than allowed: no plan; exactly as many: the plan
+      if (expected.length > 0) expect(planKvRows(rows, expected.length - 1)).toBeNull();
+      expect(planKvRows(rows, expected.length)?.rows.length).toBe(expected.length);
+
+      // written over stale contents, as in a reused slab
+      const remapped = remapKvIndices(rows, plan, new Int32Array(sQ * topk).fill(12345));
+      for (let i = 0; i < sQ; i++) {
+        for (let k = 0; k < topk; k++) {
+          const id = indices[i * topk + k]!;
+          const got = remapped[i * topk + k]!;
+          if (k < limit(i) && id >= 0 && id < sKV) expect(expected[got], `row ${i} entry ${k}`).toBe(id);
+          else expect(got, `row ${i} entry ${k} (id ${id})`).toBe(-1);
+        }
+      }
+
+      // every gathered row is its source's; filler after them shows nothing else is written
+      const into = new Uint16Array((expected.length + 1) * dQK).fill(0xa5a5);
+      gatherKvRows(kv, dQK, plan, into.subarray(0, expected.length * dQK));
+      expected.forEach((id, j) => expect(Buffer.compare(Buffer.from(into.subarray(j * dQK, (j + 1) * dQK).slice().buffer), Buffer.from(kv.subarray(id * dQK, (id + 1) * dQK).slice().buffer)), `compact row ${j} (id ${id})`).toBe(0));
+      expect(into.subarray(expected.length * dQK).every((v) => v === 0xa5a5)).toBe(true);
+    });
+  }
+});
+
+const WORKERS = [1, 2, 3] as const;
+
+describe('wasm sparsePrefill through a compact kv: the whole kv\'s bits, within the reference\'s bounds', () => {
+  const engines = new Map<number, Engine>();
+  beforeAll(async () => {
+    for (const w of WORKERS) engines.set(w, await createEngine({ backend: 'wasm', workers: w }));
+  }, 60_000);
+  afterAll(async () => {
+    prefillGatherForTests.force = null;
+    await Promise.all([...engines.values()].map((e) => e.dispose()));
+  });
+
+  /** The call read whole, through a compact kv (forced), and as the estimate picks: equal bits, each path the one asked for. */
+  async function threeWays(engine: Engine, args: SparsePrefillArgs): Promise<Outputs> {
+    const backend = engineBackend(engine) as WasmBackend;
+    const sQ = args.q.shape[0]!;
+    const run = async (force: 'whole' | 'compact' | null) => {
+      prefillGatherForTests.force = force;
+      const before = prefillGatherForTests.gatheredCalls;
+      try {
+        const r = await engine.sparsePrefill(args);
+        const gathered = prefillGatherForTests.gatheredCalls - before;
+        if (force === 'whole' || sQ === 0) expect(gathered, `${force}: gathered`).toBe(0);
+        if (force === 'compact' && sQ > 0) expect(gathered, 'compact: gathered').toBe(1);
+        return r;
+      } finally {
+        prefillGatherForTests.force = null;
+      }
+    };
+    const whole = await run('whole');
+    const compact = await run('compact');
+    const auto = await run(null);
+    expectSameBits('compact vs whole', compact, whole);
+    expectSameBits('estimate vs whole', auto, whole);
+    // the lent slab of the gather is given back once the call settled
+    expect(backend.staging.lentBytes).toBe(0);
+    return compact;
+  }
+
+  // every sQ, hQ, dQK and worker count, each with the others
+  const cases: Array<{ sQ: number; hQ: number; dQK: number; workers: number }> = [];
+  for (const sQ of [0, 1, 2, 16]) for (const hQ of [8, 64, 128]) cases.push({ sQ, hQ, dQK: cases.length % 2 ? 576 : 512, workers: WORKERS[cases.length % 3]! });
+
+  for (const c of cases) {
+    test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.workers} worker(s)`, async () => {
+      const { sQ, hQ, dQK } = c;
+      const sKV = rng.int(1500, 6000);
+      const topk = c.sQ === 16 ? rng.int(24, 64) : rng.int(64, 256);
+      // the last row all invalid where there are two or more; a fifth invalid, a tenth repeated
+      const allInvalid = sQ >= 2 ? [sQ - 1] : [];
+      const indices = randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1, allInvalidRows: allInvalid });
+      const withLengths = rng.uniform() < 0.6;
+      // row 0 cut below topk (never empty), row 1 empty where a row after it is neither
+      const lengths = withLengths ? Int32Array.from({ length: sQ }, (_, i) => (i === 0 ? rng.int(1, topk) : i === 1 && sQ >= 3 ? 0 : rng.int(0, topk + 1))) : null;
+      const sink = Float32Array.from({ length: hQ }, (_, h) => (h === 0 ? Infinity : h === hQ - 1 ? -Infinity : rng.normal()));
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+        indices: tensor('int32', [sQ, topk], indices),
+        ...(lengths ? { topkLength: tensor('int32', [sQ], lengths) } : {}),
+        attnSink: tensor('float32', [hQ], sink),
+        smScale: 1 / Math.sqrt(dQK),
+      };
+      const got = await threeWays(engines.get(c.workers)!, args);
+      expect(got.out.shape).toEqual([sQ, hQ, 512]);
+      if (sQ === 0) return;
+      const queries = Array.from({ length: sQ }, (_, i) => i);
+      expectWithinBounds('compact kv', got, R.sparsePrefillReference(args), queries);
+      // the all-invalid row: no valid entry, whatever the sink
+      for (const i of allInvalid) {
+        expect(Array.from(got.lse.data.subarray(i * hQ, (i + 1) * hQ)).every((v) => v === Infinity)).toBe(true);
+        expect(got.out.data.subarray(i * hQ * 512, (i + 1) * hQ * 512).every((v) => v === 0)).toBe(true);
+      }
+    }, 60_000);
+  }
+
+  test('int64 ids (out-of-range ones made −1 by the op) and every entry invalid: the same bits both ways', async () => {
+    const engine = engines.get(2)!;
+    const sQ = 2, hQ = 64, dQK = 576, sKV = 3000, topk = 100;
+    const ids = mixedIds(rng, sQ * topk, sKV);
+    const wide = BigInt64Array.from(ids, (v, k) => (k % 7 === 0 ? BigInt(sKV) + 2n ** 33n : BigInt(v)));
+    const base = { q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)), kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)), smScale: 0.05 };
+    const args: SparsePrefillArgs = { ...base, indices: tensor('int64', [sQ, topk], wide) };
+    expectWithinBounds('int64 ids', await threeWays(engine, args), R.sparsePrefillReference(args), [0, 1]);
+    const none: SparsePrefillArgs = { ...base, indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, (_, k) => rng.pick(invalidFillers(sKV)))) };
+    const r = await threeWays(engine, none);
+    expect(Array.from(r.lse.data).every((v) => v === Infinity)).toBe(true);
+    expect(Array.from(r.maxLogits.data).every((v) => v === -Infinity)).toBe(true);
+    expect(r.out.data.every((v) => v === 0)).toBe(true);
+  }, 60_000);
+
+  test('the estimate: one row of 512 ids over a 32K-row kv reads a compact kv, and its smaller copies make it worth a task per worker (split by heads) where the whole kv ran as one; ids that cover a kv read it whole', async () => {
+    const engine = engines.get(2)!;
+    const backend = engineBackend(engine) as WasmBackend;
+    const labels: string[] = [];
+    const stop = backend.pool.testing.onDispatch((_, l) => labels.push(l));
+    try {
+      const sKV = 32768, hQ = 64, dQK = 512, topk = 512;
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [1, hQ, dQK], randomBf16Bits(rng, hQ * dQK)),
+        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+        indices: tensor('int32', [1, topk], randomIndices(rng, 1, topk, sKV, { invalidFraction: 0.05 })),
+        smScale: 1 / Math.sqrt(dQK),
+      };
+      prefillGatherForTests.force = 'whole';
+      const whole = await engine.sparsePrefill(args);
+      expect(labels.splice(0)).toEqual(['sparsePrefill rows 0..0']);
+      prefillGatherForTests.force = null;
+      const before = prefillGatherForTests.gatheredCalls;
+      const auto = await engine.sparsePrefill(args);
+      expect(prefillGatherForTests.gatheredCalls - before).toBe(1);
+      expect(labels.splice(0).sort()).toEqual(['sparsePrefill row 0 heads 0..31', 'sparsePrefill row 0 heads 32..63']);
+      expectSameBits('split compact vs one-task whole', auto, whole);
+      expectWithinBounds('compact, split by heads', auto, R.sparsePrefillReference(args), [0]);
+
+      // 8 rows, each reading every row of a 1024-row kv: nothing to leave out, read whole
+      const dense: SparsePrefillArgs = {
+        q: tensor('bf16', [8, 8, dQK], randomBf16Bits(rng, 8 * 8 * dQK)),
+        kv: tensor('bf16', [1024, dQK], randomBf16Bits(rng, 1024 * dQK)),
+        indices: tensor('int32', [8, 1024], randomIndices(rng, 8, 1024, 1024)),
+        smScale: 1 / Math.sqrt(dQK),
+      };
+      const denseBefore = prefillGatherForTests.gatheredCalls;
+      await engine.sparsePrefill(dense);
+      expect(prefillGatherForTests.gatheredCalls).toBe(denseBefore);
+    } finally {
+      prefillGatherForTests.force = null;
+      stop();
+    }
+  }, 60_000);
+});
+
+describe('wasm sparsePrefill gather and the memory budget', () => {
+  const MiB = 2 ** 20;
+  afterAll(() => {
+    prefillGatherForTests.force = null;
+  });
+  const engineWithBudget = (budget: number) => createEngine({ backend: 'wasm', workers: 2, memoryBudgetBytes: budget });
+
+  test('a gather whose bytes (its plan, the compact kv and ids) do not fit the budget is not taken: the call reads the whole shared kv, as counted, with the same bits', async () => {
+    const sKV = 16384, sQ = 4, hQ = 2, dQK = 512, topk = 1024;
+    const shared = new Uint16Array(new SharedArrayBuffer(sKV * dQK * 2));
+    shared.set(randomBf16Bits(rng, sKV * dQK));
+    const args: SparsePrefillArgs = {
+      q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], shared),
+      indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
+      smScale: 0.05,
+    };
+    // a compact kv of ~3,600 rows (3.6 MiB): over a 1 MiB budget, within an 8 MiB one; the whole kv is read in place (no bytes)
+    const small = await engineWithBudget(MiB), large = await engineWithBudget(8 * MiB);
+    try {
+      prefillGatherForTests.force = 'compact';
+      const before = prefillGatherForTests.gatheredCalls;
+      const tight = await small.sparsePrefill(args);
+      expect(prefillGatherForTests.gatheredCalls, 'gathered past the budget').toBe(before);
+      const roomy = await large.sparsePrefill(args);
+      expect(prefillGatherForTests.gatheredCalls, 'not gathered within the budget').toBe(before + 1);
+      expectSameBits('whole (budget) vs compact', tight, roomy);
+      expectWithinBounds('shared kv', roomy, R.sparsePrefillReference(args), [0, 1, 2, 3]);
+    } finally {
+      prefillGatherForTests.force = null;
+      await small.dispose();
+      await large.dispose();
+    }
+  }, 60_000);
+
+  test('whether a call is refused is the whole kv\'s, not its ids\': an unshared kv whose staging is over the budget is TOO_LARGE before any work even where two rows of 16 ids would gather into a few KiB', async () => {
+    const sKV = 2048, dQK = 512; // 2 MiB of bf16 kv, not shared
+    const engine = await engineWithBudget(MiB);
+    const labels: string[] = [];
+    const stop = (engineBackend(engine) as WasmBackend).pool.testing.onDispatch((_, l) => labels.push(l));
+    try {
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [2, 2, dQK], randomBf16Bits(rng, 2 * 2 * dQK)),
+        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+        indices: tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV)),
+        smScale: 0.05,
+      };
+      for (const force of [null, 'compact'] as const) {
+        prefillGatherForTests.force = force;
+        const before = prefillGatherForTests.gatheredCalls;
+        const e = await engine.sparsePrefill(args).catch((x: unknown) => x);
+        expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
+        expect((e as Error).message).toMatch(/staging of the inputs/);
+        expect(prefillGatherForTests.gatheredCalls).toBe(before);
+      }
+      expect(labels).toEqual([]);
+    } finally {
+      prefillGatherForTests.force = null;
+      stop();
+      await engine.dispose();
+    }
+  }, 60_000);
+});

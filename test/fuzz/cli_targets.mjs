@@ -34,7 +34,7 @@ import { REPORT_WIDTH, setReportWidth } from '../../dist/cli/table.js';
 import { readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
 import { caseScratch } from './side_targets.mjs';
 import { fieldsByMemory, judgeAttention, sparsePrefillTarget } from './targets.mjs';
-import { FOLDER_CHANGES, changesOf, folderState, handlesUnder, stateDiff } from './dir_targets.mjs';
+import { FOLDER_CHANGES, SPECIAL_OUTPUTS, SPECIAL_OUTPUT_FROM_SEED, changesOf, folderState, handlesUnder, stateDiff } from './dir_targets.mjs';
 
 /** The first seed that draws cliCommand (seeds 157-159 were run before it). */
 export const CLI_FROM_SEED = 160;
@@ -139,7 +139,7 @@ const ARGV_CHANGES = {
 };
 
 /** prefill's --out: [label, class, relative path, prepare(scratch, written names)]. */
-function outChoices(rng, format) {
+function outChoices(rng, format, seed) {
   const entry = (label, cls, make) => [label, cls, 'out', (s, names) => {
     mkdirSync(join(s, 'out'));
     make(join(s, 'out', rng.pick(names)));
@@ -163,13 +163,20 @@ function outChoices(rng, format) {
     entry('an output name a symlink to a file outside', 'same', (p) => symlinkSync('../outside/file', p)),
     entry('an output name a dangling symlink', 'same', (p) => symlinkSync('../outside/gone', p)),
     ['a symlink to a folder outside', 'same', 'out', (s) => symlinkSync('outside/sub', join(s, 'out'))],
+    // from SPECIAL_OUTPUT_FROM_SEED: an output name a socket or a device node, refused since session 59 (the rename unlinked it)
+    ...(seed >= SPECIAL_OUTPUT_FROM_SEED ? SPECIAL_OUTPUTS.map(([label, cls, make]) => entry(`an output name ${label.slice(2)}`, cls, make)) : []),
   ];
 }
+
+let lastCliSeed = 0;
 
 const cliCommand = {
   name: 'cliCommand',
   fromSeed: CLI_FROM_SEED,
   build(rng, env, hooks) {
+    // the case's seed (a rebuild for the judge has fresh hooks: it takes the last case's, as hostileDirWrite does)
+    const seed = hooks.rng ? hooks.seed : lastCliSeed;
+    if (hooks.rng) lastCliSeed = hooks.seed;
     const scratch = caseScratch(hooks);
     const inDir = join(scratch, 'in');
     const outside = join(scratch, 'outside');
@@ -192,7 +199,7 @@ const cliCommand = {
     // prefill: its --out and format
     const format = rng.pick([undefined, 'npy', 'safetensors']);
     const writes = format === 'safetensors' ? ['outputs.safetensors'] : ['out.npy', 'lse.npy', 'max_logits.npy'];
-    const [outLabel, outCls, outRel, makeOut] = op === 'prefill' ? rng.pick(outChoices(rng, format)) : ['', 'same', '', () => {}];
+    const [outLabel, outCls, outRel, makeOut] = op === 'prefill' ? rng.pick(outChoices(rng, format, seed)) : ['', 'same', '', () => {}];
 
     // the input folder's files and what a change to each does (hostileDir's changes)
     const inputNames = ['q', 'kv', 'indices', ...(a.topkLength ? ['topk_length'] : []), ...(a.attnSink ? ['attn_sink'] : [])];

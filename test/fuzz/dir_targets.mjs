@@ -20,8 +20,9 @@
  * the message, or the code is TOO_LARGE.
  */
 import { execFileSync } from 'node:child_process';
-import { copyFileSync, cpSync, linkSync, lstatSync, mkdirSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { copyFileSync, cpSync, linkSync, lstatSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, readlinkSync, renameSync, rmSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { tmpdir } from 'node:os';
 import { createHash } from 'node:crypto';
 import { SparseMlaError } from '../../dist/index.js';
 import { PrefillDir, loadPrefillInputs, loadPrefillOutputs, readNpyFile, readSafetensorsFile, writePrefillDir, writePrefillOutputs } from '../../dist/io/index.js';
@@ -437,7 +438,7 @@ export function folderState(dir) {
     if (s.isFile()) out[n] = s.size <= 2 ** 20 ? `file ${s.size} ${createHash('sha1').update(readFileSync(p)).digest('hex')}` : `file ${s.size} ${s.ino} ${s.mtimeMs}`;
     else if (s.isDirectory()) out[n] = `dir: ${readdirSync(p).sort().join(', ')}`;
     else if (s.isSymbolicLink()) out[n] = `link: ${readlinkSync(p)}`;
-    else out[n] = s.isFIFO() ? 'fifo' : 'other';
+    else out[n] = s.isFIFO() ? 'fifo' : s.isSocket() ? 'socket' : s.isCharacterDevice() ? `char ${s.rdev}` : 'other';
   }
   return out;
 }
@@ -479,6 +480,33 @@ async function mixedFolder(dir, files) {
   return why.length > 0 ? why.join('; ') : null;
 }
 
+/** The first seed whose hostileDirWrite (and cliCommand --out) cases may put a socket or a device node at an output name. */
+export const SPECIAL_OUTPUT_FROM_SEED = 257;
+
+/** A socket file at `p` (its server gone: the inode stays, as a server's that crashed). */
+export function socketFileAt(p) {
+  execFileSync(process.execPath, ['-e', 'require("net").createServer().listen(process.argv[1], () => process.exit(0))', p]);
+}
+
+/** Whether this process may make device nodes (root): a device node entry is drawn only then. */
+const CAN_MKNOD = (() => {
+  const d = mkdtempSync(join(tmpdir(), 'smla-fuzz-mknod-'));
+  try {
+    execFileSync('mknod', [join(d, 'n'), 'c', '1', '3'], { stdio: 'ignore' });
+    return true;
+  } catch {
+    return false;
+  } finally {
+    rmSync(d, { recursive: true, force: true });
+  }
+})();
+
+/** Output names a writer must refuse (an entry of hostileDirWrite's list, the same for cliCommand's --out): a socket, and a character device of /dev/null's numbers where this process may make one (elsewhere a second socket: the list's draws are the same on every host). */
+export const SPECIAL_OUTPUTS = [
+  ['a socket', 'refuse', (p) => socketFileAt(p)],
+  CAN_MKNOD ? ['a character device (1, 3: /dev/null\'s)', 'refuse', (p) => execFileSync('mknod', [p, 'c', '1', '3'])] : ['a socket (no mknod here)', 'refuse', (p) => socketFileAt(p)],
+];
+
 /**
  * hostileDirWrite (session 55, from seed 121): writePrefillDir / writePrefillOutputs of fresh tensors
  * into a folder that holds an older dump (either format) with hostile entries at the names the
@@ -516,6 +544,8 @@ export const hostileDirWrite = {
       ['a symlink to a file outside', 'same', (p) => symlinkSync(join(outside, 'file'), p)],
       ['a symlink to a folder outside', 'same', (p) => symlinkSync(outside, p)],
       ['a dangling symlink', 'same', (p) => symlinkSync(join(outside, 'gone'), p)],
+      // from SPECIAL_OUTPUT_FROM_SEED: a socket or a device node at a name, refused since session 59 (the rename unlinked it)
+      ...(seed >= SPECIAL_OUTPUT_FROM_SEED ? SPECIAL_OUTPUTS : []),
     ];
     const plan = [];
     if (rng.uniform() < 0.1) {

@@ -25,6 +25,7 @@ import { LIFECYCLE_TARGETS } from './lifecycle_targets.mjs';
 import { REFERENCE_TARGETS } from './reference_targets.mjs';
 import { ENGINES_TARGETS } from './engines_targets.mjs';
 import { NUMERIC_TARGETS } from './numeric_targets.mjs';
+import { SHARDED_DEVICE_TARGETS } from './sharded_device_targets.mjs';
 
 /** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs; dir_targets.mjs lazyDirRead), each from its fromSeed. */
 const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS, ...LAZY_DIR_TARGETS];
@@ -101,8 +102,8 @@ export const SIDE4_FROM_SEED = 221;
 /** The odds that a case of a seed from SIDE4_FROM_SEED runs a session-58 target instead of its own. */
 export const SIDE4_TARGET_ODDS = 0.06;
 
-/** The session-58 targets with their weights, each from its fromSeed. */
-const SIDE4_TARGETS = [...NUMERIC_TARGETS];
+/** The session-58 targets and those added since (session 59's shardedDevice, cuda engines, from seed 257) with their weights, each from its fromSeed. */
+const SIDE4_TARGETS = [...NUMERIC_TARGETS, ...SHARDED_DEVICE_TARGETS];
 
 function caseRng(seed, index) {
   // two rounds of a 32-bit mix: neighbouring indices give unrelated streams
@@ -271,7 +272,8 @@ export async function runCase(env, seed, index, only) {
   if (stub && stub.faults.length > faults0) return finding('stub-fault', `the addon would refuse: ${stub.faults.slice(faults0, faults0 + 3).join(' | ')}${threw ? `; the call: ${errText(error)}` : ''}`);
 
   if (threw) {
-    if (hooks.secondReads.some((v) => Object.is(v, error))) return finding('read-twice', `a getter read again after the call's first read of it threw: ${errText(error)}`);
+    // (a value a first-read thrower of the case throws too, such as null, may be that one's: not told apart, so not a finding; cuda seed 259 case 1241)
+    if (hooks.secondReads.some((v) => Object.is(v, error)) && !hooks.thrown.some((v) => Object.is(v, error))) return finding('read-twice', `a getter read again after the call's first read of it threw: ${errText(error)}`);
     if (error instanceof SentinelError) return sentinel ? Object.assign(res, { verdict: 'sentinel' }) : finding('untyped', errText(error));
     // a value that is no Error, thrown by the case's own getter, let through (the caller's)
     if (sentinel && hooks.thrown.some((v) => Object.is(v, error))) return Object.assign(res, { verdict: 'sentinel' });

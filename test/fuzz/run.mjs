@@ -121,6 +121,7 @@ async function replay() {
   const { removeTempDir } = await import('./targets.mjs');
   const { closeHostTargets } = await import('./host_targets.mjs');
   const { closeSideTargets } = await import('./side_targets.mjs');
+  const { closeShardedDeviceTargets } = await import('./sharded_device_targets.mjs');
   const backend = (opt('backends', 'wasm')).split(',')[0];
   const env = await makeEnv(backend);
   if (env.cuda) console.log(`cuda: ${JSON.stringify(env.cuda)}`);
@@ -129,6 +130,7 @@ async function replay() {
   await (env.close?.() ?? env.engine.dispose());
   await closeHostTargets();
   await closeSideTargets();
+  await closeShardedDeviceTargets();
   removeTempDir();
 }
 
@@ -138,6 +140,7 @@ async function child() {
   const { removeTempDir } = await import('./targets.mjs');
   const { closeHostTargets } = await import('./host_targets.mjs');
   const { closeSideTargets } = await import('./side_targets.mjs');
+  const { closeShardedDeviceTargets } = await import('./sharded_device_targets.mjs');
   const backend = opt('backend');
   const start = Number(opt('start'));
   const end = Number(opt('end'));
@@ -167,6 +170,7 @@ async function child() {
     await (env.close?.() ?? env.engine.dispose());
     await closeHostTargets();
     await closeSideTargets();
+    await closeShardedDeviceTargets();
   } catch (e) {
     const what = e instanceof Error ? `${e.name}${e.code ? ` ${e.code}` : ''}: ${String(e.message).slice(0, 300)}` : String(e);
     await send({ type: 'finding', backend, index: i, target: 'teardown', muts: [], finding: { kind: 'untyped', severity: 'hard', detail: `the engine's dispose() after the run's cases threw ${what}` } });

@@ -8,13 +8,18 @@
  * system's /dev/null (a regular file of JSON in its place), and a server's socket path given as an
  * output was gone. SPEC §9: a bad path is refused with a message; nothing a caller passes may break
  * what it did not ask to write.
+ *
+ * createPlan instantiates the package's WebAssembly core for its host planner on first use; where the
+ * process may not reserve that module's memory (an address-space limit, `ulimit -v`, as batch systems
+ * set), it threw the engine's RangeError ("WebAssembly.Instance(): Out of memory"), untyped, where
+ * createEngine({ backend: 'wasm' }) under the same limit rejects with BACKEND_FAILURE.
  */
 import { spawn, spawnSync } from 'node:child_process';
 import { lstatSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { tensor } from '../dist/index.js';
 import type { SparsePrefillArgs, Tensor } from '../dist/index.js';
@@ -161,5 +166,50 @@ describe('writers: an output path that is a socket or a device is refused, not r
     const t = randomTensor();
     await writeSafetensorsFile(join(d, 'c.safetensors'), { t });
     expect(Array.from((await readSafetensorsFile(join(d, 'c.safetensors'))).tensors.get('t')!.data as Float32Array)).toEqual(Array.from(t.data));
+  });
+});
+
+/**
+ * `body` (the text of an async function of `lib`, the package's dist/index.js) in a child node process
+ * under `ulimit -v <kib>`; its last stdout line parsed.
+ */
+function underAddressLimit(kib: number, body: string): { status: number | null; stderr: string; result: unknown } {
+  const lib = pathToFileURL(fileURLToPath(new URL('../dist/index.js', import.meta.url))).href;
+  const script = `import(${JSON.stringify(lib)}).then(async (lib) => { const result = await (async () => { ${body} })(); console.log(JSON.stringify(result)); }).then(() => process.exit(0), (e) => { console.error(e); process.exit(1); });`;
+  const r = spawnSync('bash', ['-c', `ulimit -v ${kib} && exec "$0" --input-type=module -e "$1"`, process.execPath, script], { encoding: 'utf8', timeout: 60_000 });
+  const lines = (r.stdout ?? '').trim().split('\n');
+  let result: unknown;
+  try {
+    result = JSON.parse(lines[lines.length - 1] ?? '');
+  } catch {
+    result = undefined;
+  }
+  return { status: r.status, stderr: r.stderr ?? '', result };
+}
+
+/** Whether a 6 GiB address-space limit keeps this machine's node from reserving a wasm32 memory of 4 GiB maximum (V8 reserves its guard region): where it does not, the limit cannot reach the planner. */
+const LIMIT_KIB = 6_000_000;
+const limitBites = (() => {
+  const r = underAddressLimit(LIMIT_KIB, `try { new WebAssembly.Memory({ initial: 1, maximum: 65536 }); return 'reserved'; } catch (e) { return e instanceof RangeError ? 'refused' : String(e); }`);
+  return r.result === 'refused';
+})();
+
+describe.skipIf(process.platform !== 'linux' || !limitBites)('createPlan where the WebAssembly core cannot be instantiated (session 59, helper-86, by hand: `ulimit -v` while probing the CLI)', () => {
+  test('createPlan throws BACKEND_FAILURE naming the host planner, as createEngine({ backend: "wasm" }) rejects, not a RangeError', () => {
+    const seqLen = rng.int(2, 40);
+    const extendLen = rng.int(1, seqLen + 1);
+    const swa = Array.from({ length: Math.min(seqLen, extendLen + 127) }, (_, i) => i);
+    const r = underAddressLimit(LIMIT_KIB, `
+      const out = {};
+      try { lib.createPlan({ requests: [{ seqLen: ${seqLen}, extendLen: ${extendLen}, swaTokenIds: new Int32Array(${JSON.stringify(swa)}) }] }); out.plan = 'made'; }
+      catch (e) { out.plan = { name: e.constructor.name, code: e.code ?? null, message: String(e.message) }; }
+      try { const e = await lib.createEngine({ backend: 'wasm', workers: 1 }); await e.dispose(); out.wasm = 'made'; }
+      catch (e) { out.wasm = { name: e.constructor.name, code: e.code ?? null }; }
+      return out;
+    `);
+    expect(r.status, r.stderr).toBe(0);
+    const got = r.result as { plan: { name: string; code: string | null; message: string }; wasm: { name: string; code: string | null } };
+    expect(got.wasm).toEqual({ name: 'SparseMlaError', code: 'BACKEND_FAILURE' });
+    expect(got.plan).toEqual({ name: 'SparseMlaError', code: 'BACKEND_FAILURE', message: expect.stringMatching(/createPlan: .*host planner.*Out of memory/) });
   });
 });

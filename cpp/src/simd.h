@@ -5,8 +5,9 @@
 // AVX-512 (F, BW, VL, DQ: x86-64-v4) is taken where the compiler targets it, unless
 // SMLA_SIMD_NO_AVX512 is defined (then AVX2); it is the AVX2 path's arithmetic on 16 lanes.
 // SMLA_SIMD_HAS_EXP: the target also has exp, max, hmax and the lane masks the vector softmax
-// uses (WASM, AVX-512, AVX2 and SSE2, one polynomial held to 1 ulp; libm's expf was a visible share
-// of the kernel's time on each. NEON and scalar code keep libm's expf).
+// uses (WASM, AVX-512, AVX2 and SSE2, one polynomial held to 1 ulp, written once over each target's
+// exp_ops; libm's expf was a visible share of the kernel's time on each. NEON and scalar code keep
+// libm's expf).
 #pragma once
 #include <stdint.h>
 #include <string.h>
@@ -67,29 +68,20 @@ static inline vf load_bf16(const uint16_t* p) {
 }
 
 #define SMLA_SIMD_HAS_EXP 1
-// e^x in each lane, within 1 ulp of the correctly rounded value over the whole float range
-// (Cephes' expf: x = n·ln2 + r, a degree-7 polynomial for e^r on [−ln2/2, ln2/2], then 2^n).
-// NaN gives NaN, −inf and x < −104 give 0 (subnormal results rounded once), x > 88.73 +inf.
-static inline vf exp(vf x) {
-  x = wasm_f32x4_min(wasm_f32x4_max(x, wasm_f32x4_splat(-104.0f)), wasm_f32x4_splat(88.8f));
-  const vf n = wasm_f32x4_nearest(wasm_f32x4_mul(x, wasm_f32x4_splat(1.44269504088896341f)));
-  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
-  vf r = wasm_f32x4_sub(x, wasm_f32x4_mul(n, wasm_f32x4_splat(0.693359375f)));
-  r = wasm_f32x4_sub(r, wasm_f32x4_mul(n, wasm_f32x4_splat(-2.12194440e-4f)));
-  vf y = wasm_f32x4_splat(1.9875691500e-4f);
-  y = madd(y, r, wasm_f32x4_splat(1.3981999507e-3f));
-  y = madd(y, r, wasm_f32x4_splat(8.3334519073e-3f));
-  y = madd(y, r, wasm_f32x4_splat(4.1665795894e-2f));
-  y = madd(y, r, wasm_f32x4_splat(1.6666665459e-1f));
-  y = madd(y, r, wasm_f32x4_splat(5.0000001201e-1f));
-  y = madd(y, wasm_f32x4_mul(r, r), wasm_f32x4_add(r, wasm_f32x4_splat(1.0f)));
-  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
-  const v128_t ni = wasm_i32x4_trunc_sat_f32x4(n);
-  const v128_t n1 = wasm_i32x4_shr(ni, 1);
-  const v128_t bias = wasm_i32x4_splat(127);
-  y = wasm_f32x4_mul(y, wasm_i32x4_shl(wasm_i32x4_add(n1, bias), 23));
-  return wasm_f32x4_mul(y, wasm_i32x4_shl(wasm_i32x4_add(wasm_i32x4_sub(ni, n1), bias), 23));
+namespace exp_ops {  // what the generic exp (below) needs of the ISA
+typedef v128_t vi;  // int32 lanes
+static inline vf clamp(vf x, float lo, float hi) {  // WASM's min / max give NaN for a NaN lane
+  return wasm_f32x4_min(wasm_f32x4_max(x, wasm_f32x4_splat(lo)), wasm_f32x4_splat(hi));
 }
+static inline vf round_nearest(vf x) { return wasm_f32x4_nearest(x); }
+static inline vi rounded_to_int(vf, vf n) { return wasm_i32x4_trunc_sat_f32x4(n); }  // n = round_nearest(x), as int32
+static inline vi i32_set1(int32_t k) { return wasm_i32x4_splat(k); }
+static inline vi i32_add(vi a, vi b) { return wasm_i32x4_add(a, b); }
+static inline vi i32_sub(vi a, vi b) { return wasm_i32x4_sub(a, b); }
+static inline vi i32_shr(vi a, int k) { return wasm_i32x4_shr(a, k); }  // arithmetic
+static inline vi i32_shl(vi a, int k) { return wasm_i32x4_shl(a, k); }
+static inline vf bits_as_float(vi a) { return a; }
+}  // namespace exp_ops
 static inline vf max(vf a, vf b) { return wasm_f32x4_max(a, b); }  // NaN if either lane is NaN
 static inline float hmax(vf v) {
   const vf s = wasm_f32x4_max(v, wasm_i32x4_shuffle(v, v, 2, 3, 0, 1));
@@ -126,31 +118,21 @@ static inline vf load_bf16(const uint16_t* p) {
 }
 
 #define SMLA_SIMD_HAS_EXP 1
-// e^x as the WASM path computes it (same constants and steps; the polynomial's steps fused), held
-// to the same 1-ulp bound. x86's min / max return their second operand when either is NaN: the
-// clamp puts x second, so NaN stays NaN.
-static inline vf exp(vf x) {
-  x = _mm512_min_ps(_mm512_set1_ps(88.8f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
-  const vf n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
-  vf r = _mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
-  r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
-  vf y = _mm512_set1_ps(1.9875691500e-4f);
-  y = madd(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = madd(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = madd(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = madd(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = madd(y, r, _mm512_set1_ps(5.0000001201e-1f));
-  y = madd(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
-  const __m512i ni = _mm512_cvttps_epi32(n);
-  const __m512i n1 = _mm512_srai_epi32(ni, 1);
-  const __m512i bias = _mm512_set1_epi32(127);
-  y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n1, bias), 23)));
-  return _mm512_mul_ps(
-      y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(ni, n1), bias), 23)));
+namespace exp_ops {
+typedef __m512i vi;
+// x86's min / max return their second operand when either is NaN: x second keeps a NaN lane NaN
+static inline vf clamp(vf x, float lo, float hi) {
+  return _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), x));
 }
+static inline vf round_nearest(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vi rounded_to_int(vf, vf n) { return _mm512_cvttps_epi32(n); }
+static inline vi i32_set1(int32_t k) { return _mm512_set1_epi32(k); }
+static inline vi i32_add(vi a, vi b) { return _mm512_add_epi32(a, b); }
+static inline vi i32_sub(vi a, vi b) { return _mm512_sub_epi32(a, b); }
+static inline vi i32_shr(vi a, int k) { return _mm512_srai_epi32(a, k); }
+static inline vi i32_shl(vi a, int k) { return _mm512_slli_epi32(a, k); }
+static inline vf bits_as_float(vi a) { return _mm512_castsi512_ps(a); }
+}  // namespace exp_ops
 static inline vf max(vf a, vf b) {  // NaN if either lane is NaN
   return _mm512_mask_mov_ps(_mm512_max_ps(a, b), _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), a);
 }
@@ -198,31 +180,21 @@ static inline vf load_bf16(const uint16_t* p) {
 }
 
 #define SMLA_SIMD_HAS_EXP 1
-// e^x as the WASM and AVX-512 paths compute it (same constants and steps), held to the same 1-ulp
-// bound. x86's min / max return their second operand when either is NaN: the clamp puts x second,
-// so NaN stays NaN.
-static inline vf exp(vf x) {
-  x = _mm256_min_ps(_mm256_set1_ps(88.8f), _mm256_max_ps(_mm256_set1_ps(-104.0f), x));
-  const vf n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
-  vf r = _mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
-  r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
-  vf y = _mm256_set1_ps(1.9875691500e-4f);
-  y = madd(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = madd(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = madd(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = madd(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = madd(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = madd(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
-  const __m256i ni = _mm256_cvttps_epi32(n);
-  const __m256i n1 = _mm256_srai_epi32(ni, 1);
-  const __m256i bias = _mm256_set1_epi32(127);
-  y = _mm256_mul_ps(y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
-  return _mm256_mul_ps(
-      y, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_sub_epi32(ni, n1), bias), 23)));
+namespace exp_ops {
+typedef __m256i vi;
+// x86's min / max return their second operand when either is NaN: x second keeps a NaN lane NaN
+static inline vf clamp(vf x, float lo, float hi) {
+  return _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), x));
 }
+static inline vf round_nearest(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+static inline vi rounded_to_int(vf, vf n) { return _mm256_cvttps_epi32(n); }
+static inline vi i32_set1(int32_t k) { return _mm256_set1_epi32(k); }
+static inline vi i32_add(vi a, vi b) { return _mm256_add_epi32(a, b); }
+static inline vi i32_sub(vi a, vi b) { return _mm256_sub_epi32(a, b); }
+static inline vi i32_shr(vi a, int k) { return _mm256_srai_epi32(a, k); }
+static inline vi i32_shl(vi a, int k) { return _mm256_slli_epi32(a, k); }
+static inline vf bits_as_float(vi a) { return _mm256_castsi256_ps(a); }
+}  // namespace exp_ops
 static inline vf max(vf a, vf b) {  // NaN if either lane is NaN
   return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
 }
@@ -277,30 +249,21 @@ static inline vf load_bf16(const uint16_t* p) {
 }
 
 #define SMLA_SIMD_HAS_EXP 1
-// e^x as the WASM path computes it (same constants, same unfused steps), held to the same 1-ulp
-// bound. SSE2 has no round instruction: the conversion to int32 rounds to nearest (the default
-// MXCSR mode), and |x · log2 e| <= 151 after the clamp. x86's min / max return their second operand
-// when either is NaN: the clamp puts x second, so NaN stays NaN.
-static inline vf exp(vf x) {
-  x = _mm_min_ps(_mm_set1_ps(88.8f), _mm_max_ps(_mm_set1_ps(-104.0f), x));
-  const __m128i ni = _mm_cvtps_epi32(_mm_mul_ps(x, _mm_set1_ps(1.44269504088896341f)));
-  const vf n = _mm_cvtepi32_ps(ni);
-  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
-  vf r = _mm_sub_ps(x, _mm_mul_ps(n, _mm_set1_ps(0.693359375f)));
-  r = _mm_sub_ps(r, _mm_mul_ps(n, _mm_set1_ps(-2.12194440e-4f)));
-  vf y = _mm_set1_ps(1.9875691500e-4f);
-  y = madd(y, r, _mm_set1_ps(1.3981999507e-3f));
-  y = madd(y, r, _mm_set1_ps(8.3334519073e-3f));
-  y = madd(y, r, _mm_set1_ps(4.1665795894e-2f));
-  y = madd(y, r, _mm_set1_ps(1.6666665459e-1f));
-  y = madd(y, r, _mm_set1_ps(5.0000001201e-1f));
-  y = madd(y, _mm_mul_ps(r, r), _mm_add_ps(r, _mm_set1_ps(1.0f)));
-  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
-  const __m128i n1 = _mm_srai_epi32(ni, 1);
-  const __m128i bias = _mm_set1_epi32(127);
-  y = _mm_mul_ps(y, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(n1, bias), 23)));
-  return _mm_mul_ps(y, _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(_mm_sub_epi32(ni, n1), bias), 23)));
-}
+namespace exp_ops {
+typedef __m128i vi;
+// x86's min / max return their second operand when either is NaN: x second keeps a NaN lane NaN
+static inline vf clamp(vf x, float lo, float hi) { return _mm_min_ps(_mm_set1_ps(hi), _mm_max_ps(_mm_set1_ps(lo), x)); }
+// SSE2 has no round instruction: the conversion to int32 rounds to nearest (the default MXCSR
+// mode; exp's argument lies within ±151), and rounded_to_int repeats it, one instruction once merged
+static inline vf round_nearest(vf x) { return _mm_cvtepi32_ps(_mm_cvtps_epi32(x)); }
+static inline vi rounded_to_int(vf x, vf) { return _mm_cvtps_epi32(x); }
+static inline vi i32_set1(int32_t k) { return _mm_set1_epi32(k); }
+static inline vi i32_add(vi a, vi b) { return _mm_add_epi32(a, b); }
+static inline vi i32_sub(vi a, vi b) { return _mm_sub_epi32(a, b); }
+static inline vi i32_shr(vi a, int k) { return _mm_srai_epi32(a, k); }
+static inline vi i32_shl(vi a, int k) { return _mm_slli_epi32(a, k); }
+static inline vf bits_as_float(vi a) { return _mm_castsi128_ps(a); }
+}  // namespace exp_ops
 typedef __m128 lanes;  // a lane mask: all ones in a lane that is on
 static inline vf select(lanes m, vf a, vf b) { return _mm_or_ps(_mm_and_ps(m, a), _mm_andnot_ps(m, b)); }  // m ? a : b
 static inline vf max(vf a, vf b) { return select(_mm_cmpunord_ps(a, a), a, _mm_max_ps(a, b)); }  // NaN if either lane is NaN
@@ -330,6 +293,36 @@ static inline vf load_bf16(const uint16_t* p) {
   float f;
   memcpy(&f, &u, 4);
   return f;
+}
+#endif
+
+#if defined(SMLA_SIMD_HAS_EXP)
+// e^x in each lane, within 1 ulp of the correctly rounded value over the whole float range
+// (Cephes' expf: x = n·ln2 + r, a degree-7 polynomial for e^r on [−ln2/2, ln2/2], then 2^n).
+// NaN gives NaN, −inf and x < −104 give 0 (subnormal results rounded once), x > 88.73 +inf.
+// One body for every target; each supplies exp_ops. Where the target has FMA, madd is fused and
+// GCC (C++: -ffp-contract=fast by default) fuses r's mul / sub too: bits differ across ISAs.
+static inline vf exp(vf x) {
+  using namespace exp_ops;
+  x = clamp(x, -104.0f, 88.8f);
+  const vf t = mul(x, set1(1.44269504088896341f));
+  const vf n = round_nearest(t);
+  // ln2 in two parts: n · 0.693359375 is exact for |n| < 2^15, so r keeps its low bits
+  vf r = sub(x, mul(n, set1(0.693359375f)));
+  r = sub(r, mul(n, set1(-2.12194440e-4f)));
+  vf y = set1(1.9875691500e-4f);
+  y = madd(y, r, set1(1.3981999507e-3f));
+  y = madd(y, r, set1(8.3334519073e-3f));
+  y = madd(y, r, set1(4.1665795894e-2f));
+  y = madd(y, r, set1(1.6666665459e-1f));
+  y = madd(y, r, set1(5.0000001201e-1f));
+  y = madd(y, mul(r, r), add(r, set1(1.0f)));
+  // 2^n as 2^n1 · 2^n2 (n1 = n >> 1): each factor a normal float for n in [−150, 128]
+  const vi ni = rounded_to_int(t, n);
+  const vi n1 = i32_shr(ni, 1);
+  const vi bias = i32_set1(127);
+  y = mul(y, bits_as_float(i32_shl(i32_add(n1, bias), 23)));
+  return mul(y, bits_as_float(i32_shl(i32_add(i32_sub(ni, n1), bias), 23)));
 }
 #endif
 

@@ -27,6 +27,8 @@
 #include "../../cpp/src/kv_cache_rows.h"
 // the softmax's vector exp (where the target has one) is checked directly
 #include "../../cpp/src/simd.h"
+// ... and against its per-ISA forms as written before it became one generic body
+#include "exp_frozen.h"
 // the SIMD path the core's calls take (the addon's build.simd)
 #include "../../cpp/src/isa_dispatch.h"
 
@@ -647,6 +649,68 @@ void check_vector_exp() {
   expect(got[3] == 0.0f && got[5] == 0.0f, "vector exp: -inf and -200 -> 0");
   expect(isinf(got[4]) && got[4] > 0 && isinf(got[6]) && got[6] > 0, "vector exp: +inf and 89 -> +inf");
   expect(got[7] == float(to_float32(exp(-103.2789))) && got[7] > 0, "vector exp: a subnormal result");
+}
+
+// The generic vector exp (simd.h: one body over per-ISA primitives) against the per-ISA exp it
+// replaced (exp_frozen.h): the same bits, NaN payloads included. Every float32 bit pattern with
+// SMLA_CHECK_EXP_ALL=1 in the environment (or -DSMLA_CHECK_EXP_ALL: a WASM build's getenv does not
+// see node's); else every 7th from a fresh start (printed; SMLA_CHECK_EXP_START=k repeats it), and
+// every pattern within 2^16 of ±0, ±inf, a NaN, ±1, the clamps, the subnormal and overflow edges.
+void check_vector_exp_frozen() {
+#if defined(SMLA_CHECK_EXP_ALL)
+  const bool all = true;
+#else
+  const bool all = getenv("SMLA_CHECK_EXP_ALL") != nullptr;
+#endif
+  const char* env = getenv("SMLA_CHECK_EXP_START");
+  const uint64_t stride = all ? 1 : 7;
+  const uint64_t start = all ? 0 : (env ? strtoull(env, nullptr, 10) : std::random_device{}()) % stride;
+  if (!all)
+    printf("core_check: exp bits, every %llu-th pattern from %llu (SMLA_CHECK_EXP_START=%llu repeats it)\n",
+           (unsigned long long)stride, (unsigned long long)start, (unsigned long long)start);
+  constexpr int kChunk = 4096;
+  static_assert(kChunk % smla::simd::W == 0, "whole vectors");
+  std::vector<uint32_t> bits, got(kChunk), want(kChunk);
+  bits.reserve(kChunk);
+  uint64_t checked = 0, bad = 0;
+  uint32_t first_bad = 0;
+  auto flush = [&]() {
+    while (bits.size() % smla::simd::W) bits.push_back(0);
+    for (size_t i = 0; i < bits.size(); i += smla::simd::W) {
+      const smla::simd::vf x = smla::simd::load(reinterpret_cast<const float*>(&bits[i]));
+      smla::simd::store(reinterpret_cast<float*>(&got[i]), smla::simd::exp(x));
+      exp_frozen::vf fx;
+      memcpy(&fx, &bits[i], sizeof fx);
+      const exp_frozen::vf fy = exp_frozen::exp(fx);
+      memcpy(&want[i], &fy, sizeof fy);
+    }
+    for (size_t i = 0; i < bits.size(); ++i)
+      if (got[i] != want[i] && bad++ == 0) first_bad = bits[i];
+    checked += bits.size();
+    bits.clear();
+  };
+  for (uint64_t b = start; b <= 0xffffffffull; b += stride) {
+    bits.push_back(uint32_t(b));
+    if (bits.size() == kChunk) flush();
+  }
+  const float edges[] = {0.0f, INFINITY, NAN, 1.0f, 104.0f, 88.8f, 88.72283f, 87.33655f, 103.97208f};
+  for (float e : edges)
+    for (uint32_t sign : {0u, 0x80000000u}) {
+      uint32_t u;
+      memcpy(&u, &e, 4);
+      u = (u & 0x7fffffffu) | sign;
+      for (int64_t d = -65536; d <= 65536; ++d) {
+        bits.push_back(uint32_t(int64_t(u) + d));
+        if (bits.size() == kChunk) flush();
+      }
+    }
+  flush();
+  printf("core_check: vector exp (%d lanes) vs the frozen exp: %llu bit patterns%s, %llu differ\n", smla::simd::W,
+         (unsigned long long)checked, all ? " (all)" : "", (unsigned long long)bad);
+  char first[16];
+  snprintf(first, sizeof first, "%08x", unsigned(first_bad));
+  expect(bad == 0, "vector exp vs the frozen per-ISA exp: " + std::to_string(bad) + " of " + std::to_string(checked) +
+                       " bit patterns differ (first 0x" + first + ")");
 }
 #endif
 
@@ -1406,6 +1470,7 @@ int main() {
 
 #if defined(SMLA_SIMD_HAS_EXP)
   check_vector_exp();
+  check_vector_exp_frozen();
 #endif
   check_prefill_special();
   check_prefill_single_entry();

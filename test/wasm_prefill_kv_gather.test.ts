@@ -15,7 +15,7 @@ import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
-import { gatherKvRows, planKvRows, prefillGatherForTests, remapKvIndices } from '../dist/backends/wasm/prefill_gather.js';
+import { gatherKvRows, planKvRows, prefillGatherForTests, remapKvIndices } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';

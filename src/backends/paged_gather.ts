@@ -10,10 +10,14 @@
  * [0, topk] by ops/common.ts) and 0 ≤ id < the cache's tokens. Every other entry becomes −1, so
  * it stays skipped and is never read. The valid entries keep their order and point at the same
  * bytes, so the kernel computes exactly what it computes over the whole cache.
+ *
+ * Which tokens a set reads, their ids rewritten and the estimate are prefill_gather.ts's row
+ * planner over the cache's token ids (a cache's tokens are its rows).
  */
 import type { CacheView, PagedCopies, PagedIndexSet, PagedSetBytes, PagedSparseAttentionJob } from './backend.js';
 import { copyBytes, type MemoryPart } from './memory.js';
 import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
+import { COPY_NS_PER_BYTE, cheaperKvRows, planKvRows, remapKvIndices, type KvIndexRows, type KvRowPlan } from './prefill_gather.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
 /** The index set of a paged call as the host backends hold it (host arrays). */
@@ -33,53 +37,28 @@ export interface PagedReadPlan {
   bytes: number;
 }
 
+/** `set`'s n index rows as the row planner reads them: ids into the cache's tokens. */
+function indexRows(set: HostPagedSet, n: number): KvIndexRows {
+  return { indices: set.indices, sQ: n, topk: set.topk, topkLength: set.topkLength, sKV: set.cache.numTokens };
+}
+
+/** The plan of a cache's tokens read (the row planner's), with the compact cache's geometry. */
+function pagedPlan(plan: KvRowPlan | null): PagedReadPlan | null {
+  return plan && { tokens: plan.rows, slotOf: plan.slotOf, runs: plan.runs, ...compactGeometry('v4', plan.rows.length) };
+}
+
 /**
  * Which tokens of its cache `set` reads (the valid entries of its n rows), or null as soon as
  * they are more than `maxTokens`. Reads the indices and lengths once; the cache is not touched.
  */
 export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity): PagedReadPlan | null {
-  const { cache, indices, topk, topkLength } = set;
-  const limitId = cache.numTokens;
-  const slotOf = new Int32Array(limitId);
-  const seen = new Int32Array(Math.min(limitId, n * topk));
-  let m = 0;
-  for (let i = 0; i < n; i++) {
-    const row = i * topk;
-    const end = row + (topkLength ? topkLength[i]! : topk);
-    for (let e = row; e < end; e++) {
-      const id = indices[e]!;
-      if (id >= 0 && id < limitId && slotOf[id] === 0) {
-        if (m >= maxTokens) return null;
-        slotOf[id] = 1;
-        seen[m++] = id;
-      }
-    }
-  }
-  // ascending: a sort of the few ids, or a walk over the map when they are many
-  let tokens: Int32Array;
-  if (m * 16 < limitId) {
-    tokens = seen.subarray(0, m).sort();
-  } else {
-    tokens = seen.subarray(0, m);
-    for (let id = 0, j = 0; j < m; id++) if (slotOf[id] !== 0) tokens[j++] = id;
-  }
-  let runs = 0;
-  for (let j = 0; j < m; j++) {
-    const id = tokens[j]!;
-    slotOf[id] = j + 1;
-    if (j === 0 || tokens[j - 1] !== id - 1) runs++;
-  }
-  return { tokens, slotOf, runs, ...compactGeometry('v4', m) };
+  return pagedPlan(planKvRows(indexRows(set, n), maxTokens));
 }
 
 /*
- * The choice between the whole cache and a compact one, in estimated main-thread nanoseconds of an
- * unloaded x86 core (bench/paged_gather_costs.mjs; bench/RESULTS.md, "The paged op over compact
- * caches"): copying a byte in bulk, planning and remapping one index entry, gathering one run (a
- * scattered token is a cache miss, far dearer than copying its bytes in bulk).
+ * Gathering one run of tokens, in estimated main-thread nanoseconds (prefill_gather.ts has the other
+ * costs): a scattered token is a cache miss, far dearer than copying its bytes in bulk.
  */
-const COPY_NS_PER_BYTE = 0.12;
-const ENTRY_NS = 10;
 const RUN_NS = 500;
 
 /**
@@ -107,32 +86,17 @@ function pagedReadChoice(set: HostPagedSet, n: number, copies: PagedCopies): Pag
   return estimatedPlan(set, n, copies.whole(copyBytes(set.cache.data) > 0), copies.compact);
 }
 
+/** A compact cache's bytes (its pages' padding included) count towards its copies; a token's bytes bound the tokens planned. */
 function estimatedPlan(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
   const wholeNs = set.cache.bytes * COPY_NS_PER_BYTE * wholeCopies;
-  const entriesNs = n * set.topk * ENTRY_NS;
-  if (entriesNs >= wholeNs) return null;
   const perTokenNs = V4_TOKEN_BYTES * COPY_NS_PER_BYTE * (1 + compactCopies);
-  const plan = planPagedRead(set, n, Math.floor((wholeNs - entriesNs) / perTokenNs));
-  if (!plan) return null;
-  const compactNs = entriesNs + plan.runs * RUN_NS + plan.bytes * COPY_NS_PER_BYTE * (1 + compactCopies);
-  return compactNs < wholeNs ? plan : null;
+  const compactNs = (tokens: number) => compactGeometry('v4', tokens).bytes * COPY_NS_PER_BYTE * (1 + compactCopies);
+  return pagedPlan(cheaperKvRows(indexRows(set, n), wholeNs, perTokenNs, RUN_NS, compactNs));
 }
 
 /** The set's ids as compact positions: valid entries their token's position, every other entry −1. */
 export function remapIndices(set: HostPagedSet, n: number, plan: PagedReadPlan): Int32Array {
-  const { cache, indices, topk, topkLength } = set;
-  const limitId = cache.numTokens;
-  const { slotOf } = plan;
-  const out = new Int32Array(n * topk).fill(-1);
-  for (let i = 0; i < n; i++) {
-    const row = i * topk;
-    const end = row + (topkLength ? topkLength[i]! : topk);
-    for (let e = row; e < end; e++) {
-      const id = indices[e]!;
-      if (id >= 0 && id < limitId) out[e] = slotOf[id]! - 1;
-    }
-  }
-  return out;
+  return remapKvIndices(indexRows(set, n), plan);
 }
 
 /**

@@ -34,7 +34,7 @@ import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
 import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type InputBytes, type StageableArray } from '../staging.js';
-import { chooseKvRows, gatheredBytes, gatheredPrefillParts, placeGathered, prefillGatherForTests, type KvRowPlan } from './prefill_gather.js';
+import { chooseKvRows, gatheredBytes, gatheredPrefillParts, placeGathered, prefillGatherForTests, type KvRowPlan } from '../prefill_gather.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch (exported for the heap tests). */
 export const HEAP_RESERVE_BYTES = 64 * 2 ** 20;

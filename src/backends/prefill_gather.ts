@@ -1,10 +1,11 @@
 /**
- * The wasm backend's sparsePrefill over only the kv rows it reads (SPEC §4). Every task of a call
- * copies the kv it is handed into its worker's heap (and an unshared kv is first copied into the
- * staging), however few rows the call's ids name: a decode-like call of a few query rows over a
- * long kv copied far more than it read. When the distinct rows its valid entries name cost less,
- * they are gathered at the call into a compact kv (row j: the j-th smallest id read) and the ids
- * rewritten to their compact rows, as the paged op does with a cache (paged_gather.ts).
+ * The host backends' sparsePrefill over only the kv rows it reads (SPEC §4), and the row planner
+ * that the paged op's gather (paged_gather.ts) shares. A host sparsePrefill copies the kv it is
+ * handed whatever rows its ids name: an unshared kv into the staging (cpu, wasm), and every wasm
+ * task into its worker's heap. A decode-like call of a few query rows over a long kv copied far
+ * more than it read. When the distinct rows its valid entries name cost less, they are gathered at
+ * the call into a compact kv (row j: the j-th smallest id read) and the ids rewritten to their
+ * compact rows; the paged op does the same with a cache's tokens.
  *
  * Validity is SPEC §4's (cpp/include/sparse_mla/sparse_indices.h): entry k of row i counts when
  * k < topkLength[i] (clamped to [0, topk]) and 0 ≤ id < sKV. Every other entry becomes −1, so it
@@ -12,9 +13,9 @@
  * the same bits, and the core reads a row's valid entries in order whatever sKV is, so the call's
  * results are the whole kv's bit for bit.
  */
-import type { SparsePrefillJob } from '../backend.js';
-import type { MemoryPart } from '../memory.js';
-import { alignStaging, attentionOutputBytes, detached, stagingPartsOf, type InputBytes } from '../staging.js';
+import type { SparsePrefillJob } from './backend.js';
+import type { MemoryPart } from './memory.js';
+import { alignStaging, attentionOutputBytes, detached, type InputBytes } from './staging.js';
 
 /** Which rows of its kv a call reads: the distinct valid ids, ascending, and each one's compact row. */
 export interface KvRowPlan {
@@ -28,10 +29,12 @@ export interface KvRowPlan {
 
 /** The index rows of a call as the gather reads them. */
 export interface KvIndexRows {
+  /** int32 [sQ, topk] */
   indices: Int32Array;
   sQ: number;
   topk: number;
   topkLength: Int32Array | null;
+  /** the rows the ids may name (a kv's rows; a cache's tokens for the paged op): valid iff 0 ≤ id < sKV */
   sKV: number;
 }
 
@@ -81,7 +84,7 @@ export function planKvRows(s: KvIndexRows, maxRows = Infinity): KvRowPlan | null
 }
 
 /** The call's ids as compact rows, written into `out` (sQ · topk): a valid entry its row's compact position, every other entry −1. */
-export function remapKvIndices(s: KvIndexRows, plan: KvRowPlan, out: Int32Array = new Int32Array(s.sQ * s.topk)): Int32Array {
+export function remapKvIndices(s: KvIndexRows, plan: Pick<KvRowPlan, 'slotOf'>, out: Int32Array = new Int32Array(s.sQ * s.topk)): Int32Array {
   const { indices, sQ, topk, topkLength, sKV } = s;
   const { slotOf } = plan;
   out.fill(-1);
@@ -113,13 +116,27 @@ export function gatherKvRows(kv: Uint16Array, dQK: number, plan: KvRowPlan, out:
 }
 
 /*
- * The choice between the whole kv and a compact one, in estimated main-thread nanoseconds (the
- * paged gather's estimate, paged_gather.ts, with a bf16 row for a token): copying a byte in bulk,
- * planning and rewriting one index entry, gathering one run of rows (a scattered row is a cache miss).
+ * The choice between the whole kv (or cache) and a compact one, in estimated main-thread
+ * nanoseconds of an unloaded x86 core (bench/paged_gather_costs.mjs; bench/RESULTS.md, "The paged
+ * op over compact caches"): copying a byte in bulk, planning and rewriting one index entry, and
+ * (each gather its own) gathering one run of rows, a scattered row being a cache miss.
  */
-const COPY_NS_PER_BYTE = 0.12;
-const ENTRY_NS = 10;
+export const COPY_NS_PER_BYTE = 0.12;
+export const ENTRY_NS = 10;
 const RUN_NS = 300;
+
+/**
+ * The plan of `s`'s rows when reading them compact is estimated to cost less than `wholeNs`, else
+ * null: planning and rewriting every entry, `runNs` per run of rows, and `compactNs` of the rows
+ * (by default `perRowNs` a row; at least that, which bounds the rows planned before giving up).
+ */
+export function cheaperKvRows(s: KvIndexRows, wholeNs: number, perRowNs: number, runNs: number, compactNs: (rows: number) => number = (rows) => rows * perRowNs): KvRowPlan | null {
+  const entriesNs = s.sQ * s.topk * ENTRY_NS;
+  if (entriesNs >= wholeNs) return null;
+  const plan = planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs));
+  if (!plan) return null;
+  return entriesNs + plan.runs * runNs + compactNs(plan.rows.length) < wholeNs ? plan : null;
+}
 
 /**
  * For tests: `force` overrides the estimate (whole: never gather; compact: gather whenever the
@@ -138,14 +155,7 @@ export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, c
   if (force === 'compact') return planKvRows(s);
   if (force === 'whole') return null;
   const rowBytes = dQK * 2;
-  const wholeNs = s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies;
-  const entriesNs = s.sQ * s.topk * ENTRY_NS;
-  if (entriesNs >= wholeNs) return null;
-  const perRowNs = rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies);
-  const plan = planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs));
-  if (!plan) return null;
-  const compactNs = entriesNs + plan.runs * RUN_NS + plan.rows.length * perRowNs;
-  return compactNs < wholeNs ? plan : null;
+  return cheaperKvRows(s, s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies, rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies), RUN_NS);
 }
 
 /** Host bytes of the gather's plan (planKvRows: the map of kv rows and the ids seen), held while it gathers. */
@@ -209,3 +219,4 @@ export function placeGathered(job: SparsePrefillJob, plan: KvRowPlan, inputs: re
   const attnSink = job.attnSink && copy(job.attnSink, sinkBytes!, (b, o, n) => new Float32Array(b, o, n));
   return { ...job, q, kv, indices, topkLength, attnSink, sKV: m };
 }
+

@@ -15,7 +15,7 @@
  */
 import type { SparsePrefillJob } from './backend.js';
 import type { MemoryPart } from './memory.js';
-import { alignStaging, attentionOutputBytes, detached, type InputBytes } from './staging.js';
+import { alignStaging, attentionOutputBytes, detached, type InputBytes, type StagingArena } from './staging.js';
 
 /** Which rows of its kv a call reads: the distinct valid ids, ascending, and each one's compact row. */
 export interface KvRowPlan {
@@ -220,3 +220,45 @@ export function placeGathered(job: SparsePrefillJob, plan: KvRowPlan, inputs: re
   return { ...job, q, kv, indices, topkLength, attnSink, sKV: m };
 }
 
+/**
+ * The rows of `job`'s kv to gather (`sizes`: its inputs' InputBytes, as placeGathered takes them),
+ * when a compact kv is estimated to cost less than the whole one (chooseKvRows, by the backend's
+ * copies) and the gather's host bytes, its plan's included (gatheredPrefillParts), fit `budgetBytes`;
+ * else null. Whether the call is refused is the caller's check of the whole kv, made before.
+ */
+export function planPrefillGather(job: SparsePrefillJob, sizes: readonly InputBytes[], budgetBytes: number, wholeCopies: number, compactCopies: number): KvRowPlan | null {
+  const fits = (rows: number) => gatheredPrefillParts(sizes, rows, job).reduce((sum, p) => sum + p.bytes, 0) <= budgetBytes;
+  if (!fits(0)) return null;
+  if (job.indices.length !== job.sQ * job.topk) detached('indices.data', 'before the call could read it');
+  const plan = chooseKvRows(job, job.dQK, wholeCopies, compactCopies);
+  return plan && fits(plan.rows.length) ? plan : null;
+}
+
+/**
+ * The job over `plan`'s compact kv, placed now (the kv and ids read at the call: placeGathered) in
+ * one slab of `staging`: a free one when there is one, else one lent (StagingArena.lend), which never
+ * waits, so nothing of the caller's is read after the call. release() gives the slab back once
+ * nothing reads it. Counted in prefillGatherForTests.gatheredCalls.
+ */
+export function stageGathered(staging: StagingArena, job: SparsePrefillJob, plan: KvRowPlan, sizes: readonly InputBytes[]): { job: SparsePrefillJob; release(): void } {
+  const bytes = gatheredBytes(plan.rows.length, sizes, job);
+  let slab: SharedArrayBuffer | null = null, lent = false;
+  if (bytes > 0) {
+    slab = staging.tryAcquire(bytes);
+    if (!slab) [slab, lent] = [staging.lend(bytes), true];
+  }
+  const release = () => {
+    if (slab && lent) staging.giveBack(slab);
+    else if (slab) staging.release(slab);
+    slab = null;
+  };
+  let placed: SparsePrefillJob;
+  try {
+    placed = placeGathered(job, plan, sizes, slab);
+  } catch (e) {
+    release();
+    throw e;
+  }
+  prefillGatherForTests.gatheredCalls++;
+  return { job: placed, release };
+}

@@ -6,8 +6,9 @@
  * else a copy in the engine's reused staging (../staging.ts), made when the call is made, so a
  * caller that detaches or transfers an array mid-call cannot pull memory from under the threads.
  * A cache is not staged whole: the addon copies the tokens a dequant reads, and a quantize writes
- * the cache only when it settles (native/addon/cpu_ops.cpp). Outputs are allocated here and reach
- * the caller only when the call has settled.
+ * the cache only when it settles (native/addon/cpu_ops.cpp); nor is an unshared kv or cache whose
+ * few rows a call reads: those rows are gathered at the call instead (../prefill_gather.ts,
+ * ../paged_gather.ts). Outputs are allocated here and reach the caller only when the call has settled.
  */
 import { AddonCalls } from './addon_calls.js';
 import { SparseMlaError, disposedError } from '../../errors.js';
@@ -29,6 +30,7 @@ import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
+import { planPrefillGather, stageGathered } from '../prefill_gather.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -141,14 +143,7 @@ export class CpuBackend implements Backend {
     start: (views: T) => Promise<void>,
     cache?: { data: Uint8Array; bytes: number },
   ): Promise<void> {
-    const launch = async (staged: StagedInputs<T>): Promise<void> => {
-      this.called = true;
-      try {
-        await this.calls.run(op, () => start(staged.views));
-      } finally {
-        staged.release();
-      }
-    };
+    const launch = (staged: StagedInputs<T>): Promise<void> => this.launch(op, () => start(staged.views), staged.release);
     const now = tryStageInputs(this.staging, inputs, names);
     if (now) return launch(now);
     return stageInputs(this.staging, inputs, names).then((staged) => {
@@ -160,15 +155,41 @@ export class CpuBackend implements Backend {
     });
   }
 
+  /** Starts the addon call (`start`, on inputs already in shared memory) and runs `release` once it settled. */
+  private async launch(op: string, start: () => Promise<void>, release: () => void): Promise<void> {
+    this.called = true;
+    try {
+      await this.calls.run(op, start);
+    } finally {
+      release();
+    }
+  }
+
+  /**
+   * An unshared kv is copied into the staging whole, however few of its rows the ids read: when
+   * those rows cost less, they are gathered now (read at the call) into the staging instead, a
+   * compact kv with the ids rewritten to it (../prefill_gather.ts), which the addon reads as it
+   * reads the whole kv, with the same results. A kv in shared memory is read in place: nothing to
+   * save. Whether the call is refused is the whole kv's, never its ids' (a layer's check from
+   * sizes counts the same); the gather is taken only where its own bytes fit the budget too.
+   */
   async sparsePrefill(job: SparsePrefillJob): Promise<SparsePrefillOutput> {
     this.calls.assertAlive();
     const { sQ, hQ, dQK, dV, topk } = job;
     const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
-    this.budget('sparsePrefill', 'q', cpuOpMemory.sparsePrefill(inputs.map(inputBytes), sQ, hQ, dV, 'host'));
+    const sizes = inputs.map(inputBytes);
+    this.budget('sparsePrefill', 'q', cpuOpMemory.sparsePrefill(sizes, sQ, hQ, dV, 'host'));
     const out = allocHostArray(Uint16Array, sQ * hQ * dV, 'out');
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
     const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
+    // the whole kv is copied once (the staging's), the compact one gathered straight into the staging
+    const plan = sizes[1]!.unshared > 0 ? planPrefillGather(job, sizes, this.memoryBudgetBytes, 1, 0) : null;
+    if (plan) {
+      const gathered = stageGathered(this.staging, job, plan, sizes);
+      await this.launch('sparsePrefill', () => this.addon.cpu.sparsePrefill(threads, { ...gathered.job, out, maxLogits, lse }), gathered.release);
+      return { out, maxLogits, lse };
+    }
     await this.run('sparsePrefill', inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data'], ([q, kv, indices, topkLength, attnSink]) =>
       this.addon.cpu.sparsePrefill(threads, { ...job, q, kv, indices, topkLength, attnSink, out, maxLogits, lse }),
     );

@@ -1,0 +1,332 @@
+/**
+ * The cpu backend's sparsePrefill over a compact kv of only the rows its valid ids read
+ * (src/backends/prefill_gather.ts, gathered at the call into the staging). The same calls read
+ * through the whole kv, through a compact one (forced) and as the estimate picks give the same
+ * bits, within §4.1's bounds of the float64 reference, on fresh random inputs and the edge cases
+ * (ids −1 and other negatives, ids ≥ sKV, duplicates, topkLength < topk and 0, all-invalid rows,
+ * int64 ids, sQ 0, 1, 2 and 16, hQ 8, 64 and 128, dQK 512 and 576, 1, 2 and 3 threads); a kv in
+ * shared memory is read in place, never gathered; the estimate gathers a few rows of a long kv and
+ * reads a kv its ids cover whole; the gather is taken only where its bytes fit the budget, and
+ * whether a call is refused stays the whole kv's; the caller's kv and ids are read at the call, so
+ * rewriting them once the call has returned its promise changes nothing, whether or not the
+ * staging was free. Skipped where the native addon is not built.
+ */
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
+import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
+import { engineBackend } from '../dist/engine.js';
+import type { CpuBackend } from '../dist/backends/native/cpu_backend.js';
+import type { SparsePrefillJob } from '../dist/backends/backend.js';
+import { inputBytes } from '../dist/backends/staging.js';
+import { planPrefillGather, prefillGatherForTests } from '../dist/backends/prefill_gather.js';
+import * as R from '../dist/reference/index.js';
+import { nativeAddonBuilt } from './helpers/backends.js';
+import { expectWithinBounds } from './helpers/judge.js';
+import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
+
+const rng = testRng('cpu_prefill_kv_gather');
+const ADDON = nativeAddonBuilt();
+
+type Outputs = { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> };
+
+/** The bits of a result, for exact comparison (NaN payloads included). */
+function bits(r: Outputs): Buffer[] {
+  return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
+}
+
+function expectSameBits(label: string, got: Outputs, want: Outputs): void {
+  const [g, w] = [bits(got), bits(want)];
+  ['out', 'lse', 'maxLogits'].forEach((k, i) => expect(Buffer.compare(g[i]!, w[i]!), `${label}: ${k} differs`).toBe(0));
+}
+
+/** ids with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
+function mixedIds(r: Rng, count: number, sKV: number): Int32Array {
+  const bad = [...invalidFillers(sKV), -2, sKV + 5];
+  const out = new Int32Array(count);
+  for (let k = 0; k < count; k++) {
+    const u = r.uniform();
+    if (u < 0.15) out[k] = r.pick(bad);
+    else if (u < 0.3 && k > 0) out[k] = out[k - 1]! >= 0 && out[k - 1]! < sKV - 1 ? out[k - 1]! + 1 : sKV - 1; // runs, up to the last row
+    else if (u < 0.4 && k > 0) out[k] = out[r.int(0, k)]!; // duplicates (of valid and invalid ids)
+    else out[k] = r.int(0, sKV);
+  }
+  return out;
+}
+
+/** A copy of `a` in a SharedArrayBuffer. */
+function shared<T extends Uint16Array | Int32Array>(a: T): T {
+  const s = new (a.constructor as new (b: SharedArrayBuffer) => T)(new SharedArrayBuffer(a.byteLength));
+  s.set(a as never);
+  return s;
+}
+
+/** Runs `call` with the gather forced as asked; returns its result and how many calls gathered. */
+async function forced<T>(force: 'whole' | 'compact' | null, call: () => Promise<T>): Promise<{ r: T; gathered: number }> {
+  prefillGatherForTests.force = force;
+  const before = prefillGatherForTests.gatheredCalls;
+  try {
+    const r = await call();
+    return { r, gathered: prefillGatherForTests.gatheredCalls - before };
+  } finally {
+    prefillGatherForTests.force = null;
+  }
+}
+
+const THREADS = [1, 2, 3] as const;
+
+describe.runIf(ADDON)("cpu sparsePrefill through a compact kv: the whole kv's bits, within the reference's bounds", () => {
+  const engines = new Map<number, Engine>();
+  beforeAll(async () => {
+    for (const w of THREADS) engines.set(w, await createEngine({ backend: 'cpu', workers: w }));
+  }, 60_000);
+  afterAll(async () => {
+    prefillGatherForTests.force = null;
+    await Promise.all([...engines.values()].map((e) => e.dispose()));
+  });
+
+  /** The call read whole, through a compact kv (forced), and as the estimate picks: equal bits, each path the one asked for. */
+  async function threeWays(engine: Engine, args: SparsePrefillArgs): Promise<Outputs> {
+    const backend = engineBackend(engine) as CpuBackend;
+    const whole = await forced('whole', () => engine.sparsePrefill(args));
+    expect(whole.gathered, 'whole: gathered').toBe(0);
+    const compact = await forced('compact', () => engine.sparsePrefill(args));
+    expect(compact.gathered, 'compact: gathered').toBe(1);
+    const auto = await forced(null, () => engine.sparsePrefill(args));
+    expectSameBits('compact vs whole', compact.r, whole.r);
+    expectSameBits('estimate vs whole', auto.r, whole.r);
+    // a slab lent to a gather is given back once the call settled
+    expect(backend.staging.lentBytes).toBe(0);
+    return compact.r;
+  }
+
+  // every sQ, hQ, dQK and thread count, each with the others
+  const cases: Array<{ sQ: number; hQ: number; dQK: number; threads: number }> = [];
+  for (const sQ of [0, 1, 2, 16]) for (const hQ of [8, 64, 128]) cases.push({ sQ, hQ, dQK: cases.length % 2 ? 576 : 512, threads: THREADS[cases.length % 3]! });
+
+  for (const c of cases) {
+    test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.threads} thread(s)`, async () => {
+      const { sQ, hQ, dQK } = c;
+      const sKV = rng.int(1500, 6000);
+      const topk = c.sQ === 16 ? rng.int(24, 64) : rng.int(64, 256);
+      // the last row all invalid where there are two or more; the others with invalid ids, runs and duplicates
+      const allInvalid = sQ >= 2 ? [sQ - 1] : [];
+      const indices = mixedIds(rng, sQ * topk, sKV);
+      for (const i of allInvalid) for (let k = 0; k < topk; k++) indices[i * topk + k] = rng.pick(invalidFillers(sKV));
+      const withLengths = rng.uniform() < 0.6;
+      // row 0 cut below topk (never empty), row 1 empty where a row after it is neither
+      const lengths = withLengths ? Int32Array.from({ length: sQ }, (_, i) => (i === 0 ? rng.int(1, topk) : i === 1 && sQ >= 3 ? 0 : rng.int(0, topk + 1))) : null;
+      const sink = Float32Array.from({ length: hQ }, (_, h) => (h === 0 ? Infinity : h === hQ - 1 ? -Infinity : rng.normal()));
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+        indices: tensor('int32', [sQ, topk], indices),
+        ...(lengths ? { topkLength: tensor('int32', [sQ], lengths) } : {}),
+        attnSink: tensor('float32', [hQ], sink),
+        smScale: 1 / Math.sqrt(dQK),
+      };
+      const got = await threeWays(engines.get(c.threads)!, args);
+      expect(got.out.shape).toEqual([sQ, hQ, 512]);
+      if (sQ === 0) return;
+      const queries = Array.from({ length: sQ }, (_, i) => i);
+      expectWithinBounds('compact kv', got, R.sparsePrefillReference(args), queries);
+      // the all-invalid row: no valid entry, whatever the sink
+      for (const i of allInvalid) {
+        expect(Array.from(got.lse.data.subarray(i * hQ, (i + 1) * hQ)).every((v) => v === Infinity)).toBe(true);
+        expect(got.out.data.subarray(i * hQ * 512, (i + 1) * hQ * 512).every((v) => v === 0)).toBe(true);
+      }
+    }, 60_000);
+  }
+
+  test('int64 ids (out-of-range ones made −1 by the op) and every entry invalid: the same bits each way', async () => {
+    const engine = engines.get(2)!;
+    const sQ = 2, hQ = 64, dQK = 576, sKV = 3000, topk = 100;
+    const ids = mixedIds(rng, sQ * topk, sKV);
+    const wide = BigInt64Array.from(ids, (v, k) => (k % 7 === 0 ? BigInt(sKV) + 2n ** 33n : k % 11 === 0 ? -(2n ** 40n) : BigInt(v)));
+    const base = { q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)), kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)), smScale: 0.05 };
+    const args: SparsePrefillArgs = { ...base, indices: tensor('int64', [sQ, topk], wide) };
+    expectWithinBounds('int64 ids', await threeWays(engine, args), R.sparsePrefillReference(args), [0, 1]);
+    const none: SparsePrefillArgs = { ...base, indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.pick(invalidFillers(sKV)))) };
+    const r = await threeWays(engine, none);
+    expect(Array.from(r.lse.data).every((v) => v === Infinity)).toBe(true);
+    expect(Array.from(r.maxLogits.data).every((v) => v === -Infinity)).toBe(true);
+    expect(r.out.data.every((v) => v === 0)).toBe(true);
+  }, 60_000);
+
+  test('the estimate: one row of 512 ids over a 32K-row kv gathers; 8 rows that each read every row of a 1024-row kv read it whole', async () => {
+    const engine = engines.get(2)!;
+    const sKV = 32768, hQ = 64, dQK = 512, topk = 512;
+    const sparse: SparsePrefillArgs = {
+      q: tensor('bf16', [1, hQ, dQK], randomBf16Bits(rng, hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+      indices: tensor('int32', [1, topk], randomIndices(rng, 1, topk, sKV, { invalidFraction: 0.05 })),
+      smScale: 1 / Math.sqrt(dQK),
+    };
+    const whole = await forced('whole', () => engine.sparsePrefill(sparse));
+    const auto = await forced(null, () => engine.sparsePrefill(sparse));
+    expect(auto.gathered, 'a few rows of a long kv: gathered').toBe(1);
+    expectSameBits('estimate (compact) vs whole', auto.r, whole.r);
+    expectWithinBounds('estimate (compact)', auto.r, R.sparsePrefillReference(sparse), [0]);
+
+    const dense: SparsePrefillArgs = {
+      q: tensor('bf16', [8, 8, dQK], randomBf16Bits(rng, 8 * 8 * dQK)),
+      kv: tensor('bf16', [1024, dQK], randomBf16Bits(rng, 1024 * dQK)),
+      indices: tensor('int32', [8, 1024], randomIndices(rng, 8, 1024, 1024)),
+      smScale: 1 / Math.sqrt(dQK),
+    };
+    const covered = await forced(null, () => engine.sparsePrefill(dense));
+    expect(covered.gathered, 'ids that cover the kv: read whole').toBe(0);
+    expectWithinBounds('estimate (whole)', covered.r, R.sparsePrefillReference(dense), [0, 1, 2, 3, 4, 5, 6, 7]);
+  }, 60_000);
+
+  test('a kv in shared memory is read in place: never gathered, even forced; the same bits as its unshared copy gathered', async () => {
+    const engine = engines.get(3)!;
+    const sQ = 2, hQ = 16, dQK = 512, sKV = 8192, topk = 64;
+    const args: SparsePrefillArgs = {
+      q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+      indices: tensor('int32', [sQ, topk], mixedIds(rng, sQ * topk, sKV)),
+      smScale: 0.05,
+    };
+    const inPlace: SparsePrefillArgs = { ...args, kv: tensor('bf16', [sKV, dQK], shared(args.kv.data as Uint16Array)) };
+    for (const force of [null, 'compact'] as const) {
+      const s = await forced(force, () => engine.sparsePrefill(inPlace));
+      expect(s.gathered, `shared kv, force ${force}: gathered`).toBe(0);
+      const u = await forced('compact', () => engine.sparsePrefill(args));
+      expect(u.gathered).toBe(1);
+      expectSameBits(`shared kv (${force}) vs unshared gathered`, s.r, u.r);
+    }
+    expectWithinBounds('shared kv', (await engine.sparsePrefill(inPlace)) as Outputs, R.sparsePrefillReference(args), [0, 1]);
+  }, 60_000);
+});
+
+describe.runIf(ADDON)('cpu sparsePrefill gather: the kv and ids are read at the call (SPEC §9)', () => {
+  afterAll(() => {
+    prefillGatherForTests.force = null;
+  });
+
+  /** The call made, then its kv and ids rewritten (after `between`, before it settles): the result of the arguments as they were at the call. */
+  async function rewrittenAfterCall(engine: Engine, args: SparsePrefillArgs, force: 'compact' | null, between: () => void = () => {}): Promise<{ r: Outputs; gathered: number }> {
+    return forced(force, async () => {
+      const p = engine.sparsePrefill(args);
+      (args.kv.data as Uint16Array).fill(0x7f80); // +inf everywhere
+      (args.indices.data as Int32Array).reverse();
+      between();
+      return p;
+    });
+  }
+
+  function freshArgs(sQ: number, hQ: number, dQK: number, sKV: number, topk: number): SparsePrefillArgs {
+    return {
+      q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
+      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+      indices: tensor('int32', [sQ, topk], mixedIds(rng, sQ * topk, sKV)),
+      smScale: 1 / Math.sqrt(dQK),
+    };
+  }
+
+  const copyOf = (a: SparsePrefillArgs): SparsePrefillArgs => ({ ...a, kv: tensor('bf16', a.kv.shape, (a.kv.data as Uint16Array).slice()), indices: tensor('int32', a.indices.shape, (a.indices.data as Int32Array).slice()) });
+
+  test('the staging free: kv and ids rewritten once the call returned its promise change nothing, gathered or read whole', async () => {
+    const engine = await createEngine({ backend: 'cpu', workers: 2 });
+    try {
+      for (const force of ['compact', null] as const) {
+        const args = freshArgs(3, 64, 576, 20000, 256);
+        const untouched = copyOf(args);
+        const want = await forced('whole', () => engine.sparsePrefill(untouched));
+        const got = await rewrittenAfterCall(engine, args, force);
+        expect(got.gathered, `force ${force}: gathered`).toBe(1);
+        expectSameBits(`force ${force}: rewritten after the call vs untouched`, got.r, want.r);
+        expectWithinBounds(`force ${force}`, got.r, R.sparsePrefillReference(untouched), [0, 1, 2]);
+      }
+    } finally {
+      await engine.dispose();
+    }
+  }, 60_000);
+
+  test('the staging all held by another call: the gather still reads the kv and ids at the call (a lent slab, no waiting), then gives the slab back', async () => {
+    const engine = await createEngine({ backend: 'cpu', workers: 2, memoryBudgetBytes: 64 << 20 });
+    const staging = (engineBackend(engine) as CpuBackend).staging;
+    try {
+      const args = freshArgs(2, 32, 512, 16384, 128);
+      const untouched = copyOf(args);
+      const want = await forced('whole', () => engine.sparsePrefill(untouched));
+      const held = await staging.acquire(staging.capacityBytes);
+      let released = false;
+      const release = () => {
+        if (!released) staging.release(held);
+        released = true;
+      };
+      try {
+        const got = await rewrittenAfterCall(engine, args, 'compact', () => setTimeout(release, 20));
+        expect(got.gathered).toBe(1);
+        expectSameBits('gathered while the staging was held', got.r, want.r);
+      } finally {
+        release();
+      }
+      expect(staging.lentBytes).toBe(0);
+    } finally {
+      await engine.dispose();
+    }
+  }, 60_000);
+});
+
+describe.runIf(ADDON)('cpu sparsePrefill gather and the memory budget', () => {
+  const MiB = 2 ** 20;
+  afterAll(() => {
+    prefillGatherForTests.force = null;
+  });
+  const align = (n: number) => Math.ceil(n / 64) * 64;
+
+  test("the gather's bytes: its plan, the compact kv, the ids, q, lengths and sink where unshared, the outputs; taken at exactly that budget, not a byte below", () => {
+    const sQ = 3, hQ = 8, dQK = 576, dV = 512, sKV = 5000, topk = 200;
+    const kv = randomBf16Bits(rng, sKV * dQK);
+    const indices = mixedIds(rng, sQ * topk, sKV);
+    const topkLength = Int32Array.from([topk, 17, 0]);
+    const job: SparsePrefillJob = { q: randomBf16Bits(rng, sQ * hQ * dQK), kv, indices, topkLength, attnSink: null, sQ, hQ, dQK, dV, sKV, topk, smScale: 0.1 };
+    const sizes = [job.q, job.kv, job.indices, job.topkLength, job.attnSink].map(inputBytes);
+    const read = new Set<number>();
+    for (let i = 0; i < sQ; i++) for (let k = 0; k < Math.min(topkLength[i]!, topk); k++) if (indices[i * topk + k]! >= 0 && indices[i * topk + k]! < sKV) read.add(indices[i * topk + k]!);
+    const m = read.size;
+    const bytes = align(m * dQK * 2) + align(sQ * topk * 4) + align(sQ * hQ * dQK * 2) + align(sQ * 4) + (4 * sKV + 4 * Math.min(sKV, sQ * topk)) + sQ * hQ * (dV * 2 + 8);
+    try {
+      prefillGatherForTests.force = 'compact';
+      expect(planPrefillGather(job, sizes, bytes, 1, 0)?.rows.length).toBe(m);
+      expect(planPrefillGather(job, sizes, bytes - 1, 1, 0)).toBeNull();
+      prefillGatherForTests.force = null;
+      expect(planPrefillGather(job, sizes, bytes, 1, 0)?.rows.length, 'the estimate, within the budget').toBe(m);
+      expect(planPrefillGather(job, sizes, bytes - 1, 1, 0), 'the estimate, past the budget').toBeNull();
+    } finally {
+      prefillGatherForTests.force = null;
+    }
+  });
+
+  test("whether a call is refused is the whole kv's, not its ids': an unshared kv whose staging is over the budget is TOO_LARGE before any work, even where two rows of 16 ids would gather into a few KiB", async () => {
+    const sKV = 2048, dQK = 512; // 2 MiB of bf16 kv, not shared
+    const engine = await createEngine({ backend: 'cpu', workers: 2, memoryBudgetBytes: MiB });
+    try {
+      const args: SparsePrefillArgs = {
+        q: tensor('bf16', [2, 2, dQK], randomBf16Bits(rng, 2 * 2 * dQK)),
+        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
+        indices: tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV)),
+        smScale: 0.05,
+      };
+      for (const force of [null, 'compact'] as const) {
+        const { r: e, gathered } = await forced(force, () => engine.sparsePrefill(args).catch((x: unknown) => x));
+        expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
+        expect((e as Error).message).toMatch(/staging of the inputs/);
+        expect(gathered).toBe(0);
+      }
+      // a budget the whole kv fits: the same call runs, gathered
+      const roomy = await createEngine({ backend: 'cpu', workers: 2, memoryBudgetBytes: 8 * MiB });
+      try {
+        const ok = await forced(null, () => roomy.sparsePrefill(args));
+        expect(ok.gathered).toBe(1);
+        expectWithinBounds('within the budget', ok.r, R.sparsePrefillReference(args), [0, 1]);
+      } finally {
+        await roomy.dispose();
+      }
+    } finally {
+      await engine.dispose();
+    }
+  }, 60_000);
+});

@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
-import type { CpuBackend } from '../dist/backends/native/cpu_backend.js';
+import { cpuPrefillKvCopies, type CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
 import { inputBytes } from '../dist/backends/staging.js';
 import { planPrefillGather, prefillGatherForTests } from '../dist/backends/prefill_gather.js';
@@ -290,14 +290,22 @@ describe.runIf(ADDON)('cpu sparsePrefill gather and the memory budget', () => {
     const bytes = align(m * dQK * 2) + align(sQ * topk * 4) + align(sQ * hQ * dQK * 2) + align(sQ * 4) + (4 * sKV + 4 * Math.min(sKV, sQ * topk)) + sQ * hQ * (dV * 2 + 8);
     try {
       prefillGatherForTests.force = 'compact';
-      expect(planPrefillGather(job, sizes, bytes, 1, 0)?.rows.length).toBe(m);
-      expect(planPrefillGather(job, sizes, bytes - 1, 1, 0)).toBeNull();
+      expect(planPrefillGather(job, sizes, bytes, cpuPrefillKvCopies)?.rows.length).toBe(m);
+      expect(planPrefillGather(job, sizes, bytes - 1, cpuPrefillKvCopies)).toBeNull();
       prefillGatherForTests.force = null;
-      expect(planPrefillGather(job, sizes, bytes, 1, 0)?.rows.length, 'the estimate, within the budget').toBe(m);
-      expect(planPrefillGather(job, sizes, bytes - 1, 1, 0), 'the estimate, past the budget').toBeNull();
+      expect(planPrefillGather(job, sizes, bytes, cpuPrefillKvCopies)?.rows.length, 'the estimate, within the budget').toBe(m);
+      expect(planPrefillGather(job, sizes, bytes - 1, cpuPrefillKvCopies), 'the estimate, past the budget').toBeNull();
     } finally {
       prefillGatherForTests.force = null;
     }
+  });
+
+  test('the estimate over a 128K x 576 kv: 16 rows of 512 scattered ids gather, 16 rows of 2048 (about 29K scattered rows in some 22K runs) read it whole', () => {
+    const sKV = 131072, dQK = 576, hQ = 64;
+    const sizes = [{ unshared: 16 * hQ * dQK * 2, callCopy: 0 }, { unshared: sKV * dQK * 2, callCopy: 0 }, { unshared: 0, callCopy: 0 }, { unshared: 0, callCopy: 0 }, { unshared: 0, callCopy: 0 }];
+    const jobOf = (topk: number): SparsePrefillJob => ({ q: new Uint16Array(0), kv: new Uint16Array(0), indices: randomIndices(rng, 16, topk, sKV), topkLength: null, attnSink: null, sQ: 16, hQ, dQK, dV: 512, sKV, topk, smScale: 0.05 });
+    expect(planPrefillGather(jobOf(512), sizes, 2 ** 40, cpuPrefillKvCopies)).not.toBeNull();
+    expect(planPrefillGather(jobOf(2048), sizes, 2 ** 40, cpuPrefillKvCopies)).toBeNull();
   });
 
   test("whether a call is refused is the whole kv's, not its ids': an unshared kv whose staging is over the budget is TOO_LARGE before any work, even where two rows of 16 ids would gather into a few KiB", async () => {

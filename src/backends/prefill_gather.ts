@@ -119,11 +119,21 @@ export function gatherKvRows(kv: Uint16Array, dQK: number, plan: KvRowPlan, out:
  * The choice between the whole kv (or cache) and a compact one, in estimated main-thread
  * nanoseconds of an unloaded x86 core (bench/paged_gather_costs.mjs; bench/RESULTS.md, "The paged
  * op over compact caches"): copying a byte in bulk, planning and rewriting one index entry, and
- * (each gather its own) gathering one run of rows, a scattered row being a cache miss.
+ * (each gather its own, by default) gathering one run of rows, a scattered row being a cache miss.
  */
 export const COPY_NS_PER_BYTE = 0.12;
 export const ENTRY_NS = 10;
 const RUN_NS = 300;
+
+/** How a backend's sparsePrefill copies its kv, for the estimate (chooseKvRows). */
+export interface KvCopies {
+  /** copies of the whole kv (the staging's of an unshared kv, each task's into its heap) */
+  wholeCopies: number;
+  /** copies of a compact kv after its gather */
+  compactCopies: number;
+  /** gathering one run of rows, where the backend measured its own (default RUN_NS) */
+  runNs?: number;
+}
 
 /**
  * The plan of `s`'s rows when reading them compact is estimated to cost less than `wholeNs`, else
@@ -148,14 +158,15 @@ export const prefillGatherForTests: { force: 'whole' | 'compact' | null; gathere
 /**
  * The plan of a call's rows when reading a compact kv is estimated to cost less than the whole one,
  * else null. The whole kv is copied `wholeCopies` times (the staging's copy of an unshared kv, each
- * task's into its heap), a compact one `compactCopies` times after its gather.
+ * task's into its heap), a compact one `compactCopies` times after its gather; a run of rows costs
+ * `runNs` to gather.
  */
-export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, compactCopies: number): KvRowPlan | null {
+export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, compactCopies: number, runNs = RUN_NS): KvRowPlan | null {
   const force = prefillGatherForTests.force;
   if (force === 'compact') return planKvRows(s);
   if (force === 'whole') return null;
   const rowBytes = dQK * 2;
-  return cheaperKvRows(s, s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies, rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies), RUN_NS);
+  return cheaperKvRows(s, s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies, rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies), runNs);
 }
 
 /** Host bytes of the gather's plan (planKvRows: the map of kv rows and the ids seen), held while it gathers. */
@@ -223,14 +234,14 @@ export function placeGathered(job: SparsePrefillJob, plan: KvRowPlan, inputs: re
 /**
  * The rows of `job`'s kv to gather (`sizes`: its inputs' InputBytes, as placeGathered takes them),
  * when a compact kv is estimated to cost less than the whole one (chooseKvRows, by the backend's
- * copies) and the gather's host bytes, its plan's included (gatheredPrefillParts), fit `budgetBytes`;
- * else null. Whether the call is refused is the caller's check of the whole kv, made before.
+ * `copies`) and the gather's host bytes, its plan's included (gatheredPrefillParts), fit
+ * `budgetBytes`; else null. Whether the call is refused is the caller's check of the whole kv, made before.
  */
-export function planPrefillGather(job: SparsePrefillJob, sizes: readonly InputBytes[], budgetBytes: number, wholeCopies: number, compactCopies: number): KvRowPlan | null {
+export function planPrefillGather(job: SparsePrefillJob, sizes: readonly InputBytes[], budgetBytes: number, copies: KvCopies): KvRowPlan | null {
   const fits = (rows: number) => gatheredPrefillParts(sizes, rows, job).reduce((sum, p) => sum + p.bytes, 0) <= budgetBytes;
   if (!fits(0)) return null;
   if (job.indices.length !== job.sQ * job.topk) detached('indices.data', 'before the call could read it');
-  const plan = chooseKvRows(job, job.dQK, wholeCopies, compactCopies);
+  const plan = chooseKvRows(job, job.dQK, copies.wholeCopies, copies.compactCopies, copies.runNs);
   return plan && fits(plan.rows.length) ? plan : null;
 }
 

@@ -30,7 +30,7 @@ import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
-import { planPrefillGather, stageGathered } from '../prefill_gather.js';
+import { planPrefillGather, stageGathered, type KvCopies } from '../prefill_gather.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -84,6 +84,14 @@ export const cpuOpMemory: HostOpMemory = {
   // a whole cache is copied into the staging when it is not shared (a shared one is read in place); a compact one is staged once
   pagedCopies: { whole: (cacheUnshared) => (cacheUnshared ? 1 : 0), compact: 1 },
 };
+
+/**
+ * The cpu sparsePrefill's kv copies, for the gather's estimate (../prefill_gather.ts): an unshared
+ * kv is copied whole once, into the staging; a compact one is gathered straight into the staging.
+ * Against a single copy of the whole kv the choice turns on the gather's cost per run of rows, taken
+ * from this backend's calls whole vs gathered (bench/results/cpu-prefill-kv-rows-fifty-ninth.txt).
+ */
+export const cpuPrefillKvCopies: KvCopies = { wholeCopies: 1, compactCopies: 0, runNs: 700 };
 
 /** Engine ids of this thread, naming each engine's calls in the addon (cancelQueued at dispose). */
 let nextGroup = 1;
@@ -183,8 +191,7 @@ export class CpuBackend implements Backend {
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
     const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
-    // the whole kv is copied once (the staging's), the compact one gathered straight into the staging
-    const plan = sizes[1]!.unshared > 0 ? planPrefillGather(job, sizes, this.memoryBudgetBytes, 1, 0) : null;
+    const plan = sizes[1]!.unshared > 0 ? planPrefillGather(job, sizes, this.memoryBudgetBytes, cpuPrefillKvCopies) : null;
     if (plan) {
       const gathered = stageGathered(this.staging, job, plan, sizes);
       await this.launch('sparsePrefill', () => this.addon.cpu.sparsePrefill(threads, { ...gathered.job, out, maxLogits, lse }), gathered.release);

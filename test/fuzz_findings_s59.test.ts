@@ -15,7 +15,7 @@
  * createEngine({ backend: 'wasm' }) under the same limit rejects with BACKEND_FAILURE.
  */
 import { spawn, spawnSync } from 'node:child_process';
-import { lstatSync, mkdtempSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, lstatSync, mkdtempSync, openSync, readFileSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -23,7 +23,7 @@ import { fileURLToPath, pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { tensor } from '../dist/index.js';
 import type { SparsePrefillArgs, Tensor } from '../dist/index.js';
-import { readNpyFile, readSafetensorsFile, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../dist/io/index.js';
+import { prepareOutputFile, readNpyFile, readSafetensorsFile, writeNpyFile, writePrefillDir, writePrefillOutputs, writeSafetensorsFile } from '../dist/io/index.js';
 import { randomPrefillArgs, testRng } from './helpers/random.js';
 
 const rng = testRng('fuzz_findings_s59');
@@ -147,6 +147,29 @@ describe('writers: an output path that is a socket or a device is refused, not r
     expect(r.stderr).toMatch(/sparse-mla bench: --out: expected a file path to write, got a socket/);
     expect(r.stderr).not.toMatch(/\n\s+at /);
     expect(kindAt(p)).toBe('socket');
+  });
+
+  // helper-86's design question, settled by the lead: /dev/stdout is a symlink, so the rename would
+  // replace it (as root, the system's own). Checked with prepareOutputFile, which writes nothing, so a
+  // regression fails here without touching /dev; the write itself through /proc/self/fd/N, where a
+  // rename cannot land either way.
+  test.skipIf(process.platform !== 'linux')('paths in /dev and /proc (/dev/stdout, /dev/fd/1, /proc/self/fd/N) are refused before any write', async () => {
+    for (const p of ['/dev/stdout', '/dev/stderr', '/dev/fd/1', '/proc/self/fd/1']) {
+      const err = await prepareOutputFile(p, '--out').then(() => null, (e: unknown) => e);
+      expect(err, p).toMatchObject({ code: 'INVALID_VALUE' });
+      // /dev/fd and /proc/self/fd take no new files: their folder's check refuses them first
+      if (p === '/dev/stdout' || p === '/dev/stderr') expect(String((err as Error).message), p).toMatch(/a path in \/dev /);
+    }
+    expect(lstatSync('/dev/stdout').isSymbolicLink()).toBe(true);
+    const d = freshDir();
+    const fd = openSync(join(d, 'behind-fd.npy'), 'w');
+    try {
+      const err = await writeNpyFile(`/proc/self/fd/${fd}`, randomTensor()).then(() => null, (e: unknown) => e);
+      expect(err).toMatchObject({ code: 'INVALID_VALUE' });
+    } finally {
+      closeSync(fd);
+    }
+    expect(readFileSync(join(d, 'behind-fd.npy')).length).toBe(0);
   });
 
   test("what the writers still replace (the rename's purpose): a regular file and a symlink at the target, each read back as written, the symlink's target untouched", async () => {

@@ -5,7 +5,7 @@
  *   checks the size against the file's own header before reading its data, and reads exactly that;
  * - writes go to a fresh file created beside the target (O_CREAT | O_EXCL | O_NOFOLLOW) that is
  *   then renamed over it: a symlink already at the target is replaced, never written through, and
- *   no reader sees a half-written file; a target that is a device or a socket is refused, not
+ *   no reader sees a half-written file; a target that is a device or a socket, or any path in /dev or /proc (`/dev/stdout`), is refused, not
  *   replaced (the rename would unlink `/dev/null` or a server's socket where the user may);
  * - an output directory is created component by component and checked (a directory we can create
  *   files in) before any work;
@@ -13,7 +13,7 @@
  * Text from a file that goes into a message is clipped (clip()).
  */
 import { constants } from 'node:fs';
-import { type FileHandle, lstat, mkdir, open, rename, stat, unlink } from 'node:fs/promises';
+import { type FileHandle, lstat, mkdir, open, realpath, rename, stat, unlink } from 'node:fs/promises';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join, resolve, sep } from 'node:path';
 import { SparseMlaError } from '../errors.js';
@@ -202,6 +202,12 @@ export async function prepareOutputFile(path: string, name = path): Promise<void
  * naming it. A regular file, a FIFO and a symlink (to anything) are replaced by the write.
  */
 async function refuseUnwritable(path: string, name: string): Promise<void> {
+  // /dev/stdout, /dev/fd/1 and /proc/self/fd/1 are symlinks the write would replace (as root: the
+  // system's own /dev/stdout gone), not the stream a caller means: every path in /dev or /proc is refused
+  const dir = await realpath(dirname(resolve(path))).catch(() => null);
+  if (dir !== null && /^\/(dev|proc)(\/|$)/.test(dir)) {
+    throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path to write, got a path in ${dir.startsWith('/dev') ? '/dev' : '/proc'} (${clip(path, 120)}), whose entry a write would replace; write to a regular file (or redirect the command's output)`, name);
+  }
   const s = await lstat(path).catch(() => null);
   if (s === null) return;
   if (s.isDirectory()) throw new SparseMlaError('INVALID_VALUE', `${name}: expected a file path, got a directory`, name);

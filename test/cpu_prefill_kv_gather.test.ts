@@ -9,7 +9,8 @@
  * reads a kv its ids cover whole; the gather is taken only where its bytes fit the budget, and
  * whether a call is refused stays the whole kv's; the caller's kv and ids are read at the call, so
  * rewriting them once the call has returned its promise changes nothing, whether or not the
- * staging was free. Skipped where the native addon is not built.
+ * staging was free; the plans made in the backend's reused scratch are the fresh plans, call after
+ * call. The engine tests are skipped where the native addon is not built.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
@@ -18,7 +19,7 @@ import { engineBackend } from '../dist/engine.js';
 import { cpuPrefillKvCopies, type CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
 import { inputBytes } from '../dist/backends/staging.js';
-import { planPrefillGather, prefillGatherForTests } from '../dist/backends/prefill_gather.js';
+import { KvRowScratch, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
@@ -71,6 +72,31 @@ async function forced<T>(force: 'whole' | 'compact' | null, call: () => Promise<
     prefillGatherForTests.force = null;
   }
 }
+
+test('plans in a reused scratch (a map left all zero from plan to plan) are the fresh plans, over kvs long and short, plans cut short by a bound among them', () => {
+  const scratch = new KvRowScratch();
+  const lengths = [3000, 50, 20000, 700, 1, 20000, 4096, 0, 9000];
+  for (let call = 0; call < 60; call++) {
+    const sKV = lengths[call % lengths.length]!;
+    const sQ = rng.int(0, 9), topk = rng.int(0, 300);
+    const indices = mixedIds(rng, sQ * topk, sKV);
+    const topkLength = rng.uniform() < 0.5 ? Int32Array.from({ length: sQ }, () => rng.int(-2, topk + 3)) : null;
+    const rows = { indices, sQ, topk, topkLength, sKV };
+    const fresh = planKvRows(rows);
+    // a third of the plans bounded below their rows: null, having set part of the map
+    const bound = fresh && fresh.rows.length > 1 && call % 3 === 0 ? rng.int(0, fresh.rows.length) : Infinity;
+    const reused = planKvRows(rows, bound, scratch);
+    if (bound !== Infinity) {
+      expect(reused, `call ${call}: past its bound`).toBeNull();
+      continue;
+    }
+    expect(reused, `call ${call}`).not.toBeNull();
+    expect(Array.from(reused!.rows), `call ${call}: rows`).toEqual(Array.from(fresh!.rows));
+    expect(reused!.runs, `call ${call}: runs`).toBe(fresh!.runs);
+    expect(Buffer.from(reused!.slotOf.slice().buffer).equals(Buffer.from(fresh!.slotOf.buffer)), `call ${call}: slotOf`).toBe(true);
+    expect(Array.from(remapKvIndices(rows, reused!)), `call ${call}: remapped ids`).toEqual(Array.from(remapKvIndices(rows, fresh!)));
+  }
+});
 
 const THREADS = [1, 2, 3] as const;
 

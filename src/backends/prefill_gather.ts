@@ -46,13 +46,41 @@ function rowLimit(topkLength: Int32Array | null, i: number, topk: number): numbe
 }
 
 /**
- * The rows a call's valid entries read, or null as soon as they are more than `maxRows`. Reads the
- * ids and lengths once; the kv is not touched.
+ * planKvRows' map of kv rows and list of ids, kept from plan to plan by a backend that plans every
+ * call: fresh ones fault in their pages as a plan first touches them, dearer than the plan's own
+ * work over a few ids of a long kv. A plan made in it (its rows, its slotOf) is valid until the
+ * next one; each plan starts by unsetting the entries the one before set, so the map is all zero.
  */
-export function planKvRows(s: KvIndexRows, maxRows = Infinity): KvRowPlan | null {
+export class KvRowScratch {
+  private map = new Int32Array(0);
+  private ids = new Int32Array(0);
+  /** entries of `map` the last plan set: ids[0..set) */
+  private set = 0;
+
+  /** A zeroed map of `sKV` rows and room for `entries` ids. */
+  take(sKV: number, entries: number): { slotOf: Int32Array; seen: Int32Array } {
+    for (let k = 0; k < this.set; k++) this.map[this.ids[k]!] = 0;
+    this.set = 0;
+    if (this.map.length < sKV) this.map = new Int32Array(sKV);
+    if (this.ids.length < entries) this.ids = new Int32Array(entries);
+    return { slotOf: this.map.subarray(0, sKV), seen: this.ids.subarray(0, entries) };
+  }
+
+  /** The plan made in take()'s arrays set the map at ids[0..m). */
+  planned(m: number): void {
+    this.set = m;
+  }
+}
+
+/**
+ * The rows a call's valid entries read, or null as soon as they are more than `maxRows`. Reads the
+ * ids and lengths once; the kv is not touched. In `scratch` when given (valid until its next plan),
+ * else in arrays of its own.
+ */
+export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowScratch): KvRowPlan | null {
   const { indices, sQ, topk, topkLength, sKV } = s;
-  const slotOf = new Int32Array(sKV);
-  const seen = new Int32Array(Math.min(sKV, sQ * topk));
+  const entries = Math.min(sKV, sQ * topk);
+  const { slotOf, seen } = scratch ? scratch.take(sKV, entries) : { slotOf: new Int32Array(sKV), seen: new Int32Array(entries) };
   let m = 0;
   for (let i = 0; i < sQ; i++) {
     const row = i * topk;
@@ -60,12 +88,16 @@ export function planKvRows(s: KvIndexRows, maxRows = Infinity): KvRowPlan | null
     for (let e = row; e < end; e++) {
       const id = indices[e]!;
       if (id >= 0 && id < sKV && slotOf[id] === 0) {
-        if (m >= maxRows) return null;
+        if (m >= maxRows) {
+          scratch?.planned(m);
+          return null;
+        }
         slotOf[id] = 1;
         seen[m++] = id;
       }
     }
   }
+  scratch?.planned(m);
   // ascending: a sort of the few ids, or a walk over the map when they are many
   let rows: Int32Array;
   if (m * 16 < sKV) {
@@ -140,10 +172,10 @@ export interface KvCopies {
  * null: planning and rewriting every entry, `runNs` per run of rows, and `compactNs` of the rows
  * (by default `perRowNs` a row; at least that, which bounds the rows planned before giving up).
  */
-export function cheaperKvRows(s: KvIndexRows, wholeNs: number, perRowNs: number, runNs: number, compactNs: (rows: number) => number = (rows) => rows * perRowNs): KvRowPlan | null {
+export function cheaperKvRows(s: KvIndexRows, wholeNs: number, perRowNs: number, runNs: number, compactNs: (rows: number) => number = (rows) => rows * perRowNs, scratch?: KvRowScratch): KvRowPlan | null {
   const entriesNs = s.sQ * s.topk * ENTRY_NS;
   if (entriesNs >= wholeNs) return null;
-  const plan = planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs));
+  const plan = planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs), scratch);
   if (!plan) return null;
   return entriesNs + plan.runs * runNs + compactNs(plan.rows.length) < wholeNs ? plan : null;
 }
@@ -161,12 +193,12 @@ export const prefillGatherForTests: { force: 'whole' | 'compact' | null; gathere
  * task's into its heap), a compact one `compactCopies` times after its gather; a run of rows costs
  * `runNs` to gather.
  */
-export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, compactCopies: number, runNs = RUN_NS): KvRowPlan | null {
+export function chooseKvRows(s: KvIndexRows, dQK: number, wholeCopies: number, compactCopies: number, runNs = RUN_NS, scratch?: KvRowScratch): KvRowPlan | null {
   const force = prefillGatherForTests.force;
-  if (force === 'compact') return planKvRows(s);
+  if (force === 'compact') return planKvRows(s, Infinity, scratch);
   if (force === 'whole') return null;
   const rowBytes = dQK * 2;
-  return cheaperKvRows(s, s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies, rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies), runNs);
+  return cheaperKvRows(s, s.sKV * rowBytes * COPY_NS_PER_BYTE * wholeCopies, rowBytes * COPY_NS_PER_BYTE * (1 + compactCopies), runNs, undefined, scratch);
 }
 
 /** Host bytes of the gather's plan (planKvRows: the map of kv rows and the ids seen), held while it gathers. */
@@ -235,13 +267,14 @@ export function placeGathered(job: SparsePrefillJob, plan: KvRowPlan, inputs: re
  * The rows of `job`'s kv to gather (`sizes`: its inputs' InputBytes, as placeGathered takes them),
  * when a compact kv is estimated to cost less than the whole one (chooseKvRows, by the backend's
  * `copies`) and the gather's host bytes, its plan's included (gatheredPrefillParts), fit
- * `budgetBytes`; else null. Whether the call is refused is the caller's check of the whole kv, made before.
+ * `budgetBytes`; else null. Whether the call is refused is the caller's check of the whole kv, made
+ * before. Planned in `scratch` when given (the plan valid until its next one).
  */
-export function planPrefillGather(job: SparsePrefillJob, sizes: readonly InputBytes[], budgetBytes: number, copies: KvCopies): KvRowPlan | null {
+export function planPrefillGather(job: SparsePrefillJob, sizes: readonly InputBytes[], budgetBytes: number, copies: KvCopies, scratch?: KvRowScratch): KvRowPlan | null {
   const fits = (rows: number) => gatheredPrefillParts(sizes, rows, job).reduce((sum, p) => sum + p.bytes, 0) <= budgetBytes;
   if (!fits(0)) return null;
   if (job.indices.length !== job.sQ * job.topk) detached('indices.data', 'before the call could read it');
-  const plan = chooseKvRows(job, job.dQK, copies.wholeCopies, copies.compactCopies, copies.runNs);
+  const plan = chooseKvRows(job, job.dQK, copies.wholeCopies, copies.compactCopies, copies.runNs, scratch);
   return plan && fits(plan.rows.length) ? plan : null;
 }
 

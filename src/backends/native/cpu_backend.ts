@@ -30,7 +30,7 @@ import { hostLayerSteps } from '../wasm/planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes, type MemoryPart } from '../memory.js';
 import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
-import { planPrefillGather, stageGathered, type KvCopies } from '../prefill_gather.js';
+import { KvRowScratch, planPrefillGather, stageGathered, type KvCopies } from '../prefill_gather.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
 import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
@@ -125,6 +125,8 @@ export class CpuBackend implements Backend {
   private readonly group = nextGroup++ % 0x7fffffff;
   /** whether a call reached the addon (dispose() has queued calls to cancel only then) */
   private called = false;
+  /** the sparsePrefill gather's plans, each used at its call (../prefill_gather.ts) */
+  private readonly kvRows = new KvRowScratch();
 
   constructor(addon: NativeAddon, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
     this.addon = groupOps(addon, this.group);
@@ -191,7 +193,7 @@ export class CpuBackend implements Backend {
     const maxLogits = allocHostArray(Float32Array, sQ * hQ, 'maxLogits');
     const lse = allocHostArray(Float32Array, sQ * hQ, 'lse');
     const threads = attentionThreadsFor(this.workers, sQ, hQ, 2 * topk * hQ * (dQK + dV) + hQ * dV);
-    const plan = sizes[1]!.unshared > 0 ? planPrefillGather(job, sizes, this.memoryBudgetBytes, cpuPrefillKvCopies) : null;
+    const plan = sizes[1]!.unshared > 0 ? planPrefillGather(job, sizes, this.memoryBudgetBytes, cpuPrefillKvCopies, this.kvRows) : null;
     if (plan) {
       const gathered = stageGathered(this.staging, job, plan, sizes);
       await this.launch('sparsePrefill', () => this.addon.cpu.sparsePrefill(threads, { ...gathered.job, out, maxLogits, lse }), gathered.release);

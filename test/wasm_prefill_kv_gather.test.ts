@@ -8,14 +8,17 @@
  * workers); the estimate reads a compact kv for a few rows over a long kv, whose smaller copies
  * make the call worth more tasks (split by heads), and the whole kv where the ids cover it; the
  * gather is taken only where its bytes fit the budget, and whether a call is refused stays the
- * whole kv's (never its ids').
+ * whole kv's (never its ids'); the plans the backend makes in its kept map of kv rows are the fresh
+ * plans, call after call.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
-import type { WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
-import { gatherKvRows, planKvRows, prefillGatherForTests, remapKvIndices } from '../dist/backends/prefill_gather.js';
+import { wasmPrefillKvCopies, type WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
+import type { SparsePrefillJob } from '../dist/backends/backend.js';
+import { inputBytes } from '../dist/backends/staging.js';
+import { gatherKvRows, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices, type KvRowPlan } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
@@ -297,4 +300,57 @@ describe('wasm sparsePrefill gather and the memory budget', () => {
       await engine.dispose();
     }
   }, 60_000);
+});
+
+describe("the wasm backend's plans in its kept map of kv rows", () => {
+  let engine: Engine;
+  beforeAll(async () => {
+    engine = await createEngine({ backend: 'wasm', workers: 2 });
+  });
+  afterAll(async () => {
+    prefillGatherForTests.force = null;
+    await engine.dispose();
+  });
+
+  test('equal fresh plans over kvs long and short, by the estimate and forced, plans given up past their bound among them', () => {
+    const backend = engineBackend(engine) as WasmBackend;
+    const planKept = (job: SparsePrefillJob, sizes: ReturnType<typeof inputBytes>[], wholeTasks: number): KvRowPlan | null =>
+      (backend as unknown as { planKvGather(j: SparsePrefillJob, s: unknown, t: number): KvRowPlan | null }).planKvGather(job, sizes, wholeTasks);
+    // long kvs where a few rows' ids gather; short ones and many ids, where the estimate gives up part way, having set part of the map
+    const lengths = [131072, 50, 20000, 700, 1, 32768, 4096, 0, 9000, 600];
+    let gathered = 0, givenUp = 0;
+    try {
+      for (let call = 0; call < 80; call++) {
+        const sKV = lengths[call % lengths.length]!;
+        const dQK = rng.pick([512, 576]);
+        const hQ = 8;
+        const sQ = rng.pick([0, 1, 2, 3, 16]), topk = rng.pick([0, 8, 64, 300, 512]);
+        const kv = new Uint16Array(sKV * dQK);
+        const indices = mixedIds(rng, sQ * topk, sKV);
+        const topkLength = rng.uniform() < 0.5 ? Int32Array.from({ length: sQ }, () => rng.int(-2, topk + 3)) : null;
+        const job: SparsePrefillJob = { q: new Uint16Array(sQ * hQ * dQK), kv, indices, topkLength, attnSink: null, sQ, hQ, dQK, dV: 512, sKV, topk, smScale: 1 };
+        const sizes = [job.q, job.kv, job.indices, job.topkLength, job.attnSink].map(inputBytes);
+        const wholeTasks = rng.int(1, 4);
+        prefillGatherForTests.force = call % 4 === 0 ? 'compact' : null;
+        const fresh = planPrefillGather(job, sizes, backend.memoryBudgetBytes, wasmPrefillKvCopies(sizes, wholeTasks, backend.workers));
+        const kept = planKept(job, sizes, wholeTasks);
+        if (!fresh) {
+          expect(kept, `call ${call} (sKV ${sKV}, ${sQ} x ${topk})`).toBeNull();
+          givenUp++;
+          continue;
+        }
+        gathered++;
+        expect(kept, `call ${call} (sKV ${sKV}, ${sQ} x ${topk})`).not.toBeNull();
+        expect(Array.from(kept!.rows), `call ${call}: rows`).toEqual(Array.from(fresh.rows));
+        expect(kept!.runs, `call ${call}: runs`).toBe(fresh.runs);
+        expect(Buffer.from(kept!.slotOf.slice().buffer).equals(Buffer.from(fresh.slotOf.buffer)), `call ${call}: slotOf`).toBe(true);
+        expect(Array.from(remapKvIndices(job, kept!)), `call ${call}: remapped ids`).toEqual(Array.from(remapKvIndices(job, fresh)));
+      }
+    } finally {
+      prefillGatherForTests.force = null;
+    }
+    // both kinds of call came up
+    expect(gathered).toBeGreaterThan(10);
+    expect(givenUp).toBeGreaterThan(10);
+  });
 });

@@ -34,7 +34,7 @@ import { compileCoreModule } from './ops.js';
 import { WorkerPool, type TaskGroup, type TaskMethod, type TaskValue } from './pool.js';
 import type { AttentionOutput, SharedCache } from './protocol.js';
 import { StagingArena, alignStaging, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, type InputBytes, type StageableArray } from '../staging.js';
-import { chooseKvRows, gatheredBytes, gatheredPrefillParts, placeGathered, prefillGatherForTests, type KvRowPlan } from '../prefill_gather.js';
+import { KvRowScratch, planPrefillGather, stageGathered, type KvCopies, type KvRowPlan } from '../prefill_gather.js';
 
 /** Heap kept free for the stack, static data, allocator overhead and the core's scratch (exported for the heap tests). */
 export const HEAP_RESERVE_BYTES = 64 * 2 ** 20;
@@ -79,6 +79,16 @@ function checkTaskHeap(need: TaskHeap, heapBytes: number, argument: string, call
 /** A sparsePrefill task's heap: the kv it reads (whole or gathered, prefill_gather.ts) and the sink replicated, the core's scratch; per row its q, ids, length and outputs. */
 function sparsePrefillTask(kvBytes: number, hQ: number, dQK: number, dV: number, topk: number): TaskHeap {
   return { fixedBytes: kvBytes + hQ * 4 + scratchBytes(hQ, dQK, dV, topk), bytesPerRow: hQ * dQK * 2 + topk * 4 + 4 + hQ * dV * 2 + hQ * 8 };
+}
+
+/**
+ * The wasm sparsePrefill's kv copies, for the gather's estimate (../prefill_gather.ts): an unshared
+ * kv is copied whole into the staging, then by each of `wholeTasks` tasks into its worker's heap; a
+ * compact one is gathered into the staging, then copied by each worker. A run of rows costs the
+ * estimate's default.
+ */
+export function wasmPrefillKvCopies(sizes: readonly InputBytes[], wholeTasks: number, workers: number): KvCopies {
+  return { wholeCopies: (sizes[1]!.unshared > 0 ? 1 : 0) + wholeTasks, compactCopies: workers };
 }
 
 /** A paged task's heap: the caches it reads (whole or compact) and the sink replicated, the core's scratch; per row its q, ids, lengths and outputs. */
@@ -244,6 +254,8 @@ export class WasmBackend implements Backend {
   /** host memory one call may use for staging and outputs (SPEC §9); also the staging's capacity */
   readonly memoryBudgetBytes: number;
   readonly staging: StagingArena;
+  /** the sparsePrefill gather's plans, each used at its call (../prefill_gather.ts) */
+  private readonly kvRows = new KvRowScratch();
   /** the layer steps: the host planner and this backend's ops over a host workspace */
   readonly layer: LayerSteps = hostLayerSteps(this);
   /** what its ops count against the budget, from sizes (backend.ts, HostOpMemory): its ops' own checks and a layer's call these */
@@ -387,44 +399,22 @@ export class WasmBackend implements Backend {
 
   /**
    * sparsePrefill over the compact kv of `plan`'s rows, placed now with the other inputs in one
-   * slab: the staging's when one is free, else one it lends (which never waits), so the gather
-   * always reads the kv at the call.
+   * slab (stageGathered: the staging's when one is free, else one it lends, which never waits), so
+   * the gather always reads the kv at the call.
    */
   private sparsePrefillGathered(job: SparsePrefillJob, plan: KvRowPlan, sizes: readonly InputBytes[], split: (kvBytes: number) => AttentionPart[]): Promise<SparsePrefillOutput> {
-    const bytes = gatheredBytes(plan.rows.length, sizes, job);
-    let slab: SharedArrayBuffer | null = null, lent = false;
-    if (bytes > 0) {
-      slab = this.staging.tryAcquire(bytes);
-      if (!slab) [slab, lent] = [this.staging.lend(bytes), true];
-    }
-    const release = () => {
-      if (slab && lent) this.staging.giveBack(slab);
-      else if (slab) this.staging.release(slab);
-      slab = null;
-    };
-    let shared: SparsePrefillJob;
-    try {
-      shared = placeGathered(job, plan, sizes, slab);
-    } catch (e) {
-      release();
-      throw e;
-    }
-    prefillGatherForTests.gatheredCalls++;
-    const parts = split(shared.kv.byteLength);
-    return this.attention('sparsePrefill', parts, (part) => ({ job: shared, ...part }), { rows: job.sQ, hQ: job.hQ, outPerHead: job.dV }, release);
+    const gathered = stageGathered(this.staging, job, plan, sizes);
+    const parts = split(gathered.job.kv.byteLength);
+    return this.attention('sparsePrefill', parts, (part) => ({ job: gathered.job, ...part }), { rows: job.sQ, hQ: job.hQ, outPerHead: job.dV }, gathered.release);
   }
 
   /**
-   * The rows of `job`'s kv to gather (prefill_gather.ts), when a compact kv is estimated to cost
-   * less than the whole one (copied by the staging when unshared, then by each of `wholeTasks`
-   * tasks) and its host bytes, the plan's included, fit the budget; else null.
+   * The rows of `job`'s kv to gather (planPrefillGather, in the backend's kept map of kv rows), when
+   * a compact kv is estimated to cost less than the whole one (wasmPrefillKvCopies) and its host
+   * bytes, the plan's included, fit the budget; else null.
    */
   private planKvGather(job: SparsePrefillJob, sizes: readonly InputBytes[], wholeTasks: number): KvRowPlan | null {
-    const fits = (rows: number) => gatheredPrefillParts(sizes, rows, job).reduce((sum, p) => sum + p.bytes, 0) <= this.memoryBudgetBytes;
-    if (!fits(0)) return null;
-    if (job.indices.length !== job.sQ * job.topk) detached('indices.data', 'before the call could read it');
-    const plan = chooseKvRows(job, job.dQK, (sizes[1]!.unshared > 0 ? 1 : 0) + wholeTasks, this.workers);
-    return plan && fits(plan.rows.length) ? plan : null;
+    return planPrefillGather(job, sizes, this.memoryBudgetBytes, wasmPrefillKvCopies(sizes, wholeTasks, this.workers), this.kvRows);
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {

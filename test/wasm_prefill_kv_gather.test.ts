@@ -1,6 +1,6 @@
 /**
  * The wasm backend's sparsePrefill over a compact kv of only the rows its valid ids read
- * (src/backends/wasm/prefill_gather.ts). The plan, the id rewrite and the gather against an
+ * (src/backends/prefill_gather.ts). The plan, the id rewrite and the gather against an
  * independent reading of SPEC §4's validity rule; then the same calls read through the whole kv and
  * through a compact one give the same bits, within §4.1's bounds of the float64 reference, on fresh
  * random inputs and the edge cases (ids −1 and other negatives, ids ≥ sKV, topkLength < topk and 0,

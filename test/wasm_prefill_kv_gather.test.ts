@@ -18,7 +18,7 @@ import { engineBackend } from '../dist/engine.js';
 import { wasmPrefillKvCopies, type WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
 import { inputBytes } from '../dist/backends/staging.js';
-import { gatherKvRows, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices, type KvRowPlan } from '../dist/backends/prefill_gather.js';
+import { gatherKvRows, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices, type KvRowPlan, type KvRowScratch } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
@@ -314,8 +314,10 @@ describe("the wasm backend's plans in its kept map of kv rows", () => {
 
   test('equal fresh plans over kvs long and short, by the estimate and forced, plans given up past their bound among them', () => {
     const backend = engineBackend(engine) as WasmBackend;
+    // the backend's sparsePrefill plans as this does, in its own kept map
+    const kept = (backend as unknown as { kvRows: KvRowScratch }).kvRows;
     const planKept = (job: SparsePrefillJob, sizes: ReturnType<typeof inputBytes>[], wholeTasks: number): KvRowPlan | null =>
-      (backend as unknown as { planKvGather(j: SparsePrefillJob, s: unknown, t: number): KvRowPlan | null }).planKvGather(job, sizes, wholeTasks);
+      planPrefillGather(job, sizes, backend.memoryBudgetBytes, wasmPrefillKvCopies(sizes, wholeTasks, backend.workers), kept);
     // long kvs where a few rows' ids gather; short ones and many ids, where the estimate gives up part way, having set part of the map
     const lengths = [131072, 50, 20000, 700, 1, 32768, 4096, 0, 9000, 600];
     let gathered = 0, givenUp = 0;

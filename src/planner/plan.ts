@@ -106,20 +106,6 @@ function unchangedRows(rows: CombinedRows, made: LayerRows, numQueries: number):
   }
 }
 
-/**
- * The host planner (the package's WebAssembly core, instantiated on first use). Where its memory
- * cannot be reserved (an address-space limit such as `ulimit -v`), BACKEND_FAILURE, as a wasm engine
- * that cannot start its workers rejects, not the engine's RangeError; a later plan tries again.
- */
-function hostPlannerOrFail(): HostPlanner {
-  try {
-    return loadHostPlanner();
-  } catch (e) {
-    if (e instanceof SparseMlaError) throw e;
-    throw new SparseMlaError('BACKEND_FAILURE', `createPlan: the host planner (the package's WebAssembly core) could not be instantiated: ${e instanceof Error ? e.message : String(e)}`);
-  }
-}
-
 /** Validate a chunk and build its plan (see Plan). Throws a SparseMlaError before any allocation on bad input. */
 export function createPlan(chunk: PlanChunk, options: PlanOptions = {}): Plan {
   return new Plan(chunk, options);
@@ -202,7 +188,7 @@ export class Plan {
     this.workspaceBudgetBytes = budget;
     const core = options.core;
     if (core !== undefined && core !== 'auto' && core !== 'wasm') fail('INVALID_VALUE', 'options.core', "'auto' or 'wasm'", describe(core));
-    const planner = (this.#planner = hostPlannerOrFail());
+    const planner = (this.#planner = loadHostPlanner('createPlan'));
     const n = (this.numRequests = read.requests.length);
     const pageSizes = new Map<4 | 128, number>();
     if (read.c4PageSize !== undefined) pageSizes.set(4, checkInt(read.c4PageSize, 'chunk.c4PageSize', 1, INT32_MAX));

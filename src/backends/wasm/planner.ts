@@ -8,6 +8,7 @@
  * worker pool: a round trip to a worker would cost more than the work. Inputs are a plan's,
  * already validated and sized.
  */
+import { SparseMlaError } from '../../errors.js';
 import { V4_ROW_DIMS, rowDimOf } from '../../kv_cache_layout.js';
 import type { Backend, LayerSteps } from '../backend.js';
 import { compileCoreModuleSync, WasmCore, type CompiledCore } from './ops.js';
@@ -105,11 +106,18 @@ export type HostPlanner = typeof hostPlanner;
 
 /**
  * The host planner. Compiles the module on first use; throws BACKEND_UNAVAILABLE when it is
- * missing or unusable (not cached, so a fixed install can retry).
+ * missing or unusable, and BACKEND_FAILURE (naming `op`) where its memory cannot be reserved (an
+ * address-space limit such as `ulimit -v`), as a wasm engine that cannot start its workers rejects,
+ * not the engine's RangeError. Neither is cached, so a fixed install or a later call can retry.
  */
-export function loadHostPlanner(): HostPlanner {
+export function loadHostPlanner(op = 'the host planner'): HostPlanner {
   compiled ??= compileCoreModuleSync();
-  instance ??= WasmCore.instantiateSync(compiled.module, compiled.maxMemoryBytes); // surfaces an ABI mismatch here
+  try {
+    instance ??= WasmCore.instantiateSync(compiled.module, compiled.maxMemoryBytes); // surfaces an ABI mismatch here
+  } catch (e) {
+    if (e instanceof SparseMlaError) throw e;
+    throw new SparseMlaError('BACKEND_FAILURE', `${op}: the host planner (the package's WebAssembly core) could not be instantiated: ${e instanceof Error ? e.message : String(e)}`);
+  }
   return hostPlanner;
 }
 

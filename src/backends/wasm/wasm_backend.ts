@@ -385,12 +385,12 @@ export class WasmBackend implements Backend {
         this.heapBytes,
       );
     const parts = split(job.kv.byteLength);
-    const sizes = [job.q, job.kv, job.indices, job.topkLength, job.attnSink].map(inputBytes);
+    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
+    const sizes = inputs.map(inputBytes);
     checkCallMemory('sparsePrefill', 'q', this.opMemory.sparsePrefill(sizes, sQ, hQ, dV, 'host'), this.memoryBudgetBytes);
     if (parts.length === 0) return { out: new Uint16Array(0), maxLogits: new Float32Array(0), lse: new Float32Array(0) };
-    const gather = this.planKvGather(job, sizes, parts.length);
+    const gather = planPrefillGather(job, sizes, this.memoryBudgetBytes, wasmPrefillKvCopies(sizes, parts.length, this.workers), this.kvRows);
     if (gather) return this.sparsePrefillGathered(job, gather, sizes, split);
-    const inputs = [job.q, job.kv, job.indices, job.topkLength, job.attnSink] as const;
     const staged = await this.stage(inputs, ['q.data', 'kv.data', 'indices.data', 'topkLength.data', 'attnSink.data']);
     const [q, kv, indices, topkLength, attnSink] = staged.views;
     const shared: SparsePrefillJob = { ...job, q, kv, indices, topkLength, attnSink };
@@ -406,15 +406,6 @@ export class WasmBackend implements Backend {
     const gathered = stageGathered(this.staging, job, plan, sizes);
     const parts = split(gathered.job.kv.byteLength);
     return this.attention('sparsePrefill', parts, (part) => ({ job: gathered.job, ...part }), { rows: job.sQ, hQ: job.hQ, outPerHead: job.dV }, gathered.release);
-  }
-
-  /**
-   * The rows of `job`'s kv to gather (planPrefillGather, in the backend's kept map of kv rows), when
-   * a compact kv is estimated to cost less than the whole one (wasmPrefillKvCopies) and its host
-   * bytes, the plan's included, fit the budget; else null.
-   */
-  private planKvGather(job: SparsePrefillJob, sizes: readonly InputBytes[], wholeTasks: number): KvRowPlan | null {
-    return planPrefillGather(job, sizes, this.memoryBudgetBytes, wasmPrefillKvCopies(sizes, wholeTasks, this.workers), this.kvRows);
   }
 
   async pagedSparseAttention(job: PagedSparseAttentionJob): Promise<PagedSparseAttentionOutput> {

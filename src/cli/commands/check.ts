@@ -467,7 +467,7 @@ async function checkDeviceTensors({ engine, wasm, rng, run, judgePrefill }: Chec
   });
   await run('planner rows on the GPU (planner.h per-row functions in a kernel) equal the host planner bit for bit: c4 (drops, padding; the dropped counts per query and their device sum), c0, c128, host and device outputs; compressed flat token ids c4 / c128 (empty requests, seqLen < ratio, host and device page tables); 6 requests (the kernels\' inline request table) and 80 (uploaded), widths 640 and 643', async () => {
     const be = cudaBackendOf(engine);
-    const host = loadHostPlanner();
+    const host = loadHostPlanner('check');
     const window = 128, topk = 512;
     const readTotal = async (x: BigInt64Array | import('../../types.js').DeviceBuffer | null): Promise<BigInt64Array> => {
       if (x === null) throw new Error('the dropped total asked for was not built');

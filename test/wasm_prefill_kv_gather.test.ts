@@ -13,7 +13,7 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
-import type { Engine, SparsePrefillArgs, Tensor } from '../dist/index.js';
+import type { Engine, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { wasmPrefillKvCopies, type WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
@@ -21,35 +21,10 @@ import { inputBytes } from '../dist/backends/staging.js';
 import { gatherKvRows, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices, type KvRowPlan, type KvRowScratch } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
-import { invalidFillers, randomBf16Bits, randomIndices, testRng, type Rng } from './helpers/random.js';
+import { expectAllInvalidRows, expectSameBits, gatherCase, mixedIds, type Outputs } from './helpers/kv_gather.js';
+import { invalidFillers, randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
 const rng = testRng('wasm_prefill_kv_gather');
-
-type Outputs = { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> };
-
-/** The bits of a result, for exact comparison (NaN payloads included). */
-function bits(r: Outputs): Buffer[] {
-  return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
-}
-
-function expectSameBits(label: string, got: Outputs, want: Outputs): void {
-  const [g, w] = [bits(got), bits(want)];
-  ['out', 'lse', 'maxLogits'].forEach((k, i) => expect(Buffer.compare(g[i]!, w[i]!), `${label}: ${k} differs`).toBe(0));
-}
-
-/** ids with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
-function mixedIds(r: Rng, count: number, sKV: number): Int32Array {
-  const bad = [...invalidFillers(sKV), -2, sKV + 5];
-  const out = new Int32Array(count);
-  for (let k = 0; k < count; k++) {
-    const u = r.uniform();
-    if (u < 0.15) out[k] = r.pick(bad);
-    else if (u < 0.3 && k > 0) out[k] = out[k - 1]! >= 0 && out[k - 1]! < sKV - 1 ? out[k - 1]! + 1 : sKV - 1; // runs, up to the last row
-    else if (u < 0.4 && k > 0) out[k] = out[r.int(0, k)]!; // duplicates (of valid and invalid ids)
-    else out[k] = r.int(0, sKV);
-  }
-  return out;
-}
 
 describe('plan, remap and gather against an independent reading of SPEC §4', () => {
   const shapes: Array<[sKV: number, sQ: number, topk: number, lengths: boolean]> = [
@@ -151,34 +126,15 @@ describe('wasm sparsePrefill through a compact kv: the whole kv\'s bits, within 
 
   for (const c of cases) {
     test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.workers} worker(s)`, async () => {
-      const { sQ, hQ, dQK } = c;
-      const sKV = rng.int(1500, 6000);
-      const topk = c.sQ === 16 ? rng.int(24, 64) : rng.int(64, 256);
-      // the last row all invalid where there are two or more; a fifth invalid, a tenth repeated
-      const allInvalid = sQ >= 2 ? [sQ - 1] : [];
-      const indices = randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1, allInvalidRows: allInvalid });
-      const withLengths = rng.uniform() < 0.6;
-      // row 0 cut below topk (never empty), row 1 empty where a row after it is neither
-      const lengths = withLengths ? Int32Array.from({ length: sQ }, (_, i) => (i === 0 ? rng.int(1, topk) : i === 1 && sQ >= 3 ? 0 : rng.int(0, topk + 1))) : null;
-      const sink = Float32Array.from({ length: hQ }, (_, h) => (h === 0 ? Infinity : h === hQ - 1 ? -Infinity : rng.normal()));
-      const args: SparsePrefillArgs = {
-        q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)),
-        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-        indices: tensor('int32', [sQ, topk], indices),
-        ...(lengths ? { topkLength: tensor('int32', [sQ], lengths) } : {}),
-        attnSink: tensor('float32', [hQ], sink),
-        smScale: 1 / Math.sqrt(dQK),
-      };
+      const { sQ, hQ } = c;
+      const { args, allInvalid } = gatherCase(rng, c, (sKV, topk, allInvalid) => randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1, allInvalidRows: allInvalid }));
       const got = await threeWays(engines.get(c.workers)!, args);
       expect(got.out.shape).toEqual([sQ, hQ, 512]);
       if (sQ === 0) return;
       const queries = Array.from({ length: sQ }, (_, i) => i);
       expectWithinBounds('compact kv', got, R.sparsePrefillReference(args), queries);
       // the all-invalid row: no valid entry, whatever the sink
-      for (const i of allInvalid) {
-        expect(Array.from(got.lse.data.subarray(i * hQ, (i + 1) * hQ)).every((v) => v === Infinity)).toBe(true);
-        expect(got.out.data.subarray(i * hQ * 512, (i + 1) * hQ * 512).every((v) => v === 0)).toBe(true);
-      }
+      expectAllInvalidRows(got, allInvalid, hQ);
     }, 60_000);
   }
 

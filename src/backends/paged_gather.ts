@@ -17,7 +17,7 @@
 import type { CacheView, PagedCopies, PagedIndexSet, PagedSetBytes, PagedSparseAttentionJob } from './backend.js';
 import { copyBytes, type MemoryPart } from './memory.js';
 import { attentionOutputBytes, inputBytes, stagingPartsOf, type InputBytes } from './staging.js';
-import { COPY_NS_PER_BYTE, cheaperKvRows, planKvRows, remapKvIndices, type KvIndexRows, type KvRowPlan } from './prefill_gather.js';
+import { COPY_NS_PER_BYTE, KvRowScratch, cheaperKvRows, planKvRows, remapKvIndices, type KvIndexRows, type KvRowPlan } from './prefill_gather.js';
 import { V4_COMPACT_PAGE_SIZE, V4_TOKEN_BYTES, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, v4PageBytes } from '../kv_cache_layout.js';
 
 /** The index set of a paged call as the host backends hold it (host arrays). */
@@ -50,9 +50,33 @@ function pagedPlan(plan: KvRowPlan | null): PagedReadPlan | null {
 /**
  * Which tokens of its cache `set` reads (the valid entries of its n rows), or null as soon as
  * they are more than `maxTokens`. Reads the indices and lengths once; the cache is not touched.
+ * In `scratch` when given (valid until its next plan), else in arrays of its own.
  */
-export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity): PagedReadPlan | null {
-  return pagedPlan(planKvRows(indexRows(set, n), maxTokens));
+export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity, scratch?: KvRowScratch): PagedReadPlan | null {
+  return pagedPlan(planKvRows(indexRows(set, n), maxTokens, scratch));
+}
+
+/*
+ * The paged plans' maps of token ids, kept from call to call (a fresh one faults in its pages as a
+ * plan first touches them). A plan's scratch is taken out of the pool while the plan may still be
+ * read, so two calls in flight, or a call's two sets, never share one; it goes back once its plan
+ * is done with (a plan never used again is dropped with its scratch). A map is as long as the
+ * longest cache planned in it: the pool keeps a call's two sets' worth.
+ */
+const idleScratches: KvRowScratch[] = [];
+const KEPT_SCRATCHES = 2;
+
+function takeScratch(): KvRowScratch {
+  return idleScratches.pop() ?? new KvRowScratch();
+}
+
+function giveBackScratch(scratch: KvRowScratch): void {
+  if (idleScratches.length < KEPT_SCRATCHES) idleScratches.push(scratch);
+}
+
+/** Tests only: how many scratches the pool holds idle. Not part of the package's API. */
+export function idlePagedScratches(): number {
+  return idleScratches.length;
 }
 
 /*
@@ -72,26 +96,26 @@ export const pagedReadForTests: { force: 'whole' | 'compact' | null; compactSets
  * The plan of `set` when reading a compact cache is estimated to cost less than the whole one,
  * else null, by the backend's `copies`. Counted in pagedReadForTests.compactSets: the op's own read.
  */
-export function choosePagedRead(set: HostPagedSet, n: number, copies: PagedCopies): PagedReadPlan | null {
-  const plan = pagedReadChoice(set, n, copies);
+export function choosePagedRead(set: HostPagedSet, n: number, copies: PagedCopies, scratch?: KvRowScratch): PagedReadPlan | null {
+  const plan = pagedReadChoice(set, n, copies, scratch);
   if (plan) pagedReadForTests.compactSets++;
   return plan;
 }
 
 /** choosePagedRead without counting: what the op will choose, for a check before it runs. */
-function pagedReadChoice(set: HostPagedSet, n: number, copies: PagedCopies): PagedReadPlan | null {
+function pagedReadChoice(set: HostPagedSet, n: number, copies: PagedCopies, scratch?: KvRowScratch): PagedReadPlan | null {
   const force = pagedReadForTests.force;
-  if (force === 'compact') return planPagedRead(set, n);
+  if (force === 'compact') return planPagedRead(set, n, Infinity, scratch);
   if (force === 'whole') return null;
-  return estimatedPlan(set, n, copies.whole(copyBytes(set.cache.data) > 0), copies.compact);
+  return estimatedPlan(set, n, copies.whole(copyBytes(set.cache.data) > 0), copies.compact, scratch);
 }
 
 /** A compact cache's bytes (its pages' padding included) count towards its copies; a token's bytes bound the tokens planned. */
-function estimatedPlan(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number): PagedReadPlan | null {
+function estimatedPlan(set: HostPagedSet, n: number, wholeCopies: number, compactCopies: number, scratch?: KvRowScratch): PagedReadPlan | null {
   const wholeNs = set.cache.bytes * COPY_NS_PER_BYTE * wholeCopies;
   const perTokenNs = V4_TOKEN_BYTES * COPY_NS_PER_BYTE * (1 + compactCopies);
   const compactNs = (tokens: number) => compactGeometry('v4', tokens).bytes * COPY_NS_PER_BYTE * (1 + compactCopies);
-  return pagedPlan(cheaperKvRows(indexRows(set, n), wholeNs, perTokenNs, RUN_NS, compactNs));
+  return pagedPlan(cheaperKvRows(indexRows(set, n), wholeNs, perTokenNs, RUN_NS, compactNs, scratch));
 }
 
 /** The set's ids as compact positions: valid entries their token's position, every other entry −1. */
@@ -166,20 +190,45 @@ export interface PagedReads {
   gather(): { main: HostPagedSet | CompactPagedSet; extra: HostPagedSet | CompactPagedSet | null };
 }
 
-/** Per index set of `job`, whole or compact (choosePagedRead with the backend's `copies`). */
+/**
+ * Per index set of `job`, whole or compact (choosePagedRead with the backend's `copies`), each
+ * planned in a scratch of the pool: a set read whole gives it back at once, a compact one once
+ * gather() has read its plan (gather() reads the plans once and then gives the same sets).
+ */
 export function planPagedReads(job: PagedSparseAttentionJob, copies: PagedCopies): PagedReads {
   const { n, main, extra } = job;
-  const mainPlan = choosePagedRead(main, n, copies);
-  const extraPlan = extra ? choosePagedRead(extra, n, copies) : null;
+  const held: KvRowScratch[] = [];
+  const choose = (set: HostPagedSet) => {
+    const scratch = takeScratch();
+    const plan = choosePagedRead(set, n, copies, scratch);
+    if (plan) held.push(scratch);
+    else giveBackScratch(scratch);
+    return plan;
+  };
+  const mainPlan = choose(main);
+  const extraPlan = extra ? choose(extra) : null;
   const sets: Array<[HostPagedSet, PagedReadPlan | null]> = extra ? [[main, mainPlan], [extra, extraPlan]] : [[main, mainPlan]];
   const read = (set: HostPagedSet, plan: PagedReadPlan | null) => (plan ? compactPagedSet(set, n, plan, (bytes) => new Uint8Array(bytes)) : set);
+  let gathered: { sets: ReturnType<PagedReads['gather']> } | { failed: unknown } | undefined;
   return {
     mainCacheBytes: mainPlan ? mainPlan.bytes : main.cache.bytes,
     extraCacheBytes: extra ? (extraPlan ? extraPlan.bytes : extra.cache.bytes) : 0,
     whole: sets.flatMap(([set, plan]) => (plan ? [] : [set.cache.data, set.indices])),
     setBytes: sets.map(([set, plan]) => setBytesOf(set, n, plan)),
     compactBytes: (align) => sets.reduce((sum, [set, plan]) => sum + (plan ? align(plan.bytes) + align(n * set.topk * 4) : 0), 0),
-    gather: () => ({ main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null }),
+    gather: () => {
+      if (!gathered) {
+        try {
+          gathered = { sets: { main: read(main, mainPlan), extra: extra ? read(extra, extraPlan) : null } };
+        } catch (e) {
+          gathered = { failed: e };
+        }
+        // read or failed (a detached array), the plans are done with: their scratches may serve other plans now
+        held.splice(0).forEach(giveBackScratch);
+      }
+      if ('failed' in gathered) throw gathered.failed;
+      return gathered.sets;
+    },
   };
 }
 
@@ -201,8 +250,11 @@ export interface PagedSetRead {
  */
 export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetRead[] {
   return sets.map((set) => {
-    const plan = pagedReadChoice(set, n, copies);
-    return { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
+    const scratch = takeScratch();
+    const plan = pagedReadChoice(set, n, copies, scratch);
+    const read = { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
+    giveBackScratch(scratch);
+    return read;
   });
 }
 

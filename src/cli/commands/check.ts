@@ -216,7 +216,18 @@ export async function checkCommand(argv: string[]): Promise<number> {
   const rng = makeRng(seed);
   if (o.wide) setReportWidth(Infinity);
   const engine = await createEngine({ backend: o.backend as BackendChoice, ...(o.device !== undefined ? { device: o.device } : {}) });
-  const wasm = await createEngine({ backend: 'wasm' });
+  let wasm: Engine | undefined;
+  try {
+    wasm = await createEngine({ backend: 'wasm' });
+    // The device cases plan on the host as well: where the host planner cannot be instantiated
+    // (an address-space limit such as `ulimit -v`), that is one typed error before the grid, not
+    // a failed case per plan.
+    if (engine.hasDevice) loadHostPlanner('the device checks');
+  } catch (e) {
+    await wasm?.dispose();
+    await engine.dispose();
+    throw e;
+  }
   const say = (line: string): void => {
     if (!o.json) console.log(fitLines([line]).join('\n'));
   };

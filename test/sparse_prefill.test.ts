@@ -30,6 +30,105 @@ function judge(label: string, args: SparsePrefillArgs, res: SparsePrefillResult,
 
 const bf16Tensor = (shape: number[], std = 1): Tensor<'bf16'> => randomBf16(rng, shape, std);
 
+/**
+ * Top logit minus the largest logit of any other kv row, per (query, head) in [sQ · hQ], in float64
+ * (exact to far below a logit unit at any accepted smScale); +inf with fewer than two rows.
+ */
+function logitGaps(args: SparsePrefillArgs): Float64Array {
+  const [sQ, hQ, dQK] = args.q.shape as [number, number, number];
+  const sKV = args.kv.shape[0]!, topk = args.indices.shape[1]!;
+  const q = R.tensorValues(args.q as Tensor<'bf16'>), kv = R.tensorValues(args.kv as Tensor<'bf16'>);
+  const idx = args.indices.data as Int32Array;
+  const gaps = new Float64Array(sQ * hQ);
+  for (let i = 0; i < sQ; i++) {
+    for (let h = 0; h < hQ; h++) {
+      let best = -Infinity, bestRow = -1, second = -Infinity;
+      for (let k = 0; k < topk; k++) {
+        const r = idx[i * topk + k]!;
+        if (r < 0 || r >= sKV) continue;
+        let dot = 0;
+        for (let c = 0; c < dQK; c++) dot += q[(i * hQ + h) * dQK + c]! * kv[r * dQK + c]!;
+        const p = args.smScale * dot;
+        if (r === bestRow) continue;
+        if (p > best) [second, best, bestRow] = [best, p, r];
+        else if (p > second) second = p;
+      }
+      gaps[i * hQ + h] = best - second;
+    }
+  }
+  return gaps;
+}
+
+/**
+ * §4's bounds on the (query, head) pairs `pairs` (flat indices query · hQ + head) only, as one
+ * tensor of one-head rows: its row numbers in a failure message are those flat indices.
+ */
+function expectHeadsWithinBounds(label: string, res: SparsePrefillResult, ref: R.ReferenceAttentionResult, pairs: readonly number[]): void {
+  const dV = res.out.shape[2]!;
+  const got = R.attentionValues(res);
+  const pick = (a: ArrayLike<number>, width: number): Float64Array => {
+    const o = new Float64Array(pairs.length * width);
+    pairs.forEach((p, j) => { for (let e = 0; e < width; e++) o[j * width + e] = a[p * width + e]!; });
+    return o;
+  };
+  const c = R.compareAttention(
+    { out: pick(got.out, dV), lse: pick(got.lse, 1), maxLogits: pick(got.maxLogits, 1) },
+    { out: pick(ref.out, dV), lse: pick(ref.lse, 1), maxLogits: pick(ref.maxLogits, 1), mag: pick(ref.mag, dV) },
+    { heads: 1, dV, queries: pairs },
+  );
+  expect(c.pass, `${label} (q = query · hQ + head): ${R.formatAttentionComparison(c)}`).toBe(true);
+}
+
+/**
+ * q [sQ, hQ, 576] and kv [sKV, 576] whose every q·k a float32 kernel computes exactly, in any order:
+ * q on a grid of 2^-18 and kv on one of 2^-6, so each product q_c·k_c is a multiple of 2^-24, and
+ * Σ_c |q_c·k_c| < 1 (checked by maxAbsProductSum), so every partial sum is a multiple of 2^-24 below
+ * 2^24 of them. The logits smScale · q·k (smScale ±2^16, a power of two) are then exact too; the only
+ * logit rounding left to a kernel, folding the scale into log2 units, is at most |logit| · 2^-24
+ * ≈ 2^-14, which moves out by under 2^-12 · mag, 1/32 of §4's bound, at any gap between logits.
+ * Sizes: kv's V dims (0-511) N(0, 1) in steps of 1/64; its rope dims about 1; q's V dims a few
+ * steps of 2^-18 and its rope dims ±64 steps (the sign alternating by head), so at smScale 2^16 the
+ * logits are ±1024 plus a spread of about 14 units: a softmax over several rows, past exp's range.
+ */
+function exactLogitData(sQ: number, hQ: number, sKV: number): Pick<SparsePrefillArgs, 'q' | 'kv'> {
+  const dQK = 576, dV = 512;
+  const onGrid = (steps: number, step: number, limit: number): number => {
+    const v = Math.max(-limit, Math.min(limit, Math.round(steps))) * step;
+    if (R.decodeBf16(R.encodeBf16(v)) !== v) throw new Error(`${v} is not a bf16 value`);
+    return R.encodeBf16(v);
+  };
+  const kv = new Uint16Array(sKV * dQK);
+  for (let r = 0; r < sKV; r++) {
+    for (let c = 0; c < dQK; c++) kv[r * dQK + c] = c < dV ? onGrid(rng.normal() * 64, 2 ** -6, 256) : onGrid(64 + rng.normal() * 4, 2 ** -6, 96);
+  }
+  const q = new Uint16Array(sQ * hQ * dQK);
+  for (let s = 0; s < sQ * hQ; s++) {
+    const rope = s % 2 ? -64 : 64;
+    for (let c = 0; c < dQK; c++) q[s * dQK + c] = c < dV ? onGrid(rng.normal() * 2, 2 ** -18, 8) : onGrid(rope, 2 ** -18, 64);
+  }
+  return { q: tensor('bf16', [sQ, hQ, dQK], q), kv: tensor('bf16', [sKV, dQK], kv) };
+}
+
+/** max over (query, head, attended row) of Σ_c |q_c · k_c|. */
+function maxAbsProductSum(args: SparsePrefillArgs): number {
+  const [sQ, hQ, dQK] = args.q.shape as [number, number, number];
+  const sKV = args.kv.shape[0]!, topk = args.indices.shape[1]!;
+  const q = R.tensorValues(args.q as Tensor<'bf16'>), kv = R.tensorValues(args.kv as Tensor<'bf16'>);
+  const idx = args.indices.data as Int32Array;
+  let most = 0;
+  for (let s = 0; s < sQ * hQ; s++) {
+    const i = Math.floor(s / hQ);
+    for (let k = 0; k < topk; k++) {
+      const r = idx[i * topk + k]!;
+      if (r < 0 || r >= sKV) continue;
+      let sum = 0;
+      for (let c = 0; c < dQK; c++) sum += Math.abs(q[s * dQK + c]! * kv[r * dQK + c]!);
+      most = Math.max(most, sum);
+    }
+  }
+  return most;
+}
+
 // ------------------------------------------------------------------ the grid
 
 // The shipped grid (src/check/grid.ts), so `sparse-mla check` runs these very cases on a GPU.
@@ -113,8 +212,18 @@ describe('edge cases', () => {
     judge('mixed sink', { ...base, attnSink: tensor('float32', [hQ], Float32Array.from({ length: hQ }, (_, h) => (h % 2 ? 1.5 : -2))) }, mixed, all);
   });
 
-  test('smScale at ±2^16 (the largest accepted) stays finite and matches the reference', async () => {
+  // smScale ±2^16 on unit-scale q and kv puts the logits near 1e6. A float32 q·k there is off by up
+  // to about smScale · 2^-24 · Σ|q_i·k_i|, a fraction of a logit unit (float32's own spacing at 2^21
+  // is 0.25), while §4's out bound, from a bf16 kernel with float32 accumulation, leaves room for
+  // logit errors far below 2^-8: where a head's top two logits nearly tie, no float32 kernel meets it
+  // (FlashMLA's included). So this data judges lse and maxLogits (bounds relative to the logits)
+  // everywhere, and out on the heads whose top logit leads every other row's by SEPARATED_GAP; the
+  // next test judges out everywhere on data whose logits float32 holds exactly.
+  test('smScale at ±2^16 (the largest accepted) on unit-scale data: finite, lse and maxLogits match the reference, out on separated heads', async () => {
     const sQ = 5;
+    // Even a logit error of 16 units on each of two rows leaves a row 64 units behind the top one a
+    // weight under topk · e^-32, so such a head's out is its top row's V to far below the bound's floor.
+    const SEPARATED_GAP = 64;
     for (const smScale of [2 ** 16, -(2 ** 16)]) {
       const args: SparsePrefillArgs = {
         q: bf16Tensor([sQ, hQ, dQK]), kv: bf16Tensor([sKV, dQK]),
@@ -122,9 +231,40 @@ describe('edge cases', () => {
         smScale,
       };
       const res = await suite.engine.sparsePrefill(args);
-      expect(Array.from(res.lse.data).every(Number.isFinite)).toBe(true);
-      expect(Array.from(res.out.data).every((b) => (b & 0x7f80) !== 0x7f80)).toBe(true); // no inf / NaN
-      judge(`smScale ${smScale}`, args, res, Array.from({ length: sQ }, (_, i) => i));
+      expect(Array.from(res.lse.data).every(Number.isFinite), `smScale ${smScale}: lse finite`).toBe(true);
+      expect(Array.from(res.out.data).every((b) => (b & 0x7f80) !== 0x7f80), `smScale ${smScale}: out without inf / NaN`).toBe(true);
+      const all = Array.from({ length: sQ }, (_, i) => i);
+      const ref = R.sparsePrefillReference(args, { queries: all });
+      const stats = R.compareAttention(R.attentionValues(res, all), ref, { heads: hQ, dV: 512, queries: all });
+      expect(stats.lse.pass && stats.maxLogits.pass, `smScale ${smScale}: ${R.formatAttentionComparison(stats)}`).toBe(true);
+      expect(Math.min(...Array.from(ref.maxLogits, Math.abs))).toBeGreaterThan(1e5);
+      const gaps = logitGaps(args);
+      const separated = Array.from(gaps.keys()).filter((s) => gaps[s]! >= SEPARATED_GAP);
+      expect(separated.length).toBeGreaterThan(sQ * hQ / 2); // the gaps are of order 1e5: nearly every head
+      expectHeadsWithinBounds(`smScale ${smScale}, heads separated by ${SEPARATED_GAP}`, res, ref, separated);
+    }
+  });
+
+  test('smScale at ±2^16 on data whose logits float32 holds exactly: every tensor within §4, logits far past exp\'s range', async () => {
+    const sQ = 5;
+    for (const smScale of [2 ** 16, -(2 ** 16)]) {
+      const args: SparsePrefillArgs = {
+        ...exactLogitData(sQ, hQ, sKV),
+        indices: tensor('int32', [sQ, topk], randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.1 })),
+        smScale,
+      };
+      expect(maxAbsProductSum(args)).toBeLessThan(1); // the premise of exactLogitData's exactness
+      const res = await suite.engine.sparsePrefill(args);
+      expect(Array.from(res.lse.data).every(Number.isFinite), `smScale ${smScale}: lse finite`).toBe(true);
+      expect(Array.from(res.out.data).every((b) => (b & 0x7f80) !== 0x7f80), `smScale ${smScale}: out without inf / NaN`).toBe(true);
+      const all = Array.from({ length: sQ }, (_, i) => i);
+      const c = judge(`smScale ${smScale}, exact logits`, args, res, all);
+      // exp of every logit overflows (or underflows) float32, float64 too, unless the max is taken out
+      const ref = R.sparsePrefillReference(args, { queries: all });
+      expect(Math.max(...ref.maxLogits)).toBeGreaterThan(Math.log(Number.MAX_VALUE));
+      expect(Math.min(...ref.maxLogits)).toBeLessThan(-Math.log(Number.MAX_VALUE));
+      expect(Math.min(...Array.from(ref.maxLogits, Math.abs))).toBeGreaterThan(Math.log(Number.MAX_VALUE));
+      expect(c.out.count).toBe(sQ * hQ * 512);
     }
   });
 

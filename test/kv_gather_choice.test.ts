@@ -1,9 +1,9 @@
 /**
  * The kv-row planner's choice between the whole kv (or cache) and a compact one
  * (src/backends/prefill_gather.ts: planKvRows, cheaperKvRows, chooseKvRows; the paged op's
- * estimate in src/backends/paged_gather.ts) decides from the count of distinct rows and their runs
- * before it orders them, so a call that reads whole pays one pass over its ids. Its plans and its
- * nulls must stay those of the planner before that change: a frozen copy of that planner (as
+ * estimate in src/backends/paged_gather.ts) decides from the count of distinct rows (and their
+ * runs, where the count alone does not settle it) before it orders them, so a call that reads whole
+ * pays a pass or two over its ids. Its plans and its nulls must stay those of the planner before that change: a frozen copy of that planner (as
  * committed at 98df46e) is the oracle here, over thousands of random id sets (uniform, windows,
  * clusters, invalid ids and duplicates mixed in, lengths) around the whole/compact boundary, under
  * the cpu's, wasm's and the paged op's copy models, planned fresh and in a kept scratch. Then the
@@ -199,9 +199,10 @@ describe("the choice against the planner as committed at 98df46e", () => {
     expect(tally.whole).toBeGreaterThan(1200);
   });
 
-  test('planKvRows asks `accept` with the count of distinct valid rows and their runs (an independent count), and a refusal is null and leaves a kept scratch clean', () => {
+  test('planKvRows under a cost that grows with the runs (`worth`): a plan exactly where the cost of the rows and runs counted independently is within the limit, each question with the true count of rows and runs between the fewest and the most, a refusal leaving a kept scratch clean', () => {
     const scratch = new KvRowScratch();
-    for (let c = 0; c < 300; c++) {
+    const tally = { byRuns: 0, refused: 0, planned: 0 };
+    for (let c = 0; c < 400; c++) {
       const sQ = r16(), topk = rng.int(0, 400);
       const s = randomRows(rng, kvRowsFor(rng, sQ * topk), sQ, topk);
       // SPEC §4's validity, read independently: entry k of row i counts when k < clamp(length) and 0 <= id < sKV
@@ -215,16 +216,37 @@ describe("the choice against the planner as committed at 98df46e", () => {
       }
       const sorted = [...read].sort((a, b) => a - b);
       const runs = sorted.filter((id, j) => j === 0 || sorted[j - 1] !== id - 1).length;
+      // a cost of rows and runs, its limit about the true cost: below, at, and above it, and past what the fewest or the most runs would cost
+      const perRow = rng.uniform() * 10, perRun = 0.5 + rng.uniform() * 10;
+      const cost = (rows: number, r: number) => rows * perRow + r * perRun;
+      const limit = cost(sorted.length, runs) + rng.pick([-1, 0, 1]) * rng.pick([0.25, 1, 3]) * perRun * Math.max(1, rng.int(0, sorted.length + 1) - runs);
       const asked: Array<[number, number]> = [];
-      const refuse = rng.uniform() < 0.5;
-      const got = planKvRows(s, Infinity, c % 2 ? scratch : undefined, (rows, r) => (asked.push([rows, r]), !refuse));
-      expect(asked, `set ${c}: accept's arguments`).toEqual([[sorted.length, runs]]);
-      if (refuse) expect(got, `set ${c}: refused`).toBeNull();
-      else expect(Array.from(got!.rows), `set ${c}: rows`).toEqual(sorted);
+      const got = planKvRows(s, Infinity, c % 2 ? scratch : undefined, (rows, r) => (asked.push([rows, r]), cost(rows, r) < limit));
+      const worth = cost(sorted.length, runs) < limit;
+      expect(asked.length, `set ${c}: questions`).toBeGreaterThan(0);
+      for (const [rows, r] of asked) {
+        expect(rows, `set ${c}: rows asked`).toBe(sorted.length);
+        expect(r, `set ${c}: runs asked`).toBeGreaterThanOrEqual(Math.min(sorted.length, 1));
+        expect(r, `set ${c}: runs asked`).toBeLessThanOrEqual(sorted.length);
+      }
+      if (asked.length === 3) {
+        tally.byRuns++;
+        expect(asked[2]![1], `set ${c}: the runs counted`).toBe(runs);
+      }
+      if (worth) {
+        tally.planned++;
+        expect(Array.from(got!.rows), `set ${c}: rows`).toEqual(sorted);
+        expect(got!.runs, `set ${c}: runs`).toBe(runs);
+      } else {
+        tally.refused++;
+        expect(got, `set ${c}: refused`).toBeNull();
+      }
       // the next plan in the scratch is the fresh one
       const next = randomRows(rng, kvRowsFor(rng, 200), 2, 100);
       expectSamePlan(`set ${c}: the plan after`, planKvRows(next, Infinity, scratch), oldPlanKvRows(next));
     }
+    // plans and refusals, and among them many decided by the runs counted
+    expect(Math.min(tally.planned, tally.refused, tally.byRuns)).toBeGreaterThan(40);
   });
 });
 

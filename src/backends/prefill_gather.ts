@@ -74,17 +74,17 @@ export class KvRowScratch {
 
 /**
  * The rows a call's valid entries read, or null as soon as they are more than `maxRows`, or when
- * `accept` (given their count and their runs, once every entry is read) refuses them: a choice
- * that needs no more than those two then skips ordering them. Reads the ids and lengths once; the
- * kv is not touched. In `scratch` when given (valid until its next plan), else in arrays of its own.
+ * `worth` refuses them once every entry is read: given their count and a count of runs, it must
+ * never take more runs where it refuses fewer (a cost that grows with the runs). It is asked first
+ * with the fewest runs and the most the rows can make, and only where those disagree with the runs
+ * counted, so a choice to read the whole kv skips ordering the rows. Reads the ids and lengths once;
+ * the kv is not touched. In `scratch` when given (valid until its next plan), else in arrays of its own.
  */
-export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowScratch, accept?: (rows: number, runs: number) => boolean): KvRowPlan | null {
+export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowScratch, worth?: (rows: number, runs: number) => boolean): KvRowPlan | null {
   const { indices, sQ, topk, topkLength, sKV } = s;
   const entries = Math.min(sKV, sQ * topk);
   const { slotOf, seen } = scratch ? scratch.take(sKV, entries) : { slotOf: new Int32Array(sKV), seen: new Int32Array(entries) };
   let m = 0;
-  // a new row starts a run, joins one (a neighbour read) or joins two; the map holds 0 or 1 until ordered
-  let runs = 0;
   for (let i = 0; i < sQ; i++) {
     const row = i * topk;
     const end = row + rowLimit(topkLength, i, topk);
@@ -97,12 +97,20 @@ export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowSc
         }
         slotOf[id] = 1;
         seen[m++] = id;
-        runs += 1 - (id > 0 ? slotOf[id - 1]! : 0) - (id + 1 < sKV ? slotOf[id + 1]! : 0);
       }
     }
   }
   scratch?.planned(m);
-  if (accept && !accept(m, runs)) return null;
+  if (worth && !worth(m, Math.min(m, 1))) return null;
+  if (worth && !worth(m, m)) {
+    // the runs decide: m less the rows whose predecessor is read too (the map holds 0 or 1 here)
+    let joined = 0;
+    for (let k = 0; k < m; k++) {
+      const id = seen[k]!;
+      if (id > 0) joined += slotOf[id - 1]!;
+    }
+    if (!worth(m, m - joined)) return null;
+  }
   // ascending: a sort of the few ids, or a walk over the map when they are many
   let rows: Int32Array;
   if (m * 16 < sKV) {
@@ -111,7 +119,12 @@ export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowSc
     rows = seen.subarray(0, m);
     for (let id = 0, j = 0; j < m; id++) if (slotOf[id] !== 0) rows[j++] = id;
   }
-  for (let j = 0; j < m; j++) slotOf[rows[j]!] = j + 1;
+  let runs = 0;
+  for (let j = 0; j < m; j++) {
+    const id = rows[j]!;
+    slotOf[id] = j + 1;
+    if (j === 0 || rows[j - 1] !== id - 1) runs++;
+  }
   return { rows, slotOf, runs };
 }
 
@@ -175,7 +188,7 @@ export interface KvCopies {
 export function cheaperKvRows(s: KvIndexRows, wholeNs: number, perRowNs: number, runNs: number, compactNs: (rows: number) => number = (rows) => rows * perRowNs, scratch?: KvRowScratch): KvRowPlan | null {
   const entriesNs = s.sQ * s.topk * ENTRY_NS;
   if (entriesNs >= wholeNs) return null;
-  // decided from the count of rows and runs, before they are ordered: a whole read costs one pass over the ids
+  // decided from the count of rows and runs before they are ordered: a whole read costs a pass or two over the ids
   return planKvRows(s, Math.floor((wholeNs - entriesNs) / perRowNs), scratch, (rows, runs) => entriesNs + runs * runNs + compactNs(rows) < wholeNs);
 }
 

@@ -75,9 +75,9 @@ export class KvRowScratch {
 /**
  * The rows a call's valid entries read, or null as soon as they are more than `maxRows`, or when
  * `worth` refuses them once every entry is read: given their count and a count of runs, it must
- * never take more runs where it refuses fewer (a cost that grows with the runs). It is asked first
- * with the fewest runs and the most the rows can make, and only where those disagree with the runs
- * counted, so a choice to read the whole kv skips ordering the rows. Reads the ids and lengths once;
+ * never take more runs where it refuses fewer (a cost that grows with the runs). It is asked with
+ * the fewest runs the rows can make (one), then the most (one a row), and only where those answers
+ * differ with the runs counted; a refusal skips ordering the rows. Reads the ids and lengths once;
  * the kv is not touched. In `scratch` when given (valid until its next plan), else in arrays of its own.
  */
 export function planKvRows(s: KvIndexRows, maxRows = Infinity, scratch?: KvRowScratch, worth?: (rows: number, runs: number) => boolean): KvRowPlan | null {

@@ -342,7 +342,7 @@ describe.each(backends)('pagedSparseAttention calls in flight together on %s', (
       ...(c % 3 ? { extraKCache, extraIndices: tensor('int32', [n, 12], mixedIds(rng, n * 12, 2400)) } : {}),
       smScale: 0.05,
     }));
-    const alone = [];
+    const alone: Buffer[][] = [];
     for (const args of calls) alone.push(bitsOf(await engine.pagedSparseAttention(args)));
     const together = (await Promise.all(calls.map((args) => engine.pagedSparseAttention(args)))).map(bitsOf);
     together.forEach((b, c) => expect(b.every((x, k) => x.equals(alone[c]![k]!)), `call ${c}`).toBe(true));

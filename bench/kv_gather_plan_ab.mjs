@@ -23,6 +23,8 @@ const load = async (dist) => ({
 });
 const builds = { new: await load(dists.new), base: await load(dists.base) };
 const scratches = { new: new builds.new.prefill.KvRowScratch(), base: new builds.base.prefill.KvRowScratch() };
+// the paged op's kept scratches where the build has them (a build before them plans in fresh maps and ignores the argument)
+const pools = { new: builds.new.paged.PagedScratchPool ? new builds.new.paged.PagedScratchPool() : undefined, base: builds.base.paged.PagedScratchPool ? new builds.base.paged.PagedScratchPool() : undefined };
 
 let seed = 0x5eed60;
 const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
@@ -69,8 +71,8 @@ for (const tokens of [32768, 131072]) {
     const job = { q: null, n, hQ: 64, main, extra: null, attnSink: null, smScale: 1 };
     const whole = builds.base.paged.pagedSetReads([main], n, copies)[0].bytes.whole;
     const label = `paged ${n} x ${topk} over ${tokens} tokens (${whole ? 'whole' : 'compact'})`;
-    cases.push([`${label}, choice`, (b) => builds[b].paged.pagedSetReads([main], n, copies)]);
-    cases.push([`${label}, plan + gather`, (b) => builds[b].paged.planPagedReads(job, copies).gather()]);
+    cases.push([`${label}, choice`, (b) => builds[b].paged.pagedSetReads([main], n, copies, pools[b])]);
+    cases.push([`${label}, plan + gather`, (b) => builds[b].paged.planPagedReads(job, copies, pools[b]).gather()]);
   }
 }
 for (let i = 0; i < 200; i++) for (const [, f] of cases) for (const b of ['new', 'base']) f(b);

@@ -31,7 +31,10 @@ if (child) {
   const dist = pathToFileURL(`${takeOption(args, '--dist')}/`).href;
   const { createEngine, createKvCache, tensor } = await import(`${dist}index.js`);
   const { makeRng, randomBf16Bits } = await import(`${dist}check/grid.js`);
-  const { planPagedReads } = await import(`${dist}backends/paged_gather.js`);
+  const paged = await import(`${dist}backends/paged_gather.js`);
+  const { planPagedReads } = paged;
+  // the backend's kept scratches where the build has them (an older build ignores the argument)
+  const pool = paged.PagedScratchPool ? new paged.PagedScratchPool() : undefined;
   const tokens = tokenList[0];
   const engine = await createEngine({ backend, workers });
   const rng = makeRng(60);
@@ -65,7 +68,7 @@ if (child) {
         const job = { q: call.q.data, n, hQ, main: { cache: { ...kCache, numTokens: tokens, bytes: kCache.data.length }, indices: ids, topk, topkLength: null }, extra: null, attnSink: null, smScale: 0.04 };
         const shape = `n${n}_hQ${hQ}_topk${topk}`;
         out.ms[`${shape}_call`] = await timed(() => engine.pagedSparseAttention(call));
-        out.ms[`${shape}_plan`] = await timed(() => planPagedReads(job, copies).gather());
+        out.ms[`${shape}_plan`] = await timed(() => planPagedReads(job, copies, pool).gather());
       }
     }
   }

@@ -15,7 +15,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, createKvCache, tensor } from '../dist/index.js';
 import type { Engine, KvCache, PagedSparseAttentionArgs } from '../dist/index.js';
 import { KvRowScratch, chooseKvRows, planKvRows, type KvIndexRows, type KvRowPlan } from '../dist/backends/prefill_gather.js';
-import { choosePagedRead, gatherCompact, idlePagedScratches, pagedSetReads, planPagedRead, planPagedReads, remapIndices, type HostPagedSet } from '../dist/backends/paged_gather.js';
+import { PagedScratchPool, choosePagedRead, gatherCompact, pagedSetReads, planPagedRead, planPagedReads, remapIndices, type HostPagedSet } from '../dist/backends/paged_gather.js';
 import type { PagedCopies, PagedSparseAttentionJob } from '../dist/backends/backend.js';
 import { compactGeometry, v4PageBytes, V4_TOKEN_BYTES } from '../dist/kv_cache_layout.js';
 import { mixedIds } from './helpers/kv_gather.js';
@@ -176,6 +176,7 @@ describe("the choice against the planner as committed at 98df46e", () => {
       { whole: () => 1, compact: 3 },
     ];
     const scratch = new KvRowScratch();
+    const checkPool = new PagedScratchPool();
     const tally = { compact: 0, whole: 0 };
     for (let c = 0; c < 1500; c++) {
       const n = r16(), topk = rng.int(0, 600);
@@ -190,7 +191,7 @@ describe("the choice against the planner as committed at 98df46e", () => {
         const label = `set ${c} (${numPages} pages of ${pageSize}, ${n} x ${topk})`;
         expectSamePlan(`${label}, fresh`, choosePagedRead(set, n, copies), want);
         expectSamePlan(`${label}, kept scratch`, choosePagedRead(set, n, copies, scratch), want);
-        const read = pagedSetReads([set], n, copies)[0]!;
+        const read = pagedSetReads([set], n, copies, rng.uniform() < 0.5 ? checkPool : undefined)[0]!;
         expect(read.cacheBytes, `${label}: a layer check's bytes`).toBe(want ? compactGeometry('v4', want.rows.length).bytes : cache.bytes);
         tally[want ? 'compact' : 'whole']++;
       }
@@ -279,6 +280,7 @@ describe("the paged op's plans in kept scratches", () => {
 
   test('reads planned and gathered out of order (calls in flight together, a check between plan and gather, plans never gathered) give the fresh plans', () => {
     const caches = [cacheView(64, 40, rng), cacheView(2, 900, rng), cacheView(256, 8, rng)];
+    const pool = new PagedScratchPool();
     for (let round = 0; round < 40; round++) {
       const n = rng.int(1, 6);
       const pending: Array<{ reads: ReturnType<typeof planPagedReads>; want: Array<{ indices: Int32Array; data: Uint8Array }> }> = [];
@@ -287,12 +289,12 @@ describe("the paged op's plans in kept scratches", () => {
         const main = fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40));
         const extra = rng.uniform() < 0.6 ? fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40)) : null;
         const want = [main, ...(extra ? [extra] : [])].map((s) => freshRead(s, n));
-        const reads = planPagedReads(job(main, extra, n), wasmCopies);
+        const reads = planPagedReads(job(main, extra, n), wasmCopies, pool);
         expect(reads.setBytes.every((b) => !b.whole), `round ${round} call ${call}: compact`).toBe(true);
         // a layer's check of another set between this call's plan and its gather
-        pagedSetReads([fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40))], n, wasmCopies);
+        pagedSetReads([fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40))], n, wasmCopies, pool);
         // a call refused after its plan: never gathered
-        if (rng.uniform() < 0.3) planPagedReads(job(fewIdsSet(rng, rng.pick(caches), n, 20), null, n), wasmCopies);
+        if (rng.uniform() < 0.3) planPagedReads(job(fewIdsSet(rng, rng.pick(caches), n, 20), null, n), wasmCopies, pool);
         pending.push({ reads, want });
       }
       // gathered in a random order, more plans made between
@@ -305,11 +307,11 @@ describe("the paged op's plans in kept scratches", () => {
           expect(Buffer.from(s.cache.data.buffer, s.cache.data.byteOffset, s.cache.data.byteLength).equals(Buffer.from(want[k]!.data)), `round ${round}: set ${k} cache`).toBe(true);
         });
         expect(reads.gather(), 'a second gather() gives the same sets').toBe(got);
-        if (rng.uniform() < 0.5) planPagedReads(job(fewIdsSet(rng, rng.pick(caches), n, 30), null, n), wasmCopies).gather();
+        if (rng.uniform() < 0.5) planPagedReads(job(fewIdsSet(rng, rng.pick(caches), n, 30), null, n), wasmCopies, pool).gather();
       }
     }
     // the pool keeps no more than a call's two sets' worth
-    expect(idlePagedScratches()).toBeLessThanOrEqual(2);
+    expect(pool.idleCount).toBeLessThanOrEqual(2);
   });
 });
 

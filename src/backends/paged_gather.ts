@@ -56,27 +56,30 @@ export function planPagedRead(set: HostPagedSet, n: number, maxTokens = Infinity
   return pagedPlan(planKvRows(indexRows(set, n), maxTokens, scratch));
 }
 
-/*
- * The paged plans' maps of token ids, kept from call to call (a fresh one faults in its pages as a
- * plan first touches them). A plan's scratch is taken out of the pool while the plan may still be
- * read, so two calls in flight, or a call's two sets, never share one; it goes back once its plan
- * is done with (a plan never used again is dropped with its scratch). A map is as long as the
- * longest cache planned in it: the pool keeps a call's two sets' worth.
+/**
+ * The paged plans' maps of token ids, kept from call to call by the backend that owns the pool (a
+ * fresh map faults in its pages as a plan first touches them; the pool goes with its backend). A
+ * plan's scratch is taken out of the pool while the plan may still be read, so two calls in
+ * flight, or a call's two sets, never share one; it goes back once its plan is done with (a plan
+ * never used again is dropped with its scratch). A map is as long as the longest cache planned in
+ * it: the pool keeps a call's two sets' worth.
  */
-const idleScratches: KvRowScratch[] = [];
-const KEPT_SCRATCHES = 2;
+export class PagedScratchPool {
+  private readonly idle: KvRowScratch[] = [];
+  private static readonly KEPT = 2;
 
-function takeScratch(): KvRowScratch {
-  return idleScratches.pop() ?? new KvRowScratch();
-}
+  take(): KvRowScratch {
+    return this.idle.pop() ?? new KvRowScratch();
+  }
 
-function giveBackScratch(scratch: KvRowScratch): void {
-  if (idleScratches.length < KEPT_SCRATCHES) idleScratches.push(scratch);
-}
+  giveBack(scratch: KvRowScratch): void {
+    if (this.idle.length < PagedScratchPool.KEPT) this.idle.push(scratch);
+  }
 
-/** Tests only: how many scratches the pool holds idle. Not part of the package's API. */
-export function idlePagedScratches(): number {
-  return idleScratches.length;
+  /** Tests only: how many scratches the pool holds idle. */
+  get idleCount(): number {
+    return this.idle.length;
+  }
 }
 
 /*
@@ -192,17 +195,17 @@ export interface PagedReads {
 
 /**
  * Per index set of `job`, whole or compact (choosePagedRead with the backend's `copies`), each
- * planned in a scratch of the pool: a set read whole gives it back at once, a compact one once
+ * planned in a scratch of the backend's `pool`: a set read whole gives it back at once, a compact one once
  * gather() has read its plan (gather() reads the plans once and then gives the same sets).
  */
-export function planPagedReads(job: PagedSparseAttentionJob, copies: PagedCopies): PagedReads {
+export function planPagedReads(job: PagedSparseAttentionJob, copies: PagedCopies, pool: PagedScratchPool): PagedReads {
   const { n, main, extra } = job;
   const held: KvRowScratch[] = [];
   const choose = (set: HostPagedSet) => {
-    const scratch = takeScratch();
+    const scratch = pool.take();
     const plan = choosePagedRead(set, n, copies, scratch);
     if (plan) held.push(scratch);
-    else giveBackScratch(scratch);
+    else pool.giveBack(scratch);
     return plan;
   };
   const mainPlan = choose(main);
@@ -224,7 +227,7 @@ export function planPagedReads(job: PagedSparseAttentionJob, copies: PagedCopies
           gathered = { failed: e };
         }
         // read or failed (a detached array), the plans are done with: their scratches may serve other plans now
-        held.splice(0).forEach(giveBackScratch);
+        for (const scratch of held.splice(0)) pool.giveBack(scratch);
       }
       if ('failed' in gathered) throw gathered.failed;
       return gathered.sets;
@@ -246,14 +249,15 @@ export interface PagedSetRead {
 /**
  * `sets` of a paged call over n queries as its op will read them (the same choice as
  * planPagedReads, by the backend's `copies`): for a check of the op before it runs (a layer's,
- * prefill_layer_checks.ts). Reads the ids as the op's own plan does; plans no gather and counts nothing.
+ * prefill_layer_checks.ts). Reads the ids as the op's own plan does, in a scratch of `pool` when given;
+ * plans no gather and counts nothing.
  */
-export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetRead[] {
+export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies, pool?: PagedScratchPool): PagedSetRead[] {
   return sets.map((set) => {
-    const scratch = takeScratch();
+    const scratch = pool?.take();
     const plan = pagedReadChoice(set, n, copies, scratch);
     const read = { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
-    giveBackScratch(scratch);
+    if (scratch) pool!.giveBack(scratch);
     return read;
   });
 }

@@ -32,7 +32,7 @@ import { allocHostArray } from '../../tensor.js';
 import { StagingArena, detached, inputBytes, sparsePrefillParts, stageInputs, stagingParts, stagingPartsOf, tryStageInputs, type StageableArray, type StagedInputs } from '../staging.js';
 import { KvRowScratch, planPrefillGather, stageGathered, type KvCopies } from '../prefill_gather.js';
 import { defaultWorkerCount } from '../wasm/wasm_backend.js';
-import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
+import { PagedScratchPool, pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { CACHE_FORMAT_CODE, ROWS_DTYPE_CODE, loadNativeAddon, type NativeAddon } from './binding.js';
 import { V32_TOKEN_BYTES, V4_TOKEN_BYTES } from '../../kv_cache_layout.js';
 
@@ -127,6 +127,8 @@ export class CpuBackend implements Backend {
   private called = false;
   /** the sparsePrefill gather's plans, each used at its call (../prefill_gather.ts) */
   private readonly kvRows = new KvRowScratch();
+  /** the paged op's plans of token ids, each out of the pool while its call may read it (../paged_gather.ts) */
+  private readonly pagedScratches = new PagedScratchPool();
 
   constructor(addon: NativeAddon, workers: number, memoryBudgetBytes = defaultMemoryBudgetBytes()) {
     this.addon = groupOps(addon, this.group);
@@ -211,7 +213,7 @@ export class CpuBackend implements Backend {
     // a cache not in shared memory would be copied whole into the staging (one in shared memory is
     // read in place): when the tokens the call reads cost less, they are gathered now (read at the
     // call) into a compact cache instead
-    const reads = planPagedReads(job, cpuOpMemory.pagedCopies!);
+    const reads = planPagedReads(job, cpuOpMemory.pagedCopies!, this.pagedScratches);
     // the staging holds the sets read whole as they are; the compact ones' caches and ids, then their staged copies
     const fixed = [job.q, main.topkLength, extra?.topkLength ?? null, job.attnSink].map(inputBytes);
     this.budget('pagedSparseAttention', 'q', cpuOpMemory.pagedSparseAttention(fixed, reads.setBytes, n, hQ, 'host'));

@@ -27,7 +27,7 @@ import type {
 import { V32_TOKEN_BYTES, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES, compactGeometry, tokenByteRanges, v4PageBytes } from '../../kv_cache_layout.js';
 import { hostLayerSteps } from './planner.js';
 import { checkCallMemory, defaultMemoryBudgetBytes } from '../memory.js';
-import { pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
+import { PagedScratchPool, pagedSparseAttentionParts, planPagedReads } from '../paged_gather.js';
 import { allocHostArray } from '../../tensor.js';
 import { WASM_PATH, type WasmModule } from './loader.js';
 import { compileCoreModule } from './ops.js';
@@ -256,6 +256,8 @@ export class WasmBackend implements Backend {
   readonly staging: StagingArena;
   /** the sparsePrefill gather's plans, each used at its call (../prefill_gather.ts) */
   private readonly kvRows = new KvRowScratch();
+  /** the paged op's plans of token ids, each out of the pool while its call may read it (../paged_gather.ts) */
+  private readonly pagedScratches = new PagedScratchPool();
   /** the layer steps: the host planner and this backend's ops over a host workspace */
   readonly layer: LayerSteps = hostLayerSteps(this);
   /** what its ops count against the budget, from sizes (backend.ts, HostOpMemory): its ops' own checks and a layer's call these */
@@ -414,7 +416,7 @@ export class WasmBackend implements Backend {
     // Every worker copies the caches it is handed into its heap (after the staging's copy of a
     // cache not in shared memory): when the tokens the call reads cost less, they are gathered
     // now (read at the call) into a compact cache, and the workers get that one.
-    const reads = planPagedReads(job, this.opMemory.pagedCopies!);
+    const reads = planPagedReads(job, this.opMemory.pagedCopies!, this.pagedScratches);
     const entries = main.topk + (extra?.topk ?? 0);
     const parts = splitAttention(
       {

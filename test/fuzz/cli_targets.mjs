@@ -27,6 +27,7 @@ import { join } from 'node:path';
 import { tensor } from '../../dist/index.js';
 import { makeRng } from '../../dist/check/grid.js';
 import * as R from '../../dist/reference/index.js';
+import { withDotScales } from './regime.mjs';
 import { runCliCommand } from '../../dist/cli/command.js';
 import { command as prefillCommand } from '../../dist/cli/commands/prefill.js';
 import { command as verifyCommand } from '../../dist/cli/commands/verify.js';
@@ -187,7 +188,8 @@ const cliCommand = {
     const inFormat = rng.pick(['npy', 'safetensors']);
     // (the stub's cuda engine computes nothing: prefill runs its own host engine)
     const backend = env.backend === 'cpu' ? 'cpu' : 'wasm';
-    const reference = () => R.sparsePrefillReference(fieldsByMemory(a, ['q', 'kv', 'indices', 'topkLength', 'attnSink']));
+    const refArgs = () => fieldsByMemory(a, ['q', 'kv', 'indices', 'topkLength', 'attnSink']);
+    const reference = () => R.sparsePrefillReference(refArgs());
 
     // verify: the reference's outputs, beside the inputs or in a file of their own, maybe one value spoiled
     const outDtype = rng.pick(['bf16', 'float32']);
@@ -359,7 +361,7 @@ const cliCommand = {
           res = { out: await read('out'), lse: await read('lse'), maxLogits: await read('max_logits') };
         }
         if (res.out?.dtype !== 'bf16') return `out written as ${res.out?.dtype}`;
-        return judgeAttention(res, reference, sQ, hQ, dV);
+        return judgeAttention(res, () => withDotScales('sparsePrefill', R.sparsePrefillReference, refArgs()), sQ, hQ, dV);
       },
     };
   },

@@ -23,6 +23,7 @@
 import { Worker } from 'node:worker_threads';
 import { SparseMlaError, createEngine, createKvCache, createPlan, createShardedPlan, prefillLayer, prefillLayerSharded, tensor } from '../../dist/index.js';
 import * as R from '../../dist/reference/index.js';
+import { withDotScales } from './regime.mjs';
 import { randomBf16Bits, makeRng } from '../../dist/check/grid.js';
 import { pagedReadForTests } from '../../dist/backends/paged_gather.js';
 import { isDetachedBuffer } from './mutate.mjs';
@@ -211,7 +212,7 @@ const pagedGather = {
         // a mutated call over arrays detached after it returned: its own arguments are gone (a neutral one is judged on a rebuild)
         if (act === 'detach' && !neutral) return null;
         const r = refArgs[0];
-        return judgeAttention(got, () => R.pagedSparseAttentionReference(fieldsByMemory(r, ['kCache', 'extraKCache'])), r.q.shape[0], r.q.shape[1], D, stub || sharedRewritten);
+        return judgeAttention(got, () => withDotScales('pagedSparseAttention', R.pagedSparseAttentionReference, fieldsByMemory(r, ['kCache', 'extraKCache'])), r.q.shape[0], r.q.shape[1], D, stub || sharedRewritten);
       },
     };
   },
@@ -250,7 +251,7 @@ function stagingCall(rng, hooks) {
     const indices = tensor('int32', [n, topk], hooks.track(gatherIds(rng, n, topk, sKV)));
     const args = { q, kv, indices, smScale: 1 / Math.sqrt(D), ...(sink ? { attnSink: sink } : {}) };
     const ref = { ...args, q: copyTensor(q), kv: copyTensor(kv), indices: copyTensor(indices), attnSink: copyTensor(sink) };
-    return { op: 'sparsePrefill', args, arrays: [q.data, kv.data, indices.data, ...(sink ? [sink.data] : [])], reference: () => R.sparsePrefillReference(ref) };
+    return { op: 'sparsePrefill', args, arrays: [q.data, kv.data, indices.data, ...(sink ? [sink.data] : [])], reference: () => withDotScales('sparsePrefill', R.sparsePrefillReference, ref) };
   }
   const built = byteCache(rng, 64, rng.int(4, 13));
   const cache = { ...built, data: hooks.track(built.data) };
@@ -258,7 +259,7 @@ function stagingCall(rng, hooks) {
   const indices = tensor('int32', [n, topk], hooks.track(gatherIds(rng, n, topk, cache.pageSize * cache.numPages)));
   const args = { q, kCache: cache, indices, smScale: 1 / Math.sqrt(576), ...(sink ? { attnSink: sink } : {}) };
   const ref = { ...args, q: copyTensor(q), kCache: { ...cache, data: cache.data.slice() }, indices: copyTensor(indices), attnSink: copyTensor(sink) };
-  return { op: 'pagedSparseAttention', args, arrays: [q.data, cache.data, indices.data, ...(sink ? [sink.data] : [])], reference: () => R.pagedSparseAttentionReference(ref) };
+  return { op: 'pagedSparseAttention', args, arrays: [q.data, cache.data, indices.data, ...(sink ? [sink.data] : [])], reference: () => withDotScales('pagedSparseAttention', R.pagedSparseAttentionReference, ref) };
 }
 
 const settle = (p) => p.then((value) => ({ value }), (error) => ({ error }));

@@ -27,6 +27,7 @@
 import { createEngine, createKvCache, createPlan, prefillLayer, tensor } from '../../dist/index.js';
 import { makeRng } from '../../dist/check/grid.js';
 import * as R from '../../dist/reference/index.js';
+import { withDotScales } from './regime.mjs';
 import { fieldsByMemory, judgeAttention, judgeLayer, layerScenario } from './targets.mjs';
 
 /** The first seed that draws numericEdges. */
@@ -446,7 +447,7 @@ const numericEdges = {
         // holds: the other targets judge the mutations; here only the calls as built (or read once as built)
         if (!neutral) return null;
         const r = refArgs[0];
-        return judgeAttention(got, () => reference(fieldsByMemory(r, fields)), r.q.shape[0], r.q.shape[1], r.dV ?? 512, stub);
+        return judgeAttention(got, () => withDotScales(op, reference, fieldsByMemory(r, fields)), r.q.shape[0], r.q.shape[1], r.dV ?? 512, stub);
       },
     };
   },

@@ -141,6 +141,7 @@ async function child() {
   const { closeHostTargets } = await import('./host_targets.mjs');
   const { closeSideTargets } = await import('./side_targets.mjs');
   const { closeShardedDeviceTargets } = await import('./sharded_device_targets.mjs');
+  const { REGIME_COUNTS } = await import('./regime.mjs');
   const backend = opt('backend');
   const start = Number(opt('start'));
   const end = Number(opt('end'));
@@ -158,7 +159,7 @@ async function child() {
     counts[key] = (counts[key] ?? 0) + 1;
     if (r.verdict === 'finding') await send({ type: 'finding', backend, index: i, ...r });
     if (env.broken) {
-      await send({ type: 'counts', counts, next: i + 1 });
+      await send({ type: 'counts', counts, regime: REGIME_COUNTS, next: i + 1 });
       process.exit(3);
     }
   }
@@ -176,7 +177,7 @@ async function child() {
     await send({ type: 'finding', backend, index: i, target: 'teardown', muts: [], finding: { kind: 'untyped', severity: 'hard', detail: `the engine's dispose() after the run's cases threw ${what}` } });
   }
   removeTempDir();
-  await send({ type: 'counts', counts, next: i, done: true });
+  await send({ type: 'counts', counts, regime: REGIME_COUNTS, next: i, done: true });
   process.exit(0);
 }
 
@@ -191,6 +192,8 @@ async function parent() {
   const dir = mkdtempSync(join(tmpdir(), 'sparse-mla-fuzz-run-'));
   const findings = [];
   const counts = {};
+  // heads judged against the reference, and those each tensor judged by place only (regime.mjs)
+  const regime = { heads: 0, out: 0, lse: 0, maxLogits: 0, nonFinite: 0 };
   let cuda = null;
   const began = Date.now();
   let ran = 0;
@@ -227,6 +230,7 @@ async function parent() {
           counts[`${backend} ${k}`] = (counts[`${backend} ${k}`] ?? 0) + v;
           ran += v;
         }
+        for (const k of Object.keys(regime)) regime[k] += last.regime?.[k] ?? 0;
         next = last.next;
         if (last.done) break;
         continue; // a hang: the child reported it and left; go on from the next case
@@ -249,7 +253,7 @@ async function parent() {
   await Promise.all(backends.map(runBackend));
   rmSync(dir, { recursive: true, force: true });
   const seconds_ = (Date.now() - began) / 1000;
-  const summary = { seed, backends, ...(cuda ? { cuda } : {}), cases: ran, seconds: Math.round(seconds_), casesPerSecond: Math.round((ran / seconds_) * 10) / 10, counts, findings };
+  const summary = { seed, backends, ...(cuda ? { cuda } : {}), cases: ran, seconds: Math.round(seconds_), casesPerSecond: Math.round((ran / seconds_) * 10) / 10, counts, regime, findings };
   if (json) console.log(JSON.stringify(summary));
   else {
     console.log(`\n${ran} cases in ${seconds_.toFixed(0)} s (${summary.casesPerSecond}/s), seed ${seed}`);
@@ -259,6 +263,7 @@ async function parent() {
       byVerdict[verdict] = (byVerdict[verdict] ?? 0) + v;
     }
     console.log(Object.entries(byVerdict).map(([k, v]) => `${k} ${v}`).join(', '));
+    console.log(`heads judged against the reference ${regime.heads}; by place only: out ${regime.out}, lse ${regime.lse}, maxLogits ${regime.maxLogits}, ${regime.nonFinite} of them over ±inf or NaN data (regime.mjs)`);
     console.log(`${findings.length} finding(s): ${findings.filter((f) => f.severity === 'hard').length} hard`);
   }
   process.exitCode = findings.some((f) => f.severity === 'hard') ? 1 : 0;

@@ -1,0 +1,72 @@
+// What the first layers of a process pay: the 4K device c4 layer run as the GPU bench's layer
+// section runs it (a first layer, then runs alternating a timed and an untimed layer, L2 flushed
+// before each), per untimed run its wall clock (call to synchronize resolved), when prefillLayer
+// resolved, and the garbage collections that ran inside it (PerformanceObserver 'gc'), so a cold
+// run's excess can be told apart as the collector's or the JS tiers'. Prints one line per run and a
+// JSON summary on the last line. Run it under different V8 flags to compare, e.g.
+//   node bench/experiments/layer_cold_runs.mjs
+//   node --max-semi-space-size=64 bench/experiments/layer_cold_runs.mjs
+//   node --always-sparkplug bench/experiments/layer_cold_runs.mjs
+// GPU only; `npm run build` first (or the dist of bench/device/ship.sh).
+import { PerformanceObserver, performance } from 'node:perf_hooks';
+import { createEngine, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { engineBackend } from '../../dist/engine.js';
+import { CudaBackend } from '../../dist/backends/native/cuda_backend.js';
+import { makeRng } from '../../dist/check/grid.js';
+import { deviceInputs } from '../device_inputs.mjs';
+
+const N = 4096, HQ = 64, TOPK = 512, MiB = 2 ** 20;
+const RUNS = Number(process.env.LCR_RUNS ?? 40);
+const gcs = [];
+new PerformanceObserver((list) => {
+  for (const e of list.getEntries()) gcs.push({ start: e.startTime, ms: e.duration, kind: e.detail?.kind ?? e.kind });
+}).observe({ entryTypes: ['gc'] });
+
+const engine = await createEngine({ backend: 'cuda' });
+const be = engineBackend(engine, CudaBackend);
+const rng = makeRng(0x5eed);
+const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
+const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
+const nComp = N / 4;
+const plan = createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }], c4PageSize: 64 });
+const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
+const q = await randomDevice([N, HQ, 512]);
+const sink = await engine.upload(tensor('float32', [HQ], Float32Array.from({ length: HQ }, () => rng.normal())));
+const topk = await engine.upload(tensor('int32', [N, TOPK], c4TopkIndices(N, TOPK)));
+let resolvedAt = 0;
+const layer = async () => {
+  const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, attnSink: sink, smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
+  resolvedAt = performance.now();
+  for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
+};
+await layer();
+await engine.synchronize();
+
+const runs = [];
+for (let i = 0; i < RUNS; i++) {
+  // the timed layer (events on), as kernelsAndWall's time(fn)
+  be.setTiming(true);
+  await be.copyDevice(flushA, flushB);
+  await layer();
+  const kernelMs = be.takeKernelMs().slice(1).reduce((a, b) => a + b, 0);
+  be.setTiming(false);
+  // the untimed layer, as its wallClock(fn)
+  await be.copyDevice(flushA, flushB);
+  await engine.synchronize();
+  const t0 = performance.now();
+  await layer();
+  await engine.synchronize();
+  const t1 = performance.now();
+  const inside = gcs.filter((g) => g.start >= t0 && g.start < t1);
+  runs.push({ wallMs: t1 - t0, kernelMs, resolvedMs: resolvedAt - t0, gcMs: inside.reduce((a, g) => a + g.ms, 0), gcs: inside.length });
+}
+for (const [i, r] of runs.entries()) {
+  console.log(`run ${String(i + 1).padStart(2)}: wall ${r.wallMs.toFixed(3)} ms, kernels ${r.kernelMs.toFixed(3)}, ratio ${(r.wallMs / r.kernelMs).toFixed(3)}, resolved at ${r.resolvedMs.toFixed(3)} ms, gc ${r.gcs} (${r.gcMs.toFixed(3)} ms)`);
+}
+const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
+const ratios = runs.map((r) => r.wallMs / r.kernelMs);
+console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)) }));
+for (const x of [q, topk, sink, swa, c4]) x.data.free();
+flushA.free();
+flushB.free();
+await engine.dispose();

@@ -519,6 +519,13 @@ describe('what the table does not reach', () => {
     expect(refused(() => R.prefillLayerReference(wide as never))).toEqual(['INVALID_SHAPE', 'topkIndices']);
   });
 
+  test('a layer with no queries and hQ 2^31 − 1 gives empty outputs (it allocated a query row of hQ · 512 floats first: an untyped RangeError; cpu seed 304 case 2688)', () => {
+    const empty = { ...layerArgs(), chunk: { ...chunk(), requests: [{ seqLen: 10, extendLen: 0, swaTokenIdByPosition: [0, 1, 2, 3, 0, 1, 2, 3, 0, 1], c4PageTable: [1, 0], c128PageTable: [] }] }, q: { dtype: 'bf16', shape: [0, 2 ** 31 - 1, 512], data: new Uint16Array(0) }, topkIndices: i32([0, 2], []) };
+    delete (empty as Record<string, unknown>).attnSink;
+    const r = R.prefillLayerReference(empty as never);
+    expect([r.out.length, r.lse.length, r.maxLogits.length, r.dropped]).toEqual([0, 0, 0, 0]);
+  });
+
   test("an array detached by a getter read after its check is refused, not read as zeros (q's bits read as 0: every out silently the mean of its rows)", () => {
     const args = prefillArgs();
     const q = args.q as { data: Uint16Array };

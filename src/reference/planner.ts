@@ -267,8 +267,9 @@ export function prefillLayerReference(args: PrefillLayerReferenceArgs, opts: { q
   const nq = queries.length;
   const res = emptyAttentionResult(nq, hQ, D);
   let dropped = 0;
-  // q widened one query at a time (a layer's q may be large; a check samples a few queries)
-  const qRow = new Float32Array(hQ * D);
+  // q widened one query at a time (a layer's q may be large; a check samples a few queries); no row
+  // without a query (q [0, hQ, D] holds no data whatever hQ says)
+  const qRow = new Float32Array(nq > 0 ? hQ * D : 0);
   const qRowBits = new Uint32Array(qRow.buffer);
   let offsets = new Int32Array(0);
   let scratch = new Float64Array(0);

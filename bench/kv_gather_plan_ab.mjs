@@ -5,7 +5,7 @@
 // ratios new / base:
 //   prefill: chooseKvRows as the cpu backend calls it (1 whole copy, none compact, 700 ns a run), in a
 //     KvRowScratch kept by each build as the backend keeps its own;
-//   paged choice: pagedSetReads (a layer's check: the choice alone), cpu's copies of an unshared cache;
+//   paged choice: choosePagedRead in a kept map (the op's own choice, alone), cpu's copies of an unshared cache;
 //   paged plan + gather: planPagedReads(...).gather(), what the op runs at the call before staging.
 // Ids: each row's distinct random rows (or tokens). No kv or cache bytes are timed but the gather's.
 //   node bench/kv_gather_plan_ab.mjs --new DIST --base DIST [--pairs 60]
@@ -23,8 +23,10 @@ const load = async (dist) => ({
 });
 const builds = { new: await load(dists.new), base: await load(dists.base) };
 const scratches = { new: new builds.new.prefill.KvRowScratch(), base: new builds.base.prefill.KvRowScratch() };
-// the paged op's kept scratches where the build has them (a build before them plans in fresh maps and ignores the argument)
+// the paged op's kept map (one of its backend's pool) and its pool, where the build has them (a build
+// before them plans in fresh maps and ignores the arguments)
 const pools = { new: builds.new.paged.PagedScratchPool ? new builds.new.paged.PagedScratchPool() : undefined, base: builds.base.paged.PagedScratchPool ? new builds.base.paged.PagedScratchPool() : undefined };
+const pagedScratches = { new: pools.new?.take(), base: pools.base?.take() };
 
 let seed = 0x5eed60;
 const rand = () => (seed = (Math.imul(seed, 1103515245) + 12345) >>> 0) / 2 ** 32;
@@ -71,7 +73,7 @@ for (const tokens of [32768, 131072]) {
     const job = { q: null, n, hQ: 64, main, extra: null, attnSink: null, smScale: 1 };
     const whole = builds.base.paged.pagedSetReads([main], n, copies)[0].bytes.whole;
     const label = `paged ${n} x ${topk} over ${tokens} tokens (${whole ? 'whole' : 'compact'})`;
-    cases.push([`${label}, choice`, (b) => builds[b].paged.pagedSetReads([main], n, copies, pools[b])]);
+    cases.push([`${label}, choice`, (b) => builds[b].paged.choosePagedRead(main, n, copies, pagedScratches[b])]);
     cases.push([`${label}, plan + gather`, (b) => builds[b].paged.planPagedReads(job, copies, pools[b]).gather()]);
   }
 }

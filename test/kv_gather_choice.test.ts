@@ -18,7 +18,7 @@ import { KvRowScratch, chooseKvRows, planKvRows, type KvIndexRows, type KvRowPla
 import { PagedScratchPool, choosePagedRead, gatherCompact, pagedSetReads, planPagedRead, planPagedReads, remapIndices, type HostPagedSet } from '../dist/backends/paged_gather.js';
 import type { PagedCopies, PagedSparseAttentionJob } from '../dist/backends/backend.js';
 import { compactGeometry, v4PageBytes, V4_TOKEN_BYTES } from '../dist/kv_cache_layout.js';
-import { mixedIds } from './helpers/kv_gather.js';
+import { mixedIds, resultBits } from './helpers/kv_gather.js';
 import { randomBf16Bits, testRng, type Rng } from './helpers/random.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 
@@ -176,7 +176,6 @@ describe("the choice against the planner as committed at 98df46e", () => {
       { whole: () => 1, compact: 3 },
     ];
     const scratch = new KvRowScratch();
-    const checkPool = new PagedScratchPool();
     const tally = { compact: 0, whole: 0 };
     for (let c = 0; c < 1500; c++) {
       const n = r16(), topk = rng.int(0, 600);
@@ -191,7 +190,7 @@ describe("the choice against the planner as committed at 98df46e", () => {
         const label = `set ${c} (${numPages} pages of ${pageSize}, ${n} x ${topk})`;
         expectSamePlan(`${label}, fresh`, choosePagedRead(set, n, copies), want);
         expectSamePlan(`${label}, kept scratch`, choosePagedRead(set, n, copies, scratch), want);
-        const read = pagedSetReads([set], n, copies, rng.uniform() < 0.5 ? checkPool : undefined)[0]!;
+        const read = pagedSetReads([set], n, copies)[0]!;
         expect(read.cacheBytes, `${label}: a layer check's bytes`).toBe(want ? compactGeometry('v4', want.rows.length).bytes : cache.bytes);
         tally[want ? 'compact' : 'whole']++;
       }
@@ -292,7 +291,7 @@ describe("the paged op's plans in kept scratches", () => {
         const reads = planPagedReads(job(main, extra, n), wasmCopies, pool);
         expect(reads.setBytes.every((b) => !b.whole), `round ${round} call ${call}: compact`).toBe(true);
         // a layer's check of another set between this call's plan and its gather
-        pagedSetReads([fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40))], n, wasmCopies, pool);
+        pagedSetReads([fewIdsSet(rng, rng.pick(caches), n, rng.int(1, 40))], n, wasmCopies);
         // a call refused after its plan: never gathered
         if (rng.uniform() < 0.3) planPagedReads(job(fewIdsSet(rng, rng.pick(caches), n, 20), null, n), wasmCopies, pool);
         pending.push({ reads, want });
@@ -345,12 +344,8 @@ describe.each(backends)('pagedSparseAttention calls in flight together on %s', (
       smScale: 0.05,
     }));
     const alone: Buffer[][] = [];
-    for (const args of calls) alone.push(bitsOf(await engine.pagedSparseAttention(args)));
-    const together = (await Promise.all(calls.map((args) => engine.pagedSparseAttention(args)))).map(bitsOf);
+    for (const args of calls) alone.push(resultBits(await engine.pagedSparseAttention(args)));
+    const together = (await Promise.all(calls.map((args) => engine.pagedSparseAttention(args)))).map(resultBits);
     together.forEach((b, c) => expect(b.every((x, k) => x.equals(alone[c]![k]!)), `call ${c}`).toBe(true));
   }, 120_000);
 });
-
-function bitsOf(r: { out: { data: Uint16Array }; lse: { data: Float32Array }; maxLogits: { data: Float32Array } }): Buffer[] {
-  return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
-}

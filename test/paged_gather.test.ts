@@ -8,29 +8,17 @@
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { createEngine, createKvCache, tensor } from '../dist/index.js';
-import type { Engine, KvCache, PagedSparseAttentionArgs, Tensor } from '../dist/index.js';
+import type { Engine, KvCache, PagedSparseAttentionArgs } from '../dist/index.js';
 import * as R from '../dist/reference/index.js';
 import { planPagedRead, remapIndices, gatherCompact, pagedReadForTests, type HostPagedSet } from '../dist/backends/paged_gather.js';
 import { tokenByteRanges, v4PageBytes, V4_COMPACT_PAGE_SIZE, V4_TOKEN_DATA_BYTES, V4_TOKEN_SCALE_BYTES } from '../dist/kv_cache_layout.js';
 import { expectWithinBounds } from './helpers/judge.js';
 import { randomBf16Bits, sampleRows, testRng, type Rng } from './helpers/random.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
+import { mixedIds, resultBits } from './helpers/kv_gather.js';
 
 const rng = testRng('paged_gather.test');
 
-/** ids with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
-function mixedIds(r: Rng, count: number, tokens: number): Int32Array {
-  const bad = [-1, -2, tokens, tokens + 5, 2 ** 31 - 1, -(2 ** 31)];
-  const out = new Int32Array(count);
-  for (let k = 0; k < count; k++) {
-    const u = r.uniform();
-    if (u < 0.15) out[k] = r.pick(bad);
-    else if (u < 0.3 && k > 0) out[k] = out[k - 1]! >= 0 && out[k - 1]! < tokens - 1 ? out[k - 1]! + 1 : tokens - 1; // runs, up to the last token
-    else if (u < 0.4 && k > 0) out[k] = out[r.int(0, k)]!; // duplicates (of valid and invalid ids)
-    else out[k] = r.int(0, tokens);
-  }
-  return out;
-}
 
 function cacheView(pageSize: number, numPages: number, r: Rng) {
   const bytes = numPages * v4PageBytes(pageSize);
@@ -113,10 +101,6 @@ describe('plan, remap and gather against an independent reading of SPEC §5', ()
   });
 });
 
-/** The bits of a result, for exact comparison (NaN payloads included). */
-function bits(r: { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> }): Buffer[] {
-  return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
-}
 
 const backends = ['wasm' as const, ...(nativeAddonBuilt() ? ['cpu' as const] : [])];
 
@@ -149,7 +133,7 @@ describe.each(backends)('pagedSparseAttention through compact caches on %s', (ba
     }
     pagedReadForTests.force = null;
     runs.push(await engine.pagedSparseAttention(args));
-    const [whole, compact, chosen] = runs.map(bits);
+    const [whole, compact, chosen] = runs.map(resultBits);
     expect(compact!.every((b, i) => b.equals(whole![i]!)), `${label}: compact and whole bits`).toBe(true);
     expect(chosen!.every((b, i) => b.equals(whole![i]!)), `${label}: the estimate's choice and whole bits`).toBe(true);
     const n = args.q.shape[0]!;
@@ -218,14 +202,14 @@ describe.each(backends)('pagedSparseAttention through compact caches on %s', (ba
     const indices = Int32Array.from({ length: n * window }, (_, e) => first + Math.floor(e / window) + (e % window));
     const args: PagedSparseAttentionArgs = { q: tensor('bf16', [n, hQ, 512], randomBf16Bits(rng, n * hQ * 512, 1)), kCache, indices: tensor('int32', [n, window], indices), smScale: 0.05 };
     await expectSameAndCorrect('window', args, 1);
-    const expected = bits(await engine.pagedSparseAttention(args));
+    const expected = resultBits(await engine.pagedSparseAttention(args));
     const before = pagedReadForTests.compactSets;
     const pending = engine.pagedSparseAttention(args);
     // README: arrays not in shared memory may be reused once the call has returned its promise
     const saved = kCache.data.slice();
     kCache.data.fill(0x7f);
     indices.fill(0);
-    const got = bits(await pending);
+    const got = resultBits(await pending);
     expect(pagedReadForTests.compactSets - before).toBe(1);
     expect(got.every((b, i) => b.equals(expected[i]!))).toBe(true);
     kCache.data.set(saved);
@@ -234,7 +218,7 @@ describe.each(backends)('pagedSparseAttention through compact caches on %s', (ba
     const shared = new Uint8Array(new SharedArrayBuffer(kCache.data.byteLength));
     shared.set(kCache.data);
     const sharedBefore = pagedReadForTests.compactSets;
-    const inPlace = bits(await engine.pagedSparseAttention({ ...args, kCache: { ...kCache, data: shared } }));
+    const inPlace = resultBits(await engine.pagedSparseAttention({ ...args, kCache: { ...kCache, data: shared } }));
     expect(pagedReadForTests.compactSets - sharedBefore).toBe(backend === 'cpu' ? 0 : 1);
     expect(inPlace.every((b, i) => b.equals(expected[i]!))).toBe(true);
   });

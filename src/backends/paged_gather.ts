@@ -249,16 +249,12 @@ export interface PagedSetRead {
 /**
  * `sets` of a paged call over n queries as its op will read them (the same choice as
  * planPagedReads, by the backend's `copies`): for a check of the op before it runs (a layer's,
- * prefill_layer_checks.ts). Reads the ids as the op's own plan does, in a scratch of `pool` when given;
- * plans no gather and counts nothing.
+ * prefill_layer_checks.ts). Reads the ids as the op's own plan does; plans no gather and counts nothing.
  */
-export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies, pool?: PagedScratchPool): PagedSetRead[] {
+export function pagedSetReads(sets: readonly HostPagedSet[], n: number, copies: PagedCopies): PagedSetRead[] {
   return sets.map((set) => {
-    const scratch = pool?.take();
-    const plan = pagedReadChoice(set, n, copies, scratch);
-    const read = { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
-    if (scratch) pool!.giveBack(scratch);
-    return read;
+    const plan = pagedReadChoice(set, n, copies);
+    return { bytes: setBytesOf(set, n, plan), cacheBytes: plan ? plan.bytes : set.cache.bytes };
   });
 }
 

@@ -1,7 +1,8 @@
 /**
- * What the cpu and wasm kv-gather tests (test/cpu_prefill_kv_gather, test/wasm_prefill_kv_gather)
- * share: ids with every kind of invalid entry mixed in, exact comparison of results, and the engine
- * cases' inputs (SPEC §4's edge cases) with their all-invalid rows' check.
+ * What the kv-gather tests (test/cpu_prefill_kv_gather, test/wasm_prefill_kv_gather,
+ * test/paged_gather, test/kv_gather_choice) share: ids with every kind of invalid entry mixed in,
+ * exact comparison of results, and the prefill engine cases' inputs (SPEC §4's edge cases) with
+ * their all-invalid rows' check.
  */
 import { expect } from 'vitest';
 import { tensor } from '../../dist/index.js';
@@ -10,17 +11,17 @@ import { invalidFillers, randomBf16Bits, type Rng } from './random.js';
 
 export type Outputs = { out: Tensor<'bf16'>; lse: Tensor<'float32'>; maxLogits: Tensor<'float32'> };
 
-/** The bits of a result, for exact comparison (NaN payloads included). */
-function bits(r: Outputs): Buffer[] {
+/** The bits of a result (out, lse, maxLogits), for exact comparison (NaN payloads included). */
+export function resultBits(r: Outputs): Buffer[] {
   return [r.out.data, r.lse.data, r.maxLogits.data].map((a) => Buffer.from(a.buffer, a.byteOffset, a.byteLength));
 }
 
 export function expectSameBits(label: string, got: Outputs, want: Outputs): void {
-  const [g, w] = [bits(got), bits(want)];
+  const [g, w] = [resultBits(got), resultBits(want)];
   ['out', 'lse', 'maxLogits'].forEach((k, i) => expect(Buffer.compare(g[i]!, w[i]!), `${label}: ${k} differs`).toBe(0));
 }
 
-/** ids with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
+/** ids (of kv rows or cache tokens) with invalid ones (negative, at and past the end, extremes), duplicates and runs mixed in. */
 export function mixedIds(r: Rng, count: number, sKV: number): Int32Array {
   const bad = [...invalidFillers(sKV), -2, sKV + 5];
   const out = new Int32Array(count);

@@ -3,7 +3,8 @@
 // before each), per untimed run its wall clock (call to synchronize resolved), when prefillLayer
 // resolved, and the garbage collections that ran inside it (PerformanceObserver 'gc'), so a cold
 // run's excess can be told apart as the collector's or the JS tiers'. Prints one line per run and a
-// JSON summary on the last line. Run it under different V8 flags to compare, e.g.
+// JSON summary on the last line. Also the device memory a run took from the driver (cudaMemGetInfo
+// before and after), to tell a memory pool still growing. Run it under different V8 flags to compare, e.g.
 //   node bench/experiments/layer_cold_runs.mjs
 //   node --max-semi-space-size=64 bench/experiments/layer_cold_runs.mjs
 //   node --always-sparkplug bench/experiments/layer_cold_runs.mjs
@@ -53,19 +54,20 @@ for (let i = 0; i < RUNS; i++) {
   // the untimed layer, as its wallClock(fn)
   await be.copyDevice(flushA, flushB);
   await engine.synchronize();
+  const freeBefore = be.memInfo().free;
   const t0 = performance.now();
   await layer();
   await engine.synchronize();
   const t1 = performance.now();
   const inside = gcs.filter((g) => g.start >= t0 && g.start < t1);
-  runs.push({ wallMs: t1 - t0, kernelMs, resolvedMs: resolvedAt - t0, gcMs: inside.reduce((a, g) => a + g.ms, 0), gcs: inside.length });
+  runs.push({ wallMs: t1 - t0, kernelMs, resolvedMs: resolvedAt - t0, gcMs: inside.reduce((a, g) => a + g.ms, 0), gcs: inside.length, poolGrowMiB: (freeBefore - be.memInfo().free) / MiB });
 }
 for (const [i, r] of runs.entries()) {
-  console.log(`run ${String(i + 1).padStart(2)}: wall ${r.wallMs.toFixed(3)} ms, kernels ${r.kernelMs.toFixed(3)}, ratio ${(r.wallMs / r.kernelMs).toFixed(3)}, resolved at ${r.resolvedMs.toFixed(3)} ms, gc ${r.gcs} (${r.gcMs.toFixed(3)} ms)`);
+  console.log(`run ${String(i + 1).padStart(2)}: wall ${r.wallMs.toFixed(3)} ms, kernels ${r.kernelMs.toFixed(3)}, ratio ${(r.wallMs / r.kernelMs).toFixed(3)}, resolved at ${r.resolvedMs.toFixed(3)} ms, gc ${r.gcs} (${r.gcMs.toFixed(3)} ms), device memory taken in the run ${r.poolGrowMiB.toFixed(1)} MiB`);
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const ratios = runs.map((r) => r.wallMs / r.kernelMs);
-console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)) }));
+console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)), poolGrowRuns: runs.filter((r) => r.poolGrowMiB !== 0).length }));
 for (const x of [q, topk, sink, swa, c4]) x.data.free();
 flushA.free();
 flushB.free();

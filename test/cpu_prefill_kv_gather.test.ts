@@ -12,18 +12,18 @@
  * staging was free; the plans made in the backend's reused scratch are the fresh plans, call after
  * call. The engine tests are skipped where the native addon is not built.
  */
-import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
+import { afterAll, describe, expect, test } from 'vitest';
+import { createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { cpuPrefillKvCopies, type CpuBackend } from '../dist/backends/native/cpu_backend.js';
 import type { SparsePrefillJob } from '../dist/backends/backend.js';
 import { inputBytes } from '../dist/backends/staging.js';
-import { KvRowScratch, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices } from '../dist/backends/prefill_gather.js';
+import { KvRowScratch, planKvRows, planPrefillGather, prefillGatherForTests } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { expectWithinBounds } from './helpers/judge.js';
-import { expectAllInvalidRows, expectSameBits, gatherCase, mixedIds, type Outputs } from './helpers/kv_gather.js';
+import { enginesByWorkers, expectGatherCase, expectSameBits, expectSamePlan, expectStagingTooLarge, expectWideAndInvalidIds, fewIdsOverBigKv, forced, gatherCase, gatherEngineCases, mixedIds, oneRowOverLongKv, rowsCoveringKv, threeWays, type Outputs } from './helpers/kv_gather.js';
 import { invalidFillers, randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
 const rng = testRng('cpu_prefill_kv_gather');
@@ -34,18 +34,6 @@ function shared<T extends Uint16Array | Int32Array>(a: T): T {
   const s = new (a.constructor as new (b: SharedArrayBuffer) => T)(new SharedArrayBuffer(a.byteLength));
   s.set(a as never);
   return s;
-}
-
-/** Runs `call` with the gather forced as asked; returns its result and how many calls gathered. */
-async function forced<T>(force: 'whole' | 'compact' | null, call: () => Promise<T>): Promise<{ r: T; gathered: number }> {
-  prefillGatherForTests.force = force;
-  const before = prefillGatherForTests.gatheredCalls;
-  try {
-    const r = await call();
-    return { r, gathered: prefillGatherForTests.gatheredCalls - before };
-  } finally {
-    prefillGatherForTests.force = null;
-  }
 }
 
 test('plans in a reused scratch (a map left all zero from plan to plan) are the fresh plans, over kvs long and short, plans cut short by a bound among them', () => {
@@ -66,98 +54,41 @@ test('plans in a reused scratch (a map left all zero from plan to plan) are the 
       continue;
     }
     expect(reused, `call ${call}`).not.toBeNull();
-    expect(Array.from(reused!.rows), `call ${call}: rows`).toEqual(Array.from(fresh!.rows));
-    expect(reused!.runs, `call ${call}: runs`).toBe(fresh!.runs);
-    expect(Buffer.from(reused!.slotOf.slice().buffer).equals(Buffer.from(fresh!.slotOf.buffer)), `call ${call}: slotOf`).toBe(true);
-    expect(Array.from(remapKvIndices(rows, reused!)), `call ${call}: remapped ids`).toEqual(Array.from(remapKvIndices(rows, fresh!)));
+    expectSamePlan(`call ${call}`, reused!, fresh!, rows);
   }
 });
 
 const THREADS = [1, 2, 3] as const;
 
 describe.runIf(ADDON)("cpu sparsePrefill through a compact kv: the whole kv's bits, within the reference's bounds", () => {
-  const engines = new Map<number, Engine>();
-  beforeAll(async () => {
-    for (const w of THREADS) engines.set(w, await createEngine({ backend: 'cpu', workers: w }));
-  }, 60_000);
-  afterAll(async () => {
-    prefillGatherForTests.force = null;
-    await Promise.all([...engines.values()].map((e) => e.dispose()));
-  });
+  const engines = enginesByWorkers('cpu', THREADS);
 
-  /** The call read whole, through a compact kv (forced), and as the estimate picks: equal bits, each path the one asked for. */
-  async function threeWays(engine: Engine, args: SparsePrefillArgs): Promise<Outputs> {
-    const backend = engineBackend(engine) as CpuBackend;
-    const whole = await forced('whole', () => engine.sparsePrefill(args));
-    expect(whole.gathered, 'whole: gathered').toBe(0);
-    const compact = await forced('compact', () => engine.sparsePrefill(args));
-    expect(compact.gathered, 'compact: gathered').toBe(1);
-    const auto = await forced(null, () => engine.sparsePrefill(args));
-    expectSameBits('compact vs whole', compact.r, whole.r);
-    expectSameBits('estimate vs whole', auto.r, whole.r);
-    // a slab lent to a gather is given back once the call settled
-    expect(backend.staging.lentBytes).toBe(0);
-    return compact.r;
-  }
-
-  // every sQ, hQ, dQK and thread count, each with the others
-  const cases: Array<{ sQ: number; hQ: number; dQK: number; threads: number }> = [];
-  for (const sQ of [0, 1, 2, 16]) for (const hQ of [8, 64, 128]) cases.push({ sQ, hQ, dQK: cases.length % 2 ? 576 : 512, threads: THREADS[cases.length % 3]! });
-
-  for (const c of cases) {
-    test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.threads} thread(s)`, async () => {
-      const { sQ, hQ } = c;
+  for (const c of gatherEngineCases(THREADS)) {
+    test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.workers} thread(s)`, async () => {
       const { args, allInvalid } = gatherCase(rng, c, (sKV, topk, allInvalid) => {
-        const indices = mixedIds(rng, sQ * topk, sKV);
+        const indices = mixedIds(rng, c.sQ * topk, sKV);
         for (const i of allInvalid) for (let k = 0; k < topk; k++) indices[i * topk + k] = rng.pick(invalidFillers(sKV));
         return indices;
       });
-      const got = await threeWays(engines.get(c.threads)!, args);
-      expect(got.out.shape).toEqual([sQ, hQ, 512]);
-      if (sQ === 0) return;
-      const queries = Array.from({ length: sQ }, (_, i) => i);
-      expectWithinBounds('compact kv', got, R.sparsePrefillReference(args), queries);
-      // the all-invalid row: no valid entry, whatever the sink
-      expectAllInvalidRows(got, allInvalid, hQ);
+      expectGatherCase(await threeWays(engines.get(c.workers)!, args, true), args, allInvalid);
     }, 60_000);
   }
 
   test('int64 ids (out-of-range ones made −1 by the op) and every entry invalid: the same bits each way', async () => {
     const engine = engines.get(2)!;
-    const sQ = 2, hQ = 64, dQK = 576, sKV = 3000, topk = 100;
-    const ids = mixedIds(rng, sQ * topk, sKV);
-    const wide = BigInt64Array.from(ids, (v, k) => (k % 7 === 0 ? BigInt(sKV) + 2n ** 33n : k % 11 === 0 ? -(2n ** 40n) : BigInt(v)));
-    const base = { q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)), kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)), smScale: 0.05 };
-    const args: SparsePrefillArgs = { ...base, indices: tensor('int64', [sQ, topk], wide) };
-    expectWithinBounds('int64 ids', await threeWays(engine, args), R.sparsePrefillReference(args), [0, 1]);
-    const none: SparsePrefillArgs = { ...base, indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, () => rng.pick(invalidFillers(sKV)))) };
-    const r = await threeWays(engine, none);
-    expect(Array.from(r.lse.data).every((v) => v === Infinity)).toBe(true);
-    expect(Array.from(r.maxLogits.data).every((v) => v === -Infinity)).toBe(true);
-    expect(r.out.data.every((v) => v === 0)).toBe(true);
+    await expectWideAndInvalidIds(rng, (args) => threeWays(engine, args, true));
   }, 60_000);
 
   test('the estimate: one row of 512 ids over a 32K-row kv gathers; 8 rows that each read every row of a 1024-row kv read it whole', async () => {
     const engine = engines.get(2)!;
-    const sKV = 32768, hQ = 64, dQK = 512, topk = 512;
-    const sparse: SparsePrefillArgs = {
-      q: tensor('bf16', [1, hQ, dQK], randomBf16Bits(rng, hQ * dQK)),
-      kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-      indices: tensor('int32', [1, topk], randomIndices(rng, 1, topk, sKV, { invalidFraction: 0.05 })),
-      smScale: 1 / Math.sqrt(dQK),
-    };
+    const sparse = oneRowOverLongKv(rng);
     const whole = await forced('whole', () => engine.sparsePrefill(sparse));
     const auto = await forced(null, () => engine.sparsePrefill(sparse));
     expect(auto.gathered, 'a few rows of a long kv: gathered').toBe(1);
     expectSameBits('estimate (compact) vs whole', auto.r, whole.r);
     expectWithinBounds('estimate (compact)', auto.r, R.sparsePrefillReference(sparse), [0]);
 
-    const dense: SparsePrefillArgs = {
-      q: tensor('bf16', [8, 8, dQK], randomBf16Bits(rng, 8 * 8 * dQK)),
-      kv: tensor('bf16', [1024, dQK], randomBf16Bits(rng, 1024 * dQK)),
-      indices: tensor('int32', [8, 1024], randomIndices(rng, 8, 1024, 1024)),
-      smScale: 1 / Math.sqrt(dQK),
-    };
+    const dense = rowsCoveringKv(rng);
     const covered = await forced(null, () => engine.sparsePrefill(dense));
     expect(covered.gathered, 'ids that cover the kv: read whole').toBe(0);
     expectWithinBounds('estimate (whole)', covered.r, R.sparsePrefillReference(dense), [0, 1, 2, 3, 4, 5, 6, 7]);
@@ -294,19 +225,12 @@ describe.runIf(ADDON)('cpu sparsePrefill gather and the memory budget', () => {
   });
 
   test("whether a call is refused is the whole kv's, not its ids': an unshared kv whose staging is over the budget is TOO_LARGE before any work, even where two rows of 16 ids would gather into a few KiB", async () => {
-    const sKV = 2048, dQK = 512; // 2 MiB of bf16 kv, not shared
     const engine = await createEngine({ backend: 'cpu', workers: 2, memoryBudgetBytes: MiB });
     try {
-      const args: SparsePrefillArgs = {
-        q: tensor('bf16', [2, 2, dQK], randomBf16Bits(rng, 2 * 2 * dQK)),
-        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-        indices: tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV)),
-        smScale: 0.05,
-      };
+      const args = fewIdsOverBigKv(rng);
       for (const force of [null, 'compact'] as const) {
         const { r: e, gathered } = await forced(force, () => engine.sparsePrefill(args).catch((x: unknown) => x));
-        expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
-        expect((e as Error).message).toMatch(/staging of the inputs/);
+        expectStagingTooLarge(e);
         expect(gathered).toBe(0);
       }
       // a budget the whole kv fits: the same call runs, gathered

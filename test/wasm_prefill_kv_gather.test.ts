@@ -12,7 +12,7 @@
  * plans, call after call.
  */
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { SparseMlaError, createEngine, tensor } from '../dist/index.js';
+import { createEngine, tensor } from '../dist/index.js';
 import type { Engine, SparsePrefillArgs } from '../dist/index.js';
 import { engineBackend } from '../dist/engine.js';
 import { wasmPrefillKvCopies, type WasmBackend } from '../dist/backends/wasm/wasm_backend.js';
@@ -21,8 +21,8 @@ import { inputBytes } from '../dist/backends/staging.js';
 import { gatherKvRows, planKvRows, planPrefillGather, prefillGatherForTests, remapKvIndices, type KvRowPlan, type KvRowScratch } from '../dist/backends/prefill_gather.js';
 import * as R from '../dist/reference/index.js';
 import { expectWithinBounds } from './helpers/judge.js';
-import { expectAllInvalidRows, expectSameBits, gatherCase, mixedIds, type Outputs } from './helpers/kv_gather.js';
-import { invalidFillers, randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
+import { enginesByWorkers, expectGatherCase, expectSameBits, expectSamePlan, expectStagingTooLarge, expectWideAndInvalidIds, fewIdsOverBigKv, forced, gatherCase, gatherEngineCases, mixedIds, oneRowOverLongKv, rowsCoveringKv, threeWays } from './helpers/kv_gather.js';
+import { randomBf16Bits, randomIndices, testRng } from './helpers/random.js';
 
 const rng = testRng('wasm_prefill_kv_gather');
 
@@ -84,73 +84,18 @@ describe('plan, remap and gather against an independent reading of SPEC §4', ()
 const WORKERS = [1, 2, 3] as const;
 
 describe('wasm sparsePrefill through a compact kv: the whole kv\'s bits, within the reference\'s bounds', () => {
-  const engines = new Map<number, Engine>();
-  beforeAll(async () => {
-    for (const w of WORKERS) engines.set(w, await createEngine({ backend: 'wasm', workers: w }));
-  }, 60_000);
-  afterAll(async () => {
-    prefillGatherForTests.force = null;
-    await Promise.all([...engines.values()].map((e) => e.dispose()));
-  });
+  const engines = enginesByWorkers('wasm', WORKERS);
 
-  /** The call read whole, through a compact kv (forced), and as the estimate picks: equal bits, each path the one asked for. */
-  async function threeWays(engine: Engine, args: SparsePrefillArgs): Promise<Outputs> {
-    const backend = engineBackend(engine) as WasmBackend;
-    const sQ = args.q.shape[0]!;
-    const run = async (force: 'whole' | 'compact' | null) => {
-      prefillGatherForTests.force = force;
-      const before = prefillGatherForTests.gatheredCalls;
-      try {
-        const r = await engine.sparsePrefill(args);
-        const gathered = prefillGatherForTests.gatheredCalls - before;
-        if (force === 'whole' || sQ === 0) expect(gathered, `${force}: gathered`).toBe(0);
-        if (force === 'compact' && sQ > 0) expect(gathered, 'compact: gathered').toBe(1);
-        return r;
-      } finally {
-        prefillGatherForTests.force = null;
-      }
-    };
-    const whole = await run('whole');
-    const compact = await run('compact');
-    const auto = await run(null);
-    expectSameBits('compact vs whole', compact, whole);
-    expectSameBits('estimate vs whole', auto, whole);
-    // the lent slab of the gather is given back once the call settled
-    expect(backend.staging.lentBytes).toBe(0);
-    return compact;
-  }
-
-  // every sQ, hQ, dQK and worker count, each with the others
-  const cases: Array<{ sQ: number; hQ: number; dQK: number; workers: number }> = [];
-  for (const sQ of [0, 1, 2, 16]) for (const hQ of [8, 64, 128]) cases.push({ sQ, hQ, dQK: cases.length % 2 ? 576 : 512, workers: WORKERS[cases.length % 3]! });
-
-  for (const c of cases) {
+  for (const c of gatherEngineCases(WORKERS)) {
     test(`sQ=${c.sQ}, hQ=${c.hQ}, dQK=${c.dQK}, ${c.workers} worker(s)`, async () => {
-      const { sQ, hQ } = c;
-      const { args, allInvalid } = gatherCase(rng, c, (sKV, topk, allInvalid) => randomIndices(rng, sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1, allInvalidRows: allInvalid }));
-      const got = await threeWays(engines.get(c.workers)!, args);
-      expect(got.out.shape).toEqual([sQ, hQ, 512]);
-      if (sQ === 0) return;
-      const queries = Array.from({ length: sQ }, (_, i) => i);
-      expectWithinBounds('compact kv', got, R.sparsePrefillReference(args), queries);
-      // the all-invalid row: no valid entry, whatever the sink
-      expectAllInvalidRows(got, allInvalid, hQ);
+      const { args, allInvalid } = gatherCase(rng, c, (sKV, topk, allInvalid) => randomIndices(rng, c.sQ, topk, sKV, { invalidFraction: 0.2, duplicateFraction: 0.1, allInvalidRows: allInvalid }));
+      expectGatherCase(await threeWays(engines.get(c.workers)!, args, false), args, allInvalid);
     }, 60_000);
   }
 
   test('int64 ids (out-of-range ones made −1 by the op) and every entry invalid: the same bits both ways', async () => {
     const engine = engines.get(2)!;
-    const sQ = 2, hQ = 64, dQK = 576, sKV = 3000, topk = 100;
-    const ids = mixedIds(rng, sQ * topk, sKV);
-    const wide = BigInt64Array.from(ids, (v, k) => (k % 7 === 0 ? BigInt(sKV) + 2n ** 33n : BigInt(v)));
-    const base = { q: tensor('bf16', [sQ, hQ, dQK], randomBf16Bits(rng, sQ * hQ * dQK)), kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)), smScale: 0.05 };
-    const args: SparsePrefillArgs = { ...base, indices: tensor('int64', [sQ, topk], wide) };
-    expectWithinBounds('int64 ids', await threeWays(engine, args), R.sparsePrefillReference(args), [0, 1]);
-    const none: SparsePrefillArgs = { ...base, indices: tensor('int32', [sQ, topk], Int32Array.from({ length: sQ * topk }, (_, k) => rng.pick(invalidFillers(sKV)))) };
-    const r = await threeWays(engine, none);
-    expect(Array.from(r.lse.data).every((v) => v === Infinity)).toBe(true);
-    expect(Array.from(r.maxLogits.data).every((v) => v === -Infinity)).toBe(true);
-    expect(r.out.data.every((v) => v === 0)).toBe(true);
+    await expectWideAndInvalidIds(rng, (args) => threeWays(engine, args, false));
   }, 60_000);
 
   test('the estimate: one row of 512 ids over a 32K-row kv reads a compact kv, and its smaller copies make it worth a task per worker (split by heads) where the whole kv ran as one; ids that cover a kv read it whole', async () => {
@@ -159,13 +104,7 @@ describe('wasm sparsePrefill through a compact kv: the whole kv\'s bits, within 
     const labels: string[] = [];
     const stop = backend.pool.testing.onDispatch((_, l) => labels.push(l));
     try {
-      const sKV = 32768, hQ = 64, dQK = 512, topk = 512;
-      const args: SparsePrefillArgs = {
-        q: tensor('bf16', [1, hQ, dQK], randomBf16Bits(rng, hQ * dQK)),
-        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-        indices: tensor('int32', [1, topk], randomIndices(rng, 1, topk, sKV, { invalidFraction: 0.05 })),
-        smScale: 1 / Math.sqrt(dQK),
-      };
+      const args = oneRowOverLongKv(rng);
       prefillGatherForTests.force = 'whole';
       const whole = await engine.sparsePrefill(args);
       expect(labels.splice(0)).toEqual(['sparsePrefill rows 0..0']);
@@ -178,12 +117,7 @@ describe('wasm sparsePrefill through a compact kv: the whole kv\'s bits, within 
       expectWithinBounds('compact, split by heads', auto, R.sparsePrefillReference(args), [0]);
 
       // 8 rows, each reading every row of a 1024-row kv: nothing to leave out, read whole
-      const dense: SparsePrefillArgs = {
-        q: tensor('bf16', [8, 8, dQK], randomBf16Bits(rng, 8 * 8 * dQK)),
-        kv: tensor('bf16', [1024, dQK], randomBf16Bits(rng, 1024 * dQK)),
-        indices: tensor('int32', [8, 1024], randomIndices(rng, 8, 1024, 1024)),
-        smScale: 1 / Math.sqrt(dQK),
-      };
+      const dense = rowsCoveringKv(rng);
       const denseBefore = prefillGatherForTests.gatheredCalls;
       await engine.sparsePrefill(dense);
       expect(prefillGatherForTests.gatheredCalls).toBe(denseBefore);
@@ -230,24 +164,15 @@ describe('wasm sparsePrefill gather and the memory budget', () => {
   }, 60_000);
 
   test('whether a call is refused is the whole kv\'s, not its ids\': an unshared kv whose staging is over the budget is TOO_LARGE before any work even where two rows of 16 ids would gather into a few KiB', async () => {
-    const sKV = 2048, dQK = 512; // 2 MiB of bf16 kv, not shared
     const engine = await engineWithBudget(MiB);
     const labels: string[] = [];
     const stop = (engineBackend(engine) as WasmBackend).pool.testing.onDispatch((_, l) => labels.push(l));
     try {
-      const args: SparsePrefillArgs = {
-        q: tensor('bf16', [2, 2, dQK], randomBf16Bits(rng, 2 * 2 * dQK)),
-        kv: tensor('bf16', [sKV, dQK], randomBf16Bits(rng, sKV * dQK)),
-        indices: tensor('int32', [2, 16], randomIndices(rng, 2, 16, sKV)),
-        smScale: 0.05,
-      };
+      const args = fewIdsOverBigKv(rng);
       for (const force of [null, 'compact'] as const) {
-        prefillGatherForTests.force = force;
-        const before = prefillGatherForTests.gatheredCalls;
-        const e = await engine.sparsePrefill(args).catch((x: unknown) => x);
-        expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
-        expect((e as Error).message).toMatch(/staging of the inputs/);
-        expect(prefillGatherForTests.gatheredCalls).toBe(before);
+        const { r: e, gathered } = await forced(force, () => engine.sparsePrefill(args).catch((x: unknown) => x));
+        expectStagingTooLarge(e);
+        expect(gathered).toBe(0);
       }
       expect(labels).toEqual([]);
     } finally {
@@ -299,10 +224,7 @@ describe("the wasm backend's plans in its kept map of kv rows", () => {
         }
         gathered++;
         expect(kept, `call ${call} (sKV ${sKV}, ${sQ} x ${topk})`).not.toBeNull();
-        expect(Array.from(kept!.rows), `call ${call}: rows`).toEqual(Array.from(fresh.rows));
-        expect(kept!.runs, `call ${call}: runs`).toBe(fresh.runs);
-        expect(Buffer.from(kept!.slotOf.slice().buffer).equals(Buffer.from(fresh.slotOf.buffer)), `call ${call}: slotOf`).toBe(true);
-        expect(Array.from(remapKvIndices(job, kept!)), `call ${call}: remapped ids`).toEqual(Array.from(remapKvIndices(job, fresh)));
+        expectSamePlan(`call ${call}`, kept!, fresh, job);
       }
     } finally {
       prefillGatherForTests.force = null;

@@ -23,9 +23,10 @@ import { createEngine, SparseMlaError, tensor } from '../dist/index.js';
 import { createPlan, prefillLayer, type CombinedRows, type CompressRatio, type PagedForm, type Plan } from '../dist/planner/index.js';
 import { prefillLayerReference } from '../dist/reference/index.js';
 import type { Engine } from '../dist/types.js';
-import { randomBf16Bits, testRng } from './helpers/random.js';
+import { randomBf16Bits } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { opSuite } from './helpers/suite.js';
 import { errorOf } from './helpers/errors.js';
 import { nativeAddonBuilt } from './helpers/backends.js';
 import { standInTable } from './helpers/computing_device.js';
@@ -33,18 +34,11 @@ import { loadNativeAddon } from '../dist/backends/native/binding.js';
 import { CudaBackend } from '../dist/backends/native/cuda_backend.js';
 import { SparseMlaEngine } from '../dist/engine.js';
 
-const rng = testRng('hostile_plan_rows.test');
+const suite = opSuite('hostile_plan_rows.test', { backend: 'wasm', workers: 2 });
+const { rng } = suite;
 const HQ = 4;
 const D = 512;
 const SM_SCALE = 1 / Math.sqrt(D);
-
-let engine: Engine;
-beforeAll(async () => {
-  engine = await createEngine({ backend: 'wasm', workers: 2 });
-});
-afterAll(async () => {
-  await engine?.dispose();
-});
 
 async function expectTyped(call: () => unknown, code: string, message: string | RegExp): Promise<SparseMlaError> {
   const e = await errorOf(call);
@@ -68,7 +62,7 @@ describe("an op's shape message reads the caller's shape by index, never through
     const dims = Array.from({ length: n }, () => rng.int(0, 9));
     const shape = [...dims];
     Object.setPrototypeOf(shape, null);
-    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+    await expectTyped(() => suite.engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
   });
 
   test("a shape whose own slice / map / join / iterator lie: none of them is called, the message is the ordinary array's", async () => {
@@ -78,19 +72,19 @@ describe("an op's shape message reads the caller's shape by index, never through
     for (const m of ['slice', 'map', 'join', 'toString', Symbol.iterator] as const) {
       Object.defineProperty(shape, m, { value: () => { calls.push(String(m)); return ['lie']; } });
     }
-    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+    await expectTyped(() => suite.engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape, data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
     expect(calls).toEqual([]);
     // an ordinary array: today's text
-    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [...dims], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
+    await expectTyped(() => suite.engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [...dims], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', over64(dims));
   });
 
   test('a short shape with a bad dim, and a tensor without data whose shape has a null prototype: described by index', async () => {
     const a = rng.int(1, 9);
-    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [a, 'x', -1], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', `q.shape: expected an array of at most 64 non-negative integers, got [${a}, "x"]`);
+    await expectTyped(() => suite.engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape: [a, 'x', -1], data: new Uint16Array(1) }) as never), 'INVALID_SHAPE', `q.shape: expected an array of at most 64 non-negative integers, got [${a}, "x"]`);
     const dims = [rng.int(1, 9), rng.int(1, 9)];
     const shape = [...dims];
     Object.setPrototypeOf(shape, null);
-    await expectTyped(() => engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape }) as never), 'INVALID_VALUE', `q: expected a bf16 tensor {dtype, shape, data}, got a bf16 tensor [${dims.join(', ')}]`);
+    await expectTyped(() => suite.engine.sparsePrefill(sparseArgs({ dtype: 'bf16', shape }) as never), 'INVALID_VALUE', `q: expected a bf16 tensor {dtype, shape, data}, got a bf16 tensor [${dims.join(', ')}]`);
   });
 });
 
@@ -124,7 +118,7 @@ describe('rows a plan hands out cannot change what the plan computes, and come b
       rows.lengths.data.fill(rows.width);
       const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(ratio === 4 ? { topkIndices } : {}) });
       for (const path of ['sparse', 'paged'] as const) {
-        const got = await prefillLayer(engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
+        const got = await prefillLayer(suite.engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
         expectWithinBounds(`c${ratio} ${path}`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
         expect(got.dropped, `c${ratio} ${path}`).toBe(ref.dropped);
       }
@@ -143,7 +137,7 @@ describe('rows a plan hands out cannot change what the plan computes, and come b
       if (ratio !== 0) plan.compressedTokenIds(ratio).data.fill(2n ** 40n + BigInt(rng.int(0, 1000)));
       const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(ratio === 4 ? { topkIndices } : {}) });
       for (const path of ['sparse', 'paged'] as const) {
-        const got = await prefillLayer(engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
+        const got = await prefillLayer(suite.engine, { q, compressRatio: ratio, plan, caches, attnSink, smScale: SM_SCALE, path, ...(ratio === 4 ? { topkIndices } : {}) });
         expectWithinBounds(`c${ratio} ${path}`, got, ref, Array.from({ length: sc.numQueries }, (_, i) => i));
       }
       // the plan's paged form still names the chunk's own SWA ids
@@ -225,7 +219,7 @@ describe('the paged form a plan hands out cannot change its later paged layers',
 
   /** The engines under test: wasm, cpu (addon built) and cuda over a computing stand-in device (addon built; its c0 / c128 paged layers read the form placed on the device once per plan). */
   function engines(): { name: string; engine: Engine; device: boolean }[] {
-    const list = [{ name: 'wasm', engine, device: false }];
+    const list = [{ name: 'wasm', engine: suite.engine, device: false }];
     if (cpu !== undefined) list.push({ name: 'cpu', engine: cpu, device: false });
     if (addon !== undefined) list.push({ name: 'cuda stand-in', engine: new SparseMlaEngine(new CudaBackend(addon, standInTable(addon, [], { downloadsWaitForPrefill: false }), 2)) as unknown as Engine, device: true });
     return list;

@@ -10,22 +10,16 @@ import { createPlan, prefillLayer, SPARSE_PREFILL_THRESHOLDS, type CompressRatio
 import { prefillLayerReference, type PrefillLayerReferenceResult } from '../dist/reference/index.js';
 import type { Engine } from '../dist/types.js';
 import { engineBackend } from '../dist/engine.js';
-import { makeRng, randomBf16Bits, testRng } from './helpers/random.js';
+import { makeRng, randomBf16Bits } from './helpers/random.js';
 import { randomCache, randomScenario, randomTopk } from './helpers/chunks.js';
 import { expectWithinBounds } from './helpers/judge.js';
+import { opSuite } from './helpers/suite.js';
 
-const rng = testRng('prefill_layer.test');
+const suite = opSuite('prefill_layer.test', { backend: 'wasm', workers: 2 });
+const { rng } = suite;
 const HQ = 8;
 const D = 512;
 const SM_SCALE = 1 / Math.sqrt(D);
-
-let engine: Engine;
-beforeAll(async () => {
-  engine = await createEngine({ backend: 'wasm', workers: 2 });
-});
-afterAll(async () => {
-  await engine?.dispose();
-});
 
 function expectMatches(got: PrefillLayerResult, ref: PrefillLayerReferenceResult, path: PrefillPath, label: string): void {
   expect(got.path, label).toBe(path);
@@ -56,7 +50,7 @@ describe('prefillLayer vs the brute-force reference', () => {
     const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, attnSink, smScale: SM_SCALE, ...(topkIndices ? { topkIndices } : {}) });
     if (ratio === 4) expect(ref.dropped).toBeGreaterThan(0);
     for (const path of PATHS) {
-      const got = await prefillLayer(engine, { ...args, path });
+      const got = await prefillLayer(suite.engine, { ...args, path });
       expectMatches(got, ref, path, `ratio ${ratio} ${path}`);
       expect(got.reason).toBe(`forced by option path='${path}'`);
       expect(got.workspaceBytes).toBe(path === 'sparse' ? plan.layout(ratio).bytes : 0);
@@ -95,7 +89,7 @@ describe('prefillLayer vs the brute-force reference', () => {
     for (const path of ['sparse', 'paged'] as const) {
       for (let i = 0; i < layers.length; i++) {
         const l = layers[i]!;
-        const got = await prefillLayer(engine, {
+        const got = await prefillLayer(suite.engine, {
           q: l.q,
           compressRatio: l.ratio,
           plan,
@@ -124,7 +118,7 @@ describe('prefillLayer vs the brute-force reference', () => {
     plan.release();
     for (const i of [0, 2]) {
       const l = layers[i]!;
-      const got = await prefillLayer(engine, { q: l.q, compressRatio: l.ratio, plan, caches: l.caches, attnSink: l.attnSink, smScale: SM_SCALE, path: 'sparse' });
+      const got = await prefillLayer(suite.engine, { q: l.q, compressRatio: l.ratio, plan, caches: l.caches, attnSink: l.attnSink, smScale: SM_SCALE, path: 'sparse' });
       expectMatches(got, refs[i]!, 'sparse', `layer ${i} (c${l.ratio}) after release`);
     }
     expect(plan.stats).toMatchObject({ c0Builds: 2, c128Builds: 2, workspaceAllocations: 2 });
@@ -137,10 +131,10 @@ describe('prefillLayer vs the brute-force reference', () => {
       const caches = { swa: randomCache(rng, 64, sc.swaPages), c128: randomCache(rng, sc.c128PageSize, sc.c128Pages) };
       const q = tensor('bf16', [sc.numQueries, HQ, D], randomBf16Bits(rng, sc.numQueries * HQ * D, 1));
       const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: ratio, q, caches, smScale: SM_SCALE });
-      return { run: () => prefillLayer(engine, { q, compressRatio: ratio, plan, caches, smScale: SM_SCALE, path: 'sparse' }), ref };
+      return { run: () => prefillLayer(suite.engine, { q, compressRatio: ratio, plan, caches, smScale: SM_SCALE, path: 'sparse' }), ref };
     };
     const layers = [layer(128), layer(128), layer(0), layer(0)];
-    const steps = engineBackend(engine)!.layer;
+    const steps = engineBackend(suite.engine)!.layer;
     const planRows = steps.planRows.bind(steps);
     const built: number[] = [];
     steps.planRows = (job) => (built.push(job.ratio), planRows(job));
@@ -164,20 +158,20 @@ describe('prefillLayer vs the brute-force reference', () => {
     const q = tensor('bf16', [49, HQ, D], randomBf16Bits(rng, 49 * HQ * D, 1));
     const base = { q, compressRatio: 128 as const, plan, caches, smScale: SM_SCALE };
     const ref = prefillLayerReference({ chunk: sc.ref, compressRatio: 128, q, caches, smScale: SM_SCALE });
-    const above = await prefillLayer(engine, { ...base, threshold: 48, env: {} });
+    const above = await prefillLayer(suite.engine, { ...base, threshold: 48, env: {} });
     expect(above.reason).toBe('49 queries > threshold 48');
     expectMatches(above, ref, 'sparse', 'threshold 48');
-    const below = await prefillLayer(engine, { ...base, threshold: 49, env: {} });
+    const below = await prefillLayer(suite.engine, { ...base, threshold: 49, env: {} });
     expect(below.reason).toBe('49 queries ≤ threshold 49');
     expectMatches(below, ref, 'paged', 'threshold 49');
-    const dflt = await prefillLayer(engine, { ...base, env: {} });
+    const dflt = await prefillLayer(suite.engine, { ...base, env: {} });
     const t = SPARSE_PREFILL_THRESHOLDS.wasm[128];
     expect(dflt.reason).toBe(`49 queries ${49 > t ? '>' : '≤'} threshold ${t} (wasm default)`);
     expectMatches(dflt, ref, 49 > t ? 'sparse' : 'paged', 'wasm default threshold');
     const saved = process.env.SPARSE_MLA_PREFILL;
     try {
       process.env.SPARSE_MLA_PREFILL = 'sparse';
-      const forced = await prefillLayer(engine, { ...base, threshold: 1000 });
+      const forced = await prefillLayer(suite.engine, { ...base, threshold: 1000 });
       expect(forced.reason).toBe('forced by SPARSE_MLA_PREFILL=sparse');
       expectMatches(forced, ref, 'sparse', 'env sparse');
     } finally {

@@ -1,10 +1,10 @@
 /**
  * The preamble of an op suite: a logged, replayable seed (SPARSE_MLA_SEED) and one engine on the
- * backend under test, created before the suite's tests and disposed after them.
+ * backend under test (or as `options` ask), created before the suite's tests and disposed after them.
  */
 import { afterAll, beforeAll } from 'vitest';
 import { createEngine } from '../../dist/index.js';
-import type { Engine } from '../../dist/index.js';
+import type { Engine, EngineOptions } from '../../dist/index.js';
 import { backendUnderTest } from './backends.js';
 import { testRng, type Rng } from './random.js';
 
@@ -14,11 +14,11 @@ export interface OpSuite {
   readonly engine: Engine;
 }
 
-export function opSuite(label: string): OpSuite {
+export function opSuite(label: string, options?: EngineOptions): OpSuite {
   const rng = testRng(label);
   let engine: Engine | undefined;
   beforeAll(async () => {
-    engine = await createEngine({ backend: backendUnderTest() });
+    engine = await createEngine(options ?? { backend: backendUnderTest() });
   }, 60_000);
   afterAll(async () => {
     await engine?.dispose();

@@ -5,7 +5,7 @@
 // dist/ (and, for cpu, SPARSE_MLA_NATIVE_ADDON at its addon).
 //   node bench/cpu_few_rows.mjs [rows=1] [calls=20] [workers=os cores] [--backend cpu|wasm]
 import { availableParallelism } from 'node:os';
-import { benchDist, median, takeOption } from './lib.mjs';
+import { benchDist, medianCallMs, takeOption } from './lib.mjs';
 
 const dist = benchDist();
 const { createEngine, createKvCache, tensor } = await import(`${dist}index.js`);
@@ -21,16 +21,7 @@ await engine.quantizeKCache({ cache, tokenIds: tensor('int32', [tokens], Int32Ar
 const kv = tensor('bf16', [tokens, 512], randomBf16Bits(rng, tokens * 512));
 const ids = (n, k) => tensor('int32', [n, k], randomIndices(rng, n, k, tokens, 0, 0, []));
 const sink = (h) => tensor('float32', [h], Float32Array.from({ length: h }, () => rng.normal()));
-const perCall = async (f) => {
-  for (let i = 0; i < 3; i++) await f(); // warm-up
-  const t = [];
-  for (let i = 0; i < calls; i++) {
-    const t0 = performance.now();
-    await f();
-    t.push(performance.now() - t0);
-  }
-  return +median(t).toFixed(3);
-};
+const perCall = (f) => medianCallMs(f, calls, 3);
 const out = { backend, rows, workers, calls };
 for (const [hQ, topk, extra] of [[64, 128, 512], [128, 128, 1024]]) {
   const q = tensor('bf16', [rows, hQ, 512], randomBf16Bits(rng, rows * hQ * 512));

@@ -11,17 +11,15 @@
 //     [--calls 7] [--workers 2] [--tokens 32768,131072] [--rows 1,4] [--heads 64] [--topk 512,2048]
 // One process alone (what each pair runs): --child --dist DIST --tokens N and the lists above;
 // prints one JSON line of per-shape medians (ms).
-import { execFileSync } from 'node:child_process';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { median, takeOption } from './lib.mjs';
+import { alternatedRuns, medianCallMs, optionArgs, pairTable, takeComparison, takeList, takeOption } from './lib.mjs';
 
 const args = process.argv.slice(2);
 const child = args.includes('--child');
-const list = (name, fallback) => (takeOption(args, name) ?? fallback).split(',');
-const tokenList = list('--tokens', '32768,131072').map(Number);
-const rowsList = list('--rows', '1,4').map(Number);
-const heads = list('--heads', '64').map(Number);
-const topks = list('--topk', '512,2048').map(Number);
+const tokenList = takeList(args, '--tokens', '32768,131072').map(Number);
+const rowsList = takeList(args, '--rows', '1,4').map(Number);
+const heads = takeList(args, '--heads', '64').map(Number);
+const topks = takeList(args, '--topk', '512,2048').map(Number);
 const calls = Number(takeOption(args, '--calls') ?? 7);
 const workers = Number(takeOption(args, '--workers') ?? 2);
 const backend = takeOption(args, '--backend') ?? 'cpu';
@@ -45,16 +43,7 @@ if (child) {
   // the backend's copies of a cache (cpu_backend's cpuOpMemory, wasm_backend's opMemory)
   const copies = backend === 'cpu' ? { whole: (u) => (u ? 1 : 0), compact: 1 } : { whole: (u) => (u ? 1 : 0) + 1, compact: 2 };
   const out = { backend, tokens, workers, calls, ms: {} };
-  const timed = async (f) => {
-    await f(); // warm-up
-    const t = [];
-    for (let i = 0; i < calls; i++) {
-      const t0 = performance.now();
-      await f();
-      t.push(performance.now() - t0);
-    }
-    return +median(t).toFixed(3);
-  };
+  const timed = (f) => medianCallMs(f, calls);
   for (const n of rowsList) {
     for (const hQ of heads) {
       for (const topk of topks) {
@@ -75,23 +64,11 @@ if (child) {
   await engine.dispose();
   console.log(JSON.stringify(out));
 } else {
-  const builds = { new: takeOption(args, '--new'), base: takeOption(args, '--base') };
-  if (!builds.new || !builds.base) throw new Error('give --new DIST and --base DIST');
-  const pairs = Number(takeOption(args, '--pairs') ?? 5);
-  const script = fileURLToPath(import.meta.url);
-  const shared = ['--backend', backend, '--rows', rowsList.join(','), '--heads', heads.join(','), '--topk', topks.join(','), '--calls', String(calls), '--workers', String(workers)];
-  const run = (build, tokens) => JSON.parse(execFileSync(process.execPath, [script, '--child', '--dist', builds[build], '--tokens', String(tokens), ...shared], { encoding: 'utf8', maxBuffer: 1 << 24 }).trim().split('\n').at(-1));
+  const { builds, pairs } = takeComparison(args);
+  const shared = optionArgs({ '--backend': backend, '--rows': rowsList, '--heads': heads, '--topk': topks, '--calls': calls, '--workers': workers });
   for (const tokens of tokenList) {
-    const got = { new: [], base: [] };
-    for (let p = 0; p < pairs; p++) {
-      for (const build of p % 2 ? ['base', 'new'] : ['new', 'base']) got[build].push(run(build, tokens).ms);
-    }
+    const got = alternatedRuns(fileURLToPath(import.meta.url), builds, pairs, ['--tokens', String(tokens), ...shared]);
     console.log(`# ${backend} pagedSparseAttention, v4 cache of ${tokens} tokens (pages of ${PAGE}), ${workers} workers, ${pairs} pairs, per process the median of ${calls} after 1 warm-up; _plan: planPagedReads(...).gather() alone`);
-    console.log('shape                           new ms   base ms   new/base per pair: median [min - max]');
-    for (const shape of Object.keys(got.new[0])) {
-      const ratios = got.new.map((n, i) => n[shape] / got.base[i][shape]);
-      const f = (x) => x.toFixed(3);
-      console.log(`${shape.padEnd(29)} ${median(got.new.map((x) => x[shape])).toFixed(3).padStart(8)} ${median(got.base.map((x) => x[shape])).toFixed(3).padStart(9)}   ${f(median(ratios))} [${f(Math.min(...ratios))} - ${f(Math.max(...ratios))}]`);
-    }
+    for (const line of pairTable(got, 29, 3)) console.log(line);
   }
 }

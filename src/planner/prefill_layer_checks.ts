@@ -479,6 +479,11 @@ class CheckedDeviceTensor<D extends 'bf16' | 'float32'> implements DeviceTensor<
   }
 }
 
+/** readTensorFields' test (`in` runs no getter): an object with dtype, shape and data. */
+function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
+  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
+}
+
 /**
  * checkQuery for a device layer: `value` as a live device bf16 [nq, hQ ≥ 1, 512] of `device`'s own
  * (the checked tensor), read as readTensorFields reads a tensor (dtype, shape, data, then the
@@ -488,8 +493,7 @@ class CheckedDeviceTensor<D extends 'bf16' | 'float32'> implements DeviceTensor<
  * prepareLayer.
  */
 function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopped: Stopped): DeviceTensor<'bf16'> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+  if (!hasTensorFields(value)) {
     stopped.read = value;
     return undefined;
   }
@@ -514,8 +518,7 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopp
 
 /** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else undefined, what was read of it in `stopped`. */
 function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stopped: Stopped): DeviceTensor<'float32'> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+  if (!hasTensorFields(value)) {
     stopped.read = value;
     return undefined;
   }
@@ -580,8 +583,7 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
  * top-k, else undefined, what was read of it in `stopped`.
  */
 function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck, stopped: Stopped): CheckedTopk<DeviceBuffer> | undefined {
-  // readTensorFields' test (`in` runs no getter)
-  if (typeof value !== 'object' || value === null || !('dtype' in value) || !('shape' in value) || !('data' in value)) {
+  if (!hasTensorFields(value)) {
     stopped.read = value;
     return undefined;
   }

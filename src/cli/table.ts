@@ -62,6 +62,11 @@ export function fitLines(lines: readonly string[]): string[] {
   });
 }
 
+/** Writes a report's lines to stdout, each (and each of its embedded lines) wrapped by fitLines. */
+export function writeFittedLines(lines: readonly string[]): void {
+  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
+}
+
 export interface TableOptions {
   /** columns whose cells may wrap onto several lines (default: the left-aligned ones after the first) */
   wrap?: readonly number[];

@@ -17,7 +17,7 @@ import type { Engine, Tensor } from '../../types.js';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import { engineOptions, machineFacts, type CliCommand, type MachineFacts } from '../command.js';
 import { Progress } from '../progress.js';
-import { fitLines, formatRate, formatSeconds, formatTable, median, setReportWidth } from '../table.js';
+import { formatRate, formatSeconds, formatTable, median, setReportWidth, writeFittedLines } from '../table.js';
 import { c4ChunkInputs, placeC4Chunk, shuffled, type C4ChunkInputs, type C4ChunkPlacement } from '../../check/chunks.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
 import { makeRng, uniformBf16Bits } from '../../check/grid.js';
@@ -304,7 +304,7 @@ export async function benchCommand(argv: string[]): Promise<number> {
     for (const [op, ratio] of Object.entries(speedup)) lines.push(`  ${op.padEnd(22)} ${ratio.toFixed(2)}x`);
   }
   if (o.out !== undefined) lines.push('', `JSON written to ${o.out}`);
-  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
+  writeFittedLines(lines);
   return 0;
 }
 

@@ -8,7 +8,7 @@ import { loadNativeAddon, queryCudaDevices, type AddonOrigin, type CudaDeviceInf
 import { INSTALL_STATUS_FILE } from '../../../native/addon_locate.mjs';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import { machineFacts, packageVersion, type CliCommand } from '../command.js';
-import { fitLines, formatTable, setReportWidth } from '../table.js';
+import { formatTable, setReportWidth, writeFittedLines } from '../table.js';
 
 const OPTIONS = {
   json: { type: 'boolean', help: 'print the information as JSON' },
@@ -192,7 +192,7 @@ export async function infoCommand(argv: string[]): Promise<number> {
     `  CPU ${machine.cpu}, ${machine.cores} cores, ${machine.memoryGiB} GiB`,
     `  WebAssembly SIMD128: ${machine.wasmSimd128 ? 'yes' : 'no'}; WASM pool default: ${machine.defaultWasmWorkers} workers`,
   ];
-  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
+  writeFittedLines(lines);
   return 0;
 }
 

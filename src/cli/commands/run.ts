@@ -31,7 +31,7 @@ import type { PrefillPathChoice } from '../../planner/index.js';
 import { expectNoPositionals, formatOptions, parseArgs, type OptionTable } from '../args.js';
 import { BACKEND_CHOICES, engineOptions, type CliCommand } from '../command.js';
 import { Progress, timed } from '../progress.js';
-import { fitLines, formatBytes, formatRate, formatSeconds, formatTable, setReportWidth } from '../table.js';
+import { formatBytes, formatRate, formatSeconds, formatTable, setReportWidth, writeFittedLines } from '../table.js';
 import { LAYER_PATHS, checkLayerChunkShape, parseLayers, runLayerChunk, type LayerChunkShape, type LayerReport } from '../layers.js';
 import { c4ChunkInputs, c4ChunkPages, placeC4Chunk, sliceQueries, type C4ChunkInputs, type C4ChunkPlacement, type C4ChunkShape } from '../../check/chunks.js';
 import { prefillFlops } from '../../ops/sparse_prefill.js';
@@ -426,7 +426,7 @@ export async function runCommand(argv: string[]): Promise<number> {
     pass ? 'PASS' : 'FAIL',
   ];
   // tables are fitted by formatTable; prose lines are wrapped here
-  process.stdout.write(`${fitLines(lines.flatMap((l) => l.split('\n'))).join('\n')}\n`);
+  writeFittedLines(lines);
   return pass ? 0 : 1;
 }
 

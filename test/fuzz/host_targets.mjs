@@ -656,13 +656,16 @@ const layerDispose = {
 const RACER_URL = new URL('./racer_worker.mjs', import.meta.url);
 let racer = null; // one racer Worker per process, made at its first use (closeHostTargets ends it)
 
-/** Rewrites `buffers` (SharedArrayBuffers) from another thread until the returned stop() resolves. */
-async function race(buffers, seed) {
+/**
+ * Rewrites `buffers` (SharedArrayBuffers) from another thread until the returned stop() resolves;
+ * with `ranges` ([buffer index, byte offset, words] each, race_targets.mjs), only those 32-bit words.
+ */
+export async function race(buffers, seed, ranges) {
   racer ??= new Worker(RACER_URL);
   const stop = new SharedArrayBuffer(4);
   const next = (what) => new Promise((resolve) => racer.once('message', (m) => m === what && resolve()));
   const started = next('started');
-  racer.postMessage({ buffers, stop, seed });
+  racer.postMessage({ buffers, stop, seed, ranges });
   await started;
   return async () => {
     const stopped = next('stopped');

@@ -26,10 +26,10 @@
  * A call's checks, before any work, are in prefill_layer_checks.ts; this file runs a checked call.
  */
 import { INT32_MAX } from '../ops/common.js';
-import { deviceTensor, isDeviceBuffer, tensor } from '../tensor.js';
+import { deviceTensor, isDeviceBuffer, placedTensor, tensor } from '../tensor.js';
 import { detached } from '../backends/staging.js';
 import type { SparseMlaEngine } from '../engine.js';
-import type { DeviceBuffer, DeviceKvCache, DeviceTensor, DTypeArrays, Engine, KvCache, Placement, PlacedTensor, Tensor } from '../types.js';
+import type { DeviceBuffer, DeviceKvCache, DeviceTensor, Engine, KvCache, Placement, PlacedTensor, Tensor } from '../types.js';
 import type { CacheView, LayerSteps, PagedSparseAttentionJob, QueuedLayerOutput, WorkspaceDequantizeJob, WorkspacePrefillJob } from '../backends/backend.js';
 import { Plan } from './plan.js';
 import { WORKSPACE_ROW_DIMS } from './chunk_geometry.js';
@@ -303,83 +303,30 @@ function prefillJob({ plan, layout, q, hQ, attnSink, smScale }: LayerCall, works
 /** A layer's result: its outputs as tensors of the layer's shape, where they were made. */
 function layerResult({ plan, hQ, route }: LayerCall, r: { out: Uint16Array | DeviceBuffer; lse: Float32Array | DeviceBuffer; maxLogits: Float32Array | DeviceBuffer }, workspaceBytes: number, dropped: number | null): LayerResult {
   const nq = plan.numQueries;
-  return new PlainLayerResult(
-    route.path,
-    route.reason,
-    layerOutput('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
-    layerOutput('float32', [nq, hQ], r.lse),
-    layerOutput('float32', [nq, hQ], r.maxLogits),
+  return {
+    path: route.path,
+    reason: route.reason,
+    out: placedTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], r.out),
+    lse: placedTensor('float32', [nq, hQ], r.lse),
+    maxLogits: placedTensor('float32', [nq, hQ], r.maxLogits),
     workspaceBytes,
     dropped,
-  );
-}
-
-/**
- * An output where it was placed, as placedTensor (tensor.ts) makes it: a host tensor over a host
- * array, else a device tensor over the buffer and the frozen `shape`, frozen (made as PlainTensor
- * makes one).
- */
-function layerOutput<D extends 'bf16' | 'float32'>(dtype: D, shape: number[], data: DTypeArrays[D] | DeviceBuffer): Tensor<D> | DeviceTensor<D> {
-  return isDeviceBuffer(data) ? Object.freeze(new PlainTensor(dtype, Object.freeze(shape), data)) : tensor(dtype, shape, data);
+  };
 }
 
 /**
  * A queued layer's result (layerResult for outputs the steps made on the device): device tensors
- * over shapes the plan keeps frozen for the layer's hQ, each frozen as placedTensor freezes one.
- * The tensors and the result are plain objects as literals make them (PlainTensor, PlainLayerResult).
+ * over shapes the plan keeps frozen for the layer's hQ, the object frozen as placedTensor freezes one.
  */
 function queuedLayerResult({ hQ, route, layout }: LayerCall, res: LayerResources<DeviceBuffer>, r: QueuedLayerOutput<DeviceBuffer>, dropped: number | null): PrefillLayerResult<'device', number | null> {
   const shapes = res.outputShapes(hQ);
-  return new PlainLayerResult(
-    route.path,
-    route.reason,
-    Object.freeze(new PlainTensor('bf16', shapes[0], r.out)) as DeviceTensor<'bf16'>,
-    Object.freeze(new PlainTensor('float32', shapes[1], r.lse)) as DeviceTensor<'float32'>,
-    Object.freeze(new PlainTensor('float32', shapes[1], r.maxLogits)) as DeviceTensor<'float32'>,
-    layout.bytes,
+  return {
+    path: route.path,
+    reason: route.reason,
+    out: Object.freeze({ dtype: 'bf16', shape: shapes[0], data: r.out }),
+    lse: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.lse }),
+    maxLogits: Object.freeze({ dtype: 'float32', shape: shapes[1], data: r.maxLogits }),
+    workspaceBytes: layout.bytes,
     dropped,
-  );
+  };
 }
-
-/*
- * A layer's result and its device output tensors are made by `new` of a function whose prototype is
- * Object.prototype: the same plain objects as the literals { dtype, shape, data } and { path, reason,
- * out, lse, maxLogits, workspaceBytes, dropped } (own, writable, enumerable, configurable data
- * properties in that order, Object.prototype their prototype), but before V8 has given the layer
- * feedback (a process's first layers) it builds a literal in its runtime, property by property,
- * and a constructor's stores take the interpreter's own path. (A class would give them its own
- * prototype. Unlike a literal's, these stores would run a setter put on Object.prototype under one
- * of these names.)
- */
-interface PlainTensorConstructor {
-  new <D extends 'bf16' | 'float32'>(dtype: D, shape: readonly number[], data: DeviceBuffer): DeviceTensor<D>;
-}
-const PlainTensor = function (this: DeviceTensor<'bf16' | 'float32'>, dtype: 'bf16' | 'float32', shape: readonly number[], data: DeviceBuffer): void {
-  (this as { dtype: string }).dtype = dtype;
-  (this as { shape: readonly number[] }).shape = shape;
-  (this as { data: DeviceBuffer }).data = data;
-} as unknown as PlainTensorConstructor;
-PlainTensor.prototype = Object.prototype;
-
-interface PlainLayerResultConstructor {
-  new <P extends Placement>(path: RouteDecision['path'], reason: string, out: PlacedTensor<'bf16', P>, lse: PlacedTensor<'float32', P>, maxLogits: PlacedTensor<'float32', P>, workspaceBytes: number, dropped: number | null): PrefillLayerResult<P, number | null>;
-}
-const PlainLayerResult = function (
-  this: LayerResult,
-  path: RouteDecision['path'],
-  reason: string,
-  out: PlacedTensor<'bf16', Placement>,
-  lse: PlacedTensor<'float32', Placement>,
-  maxLogits: PlacedTensor<'float32', Placement>,
-  workspaceBytes: number,
-  dropped: number | null,
-): void {
-  this.path = path;
-  this.reason = reason;
-  this.out = out;
-  this.lse = lse;
-  this.maxLogits = maxLogits;
-  this.workspaceBytes = workspaceBytes;
-  this.dropped = dropped;
-} as unknown as PlainLayerResultConstructor;
-PlainLayerResult.prototype = Object.prototype;

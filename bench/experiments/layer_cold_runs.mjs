@@ -8,6 +8,7 @@
 //   node bench/experiments/layer_cold_runs.mjs
 //   node --max-semi-space-size=64 bench/experiments/layer_cold_runs.mjs
 //   node --always-sparkplug bench/experiments/layer_cold_runs.mjs
+//   LCR_SPANS=1 node bench/experiments/layer_cold_runs.mjs   (the wall clock split: device span / host)
 // GPU only; `npm run build` first (or the dist of bench/device/ship.sh).
 import { PerformanceObserver, performance } from 'node:perf_hooks';
 import { createEngine, createPlan, prefillLayer, tensor } from '../../dist/index.js';
@@ -18,6 +19,7 @@ import { deviceInputs } from '../device_inputs.mjs';
 
 const N = 4096, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const RUNS = Number(process.env.LCR_RUNS ?? 40);
+const SPANS = process.env.LCR_SPANS === '1';
 const gcs = [];
 new PerformanceObserver((list) => {
   for (const e of list.getEntries()) gcs.push({ start: e.startTime, ms: e.duration, kind: e.detail?.kind ?? e.kind });
@@ -28,6 +30,7 @@ const be = engineBackend(engine, CudaBackend);
 const rng = makeRng(0x5eed);
 const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
+const markA = be.alloc(4096), markB = be.alloc(4096);
 const nComp = N / 4;
 const plan = createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }], c4PageSize: 64 });
 const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
@@ -51,24 +54,38 @@ for (let i = 0; i < RUNS; i++) {
   await layer();
   const kernelMs = be.takeKernelMs().slice(1).reduce((a, b) => a + b, 0);
   be.setTiming(false);
-  // the untimed layer, as its wallClock(fn)
+  // the untimed layer, as its wallClock(fn); with LCR_SPANS=1 between two small timed copies, as
+  // the bench's firstLaunchWait runs it, so the wall clock splits into the device's span (its
+  // kernels and its waits for the host's launches) and the host's rest (its first copy's launch
+  // and seeing the device done)
   await be.copyDevice(flushA, flushB);
   await engine.synchronize();
   const freeBefore = be.memInfo().free;
+  if (SPANS) be.setTiming(true), be.takeKernelSpans();
   const t0 = performance.now();
+  if (SPANS) await be.copyDevice(markA, markB), be.setTiming(false);
   await layer();
+  if (SPANS) be.setTiming(true), await be.copyDevice(markA, markB);
   await engine.synchronize();
   const t1 = performance.now();
+  let spanMs = NaN;
+  if (SPANS) {
+    const [before, after] = be.takeKernelSpans();
+    spanMs = after[0] - before[1];
+    be.setTiming(false);
+  }
   const inside = gcs.filter((g) => g.start >= t0 && g.start < t1);
-  runs.push({ wallMs: t1 - t0, kernelMs, resolvedMs: resolvedAt - t0, gcMs: inside.reduce((a, g) => a + g.ms, 0), gcs: inside.length, poolGrowMiB: (freeBefore - be.memInfo().free) / MiB });
+  runs.push({ wallMs: t1 - t0, kernelMs, resolvedMs: resolvedAt - t0, gcMs: inside.reduce((a, g) => a + g.ms, 0), gcs: inside.length, spanMs, poolGrowMiB: (freeBefore - be.memInfo().free) / MiB });
 }
 for (const [i, r] of runs.entries()) {
-  console.log(`run ${String(i + 1).padStart(2)}: wall ${r.wallMs.toFixed(3)} ms, kernels ${r.kernelMs.toFixed(3)}, ratio ${(r.wallMs / r.kernelMs).toFixed(3)}, resolved at ${r.resolvedMs.toFixed(3)} ms, gc ${r.gcs} (${r.gcMs.toFixed(3)} ms), device memory taken in the run ${r.poolGrowMiB.toFixed(1)} MiB`);
+  console.log(`run ${String(i + 1).padStart(2)}: wall ${r.wallMs.toFixed(3)} ms, kernels ${r.kernelMs.toFixed(3)}, ratio ${(r.wallMs / r.kernelMs).toFixed(3)}, resolved at ${r.resolvedMs.toFixed(3)} ms, gc ${r.gcs} (${r.gcMs.toFixed(3)} ms), device memory taken in the run ${r.poolGrowMiB.toFixed(1)} MiB${SPANS ? `, device span ${r.spanMs.toFixed(3)} ms (waits ${(1000 * (r.spanMs - r.kernelMs)).toFixed(1)} µs), host past it ${(1000 * (r.wallMs - r.spanMs)).toFixed(1)} µs` : ''}`);
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const ratios = runs.map((r) => r.wallMs / r.kernelMs);
-console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)), poolGrowRuns: runs.filter((r) => r.poolGrowMiB !== 0).length }));
+console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)), poolGrowRuns: runs.filter((r) => r.poolGrowMiB !== 0).length, ...(SPANS ? { deviceWaitUs: runs.map((r) => +(1000 * (r.spanMs - r.kernelMs)).toFixed(1)), hostPastUs: runs.map((r) => +(1000 * (r.wallMs - r.spanMs)).toFixed(1)) } : {}) }));
 for (const x of [q, topk, sink, swa, c4]) x.data.free();
 flushA.free();
+markA.free();
+markB.free();
 flushB.free();
 await engine.dispose();

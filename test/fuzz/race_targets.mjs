@@ -164,6 +164,13 @@ function makeCase(rng) {
   const mode = rng.uniform() < 0.6 ? 'unread' : 'wild';
   const operands = [];
   const add = (name, g, unread) => operands.push({ name, g, unread });
+  // a call's sink in 40% of the cases, in guarded shared memory, ±inf among its values
+  const maybeSink = (a, hQ) => {
+    if (rng.uniform() >= 0.4) return;
+    const g = guarded(Float32Array.from({ length: hQ }, () => (rng.uniform() < 0.15 ? rng.pick([Infinity, -Infinity]) : rng.normal())));
+    a.attnSink = tensor('float32', [hQ], g.view);
+    add('attnSink', g, null);
+  };
   if (op === 'sparsePrefill') {
     const sQ = rng.pick([1, 2, 3, 5]);
     const hQ = rng.pick([1, 2, 4, 8]);
@@ -189,11 +196,7 @@ function makeCase(rng) {
       a.topkLength = tensor('int32', [sQ], g.view);
       add('topkLength', g, null);
     }
-    if (rng.uniform() < 0.4) {
-      const g = guarded(Float32Array.from({ length: hQ }, () => (rng.uniform() < 0.15 ? rng.pick([Infinity, -Infinity]) : rng.normal())));
-      a.attnSink = tensor('float32', [hQ], g.view);
-      add('attnSink', g, null);
-    }
+    maybeSink(a, hQ);
     return {
       op,
       mode,
@@ -241,11 +244,7 @@ function makeCase(rng) {
       Object.assign(a, { extraKCache: extra.cache, extraIndices: extra.indices, ...(extra.lengths ? { extraTopkLength: extra.lengths } : {}) });
       extraDesc = `; extra ${extra.desc}`;
     }
-    if (rng.uniform() < 0.4) {
-      const g = guarded(Float32Array.from({ length: hQ }, () => (rng.uniform() < 0.15 ? rng.pick([Infinity, -Infinity]) : rng.normal())));
-      a.attnSink = tensor('float32', [hQ], g.view);
-      add('attnSink', g, null);
-    }
+    maybeSink(a, hQ);
     return {
       op,
       mode,

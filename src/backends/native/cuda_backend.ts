@@ -63,9 +63,7 @@ import {
 } from './binding.js';
 import { CudaDeviceBuffer } from './cuda_device_buffer.js';
 import {
-  QueuedOutput,
   RUN_BUFFERS_AT,
-  RunOutputs,
   failedRun,
   freeRunOutputs,
   freedLayerOperand,
@@ -79,6 +77,7 @@ import {
   sameGeometry,
   type KeptLayerProgram,
   type PagedFields,
+  type RunOutputs,
 } from './cuda_layer_program.js';
 
 const GiB = 2 ** 30;
@@ -618,7 +617,7 @@ export class CudaBackend implements Backend, DeviceOps {
       this.#droppedSlot = droppedInto; // read: the next layer may write into it
     }
     // (null only when done rejected)
-    return new QueuedOutput(outputs.out!, outputs.lse!, outputs.maxLogits!, dropped);
+    return { out: outputs.out!, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
   }
 
   /** A queued layer's 8-byte landing place for its dropped total, kept between layers (one allocation less a c4 layer). */
@@ -661,7 +660,7 @@ export class CudaBackend implements Backend, DeviceOps {
       () => this.calls.end(done),
       () => this.calls.end(done),
     );
-    return new QueuedOutput(outputs.out!, outputs.lse!, outputs.maxLogits!, dropped);
+    return { out: outputs.out!, lse: outputs.lse!, maxLogits: outputs.maxLogits!, dropped };
   }
 
   /**
@@ -730,11 +729,11 @@ export class CudaBackend implements Backend, DeviceOps {
    * buffers; each null where the run made none (it failed: its done rejects).
    */
   private adoptRunOutputs(run: NativeLayerRun, rows: number): RunOutputs {
-    return new RunOutputs(
-      run.out === null ? null : this.adopt(run.out, rows * V4_ROW_DIMS * 2),
-      run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4),
-      run.lse === null ? null : this.adopt(run.lse, rows * 4),
-    );
+    return {
+      out: run.out === null ? null : this.adopt(run.out, rows * V4_ROW_DIMS * 2),
+      maxLogits: run.maxLogits === null ? null : this.adopt(run.maxLogits, rows * 4),
+      lse: run.lse === null ? null : this.adopt(run.lse, rows * 4),
+    };
   }
 
   /** @internal The layer programs kept for an owner (checks reach the addon's LayerProgram through them). */

@@ -3,7 +3,7 @@
  * them: a run's arguments in the addon's slot order, the geometry a program was read for and the
  * lookup of a kept one, and a run's outputs. CudaBackend.queueLayer / queuePagedLayer use these.
  */
-import { pagedSparseAttentionFields, type QueuedLayerJob, type QueuedLayerOutput } from '../backend.js';
+import { pagedSparseAttentionFields, type QueuedLayerJob } from '../backend.js';
 import type { DeviceBuffer } from '../../types.js';
 import { SparseMlaError } from '../../errors.js';
 import { CACHE_FORMAT_CODE, addonFailure, type NativeLayerProgram } from './binding.js';
@@ -148,35 +148,11 @@ export function keptProgram(kept: readonly KeptLayerProgram[], job: QueuedLayerJ
   return undefined;
 }
 
-/**
- * A layer run's outputs as adopted (CudaBackend.adoptRunOutputs): all set once the run's done has
- * resolved. Made by a constructor, as queueLayer's result (QueuedOutput): every queued layer makes
- * one, mostly before V8 has given the backend feedback, and without feedback V8 builds an object
- * literal property by property in its runtime.
- */
-export class RunOutputs {
-  declare out: CudaDeviceBuffer | null;
-  declare maxLogits: CudaDeviceBuffer | null;
-  declare lse: CudaDeviceBuffer | null;
-  constructor(out: CudaDeviceBuffer | null, maxLogits: CudaDeviceBuffer | null, lse: CudaDeviceBuffer | null) {
-    this.out = out;
-    this.maxLogits = maxLogits;
-    this.lse = lse;
-  }
-}
-
-/** A queued layer's outputs and dropped total (QueuedLayerOutput), made by a constructor as RunOutputs is. */
-export class QueuedOutput implements QueuedLayerOutput<DeviceBuffer> {
-  declare out: DeviceBuffer;
-  declare lse: DeviceBuffer;
-  declare maxLogits: DeviceBuffer;
-  declare dropped: number | Promise<number>;
-  constructor(out: DeviceBuffer, lse: DeviceBuffer, maxLogits: DeviceBuffer, dropped: number | Promise<number>) {
-    this.out = out;
-    this.lse = lse;
-    this.maxLogits = maxLogits;
-    this.dropped = dropped;
-  }
+/** A layer run's outputs as adopted (CudaBackend.adoptRunOutputs): all set once the run's done has resolved. */
+export interface RunOutputs {
+  out: CudaDeviceBuffer | null;
+  maxLogits: CudaDeviceBuffer | null;
+  lse: CudaDeviceBuffer | null;
 }
 
 /** Frees a failed run's outputs. */

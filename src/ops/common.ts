@@ -17,6 +17,11 @@ function isObject(value: unknown): value is Record<string, unknown> {
   return typeof value === 'object' && value !== null;
 }
 
+/** A tensor's shape of object, tested as readTensorFields tests one (`in` runs no getter): dtype, shape and data, in that order. */
+export function hasTensorFields(value: unknown): value is Record<string, unknown> & { dtype: unknown; shape: unknown; data: unknown } {
+  return isObject(value) && 'dtype' in value && 'shape' in value && 'data' in value;
+}
+
 export function checkArgsObject(value: unknown, argument: string): asserts value is Record<string, unknown> {
   if (!isObject(value) || Array.isArray(value)) fail('INVALID_VALUE', argument, 'an object of named arguments', describe(value));
 }
@@ -76,7 +81,7 @@ export interface TensorRead {
 function readTensorFields(value: unknown, argument: string, dtypes: readonly string[], read?: TensorRead): { dtype: unknown; shape: number[]; data: unknown } {
   let dtype: unknown, rawShape: unknown, data: unknown, length: unknown = NOT_READ, first: readonly unknown[] | undefined;
   if (read === undefined) {
-    if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) notATensor(value, argument, dtypes);
+    if (!hasTensorFields(value)) notATensor(value, argument, dtypes);
     (dtype = value.dtype), (rawShape = value.shape), (data = value.data);
   } else {
     ({ dtype, shape: rawShape, data, length, dims: first } = read);
@@ -142,7 +147,7 @@ const ALL_DTYPES = Object.keys(HOST_ARRAY_TYPES) as DType[];
  * INVALID_VALUE with `expected`. Returns a snapshot (the shape a copy).
  */
 export function checkDeviceTensor(value: unknown, argument: string, expected: string): DeviceTensor<DType> {
-  if (!isObject(value) || !('dtype' in value) || !('shape' in value) || !('data' in value)) fail('INVALID_VALUE', argument, expected, describe(value));
+  if (!hasTensorFields(value)) fail('INVALID_VALUE', argument, expected, describe(value));
   const { dtype, shape, data } = readTensorFields(value, argument, ALL_DTYPES);
   if (!isDeviceBuffer(data)) fail('INVALID_VALUE', argument, expected, describe(value));
   return checkDeviceFields(dtype, shape, data, argument, ALL_DTYPES);

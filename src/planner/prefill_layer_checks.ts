@@ -5,7 +5,7 @@
  * (prefill_layer.ts).
  */
 import { fail } from '../errors.js';
-import { MAX_SM_SCALE, NOT_READ, checkArgsObject, checkInt32Size, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, type TensorRead } from '../ops/common.js';
+import { MAX_SM_SCALE, NOT_READ, checkArgsObject, checkInt32Size, checkOutputOption, checkPlacedTensor, checkQuery, checkSmScale, checkTensor, checkViewsIntact, describe, hasTensorFields, type TensorRead } from '../ops/common.js';
 import { isDeviceBuffer, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, inputBytes, type InputBytes } from '../backends/staging.js';
@@ -477,11 +477,6 @@ class CheckedDeviceTensor<D extends 'bf16' | 'float32'> implements DeviceTensor<
     this.shape = shape;
     this.data = data;
   }
-}
-
-/** readTensorFields' test (`in` runs no getter): an object with dtype, shape and data. */
-function hasTensorFields(value: unknown): value is { dtype: unknown; shape: unknown; data: unknown } {
-  return typeof value === 'object' && value !== null && 'dtype' in value && 'shape' in value && 'data' in value;
 }
 
 /**

@@ -24,7 +24,7 @@
 import { performance } from 'node:perf_hooks';
 import { spawnSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { median } from './lib.mjs';
+import { alternated, median } from './lib.mjs';
 import { stubCudaEngine } from './stub_cuda_engine.mjs';
 
 const HQ = 64, TOPK = 512;
@@ -99,11 +99,7 @@ async function compare(args) {
     };
     [runA, runB] = [child(distA), child(distB)];
   }
-  const got = { A: [], B: [] };
-  for (let i = 0; i < rounds; i++) {
-    if (i % 2 === 0) got.A.push(await runA()), got.B.push(await runB());
-    else got.B.push(await runB()), got.A.push(await runA());
-  }
+  const got = await alternated({ A: runA, B: runB }, rounds);
   console.log(`N = ${N}, ${rounds} ${oneProcess ? 'rounds in one process' : `fresh processes each${noFeedback ? ', no feedback' : ''}`}; A ${distA}, B ${distB}`);
   for (const [key, what] of [['firstUs', 'first op'], ['resolvedUs', 'resolved']]) {
     const a = got.A.map((r) => r[key]), b = got.B.map((r) => r[key]);

@@ -60,13 +60,22 @@ export function optionArgs(options) {
 /**
  * `script --child --dist DIST ...childArgs` run for each build `pairs` times, alternated (new base,
  * then base new, and so on, so a drift of the machine's speed falls on both): per build the `ms` of
- * the JSON line each process printed last.
+ * the JSON line each process printed last (a promise).
  */
 export function alternatedRuns(script, builds, pairs, childArgs) {
-  const run = (build) => JSON.parse(execFileSync(process.execPath, [script, '--child', '--dist', builds[build], ...childArgs], { encoding: 'utf8', maxBuffer: 1 << 24 }).trim().split('\n').at(-1)).ms;
-  const got = { new: [], base: [] };
+  const run = (build) => () => JSON.parse(execFileSync(process.execPath, [script, '--child', '--dist', builds[build], ...childArgs], { encoding: 'utf8', maxBuffer: 1 << 24 }).trim().split('\n').at(-1)).ms;
+  return alternated({ new: run('new'), base: run('base') }, pairs);
+}
+
+/**
+ * Two runs' functions (sync or async) called `pairs` times each, alternated (A B, then B A, and so
+ * on, so a drift of the machine's speed falls on both): per key the results in order.
+ */
+export async function alternated(runs, pairs) {
+  const [a, b] = Object.keys(runs);
+  const got = { [a]: [], [b]: [] };
   for (let p = 0; p < pairs; p++) {
-    for (const build of p % 2 ? ['base', 'new'] : ['new', 'base']) got[build].push(run(build));
+    for (const key of p % 2 ? [b, a] : [a, b]) got[key].push(await runs[key]());
   }
   return got;
 }

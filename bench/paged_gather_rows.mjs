@@ -67,7 +67,7 @@ if (child) {
   const { builds, pairs } = takeComparison(args);
   const shared = optionArgs({ '--backend': backend, '--rows': rowsList, '--heads': heads, '--topk': topks, '--calls': calls, '--workers': workers });
   for (const tokens of tokenList) {
-    const got = alternatedRuns(fileURLToPath(import.meta.url), builds, pairs, ['--tokens', String(tokens), ...shared]);
+    const got = await alternatedRuns(fileURLToPath(import.meta.url), builds, pairs, ['--tokens', String(tokens), ...shared]);
     console.log(`# ${backend} pagedSparseAttention, v4 cache of ${tokens} tokens (pages of ${PAGE}), ${workers} workers, ${pairs} pairs, per process the median of ${calls} after 1 warm-up; _plan: planPagedReads(...).gather() alone`);
     for (const line of pairTable(got, 29, 3)) console.log(line);
   }

@@ -53,7 +53,7 @@ if (child) {
   const { builds, pairs } = takeComparison(args);
   const shared = optionArgs({ '--backend': backend, '--rows': rowsList, '--heads': heads, '--topk': topks, '--calls': calls, '--workers': workers });
   for (const kvSize of kvSizes) {
-    const got = alternatedRuns(fileURLToPath(import.meta.url), builds, pairs, ['--kv', kvSize, ...shared]);
+    const got = await alternatedRuns(fileURLToPath(import.meta.url), builds, pairs, ['--kv', kvSize, ...shared]);
     console.log(`# ${backend}, kv ${kvSize.replace(':', ' rows x dQK ')}, ${workers} workers, ${pairs} pairs, per process the median of ${calls} calls after 1 warm-up`);
     for (const line of pairTable(got, 24, 1)) console.log(line);
   }

@@ -164,6 +164,16 @@ function makeCase(rng) {
   const mode = rng.uniform() < 0.6 ? 'unread' : 'wild';
   const operands = [];
   const add = (name, g, unread) => operands.push({ name, g, unread });
+  // an attention op's case over `a` (rows × hQ outputs), judged against its reference by the regime
+  const attentionCase = (a, rows, hQ, describe) => ({
+    op,
+    mode,
+    operands,
+    args: a,
+    force: rng.pick([null, null, 'compact', 'whole']),
+    describe,
+    judge: (got) => judgeAttention(got, () => withDotScales(op, R[`${op}Reference`], a), rows, hQ, 512),
+  });
   // a call's sink in 40% of the cases, in guarded shared memory, ±inf among its values
   const maybeSink = (a, hQ) => {
     if (rng.uniform() >= 0.4) return;
@@ -197,15 +207,7 @@ function makeCase(rng) {
       add('topkLength', g, null);
     }
     maybeSink(a, hQ);
-    return {
-      op,
-      mode,
-      operands,
-      args: a,
-      force: rng.pick([null, null, 'compact', 'whole']),
-      describe: `sparsePrefill${kvShared ? '' : ' (kv unshared)'} sQ ${sQ} hQ ${hQ} dQK ${dQK} sKV ${sKV} topk ${topk}, ${read.size} rows read${lengths ? ', topkLength' : ''}${a.attnSink ? ', sink' : ''}, ${idx.tensor.dtype}`,
-      judge: (got) => judgeAttention(got, () => withDotScales('sparsePrefill', R.sparsePrefillReference, a), sQ, hQ, 512),
-    };
+    return attentionCase(a, sQ, hQ, `sparsePrefill${kvShared ? '' : ' (kv unshared)'} sQ ${sQ} hQ ${hQ} dQK ${dQK} sKV ${sKV} topk ${topk}, ${read.size} rows read${lengths ? ', topkLength' : ''}${a.attnSink ? ', sink' : ''}, ${idx.tensor.dtype}`);
   }
   if (op === 'pagedSparseAttention') {
     const n = rng.pick([1, 2, 3]);
@@ -245,15 +247,7 @@ function makeCase(rng) {
       extraDesc = `; extra ${extra.desc}`;
     }
     maybeSink(a, hQ);
-    return {
-      op,
-      mode,
-      operands,
-      args: a,
-      force: rng.pick([null, null, 'compact', 'whole']),
-      describe: `pagedSparseAttention n ${n} hQ ${hQ}, main ${main.desc}${extraDesc}${a.attnSink ? ', sink' : ''}`,
-      judge: (got) => judgeAttention(got, () => withDotScales('pagedSparseAttention', R.pagedSparseAttentionReference, a), n, hQ, 512),
-    };
+    return attentionCase(a, n, hQ, `pagedSparseAttention n ${n} hQ ${hQ}, main ${main.desc}${extraDesc}${a.attnSink ? ', sink' : ''}`);
   }
   const format = rng.pick(['v4', 'v32']);
   const base = format === 'v4' ? v4Cache(rng, rng.pick([1, 3, 16, 64]), rng.int(1, 5)) : v32Cache(rng, rng.int(1, 40));

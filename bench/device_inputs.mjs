@@ -1,9 +1,10 @@
-// Device-resident inputs of the layer scripts (bench/layer_probe.mjs,
-// bench/experiments/layer_wall_trace.mjs), the GPU bench's own (src/cli/gpu_bench.ts): random bf16
-// tensors, v4 caches of one quantized random page tiled, and a c4 layer's indexer top-k (GPU only);
-// and per-row random v4 caches on any engine (randomV4Cache). `npm run build` first.
-import { createKvCache, toBf16 } from '../dist/index.js';
+// Device-resident inputs of the layer scripts (bench/layer_probe.mjs, bench/experiments/
+// layer_wall_trace.mjs, layer_cold_runs.mjs), the GPU bench's own (src/cli/gpu_bench.ts): random bf16
+// tensors, v4 caches of one quantized random page tiled, a c4 layer's indexer top-k and the whole
+// layer (GPU only); and per-row random v4 caches on any engine (randomV4Cache). `npm run build` first.
+import { createKvCache, createPlan, tensor, toBf16 } from '../dist/index.js';
 import { randomC4Topk, randomDeviceBf16, tiledDeviceCache } from '../dist/cli/gpu_bench.js';
+import { freshC4Chunk } from './lib.mjs';
 
 /** The helpers over a cuda engine and a seeded rng (makeRng). */
 export function deviceInputs(engine, rng) {
@@ -14,6 +15,28 @@ export function deviceInputs(engine, rng) {
     deviceCache: (pages) => tiledDeviceCache(engine, rng, 'v4', pages),
     /** A c4 layer's top-k of n queries (int32 [n, topk], −1 padded): random visible positions. */
     c4TopkIndices: (n, topk) => randomC4Topk(rng, n, topk),
+  };
+}
+
+/**
+ * The GPU bench's c4 layer of n queries (one fresh request, freshC4Chunk), hQ heads and top-k
+ * `topk`, every operand on the device: `args` are prefillLayer's (path 'sparse'); `topkIdx` the
+ * top-k's host copy; `free()` frees the operands.
+ */
+export async function c4DeviceLayer(engine, rng, n, hQ, topk) {
+  const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
+  const plan = createPlan(freshC4Chunk(n));
+  const swa = await deviceCache(n / 64), c4 = await deviceCache(n / 4 / 64);
+  const q = await randomDevice([n, hQ, 512]);
+  const attnSink = await engine.upload(tensor('float32', [hQ], Float32Array.from({ length: hQ }, () => rng.normal())));
+  const topkIdx = c4TopkIndices(n, topk);
+  const topkIndices = await engine.upload(tensor('int32', [n, topk], topkIdx));
+  return {
+    args: { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices, attnSink, smScale: 1 / Math.sqrt(512), path: 'sparse' },
+    topkIdx,
+    free: () => {
+      for (const x of [q, topkIndices, attnSink, swa, c4]) x.data.free();
+    },
   };
 }
 

@@ -11,11 +11,11 @@
 //   LCR_SPANS=1 node bench/experiments/layer_cold_runs.mjs   (the wall clock split: device span / host)
 // GPU only; `npm run build` first (or the dist of bench/device/ship.sh).
 import { PerformanceObserver, performance } from 'node:perf_hooks';
-import { createEngine, createPlan, prefillLayer, tensor } from '../../dist/index.js';
+import { createEngine, prefillLayer } from '../../dist/index.js';
 import { engineBackend } from '../../dist/engine.js';
 import { CudaBackend } from '../../dist/backends/native/cuda_backend.js';
 import { makeRng } from '../../dist/check/grid.js';
-import { deviceInputs } from '../device_inputs.mjs';
+import { c4DeviceLayer } from '../device_inputs.mjs';
 
 const N = 4096, HQ = 64, TOPK = 512, MiB = 2 ** 20;
 const RUNS = Number(process.env.LCR_RUNS ?? 40);
@@ -28,18 +28,12 @@ new PerformanceObserver((list) => {
 const engine = await createEngine({ backend: 'cuda' });
 const be = engineBackend(engine, CudaBackend);
 const rng = makeRng(0x5eed);
-const { randomDevice, deviceCache, c4TopkIndices } = deviceInputs(engine, rng);
+const layerInputs = await c4DeviceLayer(engine, rng, N, HQ, TOPK);
 const flushA = be.alloc(256 * MiB), flushB = be.alloc(256 * MiB);
 const markA = be.alloc(4096), markB = be.alloc(4096);
-const nComp = N / 4;
-const plan = createPlan({ requests: [{ seqLen: N, extendLen: N, swaTokenIds: Int32Array.from({ length: N }, (_, i) => i), c4PageTable: Int32Array.from({ length: nComp / 64 }, (_, i) => i) }], c4PageSize: 64 });
-const swa = await deviceCache(N / 64), c4 = await deviceCache(nComp / 64);
-const q = await randomDevice([N, HQ, 512]);
-const sink = await engine.upload(tensor('float32', [HQ], Float32Array.from({ length: HQ }, () => rng.normal())));
-const topk = await engine.upload(tensor('int32', [N, TOPK], c4TopkIndices(N, TOPK)));
 let resolvedAt = 0;
 const layer = async () => {
-  const r = await prefillLayer(engine, { plan, compressRatio: 4, q, caches: { swa, c4 }, topkIndices: topk, attnSink: sink, smScale: 1 / Math.sqrt(512), path: 'sparse' }, { output: 'device' });
+  const r = await prefillLayer(engine, layerInputs.args, { output: 'device' });
   resolvedAt = performance.now();
   for (const t of [r.out, r.lse, r.maxLogits]) t.data.free();
 };
@@ -83,7 +77,7 @@ for (const [i, r] of runs.entries()) {
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 const ratios = runs.map((r) => r.wallMs / r.kernelMs);
 console.log(JSON.stringify({ flags: process.execArgv, firstTen: median(ratios.slice(3, 13)), next: median(ratios.slice(13)), gcRuns: runs.filter((r) => r.gcs > 0).length, ratios: ratios.map((x) => +x.toFixed(3)), resolvedMs: runs.map((r) => +r.resolvedMs.toFixed(3)), poolGrowRuns: runs.filter((r) => r.poolGrowMiB !== 0).length, ...(SPANS ? { deviceWaitUs: runs.map((r) => +(1000 * (r.spanMs - r.kernelMs)).toFixed(1)), hostPastUs: runs.map((r) => +(1000 * (r.wallMs - r.spanMs)).toFixed(1)) } : {}) }));
-for (const x of [q, topk, sink, swa, c4]) x.data.free();
+layerInputs.free();
 flushA.free();
 markA.free();
 markB.free();

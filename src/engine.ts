@@ -49,6 +49,17 @@ export class SparseMlaEngine implements Engine {
     return typeof value === 'object' && value !== null && #brand in value;
   }
 
+  /**
+   * @internal Whether `self` runs the engine's methods: an engine, or a Proxy of one or an object inheriting from
+   * one (its state read through it). An object that has only the engine's prototype (Object.create of
+   * it, a mocking library's stub instance, a Proxy claiming it) passes instanceof but has no state.
+   */
+  static runsAsEngine(self: unknown): self is SparseMlaEngine {
+    if (!(self instanceof SparseMlaEngine)) return false;
+    const life: unknown = self.life, impl: unknown = self.impl;
+    return typeof life === 'object' && life !== null && typeof impl === 'object' && impl !== null;
+  }
+
   /** the brand isEngine checks */
   readonly #brand = true;
   readonly backend: BackendName;
@@ -93,6 +104,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   get hasDevice(): boolean {
+    if (!SparseMlaEngine.runsAsEngine(this)) throw notThisEngine(this, 'hasDevice', true);
     return this.impl.device !== undefined;
   }
 
@@ -169,6 +181,7 @@ export class SparseMlaEngine implements Engine {
   }
 
   get device(): number | undefined {
+    if (!SparseMlaEngine.runsAsEngine(this)) throw notThisEngine(this, 'device', true);
     return this.impl.device?.deviceIndex;
   }
 
@@ -191,7 +204,7 @@ export class SparseMlaEngine implements Engine {
 
   /** Not an async function (it waits in the backend's): one promise a call, the backend's. */
   synchronize(): Promise<void> {
-    if (!(this instanceof SparseMlaEngine)) return Promise.reject(notThisEngine(this, 'synchronize'));
+    if (!SparseMlaEngine.runsAsEngine(this)) return Promise.reject(notThisEngine(this, 'synchronize'));
     if (this.life.teardown !== undefined) return Promise.reject(disposedError());
     return this.impl.device?.synchronize() ?? Promise.resolve();
   }
@@ -199,7 +212,7 @@ export class SparseMlaEngine implements Engine {
   /** Every call, the first or a later one, resolves once the backend is torn down (a later one is not done before the first is). */
   dispose(): Promise<void> {
     // (unbound, e.g. passed as a callback: refused, and no engine is disposed)
-    if (!(this instanceof SparseMlaEngine)) return Promise.reject(notThisEngine(this, 'dispose'));
+    if (!SparseMlaEngine.runsAsEngine(this)) return Promise.reject(notThisEngine(this, 'dispose'));
     if (this.life.teardown === undefined) {
       undisposedWorkers.unregister(this);
       this.life.teardown = this.teardown();
@@ -215,16 +228,17 @@ export class SparseMlaEngine implements Engine {
 
 /**
  * The typed error of an engine method called on anything but an engine (called unbound, e.g. taken
- * from the engine or passed as a callback: `this` was undefined, a TypeError from inside). A Proxy of
- * an engine, or an object inheriting from one, runs the method as the engine does.
+ * from the engine or passed as a callback: `this` was undefined, a TypeError from inside), or on an
+ * object of the engine's prototype without its state (runsAsEngine). A Proxy of an engine, or an object
+ * inheriting from one, runs the method as the engine does.
  */
-function notThisEngine(self: unknown, method: string): SparseMlaError {
-  return new SparseMlaError('INVALID_VALUE', `this: expected an Engine from createEngine() (call it as engine.${method}(...)), got ${describe(self)}`, 'this');
+function notThisEngine(self: unknown, method: string, getter = false): SparseMlaError {
+  return new SparseMlaError('INVALID_VALUE', `this: expected an Engine from createEngine() (${getter ? 'read it as' : 'call it as'} engine.${method}${getter ? '' : '(...)'}), got ${describe(self)}`, 'this');
 }
 
 /** The checks an engine method makes first: INVALID_VALUE naming this on anything but an engine, then DISPOSED after dispose(). */
 function engineThis(self: unknown, method: string): asserts self is SparseMlaEngine {
-  if (!(self instanceof SparseMlaEngine)) throw notThisEngine(self, method);
+  if (!SparseMlaEngine.runsAsEngine(self)) throw notThisEngine(self, method);
   self.assertAlive();
 }
 

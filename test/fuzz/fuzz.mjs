@@ -27,6 +27,7 @@ import { ENGINES_TARGETS } from './engines_targets.mjs';
 import { NUMERIC_TARGETS } from './numeric_targets.mjs';
 import { SHARDED_DEVICE_TARGETS } from './sharded_device_targets.mjs';
 import { RACE_TARGETS } from './race_targets.mjs';
+import { RECEIVER_TARGETS } from './receiver_targets.mjs';
 
 /** The targets drawn from the session-53 stream: session 53's, 54's (side_targets.mjs), 55's (dir_targets.mjs), 56's (cli_targets.mjs, io_targets.mjs, lifecycle_targets.mjs) and 57's (reference_targets.mjs, engines_targets.mjs; dir_targets.mjs lazyDirRead), each from its fromSeed. */
 const SIDE3_TARGETS = [...SIDE3_OWN, ...DIR_TARGETS, ...CLI_TARGETS, ...IO_TARGETS, ...LIFECYCLE_TARGETS, ...REFERENCE_TARGETS, ...ENGINES_TARGETS, ...LAZY_DIR_TARGETS];
@@ -103,8 +104,8 @@ export const SIDE4_FROM_SEED = 221;
 /** The odds that a case of a seed from SIDE4_FROM_SEED runs a session-58 target instead of its own. */
 export const SIDE4_TARGET_ODDS = 0.06;
 
-/** The session-58 targets and those added since (session 59's shardedDevice, cuda engines, from seed 257; session 61's opRace, host engines, race_targets.mjs) with their weights, each from its fromSeed. */
-const SIDE4_TARGETS = [...NUMERIC_TARGETS, ...SHARDED_DEVICE_TARGETS, ...RACE_TARGETS];
+/** The session-58 targets and those added since (session 59's shardedDevice, cuda engines, from seed 257; session 61's opRace, host engines, race_targets.mjs; session 62's foreignReceiver, host engines, from seed 391, receiver_targets.mjs) with their weights, each from its fromSeed. */
+const SIDE4_TARGETS = [...NUMERIC_TARGETS, ...SHARDED_DEVICE_TARGETS, ...RACE_TARGETS, ...RECEIVER_TARGETS];
 
 function caseRng(seed, index) {
   // two rounds of a 32-bit mix: neighbouring indices give unrelated streams

@@ -11,12 +11,19 @@
  * the prototype). SPEC §9: every public entry point refuses bad input with a typed error. Found by the
  * fuzzer's foreignReceiver target (test/fuzz/receiver_targets.mjs), e.g.
  * `node test/fuzz/run.mjs --backends cpu --seed 391 --case 9 --targets foreignReceiver`.
+ *
+ * The float64 reference (`sparse-mla/reference`, a public entry point) sized its per-query scratch by
+ * the index set's width and q's head count, which a call without query rows does not bound by any data:
+ * pagedSparseAttentionReference over indices of shape [0, 2^32] (or [0, 1, 2^32]) and
+ * sparsePrefillReference over a q of shape [0, 2^31 − 1, 576] threw an untyped RangeError ("Invalid
+ * typed array length") where its other scratch refuses TOO_LARGE. Found by the fuzzer's referenceApi
+ * target: `node test/fuzz/run.mjs --backends cpu --seed 352 --case 2375`.
  */
 import { existsSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { SparseMlaError, createEngine, createKvCache, tensor } from '../dist/index.js';
 import type { Engine } from '../dist/index.js';
-import { sparsePrefillReference } from '../dist/reference/index.js';
+import { pagedSparseAttentionReference, sparsePrefillReference } from '../dist/reference/index.js';
 import { randomPrefillArgs, testRng } from './helpers/random.js';
 import { judgeAttention } from './fuzz/targets.mjs';
 import { errorOf } from './helpers/errors.js';
@@ -105,5 +112,36 @@ describe("engine methods on an object of the engine's prototype without its stat
       expect(judgeAttention(await self.sparsePrefill(args), () => sparsePrefillReference(args), sQ, hQ, 512)).toBeNull();
       await self.synchronize();
     }
+  });
+});
+
+describe('the float64 reference over index sets and head counts no query row bounds (session 62, helper-96, the fuzzer\'s referenceApi target, cpu seed 352 case 2375)', () => {
+  const bits = (n: number) => new Uint16Array(n);
+  const cache = () => createKvCache('v4', { pageSize: 1, numPages: 2 });
+
+  test('pagedSparseAttentionReference refuses TOO_LARGE naming indices where the index sets are too wide to gather (was a RangeError), 2-d and 3-d indices, the extra set too', async () => {
+    const q = tensor('bf16', [0, 1, 512], bits(0));
+    const calls: [string, () => unknown][] = [
+      ['indices [0, 2^32]', () => pagedSparseAttentionReference({ q, kCache: cache(), indices: tensor('int32', [0, 2 ** 32], new Int32Array(0)), smScale: 0.1 })],
+      ['indices [0, 1, 2^32]', () => pagedSparseAttentionReference({ q, kCache: cache(), indices: tensor('int32', [0, 1, 2 ** 32], new Int32Array(0)), smScale: 0.1 })],
+      ['extraIndices [0, 2^32]', () => pagedSparseAttentionReference({ q, kCache: cache(), indices: tensor('int32', [0, 3], new Int32Array(0)), extraKCache: cache(), extraIndices: tensor('int32', [0, 2 ** 32], new Int32Array(0)), smScale: 0.1 })],
+    ];
+    for (const [what, call] of calls) {
+      const e = await errorOf(call);
+      expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, `${what}: ${String(e)}`).toEqual({ code: 'TOO_LARGE', argument: 'indices' });
+    }
+  });
+
+  test('sparsePrefillReference refuses TOO_LARGE naming q where q has no rows and 2^31 − 1 heads (was a RangeError)', async () => {
+    const e = await errorOf(() => sparsePrefillReference({ q: tensor('bf16', [0, 2 ** 31 - 1, 576], bits(0)), kv: tensor('bf16', [1, 576], bits(576)), indices: tensor('int32', [0, 1], new Int32Array(0)), smScale: 0.1 }));
+    expect(e instanceof SparseMlaError && { code: e.code, argument: e.argument }, String(e)).toEqual({ code: 'TOO_LARGE', argument: 'q' });
+  });
+
+  test('the same references at sizes they can hold still answer: no rows gives empty outputs; a fresh random call agrees with the engines within SPEC §4.1', async () => {
+    const none = pagedSparseAttentionReference({ q: tensor('bf16', [0, 3, 512], bits(0)), kCache: cache(), indices: tensor('int32', [0, 1, 4096], new Int32Array(0)), smScale: 0.1 });
+    expect([none.out.length, none.lse.length, none.maxLogits.length]).toEqual([0, 0, 0]);
+    const sQ = rng.int(1, 4), hQ = rng.int(1, 4), sKV = rng.int(1, 30), topk = rng.int(1, 10);
+    const args = randomPrefillArgs(rng, { sQ, hQ, dQK: 576, sKV, topk }, { invalidFraction: 0.2 });
+    for (const engine of engines) expect(judgeAttention(await engine.sparsePrefill(args), () => sparsePrefillReference(args), sQ, hQ, 512), engine.backend).toBeNull();
   });
 });

@@ -217,3 +217,12 @@ export function allocFloat64(n: number, argument: string): Float64Array {
     return refuse('TOO_LARGE', argument, 'outputs this process can allocate', `${n} float64 values (${(e as Error).message})`);
   }
 }
+
+/** A scratch array of n elements of `kind` (TOO_LARGE where this process cannot allocate it, as allocFloat64). */
+export function allocScratch<T extends Float32Array | Int32Array>(kind: new (n: number) => T, n: number, argument: string): T {
+  try {
+    return new kind(n);
+  } catch (e) {
+    return refuse('TOO_LARGE', argument, 'scratch this process can allocate', `${n} ${kind.name} elements (${(e as Error).message})`);
+  }
+}

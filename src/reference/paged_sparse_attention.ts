@@ -4,7 +4,7 @@
  * exactly as in the sparse prefill reference (§4).
  */
 import type { PagedSparseAttentionArgs } from '../types.js';
-import { allocFloat64, ArgumentReader, readFinite, readInteger, readRecord, refuse } from './checks.js';
+import { allocFloat64, allocScratch, ArgumentReader, readFinite, readInteger, readRecord, refuse } from './checks.js';
 import { cacheRowDims, cacheTokenCount, DequantizedRows, readCache } from './kv_cache.js';
 import {
   attendQueryChecked,
@@ -61,8 +61,9 @@ export function pagedSparseAttentionReference(args: PagedSparseAttentionArgs, op
   const nq = qs.length;
   const res = emptyAttentionResult(nq, hQ, dV);
   const maxEntries = sources.reduce((s, src) => s + src.set.topk, 0);
-  const gathered = new Float32Array(Math.max(1, maxEntries) * width);
-  const offsets = new Int32Array(Math.max(1, maxEntries));
+  // sized by the index sets' widths, which a set without rows does not bound (an untyped RangeError past the typed-array limit)
+  const gathered = allocScratch(Float32Array, Math.max(1, maxEntries) * width, 'indices');
+  const offsets = allocScratch(Int32Array, Math.max(1, maxEntries), 'indices');
   const scratch = allocFloat64(Math.max(1, hQ * maxEntries), 'indices');
   for (let j = 0; j < nq; j++) {
     const i = qs[j]!;

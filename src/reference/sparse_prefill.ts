@@ -3,7 +3,7 @@
  * the C++ core. Logits, softmax and the weighted sum are all float64; inputs are the bf16 values.
  */
 import type { SparsePrefillArgs, Tensor } from '../types.js';
-import { allocFloat64, ArgumentReader, describeValue, readFinite, readInteger, readList, readName, readNumber, readRecord, refuse, shapeText, type ReadTensor } from './checks.js';
+import { allocFloat64, allocScratch, ArgumentReader, describeValue, readFinite, readInteger, readList, readName, readNumber, readRecord, refuse, shapeText, type ReadTensor } from './checks.js';
 
 export interface ReferenceOptions {
   /** Compute only these query rows (in this order); default: every row. */
@@ -500,7 +500,8 @@ export function prepareSparsePrefillReference(args: SparsePrefillArgs): Prepared
   const { sQ, hQ, dQK, sKV, dV, topk } = shapes;
   // kv is widened once; q one query at a time (a GPU-sized q would not fit twice in memory)
   const kvf = widenChecked(kv);
-  const qRow = new Float32Array(hQ * dQK);
+  // hQ is bounded by q's data only where q has rows
+  const qRow = allocScratch(Float32Array, hQ * dQK, 'q');
   const qRowBits = new Uint32Array(qRow.buffer);
   const scratch = allocFloat64(Math.max(1, hQ * topk), 'indices');
   const offsets = new Int32Array(Math.max(1, topk));

@@ -110,10 +110,11 @@ class QueuedDequant<B> implements WorkspaceDequantizeJob<B> {
  * (after them); a cache without ids has none. The queued and the stepwise layer both run these.
  */
 export function workspaceDequants<B>(caches: { swa: CacheView<B>; compressed?: CacheView<B> }, workspace: Uint16Array | B, compressedIds: BigInt64Array | B | null, compressedRows: number, swaIds: BigInt64Array | B | null, swaRows: number): WorkspaceDequantizeJob<B>[] {
-  const swa = swaIds === null ? null : new QueuedDequant(caches.swa, swaIds, swaRows, workspace, compressedRows);
-  if (compressedIds === null) return swa === null ? [] : [swa];
-  const compressed = new QueuedDequant(caches.compressed!, compressedIds, compressedRows, workspace, 0);
-  return swa === null ? [compressed] : [compressed, swa];
+  // (pushed: a layer with both kinds of rows, the usual one, runs every line)
+  const dequants: WorkspaceDequantizeJob<B>[] = [];
+  if (compressedIds !== null) dequants.push(new QueuedDequant(caches.compressed!, compressedIds, compressedRows, workspace, 0));
+  if (swaIds !== null) dequants.push(new QueuedDequant(caches.swa, swaIds, swaRows, workspace, compressedRows));
+  return dequants;
 }
 
 /** A queued layer's sparsePrefill over its workspace rows. */
@@ -431,9 +432,12 @@ export class LayerResources<B = never> {
   #takeC4Rows(width: number): C4LayerRows<B> | undefined {
     const have = this.#c4Rows;
     this.#c4Rows = undefined;
-    if (have === undefined) return undefined;
-    if (have.width === width && usable(have.rows) && usable(have.lens) && usable(have.droppedTotal)) return have;
-    this.#releaseC4Rows(have);
+    return have !== undefined && have.width === width && usable(have.rows) && usable(have.lens) && usable(have.droppedTotal) ? have : this.#staleC4Rows(have);
+  }
+
+  /** #takeC4Rows where the kept rows (if any) do not serve: freed, none taken. */
+  #staleC4Rows(have: C4LayerRows<B> | undefined): undefined {
+    if (have !== undefined) this.#releaseC4Rows(have);
     return undefined;
   }
 
@@ -545,7 +549,11 @@ export class LayerResources<B = never> {
   takeWorkspace(steps: LayerSteps<B>): Uint16Array | B {
     const have = this.#workspace;
     this.#workspace = undefined;
-    if (have !== undefined && usable(have)) return have;
+    return have !== undefined && usable(have) ? have : this.#newWorkspace(steps);
+  }
+
+  /** takeWorkspace where none is kept (or the kept one was freed): a new one, counted. */
+  #newWorkspace(steps: LayerSteps<B>): Uint16Array | B {
     if (this.memory === 'host') this.#plan.stats.workspaceAllocations++;
     else this.#plan.deviceStats.deviceWorkspaceAllocations++;
     return steps.allocWorkspace(this.#plan.workspaceBytes);

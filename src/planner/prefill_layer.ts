@@ -74,7 +74,9 @@ export function prefillLayer<P extends Placement = 'host'>(engine: Engine, args:
   } catch (e) {
     return Promise.reject(e);
   }
-  return runLayer(engine as SparseMlaEngine, call) as Promise<PrefillLayerResult<P, number | null>>;
+  // runLayer inline (a device layer holds no copies)
+  const copies = call.copies;
+  return (copies === undefined ? layer(engine as SparseMlaEngine, call) : layerThenRelease(engine as SparseMlaEngine, call, copies)) as Promise<PrefillLayerResult<P, number | null>>;
 }
 
 /**

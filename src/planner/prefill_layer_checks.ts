@@ -10,7 +10,7 @@ import { isDeviceBuffer, tensor } from '../tensor.js';
 import { checkCallMemory, copyBytes } from '../backends/memory.js';
 import { alignStaging, attentionOutputBytes, copyAtCall, inputBytes, type InputBytes } from '../backends/staging.js';
 import { mostPagedCacheBytes, mostPagedParts, pagedSetReads, type HostPagedSet } from '../backends/paged_gather.js';
-import { checkEngine, type SparseMlaEngine } from '../engine.js';
+import { SparseMlaEngine, checkEngine } from '../engine.js';
 import type { DeviceBuffer, DeviceTensor, Engine, KvCache, OutputOptions, Placement, Tensor } from '../types.js';
 import type { CacheView, HostOpMemory, PagedSetBytes, TaskHeap, WorkerHeap } from '../backends/backend.js';
 import { Plan } from './plan.js';
@@ -429,7 +429,7 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
     cachesRead = caches;
     // a forced path (the layer loop's usual call) without the router's options object and decision
     const path = args.path, threshold = args.threshold;
-    route = forcedRoute(path, threshold) ?? routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
+    route = forcedRoute(path, threshold) ?? routeLayer(engine, args, nq, path, threshold, ratio);
     let topk: CheckedTopk<DeviceBuffer> | undefined;
     if (ratio === 4) {
       const t = deviceTopk(plan, topkIndices, device, stopped);
@@ -443,6 +443,11 @@ function prepareDeviceLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, opt
   }
   stopped.call = fellBack(stopped, plan, ratio, output, dropped, qRead, smScale, sinkRead, topkRead, cachesRead, route);
   return undefined;
+}
+
+/** The router's decision for a layer whose path is not forced (`path` and `threshold` as read; env read now, as prepareLayer reads it). */
+function routeLayer(engine: SparseMlaEngine, args: PrefillLayerArgs, nq: number, path: PrefillLayerArgs['path'], threshold: PrefillLayerArgs['threshold'], ratio: CompressRatio): RouteDecision {
+  return routePrefill(nq, { path, threshold, env: args.env || undefined, backend: engine.backend, compressRatio: ratio });
 }
 
 /**
@@ -464,6 +469,25 @@ class Stopped {
     this.caches = undefined;
     this.topk = undefined;
     this.call = undefined;
+  }
+
+  /** An operand's check stopped at `value` (the operand `key`), its fields as read (tensorRead's): undefined, for the check to return. */
+  stopAtTensor(key: 'q' | 'attnSink' | 'topk', value: unknown, dtype: unknown, shape: unknown, data: unknown, length: unknown, d0: unknown, d1: unknown, d2: unknown): undefined {
+    this.read = value;
+    this[key] = tensorRead(dtype, shape, data, length, d0, d1, d2);
+    return undefined;
+  }
+
+  /** deviceCaches stopped at the caches `given`: each cache as read and its fields where read (format NOT_READ: not read). */
+  stopAtCaches(given: unknown, swa: unknown, swaFormat: unknown, swaPageSize: unknown, swaNumPages: unknown, swaData: unknown, compressed: unknown, format: unknown, pageSize: unknown, numPages: unknown, data: unknown): undefined {
+    this.read = given;
+    this.caches = {
+      swa,
+      swaFields: swaFormat === NOT_READ ? undefined : { format: swaFormat, pageSize: swaPageSize, numPages: swaNumPages, data: swaData },
+      compressed,
+      compressedFields: format === NOT_READ ? undefined : { format, pageSize, numPages, data },
+    };
+    return undefined;
   }
 }
 
@@ -506,9 +530,7 @@ function deviceQuery(value: unknown, nq: number, device: OwnedBufferCheck, stopp
     if (q2 !== WORKSPACE_ROW_DIMS || !device.ownsLive(data, nq * hQ * WORKSPACE_ROW_DIMS * 2)) break read;
     return new CheckedDeviceTensor('bf16', [nq, hQ, WORKSPACE_ROW_DIMS], data as DeviceBuffer);
   }
-  stopped.read = value;
-  stopped.q = tensorRead(dtype, shape, data, rank, q0, hQ, q2);
-  return undefined;
+  return stopped.stopAtTensor('q', value, dtype, shape, data, rank, q0, hQ, q2);
 }
 
 /** A device layer's sink: `value` as a live device float32 [hQ] of `device`'s own, read as deviceQuery reads q; else undefined, what was read of it in `stopped`. */
@@ -527,9 +549,7 @@ function deviceSink(value: unknown, hQ: number, device: OwnedBufferCheck, stoppe
     if (s0 !== hQ || !device.ownsLive(data, hQ * 4)) break read;
     return new CheckedDeviceTensor('float32', [hQ], data as DeviceBuffer);
   }
-  stopped.read = value;
-  stopped.attnSink = tensorRead(dtype, shape, data, rank, s0, NOT_READ, NOT_READ);
-  return undefined;
+  return stopped.stopAtTensor('attnSink', value, dtype, shape, data, rank, s0, NOT_READ, NOT_READ);
 }
 
 /**
@@ -562,14 +582,7 @@ function deviceCaches(plan: Plan, given: unknown, ratio: CompressRatio, device: 
     if (compressedView === undefined) break read;
     return new CheckedCaches(swaView, compressedView);
   }
-  stopped.read = given;
-  stopped.caches = {
-    swa,
-    swaFields: swaFormat === NOT_READ ? undefined : { format: swaFormat, pageSize: swaPageSize, numPages: swaNumPages, data: swaData },
-    compressed,
-    compressedFields: format === NOT_READ ? undefined : { format, pageSize, numPages, data },
-  };
-  return undefined;
+  return stopped.stopAtCaches(given, swa, swaFormat, swaPageSize, swaNumPages, swaData, compressed, format, pageSize, numPages, data);
 }
 
 /**
@@ -598,9 +611,7 @@ function deviceTopk(plan: Plan, value: unknown, device: OwnedBufferCheck, stoppe
     const topk = plan.deviceTopk(rank === 3 ? t2 : t1, data, device);
     if (topk !== undefined) return topk;
   }
-  stopped.read = value;
-  stopped.topk = tensorRead(dtype, shape, data, rank, t0, t1, t2);
-  return undefined;
+  return stopped.stopAtTensor('topk', value, dtype, shape, data, rank, t0, t1, t2);
 }
 
 /**
@@ -697,7 +708,9 @@ export type CheckedLayer = LayerCall;
  * where the device checks would stop: the full checks at once, over the caller's objects.
  */
 export function checkLayer(given: Engine, args: PrefillLayerArgs, options?: unknown, engineArgument = 'engine', hostOperand = false): CheckedLayer {
-  const engine = checkEngine(given, engineArgument);
+  // (checkEngine only to throw: its refusal is most of its bytecode, which V8 counts against it
+  // while it runs cold — it gives a function feedback once it has run about eight times its bytecode)
+  const engine = SparseMlaEngine.isEngine(given) ? given : checkEngine(given, engineArgument);
   // (compared with undefined, not told apart by instanceof: this runs on every layer, mostly cold)
   const stopped = new Stopped();
   const fast = hostOperand ? undefined : prepareDeviceLayer(engine, args, options, stopped);
@@ -725,14 +738,18 @@ function checkFully(engine: SparseMlaEngine, args: PrefillLayerArgs, options: un
  * would name theirs: cache, kCache.data). Gives back the call's copies when it throws.
  */
 function deviceOperandsLive(call: LayerCall): void {
+  const sink = call.attnSink, caches = call.caches, compressed = caches.compressed, topk = call.topk;
+  if (isFreed(call.q.data) || (sink !== undefined && isFreed(sink.data)) || isFreed(caches.swa.data) || (compressed !== undefined && isFreed(compressed.data)) || (topk !== undefined && isFreed(topk.data))) operandFreed(call);
+}
+/** deviceOperandsLive's refusal, naming the first operand freed in the call's order. */
+function operandFreed(call: LayerCall): never {
   const compressed = call.caches.compressed;
-  let argument: string | undefined;
-  if (isFreed(call.q.data)) argument = 'q';
-  else if (call.attnSink !== undefined && isFreed(call.attnSink.data)) argument = 'attnSink';
-  else if (isFreed(call.caches.swa.data)) argument = 'caches.swa';
-  else if (compressed !== undefined && isFreed(compressed.data)) argument = `caches.c${call.ratio}`;
-  else if (call.topk !== undefined && isFreed(call.topk.data)) argument = 'topkIndices';
-  if (argument === undefined) return;
+  const argument =
+    isFreed(call.q.data) ? 'q'
+    : call.attnSink !== undefined && isFreed(call.attnSink.data) ? 'attnSink'
+    : isFreed(call.caches.swa.data) ? 'caches.swa'
+    : compressed !== undefined && isFreed(compressed.data) ? `caches.c${call.ratio}`
+    : 'topkIndices';
   releaseLayer(call);
   fail('INVALID_VALUE', argument, 'a live device buffer until the call has read its arguments', 'one freed during the call (by a getter of a later argument)');
 }

@@ -68,7 +68,6 @@ import {
   freeRunOutputs,
   freedLayerOperand,
   keptPagedProgram,
-  keptProgram,
   layerGeometry,
   layerRunArgs,
   layerSlotNames,
@@ -636,9 +635,18 @@ export class CudaBackend implements Backend, DeviceOps {
 
   /** The layer program kept for the job's owner and geometry, else one read now and kept. */
   private layerProgram(job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram {
-    let kept = this.programs.get(job.owner);
+    // (the lookup inline and the making out of line: every queued layer runs this, mostly before V8
+    // has given it feedback, which it does once the function has run about eight times the bytecode
+    // a call runs, so a branch skipped on every call delays it)
+    const kept = this.programs.get(job.owner);
+    if (kept !== undefined) for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
+    return this.newLayerProgram(job, kept);
+  }
+
+  /** layerProgram where none is kept for the job's geometry: one read now and kept (with the owner's list, made where it has none). */
+  private newLayerProgram(job: QueuedLayerJob<DeviceBuffer>, kept: KeptLayerProgram[] | undefined): NativeLayerProgram {
     if (kept === undefined) this.programs.set(job.owner, (kept = []));
-    return keptProgram(kept, job) ?? this.makeLayerProgram(job, kept);
+    return this.makeLayerProgram(job, kept);
   }
 
   /**

@@ -142,12 +142,6 @@ export function sameGeometry(g: readonly number[], job: QueuedLayerJob<DeviceBuf
   return g[i] === p.numQueries && g[i + 1] === p.hQ && g[i + 2] === p.rows && g[i + 3] === p.width && g[i + 4] === (p.workspace as DeviceBuffer).byteLength && g[i + 5] === (p.attnSink === null ? 0 : 1);
 }
 
-/** The kept program read for the job's geometry, if any. */
-export function keptProgram(kept: readonly KeptLayerProgram[], job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram | undefined {
-  for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
-  return undefined;
-}
-
 /** A layer run's outputs as adopted (CudaBackend.adoptRunOutputs): all set once the run's done has resolved. */
 export interface RunOutputs {
   out: CudaDeviceBuffer | null;

@@ -588,9 +588,21 @@ export class CudaBackend implements Backend, DeviceOps {
     }
     // the addon call, tracked as AddonCalls.run tracks one (inlined here: one async frame a layer)
     this.calls.assertAlive();
+    // the layer program kept for the job's owner and geometry, looked up here (made out of line):
+    // a branch skipped on every call delays V8's feedback, which counts the bytecode a call runs
+    const kept = this.programs.get(job.owner);
+    let program: NativeLayerProgram | undefined;
+    if (kept !== undefined) {
+      for (let k = 0; k < kept.length; k++) {
+        if (sameGeometry(kept[k]!.geometry, job)) {
+          program = kept[k]!.program;
+          break;
+        }
+      }
+    }
     let run: NativeLayerRun;
     try {
-      const program = this.layerProgram(job);
+      program ??= this.newLayerProgram(job, kept);
       args[0] = droppedInto;
       run = Reflect.apply(program.run, program, args) as NativeLayerRun;
     } catch (e) {
@@ -633,17 +645,7 @@ export class CudaBackend implements Backend, DeviceOps {
     freedLayerOperand(layerSlotNames(job)[stopped - RUN_BUFFERS_AT]!);
   }
 
-  /** The layer program kept for the job's owner and geometry, else one read now and kept. */
-  private layerProgram(job: QueuedLayerJob<DeviceBuffer>): NativeLayerProgram {
-    // (the lookup inline and the making out of line: every queued layer runs this, mostly before V8
-    // has given it feedback, which it does once the function has run about eight times the bytecode
-    // a call runs, so a branch skipped on every call delays it)
-    const kept = this.programs.get(job.owner);
-    if (kept !== undefined) for (let k = 0; k < kept.length; k++) if (sameGeometry(kept[k]!.geometry, job)) return kept[k]!.program;
-    return this.newLayerProgram(job, kept);
-  }
-
-  /** layerProgram where none is kept for the job's geometry: one read now and kept (with the owner's list, made where it has none). */
+  /** queueLayer where no program is kept for the job's geometry: one read now and kept (with the owner's list, made where it has none). */
   private newLayerProgram(job: QueuedLayerJob<DeviceBuffer>, kept: KeptLayerProgram[] | undefined): NativeLayerProgram {
     if (kept === undefined) this.programs.set(job.owner, (kept = []));
     return this.makeLayerProgram(job, kept);

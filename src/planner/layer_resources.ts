@@ -352,10 +352,7 @@ export class LayerResources<B = never> {
       if (dense === undefined) return undefined;
       rows = dense;
     }
-    // takeWorkspace inline (its allocation out of line)
-    const have = this.#workspace;
-    this.#workspace = undefined;
-    const ws = have !== undefined && usable(have) ? have : this.#newWorkspace(steps);
+    const ws = this.takeWorkspace(steps);
     const dequants = workspaceDequants(call.caches, ws, compressedIds, compressedRows, swaIds, swaRows);
     return new QueuedJob(this, planRows, dequants, new QueuedPrefill(call, ws, rows, p.numQueries));
   }

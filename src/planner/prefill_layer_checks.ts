@@ -73,7 +73,7 @@ export class LayerCall {
   declare droppedLater: boolean;
   /** the copies of host operands taken at the call (copyAtCall): give their slab back once the layer has settled */
   declare copies: { release(): void } | undefined;
-  /** the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
+  /** @internal the paged form its budget check peeked (checkPagedOp), which the layer keeps and runs with rather than building it again */
   declare peeked: PeekedPagedForm | undefined;
   constructor(
     plan: Plan,

@@ -41,6 +41,8 @@
 import type { Worker } from 'node:worker_threads';
 import * as Comlink from 'comlink/dist/esm/comlink.mjs';
 import nodeEndpoint from 'comlink/dist/esm/node-adapter.mjs';
+// the published declarations name comlink's types through its package entry, which resolves where the library is installed
+import type { Remote } from 'comlink';
 import { SparseMlaError, disposedError } from '../../errors.js';
 import { startWorker } from '../../worker_start.js';
 import type { TaskResult, WorkerApi, WorkerInit, WorkerMemory } from './protocol.js';
@@ -82,7 +84,7 @@ interface Task {
 interface Slot {
   index: number;
   worker: Worker;
-  remote: Comlink.Remote<WorkerApi>;
+  remote: Remote<WorkerApi>;
   state: 'starting' | 'idle' | 'busy' | 'retiring' | 'dead';
   task: Task | null;
   started: Promise<void>;

@@ -43,13 +43,13 @@ describe('listBackends', () => {
     const [cuda, cpu] = list;
     // No GPU here: cuda says which part is missing (the addon, CUDA in it, a device, ...).
     expect(cuda!.available).toBe(false);
-    expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(the addon has no CUDA kernels: .+|no CUDA device: .+)/ : /^addon not available .*npm run build:native/);
+    expect(cuda!.reason).toMatch(nativeAddonBuilt() ? /^(the addon has no CUDA kernels: .+|no CUDA device: .+)/ : /^addon not (available|built) .*npm run build:native/);
     if (nativeAddonBuilt()) {
       expect(cpu!.available).toBe(true);
       expect(cpu!.details?.simd).toMatch(/^(AVX-512(\+BF16)?|AVX2\+FMA|SSE2|NEON|scalar)$/);
     } else {
       expect(cpu!.available).toBe(false);
-      expect(cpu!.reason).toMatch(/^addon not available .*`npm run build:native` \(CMake and a C\+\+ compiler/);
+      expect(cpu!.reason).toMatch(/^addon not (available|built) .*`npm run build:native` \(CMake and a C\+\+ compiler/);
     }
     const wasm = list[2]!;
     expect(wasm.available).toBe(true);
@@ -64,7 +64,7 @@ describe('selection', () => {
     delete process.env[ENV];
     const e = await expectError(createEngine({ backend: name }), 'BACKEND_UNAVAILABLE');
     expect(e.message).toContain(`backend "${name}" is unavailable — `);
-    expect(e.message).toMatch(/addon not available .*npm run build:native|the addon has no CUDA kernels: |no CUDA device: /);
+    expect(e.message).toMatch(/addon not (available|built) .*npm run build:native|the addon has no CUDA kernels: |no CUDA device: /);
   });
 
   test('auto (default, option or env) picks cpu when the addon is built, else wasm (no GPU here)', async () => {

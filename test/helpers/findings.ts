@@ -3,15 +3,16 @@
  * engines they run their calls on, a typed refusal's check, a fuzzer case replayed by its
  * reproducer, a folder's files as an older library wrote them, and hostile values several of them use.
  */
-import { copyFileSync, existsSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, readdirSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, expect } from 'vitest';
-import { SparseMlaError, createEngine } from '../../dist/index.js';
+import { createEngine } from '../../dist/index.js';
 import type { Engine } from '../../dist/index.js';
-import { errorOf } from './errors.js';
+import { nativeAddonBuilt } from './backends.js';
+import { refusal } from './errors.js';
 
-export const addonBuilt = existsSync(process.env.SPARSE_MLA_NATIVE_ADDON || 'build/addon/Release/sparse_mla_native.node');
+export const addonBuilt = nativeAddonBuilt();
 
 /**
  * A wasm engine (2 workers) and, where the addon is built, a cpu engine, created before the tests of
@@ -53,11 +54,11 @@ export async function writtenBeside(dir: string, write: (d: string) => Promise<u
   }
 }
 
+/** The call refuses with a SparseMlaError of `code` (and naming `argument`, where given). */
 export async function expectTyped(call: () => unknown, code: string, argument?: string): Promise<void> {
-  const e = await errorOf(call);
-  expect(e, `expected a SparseMlaError ${code}, got ${String(e)}`).toBeInstanceOf(SparseMlaError);
-  expect((e as SparseMlaError).code).toBe(code);
-  if (argument !== undefined) expect((e as SparseMlaError).argument).toBe(argument);
+  const e = await refusal(call);
+  expect(e.code).toBe(code);
+  if (argument !== undefined) expect(e.argument).toBe(argument);
 }
 
 /** Dims String() cannot print: a null-prototype object (TypeError) and one whose toString / valueOf throw (the caller's error). */
